@@ -1,0 +1,53 @@
+//! `cargo xtask`: gatekeep's developer and CI tasks. See each subcommand's `--help`.
+
+mod setup;
+mod test;
+mod vm_run;
+mod vm_test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use xtask::PayloadFailed;
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building and testing needs (rust-src, bpf-linker, QEMU, busybox) and
+    /// prepare the VM kernel. Idempotent.
+    Setup(setup::Options),
+    /// Run every test: native ones, then the in-VM suite.
+    Test(test::Options),
+    /// Run the in-VM test suite (`tests/vm`) under Debian's kernel in QEMU.
+    VmTest(vm_test::Options),
+    /// Run a command as root in the VM, with gatekeep's binaries on PATH.
+    VmRun(vm_run::Options),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Task::Setup(opts) => setup::run(opts),
+        Task::Test(opts) => test::run(opts),
+        Task::VmTest(opts) => vm_test::run(opts),
+        Task::VmRun(opts) => vm_run::run(opts),
+    };
+    let Err(err) = result else {
+        return ExitCode::SUCCESS;
+    };
+    eprintln!("error: {err}");
+    for cause in err.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    // A failing command in the VM: exit with its own status, like running it directly.
+    match err.downcast_ref::<PayloadFailed>() {
+        Some(failed) => ExitCode::from(u8::try_from(failed.code).unwrap_or(1).max(1)),
+        None => ExitCode::FAILURE,
+    }
+}

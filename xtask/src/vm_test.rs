@@ -1,0 +1,92 @@
+//! `cargo xtask vm-test [-- <libtest args>]`: builds the in-VM test suite
+//! (`tests/vm/main.rs`, target `vm` of `gatekeep-tests`) and the agent, boots them in the
+//! VM, and fails unless every test passes there.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use clap::Args;
+use xtask::{
+    PayloadFailed,
+    cargo::{self, build_executables, find_executable},
+    vm::{self, Initramfs, Kernel, Payload, VmArgs},
+};
+
+/// The test binary's name on the VM's `PATH`.
+const TEST_BINARY: &str = "gatekeep-vm-tests";
+
+#[derive(Debug, Args)]
+pub struct Options {
+    /// Give up (and kill the VM) after this many seconds.
+    #[arg(long, default_value_t = 1200, value_name = "SECS")]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Arguments for the test binary (libtest's: a name filter, `--exact`, `--nocapture`...).
+    #[arg(last = true, value_name = "TEST_ARGS")]
+    pub test_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            timeout: 1200,
+            vm: VmArgs::default(),
+            test_args: Vec::new(),
+        }
+    }
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    let kernel = Kernel::load()?;
+    let started = Instant::now();
+    let binaries = vm::build_vm_binaries()?;
+    // Release, like the binaries above, so the two builds share their dependencies.
+    let built = build_executables(cargo::cargo().args([
+        "test",
+        "--release",
+        "--locked",
+        "--package",
+        "gatekeep-tests",
+        "--test",
+        "vm",
+        "--no-run",
+    ]))?;
+    let tests = find_executable(&built, "test", "vm")?;
+    eprintln!(
+        "[vm-test] built in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let initramfs = Initramfs::new("vm-test")?;
+    initramfs.add_busybox()?;
+    initramfs.add_modules(&kernel)?;
+    for (name, path) in &binaries {
+        initramfs.add_executable(path, name)?;
+    }
+    initramfs.add_executable(&tests, TEST_BINARY)?;
+    let mut argv = vec![TEST_BINARY.to_owned(), "--test-threads=1".to_owned()];
+    argv.extend(opts.test_args.iter().cloned());
+    let initrd = initramfs.finish(&Payload {
+        env: vec![
+            ("GATEKEEP_IN_VM".to_owned(), "1".to_owned()),
+            ("RUST_BACKTRACE".to_owned(), "1".to_owned()),
+        ],
+        argv,
+    })?;
+
+    let code = vm::boot(
+        &kernel,
+        &initrd,
+        &opts.vm,
+        Duration::from_secs(opts.timeout),
+    )?;
+    if code != 0 {
+        bail!(PayloadFailed {
+            what: "the VM test suite".to_owned(),
+            code,
+        });
+    }
+    eprintln!("[vm-test] all VM tests passed");
+    Ok(())
+}
