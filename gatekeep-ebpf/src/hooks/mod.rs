@@ -1,0 +1,3 @@
+//! One module per LSM hook.
+
+pub mod exec;

@@ -1,0 +1,5 @@
+//! In-VM integration tests: run by `cargo xtask vm-test` inside a VM with a
+//! real kernel (BPF LSM enabled), one at a time (`--test-threads=1`: they
+//! share kernel state).
+
+mod smoke;
