@@ -197,6 +197,7 @@ mnt tmpfs /tmp mode=1777
 mnt tmpfs /run mode=0755
 
 ip link set lo up
+hostname gatekeep-vm
 
 if [ -f /lib/modules/gatekeep/load-order ]; then
     while read -r m; do
@@ -208,6 +209,11 @@ if ip link show eth0 >/dev/null 2>&1; then
     ip link set eth0 up
     ip addr add 10.0.2.15/24 dev eth0
     ip route add default via 10.0.2.2
+fi
+
+# Files from `--file`, copied only now so the tmpfs mounts above do not hide them.
+if [ -d /gatekeep/files ]; then
+    cp -a /gatekeep/files/. / || echo "gatekeep-init: cannot copy the payload's files"
 fi
 
 cd /root
@@ -320,6 +326,18 @@ impl Initramfs {
             dest.display()
         );
         copy_recursive(src, &self.staged(dest))
+    }
+
+    /// Adds a host file or folder that `/init` copies to `dest` (absolute, inside the VM)
+    /// after its mounts, so that destinations under `/tmp` or `/run` (tmpfs there) work.
+    pub fn add_payload_file(&self, src: &Path, dest: &Path) -> Result<()> {
+        ensure!(
+            dest.is_absolute(),
+            "the VM path {} must be absolute",
+            dest.display()
+        );
+        let relative = dest.strip_prefix("/").unwrap_or(dest);
+        copy_recursive(src, &self.root.join("gatekeep/files").join(relative))
     }
 
     /// Adds the kernel's modules and their load order under `/lib/modules/gatekeep/`.
@@ -499,10 +517,9 @@ pub fn boot(kernel: &Kernel, initrd: &Path, vm: &VmArgs, timeout: Duration) -> R
         let left = deadline.saturating_duration_since(Instant::now());
         match console.recv_timeout(left) {
             Ok(bytes) => {
-                let line = String::from_utf8_lossy(&bytes);
-                let line = line.trim_end_matches(['\r', '\n']);
+                let line = printable(&String::from_utf8_lossy(&bytes));
                 println!("{line}");
-                if let Some(code) = parse_marker(line) {
+                if let Some(code) = parse_marker(&line) {
                     exit_code = Some(code);
                 }
                 if line.contains("Kernel panic - not syncing") && !panicked {
@@ -543,6 +560,32 @@ pub fn boot(kernel: &Kernel, initrd: &Path, vm: &VmArgs, timeout: Duration) -> R
     })
 }
 
+/// A console line without its line ending and without terminal control sequences:
+/// `SeaBIOS` mirrors its screen to the serial port with a terminal reset (`ESC c`) and
+/// "no line wrap" (`ESC [?7l`) that would otherwise reach the user's terminal.
+fn printable(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            // CSI sequences end with a byte in '@'..='~'; other escapes are two characters.
+            '\x1b' => {
+                if chars.next() == Some('[') {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Stops QEMU after a timeout.
 fn kill(child: &mut Child) {
     // Errors only mean it already exited.
@@ -576,6 +619,15 @@ mod tests {
             ]
             .map(PathBuf::from)
         );
+    }
+
+    #[test]
+    fn strips_terminal_controls() {
+        assert_eq!(
+            printable("\x1bc\x1b[?7l\x1b[2J\x1b[0mSeaBIOS (version 1.16.2)\r\n"),
+            "SeaBIOS (version 1.16.2)"
+        );
+        assert_eq!(printable("a\tb\r\n"), "a\tb");
     }
 
     #[test]

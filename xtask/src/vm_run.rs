@@ -58,7 +58,7 @@ pub fn run(opts: &Options) -> Result<()> {
         initramfs.add_executable(path, name)?;
     }
     for (src, dest) in &opts.files {
-        initramfs.add_file(src, dest)?;
+        initramfs.add_payload_file(src, dest)?;
     }
     let initrd = initramfs.finish(&Payload {
         env: vec![("RUST_BACKTRACE".to_owned(), "1".to_owned())],
