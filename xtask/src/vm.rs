@@ -475,7 +475,9 @@ pub fn boot(kernel: &Kernel, initrd: &Path, vm: &VmArgs, timeout: Duration) -> R
         .arg(initrd)
         .args(["-append", &append.join(" ")]);
     if vm.net {
-        qemu.args(["-nic", "user,model=virtio-net-pci"]);
+        // No option ROM: iPXE would only slow the boot down.
+        qemu.args(["-netdev", "user,id=net0"])
+            .args(["-device", "virtio-net-pci,netdev=net0,romfile="]);
     } else {
         qemu.args(["-nic", "none"]);
     }
@@ -553,7 +555,7 @@ pub fn boot(kernel: &Kernel, initrd: &Path, vm: &VmArgs, timeout: Duration) -> R
     ensure!(status.success(), "qemu failed with {status}");
     exit_code.with_context(|| {
         format!(
-            "the VM stopped without printing its `{}<status>` line: /init did not finish \
+            "the VM stopped without printing its `{} <status>` line: /init did not finish \
              (see the console output above)",
             EXIT_MARKER.trim_end()
         )

@@ -23,6 +23,9 @@ pub struct Options {
     /// Give up (and kill the VM) after this many seconds.
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub timeout: u64,
+    /// Skip building gatekeep's binaries: boot busybox and the `--file`s only.
+    #[arg(long)]
+    pub no_build: bool,
     #[command(flatten)]
     pub vm: VmArgs,
     /// The command to run in the VM, as root, with its arguments passed unchanged (for
@@ -49,7 +52,11 @@ fn parse_file(spec: &str) -> Result<(PathBuf, PathBuf)> {
 
 pub fn run(opts: &Options) -> Result<()> {
     let kernel = Kernel::load()?;
-    let binaries = vm::build_vm_binaries()?;
+    let binaries = if opts.no_build {
+        Vec::new()
+    } else {
+        vm::build_vm_binaries()?
+    };
 
     let initramfs = Initramfs::new("vm-run")?;
     initramfs.add_busybox()?;
