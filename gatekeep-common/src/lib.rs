@@ -9,12 +9,61 @@
 
 /// Length of `task_struct::comm` in the kernel (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
+/// Bytes of the executable path (as passed to execve) carried in an event.
+pub const PATH_LEN: usize = 256;
+/// Bytes of argv captured per exec (NUL-separated strings, truncated).
+pub const ARGV_LEN: usize = 4096;
+/// Most arguments captured per exec.
+pub const ARGV_MAX_ARGS: u32 = 32;
+/// Most policies the kernel maps hold.
+pub const MAX_POLICIES: u32 = 256;
+/// Port rules per connect prefix (after the agent folds in the rules of
+/// less specific prefixes).
+pub const PORT_RULES: usize = 16;
+/// How often the hook may see the same pending request again before it
+/// refuses it: a stopped task re-enters only on SIGCONT, so hundreds of
+/// re-entries mean SIGSTOP is being swallowed (a tracer) and the task would
+/// otherwise spin.
+pub const MAX_PENDING_ATTEMPTS: u32 = 256;
 
-/// Kinds of records on the `EVENTS` ring buffer; the first `u32` of every
+/// `-ERESTARTNOINTR`: the syscall is restarted transparently after the
+/// signal (our SIGSTOP/SIGCONT) is handled; never seen by user space.
+pub const ERESTARTNOINTR: i32 = -513;
+/// `-EPERM`.
+pub const EPERM: i32 = -1;
+
+/// What a rule (or a policy default) does. `NONE` (0) means "no rule".
+pub mod action {
+    pub const NONE: u32 = 0;
+    pub const ALLOW: u32 = 1;
+    pub const DENY: u32 = 2;
+    pub const ASK: u32 = 3;
+}
+
+/// Kinds of records on the `EVENTS` ring buffer: the first `u32` of every
 /// record, so user space can dispatch before it knows the full type.
 pub mod event_kind {
-    /// An `execve`/`execveat` from a gated cgroup reached `bprm_check_security`.
+    /// An exec that needs a decision ([`super::ExecEvent`]).
+    pub const EXEC_ASK: u32 = 1;
+    /// An exec denied in the kernel by a rule ([`super::ExecEvent`]).
+    pub const EXEC_DENIED: u32 = 2;
+    /// A connect that needs a decision ([`super::ConnectEvent`]).
+    pub const CONNECT_ASK: u32 = 3;
+    /// A connect denied in the kernel by a rule ([`super::ConnectEvent`]).
+    pub const CONNECT_DENIED: u32 = 4;
+    /// A task exited while its request was pending ([`super::TaskEvent`]).
+    pub const ABANDONED: u32 = 5;
+    /// A pending request was refused because the task kept re-entering the
+    /// hook without stopping (ptrace swallowing SIGSTOP) ([`super::TaskEvent`]).
+    pub const REFUSED_SPINNING: u32 = 6;
+    /// A verdict from user space was applied ([`super::TaskEvent`]).
+    pub const VERDICT_APPLIED: u32 = 7;
+}
+
+/// What a request is about; also in [`PendingRequest::kind`].
+pub mod request_kind {
     pub const EXEC: u32 = 1;
+    pub const CONNECT: u32 = 2;
 }
 
 /// Indices into the per-CPU `COUNTERS` array.
@@ -22,10 +71,25 @@ pub mod counter {
     /// `bprm_check_security` ran for a task in a gated cgroup.
     pub const EXEC_GATED: u32 = 0;
     /// An event could not be reserved on the ring buffer (user space is
-    /// behind); the action was still decided in the kernel.
+    /// behind). Asked requests are still paused and found again later.
     pub const EVENTS_DROPPED: u32 = 1;
+    pub const EXEC_ALLOWED: u32 = 2;
+    pub const EXEC_DENIED: u32 = 3;
+    pub const EXEC_ASKED: u32 = 4;
+    pub const CONNECT_GATED: u32 = 5;
+    pub const CONNECT_ALLOWED: u32 = 6;
+    pub const CONNECT_DENIED: u32 = 7;
+    pub const CONNECT_ASKED: u32 = 8;
+    /// A paused task re-entered the hook without a verdict (stray SIGCONT)
+    /// and was stopped again.
+    pub const REPAUSED: u32 = 9;
+    /// A verdict from user space was consumed.
+    pub const VERDICTS_APPLIED: u32 = 10;
+    /// Argv could not be captured (map full or unreadable); the request
+    /// carries no argv.
+    pub const ARGV_MISSED: u32 = 11;
     /// Number of counters; size of the `COUNTERS` map.
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 12;
 }
 
 /// Value of the `GATED_CGROUPS` map: which policy governs a cgroup.
@@ -35,19 +99,146 @@ pub mod counter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GatedCgroup {
-    /// Index of the policy, assigned by the agent when it compiles policies.
+    /// Index into `POLICIES`, assigned by the agent when it compiles policies.
     pub policy_id: u32,
     /// Reserved, keeps the struct 8-byte sized and aligned.
     pub _pad: u32,
 }
 
-/// Fixed header of every exec event on the ring buffer.
+/// Value of the `POLICIES` array: what a policy does when no rule matches.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExecEvent {
-    /// Always [`event_kind::EXEC`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyDefaults {
+    /// [`action`] for an exec that no exec rule matches.
+    pub exec_default: u32,
+    /// [`action`] for an IPv4/IPv6 connect that no connect rule matches.
+    pub connect_default: u32,
+    /// [`action`] for an `AF_UNIX` connect.
+    pub unix_action: u32,
+    /// Generation of the policy set; lets user space tell stale entries.
+    pub generation: u32,
+}
+
+/// Key of the `EXEC_RULES` map: an executable's identity within a policy.
+///
+/// Identity is the (device, inode) of the file the kernel is about to run,
+/// so a symlink, a relative path, `..` or a hard link reach the same rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExecRuleKey {
+    pub policy_id: u32,
+    pub _pad: u32,
+    /// `super_block::s_dev` in the kernel's encoding (`MKDEV`: major << 20 | minor).
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// One port range rule of a connect prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRule {
+    /// Inclusive port range, host byte order.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// [`action`]; `NONE` ends the list.
+    pub action: u32,
+}
+
+/// Value of the `CONNECT_V4`/`CONNECT_V6` LPM tries: the rules of the most
+/// specific matching prefix, in order, followed by the rules inherited from
+/// less specific prefixes (folded in by the agent, because an LPM lookup
+/// returns only the longest match). The first rule whose range holds the
+/// port decides; none -> the policy default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRules {
+    pub rules: [PortRule; PORT_RULES],
+}
+
+/// LPM trie key data for IPv4 rules: policy id (big endian, so it forms the
+/// leading 32 bits of the prefix) then the address (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectV4Key {
+    pub policy_id_be: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// LPM trie key data for IPv6 rules; see [`ConnectV4Key`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectV6Key {
+    pub policy_id_be: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// Value of the `PENDING` map (keyed by thread id): a request that is
+/// waiting for a verdict while its task is stopped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingRequest {
+    /// Digest of what was asked (executable identity + argv, or family +
+    /// address + port + socket type). A verdict applies only to this digest.
+    pub digest: u64,
+    /// `bpf_ktime_get_boot_ns` when the request was first made.
+    pub created_ns: u64,
+    /// [`request_kind`].
     pub kind: u32,
-    /// Policy governing the task's cgroup.
+    /// How often the hook saw this request again without a verdict.
+    pub attempts: u32,
+    /// Thread group id of the paused task.
+    pub pid: u32,
+    pub policy_id: u32,
+}
+
+/// Key of the `VERDICTS` map: a verdict is for one thread *and* one digest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VerdictKey {
+    pub tid: u32,
+    pub _pad: u32,
+    pub digest: u64,
+}
+
+/// Value of the `VERDICTS` map, written by the agent before it sends SIGCONT.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// [`action::ALLOW`] or [`action::DENY`].
+    pub action: u32,
+    pub _pad: u32,
+    /// `CLOCK_BOOTTIME` nanoseconds after which the verdict is void (the
+    /// task never came back for it).
+    pub expires_ns: u64,
+}
+
+/// Per-thread exec state (`EXEC_ARGV`, keyed by thread id), from syscall
+/// entry until syscall exit.
+///
+/// Argv lives in the new mm by the time `bprm_check_security` runs, so it is
+/// captured at `sys_enter_execve(at)`; a restarted syscall captures it again.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecArgs {
+    /// Bytes of `argv` used (NUL-separated strings).
+    pub len: u32,
+    pub argc: u32,
+    /// Non-zero when argv was longer than [`ARGV_LEN`] or [`ARGV_MAX_ARGS`].
+    pub truncated: u32,
+    /// Non-zero once a verdict allowed this exec: the interpreter of an
+    /// approved script is part of the same approved request.
+    pub approved: u32,
+    /// Twice the captured size, so the verifier can prove every bounded
+    /// write at a masked offset stays inside the buffer.
+    pub argv: [u8; ARGV_LEN * 2],
+}
+
+/// What every event starts with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// [`event_kind`].
+    pub kind: u32,
     pub policy_id: u32,
     /// Thread group id (user space's "pid").
     pub pid: u32,
@@ -59,22 +250,98 @@ pub struct ExecEvent {
     pub cgroup_id: u64,
     /// `bpf_ktime_get_boot_ns` when the hook ran.
     pub ktime_ns: u64,
-    /// Name of the calling task (before the exec), NUL padded.
+    /// Digest of the request (see [`PendingRequest::digest`]).
+    pub digest: u64,
+    /// Name of the calling task, NUL padded.
     pub comm: [u8; COMM_LEN],
+}
+
+/// An exec request or denial.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    /// Identity of the file about to run.
+    pub dev: u64,
+    pub ino: u64,
+    /// [`action`] the kernel applied or asks about.
+    pub action: u32,
+    pub argc: u32,
+    pub argv_len: u32,
+    pub argv_truncated: u32,
+    /// The path as passed to execve (may be relative), NUL terminated.
+    pub filename: [u8; PATH_LEN],
+    pub argv: [u8; ARGV_LEN],
+}
+
+/// A connect request or denial.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectEvent {
+    pub header: EventHeader,
+    /// `AF_INET`, `AF_INET6` or `AF_UNIX`.
+    pub family: u32,
+    /// `SOCK_STREAM`, `SOCK_DGRAM`, ...
+    pub sock_type: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// [`action`] the kernel applied or asks about.
+    pub action: u32,
+    /// IPv4 in the first 4 bytes, or IPv6; network order. For `AF_UNIX`, the
+    /// first bytes of `sun_path` live in `unix_path`.
+    pub addr: [u8; 16],
+    pub unix_path: [u8; 108],
+    pub _pad2: u32,
+}
+
+/// A lifecycle event about a task's pending request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskEvent {
+    pub header: EventHeader,
+    /// [`request_kind`].
+    pub request_kind: u32,
+    /// For `VERDICT_APPLIED`: the [`action`] applied.
+    pub action: u32,
+}
+
+/// Kernel struct member offsets (bytes), read from the running kernel's BTF
+/// by the agent and set as a global before loading: Rust BPF programs have
+/// no CO-RE relocations, and these layouts differ between kernels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub linux_binprm_file: u32,
+    pub linux_binprm_filename: u32,
+    pub file_f_inode: u32,
+    pub inode_i_ino: u32,
+    pub inode_i_sb: u32,
+    pub super_block_s_dev: u32,
+    pub task_struct_ptrace: u32,
+    pub socket_type: u32,
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: `#[repr(C)]` plain-old-data with explicit padding and no
-    // invalid bit patterns.
+    // SAFETY (all): `#[repr(C)]` plain-old-data with explicit padding and
+    // no invalid bit patterns.
     unsafe impl aya::Pod for super::GatedCgroup {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::ExecEvent {}
+    unsafe impl aya::Pod for super::PolicyDefaults {}
+    unsafe impl aya::Pod for super::ExecRuleKey {}
+    unsafe impl aya::Pod for super::PortRule {}
+    unsafe impl aya::Pod for super::PortRules {}
+    unsafe impl aya::Pod for super::ConnectV4Key {}
+    unsafe impl aya::Pod for super::ConnectV6Key {}
+    unsafe impl aya::Pod for super::PendingRequest {}
+    unsafe impl aya::Pod for super::VerdictKey {}
+    unsafe impl aya::Pod for super::Verdict {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
 }
 
 #[cfg(test)]
 mod tests {
-    use core::mem::size_of;
+    use core::mem::{align_of, size_of};
 
     use super::*;
 
@@ -83,6 +350,26 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<GatedCgroup>(), 8);
-        assert_eq!(size_of::<ExecEvent>(), 4 * 6 + 8 * 2 + COMM_LEN);
+        assert_eq!(size_of::<PolicyDefaults>(), 16);
+        assert_eq!(size_of::<ExecRuleKey>(), 24);
+        assert_eq!(size_of::<PortRules>(), 8 * PORT_RULES);
+        assert_eq!(size_of::<ConnectV4Key>(), 8);
+        assert_eq!(size_of::<ConnectV6Key>(), 20);
+        assert_eq!(size_of::<PendingRequest>(), 32);
+        assert_eq!(size_of::<VerdictKey>(), 16);
+        assert_eq!(size_of::<Verdict>(), 16);
+        assert_eq!(size_of::<EventHeader>(), 4 * 6 + 8 * 3 + COMM_LEN);
+        assert_eq!(size_of::<ExecEvent>(), size_of::<EventHeader>() + 16 + 16 + PATH_LEN + ARGV_LEN);
+        assert_eq!(size_of::<ConnectEvent>(), size_of::<EventHeader>() + 16 + 16 + 108 + 4);
+        assert_eq!(size_of::<ExecArgs>(), 16 + 2 * ARGV_LEN);
+        assert_eq!(align_of::<ExecEvent>(), 8);
+    }
+
+    #[test]
+    fn actions_are_distinct_and_none_is_zero() {
+        assert_eq!(action::NONE, 0);
+        let all = [action::ALLOW, action::DENY, action::ASK];
+        assert!(all.iter().all(|a| *a != action::NONE));
+        assert!(all[0] != all[1] && all[1] != all[2] && all[0] != all[2]);
     }
 }
