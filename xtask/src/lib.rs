@@ -12,6 +12,7 @@ use std::{
     env,
     ffi::OsStr,
     fmt,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
 };
@@ -83,6 +84,86 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` like [`run_cmd`], relaying its stdout line by line through `on_line` too
+/// (stderr stays inherited).
+pub fn run_cmd_lines(cmd: &mut Command, on_line: &mut dyn FnMut(&str)) -> Result<()> {
+    eprintln!("$ {}", display_cmd(cmd));
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|err| spawn_error(cmd, err))?;
+    let stdout = child.stdout.take().context("stdout is piped")?;
+    for line in BufReader::new(stdout).split(b'\n') {
+        let line =
+            line.with_context(|| format!("failed to read `{}`'s output", display_cmd(cmd)))?;
+        let line = String::from_utf8_lossy(&line);
+        println!("{line}");
+        on_line(&line);
+    }
+    let status = child.wait().map_err(|err| spawn_error(cmd, err))?;
+    if !status.success() {
+        bail!("command `{}` failed with {status}", display_cmd(cmd));
+    }
+    Ok(())
+}
+
+/// Totals of libtest's `test result: ok. 3 passed; 0 failed; 1 ignored; ...` lines.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TestCounts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl TestCounts {
+    /// Adds the counts of `line` if it is a libtest result line.
+    pub fn observe(&mut self, line: &str) {
+        let Some((_, rest)) = line.split_once("test result: ") else {
+            return;
+        };
+        // `ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.1s`
+        let Some((_, counts)) = rest.split_once(". ") else {
+            return;
+        };
+        for part in counts.split(';') {
+            let mut words = part.split_whitespace();
+            let (Some(number), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(number) = number.parse::<u64>() else {
+                continue;
+            };
+            match what {
+                "passed" => self.passed += number,
+                "failed" => self.failed += number,
+                "ignored" => self.ignored += number,
+                _ => {}
+            }
+        }
+    }
+
+    /// Sums two tallies.
+    #[must_use]
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            passed: self.passed + other.passed,
+            failed: self.failed + other.failed,
+            ignored: self.ignored + other.ignored,
+        }
+    }
+}
+
+impl fmt::Display for TestCounts {
+    /// The plain `N passed, N failed, N skipped` form CI logs are read for.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        )
+    }
+}
+
 /// Runs `cmd` quietly and returns its stdout; on failure the error carries its stderr.
 pub fn cmd_stdout(cmd: &mut Command) -> Result<String> {
     let output = cmd
@@ -144,6 +225,23 @@ mod tests {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote("$HOME"), "'$HOME'");
+    }
+
+    #[test]
+    fn counts_libtest_results() {
+        let mut counts = TestCounts::default();
+        counts.observe("test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        counts.observe("test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5.2s");
+        counts.observe("test exec::denies ... ok");
+        assert_eq!(
+            counts,
+            TestCounts {
+                passed: 4,
+                failed: 2,
+                ignored: 1
+            }
+        );
+        assert_eq!(counts.to_string(), "4 passed, 2 failed, 1 skipped");
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! `cargo xtask test [--no-vm]`: the whole test suite, as CI runs it: native tests, then
-//! the in-VM tests.
+//! the in-VM tests, then one summary line.
 
 use std::time::Instant;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::Args;
-use xtask::{cargo, run_cmd};
+use xtask::{TestCounts, cargo, run_cmd_lines};
 
 use crate::vm_test;
 
@@ -18,36 +18,56 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> Result<()> {
     let started = Instant::now();
+    let mut native = TestCounts::default();
     // gatekeep-ebpf only builds for the BPF target (the agent's build script builds it).
-    run_cmd(cargo::cargo().args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "gatekeep-ebpf",
-        "--locked",
-    ]))
-    .context("native tests failed")?;
-    let native = started.elapsed();
-
-    let vm = if opts.no_vm {
-        None
-    } else {
-        let started = Instant::now();
-        vm_test::run(&vm_test::Options::default()).context("VM tests failed")?;
-        Some(started.elapsed())
-    };
-
-    eprintln!("[test] summary:");
-    eprintln!(
-        "[test]   native tests: passed ({:.0} s)",
-        native.as_secs_f64()
+    let result = run_cmd_lines(
+        cargo::cargo().args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "gatekeep-ebpf",
+            "--locked",
+        ]),
+        &mut |line| native.observe(line),
     );
-    match vm {
-        Some(took) => eprintln!(
-            "[test]   VM tests:     passed ({:.0} s)",
-            took.as_secs_f64()
-        ),
-        None => eprintln!("[test]   VM tests:     skipped (--no-vm)"),
+    eprintln!(
+        "[test] native tests: {native} ({:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
+    if let Err(err) = result {
+        // A build error fails the run without a failed test line.
+        if native.failed == 0 {
+            native.failed = 1;
+        }
+        summary(native, None);
+        return Err(err.context("native tests failed"));
     }
+
+    if opts.no_vm {
+        eprintln!("[test] VM tests: not run (--no-vm)");
+        summary(native, None);
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut vm = TestCounts::default();
+    let result = vm_test::run_counted(&vm_test::Options::default(), &mut vm);
+    let took = started.elapsed().as_secs_f64();
+    eprintln!("[test] VM tests: {vm} ({took:.0} s)");
+    if let Err(err) = result {
+        // A panic, hang or crash can fail the suite without a failed test line.
+        if vm.failed == 0 {
+            eprintln!("[test] the VM run failed outside any test: counted as 1 failure");
+            vm.failed = 1;
+        }
+        summary(native, Some(vm));
+        return Err(err.context("VM tests failed"));
+    }
+    summary(native, Some(vm));
     Ok(())
+}
+
+/// Prints the closing tally (on stdout, with the test output).
+fn summary(native: TestCounts, vm: Option<TestCounts>) {
+    let total = native.plus(vm.unwrap_or_default());
+    println!("summary: {total}");
 }

@@ -458,11 +458,18 @@ fn parse_ldd(stdout: &str) -> Vec<PathBuf> {
 }
 
 /// Boots `initrd` under QEMU, relays the serial console to stdout line by line, and
-/// returns the payload's exit status from the final marker line.
+/// returns the payload's exit status from the final marker line. `on_line` sees every
+/// console line too (e.g. to count test results).
 ///
 /// Fails loudly on a kernel panic, on a hang (nothing finished within `timeout`: qemu is
 /// killed), when QEMU fails, or when the VM stops without printing the marker.
-pub fn boot(kernel: &Kernel, initrd: &Path, vm: &VmArgs, timeout: Duration) -> Result<i32> {
+pub fn boot(
+    kernel: &Kernel,
+    initrd: &Path,
+    vm: &VmArgs,
+    timeout: Duration,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<i32> {
     let mut append = vec!["console=ttyS0", "quiet", "panic=-1"];
     append.extend(vm.kernel_args.iter().map(String::as_str));
     let mut qemu = Command::new("qemu-system-x86_64");
@@ -521,6 +528,7 @@ pub fn boot(kernel: &Kernel, initrd: &Path, vm: &VmArgs, timeout: Duration) -> R
             Ok(bytes) => {
                 let line = printable(&String::from_utf8_lossy(&bytes));
                 println!("{line}");
+                on_line(&line);
                 if let Some(code) = parse_marker(&line) {
                     exit_code = Some(code);
                 }

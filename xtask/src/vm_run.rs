@@ -77,6 +77,7 @@ pub fn run(opts: &Options) -> Result<()> {
         &initrd,
         &opts.vm,
         Duration::from_secs(opts.timeout),
+        &mut |_| {},
     )?;
     if code != 0 {
         bail!(PayloadFailed {

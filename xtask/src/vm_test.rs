@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use clap::Args;
 use xtask::{
-    PayloadFailed,
+    PayloadFailed, TestCounts,
     cargo::{self, build_executables, find_executable},
     vm::{self, Initramfs, Kernel, Payload, VmArgs},
 };
@@ -38,6 +38,11 @@ impl Default for Options {
 }
 
 pub fn run(opts: &Options) -> Result<()> {
+    run_counted(opts, &mut TestCounts::default())
+}
+
+/// [`run`], adding the suite's libtest result line to `counts` (also when it fails).
+pub fn run_counted(opts: &Options, counts: &mut TestCounts) -> Result<()> {
     let kernel = Kernel::load()?;
     let started = Instant::now();
     let binaries = vm::build_vm_binaries()?;
@@ -80,6 +85,7 @@ pub fn run(opts: &Options) -> Result<()> {
         &initrd,
         &opts.vm,
         Duration::from_secs(opts.timeout),
+        &mut |line| counts.observe(line),
     )?;
     if code != 0 {
         bail!(PayloadFailed {
@@ -87,6 +93,6 @@ pub fn run(opts: &Options) -> Result<()> {
             code,
         });
     }
-    eprintln!("[vm-test] all VM tests passed");
+    eprintln!("[vm-test] VM tests: {counts}");
     Ok(())
 }
