@@ -4,3 +4,4 @@
 //! in-VM integration tests can drive the same code.
 
 pub mod ebpf;
+pub mod kernel_btf;
