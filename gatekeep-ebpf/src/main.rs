@@ -5,8 +5,11 @@
 #![no_std]
 #![no_main]
 
+mod digest;
+mod events;
 mod hooks;
 mod maps;
+mod pause;
 
 /// BPF LSM programs must declare a GPL-compatible licence or the verifier
 /// refuses GPL-only helpers (`bpf_send_signal_thread`, ...).

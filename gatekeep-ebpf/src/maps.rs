@@ -1,32 +1,105 @@
-//! Every map the programs share with user space. The agent finds them by
-//! these names (and pins them under /sys/fs/bpf/gatekeep).
+//! Every map and load-time global the programs share with user space. The
+//! agent finds them by these names (and pins them under /sys/fs/bpf/gatekeep).
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
-use gatekeep_common::{GatedCgroup, counter};
+use gatekeep_common::{
+    ConnectV4Key, ConnectV6Key, ExecArgs, ExecRuleKey, GatedCgroup, KernelOffsets, MAX_POLICIES,
+    PendingRequest, PolicyDefaults, PortRules, Verdict, VerdictKey, counter,
+};
+
+/// `BPF_F_NO_PREALLOC`: allocate entries on insert (aya adds it to LPM tries
+/// itself). Used for the large per-thread argv map so idle hosts pay no memory.
+const NO_PREALLOC: u32 = 1;
 
 /// cgroup v2 id -> policy governing it. A task whose cgroup is absent is not
 /// gated: this lookup is all it pays.
 #[map]
-pub static GATED_CGROUPS: HashMap<u64, GatedCgroup> = HashMap::with_max_entries(4096, 0);
+pub static GATED_CGROUPS: HashMap<u64, GatedCgroup> = HashMap::with_max_entries(16384, 0);
 
-/// Events for user space (requests that need a decision, audit records).
+/// Policy id -> what the policy does when no rule matches.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+pub static POLICIES: Array<PolicyDefaults> = Array::with_max_entries(MAX_POLICIES, 0);
+
+/// (policy, executable identity) -> `action`.
+#[map]
+pub static EXEC_RULES: HashMap<ExecRuleKey, u32> = HashMap::with_max_entries(65536, 0);
+
+/// (policy, IPv4 prefix) -> port rules.
+#[map]
+pub static CONNECT_V4: LpmTrie<ConnectV4Key, PortRules> = LpmTrie::with_max_entries(65536, 0);
+
+/// (policy, IPv6 prefix) -> port rules.
+#[map]
+pub static CONNECT_V6: LpmTrie<ConnectV6Key, PortRules> = LpmTrie::with_max_entries(65536, 0);
+
+/// Thread id -> the request it is stopped on.
+#[map]
+pub static PENDING: HashMap<u32, PendingRequest> = HashMap::with_max_entries(65536, 0);
+
+/// (thread id, request digest) -> verdict, written by the agent before it
+/// sends SIGCONT; consumed by the restarted syscall.
+#[map]
+pub static VERDICTS: HashMap<VerdictKey, Verdict> = HashMap::with_max_entries(65536, 0);
+
+/// Thread id -> argv captured at execve entry (gated tasks only).
+#[map]
+pub static EXEC_ARGV: HashMap<u32, ExecArgs> = HashMap::with_max_entries(4096, NO_PREALLOC);
+
+/// Scratch space to build an `ExecArgs` (8 KiB, far beyond the stack).
+#[map]
+pub static ARGV_SCRATCH: PerCpuArray<ExecArgs> = PerCpuArray::with_max_entries(1, 0);
+
+/// Events for user space: requests that need a decision, denials, lifecycle.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 /// Statistics, indexed by `gatekeep_common::counter::*`; per-CPU so the hot
 /// path never contends on a cache line.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// Kernel struct offsets, set by the agent from the running kernel's BTF.
+#[unsafe(no_mangle)]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    linux_binprm_file: 0,
+    linux_binprm_filename: 0,
+    file_f_inode: 0,
+    inode_i_ino: 0,
+    inode_i_sb: 0,
+    super_block_s_dev: 0,
+    task_struct_ptrace: 0,
+    socket_type: 0,
+};
+
+/// SipHash key for request digests, random per load (set by the agent), so
+/// nobody can construct a different request with an approved digest.
+#[unsafe(no_mangle)]
+static DIGEST_KEY: [u64; 2] = [0, 0];
+
+/// The offsets the agent set at load time.
+#[inline(always)]
+pub fn offsets() -> KernelOffsets {
+    // SAFETY: read of a global; volatile so the loader's value is used
+    // rather than the compile-time zeroes.
+    unsafe { core::ptr::read_volatile(&raw const KERNEL_OFFSETS) }
+}
+
+/// The digest key the agent set at load time.
+#[inline(always)]
+pub fn digest_key() -> [u64; 2] {
+    // SAFETY: as for `offsets`.
+    unsafe { core::ptr::read_volatile(&raw const DIGEST_KEY) }
+}
+
 /// Adds one to counter `index`.
 #[inline(always)]
 pub fn bump(index: u32) {
     if let Some(value) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the
-        // program runs (BPF programs are not preempted mid-run).
+        // program runs.
         unsafe { *value += 1 };
     }
 }

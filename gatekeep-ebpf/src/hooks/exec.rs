@@ -1,23 +1,42 @@
 //! `execve`/`execveat` gating at `security_bprm_check`.
 //!
 //! Kernel: `security_bprm_check()` is called from `search_binary_handler()`
-//! in fs/exec.c (v6.12), after the new image is opened and argv copied into
-//! the new mm.
+//! (fs/exec.c, v6.12) for the file being executed and again for a script's
+//! interpreter, before the point of no return, so refusing here fails the
+//! exec cleanly and `-ERESTARTNOINTR` restarts the whole execve.
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
-    EbpfContext as _,
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_probe_read_kernel,
+        generated::{bpf_probe_read_kernel as probe_read_kernel_raw, bpf_probe_read_kernel_str},
+    },
     macros::lsm,
     programs::LsmContext,
 };
-use gatekeep_common::{ExecEvent, counter, event_kind};
+use gatekeep_common::{
+    ARGV_LEN, EPERM, ERESTARTNOINTR, ExecArgs, ExecEvent, ExecRuleKey, PATH_LEN, action, counter,
+    event_kind, request_kind,
+};
 
-use crate::maps::{EVENTS, GATED_CGROUPS, bump};
+use crate::{
+    digest::Digest,
+    events::{Caller, emit_task_event},
+    maps::{EVENTS, EXEC_ARGV, EXEC_RULES, GATED_CGROUPS, POLICIES, bump, offsets},
+    pause::{Asked, Request, ask},
+};
 
 /// Runs for every exec on the host.
 ///
 /// Tasks outside gated cgroups return after one map lookup. For gated tasks
-/// the exec is reported to user space.
+/// the executable's identity (device, inode) is looked up in the policy's
+/// exec rules, else the policy default applies:
+/// - allow: the exec proceeds;
+/// - deny: `-EPERM`, and an `EXEC_DENIED` event for the audit;
+/// - ask: the thread is paused until user space writes a verdict for this
+///   exact request (identity + argv), then the restarted exec is allowed or
+///   fails with `-EPERM`.
 #[lsm(hook = "bprm_check_security")]
 pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     match try_bprm_check_security(&ctx) {
@@ -33,31 +52,203 @@ fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
         return Ok(previous);
     }
 
-    // SAFETY: helper without preconditions.
+    // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is copied out before anything else touches the map.
     let Some(gated) = (unsafe { GATED_CGROUPS.get(&cgroup_id) }).copied() else {
         return Ok(0);
     };
     bump(counter::EXEC_GATED);
+    let caller = Caller::current(cgroup_id, gated.policy_id);
 
+    let bprm: *const u8 = ctx.arg(0);
+    // Unreadable kernel structures mean wrong offsets: fail closed.
+    let (dev, ino) = executable_identity(bprm).map_err(|_| EPERM)?;
+
+    let key = ExecRuleKey {
+        policy_id: gated.policy_id,
+        _pad: 0,
+        dev,
+        ino,
+    };
+    // SAFETY: copied out immediately.
+    let rule = unsafe { EXEC_RULES.get(&key) }.copied();
+    let action = match rule {
+        Some(action) => action,
+        None => POLICIES.get(gated.policy_id).map_or(action::ASK, |p| p.exec_default),
+    };
+
+    match action {
+        action::ALLOW => {
+            bump(counter::EXEC_ALLOWED);
+            Ok(0)
+        }
+        action::DENY => {
+            bump(counter::EXEC_DENIED);
+            let args = EXEC_ARGV.get_ptr(&caller.tid);
+            emit_exec(&caller, event_kind::EXEC_DENIED, 0, action::DENY, bprm, dev, ino, args);
+            Ok(EPERM)
+        }
+        // ASK, and anything unknown: a human decides (fail closed).
+        _ => ask_exec(&caller, bprm, dev, ino),
+    }
+}
+
+fn ask_exec(caller: &Caller, bprm: *const u8, dev: u64, ino: u64) -> Result<i32, i32> {
+    let args = EXEC_ARGV.get_ptr_mut(&caller.tid);
+    if let Some(args) = args {
+        // SAFETY: this thread's own entry.
+        if unsafe { (*args).approved } != 0 {
+            // The interpreter of a script whose exec was just approved.
+            return Ok(0);
+        }
+    }
+    let digest = exec_digest(dev, ino, args);
+    let request = Request {
+        tid: caller.tid,
+        pid: caller.pid,
+        policy_id: caller.policy_id,
+        kind: request_kind::EXEC,
+        digest,
+        now_ns: caller.now_ns,
+    };
+    match ask(&request) {
+        Asked::Allow => {
+            if let Some(args) = args {
+                // SAFETY: this thread's own entry.
+                unsafe { (*args).approved = 1 };
+            }
+            emit_task_event(caller, event_kind::VERDICT_APPLIED, digest, request_kind::EXEC, action::ALLOW);
+            Ok(0)
+        }
+        Asked::Deny => {
+            emit_task_event(caller, event_kind::VERDICT_APPLIED, digest, request_kind::EXEC, action::DENY);
+            Ok(EPERM)
+        }
+        Asked::Refused => {
+            emit_task_event(caller, event_kind::REFUSED_SPINNING, digest, request_kind::EXEC, action::DENY);
+            Ok(EPERM)
+        }
+        Asked::Paused { new } => {
+            if new {
+                bump(counter::EXEC_ASKED);
+                let args = args.map(<*mut ExecArgs>::cast_const);
+                emit_exec(caller, event_kind::EXEC_ASK, digest, action::ASK, bprm, dev, ino, args);
+            }
+            Ok(ERESTARTNOINTR)
+        }
+    }
+}
+
+/// (device, inode) of `bprm->file`, the file about to run.
+///
+/// The device is `super_block::s_dev` in the kernel's encoding.
+#[inline(always)]
+fn executable_identity(bprm: *const u8) -> Result<(u64, u64), i64> {
+    let off = offsets();
+    // SAFETY: every read goes through the probe helper, which fails safely.
+    unsafe {
+        let file: *const u8 = bpf_probe_read_kernel(bprm.add(off.linux_binprm_file as usize).cast())?;
+        let inode: *const u8 = bpf_probe_read_kernel(file.add(off.file_f_inode as usize).cast())?;
+        let ino: u64 = bpf_probe_read_kernel(inode.add(off.inode_i_ino as usize).cast())?;
+        let sb: *const u8 = bpf_probe_read_kernel(inode.add(off.inode_i_sb as usize).cast())?;
+        let dev: u32 = bpf_probe_read_kernel(sb.add(off.super_block_s_dev as usize).cast())?;
+        Ok((u64::from(dev), ino))
+    }
+}
+
+/// Digest of an exec request: executable identity and the captured argv.
+#[inline(always)]
+fn exec_digest(dev: u64, ino: u64, args: Option<*mut ExecArgs>) -> u64 {
+    let mut digest = Digest::new();
+    digest.word(dev);
+    digest.word(ino);
+    let Some(args) = args else {
+        digest.word(u64::MAX);
+        return digest.finish();
+    };
+    // SAFETY: this thread's own entry; reads stay within `argv` (index
+    // bounded by ARGV_LEN / 8 words).
+    unsafe {
+        let args = &*args;
+        let len = args.len as usize;
+        digest.word((u64::from(args.argc) << 32) | u64::from(args.truncated));
+        digest.word(len as u64);
+        let words = args.argv.as_ptr().cast::<u64>();
+        let mut i = 0;
+        while i < ARGV_LEN / 8 {
+            let start = i * 8;
+            if start >= len {
+                break;
+            }
+            let mut word = words.add(i).read_unaligned();
+            let valid = len - start;
+            if valid < 8 {
+                // Bytes past `len` are stale scratch data: leave them out.
+                word &= (1u64 << (valid * 8)) - 1;
+            }
+            digest.word(word);
+            i += 1;
+        }
+    }
+    digest.finish()
+}
+
+/// Emits an exec event (request or denial) with the path and argv.
+#[expect(clippy::too_many_arguments, reason = "one flat call site per event kind reads clearer")]
+#[inline(always)]
+fn emit_exec(
+    caller: &Caller,
+    kind: u32,
+    digest: u64,
+    action: u32,
+    bprm: *const u8,
+    dev: u64,
+    ino: u64,
+    args: Option<*const ExecArgs>,
+) {
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         bump(counter::EVENTS_DROPPED);
-        return Ok(0);
+        return;
     };
-    // SAFETY: helper without preconditions.
-    let ktime_ns = unsafe { bpf_ktime_get_boot_ns() };
-    entry.write(ExecEvent {
-        kind: event_kind::EXEC,
-        policy_id: gated.policy_id,
-        pid: ctx.tgid(),
-        tid: ctx.pid(),
-        uid: ctx.uid(),
-        gid: ctx.gid(),
-        cgroup_id,
-        ktime_ns,
-        comm: ctx.command().unwrap_or_default(),
-    });
+    let event = entry.as_mut_ptr();
+    let off = offsets();
+    // SAFETY: `event` points at a reserved ring-buffer record of the right
+    // size; fields are written in place (the record is far larger than the
+    // stack). Kernel reads go through the probe helpers.
+    unsafe {
+        (*event).header = caller.header(kind, digest);
+        (*event).dev = dev;
+        (*event).ino = ino;
+        (*event).action = action;
+        (*event).filename[0] = 0;
+        if let Ok(filename) =
+            bpf_probe_read_kernel::<*const u8>(bprm.add(off.linux_binprm_filename as usize).cast())
+        {
+            bpf_probe_read_kernel_str(
+                (*event).filename.as_mut_ptr().cast::<c_void>(),
+                PATH_LEN as u32,
+                filename.cast::<c_void>(),
+            );
+        }
+        match args {
+            Some(args) => {
+                (*event).argc = (*args).argc;
+                (*event).argv_len = (*args).len;
+                (*event).argv_truncated = (*args).truncated;
+                probe_read_kernel_raw(
+                    (*event).argv.as_mut_ptr().cast::<c_void>(),
+                    ARGV_LEN as u32,
+                    (*args).argv.as_ptr().cast::<c_void>(),
+                );
+            }
+            None => {
+                bump(counter::ARGV_MISSED);
+                (*event).argc = 0;
+                (*event).argv_len = 0;
+                (*event).argv_truncated = 1;
+            }
+        }
+    }
     entry.submit(0);
-    Ok(0)
 }

@@ -1,3 +1,6 @@
-//! One module per LSM hook.
+//! One module per hook.
 
+pub mod argv;
+pub mod connect;
 pub mod exec;
+pub mod exit;

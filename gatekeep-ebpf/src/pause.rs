@@ -1,0 +1,125 @@
+//! The "ask" path shared by every hook: verdict lookup, pending bookkeeping
+//! and the stop-and-restart pause (see DESIGN.md, "The pause").
+
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_send_signal_thread};
+use gatekeep_common::{
+    MAX_PENDING_ATTEMPTS, PendingRequest, VerdictKey, action, counter,
+};
+
+use crate::maps::{PENDING, VERDICTS, bump, offsets};
+
+const SIGSTOP: u32 = 19;
+
+/// Outcome of asking for a decision.
+pub enum Asked {
+    /// A verdict from user space allowed this very request.
+    Allow,
+    /// A verdict from user space denied it.
+    Deny,
+    /// The task re-entered without stopping (a tracer swallows SIGSTOP, or
+    /// it is traced): refused rather than spinning.
+    Refused,
+    /// The thread will stop; the syscall restarts after SIGCONT. `new` is
+    /// true when this request was not pending before (tell user space).
+    Paused { new: bool },
+}
+
+/// Identity of one request: the thread and the digest of what it asked.
+pub struct Request {
+    pub tid: u32,
+    pub pid: u32,
+    pub policy_id: u32,
+    pub kind: u32,
+    pub digest: u64,
+    pub now_ns: u64,
+}
+
+/// Decides what an "ask" request does right now.
+///
+/// A verdict is consumed once: the entry is deleted as it is used. Nobody
+/// but a verdict for the same thread and digest lets the request through: a
+/// stray SIGCONT finds the request still pending and stops the task again.
+#[inline(always)]
+pub fn ask(request: &Request) -> Asked {
+    let key = VerdictKey {
+        tid: request.tid,
+        _pad: 0,
+        digest: request.digest,
+    };
+    // SAFETY: copied out immediately.
+    if let Some(verdict) = unsafe { VERDICTS.get(&key) }.copied() {
+        let _ = VERDICTS.remove(&key);
+        if verdict.expires_ns >= request.now_ns {
+            let _ = PENDING.remove(&request.tid);
+            bump(counter::VERDICTS_APPLIED);
+            return if verdict.action == action::ALLOW {
+                Asked::Allow
+            } else {
+                Asked::Deny
+            };
+        }
+    }
+
+    if current_is_traced() {
+        let _ = PENDING.remove(&request.tid);
+        return Asked::Refused;
+    }
+
+    if let Some(pending) = PENDING.get_ptr_mut(&request.tid) {
+        // SAFETY: only this thread touches its own entry while it runs.
+        let pending = unsafe { &mut *pending };
+        if pending.digest == request.digest {
+            pending.attempts += 1;
+            if pending.attempts > MAX_PENDING_ATTEMPTS {
+                let _ = PENDING.remove(&request.tid);
+                return Asked::Refused;
+            }
+            if !stop_current_thread() {
+                return Asked::Refused;
+            }
+            bump(counter::REPAUSED);
+            return Asked::Paused { new: false };
+        }
+        // The digest changed (e.g. argv rewritten after a SIGCONT): this is
+        // a new request; the old one is superseded below.
+    }
+
+    let pending = PendingRequest {
+        digest: request.digest,
+        created_ns: request.now_ns,
+        kind: request.kind,
+        attempts: 0,
+        pid: request.pid,
+        policy_id: request.policy_id,
+    };
+    if PENDING.insert(&request.tid, &pending, 0).is_err() {
+        // Cannot track it, so cannot pause it safely: fail closed.
+        return Asked::Deny;
+    }
+    if !stop_current_thread() {
+        let _ = PENDING.remove(&request.tid);
+        return Asked::Refused;
+    }
+    Asked::Paused { new: true }
+}
+
+/// Sends SIGSTOP to the calling thread; the whole thread group stops on
+/// the way back to user mode.
+#[inline(always)]
+fn stop_current_thread() -> bool {
+    // SAFETY: helper without memory arguments.
+    unsafe { bpf_send_signal_thread(SIGSTOP) == 0 }
+}
+
+/// Whether the calling task is ptraced (`task_struct::ptrace != 0`): a tracer
+/// sees our SIGSTOP first and may swallow it, so the task would never stop.
+#[inline(always)]
+fn current_is_traced() -> bool {
+    // SAFETY: reads kernel memory through the probe helper, which fails
+    // safely on a bad address.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let field = task.add(offsets().task_struct_ptrace as usize).cast::<u32>();
+        bpf_probe_read_kernel(field).is_ok_and(|ptrace| ptrace != 0)
+    }
+}
