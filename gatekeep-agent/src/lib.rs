@@ -4,4 +4,5 @@
 //! in-VM integration tests can drive the same code.
 
 pub mod ebpf;
+pub mod preflight;
 pub mod kernel_btf;

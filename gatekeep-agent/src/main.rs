@@ -15,6 +15,9 @@ struct Cli {
 enum Command {
     /// Load the kernel programs and report exec events (smoke run).
     Probe,
+    /// Check that this host can run gatekeep (kernel, BTF, BPF LSM, mounts,
+    /// capabilities) and trial-load the programs; exit 1 if it cannot.
+    Check(gatekeep_agent::preflight::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -23,6 +26,12 @@ fn main() -> anyhow::Result<()> {
         Command::Probe => {
             let _ebpf = gatekeep_agent::ebpf::load_and_attach()?;
             println!("attached");
+            Ok(())
+        }
+        Command::Check(opts) => {
+            if !gatekeep_agent::preflight::run(&opts)? {
+                std::process::exit(1);
+            }
             Ok(())
         }
     }
