@@ -1,0 +1,300 @@
+//! The batching front: callers queue records, one thread commits them in batches.
+
+use std::{
+    sync::{
+        Arc, Mutex, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    error::{AuditError, TrySubmitError},
+    record::AuditRecord,
+    store::AuditStore,
+};
+
+/// Tuning of an [`AuditWriter`]. The defaults suit the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterConfig {
+    /// Records the queue holds before `try_submit` reports back-pressure and `submit` waits.
+    pub queue_capacity: usize,
+    /// Most records committed in one transaction.
+    pub max_batch: usize,
+    /// First wait before retrying a failed commit; doubles up to [`max_retry_delay`](Self::max_retry_delay).
+    pub retry_delay: Duration,
+    /// Longest wait between commit retries.
+    pub max_retry_delay: Duration,
+    /// Commit attempts after shutdown was asked for before the writer gives up on the rest.
+    pub shutdown_attempts: u32,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            // About 16 MB of typical records: several seconds of a burst at full rate.
+            queue_capacity: 16_384,
+            // Large enough to amortise the fsync, small enough to keep a commit short.
+            max_batch: 4_096,
+            retry_delay: Duration::from_millis(50),
+            max_retry_delay: Duration::from_secs(5),
+            // With the delays above, about 6 s before giving up on a dead disk at shutdown.
+            shutdown_attempts: 8,
+        }
+    }
+}
+
+enum Command {
+    Record(AuditRecord),
+    Flush(oneshot::Sender<Result<u64, AuditError>>),
+}
+
+/// Writes records off the caller's path: a dedicated thread owns the [`AuditStore`] and commits
+/// whatever has queued up since its last commit (up to [`WriterConfig::max_batch`]) in one
+/// transaction. There is no artificial delay: while one batch's fsync runs the next one
+/// gathers, so batches grow with load and a lone record is committed at once.
+///
+/// Share it behind an `Arc`. From async code use [`submit_async`](Self::submit_async) or
+/// [`try_submit`](Self::try_submit), never [`submit`](Self::submit) (which blocks and panics
+/// inside a runtime). A record whose submit has returned `Ok` is committed before
+/// [`shutdown`](Self::shutdown) returns, or shutdown reports it lost. A failed commit is logged
+/// and retried with back-off, keeping the records; meanwhile the queue fills and submitters feel
+/// back-pressure. Dropping the writer shuts it down.
+#[derive(Debug)]
+pub struct AuditWriter {
+    /// `None` once shut down. Submitters clone the sender out and release the lock before
+    /// sending, so shutdown never waits on a full queue; the thread drains until every clone
+    /// is gone, which is what makes every accepted record reach the disk.
+    sender: RwLock<Option<mpsc::Sender<Command>>>,
+    thread: Mutex<Option<JoinHandle<Result<u64, AuditError>>>>,
+    closing: Arc<AtomicBool>,
+}
+
+impl AuditWriter {
+    /// Opens the log at `path` and starts the writer thread.
+    pub fn open(
+        path: impl AsRef<std::path::Path>,
+        config: WriterConfig,
+    ) -> Result<Self, AuditError> {
+        Self::spawn(AuditStore::open(path)?, config)
+    }
+
+    /// Starts the writer thread on `store`.
+    pub fn spawn(store: AuditStore, config: WriterConfig) -> Result<Self, AuditError> {
+        let (sender, receiver) = mpsc::channel(config.queue_capacity.max(1));
+        let closing = Arc::new(AtomicBool::new(false));
+        let thread_closing = Arc::clone(&closing);
+        let thread = thread::Builder::new()
+            .name("audit-writer".to_owned())
+            .spawn(move || run(store, receiver, config, &thread_closing))
+            .map_err(|source| AuditError::SpawnWriter { source })?;
+        Ok(Self {
+            sender: RwLock::new(Some(sender)),
+            thread: Mutex::new(Some(thread)),
+            closing,
+        })
+    }
+
+    fn sender(&self) -> Option<mpsc::Sender<Command>> {
+        self.sender
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Queues `record`, waiting while the queue is full. For threads outside an async runtime
+    /// (in a runtime it panics: use [`submit_async`](Self::submit_async)).
+    pub fn submit(&self, record: AuditRecord) -> Result<(), AuditError> {
+        record.validate()?;
+        let sender = self.sender().ok_or(AuditError::WriterClosed)?;
+        sender
+            .blocking_send(Command::Record(record))
+            .map_err(|_| AuditError::WriterClosed)
+    }
+
+    /// Queues `record`, waiting asynchronously while the queue is full.
+    pub async fn submit_async(&self, record: AuditRecord) -> Result<(), AuditError> {
+        record.validate()?;
+        let sender = self.sender().ok_or(AuditError::WriterClosed)?;
+        sender
+            .send(Command::Record(record))
+            .await
+            .map_err(|_| AuditError::WriterClosed)
+    }
+
+    /// Queues `record` if there is room, without ever waiting; hands it back when the queue is
+    /// full (the writer is behind) or the writer is shut down.
+    pub fn try_submit(&self, record: AuditRecord) -> Result<(), TrySubmitError> {
+        if let Err(source) = record.validate() {
+            return Err(TrySubmitError::Invalid { source });
+        }
+        let Some(sender) = self.sender() else {
+            return Err(TrySubmitError::Closed {
+                record: Box::new(record),
+            });
+        };
+        sender.try_send(Command::Record(record)).map_err(|err| {
+            let (full, command) = match err {
+                mpsc::error::TrySendError::Full(command) => (true, command),
+                mpsc::error::TrySendError::Closed(command) => (false, command),
+            };
+            let Command::Record(record) = command else {
+                unreachable!("try_submit only sends records");
+            };
+            let record = Box::new(record);
+            if full {
+                TrySubmitError::Full { record }
+            } else {
+                TrySubmitError::Closed { record }
+            }
+        })
+    }
+
+    /// Waits until every record submitted before this call is durable; returns the seq of the
+    /// last durable record (0 while the log is empty). Fails, without losing the records, when
+    /// the commit in front of it failed. Outside an async runtime only (see
+    /// [`flush_async`](Self::flush_async)).
+    pub fn flush(&self) -> Result<u64, AuditError> {
+        let sender = self.sender().ok_or(AuditError::WriterClosed)?;
+        let (ack, done) = oneshot::channel();
+        sender
+            .blocking_send(Command::Flush(ack))
+            .map_err(|_| AuditError::WriterClosed)?;
+        done.blocking_recv().map_err(|_| AuditError::WriterClosed)?
+    }
+
+    /// [`flush`](Self::flush) for async code.
+    pub async fn flush_async(&self) -> Result<u64, AuditError> {
+        let sender = self.sender().ok_or(AuditError::WriterClosed)?;
+        let (ack, done) = oneshot::channel();
+        sender
+            .send(Command::Flush(ack))
+            .await
+            .map_err(|_| AuditError::WriterClosed)?;
+        done.await.map_err(|_| AuditError::WriterClosed)?
+    }
+
+    /// Stops taking records, commits everything accepted so far and joins the thread; returns
+    /// the seq of the last durable record. Blocks (from async code, call it in
+    /// `spawn_blocking`). A second call returns [`AuditError::WriterClosed`].
+    pub fn shutdown(&self) -> Result<u64, AuditError> {
+        self.closing.store(true, Ordering::Release);
+        drop(
+            self.sender
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let thread = thread.ok_or(AuditError::WriterClosed)?;
+        thread.join().map_err(|_| AuditError::WriterPanicked)?
+    }
+}
+
+impl Drop for AuditWriter {
+    fn drop(&mut self) {
+        let running = self
+            .thread
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        if running && let Err(err) = self.shutdown() {
+            tracing::error!(error = %err, "audit writer shut down with an error");
+        }
+    }
+}
+
+/// The writer thread: commit what has queued, answer flushes in order, until every sender is
+/// gone and the queue is empty.
+fn run(
+    mut store: AuditStore,
+    mut receiver: mpsc::Receiver<Command>,
+    config: WriterConfig,
+    closing: &AtomicBool,
+) -> Result<u64, AuditError> {
+    let max_batch = config.max_batch.max(1);
+    let mut commands = Vec::with_capacity(max_batch);
+    let mut pending = Vec::with_capacity(max_batch);
+    let mut flushes = Vec::new();
+    while receiver.blocking_recv_many(&mut commands, max_batch) > 0 {
+        for command in commands.drain(..) {
+            match command {
+                Command::Record(record) => pending.push(record),
+                Command::Flush(ack) => flushes.push(ack),
+            }
+        }
+        commit(
+            &mut store,
+            &mut pending,
+            &mut flushes,
+            &config,
+            closing,
+            &receiver,
+        )?;
+    }
+    Ok(head_seq(&store))
+}
+
+/// Commits `pending`, retrying with back-off until it succeeds (or, once closing, until the
+/// attempts run out). Flushes queued behind the records are answered after the commit, or with
+/// the error when an attempt fails.
+fn commit(
+    store: &mut AuditStore,
+    pending: &mut Vec<AuditRecord>,
+    flushes: &mut Vec<oneshot::Sender<Result<u64, AuditError>>>,
+    config: &WriterConfig,
+    closing: &AtomicBool,
+    receiver: &mpsc::Receiver<Command>,
+) -> Result<(), AuditError> {
+    let mut delay = config.retry_delay;
+    let mut closing_attempts = 0;
+    loop {
+        match store.append_quiet(pending) {
+            Ok(_) => {
+                pending.clear();
+                let seq = head_seq(store);
+                for ack in flushes.drain(..) {
+                    // A flusher that stopped waiting is no concern of ours.
+                    let _ = ack.send(Ok(seq));
+                }
+                return Ok(());
+            }
+            Err(err) => {
+                let err = Arc::new(err);
+                tracing::error!(
+                    error = %err,
+                    records = pending.len(),
+                    retry_in = ?delay,
+                    "failed to commit audit records, retrying"
+                );
+                for ack in flushes.drain(..) {
+                    let _ = ack.send(Err(AuditError::Commit {
+                        source: Arc::clone(&err),
+                    }));
+                }
+                if closing.load(Ordering::Acquire) {
+                    closing_attempts += 1;
+                    if closing_attempts >= config.shutdown_attempts {
+                        return Err(AuditError::Unwritten {
+                            lost: pending.len() + receiver.len(),
+                            source: err,
+                        });
+                    }
+                }
+                thread::sleep(delay);
+                delay = (delay * 2).min(config.max_retry_delay);
+            }
+        }
+    }
+}
+
+fn head_seq(store: &AuditStore) -> u64 {
+    store.head().map_or(0, |head| head.seq)
+}
