@@ -1,0 +1,112 @@
+//! gatekeep's policy files: what security teams write to say which workloads
+//! are gated and how.
+//!
+//! # Files
+//!
+//! Policies live in a directory of TOML files (`/etc/gatekeep/policies/*.toml`),
+//! each holding one or more `[[policy]]` tables. [`PolicySet::load_dir`] reads
+//! the files in file name order, and the policies of each file in the order
+//! they are written; that is the *load order*. `examples/ai-agents.toml` in
+//! this crate is a commented, valid example.
+//!
+//! ```toml
+//! [[policy]]
+//! name = "ai-agents"
+//! cgroups = ["/sys/fs/cgroup/agents/*"]     # cgroup v2 paths, globs allowed
+//!
+//! [policy.exec]
+//! default = "ask"                            # allow | deny | ask (default allow)
+//! allow = ["/usr/bin/ls", "/usr/bin/git"]
+//! deny  = ["/usr/bin/sudo"]
+//! ask   = ["/usr/bin/curl"]
+//!
+//! [policy.connect]
+//! default = "ask"                            # allow | deny | ask (default allow)
+//! allow = ["127.0.0.0/8", "10.1.0.0/16:443", "[::1]/128", "10.2.0.0/16:8000-8999"]
+//! deny  = ["169.254.169.254/32"]
+//! unix = "allow"                             # AF_UNIX connects (default allow)
+//!
+//! [policy.approval]
+//! timeout = "5m"                             # default 5m, at most 24h
+//! on_timeout = "deny"                        # allow | deny (default deny)
+//! reviewers = ["sre", "security"]            # default: any authenticated reviewer
+//! approvals_required = 1                     # distinct reviewers (default 1)
+//! grant_durations = ["once", "1h", "session", "always"]   # default ["once"]
+//! ```
+//!
+//! Loading never stops at the first problem: every problem of every file is
+//! reported, each as `file:line:column: message` with a message that says how
+//! to fix it (see [`PolicyError`] and [`Diagnostic`]).
+//!
+//! # Which policy governs a process
+//!
+//! A policy governs the cgroups its `cgroups` patterns match **and all their
+//! descendants**, so a workload cannot leave its policy by creating a child
+//! cgroup. Patterns are absolute paths under `/sys/fs/cgroup` and may use
+//! globs (`*` and `?` stay within one path component, `**` spans any number,
+//! `[abc]` and `{a,b}` as usual); see [`CgroupPattern`].
+//!
+//! A cgroup is governed by one policy only. Writing the same pattern in two
+//! policies is an error. Different globs can still match the same cgroup;
+//! then, at run time, the nearest matched cgroup on the way up from the
+//! process's cgroup decides, and among the policies matching that cgroup the
+//! **first in load order wins** ([`PolicySet::policy_for_cgroup`],
+//! [`PolicySet::expand_cgroups`]).
+//!
+//! # Exec rules
+//!
+//! Exec rules name executables by absolute path. The agent resolves each path
+//! to the file's identity (device and inode) when it loads the policy, and the
+//! kernel matches the identity of the file actually being executed. Symlinks,
+//! relative paths, `..` and hard links therefore cannot dodge a rule: every
+//! name of the file is the same file. A path may appear under one action only.
+//! An executable no rule names gets `default`.
+//!
+//! # Connect rules
+//!
+//! Connect rules are `NETWORK[:PORTS]`: `10.0.0.0/8`, `10.1.0.0/16:443`,
+//! `10.2.0.0/16:8000-8999`, IPv6 in brackets (`[::1]/128`,
+//! `[2001:db8::]/32:443`; brackets may be left out when no port follows).
+//! A bare address means a single host (`/32` or `/128`), and no port means
+//! every port. Host bits must be zero (`10.1.2.3/16` is refused with a
+//! suggestion of `10.1.0.0/16`).
+//!
+//! For a connect to an address and port ([`ConnectPolicy::action_for`]):
+//! 1. the rule with the **most specific (longest) prefix** that contains the
+//!    address and port wins, whatever the rules' order;
+//! 2. at the same prefix a **port-specific rule beats an all-ports rule**;
+//! 3. when no rule matches, `default` applies.
+//!
+//! Overlapping networks with different prefixes are therefore fine (allow
+//! `10.0.0.0/8`, deny `10.9.0.0/16`). The same network and ports under two
+//! actions is an error, and so are overlapping port ranges at the same prefix
+//! under different actions, since no order could settle them. `AF_UNIX`
+//! connects have no address and take `unix` instead.
+//!
+//! # Approval
+//!
+//! `ask` pauses the process and asks reviewers: any authenticated reviewer, or
+//! members of the listed `reviewers` groups; `approvals_required` distinct
+//! reviewers must approve. After `timeout` the `on_timeout` action applies
+//! (`allow` or `deny`, never `ask`). `grant_durations` says what a reviewer may
+//! grant beyond the one request: `once`, a duration such as `1h`, `session`
+//! (until the workload's cgroup goes away) or `always` ([`GrantDuration`]).
+
+mod cgroup;
+mod error;
+mod load;
+mod model;
+mod net;
+mod parse;
+
+pub use cgroup::{CGROUP_ROOT, CgroupPattern, CgroupPatternError};
+pub use error::{Diagnostic, PolicyError};
+pub use load::{Summary, parse_str, validate_paths};
+pub use model::{
+    Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration,
+    ParseActionError, ParseGrantDurationError, Policy, PolicySet, PortRange,
+};
+pub use parse::{DEFAULT_TIMEOUT, MAX_TIMEOUT};
+
+#[cfg(test)]
+mod tests;

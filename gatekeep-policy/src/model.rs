@@ -1,0 +1,468 @@
+//! Domain types of a loaded policy set.
+//!
+//! These are what the rest of gatekeep works with; the TOML layout is the
+//! loader's business (see [`crate::parse_str`]). Everything derives
+//! `Serialize` so the agent can log or export the policy it enforces.
+
+use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::cgroup::CgroupPattern;
+
+/// Every policy loaded from a set of files, in load order (files sorted by
+/// name, policies in file order).
+///
+/// Load order matters in one place only: when cgroup globs of two policies
+/// match the same cgroup, the first policy in load order governs it (see
+/// [`PolicySet::policy_for_cgroup`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PolicySet {
+    pub policies: Vec<Policy>,
+}
+
+/// One `[[policy]]`: which cgroups it governs and what their processes may do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// Unique across the whole policy set; shown to reviewers and in the audit.
+    pub name: String,
+    /// cgroup v2 directories (or globs of them) the policy governs, each with
+    /// all its descendants.
+    pub cgroups: Vec<CgroupPattern>,
+    pub exec: ExecPolicy,
+    pub connect: ConnectPolicy,
+    pub approval: Approval,
+}
+
+/// What a policy does with an `execve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExecPolicy {
+    /// Action for executables no rule names (`allow` when not written).
+    pub default: Action,
+    /// In file order. A path appears at most once (validation refuses
+    /// duplicates and conflicts), so order carries no meaning.
+    pub rules: Vec<ExecRule>,
+}
+
+/// One executable and what happens when a governed process runs it.
+///
+/// The path is absolute as written. The agent resolves it to the file's
+/// identity (device + inode) when it loads the policy, and the kernel matches
+/// that identity, so symlinks, relative paths, `..` and hard links all reach
+/// the same rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExecRule {
+    pub path: std::path::PathBuf,
+    pub action: Action,
+}
+
+/// What a policy does with a `connect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnectPolicy {
+    /// Action for IP destinations no rule matches (`allow` when not written).
+    pub default: Action,
+    /// Action for `AF_UNIX` connects, which carry no IP address
+    /// (`allow` when not written).
+    pub unix: Action,
+    /// In file order; see [`ConnectPolicy::action_for`] for how they match.
+    pub rules: Vec<ConnectRule>,
+}
+
+/// An IP network, a destination port range and an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct ConnectRule {
+    /// Always normalised: host bits are zero (validation refuses others).
+    pub net: IpNet,
+    pub ports: PortRange,
+    pub action: Action,
+}
+
+/// Inclusive destination port range `lo..=hi`; [`PortRange::ALL`] when a rule
+/// names no port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PortRange(pub u16, pub u16);
+
+/// How the approval of an `ask` works for one policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Approval {
+    /// How long a paused request waits for reviewers (default 5m, at most 24h).
+    #[serde(serialize_with = "serialize_duration")]
+    pub timeout: Duration,
+    /// What happens at the deadline: `allow` or `deny` (default `deny`).
+    pub on_timeout: Action,
+    /// Reviewer groups allowed to decide; empty means any authenticated
+    /// reviewer.
+    pub reviewers: Vec<String>,
+    /// Distinct reviewers who must approve (at least 1).
+    pub approvals_required: u32,
+    /// What a reviewer may grant beyond this one request (default `once`).
+    pub grant_durations: Vec<GrantDuration>,
+}
+
+/// What a rule (or a reviewer) decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Let the syscall through, decided in the kernel.
+    Allow,
+    /// Refuse the syscall with `EPERM`, decided in the kernel.
+    Deny,
+    /// Pause the process and ask a reviewer.
+    Ask,
+}
+
+/// How long a reviewer's "allow" (or "deny") lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GrantDuration {
+    /// This one request only.
+    Once,
+    /// The same request from the same workload, for this long.
+    For(Duration),
+    /// Until the workload's cgroup goes away.
+    Session,
+    /// Until an administrator removes the grant.
+    Always,
+}
+
+/// The string was not `allow`, `deny` or `ask`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown action \"{value}\" (expected allow, deny or ask)")]
+pub struct ParseActionError {
+    pub value: String,
+}
+
+/// The string was not a grant duration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseGrantDurationError {
+    #[error(
+        "unknown grant duration \"{value}\" (expected once, session, always or a duration such as 30m or 1h)"
+    )]
+    Unknown { value: String },
+    #[error("grant duration \"{value}\" is zero; use once for a single request")]
+    Zero { value: String },
+}
+
+impl PortRange {
+    /// Every port; what a rule without `:port` means.
+    pub const ALL: PortRange = PortRange(0, u16::MAX);
+
+    #[must_use]
+    pub fn contains(self, port: u16) -> bool {
+        self.0 <= port && port <= self.1
+    }
+
+    #[must_use]
+    pub fn is_all(self) -> bool {
+        self == Self::ALL
+    }
+
+    /// Number of ports in the range (1..=65536).
+    #[must_use]
+    pub fn len(self) -> u32 {
+        u32::from(self.1) - u32::from(self.0) + 1
+    }
+
+    #[must_use]
+    pub fn is_empty(self) -> bool {
+        self.1 < self.0
+    }
+
+    #[must_use]
+    pub fn overlaps(self, other: PortRange) -> bool {
+        self.0 <= other.1 && other.0 <= self.1
+    }
+}
+
+impl fmt::Display for PortRange {
+    /// `443`, `8000-8999`, or `all`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_all() {
+            f.write_str("all")
+        } else if self.0 == self.1 {
+            write!(f, "{}", self.0)
+        } else {
+            write!(f, "{}-{}", self.0, self.1)
+        }
+    }
+}
+
+impl ConnectRule {
+    /// The rule's destination as a policy file writes it: `10.0.0.0/8`,
+    /// `10.1.0.0/16:443`, `[2001:db8::]/32:8000-8999`.
+    #[must_use]
+    pub fn target(&self) -> String {
+        format_target(self.net, self.ports)
+    }
+}
+
+/// Formats a network and port range in the policy file syntax.
+pub(crate) fn format_target(net: IpNet, ports: PortRange) -> String {
+    let net = match net {
+        IpNet::V4(v4) => v4.to_string(),
+        IpNet::V6(v6) => format!("[{}]/{}", v6.addr(), v6.prefix_len()),
+    };
+    if ports.is_all() {
+        net
+    } else {
+        format!("{net}:{ports}")
+    }
+}
+
+impl fmt::Display for ConnectRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.action, self.target())
+    }
+}
+
+impl ConnectPolicy {
+    /// The action for a connect to `addr:port`, as the kernel decides it:
+    ///
+    /// 1. among the rules whose network contains `addr` and whose ports
+    ///    contain `port`, the longest prefix wins;
+    /// 2. at the same prefix a port-specific rule beats an all-ports rule
+    ///    (and of two port-specific ones, which validation only admits with
+    ///    the same action, the narrower range);
+    /// 3. if no rule matches, [`ConnectPolicy::default`] applies.
+    ///
+    /// IPv4-mapped IPv6 destinations (`::ffff:a.b.c.d`) are matched as the
+    /// IPv4 address they carry, since that is where the connect goes.
+    #[must_use]
+    pub fn action_for(&self, addr: IpAddr, port: u16) -> Action {
+        let addr = addr.to_canonical();
+        self.rules
+            .iter()
+            .filter(|rule| rule.net.contains(&addr) && rule.ports.contains(port))
+            .max_by_key(|rule| {
+                (
+                    rule.net.prefix_len(),
+                    !rule.ports.is_all(),
+                    std::cmp::Reverse(rule.ports.len()),
+                )
+            })
+            .map_or(self.default, |rule| rule.action)
+    }
+}
+
+impl Action {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+            Action::Ask => "ask",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Action {
+    type Err = ParseActionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "allow" => Ok(Action::Allow),
+            "deny" => Ok(Action::Deny),
+            "ask" => Ok(Action::Ask),
+            _ => Err(ParseActionError {
+                value: s.to_owned(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for GrantDuration {
+    /// `once`, `session`, `always`, or a duration such as `1h` or `1h 30m`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GrantDuration::Once => f.write_str("once"),
+            GrantDuration::For(duration) => {
+                write!(f, "{}", humantime::format_duration(*duration))
+            }
+            GrantDuration::Session => f.write_str("session"),
+            GrantDuration::Always => f.write_str("always"),
+        }
+    }
+}
+
+impl FromStr for GrantDuration {
+    type Err = ParseGrantDurationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "once" => Ok(GrantDuration::Once),
+            "session" => Ok(GrantDuration::Session),
+            "always" => Ok(GrantDuration::Always),
+            _ => match humantime::parse_duration(s) {
+                Ok(duration) if duration.is_zero() => Err(ParseGrantDurationError::Zero {
+                    value: s.to_owned(),
+                }),
+                Ok(duration) => Ok(GrantDuration::For(duration)),
+                Err(_) => Err(ParseGrantDurationError::Unknown {
+                    value: s.to_owned(),
+                }),
+            },
+        }
+    }
+}
+
+impl Serialize for GrantDuration {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for GrantDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn serialize_duration<S: Serializer>(
+    duration: &Duration,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&humantime::format_duration(*duration))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn action_round_trips_through_strings() {
+        for action in [Action::Allow, Action::Deny, Action::Ask] {
+            assert_eq!(action.to_string().parse::<Action>(), Ok(action));
+        }
+        assert_eq!(
+            "alow".parse::<Action>().map_err(|e| e.to_string()),
+            Err("unknown action \"alow\" (expected allow, deny or ask)".to_owned())
+        );
+        assert!("Allow".parse::<Action>().is_err(), "actions are lowercase");
+    }
+
+    #[test]
+    fn grant_duration_round_trips_through_strings() {
+        for text in ["once", "session", "always", "1h", "30m", "1h 30m", "2days"] {
+            let parsed: GrantDuration = text.parse().expect(text);
+            let again: GrantDuration = parsed.to_string().parse().expect(text);
+            assert_eq!(parsed, again, "{text}");
+        }
+        assert_eq!(
+            "1h30m".parse::<GrantDuration>(),
+            Ok(GrantDuration::For(Duration::from_mins(90)))
+        );
+        assert_eq!(
+            GrantDuration::For(Duration::from_hours(1)).to_string(),
+            "1h"
+        );
+        assert_eq!(
+            "forever".parse::<GrantDuration>(),
+            Err(ParseGrantDurationError::Unknown {
+                value: "forever".to_owned()
+            })
+        );
+        assert_eq!(
+            "0s".parse::<GrantDuration>(),
+            Err(ParseGrantDurationError::Zero {
+                value: "0s".to_owned()
+            })
+        );
+    }
+
+    #[test]
+    fn grant_duration_serde_uses_the_string_form() {
+        let json = serde_json::to_string(&[
+            GrantDuration::Once,
+            GrantDuration::For(Duration::from_hours(1)),
+            GrantDuration::Session,
+            GrantDuration::Always,
+        ])
+        .expect("serialize");
+        assert_eq!(json, r#"["once","1h","session","always"]"#);
+        let back: Vec<GrantDuration> = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back[1], GrantDuration::For(Duration::from_hours(1)));
+        assert!(serde_json::from_str::<GrantDuration>(r#""sometimes""#).is_err());
+    }
+
+    #[test]
+    fn port_range_display_and_overlap() {
+        assert_eq!(PortRange::ALL.to_string(), "all");
+        assert_eq!(PortRange(443, 443).to_string(), "443");
+        assert_eq!(PortRange(8000, 8999).to_string(), "8000-8999");
+        assert!(PortRange(80, 90).overlaps(PortRange(90, 100)));
+        assert!(!PortRange(80, 89).overlaps(PortRange(90, 100)));
+        assert_eq!(PortRange::ALL.len(), 65536);
+        assert!(PortRange(8000, 8999).contains(8999));
+        assert!(!PortRange(8000, 8999).contains(9000));
+    }
+
+    fn rule(net: &str, ports: PortRange, action: Action) -> ConnectRule {
+        ConnectRule {
+            net: net.parse().expect(net),
+            ports,
+            action,
+        }
+    }
+
+    #[test]
+    fn most_specific_prefix_then_port_specific_wins() {
+        let policy = ConnectPolicy {
+            default: Action::Ask,
+            unix: Action::Allow,
+            rules: vec![
+                rule("10.0.0.0/8", PortRange::ALL, Action::Deny),
+                rule("10.1.0.0/16", PortRange::ALL, Action::Allow),
+                rule("10.1.0.0/16", PortRange(22, 22), Action::Deny),
+                rule("10.1.2.0/24", PortRange(443, 443), Action::Ask),
+                rule("::1/128", PortRange::ALL, Action::Allow),
+            ],
+        };
+        let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+        // Only the /8 matches.
+        assert_eq!(policy.action_for(v4(10, 9, 9, 9), 80), Action::Deny);
+        // The /16 is more specific than the /8.
+        assert_eq!(policy.action_for(v4(10, 1, 9, 9), 80), Action::Allow);
+        // Same /16 prefix: the port-specific rule beats the all-ports one.
+        assert_eq!(policy.action_for(v4(10, 1, 9, 9), 22), Action::Deny);
+        // The /24 is the longest prefix, but only for port 443...
+        assert_eq!(policy.action_for(v4(10, 1, 2, 3), 443), Action::Ask);
+        // ...other ports fall back to the /16.
+        assert_eq!(policy.action_for(v4(10, 1, 2, 3), 444), Action::Allow);
+        // Nothing matches: the default.
+        assert_eq!(policy.action_for(v4(192, 0, 2, 1), 80), Action::Ask);
+        assert_eq!(
+            policy.action_for("::1".parse().expect("v6"), 80),
+            Action::Allow
+        );
+        // An IPv4-mapped IPv6 destination is matched as IPv4.
+        assert_eq!(
+            policy.action_for("::ffff:10.1.9.9".parse().expect("mapped"), 22),
+            Action::Deny
+        );
+    }
+
+    #[test]
+    fn connect_rule_target_uses_file_syntax() {
+        assert_eq!(
+            rule("10.2.0.0/16", PortRange(8000, 8999), Action::Allow).target(),
+            "10.2.0.0/16:8000-8999"
+        );
+        assert_eq!(
+            rule("2001:db8::/32", PortRange(443, 443), Action::Allow).target(),
+            "[2001:db8::]/32:443"
+        );
+        assert_eq!(
+            rule("::1/128", PortRange::ALL, Action::Deny).to_string(),
+            "deny [::1]/128"
+        );
+    }
+}

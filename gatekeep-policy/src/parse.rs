@@ -1,0 +1,1203 @@
+//! From TOML text to [`Policy`] values, with every problem located.
+//!
+//! The loader walks toml's spanned document (`toml::de::DeTable`) itself
+//! instead of deriving `Deserialize` with `deny_unknown_fields`: serde stops
+//! at the first error, and a security team fixing a file wants all of them
+//! at once, each with its line and column.
+
+use std::{borrow::Cow, collections::HashMap, ops::Range, path::PathBuf, time::Duration};
+
+use toml::{
+    Spanned,
+    de::{DeTable, DeValue},
+};
+
+use crate::{
+    cgroup::CgroupPattern,
+    error::Diagnostic,
+    model::{
+        Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, Policy,
+    },
+    net::parse_target,
+};
+
+type Span = Range<usize>;
+type Key<'i> = Spanned<Cow<'i, str>>;
+type Value<'i> = Spanned<DeValue<'i>>;
+
+/// How long a paused request waits when a policy does not say.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_mins(5);
+/// The longest `timeout` a policy may set.
+pub const MAX_TIMEOUT: Duration = Duration::from_hours(24);
+
+const EXEC_PATH_NOTE: &str = "exec rules match absolute paths; relative paths, `..` and symlinks are resolved by the kernel-side identity match";
+
+const POLICY_KEYS: &[&str] = &["name", "cgroups", "exec", "connect", "approval"];
+const EXEC_KEYS: &[&str] = &["default", "allow", "deny", "ask"];
+const CONNECT_KEYS: &[&str] = &["default", "allow", "deny", "ask", "unix"];
+const APPROVAL_KEYS: &[&str] = &[
+    "timeout",
+    "on_timeout",
+    "reviewers",
+    "approvals_required",
+    "grant_durations",
+];
+const RULE_LISTS: [(&str, Action); 3] = [
+    ("allow", Action::Allow),
+    ("deny", Action::Deny),
+    ("ask", Action::Ask),
+];
+
+/// A place in a file, 1-based.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pos {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl std::fmt::Display for Pos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+/// A policy as parsed, with what the checks across files need to point at.
+pub(crate) struct ParsedPolicy {
+    pub policy: Policy,
+    /// Where the name was written; `None` if it was missing or invalid.
+    pub name_at: Option<Pos>,
+    /// Where each of `policy.cgroups` was written.
+    pub cgroups_at: Vec<Pos>,
+}
+
+/// Parses one file, appending its problems to `diagnostics`.
+pub(crate) fn parse_file(
+    file: &str,
+    text: &str,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<ParsedPolicy> {
+    let mut walker = Walker::new(file, text);
+    let (document, errors) = DeTable::parse_recoverable(text);
+    let policies = if errors.is_empty() {
+        walker.document(document.get_ref())
+    } else {
+        // Values recovered around a syntax error are guesses; checking them
+        // would only add noise.
+        for error in errors {
+            let span = error.span().unwrap_or(0..0);
+            walker.error(&span, format!("invalid TOML: {}", error.message()));
+        }
+        Vec::new()
+    };
+    let mut found = walker.diagnostics;
+    found.sort_by_key(|d| (d.line, d.column));
+    found.dedup();
+    diagnostics.extend(found);
+    policies
+}
+
+struct Walker<'a> {
+    file: &'a str,
+    text: &'a str,
+    line_starts: Vec<usize>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl<'a> Walker<'a> {
+    fn new(file: &'a str, text: &'a str) -> Self {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(at, _)| at + 1))
+            .collect();
+        Self {
+            file,
+            text,
+            line_starts,
+            diagnostics: Vec::new(),
+        }
+    }
+
+    fn pos(&self, span: &Span) -> Pos {
+        let offset = span.start.min(self.text.len());
+        let line = self.line_starts.partition_point(|&start| start <= offset);
+        let start = self.line_starts[line.saturating_sub(1)];
+        let column = self
+            .text
+            .get(start..offset)
+            .map_or(offset - start, |before| before.chars().count());
+        Pos {
+            file: self.file.to_owned(),
+            line: line.max(1),
+            column: column + 1,
+        }
+    }
+
+    fn error(&mut self, span: &Span, message: impl Into<String>) {
+        let Pos { file, line, column } = self.pos(span);
+        self.diagnostics.push(Diagnostic {
+            file,
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    fn document(&mut self, root: &DeTable<'_>) -> Vec<ParsedPolicy> {
+        let mut policies = Vec::new();
+        let mut seen_policy = false;
+        for (key, value) in sorted(root) {
+            if key.get_ref() != "policy" {
+                self.unknown_key(key, "this file", &["policy"]);
+                continue;
+            }
+            seen_policy = true;
+            match value.get_ref() {
+                DeValue::Array(items) => {
+                    for item in items {
+                        match item.get_ref() {
+                            DeValue::Table(table) => {
+                                policies.push(self.policy(&item.span(), table));
+                            }
+                            other => self.error(
+                                &item.span(),
+                                format!("each policy must be a table, found {}", other.type_str()),
+                            ),
+                        }
+                    }
+                }
+                DeValue::Table(_) => self.error(
+                    &value.span(),
+                    "write [[policy]] (an array of tables, one per policy), not [policy]",
+                ),
+                other => self.error(
+                    &key.span(),
+                    format!(
+                        "`policy` must be written as [[policy]] tables, found {}",
+                        other.type_str()
+                    ),
+                ),
+            }
+        }
+        if !seen_policy {
+            self.error(
+                &(0..0),
+                "no [[policy]] in this file; add one (see examples/ai-agents.toml) or remove the file",
+            );
+        }
+        policies
+    }
+
+    fn policy(&mut self, header: &Span, table: &DeTable<'_>) -> ParsedPolicy {
+        self.check_keys(table, "[[policy]]", POLICY_KEYS);
+
+        let mut name_at = None;
+        let name = match field(table, "name") {
+            None => {
+                self.error(
+                    header,
+                    "policy has no name; add name = \"...\" under [[policy]]",
+                );
+                String::new()
+            }
+            Some(value) => match self.string(value, "name") {
+                Some(name) if name.trim().is_empty() => {
+                    self.error(
+                        &value.span(),
+                        "policy name is empty; give the policy a name such as name = \"ai-agents\"",
+                    );
+                    name.to_owned()
+                }
+                Some(name) if name.chars().any(char::is_control) => {
+                    self.error(
+                        &value.span(),
+                        "policy name contains control characters; use printable text",
+                    );
+                    name.to_owned()
+                }
+                Some(name) => {
+                    name_at = Some(self.pos(&value.span()));
+                    name.to_owned()
+                }
+                None => String::new(),
+            },
+        };
+
+        let (cgroups, cgroups_at) = self.cgroups(header, table);
+        let exec = self.exec(table);
+        let connect = self.connect(table);
+        let approval = self.approval(table);
+        ParsedPolicy {
+            policy: Policy {
+                name,
+                cgroups,
+                exec,
+                connect,
+                approval,
+            },
+            name_at,
+            cgroups_at,
+        }
+    }
+
+    fn cgroups(&mut self, header: &Span, table: &DeTable<'_>) -> (Vec<CgroupPattern>, Vec<Pos>) {
+        let mut patterns = Vec::new();
+        let mut places = Vec::new();
+        let Some(value) = field(table, "cgroups") else {
+            self.error(
+                header,
+                "policy has no cgroups; add cgroups = [\"/sys/fs/cgroup/...\"] to say which workloads it governs",
+            );
+            return (patterns, places);
+        };
+        let Some(items) =
+            self.string_list(value, "cgroups", "cgroups = [\"/sys/fs/cgroup/agents/*\"]")
+        else {
+            return (patterns, places);
+        };
+        if items.is_empty() {
+            self.error(
+                &value.span(),
+                "cgroups is empty, so the policy governs nothing; list at least one cgroup, e.g. \"/sys/fs/cgroup/agents/*\"",
+            );
+        }
+        let mut seen: HashMap<String, Span> = HashMap::new();
+        for (text, span) in items {
+            match CgroupPattern::new(text) {
+                Ok(pattern) => {
+                    if let Some(first) = seen.get(pattern.relative()) {
+                        let first = self.pos(first);
+                        self.error(
+                            &span,
+                            format!(
+                                "cgroup pattern \"{text}\" is listed twice in this policy (first at line {}); remove one",
+                                first.line
+                            ),
+                        );
+                        continue;
+                    }
+                    seen.insert(pattern.relative().to_owned(), span.clone());
+                    places.push(self.pos(&span));
+                    patterns.push(pattern);
+                }
+                Err(e) => self.error(&span, e.to_string()),
+            }
+        }
+        (patterns, places)
+    }
+
+    fn exec(&mut self, policy: &DeTable<'_>) -> ExecPolicy {
+        let mut exec = ExecPolicy {
+            default: Action::Allow,
+            rules: Vec::new(),
+        };
+        let Some(table) = self.section(policy, "exec", EXEC_KEYS) else {
+            return exec;
+        };
+        if let Some(value) = field(table, "default") {
+            exec.default = self.action(value, "default").unwrap_or(Action::Allow);
+        }
+        let mut rules: Vec<(Span, ExecRule)> = Vec::new();
+        for (key, action) in RULE_LISTS {
+            let Some(value) = field(table, key) else {
+                continue;
+            };
+            let example = format!("{key} = [\"/usr/bin/git\"]");
+            let Some(items) = self.string_list(value, key, &example) else {
+                continue;
+            };
+            for (text, span) in items {
+                if let Some(path) = self.exec_path(text, &span) {
+                    rules.push((span, ExecRule { path, action }));
+                }
+            }
+        }
+        rules.sort_by_key(|(span, _)| span.start);
+
+        let mut seen: HashMap<PathBuf, (Span, Action)> = HashMap::new();
+        for (span, rule) in rules {
+            if let Some((first, first_action)) = seen.get(&rule.path) {
+                let line = self.pos(first).line;
+                let path = rule.path.display();
+                let message = if *first_action == rule.action {
+                    format!(
+                        "exec path \"{path}\" is listed twice under {} (first at line {line}); remove one",
+                        rule.action
+                    )
+                } else {
+                    format!(
+                        "exec path \"{path}\" is listed under both {first_action} (line {line}) and {}; a path may appear under one action only",
+                        rule.action
+                    )
+                };
+                self.error(&span, message);
+                continue;
+            }
+            seen.insert(rule.path.clone(), (span, rule.action));
+            exec.rules.push(rule);
+        }
+        exec
+    }
+
+    fn exec_path(&mut self, text: &str, span: &Span) -> Option<PathBuf> {
+        let message = if text.is_empty() {
+            "empty exec path; write the absolute path of an executable, e.g. \"/usr/bin/git\""
+                .to_owned()
+        } else if !text.starts_with('/') {
+            format!("exec path \"{text}\" is not absolute ({EXEC_PATH_NOTE})")
+        } else if text.split('/').any(|part| part == "." || part == "..") {
+            format!(
+                "exec path \"{text}\" contains `.` or `..`; write the plain absolute path ({EXEC_PATH_NOTE})"
+            )
+        } else if text.ends_with('/') {
+            format!("exec path \"{text}\" names a directory; name an executable file")
+        } else if text.contains('*') {
+            format!(
+                "exec path \"{text}\" contains `*`; exec rules name one executable each (they match by file identity), so list each executable"
+            )
+        } else {
+            return Some(PathBuf::from(text));
+        };
+        self.error(span, message);
+        None
+    }
+
+    fn connect(&mut self, policy: &DeTable<'_>) -> ConnectPolicy {
+        let mut connect = ConnectPolicy {
+            default: Action::Allow,
+            unix: Action::Allow,
+            rules: Vec::new(),
+        };
+        let Some(table) = self.section(policy, "connect", CONNECT_KEYS) else {
+            return connect;
+        };
+        if let Some(value) = field(table, "default") {
+            connect.default = self.action(value, "default").unwrap_or(Action::Allow);
+        }
+        if let Some(value) = field(table, "unix") {
+            connect.unix = self.action(value, "unix").unwrap_or(Action::Allow);
+        }
+        let mut rules: Vec<(Span, ConnectRule)> = Vec::new();
+        for (key, action) in RULE_LISTS {
+            let Some(value) = field(table, key) else {
+                continue;
+            };
+            let example = format!("{key} = [\"10.0.0.0/8:443\"]");
+            let Some(items) = self.string_list(value, key, &example) else {
+                continue;
+            };
+            for (text, span) in items {
+                match parse_target(text) {
+                    Ok((net, ports)) => rules.push((span, ConnectRule { net, ports, action })),
+                    Err(e) => self.error(&span, e.to_string()),
+                }
+            }
+        }
+        rules.sort_by_key(|(span, _)| span.start);
+
+        let mut kept: Vec<(Span, ConnectRule)> = Vec::new();
+        for (span, rule) in rules {
+            if let Some(message) = self.connect_clash(&kept, &rule) {
+                self.error(&span, message);
+                continue;
+            }
+            kept.push((span, rule));
+        }
+        connect.rules = kept.into_iter().map(|(_, rule)| rule).collect();
+        connect
+    }
+
+    /// Why `rule` cannot join `kept`: the same network and ports again, or
+    /// overlapping port ranges at the same prefix under different actions
+    /// (which no "most specific wins" order could settle).
+    fn connect_clash(&self, kept: &[(Span, ConnectRule)], rule: &ConnectRule) -> Option<String> {
+        let target = rule.target();
+        for (span, first) in kept.iter().filter(|(_, first)| first.net == rule.net) {
+            let line = self.pos(span).line;
+            if first.ports == rule.ports {
+                return Some(if first.action == rule.action {
+                    format!(
+                        "connect rule {target} is listed twice under {} (first at line {line}); remove one",
+                        rule.action
+                    )
+                } else {
+                    format!(
+                        "connect rule {target} is listed under both {} (line {line}) and {}; a network and port range may appear under one action only",
+                        first.action, rule.action
+                    )
+                });
+            }
+            let both_specific = !first.ports.is_all() && !rule.ports.is_all();
+            if both_specific && first.action != rule.action && first.ports.overlaps(rule.ports) {
+                return Some(format!(
+                    "connect rule {target} ({}) overlaps {} ({}, line {line}) at the same prefix; split the port ranges so they do not overlap",
+                    rule.action,
+                    first.target(),
+                    first.action
+                ));
+            }
+        }
+        None
+    }
+
+    fn approval(&mut self, policy: &DeTable<'_>) -> Approval {
+        let mut approval = Approval {
+            timeout: DEFAULT_TIMEOUT,
+            on_timeout: Action::Deny,
+            reviewers: Vec::new(),
+            approvals_required: 1,
+            grant_durations: vec![GrantDuration::Once],
+        };
+        let Some(table) = self.section(policy, "approval", APPROVAL_KEYS) else {
+            return approval;
+        };
+
+        if let Some(value) = field(table, "timeout")
+            && let Some(timeout) = self.timeout(value)
+        {
+            approval.timeout = timeout;
+        }
+
+        if let Some(value) = field(table, "on_timeout") {
+            match self.action(value, "on_timeout") {
+                Some(Action::Ask) => self.error(
+                    &value.span(),
+                    "on_timeout cannot be \"ask\": the request has already waited for a reviewer; use \"allow\" or \"deny\"",
+                ),
+                Some(action) => approval.on_timeout = action,
+                None => {}
+            }
+        }
+
+        if let Some(value) = field(table, "reviewers")
+            && let Some(items) = self.string_list(value, "reviewers", "reviewers = [\"sre\"]")
+        {
+            if items.is_empty() {
+                self.error(
+                        &value.span(),
+                        "reviewers is empty, so nobody could decide; name reviewer groups, or remove the key to let any authenticated reviewer decide",
+                    );
+            }
+            let mut seen: HashMap<&str, Span> = HashMap::new();
+            for (group, span) in items {
+                if group.trim().is_empty() {
+                    self.error(&span, "empty reviewer group name");
+                } else if let Some(first) = seen.get(group) {
+                    let line = self.pos(first).line;
+                    self.error(
+                            &span,
+                            format!(
+                                "reviewer group \"{group}\" is listed twice (first at line {line}); remove one"
+                            ),
+                        );
+                } else {
+                    seen.insert(group, span);
+                    approval.reviewers.push(group.to_owned());
+                }
+            }
+        }
+
+        if let Some(value) = field(table, "approvals_required")
+            && let Some(count) = self.approvals_required(value)
+        {
+            approval.approvals_required = count;
+        }
+
+        if let Some(value) = field(table, "grant_durations")
+            && let Some(durations) = self.grant_durations(value)
+        {
+            approval.grant_durations = durations;
+        }
+        approval
+    }
+
+    fn timeout(&mut self, value: &Value<'_>) -> Option<Duration> {
+        let DeValue::String(text) = value.get_ref() else {
+            self.error(
+                &value.span(),
+                format!(
+                    "`timeout` must be a duration string such as \"5m\", found {}",
+                    value.get_ref().type_str()
+                ),
+            );
+            return None;
+        };
+        let message = match humantime::parse_duration(text) {
+            Err(_) => {
+                format!("invalid timeout \"{text}\" (expected a duration such as 30s, 5m or 1h)")
+            }
+            Ok(timeout) if timeout.is_zero() => {
+                format!("timeout \"{text}\" is zero; give reviewers time to answer, e.g. \"5m\"")
+            }
+            Ok(timeout) if timeout > MAX_TIMEOUT => format!(
+                "timeout \"{text}\" is longer than 24h; a paused workload should not wait more than a day (use at most \"24h\")"
+            ),
+            Ok(timeout) => return Some(timeout),
+        };
+        self.error(&value.span(), message);
+        None
+    }
+
+    fn approvals_required(&mut self, value: &Value<'_>) -> Option<u32> {
+        let DeValue::Integer(integer) = value.get_ref() else {
+            self.error(
+                &value.span(),
+                format!(
+                    "`approvals_required` must be a whole number such as 1, found {}",
+                    value.get_ref().type_str()
+                ),
+            );
+            return None;
+        };
+        let message = match i64::from_str_radix(integer.as_str(), integer.radix()) {
+            Ok(count) if count < 1 => format!(
+                "approvals_required is {count}; at least 1 reviewer must approve (remove the key for the default of 1)"
+            ),
+            Ok(count) => match u32::try_from(count) {
+                Ok(count) => return Some(count),
+                Err(_) => format!("approvals_required {count} is too large"),
+            },
+            Err(_) => format!("approvals_required {integer} is too large"),
+        };
+        self.error(&value.span(), message);
+        None
+    }
+
+    fn grant_durations(&mut self, value: &Value<'_>) -> Option<Vec<GrantDuration>> {
+        let items = self.string_list(
+            value,
+            "grant_durations",
+            "grant_durations = [\"once\", \"1h\", \"session\", \"always\"]",
+        )?;
+        if items.is_empty() {
+            self.error(
+                &value.span(),
+                "grant_durations is empty, so reviewers could grant nothing; use [\"once\"] at least",
+            );
+            return None;
+        }
+        let mut durations = Vec::new();
+        let mut seen: HashMap<GrantDuration, Span> = HashMap::new();
+        for (text, span) in items {
+            match text.parse::<GrantDuration>() {
+                Ok(duration) => {
+                    if let Some(first) = seen.get(&duration) {
+                        let line = self.pos(first).line;
+                        self.error(
+                            &span,
+                            format!(
+                                "grant duration \"{text}\" is listed twice (first at line {line}); remove one"
+                            ),
+                        );
+                    } else {
+                        seen.insert(duration, span);
+                        durations.push(duration);
+                    }
+                }
+                Err(e) => self.error(&span, e.to_string()),
+            }
+        }
+        Some(durations)
+    }
+
+    /// A sub-table of a policy such as `[policy.exec]`, with its keys checked.
+    fn section<'t, 'i>(
+        &mut self,
+        policy: &'t DeTable<'i>,
+        key: &str,
+        allowed: &[&str],
+    ) -> Option<&'t DeTable<'i>> {
+        let value = field(policy, key)?;
+        if let DeValue::Table(table) = value.get_ref() {
+            self.check_keys(table, &format!("[policy.{key}]"), allowed);
+            Some(table)
+        } else {
+            self.error(
+                &value.span(),
+                format!(
+                    "`{key}` must be a table ([policy.{key}]), found {}",
+                    value.get_ref().type_str()
+                ),
+            );
+            None
+        }
+    }
+
+    fn check_keys(&mut self, table: &DeTable<'_>, section: &str, allowed: &[&str]) {
+        for (key, _) in sorted(table) {
+            if !allowed.contains(&key.get_ref().as_ref()) {
+                self.unknown_key(key, section, allowed);
+            }
+        }
+    }
+
+    fn unknown_key(&mut self, key: &Key<'_>, section: &str, allowed: &[&str]) {
+        let name = key.get_ref();
+        let hint = closest(name, allowed)
+            .map(|near| format!("; did you mean \"{near}\"?"))
+            .unwrap_or_default();
+        self.error(
+            &key.span(),
+            format!(
+                "unknown key \"{name}\" in {section} (expected {}){hint}",
+                one_of(allowed)
+            ),
+        );
+    }
+
+    fn string<'v>(&mut self, value: &'v Value<'_>, key: &str) -> Option<&'v str> {
+        if let DeValue::String(text) = value.get_ref() {
+            Some(text)
+        } else {
+            self.error(
+                &value.span(),
+                format!(
+                    "`{key}` must be a string, found {}",
+                    value.get_ref().type_str()
+                ),
+            );
+            None
+        }
+    }
+
+    /// An array of strings; wrong items are reported and left out.
+    fn string_list<'v>(
+        &mut self,
+        value: &'v Value<'_>,
+        key: &str,
+        example: &str,
+    ) -> Option<Vec<(&'v str, Span)>> {
+        let DeValue::Array(items) = value.get_ref() else {
+            self.error(
+                &value.span(),
+                format!(
+                    "`{key}` must be an array of strings, e.g. {example}, found {}",
+                    value.get_ref().type_str()
+                ),
+            );
+            return None;
+        };
+        let mut strings = Vec::new();
+        for item in items {
+            if let DeValue::String(text) = item.get_ref() {
+                strings.push((text.as_ref(), item.span()));
+            } else {
+                self.error(
+                    &item.span(),
+                    format!(
+                        "`{key}` must contain strings only, found {}",
+                        item.get_ref().type_str()
+                    ),
+                );
+            }
+        }
+        Some(strings)
+    }
+
+    fn action(&mut self, value: &Value<'_>, key: &str) -> Option<Action> {
+        let text = self.string(value, key)?;
+        match text.parse() {
+            Ok(action) => Some(action),
+            Err(e) => {
+                self.error(&value.span(), format!("{e}"));
+                None
+            }
+        }
+    }
+}
+
+fn field<'t, 'i>(table: &'t DeTable<'i>, key: &str) -> Option<&'t Value<'i>> {
+    table
+        .iter()
+        .find(|(name, _)| name.get_ref() == key)
+        .map(|(_, value)| value)
+}
+
+/// A table's entries in the order they were written.
+fn sorted<'t, 'i>(table: &'t DeTable<'i>) -> Vec<(&'t Key<'i>, &'t Value<'i>)> {
+    let mut entries: Vec<_> = table.iter().collect();
+    entries.sort_by_key(|(key, _)| key.span().start);
+    entries
+}
+
+/// "a, b or c".
+fn one_of(words: &[&str]) -> String {
+    match words {
+        [] => String::new(),
+        [one] => (*one).to_owned(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
+    }
+}
+
+/// The allowed key closest to a misspelt one, if it is close enough.
+fn closest<'w>(word: &str, candidates: &[&'w str]) -> Option<&'w str> {
+    candidates
+        .iter()
+        .map(|candidate| (edit_distance(word, candidate), *candidate))
+        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 4))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::IpAddr, time::Duration};
+
+    use crate::{Action, GrantDuration, PolicySet, PortRange, parse_str};
+
+    const FILE: &str = "policies/agents.toml";
+
+    fn load(text: &str) -> PolicySet {
+        parse_str(FILE, text).unwrap_or_else(|e| panic!("expected a valid policy, got:\n{e}"))
+    }
+
+    /// Every diagnostic, as `file:line:col: message`.
+    fn errors(text: &str) -> Vec<String> {
+        match parse_str(FILE, text) {
+            Ok(set) => panic!("expected errors, got {set:#?}"),
+            Err(e) => e.diagnostics().iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// The single diagnostic of `text`.
+    fn error(text: &str) -> String {
+        let mut all = errors(text);
+        assert_eq!(all.len(), 1, "expected one error, got {all:#?}");
+        all.remove(0)
+    }
+
+    /// A valid policy head (3 lines), so the lines under test start at 4.
+    const HEAD: &str = "[[policy]]\nname = \"a\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n";
+
+    fn with_head(rest: &str) -> String {
+        format!("{HEAD}{rest}")
+    }
+
+    #[test]
+    fn minimal_policy_takes_defaults() {
+        let set = load(HEAD);
+        let policy = &set.policies[0];
+        assert_eq!(policy.name, "a");
+        assert_eq!(policy.cgroups[0].relative(), "a");
+        assert_eq!(policy.exec.default, Action::Allow);
+        assert!(policy.exec.rules.is_empty());
+        assert_eq!(policy.connect.default, Action::Allow);
+        assert_eq!(policy.connect.unix, Action::Allow);
+        assert_eq!(policy.approval.timeout, Duration::from_mins(5));
+        assert_eq!(policy.approval.on_timeout, Action::Deny);
+        assert!(policy.approval.reviewers.is_empty());
+        assert_eq!(policy.approval.approvals_required, 1);
+        assert_eq!(policy.approval.grant_durations, [GrantDuration::Once]);
+    }
+
+    #[test]
+    fn unknown_action() {
+        assert_eq!(
+            error(&with_head("[policy.exec]\ndefault = \"alow\"\n")),
+            "policies/agents.toml:5:11: unknown action \"alow\" (expected allow, deny or ask)"
+        );
+        assert_eq!(
+            error(&with_head(
+                "[policy.connect]\nallow = [\"10.0.0.0/8\"]\n  unix = \"alow\"\n"
+            )),
+            "policies/agents.toml:6:10: unknown action \"alow\" (expected allow, deny or ask)"
+        );
+        assert_eq!(
+            error(&with_head("[policy.exec]\ndefault = true\n")),
+            "policies/agents.toml:5:11: `default` must be a string, found boolean"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_all_reported() {
+        let text = "\
+            version = 2\n\
+            [[policy]]\n\
+            name = \"a\"\n\
+            cgroup = [\"/sys/fs/cgroup/a\"]\n\
+            [policy.exec]\n\
+            defualt = \"ask\"\n\
+            [policy.connect]\n\
+            unix = \"deny\"\n\
+            allowed = []\n\
+            [policy.approval]\n\
+            timeout = \"1m\"\n\
+            reviewer = [\"sre\"]\n\
+            [policy.audit]\n";
+        assert_eq!(
+            errors(text),
+            [
+                "policies/agents.toml:1:1: unknown key \"version\" in this file (expected policy)",
+                "policies/agents.toml:2:1: policy has no cgroups; add cgroups = [\"/sys/fs/cgroup/...\"] to say which workloads it governs",
+                "policies/agents.toml:4:1: unknown key \"cgroup\" in [[policy]] (expected name, cgroups, exec, connect or approval); did you mean \"cgroups\"?",
+                "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny or ask); did you mean \"default\"?",
+                "policies/agents.toml:9:1: unknown key \"allowed\" in [policy.connect] (expected default, allow, deny, ask or unix); did you mean \"allow\"?",
+                "policies/agents.toml:12:1: unknown key \"reviewer\" in [policy.approval] (expected timeout, on_timeout, reviewers, approvals_required or grant_durations); did you mean \"reviewers\"?",
+                "policies/agents.toml:13:9: unknown key \"audit\" in [[policy]] (expected name, cgroups, exec, connect or approval)",
+            ]
+        );
+    }
+
+    #[test]
+    fn policy_names() {
+        assert_eq!(
+            error("[[policy]]\nname = \"\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n"),
+            "policies/agents.toml:2:8: policy name is empty; give the policy a name such as name = \"ai-agents\""
+        );
+        assert_eq!(
+            error("[[policy]]\ncgroups = [\"/sys/fs/cgroup/a\"]\n"),
+            "policies/agents.toml:1:1: policy has no name; add name = \"...\" under [[policy]]"
+        );
+        assert_eq!(
+            error("[[policy]]\nname = 7\ncgroups = [\"/sys/fs/cgroup/a\"]\n"),
+            "policies/agents.toml:2:8: `name` must be a string, found integer"
+        );
+        let text = "\
+            [[policy]]\n\
+            name = \"a\"\n\
+            cgroups = [\"/sys/fs/cgroup/a\"]\n\
+            [[policy]]\n\
+            name = \"a\"\n\
+            cgroups = [\"/sys/fs/cgroup/b\"]\n";
+        assert_eq!(
+            error(text),
+            "policies/agents.toml:5:8: duplicate policy name \"a\" (first defined at policies/agents.toml:2:8); policy names must be unique across all policy files"
+        );
+    }
+
+    #[test]
+    fn cgroup_patterns() {
+        let text = "\
+            [[policy]]\n\
+            name = \"a\"\n\
+            cgroups = [\"agents/*\", \"/agents/*\", \"/sys/fs/cgroup/ok\", \"/sys/fs/cgroup/ok/\"]\n";
+        assert_eq!(
+            errors(text),
+            [
+                "policies/agents.toml:3:12: cgroup pattern \"agents/*\" is relative; write an absolute path under /sys/fs/cgroup, e.g. \"/sys/fs/cgroup/agents/*\"",
+                "policies/agents.toml:3:24: cgroup pattern \"/agents/*\" is not under /sys/fs/cgroup; cgroup v2 paths start with /sys/fs/cgroup/ (did you mean \"/sys/fs/cgroup/agents/*\"?)",
+                "policies/agents.toml:3:58: cgroup pattern \"/sys/fs/cgroup/ok/\" is listed twice in this policy (first at line 3); remove one",
+            ]
+        );
+        assert_eq!(
+            error("[[policy]]\nname = \"a\"\ncgroups = []\n"),
+            "policies/agents.toml:3:11: cgroups is empty, so the policy governs nothing; list at least one cgroup, e.g. \"/sys/fs/cgroup/agents/*\""
+        );
+        assert_eq!(
+            error("[[policy]]\nname = \"a\"\ncgroups = \"/sys/fs/cgroup/a\"\n"),
+            "policies/agents.toml:3:11: `cgroups` must be an array of strings, e.g. cgroups = [\"/sys/fs/cgroup/agents/*\"], found string"
+        );
+    }
+
+    #[test]
+    fn identical_cgroup_patterns_in_two_policies() {
+        let text = "\
+            [[policy]]\n\
+            name = \"first\"\n\
+            cgroups = [\"/sys/fs/cgroup/agents/*\"]\n\
+            [[policy]]\n\
+            name = \"second\"\n\
+            cgroups = [\"/sys/fs/cgroup/other\", \"/sys/fs/cgroup//agents/*\"]\n";
+        assert_eq!(
+            error(text),
+            "policies/agents.toml:6:36: cgroup pattern \"/sys/fs/cgroup//agents/*\" is already used by policy \"first\" (policies/agents.toml:3:12); a cgroup can be governed by one policy only, so keep it in one of them"
+        );
+        // Overlapping but different globs are allowed: load order decides.
+        let text = "\
+            [[policy]]\n\
+            name = \"first\"\n\
+            cgroups = [\"/sys/fs/cgroup/agents/*\"]\n\
+            [[policy]]\n\
+            name = \"second\"\n\
+            cgroups = [\"/sys/fs/cgroup/agents/job-*\"]\n";
+        let set = load(text);
+        assert_eq!(
+            set.policy_for_cgroup(std::path::Path::new("/agents/job-1")),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn exec_paths_must_be_absolute() {
+        let text = with_head(
+            "[policy.exec]\nallow = [\"bin/ls\", \"/usr/bin/../bin/ls\", \"\", \"/usr/bin/*\", \"/usr/bin/\"]\n",
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "policies/agents.toml:5:10: exec path \"bin/ls\" is not absolute (exec rules match absolute paths; relative paths, `..` and symlinks are resolved by the kernel-side identity match)",
+                "policies/agents.toml:5:20: exec path \"/usr/bin/../bin/ls\" contains `.` or `..`; write the plain absolute path (exec rules match absolute paths; relative paths, `..` and symlinks are resolved by the kernel-side identity match)",
+                "policies/agents.toml:5:42: empty exec path; write the absolute path of an executable, e.g. \"/usr/bin/git\"",
+                "policies/agents.toml:5:46: exec path \"/usr/bin/*\" contains `*`; exec rules name one executable each (they match by file identity), so list each executable",
+                "policies/agents.toml:5:60: exec path \"/usr/bin/\" names a directory; name an executable file",
+            ]
+        );
+        // `/usr/bin/[` is a real program; brackets are not globs here.
+        let set = load(&with_head("[policy.exec]\ndeny = [\"/usr/bin/[\"]\n"));
+        assert_eq!(
+            set.policies[0].exec.rules[0].path,
+            std::path::Path::new("/usr/bin/[")
+        );
+    }
+
+    #[test]
+    fn exec_path_under_two_actions_or_twice() {
+        let text = with_head(
+            "[policy.exec]\n\
+             allow = [\"/usr/bin/ls\", \"/usr/bin/curl\"]\n\
+             ask = [\"/usr/bin/curl\"]\n\
+             deny = [\"/usr/bin/sudo\", \"/usr/bin//sudo\"]\n",
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "policies/agents.toml:6:8: exec path \"/usr/bin/curl\" is listed under both allow (line 5) and ask; a path may appear under one action only",
+                "policies/agents.toml:7:26: exec path \"/usr/bin//sudo\" is listed twice under deny (first at line 7); remove one",
+            ]
+        );
+    }
+
+    #[test]
+    fn exec_rules_keep_file_order_and_actions() {
+        let set = load(&with_head(
+            "[policy.exec]\ndefault = \"deny\"\nask = [\"/usr/bin/curl\"]\nallow = [\"/usr/bin/ls\"]\n",
+        ));
+        let exec = &set.policies[0].exec;
+        assert_eq!(exec.default, Action::Deny);
+        let rules: Vec<_> = exec
+            .rules
+            .iter()
+            .map(|r| (r.path.to_str(), r.action))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                (Some("/usr/bin/curl"), Action::Ask),
+                (Some("/usr/bin/ls"), Action::Allow)
+            ]
+        );
+    }
+
+    #[test]
+    fn connect_targets_with_positions() {
+        let text = with_head(
+            "[policy.connect]\n\
+             allow = [\"10.1.2.3/16\", \"10.0.0.0/8:0\"]\n\
+             deny = [\"10.0.0.0/8:9000-8000\", \"10.0.0.0/8:65536\", \"[2001:db8::1]/32:443\"]\n",
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "policies/agents.toml:5:10: 10.1.2.3/16 has host bits set; did you mean 10.1.0.0/16?",
+                "policies/agents.toml:5:25: port 0 in \"10.0.0.0/8:0\" is not a destination port (ports are 1-65535; leave the port out to match all)",
+                "policies/agents.toml:6:9: port range 9000-8000 in \"10.0.0.0/8:9000-8000\" is reversed; did you mean 8000-9000?",
+                "policies/agents.toml:6:33: port 65536 in \"10.0.0.0/8:65536\" is out of range (ports are 1-65535)",
+                "policies/agents.toml:6:53: [2001:db8::1]/32:443 has host bits set; did you mean [2001:db8::]/32:443?",
+            ]
+        );
+    }
+
+    #[test]
+    fn connect_rule_forms() {
+        let set = load(&with_head(
+            "[policy.connect]\n\
+             default = \"deny\"\n\
+             unix = \"ask\"\n\
+             allow = [\"127.0.0.0/8\", \"10.1.0.0/16:443\", \"[::1]/128\", \"10.2.0.0/16:8000-8999\", \"[2001:db8::]/32:443\", \"192.0.2.7\", \"[2001:db8::7]\"]\n\
+             ask = [\"10.1.0.0/16:22\"]\n",
+        ));
+        let connect = &set.policies[0].connect;
+        assert_eq!(connect.default, Action::Deny);
+        assert_eq!(connect.unix, Action::Ask);
+        let rules: Vec<_> = connect
+            .rules
+            .iter()
+            .map(|r| (r.net.to_string(), r.ports, r.action))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                ("127.0.0.0/8".to_owned(), PortRange::ALL, Action::Allow),
+                ("10.1.0.0/16".to_owned(), PortRange(443, 443), Action::Allow),
+                ("::1/128".to_owned(), PortRange::ALL, Action::Allow),
+                (
+                    "10.2.0.0/16".to_owned(),
+                    PortRange(8000, 8999),
+                    Action::Allow
+                ),
+                (
+                    "2001:db8::/32".to_owned(),
+                    PortRange(443, 443),
+                    Action::Allow
+                ),
+                ("192.0.2.7/32".to_owned(), PortRange::ALL, Action::Allow),
+                ("2001:db8::7/128".to_owned(), PortRange::ALL, Action::Allow),
+                ("10.1.0.0/16".to_owned(), PortRange(22, 22), Action::Ask),
+            ]
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().expect(s);
+        assert_eq!(connect.action_for(ip("10.2.3.4"), 8500), Action::Allow);
+        assert_eq!(connect.action_for(ip("10.2.3.4"), 9000), Action::Deny);
+        assert_eq!(connect.action_for(ip("2001:db8:1::1"), 443), Action::Allow);
+        assert_eq!(connect.action_for(ip("10.1.0.1"), 22), Action::Ask);
+    }
+
+    #[test]
+    fn connect_conflicts() {
+        let text = with_head(
+            "[policy.connect]\n\
+             allow = [\"10.1.0.0/16:443\", \"10.0.0.0/8\", \"10.5.0.0/16:80-90\"]\n\
+             deny = [\"10.1.0.0/16:443\", \"10.1.0.0/16\", \"10.5.0.0/16:85\", \"10.5.0.0/16:91\"]\n\
+             ask = [\"10.0.0.0/8\", \"127.0.0.1/32\", \"127.0.0.1\"]\n",
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "policies/agents.toml:6:9: connect rule 10.1.0.0/16:443 is listed under both allow (line 5) and deny; a network and port range may appear under one action only",
+                "policies/agents.toml:6:43: connect rule 10.5.0.0/16:85 (deny) overlaps 10.5.0.0/16:80-90 (allow, line 5) at the same prefix; split the port ranges so they do not overlap",
+                "policies/agents.toml:7:8: connect rule 10.0.0.0/8 is listed under both allow (line 5) and ask; a network and port range may appear under one action only",
+                "policies/agents.toml:7:38: connect rule 127.0.0.1/32 is listed twice under ask (first at line 7); remove one",
+            ]
+        );
+    }
+
+    #[test]
+    fn approval_settings() {
+        let set = load(&with_head(
+            "[policy.approval]\n\
+             timeout = \"90s\"\n\
+             on_timeout = \"allow\"\n\
+             reviewers = [\"sre\", \"security\"]\n\
+             approvals_required = 2\n\
+             grant_durations = [\"once\", \"1h\", \"session\", \"always\"]\n",
+        ));
+        let approval = &set.policies[0].approval;
+        assert_eq!(approval.timeout, Duration::from_secs(90));
+        assert_eq!(approval.on_timeout, Action::Allow);
+        assert_eq!(approval.reviewers, ["sre", "security"]);
+        assert_eq!(approval.approvals_required, 2);
+        assert_eq!(
+            approval.grant_durations,
+            [
+                GrantDuration::Once,
+                GrantDuration::For(Duration::from_hours(1)),
+                GrantDuration::Session,
+                GrantDuration::Always
+            ]
+        );
+    }
+
+    #[test]
+    fn approval_errors() {
+        let text = with_head(
+            "[policy.approval]\n\
+             timeout = \"0s\"\n\
+             on_timeout = \"ask\"\n\
+             reviewers = []\n\
+             approvals_required = 0\n\
+             grant_durations = [\"once\", \"sometimes\", \"0m\", \"once\"]\n",
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "policies/agents.toml:5:11: timeout \"0s\" is zero; give reviewers time to answer, e.g. \"5m\"",
+                "policies/agents.toml:6:14: on_timeout cannot be \"ask\": the request has already waited for a reviewer; use \"allow\" or \"deny\"",
+                "policies/agents.toml:7:13: reviewers is empty, so nobody could decide; name reviewer groups, or remove the key to let any authenticated reviewer decide",
+                "policies/agents.toml:8:22: approvals_required is 0; at least 1 reviewer must approve (remove the key for the default of 1)",
+                "policies/agents.toml:9:28: unknown grant duration \"sometimes\" (expected once, session, always or a duration such as 30m or 1h)",
+                "policies/agents.toml:9:41: grant duration \"0m\" is zero; use once for a single request",
+                "policies/agents.toml:9:47: grant duration \"once\" is listed twice (first at line 9); remove one",
+            ]
+        );
+        assert_eq!(
+            error(&with_head("[policy.approval]\ntimeout = \"25h\"\n")),
+            "policies/agents.toml:5:11: timeout \"25h\" is longer than 24h; a paused workload should not wait more than a day (use at most \"24h\")"
+        );
+        assert_eq!(
+            error(&with_head("[policy.approval]\ntimeout = \"soon\"\n")),
+            "policies/agents.toml:5:11: invalid timeout \"soon\" (expected a duration such as 30s, 5m or 1h)"
+        );
+        assert_eq!(
+            error(&with_head("[policy.approval]\ntimeout = 300\n")),
+            "policies/agents.toml:5:11: `timeout` must be a duration string such as \"5m\", found integer"
+        );
+        assert_eq!(
+            error(&with_head("[policy.approval]\napprovals_required = -1\n")),
+            "policies/agents.toml:5:22: approvals_required is -1; at least 1 reviewer must approve (remove the key for the default of 1)"
+        );
+        assert_eq!(
+            error(&with_head(
+                "[policy.approval]\napprovals_required = \"2\"\n"
+            )),
+            "policies/agents.toml:5:22: `approvals_required` must be a whole number such as 1, found string"
+        );
+        // 24h exactly is the limit, not past it.
+        let set = load(&with_head("[policy.approval]\ntimeout = \"24h\"\n"));
+        assert_eq!(set.policies[0].approval.timeout, Duration::from_hours(24));
+    }
+
+    #[test]
+    fn file_shape_errors() {
+        assert_eq!(
+            error("[policy]\nname = \"a\"\n"),
+            "policies/agents.toml:1:1: write [[policy]] (an array of tables, one per policy), not [policy]"
+        );
+        assert_eq!(
+            error("# nothing here yet\n"),
+            "policies/agents.toml:1:1: no [[policy]] in this file; add one (see examples/ai-agents.toml) or remove the file"
+        );
+        assert_eq!(
+            error(&with_head("exec = \"deny\"\n")),
+            "policies/agents.toml:4:8: `exec` must be a table ([policy.exec]), found string"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_located() {
+        // The string is unterminated: reported where the closing quote is missing.
+        assert_eq!(
+            error("[[policy]]\nname = \"a\ncgroups = [\"/sys/fs/cgroup/a\"]\n"),
+            "policies/agents.toml:2:10: invalid TOML: invalid basic string, expected `\"`"
+        );
+    }
+
+    #[test]
+    fn columns_count_characters_not_bytes() {
+        // "é" is two bytes; the column of the error is still in characters.
+        assert_eq!(
+            error(
+                "[[policy]]\nname = \"é\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n[policy.exec]\nallow = [\"é\"]  ;\n"
+            ),
+            "policies/agents.toml:5:16: invalid TOML: unexpected key or value, expected newline, `#`"
+        );
+    }
+
+    #[test]
+    fn error_display_is_one_line_per_diagnostic() {
+        let text = with_head("[policy.exec]\ndefault = \"alow\"\nallow = [\"ls\"]\n");
+        let error = parse_str(FILE, &text).expect_err("invalid");
+        let display = error.to_string();
+        let lines: Vec<&str> = display.lines().collect();
+        assert_eq!(lines.len(), 2, "{display}");
+        assert!(lines[0].starts_with("policies/agents.toml:5:11: unknown action"));
+        assert!(
+            lines[1].starts_with("policies/agents.toml:6:10: exec path \"ls\" is not absolute")
+        );
+    }
+}
