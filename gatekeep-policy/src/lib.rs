@@ -38,6 +38,36 @@
 //! reported, each as `file:line:column: message` with a message that says how
 //! to fix it (see [`PolicyError`] and [`Diagnostic`]).
 //!
+//! ```
+//! use gatekeep_policy::{Action, parse_str};
+//!
+//! let set = parse_str(
+//!     "agents.toml",
+//!     r#"
+//! [[policy]]
+//! name = "ai-agents"
+//! cgroups = ["/sys/fs/cgroup/agents/*"]
+//! [policy.connect]
+//! default = "ask"
+//! deny = ["169.254.169.254"]
+//! "#,
+//! )?;
+//! let policy = set.policy("ai-agents").expect("loaded");
+//! assert_eq!(policy.connect.action_for("169.254.169.254".parse()?, 80), Action::Deny);
+//!
+//! let error = parse_str(
+//!     "agents.toml",
+//!     "[[policy]]\nname = \"x\"\ncgroups = [\"agents/*\"]\n[policy.exec]\ndefault = \"alow\"\n",
+//! )
+//! .unwrap_err();
+//! assert_eq!(
+//!     error.to_string(),
+//!     "agents.toml:3:12: cgroup pattern \"agents/*\" is relative; write an absolute path under /sys/fs/cgroup, e.g. \"/sys/fs/cgroup/agents/*\"\n\
+//!      agents.toml:5:11: unknown action \"alow\" (expected allow, deny or ask)"
+//! );
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Which policy governs a process
 //!
 //! A policy governs the cgroups its `cgroups` patterns match **and all their
@@ -60,6 +90,8 @@
 //! kernel matches the identity of the file actually being executed. Symlinks,
 //! relative paths, `..` and hard links therefore cannot dodge a rule: every
 //! name of the file is the same file. A path may appear under one action only.
+//! (Two different paths naming the same file cannot be told apart here; they
+//! become one identity when the agent resolves them.)
 //! An executable no rule names gets `default`.
 //!
 //! # Connect rules

@@ -187,6 +187,14 @@ impl fmt::Display for PortRange {
     }
 }
 
+impl PolicySet {
+    /// The policy with this name.
+    #[must_use]
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|policy| policy.name == name)
+    }
+}
+
 impl ConnectRule {
     /// The rule's destination as a policy file writes it: `10.0.0.0/8`,
     /// `10.1.0.0/16:443`, `[2001:db8::]/32:8000-8999`.

@@ -180,6 +180,21 @@ fn load_dir_reads_toml_files_in_name_order() {
 }
 
 #[test]
+fn load_dir_of_a_missing_directory_says_which() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("policies");
+    match PolicySet::load_dir(&missing) {
+        Err(error @ PolicyError::ReadDir { .. }) => {
+            assert_eq!(
+                error.to_string(),
+                format!("failed to read policy directory {}", missing.display())
+            );
+        }
+        other => panic!("expected a directory error, got {other:?}"),
+    }
+}
+
+#[test]
 fn errors_of_all_files_are_collected_in_load_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = write(
