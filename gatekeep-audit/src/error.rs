@@ -31,7 +31,7 @@ pub enum AuditError {
         found: i64,
         supported: i64,
     },
-    /// A SQLite statement failed.
+    /// A `SQLite` statement failed.
     #[error("audit log database error")]
     Sqlite {
         #[from]

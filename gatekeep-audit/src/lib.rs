@@ -1,4 +1,4 @@
-//! Tamper-evident audit log on SQLite, shared by gatekeep's host agent and its decision
+//! Tamper-evident audit log on `SQLite`, shared by gatekeep's host agent and its decision
 //! service.
 //!
 //! Every request and decision is one record: what happened ([`RecordKind`]), which request,
@@ -25,7 +25,7 @@
 //! | --- | --- |
 //! | `seq` | 1, 2, 3... without gaps |
 //! | `at` | RFC 3339, UTC, nine fractional digits: `2026-11-24T21:42:56.123456789Z` |
-//! | `kind` | the [`RecordKind`] name, snake_case: `kernel_denied` |
+//! | `kind` | the [`RecordKind`] name in snake case: `kernel_denied` |
 //! | `request_id`, `actor` | text or NULL |
 //! | `host` | text |
 //! | `payload` | canonical JSON (below) |
@@ -52,9 +52,9 @@
 //! those bytes, `opt(None)` is the single byte `0x00` and `opt(Some(s))` is `0x01` followed
 //! by `str(s)`. `at`, `kind`, `payload` and `prev_hash` are the stored texts described above.
 //!
-//! Test vector: seq 1, at `2026-11-24T21:42:56.123456789Z`, kind `requested`, request_id
+//! Test vector: seq 1, at `2026-11-24T21:42:56.123456789Z`, kind `requested`, `request_id`
 //! `r-1`, host `web-1`, no actor, payload `{"argv":["curl","example.org"],"pid":42}`,
-//! prev_hash 64 zeros hashes to
+//! `prev_hash` 64 zeros hashes to
 //! `cb4085752a4836720dac1a2cbff421ebbea6c721d063ca1f91154861f42fd518`. In Python:
 //!
 //! ```text

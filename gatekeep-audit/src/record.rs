@@ -8,7 +8,7 @@ use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset, format_description::For
 
 use crate::error::AuditError;
 
-/// What happened. Stored and exported as the snake_case name (`kernel_denied`).
+/// What happened. Stored and exported as its snake-case name (`kernel_denied`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordKind {
@@ -101,7 +101,7 @@ impl FromStr for RecordKind {
 
 /// One thing that happened, as a caller submits it.
 ///
-/// `payload` carries the full context; by convention its keys are snake_case and include what
+/// `payload` carries the full context; by convention its keys are in snake case and include what
 /// applies of `pid`, `exe`, `argv`, `cgroup`, `address`, `rule`, `action`, `reason`, `wait_ms`
 /// and `deadline`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -291,6 +291,7 @@ pub mod timestamp {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic on any unexpected error")]
 mod tests {
     use serde_json::json;
     use time::macros::datetime;

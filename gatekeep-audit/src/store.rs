@@ -1,4 +1,4 @@
-//! The SQLite store: schema, opening, appending.
+//! The `SQLite` store: schema, opening, appending.
 
 use std::{
     fs::OpenOptions,
@@ -277,7 +277,7 @@ pub(crate) fn open_read_only(path: &Path) -> Result<Connection, AuditError> {
 }
 
 /// Creates the file with mode 0600 if it does not exist yet: the log holds command lines and
-/// addresses. SQLite gives its `-wal` and `-shm` files the database file's permissions.
+/// addresses. `SQLite` gives its `-wal` and `-shm` files the database file's permissions.
 fn create_private(path: &Path) -> Result<(), AuditError> {
     match OpenOptions::new()
         .write(true)
@@ -369,6 +369,7 @@ pub(crate) fn from_sql_seq(seq: i64) -> Result<u64, AuditError> {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic on any unexpected error")]
 pub(crate) mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
@@ -378,7 +379,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::{RecordKind, verify};
 
-    /// A realistic record, distinct per `i`.
+    /// A realistic record, distinct per `i` and the same for the same `i`.
     pub(crate) fn sample(i: u64) -> AuditRecord {
         AuditRecord::new(
             RecordKind::ALL[usize::try_from(i).unwrap() % RecordKind::ALL.len()],
@@ -393,6 +394,10 @@ pub(crate) mod tests {
         )
         .with_request_id(format!("req-{i}"))
         .with_actor("alice@example.org")
+        .with_at(
+            datetime!(2026-11-24 21:42:56.123456789 UTC)
+                + time::Duration::milliseconds(i64::try_from(i).unwrap()),
+        )
     }
 
     pub(crate) fn samples(range: std::ops::Range<u64>) -> Vec<AuditRecord> {

@@ -89,7 +89,7 @@ pub fn verify_export(reader: impl BufRead) -> Result<VerifyReport, AuditError> {
 
 /// Walks a chain record by record.
 struct ChainCheck {
-    /// The seq and prev_hash the next record must have; `None` before a partial export's first.
+    /// The seq and `prev_hash` the next record must have; `None` before a partial export's first.
     next: Option<(u64, String)>,
     records: u64,
     first_seq: Option<u64>,
@@ -221,5 +221,246 @@ fn malformed_column(row: &Row<'_>, index: usize, seq: u64, what: &str) -> AuditE
         reason: TamperReason::Malformed {
             detail: format!("column {column} {what}"),
         },
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic on any unexpected error")]
+mod tests {
+    use std::path::PathBuf;
+
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::{AuditStore, ExportFilter, export, store::tests::samples};
+
+    /// A log of `n` records, closed.
+    fn log(n: u64) -> (TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        AuditStore::open(&path)
+            .unwrap()
+            .append_batch(&samples(0..n))
+            .unwrap();
+        (dir, path)
+    }
+
+    /// Runs `sql` on the raw file with the guards dropped, as an attacker with write access
+    /// would.
+    fn tamper(path: &Path, sql: &str) {
+        let conn = Connection::open(path).unwrap();
+        for (name, _) in GUARD_TRIGGERS {
+            conn.execute_batch(&format!("DROP TRIGGER {name}")).unwrap();
+        }
+        conn.execute_batch(sql).unwrap();
+    }
+
+    fn tampered_at(result: Result<VerifyReport, AuditError>) -> (u64, TamperReason) {
+        match result {
+            Err(AuditError::Tampered { seq, reason }) => (seq, reason),
+            other => panic!("expected a tampered chain, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_edited_payload_is_reported_at_its_seq() {
+        let (_dir, path) = log(10);
+        tamper(
+            &path,
+            "UPDATE audit_records SET payload = '{\"pid\":1}' WHERE seq = 5",
+        );
+        let (seq, reason) = tampered_at(verify(&path));
+        assert_eq!(seq, 5);
+        assert!(
+            matches!(reason, TamperReason::HashMismatch { .. }),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn every_hashed_column_is_covered() {
+        for (column, value) in [
+            ("at", "'2020-01-01T00:00:00.000000000Z'"),
+            ("kind", "'decided'"),
+            ("request_id", "NULL"),
+            ("host", "'web-2'"),
+            ("actor", "'mallory'"),
+        ] {
+            let (_dir, path) = log(4);
+            tamper(
+                &path,
+                &format!("UPDATE audit_records SET {column} = {value} WHERE seq = 3"),
+            );
+            assert_eq!(tampered_at(verify(&path)).0, 3, "{column}");
+        }
+    }
+
+    #[test]
+    fn a_deleted_middle_record_is_reported_as_a_gap() {
+        let (_dir, path) = log(10);
+        tamper(&path, "DELETE FROM audit_records WHERE seq = 4");
+        assert_eq!(
+            tampered_at(verify(&path)),
+            (5, TamperReason::Gap { expected: 4 })
+        );
+    }
+
+    #[test]
+    fn a_deleted_first_record_is_reported_as_a_gap() {
+        let (_dir, path) = log(3);
+        tamper(&path, "DELETE FROM audit_records WHERE seq = 1");
+        assert_eq!(
+            tampered_at(verify(&path)),
+            (2, TamperReason::Gap { expected: 1 })
+        );
+    }
+
+    #[test]
+    fn a_modified_hash_is_reported() {
+        let (_dir, path) = log(10);
+        let forged = "f".repeat(64);
+        tamper(
+            &path,
+            &format!("UPDATE audit_records SET hash = '{forged}' WHERE seq = 7"),
+        );
+        let (seq, reason) = tampered_at(verify(&path));
+        assert_eq!(seq, 7);
+        assert!(
+            matches!(&reason, TamperReason::HashMismatch { stored, .. } if *stored == forged),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_rehashed_record_breaks_the_next_link() {
+        let (_dir, path) = log(5);
+        // Edit record 2 and give it a correct hash of its new content: record 3 still points
+        // at the old one.
+        let conn = Connection::open(&path).unwrap();
+        let old = conn
+            .query_row(
+                "SELECT at, kind, request_id, host, actor, prev_hash, hash FROM audit_records \
+                 WHERE seq = 2",
+                [],
+                |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Option<String>>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, Option<String>>(4)?,
+                        row.get::<_, String>(5)?,
+                        row.get::<_, String>(6)?,
+                    ))
+                },
+            )
+            .unwrap();
+        let new_hash = ChainFields {
+            seq: 2,
+            at: &old.0,
+            kind: &old.1,
+            request_id: old.2.as_deref(),
+            host: &old.3,
+            actor: old.4.as_deref(),
+            payload: "{}",
+            prev_hash: &old.5,
+        }
+        .hash();
+        tamper(
+            &path,
+            &format!(
+                "UPDATE audit_records SET payload = '{{}}', hash = '{new_hash}' WHERE seq = 2"
+            ),
+        );
+        assert_eq!(
+            tampered_at(verify(&path)),
+            (
+                3,
+                TamperReason::BrokenLink {
+                    expected: new_hash,
+                    found: old.6
+                }
+            )
+        );
+    }
+
+    #[test]
+    fn a_wrongly_typed_column_is_reported_as_malformed() {
+        let (_dir, path) = log(3);
+        // STRICT stops a plain UPDATE from storing a blob; rebuild the table without it.
+        tamper(
+            &path,
+            "CREATE TABLE loose AS SELECT * FROM audit_records;
+             UPDATE loose SET host = x'00ff' WHERE seq = 2;
+             DROP TABLE audit_records;
+             ALTER TABLE loose RENAME TO audit_records;",
+        );
+        let (seq, reason) = tampered_at(verify(&path));
+        assert_eq!(seq, 2);
+        assert!(matches!(reason, TamperReason::Malformed { .. }), "{reason}");
+    }
+
+    #[test]
+    fn dropped_guards_are_reported_even_when_the_chain_holds() {
+        let (_dir, path) = log(3);
+        tamper(&path, "SELECT 1");
+        let report = verify(&path).unwrap();
+        assert_eq!(report.records, 3);
+        assert_eq!(report.guards_intact, Some(false));
+    }
+
+    #[test]
+    fn an_export_verifies_on_its_own() {
+        let (_dir, path) = log(20);
+        let mut out = Vec::new();
+        export(&path, &mut out, &ExportFilter::default()).unwrap();
+        let report = verify_export(out.as_slice()).unwrap();
+        assert_eq!(
+            report,
+            VerifyReport {
+                guards_intact: None,
+                ..verify(&path).unwrap()
+            }
+        );
+
+        let mut tail = Vec::new();
+        let filter = ExportFilter {
+            from_seq: Some(15),
+            kind: None,
+        };
+        export(&path, &mut tail, &filter).unwrap();
+        let report = verify_export(tail.as_slice()).unwrap();
+        assert_eq!((report.first_seq, report.records), (Some(15), 6));
+    }
+
+    #[test]
+    fn a_tampered_export_fails() {
+        let (_dir, path) = log(5);
+        let mut out = Vec::new();
+        export(&path, &mut out, &ExportFilter::default()).unwrap();
+        let text = String::from_utf8(out).unwrap();
+
+        let edited = text.replacen("\"pid\":1002", "\"pid\":1003", 1);
+        assert_ne!(edited, text);
+        assert_eq!(tampered_at(verify_export(edited.as_bytes())).0, 3);
+
+        let lines: Vec<&str> = text.lines().collect();
+        let dropped = [lines[0], lines[1], lines[3], lines[4]].join("\n");
+        assert_eq!(
+            tampered_at(verify_export(dropped.as_bytes())),
+            (4, TamperReason::Gap { expected: 3 })
+        );
+
+        // A partial export cannot pass itself off as the start of the log.
+        let headless = lines[1..].join("\n").replace("\"seq\":2,", "\"seq\":1,");
+        assert!(matches!(
+            tampered_at(verify_export(headless.as_bytes())).1,
+            TamperReason::BrokenLink { .. }
+        ));
+
+        assert!(matches!(
+            verify_export("{\"seq\":1}\n".as_bytes()),
+            Err(AuditError::ExportLine { line: 1, .. })
+        ));
     }
 }

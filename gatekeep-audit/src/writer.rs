@@ -298,3 +298,224 @@ fn commit(
 fn head_seq(store: &AuditStore) -> u64 {
     store.head().map_or(0, |head| head.seq)
 }
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic on any unexpected error")]
+mod tests {
+    use std::collections::HashMap;
+
+    use rusqlite::Connection;
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::{ExportFilter, StoredRecord, export, store::tests::sample, verify};
+
+    fn stored(path: &std::path::Path) -> Vec<StoredRecord> {
+        let mut out = Vec::new();
+        export(path, &mut out, &ExportFilter::default()).unwrap();
+        std::str::from_utf8(&out)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn records_from_many_threads_all_survive_shutdown_in_submission_order() {
+        const THREADS: u64 = 4;
+        const EACH: u64 = 2_500;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let writer = AuditWriter::open(
+            &path,
+            WriterConfig {
+                // Small enough that the submitters meet back-pressure.
+                queue_capacity: 256,
+                max_batch: 512,
+                ..WriterConfig::default()
+            },
+        )
+        .unwrap();
+        thread::scope(|scope| {
+            for t in 0..THREADS {
+                let writer = &writer;
+                scope.spawn(move || {
+                    for i in 0..EACH {
+                        writer
+                            .submit(sample(i).with_request_id(format!("{t}-{i}")))
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(writer.shutdown().unwrap(), THREADS * EACH);
+
+        let report = verify(&path).unwrap();
+        assert_eq!(report.records, THREADS * EACH);
+        let records = stored(&path);
+        let mut seen: HashMap<u64, Vec<u64>> = HashMap::new();
+        for record in &records {
+            let id = record.request_id.as_deref().unwrap();
+            let (t, i) = id.split_once('-').unwrap();
+            seen.entry(t.parse().unwrap())
+                .or_default()
+                .push(i.parse().unwrap());
+        }
+        for t in 0..THREADS {
+            // Every record of each thread, once, in the order it submitted them.
+            assert_eq!(seen[&t], (0..EACH).collect::<Vec<_>>(), "thread {t}");
+        }
+    }
+
+    #[test]
+    fn flush_returns_once_everything_before_it_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let writer = AuditWriter::open(&path, WriterConfig::default()).unwrap();
+        assert_eq!(writer.flush().unwrap(), 0);
+        for i in 0..100 {
+            writer.submit(sample(i)).unwrap();
+        }
+        assert_eq!(writer.flush().unwrap(), 100);
+        // Another connection sees them while the writer still runs.
+        assert_eq!(verify(&path).unwrap().records, 100);
+        for i in 100..150 {
+            writer.submit(sample(i)).unwrap();
+        }
+        assert_eq!(writer.flush().unwrap(), 150);
+        assert_eq!(stored(&path).len(), 150);
+        assert_eq!(writer.shutdown().unwrap(), 150);
+    }
+
+    #[test]
+    fn try_submit_hands_the_record_back_when_the_queue_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let writer = AuditWriter::open(
+            &path,
+            WriterConfig {
+                queue_capacity: 1,
+                ..WriterConfig::default()
+            },
+        )
+        .unwrap();
+        // Another connection holds the write lock, so the writer cannot commit.
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+
+        // At most one record in the writer's hands and one in the queue: the third must bounce.
+        let mut accepted = 0;
+        let bounced = (0..3)
+            .find_map(|i| match writer.try_submit(sample(i)) {
+                Ok(()) => {
+                    accepted += 1;
+                    None
+                }
+                Err(TrySubmitError::Full { record }) => Some((i, record)),
+                Err(other) => panic!("unexpected {other:?}"),
+            })
+            .expect("the queue never filled");
+        assert_eq!(*bounced.1, sample(bounced.0));
+
+        blocker.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(writer.flush().unwrap(), accepted);
+        writer.submit(*bounced.1).unwrap();
+        assert_eq!(writer.shutdown().unwrap(), accepted + 1);
+        assert_eq!(verify(&path).unwrap().records, accepted + 1);
+    }
+
+    #[test]
+    fn nothing_is_taken_after_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let writer = AuditWriter::open(&path, WriterConfig::default()).unwrap();
+        writer.submit(sample(0)).unwrap();
+        assert_eq!(writer.shutdown().unwrap(), 1);
+
+        assert!(matches!(
+            writer.submit(sample(1)),
+            Err(AuditError::WriterClosed)
+        ));
+        assert!(matches!(
+            writer.try_submit(sample(2)),
+            Err(TrySubmitError::Closed { record }) if *record == sample(2)
+        ));
+        assert!(matches!(writer.flush(), Err(AuditError::WriterClosed)));
+        assert!(matches!(writer.shutdown(), Err(AuditError::WriterClosed)));
+        assert_eq!(verify(&path).unwrap().records, 1);
+    }
+
+    #[test]
+    fn dropping_the_writer_commits_what_it_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        {
+            let writer = AuditWriter::open(&path, WriterConfig::default()).unwrap();
+            for i in 0..50 {
+                writer.submit(sample(i)).unwrap();
+            }
+        }
+        assert_eq!(verify(&path).unwrap().records, 50);
+        // And a new writer continues the chain.
+        let writer = AuditWriter::open(&path, WriterConfig::default()).unwrap();
+        writer.submit(sample(50)).unwrap();
+        assert_eq!(writer.shutdown().unwrap(), 51);
+        assert_eq!(verify(&path).unwrap().records, 51);
+    }
+
+    #[test]
+    fn invalid_records_are_refused_at_submit() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer =
+            AuditWriter::open(dir.path().join("audit.db"), WriterConfig::default()).unwrap();
+        let bad = sample(0).with_at(datetime!(-0001-06-01 0:00 UTC));
+        assert!(matches!(
+            writer.submit(bad.clone()),
+            Err(AuditError::TimestampOutOfRange { .. })
+        ));
+        assert!(matches!(
+            writer.try_submit(bad),
+            Err(TrySubmitError::Invalid { .. })
+        ));
+        assert_eq!(writer.shutdown().unwrap(), 0);
+    }
+
+    #[test]
+    fn async_callers_submit_and_flush_without_blocking_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let writer = Arc::new(
+            AuditWriter::open(
+                &path,
+                WriterConfig {
+                    queue_capacity: 8,
+                    ..WriterConfig::default()
+                },
+            )
+            .unwrap(),
+        );
+        // One runtime thread: a blocking send would deadlock the tasks behind it.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let flushed = runtime.block_on(async {
+            let tasks: Vec<_> = (0..4)
+                .map(|t| {
+                    let writer = Arc::clone(&writer);
+                    tokio::spawn(async move {
+                        for i in 0..100 {
+                            writer.submit_async(sample(t * 100 + i)).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+            writer.flush_async().await.unwrap()
+        });
+        assert_eq!(flushed, 400);
+        assert_eq!(writer.shutdown().unwrap(), 400);
+        assert_eq!(verify(&path).unwrap().records, 400);
+    }
+}
