@@ -2,4 +2,5 @@
 //! real kernel (BPF LSM enabled), one at a time (`--test-threads=1`: they
 //! share kernel state).
 
+mod preflight;
 mod smoke;

@@ -267,10 +267,17 @@ fn explain(
             )
         }
         TrialFailure::Other { message, errno } => {
-            let fix = if errno == Some(libc::EPERM) {
-                "run as root (creating BPF maps needs CAP_BPF or CAP_SYS_ADMIN)"
-            } else {
-                "run gatekeep on a kernel with CONFIG_BPF_SYSCALL=y, CONFIG_BPF_LSM=y and CONFIG_DEBUG_INFO_BTF=y"
+            let fix = match errno {
+                Some(libc::EPERM) => {
+                    "run as root (creating BPF maps needs CAP_BPF or CAP_SYS_ADMIN)"
+                }
+                Some(_) => {
+                    "run gatekeep on a kernel with CONFIG_BPF_SYSCALL=y, CONFIG_BPF_LSM=y and CONFIG_DEBUG_INFO_BTF=y"
+                }
+                // No system call failed: the embedded object itself does not fit this agent.
+                None => {
+                    "the eBPF object embedded in this binary does not match its user space (a stale build?): rebuild without AYA_BUILD_SKIP (`cargo build --release --package gatekeep-agent`)"
+                }
             };
             CheckResult::fail(
                 NAME,
@@ -472,6 +479,20 @@ mod tests {
             None,
         );
         assert!(maps.fix.is_some_and(|f| f.starts_with("run as root")));
+        let stale = trial_load(
+            &Fake(Err(TrialFailure::Other {
+                message: "symbol with name DIGEST_KEY not found".to_owned(),
+                errno: None,
+            })),
+            &[],
+            None,
+        );
+        assert!(
+            stale
+                .fix
+                .is_some_and(|f| f.contains("does not match its user space")),
+            "a build mismatch is not blamed on the kernel"
+        );
     }
 
     #[test]
@@ -501,25 +522,26 @@ mod tests {
         assert_eq!(
             TrialFailure::from_load_error(&missing),
             TrialFailure::Other {
-                message: "program `socket_connect` is missing from the eBPF object".to_owned(),
+                message: missing.to_string(),
                 errno: None,
             }
         );
-        let attach = LoadError::Attach {
-            hook: "bprm_check_security",
-            source: ProgramError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_link_create",
+        let map = LoadError::Object {
+            source: aya::EbpfError::MapError(aya::maps::MapError::CreateError {
+                name: "EVENTS".to_owned(),
                 io_error: io::Error::from_raw_os_error(libc::EPERM),
             }),
         };
-        let TrialFailure::Other { message, errno } = TrialFailure::from_load_error(&attach) else {
-            panic!("an attach error is not a load refusal");
+        let TrialFailure::Other { message, errno } = TrialFailure::from_load_error(&map) else {
+            panic!("a map error is not a program load refusal");
         };
-        assert_eq!(errno, Some(libc::EPERM));
+        assert_eq!(
+            errno,
+            Some(libc::EPERM),
+            "the errno is found down the chain"
+        );
         assert!(
-            message.starts_with(
-                "failed to attach lsm hook `bprm_check_security`: `bpf_link_create` failed"
-            ),
+            message.starts_with(&format!("{map}: map error: ")),
             "{message}"
         );
     }
