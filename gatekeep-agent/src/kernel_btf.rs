@@ -19,9 +19,12 @@
 //! `include/uapi/linux/btf.h` (Linux 6.18).
 
 use std::{
-    fmt, fs, io,
+    fmt, fs,
+    hash::{DefaultHasher, Hash, Hasher},
+    io,
     ops::Range,
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 /// Where a kernel built with `CONFIG_DEBUG_INFO_BTF` exposes its own BTF.
@@ -286,6 +289,9 @@ pub struct KernelBtf {
     strings: Range<usize>,
     /// `type_offsets[id - 1]` is where type `id`'s record starts.
     type_offsets: Vec<u32>,
+    /// (hash of the name, type id) of every named struct, union, typedef and
+    /// int, sorted; built by the first lookup by name.
+    by_name: OnceLock<Vec<(u64, u32)>>,
 }
 
 impl fmt::Debug for KernelBtf {
@@ -406,6 +412,7 @@ impl KernelBtf {
             big_endian,
             strings,
             type_offsets,
+            by_name: OnceLock::new(),
         })
     }
 
@@ -552,21 +559,14 @@ impl KernelBtf {
     /// Every struct or union named `name`; failing that, the structs or
     /// unions that typedefs named `name` stand for.
     fn roots(&self, name: &str) -> Result<Vec<Ty>, BtfError> {
-        let mut found = Vec::new();
-        let mut typedefs = Vec::new();
-        for index in 0..self.type_offsets.len() {
-            let ty = self.ty_at_index(index)?;
-            let list = match ty.kind {
-                Kind::Struct | Kind::Union => &mut found,
-                Kind::Typedef => &mut typedefs,
-                _ => continue,
-            };
-            if self.name(ty.name_off, ty.offset)? == name.as_bytes() {
-                list.push(ty);
-            }
-        }
+        let named = self.named(name)?;
+        let mut found: Vec<Ty> = named
+            .iter()
+            .filter(|ty| ty.kind.is_composite())
+            .copied()
+            .collect();
         if found.is_empty() {
-            for typedef in typedefs {
+            for typedef in named.iter().filter(|ty| ty.kind == Kind::Typedef) {
                 let target = self.skip_modifiers(typedef.size_or_type, typedef.offset + 8)?;
                 if target.kind.is_composite() {
                     found.push(target);
@@ -579,6 +579,46 @@ impl KernelBtf {
             });
         }
         Ok(found)
+    }
+
+    /// Every struct, union, typedef and int named `name`, in type id order.
+    fn named(&self, name: &str) -> Result<Vec<Ty>, BtfError> {
+        let index = if let Some(index) = self.by_name.get() {
+            index
+        } else {
+            let built = self.name_index()?;
+            self.by_name.get_or_init(|| built)
+        };
+        let hash = name_hash(name.as_bytes());
+        let start = index.partition_point(|&(h, _)| h < hash);
+        let mut named = Vec::new();
+        for &(_, id) in index[start..].iter().take_while(|&&(h, _)| h == hash) {
+            let ty = self.ty(id, 0)?;
+            if self.name(ty.name_off, ty.offset)? == name.as_bytes() {
+                named.push(ty);
+            }
+        }
+        Ok(named)
+    }
+
+    /// One pass over the types for [`Self::by_name`].
+    fn name_index(&self) -> Result<Vec<(u64, u32)>, BtfError> {
+        let mut index = Vec::new();
+        for (i, &offset) in self.type_offsets.iter().enumerate() {
+            let offset = offset as usize;
+            let kind = (self.word(offset + 4)? >> 24) & 0x1f;
+            // BTF_KIND_INT, STRUCT, UNION, TYPEDEF.
+            if !matches!(kind, 1 | 4 | 5 | 8) {
+                continue;
+            }
+            let name = self.name(self.word(offset)?, offset)?;
+            if !name.is_empty() {
+                let id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+                index.push((name_hash(name), id));
+            }
+        }
+        index.sort_unstable();
+        Ok(index)
     }
 
     /// Looks `struct_name` up and walks `path` in every candidate; returns the
@@ -776,20 +816,21 @@ impl KernelBtf {
 
     /// BTF has no pointer size; like libbpf, take the size of `long`.
     fn pointer_size(&self) -> Result<u64, BtfError> {
-        for index in 0..self.type_offsets.len() {
-            let ty = self.ty_at_index(index)?;
-            if ty.kind == Kind::Int
-                && matches!(ty.size_or_type, 4 | 8)
-                && matches!(
-                    self.name(ty.name_off, ty.offset)?,
-                    b"long int" | b"long unsigned int"
-                )
-            {
-                return Ok(u64::from(ty.size_or_type));
+        for name in ["long int", "long unsigned int"] {
+            for ty in self.named(name)? {
+                if ty.kind == Kind::Int && matches!(ty.size_or_type, 4 | 8) {
+                    return Ok(u64::from(ty.size_or_type));
+                }
             }
         }
         Err(BtfError::NoPointerSize)
     }
+}
+
+fn name_hash(name: &[u8]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    name.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Byte offsets of the kernel struct members the eBPF programs read, resolved
