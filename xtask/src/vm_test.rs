@@ -89,7 +89,7 @@ pub fn run_counted(opts: &Options, counts: &mut TestCounts) -> Result<()> {
     )?;
     if code != 0 {
         bail!(PayloadFailed {
-            what: "the VM test suite".to_owned(),
+            what: "the test suite".to_owned(),
             code,
         });
     }
