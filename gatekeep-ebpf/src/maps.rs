@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use gatekeep_common::{
-    ConnectV4Key, ConnectV6Key, ExecArgs, ExecRuleKey, GatedCgroup, KernelOffsets, MAX_POLICIES,
+    ARGV_LEN, ConnectV4Key, ConnectV6Key, ExecArgs, ExecRuleKey, GatedCgroup, KernelOffsets, MAX_POLICIES,
     PendingRequest, PolicyDefaults, PortRules, Verdict, VerdictKey, counter,
 };
 
@@ -47,6 +47,11 @@ pub static VERDICTS: HashMap<VerdictKey, Verdict> = HashMap::with_max_entries(65
 /// Thread id -> argv captured at execve entry (gated tasks only).
 #[map]
 pub static EXEC_ARGV: HashMap<u32, ExecArgs> = HashMap::with_max_entries(4096, NO_PREALLOC);
+
+/// A page of zeroes (never written): the source that clears the unused tail
+/// of a captured argv in one helper call.
+#[map]
+pub static ZEROES: Array<[u8; ARGV_LEN]> = Array::with_max_entries(1, 0);
 
 /// Scratch space to build an `ExecArgs` (8 KiB, far beyond the stack).
 #[map]

@@ -11,14 +11,14 @@ use core::ffi::c_void;
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_user,
-        generated::bpf_probe_read_user_str,
+        generated::{bpf_probe_read_kernel, bpf_probe_read_user_str},
     },
     macros::tracepoint,
     programs::TracePointContext,
 };
 use gatekeep_common::{ARGV_LEN, ARGV_MAX_ARGS, counter};
 
-use crate::maps::{ARGV_SCRATCH, EXEC_ARGV, GATED_CGROUPS, bump};
+use crate::maps::{ARGV_SCRATCH, EXEC_ARGV, GATED_CGROUPS, ZEROES, bump};
 
 /// Offset of `argv` in the `syscalls/sys_enter_execve` record (after the
 /// 8-byte common header, `__syscall_nr` and `filename`); see its `format`.
@@ -118,6 +118,21 @@ fn capture_argv(ctx: &TracePointContext, argv_offset: usize) {
             args.truncated = 1;
         }
         args.len = len;
+        // Clear the rest of the captured window so the digest can hash all
+        // of it without data-dependent branches (which the verifier would
+        // explore once per word).
+        if (len as usize) < ARGV_LEN {
+            if let Some(zeroes) = ZEROES.get_ptr(0) {
+                // Volatile: otherwise LLVM drops the mask (it knows len <
+                // ARGV_LEN here) and the verifier cannot bound the offset.
+                let offset = core::ptr::read_volatile(&raw const len) as usize & (ARGV_LEN - 1);
+                bpf_probe_read_kernel(
+                    args.argv.as_mut_ptr().add(offset).cast::<c_void>(),
+                    ARGV_LEN as u32,
+                    zeroes.cast::<c_void>(),
+                );
+            }
+        }
         if EXEC_ARGV.insert(&tid, &*args, 0).is_err() {
             bump(counter::ARGV_MISSED);
         }
