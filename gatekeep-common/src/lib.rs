@@ -6,6 +6,10 @@
 //! `u32` rather than `bool` because `bool` has invalid bit patterns that raw
 //! kernel bytes could produce.
 #![no_std]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding fields must be public so both sides can build the structs"
+)]
 
 /// Length of `task_struct::comm` in the kernel (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
