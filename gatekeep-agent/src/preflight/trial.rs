@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, io};
 
-use aya::programs::ProgramError;
+use aya::programs::{ProgramError, TracePoint};
 
 use super::{CheckResult, Status, checks::KernelConfig};
 use crate::ebpf::{self, LoadError};
@@ -39,9 +39,26 @@ impl TrialLoad for KernelTrialLoad {
             ebpf::load_lsm(&mut loaded, &btf, name, hook)
                 .map_err(|err| TrialFailure::from_load_error(&err))?;
         }
+        // The tracepoints (argv capture, per-thread cleanup) are part of
+        // gating too: an agent that cannot load them cannot run.
+        let mut loaded_tracepoints = Vec::new();
+        for &(name, _category, tracepoint) in ebpf::TRACEPOINT_PROGRAMS {
+            let program: &mut TracePoint = loaded
+                .program_mut(name)
+                .ok_or(LoadError::MissingProgram { name })
+                .and_then(|p| {
+                    p.try_into()
+                        .map_err(|source| LoadError::LoadProgram { name, source })
+                })
+                .map_err(|err| TrialFailure::from_load_error(&err))?;
+            program
+                .load()
+                .map_err(|source| TrialFailure::from_load_error(&LoadError::LoadProgram { name, source }))?;
+            loaded_tracepoints.push((name, tracepoint));
+        }
         // Dropping the `Ebpf` closes every program and map fd: nothing stays loaded.
         drop(loaded);
-        Ok(ebpf::LSM_PROGRAMS.to_vec())
+        Ok(ebpf::LSM_PROGRAMS.iter().copied().chain(loaded_tracepoints).collect())
     }
 }
 
@@ -193,7 +210,7 @@ pub fn trial_load(
             return CheckResult::ok(
                 NAME,
                 format!(
-                    "the kernel verified and loaded {} lsm program(s) ({names}); none attached, all unloaded again",
+                    "the kernel verified and loaded {} program(s) ({names}); none attached, all unloaded again",
                     programs.len()
                 ),
             );
@@ -356,7 +373,7 @@ mod tests {
         assert!(
             result
                 .detail
-                .contains("1 lsm program(s) (bprm_check_security on bprm_check_security)"),
+                .contains("1 program(s) (bprm_check_security on bprm_check_security)"),
             "{result:?}"
         );
         assert!(result.detail.contains("none attached"));
