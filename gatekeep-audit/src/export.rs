@@ -120,7 +120,6 @@ pub(crate) fn export_connection(
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests panic on any unexpected error")]
 mod tests {
     use serde_json::Value;
 

@@ -43,7 +43,7 @@
 //!
 //! `hash` = lowercase hex of SHA-256 over the concatenation of:
 //!
-//! 1. the 18 bytes `gatekeep-audit-v1` followed by a zero byte;
+//! 1. the 17 ASCII bytes `gatekeep-audit-v1` followed by one zero byte;
 //! 2. `seq` as 8 bytes, unsigned big-endian;
 //! 3. `str(at)`, `str(kind)`, `opt(request_id)`, `str(host)`, `opt(actor)`, `str(payload)`,
 //!    `str(prev_hash)`, in that order,

@@ -269,7 +269,7 @@ pub mod timestamp {
             .map_err(|source| AuditError::FormatTimestamp { source })
     }
 
-    /// Parses a timestamp written by [`format`].
+    /// Parses a timestamp written by [`format()`].
     pub fn parse(text: &str) -> Result<OffsetDateTime, time::error::Parse> {
         PrimitiveDateTime::parse(text, FORMAT).map(PrimitiveDateTime::assume_utc)
     }
@@ -291,7 +291,6 @@ pub mod timestamp {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests panic on any unexpected error")]
 mod tests {
     use serde_json::json;
     use time::macros::datetime;

@@ -369,7 +369,6 @@ pub(crate) fn from_sql_seq(seq: i64) -> Result<u64, AuditError> {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests panic on any unexpected error")]
 pub(crate) mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 

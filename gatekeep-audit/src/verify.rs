@@ -225,7 +225,6 @@ fn malformed_column(row: &Row<'_>, index: usize, seq: u64, what: &str) -> AuditE
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests panic on any unexpected error")]
 mod tests {
     use std::path::PathBuf;
 

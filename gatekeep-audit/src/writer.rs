@@ -300,7 +300,6 @@ fn head_seq(store: &AuditStore) -> u64 {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests panic on any unexpected error")]
 mod tests {
     use std::collections::HashMap;
 
