@@ -93,7 +93,7 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
 }
 
 /// A fresh random key for the request digests.
-fn random_digest_key() -> Result<[u64; 2], LoadError> {
+pub fn random_digest_key() -> Result<[u64; 2], LoadError> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))

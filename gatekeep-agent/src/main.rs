@@ -1,14 +1,92 @@
 //! `gatekeep-agent`: the host daemon and its admin subcommands.
 
+use std::path::PathBuf;
+
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use gatekeep_agent::{admin, config::{AgentConfig, LogFormat}, daemon, paths};
 
 /// gatekeep host agent: gates execve and connect from policy-controlled
 /// cgroups with BPF LSM, pausing sensitive ones for a human decision.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log format (default: the config file's `log_format`, else text).
+    #[arg(long, global = true, value_enum, env = "GATEKEEP_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where the agent's configuration file is.
+#[derive(Debug, Clone, clap::Args)]
+struct ConfigArg {
+    /// The agent's configuration file (TOML).
+    #[arg(long, env = "GATEKEEP_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn load(&self) -> anyhow::Result<AgentConfig> {
+        let (path, explicit) = match &self.config {
+            Some(path) => (path.clone(), true),
+            None => (PathBuf::from(paths::CONFIG_FILE), false),
+        };
+        Ok(AgentConfig::load(&path, explicit)?)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Check policy files (or directories of them) as the agent would load
+    /// them; print every problem with its line and column, exit 1 if any.
+    Validate {
+        #[arg(required = true, value_name = "FILE")]
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    /// One JSON object per line.
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Prove the local audit log's hash chain; exit 1 and name the first
+    /// tampered record if it is broken.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The audit database (default: the config file's `audit_db`).
+        #[arg(long, value_name = "FILE")]
+        db: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Write the local audit log as JSON Lines (every field, both hashes).
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The audit database (default: the config file's `audit_db`).
+        #[arg(long, value_name = "FILE")]
+        db: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        /// Only records from this sequence number on.
+        #[arg(long, value_name = "SEQ")]
+        from_seq: Option<u64>,
+        /// Write here instead of standard output.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -18,6 +96,45 @@ enum Command {
     /// Check that this host can run gatekeep (kernel, BTF, BPF LSM, mounts,
     /// capabilities) and trial-load the programs; exit 1 if it cannot.
     Check(gatekeep_agent::preflight::Options),
+    /// Run the agent: load (or adopt) and pin the programs, enforce the
+    /// policies, pause and resume asked syscalls, keep the audit log.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Create this file (holding the agent's pid) once the agent is
+        /// enforcing and handling requests; removed at exit.
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
+    },
+    /// Policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// The local audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Show the pinned programs, paused requests and kernel counters.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Deliberately remove gatekeep from the kernel: deny every paused
+    /// request, then unpin (detach) the programs and maps.
+    Unload {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +148,91 @@ fn main() -> anyhow::Result<()> {
         Command::Check(opts) => {
             if !gatekeep_agent::preflight::run(&opts)? {
                 std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Run { config, ready_file } => {
+            let config = config.load()?;
+            init_logging(cli.log_format.unwrap_or(config.log_format));
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("failed to start the async runtime")?;
+            runtime.block_on(daemon::run(config, daemon::RunOptions { ready_file }))?;
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Validate { paths }) => {
+            if let Err(err) = admin::validate_policy(&paths, &mut std::io::stdout().lock()) {
+                eprintln!("{err}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Audit(AuditCommand::Verify { config, db, output }) => {
+            let db = match db {
+                Some(db) => db,
+                None => config.load()?.audit_db,
+            };
+            if let Err(err) = admin::verify_audit(&db, output == Output::Json, &mut std::io::stdout().lock()) {
+                eprintln!("error: {err}");
+                let mut source = std::error::Error::source(&err);
+                while let Some(cause) = source {
+                    eprintln!("  caused by: {cause}");
+                    source = cause.source();
+                }
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Audit(AuditCommand::Export {
+            config,
+            db,
+            format: ExportFormat::Jsonl,
+            from_seq,
+            output,
+        }) => {
+            let db = match db {
+                Some(db) => db,
+                None => config.load()?.audit_db,
+            };
+            admin::export_audit(&db, from_seq, output.as_deref())?;
+            Ok(())
+        }
+        Command::Status { config, output } => {
+            let config = config.load()?;
+            let status = admin::status(&config.pin_dir)?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("pin dir: {}", status.pin_dir.display());
+                println!("programs pinned: {}", status.programs_pinned.join(", "));
+                if !status.programs_missing.is_empty() {
+                    println!("programs NOT pinned: {}", status.programs_missing.join(", "));
+                }
+                println!("paused requests: {}", status.paused_requests.len());
+                for paused in &status.paused_requests {
+                    println!(
+                        "  pid {} tid {} {} policy {} paused {} ms",
+                        paused.pid, paused.tid, paused.kind, paused.policy_id, paused.paused_for_ms
+                    );
+                }
+                for (name, value) in &status.counters {
+                    println!("{name}: {value}");
+                }
+            }
+            Ok(())
+        }
+        Command::Unload { config } => {
+            let config = config.load()?;
+            let report = admin::unload(&config.pin_dir, &config.proc_root)?;
+            println!(
+                "denied {} paused request(s); removed {} pin(s) under {}",
+                report.denied,
+                report.pins_removed.len(),
+                config.pin_dir.display()
+            );
+            if !report.still_paused.is_empty() {
+                println!("warning: threads still paused (now ungated): {:?}", report.still_paused);
             }
             Ok(())
         }

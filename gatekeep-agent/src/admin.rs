@@ -1,0 +1,273 @@
+//! The agent's admin subcommands: `policy validate`, `audit verify`,
+//! `audit export`, `status` and `unload`.
+
+use std::{
+    io::{self, Write},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use gatekeep_audit::{AuditError, ExportFilter};
+use gatekeep_common::{Verdict, VerdictKey, action};
+use gatekeep_policy::PolicyError;
+use serde::Serialize;
+
+use crate::{
+    kernel::{COUNTER_NAMES, KernelMaps, VERDICT_TTL, boot_time_ns},
+    pause::{ProcTasks, Tasks as _},
+    pinning::{self, PinLayout, PinningError},
+};
+
+/// Errors of the admin subcommands.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{source}")]
+    Policy {
+        #[source]
+        source: PolicyError,
+    },
+    #[error("audit log `{}` failed verification", path.display())]
+    Verify {
+        path: PathBuf,
+        #[source]
+        source: AuditError,
+    },
+    #[error("failed to export audit log `{}`", path.display())]
+    Export {
+        path: PathBuf,
+        #[source]
+        source: AuditError,
+    },
+    #[error("failed to create `{}`", path.display())]
+    Output {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Pinning(#[from] PinningError),
+    #[error("failed to read kernel map `{map}`")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("failed to write the report")]
+    Write {
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// `policy validate`: every problem of every file, or a one-line summary.
+pub fn validate_policy(paths: &[PathBuf], out: &mut impl Write) -> Result<(), AdminError> {
+    let summary = gatekeep_policy::validate_paths(paths).map_err(|source| AdminError::Policy { source })?;
+    writeln!(out, "ok: {summary}").map_err(|source| AdminError::Write { source })
+}
+
+/// `audit verify`: proves the hash chain.
+pub fn verify_audit(path: &Path, json: bool, out: &mut impl Write) -> Result<(), AdminError> {
+    let report = gatekeep_audit::verify(path).map_err(|source| AdminError::Verify {
+        path: path.to_owned(),
+        source,
+    })?;
+    let written = if json {
+        serde_json::to_string(&report)
+            .map_err(io::Error::other)
+            .and_then(|text| writeln!(out, "{text}"))
+    } else {
+        let head = report
+            .head
+            .as_ref()
+            .map_or_else(|| "empty log".to_owned(), |h| format!("head seq {} hash {}", h.seq, h.hash));
+        let guards = match report.guards_intact {
+            Some(false) => "; WARNING: the append-only triggers are missing or altered",
+            _ => "",
+        };
+        writeln!(out, "ok: {} records, chain intact, {head}{guards}", report.records)
+    };
+    written.map_err(|source| AdminError::Write { source })
+}
+
+/// `audit export --format jsonl`.
+pub fn export_audit(path: &Path, from_seq: Option<u64>, output: Option<&Path>) -> Result<u64, AdminError> {
+    let filter = ExportFilter {
+        from_seq,
+        kind: None,
+    };
+    let export = |writer: &mut dyn Write| {
+        gatekeep_audit::export(path, writer, &filter).map_err(|source| AdminError::Export {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    match output {
+        Some(file) => {
+            let mut out = std::fs::File::create(file).map_err(|source| AdminError::Output {
+                path: file.to_owned(),
+                source,
+            })?;
+            export(&mut out)
+        }
+        None => export(&mut io::stdout().lock()),
+    }
+}
+
+/// What `status` reports.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: PathBuf,
+    pub programs_pinned: Vec<&'static str>,
+    pub programs_missing: Vec<&'static str>,
+    pub paused_requests: Vec<PausedRequest>,
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PausedRequest {
+    pub pid: u32,
+    pub tid: u32,
+    pub kind: &'static str,
+    pub policy_id: u32,
+    pub paused_for_ms: u64,
+}
+
+/// `status`: which programs are pinned, what is paused, the counters.
+pub fn status(pin_dir: &Path) -> Result<Status, AdminError> {
+    let layout = PinLayout::new(pin_dir);
+    let pinned = layout.pinned_programs();
+    let missing = PinLayout::programs().into_iter().filter(|p| !pinned.contains(p)).collect();
+    let mut status = Status {
+        pin_dir: pin_dir.to_owned(),
+        programs_pinned: pinned,
+        programs_missing: missing,
+        paused_requests: Vec::new(),
+        counters: Vec::new(),
+    };
+    if layout.map("PENDING").exists() {
+        let maps = KernelMaps::open(&layout)?;
+        let now = boot_time_ns();
+        for (tid, pending) in maps.pending().map_err(|source| AdminError::Map { map: "PENDING", source })? {
+            status.paused_requests.push(PausedRequest {
+                pid: pending.pid,
+                tid,
+                kind: crate::events::RequestKind::from_raw(pending.kind).as_str(),
+                policy_id: pending.policy_id,
+                paused_for_ms: now.saturating_sub(pending.created_ns) / 1_000_000,
+            });
+        }
+        let counters = maps.counters().map_err(|source| AdminError::Map { map: "COUNTERS", source })?;
+        status.counters = COUNTER_NAMES.iter().copied().zip(counters).collect();
+    }
+    Ok(status)
+}
+
+/// What `unload` did.
+#[derive(Debug, Default, Serialize)]
+pub struct Unloaded {
+    /// Paused requests denied (verdict written, task continued) first.
+    pub denied: usize,
+    /// Tasks still paused when the programs went away.
+    pub still_paused: Vec<u32>,
+    pub pins_removed: Vec<PathBuf>,
+}
+
+/// `unload`: denies every paused request (so no task is left stopped with
+/// nobody to continue it, and none slips through un-gated), then removes
+/// the pinned programs and maps.
+pub fn unload(pin_dir: &Path, proc_root: &Path) -> Result<Unloaded, AdminError> {
+    let layout = PinLayout::new(pin_dir);
+    let mut report = Unloaded::default();
+    if layout.map("PENDING").exists() && !layout.pinned_programs().is_empty() {
+        let mut maps = KernelMaps::open(&layout)?;
+        let tasks = ProcTasks::new(proc_root);
+        let pending = maps.pending().map_err(|source| AdminError::Map { map: "PENDING", source })?;
+        let expires_ns = boot_time_ns().saturating_add(u64::try_from(VERDICT_TTL.as_nanos()).unwrap_or(u64::MAX));
+        for (tid, request) in &pending {
+            let key = VerdictKey {
+                tid: *tid,
+                _pad: 0,
+                digest: request.digest,
+            };
+            let verdict = Verdict {
+                action: action::DENY,
+                _pad: 0,
+                expires_ns,
+            };
+            if maps.write_verdict(key, verdict).is_ok() && tasks.sigcont(request.pid).is_ok() {
+                report.denied += 1;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let left = maps.pending().map_err(|source| AdminError::Map { map: "PENDING", source })?;
+            if left.is_empty() || Instant::now() >= deadline {
+                report.still_paused = left.iter().map(|(tid, _)| *tid).collect();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    report.pins_removed = pinning::unpin_all(&layout)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_reports_a_summary_or_every_diagnostic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = dir.path().join("good.toml");
+        std::fs::write(
+            &good,
+            "[[policy]]\nname = \"a\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n[policy.exec]\ndefault = \"ask\"\n",
+        )
+        .expect("write");
+        let mut out = Vec::new();
+        validate_policy(std::slice::from_ref(&good), &mut out).expect("valid");
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.starts_with("ok: 1 policy"), "{text}");
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[[policy]]\nname = \"b\"\ncgroups = [\"/sys/fs/cgroup/b\"]\n[policy.exec]\ndefault = \"alow\"\n")
+            .expect("write");
+        let err = validate_policy(&[bad], &mut Vec::new()).expect_err("invalid");
+        let message = err.to_string();
+        assert!(message.contains("bad.toml:5:"), "{message}");
+        assert!(message.contains("alow"), "{message}");
+    }
+
+    #[test]
+    fn audit_verify_and_export_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.db");
+        let mut store = gatekeep_audit::AuditStore::open(&path).expect("open");
+        let records: Vec<_> = (0..3)
+            .map(|i| {
+                gatekeep_audit::AuditRecord::new(gatekeep_audit::RecordKind::Requested, "h", serde_json::json!({ "i": i }))
+            })
+            .collect();
+        store.append_batch(&records).expect("append");
+        drop(store);
+        let mut out = Vec::new();
+        verify_audit(&path, false, &mut out).expect("verify");
+        assert!(String::from_utf8(out).expect("utf8").starts_with("ok: 3 records"));
+        let export = dir.path().join("out.jsonl");
+        assert_eq!(export_audit(&path, None, Some(&export)).expect("export"), 3);
+        let text = std::fs::read_to_string(&export).expect("read");
+        assert_eq!(text.lines().count(), 3);
+        let report = gatekeep_audit::verify_export(text.as_bytes()).expect("export verifies");
+        assert_eq!(report.records, 3);
+    }
+
+    #[test]
+    fn status_of_an_empty_pin_dir_lists_every_program_missing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = status(dir.path()).expect("status");
+        assert!(status.programs_pinned.is_empty());
+        assert_eq!(status.programs_missing.len(), PinLayout::programs().len());
+        assert!(status.counters.is_empty());
+    }
+}

@@ -1,0 +1,221 @@
+//! The agent's configuration file (`/etc/gatekeep/agent.toml`).
+//!
+//! Every field has a default, so an empty (or missing) file is a valid
+//! configuration for a standard host:
+//!
+//! ```toml
+//! policy_dir = "/etc/gatekeep/policies"
+//! audit_db = "/var/lib/gatekeep/audit.db"
+//! pin_dir = "/sys/fs/bpf/gatekeep"
+//! cgroup_root = "/sys/fs/cgroup"
+//! host = "web-1"               # default: the kernel's host name
+//! log_format = "text"          # or "json"
+//! reconcile_interval = "1s"
+//! rescan_interval = "1s"
+//! ```
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::paths;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The agent's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Folder of policy files; every `*.toml` in it is loaded.
+    pub policy_dir: PathBuf,
+    /// The local audit log.
+    pub audit_db: PathBuf,
+    /// Where programs and maps are pinned in bpffs.
+    pub pin_dir: PathBuf,
+    /// Root of the cgroup v2 hierarchy that policy cgroup paths are relative to.
+    pub cgroup_root: PathBuf,
+    /// procfs (for enrichment and pausing).
+    pub proc_root: PathBuf,
+    /// The user database used to name uids.
+    pub passwd: PathBuf,
+    /// This host's name in audit records; empty means the kernel's host name.
+    pub host: String,
+    /// Log format, unless `--log-format` says otherwise.
+    pub log_format: LogFormat,
+    /// How often the agent compares the kernel's pending requests with the
+    /// ones it tracks (finds requests whose events were dropped).
+    #[serde(with = "duration_text")]
+    pub reconcile_interval: Duration,
+    /// How often the cgroup tree and the policy folder are rescanned for
+    /// new cgroups and changed files.
+    #[serde(with = "duration_text")]
+    pub rescan_interval: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            policy_dir: paths::POLICY_DIR.into(),
+            audit_db: paths::AUDIT_DB.into(),
+            pin_dir: paths::PIN_DIR.into(),
+            cgroup_root: paths::CGROUP_ROOT.into(),
+            proc_root: paths::PROC.into(),
+            passwd: paths::PASSWD.into(),
+            // Filled from the kernel's host name at load.
+            host: String::new(),
+            log_format: LogFormat::Text,
+            // Dropped ring-buffer events are rare; a second is short next to a
+            // human decision and cheap (one map walk).
+            reconcile_interval: Duration::from_secs(1),
+            // New cgroups are gated at most this long after they appear.
+            rescan_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Errors reading the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failed to read config file `{}`", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file `{}`", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("`{field}` must be longer than zero")]
+    ZeroInterval { field: &'static str },
+}
+
+impl AgentConfig {
+    /// Reads `path`. A missing file at the default location gives the
+    /// defaults; a missing file named explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if !explicit && err.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let mut config = Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.fill_host();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a configuration document.
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.reconcile_interval.is_zero() {
+            return Err(ConfigError::ZeroInterval {
+                field: "reconcile_interval",
+            });
+        }
+        if self.rescan_interval.is_zero() {
+            return Err(ConfigError::ZeroInterval {
+                field: "rescan_interval",
+            });
+        }
+        Ok(())
+    }
+
+    /// Sets `host` to the kernel's host name when the file leaves it empty.
+    fn fill_host(&mut self) {
+        if self.host.is_empty() {
+            self.host = nix::unistd::gethostname()
+                .ok()
+                .and_then(|name| name.into_string().ok())
+                .unwrap_or_else(|| "localhost".to_owned());
+        }
+    }
+}
+
+/// Durations as humantime text (`"1s"`, `"500ms"`).
+mod duration_text {
+    use super::{Deserialize, Deserializer, Duration, Serializer};
+
+    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_duration(*duration))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_document_gives_defaults() {
+        let config = AgentConfig::parse("").expect("parse");
+        assert_eq!(config, AgentConfig::default());
+        assert_eq!(config.policy_dir, Path::new("/etc/gatekeep/policies"));
+        assert_eq!(config.reconcile_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn fields_override_defaults() {
+        let config = AgentConfig::parse(
+            "policy_dir = \"/tmp/p\"\nlog_format = \"json\"\nreconcile_interval = \"250ms\"\nhost = \"h1\"\n",
+        )
+        .expect("parse");
+        assert_eq!(config.policy_dir, Path::new("/tmp/p"));
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.reconcile_interval, Duration::from_millis(250));
+        assert_eq!(config.host, "h1");
+        assert_eq!(config.pin_dir, Path::new(paths::PIN_DIR));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_durations_are_refused() {
+        assert!(AgentConfig::parse("polcy_dir = \"/x\"").is_err());
+        assert!(AgentConfig::parse("reconcile_interval = \"soon\"").is_err());
+    }
+
+    #[test]
+    fn missing_default_file_is_defaults_but_missing_explicit_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("agent.toml");
+        let config = AgentConfig::load(&missing, false).expect("defaults");
+        assert!(!config.host.is_empty(), "host filled from the kernel");
+        assert!(matches!(
+            AgentConfig::load(&missing, true),
+            Err(ConfigError::Read { .. })
+        ));
+        std::fs::write(&missing, "rescan_interval = \"0s\"").expect("write");
+        assert!(matches!(
+            AgentConfig::load(&missing, true),
+            Err(ConfigError::ZeroInterval { field: "rescan_interval" })
+        ));
+    }
+}

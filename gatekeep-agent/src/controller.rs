@@ -1,0 +1,1004 @@
+//! The request state machine: kernel events in, decisions out, every step
+//! recorded.
+//!
+//! For each paused thread the controller tracks one request:
+//!
+//! ```text
+//! ask event ──► Deciding ──decision──► Resuming ──resumed──► Resumed ──verdict applied──► (done)
+//!                  │                       │                     │
+//!                  └── abandoned / superseded / vanished ────────┴──► (done, recorded)
+//! ```
+//!
+//! - An ask event is believed only if the kernel still holds that pending
+//!   request (same thread and digest); stale events (already answered
+//!   before a restart) are dropped.
+//! - A new ask from a thread that is tracked with another digest supersedes
+//!   the old request (a sibling rewrote argv): the old decision is dropped and
+//!   recorded as cancelled, and the new request is asked on its own.
+//! - The periodic [`Controller::reconcile`] finds requests whose events were
+//!   lost (ring buffer full, agent restart) and asks them again, and clears
+//!   requests whose task died unseen.
+//! - On shutdown, undecided requests are recorded as cancelled and their
+//!   tasks stay stopped (fail closed); the next agent asks them again.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use gatekeep_audit::{AuditRecord, RecordKind};
+use gatekeep_common::VerdictKey;
+use serde_json::{Value, json};
+use tokio::{
+    sync::{mpsc, watch},
+    task::{AbortHandle, JoinSet},
+    time::Instant,
+};
+
+use crate::{
+    audit::AuditSink,
+    decide::{Decider, Decision, DecisionRequest, Verdict, decide_by_deadline},
+    enrich::Enricher,
+    events::{ConnectRequest, Destination, Event, ExecRequest, Origin, RequestKind},
+    kernel::{PauseKernel, boot_time_ns},
+    pause::{Finding, PauseTiming, ResumeOutcome, TaskState, Tasks, reconcile, resume},
+    policy_maps::{Compiled, LoadedPolicy},
+};
+
+/// Where a tracked request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Deciding,
+    Resuming,
+    /// Verdict written and SIGCONT sent; waiting for the kernel to apply it.
+    Resumed { at: Instant, verdict: Verdict },
+}
+
+#[derive(Debug)]
+struct Tracked {
+    request_id: String,
+    pid: u32,
+    digest: u64,
+    kind: &'static str,
+    policy: String,
+    asked_at: Instant,
+    stage: Stage,
+    decision_task: Option<AbortHandle>,
+}
+
+impl Tracked {
+    fn waited_ms(&self) -> u64 {
+        u64::try_from(self.asked_at.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Messages from the controller's own decision and resume tasks.
+#[derive(Debug)]
+enum Internal {
+    Decided {
+        tid: u32,
+        request_id: String,
+        decision: Decision,
+    },
+    Resumed {
+        tid: u32,
+        request_id: String,
+        decision: Decision,
+        outcome: Result<ResumeOutcome, String>,
+        /// False when a verdict is written again (already recorded).
+        record: bool,
+    },
+}
+
+/// Counts for logs and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub asked: u64,
+    pub decided: u64,
+    pub abandoned: u64,
+    pub superseded: u64,
+    pub reasked: u64,
+    pub kernel_denied: u64,
+    pub stale_events: u64,
+}
+
+/// The request state machine.
+pub struct Controller<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> {
+    kernel: Arc<K>,
+    tasks: Arc<T>,
+    decider: Arc<D>,
+    audit: Arc<A>,
+    enricher: Arc<Enricher>,
+    host: String,
+    timing: PauseTiming,
+    current: Arc<Compiled>,
+    previous: Option<Arc<Compiled>>,
+    tracked: HashMap<u32, Tracked>,
+    /// (thread, digest) asked again by the reconciler -> when the kernel
+    /// first saw the request; its deadline counts from then.
+    reasked: HashMap<(u32, u64), u64>,
+    decisions: JoinSet<()>,
+    resumes: JoinSet<()>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal_rx: mpsc::UnboundedReceiver<Internal>,
+    pub stats: Stats,
+}
+
+/// Everything the controller works with.
+pub struct Parts<K, T, D, A> {
+    pub kernel: Arc<K>,
+    pub tasks: Arc<T>,
+    pub decider: Arc<D>,
+    pub audit: Arc<A>,
+    pub enricher: Arc<Enricher>,
+    pub host: String,
+    pub timing: PauseTiming,
+    pub policies: Arc<Compiled>,
+}
+
+impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> {
+    #[must_use]
+    pub fn new(parts: Parts<K, T, D, A>) -> Self {
+        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        Self {
+            kernel: parts.kernel,
+            tasks: parts.tasks,
+            decider: parts.decider,
+            audit: parts.audit,
+            enricher: parts.enricher,
+            host: parts.host,
+            timing: parts.timing,
+            current: parts.policies,
+            previous: None,
+            tracked: HashMap::new(),
+            reasked: HashMap::new(),
+            decisions: JoinSet::new(),
+            resumes: JoinSet::new(),
+            internal_tx,
+            internal_rx,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Requests currently tracked (paused tasks the agent knows of).
+    #[must_use]
+    pub fn tracked_count(&self) -> usize {
+        self.tracked.len()
+    }
+
+    /// Switches to a newly loaded policy set; requests already asked keep
+    /// the policy they were asked under.
+    pub fn set_policies(&mut self, compiled: Arc<Compiled>) {
+        self.previous = Some(std::mem::replace(&mut self.current, compiled));
+    }
+
+    fn policy(&self, id: u32) -> Option<Arc<LoadedPolicy>> {
+        self.current
+            .policies
+            .get(&id)
+            .or_else(|| self.previous.as_ref().and_then(|p| p.policies.get(&id)))
+            .cloned()
+    }
+
+    fn record(&self, kind: RecordKind, request_id: Option<&str>, actor: Option<&str>, payload: Value) {
+        let mut record = AuditRecord::new(kind, self.host.clone(), payload);
+        if let Some(id) = request_id {
+            record = record.with_request_id(id);
+        }
+        if let Some(actor) = actor {
+            record = record.with_actor(actor);
+        }
+        self.audit.record(record);
+    }
+
+    /// Runs until `shutdown` turns true (or every input closes).
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Vec<Event>>,
+        mut policies: watch::Receiver<Arc<Compiled>>,
+        mut shutdown: watch::Receiver<bool>,
+        reconcile_every: Duration,
+    ) -> Stats {
+        let mut tick = tokio::time::interval(reconcile_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+                batch = events.recv() => {
+                    let Some(batch) = batch else { break };
+                    for event in batch {
+                        self.handle_event(event).await;
+                    }
+                }
+                Some(message) = self.internal_rx.recv() => self.handle_internal(message),
+                changed = policies.changed() => {
+                    if changed.is_ok() {
+                        let compiled = Arc::clone(&policies.borrow_and_update());
+                        if !Arc::ptr_eq(&compiled, &self.current) {
+                            self.set_policies(compiled);
+                        }
+                    }
+                }
+                _ = tick.tick() => self.reconcile().await,
+                Some(_) = self.decisions.join_next(), if !self.decisions.is_empty() => {}
+                Some(_) = self.resumes.join_next(), if !self.resumes.is_empty() => {}
+            }
+        }
+        self.shutdown().await
+    }
+
+    /// Handles messages from decision and resume tasks until none is ready.
+    pub fn drain_internal(&mut self) {
+        while let Ok(message) = self.internal_rx.try_recv() {
+            self.handle_internal(message);
+        }
+    }
+
+    /// Waits for the next message of a decision or resume task and handles it.
+    pub async fn step_internal(&mut self) {
+        if let Some(message) = self.internal_rx.recv().await {
+            self.handle_internal(message);
+        }
+    }
+
+    /// One kernel event.
+    pub async fn handle_event(&mut self, event: Event) {
+        tracing::debug!(event = event.name(), tid = event.origin().tid, pid = event.origin().pid, "kernel event");
+        match event {
+            Event::ExecAsk(request) => {
+                let origin = request.origin.clone();
+                self.handle_ask(&origin, Asked::Exec(request)).await;
+            }
+            Event::ConnectAsk(request) => {
+                let origin = request.origin.clone();
+                self.handle_ask(&origin, Asked::Connect(request)).await;
+            }
+            Event::ExecDenied(request) => {
+                self.stats.kernel_denied += 1;
+                let payload = self.exec_payload(&request);
+                self.record(RecordKind::KernelDenied, None, Some("kernel"), payload);
+            }
+            Event::ConnectDenied(request) => {
+                self.stats.kernel_denied += 1;
+                let payload = self.connect_payload(&request);
+                self.record(RecordKind::KernelDenied, None, Some("kernel"), payload);
+            }
+            Event::Abandoned { origin, kind } => self.handle_gone(&origin, kind, false),
+            Event::RefusedSpinning { origin, kind } => self.handle_gone(&origin, kind, true),
+            Event::VerdictApplied { origin, action, .. } => {
+                tracing::debug!(tid = origin.tid, action, "verdict applied");
+                if let Some(tracked) = self.tracked.get(&origin.tid)
+                    && tracked.digest == origin.digest
+                    && matches!(tracked.stage, Stage::Resumed { .. })
+                {
+                    self.tracked.remove(&origin.tid);
+                }
+            }
+        }
+    }
+
+    async fn handle_ask(&mut self, origin: &Origin, asked: Asked) {
+        let tid = origin.tid;
+        let pending = match self.kernel.pending_of(tid).await {
+            Ok(pending) => pending,
+            Err(err) => {
+                tracing::error!(tid, error = %err, "cannot read the pending request; the reconciler will retry");
+                return;
+            }
+        };
+        let Some(pending) = pending.filter(|p| p.digest == origin.digest) else {
+            // Answered or gone already (an old event read after a restart).
+            self.stats.stale_events += 1;
+            tracing::debug!(tid, "stale ask event ignored");
+            return;
+        };
+        if let Some(tracked) = self.tracked.get(&tid) {
+            if tracked.digest == origin.digest {
+                return;
+            }
+            self.supersede(tid);
+        }
+        let Some(policy) = self.policy(origin.policy_id) else {
+            // Asked under a policy id this agent did not load (an old set):
+            // ask again, so the current policy governs it.
+            tracing::info!(tid, policy_id = origin.policy_id, "request under an unknown policy id; asking again");
+            if matches!(self.kernel.remove_pending(tid, origin.digest).await, Ok(true))
+                && let Err(err) = self.tasks.sigcont(origin.pid)
+            {
+                tracing::warn!(tid, error = %err, "failed to continue a task to re-ask it");
+            }
+            return;
+        };
+        let first_seen = self.reasked.remove(&(tid, origin.digest)).unwrap_or(pending.created_ns);
+        let age = Duration::from_nanos(boot_time_ns().saturating_sub(first_seen));
+        let timeout = policy.policy.approval.timeout;
+        let deadline = Instant::now() + timeout.saturating_sub(age);
+        let request_id = format!("{first_seen:x}-{tid}-{:016x}", origin.digest);
+
+        let (kind, rule, mut payload) = match &asked {
+            Asked::Exec(request) => ("exec", policy.exec_rule(request.dev, request.ino), self.exec_payload(request)),
+            Asked::Connect(request) => {
+                let rule = match &request.destination {
+                    Destination::Ip { addr, port } => policy.connect_rule(*addr, *port),
+                    Destination::Unix { .. } => format!("connect unix {}", policy.policy.connect.unix),
+                    Destination::Other { .. } => "connect default".to_owned(),
+                };
+                ("connect", rule, self.connect_payload(request))
+            }
+        };
+        payload["rule"] = json!(rule);
+        payload["timeout_ms"] = json!(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        payload["on_timeout"] = json!(policy.policy.approval.on_timeout.as_str());
+        self.stats.asked += 1;
+        tracing::info!(
+            request_id,
+            kind,
+            policy = policy.policy.name,
+            rule,
+            pid = origin.pid,
+            tid,
+            "request paused, asking for a decision"
+        );
+        self.record(RecordKind::Requested, Some(&request_id), None, payload.clone());
+
+        let request = Arc::new(DecisionRequest {
+            request_id: request_id.clone(),
+            kind,
+            policy: policy.policy.name.clone(),
+            rule,
+            context: payload,
+            timeout,
+            on_timeout: Verdict::from_policy(policy.policy.approval.on_timeout),
+            deadline,
+        });
+        let decider = Arc::clone(&self.decider);
+        let internal = self.internal_tx.clone();
+        let id = request_id.clone();
+        let task = self.decisions.spawn(async move {
+            let decision = decide_by_deadline(decider.as_ref(), request).await;
+            let _ = internal.send(Internal::Decided {
+                tid,
+                request_id: id,
+                decision,
+            });
+        });
+        self.tracked.insert(
+            tid,
+            Tracked {
+                request_id,
+                pid: origin.pid,
+                digest: origin.digest,
+                kind,
+                policy: policy.policy.name.clone(),
+                asked_at: Instant::now(),
+                stage: Stage::Deciding,
+                decision_task: Some(task),
+            },
+        );
+    }
+
+    /// The tracked request of `tid` was replaced by a new one.
+    fn supersede(&mut self, tid: u32) {
+        let Some(old) = self.tracked.remove(&tid) else {
+            return;
+        };
+        if let Some(task) = &old.decision_task {
+            task.abort();
+        }
+        self.stats.superseded += 1;
+        tracing::info!(request_id = old.request_id, tid, "request superseded by a new one from the same thread");
+        if let Stage::Resumed { .. } | Stage::Resuming = old.stage {
+            // Its verdict (for the old digest) can never apply now.
+            let kernel = Arc::clone(&self.kernel);
+            let key = VerdictKey {
+                tid,
+                _pad: 0,
+                digest: old.digest,
+            };
+            tokio::spawn(async move {
+                let _ = kernel.remove_verdict(key).await;
+            });
+        }
+        if old.stage == Stage::Deciding || old.stage == Stage::Resuming {
+            self.record(
+                RecordKind::Cancelled,
+                Some(&old.request_id),
+                None,
+                json!({
+                    "reason": "superseded",
+                    "detail": "the thread asked something else before the decision applied (e.g. argv rewritten)",
+                    "pid": old.pid,
+                    "tid": tid,
+                    "kind": old.kind,
+                    "policy": old.policy,
+                    "wait_ms": old.waited_ms(),
+                }),
+            );
+        }
+    }
+
+    /// The task exited while paused, or the kernel refused a spinning one.
+    fn handle_gone(&mut self, origin: &Origin, kind: RequestKind, refused: bool) {
+        let tracked = match self.tracked.get(&origin.tid) {
+            Some(t) if t.digest == origin.digest => self.tracked.remove(&origin.tid),
+            _ => None,
+        };
+        if let Some(task) = tracked.as_ref().and_then(|t| t.decision_task.as_ref()) {
+            task.abort();
+        }
+        let mut payload = json!({
+            "pid": origin.pid,
+            "tid": origin.tid,
+            "kind": kind.as_str(),
+            "digest": format!("{:016x}", origin.digest),
+            "comm": origin.comm,
+        });
+        if let Some(tracked) = &tracked {
+            payload["wait_ms"] = json!(tracked.waited_ms());
+            payload["policy"] = json!(tracked.policy);
+        }
+        let request_id = tracked.as_ref().map(|t| t.request_id.as_str());
+        if refused {
+            self.stats.kernel_denied += 1;
+            payload["reason"] = json!("refused_spinning");
+            payload["detail"] = json!("the task re-entered the hook without stopping (traced); refused with EPERM");
+            tracing::warn!(tid = origin.tid, pid = origin.pid, "paused request refused: the task is traced and would spin");
+            self.record(RecordKind::KernelDenied, request_id, Some("kernel"), payload);
+        } else {
+            self.stats.abandoned += 1;
+            tracing::info!(tid = origin.tid, pid = origin.pid, ?request_id, "paused task exited; request abandoned");
+            self.record(RecordKind::Abandoned, request_id, None, payload);
+        }
+    }
+
+    fn handle_internal(&mut self, message: Internal) {
+        match message {
+            Internal::Decided {
+                tid,
+                request_id,
+                decision,
+            } => {
+                let Some(tracked) = self.tracked.get_mut(&tid) else {
+                    return;
+                };
+                if tracked.request_id != request_id || tracked.stage != Stage::Deciding {
+                    return;
+                }
+                tracked.stage = Stage::Resuming;
+                tracked.decision_task = None;
+                self.spawn_resume(tid, decision, true);
+            }
+            Internal::Resumed {
+                tid,
+                request_id,
+                decision,
+                outcome,
+                record,
+            } => {
+                let Some(tracked) = self.tracked.get_mut(&tid) else {
+                    return;
+                };
+                if tracked.request_id != request_id {
+                    return;
+                }
+                let waited = tracked.waited_ms();
+                let base = json!({
+                    "pid": tracked.pid,
+                    "tid": tid,
+                    "kind": tracked.kind,
+                    "policy": tracked.policy,
+                    "verdict": decision.verdict.as_str(),
+                    "reason": decision.reason,
+                    "wait_ms": waited,
+                });
+                match outcome {
+                    Ok(ResumeOutcome::Resumed | ResumeOutcome::ResumedUnconfirmed) => {
+                        tracked.stage = Stage::Resumed {
+                            at: Instant::now(),
+                            verdict: decision.verdict,
+                        };
+                        if !record {
+                            return;
+                        }
+                        self.stats.decided += 1;
+                        let kind = if decision.expired {
+                            RecordKind::Expired
+                        } else {
+                            RecordKind::Decided
+                        };
+                        tracing::info!(
+                            request_id,
+                            verdict = decision.verdict.as_str(),
+                            actor = decision.actor,
+                            wait_ms = waited,
+                            "request decided, task resumed"
+                        );
+                        self.record(kind, Some(&request_id), Some(&decision.actor), base);
+                    }
+                    Ok(ResumeOutcome::Superseded) => self.supersede(tid),
+                    Ok(ResumeOutcome::Gone) => {
+                        self.tracked.remove(&tid);
+                        self.stats.abandoned += 1;
+                        let mut payload = base;
+                        payload["detail"] = json!("the task exited before its decision could be applied");
+                        self.record(RecordKind::Abandoned, Some(&request_id), None, payload);
+                    }
+                    Err(err) => {
+                        tracing::error!(request_id, error = err, "failed to resume; retrying");
+                        let internal = self.internal_tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            let _ = internal.send(Internal::Decided {
+                                tid,
+                                request_id,
+                                decision,
+                            });
+                        });
+                        if let Some(tracked) = self.tracked.get_mut(&tid) {
+                            tracked.stage = Stage::Deciding;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn_resume(&mut self, tid: u32, decision: Decision, record: bool) {
+        let Some(tracked) = self.tracked.get(&tid) else {
+            return;
+        };
+        let (pid, digest, request_id) = (tracked.pid, tracked.digest, tracked.request_id.clone());
+        let kernel = Arc::clone(&self.kernel);
+        let tasks = Arc::clone(&self.tasks);
+        let timing = self.timing;
+        let internal = self.internal_tx.clone();
+        self.resumes.spawn(async move {
+            let outcome = resume(kernel.as_ref(), tasks.as_ref(), timing, pid, tid, digest, decision.verdict)
+                .await
+                .map_err(|err| err.to_string());
+            let _ = internal.send(Internal::Resumed {
+                tid,
+                request_id,
+                decision,
+                outcome,
+                record,
+            });
+        });
+    }
+
+    /// Compares the kernel's pending requests with the tracked ones.
+    pub async fn reconcile(&mut self) {
+        let tracked: HashSet<(u32, u64)> = self.tracked.iter().map(|(tid, t)| (*tid, t.digest)).collect();
+        let reconciled = match reconcile(self.kernel.as_ref(), self.tasks.as_ref(), self.timing, &tracked).await {
+            Ok(reconciled) => reconciled,
+            Err(err) => {
+                tracing::error!(error = %err, "reconciling pending requests failed");
+                return;
+            }
+        };
+        for finding in &reconciled.findings {
+            match *finding {
+                Finding::Dead { tid, pending } => {
+                    self.stats.abandoned += 1;
+                    self.record(
+                        RecordKind::Abandoned,
+                        None,
+                        None,
+                        json!({
+                            "pid": pending.pid,
+                            "tid": tid,
+                            "kind": RequestKind::from_raw(pending.kind).as_str(),
+                            "digest": format!("{:016x}", pending.digest),
+                            "detail": "found by the reconciler: the task is gone",
+                        }),
+                    );
+                }
+                Finding::Reasked { tid, pending } => {
+                    self.stats.reasked += 1;
+                    tracing::info!(tid, pid = pending.pid, "asking a paused request again (its event was missed)");
+                    let first = self.reasked.get(&(tid, pending.digest)).copied().unwrap_or(pending.created_ns);
+                    self.reasked.insert((tid, pending.digest), first.min(pending.created_ns));
+                }
+            }
+        }
+        if reconciled.expired_verdicts > 0 {
+            tracing::debug!(count = reconciled.expired_verdicts, "removed expired verdicts");
+        }
+        // Tracked requests the kernel no longer holds.
+        let grace = self.timing.grace;
+        let mut vanished = Vec::new();
+        let mut retry = Vec::new();
+        for (tid, tracked) in &self.tracked {
+            let in_kernel = reconciled.pending.get(tid).is_some_and(|p| p.digest == tracked.digest);
+            match tracked.stage {
+                Stage::Resumed { at, verdict } if at.elapsed() >= grace => {
+                    if in_kernel {
+                        // Continued, but stopped again before it used the
+                        // verdict (a sibling thread's pause): write it again.
+                        retry.push((*tid, verdict));
+                    } else {
+                        vanished.push((*tid, false));
+                    }
+                }
+                Stage::Deciding if !in_kernel && tracked.asked_at.elapsed() >= grace => {
+                    vanished.push((*tid, true));
+                }
+                _ => {}
+            }
+        }
+        for (tid, record) in vanished {
+            let Some(tracked) = self.tracked.remove(&tid) else {
+                continue;
+            };
+            if let Some(task) = &tracked.decision_task {
+                task.abort();
+            }
+            if record {
+                let gone = self.tasks.state(tracked.pid, tid) == TaskState::Gone;
+                let kind = if gone {
+                    RecordKind::Abandoned
+                } else {
+                    RecordKind::Cancelled
+                };
+                self.record(
+                    kind,
+                    Some(&tracked.request_id),
+                    None,
+                    json!({
+                        "pid": tracked.pid,
+                        "tid": tid,
+                        "kind": tracked.kind,
+                        "policy": tracked.policy,
+                        "wait_ms": tracked.waited_ms(),
+                        "detail": "the kernel no longer holds this request",
+                    }),
+                );
+            }
+        }
+        for (tid, verdict) in retry {
+            if let Some(tracked) = self.tracked.get_mut(&tid) {
+                tracked.stage = Stage::Resuming;
+                let decision = Decision {
+                    verdict,
+                    actor: "agent".to_owned(),
+                    reason: "verdict written again: the task stopped before using it".to_owned(),
+                    expired: false,
+                };
+                self.spawn_resume(tid, decision, false);
+            }
+        }
+    }
+
+    /// Stops: lets resumes in flight finish (a written verdict is best
+    /// followed by its SIGCONT), drops undecided requests (their tasks stay
+    /// stopped) and records them as cancelled.
+    pub async fn shutdown(mut self) -> Stats {
+        self.decisions.abort_all();
+        let finish = async {
+            while let Some(_done) = self.resumes.join_next().await {}
+        };
+        if tokio::time::timeout(self.timing.stop_wait + Duration::from_secs(1), finish).await.is_err() {
+            tracing::warn!("resumes still running at shutdown; the next agent finishes them");
+        }
+        self.drain_internal();
+        for (tid, tracked) in std::mem::take(&mut self.tracked) {
+            if tracked.stage == Stage::Deciding || tracked.stage == Stage::Resuming {
+                self.record(
+                    RecordKind::Cancelled,
+                    Some(&tracked.request_id),
+                    None,
+                    json!({
+                        "pid": tracked.pid,
+                        "tid": tid,
+                        "kind": tracked.kind,
+                        "policy": tracked.policy,
+                        "wait_ms": tracked.waited_ms(),
+                        "reason": "agent_stopped",
+                        "detail": "the agent stopped before a decision; the task stays paused and the next agent asks again",
+                    }),
+                );
+            }
+        }
+        self.stats
+    }
+
+    fn origin_payload(&self, origin: &Origin) -> Value {
+        let info = self.enricher.enrich(origin.pid, origin.uid);
+        let policy = self.policy(origin.policy_id).map(|p| p.policy.name.clone());
+        json!({
+            "pid": origin.pid,
+            "tid": origin.tid,
+            "uid": origin.uid,
+            "gid": origin.gid,
+            "user": info.user,
+            "comm": origin.comm,
+            "cgroup": info.cgroup,
+            "cgroup_id": origin.cgroup_id,
+            "cwd": info.cwd,
+            "ancestry": info.ancestry,
+            "policy": policy,
+            "policy_id": origin.policy_id,
+            "digest": format!("{:016x}", origin.digest),
+        })
+    }
+
+    fn exec_payload(&self, request: &ExecRequest) -> Value {
+        let mut payload = self.origin_payload(&request.origin);
+        let exe = self.enricher.display_path(request.origin.pid, &request.filename);
+        payload["kind"] = json!("exec");
+        payload["exe"] = json!(exe);
+        payload["filename"] = json!(request.filename);
+        payload["argv"] = json!(request.argv);
+        payload["argc"] = json!(request.argc);
+        payload["argv_truncated"] = json!(request.argv_truncated);
+        payload["dev"] = json!(request.dev);
+        payload["ino"] = json!(request.ino);
+        if let Some(policy) = self.policy(request.origin.policy_id) {
+            payload["rule"] = json!(policy.exec_rule(request.dev, request.ino));
+        }
+        payload
+    }
+
+    fn connect_payload(&self, request: &ConnectRequest) -> Value {
+        let mut payload = self.origin_payload(&request.origin);
+        payload["kind"] = json!("connect");
+        payload["address"] = json!(request.destination.to_string());
+        payload["sock_type"] = json!(request.sock_type);
+        if let Destination::Ip { addr, port } = request.destination {
+            payload["ip"] = json!(addr);
+            payload["port"] = json!(port);
+            if let Some(policy) = self.policy(request.origin.policy_id) {
+                payload["rule"] = json!(policy.connect_rule(addr, port));
+            }
+        }
+        if let Destination::Unix { path } = &request.destination {
+            payload["unix_path"] = json!(path);
+        }
+        payload
+    }
+}
+
+/// An ask event's request.
+enum Asked {
+    Exec(ExecRequest),
+    Connect(ConnectRequest),
+}
+
+#[cfg(test)]
+mod tests {
+    use gatekeep_policy::parse_str;
+
+    use super::*;
+    use crate::{
+        audit::MemorySink,
+        decide::LocalDecider,
+        policy_maps::{HostView, compile},
+        testing::{ALLOW, DENY, FakeKernel, FakeTask},
+    };
+
+    fn policies(on_timeout: &str, timeout: &str) -> Arc<Compiled> {
+        let text = format!(
+            "[[policy]]\nname = \"agents\"\ncgroups = [\"/sys/fs/cgroup/agents\"]\n[policy.exec]\ndefault = \"ask\"\n[policy.approval]\ntimeout = \"{timeout}\"\non_timeout = \"{on_timeout}\"\n"
+        );
+        let set = parse_str("t.toml", &text).expect("policy");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = HostView {
+            cgroup_root: dir.path().to_owned(),
+            own_cgroup: None,
+        };
+        // FakeKernel's events carry policy id 1.
+        Arc::new(compile(&set, &[1], 1, &host).expect("compile"))
+    }
+
+    struct Rig {
+        kernel: Arc<FakeKernel>,
+        audit: Arc<MemorySink>,
+        controller: Controller<FakeKernel, FakeKernel, LocalDecider, MemorySink>,
+    }
+
+    fn rig(on_timeout: &str, timeout: &str) -> Rig {
+        let kernel = Arc::new(FakeKernel::default());
+        let audit = Arc::new(MemorySink::default());
+        let controller = Controller::new(Parts {
+            kernel: Arc::clone(&kernel),
+            tasks: Arc::clone(&kernel),
+            decider: Arc::new(LocalDecider),
+            audit: Arc::clone(&audit),
+            enricher: Arc::new(Enricher::new("/nonexistent-proc", std::path::Path::new("/nonexistent"))),
+            host: "test-host".into(),
+            timing: PauseTiming::default(),
+            policies: policies(on_timeout, timeout),
+        });
+        Rig {
+            kernel,
+            audit,
+            controller,
+        }
+    }
+
+    impl Rig {
+        /// Feeds every event the fake kernel emitted into the controller.
+        async fn pump(&mut self) {
+            for event in self.kernel.take_events() {
+                self.controller.handle_event(event).await;
+            }
+        }
+
+        fn kinds(&self) -> Vec<RecordKind> {
+            self.audit.records().iter().map(|r| r.kind).collect()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn asked_exec_is_allowed_at_the_timeout_and_recorded() {
+        let mut rig = rig("allow", "2s");
+        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let started = Instant::now();
+        let ask = rig.kernel.ask_event(100);
+        rig.controller.handle_event(ask).await;
+        assert_eq!(rig.controller.tracked_count(), 1);
+        rig.controller.step_internal().await; // decided
+        assert!(started.elapsed() >= Duration::from_secs(2), "decided before the timeout");
+        rig.controller.step_internal().await; // resumed
+        assert_eq!(rig.kernel.result_of(100), Some(ALLOW));
+        rig.pump().await; // VERDICT_APPLIED
+        assert_eq!(rig.controller.tracked_count(), 0);
+        assert_eq!(rig.kinds(), [RecordKind::Requested, RecordKind::Expired]);
+        let records = rig.audit.records();
+        assert_eq!(records[0].request_id, records[1].request_id);
+        assert_eq!(records[0].payload["rule"], "exec default ask");
+        assert_eq!(records[0].payload["argv"], json!(["tool", "7"]));
+        assert_eq!(records[1].payload["verdict"], "allow");
+        assert_eq!(records[1].actor.as_deref(), Some("timeout"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn asked_exec_is_denied_when_the_policy_says_so() {
+        let mut rig = rig("deny", "3s");
+        rig.kernel.spawn_task(FakeTask::asking(100, 101, 7).stopped());
+        let ask = rig.kernel.ask_event(101);
+        rig.controller.handle_event(ask).await;
+        rig.controller.step_internal().await;
+        rig.controller.step_internal().await;
+        assert_eq!(rig.kernel.result_of(101), Some(DENY));
+        assert!(rig.kernel.verdicts_now().is_empty(), "the verdict was consumed");
+        assert!(rig.kernel.pending_now().is_empty(), "no pending entry leaks");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_dying_while_paused_is_abandoned_and_never_resumed() {
+        let mut rig = rig("allow", "60s");
+        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let ask = rig.kernel.ask_event(100);
+        rig.controller.handle_event(ask).await;
+        rig.kernel.kill(100);
+        rig.pump().await; // ABANDONED
+        assert_eq!(rig.controller.tracked_count(), 0);
+        assert_eq!(rig.kinds(), [RecordKind::Requested, RecordKind::Abandoned]);
+        // The decision was dropped: nothing arrives even after the timeout.
+        tokio::time::sleep(Duration::from_mins(2)).await;
+        rig.controller.drain_internal();
+        assert!(rig.kernel.verdicts_now().is_empty());
+        assert_eq!(rig.kinds().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rewritten_argv_supersedes_and_only_the_new_request_is_decided() {
+        let mut rig = rig("allow", "2s");
+        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let ask = rig.kernel.ask_event(100);
+        rig.controller.handle_event(ask).await;
+        // A stray SIGCONT, and meanwhile a sibling rewrote argv: the
+        // restarted exec asks about something else.
+        rig.kernel.change_request(100, 8);
+        nix_free_sigcont(&rig.kernel, 100);
+        rig.pump().await;
+        let records = rig.audit.records();
+        assert_eq!(rig.kinds(), [RecordKind::Requested, RecordKind::Cancelled, RecordKind::Requested]);
+        assert_eq!(records[1].payload["reason"], "superseded");
+        assert_ne!(records[0].request_id, records[2].request_id);
+        // The new request is decided; the verdict names the new digest only.
+        rig.controller.step_internal().await;
+        rig.controller.step_internal().await;
+        assert_eq!(rig.kernel.result_of(100), Some(ALLOW));
+        assert_eq!(rig.kinds().last(), Some(&RecordKind::Expired));
+        assert_eq!(rig.audit.records().last().and_then(|r| r.request_id.clone()), records[2].request_id);
+    }
+
+    fn nix_free_sigcont(kernel: &FakeKernel, pid: u32) {
+        crate::pause::Tasks::sigcont(kernel, pid).expect("sigcont");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_ask_events_are_ignored() {
+        let mut rig = rig("allow", "2s");
+        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let ask = rig.kernel.ask_event(100);
+        rig.kernel.change_request(100, 9);
+        nix_free_sigcont(&rig.kernel, 100);
+        rig.kernel.take_events();
+        // The event for digest 7 arrives late: the kernel now waits on 9.
+        rig.controller.handle_event(ask).await;
+        assert_eq!(rig.controller.tracked_count(), 0);
+        assert_eq!(rig.controller.stats.stale_events, 1);
+        assert!(rig.audit.records().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_restart_untracked_requests_are_reasked_and_keep_their_deadline() {
+        let mut rig = rig("deny", "10s");
+        // Paused 4 s ago under a previous agent; its event is long gone.
+        rig.kernel.spawn_task(FakeTask::asking(300, 301, 5).stopped().created_secs_ago(4));
+        let started = Instant::now();
+        rig.controller.reconcile().await;
+        assert_eq!(rig.controller.stats.reasked, 1);
+        rig.pump().await; // the fresh ask event
+        assert_eq!(rig.controller.tracked_count(), 1);
+        rig.controller.step_internal().await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(5) && waited < Duration::from_secs(7),
+            "deadline counts from the first pause (10 s - 4 s), waited {waited:?}"
+        );
+        rig.controller.step_internal().await;
+        assert_eq!(rig.kernel.result_of(301), Some(DENY));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_leaves_tasks_paused_and_records_them_cancelled() {
+        let mut rig = rig("allow", "60s");
+        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let ask = rig.kernel.ask_event(100);
+        rig.controller.handle_event(ask).await;
+        let Rig {
+            kernel,
+            audit,
+            controller,
+        } = rig;
+        controller.shutdown().await;
+        assert!(kernel.is_stopped(100), "fail closed: still paused");
+        assert!(kernel.pending_now().contains_key(&100));
+        assert!(kernel.verdicts_now().is_empty());
+        let kinds: Vec<RecordKind> = audit.records().iter().map(|r| r.kind).collect();
+        assert_eq!(kinds, [RecordKind::Requested, RecordKind::Cancelled]);
+        assert_eq!(audit.records()[1].payload["reason"], "agent_stopped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_of_unknown_policy_ids_are_asked_again() {
+        let mut rig = rig("allow", "2s");
+        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let Event::ExecAsk(mut request) = rig.kernel.ask_event(100) else {
+            panic!("exec ask");
+        };
+        request.origin.policy_id = 42;
+        rig.controller.handle_event(Event::ExecAsk(request)).await;
+        assert_eq!(rig.controller.tracked_count(), 0);
+        let events = rig.kernel.take_events();
+        assert_eq!(events.len(), 1, "the task was continued and asked again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_loop_decides_and_stops_on_shutdown() {
+        let rig = rig("allow", "1s");
+        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let (events_tx, events_rx) = mpsc::channel(8);
+        let (_policies_tx, policies_rx) = watch::channel(policies("allow", "1s"));
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let kernel = Arc::clone(&rig.kernel);
+        let run = tokio::spawn(rig.controller.run(events_rx, policies_rx, shutdown_rx, Duration::from_secs(1)));
+        events_tx.send(vec![kernel.ask_event(100)]).await.expect("send");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(kernel.result_of(100), Some(ALLOW));
+        shutdown_tx.send(true).expect("shutdown");
+        let stats = run.await.expect("join");
+        assert_eq!(stats.asked, 1);
+        assert_eq!(stats.decided, 1);
+    }
+}

@@ -1,0 +1,515 @@
+//! `gatekeep-agent run`: the daemon's tasks and how they are wired.
+//!
+//! ```text
+//!  ring buffer ──reader──► controller ◄── decision / resume tasks
+//!                              │  ▲
+//!                  audit sink ◄┘  └── policy watch (reload, rescan)
+//!  kernel task (owns the maps) ◄── everyone, via KernelHandle
+//! ```
+//!
+//! SIGINT/SIGTERM flip one shutdown flag every task watches; SIGHUP reloads
+//! the policy. Shutdown never detaches the programs and never continues a
+//! paused task: the next agent adopts both.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use gatekeep_audit::{AuditError, AuditRecord, RecordKind};
+use gatekeep_policy::{PolicyError, PolicySet};
+use serde_json::json;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+};
+
+use crate::{
+    audit::{AuditHandle, AuditPipeline, AuditSink as _},
+    config::AgentConfig,
+    controller::{Controller, Parts},
+    decide::{Decider, LocalDecider},
+    enrich::Enricher,
+    events::reader::EventReader,
+    kernel::{self, KernelHandle, PauseKernel as _},
+    pause::{PauseTiming, ProcTasks},
+    pinning::{self, PinLayout, PinningError},
+    policy_maps::{self, Compiled, HostView, PolicyMapsError},
+};
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(
+        "invalid policy in `{}`; nothing was changed (programs already pinned keep enforcing the last loaded policy)",
+        dir.display()
+    )]
+    Policy {
+        dir: PathBuf,
+        #[source]
+        source: PolicyError,
+    },
+    #[error("failed to open the audit log `{}`", path.display())]
+    Audit {
+        path: PathBuf,
+        #[source]
+        source: AuditError,
+    },
+    #[error(transparent)]
+    Pinning(#[from] PinningError),
+    #[error("failed to compile the policy into kernel maps")]
+    Compile {
+        #[source]
+        source: PolicyMapsError,
+    },
+    #[error("failed to write the policy into the kernel maps")]
+    Apply {
+        #[source]
+        source: kernel::KernelError,
+    },
+    #[error("failed to watch the ring buffer")]
+    RingBuffer {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to install signal handlers")]
+    Signals {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to write the ready file `{}`", path.display())]
+    ReadyFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to commit the audit log at shutdown")]
+    AuditShutdown {
+        #[source]
+        source: AuditError,
+    },
+    #[error("a blocking task panicked")]
+    Join {
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// Options of `run` beyond the config file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Created (with the agent's pid) once everything is attached, the
+    /// policy applied and requests are being handled; removed at exit.
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Runs the daemon with the local decider until SIGINT/SIGTERM.
+pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonError> {
+    run_with(config, options, Arc::new(LocalDecider)).await
+}
+
+/// Runs the daemon with any decider.
+#[expect(clippy::too_many_lines, reason = "the startup sequence reads best in one place, step by step")]
+pub async fn run_with<D: Decider>(
+    config: AgentConfig,
+    options: RunOptions,
+    decider: Arc<D>,
+) -> Result<(), DaemonError> {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| DaemonError::Signals { source })?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signals { source })?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|source| DaemonError::Signals { source })?;
+
+    // 1. The policy must be valid before anything changes.
+    let set = load_policy(&config.policy_dir).await?;
+    let fingerprint = policy_fingerprint(&config.policy_dir);
+
+    // 2. The audit log.
+    let audit = AuditPipeline::open(&config.audit_db).map_err(|source| DaemonError::Audit {
+        path: config.audit_db.clone(),
+        source,
+    })?;
+    let sink = Arc::new(audit.handle.clone());
+
+    // 3. The programs: loaded and pinned, or adopted.
+    let layout = PinLayout::new(&config.pin_dir);
+    let running = {
+        let layout = layout.clone();
+        tokio::task::spawn_blocking(move || pinning::load_or_adopt(&layout))
+            .await
+            .map_err(|source| DaemonError::Join { source })??
+    };
+    let pinning::Running {
+        start,
+        programs,
+        attached_now,
+        maps,
+        events,
+    } = running;
+    let (kernel, kernel_task) = kernel::spawn(maps);
+
+    // 4. The policy into the maps (fresh ids: the old set stays in force
+    //    until each cgroup switches).
+    let host = HostView::current(&config.cgroup_root, &config.proc_root);
+    let compiled = apply_new_policy(&kernel, &set, &host).await?;
+    let paused_found = kernel.pending().await.map_or(0, |p| p.len());
+    sink.record(AuditRecord::new(
+        RecordKind::AgentStarted,
+        config.host.clone(),
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "programs": programs,
+            "start": start.as_str(),
+            "attached_now": attached_now,
+            "pin_dir": config.pin_dir,
+            "paused_requests_found": paused_found,
+        }),
+    ));
+    record_policy_loaded(sink.as_ref(), &config, &compiled, "startup");
+    for warning in &compiled.warnings {
+        tracing::warn!(warning, "policy");
+    }
+
+    // 5. The request path.
+    let mut reader = EventReader::new(events).map_err(|source| DaemonError::RingBuffer { source })?;
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let backlog: Vec<_> = reader.drain().into_iter().filter_map(log_parse_error).collect();
+    let backlog_len = backlog.len();
+    if !backlog.is_empty() {
+        // Capacity 1024 and nothing queued yet: this cannot block.
+        let _ = events_tx.send(backlog).await;
+    }
+    let reader_task = tokio::spawn(read_events(reader, events_tx, shutdown_rx.clone()));
+
+    let (policies_tx, policies_rx) = watch::channel(Arc::new(compiled));
+    let enricher = Arc::new(Enricher::new(&config.proc_root, &config.passwd));
+    let controller = Controller::new(Parts {
+        kernel: Arc::new(kernel.clone()),
+        tasks: Arc::new(ProcTasks::new(&config.proc_root)),
+        decider,
+        audit: Arc::clone(&sink),
+        enricher,
+        host: config.host.clone(),
+        timing: PauseTiming::default(),
+        policies: Arc::clone(&policies_rx.borrow()),
+    });
+    let controller_task = tokio::spawn(controller.run(
+        events_rx,
+        policies_rx.clone(),
+        shutdown_rx.clone(),
+        config.reconcile_interval,
+    ));
+
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    let watcher_task = tokio::spawn(watch_policy(
+        config.clone(),
+        kernel.clone(),
+        policies_tx,
+        Arc::clone(&sink),
+        host,
+        fingerprint,
+        reload_rx,
+        shutdown_rx.clone(),
+    ));
+
+    {
+        let compiled = policies_rx.borrow();
+        tracing::info!(
+            start = start.as_str(),
+            programs = programs.join(","),
+            attached_now = attached_now.len(),
+            pin_dir = %config.pin_dir.display(),
+            policies = compiled.names().join(","),
+            generation = compiled.generation,
+            cgroups_gated = compiled.state.gated.len(),
+            exec_rules = compiled.state.exec_rules.len(),
+            connect_prefixes = compiled.state.connect_v4.len() + compiled.state.connect_v6.len(),
+            paused_requests_found = paused_found,
+            buffered_events = backlog_len,
+            audit_db = %config.audit_db.display(),
+            "gatekeep agent ready"
+        );
+    }
+    if let Some(path) = &options.ready_file {
+        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|source| DaemonError::ReadyFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reloading the policy");
+                let _ = reload_tx.try_send(());
+            }
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    let stats = controller_task.await.map_err(|source| DaemonError::Join { source })?;
+    let _ = reader_task.await;
+    let _ = watcher_task.await;
+    let paused_left = kernel.pending().await.map_or(0, |p| p.len());
+    sink.record(AuditRecord::new(
+        RecordKind::AgentStopped,
+        config.host.clone(),
+        json!({
+            "pid": std::process::id(),
+            "paused_requests_left": paused_left,
+            "asked": stats.asked,
+            "decided": stats.decided,
+            "abandoned": stats.abandoned,
+        }),
+    ));
+    drop(sink);
+    drop(kernel);
+    let last = audit.shutdown().await.map_err(|source| DaemonError::AuditShutdown { source })?;
+    let _ = kernel_task.await;
+    if let Some(path) = &options.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!(
+        paused_requests_left = paused_left,
+        audit_seq = last,
+        "stopped; programs stay attached and paused tasks stay paused for the next agent"
+    );
+    Ok(())
+}
+
+fn log_parse_error(
+    result: Result<crate::events::Event, crate::events::ParseError>,
+) -> Option<crate::events::Event> {
+    match result {
+        Ok(event) => Some(event),
+        Err(err) => {
+            tracing::error!(error = %err, "unreadable ring buffer record");
+            None
+        }
+    }
+}
+
+async fn read_events(
+    mut reader: EventReader,
+    events: mpsc::Sender<Vec<crate::events::Event>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            batch = reader.next_batch() => match batch {
+                Ok(batch) => {
+                    let batch: Vec<_> = batch.into_iter().filter_map(log_parse_error).collect();
+                    if !batch.is_empty() && events.send(batch).await.is_err() {
+                        return;
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "ring buffer poll failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn load_policy(dir: &Path) -> Result<PolicySet, DaemonError> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || PolicySet::load_dir(&dir)
+    })
+    .await
+    .map_err(|source| DaemonError::Join { source })?
+    .map_err(|source| DaemonError::Policy { dir, source })
+}
+
+/// Compiles `set` with ids unused in the kernel and applies it.
+async fn apply_new_policy(kernel: &KernelHandle, set: &PolicySet, host: &HostView) -> Result<Compiled, DaemonError> {
+    let current = kernel
+        .read_policy_state()
+        .await
+        .map_err(|source| DaemonError::Apply { source })?;
+    let ids = policy_maps::allocate_ids(set.policies.len(), &current.ids_in_use())
+        .map_err(|source| DaemonError::Compile { source })?;
+    let generation = current.generation().wrapping_add(1).max(1);
+    let compiled = compile_blocking(set.clone(), ids, generation, host.clone()).await?;
+    kernel
+        .apply_policy(compiled.state.clone())
+        .await
+        .map_err(|source| DaemonError::Apply { source })?;
+    Ok(compiled)
+}
+
+async fn compile_blocking(set: PolicySet, ids: Vec<u32>, generation: u32, host: HostView) -> Result<Compiled, DaemonError> {
+    tokio::task::spawn_blocking(move || policy_maps::compile(&set, &ids, generation, &host))
+        .await
+        .map_err(|source| DaemonError::Join { source })?
+        .map_err(|source| DaemonError::Compile { source })
+}
+
+fn record_policy_loaded(sink: &AuditHandle, config: &AgentConfig, compiled: &Compiled, trigger: &str) {
+    sink.record(AuditRecord::new(
+        RecordKind::PolicyLoaded,
+        config.host.clone(),
+        json!({
+            "trigger": trigger,
+            "policy_dir": config.policy_dir,
+            "generation": compiled.generation,
+            "policies": compiled
+                .policies
+                .values()
+                .map(|p| json!({ "id": p.id, "name": p.policy.name }))
+                .collect::<Vec<_>>(),
+            "cgroups_gated": compiled.cgroup_paths.values().collect::<Vec<_>>(),
+            "exec_rules": compiled.state.exec_rules.len(),
+            "connect_prefixes": compiled.state.connect_v4.len() + compiled.state.connect_v6.len(),
+            "warnings": compiled.warnings,
+        }),
+    ));
+}
+
+/// What identifies the policy files' content cheaply: name, size, mtime and
+/// inode of each `*.toml`.
+#[must_use]
+pub fn policy_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+        .filter_map(|path| {
+            let meta = std::fs::metadata(&path).ok()?;
+            Some((path, meta.len(), meta.modified().ok(), meta.ino()))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Reloads the policy on SIGHUP or when its files change, and rescans the
+/// host (new cgroups, replaced executables) every `rescan_interval`.
+#[expect(clippy::too_many_arguments, reason = "one task's whole context, wired once")]
+async fn watch_policy(
+    config: AgentConfig,
+    kernel: KernelHandle,
+    policies: watch::Sender<Arc<Compiled>>,
+    sink: Arc<AuditHandle>,
+    host: HostView,
+    mut fingerprint: Vec<(PathBuf, u64, Option<SystemTime>, u64)>,
+    mut reload: mpsc::Receiver<()>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(config.rescan_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => false,
+            Some(()) = reload.recv() => true,
+        };
+        let now = policy_fingerprint(&config.policy_dir);
+        if forced || now != fingerprint {
+            fingerprint = now;
+            reload_policy(&config, &kernel, &policies, sink.as_ref(), &host, if forced { "sighup" } else { "file_change" })
+                .await;
+        } else {
+            rescan(&kernel, &policies, &host).await;
+        }
+    }
+}
+
+async fn reload_policy(
+    config: &AgentConfig,
+    kernel: &KernelHandle,
+    policies: &watch::Sender<Arc<Compiled>>,
+    sink: &AuditHandle,
+    host: &HostView,
+    trigger: &str,
+) {
+    let set = match load_policy(&config.policy_dir).await {
+        Ok(set) => set,
+        Err(err) => {
+            // Invalid files never replace a valid loaded policy.
+            let detail = match &err {
+                DaemonError::Policy { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            tracing::error!(error = %detail, "policy reload refused; the loaded policy stays in force");
+            return;
+        }
+    };
+    match apply_new_policy(kernel, &set, host).await {
+        Ok(compiled) => {
+            for warning in &compiled.warnings {
+                tracing::warn!(warning, "policy");
+            }
+            tracing::info!(
+                trigger,
+                generation = compiled.generation,
+                policies = compiled.names().join(","),
+                cgroups_gated = compiled.state.gated.len(),
+                "policy reloaded"
+            );
+            record_policy_loaded(sink, config, &compiled, trigger);
+            let _ = policies.send(Arc::new(compiled));
+        }
+        Err(err) => tracing::error!(error = %err, "policy reload failed; the loaded policy stays in force"),
+    }
+}
+
+/// Recompiles the loaded set with the same ids (new cgroups, replaced
+/// executables) and applies the difference.
+async fn rescan(kernel: &KernelHandle, policies: &watch::Sender<Arc<Compiled>>, host: &HostView) {
+    let loaded = Arc::clone(&policies.borrow());
+    let set = PolicySet {
+        policies: loaded.policies.values().map(|p| p.policy.clone()).collect(),
+    };
+    let compiled = match compile_blocking(set, loaded.ids(), loaded.generation, host.clone()).await {
+        Ok(compiled) => compiled,
+        Err(err) => {
+            tracing::error!(error = %err, "rescan failed");
+            return;
+        }
+    };
+    if compiled.state == loaded.state {
+        return;
+    }
+    match kernel.apply_policy(compiled.state.clone()).await {
+        Ok(applied) => {
+            tracing::info!(
+                cgroups_added = applied.cgroups_added,
+                cgroups_removed = applied.cgroups_removed,
+                changes = applied.ops,
+                "rescan updated the gated cgroups and rules"
+            );
+            let _ = policies.send(Arc::new(compiled));
+        }
+        Err(err) => tracing::error!(error = %err, "rescan could not update the maps"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_changes_when_a_policy_file_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.toml"), "x").expect("write");
+        std::fs::write(dir.path().join("notes.txt"), "x").expect("write");
+        let first = policy_fingerprint(dir.path());
+        assert_eq!(first.len(), 1, "only *.toml files count");
+        std::fs::write(dir.path().join("a.toml"), "xy").expect("write");
+        assert_ne!(policy_fingerprint(dir.path()), first);
+        std::fs::write(dir.path().join("notes.txt"), "changed").expect("write");
+        let second = policy_fingerprint(dir.path());
+        std::fs::write(dir.path().join("b.toml"), "").expect("write");
+        assert_ne!(policy_fingerprint(dir.path()), second);
+    }
+}

@@ -1,0 +1,330 @@
+//! Context for reviewers and the audit, read from `/proc`: who is asking
+//! (process ancestry), from where (cwd, cgroup path), as whom (user name).
+//!
+//! Everything takes the proc root and the passwd file as paths so unit
+//! tests can build a fake tree. A process can exit at any moment, so every
+//! field is optional and a missing file is not an error.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+
+/// Most ancestors listed (a fork bomb must not make enrichment expensive).
+const MAX_ANCESTORS: usize = 16;
+
+/// One process of the ancestry chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub comm: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe: Option<PathBuf>,
+    /// Command line, as the process shows it now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cmdline: Vec<String>,
+    /// cgroup v2 path, relative to the hierarchy root (`/system.slice/x`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+/// What the agent adds to a request before it asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Enrichment {
+    /// The asking process first, then its parent, and so on: up to pid 1, or
+    /// up to and including the first ancestor outside the asking process's
+    /// cgroup (whoever launched the workload).
+    pub ancestry: Vec<ProcessInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+/// Reads process facts from a proc tree.
+#[derive(Debug, Clone)]
+pub struct Enricher {
+    proc_root: PathBuf,
+    users: Users,
+}
+
+impl Enricher {
+    /// `proc_root` is usually `/proc`, `passwd` usually `/etc/passwd`.
+    #[must_use]
+    pub fn new(proc_root: impl Into<PathBuf>, passwd: &Path) -> Self {
+        Self {
+            proc_root: proc_root.into(),
+            users: Users::load(passwd),
+        }
+    }
+
+    #[must_use]
+    pub fn proc_root(&self) -> &Path {
+        &self.proc_root
+    }
+
+    /// Everything known about `pid` now.
+    #[must_use]
+    pub fn enrich(&self, pid: u32, uid: u32) -> Enrichment {
+        let cgroup = self.cgroup(pid);
+        let mut ancestry = Vec::new();
+        let mut next = Some(pid);
+        while let Some(current) = next {
+            if ancestry.len() >= MAX_ANCESTORS {
+                break;
+            }
+            let Some(stat) = self.stat(current) else {
+                break;
+            };
+            let info = ProcessInfo {
+                pid: current,
+                comm: stat.comm,
+                exe: fs::read_link(self.pid_dir(current).join("exe")).ok(),
+                cmdline: self.cmdline(current),
+                cgroup: self.cgroup(current),
+            };
+            let outside = current != pid && !within(info.cgroup.as_deref(), cgroup.as_deref());
+            ancestry.push(info);
+            if outside || current <= 1 || stat.ppid == 0 || stat.ppid == current {
+                break;
+            }
+            next = Some(stat.ppid);
+        }
+        Enrichment {
+            ancestry,
+            cwd: self.cwd(pid),
+            user: self.users.name(uid).map(str::to_owned),
+            cgroup,
+        }
+    }
+
+    fn pid_dir(&self, pid: u32) -> PathBuf {
+        self.proc_root.join(pid.to_string())
+    }
+
+    /// The process's current directory.
+    #[must_use]
+    pub fn cwd(&self, pid: u32) -> Option<PathBuf> {
+        fs::read_link(self.pid_dir(pid).join("cwd")).ok()
+    }
+
+    /// `filename` as passed to execve, made absolute against the process's
+    /// cwd for display (the kernel matched the file itself, not this text).
+    #[must_use]
+    pub fn display_path(&self, pid: u32, filename: &Path) -> PathBuf {
+        if filename.is_absolute() {
+            return filename.to_owned();
+        }
+        match self.cwd(pid) {
+            Some(cwd) => cwd.join(filename),
+            None => filename.to_owned(),
+        }
+    }
+
+    fn cmdline(&self, pid: u32) -> Vec<String> {
+        fs::read(self.pid_dir(pid).join("cmdline"))
+            .map(|bytes| {
+                bytes
+                    .split(|b| *b == 0)
+                    .filter(|arg| !arg.is_empty())
+                    .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The cgroup v2 path of `pid` (the `0::` line of `/proc/<pid>/cgroup`).
+    #[must_use]
+    pub fn cgroup(&self, pid: u32) -> Option<String> {
+        let text = fs::read_to_string(self.pid_dir(pid).join("cgroup")).ok()?;
+        text.lines()
+            .find_map(|line| line.strip_prefix("0::"))
+            .map(|path| path.trim().to_owned())
+    }
+
+    fn stat(&self, pid: u32) -> Option<Stat> {
+        Stat::parse(&fs::read_to_string(self.pid_dir(pid).join("stat")).ok()?)
+    }
+}
+
+/// Whether cgroup `path` is `root` or below it.
+fn within(path: Option<&str>, root: Option<&str>) -> bool {
+    match (path, root) {
+        (Some(path), Some(root)) => {
+            let root = root.trim_end_matches('/');
+            root.is_empty()
+                || path == root
+                || path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
+        }
+        _ => false,
+    }
+}
+
+/// The fields of `/proc/<pid>/stat` enrichment needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub comm: String,
+    /// One letter: `R`, `S`, `D`, `T` (stopped), `t` (tracing stop), `Z`...
+    pub state: char,
+    pub ppid: u32,
+}
+
+impl Stat {
+    /// Parses `pid (comm) state ppid ...`; comm may hold spaces and `)`, so
+    /// it ends at the last `)`.
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        let open = text.find('(')?;
+        let close = text.rfind(')')?;
+        let comm = text.get(open + 1..close)?.to_owned();
+        let mut rest = text.get(close + 1..)?.split_whitespace();
+        let state = rest.next()?.chars().next()?;
+        let ppid = rest.next()?.parse().ok()?;
+        Some(Self { comm, state, ppid })
+    }
+}
+
+/// uid -> user name, from a passwd file read once.
+#[derive(Debug, Clone, Default)]
+pub struct Users {
+    names: HashMap<u32, String>,
+}
+
+impl Users {
+    /// Reads `path`; an unreadable file gives no names.
+    #[must_use]
+    pub fn load(path: &Path) -> Self {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        Self::parse(&text)
+    }
+
+    #[must_use]
+    pub fn parse(text: &str) -> Self {
+        let mut names = HashMap::new();
+        for line in text.lines() {
+            let mut fields = line.split(':');
+            let (Some(name), Some(_password), Some(uid)) = (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            if let Ok(uid) = uid.parse() {
+                // The first entry for a uid wins, like getpwuid.
+                names.entry(uid).or_insert_with(|| name.to_owned());
+            }
+        }
+        Self { names }
+    }
+
+    #[must_use]
+    pub fn name(&self, uid: u32) -> Option<&str> {
+        self.names.get(&uid).map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    /// Writes a fake `/proc/<pid>` with stat, cgroup, cmdline, cwd and exe.
+    fn fake_process(root: &Path, pid: u32, name: &str, parent: u32, cgroup: &str, cmdline: &[&str]) {
+        let dir = root.join(pid.to_string());
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(dir.join("stat"), format!("{pid} ({name}) S {parent} 1 1 0 -1")).expect("stat");
+        fs::write(dir.join("cgroup"), format!("0::{cgroup}\n")).expect("cgroup");
+        let mut bytes = Vec::new();
+        for arg in cmdline {
+            bytes.extend_from_slice(arg.as_bytes());
+            bytes.push(0);
+        }
+        fs::write(dir.join("cmdline"), bytes).expect("cmdline");
+        symlink(format!("/work/{name}"), dir.join("cwd")).expect("cwd");
+        symlink(format!("/usr/bin/{name}"), dir.join("exe")).expect("exe");
+    }
+
+    #[test]
+    fn ancestry_stops_after_the_first_process_outside_the_cgroup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proc_root = dir.path().join("proc");
+        fake_process(&proc_root, 1, "init", 0, "/init.scope", &["/sbin/init"]);
+        fake_process(&proc_root, 50, "shim", 1, "/system.slice/shim.service", &["shim"]);
+        fake_process(&proc_root, 60, "bash", 50, "/agents/a1", &["bash", "-c", "x y"]);
+        fake_process(&proc_root, 70, "python (3)", 60, "/agents/a1/worker", &["python3", "run.py"]);
+        let passwd = dir.path().join("passwd");
+        fs::write(&passwd, "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n")
+            .expect("passwd");
+
+        let enricher = Enricher::new(&proc_root, &passwd);
+        let info = enricher.enrich(70, 1000);
+        let pids: Vec<u32> = info.ancestry.iter().map(|p| p.pid).collect();
+        // 70 asks from /agents/a1/worker; 60 is in /agents/a1, which is not
+        // within /agents/a1/worker: it is the launcher, and the chain stops.
+        assert_eq!(pids, [70, 60]);
+        assert_eq!(info.ancestry[0].comm, "python (3)");
+        assert_eq!(info.ancestry[0].cmdline, ["python3", "run.py"]);
+        assert_eq!(info.ancestry[0].exe.as_deref(), Some(Path::new("/usr/bin/python (3)")));
+        assert_eq!(info.cwd.as_deref(), Some(Path::new("/work/python (3)")));
+        assert_eq!(info.user.as_deref(), Some("alice"));
+        assert_eq!(info.cgroup.as_deref(), Some("/agents/a1/worker"));
+
+        // From 60 (cgroup /agents/a1) the chain goes to the shim, outside.
+        let pids: Vec<u32> = enricher.enrich(60, 0).ancestry.iter().map(|p| p.pid).collect();
+        assert_eq!(pids, [60, 50]);
+        // Unknown uid: no name; a vanished process: empty ancestry.
+        assert_eq!(enricher.enrich(60, 4242).user, None);
+        assert!(enricher.enrich(999, 0).ancestry.is_empty());
+    }
+
+    #[test]
+    fn ancestry_within_the_root_cgroup_reaches_pid_1() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proc_root = dir.path().join("proc");
+        fake_process(&proc_root, 1, "init", 0, "/", &["init"]);
+        fake_process(&proc_root, 5, "sh", 1, "/", &["sh"]);
+        let enricher = Enricher::new(&proc_root, &dir.path().join("missing"));
+        let pids: Vec<u32> = enricher.enrich(5, 0).ancestry.iter().map(|p| p.pid).collect();
+        assert_eq!(pids, [5, 1]);
+    }
+
+    #[test]
+    fn relative_filenames_are_shown_against_the_cwd() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proc_root = dir.path().join("proc");
+        fake_process(&proc_root, 9, "sh", 1, "/", &["sh"]);
+        let enricher = Enricher::new(&proc_root, &dir.path().join("missing"));
+        assert_eq!(enricher.display_path(9, Path::new("./tool")), Path::new("/work/sh/./tool"));
+        assert_eq!(enricher.display_path(9, Path::new("/bin/ls")), Path::new("/bin/ls"));
+        assert_eq!(enricher.display_path(10, Path::new("tool")), Path::new("tool"));
+    }
+
+    #[test]
+    fn stat_parsing_handles_parentheses_in_comm() {
+        let stat = Stat::parse("42 (a) b (c)) T 7 42 42 0").expect("parse");
+        assert_eq!(stat.comm, "a) b (c)");
+        assert_eq!(stat.state, 'T');
+        assert_eq!(stat.ppid, 7);
+        assert_eq!(Stat::parse("garbage"), None);
+    }
+
+    #[test]
+    fn within_matches_whole_path_components() {
+        assert!(within(Some("/a/b"), Some("/a")));
+        assert!(within(Some("/a"), Some("/a")));
+        assert!(!within(Some("/ab"), Some("/a")));
+        assert!(within(Some("/anything"), Some("/")));
+        assert!(!within(None, Some("/a")));
+    }
+
+    #[test]
+    fn first_passwd_entry_for_a_uid_wins_and_junk_is_skipped() {
+        let users = Users::parse("root:x:0:0::/:/bin/sh\ntoor:x:0:0::/:/bin/sh\nbroken\nx:y:notanumber\n");
+        assert_eq!(users.name(0), Some("root"));
+        assert_eq!(users.name(1), None);
+    }
+}

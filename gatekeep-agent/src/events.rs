@@ -1,0 +1,546 @@
+//! Records from the kernel's `EVENTS` ring buffer: parsing raw bytes into
+//! typed events (with size checks), and the async reader.
+//!
+//! Every record starts with a `u32` [`event_kind`]; the parser dispatches on
+//! it and refuses records shorter than their struct (a kernel/agent layout
+//! mismatch, which must be loud rather than read garbage).
+
+use std::{
+    ffi::OsStr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::unix::ffi::OsStrExt as _,
+    path::PathBuf,
+};
+
+use gatekeep_common::{
+    ARGV_LEN, ConnectEvent, EventHeader, ExecEvent, TaskEvent, event_kind, request_kind,
+};
+
+/// `AF_UNIX`, `AF_INET`, `AF_INET6` (Linux values).
+const AF_UNIX: u32 = 1;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// Why a ring-buffer record could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("ring buffer record of {len} bytes is shorter than an event header")]
+    TooShort { len: usize },
+    #[error("ring buffer record of kind {kind} has {len} bytes, expected at least {expected}")]
+    Truncated { kind: u32, len: usize, expected: usize },
+    #[error("unknown ring buffer record kind {kind}")]
+    UnknownKind { kind: u32 },
+}
+
+/// Identity of the task and request an event is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub policy_id: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    /// `CLOCK_BOOTTIME` nanoseconds when the hook ran.
+    pub ktime_ns: u64,
+    /// Digest of the request; a verdict applies to this digest only.
+    pub digest: u64,
+    /// The task's `comm`.
+    pub comm: String,
+}
+
+/// An exec as the kernel saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub origin: Origin,
+    /// Kernel device number (`major << 20 | minor`) and inode of the file.
+    pub dev: u64,
+    pub ino: u64,
+    /// The path as passed to execve (may be relative).
+    pub filename: PathBuf,
+    pub argv: Vec<String>,
+    /// Argv was longer than the kernel captures.
+    pub argv_truncated: bool,
+    /// Number of arguments the kernel counted.
+    pub argc: u32,
+}
+
+/// Where a connect goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Ip { addr: IpAddr, port: u16 },
+    Unix { path: String },
+    Other { family: u32 },
+}
+
+/// A connect as the kernel saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    pub origin: Origin,
+    pub destination: Destination,
+    /// `SOCK_STREAM` (1), `SOCK_DGRAM` (2), ...
+    pub sock_type: u32,
+}
+
+/// What a request is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Exec,
+    Connect,
+    Unknown(u32),
+}
+
+impl RequestKind {
+    #[must_use]
+    pub fn from_raw(raw: u32) -> Self {
+        match raw {
+            request_kind::EXEC => Self::Exec,
+            request_kind::CONNECT => Self::Connect,
+            other => Self::Unknown(other),
+        }
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::Connect => "connect",
+            Self::Unknown(_) => "unknown",
+        }
+    }
+}
+
+/// One ring-buffer record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An exec paused for a decision.
+    ExecAsk(ExecRequest),
+    /// An exec the kernel denied by rule.
+    ExecDenied(ExecRequest),
+    /// A connect paused for a decision.
+    ConnectAsk(ConnectRequest),
+    /// A connect the kernel denied by rule.
+    ConnectDenied(ConnectRequest),
+    /// The task exited while its request was pending.
+    Abandoned { origin: Origin, kind: RequestKind },
+    /// The task kept re-entering without stopping (a tracer) and was refused.
+    RefusedSpinning { origin: Origin, kind: RequestKind },
+    /// A verdict was consumed by the restarted syscall.
+    VerdictApplied {
+        origin: Origin,
+        kind: RequestKind,
+        /// [`gatekeep_common::action`] applied.
+        action: u32,
+    },
+}
+
+impl Event {
+    #[must_use]
+    pub fn origin(&self) -> &Origin {
+        match self {
+            Event::ExecAsk(r) | Event::ExecDenied(r) => &r.origin,
+            Event::ConnectAsk(r) | Event::ConnectDenied(r) => &r.origin,
+            Event::Abandoned { origin, .. }
+            | Event::RefusedSpinning { origin, .. }
+            | Event::VerdictApplied { origin, .. } => origin,
+        }
+    }
+
+    /// A short name for logs.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::ExecAsk(_) => "exec_ask",
+            Event::ExecDenied(_) => "exec_denied",
+            Event::ConnectAsk(_) => "connect_ask",
+            Event::ConnectDenied(_) => "connect_denied",
+            Event::Abandoned { .. } => "abandoned",
+            Event::RefusedSpinning { .. } => "refused_spinning",
+            Event::VerdictApplied { .. } => "verdict_applied",
+        }
+    }
+}
+
+/// Reads a `T` from the start of `bytes`, which must be at least that long.
+fn read<T: Copy>(bytes: &[u8], kind: u32) -> Result<T, ParseError> {
+    let expected = size_of::<T>();
+    if bytes.len() < expected {
+        return Err(ParseError::Truncated {
+            kind,
+            len: bytes.len(),
+            expected,
+        });
+    }
+    // SAFETY: length checked above; every `T` read here is a `#[repr(C)]`
+    // struct of integers and byte arrays (any bit pattern is valid), and
+    // `read_unaligned` does not need the record to be aligned.
+    Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+}
+
+/// Parses one ring-buffer record.
+pub fn parse(bytes: &[u8]) -> Result<Event, ParseError> {
+    if bytes.len() < size_of::<EventHeader>() {
+        return Err(ParseError::TooShort { len: bytes.len() });
+    }
+    let kind = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    match kind {
+        event_kind::EXEC_ASK | event_kind::EXEC_DENIED => {
+            let raw: ExecEvent = read(bytes, kind)?;
+            let request = exec_request(&raw);
+            Ok(if kind == event_kind::EXEC_ASK {
+                Event::ExecAsk(request)
+            } else {
+                Event::ExecDenied(request)
+            })
+        }
+        event_kind::CONNECT_ASK | event_kind::CONNECT_DENIED => {
+            let raw: ConnectEvent = read(bytes, kind)?;
+            let request = connect_request(&raw);
+            Ok(if kind == event_kind::CONNECT_ASK {
+                Event::ConnectAsk(request)
+            } else {
+                Event::ConnectDenied(request)
+            })
+        }
+        event_kind::ABANDONED | event_kind::REFUSED_SPINNING | event_kind::VERDICT_APPLIED => {
+            let raw: TaskEvent = read(bytes, kind)?;
+            let origin = origin(&raw.header);
+            let request = RequestKind::from_raw(raw.request_kind);
+            Ok(match kind {
+                event_kind::ABANDONED => Event::Abandoned {
+                    origin,
+                    kind: request,
+                },
+                event_kind::REFUSED_SPINNING => Event::RefusedSpinning {
+                    origin,
+                    kind: request,
+                },
+                _ => Event::VerdictApplied {
+                    origin,
+                    kind: request,
+                    action: raw.action,
+                },
+            })
+        }
+        kind => Err(ParseError::UnknownKind { kind }),
+    }
+}
+
+fn origin(header: &EventHeader) -> Origin {
+    Origin {
+        policy_id: header.policy_id,
+        pid: header.pid,
+        tid: header.tid,
+        uid: header.uid,
+        gid: header.gid,
+        cgroup_id: header.cgroup_id,
+        ktime_ns: header.ktime_ns,
+        digest: header.digest,
+        comm: c_string(&header.comm),
+    }
+}
+
+/// The bytes up to the first NUL, lossily decoded.
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn exec_request(raw: &ExecEvent) -> ExecRequest {
+    let end = raw
+        .filename
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(raw.filename.len());
+    let argv_len = usize::try_from(raw.argv_len).map_or(ARGV_LEN, |len| len.min(ARGV_LEN));
+    let mut argv = split_argv(&raw.argv[..argv_len]);
+    if let Ok(argc) = usize::try_from(raw.argc)
+        && argc > 0
+    {
+        // Never more arguments than the kernel counted (guards against a
+        // length that overstates the data).
+        argv.truncate(argc);
+    }
+    ExecRequest {
+        origin: origin(&raw.header),
+        dev: raw.dev,
+        ino: raw.ino,
+        filename: PathBuf::from(OsStr::from_bytes(&raw.filename[..end])),
+        argv,
+        argv_truncated: raw.argv_truncated != 0,
+        argc: raw.argc,
+    }
+}
+
+/// Splits NUL-separated strings (the last may lack its NUL when truncated).
+fn split_argv(bytes: &[u8]) -> Vec<String> {
+    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    bytes
+        .split(|b| *b == 0)
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect()
+}
+
+fn connect_request(raw: &ConnectEvent) -> ConnectRequest {
+    let destination = match raw.family {
+        AF_INET => Destination::Ip {
+            addr: IpAddr::V4(Ipv4Addr::new(raw.addr[0], raw.addr[1], raw.addr[2], raw.addr[3])),
+            port: raw.port,
+        },
+        AF_INET6 => Destination::Ip {
+            addr: IpAddr::V6(Ipv6Addr::from(raw.addr)),
+            port: raw.port,
+        },
+        AF_UNIX => {
+            // An abstract socket's name starts with a NUL; show it as `@name`.
+            let path = if raw.unix_path.first() == Some(&0) {
+                format!("@{}", c_string(&raw.unix_path[1..]))
+            } else {
+                c_string(&raw.unix_path)
+            };
+            Destination::Unix { path }
+        }
+        family => Destination::Other { family },
+    };
+    ConnectRequest {
+        origin: origin(&raw.header),
+        destination,
+        sock_type: raw.sock_type,
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Ip {
+                addr: IpAddr::V4(addr),
+                port,
+            } => write!(f, "{addr}:{port}"),
+            Destination::Ip {
+                addr: IpAddr::V6(addr),
+                port,
+            } => write!(f, "[{addr}]:{port}"),
+            Destination::Unix { path } => write!(f, "unix:{path}"),
+            Destination::Other { family } => write!(f, "family {family}"),
+        }
+    }
+}
+
+/// Reads the ring buffer as records arrive.
+pub mod reader {
+    use std::{io, os::fd::AsRawFd};
+
+    use aya::maps::{MapData, RingBuf};
+    use tokio::io::{Interest, unix::AsyncFd};
+
+    use super::{Event, ParseError, parse};
+
+    /// The ring buffer, registered with tokio so reads wait for data.
+    pub struct EventReader {
+        fd: AsyncFd<RingBuf<MapData>>,
+    }
+
+    impl EventReader {
+        pub fn new(ring: RingBuf<MapData>) -> io::Result<Self> {
+            // SAFETY: the ring buffer owns its map fd (a `MapData`), which
+            // stays open and unchanged until the `AsyncFd` drops it.
+            let fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(io::Error::from)?;
+            Ok(Self { fd })
+        }
+
+        /// Takes every record available now (without waiting).
+        pub fn drain(&mut self) -> Vec<Result<Event, ParseError>> {
+            drain_ring(self.fd.get_mut())
+        }
+
+        /// Waits until at least one record is available and returns all
+        /// available ones.
+        pub async fn next_batch(&mut self) -> io::Result<Vec<Result<Event, ParseError>>> {
+            loop {
+                let mut guard = self.fd.readable_mut().await?;
+                let batch = drain_ring(guard.get_inner_mut());
+                guard.clear_ready();
+                if !batch.is_empty() {
+                    return Ok(batch);
+                }
+            }
+        }
+
+        #[must_use]
+        pub fn raw_fd(&self) -> i32 {
+            self.fd.get_ref().as_raw_fd()
+        }
+    }
+
+    fn drain_ring(ring: &mut RingBuf<MapData>) -> Vec<Result<Event, ParseError>> {
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            batch.push(parse(&item));
+        }
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gatekeep_common::{COMM_LEN, PATH_LEN, action};
+
+    use super::*;
+
+    fn header(kind: u32) -> EventHeader {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..4].copy_from_slice(b"bash");
+        EventHeader {
+            kind,
+            policy_id: 3,
+            pid: 100,
+            tid: 101,
+            uid: 1000,
+            gid: 1000,
+            cgroup_id: 4242,
+            ktime_ns: 5,
+            digest: 0xfeed,
+            comm,
+        }
+    }
+
+    fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
+        // SAFETY: reading the bytes of a plain-old-data value.
+        unsafe { std::slice::from_raw_parts(std::ptr::from_ref::<T>(value).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn exec_event(kind: u32, filename: &[u8], argv: &[u8]) -> ExecEvent {
+        let mut event = ExecEvent {
+            header: header(kind),
+            dev: (8 << 20) | 1,
+            ino: 77,
+            action: action::ASK,
+            argc: 2,
+            argv_len: u32::try_from(argv.len()).expect("len"),
+            argv_truncated: 0,
+            filename: [0; PATH_LEN],
+            argv: [0; ARGV_LEN],
+        };
+        event.filename[..filename.len()].copy_from_slice(filename);
+        event.argv[..argv.len()].copy_from_slice(argv);
+        event
+    }
+
+    #[test]
+    fn exec_ask_is_parsed_with_argv_and_identity() {
+        let raw = exec_event(event_kind::EXEC_ASK, b"./tool", b"tool\0--flag\0");
+        let Event::ExecAsk(request) = parse(&bytes_of(&raw)).expect("parse") else {
+            panic!("not an exec ask");
+        };
+        assert_eq!(request.filename, PathBuf::from("./tool"));
+        assert_eq!(request.argv, ["tool", "--flag"]);
+        assert_eq!(request.dev, (8 << 20) | 1);
+        assert_eq!(request.ino, 77);
+        assert_eq!(request.origin.tid, 101);
+        assert_eq!(request.origin.digest, 0xfeed);
+        assert_eq!(request.origin.comm, "bash");
+        assert!(!request.argv_truncated);
+    }
+
+    #[test]
+    fn truncated_argv_keeps_the_partial_last_argument() {
+        let raw = exec_event(event_kind::EXEC_DENIED, b"/bin/x", b"x\0abc");
+        let Event::ExecDenied(request) = parse(&bytes_of(&raw)).expect("parse") else {
+            panic!("not an exec denial");
+        };
+        assert_eq!(request.argv, ["x", "abc"]);
+        // An argv_len beyond the buffer is clamped, not trusted.
+        let mut raw = exec_event(event_kind::EXEC_ASK, b"/bin/x", b"x\0");
+        raw.argv_len = u32::MAX;
+        raw.argc = 1;
+        let Event::ExecAsk(request) = parse(&bytes_of(&raw)).expect("parse") else {
+            panic!("not an exec ask");
+        };
+        assert_eq!(request.argv, ["x"]);
+        assert_eq!(split_argv(b""), Vec::<String>::new());
+    }
+
+    #[test]
+    fn connect_events_decode_each_family() {
+        let mut raw = ConnectEvent {
+            header: header(event_kind::CONNECT_ASK),
+            family: AF_INET,
+            sock_type: 1,
+            port: 443,
+            _pad: 0,
+            action: action::ASK,
+            addr: [0; 16],
+            unix_path: [0; 108],
+            _pad2: 0,
+        };
+        raw.addr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        let Event::ConnectAsk(request) = parse(&bytes_of(&raw)).expect("parse") else {
+            panic!("not a connect ask");
+        };
+        assert_eq!(request.destination.to_string(), "10.1.2.3:443");
+
+        raw.header.kind = event_kind::CONNECT_DENIED;
+        raw.family = AF_INET6;
+        raw.addr = Ipv6Addr::LOCALHOST.octets();
+        let Event::ConnectDenied(request) = parse(&bytes_of(&raw)).expect("parse") else {
+            panic!("not a connect denial");
+        };
+        assert_eq!(request.destination.to_string(), "[::1]:443");
+
+        raw.family = AF_UNIX;
+        raw.unix_path[..6].copy_from_slice(b"\0agent");
+        let Event::ConnectDenied(request) = parse(&bytes_of(&raw)).expect("parse") else {
+            panic!("not a connect denial");
+        };
+        assert_eq!(request.destination, Destination::Unix { path: "@agent".into() });
+    }
+
+    #[test]
+    fn task_events_carry_request_kind_and_action() {
+        let raw = TaskEvent {
+            header: header(event_kind::VERDICT_APPLIED),
+            request_kind: request_kind::CONNECT,
+            action: action::DENY,
+        };
+        assert_eq!(
+            parse(&bytes_of(&raw)).expect("parse"),
+            Event::VerdictApplied {
+                origin: origin(&raw.header),
+                kind: RequestKind::Connect,
+                action: action::DENY,
+            }
+        );
+        let raw = TaskEvent {
+            header: header(event_kind::ABANDONED),
+            request_kind: request_kind::EXEC,
+            action: 0,
+        };
+        assert!(matches!(
+            parse(&bytes_of(&raw)),
+            Ok(Event::Abandoned { kind: RequestKind::Exec, .. })
+        ));
+    }
+
+    #[test]
+    fn short_and_unknown_records_are_refused() {
+        assert_eq!(parse(&[1, 0, 0, 0]), Err(ParseError::TooShort { len: 4 }));
+        let raw = exec_event(event_kind::EXEC_ASK, b"/x", b"");
+        let bytes = bytes_of(&raw);
+        let cut = size_of::<EventHeader>() + 10;
+        assert_eq!(
+            parse(&bytes[..cut]),
+            Err(ParseError::Truncated {
+                kind: event_kind::EXEC_ASK,
+                len: cut,
+                expected: size_of::<ExecEvent>(),
+            })
+        );
+        let mut unknown = bytes_of(&header(99));
+        unknown.extend([0; 8]);
+        assert_eq!(parse(&unknown), Err(ParseError::UnknownKind { kind: 99 }));
+    }
+}

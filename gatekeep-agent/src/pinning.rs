@@ -1,0 +1,418 @@
+//! Loading the programs so they outlive the agent: every program's link and
+//! every shared map is pinned under the pin directory
+//! (`/sys/fs/bpf/gatekeep/{links,maps}/<NAME>`).
+//!
+//! - First start: load the object (maps created and pinned by name), load
+//!   and attach each program (tracepoints first, so argv capture and exit
+//!   cleanup run before any gating), pin each link.
+//! - Restart: every link is pinned already, so nothing is loaded: the agent
+//!   adopts the running programs and opens the pinned maps. Enforcement never
+//!   lapses, the pending requests and the ring buffer's unread events are
+//!   still there, and the digest key stays the kernel's secret.
+//! - Some links missing (an interrupted first start, a program added by an
+//!   upgrade): the object is loaded with its maps taken from the pins, and
+//!   only the missing programs are attached.
+//! - `gatekeep-agent unload`: [`unpin_all`] removes the links (detaching the
+//!   programs) and the maps, deliberately.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Btf, EbpfLoader,
+    maps::{Map, MapData, MapError, RingBuf},
+    pin::PinError,
+    programs::{
+        Lsm, ProgramError, TracePoint,
+        links::{FdLink, LinkError},
+    },
+};
+
+use crate::{
+    ebpf::{self, LSM_PROGRAMS, LoadError, TRACEPOINT_PROGRAMS},
+    kernel::KernelMaps,
+    paths,
+};
+
+/// Maps pinned by name. The kernel-internal ones (argv capture) are pinned
+/// too so a partial reload shares them with the running programs.
+pub const PINNED_MAPS: &[&str] = &[
+    "GATED_CGROUPS",
+    "POLICIES",
+    "EXEC_RULES",
+    "CONNECT_V4",
+    "CONNECT_V6",
+    "PENDING",
+    "VERDICTS",
+    "EXEC_ARGV",
+    "ARGV_SCRATCH",
+    "EVENTS",
+    "COUNTERS",
+];
+
+/// Errors loading, adopting or unloading the pinned programs.
+#[derive(Debug, thiserror::Error)]
+pub enum PinningError {
+    #[error(transparent)]
+    Load(Box<LoadError>),
+    #[error("failed to create pin directory `{}` (is bpffs mounted on /sys/fs/bpf?)", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to load the eBPF object with maps pinned under `{}`", dir.display())]
+    Object {
+        dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("failed to open pinned map `{}`", path.display())]
+    OpenMap {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error(
+        "pinned map `{}` does not have the layout this agent expects (left by another gatekeep version?); run `gatekeep-agent unload` and start again",
+        path.display()
+    )]
+    MapLayout {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("failed to take the link of program `{name}`")]
+    TakeLink {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("program `{name}` has a link that cannot be pinned")]
+    LinkKind {
+        name: &'static str,
+        #[source]
+        source: LinkError,
+    },
+    #[error("failed to pin the link of program `{name}` at `{}`", path.display())]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    #[error("failed to remove pin `{}`", path.display())]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<LoadError> for PinningError {
+    fn from(err: LoadError) -> Self {
+        PinningError::Load(Box::new(err))
+    }
+}
+
+/// Where the pins live.
+#[derive(Debug, Clone)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    #[must_use]
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    #[must_use]
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join(paths::LINKS_SUBDIR)
+    }
+
+    #[must_use]
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join(paths::MAPS_SUBDIR)
+    }
+
+    #[must_use]
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links_dir().join(program)
+    }
+
+    #[must_use]
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    /// Every program of the object, in attach order.
+    #[must_use]
+    pub fn programs() -> Vec<&'static str> {
+        TRACEPOINT_PROGRAMS
+            .iter()
+            .map(|(name, _, _)| *name)
+            .chain(LSM_PROGRAMS.iter().map(|(name, _)| *name))
+            .collect()
+    }
+
+    /// Programs whose link is pinned.
+    #[must_use]
+    pub fn pinned_programs(&self) -> Vec<&'static str> {
+        Self::programs()
+            .into_iter()
+            .filter(|name| self.link(name).exists())
+            .collect()
+    }
+}
+
+/// How the programs came to be running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Loaded and attached now.
+    Fresh,
+    /// Every program was already pinned: adopted, nothing loaded.
+    Adopted,
+    /// Some were pinned; the missing ones were attached now.
+    Completed,
+}
+
+impl Start {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Start::Fresh => "loaded",
+            Start::Adopted => "adopted",
+            Start::Completed => "completed",
+        }
+    }
+}
+
+/// The running programs' maps, ready for the agent.
+pub struct Running {
+    pub start: Start,
+    /// Programs attached (by name), in attach order.
+    pub programs: Vec<&'static str>,
+    /// Programs attached by this start (empty when adopted).
+    pub attached_now: Vec<&'static str>,
+    pub maps: KernelMaps,
+    pub events: RingBuf<MapData>,
+}
+
+/// Loads and pins the programs, or adopts the pinned ones.
+pub fn load_or_adopt(layout: &PinLayout) -> Result<Running, PinningError> {
+    for dir in [layout.root().to_owned(), layout.links_dir(), layout.maps_dir()] {
+        fs::create_dir_all(&dir).map_err(|source| PinningError::CreateDir { path: dir, source })?;
+    }
+    let all = PinLayout::programs();
+    let pinned = layout.pinned_programs();
+    let (start, attached_now) = if pinned.len() == all.len() {
+        (Start::Adopted, Vec::new())
+    } else {
+        let missing: Vec<&'static str> = all.iter().copied().filter(|p| !pinned.contains(p)).collect();
+        attach_missing(layout, &missing)?;
+        let start = if pinned.is_empty() {
+            Start::Fresh
+        } else {
+            Start::Completed
+        };
+        (start, missing)
+    };
+    let maps = KernelMaps::open(layout)?;
+    let events = open_ring(layout)?;
+    Ok(Running {
+        start,
+        programs: all,
+        attached_now,
+        maps,
+        events,
+    })
+}
+
+/// Opens a pinned map as an aya [`Map`].
+pub fn open_map(layout: &PinLayout, name: &str) -> Result<Map, PinningError> {
+    let path = layout.map(name);
+    let data = MapData::from_pin(&path).map_err(|source| PinningError::OpenMap {
+        path: path.clone(),
+        source,
+    })?;
+    Map::from_map_data(data).map_err(|source| PinningError::OpenMap { path, source })
+}
+
+fn open_ring(layout: &PinLayout) -> Result<RingBuf<MapData>, PinningError> {
+    let map = open_map(layout, "EVENTS")?;
+    RingBuf::try_from(map).map_err(|source| PinningError::MapLayout {
+        path: layout.map("EVENTS"),
+        source,
+    })
+}
+
+/// Loads the object (maps from or into the pins) and attaches and pins the
+/// programs named in `missing`.
+fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), PinningError> {
+    if ebpf::OBJECT.is_empty() {
+        return Err(LoadError::NoObject.into());
+    }
+    let btf = Btf::from_sys_fs().map_err(|source| PinningError::from(LoadError::Btf { source }))?;
+    let offsets = ebpf::kernel_offsets()?;
+    let digest_key = ebpf::random_digest_key()?;
+    let mut loader = EbpfLoader::new();
+    loader
+        .btf(Some(&btf))
+        .override_global("KERNEL_OFFSETS", &offsets, true)
+        .override_global("DIGEST_KEY", &digest_key, true);
+    let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|name| (*name, layout.map(name))).collect();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut object = loader.load(ebpf::OBJECT).map_err(|source| PinningError::Object {
+        dir: layout.maps_dir(),
+        source: Box::new(source),
+    })?;
+
+    for &(name, category, tracepoint) in TRACEPOINT_PROGRAMS {
+        if !missing.contains(&name) {
+            continue;
+        }
+        let program: &mut TracePoint = object
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| LoadError::LoadProgram { name, source })?;
+        program
+            .load()
+            .map_err(|source| LoadError::LoadProgram { name, source })?;
+        let id = program
+            .attach(category, tracepoint)
+            .map_err(|source| LoadError::Attach { name, source })?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| PinningError::TakeLink { name, source })?;
+        let link = FdLink::try_from(link).map_err(|source| PinningError::LinkKind { name, source })?;
+        pin_link(layout, name, link)?;
+    }
+    for &(name, hook) in LSM_PROGRAMS {
+        if !missing.contains(&name) {
+            continue;
+        }
+        ebpf::load_lsm(&mut object, &btf, name, hook)?;
+        let program: &mut Lsm = object
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| LoadError::Attach { name, source })?;
+        let id = program
+            .attach()
+            .map_err(|source| LoadError::Attach { name, source })?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| PinningError::TakeLink { name, source })?;
+        pin_link(layout, name, FdLink::from(link))?;
+    }
+    // Dropping `object` closes our program fds; the pinned links keep the
+    // programs attached, and the pinned maps keep the maps.
+    Ok(())
+}
+
+fn pin_link(layout: &PinLayout, name: &'static str, link: FdLink) -> Result<(), PinningError> {
+    let path = layout.link(name);
+    link.pin(&path).map_err(|source| PinningError::PinLink {
+        name,
+        path: path.clone(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Removes every pinned link (LSM hooks first, so gating stops before argv
+/// capture does) and every pinned map, then the directories. Returns the
+/// pins removed.
+pub fn unpin_all(layout: &PinLayout) -> Result<Vec<PathBuf>, PinningError> {
+    let mut removed = Vec::new();
+    let mut programs = PinLayout::programs();
+    programs.reverse();
+    for name in programs {
+        remove_pin(&layout.link(name), &mut removed)?;
+    }
+    // Anything else left in the folders (an older version's names).
+    for dir in [layout.links_dir(), layout.maps_dir()] {
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                remove_pin(&entry.path(), &mut removed)?;
+            }
+        }
+    }
+    for dir in [layout.links_dir(), layout.maps_dir(), layout.root().to_owned()] {
+        match fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(PinningError::Unpin { path: dir, source }),
+        }
+    }
+    Ok(removed)
+}
+
+fn remove_pin(path: &Path, removed: &mut Vec<PathBuf>) -> Result<(), PinningError> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            removed.push(path.to_owned());
+            Ok(())
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(PinningError::Unpin {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_names_pins_under_links_and_maps() {
+        let layout = PinLayout::new("/sys/fs/bpf/gk");
+        assert_eq!(layout.link("socket_connect"), Path::new("/sys/fs/bpf/gk/links/socket_connect"));
+        assert_eq!(layout.map("PENDING"), Path::new("/sys/fs/bpf/gk/maps/PENDING"));
+    }
+
+    #[test]
+    fn tracepoints_attach_before_lsm_hooks() {
+        let programs = PinLayout::programs();
+        let first_lsm = programs
+            .iter()
+            .position(|p| LSM_PROGRAMS.iter().any(|(name, _)| name == p))
+            .expect("an lsm program");
+        assert!(programs[..first_lsm]
+            .iter()
+            .all(|p| TRACEPOINT_PROGRAMS.iter().any(|(name, _, _)| name == p)));
+        assert_eq!(programs.len(), LSM_PROGRAMS.len() + TRACEPOINT_PROGRAMS.len());
+    }
+
+    #[test]
+    fn pinned_programs_are_found_by_file_and_unpin_all_removes_everything() {
+        // Plain files stand in for bpffs pins: the layout logic is the same.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = PinLayout::new(dir.path().join("gk"));
+        fs::create_dir_all(layout.links_dir()).expect("mkdir");
+        fs::create_dir_all(layout.maps_dir()).expect("mkdir");
+        fs::write(layout.link("socket_connect"), "").expect("pin");
+        fs::write(layout.map("PENDING"), "").expect("pin");
+        fs::write(layout.map("OLD_MAP"), "").expect("pin");
+        assert_eq!(layout.pinned_programs(), ["socket_connect"]);
+        let removed = unpin_all(&layout).expect("unpin");
+        assert_eq!(removed.len(), 3);
+        assert!(!layout.root().exists());
+        // Nothing pinned: unpinning again is a no-op.
+        assert!(unpin_all(&layout).expect("again").is_empty());
+    }
+}

@@ -1,0 +1,974 @@
+//! Compiling a [`PolicySet`] into the kernel's map entries, and applying the
+//! result with as little exposure as a set of hash maps allows.
+//!
+//! # Compiling
+//!
+//! - Every policy gets an id (an index into `POLICIES`). A *new* policy set
+//!   gets ids that are not in use in the kernel right now, so the old and
+//!   the new set coexist while the new one is written; each gated cgroup
+//!   then flips from its old id to its new one in one map update. A rescan
+//!   of the same set (new cgroups, replaced binaries) keeps the ids.
+//! - Exec rules: each path is `stat`ed (symlinks followed) and keyed by the
+//!   file's identity in the kernel's encoding (`dev = major << 20 | minor`).
+//!   A path that does not exist on this host is skipped with a warning and
+//!   picked up by a later rescan if it appears.
+//! - Connect rules: one LPM entry per distinct network of a policy, holding
+//!   the rules of that network and, after them, the rules of every less
+//!   specific network of the same policy that contains it (an LPM lookup
+//!   returns only the longest match). The list is ordered like
+//!   [`ConnectPolicy::action_for`] decides: longer prefix first, at the same
+//!   prefix port-specific before all-ports and narrower before wider.
+//! - Gated cgroups: every existing cgroup directory a policy governs (the
+//!   matched ones and all their descendants, nearest match deciding), keyed
+//!   by cgroup id (the directory's inode). The agent's own cgroup is never
+//!   gated.
+//!
+//! # Applying
+//!
+//! [`plan`] turns (what the kernel holds, what it should hold) into ordered
+//! operations: new defaults and rules first, then the cgroups switch, then
+//! stale cgroups, rules and defaults go. If writing fails before the cgroups
+//! switch, [`apply`] restores the previous state, so a policy set that does
+//! not fit never half-replaces a working one.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs,
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use gatekeep_common::{
+    ConnectV4Key, ConnectV6Key, ExecRuleKey, GatedCgroup, MAX_POLICIES, PORT_RULES, PolicyDefaults,
+    PortRule, PortRules, action,
+};
+use gatekeep_policy::{Action, ConnectRule, Policy, PolicySet};
+use ipnet::IpNet;
+
+/// Errors compiling or applying policies.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyMapsError {
+    #[error(
+        "policy set has {count} policies; at most {max} fit while the previous set is still loaded"
+    )]
+    TooManyPolicies { count: usize, max: usize },
+    #[error(
+        "policy `{policy}`: network {net} is covered by {count} port rules (its own and those of wider networks), the kernel holds at most {max}"
+    )]
+    TooManyPortRules {
+        policy: String,
+        net: IpNet,
+        count: usize,
+        max: usize,
+    },
+    #[error("failed to read kernel map `{map}`")]
+    Read {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("failed to update kernel map `{map}`")]
+    Write {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("failed to write policy maps; the previous policy stays in force")]
+    RolledBack {
+        #[source]
+        source: Box<PolicyMapsError>,
+    },
+}
+
+/// What the policy maps hold (or should hold). Only non-zero `POLICIES`
+/// slots are listed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub gated: BTreeMap<u64, GatedCgroup>,
+    pub policies: BTreeMap<u32, PolicyDefaults>,
+    /// (policy id, dev, ino) -> action.
+    pub exec_rules: BTreeMap<(u32, u64, u64), u32>,
+    /// (prefix length incl. the 32 policy bits, key data) -> rules.
+    pub connect_v4: BTreeMap<(u32, [u8; 8]), PortRules>,
+    pub connect_v6: BTreeMap<(u32, [u8; 20]), PortRules>,
+}
+
+impl MapState {
+    /// Every policy id the state refers to.
+    #[must_use]
+    pub fn ids_in_use(&self) -> BTreeSet<u32> {
+        let mut ids: BTreeSet<u32> = self.policies.keys().copied().collect();
+        ids.extend(self.gated.values().map(|g| g.policy_id));
+        ids.extend(self.exec_rules.keys().map(|(id, _, _)| *id));
+        ids.extend(self.connect_v4.keys().map(|(_, k)| u32::from_be_bytes([k[0], k[1], k[2], k[3]])));
+        ids.extend(self.connect_v6.keys().map(|(_, k)| u32::from_be_bytes([k[0], k[1], k[2], k[3]])));
+        ids
+    }
+
+    /// The highest generation any policy slot carries.
+    #[must_use]
+    pub fn generation(&self) -> u32 {
+        self.policies.values().map(|p| p.generation).max().unwrap_or(0)
+    }
+}
+
+/// One write to the policy maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapOp {
+    SetPolicy(u32, PolicyDefaults),
+    SetExec((u32, u64, u64), u32),
+    RemoveExec((u32, u64, u64)),
+    SetV4((u32, [u8; 8]), PortRules),
+    RemoveV4((u32, [u8; 8])),
+    SetV6((u32, [u8; 20]), PortRules),
+    RemoveV6((u32, [u8; 20])),
+    SetGated(u64, GatedCgroup),
+    RemoveGated(u64),
+}
+
+impl MapOp {
+    /// Whether this op switches (or drops) a cgroup: the point after which
+    /// the new policy is in force.
+    fn touches_cgroups(&self) -> bool {
+        matches!(self, MapOp::SetGated(..) | MapOp::RemoveGated(_))
+    }
+}
+
+/// Reads and writes the policy maps (the kernel's, or a fake in tests).
+pub trait PolicyMaps {
+    fn read_state(&self) -> Result<MapState, PolicyMapsError>;
+    fn write(&mut self, op: &MapOp) -> Result<(), PolicyMapsError>;
+}
+
+/// A policy as loaded into the kernel.
+#[derive(Debug, Clone)]
+pub struct LoadedPolicy {
+    pub id: u32,
+    pub policy: Policy,
+    /// (dev, ino) -> rule path, to name the rule that matched an exec.
+    pub exec_paths: HashMap<(u64, u64), PathBuf>,
+}
+
+impl LoadedPolicy {
+    /// The rule that decided an exec of (dev, ino), as shown to reviewers.
+    #[must_use]
+    pub fn exec_rule(&self, dev: u64, ino: u64) -> String {
+        match self.exec_paths.get(&(dev, ino)) {
+            Some(path) => {
+                let action = self
+                    .policy
+                    .exec
+                    .rules
+                    .iter()
+                    .find(|rule| &rule.path == path)
+                    .map_or(self.policy.exec.default, |rule| rule.action);
+                format!("exec {action} {}", path.display())
+            }
+            None => format!("exec default {}", self.policy.exec.default),
+        }
+    }
+
+    /// The rule that decided a connect to `addr:port`.
+    #[must_use]
+    pub fn connect_rule(&self, addr: IpAddr, port: u16) -> String {
+        let addr = addr.to_canonical();
+        let best = self
+            .policy
+            .connect
+            .rules
+            .iter()
+            .filter(|rule| rule.net.contains(&addr) && rule.ports.contains(port))
+            .min_by_key(|rule| rule_order(rule));
+        match best {
+            Some(rule) => format!("connect {rule}"),
+            None => format!("connect default {}", self.policy.connect.default),
+        }
+    }
+}
+
+/// The compiled form of a policy set.
+#[derive(Debug, Clone, Default)]
+pub struct Compiled {
+    pub generation: u32,
+    /// Policy id -> policy.
+    pub policies: BTreeMap<u32, Arc<LoadedPolicy>>,
+    /// What the maps must hold.
+    pub state: MapState,
+    /// cgroup id -> directory, for the startup summary and logs.
+    pub cgroup_paths: BTreeMap<u64, PathBuf>,
+    /// Problems that did not stop the load (missing executables...).
+    pub warnings: Vec<String>,
+}
+
+impl Compiled {
+    /// Policy id -> name, as logged.
+    #[must_use]
+    pub fn names(&self) -> Vec<String> {
+        self.policies.values().map(|p| p.policy.name.clone()).collect()
+    }
+
+    /// The ids in use, in policy-set order (to recompile with the same ids).
+    #[must_use]
+    pub fn ids(&self) -> Vec<u32> {
+        self.policies.keys().copied().collect()
+    }
+}
+
+/// Where compilation reads the host.
+#[derive(Debug, Clone)]
+pub struct HostView {
+    /// cgroup2 mount point.
+    pub cgroup_root: PathBuf,
+    /// The agent's own cgroup directory, never gated.
+    pub own_cgroup: Option<PathBuf>,
+}
+
+impl HostView {
+    /// `cgroup_root` and the cgroup of the current process (from
+    /// `<proc_root>/self/cgroup`).
+    #[must_use]
+    pub fn current(cgroup_root: &Path, proc_root: &Path) -> Self {
+        let own = fs::read_to_string(proc_root.join("self/cgroup"))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("0::"))
+                    .map(|rel| cgroup_root.join(rel.trim().trim_start_matches('/')))
+            });
+        Self {
+            cgroup_root: cgroup_root.to_owned(),
+            own_cgroup: own,
+        }
+    }
+}
+
+/// Picks `count` ids not in `in_use`, lowest first.
+pub fn allocate_ids(count: usize, in_use: &BTreeSet<u32>) -> Result<Vec<u32>, PolicyMapsError> {
+    let free: Vec<u32> = (0..MAX_POLICIES).filter(|id| !in_use.contains(id)).collect();
+    if count > free.len() {
+        return Err(PolicyMapsError::TooManyPolicies {
+            count,
+            max: free.len(),
+        });
+    }
+    Ok(free.into_iter().take(count).collect())
+}
+
+/// The kernel's encoding of a device number (`MKDEV`: major << 20 | minor).
+#[must_use]
+pub fn kernel_dev(st_dev: u64) -> u64 {
+    let major = u64::from(libc::major(st_dev));
+    let minor = u64::from(libc::minor(st_dev));
+    (major << 20) | minor
+}
+
+fn kernel_action(action: Action) -> u32 {
+    match action {
+        Action::Allow => action::ALLOW,
+        Action::Deny => action::DENY,
+        Action::Ask => action::ASK,
+    }
+}
+
+/// Sort key of a connect rule: the first in this order that matches decides.
+fn rule_order(rule: &ConnectRule) -> (std::cmp::Reverse<u8>, bool, u32) {
+    (
+        std::cmp::Reverse(rule.net.prefix_len()),
+        rule.ports.is_all(),
+        rule.ports.len(),
+    )
+}
+
+/// Compiles `set` with the given ids (one per policy, in order).
+pub fn compile(
+    set: &PolicySet,
+    ids: &[u32],
+    generation: u32,
+    host: &HostView,
+) -> Result<Compiled, PolicyMapsError> {
+    debug_assert_eq!(set.policies.len(), ids.len());
+    let mut compiled = Compiled {
+        generation,
+        ..Compiled::default()
+    };
+    for (policy, &id) in set.policies.iter().zip(ids) {
+        compiled.state.policies.insert(
+            id,
+            PolicyDefaults {
+                exec_default: kernel_action(policy.exec.default),
+                connect_default: kernel_action(policy.connect.default),
+                unix_action: kernel_action(policy.connect.unix),
+                generation,
+            },
+        );
+        let mut exec_paths = HashMap::new();
+        for rule in &policy.exec.rules {
+            match fs::metadata(&rule.path) {
+                Ok(meta) if meta.is_file() => {
+                    let identity = (kernel_dev(meta.dev()), meta.ino());
+                    compiled
+                        .state
+                        .exec_rules
+                        .insert((id, identity.0, identity.1), kernel_action(rule.action));
+                    exec_paths.insert(identity, rule.path.clone());
+                }
+                Ok(_) => compiled.warnings.push(format!(
+                    "policy `{}`: exec rule {} is not a regular file; skipped",
+                    policy.name,
+                    rule.path.display()
+                )),
+                Err(err) => compiled.warnings.push(format!(
+                    "policy `{}`: exec rule {} cannot be resolved ({err}); skipped until it exists",
+                    policy.name,
+                    rule.path.display()
+                )),
+            }
+        }
+        compile_connect(policy, id, &mut compiled.state)?;
+        compiled.policies.insert(
+            id,
+            Arc::new(LoadedPolicy {
+                id,
+                policy: policy.clone(),
+                exec_paths,
+            }),
+        );
+    }
+    gate_cgroups(set, ids, host, &mut compiled);
+    Ok(compiled)
+}
+
+fn compile_connect(policy: &Policy, id: u32, state: &mut MapState) -> Result<(), PolicyMapsError> {
+    let nets: BTreeSet<IpNet> = policy.connect.rules.iter().map(|r| r.net).collect();
+    for net in nets {
+        let mut covering: Vec<&ConnectRule> = policy
+            .connect
+            .rules
+            .iter()
+            .filter(|rule| rule.net.contains(&net))
+            .collect();
+        covering.sort_by_key(|rule| rule_order(rule));
+        // Nothing after an all-ports rule can ever be reached.
+        if let Some(cut) = covering.iter().position(|rule| rule.ports.is_all()) {
+            covering.truncate(cut + 1);
+        }
+        if covering.len() > PORT_RULES {
+            return Err(PolicyMapsError::TooManyPortRules {
+                policy: policy.name.clone(),
+                net,
+                count: covering.len(),
+                max: PORT_RULES,
+            });
+        }
+        let mut rules = PortRules::default();
+        for (slot, rule) in rules.rules.iter_mut().zip(&covering) {
+            *slot = PortRule {
+                port_lo: rule.ports.0,
+                port_hi: rule.ports.1,
+                action: kernel_action(rule.action),
+            };
+        }
+        let id_be = id.to_be_bytes();
+        let prefix = 32 + u32::from(net.prefix_len());
+        match net {
+            IpNet::V4(v4) => {
+                let key = ConnectV4Key {
+                    policy_id_be: id_be,
+                    addr: v4.network().octets(),
+                };
+                state.connect_v4.insert((prefix, v4_bytes(&key)), rules);
+            }
+            IpNet::V6(v6) => {
+                let key = ConnectV6Key {
+                    policy_id_be: id_be,
+                    addr: v6.network().octets(),
+                };
+                state.connect_v6.insert((prefix, v6_bytes(&key)), rules);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[must_use]
+pub fn v4_bytes(key: &ConnectV4Key) -> [u8; 8] {
+    let mut out = [0; 8];
+    out[..4].copy_from_slice(&key.policy_id_be);
+    out[4..].copy_from_slice(&key.addr);
+    out
+}
+
+#[must_use]
+pub fn v4_key(bytes: [u8; 8]) -> ConnectV4Key {
+    ConnectV4Key {
+        policy_id_be: [bytes[0], bytes[1], bytes[2], bytes[3]],
+        addr: [bytes[4], bytes[5], bytes[6], bytes[7]],
+    }
+}
+
+#[must_use]
+pub fn v6_bytes(key: &ConnectV6Key) -> [u8; 20] {
+    let mut out = [0; 20];
+    out[..4].copy_from_slice(&key.policy_id_be);
+    out[4..].copy_from_slice(&key.addr);
+    out
+}
+
+#[must_use]
+pub fn v6_key(bytes: [u8; 20]) -> ConnectV6Key {
+    let mut addr = [0; 16];
+    addr.copy_from_slice(&bytes[4..]);
+    ConnectV6Key {
+        policy_id_be: [bytes[0], bytes[1], bytes[2], bytes[3]],
+        addr,
+    }
+}
+
+/// Fills `gated` with every cgroup directory the set governs.
+fn gate_cgroups(set: &PolicySet, ids: &[u32], host: &HostView, compiled: &mut Compiled) {
+    let mut roots: BTreeSet<PathBuf> = BTreeSet::new();
+    for (_, dir) in set.expand_cgroups(&host.cgroup_root) {
+        roots.insert(dir);
+    }
+    let mut seen = BTreeSet::new();
+    for root in roots {
+        let mut stack = vec![root];
+        while let Some(dir) = stack.pop() {
+            if !seen.insert(dir.clone()) {
+                continue;
+            }
+            if let Ok(entries) = fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(entry.path());
+                    }
+                }
+            }
+            let Ok(relative) = dir.strip_prefix(&host.cgroup_root) else {
+                continue;
+            };
+            let Some(index) = set.policy_for_cgroup(relative) else {
+                continue;
+            };
+            if host.own_cgroup.as_deref() == Some(dir.as_path()) {
+                compiled.warnings.push(format!(
+                    "cgroup {} holds the agent itself and is not gated (policy `{}`)",
+                    dir.display(),
+                    set.policies[index].name
+                ));
+                continue;
+            }
+            // The directory may vanish while we walk: skip it then.
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
+            compiled.state.gated.insert(
+                meta.ino(),
+                GatedCgroup {
+                    policy_id: ids[index],
+                    _pad: 0,
+                },
+            );
+            compiled.cgroup_paths.insert(meta.ino(), dir);
+        }
+    }
+}
+
+/// The operations that turn `current` into `desired`, in a safe order.
+#[must_use]
+pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
+    let mut ops = Vec::new();
+    for (id, defaults) in &desired.policies {
+        if current.policies.get(id) != Some(defaults) {
+            ops.push(MapOp::SetPolicy(*id, *defaults));
+        }
+    }
+    for (key, action) in &desired.exec_rules {
+        if current.exec_rules.get(key) != Some(action) {
+            ops.push(MapOp::SetExec(*key, *action));
+        }
+    }
+    for (key, rules) in &desired.connect_v4 {
+        if current.connect_v4.get(key) != Some(rules) {
+            ops.push(MapOp::SetV4(*key, *rules));
+        }
+    }
+    for (key, rules) in &desired.connect_v6 {
+        if current.connect_v6.get(key) != Some(rules) {
+            ops.push(MapOp::SetV6(*key, *rules));
+        }
+    }
+    for (id, gated) in &desired.gated {
+        if current.gated.get(id) != Some(gated) {
+            ops.push(MapOp::SetGated(*id, *gated));
+        }
+    }
+    for id in current.gated.keys() {
+        if !desired.gated.contains_key(id) {
+            ops.push(MapOp::RemoveGated(*id));
+        }
+    }
+    for key in current.exec_rules.keys() {
+        if !desired.exec_rules.contains_key(key) {
+            ops.push(MapOp::RemoveExec(*key));
+        }
+    }
+    for key in current.connect_v4.keys() {
+        if !desired.connect_v4.contains_key(key) {
+            ops.push(MapOp::RemoveV4(*key));
+        }
+    }
+    for key in current.connect_v6.keys() {
+        if !desired.connect_v6.contains_key(key) {
+            ops.push(MapOp::RemoveV6(*key));
+        }
+    }
+    for id in current.policies.keys() {
+        if !desired.policies.contains_key(id) {
+            ops.push(MapOp::SetPolicy(*id, PolicyDefaults::default()));
+        }
+    }
+    ops
+}
+
+/// What [`apply`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub ops: usize,
+    pub cgroups_added: usize,
+    pub cgroups_removed: usize,
+}
+
+/// Makes the maps hold `desired`. On a failure before any cgroup switched,
+/// the previous state is restored and [`PolicyMapsError::RolledBack`]
+/// returned.
+pub fn apply(maps: &mut impl PolicyMaps, desired: &MapState) -> Result<Applied, PolicyMapsError> {
+    let before = maps.read_state()?;
+    let ops = plan(&before, desired);
+    let mut applied = Applied::default();
+    for op in &ops {
+        if let Err(err) = maps.write(op) {
+            if op.touches_cgroups() || ops[..applied.ops].iter().any(MapOp::touches_cgroups) {
+                // Past the switch: the new policy is (partly) in force, and
+                // going back could fail the same way. Report it as is.
+                return Err(err);
+            }
+            let now = maps.read_state()?;
+            for undo in plan(&now, &before) {
+                // Best effort: removing entries we just added cannot run out
+                // of space.
+                if let Err(undo_err) = maps.write(&undo) {
+                    tracing::error!(error = %undo_err, "failed to undo a partial policy write");
+                }
+            }
+            return Err(PolicyMapsError::RolledBack {
+                source: Box::new(err),
+            });
+        }
+        applied.ops += 1;
+        match op {
+            MapOp::SetGated(id, _) if !before.gated.contains_key(id) => applied.cgroups_added += 1,
+            MapOp::RemoveGated(_) => applied.cgroups_removed += 1,
+            _ => {}
+        }
+    }
+    Ok(applied)
+}
+
+/// An in-memory [`PolicyMaps`], for tests and dry runs.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryMaps {
+    pub state: MapState,
+    /// Refuse the write with this index (0-based, counting attempts), once.
+    pub fail_at: Option<usize>,
+    pub attempts: usize,
+}
+
+impl PolicyMaps for MemoryMaps {
+    fn read_state(&self) -> Result<MapState, PolicyMapsError> {
+        Ok(self.state.clone())
+    }
+
+    fn write(&mut self, op: &MapOp) -> Result<(), PolicyMapsError> {
+        let attempt = self.attempts;
+        self.attempts += 1;
+        if self.fail_at == Some(attempt) {
+            return Err(PolicyMapsError::Write {
+                map: "EXEC_RULES",
+                source: aya::maps::MapError::OutOfBounds { index: 0, max_entries: 0 },
+            });
+        }
+        let state = &mut self.state;
+        match op {
+            MapOp::SetPolicy(id, defaults) => {
+                if *defaults == PolicyDefaults::default() {
+                    state.policies.remove(id);
+                } else {
+                    state.policies.insert(*id, *defaults);
+                }
+            }
+            MapOp::SetExec(key, value) => {
+                state.exec_rules.insert(*key, *value);
+            }
+            MapOp::RemoveExec(key) => {
+                state.exec_rules.remove(key);
+            }
+            MapOp::SetV4(key, value) => {
+                state.connect_v4.insert(*key, *value);
+            }
+            MapOp::RemoveV4(key) => {
+                state.connect_v4.remove(key);
+            }
+            MapOp::SetV6(key, value) => {
+                state.connect_v6.insert(*key, *value);
+            }
+            MapOp::RemoveV6(key) => {
+                state.connect_v6.remove(key);
+            }
+            MapOp::SetGated(key, value) => {
+                state.gated.insert(*key, *value);
+            }
+            MapOp::RemoveGated(key) => {
+                state.gated.remove(key);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Kernel-side conversions used by the real map writer.
+#[must_use]
+pub fn exec_key((policy_id, dev, ino): (u32, u64, u64)) -> ExecRuleKey {
+    ExecRuleKey {
+        policy_id,
+        _pad: 0,
+        dev,
+        ino,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use gatekeep_policy::parse_str;
+
+    use super::*;
+
+    fn set(text: &str) -> PolicySet {
+        parse_str("test.toml", text).unwrap_or_else(|e| panic!("invalid test policy: {e}"))
+    }
+
+    fn host(root: &Path) -> HostView {
+        HostView {
+            cgroup_root: root.to_owned(),
+            own_cgroup: None,
+        }
+    }
+
+    fn rules_of(state: &MapState, prefix: u32, id: u32, addr: [u8; 4]) -> Vec<(u16, u16, u32)> {
+        let key = ConnectV4Key {
+            policy_id_be: id.to_be_bytes(),
+            addr,
+        };
+        let rules = state
+            .connect_v4
+            .get(&(prefix, v4_bytes(&key)))
+            .unwrap_or_else(|| panic!("no entry for /{prefix} {addr:?}"));
+        rules
+            .rules
+            .iter()
+            .take_while(|r| r.action != action::NONE)
+            .map(|r| (r.port_lo, r.port_hi, r.action))
+            .collect()
+    }
+
+    /// What the kernel would decide for `addr:port` with these entries: the
+    /// longest prefix entry of the policy holding the address, then the
+    /// first port rule, else the default.
+    fn kernel_decides(state: &MapState, id: u32, addr: [u8; 4], port: u16, default: u32) -> u32 {
+        let full = u32::from_be_bytes(addr);
+        let best = state
+            .connect_v4
+            .iter()
+            .filter(|((prefix, key), _)| {
+                let key = v4_key(*key);
+                let bits = prefix - 32;
+                let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+                u32::from_be_bytes(key.policy_id_be) == id && (u32::from_be_bytes(key.addr) & mask) == (full & mask)
+            })
+            .max_by_key(|((prefix, _), _)| *prefix);
+        let Some((_, rules)) = best else {
+            return default;
+        };
+        rules
+            .rules
+            .iter()
+            .take_while(|r| r.action != action::NONE)
+            .find(|r| r.port_lo <= port && port <= r.port_hi)
+            .map_or(default, |r| r.action)
+    }
+
+    const CONNECT_POLICY: &str = r#"
+[[policy]]
+name = "net"
+cgroups = ["/sys/fs/cgroup/agents"]
+[policy.connect]
+default = "ask"
+allow = ["10.0.0.0/8", "10.1.0.0/16:443", "10.1.2.0/24:8000-8999", "10.1.2.0/24:8500"]
+deny = ["10.1.0.0/16", "10.1.2.0/24:7000-7001", "169.254.169.254"]
+"#;
+
+    #[test]
+    fn connect_prefixes_fold_in_wider_rules_specific_ports_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let compiled = compile(&set(CONNECT_POLICY), &[5], 1, &host(dir.path())).expect("compile");
+        let state = &compiled.state;
+        assert_eq!(rules_of(state, 32 + 8, 5, [10, 0, 0, 0]), [(0, 65535, action::ALLOW)]);
+        // /16: its port-specific allow, its all-ports deny; the /8 after it
+        // is unreachable and left out.
+        assert_eq!(
+            rules_of(state, 32 + 16, 5, [10, 1, 0, 0]),
+            [(443, 443, action::ALLOW), (0, 65535, action::DENY)]
+        );
+        // /24: narrower port ranges first, then wider ones, then the /16's.
+        assert_eq!(
+            rules_of(state, 32 + 24, 5, [10, 1, 2, 0]),
+            [
+                (8500, 8500, action::ALLOW),
+                (7000, 7001, action::DENY),
+                (8000, 8999, action::ALLOW),
+                (443, 443, action::ALLOW),
+                (0, 65535, action::DENY),
+            ]
+        );
+        assert_eq!(rules_of(state, 32 + 32, 5, [169, 254, 169, 254]), [(0, 65535, action::DENY)]);
+        assert_eq!(state.connect_v4.len(), 4);
+    }
+
+    #[test]
+    fn folded_entries_decide_like_the_policy_model() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policies = set(CONNECT_POLICY);
+        let compiled = compile(&policies, &[5], 1, &host(dir.path())).expect("compile");
+        let connect = &policies.policies[0].connect;
+        let addrs = [[10, 1, 2, 3], [10, 1, 9, 9], [10, 9, 9, 9], [192, 0, 2, 1], [169, 254, 169, 254]];
+        for addr in addrs {
+            for port in [22, 443, 7000, 7001, 7002, 8000, 8500, 8999, 9000] {
+                let expected = kernel_action(connect.action_for(IpAddr::from(addr), port));
+                assert_eq!(
+                    kernel_decides(&compiled.state, 5, addr, port, action::ASK),
+                    expected,
+                    "{addr:?}:{port}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_port_rules_for_one_prefix_is_an_error() {
+        let ports: Vec<String> = (1..=17).map(|p| format!("\"10.0.0.0/8:{}\"", 1000 + p)).collect();
+        let text = format!(
+            "[[policy]]\nname = \"n\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n[policy.connect]\nallow = [{}]\n",
+            ports.join(", ")
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = compile(&set(&text), &[0], 1, &host(dir.path())).expect_err("17 rules");
+        assert!(matches!(err, PolicyMapsError::TooManyPortRules { count: 17, .. }), "{err}");
+    }
+
+    #[test]
+    fn ipv6_prefixes_are_keyed_after_the_policy_id() {
+        let text = r#"
+[[policy]]
+name = "v6"
+cgroups = ["/sys/fs/cgroup/a"]
+[policy.connect]
+deny = ["[2001:db8::]/32:443"]
+"#;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let compiled = compile(&set(text), &[0x0102_0304], 1, &host(dir.path())).expect("compile");
+        let ((prefix, key), rules) = compiled.state.connect_v6.iter().next().expect("one entry");
+        assert_eq!(*prefix, 32 + 32);
+        assert_eq!(&key[..4], &[1, 2, 3, 4]);
+        assert_eq!(&key[4..8], &[0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(rules.rules[0], PortRule { port_lo: 443, port_hi: 443, action: action::DENY });
+    }
+
+    #[test]
+    fn exec_rules_are_keyed_by_kernel_identity_and_missing_paths_warn() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tool = dir.path().join("tool");
+        fs::write(&tool, "#!/bin/sh\n").expect("write");
+        let link = dir.path().join("link");
+        symlink(&tool, &link).expect("symlink");
+        let text = format!(
+            "[[policy]]\nname = \"e\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n[policy.exec]\ndefault = \"ask\"\ndeny = [\"{}\"]\nallow = [\"{}\"]\n",
+            link.display(),
+            dir.path().join("missing").display()
+        );
+        let compiled = compile(&set(&text), &[3], 7, &host(dir.path())).expect("compile");
+        let meta = fs::metadata(&tool).expect("stat");
+        let dev = kernel_dev(meta.dev());
+        assert_eq!(
+            compiled.state.exec_rules.get(&(3, dev, meta.ino())),
+            Some(&action::DENY),
+            "the symlink's target is what the kernel sees"
+        );
+        assert_eq!(compiled.state.exec_rules.len(), 1);
+        assert_eq!(compiled.warnings.len(), 1, "{:?}", compiled.warnings);
+        assert!(compiled.warnings[0].contains("missing"));
+        assert_eq!(
+            compiled.state.policies[&3],
+            PolicyDefaults {
+                exec_default: action::ASK,
+                connect_default: action::ALLOW,
+                unix_action: action::ALLOW,
+                generation: 7,
+            }
+        );
+        let loaded = &compiled.policies[&3];
+        assert_eq!(loaded.exec_rule(dev, meta.ino()), format!("exec deny {}", link.display()));
+        assert_eq!(loaded.exec_rule(1, 1), "exec default ask");
+    }
+
+    #[test]
+    fn kernel_dev_uses_the_kernel_encoding() {
+        let st_dev = libc::makedev(8, 3);
+        assert_eq!(kernel_dev(st_dev), (8 << 20) | 3);
+        let st_dev = libc::makedev(259, 0x1_0001);
+        assert_eq!(kernel_dev(st_dev), (259 << 20) | 0x1_0001);
+    }
+
+    #[test]
+    fn cgroups_and_descendants_are_gated_nearest_match_deciding() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        for sub in ["agents/a1/child", "agents/special/x", "other", "agents/agent-self"] {
+            fs::create_dir_all(root.join(sub)).expect("mkdir");
+        }
+        let text = r#"
+[[policy]]
+name = "broad"
+cgroups = ["/sys/fs/cgroup/agents"]
+[[policy]]
+name = "special"
+cgroups = ["/sys/fs/cgroup/agents/special"]
+"#;
+        let view = HostView {
+            cgroup_root: root.to_owned(),
+            own_cgroup: Some(root.join("agents/agent-self")),
+        };
+        let compiled = compile(&set(text), &[10, 11], 1, &view).expect("compile");
+        let ino = |sub: &str| fs::metadata(root.join(sub)).expect("stat").ino();
+        let policy_of = |sub: &str| compiled.state.gated.get(&ino(sub)).map(|g| g.policy_id);
+        assert_eq!(policy_of("agents"), Some(10));
+        assert_eq!(policy_of("agents/a1/child"), Some(10));
+        assert_eq!(policy_of("agents/special"), Some(11));
+        assert_eq!(policy_of("agents/special/x"), Some(11));
+        assert_eq!(policy_of("other"), None);
+        assert_eq!(policy_of("agents/agent-self"), None, "the agent never gates itself");
+        assert_eq!(compiled.warnings.len(), 1);
+    }
+
+    #[test]
+    fn ids_avoid_those_in_use() {
+        let in_use: BTreeSet<u32> = [0, 1, 3].into();
+        assert_eq!(allocate_ids(3, &in_use).expect("ids"), [2, 4, 5]);
+        let all: BTreeSet<u32> = (0..MAX_POLICIES - 1).collect();
+        assert!(matches!(allocate_ids(2, &all), Err(PolicyMapsError::TooManyPolicies { max: 1, .. })));
+    }
+
+    fn sample_state(id: u32, cgroups: &[u64], generation: u32) -> MapState {
+        let mut state = MapState::default();
+        state.policies.insert(
+            id,
+            PolicyDefaults {
+                exec_default: action::ASK,
+                connect_default: action::ALLOW,
+                unix_action: action::ALLOW,
+                generation,
+            },
+        );
+        state.exec_rules.insert((id, 1, 2), action::DENY);
+        let key = ConnectV4Key {
+            policy_id_be: id.to_be_bytes(),
+            addr: [10, 0, 0, 0],
+        };
+        state.connect_v4.insert((40, v4_bytes(&key)), PortRules::default());
+        for cgroup in cgroups {
+            state.gated.insert(*cgroup, GatedCgroup { policy_id: id, _pad: 0 });
+        }
+        state
+    }
+
+    #[test]
+    fn plan_writes_new_policy_before_switching_cgroups_and_removes_old_after() {
+        let old = sample_state(0, &[100, 101], 1);
+        let new = sample_state(1, &[100, 102], 2);
+        let ops = plan(&old, &new);
+        let first_cgroup_op = ops.iter().position(MapOp::touches_cgroups).expect("cgroup ops");
+        assert!(
+            ops[..first_cgroup_op]
+                .iter()
+                .all(|op| matches!(op, MapOp::SetPolicy(1, _) | MapOp::SetExec(..) | MapOp::SetV4(..))),
+            "{ops:?}"
+        );
+        let last_cgroup_op = ops.iter().rposition(MapOp::touches_cgroups).expect("cgroup ops");
+        assert!(ops[last_cgroup_op + 1..].iter().all(|op| matches!(
+            op,
+            MapOp::RemoveExec(_) | MapOp::RemoveV4(_) | MapOp::SetPolicy(0, _)
+        )));
+        let mut maps = MemoryMaps {
+            state: old,
+            ..MemoryMaps::default()
+        };
+        let applied = apply(&mut maps, &new).expect("apply");
+        assert_eq!(maps.state, new);
+        assert_eq!(applied.cgroups_added, 1);
+        assert_eq!(applied.cgroups_removed, 1);
+        // Applying again changes nothing.
+        assert_eq!(apply(&mut maps, &new).expect("apply").ops, 0);
+    }
+
+    #[test]
+    fn failed_write_before_the_switch_restores_the_previous_state() {
+        let old = sample_state(0, &[100], 1);
+        let new = sample_state(1, &[100], 2);
+        let mut maps = MemoryMaps {
+            state: old.clone(),
+            fail_at: Some(2),
+            ..MemoryMaps::default()
+        };
+        let err = apply(&mut maps, &new).expect_err("fails");
+        assert!(matches!(err, PolicyMapsError::RolledBack { .. }), "{err}");
+        assert_eq!(maps.state, old, "the old policy is fully in force again");
+    }
+
+    #[test]
+    fn failed_write_after_the_switch_is_reported_without_rollback() {
+        let old = sample_state(0, &[100, 101], 1);
+        let new = sample_state(1, &[100, 101], 2);
+        let switch = plan(&old, &new).iter().position(MapOp::touches_cgroups).expect("switch");
+        let mut maps = MemoryMaps {
+            state: old,
+            fail_at: Some(switch + 1),
+            ..MemoryMaps::default()
+        };
+        let err = apply(&mut maps, &new).expect_err("fails");
+        assert!(matches!(err, PolicyMapsError::Write { .. }), "{err}");
+        // A retry converges.
+        apply(&mut maps, &new).expect("retry");
+        assert_eq!(maps.state, new);
+    }
+
+    #[test]
+    fn ids_in_use_and_generation_are_read_back() {
+        let mut state = sample_state(4, &[1], 9);
+        state.gated.insert(2, GatedCgroup { policy_id: 6, _pad: 0 });
+        assert_eq!(state.ids_in_use(), [4, 6].into());
+        assert_eq!(state.generation(), 9);
+    }
+}
