@@ -1,0 +1,387 @@
+//! Domain types of the decision API: validated, typed forms of the wire messages.
+//!
+//! The service and its clients work with these; [`crate::convert`] turns wire messages into
+//! them (checking every field against [`crate::limits`]) and back. All of them serialise to
+//! JSON with RFC 3339 timestamps, which is what the service stores and the CLI prints.
+
+use std::fmt;
+
+use gatekeep_policy::GrantDuration;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// What a paused syscall was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Exec,
+    Connect,
+}
+
+/// The outcome for a paused syscall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+/// Where a request is in its lifecycle: `pending` -> `approved` | `denied` | `expired` |
+/// `cancelled` | `abandoned`. Every state but `pending` is final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestState {
+    Pending,
+    Approved,
+    Denied,
+    /// Nobody decided before the deadline; the policy's `on_timeout` applied.
+    Expired,
+    /// A reviewer withdrew it; the paused action is denied.
+    Cancelled,
+    /// The agent withdrew it (the task died, or asked something else).
+    Abandoned,
+}
+
+/// Socket type of a connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketType {
+    Stream,
+    Dgram,
+    Seqpacket,
+    Raw,
+    Other,
+}
+
+/// Address family of a connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Inet,
+    Inet6,
+    Unix,
+}
+
+/// Why an agent withdrew a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WithdrawReason {
+    /// The asking task exited before a decision.
+    TaskExited,
+    /// The task asked something else; the request no longer applies.
+    Superseded,
+}
+
+/// What is asked: an executable with its argv, or a destination.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Target {
+    Exec(ExecTarget),
+    Connect(ConnectTarget),
+}
+
+/// An `execve`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ExecTarget {
+    /// Absolute path of the executable.
+    pub executable: String,
+    pub argv: Vec<String>,
+}
+
+/// A `connect`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ConnectTarget {
+    pub family: Family,
+    /// The IP address in its canonical text form, or the socket path for [`Family::Unix`].
+    pub address: String,
+    /// 0 for [`Family::Unix`].
+    pub port: u16,
+    pub socket_type: SocketType,
+}
+
+/// One process of the asking task's ancestry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub comm: String,
+    pub executable: Option<String>,
+    pub argv: Vec<String>,
+    pub cgroup: Option<String>,
+}
+
+/// The approval section of the policy that asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalSettings {
+    /// Reviewer groups that may decide; empty: any authenticated reviewer.
+    pub reviewer_groups: Vec<String>,
+    /// Distinct reviewers who must approve (at least 1).
+    pub approvals_required: u32,
+    /// What reviewers may grant beyond the one request.
+    pub grant_durations: Vec<GrantDuration>,
+    /// Identities owning the gated workloads: they can never approve.
+    pub owners: Vec<String>,
+}
+
+impl Default for ApprovalSettings {
+    /// What a policy without an `[policy.approval]` section says: any reviewer, one approval,
+    /// `once` only, no declared owner.
+    fn default() -> Self {
+        Self {
+            reviewer_groups: Vec::new(),
+            approvals_required: 1,
+            grant_durations: vec![GrantDuration::Once],
+            owners: Vec::new(),
+        }
+    }
+}
+
+impl ApprovalSettings {
+    /// The settings of a loaded policy.
+    #[must_use]
+    pub fn from_policy(approval: &gatekeep_policy::Approval) -> Self {
+        Self {
+            reviewer_groups: approval.reviewers.clone(),
+            approvals_required: approval.approvals_required.max(1),
+            grant_durations: approval.grant_durations.clone(),
+            owners: Vec::new(),
+        }
+    }
+
+    /// Whether a reviewer may grant `duration`: `once` always; `session` and `always` when
+    /// listed; a duration when a listed duration is at least as long.
+    #[must_use]
+    pub fn allows(&self, duration: GrantDuration) -> bool {
+        match duration {
+            GrantDuration::Once => true,
+            GrantDuration::For(wanted) => self
+                .grant_durations
+                .iter()
+                .any(|allowed| matches!(allowed, GrantDuration::For(max) if wanted <= *max)),
+            other => self.grant_durations.contains(&other),
+        }
+    }
+}
+
+/// A paused action, with the full context the agent knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRequest {
+    /// Generated by the agent; re-sending the same id is idempotent.
+    pub id: Uuid,
+    /// The policy that said `ask`.
+    pub policy: String,
+    /// The policy's rule that said `ask` (or `default`).
+    pub rule: String,
+    /// cgroup v2 path of the asking task.
+    pub cgroup: String,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub user_name: Option<String>,
+    pub cwd: Option<String>,
+    /// The asking process first, then its parent...
+    pub ancestry: Vec<ProcessInfo>,
+    pub target: Target,
+    #[serde(with = "time::serde::rfc3339")]
+    pub requested_at: OffsetDateTime,
+    /// When the agent applies `on_timeout`.
+    #[serde(with = "time::serde::rfc3339")]
+    pub deadline: OffsetDateTime,
+    pub on_timeout: Verdict,
+    pub approval: ApprovalSettings,
+}
+
+impl ApprovalRequest {
+    #[must_use]
+    pub fn kind(&self) -> Kind {
+        self.target.kind()
+    }
+}
+
+impl Target {
+    #[must_use]
+    pub fn kind(&self) -> Kind {
+        match self {
+            Target::Exec(_) => Kind::Exec,
+            Target::Connect(_) => Kind::Connect,
+        }
+    }
+}
+
+/// A standing rule made from a decision with a duration other than `once`: the agent installs
+/// it so the same action is not asked again while it lasts.
+///
+/// It matches the same policy on the same host and the same [`Target`] (executable and argv,
+/// or destination); a `session` grant only in its cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: Uuid,
+    pub host: String,
+    pub policy: String,
+    pub target: Target,
+    pub verdict: Verdict,
+    pub duration: GrantDuration,
+    /// Set for `session` grants: they end when this cgroup goes away.
+    pub cgroup: Option<String>,
+    /// Set for grants of a duration.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    pub created_by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// The request whose decision made it.
+    pub request_id: Uuid,
+    pub revoked: Option<Revocation>,
+}
+
+impl Grant {
+    /// Neither revoked nor past its expiry at `now`.
+    #[must_use]
+    pub fn is_active(&self, now: OffsetDateTime) -> bool {
+        self.revoked.is_none() && self.expires_at.is_none_or(|at| at > now)
+    }
+}
+
+/// How a grant ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// A reviewer, `expiry` or `session-end`.
+    pub by: String,
+    pub reason: String,
+}
+
+/// The outcome of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub request_id: Uuid,
+    /// Any state but [`RequestState::Pending`].
+    pub state: RequestState,
+    /// What the paused syscall gets.
+    pub verdict: Verdict,
+    /// Reviewers (comma separated), `rule:NAME`, `grant:ID`, `timeout`, or the agent's host
+    /// for an abandoned request.
+    pub decided_by: String,
+    pub reason: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub decided_at: OffsetDateTime,
+    /// `once`, or the duration of [`grant`](Self::grant).
+    pub duration: GrantDuration,
+    pub grant: Option<Grant>,
+}
+
+/// One reviewer's approval towards the quorum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vote {
+    pub reviewer: String,
+    pub reason: String,
+    pub duration: GrantDuration,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// A request as the service holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub request: ApprovalRequest,
+    /// From the agent's certificate.
+    pub host: String,
+    pub state: RequestState,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+    /// The service's own deadline: the agent's, or sooner by the service's policy.
+    #[serde(with = "time::serde::rfc3339")]
+    pub deadline: OffsetDateTime,
+    pub approvals: Vec<Vote>,
+    pub approvals_required: u32,
+    /// Set once the request left pending.
+    pub decision: Option<Decision>,
+}
+
+impl RequestState {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RequestState::Pending => "pending",
+            RequestState::Approved => "approved",
+            RequestState::Denied => "denied",
+            RequestState::Expired => "expired",
+            RequestState::Cancelled => "cancelled",
+            RequestState::Abandoned => "abandoned",
+        }
+    }
+
+    /// Every state but `pending` is final.
+    #[must_use]
+    pub const fn is_final(self) -> bool {
+        !matches!(self, RequestState::Pending)
+    }
+}
+
+impl Verdict {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+        }
+    }
+
+    /// A policy's `on_timeout`: `allow` allows, anything else denies (fail closed).
+    #[must_use]
+    pub fn from_policy(action: gatekeep_policy::Action) -> Self {
+        match action {
+            gatekeep_policy::Action::Allow => Verdict::Allow,
+            gatekeep_policy::Action::Deny | gatekeep_policy::Action::Ask => Verdict::Deny,
+        }
+    }
+}
+
+impl Kind {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::Exec => "exec",
+            Kind::Connect => "connect",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for RequestState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for Target {
+    /// `/usr/bin/curl curl -s example.org` or `10.0.0.1:443 (stream)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Exec(exec) => {
+                f.write_str(&exec.executable)?;
+                for arg in &exec.argv {
+                    write!(f, " {arg}")?;
+                }
+                Ok(())
+            }
+            Target::Connect(connect) => match connect.family {
+                Family::Unix => write!(f, "unix:{}", connect.address),
+                Family::Inet => write!(f, "{}:{}", connect.address, connect.port),
+                Family::Inet6 => write!(f, "[{}]:{}", connect.address, connect.port),
+            },
+        }
+    }
+}
