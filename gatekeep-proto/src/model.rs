@@ -338,6 +338,40 @@ impl Verdict {
     }
 }
 
+impl Family {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Family::Inet => "inet",
+            Family::Inet6 => "inet6",
+            Family::Unix => "unix",
+        }
+    }
+}
+
+impl SocketType {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SocketType::Stream => "stream",
+            SocketType::Dgram => "dgram",
+            SocketType::Seqpacket => "seqpacket",
+            SocketType::Raw => "raw",
+            SocketType::Other => "other",
+        }
+    }
+}
+
+impl WithdrawReason {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            WithdrawReason::TaskExited => "task_exited",
+            WithdrawReason::Superseded => "superseded",
+        }
+    }
+}
+
 impl Kind {
     #[must_use]
     pub const fn as_str(self) -> &'static str {

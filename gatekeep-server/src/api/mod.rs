@@ -1,0 +1,10 @@
+//! The tonic services: [`AgentApi`] (agents, mutual TLS) and [`ReviewApi`] (reviewers, bearer
+//! tokens). Handlers convert wire messages with [`gatekeep_proto::convert`] and leave every
+//! decision to the [`Engine`](crate::lifecycle::Engine); errors become statuses through the
+//! one `From<Error> for tonic::Status`.
+
+mod agent;
+mod review;
+
+pub use agent::AgentApi;
+pub use review::ReviewApi;

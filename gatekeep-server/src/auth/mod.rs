@@ -1,0 +1,218 @@
+//! Who is calling, and what they may do.
+//!
+//! - Reviewers present `authorization: Bearer TOKEN`. Tokens are 32 random bytes
+//!   (`gk_` + 64 hex digits); the store keeps only their SHA-256, so a stolen database does
+//!   not give away a token. A token is shown once, when the reviewer is added.
+//! - Agents present a client certificate signed by the service's CA (mutual TLS); their
+//!   host name is the certificate's first DNS subject alternative name (or its common name).
+//!   An agent certificate is refused on the review API, so no agent can approve anything.
+//! - Reviewers are authorised per policy: a policy's reviewer groups (any reviewer when it
+//!   lists none). Nobody approves a request of a workload they own ([`is_owner`]).
+
+use std::sync::Arc;
+
+use gatekeep_proto::model::RequestRecord;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tonic::metadata::MetadataMap;
+
+use crate::{error::Error, store::Store};
+
+/// An authenticated reviewer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reviewer {
+    pub name: String,
+    pub groups: Vec<String>,
+}
+
+impl Reviewer {
+    /// Whether the reviewer may decide requests of a policy naming `groups` (empty: anyone).
+    #[must_use]
+    pub fn may_review(&self, groups: &[String]) -> bool {
+        groups.is_empty() || groups.iter().any(|group| self.groups.contains(group))
+    }
+}
+
+/// A new random reviewer token.
+pub fn new_token() -> Result<String, Error> {
+    let mut bytes = [0_u8; 32];
+    getrandom::fill(&mut bytes).map_err(|err| Error::Certs {
+        message: format!("no randomness for a token: {err}"),
+    })?;
+    Ok(format!("gk_{}", hex::encode(bytes)))
+}
+
+/// The stored form of a token: lowercase hex SHA-256.
+#[must_use]
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Whether `reviewer` counts as an owner of the workload that asked: a declared owner of the
+/// policy, the user the asking process runs as, or the asking agent's own host identity.
+#[must_use]
+pub fn is_owner(reviewer: &Reviewer, record: &RequestRecord) -> bool {
+    let name = reviewer.name.as_str();
+    record
+        .request
+        .approval
+        .owners
+        .iter()
+        .any(|owner| owner == name)
+        || record.request.user_name.as_deref() == Some(name)
+        || record.host == name
+}
+
+/// Authenticates calls.
+#[derive(Clone)]
+pub struct Authenticator {
+    store: Arc<dyn Store>,
+}
+
+impl Authenticator {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    /// The reviewer making a review call. Refuses agent certificates, missing or malformed
+    /// `authorization` headers and unknown tokens.
+    pub async fn reviewer<T>(&self, request: &tonic::Request<T>) -> Result<Reviewer, Error> {
+        if request.peer_certs().is_some_and(|certs| !certs.is_empty()) {
+            return Err(Error::permission(
+                "agent certificates cannot use the review api; connect without a client certificate and use a reviewer token",
+            ));
+        }
+        let token = bearer(request.metadata())?;
+        self.store
+            .reviewer_by_token(token_hash(token))
+            .await?
+            .ok_or_else(|| {
+                Error::unauthenticated(
+                    "unknown reviewer token; ask an administrator for one (`gatekeep-server reviewers add NAME`)",
+                )
+            })
+    }
+}
+
+fn bearer(metadata: &MetadataMap) -> Result<&str, Error> {
+    let value = metadata.get("authorization").ok_or_else(|| {
+        Error::unauthenticated("missing reviewer token; pass --token or set GATEKEEP_TOKEN")
+    })?;
+    let value = value
+        .to_str()
+        .map_err(|_| Error::unauthenticated("malformed authorization header"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| Error::unauthenticated("authorization header is not `Bearer TOKEN`"))?
+        .trim();
+    if token.is_empty() || token.len() > 256 {
+        return Err(Error::unauthenticated("malformed reviewer token"));
+    }
+    Ok(token)
+}
+
+/// The host name of an agent, from its verified client certificate: the first DNS subject
+/// alternative name, else the common name.
+pub fn agent_host<T>(request: &tonic::Request<T>) -> Result<String, Error> {
+    let certs = request.peer_certs().ok_or_else(|| {
+        Error::unauthenticated(
+            "agents must present a client certificate issued by the service's ca (`gatekeep-server certs agent`)",
+        )
+    })?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Error::unauthenticated("agents must present a client certificate"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|_| Error::unauthenticated("unreadable client certificate"))?;
+    let from_san = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|name| match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+                _ => None,
+            })
+        });
+    let host = from_san
+        .or_else(|| {
+            cert.subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .map(str::to_owned)
+        })
+        .ok_or_else(|| Error::unauthenticated("the client certificate names no host"))?;
+    gatekeep_proto::convert::name("certificate host", &host).map_err(Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use gatekeep_proto::model::{ApprovalSettings, RequestState};
+
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_and_hashed() {
+        let a = new_token().unwrap();
+        let b = new_token().unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with("gk_") && a.len() == 67, "{a}");
+        assert_eq!(token_hash(&a).len(), 64);
+        assert_ne!(token_hash(&a), token_hash(&b));
+        assert_eq!(
+            token_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn bearer_header_forms() {
+        let mut metadata = MetadataMap::new();
+        assert_eq!(
+            bearer(&metadata).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        metadata.insert("authorization", "Basic x".parse().unwrap());
+        assert!(bearer(&metadata).is_err());
+        metadata.insert("authorization", "Bearer gk_1".parse().unwrap());
+        assert_eq!(bearer(&metadata).unwrap(), "gk_1");
+    }
+
+    #[test]
+    fn groups_and_owners() {
+        let alice = Reviewer {
+            name: "alice".into(),
+            groups: vec!["sre".into()],
+        };
+        assert!(alice.may_review(&[]));
+        assert!(alice.may_review(&["security".into(), "sre".into()]));
+        assert!(!alice.may_review(&["security".into()]));
+
+        let mut record: RequestRecord = serde_json::from_value(serde_json::json!({
+            "request": {
+                "id": "6f1c1d2e-3a4b-4c5d-8e9f-001122334455", "policy": "p", "rule": "r",
+                "cgroup": "/a", "pid": 1, "tid": 1, "uid": 1000, "user_name": "bob", "cwd": null,
+                "ancestry": [], "target": {"kind": "exec", "executable": "/bin/true", "argv": []},
+                "requested_at": "2026-11-24T21:00:00Z", "deadline": "2026-11-24T21:05:00Z",
+                "on_timeout": "deny",
+                "approval": serde_json::to_value(ApprovalSettings::default()).unwrap()
+            },
+            "host": "web-1", "state": "pending", "received_at": "2026-11-24T21:00:00Z",
+            "deadline": "2026-11-24T21:05:00Z", "approvals": [], "approvals_required": 1,
+            "decision": null
+        }))
+        .unwrap();
+        assert_eq!(record.state, RequestState::Pending);
+        assert!(!is_owner(&alice, &record));
+        record.request.user_name = Some("alice".into());
+        assert!(is_owner(&alice, &record), "the user the workload runs as");
+        record.request.user_name = None;
+        record.request.approval.owners = vec!["alice".into()];
+        assert!(is_owner(&alice, &record), "a declared owner");
+        record.request.approval.owners.clear();
+        record.host = "alice".into();
+        assert!(is_owner(&alice, &record), "the agent's own identity");
+    }
+}

@@ -1,0 +1,165 @@
+//! The service's configuration file (TOML). Every key has a default; see [`ServerConfig`].
+//!
+//! ```toml
+//! name = "gatekeep-server"                 # host name of the service's own audit records
+//! listen = "0.0.0.0:7443"                  # gRPC, TLS; agents need a client certificate
+//! data_dir = "/var/lib/gatekeep-server"    # state.db (requests, grants, reviewers), audit.db
+//! synchronous = "full"                     # full | normal (see store::Synchronous)
+//! policy_dir = "/etc/gatekeep/policies"    # optional: the service's own copy of the policies
+//! history_limit = 20                       # similar decisions shown with a request
+//!
+//! [tls]
+//! ca = "/etc/gatekeep-server/tls/ca.pem"   # verifies agent certificates
+//! cert = "/etc/gatekeep-server/tls/server.pem"
+//! key = "/etc/gatekeep-server/tls/server.key"
+//!
+//! [host_groups]                            # and [[rules]]: see the rules module
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{error::Error, paths, rules::RuleConfig, store::Synchronous};
+
+/// Everything the service reads at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Host name recorded on the service's own audit records.
+    pub name: String,
+    /// Address of the gRPC listener (agents and reviewers).
+    pub listen: SocketAddr,
+    /// Holds `state.db` and `audit.db`.
+    pub data_dir: PathBuf,
+    /// Durability of the state database.
+    pub synchronous: Synchronous,
+    /// Certificate files.
+    pub tls: TlsPaths,
+    /// When set, the service loads these policies and trusts their approval settings (and
+    /// timeouts) over what agents send; requests naming another policy are refused.
+    pub policy_dir: Option<PathBuf>,
+    /// Similar decided requests shown with a request.
+    pub history_limit: usize,
+    /// Named lists of host name globs, for rules.
+    pub host_groups: BTreeMap<String, Vec<String>>,
+    /// Auto-decide rules, tried in order.
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            name: "gatekeep-server".to_owned(),
+            // Loopback unless told otherwise: exposing the service is a deliberate choice.
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, paths::DEFAULT_PORT)),
+            data_dir: PathBuf::from(paths::DATA_DIR),
+            synchronous: Synchronous::Full,
+            tls: TlsPaths::default(),
+            policy_dir: None,
+            history_limit: 20,
+            host_groups: BTreeMap::new(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// Where the service's certificate, key and the CA that signs agents live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Default for TlsPaths {
+    fn default() -> Self {
+        let dir = Path::new(paths::TLS_DIR);
+        Self {
+            ca: dir.join(paths::CA_CERT),
+            cert: dir.join(paths::SERVER_CERT),
+            key: dir.join(paths::SERVER_KEY),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a config file; a missing key takes its default.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses config text; `path` only names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, Error> {
+        toml::from_str(text).map_err(|err| Error::Config {
+            path: path.to_owned(),
+            message: err.to_string(),
+        })
+    }
+
+    /// The state database.
+    #[must_use]
+    pub fn state_db(&self) -> PathBuf {
+        self.data_dir.join(paths::STATE_DB)
+    }
+
+    /// The audit log.
+    #[must_use]
+    pub fn audit_db(&self) -> PathBuf {
+        self.data_dir.join(paths::AUDIT_DB)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        let config = ServerConfig::parse(Path::new("x.toml"), "").unwrap();
+        assert_eq!(config, ServerConfig::default());
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7443");
+        assert_eq!(
+            config.state_db(),
+            Path::new("/var/lib/gatekeep-server/state.db")
+        );
+    }
+
+    #[test]
+    fn keys_and_errors() {
+        let config = ServerConfig::parse(
+            Path::new("x.toml"),
+            r#"
+            listen = "0.0.0.0:9000"
+            data_dir = "/tmp/gk"
+            synchronous = "normal"
+            [tls]
+            ca = "/c/ca.pem"
+            [[rules]]
+            name = "r"
+            action = "allow"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.synchronous, Synchronous::Normal);
+        assert_eq!(config.tls.ca, Path::new("/c/ca.pem"));
+        assert_eq!(config.tls.key, TlsPaths::default().key);
+        assert_eq!(config.rules.len(), 1);
+        let err = ServerConfig::parse(Path::new("x.toml"), "lisen = \"x\"").unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid config `x.toml`: "),
+            "{err}"
+        );
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+}

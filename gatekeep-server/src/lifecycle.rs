@@ -1,0 +1,814 @@
+//! The request lifecycle: `pending` -> `approved` | `denied` | `expired` | `cancelled` |
+//! `abandoned`, with every transition stored (through [`Store`], version-checked) and audited
+//! (hash-chained, through [`gatekeep_audit`]).
+//!
+//! - A request arrives from an agent ([`Engine::submit`]). A standing grant, then a server
+//!   rule, may decide it at once; otherwise it waits for reviewers. Re-sending the same id is
+//!   idempotent: the stored request is kept, and a decided one is answered again.
+//! - Reviewers approve or deny ([`Engine::decide`]). A denial is final at once; approvals
+//!   count towards `approvals_required` distinct reviewers, never the workload's owner, and
+//!   the quorum grants the most restrictive duration its members chose.
+//! - The service's deadline is the agent's, or sooner by the service's own copy of the
+//!   policy; at the deadline the policy's `on_timeout` applies ([`Engine::expire_due`], run by
+//!   [`Engine::run_timer`]).
+//! - Reviewers cancel (the action is denied); agents withdraw (`abandoned`: the task died or
+//!   asked something else).
+//!
+//! Every final decision is pushed to the agent's stream and every change to watchers.
+
+use std::{sync::Arc, time::Duration};
+
+use gatekeep_audit::{AuditRecord, AuditWriter, RecordKind};
+use gatekeep_policy::PolicySet;
+use gatekeep_proto::{
+    GrantDuration, limits,
+    model::{
+        ApprovalRequest, ApprovalSettings, Decision, Grant, RequestRecord, RequestState,
+        Revocation, Verdict, Vote, WithdrawReason,
+    },
+    v1,
+};
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    auth::{self, Reviewer},
+    error::Error,
+    grants,
+    hub::Hub,
+    rules::Rules,
+    store::{GrantQuery, Inserted, RequestQuery, Store, Transition, Versioned},
+};
+
+/// How often a transition is retried when another writer changed the request meanwhile.
+const MAX_ATTEMPTS: usize = 16;
+/// Longest sleep of the timer between checks (it also wakes for every new deadline).
+const MAX_TIMER_SLEEP: Duration = Duration::from_secs(30);
+/// Requests expired per store call.
+const EXPIRE_BATCH: usize = 256;
+
+/// What the service decides with; shared by the API handlers and the timer.
+pub struct Engine {
+    pub(crate) store: Arc<dyn Store>,
+    audit: Arc<AuditWriter>,
+    pub(crate) hub: Hub,
+    rules: Rules,
+    policies: Option<PolicySet>,
+    /// Host name of the service's own audit records.
+    name: String,
+    history_limit: usize,
+    wake: Notify,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) started_at: OffsetDateTime,
+    pub(crate) audit_path: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What happened to a request, for the audit and the fan-out.
+enum Outcome {
+    /// The request left pending.
+    Final(Box<Decision>),
+    /// An approval was recorded; the quorum is not reached yet.
+    Vote(Vote),
+}
+
+/// The arguments of [`Engine::new`].
+pub(crate) struct EngineParts {
+    pub store: Arc<dyn Store>,
+    pub audit: Arc<AuditWriter>,
+    pub audit_path: std::path::PathBuf,
+    pub rules: Rules,
+    pub policies: Option<PolicySet>,
+    pub name: String,
+    pub history_limit: usize,
+}
+
+impl Engine {
+    pub(crate) fn new(parts: EngineParts) -> Self {
+        Self {
+            store: parts.store,
+            audit: parts.audit,
+            audit_path: parts.audit_path,
+            hub: Hub::new(),
+            rules: parts.rules,
+            policies: parts.policies,
+            name: parts.name,
+            history_limit: parts.history_limit,
+            wake: Notify::new(),
+            shutdown: CancellationToken::new(),
+            started_at: OffsetDateTime::now_utc(),
+        }
+    }
+
+    /// The audit writer (flushed and shut down by the server at the end).
+    pub(crate) fn audit(&self) -> &Arc<AuditWriter> {
+        &self.audit
+    }
+
+    async fn record(&self, record: AuditRecord) {
+        if let Err(error) = self.audit.submit_async(record).await {
+            // The transition is stored; losing its audit record is what the log shows.
+            tracing::error!(%error, "failed to queue an audit record");
+        }
+    }
+
+    /// Applies the service's own policy (when it loaded policies) to a request: its approval
+    /// settings replace the agent's (keeping the agent's declared owners), its timeout
+    /// action applies, and its timeout can only shorten the deadline.
+    fn authoritative(
+        &self,
+        mut request: ApprovalRequest,
+        now: OffsetDateTime,
+    ) -> Result<(ApprovalRequest, OffsetDateTime), Error> {
+        let mut deadline = request.deadline;
+        if let Some(policies) = &self.policies {
+            let policy = policies
+                .policy(&request.policy)
+                .ok_or_else(|| Error::UnknownPolicy {
+                    policy: request.policy.clone(),
+                })?;
+            let owners = std::mem::take(&mut request.approval.owners);
+            request.approval = ApprovalSettings {
+                owners,
+                ..ApprovalSettings::from_policy(&policy.approval)
+            };
+            request.on_timeout = Verdict::from_policy(policy.approval.on_timeout);
+            if let Ok(timeout) = time::Duration::try_from(policy.approval.timeout) {
+                deadline = deadline.min(now + timeout);
+            }
+        }
+        Ok((request, deadline.min(now + limits::MAX_TIMEOUT)))
+    }
+
+    /// A request from the agent on `host`. Returns the decision when there already is one
+    /// (decided now by a grant, a rule or a passed deadline, or earlier for a re-sent id);
+    /// `None` while it waits for reviewers.
+    pub async fn submit(
+        &self,
+        host: &str,
+        request: ApprovalRequest,
+    ) -> Result<Option<Decision>, Error> {
+        let now = OffsetDateTime::now_utc();
+        let (request, deadline) = self.authoritative(request, now)?;
+        if let Some(existing) = self.store.get_request(request.id).await? {
+            return Self::resent(host, &request, existing);
+        }
+        let mut record = RequestRecord {
+            approvals_required: request.approval.approvals_required,
+            request,
+            host: host.to_owned(),
+            state: RequestState::Pending,
+            received_at: now,
+            deadline,
+            approvals: Vec::new(),
+            decision: None,
+        };
+        let decision = self.auto_decide(&record, now).await?;
+        if let Some(decision) = &decision {
+            record.state = decision.state;
+            record.decision = Some(decision.clone());
+        }
+        match self.store.insert_request(record.clone()).await? {
+            Inserted::Existing(existing) => Self::resent(host, &record.request, *existing),
+            Inserted::New => {
+                self.record(
+                    AuditRecord::new(
+                        RecordKind::Requested,
+                        host,
+                        json!({
+                            "request": &record.request,
+                            "deadline": gatekeep_audit::timestamp::format(record.deadline).ok(),
+                        }),
+                    )
+                    .with_request_id(record.request.id.to_string())
+                    .with_actor(format!("agent:{host}")),
+                )
+                .await;
+                if let Some(decision) = &decision {
+                    self.audit_final(&record, decision).await;
+                } else {
+                    self.wake.notify_one();
+                }
+                self.hub.publish(&record);
+                Ok(decision)
+            }
+        }
+    }
+
+    /// A re-sent id: the same request from the same host is answered with its state; anything
+    /// else reusing the id is refused.
+    fn resent(
+        host: &str,
+        request: &ApprovalRequest,
+        existing: Versioned<RequestRecord>,
+    ) -> Result<Option<Decision>, Error> {
+        let existing = existing.value;
+        if existing.host != host || existing.request != *request {
+            return Err(Error::IdReused { id: request.id });
+        }
+        Ok(existing.decision)
+    }
+
+    /// A decision without a reviewer: a standing grant, a server rule, or a deadline already
+    /// past.
+    async fn auto_decide(
+        &self,
+        record: &RequestRecord,
+        now: OffsetDateTime,
+    ) -> Result<Option<Decision>, Error> {
+        let request = &record.request;
+        let decision =
+            |verdict: Verdict, state: Option<RequestState>, by: String, reason: String| Decision {
+                request_id: request.id,
+                state: state.unwrap_or(match verdict {
+                    Verdict::Allow => RequestState::Approved,
+                    Verdict::Deny => RequestState::Denied,
+                }),
+                verdict,
+                decided_by: by,
+                reason,
+                decided_at: now,
+                duration: GrantDuration::Once,
+                grant: None,
+            };
+        if let Some(grant) = self
+            .store
+            .find_grant(
+                record.host.clone(),
+                request.policy.clone(),
+                request.target.clone(),
+                request.cgroup.clone(),
+                now,
+            )
+            .await?
+        {
+            return Ok(Some(decision(
+                grant.verdict,
+                None,
+                format!("grant:{}", grant.id),
+                format!(
+                    "standing grant ({}) by {}",
+                    grant.duration, grant.created_by
+                ),
+            )));
+        }
+        if let Some((rule, verdict)) = self.rules.decide(&record.host, request) {
+            return Ok(Some(decision(
+                verdict,
+                None,
+                format!("rule:{rule}"),
+                format!("server rule `{rule}` says {verdict}"),
+            )));
+        }
+        if record.deadline <= now {
+            return Ok(Some(Self::expiry(record, now)));
+        }
+        Ok(None)
+    }
+
+    fn expiry(record: &RequestRecord, now: OffsetDateTime) -> Decision {
+        let waited = record.deadline - record.received_at;
+        Decision {
+            request_id: record.request.id,
+            state: RequestState::Expired,
+            verdict: record.request.on_timeout,
+            decided_by: "timeout".to_owned(),
+            reason: format!(
+                "no decision within {}; policy `{}` says {} on timeout",
+                humantime::format_duration(Duration::from_millis(
+                    u64::try_from(waited.whole_milliseconds()).unwrap_or(0)
+                )),
+                record.request.policy,
+                record.request.on_timeout
+            ),
+            decided_at: now,
+            duration: GrantDuration::Once,
+            grant: None,
+        }
+    }
+
+    async fn audit_final(&self, record: &RequestRecord, decision: &Decision) {
+        let kind = match decision.state {
+            RequestState::Expired => RecordKind::Expired,
+            RequestState::Cancelled => RecordKind::Cancelled,
+            RequestState::Abandoned => RecordKind::Abandoned,
+            RequestState::Approved | RequestState::Denied | RequestState::Pending => {
+                RecordKind::Decided
+            }
+        };
+        let wait_ms = (decision.decided_at - record.received_at).whole_milliseconds();
+        self.record(
+            AuditRecord::new(
+                kind,
+                &record.host,
+                json!({
+                    "policy": record.request.policy,
+                    "kind": record.request.kind(),
+                    "target": record.request.target,
+                    "state": decision.state,
+                    "verdict": decision.verdict,
+                    "reason": decision.reason,
+                    "duration": decision.duration.to_string(),
+                    "approvals": record.approvals,
+                    "wait_ms": i64::try_from(wait_ms).unwrap_or(i64::MAX),
+                    "final": true,
+                }),
+            )
+            .with_request_id(record.request.id.to_string())
+            .with_actor(&decision.decided_by)
+            .with_at(decision.decided_at),
+        )
+        .await;
+        if let Some(grant) = &decision.grant {
+            self.record(
+                AuditRecord::new(RecordKind::GrantInstalled, &grant.host, json!(grant))
+                    .with_request_id(record.request.id.to_string())
+                    .with_actor(&grant.created_by)
+                    .with_at(grant.created_at),
+            )
+            .await;
+        }
+    }
+
+    /// Reads, changes and writes back a pending request, retrying when another writer got
+    /// there first. `change` returns what happened and the grant to store with it.
+    async fn transition(
+        &self,
+        id: Uuid,
+        mut change: impl FnMut(&mut RequestRecord) -> Result<(Outcome, Option<Grant>), Error>,
+    ) -> Result<(RequestRecord, Outcome), Error> {
+        for _ in 0..MAX_ATTEMPTS {
+            let Versioned { version, value } = self
+                .store
+                .get_request(id)
+                .await?
+                .ok_or(Error::UnknownRequest { id })?;
+            let mut record = value;
+            if record.state.is_final() {
+                return Err(Error::NotPending {
+                    id,
+                    state: record.state,
+                });
+            }
+            let (outcome, new_grant) = change(&mut record)?;
+            if let Outcome::Final(decision) = &outcome {
+                record.state = decision.state;
+                record.decision = Some((**decision).clone());
+            }
+            let applied = self
+                .store
+                .transition(Transition {
+                    record: record.clone(),
+                    expected_version: version,
+                    new_grant,
+                })
+                .await?;
+            if applied {
+                return Ok((record, outcome));
+            }
+        }
+        Err(Error::Store {
+            source: crate::store::StoreError::Corrupt {
+                message: format!("request `{id}` kept changing under a transition"),
+            },
+        })
+    }
+
+    /// After a transition: audit it, tell the agent and the watchers.
+    async fn after(&self, record: &RequestRecord, outcome: &Outcome, deliver: bool) {
+        match outcome {
+            Outcome::Final(decision) => {
+                self.audit_final(record, decision).await;
+                if deliver {
+                    self.hub.send(
+                        &record.host,
+                        v1::server_message::Message::Decision((**decision).clone().into()),
+                    );
+                }
+            }
+            Outcome::Vote(vote) => {
+                self.record(
+                    AuditRecord::new(
+                        RecordKind::Decided,
+                        &record.host,
+                        json!({
+                            "policy": record.request.policy,
+                            "verdict": Verdict::Allow,
+                            "reason": vote.reason,
+                            "duration": vote.duration.to_string(),
+                            "approvals": record.approvals.len(),
+                            "approvals_required": record.approvals_required,
+                            "final": false,
+                        }),
+                    )
+                    .with_request_id(record.request.id.to_string())
+                    .with_actor(&vote.reviewer)
+                    .with_at(vote.at),
+                )
+                .await;
+            }
+        }
+        self.hub.publish(record);
+    }
+
+    fn authorise(reviewer: &Reviewer, record: &RequestRecord) -> Result<(), Error> {
+        let groups = &record.request.approval.reviewer_groups;
+        if reviewer.may_review(groups) {
+            Ok(())
+        } else {
+            Err(Error::permission(format!(
+                "reviewer `{}` is not in a reviewer group of policy `{}` (needs one of: {})",
+                reviewer.name,
+                record.request.policy,
+                groups.join(", ")
+            )))
+        }
+    }
+
+    /// A reviewer approves or denies a pending request.
+    pub async fn decide(
+        &self,
+        reviewer: &Reviewer,
+        id: Uuid,
+        verdict: Verdict,
+        reason: String,
+        duration: GrantDuration,
+    ) -> Result<RequestRecord, Error> {
+        let (record, outcome) = self
+            .transition(id, |record| {
+                Self::authorise(reviewer, record)?;
+                let settings = &record.request.approval;
+                if !settings.allows(duration) {
+                    return Err(Error::permission(format!(
+                        "policy `{}` does not let reviewers grant `{duration}` (it allows: {})",
+                        record.request.policy,
+                        settings
+                            .grant_durations
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                let now = OffsetDateTime::now_utc();
+                match verdict {
+                    Verdict::Deny => {
+                        let grant =
+                            grants::from_decision(record, Verdict::Deny, duration, &reviewer.name, now);
+                        Ok((
+                            Outcome::Final(Box::new(Decision {
+                                request_id: id,
+                                state: RequestState::Denied,
+                                verdict,
+                                decided_by: reviewer.name.clone(),
+                                reason: reason.clone(),
+                                decided_at: now,
+                                duration,
+                                grant: grant.clone(),
+                            })),
+                            grant,
+                        ))
+                    }
+                    Verdict::Allow => {
+                        if auth::is_owner(reviewer, record) {
+                            return Err(Error::permission(format!(
+                                "`{}` owns the workload that asked (or is its agent) and cannot approve its own request",
+                                reviewer.name
+                            )));
+                        }
+                        if record.approvals.iter().any(|vote| vote.reviewer == reviewer.name) {
+                            return Err(Error::AlreadyVoted {
+                                id,
+                                reviewer: reviewer.name.clone(),
+                            });
+                        }
+                        let vote = Vote {
+                            reviewer: reviewer.name.clone(),
+                            reason: reason.clone(),
+                            duration,
+                            at: now,
+                        };
+                        record.approvals.push(vote.clone());
+                        let votes = u32::try_from(record.approvals.len()).unwrap_or(u32::MAX);
+                        if votes < record.approvals_required {
+                            return Ok((Outcome::Vote(vote), None));
+                        }
+                        let duration =
+                            grants::most_restrictive(record.approvals.iter().map(|v| v.duration));
+                        let decided_by = record
+                            .approvals
+                            .iter()
+                            .map(|v| v.reviewer.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",");
+                        let grant =
+                            grants::from_decision(record, Verdict::Allow, duration, &decided_by, now);
+                        let reason = record
+                            .approvals
+                            .iter()
+                            .filter(|v| !v.reason.is_empty())
+                            .map(|v| v.reason.as_str())
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        Ok((
+                            Outcome::Final(Box::new(Decision {
+                                request_id: id,
+                                state: RequestState::Approved,
+                                verdict,
+                                decided_by,
+                                reason,
+                                decided_at: now,
+                                duration,
+                                grant: grant.clone(),
+                            })),
+                            grant,
+                        ))
+                    }
+                }
+            })
+            .await?;
+        self.after(&record, &outcome, true).await;
+        Ok(record)
+    }
+
+    /// A reviewer withdraws a pending request; the paused action is denied.
+    pub async fn cancel(
+        &self,
+        reviewer: &Reviewer,
+        id: Uuid,
+        reason: String,
+    ) -> Result<RequestRecord, Error> {
+        let (record, outcome) = self
+            .transition(id, |record| {
+                Self::authorise(reviewer, record)?;
+                Ok((
+                    Outcome::Final(Box::new(Decision {
+                        request_id: id,
+                        state: RequestState::Cancelled,
+                        verdict: Verdict::Deny,
+                        decided_by: reviewer.name.clone(),
+                        reason: reason.clone(),
+                        decided_at: OffsetDateTime::now_utc(),
+                        duration: GrantDuration::Once,
+                        grant: None,
+                    })),
+                    None,
+                ))
+            })
+            .await?;
+        self.after(&record, &outcome, true).await;
+        Ok(record)
+    }
+
+    /// The agent on `host` no longer needs a decision. Withdrawing a request that is already
+    /// final changes nothing; one of another host is unknown.
+    pub async fn withdraw(
+        &self,
+        host: &str,
+        id: Uuid,
+        reason: WithdrawReason,
+        detail: String,
+    ) -> Result<(), Error> {
+        let result = self
+            .transition(id, |record| {
+                if record.host != host {
+                    return Err(Error::UnknownRequest { id });
+                }
+                Ok((
+                    Outcome::Final(Box::new(Decision {
+                        request_id: id,
+                        state: RequestState::Abandoned,
+                        verdict: Verdict::Deny,
+                        decided_by: format!("agent:{host}"),
+                        reason: if detail.is_empty() {
+                            reason.as_str().to_owned()
+                        } else {
+                            format!("{}: {detail}", reason.as_str())
+                        },
+                        decided_at: OffsetDateTime::now_utc(),
+                        duration: GrantDuration::Once,
+                        grant: None,
+                    })),
+                    None,
+                ))
+            })
+            .await;
+        match result {
+            Ok((record, outcome)) => {
+                self.after(&record, &outcome, false).await;
+                Ok(())
+            }
+            Err(Error::NotPending { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Expires every pending request whose deadline has passed; returns how many.
+    pub async fn expire_due(&self) -> Result<usize, Error> {
+        let mut expired = 0;
+        loop {
+            let now = OffsetDateTime::now_utc();
+            let due = self.store.due_requests(now, EXPIRE_BATCH).await?;
+            let batch = due.len();
+            for Versioned { value, .. } in due {
+                let decision = Self::expiry(&value, now);
+                match self
+                    .transition(value.request.id, |_| {
+                        Ok((Outcome::Final(Box::new(decision.clone())), None))
+                    })
+                    .await
+                {
+                    Ok((record, outcome)) => {
+                        self.after(&record, &outcome, true).await;
+                        expired += 1;
+                    }
+                    // Decided meanwhile.
+                    Err(Error::NotPending { .. }) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            let now = OffsetDateTime::now_utc();
+            for grant in self.store.due_grants(now).await? {
+                self.revoke(grant.id, "expiry", "the grant's duration is over", now)
+                    .await?;
+            }
+            if batch < EXPIRE_BATCH {
+                return Ok(expired);
+            }
+        }
+    }
+
+    /// Runs the deadline timer until shutdown: sleeps until the next pending deadline or grant
+    /// expiry (or a new request), then expires what is due.
+    pub async fn run_timer(self: Arc<Self>) {
+        loop {
+            if let Err(error) = self.expire_due().await {
+                tracing::error!(%error, "failed to expire due requests");
+            }
+            let sleep = match self.store.next_wakeup().await {
+                Ok(Some(at)) => {
+                    let left = at - OffsetDateTime::now_utc();
+                    Duration::try_from(left)
+                        .unwrap_or(Duration::ZERO)
+                        .min(MAX_TIMER_SLEEP)
+                }
+                Ok(None) => MAX_TIMER_SLEEP,
+                Err(error) => {
+                    tracing::error!(%error, "failed to read the next deadline");
+                    Duration::from_secs(1)
+                }
+            };
+            // Deadlines are in milliseconds; never spin on a sub-millisecond remainder.
+            let sleep = sleep.max(Duration::from_millis(1));
+            tokio::select! {
+                () = tokio::time::sleep(sleep) => {}
+                () = self.wake.notified() => {}
+                () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn revoke(
+        &self,
+        id: Uuid,
+        by: &str,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<Grant>, Error> {
+        let revoked = self
+            .store
+            .revoke_grant(
+                id,
+                Revocation {
+                    at: now,
+                    by: by.to_owned(),
+                    reason: reason.to_owned(),
+                },
+            )
+            .await?;
+        if let Some(grant) = &revoked {
+            self.record(
+                AuditRecord::new(
+                    RecordKind::GrantRevoked,
+                    &grant.host,
+                    json!({"grant_id": grant.id, "policy": grant.policy, "reason": reason,
+                           "target": grant.target, "duration": grant.duration.to_string()}),
+                )
+                .with_request_id(grant.request_id.to_string())
+                .with_actor(by)
+                .with_at(now),
+            )
+            .await;
+            self.hub.send(
+                &grant.host,
+                v1::server_message::Message::GrantRevoked(v1::GrantRevoked {
+                    grant_id: grant.id.to_string(),
+                    revoked_by: by.to_owned(),
+                    reason: reason.to_owned(),
+                }),
+            );
+        }
+        Ok(revoked)
+    }
+
+    /// A reviewer revokes a grant; the agent is told to remove it.
+    pub async fn revoke_grant(
+        &self,
+        reviewer: &Reviewer,
+        id: Uuid,
+        reason: &str,
+    ) -> Result<Grant, Error> {
+        let grant = self
+            .store
+            .get_grant(id)
+            .await?
+            .ok_or(Error::UnknownGrant { id })?;
+        if let Some(request) = self.store.get_request(grant.request_id).await? {
+            Self::authorise(reviewer, &request.value)?;
+        }
+        self.revoke(id, &reviewer.name, reason, OffsetDateTime::now_utc())
+            .await?
+            .ok_or(Error::GrantInactive { id })
+    }
+
+    /// The workload's cgroup on `host` went away: its session grants end.
+    pub async fn session_ended(&self, host: &str, cgroup: &str) -> Result<usize, Error> {
+        let grants = self
+            .store
+            .session_grants(host.to_owned(), cgroup.to_owned())
+            .await?;
+        let now = OffsetDateTime::now_utc();
+        let mut ended = 0;
+        for grant in grants {
+            if self
+                .revoke(
+                    grant.id,
+                    "session-end",
+                    "the workload's cgroup went away",
+                    now,
+                )
+                .await?
+                .is_some()
+            {
+                ended += 1;
+            }
+        }
+        Ok(ended)
+    }
+
+    /// Active grants of `host` (sent to an agent when it connects).
+    pub async fn active_grants(&self, host: &str) -> Result<Vec<Grant>, Error> {
+        Ok(self
+            .store
+            .list_grants(
+                GrantQuery {
+                    host: Some(host.to_owned()),
+                    ..GrantQuery::default()
+                },
+                OffsetDateTime::now_utc(),
+            )
+            .await?)
+    }
+
+    /// One request and the decided requests most like it (same policy and executable or
+    /// destination), newest first.
+    pub async fn get(&self, id: Uuid) -> Result<(RequestRecord, Vec<RequestRecord>), Error> {
+        let record = self
+            .store
+            .get_request(id)
+            .await?
+            .ok_or(Error::UnknownRequest { id })?
+            .value;
+        let similar = self
+            .store
+            .list_requests(RequestQuery {
+                final_only: true,
+                policy: Some(record.request.policy.clone()),
+                subject: Some(crate::store::subject_key(&record.request.target)),
+                exclude: Some(id),
+                newest_first: true,
+                limit: self.history_limit,
+                ..RequestQuery::default()
+            })
+            .await?;
+        Ok((record, similar))
+    }
+
+    /// Flushes the audit log; returns its last durable seq.
+    pub async fn audit_head(&self) -> Result<u64, Error> {
+        self.audit
+            .flush_async()
+            .await
+            .map_err(|source| Error::Audit { source })
+    }
+}

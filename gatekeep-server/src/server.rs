@@ -1,0 +1,267 @@
+//! The service, assembled: [`Server::builder`] opens the state database and the audit log,
+//! binds the listener and returns a [`Server`] whose [`serve`](Server::serve) runs until a
+//! shutdown future completes. The same entry point serves a fleet or, embedded in the agent,
+//! a single host on `127.0.0.1` with an in-memory CA ([`Pki::ephemeral`](crate::certs::Pki)).
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use gatekeep_audit::{AuditWriter, WriterConfig};
+use gatekeep_policy::PolicySet;
+use gatekeep_proto::{
+    limits,
+    v1::{agent_service_server::AgentServiceServer, review_service_server::ReviewServiceServer},
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::{
+    api::{AgentApi, ReviewApi},
+    auth::{self, Reviewer},
+    certs::TlsMaterial,
+    config::ServerConfig,
+    error::Error,
+    lifecycle::{Engine, EngineParts},
+    rules::Rules,
+    store::{SqliteStore, Store},
+};
+
+/// Builds a [`Server`].
+#[must_use = "a builder does nothing until built"]
+pub struct ServerBuilder {
+    config: ServerConfig,
+    tls: Option<TlsMaterial>,
+    listener: Option<std::net::TcpListener>,
+    policies: Option<PolicySet>,
+    store: Option<Arc<dyn Store>>,
+}
+
+impl std::fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerBuilder {
+    /// TLS material in memory, instead of the files named in the config.
+    pub fn tls(mut self, tls: TlsMaterial) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// An already bound listener, instead of binding `config.listen` (e.g. port 0 bound by
+    /// the caller).
+    pub fn listener(mut self, listener: std::net::TcpListener) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
+    /// Policies the service trusts over the agents' copies, instead of `config.policy_dir`.
+    pub fn policies(mut self, policies: PolicySet) -> Self {
+        self.policies = Some(policies);
+        self
+    }
+
+    /// Another storage backend, instead of `SQLite` at `config.state_db()`.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Opens the databases (creating `data_dir`), loads policies and TLS material, and binds.
+    pub async fn build(self) -> Result<Server, Error> {
+        let config = self.config;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::ReadConfig {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let tls = match self.tls {
+            Some(tls) => tls,
+            None => TlsMaterial::load(&config.tls)?,
+        };
+        let policies = match (self.policies, &config.policy_dir) {
+            (Some(policies), _) => Some(policies),
+            (None, Some(dir)) => {
+                Some(PolicySet::load_dir(dir).map_err(|source| Error::Policy { source })?)
+            }
+            (None, None) => None,
+        };
+        let rules = Rules::compile(&config.rules, &config.host_groups)?;
+        let store: Arc<dyn Store> = match self.store {
+            Some(store) => store,
+            None => Arc::new(SqliteStore::open(config.state_db(), config.synchronous)?),
+        };
+        let audit_path = config.audit_db();
+        let audit = tokio::task::spawn_blocking({
+            let path = audit_path.clone();
+            move || AuditWriter::open(path, WriterConfig::default())
+        })
+        .await
+        .map_err(|_| Error::ShuttingDown)?
+        .map_err(|source| Error::Audit { source })?;
+        let listener = match self.listener {
+            Some(listener) => {
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|source| Error::Bind {
+                        addr: "the given listener".into(),
+                        source,
+                    })?;
+                TcpListener::from_std(listener)
+            }
+            None => TcpListener::bind(config.listen).await,
+        }
+        .map_err(|source| Error::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+        let engine = Arc::new(Engine::new(EngineParts {
+            store,
+            audit: Arc::new(audit),
+            audit_path,
+            rules,
+            policies,
+            name: config.name.clone(),
+            history_limit: config.history_limit,
+        }));
+        Ok(Server {
+            engine,
+            listener,
+            local_addr,
+            tls,
+        })
+    }
+}
+
+/// A bound decision service, ready to [`serve`](Self::serve).
+pub struct Server {
+    engine: Arc<Engine>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    tls: TlsMaterial,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Starts building a service from `config`.
+    pub fn builder(config: ServerConfig) -> ServerBuilder {
+        ServerBuilder {
+            config,
+            tls: None,
+            listener: None,
+            policies: None,
+            store: None,
+        }
+    }
+
+    /// The address it listens on.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The URL clients connect to: `https://127.0.0.1:PORT` (loopback when listening on
+    /// every address).
+    #[must_use]
+    pub fn endpoint(&self) -> String {
+        let mut addr = self.local_addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("https://{addr}")
+    }
+
+    /// The CA certificate clients must trust (PEM).
+    #[must_use]
+    pub fn ca_pem(&self) -> &str {
+        &self.tls.ca_pem
+    }
+
+    /// Adds a reviewer and returns their token (shown once; only its hash is stored).
+    pub async fn add_reviewer(&self, name: &str, groups: &[String]) -> Result<String, Error> {
+        add_reviewer(&*self.engine.store, name, groups).await
+    }
+
+    /// Serves until `shutdown` completes, then ends every agent stream and watch, stops
+    /// accepting, and commits the audit log before returning.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                &self.tls.server.cert_pem,
+                &self.tls.server.key_pem,
+            ))
+            .client_ca_root(Certificate::from_pem(&self.tls.ca_pem))
+            // Agents must present a certificate (checked by the agent service); reviewers
+            // use tokens and present none. An untrusted certificate fails the handshake.
+            .client_auth_optional(true);
+        let engine = Arc::clone(&self.engine);
+        let timer = tokio::spawn(Arc::clone(&engine).run_timer());
+        let stopping = Arc::clone(&engine);
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            stopping.shutdown.cancel();
+            stopping.hub.close_all();
+        };
+        tracing::info!(addr = %self.local_addr, "decision service listening");
+        let result = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .map_err(|source| Error::Transport { source })?
+            .add_service(
+                AgentServiceServer::new(AgentApi::new(Arc::clone(&engine)))
+                    .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                ReviewServiceServer::new(ReviewApi::new(Arc::clone(&engine)))
+                    .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), signal)
+            .await
+            .map_err(|source| Error::Transport { source });
+        engine.shutdown.cancel();
+        drop(timer.await);
+        let audit = Arc::clone(engine.audit());
+        let flushed = tokio::task::spawn_blocking(move || audit.shutdown())
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        match flushed {
+            Ok(_) | Err(gatekeep_audit::AuditError::WriterClosed) => {}
+            Err(source) => return Err(Error::Audit { source }),
+        }
+        result
+    }
+}
+
+/// Adds a reviewer to `store` and returns the new token.
+pub async fn add_reviewer(
+    store: &dyn Store,
+    name: &str,
+    groups: &[String],
+) -> Result<String, Error> {
+    let name = gatekeep_proto::convert::name("name", name)?;
+    let groups = groups
+        .iter()
+        .map(|group| gatekeep_proto::convert::name("group", group))
+        .collect::<Result<Vec<_>, _>>()?;
+    let token = auth::new_token()?;
+    store
+        .add_reviewer(Reviewer { name, groups }, auth::token_hash(&token))
+        .await?;
+    Ok(token)
+}

@@ -1,0 +1,212 @@
+//! Storage boundary of the decision service.
+//!
+//! [`Store`] is everything the service logic needs from its database: requests with an
+//! optimistic version (so several service replicas can share one database and never apply two
+//! transitions to the same request), grants, and reviewers. [`SqliteStore`] is the default
+//! backend; a `PostgreSQL` backend implements the same trait without touching
+//! [`lifecycle`](crate::lifecycle).
+//!
+//! The trait is dyn-compatible (the service holds an `Arc<dyn Store>`), so its methods return
+//! boxed futures.
+
+mod sqlite;
+
+use std::{future::Future, path::PathBuf, pin::Pin};
+
+use gatekeep_proto::model::{Grant, Kind, RequestRecord, RequestState, Revocation, Target};
+pub use sqlite::{SqliteStore, Synchronous};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::auth::Reviewer;
+
+/// A boxed future of a store call.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("failed to open the service database `{}`", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("service database `{}` has schema version {found}, this build supports {supported}", path.display())]
+    Schema {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("service database error")]
+    Sqlite {
+        #[from]
+        source: rusqlite::Error,
+    },
+    #[error("failed to encode or decode a stored record")]
+    Json {
+        #[from]
+        source: serde_json::Error,
+    },
+    #[error("stored value is corrupt: {message}")]
+    Corrupt { message: String },
+    #[error("reviewer `{name}` already exists")]
+    ReviewerExists { name: String },
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// A stored value and its version; a [`Transition`] must name the version it read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned<T> {
+    pub version: u64,
+    pub value: T,
+}
+
+/// What [`Store::insert_request`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    /// The request is new and now stored (version 1).
+    New,
+    /// A request with this id was already stored; nothing changed.
+    Existing(Box<Versioned<RequestRecord>>),
+}
+
+/// A request's move to a new state (or a new vote), applied only if the stored version is
+/// still `expected_version`; with it, in the same transaction, the grant the decision made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub record: RequestRecord,
+    pub expected_version: u64,
+    pub new_grant: Option<Grant>,
+}
+
+/// Which requests to list. Empty filters match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestQuery {
+    pub state: Option<RequestState>,
+    /// Only final states (any but pending).
+    pub final_only: bool,
+    pub host: Option<String>,
+    pub policy: Option<String>,
+    pub kind: Option<Kind>,
+    /// Only requests with this [`subject_key`].
+    pub subject: Option<String>,
+    /// Leave out this request.
+    pub exclude: Option<Uuid>,
+    pub newest_first: bool,
+    pub limit: usize,
+}
+
+/// Which grants to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GrantQuery {
+    pub host: Option<String>,
+    pub policy: Option<String>,
+    /// Also revoked and expired ones.
+    pub include_inactive: bool,
+}
+
+/// The storage the service logic runs on.
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new request, or returns the one already stored under its id (unchanged).
+    fn insert_request(&self, record: RequestRecord) -> StoreFuture<'_, Inserted>;
+    fn get_request(&self, id: Uuid) -> StoreFuture<'_, Option<Versioned<RequestRecord>>>;
+    /// Applies `transition` if nobody changed the request since it was read; `false` if the
+    /// version moved on (re-read and decide again).
+    fn transition(&self, transition: Transition) -> StoreFuture<'_, bool>;
+    fn list_requests(&self, query: RequestQuery) -> StoreFuture<'_, Vec<RequestRecord>>;
+    /// Pending requests whose deadline is at or before `now`, earliest first.
+    fn due_requests(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<Versioned<RequestRecord>>>;
+    /// The earliest pending deadline or active grant expiry.
+    fn next_wakeup(&self) -> StoreFuture<'_, Option<OffsetDateTime>>;
+    fn count_pending(&self) -> StoreFuture<'_, u64>;
+
+    fn get_grant(&self, id: Uuid) -> StoreFuture<'_, Option<Grant>>;
+    /// Revokes an active grant; `None` if it is unknown or no longer active.
+    fn revoke_grant(&self, id: Uuid, revocation: Revocation) -> StoreFuture<'_, Option<Grant>>;
+    fn list_grants(&self, query: GrantQuery, now: OffsetDateTime) -> StoreFuture<'_, Vec<Grant>>;
+    /// An active grant of `host` and `policy` for exactly `target` (a session grant only in
+    /// its cgroup).
+    fn find_grant(
+        &self,
+        host: String,
+        policy: String,
+        target: Target,
+        cgroup: String,
+        now: OffsetDateTime,
+    ) -> StoreFuture<'_, Option<Grant>>;
+    /// Active grants whose expiry is at or before `now`.
+    fn due_grants(&self, now: OffsetDateTime) -> StoreFuture<'_, Vec<Grant>>;
+    /// Active session grants of `host` in `cgroup` or below it.
+    fn session_grants(&self, host: String, cgroup: String) -> StoreFuture<'_, Vec<Grant>>;
+
+    /// Adds a reviewer with the SHA-256 (hex) of their token.
+    fn add_reviewer(&self, reviewer: Reviewer, token_sha256: String) -> StoreFuture<'_, ()>;
+    fn reviewer_by_token(&self, token_sha256: String) -> StoreFuture<'_, Option<Reviewer>>;
+    fn list_reviewers(&self) -> StoreFuture<'_, Vec<Reviewer>>;
+    /// `false` if there was no such reviewer.
+    fn remove_reviewer(&self, name: String) -> StoreFuture<'_, bool>;
+}
+
+/// What similar requests share: the executable, or the destination (address and port).
+#[must_use]
+pub fn subject_key(target: &Target) -> String {
+    match target {
+        Target::Exec(exec) => format!("exec:{}", exec.executable),
+        Target::Connect(connect) => format!(
+            "connect:{}:{}:{}",
+            connect.family.as_str(),
+            connect.address,
+            connect.port
+        ),
+    }
+}
+
+/// What a grant matches exactly: the whole target (executable and argv, or destination with
+/// family and socket type), as canonical JSON.
+pub fn target_key(target: &Target) -> Result<String, StoreError> {
+    Ok(serde_json::to_string(target)?)
+}
+
+/// Milliseconds since the epoch, as stored.
+pub(crate) fn ms(at: OffsetDateTime) -> i64 {
+    gatekeep_proto::convert::to_ms(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use gatekeep_proto::model::{ConnectTarget, ExecTarget, Family, SocketType};
+
+    use super::*;
+
+    #[test]
+    fn keys_separate_what_they_should() {
+        let exec = |argv: &[&str]| {
+            Target::Exec(ExecTarget {
+                executable: "/usr/bin/git".into(),
+                argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+            })
+        };
+        assert_eq!(subject_key(&exec(&["git", "push"])), "exec:/usr/bin/git");
+        assert_eq!(
+            subject_key(&exec(&["git", "push"])),
+            subject_key(&exec(&["git", "pull"]))
+        );
+        assert_ne!(
+            target_key(&exec(&["git", "push"])).unwrap(),
+            target_key(&exec(&["git", "pull"])).unwrap()
+        );
+        let connect = Target::Connect(ConnectTarget {
+            family: Family::Inet,
+            address: "10.0.0.1".into(),
+            port: 443,
+            socket_type: SocketType::Stream,
+        });
+        assert_eq!(subject_key(&connect), "connect:inet:10.0.0.1:443");
+    }
+}

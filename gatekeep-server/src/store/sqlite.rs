@@ -1,0 +1,639 @@
+//! [`Store`] on `SQLite`: one dedicated thread owns the connection and commits in groups.
+//!
+//! Callers queue closures; the thread takes everything queued (up to [`MAX_GROUP`]), runs
+//! each inside its own savepoint of one transaction, commits once, and only then answers
+//! every caller. Under load one fsync covers many requests and decisions; a lone call is
+//! committed at once. A closure that fails rolls back its savepoint only.
+//!
+//! Schema (`PRAGMA user_version` 1), every table `STRICT`, times in milliseconds since the
+//! epoch: `requests` (a row per request, the full [`RequestRecord`] as JSON plus the columns
+//! queries filter on, and an optimistic `version`), `grants` (likewise) and `reviewers` (name,
+//! SHA-256 of the token, groups).
+
+use std::{
+    fs::OpenOptions,
+    io,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use gatekeep_proto::model::{Grant, RequestRecord, RequestState, Revocation, Target};
+use rusqlite::{Connection, OptionalExtension as _, params};
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::{
+    GrantQuery, Inserted, RequestQuery, Store, StoreError, StoreFuture, Transition, Versioned, ms,
+    subject_key, target_key,
+};
+use crate::auth::Reviewer;
+
+/// Schema version this build reads and writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Most calls committed in one transaction.
+const MAX_GROUP: usize = 512;
+
+const SCHEMA: &str = "
+CREATE TABLE requests (
+    id          TEXT PRIMARY KEY,
+    host        TEXT NOT NULL,
+    policy      TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    subject     TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    deadline    INTEGER NOT NULL,
+    decided_at  INTEGER,
+    version     INTEGER NOT NULL,
+    record      TEXT NOT NULL
+) STRICT;
+CREATE INDEX requests_pending ON requests (deadline) WHERE state = 'pending';
+CREATE INDEX requests_received ON requests (received_at);
+CREATE INDEX requests_subject ON requests (policy, subject, decided_at);
+CREATE TABLE grants (
+    id         TEXT PRIMARY KEY,
+    host       TEXT NOT NULL,
+    policy     TEXT NOT NULL,
+    target     TEXT NOT NULL,
+    cgroup     TEXT,
+    duration   TEXT NOT NULL,
+    expires_at INTEGER,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER,
+    grant      TEXT NOT NULL
+) STRICT;
+CREATE INDEX grants_match ON grants (host, policy, target) WHERE revoked_at IS NULL;
+CREATE INDEX grants_expiry ON grants (expires_at) WHERE revoked_at IS NULL AND expires_at IS NOT NULL;
+CREATE TABLE reviewers (
+    name         TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    groups       TEXT NOT NULL,
+    created_at   INTEGER NOT NULL
+) STRICT;
+";
+
+/// How hard `SQLite` works to make each commit durable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync on every commit: nothing acknowledged is lost, even on power loss.
+    #[default]
+    Full,
+    /// WAL `NORMAL`: survives a crash of the service; a power loss can lose the last commits.
+    Normal,
+}
+
+type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+
+/// The `SQLite` store. Cheap to clone; the thread stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Job>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating with mode 0600 and migrating) the database at `path` and starts its
+    /// thread.
+    pub fn open(path: impl AsRef<Path>, synchronous: Synchronous) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_owned();
+        let conn = open_connection(&path, synchronous)?;
+        let (jobs, receiver) = mpsc::channel::<Job>();
+        thread::Builder::new()
+            .name("gatekeep-store".to_owned())
+            .spawn(move || run(&conn, &receiver))
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(source)),
+            })?;
+        Ok(Self { jobs, path })
+    }
+
+    /// The database file.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the store's thread inside a savepoint; answers once its group committed.
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let reply: Reply = Box::new(move |commit_error: Option<&StoreError>| {
+                let result = match commit_error {
+                    Some(error) => Err(StoreError::Corrupt {
+                        message: format!("commit failed: {error}"),
+                    }),
+                    None => result,
+                };
+                // The caller may have gone away; its result does not matter then.
+                drop(answer.send(result));
+            });
+            (ok, reply)
+        });
+        self.jobs.send(job).map_err(|_| StoreError::Closed)?;
+        answered.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(err) => {
+            return Err(open_err(rusqlite::Error::ToSqlConversionFailure(Box::new(
+                err,
+            ))));
+        }
+    }
+    let mut conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(open_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(open_err)?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        },
+    )
+    .map_err(open_err)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(open_err)?;
+    match version {
+        0 => {
+            let tx = conn.transaction().map_err(open_err)?;
+            tx.execute_batch(SCHEMA).map_err(open_err)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(open_err)?;
+            tx.commit().map_err(open_err)?;
+        }
+        SCHEMA_VERSION => {}
+        found => {
+            return Err(StoreError::Schema {
+                path: path.to_owned(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+    }
+    Ok(conn)
+}
+
+/// The store thread: group commit until every sender is gone.
+fn run(conn: &Connection, jobs: &mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut replies = Vec::with_capacity(group.len());
+        let begun = conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(StoreError::from);
+        if let Err(error) = begun {
+            tracing::error!(%error, "store: failed to begin a transaction");
+            for job in group {
+                let (_, reply) = job(conn);
+                reply(Some(&error));
+            }
+            continue;
+        }
+        for job in group {
+            if let Err(error) = conn.execute_batch("SAVEPOINT job") {
+                tracing::error!(%error, "store: savepoint failed");
+            }
+            let (ok, reply) = job(conn);
+            let end = if ok {
+                "RELEASE job"
+            } else {
+                "ROLLBACK TO job; RELEASE job"
+            };
+            if let Err(error) = conn.execute_batch(end) {
+                tracing::error!(%error, "store: failed to end a savepoint");
+            }
+            replies.push(reply);
+        }
+        let committed = conn.execute_batch("COMMIT").map_err(StoreError::from);
+        if let Err(error) = &committed {
+            tracing::error!(%error, "store: commit failed");
+            drop(conn.execute_batch("ROLLBACK"));
+        }
+        for reply in replies {
+            reply(committed.as_ref().err());
+        }
+    }
+}
+
+fn version_from_sql(version: i64) -> Result<u64, StoreError> {
+    u64::try_from(version).map_err(|_| StoreError::Corrupt {
+        message: format!("negative version {version}"),
+    })
+}
+
+fn version_to_sql(version: u64) -> Result<i64, StoreError> {
+    i64::try_from(version).map_err(|_| StoreError::Corrupt {
+        message: format!("version {version} too large"),
+    })
+}
+
+fn read_record(json: &str, version: i64) -> Result<Versioned<RequestRecord>, StoreError> {
+    Ok(Versioned {
+        version: version_from_sql(version)?,
+        value: serde_json::from_str(json)?,
+    })
+}
+
+fn from_ms(value: i64) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(value) * 1_000_000).map_err(|_| {
+        StoreError::Corrupt {
+            message: format!("time {value} out of range"),
+        }
+    })
+}
+
+fn insert_request(conn: &Connection, record: &RequestRecord) -> Result<Inserted, StoreError> {
+    let id = record.request.id.to_string();
+    let existing = conn
+        .query_row(
+            "SELECT record, version FROM requests WHERE id = ?1",
+            [&id],
+            |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
+        )
+        .optional()?;
+    if let Some((json, version)) = existing {
+        return Ok(Inserted::Existing(Box::new(read_record(&json, version)?)));
+    }
+    conn.prepare_cached(
+        "INSERT INTO requests (id, host, policy, kind, state, subject, received_at, deadline, \
+         decided_at, version, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10)",
+    )?
+    .execute(params![
+        id,
+        record.host,
+        record.request.policy,
+        record.request.kind().as_str(),
+        record.state.as_str(),
+        subject_key(&record.request.target),
+        ms(record.received_at),
+        ms(record.deadline),
+        record.decision.as_ref().map(|d| ms(d.decided_at)),
+        serde_json::to_string(record)?,
+    ])?;
+    Ok(Inserted::New)
+}
+
+fn insert_grant(conn: &Connection, grant: &Grant) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO grants (id, host, policy, target, cgroup, duration, expires_at, created_at, \
+         revoked_at, grant) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        grant.id.to_string(),
+        grant.host,
+        grant.policy,
+        target_key(&grant.target)?,
+        grant.cgroup,
+        grant.duration.to_string(),
+        grant.expires_at.map(ms),
+        ms(grant.created_at),
+        grant.revoked.as_ref().map(|r| ms(r.at)),
+        serde_json::to_string(grant)?,
+    ])?;
+    Ok(())
+}
+
+fn transition(conn: &Connection, transition: &Transition) -> Result<bool, StoreError> {
+    let record = &transition.record;
+    let changed = conn
+        .prepare_cached(
+            "UPDATE requests SET state = ?1, decided_at = ?2, deadline = ?3, record = ?4, \
+             version = version + 1 WHERE id = ?5 AND version = ?6",
+        )?
+        .execute(params![
+            record.state.as_str(),
+            record.decision.as_ref().map(|d| ms(d.decided_at)),
+            ms(record.deadline),
+            serde_json::to_string(record)?,
+            record.request.id.to_string(),
+            version_to_sql(transition.expected_version)?,
+        ])?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    if let Some(grant) = &transition.new_grant {
+        insert_grant(conn, grant)?;
+    }
+    Ok(true)
+}
+
+fn list_requests(
+    conn: &Connection,
+    query: &RequestQuery,
+) -> Result<Vec<RequestRecord>, StoreError> {
+    let order = if query.newest_first { "DESC" } else { "ASC" };
+    let sql = format!(
+        "SELECT record, version FROM requests WHERE (?1 IS NULL OR state = ?1) \
+         AND (?2 = 0 OR state <> 'pending') AND (?3 IS NULL OR host = ?3) \
+         AND (?4 IS NULL OR policy = ?4) AND (?5 IS NULL OR kind = ?5) \
+         AND (?6 IS NULL OR subject = ?6) AND (?7 IS NULL OR id <> ?7) \
+         ORDER BY received_at {order}, id LIMIT ?8"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(
+        params![
+            query.state.map(RequestState::as_str),
+            i64::from(query.final_only),
+            query.host,
+            query.policy,
+            query.kind.map(gatekeep_proto::model::Kind::as_str),
+            query.subject,
+            query.exclude.map(|id| id.to_string()),
+            i64::try_from(query.limit).unwrap_or(i64::MAX),
+        ],
+        |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
+    )?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (json, version) = row?;
+        out.push(read_record(&json, version)?.value);
+    }
+    Ok(out)
+}
+
+fn grants_where(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Grant>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params, |row| row.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(serde_json::from_str(&row?)?);
+    }
+    Ok(out)
+}
+
+impl Store for SqliteStore {
+    fn insert_request(&self, record: RequestRecord) -> StoreFuture<'_, Inserted> {
+        Box::pin(self.call(move |conn| insert_request(conn, &record)))
+    }
+
+    fn get_request(&self, id: Uuid) -> StoreFuture<'_, Option<Versioned<RequestRecord>>> {
+        Box::pin(self.call(move |conn| {
+            conn.prepare_cached("SELECT record, version FROM requests WHERE id = ?1")?
+                .query_row([id.to_string()], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })
+                .optional()?
+                .map(|(json, version)| read_record(&json, version))
+                .transpose()
+        }))
+    }
+
+    fn transition(&self, t: Transition) -> StoreFuture<'_, bool> {
+        Box::pin(self.call(move |conn| transition(conn, &t)))
+    }
+
+    fn list_requests(&self, query: RequestQuery) -> StoreFuture<'_, Vec<RequestRecord>> {
+        Box::pin(self.call(move |conn| list_requests(conn, &query)))
+    }
+
+    fn due_requests(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<Versioned<RequestRecord>>> {
+        Box::pin(self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT record, version FROM requests WHERE state = 'pending' AND deadline <= ?1 \
+                 ORDER BY deadline LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![ms(now), i64::try_from(limit).unwrap_or(i64::MAX)],
+                |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (json, version) = row?;
+                out.push(read_record(&json, version)?);
+            }
+            Ok(out)
+        }))
+    }
+
+    fn next_wakeup(&self) -> StoreFuture<'_, Option<OffsetDateTime>> {
+        Box::pin(self.call(|conn| {
+            let next: Option<i64> = conn.query_row(
+                "SELECT min(t) FROM (\
+                 SELECT min(deadline) AS t FROM requests WHERE state = 'pending' \
+                 UNION ALL SELECT min(expires_at) FROM grants \
+                 WHERE revoked_at IS NULL AND expires_at IS NOT NULL)",
+                [],
+                |row| row.get(0),
+            )?;
+            next.map(from_ms).transpose()
+        }))
+    }
+
+    fn count_pending(&self) -> StoreFuture<'_, u64> {
+        Box::pin(self.call(|conn| {
+            let count: i64 = conn.query_row(
+                "SELECT count(*) FROM requests WHERE state = 'pending'",
+                [],
+                |row| row.get(0),
+            )?;
+            Ok(u64::try_from(count).unwrap_or(0))
+        }))
+    }
+
+    fn get_grant(&self, id: Uuid) -> StoreFuture<'_, Option<Grant>> {
+        Box::pin(self.call(move |conn| {
+            Ok(grants_where(
+                conn,
+                "SELECT grant FROM grants WHERE id = ?1",
+                [id.to_string()],
+            )?
+            .pop())
+        }))
+    }
+
+    fn revoke_grant(&self, id: Uuid, revocation: Revocation) -> StoreFuture<'_, Option<Grant>> {
+        Box::pin(self.call(move |conn| {
+            let Some(mut grant) =
+                grants_where(conn, "SELECT grant FROM grants WHERE id = ?1", [id.to_string()])?
+                    .pop()
+            else {
+                return Ok(None);
+            };
+            if grant.revoked.is_some() {
+                return Ok(None);
+            }
+            let at = ms(revocation.at);
+            grant.revoked = Some(revocation);
+            let changed = conn.execute(
+                "UPDATE grants SET revoked_at = ?1, grant = ?2 WHERE id = ?3 AND revoked_at IS NULL",
+                params![at, serde_json::to_string(&grant)?, id.to_string()],
+            )?;
+            Ok((changed == 1).then_some(grant))
+        }))
+    }
+
+    fn list_grants(&self, query: GrantQuery, now: OffsetDateTime) -> StoreFuture<'_, Vec<Grant>> {
+        Box::pin(self.call(move |conn| {
+            grants_where(
+                conn,
+                "SELECT grant FROM grants WHERE (?1 IS NULL OR host = ?1) \
+                 AND (?2 IS NULL OR policy = ?2) \
+                 AND (?3 = 1 OR (revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?4))) \
+                 ORDER BY created_at, id",
+                params![
+                    query.host,
+                    query.policy,
+                    i64::from(query.include_inactive),
+                    ms(now)
+                ],
+            )
+        }))
+    }
+
+    fn find_grant(
+        &self,
+        host: String,
+        policy: String,
+        target: Target,
+        cgroup: String,
+        now: OffsetDateTime,
+    ) -> StoreFuture<'_, Option<Grant>> {
+        Box::pin(self.call(move |conn| {
+            Ok(grants_where(
+                conn,
+                "SELECT grant FROM grants WHERE host = ?1 AND policy = ?2 AND target = ?3 \
+                 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?4) \
+                 AND (cgroup IS NULL OR cgroup = ?5) ORDER BY created_at DESC LIMIT 1",
+                params![host, policy, target_key(&target)?, ms(now), cgroup],
+            )?
+            .pop())
+        }))
+    }
+
+    fn due_grants(&self, now: OffsetDateTime) -> StoreFuture<'_, Vec<Grant>> {
+        Box::pin(self.call(move |conn| {
+            grants_where(
+                conn,
+                "SELECT grant FROM grants WHERE revoked_at IS NULL AND expires_at IS NOT NULL \
+                 AND expires_at <= ?1 ORDER BY expires_at",
+                [ms(now)],
+            )
+        }))
+    }
+
+    fn session_grants(&self, host: String, cgroup: String) -> StoreFuture<'_, Vec<Grant>> {
+        Box::pin(self.call(move |conn| {
+            let below = format!("{}/", cgroup.trim_end_matches('/'));
+            grants_where(
+                conn,
+                "SELECT grant FROM grants WHERE host = ?1 AND revoked_at IS NULL \
+                 AND cgroup IS NOT NULL AND (cgroup = ?2 OR substr(cgroup, 1, length(?3)) = ?3)",
+                params![host, cgroup, below],
+            )
+        }))
+    }
+
+    fn add_reviewer(&self, reviewer: Reviewer, token_sha256: String) -> StoreFuture<'_, ()> {
+        Box::pin(self.call(move |conn| {
+            let inserted = conn.execute(
+                "INSERT INTO reviewers (name, token_sha256, groups, created_at) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (name) DO NOTHING",
+                params![
+                    reviewer.name,
+                    token_sha256,
+                    serde_json::to_string(&reviewer.groups)?,
+                    ms(OffsetDateTime::now_utc())
+                ],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::ReviewerExists {
+                    name: reviewer.name,
+                });
+            }
+            Ok(())
+        }))
+    }
+
+    fn reviewer_by_token(&self, token_sha256: String) -> StoreFuture<'_, Option<Reviewer>> {
+        Box::pin(self.call(move |conn| {
+            conn.prepare_cached("SELECT name, groups FROM reviewers WHERE token_sha256 = ?1")?
+                .query_row([token_sha256], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+                })
+                .optional()?
+                .map(|(name, groups)| {
+                    Ok(Reviewer {
+                        name,
+                        groups: serde_json::from_str(&groups)?,
+                    })
+                })
+                .transpose()
+        }))
+    }
+
+    fn list_reviewers(&self) -> StoreFuture<'_, Vec<Reviewer>> {
+        Box::pin(self.call(|conn| {
+            let mut stmt = conn.prepare("SELECT name, groups FROM reviewers ORDER BY name")?;
+            let rows = stmt.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, groups) = row?;
+                out.push(Reviewer {
+                    name,
+                    groups: serde_json::from_str(&groups)?,
+                });
+            }
+            Ok(out)
+        }))
+    }
+
+    fn remove_reviewer(&self, name: String) -> StoreFuture<'_, bool> {
+        Box::pin(self.call(move |conn| {
+            Ok(conn.execute("DELETE FROM reviewers WHERE name = ?1", [name])? == 1)
+        }))
+    }
+}
