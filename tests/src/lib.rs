@@ -34,6 +34,7 @@ pub struct Cgroup {
 impl Cgroup {
     /// Creates `/sys/fs/cgroup/<name>` (removing a leftover of an earlier
     /// run first).
+    #[must_use]
     pub fn create(name: &str) -> Self {
         let path = Path::new(CGROUP_ROOT).join(name);
         if path.exists() {
@@ -43,12 +44,23 @@ impl Cgroup {
         Self { path }
     }
 
+    /// Takes charge of an existing cgroup directory (e.g. a child created
+    /// by the test), removing it when dropped.
+    #[must_use]
+    pub fn adopt(name: &str) -> Self {
+        let path = Path::new(CGROUP_ROOT).join(name);
+        assert!(path.is_dir(), "cgroup {} does not exist", path.display());
+        Self { path }
+    }
+
+    #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// The cgroup id the kernel reports (`bpf_get_current_cgroup_id`): the
     /// inode number of the cgroup directory.
+    #[must_use]
     pub fn id(&self) -> u64 {
         fs::metadata(&self.path)
             .unwrap_or_else(|e| panic!("failed to stat {}: {e}", self.path.display()))
@@ -78,6 +90,7 @@ impl Cgroup {
     }
 
     /// Pids currently in the cgroup.
+    #[must_use]
     pub fn pids(&self) -> Vec<u32> {
         fs::read_to_string(self.path.join("cgroup.procs"))
             .unwrap_or_default()
@@ -114,4 +127,266 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() ->
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The state letter of a thread (`/proc/<pid>/task/<tid>/stat`): `T` when
+/// stopped, `t` in a tracing stop, `S`, `R`...; `None` once it is gone.
+#[must_use]
+pub fn task_state(pid: u32, tid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().next()?.chars().next()
+}
+
+/// Whether any thread of `pid` is stopped (`T`).
+#[must_use]
+pub fn is_stopped(pid: u32) -> bool {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .any(|tid| task_state(pid, tid) == Some('T'))
+}
+
+/// A `gatekeep-agent run` (from `PATH`) with its own config, policy folder,
+/// audit log and pin directory in a temporary folder, killed and unloaded
+/// when dropped. Its log is printed if the test panicked.
+#[derive(Debug)]
+pub struct Agent {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Agent {
+    /// Writes `policy` (TOML) as the only policy file and starts the agent;
+    /// returns once it says it is ready. `name` names the pin directory.
+    #[must_use]
+    pub fn start(name: &str, policy: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("gk-agent-{name}-"))
+            .tempdir()
+            .expect("temp dir for the agent");
+        let policies = dir.path().join("policies");
+        fs::create_dir(&policies).expect("policy dir");
+        fs::write(policies.join("policy.toml"), policy).expect("write policy");
+        let config = format!(
+            "policy_dir = \"{}\"\naudit_db = \"{}\"\npin_dir = \"/sys/fs/bpf/gk-test-{name}\"\nhost = \"vm\"\n\
+             reconcile_interval = \"500ms\"\nrescan_interval = \"500ms\"\n",
+            policies.display(),
+            dir.path().join("audit.db").display(),
+        );
+        fs::write(dir.path().join("agent.toml"), config).expect("write config");
+        let mut agent = Self {
+            dir,
+            child: None,
+            starts: 0,
+        };
+        agent.launch();
+        agent
+    }
+
+    #[must_use]
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("agent.toml")
+    }
+
+    #[must_use]
+    pub fn audit_db(&self) -> PathBuf {
+        self.dir.path().join("audit.db")
+    }
+
+    /// The folder the agent loads policies from.
+    #[must_use]
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.path().join("policies")
+    }
+
+    /// A scratch folder for the test's own files.
+    #[must_use]
+    pub fn scratch(&self) -> PathBuf {
+        let scratch = self.dir.path().join("scratch");
+        fs::create_dir_all(&scratch).expect("scratch dir");
+        scratch
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    /// Everything the agent (every start of it) logged so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// Starts (another) agent process on the same config; waits until ready.
+    pub fn launch(&mut self) {
+        assert!(self.child.is_none(), "the agent is already running");
+        let ready = self.dir.path().join("ready");
+        let _ = fs::remove_file(&ready);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("agent log");
+        self.starts += 1;
+        let child = Command::new("gatekeep-agent")
+            .arg("run")
+            .arg("--config")
+            .arg(self.config())
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "info,gatekeep_agent=debug")
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start gatekeep-agent (is it on PATH?)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_mins(2);
+        while !ready.exists() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("gatekeep-agent exited with {status} before it was ready; log:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "gatekeep-agent not ready after 120 s; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).expect("pid"));
+        nix::sys::signal::kill(pid, signal).expect("signal the agent");
+    }
+
+    /// SIGKILL: the agent dies without any cleanup.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Replaces the policy file and sends SIGHUP.
+    pub fn replace_policy(&self, policy: &str) {
+        let path = self.policy_dir().join("policy.toml");
+        let tmp = self.policy_dir().join(".policy.toml.new");
+        fs::write(&tmp, policy).expect("write policy");
+        fs::rename(&tmp, &path).expect("replace policy");
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+    }
+
+    /// Waits until the agent logged `needle` (at least `count` times in all).
+    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) {
+        wait_for(&format!("agent log line `{needle}` x{count}"), timeout, || {
+            (self.log().matches(needle).count() >= count).then_some(())
+        });
+    }
+
+    /// Runs `gatekeep-agent <args> --config <config>` and returns (exit
+    /// success, stdout, stderr).
+    #[must_use]
+    pub fn admin(&self, args: &[&str]) -> (bool, String, String) {
+        let output = Command::new("gatekeep-agent")
+            .args(args)
+            .arg("--config")
+            .arg(self.config())
+            .output()
+            .expect("run gatekeep-agent");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Every audit record so far, from `gatekeep-agent audit export`.
+    #[must_use]
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let (ok, out, err) = self.admin(&["audit", "export", "--format", "jsonl"]);
+        assert!(ok, "audit export failed: {err}");
+        out.lines()
+            .map(|line| serde_json::from_str(line).expect("export line is json"))
+            .collect()
+    }
+
+    /// Waits until the audit log holds a record of `kind` matching `filter`.
+    pub fn wait_record(
+        &self,
+        kind: &str,
+        timeout: Duration,
+        filter: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_for(&format!("an audit record `{kind}`"), timeout, || {
+            self.audit_records()
+                .into_iter()
+                .find(|r| r["kind"] == kind && filter(r))
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let clean = self.stop();
+        let (unloaded, out, err) = self.admin(&["unload"]);
+        if std::thread::panicking() || !clean || !unloaded {
+            eprintln!(
+                "---- gatekeep-agent log ({} start(s), clean stop: {clean}) ----\n{}\n---- unload: {out}{err}",
+                self.starts,
+                self.log()
+            );
+        }
+    }
+}
+
+/// Waits for `child` with a deadline; panics (after killing it) on timeout.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::Output {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("process {} did not finish within {timeout:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.wait().expect("wait");
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = std::io::Read::read_to_end(&mut out, &mut stdout);
+    }
+    if let Some(mut err) = child.stderr.take() {
+        let _ = std::io::Read::read_to_end(&mut err, &mut stderr);
+    }
+    std::process::Output { status, stdout, stderr }
 }

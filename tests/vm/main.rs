@@ -2,5 +2,11 @@
 //! real kernel (BPF LSM enabled), one at a time (`--test-threads=1`: they
 //! share kernel state).
 
+mod audit;
+mod connect;
+mod exec;
+mod pause;
 mod preflight;
+mod restart;
 mod smoke;
+mod workload;
