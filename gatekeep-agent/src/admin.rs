@@ -61,7 +61,8 @@ pub enum AdminError {
 
 /// `policy validate`: every problem of every file, or a one-line summary.
 pub fn validate_policy(paths: &[PathBuf], out: &mut impl Write) -> Result<(), AdminError> {
-    let summary = gatekeep_policy::validate_paths(paths).map_err(|source| AdminError::Policy { source })?;
+    let summary =
+        gatekeep_policy::validate_paths(paths).map_err(|source| AdminError::Policy { source })?;
     writeln!(out, "ok: {summary}").map_err(|source| AdminError::Write { source })
 }
 
@@ -76,21 +77,29 @@ pub fn verify_audit(path: &Path, json: bool, out: &mut impl Write) -> Result<(),
             .map_err(io::Error::other)
             .and_then(|text| writeln!(out, "{text}"))
     } else {
-        let head = report
-            .head
-            .as_ref()
-            .map_or_else(|| "empty log".to_owned(), |h| format!("head seq {} hash {}", h.seq, h.hash));
+        let head = report.head.as_ref().map_or_else(
+            || "empty log".to_owned(),
+            |h| format!("head seq {} hash {}", h.seq, h.hash),
+        );
         let guards = match report.guards_intact {
             Some(false) => "; WARNING: the append-only triggers are missing or altered",
             _ => "",
         };
-        writeln!(out, "ok: {} records, chain intact, {head}{guards}", report.records)
+        writeln!(
+            out,
+            "ok: {} records, chain intact, {head}{guards}",
+            report.records
+        )
     };
     written.map_err(|source| AdminError::Write { source })
 }
 
 /// `audit export --format jsonl`.
-pub fn export_audit(path: &Path, from_seq: Option<u64>, output: Option<&Path>) -> Result<u64, AdminError> {
+pub fn export_audit(
+    path: &Path,
+    from_seq: Option<u64>,
+    output: Option<&Path>,
+) -> Result<u64, AdminError> {
     let filter = ExportFilter {
         from_seq,
         kind: None,
@@ -136,7 +145,10 @@ pub struct PausedRequest {
 pub fn status(pin_dir: &Path) -> Result<Status, AdminError> {
     let layout = PinLayout::new(pin_dir);
     let pinned = layout.pinned_programs();
-    let missing = PinLayout::programs().into_iter().filter(|p| !pinned.contains(p)).collect();
+    let missing = PinLayout::programs()
+        .into_iter()
+        .filter(|p| !pinned.contains(p))
+        .collect();
     let mut status = Status {
         pin_dir: pin_dir.to_owned(),
         programs_pinned: pinned,
@@ -147,7 +159,10 @@ pub fn status(pin_dir: &Path) -> Result<Status, AdminError> {
     if layout.map("PENDING").exists() {
         let maps = KernelMaps::open(&layout)?;
         let now = boot_time_ns();
-        for (tid, pending) in maps.pending().map_err(|source| AdminError::Map { map: "PENDING", source })? {
+        for (tid, pending) in maps.pending().map_err(|source| AdminError::Map {
+            map: "PENDING",
+            source,
+        })? {
             status.paused_requests.push(PausedRequest {
                 pid: pending.pid,
                 tid,
@@ -156,7 +171,10 @@ pub fn status(pin_dir: &Path) -> Result<Status, AdminError> {
                 paused_for_ms: now.saturating_sub(pending.created_ns) / 1_000_000,
             });
         }
-        let counters = maps.counters().map_err(|source| AdminError::Map { map: "COUNTERS", source })?;
+        let counters = maps.counters().map_err(|source| AdminError::Map {
+            map: "COUNTERS",
+            source,
+        })?;
         status.counters = COUNTER_NAMES.iter().copied().zip(counters).collect();
     }
     Ok(status)
@@ -181,8 +199,12 @@ pub fn unload(pin_dir: &Path, proc_root: &Path) -> Result<Unloaded, AdminError> 
     if layout.map("PENDING").exists() && !layout.pinned_programs().is_empty() {
         let mut maps = KernelMaps::open(&layout)?;
         let tasks = ProcTasks::new(proc_root);
-        let pending = maps.pending().map_err(|source| AdminError::Map { map: "PENDING", source })?;
-        let expires_ns = boot_time_ns().saturating_add(u64::try_from(VERDICT_TTL.as_nanos()).unwrap_or(u64::MAX));
+        let pending = maps.pending().map_err(|source| AdminError::Map {
+            map: "PENDING",
+            source,
+        })?;
+        let expires_ns = boot_time_ns()
+            .saturating_add(u64::try_from(VERDICT_TTL.as_nanos()).unwrap_or(u64::MAX));
         for (tid, request) in &pending {
             let key = VerdictKey {
                 tid: *tid,
@@ -200,7 +222,10 @@ pub fn unload(pin_dir: &Path, proc_root: &Path) -> Result<Unloaded, AdminError> 
         }
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let left = maps.pending().map_err(|source| AdminError::Map { map: "PENDING", source })?;
+            let left = maps.pending().map_err(|source| AdminError::Map {
+                map: "PENDING",
+                source,
+            })?;
             if left.is_empty() || Instant::now() >= deadline {
                 report.still_paused = left.iter().map(|(tid, _)| *tid).collect();
                 break;
@@ -246,14 +271,22 @@ mod tests {
         let mut store = gatekeep_audit::AuditStore::open(&path).expect("open");
         let records: Vec<_> = (0..3)
             .map(|i| {
-                gatekeep_audit::AuditRecord::new(gatekeep_audit::RecordKind::Requested, "h", serde_json::json!({ "i": i }))
+                gatekeep_audit::AuditRecord::new(
+                    gatekeep_audit::RecordKind::Requested,
+                    "h",
+                    serde_json::json!({ "i": i }),
+                )
             })
             .collect();
         store.append_batch(&records).expect("append");
         drop(store);
         let mut out = Vec::new();
         verify_audit(&path, false, &mut out).expect("verify");
-        assert!(String::from_utf8(out).expect("utf8").starts_with("ok: 3 records"));
+        assert!(
+            String::from_utf8(out)
+                .expect("utf8")
+                .starts_with("ok: 3 records")
+        );
         let export = dir.path().join("out.jsonl");
         assert_eq!(export_audit(&path, None, Some(&export)).expect("export"), 3);
         let text = std::fs::read_to_string(&export).expect("read");

@@ -93,13 +93,19 @@ pub struct MemorySink {
 impl MemorySink {
     #[must_use]
     pub fn records(&self) -> Vec<AuditRecord> {
-        self.records.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
 impl AuditSink for MemorySink {
     fn record(&self, record: AuditRecord) {
-        self.records.lock().unwrap_or_else(PoisonError::into_inner).push(record);
+        self.records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(record);
     }
 }
 
@@ -116,9 +122,11 @@ mod tests {
         let path = dir.path().join("sub/audit.db");
         let pipeline = AuditPipeline::open(&path).expect("open");
         for i in 0..500 {
-            pipeline
-                .handle
-                .record(AuditRecord::new(RecordKind::Requested, "h", json!({ "i": i })));
+            pipeline.handle.record(AuditRecord::new(
+                RecordKind::Requested,
+                "h",
+                json!({ "i": i }),
+            ));
         }
         let last = pipeline.shutdown().await.expect("shutdown");
         assert_eq!(last, 500);

@@ -215,7 +215,9 @@ mod tests {
         std::fs::write(&missing, "rescan_interval = \"0s\"").expect("write");
         assert!(matches!(
             AgentConfig::load(&missing, true),
-            Err(ConfigError::ZeroInterval { field: "rescan_interval" })
+            Err(ConfigError::ZeroInterval {
+                field: "rescan_interval"
+            })
         ));
     }
 }

@@ -52,7 +52,10 @@ enum Stage {
     Deciding,
     Resuming,
     /// Verdict written and SIGCONT sent; waiting for the kernel to apply it.
-    Resumed { at: Instant, verdict: Verdict },
+    Resumed {
+        at: Instant,
+        verdict: Verdict,
+    },
 }
 
 #[derive(Debug)]
@@ -181,7 +184,13 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             .cloned()
     }
 
-    fn record(&self, kind: RecordKind, request_id: Option<&str>, actor: Option<&str>, payload: Value) {
+    fn record(
+        &self,
+        kind: RecordKind,
+        request_id: Option<&str>,
+        actor: Option<&str>,
+        payload: Value,
+    ) {
         let mut record = AuditRecord::new(kind, self.host.clone(), payload);
         if let Some(id) = request_id {
             record = record.with_request_id(id);
@@ -249,7 +258,12 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
 
     /// One kernel event.
     pub async fn handle_event(&mut self, event: Event) {
-        tracing::debug!(event = event.name(), tid = event.origin().tid, pid = event.origin().pid, "kernel event");
+        tracing::debug!(
+            event = event.name(),
+            tid = event.origin().tid,
+            pid = event.origin().pid,
+            "kernel event"
+        );
         match event {
             Event::ExecAsk(request) => {
                 let origin = request.origin.clone();
@@ -307,31 +321,30 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let Some(policy) = self.policy(origin.policy_id) else {
             // Asked under a policy id this agent did not load (an old set):
             // ask again, so the current policy governs it.
-            tracing::info!(tid, policy_id = origin.policy_id, "request under an unknown policy id; asking again");
-            if matches!(self.kernel.remove_pending(tid, origin.digest).await, Ok(true))
-                && let Err(err) = self.tasks.sigcont(origin.pid)
+            tracing::info!(
+                tid,
+                policy_id = origin.policy_id,
+                "request under an unknown policy id; asking again"
+            );
+            if matches!(
+                self.kernel.remove_pending(tid, origin.digest).await,
+                Ok(true)
+            ) && let Err(err) = self.tasks.sigcont(origin.pid)
             {
                 tracing::warn!(tid, error = %err, "failed to continue a task to re-ask it");
             }
             return;
         };
-        let first_seen = self.reasked.remove(&(tid, origin.digest)).unwrap_or(pending.created_ns);
+        let first_seen = self
+            .reasked
+            .remove(&(tid, origin.digest))
+            .unwrap_or(pending.created_ns);
         let age = Duration::from_nanos(boot_time_ns().saturating_sub(first_seen));
         let timeout = policy.policy.approval.timeout;
         let deadline = Instant::now() + timeout.saturating_sub(age);
         let request_id = format!("{first_seen:x}-{tid}-{:016x}", origin.digest);
 
-        let (kind, rule, mut payload) = match &asked {
-            Asked::Exec(request) => ("exec", policy.exec_rule(request.dev, request.ino), self.exec_payload(request)),
-            Asked::Connect(request) => {
-                let rule = match &request.destination {
-                    Destination::Ip { addr, port } => policy.connect_rule(*addr, *port),
-                    Destination::Unix { .. } => format!("connect unix {}", policy.policy.connect.unix),
-                    Destination::Other { .. } => "connect default".to_owned(),
-                };
-                ("connect", rule, self.connect_payload(request))
-            }
-        };
+        let (kind, rule, mut payload) = self.describe(&asked, &policy);
         payload["rule"] = json!(rule);
         payload["timeout_ms"] = json!(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
         payload["on_timeout"] = json!(policy.policy.approval.on_timeout.as_str());
@@ -345,7 +358,12 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             tid,
             "request paused, asking for a decision"
         );
-        self.record(RecordKind::Requested, Some(&request_id), None, payload.clone());
+        self.record(
+            RecordKind::Requested,
+            Some(&request_id),
+            None,
+            payload.clone(),
+        );
 
         let request = Arc::new(DecisionRequest {
             request_id: request_id.clone(),
@@ -383,6 +401,27 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         );
     }
 
+    /// What an ask is about, the rule that said ask, and its audit payload.
+    fn describe(&self, asked: &Asked, policy: &LoadedPolicy) -> (&'static str, String, Value) {
+        match asked {
+            Asked::Exec(request) => (
+                "exec",
+                policy.exec_rule(request.dev, request.ino),
+                self.exec_payload(request),
+            ),
+            Asked::Connect(request) => {
+                let rule = match &request.destination {
+                    Destination::Ip { addr, port } => policy.connect_rule(*addr, *port),
+                    Destination::Unix { .. } => {
+                        format!("connect unix {}", policy.policy.connect.unix)
+                    }
+                    Destination::Other { .. } => "connect default".to_owned(),
+                };
+                ("connect", rule, self.connect_payload(request))
+            }
+        }
+    }
+
     /// The tracked request of `tid` was replaced by a new one.
     fn supersede(&mut self, tid: u32) {
         let Some(old) = self.tracked.remove(&tid) else {
@@ -392,7 +431,11 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             task.abort();
         }
         self.stats.superseded += 1;
-        tracing::info!(request_id = old.request_id, tid, "request superseded by a new one from the same thread");
+        tracing::info!(
+            request_id = old.request_id,
+            tid,
+            "request superseded by a new one from the same thread"
+        );
         if let Stage::Resumed { .. } | Stage::Resuming = old.stage {
             // Its verdict (for the old digest) can never apply now.
             let kernel = Arc::clone(&self.kernel);
@@ -447,12 +490,27 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         if refused {
             self.stats.kernel_denied += 1;
             payload["reason"] = json!("refused_spinning");
-            payload["detail"] = json!("the task re-entered the hook without stopping (traced); refused with EPERM");
-            tracing::warn!(tid = origin.tid, pid = origin.pid, "paused request refused: the task is traced and would spin");
-            self.record(RecordKind::KernelDenied, request_id, Some("kernel"), payload);
+            payload["detail"] =
+                json!("the task re-entered the hook without stopping (traced); refused with EPERM");
+            tracing::warn!(
+                tid = origin.tid,
+                pid = origin.pid,
+                "paused request refused: the task is traced and would spin"
+            );
+            self.record(
+                RecordKind::KernelDenied,
+                request_id,
+                Some("kernel"),
+                payload,
+            );
         } else {
             self.stats.abandoned += 1;
-            tracing::info!(tid = origin.tid, pid = origin.pid, ?request_id, "paused task exited; request abandoned");
+            tracing::info!(
+                tid = origin.tid,
+                pid = origin.pid,
+                ?request_id,
+                "paused task exited; request abandoned"
+            );
             self.record(RecordKind::Abandoned, request_id, None, payload);
         }
     }
@@ -526,7 +584,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                         self.tracked.remove(&tid);
                         self.stats.abandoned += 1;
                         let mut payload = base;
-                        payload["detail"] = json!("the task exited before its decision could be applied");
+                        payload["detail"] =
+                            json!("the task exited before its decision could be applied");
                         self.record(RecordKind::Abandoned, Some(&request_id), None, payload);
                     }
                     Err(err) => {
@@ -559,9 +618,17 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let timing = self.timing;
         let internal = self.internal_tx.clone();
         self.resumes.spawn(async move {
-            let outcome = resume(kernel.as_ref(), tasks.as_ref(), timing, pid, tid, digest, decision.verdict)
-                .await
-                .map_err(|err| err.to_string());
+            let outcome = resume(
+                kernel.as_ref(),
+                tasks.as_ref(),
+                timing,
+                pid,
+                tid,
+                digest,
+                decision.verdict,
+            )
+            .await
+            .map_err(|err| err.to_string());
             let _ = internal.send(Internal::Resumed {
                 tid,
                 request_id,
@@ -574,8 +641,19 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
 
     /// Compares the kernel's pending requests with the tracked ones.
     pub async fn reconcile(&mut self) {
-        let tracked: HashSet<(u32, u64)> = self.tracked.iter().map(|(tid, t)| (*tid, t.digest)).collect();
-        let reconciled = match reconcile(self.kernel.as_ref(), self.tasks.as_ref(), self.timing, &tracked).await {
+        let tracked: HashSet<(u32, u64)> = self
+            .tracked
+            .iter()
+            .map(|(tid, t)| (*tid, t.digest))
+            .collect();
+        let reconciled = match reconcile(
+            self.kernel.as_ref(),
+            self.tasks.as_ref(),
+            self.timing,
+            &tracked,
+        )
+        .await
+        {
             Ok(reconciled) => reconciled,
             Err(err) => {
                 tracing::error!(error = %err, "reconciling pending requests failed");
@@ -601,21 +679,39 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 }
                 Finding::Reasked { tid, pending } => {
                     self.stats.reasked += 1;
-                    tracing::info!(tid, pid = pending.pid, "asking a paused request again (its event was missed)");
-                    let first = self.reasked.get(&(tid, pending.digest)).copied().unwrap_or(pending.created_ns);
-                    self.reasked.insert((tid, pending.digest), first.min(pending.created_ns));
+                    tracing::info!(
+                        tid,
+                        pid = pending.pid,
+                        "asking a paused request again (its event was missed)"
+                    );
+                    let first = self
+                        .reasked
+                        .get(&(tid, pending.digest))
+                        .copied()
+                        .unwrap_or(pending.created_ns);
+                    self.reasked
+                        .insert((tid, pending.digest), first.min(pending.created_ns));
                 }
             }
         }
         if reconciled.expired_verdicts > 0 {
-            tracing::debug!(count = reconciled.expired_verdicts, "removed expired verdicts");
+            tracing::debug!(
+                count = reconciled.expired_verdicts,
+                "removed expired verdicts"
+            );
         }
-        // Tracked requests the kernel no longer holds.
+        self.check_tracked(&reconciled.pending);
+    }
+
+    /// Tracked requests the kernel no longer holds are dropped (and recorded
+    /// if undecided); decided ones whose task stopped again before using
+    /// its verdict get the verdict again.
+    fn check_tracked(&mut self, pending: &HashMap<u32, gatekeep_common::PendingRequest>) {
         let grace = self.timing.grace;
         let mut vanished = Vec::new();
         let mut retry = Vec::new();
         for (tid, tracked) in &self.tracked {
-            let in_kernel = reconciled.pending.get(tid).is_some_and(|p| p.digest == tracked.digest);
+            let in_kernel = pending.get(tid).is_some_and(|p| p.digest == tracked.digest);
             match tracked.stage {
                 Stage::Resumed { at, verdict } if at.elapsed() >= grace => {
                     if in_kernel {
@@ -680,10 +776,11 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     /// stopped) and records them as cancelled.
     pub async fn shutdown(mut self) -> Stats {
         self.decisions.abort_all();
-        let finish = async {
-            while let Some(_done) = self.resumes.join_next().await {}
-        };
-        if tokio::time::timeout(self.timing.stop_wait + Duration::from_secs(1), finish).await.is_err() {
+        let finish = async { while let Some(_done) = self.resumes.join_next().await {} };
+        if tokio::time::timeout(self.timing.stop_wait + Duration::from_secs(1), finish)
+            .await
+            .is_err()
+        {
             tracing::warn!("resumes still running at shutdown; the next agent finishes them");
         }
         self.drain_internal();
@@ -730,7 +827,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
 
     fn exec_payload(&self, request: &ExecRequest) -> Value {
         let mut payload = self.origin_payload(&request.origin);
-        let exe = self.enricher.display_path(request.origin.pid, &request.filename);
+        let exe = self
+            .enricher
+            .display_path(request.origin.pid, &request.filename);
         payload["kind"] = json!("exec");
         payload["exe"] = json!(exe);
         payload["filename"] = json!(request.filename);
@@ -810,7 +909,10 @@ mod tests {
             tasks: Arc::clone(&kernel),
             decider: Arc::new(LocalDecider),
             audit: Arc::clone(&audit),
-            enricher: Arc::new(Enricher::new("/nonexistent-proc", std::path::Path::new("/nonexistent"))),
+            enricher: Arc::new(Enricher::new(
+                "/nonexistent-proc",
+                std::path::Path::new("/nonexistent"),
+            )),
             host: "test-host".into(),
             timing: PauseTiming::default(),
             policies: policies(on_timeout, timeout),
@@ -838,13 +940,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn asked_exec_is_allowed_at_the_timeout_and_recorded() {
         let mut rig = rig("allow", "2s");
-        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
         let started = Instant::now();
         let ask = rig.kernel.ask_event(100);
         rig.controller.handle_event(ask).await;
         assert_eq!(rig.controller.tracked_count(), 1);
         rig.controller.step_internal().await; // decided
-        assert!(started.elapsed() >= Duration::from_secs(2), "decided before the timeout");
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "decided before the timeout"
+        );
         rig.controller.step_internal().await; // resumed
         assert_eq!(rig.kernel.result_of(100), Some(ALLOW));
         rig.pump().await; // VERDICT_APPLIED
@@ -861,20 +967,28 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn asked_exec_is_denied_when_the_policy_says_so() {
         let mut rig = rig("deny", "3s");
-        rig.kernel.spawn_task(FakeTask::asking(100, 101, 7).stopped());
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 101, 7).stopped());
         let ask = rig.kernel.ask_event(101);
         rig.controller.handle_event(ask).await;
         rig.controller.step_internal().await;
         rig.controller.step_internal().await;
         assert_eq!(rig.kernel.result_of(101), Some(DENY));
-        assert!(rig.kernel.verdicts_now().is_empty(), "the verdict was consumed");
-        assert!(rig.kernel.pending_now().is_empty(), "no pending entry leaks");
+        assert!(
+            rig.kernel.verdicts_now().is_empty(),
+            "the verdict was consumed"
+        );
+        assert!(
+            rig.kernel.pending_now().is_empty(),
+            "no pending entry leaks"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_task_dying_while_paused_is_abandoned_and_never_resumed() {
         let mut rig = rig("allow", "60s");
-        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
         let ask = rig.kernel.ask_event(100);
         rig.controller.handle_event(ask).await;
         rig.kernel.kill(100);
@@ -891,7 +1005,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn rewritten_argv_supersedes_and_only_the_new_request_is_decided() {
         let mut rig = rig("allow", "2s");
-        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
         let ask = rig.kernel.ask_event(100);
         rig.controller.handle_event(ask).await;
         // A stray SIGCONT, and meanwhile a sibling rewrote argv: the
@@ -900,7 +1015,14 @@ mod tests {
         nix_free_sigcont(&rig.kernel, 100);
         rig.pump().await;
         let records = rig.audit.records();
-        assert_eq!(rig.kinds(), [RecordKind::Requested, RecordKind::Cancelled, RecordKind::Requested]);
+        assert_eq!(
+            rig.kinds(),
+            [
+                RecordKind::Requested,
+                RecordKind::Cancelled,
+                RecordKind::Requested
+            ]
+        );
         assert_eq!(records[1].payload["reason"], "superseded");
         assert_ne!(records[0].request_id, records[2].request_id);
         // The new request is decided; the verdict names the new digest only.
@@ -908,7 +1030,13 @@ mod tests {
         rig.controller.step_internal().await;
         assert_eq!(rig.kernel.result_of(100), Some(ALLOW));
         assert_eq!(rig.kinds().last(), Some(&RecordKind::Expired));
-        assert_eq!(rig.audit.records().last().and_then(|r| r.request_id.clone()), records[2].request_id);
+        assert_eq!(
+            rig.audit
+                .records()
+                .last()
+                .and_then(|r| r.request_id.clone()),
+            records[2].request_id
+        );
     }
 
     fn nix_free_sigcont(kernel: &FakeKernel, pid: u32) {
@@ -918,7 +1046,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stale_ask_events_are_ignored() {
         let mut rig = rig("allow", "2s");
-        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
         let ask = rig.kernel.ask_event(100);
         rig.kernel.change_request(100, 9);
         nix_free_sigcont(&rig.kernel, 100);
@@ -934,7 +1063,8 @@ mod tests {
     async fn after_a_restart_untracked_requests_are_reasked_and_keep_their_deadline() {
         let mut rig = rig("deny", "10s");
         // Paused 4 s ago under a previous agent; its event is long gone.
-        rig.kernel.spawn_task(FakeTask::asking(300, 301, 5).stopped().created_secs_ago(4));
+        rig.kernel
+            .spawn_task(FakeTask::asking(300, 301, 5).stopped().created_secs_ago(4));
         let started = Instant::now();
         rig.controller.reconcile().await;
         assert_eq!(rig.controller.stats.reasked, 1);
@@ -953,7 +1083,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_leaves_tasks_paused_and_records_them_cancelled() {
         let mut rig = rig("allow", "60s");
-        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
         let ask = rig.kernel.ask_event(100);
         rig.controller.handle_event(ask).await;
         let Rig {
@@ -973,7 +1104,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn requests_of_unknown_policy_ids_are_asked_again() {
         let mut rig = rig("allow", "2s");
-        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
         let Event::ExecAsk(mut request) = rig.kernel.ask_event(100) else {
             panic!("exec ask");
         };
@@ -987,13 +1119,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn run_loop_decides_and_stops_on_shutdown() {
         let rig = rig("allow", "1s");
-        rig.kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
         let (events_tx, events_rx) = mpsc::channel(8);
         let (_policies_tx, policies_rx) = watch::channel(policies("allow", "1s"));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let kernel = Arc::clone(&rig.kernel);
-        let run = tokio::spawn(rig.controller.run(events_rx, policies_rx, shutdown_rx, Duration::from_secs(1)));
-        events_tx.send(vec![kernel.ask_event(100)]).await.expect("send");
+        let run = tokio::spawn(rig.controller.run(
+            events_rx,
+            policies_rx,
+            shutdown_rx,
+            Duration::from_secs(1),
+        ));
+        events_tx
+            .send(vec![kernel.ask_event(100)])
+            .await
+            .expect("send");
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(kernel.result_of(100), Some(ALLOW));
         shutdown_tx.send(true).expect("shutdown");

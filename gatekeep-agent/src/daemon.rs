@@ -56,7 +56,9 @@ pub enum DaemonError {
         #[source]
         source: AuditError,
     },
-    #[error(transparent)]
+    #[error(
+        "failed to load or adopt the kernel programs (`gatekeep-agent check` diagnoses this host)"
+    )]
     Pinning(#[from] PinningError),
     #[error("failed to compile the policy into kernel maps")]
     Compile {
@@ -110,16 +112,22 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
 }
 
 /// Runs the daemon with any decider.
-#[expect(clippy::too_many_lines, reason = "the startup sequence reads best in one place, step by step")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "the startup sequence reads best in one place, step by step"
+)]
 pub async fn run_with<D: Decider>(
     config: AgentConfig,
     options: RunOptions,
     decider: Arc<D>,
 ) -> Result<(), DaemonError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| DaemonError::Signals { source })?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signals { source })?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(|source| DaemonError::Signals { source })?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|source| DaemonError::Signals { source })?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signals { source })?;
+    let mut sighup =
+        signal(SignalKind::hangup()).map_err(|source| DaemonError::Signals { source })?;
 
     // 1. The policy must be valid before anything changes.
     let set = load_policy(&config.policy_dir).await?;
@@ -173,9 +181,14 @@ pub async fn run_with<D: Decider>(
     }
 
     // 5. The request path.
-    let mut reader = EventReader::new(events).map_err(|source| DaemonError::RingBuffer { source })?;
+    let mut reader =
+        EventReader::new(events).map_err(|source| DaemonError::RingBuffer { source })?;
     let (events_tx, events_rx) = mpsc::channel(1024);
-    let backlog: Vec<_> = reader.drain().into_iter().filter_map(log_parse_error).collect();
+    let backlog: Vec<_> = reader
+        .drain()
+        .into_iter()
+        .filter_map(log_parse_error)
+        .collect();
     let backlog_len = backlog.len();
     if !backlog.is_empty() {
         // Capacity 1024 and nothing queued yet: this cannot block.
@@ -233,9 +246,11 @@ pub async fn run_with<D: Decider>(
         );
     }
     if let Some(path) = &options.ready_file {
-        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|source| DaemonError::ReadyFile {
-            path: path.clone(),
-            source,
+        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|source| {
+            DaemonError::ReadyFile {
+                path: path.clone(),
+                source,
+            }
         })?;
     }
 
@@ -250,7 +265,9 @@ pub async fn run_with<D: Decider>(
         }
     }
     let _ = shutdown_tx.send(true);
-    let stats = controller_task.await.map_err(|source| DaemonError::Join { source })?;
+    let stats = controller_task
+        .await
+        .map_err(|source| DaemonError::Join { source })?;
     let _ = reader_task.await;
     let _ = watcher_task.await;
     let paused_left = kernel.pending().await.map_or(0, |p| p.len());
@@ -267,7 +284,10 @@ pub async fn run_with<D: Decider>(
     ));
     drop(sink);
     drop(kernel);
-    let last = audit.shutdown().await.map_err(|source| DaemonError::AuditShutdown { source })?;
+    let last = audit
+        .shutdown()
+        .await
+        .map_err(|source| DaemonError::AuditShutdown { source })?;
     let _ = kernel_task.await;
     if let Some(path) = &options.ready_file {
         let _ = std::fs::remove_file(path);
@@ -328,7 +348,11 @@ async fn load_policy(dir: &Path) -> Result<PolicySet, DaemonError> {
 }
 
 /// Compiles `set` with ids unused in the kernel and applies it.
-async fn apply_new_policy(kernel: &KernelHandle, set: &PolicySet, host: &HostView) -> Result<Compiled, DaemonError> {
+async fn apply_new_policy(
+    kernel: &KernelHandle,
+    set: &PolicySet,
+    host: &HostView,
+) -> Result<Compiled, DaemonError> {
     let current = kernel
         .read_policy_state()
         .await
@@ -344,14 +368,24 @@ async fn apply_new_policy(kernel: &KernelHandle, set: &PolicySet, host: &HostVie
     Ok(compiled)
 }
 
-async fn compile_blocking(set: PolicySet, ids: Vec<u32>, generation: u32, host: HostView) -> Result<Compiled, DaemonError> {
+async fn compile_blocking(
+    set: PolicySet,
+    ids: Vec<u32>,
+    generation: u32,
+    host: HostView,
+) -> Result<Compiled, DaemonError> {
     tokio::task::spawn_blocking(move || policy_maps::compile(&set, &ids, generation, &host))
         .await
         .map_err(|source| DaemonError::Join { source })?
         .map_err(|source| DaemonError::Compile { source })
 }
 
-fn record_policy_loaded(sink: &AuditHandle, config: &AgentConfig, compiled: &Compiled, trigger: &str) {
+fn record_policy_loaded(
+    sink: &AuditHandle,
+    config: &AgentConfig,
+    compiled: &Compiled,
+    trigger: &str,
+) {
     sink.record(AuditRecord::new(
         RecordKind::PolicyLoaded,
         config.host.clone(),
@@ -394,7 +428,10 @@ pub fn policy_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>, 
 
 /// Reloads the policy on SIGHUP or when its files change, and rescans the
 /// host (new cgroups, replaced executables) every `rescan_interval`.
-#[expect(clippy::too_many_arguments, reason = "one task's whole context, wired once")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one task's whole context, wired once"
+)]
 async fn watch_policy(
     config: AgentConfig,
     kernel: KernelHandle,
@@ -416,8 +453,15 @@ async fn watch_policy(
         let now = policy_fingerprint(&config.policy_dir);
         if forced || now != fingerprint {
             fingerprint = now;
-            reload_policy(&config, &kernel, &policies, sink.as_ref(), &host, if forced { "sighup" } else { "file_change" })
-                .await;
+            reload_policy(
+                &config,
+                &kernel,
+                &policies,
+                sink.as_ref(),
+                &host,
+                if forced { "sighup" } else { "file_change" },
+            )
+            .await;
         } else {
             rescan(&kernel, &policies, &host).await;
         }
@@ -459,7 +503,9 @@ async fn reload_policy(
             record_policy_loaded(sink, config, &compiled, trigger);
             let _ = policies.send(Arc::new(compiled));
         }
-        Err(err) => tracing::error!(error = %err, "policy reload failed; the loaded policy stays in force"),
+        Err(err) => {
+            tracing::error!(error = %err, "policy reload failed; the loaded policy stays in force");
+        }
     }
 }
 
@@ -470,7 +516,8 @@ async fn rescan(kernel: &KernelHandle, policies: &watch::Sender<Arc<Compiled>>, 
     let set = PolicySet {
         policies: loaded.policies.values().map(|p| p.policy.clone()).collect(),
     };
-    let compiled = match compile_blocking(set, loaded.ids(), loaded.generation, host.clone()).await {
+    let compiled = match compile_blocking(set, loaded.ids(), loaded.generation, host.clone()).await
+    {
         Ok(compiled) => compiled,
         Err(err) => {
             tracing::error!(error = %err, "rescan failed");

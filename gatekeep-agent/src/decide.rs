@@ -143,7 +143,10 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// Asks `decider` until it answers, retrying failures, and gives the policy's
 /// timeout action if the deadline comes first.
-pub async fn decide_by_deadline<D: Decider>(decider: &D, request: Arc<DecisionRequest>) -> Decision {
+pub async fn decide_by_deadline<D: Decider>(
+    decider: &D,
+    request: Arc<DecisionRequest>,
+) -> Decision {
     let deadline = request.deadline;
     let attempt = async {
         loop {
@@ -196,7 +199,11 @@ mod tests {
         // Virtual time: exactly the timeout passed, not less.
         assert!(started.elapsed() >= Duration::from_mins(2));
 
-        let decision = decide_by_deadline(&LocalDecider, request(Duration::from_secs(5), Verdict::Deny)).await;
+        let decision = decide_by_deadline(
+            &LocalDecider,
+            request(Duration::from_secs(5), Verdict::Deny),
+        )
+        .await;
         assert_eq!(decision.verdict, Verdict::Deny);
     }
 
@@ -234,7 +241,8 @@ mod tests {
         let flaky = Flaky {
             calls: AtomicU32::new(0),
         };
-        let decision = decide_by_deadline(&flaky, request(Duration::from_mins(1), Verdict::Deny)).await;
+        let decision =
+            decide_by_deadline(&flaky, request(Duration::from_mins(1), Verdict::Deny)).await;
         assert_eq!(decision.actor, "alice");
         assert!(!decision.expired);
         assert_eq!(flaky.calls.load(Ordering::SeqCst), 3);
@@ -251,7 +259,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn silent_decider_gets_the_timeout_action() {
-        let decision = decide_by_deadline(&Silent, request(Duration::from_secs(3), Verdict::Deny)).await;
+        let decision =
+            decide_by_deadline(&Silent, request(Duration::from_secs(3), Verdict::Deny)).await;
         assert_eq!(decision.verdict, Verdict::Deny);
         assert!(decision.expired);
         assert!(decision.reason.contains("3s"), "{}", decision.reason);
@@ -261,6 +270,9 @@ mod tests {
     fn ask_on_timeout_fails_closed() {
         assert_eq!(Verdict::from_policy(Action::Ask), Verdict::Deny);
         assert_eq!(Verdict::from_policy(Action::Allow), Verdict::Allow);
-        assert_eq!(Verdict::Allow.kernel_action(), gatekeep_common::action::ALLOW);
+        assert_eq!(
+            Verdict::Allow.kernel_action(),
+            gatekeep_common::action::ALLOW
+        );
     }
 }

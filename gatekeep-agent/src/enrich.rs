@@ -159,7 +159,9 @@ fn within(path: Option<&str>, root: Option<&str>) -> bool {
             let root = root.trim_end_matches('/');
             root.is_empty()
                 || path == root
-                || path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
+                || path
+                    .strip_prefix(root)
+                    .is_some_and(|rest| rest.starts_with('/'))
         }
         _ => false,
     }
@@ -208,7 +210,8 @@ impl Users {
         let mut names = HashMap::new();
         for line in text.lines() {
             let mut fields = line.split(':');
-            let (Some(name), Some(_password), Some(uid)) = (fields.next(), fields.next(), fields.next())
+            let (Some(name), Some(_password), Some(uid)) =
+                (fields.next(), fields.next(), fields.next())
             else {
                 continue;
             };
@@ -233,10 +236,21 @@ mod tests {
     use super::*;
 
     /// Writes a fake `/proc/<pid>` with stat, cgroup, cmdline, cwd and exe.
-    fn fake_process(root: &Path, pid: u32, name: &str, parent: u32, cgroup: &str, cmdline: &[&str]) {
+    fn fake_process(
+        root: &Path,
+        pid: u32,
+        name: &str,
+        parent: u32,
+        cgroup: &str,
+        cmdline: &[&str],
+    ) {
         let dir = root.join(pid.to_string());
         fs::create_dir_all(&dir).expect("mkdir");
-        fs::write(dir.join("stat"), format!("{pid} ({name}) S {parent} 1 1 0 -1")).expect("stat");
+        fs::write(
+            dir.join("stat"),
+            format!("{pid} ({name}) S {parent} 1 1 0 -1"),
+        )
+        .expect("stat");
         fs::write(dir.join("cgroup"), format!("0::{cgroup}\n")).expect("cgroup");
         let mut bytes = Vec::new();
         for arg in cmdline {
@@ -253,12 +267,36 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let proc_root = dir.path().join("proc");
         fake_process(&proc_root, 1, "init", 0, "/init.scope", &["/sbin/init"]);
-        fake_process(&proc_root, 50, "shim", 1, "/system.slice/shim.service", &["shim"]);
-        fake_process(&proc_root, 60, "bash", 50, "/agents/a1", &["bash", "-c", "x y"]);
-        fake_process(&proc_root, 70, "python (3)", 60, "/agents/a1/worker", &["python3", "run.py"]);
+        fake_process(
+            &proc_root,
+            50,
+            "shim",
+            1,
+            "/system.slice/shim.service",
+            &["shim"],
+        );
+        fake_process(
+            &proc_root,
+            60,
+            "bash",
+            50,
+            "/agents/a1",
+            &["bash", "-c", "x y"],
+        );
+        fake_process(
+            &proc_root,
+            70,
+            "python (3)",
+            60,
+            "/agents/a1/worker",
+            &["python3", "run.py"],
+        );
         let passwd = dir.path().join("passwd");
-        fs::write(&passwd, "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n")
-            .expect("passwd");
+        fs::write(
+            &passwd,
+            "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n",
+        )
+        .expect("passwd");
 
         let enricher = Enricher::new(&proc_root, &passwd);
         let info = enricher.enrich(70, 1000);
@@ -268,13 +306,21 @@ mod tests {
         assert_eq!(pids, [70, 60]);
         assert_eq!(info.ancestry[0].comm, "python (3)");
         assert_eq!(info.ancestry[0].cmdline, ["python3", "run.py"]);
-        assert_eq!(info.ancestry[0].exe.as_deref(), Some(Path::new("/usr/bin/python (3)")));
+        assert_eq!(
+            info.ancestry[0].exe.as_deref(),
+            Some(Path::new("/usr/bin/python (3)"))
+        );
         assert_eq!(info.cwd.as_deref(), Some(Path::new("/work/python (3)")));
         assert_eq!(info.user.as_deref(), Some("alice"));
         assert_eq!(info.cgroup.as_deref(), Some("/agents/a1/worker"));
 
         // From 60 (cgroup /agents/a1) the chain goes to the shim, outside.
-        let pids: Vec<u32> = enricher.enrich(60, 0).ancestry.iter().map(|p| p.pid).collect();
+        let pids: Vec<u32> = enricher
+            .enrich(60, 0)
+            .ancestry
+            .iter()
+            .map(|p| p.pid)
+            .collect();
         assert_eq!(pids, [60, 50]);
         // Unknown uid: no name; a vanished process: empty ancestry.
         assert_eq!(enricher.enrich(60, 4242).user, None);
@@ -288,7 +334,12 @@ mod tests {
         fake_process(&proc_root, 1, "init", 0, "/", &["init"]);
         fake_process(&proc_root, 5, "sh", 1, "/", &["sh"]);
         let enricher = Enricher::new(&proc_root, &dir.path().join("missing"));
-        let pids: Vec<u32> = enricher.enrich(5, 0).ancestry.iter().map(|p| p.pid).collect();
+        let pids: Vec<u32> = enricher
+            .enrich(5, 0)
+            .ancestry
+            .iter()
+            .map(|p| p.pid)
+            .collect();
         assert_eq!(pids, [5, 1]);
     }
 
@@ -298,9 +349,18 @@ mod tests {
         let proc_root = dir.path().join("proc");
         fake_process(&proc_root, 9, "sh", 1, "/", &["sh"]);
         let enricher = Enricher::new(&proc_root, &dir.path().join("missing"));
-        assert_eq!(enricher.display_path(9, Path::new("./tool")), Path::new("/work/sh/./tool"));
-        assert_eq!(enricher.display_path(9, Path::new("/bin/ls")), Path::new("/bin/ls"));
-        assert_eq!(enricher.display_path(10, Path::new("tool")), Path::new("tool"));
+        assert_eq!(
+            enricher.display_path(9, Path::new("./tool")),
+            Path::new("/work/sh/./tool")
+        );
+        assert_eq!(
+            enricher.display_path(9, Path::new("/bin/ls")),
+            Path::new("/bin/ls")
+        );
+        assert_eq!(
+            enricher.display_path(10, Path::new("tool")),
+            Path::new("tool")
+        );
     }
 
     #[test]
@@ -323,7 +383,8 @@ mod tests {
 
     #[test]
     fn first_passwd_entry_for_a_uid_wins_and_junk_is_skipped() {
-        let users = Users::parse("root:x:0:0::/:/bin/sh\ntoor:x:0:0::/:/bin/sh\nbroken\nx:y:notanumber\n");
+        let users =
+            Users::parse("root:x:0:0::/:/bin/sh\ntoor:x:0:0::/:/bin/sh\nbroken\nx:y:notanumber\n");
         assert_eq!(users.name(0), Some("root"));
         assert_eq!(users.name(1), None);
     }

@@ -27,7 +27,11 @@ pub enum ParseError {
     #[error("ring buffer record of {len} bytes is shorter than an event header")]
     TooShort { len: usize },
     #[error("ring buffer record of kind {kind} has {len} bytes, expected at least {expected}")]
-    Truncated { kind: u32, len: usize, expected: usize },
+    Truncated {
+        kind: u32,
+        len: usize,
+        expected: usize,
+    },
     #[error("unknown ring buffer record kind {kind}")]
     UnknownKind { kind: u32 },
 }
@@ -287,7 +291,12 @@ fn split_argv(bytes: &[u8]) -> Vec<String> {
 fn connect_request(raw: &ConnectEvent) -> ConnectRequest {
     let destination = match raw.family {
         AF_INET => Destination::Ip {
-            addr: IpAddr::V4(Ipv4Addr::new(raw.addr[0], raw.addr[1], raw.addr[2], raw.addr[3])),
+            addr: IpAddr::V4(Ipv4Addr::new(
+                raw.addr[0],
+                raw.addr[1],
+                raw.addr[2],
+                raw.addr[3],
+            )),
             port: raw.port,
         },
         AF_INET6 => Destination::Ip {
@@ -347,7 +356,8 @@ pub mod reader {
         pub fn new(ring: RingBuf<MapData>) -> io::Result<Self> {
             // SAFETY: the ring buffer owns its map fd (a `MapData`), which
             // stays open and unchanged until the `AsyncFd` drops it.
-            let fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(io::Error::from)?;
+            let fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+                .map_err(io::Error::from)?;
             Ok(Self { fd })
         }
 
@@ -409,8 +419,10 @@ mod tests {
 
     fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
         // SAFETY: reading the bytes of a plain-old-data value.
-        unsafe { std::slice::from_raw_parts(std::ptr::from_ref::<T>(value).cast::<u8>(), size_of::<T>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref::<T>(value).cast::<u8>(), size_of::<T>())
+        }
+        .to_vec()
     }
 
     fn exec_event(kind: u32, filename: &[u8], argv: &[u8]) -> ExecEvent {
@@ -496,7 +508,12 @@ mod tests {
         let Event::ConnectDenied(request) = parse(&bytes_of(&raw)).expect("parse") else {
             panic!("not a connect denial");
         };
-        assert_eq!(request.destination, Destination::Unix { path: "@agent".into() });
+        assert_eq!(
+            request.destination,
+            Destination::Unix {
+                path: "@agent".into()
+            }
+        );
     }
 
     #[test]
@@ -521,7 +538,10 @@ mod tests {
         };
         assert!(matches!(
             parse(&bytes_of(&raw)),
-            Ok(Event::Abandoned { kind: RequestKind::Exec, .. })
+            Ok(Event::Abandoned {
+                kind: RequestKind::Exec,
+                ..
+            })
         ));
     }
 

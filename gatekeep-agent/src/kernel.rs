@@ -8,17 +8,21 @@
 
 use std::{future::Future, time::Duration};
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, lpm_trie::{Key, LpmTrie}};
+use aya::maps::{
+    Array, HashMap, MapData, MapError, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+};
 use gatekeep_common::{
-    ConnectV4Key, ConnectV6Key, ExecRuleKey, GatedCgroup, PendingRequest, PolicyDefaults, PortRules, Verdict,
-    VerdictKey, counter,
+    ConnectV4Key, ConnectV6Key, ExecRuleKey, GatedCgroup, PendingRequest, PolicyDefaults,
+    PortRules, Verdict, VerdictKey, counter,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     pinning::{PinLayout, PinningError, open_map},
     policy_maps::{
-        Applied, MapOp, MapState, PolicyMaps, PolicyMapsError, exec_key, v4_bytes, v4_key, v6_bytes, v6_key,
+        Applied, MapOp, MapState, PolicyMaps, PolicyMapsError, exec_key, v4_bytes, v4_key,
+        v6_bytes, v6_key,
     },
 };
 
@@ -138,15 +142,21 @@ impl PolicyMaps for KernelMaps {
         }
         for entry in &self.exec_rules {
             let (key, action) = entry.map_err(read("EXEC_RULES"))?;
-            state.exec_rules.insert((key.policy_id, key.dev, key.ino), action);
+            state
+                .exec_rules
+                .insert((key.policy_id, key.dev, key.ino), action);
         }
         for entry in &self.connect_v4 {
             let (key, rules) = entry.map_err(read("CONNECT_V4"))?;
-            state.connect_v4.insert((key.prefix_len(), v4_bytes(&key.data())), rules);
+            state
+                .connect_v4
+                .insert((key.prefix_len(), v4_bytes(&key.data())), rules);
         }
         for entry in &self.connect_v6 {
             let (key, rules) = entry.map_err(read("CONNECT_V6"))?;
-            state.connect_v6.insert((key.prefix_len(), v6_bytes(&key.data())), rules);
+            state
+                .connect_v6
+                .insert((key.prefix_len(), v6_bytes(&key.data())), rules);
         }
         Ok(state)
     }
@@ -154,32 +164,42 @@ impl PolicyMaps for KernelMaps {
     fn write(&mut self, op: &MapOp) -> Result<(), PolicyMapsError> {
         let write = |map: &'static str| move |source| PolicyMapsError::Write { map, source };
         match op {
-            MapOp::SetPolicy(id, defaults) => self.policies.set(*id, defaults, 0).map_err(write("POLICIES")),
+            MapOp::SetPolicy(id, defaults) => self
+                .policies
+                .set(*id, defaults, 0)
+                .map_err(write("POLICIES")),
             MapOp::SetExec(key, action) => self
                 .exec_rules
                 .insert(exec_key(*key), action, 0)
                 .map_err(write("EXEC_RULES")),
-            MapOp::RemoveExec(key) => {
-                not_found_is_none(self.exec_rules.remove(&exec_key(*key))).map(drop).map_err(write("EXEC_RULES"))
-            }
+            MapOp::RemoveExec(key) => not_found_is_none(self.exec_rules.remove(&exec_key(*key)))
+                .map(drop)
+                .map_err(write("EXEC_RULES")),
             MapOp::SetV4((prefix, key), rules) => self
                 .connect_v4
                 .insert(&Key::new(*prefix, v4_key(*key)), rules, 0)
                 .map_err(write("CONNECT_V4")),
-            MapOp::RemoveV4((prefix, key)) => not_found_is_none(self.connect_v4.remove(&Key::new(*prefix, v4_key(*key))))
-                .map(drop)
-                .map_err(write("CONNECT_V4")),
+            MapOp::RemoveV4((prefix, key)) => {
+                not_found_is_none(self.connect_v4.remove(&Key::new(*prefix, v4_key(*key))))
+                    .map(drop)
+                    .map_err(write("CONNECT_V4"))
+            }
             MapOp::SetV6((prefix, key), rules) => self
                 .connect_v6
                 .insert(&Key::new(*prefix, v6_key(*key)), rules, 0)
                 .map_err(write("CONNECT_V6")),
-            MapOp::RemoveV6((prefix, key)) => not_found_is_none(self.connect_v6.remove(&Key::new(*prefix, v6_key(*key))))
-                .map(drop)
-                .map_err(write("CONNECT_V6")),
-            MapOp::SetGated(id, gated) => self.gated.insert(id, gated, 0).map_err(write("GATED_CGROUPS")),
-            MapOp::RemoveGated(id) => {
-                not_found_is_none(self.gated.remove(id)).map(drop).map_err(write("GATED_CGROUPS"))
+            MapOp::RemoveV6((prefix, key)) => {
+                not_found_is_none(self.connect_v6.remove(&Key::new(*prefix, v6_key(*key))))
+                    .map(drop)
+                    .map_err(write("CONNECT_V6"))
             }
+            MapOp::SetGated(id, gated) => self
+                .gated
+                .insert(id, gated, 0)
+                .map_err(write("GATED_CGROUPS")),
+            MapOp::RemoveGated(id) => not_found_is_none(self.gated.remove(id))
+                .map(drop)
+                .map_err(write("GATED_CGROUPS")),
         }
     }
 }
@@ -202,20 +222,45 @@ pub enum KernelError {
 /// What the pause protocol needs from the kernel; [`KernelHandle`] is the
 /// real one, tests use a fake.
 pub trait PauseKernel: Send + Sync + 'static {
-    fn pending(&self) -> impl Future<Output = Result<Vec<(u32, PendingRequest)>, KernelError>> + Send;
-    fn pending_of(&self, tid: u32) -> impl Future<Output = Result<Option<PendingRequest>, KernelError>> + Send;
+    fn pending(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(u32, PendingRequest)>, KernelError>> + Send;
+    fn pending_of(
+        &self,
+        tid: u32,
+    ) -> impl Future<Output = Result<Option<PendingRequest>, KernelError>> + Send;
     /// Removes the pending request of `tid` if it still has `digest`.
-    fn remove_pending(&self, tid: u32, digest: u64) -> impl Future<Output = Result<bool, KernelError>> + Send;
-    fn write_verdict(&self, key: VerdictKey, verdict: Verdict) -> impl Future<Output = Result<(), KernelError>> + Send;
-    fn verdicts(&self) -> impl Future<Output = Result<Vec<(VerdictKey, Verdict)>, KernelError>> + Send;
-    fn remove_verdict(&self, key: VerdictKey) -> impl Future<Output = Result<(), KernelError>> + Send;
+    fn remove_pending(
+        &self,
+        tid: u32,
+        digest: u64,
+    ) -> impl Future<Output = Result<bool, KernelError>> + Send;
+    fn write_verdict(
+        &self,
+        key: VerdictKey,
+        verdict: Verdict,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send;
+    fn verdicts(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(VerdictKey, Verdict)>, KernelError>> + Send;
+    fn remove_verdict(
+        &self,
+        key: VerdictKey,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send;
 }
 
 enum Command {
     Pending(oneshot::Sender<Result<Vec<(u32, PendingRequest)>, KernelError>>),
-    PendingOf(u32, oneshot::Sender<Result<Option<PendingRequest>, KernelError>>),
+    PendingOf(
+        u32,
+        oneshot::Sender<Result<Option<PendingRequest>, KernelError>>,
+    ),
     RemovePending(u32, u64, oneshot::Sender<Result<bool, KernelError>>),
-    WriteVerdict(VerdictKey, Verdict, oneshot::Sender<Result<(), KernelError>>),
+    WriteVerdict(
+        VerdictKey,
+        Verdict,
+        oneshot::Sender<Result<(), KernelError>>,
+    ),
     Verdicts(oneshot::Sender<Result<Vec<(VerdictKey, Verdict)>, KernelError>>),
     RemoveVerdict(VerdictKey, oneshot::Sender<Result<(), KernelError>>),
     ReadPolicyState(oneshot::Sender<Result<MapState, KernelError>>),
@@ -242,31 +287,58 @@ async fn serve(mut maps: KernelMaps, mut receiver: mpsc::Receiver<Command>) {
     while let Some(command) = receiver.recv().await {
         // A dropped reply means the asker gave up; nothing to do about it.
         match command {
-            Command::Pending(reply) => drop(reply.send(maps.pending().map_err(map_err("read PENDING")))),
-            Command::PendingOf(tid, reply) => drop(reply.send(maps.pending_of(tid).map_err(map_err("read PENDING")))),
+            Command::Pending(reply) => {
+                drop(reply.send(maps.pending().map_err(map_err("read PENDING"))));
+            }
+            Command::PendingOf(tid, reply) => {
+                drop(reply.send(maps.pending_of(tid).map_err(map_err("read PENDING"))));
+            }
             Command::RemovePending(tid, digest, reply) => drop(
-                reply.send(maps.remove_pending(tid, digest).map_err(map_err("remove PENDING"))),
+                reply.send(
+                    maps.remove_pending(tid, digest)
+                        .map_err(map_err("remove PENDING")),
+                ),
             ),
             Command::WriteVerdict(key, verdict, reply) => drop(
-                reply.send(maps.write_verdict(key, verdict).map_err(map_err("write VERDICTS"))),
+                reply.send(
+                    maps.write_verdict(key, verdict)
+                        .map_err(map_err("write VERDICTS")),
+                ),
             ),
-            Command::Verdicts(reply) => drop(reply.send(maps.verdicts().map_err(map_err("read VERDICTS")))),
-            Command::RemoveVerdict(key, reply) => {
-                drop(reply.send(maps.remove_verdict(&key).map_err(map_err("remove VERDICTS"))));
+            Command::Verdicts(reply) => {
+                drop(reply.send(maps.verdicts().map_err(map_err("read VERDICTS"))));
             }
-            Command::ReadPolicyState(reply) => drop(reply.send(maps.read_state().map_err(KernelError::from))),
-            Command::ApplyPolicy(state, reply) => drop(reply.send(
-                crate::policy_maps::apply(&mut maps, &state).map_err(KernelError::from),
-            )),
-            Command::Counters(reply) => drop(reply.send(maps.counters().map_err(map_err("read COUNTERS")))),
+            Command::RemoveVerdict(key, reply) => {
+                drop(
+                    reply.send(
+                        maps.remove_verdict(&key)
+                            .map_err(map_err("remove VERDICTS")),
+                    ),
+                );
+            }
+            Command::ReadPolicyState(reply) => {
+                drop(reply.send(maps.read_state().map_err(KernelError::from)));
+            }
+            Command::ApplyPolicy(state, reply) => drop(
+                reply.send(crate::policy_maps::apply(&mut maps, &state).map_err(KernelError::from)),
+            ),
+            Command::Counters(reply) => {
+                drop(reply.send(maps.counters().map_err(map_err("read COUNTERS"))));
+            }
         }
     }
 }
 
 impl KernelHandle {
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, KernelError>>) -> Command) -> Result<T, KernelError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, KernelError>>) -> Command,
+    ) -> Result<T, KernelError> {
         let (reply, answer) = oneshot::channel();
-        self.commands.send(make(reply)).await.map_err(|_| KernelError::Gone)?;
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| KernelError::Gone)?;
         answer.await.map_err(|_| KernelError::Gone)?
     }
 
@@ -275,7 +347,8 @@ impl KernelHandle {
     }
 
     pub async fn apply_policy(&self, state: MapState) -> Result<Applied, KernelError> {
-        self.ask(|reply| Command::ApplyPolicy(Box::new(state), reply)).await
+        self.ask(|reply| Command::ApplyPolicy(Box::new(state), reply))
+            .await
     }
 
     pub async fn counters(&self) -> Result<Vec<u64>, KernelError> {
@@ -293,11 +366,13 @@ impl PauseKernel for KernelHandle {
     }
 
     async fn remove_pending(&self, tid: u32, digest: u64) -> Result<bool, KernelError> {
-        self.ask(|reply| Command::RemovePending(tid, digest, reply)).await
+        self.ask(|reply| Command::RemovePending(tid, digest, reply))
+            .await
     }
 
     async fn write_verdict(&self, key: VerdictKey, verdict: Verdict) -> Result<(), KernelError> {
-        self.ask(|reply| Command::WriteVerdict(key, verdict, reply)).await
+        self.ask(|reply| Command::WriteVerdict(key, verdict, reply))
+            .await
     }
 
     async fn verdicts(&self) -> Result<Vec<(VerdictKey, Verdict)>, KernelError> {

@@ -75,7 +75,10 @@ impl Tasks for ProcTasks {
             .join("task")
             .join(tid.to_string())
             .join("stat");
-        match fs::read_to_string(path).ok().and_then(|text| Stat::parse(&text)) {
+        match fs::read_to_string(path)
+            .ok()
+            .and_then(|text| Stat::parse(&text))
+        {
             None => TaskState::Gone,
             Some(stat) => match stat.state {
                 'T' | 't' => TaskState::Stopped,
@@ -87,7 +90,8 @@ impl Tasks for ProcTasks {
 
     fn sigcont(&self, pid: u32) -> io::Result<()> {
         let pid = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-        kill(Pid::from_raw(pid), Signal::SIGCONT).map_err(|errno: Errno| io::Error::from_raw_os_error(errno as i32))
+        kill(Pid::from_raw(pid), Signal::SIGCONT)
+            .map_err(|errno: Errno| io::Error::from_raw_os_error(errno as i32))
     }
 }
 
@@ -237,7 +241,9 @@ pub async fn reconcile<K: PauseKernel, T: Tasks, S: std::hash::BuildHasher>(
         if kernel.remove_pending(tid, pending.digest).await? {
             match tasks.sigcont(pending.pid) {
                 Ok(()) => out.findings.push(Finding::Reasked { tid, pending }),
-                Err(err) => tracing::warn!(tid, pid = pending.pid, error = %err, "failed to continue a task to re-ask it"),
+                Err(err) => {
+                    tracing::warn!(tid, pid = pending.pid, error = %err, "failed to continue a task to re-ask it");
+                }
             }
         }
     }
@@ -297,7 +303,11 @@ mod tests {
         .expect("resume");
         assert_eq!(outcome, ResumeOutcome::Resumed);
         let order = order.lock().expect("lock").clone();
-        assert_eq!(order, ["verdict 101", "stopped 101", "sigcont 100"], "SIGCONT only after the stop");
+        assert_eq!(
+            order,
+            ["verdict 101", "stopped 101", "sigcont 100"],
+            "SIGCONT only after the stop"
+        );
         assert_eq!(kernel.result_of(101), Some(gatekeep_common::action::ALLOW));
         assert!(kernel.pending_now().is_empty());
     }
@@ -306,9 +316,17 @@ mod tests {
     async fn resume_of_a_superseded_request_writes_nothing() {
         let kernel = Arc::new(FakeKernel::default());
         kernel.spawn_task(FakeTask::asking(100, 100, 8).stopped());
-        let outcome = resume(kernel.as_ref(), kernel.as_ref(), PauseTiming::default(), 100, 100, 7, decide::Verdict::Allow)
-            .await
-            .expect("resume");
+        let outcome = resume(
+            kernel.as_ref(),
+            kernel.as_ref(),
+            PauseTiming::default(),
+            100,
+            100,
+            7,
+            decide::Verdict::Allow,
+        )
+        .await
+        .expect("resume");
         assert_eq!(outcome, ResumeOutcome::Superseded);
         assert!(kernel.verdicts_now().is_empty());
         assert_eq!(kernel.result_of(100), None, "still paused");
@@ -319,9 +337,17 @@ mod tests {
         let kernel = Arc::new(FakeKernel::default());
         kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
         kernel.kill(100);
-        let outcome = resume(kernel.as_ref(), kernel.as_ref(), PauseTiming::default(), 100, 100, 7, decide::Verdict::Deny)
-            .await
-            .expect("resume");
+        let outcome = resume(
+            kernel.as_ref(),
+            kernel.as_ref(),
+            PauseTiming::default(),
+            100,
+            100,
+            7,
+            decide::Verdict::Deny,
+        )
+        .await
+        .expect("resume");
         assert_eq!(outcome, ResumeOutcome::Gone);
     }
 
@@ -329,9 +355,17 @@ mod tests {
     async fn resume_continues_an_unconfirmed_task_after_the_stop_wait() {
         let kernel = Arc::new(FakeKernel::default());
         kernel.spawn_task(FakeTask::asking(100, 100, 7).never_stopping());
-        let outcome = resume(kernel.as_ref(), kernel.as_ref(), PauseTiming::default(), 100, 100, 7, decide::Verdict::Deny)
-            .await
-            .expect("resume");
+        let outcome = resume(
+            kernel.as_ref(),
+            kernel.as_ref(),
+            PauseTiming::default(),
+            100,
+            100,
+            7,
+            decide::Verdict::Deny,
+        )
+        .await
+        .expect("resume");
         assert_eq!(outcome, ResumeOutcome::ResumedUnconfirmed);
         assert_eq!(kernel.result_of(100), Some(gatekeep_common::action::DENY));
     }
@@ -345,36 +379,73 @@ mod tests {
         kernel.spawn_task(FakeTask::asking(400, 400, 4).stopped().created_secs_ago(5));
         kernel.kill_leaving_pending(200);
         let tracked: HashSet<(u32, u64)> = [(400, 4)].into();
-        let reconciled = reconcile(kernel.as_ref(), kernel.as_ref(), PauseTiming::default(), &tracked)
-            .await
-            .expect("reconcile");
+        let reconciled = reconcile(
+            kernel.as_ref(),
+            kernel.as_ref(),
+            PauseTiming::default(),
+            &tracked,
+        )
+        .await
+        .expect("reconcile");
         let mut findings = reconciled.findings.clone();
         findings.sort_by_key(|f| match f {
             Finding::Dead { tid, .. } | Finding::Reasked { tid, .. } => *tid,
         });
-        assert!(matches!(findings[0], Finding::Reasked { tid: 100, .. }), "{findings:?}");
-        assert!(matches!(findings[1], Finding::Dead { tid: 200, .. }), "{findings:?}");
+        assert!(
+            matches!(findings[0], Finding::Reasked { tid: 100, .. }),
+            "{findings:?}"
+        );
+        assert!(
+            matches!(findings[1], Finding::Dead { tid: 200, .. }),
+            "{findings:?}"
+        );
         assert_eq!(findings.len(), 2, "300 is young, 400 is tracked");
         // 100 was continued and asked again: a fresh event, paused again.
         let events = kernel.take_events();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].origin().tid, 100);
         let pending = kernel.pending_now();
-        assert!(pending.contains_key(&100) && pending.contains_key(&300) && pending.contains_key(&400));
+        assert!(
+            pending.contains_key(&100) && pending.contains_key(&300) && pending.contains_key(&400)
+        );
         assert!(!pending.contains_key(&200));
     }
 
     #[tokio::test(start_paused = true)]
     async fn reconcile_removes_expired_verdicts() {
         let kernel = Arc::new(FakeKernel::default());
-        kernel.insert_verdict(VerdictKey { tid: 5, _pad: 0, digest: 1 }, Verdict { action: 1, _pad: 0, expires_ns: 1 });
         kernel.insert_verdict(
-            VerdictKey { tid: 6, _pad: 0, digest: 1 },
-            Verdict { action: 1, _pad: 0, expires_ns: u64::MAX },
+            VerdictKey {
+                tid: 5,
+                _pad: 0,
+                digest: 1,
+            },
+            Verdict {
+                action: 1,
+                _pad: 0,
+                expires_ns: 1,
+            },
         );
-        let reconciled = reconcile(kernel.as_ref(), kernel.as_ref(), PauseTiming::default(), &HashSet::new())
-            .await
-            .expect("reconcile");
+        kernel.insert_verdict(
+            VerdictKey {
+                tid: 6,
+                _pad: 0,
+                digest: 1,
+            },
+            Verdict {
+                action: 1,
+                _pad: 0,
+                expires_ns: u64::MAX,
+            },
+        );
+        let reconciled = reconcile(
+            kernel.as_ref(),
+            kernel.as_ref(),
+            PauseTiming::default(),
+            &HashSet::new(),
+        )
+        .await
+        .expect("reconcile");
         assert_eq!(reconciled.expired_verdicts, 1);
         assert_eq!(kernel.verdicts_now().len(), 1);
     }

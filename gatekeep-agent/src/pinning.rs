@@ -209,7 +209,11 @@ pub struct Running {
 
 /// Loads and pins the programs, or adopts the pinned ones.
 pub fn load_or_adopt(layout: &PinLayout) -> Result<Running, PinningError> {
-    for dir in [layout.root().to_owned(), layout.links_dir(), layout.maps_dir()] {
+    for dir in [
+        layout.root().to_owned(),
+        layout.links_dir(),
+        layout.maps_dir(),
+    ] {
         fs::create_dir_all(&dir).map_err(|source| PinningError::CreateDir { path: dir, source })?;
     }
     let all = PinLayout::programs();
@@ -217,7 +221,11 @@ pub fn load_or_adopt(layout: &PinLayout) -> Result<Running, PinningError> {
     let (start, attached_now) = if pinned.len() == all.len() {
         (Start::Adopted, Vec::new())
     } else {
-        let missing: Vec<&'static str> = all.iter().copied().filter(|p| !pinned.contains(p)).collect();
+        let missing: Vec<&'static str> = all
+            .iter()
+            .copied()
+            .filter(|p| !pinned.contains(p))
+            .collect();
         attach_missing(layout, &missing)?;
         let start = if pinned.is_empty() {
             Start::Fresh
@@ -269,14 +277,19 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
         .btf(Some(&btf))
         .override_global("KERNEL_OFFSETS", &offsets, true)
         .override_global("DIGEST_KEY", &digest_key, true);
-    let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|name| (*name, layout.map(name))).collect();
+    let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS
+        .iter()
+        .map(|name| (*name, layout.map(name)))
+        .collect();
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut object = loader.load(ebpf::OBJECT).map_err(|source| PinningError::Object {
-        dir: layout.maps_dir(),
-        source: Box::new(source),
-    })?;
+    let mut object = loader
+        .load(ebpf::OBJECT)
+        .map_err(|source| PinningError::Object {
+            dir: layout.maps_dir(),
+            source: Box::new(source),
+        })?;
 
     for &(name, category, tracepoint) in TRACEPOINT_PROGRAMS {
         if !missing.contains(&name) {
@@ -296,7 +309,8 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
         let link = program
             .take_link(id)
             .map_err(|source| PinningError::TakeLink { name, source })?;
-        let link = FdLink::try_from(link).map_err(|source| PinningError::LinkKind { name, source })?;
+        let link =
+            FdLink::try_from(link).map_err(|source| PinningError::LinkKind { name, source })?;
         pin_link(layout, name, link)?;
     }
     for &(name, hook) in LSM_PROGRAMS {
@@ -350,7 +364,11 @@ pub fn unpin_all(layout: &PinLayout) -> Result<Vec<PathBuf>, PinningError> {
             }
         }
     }
-    for dir in [layout.links_dir(), layout.maps_dir(), layout.root().to_owned()] {
+    for dir in [
+        layout.links_dir(),
+        layout.maps_dir(),
+        layout.root().to_owned(),
+    ] {
         match fs::remove_dir(&dir) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -381,8 +399,14 @@ mod tests {
     #[test]
     fn layout_names_pins_under_links_and_maps() {
         let layout = PinLayout::new("/sys/fs/bpf/gk");
-        assert_eq!(layout.link("socket_connect"), Path::new("/sys/fs/bpf/gk/links/socket_connect"));
-        assert_eq!(layout.map("PENDING"), Path::new("/sys/fs/bpf/gk/maps/PENDING"));
+        assert_eq!(
+            layout.link("socket_connect"),
+            Path::new("/sys/fs/bpf/gk/links/socket_connect")
+        );
+        assert_eq!(
+            layout.map("PENDING"),
+            Path::new("/sys/fs/bpf/gk/maps/PENDING")
+        );
     }
 
     #[test]
@@ -392,10 +416,15 @@ mod tests {
             .iter()
             .position(|p| LSM_PROGRAMS.iter().any(|(name, _)| name == p))
             .expect("an lsm program");
-        assert!(programs[..first_lsm]
-            .iter()
-            .all(|p| TRACEPOINT_PROGRAMS.iter().any(|(name, _, _)| name == p)));
-        assert_eq!(programs.len(), LSM_PROGRAMS.len() + TRACEPOINT_PROGRAMS.len());
+        assert!(
+            programs[..first_lsm]
+                .iter()
+                .all(|p| TRACEPOINT_PROGRAMS.iter().any(|(name, _, _)| name == p))
+        );
+        assert_eq!(
+            programs.len(),
+            LSM_PROGRAMS.len() + TRACEPOINT_PROGRAMS.len()
+        );
     }
 
     #[test]

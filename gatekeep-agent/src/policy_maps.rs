@@ -102,15 +102,27 @@ impl MapState {
         let mut ids: BTreeSet<u32> = self.policies.keys().copied().collect();
         ids.extend(self.gated.values().map(|g| g.policy_id));
         ids.extend(self.exec_rules.keys().map(|(id, _, _)| *id));
-        ids.extend(self.connect_v4.keys().map(|(_, k)| u32::from_be_bytes([k[0], k[1], k[2], k[3]])));
-        ids.extend(self.connect_v6.keys().map(|(_, k)| u32::from_be_bytes([k[0], k[1], k[2], k[3]])));
+        ids.extend(
+            self.connect_v4
+                .keys()
+                .map(|(_, k)| u32::from_be_bytes([k[0], k[1], k[2], k[3]])),
+        );
+        ids.extend(
+            self.connect_v6
+                .keys()
+                .map(|(_, k)| u32::from_be_bytes([k[0], k[1], k[2], k[3]])),
+        );
         ids
     }
 
     /// The highest generation any policy slot carries.
     #[must_use]
     pub fn generation(&self) -> u32 {
-        self.policies.values().map(|p| p.generation).max().unwrap_or(0)
+        self.policies
+            .values()
+            .map(|p| p.generation)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -206,7 +218,10 @@ impl Compiled {
     /// Policy id -> name, as logged.
     #[must_use]
     pub fn names(&self) -> Vec<String> {
-        self.policies.values().map(|p| p.policy.name.clone()).collect()
+        self.policies
+            .values()
+            .map(|p| p.policy.name.clone())
+            .collect()
     }
 
     /// The ids in use, in policy-set order (to recompile with the same ids).
@@ -246,7 +261,9 @@ impl HostView {
 
 /// Picks `count` ids not in `in_use`, lowest first.
 pub fn allocate_ids(count: usize, in_use: &BTreeSet<u32>) -> Result<Vec<u32>, PolicyMapsError> {
-    let free: Vec<u32> = (0..MAX_POLICIES).filter(|id| !in_use.contains(id)).collect();
+    let free: Vec<u32> = (0..MAX_POLICIES)
+        .filter(|id| !in_use.contains(id))
+        .collect();
     if count > free.len() {
         return Err(PolicyMapsError::TooManyPolicies {
             count,
@@ -597,7 +614,10 @@ impl PolicyMaps for MemoryMaps {
         if self.fail_at == Some(attempt) {
             return Err(PolicyMapsError::Write {
                 map: "EXEC_RULES",
-                source: aya::maps::MapError::OutOfBounds { index: 0, max_entries: 0 },
+                source: aya::maps::MapError::OutOfBounds {
+                    index: 0,
+                    max_entries: 0,
+                },
             });
         }
         let state = &mut self.state;
@@ -696,8 +716,13 @@ mod tests {
             .filter(|((prefix, key), _)| {
                 let key = v4_key(*key);
                 let bits = prefix - 32;
-                let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
-                u32::from_be_bytes(key.policy_id_be) == id && (u32::from_be_bytes(key.addr) & mask) == (full & mask)
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
+                u32::from_be_bytes(key.policy_id_be) == id
+                    && (u32::from_be_bytes(key.addr) & mask) == (full & mask)
             })
             .max_by_key(|((prefix, _), _)| *prefix);
         let Some((_, rules)) = best else {
@@ -726,7 +751,10 @@ deny = ["10.1.0.0/16", "10.1.2.0/24:7000-7001", "169.254.169.254"]
         let dir = tempfile::tempdir().expect("tempdir");
         let compiled = compile(&set(CONNECT_POLICY), &[5], 1, &host(dir.path())).expect("compile");
         let state = &compiled.state;
-        assert_eq!(rules_of(state, 32 + 8, 5, [10, 0, 0, 0]), [(0, 65535, action::ALLOW)]);
+        assert_eq!(
+            rules_of(state, 32 + 8, 5, [10, 0, 0, 0]),
+            [(0, 65535, action::ALLOW)]
+        );
         // /16: its port-specific allow, its all-ports deny; the /8 after it
         // is unreachable and left out.
         assert_eq!(
@@ -744,7 +772,10 @@ deny = ["10.1.0.0/16", "10.1.2.0/24:7000-7001", "169.254.169.254"]
                 (0, 65535, action::DENY),
             ]
         );
-        assert_eq!(rules_of(state, 32 + 32, 5, [169, 254, 169, 254]), [(0, 65535, action::DENY)]);
+        assert_eq!(
+            rules_of(state, 32 + 32, 5, [169, 254, 169, 254]),
+            [(0, 65535, action::DENY)]
+        );
         assert_eq!(state.connect_v4.len(), 4);
     }
 
@@ -754,7 +785,13 @@ deny = ["10.1.0.0/16", "10.1.2.0/24:7000-7001", "169.254.169.254"]
         let policies = set(CONNECT_POLICY);
         let compiled = compile(&policies, &[5], 1, &host(dir.path())).expect("compile");
         let connect = &policies.policies[0].connect;
-        let addrs = [[10, 1, 2, 3], [10, 1, 9, 9], [10, 9, 9, 9], [192, 0, 2, 1], [169, 254, 169, 254]];
+        let addrs = [
+            [10, 1, 2, 3],
+            [10, 1, 9, 9],
+            [10, 9, 9, 9],
+            [192, 0, 2, 1],
+            [169, 254, 169, 254],
+        ];
         for addr in addrs {
             for port in [22, 443, 7000, 7001, 7002, 8000, 8500, 8999, 9000] {
                 let expected = kernel_action(connect.action_for(IpAddr::from(addr), port));
@@ -769,14 +806,19 @@ deny = ["10.1.0.0/16", "10.1.2.0/24:7000-7001", "169.254.169.254"]
 
     #[test]
     fn too_many_port_rules_for_one_prefix_is_an_error() {
-        let ports: Vec<String> = (1..=17).map(|p| format!("\"10.0.0.0/8:{}\"", 1000 + p)).collect();
+        let ports: Vec<String> = (1..=17)
+            .map(|p| format!("\"10.0.0.0/8:{}\"", 1000 + p))
+            .collect();
         let text = format!(
             "[[policy]]\nname = \"n\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n[policy.connect]\nallow = [{}]\n",
             ports.join(", ")
         );
         let dir = tempfile::tempdir().expect("tempdir");
         let err = compile(&set(&text), &[0], 1, &host(dir.path())).expect_err("17 rules");
-        assert!(matches!(err, PolicyMapsError::TooManyPortRules { count: 17, .. }), "{err}");
+        assert!(
+            matches!(err, PolicyMapsError::TooManyPortRules { count: 17, .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -794,7 +836,14 @@ deny = ["[2001:db8::]/32:443"]
         assert_eq!(*prefix, 32 + 32);
         assert_eq!(&key[..4], &[1, 2, 3, 4]);
         assert_eq!(&key[4..8], &[0x20, 0x01, 0x0d, 0xb8]);
-        assert_eq!(rules.rules[0], PortRule { port_lo: 443, port_hi: 443, action: action::DENY });
+        assert_eq!(
+            rules.rules[0],
+            PortRule {
+                port_lo: 443,
+                port_hi: 443,
+                action: action::DENY
+            }
+        );
     }
 
     #[test]
@@ -830,7 +879,10 @@ deny = ["[2001:db8::]/32:443"]
             }
         );
         let loaded = &compiled.policies[&3];
-        assert_eq!(loaded.exec_rule(dev, meta.ino()), format!("exec deny {}", link.display()));
+        assert_eq!(
+            loaded.exec_rule(dev, meta.ino()),
+            format!("exec deny {}", link.display())
+        );
         assert_eq!(loaded.exec_rule(1, 1), "exec default ask");
     }
 
@@ -846,7 +898,12 @@ deny = ["[2001:db8::]/32:443"]
     fn cgroups_and_descendants_are_gated_nearest_match_deciding() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
-        for sub in ["agents/a1/child", "agents/special/x", "other", "agents/agent-self"] {
+        for sub in [
+            "agents/a1/child",
+            "agents/special/x",
+            "other",
+            "agents/agent-self",
+        ] {
             fs::create_dir_all(root.join(sub)).expect("mkdir");
         }
         let text = r#"
@@ -869,7 +926,11 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
         assert_eq!(policy_of("agents/special"), Some(11));
         assert_eq!(policy_of("agents/special/x"), Some(11));
         assert_eq!(policy_of("other"), None);
-        assert_eq!(policy_of("agents/agent-self"), None, "the agent never gates itself");
+        assert_eq!(
+            policy_of("agents/agent-self"),
+            None,
+            "the agent never gates itself"
+        );
         assert_eq!(compiled.warnings.len(), 1);
     }
 
@@ -878,7 +939,10 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
         let in_use: BTreeSet<u32> = [0, 1, 3].into();
         assert_eq!(allocate_ids(3, &in_use).expect("ids"), [2, 4, 5]);
         let all: BTreeSet<u32> = (0..MAX_POLICIES - 1).collect();
-        assert!(matches!(allocate_ids(2, &all), Err(PolicyMapsError::TooManyPolicies { max: 1, .. })));
+        assert!(matches!(
+            allocate_ids(2, &all),
+            Err(PolicyMapsError::TooManyPolicies { max: 1, .. })
+        ));
     }
 
     fn sample_state(id: u32, cgroups: &[u64], generation: u32) -> MapState {
@@ -897,9 +961,17 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
             policy_id_be: id.to_be_bytes(),
             addr: [10, 0, 0, 0],
         };
-        state.connect_v4.insert((40, v4_bytes(&key)), PortRules::default());
+        state
+            .connect_v4
+            .insert((40, v4_bytes(&key)), PortRules::default());
         for cgroup in cgroups {
-            state.gated.insert(*cgroup, GatedCgroup { policy_id: id, _pad: 0 });
+            state.gated.insert(
+                *cgroup,
+                GatedCgroup {
+                    policy_id: id,
+                    _pad: 0,
+                },
+            );
         }
         state
     }
@@ -909,14 +981,21 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
         let old = sample_state(0, &[100, 101], 1);
         let new = sample_state(1, &[100, 102], 2);
         let ops = plan(&old, &new);
-        let first_cgroup_op = ops.iter().position(MapOp::touches_cgroups).expect("cgroup ops");
+        let first_cgroup_op = ops
+            .iter()
+            .position(MapOp::touches_cgroups)
+            .expect("cgroup ops");
         assert!(
-            ops[..first_cgroup_op]
-                .iter()
-                .all(|op| matches!(op, MapOp::SetPolicy(1, _) | MapOp::SetExec(..) | MapOp::SetV4(..))),
+            ops[..first_cgroup_op].iter().all(|op| matches!(
+                op,
+                MapOp::SetPolicy(1, _) | MapOp::SetExec(..) | MapOp::SetV4(..)
+            )),
             "{ops:?}"
         );
-        let last_cgroup_op = ops.iter().rposition(MapOp::touches_cgroups).expect("cgroup ops");
+        let last_cgroup_op = ops
+            .iter()
+            .rposition(MapOp::touches_cgroups)
+            .expect("cgroup ops");
         assert!(ops[last_cgroup_op + 1..].iter().all(|op| matches!(
             op,
             MapOp::RemoveExec(_) | MapOp::RemoveV4(_) | MapOp::SetPolicy(0, _)
@@ -951,7 +1030,10 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
     fn failed_write_after_the_switch_is_reported_without_rollback() {
         let old = sample_state(0, &[100, 101], 1);
         let new = sample_state(1, &[100, 101], 2);
-        let switch = plan(&old, &new).iter().position(MapOp::touches_cgroups).expect("switch");
+        let switch = plan(&old, &new)
+            .iter()
+            .position(MapOp::touches_cgroups)
+            .expect("switch");
         let mut maps = MemoryMaps {
             state: old,
             fail_at: Some(switch + 1),
@@ -967,7 +1049,13 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
     #[test]
     fn ids_in_use_and_generation_are_read_back() {
         let mut state = sample_state(4, &[1], 9);
-        state.gated.insert(2, GatedCgroup { policy_id: 6, _pad: 0 });
+        state.gated.insert(
+            2,
+            GatedCgroup {
+                policy_id: 6,
+                _pad: 0,
+            },
+        );
         assert_eq!(state.ids_in_use(), [4, 6].into());
         assert_eq!(state.generation(), 9);
     }

@@ -86,7 +86,9 @@ struct State {
 impl State {
     fn note(&self, what: String) {
         if let Some(log) = &self.log {
-            log.lock().unwrap_or_else(PoisonError::into_inner).push(what);
+            log.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(what);
         }
     }
 
@@ -115,7 +117,10 @@ impl State {
             });
             return;
         }
-        let same = self.pending.get(&tid).is_some_and(|p| p.digest == task.digest);
+        let same = self
+            .pending
+            .get(&tid)
+            .is_some_and(|p| p.digest == task.digest);
         if !same {
             self.pending.insert(tid, pending_for(&task, boot_time_ns()));
             self.events.push(ask_event_for(&task));
@@ -200,7 +205,12 @@ impl FakeKernel {
     /// The process exits: its requests are dropped, `ABANDONED` emitted.
     pub fn kill(&self, pid: u32) {
         let mut state = self.lock();
-        let tids: Vec<u32> = state.tasks.values().filter(|t| t.pid == pid).map(|t| t.tid).collect();
+        let tids: Vec<u32> = state
+            .tasks
+            .values()
+            .filter(|t| t.pid == pid)
+            .map(|t| t.tid)
+            .collect();
         for tid in tids {
             if let Some(task) = state.tasks.get_mut(&tid) {
                 task.alive = false;

@@ -33,12 +33,22 @@ fn audit_chain_verifies_and_detects_a_tampered_row() {
 
     let records = agent.audit_records();
     let kinds: Vec<&str> = records.iter().filter_map(|r| r["kind"].as_str()).collect();
-    for kind in ["agent_started", "policy_loaded", "kernel_denied", "requested", "expired", "agent_stopped"] {
+    for kind in [
+        "agent_started",
+        "policy_loaded",
+        "kernel_denied",
+        "requested",
+        "expired",
+        "agent_stopped",
+    ] {
         assert!(kinds.contains(&kind), "no `{kind}` record in {kinds:?}");
     }
     let (ok, out, err) = agent.admin(&["audit", "verify"]);
     assert!(ok, "a clean log must verify: {out}{err}");
-    assert!(out.starts_with(&format!("ok: {} records", records.len())), "{out}");
+    assert!(
+        out.starts_with(&format!("ok: {} records", records.len())),
+        "{out}"
+    );
 
     // Tamper with one row behind the triggers' back.
     let conn = rusqlite::Connection::open(agent.audit_db()).expect("open the audit db");

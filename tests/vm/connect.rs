@@ -27,12 +27,28 @@ fn connect_allowed_by_rule_reaches_the_listener() {
     let (_other, other_port) = listener();
     let _agent = Agent::start(
         "conn-allow",
-        &connect_policy("gk-conn-allow", &format!("default = \"deny\"\nallow = [\"127.0.0.1:{port}\"]"), ""),
+        &connect_policy(
+            "gk-conn-allow",
+            &format!("default = \"deny\"\nallow = [\"127.0.0.1:{port}\"]"),
+            "",
+        ),
     );
-    let (code, out) = run_in(&cgroup, &["connect", "127.0.0.1", &port.to_string()], Duration::from_secs(30));
+    let (code, out) = run_in(
+        &cgroup,
+        &["connect", "127.0.0.1", &port.to_string()],
+        Duration::from_secs(30),
+    );
     assert_eq!((code, out.as_str()), (0, "ok"));
-    let (code, out) = run_in(&cgroup, &["connect", "127.0.0.1", &other_port.to_string()], Duration::from_secs(30));
-    assert_eq!((code, out.as_str()), (1, "errno 1"), "another port falls to the default deny");
+    let (code, out) = run_in(
+        &cgroup,
+        &["connect", "127.0.0.1", &other_port.to_string()],
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (1, "errno 1"),
+        "another port falls to the default deny"
+    );
 }
 
 #[test]
@@ -42,9 +58,17 @@ fn connect_denied_by_rule_fails_with_eperm_and_is_audited() {
     let (_listener, port) = listener();
     let agent = Agent::start(
         "conn-deny",
-        &connect_policy("gk-conn-deny", "default = \"allow\"\ndeny = [\"127.0.0.0/8\"]", ""),
+        &connect_policy(
+            "gk-conn-deny",
+            "default = \"allow\"\ndeny = [\"127.0.0.0/8\"]",
+            "",
+        ),
     );
-    let (code, out) = run_in(&cgroup, &["connect", "127.0.0.1", &port.to_string()], Duration::from_secs(30));
+    let (code, out) = run_in(
+        &cgroup,
+        &["connect", "127.0.0.1", &port.to_string()],
+        Duration::from_secs(30),
+    );
     assert_eq!((code, out.as_str()), (1, "errno 1"));
     let record = agent.wait_record("kernel_denied", Duration::from_secs(20), |r| {
         r["payload"]["kind"] == "connect"
@@ -65,14 +89,28 @@ fn more_specific_prefix_and_port_rules_win_in_the_kernel() {
         "conn-lpm",
         &connect_policy(
             "gk-conn-lpm",
-            &format!("default = \"allow\"\ndeny = [\"127.0.0.0/8\"]\nallow = [\"127.0.0.1:{allowed_port}\"]"),
+            &format!(
+                "default = \"allow\"\ndeny = [\"127.0.0.0/8\"]\nallow = [\"127.0.0.1:{allowed_port}\"]"
+            ),
             "",
         ),
     );
-    let (code, out) = run_in(&cgroup, &["connect", "127.0.0.1", &allowed_port.to_string()], Duration::from_secs(30));
+    let (code, out) = run_in(
+        &cgroup,
+        &["connect", "127.0.0.1", &allowed_port.to_string()],
+        Duration::from_secs(30),
+    );
     assert_eq!((code, out.as_str()), (0, "ok"), "the /32 port rule wins");
-    let (code, out) = run_in(&cgroup, &["connect", "127.0.0.1", &other_port.to_string()], Duration::from_secs(30));
-    assert_eq!((code, out.as_str()), (1, "errno 1"), "other ports of the /32 fall back to the /8 deny");
+    let (code, out) = run_in(
+        &cgroup,
+        &["connect", "127.0.0.1", &other_port.to_string()],
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (1, "errno 1"),
+        "other ports of the /32 fall back to the /8 deny"
+    );
 }
 
 #[test]
@@ -89,11 +127,20 @@ fn asked_connect_is_allowed_when_the_timeout_action_is_allow() {
         ),
     );
     let started = std::time::Instant::now();
-    let (code, out) = run_in(&cgroup, &["connect", "127.0.0.1", &port.to_string()], Duration::from_mins(1));
+    let (code, out) = run_in(
+        &cgroup,
+        &["connect", "127.0.0.1", &port.to_string()],
+        Duration::from_mins(1),
+    );
     assert_no_513(&out);
     assert_eq!((code, out.as_str()), (0, "ok"));
-    assert!(started.elapsed() >= Duration::from_secs(2), "connected before the decision");
-    let requested = agent.wait_record("requested", Duration::from_secs(20), |r| r["payload"]["kind"] == "connect");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "connected before the decision"
+    );
+    let requested = agent.wait_record("requested", Duration::from_secs(20), |r| {
+        r["payload"]["kind"] == "connect"
+    });
     assert_eq!(requested["payload"]["address"], format!("127.0.0.1:{port}"));
     assert_eq!(requested["payload"]["rule"], "connect default ask");
 }
@@ -111,7 +158,11 @@ fn asked_connect_is_denied_when_the_timeout_action_is_deny() {
             "timeout = \"2s\"\non_timeout = \"deny\"",
         ),
     );
-    let (code, out) = run_in(&cgroup, &["connect", "127.0.0.1", &port.to_string()], Duration::from_mins(1));
+    let (code, out) = run_in(
+        &cgroup,
+        &["connect", "127.0.0.1", &port.to_string()],
+        Duration::from_mins(1),
+    );
     assert_no_513(&out);
     assert_eq!((code, out.as_str()), (1, "errno 1"));
 }

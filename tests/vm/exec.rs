@@ -24,7 +24,10 @@ pub fn run_in(cgroup: &Cgroup, args: &[&str], timeout: Duration) -> (i32, String
 
 /// `errno 513` (-ERESTARTNOINTR) must never reach user space.
 pub fn assert_no_513(stdout: &str) {
-    assert!(!stdout.contains("errno 513"), "ERESTARTNOINTR leaked to user space: {stdout}");
+    assert!(
+        !stdout.contains("errno 513"),
+        "ERESTARTNOINTR leaked to user space: {stdout}"
+    );
 }
 
 #[test]
@@ -37,7 +40,10 @@ fn exec_allowed_by_rule_runs() {
         "exec-allow",
         &exec_policy(
             "gk-exec-allow",
-            &format!("default = \"deny\"\nallow = [\"{}\", \"{ok}\"]", workload_path()),
+            &format!(
+                "default = \"deny\"\nallow = [\"{}\", \"{ok}\"]",
+                workload_path()
+            ),
             "",
         ),
     );
@@ -46,7 +52,11 @@ fn exec_allowed_by_rule_runs() {
     // Anything else is denied by default.
     let other = tool(agent_dir.path(), "other-tool");
     let (code, out) = run_in(&cgroup, &["exec", &other, "true"], Duration::from_secs(30));
-    assert_eq!((code, out.as_str()), (111, "errno 1"), "default deny must give EPERM");
+    assert_eq!(
+        (code, out.as_str()),
+        (111, "errno 1"),
+        "default deny must give EPERM"
+    );
     drop(agent);
 }
 
@@ -58,17 +68,30 @@ fn exec_denied_by_rule_fails_with_eperm_and_is_audited() {
     let bad = tool(agent_dir.path(), "bad-tool");
     let agent = Agent::start(
         "exec-deny",
-        &exec_policy("gk-exec-deny", &format!("default = \"allow\"\ndeny = [\"{bad}\"]"), ""),
+        &exec_policy(
+            "gk-exec-deny",
+            &format!("default = \"allow\"\ndeny = [\"{bad}\"]"),
+            "",
+        ),
     );
-    let (code, out) = run_in(&cgroup, &["exec", &bad, "true", "--flag"], Duration::from_secs(30));
+    let (code, out) = run_in(
+        &cgroup,
+        &["exec", &bad, "true", "--flag"],
+        Duration::from_secs(30),
+    );
     assert_eq!((code, out.as_str()), (111, "errno 1"));
     let record = agent.wait_record("kernel_denied", Duration::from_secs(20), |r| {
         r["payload"]["exe"].as_str() == Some(bad.as_str())
     });
-    assert_eq!(record["payload"]["argv"], serde_json::json!(["true", "--flag"]));
+    assert_eq!(
+        record["payload"]["argv"],
+        serde_json::json!(["true", "--flag"])
+    );
     assert_eq!(record["payload"]["policy"], "gk-exec-deny");
     assert!(
-        record["payload"]["rule"].as_str().is_some_and(|r| r.starts_with("exec deny")),
+        record["payload"]["rule"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("exec deny")),
         "{record}"
     );
     // An allowed binary in the same cgroup still runs.
@@ -91,19 +114,39 @@ fn denied_binary_is_denied_through_symlink_relative_path_and_hard_link() {
     std::fs::create_dir(dir.join("sub")).expect("mkdir");
     let _agent = Agent::start(
         "exec-names",
-        &exec_policy("gk-exec-names", &format!("default = \"allow\"\ndeny = [\"{bad}\"]"), ""),
+        &exec_policy(
+            "gk-exec-names",
+            &format!("default = \"allow\"\ndeny = [\"{bad}\"]"),
+            "",
+        ),
     );
     let dir_str = dir.to_string_lossy().into_owned();
     let sub = dir.join("sub").to_string_lossy().into_owned();
     let cases: Vec<(&str, Vec<&str>)> = vec![
-        ("symlink", vec!["exec", link.to_str().expect("utf8"), "true"]),
-        ("hard link", vec!["exec", hard.to_str().expect("utf8"), "true"]),
-        ("relative path", vec!["chdir-exec", &dir_str, "./bad-tool", "true"]),
-        ("dot-dot path", vec!["chdir-exec", &sub, "../bad-tool", "true"]),
+        (
+            "symlink",
+            vec!["exec", link.to_str().expect("utf8"), "true"],
+        ),
+        (
+            "hard link",
+            vec!["exec", hard.to_str().expect("utf8"), "true"],
+        ),
+        (
+            "relative path",
+            vec!["chdir-exec", &dir_str, "./bad-tool", "true"],
+        ),
+        (
+            "dot-dot path",
+            vec!["chdir-exec", &sub, "../bad-tool", "true"],
+        ),
     ];
     for (what, args) in cases {
         let (code, out) = run_in(&cgroup, &args, Duration::from_secs(30));
-        assert_eq!((code, out.as_str()), (111, "errno 1"), "exec through a {what} must be denied");
+        assert_eq!(
+            (code, out.as_str()),
+            (111, "errno 1"),
+            "exec through a {what} must be denied"
+        );
     }
 }
 
@@ -125,15 +168,25 @@ fn asked_exec_is_allowed_when_the_timeout_action_is_allow() {
     let (code, out) = run_in(&cgroup, &["exec", &asked, "true"], Duration::from_mins(1));
     assert_no_513(&out);
     assert_eq!((code, out.as_str()), (0, ""), "allowed at the timeout");
-    assert!(started.elapsed() >= Duration::from_secs(2), "ran before the decision");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "ran before the decision"
+    );
     let requested = agent.wait_record("requested", Duration::from_secs(20), |r| {
         r["payload"]["exe"].as_str() == Some(asked.as_str())
     });
-    let decided = agent.wait_record("expired", Duration::from_secs(20), |r| r["request_id"] == requested["request_id"]);
+    let decided = agent.wait_record("expired", Duration::from_secs(20), |r| {
+        r["request_id"] == requested["request_id"]
+    });
     assert_eq!(decided["payload"]["verdict"], "allow");
     assert_eq!(decided["actor"], "timeout");
     assert_eq!(requested["payload"]["user"], "root");
-    assert!(requested["payload"]["ancestry"].as_array().is_some_and(|a| !a.is_empty()), "{requested}");
+    assert!(
+        requested["payload"]["ancestry"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()),
+        "{requested}"
+    );
 }
 
 #[test]
@@ -152,13 +205,21 @@ fn asked_exec_is_denied_when_the_timeout_action_is_deny() {
     );
     let (code, out) = run_in(&cgroup, &["exec", &asked, "true"], Duration::from_mins(1));
     assert_no_513(&out);
-    assert_eq!((code, out.as_str()), (111, "errno 1"), "denied at the timeout");
+    assert_eq!(
+        (code, out.as_str()),
+        (111, "errno 1"),
+        "denied at the timeout"
+    );
     let decided = agent.wait_record("expired", Duration::from_secs(20), |_| true);
     assert_eq!(decided["payload"]["verdict"], "deny");
     let (ok, status, _) = agent.admin(&["status", "--output", "json"]);
     assert!(ok);
     let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
-    assert_eq!(status["paused_requests"], serde_json::json!([]), "no pending entry leaks");
+    assert_eq!(
+        status["paused_requests"],
+        serde_json::json!([]),
+        "no pending entry leaks"
+    );
 }
 
 #[test]
@@ -170,7 +231,11 @@ fn processes_outside_gated_cgroups_are_unaffected() {
     let bad = tool(agent_dir.path(), "bad-tool");
     let _agent = Agent::start(
         "exec-outside",
-        &exec_policy("gk-exec-outside", &format!("default = \"allow\"\ndeny = [\"{bad}\"]"), ""),
+        &exec_policy(
+            "gk-exec-outside",
+            &format!("default = \"allow\"\ndeny = [\"{bad}\"]"),
+            "",
+        ),
     );
     // In the gated cgroup: denied.
     let (code, _) = run_in(&cgroup, &["exec", &bad, "true"], Duration::from_secs(30));
@@ -191,12 +256,24 @@ fn child_cgroups_created_later_are_gated_too() {
     let bad = tool(agent_dir.path(), "bad-tool");
     let agent = Agent::start(
         "exec-nested",
-        &exec_policy("gk-exec-nested", &format!("default = \"allow\"\ndeny = [\"{bad}\"]"), ""),
+        &exec_policy(
+            "gk-exec-nested",
+            &format!("default = \"allow\"\ndeny = [\"{bad}\"]"),
+            "",
+        ),
     );
     // A child cgroup created while the agent runs: picked up by the rescan.
     std::fs::create_dir(cgroup.path().join("job-1")).expect("child cgroup");
-    agent.wait_log("rescan updated the gated cgroups", 1, Duration::from_secs(30));
+    agent.wait_log(
+        "rescan updated the gated cgroups",
+        1,
+        Duration::from_secs(30),
+    );
     let child = Cgroup::adopt("gk-exec-nested/job-1");
     let (code, out) = run_in(&child, &["exec", &bad, "true"], Duration::from_secs(30));
-    assert_eq!((code, out.as_str()), (111, "errno 1"), "a new child cgroup must be gated");
+    assert_eq!(
+        (code, out.as_str()),
+        (111, "errno 1"),
+        "a new child cgroup must be gated"
+    );
 }

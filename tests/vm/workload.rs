@@ -126,7 +126,9 @@ fn exec_rewrite(args: &[String]) -> i32 {
         let mut last = Instant::now();
         loop {
             let now = Instant::now();
-            if EXEC_STARTED.load(Ordering::SeqCst) && now.duration_since(last) > Duration::from_millis(300) {
+            if EXEC_STARTED.load(Ordering::SeqCst)
+                && now.duration_since(last) > Duration::from_millis(300)
+            {
                 for (i, byte) in replacement.iter().enumerate() {
                     // SAFETY: inside the CString's buffer (same length as
                     // the word), which lives until execve replaces the image.
