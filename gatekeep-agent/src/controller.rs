@@ -118,9 +118,9 @@ pub struct Controller<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> {
     current: Arc<Compiled>,
     previous: Option<Arc<Compiled>>,
     tracked: HashMap<u32, Tracked>,
-    /// (thread, digest) asked again by the reconciler -> when the kernel
-    /// first saw the request; its deadline counts from then.
-    reasked: HashMap<(u32, u64), u64>,
+    /// (thread, digest) asked again by the reconciler -> (when the kernel
+    /// first saw the request, pid); its deadline counts from then.
+    reasked: HashMap<(u32, u64), (u64, u32)>,
     decisions: JoinSet<()>,
     resumes: JoinSet<()>,
     internal_tx: mpsc::UnboundedSender<Internal>,
@@ -338,7 +338,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let first_seen = self
             .reasked
             .remove(&(tid, origin.digest))
-            .unwrap_or(pending.created_ns);
+            .map_or(pending.created_ns, |(first, _pid)| first);
         let age = Duration::from_nanos(boot_time_ns().saturating_sub(first_seen));
         let timeout = policy.policy.approval.timeout;
         let deadline = Instant::now() + timeout.saturating_sub(age);
@@ -687,13 +687,18 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     let first = self
                         .reasked
                         .get(&(tid, pending.digest))
-                        .copied()
-                        .unwrap_or(pending.created_ns);
-                    self.reasked
-                        .insert((tid, pending.digest), first.min(pending.created_ns));
+                        .map_or(pending.created_ns, |(first, _pid)| *first);
+                    self.reasked.insert(
+                        (tid, pending.digest),
+                        (first.min(pending.created_ns), pending.pid),
+                    );
                 }
             }
         }
+        // Re-asked requests whose task died before asking again.
+        let tasks = Arc::clone(&self.tasks);
+        self.reasked
+            .retain(|(tid, _), (_, pid)| tasks.state(*pid, *tid) != TaskState::Gone);
         if reconciled.expired_verdicts > 0 {
             tracing::debug!(
                 count = reconciled.expired_verdicts,

@@ -155,13 +155,102 @@ fn argv_rewritten_by_a_sibling_thread_is_never_approved_by_the_old_verdict() {
         "ran with {ran_with:?}, but only {approved_argv:?} were approved; records: {records:#?}"
     );
     let requests = records.iter().filter(|r| r["kind"] == "requested").count();
-    eprintln!("argv rewrite: ran with {ran_with}, {requests} request(s), approved {approved_argv:?}");
+    eprintln!(
+        "argv rewrite: ran with {ran_with}, {requests} request(s), approved {approved_argv:?}"
+    );
     if ran_with == "REWRITTN" {
         assert!(
             requests >= 2,
             "the rewritten argv must have been asked on its own"
         );
     }
+}
+
+#[test]
+fn argv_changed_while_paused_is_asked_anew_and_only_the_new_request_is_decided() {
+    require_vm();
+    let cgroup = Cgroup::create("gk-pause-argv-mem");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shell = tool(dir.path(), "asked-shell");
+    let out_file = dir.path().join("ran-with");
+    let agent = Agent::start(
+        "pause-argv-mem",
+        &exec_policy(
+            "gk-pause-argv-mem",
+            &format!("default = \"allow\"\nask = [\"{shell}\"]"),
+            "timeout = \"3s\"\non_timeout = \"allow\"",
+        ),
+    );
+    let script = format!("echo \"$1\" > {}", out_file.display());
+    let mut child = cgroup.spawn(&mut workload(&[
+        "exec-expose",
+        &shell,
+        "sh",
+        "-c",
+        &script,
+        "sh",
+        "ORIGINAL",
+        "--",
+        "ORIGINAL",
+    ]));
+    let pid = child.id();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("read the address");
+    let addr: u64 = line
+        .trim()
+        .strip_prefix("addr ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address line: {line:?}"));
+    wait_for("the exec to be paused", Duration::from_secs(20), || {
+        is_stopped(pid).then_some(())
+    });
+    let first = agent.wait_record("requested", Duration::from_secs(20), |_| true);
+    assert_eq!(first["payload"]["argv"][4], "ORIGINAL");
+
+    // Rewrite the argument in the stopped process's memory, then let it
+    // retry: what it asks now is not what was asked.
+    {
+        use std::io::{Seek as _, SeekFrom, Write as _};
+        let mut mem = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .expect("open /proc/<pid>/mem");
+        mem.seek(SeekFrom::Start(addr)).expect("seek");
+        mem.write_all(b"REWRITTN").expect("rewrite argv");
+    }
+    sigcont(pid);
+
+    let output = wait_child(&mut child, Duration::from_mins(1));
+    assert!(output.status.success(), "{output:?}");
+    let ran_with = std::fs::read_to_string(&out_file)
+        .expect("the shell ran")
+        .trim()
+        .to_owned();
+    assert_eq!(ran_with, "REWRITTN");
+    let records = agent.audit_records();
+    let requested: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "requested")
+        .collect();
+    assert_eq!(requested.len(), 2, "{records:#?}");
+    assert_eq!(requested[1]["payload"]["argv"][4], "REWRITTN");
+    let cancelled = records
+        .iter()
+        .find(|r| r["kind"] == "cancelled")
+        .expect("the first request is cancelled");
+    assert_eq!(cancelled["request_id"], first["request_id"]);
+    assert_eq!(cancelled["payload"]["reason"], "superseded");
+    let decided: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "expired" || r["kind"] == "decided")
+        .collect();
+    assert_eq!(
+        decided.len(),
+        1,
+        "only the new request is decided: {records:#?}"
+    );
+    assert_eq!(decided[0]["request_id"], requested[1]["request_id"]);
 }
 
 #[test]

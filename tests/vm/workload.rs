@@ -9,6 +9,8 @@
 //!   prints `errno N` and exits 111.
 //! - `chdir-exec DIR PATH ARG0 [ARGS...]`: `chdir(DIR)` first (for relative paths).
 //! - `connect IP PORT`: a TCP connect; prints `ok` (exit 0) or `errno N` (exit 1).
+//! - `exec-expose PATH ARG0 ARGS... -- WORD`: prints `addr N`, the address
+//!   of the argument WORD, then execs (the test rewrites it while paused).
 //! - `exec-rewrite PATH ARG0 ARGS... -- WORD REPLACEMENT`: execs from one
 //!   thread while a sibling thread, as soon as the process comes back from a
 //!   stop, overwrites the argument WORD in place with REPLACEMENT (same length).
@@ -93,6 +95,7 @@ fn run(args: &[String]) -> i32 {
             }
         }
         Some("exec-rewrite") => exec_rewrite(&args[1..]),
+        Some("exec-expose") => exec_expose(&args[1..]),
         _ => {
             println!("unknown workload {args:?}");
             2
@@ -143,6 +146,35 @@ fn exec_rewrite(args: &[String]) -> i32 {
     let mut ptrs: Vec<*const libc::c_char> = exec_argv.iter().map(|a| a.as_ptr()).collect();
     ptrs.push(std::ptr::null());
     EXEC_STARTED.store(true, Ordering::SeqCst);
+    // SAFETY: as in `exec`.
+    unsafe { libc::execv(path.as_ptr(), ptrs.as_ptr()) };
+    println!("errno {}", errno());
+    111
+}
+
+/// Like `exec`, but first prints `addr N`: where the argument WORD lives in
+/// memory, so the test can change it (`/proc/<pid>/mem`) while the exec is
+/// paused.
+fn exec_expose(args: &[String]) -> i32 {
+    let Some(split) = args.iter().position(|a| a == "--") else {
+        return 2;
+    };
+    let (command, rest) = (&args[..split], &args[split + 1..]);
+    let [word] = rest else {
+        return 2;
+    };
+    if command.len() < 2 {
+        return 2;
+    }
+    let path = CString::new(command[0].as_str()).unwrap_or_default();
+    let exec_argv = cstrings(&command[1..]);
+    let Some(target) = exec_argv.iter().find(|a| a.as_bytes() == word.as_bytes()) else {
+        return 2;
+    };
+    println!("addr {}", target.as_ptr() as usize);
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let mut ptrs: Vec<*const libc::c_char> = exec_argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
     // SAFETY: as in `exec`.
     unsafe { libc::execv(path.as_ptr(), ptrs.as_ptr()) };
     println!("errno {}", errno());
