@@ -529,7 +529,7 @@ impl Task {
                         reason: revoked.reason,
                     }),
                     Err(error) => {
-                        tracing::warn!(%error, "ignoring a revocation with an invalid grant id")
+                        tracing::warn!(%error, "ignoring a revocation with an invalid grant id");
                     }
                 }
             }
