@@ -19,6 +19,9 @@ pub enum Asked {
     /// The task re-entered without stopping (a tracer swallows SIGSTOP, or
     /// it is traced): refused rather than spinning.
     Refused,
+    /// The pending map is full: the request cannot be tracked, so it is
+    /// refused (fail closed).
+    Untrackable,
     /// The thread will stop; the syscall restarts after SIGCONT. `new` is
     /// true when this request was not pending before (tell user space).
     Paused { new: bool },
@@ -94,7 +97,7 @@ pub fn ask(request: &Request) -> Asked {
     };
     if PENDING.insert(&request.tid, &pending, 0).is_err() {
         // Cannot track it, so cannot pause it safely: fail closed.
-        return Asked::Deny;
+        return Asked::Untrackable;
     }
     if !stop_current_thread() {
         let _ = PENDING.remove(&request.tid);

@@ -12,6 +12,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::LsmContext,
 };
+use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
     ConnectEvent, ConnectV4Key, ConnectV6Key, EPERM, ERESTARTNOINTR, PORT_RULES, PortRules, action,
     counter, event_kind, request_kind,
@@ -145,7 +146,12 @@ fn try_socket_connect(ctx: &LsmContext) -> Result<i32, i32> {
                     Ok(EPERM)
                 }
                 Asked::Refused => {
+                    warn!(ctx, "gatekeep: connect by tid {} refused: traced, or re-entering without stopping", caller.tid);
                     emit_task_event(&caller, event_kind::REFUSED_SPINNING, digest, request_kind::CONNECT, action::DENY);
+                    Ok(EPERM)
+                }
+                Asked::Untrackable => {
+                    error!(ctx, "gatekeep: pending map full: connect by tid {} refused", caller.tid);
                     Ok(EPERM)
                 }
                 Asked::Paused { new } => {

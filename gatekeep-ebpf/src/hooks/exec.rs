@@ -15,6 +15,7 @@ use aya_ebpf::{
     macros::lsm,
     programs::LsmContext,
 };
+use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
     ARGV_LEN, EPERM, ERESTARTNOINTR, ExecArgs, ExecEvent, ExecRuleKey, PATH_LEN, action, counter,
     event_kind, request_kind,
@@ -63,7 +64,10 @@ fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
 
     let bprm: *const u8 = ctx.arg(0);
     // Unreadable kernel structures mean wrong offsets: fail closed.
-    let (dev, ino) = executable_identity(bprm).map_err(|_| EPERM)?;
+    let Ok((dev, ino)) = executable_identity(bprm) else {
+        error!(ctx, "gatekeep: cannot read the executable's identity (kernel offsets?): exec denied");
+        return Ok(EPERM);
+    };
 
     let key = ExecRuleKey {
         policy_id: gated.policy_id,
@@ -90,11 +94,11 @@ fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
             Ok(EPERM)
         }
         // ASK, and anything unknown: a human decides (fail closed).
-        _ => ask_exec(&caller, bprm, dev, ino),
+        _ => ask_exec(ctx, &caller, bprm, dev, ino),
     }
 }
 
-fn ask_exec(caller: &Caller, bprm: *const u8, dev: u64, ino: u64) -> Result<i32, i32> {
+fn ask_exec(ctx: &LsmContext, caller: &Caller, bprm: *const u8, dev: u64, ino: u64) -> Result<i32, i32> {
     let args = EXEC_ARGV.get_ptr_mut(&caller.tid);
     if let Some(args) = args {
         // SAFETY: this thread's own entry.
@@ -126,7 +130,12 @@ fn ask_exec(caller: &Caller, bprm: *const u8, dev: u64, ino: u64) -> Result<i32,
             Ok(EPERM)
         }
         Asked::Refused => {
+            warn!(ctx, "gatekeep: exec by tid {} refused: traced, or re-entering without stopping", caller.tid);
             emit_task_event(caller, event_kind::REFUSED_SPINNING, digest, request_kind::EXEC, action::DENY);
+            Ok(EPERM)
+        }
+        Asked::Untrackable => {
+            error!(ctx, "gatekeep: pending map full: exec by tid {} refused", caller.tid);
             Ok(EPERM)
         }
         Asked::Paused { new } => {
