@@ -1,1 +1,489 @@
-fn main() {}
+//! `gatekeep`: the reviewers' and administrators' command line.
+
+mod config;
+mod output;
+
+use std::{io::Write as _, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
+use gatekeep_client::{ClientError, GrantFilter, RequestFilter, ReviewClient};
+use gatekeep_proto::{
+    GrantDuration,
+    model::{Kind, Verdict},
+};
+use tokio_stream::StreamExt as _;
+use uuid::Uuid;
+
+use crate::{
+    config::Connection,
+    output::{Format, Printer},
+};
+
+/// Review and decide paused actions, manage grants, check audit logs and policies.
+///
+/// Server address, token and CA come from flags, the environment (GATEKEEP_SERVER,
+/// GATEKEEP_TOKEN, GATEKEEP_CA) or ~/.config/gatekeep/cli.toml (`server`, `token`, `ca`).
+#[derive(Debug, Parser)]
+#[command(name = "gatekeep", version)]
+#[expect(clippy::doc_markdown, reason = "clap help text, shown as written")]
+struct Cli {
+    #[command(flatten)]
+    connection: config::ConnectionArgs,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Review paused requests.
+    #[command(subcommand)]
+    Review(ReviewCommand),
+    /// List and revoke standing grants.
+    #[command(subcommand)]
+    Grants(GrantsCommand),
+    /// Verify or export an audit log (a local database, or the service's).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Check policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Show the service's state and who you are to it.
+    Status,
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Args)]
+struct Filter {
+    /// Only requests from this host.
+    #[arg(long)]
+    host: Option<String>,
+    /// Only requests of this policy.
+    #[arg(long)]
+    policy: Option<String>,
+    /// Only exec or connect requests.
+    #[arg(long, value_enum)]
+    kind: Option<KindArg>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KindArg {
+    Exec,
+    Connect,
+}
+
+impl From<&Filter> for RequestFilter {
+    fn from(filter: &Filter) -> Self {
+        RequestFilter {
+            host: filter.host.clone(),
+            policy: filter.policy.clone(),
+            kind: filter.kind.map(|kind| match kind {
+                KindArg::Exec => Kind::Exec,
+                KindArg::Connect => Kind::Connect,
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+struct DurationArgs {
+    /// Also allow the same action for this long (e.g. 30m, 1h), if the policy allows it.
+    #[arg(long = "for", value_name = "DURATION")]
+    for_: Option<String>,
+    /// Also allow it until the workload's cgroup goes away.
+    #[arg(long)]
+    session: bool,
+    /// Also allow it until the grant is revoked.
+    #[arg(long)]
+    always: bool,
+}
+
+impl DurationArgs {
+    fn duration(&self) -> anyhow::Result<GrantDuration> {
+        if self.session {
+            return Ok(GrantDuration::Session);
+        }
+        if self.always {
+            return Ok(GrantDuration::Always);
+        }
+        match &self.for_ {
+            None => Ok(GrantDuration::Once),
+            Some(text) => match text.parse::<GrantDuration>() {
+                Ok(GrantDuration::For(length)) => Ok(GrantDuration::For(length)),
+                Ok(_) | Err(_) => bail!("--for takes a duration such as 30m or 1h, not `{text}`"),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ReviewCommand {
+    /// List pending requests, oldest first.
+    List {
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// Show pending requests, then every new or changed one, until interrupted.
+    Watch {
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// Show one request with its full context and similar past decisions.
+    Show {
+        /// Request id (or a unique prefix of a pending one).
+        id: String,
+    },
+    /// Approve a request.
+    Approve {
+        /// Request id (or a unique prefix of a pending one).
+        id: String,
+        #[command(flatten)]
+        duration: DurationArgs,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Deny a request.
+    Deny {
+        /// Request id (or a unique prefix of a pending one).
+        id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Withdraw a pending request; the paused action is denied.
+    Cancel {
+        /// Request id (or a unique prefix of a pending one).
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GrantsCommand {
+    /// List grants in force.
+    List {
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        policy: Option<String>,
+        /// Also revoked and expired grants.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke a grant; its agent removes it.
+    Revoke {
+        id: Uuid,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    /// JSON Lines, one record per line.
+    Jsonl,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Prove the hash chain of an audit log.
+    Verify {
+        /// A local audit database (the agent's or the service's); the service's through its
+        /// API when left out.
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+    /// Write an audit log as JSON Lines to stdout.
+    Export {
+        #[arg(long)]
+        db: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        /// Only records from this seq on.
+        #[arg(long)]
+        from_seq: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files (or directories of them), reporting every problem with its line
+    /// and column.
+    Validate {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Turns a client error into a message that names the cause and the fix.
+fn explain(error: ClientError, connection: &Connection) -> anyhow::Error {
+    use tonic::Code;
+    match &error {
+        ClientError::Connect { endpoint, source } => {
+            let mut cause = source.to_string();
+            let mut next = std::error::Error::source(source);
+            while let Some(inner) = next {
+                cause = format!("{cause}: {inner}");
+                next = inner.source();
+            }
+            anyhow!(
+                "cannot reach the decision service at {endpoint} ({cause}); check that it runs there and that --server / GATEKEEP_SERVER and the CA (--ca / GATEKEEP_CA, now {}) are right",
+                connection.ca.display()
+            )
+        }
+        ClientError::Status { status } => match status.code() {
+            Code::Unauthenticated => anyhow!(
+                "the service refused your token: {}; pass a valid one with --token or GATEKEEP_TOKEN",
+                status.message()
+            ),
+            Code::NotFound => anyhow!(
+                "{}; list pending requests with `gatekeep review list`",
+                status.message()
+            ),
+            Code::Unavailable => anyhow!(
+                "the decision service at {} is unavailable: {}",
+                connection.server,
+                status.message()
+            ),
+            _ => anyhow!("{}", status.message()),
+        },
+        ClientError::Config { .. } | ClientError::InvalidAnswer { .. } => anyhow!(error),
+    }
+}
+
+struct App {
+    connection: Connection,
+    client: Option<ReviewClient>,
+    printer: Printer,
+}
+
+impl App {
+    async fn client(&mut self) -> anyhow::Result<&mut ReviewClient> {
+        if self.client.is_none() {
+            let config = self.connection.review_config()?;
+            let client = ReviewClient::connect(config)
+                .await
+                .map_err(|err| explain(err, &self.connection))?;
+            self.client = Some(client);
+        }
+        self.client
+            .as_mut()
+            .ok_or_else(|| anyhow!("no connection to the decision service"))
+    }
+
+    fn explain(&self, error: ClientError) -> anyhow::Error {
+        explain(error, &self.connection)
+    }
+
+    /// A full id, or the one pending request whose id starts with `text`.
+    async fn resolve(&mut self, text: &str) -> anyhow::Result<Uuid> {
+        if let Ok(id) = Uuid::try_parse(text) {
+            return Ok(id);
+        }
+        let prefix = text.to_ascii_lowercase();
+        if prefix.len() < 4 || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            bail!("`{text}` is not a request id (a uuid, or at least 4 of its first characters)");
+        }
+        let pending = self
+            .client()
+            .await?
+            .list_pending(&RequestFilter::default(), 0)
+            .await;
+        let pending = pending.map_err(|err| self.explain(err))?;
+        let matches: Vec<Uuid> = pending
+            .iter()
+            .map(|record| record.request.id)
+            .filter(|id| id.to_string().starts_with(&prefix))
+            .collect();
+        match matches.as_slice() {
+            [id] => Ok(*id),
+            [] => bail!("no pending request id starts with `{text}`; see `gatekeep review list`"),
+            _ => bail!(
+                "`{text}` matches {} pending requests; give more of the id",
+                matches.len()
+            ),
+        }
+    }
+
+    async fn run(&mut self, command: Command) -> anyhow::Result<()> {
+        match command {
+            Command::Review(review) => self.review(review).await,
+            Command::Grants(GrantsCommand::List { host, policy, all }) => {
+                let filter = GrantFilter {
+                    host,
+                    policy,
+                    include_inactive: all,
+                };
+                let grants = self.client().await?.list_grants(&filter).await;
+                let grants = grants.map_err(|err| self.explain(err))?;
+                self.printer.grants(&grants)
+            }
+            Command::Grants(GrantsCommand::Revoke { id, reason }) => {
+                let grant = self.client().await?.revoke_grant(id, &reason).await;
+                let grant = grant.map_err(|err| self.explain(err))?;
+                self.printer.grant_revoked(&grant)
+            }
+            Command::Audit(AuditCommand::Verify { db: Some(db) }) => {
+                let report = gatekeep_audit::verify(&db)
+                    .with_context(|| format!("audit log `{}` does not verify", db.display()))?;
+                self.printer.local_verify(&db, &report)
+            }
+            Command::Audit(AuditCommand::Verify { db: None }) => {
+                let report = self.client().await?.verify_audit().await;
+                let report = report.map_err(|err| self.explain(err))?;
+                self.printer.remote_verify(&report)
+            }
+            Command::Audit(AuditCommand::Export {
+                db,
+                format: ExportFormat::Jsonl,
+                from_seq,
+            }) => {
+                let stdout = std::io::stdout();
+                let mut out = stdout.lock();
+                if let Some(db) = db {
+                    let filter = gatekeep_audit::ExportFilter {
+                        from_seq,
+                        kind: None,
+                    };
+                    gatekeep_audit::export(&db, &mut out, &filter)
+                        .with_context(|| format!("cannot export `{}`", db.display()))?;
+                } else {
+                    let mut buffer = Vec::new();
+                    let exported = self
+                        .client()
+                        .await?
+                        .export_audit(from_seq.unwrap_or(0), &mut buffer)
+                        .await;
+                    exported.map_err(|err| self.explain(err))?;
+                    out.write_all(&buffer)?;
+                }
+                out.flush()?;
+                Ok(())
+            }
+            Command::Policy(PolicyCommand::Validate { paths }) => {
+                match gatekeep_policy::validate_paths(&paths) {
+                    Ok(summary) => self.printer.policy_ok(&summary),
+                    Err(error) => {
+                        bail!("{error}")
+                    }
+                }
+            }
+            Command::Status => {
+                let status = self.client().await?.status().await;
+                let status = status.map_err(|err| self.explain(err))?;
+                self.printer.status(&self.connection.server, &status)
+            }
+            Command::Completions { shell } => {
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "gatekeep",
+                    &mut std::io::stdout(),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    async fn review(&mut self, command: ReviewCommand) -> anyhow::Result<()> {
+        match command {
+            ReviewCommand::List { filter } => {
+                let listed = self
+                    .client()
+                    .await?
+                    .list_pending(&(&filter).into(), 0)
+                    .await;
+                let requests = listed.map_err(|err| self.explain(err))?;
+                self.printer.requests(&requests)
+            }
+            ReviewCommand::Watch { filter } => {
+                let watched = self.client().await?.watch(&(&filter).into()).await;
+                let mut stream = Box::pin(watched.map_err(|err| self.explain(err))?);
+                while let Some(event) = stream.next().await {
+                    let (initial, record) = event.map_err(|err| self.explain(err))?;
+                    self.printer.watch_event(initial, &record)?;
+                }
+                Ok(())
+            }
+            ReviewCommand::Show { id } => {
+                let id = self.resolve(&id).await?;
+                let shown = self.client().await?.get(id).await;
+                let (record, similar) = shown.map_err(|err| self.explain(err))?;
+                self.printer.request(&record, &similar)
+            }
+            ReviewCommand::Approve {
+                id,
+                duration,
+                reason,
+            } => {
+                let duration = duration.duration()?;
+                let id = self.resolve(&id).await?;
+                let decided = self
+                    .client()
+                    .await?
+                    .decide(id, Verdict::Allow, &reason, duration)
+                    .await;
+                let record = decided.map_err(|err| self.explain(err))?;
+                self.printer.decided(&record)
+            }
+            ReviewCommand::Deny { id, reason } => {
+                let id = self.resolve(&id).await?;
+                let decided = self
+                    .client()
+                    .await?
+                    .decide(id, Verdict::Deny, &reason, GrantDuration::Once)
+                    .await;
+                let record = decided.map_err(|err| self.explain(err))?;
+                self.printer.decided(&record)
+            }
+            ReviewCommand::Cancel { id, reason } => {
+                let id = self.resolve(&id).await?;
+                let cancelled = self.client().await?.cancel(id, &reason).await;
+                let record = cancelled.map_err(|err| self.explain(err))?;
+                self.printer.decided(&record)
+            }
+        }
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let needs_server = matches!(
+        cli.command,
+        Command::Review(_)
+            | Command::Grants(_)
+            | Command::Status
+            | Command::Audit(
+                AuditCommand::Verify { db: None } | AuditCommand::Export { db: None, .. }
+            )
+    );
+    let result = async {
+        let connection = if needs_server {
+            cli.connection.resolve(config::default_file().as_ref())?
+        } else {
+            Connection::offline()
+        };
+        let mut app = App {
+            connection,
+            client: None,
+            printer: Printer::new(cli.output),
+        };
+        app.run(cli.command).await
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("gatekeep: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The `gatekeep` binary against an in-process decision service on loopback.
+
+use std::{path::Path, process::Output, sync::Arc, time::Duration};
+
+use gatekeep_client::{AgentLink, AgentLinkConfig, ClientIdentity, ClientTls, LinkEvent};
+use gatekeep_proto::{
+    GrantDuration,
+    model::{ApprovalRequest, ApprovalSettings, ExecTarget, RequestState, Target, Verdict},
+};
+use gatekeep_server::{Server, ServerConfig, certs::Pki};
+use uuid::Uuid;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+struct Env {
+    dir: tempfile::TempDir,
+    endpoint: String,
+    token: String,
+}
+
+impl Env {
+    /// Runs `gatekeep ARGS` with the service's address, CA and token in the environment.
+    async fn run(&self, args: &[&str]) -> Output {
+        self.run_with(args, &self.token, &self.endpoint).await
+    }
+
+    async fn run_with(&self, args: &[&str], token: &str, server: &str) -> Output {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gatekeep"));
+        command
+            .args(args)
+            .env("GATEKEEP_SERVER", server)
+            .env("GATEKEEP_TOKEN", token)
+            .env("GATEKEEP_CA", self.dir.path().join("ca.pem"))
+            // Keep the user's own ~/.config/gatekeep/cli.toml out of the test.
+            .env("XDG_CONFIG_HOME", self.dir.path());
+        tokio::task::spawn_blocking(move || command.output().expect("run gatekeep"))
+            .await
+            .expect("join")
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn request(argv: &[&str]) -> ApprovalRequest {
+    let now = time::OffsetDateTime::now_utc();
+    ApprovalRequest {
+        id: Uuid::new_v4(),
+        policy: "ai-agents".into(),
+        rule: "default".into(),
+        cgroup: "/sys/fs/cgroup/agents/a1".into(),
+        pid: 7,
+        tid: 7,
+        uid: 1000,
+        user_name: Some("worker".into()),
+        cwd: None,
+        ancestry: vec![],
+        target: Target::Exec(ExecTarget {
+            executable: "/usr/bin/git".into(),
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+        }),
+        requested_at: now,
+        deadline: now + time::Duration::minutes(5),
+        on_timeout: Verdict::Deny,
+        approval: ApprovalSettings {
+            grant_durations: vec![
+                GrantDuration::Once,
+                GrantDuration::For(Duration::from_hours(1)),
+            ],
+            ..ApprovalSettings::default()
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one session of a reviewer, command after command"
+)]
+async fn a_reviewer_session() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::ephemeral(&[]).expect("pki");
+    std::fs::write(dir.path().join("ca.pem"), pki.ca.cert_pem()).expect("write ca");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let config = ServerConfig {
+        data_dir: dir.path().join("data"),
+        ..ServerConfig::default()
+    };
+    let audit_db = config.audit_db();
+    let server = Server::builder(config)
+        .tls(pki.tls())
+        .listener(listener)
+        .build()
+        .await
+        .expect("server");
+    let endpoint = server.endpoint();
+    let token = server
+        .add_reviewer("alice", &["sre".into()])
+        .await
+        .expect("reviewer");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(async move {
+        stopped.await.ok();
+    }));
+    let env = Env {
+        dir,
+        endpoint: endpoint.clone(),
+        token,
+    };
+
+    let identity = pki.agent("web-1").expect("agent cert");
+    let (link, mut events) = AgentLink::start(AgentLinkConfig::new(
+        endpoint.clone(),
+        ClientTls {
+            ca_pem: pki.ca.cert_pem().to_owned(),
+            identity: Some(ClientIdentity {
+                cert_pem: identity.cert_pem,
+                key_pem: identity.key_pem,
+            }),
+            domain: None,
+        },
+    ))
+    .expect("link");
+    while !matches!(
+        tokio::time::timeout(PATIENCE, events.recv())
+            .await
+            .expect("event"),
+        Some(LinkEvent::Connected { .. })
+    ) {}
+    let link = Arc::new(link);
+
+    let output = env.run(&["review", "list"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "no pending requests\n");
+
+    let first = request(&["git", "push", "origin", "main"]);
+    let waiting = {
+        let link = Arc::clone(&link);
+        let first = first.clone();
+        tokio::spawn(async move { link.decide(first).await })
+    };
+    let started = std::time::Instant::now();
+    let listed = loop {
+        let output = env.run(&["--output", "json", "review", "list"]).await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        let listed: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+        if listed.as_array().is_some_and(|a| !a.is_empty()) {
+            break listed;
+        }
+        assert!(started.elapsed() < PATIENCE, "the request never showed up");
+    };
+    assert_eq!(listed[0]["request"]["id"], first.id.to_string());
+    assert_eq!(listed[0]["host"], "web-1");
+
+    let table = stdout(&env.run(&["review", "list"]).await);
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(
+        table.contains("/usr/bin/git git push origin main"),
+        "{table}"
+    );
+
+    let short = &first.id.to_string()[..8];
+    let shown = env.run(&["review", "show", short]).await;
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert!(
+        stdout(&shown).contains("argv         [\"git\", \"push\", \"origin\", \"main\"]"),
+        "{}",
+        stdout(&shown)
+    );
+
+    // A duration the policy does not allow: refused with the reason, nothing changes.
+    let refused = env.run(&["review", "approve", short, "--always"]).await;
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("does not let reviewers grant `always`"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let approved = env
+        .run(&[
+            "review", "approve", short, "--for", "1h", "--reason", "release",
+        ])
+        .await;
+    assert!(approved.status.success(), "{}", stderr(&approved));
+    assert!(
+        stdout(&approved).contains("approved: allow; grant"),
+        "{}",
+        stdout(&approved)
+    );
+    let decision = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("decided")
+        .expect("task")
+        .expect("decision");
+    assert_eq!(decision.state, RequestState::Approved);
+    assert!(decision.grant.is_some());
+
+    // Deciding again: wrong state, named.
+    let again = env.run(&["review", "deny", &first.id.to_string()]).await;
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("is already approved"),
+        "{}",
+        stderr(&again)
+    );
+    // Unknown id.
+    let unknown = env
+        .run(&["review", "deny", &Uuid::new_v4().to_string()])
+        .await;
+    assert!(
+        stderr(&unknown).contains("gatekeep review list"),
+        "{}",
+        stderr(&unknown)
+    );
+    let prefix = env.run(&["review", "deny", "ffffffff"]).await;
+    assert!(
+        stderr(&prefix).contains("no pending request id starts with"),
+        "{}",
+        stderr(&prefix)
+    );
+
+    let grants = env.run(&["--output", "json", "grants", "list"]).await;
+    let grants: serde_json::Value = serde_json::from_slice(&grants.stdout).expect("json");
+    let grant_id = grants[0]["id"].as_str().expect("grant id").to_owned();
+    let revoked = env.run(&["grants", "revoke", &grant_id]).await;
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+
+    let status = env.run(&["status"]).await;
+    assert!(status.status.success(), "{}", stderr(&status));
+    assert!(
+        stdout(&status).contains("agents     web-1"),
+        "{}",
+        stdout(&status)
+    );
+    assert!(
+        stdout(&status).contains("you        alice (sre)"),
+        "{}",
+        stdout(&status)
+    );
+
+    let verify = env.run(&["audit", "verify"]).await;
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    assert!(
+        stdout(&verify).starts_with("ok: the service's "),
+        "{}",
+        stdout(&verify)
+    );
+    let export = env.run(&["audit", "export", "--format", "jsonl"]).await;
+    let lines = stdout(&export);
+    assert!(lines.lines().count() >= 4, "{lines}");
+    assert!(lines.contains("\"kind\":\"grant_revoked\""), "{lines}");
+
+    // Bad token, unreachable server: the cause and the fix.
+    let bad = env
+        .run_with(&["review", "list"], "gk_nope", &endpoint)
+        .await;
+    assert!(
+        stderr(&bad).contains("refused your token") && stderr(&bad).contains("GATEKEEP_TOKEN"),
+        "{}",
+        stderr(&bad)
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let nowhere = format!("https://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let down = env.run_with(&["status"], &env.token, &nowhere).await;
+    assert!(
+        stderr(&down).contains("cannot reach the decision service"),
+        "{}",
+        stderr(&down)
+    );
+
+    drop(link);
+    stop.send(()).ok();
+    tokio::time::timeout(PATIENCE, serving)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("clean");
+
+    // Local audit and policy files, without a server.
+    let local = env
+        .run(&["audit", "verify", "--db", audit_db.to_str().expect("utf-8")])
+        .await;
+    assert!(local.status.success(), "{}", stderr(&local));
+    assert!(stdout(&local).starts_with("ok: "), "{}", stdout(&local));
+    check_policy_validate(&env, env.dir.path()).await;
+}
+
+async fn check_policy_validate(env: &Env, dir: &Path) {
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "[[policy]]\nname = \"a\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n[policy.exec]\ndefault = \"ask\"\n",
+    )
+    .expect("write");
+    let output = env
+        .run(&["policy", "validate", good.to_str().expect("utf-8")])
+        .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "ok: 1 policy, 0 exec rules, 0 connect rules\n"
+    );
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[[policy]]\nname = \"b\"\ncgroups = [\"b/*\"]\n").expect("write");
+    let output = env
+        .run(&["policy", "validate", bad.to_str().expect("utf-8")])
+        .await;
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("bad.toml:3:"),
+        "{}",
+        stderr(&output)
+    );
+}
