@@ -936,6 +936,10 @@ async fn restart_keeps_pending_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one grant's life: made, used, listed, revoked; then a session grant"
+)]
 async fn grants_reach_the_agent_and_revocations_are_pushed() {
     let mut harness = Harness::start().await;
     let (link, mut events) = harness.agent("web-1").await;

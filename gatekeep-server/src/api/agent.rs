@@ -42,12 +42,10 @@ fn send(sender: &AgentSender, message: server_message::Message) {
     })));
 }
 
-fn reject(sender: &AgentSender, request_id: &str, error: &Error) {
-    let status = Status::from(match error {
-        // Internal errors keep their details in the log; the agent sees a generic message.
-        Error::Store { .. } | Error::Audit { .. } => Error::ShuttingDown,
-        _ => return reject_plain(sender, request_id, error.code(), &error.to_string()),
-    });
+/// Refuses one message: the stream stays open and nothing changed. Internal details stay in
+/// the service's log (the `Status` conversion hides them).
+fn reject(sender: &AgentSender, request_id: &str, error: Error) {
+    let status = Status::from(error);
     reject_plain(sender, request_id, status.code(), status.message());
 }
 
@@ -140,7 +138,7 @@ async fn handle(
             let request_id = wire.request_id.clone();
             let request = match ApprovalRequest::try_from(wire) {
                 Ok(request) => request,
-                Err(error) => return reject(sender, &request_id, &Error::from(error)),
+                Err(error) => return reject(sender, &request_id, Error::from(error)),
             };
             let Ok(permit) = Arc::clone(in_flight).acquire_owned().await else {
                 return;
@@ -154,7 +152,7 @@ async fn handle(
                         send(&sender, server_message::Message::Decision(decision.into()));
                     }
                     Ok(None) => {}
-                    Err(error) => reject(&sender, &request_id, &error),
+                    Err(error) => reject(&sender, &request_id, error),
                 }
                 drop(permit);
             });
@@ -167,7 +165,7 @@ async fn handle(
                 });
             let ((id, reason), detail) = match parsed {
                 Ok(parsed) => parsed,
-                Err(error) => return reject(sender, &withdraw.request_id, &Error::from(error)),
+                Err(error) => return reject(sender, &withdraw.request_id, Error::from(error)),
             };
             // The request may still be on its way to the store.
             let Ok(all) = in_flight.acquire_many(MAX_IN_FLIGHT).await else {
@@ -175,7 +173,7 @@ async fn handle(
             };
             drop(all);
             if let Err(error) = engine.withdraw(host, id, reason, detail).await {
-                reject(sender, &withdraw.request_id, &error);
+                reject(sender, &withdraw.request_id, error);
             }
         }
         Some(agent_message::Message::SessionEnded(ended)) => {
@@ -187,23 +185,23 @@ async fn handle(
                 convert::text("cgroup", &ended.cgroup, gatekeep_proto::limits::MAX_PATH)
             };
             if let Err(error) = cgroup {
-                return reject(sender, "", &Error::from(error));
+                return reject(sender, "", Error::from(error));
             }
             if let Err(error) = engine.session_ended(host, &ended.cgroup).await {
-                reject(sender, "", &error);
+                reject(sender, "", error);
             }
         }
         Some(agent_message::Message::Hello(_)) => reject(
             sender,
             "",
-            &Error::BadArgument {
+            Error::BadArgument {
                 message: "hello was already sent on this stream".into(),
             },
         ),
         None => reject(
             sender,
             "",
-            &Error::from(WireError::Missing {
+            Error::from(WireError::Missing {
                 field: "message".into(),
             }),
         ),
