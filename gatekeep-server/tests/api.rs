@@ -1388,3 +1388,96 @@ async fn watch_streams_new_and_changed_requests_and_the_audit_verifies() {
     drop(watch);
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_services_own_policies_override_the_agents_copy() {
+    let policies = gatekeep_policy::parse_str(
+        "service.toml",
+        r#"
+[[policy]]
+name = "ai-agents"
+cgroups = ["/sys/fs/cgroup/agents/*"]
+[policy.approval]
+timeout = "1s"
+on_timeout = "allow"
+reviewers = ["security"]
+approvals_required = 2
+"#,
+    )
+    .expect("policies");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::ephemeral(&[]).expect("pki");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let server = Server::builder(config(dir.path().join("data")))
+        .tls(pki.tls())
+        .listener(listener)
+        .policies(policies)
+        .build()
+        .await
+        .expect("server");
+    let endpoint = server.endpoint();
+    let token = server
+        .add_reviewer("alice", &["sre".into()])
+        .await
+        .expect("reviewer");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(async move {
+        stopped.await.ok();
+    }));
+    let identity = pki.agent("web-1").expect("cert");
+    let (link, events) = AgentLink::start(AgentLinkConfig::new(
+        endpoint.clone(),
+        ClientTls {
+            ca_pem: pki.ca.cert_pem().to_owned(),
+            identity: Some(ClientIdentity {
+                cert_pem: identity.cert_pem,
+                key_pem: identity.key_pem,
+            }),
+            domain: None,
+        },
+    ))
+    .expect("link");
+    let mut events = Events(events);
+    events.connected().await;
+
+    // The agent says: deny after five minutes, any reviewer, one approval. The service's
+    // policy says: allow after one second, security only, two approvals.
+    let req = request(&["curl", "https://policy.example"]);
+    let link = Arc::new(link);
+    let pending = decide_later(&link, req.clone());
+    let mut alice = ReviewClient::connect(ReviewConfig {
+        endpoint: endpoint.clone(),
+        token,
+        tls: ClientTls {
+            ca_pem: pki.ca.cert_pem().to_owned(),
+            identity: None,
+            domain: None,
+        },
+        connect_timeout: Duration::from_secs(5),
+    })
+    .await
+    .expect("reviewer");
+    let decision = answer(pending).await.expect("decision");
+    assert_eq!(
+        (decision.state, decision.verdict),
+        (RequestState::Expired, Verdict::Allow)
+    );
+    let (record, _) = alice.get(req.id).await.expect("get");
+    assert_eq!(record.approvals_required, 2);
+    assert_eq!(record.request.approval.reviewer_groups, ["security"]);
+    assert!(record.deadline - record.received_at <= time::Duration::seconds(1));
+
+    // A policy the service does not know is refused.
+    let mut unknown = request(&["curl"]);
+    unknown.policy = "nope".into();
+    match link.decide(unknown).await {
+        Err(LinkError::Rejected { code, message, .. }) => {
+            assert_eq!(code, Code::FailedPrecondition);
+            assert!(message.contains("policy `nope` is not loaded"), "{message}");
+        }
+        other => panic!("unknown policy accepted: {other:?}"),
+    }
+    drop(link);
+    stop.send(()).ok();
+    serving.await.expect("task").expect("served");
+}
