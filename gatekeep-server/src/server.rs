@@ -3,7 +3,7 @@
 //! shutdown future completes. The same entry point serves a fleet or, embedded in the agent,
 //! a single host on `127.0.0.1` with an in-memory CA ([`Pki::ephemeral`](crate::certs::Pki)).
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use gatekeep_audit::{AuditWriter, WriterConfig};
 use gatekeep_policy::PolicySet;
@@ -12,7 +12,7 @@ use gatekeep_proto::{
     v1::{agent_service_server::AgentServiceServer, review_service_server::ReviewServiceServer},
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::{
@@ -220,7 +220,19 @@ impl Server {
             stopping.hub.close_all();
         };
         tracing::info!(addr = %self.local_addr, "decision service listening");
+        // Small messages both ways: no Nagle delay on accepted connections.
+        let incoming = TcpListenerStream::new(self.listener).map(|stream| {
+            if let Ok(stream) = &stream
+                && let Err(error) = stream.set_nodelay(true)
+            {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+            stream
+        });
         let result = tonic::transport::Server::builder()
+            // Find agents that vanished without closing their connection.
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .tls_config(tls)
             .map_err(|source| Error::Transport { source })?
             .add_service(
@@ -231,7 +243,7 @@ impl Server {
                 ReviewServiceServer::new(ReviewApi::new(Arc::clone(&engine)))
                     .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), signal)
+            .serve_with_incoming_shutdown(incoming, signal)
             .await
             .map_err(|source| Error::Transport { source });
         engine.shutdown.cancel();
