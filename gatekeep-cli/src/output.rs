@@ -397,6 +397,9 @@ impl Printer {
                 "guards_intact": report.guards_intact,
             }));
         }
+        if report.records == 0 {
+            return text("ok: the service's audit log is empty\n");
+        }
         text(&format!(
             "ok: the service's {} audit records verify (head seq {} hash {}){}\n",
             report.records,
