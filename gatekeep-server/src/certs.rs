@@ -223,6 +223,26 @@ impl Pki {
         Ok(Self { ca, server })
     }
 
+    /// The PKI kept in `dir` (as [`init_dir`] writes it), made there first if `dir` holds no
+    /// `ca.pem` yet. For an embedded service that must keep its CA across restarts, so that
+    /// the CLI's copy of `ca.pem` stays valid.
+    pub fn load_or_init(dir: &Path, names: &[String]) -> Result<Self, Error> {
+        if !dir.join(paths::CA_CERT).exists() {
+            init_dir(dir, names)?;
+        }
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| Error::ReadTls { path, source })
+        };
+        Ok(Self {
+            ca: CertAuthority::from_pem(&read(paths::CA_CERT)?, &read(paths::CA_KEY)?)?,
+            server: Identity {
+                cert_pem: read(paths::SERVER_CERT)?,
+                key_pem: read(paths::SERVER_KEY)?,
+            },
+        })
+    }
+
     /// The service's TLS material.
     #[must_use]
     pub fn tls(&self) -> TlsMaterial {
@@ -358,6 +378,15 @@ mod tests {
             agent_files(dir.path(), "db-2", None).is_err(),
             "never overwritten"
         );
+        let kept = Pki::load_or_init(dir.path(), &[]).unwrap();
+        assert_eq!(
+            kept.ca.cert_pem(),
+            std::fs::read_to_string(dir.path().join("ca.pem")).unwrap()
+        );
+        let fresh = tempfile::tempdir().unwrap();
+        let first = Pki::load_or_init(&fresh.path().join("tls"), &[]).unwrap();
+        let again = Pki::load_or_init(&fresh.path().join("tls"), &[]).unwrap();
+        assert_eq!(first.ca.cert_pem(), again.ca.cert_pem(), "the ca is kept");
         TlsMaterial::load(&crate::config::TlsPaths {
             ca: dir.path().join("ca.pem"),
             cert: dir.path().join("server.pem"),
