@@ -33,6 +33,7 @@ use crate::{
     enrich::Enricher,
     events::reader::EventReader,
     kernel::{self, KernelHandle, PauseKernel as _},
+    kernel_log,
     pause::{PauseTiming, ProcTasks},
     pinning::{self, PinLayout, PinningError},
     policy_maps::{self, Compiled, HostView, PolicyMapsError},
@@ -180,6 +181,10 @@ pub async fn run_with<D: Decider>(
         tracing::warn!(warning, "policy");
     }
 
+    // The programs' own diagnostics (one log buffer per loaded object).
+    let kernel_logs = kernel_log::attach(&layout, "bprm_check_security")
+        .map(|logger| tokio::spawn(kernel_log::drain(logger, shutdown_rx.clone())));
+
     // 5. The request path.
     let mut reader =
         EventReader::new(events).map_err(|source| DaemonError::RingBuffer { source })?;
@@ -241,6 +246,7 @@ pub async fn run_with<D: Decider>(
             connect_prefixes = compiled.state.connect_v4.len() + compiled.state.connect_v6.len(),
             paused_requests_found = paused_found,
             buffered_events = backlog_len,
+            kernel_logs = kernel_logs.is_some(),
             audit_db = %config.audit_db.display(),
             "gatekeep agent ready"
         );
@@ -270,6 +276,9 @@ pub async fn run_with<D: Decider>(
         .map_err(|source| DaemonError::Join { source })?;
     let _ = reader_task.await;
     let _ = watcher_task.await;
+    if let Some(task) = kernel_logs {
+        let _ = task.await;
+    }
     let paused_left = kernel.pending().await.map_or(0, |p| p.len());
     sink.record(AuditRecord::new(
         RecordKind::AgentStopped,

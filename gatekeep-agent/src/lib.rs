@@ -14,6 +14,7 @@ pub mod enrich;
 pub mod events;
 pub mod kernel;
 pub mod kernel_btf;
+pub mod kernel_log;
 pub mod paths;
 pub mod pause;
 pub mod pinning;

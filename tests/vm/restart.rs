@@ -57,6 +57,11 @@ fn agent_killed_while_a_task_is_paused_leaves_it_paused_and_the_next_agent_finis
         log.contains("start=adopted") || log.contains("start=\"adopted\""),
         "the restarted agent must adopt the pinned programs:\n{log}"
     );
+    assert_eq!(
+        log.matches("kernel_logs=true").count(),
+        2,
+        "both the loading and the adopting agent drain the programs' logs:\n{log}"
+    );
     let output = wait_child(&mut child, Duration::from_mins(1));
     assert!(
         output.status.success(),
