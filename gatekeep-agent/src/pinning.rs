@@ -46,6 +46,8 @@ pub const PINNED_MAPS: &[&str] = &[
     "CONNECT_V6",
     "PENDING",
     "VERDICTS",
+    // Granted durations ("allow for 1h"); ignored while the object has none.
+    "GRANTS",
     "EXEC_ARGV",
     "ARGV_SCRATCH",
     "EVENTS",
