@@ -398,4 +398,5 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "repaused",
     "verdicts_applied",
     "argv_missed",
+    "grant_allowed",
 ];

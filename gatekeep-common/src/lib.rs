@@ -92,8 +92,10 @@ pub mod counter {
     /// Argv could not be captured (map full or unreadable); the request
     /// carries no argv.
     pub const ARGV_MISSED: u32 = 11;
+    /// An "ask" action was allowed by a granted duration (`GRANTS`).
+    pub const GRANT_ALLOWED: u32 = 12;
     /// Number of counters; size of the `COUNTERS` map.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// Value of the `GATED_CGROUPS` map: which policy governs a cgroup.
@@ -214,6 +216,31 @@ pub struct Verdict {
     /// `CLOCK_BOOTTIME` nanoseconds after which the verdict is void (the
     /// task never came back for it).
     pub expires_ns: u64,
+}
+
+/// Key of the `GRANTS` map: a reviewer's "allow for a while" for one exact
+/// request (same digest: same executable and argv, or same destination)
+/// under one policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GrantKey {
+    pub policy_id: u32,
+    /// [`request_kind`].
+    pub kind: u32,
+    pub digest: u64,
+}
+
+/// Value of the `GRANTS` map, installed by the agent when a reviewer grants
+/// a duration; the kernel then allows the request without asking.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// `CLOCK_BOOTTIME` nanoseconds when the grant lapses; 0 = no expiry
+    /// ("always", or "session" which the agent removes with the cgroup).
+    pub expires_ns: u64,
+    /// Only this cgroup may use the grant ("session"); 0 = any cgroup of
+    /// the policy.
+    pub cgroup_id: u64,
 }
 
 /// Per-thread exec state (`EXEC_ARGV`, keyed by thread id), from syscall
@@ -341,6 +368,8 @@ mod pod {
     unsafe impl aya::Pod for super::VerdictKey {}
     unsafe impl aya::Pod for super::Verdict {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::GrantKey {}
+    unsafe impl aya::Pod for super::Grant {}
 }
 
 #[cfg(test)]
@@ -362,6 +391,8 @@ mod tests {
         assert_eq!(size_of::<PendingRequest>(), 32);
         assert_eq!(size_of::<VerdictKey>(), 16);
         assert_eq!(size_of::<Verdict>(), 16);
+        assert_eq!(size_of::<GrantKey>(), 16);
+        assert_eq!(size_of::<Grant>(), 16);
         assert_eq!(size_of::<EventHeader>(), 4 * 6 + 8 * 3 + COMM_LEN);
         assert_eq!(size_of::<ExecEvent>(), size_of::<EventHeader>() + 16 + 16 + PATH_LEN + ARGV_LEN);
         assert_eq!(size_of::<ConnectEvent>(), size_of::<EventHeader>() + 16 + 16 + 108 + 4);

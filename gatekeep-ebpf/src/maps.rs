@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use gatekeep_common::{
-    ARGV_LEN, ConnectV4Key, ConnectV6Key, ExecArgs, ExecRuleKey, GatedCgroup, KernelOffsets, MAX_POLICIES,
+    ARGV_LEN, ConnectV4Key, ConnectV6Key, ExecArgs, ExecRuleKey, GatedCgroup, Grant, GrantKey, KernelOffsets, MAX_POLICIES,
     PendingRequest, PolicyDefaults, PortRules, Verdict, VerdictKey, counter,
 };
 
@@ -43,6 +43,11 @@ pub static PENDING: HashMap<u32, PendingRequest> = HashMap::with_max_entries(655
 /// sends SIGCONT; consumed by the restarted syscall.
 #[map]
 pub static VERDICTS: HashMap<VerdictKey, Verdict> = HashMap::with_max_entries(65536, 0);
+
+/// (policy, request kind, digest) -> a reviewer's granted duration: the
+/// same request is allowed without asking while the grant lasts.
+#[map]
+pub static GRANTS: HashMap<GrantKey, Grant> = HashMap::with_max_entries(65536, 0);
 
 /// Thread id -> argv captured at execve entry (gated tasks only).
 #[map]

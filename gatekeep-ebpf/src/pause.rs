@@ -3,10 +3,10 @@
 
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_send_signal_thread};
 use gatekeep_common::{
-    MAX_PENDING_ATTEMPTS, PendingRequest, VerdictKey, action, counter,
+    GrantKey, MAX_PENDING_ATTEMPTS, PendingRequest, VerdictKey, action, counter,
 };
 
-use crate::maps::{PENDING, VERDICTS, bump, offsets};
+use crate::maps::{GRANTS, PENDING, VERDICTS, bump, offsets};
 
 const SIGSTOP: u32 = 19;
 
@@ -35,6 +35,7 @@ pub struct Request {
     pub kind: u32,
     pub digest: u64,
     pub now_ns: u64,
+    pub cgroup_id: u64,
 }
 
 /// Decides what an "ask" request does right now.
@@ -44,6 +45,10 @@ pub struct Request {
 /// stray SIGCONT finds the request still pending and stops the task again.
 #[inline(always)]
 pub fn ask(request: &Request) -> Asked {
+    if granted(request) {
+        bump(counter::GRANT_ALLOWED);
+        return Asked::Allow;
+    }
     let key = VerdictKey {
         tid: request.tid,
         _pad: 0,
@@ -104,6 +109,22 @@ pub fn ask(request: &Request) -> Asked {
         return Asked::Refused;
     }
     Asked::Paused { new: true }
+}
+
+/// Whether a reviewer's granted duration covers this exact request.
+#[inline(always)]
+fn granted(request: &Request) -> bool {
+    let key = GrantKey {
+        policy_id: request.policy_id,
+        kind: request.kind,
+        digest: request.digest,
+    };
+    // SAFETY: copied out immediately.
+    let Some(grant) = (unsafe { GRANTS.get(&key) }).copied() else {
+        return false;
+    };
+    (grant.expires_ns == 0 || request.now_ns < grant.expires_ns)
+        && (grant.cgroup_id == 0 || grant.cgroup_id == request.cgroup_id)
 }
 
 /// Sends SIGSTOP to the calling thread; the whole thread group stops on

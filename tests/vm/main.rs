@@ -5,6 +5,7 @@
 mod audit;
 mod connect;
 mod exec;
+mod grants;
 mod pause;
 mod preflight;
 mod restart;

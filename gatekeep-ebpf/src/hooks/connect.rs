@@ -135,6 +135,7 @@ fn try_socket_connect(ctx: &LsmContext) -> Result<i32, i32> {
                 kind: request_kind::CONNECT,
                 digest,
                 now_ns: caller.now_ns,
+                cgroup_id: caller.cgroup_id,
             };
             match ask(&request) {
                 Asked::Allow => {

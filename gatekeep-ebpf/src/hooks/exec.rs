@@ -115,6 +115,7 @@ fn ask_exec(ctx: &LsmContext, caller: &Caller, bprm: *const u8, dev: u64, ino: u
         kind: request_kind::EXEC,
         digest,
         now_ns: caller.now_ns,
+        cgroup_id: caller.cgroup_id,
     };
     match ask(&request) {
         Asked::Allow => {
