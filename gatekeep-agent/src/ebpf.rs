@@ -29,6 +29,8 @@ pub const TRACEPOINT_PROGRAMS: &[(&str, &str, &str)] = &[
     ("sys_exit_execve", "syscalls", "sys_exit_execve"),
     ("sys_exit_execveat", "syscalls", "sys_exit_execveat"),
     ("sched_process_exit", "sched", "sched_process_exit"),
+    ("cgroup_mkdir", "cgroup", "cgroup_mkdir"),
+    ("cgroup_attach_task", "cgroup", "cgroup_attach_task"),
 ];
 
 /// Where the running kernel describes its types.

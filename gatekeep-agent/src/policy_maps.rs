@@ -41,7 +41,8 @@ use std::{
 };
 
 use gatekeep_common::{
-    ConnectV4Key, ConnectV6Key, ExecRuleKey, GatedCgroup, MAX_POLICIES, PORT_RULES, PolicyDefaults,
+    ConnectV4Key, ConnectV6Key, ExecRuleKey, GATED_INHERITED, GatedCgroup, MAX_POLICIES, PORT_RULES,
+    PolicyDefaults,
     PortRule, PortRules, action,
 };
 use gatekeep_policy::{Action, ConnectRule, Policy, PolicySet};
@@ -485,7 +486,7 @@ fn gate_cgroups(set: &PolicySet, ids: &[u32], host: &HostView, compiled: &mut Co
                 meta.ino(),
                 GatedCgroup {
                     policy_id: ids[index],
-                    _pad: 0,
+                    flags: 0,
                 },
             );
             compiled.cgroup_paths.insert(meta.ino(), dir);
@@ -522,8 +523,13 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
             ops.push(MapOp::SetGated(*id, *gated));
         }
     }
-    for id in current.gated.keys() {
-        if !desired.gated.contains_key(id) {
+    for (id, gated) in &current.gated {
+        // The kernel gated this cgroup because a gated task created it or
+        // moved a task into it; it stays gated while its policy is loaded.
+        // (Cgroups under a policy's patterns are in `desired` anyway.)
+        let inherited = gated.flags & GATED_INHERITED != 0
+            && desired.policies.contains_key(&gated.policy_id);
+        if !desired.gated.contains_key(id) && !inherited {
             ops.push(MapOp::RemoveGated(*id));
         }
     }
@@ -969,11 +975,33 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
                 *cgroup,
                 GatedCgroup {
                     policy_id: id,
-                    _pad: 0,
+                    flags: 0,
                 },
             );
         }
         state
+    }
+
+    #[test]
+    fn plan_keeps_kernel_inherited_cgroups_while_their_policy_is_loaded() {
+        let mut current = sample_state(0, &[100], 1);
+        let inherited = GatedCgroup {
+            policy_id: 0,
+            flags: GATED_INHERITED,
+        };
+        current.gated.insert(500, inherited);
+        // Same policy set (a rescan): the inherited entry stays.
+        let same = sample_state(0, &[100], 1);
+        assert!(
+            !plan(&current, &same).contains(&MapOp::RemoveGated(500)),
+            "a rescan must not ungate a cgroup the kernel inherited"
+        );
+        // A cgroup the agent does not match and the kernel did not add goes.
+        current.gated.insert(600, GatedCgroup { policy_id: 0, flags: 0 });
+        assert!(plan(&current, &same).contains(&MapOp::RemoveGated(600)));
+        // Its policy unloaded: the inherited entry goes with it.
+        let other = sample_state(1, &[100], 2);
+        assert!(plan(&current, &other).contains(&MapOp::RemoveGated(500)));
     }
 
     #[test]
@@ -1053,7 +1081,7 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
             2,
             GatedCgroup {
                 policy_id: 6,
-                _pad: 0,
+                flags: 0,
             },
         );
         assert_eq!(state.ids_in_use(), [4, 6].into());

@@ -107,9 +107,14 @@ pub mod counter {
 pub struct GatedCgroup {
     /// Index into `POLICIES`, assigned by the agent when it compiles policies.
     pub policy_id: u32,
-    /// Reserved, keeps the struct 8-byte sized and aligned.
-    pub _pad: u32,
+    /// [`GATED_INHERITED`] when the kernel added the entry itself.
+    pub flags: u32,
 }
+
+/// [`GatedCgroup::flags`]: the kernel gated this cgroup because a gated
+/// task created it or moved a task into it, so leaving gating by way of a
+/// new cgroup never works, not even until the agent's next rescan.
+pub const GATED_INHERITED: u32 = 1;
 
 /// Value of the `POLICIES` array: what a policy does when no rule matches.
 #[repr(C)]

@@ -102,7 +102,7 @@ fn granted_duration_allows_the_identical_request_only() {
     policies.set(POLICY_ID, ask_exec, 0).expect("set policy");
     let mut gated: HashMap<_, u64, GatedCgroup> =
         HashMap::try_from(ebpf.map_mut("GATED_CGROUPS").expect("GATED_CGROUPS")).expect("hash map");
-    gated.insert(cgroup.id(), GatedCgroup { policy_id: POLICY_ID, _pad: 0 }, 0).expect("gate cgroup");
+    gated.insert(cgroup.id(), GatedCgroup { policy_id: POLICY_ID, flags: 0 }, 0).expect("gate cgroup");
 
     // 1. An ask: paused, reported with a digest, then denied by a verdict.
     let first = exec_in(&cgroup, &["/bin/true", "granted"]);

@@ -4,6 +4,7 @@
 
 mod audit;
 mod connect;
+mod escape;
 mod exec;
 mod grants;
 mod pause;

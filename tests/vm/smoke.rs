@@ -65,7 +65,7 @@ fn exec_hook_sees_gated_exec_and_detaches() {
     let mut gated: HashMap<_, u64, GatedCgroup> =
         HashMap::try_from(ebpf.map_mut("GATED_CGROUPS").expect("GATED_CGROUPS map")).expect("hash map");
     gated
-        .insert(cgroup.id(), GatedCgroup { policy_id: POLICY_ID, _pad: 0 }, 0)
+        .insert(cgroup.id(), GatedCgroup { policy_id: POLICY_ID, flags: 0 }, 0)
         .expect("gate the test cgroup");
 
     // Outside the gated cgroup: untouched.

@@ -1,6 +1,7 @@
 //! One module per hook.
 
 pub mod argv;
+pub mod cgroup;
 pub mod connect;
 pub mod exec;
 pub mod exit;
