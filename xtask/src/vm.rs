@@ -126,9 +126,20 @@ impl Default for VmArgs {
     }
 }
 
-/// Builds [`VM_BINARIES`] (release profile, like the in-VM tests, so the two share one
-/// build) and returns each binary's name and path.
-pub fn build_vm_binaries() -> Result<Vec<(String, PathBuf)>> {
+/// What [`build_for_vm`] built.
+#[derive(Debug)]
+pub struct VmBuild {
+    /// Each of [`VM_BINARIES`] that exists: its binary name and path.
+    pub binaries: Vec<(String, PathBuf)>,
+    /// The test executable, when one was asked for.
+    pub test: Option<PathBuf>,
+}
+
+/// Builds [`VM_BINARIES`] and, optionally, a test target given as (package, test name),
+/// in the release profile and in one cargo invocation: cargo unifies dependency features
+/// per invocation, so separate builds of the agent and of the tests would compile tokio,
+/// aya, serde... twice over.
+pub fn build_for_vm(test: Option<(&str, &str)>) -> Result<VmBuild> {
     let workspace = cargo::workspace_binaries()?;
     let wanted: Vec<(&str, &str)> = VM_BINARIES
         .iter()
@@ -139,19 +150,29 @@ pub fn build_vm_binaries() -> Result<Vec<(String, PathBuf)>> {
                 .any(|(name, bins)| name == package && bins.iter().any(|b| b == bin))
         })
         .collect();
-    if wanted.is_empty() {
-        return Ok(Vec::new());
+    if wanted.is_empty() && test.is_none() {
+        return Ok(VmBuild {
+            binaries: Vec::new(),
+            test: None,
+        });
     }
     let mut cmd = cargo::cargo();
     cmd.args(["build", "--release", "--locked"]);
     for (package, bin) in &wanted {
         cmd.args(["--package", package, "--bin", bin]);
     }
+    if let Some((package, name)) = test {
+        cmd.args(["--package", package, "--test", name]);
+    }
     let built = build_executables(&mut cmd)?;
-    wanted
+    let binaries = wanted
         .iter()
         .map(|(_, bin)| Ok(((*bin).to_owned(), find_executable(&built, "bin", bin)?)))
-        .collect()
+        .collect::<Result<_>>()?;
+    let test = test
+        .map(|(_, name)| find_executable(&built, "test", name))
+        .transpose()?;
+    Ok(VmBuild { binaries, test })
 }
 
 /// What `/init` runs once the system is up.

@@ -4,12 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use xtask::{
     PayloadFailed, TestCounts,
-    cargo::{self, build_executables, find_executable},
-    vm::{self, Initramfs, Kernel, Payload, VmArgs},
+    vm::{self, Initramfs, Kernel, Payload, VmArgs, VmBuild},
 };
 
 /// The test binary's name on the VM's `PATH`.
@@ -45,19 +44,8 @@ pub fn run(opts: &Options) -> Result<()> {
 pub fn run_counted(opts: &Options, counts: &mut TestCounts) -> Result<()> {
     let kernel = Kernel::load()?;
     let started = Instant::now();
-    let binaries = vm::build_vm_binaries()?;
-    // Release, like the binaries above, so the two builds share their dependencies.
-    let built = build_executables(cargo::cargo().args([
-        "test",
-        "--release",
-        "--locked",
-        "--package",
-        "gatekeep-tests",
-        "--test",
-        "vm",
-        "--no-run",
-    ]))?;
-    let tests = find_executable(&built, "test", "vm")?;
+    let VmBuild { binaries, test } = vm::build_for_vm(Some(("gatekeep-tests", "vm")))?;
+    let tests = test.context("cargo did not build the VM test suite")?;
     eprintln!(
         "[vm-test] built in {:.1} s",
         started.elapsed().as_secs_f64()
