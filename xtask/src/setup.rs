@@ -133,7 +133,7 @@ fn bpf_linker() -> Result<()> {
             "--features",
             &format!("llvm-{major}"),
         ]);
-    // Not the cargo running xtask: `cargo install` picks its own toolchain via rustup.
+    // `cargo install` would build in a CARGO_TARGET_DIR meant for the workspace.
     install.env_remove("CARGO_TARGET_DIR");
     run_cmd(&mut install).context("cannot build bpf-linker (see cargo's output above)")?;
     let installed = probe(Command::new("bpf-linker").arg("--version"));
