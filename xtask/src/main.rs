@@ -34,9 +34,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Task::Setup(opts) => setup::run(opts),
-        Task::Test(opts) => test::run(opts),
-        Task::VmTest(opts) => vm_test::run(opts),
-        Task::VmRun(opts) => vm_run::run(opts),
+        Task::Test(opts) => setup::ensure().and_then(|()| test::run(opts)),
+        Task::VmTest(opts) => setup::ensure().and_then(|()| vm_test::run(opts)),
+        Task::VmRun(opts) => setup::ensure().and_then(|()| vm_run::run(opts)),
     };
     let Err(err) = result else {
         return ExitCode::SUCCESS;
