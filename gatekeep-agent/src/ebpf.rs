@@ -91,6 +91,8 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         super_block_s_dev: o.super_block_s_dev,
         task_struct_ptrace: o.task_struct_ptrace,
         socket_type: o.socket_type,
+        task_struct_real_parent: o.task_struct_real_parent,
+        task_struct_tgid: o.task_struct_tgid,
     })
 }
 

@@ -44,6 +44,8 @@ pub struct Origin {
     pub tid: u32,
     pub uid: u32,
     pub gid: u32,
+    /// The parent's pid when the hook ran.
+    pub ppid: u32,
     pub cgroup_id: u64,
     /// `CLOCK_BOOTTIME` nanoseconds when the hook ran.
     pub ktime_ns: u64,
@@ -237,6 +239,7 @@ fn origin(header: &EventHeader) -> Origin {
         tid: header.tid,
         uid: header.uid,
         gid: header.gid,
+        ppid: header.ppid,
         cgroup_id: header.cgroup_id,
         ktime_ns: header.ktime_ns,
         digest: header.digest,
@@ -410,6 +413,8 @@ mod tests {
             tid: 101,
             uid: 1000,
             gid: 1000,
+            ppid: 99,
+            _pad: 0,
             cgroup_id: 4242,
             ktime_ns: 5,
             digest: 0xfeed,

@@ -138,6 +138,7 @@ fn origin(task: &FakeTask) -> Origin {
         tid: task.tid,
         uid: 0,
         gid: 0,
+        ppid: 1,
         cgroup_id: 99,
         ktime_ns: boot_time_ns(),
         digest: task.digest,

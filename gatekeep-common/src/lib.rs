@@ -282,6 +282,10 @@ pub struct EventHeader {
     pub tid: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Thread group id of the parent (`real_parent->tgid`) at the hook, so
+    /// the record names it even if the task is gone before user space looks.
+    pub ppid: u32,
+    pub _pad: u32,
     /// cgroup v2 id of the calling task.
     pub cgroup_id: u64,
     /// `bpf_ktime_get_boot_ns` when the hook ran.
@@ -356,6 +360,8 @@ pub struct KernelOffsets {
     pub super_block_s_dev: u32,
     pub task_struct_ptrace: u32,
     pub socket_type: u32,
+    pub task_struct_real_parent: u32,
+    pub task_struct_tgid: u32,
 }
 
 #[cfg(feature = "user")]
@@ -398,7 +404,7 @@ mod tests {
         assert_eq!(size_of::<Verdict>(), 16);
         assert_eq!(size_of::<GrantKey>(), 16);
         assert_eq!(size_of::<Grant>(), 16);
-        assert_eq!(size_of::<EventHeader>(), 4 * 6 + 8 * 3 + COMM_LEN);
+        assert_eq!(size_of::<EventHeader>(), 4 * 8 + 8 * 3 + COMM_LEN);
         assert_eq!(size_of::<ExecEvent>(), size_of::<EventHeader>() + 16 + 16 + PATH_LEN + ARGV_LEN);
         assert_eq!(size_of::<ConnectEvent>(), size_of::<EventHeader>() + 16 + 16 + 108 + 4);
         assert_eq!(size_of::<ExecArgs>(), 16 + 2 * ARGV_LEN);

@@ -1,12 +1,12 @@
 //! Building and submitting ring-buffer events.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-    bpf_ktime_get_boot_ns,
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
+    bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
 };
 use gatekeep_common::{EventHeader, TaskEvent, counter};
 
-use crate::maps::{EVENTS, bump};
+use crate::maps::{EVENTS, bump, offsets};
 
 /// Who is calling, gathered once per hook run.
 #[derive(Clone, Copy)]
@@ -46,11 +46,26 @@ impl Caller {
             tid: self.tid,
             uid: self.uid,
             gid: self.gid,
+            ppid: parent_tgid(),
+            _pad: 0,
             cgroup_id: self.cgroup_id,
             ktime_ns: self.now_ns,
             digest,
             comm: bpf_get_current_comm().unwrap_or_default(),
         }
+    }
+}
+
+/// `current->real_parent->tgid`; 0 if unreadable.
+#[inline(always)]
+fn parent_tgid() -> u32 {
+    let off = offsets();
+    // SAFETY: probe reads, which fail safely on a bad address.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        bpf_probe_read_kernel::<*const u8>(task.add(off.task_struct_real_parent as usize).cast())
+            .and_then(|parent| bpf_probe_read_kernel::<i32>(parent.add(off.task_struct_tgid as usize).cast()))
+            .map_or(0, |tgid| tgid as u32)
     }
 }
 

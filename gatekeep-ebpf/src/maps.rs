@@ -82,6 +82,8 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     super_block_s_dev: 0,
     task_struct_ptrace: 0,
     socket_type: 0,
+    task_struct_real_parent: 0,
+    task_struct_tgid: 0,
 };
 
 /// SipHash key for request digests, random per load (set by the agent), so

@@ -89,6 +89,7 @@ fn exec_hook_sees_gated_exec_and_detaches() {
     assert_eq!(event.header.cgroup_id, cgroup.id());
     assert_eq!(event.header.policy_id, POLICY_ID);
     assert_eq!(event.header.uid, 0);
+    assert_eq!(event.header.ppid, std::process::id(), "the exec'ing child's parent is this test");
     assert_eq!(event.ino, identity.ino(), "event names a different inode than /bin/true's");
     assert_eq!(event.dev, kernel_dev(identity.dev()), "event names a different device than /bin/true's");
     let filename = std::ffi::CStr::from_bytes_until_nul(&event.filename).expect("NUL-terminated filename");
