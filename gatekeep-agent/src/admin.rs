@@ -13,6 +13,7 @@ use gatekeep_policy::PolicyError;
 use serde::Serialize;
 
 use crate::{
+    grants::{self, LocalGrant},
     kernel::{COUNTER_NAMES, KernelMaps, VERDICT_TTL, boot_time_ns},
     pause::{ProcTasks, Tasks as _},
     pinning::{self, PinLayout, PinningError},
@@ -130,6 +131,19 @@ pub struct Status {
     pub programs_missing: Vec<&'static str>,
     pub paused_requests: Vec<PausedRequest>,
     pub counters: Vec<(&'static str, u64)>,
+    /// Granted durations the agent keeps (`state_dir/grants.json`).
+    pub grants: Vec<GrantStatus>,
+    /// Entries of the kernel's `GRANTS` map.
+    pub kernel_grants: usize,
+}
+
+/// One granted duration.
+#[derive(Debug, Serialize)]
+pub struct GrantStatus {
+    #[serde(flatten)]
+    pub grant: LocalGrant,
+    /// Whether the kernel holds an entry with its digest.
+    pub in_kernel: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -141,8 +155,9 @@ pub struct PausedRequest {
     pub paused_for_ms: u64,
 }
 
-/// `status`: which programs are pinned, what is paused, the counters.
-pub fn status(pin_dir: &Path) -> Result<Status, AdminError> {
+/// `status`: which programs are pinned, what is paused, the counters, the
+/// granted durations (from `state_dir`).
+pub fn status(pin_dir: &Path, state_dir: &Path) -> Result<Status, AdminError> {
     let layout = PinLayout::new(pin_dir);
     let pinned = layout.pinned_programs();
     let missing = PinLayout::programs()
@@ -155,7 +170,10 @@ pub fn status(pin_dir: &Path) -> Result<Status, AdminError> {
         programs_missing: missing,
         paused_requests: Vec::new(),
         counters: Vec::new(),
+        grants: Vec::new(),
+        kernel_grants: 0,
     };
+    let mut kernel_digests = Vec::new();
     if layout.map("PENDING").exists() {
         let maps = KernelMaps::open(&layout)?;
         let now = boot_time_ns();
@@ -176,7 +194,21 @@ pub fn status(pin_dir: &Path) -> Result<Status, AdminError> {
             source,
         })?;
         status.counters = COUNTER_NAMES.iter().copied().zip(counters).collect();
+        let entries = maps.grants().map_err(|source| AdminError::Map {
+            map: "GRANTS",
+            source,
+        })?;
+        status.kernel_grants = entries.len();
+        kernel_digests = entries.iter().map(|(key, _)| key.digest).collect();
     }
+    status.grants = grants::read_file(&state_dir.join(crate::paths::GRANTS_FILE))
+        .into_iter()
+        .map(|grant| GrantStatus {
+            in_kernel: u64::from_str_radix(&grant.digest, 16)
+                .is_ok_and(|digest| kernel_digests.contains(&digest)),
+            grant,
+        })
+        .collect();
     Ok(status)
 }
 
@@ -298,9 +330,10 @@ mod tests {
     #[test]
     fn status_of_an_empty_pin_dir_lists_every_program_missing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let status = status(dir.path()).expect("status");
+        let status = status(dir.path(), dir.path()).expect("status");
         assert!(status.programs_pinned.is_empty());
         assert_eq!(status.programs_missing.len(), PinLayout::programs().len());
         assert!(status.counters.is_empty());
+        assert!(status.grants.is_empty());
     }
 }

@@ -12,9 +12,27 @@
 //! log_format = "text"          # or "json"
 //! reconcile_interval = "1s"
 //! rescan_interval = "1s"
+//! state_dir = "/var/lib/gatekeep"   # grants.json; the embedded service's data
+//!
+//! [decision]
+//! mode = "embedded"            # embedded (default) | remote | local
+//! listen = "127.0.0.1:7443"    # embedded: the in-process service's address
+//! # remote (the default mode once `server` is set):
+//! # server = "https://gatekeep.example.org:7443"
+//! # ca = "/etc/gatekeep/tls/ca.pem"
+//! # cert = "/etc/gatekeep/tls/agent.pem"
+//! # key = "/etc/gatekeep/tls/agent.key"
+//! # server_name = "gatekeep.example.org"   # when the certificate names another host
 //! ```
+//!
+//! - `embedded`: the agent runs the decision service itself, on `SQLite` under
+//!   `state_dir`, listening on loopback; reviewers use the `gatekeep` CLI
+//!   with `state_dir/cli.toml`.
+//! - `remote`: a central `gatekeep-server`, reached with mutual TLS.
+//! - `local`: nobody reviews; every request gets its policy's timeout action.
 
 use std::{
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -62,6 +80,83 @@ pub struct AgentConfig {
     /// new cgroups and changed files.
     #[serde(with = "duration_text")]
     pub rescan_interval: Duration,
+    /// The agent's state: granted durations, and the embedded service's
+    /// database, CA and reviewer token.
+    pub state_dir: PathBuf,
+    /// Who decides paused requests.
+    pub decision: DecisionConfig,
+}
+
+/// Who decides paused requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionMode {
+    /// The decision service runs inside the agent, on loopback.
+    Embedded,
+    /// A central decision service, over mutual TLS.
+    Remote,
+    /// Nobody reviews: the policy's timeout action applies at the deadline.
+    Local,
+}
+
+impl DecisionMode {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionMode::Embedded => "embedded",
+            DecisionMode::Remote => "remote",
+            DecisionMode::Local => "local",
+        }
+    }
+}
+
+/// The `[decision]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecisionConfig {
+    /// Unset: `remote` when `server` is set, else `embedded`.
+    pub mode: Option<DecisionMode>,
+    /// Remote: `https://HOST:PORT` of the decision service.
+    pub server: Option<String>,
+    /// Remote: the CA that signed the service's certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// Remote: this agent's client certificate (PEM), which names its host.
+    pub cert: Option<PathBuf>,
+    /// Remote: the key of `cert` (PEM).
+    pub key: Option<PathBuf>,
+    /// Remote: the name to check the service's certificate against, when it
+    /// is not the host of `server`.
+    pub server_name: Option<String>,
+    /// Embedded: where the in-process service listens.
+    pub listen: SocketAddr,
+}
+
+impl Default for DecisionConfig {
+    fn default() -> Self {
+        Self {
+            mode: None,
+            server: None,
+            ca: None,
+            cert: None,
+            key: None,
+            server_name: None,
+            // Loopback: exposing the service is a deliberate choice.
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, paths::EMBEDDED_PORT)),
+        }
+    }
+}
+
+impl DecisionConfig {
+    /// The mode in force: the configured one, else `remote` when a server
+    /// is named, else `embedded`.
+    #[must_use]
+    pub fn mode(&self) -> DecisionMode {
+        self.mode.unwrap_or(if self.server.is_some() {
+            DecisionMode::Remote
+        } else {
+            DecisionMode::Embedded
+        })
+    }
 }
 
 impl Default for AgentConfig {
@@ -81,6 +176,8 @@ impl Default for AgentConfig {
             reconcile_interval: Duration::from_secs(1),
             // New cgroups are gated at most this long after they appear.
             rescan_interval: Duration::from_secs(1),
+            state_dir: paths::STATE_DIR.into(),
+            decision: DecisionConfig::default(),
         }
     }
 }
@@ -102,6 +199,10 @@ pub enum ConfigError {
     },
     #[error("`{field}` must be longer than zero")]
     ZeroInterval { field: &'static str },
+    #[error(
+        "`[decision] mode = \"remote\"` needs `{field}` (the service's address, its ca, and this agent's cert and key)"
+    )]
+    RemoteIncomplete { field: &'static str },
 }
 
 impl AgentConfig {
@@ -142,6 +243,19 @@ impl AgentConfig {
             return Err(ConfigError::ZeroInterval {
                 field: "rescan_interval",
             });
+        }
+        if self.decision.mode() == DecisionMode::Remote {
+            let decision = &self.decision;
+            for (field, missing) in [
+                ("server", decision.server.is_none()),
+                ("ca", decision.ca.is_none()),
+                ("cert", decision.cert.is_none()),
+                ("key", decision.key.is_none()),
+            ] {
+                if missing {
+                    return Err(ConfigError::RemoteIncomplete { field });
+                }
+            }
         }
         Ok(())
     }
@@ -194,6 +308,45 @@ mod tests {
         assert_eq!(config.reconcile_interval, Duration::from_millis(250));
         assert_eq!(config.host, "h1");
         assert_eq!(config.pin_dir, Path::new(paths::PIN_DIR));
+    }
+
+    #[test]
+    fn decision_mode_defaults_to_embedded_and_to_remote_once_a_server_is_named() {
+        let config = AgentConfig::parse("").expect("parse");
+        assert_eq!(config.decision.mode(), DecisionMode::Embedded);
+        assert_eq!(config.decision.listen.to_string(), "127.0.0.1:7443");
+        assert_eq!(config.state_dir, Path::new("/var/lib/gatekeep"));
+        let config = AgentConfig::parse(
+            "[decision]\nserver = \"https://gk:7443\"\nca = \"/c\"\ncert = \"/a\"\nkey = \"/k\"\n",
+        )
+        .expect("parse");
+        assert_eq!(config.decision.mode(), DecisionMode::Remote);
+        config.validate().expect("complete remote settings");
+        let config = AgentConfig::parse("[decision]\nmode = \"local\"\nserver = \"https://gk\"\n")
+            .expect("parse");
+        assert_eq!(
+            config.decision.mode(),
+            DecisionMode::Local,
+            "an explicit mode wins"
+        );
+        assert!(AgentConfig::parse("[decision]\nmode = \"central\"\n").is_err());
+    }
+
+    #[test]
+    fn remote_mode_names_the_missing_setting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "[decision]\nmode = \"remote\"\nserver = \"https://gk:7443\"\nca = \"/c\"\n",
+        )
+        .expect("write");
+        let err = AgentConfig::load(&path, true).expect_err("incomplete");
+        assert!(
+            matches!(err, ConfigError::RemoteIncomplete { field: "cert" }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("`cert`"), "{err}");
     }
 
     #[test]

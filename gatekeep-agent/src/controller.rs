@@ -28,7 +28,8 @@ use std::{
 };
 
 use gatekeep_audit::{AuditRecord, RecordKind};
-use gatekeep_common::VerdictKey;
+use gatekeep_common::{VerdictKey, request_kind};
+use gatekeep_proto::model::ApprovalSettings;
 use serde_json::{Value, json};
 use tokio::{
     sync::{mpsc, watch},
@@ -38,8 +39,11 @@ use tokio::{
 
 use crate::{
     audit::AuditSink,
-    decide::{Decider, Decision, DecisionRequest, Verdict, decide_by_deadline},
-    enrich::Enricher,
+    decide::{
+        Decider, Decision, DecisionRequest, RequestDetails, RequestTarget, Verdict, Withdrawal,
+        decide_by_deadline,
+    },
+    enrich::{Enricher, Enrichment},
     events::{ConnectRequest, Destination, Event, ExecRequest, Origin, RequestKind},
     kernel::{PauseKernel, boot_time_ns},
     pause::{Finding, PauseTiming, ResumeOutcome, TaskState, Tasks, reconcile, resume},
@@ -275,12 +279,14 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             }
             Event::ExecDenied(request) => {
                 self.stats.kernel_denied += 1;
-                let payload = self.exec_payload(&request);
+                let info = self.enricher.enrich(request.origin.pid, request.origin.uid);
+                let payload = self.exec_payload(&request, &info);
                 self.record(RecordKind::KernelDenied, None, Some("kernel"), payload);
             }
             Event::ConnectDenied(request) => {
                 self.stats.kernel_denied += 1;
-                let payload = self.connect_payload(&request);
+                let info = self.enricher.enrich(request.origin.pid, request.origin.uid);
+                let payload = self.connect_payload(&request, &info);
                 self.record(RecordKind::KernelDenied, None, Some("kernel"), payload);
             }
             Event::Abandoned { origin, kind } => self.handle_gone(&origin, kind, false),
@@ -297,6 +303,10 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         }
     }
 
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one ask from event to decision task, step by step"
+    )]
     async fn handle_ask(&mut self, origin: &Origin, asked: Asked) {
         let tid = origin.tid;
         let pending = match self.kernel.pending_of(tid).await {
@@ -344,7 +354,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let deadline = Instant::now() + timeout.saturating_sub(age);
         let request_id = format!("{first_seen:x}-{tid}-{:016x}", origin.digest);
 
-        let (kind, rule, mut payload) = self.describe(&asked, &policy);
+        let info = self.enricher.enrich(origin.pid, origin.uid);
+        let (kind, rule, mut payload) = self.describe(&asked, &policy, &info);
         payload["rule"] = json!(rule);
         payload["timeout_ms"] = json!(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
         payload["on_timeout"] = json!(policy.policy.approval.on_timeout.as_str());
@@ -365,6 +376,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             payload.clone(),
         );
 
+        let details = self.details(origin, asked, info, &policy, first_seen);
         let request = Arc::new(DecisionRequest {
             request_id: request_id.clone(),
             kind,
@@ -374,6 +386,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             timeout,
             on_timeout: Verdict::from_policy(policy.policy.approval.on_timeout),
             deadline,
+            details,
         });
         let decider = Arc::clone(&self.decider);
         let internal = self.internal_tx.clone();
@@ -402,12 +415,17 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     }
 
     /// What an ask is about, the rule that said ask, and its audit payload.
-    fn describe(&self, asked: &Asked, policy: &LoadedPolicy) -> (&'static str, String, Value) {
+    fn describe(
+        &self,
+        asked: &Asked,
+        policy: &LoadedPolicy,
+        info: &Enrichment,
+    ) -> (&'static str, String, Value) {
         match asked {
             Asked::Exec(request) => (
                 "exec",
                 policy.exec_rule(request.dev, request.ino),
-                self.exec_payload(request),
+                self.exec_payload(request, info),
             ),
             Asked::Connect(request) => {
                 let rule = match &request.destination {
@@ -417,8 +435,45 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     }
                     Destination::Other { .. } => "connect default".to_owned(),
                 };
-                ("connect", rule, self.connect_payload(request))
+                ("connect", rule, self.connect_payload(request, info))
             }
+        }
+    }
+
+    /// The typed form of a request, for the decider.
+    fn details(
+        &self,
+        origin: &Origin,
+        asked: Asked,
+        info: Enrichment,
+        policy: &LoadedPolicy,
+        first_seen: u64,
+    ) -> RequestDetails {
+        let target = match asked {
+            Asked::Exec(request) => RequestTarget::Exec {
+                executable: self.enricher.display_path(origin.pid, &request.filename),
+                argv: request.argv,
+            },
+            Asked::Connect(request) => RequestTarget::Connect {
+                destination: request.destination,
+                sock_type: request.sock_type,
+            },
+        };
+        RequestDetails {
+            pid: origin.pid,
+            tid: origin.tid,
+            uid: origin.uid,
+            policy_id: origin.policy_id,
+            kind: match target {
+                RequestTarget::Exec { .. } => request_kind::EXEC,
+                RequestTarget::Connect { .. } => request_kind::CONNECT,
+            },
+            digest: origin.digest,
+            cgroup_id: origin.cgroup_id,
+            first_seen_ns: first_seen,
+            enrichment: info,
+            target,
+            approval: ApprovalSettings::from_policy(&policy.policy.approval),
         }
     }
 
@@ -448,6 +503,13 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 let _ = kernel.remove_verdict(key).await;
             });
         }
+        if old.stage == Stage::Deciding {
+            self.decider.withdraw(
+                &old.request_id,
+                Withdrawal::Superseded,
+                "the thread asked something else before the decision applied",
+            );
+        }
         if old.stage == Stage::Deciding || old.stage == Stage::Resuming {
             self.record(
                 RecordKind::Cancelled,
@@ -474,6 +536,20 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         };
         if let Some(task) = tracked.as_ref().and_then(|t| t.decision_task.as_ref()) {
             task.abort();
+        }
+        if let Some(tracked) = tracked.as_ref().filter(|t| t.stage == Stage::Deciding) {
+            let (reason, detail) = if refused {
+                (
+                    Withdrawal::Superseded,
+                    "the kernel refused the request: the task is traced",
+                )
+            } else {
+                (
+                    Withdrawal::TaskExited,
+                    "the task exited while it waited for a decision",
+                )
+            };
+            self.decider.withdraw(&tracked.request_id, reason, detail);
         }
         let mut payload = json!({
             "pid": origin.pid,
@@ -546,7 +622,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     return;
                 }
                 let waited = tracked.waited_ms();
-                let base = json!({
+                let mut base = json!({
                     "pid": tracked.pid,
                     "tid": tid,
                     "kind": tracked.kind,
@@ -555,6 +631,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     "reason": decision.reason,
                     "wait_ms": waited,
                 });
+                if let Some(details) = &decision.details {
+                    base["service"] = details.clone();
+                }
                 match outcome {
                     Ok(ResumeOutcome::Resumed | ResumeOutcome::ResumedUnconfirmed) => {
                         tracked.stage = Stage::Resumed {
@@ -742,6 +821,15 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             }
             if record {
                 let gone = self.tasks.state(tracked.pid, tid) == TaskState::Gone;
+                self.decider.withdraw(
+                    &tracked.request_id,
+                    if gone {
+                        Withdrawal::TaskExited
+                    } else {
+                        Withdrawal::Superseded
+                    },
+                    "the kernel no longer holds this request",
+                );
                 let kind = if gone {
                     RecordKind::Abandoned
                 } else {
@@ -770,6 +858,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     actor: "agent".to_owned(),
                     reason: "verdict written again: the task stopped before using it".to_owned(),
                     expired: false,
+                    details: None,
                 };
                 self.spawn_resume(tid, decision, false);
             }
@@ -810,8 +899,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         self.stats
     }
 
-    fn origin_payload(&self, origin: &Origin) -> Value {
-        let info = self.enricher.enrich(origin.pid, origin.uid);
+    fn origin_payload(&self, origin: &Origin, info: &Enrichment) -> Value {
         let policy = self.policy(origin.policy_id).map(|p| p.policy.name.clone());
         json!({
             "pid": origin.pid,
@@ -830,8 +918,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         })
     }
 
-    fn exec_payload(&self, request: &ExecRequest) -> Value {
-        let mut payload = self.origin_payload(&request.origin);
+    fn exec_payload(&self, request: &ExecRequest, info: &Enrichment) -> Value {
+        let mut payload = self.origin_payload(&request.origin, info);
         let exe = self
             .enricher
             .display_path(request.origin.pid, &request.filename);
@@ -849,8 +937,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         payload
     }
 
-    fn connect_payload(&self, request: &ConnectRequest) -> Value {
-        let mut payload = self.origin_payload(&request.origin);
+    fn connect_payload(&self, request: &ConnectRequest, info: &Enrichment) -> Value {
+        let mut payload = self.origin_payload(&request.origin, info);
         payload["kind"] = json!("connect");
         payload["address"] = json!(request.destination.to_string());
         payload["sock_type"] = json!(request.sock_type);

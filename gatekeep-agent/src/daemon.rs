@@ -27,9 +27,8 @@ use tokio::{
 
 use crate::{
     audit::{AuditHandle, AuditPipeline, AuditSink as _},
-    config::AgentConfig,
+    config::{AgentConfig, DecisionMode},
     controller::{Controller, Parts},
-    decide::{Decider, LocalDecider},
     enrich::Enricher,
     events::reader::EventReader,
     kernel::{self, KernelHandle, PauseKernel as _},
@@ -37,6 +36,7 @@ use crate::{
     pause::{PauseTiming, ProcTasks},
     pinning::{self, PinLayout, PinningError},
     policy_maps::{self, Compiled, HostView, PolicyMapsError},
+    service::{self, ServiceError},
 };
 
 /// Errors that stop the daemon.
@@ -97,6 +97,11 @@ pub enum DaemonError {
         #[source]
         source: tokio::task::JoinError,
     },
+    #[error("failed to start the decision side (`[decision]` in the config)")]
+    Decision {
+        #[source]
+        source: ServiceError,
+    },
 }
 
 /// Options of `run` beyond the config file.
@@ -107,21 +112,13 @@ pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
 }
 
-/// Runs the daemon with the local decider until SIGINT/SIGTERM.
-pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonError> {
-    run_with(config, options, Arc::new(LocalDecider)).await
-}
-
-/// Runs the daemon with any decider.
+/// Runs the daemon until SIGINT/SIGTERM, with the decider `[decision]`
+/// names (the embedded decision service by default).
 #[expect(
     clippy::too_many_lines,
     reason = "the startup sequence reads best in one place, step by step"
 )]
-pub async fn run_with<D: Decider>(
-    config: AgentConfig,
-    options: RunOptions,
-    decider: Arc<D>,
-) -> Result<(), DaemonError> {
+pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|source| DaemonError::Signals { source })?;
@@ -174,6 +171,14 @@ pub async fn run_with<D: Decider>(
             "attached_now": attached_now,
             "pin_dir": config.pin_dir,
             "paused_requests_found": paused_found,
+            "decision": {
+                "mode": config.decision.mode().as_str(),
+                "service": match config.decision.mode() {
+                    DecisionMode::Embedded => Some(format!("https://{}", config.decision.listen)),
+                    DecisionMode::Remote => config.decision.server.clone(),
+                    DecisionMode::Local => None,
+                },
+            },
         }),
     ));
     record_policy_loaded(sink.as_ref(), &config, &compiled, "startup");
@@ -202,16 +207,28 @@ pub async fn run_with<D: Decider>(
     let reader_task = tokio::spawn(read_events(reader, events_tx, shutdown_rx.clone()));
 
     let (policies_tx, policies_rx) = watch::channel(Arc::new(compiled));
+
+    // 6. Who decides: the embedded service, a central one, or timeouts only.
+    let decision = service::start(service::Wiring {
+        config: &config,
+        kernel: &kernel,
+        audit: Arc::clone(&sink),
+        start,
+        policies: policies_rx.clone(),
+        shutdown: shutdown_rx.clone(),
+    })
+    .await
+    .map_err(|source| DaemonError::Decision { source })?;
     let enricher = Arc::new(Enricher::new(&config.proc_root, &config.passwd));
     let controller = Controller::new(Parts {
         kernel: Arc::new(kernel.clone()),
         tasks: Arc::new(ProcTasks::new(&config.proc_root)),
-        decider,
         audit: Arc::clone(&sink),
         enricher,
         host: config.host.clone(),
         timing: PauseTiming::default(),
         policies: Arc::clone(&policies_rx.borrow()),
+        decider: Arc::clone(&decision.decider),
     });
     let controller_task = tokio::spawn(controller.run(
         events_rx,
@@ -248,8 +265,16 @@ pub async fn run_with<D: Decider>(
             buffered_events = backlog_len,
             kernel_logs = kernel_logs.is_some(),
             audit_db = %config.audit_db.display(),
+            decision = decision.mode.as_str(),
+            decision_service = decision.endpoint.as_deref().unwrap_or("-"),
             "gatekeep agent ready"
         );
+        if let Some(cli) = &decision.cli_config {
+            tracing::info!(
+                "reviewers on this host: GATEKEEP_CLI_CONFIG={} gatekeep review list",
+                cli.display()
+            );
+        }
     }
     if let Some(path) = &options.ready_file {
         std::fs::write(path, format!("{}\n", std::process::id())).map_err(|source| {
@@ -276,6 +301,7 @@ pub async fn run_with<D: Decider>(
         .map_err(|source| DaemonError::Join { source })?;
     let _ = reader_task.await;
     let _ = watcher_task.await;
+    decision.stop().await;
     if let Some(task) = kernel_logs {
         let _ = task.await;
     }

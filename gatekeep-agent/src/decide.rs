@@ -1,17 +1,21 @@
 //! The decision boundary: who says allow or deny for a paused request.
 //!
-//! [`Decider`] is what the agent asks. This crate ships [`LocalDecider`],
-//! which applies the policy's `on_timeout` action once the approval timeout
-//! passes; the central decision service plugs in behind the same trait.
+//! [`Decider`] is what the agent asks. [`LocalDecider`] applies the policy's
+//! `on_timeout` action once the approval timeout passes;
+//! [`RemoteDecider`](crate::remote::RemoteDecider) asks the decision service
+//! (embedded or central) behind the same trait.
 //! Whatever the decider does, [`decide_by_deadline`] guarantees an answer at
 //! the deadline (the policy's timeout action) and retries a failing decider
 //! until then.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use gatekeep_policy::Action;
+use gatekeep_proto::model::ApprovalSettings;
 use serde::Serialize;
 use tokio::time::Instant;
+
+use crate::{enrich::Enrichment, events::Destination};
 
 /// A paused request, as put to a decider.
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +39,66 @@ pub struct DecisionRequest {
     /// When the decision is due: the request's first sighting plus `timeout`.
     #[serde(skip)]
     pub deadline: Instant,
+    /// The request in typed form, for deciders that forward it.
+    #[serde(skip)]
+    pub details: RequestDetails,
+}
+
+/// Everything known about a paused request, typed (the audit payload in
+/// [`DecisionRequest::context`] says the same as JSON).
+#[derive(Debug, Clone, Default)]
+pub struct RequestDetails {
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    /// The kernel's id of the asking policy (changes with every reload).
+    pub policy_id: u32,
+    /// [`gatekeep_common::request_kind`].
+    pub kind: u32,
+    /// The kernel's digest of the request: a grant for it lets the very same
+    /// request through.
+    pub digest: u64,
+    pub cgroup_id: u64,
+    /// `CLOCK_BOOTTIME` nanoseconds when the kernel first paused it.
+    pub first_seen_ns: u64,
+    /// Ancestry, cwd, user and cgroup path.
+    pub enrichment: Enrichment,
+    pub target: RequestTarget,
+    /// The asking policy's approval settings.
+    pub approval: ApprovalSettings,
+}
+
+/// What a paused request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestTarget {
+    Exec {
+        /// Absolute (made so against the cwd for display).
+        executable: PathBuf,
+        argv: Vec<String>,
+    },
+    Connect {
+        destination: Destination,
+        /// `SOCK_STREAM` (1), `SOCK_DGRAM` (2), ...
+        sock_type: u32,
+    },
+}
+
+impl Default for RequestTarget {
+    fn default() -> Self {
+        RequestTarget::Exec {
+            executable: PathBuf::new(),
+            argv: Vec::new(),
+        }
+    }
+}
+
+/// Why the agent no longer wants a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withdrawal {
+    /// The asking task exited.
+    TaskExited,
+    /// The task asked something else, or the kernel dropped the request.
+    Superseded,
 }
 
 /// The two outcomes a paused syscall can have.
@@ -84,6 +148,9 @@ pub struct Decision {
     pub reason: String,
     /// Nobody decided before the deadline; the policy's timeout action applies.
     pub expired: bool,
+    /// What the decider adds to the audit record (e.g. the service's request
+    /// id, the decision's state, a granted duration).
+    pub details: Option<serde_json::Value>,
 }
 
 impl Decision {
@@ -100,6 +167,7 @@ impl Decision {
                 request.on_timeout.as_str()
             ),
             expired: true,
+            details: None,
         }
     }
 }
@@ -124,6 +192,12 @@ pub trait Decider: Send + Sync + 'static {
         &self,
         request: Arc<DecisionRequest>,
     ) -> impl Future<Output = Result<Decision, DecideError>> + Send;
+
+    /// The request `request_id` no longer needs a decision (its `decide`
+    /// future, if any, is dropped too): tell whoever was asked.
+    fn withdraw(&self, request_id: &str, reason: Withdrawal, detail: &str) {
+        let _ = (request_id, reason, detail);
+    }
 }
 
 /// Decides locally: nobody reviews, so every request waits for its policy's
@@ -185,6 +259,7 @@ mod tests {
             timeout,
             on_timeout,
             deadline: Instant::now() + timeout,
+            details: RequestDetails::default(),
         })
     }
 
@@ -232,6 +307,7 @@ mod tests {
                 actor: "alice".into(),
                 reason: "looks fine".into(),
                 expired: false,
+                details: None,
             })
         }
     }

@@ -32,7 +32,7 @@ pub struct ProcessInfo {
 }
 
 /// What the agent adds to a request before it asks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Enrichment {
     /// The asking process first, then its parent, and so on: up to pid 1, or
     /// up to and including the first ancestor outside the asking process's

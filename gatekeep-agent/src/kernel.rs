@@ -13,8 +13,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use gatekeep_common::{
-    ConnectV4Key, ConnectV6Key, ExecRuleKey, GatedCgroup, PendingRequest, PolicyDefaults,
-    PortRules, Verdict, VerdictKey, counter,
+    ConnectV4Key, ConnectV6Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, PendingRequest,
+    PolicyDefaults, PortRules, Verdict, VerdictKey, counter,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -48,6 +48,8 @@ pub struct KernelMaps {
     connect_v6: LpmTrie<MapData, ConnectV6Key, PortRules>,
     pending: HashMap<MapData, u32, PendingRequest>,
     verdicts: HashMap<MapData, VerdictKey, Verdict>,
+    /// Granted durations; `None` when the pinned programs predate them.
+    grants: Option<HashMap<MapData, GrantKey, Grant>>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -73,8 +75,38 @@ impl KernelMaps {
             connect_v6: typed!(layout, "CONNECT_V6", LpmTrie<MapData, ConnectV6Key, PortRules>),
             pending: typed!(layout, "PENDING", HashMap<MapData, u32, PendingRequest>),
             verdicts: typed!(layout, "VERDICTS", HashMap<MapData, VerdictKey, Verdict>),
+            grants: if layout.map("GRANTS").exists() {
+                Some(typed!(layout, "GRANTS", HashMap<MapData, GrantKey, Grant>))
+            } else {
+                None
+            },
             counters: typed!(layout, "COUNTERS", PerCpuArray<MapData, u64>),
         })
+    }
+
+    /// Every installed grant.
+    pub fn grants(&self) -> Result<Vec<(GrantKey, Grant)>, MapError> {
+        match &self.grants {
+            Some(grants) => grants.iter().collect(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Installs (or replaces) a grant.
+    pub fn set_grant(&mut self, key: GrantKey, grant: Grant) -> Result<(), MapError> {
+        match &mut self.grants {
+            Some(grants) => grants.insert(key, grant, 0),
+            // The running programs cannot honour grants: asking again is
+            // the safe outcome, so there is nothing to write.
+            None => Ok(()),
+        }
+    }
+
+    pub fn remove_grant(&mut self, key: &GrantKey) -> Result<(), MapError> {
+        match &mut self.grants {
+            Some(grants) => not_found_is_none(grants.remove(key)).map(drop),
+            None => Ok(()),
+        }
     }
 
     /// Every pending request: thread id -> request.
@@ -266,6 +298,9 @@ enum Command {
     ReadPolicyState(oneshot::Sender<Result<MapState, KernelError>>),
     ApplyPolicy(Box<MapState>, oneshot::Sender<Result<Applied, KernelError>>),
     Counters(oneshot::Sender<Result<Vec<u64>, KernelError>>),
+    Grants(oneshot::Sender<Result<Vec<(GrantKey, Grant)>, KernelError>>),
+    SetGrant(GrantKey, Grant, oneshot::Sender<Result<(), KernelError>>),
+    RemoveGrant(GrantKey, oneshot::Sender<Result<(), KernelError>>),
 }
 
 /// Talks to the task that owns the maps.
@@ -325,6 +360,15 @@ async fn serve(mut maps: KernelMaps, mut receiver: mpsc::Receiver<Command>) {
             Command::Counters(reply) => {
                 drop(reply.send(maps.counters().map_err(map_err("read COUNTERS"))));
             }
+            Command::Grants(reply) => {
+                drop(reply.send(maps.grants().map_err(map_err("read GRANTS"))));
+            }
+            Command::SetGrant(key, grant, reply) => {
+                drop(reply.send(maps.set_grant(key, grant).map_err(map_err("write GRANTS"))));
+            }
+            Command::RemoveGrant(key, reply) => {
+                drop(reply.send(maps.remove_grant(&key).map_err(map_err("remove GRANTS"))));
+            }
         }
     }
 }
@@ -353,6 +397,32 @@ impl KernelHandle {
 
     pub async fn counters(&self) -> Result<Vec<u64>, KernelError> {
         self.ask(Command::Counters).await
+    }
+}
+
+/// What grant bookkeeping needs from the kernel: the `GRANTS` map.
+/// [`KernelHandle`] is the real one, tests use a fake.
+pub trait GrantKernel: Send + Sync + 'static {
+    fn grants(&self) -> impl Future<Output = Result<Vec<(GrantKey, Grant)>, KernelError>> + Send;
+    fn set_grant(
+        &self,
+        key: GrantKey,
+        grant: Grant,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send;
+    fn remove_grant(&self, key: GrantKey) -> impl Future<Output = Result<(), KernelError>> + Send;
+}
+
+impl GrantKernel for KernelHandle {
+    async fn grants(&self) -> Result<Vec<(GrantKey, Grant)>, KernelError> {
+        self.ask(Command::Grants).await
+    }
+
+    async fn set_grant(&self, key: GrantKey, grant: Grant) -> Result<(), KernelError> {
+        self.ask(|reply| Command::SetGrant(key, grant, reply)).await
+    }
+
+    async fn remove_grant(&self, key: GrantKey) -> Result<(), KernelError> {
+        self.ask(|reply| Command::RemoveGrant(key, reply)).await
     }
 }
 

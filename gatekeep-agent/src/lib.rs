@@ -10,8 +10,10 @@ pub mod controller;
 pub mod daemon;
 pub mod decide;
 pub mod ebpf;
+pub mod embedded;
 pub mod enrich;
 pub mod events;
+pub mod grants;
 pub mod kernel;
 pub mod kernel_btf;
 pub mod kernel_log;
@@ -20,5 +22,7 @@ pub mod pause;
 pub mod pinning;
 pub mod policy_maps;
 pub mod preflight;
+pub mod remote;
+pub mod service;
 #[cfg(test)]
 mod testing;

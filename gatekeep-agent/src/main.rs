@@ -125,6 +125,27 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Reviewers of the embedded decision service (`[decision] mode =
+    /// "embedded"`, the default).
+    #[command(subcommand)]
+    Reviewers(ReviewersCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ReviewersCommand {
+    /// Add a reviewer and print their token (shown once; only its hash is
+    /// stored). Works while the agent runs.
+    Add {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The reviewer's name (never the user a gated workload runs as:
+        /// nobody approves their own requests).
+        name: String,
+        /// Reviewer group (repeat for several); policies name the groups
+        /// that may decide (`[policy.approval] reviewers`).
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -139,6 +160,68 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// `reviewers add`: a reviewer of the embedded service, and their token.
+fn add_reviewer(config: &AgentConfig, name: &str, groups: &[String]) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    let token = runtime.block_on(gatekeep_agent::embedded::add_reviewer(
+        &config.state_dir,
+        name,
+        groups,
+        false,
+    ))?;
+    eprintln!("added reviewer `{name}`; their token (shown once, keep it secret):");
+    println!("{token}");
+    Ok(())
+}
+
+/// `status` as text.
+fn print_status(status: &admin::Status) {
+    println!("pin dir: {}", status.pin_dir.display());
+    println!("programs pinned: {}", status.programs_pinned.join(", "));
+    if !status.programs_missing.is_empty() {
+        println!("programs NOT pinned: {}", status.programs_missing.join(", "));
+    }
+    println!("paused requests: {}", status.paused_requests.len());
+    for paused in &status.paused_requests {
+        println!(
+            "  pid {} tid {} {} policy {} paused {} ms",
+            paused.pid, paused.tid, paused.kind, paused.policy_id, paused.paused_for_ms
+        );
+    }
+    for (name, value) in &status.counters {
+        println!("{name}: {value}");
+    }
+    println!(
+        "grants: {} ({} kernel entries)",
+        status.grants.len(),
+        status.kernel_grants
+    );
+    for grant in &status.grants {
+        let g = &grant.grant;
+        let until = g.expires_at.map_or_else(
+            || "no expiry".to_owned(),
+            |at| format!("until {at}"),
+        );
+        let scope = g
+            .cgroup
+            .as_deref()
+            .map_or_else(String::new, |c| format!(" in cgroup {c}"));
+        println!(
+            "  {} policy {} {} `{}` {}{scope}, {until}, by {}{}",
+            g.id,
+            g.policy,
+            g.kind,
+            g.target,
+            g.duration,
+            g.created_by,
+            if grant.in_kernel { "" } else { " (not in the kernel)" }
+        );
     }
 }
 
@@ -205,25 +288,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Status { config, output } => {
             let config = config.load()?;
-            let status = admin::status(&config.pin_dir)?;
+            let status = admin::status(&config.pin_dir, &config.state_dir)?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                println!("pin dir: {}", status.pin_dir.display());
-                println!("programs pinned: {}", status.programs_pinned.join(", "));
-                if !status.programs_missing.is_empty() {
-                    println!("programs NOT pinned: {}", status.programs_missing.join(", "));
-                }
-                println!("paused requests: {}", status.paused_requests.len());
-                for paused in &status.paused_requests {
-                    println!(
-                        "  pid {} tid {} {} policy {} paused {} ms",
-                        paused.pid, paused.tid, paused.kind, paused.policy_id, paused.paused_for_ms
-                    );
-                }
-                for (name, value) in &status.counters {
-                    println!("{name}: {value}");
-                }
+                print_status(&status);
             }
             Ok(())
         }
@@ -241,5 +310,10 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Reviewers(ReviewersCommand::Add {
+            config,
+            name,
+            groups,
+        }) => add_reviewer(&config.load()?, &name, &groups),
     }
 }

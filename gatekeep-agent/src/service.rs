@@ -1,0 +1,224 @@
+//! Who decides, as the configuration says (`[decision] mode`): the local
+//! timeout decider, the embedded decision service, or a central one. For
+//! the services this wires the agent's link, the grant bookkeeping and the
+//! [`RemoteDecider`] together, and takes them down in order at shutdown.
+
+use std::{path::Path, sync::Arc};
+
+use gatekeep_client::{AgentLink, AgentLinkConfig, ClientIdentity, ClientTls, LinkError};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    audit::AuditHandle,
+    config::{AgentConfig, DecisionMode},
+    decide::{DecideError, Decider, Decision, DecisionRequest, LocalDecider, Withdrawal},
+    embedded::{self, EmbeddedError, EmbeddedService},
+    grants::{self, Grants, GrantsConfig, SessionEnded},
+    kernel::KernelHandle,
+    paths,
+    pinning::Start,
+    policy_maps::Compiled,
+    remote::RemoteDecider,
+};
+
+/// Errors setting up the decider.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+    #[error("failed to read `{}` (`[decision] {field}`)", path.display())]
+    ReadTls {
+        field: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up the link to the decision service")]
+    Link {
+        #[source]
+        source: LinkError,
+    },
+}
+
+/// The decider the controller uses.
+pub enum AgentDecider {
+    Local(LocalDecider),
+    Remote(RemoteDecider),
+}
+
+impl Decider for AgentDecider {
+    async fn decide(&self, request: Arc<DecisionRequest>) -> Result<Decision, DecideError> {
+        match self {
+            AgentDecider::Local(local) => local.decide(request).await,
+            AgentDecider::Remote(remote) => remote.decide(request).await,
+        }
+    }
+
+    fn withdraw(&self, request_id: &str, reason: Withdrawal, detail: &str) {
+        match self {
+            AgentDecider::Local(local) => local.withdraw(request_id, reason, detail),
+            AgentDecider::Remote(remote) => remote.withdraw(request_id, reason, detail),
+        }
+    }
+}
+
+/// The running decision side.
+pub struct DecisionService {
+    pub decider: Arc<AgentDecider>,
+    pub mode: DecisionMode,
+    /// The service's address (embedded or remote).
+    pub endpoint: Option<String>,
+    /// Embedded: the CLI config written for the bootstrap reviewer.
+    pub cli_config: Option<std::path::PathBuf>,
+    link: Option<Arc<AgentLink>>,
+    tasks: Vec<JoinHandle<()>>,
+    embedded: Option<EmbeddedService>,
+}
+
+/// What [`start`] needs from the daemon.
+pub struct Wiring<'a> {
+    pub config: &'a AgentConfig,
+    pub kernel: &'a KernelHandle,
+    pub audit: Arc<AuditHandle>,
+    /// How the programs came to run (a fresh load means a new digest key).
+    pub start: Start,
+    pub policies: watch::Receiver<Arc<Compiled>>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+fn read(field: &'static str, path: &Path) -> Result<String, ServiceError> {
+    std::fs::read_to_string(path).map_err(|source| ServiceError::ReadTls {
+        field,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Starts what `[decision]` asks for.
+pub async fn start(wiring: Wiring<'_>) -> Result<DecisionService, ServiceError> {
+    let config = wiring.config;
+    let mode = config.decision.mode();
+    let (endpoint, tls, embedded) = match mode {
+        DecisionMode::Local => {
+            return Ok(DecisionService {
+                decider: Arc::new(AgentDecider::Local(LocalDecider)),
+                mode,
+                endpoint: None,
+                cli_config: None,
+                link: None,
+                tasks: Vec::new(),
+                embedded: None,
+            });
+        }
+        DecisionMode::Embedded => {
+            let service = embedded::start(config).await?;
+            (service.endpoint.clone(), service.tls.clone(), Some(service))
+        }
+        DecisionMode::Remote => {
+            let decision = &config.decision;
+            // Validation guarantees these are set in remote mode.
+            let (Some(server), Some(ca), Some(cert), Some(key)) = (
+                decision.server.clone(),
+                decision.ca.as_deref(),
+                decision.cert.as_deref(),
+                decision.key.as_deref(),
+            ) else {
+                return Err(ServiceError::Link {
+                    source: LinkError::Config {
+                        message: "remote mode needs server, ca, cert and key".into(),
+                    },
+                });
+            };
+            let tls = ClientTls {
+                ca_pem: read("ca", ca)?,
+                identity: Some(ClientIdentity {
+                    cert_pem: read("cert", cert)?,
+                    key_pem: read("key", key)?,
+                }),
+                domain: decision.server_name.clone(),
+            };
+            (server, tls, None)
+        }
+    };
+    let cli_config = embedded.as_ref().map(|e| e.cli_config.clone());
+    let (link, events) = AgentLink::start(AgentLinkConfig::new(endpoint.clone(), tls))
+        .map_err(|source| ServiceError::Link { source })?;
+    let link = Arc::new(link);
+    let session_link = Arc::clone(&link);
+    let on_session_end: SessionEnded = Arc::new(move |cgroup: &str| {
+        if let Err(err) = session_link.session_ended(cgroup) {
+            tracing::warn!(cgroup, error = %err, "cannot tell the service that a session ended");
+        }
+    });
+    let grants = Grants::load(
+        Arc::new(wiring.kernel.clone()),
+        Arc::clone(&wiring.audit),
+        GrantsConfig {
+            host: config.host.clone(),
+            file: Some(config.state_dir.join(paths::GRANTS_FILE)),
+            cgroup_root: config.cgroup_root.clone(),
+            fresh_digests: wiring.start == Start::Fresh,
+        },
+        Some(on_session_end),
+    )
+    .await;
+    let (grants, grants_task) = grants::spawn(
+        grants,
+        wiring.policies,
+        wiring.shutdown,
+        config.rescan_interval,
+    );
+    let (remote, pump_task) =
+        RemoteDecider::start(Arc::clone(&link), events, grants, config.host.clone());
+    Ok(DecisionService {
+        decider: Arc::new(AgentDecider::Remote(remote)),
+        mode,
+        endpoint: Some(endpoint),
+        cli_config,
+        link: Some(link),
+        tasks: vec![grants_task, pump_task],
+        embedded,
+    })
+}
+
+impl DecisionService {
+    /// Stops the link, the grant task and the embedded service, once the
+    /// controller (the decider's other holder) has stopped.
+    pub async fn stop(self) {
+        let Self {
+            decider,
+            link,
+            mut tasks,
+            embedded,
+            ..
+        } = self;
+        drop(decider);
+        // The grant task ends on the shutdown signal; with it goes the last
+        // other holder of the link.
+        let pump = if tasks.len() == 2 { tasks.pop() } else { None };
+        for task in tasks {
+            let _ = task.await;
+        }
+        if let Some(link) = link {
+            match Arc::try_unwrap(link) {
+                Ok(link) => link.shutdown().await,
+                Err(link) => {
+                    tracing::warn!("the decision service link is still in use at shutdown");
+                    drop(link);
+                }
+            }
+        }
+        if let Some(pump) = pump {
+            // Ends with the link's event stream.
+            if tokio::time::timeout(std::time::Duration::from_secs(5), pump)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the decision service event task did not stop");
+            }
+        }
+        if let Some(embedded) = embedded {
+            embedded.stop().await;
+        }
+    }
+}
