@@ -608,61 +608,18 @@ pub fn spawn<K: GrantKernel, A: AuditSink>(
 
 #[cfg(test)]
 mod tests {
-    use std::{fmt::Write as _, sync::Mutex};
+    use std::sync::Mutex;
 
-    use gatekeep_policy::parse_str;
     use gatekeep_proto::model::{ExecTarget, Target};
 
     use super::*;
     use crate::{
         audit::MemorySink,
-        kernel::KernelError,
-        policy_maps::{HostView, compile},
+        testing::{FakeGrants, compiled_policies},
     };
 
-    #[derive(Default)]
-    struct FakeGrants {
-        map: Mutex<HashMap<GrantKey, Grant>>,
-    }
-
-    impl FakeGrants {
-        fn now(&self) -> HashMap<GrantKey, Grant> {
-            self.map.lock().expect("lock").clone()
-        }
-    }
-
-    impl GrantKernel for FakeGrants {
-        async fn grants(&self) -> Result<Vec<(GrantKey, Grant)>, KernelError> {
-            Ok(self.now().into_iter().collect())
-        }
-
-        async fn set_grant(&self, key: GrantKey, grant: Grant) -> Result<(), KernelError> {
-            self.map.lock().expect("lock").insert(key, grant);
-            Ok(())
-        }
-
-        async fn remove_grant(&self, key: GrantKey) -> Result<(), KernelError> {
-            self.map.lock().expect("lock").remove(&key);
-            Ok(())
-        }
-    }
-
     fn compiled(names: &[&str], ids: &[u32]) -> Compiled {
-        let mut text = String::new();
-        for name in names {
-            writeln!(
-                text,
-                "[[policy]]\nname = \"{name}\"\ncgroups = [\"/sys/fs/cgroup/{name}\"]\n[policy.exec]\ndefault = \"ask\""
-            )
-            .expect("write to a string");
-        }
-        let set = parse_str("t.toml", &text).expect("policy");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let host = HostView {
-            cgroup_root: dir.path().to_owned(),
-            own_cgroup: None,
-        };
-        compile(&set, ids, 1, &host).expect("compile")
+        compiled_policies(names, ids)
     }
 
     fn grant(duration: GrantDuration, expires_in: Option<time::Duration>) -> model::Grant {
@@ -805,7 +762,7 @@ mod tests {
         assert_eq!(map.len(), 1, "the stale id-1 entry was replaced: {map:?}");
         assert!(map.keys().all(|k| k.policy_id == 2 && k.digest == 9));
 
-        rig.kernel.map.lock().expect("lock").clear();
+        rig.kernel.clear();
         let fresh = rig.grants(true).await;
         assert!(fresh.list().is_empty(), "digests of the old key are void");
         assert!(read_file(&rig.file()).is_empty());

@@ -521,11 +521,21 @@ pub fn kind_name(kind: u32) -> &'static str {
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
+    use gatekeep_client::{AgentLinkConfig, ClientIdentity, ClientTls, ReviewClient, ReviewConfig};
+    use gatekeep_common::GrantKey;
     use gatekeep_policy::GrantDuration;
     use gatekeep_proto::v1;
+    use gatekeep_server::{Server, ServerConfig, certs::Pki};
+    use tokio::sync::watch;
 
     use super::*;
-    use crate::enrich::{Enrichment, ProcessInfo as LocalProcess};
+    use crate::{
+        audit::MemorySink,
+        decide::decide_by_deadline,
+        enrich::{Enrichment, ProcessInfo as LocalProcess},
+        grants::{self, Grants, GrantsConfig},
+        testing::{FakeGrants, compiled_policies},
+    };
 
     fn request(target: RequestTarget, kind: u32) -> DecisionRequest {
         DecisionRequest {
@@ -722,5 +732,298 @@ mod tests {
         assert_eq!(mapped.verdict, Verdict::Allow);
         assert!(!mapped.expired);
         assert_eq!(mapped.actor, "alice");
+    }
+
+    /// A decision service on loopback, an agent's link, grants over a fake
+    /// kernel map, and a reviewer.
+    struct Service {
+        _dir: tempfile::TempDir,
+        decider: Arc<RemoteDecider>,
+        kernel: Arc<FakeGrants>,
+        review: ReviewClient,
+        stop: Option<oneshot::Sender<()>>,
+        _policies: watch::Sender<Arc<crate::policy_maps::Compiled>>,
+        _shutdown: watch::Sender<bool>,
+    }
+
+    async fn service() -> Service {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = Pki::ephemeral(&[]).expect("pki");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let server = Server::builder(ServerConfig {
+            data_dir: dir.path().join("service"),
+            ..ServerConfig::default()
+        })
+        .tls(pki.tls())
+        .listener(listener)
+        .build()
+        .await
+        .expect("server");
+        let endpoint = server.endpoint();
+        let token = server.add_reviewer("alice", &[]).await.expect("reviewer");
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(server.serve(async move {
+            let _ = stopped.await;
+        }));
+        let identity = pki.agent("h1").expect("agent cert");
+        let (link, events) = AgentLink::start(AgentLinkConfig::new(
+            endpoint.clone(),
+            ClientTls {
+                ca_pem: pki.ca.cert_pem().to_owned(),
+                identity: Some(ClientIdentity {
+                    cert_pem: identity.cert_pem,
+                    key_pem: identity.key_pem,
+                }),
+                domain: None,
+            },
+        ))
+        .expect("link");
+        let kernel = Arc::new(FakeGrants::default());
+        let grants = Grants::load(
+            Arc::clone(&kernel),
+            Arc::new(MemorySink::default()),
+            GrantsConfig {
+                host: "h1".into(),
+                file: None,
+                cgroup_root: dir.path().to_owned(),
+                fresh_digests: false,
+            },
+            None,
+        )
+        .await;
+        let (policies, policies_rx) =
+            watch::channel(Arc::new(compiled_policies(&["agents"], &[3])));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (handle, _task) =
+            grants::spawn(grants, policies_rx, shutdown_rx, Duration::from_secs(1));
+        let (decider, _pump) = RemoteDecider::start(Arc::new(link), events, handle, "h1".into());
+        let review = ReviewClient::connect(ReviewConfig {
+            endpoint,
+            token,
+            tls: ClientTls {
+                ca_pem: pki.ca.cert_pem().to_owned(),
+                identity: None,
+                domain: None,
+            },
+            connect_timeout: Duration::from_secs(5),
+        })
+        .await
+        .expect("reviewer connects");
+        Service {
+            _dir: dir,
+            decider: Arc::new(decider),
+            kernel,
+            review,
+            stop: Some(stop),
+            _policies: policies,
+            _shutdown: shutdown,
+        }
+    }
+
+    impl Drop for Service {
+        fn drop(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+    }
+
+    fn asked(
+        request_id: &str,
+        argv: &[&str],
+        digest: u64,
+        timeout: Duration,
+    ) -> Arc<DecisionRequest> {
+        let mut req = request(
+            RequestTarget::Exec {
+                executable: "/usr/bin/git".into(),
+                argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            },
+            request_kind::EXEC,
+        );
+        req.request_id = request_id.to_owned();
+        req.details.digest = digest;
+        req.details.first_seen_ns = boot_time_ns();
+        req.details
+            .approval
+            .grant_durations
+            .push(GrantDuration::For(Duration::from_hours(1)));
+        req.timeout = timeout;
+        req.deadline = tokio::time::Instant::now() + timeout;
+        Arc::new(req)
+    }
+
+    /// Waits until the service lists `count` pending requests; returns them.
+    async fn pending(review: &mut ReviewClient, count: usize) -> Vec<model::RequestRecord> {
+        let started = std::time::Instant::now();
+        loop {
+            let listed = review
+                .list_pending(&gatekeep_client::RequestFilter::default(), 0)
+                .await
+                .expect("list");
+            if listed.len() >= count {
+                return listed;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "requests never showed up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reviewers_approval_with_a_duration_reaches_the_agent_and_its_kernel_grant() {
+        let mut service = service().await;
+        let decider = Arc::clone(&service.decider);
+        let req = asked("r-approve", &["git", "push"], 0xaa, Duration::from_mins(1));
+        let deciding = tokio::spawn({
+            let req = Arc::clone(&req);
+            async move { decide_by_deadline(decider.as_ref(), req).await }
+        });
+        let listed = pending(&mut service.review, 1).await;
+        let record = &listed[0];
+        assert_eq!(record.host, "h1");
+        assert_eq!(record.request.id, request_uuid("h1", "r-approve", 0));
+        assert_eq!(record.request.target.to_string(), "/usr/bin/git git push");
+        service
+            .review
+            .decide(
+                record.request.id,
+                model::Verdict::Allow,
+                "release",
+                GrantDuration::For(Duration::from_hours(1)),
+            )
+            .await
+            .expect("approve");
+        let decision = tokio::time::timeout(Duration::from_secs(20), deciding)
+            .await
+            .expect("decided in time")
+            .expect("task");
+        assert_eq!(decision.verdict, Verdict::Allow);
+        assert_eq!(decision.actor, "alice");
+        assert!(!decision.expired);
+        let details = decision.details.expect("details");
+        assert_eq!(details["state"], "approved");
+        assert_eq!(details["grant"]["duration"], "1h");
+        // Installed before the verdict came back.
+        let grants = service.kernel.now();
+        let entry = grants
+            .get(&GrantKey {
+                policy_id: 3,
+                kind: request_kind::EXEC,
+                digest: 0xaa,
+            })
+            .expect("the grant is in the kernel map");
+        assert_eq!(entry.cgroup_id, 0);
+        assert_ne!(entry.expires_ns, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn denials_and_withdrawals_reach_the_service() {
+        let mut service = service().await;
+        let decider = Arc::clone(&service.decider);
+        let denied = asked(
+            "r-deny",
+            &["git", "push", "--force"],
+            0xbb,
+            Duration::from_mins(1),
+        );
+        let deciding = tokio::spawn({
+            let denied = Arc::clone(&denied);
+            async move { decide_by_deadline(decider.as_ref(), denied).await }
+        });
+        let listed = pending(&mut service.review, 1).await;
+        service
+            .review
+            .decide(
+                listed[0].request.id,
+                model::Verdict::Deny,
+                "no force pushes",
+                GrantDuration::Once,
+            )
+            .await
+            .expect("deny");
+        let decision = tokio::time::timeout(Duration::from_secs(20), deciding)
+            .await
+            .expect("decided in time")
+            .expect("task");
+        assert_eq!(decision.verdict, Verdict::Deny);
+        assert_eq!(decision.reason, "no force pushes");
+        assert!(
+            service.kernel.now().is_empty(),
+            "a one-off decision installs nothing"
+        );
+
+        // The task dies while waiting: the request is withdrawn.
+        let decider = Arc::clone(&service.decider);
+        let gone = asked("r-gone", &["git", "fetch"], 0xcc, Duration::from_mins(1));
+        let waiting = tokio::spawn({
+            let gone = Arc::clone(&gone);
+            async move { decide_by_deadline(decider.as_ref(), gone).await }
+        });
+        let listed = pending(&mut service.review, 1).await;
+        let id = listed[0].request.id;
+        waiting.abort();
+        service
+            .decider
+            .withdraw("r-gone", Withdrawal::TaskExited, "the task exited");
+        let started = std::time::Instant::now();
+        loop {
+            let (record, _) = service.review.get(id).await.expect("get");
+            if record.state == RequestState::Abandoned {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "never abandoned: {:?}",
+                record.state
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_service_gets_the_policys_timeout_action_at_the_deadline() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let endpoint = format!("https://{}", closed.local_addr().expect("addr"));
+        drop(closed);
+        let pki = Pki::ephemeral(&[]).expect("pki");
+        let identity = pki.agent("h1").expect("agent cert");
+        let (link, events) = AgentLink::start(AgentLinkConfig::new(
+            endpoint,
+            ClientTls {
+                ca_pem: pki.ca.cert_pem().to_owned(),
+                identity: Some(ClientIdentity {
+                    cert_pem: identity.cert_pem,
+                    key_pem: identity.key_pem,
+                }),
+                domain: None,
+            },
+        ))
+        .expect("link");
+        let (handle, _task) = {
+            let grants = Grants::load(
+                Arc::new(FakeGrants::default()),
+                Arc::new(MemorySink::default()),
+                GrantsConfig {
+                    host: "h1".into(),
+                    file: None,
+                    cgroup_root: "/nonexistent".into(),
+                    fresh_digests: false,
+                },
+                None,
+            )
+            .await;
+            let (_p, policies) = watch::channel(Arc::new(compiled_policies(&["agents"], &[1])));
+            let (_s, shutdown) = watch::channel(false);
+            grants::spawn(grants, policies, shutdown, Duration::from_secs(1))
+        };
+        let (decider, _pump) = RemoteDecider::start(Arc::new(link), events, handle, "h1".into());
+        let req = asked("r-down", &["git", "pull"], 1, Duration::from_millis(1500));
+        let decision = decide_by_deadline(&decider, req).await;
+        assert!(decision.expired, "fail closed at the deadline");
+        assert_eq!(decision.verdict, Verdict::Deny);
+        assert_eq!(decision.actor, "timeout");
     }
 }

@@ -360,3 +360,73 @@ impl Tasks for FakeKernel {
 pub const ALLOW: u32 = action::ALLOW;
 /// `action::DENY`.
 pub const DENY: u32 = action::DENY;
+
+/// The kernel's `GRANTS` map, in memory.
+#[derive(Debug, Default)]
+pub struct FakeGrants {
+    map: Mutex<HashMap<gatekeep_common::GrantKey, gatekeep_common::Grant>>,
+}
+
+impl FakeGrants {
+    pub fn now(&self) -> HashMap<gatekeep_common::GrantKey, gatekeep_common::Grant> {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn clear(&self) {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+impl crate::kernel::GrantKernel for FakeGrants {
+    async fn grants(
+        &self,
+    ) -> Result<Vec<(gatekeep_common::GrantKey, gatekeep_common::Grant)>, KernelError> {
+        Ok(self.now().into_iter().collect())
+    }
+
+    async fn set_grant(
+        &self,
+        key: gatekeep_common::GrantKey,
+        grant: gatekeep_common::Grant,
+    ) -> Result<(), KernelError> {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, grant);
+        Ok(())
+    }
+
+    async fn remove_grant(&self, key: gatekeep_common::GrantKey) -> Result<(), KernelError> {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&key);
+        Ok(())
+    }
+}
+
+/// Policies named `names` (exec default ask), compiled with kernel ids `ids`.
+pub fn compiled_policies(names: &[&str], ids: &[u32]) -> crate::policy_maps::Compiled {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    for name in names {
+        writeln!(
+            text,
+            "[[policy]]\nname = \"{name}\"\ncgroups = [\"/sys/fs/cgroup/{name}\"]\n[policy.exec]\ndefault = \"ask\"\n[policy.approval]\ngrant_durations = [\"1h\", \"session\", \"always\"]"
+        )
+        .expect("write to a string");
+    }
+    let set = gatekeep_policy::parse_str("t.toml", &text).expect("policy");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = crate::policy_maps::HostView {
+        cgroup_root: dir.path().to_owned(),
+        own_cgroup: None,
+    };
+    crate::policy_maps::compile(&set, ids, 1, &host).expect("compile")
+}
