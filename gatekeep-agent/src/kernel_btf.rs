@@ -903,7 +903,6 @@ impl Offsets {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests panic on any unexpected error")]
 mod tests {
     use super::*;
 
