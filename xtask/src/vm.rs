@@ -38,6 +38,7 @@ pub const VM_MODULES: &[&str] = &["virtio_net"];
 pub const VM_BINARIES: &[(&str, &str)] = &[
     ("gatekeep-agent", "gatekeep-agent"),
     ("gatekeep-cli", "gatekeep"),
+    ("gatekeep-server", "gatekeep-server"),
 ];
 
 /// Where everything VM-related lives: `target/vm`.
