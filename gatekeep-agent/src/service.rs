@@ -199,12 +199,24 @@ impl DecisionService {
         for task in tasks {
             let _ = task.await;
         }
-        if let Some(link) = link {
-            match Arc::try_unwrap(link) {
-                Ok(link) => link.shutdown().await,
-                Err(link) => {
-                    tracing::warn!("the decision service link is still in use at shutdown");
-                    drop(link);
+        if let Some(mut link) = link {
+            // Decision tasks the controller aborted drop their clones soon.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+            loop {
+                match Arc::try_unwrap(link) {
+                    Ok(owned) => {
+                        owned.shutdown().await;
+                        break;
+                    }
+                    Err(shared) if tokio::time::Instant::now() < deadline => {
+                        link = shared;
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    Err(shared) => {
+                        tracing::debug!("the decision service link is still shared at shutdown");
+                        drop(shared);
+                        break;
+                    }
                 }
             }
         }

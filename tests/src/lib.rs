@@ -160,10 +160,20 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Writes `policy` (TOML) as the only policy file and starts the agent;
-    /// returns once it says it is ready. `name` names the pin directory.
+    /// Writes `policy` (TOML) as the only policy file and starts the agent
+    /// with the local decider (timeouts only: the kernel and pause tests need
+    /// no reviewer); returns once it says it is ready. `name` names the pin
+    /// directory.
     #[must_use]
     pub fn start(name: &str, policy: &str) -> Self {
+        Self::start_with(name, policy, "[decision]\nmode = \"local\"\n")
+    }
+
+    /// Like [`start`](Self::start), with `decision` (a `[decision]` TOML
+    /// section) saying who decides: e.g. [`embedded_decision`] or
+    /// [`Service::decision_config`].
+    #[must_use]
+    pub fn start_with(name: &str, policy: &str, decision: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix(&format!("gk-agent-{name}-"))
             .tempdir()
@@ -173,9 +183,10 @@ impl Agent {
         fs::write(policies.join("policy.toml"), policy).expect("write policy");
         let config = format!(
             "policy_dir = \"{}\"\naudit_db = \"{}\"\npin_dir = \"/sys/fs/bpf/gk-test-{name}\"\nhost = \"vm\"\n\
-             reconcile_interval = \"500ms\"\nrescan_interval = \"500ms\"\n",
+             reconcile_interval = \"500ms\"\nrescan_interval = \"500ms\"\nstate_dir = \"{}\"\n{decision}",
             policies.display(),
             dir.path().join("audit.db").display(),
+            dir.path().join("state").display(),
         );
         fs::write(dir.path().join("agent.toml"), config).expect("write config");
         let mut agent = Self {
@@ -195,6 +206,33 @@ impl Agent {
     #[must_use]
     pub fn audit_db(&self) -> PathBuf {
         self.dir.path().join("audit.db")
+    }
+
+    /// The agent's state folder (grants, the embedded service's data).
+    #[must_use]
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The embedded decision service's audit log.
+    #[must_use]
+    pub fn service_audit_db(&self) -> PathBuf {
+        self.state_dir().join("service/audit.db")
+    }
+
+    /// Runs the `gatekeep` CLI as the embedded service's bootstrap reviewer
+    /// (with the `cli.toml` the agent wrote); returns (success, stdout,
+    /// stderr).
+    #[must_use]
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let cli_config = self.state_dir().join("cli.toml");
+        gatekeep(
+            args,
+            &[
+                ("GATEKEEP_CLI_CONFIG", cli_config.as_os_str()),
+                ("XDG_CONFIG_HOME", self.dir.path().as_os_str()),
+            ],
+        )
     }
 
     /// The folder the agent loads policies from.
@@ -389,4 +427,223 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::Output 
         let _ = std::io::Read::read_to_end(&mut err, &mut stderr);
     }
     std::process::Output { status, stdout, stderr }
+}
+
+/// The `[decision]` section of an agent running the embedded decision
+/// service on 127.0.0.1:`port`.
+#[must_use]
+pub fn embedded_decision(port: u16) -> String {
+    format!("[decision]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n")
+}
+
+/// Runs the `gatekeep` CLI (from `PATH`) with `env`; returns (success,
+/// stdout, stderr).
+#[must_use]
+pub fn gatekeep(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> (bool, String, String) {
+    let mut command = Command::new("gatekeep");
+    command.args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run gatekeep (is it on PATH?)");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Runs `program args` and returns its stdout; panics with its output if
+/// it fails.
+fn run_ok(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run {program} (is it on PATH?): {e}"));
+    assert!(
+        output.status.success(),
+        "`{program} {}` failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A separate `gatekeep-server serve` process on 127.0.0.1, with certificates
+/// minted by `gatekeep-server certs init` and one reviewer, `alice`; killed
+/// when dropped (its log printed if the test panicked).
+#[derive(Debug)]
+pub struct Service {
+    dir: tempfile::TempDir,
+    port: u16,
+    token: String,
+    child: Option<Child>,
+}
+
+impl Service {
+    /// Mints the CA, adds the reviewer and starts serving on `port`.
+    #[must_use]
+    pub fn start(port: u16) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("gk-service-")
+            .tempdir()
+            .expect("temp dir for the service");
+        let tls = dir.path().join("tls");
+        run_ok(
+            "gatekeep-server",
+            &["certs", "init", "--dir", &tls.to_string_lossy()],
+        );
+        let token = run_ok(
+            "gatekeep-server",
+            &[
+                "reviewers",
+                "add",
+                "alice",
+                "--db",
+                &dir.path().join("data/state.db").to_string_lossy(),
+            ],
+        )
+        .trim()
+        .to_owned();
+        let mut service = Self {
+            dir,
+            port,
+            token,
+            child: None,
+        };
+        service.launch();
+        service
+    }
+
+    #[must_use]
+    pub fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    #[must_use]
+    pub fn audit_db(&self) -> PathBuf {
+        self.dir.path().join("data/audit.db")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("service.log")
+    }
+
+    /// Everything the service logged so far (every start).
+    #[must_use]
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts (again) on the same data; returns once it accepts connections.
+    pub fn launch(&mut self) {
+        assert!(self.child.is_none(), "the service is already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("service log");
+        let child = Command::new("gatekeep-server")
+            .args(["serve", "--listen"])
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .arg("--tls-dir")
+            .arg(self.dir.path().join("tls"))
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start gatekeep-server (is it on PATH?)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("the decision service to listen", Duration::from_mins(1), || {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("gatekeep-server exited with {status}; log:\n{}", self.log());
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop)
+        });
+    }
+
+    /// SIGKILL: the service dies without any cleanup.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// An agent certificate for `host` (`gatekeep-server certs agent`) and
+    /// the agent's `[decision]` section to reach this service with it.
+    #[must_use]
+    pub fn decision_config(&self, host: &str) -> String {
+        let tls = self.dir.path().join("tls");
+        let out = self.dir.path().join(format!("agent-{host}"));
+        fs::create_dir_all(&out).expect("agent cert dir");
+        if !out.join(format!("agent-{host}.pem")).exists() {
+            run_ok(
+                "gatekeep-server",
+                &[
+                    "certs",
+                    "agent",
+                    "--dir",
+                    &tls.to_string_lossy(),
+                    "--name",
+                    host,
+                    "--out",
+                    &out.to_string_lossy(),
+                ],
+            );
+        }
+        format!(
+            "[decision]\nmode = \"remote\"\nserver = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.endpoint(),
+            tls.join("ca.pem").display(),
+            out.join(format!("agent-{host}.pem")).display(),
+            out.join(format!("agent-{host}.key")).display(),
+        )
+    }
+
+    /// Runs the `gatekeep` CLI as reviewer `alice`; returns (success, stdout,
+    /// stderr).
+    #[must_use]
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let ca = self.dir.path().join("tls/ca.pem");
+        let endpoint = self.endpoint();
+        gatekeep(
+            args,
+            &[
+                ("GATEKEEP_SERVER", std::ffi::OsStr::new(&endpoint)),
+                ("GATEKEEP_TOKEN", std::ffi::OsStr::new(&self.token)),
+                ("GATEKEEP_CA", ca.as_os_str()),
+                ("XDG_CONFIG_HOME", self.dir.path().as_os_str()),
+            ],
+        )
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill_hard();
+        if std::thread::panicking() {
+            eprintln!("---- gatekeep-server log ----\n{}", self.log());
+        }
+    }
+}
+
+/// Pending requests as `gatekeep --output json review list` prints them,
+/// once there are at least `count` (with `cli` running the CLI).
+pub fn wait_pending(
+    cli: impl Fn(&[&str]) -> (bool, String, String),
+    count: usize,
+    timeout: Duration,
+) -> Vec<serde_json::Value> {
+    wait_for(&format!("{count} pending request(s) at the service"), timeout, || {
+        let (ok, out, err) = cli(&["--output", "json", "review", "list"]);
+        assert!(ok, "gatekeep review list failed: {err}");
+        let listed: Vec<serde_json::Value> =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("review list json ({e}): {out}"));
+        (listed.len() >= count).then_some(listed)
+    })
 }

@@ -4,6 +4,7 @@
 
 mod audit;
 mod connect;
+mod e2e;
 mod escape;
 mod exec;
 mod grants;
