@@ -1,5 +1,6 @@
 //! `cargo xtask`: gatekeep's developer and CI tasks. See each subcommand's `--help`.
 
+mod demo;
 mod setup;
 mod test;
 mod vm_run;
@@ -28,6 +29,10 @@ enum Task {
     VmTest(vm_test::Options),
     /// Run a command as root in the VM, with gatekeep's binaries on PATH.
     VmRun(vm_run::Options),
+    /// Show the approval flow in the VM: a workload's connect and exec are paused, a
+    /// reviewer approves one and denies the other (you, or the script with `--auto`),
+    /// then both audit logs are printed and verified.
+    Demo(demo::Options),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +42,7 @@ fn main() -> ExitCode {
         Task::Test(opts) => setup::ensure().and_then(|()| test::run(opts)),
         Task::VmTest(opts) => setup::ensure().and_then(|()| vm_test::run(opts)),
         Task::VmRun(opts) => setup::ensure().and_then(|()| vm_run::run(opts)),
+        Task::Demo(opts) => setup::ensure().and_then(|()| demo::run(opts)),
     };
     let Err(err) = result else {
         return ExitCode::SUCCESS;

@@ -114,6 +114,10 @@ pub struct VmArgs {
     /// Extra kernel command-line arguments.
     #[arg(long = "append", value_name = "ARG")]
     pub kernel_args: Vec<String>,
+    /// TCP ports forwarded from the host's 127.0.0.1 into the VM, as (host port, VM
+    /// port); only with `net` (set by `cargo xtask demo`, not a flag).
+    #[arg(skip)]
+    pub forward: Vec<(u16, u16)>,
 }
 
 impl Default for VmArgs {
@@ -123,6 +127,7 @@ impl Default for VmArgs {
             cpus: 2,
             net: false,
             kernel_args: Vec::new(),
+            forward: Vec::new(),
         }
     }
 }
@@ -505,7 +510,11 @@ pub fn boot(
         .args(["-append", &append.join(" ")]);
     if vm.net {
         // No option ROM: iPXE would only slow the boot down.
-        qemu.args(["-netdev", "user,id=net0"])
+        let mut netdev = "user,id=net0".to_owned();
+        for (host, guest) in &vm.forward {
+            write!(netdev, ",hostfwd=tcp:127.0.0.1:{host}-:{guest}")?;
+        }
+        qemu.args(["-netdev", &netdev])
             .args(["-device", "virtio-net-pci,netdev=net0,romfile="]);
     } else {
         qemu.args(["-nic", "none"]);
