@@ -359,6 +359,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         payload["rule"] = json!(rule);
         payload["timeout_ms"] = json!(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
         payload["on_timeout"] = json!(policy.policy.approval.on_timeout.as_str());
+        if let Some(reference) = self.decider.reference(&request_id) {
+            payload["service_request_id"] = json!(reference);
+        }
         self.stats.asked += 1;
         tracing::info!(
             request_id,

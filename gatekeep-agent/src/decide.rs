@@ -193,6 +193,13 @@ pub trait Decider: Send + Sync + 'static {
         request: Arc<DecisionRequest>,
     ) -> impl Future<Output = Result<Decision, DecideError>> + Send;
 
+    /// How whoever decides knows the request `request_id` (e.g. the decision
+    /// service's request id), for the audit record of the request.
+    fn reference(&self, request_id: &str) -> Option<String> {
+        let _ = request_id;
+        None
+    }
+
     /// The request `request_id` no longer needs a decision (its `decide`
     /// future, if any, is dropped too): tell whoever was asked.
     fn withdraw(&self, request_id: &str, reason: Withdrawal, detail: &str) {

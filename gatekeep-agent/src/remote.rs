@@ -171,6 +171,10 @@ impl Decider for RemoteDecider {
         Ok(from_service(&decision))
     }
 
+    fn reference(&self, request_id: &str) -> Option<String> {
+        Some(self.service_id(request_id, &lock(&self.shared)).to_string())
+    }
+
     fn withdraw(&self, request_id: &str, reason: Withdrawal, detail: &str) {
         let id = {
             let mut shared = lock(&self.shared);
@@ -885,6 +889,11 @@ mod tests {
         let record = &listed[0];
         assert_eq!(record.host, "h1");
         assert_eq!(record.request.id, request_uuid("h1", "r-approve", 0));
+        assert_eq!(
+            service.decider.reference("r-approve"),
+            Some(record.request.id.to_string()),
+            "the agent's audit names the service's id"
+        );
         assert_eq!(record.request.target.to_string(), "/usr/bin/git git push");
         service
             .review

@@ -157,6 +157,8 @@ fn embedded_service_reviewer_approves_a_paused_connect_and_denies_a_paused_exec(
     assert_eq!(allowed["payload"]["reason"], "expected call");
     assert_eq!(allowed["payload"]["service"]["request_id"], connect_id.as_str());
     assert_eq!(allowed["payload"]["service"]["state"], "approved");
+    let requested = agent.wait_record("requested", PATIENCE, |r| r["payload"]["kind"] == "exec");
+    assert_eq!(requested["payload"]["service_request_id"], exec_id.as_str());
     let denied = agent.wait_record("decided", PATIENCE, |r| r["payload"]["kind"] == "exec");
     assert_eq!(denied["actor"], "admin");
     assert_eq!(denied["payload"]["verdict"], "deny");
