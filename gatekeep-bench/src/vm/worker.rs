@@ -1,0 +1,193 @@
+//! `gatekeep-bench worker`: the measured loops. Each run is a fresh process that first
+//! moves itself into the cgroup of the setup (so that its own exec is not gated), then
+//! runs the loop and prints one JSON line with what it measured.
+
+use std::{
+    ffi::CString,
+    io::Write as _,
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// Options of `gatekeep-bench worker`.
+#[derive(Debug, clap::Args)]
+pub struct WorkerOptions {
+    /// The cgroup (directory) to move into before the loop.
+    #[arg(long)]
+    pub cgroup: PathBuf,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Report every iteration's time, not just the total.
+    #[arg(long)]
+    pub samples: bool,
+    #[command(subcommand)]
+    pub action: Action,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Action {
+    /// fork + exec of `program` (no arguments but its name), `count` times; each must exit 0.
+    Exec { count: usize, program: PathBuf },
+    /// TCP connect + close to `addr`, `count` times; each must connect.
+    Connect { count: usize, addr: SocketAddr },
+    /// Connects to `addr` that gatekeep denies, paced at `rate` per second for `seconds`;
+    /// each must fail with EPERM.
+    Denied {
+        rate: u32,
+        seconds: f64,
+        addr: SocketAddr,
+    },
+}
+
+/// What a worker prints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerReport {
+    /// Timed iterations.
+    pub count: usize,
+    pub total_ns: u64,
+    /// Per-iteration times when asked for.
+    pub samples_ns: Vec<u64>,
+}
+
+impl WorkerReport {
+    /// Mean time of one iteration, in microseconds.
+    #[must_use]
+    pub fn mean_us(&self) -> f64 {
+        #[expect(clippy::cast_precision_loss, reason = "a mean")]
+        let mean = self.total_ns as f64 / self.count.max(1) as f64;
+        mean / 1e3
+    }
+
+    /// Iterations per second.
+    #[must_use]
+    pub fn rate(&self) -> f64 {
+        #[expect(clippy::cast_precision_loss, reason = "a rate")]
+        let rate = self.count as f64 / (self.total_ns.max(1) as f64 / 1e9);
+        rate
+    }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Forks and execs `program` with `argv = [name]` and an empty environment; waits for it.
+fn fork_exec(program: &CString, argv: &[*const libc::c_char; 2]) -> Result<()> {
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    // SAFETY: the child only calls execve and _exit (async-signal-safe) on memory prepared
+    // before the fork; this process has a single thread.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("fork failed: {}", std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: see above; `_exit` never returns.
+        unsafe {
+            libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    if unsafe { libc::waitpid(pid, &raw mut status, 0) } != pid {
+        bail!("waitpid failed: {}", std::io::Error::last_os_error());
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("the exec'd program failed (wait status {status}): was the exec refused?");
+    }
+    Ok(())
+}
+
+/// Runs the loop `opts` names and prints its [`WorkerReport`] as JSON.
+pub fn run(opts: &WorkerOptions) -> Result<()> {
+    std::fs::write(opts.cgroup.join("cgroup.procs"), "0")
+        .with_context(|| format!("cannot move into {}", opts.cgroup.display()))?;
+    let report = match &opts.action {
+        Action::Exec { count, program } => {
+            let path = CString::new(program.as_os_str().as_encoded_bytes())?;
+            let name = CString::new("gk-true")?;
+            let argv = [name.as_ptr(), std::ptr::null()];
+            timed(opts, *count, || fork_exec(&path, &argv))?
+        }
+        Action::Connect { count, addr } => timed(opts, *count, || {
+            let stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+            drop(stream);
+            Ok(())
+        })?,
+        Action::Denied {
+            rate,
+            seconds,
+            addr,
+        } => paced_denied(*rate, *seconds, *addr)?,
+    };
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer(&mut stdout, &report)?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
+fn timed(
+    opts: &WorkerOptions,
+    count: usize,
+    mut once: impl FnMut() -> Result<()>,
+) -> Result<WorkerReport> {
+    for _ in 0..opts.warmup {
+        once()?;
+    }
+    let mut samples = Vec::with_capacity(if opts.samples { count } else { 0 });
+    let started = Instant::now();
+    for _ in 0..count {
+        if opts.samples {
+            let begun = Instant::now();
+            once()?;
+            samples.push(nanos(begun.elapsed()));
+        } else {
+            once()?;
+        }
+    }
+    Ok(WorkerReport {
+        count,
+        total_ns: nanos(started.elapsed()),
+        samples_ns: samples,
+    })
+}
+
+/// Denied connects at `rate` per second (in 1 ms slices, catching up when behind).
+fn paced_denied(rate: u32, seconds: f64, addr: SocketAddr) -> Result<WorkerReport> {
+    let duration = Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut done: u64 = 0;
+    loop {
+        let elapsed = started.elapsed();
+        if elapsed >= duration {
+            break;
+        }
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a count of connects, far below 2^53"
+        )]
+        let due = (elapsed.as_secs_f64() * f64::from(rate)) as u64;
+        if done >= due {
+            std::thread::sleep(Duration::from_micros(500));
+            continue;
+        }
+        while done < due {
+            match TcpStream::connect(addr) {
+                Err(err) if err.raw_os_error() == Some(libc::EPERM) => done += 1,
+                Err(err) => bail!("connect {addr}: expected EPERM, got {err}"),
+                Ok(_) => bail!("connect {addr} was not denied: is the policy loaded?"),
+            }
+        }
+    }
+    Ok(WorkerReport {
+        count: usize::try_from(done)?,
+        total_ns: nanos(started.elapsed()),
+        samples_ns: Vec::new(),
+    })
+}
