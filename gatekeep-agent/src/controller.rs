@@ -50,6 +50,9 @@ use crate::{
     policy_maps::{Compiled, LoadedPolicy},
 };
 
+/// Longest wait at shutdown for the event reader to hand over what it read.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
 /// Where a tracked request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
@@ -242,6 +245,19 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 Some(_) = self.decisions.join_next(), if !self.decisions.is_empty() => {}
                 Some(_) = self.resumes.join_next(), if !self.resumes.is_empty() => {}
             }
+        }
+        // The reader took these records off the ring buffer already: handle (and so
+        // record) every one before stopping. The reader stops at the same signal and
+        // closes the channel.
+        let drain = async {
+            while let Some(batch) = events.recv().await {
+                for event in batch {
+                    self.handle_event(event).await;
+                }
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_DRAIN, drain).await.is_err() {
+            tracing::warn!("kernel events still arriving at shutdown; stopped reading them");
         }
         self.shutdown().await
     }
@@ -1174,6 +1190,52 @@ mod tests {
         );
         rig.controller.step_internal().await;
         assert_eq!(rig.kernel.result_of(301), Some(DENY));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_read_before_shutdown_are_recorded() {
+        let rig = rig("allow", "60s");
+        let (events_tx, events_rx) = mpsc::channel(4);
+        let (_policies_tx, policies_rx) = watch::channel(policies("allow", "60s"));
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let denied = |n: u8| {
+            Event::ConnectDenied(ConnectRequest {
+                origin: Origin {
+                    policy_id: 1,
+                    pid: 100,
+                    tid: 100,
+                    uid: 0,
+                    gid: 0,
+                    ppid: 1,
+                    cgroup_id: 99,
+                    ktime_ns: 0,
+                    digest: 0,
+                    comm: "worker".into(),
+                },
+                destination: Destination::Ip {
+                    addr: std::net::IpAddr::from([169, 254, 169, n]),
+                    port: 80,
+                },
+                sock_type: 1,
+            })
+        };
+        // Read by the reader, queued, and the stop signal already given.
+        events_tx.send(vec![denied(1), denied(2)]).await.unwrap();
+        events_tx.send(vec![denied(3)]).await.unwrap();
+        drop(events_tx);
+        shutdown_tx.send(true).unwrap();
+        let stats = rig
+            .controller
+            .run(events_rx, policies_rx, shutdown_rx, Duration::from_secs(1))
+            .await;
+        assert_eq!(stats.kernel_denied, 3);
+        let denied = rig
+            .audit
+            .records()
+            .iter()
+            .filter(|r| r.kind == RecordKind::KernelDenied)
+            .count();
+        assert_eq!(denied, 3);
     }
 
     #[tokio::test(start_paused = true)]
