@@ -1,5 +1,6 @@
 //! `cargo xtask`: gatekeep's developer and CI tasks. See each subcommand's `--help`.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -33,6 +34,9 @@ enum Task {
     /// reviewer approves one and denies the other (you, or the script with `--auto`),
     /// then both audit logs are printed and verified.
     Demo(demo::Options),
+    /// Run the benchmarks (natively, then in the VM) and print one table of figures,
+    /// baselines, ratios and targets; also written as JSON under `target/bench/`.
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         Task::VmTest(opts) => setup::ensure().and_then(|()| vm_test::run(opts)),
         Task::VmRun(opts) => setup::ensure().and_then(|()| vm_run::run(opts)),
         Task::Demo(opts) => setup::ensure().and_then(|()| demo::run(opts)),
+        Task::Bench(opts) => setup::ensure().and_then(|()| bench::run(opts)),
     };
     let Err(err) = result else {
         return ExitCode::SUCCESS;

@@ -355,18 +355,25 @@ fn ask_path(cgroup: &Path, sizes: Sizes, addr: SocketAddr) -> Result<(Vec<u64>, 
     Ok((exec.samples_ns, connect.samples_ns))
 }
 
-/// Waits until the agent recorded `expected` kernel denials; returns how long that took.
-fn wait_recorded(agent: &Agent, expected: u64, timeout: Duration) -> Result<Duration> {
-    let started = Instant::now();
+/// Waits until the agent recorded `expected` kernel denials, or until the count stops
+/// moving for 30 s (records that never come are what the figures report); returns the
+/// count reached.
+fn wait_recorded(agent: &Agent, expected: u64) -> Result<u64> {
+    let stall = Duration::from_secs(30);
+    let mut last = (agent.records("kernel_denied")?, Instant::now());
     loop {
         let recorded = agent.records("kernel_denied")?;
         if recorded >= expected {
-            return Ok(started.elapsed());
+            return Ok(recorded);
         }
-        ensure!(
-            started.elapsed() < timeout,
-            "only {recorded} of {expected} denials recorded after {timeout:?}"
-        );
+        if recorded != last.0 {
+            last = (recorded, Instant::now());
+        } else if last.1.elapsed() >= stall {
+            eprintln!(
+                "[bench] only {recorded} of {expected} denials recorded; none more in {stall:?}"
+            );
+            return Ok(recorded);
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -411,12 +418,7 @@ fn ramp(agent: &Agent, cgroup: &Path, sizes: Sizes) -> Result<Vec<Step>> {
             moved(counter::CONNECT_DENIED),
             moved(counter::EVENTS_DROPPED),
         );
-        wait_recorded(
-            agent,
-            recorded_before + emitted - dropped,
-            Duration::from_mins(5),
-        )?;
-        let recorded = agent.records("kernel_denied")? - recorded_before;
+        let recorded = wait_recorded(agent, recorded_before + emitted - dropped)? - recorded_before;
         #[expect(clippy::cast_precision_loss, reason = "a rate")]
         let recorded_rate = recorded as f64 / started.elapsed().as_secs_f64();
         let step = Step {
@@ -504,7 +506,8 @@ fn lost_on_sigterm(agent: &mut Agent, cgroup: &Path, rate: u32) -> Result<Figure
     let counters = agent.counters()?;
     let expected =
         counters[counter::CONNECT_DENIED as usize] - counters[counter::EVENTS_DROPPED as usize];
-    wait_recorded(agent, expected, Duration::from_mins(5))?;
+    wait_recorded(agent, expected)?;
+    // Anything recorded twice would show up now.
     std::thread::sleep(Duration::from_millis(500));
     let recorded = agent.records("kernel_denied")?;
     #[expect(clippy::cast_precision_loss, reason = "a count")]
@@ -523,132 +526,120 @@ fn lost_on_sigterm(agent: &mut Agent, cgroup: &Path, rate: u32) -> Result<Figure
     )))
 }
 
-/// Runs the agent benchmarks; `baselines` are the overhead run's (exec, connect) µs.
-pub fn run(sizes: Sizes, addr: SocketAddr, baselines: Option<(f64, f64)>) -> Result<Vec<Figure>> {
+/// The agent's idle RSS, 2 s after it said it is ready.
+fn idle_rss(agent: &Agent, mode: &str, conditions: &str) -> Result<()> {
+    std::thread::sleep(Duration::from_secs(2));
+    Figure::from_runs(
+        &format!("vm.agent.rss.idle.{mode}"),
+        &format!("agent RSS idle, {mode} decisions"),
+        "MiB",
+        &[rss_mib(agent.pid()?)?],
+    )
+    .target(Target::at_most(32.0))
+    .conditions(format!(
+        "gatekeep-agent run, {conditions}, 2 policies, 2 s after ready"
+    ))
+    .emit();
+    Ok(())
+}
+
+/// The ask path's figures for exec and connect.
+fn emit_ask(
+    decider: &str,
+    what: &str,
+    samples: (&[u64], &[u64]),
+    sizes: Sizes,
+    baselines: Option<(f64, f64)>,
+    conditions: &str,
+) {
+    let (exec_base, connect_base) = baselines.map_or((None, None), |(e, c)| (Some(e), Some(c)));
+    let exec = ask_figures(
+        &format!("vm.ask.{decider}.exec"),
+        &format!("ask path, exec, {what}"),
+        samples.0,
+        sizes.rounds,
+        exec_base,
+        conditions,
+    );
+    let connect = ask_figures(
+        &format!("vm.ask.{decider}.connect"),
+        &format!("ask path, connect, {what}"),
+        samples.1,
+        sizes.rounds,
+        connect_base,
+        conditions,
+    );
+    for figure in exec.into_iter().chain(connect) {
+        figure.emit();
+    }
+}
+
+/// Runs the agent benchmarks, printing each figure as soon as it is measured; `baselines`
+/// are the overhead run's (exec, connect) µs.
+pub fn run(sizes: Sizes, addr: SocketAddr, baselines: Option<(f64, f64)>) -> Result<()> {
     let ask = BenchCgroup::create("gk-bench-ask")?;
     let deny = BenchCgroup::create("gk-bench-deny")?;
-    let mut figures = Vec::new();
-    let (exec_base, connect_base) = baselines.map_or((None, None), |(e, c)| (Some(e), Some(c)));
-    let chunks = sizes.rounds;
 
     // The default mode: the decision service embedded in the agent.
     {
         let agent = Agent::start("embedded", &policy(ask.path(), deny.path(), "5m"), "")?;
-        std::thread::sleep(Duration::from_secs(2));
-        figures.push(
-            Figure::from_runs(
-                "vm.agent.rss.idle.embedded",
-                "agent RSS idle, embedded service (default mode)",
-                "MiB",
-                &[rss_mib(agent.pid()?)?],
-            )
-            .target(Target::at_most(32.0))
-            .conditions("gatekeep-agent run with the decision service in-process, 2 policies, 2 s after ready"),
-        );
+        idle_rss(
+            &agent,
+            "embedded",
+            "default mode: the decision service in-process",
+        )?;
     }
 
     // A server rule decides, through a separate service.
     {
         let service = RuleService::start()?;
-        let agent = Agent::start(
-            "remote",
-            &policy(ask.path(), deny.path(), "5m"),
-            &service.decision_config(),
-        )?;
-        std::thread::sleep(Duration::from_secs(2));
-        figures.push(
-            Figure::from_runs(
-                "vm.agent.rss.idle.remote",
-                "agent RSS idle, remote service",
-                "MiB",
-                &[rss_mib(agent.pid()?)?],
-            )
-            .target(Target::at_most(32.0))
-            .conditions(
-                "gatekeep-agent run connected to a separate gatekeep-server, 2 s after ready",
-            ),
-        );
+        let policy = policy(ask.path(), deny.path(), "5m");
+        let agent = Agent::start("remote", &policy, &service.decision_config())?;
+        idle_rss(&agent, "remote", "connected to a separate gatekeep-server")?;
         let (exec, connect) = ask_path(ask.path(), sizes, addr)?;
-        let conditions = "paused syscall -> agent -> gatekeep-server (mTLS loopback, rule `bench-allow`) \
-                          -> verdict + SIGCONT -> syscall completes; per op incl. fork+exec or connect";
-        figures.extend(ask_figures(
-            "vm.ask.rule.exec",
-            "ask path, exec, server rule decides",
-            &exec,
-            chunks,
-            exec_base,
-            conditions,
-        ));
-        figures.extend(ask_figures(
-            "vm.ask.rule.connect",
-            "ask path, connect, server rule decides",
-            &connect,
-            chunks,
-            connect_base,
-            conditions,
-        ));
+        emit_ask(
+            "rule",
+            "server rule decides",
+            (&exec, &connect),
+            sizes,
+            baselines,
+            "paused syscall -> agent -> gatekeep-server (mTLS loopback, rule `bench-allow`) \
+             -> verdict + SIGCONT -> syscall completes; per op incl. fork+exec or connect",
+        );
     }
 
     // The local decider: the policy's timeout action after 1 ms; and the event run.
-    {
-        let mut agent = Agent::start(
-            "local",
-            &policy(ask.path(), deny.path(), "1ms"),
-            "[decision]\nmode = \"local\"\n",
-        )?;
-        std::thread::sleep(Duration::from_secs(2));
-        figures.push(
-            Figure::from_runs(
-                "vm.agent.rss.idle.local",
-                "agent RSS idle, local decider",
-                "MiB",
-                &[rss_mib(agent.pid()?)?],
-            )
-            .target(Target::at_most(32.0))
-            .conditions("gatekeep-agent run, [decision] mode = local, 2 s after ready"),
-        );
-        let (exec, connect) = ask_path(ask.path(), sizes, addr)?;
-        let conditions = "paused syscall -> agent local decider (policy timeout 1 ms, on_timeout allow) \
-                          -> verdict + SIGCONT -> syscall completes; includes the 1 ms timeout";
-        figures.extend(ask_figures(
-            "vm.ask.local.exec",
-            "ask path, exec, local decider",
-            &exec,
-            chunks,
-            exec_base,
-            conditions,
-        ));
-        figures.extend(ask_figures(
-            "vm.ask.local.connect",
-            "ask path, connect, local decider",
-            &connect,
-            chunks,
-            connect_base,
-            conditions,
-        ));
-
-        let steps = ramp(&agent, deny.path(), sizes)?;
-        figures.extend(event_figures(&steps, sizes));
-        figures.push(
-            Figure::from_runs(
-                "vm.agent.rss.after_events",
-                "agent RSS after the event run",
-                "MiB",
-                &[rss_mib(agent.pid()?)?],
-            )
-            .conditions("local decider, after every step of the event-rate ramp was recorded"),
-        );
-        let best = steps
-            .iter()
-            .filter(|s| s.dropped == 0)
-            .map(|s| s.target)
-            .max()
-            .unwrap_or(500);
-        figures.push(lost_on_sigterm(
-            &mut agent,
-            deny.path(),
-            (best / 2).max(250),
-        )?);
+    let policy = policy(ask.path(), deny.path(), "1ms");
+    let mut agent = Agent::start("local", &policy, "[decision]\nmode = \"local\"\n")?;
+    idle_rss(&agent, "local", "[decision] mode = local")?;
+    let (exec, connect) = ask_path(ask.path(), sizes, addr)?;
+    emit_ask(
+        "local",
+        "local decider",
+        (&exec, &connect),
+        sizes,
+        baselines,
+        "paused syscall -> agent local decider (policy timeout 1 ms, on_timeout allow) \
+         -> verdict + SIGCONT -> syscall completes; includes the 1 ms timeout",
+    );
+    let steps = ramp(&agent, deny.path(), sizes)?;
+    for figure in event_figures(&steps, sizes) {
+        figure.emit();
     }
-    Ok(figures)
+    Figure::from_runs(
+        "vm.agent.rss.after_events",
+        "agent RSS after the event run",
+        "MiB",
+        &[rss_mib(agent.pid()?)?],
+    )
+    .conditions("local decider, after every step of the event-rate ramp was recorded")
+    .emit();
+    let best = steps
+        .iter()
+        .filter(|s| s.dropped == 0)
+        .map(|s| s.target)
+        .max()
+        .unwrap_or(500);
+    lost_on_sigterm(&mut agent, deny.path(), (best / 2).max(250))?.emit();
+    Ok(())
 }

@@ -246,9 +246,7 @@ pub fn run(opts: &VmOptions) -> Result<()> {
         }
     }
     if wants("agent") {
-        for figure in agent::run(sizes, listener, exec_baseline)? {
-            figure.emit();
-        }
+        agent::run(sizes, listener, exec_baseline)?;
     }
     Ok(())
 }
