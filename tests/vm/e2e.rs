@@ -365,3 +365,111 @@ fn service_down_past_the_deadline_applies_the_timeout_action() {
         "{expired}"
     );
 }
+
+#[test]
+fn a_session_grant_is_bound_to_its_cgroup_and_ends_with_it() {
+    require_vm();
+    let first = Cgroup::create("gk-e2e-sess-a");
+    let second = Cgroup::create("gk-e2e-sess-b");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let asked = tool(dir.path(), "session-tool");
+    let agent = Agent::start_with(
+        "e2e-session",
+        &format!(
+            "[[policy]]\nname = \"gk-e2e-session\"\ncgroups = [\"/sys/fs/cgroup/gk-e2e-sess-*\"]\n\
+             [policy.exec]\ndefault = \"allow\"\nask = [\"{asked}\"]\n\
+             [policy.approval]\ntimeout = \"5m\"\ngrant_durations = [\"session\"]\n"
+        ),
+        &embedded_decision(17445),
+    );
+    let mut exec = first.spawn(&mut workload(&["exec", &asked, "true", "session"]));
+    wait_paused(&exec, "the exec to be paused");
+    let pending = wait_pending(|args| agent.cli(args), 1, PATIENCE);
+    cli_ok(
+        agent.cli(&["review", "approve", &id_of(&pending[0]), "--session"]),
+        "review approve --session",
+    );
+    assert_eq!(finish(&mut exec), (0, String::new()));
+
+    // The same request from the same cgroup: not asked.
+    let before = counter(&agent, "grant_allowed");
+    assert_eq!(
+        run_in(&first, &["exec", &asked, "true", "session"], PATIENCE),
+        (0, String::new())
+    );
+    assert!(counter(&agent, "grant_allowed") > before, "GRANT_ALLOWED did not move");
+
+    // From another cgroup of the same policy: asked (and denied).
+    let mut other = second.spawn(&mut workload(&["exec", &asked, "true", "session"]));
+    wait_paused(&other, "the exec from the other cgroup to be paused");
+    let pending = wait_pending(|args| agent.cli(args), 1, PATIENCE);
+    cli_ok(agent.cli(&["review", "deny", &id_of(&pending[0])]), "review deny");
+    assert_eq!(finish(&mut other), (111, "errno 1".to_owned()));
+
+    // The workload's cgroup goes away: so does the grant, here and at the service.
+    drop(first);
+    let ended = agent.wait_record("grant_revoked", PATIENCE, |r| {
+        r["payload"]["by"] == "session-end"
+    });
+    assert_eq!(ended["payload"]["grant"]["cgroup"], "/gk-e2e-sess-a");
+    let (ok, status, err) = agent.admin(&["status", "--output", "json"]);
+    assert!(ok, "{err}");
+    let status: Value = serde_json::from_str(&status).expect("status json");
+    assert_eq!(status["grants"], serde_json::json!([]));
+    assert_eq!(status["kernel_grants"], 0);
+    wait_for("the service to end the session grant", PATIENCE, || {
+        let out = cli_ok(agent.cli(&["--output", "json", "grants", "list"]), "grants list");
+        let listed: Vec<Value> = serde_json::from_str(&out).expect("grants json");
+        listed.is_empty().then_some(())
+    });
+}
+
+#[test]
+fn a_grant_survives_a_policy_reload_that_renumbers_the_policies() {
+    require_vm();
+    let cgroup = Cgroup::create("gk-e2e-reload");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let asked = tool(dir.path(), "reload-tool");
+    let (_listener, port) = listener();
+    let approval = "timeout = \"5m\"\ngrant_durations = [\"always\"]";
+    let agent = Agent::start_with(
+        "e2e-reload",
+        &policy("gk-e2e-reload", &asked, port, approval),
+        &embedded_decision(17446),
+    );
+    let mut exec = cgroup.spawn(&mut workload(&["exec", &asked, "true", "always"]));
+    wait_paused(&exec, "the exec to be paused");
+    let pending = wait_pending(|args| agent.cli(args), 1, PATIENCE);
+    cli_ok(
+        agent.cli(&["review", "approve", &id_of(&pending[0]), "--always"]),
+        "review approve --always",
+    );
+    assert_eq!(finish(&mut exec), (0, String::new()));
+    let (_, status, _) = agent.admin(&["status", "--output", "json"]);
+    let status: Value = serde_json::from_str(&status).expect("status json");
+    assert_eq!(status["grants"][0]["in_kernel"], true, "{status}");
+
+    // A reload gives the policy a new kernel id; the grant follows it.
+    agent.replace_policy(&format!(
+        "# reloaded\n{}",
+        policy("gk-e2e-reload", &asked, port, approval)
+    ));
+    agent.wait_log("policy reloaded", 1, PATIENCE);
+    wait_for("the grant to be keyed by the new policy id", PATIENCE, || {
+        let (_, out, _) = agent.admin(&["status", "--output", "json"]);
+        let status: Value = serde_json::from_str(&out).ok()?;
+        (status["kernel_grants"] == 1 && status["grants"][0]["in_kernel"] == true).then_some(())
+    });
+    let before = counter(&agent, "grant_allowed");
+    assert_eq!(
+        run_in(&cgroup, &["exec", &asked, "true", "always"], PATIENCE),
+        (0, String::new())
+    );
+    assert!(counter(&agent, "grant_allowed") > before, "GRANT_ALLOWED did not move");
+    let requested = agent
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["kind"] == "requested")
+        .count();
+    assert_eq!(requested, 1, "not asked again after the reload");
+}
