@@ -473,3 +473,33 @@ fn a_grant_survives_a_policy_reload_that_renumbers_the_policies() {
         .count();
     assert_eq!(requested, 1, "not asked again after the reload");
 }
+
+#[test]
+fn a_restarted_agent_asks_the_same_request_again_and_gets_its_decision() {
+    require_vm();
+    let cgroup = Cgroup::create("gk-e2e-agent-restart");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let asked = tool(dir.path(), "restart-tool");
+    let (_listener, port) = listener();
+    let mut agent = Agent::start_with(
+        "e2e-agent-restart",
+        &policy("gk-e2e-agent-restart", &asked, port, "timeout = \"5m\""),
+        &embedded_decision(17447),
+    );
+    let mut exec = cgroup.spawn(&mut workload(&["exec", &asked, "true", "again"]));
+    wait_paused(&exec, "the exec to be paused");
+    let id = id_of(&wait_pending(|args| agent.cli(args), 1, PATIENCE)[0]);
+
+    // The agent (and its embedded service) dies; the task stays paused.
+    agent.kill_hard();
+    assert!(is_stopped(exec.id()), "fail closed: still paused");
+    agent.launch();
+    agent.wait_log("asking a paused request again", 1, PATIENCE);
+    let pending = wait_pending(|args| agent.cli(args), 1, PATIENCE);
+    assert_eq!(pending.len(), 1, "the same request, not a second one: {pending:#?}");
+    assert_eq!(id_of(&pending[0]), id);
+    cli_ok(agent.cli(&["review", "approve", &id]), "review approve");
+    assert_eq!(finish(&mut exec), (0, String::new()));
+    let decided = agent.wait_record("decided", PATIENCE, |_| true);
+    assert_eq!(decided["payload"]["service"]["request_id"], id.as_str());
+}
