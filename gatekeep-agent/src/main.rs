@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use gatekeep_agent::{admin, config::{AgentConfig, LogFormat}, daemon, paths};
+use gatekeep_agent::{
+    admin,
+    config::{AgentConfig, DecisionMode, LogFormat},
+    daemon, paths,
+};
 
 /// gatekeep host agent: gates execve and connect from policy-controlled
 /// cgroups with BPF LSM, pausing sensitive ones for a human decision.
@@ -165,6 +169,12 @@ fn init_logging(format: LogFormat) {
 
 /// `reviewers add`: a reviewer of the embedded service, and their token.
 fn add_reviewer(config: &AgentConfig, name: &str, groups: &[String]) -> anyhow::Result<()> {
+    if config.decision.mode() != DecisionMode::Embedded {
+        anyhow::bail!(
+            "this agent does not run the embedded decision service (`[decision] mode = \"{}\"`); add reviewers on the service's host with `gatekeep-server reviewers add NAME`",
+            config.decision.mode().as_str()
+        );
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
