@@ -572,6 +572,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         }
         let mut payload = json!({
             "pid": origin.pid,
+            "ppid": origin.ppid,
             "tid": origin.tid,
             "kind": kind.as_str(),
             "digest": format!("{:016x}", origin.digest),
@@ -922,6 +923,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let policy = self.policy(origin.policy_id).map(|p| p.policy.name.clone());
         json!({
             "pid": origin.pid,
+            "ppid": origin.ppid,
             "tid": origin.tid,
             "uid": origin.uid,
             "gid": origin.gid,
