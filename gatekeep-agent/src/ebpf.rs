@@ -103,7 +103,10 @@ pub fn random_digest_key() -> Result<[u64; 2], LoadError> {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(|source| LoadError::Random { source })?;
     let (a, b) = bytes.split_at(8);
-    let word = |s: &[u8]| s.iter().fold(0u64, |acc, byte| (acc << 8) | u64::from(*byte));
+    let word = |s: &[u8]| {
+        s.iter()
+            .fold(0u64, |acc, byte| (acc << 8) | u64::from(*byte))
+    };
     Ok([word(a), word(b)])
 }
 
@@ -125,13 +128,13 @@ pub fn open() -> Result<(Ebpf, Btf), LoadError> {
     Ok((ebpf, btf))
 }
 
-/// Loads (verifies) one LSM program without attaching it.
-pub fn load_lsm(
-    ebpf: &mut Ebpf,
+/// Loads (verifies) LSM program `name` for `hook`, without attaching it.
+pub fn load_lsm<'a>(
+    ebpf: &'a mut Ebpf,
     btf: &Btf,
     name: &'static str,
     hook: &'static str,
-) -> Result<(), LoadError> {
+) -> Result<&'a mut Lsm, LoadError> {
     let program: &mut Lsm = ebpf
         .program_mut(name)
         .ok_or(LoadError::MissingProgram { name })?
@@ -139,7 +142,24 @@ pub fn load_lsm(
         .map_err(|source| LoadError::LoadProgram { name, source })?;
     program
         .load(hook, btf)
-        .map_err(|source| LoadError::LoadProgram { name, source })
+        .map_err(|source| LoadError::LoadProgram { name, source })?;
+    Ok(program)
+}
+
+/// Loads (verifies) tracepoint program `name`, without attaching it.
+pub fn load_tracepoint<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut TracePoint, LoadError> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| LoadError::LoadProgram { name, source })?;
+    program
+        .load()
+        .map_err(|source| LoadError::LoadProgram { name, source })?;
+    Ok(program)
 }
 
 /// Loads and attaches every program; they stay attached while `ebpf`
@@ -147,26 +167,12 @@ pub fn load_lsm(
 pub fn load_and_attach() -> Result<Ebpf, LoadError> {
     let (mut ebpf, btf) = open()?;
     for &(name, category, tracepoint) in TRACEPOINT_PROGRAMS {
-        let program: &mut TracePoint = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| LoadError::LoadProgram { name, source })?;
-        program
-            .load()
-            .map_err(|source| LoadError::LoadProgram { name, source })?;
-        program
+        load_tracepoint(&mut ebpf, name)?
             .attach(category, tracepoint)
             .map_err(|source| LoadError::Attach { name, source })?;
     }
     for &(name, hook) in LSM_PROGRAMS {
-        load_lsm(&mut ebpf, &btf, name, hook)?;
-        let program: &mut Lsm = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| LoadError::Attach { name, source })?;
-        program
+        load_lsm(&mut ebpf, &btf, name, hook)?
             .attach()
             .map_err(|source| LoadError::Attach { name, source })?;
     }

@@ -195,7 +195,10 @@ fn print_status(status: &admin::Status) {
     println!("pin dir: {}", status.pin_dir.display());
     println!("programs pinned: {}", status.programs_pinned.join(", "));
     if !status.programs_missing.is_empty() {
-        println!("programs NOT pinned: {}", status.programs_missing.join(", "));
+        println!(
+            "programs NOT pinned: {}",
+            status.programs_missing.join(", ")
+        );
     }
     println!("paused requests: {}", status.paused_requests.len());
     for paused in &status.paused_requests {
@@ -214,10 +217,9 @@ fn print_status(status: &admin::Status) {
     );
     for grant in &status.grants {
         let g = &grant.grant;
-        let until = g.expires_at.map_or_else(
-            || "no expiry".to_owned(),
-            |at| format!("until {at}"),
-        );
+        let until = g
+            .expires_at
+            .map_or_else(|| "no expiry".to_owned(), |at| format!("until {at}"));
         let scope = g
             .cgroup
             .as_deref()
@@ -230,7 +232,11 @@ fn print_status(status: &admin::Status) {
             g.target,
             g.duration,
             g.created_by,
-            if grant.in_kernel { "" } else { " (not in the kernel)" }
+            if grant.in_kernel {
+                ""
+            } else {
+                " (not in the kernel)"
+            }
         );
     }
 }
@@ -271,7 +277,9 @@ fn main() -> anyhow::Result<()> {
                 Some(db) => db,
                 None => config.load()?.audit_db,
             };
-            if let Err(err) = admin::verify_audit(&db, output == Output::Json, &mut std::io::stdout().lock()) {
+            if let Err(err) =
+                admin::verify_audit(&db, output == Output::Json, &mut std::io::stdout().lock())
+            {
                 eprintln!("error: {err}");
                 let mut source = std::error::Error::source(&err);
                 while let Some(cause) = source {
@@ -316,7 +324,10 @@ fn main() -> anyhow::Result<()> {
                 config.pin_dir.display()
             );
             if !report.still_paused.is_empty() {
-                println!("warning: threads still paused (now ungated): {:?}", report.still_paused);
+                println!(
+                    "warning: threads still paused (now ungated): {:?}",
+                    report.still_paused
+                );
             }
             Ok(())
         }

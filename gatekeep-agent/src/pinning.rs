@@ -25,7 +25,7 @@ use aya::{
     maps::{Map, MapData, MapError, RingBuf},
     pin::PinError,
     programs::{
-        Lsm, ProgramError, TracePoint,
+        ProgramError,
         links::{FdLink, LinkError},
     },
 };
@@ -297,14 +297,7 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
         if !missing.contains(&name) {
             continue;
         }
-        let program: &mut TracePoint = object
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| LoadError::LoadProgram { name, source })?;
-        program
-            .load()
-            .map_err(|source| LoadError::LoadProgram { name, source })?;
+        let program = ebpf::load_tracepoint(&mut object, name)?;
         let id = program
             .attach(category, tracepoint)
             .map_err(|source| LoadError::Attach { name, source })?;
@@ -319,12 +312,7 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
         if !missing.contains(&name) {
             continue;
         }
-        ebpf::load_lsm(&mut object, &btf, name, hook)?;
-        let program: &mut Lsm = object
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| LoadError::Attach { name, source })?;
+        let program = ebpf::load_lsm(&mut object, &btf, name, hook)?;
         let id = program
             .attach()
             .map_err(|source| LoadError::Attach { name, source })?;

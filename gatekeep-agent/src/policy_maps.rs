@@ -41,9 +41,8 @@ use std::{
 };
 
 use gatekeep_common::{
-    ConnectV4Key, ConnectV6Key, ExecRuleKey, GATED_INHERITED, GatedCgroup, MAX_POLICIES, PORT_RULES,
-    PolicyDefaults,
-    PortRule, PortRules, action,
+    ConnectV4Key, ConnectV6Key, ExecRuleKey, GATED_INHERITED, GatedCgroup, MAX_POLICIES,
+    PORT_RULES, PolicyDefaults, PortRule, PortRules, action,
 };
 use gatekeep_policy::{Action, ConnectRule, Policy, PolicySet};
 use ipnet::IpNet;
@@ -527,8 +526,8 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
         // The kernel gated this cgroup because a gated task created it or
         // moved a task into it; it stays gated while its policy is loaded.
         // (Cgroups under a policy's patterns are in `desired` anyway.)
-        let inherited = gated.flags & GATED_INHERITED != 0
-            && desired.policies.contains_key(&gated.policy_id);
+        let inherited =
+            gated.flags & GATED_INHERITED != 0 && desired.policies.contains_key(&gated.policy_id);
         if !desired.gated.contains_key(id) && !inherited {
             ops.push(MapOp::RemoveGated(*id));
         }
@@ -997,7 +996,13 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
             "a rescan must not ungate a cgroup the kernel inherited"
         );
         // A cgroup the agent does not match and the kernel did not add goes.
-        current.gated.insert(600, GatedCgroup { policy_id: 0, flags: 0 });
+        current.gated.insert(
+            600,
+            GatedCgroup {
+                policy_id: 0,
+                flags: 0,
+            },
+        );
         assert!(plan(&current, &same).contains(&MapOp::RemoveGated(600)));
         // Its policy unloaded: the inherited entry goes with it.
         let other = sample_state(1, &[100], 2);

@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, io};
 
-use aya::programs::{ProgramError, TracePoint};
+use aya::programs::ProgramError;
 
 use super::{CheckResult, Status, checks::KernelConfig};
 use crate::ebpf::{self, LoadError};
@@ -43,22 +43,17 @@ impl TrialLoad for KernelTrialLoad {
         // gating too: an agent that cannot load them cannot run.
         let mut loaded_tracepoints = Vec::new();
         for &(name, _category, tracepoint) in ebpf::TRACEPOINT_PROGRAMS {
-            let program: &mut TracePoint = loaded
-                .program_mut(name)
-                .ok_or(LoadError::MissingProgram { name })
-                .and_then(|p| {
-                    p.try_into()
-                        .map_err(|source| LoadError::LoadProgram { name, source })
-                })
+            ebpf::load_tracepoint(&mut loaded, name)
                 .map_err(|err| TrialFailure::from_load_error(&err))?;
-            program
-                .load()
-                .map_err(|source| TrialFailure::from_load_error(&LoadError::LoadProgram { name, source }))?;
             loaded_tracepoints.push((name, tracepoint));
         }
         // Dropping the `Ebpf` closes every program and map fd: nothing stays loaded.
         drop(loaded);
-        Ok(ebpf::LSM_PROGRAMS.iter().copied().chain(loaded_tracepoints).collect())
+        Ok(ebpf::LSM_PROGRAMS
+            .iter()
+            .copied()
+            .chain(loaded_tracepoints)
+            .collect())
     }
 }
 
