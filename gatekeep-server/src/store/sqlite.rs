@@ -1,9 +1,14 @@
-//! [`Store`] on `SQLite`: one dedicated thread owns the connection and commits in groups.
+//! [`Store`] on `SQLite`: one dedicated thread owns the writing connection and commits in
+//! groups; another owns a reading connection.
 //!
-//! Callers queue closures; the thread takes everything queued (up to [`MAX_GROUP`]), runs
+//! Writers queue closures; the thread takes everything queued (up to [`MAX_GROUP`]), runs
 //! each inside its own savepoint of one transaction, commits once, and only then answers
 //! every caller. Under load one fsync covers many requests and decisions; a lone call is
 //! committed at once. A closure that fails rolls back its savepoint only.
+//!
+//! Reads (lookups, lists) go to the reading thread instead, so they never wait behind a
+//! group's commit and fsync (WAL lets them run beside it). Every write is answered only
+//! once committed, so a read issued after a write's answer sees it.
 //!
 //! Schema (`PRAGMA user_version` 1), every table `STRICT`, times in milliseconds since the
 //! epoch: `requests` (a row per request, the full [`RequestRecord`] as JSON plus the columns
@@ -77,6 +82,14 @@ CREATE TABLE reviewers (
 ) STRICT;
 ";
 
+/// Active grants of one host, policy and target; the caller checks expiry and cgroup and
+/// picks the newest. Kept this plain because `SQLite` re-planned the former query (with
+/// `ORDER BY`, and `now` and the cgroup bound) at every call once anything had been written
+/// since: a tenth of the service's CPU per request.
+const FIND_GRANT: &str = "SELECT grant, expires_at, cgroup, created_at FROM grants \
+     INDEXED BY grants_match WHERE host = ?1 AND policy = ?2 AND target = ?3 \
+     AND revoked_at IS NULL";
+
 /// How hard `SQLite` works to make each commit durable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -90,11 +103,13 @@ pub enum Synchronous {
 
 type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
-/// The `SQLite` store. Cheap to clone; the thread stops when the last clone is dropped.
+/// The `SQLite` store. Cheap to clone; the threads stop when the last clone is dropped.
 #[derive(Clone)]
 pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
+    reads: mpsc::Sender<ReadJob>,
     path: PathBuf,
 }
 
@@ -112,15 +127,27 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>, synchronous: Synchronous) -> Result<Self, StoreError> {
         let path = path.as_ref().to_owned();
         let conn = open_connection(&path, synchronous)?;
+        // Opened after the writer made the schema; it only ever reads.
+        let reader = open_reader(&path)?;
+        let spawn_err = |source| StoreError::Open {
+            path: path.clone(),
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(source)),
+        };
         let (jobs, receiver) = mpsc::channel::<Job>();
         thread::Builder::new()
             .name("gatekeep-store".to_owned())
             .spawn(move || run(&conn, &receiver))
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(source)),
-            })?;
-        Ok(Self { jobs, path })
+            .map_err(spawn_err)?;
+        let (reads, read_receiver) = mpsc::channel::<ReadJob>();
+        thread::Builder::new()
+            .name("gatekeep-store-read".to_owned())
+            .spawn(move || {
+                while let Ok(job) = read_receiver.recv() {
+                    job(&reader);
+                }
+            })
+            .map_err(spawn_err)?;
+        Ok(Self { jobs, reads, path })
     }
 
     /// The database file.
@@ -153,6 +180,34 @@ impl SqliteStore {
         self.jobs.send(job).map_err(|_| StoreError::Closed)?;
         answered.await.map_err(|_| StoreError::Closed)?
     }
+
+    /// Runs `f` on the reading thread (each statement sees every commit answered so far).
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            // The caller may have gone away; its result does not matter then.
+            drop(answer.send(f(conn)));
+        });
+        self.reads.send(job).map_err(|_| StoreError::Closed)?;
+        answered.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// The reading connection: same file, `query_only`, no writes ever.
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(open_err)?;
+    conn.pragma_update(None, "query_only", "ON")
+        .map_err(open_err)?;
+    Ok(conn)
 }
 
 fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
@@ -234,16 +289,18 @@ fn run(conn: &Connection, jobs: &mpsc::Receiver<Job>) {
             continue;
         }
         for job in group {
-            if let Err(error) = conn.execute_batch("SAVEPOINT job") {
+            // Cached statements: parsing these for every job cost more than some jobs.
+            if let Err(error) = execute_cached(conn, "SAVEPOINT job") {
                 tracing::error!(%error, "store: savepoint failed");
             }
             let (ok, reply) = job(conn);
             let end = if ok {
-                "RELEASE job"
+                execute_cached(conn, "RELEASE job")
             } else {
-                "ROLLBACK TO job; RELEASE job"
+                execute_cached(conn, "ROLLBACK TO job")
+                    .and_then(|()| execute_cached(conn, "RELEASE job"))
             };
-            if let Err(error) = conn.execute_batch(end) {
+            if let Err(error) = end {
                 tracing::error!(%error, "store: failed to end a savepoint");
             }
             replies.push(reply);
@@ -257,6 +314,10 @@ fn run(conn: &Connection, jobs: &mpsc::Receiver<Job>) {
             reply(committed.as_ref().err());
         }
     }
+}
+
+fn execute_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
 fn version_from_sql(version: i64) -> Result<u64, StoreError> {
@@ -289,11 +350,10 @@ fn from_ms(value: i64) -> Result<OffsetDateTime, StoreError> {
 fn insert_request(conn: &Connection, record: &RequestRecord) -> Result<Inserted, StoreError> {
     let id = record.request.id.to_string();
     let existing = conn
-        .query_row(
-            "SELECT record, version FROM requests WHERE id = ?1",
-            [&id],
-            |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
-        )
+        .prepare_cached("SELECT record, version FROM requests WHERE id = ?1")?
+        .query_row([&id], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+        })
         .optional()?;
     if let Some((json, version)) = existing {
         return Ok(Inserted::Existing(Box::new(read_record(&json, version)?)));
@@ -415,7 +475,7 @@ impl Store for SqliteStore {
     }
 
     fn get_request(&self, id: Uuid) -> StoreFuture<'_, Option<Versioned<RequestRecord>>> {
-        Box::pin(self.call(move |conn| {
+        Box::pin(self.read(move |conn| {
             conn.prepare_cached("SELECT record, version FROM requests WHERE id = ?1")?
                 .query_row([id.to_string()], |row| {
                     Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
@@ -431,7 +491,7 @@ impl Store for SqliteStore {
     }
 
     fn list_requests(&self, query: RequestQuery) -> StoreFuture<'_, Vec<RequestRecord>> {
-        Box::pin(self.call(move |conn| list_requests(conn, &query)))
+        Box::pin(self.read(move |conn| list_requests(conn, &query)))
     }
 
     fn due_requests(
@@ -439,7 +499,7 @@ impl Store for SqliteStore {
         now: OffsetDateTime,
         limit: usize,
     ) -> StoreFuture<'_, Vec<Versioned<RequestRecord>>> {
-        Box::pin(self.call(move |conn| {
+        Box::pin(self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT record, version FROM requests WHERE state = 'pending' AND deadline <= ?1 \
                  ORDER BY deadline LIMIT ?2",
@@ -458,7 +518,7 @@ impl Store for SqliteStore {
     }
 
     fn next_wakeup(&self) -> StoreFuture<'_, Option<OffsetDateTime>> {
-        Box::pin(self.call(|conn| {
+        Box::pin(self.read(|conn| {
             let next: Option<i64> = conn.query_row(
                 "SELECT min(t) FROM (\
                  SELECT min(deadline) AS t FROM requests WHERE state = 'pending' \
@@ -472,7 +532,7 @@ impl Store for SqliteStore {
     }
 
     fn count_pending(&self) -> StoreFuture<'_, u64> {
-        Box::pin(self.call(|conn| {
+        Box::pin(self.read(|conn| {
             let count: i64 = conn.query_row(
                 "SELECT count(*) FROM requests WHERE state = 'pending'",
                 [],
@@ -483,7 +543,7 @@ impl Store for SqliteStore {
     }
 
     fn get_grant(&self, id: Uuid) -> StoreFuture<'_, Option<Grant>> {
-        Box::pin(self.call(move |conn| {
+        Box::pin(self.read(move |conn| {
             Ok(grants_where(
                 conn,
                 "SELECT grant FROM grants WHERE id = ?1",
@@ -515,7 +575,7 @@ impl Store for SqliteStore {
     }
 
     fn list_grants(&self, query: GrantQuery, now: OffsetDateTime) -> StoreFuture<'_, Vec<Grant>> {
-        Box::pin(self.call(move |conn| {
+        Box::pin(self.read(move |conn| {
             grants_where(
                 conn,
                 "SELECT grant FROM grants WHERE (?1 IS NULL OR host = ?1) \
@@ -540,20 +600,35 @@ impl Store for SqliteStore {
         cgroup: String,
         now: OffsetDateTime,
     ) -> StoreFuture<'_, Option<Grant>> {
-        Box::pin(self.call(move |conn| {
-            Ok(grants_where(
-                conn,
-                "SELECT grant FROM grants WHERE host = ?1 AND policy = ?2 AND target = ?3 \
-                 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?4) \
-                 AND (cgroup IS NULL OR cgroup = ?5) ORDER BY created_at DESC LIMIT 1",
-                params![host, policy, target_key(&target)?, ms(now), cgroup],
-            )?
-            .pop())
+        Box::pin(self.read(move |conn| {
+            let now = ms(now);
+            let mut stmt = conn.prepare_cached(FIND_GRANT)?;
+            let rows = stmt.query_map(params![host, policy, target_key(&target)?], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, Option<i64>>(1)?,
+                    row.get::<_, Option<String>>(2)?,
+                    row.get::<_, i64>(3)?,
+                ))
+            })?;
+            let mut newest: Option<(i64, String)> = None;
+            for row in rows {
+                let (json, expires_at, grant_cgroup, created_at) = row?;
+                let live = expires_at.is_none_or(|at| at > now);
+                let here = grant_cgroup.is_none_or(|c| c == cgroup);
+                if live && here && newest.as_ref().is_none_or(|(at, _)| created_at > *at) {
+                    newest = Some((created_at, json));
+                }
+            }
+            newest
+                .map(|(_, json)| serde_json::from_str(&json))
+                .transpose()
+                .map_err(StoreError::from)
         }))
     }
 
     fn due_grants(&self, now: OffsetDateTime) -> StoreFuture<'_, Vec<Grant>> {
-        Box::pin(self.call(move |conn| {
+        Box::pin(self.read(move |conn| {
             grants_where(
                 conn,
                 "SELECT grant FROM grants WHERE revoked_at IS NULL AND expires_at IS NOT NULL \
@@ -564,7 +639,7 @@ impl Store for SqliteStore {
     }
 
     fn session_grants(&self, host: String, cgroup: String) -> StoreFuture<'_, Vec<Grant>> {
-        Box::pin(self.call(move |conn| {
+        Box::pin(self.read(move |conn| {
             let below = format!("{}/", cgroup.trim_end_matches('/'));
             grants_where(
                 conn,
@@ -597,7 +672,7 @@ impl Store for SqliteStore {
     }
 
     fn reviewer_by_token(&self, token_sha256: String) -> StoreFuture<'_, Option<Reviewer>> {
-        Box::pin(self.call(move |conn| {
+        Box::pin(self.read(move |conn| {
             conn.prepare_cached("SELECT name, groups FROM reviewers WHERE token_sha256 = ?1")?
                 .query_row([token_sha256], |row| {
                     Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
@@ -614,7 +689,7 @@ impl Store for SqliteStore {
     }
 
     fn list_reviewers(&self) -> StoreFuture<'_, Vec<Reviewer>> {
-        Box::pin(self.call(|conn| {
+        Box::pin(self.read(|conn| {
             let mut stmt = conn.prepare("SELECT name, groups FROM reviewers ORDER BY name")?;
             let rows = stmt.query_map([], |row| {
                 Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
@@ -635,5 +710,46 @@ impl Store for SqliteStore {
         Box::pin(self.call(move |conn| {
             Ok(conn.execute("DELETE FROM reviewers WHERE name = ?1", [name])? == 1)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::StatementStatus;
+
+    use super::*;
+
+    #[test]
+    fn grant_lookups_are_not_replanned_for_every_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let writer = open_connection(&path, Synchronous::Normal).unwrap();
+        let reader = open_reader(&path).unwrap();
+        // What the lookup looked like before.
+        let old = "SELECT grant FROM grants WHERE host = ?1 AND policy = ?2 AND target = ?3 \
+                   AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?4) \
+                   AND (cgroup IS NULL OR cgroup = ?5) ORDER BY created_at DESC LIMIT 1";
+        for n in 0..10 {
+            // Requests are stored between lookups, as when the service runs.
+            writer
+                .execute(
+                    "INSERT INTO requests (id, host, policy, kind, state, subject, received_at, \
+                     deadline, decided_at, version, record) \
+                     VALUES (?1, 'h', 'p', 'exec', 'approved', 's', 1, 2, 3, 1, '{}')",
+                    [format!("id-{n}")],
+                )
+                .unwrap();
+            let mut stmt = reader.prepare_cached(FIND_GRANT).unwrap();
+            assert_eq!(stmt.query_map(params!["h", "p", "t"], |_| Ok(())).unwrap().count(), 0);
+            let mut stmt = reader.prepare_cached(old).unwrap();
+            let rows = stmt.query_map(params!["h", "p", "t", n, "c"], |_| Ok(())).unwrap();
+            assert_eq!(rows.count(), 0);
+        }
+        let status = |sql| {
+            let stmt = reader.prepare_cached(sql).unwrap();
+            stmt.get_status(StatementStatus::RePrepare)
+        };
+        assert_eq!(status(FIND_GRANT), 0, "the lookup is planned once");
+        assert!(status(old) >= 9, "the old lookup was planned at every call");
     }
 }
