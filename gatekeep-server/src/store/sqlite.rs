@@ -740,9 +740,16 @@ mod tests {
                 )
                 .unwrap();
             let mut stmt = reader.prepare_cached(FIND_GRANT).unwrap();
-            assert_eq!(stmt.query_map(params!["h", "p", "t"], |_| Ok(())).unwrap().count(), 0);
+            assert_eq!(
+                stmt.query_map(params!["h", "p", "t"], |_| Ok(()))
+                    .unwrap()
+                    .count(),
+                0
+            );
             let mut stmt = reader.prepare_cached(old).unwrap();
-            let rows = stmt.query_map(params!["h", "p", "t", n, "c"], |_| Ok(())).unwrap();
+            let rows = stmt
+                .query_map(params!["h", "p", "t", n, "c"], |_| Ok(()))
+                .unwrap();
             assert_eq!(rows.count(), 0);
         }
         let status = |sql| {
