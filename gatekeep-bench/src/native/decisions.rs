@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, ensure};
 use gatekeep_client::AgentLink;
 
 use super::{
-    rss_mib,
+    cpu_seconds, rss_mib,
     service::{RULE, Service, request},
 };
 use crate::report::{Figure, Target, p50_p99, per_second};
@@ -147,7 +147,7 @@ pub async fn round_trips(
 
 /// Decisions per second with `agents` agents (one stream each), 8 requests in flight on each,
 /// every request decided by the server rule.
-pub async fn throughput(service: &Service, sizes: Sizes, synchronous: &str) -> Result<Figure> {
+pub async fn throughput(service: &Service, sizes: Sizes, synchronous: &str) -> Result<Vec<Figure>> {
     const IN_FLIGHT: usize = 8;
     let agents = sizes.agents;
     let mut links = Vec::with_capacity(agents);
@@ -155,6 +155,8 @@ pub async fn throughput(service: &Service, sizes: Sizes, synchronous: &str) -> R
         links.push(service.agent(&format!("fleet-{i}")).await?);
     }
     let mut rates = Vec::new();
+    let (mut service_cpu, mut client_cpu) = (Vec::new(), Vec::new());
+    let own = std::process::id();
     for _ in 0..sizes.rounds {
         let done = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -177,9 +179,15 @@ pub async fn throughput(service: &Service, sizes: Sizes, synchronous: &str) -> R
         // Let the pipeline fill, then count over a fixed window.
         tokio::time::sleep(sizes.throughput_round / 5).await;
         let (started, before) = (Instant::now(), done.load(Ordering::Relaxed));
+        let cpu_before = (cpu_seconds(service.pid())?, cpu_seconds(own)?);
         tokio::time::sleep(sizes.throughput_round).await;
         let counted = done.load(Ordering::Relaxed) - before;
         let elapsed = started.elapsed();
+        let cpu_after = (cpu_seconds(service.pid())?, cpu_seconds(own)?);
+        #[expect(clippy::cast_precision_loss, reason = "a count")]
+        let per = counted.max(1) as f64 / 1e6;
+        service_cpu.push((cpu_after.0 - cpu_before.0) / per);
+        client_cpu.push((cpu_after.1 - cpu_before.1) / per);
         stop.store(true, Ordering::Relaxed);
         for task in tasks {
             task.await??;
@@ -191,18 +199,38 @@ pub async fn throughput(service: &Service, sizes: Sizes, synchronous: &str) -> R
             link.shutdown().await;
         }
     }
-    Ok(Figure::from_runs(
-        "native.service.decisions_per_s",
-        &format!("service throughput, {agents} agents, rule decides"),
-        "decisions/s",
-        &rates,
-    )
-    .target(Target::at_least(20_000.0))
-    .conditions(format!(
-        "{agents} agents (own mTLS stream each) x {IN_FLIGHT} in flight, {:.1} s windows; \
+    let cpu_conditions = format!(
+        "CPU time (user + system, /proc) over the throughput windows / decisions; {agents} agents x {IN_FLIGHT} in flight; \
+         independent of other load on the machine, unlike the rate"
+    );
+    Ok(vec![
+        Figure::from_runs(
+            "native.service.decisions_per_s",
+            &format!("service throughput, {agents} agents, rule decides"),
+            "decisions/s",
+            &rates,
+        )
+        .target(Target::at_least(20_000.0))
+        .conditions(format!(
+            "{agents} agents (own mTLS stream each) x {IN_FLIGHT} in flight, {:.1} s windows; \
          clients and service share the 2 cores; sqlite synchronous={synchronous}",
-        sizes.throughput_round.as_secs_f64()
-    )))
+            sizes.throughput_round.as_secs_f64()
+        )),
+        Figure::from_runs(
+            "native.service.cpu_us_per_decision",
+            "service CPU per decision",
+            "us",
+            &service_cpu,
+        )
+        .conditions(cpu_conditions.clone()),
+        Figure::from_runs(
+            "native.agents.cpu_us_per_decision",
+            "agents' (clients') CPU per decision",
+            "us",
+            &client_cpu,
+        )
+        .conditions(cpu_conditions),
+    ])
 }
 
 /// The service's RSS idle, with `agents` agents connected, and with `pending` requests

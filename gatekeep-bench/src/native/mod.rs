@@ -47,6 +47,27 @@ pub fn rss_mib(pid: u32) -> Result<f64> {
     Ok(f64::from(kib) / 1024.0)
 }
 
+/// CPU time (user + system) `pid` used so far, in seconds (`/proc/<pid>/stat`).
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    // Fields after the command: state is the first (field 3); utime and stime are 14, 15.
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        let value: u32 = fields.get(i).context("short stat line")?.parse()?;
+        Ok(f64::from(value))
+    };
+    // SAFETY: sysconf has no memory arguments.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "clock ticks per second, about 100"
+    )]
+    let per_second = per_second.max(1) as f64;
+    Ok((ticks(11)? + ticks(12)?) / per_second)
+}
+
 /// Stored bytes per record: the database and its WAL (`SQLite` folds the WAL into the
 /// database when the writer's connection closes, so call this after shutdown).
 pub fn bytes_per_record(path: &Path, records: usize) -> f64 {
@@ -182,9 +203,9 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
                 }
             }
             if wants("throughput") {
-                decisions::throughput(&service, sizes, &opts.synchronous)
-                    .await?
-                    .emit();
+                for figure in decisions::throughput(&service, sizes, &opts.synchronous).await? {
+                    figure.emit();
+                }
             }
             service.stop()?;
         }
