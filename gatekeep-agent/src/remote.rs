@@ -105,8 +105,15 @@ impl RemoteDecider {
     }
 }
 
-/// A stable UUID (version 8, from SHA-256) for the agent's request id on
-/// `host`; `attempt` > 0 gives a new one when the service refused the old.
+/// A stable UUID (version 8) for the agent's request id on `host`; `attempt`
+/// > 0 gives a new one when the service refused the old.
+///
+/// The first 48 bits are the milliseconds (since boot) of the request's first
+/// sighting, read from the controller's request id (`<first seen ns, hex>-...`);
+/// the rest comes from SHA-256 of host, request id and attempt. Ids of one host
+/// thus grow with time, so the service's indexes on them take appends instead of
+/// random inserts (random ids cost the service a fifth more CPU per request, and
+/// more as its database grows).
 #[must_use]
 pub fn request_uuid(host: &str, request_id: &str, attempt: u32) -> Uuid {
     let mut hash = Sha256::new();
@@ -116,8 +123,14 @@ pub fn request_uuid(host: &str, request_id: &str, attempt: u32) -> Uuid {
     hash.update(request_id.as_bytes());
     hash.update(attempt.to_le_bytes());
     let digest = hash.finalize();
+    let first_seen_ms = request_id
+        .split('-')
+        .next()
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .map_or(0, |ns| ns / 1_000_000);
     let mut bytes = [0_u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
+    bytes[..6].copy_from_slice(&first_seen_ms.to_be_bytes()[2..]);
+    bytes[6..].copy_from_slice(&digest[..10]);
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
@@ -704,6 +717,22 @@ mod tests {
         assert_ne!(a, request_uuid("h2", "r1", 0));
         assert_ne!(a, request_uuid("h", "r2", 0));
         assert_eq!(a.get_version_num(), 8);
+    }
+
+    #[test]
+    fn request_ids_grow_with_the_time_of_the_request() {
+        // `<first seen ns, hex>-<tid>-<digest>`, as the controller makes them.
+        let id =
+            |ns: u64, tid: u32| request_uuid("h", &format!("{ns:x}-{tid}-00000000000000ab"), 0);
+        let (early, late) = (id(5_000_000_000, 900), id(5_001_000_000, 17));
+        assert!(early.to_string() < late.to_string(), "{early} < {late}");
+        assert!(early < late);
+        assert_ne!(
+            id(5_000_000_000, 1),
+            id(5_000_000_000, 2),
+            "same millisecond, other request"
+        );
+        assert_eq!(&late.as_bytes()[..6], &5_001_u64.to_be_bytes()[2..]);
     }
 
     #[test]
