@@ -188,6 +188,11 @@ pub async fn throughput(service: &Service, sizes: Sizes, synchronous: &str) -> R
         let per = counted.max(1) as f64 / 1e6;
         service_cpu.push((cpu_after.0 - cpu_before.0) / per);
         client_cpu.push((cpu_after.1 - cpu_before.1) / per);
+        eprintln!(
+            "[bench] throughput round: {:.0} decisions/s, service {:.1} us CPU/decision",
+            per_second(counted, elapsed),
+            (cpu_after.0 - cpu_before.0) / per
+        );
         stop.store(true, Ordering::Relaxed);
         for task in tasks {
             task.await??;

@@ -200,13 +200,23 @@ impl Drop for Service {
     }
 }
 
+/// A service request id as the agent makes them: from the kernel's first sighting of the
+/// request (boot time), the thread and the request's digest, on host `bench`.
+fn request_id() -> Uuid {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let first_seen = gatekeep_agent::kernel::boot_time_ns();
+    let digest = 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(n);
+    gatekeep_agent::remote::request_uuid("bench", &format!("{first_seen:x}-{n}-{digest:016x}"), 0)
+}
+
 /// An exec request of policy `bench`: `git <command> branch-<n>` (the rule decides
 /// `git fetch`; anything else waits for a reviewer).
 #[must_use]
 pub fn request(command: &str, n: usize) -> ApprovalRequest {
     let now = time::OffsetDateTime::now_utc();
     ApprovalRequest {
-        id: Uuid::new_v4(),
+        id: request_id(),
         policy: "bench".into(),
         rule: "default".into(),
         cgroup: "/sys/fs/cgroup/bench".into(),
