@@ -103,8 +103,10 @@ impl Hub {
 
     /// Tells watchers about a new or changed request.
     pub(crate) fn publish(&self, record: &RequestRecord) {
-        // No watcher is not an error.
-        drop(self.changes.send(record.clone()));
+        // No watcher is not an error (and needs no copy of the record).
+        if self.changes.receiver_count() > 0 {
+            drop(self.changes.send(record.clone()));
+        }
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<RequestRecord> {

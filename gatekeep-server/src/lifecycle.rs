@@ -74,6 +74,17 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// What [`Engine::submit`] did with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    /// Waiting for reviewers.
+    Pending,
+    /// Decided without a reviewer; the decision went to `early`.
+    Delivered(Decision),
+    /// A re-sent id, decided before: its decision, to deliver again.
+    Decided(Decision),
+}
+
 /// What happened to a request, for the audit and the fan-out.
 enum Outcome {
     /// The request left pending.
@@ -150,19 +161,27 @@ impl Engine {
         Ok((request, deadline.min(now + limits::MAX_TIMEOUT)))
     }
 
-    /// A request from the agent on `host`. Returns the decision when there already is one
-    /// (decided now by a grant, a rule or a passed deadline, or earlier for a re-sent id);
-    /// `None` while it waits for reviewers.
+    /// A request from the agent on `host`.
+    ///
+    /// A decision that needs no reviewer (a standing grant, a server rule, a deadline already
+    /// past) is handed to `early` as soon as it is made, before the request is stored: it
+    /// follows from what the service keeps (its rules and grants), the agent records it
+    /// durably on its side, and a `synchronous = full` commit would add the disk's fsync to
+    /// every automatic answer. Storing and auditing follow, and `submit` returns once they
+    /// are done, so callers keep their back-pressure. A reviewer's decision is never
+    /// delivered before it is stored (see [`decide`](Self::decide)).
+    ///
+    /// Returns [`Submitted::Decided`] for a re-sent id that was decided already (its stored
+    /// decision, not yet delivered), [`Submitted::Delivered`] when `early` had it, and
+    /// [`Submitted::Pending`] while it waits for reviewers.
     pub async fn submit(
         &self,
         host: &str,
         request: ApprovalRequest,
-    ) -> Result<Option<Decision>, Error> {
+        early: impl FnOnce(&Decision) + Send,
+    ) -> Result<Submitted, Error> {
         let now = OffsetDateTime::now_utc();
         let (request, deadline) = self.authoritative(request, now)?;
-        if let Some(existing) = self.store.get_request(request.id).await? {
-            return Self::resent(host, &request, existing);
-        }
         let mut record = RequestRecord {
             approvals_required: request.approval.approvals_required,
             request,
@@ -173,13 +192,29 @@ impl Engine {
             approvals: Vec::new(),
             decision: None,
         };
-        let decision = self.auto_decide(&record, now).await?;
+        // Both lookups at once: the second does not wait for the first's round trip.
+        let (existing, decision) = tokio::join!(
+            self.store.get_request(record.request.id),
+            self.auto_decide(&record, now)
+        );
+        if let Some(existing) = existing? {
+            return Self::resent(host, &record.request, existing);
+        }
+        let decision = decision?;
         if let Some(decision) = &decision {
             record.state = decision.state;
             record.decision = Some(decision.clone());
+            early(decision);
         }
         match self.store.insert_request(record.clone()).await? {
-            Inserted::Existing(existing) => Self::resent(host, &record.request, *existing),
+            Inserted::Existing(existing) => {
+                if decision.is_some() {
+                    // Only an agent re-sending the same request gets here (other uses of the id
+                    // were refused above); it got the same automatic answer already.
+                    tracing::warn!(id = %record.request.id, "a request was stored twice at once");
+                }
+                Self::resent(host, &record.request, *existing)
+            }
             Inserted::New => {
                 self.record(
                     AuditRecord::new(
@@ -200,7 +235,10 @@ impl Engine {
                     self.wake.notify_one();
                 }
                 self.hub.publish(&record);
-                Ok(decision)
+                Ok(match decision {
+                    Some(decision) => Submitted::Delivered(decision),
+                    None => Submitted::Pending,
+                })
             }
         }
     }
@@ -211,12 +249,14 @@ impl Engine {
         host: &str,
         request: &ApprovalRequest,
         existing: Versioned<RequestRecord>,
-    ) -> Result<Option<Decision>, Error> {
+    ) -> Result<Submitted, Error> {
         let existing = existing.value;
         if existing.host != host || existing.request != *request {
             return Err(Error::IdReused { id: request.id });
         }
-        Ok(existing.decision)
+        Ok(existing
+            .decision
+            .map_or(Submitted::Pending, Submitted::Decided))
     }
 
     /// A decision without a reviewer: a standing grant, a server rule, or a deadline already

@@ -1121,7 +1121,8 @@ async fn server_rules_decide_and_are_recorded() {
         (denied.state, denied.decided_by.as_str()),
         (RequestState::Denied, "rule:no-metadata")
     );
-    let (record, _) = alice.get(metadata.id).await.expect("stored");
+    // A rule's decision reaches the agent first; it is stored right after.
+    let record = wait_state(&mut alice, metadata.id, RequestState::Denied).await;
     assert_eq!(
         record.decision.expect("decision").decided_by,
         "rule:no-metadata"

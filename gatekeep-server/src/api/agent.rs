@@ -4,7 +4,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use gatekeep_proto::{
     WireError, convert,
-    model::ApprovalRequest,
+    model::{ApprovalRequest, Decision},
     v1::{
         self, AgentMessage, ServerMessage, agent_message, agent_service_server::AgentService,
         server_message,
@@ -14,7 +14,12 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::{Stream, wrappers::UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{auth, error::Error, hub::AgentSender, lifecycle::Engine};
+use crate::{
+    auth,
+    error::Error,
+    hub::AgentSender,
+    lifecycle::{Engine, Submitted},
+};
 
 /// How long an agent has to say hello after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -147,13 +152,20 @@ async fn handle(
             let host = host.to_owned();
             let sender = sender.clone();
             tokio::spawn(async move {
-                match engine.submit(&host, request).await {
-                    Ok(Some(decision)) => {
+                let early = |decision: &Decision| {
+                    send(
+                        &sender,
+                        server_message::Message::Decision(decision.clone().into()),
+                    );
+                };
+                match engine.submit(&host, request, early).await {
+                    Ok(Submitted::Decided(decision)) => {
                         send(&sender, server_message::Message::Decision(decision.into()));
                     }
-                    Ok(None) => {}
+                    Ok(Submitted::Delivered(_) | Submitted::Pending) => {}
                     Err(error) => reject(&sender, &request_id, error),
                 }
+                // Held until the request is stored: at most MAX_IN_FLIGHT per agent.
                 drop(permit);
             });
         }
