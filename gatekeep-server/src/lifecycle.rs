@@ -16,7 +16,13 @@
 //!
 //! Every final decision is pushed to the agent's stream and every change to watchers.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use gatekeep_audit::{AuditRecord, AuditWriter, RecordKind};
 use gatekeep_policy::PolicySet;
@@ -63,6 +69,8 @@ pub struct Engine {
     wake: Notify,
     pub(crate) shutdown: CancellationToken,
     pub(crate) started_at: OffsetDateTime,
+    /// New requests being stored now.
+    storing: AtomicUsize,
     pub(crate) audit_path: std::path::PathBuf,
 }
 
@@ -81,8 +89,28 @@ pub enum Submitted {
     Pending,
     /// Decided without a reviewer; the decision went to `early`.
     Delivered(Decision),
-    /// A re-sent id, decided before: its decision, to deliver again.
+    /// Decided (now, or before for a re-sent id): the decision, to deliver.
     Decided(Decision),
+}
+
+/// Requests being stored at once from which automatic decisions are delivered only after
+/// their commit (see [`Engine::submit`]).
+pub const EARLY_ANSWER_LIMIT: usize = 32;
+
+/// Counts a request being stored for as long as it lives.
+struct Storing<'a>(&'a AtomicUsize);
+
+impl<'a> Storing<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Storing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What happened to a request, for the audit and the fan-out.
@@ -118,6 +146,7 @@ impl Engine {
             wake: Notify::new(),
             shutdown: CancellationToken::new(),
             started_at: OffsetDateTime::now_utc(),
+            storing: AtomicUsize::new(0),
         }
     }
 
@@ -164,16 +193,17 @@ impl Engine {
     /// A request from the agent on `host`.
     ///
     /// A decision that needs no reviewer (a standing grant, a server rule, a deadline already
-    /// past) is handed to `early` as soon as it is made, before the request is stored: it
-    /// follows from what the service keeps (its rules and grants), the agent records it
-    /// durably on its side, and a `synchronous = full` commit would add the disk's fsync to
-    /// every automatic answer. Storing and auditing follow, and `submit` returns once they
-    /// are done, so callers keep their back-pressure. A reviewer's decision is never
-    /// delivered before it is stored (see [`decide`](Self::decide)).
+    /// past) is handed to `early` as soon as it is made, before the request is stored, unless
+    /// [`EARLY_ANSWER_LIMIT`] requests are being stored already: it follows from what the
+    /// service keeps (its rules and grants), the agent records it durably on its side, and a
+    /// `synchronous = full` commit would add the disk's fsync to every automatic answer.
+    /// Storing and auditing follow, and `submit` returns once they are done, so callers keep
+    /// their back-pressure. A reviewer's decision is never delivered before it is stored (see
+    /// [`decide`](Self::decide)).
     ///
-    /// Returns [`Submitted::Decided`] for a re-sent id that was decided already (its stored
-    /// decision, not yet delivered), [`Submitted::Delivered`] when `early` had it, and
-    /// [`Submitted::Pending`] while it waits for reviewers.
+    /// Returns [`Submitted::Decided`] for a decision still to deliver (made now but not given
+    /// to `early`, or stored earlier for a re-sent id), [`Submitted::Delivered`] when `early`
+    /// had it, and [`Submitted::Pending`] while it waits for reviewers.
     pub async fn submit(
         &self,
         host: &str,
@@ -201,12 +231,23 @@ impl Engine {
             return Self::resent(host, &record.request, existing);
         }
         let decision = decision?;
+        let mut delivered = false;
         if let Some(decision) = &decision {
             record.state = decision.state;
             record.decision = Some(decision.clone());
-            early(decision);
+            // Early while the store keeps up; under load after the commit, so that answers
+            // leave in groups and agents feel the store's pace (their in-flight requests
+            // then bound the work queued here).
+            if self.storing.load(Ordering::Relaxed) < EARLY_ANSWER_LIMIT {
+                early(decision);
+                delivered = true;
+            }
         }
-        match self.store.insert_request(record.clone()).await? {
+        let inserted = {
+            let _storing = Storing::enter(&self.storing);
+            self.store.insert_request(record.clone()).await?
+        };
+        match inserted {
             Inserted::Existing(existing) => {
                 if decision.is_some() {
                     // Only an agent re-sending the same request gets here (other uses of the id
@@ -236,7 +277,8 @@ impl Engine {
                 }
                 self.hub.publish(&record);
                 Ok(match decision {
-                    Some(decision) => Submitted::Delivered(decision),
+                    Some(decision) if delivered => Submitted::Delivered(decision),
+                    Some(decision) => Submitted::Decided(decision),
                     None => Submitted::Pending,
                 })
             }
