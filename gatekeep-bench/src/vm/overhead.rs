@@ -10,6 +10,9 @@
 //!   connect allowed by a granted duration (`GRANTS`, digests learnt from one paused
 //!   request each, as the agent does).
 //!
+//! Two diagnostic setups split the cost outside gated cgroups between the LSM hooks and
+//! the tracepoints (each attached alone; no target).
+//!
 //! The programs are loaded through the agent's own loader and driven through the maps. A
 //! thread drains the ring buffer like the agent's reader does. Counters check that each
 //! setup really took the path it names.
@@ -52,10 +55,21 @@ enum Setup {
     Outside,
     Rule,
     Grant,
+    /// Diagnostic: `outside` with only the LSM hooks attached.
+    LsmOnly,
+    /// Diagnostic: `outside` with only the tracepoints attached.
+    TracepointsOnly,
 }
 
 impl Setup {
-    const ALL: [Setup; 4] = [Setup::None, Setup::Outside, Setup::Rule, Setup::Grant];
+    const ALL: [Setup; 6] = [
+        Setup::None,
+        Setup::Outside,
+        Setup::Rule,
+        Setup::Grant,
+        Setup::LsmOnly,
+        Setup::TracepointsOnly,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -63,6 +77,8 @@ impl Setup {
             Setup::Outside => "outside",
             Setup::Rule => "rule",
             Setup::Grant => "grant",
+            Setup::LsmOnly => "outside_lsm_only",
+            Setup::TracepointsOnly => "outside_tracepoints_only",
         }
     }
 
@@ -72,6 +88,10 @@ impl Setup {
             Setup::Outside => "gatekeep loaded, process outside gated cgroups",
             Setup::Rule => "gated, allowed by an in-kernel rule",
             Setup::Grant => "gated, allowed by a granted duration",
+            Setup::LsmOnly => "outside gated cgroups, only the LSM hooks attached (diagnostic)",
+            Setup::TracepointsOnly => {
+                "outside gated cgroups, only the tracepoints attached (diagnostic)"
+            }
         }
     }
 }
@@ -79,8 +99,8 @@ impl Setup {
 /// One round's mean times (microseconds) of every setup.
 #[derive(Debug, Default, Clone, Copy)]
 struct Round {
-    exec: [f64; 4],
-    connect: [f64; 4],
+    exec: [f64; 6],
+    connect: [f64; 6],
 }
 
 /// The cgroups of the setups.
@@ -93,7 +113,7 @@ struct Cgroups {
 impl Cgroups {
     fn of(&self, setup: Setup) -> &BenchCgroup {
         match setup {
-            Setup::None | Setup::Outside => &self.free,
+            Setup::None | Setup::Outside | Setup::LsmOnly | Setup::TracepointsOnly => &self.free,
             Setup::Rule => &self.rule,
             Setup::Grant => &self.grant,
         }
@@ -171,6 +191,36 @@ fn counters(ebpf: &Ebpf) -> Result<Vec<u64>> {
     (0..counter::COUNT)
         .map(|index| Ok(map.get(&index, 0)?.iter().sum()))
         .collect()
+}
+
+/// Loads and attaches only the LSM hooks or only the tracepoints (no policy: nothing is
+/// gated), to tell their costs apart.
+fn load_only(lsm: bool, tracepoints: bool) -> Result<Ebpf> {
+    use aya::programs::{Lsm, TracePoint};
+    use gatekeep_agent::ebpf::{LSM_PROGRAMS, TRACEPOINT_PROGRAMS};
+
+    let (mut ebpf, btf) = gatekeep_agent::ebpf::open()?;
+    if tracepoints {
+        for &(name, category, tracepoint) in TRACEPOINT_PROGRAMS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?;
+            program.load()?;
+            program.attach(category, tracepoint)?;
+        }
+    }
+    if lsm {
+        for &(name, hook) in LSM_PROGRAMS {
+            gatekeep_agent::ebpf::load_lsm(&mut ebpf, &btf, name, hook)?;
+            let program: &mut Lsm = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?;
+            program.attach()?;
+        }
+    }
+    Ok(ebpf)
 }
 
 /// Loads the programs and writes the rule and grant policies into the maps.
@@ -317,7 +367,7 @@ fn measure(
         let moved = |index: u32| after[index as usize] - before[index as usize];
         let (execs, connects) = (sizes.execs as u64, sizes.connects as u64);
         match setup {
-            Setup::None => {}
+            Setup::None | Setup::LsmOnly | Setup::TracepointsOnly => {}
             Setup::Outside => ensure!(
                 moved(counter::EXEC_GATED) == 0 && moved(counter::CONNECT_GATED) == 0,
                 "outside: gated actions were counted"
@@ -395,6 +445,16 @@ pub fn run(sizes: Sizes, tiny: (u64, u64), addr: SocketAddr) -> Result<Overhead>
         }
         // Detaching frees the trampolines after an RCU grace period.
         std::thread::sleep(Duration::from_millis(500));
+        // Which programs the cost outside gated cgroups comes from.
+        for (setup, lsm, tracepoints) in [
+            (Setup::LsmOnly, true, false),
+            (Setup::TracepointsOnly, false, true),
+        ] {
+            let partial = load_only(lsm, tracepoints)?;
+            record(setup, measure(setup, sizes, &cgroups, addr, None)?);
+            drop(partial);
+            std::thread::sleep(Duration::from_millis(500));
+        }
         if !none_first {
             record(
                 Setup::None,
@@ -440,9 +500,10 @@ fn figures(rounds: &[Round], sizes: Sizes) -> Overhead {
                 &values,
             )
             .conditions(format!(
-                "{action}; mean per op; {} rounds interleaving the 4 setups; VM under TCG, 2 vCPUs",
+                "{action}; mean per op; {} rounds interleaving the setups; VM under TCG, 2 vCPUs",
                 rounds.len()
             ));
+            let diagnostic = matches!(setup, Setup::LsmOnly | Setup::TracepointsOnly);
             if *setup != Setup::None {
                 let ratios: Vec<f64> = values
                     .iter()
@@ -455,7 +516,9 @@ fn figures(rounds: &[Round], sizes: Sizes) -> Overhead {
                     (_, true) => 1.03,
                     (_, false) => 1.05,
                 };
-                figure = figure.target(Target::ratio_at_most(target));
+                if !diagnostic {
+                    figure = figure.target(Target::ratio_at_most(target));
+                }
             }
             figures.push(figure);
         }
