@@ -12,7 +12,12 @@ const SIGSTOP: u32 = 19;
 
 /// Outcome of asking for a decision.
 pub enum Asked {
-    /// A verdict from user space allowed this very request.
+    /// A granted duration covers this exact request, which was not paused: allowed, and
+    /// nothing to tell user space (`GRANT_ALLOWED` counts them). This is the path every use
+    /// of a grant takes, so it emits no event.
+    Granted,
+    /// A verdict from user space (or a grant covering the paused request) allowed this very
+    /// request.
     Allow,
     /// A verdict from user space denied it.
     Deny,
@@ -45,15 +50,25 @@ pub struct Request {
 /// stray SIGCONT finds the request still pending and stops the task again.
 #[inline(always)]
 pub fn ask(request: &Request) -> Asked {
-    if granted(request) {
-        bump(counter::GRANT_ALLOWED);
-        return Asked::Allow;
-    }
     let key = VerdictKey {
         tid: request.tid,
         _pad: 0,
         digest: request.digest,
     };
+    if granted(request) {
+        bump(counter::GRANT_ALLOWED);
+        // SAFETY: copied out immediately.
+        let paused = unsafe { PENDING.get(&request.tid) }.is_some_and(|p| p.digest == request.digest);
+        if paused {
+            // This very request was paused and a grant now covers it (a reviewer granted a
+            // duration): finish it like its verdict would, so user space hears of it.
+            let _ = PENDING.remove(&request.tid);
+            let _ = VERDICTS.remove(&key);
+            bump(counter::VERDICTS_APPLIED);
+            return Asked::Allow;
+        }
+        return Asked::Granted;
+    }
     // SAFETY: copied out immediately.
     if let Some(verdict) = unsafe { VERDICTS.get(&key) }.copied() {
         let _ = VERDICTS.remove(&key);

@@ -53,7 +53,12 @@ pub fn sys_exit_execveat(_ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn forget_argv() {
     let tid = bpf_get_current_pid_tgid() as u32;
-    let _ = EXEC_ARGV.remove(&tid);
+    // Every exec on the host passes here: a lookup first, since a delete takes the
+    // bucket's lock even when there is nothing to delete.
+    // SAFETY: presence check only.
+    if unsafe { EXEC_ARGV.get(&tid) }.is_some() {
+        let _ = EXEC_ARGV.remove(&tid);
+    }
 }
 
 #[inline(always)]

@@ -113,14 +113,18 @@ fn try_socket_connect(ctx: &LsmContext) -> Result<i32, i32> {
         _ => return Ok(0),
     };
 
+    match action {
+        action::ALLOW | action::NONE if family == AF_UNIX => return Ok(0),
+        action::ALLOW => {
+            bump(counter::CONNECT_ALLOWED);
+            return Ok(0);
+        }
+        _ => {}
+    }
+    // Who is asking, and with which socket, matters only off the allow path.
     let caller = Caller::current(cgroup_id, gated.policy_id);
     let sock_type = socket_type(sock);
     match action {
-        action::ALLOW | action::NONE if family == AF_UNIX => Ok(0),
-        action::ALLOW => {
-            bump(counter::CONNECT_ALLOWED);
-            Ok(0)
-        }
         action::DENY => {
             bump(counter::CONNECT_DENIED);
             emit_connect(&caller, event_kind::CONNECT_DENIED, 0, action::DENY, &destination, sock_type, address);
@@ -138,6 +142,7 @@ fn try_socket_connect(ctx: &LsmContext) -> Result<i32, i32> {
                 cgroup_id: caller.cgroup_id,
             };
             match ask(&request) {
+                Asked::Granted => Ok(0),
                 Asked::Allow => {
                     emit_task_event(&caller, event_kind::VERDICT_APPLIED, digest, request_kind::CONNECT, action::ALLOW);
                     Ok(0)

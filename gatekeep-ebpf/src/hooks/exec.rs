@@ -60,7 +60,6 @@ fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
         return Ok(0);
     };
     bump(counter::EXEC_GATED);
-    let caller = Caller::current(cgroup_id, gated.policy_id);
 
     let bprm: *const u8 = ctx.arg(0);
     // Unreadable kernel structures mean wrong offsets: fail closed.
@@ -89,12 +88,14 @@ fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
         }
         action::DENY => {
             bump(counter::EXEC_DENIED);
+            // Who is asking matters only off the allow path.
+            let caller = Caller::current(cgroup_id, gated.policy_id);
             let args = EXEC_ARGV.get_ptr(&caller.tid);
             emit_exec(&caller, event_kind::EXEC_DENIED, 0, action::DENY, bprm, dev, ino, args);
             Ok(EPERM)
         }
         // ASK, and anything unknown: a human decides (fail closed).
-        _ => ask_exec(ctx, &caller, bprm, dev, ino),
+        _ => ask_exec(ctx, &Caller::current(cgroup_id, gated.policy_id), bprm, dev, ino),
     }
 }
 
@@ -118,6 +119,13 @@ fn ask_exec(ctx: &LsmContext, caller: &Caller, bprm: *const u8, dev: u64, ino: u
         cgroup_id: caller.cgroup_id,
     };
     match ask(&request) {
+        Asked::Granted => {
+            if let Some(args) = args {
+                // SAFETY: this thread's own entry.
+                unsafe { (*args).approved = 1 };
+            }
+            Ok(0)
+        }
         Asked::Allow => {
             if let Some(args) = args {
                 // SAFETY: this thread's own entry.

@@ -27,6 +27,10 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         let caller = Caller::current(0, pending.policy_id);
         emit_task_event(&caller, event_kind::ABANDONED, pending.digest, pending.kind, action::NONE);
     }
-    let _ = EXEC_ARGV.remove(&tid);
+    // Every exit on the host passes here: a lookup first (a delete takes the bucket's lock).
+    // SAFETY: presence check only.
+    if unsafe { EXEC_ARGV.get(&tid) }.is_some() {
+        let _ = EXEC_ARGV.remove(&tid);
+    }
     0
 }
