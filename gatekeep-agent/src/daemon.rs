@@ -150,9 +150,16 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         start,
         programs,
         attached_now,
+        retired,
         maps,
         events,
     } = running;
+    if !retired.is_empty() {
+        tracing::info!(
+            programs = retired.join(","),
+            "detached programs an older agent left pinned"
+        );
+    }
     let (kernel, kernel_task) = kernel::spawn(maps);
 
     // 4. The policy into the maps (fresh ids: the old set stays in force
@@ -169,6 +176,7 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
             "programs": programs,
             "start": start.as_str(),
             "attached_now": attached_now,
+            "retired": retired,
             "pin_dir": config.pin_dir,
             "paused_requests_found": paused_found,
             "decision": {

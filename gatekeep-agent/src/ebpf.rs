@@ -4,7 +4,10 @@ use std::io::Read as _;
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{Lsm, ProgramError, TracePoint},
+    programs::{
+        FEntry, FExit, Lsm, ProgramError, TracePoint,
+        links::{FdLink, LinkError},
+    },
 };
 use gatekeep_common::KernelOffsets;
 
@@ -14,24 +17,81 @@ use crate::kernel_btf::{BtfError, KernelBtf, Offsets};
 /// `AYA_BUILD_SKIP=1`).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gatekeep"));
 
-/// Every LSM program in the object: (program name, kernel hook).
-pub const LSM_PROGRAMS: &[(&str, &str)] = &[
-    ("bprm_check_security", "bprm_check_security"),
-    ("socket_connect", "socket_connect"),
+/// Where a program attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A BPF LSM hook: the gating programs.
+    Lsm(&'static str),
+    /// A trampoline on entry to a kernel function.
+    FEntry(&'static str),
+    /// A trampoline on return from a kernel function.
+    FExit(&'static str),
+    /// A static tracepoint: (category, name).
+    TracePoint(&'static str, &'static str),
+}
+
+/// One program of the object and its hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Program {
+    pub name: &'static str,
+    pub hook: Hook,
+}
+
+impl Program {
+    /// Whether this is one of the gating (LSM) programs.
+    #[must_use]
+    pub fn is_lsm(&self) -> bool {
+        matches!(self.hook, Hook::Lsm(_))
+    }
+}
+
+/// Every program of the object, in attach order: argv capture, per-thread
+/// cleanup and cgroup tracking first, so gating never runs without them.
+/// No syscall tracepoint: attaching one would send every syscall of every
+/// task on the host through the kernel's slow tracing path.
+pub const PROGRAMS: &[Program] = &[
+    Program {
+        name: "execve_entry",
+        hook: Hook::FEntry("__x64_sys_execve"),
+    },
+    Program {
+        name: "execveat_entry",
+        hook: Hook::FEntry("__x64_sys_execveat"),
+    },
+    Program {
+        name: "execve_exit",
+        hook: Hook::FExit("__x64_sys_execve"),
+    },
+    Program {
+        name: "execveat_exit",
+        hook: Hook::FExit("__x64_sys_execveat"),
+    },
+    Program {
+        name: "sched_process_exit",
+        hook: Hook::TracePoint("sched", "sched_process_exit"),
+    },
+    Program {
+        name: "cgroup_mkdir",
+        hook: Hook::TracePoint("cgroup", "cgroup_mkdir"),
+    },
+    Program {
+        name: "cgroup_attach_task",
+        hook: Hook::TracePoint("cgroup", "cgroup_attach_task"),
+    },
+    Program {
+        name: "bprm_check_security",
+        hook: Hook::Lsm("bprm_check_security"),
+    },
+    Program {
+        name: "socket_connect",
+        hook: Hook::Lsm("socket_connect"),
+    },
 ];
 
-/// Every tracepoint program: (program name, category, tracepoint). They
-/// capture argv at execve entry and clean up per-thread state; attached
-/// before the LSM hooks so gating never runs without them.
-pub const TRACEPOINT_PROGRAMS: &[(&str, &str, &str)] = &[
-    ("sys_enter_execve", "syscalls", "sys_enter_execve"),
-    ("sys_enter_execveat", "syscalls", "sys_enter_execveat"),
-    ("sys_exit_execve", "syscalls", "sys_exit_execve"),
-    ("sys_exit_execveat", "syscalls", "sys_exit_execveat"),
-    ("sched_process_exit", "sched", "sched_process_exit"),
-    ("cgroup_mkdir", "cgroup", "cgroup_mkdir"),
-    ("cgroup_attach_task", "cgroup", "cgroup_attach_task"),
-];
+/// The gating programs alone.
+pub fn lsm_programs() -> impl Iterator<Item = &'static Program> {
+    PROGRAMS.iter().filter(|p| p.is_lsm())
+}
 
 /// Where the running kernel describes its types.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -75,6 +135,12 @@ pub enum LoadError {
         name: &'static str,
         #[source]
         source: ProgramError,
+    },
+    #[error("the link of program `{name}` cannot be pinned")]
+    LinkKind {
+        name: &'static str,
+        #[source]
+        source: LinkError,
     },
 }
 
@@ -128,53 +194,99 @@ pub fn open() -> Result<(Ebpf, Btf), LoadError> {
     Ok((ebpf, btf))
 }
 
-/// Loads (verifies) LSM program `name` for `hook`, without attaching it.
-pub fn load_lsm<'a>(
-    ebpf: &'a mut Ebpf,
-    btf: &Btf,
-    name: &'static str,
-    hook: &'static str,
-) -> Result<&'a mut Lsm, LoadError> {
-    let program: &mut Lsm = ebpf
+/// Loads (verifies) `program` into the kernel, without attaching it.
+pub fn load(ebpf: &mut Ebpf, btf: &Btf, program: &Program) -> Result<(), LoadError> {
+    let name = program.name;
+    let object = ebpf
         .program_mut(name)
-        .ok_or(LoadError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| LoadError::LoadProgram { name, source })?;
-    program
-        .load(hook, btf)
-        .map_err(|source| LoadError::LoadProgram { name, source })?;
-    Ok(program)
+        .ok_or(LoadError::MissingProgram { name })?;
+    let loaded = match program.hook {
+        Hook::Lsm(hook) => <&mut Lsm>::try_from(object).and_then(|p| p.load(hook, btf)),
+        Hook::FEntry(function) => {
+            <&mut FEntry>::try_from(object).and_then(|p| p.load(function, btf))
+        }
+        Hook::FExit(function) => <&mut FExit>::try_from(object).and_then(|p| p.load(function, btf)),
+        Hook::TracePoint(..) => <&mut TracePoint>::try_from(object).and_then(TracePoint::load),
+    };
+    loaded.map_err(|source| LoadError::LoadProgram { name, source })
 }
 
-/// Loads (verifies) tracepoint program `name`, without attaching it.
-pub fn load_tracepoint<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut TracePoint, LoadError> {
-    let program: &mut TracePoint = ebpf
+/// Attaches the loaded `program` and hands its link over (to pin it, or to
+/// detach it by dropping it).
+pub fn attach(ebpf: &mut Ebpf, program: &Program) -> Result<FdLink, LoadError> {
+    let name = program.name;
+    let object = ebpf
         .program_mut(name)
-        .ok_or(LoadError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| LoadError::LoadProgram { name, source })?;
-    program
-        .load()
-        .map_err(|source| LoadError::LoadProgram { name, source })?;
-    Ok(program)
+        .ok_or(LoadError::MissingProgram { name })?;
+    let attach_error = |source| LoadError::Attach { name, source };
+    Ok(match program.hook {
+        Hook::Lsm(_) => {
+            let p = <&mut Lsm>::try_from(object).map_err(attach_error)?;
+            let id = p.attach().map_err(attach_error)?;
+            p.take_link(id).map_err(attach_error)?.into()
+        }
+        Hook::FEntry(_) => {
+            let p = <&mut FEntry>::try_from(object).map_err(attach_error)?;
+            let id = p.attach().map_err(attach_error)?;
+            p.take_link(id).map_err(attach_error)?.into()
+        }
+        Hook::FExit(_) => {
+            let p = <&mut FExit>::try_from(object).map_err(attach_error)?;
+            let id = p.attach().map_err(attach_error)?;
+            p.take_link(id).map_err(attach_error)?.into()
+        }
+        Hook::TracePoint(category, tracepoint) => {
+            let p = <&mut TracePoint>::try_from(object).map_err(attach_error)?;
+            let id = p.attach(category, tracepoint).map_err(attach_error)?;
+            let link = p.take_link(id).map_err(attach_error)?;
+            FdLink::try_from(link).map_err(|source| LoadError::LinkKind { name, source })?
+        }
+    })
 }
 
-/// Loads and attaches every program; they stay attached while `ebpf`
-/// lives (dropping it detaches them).
-pub fn load_and_attach() -> Result<Ebpf, LoadError> {
+/// The object of [`load_and_attach`], with the links that keep its programs
+/// attached; dropping it detaches them (gating programs first) and frees the
+/// maps.
+pub struct Attached {
+    ebpf: Ebpf,
+    links: Vec<FdLink>,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        // Reverse attach order: the LSM hooks go before argv capture.
+        while let Some(link) = self.links.pop() {
+            drop(link);
+        }
+    }
+}
+
+impl std::ops::Deref for Attached {
+    type Target = Ebpf;
+    fn deref(&self) -> &Ebpf {
+        &self.ebpf
+    }
+}
+
+impl std::ops::DerefMut for Attached {
+    fn deref_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+/// Loads every program of `PROGRAMS` that `select` picks and attaches them
+/// in order.
+pub fn load_and_attach_only(select: impl Fn(&Program) -> bool) -> Result<Attached, LoadError> {
     let (mut ebpf, btf) = open()?;
-    for &(name, category, tracepoint) in TRACEPOINT_PROGRAMS {
-        load_tracepoint(&mut ebpf, name)?
-            .attach(category, tracepoint)
-            .map_err(|source| LoadError::Attach { name, source })?;
+    let mut links = Vec::new();
+    for program in PROGRAMS.iter().filter(|p| select(p)) {
+        load(&mut ebpf, &btf, program)?;
+        links.push(attach(&mut ebpf, program)?);
     }
-    for &(name, hook) in LSM_PROGRAMS {
-        load_lsm(&mut ebpf, &btf, name, hook)?
-            .attach()
-            .map_err(|source| LoadError::Attach { name, source })?;
-    }
-    Ok(ebpf)
+    Ok(Attached { ebpf, links })
+}
+
+/// Loads and attaches every program.
+pub fn load_and_attach() -> Result<Attached, LoadError> {
+    load_and_attach_only(|_| true)
 }

@@ -24,14 +24,11 @@ use aya::{
     Btf, EbpfLoader,
     maps::{Map, MapData, MapError, RingBuf},
     pin::PinError,
-    programs::{
-        ProgramError,
-        links::{FdLink, LinkError},
-    },
+    programs::links::FdLink,
 };
 
 use crate::{
-    ebpf::{self, LSM_PROGRAMS, LoadError, TRACEPOINT_PROGRAMS},
+    ebpf::{self, LoadError, PROGRAMS},
     kernel::KernelMaps,
     paths,
 };
@@ -85,18 +82,6 @@ pub enum PinningError {
         path: PathBuf,
         #[source]
         source: MapError,
-    },
-    #[error("failed to take the link of program `{name}`")]
-    TakeLink {
-        name: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("program `{name}` has a link that cannot be pinned")]
-    LinkKind {
-        name: &'static str,
-        #[source]
-        source: LinkError,
     },
     #[error("failed to pin the link of program `{name}` at `{}`", path.display())]
     PinLink {
@@ -159,11 +144,7 @@ impl PinLayout {
     /// Every program of the object, in attach order.
     #[must_use]
     pub fn programs() -> Vec<&'static str> {
-        TRACEPOINT_PROGRAMS
-            .iter()
-            .map(|(name, _, _)| *name)
-            .chain(LSM_PROGRAMS.iter().map(|(name, _)| *name))
-            .collect()
+        PROGRAMS.iter().map(|p| p.name).collect()
     }
 
     /// Programs whose link is pinned.
@@ -205,6 +186,9 @@ pub struct Running {
     pub programs: Vec<&'static str>,
     /// Programs attached by this start (empty when adopted).
     pub attached_now: Vec<&'static str>,
+    /// Pinned links of programs this version no longer has (an older
+    /// agent's), detached by this start.
+    pub retired: Vec<String>,
     pub maps: KernelMaps,
     pub events: RingBuf<MapData>,
 }
@@ -236,12 +220,14 @@ pub fn load_or_adopt(layout: &PinLayout) -> Result<Running, PinningError> {
         };
         (start, missing)
     };
+    let retired = retire_unknown_links(layout)?;
     let maps = KernelMaps::open(layout)?;
     let events = open_ring(layout)?;
     Ok(Running {
         start,
         programs: all,
         attached_now,
+        retired,
         maps,
         events,
     })
@@ -293,37 +279,36 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
             source: Box::new(source),
         })?;
 
-    for &(name, category, tracepoint) in TRACEPOINT_PROGRAMS {
-        if !missing.contains(&name) {
-            continue;
-        }
-        let program = ebpf::load_tracepoint(&mut object, name)?;
-        let id = program
-            .attach(category, tracepoint)
-            .map_err(|source| LoadError::Attach { name, source })?;
-        let link = program
-            .take_link(id)
-            .map_err(|source| PinningError::TakeLink { name, source })?;
-        let link =
-            FdLink::try_from(link).map_err(|source| PinningError::LinkKind { name, source })?;
-        pin_link(layout, name, link)?;
-    }
-    for &(name, hook) in LSM_PROGRAMS {
-        if !missing.contains(&name) {
-            continue;
-        }
-        let program = ebpf::load_lsm(&mut object, &btf, name, hook)?;
-        let id = program
-            .attach()
-            .map_err(|source| LoadError::Attach { name, source })?;
-        let link = program
-            .take_link(id)
-            .map_err(|source| PinningError::TakeLink { name, source })?;
-        pin_link(layout, name, FdLink::from(link))?;
+    for program in PROGRAMS.iter().filter(|p| missing.contains(&p.name)) {
+        ebpf::load(&mut object, &btf, program)?;
+        let link = ebpf::attach(&mut object, program)?;
+        pin_link(layout, program.name, link)?;
     }
     // Dropping `object` closes our program fds; the pinned links keep the
     // programs attached, and the pinned maps keep the maps.
     Ok(())
+}
+
+/// Unpins (and so detaches) links left by programs this version does not
+/// have, e.g. an older agent's execve tracepoints: once this version's
+/// programs are attached they only cost. Returns their names.
+fn retire_unknown_links(layout: &PinLayout) -> Result<Vec<String>, PinningError> {
+    let known = PinLayout::programs();
+    let mut retired = Vec::new();
+    let Ok(entries) = fs::read_dir(layout.links_dir()) else {
+        return Ok(retired);
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if known.contains(&name.as_str()) {
+            continue;
+        }
+        let mut removed = Vec::new();
+        remove_pin(&entry.path(), &mut removed)?;
+        retired.push(name);
+    }
+    retired.sort();
+    Ok(retired)
 }
 
 fn pin_link(layout: &PinLayout, name: &'static str, link: FdLink) -> Result<(), PinningError> {
@@ -400,21 +385,33 @@ mod tests {
     }
 
     #[test]
-    fn tracepoints_attach_before_lsm_hooks() {
+    fn helper_programs_attach_before_lsm_hooks() {
         let programs = PinLayout::programs();
-        let first_lsm = programs
+        let first_lsm = PROGRAMS
             .iter()
-            .position(|p| LSM_PROGRAMS.iter().any(|(name, _)| name == p))
+            .position(ebpf::Program::is_lsm)
             .expect("an lsm program");
-        assert!(
-            programs[..first_lsm]
-                .iter()
-                .all(|p| TRACEPOINT_PROGRAMS.iter().any(|(name, _, _)| name == p))
-        );
+        assert!(PROGRAMS[first_lsm..].iter().all(ebpf::Program::is_lsm));
+        assert_eq!(programs.len(), PROGRAMS.len());
         assert_eq!(
-            programs.len(),
-            LSM_PROGRAMS.len() + TRACEPOINT_PROGRAMS.len()
+            ebpf::lsm_programs().map(|p| p.name).collect::<Vec<_>>(),
+            ["bprm_check_security", "socket_connect"]
         );
+    }
+
+    #[test]
+    fn links_of_programs_this_version_lacks_are_retired() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = PinLayout::new(dir.path().join("gk"));
+        fs::create_dir_all(layout.links_dir()).expect("mkdir");
+        fs::write(layout.link("socket_connect"), "").expect("pin");
+        fs::write(layout.link("sys_enter_execve"), "").expect("pin");
+        fs::write(layout.link("sys_exit_execve"), "").expect("pin");
+        let retired = retire_unknown_links(&layout).expect("retire");
+        assert_eq!(retired, ["sys_enter_execve", "sys_exit_execve"]);
+        assert_eq!(layout.pinned_programs(), ["socket_connect"]);
+        assert!(!layout.link("sys_enter_execve").exists());
+        assert!(retire_unknown_links(&layout).expect("again").is_empty());
     }
 
     #[test]

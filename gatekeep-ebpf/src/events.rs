@@ -64,7 +64,9 @@ fn parent_tgid() -> u32 {
     unsafe {
         let task = bpf_get_current_task() as *const u8;
         bpf_probe_read_kernel::<*const u8>(task.add(off.task_struct_real_parent as usize).cast())
-            .and_then(|parent| bpf_probe_read_kernel::<i32>(parent.add(off.task_struct_tgid as usize).cast()))
+            .and_then(|parent| {
+                bpf_probe_read_kernel::<i32>(parent.add(off.task_struct_tgid as usize).cast())
+            })
             .map_or(0, |tgid| tgid as u32)
     }
 }

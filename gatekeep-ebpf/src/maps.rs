@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use gatekeep_common::{
-    ARGV_LEN, ConnectV4Key, ConnectV6Key, ExecArgs, ExecRuleKey, GatedCgroup, Grant, GrantKey, KernelOffsets, MAX_POLICIES,
-    PendingRequest, PolicyDefaults, PortRules, Verdict, VerdictKey, counter,
+    ARGV_LEN, ConnectV4Key, ConnectV6Key, ExecArgs, ExecRuleKey, GatedCgroup, Grant, GrantKey,
+    KernelOffsets, MAX_POLICIES, PendingRequest, PolicyDefaults, PortRules, Verdict, VerdictKey,
+    counter,
 };
 
 /// `BPF_F_NO_PREALLOC`: allocate entries on insert (aya adds it to LPM tries

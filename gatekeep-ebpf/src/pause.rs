@@ -58,7 +58,8 @@ pub fn ask(request: &Request) -> Asked {
     if granted(request) {
         bump(counter::GRANT_ALLOWED);
         // SAFETY: copied out immediately.
-        let paused = unsafe { PENDING.get(&request.tid) }.is_some_and(|p| p.digest == request.digest);
+        let paused =
+            unsafe { PENDING.get(&request.tid) }.is_some_and(|p| p.digest == request.digest);
         if paused {
             // This very request was paused and a grant now covers it (a reviewer granted a
             // duration): finish it like its verdict would, so user space hears of it.
@@ -158,7 +159,9 @@ fn current_is_traced() -> bool {
     // safely on a bad address.
     unsafe {
         let task = bpf_get_current_task() as *const u8;
-        let field = task.add(offsets().task_struct_ptrace as usize).cast::<u32>();
+        let field = task
+            .add(offsets().task_struct_ptrace as usize)
+            .cast::<u32>();
         bpf_probe_read_kernel(field).is_ok_and(|ptrace| ptrace != 0)
     }
 }

@@ -27,7 +27,7 @@ pub trait TrialLoad {
     fn trial_load(&self) -> Result<Vec<(&'static str, &'static str)>, TrialFailure>;
 }
 
-/// Loads the embedded object's [`ebpf::LSM_PROGRAMS`] into the running
+/// Loads the embedded object's [`ebpf::PROGRAMS`] into the running
 /// kernel, attaches nothing, and drops them (which unloads them).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KernelTrialLoad;
@@ -35,25 +35,28 @@ pub struct KernelTrialLoad;
 impl TrialLoad for KernelTrialLoad {
     fn trial_load(&self) -> Result<Vec<(&'static str, &'static str)>, TrialFailure> {
         let (mut loaded, btf) = ebpf::open().map_err(|err| TrialFailure::from_load_error(&err))?;
-        for &(name, hook) in ebpf::LSM_PROGRAMS {
-            ebpf::load_lsm(&mut loaded, &btf, name, hook)
+        // Every program, the LSM hooks first (their failure explains the
+        // most); argv capture and cleanup are part of gating too.
+        let order = ebpf::lsm_programs().chain(ebpf::PROGRAMS.iter().filter(|p| !p.is_lsm()));
+        let mut verified = Vec::new();
+        for program in order {
+            ebpf::load(&mut loaded, &btf, program)
                 .map_err(|err| TrialFailure::from_load_error(&err))?;
-        }
-        // The tracepoints (argv capture, per-thread cleanup) are part of
-        // gating too: an agent that cannot load them cannot run.
-        let mut loaded_tracepoints = Vec::new();
-        for &(name, _category, tracepoint) in ebpf::TRACEPOINT_PROGRAMS {
-            ebpf::load_tracepoint(&mut loaded, name)
-                .map_err(|err| TrialFailure::from_load_error(&err))?;
-            loaded_tracepoints.push((name, tracepoint));
+            verified.push((program.name, hook_name(program.hook)));
         }
         // Dropping the `Ebpf` closes every program and map fd: nothing stays loaded.
         drop(loaded);
-        Ok(ebpf::LSM_PROGRAMS
-            .iter()
-            .copied()
-            .chain(loaded_tracepoints)
-            .collect())
+        Ok(verified)
+    }
+}
+
+/// What a program attaches to, as the report names it.
+fn hook_name(hook: ebpf::Hook) -> &'static str {
+    match hook {
+        ebpf::Hook::Lsm(name)
+        | ebpf::Hook::FEntry(name)
+        | ebpf::Hook::FExit(name)
+        | ebpf::Hook::TracePoint(_, name) => name,
     }
 }
 
@@ -102,7 +105,7 @@ fn chain_errno(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
 }
 
 impl TrialFailure {
-    /// Classifies an error from [`ebpf::open`] or [`ebpf::load_lsm`].
+    /// Classifies an error from [`ebpf::open`] or [`ebpf::load`].
     #[must_use]
     pub fn from_load_error(err: &LoadError) -> Self {
         match err {

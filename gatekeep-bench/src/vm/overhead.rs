@@ -193,38 +193,16 @@ fn counters(ebpf: &Ebpf) -> Result<Vec<u64>> {
         .collect()
 }
 
-/// Loads and attaches only the LSM hooks or only the tracepoints (no policy: nothing is
-/// gated), to tell their costs apart.
-fn load_only(lsm: bool, tracepoints: bool) -> Result<Ebpf> {
-    use aya::programs::{Lsm, TracePoint};
-    use gatekeep_agent::ebpf::{LSM_PROGRAMS, TRACEPOINT_PROGRAMS};
-
-    let (mut ebpf, btf) = gatekeep_agent::ebpf::open()?;
-    if tracepoints {
-        for &(name, category, tracepoint) in TRACEPOINT_PROGRAMS {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .with_context(|| format!("no program {name}"))?
-                .try_into()?;
-            program.load()?;
-            program.attach(category, tracepoint)?;
-        }
-    }
-    if lsm {
-        for &(name, hook) in LSM_PROGRAMS {
-            gatekeep_agent::ebpf::load_lsm(&mut ebpf, &btf, name, hook)?;
-            let program: &mut Lsm = ebpf
-                .program_mut(name)
-                .with_context(|| format!("no program {name}"))?
-                .try_into()?;
-            program.attach()?;
-        }
-    }
-    Ok(ebpf)
+/// Loads and attaches only the LSM hooks or only the other programs (argv capture,
+/// cleanup, cgroup tracking; no policy: nothing is gated), to tell their costs apart.
+fn load_only(lsm: bool, tracepoints: bool) -> Result<gatekeep_agent::ebpf::Attached> {
+    Ok(gatekeep_agent::ebpf::load_and_attach_only(|program| {
+        if program.is_lsm() { lsm } else { tracepoints }
+    })?)
 }
 
 /// Loads the programs and writes the rule and grant policies into the maps.
-fn load(cgroups: &Cgroups, tiny: (u64, u64)) -> Result<Ebpf> {
+fn load(cgroups: &Cgroups, tiny: (u64, u64)) -> Result<gatekeep_agent::ebpf::Attached> {
     let mut ebpf = gatekeep_agent::ebpf::load_and_attach()
         .context("failed to load and attach gatekeep's programs")?;
     let mut policies: Array<_, PolicyDefaults> =

@@ -1,51 +1,59 @@
 //! Argv capture at execve entry.
 //!
 //! By the time `bprm_check_security` runs, argv lives in the new mm and
-//! cannot be read, so gated threads capture it at `sys_enter_execve(at)`
-//! into `EXEC_ARGV`. A restarted execve passes here again, so a sibling
-//! thread that rewrites argv while we wait changes the request's digest.
-//! The entry is dropped at syscall exit.
+//! cannot be read, so gated threads capture it on entry to the execve(at)
+//! syscall into `EXEC_ARGV`. A restarted execve passes here again, so a
+//! sibling thread that rewrites argv while we wait changes the request's
+//! digest. The entry is dropped when the syscall returns.
+//!
+//! These are fentry/fexit programs on the syscalls' x86-64 entry points, not
+//! `syscalls/sys_enter_execve` tracepoints: attaching any syscall tracepoint
+//! sends every syscall of every task on the host through the slow tracing
+//! path, while a trampoline on `__x64_sys_execve` costs nothing to the other
+//! syscalls.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_user,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_kernel as read_kernel,
+        bpf_probe_read_user,
         generated::{bpf_probe_read_kernel, bpf_probe_read_user_str},
     },
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{fentry, fexit},
+    programs::{FEntryContext, FExitContext},
 };
 use gatekeep_common::{ARGV_LEN, ARGV_MAX_ARGS, counter};
 
 use crate::maps::{ARGV_SCRATCH, EXEC_ARGV, GATED_CGROUPS, ZEROES, bump};
 
-/// Offset of `argv` in the `syscalls/sys_enter_execve` record (after the
-/// 8-byte common header, `__syscall_nr` and `filename`); see its `format`.
-const EXECVE_ARGV_OFFSET: usize = 24;
-/// Offset of `argv` in `syscalls/sys_enter_execveat` (after `fd`, `filename`).
-const EXECVEAT_ARGV_OFFSET: usize = 32;
+/// Offset of `si` in x86-64 `struct pt_regs`: execve's second argument
+/// (`argv`). The first sixteen members are pushed in this order by the
+/// kernel's syscall entry code (`PUSH_REGS`), so the layout is fixed.
+const PT_REGS_SI: usize = 13 * 8;
+/// Offset of `dx`: execveat's third argument (`argv`).
+const PT_REGS_DX: usize = 12 * 8;
 
-#[tracepoint(category = "syscalls", name = "sys_enter_execve")]
-pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
-    capture_argv(&ctx, EXECVE_ARGV_OFFSET);
+#[fentry(function = "__x64_sys_execve")]
+pub fn execve_entry(ctx: FEntryContext) -> u32 {
+    capture_argv(&ctx, PT_REGS_SI);
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_enter_execveat")]
-pub fn sys_enter_execveat(ctx: TracePointContext) -> u32 {
-    capture_argv(&ctx, EXECVEAT_ARGV_OFFSET);
+#[fentry(function = "__x64_sys_execveat")]
+pub fn execveat_entry(ctx: FEntryContext) -> u32 {
+    capture_argv(&ctx, PT_REGS_DX);
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_execve")]
-pub fn sys_exit_execve(_ctx: TracePointContext) -> u32 {
+#[fexit(function = "__x64_sys_execve")]
+pub fn execve_exit(_ctx: FExitContext) -> u32 {
     forget_argv();
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_execveat")]
-pub fn sys_exit_execveat(_ctx: TracePointContext) -> u32 {
+#[fexit(function = "__x64_sys_execveat")]
+pub fn execveat_exit(_ctx: FExitContext) -> u32 {
     forget_argv();
     0
 }
@@ -62,7 +70,7 @@ fn forget_argv() {
 }
 
 #[inline(always)]
-fn capture_argv(ctx: &TracePointContext, argv_offset: usize) {
+fn capture_argv(ctx: &FEntryContext, argv_register: usize) {
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: presence check only.
@@ -73,8 +81,13 @@ fn capture_argv(ctx: &TracePointContext, argv_offset: usize) {
     let Some(args) = ARGV_SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: the record layout is fixed by the tracepoint's format.
-    let Ok(argv) = (unsafe { ctx.read_at::<*const *const u8>(argv_offset) }) else {
+    // The syscall wrapper's only argument: the user registers at entry.
+    let regs: *const u8 = ctx.arg(0);
+    // SAFETY: `regs` is the kernel's pt_regs of this syscall; the offset is
+    // inside its fixed part.
+    let Ok(user_argv) =
+        (unsafe { read_kernel(regs.add(argv_register).cast::<*const *const u8>()) })
+    else {
         bump(counter::ARGV_MISSED);
         return;
     };
@@ -90,7 +103,7 @@ fn capture_argv(ctx: &TracePointContext, argv_offset: usize) {
         let mut len: u32 = 0;
         let mut i: u32 = 0;
         while i < ARGV_MAX_ARGS {
-            let Ok(arg) = bpf_probe_read_user(argv.add(i as usize)) else {
+            let Ok(arg) = bpf_probe_read_user(user_argv.add(i as usize)) else {
                 break;
             };
             if arg.is_null() {
@@ -112,7 +125,7 @@ fn capture_argv(ctx: &TracePointContext, argv_offset: usize) {
         }
         if i == ARGV_MAX_ARGS {
             // There may be more arguments than we keep.
-            if let Ok(next) = bpf_probe_read_user(argv.add(ARGV_MAX_ARGS as usize)) {
+            if let Ok(next) = bpf_probe_read_user(user_argv.add(ARGV_MAX_ARGS as usize)) {
                 if !next.is_null() {
                     args.truncated = 1;
                 }

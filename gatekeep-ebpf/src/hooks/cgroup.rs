@@ -41,7 +41,9 @@ fn inherit_gating(ctx: &TracePointContext) {
         return;
     };
     // SAFETY: the record layout is fixed by the tracepoint's format.
-    let (Ok(root), Ok(id)) = (unsafe { ctx.read_at::<i32>(ROOT_OFFSET) }, unsafe { ctx.read_at::<u64>(ID_OFFSET) }) else {
+    let (Ok(root), Ok(id)) = (unsafe { ctx.read_at::<i32>(ROOT_OFFSET) }, unsafe {
+        ctx.read_at::<u64>(ID_OFFSET)
+    }) else {
         return;
     };
     if root != DEFAULT_HIERARCHY || id == actor {

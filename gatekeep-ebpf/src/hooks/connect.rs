@@ -7,7 +7,10 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_probe_read_kernel, generated::bpf_probe_read_kernel as probe_read_kernel_raw},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_probe_read_kernel,
+        generated::bpf_probe_read_kernel as probe_read_kernel_raw,
+    },
     macros::lsm,
     maps::lpm_trie::Key,
     programs::LsmContext,
@@ -87,18 +90,29 @@ fn try_socket_connect(ctx: &LsmContext) -> Result<i32, i32> {
         AF_INET if addrlen >= SOCKADDR_IN_LEN => {
             let destination = read_inet(address, family).map_err(|_| EPERM)?;
             let rules = lookup_v4(gated.policy_id, &destination.addr);
-            (destination, port_action(rules, destination.port, policy.connect_default))
+            (
+                destination,
+                port_action(rules, destination.port, policy.connect_default),
+            )
         }
         AF_INET6 if addrlen >= SOCKADDR_IN6_LEN => {
             let destination = read_inet(address, family).map_err(|_| EPERM)?;
             let a = &destination.addr;
             let v4_mapped = a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff;
             let rules = if v4_mapped {
-                lookup_v4(gated.policy_id, &[a[12], a[13], a[14], a[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+                lookup_v4(
+                    gated.policy_id,
+                    &[
+                        a[12], a[13], a[14], a[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                    ],
+                )
             } else {
                 lookup_v6(gated.policy_id, a)
             };
-            (destination, port_action(rules, destination.port, policy.connect_default))
+            (
+                destination,
+                port_action(rules, destination.port, policy.connect_default),
+            )
         }
         AF_UNIX => (
             Destination {
@@ -127,7 +141,15 @@ fn try_socket_connect(ctx: &LsmContext) -> Result<i32, i32> {
     match action {
         action::DENY => {
             bump(counter::CONNECT_DENIED);
-            emit_connect(&caller, event_kind::CONNECT_DENIED, 0, action::DENY, &destination, sock_type, address);
+            emit_connect(
+                &caller,
+                event_kind::CONNECT_DENIED,
+                0,
+                action::DENY,
+                &destination,
+                sock_type,
+                address,
+            );
             Ok(EPERM)
         }
         _ => {
@@ -144,26 +166,59 @@ fn try_socket_connect(ctx: &LsmContext) -> Result<i32, i32> {
             match ask(&request) {
                 Asked::Granted => Ok(0),
                 Asked::Allow => {
-                    emit_task_event(&caller, event_kind::VERDICT_APPLIED, digest, request_kind::CONNECT, action::ALLOW);
+                    emit_task_event(
+                        &caller,
+                        event_kind::VERDICT_APPLIED,
+                        digest,
+                        request_kind::CONNECT,
+                        action::ALLOW,
+                    );
                     Ok(0)
                 }
                 Asked::Deny => {
-                    emit_task_event(&caller, event_kind::VERDICT_APPLIED, digest, request_kind::CONNECT, action::DENY);
+                    emit_task_event(
+                        &caller,
+                        event_kind::VERDICT_APPLIED,
+                        digest,
+                        request_kind::CONNECT,
+                        action::DENY,
+                    );
                     Ok(EPERM)
                 }
                 Asked::Refused => {
-                    warn!(ctx, "gatekeep: connect by tid {} refused: traced, or re-entering without stopping", caller.tid);
-                    emit_task_event(&caller, event_kind::REFUSED_SPINNING, digest, request_kind::CONNECT, action::DENY);
+                    warn!(
+                        ctx,
+                        "gatekeep: connect by tid {} refused: traced, or re-entering without stopping",
+                        caller.tid
+                    );
+                    emit_task_event(
+                        &caller,
+                        event_kind::REFUSED_SPINNING,
+                        digest,
+                        request_kind::CONNECT,
+                        action::DENY,
+                    );
                     Ok(EPERM)
                 }
                 Asked::Untrackable => {
-                    error!(ctx, "gatekeep: pending map full: connect by tid {} refused", caller.tid);
+                    error!(
+                        ctx,
+                        "gatekeep: pending map full: connect by tid {} refused", caller.tid
+                    );
                     Ok(EPERM)
                 }
                 Asked::Paused { new } => {
                     if new {
                         bump(counter::CONNECT_ASKED);
-                        emit_connect(&caller, event_kind::CONNECT_ASK, digest, action::ASK, &destination, sock_type, address);
+                        emit_connect(
+                            &caller,
+                            event_kind::CONNECT_ASK,
+                            digest,
+                            action::ASK,
+                            &destination,
+                            sock_type,
+                            address,
+                        );
                     }
                     Ok(ERESTARTNOINTR)
                 }
@@ -252,14 +307,30 @@ fn socket_type(sock: *const u8) -> u32 {
 #[inline(always)]
 fn connect_digest(destination: &Destination, sock_type: u32) -> u64 {
     let mut digest = Digest::new();
-    digest.word((u64::from(destination.family) << 48) | (u64::from(destination.port) << 32) | u64::from(sock_type));
+    digest.word(
+        (u64::from(destination.family) << 48)
+            | (u64::from(destination.port) << 32)
+            | u64::from(sock_type),
+    );
     digest.word(u64::from_ne_bytes([
-        destination.addr[0], destination.addr[1], destination.addr[2], destination.addr[3],
-        destination.addr[4], destination.addr[5], destination.addr[6], destination.addr[7],
+        destination.addr[0],
+        destination.addr[1],
+        destination.addr[2],
+        destination.addr[3],
+        destination.addr[4],
+        destination.addr[5],
+        destination.addr[6],
+        destination.addr[7],
     ]));
     digest.word(u64::from_ne_bytes([
-        destination.addr[8], destination.addr[9], destination.addr[10], destination.addr[11],
-        destination.addr[12], destination.addr[13], destination.addr[14], destination.addr[15],
+        destination.addr[8],
+        destination.addr[9],
+        destination.addr[10],
+        destination.addr[11],
+        destination.addr[12],
+        destination.addr[13],
+        destination.addr[14],
+        destination.addr[15],
     ]));
     digest.finish()
 }

@@ -64,7 +64,10 @@ fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
     let bprm: *const u8 = ctx.arg(0);
     // Unreadable kernel structures mean wrong offsets: fail closed.
     let Ok((dev, ino)) = executable_identity(bprm) else {
-        error!(ctx, "gatekeep: cannot read the executable's identity (kernel offsets?): exec denied");
+        error!(
+            ctx,
+            "gatekeep: cannot read the executable's identity (kernel offsets?): exec denied"
+        );
         return Ok(EPERM);
     };
 
@@ -78,7 +81,9 @@ fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
     let rule = unsafe { EXEC_RULES.get(&key) }.copied();
     let action = match rule {
         Some(action) => action,
-        None => POLICIES.get(gated.policy_id).map_or(action::ASK, |p| p.exec_default),
+        None => POLICIES
+            .get(gated.policy_id)
+            .map_or(action::ASK, |p| p.exec_default),
     };
 
     match action {
@@ -91,15 +96,36 @@ fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
             // Who is asking matters only off the allow path.
             let caller = Caller::current(cgroup_id, gated.policy_id);
             let args = EXEC_ARGV.get_ptr(&caller.tid);
-            emit_exec(&caller, event_kind::EXEC_DENIED, 0, action::DENY, bprm, dev, ino, args);
+            emit_exec(
+                &caller,
+                event_kind::EXEC_DENIED,
+                0,
+                action::DENY,
+                bprm,
+                dev,
+                ino,
+                args,
+            );
             Ok(EPERM)
         }
         // ASK, and anything unknown: a human decides (fail closed).
-        _ => ask_exec(ctx, &Caller::current(cgroup_id, gated.policy_id), bprm, dev, ino),
+        _ => ask_exec(
+            ctx,
+            &Caller::current(cgroup_id, gated.policy_id),
+            bprm,
+            dev,
+            ino,
+        ),
     }
 }
 
-fn ask_exec(ctx: &LsmContext, caller: &Caller, bprm: *const u8, dev: u64, ino: u64) -> Result<i32, i32> {
+fn ask_exec(
+    ctx: &LsmContext,
+    caller: &Caller,
+    bprm: *const u8,
+    dev: u64,
+    ino: u64,
+) -> Result<i32, i32> {
     let args = EXEC_ARGV.get_ptr_mut(&caller.tid);
     if let Some(args) = args {
         // SAFETY: this thread's own entry.
@@ -131,27 +157,61 @@ fn ask_exec(ctx: &LsmContext, caller: &Caller, bprm: *const u8, dev: u64, ino: u
                 // SAFETY: this thread's own entry.
                 unsafe { (*args).approved = 1 };
             }
-            emit_task_event(caller, event_kind::VERDICT_APPLIED, digest, request_kind::EXEC, action::ALLOW);
+            emit_task_event(
+                caller,
+                event_kind::VERDICT_APPLIED,
+                digest,
+                request_kind::EXEC,
+                action::ALLOW,
+            );
             Ok(0)
         }
         Asked::Deny => {
-            emit_task_event(caller, event_kind::VERDICT_APPLIED, digest, request_kind::EXEC, action::DENY);
+            emit_task_event(
+                caller,
+                event_kind::VERDICT_APPLIED,
+                digest,
+                request_kind::EXEC,
+                action::DENY,
+            );
             Ok(EPERM)
         }
         Asked::Refused => {
-            warn!(ctx, "gatekeep: exec by tid {} refused: traced, or re-entering without stopping", caller.tid);
-            emit_task_event(caller, event_kind::REFUSED_SPINNING, digest, request_kind::EXEC, action::DENY);
+            warn!(
+                ctx,
+                "gatekeep: exec by tid {} refused: traced, or re-entering without stopping",
+                caller.tid
+            );
+            emit_task_event(
+                caller,
+                event_kind::REFUSED_SPINNING,
+                digest,
+                request_kind::EXEC,
+                action::DENY,
+            );
             Ok(EPERM)
         }
         Asked::Untrackable => {
-            error!(ctx, "gatekeep: pending map full: exec by tid {} refused", caller.tid);
+            error!(
+                ctx,
+                "gatekeep: pending map full: exec by tid {} refused", caller.tid
+            );
             Ok(EPERM)
         }
         Asked::Paused { new } => {
             if new {
                 bump(counter::EXEC_ASKED);
                 let args = args.map(<*mut ExecArgs>::cast_const);
-                emit_exec(caller, event_kind::EXEC_ASK, digest, action::ASK, bprm, dev, ino, args);
+                emit_exec(
+                    caller,
+                    event_kind::EXEC_ASK,
+                    digest,
+                    action::ASK,
+                    bprm,
+                    dev,
+                    ino,
+                    args,
+                );
             }
             Ok(ERESTARTNOINTR)
         }
@@ -166,7 +226,8 @@ fn executable_identity(bprm: *const u8) -> Result<(u64, u64), i64> {
     let off = offsets();
     // SAFETY: every read goes through the probe helper, which fails safely.
     unsafe {
-        let file: *const u8 = bpf_probe_read_kernel(bprm.add(off.linux_binprm_file as usize).cast())?;
+        let file: *const u8 =
+            bpf_probe_read_kernel(bprm.add(off.linux_binprm_file as usize).cast())?;
         let inode: *const u8 = bpf_probe_read_kernel(file.add(off.file_f_inode as usize).cast())?;
         let ino: u64 = bpf_probe_read_kernel(inode.add(off.inode_i_ino as usize).cast())?;
         let sb: *const u8 = bpf_probe_read_kernel(inode.add(off.inode_i_sb as usize).cast())?;
@@ -204,7 +265,10 @@ fn exec_digest(dev: u64, ino: u64, args: Option<*mut ExecArgs>) -> u64 {
 }
 
 /// Emits an exec event (request or denial) with the path and argv.
-#[expect(clippy::too_many_arguments, reason = "one flat call site per event kind reads clearer")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one flat call site per event kind reads clearer"
+)]
 #[inline(always)]
 fn emit_exec(
     caller: &Caller,

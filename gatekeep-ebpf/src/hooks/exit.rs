@@ -25,7 +25,13 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
             digest: pending.digest,
         });
         let caller = Caller::current(0, pending.policy_id);
-        emit_task_event(&caller, event_kind::ABANDONED, pending.digest, pending.kind, action::NONE);
+        emit_task_event(
+            &caller,
+            event_kind::ABANDONED,
+            pending.digest,
+            pending.kind,
+            action::NONE,
+        );
     }
     // Every exit on the host passes here: a lookup first (a delete takes the bucket's lock).
     // SAFETY: presence check only.
