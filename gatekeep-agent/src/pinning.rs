@@ -3,15 +3,16 @@
 //! (`/sys/fs/bpf/gatekeep/{links,maps}/<NAME>`).
 //!
 //! - First start: load the object (maps created and pinned by name), load
-//!   and attach each program (tracepoints first, so argv capture and exit
-//!   cleanup run before any gating), pin each link.
+//!   and attach each program (argv capture, exit cleanup and cgroup tracking
+//!   first, so they run before any gating), pin each link.
 //! - Restart: every link is pinned already, so nothing is loaded: the agent
 //!   adopts the running programs and opens the pinned maps. Enforcement never
 //!   lapses, the pending requests and the ring buffer's unread events are
 //!   still there, and the digest key stays the kernel's secret.
 //! - Some links missing (an interrupted first start, a program added by an
 //!   upgrade): the object is loaded with its maps taken from the pins, and
-//!   only the missing programs are attached.
+//!   only the missing programs are attached. Links of programs this version
+//!   no longer has (an older agent's) are unpinned, which detaches them.
 //! - `gatekeep-agent unload`: [`unpin_all`] removes the links (detaching the
 //!   programs) and the maps, deliberately.
 

@@ -252,7 +252,7 @@ pub struct Grant {
 /// entry until syscall exit.
 ///
 /// Argv lives in the new mm by the time `bprm_check_security` runs, so it is
-/// captured at `sys_enter_execve(at)`; a restarted syscall captures it again.
+/// captured on entry to `execve(at)` (fentry); a restarted syscall captures it again.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct ExecArgs {
