@@ -1,6 +1,14 @@
 //! Helpers shared by gatekeep's integration tests: cgroups that clean up
-//! after themselves, workloads started inside a cgroup, and a guard that
-//! refuses to run kernel tests outside the VM.
+//! after themselves, the agent and the decision service as processes, and a
+//! guard that refuses to run kernel tests outside the VM. The modules hold
+//! the rest: [`workload`] (what runs in a gated cgroup and how it ended),
+//! [`policy`] (policy files), [`review`] (a reviewer at the decision
+//! service) and [`kernel`] (the programs driven through their maps).
+
+pub mod kernel;
+pub mod policy;
+pub mod review;
+pub mod workload;
 
 use std::{
     fs,
@@ -40,7 +48,8 @@ impl Cgroup {
         if path.exists() {
             drop(Self { path: path.clone() });
         }
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("failed to create cgroup {}: {e}", path.display()));
+        fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("failed to create cgroup {}: {e}", path.display()));
         Self { path }
     }
 
@@ -84,9 +93,12 @@ impl Cgroup {
     /// Starts `command` inside this cgroup.
     pub fn spawn(&self, command: &mut Command) -> Child {
         self.place(command);
-        command
-            .spawn()
-            .unwrap_or_else(|e| panic!("failed to start {command:?} in {}: {e}", self.path.display()))
+        command.spawn().unwrap_or_else(|e| {
+            panic!(
+                "failed to start {command:?} in {}: {e}",
+                self.path.display()
+            )
+        })
     }
 
     /// Pids currently in the cgroup.
@@ -124,7 +136,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() ->
         if let Some(value) = condition() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -147,6 +162,33 @@ pub fn is_stopped(pid: u32) -> bool {
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
         .any(|tid| task_state(pid, tid) == Some('T'))
+}
+
+/// Waits until a thread of `pid` is stopped (a paused syscall).
+pub fn wait_stopped(pid: u32, timeout: Duration) {
+    wait_for(&format!("process {pid} to be stopped"), timeout, || {
+        is_stopped(pid).then_some(())
+    });
+}
+
+/// Sends `signal` to process `pid`.
+pub fn send_signal(pid: u32, signal: nix::sys::signal::Signal) {
+    let target = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits i32"));
+    nix::sys::signal::kill(target, signal)
+        .unwrap_or_else(|e| panic!("failed to send {signal} to {pid}: {e}"));
+}
+
+/// Sends SIGCONT to `pid`: a stray one, as far as a paused syscall goes.
+pub fn sigcont(pid: u32) {
+    send_signal(pid, nix::sys::signal::Signal::SIGCONT);
+}
+
+/// A listener on 127.0.0.1 (outside any gated cgroup) and its port.
+#[must_use]
+pub fn loopback_listener() -> (std::net::TcpListener, u16) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
+    let port = listener.local_addr().expect("local addr").port();
+    (listener, port)
 }
 
 /// A `gatekeep-agent run` (from `PATH`) with its own config, policy folder,
@@ -220,21 +262,6 @@ impl Agent {
         self.state_dir().join("service/audit.db")
     }
 
-    /// Runs the `gatekeep` CLI as the embedded service's bootstrap reviewer
-    /// (with the `cli.toml` the agent wrote); returns (success, stdout,
-    /// stderr).
-    #[must_use]
-    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let cli_config = self.state_dir().join("cli.toml");
-        gatekeep(
-            args,
-            &[
-                ("GATEKEEP_CLI_CONFIG", cli_config.as_os_str()),
-                ("XDG_CONFIG_HOME", self.dir.path().as_os_str()),
-            ],
-        )
-    }
-
     /// The folder the agent loads policies from.
     #[must_use]
     pub fn policy_dir(&self) -> PathBuf {
@@ -289,18 +316,28 @@ impl Agent {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_mins(2);
         while !ready.exists() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("gatekeep-agent exited with {status} before it was ready; log:\n{}", self.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "gatekeep-agent exited with {status} before it was ready; log:\n{}",
+                    self.log()
+                );
             }
-            assert!(Instant::now() < deadline, "gatekeep-agent not ready after 120 s; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "gatekeep-agent not ready after 120 s; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     /// Sends `signal` to the agent.
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).expect("pid"));
-        nix::sys::signal::kill(pid, signal).expect("signal the agent");
+        send_signal(self.pid(), signal);
     }
 
     /// SIGKILL: the agent dies without any cleanup.
@@ -343,9 +380,11 @@ impl Agent {
 
     /// Waits until the agent logged `needle` (at least `count` times in all).
     pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) {
-        wait_for(&format!("agent log line `{needle}` x{count}"), timeout, || {
-            (self.log().matches(needle).count() >= count).then_some(())
-        });
+        wait_for(
+            &format!("agent log line `{needle}` x{count}"),
+            timeout,
+            || (self.log().matches(needle).count() >= count).then_some(()),
+        );
     }
 
     /// Runs `gatekeep-agent <args> --config <config>` and returns (exit
@@ -373,6 +412,34 @@ impl Agent {
         out.lines()
             .map(|line| serde_json::from_str(line).expect("export line is json"))
             .collect()
+    }
+
+    /// The audit records of `kind` so far.
+    #[must_use]
+    pub fn records_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.audit_records()
+            .into_iter()
+            .filter(|r| r["kind"] == kind)
+            .collect()
+    }
+
+    /// `gatekeep-agent status --output json`.
+    #[must_use]
+    pub fn status(&self) -> serde_json::Value {
+        let (ok, out, err) = self.admin(&["status", "--output", "json"]);
+        assert!(ok, "gatekeep-agent status failed: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status json ({e}): {out}"))
+    }
+
+    /// A kernel counter (e.g. `grant_allowed`, `repaused`) from the status.
+    #[must_use]
+    pub fn counter(&self, name: &str) -> u64 {
+        let status = self.status();
+        status["counters"]
+            .as_array()
+            .and_then(|c| c.iter().find(|pair| pair[0] == name))
+            .and_then(|pair| pair[1].as_u64())
+            .unwrap_or_else(|| panic!("no counter {name} in {status}"))
     }
 
     /// Waits until the audit log holds a record of `kind` matching `filter`.
@@ -426,7 +493,35 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::Output 
     if let Some(mut err) = child.stderr.take() {
         let _ = std::io::Read::read_to_end(&mut err, &mut stderr);
     }
-    std::process::Output { status, stdout, stderr }
+    std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// Creates the test's cgroup `gk-<name>` and starts an agent (`<name>`)
+/// whose only policy, `gk-<name>`, gates it with the `[policy.exec]` table
+/// `exec` and the `[policy.approval]` table `approval` (the local decider:
+/// timeouts only).
+#[must_use]
+pub fn gate_exec(name: &str, exec: &str, approval: &str) -> (Cgroup, Agent) {
+    gate(name, |cgroup| policy::exec(cgroup, exec, approval))
+}
+
+/// Like [`gate_exec`], with a `[policy.connect]` table `connect` instead.
+#[must_use]
+pub fn gate_connect(name: &str, connect: &str, approval: &str) -> (Cgroup, Agent) {
+    gate(name, |cgroup| policy::connect(cgroup, connect, approval))
+}
+
+/// Creates cgroup `gk-<name>`, then starts agent `<name>` with the policy
+/// `policy` writes for it (given the cgroup's name).
+fn gate(name: &str, policy: impl FnOnce(&str) -> String) -> (Cgroup, Agent) {
+    let cgroup_name = format!("gk-{name}");
+    let cgroup = Cgroup::create(&cgroup_name);
+    let agent = Agent::start(name, &policy(&cgroup_name));
+    (cgroup, agent)
 }
 
 /// The `[decision]` section of an agent running the embedded decision
@@ -558,12 +653,22 @@ impl Service {
             .expect("start gatekeep-server (is it on PATH?)");
         self.child = Some(child);
         let port = self.port;
-        wait_for("the decision service to listen", Duration::from_mins(1), || {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("gatekeep-server exited with {status}; log:\n{}", self.log());
-            }
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop)
-        });
+        wait_for(
+            "the decision service to listen",
+            Duration::from_mins(1),
+            || {
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    panic!("gatekeep-server exited with {status}; log:\n{}", self.log());
+                }
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(drop)
+            },
+        );
     }
 
     /// SIGKILL: the service dies without any cleanup.
@@ -604,23 +709,6 @@ impl Service {
             out.join(format!("agent-{host}.key")).display(),
         )
     }
-
-    /// Runs the `gatekeep` CLI as reviewer `alice`; returns (success, stdout,
-    /// stderr).
-    #[must_use]
-    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let ca = self.dir.path().join("tls/ca.pem");
-        let endpoint = self.endpoint();
-        gatekeep(
-            args,
-            &[
-                ("GATEKEEP_SERVER", std::ffi::OsStr::new(&endpoint)),
-                ("GATEKEEP_TOKEN", std::ffi::OsStr::new(&self.token)),
-                ("GATEKEEP_CA", ca.as_os_str()),
-                ("XDG_CONFIG_HOME", self.dir.path().as_os_str()),
-            ],
-        )
-    }
 }
 
 impl Drop for Service {
@@ -630,20 +718,4 @@ impl Drop for Service {
             eprintln!("---- gatekeep-server log ----\n{}", self.log());
         }
     }
-}
-
-/// Pending requests as `gatekeep --output json review list` prints them,
-/// once there are at least `count` (with `cli` running the CLI).
-pub fn wait_pending(
-    cli: impl Fn(&[&str]) -> (bool, String, String),
-    count: usize,
-    timeout: Duration,
-) -> Vec<serde_json::Value> {
-    wait_for(&format!("{count} pending request(s) at the service"), timeout, || {
-        let (ok, out, err) = cli(&["--output", "json", "review", "list"]);
-        assert!(ok, "gatekeep review list failed: {err}");
-        let listed: Vec<serde_json::Value> =
-            serde_json::from_str(&out).unwrap_or_else(|e| panic!("review list json ({e}): {out}"));
-        (listed.len() >= count).then_some(listed)
-    })
 }

@@ -2,32 +2,28 @@
 
 use std::time::Duration;
 
-use gatekeep_tests::{Agent, Cgroup, require_vm};
-
-use crate::{
-    exec::{exec_policy, run_in},
-    workload::tool,
+use gatekeep_tests::{
+    gate_exec,
+    policy::on_timeout,
+    require_vm,
+    workload::{run_in, tool},
 };
 
 #[test]
 fn audit_chain_verifies_and_detects_a_tampered_row() {
     require_vm();
-    let cgroup = Cgroup::create("gk-audit");
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = tool(dir.path(), "bad-tool");
     let asked = tool(dir.path(), "asked-tool");
-    let mut agent = Agent::start(
+    let (cgroup, mut agent) = gate_exec(
         "audit",
-        &exec_policy(
-            "gk-audit",
-            &format!("default = \"allow\"\ndeny = [\"{bad}\"]\nask = [\"{asked}\"]"),
-            "timeout = \"1s\"\non_timeout = \"allow\"",
-        ),
+        &format!("default = \"allow\"\ndeny = [\"{bad}\"]\nask = [\"{asked}\"]"),
+        &on_timeout("1s", "allow"),
     );
-    let (code, _) = run_in(&cgroup, &["exec", &bad, "true"], Duration::from_secs(30));
-    assert_eq!(code, 111);
-    let (code, _) = run_in(&cgroup, &["exec", &asked, "true"], Duration::from_mins(1));
-    assert_eq!(code, 0);
+    let denied = run_in(&cgroup, &["exec", &bad, "true"], Duration::from_secs(30));
+    assert_eq!(denied.code, 111);
+    let allowed_at_timeout = run_in(&cgroup, &["exec", &asked, "true"], Duration::from_mins(1));
+    assert_eq!(allowed_at_timeout.code, 0);
     agent.wait_record("expired", Duration::from_secs(20), |_| true);
     assert!(agent.stop(), "clean stop");
 

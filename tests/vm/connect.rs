@@ -1,52 +1,31 @@
 //! Connect gating end to end against a real loopback listener.
 
-use std::{net::TcpListener, time::Duration};
+use std::time::Duration;
 
-use gatekeep_tests::{Agent, Cgroup, require_vm};
-
-use crate::exec::{assert_no_513, run_in};
-
-fn connect_policy(name: &str, connect: &str, approval: &str) -> String {
-    format!(
-        "[[policy]]\nname = \"{name}\"\ncgroups = [\"/sys/fs/cgroup/{name}\"]\n[policy.connect]\n{connect}\n[policy.approval]\n{approval}\n"
-    )
-}
-
-/// A listener on 127.0.0.1 (outside any gated cgroup) and its port.
-fn listener() -> (TcpListener, u16) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
-    let port = listener.local_addr().expect("local addr").port();
-    (listener, port)
-}
+use gatekeep_tests::{
+    gate_connect, loopback_listener,
+    policy::on_timeout,
+    require_vm,
+    workload::{Outcome, connect_in},
+};
 
 #[test]
 fn connect_allowed_by_rule_reaches_the_listener() {
     require_vm();
-    let cgroup = Cgroup::create("gk-conn-allow");
-    let (_listener, port) = listener();
-    let (_other, other_port) = listener();
-    let _agent = Agent::start(
+    let (_listener, port) = loopback_listener();
+    let (_other, other_port) = loopback_listener();
+    let (cgroup, _agent) = gate_connect(
         "conn-allow",
-        &connect_policy(
-            "gk-conn-allow",
-            &format!("default = \"deny\"\nallow = [\"127.0.0.1:{port}\"]"),
-            "",
-        ),
-    );
-    let (code, out) = run_in(
-        &cgroup,
-        &["connect", "127.0.0.1", &port.to_string()],
-        Duration::from_secs(30),
-    );
-    assert_eq!((code, out.as_str()), (0, "ok"));
-    let (code, out) = run_in(
-        &cgroup,
-        &["connect", "127.0.0.1", &other_port.to_string()],
-        Duration::from_secs(30),
+        &format!("default = \"deny\"\nallow = [\"127.0.0.1:{port}\"]"),
+        "",
     );
     assert_eq!(
-        (code, out.as_str()),
-        (1, "errno 1"),
+        connect_in(&cgroup, port, Duration::from_secs(30)),
+        Outcome::connected()
+    );
+    assert_eq!(
+        connect_in(&cgroup, other_port, Duration::from_secs(30)),
+        Outcome::connect_denied(),
         "another port falls to the default deny"
     );
 }
@@ -54,22 +33,16 @@ fn connect_allowed_by_rule_reaches_the_listener() {
 #[test]
 fn connect_denied_by_rule_fails_with_eperm_and_is_audited() {
     require_vm();
-    let cgroup = Cgroup::create("gk-conn-deny");
-    let (_listener, port) = listener();
-    let agent = Agent::start(
+    let (_listener, port) = loopback_listener();
+    let (cgroup, agent) = gate_connect(
         "conn-deny",
-        &connect_policy(
-            "gk-conn-deny",
-            "default = \"allow\"\ndeny = [\"127.0.0.0/8\"]",
-            "",
-        ),
+        "default = \"allow\"\ndeny = [\"127.0.0.0/8\"]",
+        "",
     );
-    let (code, out) = run_in(
-        &cgroup,
-        &["connect", "127.0.0.1", &port.to_string()],
-        Duration::from_secs(30),
+    assert_eq!(
+        connect_in(&cgroup, port, Duration::from_secs(30)),
+        Outcome::connect_denied()
     );
-    assert_eq!((code, out.as_str()), (1, "errno 1"));
     let record = agent.wait_record("kernel_denied", Duration::from_secs(20), |r| {
         r["payload"]["kind"] == "connect"
     });
@@ -80,35 +53,25 @@ fn connect_denied_by_rule_fails_with_eperm_and_is_audited() {
 #[test]
 fn more_specific_prefix_and_port_rules_win_in_the_kernel() {
     require_vm();
-    let cgroup = Cgroup::create("gk-conn-lpm");
-    let (_a, allowed_port) = listener();
-    let (_b, other_port) = listener();
+    let (_a, allowed_port) = loopback_listener();
+    let (_b, other_port) = loopback_listener();
     // /8 denied, but one host:port under it allowed (a longer prefix whose
     // entry must carry the /8's rule after its own).
-    let _agent = Agent::start(
+    let (cgroup, _agent) = gate_connect(
         "conn-lpm",
-        &connect_policy(
-            "gk-conn-lpm",
-            &format!(
-                "default = \"allow\"\ndeny = [\"127.0.0.0/8\"]\nallow = [\"127.0.0.1:{allowed_port}\"]"
-            ),
-            "",
+        &format!(
+            "default = \"allow\"\ndeny = [\"127.0.0.0/8\"]\nallow = [\"127.0.0.1:{allowed_port}\"]"
         ),
-    );
-    let (code, out) = run_in(
-        &cgroup,
-        &["connect", "127.0.0.1", &allowed_port.to_string()],
-        Duration::from_secs(30),
-    );
-    assert_eq!((code, out.as_str()), (0, "ok"), "the /32 port rule wins");
-    let (code, out) = run_in(
-        &cgroup,
-        &["connect", "127.0.0.1", &other_port.to_string()],
-        Duration::from_secs(30),
+        "",
     );
     assert_eq!(
-        (code, out.as_str()),
-        (1, "errno 1"),
+        connect_in(&cgroup, allowed_port, Duration::from_secs(30)),
+        Outcome::connected(),
+        "the /32 port rule wins"
+    );
+    assert_eq!(
+        connect_in(&cgroup, other_port, Duration::from_secs(30)),
+        Outcome::connect_denied(),
         "other ports of the /32 fall back to the /8 deny"
     );
 }
@@ -116,24 +79,16 @@ fn more_specific_prefix_and_port_rules_win_in_the_kernel() {
 #[test]
 fn asked_connect_is_allowed_when_the_timeout_action_is_allow() {
     require_vm();
-    let cgroup = Cgroup::create("gk-conn-ask-allow");
-    let (_listener, port) = listener();
-    let agent = Agent::start(
+    let (_listener, port) = loopback_listener();
+    let (cgroup, agent) = gate_connect(
         "conn-ask-allow",
-        &connect_policy(
-            "gk-conn-ask-allow",
-            "default = \"ask\"",
-            "timeout = \"2s\"\non_timeout = \"allow\"",
-        ),
+        "default = \"ask\"",
+        &on_timeout("2s", "allow"),
     );
     let started = std::time::Instant::now();
-    let (code, out) = run_in(
-        &cgroup,
-        &["connect", "127.0.0.1", &port.to_string()],
-        Duration::from_mins(1),
-    );
-    assert_no_513(&out);
-    assert_eq!((code, out.as_str()), (0, "ok"));
+    let outcome = connect_in(&cgroup, port, Duration::from_mins(1));
+    outcome.assert_no_513();
+    assert_eq!(outcome, Outcome::connected());
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "connected before the decision"
@@ -148,21 +103,13 @@ fn asked_connect_is_allowed_when_the_timeout_action_is_allow() {
 #[test]
 fn asked_connect_is_denied_when_the_timeout_action_is_deny() {
     require_vm();
-    let cgroup = Cgroup::create("gk-conn-ask-deny");
-    let (_listener, port) = listener();
-    let _agent = Agent::start(
+    let (_listener, port) = loopback_listener();
+    let (cgroup, _agent) = gate_connect(
         "conn-ask-deny",
-        &connect_policy(
-            "gk-conn-ask-deny",
-            "default = \"ask\"",
-            "timeout = \"2s\"\non_timeout = \"deny\"",
-        ),
+        "default = \"ask\"",
+        &on_timeout("2s", "deny"),
     );
-    let (code, out) = run_in(
-        &cgroup,
-        &["connect", "127.0.0.1", &port.to_string()],
-        Duration::from_mins(1),
-    );
-    assert_no_513(&out);
-    assert_eq!((code, out.as_str()), (1, "errno 1"));
+    let outcome = connect_in(&cgroup, port, Duration::from_mins(1));
+    outcome.assert_no_513();
+    assert_eq!(outcome, Outcome::connect_denied());
 }

@@ -10,38 +10,18 @@ use std::{
     time::Duration,
 };
 
-use aya::{
-    Ebpf,
-    maps::{Array, HashMap, MapData, RingBuf},
-};
+use aya::maps::HashMap;
 use gatekeep_common::{
-    ExecRuleKey, GATED_INHERITED, GatedCgroup, PendingRequest, PolicyDefaults, TaskEvent, action,
-    event_kind, request_kind,
+    ExecRuleKey, GATED_INHERITED, GatedCgroup, PendingRequest, TaskEvent, action, event_kind,
+    request_kind,
 };
-use gatekeep_tests::{Cgroup, require_vm, wait_for};
+use gatekeep_tests::{
+    Cgroup,
+    kernel::{gate, kernel_dev, wait_event},
+    require_vm,
+};
 
 const POLICY_ID: u32 = 5;
-
-fn kernel_dev(dev: u64) -> u64 {
-    (u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev))
-}
-
-/// Loads the programs and gates `cgroup` under a policy with `exec_default`.
-fn gate(cgroup: &Cgroup, exec_default: u32) -> Ebpf {
-    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
-    let mut policies: Array<_, PolicyDefaults> = Array::try_from(ebpf.map_mut("POLICIES").expect("POLICIES")).expect("array");
-    let defaults = PolicyDefaults {
-        exec_default,
-        connect_default: action::ALLOW,
-        unix_action: action::ALLOW,
-        generation: 1,
-    };
-    policies.set(POLICY_ID, defaults, 0).expect("set policy");
-    let mut gated: HashMap<_, u64, GatedCgroup> =
-        HashMap::try_from(ebpf.map_mut("GATED_CGROUPS").expect("GATED_CGROUPS")).expect("hash map");
-    gated.insert(cgroup.id(), GatedCgroup { policy_id: POLICY_ID, flags: 0 }, 0).expect("gate cgroup");
-    ebpf
-}
 
 #[test]
 fn a_cgroup_created_by_a_gated_task_is_gated_before_it_can_be_used() {
@@ -54,10 +34,16 @@ fn a_cgroup_created_by_a_gated_task_is_gated_before_it_can_be_used() {
     fs::copy("/bin/busybox", denied).expect("copy busybox");
     let identity = fs::metadata(denied).expect("stat the copy");
 
-    let mut ebpf = gate(&cgroup, action::ALLOW);
+    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
+    gate(&mut ebpf, &cgroup, POLICY_ID, action::ALLOW);
     let mut rules: HashMap<_, ExecRuleKey, u32> =
         HashMap::try_from(ebpf.map_mut("EXEC_RULES").expect("EXEC_RULES")).expect("hash map");
-    let key = ExecRuleKey { policy_id: POLICY_ID, _pad: 0, dev: kernel_dev(identity.dev()), ino: identity.ino() };
+    let key = ExecRuleKey {
+        policy_id: POLICY_ID,
+        _pad: 0,
+        dev: kernel_dev(identity.dev()),
+        ino: identity.ino(),
+    };
     rules.insert(key, action::DENY, 0).expect("deny rule");
 
     // Inside the gated cgroup: make a child cgroup, move there, then try
@@ -69,39 +55,43 @@ fn a_cgroup_created_by_a_gated_task_is_gated_before_it_can_be_used() {
     );
     let mut shell = cgroup.spawn(Command::new("/bin/sh").args(["-c", &script]));
     let status = shell.wait().expect("wait for the shell");
-    assert_eq!(status.code(), Some(126), "the denied binary ran after moving into a new cgroup: {status}");
+    assert_eq!(
+        status.code(),
+        Some(126),
+        "the denied binary ran after moving into a new cgroup: {status}"
+    );
 
-    let child_id = fs::metadata(&child_path).expect("the child cgroup exists").ino();
+    let child_id = fs::metadata(&child_path)
+        .expect("the child cgroup exists")
+        .ino();
     let gated: HashMap<_, u64, GatedCgroup> =
         HashMap::try_from(ebpf.map("GATED_CGROUPS").expect("GATED_CGROUPS")).expect("hash map");
     let entry = gated.get(&child_id, 0).expect("the new cgroup is gated");
-    assert_eq!(entry, GatedCgroup { policy_id: POLICY_ID, flags: GATED_INHERITED });
+    assert_eq!(
+        entry,
+        GatedCgroup {
+            policy_id: POLICY_ID,
+            flags: GATED_INHERITED
+        }
+    );
 
     // A cgroup made by an ungated task (this test) is left to the agent.
     let outside = Cgroup::create("gatekeep-escape-ungated");
-    assert!(gated.get(&outside.id(), 0).is_err(), "a cgroup made outside gating must not be gated by the kernel");
+    assert!(
+        gated.get(&outside.id(), 0).is_err(),
+        "a cgroup made outside gating must not be gated by the kernel"
+    );
     drop(ebpf);
     let _ = fs::remove_dir(&child_path);
     let _ = fs::remove_file(denied);
-}
-
-fn refused_event(ring: &mut RingBuf<&mut MapData>) -> Option<TaskEvent> {
-    while let Some(item) = ring.next() {
-        let kind = u32::from_ne_bytes(item[..4].try_into().expect("4 bytes"));
-        if kind == event_kind::REFUSED_SPINNING {
-            assert!(item.len() >= size_of::<TaskEvent>());
-            // SAFETY: length checked; plain old data from the kernel program.
-            return Some(unsafe { item.as_ptr().cast::<TaskEvent>().read_unaligned() });
-        }
-    }
-    None
 }
 
 #[test]
 fn a_traced_task_is_refused_instead_of_paused() {
     require_vm();
     let cgroup = Cgroup::create("gatekeep-traced");
-    let mut ebpf = gate(&cgroup, action::ASK);
+    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
+    gate(&mut ebpf, &cgroup, POLICY_ID, action::ASK);
 
     // The child asks to be traced by us before its exec: a tracer sees the
     // pause's SIGSTOP first and could swallow it, so the kernel refuses.
@@ -111,14 +101,27 @@ fn a_traced_task_is_refused_instead_of_paused() {
     unsafe {
         command.pre_exec(|| nix::sys::ptrace::traceme().map_err(std::io::Error::from));
     }
-    let error = command.spawn().expect_err("an asked exec of a traced task must be refused");
-    assert_eq!(error.raw_os_error(), Some(libc::EPERM), "expected EPERM, got {error}");
+    let error = command
+        .spawn()
+        .expect_err("an asked exec of a traced task must be refused");
+    assert_eq!(
+        error.raw_os_error(),
+        Some(libc::EPERM),
+        "expected EPERM, got {error}"
+    );
 
-    let mut ring = RingBuf::try_from(ebpf.map_mut("EVENTS").expect("EVENTS")).expect("ring buffer");
-    let event = wait_for("a REFUSED_SPINNING event", Duration::from_secs(5), || refused_event(&mut ring));
+    let event: TaskEvent = wait_event(
+        &mut ebpf,
+        event_kind::REFUSED_SPINNING,
+        Duration::from_secs(5),
+    );
     assert_eq!(event.request_kind, request_kind::EXEC);
     assert_eq!(event.header.cgroup_id, cgroup.id());
     let pending: HashMap<_, u32, PendingRequest> =
         HashMap::try_from(ebpf.map("PENDING").expect("PENDING")).expect("hash map");
-    assert_eq!(pending.keys().count(), 0, "a refused request must not stay pending");
+    assert_eq!(
+        pending.keys().count(),
+        0,
+        "a refused request must not stay pending"
+    );
 }

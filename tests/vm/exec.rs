@@ -3,58 +3,34 @@
 
 use std::{os::unix::fs::symlink, time::Duration};
 
-use gatekeep_tests::{Agent, Cgroup, require_vm, wait_child};
-
-use crate::workload::{tool, workload, workload_path};
-
-/// A policy for cgroup `name` with the given exec table and approval.
-pub fn exec_policy(name: &str, exec: &str, approval: &str) -> String {
-    format!(
-        "[[policy]]\nname = \"{name}\"\ncgroups = [\"/sys/fs/cgroup/{name}\"]\n[policy.exec]\n{exec}\n[policy.approval]\n{approval}\n"
-    )
-}
-
-/// Runs the workload in `cgroup` and returns (exit code, stdout).
-pub fn run_in(cgroup: &Cgroup, args: &[&str], timeout: Duration) -> (i32, String) {
-    let mut child = cgroup.spawn(&mut workload(args));
-    let output = wait_child(&mut child, timeout);
-    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    (output.status.code().unwrap_or(-1), stdout)
-}
-
-/// `errno 513` (-ERESTARTNOINTR) must never reach user space.
-pub fn assert_no_513(stdout: &str) {
-    assert!(
-        !stdout.contains("errno 513"),
-        "ERESTARTNOINTR leaked to user space: {stdout}"
-    );
-}
+use gatekeep_tests::{
+    Cgroup, gate_exec,
+    policy::{allow_but, on_timeout},
+    require_vm, wait_child,
+    workload::{Outcome, run_in, tool, workload, workload_path},
+};
 
 #[test]
 fn exec_allowed_by_rule_runs() {
     require_vm();
-    let cgroup = Cgroup::create("gk-exec-allow");
     let agent_dir = tempfile::tempdir().expect("tempdir");
     let ok = tool(agent_dir.path(), "ok-tool");
-    let agent = Agent::start(
+    let (cgroup, agent) = gate_exec(
         "exec-allow",
-        &exec_policy(
-            "gk-exec-allow",
-            &format!(
-                "default = \"deny\"\nallow = [\"{}\", \"{ok}\"]",
-                workload_path()
-            ),
-            "",
+        &format!(
+            "default = \"deny\"\nallow = [\"{}\", \"{ok}\"]",
+            workload_path()
         ),
+        "",
     );
-    let (code, out) = run_in(&cgroup, &["exec", &ok, "true"], Duration::from_secs(30));
-    assert_eq!((code, out.as_str()), (0, ""), "an allowed exec must run");
+    let outcome = run_in(&cgroup, &["exec", &ok, "true"], Duration::from_secs(30));
+    assert_eq!(outcome, Outcome::exec_ran(), "an allowed exec must run");
     // Anything else is denied by default.
     let other = tool(agent_dir.path(), "other-tool");
-    let (code, out) = run_in(&cgroup, &["exec", &other, "true"], Duration::from_secs(30));
+    let outcome = run_in(&cgroup, &["exec", &other, "true"], Duration::from_secs(30));
     assert_eq!(
-        (code, out.as_str()),
-        (111, "errno 1"),
+        outcome,
+        Outcome::exec_denied(),
         "default deny must give EPERM"
     );
     drop(agent);
@@ -63,23 +39,15 @@ fn exec_allowed_by_rule_runs() {
 #[test]
 fn exec_denied_by_rule_fails_with_eperm_and_is_audited() {
     require_vm();
-    let cgroup = Cgroup::create("gk-exec-deny");
     let agent_dir = tempfile::tempdir().expect("tempdir");
     let bad = tool(agent_dir.path(), "bad-tool");
-    let agent = Agent::start(
-        "exec-deny",
-        &exec_policy(
-            "gk-exec-deny",
-            &format!("default = \"allow\"\ndeny = [\"{bad}\"]"),
-            "",
-        ),
-    );
-    let (code, out) = run_in(
+    let (cgroup, agent) = gate_exec("exec-deny", &allow_but("deny", &bad), "");
+    let outcome = run_in(
         &cgroup,
         &["exec", &bad, "true", "--flag"],
         Duration::from_secs(30),
     );
-    assert_eq!((code, out.as_str()), (111, "errno 1"));
+    assert_eq!(outcome, Outcome::exec_denied());
     let record = agent.wait_record("kernel_denied", Duration::from_secs(20), |r| {
         r["payload"]["exe"].as_str() == Some(bad.as_str())
     });
@@ -96,14 +64,13 @@ fn exec_denied_by_rule_fails_with_eperm_and_is_audited() {
     );
     // An allowed binary in the same cgroup still runs.
     let good = tool(agent_dir.path(), "good-tool");
-    let (code, _) = run_in(&cgroup, &["exec", &good, "true"], Duration::from_secs(30));
-    assert_eq!(code, 0);
+    let outcome = run_in(&cgroup, &["exec", &good, "true"], Duration::from_secs(30));
+    assert_eq!(outcome.code, 0);
 }
 
 #[test]
 fn denied_binary_is_denied_through_symlink_relative_path_and_hard_link() {
     require_vm();
-    let cgroup = Cgroup::create("gk-exec-names");
     let agent_dir = tempfile::tempdir().expect("tempdir");
     let dir = agent_dir.path();
     let bad = tool(dir, "bad-tool");
@@ -112,14 +79,7 @@ fn denied_binary_is_denied_through_symlink_relative_path_and_hard_link() {
     let hard = dir.join("innocent-hard");
     std::fs::hard_link(&bad, &hard).expect("hard link");
     std::fs::create_dir(dir.join("sub")).expect("mkdir");
-    let _agent = Agent::start(
-        "exec-names",
-        &exec_policy(
-            "gk-exec-names",
-            &format!("default = \"allow\"\ndeny = [\"{bad}\"]"),
-            "",
-        ),
-    );
+    let (cgroup, _agent) = gate_exec("exec-names", &allow_but("deny", &bad), "");
     let dir_str = dir.to_string_lossy().into_owned();
     let sub = dir.join("sub").to_string_lossy().into_owned();
     let cases: Vec<(&str, Vec<&str>)> = vec![
@@ -141,10 +101,9 @@ fn denied_binary_is_denied_through_symlink_relative_path_and_hard_link() {
         ),
     ];
     for (what, args) in cases {
-        let (code, out) = run_in(&cgroup, &args, Duration::from_secs(30));
         assert_eq!(
-            (code, out.as_str()),
-            (111, "errno 1"),
+            run_in(&cgroup, &args, Duration::from_secs(30)),
+            Outcome::exec_denied(),
             "exec through a {what} must be denied"
         );
     }
@@ -153,21 +112,17 @@ fn denied_binary_is_denied_through_symlink_relative_path_and_hard_link() {
 #[test]
 fn asked_exec_is_allowed_when_the_timeout_action_is_allow() {
     require_vm();
-    let cgroup = Cgroup::create("gk-exec-ask-allow");
     let agent_dir = tempfile::tempdir().expect("tempdir");
     let asked = tool(agent_dir.path(), "asked-tool");
-    let agent = Agent::start(
+    let (cgroup, agent) = gate_exec(
         "exec-ask-allow",
-        &exec_policy(
-            "gk-exec-ask-allow",
-            &format!("default = \"allow\"\nask = [\"{asked}\"]"),
-            "timeout = \"2s\"\non_timeout = \"allow\"",
-        ),
+        &allow_but("ask", &asked),
+        &on_timeout("2s", "allow"),
     );
     let started = std::time::Instant::now();
-    let (code, out) = run_in(&cgroup, &["exec", &asked, "true"], Duration::from_mins(1));
-    assert_no_513(&out);
-    assert_eq!((code, out.as_str()), (0, ""), "allowed at the timeout");
+    let outcome = run_in(&cgroup, &["exec", &asked, "true"], Duration::from_mins(1));
+    outcome.assert_no_513();
+    assert_eq!(outcome, Outcome::exec_ran(), "allowed at the timeout");
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "ran before the decision"
@@ -192,31 +147,20 @@ fn asked_exec_is_allowed_when_the_timeout_action_is_allow() {
 #[test]
 fn asked_exec_is_denied_when_the_timeout_action_is_deny() {
     require_vm();
-    let cgroup = Cgroup::create("gk-exec-ask-deny");
     let agent_dir = tempfile::tempdir().expect("tempdir");
     let asked = tool(agent_dir.path(), "asked-tool");
-    let agent = Agent::start(
+    let (cgroup, agent) = gate_exec(
         "exec-ask-deny",
-        &exec_policy(
-            "gk-exec-ask-deny",
-            &format!("default = \"allow\"\nask = [\"{asked}\"]"),
-            "timeout = \"2s\"\non_timeout = \"deny\"",
-        ),
+        &allow_but("ask", &asked),
+        &on_timeout("2s", "deny"),
     );
-    let (code, out) = run_in(&cgroup, &["exec", &asked, "true"], Duration::from_mins(1));
-    assert_no_513(&out);
-    assert_eq!(
-        (code, out.as_str()),
-        (111, "errno 1"),
-        "denied at the timeout"
-    );
+    let outcome = run_in(&cgroup, &["exec", &asked, "true"], Duration::from_mins(1));
+    outcome.assert_no_513();
+    assert_eq!(outcome, Outcome::exec_denied(), "denied at the timeout");
     let decided = agent.wait_record("expired", Duration::from_secs(20), |_| true);
     assert_eq!(decided["payload"]["verdict"], "deny");
-    let (ok, status, _) = agent.admin(&["status", "--output", "json"]);
-    assert!(ok);
-    let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
     assert_eq!(
-        status["paused_requests"],
+        agent.status()["paused_requests"],
         serde_json::json!([]),
         "no pending entry leaks"
     );
@@ -225,24 +169,16 @@ fn asked_exec_is_denied_when_the_timeout_action_is_deny() {
 #[test]
 fn processes_outside_gated_cgroups_are_unaffected() {
     require_vm();
-    let cgroup = Cgroup::create("gk-exec-outside");
     let other = Cgroup::create("gk-exec-outside-other");
     let agent_dir = tempfile::tempdir().expect("tempdir");
     let bad = tool(agent_dir.path(), "bad-tool");
-    let _agent = Agent::start(
-        "exec-outside",
-        &exec_policy(
-            "gk-exec-outside",
-            &format!("default = \"allow\"\ndeny = [\"{bad}\"]"),
-            "",
-        ),
-    );
+    let (cgroup, _agent) = gate_exec("exec-outside", &allow_but("deny", &bad), "");
     // In the gated cgroup: denied.
-    let (code, _) = run_in(&cgroup, &["exec", &bad, "true"], Duration::from_secs(30));
-    assert_eq!(code, 111);
+    let outcome = run_in(&cgroup, &["exec", &bad, "true"], Duration::from_secs(30));
+    assert_eq!(outcome.code, 111);
     // In a sibling cgroup, and in the test's own: untouched.
-    let (code, out) = run_in(&other, &["exec", &bad, "true"], Duration::from_secs(30));
-    assert_eq!((code, out.as_str()), (0, ""));
+    let outcome = run_in(&other, &["exec", &bad, "true"], Duration::from_secs(30));
+    assert_eq!(outcome, Outcome::exec_ran());
     let mut child = workload(&["exec", &bad, "true"]).spawn().expect("spawn");
     let output = wait_child(&mut child, Duration::from_secs(30));
     assert!(output.status.success());
@@ -251,17 +187,9 @@ fn processes_outside_gated_cgroups_are_unaffected() {
 #[test]
 fn child_cgroups_created_later_are_gated_too() {
     require_vm();
-    let cgroup = Cgroup::create("gk-exec-nested");
     let agent_dir = tempfile::tempdir().expect("tempdir");
     let bad = tool(agent_dir.path(), "bad-tool");
-    let agent = Agent::start(
-        "exec-nested",
-        &exec_policy(
-            "gk-exec-nested",
-            &format!("default = \"allow\"\ndeny = [\"{bad}\"]"),
-            "",
-        ),
-    );
+    let (cgroup, agent) = gate_exec("exec-nested", &allow_but("deny", &bad), "");
     // A child cgroup created while the agent runs: picked up by the rescan.
     std::fs::create_dir(cgroup.path().join("job-1")).expect("child cgroup");
     agent.wait_log(
@@ -270,10 +198,10 @@ fn child_cgroups_created_later_are_gated_too() {
         Duration::from_secs(30),
     );
     let child = Cgroup::adopt("gk-exec-nested/job-1");
-    let (code, out) = run_in(&child, &["exec", &bad, "true"], Duration::from_secs(30));
+    let outcome = run_in(&child, &["exec", &bad, "true"], Duration::from_secs(30));
     assert_eq!(
-        (code, out.as_str()),
-        (111, "errno 1"),
+        outcome,
+        Outcome::exec_denied(),
         "a new child cgroup must be gated"
     );
 }

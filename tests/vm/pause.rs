@@ -3,129 +3,119 @@
 
 use std::time::{Duration, Instant};
 
-use gatekeep_tests::{Agent, Cgroup, is_stopped, require_vm, wait_child, wait_for};
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
+use gatekeep_tests::{
+    gate_exec, is_stopped,
+    policy::{self, allow_but, on_timeout},
+    require_vm, sigcont, wait_child, wait_stopped,
+    workload::{assert_no_513, finish, run_in, start_paused, tool, workload},
 };
 
-use crate::{
-    exec::{assert_no_513, exec_policy},
-    workload::{tool, workload},
-};
+/// A shell the policy asks about (a busybox copy) and a script for it,
+/// `echo "$1" > FILE`, that records which argument the exec ran with.
+struct ArgvProbe {
+    dir: tempfile::TempDir,
+    shell: String,
+    script: String,
+}
 
-fn sigcont(pid: u32) {
-    kill(
-        Pid::from_raw(i32::try_from(pid).expect("pid")),
-        Signal::SIGCONT,
-    )
-    .expect("SIGCONT");
+impl ArgvProbe {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shell = tool(dir.path(), "asked-shell");
+        let script = format!("echo \"$1\" > {}", dir.path().join("ran-with").display());
+        Self { dir, shell, script }
+    }
+
+    /// The workload `command` (`exec-rewrite`, `exec-expose`) exec'ing
+    /// `sh -c SCRIPT sh ORIGINAL`, then `--` and `extra`.
+    fn workload<'a>(&'a self, command: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![
+            command,
+            &self.shell,
+            "sh",
+            "-c",
+            &self.script,
+            "sh",
+            "ORIGINAL",
+            "--",
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
+
+    /// The argument the shell ran with.
+    fn ran_with(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ran-with"))
+            .expect("the shell ran")
+            .trim()
+            .to_owned()
+    }
 }
 
 #[test]
 fn stray_sigcont_pauses_the_task_again() {
     require_vm();
-    let cgroup = Cgroup::create("gk-pause-stray");
     let dir = tempfile::tempdir().expect("tempdir");
     let asked = tool(dir.path(), "asked-tool");
-    let agent = Agent::start(
+    let (cgroup, agent) = gate_exec(
         "pause-stray",
-        &exec_policy(
-            "gk-pause-stray",
-            &format!("default = \"allow\"\nask = [\"{asked}\"]"),
-            "timeout = \"8s\"\non_timeout = \"allow\"",
-        ),
+        &allow_but("ask", &asked),
+        &on_timeout("8s", "allow"),
     );
     let started = Instant::now();
-    let mut child = cgroup.spawn(&mut workload(&["exec", &asked, "true"]));
+    let mut child = start_paused(&cgroup, &["exec", &asked, "true"], Duration::from_secs(20));
     let pid = child.id();
-    wait_for("the task to be paused", Duration::from_secs(20), || {
-        is_stopped(pid).then_some(())
-    });
     for _ in 0..3 {
         sigcont(pid);
         // Nobody but the verdict lets it through: it stops again.
-        wait_for(
-            "the task to stop again after a stray SIGCONT",
-            Duration::from_secs(10),
-            || is_stopped(pid).then_some(()),
-        );
+        wait_stopped(pid, Duration::from_secs(10));
         assert!(
             child.try_wait().expect("try_wait").is_none(),
             "the exec went through on a stray SIGCONT"
         );
     }
-    let (ok, status, _) = agent.admin(&["status", "--output", "json"]);
-    assert!(ok);
-    let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
-    let repaused = status["counters"]
-        .as_array()
-        .and_then(|c| c.iter().find(|pair| pair[0] == "repaused"))
-        .and_then(|pair| pair[1].as_u64())
-        .expect("repaused counter");
+    let repaused = agent.counter("repaused");
     assert!(
         repaused >= 3,
         "the kernel re-paused {repaused} times, expected 3"
     );
-    let output = wait_child(&mut child, Duration::from_mins(1));
-    let out = String::from_utf8_lossy(&output.stdout);
-    assert_no_513(&out);
-    assert!(output.status.success(), "allowed at the timeout: {out}");
+    let outcome = finish(&mut child, Duration::from_mins(1));
+    outcome.assert_no_513();
+    assert_eq!(
+        outcome.code, 0,
+        "allowed at the timeout: {}",
+        outcome.stdout
+    );
     assert!(
         started.elapsed() >= Duration::from_secs(8),
         "ran before the decision"
     );
     // One request only: re-pausing emits nothing new.
-    let requested = agent
-        .audit_records()
-        .into_iter()
-        .filter(|r| r["kind"] == "requested")
-        .count();
-    assert_eq!(requested, 1);
+    assert_eq!(agent.records_of("requested").len(), 1);
 }
 
 #[test]
 fn argv_rewritten_by_a_sibling_thread_is_never_approved_by_the_old_verdict() {
     require_vm();
-    let cgroup = Cgroup::create("gk-pause-argv");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let shell = tool(dir.path(), "asked-shell");
-    let out_file = dir.path().join("ran-with");
-    let agent = Agent::start(
+    let probe = ArgvProbe::new();
+    let (cgroup, agent) = gate_exec(
         "pause-argv",
-        &exec_policy(
-            "gk-pause-argv",
-            &format!("default = \"allow\"\nask = [\"{shell}\"]"),
-            "timeout = \"3s\"\non_timeout = \"allow\"",
-        ),
+        &allow_but("ask", &probe.shell),
+        &on_timeout("3s", "allow"),
     );
-    let script = format!("echo \"$1\" > {}", out_file.display());
-    let mut child = cgroup.spawn(&mut workload(&[
-        "exec-rewrite",
-        &shell,
-        "sh",
-        "-c",
-        &script,
-        "sh",
-        "ORIGINAL",
-        "--",
-        "ORIGINAL",
-        "REWRITTN",
-    ]));
+    let mut child = start_paused(
+        &cgroup,
+        &probe.workload("exec-rewrite", &["ORIGINAL", "REWRITTN"]),
+        Duration::from_secs(20),
+    );
     let pid = child.id();
-    wait_for("the exec to be paused", Duration::from_secs(20), || {
-        is_stopped(pid).then_some(())
-    });
     // A stray SIGCONT lets the sibling thread run and rewrite argv while
     // the request is still undecided.
     sigcont(pid);
     let output = wait_child(&mut child, Duration::from_secs(90));
     assert_no_513(&String::from_utf8_lossy(&output.stdout));
     assert!(output.status.success(), "{output:?}");
-    let ran_with = std::fs::read_to_string(&out_file)
-        .expect("the shell ran")
-        .trim()
-        .to_owned();
+    let ran_with = probe.ran_with();
 
     // Whatever argv ran must be one that a decision allowed.
     let records = agent.audit_records();
@@ -169,30 +159,13 @@ fn argv_rewritten_by_a_sibling_thread_is_never_approved_by_the_old_verdict() {
 #[test]
 fn argv_changed_while_paused_is_asked_anew_and_only_the_new_request_is_decided() {
     require_vm();
-    let cgroup = Cgroup::create("gk-pause-argv-mem");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let shell = tool(dir.path(), "asked-shell");
-    let out_file = dir.path().join("ran-with");
-    let agent = Agent::start(
+    let probe = ArgvProbe::new();
+    let (cgroup, agent) = gate_exec(
         "pause-argv-mem",
-        &exec_policy(
-            "gk-pause-argv-mem",
-            &format!("default = \"allow\"\nask = [\"{shell}\"]"),
-            "timeout = \"3s\"\non_timeout = \"allow\"",
-        ),
+        &allow_but("ask", &probe.shell),
+        &on_timeout("3s", "allow"),
     );
-    let script = format!("echo \"$1\" > {}", out_file.display());
-    let mut child = cgroup.spawn(&mut workload(&[
-        "exec-expose",
-        &shell,
-        "sh",
-        "-c",
-        &script,
-        "sh",
-        "ORIGINAL",
-        "--",
-        "ORIGINAL",
-    ]));
+    let mut child = cgroup.spawn(&mut workload(&probe.workload("exec-expose", &["ORIGINAL"])));
     let pid = child.id();
     let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
     let mut line = String::new();
@@ -202,9 +175,7 @@ fn argv_changed_while_paused_is_asked_anew_and_only_the_new_request_is_decided()
         .strip_prefix("addr ")
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no address line: {line:?}"));
-    wait_for("the exec to be paused", Duration::from_secs(20), || {
-        is_stopped(pid).then_some(())
-    });
+    wait_stopped(pid, Duration::from_secs(20));
     let first = agent.wait_record("requested", Duration::from_secs(20), |_| true);
     assert_eq!(first["payload"]["argv"][4], "ORIGINAL");
 
@@ -223,11 +194,7 @@ fn argv_changed_while_paused_is_asked_anew_and_only_the_new_request_is_decided()
 
     let output = wait_child(&mut child, Duration::from_mins(1));
     assert!(output.status.success(), "{output:?}");
-    let ran_with = std::fs::read_to_string(&out_file)
-        .expect("the shell ran")
-        .trim()
-        .to_owned();
-    assert_eq!(ran_with, "REWRITTN");
+    assert_eq!(probe.ran_with(), "REWRITTN");
     let records = agent.audit_records();
     let requested: Vec<&serde_json::Value> = records
         .iter()
@@ -256,22 +223,15 @@ fn argv_changed_while_paused_is_asked_anew_and_only_the_new_request_is_decided()
 #[test]
 fn task_killed_while_paused_is_recorded_abandoned_and_leaves_nothing_pending() {
     require_vm();
-    let cgroup = Cgroup::create("gk-pause-kill");
     let dir = tempfile::tempdir().expect("tempdir");
     let asked = tool(dir.path(), "asked-tool");
-    let agent = Agent::start(
+    let (cgroup, agent) = gate_exec(
         "pause-kill",
-        &exec_policy(
-            "gk-pause-kill",
-            &format!("default = \"allow\"\nask = [\"{asked}\"]"),
-            "timeout = \"60s\"\non_timeout = \"allow\"",
-        ),
+        &allow_but("ask", &asked),
+        &on_timeout("60s", "allow"),
     );
-    let mut child = cgroup.spawn(&mut workload(&["exec", &asked, "true"]));
+    let mut child = start_paused(&cgroup, &["exec", &asked, "true"], Duration::from_secs(20));
     let pid = child.id();
-    wait_for("the task to be paused", Duration::from_secs(20), || {
-        is_stopped(pid).then_some(())
-    });
     agent.wait_record("requested", Duration::from_secs(20), |_| true);
     child.kill().expect("SIGKILL the paused task");
     let _ = child.wait();
@@ -281,11 +241,8 @@ fn task_killed_while_paused_is_recorded_abandoned_and_leaves_nothing_pending() {
         abandoned["request_id"].is_string(),
         "linked to its request: {abandoned}"
     );
-    let (ok, status, _) = agent.admin(&["status", "--output", "json"]);
-    assert!(ok);
-    let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
     assert_eq!(
-        status["paused_requests"],
+        agent.status()["paused_requests"],
         serde_json::json!([]),
         "no pending entry leaks"
     );
@@ -294,32 +251,25 @@ fn task_killed_while_paused_is_recorded_abandoned_and_leaves_nothing_pending() {
 #[test]
 fn policy_reload_while_tasks_are_paused_finishes_them_and_applies_the_new_rules() {
     require_vm();
-    let cgroup = Cgroup::create("gk-pause-reload");
     let dir = tempfile::tempdir().expect("tempdir");
     let asked = tool(dir.path(), "asked-tool");
     let later = tool(dir.path(), "later-tool");
-    let agent = Agent::start(
+    let (cgroup, agent) = gate_exec(
         "pause-reload",
-        &exec_policy(
-            "gk-pause-reload",
-            &format!("default = \"allow\"\nask = [\"{asked}\"]"),
-            "timeout = \"6s\"\non_timeout = \"allow\"",
-        ),
+        &allow_but("ask", &asked),
+        &on_timeout("6s", "allow"),
     );
-    let mut paused = cgroup.spawn(&mut workload(&["exec", &asked, "true"]));
+    let mut paused = start_paused(&cgroup, &["exec", &asked, "true"], Duration::from_secs(20));
     let pid = paused.id();
-    wait_for("the task to be paused", Duration::from_secs(20), || {
-        is_stopped(pid).then_some(())
-    });
 
     // An invalid policy is refused and changes nothing.
     agent.replace_policy("[[policy]]\nname = \"broken\"\ncgroups = [\"relative\"]\n");
     agent.wait_log("policy reload refused", 1, Duration::from_secs(20));
     // A valid one replaces the old set while the task waits.
-    agent.replace_policy(&exec_policy(
+    agent.replace_policy(&policy::exec(
         "gk-pause-reload",
         &format!("default = \"allow\"\nask = [\"{asked}\"]\ndeny = [\"{later}\"]"),
-        "timeout = \"6s\"\non_timeout = \"allow\"",
+        &on_timeout("6s", "allow"),
     ));
     agent.wait_log("policy reloaded", 1, Duration::from_secs(20));
     assert!(
@@ -332,18 +282,9 @@ fn policy_reload_while_tasks_are_paused_finishes_them_and_applies_the_new_rules(
         output.status.success(),
         "the paused request is finished under its policy: {output:?}"
     );
-    let mut child = cgroup.spawn(&mut workload(&["exec", &later, "true"]));
-    let output = wait_child(&mut child, Duration::from_secs(30));
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
-        "errno 1",
-        "the new rule is enforced"
-    );
-    let loaded: Vec<serde_json::Value> = agent
-        .audit_records()
-        .into_iter()
-        .filter(|r| r["kind"] == "policy_loaded")
-        .collect();
+    let outcome = run_in(&cgroup, &["exec", &later, "true"], Duration::from_secs(30));
+    assert_eq!(outcome.stdout, "errno 1", "the new rule is enforced");
+    let loaded = agent.records_of("policy_loaded");
     // Startup, then the valid files (a file change and the SIGHUP may each
     // reload them); the invalid files never loaded.
     assert!(loaded.len() >= 2, "{loaded:#?}");

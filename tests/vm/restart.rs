@@ -3,33 +3,26 @@
 
 use std::time::{Duration, Instant};
 
-use gatekeep_tests::{Agent, Cgroup, is_stopped, require_vm, wait_child, wait_for};
-
-use crate::{
-    exec::{exec_policy, run_in},
-    workload::{tool, workload},
+use gatekeep_tests::{
+    gate_exec, is_stopped,
+    policy::{allow_but, on_timeout},
+    require_vm, wait_child,
+    workload::{Outcome, finish, run_in, start_paused, tool},
 };
 
 #[test]
 fn agent_killed_while_a_task_is_paused_leaves_it_paused_and_the_next_agent_finishes_it() {
     require_vm();
-    let cgroup = Cgroup::create("gk-restart-kill");
     let dir = tempfile::tempdir().expect("tempdir");
     let asked = tool(dir.path(), "asked-tool");
     let bad = tool(dir.path(), "bad-tool");
-    let mut agent = Agent::start(
+    let (cgroup, mut agent) = gate_exec(
         "restart-kill",
-        &exec_policy(
-            "gk-restart-kill",
-            &format!("default = \"allow\"\nask = [\"{asked}\"]\ndeny = [\"{bad}\"]"),
-            "timeout = \"4s\"\non_timeout = \"allow\"",
-        ),
+        &format!("default = \"allow\"\nask = [\"{asked}\"]\ndeny = [\"{bad}\"]"),
+        &on_timeout("4s", "allow"),
     );
-    let mut child = cgroup.spawn(&mut workload(&["exec", &asked, "true"]));
+    let mut child = start_paused(&cgroup, &["exec", &asked, "true"], Duration::from_secs(20));
     let pid = child.id();
-    wait_for("the task to be paused", Duration::from_secs(20), || {
-        is_stopped(pid).then_some(())
-    });
     agent.wait_record("requested", Duration::from_secs(20), |_| true);
 
     agent.kill_hard();
@@ -44,10 +37,9 @@ fn agent_killed_while_a_task_is_paused_leaves_it_paused_and_the_next_agent_finis
     }
     assert!(is_stopped(pid), "the task must still be stopped");
     // The programs stay attached: a denied exec is still denied.
-    let (code, out) = run_in(&cgroup, &["exec", &bad, "true"], Duration::from_secs(30));
     assert_eq!(
-        (code, out.as_str()),
-        (111, "errno 1"),
+        run_in(&cgroup, &["exec", &bad, "true"], Duration::from_secs(30)),
+        Outcome::exec_denied(),
         "enforcement lapsed while the agent was down"
     );
 
@@ -80,22 +72,15 @@ fn agent_killed_while_a_task_is_paused_leaves_it_paused_and_the_next_agent_finis
 #[test]
 fn clean_restart_keeps_paused_tasks_paused_and_finishes_them() {
     require_vm();
-    let cgroup = Cgroup::create("gk-restart-term");
     let dir = tempfile::tempdir().expect("tempdir");
     let asked = tool(dir.path(), "asked-tool");
-    let mut agent = Agent::start(
+    let (cgroup, mut agent) = gate_exec(
         "restart-term",
-        &exec_policy(
-            "gk-restart-term",
-            &format!("default = \"allow\"\nask = [\"{asked}\"]"),
-            "timeout = \"5s\"\non_timeout = \"deny\"",
-        ),
+        &allow_but("ask", &asked),
+        &on_timeout("5s", "deny"),
     );
-    let mut child = cgroup.spawn(&mut workload(&["exec", &asked, "true"]));
+    let mut child = start_paused(&cgroup, &["exec", &asked, "true"], Duration::from_secs(20));
     let pid = child.id();
-    wait_for("the task to be paused", Duration::from_secs(20), || {
-        is_stopped(pid).then_some(())
-    });
     agent.wait_record("requested", Duration::from_secs(20), |_| true);
     assert!(agent.stop(), "SIGTERM must stop the agent cleanly");
     assert!(
@@ -107,16 +92,12 @@ fn clean_restart_keeps_paused_tasks_paused_and_finishes_them() {
     });
     assert!(cancelled["request_id"].is_string());
     assert!(
-        agent
-            .audit_records()
-            .iter()
-            .any(|r| r["kind"] == "agent_stopped"),
+        !agent.records_of("agent_stopped").is_empty(),
         "nothing lost on SIGTERM"
     );
     agent.launch();
-    let output = wait_child(&mut child, Duration::from_mins(1));
     assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
+        finish(&mut child, Duration::from_mins(1)).stdout,
         "errno 1",
         "denied at the timeout by the new agent"
     );

@@ -3,6 +3,7 @@
 //! runs before libtest's `main`, does what the arguments say (exec, connect,
 //! thread tricks) and exits, so the VM needs no extra binary and the
 //! syscalls under test are made directly, with their raw errno reported.
+//! Tests start it with `gatekeep_tests::workload`.
 //!
 //! Commands (after the binary name):
 //! - `exec PATH ARG0 [ARGS...]`: `execv(PATH, [ARG0, ARGS...])`; on failure
@@ -18,8 +19,6 @@
 use std::{
     ffi::CString,
     net::{IpAddr, SocketAddr, TcpStream},
-    path::Path,
-    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -179,32 +178,4 @@ fn exec_expose(args: &[String]) -> i32 {
     unsafe { libc::execv(path.as_ptr(), ptrs.as_ptr()) };
     println!("errno {}", errno());
     111
-}
-
-/// A command running this binary as the workload with `args`.
-pub fn workload(args: &[&str]) -> Command {
-    let exe = std::env::current_exe().expect("current exe");
-    let mut command = Command::new(exe);
-    command
-        .env("GATEKEEP_WORKLOAD", "1")
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    command
-}
-
-/// The workload binary's path (a policy must let it run).
-pub fn workload_path() -> String {
-    std::env::current_exe()
-        .expect("current exe")
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// Copies busybox to `dir/name`: a file with its own inode, so exec rules
-/// can name it without touching every busybox applet.
-pub fn tool(dir: &Path, name: &str) -> String {
-    let path = dir.join(name);
-    std::fs::copy("/bin/busybox", &path).expect("copy busybox");
-    path.to_string_lossy().into_owned()
 }

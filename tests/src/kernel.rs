@@ -1,0 +1,106 @@
+//! The kernel programs driven directly through their maps, with no agent:
+//! for the tests in which nothing but the programs can make them pass.
+
+use std::time::Duration;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+};
+use gatekeep_common::{ExecEvent, GatedCgroup, PolicyDefaults, TaskEvent, action};
+use nix::time::{ClockId, clock_gettime};
+
+use crate::{Cgroup, wait_for};
+
+/// A record the programs put on the `EVENTS` ring buffer, starting with
+/// its `EventHeader` (whose first field is the kind).
+///
+/// # Safety
+///
+/// Plain old data laid out as the kernel programs write it: any bytes of
+/// its size are a valid value.
+pub unsafe trait Event: Copy {}
+
+// SAFETY: `#[repr(C)]` records of integers and byte arrays, shared with the
+// kernel programs through gatekeep-common.
+unsafe impl Event for ExecEvent {}
+// SAFETY: as above.
+unsafe impl Event for TaskEvent {}
+
+/// Gates `cgroup` under policy `policy_id`, whose exec default is
+/// `exec_default` (connects and unix sockets allowed), in the loaded
+/// programs' maps.
+pub fn gate(ebpf: &mut Ebpf, cgroup: &Cgroup, policy_id: u32, exec_default: u32) {
+    let mut policies: Array<_, PolicyDefaults> =
+        Array::try_from(ebpf.map_mut("POLICIES").expect("POLICIES")).expect("array");
+    let defaults = PolicyDefaults {
+        exec_default,
+        connect_default: action::ALLOW,
+        unix_action: action::ALLOW,
+        generation: 1,
+    };
+    policies.set(policy_id, defaults, 0).expect("set policy");
+    let mut gated: HashMap<_, u64, GatedCgroup> =
+        HashMap::try_from(ebpf.map_mut("GATED_CGROUPS").expect("GATED_CGROUPS")).expect("hash map");
+    gated
+        .insert(
+            cgroup.id(),
+            GatedCgroup {
+                policy_id,
+                flags: 0,
+            },
+            0,
+        )
+        .expect("gate cgroup");
+}
+
+/// A kernel counter (`COUNTERS`, an index from `gatekeep_common::counter`),
+/// summed over the CPUs.
+#[must_use]
+pub fn counter(ebpf: &Ebpf, index: u32) -> u64 {
+    let counters: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(ebpf.map("COUNTERS").expect("COUNTERS")).expect("array");
+    counters.get(&index, 0).expect("read counter").iter().sum()
+}
+
+/// The next event of `kind` on the ring buffer (those of other kinds
+/// before it are dropped), read as `T`.
+pub fn next_event<T: Event>(ring: &mut RingBuf<&mut MapData>, kind: u32) -> Option<T> {
+    while let Some(item) = ring.next() {
+        let item_kind = u32::from_ne_bytes(item[..4].try_into().expect("4 bytes"));
+        if item_kind == kind {
+            assert!(
+                item.len() >= size_of::<T>(),
+                "short record of kind {kind}: {} bytes",
+                item.len()
+            );
+            // SAFETY: length checked; `T: Event` is plain old data with
+            // the layout the kernel program wrote.
+            return Some(unsafe { item.as_ptr().cast::<T>().read_unaligned() });
+        }
+    }
+    None
+}
+
+/// Waits up to `timeout` for an event of `kind` on the `EVENTS` ring buffer.
+pub fn wait_event<T: Event>(ebpf: &mut Ebpf, kind: u32, timeout: Duration) -> T {
+    let mut ring = RingBuf::try_from(ebpf.map_mut("EVENTS").expect("EVENTS")).expect("ring buffer");
+    wait_for(&format!("an event of kind {kind}"), timeout, || {
+        next_event(&mut ring, kind)
+    })
+}
+
+/// The kernel's encoding of a device number (`MKDEV`), as `s_dev` holds it.
+#[must_use]
+pub fn kernel_dev(dev: u64) -> u64 {
+    (u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev))
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds: the kernel's clock for verdict and
+/// grant expiries.
+#[must_use]
+pub fn boot_ns() -> u64 {
+    let now = clock_gettime(ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME");
+    u64::try_from(now.tv_sec()).expect("positive") * 1_000_000_000
+        + u64::try_from(now.tv_nsec()).expect("positive")
+}
