@@ -79,6 +79,13 @@ pub struct Figure {
     pub baseline_label: Option<String>,
     /// `value / baseline`, the median of the per-run ratios when measured side by side.
     pub ratio: Option<f64>,
+    /// Smallest and largest of those per-run ratios.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio_range: Option<[f64; 2]>,
+    /// A 95 % confidence interval of their median (distribution-free: order statistics of
+    /// the per-run ratios, see [`median_ci`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio_ci: Option<[f64; 2]>,
     pub target: Option<Target>,
     /// How it was measured (counts, setup); `cargo xtask bench` adds the load.
     pub conditions: String,
@@ -100,6 +107,8 @@ impl Figure {
             baseline: None,
             baseline_label: None,
             ratio: None,
+            ratio_range: None,
+            ratio_ci: None,
             target: None,
             conditions: String::new(),
         }
@@ -115,10 +124,14 @@ impl Figure {
         self
     }
 
-    /// The ratio as the median of per-run ratios (measured side by side).
+    /// The ratio as the median of per-run ratios (measured side by side), with their
+    /// range and the median's confidence interval.
     #[must_use]
     pub fn ratio(mut self, ratios: &[f64]) -> Self {
-        self.ratio = Some(Summary::of(ratios).median);
+        let summary = Summary::of(ratios);
+        self.ratio = Some(summary.median);
+        self.ratio_range = Some([summary.min, summary.max]);
+        self.ratio_ci = median_ci(ratios);
         self
     }
 
@@ -141,7 +154,17 @@ impl Figure {
         println!("{MARKER}{json}");
         let ratio = self
             .ratio
-            .map(|r| format!(" ratio {r:.3}"))
+            .map(|r| {
+                let ci = self
+                    .ratio_ci
+                    .map(|[lo, hi]| format!(" (95% CI {lo:.4}..{hi:.4})"))
+                    .unwrap_or_default();
+                let range = self
+                    .ratio_range
+                    .map(|[lo, hi]| format!(" [runs {lo:.4}..{hi:.4}]"))
+                    .unwrap_or_default();
+                format!(" ratio {r:.4}{ci}{range}")
+            })
             .unwrap_or_default();
         eprintln!(
             "[bench] {}: {} {} ({}..{}, {} runs){ratio}",
@@ -206,6 +229,35 @@ impl Summary {
     }
 }
 
+/// A 95 % confidence interval of the median of `values`, free of any assumption about
+/// their distribution: the order statistics `x(k)` and `x(n+1-k)` with the largest `k`
+/// such that `P(Binomial(n, 1/2) < k) <= 2.5 %` (the median of the population lies
+/// between them with at least 95 % probability). `None` for fewer than 6 values, where
+/// no such pair exists (the full range covers less than 95 %).
+#[must_use]
+pub fn median_ci(values: &[f64]) -> Option<[f64; 2]> {
+    let n = values.len();
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    // P(B <= j) for B ~ Binomial(n, 1/2), built term by term.
+    let half_n = 0.5f64.powi(i32::try_from(n).ok()?);
+    let mut term = half_n; // P(B = 0)
+    let mut below = 0.0; // P(B < k)
+    let mut k = 0;
+    for j in 0..n / 2 {
+        below += term;
+        if below > 0.025 {
+            break;
+        }
+        k = j + 1;
+        // P(B = j + 1) = P(B = j) * (n - j) / (j + 1)
+        #[expect(clippy::cast_precision_loss, reason = "small counts")]
+        let step = (n - j) as f64 / (j + 1) as f64;
+        term *= step;
+    }
+    (k >= 1).then(|| [sorted[k - 1], sorted[n - k]])
+}
+
 /// The `p`-quantile (0..=1) of sorted samples, nearest rank.
 #[must_use]
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -257,6 +309,28 @@ mod tests {
         let even = Summary::of(&[4.0, 1.0, 2.0, 3.0]);
         assert!((even.median - 2.5).abs() < 1e-12);
         assert!(Summary::of(&[]).median.abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn the_median_interval_uses_binomial_order_statistics() {
+        // n = 5: even the full range covers only 93.75 %.
+        assert_eq!(median_ci(&[1.0, 2.0, 3.0, 4.0, 5.0]), None);
+        // n = 6: P(B = 0) = 1.6 % -> k = 1, the full range (96.9 %).
+        assert_eq!(median_ci(&[6.0, 1.0, 2.0, 3.0, 4.0, 5.0]), Some([1.0, 6.0]));
+        // n = 12: P(B <= 2) = 1.9 %, P(B <= 3) = 7.3 % -> k = 3.
+        let twelve: Vec<f64> = (1..=12).map(f64::from).collect();
+        assert_eq!(median_ci(&twelve), Some([3.0, 10.0]));
+        // n = 20: P(B <= 5) = 2.07 % -> k = 6.
+        let twenty: Vec<f64> = (1..=20).rev().map(f64::from).collect();
+        assert_eq!(median_ci(&twenty), Some([6.0, 15.0]));
+    }
+
+    #[test]
+    fn paired_ratios_carry_their_range_and_interval() {
+        let ratios: Vec<f64> = (0..12).map(|i| 1.0 + f64::from(i) / 1000.0).collect();
+        let figure = Figure::from_runs("r", "r", "us", &[1.0]).ratio(&ratios);
+        assert_eq!(figure.ratio_range, Some([1.0, 1.011]));
+        assert_eq!(figure.ratio_ci, Some([1.002, 1.009]));
     }
 
     #[test]

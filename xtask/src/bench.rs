@@ -10,7 +10,7 @@
 use std::{
     fmt::Write as _,
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -41,6 +41,9 @@ pub struct Options {
     /// Skip the in-VM benchmarks.
     #[arg(long)]
     pub no_vm: bool,
+    /// Only these in-VM groups: `overhead`, `agent` (default: both).
+    #[arg(long = "vm-only", value_name = "GROUP")]
+    pub vm_only: Vec<String>,
     /// Give up on the VM (and kill it) after this many seconds.
     #[arg(long, default_value_t = 5400, value_name = "SECS")]
     pub timeout: u64,
@@ -136,14 +139,47 @@ fn target_text(figure: &Value) -> String {
         Some(false) => "MISSED",
         None => "?",
     };
+    let limit = target["value"].as_f64().unwrap_or(f64::NAN);
+    // A ratio's confidence interval that contains the target: the verdict is the
+    // median's, not a certainty.
+    let within = target["on_ratio"].as_bool().unwrap_or(false)
+        && interval(&figure["ratio_ci"]).is_some_and(|(lo, hi)| lo <= limit && limit <= hi);
     format!(
-        "{what}{op} {} {verdict}",
-        number(target["value"].as_f64().unwrap_or(f64::NAN))
+        "{what}{op} {} {verdict}{}",
+        number(limit),
+        if within {
+            " (target within the CI)"
+        } else {
+            ""
+        }
     )
 }
 
-/// The table: metric, value (median, min..max over runs), baseline, ratio, target,
-/// conditions.
+/// A `[low, high]` pair.
+fn interval(value: &Value) -> Option<(f64, f64)> {
+    Some((value.get(0)?.as_f64()?, value.get(1)?.as_f64()?))
+}
+
+/// A ratio the way the table shows it: the median, its 95 % confidence interval and the
+/// range of the per-run ratios when the figure has them. Fractions (below 0.1) get one
+/// more digit.
+fn ratio_text(figure: &Value) -> String {
+    let Some(ratio) = figure["ratio"].as_f64() else {
+        return String::new();
+    };
+    let digits = if ratio.abs() < 0.1 { 4 } else { 3 };
+    let mut text = format!("{ratio:.digits$}");
+    if let Some((lo, hi)) = interval(&figure["ratio_ci"]) {
+        let _ = write!(text, " (CI {lo:.digits$}..{hi:.digits$})");
+    }
+    if let Some((lo, hi)) = interval(&figure["ratio_range"]) {
+        let _ = write!(text, " [{lo:.digits$}..{hi:.digits$}]");
+    }
+    text
+}
+
+/// The table: metric, value (median, min..max over runs), baseline, ratio (median, its
+/// confidence interval, min..max over runs), target, conditions.
 fn table(figures: &[Value]) -> String {
     let rows: Vec<[String; 6]> = figures
         .iter()
@@ -161,10 +197,7 @@ fn table(figures: &[Value]) -> String {
                 (Some(b), None) => number(b),
                 _ => String::new(),
             };
-            let ratio = f["ratio"]
-                .as_f64()
-                .map(|r| format!("{r:.3}"))
-                .unwrap_or_default();
+            let ratio = ratio_text(f);
             [
                 f["metric"].as_str().unwrap_or_default().to_owned(),
                 value,
@@ -249,6 +282,37 @@ fn build() -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
     ))
 }
 
+/// The VM's initramfs: busybox, the kernel's modules, the VM binaries and the benchmark,
+/// which runs `gatekeep-bench vm` with the options asked for.
+fn initrd(
+    kernel: &Kernel,
+    bench: &Path,
+    binaries: &[(String, PathBuf)],
+    opts: &Options,
+) -> Result<PathBuf> {
+    let initramfs = Initramfs::new("bench")?;
+    initramfs.add_busybox()?;
+    initramfs.add_modules(kernel)?;
+    for (name, path) in binaries {
+        initramfs.add_executable(path, name)?;
+    }
+    initramfs.add_executable(bench, BENCH_BINARY)?;
+    let mut argv = vec![BENCH_BINARY.to_owned(), "vm".to_owned()];
+    if opts.smoke {
+        argv.push("--smoke".to_owned());
+    }
+    for group in &opts.vm_only {
+        argv.extend(["--only".to_owned(), group.clone()]);
+    }
+    initramfs.finish(&Payload {
+        env: vec![
+            ("GATEKEEP_IN_VM".to_owned(), "1".to_owned()),
+            ("RUST_BACKTRACE".to_owned(), "1".to_owned()),
+        ],
+        argv,
+    })
+}
+
 pub fn run(opts: &Options) -> Result<()> {
     if opts.no_native && opts.no_vm {
         bail!("nothing to run: both --no-native and --no-vm");
@@ -284,22 +348,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
 
     if let Some(kernel) = &kernel {
-        let initramfs = Initramfs::new("bench")?;
-        initramfs.add_busybox()?;
-        initramfs.add_modules(kernel)?;
-        for (name, path) in &binaries {
-            initramfs.add_executable(path, name)?;
-        }
-        initramfs.add_executable(&bench, BENCH_BINARY)?;
-        let mut argv = vec![BENCH_BINARY.to_owned(), "vm".to_owned()];
-        argv.extend(smoke.iter().map(|s| (*s).to_owned()));
-        let initrd = initramfs.finish(&Payload {
-            env: vec![
-                ("GATEKEEP_IN_VM".to_owned(), "1".to_owned()),
-                ("RUST_BACKTRACE".to_owned(), "1".to_owned()),
-            ],
-            argv,
-        })?;
+        let initrd = initrd(kernel, &bench, &binaries, opts)?;
         let load_at_start = load();
         eprintln!("[bench] in-VM benchmarks (host load {load_at_start:.2})");
         let place = format!("in the VM ({}, TCG)", kernel.package);
@@ -408,5 +457,26 @@ mod tests {
         assert!(text.contains("| a metric "), "{text}");
         assert!(text.contains("ratio <= 1.010 MISSED"), "{text}");
         assert!(text.contains("1.020 us [1.020..1.020, n=3]"), "{text}");
+    }
+
+    #[test]
+    fn paired_ratios_show_their_interval_and_range() {
+        let mut f = figure(
+            1.0,
+            Some(1.012),
+            &json!({"goal": "atmost", "value": 1.01, "on_ratio": true}),
+        );
+        f["ratio_ci"] = json!([1.008, 1.015]);
+        f["ratio_range"] = json!([1.001, 1.02]);
+        f["met"] = json!(met(&f));
+        assert_eq!(ratio_text(&f), "1.012 (CI 1.008..1.015) [1.001..1.020]");
+        assert_eq!(
+            target_text(&f),
+            "ratio <= 1.010 MISSED (target within the CI)"
+        );
+        f["ratio"] = json!(0.01234);
+        f["ratio_ci"] = Value::Null;
+        f["ratio_range"] = Value::Null;
+        assert_eq!(ratio_text(&f), "0.0123");
     }
 }

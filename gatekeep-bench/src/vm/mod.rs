@@ -1,7 +1,8 @@
 //! The in-VM benchmarks (real kernel, BPF LSM): `gatekeep-bench vm`, booted by
 //! `cargo xtask bench`.
 //!
-//! 1. [`overhead`]: exec and connect loops in four setups, interleaved round by round.
+//! 1. [`overhead`]: exec and connect loops in four setups (and two diagnostic ones),
+//!    interleaved in short chunks; the programs' own run time from the kernel's statistics.
 //! 2. [`agent`]: the ask path through the real agent, the agent's event throughput and
 //!    its memory.
 
@@ -36,10 +37,9 @@ pub struct VmOptions {
 /// How much to measure.
 #[derive(Debug, Clone, Copy)]
 pub struct Sizes {
+    /// Rounds of the agent benchmarks.
     pub rounds: usize,
-    pub execs: usize,
-    pub connects: usize,
-    pub warmup: usize,
+    pub overhead: overhead::OverheadSizes,
     pub asks: usize,
     /// Length of one step of the event-rate ramp.
     pub step: Duration,
@@ -50,18 +50,14 @@ impl Sizes {
         if smoke {
             Self {
                 rounds: 1,
-                execs: 100,
-                connects: 300,
-                warmup: 10,
+                overhead: overhead::OverheadSizes::new(true),
                 asks: 20,
                 step: Duration::from_secs(1),
             }
         } else {
             Self {
                 rounds: 5,
-                execs: 2_000,
-                connects: 5_000,
-                warmup: 50,
+                overhead: overhead::OverheadSizes::new(false),
                 asks: 300,
                 step: Duration::from_secs(4),
             }
@@ -239,7 +235,7 @@ pub fn run(opts: &VmOptions) -> Result<()> {
     let listener = start_listener()?;
     let mut exec_baseline = None;
     if wants("overhead") {
-        let result = overhead::run(sizes, tiny, listener)?;
+        let result = overhead::run(sizes.overhead, tiny, listener)?;
         exec_baseline = Some(result.baselines);
         for figure in result.figures {
             figure.emit();

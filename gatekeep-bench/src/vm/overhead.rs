@@ -1,9 +1,9 @@
-//! Item 1: what gatekeep costs exec and connect, in four setups measured round by round in
-//! one VM run (the VM is emulated: absolute times drift, ratios measured side by side do
-//! not):
+//! Item 1: what gatekeep costs exec and connect, in four setups measured side by side in
+//! one VM run (the VM is emulated: absolute times drift with the host's load, ratios
+//! measured close together in time do not):
 //!
-//! - `none`: no program loaded;
-//! - `outside`: programs loaded and attached, the process in a cgroup nobody gates;
+//! - `none`: no program attached;
+//! - `outside`: every program attached, the process in a cgroup nobody gates;
 //! - `rule`: the process gated, the exec and the connect allowed by an in-kernel rule
 //!   (`EXEC_RULES`, `CONNECT_V4`) under a policy whose defaults deny;
 //! - `grant`: the process gated under a policy that asks by default, the exact exec and
@@ -11,22 +11,41 @@
 //!   request each, as the agent does).
 //!
 //! Two diagnostic setups split the cost outside gated cgroups between the LSM hooks and
-//! the tracepoints (each attached alone; no target).
+//! the other programs (argv capture, exit and cgroup tracking), each group attached alone.
 //!
-//! The programs are loaded through the agent's own loader and driven through the maps. A
-//! thread drains the ring buffer like the agent's reader does. Counters check that each
-//! setup really took the path it names.
+//! How, so that a ratio is precise to a fraction of a percent on a noisy emulated VM:
+//!
+//! - the programs are loaded once through the agent's loader (the verifier is slow under
+//!   TCG); a setup switch only attaches or detaches links;
+//! - one long-lived worker per cgroup runs the loops on request, so a switch starts no
+//!   process;
+//! - a round gives every setup its full count of execs and connects in short chunks: each
+//!   of the round's slots runs every setup once in a random order, then once in the
+//!   reverse order; the two chunks of every setup are centred on the same instant, so a
+//!   drift of the VM's speed that is linear over a slot weighs the same on all of them;
+//! - a setup's ratio in a round is its total time over the baseline's in the same round
+//!   (paired); the figure is the median over the rounds, with their range and a 95 %
+//!   confidence interval of the median.
+//!
+//! A separate pass reads the programs' own run time per operation from the kernel's BPF
+//! statistics (they cost time of their own, so never during the ratio rounds).
+//!
+//! A thread drains the ring buffer like the agent's reader does. Counters check that
+//! every chunk took the path its setup names.
 
 use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::SocketAddr,
     os::fd::AsRawFd as _,
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -36,18 +55,116 @@ use aya::{
         Array, HashMap, MapData, PerCpuArray, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
+    programs::links::FdLink,
+    sys::{Stats, enable_stats},
 };
-use gatekeep_agent::{events::Event, kernel::boot_time_ns};
+use gatekeep_agent::{
+    ebpf::{PROGRAMS, Program},
+    events::Event,
+    kernel::boot_time_ns,
+};
 use gatekeep_common::{
     ConnectV4Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, PolicyDefaults, PortRule, PortRules,
     Verdict, VerdictKey, action, counter, request_kind,
 };
 
-use super::{BenchCgroup, Sizes, TINY, finish_worker, spawn_worker, worker};
+use super::{BenchCgroup, TINY, finish_worker, spawn_worker, worker::WorkerReport};
 use crate::report::{Figure, Summary, Target};
 
 const RULE_POLICY: u32 = 1;
 const GRANT_POLICY: u32 = 2;
+
+/// How much the overhead benchmark measures.
+#[derive(Debug, Clone, Copy)]
+pub struct OverheadSizes {
+    /// Rounds: each gives one paired ratio per setup.
+    pub rounds: usize,
+    /// Slots per round; each runs every setup twice (a random order, then its reverse).
+    pub slots: usize,
+    /// Timed execs and connects of one chunk (one setup's turn). A setup gets
+    /// `2 * slots * execs` execs and `2 * slots * connects` connects per round.
+    pub execs: usize,
+    pub connects: usize,
+    /// Untimed iterations at the start of every chunk.
+    pub warmup_execs: usize,
+    pub warmup_connects: usize,
+    /// Pause after attaching or detaching, for the kernel's deferred work (trampolines
+    /// are freed after an RCU grace period) to run before anything is timed.
+    pub settle: Duration,
+    /// The BPF statistics pass: rounds, and execs and connects per setup per round.
+    pub stats_rounds: usize,
+    pub stats_execs: usize,
+    pub stats_connects: usize,
+}
+
+impl OverheadSizes {
+    #[must_use]
+    pub fn new(smoke: bool) -> Self {
+        if smoke {
+            Self {
+                rounds: 1,
+                slots: 1,
+                execs: 20,
+                connects: 50,
+                warmup_execs: 2,
+                warmup_connects: 5,
+                settle: Duration::from_millis(20),
+                stats_rounds: 1,
+                stats_execs: 20,
+                stats_connects: 50,
+            }
+        } else {
+            // 2000 execs and 5000 connects per setup per round, in 8 chunks each.
+            Self {
+                rounds: 12,
+                slots: 4,
+                execs: 250,
+                connects: 625,
+                warmup_execs: 5,
+                warmup_connects: 20,
+                settle: Duration::from_millis(50),
+                stats_rounds: 3,
+                stats_execs: 600,
+                stats_connects: 1500,
+            }
+        }
+    }
+
+    fn per_round(&self, op: Op) -> usize {
+        2 * self.slots
+            * match op {
+                Op::Exec => self.execs,
+                Op::Connect => self.connects,
+            }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Exec,
+    Connect,
+}
+
+impl Op {
+    const ALL: [Op; 2] = [Op::Exec, Op::Connect];
+
+    /// The worker's name for the loop, and the figures'.
+    fn name(self) -> &'static str {
+        match self {
+            Op::Exec => "exec",
+            Op::Connect => "connect",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Op::Exec => "fork + exec of a 129-byte static binary",
+            Op::Connect => "TCP connect + close to a loopback listener",
+        }
+    }
+}
+
+const SETUPS: usize = 6;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Setup {
@@ -57,19 +174,23 @@ enum Setup {
     Grant,
     /// Diagnostic: `outside` with only the LSM hooks attached.
     LsmOnly,
-    /// Diagnostic: `outside` with only the tracepoints attached.
-    TracepointsOnly,
+    /// Diagnostic: `outside` with only the other programs attached.
+    TracingOnly,
 }
 
 impl Setup {
-    const ALL: [Setup; 6] = [
+    const ALL: [Setup; SETUPS] = [
         Setup::None,
         Setup::Outside,
         Setup::Rule,
         Setup::Grant,
         Setup::LsmOnly,
-        Setup::TracepointsOnly,
+        Setup::TracingOnly,
     ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -78,7 +199,7 @@ impl Setup {
             Setup::Rule => "rule",
             Setup::Grant => "grant",
             Setup::LsmOnly => "outside_lsm_only",
-            Setup::TracepointsOnly => "outside_tracepoints_only",
+            Setup::TracingOnly => "outside_tracing_only",
         }
     }
 
@@ -89,18 +210,60 @@ impl Setup {
             Setup::Rule => "gated, allowed by an in-kernel rule",
             Setup::Grant => "gated, allowed by a granted duration",
             Setup::LsmOnly => "outside gated cgroups, only the LSM hooks attached (diagnostic)",
-            Setup::TracepointsOnly => {
-                "outside gated cgroups, only the tracepoints attached (diagnostic)"
+            Setup::TracingOnly => {
+                "outside gated cgroups, only the non-LSM programs attached (diagnostic)"
             }
+        }
+    }
+
+    /// Which programs the setup has attached.
+    fn groups(self) -> Groups {
+        match self {
+            Setup::None => Groups {
+                lsm: false,
+                others: false,
+            },
+            Setup::Outside | Setup::Rule | Setup::Grant => Groups {
+                lsm: true,
+                others: true,
+            },
+            Setup::LsmOnly => Groups {
+                lsm: true,
+                others: false,
+            },
+            Setup::TracingOnly => Groups {
+                lsm: false,
+                others: true,
+            },
+        }
+    }
+
+    /// Which worker (cgroup) runs the loops: 0 free, 1 rule, 2 grant.
+    fn worker(self) -> usize {
+        match self {
+            Setup::None | Setup::Outside | Setup::LsmOnly | Setup::TracingOnly => 0,
+            Setup::Rule => 1,
+            Setup::Grant => 2,
+        }
+    }
+
+    /// The issue's target for the ratio to `none`.
+    fn target(self, op: Op) -> Option<f64> {
+        match (self, op) {
+            (Setup::Outside, _) => Some(1.01),
+            (Setup::Rule | Setup::Grant, Op::Exec) => Some(1.03),
+            (Setup::Rule | Setup::Grant, Op::Connect) => Some(1.05),
+            _ => None,
         }
     }
 }
 
-/// One round's mean times (microseconds) of every setup.
-#[derive(Debug, Default, Clone, Copy)]
-struct Round {
-    exec: [f64; 6],
-    connect: [f64; 6],
+/// Which of the agent's programs are attached: the LSM hooks, the others (argv capture,
+/// exit and cgroup tracking).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Groups {
+    lsm: bool,
+    others: bool,
 }
 
 /// The cgroups of the setups.
@@ -110,12 +273,151 @@ struct Cgroups {
     grant: BenchCgroup,
 }
 
-impl Cgroups {
-    fn of(&self, setup: Setup) -> &BenchCgroup {
-        match setup {
-            Setup::None | Setup::Outside | Setup::LsmOnly | Setup::TracepointsOnly => &self.free,
-            Setup::Rule => &self.rule,
-            Setup::Grant => &self.grant,
+/// gatekeep's programs, loaded once through the agent's loader and attached group by
+/// group: switching setups attaches or detaches links, it never reloads.
+struct Programs {
+    /// Links of the attached LSM hooks and of the other attached programs (dropping a
+    /// link detaches it). Declared before the object, so dropped before it.
+    lsm: Vec<FdLink>,
+    others: Vec<FdLink>,
+    ebpf: Ebpf,
+}
+
+impl Programs {
+    fn load() -> Result<Self> {
+        let (mut ebpf, btf) = gatekeep_agent::ebpf::open()?;
+        for program in PROGRAMS {
+            gatekeep_agent::ebpf::load(&mut ebpf, &btf, program)?;
+        }
+        Ok(Self {
+            lsm: Vec::new(),
+            others: Vec::new(),
+            ebpf,
+        })
+    }
+
+    fn attach(&mut self, select: impl Fn(&Program) -> bool) -> Result<Vec<FdLink>> {
+        PROGRAMS
+            .iter()
+            .filter(|p| select(p))
+            .map(|p| Ok(gatekeep_agent::ebpf::attach(&mut self.ebpf, p)?))
+            .collect()
+    }
+
+    /// Attaches and detaches so that exactly `groups` is attached, in the agent's order:
+    /// the LSM hooks come off first and go on last. Whether anything changed.
+    fn set(&mut self, groups: Groups) -> Result<bool> {
+        let mut changed = false;
+        if !groups.lsm && !self.lsm.is_empty() {
+            self.lsm.clear();
+            changed = true;
+        }
+        if !groups.others && !self.others.is_empty() {
+            self.others.clear();
+            changed = true;
+        }
+        if groups.others && self.others.is_empty() {
+            self.others = self.attach(|p| !p.is_lsm())?;
+            changed = true;
+        }
+        if groups.lsm && self.lsm.is_empty() {
+            self.lsm = self.attach(Program::is_lsm)?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Each program's (run time in ns, run count) from the kernel, in [`PROGRAMS`] order.
+    fn run_stats(&self) -> Result<Vec<(u64, u64)>> {
+        PROGRAMS
+            .iter()
+            .map(|p| {
+                let info = self
+                    .ebpf
+                    .program(p.name)
+                    .with_context(|| format!("no program {}", p.name))?
+                    .info()?;
+                Ok((u64::try_from(info.run_time().as_nanos())?, info.run_count()))
+            })
+            .collect()
+    }
+}
+
+/// A `gatekeep-bench worker ... serve` process in one cgroup, running loops on request.
+struct LoopWorker {
+    child: Child,
+    input: ChildStdin,
+    output: BufReader<ChildStdout>,
+}
+
+impl LoopWorker {
+    fn start(cgroup: &Path, addr: SocketAddr) -> Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("worker")
+            .arg("--cgroup")
+            .arg(cgroup)
+            .args(["serve", TINY, &addr.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("failed to start a worker")?;
+        let input = child.stdin.take().context("the worker's stdin is piped")?;
+        let output = BufReader::new(child.stdout.take().context("stdout is piped")?);
+        Ok(Self {
+            child,
+            input,
+            output,
+        })
+    }
+
+    /// Runs `warmup` untimed then `count` timed iterations of `op`.
+    fn run(&mut self, op: Op, warmup: usize, count: usize) -> Result<WorkerReport> {
+        self.input
+            .write_all(format!("{} {warmup} {count}\n", op.name()).as_bytes())?;
+        let mut line = String::new();
+        self.output.read_line(&mut line)?;
+        if line.is_empty() {
+            let mut err = String::new();
+            if let Some(mut stderr) = self.child.stderr.take() {
+                stderr.read_to_string(&mut err)?;
+            }
+            let status = self.child.wait()?;
+            bail!("a worker stopped ({status}): {}", err.trim());
+        }
+        serde_json::from_str(line.trim()).with_context(|| format!("worker printed `{line}`"))
+    }
+
+    /// Closes the worker's input; it stops.
+    fn finish(self) -> Result<()> {
+        let Self {
+            mut child, input, ..
+        } = self;
+        drop(input);
+        let status = child.wait()?;
+        ensure!(status.success(), "a worker failed ({status})");
+        Ok(())
+    }
+}
+
+/// `SplitMix64`: enough to shuffle the setups' order.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Fisher-Yates.
+    fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let bound = u64::try_from(i + 1).unwrap_or(u64::MAX);
+            let j = usize::try_from(self.next() % bound).unwrap_or(0);
+            items.swap(i, j);
         }
     }
 }
@@ -193,18 +495,8 @@ fn counters(ebpf: &Ebpf) -> Result<Vec<u64>> {
         .collect()
 }
 
-/// Loads and attaches only the LSM hooks or only the other programs (argv capture,
-/// cleanup, cgroup tracking; no policy: nothing is gated), to tell their costs apart.
-fn load_only(lsm: bool, tracepoints: bool) -> Result<gatekeep_agent::ebpf::Attached> {
-    Ok(gatekeep_agent::ebpf::load_and_attach_only(|program| {
-        if program.is_lsm() { lsm } else { tracepoints }
-    })?)
-}
-
-/// Loads the programs and writes the rule and grant policies into the maps.
-fn load(cgroups: &Cgroups, tiny: (u64, u64)) -> Result<gatekeep_agent::ebpf::Attached> {
-    let mut ebpf = gatekeep_agent::ebpf::load_and_attach()
-        .context("failed to load and attach gatekeep's programs")?;
+/// Writes the rule and grant policies into the maps, and gates their cgroups.
+fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()> {
     let mut policies: Array<_, PolicyDefaults> =
         Array::try_from(ebpf.map_mut("POLICIES").context("POLICIES")?)?;
     let deny_by_default = PolicyDefaults {
@@ -259,7 +551,7 @@ fn load(cgroups: &Cgroups, tiny: (u64, u64)) -> Result<gatekeep_agent::ebpf::Att
             0,
         )?;
     }
-    Ok(ebpf)
+    Ok(())
 }
 
 /// Asks once in the grant cgroup (the worker pauses), allows that one request with a
@@ -268,10 +560,10 @@ fn load(cgroups: &Cgroups, tiny: (u64, u64)) -> Result<gatekeep_agent::ebpf::Att
 fn learn_and_grant(
     ebpf: &mut Ebpf,
     drainer: &Drainer,
-    cgroup: &BenchCgroup,
+    cgroup: &Path,
     action: &[String],
 ) -> Result<()> {
-    let child = spawn_worker(cgroup.path(), 0, false, action)?;
+    let child = spawn_worker(cgroup, 0, false, action)?;
     let (kind, pid, tid, digest) = drainer
         .asks
         .recv_timeout(Duration::from_secs(30))
@@ -313,56 +605,160 @@ fn learn_and_grant(
     Ok(())
 }
 
-/// Runs the exec and the connect loop in `setup`; checks with the counters (when loaded)
-/// that the setup took its path.
-fn measure(
+/// The apparatus of one run: programs, workers, and what the switches cost.
+struct Bench {
+    programs: Programs,
+    /// Serving the free, rule and grant cgroups ([`Setup::worker`]).
+    workers: Vec<LoopWorker>,
+    sizes: OverheadSizes,
+    switches: usize,
+    switching: Duration,
+}
+
+impl Bench {
+    /// Attaches and detaches for `setup`, then lets the kernel's deferred work run.
+    fn switch(&mut self, setup: Setup) -> Result<()> {
+        let started = Instant::now();
+        if self.programs.set(setup.groups())? {
+            std::thread::sleep(self.sizes.settle);
+            self.switches += 1;
+            self.switching += started.elapsed();
+        }
+        Ok(())
+    }
+
+    /// One chunk of `setup`: its exec loop, then its connect loop, each after a few
+    /// untimed iterations; checks with the counters that it took the setup's path.
+    /// Returns each loop's total time (ns), in [`Op::ALL`] order.
+    fn chunk(&mut self, setup: Setup) -> Result<[u64; 2]> {
+        let sizes = self.sizes;
+        self.switch(setup)?;
+        let before = counters(&self.programs.ebpf)?;
+        let worker = &mut self.workers[setup.worker()];
+        let exec = worker.run(Op::Exec, sizes.warmup_execs, sizes.execs)?;
+        let connect = worker.run(Op::Connect, sizes.warmup_connects, sizes.connects)?;
+        let after = counters(&self.programs.ebpf)?;
+        check_path(
+            setup,
+            &before,
+            &after,
+            u64::try_from(sizes.warmup_execs + sizes.execs)?,
+            u64::try_from(sizes.warmup_connects + sizes.connects)?,
+        )?;
+        Ok([exec.total_ns, connect.total_ns])
+    }
+}
+
+/// Checks with the counters' moves that a chunk of `execs` and `connects` took the path
+/// `setup` names.
+fn check_path(
     setup: Setup,
-    sizes: Sizes,
-    cgroups: &Cgroups,
-    addr: SocketAddr,
-    ebpf: Option<&Ebpf>,
-) -> Result<(f64, f64)> {
-    let before = ebpf.map(counters).transpose()?;
-    let cgroup = cgroups.of(setup).path();
-    let exec = worker(
-        cgroup,
-        sizes.warmup,
-        false,
-        &["exec".into(), sizes.execs.to_string(), TINY.into()],
-    )?;
-    let connect = worker(
-        cgroup,
-        sizes.warmup,
-        false,
-        &[
-            "connect".into(),
-            sizes.connects.to_string(),
-            addr.to_string(),
-        ],
-    )?;
-    if let (Some(ebpf), Some(before)) = (ebpf, before) {
-        let after = counters(ebpf)?;
-        let moved = |index: u32| after[index as usize] - before[index as usize];
-        let (execs, connects) = (sizes.execs as u64, sizes.connects as u64);
-        match setup {
-            Setup::None | Setup::LsmOnly | Setup::TracepointsOnly => {}
-            Setup::Outside => ensure!(
-                moved(counter::EXEC_GATED) == 0 && moved(counter::CONNECT_GATED) == 0,
-                "outside: gated actions were counted"
-            ),
-            Setup::Rule => ensure!(
-                moved(counter::EXEC_ALLOWED) >= execs
-                    && moved(counter::CONNECT_ALLOWED) >= connects,
-                "rule: the rules did not allow every action"
-            ),
-            Setup::Grant => ensure!(
-                moved(counter::GRANT_ALLOWED) >= execs + connects,
-                "grant: the grants did not allow every action ({} counted)",
-                moved(counter::GRANT_ALLOWED)
-            ),
+    before: &[u64],
+    after: &[u64],
+    execs: u64,
+    connects: u64,
+) -> Result<()> {
+    let moved = |index: u32| after[index as usize].saturating_sub(before[index as usize]);
+    match setup {
+        Setup::None => ensure!(before == after, "none: a program ran (its counters moved)"),
+        Setup::Outside | Setup::LsmOnly | Setup::TracingOnly => ensure!(
+            moved(counter::EXEC_GATED) == 0 && moved(counter::CONNECT_GATED) == 0,
+            "{}: gated actions were counted",
+            setup.name()
+        ),
+        Setup::Rule => ensure!(
+            moved(counter::EXEC_ALLOWED) >= execs && moved(counter::CONNECT_ALLOWED) >= connects,
+            "rule: the rules did not allow every action"
+        ),
+        Setup::Grant => ensure!(
+            moved(counter::GRANT_ALLOWED) >= execs + connects,
+            "grant: the grants did not allow every action ({} counted)",
+            moved(counter::GRANT_ALLOWED)
+        ),
+    }
+    Ok(())
+}
+
+/// One round: each setup's total time (ns) of each op, indexed `[op][setup]`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Round {
+    totals: [[u64; SETUPS]; 2],
+}
+
+impl Round {
+    /// A setup's total over the baseline's.
+    fn ratio(&self, op: usize, setup: Setup) -> f64 {
+        ratio(self.totals[op][setup.index()], self.totals[op][0])
+    }
+
+    /// One line for the console.
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for (o, op) in Op::ALL.iter().enumerate() {
+            let ratios: Vec<String> = Setup::ALL[1..]
+                .iter()
+                .map(|s| format!("{} {:.4}", s.name(), self.ratio(o, *s)))
+                .collect();
+            parts.push(format!("{}: {}", op.name(), ratios.join(", ")));
+        }
+        parts.join("; ")
+    }
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "nanosecond totals, far below 2^52"
+)]
+fn ratio(value: u64, baseline: u64) -> f64 {
+    value as f64 / baseline.max(1) as f64
+}
+
+/// One measurement of the statistics pass: each program's (run time ns, run count)
+/// over `ops` operations, in [`PROGRAMS`] order.
+struct StatsSample {
+    setup: Setup,
+    op: Op,
+    ops: usize,
+    programs: Vec<(u64, u64)>,
+}
+
+/// The programs' own run time per op, from the kernel's statistics
+/// (`BPF_ENABLE_STATS`, as `/proc/sys/kernel/bpf_stats_enabled` does): every setup but
+/// `none`, in a random order each round.
+fn stats_pass(bench: &mut Bench, rng: &mut Rng) -> Result<Vec<StatsSample>> {
+    let sizes = bench.sizes;
+    // On while this descriptor lives.
+    let _stats = enable_stats(Stats::RunTime).context("failed to enable BPF statistics")?;
+    let mut samples = Vec::new();
+    for _ in 0..sizes.stats_rounds {
+        let mut order = Setup::ALL[1..].to_vec();
+        rng.shuffle(&mut order);
+        for setup in order {
+            bench.switch(setup)?;
+            for op in Op::ALL {
+                let (warmup, ops) = match op {
+                    Op::Exec => (sizes.warmup_execs, sizes.stats_execs),
+                    Op::Connect => (sizes.warmup_connects, sizes.stats_connects),
+                };
+                bench.workers[setup.worker()].run(op, 0, warmup)?;
+                let before = bench.programs.run_stats()?;
+                bench.workers[setup.worker()].run(op, 0, ops)?;
+                let after = bench.programs.run_stats()?;
+                let programs = after
+                    .iter()
+                    .zip(&before)
+                    .map(|(a, b)| (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)))
+                    .collect();
+                samples.push(StatsSample {
+                    setup,
+                    op,
+                    ops,
+                    programs,
+                });
+            }
         }
     }
-    Ok((exec.mean_us(), connect.mean_us()))
+    Ok(samples)
 }
 
 /// What [`run`] found: its figures, and the baseline exec and connect times (µs).
@@ -371,135 +767,294 @@ pub struct Overhead {
     pub baselines: (f64, f64),
 }
 
-/// Runs every round and returns the figures.
-pub fn run(sizes: Sizes, tiny: (u64, u64), addr: SocketAddr) -> Result<Overhead> {
+/// How the run went, for the figures' conditions.
+struct RunNotes {
+    vcpus: usize,
+    seed: u64,
+    switches: usize,
+    per_switch_ms: f64,
+    rounds_took: Duration,
+}
+
+impl Bench {
+    /// Loads the programs, writes the policies, learns the two grants (with every program
+    /// attached) and starts one worker per cgroup. Also returns the ring buffer's reader.
+    fn start(
+        cgroups: &Cgroups,
+        sizes: OverheadSizes,
+        tiny: (u64, u64),
+        addr: SocketAddr,
+    ) -> Result<(Self, Drainer)> {
+        let mut programs = Programs::load().context("failed to load gatekeep's programs")?;
+        configure(&mut programs.ebpf, cgroups, tiny)?;
+        let events = RingBuf::try_from(programs.ebpf.take_map("EVENTS").context("EVENTS")?)?;
+        let drainer = Drainer::start(events)?;
+        programs.set(Setup::Grant.groups())?;
+        learn_and_grant(
+            &mut programs.ebpf,
+            &drainer,
+            cgroups.grant.path(),
+            &["exec".into(), "1".into(), TINY.into()],
+        )?;
+        learn_and_grant(
+            &mut programs.ebpf,
+            &drainer,
+            cgroups.grant.path(),
+            &["connect".into(), "1".into(), addr.to_string()],
+        )?;
+        let workers = [&cgroups.free, &cgroups.rule, &cgroups.grant]
+            .into_iter()
+            .map(|cgroup| LoopWorker::start(cgroup.path(), addr))
+            .collect::<Result<Vec<_>>>()?;
+        let bench = Self {
+            programs,
+            workers,
+            sizes,
+            switches: 0,
+            switching: Duration::ZERO,
+        };
+        Ok((bench, drainer))
+    }
+
+    /// Mean time of a switch, settling included (ms).
+    fn per_switch_ms(&self) -> f64 {
+        #[expect(clippy::cast_precision_loss, reason = "a count of switches")]
+        let switches = self.switches.max(1) as f64;
+        self.switching.as_secs_f64() * 1e3 / switches
+    }
+
+    /// Stops the workers and checks that no event was dropped.
+    fn finish(self, drainer: Drainer) -> Result<()> {
+        for worker in self.workers {
+            worker.finish()?;
+        }
+        let dropped = counters(&self.programs.ebpf)?[counter::EVENTS_DROPPED as usize];
+        drainer.stop();
+        drop(self.programs);
+        ensure!(
+            dropped == 0,
+            "{dropped} events dropped while the ring buffer was drained"
+        );
+        Ok(())
+    }
+}
+
+/// The ratio rounds: every setup in every slot of every round, in a palindrome of a
+/// random order.
+fn ratio_rounds(bench: &mut Bench, rng: &mut Rng) -> Result<Vec<Round>> {
+    let sizes = bench.sizes;
+    let started = Instant::now();
+    let mut rounds = Vec::with_capacity(sizes.rounds);
+    for r in 0..sizes.rounds {
+        let mut round = Round::default();
+        for _ in 0..sizes.slots {
+            let mut order = Setup::ALL;
+            rng.shuffle(&mut order);
+            for setup in order.iter().chain(order.iter().rev()) {
+                let times = bench.chunk(*setup)?;
+                for (o, time) in times.iter().enumerate() {
+                    round.totals[o][setup.index()] += time;
+                }
+            }
+        }
+        eprintln!(
+            "[bench] overhead round {}/{} ({:.0} s): {}",
+            r + 1,
+            sizes.rounds,
+            started.elapsed().as_secs_f64(),
+            round.describe()
+        );
+        rounds.push(round);
+    }
+    Ok(rounds)
+}
+
+/// Loads the programs once, runs the ratio rounds and the statistics pass, and returns
+/// the figures.
+pub fn run(sizes: OverheadSizes, tiny: (u64, u64), addr: SocketAddr) -> Result<Overhead> {
     let cgroups = Cgroups {
         free: BenchCgroup::create("gk-bench-free")?,
         rule: BenchCgroup::create("gk-bench-rule")?,
         grant: BenchCgroup::create("gk-bench-grant")?,
     };
-    let mut rounds = Vec::with_capacity(sizes.rounds);
-    for r in 0..sizes.rounds {
-        eprintln!("[bench] overhead round {}/{}", r + 1, sizes.rounds);
-        let mut round = Round::default();
-        let mut record = |setup: Setup, (exec, connect): (f64, f64)| {
-            let i = Setup::ALL.iter().position(|s| *s == setup).unwrap_or(0);
-            round.exec[i] = exec;
-            round.connect[i] = connect;
-        };
-        // "none" alternates between first and last; the loaded setups rotate.
-        let none_first = r % 2 == 0;
-        if none_first {
-            record(
-                Setup::None,
-                measure(Setup::None, sizes, &cgroups, addr, None)?,
-            );
-        }
-        let mut ebpf = load(&cgroups, tiny)?;
-        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS")?)?;
-        let drainer = Drainer::start(ring)?;
-        learn_and_grant(
-            &mut ebpf,
-            &drainer,
-            &cgroups.grant,
-            &["exec".into(), "1".into(), TINY.into()],
-        )?;
-        learn_and_grant(
-            &mut ebpf,
-            &drainer,
-            &cgroups.grant,
-            &["connect".into(), "1".into(), addr.to_string()],
-        )?;
-        let mut loaded = [Setup::Outside, Setup::Rule, Setup::Grant];
-        loaded.rotate_left(r % 3);
-        for setup in loaded {
-            record(setup, measure(setup, sizes, &cgroups, addr, Some(&ebpf))?);
-        }
-        let dropped = counters(&ebpf)?[counter::EVENTS_DROPPED as usize];
-        drainer.stop();
-        drop(ebpf);
-        if dropped > 0 {
-            bail!("{dropped} events dropped while the ring buffer was drained");
-        }
-        // Detaching frees the trampolines after an RCU grace period.
-        std::thread::sleep(Duration::from_millis(500));
-        // Which programs the cost outside gated cgroups comes from.
-        for (setup, lsm, tracepoints) in [
-            (Setup::LsmOnly, true, false),
-            (Setup::TracepointsOnly, false, true),
-        ] {
-            let partial = load_only(lsm, tracepoints)?;
-            record(setup, measure(setup, sizes, &cgroups, addr, None)?);
-            drop(partial);
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        if !none_first {
-            record(
-                Setup::None,
-                measure(Setup::None, sizes, &cgroups, addr, None)?,
-            );
-        }
-        rounds.push(round);
-    }
-    Ok(figures(&rounds, sizes))
+    let vcpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let started = Instant::now();
+    let (mut bench, drainer) = Bench::start(&cgroups, sizes, tiny, addr)?;
+    eprintln!(
+        "[bench] overhead: programs loaded and grants learnt in {:.1} s; {vcpus} vCPU",
+        started.elapsed().as_secs_f64(),
+    );
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| {
+        u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(0)
+    });
+    let mut rng = Rng(seed);
+    let rounds_started = Instant::now();
+    let rounds = ratio_rounds(&mut bench, &mut rng)?;
+    let rounds_took = rounds_started.elapsed();
+    let notes = RunNotes {
+        vcpus,
+        seed,
+        switches: bench.switches,
+        per_switch_ms: bench.per_switch_ms(),
+        rounds_took,
+    };
+    let stats_started = Instant::now();
+    let stats = stats_pass(&mut bench, &mut rng)?;
+    eprintln!(
+        "[bench] overhead: ratio rounds {:.0} s ({} switches, {:.0} ms each), statistics pass \
+         {:.0} s",
+        rounds_took.as_secs_f64(),
+        notes.switches,
+        notes.per_switch_ms,
+        stats_started.elapsed().as_secs_f64()
+    );
+    bench.finish(drainer)?;
+    let mut figures = ratio_figures(&rounds, sizes, &notes);
+    let baselines = baselines(&figures);
+    figures.extend(stats_figures(&stats, baselines, notes.vcpus));
+    Ok(Overhead { figures, baselines })
 }
 
-fn figures(rounds: &[Round], sizes: Sizes) -> Overhead {
+/// The no-gatekeep exec and connect times among the figures (µs).
+fn baselines(figures: &[Figure]) -> (f64, f64) {
+    let of = |id: &str| figures.iter().find(|f| f.id == id).map_or(0.0, |f| f.value);
+    (of("vm.exec.none"), of("vm.connect.none"))
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "counts and nanoseconds, far below 2^52"
+)]
+fn ratio_figures(rounds: &[Round], sizes: OverheadSizes, notes: &RunNotes) -> Vec<Figure> {
     let mut figures = Vec::new();
-    let mut baselines = (0.0, 0.0);
-    for (what, count, exec) in [
-        ("exec", sizes.execs, true),
-        ("connect", sizes.connects, false),
-    ] {
-        let times = |i: usize| -> Vec<f64> {
-            rounds
-                .iter()
-                .map(|r| if exec { r.exec[i] } else { r.connect[i] })
-                .collect()
+    for (o, op) in Op::ALL.iter().enumerate() {
+        let per_round = sizes.per_round(*op);
+        let chunk = match op {
+            Op::Exec => (sizes.execs, sizes.warmup_execs),
+            Op::Connect => (sizes.connects, sizes.warmup_connects),
         };
-        let none = times(0);
+        let mean_us = |round: &Round, setup: Setup| {
+            round.totals[o][setup.index()] as f64 / per_round as f64 / 1e3
+        };
+        let none: Vec<f64> = rounds.iter().map(|r| mean_us(r, Setup::None)).collect();
         let baseline = Summary::of(&none).median;
-        if exec {
-            baselines.0 = baseline;
-        } else {
-            baselines.1 = baseline;
-        }
-        let action = if exec {
-            format!("fork + exec of a 129-byte static binary, {count} per run")
-        } else {
-            format!("TCP connect + close to a loopback listener, {count} per run")
-        };
-        for (i, setup) in Setup::ALL.iter().enumerate() {
-            let values = times(i);
+        let conditions = format!(
+            "{}; mean per op; {per_round} per setup per round, in {} chunks of {} (after {} \
+             untimed each); {} rounds of {} slots, a slot = every setup once in a random order \
+             then once in reverse (seed {}); ratio = a round's total over the same round's \
+             no-gatekeep total, median over the rounds (95% CI of the median; range over \
+             rounds); programs loaded once, setups switched by attaching/detaching their \
+             links ({} switches, {:.0} ms each incl. {} ms settle), no gatekeep = \
+             loaded, nothing attached; the rounds took {:.0} s; VM under TCG, {} vCPU",
+            op.describe(),
+            2 * sizes.slots,
+            chunk.0,
+            chunk.1,
+            rounds.len(),
+            sizes.slots,
+            notes.seed,
+            notes.switches,
+            notes.per_switch_ms,
+            sizes.settle.as_millis(),
+            notes.rounds_took.as_secs_f64(),
+            notes.vcpus,
+        );
+        for setup in Setup::ALL {
+            let values: Vec<f64> = rounds.iter().map(|r| mean_us(r, setup)).collect();
             let mut figure = Figure::from_runs(
-                &format!("vm.{what}.{}", setup.name()),
-                &format!("{what} loop: {}", setup.describe()),
+                &format!("vm.{}.{}", op.name(), setup.name()),
+                &format!("{} loop: {}", op.name(), setup.describe()),
                 "us/op",
                 &values,
             )
-            .conditions(format!(
-                "{action}; mean per op; {} rounds interleaving the setups; VM under TCG, 2 vCPUs",
-                rounds.len()
-            ));
-            let diagnostic = matches!(setup, Setup::LsmOnly | Setup::TracepointsOnly);
-            if *setup != Setup::None {
-                let ratios: Vec<f64> = values
-                    .iter()
-                    .zip(&none)
-                    .map(|(v, n)| if *n > 0.0 { v / n } else { 0.0 })
-                    .collect();
+            .conditions(conditions.clone());
+            if setup != Setup::None {
+                let ratios: Vec<f64> = rounds.iter().map(|r| r.ratio(o, setup)).collect();
                 figure = figure.ratio(&ratios).baseline("no gatekeep", baseline);
-                let target = match (setup, exec) {
-                    (Setup::Outside, _) => 1.01,
-                    (_, true) => 1.03,
-                    (_, false) => 1.05,
-                };
-                if !diagnostic {
+                if let Some(target) = setup.target(*op) {
                     figure = figure.target(Target::ratio_at_most(target));
                 }
             }
             figures.push(figure);
         }
     }
-    Overhead { figures, baselines }
+    figures
+}
+
+/// The statistics pass's figures: per setup and op, the programs' run time per op next
+/// to the no-gatekeep op time (µs, exec and connect).
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "counts and nanoseconds, far below 2^52"
+)]
+fn stats_figures(stats: &[StatsSample], baselines: (f64, f64), vcpus: usize) -> Vec<Figure> {
+    let mut figures = Vec::new();
+    for (o, op) in Op::ALL.iter().enumerate() {
+        for setup in &Setup::ALL[1..] {
+            let samples: Vec<&StatsSample> = stats
+                .iter()
+                .filter(|s| s.setup == *setup && s.op == *op)
+                .collect();
+            let Some(first) = samples.first() else {
+                continue;
+            };
+            let per_op: Vec<f64> = samples
+                .iter()
+                .map(|s| s.programs.iter().map(|p| p.0).sum::<u64>() as f64 / s.ops as f64)
+                .collect();
+            let programs: Vec<String> = PROGRAMS
+                .iter()
+                .enumerate()
+                .filter_map(|(i, program)| {
+                    let median = |pick: fn(&(u64, u64)) -> u64| {
+                        let values: Vec<f64> = samples
+                            .iter()
+                            .map(|s| pick(&s.programs[i]) as f64 / s.ops as f64)
+                            .collect();
+                        Summary::of(&values).median
+                    };
+                    let runs = median(|p| p.1);
+                    (runs > 0.0).then(|| {
+                        format!(
+                            "{} {} ns x {runs:.2}",
+                            program.name,
+                            crate::report::format_value(median(|p| p.0) / runs)
+                        )
+                    })
+                })
+                .collect();
+            let figure = Figure::from_runs(
+                &format!("vm.{}.{}.bpf_run_time", op.name(), setup.name()),
+                &format!(
+                    "{} loop, {}: programs' own run time per op (kernel BPF stats)",
+                    op.name(),
+                    setup.describe()
+                ),
+                "ns/op",
+                &per_op,
+            )
+            .baseline(
+                "no-gatekeep op time",
+                1e3 * if o == 0 { baselines.0 } else { baselines.1 },
+            )
+            .conditions(format!(
+                "sum over gatekeep's programs of their run_time_ns growth / ops, with the \
+                 kernel's BPF statistics on (BPF_ENABLE_STATS) in a pass of its own after the \
+                 ratio rounds; {} ops per setup per round, {} rounds; per program (ns per run \
+                 x runs per op): {}; counts the programs' bodies only, not the trampoline or \
+                 tracepoint dispatch around them (nor the statistics' own clock reads); ratio = \
+                 the fraction of the no-gatekeep op time; VM under TCG, {} vCPU",
+                first.ops,
+                samples.len(),
+                if programs.is_empty() {
+                    "none ran".to_owned()
+                } else {
+                    programs.join(", ")
+                },
+                vcpus,
+            ));
+            figures.push(figure);
+        }
+    }
+    figures
 }

@@ -4,9 +4,9 @@
 
 use std::{
     ffi::CString,
-    io::Write as _,
+    io::{BufRead as _, Write as _},
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -35,6 +35,11 @@ pub enum Action {
     Exec { count: usize, program: PathBuf },
     /// TCP connect + close to `addr`, `count` times; each must connect.
     Connect { count: usize, addr: SocketAddr },
+    /// Serves loops on request, for as long as stdin stays open: each line `exec <warmup>
+    /// <count>` (fork + exec of `program`) or `connect <warmup> <count>` (to `addr`) is
+    /// answered with one report line. One process per cgroup for a whole benchmark, so
+    /// setups alternate without starting processes.
+    Serve { program: PathBuf, addr: SocketAddr },
     /// Connects to `addr` that gatekeep denies, paced at `rate` per second for `seconds`;
     /// each must fail with EPERM.
     Denied {
@@ -55,14 +60,6 @@ pub struct WorkerReport {
 }
 
 impl WorkerReport {
-    /// Mean time of one iteration, in microseconds.
-    #[must_use]
-    pub fn mean_us(&self) -> f64 {
-        #[expect(clippy::cast_precision_loss, reason = "a mean")]
-        let mean = self.total_ns as f64 / self.count.max(1) as f64;
-        mean / 1e3
-    }
-
     /// Iterations per second.
     #[must_use]
     pub fn rate(&self) -> f64 {
@@ -108,17 +105,9 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
     std::fs::write(opts.cgroup.join("cgroup.procs"), "0")
         .with_context(|| format!("cannot move into {}", opts.cgroup.display()))?;
     let report = match &opts.action {
-        Action::Exec { count, program } => {
-            let path = CString::new(program.as_os_str().as_encoded_bytes())?;
-            let name = CString::new("gk-true")?;
-            let argv = [name.as_ptr(), std::ptr::null()];
-            timed(opts, *count, || fork_exec(&path, &argv))?
-        }
-        Action::Connect { count, addr } => timed(opts, *count, || {
-            let stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
-            drop(stream);
-            Ok(())
-        })?,
+        Action::Exec { count, program } => exec_loop(program, opts.warmup, *count, opts.samples)?,
+        Action::Connect { count, addr } => connect_loop(*addr, opts.warmup, *count, opts.samples)?,
+        Action::Serve { program, addr } => return serve(program, *addr),
         Action::Denied {
             rate,
             seconds,
@@ -131,18 +120,62 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
     Ok(())
 }
 
-fn timed(
-    opts: &WorkerOptions,
+fn exec_loop(program: &Path, warmup: usize, count: usize, samples: bool) -> Result<WorkerReport> {
+    let path = CString::new(program.as_os_str().as_encoded_bytes())?;
+    let name = CString::new("gk-true")?;
+    let argv = [name.as_ptr(), std::ptr::null()];
+    timed(warmup, count, samples, || fork_exec(&path, &argv))
+}
+
+fn connect_loop(
+    addr: SocketAddr,
+    warmup: usize,
     count: usize,
+    samples: bool,
+) -> Result<WorkerReport> {
+    timed(warmup, count, samples, || {
+        let stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+        drop(stream);
+        Ok(())
+    })
+}
+
+/// The `serve` loop: one request line in, one report line out, until end of input.
+fn serve(program: &Path, addr: SocketAddr) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (what, warmup, count) = match words.as_slice() {
+            [] => continue,
+            [what, warmup, count] => (*what, warmup.parse()?, count.parse()?),
+            _ => bail!("unreadable request `{line}`"),
+        };
+        let report = match what {
+            "exec" => exec_loop(program, warmup, count, false)?,
+            "connect" => connect_loop(addr, warmup, count, false)?,
+            _ => bail!("unknown loop `{what}`"),
+        };
+        serde_json::to_writer(&mut stdout, &report)?;
+        writeln!(stdout)?;
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
+fn timed(
+    warmup: usize,
+    count: usize,
+    with_samples: bool,
     mut once: impl FnMut() -> Result<()>,
 ) -> Result<WorkerReport> {
-    for _ in 0..opts.warmup {
+    for _ in 0..warmup {
         once()?;
     }
-    let mut samples = Vec::with_capacity(if opts.samples { count } else { 0 });
+    let mut samples = Vec::with_capacity(if with_samples { count } else { 0 });
     let started = Instant::now();
     for _ in 0..count {
-        if opts.samples {
+        if with_samples {
             let begun = Instant::now();
             once()?;
             samples.push(nanos(begun.elapsed()));
