@@ -63,23 +63,80 @@ pub fn counter(ebpf: &Ebpf, index: u32) -> u64 {
     counters.get(&index, 0).expect("read counter").iter().sum()
 }
 
+/// The kind of a ring buffer record: the first field of its `EventHeader`.
+fn kind_of(item: &[u8]) -> u32 {
+    u32::from_ne_bytes(item[..4].try_into().expect("4 bytes"))
+}
+
+/// A ring buffer record of `kind` read as `T`.
+fn read_event<T: Event>(item: &[u8], kind: u32) -> T {
+    assert!(
+        item.len() >= size_of::<T>(),
+        "short record of kind {kind}: {} bytes",
+        item.len()
+    );
+    // SAFETY: length checked; `T: Event` is plain old data with the layout
+    // the kernel program wrote.
+    unsafe { item.as_ptr().cast::<T>().read_unaligned() }
+}
+
 /// The next event of `kind` on the ring buffer (those of other kinds
 /// before it are dropped), read as `T`.
 pub fn next_event<T: Event>(ring: &mut RingBuf<&mut MapData>, kind: u32) -> Option<T> {
     while let Some(item) = ring.next() {
-        let item_kind = u32::from_ne_bytes(item[..4].try_into().expect("4 bytes"));
-        if item_kind == kind {
-            assert!(
-                item.len() >= size_of::<T>(),
-                "short record of kind {kind}: {} bytes",
-                item.len()
-            );
-            // SAFETY: length checked; `T: Event` is plain old data with
-            // the layout the kernel program wrote.
-            return Some(unsafe { item.as_ptr().cast::<T>().read_unaligned() });
+        if kind_of(&item) == kind {
+            return Some(read_event(&item, kind));
         }
     }
     None
+}
+
+/// Every event now on the ring buffer whose kind is one of `kinds`, in
+/// order, read as `T` (events of other kinds are dropped).
+pub fn drain_events<T: Event>(ring: &mut RingBuf<&mut MapData>, kinds: &[u32]) -> Vec<T> {
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        let kind = kind_of(&item);
+        if kinds.contains(&kind) {
+            events.push(read_event(&item, kind));
+        }
+    }
+    events
+}
+
+/// The arguments an exec event carries (each NUL-terminated in its
+/// `argv[..argv_len]`), empty ones included.
+#[must_use]
+pub fn event_argv(event: &ExecEvent) -> Vec<String> {
+    let len = usize::try_from(event.argv_len)
+        .expect("argv_len fits usize")
+        .min(event.argv.len());
+    let Some(args) = event.argv[..len].strip_suffix(&[0]) else {
+        return Vec::new();
+    };
+    args.split(|b| *b == 0)
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect()
+}
+
+/// Names of every BPF program loaded in the kernel (as the kernel keeps
+/// them: at most [`PROGRAM_NAME_LEN`] bytes), with their ids.
+#[must_use]
+pub fn loaded_programs() -> Vec<(u32, String)> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| Some((p.id(), p.name_as_str()?.to_owned())))
+        .collect()
+}
+
+/// How many bytes of a program's name the kernel keeps
+/// (`BPF_OBJ_NAME_LEN` less the NUL).
+pub const PROGRAM_NAME_LEN: usize = 15;
+
+/// `name` as the kernel keeps it (see [`PROGRAM_NAME_LEN`]).
+#[must_use]
+pub fn kernel_program_name(name: &str) -> &str {
+    &name[..name.len().min(PROGRAM_NAME_LEN)]
 }
 
 /// Waits up to `timeout` for an event of `kind` on the `EVENTS` ring buffer.

@@ -197,6 +197,7 @@ pub fn loopback_listener() -> (std::net::TcpListener, u16) {
 #[derive(Debug)]
 pub struct Agent {
     dir: tempfile::TempDir,
+    pin_dir: PathBuf,
     child: Option<Child>,
     starts: u32,
 }
@@ -223,16 +224,19 @@ impl Agent {
         let policies = dir.path().join("policies");
         fs::create_dir(&policies).expect("policy dir");
         fs::write(policies.join("policy.toml"), policy).expect("write policy");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/gk-test-{name}"));
         let config = format!(
-            "policy_dir = \"{}\"\naudit_db = \"{}\"\npin_dir = \"/sys/fs/bpf/gk-test-{name}\"\nhost = \"vm\"\n\
+            "policy_dir = \"{}\"\naudit_db = \"{}\"\npin_dir = \"{}\"\nhost = \"vm\"\n\
              reconcile_interval = \"500ms\"\nrescan_interval = \"500ms\"\nstate_dir = \"{}\"\n{decision}",
             policies.display(),
             dir.path().join("audit.db").display(),
+            pin_dir.display(),
             dir.path().join("state").display(),
         );
         fs::write(dir.path().join("agent.toml"), config).expect("write config");
         let mut agent = Self {
             dir,
+            pin_dir,
             child: None,
             starts: 0,
         };
@@ -248,6 +252,13 @@ impl Agent {
     #[must_use]
     pub fn audit_db(&self) -> PathBuf {
         self.dir.path().join("audit.db")
+    }
+
+    /// Where the agent pins its programs' links (`links/<program>`) and
+    /// its maps (`maps/<MAP>`), on bpffs.
+    #[must_use]
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
     /// The agent's state folder (grants, the embedded service's data).

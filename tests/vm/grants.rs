@@ -1,7 +1,8 @@
 //! The kernel's pause protocol driven directly through the maps (no agent):
 //! an "ask" exec pauses and reports its digest, a verdict resumes exactly
 //! that request, and a granted duration (`GRANTS`) lets the identical
-//! request through without asking while a different one still pauses.
+//! request through without asking while a different one still pauses; the
+//! digest covers all of argv, past its first block and past empty arguments.
 
 use std::{
     process::{Command, ExitStatus},
@@ -136,4 +137,96 @@ fn granted_duration_allows_the_identical_request_only() {
         asked_expired.header.digest, asked.header.digest,
         "same request, same digest"
     );
+}
+
+#[test]
+fn exec_digest_binds_the_whole_argv_past_the_first_block() {
+    require_vm();
+    let cgroup = Cgroup::create("gatekeep-grants-argv");
+    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
+    gate(&mut ebpf, &cgroup, POLICY_ID, action::ASK);
+
+    // "/bin/true\0" + 3000 bytes + "\0tail-1\0": 3018 bytes of argv, the
+    // tails differing at byte 3016, in the 48th 64-byte block.
+    let long = "a".repeat(3000);
+    let tail_1 = ["/bin/true", long.as_str(), "tail-1"];
+    let tail_2 = ["/bin/true", long.as_str(), "tail-2"];
+
+    // 1. Asked about, with all of argv captured (so the digest can see it).
+    let asked = ask_and_deny(&mut ebpf, &cgroup, &tail_1);
+    assert_eq!(
+        kernel::event_argv(&asked),
+        tail_1,
+        "the ask event carries the whole argv"
+    );
+    assert_eq!(
+        asked.argv_truncated, 0,
+        "3018 bytes of argv fit the capture"
+    );
+
+    // 2. Granted: the identical exec runs without asking.
+    write_grant(
+        &mut ebpf,
+        GrantKey {
+            policy_id: POLICY_ID,
+            kind: request_kind::EXEC,
+            digest: asked.header.digest,
+        },
+        0,
+    );
+    let before = kernel::counter(&ebpf, counter::GRANT_ALLOWED);
+    let status = exec_in(&cgroup, &tail_1)
+        .recv_timeout(Duration::from_secs(10))
+        .expect("granted exec returns")
+        .expect("granted exec runs");
+    assert!(status.success(), "granted exec: {status}");
+    assert_eq!(
+        kernel::counter(&ebpf, counter::GRANT_ALLOWED),
+        before + 1,
+        "the identical exec must be let through by the grant"
+    );
+
+    // 3. The same but for the last argument, past byte 3000: another
+    //    request, asked again despite the grant.
+    let asked_tail_2 = ask_and_deny(&mut ebpf, &cgroup, &tail_2);
+    assert_eq!(kernel::event_argv(&asked_tail_2), tail_2);
+    assert_ne!(
+        asked_tail_2.header.digest, asked.header.digest,
+        "argv differing past its first 3000 bytes must give another digest"
+    );
+    assert_eq!(
+        kernel::counter(&ebpf, counter::GRANT_ALLOWED),
+        before + 1,
+        "the grant must not let a different argv through"
+    );
+}
+
+#[test]
+fn exec_digest_counts_empty_arguments_and_what_follows_them() {
+    require_vm();
+    let cgroup = Cgroup::create("gatekeep-grants-empty");
+    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
+    gate(&mut ebpf, &cgroup, POLICY_ID, action::ASK);
+
+    // Each pair differs only by what comes after an empty argument, or by
+    // an empty argument: two requests, two digests, each argv captured as
+    // it was. (A grant for the first of the first pair must not allow the
+    // second.)
+    let pairs: [[&[&str]; 2]; 2] = [
+        [&["/bin/true", "", "safe"], &["/bin/true", "", "evil"]],
+        [&["/bin/true", "a"], &["/bin/true", "a", ""]],
+    ];
+    for [left, right] in pairs {
+        let asked_left = ask_and_deny(&mut ebpf, &cgroup, left);
+        let asked_right = ask_and_deny(&mut ebpf, &cgroup, right);
+        assert_ne!(
+            asked_left.header.digest,
+            asked_right.header.digest,
+            "{left:?} and {right:?} must give different digests (captured as {:?} and {:?})",
+            kernel::event_argv(&asked_left),
+            kernel::event_argv(&asked_right)
+        );
+        assert_eq!(kernel::event_argv(&asked_left), left);
+        assert_eq!(kernel::event_argv(&asked_right), right);
+    }
 }

@@ -1,14 +1,22 @@
 //! The agent dies or restarts: enforcement never lapses, paused tasks stay
-//! paused (fail closed), and the next agent finishes them.
+//! paused (fail closed), and the next agent finishes them. An upgraded
+//! agent detaches what an older version left pinned.
 
-use std::time::{Duration, Instant};
+use std::{
+    fs,
+    path::Path,
+    time::{Duration, Instant},
+};
 
+use aya::programs::links::{FdLink, PinnedLink};
+use gatekeep_agent::pinning::PinLayout;
 use gatekeep_tests::{
-    gate_exec, is_stopped,
+    gate_exec, is_stopped, kernel,
     policy::{allow_but, on_timeout},
-    require_vm, wait_child,
+    require_vm, wait_child, wait_for,
     workload::{Outcome, finish, run_in, start_paused, tool},
 };
+use serde_json::json;
 
 #[test]
 fn agent_killed_while_a_task_is_paused_leaves_it_paused_and_the_next_agent_finishes_it() {
@@ -100,5 +108,114 @@ fn clean_restart_keeps_paused_tasks_paused_and_finishes_them() {
         finish(&mut child, Duration::from_mins(1)).stdout,
         "errno 1",
         "denied at the timeout by the new agent"
+    );
+}
+
+/// The kernel's ids of the link pinned at `path` and of its program.
+fn pinned_link_ids(path: &Path) -> (u32, u32) {
+    let link = FdLink::from(
+        PinnedLink::from_pin(path)
+            .unwrap_or_else(|e| panic!("open the link pinned at {}: {e}", path.display())),
+    );
+    let info = link
+        .info()
+        .unwrap_or_else(|e| panic!("info of the link pinned at {}: {e}", path.display()));
+    // Dropping `link` closes our fd: the pin alone keeps the link.
+    (info.id(), info.program_id())
+}
+
+#[test]
+fn upgrade_retires_links_of_programs_this_version_lacks_and_attaches_its_own() {
+    require_vm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = tool(dir.path(), "bad-tool");
+    let (cgroup, mut agent) = gate_exec("upgrade", &allow_but("deny", &bad), "");
+    let layout = PinLayout::new(agent.pin_dir());
+    let first = agent.wait_record("agent_started", Duration::from_secs(20), |_| true);
+    assert_eq!(first["payload"]["start"], "loaded", "{first}");
+
+    // The agent stops; its programs stay pinned.
+    assert!(agent.stop(), "SIGTERM must stop the agent cleanly");
+    assert_eq!(
+        layout.pinned_programs(),
+        PinLayout::programs(),
+        "every program stays pinned after a clean stop"
+    );
+    // An older version's program: the argv capture pinned under another
+    // name (bpffs supports rename(2)).
+    let old_pin = layout.links_dir().join("sys_enter_execve");
+    let (old_link, old_program) = pinned_link_ids(&layout.link("execve_entry"));
+    fs::rename(layout.link("execve_entry"), &old_pin).expect("rename the pinned link");
+
+    agent.launch();
+    let started = wait_for("the second start's record", Duration::from_secs(20), || {
+        let started = agent.records_of("agent_started");
+        (started.len() >= 2).then_some(started)
+    });
+    assert_eq!(started.len(), 2, "{started:?}");
+    let payload = &started[1]["payload"];
+    assert_eq!(payload["start"], "completed", "{payload}");
+    assert_eq!(
+        payload["attached_now"],
+        json!(["execve_entry"]),
+        "{payload}"
+    );
+    assert_eq!(payload["retired"], json!(["sys_enter_execve"]), "{payload}");
+    let log = agent.log();
+    assert!(
+        log.contains("detached programs an older agent left pinned")
+            && log.contains("sys_enter_execve"),
+        "the retired links must be logged:\n{log}"
+    );
+
+    // The old link is unpinned and, with nothing else holding it, gone
+    // with its program; execve_entry is pinned anew, a new link and program.
+    assert!(
+        !old_pin.exists(),
+        "the retired link is still pinned at {}",
+        old_pin.display()
+    );
+    assert_eq!(layout.pinned_programs(), PinLayout::programs());
+    let (new_link, new_program) = pinned_link_ids(&layout.link("execve_entry"));
+    assert_ne!(new_link, old_link, "execve_entry must be a new link");
+    assert_ne!(
+        new_program, old_program,
+        "execve_entry must be a new program"
+    );
+    wait_for(
+        "the retired link to be released",
+        Duration::from_secs(10),
+        || {
+            let links: Vec<u32> = aya::programs::loaded_links()
+                .filter_map(Result::ok)
+                .map(|l| l.id())
+                .collect();
+            (!links.contains(&old_link)).then_some(())
+        },
+    );
+    wait_for(
+        "the retired program to be unloaded",
+        Duration::from_secs(10),
+        || {
+            let programs = kernel::loaded_programs();
+            (!programs.iter().any(|(id, _)| *id == old_program)).then_some(())
+        },
+    );
+
+    // argv capture works through the new program: a denied exec is
+    // recorded with its argv.
+    let outcome = run_in(
+        &cgroup,
+        &["exec", &bad, "true", "--after-upgrade"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(outcome, Outcome::exec_denied());
+    let record = agent.wait_record("kernel_denied", Duration::from_secs(20), |r| {
+        r["payload"]["exe"].as_str() == Some(bad.as_str())
+    });
+    assert_eq!(
+        record["payload"]["argv"],
+        json!(["true", "--after-upgrade"]),
+        "argv must be captured after the upgrade: {record}"
     );
 }
