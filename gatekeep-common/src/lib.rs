@@ -264,9 +264,9 @@ pub struct ExecArgs {
     /// Non-zero once a verdict allowed this exec: the interpreter of an
     /// approved script is part of the same approved request.
     pub approved: u32,
-    /// Twice the captured size, so the verifier can prove every bounded
-    /// write at a masked offset stays inside the buffer.
-    pub argv: [u8; ARGV_LEN * 2],
+    /// The captured strings; zero from `len` to the end of its 64-byte
+    /// block (what the digest hashes).
+    pub argv: [u8; ARGV_LEN],
 }
 
 /// What every event starts with.
@@ -407,7 +407,7 @@ mod tests {
         assert_eq!(size_of::<EventHeader>(), 4 * 8 + 8 * 3 + COMM_LEN);
         assert_eq!(size_of::<ExecEvent>(), size_of::<EventHeader>() + 16 + 16 + PATH_LEN + ARGV_LEN);
         assert_eq!(size_of::<ConnectEvent>(), size_of::<EventHeader>() + 16 + 16 + 108 + 4);
-        assert_eq!(size_of::<ExecArgs>(), 16 + 2 * ARGV_LEN);
+        assert_eq!(size_of::<ExecArgs>(), 16 + ARGV_LEN);
         assert_eq!(align_of::<ExecEvent>(), 8);
     }
 

@@ -54,14 +54,26 @@ pub static GRANTS: HashMap<GrantKey, Grant> = HashMap::with_max_entries(65536, 0
 #[map]
 pub static EXEC_ARGV: HashMap<u32, ExecArgs> = HashMap::with_max_entries(4096, NO_PREALLOC);
 
-/// A page of zeroes (never written): the source that clears the unused tail
-/// of a captured argv in one helper call.
+/// Zeroes (never written): the source that clears the rest of the last
+/// digest block of a captured argv in one helper call.
 #[map]
-pub static ZEROES: Array<[u8; ARGV_LEN]> = Array::with_max_entries(1, 0);
+pub static ZEROES: Array<[u8; ARGV_BLOCK]> = Array::with_max_entries(1, 0);
 
-/// Scratch space to build an `ExecArgs` (8 KiB, far beyond the stack).
+/// Bytes of argv the exec digest hashes per step; a capture clears the rest
+/// of its last block.
+pub const ARGV_BLOCK: usize = 64;
+
+/// Where an `ExecArgs` is built (far beyond the stack). The spill after it
+/// lets the verifier prove that every bounded string copy at a masked offset
+/// stays inside the value; only the `ExecArgs` part is stored.
+#[repr(C)]
+pub struct ArgvScratch {
+    pub args: ExecArgs,
+    pub spill: [u8; ARGV_LEN],
+}
+
 #[map]
-pub static ARGV_SCRATCH: PerCpuArray<ExecArgs> = PerCpuArray::with_max_entries(1, 0);
+pub static ARGV_SCRATCH: PerCpuArray<ArgvScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events for user space: requests that need a decision, denials, lifecycle.
 #[map]

@@ -23,9 +23,9 @@ use aya_ebpf::{
     macros::{fentry, fexit},
     programs::{FEntryContext, FExitContext},
 };
-use gatekeep_common::{ARGV_LEN, ARGV_MAX_ARGS, counter};
+use gatekeep_common::{ARGV_LEN, ARGV_MAX_ARGS, ExecArgs, counter};
 
-use crate::maps::{ARGV_SCRATCH, EXEC_ARGV, GATED_CGROUPS, ZEROES, bump};
+use crate::maps::{ARGV_BLOCK, ARGV_SCRATCH, EXEC_ARGV, GATED_CGROUPS, ZEROES, bump};
 
 /// Offset of `si` in x86-64 `struct pt_regs`: execve's second argument
 /// (`argv`). The first sixteen members are pushed in this order by the
@@ -78,7 +78,7 @@ fn capture_argv(ctx: &FEntryContext, argv_register: usize) {
         return;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(args) = ARGV_SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = ARGV_SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // The syscall wrapper's only argument: the user registers at entry.
@@ -91,11 +91,14 @@ fn capture_argv(ctx: &FEntryContext, argv_register: usize) {
         bump(counter::ARGV_MISSED);
         return;
     };
-    // SAFETY: `args` points at this CPU's scratch slot; every write below
-    // stays inside `argv[..2 * ARGV_LEN]` (offset masked below ARGV_LEN,
-    // size at most ARGV_LEN).
+    // SAFETY: `scratch` points at this CPU's scratch slot; every string
+    // write below starts in `argv` (offset masked below ARGV_LEN) and is at
+    // most ARGV_LEN long, so it ends inside `argv` + `spill`.
     unsafe {
-        let args = &mut *args;
+        let strings = scratch
+            .cast::<u8>()
+            .add(core::mem::offset_of!(ExecArgs, argv));
+        let args = &mut (*scratch).args;
         args.len = 0;
         args.argc = 0;
         args.truncated = 0;
@@ -114,7 +117,7 @@ fn capture_argv(ctx: &FEntryContext, argv_register: usize) {
                 break;
             }
             let offset = len as usize & (ARGV_LEN - 1);
-            let dst = args.argv.as_mut_ptr().add(offset).cast::<c_void>();
+            let dst = strings.add(offset).cast::<c_void>();
             let copied = bpf_probe_read_user_str(dst, ARGV_LEN as u32, arg.cast::<c_void>());
             if copied <= 0 {
                 break;
@@ -136,17 +139,16 @@ fn capture_argv(ctx: &FEntryContext, argv_register: usize) {
             args.truncated = 1;
         }
         args.len = len;
-        // Clear the rest of the captured window so the digest can hash all
-        // of it without data-dependent branches (which the verifier would
-        // explore once per word).
+        // Clear the rest of the last 64-byte block: the digest hashes whole
+        // blocks up to `len`, and must not see the previous capture's bytes.
         if (len as usize) < ARGV_LEN {
             if let Some(zeroes) = ZEROES.get_ptr(0) {
                 // Volatile: otherwise LLVM drops the mask (it knows len <
                 // ARGV_LEN here) and the verifier cannot bound the offset.
                 let offset = core::ptr::read_volatile(&raw const len) as usize & (ARGV_LEN - 1);
                 bpf_probe_read_kernel(
-                    args.argv.as_mut_ptr().add(offset).cast::<c_void>(),
-                    ARGV_LEN as u32,
+                    strings.add(offset).cast::<c_void>(),
+                    ARGV_BLOCK as u32,
                     zeroes.cast::<c_void>(),
                 );
             }

@@ -24,7 +24,7 @@ use gatekeep_common::{
 use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
-    maps::{EVENTS, EXEC_ARGV, EXEC_RULES, GATED_CGROUPS, POLICIES, bump, offsets},
+    maps::{ARGV_BLOCK, EVENTS, EXEC_ARGV, EXEC_RULES, GATED_CGROUPS, POLICIES, bump, offsets},
     pause::{Asked, Request, ask},
 };
 
@@ -237,9 +237,6 @@ fn executable_identity(bprm: *const u8) -> Result<(u64, u64), i64> {
 }
 
 /// Digest of an exec request: executable identity and the captured argv.
-/// Bytes of argv hashed per step of the exec digest.
-const ARGV_BLOCK: usize = 64;
-
 #[inline(always)]
 fn exec_digest(dev: u64, ino: u64, args: Option<*mut ExecArgs>) -> u64 {
     let mut digest = Digest::new();
