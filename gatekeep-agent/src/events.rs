@@ -280,11 +280,12 @@ fn exec_request(raw: &ExecEvent) -> ExecRequest {
 }
 
 /// Splits NUL-separated strings (the last may lack its NUL when truncated).
+/// Empty arguments count: `b"\0"` is `[""]`.
 fn split_argv(bytes: &[u8]) -> Vec<String> {
-    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
     if bytes.is_empty() {
         return Vec::new();
     }
+    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
     bytes
         .split(|b| *b == 0)
         .map(|arg| String::from_utf8_lossy(arg).into_owned())
@@ -479,6 +480,9 @@ mod tests {
         };
         assert_eq!(request.argv, ["x"]);
         assert_eq!(split_argv(b""), Vec::<String>::new());
+        assert_eq!(split_argv(b"\0"), [""]);
+        assert_eq!(split_argv(b"a\0\0b\0"), ["a", "", "b"]);
+        assert_eq!(split_argv(b"a\0\0"), ["a", ""]);
     }
 
     #[test]

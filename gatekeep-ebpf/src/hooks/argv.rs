@@ -119,9 +119,19 @@ fn capture_argv(ctx: &FEntryContext, argv_register: usize) {
             let offset = len as usize & (ARGV_LEN - 1);
             let dst = strings.add(offset).cast::<c_void>();
             let copied = bpf_probe_read_user_str(dst, ARGV_LEN as u32, arg.cast::<c_void>());
-            if copied <= 0 {
+            if copied < 0 {
                 break;
             }
+            // An empty argument is one byte (its NUL). Kernels without the
+            // fix "mm: fix strncpy_from_user_nofault() behavior on empty
+            // string" return 0 for it; stopping there would leave whatever
+            // follows out of the digest (["", "safe"] == ["", "evil"]).
+            let copied = if copied == 0 {
+                *dst.cast::<u8>() = 0;
+                1
+            } else {
+                copied
+            };
             len += copied as u32;
             args.argc += 1;
             i += 1;
