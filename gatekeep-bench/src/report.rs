@@ -147,13 +147,10 @@ impl Figure {
         self
     }
 
-    /// Prints the figure line `cargo xtask bench` collects, and a readable line on stderr.
-    pub fn emit(&self) {
-        // A figure always serialises (plain numbers and strings).
-        let json = serde_json::to_string(self).unwrap_or_default();
-        println!("{MARKER}{json}");
-        let ratio = self
-            .ratio
+    /// The ratio, its confidence interval and range, as text (empty without a ratio).
+    #[must_use]
+    pub fn ratio_text(&self) -> String {
+        self.ratio
             .map(|r| {
                 let ci = self
                     .ratio_ci
@@ -163,9 +160,20 @@ impl Figure {
                     .ratio_range
                     .map(|[lo, hi]| format!(" [runs {lo:.4}..{hi:.4}]"))
                     .unwrap_or_default();
-                format!(" ratio {r:.4}{ci}{range}")
+                format!("{r:.4}{ci}{range}")
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Prints the figure line `cargo xtask bench` collects, and a readable line on stderr.
+    pub fn emit(&self) {
+        // A figure always serialises (plain numbers and strings).
+        let json = serde_json::to_string(self).unwrap_or_default();
+        println!("{MARKER}{json}");
+        let ratio = match self.ratio_text() {
+            text if text.is_empty() => text,
+            text => format!(" ratio {text}"),
+        };
         eprintln!(
             "[bench] {}: {} {} ({}..{}, {} runs){ratio}",
             self.metric,
@@ -258,6 +266,26 @@ pub fn median_ci(values: &[f64]) -> Option<[f64; 2]> {
     (k >= 1).then(|| [sorted[k - 1], sorted[n - k]])
 }
 
+/// The mean of the smallest `keep` share (0..=1) of `samples` (sorted in place); at
+/// least one sample is kept. 0 when there is none.
+#[must_use]
+pub fn trimmed_mean(samples: &mut [u64], keep: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.sort_unstable();
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "a count of samples, far below 2^52"
+    )]
+    let kept = ((samples.len() as f64 * keep).round() as usize).clamp(1, samples.len());
+    #[expect(clippy::cast_precision_loss, reason = "sums of nanoseconds and counts")]
+    let mean = samples[..kept].iter().sum::<u64>() as f64 / kept as f64;
+    mean
+}
+
 /// The `p`-quantile (0..=1) of sorted samples, nearest rank.
 #[must_use]
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -331,6 +359,15 @@ mod tests {
         let figure = Figure::from_runs("r", "r", "us", &[1.0]).ratio(&ratios);
         assert_eq!(figure.ratio_range, Some([1.0, 1.011]));
         assert_eq!(figure.ratio_ci, Some([1.002, 1.009]));
+    }
+
+    #[test]
+    fn the_trimmed_mean_drops_the_slowest() {
+        let mut samples: Vec<u64> = (1..=10).rev().collect();
+        assert!((trimmed_mean(&mut samples, 0.9) - 5.0).abs() < 1e-12);
+        assert!((trimmed_mean(&mut samples, 1.0) - 5.5).abs() < 1e-12);
+        assert!((trimmed_mean(&mut [7], 0.1) - 7.0).abs() < 1e-12);
+        assert!(trimmed_mean(&mut [], 0.9).abs() < f64::EPSILON);
     }
 
     #[test]

@@ -16,16 +16,23 @@
 //! How, so that a ratio is precise to a fraction of a percent on a noisy emulated VM:
 //!
 //! - the programs are loaded once through the agent's loader (the verifier is slow under
-//!   TCG); a setup switch only attaches or detaches links;
-//! - one long-lived worker per cgroup runs the loops on request, so a switch starts no
-//!   process;
-//! - a round gives every setup its full count of execs and connects in short chunks: each
-//!   of the round's slots runs every setup once in a random order, then once in the
-//!   reverse order; the two chunks of every setup are centred on the same instant, so a
-//!   drift of the VM's speed that is linear over a slot weighs the same on all of them;
-//! - a setup's ratio in a round is its total time over the baseline's in the same round
-//!   (paired); the figure is the median over the rounds, with their range and a 95 %
-//!   confidence interval of the median.
+//!   TCG); a setup switch only attaches or detaches links (a detach waits for RCU grace
+//!   periods: about 0.3 s);
+//! - one long-lived worker runs the loops on request and is moved from cgroup to cgroup
+//!   (a process's own speed under TCG depends on where its pages lie: separate workers
+//!   per cgroup differed by 2 %);
+//! - a chunk reduces its ops to the mean of the fastest quarter: a timer tick costs an
+//!   exec about 20 % under TCG and lands in a third of them, host preemptions anywhere;
+//!   gatekeep's cost is in every op;
+//! - a round gives every setup its full count of execs and connects in short chunks,
+//!   in cycles: a baseline chunk before and after each unit (the three setups with every
+//!   program attached as one block, each diagnostic setup alone), units and block in
+//!   random orders. A chunk's ratio is its time over the baseline's interpolated
+//!   between the baseline chunks around it, so the VM's drifting speed cancels; a
+//!   round's ratio is the mean over its chunks; the figure is the median over the
+//!   rounds, with their range and a 95 % confidence interval of the median. The
+//!   conditions give the same ratio from plain means too (which keeps any cost that
+//!   lands only in some ops, such as deferred kernel work).
 //!
 //! A separate pass reads the programs' own run time per operation from the kernel's BPF
 //! statistics (they cost time of their own, so never during the ratio rounds).
@@ -37,7 +44,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::SocketAddr,
     os::fd::AsRawFd as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::{
         Arc,
@@ -68,7 +75,10 @@ use gatekeep_common::{
     Verdict, VerdictKey, action, counter, request_kind,
 };
 
-use super::{BenchCgroup, TINY, finish_worker, spawn_worker, worker::WorkerReport};
+use super::{
+    BenchCgroup, TINY, finish_worker, spawn_worker,
+    worker::{TRIMMED_KEEP, WorkerReport},
+};
 use crate::report::{Figure, Summary, Target};
 
 const RULE_POLICY: u32 = 1;
@@ -79,18 +89,22 @@ const GRANT_POLICY: u32 = 2;
 pub struct OverheadSizes {
     /// Rounds: each gives one paired ratio per setup.
     pub rounds: usize,
-    /// Slots per round; each runs every setup twice (a random order, then its reverse).
-    pub slots: usize,
+    /// Cycles per round: each measures every setup but `none` once, each next to
+    /// baseline chunks (see [`cycle`]).
+    pub cycles: usize,
     /// Timed execs and connects of one chunk (one setup's turn). A setup gets
-    /// `2 * slots * execs` execs and `2 * slots * connects` connects per round.
+    /// `cycles * execs` execs and `cycles * connects` connects per round (the
+    /// baseline three times as many).
     pub execs: usize,
     pub connects: usize,
     /// Untimed iterations at the start of every chunk.
     pub warmup_execs: usize,
     pub warmup_connects: usize,
-    /// Pause after attaching or detaching, for the kernel's deferred work (trampolines
-    /// are freed after an RCU grace period) to run before anything is timed.
-    pub settle: Duration,
+    /// Pauses after attaching, and after detaching: detaching waits for RCU grace
+    /// periods, and the trampolines' old images are freed after one more; that work is
+    /// left to run before anything is timed.
+    pub settle_attach: Duration,
+    pub settle_detach: Duration,
     /// The BPF statistics pass: rounds, and execs and connects per setup per round.
     pub stats_rounds: usize,
     pub stats_execs: usize,
@@ -103,12 +117,13 @@ impl OverheadSizes {
         if smoke {
             Self {
                 rounds: 1,
-                slots: 1,
+                cycles: 1,
                 execs: 20,
                 connects: 50,
                 warmup_execs: 2,
                 warmup_connects: 5,
-                settle: Duration::from_millis(20),
+                settle_attach: Duration::from_millis(20),
+                settle_detach: Duration::from_millis(20),
                 stats_rounds: 1,
                 stats_execs: 20,
                 stats_connects: 50,
@@ -116,13 +131,14 @@ impl OverheadSizes {
         } else {
             // 2000 execs and 5000 connects per setup per round, in 8 chunks each.
             Self {
-                rounds: 12,
-                slots: 4,
+                rounds: 8,
+                cycles: 8,
                 execs: 250,
                 connects: 625,
-                warmup_execs: 5,
-                warmup_connects: 20,
-                settle: Duration::from_millis(50),
+                warmup_execs: 10,
+                warmup_connects: 40,
+                settle_attach: Duration::from_millis(50),
+                settle_detach: Duration::from_millis(150),
                 stats_rounds: 3,
                 stats_execs: 600,
                 stats_connects: 1500,
@@ -131,7 +147,7 @@ impl OverheadSizes {
     }
 
     fn per_round(&self, op: Op) -> usize {
-        2 * self.slots
+        self.cycles
             * match op {
                 Op::Exec => self.execs,
                 Op::Connect => self.connects,
@@ -238,8 +254,8 @@ impl Setup {
         }
     }
 
-    /// Which worker (cgroup) runs the loops: 0 free, 1 rule, 2 grant.
-    fn worker(self) -> usize {
+    /// Which cgroup the worker runs the loops in: 0 free, 1 rule, 2 grant.
+    fn cgroup(self) -> usize {
         match self {
             Setup::None | Setup::Outside | Setup::LsmOnly | Setup::TracingOnly => 0,
             Setup::Rule => 1,
@@ -264,6 +280,13 @@ impl Setup {
 struct Groups {
     lsm: bool,
     others: bool,
+}
+
+/// What [`Programs::set`] did.
+#[derive(Debug, Clone, Copy, Default)]
+struct Change {
+    attached: bool,
+    detached: bool,
 }
 
 /// The cgroups of the setups.
@@ -305,26 +328,26 @@ impl Programs {
     }
 
     /// Attaches and detaches so that exactly `groups` is attached, in the agent's order:
-    /// the LSM hooks come off first and go on last. Whether anything changed.
-    fn set(&mut self, groups: Groups) -> Result<bool> {
-        let mut changed = false;
+    /// the LSM hooks come off first and go on last.
+    fn set(&mut self, groups: Groups) -> Result<Change> {
+        let mut change = Change::default();
         if !groups.lsm && !self.lsm.is_empty() {
             self.lsm.clear();
-            changed = true;
+            change.detached = true;
         }
         if !groups.others && !self.others.is_empty() {
             self.others.clear();
-            changed = true;
+            change.detached = true;
         }
         if groups.others && self.others.is_empty() {
             self.others = self.attach(|p| !p.is_lsm())?;
-            changed = true;
+            change.attached = true;
         }
         if groups.lsm && self.lsm.is_empty() {
             self.lsm = self.attach(Program::is_lsm)?;
-            changed = true;
+            change.attached = true;
         }
-        Ok(changed)
+        Ok(change)
     }
 
     /// Each program's (run time in ns, run count) from the kernel, in [`PROGRAMS`] order.
@@ -343,7 +366,10 @@ impl Programs {
     }
 }
 
-/// A `gatekeep-bench worker ... serve` process in one cgroup, running loops on request.
+/// A `gatekeep-bench worker ... serve` process, running loops on request. One for every
+/// setup, moved from cgroup to cgroup: under TCG a process's own speed depends on where
+/// its pages lie (QEMU's software TLB is indexed by address), and different processes
+/// differed by 2 %.
 struct LoopWorker {
     child: Child,
     input: ChildStdin,
@@ -369,6 +395,13 @@ impl LoopWorker {
             input,
             output,
         })
+    }
+
+    /// Moves the worker into `cgroup` (the benchmark, not gated, moves it: gating does not
+    /// follow).
+    fn move_to(&self, cgroup: &Path) -> Result<()> {
+        std::fs::write(cgroup.join("cgroup.procs"), self.child.id().to_string())
+            .with_context(|| format!("cannot move the worker into {}", cgroup.display()))
     }
 
     /// Runs `warmup` untimed then `count` timed iterations of `op`.
@@ -605,38 +638,59 @@ fn learn_and_grant(
     Ok(())
 }
 
-/// The apparatus of one run: programs, workers, and what the switches cost.
+/// What one chunk measured: per op (in [`Op::ALL`] order), the mean time per op and the
+/// mean of its fastest quarter (ns).
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    setup: Setup,
+    mean: [f64; 2],
+    trimmed: [f64; 2],
+}
+
+/// The apparatus of one run: programs, the worker, and what the switches cost.
 struct Bench {
     programs: Programs,
-    /// Serving the free, rule and grant cgroups ([`Setup::worker`]).
-    workers: Vec<LoopWorker>,
+    worker: LoopWorker,
+    /// The free, rule and grant cgroups ([`Setup::cgroup`]), and where the worker is.
+    cgroups: [PathBuf; 3],
+    place: usize,
     sizes: OverheadSizes,
     switches: usize,
     switching: Duration,
 }
 
 impl Bench {
-    /// Attaches and detaches for `setup`, then lets the kernel's deferred work run.
+    /// Attaches and detaches for `setup`, then lets the kernel's deferred work run; moves
+    /// the worker into the setup's cgroup.
     fn switch(&mut self, setup: Setup) -> Result<()> {
         let started = Instant::now();
-        if self.programs.set(setup.groups())? {
-            std::thread::sleep(self.sizes.settle);
+        let change = self.programs.set(setup.groups())?;
+        if change.detached {
+            std::thread::sleep(self.sizes.settle_detach);
+        } else if change.attached {
+            std::thread::sleep(self.sizes.settle_attach);
+        }
+        if change.attached || change.detached {
             self.switches += 1;
             self.switching += started.elapsed();
+        }
+        if self.place != setup.cgroup() {
+            self.worker.move_to(&self.cgroups[setup.cgroup()])?;
+            self.place = setup.cgroup();
         }
         Ok(())
     }
 
     /// One chunk of `setup`: its exec loop, then its connect loop, each after a few
     /// untimed iterations; checks with the counters that it took the setup's path.
-    /// Returns each loop's total time (ns), in [`Op::ALL`] order.
-    fn chunk(&mut self, setup: Setup) -> Result<[u64; 2]> {
+    fn chunk(&mut self, setup: Setup) -> Result<Chunk> {
         let sizes = self.sizes;
         self.switch(setup)?;
         let before = counters(&self.programs.ebpf)?;
-        let worker = &mut self.workers[setup.worker()];
-        let exec = worker.run(Op::Exec, sizes.warmup_execs, sizes.execs)?;
-        let connect = worker.run(Op::Connect, sizes.warmup_connects, sizes.connects)?;
+        let exec = self.worker.run(Op::Exec, sizes.warmup_execs, sizes.execs)?;
+        let connect = self
+            .worker
+            .run(Op::Connect, sizes.warmup_connects, sizes.connects)?;
         let after = counters(&self.programs.ebpf)?;
         check_path(
             setup,
@@ -645,7 +699,11 @@ impl Bench {
             u64::try_from(sizes.warmup_execs + sizes.execs)?,
             u64::try_from(sizes.warmup_connects + sizes.connects)?,
         )?;
-        Ok([exec.total_ns, connect.total_ns])
+        Ok(Chunk {
+            setup,
+            mean: [exec.mean_ns(), connect.mean_ns()],
+            trimmed: [exec.trimmed_mean_ns, connect.trimmed_mean_ns],
+        })
     }
 }
 
@@ -679,16 +737,73 @@ fn check_path(
     Ok(())
 }
 
-/// One round: each setup's total time (ns) of each op, indexed `[op][setup]`.
-#[derive(Debug, Default, Clone, Copy)]
+/// A round's figures under one way of reducing a chunk to a time per op, per op
+/// (`[op][setup]`): each setup's mean time per op (ns) over its chunks, and its ratio to
+/// the baseline: the mean over its chunks of the chunk's time over the baseline's,
+/// interpolated between the baseline chunks before and after it.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Estimates {
+    values: [[f64; SETUPS]; 2],
+    ratios: [[f64; SETUPS]; 2],
+}
+
+impl Estimates {
+    /// From a round's chunks in the order they ran, reduced by `pick`. Every chunk but
+    /// the baseline's lies between two baseline chunks ([`ratio_rounds`]).
+    #[expect(clippy::cast_precision_loss, reason = "chunk counts and positions")]
+    fn of(chunks: &[Chunk], pick: fn(&Chunk) -> [f64; 2]) -> Self {
+        let mut estimates = Self::default();
+        let mut counts = [0usize; SETUPS];
+        let baselines: Vec<usize> = (0..chunks.len())
+            .filter(|i| chunks[*i].setup == Setup::None)
+            .collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let s = chunk.setup.index();
+            let times = pick(chunk);
+            counts[s] += 1;
+            for (value, time) in estimates.values.iter_mut().zip(times) {
+                value[s] += time;
+            }
+            if chunk.setup == Setup::None {
+                continue;
+            }
+            let before = baselines.iter().rev().find(|b| **b < i);
+            let after = baselines.iter().find(|b| **b > i);
+            let (Some(&p), Some(&q)) = (before, after) else {
+                continue;
+            };
+            let weight = (i - p) as f64 / (q - p) as f64;
+            let (first, last) = (pick(&chunks[p]), pick(&chunks[q]));
+            for (o, ratios) in estimates.ratios.iter_mut().enumerate() {
+                let baseline = first[o] + (last[o] - first[o]) * weight;
+                ratios[s] += ratio(times[o], baseline);
+            }
+        }
+        for (s, count) in counts.iter().enumerate() {
+            let count = (*count).max(1) as f64;
+            for o in 0..2 {
+                estimates.values[o][s] /= count;
+                estimates.ratios[o][s] /= count;
+            }
+        }
+        estimates
+    }
+}
+
+/// One round, reduced both ways: the mean of each chunk's fastest quarter (the
+/// figures), and the plain mean (in their conditions).
+#[derive(Debug, Clone, Copy)]
 struct Round {
-    totals: [[u64; SETUPS]; 2],
+    trimmed: Estimates,
+    mean: Estimates,
 }
 
 impl Round {
-    /// A setup's total over the baseline's.
-    fn ratio(&self, op: usize, setup: Setup) -> f64 {
-        ratio(self.totals[op][setup.index()], self.totals[op][0])
+    fn of(chunks: &[Chunk]) -> Self {
+        Self {
+            trimmed: Estimates::of(chunks, |c| c.trimmed),
+            mean: Estimates::of(chunks, |c| c.mean),
+        }
     }
 
     /// One line for the console.
@@ -697,7 +812,7 @@ impl Round {
         for (o, op) in Op::ALL.iter().enumerate() {
             let ratios: Vec<String> = Setup::ALL[1..]
                 .iter()
-                .map(|s| format!("{} {:.4}", s.name(), self.ratio(o, *s)))
+                .map(|s| format!("{} {:.4}", s.name(), self.trimmed.ratios[o][s.index()]))
                 .collect();
             parts.push(format!("{}: {}", op.name(), ratios.join(", ")));
         }
@@ -705,12 +820,12 @@ impl Round {
     }
 }
 
-#[expect(
-    clippy::cast_precision_loss,
-    reason = "nanosecond totals, far below 2^52"
-)]
-fn ratio(value: u64, baseline: u64) -> f64 {
-    value as f64 / baseline.max(1) as f64
+fn ratio(value: f64, baseline: f64) -> f64 {
+    if baseline > 0.0 {
+        value / baseline
+    } else {
+        0.0
+    }
 }
 
 /// One measurement of the statistics pass: each program's (run time ns, run count)
@@ -740,9 +855,9 @@ fn stats_pass(bench: &mut Bench, rng: &mut Rng) -> Result<Vec<StatsSample>> {
                     Op::Exec => (sizes.warmup_execs, sizes.stats_execs),
                     Op::Connect => (sizes.warmup_connects, sizes.stats_connects),
                 };
-                bench.workers[setup.worker()].run(op, 0, warmup)?;
+                bench.worker.run(op, 0, warmup)?;
                 let before = bench.programs.run_stats()?;
-                bench.workers[setup.worker()].run(op, 0, ops)?;
+                bench.worker.run(op, 0, ops)?;
                 let after = bench.programs.run_stats()?;
                 let programs = after
                     .iter()
@@ -802,13 +917,12 @@ impl Bench {
             cgroups.grant.path(),
             &["connect".into(), "1".into(), addr.to_string()],
         )?;
-        let workers = [&cgroups.free, &cgroups.rule, &cgroups.grant]
-            .into_iter()
-            .map(|cgroup| LoopWorker::start(cgroup.path(), addr))
-            .collect::<Result<Vec<_>>>()?;
+        let worker = LoopWorker::start(cgroups.free.path(), addr)?;
         let bench = Self {
             programs,
-            workers,
+            worker,
+            cgroups: [&cgroups.free, &cgroups.rule, &cgroups.grant].map(|c| c.path().to_owned()),
+            place: 0,
             sizes,
             switches: 0,
             switching: Duration::ZERO,
@@ -823,11 +937,9 @@ impl Bench {
         self.switching.as_secs_f64() * 1e3 / switches
     }
 
-    /// Stops the workers and checks that no event was dropped.
+    /// Stops the worker and checks that no event was dropped.
     fn finish(self, drainer: Drainer) -> Result<()> {
-        for worker in self.workers {
-            worker.finish()?;
-        }
+        self.worker.finish()?;
         let dropped = counters(&self.programs.ebpf)?[counter::EVENTS_DROPPED as usize];
         drainer.stop();
         drop(self.programs);
@@ -839,24 +951,42 @@ impl Bench {
     }
 }
 
-/// The ratio rounds: every setup in every slot of every round, in a palindrome of a
-/// random order.
+/// One cycle's setups after its first baseline chunk: the three setups with every
+/// program attached as one block (switching among them moves nothing), the two
+/// diagnostic setups alone, these three units in a random order and each followed by a
+/// baseline chunk; inside the block, a random order too.
+fn cycle(rng: &mut Rng) -> Vec<Setup> {
+    let mut attached = [Setup::Outside, Setup::Rule, Setup::Grant];
+    rng.shuffle(&mut attached);
+    let mut units = [Setup::Outside, Setup::LsmOnly, Setup::TracingOnly];
+    rng.shuffle(&mut units);
+    let mut order = Vec::with_capacity(8);
+    for unit in units {
+        if unit == Setup::Outside {
+            order.extend(attached);
+        } else {
+            order.push(unit);
+        }
+        order.push(Setup::None);
+    }
+    order
+}
+
+/// The ratio rounds: a baseline chunk, then [`cycle`] after cycle.
 fn ratio_rounds(bench: &mut Bench, rng: &mut Rng) -> Result<Vec<Round>> {
     let sizes = bench.sizes;
     let started = Instant::now();
     let mut rounds = Vec::with_capacity(sizes.rounds);
     for r in 0..sizes.rounds {
-        let mut round = Round::default();
-        for _ in 0..sizes.slots {
-            let mut order = Setup::ALL;
-            rng.shuffle(&mut order);
-            for setup in order.iter().chain(order.iter().rev()) {
-                let times = bench.chunk(*setup)?;
-                for (o, time) in times.iter().enumerate() {
-                    round.totals[o][setup.index()] += time;
-                }
-            }
+        let mut order = vec![Setup::None];
+        for _ in 0..sizes.cycles {
+            order.extend(cycle(rng));
         }
+        let mut chunks = Vec::with_capacity(order.len());
+        for setup in order {
+            chunks.push(bench.chunk(setup)?);
+        }
+        let round = Round::of(&chunks);
         eprintln!(
             "[bench] overhead round {}/{} ({:.0} s): {}",
             r + 1,
@@ -921,41 +1051,41 @@ fn baselines(figures: &[Figure]) -> (f64, f64) {
     (of("vm.exec.none"), of("vm.connect.none"))
 }
 
-#[expect(
-    clippy::cast_precision_loss,
-    reason = "counts and nanoseconds, far below 2^52"
-)]
 fn ratio_figures(rounds: &[Round], sizes: OverheadSizes, notes: &RunNotes) -> Vec<Figure> {
     let mut figures = Vec::new();
     for (o, op) in Op::ALL.iter().enumerate() {
-        let per_round = sizes.per_round(*op);
         let chunk = match op {
             Op::Exec => (sizes.execs, sizes.warmup_execs),
             Op::Connect => (sizes.connects, sizes.warmup_connects),
         };
-        let mean_us = |round: &Round, setup: Setup| {
-            round.totals[o][setup.index()] as f64 / per_round as f64 / 1e3
-        };
+        let mean_us = |round: &Round, setup: Setup| round.trimmed.values[o][setup.index()] / 1e3;
         let none: Vec<f64> = rounds.iter().map(|r| mean_us(r, Setup::None)).collect();
         let baseline = Summary::of(&none).median;
         let conditions = format!(
-            "{}; mean per op; {per_round} per setup per round, in {} chunks of {} (after {} \
-             untimed each); {} rounds of {} slots, a slot = every setup once in a random order \
-             then once in reverse (seed {}); ratio = a round's total over the same round's \
-             no-gatekeep total, median over the rounds (95% CI of the median; range over \
-             rounds); programs loaded once, setups switched by attaching/detaching their \
-             links ({} switches, {:.0} ms each incl. {} ms settle), no gatekeep = \
-             loaded, nothing attached; the rounds took {:.0} s; VM under TCG, {} vCPU",
+            "{}; per op: the mean of the fastest {:.0}% of a chunk's ops (the others: those a \
+             timer tick or a host preemption landed in), averaged over chunks; {} per setup per \
+             round in {} chunks of {} (after {} untimed each); {} rounds of {} cycles, a cycle \
+             = a no-gatekeep chunk before and after each of (outside, rule, grant as one \
+             block), lsm only, non-LSM only, in random orders (seed {}); ratio per chunk: its \
+             time over the no-gatekeep time interpolated between the no-gatekeep chunks around \
+             it; a round's ratio: the mean over its chunks; the figure: the median over the \
+             rounds (95% CI of the median; range over rounds); programs loaded once, setups \
+             switched by attaching/detaching their links ({} switches, {:.0} ms each incl. \
+             {}/{} ms settling after an attach/detach), no gatekeep = loaded, nothing \
+             attached; the rounds took {:.0} s; VM under TCG, {} vCPU",
             op.describe(),
-            2 * sizes.slots,
+            100.0 * TRIMMED_KEEP,
+            sizes.per_round(*op),
+            sizes.cycles,
             chunk.0,
             chunk.1,
             rounds.len(),
-            sizes.slots,
+            sizes.cycles,
             notes.seed,
             notes.switches,
             notes.per_switch_ms,
-            sizes.settle.as_millis(),
+            sizes.settle_attach.as_millis(),
+            sizes.settle_detach.as_millis(),
             notes.rounds_took.as_secs_f64(),
             notes.vcpus,
         );
@@ -969,8 +1099,22 @@ fn ratio_figures(rounds: &[Round], sizes: OverheadSizes, notes: &RunNotes) -> Ve
             )
             .conditions(conditions.clone());
             if setup != Setup::None {
-                let ratios: Vec<f64> = rounds.iter().map(|r| r.ratio(o, setup)).collect();
-                figure = figure.ratio(&ratios).baseline("no gatekeep", baseline);
+                let ratios: Vec<f64> = rounds
+                    .iter()
+                    .map(|r| r.trimmed.ratios[o][setup.index()])
+                    .collect();
+                let plain: Vec<f64> = rounds
+                    .iter()
+                    .map(|r| r.mean.ratios[o][setup.index()])
+                    .collect();
+                let plain = Figure::from_runs("", "", "", &plain).ratio(&plain);
+                figure = figure
+                    .ratio(&ratios)
+                    .baseline("no gatekeep", baseline)
+                    .conditions(format!(
+                        "{conditions}; with plain means per op instead: ratio {}",
+                        plain.ratio_text()
+                    ));
                 if let Some(target) = setup.target(*op) {
                     figure = figure.target(Target::ratio_at_most(target));
                 }
@@ -1057,4 +1201,73 @@ fn stats_figures(stats: &[StatsSample], baselines: (f64, f64), vcpus: usize) -> 
         }
     }
     figures
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(setup: Setup, time: f64) -> Chunk {
+        Chunk {
+            setup,
+            mean: [time, 2.0 * time],
+            trimmed: [time, time],
+        }
+    }
+
+    #[test]
+    fn a_linear_drift_cancels_out_of_the_ratios() {
+        // The VM slows by 1 % per chunk; outside costs 2 %, rule 5 %, grant 3 %.
+        let order = [
+            (Setup::None, 1.0),
+            (Setup::Rule, 1.05),
+            (Setup::Outside, 1.02),
+            (Setup::Grant, 1.03),
+            (Setup::None, 1.0),
+            (Setup::LsmOnly, 1.01),
+            (Setup::None, 1.0),
+        ];
+        let chunks: Vec<Chunk> = order
+            .iter()
+            .enumerate()
+            .map(|(i, (setup, cost))| {
+                #[expect(clippy::cast_precision_loss, reason = "a small index")]
+                let drift = 1.0 + 0.01 * i as f64;
+                chunk(*setup, 100.0 * cost * drift)
+            })
+            .collect();
+        let round = Round::of(&chunks);
+        for (setup, cost) in order {
+            if setup != Setup::None {
+                let ratio = round.trimmed.ratios[0][setup.index()];
+                assert!((ratio - cost).abs() < 1e-3, "{setup:?}: {ratio}");
+                assert!((round.mean.ratios[1][setup.index()] - ratio).abs() < 1e-12);
+            }
+        }
+        // The baseline's value is the mean of its three chunks: 100, 104, 106.
+        assert!((round.trimmed.values[0][0] - 310.0 / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_cycle_puts_a_baseline_after_every_unit() {
+        let mut rng = Rng(7);
+        for _ in 0..20 {
+            let order = cycle(&mut rng);
+            assert_eq!(order.len(), 8);
+            assert_eq!(order.last(), Some(&Setup::None));
+            for setup in &Setup::ALL[1..] {
+                assert_eq!(order.iter().filter(|s| *s == setup).count(), 1);
+            }
+            // The block of three with every program attached stays together.
+            let first = order
+                .iter()
+                .position(|s| s.groups() == Setup::Outside.groups())
+                .unwrap();
+            assert!(
+                order[first..first + 3]
+                    .iter()
+                    .all(|s| s.groups() == Setup::Outside.groups())
+            );
+        }
+    }
 }
