@@ -129,12 +129,12 @@ impl OverheadSizes {
                 stats_connects: 50,
             }
         } else {
-            // 2000 execs and 5000 connects per setup per round, in 8 chunks each.
+            // 2000 execs and 5000 connects per setup per round, in 4 chunks each.
             Self {
-                rounds: 8,
-                cycles: 8,
-                execs: 250,
-                connects: 625,
+                rounds: 9,
+                cycles: 4,
+                execs: 500,
+                connects: 1250,
                 warmup_execs: 10,
                 warmup_connects: 40,
                 settle_attach: Duration::from_millis(50),
@@ -638,8 +638,8 @@ fn learn_and_grant(
     Ok(())
 }
 
-/// What one chunk measured: per op (in [`Op::ALL`] order), the mean time per op and the
-/// mean of its fastest quarter (ns).
+/// What one chunk measured, per op (in [`Op::ALL`] order, ns): the mean time per op and
+/// the mean of its fastest quarter.
 #[derive(Debug, Clone, Copy)]
 struct Chunk {
     setup: Setup,
@@ -1099,17 +1099,15 @@ fn ratio_figures(rounds: &[Round], sizes: OverheadSizes, notes: &RunNotes) -> Ve
             )
             .conditions(conditions.clone());
             if setup != Setup::None {
-                let ratios: Vec<f64> = rounds
-                    .iter()
-                    .map(|r| r.trimmed.ratios[o][setup.index()])
-                    .collect();
-                let plain: Vec<f64> = rounds
-                    .iter()
-                    .map(|r| r.mean.ratios[o][setup.index()])
-                    .collect();
-                let plain = Figure::from_runs("", "", "", &plain).ratio(&plain);
+                let of = |pick: fn(&Round) -> &Estimates| -> Vec<f64> {
+                    rounds
+                        .iter()
+                        .map(|r| pick(r).ratios[o][setup.index()])
+                        .collect()
+                };
+                let plain = Figure::from_runs("", "", "", &of(|r| &r.mean)).ratio(&of(|r| &r.mean));
                 figure = figure
-                    .ratio(&ratios)
+                    .ratio(&of(|r| &r.trimmed))
                     .baseline("no gatekeep", baseline)
                     .conditions(format!(
                         "{conditions}; with plain means per op instead: ratio {}",
@@ -1187,7 +1185,7 @@ fn stats_figures(stats: &[StatsSample], baselines: (f64, f64), vcpus: usize) -> 
                  ratio rounds; {} ops per setup per round, {} rounds; per program (ns per run \
                  x runs per op): {}; counts the programs' bodies only, not the trampoline or \
                  tracepoint dispatch around them (nor the statistics' own clock reads); ratio = \
-                 the fraction of the no-gatekeep op time; VM under TCG, {} vCPU",
+                 the fraction of the no-gatekeep op time (the ratio rounds' fastest-quarter mean); VM under TCG, {} vCPU",
                 first.ops,
                 samples.len(),
                 if programs.is_empty() {

@@ -136,11 +136,27 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
     Ok(())
 }
 
-fn exec_loop(program: &Path, warmup: usize, count: usize, samples: bool) -> Result<WorkerReport> {
+/// One fork + exec of `program`.
+fn exec_op(program: &Path) -> Result<impl FnMut() -> Result<()>> {
     let path = CString::new(program.as_os_str().as_encoded_bytes())?;
     let name = CString::new("gk-true")?;
-    let argv = [name.as_ptr(), std::ptr::null()];
-    timed(warmup, count, samples, || fork_exec(&path, &argv))
+    Ok(move || {
+        let argv = [name.as_ptr(), std::ptr::null()];
+        fork_exec(&path, &argv)
+    })
+}
+
+/// One TCP connect + close to `addr`.
+fn connect_op(addr: SocketAddr) -> impl FnMut() -> Result<()> {
+    move || {
+        let stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+        drop(stream);
+        Ok(())
+    }
+}
+
+fn exec_loop(program: &Path, warmup: usize, count: usize, samples: bool) -> Result<WorkerReport> {
+    timed(warmup, count, samples, exec_op(program)?)
 }
 
 fn connect_loop(
@@ -149,15 +165,11 @@ fn connect_loop(
     count: usize,
     samples: bool,
 ) -> Result<WorkerReport> {
-    timed(warmup, count, samples, || {
-        let stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
-        drop(stream);
-        Ok(())
-    })
+    timed(warmup, count, samples, connect_op(addr))
 }
 
-/// The share of the fastest iterations a `serve` report's trimmed mean keeps.
-pub const TRIMMED_KEEP: f64 = 0.9;
+/// The share of the fastest iterations a `serve` report's trimmed means keep.
+pub const TRIMMED_KEEP: f64 = 0.25;
 
 /// The `serve` loop: one request line in, one report line out, until end of input.
 fn serve(program: &Path, addr: SocketAddr) -> Result<()> {
@@ -170,17 +182,25 @@ fn serve(program: &Path, addr: SocketAddr) -> Result<()> {
             [what, warmup, count] => (*what, warmup.parse()?, count.parse()?),
             _ => bail!("unreadable request `{line}`"),
         };
-        let mut report = match what {
-            "exec" => exec_loop(program, warmup, count, true)?,
-            "connect" => connect_loop(addr, warmup, count, true)?,
+        let report = match what {
+            "exec" => trimmed(warmup, count, exec_op(program)?)?,
+            "connect" => trimmed(warmup, count, connect_op(addr))?,
             _ => bail!("unknown loop `{what}`"),
         };
-        report.trimmed_mean_ns = trimmed_mean(&mut report.samples_ns, TRIMMED_KEEP);
         serde_json::to_writer(&mut stdout, &report)?;
         writeln!(stdout)?;
         stdout.flush()?;
     }
     Ok(())
+}
+
+/// `warmup` untimed then `count` timed calls of `once`, each timed alone; the report
+/// carries their trimmed mean.
+fn trimmed(warmup: usize, count: usize, once: impl FnMut() -> Result<()>) -> Result<WorkerReport> {
+    let mut report = timed(warmup, count, true, once)?;
+    report.trimmed_mean_ns = trimmed_mean(&mut report.samples_ns, TRIMMED_KEEP);
+    report.samples_ns = Vec::new();
+    Ok(report)
 }
 
 fn timed(
