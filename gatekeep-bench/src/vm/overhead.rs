@@ -138,7 +138,7 @@ impl OverheadSizes {
                 warmup_execs: 10,
                 warmup_connects: 40,
                 settle_attach: Duration::from_millis(50),
-                settle_detach: Duration::from_millis(150),
+                settle_detach: Duration::from_millis(100),
                 stats_rounds: 3,
                 stats_execs: 600,
                 stats_connects: 1500,
@@ -737,14 +737,22 @@ fn check_path(
     Ok(())
 }
 
+/// How far apart the two baseline chunks around a chunk may be for its ratio to count:
+/// the interpolation between them assumes the VM's speed moved smoothly. Chunk to chunk
+/// they differ by about 2 %; in episodes where exec alone slowed by up to 50 % for
+/// minutes (connect unaffected, host idle) they differed by 10 % and more.
+const BRACKET_AGREEMENT: f64 = 0.05;
+
 /// A round's figures under one way of reducing a chunk to a time per op, per op
-/// (`[op][setup]`): each setup's mean time per op (ns) over its chunks, and its ratio to
-/// the baseline: the mean over its chunks of the chunk's time over the baseline's,
-/// interpolated between the baseline chunks before and after it.
+/// (`[op][setup]`): each setup's mean time per op (ns) over its chunks; its ratio to the
+/// baseline: the mean over its chunks of the chunk's time over the baseline's,
+/// interpolated between the baseline chunks before and after it (NaN when no chunk
+/// counted); and how many chunks did not count ([`BRACKET_AGREEMENT`]).
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 struct Estimates {
     values: [[f64; SETUPS]; 2],
     ratios: [[f64; SETUPS]; 2],
+    dropped: [[usize; SETUPS]; 2],
 }
 
 impl Estimates {
@@ -754,6 +762,7 @@ impl Estimates {
     fn of(chunks: &[Chunk], pick: fn(&Chunk) -> [f64; 2]) -> Self {
         let mut estimates = Self::default();
         let mut counts = [0usize; SETUPS];
+        let mut counted = [[0usize; SETUPS]; 2];
         let baselines: Vec<usize> = (0..chunks.len())
             .filter(|i| chunks[*i].setup == Setup::None)
             .collect();
@@ -774,16 +783,24 @@ impl Estimates {
             };
             let weight = (i - p) as f64 / (q - p) as f64;
             let (first, last) = (pick(&chunks[p]), pick(&chunks[q]));
-            for (o, ratios) in estimates.ratios.iter_mut().enumerate() {
+            for o in 0..2 {
+                if (ratio(last[o], first[o]) - 1.0).abs() > BRACKET_AGREEMENT {
+                    estimates.dropped[o][s] += 1;
+                    continue;
+                }
                 let baseline = first[o] + (last[o] - first[o]) * weight;
-                ratios[s] += ratio(times[o], baseline);
+                estimates.ratios[o][s] += ratio(times[o], baseline);
+                counted[o][s] += 1;
             }
         }
-        for (s, count) in counts.iter().enumerate() {
-            let count = (*count).max(1) as f64;
-            for o in 0..2 {
-                estimates.values[o][s] /= count;
-                estimates.ratios[o][s] /= count;
+        for (o, op_counted) in counted.iter().enumerate() {
+            for (s, count) in counts.iter().enumerate() {
+                estimates.values[o][s] /= (*count).max(1) as f64;
+                estimates.ratios[o][s] = if op_counted[s] == 0 {
+                    f64::NAN
+                } else {
+                    estimates.ratios[o][s] / op_counted[s] as f64
+                };
             }
         }
         estimates
@@ -1103,14 +1120,24 @@ fn ratio_figures(rounds: &[Round], sizes: OverheadSizes, notes: &RunNotes) -> Ve
                     rounds
                         .iter()
                         .map(|r| pick(r).ratios[o][setup.index()])
+                        .filter(|r| r.is_finite())
                         .collect()
                 };
+                let dropped: usize = rounds
+                    .iter()
+                    .map(|r| r.trimmed.dropped[o][setup.index()])
+                    .sum();
                 let plain = Figure::from_runs("", "", "", &of(|r| &r.mean)).ratio(&of(|r| &r.mean));
                 figure = figure
                     .ratio(&of(|r| &r.trimmed))
                     .baseline("no gatekeep", baseline)
                     .conditions(format!(
-                        "{conditions}; with plain means per op instead: ratio {}",
+                        "{conditions}; {dropped} of {} chunks left out (the baseline chunks \
+                         around them {:.0}% or more apart), rounds with a ratio: {}; with plain \
+                         means per op instead: ratio {}",
+                        sizes.cycles * rounds.len(),
+                        BRACKET_AGREEMENT * 100.0,
+                        of(|r| &r.trimmed).len(),
                         plain.ratio_text()
                     ));
                 if let Some(target) = setup.target(*op) {
@@ -1244,6 +1271,23 @@ mod tests {
         }
         // The baseline's value is the mean of its three chunks: 100, 104, 106.
         assert!((round.trimmed.values[0][0] - 310.0 / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_chunk_between_disagreeing_baselines_does_not_count() {
+        let chunks = [
+            chunk(Setup::None, 100.0),
+            chunk(Setup::Outside, 102.0),
+            chunk(Setup::None, 101.0),
+            chunk(Setup::LsmOnly, 150.0),
+            chunk(Setup::None, 140.0),
+        ];
+        let round = Round::of(&chunks);
+        let outside = round.trimmed.ratios[0][Setup::Outside.index()];
+        assert!((outside - 102.0 / 100.5).abs() < 1e-12, "{outside}");
+        assert!(round.trimmed.ratios[0][Setup::LsmOnly.index()].is_nan());
+        assert_eq!(round.trimmed.dropped[0][Setup::LsmOnly.index()], 1);
+        assert_eq!(round.trimmed.dropped[0][Setup::Outside.index()], 0);
     }
 
     #[test]
