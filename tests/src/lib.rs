@@ -466,6 +466,31 @@ impl Agent {
                 .find(|r| r["kind"] == kind && filter(r))
         })
     }
+
+    /// Runs `exe` with `argv` (from argv[0]) in `cgroup`, expects the kernel to
+    /// deny it (EPERM), and returns its `kernel_denied` record after checking
+    /// that the record carries that argv.
+    #[must_use = "the record, for further checks"]
+    pub fn exec_denied_with_argv(
+        &self,
+        cgroup: &Cgroup,
+        exe: &str,
+        argv: &[&str],
+    ) -> serde_json::Value {
+        let mut command = vec!["exec", exe];
+        command.extend_from_slice(argv);
+        let outcome = workload::run_in(cgroup, &command, Duration::from_secs(30));
+        assert_eq!(outcome, workload::Outcome::exec_denied());
+        let record = self.wait_record("kernel_denied", Duration::from_secs(20), |r| {
+            r["payload"]["exe"].as_str() == Some(exe)
+        });
+        assert_eq!(
+            record["payload"]["argv"],
+            serde_json::json!(argv),
+            "the denial must carry the captured argv: {record}"
+        );
+        record
+    }
 }
 
 impl Drop for Agent {

@@ -42,19 +42,7 @@ fn exec_denied_by_rule_fails_with_eperm_and_is_audited() {
     let agent_dir = tempfile::tempdir().expect("tempdir");
     let bad = tool(agent_dir.path(), "bad-tool");
     let (cgroup, agent) = gate_exec("exec-deny", &allow_but("deny", &bad), "");
-    let outcome = run_in(
-        &cgroup,
-        &["exec", &bad, "true", "--flag"],
-        Duration::from_secs(30),
-    );
-    assert_eq!(outcome, Outcome::exec_denied());
-    let record = agent.wait_record("kernel_denied", Duration::from_secs(20), |r| {
-        r["payload"]["exe"].as_str() == Some(bad.as_str())
-    });
-    assert_eq!(
-        record["payload"]["argv"],
-        serde_json::json!(["true", "--flag"])
-    );
+    let record = agent.exec_denied_with_argv(&cgroup, &bad, &["true", "--flag"]);
     assert_eq!(record["payload"]["policy"], "gk-exec-deny");
     assert!(
         record["payload"]["rule"]

@@ -299,6 +299,18 @@ pub fn memory(pending: usize) -> Result<()> {
     })
 }
 
+/// Waits until everything submitted since `started` is durable, checks that all `records`
+/// are, and returns records per second, submit to durable.
+async fn durable_rate(audit: AuditPipeline, started: Instant, records: usize) -> Result<f64> {
+    let last = audit.shutdown().await?;
+    let elapsed = started.elapsed();
+    ensure!(
+        usize::try_from(last)? == records,
+        "{last} of {records} records durable"
+    );
+    Ok(per_second(records, elapsed))
+}
+
 /// Durable audit records per second through the agent's real pipeline: kernel denials
 /// (enriched from a synthetic `/proc`, see [`fake_proc`]) recorded, batched and committed;
 /// submit to durable. Also the stored bytes per record.
@@ -319,13 +331,7 @@ pub async fn audit(base: &Path, records: usize, rounds: usize) -> Result<Vec<Fig
                 .await;
         }
         drop(controller);
-        let last = audit.shutdown().await?;
-        let elapsed = started.elapsed();
-        ensure!(
-            usize::try_from(last)? == records,
-            "{last} of {records} records durable"
-        );
-        rates.push(per_second(records, elapsed));
+        rates.push(durable_rate(audit, started, records).await?);
         bytes.push(super::bytes_per_record(
             &dir.path().join("audit.db"),
             records,
@@ -402,13 +408,7 @@ async fn audit_writer(base: &Path, records: usize, rounds: usize) -> Result<Figu
         for n in 0..records {
             audit.handle.record(templates[n % 2].clone());
         }
-        let last = audit.shutdown().await?;
-        let elapsed = started.elapsed();
-        ensure!(
-            usize::try_from(last)? == records,
-            "{last} of {records} records durable"
-        );
-        rates.push(per_second(records, elapsed));
+        rates.push(durable_rate(audit, started, records).await?);
     }
     Ok(Figure::from_runs(
         "native.audit.agent.records_per_s",
