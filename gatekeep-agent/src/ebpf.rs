@@ -5,7 +5,7 @@ use std::io::Read as _;
 use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{
-        FEntry, FExit, Lsm, ProgramError, TracePoint,
+        BtfTracePoint, Lsm, ProgramError, TracePoint,
         links::{FdLink, LinkError},
     },
 };
@@ -22,11 +22,9 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub enum Hook {
     /// A BPF LSM hook: the gating programs.
     Lsm(&'static str),
-    /// A trampoline on entry to a kernel function.
-    FEntry(&'static str),
-    /// A trampoline on return from a kernel function.
-    FExit(&'static str),
-    /// A static tracepoint: (category, name).
+    /// A static tracepoint, taken with its raw arguments (`tp_btf`).
+    BtfTracePoint(&'static str),
+    /// A static tracepoint, taken with its perf record: (category, name).
     TracePoint(&'static str, &'static str),
 }
 
@@ -45,30 +43,15 @@ impl Program {
     }
 }
 
-/// Every program of the object, in attach order: argv capture, per-thread
-/// cleanup and cgroup tracking first, so gating never runs without them.
-/// No syscall tracepoint: attaching one would send every syscall of every
-/// task on the host through the kernel's slow tracing path.
+/// Every program of the object, in attach order: per-thread cleanup and
+/// cgroup tracking first, so gating never runs without them. Nothing on
+/// the exec or connect syscalls but the LSM hooks, which return after one
+/// map lookup for tasks outside gated cgroups (argv is read inside the exec
+/// hook, only when needed).
 pub const PROGRAMS: &[Program] = &[
     Program {
-        name: "execve_entry",
-        hook: Hook::FEntry("__x64_sys_execve"),
-    },
-    Program {
-        name: "execveat_entry",
-        hook: Hook::FEntry("__x64_sys_execveat"),
-    },
-    Program {
-        name: "execve_exit",
-        hook: Hook::FExit("__x64_sys_execve"),
-    },
-    Program {
-        name: "execveat_exit",
-        hook: Hook::FExit("__x64_sys_execveat"),
-    },
-    Program {
         name: "sched_process_exit",
-        hook: Hook::TracePoint("sched", "sched_process_exit"),
+        hook: Hook::BtfTracePoint("sched_process_exit"),
     },
     Program {
         name: "cgroup_mkdir",
@@ -151,6 +134,7 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
     Ok(KernelOffsets {
         linux_binprm_file: o.linux_binprm_file,
         linux_binprm_filename: o.linux_binprm_filename,
+        linux_binprm_interp: o.linux_binprm_interp,
         file_f_inode: o.file_f_inode,
         inode_i_ino: o.inode_i_ino,
         inode_i_sb: o.inode_i_sb,
@@ -202,10 +186,9 @@ pub fn load(ebpf: &mut Ebpf, btf: &Btf, program: &Program) -> Result<(), LoadErr
         .ok_or(LoadError::MissingProgram { name })?;
     let loaded = match program.hook {
         Hook::Lsm(hook) => <&mut Lsm>::try_from(object).and_then(|p| p.load(hook, btf)),
-        Hook::FEntry(function) => {
-            <&mut FEntry>::try_from(object).and_then(|p| p.load(function, btf))
+        Hook::BtfTracePoint(tracepoint) => {
+            <&mut BtfTracePoint>::try_from(object).and_then(|p| p.load(tracepoint, btf))
         }
-        Hook::FExit(function) => <&mut FExit>::try_from(object).and_then(|p| p.load(function, btf)),
         Hook::TracePoint(..) => <&mut TracePoint>::try_from(object).and_then(TracePoint::load),
     };
     loaded.map_err(|source| LoadError::LoadProgram { name, source })
@@ -225,13 +208,8 @@ pub fn attach(ebpf: &mut Ebpf, program: &Program) -> Result<FdLink, LoadError> {
             let id = p.attach().map_err(attach_error)?;
             p.take_link(id).map_err(attach_error)?.into()
         }
-        Hook::FEntry(_) => {
-            let p = <&mut FEntry>::try_from(object).map_err(attach_error)?;
-            let id = p.attach().map_err(attach_error)?;
-            p.take_link(id).map_err(attach_error)?.into()
-        }
-        Hook::FExit(_) => {
-            let p = <&mut FExit>::try_from(object).map_err(attach_error)?;
+        Hook::BtfTracePoint(_) => {
+            let p = <&mut BtfTracePoint>::try_from(object).map_err(attach_error)?;
             let id = p.attach().map_err(attach_error)?;
             p.take_link(id).map_err(attach_error)?.into()
         }
@@ -254,7 +232,7 @@ pub struct Attached {
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        // Reverse attach order: the LSM hooks go before argv capture.
+        // Reverse attach order: the LSM hooks go first.
         while let Some(link) = self.links.pop() {
             drop(link);
         }

@@ -842,6 +842,9 @@ pub struct Offsets {
     pub linux_binprm_file: u32,
     /// `struct linux_binprm` -> `filename` (`const char *`).
     pub linux_binprm_filename: u32,
+    /// `struct linux_binprm` -> `interp` (`const char *`): the same pointer
+    /// as `filename` until a script's interpreter takes over.
+    pub linux_binprm_interp: u32,
     /// `struct file` -> `f_inode` (`struct inode *`).
     pub file_f_inode: u32,
     /// `struct inode` -> `i_ino` (`unsigned long`).
@@ -889,6 +892,7 @@ impl Offsets {
         Ok(Self {
             linux_binprm_file: get("linux_binprm.file", 8)?,
             linux_binprm_filename: get("linux_binprm.filename", 8)?,
+            linux_binprm_interp: get("linux_binprm.interp", 8)?,
             file_f_inode: get("file.f_inode", 8)?,
             inode_i_ino: get("inode.i_ino", 8)?,
             inode_i_sb: get("inode.i_sb", 8)?,
@@ -1409,7 +1413,11 @@ mod tests {
         b.strukt(
             "linux_binprm",
             96,
-            &[("file", file_ptr, 448), ("filename", str_ptr, 512)],
+            &[
+                ("file", file_ptr, 448),
+                ("filename", str_ptr, 512),
+                ("interp", str_ptr, 640),
+            ],
         );
         let task_ptr = fwd(&mut b, "task_struct");
         let mut members = vec![("ptrace", uint, 192), ("real_parent", task_ptr, 1024)];
@@ -1434,6 +1442,7 @@ mod tests {
             Offsets {
                 linux_binprm_file: 56,
                 linux_binprm_filename: 64,
+                linux_binprm_interp: 80,
                 file_f_inode: 24,
                 inode_i_ino: 64,
                 inode_i_sb: 40,
@@ -1647,6 +1656,8 @@ mod tests {
         assert!(offsets.inode_i_ino > 0);
         within(offsets.linux_binprm_file, 8, "linux_binprm");
         within(offsets.linux_binprm_filename, 8, "linux_binprm");
+        within(offsets.linux_binprm_interp, 8, "linux_binprm");
+        assert_ne!(offsets.linux_binprm_interp, offsets.linux_binprm_filename);
         within(offsets.file_f_inode, 8, "file");
         within(offsets.inode_i_ino, 8, "inode");
         within(offsets.inode_i_sb, 8, "inode");

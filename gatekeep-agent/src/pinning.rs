@@ -3,16 +3,21 @@
 //! (`/sys/fs/bpf/gatekeep/{links,maps}/<NAME>`).
 //!
 //! - First start: load the object (maps created and pinned by name), load
-//!   and attach each program (argv capture, exit cleanup and cgroup tracking
-//!   first, so they run before any gating), pin each link.
+//!   and attach each program (exit cleanup and cgroup tracking first, so
+//!   they run before any gating), pin each link.
 //! - Restart: every link is pinned already, so nothing is loaded: the agent
 //!   adopts the running programs and opens the pinned maps. Enforcement never
 //!   lapses, the pending requests and the ring buffer's unread events are
 //!   still there, and the digest key stays the kernel's secret.
-//! - Some links missing (an interrupted first start, a program added by an
-//!   upgrade): the object is loaded with its maps taken from the pins, and
-//!   only the missing programs are attached. Links of programs this version
-//!   no longer has (an older agent's) are unpinned, which detaches them.
+//! - Some links missing (an interrupted first start): the object is loaded
+//!   with its maps taken from the pins, and only the missing programs are
+//!   attached. Links of programs this version does not have are unpinned,
+//!   which detaches them.
+//! - Pinned programs of another build (an upgrade, a downgrade): refused,
+//!   naming `gatekeep-agent unload`. Adopting them would keep the old code
+//!   enforcing under a new agent that expects other maps and semantics;
+//!   replacing them silently would open a gap in enforcement. The pinned
+//!   `BUILD_ID` map says which object the running programs came from.
 //! - `gatekeep-agent unload`: [`unpin_all`] removes the links (detaching the
 //!   programs) and the maps, deliberately.
 
@@ -23,7 +28,7 @@ use std::{
 
 use aya::{
     Btf, EbpfLoader,
-    maps::{Map, MapData, MapError, RingBuf},
+    maps::{Array, Map, MapData, MapError, RingBuf},
     pin::PinError,
     programs::links::FdLink,
 };
@@ -34,8 +39,9 @@ use crate::{
     paths,
 };
 
-/// Maps pinned by name. The kernel-internal ones (argv capture) are pinned
-/// too so a partial reload shares them with the running programs.
+/// Maps pinned by name. The kernel-internal ones (approved scripts, argv
+/// scratch) are pinned too so a partial reload shares them with the running
+/// programs.
 pub const PINNED_MAPS: &[&str] = &[
     "GATED_CGROUPS",
     "POLICIES",
@@ -46,10 +52,11 @@ pub const PINNED_MAPS: &[&str] = &[
     "VERDICTS",
     // Granted durations ("allow for 1h"); ignored while the object has none.
     "GRANTS",
-    "EXEC_ARGV",
+    "EXEC_APPROVED",
     "ARGV_SCRATCH",
     "EVENTS",
     "COUNTERS",
+    "BUILD_ID",
 ];
 
 /// Errors loading, adopting or unloading the pinned programs.
@@ -90,6 +97,21 @@ pub enum PinningError {
         path: PathBuf,
         #[source]
         source: PinError,
+    },
+    #[error(
+        "the programs pinned under `{}` were loaded by another gatekeep build (object {pinned}, this agent's is {ours}); run `gatekeep-agent unload` (it denies any paused request and detaches them), then start this agent",
+        dir.display()
+    )]
+    OtherBuild {
+        dir: PathBuf,
+        pinned: String,
+        ours: String,
+    },
+    #[error("failed to read or write the build id pinned at `{}`", path.display())]
+    BuildId {
+        path: PathBuf,
+        #[source]
+        source: MapError,
     },
     #[error("failed to remove pin `{}`", path.display())]
     Unpin {
@@ -205,6 +227,9 @@ pub fn load_or_adopt(layout: &PinLayout) -> Result<Running, PinningError> {
     }
     let all = PinLayout::programs();
     let pinned = layout.pinned_programs();
+    if any_link_pinned(layout) {
+        check_build(layout)?;
+    }
     let (start, attached_now) = if pinned.len() == all.len() {
         (Start::Adopted, Vec::new())
     } else {
@@ -279,6 +304,9 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
             dir: layout.maps_dir(),
             source: Box::new(source),
         })?;
+    // Before any program runs from these pins: a later start must know
+    // whose they are.
+    write_build_id(layout)?;
 
     for program in PROGRAMS.iter().filter(|p| missing.contains(&p.name)) {
         ebpf::load(&mut object, &btf, program)?;
@@ -290,9 +318,66 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
     Ok(())
 }
 
-/// Unpins (and so detaches) links left by programs this version does not
-/// have, e.g. an older agent's execve tracepoints: once this version's
-/// programs are attached they only cost. Returns their names.
+/// Identity of the embedded object: its SHA-256.
+#[must_use]
+pub fn object_id() -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(ebpf::OBJECT).into()
+}
+
+fn any_link_pinned(layout: &PinLayout) -> bool {
+    fs::read_dir(layout.links_dir()).is_ok_and(|mut entries| entries.next().is_some())
+}
+
+fn build_id_map(layout: &PinLayout) -> Result<Array<MapData, [u8; 32]>, PinningError> {
+    let path = layout.map("BUILD_ID");
+    let data = MapData::from_pin(&path).map_err(|source| PinningError::BuildId {
+        path: path.clone(),
+        source,
+    })?;
+    Array::try_from(Map::Array(data)).map_err(|source| PinningError::BuildId { path, source })
+}
+
+/// Refuses pinned programs that another build loaded (or one from before
+/// builds were recorded).
+fn check_build(layout: &PinLayout) -> Result<(), PinningError> {
+    let ours = object_id();
+    let pinned = if layout.map("BUILD_ID").exists() {
+        build_id_map(layout)?
+            .get(&0, 0)
+            .map_err(|source| PinningError::BuildId {
+                path: layout.map("BUILD_ID"),
+                source,
+            })?
+    } else {
+        [0; 32]
+    };
+    if pinned == ours {
+        return Ok(());
+    }
+    Err(PinningError::OtherBuild {
+        dir: layout.root().to_owned(),
+        pinned: if pinned == [0; 32] {
+            "unrecorded".to_owned()
+        } else {
+            hex::encode(&pinned[..8])
+        },
+        ours: hex::encode(&ours[..8]),
+    })
+}
+
+fn write_build_id(layout: &PinLayout) -> Result<(), PinningError> {
+    build_id_map(layout)?
+        .set(0, object_id(), 0)
+        .map_err(|source| PinningError::BuildId {
+            path: layout.map("BUILD_ID"),
+            source,
+        })
+}
+
+/// Unpins (and so detaches) links of programs this build does not have
+/// (pinned by hand, or left by a start this build interrupted): once this
+/// build's programs are attached they only cost. Returns their names.
 fn retire_unknown_links(layout: &PinLayout) -> Result<Vec<String>, PinningError> {
     let known = PinLayout::programs();
     let mut retired = Vec::new();
@@ -322,8 +407,8 @@ fn pin_link(layout: &PinLayout, name: &'static str, link: FdLink) -> Result<(), 
     Ok(())
 }
 
-/// Removes every pinned link (LSM hooks first, so gating stops before argv
-/// capture does) and every pinned map, then the directories. Returns the
+/// Removes every pinned link (LSM hooks first, so gating stops before its
+/// helpers do) and every pinned map, then the directories. Returns the
 /// pins removed.
 pub fn unpin_all(layout: &PinLayout) -> Result<Vec<PathBuf>, PinningError> {
     let mut removed = Vec::new();

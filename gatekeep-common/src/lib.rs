@@ -248,27 +248,6 @@ pub struct Grant {
     pub cgroup_id: u64,
 }
 
-/// Per-thread exec state (`EXEC_ARGV`, keyed by thread id), from syscall
-/// entry until syscall exit.
-///
-/// Argv lives in the new mm by the time `bprm_check_security` runs, so it is
-/// captured on entry to `execve(at)` (fentry); a restarted syscall captures it again.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct ExecArgs {
-    /// Bytes of `argv` used (NUL-separated strings).
-    pub len: u32,
-    pub argc: u32,
-    /// Non-zero when argv was longer than [`ARGV_LEN`] or [`ARGV_MAX_ARGS`].
-    pub truncated: u32,
-    /// Non-zero once a verdict allowed this exec: the interpreter of an
-    /// approved script is part of the same approved request.
-    pub approved: u32,
-    /// The captured strings; zero from `len` to the end of its 64-byte
-    /// block (what the digest hashes).
-    pub argv: [u8; ARGV_LEN],
-}
-
 /// What every event starts with.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -354,6 +333,7 @@ pub struct TaskEvent {
 pub struct KernelOffsets {
     pub linux_binprm_file: u32,
     pub linux_binprm_filename: u32,
+    pub linux_binprm_interp: u32,
     pub file_f_inode: u32,
     pub inode_i_ino: u32,
     pub inode_i_sb: u32,
@@ -405,9 +385,14 @@ mod tests {
         assert_eq!(size_of::<GrantKey>(), 16);
         assert_eq!(size_of::<Grant>(), 16);
         assert_eq!(size_of::<EventHeader>(), 4 * 8 + 8 * 3 + COMM_LEN);
-        assert_eq!(size_of::<ExecEvent>(), size_of::<EventHeader>() + 16 + 16 + PATH_LEN + ARGV_LEN);
-        assert_eq!(size_of::<ConnectEvent>(), size_of::<EventHeader>() + 16 + 16 + 108 + 4);
-        assert_eq!(size_of::<ExecArgs>(), 16 + ARGV_LEN);
+        assert_eq!(
+            size_of::<ExecEvent>(),
+            size_of::<EventHeader>() + 16 + 16 + PATH_LEN + ARGV_LEN
+        );
+        assert_eq!(
+            size_of::<ConnectEvent>(),
+            size_of::<EventHeader>() + 16 + 16 + 108 + 4
+        );
         assert_eq!(align_of::<ExecEvent>(), 8);
     }
 

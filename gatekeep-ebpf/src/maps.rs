@@ -3,17 +3,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use gatekeep_common::{
-    ARGV_LEN, ConnectV4Key, ConnectV6Key, ExecArgs, ExecRuleKey, GatedCgroup, Grant, GrantKey,
-    KernelOffsets, MAX_POLICIES, PendingRequest, PolicyDefaults, PortRules, Verdict, VerdictKey,
-    counter,
+    ConnectV4Key, ConnectV6Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, KernelOffsets,
+    MAX_POLICIES, PendingRequest, PolicyDefaults, PortRules, Verdict, VerdictKey, counter,
 };
 
-/// `BPF_F_NO_PREALLOC`: allocate entries on insert (aya adds it to LPM tries
-/// itself). Used for the large per-thread argv map so idle hosts pay no memory.
-const NO_PREALLOC: u32 = 1;
+use crate::hooks::argv::ArgvScratch;
 
 /// cgroup v2 id -> policy governing it. A task whose cgroup is absent is not
 /// gated: this lookup is all it pays.
@@ -50,9 +47,13 @@ pub static VERDICTS: HashMap<VerdictKey, Verdict> = HashMap::with_max_entries(65
 #[map]
 pub static GRANTS: HashMap<GrantKey, Grant> = HashMap::with_max_entries(65536, 0);
 
-/// Thread id -> argv captured at execve entry (gated tasks only).
+/// Thread id -> address of the `linux_binprm` whose exec a verdict or grant
+/// just allowed: the interpreter of an approved script runs as part of the
+/// same approved request (`bprm_check_security` runs again for it, in the
+/// same syscall). Written only on the ask path and cleared by the thread's
+/// next gated exec; LRU, so entries of threads that have exited age out.
 #[map]
-pub static EXEC_ARGV: HashMap<u32, ExecArgs> = HashMap::with_max_entries(4096, NO_PREALLOC);
+pub static EXEC_APPROVED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// Zeroes (never written): the source that clears the rest of the last
 /// digest block of a captured argv in one helper call.
@@ -63,21 +64,20 @@ pub static ZEROES: Array<[u8; ARGV_BLOCK]> = Array::with_max_entries(1, 0);
 /// of its last block.
 pub const ARGV_BLOCK: usize = 64;
 
-/// Where an `ExecArgs` is built (far beyond the stack). The spill after it
-/// lets the verifier prove that every bounded string copy at a masked offset
-/// stays inside the value; only the `ExecArgs` part is stored.
-#[repr(C)]
-pub struct ArgvScratch {
-    pub args: ExecArgs,
-    pub spill: [u8; ARGV_LEN],
-}
-
+/// Where argv is captured, for the length of one hook run.
 #[map]
 pub static ARGV_SCRATCH: PerCpuArray<ArgvScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events for user space: requests that need a decision, denials, lifecycle.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// SHA-256 of the object these programs came from, written by the agent
+/// that loaded them and never read here: an agent adopts pinned programs only
+/// from its own build (one built from other sources could expect other maps
+/// or semantics of them).
+#[map]
+pub static BUILD_ID: Array<[u8; 32]> = Array::with_max_entries(1, 0);
 
 /// Statistics, indexed by `gatekeep_common::counter::*`; per-CPU so the hot
 /// path never contends on a cache line.
@@ -89,6 +89,7 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::C
 static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     linux_binprm_file: 0,
     linux_binprm_filename: 0,
+    linux_binprm_interp: 0,
     file_f_inode: 0,
     inode_i_ino: 0,
     inode_i_sb: 0,

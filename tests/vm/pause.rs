@@ -295,3 +295,69 @@ fn policy_reload_while_tasks_are_paused_finishes_them_and_applies_the_new_rules(
         "the invalid policy was loaded: {loaded:#?}"
     );
 }
+
+#[test]
+fn an_approved_script_runs_its_asked_interpreter_as_part_of_the_same_request() {
+    require_vm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Named `busybox`, so that run as `busybox sh SCRIPT` it is the shell.
+    let interpreter_dir = dir.path().join("asked-interpreter");
+    std::fs::create_dir(&interpreter_dir).expect("mkdir");
+    let interpreter = tool(&interpreter_dir, "busybox");
+    let marker = dir.path().join("script-ran");
+    let script = dir.path().join("asked-script");
+    std::fs::write(
+        &script,
+        format!("#!{interpreter} sh\necho \"$1\" > {}\n", marker.display()),
+    )
+    .expect("write the script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the script");
+    let script = script.to_string_lossy().into_owned();
+    let (cgroup, agent) = gate_exec(
+        "pause-script",
+        &format!("default = \"allow\"\nask = [\"{interpreter}\", \"{script}\"]"),
+        &on_timeout("2s", "allow"),
+    );
+
+    // The script's exec is asked about and allowed; the kernel then checks
+    // its interpreter in the same syscall, which the approval covers.
+    let outcome = run_in(
+        &cgroup,
+        &["exec", &script, &script, "FIRST"],
+        Duration::from_mins(1),
+    );
+    outcome.assert_no_513();
+    assert_eq!(outcome.code, 0, "the approved script must run: {outcome:?}");
+    assert_eq!(
+        std::fs::read_to_string(&marker)
+            .expect("the script ran")
+            .trim(),
+        "FIRST"
+    );
+    let requested = agent.records_of("requested");
+    assert_eq!(
+        requested.len(),
+        1,
+        "one request (the script's), none for its interpreter: {requested:#?}"
+    );
+    assert!(
+        requested[0].to_string().contains("asked-script"),
+        "{requested:#?}"
+    );
+
+    // The approval was the script's alone: the interpreter run directly (by
+    // the same kind of exec, from a new thread) is asked about.
+    let outcome = run_in(
+        &cgroup,
+        &["exec", &interpreter, "true"],
+        Duration::from_mins(1),
+    );
+    assert_eq!(outcome.code, 0, "allowed at the timeout: {outcome:?}");
+    let requested = agent.records_of("requested");
+    assert_eq!(requested.len(), 2, "{requested:#?}");
+    assert!(
+        requested[1].to_string().contains("asked-interpreter"),
+        "{requested:#?}"
+    );
+}

@@ -1,14 +1,19 @@
 //! The agent dies or restarts: enforcement never lapses, paused tasks stay
-//! paused (fail closed), and the next agent finishes them. An upgraded
-//! agent detaches what an older version left pinned.
+//! paused (fail closed), and the next agent finishes them. Programs pinned
+//! by another build are refused, never adopted, and keep enforcing until
+//! `gatekeep-agent unload`.
 
 use std::{
     fs,
     path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::{
+    maps::{Array, Map, MapData},
+    programs::links::{FdLink, PinnedLink},
+};
 use gatekeep_agent::pinning::PinLayout;
 use gatekeep_tests::{
     gate_exec, is_stopped, kernel,
@@ -141,11 +146,11 @@ fn upgrade_retires_links_of_programs_this_version_lacks_and_attaches_its_own() {
         PinLayout::programs(),
         "every program stays pinned after a clean stop"
     );
-    // An older version's program: the argv capture pinned under another
+    // An older version's program: the exit cleanup pinned under another
     // name (bpffs supports rename(2)).
     let old_pin = layout.links_dir().join("sys_enter_execve");
-    let (old_link, old_program) = pinned_link_ids(&layout.link("execve_entry"));
-    fs::rename(layout.link("execve_entry"), &old_pin).expect("rename the pinned link");
+    let (old_link, old_program) = pinned_link_ids(&layout.link("sched_process_exit"));
+    fs::rename(layout.link("sched_process_exit"), &old_pin).expect("rename the pinned link");
 
     agent.launch();
     let started = wait_for("the second start's record", Duration::from_secs(20), || {
@@ -157,7 +162,7 @@ fn upgrade_retires_links_of_programs_this_version_lacks_and_attaches_its_own() {
     assert_eq!(payload["start"], "completed", "{payload}");
     assert_eq!(
         payload["attached_now"],
-        json!(["execve_entry"]),
+        json!(["sched_process_exit"]),
         "{payload}"
     );
     assert_eq!(payload["retired"], json!(["sys_enter_execve"]), "{payload}");
@@ -169,18 +174,18 @@ fn upgrade_retires_links_of_programs_this_version_lacks_and_attaches_its_own() {
     );
 
     // The old link is unpinned and, with nothing else holding it, gone
-    // with its program; execve_entry is pinned anew, a new link and program.
+    // with its program; sched_process_exit is pinned anew, a new link and program.
     assert!(
         !old_pin.exists(),
         "the retired link is still pinned at {}",
         old_pin.display()
     );
     assert_eq!(layout.pinned_programs(), PinLayout::programs());
-    let (new_link, new_program) = pinned_link_ids(&layout.link("execve_entry"));
-    assert_ne!(new_link, old_link, "execve_entry must be a new link");
+    let (new_link, new_program) = pinned_link_ids(&layout.link("sched_process_exit"));
+    assert_ne!(new_link, old_link, "sched_process_exit must be a new link");
     assert_ne!(
         new_program, old_program,
-        "execve_entry must be a new program"
+        "sched_process_exit must be a new program"
     );
     wait_for(
         "the retired link to be released",
@@ -205,4 +210,60 @@ fn upgrade_retires_links_of_programs_this_version_lacks_and_attaches_its_own() {
     // argv capture works through the new program: a denied exec is
     // recorded with its argv.
     let _ = agent.exec_denied_with_argv(&cgroup, &bad, &["true", "--after-upgrade"]);
+}
+
+#[test]
+fn pinned_programs_of_another_build_are_refused_until_unloaded_and_keep_enforcing_meanwhile() {
+    require_vm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = tool(dir.path(), "bad-tool");
+    let (cgroup, mut agent) = gate_exec("other-build", &allow_but("deny", &bad), "");
+    agent.wait_record("agent_started", Duration::from_secs(20), |_| true);
+    assert!(agent.stop(), "SIGTERM must stop the agent cleanly");
+
+    // Another build's programs: what the pinned build id says.
+    let layout = PinLayout::new(agent.pin_dir());
+    let data = MapData::from_pin(layout.map("BUILD_ID")).expect("pinned BUILD_ID");
+    let mut build_id: Array<MapData, [u8; 32]> =
+        Array::try_from(Map::Array(data)).expect("BUILD_ID is an array of 32-byte ids");
+    assert_eq!(
+        build_id.get(&0, 0).expect("read the build id"),
+        gatekeep_agent::pinning::object_id(),
+        "the agent records its own object's id"
+    );
+    build_id.set(0, [0xab; 32], 0).expect("write another id");
+
+    let mut refused = Command::new("gatekeep-agent")
+        .args(["run", "--config"])
+        .arg(agent.config())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gatekeep-agent");
+    let output = wait_child(&mut refused, Duration::from_mins(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "must refuse; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("loaded by another gatekeep build (object abababababababab")
+            && stderr.contains("run `gatekeep-agent unload`"),
+        "the error must name the cause and the fix:\n{stderr}"
+    );
+    // Refused, not replaced: the pinned programs still enforce.
+    assert_eq!(layout.pinned_programs(), PinLayout::programs());
+    let outcome = run_in(&cgroup, &["exec", &bad, "true"], Duration::from_secs(30));
+    assert_eq!(
+        outcome,
+        Outcome::exec_denied(),
+        "enforcement must not lapse"
+    );
+
+    let (unloaded, stdout, stderr) = agent.admin(&["unload"]);
+    assert!(unloaded, "unload failed:\n{stdout}\n{stderr}");
+    agent.launch();
+    let started = wait_for("the new start's record", Duration::from_secs(20), || {
+        let started = agent.records_of("agent_started");
+        (started.len() >= 2).then_some(started)
+    });
+    assert_eq!(started[1]["payload"]["start"], "loaded", "{}", started[1]);
+    let _ = agent.exec_denied_with_argv(&cgroup, &bad, &["true", "--after-unload"]);
 }

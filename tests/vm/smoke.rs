@@ -107,7 +107,7 @@ fn exec_hook_sees_gated_exec_and_detaches() {
     assert_eq!(
         event_argv(&event),
         ["/bin/true"],
-        "argv captured at syscall entry"
+        "argv captured in the exec hook"
     );
     assert!(
         seen.iter().all(|e| e.header.cgroup_id == cgroup.id()),
@@ -123,10 +123,12 @@ fn exec_hook_sees_gated_exec_and_detaches() {
     );
 
     drop(ebpf);
-    assert!(
-        gatekeep_programs_loaded().is_empty(),
-        "programs still loaded after the agent dropped them: {:?}",
-        gatekeep_programs_loaded()
+    // The kernel frees a detached program once its last RCU grace period
+    // ends (a raw tracepoint's waits for tracepoint callers): soon, not at once.
+    wait_for(
+        "every program to be unloaded after the agent dropped them",
+        Duration::from_secs(10),
+        || gatekeep_programs_loaded().is_empty().then_some(()),
     );
     // With the programs gone, the same exec works again: nothing left behind.
     let mut child = cgroup.spawn(&mut Command::new("/bin/true"));

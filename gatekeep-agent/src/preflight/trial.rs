@@ -36,7 +36,7 @@ impl TrialLoad for KernelTrialLoad {
     fn trial_load(&self) -> Result<Vec<(&'static str, &'static str)>, TrialFailure> {
         let (mut loaded, btf) = ebpf::open().map_err(|err| TrialFailure::from_load_error(&err))?;
         // Every program, the LSM hooks first (their failure explains the
-        // most); argv capture and cleanup are part of gating too.
+        // most); exit cleanup and cgroup tracking are part of gating too.
         let order = ebpf::lsm_programs().chain(ebpf::PROGRAMS.iter().filter(|p| !p.is_lsm()));
         let mut verified = Vec::new();
         for program in order {
@@ -54,8 +54,7 @@ impl TrialLoad for KernelTrialLoad {
 fn hook_name(hook: ebpf::Hook) -> &'static str {
     match hook {
         ebpf::Hook::Lsm(name)
-        | ebpf::Hook::FEntry(name)
-        | ebpf::Hook::FExit(name)
+        | ebpf::Hook::BtfTracePoint(name)
         | ebpf::Hook::TracePoint(_, name) => name,
     }
 }

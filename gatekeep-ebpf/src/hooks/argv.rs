@@ -1,96 +1,96 @@
-//! Argv capture at execve entry.
+//! Argv capture, from inside `bprm_check_security`.
 //!
-//! By the time `bprm_check_security` runs, argv lives in the new mm and
-//! cannot be read, so gated threads capture it on entry to the execve(at)
-//! syscall into `EXEC_ARGV`. A restarted execve passes here again, so a
-//! sibling thread that rewrites argv while we wait changes the request's
-//! digest. The entry is dropped when the syscall returns.
+//! When `security_bprm_check()` runs, the new program's mm is built but not
+//! yet installed (`begin_new_exec()` comes later, in the binary loader), so
+//! the caller's own memory, and the `argv` array it passed to `execve(at)`,
+//! is still `current->mm`. The array's address is in the syscall's saved
+//! user registers. So argv is read only where it is needed, on the deny and
+//! ask paths of gated tasks, into per-CPU scratch that lives as long as the
+//! hook's run: no per-thread state, and no program on the syscall's entry or
+//! exit that every exec on the host would pay for.
 //!
-//! These are fentry/fexit programs on the syscalls' x86-64 entry points, not
-//! `syscalls/sys_enter_execve` tracepoints: attaching any syscall tracepoint
-//! sends every syscall of every task on the host through the slow tracing
-//! path, while a trampoline on `__x64_sys_execve` costs nothing to the other
-//! syscalls.
+//! Each pass reads the array afresh, so a sibling thread that rewrites argv
+//! while the thread is paused changes the restarted request's digest.
 
 use core::ffi::c_void;
 
-use aya_ebpf::{
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_kernel as read_kernel,
-        bpf_probe_read_user,
-        generated::{bpf_probe_read_kernel, bpf_probe_read_user_str},
+use aya_ebpf::helpers::{
+    bpf_probe_read_kernel as read_kernel, bpf_probe_read_user,
+    generated::{
+        bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user_str, bpf_task_pt_regs,
     },
-    macros::{fentry, fexit},
-    programs::{FEntryContext, FExitContext},
 };
-use gatekeep_common::{ARGV_LEN, ARGV_MAX_ARGS, ExecArgs, counter};
+use gatekeep_common::{ARGV_LEN, ARGV_MAX_ARGS, counter};
 
-use crate::maps::{ARGV_BLOCK, ARGV_SCRATCH, EXEC_ARGV, GATED_CGROUPS, ZEROES, bump};
+use crate::maps::{ARGV_BLOCK, ARGV_SCRATCH, ZEROES, bump};
 
-/// Offset of `si` in x86-64 `struct pt_regs`: execve's second argument
-/// (`argv`). The first sixteen members are pushed in this order by the
-/// kernel's syscall entry code (`PUSH_REGS`), so the layout is fixed.
-const PT_REGS_SI: usize = 13 * 8;
-/// Offset of `dx`: execveat's third argument (`argv`).
+/// Argv as the exec digest and the events carry it.
+#[repr(C)]
+pub struct ExecArgs {
+    /// Bytes of `argv` used (NUL-separated strings).
+    pub len: u32,
+    pub argc: u32,
+    /// Non-zero when argv was longer than [`ARGV_LEN`] or [`ARGV_MAX_ARGS`].
+    pub truncated: u32,
+    pub _pad: u32,
+    /// The captured strings; zero from `len` to the end of its 64-byte
+    /// block (what the digest hashes).
+    pub argv: [u8; ARGV_LEN],
+}
+
+/// Where an [`ExecArgs`] is built (far beyond the stack). The spill after it
+/// lets the verifier prove that every bounded string copy at a masked offset
+/// stays inside the value.
+#[repr(C)]
+pub struct ArgvScratch {
+    pub args: ExecArgs,
+    pub spill: [u8; ARGV_LEN],
+}
+
+/// Offsets in x86-64 `struct pt_regs`, whose first members the syscall entry
+/// code pushes in a fixed order (`PUSH_REGS`): `dx` holds execveat's third
+/// argument, `si` execve's second (both `argv`), `orig_ax` the syscall number.
 const PT_REGS_DX: usize = 12 * 8;
+const PT_REGS_SI: usize = 13 * 8;
+const PT_REGS_ORIG_AX: usize = 15 * 8;
+/// x86-64 syscall numbers. A compat (ia32, x32) exec has other numbers and
+/// other register conventions: it is not captured (`ARGV_MISSED`).
+const NR_EXECVE: u64 = 59;
+const NR_EXECVEAT: u64 = 322;
 
-#[fentry(function = "__x64_sys_execve")]
-pub fn execve_entry(ctx: FEntryContext) -> u32 {
-    capture_argv(&ctx, PT_REGS_SI);
-    0
-}
-
-#[fentry(function = "__x64_sys_execveat")]
-pub fn execveat_entry(ctx: FEntryContext) -> u32 {
-    capture_argv(&ctx, PT_REGS_DX);
-    0
-}
-
-#[fexit(function = "__x64_sys_execve")]
-pub fn execve_exit(_ctx: FExitContext) -> u32 {
-    forget_argv();
-    0
-}
-
-#[fexit(function = "__x64_sys_execveat")]
-pub fn execveat_exit(_ctx: FExitContext) -> u32 {
-    forget_argv();
-    0
-}
-
+/// Reads the calling thread's exec argv into this CPU's scratch, or `None`
+/// (counted in `ARGV_MISSED`) when the syscall or its argv cannot be read.
+/// The result is valid until this program run ends.
 #[inline(always)]
-fn forget_argv() {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    // Every exec on the host passes here: a lookup first, since a delete takes the
-    // bucket's lock even when there is nothing to delete.
-    // SAFETY: presence check only.
-    if unsafe { EXEC_ARGV.get(&tid) }.is_some() {
-        let _ = EXEC_ARGV.remove(&tid);
-    }
-}
-
-#[inline(always)]
-fn capture_argv(ctx: &FEntryContext, argv_register: usize) {
-    // SAFETY: helper without arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: presence check only.
-    if unsafe { GATED_CGROUPS.get(&cgroup_id) }.is_none() {
-        return;
-    }
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(scratch) = ARGV_SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // The syscall wrapper's only argument: the user registers at entry.
-    let regs: *const u8 = ctx.arg(0);
-    // SAFETY: `regs` is the kernel's pt_regs of this syscall; the offset is
-    // inside its fixed part.
-    let Ok(user_argv) =
-        (unsafe { read_kernel(regs.add(argv_register).cast::<*const *const u8>()) })
-    else {
+pub fn capture_current_argv() -> Option<*const ExecArgs> {
+    let captured = user_argv().and_then(capture);
+    if captured.is_none() {
         bump(counter::ARGV_MISSED);
-        return;
-    };
+    }
+    captured
+}
+
+/// The `argv` pointer this thread passed to `execve(at)`.
+#[inline(always)]
+fn user_argv() -> Option<*const *const u8> {
+    // SAFETY: helpers on the current task; `regs` is the kernel's saved user
+    // registers of the current syscall, and every read of it goes through
+    // the probe helper at an offset inside its fixed part.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+        let nr = read_kernel(regs.add(PT_REGS_ORIG_AX).cast::<u64>()).ok()?;
+        let register = match nr {
+            NR_EXECVE => PT_REGS_SI,
+            NR_EXECVEAT => PT_REGS_DX,
+            _ => return None,
+        };
+        read_kernel(regs.add(register).cast::<*const *const u8>()).ok()
+    }
+}
+
+#[inline(always)]
+fn capture(user_argv: *const *const u8) -> Option<*const ExecArgs> {
+    let scratch = ARGV_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: `scratch` points at this CPU's scratch slot; every string
     // write below starts in `argv` (offset masked below ARGV_LEN) and is at
     // most ARGV_LEN long, so it ends inside `argv` + `spill`.
@@ -102,7 +102,6 @@ fn capture_argv(ctx: &FEntryContext, argv_register: usize) {
         args.len = 0;
         args.argc = 0;
         args.truncated = 0;
-        args.approved = 0;
         let mut len: u32 = 0;
         let mut i: u32 = 0;
         while i < ARGV_MAX_ARGS {
@@ -163,8 +162,6 @@ fn capture_argv(ctx: &FEntryContext, argv_register: usize) {
                 );
             }
         }
-        if EXEC_ARGV.insert(&tid, &*args, 0).is_err() {
-            bump(counter::ARGV_MISSED);
-        }
+        Some(&raw const (*scratch).args)
     }
 }

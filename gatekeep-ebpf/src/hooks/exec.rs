@@ -3,13 +3,14 @@
 //! Kernel: `security_bprm_check()` is called from `search_binary_handler()`
 //! (fs/exec.c, v6.12) for the file being executed and again for a script's
 //! interpreter, before the point of no return, so refusing here fails the
-//! exec cleanly and `-ERESTARTNOINTR` restarts the whole execve.
+//! exec cleanly and `-ERESTARTNOINTR` restarts the whole execve. The caller's
+//! mm is still in place, so its argv is read here (see `argv`).
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_probe_read_kernel as probe_read_kernel_raw, bpf_probe_read_kernel_str},
     },
     macros::lsm,
@@ -17,14 +18,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
-    ARGV_LEN, EPERM, ERESTARTNOINTR, ExecArgs, ExecEvent, ExecRuleKey, PATH_LEN, action, counter,
-    event_kind, request_kind,
+    ARGV_LEN, EPERM, ERESTARTNOINTR, ExecEvent, ExecRuleKey, PATH_LEN, action, counter, event_kind,
+    request_kind,
 };
 
 use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
-    maps::{ARGV_BLOCK, EVENTS, EXEC_ARGV, EXEC_RULES, GATED_CGROUPS, POLICIES, bump, offsets},
+    hooks::argv::{ExecArgs, capture_current_argv},
+    maps::{ARGV_BLOCK, EVENTS, EXEC_APPROVED, EXEC_RULES, GATED_CGROUPS, POLICIES, bump, offsets},
     pause::{Asked, Request, ask},
 };
 
@@ -63,6 +65,16 @@ fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
 
     let bprm: *const u8 = ctx.arg(0);
     // Unreadable kernel structures mean wrong offsets: fail closed.
+    let Ok(interpreter) = is_interpreter_pass(bprm) else {
+        error!(
+            ctx,
+            "gatekeep: cannot read the exec's state (kernel offsets?): exec denied"
+        );
+        return Ok(EPERM);
+    };
+    if !interpreter {
+        forget_approval();
+    }
     let Ok((dev, ino)) = executable_identity(bprm) else {
         error!(
             ctx,
@@ -95,7 +107,7 @@ fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
             bump(counter::EXEC_DENIED);
             // Who is asking matters only off the allow path.
             let caller = Caller::current(cgroup_id, gated.policy_id);
-            let args = EXEC_ARGV.get_ptr(&caller.tid);
+            let args = capture_current_argv();
             emit_exec(
                 &caller,
                 event_kind::EXEC_DENIED,
@@ -113,6 +125,7 @@ fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
             ctx,
             &Caller::current(cgroup_id, gated.policy_id),
             bprm,
+            interpreter,
             dev,
             ino,
         ),
@@ -123,17 +136,15 @@ fn ask_exec(
     ctx: &LsmContext,
     caller: &Caller,
     bprm: *const u8,
+    interpreter: bool,
     dev: u64,
     ino: u64,
 ) -> Result<i32, i32> {
-    let args = EXEC_ARGV.get_ptr_mut(&caller.tid);
-    if let Some(args) = args {
-        // SAFETY: this thread's own entry.
-        if unsafe { (*args).approved } != 0 {
-            // The interpreter of a script whose exec was just approved.
-            return Ok(0);
-        }
+    if interpreter && approved_in_this_exec(caller.tid, bprm) {
+        // The interpreter of a script whose exec was just approved.
+        return Ok(0);
     }
+    let args = capture_current_argv();
     let digest = exec_digest(dev, ino, args);
     let request = Request {
         tid: caller.tid,
@@ -146,17 +157,11 @@ fn ask_exec(
     };
     match ask(&request) {
         Asked::Granted => {
-            if let Some(args) = args {
-                // SAFETY: this thread's own entry.
-                unsafe { (*args).approved = 1 };
-            }
+            remember_approval(caller.tid, bprm);
             Ok(0)
         }
         Asked::Allow => {
-            if let Some(args) = args {
-                // SAFETY: this thread's own entry.
-                unsafe { (*args).approved = 1 };
-            }
+            remember_approval(caller.tid, bprm);
             emit_task_event(
                 caller,
                 event_kind::VERDICT_APPLIED,
@@ -201,7 +206,6 @@ fn ask_exec(
         Asked::Paused { new } => {
             if new {
                 bump(counter::EXEC_ASKED);
-                let args = args.map(<*mut ExecArgs>::cast_const);
                 emit_exec(
                     caller,
                     event_kind::EXEC_ASK,
@@ -215,6 +219,52 @@ fn ask_exec(
             }
             Ok(ERESTARTNOINTR)
         }
+    }
+}
+
+/// Whether this run checks a script's interpreter (or a `binfmt_misc`
+/// handler): `alloc_bprm()` points `interp` at `filename`, and the script
+/// loader (`bprm_change_interp()`) points it at the interpreter's name.
+#[inline(always)]
+fn is_interpreter_pass(bprm: *const u8) -> Result<bool, i64> {
+    let off = offsets();
+    // SAFETY: reads through the probe helper, which fails safely.
+    unsafe {
+        let filename: u64 =
+            bpf_probe_read_kernel(bprm.add(off.linux_binprm_filename as usize).cast())?;
+        let interp: u64 = bpf_probe_read_kernel(bprm.add(off.linux_binprm_interp as usize).cast())?;
+        Ok(interp != filename)
+    }
+}
+
+/// Notes that this thread's exec of `bprm` was allowed on the ask path.
+#[inline(always)]
+fn remember_approval(tid: u32, bprm: *const u8) {
+    // Without the entry the interpreter is asked about on its own: safe.
+    let _ = EXEC_APPROVED.insert(&tid, &(bprm as u64), 0);
+}
+
+/// Whether this thread's exec of `bprm` was approved earlier in the same
+/// syscall (the `linux_binprm` lives exactly as long as the syscall). The
+/// entry stays for an interpreter's own interpreter; the thread's next exec
+/// drops it.
+#[inline(always)]
+fn approved_in_this_exec(tid: u32, bprm: *const u8) -> bool {
+    // SAFETY: copied out immediately.
+    unsafe { EXEC_APPROVED.get(&tid) }.is_some_and(|b| *b == bprm as u64)
+}
+
+/// Drops an approval left by an earlier exec of this thread (one that ran a
+/// binary, not a script, so no interpreter pass took it): a later syscall's
+/// `linux_binprm` may reuse the address.
+#[inline(always)]
+fn forget_approval() {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // A lookup first: a delete takes the bucket's lock even when there is
+    // nothing to delete.
+    // SAFETY: presence check only.
+    if unsafe { EXEC_APPROVED.get(&tid) }.is_some() {
+        let _ = EXEC_APPROVED.remove(&tid);
     }
 }
 
@@ -238,7 +288,7 @@ fn executable_identity(bprm: *const u8) -> Result<(u64, u64), i64> {
 
 /// Digest of an exec request: executable identity and the captured argv.
 #[inline(always)]
-fn exec_digest(dev: u64, ino: u64, args: Option<*mut ExecArgs>) -> u64 {
+fn exec_digest(dev: u64, ino: u64, args: Option<*const ExecArgs>) -> u64 {
     let mut digest = Digest::new();
     digest.word(dev);
     digest.word(ino);
@@ -246,7 +296,7 @@ fn exec_digest(dev: u64, ino: u64, args: Option<*mut ExecArgs>) -> u64 {
         digest.word(u64::MAX);
         return digest.finish();
     };
-    // SAFETY: this thread's own entry; reads stay within the first
+    // SAFETY: this CPU's capture of this run; reads stay within the first
     // ARGV_LEN bytes of `argv`. Bytes past `len` were zeroed at capture and
     // `len` itself is hashed, so hashing whole 64-byte blocks up to `len` is
     // exact. The block loop's only branch is its exit: the verifier walks

@@ -1,20 +1,24 @@
 //! Cleanup when a thread exits: no pending request outlives its task.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
+    helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
 use gatekeep_common::{VerdictKey, action, event_kind};
 
 use crate::{
     events::{Caller, emit_task_event},
-    maps::{EXEC_ARGV, PENDING, VERDICTS},
+    maps::{PENDING, VERDICTS},
 };
 
 /// `sched/sched_process_exit` runs for every exiting thread. A thread that
 /// dies while paused (e.g. SIGKILL) has its request dropped and reported as
 /// abandoned, so user space records it and stops waiting for a decision.
-#[tracepoint(category = "sched", name = "sched_process_exit")]
-pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+///
+/// A BTF-enabled tracepoint (`tp_btf`), not a classic one: it gets the
+/// tracepoint's arguments as they are instead of a perf record built for it,
+/// which every thread exit on the host would pay for.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: BtfTracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: copied out immediately.
     if let Some(pending) = unsafe { PENDING.get(&tid) }.copied() {
@@ -32,11 +36,6 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
             pending.kind,
             action::NONE,
         );
-    }
-    // Every exit on the host passes here: a lookup first (a delete takes the bucket's lock).
-    // SAFETY: presence check only.
-    if unsafe { EXEC_ARGV.get(&tid) }.is_some() {
-        let _ = EXEC_ARGV.remove(&tid);
     }
     0
 }
