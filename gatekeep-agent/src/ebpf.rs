@@ -135,6 +135,7 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         linux_binprm_file: o.linux_binprm_file,
         linux_binprm_filename: o.linux_binprm_filename,
         linux_binprm_interp: o.linux_binprm_interp,
+        linux_binprm_buf: o.linux_binprm_buf,
         file_f_inode: o.file_f_inode,
         inode_i_ino: o.inode_i_ino,
         inode_i_sb: o.inode_i_sb,

@@ -845,6 +845,8 @@ pub struct Offsets {
     /// `struct linux_binprm` -> `interp` (`const char *`): the same pointer
     /// as `filename` until a script's interpreter takes over.
     pub linux_binprm_interp: u32,
+    /// `struct linux_binprm` -> `buf` (`char[256]`): the file's first bytes.
+    pub linux_binprm_buf: u32,
     /// `struct file` -> `f_inode` (`struct inode *`).
     pub file_f_inode: u32,
     /// `struct inode` -> `i_ino` (`unsigned long`).
@@ -893,6 +895,7 @@ impl Offsets {
             linux_binprm_file: get("linux_binprm.file", 8)?,
             linux_binprm_filename: get("linux_binprm.filename", 8)?,
             linux_binprm_interp: get("linux_binprm.interp", 8)?,
+            linux_binprm_buf: get("linux_binprm.buf", 256)?,
             file_f_inode: get("file.f_inode", 8)?,
             inode_i_ino: get("inode.i_ino", 8)?,
             inode_i_sb: get("inode.i_sb", 8)?,
@@ -1410,13 +1413,15 @@ mod tests {
         let file = b.strukt("file", 64, &[("f_count", long, 0), ("", anon, 192)]);
         let file_ptr = b.ptr(file);
         let str_ptr = b.ptr(ch);
+        let buf = b.array(ch, uint, 256);
         b.strukt(
             "linux_binprm",
-            96,
+            352,
             &[
                 ("file", file_ptr, 448),
                 ("filename", str_ptr, 512),
                 ("interp", str_ptr, 640),
+                ("buf", buf, 768),
             ],
         );
         let task_ptr = fwd(&mut b, "task_struct");
@@ -1443,6 +1448,7 @@ mod tests {
                 linux_binprm_file: 56,
                 linux_binprm_filename: 64,
                 linux_binprm_interp: 80,
+                linux_binprm_buf: 96,
                 file_f_inode: 24,
                 inode_i_ino: 64,
                 inode_i_sb: 40,
@@ -1657,6 +1663,7 @@ mod tests {
         within(offsets.linux_binprm_file, 8, "linux_binprm");
         within(offsets.linux_binprm_filename, 8, "linux_binprm");
         within(offsets.linux_binprm_interp, 8, "linux_binprm");
+        within(offsets.linux_binprm_buf, 256, "linux_binprm");
         assert_ne!(offsets.linux_binprm_interp, offsets.linux_binprm_filename);
         within(offsets.file_f_inode, 8, "file");
         within(offsets.inode_i_ino, 8, "inode");

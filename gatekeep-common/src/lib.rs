@@ -334,6 +334,7 @@ pub struct KernelOffsets {
     pub linux_binprm_file: u32,
     pub linux_binprm_filename: u32,
     pub linux_binprm_interp: u32,
+    pub linux_binprm_buf: u32,
     pub file_f_inode: u32,
     pub inode_i_ino: u32,
     pub inode_i_sb: u32,

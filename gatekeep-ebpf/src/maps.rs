@@ -50,8 +50,9 @@ pub static GRANTS: HashMap<GrantKey, Grant> = HashMap::with_max_entries(65536, 0
 /// Thread id -> address of the `linux_binprm` whose exec a verdict or grant
 /// just allowed: the interpreter of an approved script runs as part of the
 /// same approved request (`bprm_check_security` runs again for it, in the
-/// same syscall). Written only on the ask path and cleared by the thread's
-/// next gated exec; LRU, so entries of threads that have exited age out.
+/// same syscall). Written only on the ask path, for `#!` files, and cleared
+/// by the thread's next gated exec; LRU, so entries of exited threads age
+/// out.
 #[map]
 pub static EXEC_APPROVED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
 
@@ -90,6 +91,7 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     linux_binprm_file: 0,
     linux_binprm_filename: 0,
     linux_binprm_interp: 0,
+    linux_binprm_buf: 0,
     file_f_inode: 0,
     inode_i_ino: 0,
     inode_i_sb: 0,

@@ -237,11 +237,20 @@ fn is_interpreter_pass(bprm: *const u8) -> Result<bool, i64> {
     }
 }
 
-/// Notes that this thread's exec of `bprm` was allowed on the ask path.
+/// Notes that this thread's exec of `bprm` was allowed on the ask path, if
+/// an interpreter may follow: the file starts with `#!` (`bprm->buf` holds
+/// its first bytes by now). Other files (and `binfmt_misc` handlers) never
+/// reach an interpreter pass with the approval: asked about on their own.
 #[inline(always)]
 fn remember_approval(tid: u32, bprm: *const u8) {
-    // Without the entry the interpreter is asked about on its own: safe.
-    let _ = EXEC_APPROVED.insert(&tid, &(bprm as u64), 0);
+    let buf = offsets().linux_binprm_buf as usize;
+    // SAFETY: read through the probe helper, which fails safely.
+    let Ok(magic) = (unsafe { bpf_probe_read_kernel::<[u8; 2]>(bprm.add(buf).cast()) }) else {
+        return;
+    };
+    if magic == *b"#!" {
+        let _ = EXEC_APPROVED.insert(&tid, &(bprm as u64), 0);
+    }
 }
 
 /// Whether this thread's exec of `bprm` was approved earlier in the same
