@@ -14,7 +14,7 @@ use aya::maps::{
 };
 use gatekeep_common::{
     ConnectV4Key, ConnectV6Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, PendingRequest,
-    PolicyDefaults, PortRules, Verdict, VerdictKey, counter,
+    PolicyDefaults, PortRules, Verdict, VerdictKey, counter, gated_filter_slot,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -42,6 +42,9 @@ pub const VERDICT_TTL: Duration = Duration::from_secs(30);
 /// Typed handles on every map user space touches.
 pub struct KernelMaps {
     gated: HashMap<MapData, u64, GatedCgroup>,
+    /// The kernel's first test of "may this cgroup be gated" (see
+    /// `gatekeep_common::gated_filter_slot`).
+    gated_filter: Array<MapData, u64>,
     policies: Array<MapData, PolicyDefaults>,
     exec_rules: HashMap<MapData, ExecRuleKey, u32>,
     connect_v4: LpmTrie<MapData, ConnectV4Key, PortRules>,
@@ -69,6 +72,7 @@ impl KernelMaps {
     pub fn open(layout: &PinLayout) -> Result<Self, PinningError> {
         Ok(Self {
             gated: typed!(layout, "GATED_CGROUPS", HashMap<MapData, u64, GatedCgroup>),
+            gated_filter: typed!(layout, "GATED_FILTER", Array<MapData, u64>),
             policies: typed!(layout, "POLICIES", Array<MapData, PolicyDefaults>),
             exec_rules: typed!(layout, "EXEC_RULES", HashMap<MapData, ExecRuleKey, u32>),
             connect_v4: typed!(layout, "CONNECT_V4", LpmTrie<MapData, ConnectV4Key, PortRules>),
@@ -225,10 +229,16 @@ impl PolicyMaps for KernelMaps {
                     .map(drop)
                     .map_err(write("CONNECT_V6"))
             }
+            // The filter slot first: the programs never see the entry without it.
             MapOp::SetGated(id, gated) => self
-                .gated
-                .insert(id, gated, 0)
-                .map_err(write("GATED_CGROUPS")),
+                .gated_filter
+                .set(gated_filter_slot(*id), 1, 0)
+                .map_err(write("GATED_FILTER"))
+                .and_then(|()| {
+                    self.gated
+                        .insert(id, gated, 0)
+                        .map_err(write("GATED_CGROUPS"))
+                }),
             MapOp::RemoveGated(id) => not_found_is_none(self.gated.remove(id))
                 .map(drop)
                 .map_err(write("GATED_CGROUPS")),

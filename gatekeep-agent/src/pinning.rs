@@ -44,6 +44,7 @@ use crate::{
 /// programs.
 pub const PINNED_MAPS: &[&str] = &[
     "GATED_CGROUPS",
+    "GATED_FILTER",
     "POLICIES",
     "EXEC_RULES",
     "CONNECT_V4",

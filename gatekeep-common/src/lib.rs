@@ -116,6 +116,24 @@ pub struct GatedCgroup {
 /// new cgroup never works, not even until the agent's next rescan.
 pub const GATED_INHERITED: u32 = 1;
 
+/// Slots of `GATED_FILTER`, the kernel's first, cheap test of whether a
+/// cgroup may be gated (a power of two).
+pub const GATED_FILTER_SLOTS: u32 = 16384;
+
+/// The `GATED_FILTER` slot of `cgroup_id`. Whoever adds a cgroup to
+/// `GATED_CGROUPS` sets its slot to 1 first; slots are never cleared, so a
+/// 0 means "not gated" for certain and a 1 means "look it up".
+#[must_use]
+#[inline]
+pub const fn gated_filter_slot(cgroup_id: u64) -> u32 {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "masked below GATED_FILTER_SLOTS"
+    )]
+    let slot = (cgroup_id & (GATED_FILTER_SLOTS as u64 - 1)) as u32;
+    slot
+}
+
 /// Value of the `POLICIES` array: what a policy does when no rule matches.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -372,6 +390,15 @@ mod tests {
 
     /// The kernel and user space must agree on these sizes; a change here is
     /// a wire-format change.
+    #[test]
+    fn gated_filter_slots_cover_every_id_within_the_array() {
+        assert!(GATED_FILTER_SLOTS.is_power_of_two());
+        assert_eq!(gated_filter_slot(0), 0);
+        assert_eq!(gated_filter_slot(1), 1);
+        assert_eq!(gated_filter_slot(u64::from(GATED_FILTER_SLOTS)), 0);
+        assert_eq!(gated_filter_slot(u64::MAX), GATED_FILTER_SLOTS - 1);
+    }
+
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<GatedCgroup>(), 8);

@@ -6,16 +6,49 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use gatekeep_common::{
-    ConnectV4Key, ConnectV6Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, KernelOffsets,
-    MAX_POLICIES, PendingRequest, PolicyDefaults, PortRules, Verdict, VerdictKey, counter,
+    ConnectV4Key, ConnectV6Key, ExecRuleKey, GATED_FILTER_SLOTS, GatedCgroup, Grant, GrantKey,
+    KernelOffsets, MAX_POLICIES, PendingRequest, PolicyDefaults, PortRules, Verdict, VerdictKey,
+    counter, gated_filter_slot,
 };
 
 use crate::hooks::argv::ArgvScratch;
 
 /// cgroup v2 id -> policy governing it. A task whose cgroup is absent is not
-/// gated: this lookup is all it pays.
+/// gated.
 #[map]
 pub static GATED_CGROUPS: HashMap<u64, GatedCgroup> = HashMap::with_max_entries(16384, 0);
+
+/// One word per `gated_filter_slot`: 1 once a cgroup of that slot was gated
+/// (set before the `GATED_CGROUPS` entry, never cleared). Every exec and
+/// connect on the host asks it first: an array lookup is a few inlined
+/// instructions, a hash lookup a call, a hash and a compare. A 0 answers
+/// most tasks outside gated cgroups.
+#[map]
+pub static GATED_FILTER: Array<u64> = Array::with_max_entries(GATED_FILTER_SLOTS, 0);
+
+/// The policy governing `cgroup_id`, if it is gated.
+#[inline(always)]
+pub fn gated_cgroup(cgroup_id: u64) -> Option<GatedCgroup> {
+    if GATED_FILTER
+        .get(gated_filter_slot(cgroup_id))
+        .is_some_and(|slot| *slot == 0)
+    {
+        return None;
+    }
+    // SAFETY: copied out immediately.
+    unsafe { GATED_CGROUPS.get(&cgroup_id) }.copied()
+}
+
+/// Gates `cgroup_id` under `gated`: its filter slot first, so no reader can
+/// find the entry but miss the slot.
+#[inline(always)]
+pub fn gate_cgroup(cgroup_id: u64, gated: &GatedCgroup) {
+    if let Some(slot) = GATED_FILTER.get_ptr_mut(gated_filter_slot(cgroup_id)) {
+        // SAFETY: an aligned word of the array; writers only ever store 1.
+        unsafe { core::ptr::write_volatile(slot, 1) };
+        let _ = GATED_CGROUPS.insert(&cgroup_id, gated, 0);
+    }
+}
 
 /// Policy id -> what the policy does when no rule matches.
 #[map]

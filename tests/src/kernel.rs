@@ -7,7 +7,9 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
-use gatekeep_common::{ExecEvent, GatedCgroup, PolicyDefaults, TaskEvent, action};
+use gatekeep_common::{
+    ExecEvent, GatedCgroup, PolicyDefaults, TaskEvent, action, gated_filter_slot,
+};
 use nix::time::{ClockId, clock_gettime};
 
 use crate::{Cgroup, wait_for};
@@ -40,6 +42,11 @@ pub fn gate(ebpf: &mut Ebpf, cgroup: &Cgroup, policy_id: u32, exec_default: u32)
         generation: 1,
     };
     policies.set(policy_id, defaults, 0).expect("set policy");
+    let mut filter: Array<_, u64> =
+        Array::try_from(ebpf.map_mut("GATED_FILTER").expect("GATED_FILTER")).expect("array");
+    filter
+        .set(gated_filter_slot(cgroup.id()), 1, 0)
+        .expect("set filter slot");
     let mut gated: HashMap<_, u64, GatedCgroup> =
         HashMap::try_from(ebpf.map_mut("GATED_CGROUPS").expect("GATED_CGROUPS")).expect("hash map");
     gated

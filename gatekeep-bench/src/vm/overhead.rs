@@ -72,7 +72,7 @@ use gatekeep_agent::{
 };
 use gatekeep_common::{
     ConnectV4Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, PolicyDefaults, PortRule, PortRules,
-    Verdict, VerdictKey, action, counter, request_kind,
+    Verdict, VerdictKey, action, counter, gated_filter_slot, request_kind,
 };
 
 use super::{
@@ -572,9 +572,16 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
         },
     );
     v4.insert(&loopback, allow_all, 0)?;
+    let gated_cgroups = [(&cgroups.rule, RULE_POLICY), (&cgroups.grant, GRANT_POLICY)];
+    // Each cgroup's filter slot before its entry, as the agent does.
+    let mut filter: Array<_, u64> =
+        Array::try_from(ebpf.map_mut("GATED_FILTER").context("GATED_FILTER")?)?;
+    for (cgroup, _) in gated_cgroups {
+        filter.set(gated_filter_slot(cgroup.id()?), 1, 0)?;
+    }
     let mut gated: HashMap<_, u64, GatedCgroup> =
         HashMap::try_from(ebpf.map_mut("GATED_CGROUPS").context("GATED_CGROUPS")?)?;
-    for (cgroup, policy_id) in [(&cgroups.rule, RULE_POLICY), (&cgroups.grant, GRANT_POLICY)] {
+    for (cgroup, policy_id) in gated_cgroups {
         gated.insert(
             cgroup.id()?,
             GatedCgroup {

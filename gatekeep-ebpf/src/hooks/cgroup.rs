@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use gatekeep_common::{GATED_INHERITED, GatedCgroup};
 
-use crate::maps::GATED_CGROUPS;
+use crate::maps::{GATED_CGROUPS, gate_cgroup, gated_cgroup};
 
 /// Offsets in the `cgroup/cgroup_mkdir` and `cgroup/cgroup_attach_task`
 /// records (see their `format`): `int root` then `int level` then `u64 id`.
@@ -36,8 +36,7 @@ pub fn cgroup_attach_task(ctx: TracePointContext) -> u32 {
 fn inherit_gating(ctx: &TracePointContext) {
     // SAFETY: helper without arguments.
     let actor = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: copied out immediately.
-    let Some(gated) = (unsafe { GATED_CGROUPS.get(&actor) }).copied() else {
+    let Some(gated) = gated_cgroup(actor) else {
         return;
     };
     // SAFETY: the record layout is fixed by the tracepoint's format.
@@ -57,5 +56,5 @@ fn inherit_gating(ctx: &TracePointContext) {
         policy_id: gated.policy_id,
         flags: GATED_INHERITED,
     };
-    let _ = GATED_CGROUPS.insert(&id, &inherited, 0);
+    gate_cgroup(id, &inherited);
 }

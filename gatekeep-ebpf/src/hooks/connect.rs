@@ -24,7 +24,7 @@ use gatekeep_common::{
 use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
-    maps::{CONNECT_V4, CONNECT_V6, EVENTS, GATED_CGROUPS, POLICIES, bump, offsets},
+    maps::{CONNECT_V4, CONNECT_V6, EVENTS, POLICIES, bump, gated_cgroup, offsets},
     pause::{Asked, Request, ask},
 };
 
@@ -48,7 +48,8 @@ struct Destination {
 
 /// Runs for every connect on the host.
 ///
-/// Tasks outside gated cgroups return after one map lookup. For gated tasks:
+/// Tasks outside gated cgroups return after an array lookup (rarely, a hash
+/// lookup too). For gated tasks:
 /// IPv4/IPv6 destinations are matched against the policy's prefixes (most
 /// specific first) and port rules, else the policy default; IPv4-mapped IPv6
 /// addresses match the IPv4 rules; `AF_UNIX` uses the policy's unix action;
@@ -71,8 +72,7 @@ fn try_socket_connect(ctx: &LsmContext) -> Result<i32, i32> {
     }
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: copied out immediately.
-    let Some(gated) = (unsafe { GATED_CGROUPS.get(&cgroup_id) }).copied() else {
+    let Some(gated) = gated_cgroup(cgroup_id) else {
         return Ok(0);
     };
     bump(counter::CONNECT_GATED);

@@ -26,13 +26,14 @@ use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
     hooks::argv::{ExecArgs, capture_current_argv},
-    maps::{ARGV_BLOCK, EVENTS, EXEC_APPROVED, EXEC_RULES, GATED_CGROUPS, POLICIES, bump, offsets},
+    maps::{ARGV_BLOCK, EVENTS, EXEC_APPROVED, EXEC_RULES, POLICIES, bump, gated_cgroup, offsets},
     pause::{Asked, Request, ask},
 };
 
 /// Runs for every exec on the host.
 ///
-/// Tasks outside gated cgroups return after one map lookup. For gated tasks
+/// Tasks outside gated cgroups return after an array lookup (rarely, a hash
+/// lookup too). For gated tasks
 /// the executable's identity (device, inode) is looked up in the policy's
 /// exec rules, else the policy default applies:
 /// - allow: the exec proceeds;
@@ -57,8 +58,7 @@ fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
 
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: the value is copied out before anything else touches the map.
-    let Some(gated) = (unsafe { GATED_CGROUPS.get(&cgroup_id) }).copied() else {
+    let Some(gated) = gated_cgroup(cgroup_id) else {
         return Ok(0);
     };
     bump(counter::EXEC_GATED);
