@@ -57,7 +57,7 @@ pub const PINNED_MAPS: &[&str] = &[
     "ARGV_SCRATCH",
     "EVENTS",
     "COUNTERS",
-    "BUILD_ID",
+    BUILD_ID,
 ];
 
 /// Errors loading, adopting or unloading the pinned programs.
@@ -330,26 +330,27 @@ fn any_link_pinned(layout: &PinLayout) -> bool {
     fs::read_dir(layout.links_dir()).is_ok_and(|mut entries| entries.next().is_some())
 }
 
+/// Name of the pinned map that records the build of the pinned programs.
+const BUILD_ID: &str = "BUILD_ID";
+
+fn build_id_error(layout: &PinLayout) -> impl FnOnce(MapError) -> PinningError {
+    let path = layout.map(BUILD_ID);
+    move |source| PinningError::BuildId { path, source }
+}
+
 fn build_id_map(layout: &PinLayout) -> Result<Array<MapData, [u8; 32]>, PinningError> {
-    let path = layout.map("BUILD_ID");
-    let data = MapData::from_pin(&path).map_err(|source| PinningError::BuildId {
-        path: path.clone(),
-        source,
-    })?;
-    Array::try_from(Map::Array(data)).map_err(|source| PinningError::BuildId { path, source })
+    let data = MapData::from_pin(layout.map(BUILD_ID)).map_err(build_id_error(layout))?;
+    Array::try_from(Map::Array(data)).map_err(build_id_error(layout))
 }
 
 /// Refuses pinned programs that another build loaded (or one from before
 /// builds were recorded).
 fn check_build(layout: &PinLayout) -> Result<(), PinningError> {
     let ours = object_id();
-    let pinned = if layout.map("BUILD_ID").exists() {
+    let pinned = if layout.map(BUILD_ID).exists() {
         build_id_map(layout)?
             .get(&0, 0)
-            .map_err(|source| PinningError::BuildId {
-                path: layout.map("BUILD_ID"),
-                source,
-            })?
+            .map_err(build_id_error(layout))?
     } else {
         [0; 32]
     };
@@ -370,10 +371,7 @@ fn check_build(layout: &PinLayout) -> Result<(), PinningError> {
 fn write_build_id(layout: &PinLayout) -> Result<(), PinningError> {
     build_id_map(layout)?
         .set(0, object_id(), 0)
-        .map_err(|source| PinningError::BuildId {
-            path: layout.map("BUILD_ID"),
-            source,
-        })
+        .map_err(build_id_error(layout))
 }
 
 /// Unpins (and so detaches) links of programs this build does not have

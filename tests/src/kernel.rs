@@ -7,6 +7,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
+use gatekeep_agent::ebpf::Attached;
 use gatekeep_common::{
     ExecEvent, GatedCgroup, PolicyDefaults, TaskEvent, action, gated_filter_slot,
 };
@@ -28,6 +29,14 @@ pub unsafe trait Event: Copy {}
 unsafe impl Event for ExecEvent {}
 // SAFETY: as above.
 unsafe impl Event for TaskEvent {}
+
+/// Loads and attaches every program, then gates `cgroup` as [`gate`] does.
+#[must_use]
+pub fn attach_gating(cgroup: &Cgroup, policy_id: u32, exec_default: u32) -> Attached {
+    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
+    gate(&mut ebpf, cgroup, policy_id, exec_default);
+    ebpf
+}
 
 /// Gates `cgroup` under policy `policy_id`, whose exec default is
 /// `exec_default` (connects and unix sockets allowed), in the loaded

@@ -17,7 +17,7 @@ use gatekeep_common::{
 };
 use gatekeep_tests::{
     Cgroup,
-    kernel::{gate, kernel_dev, wait_event},
+    kernel::{attach_gating, kernel_dev, wait_event},
     require_vm,
 };
 
@@ -34,8 +34,7 @@ fn a_cgroup_created_by_a_gated_task_is_gated_before_it_can_be_used() {
     fs::copy("/bin/busybox", denied).expect("copy busybox");
     let identity = fs::metadata(denied).expect("stat the copy");
 
-    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
-    gate(&mut ebpf, &cgroup, POLICY_ID, action::ALLOW);
+    let mut ebpf = attach_gating(&cgroup, POLICY_ID, action::ALLOW);
     let mut rules: HashMap<_, ExecRuleKey, u32> =
         HashMap::try_from(ebpf.map_mut("EXEC_RULES").expect("EXEC_RULES")).expect("hash map");
     let key = ExecRuleKey {
@@ -90,8 +89,7 @@ fn a_cgroup_created_by_a_gated_task_is_gated_before_it_can_be_used() {
 fn a_traced_task_is_refused_instead_of_paused() {
     require_vm();
     let cgroup = Cgroup::create("gatekeep-traced");
-    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
-    gate(&mut ebpf, &cgroup, POLICY_ID, action::ASK);
+    let mut ebpf = attach_gating(&cgroup, POLICY_ID, action::ASK);
 
     // The child asks to be traced by us before its exec: a tracer sees the
     // pause's SIGSTOP first and could swallow it, so the kernel refuses.

@@ -17,7 +17,7 @@ use gatekeep_common::{
 };
 use gatekeep_tests::{
     Cgroup,
-    kernel::{self, boot_ns, gate, wait_event},
+    kernel::{self, attach_gating, boot_ns, wait_event},
     require_vm, sigcont, wait_stopped,
 };
 
@@ -97,8 +97,7 @@ fn write_grant(ebpf: &mut Ebpf, key: GrantKey, expires_ns: u64) {
 fn granted_duration_allows_the_identical_request_only() {
     require_vm();
     let cgroup = Cgroup::create("gatekeep-grants");
-    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
-    gate(&mut ebpf, &cgroup, POLICY_ID, action::ASK);
+    let mut ebpf = attach_gating(&cgroup, POLICY_ID, action::ASK);
 
     // 1. An ask: paused, reported with a digest, then denied by a verdict.
     let asked = ask_and_deny(&mut ebpf, &cgroup, &["/bin/true", "granted"]);
@@ -143,8 +142,7 @@ fn granted_duration_allows_the_identical_request_only() {
 fn exec_digest_binds_the_whole_argv_past_the_first_block() {
     require_vm();
     let cgroup = Cgroup::create("gatekeep-grants-argv");
-    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
-    gate(&mut ebpf, &cgroup, POLICY_ID, action::ASK);
+    let mut ebpf = attach_gating(&cgroup, POLICY_ID, action::ASK);
 
     // "/bin/true\0" + 3000 bytes + "\0tail-1\0": 3018 bytes of argv, the
     // tails differing at byte 3016, in the 48th 64-byte block.
@@ -205,8 +203,7 @@ fn exec_digest_binds_the_whole_argv_past_the_first_block() {
 fn exec_digest_counts_empty_arguments_and_what_follows_them() {
     require_vm();
     let cgroup = Cgroup::create("gatekeep-grants-empty");
-    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
-    gate(&mut ebpf, &cgroup, POLICY_ID, action::ASK);
+    let mut ebpf = attach_gating(&cgroup, POLICY_ID, action::ASK);
 
     // Each pair differs only by what comes after an empty argument, or by
     // an empty argument: two requests, two digests, each argv captured as
