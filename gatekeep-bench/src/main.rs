@@ -3,7 +3,8 @@
 //! - `native`: the decision service, the audit logs and memory, no kernel needed;
 //! - `vm`: exec/connect overhead, the ask path and event throughput under a real kernel
 //!   (inside the VM that `cargo xtask bench` boots);
-//! - `serve`, `worker`, `agent-memory`: the processes those spawn.
+//! - `worker`, `agent-memory`: the processes those spawn (`native` also runs the
+//!   `gatekeep-server` binary, `vm` the agent's and the server's binaries).
 //!
 //! Every result is printed as a `GATEKEEP-BENCH {json}` line (see [`report::Figure`]);
 //! benchmarks print figures and never fail on timing.
@@ -29,9 +30,6 @@ enum Command {
     Native(native::NativeOptions),
     /// Exec/connect overhead, ask path and event throughput (in the VM only).
     Vm(vm::VmOptions),
-    /// The decision service under test (started by `native`; stops when stdin closes).
-    #[command(hide = true)]
-    Serve(native::service::ServeOptions),
     /// A measured loop (started by `vm`).
     #[command(hide = true)]
     Worker(vm::worker::WorkerOptions),
@@ -45,7 +43,6 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Native(opts) => native::run(opts),
         Command::Vm(opts) => vm::run(opts),
-        Command::Serve(opts) => native::service::serve(opts),
         Command::Worker(opts) => vm::worker::run(opts),
         Command::AgentMemory { pending } => native::agent::memory(*pending),
     };

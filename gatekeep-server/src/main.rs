@@ -9,6 +9,11 @@ use gatekeep_server::{
     store::{SqliteStore, Store as _},
 };
 
+/// glibc's malloc spent about a quarter of the service's CPU under load on arena locks and
+/// consolidation (perf, 100 agents); mimalloc halved the CPU per decision (80 -> 44 us).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// gatekeep's decision service: agents stream paused requests in, reviewers decide.
 #[derive(Debug, Parser)]
 #[command(version)]

@@ -115,7 +115,7 @@ pub async fn round_trips(
         }
         let conditions = format!(
             "{tasks} task(s) x {each} decides back to back per round, server rule decides; \
-             one agent stream; mTLS loopback; service in its own process, sqlite synchronous={synchronous}"
+             one agent stream; mTLS loopback; the gatekeep-server binary in its own process, sqlite synchronous={synchronous}"
         );
         let mut p50 = Figure::from_runs(
             &format!("native.rtt.{pending}.p50"),
@@ -217,7 +217,7 @@ pub async fn throughput(service: &Service, sizes: Sizes, synchronous: &str) -> R
         )
         .target(Target::at_least(20_000.0))
         .conditions(format!(
-            "{agents} agents (own mTLS stream each) x {IN_FLIGHT} in flight, {:.1} s windows; \
+            "{agents} agents (own mTLS stream each) x {IN_FLIGHT} in flight against the gatekeep-server binary, {:.1} s windows; \
          clients and service share the 2 cores; sqlite synchronous={synchronous}",
             sizes.throughput_round.as_secs_f64()
         )),
@@ -240,8 +240,8 @@ pub async fn throughput(service: &Service, sizes: Sizes, synchronous: &str) -> R
 
 /// The service's RSS idle, with `agents` agents connected, and with `pending` requests
 /// pending across them (spread evenly, nothing decides them).
-pub async fn memory(base: &Path, sizes: Sizes) -> Result<Vec<Figure>> {
-    let service = Service::start(base, "full")?;
+pub async fn memory(server: &Path, base: &Path, sizes: Sizes) -> Result<Vec<Figure>> {
+    let service = Service::start(server, base, "full")?;
     // Let it settle: the first RSS reading is the idle service.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle = rss_mib(service.pid())?;
@@ -285,7 +285,7 @@ pub async fn memory(base: &Path, sizes: Sizes) -> Result<Vec<Figure>> {
             "MiB",
             &[idle],
         )
-        .conditions("gatekeep-bench serve (the service library in its own process), no agent"),
+        .conditions("gatekeep-server serve, no agent"),
         Figure::from_runs(
             "native.service.rss.agents",
             &format!("service RSS, {agents} agents connected"),

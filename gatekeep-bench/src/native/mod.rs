@@ -30,8 +30,11 @@ pub struct NativeOptions {
     #[arg(long = "only", value_name = "GROUP")]
     pub only: Vec<String>,
     /// Durability of the service's state database: `full` (default) or `normal`.
-    #[arg(long, default_value = "full")]
+    #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
     pub synchronous: String,
+    /// The `gatekeep-server` binary to measure (default: the one next to this binary).
+    #[arg(long)]
+    pub server: Option<PathBuf>,
 }
 
 /// The resident set size of `pid`, in MiB (`VmRSS` of `/proc/<pid>/status`).
@@ -185,6 +188,10 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
         decisions::Sizes::full()
     };
     let base = opts.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let server = match &opts.server {
+        Some(server) => server.clone(),
+        None => service::default_server_binary()?,
+    };
     let wants = |group: &str| opts.only.is_empty() || opts.only.iter().any(|g| g == group);
     for group in &opts.only {
         if !["rtt", "throughput", "audit", "memory"].contains(&group.as_str()) {
@@ -196,7 +203,7 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
         .build()?;
     runtime.block_on(async {
         if wants("rtt") || wants("throughput") {
-            let service = service::Service::start(&base, &opts.synchronous)?;
+            let service = service::Service::start(&server, &base, &opts.synchronous)?;
             if wants("rtt") {
                 for figure in decisions::round_trips(&service, sizes, &opts.synchronous).await? {
                     figure.emit();
@@ -219,7 +226,7 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
             }
         }
         if wants("memory") {
-            for figure in decisions::memory(&base, sizes).await? {
+            for figure in decisions::memory(&server, &base, sizes).await? {
                 figure.emit();
             }
         }

@@ -1,15 +1,16 @@
-//! The decision service under test, in its own process (`gatekeep-bench serve`), so that
-//! its memory can be read from `/proc` and its runtime is not the clients'.
+//! The decision service under test: the shipped `gatekeep-server` binary in its own
+//! process (its allocator, its runtime), so that its memory and CPU can be read from
+//! `/proc` and are not the clients'.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
+    process::{Child, Command, Stdio},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use gatekeep_client::{
     AgentLink, AgentLinkConfig, ClientIdentity, ClientTls, LinkEvent, ReviewClient, ReviewConfig,
 };
@@ -17,118 +18,120 @@ use gatekeep_proto::{
     GrantDuration,
     model::{ApprovalRequest, ApprovalSettings, ExecTarget, Target, Verdict},
 };
-use gatekeep_server::{Server, ServerConfig, certs::Pki, rules::RuleConfig, store::Synchronous};
-use tokio::io::AsyncReadExt as _;
+use gatekeep_server::certs::Pki;
 use uuid::Uuid;
 
 /// The rule that auto-decides `git fetch *` requests of policy `bench`.
 pub const RULE: &str = "bench-fetch";
 
-/// Options of `gatekeep-bench serve`.
-#[derive(Debug, clap::Args)]
-pub struct ServeOptions {
-    /// Holds the PKI (`pki/`) and the service's databases (`data/`).
-    #[arg(long)]
-    pub dir: PathBuf,
-    /// `full` (fsync every commit, the default) or `normal`.
-    #[arg(long, default_value = "full")]
-    pub synchronous: String,
+/// The service's configuration: its rule and durability (addresses and folders are given
+/// on the command line).
+fn config_toml(synchronous: &str) -> String {
+    format!(
+        "synchronous = \"{synchronous}\"\n\n[[rules]]\nname = \"{RULE}\"\naction = \"allow\"\n\
+         policy = \"bench\"\nexecutable = \"/usr/bin/git\"\ncommand = \"git fetch *\"\n"
+    )
 }
 
-/// Runs the service until stdin closes; prints `READY <endpoint> <reviewer token>` first.
-pub fn serve(opts: &ServeOptions) -> Result<()> {
-    let synchronous = match opts.synchronous.as_str() {
-        "full" => Synchronous::Full,
-        "normal" => Synchronous::Normal,
-        other => bail!("unknown synchronous mode `{other}`"),
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let pki = Pki::load_or_init(&opts.dir.join("pki"), &[])?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let config = ServerConfig {
-            data_dir: opts.dir.join("data"),
-            synchronous,
-            rules: vec![RuleConfig {
-                name: RULE.into(),
-                action: Verdict::Allow,
-                host_group: None,
-                policy: Some("bench".into()),
-                kind: None,
-                executable: Some("/usr/bin/git".into()),
-                command: Some("git fetch *".into()),
-                destination: None,
-                ports: None,
-            }],
-            ..ServerConfig::default()
-        };
-        let server = Server::builder(config)
-            .tls(pki.tls())
-            .listener(listener)
-            .build()
-            .await?;
-        let token = server.add_reviewer("bench", &[]).await?;
-        println!("READY {} {token}", server.endpoint());
-        std::io::stdout().flush()?;
-        server
-            .serve(async {
-                // The parent closes our stdin to stop us (or dies, which does the same).
-                let mut sink = Vec::new();
-                drop(tokio::io::stdin().read_to_end(&mut sink).await);
-            })
-            .await?;
-        Ok(())
-    })
+/// `gatekeep-server` next to this binary (cargo builds both into one folder).
+pub fn default_server_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("path of gatekeep-bench")?;
+    let server = exe.with_file_name("gatekeep-server");
+    ensure!(
+        server.exists(),
+        "`{}` is missing: build it (`cargo build --release -p gatekeep-server`) or name it \
+         with `--server`",
+        server.display()
+    );
+    Ok(server)
 }
 
-/// A running `gatekeep-bench serve` and what clients need to reach it.
+/// A running `gatekeep-server serve` and what clients need to reach it.
 pub struct Service {
     child: Child,
-    stdin: Option<ChildStdin>,
     pub endpoint: String,
     pub token: String,
     pub pki: Arc<Pki>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Service {
-    /// Starts the service in a fresh temporary folder under `base` (on the disk being
-    /// measured: fsync on tmpfs costs nothing).
-    pub fn start(base: &Path, synchronous: &str) -> Result<Self> {
+    /// Starts `server` with a fresh PKI, configuration and databases in a temporary folder
+    /// under `base` (on the disk being measured: fsync on tmpfs costs nothing), and adds
+    /// the reviewer `bench`.
+    pub fn start(server: &Path, base: &Path, synchronous: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("gk-bench-service-")
             .tempdir_in(base)
             .context("temporary folder for the service")?;
-        let pki = Pki::load_or_init(&dir.path().join("pki"), &[])?;
-        let exe = std::env::current_exe().context("path of gatekeep-bench")?;
-        let mut child = Command::new(exe)
-            .args(["serve", "--synchronous", synchronous, "--dir"])
-            .arg(dir.path())
+        let tls = dir.path().join("tls");
+        let pki = Pki::load_or_init(&tls, &[])?;
+        let config = dir.path().join("server.toml");
+        std::fs::write(&config, config_toml(synchronous))?;
+        let data = dir.path().join("data");
+        let added = Command::new(server)
+            .arg("--config")
+            .arg(&config)
+            .args(["reviewers", "add", "bench", "--db"])
+            .arg(data.join("state.db"))
+            .stderr(Stdio::null())
+            .output()
+            .with_context(|| format!("failed to run `{}`", server.display()))?;
+        ensure!(
+            added.status.success(),
+            "`gatekeep-server reviewers add` failed with {}",
+            added.status
+        );
+        let token = String::from_utf8(added.stdout)?.trim().to_owned();
+        // A free port: the kernel picks one, the service binds it right after.
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+            .local_addr()?
+            .port();
+        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let child = Command::new(server)
+            .arg("--config")
+            .arg(&config)
+            .args(["serve", "--listen", &listen.to_string(), "--data-dir"])
+            .arg(&data)
+            .arg("--tls-dir")
+            .arg(&tls)
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("service.log"))?)
             .spawn()
-            .context("failed to start `gatekeep-bench serve`")?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let mut words = line.split_whitespace();
-        let (Some("READY"), Some(endpoint), Some(token)) =
-            (words.next(), words.next(), words.next())
-        else {
-            drop(child.kill());
-            bail!("the service did not start: `{}`", line.trim());
-        };
-        Ok(Self {
-            stdin: child.stdin.take(),
-            endpoint: endpoint.to_owned(),
-            token: token.to_owned(),
+            .with_context(|| format!("failed to start `{}`", server.display()))?;
+        let mut service = Self {
             child,
+            endpoint: format!("https://{listen}"),
+            token,
             pki: Arc::new(pki),
-            _dir: dir,
-        })
+            dir,
+        };
+        service.wait_listening(listen)?;
+        Ok(service)
+    }
+
+    fn wait_listening(&mut self, listen: SocketAddr) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(listen).is_err() {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("gatekeep-server exited with {status}: {}", self.stderr());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "gatekeep-server does not listen on {listen} after 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// What the service logged (warnings and errors).
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("service.log"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
     }
 
     #[must_use]
@@ -180,12 +183,19 @@ impl Service {
         .await?)
     }
 
-    /// Closes the service's stdin and waits for it to commit and exit.
+    /// Stops the service with SIGTERM, as an init system would, and waits for it to
+    /// commit and exit.
     pub fn stop(mut self) -> Result<()> {
-        drop(self.stdin.take());
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: a signal to our own child, which has not been reaped yet.
+        ensure!(
+            unsafe { libc::kill(pid, libc::SIGTERM) } == 0,
+            "cannot signal gatekeep-server: {}",
+            std::io::Error::last_os_error()
+        );
         let status = self.child.wait()?;
         if !status.success() {
-            bail!("the service exited with {status}");
+            bail!("gatekeep-server exited with {status}: {}", self.stderr());
         }
         Ok(())
     }
@@ -193,7 +203,7 @@ impl Service {
 
 impl Drop for Service {
     fn drop(&mut self) {
-        if self.stdin.is_some() {
+        if matches!(self.child.try_wait(), Ok(None)) {
             drop(self.child.kill());
             drop(self.child.wait());
         }
