@@ -11,7 +11,10 @@
 //!   request each, as the agent does).
 //!
 //! Two diagnostic setups split the cost outside gated cgroups between the LSM hooks and
-//! the other programs (argv capture, exit and cgroup tracking), each group attached alone.
+//! the other programs (exit and cgroup tracking), each group attached alone; a third,
+//! `floor`, attaches only LSM programs that do nothing on the same two hooks
+//! ([`FLOOR_PROGRAMS`]): what the kernel's BPF LSM trampoline costs before any of
+//! gatekeep's code runs.
 //!
 //! How, so that a ratio is precise to a fraction of a percent on a noisy emulated VM:
 //!
@@ -66,7 +69,7 @@ use aya::{
     sys::{Stats, enable_stats},
 };
 use gatekeep_agent::{
-    ebpf::{PROGRAMS, Program},
+    ebpf::{Hook, PROGRAMS, Program},
     events::Event,
     kernel::boot_time_ns,
 };
@@ -180,7 +183,25 @@ impl Op {
     }
 }
 
-const SETUPS: usize = 6;
+const SETUPS: usize = 7;
+
+/// The `floor` setup's programs (in the object, never loaded by the agent): LSM programs
+/// on gatekeep's two hooks that only pass the previous verdict on.
+const FLOOR_PROGRAMS: [Program; 2] = [
+    Program {
+        name: "floor_bprm_check_security",
+        hook: Hook::Lsm("bprm_check_security"),
+    },
+    Program {
+        name: "floor_socket_connect",
+        hook: Hook::Lsm("socket_connect"),
+    },
+];
+
+/// Every program whose run time the statistics pass reads: gatekeep's, then the floor's.
+fn measured_programs() -> impl Iterator<Item = &'static Program> {
+    PROGRAMS.iter().chain(&FLOOR_PROGRAMS)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Setup {
@@ -192,6 +213,9 @@ enum Setup {
     LsmOnly,
     /// Diagnostic: `outside` with only the other programs attached.
     TracingOnly,
+    /// Diagnostic: only [`FLOOR_PROGRAMS`] attached (the kernel's own cost of a BPF LSM
+    /// program on each hook).
+    Floor,
 }
 
 impl Setup {
@@ -202,6 +226,7 @@ impl Setup {
         Setup::Grant,
         Setup::LsmOnly,
         Setup::TracingOnly,
+        Setup::Floor,
     ];
 
     fn index(self) -> usize {
@@ -216,6 +241,7 @@ impl Setup {
             Setup::Grant => "grant",
             Setup::LsmOnly => "outside_lsm_only",
             Setup::TracingOnly => "outside_tracing_only",
+            Setup::Floor => "floor",
         }
     }
 
@@ -229,27 +255,33 @@ impl Setup {
             Setup::TracingOnly => {
                 "outside gated cgroups, only the non-LSM programs attached (diagnostic)"
             }
+            Setup::Floor => {
+                "only LSM programs that do nothing, on the same two hooks (diagnostic: the \
+                 kernel's floor)"
+            }
         }
     }
 
     /// Which programs the setup has attached.
     fn groups(self) -> Groups {
         match self {
-            Setup::None => Groups {
-                lsm: false,
-                others: false,
-            },
+            Setup::None => Groups::default(),
             Setup::Outside | Setup::Rule | Setup::Grant => Groups {
                 lsm: true,
                 others: true,
+                floor: false,
             },
             Setup::LsmOnly => Groups {
                 lsm: true,
-                others: false,
+                ..Groups::default()
             },
             Setup::TracingOnly => Groups {
-                lsm: false,
                 others: true,
+                ..Groups::default()
+            },
+            Setup::Floor => Groups {
+                floor: true,
+                ..Groups::default()
             },
         }
     }
@@ -257,7 +289,7 @@ impl Setup {
     /// Which cgroup the worker runs the loops in: 0 free, 1 rule, 2 grant.
     fn cgroup(self) -> usize {
         match self {
-            Setup::None | Setup::Outside | Setup::LsmOnly | Setup::TracingOnly => 0,
+            Setup::None | Setup::Outside | Setup::LsmOnly | Setup::TracingOnly | Setup::Floor => 0,
             Setup::Rule => 1,
             Setup::Grant => 2,
         }
@@ -274,12 +306,13 @@ impl Setup {
     }
 }
 
-/// Which of the agent's programs are attached: the LSM hooks, the others (argv capture,
-/// exit and cgroup tracking).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which programs are attached: the agent's LSM hooks, its others (exit and cgroup
+/// tracking), the floor's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Groups {
     lsm: bool,
     others: bool,
+    floor: bool,
 }
 
 /// What [`Programs::set`] did.
@@ -303,26 +336,26 @@ struct Programs {
     /// link detaches it). Declared before the object, so dropped before it.
     lsm: Vec<FdLink>,
     others: Vec<FdLink>,
+    floor: Vec<FdLink>,
     ebpf: Ebpf,
 }
 
 impl Programs {
     fn load() -> Result<Self> {
         let (mut ebpf, btf) = gatekeep_agent::ebpf::open()?;
-        for program in PROGRAMS {
+        for program in measured_programs() {
             gatekeep_agent::ebpf::load(&mut ebpf, &btf, program)?;
         }
         Ok(Self {
             lsm: Vec::new(),
             others: Vec::new(),
+            floor: Vec::new(),
             ebpf,
         })
     }
 
-    fn attach(&mut self, select: impl Fn(&Program) -> bool) -> Result<Vec<FdLink>> {
-        PROGRAMS
-            .iter()
-            .filter(|p| select(p))
+    fn attach<'a>(&mut self, programs: impl Iterator<Item = &'a Program>) -> Result<Vec<FdLink>> {
+        programs
             .map(|p| Ok(gatekeep_agent::ebpf::attach(&mut self.ebpf, p)?))
             .collect()
     }
@@ -339,21 +372,29 @@ impl Programs {
             self.others.clear();
             change.detached = true;
         }
+        if !groups.floor && !self.floor.is_empty() {
+            self.floor.clear();
+            change.detached = true;
+        }
         if groups.others && self.others.is_empty() {
-            self.others = self.attach(|p| !p.is_lsm())?;
+            self.others = self.attach(PROGRAMS.iter().filter(|p| !p.is_lsm()))?;
             change.attached = true;
         }
         if groups.lsm && self.lsm.is_empty() {
-            self.lsm = self.attach(Program::is_lsm)?;
+            self.lsm = self.attach(PROGRAMS.iter().filter(|p| p.is_lsm()))?;
+            change.attached = true;
+        }
+        if groups.floor && self.floor.is_empty() {
+            self.floor = self.attach(FLOOR_PROGRAMS.iter())?;
             change.attached = true;
         }
         Ok(change)
     }
 
-    /// Each program's (run time in ns, run count) from the kernel, in [`PROGRAMS`] order.
+    /// Each program's (run time in ns, run count) from the kernel, in
+    /// [`measured_programs`] order.
     fn run_stats(&self) -> Result<Vec<(u64, u64)>> {
-        PROGRAMS
-            .iter()
+        measured_programs()
             .map(|p| {
                 let info = self
                     .ebpf
@@ -725,7 +766,11 @@ fn check_path(
 ) -> Result<()> {
     let moved = |index: u32| after[index as usize].saturating_sub(before[index as usize]);
     match setup {
-        Setup::None => ensure!(before == after, "none: a program ran (its counters moved)"),
+        Setup::None | Setup::Floor => ensure!(
+            before == after,
+            "{}: one of gatekeep's programs ran (its counters moved)",
+            setup.name()
+        ),
         Setup::Outside | Setup::LsmOnly | Setup::TracingOnly => ensure!(
             moved(counter::EXEC_GATED) == 0 && moved(counter::CONNECT_GATED) == 0,
             "{}: gated actions were counted",
@@ -853,7 +898,7 @@ fn ratio(value: f64, baseline: f64) -> f64 {
 }
 
 /// One measurement of the statistics pass: each program's (run time ns, run count)
-/// over `ops` operations, in [`PROGRAMS`] order.
+/// over `ops` operations, in [`measured_programs`] order.
 struct StatsSample {
     setup: Setup,
     op: Op,
@@ -976,15 +1021,20 @@ impl Bench {
 }
 
 /// One cycle's setups after its first baseline chunk: the three setups with every
-/// program attached as one block (switching among them moves nothing), the two
-/// diagnostic setups alone, these three units in a random order and each followed by a
+/// program attached as one block (switching among them moves nothing), the three
+/// diagnostic setups alone, these four units in a random order and each followed by a
 /// baseline chunk; inside the block, a random order too.
 fn cycle(rng: &mut Rng) -> Vec<Setup> {
     let mut attached = [Setup::Outside, Setup::Rule, Setup::Grant];
     rng.shuffle(&mut attached);
-    let mut units = [Setup::Outside, Setup::LsmOnly, Setup::TracingOnly];
+    let mut units = [
+        Setup::Outside,
+        Setup::LsmOnly,
+        Setup::TracingOnly,
+        Setup::Floor,
+    ];
     rng.shuffle(&mut units);
-    let mut order = Vec::with_capacity(8);
+    let mut order = Vec::with_capacity(10);
     for unit in units {
         if unit == Setup::Outside {
             order.extend(attached);
@@ -1090,7 +1140,7 @@ fn ratio_figures(rounds: &[Round], sizes: OverheadSizes, notes: &RunNotes) -> Ve
              timer tick or a host preemption landed in), averaged over chunks; {} per setup per \
              round in {} chunks of {} (after {} untimed each); {} rounds of {} cycles, a cycle \
              = a no-gatekeep chunk before and after each of (outside, rule, grant as one \
-             block), lsm only, non-LSM only, in random orders (seed {}); ratio per chunk: its \
+             block), lsm only, non-LSM only, floor, in random orders (seed {}); ratio per chunk: its \
              time over the no-gatekeep time interpolated between the no-gatekeep chunks around \
              it; a round's ratio: the mean over its chunks; the figure: the median over the \
              rounds (95% CI of the median; range over rounds); programs loaded once, setups \
@@ -1178,8 +1228,7 @@ fn stats_figures(stats: &[StatsSample], baselines: (f64, f64), vcpus: usize) -> 
                 .iter()
                 .map(|s| s.programs.iter().map(|p| p.0).sum::<u64>() as f64 / s.ops as f64)
                 .collect();
-            let programs: Vec<String> = PROGRAMS
-                .iter()
+            let programs: Vec<String> = measured_programs()
                 .enumerate()
                 .filter_map(|(i, program)| {
                     let median = |pick: fn(&(u64, u64)) -> u64| {
@@ -1214,7 +1263,7 @@ fn stats_figures(stats: &[StatsSample], baselines: (f64, f64), vcpus: usize) -> 
                 1e3 * if o == 0 { baselines.0 } else { baselines.1 },
             )
             .conditions(format!(
-                "sum over gatekeep's programs of their run_time_ns growth / ops, with the \
+                "sum over the attached programs of their run_time_ns growth / ops, with the \
                  kernel's BPF statistics on (BPF_ENABLE_STATS) in a pass of its own after the \
                  ratio rounds; {} ops per setup per round, {} rounds; per program (ns per run \
                  x runs per op): {}; counts the programs' bodies only, not the trampoline or \
@@ -1302,7 +1351,7 @@ mod tests {
         let mut rng = Rng(7);
         for _ in 0..20 {
             let order = cycle(&mut rng);
-            assert_eq!(order.len(), 8);
+            assert_eq!(order.len(), 10);
             assert_eq!(order.last(), Some(&Setup::None));
             for setup in &Setup::ALL[1..] {
                 assert_eq!(order.iter().filter(|s| *s == setup).count(), 1);

@@ -5,3 +5,4 @@ pub mod cgroup;
 pub mod connect;
 pub mod exec;
 pub mod exit;
+pub mod floor;
