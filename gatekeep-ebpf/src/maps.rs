@@ -26,15 +26,29 @@ pub static GATED_CGROUPS: HashMap<u64, GatedCgroup> = HashMap::with_max_entries(
 #[map]
 pub static GATED_FILTER: Array<u64> = Array::with_max_entries(GATED_FILTER_SLOTS, 0);
 
+/// Whether `cgroup_id` may be gated: `false` is certain, `true` needs
+/// [`gated_entry`].
+#[inline(always)]
+pub fn may_be_gated(cgroup_id: u64) -> bool {
+    GATED_FILTER
+        .get(gated_filter_slot(cgroup_id))
+        .is_none_or(|slot| *slot != 0)
+}
+
 /// The policy governing `cgroup_id`, if it is gated.
 #[inline(always)]
 pub fn gated_cgroup(cgroup_id: u64) -> Option<GatedCgroup> {
-    if GATED_FILTER
-        .get(gated_filter_slot(cgroup_id))
-        .is_some_and(|slot| *slot == 0)
-    {
-        return None;
+    if may_be_gated(cgroup_id) {
+        gated_entry(cgroup_id)
+    } else {
+        None
     }
+}
+
+/// The `GATED_CGROUPS` entry of `cgroup_id`, once [`may_be_gated`] said it
+/// may have one.
+#[inline(always)]
+pub fn gated_entry(cgroup_id: u64) -> Option<GatedCgroup> {
     // SAFETY: copied out immediately.
     unsafe { GATED_CGROUPS.get(&cgroup_id) }.copied()
 }

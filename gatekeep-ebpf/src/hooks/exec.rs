@@ -26,7 +26,10 @@ use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
     hooks::argv::{ExecArgs, capture_current_argv},
-    maps::{ARGV_BLOCK, EVENTS, EXEC_APPROVED, EXEC_RULES, POLICIES, bump, gated_cgroup, offsets},
+    maps::{
+        ARGV_BLOCK, EVENTS, EXEC_APPROVED, EXEC_RULES, POLICIES, bump, gated_entry, may_be_gated,
+        offsets,
+    },
     pause::{Asked, Request, ask},
 };
 
@@ -43,22 +46,27 @@ use crate::{
 ///   fails with `-EPERM`.
 #[lsm(hook = "bprm_check_security")]
 pub fn bprm_check_security(ctx: LsmContext) -> i32 {
-    match try_bprm_check_security(&ctx) {
-        Ok(ret) | Err(ret) => ret,
-    }
-}
-
-fn try_bprm_check_security(ctx: &LsmContext) -> Result<i32, i32> {
     // LSM_HOOK(int, 0, bprm_check_security, struct linux_binprm *bprm): the
     // verdict of earlier BPF LSM programs on this hook is the last argument.
     let previous: i32 = ctx.arg(1);
     if previous != 0 {
-        return Ok(previous);
+        return previous;
     }
-
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let Some(gated) = gated_cgroup(cgroup_id) else {
+    // Every exec on the host runs this far; the rest is a function of its
+    // own (see `socket_connect`).
+    if !may_be_gated(cgroup_id) {
+        return 0;
+    }
+    match gated_exec(&ctx, cgroup_id) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+#[inline(never)]
+fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
+    let Some(gated) = gated_entry(cgroup_id) else {
         return Ok(0);
     };
     bump(counter::EXEC_GATED);
