@@ -11,6 +11,7 @@
 
 mod native;
 mod report;
+mod server;
 mod vm;
 
 use std::process::ExitCode;

@@ -3,11 +3,11 @@
 //! `/proc` and are not the clients'.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -20,6 +20,8 @@ use gatekeep_proto::{
 };
 use gatekeep_server::certs::Pki;
 use uuid::Uuid;
+
+use crate::server::ServerProcess;
 
 /// The rule that auto-decides `git fetch *` requests of policy `bench`.
 pub const RULE: &str = "bench-fetch";
@@ -48,11 +50,11 @@ pub fn default_server_binary() -> Result<PathBuf> {
 
 /// A running `gatekeep-server serve` and what clients need to reach it.
 pub struct Service {
-    child: Child,
+    process: ServerProcess,
     pub endpoint: String,
     pub token: String,
     pub pki: Arc<Pki>,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Service {
@@ -64,16 +66,11 @@ impl Service {
             .prefix("gk-bench-service-")
             .tempdir_in(base)
             .context("temporary folder for the service")?;
-        let tls = dir.path().join("tls");
-        let pki = Pki::load_or_init(&tls, &[])?;
-        let config = dir.path().join("server.toml");
-        std::fs::write(&config, config_toml(synchronous))?;
-        let data = dir.path().join("data");
+        let pki = Pki::load_or_init(&dir.path().join("tls"), &[])?;
         let added = Command::new(server)
-            .arg("--config")
-            .arg(&config)
             .args(["reviewers", "add", "bench", "--db"])
-            .arg(data.join("state.db"))
+            .arg(dir.path().join("data").join("state.db"))
+            .stdin(Stdio::null())
             .stderr(Stdio::null())
             .output()
             .with_context(|| format!("failed to run `{}`", server.display()))?;
@@ -88,55 +85,25 @@ impl Service {
             .local_addr()?
             .port();
         let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let child = Command::new(server)
-            .arg("--config")
-            .arg(&config)
-            .args(["serve", "--listen", &listen.to_string(), "--data-dir"])
-            .arg(&data)
-            .arg("--tls-dir")
-            .arg(&tls)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("service.log"))?)
-            .spawn()
-            .with_context(|| format!("failed to start `{}`", server.display()))?;
-        let mut service = Self {
-            child,
+        let process = ServerProcess::start(
+            server,
+            dir.path(),
+            &config_toml(synchronous),
+            listen,
+            "warn",
+        )?;
+        Ok(Self {
             endpoint: format!("https://{listen}"),
+            process,
             token,
             pki: Arc::new(pki),
-            dir,
-        };
-        service.wait_listening(listen)?;
-        Ok(service)
-    }
-
-    fn wait_listening(&mut self, listen: SocketAddr) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(listen).is_err() {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("gatekeep-server exited with {status}: {}", self.stderr());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "gatekeep-server does not listen on {listen} after 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-
-    /// What the service logged (warnings and errors).
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("service.log"))
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
+            _dir: dir,
+        })
     }
 
     #[must_use]
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Connects one agent named `host` and waits until its stream is up.
@@ -183,30 +150,9 @@ impl Service {
         .await?)
     }
 
-    /// Stops the service with SIGTERM, as an init system would, and waits for it to
-    /// commit and exit.
-    pub fn stop(mut self) -> Result<()> {
-        let pid = libc::pid_t::try_from(self.child.id())?;
-        // SAFETY: a signal to our own child, which has not been reaped yet.
-        ensure!(
-            unsafe { libc::kill(pid, libc::SIGTERM) } == 0,
-            "cannot signal gatekeep-server: {}",
-            std::io::Error::last_os_error()
-        );
-        let status = self.child.wait()?;
-        if !status.success() {
-            bail!("gatekeep-server exited with {status}: {}", self.stderr());
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            drop(self.child.kill());
-            drop(self.child.wait());
-        }
+    /// Stops the service and waits for it to commit and exit.
+    pub fn stop(self) -> Result<()> {
+        self.process.stop()
     }
 }
 

@@ -25,6 +25,7 @@ use super::{BenchCgroup, Sizes, TINY, finish_worker, spawn_worker, worker};
 use crate::{
     native::rss_mib,
     report::{Figure, Summary, Target, micros, percentile},
+    server::ServerProcess,
 };
 
 /// A `gatekeep-agent run` with its own folder, stopped and unloaded when dropped.
@@ -187,14 +188,15 @@ impl Drop for Agent {
 /// A separate `gatekeep-server` with a rule that allows every request of policy
 /// `bench-ask`; killed when dropped.
 struct RuleService {
+    // Declared first: the service stops before its folder goes.
+    _process: ServerProcess,
     dir: tempfile::TempDir,
-    child: Child,
     endpoint: String,
 }
 
 impl RuleService {
     fn start() -> Result<Self> {
-        const PORT: u16 = 7580;
+        let listen = SocketAddr::from(([127, 0, 0, 1], 7580));
         let dir = tempfile::Builder::new()
             .prefix("gk-bench-service-")
             .tempdir()?;
@@ -209,41 +211,17 @@ impl RuleService {
                 .args(["certs", "agent", "--name", "vm", "--dir"])
                 .arg(&tls),
         )?;
-        let config = dir.path().join("server.toml");
-        fs::write(
-            &config,
+        let process = ServerProcess::start(
+            Path::new("gatekeep-server"),
+            dir.path(),
             "[[rules]]\nname = \"bench-allow\"\naction = \"allow\"\npolicy = \"bench-ask\"\n",
+            listen,
+            "info",
         )?;
-        let log = fs::File::create(dir.path().join("service.log"))?;
-        let child = Command::new("gatekeep-server")
-            .arg("--config")
-            .arg(&config)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{PORT}"),
-                "--data-dir",
-            ])
-            .arg(dir.path().join("data"))
-            .arg("--tls-dir")
-            .arg(&tls)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("failed to start gatekeep-server (is it on PATH?)")?;
-        let deadline = Instant::now() + Duration::from_mins(1);
-        while std::net::TcpStream::connect(("127.0.0.1", PORT)).is_err() {
-            ensure!(
-                Instant::now() < deadline,
-                "gatekeep-server does not listen after 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
         Ok(Self {
+            _process: process,
             dir,
-            child,
-            endpoint: format!("https://127.0.0.1:{PORT}"),
+            endpoint: format!("https://{listen}"),
         })
     }
 
@@ -256,13 +234,6 @@ impl RuleService {
             tls.join("agent-vm.pem").display(),
             tls.join("agent-vm.key").display(),
         )
-    }
-}
-
-impl Drop for RuleService {
-    fn drop(&mut self) {
-        drop(self.child.kill());
-        drop(self.child.wait());
     }
 }
 
