@@ -50,6 +50,7 @@ pub const PINNED_MAPS: &[&str] = &[
     "CONNECT_V4",
     "CONNECT_V6",
     "PENDING",
+    "PENDING_SLOTS",
     "VERDICTS",
     // Granted durations ("allow for 1h"); ignored while the object has none.
     "GRANTS",

@@ -134,6 +134,18 @@ pub const fn gated_filter_slot(cgroup_id: u64) -> u32 {
     slot
 }
 
+/// Slots of `PENDING_SLOTS` (a power of two): per slot, how many `PENDING`
+/// entries the kernel added less those it removed, so that a thread exit
+/// whose slot reads 0 skips the `PENDING` lookup.
+pub const PENDING_SLOTS: u32 = 4096;
+
+/// The `PENDING_SLOTS` slot of thread `tid`.
+#[must_use]
+#[inline]
+pub const fn pending_slot(tid: u32) -> u32 {
+    tid & (PENDING_SLOTS - 1)
+}
+
 /// Value of the `POLICIES` array: what a policy does when no rule matches.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -4,6 +4,9 @@
 //! whose policy says "ask" ever leaves the kernel (as a ring-buffer event).
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no atomic types with read-modify-write.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod digest;
 mod events;

@@ -1,14 +1,17 @@
 //! Every map and load-time global the programs share with user space. The
 //! agent finds them by these names (and pins them under /sys/fs/bpf/gatekeep).
 
+use core::intrinsics::AtomicOrdering;
+
 use aya_ebpf::{
+    bindings::{BPF_EXIST, BPF_NOEXIST},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use gatekeep_common::{
     ConnectV4Key, ConnectV6Key, ExecRuleKey, GATED_FILTER_SLOTS, GatedCgroup, Grant, GrantKey,
     KernelOffsets, MAX_POLICIES, PendingRequest, PolicyDefaults, PortRules, Verdict, VerdictKey,
-    counter, gated_filter_slot,
+    counter, gated_filter_slot, pending_slot,
 };
 
 use crate::hooks::argv::ArgvScratch;
@@ -83,6 +86,61 @@ pub static CONNECT_V6: LpmTrie<ConnectV6Key, PortRules> = LpmTrie::with_max_entr
 /// Thread id -> the request it is stopped on.
 #[map]
 pub static PENDING: HashMap<u32, PendingRequest> = HashMap::with_max_entries(65536, 0);
+
+/// How many `PENDING` entries the kernel added per `tid & (PENDING_SLOTS - 1)`,
+/// less those it removed: never below the entries present (user space's own
+/// removals only leave a count high), so a 0 lets every thread exit on the
+/// host skip the `PENDING` hash lookup. Only [`track_pending`] and
+/// [`forget_pending`] change it.
+#[map]
+pub static PENDING_SLOTS: Array<u64> = Array::with_max_entries(gatekeep_common::PENDING_SLOTS, 0);
+
+#[inline(always)]
+fn slot_count(tid: u32) -> Option<*mut u64> {
+    PENDING_SLOTS.get_ptr_mut(pending_slot(tid))
+}
+
+/// Whether `tid` may have a `PENDING` entry: `false` is certain.
+#[inline(always)]
+pub fn may_be_pending(tid: u32) -> bool {
+    PENDING_SLOTS
+        .get(pending_slot(tid))
+        .is_none_or(|count| *count != 0)
+}
+
+/// Adds or replaces `tid`'s `PENDING` entry; counts it if it is new.
+#[inline(always)]
+pub fn track_pending(tid: u32, pending: &PendingRequest) -> Result<(), i32> {
+    // The count goes up before the entry exists: it may be high, never low.
+    let Some(slot) = slot_count(tid) else {
+        return Err(-1);
+    };
+    add_to_slot(slot, 1);
+    if PENDING.insert(&tid, pending, BPF_NOEXIST.into()).is_ok() {
+        return Ok(());
+    }
+    // Not new (or no room): it was counted already, or is not there.
+    add_to_slot(slot, u64::MAX);
+    PENDING.insert(&tid, pending, BPF_EXIST.into())
+}
+
+/// Removes `tid`'s `PENDING` entry, if there is one, and uncounts it.
+#[inline(always)]
+pub fn forget_pending(tid: u32) {
+    if PENDING.remove(&tid).is_ok()
+        && let Some(slot) = slot_count(tid)
+    {
+        // Wrapping add of -1: the entry was counted.
+        add_to_slot(slot, u64::MAX);
+    }
+}
+
+/// An atomic add (BPF `XADD`): threads on other CPUs change the same word.
+#[inline(always)]
+fn add_to_slot(slot: *mut u64, value: u64) {
+    // SAFETY: an aligned word of `PENDING_SLOTS`, only ever changed atomically.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, value) };
+}
 
 /// (thread id, request digest) -> verdict, written by the agent before it
 /// sends SIGCONT; consumed by the restarted syscall.

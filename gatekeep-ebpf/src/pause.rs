@@ -6,7 +6,7 @@ use gatekeep_common::{
     GrantKey, MAX_PENDING_ATTEMPTS, PendingRequest, VerdictKey, action, counter,
 };
 
-use crate::maps::{GRANTS, PENDING, VERDICTS, bump, offsets};
+use crate::maps::{GRANTS, PENDING, VERDICTS, bump, forget_pending, offsets, track_pending};
 
 const SIGSTOP: u32 = 19;
 
@@ -63,7 +63,7 @@ pub fn ask(request: &Request) -> Asked {
         if paused {
             // This very request was paused and a grant now covers it (a reviewer granted a
             // duration): finish it like its verdict would, so user space hears of it.
-            let _ = PENDING.remove(&request.tid);
+            forget_pending(request.tid);
             let _ = VERDICTS.remove(&key);
             bump(counter::VERDICTS_APPLIED);
             return Asked::Allow;
@@ -74,7 +74,7 @@ pub fn ask(request: &Request) -> Asked {
     if let Some(verdict) = unsafe { VERDICTS.get(&key) }.copied() {
         let _ = VERDICTS.remove(&key);
         if verdict.expires_ns >= request.now_ns {
-            let _ = PENDING.remove(&request.tid);
+            forget_pending(request.tid);
             bump(counter::VERDICTS_APPLIED);
             return if verdict.action == action::ALLOW {
                 Asked::Allow
@@ -85,7 +85,7 @@ pub fn ask(request: &Request) -> Asked {
     }
 
     if current_is_traced() {
-        let _ = PENDING.remove(&request.tid);
+        forget_pending(request.tid);
         return Asked::Refused;
     }
 
@@ -95,7 +95,7 @@ pub fn ask(request: &Request) -> Asked {
         if pending.digest == request.digest {
             pending.attempts += 1;
             if pending.attempts > MAX_PENDING_ATTEMPTS {
-                let _ = PENDING.remove(&request.tid);
+                forget_pending(request.tid);
                 return Asked::Refused;
             }
             if !stop_current_thread() {
@@ -116,12 +116,12 @@ pub fn ask(request: &Request) -> Asked {
         pid: request.pid,
         policy_id: request.policy_id,
     };
-    if PENDING.insert(&request.tid, &pending, 0).is_err() {
+    if track_pending(request.tid, &pending).is_err() {
         // Cannot track it, so cannot pause it safely: fail closed.
         return Asked::Untrackable;
     }
     if !stop_current_thread() {
-        let _ = PENDING.remove(&request.tid);
+        forget_pending(request.tid);
         return Asked::Refused;
     }
     Asked::Paused { new: true }

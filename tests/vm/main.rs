@@ -9,6 +9,7 @@ mod escape;
 mod exec;
 mod grants;
 mod pause;
+mod pending;
 mod preflight;
 mod restart;
 mod smoke;
