@@ -412,6 +412,14 @@ mod tests {
     }
 
     #[test]
+    fn pending_slots_cover_every_tid_within_the_array() {
+        assert!(PENDING_SLOTS.is_power_of_two());
+        assert_eq!(pending_slot(7), 7);
+        assert_eq!(pending_slot(PENDING_SLOTS + 7), 7);
+        assert_eq!(pending_slot(u32::MAX), PENDING_SLOTS - 1);
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<GatedCgroup>(), 8);
         assert_eq!(size_of::<PolicyDefaults>(), 16);

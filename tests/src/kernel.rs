@@ -1,7 +1,12 @@
 //! The kernel programs driven directly through their maps, with no agent:
 //! for the tests in which nothing but the programs can make them pass.
 
-use std::time::Duration;
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
     Ebpf,
@@ -9,7 +14,7 @@ use aya::{
 };
 use gatekeep_agent::ebpf::Attached;
 use gatekeep_common::{
-    ExecEvent, GatedCgroup, PolicyDefaults, TaskEvent, action, gated_filter_slot,
+    ExecEvent, ExecRuleKey, GatedCgroup, PolicyDefaults, TaskEvent, action, gated_filter_slot,
 };
 use nix::time::{ClockId, clock_gettime};
 
@@ -36,6 +41,30 @@ pub fn attach_gating(cgroup: &Cgroup, policy_id: u32, exec_default: u32) -> Atta
     let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
     gate(&mut ebpf, cgroup, policy_id, exec_default);
     ebpf
+}
+
+/// Copies busybox to `/tmp/<name>` (its own inode, so a rule on the copy
+/// does not touch the busybox shell that runs a test) and gives the copy
+/// `action` under policy `policy_id`. Returns the copy's path.
+pub fn exec_rule_on_busybox_copy(
+    ebpf: &mut Ebpf,
+    policy_id: u32,
+    name: &str,
+    action: u32,
+) -> PathBuf {
+    let copy = Path::new("/tmp").join(name);
+    fs::copy("/bin/busybox", &copy).expect("copy busybox");
+    let identity = fs::metadata(&copy).expect("stat the copy");
+    let mut rules: HashMap<_, ExecRuleKey, u32> =
+        HashMap::try_from(ebpf.map_mut("EXEC_RULES").expect("EXEC_RULES")).expect("hash map");
+    let key = ExecRuleKey {
+        policy_id,
+        _pad: 0,
+        dev: kernel_dev(identity.dev()),
+        ino: identity.ino(),
+    };
+    rules.insert(key, action, 0).expect("exec rule");
+    copy
 }
 
 /// Gates `cgroup` under policy `policy_id`, whose exec default is

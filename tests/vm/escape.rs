@@ -12,12 +12,11 @@ use std::{
 
 use aya::maps::HashMap;
 use gatekeep_common::{
-    ExecRuleKey, GATED_INHERITED, GatedCgroup, PendingRequest, TaskEvent, action, event_kind,
-    request_kind,
+    GATED_INHERITED, GatedCgroup, PendingRequest, TaskEvent, action, event_kind, request_kind,
 };
 use gatekeep_tests::{
     Cgroup,
-    kernel::{attach_gating, kernel_dev, wait_event},
+    kernel::{attach_gating, exec_rule_on_busybox_copy, wait_event},
     require_vm,
 };
 
@@ -28,22 +27,9 @@ fn a_cgroup_created_by_a_gated_task_is_gated_before_it_can_be_used() {
     require_vm();
     let cgroup = Cgroup::create("gatekeep-escape");
     let child_path = cgroup.path().join("escaped");
-    // A private copy of busybox: its own inode, so a deny rule on it does
-    // not touch the shell (the same busybox binary) that runs the test.
-    let denied = std::path::Path::new("/tmp/gatekeep-escape-denied");
-    fs::copy("/bin/busybox", denied).expect("copy busybox");
-    let identity = fs::metadata(denied).expect("stat the copy");
-
     let mut ebpf = attach_gating(&cgroup, POLICY_ID, action::ALLOW);
-    let mut rules: HashMap<_, ExecRuleKey, u32> =
-        HashMap::try_from(ebpf.map_mut("EXEC_RULES").expect("EXEC_RULES")).expect("hash map");
-    let key = ExecRuleKey {
-        policy_id: POLICY_ID,
-        _pad: 0,
-        dev: kernel_dev(identity.dev()),
-        ino: identity.ino(),
-    };
-    rules.insert(key, action::DENY, 0).expect("deny rule");
+    let denied =
+        exec_rule_on_busybox_copy(&mut ebpf, POLICY_ID, "gatekeep-escape-denied", action::DENY);
 
     // Inside the gated cgroup: make a child cgroup, move there, then try
     // the denied binary. Exit 126 is the shell's "permission denied".

@@ -3,20 +3,13 @@
 //! is what lets every other thread exit on the host skip the `PENDING`
 //! lookup, and its death is still reported.
 
-use std::{
-    fs,
-    os::unix::{fs::MetadataExt as _, process::ExitStatusExt as _},
-    process::Command,
-    time::Duration,
-};
+use std::{os::unix::process::ExitStatusExt as _, process::Command, time::Duration};
 
 use aya::maps::{Array, HashMap};
-use gatekeep_common::{
-    ExecRuleKey, PendingRequest, TaskEvent, action, event_kind, pending_slot, request_kind,
-};
+use gatekeep_common::{PendingRequest, TaskEvent, action, event_kind, pending_slot, request_kind};
 use gatekeep_tests::{
     Cgroup,
-    kernel::{attach_gating, kernel_dev, wait_event},
+    kernel::{attach_gating, exec_rule_on_busybox_copy, wait_event},
     require_vm, wait_stopped,
 };
 
@@ -38,21 +31,11 @@ fn is_pending(ebpf: &aya::Ebpf, tid: u32) -> bool {
 fn a_paused_thread_is_counted_until_it_dies_and_its_death_is_reported() {
     require_vm();
     let cgroup = Cgroup::create("gatekeep-pending");
-    // A private copy of busybox (its own inode) is asked about; the shell
-    // that execs it is allowed, so spawning returns before the pause.
-    let asked = std::path::Path::new("/tmp/gatekeep-pending-asked");
-    fs::copy("/bin/busybox", asked).expect("copy busybox");
-    let identity = fs::metadata(asked).expect("stat the copy");
+    // The shell is allowed, so spawning returns before the pause; the copy
+    // it execs is asked about.
     let mut ebpf = attach_gating(&cgroup, POLICY_ID, action::ALLOW);
-    let mut rules: HashMap<_, ExecRuleKey, u32> =
-        HashMap::try_from(ebpf.map_mut("EXEC_RULES").expect("EXEC_RULES")).expect("hash map");
-    let key = ExecRuleKey {
-        policy_id: POLICY_ID,
-        _pad: 0,
-        dev: kernel_dev(identity.dev()),
-        ino: identity.ino(),
-    };
-    rules.insert(key, action::ASK, 0).expect("ask rule");
+    let asked =
+        exec_rule_on_busybox_copy(&mut ebpf, POLICY_ID, "gatekeep-pending-asked", action::ASK);
 
     // Nobody answers: the shell's exec of the copy pauses and stays paused.
     let script = format!("exec {} true", asked.display());
