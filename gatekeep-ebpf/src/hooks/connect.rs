@@ -7,10 +7,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_probe_read_kernel,
-        generated::bpf_probe_read_kernel as probe_read_kernel_raw,
-    },
+    helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel as probe_read_kernel_raw},
     macros::lsm,
     maps::lpm_trie::Key,
     programs::LsmContext,
@@ -24,7 +21,8 @@ use gatekeep_common::{
 use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
-    maps::{CONNECT_V4, CONNECT_V6, EVENTS, POLICIES, bump, gated_entry, may_be_gated, offsets},
+    hooks::gating_candidate,
+    maps::{CONNECT_V4, CONNECT_V6, EVENTS, POLICIES, bump, gated_entry, offsets},
     pause::{Asked, Request, ask},
 };
 
@@ -59,19 +57,12 @@ struct Destination {
 #[lsm(hook = "socket_connect")]
 pub fn socket_connect(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, socket_connect, struct socket *sock,
-    //          struct sockaddr *address, int addrlen)
-    let previous: i32 = ctx.arg(3);
-    if previous != 0 {
-        return previous;
-    }
-    // SAFETY: helper without arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // Every connect on the host runs this far; the rest is a function of its
-    // own, so that this path stays a few instructions on one page of code
-    // (under emulation, every page an op touches costs it).
-    if !may_be_gated(cgroup_id) {
-        return 0;
-    }
+    //          struct sockaddr *address, int addrlen): the verdict of earlier
+    // BPF LSM programs on this hook is the last argument.
+    let cgroup_id = match gating_candidate(ctx.arg(3)) {
+        Ok(cgroup_id) => cgroup_id,
+        Err(verdict) => return verdict,
+    };
     match gated_connect(&ctx, cgroup_id) {
         Ok(ret) | Err(ret) => ret,
     }

@@ -10,7 +10,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_probe_read_kernel as probe_read_kernel_raw, bpf_probe_read_kernel_str},
     },
     macros::lsm,
@@ -25,11 +25,11 @@ use gatekeep_common::{
 use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
-    hooks::argv::{ExecArgs, capture_current_argv},
-    maps::{
-        ARGV_BLOCK, EVENTS, EXEC_APPROVED, EXEC_RULES, POLICIES, bump, gated_entry, may_be_gated,
-        offsets,
+    hooks::{
+        argv::{ExecArgs, capture_current_argv},
+        gating_candidate,
     },
+    maps::{ARGV_BLOCK, EVENTS, EXEC_APPROVED, EXEC_RULES, POLICIES, bump, gated_entry, offsets},
     pause::{Asked, Request, ask},
 };
 
@@ -48,17 +48,10 @@ use crate::{
 pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, bprm_check_security, struct linux_binprm *bprm): the
     // verdict of earlier BPF LSM programs on this hook is the last argument.
-    let previous: i32 = ctx.arg(1);
-    if previous != 0 {
-        return previous;
-    }
-    // SAFETY: helper without arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // Every exec on the host runs this far; the rest is a function of its
-    // own (see `socket_connect`).
-    if !may_be_gated(cgroup_id) {
-        return 0;
-    }
+    let cgroup_id = match gating_candidate(ctx.arg(1)) {
+        Ok(cgroup_id) => cgroup_id,
+        Err(verdict) => return verdict,
+    };
     match gated_exec(&ctx, cgroup_id) {
         Ok(ret) | Err(ret) => ret,
     }

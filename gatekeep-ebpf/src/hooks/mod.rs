@@ -6,3 +6,28 @@ pub mod connect;
 pub mod exec;
 pub mod exit;
 pub mod floor;
+
+use aya_ebpf::helpers::bpf_get_current_cgroup_id;
+
+use crate::maps::may_be_gated;
+
+/// The part of the exec and connect hooks that every exec and connect on the
+/// host runs: an earlier program's refusal (`previous`) stands, and a task
+/// whose cgroup cannot be gated gets 0 at once (`Err`, the verdict); any
+/// other gets its cgroup id (`Ok`) for the hook's gated path. The hooks keep
+/// that path in a function of their own, so that this part stays a few
+/// instructions on one page of code (under emulation, every page an op
+/// touches costs it).
+#[inline(always)]
+pub fn gating_candidate(previous: i32) -> Result<u64, i32> {
+    if previous != 0 {
+        return Err(previous);
+    }
+    // SAFETY: helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if may_be_gated(cgroup_id) {
+        Ok(cgroup_id)
+    } else {
+        Err(0)
+    }
+}
