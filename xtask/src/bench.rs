@@ -30,6 +30,10 @@ const MARKER: &str = "GATEKEEP-BENCH ";
 const BENCH_BINARY: &str = "gatekeep-bench";
 
 #[derive(Debug, Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent command-line switches"
+)]
 pub struct Options {
     /// A short run (seconds per benchmark, not minutes) that checks everything still works;
     /// its figures are not worth comparing.
@@ -44,6 +48,11 @@ pub struct Options {
     /// Only these in-VM groups: `overhead`, `agent` (default: both).
     #[arg(long = "vm-only", value_name = "GROUP")]
     pub vm_only: Vec<String>,
+    /// Skip the second VM pass, which measures the `overhead` group again with QEMU
+    /// counting instructions (`-icount`): exact ratios the host's load cannot move, judged
+    /// against the targets.
+    #[arg(long)]
+    pub no_icount: bool,
     /// Give up on the VM (and kill it) after this many seconds.
     #[arg(long, default_value_t = 5400, value_name = "SECS")]
     pub timeout: u64,
@@ -282,13 +291,53 @@ fn build() -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
     ))
 }
 
+/// One boot of the VM: which `gatekeep-bench vm` arguments it runs, how QEMU counts time,
+/// and what the figures' conditions call the place.
+struct VmPass {
+    args: Vec<String>,
+    icount: bool,
+    place: String,
+}
+
+/// The VM passes `opts` asks for: emulated wall time for the groups asked for, then (unless
+/// `--no-icount`, and when `overhead` is among them) `overhead` counted in instructions.
+fn vm_passes(opts: &Options, kernel: &Kernel) -> Vec<VmPass> {
+    let mut common = Vec::new();
+    if opts.smoke {
+        common.push("--smoke".to_owned());
+    }
+    let mut wall = common.clone();
+    for group in &opts.vm_only {
+        wall.extend(["--only".to_owned(), group.clone()]);
+    }
+    let mut passes = vec![VmPass {
+        args: wall,
+        icount: false,
+        place: format!("in the VM ({}, TCG)", kernel.package),
+    }];
+    let overhead_wanted = opts.vm_only.is_empty() || opts.vm_only.iter().any(|g| g == "overhead");
+    if !opts.no_icount && overhead_wanted {
+        let mut counted = common;
+        counted.extend(["--only", "overhead", "--clock", "instructions"].map(str::to_owned));
+        passes.push(VmPass {
+            args: counted,
+            icount: true,
+            place: format!(
+                "in the VM ({}, TCG counting instructions: -icount shift=0)",
+                kernel.package
+            ),
+        });
+    }
+    passes
+}
+
 /// The VM's initramfs: busybox, the kernel's modules, the VM binaries and the benchmark,
-/// which runs `gatekeep-bench vm` with the options asked for.
+/// which runs `gatekeep-bench vm` with `args`.
 fn initrd(
     kernel: &Kernel,
     bench: &Path,
     binaries: &[(String, PathBuf)],
-    opts: &Options,
+    args: &[String],
 ) -> Result<PathBuf> {
     let initramfs = Initramfs::new("bench")?;
     initramfs.add_busybox()?;
@@ -297,25 +346,69 @@ fn initrd(
         initramfs.add_executable(path, name)?;
     }
     initramfs.add_executable(bench, BENCH_BINARY)?;
-    let mut argv = vec![BENCH_BINARY.to_owned(), "vm".to_owned()];
-    if opts.smoke {
-        argv.push("--smoke".to_owned());
-    }
-    for group in &opts.vm_only {
-        argv.extend(["--only".to_owned(), group.clone()]);
-    }
     initramfs.finish(&Payload {
         env: vec![
             ("GATEKEEP_IN_VM".to_owned(), "1".to_owned()),
             ("RUST_BACKTRACE".to_owned(), "1".to_owned()),
         ],
-        argv,
+        argv: [BENCH_BINARY, "vm"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(args.iter().cloned())
+            .collect(),
     })
+}
+
+/// Boots the VM once per [`vm_passes`] entry and collects the figures each prints.
+fn run_vm_passes(
+    opts: &Options,
+    kernel: &Kernel,
+    bench: &Path,
+    binaries: &[(String, PathBuf)],
+    figures: &mut Figures,
+) -> Result<()> {
+    for pass in vm_passes(opts, kernel) {
+        let initrd = initrd(kernel, bench, binaries, &pass.args)?;
+        let load_at_start = load();
+        eprintln!(
+            "[bench] in-VM benchmarks{} (host load {load_at_start:.2})",
+            if pass.icount {
+                ", counting instructions"
+            } else {
+                ""
+            }
+        );
+        let vm_args = VmArgs {
+            icount: pass.icount,
+            ..opts.vm.clone()
+        };
+        let code = vm::boot(
+            kernel,
+            &initrd,
+            &vm_args,
+            Duration::from_secs(opts.timeout),
+            &mut |line| figures.observe(line, &pass.place, load_at_start),
+        )?;
+        if code != 0 {
+            bail!(
+                "the in-VM benchmarks ({}) failed with status {code} (see the console \
+                 output above)",
+                pass.args.join(" ")
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn run(opts: &Options) -> Result<()> {
     if opts.no_native && opts.no_vm {
         bail!("nothing to run: both --no-native and --no-vm");
+    }
+    if opts.vm.icount {
+        bail!(
+            "`cargo xtask bench` runs its instruction-counting VM pass by itself: drop --icount \
+             (--no-icount skips that pass)"
+        );
     }
     let started = Instant::now();
     let kernel = if opts.no_vm {
@@ -348,20 +441,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
 
     if let Some(kernel) = &kernel {
-        let initrd = initrd(kernel, &bench, &binaries, opts)?;
-        let load_at_start = load();
-        eprintln!("[bench] in-VM benchmarks (host load {load_at_start:.2})");
-        let place = format!("in the VM ({}, TCG)", kernel.package);
-        let code = vm::boot(
-            kernel,
-            &initrd,
-            &opts.vm,
-            Duration::from_secs(opts.timeout),
-            &mut |line| figures.observe(line, &place, load_at_start),
-        )?;
-        if code != 0 {
-            bail!("the in-VM benchmarks failed with status {code} (see the console output above)");
-        }
+        run_vm_passes(opts, kernel, &bench, &binaries, &mut figures)?;
     }
 
     let figures = figures.figures;

@@ -117,6 +117,12 @@ pub struct VmArgs {
     /// Extra kernel command-line arguments.
     #[arg(long = "append", value_name = "ARG")]
     pub kernel_args: Vec<String>,
+    /// Count instructions instead of emulating wall time (QEMU `-icount
+    /// shift=0,sleep=off`): the guest's clocks advance one nanosecond per instruction it
+    /// executes, so a time measured inside is an exact instruction count that the host's
+    /// load cannot move. A few times slower than plain TCG.
+    #[arg(long)]
+    pub icount: bool,
     /// TCP ports forwarded from the host's 127.0.0.1 into the VM, as (host port, VM
     /// port); only with `net` (set by `cargo xtask demo`, not a flag).
     #[arg(skip)]
@@ -130,6 +136,7 @@ impl Default for VmArgs {
             cpus: 1,
             net: false,
             kernel_args: Vec::new(),
+            icount: false,
             forward: Vec::new(),
         }
     }
@@ -511,6 +518,12 @@ pub fn boot(
         .arg("-initrd")
         .arg(initrd)
         .args(["-append", &append.join(" ")]);
+    if vm.icount {
+        // shift=0: one instruction, one virtual nanosecond; sleep=off: an idle guest jumps
+        // to its next timer instead of waiting for it in real time; align=off: never
+        // slowed down to the host's clock.
+        qemu.args(["-icount", "shift=0,sleep=off,align=off"]);
+    }
     if vm.net {
         // No option ROM: iPXE would only slow the boot down.
         let mut netdev = "user,id=net0".to_owned();

@@ -32,6 +32,71 @@ pub struct VmOptions {
     /// Only these groups: `overhead`, `agent` (default: both).
     #[arg(long = "only", value_name = "GROUP")]
     pub only: Vec<String>,
+    /// How the VM's clock runs (`cargo xtask bench` boots QEMU to match).
+    #[arg(long, value_enum, default_value_t = Clock::Wall)]
+    pub clock: Clock,
+}
+
+/// How the VM's clock runs, which decides what a time measured in it means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Clock {
+    /// Plain TCG: emulated wall time, moved by the host's load and weighted by what each
+    /// instruction costs the emulator (a TLB miss, a jump between pages).
+    Wall,
+    /// QEMU counts instructions (`-icount shift=0`): one virtual nanosecond per guest
+    /// instruction, so a time is an exact instruction count.
+    Instructions,
+}
+
+impl Clock {
+    /// What starts the figures' ids.
+    #[must_use]
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Clock::Wall => "vm",
+            Clock::Instructions => "vm.icount",
+        }
+    }
+
+    /// What the figures' names say was measured.
+    #[must_use]
+    pub fn measure(self) -> &'static str {
+        match self {
+            Clock::Wall => "emulated time",
+            Clock::Instructions => "instructions",
+        }
+    }
+
+    /// The unit of a time measured in microseconds (thousands of instructions).
+    #[must_use]
+    pub fn micros_unit(self) -> &'static str {
+        match self {
+            Clock::Wall => "us/op",
+            Clock::Instructions => "k instr/op",
+        }
+    }
+
+    /// The unit of a time measured in nanoseconds (instructions).
+    #[must_use]
+    pub fn nanos_unit(self) -> &'static str {
+        match self {
+            Clock::Wall => "ns/op",
+            Clock::Instructions => "instr/op",
+        }
+    }
+
+    /// For the figures' conditions.
+    #[must_use]
+    pub fn describe(self) -> &'static str {
+        match self {
+            Clock::Wall => "VM under TCG, emulated wall time",
+            Clock::Instructions => {
+                "VM under TCG with -icount shift=0,sleep=off: every time is the count of \
+                 instructions the guest executed (1 ns = 1 instruction), whatever each costs \
+                 the emulator or the host's load"
+            }
+        }
+    }
 }
 
 /// How much to measure.
@@ -46,18 +111,18 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    fn new(smoke: bool) -> Self {
+    fn new(smoke: bool, clock: Clock) -> Self {
         if smoke {
             Self {
                 rounds: 1,
-                overhead: overhead::OverheadSizes::new(true),
+                overhead: overhead::OverheadSizes::new(true, clock),
                 asks: 20,
                 step: Duration::from_secs(1),
             }
         } else {
             Self {
                 rounds: 5,
-                overhead: overhead::OverheadSizes::new(false),
+                overhead: overhead::OverheadSizes::new(false, clock),
                 asks: 300,
                 step: Duration::from_secs(4),
             }
@@ -243,12 +308,18 @@ pub fn run(opts: &VmOptions) -> Result<()> {
         }
     }
     let wants = |group: &str| opts.only.is_empty() || opts.only.iter().any(|g| g == group);
-    let sizes = Sizes::new(opts.smoke);
+    if opts.clock == Clock::Instructions && wants("agent") {
+        bail!(
+            "the `agent` group measures latencies and rates in real time: run it with \
+             `--clock wall` (with `--clock instructions`, add `--only overhead`)"
+        );
+    }
+    let sizes = Sizes::new(opts.smoke, opts.clock);
     let tiny = install_tiny(Path::new(TINY))?;
     let listener = start_listener()?;
     let mut exec_baseline = None;
     if wants("overhead") {
-        let result = overhead::run(sizes.overhead, tiny, listener)?;
+        let result = overhead::run(sizes.overhead, opts.clock, tiny, listener)?;
         exec_baseline = Some(result.baselines);
         for figure in result.figures {
             figure.emit();
