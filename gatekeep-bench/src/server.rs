@@ -28,11 +28,32 @@ impl ServerProcess {
         listen: SocketAddr,
         rust_log: &str,
     ) -> Result<Self> {
+        Self::start_under(&[], binary, dir, config_toml, listen, rust_log)
+    }
+
+    /// [`start`](Self::start), with `binary` run by `wrapper` (a command and its
+    /// arguments, e.g. valgrind's), when it is not empty.
+    pub fn start_under(
+        wrapper: &[String],
+        binary: &Path,
+        dir: &Path,
+        config_toml: &str,
+        listen: SocketAddr,
+        rust_log: &str,
+    ) -> Result<Self> {
         let config = dir.join("server.toml");
         std::fs::write(&config, config_toml)?;
         let log = dir.join("service.log");
         let output = std::fs::File::create(&log)?;
-        let child = Command::new(binary)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("--config")
             .arg(&config)
             .args(["serve", "--listen", &listen.to_string(), "--data-dir"])
@@ -44,7 +65,14 @@ impl ServerProcess {
             .stdout(output.try_clone()?)
             .stderr(output)
             .spawn()
-            .with_context(|| format!("failed to start `{}`", binary.display()))?;
+            .with_context(|| {
+                format!(
+                    "failed to start `{}`",
+                    wrapper
+                        .first()
+                        .map_or_else(|| binary.display().to_string(), Clone::clone)
+                )
+            })?;
         let mut server = Self { child, log, listen };
         server.wait_listening()?;
         Ok(server)

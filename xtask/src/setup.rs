@@ -26,8 +26,15 @@ use xtask::{
 /// The bpf-linker release that fits the nightly's LLVM 22 (BUILDING.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the VM runner uses.
-const APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "xz-utils"];
+/// Debian packages the VM runner uses, and valgrind, whose callgrind counts the decision
+/// service's instructions per decision for `cargo xtask bench`.
+const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    "valgrind",
+];
 
 /// apt's pattern for Debian's cloud kernels. Anchored at both ends, so the `-dbg` and
 /// `-unsigned` variants do not match; the signed package boots the same under QEMU.

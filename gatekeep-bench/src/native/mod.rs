@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod decisions;
+pub mod instructions;
 pub mod service;
 
 use std::{
@@ -26,7 +27,8 @@ pub struct NativeOptions {
     /// Where the databases go (the disk being measured; default: the system temp folder).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Only these groups: `rtt`, `throughput`, `audit`, `memory` (default: all).
+    /// Only these groups: `rtt`, `throughput`, `instructions`, `audit`, `memory` (default:
+    /// all).
     #[arg(long = "only", value_name = "GROUP")]
     pub only: Vec<String>,
     /// Durability of the service's state database: `full` (default) or `normal`.
@@ -35,6 +37,10 @@ pub struct NativeOptions {
     /// The `gatekeep-server` binary to measure (default: the one next to this binary).
     #[arg(long)]
     pub server: Option<PathBuf>,
+    /// Keep the `instructions` group's callgrind files in this folder (for
+    /// `callgrind_annotate`).
+    #[arg(long, value_name = "DIR")]
+    pub callgrind_dir: Option<PathBuf>,
 }
 
 /// The resident set size of `pid`, in MiB (`VmRSS` of `/proc/<pid>/status`).
@@ -194,7 +200,7 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
     };
     let wants = |group: &str| opts.only.is_empty() || opts.only.iter().any(|g| g == group);
     for group in &opts.only {
-        if !["rtt", "throughput", "audit", "memory"].contains(&group.as_str()) {
+        if !["rtt", "throughput", "instructions", "audit", "memory"].contains(&group.as_str()) {
             bail!("unknown benchmark group `{group}`");
         }
     }
@@ -215,6 +221,18 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
                 }
             }
             service.stop()?;
+        }
+        if wants("instructions") {
+            for figure in instructions::service_per_decision(
+                &server,
+                &base,
+                opts.smoke,
+                opts.callgrind_dir.as_deref(),
+            )
+            .await?
+            {
+                figure.emit();
+            }
         }
         if wants("audit") {
             let (records, rounds) = if opts.smoke { (5_000, 1) } else { (100_000, 3) };

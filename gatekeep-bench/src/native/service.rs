@@ -62,6 +62,17 @@ impl Service {
     /// under `base` (on the disk being measured: fsync on tmpfs costs nothing), and adds
     /// the reviewer `bench`.
     pub fn start(server: &Path, base: &Path, synchronous: &str) -> Result<Self> {
+        Self::start_under(&[], server, base, synchronous)
+    }
+
+    /// [`start`](Self::start), with the service run by `wrapper` (see
+    /// [`ServerProcess::start_under`]).
+    pub fn start_under(
+        wrapper: &[String],
+        server: &Path,
+        base: &Path,
+        synchronous: &str,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("gk-bench-service-")
             .tempdir_in(base)
@@ -85,7 +96,8 @@ impl Service {
             .local_addr()?
             .port();
         let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let process = ServerProcess::start(
+        let process = ServerProcess::start_under(
+            wrapper,
             server,
             dir.path(),
             &config_toml(synchronous),
