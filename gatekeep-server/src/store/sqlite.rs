@@ -141,11 +141,7 @@ impl SqliteStore {
         let (reads, read_receiver) = mpsc::channel::<ReadJob>();
         thread::Builder::new()
             .name("gatekeep-store-read".to_owned())
-            .spawn(move || {
-                while let Ok(job) = read_receiver.recv() {
-                    job(&reader);
-                }
-            })
+            .spawn(move || run_reads(&reader, &read_receiver))
             .map_err(spawn_err)?;
         Ok(Self { jobs, reads, path })
     }
@@ -312,6 +308,33 @@ fn run(conn: &Connection, jobs: &mpsc::Receiver<Job>) {
         }
         for reply in replies {
             reply(committed.as_ref().err());
+        }
+    }
+}
+
+/// The reading thread: everything queued runs in one read transaction.
+///
+/// `SQLite` drops a connection's page cache whenever it starts a read transaction after
+/// another connection committed, which under load is before nearly every statement: each
+/// lookup read its B-tree pages again. One transaction per group takes one snapshot and
+/// keeps the cache for the group. The snapshot starts after every job in it was queued,
+/// so each still sees every write answered before it was asked for.
+fn run_reads(conn: &Connection, reads: &mpsc::Receiver<ReadJob>) {
+    while let Ok(first) = reads.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match reads.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        // A lone read is its own transaction already.
+        let grouped = group.len() > 1 && execute_cached(conn, "BEGIN").is_ok();
+        for job in group {
+            job(conn);
+        }
+        if grouped && let Err(error) = execute_cached(conn, "COMMIT") {
+            tracing::error!(%error, "store: failed to end a read transaction");
         }
     }
 }
@@ -718,6 +741,48 @@ mod tests {
     use rusqlite::StatementStatus;
 
     use super::*;
+
+    #[test]
+    fn queued_reads_share_one_transaction_that_ends_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let writer = open_connection(&path, Synchronous::Normal).unwrap();
+        let reader = open_reader(&path).unwrap();
+        let insert = |id: &str| {
+            writer
+                .execute(
+                    "INSERT INTO requests (id, host, policy, kind, state, subject, received_at, \
+                     deadline, decided_at, version, record) \
+                     VALUES (?1, 'h', 'p', 'exec', 'approved', 's', 1, 2, 3, 1, '{}')",
+                    [id],
+                )
+                .unwrap();
+        };
+        let count = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT count(*) FROM requests", [], |row| row.get(0))
+                .unwrap()
+        };
+        insert("id-0");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (jobs, queued) = mpsc::channel::<ReadJob>();
+        for _ in 0..3 {
+            let seen = std::sync::Arc::clone(&seen);
+            jobs.send(Box::new(move |conn| {
+                seen.lock()
+                    .unwrap()
+                    .push((conn.is_autocommit(), count(conn)));
+            }))
+            .unwrap();
+        }
+        drop(jobs);
+        run_reads(&reader, &queued);
+        // All three ran inside one transaction and saw the write made before them...
+        assert_eq!(*seen.lock().unwrap(), vec![(false, 1); 3]);
+        // ...which ended with the group: a later write is seen.
+        assert!(reader.is_autocommit());
+        insert("id-1");
+        assert_eq!(count(&reader), 2);
+    }
 
     #[test]
     fn grant_lookups_are_not_replanned_for_every_call() {
