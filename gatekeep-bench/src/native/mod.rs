@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod decisions;
+pub mod host;
 pub mod instructions;
 pub mod service;
 
@@ -27,8 +28,8 @@ pub struct NativeOptions {
     /// Where the databases go (the disk being measured; default: the system temp folder).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Only these groups: `rtt`, `throughput`, `instructions`, `audit`, `memory` (default:
-    /// all).
+    /// Only these groups: `host`, `rtt`, `throughput`, `instructions`, `audit`, `memory`
+    /// (default: all).
     #[arg(long = "only", value_name = "GROUP")]
     pub only: Vec<String>,
     /// Durability of the service's state database: `full` (default) or `normal`.
@@ -200,8 +201,22 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
     };
     let wants = |group: &str| opts.only.is_empty() || opts.only.iter().any(|g| g == group);
     for group in &opts.only {
-        if !["rtt", "throughput", "instructions", "audit", "memory"].contains(&group.as_str()) {
+        if ![
+            "host",
+            "rtt",
+            "throughput",
+            "instructions",
+            "audit",
+            "memory",
+        ]
+        .contains(&group.as_str())
+        {
             bail!("unknown benchmark group `{group}`");
+        }
+    }
+    if wants("host") {
+        for figure in host::figures(opts.smoke) {
+            figure.emit();
         }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
