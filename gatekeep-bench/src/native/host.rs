@@ -1,10 +1,10 @@
 //! Two figures about the machine itself, so that the absolute figures of different runs
 //! can be compared: how long a random memory read takes, and how fast one core hashes.
 //!
-//! Machines of one kind differ: on one, a random read took 390 ns (about four times what
-//! bare hardware takes) while SHA-256 ran at full speed; the service, the audit logs and
-//! the emulated VM, which all chase pointers, ran at a third of the speed they had on
-//! another machine of the same kind.
+//! Machines of one kind differ: on one, a random read took 335-390 ns (three to four times
+//! what bare hardware typically takes) while SHA-256 ran at full speed, and the service,
+//! the audit logs and the emulated VM, which all chase pointers, ran at a third of the
+//! speed they had on another machine of the same kind.
 
 use std::{hint::black_box, time::Instant};
 
