@@ -162,26 +162,34 @@ impl AuditRecord {
         timestamp::format(self.at).map(drop)
     }
 
-    /// The stored text forms, ready to hash and insert.
-    pub(crate) fn prepare(&self) -> Result<Prepared<'_>, AuditError> {
+    /// The stored text forms, ready to hash and insert (the record stays as it is).
+    pub(crate) fn prepare(&self) -> Result<Prepared, AuditError> {
+        self.clone().into_prepared()
+    }
+
+    /// The stored text forms, ready to hash and insert. Consumes the record, so the
+    /// payload's tree is freed here, by the caller, not by whoever stores it.
+    pub(crate) fn into_prepared(self) -> Result<Prepared, AuditError> {
         Ok(Prepared {
             at: timestamp::format(self.at)?,
             kind: self.kind.as_str(),
-            request_id: self.request_id.as_deref(),
-            host: &self.host,
-            actor: self.actor.as_deref(),
+            request_id: self.request_id,
+            host: self.host,
+            actor: self.actor,
             payload: canonical_json(&self.payload)?,
         })
     }
 }
 
-/// A record's columns as stored (and hashed).
-pub(crate) struct Prepared<'a> {
+/// A record's columns as stored (and hashed). The [`AuditWriter`](crate::AuditWriter)'s
+/// submitters make them, so that its one thread only chains and inserts.
+#[derive(Debug)]
+pub(crate) struct Prepared {
     pub(crate) at: String,
     pub(crate) kind: &'static str,
-    pub(crate) request_id: Option<&'a str>,
-    pub(crate) host: &'a str,
-    pub(crate) actor: Option<&'a str>,
+    pub(crate) request_id: Option<String>,
+    pub(crate) host: String,
+    pub(crate) actor: Option<String>,
     pub(crate) payload: String,
 }
 

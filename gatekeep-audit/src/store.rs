@@ -14,7 +14,7 @@ use time::UtcOffset;
 use crate::{
     error::{AuditError, TamperReason},
     hash::{ChainFields, GENESIS_HASH},
-    record::{AuditRecord, StoredRecord},
+    record::{AuditRecord, Prepared, StoredRecord},
 };
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
@@ -149,8 +149,13 @@ impl AuditStore {
         &mut self,
         records: &[AuditRecord],
     ) -> Result<Vec<StoredRecord>, AuditError> {
+        let prepared = records
+            .iter()
+            .map(AuditRecord::prepare)
+            .collect::<Result<Vec<_>, _>>()?;
         let mut stored = Vec::with_capacity(records.len());
-        self.append_each(records, |record, seq, prev_hash, hash| {
+        self.append_each(&prepared, |index, seq, prev_hash, hash| {
+            let record = &records[index];
             stored.push(StoredRecord {
                 seq,
                 // `prepare` already converted it once, so this cannot fail.
@@ -170,27 +175,26 @@ impl AuditStore {
         Ok(stored)
     }
 
-    /// Appends like [`append_batch`](Self::append_batch) and returns the new head only.
-    pub(crate) fn append_quiet(
+    /// Appends records prepared by their submitters, like
+    /// [`append_batch`](Self::append_batch), and returns the new head only.
+    pub(crate) fn append_prepared(
         &mut self,
-        records: &[AuditRecord],
+        records: &[Prepared],
     ) -> Result<Option<&ChainHead>, AuditError> {
         self.append_each(records, |_, _, _, _| ())?;
         Ok(self.head.as_ref())
     }
 
+    /// Chains and inserts `rows` in one transaction; `each` sees every row's index, seq,
+    /// previous hash and hash.
     fn append_each(
         &mut self,
-        records: &[AuditRecord],
-        mut each: impl FnMut(&AuditRecord, u64, &str, &str),
+        rows: &[Prepared],
+        mut each: impl FnMut(usize, u64, &str, &str),
     ) -> Result<(), AuditError> {
-        if records.is_empty() {
+        if rows.is_empty() {
             return Ok(());
         }
-        let prepared = records
-            .iter()
-            .map(AuditRecord::prepare)
-            .collect::<Result<Vec<_>, _>>()?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -198,15 +202,15 @@ impl AuditStore {
             read_head(&tx)?.map_or((0, GENESIS_HASH.to_owned()), |head| (head.seq, head.hash));
         {
             let mut insert = tx.prepare_cached(INSERT)?;
-            for (record, row) in records.iter().zip(&prepared) {
+            for (index, row) in rows.iter().enumerate() {
                 seq += 1;
                 let hash = ChainFields {
                     seq,
                     at: &row.at,
                     kind: row.kind,
-                    request_id: row.request_id,
-                    host: row.host,
-                    actor: row.actor,
+                    request_id: row.request_id.as_deref(),
+                    host: &row.host,
+                    actor: row.actor.as_deref(),
                     payload: &row.payload,
                     prev_hash: &prev,
                 }
@@ -222,7 +226,7 @@ impl AuditStore {
                     prev,
                     hash,
                 ])?;
-                each(record, seq, &prev, &hash);
+                each(index, seq, &prev, &hash);
                 prev = hash;
             }
         }
@@ -334,12 +338,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), AuditError> {
 }
 
 fn read_head(conn: &Connection) -> Result<Option<ChainHead>, AuditError> {
+    // Cached: it runs at the start of every batch.
     let head = conn
-        .query_row(
-            "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1",
-            [],
-            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
-        )
+        .prepare_cached("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+        })
         .optional()?;
     head.map(|(seq, hash)| {
         Ok(ChainHead {

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     error::{AuditError, TrySubmitError},
-    record::AuditRecord,
+    record::{AuditRecord, Prepared},
     store::AuditStore,
 };
 
@@ -48,7 +48,7 @@ impl Default for WriterConfig {
 }
 
 enum Command {
-    Record(AuditRecord),
+    Record(Prepared),
     Flush(oneshot::Sender<Result<u64, AuditError>>),
 }
 
@@ -108,19 +108,17 @@ impl AuditWriter {
     /// Queues `record`, waiting while the queue is full. For threads outside an async runtime
     /// (in a runtime it panics: use [`submit_async`](Self::submit_async)).
     pub fn submit(&self, record: AuditRecord) -> Result<(), AuditError> {
-        record.validate()?;
         let sender = self.sender().ok_or(AuditError::WriterClosed)?;
         sender
-            .blocking_send(Command::Record(record))
+            .blocking_send(Command::Record(record.into_prepared()?))
             .map_err(|_| AuditError::WriterClosed)
     }
 
     /// Queues `record`, waiting asynchronously while the queue is full.
     pub async fn submit_async(&self, record: AuditRecord) -> Result<(), AuditError> {
-        record.validate()?;
         let sender = self.sender().ok_or(AuditError::WriterClosed)?;
         sender
-            .send(Command::Record(record))
+            .send(Command::Record(record.into_prepared()?))
             .await
             .map_err(|_| AuditError::WriterClosed)
     }
@@ -136,21 +134,25 @@ impl AuditWriter {
                 record: Box::new(record),
             });
         };
-        sender.try_send(Command::Record(record)).map_err(|err| {
-            let (full, command) = match err {
-                mpsc::error::TrySendError::Full(command) => (true, command),
-                mpsc::error::TrySendError::Closed(command) => (false, command),
-            };
-            let Command::Record(record) = command else {
-                unreachable!("try_submit only sends records");
-            };
-            let record = Box::new(record);
-            if full {
-                TrySubmitError::Full { record }
-            } else {
-                TrySubmitError::Closed { record }
+        // Room first, so that a refused record goes back as it came.
+        let permit = match sender.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Full(())) => {
+                return Err(TrySubmitError::Full {
+                    record: Box::new(record),
+                });
             }
-        })
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                return Err(TrySubmitError::Closed {
+                    record: Box::new(record),
+                });
+            }
+        };
+        let prepared = record
+            .into_prepared()
+            .map_err(|source| TrySubmitError::Invalid { source })?;
+        permit.send(Command::Record(prepared));
+        Ok(())
     }
 
     /// Waits until every record submitted before this call is durable; returns the seq of the
@@ -247,7 +249,7 @@ fn run(
 /// the error when an attempt fails.
 fn commit(
     store: &mut AuditStore,
-    pending: &mut Vec<AuditRecord>,
+    pending: &mut Vec<Prepared>,
     flushes: &mut Vec<oneshot::Sender<Result<u64, AuditError>>>,
     config: &WriterConfig,
     closing: &AtomicBool,
@@ -256,7 +258,7 @@ fn commit(
     let mut delay = config.retry_delay;
     let mut closing_attempts = 0;
     loop {
-        match store.append_quiet(pending) {
+        match store.append_prepared(pending) {
             Ok(_) => {
                 pending.clear();
                 let seq = head_seq(store);
