@@ -111,18 +111,18 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    fn new(smoke: bool, clock: Clock) -> Self {
+    fn new(smoke: bool) -> Self {
         if smoke {
             Self {
                 rounds: 1,
-                overhead: overhead::OverheadSizes::new(true, clock),
+                overhead: overhead::OverheadSizes::new(true),
                 asks: 20,
                 step: Duration::from_secs(1),
             }
         } else {
             Self {
                 rounds: 5,
-                overhead: overhead::OverheadSizes::new(false, clock),
+                overhead: overhead::OverheadSizes::new(false),
                 asks: 300,
                 step: Duration::from_secs(4),
             }
@@ -314,7 +314,7 @@ pub fn run(opts: &VmOptions) -> Result<()> {
              `--clock wall` (with `--clock instructions`, add `--only overhead`)"
         );
     }
-    let sizes = Sizes::new(opts.smoke, opts.clock);
+    let sizes = Sizes::new(opts.smoke);
     let tiny = install_tiny(Path::new(TINY))?;
     let listener = start_listener()?;
     let mut exec_baseline = None;
