@@ -38,6 +38,8 @@
 //! `"`, `\` and control characters (`\b \f \n \r \t`, others `\u00XX`); integers in decimal;
 //! floats in shortest round-trip form (as `serde_json`/`ryu` write them). The hash covers the
 //! stored text, which [`export`] reproduces byte for byte in each line's `payload`.
+//! [`canonical_json`] writes it for a `serde_json::Value`; [`to_canonical_json`] writes the
+//! same text straight from any serializable type (what [`EncodedRecord`] carries).
 //!
 //! # Chain hash
 //!
@@ -75,6 +77,7 @@
 //! anchor the head ([`VerifyReport::head`], [`AuditStore::head`]) somewhere the host cannot
 //! rewrite, such as the decision service, and compare.
 
+mod canonical;
 mod error;
 mod export;
 mod hash;
@@ -83,10 +86,13 @@ mod store;
 mod verify;
 mod writer;
 
+pub use canonical::to_canonical_json;
 pub use error::{AuditError, TamperReason, TrySubmitError};
 pub use export::{ExportFilter, export};
 pub use hash::{ChainFields, GENESIS_HASH};
-pub use record::{AuditRecord, RecordKind, StoredRecord, UnknownKind, canonical_json, timestamp};
+pub use record::{
+    AuditRecord, EncodedRecord, RecordKind, StoredRecord, UnknownKind, canonical_json, timestamp,
+};
 pub use store::{APPEND_ONLY_MESSAGE, AuditStore, ChainHead, SCHEMA_VERSION};
 pub use verify::{VerifyReport, verify, verify_export};
 pub use writer::{AuditWriter, WriterConfig};

@@ -170,13 +170,84 @@ impl AuditRecord {
     /// The stored text forms, ready to hash and insert. Consumes the record, so the
     /// payload's tree is freed here, by the caller, not by whoever stores it.
     pub(crate) fn into_prepared(self) -> Result<Prepared, AuditError> {
+        EncodedRecord {
+            kind: self.kind,
+            request_id: self.request_id,
+            host: self.host,
+            actor: self.actor,
+            payload: canonical_json(&self.payload)?,
+            at: self.at,
+        }
+        .into_prepared()
+    }
+}
+
+/// A record whose payload is already its canonical JSON text: built from any serializable
+/// payload without a [`Value`] tree in between (what a busy submitter wants), and queued
+/// with [`AuditWriter::submit_encoded_async`](crate::AuditWriter::submit_encoded_async).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedRecord {
+    kind: RecordKind,
+    request_id: Option<String>,
+    host: String,
+    actor: Option<String>,
+    payload: String,
+    at: OffsetDateTime,
+}
+
+impl EncodedRecord {
+    /// A record of `kind` on `host` that happened now, with `payload` written as
+    /// [`to_canonical_json`](crate::to_canonical_json) writes it.
+    pub fn new<P: Serialize + ?Sized>(
+        kind: RecordKind,
+        host: impl Into<String>,
+        payload: &P,
+    ) -> Result<Self, AuditError> {
+        Ok(Self {
+            kind,
+            request_id: None,
+            host: host.into(),
+            actor: None,
+            payload: crate::to_canonical_json(payload)?,
+            at: OffsetDateTime::now_utc(),
+        })
+    }
+
+    /// Sets the request this record belongs to.
+    #[must_use]
+    pub fn with_request_id(mut self, request_id: impl Into<String>) -> Self {
+        self.request_id = Some(request_id.into());
+        self
+    }
+
+    /// Sets who decided or wrote it.
+    #[must_use]
+    pub fn with_actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = Some(actor.into());
+        self
+    }
+
+    /// Sets when it happened.
+    #[must_use]
+    pub fn with_at(mut self, at: OffsetDateTime) -> Self {
+        self.at = at;
+        self
+    }
+
+    /// The payload's canonical JSON text.
+    #[must_use]
+    pub fn payload(&self) -> &str {
+        &self.payload
+    }
+
+    pub(crate) fn into_prepared(self) -> Result<Prepared, AuditError> {
         Ok(Prepared {
             at: timestamp::format(self.at)?,
             kind: self.kind.as_str(),
             request_id: self.request_id,
             host: self.host,
             actor: self.actor,
-            payload: canonical_json(&self.payload)?,
+            payload: self.payload,
         })
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     error::{AuditError, TrySubmitError},
-    record::{AuditRecord, Prepared},
+    record::{AuditRecord, EncodedRecord, Prepared},
     store::AuditStore,
 };
 
@@ -116,6 +116,16 @@ impl AuditWriter {
 
     /// Queues `record`, waiting asynchronously while the queue is full.
     pub async fn submit_async(&self, record: AuditRecord) -> Result<(), AuditError> {
+        let sender = self.sender().ok_or(AuditError::WriterClosed)?;
+        sender
+            .send(Command::Record(record.into_prepared()?))
+            .await
+            .map_err(|_| AuditError::WriterClosed)
+    }
+
+    /// Queues `record` (its payload already encoded), waiting asynchronously while the queue
+    /// is full.
+    pub async fn submit_encoded_async(&self, record: EncodedRecord) -> Result<(), AuditError> {
         let sender = self.sender().ok_or(AuditError::WriterClosed)?;
         sender
             .send(Command::Record(record.into_prepared()?))

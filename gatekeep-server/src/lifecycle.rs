@@ -24,16 +24,17 @@ use std::{
     time::Duration,
 };
 
-use gatekeep_audit::{AuditRecord, AuditWriter, RecordKind};
+use gatekeep_audit::{AuditError, AuditRecord, AuditWriter, EncodedRecord, RecordKind};
 use gatekeep_policy::PolicySet;
 use gatekeep_proto::{
     GrantDuration, limits,
     model::{
-        ApprovalRequest, ApprovalSettings, Decision, Grant, RequestRecord, RequestState,
-        Revocation, Verdict, Vote, WithdrawReason,
+        ApprovalRequest, ApprovalSettings, Decision, Grant, Kind, RequestRecord, RequestState,
+        Revocation, Target, Verdict, Vote, WithdrawReason,
     },
     v1,
 };
+use serde::Serialize;
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
@@ -46,8 +47,31 @@ use crate::{
     grants,
     hub::Hub,
     rules::Rules,
-    store::{GrantQuery, Inserted, RequestQuery, Store, Transition, Versioned},
+    store::{AdmissionQuery, GrantQuery, Inserted, RequestQuery, Store, Transition, Versioned},
 };
+
+/// The payload of a `requested` record.
+#[derive(Serialize)]
+struct RequestedPayload<'a> {
+    request: &'a ApprovalRequest,
+    deadline: Option<String>,
+}
+
+/// The payload of the record that ends a request (`decided`, `expired`, ...).
+#[derive(Serialize)]
+struct FinalPayload<'a> {
+    policy: &'a str,
+    kind: Kind,
+    target: &'a Target,
+    state: RequestState,
+    verdict: Verdict,
+    reason: &'a str,
+    duration: String,
+    approvals: &'a [Vote],
+    wait_ms: i64,
+    #[serde(rename = "final")]
+    is_final: bool,
+}
 
 /// How often a transition is retried when another writer changed the request meanwhile.
 const MAX_ATTEMPTS: usize = 16;
@@ -162,6 +186,18 @@ impl Engine {
         }
     }
 
+    /// Like [`Self::record`], for a payload encoded straight from its type (the records every
+    /// request writes).
+    async fn record_encoded(&self, record: Result<EncodedRecord, AuditError>) {
+        let queued = match record {
+            Ok(record) => self.audit.submit_encoded_async(record).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = queued {
+            tracing::error!(%error, "failed to queue an audit record");
+        }
+    }
+
     /// Applies the service's own policy (when it loaded policies) to a request: its approval
     /// settings replace the agent's (keeping the agent's declared owners), its timeout
     /// action applies, and its timeout can only shorten the deadline.
@@ -222,15 +258,21 @@ impl Engine {
             approvals: Vec::new(),
             decision: None,
         };
-        // Both lookups at once: the second does not wait for the first's round trip.
-        let (existing, decision) = tokio::join!(
-            self.store.get_request(record.request.id),
-            self.auto_decide(&record, now)
-        );
-        if let Some(existing) = existing? {
+        let admission = self
+            .store
+            .admission(AdmissionQuery {
+                id: record.request.id,
+                host: record.host.clone(),
+                policy: record.request.policy.clone(),
+                target: record.request.target.clone(),
+                cgroup: record.request.cgroup.clone(),
+                now,
+            })
+            .await?;
+        if let Some(existing) = admission.existing {
             return Self::resent(host, &record.request, existing);
         }
-        let decision = decision?;
+        let decision = self.auto_decide(&record, admission.grant, now);
         let mut delivered = false;
         if let Some(decision) = &decision {
             record.state = decision.state;
@@ -257,17 +299,16 @@ impl Engine {
                 Self::resent(host, &record.request, *existing)
             }
             Inserted::New => {
-                self.record(
-                    AuditRecord::new(
-                        RecordKind::Requested,
-                        host,
-                        json!({
-                            "request": &record.request,
-                            "deadline": gatekeep_audit::timestamp::format(record.deadline).ok(),
-                        }),
-                    )
-                    .with_request_id(record.request.id.to_string())
-                    .with_actor(format!("agent:{host}")),
+                let payload = RequestedPayload {
+                    request: &record.request,
+                    deadline: gatekeep_audit::timestamp::format(record.deadline).ok(),
+                };
+                self.record_encoded(
+                    EncodedRecord::new(RecordKind::Requested, host, &payload).map(|encoded| {
+                        encoded
+                            .with_request_id(record.request.id.to_string())
+                            .with_actor(format!("agent:{host}"))
+                    }),
                 )
                 .await;
                 if let Some(decision) = &decision {
@@ -301,13 +342,14 @@ impl Engine {
             .map_or(Submitted::Pending, Submitted::Decided))
     }
 
-    /// A decision without a reviewer: a standing grant, a server rule, or a deadline already
-    /// past.
-    async fn auto_decide(
+    /// A decision without a reviewer: the standing `grant` that covers the request, a
+    /// server rule, or a deadline already past.
+    fn auto_decide(
         &self,
         record: &RequestRecord,
+        grant: Option<Grant>,
         now: OffsetDateTime,
-    ) -> Result<Option<Decision>, Error> {
+    ) -> Option<Decision> {
         let request = &record.request;
         let decision =
             |verdict: Verdict, state: Option<RequestState>, by: String, reason: String| Decision {
@@ -323,18 +365,8 @@ impl Engine {
                 duration: GrantDuration::Once,
                 grant: None,
             };
-        if let Some(grant) = self
-            .store
-            .find_grant(
-                record.host.clone(),
-                request.policy.clone(),
-                request.target.clone(),
-                request.cgroup.clone(),
-                now,
-            )
-            .await?
-        {
-            return Ok(Some(decision(
+        if let Some(grant) = grant {
+            return Some(decision(
                 grant.verdict,
                 None,
                 format!("grant:{}", grant.id),
@@ -342,20 +374,20 @@ impl Engine {
                     "standing grant ({}) by {}",
                     grant.duration, grant.created_by
                 ),
-            )));
+            ));
         }
         if let Some((rule, verdict)) = self.rules.decide(&record.host, request) {
-            return Ok(Some(decision(
+            return Some(decision(
                 verdict,
                 None,
                 format!("rule:{rule}"),
                 format!("server rule `{rule}` says {verdict}"),
-            )));
+            ));
         }
         if record.deadline <= now {
-            return Ok(Some(Self::expiry(record, now)));
+            return Some(Self::expiry(record, now));
         }
-        Ok(None)
+        None
     }
 
     fn expiry(record: &RequestRecord, now: OffsetDateTime) -> Decision {
@@ -389,26 +421,25 @@ impl Engine {
             }
         };
         let wait_ms = (decision.decided_at - record.received_at).whole_milliseconds();
-        self.record(
-            AuditRecord::new(
-                kind,
-                &record.host,
-                json!({
-                    "policy": record.request.policy,
-                    "kind": record.request.kind(),
-                    "target": record.request.target,
-                    "state": decision.state,
-                    "verdict": decision.verdict,
-                    "reason": decision.reason,
-                    "duration": decision.duration.to_string(),
-                    "approvals": record.approvals,
-                    "wait_ms": i64::try_from(wait_ms).unwrap_or(i64::MAX),
-                    "final": true,
-                }),
-            )
-            .with_request_id(record.request.id.to_string())
-            .with_actor(&decision.decided_by)
-            .with_at(decision.decided_at),
+        let payload = FinalPayload {
+            policy: &record.request.policy,
+            kind: record.request.kind(),
+            target: &record.request.target,
+            state: decision.state,
+            verdict: decision.verdict,
+            reason: &decision.reason,
+            duration: decision.duration.to_string(),
+            approvals: &record.approvals,
+            wait_ms: i64::try_from(wait_ms).unwrap_or(i64::MAX),
+            is_final: true,
+        };
+        self.record_encoded(
+            EncodedRecord::new(kind, &record.host, &payload).map(|encoded| {
+                encoded
+                    .with_request_id(record.request.id.to_string())
+                    .with_actor(&decision.decided_by)
+                    .with_at(decision.decided_at)
+            }),
         )
         .await;
         if let Some(grant) = &decision.grant {

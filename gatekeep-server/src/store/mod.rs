@@ -107,6 +107,26 @@ pub struct GrantQuery {
     pub include_inactive: bool,
 }
 
+/// The request an [`Admission`] is looked up for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmissionQuery {
+    pub id: Uuid,
+    pub host: String,
+    pub policy: String,
+    pub target: Target,
+    pub cgroup: String,
+    pub now: OffsetDateTime,
+}
+
+/// What is stored that bears on a new request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Admission {
+    /// The request already stored under the same id (an agent re-sending it).
+    pub existing: Option<Versioned<RequestRecord>>,
+    /// The standing grant that decides it.
+    pub grant: Option<Grant>,
+}
+
 /// The storage the service logic runs on.
 pub trait Store: Send + Sync + 'static {
     /// Stores a new request, or returns the one already stored under its id (unchanged).
@@ -130,16 +150,10 @@ pub trait Store: Send + Sync + 'static {
     /// Revokes an active grant; `None` if it is unknown or no longer active.
     fn revoke_grant(&self, id: Uuid, revocation: Revocation) -> StoreFuture<'_, Option<Grant>>;
     fn list_grants(&self, query: GrantQuery, now: OffsetDateTime) -> StoreFuture<'_, Vec<Grant>>;
-    /// An active grant of `host` and `policy` for exactly `target` (a session grant only in
-    /// its cgroup).
-    fn find_grant(
-        &self,
-        host: String,
-        policy: String,
-        target: Target,
-        cgroup: String,
-        now: OffsetDateTime,
-    ) -> StoreFuture<'_, Option<Grant>>;
+    /// What deciding a new request looks up, in one call (one snapshot, one trip to the
+    /// store): the request already stored under its id, and the newest active grant of its
+    /// host and policy for exactly its target (a session grant only in its cgroup).
+    fn admission(&self, request: AdmissionQuery) -> StoreFuture<'_, Admission>;
     /// Active grants whose expiry is at or before `now`.
     fn due_grants(&self, now: OffsetDateTime) -> StoreFuture<'_, Vec<Grant>>;
     /// Active session grants of `host` in `cgroup` or below it.
