@@ -19,32 +19,47 @@ use crate::error::AuditError;
 
 /// `value` as canonical JSON.
 pub fn to_canonical_json<T: Serialize + ?Sized>(value: &T) -> Result<String, AuditError> {
-    let mut out = Vec::with_capacity(256);
+    let mut state = State {
+        out: Vec::with_capacity(1024),
+        spans: Vec::new(),
+        scratch: Vec::new(),
+    };
     value
-        .serialize(Canonical { out: &mut out })
+        .serialize(Canonical { st: &mut state })
         .map_err(|source| AuditError::EncodePayload { source })?;
     // Only UTF-8 is ever written: `serde_json`'s leaves and keys, and ASCII punctuation.
-    String::from_utf8(out).map_err(|err| AuditError::EncodePayload {
+    String::from_utf8(state.out).map_err(|err| AuditError::EncodePayload {
         source: ser::Error::custom(err),
     })
 }
 
+/// The buffers of one encoding, shared by every nested object so that none allocates its
+/// own (on a busy host, touching fresh memory cost more than the writing).
+struct State {
+    /// The text so far; an open object's values sit at its end, unsorted and without keys.
+    out: Vec<u8>,
+    /// Every open object's entries: key, and where its value's text is in `out`.
+    spans: Vec<(Cow<'static, str>, usize, usize)>,
+    /// Where a closing object is assembled in order.
+    scratch: Vec<u8>,
+}
+
 /// Writes one value; objects go through [`Object`], which sorts them.
 struct Canonical<'a> {
-    out: &'a mut Vec<u8>,
+    st: &'a mut State,
 }
 
 impl Canonical<'_> {
     /// A leaf, as `serde_json` writes it.
     fn leaf<T: Serialize + ?Sized>(self, value: &T) -> Result<(), Error> {
-        serde_json::to_writer(self.out, value)
+        serde_json::to_writer(&mut self.st.out, value)
     }
 
     /// `{"variant":` ... — the caller writes the value and the closing brace.
     fn open_variant(&mut self, variant: &str) -> Result<(), Error> {
-        self.out.push(b'{');
-        serde_json::to_writer(&mut *self.out, variant)?;
-        self.out.push(b':');
+        self.st.out.push(b'{');
+        serde_json::to_writer(&mut self.st.out, variant)?;
+        self.st.out.push(b':');
         Ok(())
     }
 }
@@ -120,7 +135,7 @@ impl<'a> ser::Serializer for Canonical<'a> {
         value.serialize(self)
     }
     fn serialize_unit(self) -> Result<(), Error> {
-        self.out.extend_from_slice(b"null");
+        self.st.out.extend_from_slice(b"null");
         Ok(())
     }
     fn serialize_unit_struct(self, _name: &'static str) -> Result<(), Error> {
@@ -149,16 +164,14 @@ impl<'a> ser::Serializer for Canonical<'a> {
         value: &T,
     ) -> Result<(), Error> {
         self.open_variant(variant)?;
-        value.serialize(Canonical {
-            out: &mut *self.out,
-        })?;
-        self.out.push(b'}');
+        value.serialize(Canonical { st: &mut *self.st })?;
+        self.st.out.push(b'}');
         Ok(())
     }
     fn serialize_seq(self, _len: Option<usize>) -> Result<Array<'a>, Error> {
-        self.out.push(b'[');
+        self.st.out.push(b'[');
         Ok(Array {
-            out: self.out,
+            st: self.st,
             first: true,
             variant: false,
         })
@@ -177,34 +190,34 @@ impl<'a> ser::Serializer for Canonical<'a> {
         _len: usize,
     ) -> Result<Array<'a>, Error> {
         self.open_variant(variant)?;
-        self.out.push(b'[');
+        self.st.out.push(b'[');
         Ok(Array {
-            out: self.out,
+            st: self.st,
             first: true,
             variant: true,
         })
     }
-    fn serialize_map(self, len: Option<usize>) -> Result<Object<'a>, Error> {
-        Ok(Object::new(self.out, len.unwrap_or(4), false))
+    fn serialize_map(self, _len: Option<usize>) -> Result<Object<'a>, Error> {
+        Ok(Object::new(self.st, false))
     }
-    fn serialize_struct(self, name: &'static str, len: usize) -> Result<Object<'a>, Error> {
+    fn serialize_struct(self, name: &'static str, _len: usize) -> Result<Object<'a>, Error> {
         if name == RAW_VALUE {
             // Its text is whatever it was given, not canonical.
             return Err(ser::Error::custom(
                 "a RawValue cannot be written canonically",
             ));
         }
-        Ok(Object::new(self.out, len, false))
+        Ok(Object::new(self.st, false))
     }
     fn serialize_struct_variant(
         mut self,
         _name: &'static str,
         _index: u32,
         variant: &'static str,
-        len: usize,
+        _len: usize,
     ) -> Result<Object<'a>, Error> {
         self.open_variant(variant)?;
-        Ok(Object::new(self.out, len, true))
+        Ok(Object::new(self.st, true))
     }
 }
 
@@ -213,7 +226,7 @@ const RAW_VALUE: &str = "$serde_json::private::RawValue";
 
 /// An array being written.
 struct Array<'a> {
-    out: &'a mut Vec<u8>,
+    st: &'a mut State,
     first: bool,
     /// Inside `{"variant":`: one more brace to close.
     variant: bool,
@@ -222,18 +235,16 @@ struct Array<'a> {
 impl Array<'_> {
     fn item<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Error> {
         if !self.first {
-            self.out.push(b',');
+            self.st.out.push(b',');
         }
         self.first = false;
-        value.serialize(Canonical {
-            out: &mut *self.out,
-        })
+        value.serialize(Canonical { st: &mut *self.st })
     }
 
     fn close(self) {
-        self.out.push(b']');
+        self.st.out.push(b']');
         if self.variant {
-            self.out.push(b'}');
+            self.st.out.push(b'}');
         }
     }
 }
@@ -286,14 +297,15 @@ impl ser::SerializeTupleVariant for Array<'_> {
     }
 }
 
-/// An object being written: its entries are collected (values already as text, in one
-/// buffer), then sorted by key and written out at the end.
+/// An object being written: each value's text goes to the end of `out` as it comes (its
+/// span recorded in `spans`), and closing the object rewrites that stretch of `out` with the
+/// entries sorted by key, keys included.
 struct Object<'a> {
-    out: &'a mut Vec<u8>,
-    /// Every entry's value text, one after another.
-    values: Vec<u8>,
-    /// Each entry's key and where its value ends in `values`.
-    entries: Vec<(Cow<'static, str>, usize)>,
+    st: &'a mut State,
+    /// Where this object's text starts in `out`.
+    start: usize,
+    /// Where this object's entries start in `spans`.
+    first_span: usize,
     /// The key given by `serialize_key`, waiting for its value.
     key: Option<String>,
     /// Inside `{"variant":`: one more brace to close.
@@ -301,12 +313,11 @@ struct Object<'a> {
 }
 
 impl<'a> Object<'a> {
-    fn new(out: &'a mut Vec<u8>, len: usize, variant: bool) -> Self {
+    fn new(st: &'a mut State, variant: bool) -> Self {
         Self {
-            out,
-            // Most fields are short; growing from nothing reallocated several times.
-            values: Vec::with_capacity(len * 24),
-            entries: Vec::with_capacity(len),
+            start: st.out.len(),
+            first_span: st.spans.len(),
+            st,
             key: None,
             variant,
         }
@@ -317,44 +328,44 @@ impl<'a> Object<'a> {
         key: Cow<'static, str>,
         value: &T,
     ) -> Result<(), Error> {
-        value.serialize(Canonical {
-            out: &mut self.values,
-        })?;
-        self.entries.push((key, self.values.len()));
+        let start = self.st.out.len();
+        value.serialize(Canonical { st: &mut *self.st })?;
+        let end = self.st.out.len();
+        self.st.spans.push((key, start, end));
         Ok(())
     }
 
     fn close(self) -> Result<(), Error> {
-        let mut start = 0;
-        let mut spans: Vec<(Cow<'static, str>, usize, usize)> = self
-            .entries
-            .into_iter()
-            .map(|(key, end)| {
-                let span = (key, start, end);
-                start = end;
-                span
-            })
-            .collect();
-        // Stable, so that of equal keys the last one written is the last in its run.
-        spans.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        self.out.push(b'{');
+        let State {
+            out,
+            spans,
+            scratch,
+        } = self.st;
+        let entries = &mut spans[self.first_span..];
+        // Equal keys stay in the order written, so that the last of them ends its run.
+        entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()).then(a.1.cmp(&b.1)));
+        scratch.clear();
+        scratch.push(b'{');
         let mut first = true;
-        for (i, (key, start, end)) in spans.iter().enumerate() {
-            if spans.get(i + 1).is_some_and(|next| next.0 == *key) {
+        for (i, (key, start, end)) in entries.iter().enumerate() {
+            if entries.get(i + 1).is_some_and(|next| next.0 == *key) {
                 continue;
             }
             if !first {
-                self.out.push(b',');
+                scratch.push(b',');
             }
             first = false;
-            serde_json::to_writer(&mut *self.out, key.as_ref())?;
-            self.out.push(b':');
-            self.out.extend_from_slice(&self.values[*start..*end]);
+            serde_json::to_writer(&mut *scratch, key.as_ref())?;
+            scratch.push(b':');
+            scratch.extend_from_slice(&out[*start..*end]);
         }
-        self.out.push(b'}');
+        scratch.push(b'}');
         if self.variant {
-            self.out.push(b'}');
+            scratch.push(b'}');
         }
+        spans.truncate(self.first_span);
+        out.truncate(self.start);
+        out.extend_from_slice(scratch);
         Ok(())
     }
 }
