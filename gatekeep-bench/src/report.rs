@@ -89,6 +89,10 @@ pub struct Figure {
     pub target: Option<Target>,
     /// How it was measured (counts, setup); `cargo xtask bench` adds the load.
     pub conditions: String,
+    /// The ratio was to come from runs side by side ([`Self::ratio`]): without any, there
+    /// is none, rather than one of medians.
+    #[serde(skip)]
+    side_by_side: bool,
 }
 
 impl Figure {
@@ -111,6 +115,7 @@ impl Figure {
             ratio_ci: None,
             target: None,
             conditions: String::new(),
+            side_by_side: false,
         }
     }
 
@@ -118,16 +123,24 @@ impl Figure {
     pub fn baseline(mut self, label: &str, value: f64) -> Self {
         self.baseline = Some(value);
         self.baseline_label = Some(label.to_owned());
-        if self.ratio.is_none() && value != 0.0 {
+        if self.ratio.is_none() && !self.side_by_side && value != 0.0 {
             self.ratio = Some(self.value / value);
         }
         self
     }
 
     /// The ratio as the median of per-run ratios (measured side by side), with their
-    /// range and the median's confidence interval.
+    /// range and the median's confidence interval; no ratio at all without any (every run
+    /// was left out), so that none reads as 0.
     #[must_use]
     pub fn ratio(mut self, ratios: &[f64]) -> Self {
+        self.side_by_side = true;
+        if ratios.is_empty() {
+            self.ratio = None;
+            self.ratio_range = None;
+            self.ratio_ci = None;
+            return self;
+        }
         let summary = Summary::of(ratios);
         self.ratio = Some(summary.median);
         self.ratio_range = Some([summary.min, summary.max]);
@@ -401,6 +414,16 @@ mod tests {
             .ratio(&[1.01, 1.02, 1.03])
             .baseline("none", 10.0);
         assert_eq!(figure.ratio, Some(1.02));
+        assert_eq!(figure.baseline, Some(10.0));
+    }
+
+    #[test]
+    fn no_side_by_side_ratio_means_no_ratio_not_zero_nor_one_of_medians() {
+        let figure = Figure::from_runs("r", "r", "us", &[10.0, 20.0, 30.0])
+            .ratio(&[])
+            .baseline("none", 10.0);
+        assert_eq!(figure.ratio, None);
+        assert_eq!(figure.ratio_text(), "");
         assert_eq!(figure.baseline, Some(10.0));
     }
 }

@@ -453,13 +453,28 @@ pub fn run(opts: &Options) -> Result<()> {
         .filter_map(|f| f["metric"].as_str())
         .collect();
     let met = figures.iter().filter(|f| f["met"] == json!(true)).count();
+    // A target whose figure could not be measured is neither met nor missed; say so.
+    let unjudged: Vec<&str> = figures
+        .iter()
+        .filter(|f| !f["target"].is_null() && f["met"].is_null())
+        .filter_map(|f| f["metric"].as_str())
+        .collect();
     println!(
-        "targets: {met} met, {} missed{}",
+        "targets: {met} met, {} missed{}{}",
         missed.len(),
         if missed.is_empty() {
             String::new()
         } else {
             format!(" ({})", missed.join("; "))
+        },
+        if unjudged.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {} without a figure ({})",
+                unjudged.len(),
+                unjudged.join("; ")
+            )
         }
     );
     let now = SystemTime::now()
