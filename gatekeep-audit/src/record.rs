@@ -170,15 +170,19 @@ impl AuditRecord {
     /// The stored text forms, ready to hash and insert. Consumes the record, so the
     /// payload's tree is freed here, by the caller, not by whoever stores it.
     pub(crate) fn into_prepared(self) -> Result<Prepared, AuditError> {
-        EncodedRecord {
+        self.into_encoded()?.into_prepared()
+    }
+
+    /// The same record with its payload encoded.
+    pub(crate) fn into_encoded(self) -> Result<EncodedRecord, AuditError> {
+        Ok(EncodedRecord {
             kind: self.kind,
             request_id: self.request_id,
             host: self.host,
             actor: self.actor,
             payload: canonical_json(&self.payload)?,
             at: self.at,
-        }
-        .into_prepared()
+        })
     }
 }
 

@@ -116,11 +116,7 @@ impl AuditWriter {
 
     /// Queues `record`, waiting asynchronously while the queue is full.
     pub async fn submit_async(&self, record: AuditRecord) -> Result<(), AuditError> {
-        let sender = self.sender().ok_or(AuditError::WriterClosed)?;
-        sender
-            .send(Command::Record(record.into_prepared()?))
-            .await
-            .map_err(|_| AuditError::WriterClosed)
+        self.submit_encoded_async(record.into_encoded()?).await
     }
 
     /// Queues `record` (its payload already encoded), waiting asynchronously while the queue
