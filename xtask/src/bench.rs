@@ -447,35 +447,36 @@ pub fn run(opts: &Options) -> Result<()> {
     let figures = figures.figures;
     let text = table(&figures);
     println!("\n{text}");
-    let missed: Vec<&str> = figures
-        .iter()
-        .filter(|f| f["met"] == json!(false))
-        .filter_map(|f| f["metric"].as_str())
-        .collect();
-    let met = figures.iter().filter(|f| f["met"] == json!(true)).count();
-    // A target whose figure could not be measured is neither met nor missed; say so.
-    let unjudged: Vec<&str> = figures
-        .iter()
-        .filter(|f| !f["target"].is_null() && f["met"].is_null())
-        .filter_map(|f| f["metric"].as_str())
-        .collect();
-    println!(
-        "targets: {met} met, {} missed{}{}",
-        missed.len(),
-        if missed.is_empty() {
+    // The metrics of the figures whose `met` is `verdict` (null: a target whose figure could
+    // not be measured, neither met nor missed).
+    let metrics = |verdict: &Value| -> Vec<&str> {
+        figures
+            .iter()
+            .filter(|f| !f["target"].is_null() && f["met"] == *verdict)
+            .filter_map(|f| f["metric"].as_str())
+            .collect()
+    };
+    let listed = |metrics: &[&str]| {
+        if metrics.is_empty() {
             String::new()
         } else {
-            format!(" ({})", missed.join("; "))
-        },
-        if unjudged.is_empty() {
-            String::new()
-        } else {
-            format!(
-                ", {} without a figure ({})",
-                unjudged.len(),
-                unjudged.join("; ")
-            )
+            format!(" ({})", metrics.join("; "))
         }
+    };
+    let (met, missed, unjudged) = (
+        metrics(&json!(true)).len(),
+        metrics(&json!(false)),
+        metrics(&Value::Null),
+    );
+    let unjudged = if unjudged.is_empty() {
+        String::new()
+    } else {
+        format!(", {} without a figure{}", unjudged.len(), listed(&unjudged))
+    };
+    println!(
+        "targets: {met} met, {} missed{}{unjudged}",
+        missed.len(),
+        listed(&missed)
     );
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
