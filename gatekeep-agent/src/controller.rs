@@ -43,7 +43,7 @@ use crate::{
         Decider, Decision, DecisionRequest, RequestDetails, RequestTarget, Verdict, Withdrawal,
         decide_by_deadline,
     },
-    enrich::{Enricher, Enrichment},
+    enrich::{Enricher, Enrichment, RecentEnrichments},
     events::{ConnectRequest, Destination, Event, ExecRequest, Origin, RequestKind},
     kernel::{PauseKernel, boot_time_ns},
     pause::{Finding, PauseTiming, ResumeOutcome, TaskState, Tasks, reconcile, resume},
@@ -120,6 +120,9 @@ pub struct Controller<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> {
     decider: Arc<D>,
     audit: Arc<A>,
     enricher: Arc<Enricher>,
+    /// Enrichments reused across a process's kernel denials (a flood of them must not cost
+    /// a full `/proc` walk each).
+    recent_denials: RecentEnrichments,
     host: String,
     timing: PauseTiming,
     current: Arc<Compiled>,
@@ -157,6 +160,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             decider: parts.decider,
             audit: parts.audit,
             enricher: parts.enricher,
+            recent_denials: RecentEnrichments::default(),
             host: parts.host,
             timing: parts.timing,
             current: parts.policies,
@@ -295,13 +299,21 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             }
             Event::ExecDenied(request) => {
                 self.stats.kernel_denied += 1;
-                let info = self.enricher.enrich(request.origin.pid, request.origin.uid);
+                let info = self.recent_denials.enrich(
+                    &self.enricher,
+                    request.origin.pid,
+                    request.origin.uid,
+                );
                 let payload = self.exec_payload(&request, &info);
                 self.record(RecordKind::KernelDenied, None, Some("kernel"), payload);
             }
             Event::ConnectDenied(request) => {
                 self.stats.kernel_denied += 1;
-                let info = self.enricher.enrich(request.origin.pid, request.origin.uid);
+                let info = self.recent_denials.enrich(
+                    &self.enricher,
+                    request.origin.pid,
+                    request.origin.uid,
+                );
                 let payload = self.connect_payload(&request, &info);
                 self.record(RecordKind::KernelDenied, None, Some("kernel"), payload);
             }

@@ -9,12 +9,19 @@ use std::{
     collections::HashMap,
     fs,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
 
 /// Most ancestors listed (a fork bomb must not make enrichment expensive).
 const MAX_ANCESTORS: usize = 16;
+
+/// How long a process's enrichment is reused for its kernel denials.
+const REUSE_FOR: Duration = Duration::from_secs(1);
+
+/// Most processes whose enrichment is kept for reuse.
+const MAX_RECENT: usize = 1024;
 
 /// One process of the ancestry chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -152,6 +159,86 @@ impl Enricher {
     }
 }
 
+/// Enrichments of processes the kernel denied lately, reused for their next denials.
+///
+/// A workload in a loop of denied connects would otherwise cost about fifteen `/proc` reads
+/// per denial, and the agent has to record denials as fast as the kernel makes them or the
+/// ring buffer drops some. Each reuse still reads `/proc/<pid>/stat`: an entry is reused only
+/// while it shows the same process (start time), name and parent, so a reused pid, an exec
+/// under another name or a reparenting reads everything again, and never for longer than
+/// [`REUSE_FOR`], after which a command line or working directory changed in place shows
+/// too. Requests that ask a reviewer always read everything afresh.
+#[derive(Debug, Default)]
+pub struct RecentEnrichments {
+    entries: HashMap<(u32, u32), Recent>,
+}
+
+#[derive(Debug)]
+struct Recent {
+    read_at: Instant,
+    identity: Stat,
+    enrichment: Enrichment,
+}
+
+impl RecentEnrichments {
+    /// What [`Enricher::enrich`] says of `pid` (as `uid`), or what it said less than
+    /// [`REUSE_FOR`] ago if `pid` is still the same process.
+    pub fn enrich(&mut self, enricher: &Enricher, pid: u32, uid: u32) -> Enrichment {
+        self.enrich_at(enricher, pid, uid, Instant::now())
+    }
+
+    fn enrich_at(&mut self, enricher: &Enricher, pid: u32, uid: u32, now: Instant) -> Enrichment {
+        let Some(identity) = enricher.stat(pid) else {
+            // Gone already: nothing to reuse, nothing to keep.
+            self.entries.remove(&(pid, uid));
+            return enricher.enrich(pid, uid);
+        };
+        if let Some(recent) = self.entries.get(&(pid, uid))
+            && now.saturating_duration_since(recent.read_at) < REUSE_FOR
+            && same_process(&recent.identity, &identity)
+        {
+            return recent.enrichment.clone();
+        }
+        let enrichment = enricher.enrich(pid, uid);
+        if self.entries.len() >= MAX_RECENT {
+            self.entries
+                .retain(|_, recent| now.saturating_duration_since(recent.read_at) < REUSE_FOR);
+            if self.entries.len() >= MAX_RECENT {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(
+            (pid, uid),
+            Recent {
+                read_at: now,
+                identity,
+                enrichment: enrichment.clone(),
+            },
+        );
+        enrichment
+    }
+
+    /// Processes kept for reuse.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Whether two readings of `/proc/<pid>/stat` show the same process, by the same name, under
+/// the same parent (the state may differ).
+fn same_process(before: &Stat, now: &Stat) -> bool {
+    before.start_time.is_some()
+        && before.start_time == now.start_time
+        && before.comm == now.comm
+        && before.ppid == now.ppid
+}
+
 /// Whether cgroup `path` is `root` or below it.
 fn within(path: Option<&str>, root: Option<&str>) -> bool {
     match (path, root) {
@@ -174,6 +261,9 @@ pub struct Stat {
     /// One letter: `R`, `S`, `D`, `T` (stopped), `t` (tracing stop), `Z`...
     pub state: char,
     pub ppid: u32,
+    /// Field 22, `starttime` (clock ticks after boot): with the pid, it names one process.
+    /// `None` when the line stops short of it.
+    pub start_time: Option<u64>,
 }
 
 impl Stat {
@@ -187,7 +277,14 @@ impl Stat {
         let mut rest = text.get(close + 1..)?.split_whitespace();
         let state = rest.next()?.chars().next()?;
         let ppid = rest.next()?.parse().ok()?;
-        Some(Self { comm, state, ppid })
+        // Fields 5 to 21 lie between ppid and starttime.
+        let start_time = rest.nth(17).and_then(|field| field.parse().ok());
+        Some(Self {
+            comm,
+            state,
+            ppid,
+            start_time,
+        })
     }
 }
 
@@ -369,7 +466,117 @@ mod tests {
         assert_eq!(stat.comm, "a) b (c)");
         assert_eq!(stat.state, 'T');
         assert_eq!(stat.ppid, 7);
+        assert_eq!(stat.start_time, None, "the line stops before field 22");
         assert_eq!(Stat::parse("garbage"), None);
+    }
+
+    /// A stat line as the kernel writes it, with `start` in field 22.
+    fn full_stat(pid: u32, comm: &str, parent: u32, start: u64) -> String {
+        format!(
+            "{pid} ({comm}) S {parent} {pid} {pid} 0 -1 4194560 0 0 0 0 3 1 0 0 20 0 1 0 {start} 0 0\n"
+        )
+    }
+
+    #[test]
+    fn stat_parsing_reads_the_start_time() {
+        let stat = Stat::parse(&full_stat(42, "x y) z", 7, 123_456)).expect("parse");
+        assert_eq!(stat.comm, "x y) z");
+        assert_eq!(stat.ppid, 7);
+        assert_eq!(stat.start_time, Some(123_456));
+    }
+
+    /// A fake tree with pid 70 (cgroup `/agents/a1`) under pid 1; returns (tempdir, enricher).
+    fn denial_tree() -> (tempfile::TempDir, Enricher) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proc_root = dir.path().join("proc");
+        fake_process(&proc_root, 1, "init", 0, "/init.scope", &["/sbin/init"]);
+        fake_process(&proc_root, 70, "curl", 1, "/agents/a1", &["curl", "one"]);
+        fs::write(proc_root.join("70/stat"), full_stat(70, "curl", 1, 500)).expect("stat");
+        let enricher = Enricher::new(&proc_root, &dir.path().join("no-passwd"));
+        (dir, enricher)
+    }
+
+    fn cmdline_of(enrichment: &Enrichment) -> Vec<String> {
+        enrichment.ancestry[0].cmdline.clone()
+    }
+
+    #[test]
+    fn a_recent_enrichment_is_reused_for_the_same_process_until_it_is_a_second_old() {
+        let (dir, enricher) = denial_tree();
+        let mut recent = RecentEnrichments::default();
+        let start = Instant::now();
+        let first = recent.enrich_at(&enricher, 70, 0, start);
+        assert_eq!(cmdline_of(&first), ["curl", "one"]);
+        assert_eq!(first.ancestry.len(), 2);
+
+        // Rewritten in place (same process, name and parent): reused within the second...
+        fs::write(dir.path().join("proc/70/cmdline"), "curl\0two\0").expect("cmdline");
+        let reused = recent.enrich_at(&enricher, 70, 0, start + Duration::from_millis(900));
+        assert_eq!(reused, first);
+        // ...and read afresh after it.
+        let fresh = recent.enrich_at(&enricher, 70, 0, start + REUSE_FOR);
+        assert_eq!(cmdline_of(&fresh), ["curl", "two"]);
+        assert_eq!(recent.len(), 1);
+    }
+
+    #[test]
+    fn another_process_name_parent_or_uid_reads_everything_again() {
+        let (dir, enricher) = denial_tree();
+        let stat = dir.path().join("proc/70/stat");
+        let cmdline = dir.path().join("proc/70/cmdline");
+        let mut recent = RecentEnrichments::default();
+        let now = Instant::now();
+        let expect_fresh = |recent: &mut RecentEnrichments, uid: u32, arg: &str| {
+            fs::write(&cmdline, format!("curl\0{arg}\0")).expect("cmdline");
+            let got = recent.enrich_at(&enricher, 70, uid, now);
+            assert_eq!(cmdline_of(&got), ["curl", arg]);
+        };
+        expect_fresh(&mut recent, 0, "a");
+        // The pid reused by a process started later.
+        fs::write(&stat, full_stat(70, "curl", 1, 501)).expect("stat");
+        expect_fresh(&mut recent, 0, "b");
+        // An exec under another name.
+        fs::write(&stat, full_stat(70, "wget", 1, 501)).expect("stat");
+        expect_fresh(&mut recent, 0, "c");
+        // Reparented.
+        fs::write(&stat, full_stat(70, "wget", 0, 501)).expect("stat");
+        expect_fresh(&mut recent, 0, "d");
+        // Another user (the user name is part of the enrichment).
+        expect_fresh(&mut recent, 1000, "e");
+        assert_eq!(recent.len(), 2);
+    }
+
+    #[test]
+    fn a_process_gone_or_without_a_start_time_is_never_reused() {
+        let (dir, enricher) = denial_tree();
+        let mut recent = RecentEnrichments::default();
+        let now = Instant::now();
+        // pid 1's fake stat line stops before the start time.
+        recent.enrich_at(&enricher, 1, 0, now);
+        fs::write(dir.path().join("proc/1/cmdline"), "changed\0").expect("cmdline");
+        let again = recent.enrich_at(&enricher, 1, 0, now);
+        assert_eq!(cmdline_of(&again), ["changed"]);
+
+        recent.enrich_at(&enricher, 70, 0, now);
+        fs::remove_dir_all(dir.path().join("proc/70")).expect("rm");
+        let gone = recent.enrich_at(&enricher, 70, 0, now);
+        assert!(gone.ancestry.is_empty(), "{gone:?}");
+        assert!(
+            !recent.entries.contains_key(&(70, 0)),
+            "a gone process is forgotten"
+        );
+    }
+
+    #[test]
+    fn the_reuse_table_stays_bounded() {
+        let (_dir, enricher) = denial_tree();
+        let mut recent = RecentEnrichments::default();
+        let now = Instant::now();
+        for uid in 0..u32::try_from(MAX_RECENT).expect("fits") * 2 {
+            recent.enrich_at(&enricher, 70, uid, now);
+        }
+        assert!(recent.len() <= MAX_RECENT, "{}", recent.len());
+        assert!(!recent.is_empty());
     }
 
     #[test]
