@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 use gatekeep_agent::{
     audit::{AuditPipeline, AuditSink as _, MemorySink},
     controller::{Controller, Parts},
@@ -247,8 +247,9 @@ fn pipeline(dir: &Path, proc_root: &Path) -> Result<(Arc<SimKernel>, Pipeline, A
     Ok((kernel, controller, audit))
 }
 
-/// `gatekeep-bench agent-memory N`: the agent pipeline's RSS before and after `pending`
-/// requests are asked and left undecided. Prints two figures.
+/// `gatekeep-bench agent-memory N`: the agent pipeline's RSS (MiB) before and after
+/// `pending` requests are asked and left undecided, printed as `IDLE LOADED` on one line
+/// (see [`memory_figures`]).
 pub fn memory(pending: usize) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -276,31 +277,55 @@ pub fn memory(pending: usize) -> Result<()> {
         let loaded = rss_mib(pid)?;
         drop(controller);
         audit.shutdown().await?;
-        Figure::from_runs(
-            "native.agent.rss.pipeline_idle",
-            "agent pipeline RSS, idle (native, simulated kernel)",
-            "MiB",
-            &[idle],
-        )
-        .conditions("controller + audit pipeline + local decider, no request")
-        .emit();
-        Figure::from_runs(
-            "native.agent.rss.pending",
-            &format!("agent pipeline RSS, {pending} pending (native, simulated kernel)"),
-            "MiB",
-            &[loaded],
-        )
-        .baseline("idle pipeline", idle)
-        .conditions(format!(
-            "{pending} exec asks tracked, each with its decision task and audit record"
-        ))
-        .emit();
+        println!("{idle} {loaded}");
         anyhow::Ok(())
     })
 }
 
-/// Waits until everything submitted since `started` is durable, checks that all `records`
-/// are, and returns records per second, submit to durable.
+/// Parses what `gatekeep-bench agent-memory` printed: `(idle, loaded)` MiB.
+pub fn parse_memory(output: &str) -> Result<(f64, f64)> {
+    let line = output.lines().last().unwrap_or_default();
+    let mut fields = line.split_whitespace().map(str::parse::<f64>);
+    match (fields.next(), fields.next(), fields.next()) {
+        (Some(Ok(idle)), Some(Ok(loaded)), None) => Ok((idle, loaded)),
+        _ => bail!("`gatekeep-bench agent-memory` printed {line:?}, not `IDLE LOADED`"),
+    }
+}
+
+/// The agent pipeline's memory figures from the `(idle, loaded)` readings of processes of
+/// their own.
+#[must_use]
+pub fn memory_figures(pending: usize, readings: &[(f64, f64)]) -> Vec<Figure> {
+    let idle: Vec<f64> = readings.iter().map(|r| r.0).collect();
+    let loaded: Vec<f64> = readings.iter().map(|r| r.1).collect();
+    let ratios: Vec<f64> = readings.iter().map(|r| r.1 / r.0).collect();
+    let idle = Figure::from_runs(
+        "native.agent.rss.pipeline_idle",
+        "agent pipeline RSS, idle (native, simulated kernel)",
+        "MiB",
+        &idle,
+    )
+    .conditions(format!(
+        "controller + audit pipeline + local decider, no request; {} processes",
+        readings.len()
+    ));
+    let idle_median = idle.value;
+    vec![
+        idle,
+        Figure::from_runs(
+            "native.agent.rss.pending",
+            &format!("agent pipeline RSS, {pending} pending (native, simulated kernel)"),
+            "MiB",
+            &loaded,
+        )
+        .ratio(&ratios)
+        .baseline("idle pipeline", idle_median)
+        .conditions(format!(
+            "{pending} exec asks tracked, each with its decision task and audit record"
+        )),
+    ]
+}
+
 async fn durable_rate(audit: AuditPipeline, started: Instant, records: usize) -> Result<f64> {
     let last = audit.shutdown().await?;
     let elapsed = started.elapsed();
@@ -432,6 +457,27 @@ async fn audit_writer(base: &Path, records: usize, rounds: usize) -> Result<Figu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_memory_output_is_two_numbers_on_the_last_line() {
+        assert_eq!(parse_memory("8.5 77.25\n").unwrap(), (8.5, 77.25));
+        assert_eq!(parse_memory("noise\n9 10").unwrap(), (9.0, 10.0));
+        for bad in ["", "8.5", "8.5 x", "1 2 3"] {
+            let err = parse_memory(bad).unwrap_err().to_string();
+            assert!(err.contains("IDLE LOADED"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    #[expect(clippy::float_cmp, reason = "medians of small exact values")]
+    fn memory_ratios_are_per_process() {
+        let figures = memory_figures(10, &[(10.0, 40.0), (8.0, 40.0), (12.0, 36.0)]);
+        assert_eq!(figures[0].value, 10.0);
+        assert_eq!(figures[1].value, 40.0);
+        // The per-process ratios 4, 5 and 3, not 40 / 10.
+        assert_eq!(figures[1].ratio, Some(4.0));
+        assert_eq!(figures[1].ratio_range, Some([3.0, 5.0]));
+    }
 
     #[tokio::test]
     async fn the_simulated_kernel_keeps_a_request_pending_until_removed() {

@@ -238,9 +238,12 @@ pub async fn throughput(service: &Service, sizes: Sizes, synchronous: &str) -> R
     ])
 }
 
-/// The service's RSS idle, with `agents` agents connected, and with `pending` requests
-/// pending across them (spread evenly, nothing decides them).
-pub async fn memory(server: &Path, base: &Path, sizes: Sizes) -> Result<Vec<Figure>> {
+/// Services started for the memory figures, one after the other.
+pub const MEMORY_RUNS: usize = 3;
+
+/// The service's RSS (MiB) idle, with `agents` agents connected, and with `pending`
+/// requests pending across them (spread evenly, nothing decides them): one fresh service.
+async fn memory_once(server: &Path, base: &Path, sizes: Sizes) -> Result<[f64; 3]> {
     let service = Service::start(server, base, "full")?;
     // Let it settle: the first RSS reading is the idle service.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -276,31 +279,51 @@ pub async fn memory(server: &Path, base: &Path, sizes: Sizes) -> Result<Vec<Figu
         }
     }
     service.stop()?;
+    Ok([idle, connected, loaded])
+}
+
+/// The service's RSS idle, with `agents` agents connected, and with `pending` requests
+/// pending, each over [`MEMORY_RUNS`] fresh services (one in a smoke run); the loaded
+/// figures are also given as ratios to the same service's idle RSS.
+pub async fn memory(server: &Path, base: &Path, sizes: Sizes) -> Result<Vec<Figure>> {
+    let mut runs = Vec::new();
+    for _ in 0..MEMORY_RUNS.min(sizes.rounds) {
+        runs.push(memory_once(server, base, sizes).await?);
+    }
+    let column = |i: usize| runs.iter().map(|run| run[i]).collect::<Vec<f64>>();
+    let to_idle = |i: usize| runs.iter().map(|run| run[i] / run[0]).collect::<Vec<f64>>();
+    let idle = Figure::from_runs(
+        "native.service.rss.idle",
+        "service RSS, idle",
+        "MiB",
+        &column(0),
+    )
+    .conditions(format!(
+        "gatekeep-server serve, no agent; {} fresh services",
+        runs.len()
+    ));
+    let idle_median = idle.value;
     let agents = sizes.agents;
     let pending = sizes.pending;
     Ok(vec![
-        Figure::from_runs(
-            "native.service.rss.idle",
-            "service RSS, idle",
-            "MiB",
-            &[idle],
-        )
-        .conditions("gatekeep-server serve, no agent"),
+        idle,
         Figure::from_runs(
             "native.service.rss.agents",
             &format!("service RSS, {agents} agents connected"),
             "MiB",
-            &[connected],
+            &column(1),
         )
-        .baseline("idle", idle)
+        .ratio(&to_idle(1))
+        .baseline("idle", idle_median)
         .conditions(format!("{agents} mTLS agent streams, nothing pending")),
         Figure::from_runs(
             "native.service.rss.pending",
             &format!("service RSS, {agents} agents, {pending} pending"),
             "MiB",
-            &[loaded],
+            &column(2),
         )
-        .baseline("idle", idle)
+        .ratio(&to_idle(2))
+        .baseline("idle", idle_median)
         .conditions(format!(
             "{pending} requests spread over {agents} agents, stored and waiting for reviewers"
         )),

@@ -266,17 +266,28 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
         anyhow::Ok(())
     })?;
     if wants("memory") {
-        // In a process of its own, so that its RSS is the pipeline's alone.
+        // Each in a process of its own, so that its RSS is the pipeline's alone.
         let exe = std::env::current_exe()?;
-        let status = Command::new(exe)
-            .arg("agent-memory")
-            .arg(sizes.pending.to_string())
-            .status()
-            .context("failed to start `gatekeep-bench agent-memory`")?;
-        ensure!(
-            status.success(),
-            "`gatekeep-bench agent-memory` failed with {status}"
-        );
+        let mut readings = Vec::new();
+        for _ in 0..decisions::MEMORY_RUNS.min(sizes.rounds) {
+            let output = Command::new(&exe)
+                .arg("agent-memory")
+                .arg(sizes.pending.to_string())
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .context("failed to start `gatekeep-bench agent-memory`")?;
+            ensure!(
+                output.status.success(),
+                "`gatekeep-bench agent-memory` failed with {}",
+                output.status
+            );
+            readings.push(agent::parse_memory(&String::from_utf8_lossy(
+                &output.stdout,
+            ))?);
+        }
+        for figure in agent::memory_figures(sizes.pending, &readings) {
+            figure.emit();
+        }
     }
     Ok(())
 }

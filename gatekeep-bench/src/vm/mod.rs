@@ -104,6 +104,9 @@ impl Clock {
 pub struct Sizes {
     /// Rounds of the agent benchmarks.
     pub rounds: usize,
+    /// Repetitions of what is measured once per agent start or per ramp: idle RSS, the
+    /// event-rate ramp, the SIGTERM count.
+    pub repeats: usize,
     pub overhead: overhead::OverheadSizes,
     pub asks: usize,
     /// Length of one step of the event-rate ramp.
@@ -115,6 +118,7 @@ impl Sizes {
         if smoke {
             Self {
                 rounds: 1,
+                repeats: 1,
                 overhead: overhead::OverheadSizes::new(true),
                 asks: 20,
                 step: Duration::from_secs(1),
@@ -122,6 +126,7 @@ impl Sizes {
         } else {
             Self {
                 rounds: 5,
+                repeats: 3,
                 overhead: overhead::OverheadSizes::new(false),
                 asks: 300,
                 step: Duration::from_secs(4),

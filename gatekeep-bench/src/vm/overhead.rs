@@ -145,9 +145,9 @@ impl OverheadSizes {
                 warmup_connects: 40,
                 settle_attach: Duration::from_millis(50),
                 settle_detach: Duration::from_millis(100),
-                // Counted in instructions, one round is exact; in emulated time the
-                // figure is only a diagnostic.
-                stats_rounds: 1,
+                // Three rounds give a median and a spread; counted in instructions they
+                // agree to a few instructions.
+                stats_rounds: 3,
                 stats_execs: 600,
                 stats_connects: 1500,
             }
