@@ -4,28 +4,90 @@
 //! the writer commits everything before the agent exits.
 
 use std::{
+    future::Future,
     path::Path,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use gatekeep_audit::{AuditError, AuditRecord, AuditWriter, WriterConfig};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{Notify, mpsc},
+    task::JoinHandle,
+};
+
+/// Records handed to the sink and not yet queued in the writer above which
+/// [`AuditSink::has_room`] waits. Each is a JSON tree of a few KiB; the writer's own queue
+/// holds its encoded records behind them.
+pub const BACKLOG_LIMIT: usize = 1024;
 
 /// Takes audit records without blocking the caller.
 pub trait AuditSink: Send + Sync + 'static {
     fn record(&self, record: AuditRecord);
+
+    /// Waits while the sink holds [`BACKLOG_LIMIT`] records or more. A caller that can
+    /// slow down calls it before making a record: the kernel-denial path, whose backlog
+    /// then stays in the kernel's fixed-size ring buffer (and what it cannot hold is
+    /// counted as dropped) instead of growing the agent's memory without bound. `record`
+    /// itself never refuses or waits. Sinks without a backlog never wait.
+    fn has_room(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+}
+
+/// Records handed to an [`AuditHandle`] and not yet taken by the writer.
+#[derive(Debug, Default)]
+struct Backlog {
+    queued: AtomicUsize,
+    /// Woken when `queued` falls below [`BACKLOG_LIMIT`].
+    room: Notify,
+}
+
+impl Backlog {
+    /// One record taken off by the forwarder.
+    fn taken(&self) {
+        if self.queued.fetch_sub(1, Ordering::AcqRel) == BACKLOG_LIMIT {
+            self.room.notify_waiters();
+        }
+    }
 }
 
 /// Sends records to the forwarder task.
 #[derive(Clone)]
 pub struct AuditHandle {
     records: mpsc::UnboundedSender<AuditRecord>,
+    backlog: Arc<Backlog>,
+}
+
+impl AuditHandle {
+    /// Records handed over and not yet queued in the writer.
+    #[must_use]
+    pub fn backlog(&self) -> usize {
+        self.backlog.queued.load(Ordering::Acquire)
+    }
 }
 
 impl AuditSink for AuditHandle {
     fn record(&self, record: AuditRecord) {
+        self.backlog.queued.fetch_add(1, Ordering::AcqRel);
         if self.records.send(record).is_err() {
+            self.backlog.taken();
             tracing::error!("audit forwarder is gone; a record was not written");
+        }
+    }
+
+    async fn has_room(&self) {
+        loop {
+            // Registered before the check, so a wake-up between the two is not missed.
+            let room = self.backlog.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if self.backlog() < BACKLOG_LIMIT {
+                return;
+            }
+            room.await;
         }
     }
 }
@@ -51,16 +113,20 @@ impl AuditPipeline {
         }
         let writer = Arc::new(AuditWriter::open(path, WriterConfig::default())?);
         let (records, mut receiver) = mpsc::unbounded_channel::<AuditRecord>();
+        let backlog = Arc::new(Backlog::default());
         let forward_to = Arc::clone(&writer);
+        let taken_by = Arc::clone(&backlog);
         let forwarder = tokio::spawn(async move {
             while let Some(record) = receiver.recv().await {
-                if let Err(err) = forward_to.submit_async(record).await {
+                let queued = forward_to.submit_async(record).await;
+                taken_by.taken();
+                if let Err(err) = queued {
                     tracing::error!(error = %err, "failed to queue an audit record");
                 }
             }
         });
         Ok(Self {
-            handle: AuditHandle { records },
+            handle: AuditHandle { records, backlog },
             forwarder,
             writer,
         })
@@ -111,6 +177,8 @@ impl AuditSink for MemorySink {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use gatekeep_audit::RecordKind;
     use serde_json::json;
 
@@ -132,5 +200,65 @@ mod tests {
         assert_eq!(last, 500);
         let report = gatekeep_audit::verify(&path).expect("verify");
         assert_eq!(report.records, 500);
+    }
+
+    /// On one thread, the forwarder runs only when the test yields: the backlog is exact.
+    #[tokio::test(flavor = "current_thread")]
+    async fn has_room_waits_while_the_backlog_is_at_its_limit_and_nothing_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.db");
+        let pipeline = AuditPipeline::open(&path).expect("open");
+        let handle = pipeline.handle.clone();
+        let record = |i: usize| AuditRecord::new(RecordKind::Requested, "h", json!({ "i": i }));
+        for i in 0..BACKLOG_LIMIT - 1 {
+            handle.record(record(i));
+        }
+        assert_eq!(handle.backlog(), BACKLOG_LIMIT - 1);
+        // Below the limit: no wait (the future is ready when first polled).
+        tokio::time::timeout(Duration::ZERO, handle.has_room())
+            .await
+            .expect("room below the limit");
+
+        // At the limit (and past it: recording itself never waits), it waits...
+        for i in BACKLOG_LIMIT - 1..2 * BACKLOG_LIMIT {
+            handle.record(record(i));
+        }
+        assert_eq!(handle.backlog(), 2 * BACKLOG_LIMIT);
+        {
+            let room = handle.has_room();
+            tokio::pin!(room);
+            assert!(
+                futures_poll_once(room.as_mut()).is_pending(),
+                "no room with {} queued",
+                handle.backlog()
+            );
+            // ...until the forwarder has taken the backlog below it.
+            tokio::time::timeout(Duration::from_secs(30), room)
+                .await
+                .expect("room once the writer caught up");
+        }
+        assert!(handle.backlog() < BACKLOG_LIMIT, "{}", handle.backlog());
+
+        drop(handle);
+        let last = pipeline.shutdown().await.expect("shutdown");
+        assert_eq!(
+            last,
+            u64::try_from(2 * BACKLOG_LIMIT).unwrap(),
+            "nothing refused"
+        );
+    }
+
+    /// Polls `future` once, with a waker that does nothing.
+    fn futures_poll_once<F: Future>(future: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        future.poll(&mut cx)
+    }
+
+    #[tokio::test]
+    async fn a_memory_sink_always_has_room() {
+        let sink = MemorySink::default();
+        tokio::time::timeout(Duration::ZERO, sink.has_room())
+            .await
+            .expect("no backlog");
     }
 }

@@ -298,6 +298,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 self.handle_ask(&origin, Asked::Connect(request)).await;
             }
             Event::ExecDenied(request) => {
+                self.audit.has_room().await;
                 self.stats.kernel_denied += 1;
                 let info = self.recent_denials.enrich(
                     &self.enricher,
@@ -308,6 +309,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 self.record(RecordKind::KernelDenied, None, Some("kernel"), payload);
             }
             Event::ConnectDenied(request) => {
+                self.audit.has_room().await;
                 self.stats.kernel_denied += 1;
                 let info = self.recent_denials.enrich(
                     &self.enricher,
