@@ -201,7 +201,9 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
     // 5. The request path.
     let mut reader =
         EventReader::new(events).map_err(|source| DaemonError::RingBuffer { source })?;
-    let (events_tx, events_rx) = mpsc::channel(1024);
+    // Batches of at most `BATCH_LIMIT` events: at most 16,384 events read and not yet
+    // handled; a longer backlog waits in the ring buffer.
+    let (events_tx, events_rx) = mpsc::channel(64);
     let backlog: Vec<_> = reader
         .drain()
         .into_iter()

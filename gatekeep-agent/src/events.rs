@@ -367,16 +367,21 @@ pub mod reader {
 
         /// Takes every record available now (without waiting).
         pub fn drain(&mut self) -> Vec<Result<Event, ParseError>> {
-            drain_ring(self.fd.get_mut())
+            drain_ring(self.fd.get_mut(), usize::MAX)
         }
 
-        /// Waits until at least one record is available and returns all
-        /// available ones.
+        /// Waits until at least one record is available and returns the available
+        /// ones, at most [`BATCH_LIMIT`]: the rest stay in the ring buffer, where a flood's
+        /// backlog costs the agent no memory, until the agent is ready for them.
         pub async fn next_batch(&mut self) -> io::Result<Vec<Result<Event, ParseError>>> {
             loop {
                 let mut guard = self.fd.readable_mut().await?;
-                let batch = drain_ring(guard.get_inner_mut());
-                guard.clear_ready();
+                let batch = drain_ring(guard.get_inner_mut(), BATCH_LIMIT);
+                // Still readable when the batch is full: the ring may not signal again
+                // for records it already holds.
+                if batch.len() < BATCH_LIMIT {
+                    guard.clear_ready();
+                }
                 if !batch.is_empty() {
                     return Ok(batch);
                 }
@@ -389,9 +394,14 @@ pub mod reader {
         }
     }
 
-    fn drain_ring(ring: &mut RingBuf<MapData>) -> Vec<Result<Event, ParseError>> {
+    /// Most records [`EventReader::next_batch`] takes at once.
+    pub const BATCH_LIMIT: usize = 256;
+
+    fn drain_ring(ring: &mut RingBuf<MapData>, limit: usize) -> Vec<Result<Event, ParseError>> {
         let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
+        while batch.len() < limit
+            && let Some(item) = ring.next()
+        {
             batch.push(parse(&item));
         }
         batch
