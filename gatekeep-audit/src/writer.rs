@@ -47,6 +47,19 @@ impl Default for WriterConfig {
     }
 }
 
+/// `err` and its causes, `: `-separated: a log line that says "database or disk is full"
+/// rather than only "audit log database error".
+fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 enum Command {
     Record(Prepared),
     Flush(oneshot::Sender<Result<u64, AuditError>>),
@@ -214,7 +227,7 @@ impl Drop for AuditWriter {
             .unwrap_or_else(PoisonError::into_inner)
             .is_some();
         if running && let Err(err) = self.shutdown() {
-            tracing::error!(error = %err, "audit writer shut down with an error");
+            tracing::error!(error = %with_causes(&err), "audit writer shut down with an error");
         }
     }
 }
@@ -277,7 +290,7 @@ fn commit(
             Err(err) => {
                 let err = Arc::new(err);
                 tracing::error!(
-                    error = %err,
+                    error = %with_causes(err.as_ref()),
                     records = pending.len(),
                     retry_in = ?delay,
                     "failed to commit audit records, retrying"
@@ -316,6 +329,19 @@ mod tests {
 
     use super::*;
     use crate::{ExportFilter, StoredRecord, export, store::tests::sample, verify};
+
+    #[test]
+    fn a_logged_error_names_its_causes() {
+        let err = AuditError::Sqlite {
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                None,
+            ),
+        };
+        let text = with_causes(&err);
+        assert!(text.starts_with("audit log database error: "), "{text}");
+        assert!(text.contains("full"), "{text}");
+    }
 
     fn stored(path: &std::path::Path) -> Vec<StoredRecord> {
         let mut out = Vec::new();
