@@ -679,11 +679,17 @@ fn idle_agent(
         // Stopped and unloaded before the next one loads.
         drop(agent);
     };
+    idle_figure(mode, conditions, &readings).emit();
+    Ok(agent)
+}
+
+/// The idle RSS figure of `mode` from one reading per agent start.
+fn idle_figure(mode: &str, conditions: &str, readings: &[f64]) -> Figure {
     Figure::from_runs(
         &format!("vm.agent.rss.idle.{mode}"),
         &format!("agent RSS idle, {mode} decisions"),
         "MiB",
-        &readings,
+        readings,
     )
     .target(Target::at_most(32.0))
     .conditions(format!(
@@ -692,8 +698,6 @@ fn idle_agent(
         IDLE_FOR.as_secs(),
         readings.len()
     ))
-    .emit();
-    Ok(agent)
 }
 
 /// The ask path's figures for exec and connect.
@@ -764,28 +768,48 @@ pub fn run(sizes: Sizes, addr: SocketAddr, baselines: Option<(f64, f64)>) -> Res
         drop(agent);
     }
 
-    // The local decider: the policy's timeout action after 1 ms; and the event runs.
+    // The local decider: the policy's timeout action after 1 ms; the ask path, then the
+    // event runs. Each repetition is an agent of its own: a ramp leaves a few hundred MB
+    // of audit log in the VM's tmpfs, which three of them would fill.
     let policy = policy(ask.path(), deny.path(), "1ms");
-    let mut agent = idle_agent(sizes, "local", "[decision] mode = local", || {
-        Agent::start("local", &policy, "[decision]\nmode = \"local\"\n")
-    })?;
-    let (exec, connect) = ask_path(ask.path(), sizes, addr)?;
-    emit_ask(
-        "local",
-        "local decider",
-        (&exec, &connect),
-        sizes,
-        baselines,
-        "paused syscall -> agent local decider (policy timeout 1 ms, on_timeout allow) \
-         -> verdict + SIGCONT -> syscall completes; includes the 1 ms timeout",
-    );
-    let mut denials = Denials::open(&agent)?;
+    let mut idle = Vec::new();
     let mut runs = Vec::new();
     let mut rss_after = Vec::new();
-    for _ in 0..sizes.repeats.max(1) {
-        runs.push(event_run(&agent, &mut denials, deny.path(), sizes)?);
+    let mut lost = Vec::new();
+    let mut counted = Vec::new();
+    for repetition in 0..sizes.repeats.max(1) {
+        let mut agent = Agent::start("local", &policy, "[decision]\nmode = \"local\"\n")?;
+        idle.push(idle_rss(&agent)?);
+        if repetition == 0 {
+            let (exec, connect) = ask_path(ask.path(), sizes, addr)?;
+            emit_ask(
+                "local",
+                "local decider",
+                (&exec, &connect),
+                sizes,
+                baselines,
+                "paused syscall -> agent local decider (policy timeout 1 ms, on_timeout \
+                 allow) -> verdict + SIGCONT -> syscall completes; includes the 1 ms timeout",
+            );
+        }
+        let mut denials = Denials::open(&agent)?;
+        let run = event_run(&agent, &mut denials, deny.path(), sizes)?;
         rss_after.push(rss_mib(agent.pid()?)?);
+        // Half the sustained rate: a load the agent keeps up with, so the ring holds what
+        // it has not read when the SIGTERM comes.
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a positive rate far below u32::MAX"
+        )]
+        let rate = ((run.sustained / 2.0) as u32).max(250);
+        let (n, what) = lost_on_sigterm(&mut agent, deny.path(), rate)?;
+        #[expect(clippy::cast_precision_loss, reason = "a small count")]
+        lost.push(n as f64);
+        counted.push(format!("at {rate}/s: {what}"));
+        runs.push(run);
     }
+    idle_figure("local", "[decision] mode = local", &idle).emit();
     for figure in event_figures(&runs, sizes) {
         figure.emit();
     }
@@ -795,29 +819,12 @@ pub fn run(sizes: Sizes, addr: SocketAddr, baselines: Option<(f64, f64)>) -> Res
         "MiB",
         &rss_after,
     )
-    .conditions("local decider, after each ramp (and its check) was recorded")
+    .conditions(
+        "local decider, once a ramp (and its check) was recorded; one agent per ramp; the \
+         agent holds at most 256 x 64 events read, 1,024 audit records and the writer's \
+         16,384-record queue, and leaves the rest of a flood in the 4 MiB ring buffer",
+    )
     .emit();
-
-    // Half the lowest sustained rate: a load the agent keeps up with, so the ring holds
-    // what it has not read when the SIGTERM comes.
-    let sustained = runs
-        .iter()
-        .map(|r| r.sustained)
-        .fold(f64::INFINITY, f64::min);
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        reason = "a positive rate far below u32::MAX"
-    )]
-    let rate = ((sustained / 2.0) as u32).max(250);
-    let mut lost = Vec::new();
-    let mut counted = Vec::new();
-    for _ in 0..sizes.repeats.max(1) {
-        let (n, what) = lost_on_sigterm(&mut agent, deny.path(), rate)?;
-        #[expect(clippy::cast_precision_loss, reason = "a small count")]
-        lost.push(n as f64);
-        counted.push(what);
-    }
     Figure::from_runs(
         "vm.audit.lost_on_sigterm",
         "audit records lost or doubled across SIGTERM under load",
@@ -826,8 +833,9 @@ pub fn run(sizes: Sizes, addr: SocketAddr, baselines: Option<(f64, f64)>) -> Res
     )
     .target(Target::at_most(0.0))
     .conditions(format!(
-        "denials at {rate}/s for 3 s, SIGTERM 1.5 s in, restart drains the ring; each run's \
-         emitted (not dropped) denials vs its kernel_denied records: {}",
+        "after each ramp, denials for 3 s at half its sustained rate (at least 250/s), SIGTERM \
+         1.5 s in, restart drains the ring; emitted (not dropped) denials vs kernel_denied \
+         records: {}",
         counted.join("; ")
     ))
     .emit();
