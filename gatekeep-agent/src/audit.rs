@@ -41,14 +41,15 @@ pub trait AuditSink: Send + Sync + 'static {
 #[derive(Debug, Default)]
 struct Backlog {
     queued: AtomicUsize,
-    /// Woken when `queued` falls below [`BACKLOG_LIMIT`].
+    /// Woken when `queued` falls below half of [`BACKLOG_LIMIT`]: a waiter then makes
+    /// half a limit's records before it waits again, rather than one per wake-up.
     room: Notify,
 }
 
 impl Backlog {
     /// One record taken off by the forwarder.
     fn taken(&self) {
-        if self.queued.fetch_sub(1, Ordering::AcqRel) == BACKLOG_LIMIT {
+        if self.queued.fetch_sub(1, Ordering::AcqRel) == BACKLOG_LIMIT / 2 {
             self.room.notify_waiters();
         }
     }
@@ -232,12 +233,12 @@ mod tests {
                 "no room with {} queued",
                 handle.backlog()
             );
-            // ...until the forwarder has taken the backlog below it.
+            // ...until the forwarder has taken the backlog below half of it.
             tokio::time::timeout(Duration::from_secs(30), room)
                 .await
                 .expect("room once the writer caught up");
         }
-        assert!(handle.backlog() < BACKLOG_LIMIT, "{}", handle.backlog());
+        assert!(handle.backlog() < BACKLOG_LIMIT / 2, "{}", handle.backlog());
 
         drop(handle);
         let last = pipeline.shutdown().await.expect("shutdown");
