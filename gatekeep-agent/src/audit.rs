@@ -80,6 +80,10 @@ impl AuditSink for AuditHandle {
     }
 
     async fn has_room(&self) {
+        // The common case, on every denial: no waiter registered, no lock taken.
+        if self.backlog() < BACKLOG_LIMIT {
+            return;
+        }
         loop {
             // Registered before the check, so a wake-up between the two is not missed.
             let room = self.backlog.room.notified();

@@ -217,17 +217,6 @@ impl RecentEnrichments {
         );
         enrichment
     }
-
-    /// Processes kept for reuse.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 /// Whether two readings of `/proc/<pid>/stat` show the same process, by the same name, under
@@ -516,7 +505,7 @@ mod tests {
         // ...and read afresh after it.
         let fresh = recent.enrich_at(&enricher, 70, 0, start + REUSE_FOR);
         assert_eq!(cmdline_of(&fresh), ["curl", "two"]);
-        assert_eq!(recent.len(), 1);
+        assert_eq!(recent.entries.len(), 1);
     }
 
     #[test]
@@ -543,7 +532,7 @@ mod tests {
         expect_fresh(&mut recent, 0, "d");
         // Another user (the user name is part of the enrichment).
         expect_fresh(&mut recent, 1000, "e");
-        assert_eq!(recent.len(), 2);
+        assert_eq!(recent.entries.len(), 2);
     }
 
     #[test]
@@ -575,8 +564,12 @@ mod tests {
         for uid in 0..u32::try_from(MAX_RECENT).expect("fits") * 2 {
             recent.enrich_at(&enricher, 70, uid, now);
         }
-        assert!(recent.len() <= MAX_RECENT, "{}", recent.len());
-        assert!(!recent.is_empty());
+        assert!(
+            recent.entries.len() <= MAX_RECENT,
+            "{}",
+            recent.entries.len()
+        );
+        assert!(!recent.entries.is_empty());
     }
 
     #[test]

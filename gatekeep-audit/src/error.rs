@@ -137,3 +137,17 @@ pub enum TrySubmitError {
         source: AuditError,
     },
 }
+
+/// `err` and its causes, `: `-separated on one line: a log line that says "database or disk
+/// is full" rather than only "audit log database error".
+#[must_use]
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -87,7 +87,7 @@ mod verify;
 mod writer;
 
 pub use canonical::to_canonical_json;
-pub use error::{AuditError, TamperReason, TrySubmitError};
+pub use error::{AuditError, TamperReason, TrySubmitError, error_chain};
 pub use export::{ExportFilter, export};
 pub use hash::{ChainFields, GENESIS_HASH};
 pub use record::{

@@ -12,7 +12,7 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    error::{AuditError, TrySubmitError},
+    error::{AuditError, TrySubmitError, error_chain},
     record::{AuditRecord, EncodedRecord, Prepared},
     store::AuditStore,
 };
@@ -45,19 +45,6 @@ impl Default for WriterConfig {
             shutdown_attempts: 8,
         }
     }
-}
-
-/// `err` and its causes, `: `-separated: a log line that says "database or disk is full"
-/// rather than only "audit log database error".
-fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 enum Command {
@@ -227,7 +214,7 @@ impl Drop for AuditWriter {
             .unwrap_or_else(PoisonError::into_inner)
             .is_some();
         if running && let Err(err) = self.shutdown() {
-            tracing::error!(error = %with_causes(&err), "audit writer shut down with an error");
+            tracing::error!(error = %error_chain(&err), "audit writer shut down with an error");
         }
     }
 }
@@ -290,7 +277,7 @@ fn commit(
             Err(err) => {
                 let err = Arc::new(err);
                 tracing::error!(
-                    error = %with_causes(err.as_ref()),
+                    error = %error_chain(err.as_ref()),
                     records = pending.len(),
                     retry_in = ?delay,
                     "failed to commit audit records, retrying"
@@ -338,7 +325,7 @@ mod tests {
                 None,
             ),
         };
-        let text = with_causes(&err);
+        let text = error_chain(&err);
         assert!(text.starts_with("audit log database error: "), "{text}");
         assert!(text.contains("full"), "{text}");
     }

@@ -4,6 +4,7 @@
 use std::{fmt::Write as _, io};
 
 use aya::programs::ProgramError;
+use gatekeep_audit::error_chain;
 
 use super::{CheckResult, Status, checks::KernelConfig};
 use crate::ebpf::{self, LoadError};
@@ -75,18 +76,6 @@ pub enum TrialFailure {
     },
     /// Anything else (parsing the object, creating maps, ...).
     Other { message: String, errno: Option<i32> },
-}
-
-/// `err: cause: cause`, one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The first OS error number in `err`'s chain.

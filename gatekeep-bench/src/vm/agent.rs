@@ -700,20 +700,23 @@ fn idle_figure(mode: &str, conditions: &str, readings: &[f64]) -> Figure {
     ))
 }
 
-/// The ask path's figures for exec and connect.
-fn emit_ask(
+/// Runs the ask path in `cgroup` (see [`ask_path`]) and prints its figures for exec and
+/// connect.
+fn measure_ask(
     decider: &str,
     what: &str,
-    samples: (&[u64], &[u64]),
+    cgroup: &Path,
+    addr: SocketAddr,
     sizes: Sizes,
     baselines: Option<(f64, f64)>,
     conditions: &str,
-) {
+) -> Result<()> {
+    let samples = ask_path(cgroup, sizes, addr)?;
     let (exec_base, connect_base) = baselines.map_or((None, None), |(e, c)| (Some(e), Some(c)));
     let exec = ask_figures(
         &format!("vm.ask.{decider}.exec"),
         &format!("ask path, exec, {what}"),
-        samples.0,
+        &samples.0,
         sizes.rounds,
         exec_base,
         conditions,
@@ -721,7 +724,7 @@ fn emit_ask(
     let connect = ask_figures(
         &format!("vm.ask.{decider}.connect"),
         &format!("ask path, connect, {what}"),
-        samples.1,
+        &samples.1,
         sizes.rounds,
         connect_base,
         conditions,
@@ -729,6 +732,7 @@ fn emit_ask(
     for figure in exec.into_iter().chain(connect) {
         figure.emit();
     }
+    Ok(())
 }
 
 /// Runs the agent benchmarks, printing each figure as soon as it is measured; `baselines`
@@ -755,16 +759,16 @@ pub fn run(sizes: Sizes, addr: SocketAddr, baselines: Option<(f64, f64)>) -> Res
             "connected to a separate gatekeep-server",
             || Agent::start("remote", &policy, &service.decision_config()),
         )?;
-        let (exec, connect) = ask_path(ask.path(), sizes, addr)?;
-        emit_ask(
+        measure_ask(
             "rule",
             "server rule decides",
-            (&exec, &connect),
+            ask.path(),
+            addr,
             sizes,
             baselines,
             "paused syscall -> agent -> gatekeep-server (mTLS loopback, rule `bench-allow`) \
              -> verdict + SIGCONT -> syscall completes; per op incl. fork+exec or connect",
-        );
+        )?;
         drop(agent);
     }
 
@@ -781,16 +785,16 @@ pub fn run(sizes: Sizes, addr: SocketAddr, baselines: Option<(f64, f64)>) -> Res
         let mut agent = Agent::start("local", &policy, "[decision]\nmode = \"local\"\n")?;
         idle.push(idle_rss(&agent)?);
         if repetition == 0 {
-            let (exec, connect) = ask_path(ask.path(), sizes, addr)?;
-            emit_ask(
+            measure_ask(
                 "local",
                 "local decider",
-                (&exec, &connect),
+                ask.path(),
+                addr,
                 sizes,
                 baselines,
                 "paused syscall -> agent local decider (policy timeout 1 ms, on_timeout \
                  allow) -> verdict + SIGCONT -> syscall completes; includes the 1 ms timeout",
-            );
+            )?;
         }
         let mut denials = Denials::open(&agent)?;
         let run = event_run(&agent, &mut denials, deny.path(), sizes)?;
