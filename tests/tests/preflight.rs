@@ -14,7 +14,7 @@
 //! assumption no longer holds, and the VM test covers the passing case.
 
 use gatekeep_agent::{
-    ebpf,
+    bpf::programs,
     preflight::{KernelTrialLoad, Paths, Report, Status, run_checks, trial},
 };
 
@@ -79,7 +79,7 @@ fn the_build_machine_cannot_gate_syscalls_and_says_why() {
 
     let trial_load = report.get(trial::NAME).expect("the trial load ran");
     assert_eq!(trial_load.status, Status::Fail, "{text}");
-    if ebpf::OBJECT.is_empty() {
+    if programs::OBJECT.is_empty() {
         // Built with AYA_BUILD_SKIP=1: there is nothing to load, and it says so.
         assert!(trial_load.detail.contains("AYA_BUILD_SKIP=1"), "{text}");
     } else {
