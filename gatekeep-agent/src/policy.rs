@@ -42,7 +42,7 @@ use std::{
 
 use gatekeep_common::{
     ConnectV4Key, ConnectV6Key, ExecRuleKey, GATED_INHERITED, GatedCgroup, MAX_POLICIES,
-    PORT_RULES, PolicyDefaults, PortRule, PortRules, action,
+    PORT_RULES, PolicyDefaults, PortRule, PortRules, action, map_names,
 };
 use gatekeep_policy::{Action, ConnectRule, Policy, PolicySet};
 use ipnet::IpNet;
@@ -618,7 +618,7 @@ impl PolicyMaps for MemoryMaps {
         self.attempts += 1;
         if self.fail_at == Some(attempt) {
             return Err(PolicyMapsError::Write {
-                map: "EXEC_RULES",
+                map: map_names::EXEC_RULES,
                 source: aya::maps::MapError::OutOfBounds {
                     index: 0,
                     max_entries: 0,
