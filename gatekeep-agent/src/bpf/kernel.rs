@@ -7,24 +7,19 @@
 //! other and a new operation needs no new command. Map operations are single
 //! syscalls, so the owner runs them inline.
 
-use std::{future::Future, time::Duration};
+use std::{collections::BTreeMap, future::Future, time::Duration};
 
-use aya::maps::{
-    Array, HashMap, MapData, MapError, PerCpuArray,
-    lpm_trie::{Key, LpmTrie},
-};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use gatekeep_common::{
-    ConnectV4Key, ConnectV6Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, PendingRequest,
-    PolicyDefaults, PortRules, Verdict, VerdictKey, counter, gated_filter_slot, map_names,
+    GatedCgroup, Grant, GrantKey, PendingRequest, PolicyDefaults, Verdict, VerdictKey, counter,
+    gated_filter_slot, map_names,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     bpf::pinning::{PinLayout, PinningError, open_map},
-    policy::{
-        Applied, MapOp, MapState, PolicyMaps, PolicyMapsError, exec_key, v4_bytes, v4_key,
-        v6_bytes, v6_key,
-    },
+    hooks::{self, RuleKey},
+    policy::{Applied, MapOp, MapState, PolicyMaps, PolicyMapsError},
 };
 
 /// `CLOCK_BOOTTIME` now, in nanoseconds: the clock of `bpf_ktime_get_boot_ns`.
@@ -47,9 +42,9 @@ pub struct KernelMaps {
     /// `gatekeep_common::gated_filter_slot`).
     gated_filter: Array<MapData, u64>,
     policies: Array<MapData, PolicyDefaults>,
-    exec_rules: HashMap<MapData, ExecRuleKey, u32>,
-    connect_v4: LpmTrie<MapData, ConnectV4Key, PortRules>,
-    connect_v6: LpmTrie<MapData, ConnectV6Key, PortRules>,
+    /// Every hook's rule maps ([`hooks::RULE_MAPS`]), typed by the hook
+    /// at each use.
+    rule_maps: BTreeMap<&'static str, Map>,
     pending: HashMap<MapData, u32, PendingRequest>,
     verdicts: HashMap<MapData, VerdictKey, Verdict>,
     /// Granted durations; `None` when the pinned programs predate them.
@@ -75,9 +70,10 @@ impl KernelMaps {
             gated: typed!(layout, map_names::GATED_CGROUPS, HashMap<MapData, u64, GatedCgroup>),
             gated_filter: typed!(layout, map_names::GATED_FILTER, Array<MapData, u64>),
             policies: typed!(layout, map_names::POLICIES, Array<MapData, PolicyDefaults>),
-            exec_rules: typed!(layout, map_names::EXEC_RULES, HashMap<MapData, ExecRuleKey, u32>),
-            connect_v4: typed!(layout, map_names::CONNECT_V4, LpmTrie<MapData, ConnectV4Key, PortRules>),
-            connect_v6: typed!(layout, map_names::CONNECT_V6, LpmTrie<MapData, ConnectV6Key, PortRules>),
+            rule_maps: hooks::RULE_MAPS
+                .iter()
+                .map(|name| Ok((*name, open_map(layout, name)?)))
+                .collect::<Result<_, PinningError>>()?,
             pending: typed!(layout, map_names::PENDING, HashMap<MapData, u32, PendingRequest>),
             verdicts: typed!(layout, map_names::VERDICTS, HashMap<MapData, VerdictKey, Verdict>),
             grants: if layout.map(map_names::GRANTS).exists() {
@@ -162,6 +158,22 @@ fn not_found_is_none<T>(result: Result<T, MapError>) -> Result<Option<T>, MapErr
     }
 }
 
+impl KernelMaps {
+    /// Writes (`Some`) or removes one entry of a hook's rule map.
+    fn write_rule(&mut self, key: &RuleKey, value: Option<&[u8]>) -> Result<(), PolicyMapsError> {
+        let write = |source| PolicyMapsError::Write {
+            map: key.map,
+            source,
+        };
+        let Some(map) = self.rule_maps.get_mut(key.map) else {
+            return Err(write(MapError::InvalidName {
+                name: key.map.to_owned(),
+            }));
+        };
+        hooks::write_map(map, key, value).map_err(write)
+    }
+}
+
 impl PolicyMaps for KernelMaps {
     fn read_state(&self) -> Result<MapState, PolicyMapsError> {
         let read = |map: &'static str| move |source| PolicyMapsError::Read { map, source };
@@ -177,23 +189,10 @@ impl PolicyMaps for KernelMaps {
                 state.policies.insert(index, defaults);
             }
         }
-        for entry in &self.exec_rules {
-            let (key, action) = entry.map_err(read(map_names::EXEC_RULES))?;
-            state
-                .exec_rules
-                .insert((key.policy_id, key.dev, key.ino), action);
-        }
-        for entry in &self.connect_v4 {
-            let (key, rules) = entry.map_err(read(map_names::CONNECT_V4))?;
-            state
-                .connect_v4
-                .insert((key.prefix_len(), v4_bytes(&key.data())), rules);
-        }
-        for entry in &self.connect_v6 {
-            let (key, rules) = entry.map_err(read(map_names::CONNECT_V6))?;
-            state
-                .connect_v6
-                .insert((key.prefix_len(), v6_bytes(&key.data())), rules);
+        for (name, map) in &self.rule_maps {
+            for (key, value) in hooks::read_map(name, map).map_err(read(name))? {
+                state.rules.insert(key, value);
+            }
         }
         Ok(state)
     }
@@ -205,31 +204,8 @@ impl PolicyMaps for KernelMaps {
                 .policies
                 .set(*id, defaults, 0)
                 .map_err(write(map_names::POLICIES)),
-            MapOp::SetExec(key, action) => self
-                .exec_rules
-                .insert(exec_key(*key), action, 0)
-                .map_err(write(map_names::EXEC_RULES)),
-            MapOp::RemoveExec(key) => not_found_is_none(self.exec_rules.remove(&exec_key(*key)))
-                .map(drop)
-                .map_err(write(map_names::EXEC_RULES)),
-            MapOp::SetV4((prefix, key), rules) => self
-                .connect_v4
-                .insert(&Key::new(*prefix, v4_key(*key)), rules, 0)
-                .map_err(write(map_names::CONNECT_V4)),
-            MapOp::RemoveV4((prefix, key)) => {
-                not_found_is_none(self.connect_v4.remove(&Key::new(*prefix, v4_key(*key))))
-                    .map(drop)
-                    .map_err(write(map_names::CONNECT_V4))
-            }
-            MapOp::SetV6((prefix, key), rules) => self
-                .connect_v6
-                .insert(&Key::new(*prefix, v6_key(*key)), rules, 0)
-                .map_err(write(map_names::CONNECT_V6)),
-            MapOp::RemoveV6((prefix, key)) => {
-                not_found_is_none(self.connect_v6.remove(&Key::new(*prefix, v6_key(*key))))
-                    .map(drop)
-                    .map_err(write(map_names::CONNECT_V6))
-            }
+            MapOp::SetRule(key, value) => self.write_rule(key, Some(value)),
+            MapOp::RemoveRule(key) => self.write_rule(key, None),
             // The filter slot first: the programs never see the entry without it.
             MapOp::SetGated(id, gated) => self
                 .gated_filter

@@ -75,7 +75,7 @@ use gatekeep_agent::bpf::{
 };
 use gatekeep_common::{
     ConnectV4Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, PolicyDefaults, PortRule, PortRules,
-    Verdict, VerdictKey, action, counter, gated_filter_slot, map_names, request_kind,
+    Verdict, VerdictKey, action, counter, gated_filter_slot, map_names,
 };
 
 use super::{
@@ -533,20 +533,14 @@ impl Drainer {
                     unsafe { libc::poll(&raw mut poll, 1, 50) };
                     while let Some(item) = ring.next() {
                         thread_events.fetch_add(1, Ordering::Relaxed);
-                        match gatekeep_agent::bpf::events::parse(&item) {
-                            Ok(Event::ExecAsk(ask)) => drop(tx.send((
-                                request_kind::EXEC,
-                                ask.origin.pid,
-                                ask.origin.tid,
-                                ask.origin.digest,
-                            ))),
-                            Ok(Event::ConnectAsk(ask)) => drop(tx.send((
-                                request_kind::CONNECT,
-                                ask.origin.pid,
-                                ask.origin.tid,
-                                ask.origin.digest,
-                            ))),
-                            _ => {}
+                        if let Ok(Event::Ask(ask)) = gatekeep_agent::bpf::events::parse(&item) {
+                            // The receiver gone means the measurement is over.
+                            let _ = tx.send((
+                                ask.kind(),
+                                ask.origin().pid,
+                                ask.origin().tid,
+                                ask.origin().digest,
+                            ));
                         }
                     }
                 }
