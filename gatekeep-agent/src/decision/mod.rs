@@ -19,14 +19,15 @@ pub mod grants;
 pub mod remote;
 pub mod service;
 
-use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use gatekeep_policy::Action;
 use gatekeep_proto::model::ApprovalSettings;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::{hooks::connect::Destination, pause::enrich::Enrichment};
+pub use crate::hooks::RequestTarget;
+use crate::pause::enrich::Enrichment;
 
 /// A paused request, as put to a decider.
 #[derive(Debug, Clone, Serialize)]
@@ -77,30 +78,6 @@ pub struct RequestDetails {
     pub target: RequestTarget,
     /// The asking policy's approval settings.
     pub approval: ApprovalSettings,
-}
-
-/// What a paused request asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RequestTarget {
-    Exec {
-        /// Absolute (made so against the cwd for display).
-        executable: PathBuf,
-        argv: Vec<String>,
-    },
-    Connect {
-        destination: Destination,
-        /// `SOCK_STREAM` (1), `SOCK_DGRAM` (2), ...
-        sock_type: u32,
-    },
-}
-
-impl Default for RequestTarget {
-    fn default() -> Self {
-        RequestTarget::Exec {
-            executable: PathBuf::new(),
-            argv: Vec::new(),
-        }
-    }
 }
 
 /// Why the agent no longer wants a decision.

@@ -20,18 +20,18 @@
 pub mod connect;
 pub mod exec;
 
-use std::{collections::BTreeMap, fmt::Debug};
+use std::{collections::BTreeMap, fmt::Debug, path::PathBuf};
 
 use aya::maps::{Map, MapError};
-use gatekeep_common::PolicyDefaults;
-use gatekeep_policy::Policy;
+use gatekeep_common::{PolicyDefaults, action};
+use gatekeep_policy::{Action, Policy};
 use serde_json::Value;
 
+use self::connect::Destination;
 use crate::{
-    bpf::events::{Origin, ParseError},
-    decision::RequestTarget,
+    bpf::record::{Origin, ParseError},
     pause::enrich::Enricher,
-    policy::{LoadedPolicy, PolicyMapsError},
+    policy::error::PolicyMapsError,
 };
 
 /// One kernel hook, as the agent sees it.
@@ -70,7 +70,7 @@ pub trait Hook {
     fn write_map(map: &mut Map, key: &RuleKey, value: Option<&[u8]>) -> Result<(), MapError>;
 
     /// The policy's rule (or default) that decided `request`, for reviewers.
-    fn rule(policy: &LoadedPolicy, loaded: &Self::Loaded, request: &Self::Request) -> String;
+    fn rule(policy: &Policy, loaded: &Self::Loaded, request: &Self::Request) -> String;
     /// What is asked, in the typed form deciders forward.
     fn target(request: &Self::Request, enricher: &Enricher) -> RequestTarget;
     /// Adds the hook's fields to an audit payload (`rule` only when the
@@ -181,10 +181,10 @@ macro_rules! hooks {
 
             /// [`Hook::rule`].
             #[must_use]
-            pub fn rule(&self, policy: &LoadedPolicy) -> String {
+            pub fn rule(&self, policy: &Policy, loaded: &Loaded) -> String {
                 match self {
                     $(Request::$variant(request) => {
-                        <$hook as Hook>::rule(policy, &policy.hooks.$field, request)
+                        <$hook as Hook>::rule(policy, &loaded.$field, request)
                     })+
                 }
             }
@@ -269,6 +269,41 @@ macro_rules! hooks {
 hooks! {
     exec: Exec => exec::Exec,
     connect: Connect => connect::Connect,
+}
+
+/// What a paused request asks for, in the typed form deciders forward (the
+/// audit payload says the same as JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestTarget {
+    Exec {
+        /// Absolute (made so against the cwd for display).
+        executable: PathBuf,
+        argv: Vec<String>,
+    },
+    Connect {
+        destination: Destination,
+        /// `SOCK_STREAM` (1), `SOCK_DGRAM` (2), ...
+        sock_type: u32,
+    },
+}
+
+impl Default for RequestTarget {
+    fn default() -> Self {
+        RequestTarget::Exec {
+            executable: PathBuf::new(),
+            argv: Vec::new(),
+        }
+    }
+}
+
+/// The kernel's encoding of a policy action.
+#[must_use]
+pub fn kernel_action(action: Action) -> u32 {
+    match action {
+        Action::Allow => action::ALLOW,
+        Action::Deny => action::DENY,
+        Action::Ask => action::ASK,
+    }
 }
 
 /// `get`/`remove` of an absent key is `KeyNotFound`; for a rule map that is

@@ -444,7 +444,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     ) -> (&'static str, String, Value) {
         (
             asked.kind_name(),
-            asked.rule(policy),
+            policy.rule_for(asked),
             self.request_payload(asked, info),
         )
     }
@@ -922,7 +922,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let mut payload = self.origin_payload(origin, info);
         let rule = self
             .policy(origin.policy_id)
-            .map(|policy| request.rule(&policy));
+            .map(|policy| policy.rule_for(request));
         request.payload(&self.enricher, rule, &mut payload);
         payload
     }
