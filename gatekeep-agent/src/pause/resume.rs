@@ -1,5 +1,5 @@
-//! The user-space half of the stop-and-restart pause (DESIGN.md, "The
-//! pause"): writing a verdict and resuming the task, and reconciling the
+//! The user-space half of the stop-and-restart pause (docs/architecture.md,
+//! "The pause protocol"): writing a verdict and resuming the task, and reconciling the
 //! kernel's pending requests with the ones the agent tracks.
 //!
 //! Resuming, in order:
