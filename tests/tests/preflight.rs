@@ -12,7 +12,7 @@
 //! VM test (`tests/vm/preflight.rs`) covers a kernel that can gate syscalls.
 
 use gatekeep_agent::{
-    ebpf,
+    bpf::programs,
     preflight::{KernelTrialLoad, Paths, Report, Status, run_checks, trial},
 };
 
@@ -79,7 +79,7 @@ fn the_preflight_verdict_matches_the_kernel_and_every_failure_names_its_fix() {
     }
 
     let trial_load = report.get(trial::NAME).expect("the trial load ran");
-    if ebpf::OBJECT.is_empty() {
+    if programs::OBJECT.is_empty() {
         // Built with AYA_BUILD_SKIP=1: there is nothing to load, and it says so.
         assert_eq!(trial_load.status, Status::Fail, "{text}");
         assert!(trial_load.detail.contains("AYA_BUILD_SKIP=1"), "{text}");

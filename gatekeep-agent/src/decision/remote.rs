@@ -15,7 +15,7 @@
 //!   verdict is returned.
 //! - The link queues requests while the service is away and re-sends them;
 //!   the agent's deadline is enforced outside, by
-//!   [`decide_by_deadline`](crate::decide::decide_by_deadline) (fail closed:
+//!   [`decide_by_deadline`](crate::decision::decide_by_deadline) (fail closed:
 //!   the policy's timeout action).
 //! - Requests whose task died or asked something else are withdrawn.
 
@@ -42,13 +42,12 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::{
-    decide::{
+    bpf::{events::Destination, kernel::boot_time_ns},
+    decision::{
         DecideError, Decider, Decision, DecisionRequest, RequestDetails, RequestTarget, Verdict,
         Withdrawal,
+        grants::{GrantTarget, GrantsHandle},
     },
-    events::Destination,
-    grants::{GrantTarget, GrantsHandle},
-    kernel::boot_time_ns,
 };
 
 type Waiter = oneshot::Sender<Result<model::Decision, LinkError>>;
@@ -548,10 +547,12 @@ mod tests {
     use super::*;
     use crate::{
         audit::MemorySink,
-        decide::decide_by_deadline,
-        enrich::{Enrichment, ProcessInfo as LocalProcess},
-        grants::{self, Grants, GrantsConfig},
-        testing::{FakeGrants, compiled_policies},
+        bpf::testing::{FakeGrants, compiled_policies},
+        decision::{
+            decide_by_deadline,
+            grants::{self, Grants, GrantsConfig},
+        },
+        pause::enrich::{Enrichment, ProcessInfo as LocalProcess},
     };
 
     fn request(target: RequestTarget, kind: u32) -> DecisionRequest {
@@ -775,7 +776,7 @@ mod tests {
         kernel: Arc<FakeGrants>,
         review: ReviewClient,
         stop: Option<oneshot::Sender<()>>,
-        _policies: watch::Sender<Arc<crate::policy_maps::Compiled>>,
+        _policies: watch::Sender<Arc<crate::policy::Compiled>>,
         _shutdown: watch::Sender<bool>,
     }
 

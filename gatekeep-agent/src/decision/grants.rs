@@ -40,8 +40,8 @@ use uuid::Uuid;
 
 use crate::{
     audit::AuditSink,
-    kernel::{GrantKernel, boot_time_ns},
-    policy_maps::Compiled,
+    bpf::kernel::{GrantKernel, boot_time_ns},
+    policy::Compiled,
 };
 
 /// The kernel identity of the request a grant was made for.
@@ -620,7 +620,7 @@ mod tests {
     use super::*;
     use crate::{
         audit::MemorySink,
-        testing::{FakeGrants, compiled_policies},
+        bpf::testing::{FakeGrants, compiled_policies},
     };
 
     fn compiled(names: &[&str], ids: &[u32]) -> Compiled {
