@@ -18,6 +18,7 @@ use std::{
 };
 
 use gatekeep_audit::{AuditError, AuditRecord, RecordKind};
+use gatekeep_common::map_names;
 use gatekeep_policy::{PolicyError, PolicySet};
 use serde_json::json;
 use tokio::{
@@ -273,8 +274,9 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
             policies = compiled.names().join(","),
             generation = compiled.generation,
             cgroups_gated = compiled.state.gated.len(),
-            exec_rules = compiled.state.exec_rules.len(),
-            connect_prefixes = compiled.state.connect_v4.len() + compiled.state.connect_v6.len(),
+            exec_rules = compiled.state.rule_count(map_names::EXEC_RULES),
+            connect_prefixes = compiled.state.rule_count(map_names::CONNECT_V4)
+                + compiled.state.rule_count(map_names::CONNECT_V6),
             paused_requests_found = paused_found,
             buffered_events = backlog_len,
             kernel_logs = kernel_logs.is_some(),
@@ -460,8 +462,9 @@ fn record_policy_loaded(
                 .map(|p| json!({ "id": p.id, "name": p.policy.name }))
                 .collect::<Vec<_>>(),
             "cgroups_gated": compiled.cgroup_paths.values().collect::<Vec<_>>(),
-            "exec_rules": compiled.state.exec_rules.len(),
-            "connect_prefixes": compiled.state.connect_v4.len() + compiled.state.connect_v6.len(),
+            "exec_rules": compiled.state.rule_count(map_names::EXEC_RULES),
+            "connect_prefixes": compiled.state.rule_count(map_names::CONNECT_V4)
+                + compiled.state.rule_count(map_names::CONNECT_V6),
             "warnings": compiled.warnings,
         }),
     ));

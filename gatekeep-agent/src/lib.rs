@@ -10,7 +10,9 @@
 //!   reconciling them with the kernel;
 //! - [`decision`]: who decides (local, embedded or remote service) and the
 //!   grants a decision leaves behind;
-//! - [`policy`]: policies compiled into the kernel's maps;
+//! - [`hooks`]: one module per kernel hook (its requests, how policy
+//!   compiles into its maps, how a reviewer reads it);
+//! - [`policy`]: policy sets compiled into the kernel's maps;
 //! - [`audit`]: the agent's local audit log;
 //! - [`preflight`]: can this host run gatekeep, and if not, why;
 //! - [`config`], [`paths`], [`daemon`] (the wiring of `run`) and [`admin`]
@@ -22,6 +24,7 @@ pub mod bpf;
 pub mod config;
 pub mod daemon;
 pub mod decision;
+pub mod hooks;
 pub mod paths;
 pub mod pause;
 pub mod policy;

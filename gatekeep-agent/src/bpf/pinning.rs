@@ -32,6 +32,7 @@ use aya::{
     pin::PinError,
     programs::links::FdLink,
 };
+use gatekeep_common::{global_names, map_names};
 
 use crate::{
     bpf::{
@@ -45,22 +46,22 @@ use crate::{
 /// scratch) are pinned too so a partial reload shares them with the running
 /// programs.
 pub const PINNED_MAPS: &[&str] = &[
-    "GATED_CGROUPS",
-    "GATED_FILTER",
-    "POLICIES",
-    "EXEC_RULES",
-    "CONNECT_V4",
-    "CONNECT_V6",
-    "PENDING",
-    "PENDING_SLOTS",
-    "VERDICTS",
+    map_names::GATED_CGROUPS,
+    map_names::GATED_FILTER,
+    map_names::POLICIES,
+    map_names::EXEC_RULES,
+    map_names::CONNECT_V4,
+    map_names::CONNECT_V6,
+    map_names::PENDING,
+    map_names::PENDING_SLOTS,
+    map_names::VERDICTS,
     // Granted durations ("allow for 1h"); ignored while the object has none.
-    "GRANTS",
-    "EXEC_APPROVED",
-    "ARGV_SCRATCH",
-    "EVENTS",
-    "COUNTERS",
-    BUILD_ID,
+    map_names::GRANTS,
+    map_names::EXEC_APPROVED,
+    map_names::ARGV_SCRATCH,
+    map_names::EVENTS,
+    map_names::COUNTERS,
+    map_names::BUILD_ID,
 ];
 
 /// Errors loading, adopting or unloading the pinned programs.
@@ -274,9 +275,9 @@ pub fn open_map(layout: &PinLayout, name: &str) -> Result<Map, PinningError> {
 }
 
 fn open_ring(layout: &PinLayout) -> Result<RingBuf<MapData>, PinningError> {
-    let map = open_map(layout, "EVENTS")?;
+    let map = open_map(layout, map_names::EVENTS)?;
     RingBuf::try_from(map).map_err(|source| PinningError::MapLayout {
-        path: layout.map("EVENTS"),
+        path: layout.map(map_names::EVENTS),
         source,
     })
 }
@@ -293,8 +294,8 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&btf))
-        .override_global("KERNEL_OFFSETS", &offsets, true)
-        .override_global("DIGEST_KEY", &digest_key, true);
+        .override_global(global_names::KERNEL_OFFSETS, &offsets, true)
+        .override_global(global_names::DIGEST_KEY, &digest_key, true);
     let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
         .map(|name| (*name, layout.map(name)))
@@ -333,16 +334,14 @@ fn any_link_pinned(layout: &PinLayout) -> bool {
     fs::read_dir(layout.links_dir()).is_ok_and(|mut entries| entries.next().is_some())
 }
 
-/// Name of the pinned map that records the build of the pinned programs.
-const BUILD_ID: &str = "BUILD_ID";
-
 fn build_id_error(layout: &PinLayout) -> impl FnOnce(MapError) -> PinningError {
-    let path = layout.map(BUILD_ID);
+    let path = layout.map(map_names::BUILD_ID);
     move |source| PinningError::BuildId { path, source }
 }
 
 fn build_id_map(layout: &PinLayout) -> Result<Array<MapData, [u8; 32]>, PinningError> {
-    let data = MapData::from_pin(layout.map(BUILD_ID)).map_err(build_id_error(layout))?;
+    let data =
+        MapData::from_pin(layout.map(map_names::BUILD_ID)).map_err(build_id_error(layout))?;
     Array::try_from(Map::Array(data)).map_err(build_id_error(layout))
 }
 
@@ -350,7 +349,7 @@ fn build_id_map(layout: &PinLayout) -> Result<Array<MapData, [u8; 32]>, PinningE
 /// builds were recorded).
 fn check_build(layout: &PinLayout) -> Result<(), PinningError> {
     let ours = object_id();
-    let pinned = if layout.map(BUILD_ID).exists() {
+    let pinned = if layout.map(map_names::BUILD_ID).exists() {
         build_id_map(layout)?
             .get(&0, 0)
             .map_err(build_id_error(layout))?
@@ -467,7 +466,7 @@ mod tests {
             Path::new("/sys/fs/bpf/gk/links/socket_connect")
         );
         assert_eq!(
-            layout.map("PENDING"),
+            layout.map(map_names::PENDING),
             Path::new("/sys/fs/bpf/gk/maps/PENDING")
         );
     }
@@ -510,7 +509,7 @@ mod tests {
         fs::create_dir_all(layout.links_dir()).expect("mkdir");
         fs::create_dir_all(layout.maps_dir()).expect("mkdir");
         fs::write(layout.link("socket_connect"), "").expect("pin");
-        fs::write(layout.map("PENDING"), "").expect("pin");
+        fs::write(layout.map(map_names::PENDING), "").expect("pin");
         fs::write(layout.map("OLD_MAP"), "").expect("pin");
         assert_eq!(layout.pinned_programs(), ["socket_connect"]);
         let removed = unpin_all(&layout).expect("unpin");

@@ -13,9 +13,10 @@ use gatekeep_common::{PendingRequest, Verdict, VerdictKey, action, request_kind}
 
 use crate::{
     bpf::{
-        events::{Event, ExecRequest, Origin, RequestKind},
+        events::{Event, Origin, RequestKind},
         kernel::{KernelError, PauseKernel, boot_time_ns},
     },
+    hooks::{Request, exec::ExecRequest},
     pause::resume::{TaskState, Tasks},
 };
 
@@ -114,7 +115,7 @@ impl State {
             }
             self.events.push(Event::VerdictApplied {
                 origin: origin(&task),
-                kind: RequestKind::Exec,
+                kind: RequestKind(request_kind::EXEC),
                 action: verdict.action,
             });
             return;
@@ -160,7 +161,7 @@ fn pending_for(task: &FakeTask, created_ns: u64) -> PendingRequest {
 }
 
 fn ask_event_for(task: &FakeTask) -> Event {
-    Event::ExecAsk(ExecRequest {
+    Event::Ask(Request::Exec(ExecRequest {
         origin: origin(task),
         dev: 1,
         ino: 2,
@@ -168,7 +169,7 @@ fn ask_event_for(task: &FakeTask) -> Event {
         argv: vec!["tool".into(), format!("{:x}", task.digest)],
         argv_truncated: false,
         argc: 2,
-    })
+    }))
 }
 
 /// The simulated kernel (maps) and tasks (`/proc`, signals) in one.
@@ -225,7 +226,7 @@ impl FakeKernel {
                 origin.digest = pending.digest;
                 state.events.push(Event::Abandoned {
                     origin,
-                    kind: RequestKind::Exec,
+                    kind: RequestKind(request_kind::EXEC),
                 });
             }
         }

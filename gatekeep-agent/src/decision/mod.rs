@@ -26,7 +26,7 @@ use gatekeep_proto::model::ApprovalSettings;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::{bpf::events::Destination, pause::enrich::Enrichment};
+use crate::{hooks::connect::Destination, pause::enrich::Enrichment};
 
 /// A paused request, as put to a decider.
 #[derive(Debug, Clone, Serialize)]

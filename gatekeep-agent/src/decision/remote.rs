@@ -42,12 +42,13 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::{
-    bpf::{events::Destination, kernel::boot_time_ns},
+    bpf::kernel::boot_time_ns,
     decision::{
         DecideError, Decider, Decision, DecisionRequest, RequestDetails, RequestTarget, Verdict,
         Withdrawal,
         grants::{GrantTarget, GrantsHandle},
     },
+    hooks::connect::Destination,
 };
 
 type Waiter = oneshot::Sender<Result<model::Decision, LinkError>>;

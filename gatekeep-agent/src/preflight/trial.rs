@@ -533,7 +533,7 @@ mod tests {
         );
         let map = LoadError::Object {
             source: aya::EbpfError::MapError(aya::maps::MapError::CreateError {
-                name: "EVENTS".to_owned(),
+                name: gatekeep_common::map_names::EVENTS.to_owned(),
                 io_error: io::Error::from_raw_os_error(libc::EPERM),
             }),
         };
