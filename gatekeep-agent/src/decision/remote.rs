@@ -1025,9 +1025,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unreachable_service_gets_the_policys_timeout_action_at_the_deadline() {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        // Bound but not listening: the port stays this test's (no other test can take it,
+        // as one could after a listener is dropped) and every connection to it is refused.
+        let closed = tokio::net::TcpSocket::new_v4().expect("socket");
+        closed
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
         let endpoint = format!("https://{}", closed.local_addr().expect("addr"));
-        drop(closed);
         let pki = Pki::ephemeral(&[]).expect("pki");
         let identity = pki.agent("h1").expect("agent cert");
         let (link, events) = AgentLink::start(AgentLinkConfig::new(
