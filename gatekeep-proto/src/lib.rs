@@ -6,6 +6,7 @@
 //! [`convert`] on one side means the same thing on the other.
 
 pub mod convert;
+pub mod id;
 pub mod limits;
 pub mod model;
 
