@@ -150,8 +150,7 @@ fn rfc8785_libraries_do_not_reproduce_the_stored_bytes() {
     });
 
     // Both follow RFC 8785: object keys in UTF-16 order (U+1F600 before U+E000, where UTF-8
-    // byte order has U+E000 first) and floats as ECMAScript writes them (1.0 is `1`, 1e21 is
-    // `1e+21`). serde_json_canonicalizer also writes every number as an IEEE double, so
+    // byte order has U+E000 first) and floats as ECMAScript writes them (1.0 is `1`). serde_json_canonicalizer also writes every number as an IEEE double, so
     // integers above 2^53 (inode and device numbers, u64 ids) lose digits; canon-json keeps
     // integers as serde_json writes them. Everything our payloads hold as text (non-ASCII,
     // escapes, U+2028) comes out the same.
@@ -171,5 +170,25 @@ fn rfc8785_libraries_do_not_reproduce_the_stored_bytes() {
             "keys beyond the Basic Multilingual Plane"
         ],
         "serde_json_canonicalizer"
+    );
+
+    // What the differences look like.
+    let max = json!({"dev": u64::MAX});
+    assert_eq!(
+        canonical_json(&max).expect("ours"),
+        r#"{"dev":18446744073709551615}"#
+    );
+    assert_eq!(
+        serde_json_canonicalizer::to_string(&max).expect("jcs"),
+        r#"{"dev":18446744073709552000}"#
+    );
+    let floats = json!({"a": 1.0, "b": 1e21});
+    assert_eq!(
+        canonical_json(&floats).expect("ours"),
+        r#"{"a":1.0,"b":1e+21}"#
+    );
+    assert_eq!(
+        serde_json_canonicalizer::to_string(&floats).expect("jcs"),
+        r#"{"a":1,"b":1e+21}"#
     );
 }

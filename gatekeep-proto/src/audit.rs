@@ -121,7 +121,8 @@ pub struct Process {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome<'a> {
     pub schema: Schema,
-    pub policy: Cow<'a, str>,
+    /// The policy that asked; absent only in agent records of requests it no longer knew.
+    pub policy: Option<Cow<'a, str>>,
     pub kind: Kind,
     /// What was asked. Absent only in agent records of requests it no longer tracked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,6 +162,9 @@ pub struct Outcome<'a> {
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tid: Option<u32>,
+    /// Agent records of requests that ended by a kernel event: what the kernel reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelFacts>,
 }
 
 /// `grant_installed`, `grant_revoked`: a standing grant came or went. `G` is the service's
@@ -191,9 +195,16 @@ pub struct AgentStarted {
     pub retired: Vec<String>,
     pub pin_dir: String,
     pub paused_requests_found: usize,
-    /// `local`, `embedded` or `remote`, and the service's address.
-    pub decision_mode: String,
-    pub decision_service: Option<String>,
+    pub decision: DecisionSetting,
+}
+
+/// Who decides for an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionSetting {
+    /// `local`, `embedded` or `remote`.
+    pub mode: String,
+    /// The decision service's address (`embedded`, `remote`).
+    pub service: Option<String>,
 }
 
 /// `agent_stopped`. Agent records only.
@@ -211,7 +222,7 @@ pub struct AgentStopped {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyLoaded {
     pub schema: Schema,
-    /// `start`, `reload` (SIGHUP or a file change)...
+    /// What loaded it: `startup`, or what triggered a reload.
     pub trigger: String,
     pub policy_dir: String,
     pub generation: u32,
@@ -276,7 +287,7 @@ mod tests {
 
         let outcome = Outcome {
             schema: Schema::default(),
-            policy: "agents".into(),
+            policy: Some("agents".into()),
             kind: Kind::Exec,
             target: Some(Cow::Borrowed(&request.target)),
             state: RequestState::Approved,
@@ -292,6 +303,7 @@ mod tests {
             is_final: true,
             pid: Some(10),
             tid: Some(11),
+            kernel: None,
         };
         let value = serde_json::to_value(&outcome).unwrap();
         assert_eq!(value["schema"], SCHEMA_VERSION);

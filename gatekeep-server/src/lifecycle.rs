@@ -416,7 +416,7 @@ impl Engine {
         let wait_ms = (decision.decided_at - record.received_at).whole_milliseconds();
         let payload = payload::Outcome {
             schema: Schema::default(),
-            policy: Cow::Borrowed(&record.request.policy),
+            policy: Some(Cow::Borrowed(&record.request.policy)),
             kind: record.request.kind(),
             target: Some(Cow::Borrowed(&record.request.target)),
             state: decision.state,
@@ -432,6 +432,7 @@ impl Engine {
             is_final: true,
             pid: None,
             tid: None,
+            kernel: None,
         };
         self.record_encoded(
             EncodedRecord::new(kind, &record.host, &payload).map(|encoded| {
@@ -523,7 +524,7 @@ impl Engine {
                 let wait_ms = (vote.at - record.received_at).whole_milliseconds();
                 let payload = payload::Outcome {
                     schema: Schema::default(),
-                    policy: Cow::Borrowed(&record.request.policy),
+                    policy: Some(Cow::Borrowed(&record.request.policy)),
                     kind: record.request.kind(),
                     target: Some(Cow::Borrowed(&record.request.target)),
                     state: RequestState::Pending,
@@ -539,6 +540,7 @@ impl Engine {
                     is_final: false,
                     pid: None,
                     tid: None,
+                    kernel: None,
                 };
                 self.record_encoded(
                     EncodedRecord::new(RecordKind::Decided, &record.host, &payload).map(
