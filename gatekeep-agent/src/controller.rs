@@ -22,32 +22,35 @@
 //!   tasks stay stopped (fail closed); the next agent asks them again.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, HashSet},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use gatekeep_audit::{AuditRecord, RecordKind};
-use gatekeep_common::{VerdictKey, request_kind};
-use gatekeep_proto::model::ApprovalSettings;
-use serde_json::{Value, json};
+use gatekeep_common::VerdictKey;
+use gatekeep_proto::{
+    audit::{self as payload, Schema},
+    model::{self, ApprovalSettings, Kind, RequestState},
+};
+use serde::Serialize;
 use tokio::{
     sync::{mpsc, watch},
     task::{AbortHandle, JoinSet},
     time::Instant,
 };
+use uuid::Uuid;
 
 use crate::{
     audit::AuditSink,
-    decide::{
-        Decider, Decision, DecisionRequest, RequestDetails, RequestTarget, Verdict, Withdrawal,
-        decide_by_deadline,
-    },
+    decide::{Decider, Decision, DecisionRequest, Verdict, Withdrawal, decide_by_deadline},
     enrich::{Enricher, Enrichment, RecentEnrichments},
     events::{ConnectRequest, Destination, Event, ExecRequest, Origin, RequestKind},
     kernel::{PauseKernel, boot_time_ns},
     pause::{Finding, PauseTiming, ResumeOutcome, TaskState, Tasks, reconcile, resume},
     policy_maps::{Compiled, LoadedPolicy},
+    request,
 };
 
 /// Longest wait at shutdown for the event reader to hand over what it read.
@@ -67,19 +70,54 @@ enum Stage {
 
 #[derive(Debug)]
 struct Tracked {
-    request_id: String,
+    /// The request as asked (its id is the request id).
+    request: Arc<DecisionRequest>,
     pid: u32,
     digest: u64,
-    kind: &'static str,
-    policy: String,
     asked_at: Instant,
     stage: Stage,
     decision_task: Option<AbortHandle>,
 }
 
 impl Tracked {
+    fn id(&self) -> Uuid {
+        self.request.id()
+    }
+
     fn waited_ms(&self) -> u64 {
         u64::try_from(self.asked_at.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The payload of the record that ends it (`state`), before the decision's details.
+    fn outcome<'a>(
+        &'a self,
+        tid: u32,
+        state: RequestState,
+        verdict: Option<Verdict>,
+        reason: &'a str,
+    ) -> payload::Outcome<'a> {
+        let request = &self.request.request;
+        payload::Outcome {
+            schema: Schema::default(),
+            policy: Some(Cow::Borrowed(&request.policy)),
+            kind: request.kind(),
+            target: Some(Cow::Borrowed(&request.target)),
+            state,
+            verdict: verdict.map(model::Verdict::from),
+            reason: Cow::Borrowed(reason),
+            cause: None,
+            detail: None,
+            duration: None,
+            approvals: None,
+            approvals_required: None,
+            grant_id: None,
+            wait_ms: self.waited_ms(),
+            is_final: true,
+            pid: Some(self.pid),
+            tid: Some(tid),
+            digest: None,
+            comm: None,
+        }
     }
 }
 
@@ -88,12 +126,12 @@ impl Tracked {
 enum Internal {
     Decided {
         tid: u32,
-        request_id: String,
+        request_id: Uuid,
         decision: Decision,
     },
     Resumed {
         tid: u32,
-        request_id: String,
+        request_id: Uuid,
         decision: Decision,
         outcome: Result<ResumeOutcome, String>,
         /// False when a verdict is written again (already recorded).
@@ -124,6 +162,8 @@ pub struct Controller<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> {
     /// a full `/proc` walk each).
     recent_denials: RecentEnrichments,
     host: String,
+    /// The kernel's boot id: part of every request id (see [`request::request_id`]).
+    boot_id: String,
     timing: PauseTiming,
     current: Arc<Compiled>,
     previous: Option<Arc<Compiled>>,
@@ -162,6 +202,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             enricher: parts.enricher,
             recent_denials: RecentEnrichments::default(),
             host: parts.host,
+            boot_id: request::boot_id(std::path::Path::new(request::BOOT_ID_PATH)),
             timing: parts.timing,
             current: parts.policies,
             previous: None,
@@ -195,16 +236,24 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             .cloned()
     }
 
+    /// Records `payload` (one of [`gatekeep_proto::audit`]'s types) as a record of `kind`.
     fn record(
         &self,
         kind: RecordKind,
-        request_id: Option<&str>,
+        request_id: Option<Uuid>,
         actor: Option<&str>,
-        payload: Value,
+        payload: &impl Serialize,
     ) {
+        let payload = match serde_json::to_value(payload) {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::error!(%error, %kind, "cannot encode an audit payload");
+                return;
+            }
+        };
         let mut record = AuditRecord::new(kind, self.host.clone(), payload);
         if let Some(id) = request_id {
-            record = record.with_request_id(id);
+            record = record.with_request_id(id.to_string());
         }
         if let Some(actor) = actor {
             record = record.with_actor(actor);
@@ -305,8 +354,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     request.origin.pid,
                     request.origin.uid,
                 );
-                let payload = self.exec_payload(&request, &info);
-                self.record(RecordKind::KernelDenied, None, Some("kernel"), payload);
+                let payload = self.exec_denied(&request, &info);
+                self.record(RecordKind::KernelDenied, None, Some("kernel"), &payload);
             }
             Event::ConnectDenied(request) => {
                 self.audit.has_room().await;
@@ -316,8 +365,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     request.origin.pid,
                     request.origin.uid,
                 );
-                let payload = self.connect_payload(&request, &info);
-                self.record(RecordKind::KernelDenied, None, Some("kernel"), payload);
+                let payload = self.connect_denied(&request, &info);
+                self.record(RecordKind::KernelDenied, None, Some("kernel"), &payload);
             }
             Event::Abandoned { origin, kind } => self.handle_gone(&origin, kind, false),
             Event::RefusedSpinning { origin, kind } => self.handle_gone(&origin, kind, true),
@@ -382,20 +431,37 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let age = Duration::from_nanos(boot_time_ns().saturating_sub(first_seen));
         let timeout = policy.policy.approval.timeout;
         let deadline = Instant::now() + timeout.saturating_sub(age);
-        let request_id = format!("{first_seen:x}-{tid}-{:016x}", origin.digest);
+        let id = request::request_id(&self.host, &self.boot_id, first_seen, tid, origin.digest);
 
         let info = self.enricher.enrich(origin.pid, origin.uid);
-        let (kind, rule, mut payload) = self.describe(&asked, &policy, &info);
-        payload["rule"] = json!(rule);
-        payload["timeout_ms"] = json!(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
-        payload["on_timeout"] = json!(policy.policy.approval.on_timeout.as_str());
-        if let Some(reference) = self.decider.reference(&request_id) {
-            payload["service_request_id"] = json!(reference);
-        }
+        let (rule, target, kernel) = self.describe(&asked, &policy, origin);
+        let approval = request::approval_request(
+            request::Ask {
+                id,
+                policy: &policy.policy.name,
+                rule: &rule,
+                origin,
+                info: &info,
+                target,
+                approval: ApprovalSettings::from_policy(&policy.policy.approval),
+                on_timeout: model::Verdict::from_policy(policy.policy.approval.on_timeout),
+                timeout,
+                first_seen_ns: first_seen,
+            },
+            SystemTime::now(),
+            boot_time_ns(),
+        );
+        let request = Arc::new(DecisionRequest {
+            request: approval,
+            kernel,
+            digest: origin.digest,
+            timeout,
+            deadline,
+        });
         self.stats.asked += 1;
         tracing::info!(
-            request_id,
-            kind,
+            request_id = %id,
+            kind = request.request.kind().as_str(),
             policy = policy.policy.name,
             rule,
             pid = origin.pid,
@@ -404,28 +470,21 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         );
         self.record(
             RecordKind::Requested,
-            Some(&request_id),
+            Some(id),
             None,
-            payload.clone(),
+            &payload::Requested {
+                schema: Schema::default(),
+                request: Cow::Borrowed(&request.request),
+                service_deadline: None,
+                kernel: Some(request.kernel.clone()),
+            },
         );
 
-        let details = self.details(origin, asked, info, &policy, first_seen);
-        let request = Arc::new(DecisionRequest {
-            request_id: request_id.clone(),
-            kind,
-            policy: policy.policy.name.clone(),
-            rule,
-            context: payload,
-            timeout,
-            on_timeout: Verdict::from_policy(policy.policy.approval.on_timeout),
-            deadline,
-            details,
-        });
         let decider = Arc::clone(&self.decider);
         let internal = self.internal_tx.clone();
-        let id = request_id.clone();
+        let asked_request = Arc::clone(&request);
         let task = self.decisions.spawn(async move {
-            let decision = decide_by_deadline(decider.as_ref(), request).await;
+            let decision = decide_by_deadline(decider.as_ref(), asked_request).await;
             let _ = internal.send(Internal::Decided {
                 tid,
                 request_id: id,
@@ -435,11 +494,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         self.tracked.insert(
             tid,
             Tracked {
-                request_id,
+                request,
                 pid: origin.pid,
                 digest: origin.digest,
-                kind,
-                policy: policy.policy.name.clone(),
                 asked_at: Instant::now(),
                 stage: Stage::Deciding,
                 decision_task: Some(task),
@@ -447,18 +504,21 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         );
     }
 
-    /// What an ask is about, the rule that said ask, and its audit payload.
+    /// The rule that said ask, what is asked, and what the kernel reported.
     fn describe(
         &self,
         asked: &Asked,
         policy: &LoadedPolicy,
-        info: &Enrichment,
-    ) -> (&'static str, String, Value) {
+        origin: &Origin,
+    ) -> (String, model::Target, payload::KernelFacts) {
         match asked {
             Asked::Exec(request) => (
-                "exec",
                 policy.exec_rule(request.dev, request.ino),
-                self.exec_payload(request, info),
+                request::exec_target(
+                    &self.enricher.display_path(origin.pid, &request.filename),
+                    &request.argv,
+                ),
+                request::kernel_facts(origin, Some(request), None),
             ),
             Asked::Connect(request) => {
                 let rule = match &request.destination {
@@ -468,45 +528,12 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     }
                     Destination::Other { .. } => "connect default".to_owned(),
                 };
-                ("connect", rule, self.connect_payload(request, info))
+                (
+                    rule,
+                    request::connect_target(&request.destination, request.sock_type),
+                    request::kernel_facts(origin, None, Some(request.sock_type)),
+                )
             }
-        }
-    }
-
-    /// The typed form of a request, for the decider.
-    fn details(
-        &self,
-        origin: &Origin,
-        asked: Asked,
-        info: Enrichment,
-        policy: &LoadedPolicy,
-        first_seen: u64,
-    ) -> RequestDetails {
-        let target = match asked {
-            Asked::Exec(request) => RequestTarget::Exec {
-                executable: self.enricher.display_path(origin.pid, &request.filename),
-                argv: request.argv,
-            },
-            Asked::Connect(request) => RequestTarget::Connect {
-                destination: request.destination,
-                sock_type: request.sock_type,
-            },
-        };
-        RequestDetails {
-            pid: origin.pid,
-            tid: origin.tid,
-            uid: origin.uid,
-            policy_id: origin.policy_id,
-            kind: match target {
-                RequestTarget::Exec { .. } => request_kind::EXEC,
-                RequestTarget::Connect { .. } => request_kind::CONNECT,
-            },
-            digest: origin.digest,
-            cgroup_id: origin.cgroup_id,
-            first_seen_ns: first_seen,
-            enrichment: info,
-            target,
-            approval: ApprovalSettings::from_policy(&policy.policy.approval),
         }
     }
 
@@ -520,7 +547,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         }
         self.stats.superseded += 1;
         tracing::info!(
-            request_id = old.request_id,
+            request_id = %old.id(),
             tid,
             "request superseded by a new one from the same thread"
         );
@@ -538,26 +565,20 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         }
         if old.stage == Stage::Deciding {
             self.decider.withdraw(
-                &old.request_id,
+                old.id(),
                 Withdrawal::Superseded,
                 "the thread asked something else before the decision applied",
             );
         }
         if old.stage == Stage::Deciding || old.stage == Stage::Resuming {
-            self.record(
-                RecordKind::Cancelled,
-                Some(&old.request_id),
-                None,
-                json!({
-                    "reason": "superseded",
-                    "detail": "the thread asked something else before the decision applied (e.g. argv rewritten)",
-                    "pid": old.pid,
-                    "tid": tid,
-                    "kind": old.kind,
-                    "policy": old.policy,
-                    "wait_ms": old.waited_ms(),
-                }),
-            );
+            let payload = payload::Outcome {
+                cause: Some(Cow::Borrowed("superseded")),
+                detail: Some(Cow::Borrowed(
+                    "the thread asked something else before the decision applied (e.g. argv rewritten)",
+                )),
+                ..old.outcome(tid, RequestState::Cancelled, None, "")
+            };
+            self.record(RecordKind::Cancelled, Some(old.id()), None, &payload);
         }
     }
 
@@ -582,46 +603,104 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     "the task exited while it waited for a decision",
                 )
             };
-            self.decider.withdraw(&tracked.request_id, reason, detail);
+            self.decider.withdraw(tracked.id(), reason, detail);
         }
-        let mut payload = json!({
-            "pid": origin.pid,
-            "ppid": origin.ppid,
-            "tid": origin.tid,
-            "kind": kind.as_str(),
-            "digest": format!("{:016x}", origin.digest),
-            "comm": origin.comm,
-        });
-        if let Some(tracked) = &tracked {
-            payload["wait_ms"] = json!(tracked.waited_ms());
-            payload["policy"] = json!(tracked.policy);
-        }
-        let request_id = tracked.as_ref().map(|t| t.request_id.as_str());
+        let request_id = tracked.as_ref().map(Tracked::id);
         if refused {
             self.stats.kernel_denied += 1;
-            payload["reason"] = json!("refused_spinning");
-            payload["detail"] =
-                json!("the task re-entered the hook without stopping (traced); refused with EPERM");
             tracing::warn!(
                 tid = origin.tid,
                 pid = origin.pid,
                 "paused request refused: the task is traced and would spin"
             );
+            let known = tracked.as_ref().map(|t| &t.request.request);
+            let policy = self.policy(origin.policy_id);
+            let payload = payload::KernelDenied {
+                schema: Schema::default(),
+                kind: model_kind(kind),
+                policy: known
+                    .map(|r| r.policy.clone())
+                    .or_else(|| policy.map(|p| p.policy.name.clone())),
+                rule: known.map(|r| r.rule.clone()),
+                process: request::process(origin, &Enrichment::default()),
+                target: known.map(|r| r.target.clone()),
+                kernel: request::kernel_facts(origin, None, None),
+                reason: Some("refused_spinning".to_owned()),
+                detail: Some(
+                    "the task re-entered the hook without stopping (traced); refused with EPERM"
+                        .to_owned(),
+                ),
+            };
             self.record(
                 RecordKind::KernelDenied,
                 request_id,
                 Some("kernel"),
-                payload,
+                &payload,
             );
         } else {
             self.stats.abandoned += 1;
             tracing::info!(
                 tid = origin.tid,
                 pid = origin.pid,
-                ?request_id,
+                request_id = ?request_id,
                 "paused task exited; request abandoned"
             );
-            self.record(RecordKind::Abandoned, request_id, None, payload);
+            let detail = "the task exited while it waited for a decision";
+            let payload = match &tracked {
+                Some(tracked) => payload::Outcome {
+                    cause: Some(Cow::Borrowed("task_exited")),
+                    detail: Some(Cow::Borrowed(detail)),
+                    ..tracked.outcome(origin.tid, RequestState::Abandoned, None, "")
+                },
+                None => self.untracked_outcome(
+                    origin.policy_id,
+                    kind,
+                    origin.pid,
+                    origin.tid,
+                    origin.digest,
+                    Some(&origin.comm),
+                    detail,
+                ),
+            };
+            self.record(RecordKind::Abandoned, request_id, None, &payload);
+        }
+    }
+
+    /// The end of a request the agent did not track (its event was missed, or it was asked
+    /// before this agent started): what the kernel said of it.
+    #[expect(clippy::too_many_arguments, reason = "the kernel's facts, one by one")]
+    fn untracked_outcome<'a>(
+        &self,
+        policy_id: u32,
+        kind: RequestKind,
+        pid: u32,
+        tid: u32,
+        digest: u64,
+        comm: Option<&str>,
+        detail: &'a str,
+    ) -> payload::Outcome<'a> {
+        payload::Outcome {
+            schema: Schema::default(),
+            policy: self
+                .policy(policy_id)
+                .map(|p| Cow::Owned(p.policy.name.clone())),
+            kind: model_kind(kind),
+            target: None,
+            state: RequestState::Abandoned,
+            verdict: None,
+            reason: Cow::Borrowed(""),
+            cause: Some(Cow::Borrowed("task_exited")),
+            detail: Some(Cow::Borrowed(detail)),
+            duration: None,
+            approvals: None,
+            approvals_required: None,
+            grant_id: None,
+            wait_ms: 0,
+            is_final: true,
+            pid: Some(pid),
+            tid: Some(tid),
+            digest: Some(format!("{digest:016x}")),
+            comm: comm.map(str::to_owned),
         }
     }
 
@@ -635,7 +714,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 let Some(tracked) = self.tracked.get_mut(&tid) else {
                     return;
                 };
-                if tracked.request_id != request_id || tracked.stage != Stage::Deciding {
+                if tracked.id() != request_id || tracked.stage != Stage::Deciding {
                     return;
                 }
                 tracked.stage = Stage::Resuming;
@@ -652,21 +731,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 let Some(tracked) = self.tracked.get_mut(&tid) else {
                     return;
                 };
-                if tracked.request_id != request_id {
+                if tracked.id() != request_id {
                     return;
-                }
-                let waited = tracked.waited_ms();
-                let mut base = json!({
-                    "pid": tracked.pid,
-                    "tid": tid,
-                    "kind": tracked.kind,
-                    "policy": tracked.policy,
-                    "verdict": decision.verdict.as_str(),
-                    "reason": decision.reason,
-                    "wait_ms": waited,
-                });
-                if let Some(details) = &decision.details {
-                    base["service"] = details.clone();
                 }
                 match outcome {
                     Ok(ResumeOutcome::Resumed | ResumeOutcome::ResumedUnconfirmed) => {
@@ -678,31 +744,56 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                             return;
                         }
                         self.stats.decided += 1;
-                        let kind = if decision.expired {
-                            RecordKind::Expired
-                        } else {
-                            RecordKind::Decided
+                        let (kind, state) = match (&decision.service, decision.expired) {
+                            (_, true) => (RecordKind::Expired, RequestState::Expired),
+                            (Some(service), false) => (RecordKind::Decided, service.state),
+                            (None, false) => (
+                                RecordKind::Decided,
+                                match decision.verdict {
+                                    Verdict::Allow => RequestState::Approved,
+                                    Verdict::Deny => RequestState::Denied,
+                                },
+                            ),
+                        };
+                        let Some(tracked) = self.tracked.get(&tid) else {
+                            return;
                         };
                         tracing::info!(
-                            request_id,
+                            request_id = %request_id,
                             verdict = decision.verdict.as_str(),
                             actor = decision.actor,
-                            wait_ms = waited,
+                            wait_ms = tracked.waited_ms(),
                             "request decided, task resumed"
                         );
-                        self.record(kind, Some(&request_id), Some(&decision.actor), base);
+                        let payload = payload::Outcome {
+                            duration: Some(
+                                decision
+                                    .service
+                                    .as_ref()
+                                    .map_or_else(|| "once".to_owned(), |s| s.duration.clone()),
+                            ),
+                            grant_id: decision.service.as_ref().and_then(|s| s.grant_id),
+                            ..tracked.outcome(tid, state, Some(decision.verdict), &decision.reason)
+                        };
+                        self.record(kind, Some(request_id), Some(&decision.actor), &payload);
                     }
                     Ok(ResumeOutcome::Superseded) => self.supersede(tid),
                     Ok(ResumeOutcome::Gone) => {
-                        self.tracked.remove(&tid);
+                        let Some(tracked) = self.tracked.remove(&tid) else {
+                            return;
+                        };
                         self.stats.abandoned += 1;
-                        let mut payload = base;
-                        payload["detail"] =
-                            json!("the task exited before its decision could be applied");
-                        self.record(RecordKind::Abandoned, Some(&request_id), None, payload);
+                        let payload = payload::Outcome {
+                            cause: Some(Cow::Borrowed("task_exited")),
+                            detail: Some(Cow::Borrowed(
+                                "the task exited before its decision could be applied",
+                            )),
+                            ..tracked.outcome(tid, RequestState::Abandoned, None, &decision.reason)
+                        };
+                        self.record(RecordKind::Abandoned, Some(request_id), None, &payload);
                     }
                     Err(err) => {
-                        tracing::error!(request_id, error = err, "failed to resume; retrying");
+                        tracing::error!(%request_id, error = err, "failed to resume; retrying");
                         let internal = self.internal_tx.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -725,7 +816,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let Some(tracked) = self.tracked.get(&tid) else {
             return;
         };
-        let (pid, digest, request_id) = (tracked.pid, tracked.digest, tracked.request_id.clone());
+        let (pid, digest, request_id) = (tracked.pid, tracked.digest, tracked.id());
         let kernel = Arc::clone(&self.kernel);
         let tasks = Arc::clone(&self.tasks);
         let timing = self.timing;
@@ -777,18 +868,16 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             match *finding {
                 Finding::Dead { tid, pending } => {
                     self.stats.abandoned += 1;
-                    self.record(
-                        RecordKind::Abandoned,
+                    let payload = self.untracked_outcome(
+                        pending.policy_id,
+                        RequestKind::from_raw(pending.kind),
+                        pending.pid,
+                        tid,
+                        pending.digest,
                         None,
-                        None,
-                        json!({
-                            "pid": pending.pid,
-                            "tid": tid,
-                            "kind": RequestKind::from_raw(pending.kind).as_str(),
-                            "digest": format!("{:016x}", pending.digest),
-                            "detail": "found by the reconciler: the task is gone",
-                        }),
+                        "found by the reconciler: the task is gone",
                     );
+                    self.record(RecordKind::Abandoned, None, None, &payload);
                 }
                 Finding::Reasked { tid, pending } => {
                     self.stats.reasked += 1;
@@ -856,7 +945,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             if record {
                 let gone = self.tasks.state(tracked.pid, tid) == TaskState::Gone;
                 self.decider.withdraw(
-                    &tracked.request_id,
+                    tracked.id(),
                     if gone {
                         Withdrawal::TaskExited
                     } else {
@@ -869,19 +958,17 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 } else {
                     RecordKind::Cancelled
                 };
-                self.record(
-                    kind,
-                    Some(&tracked.request_id),
-                    None,
-                    json!({
-                        "pid": tracked.pid,
-                        "tid": tid,
-                        "kind": tracked.kind,
-                        "policy": tracked.policy,
-                        "wait_ms": tracked.waited_ms(),
-                        "detail": "the kernel no longer holds this request",
-                    }),
-                );
+                let (state, cause) = if gone {
+                    (RequestState::Abandoned, "task_exited")
+                } else {
+                    (RequestState::Cancelled, "vanished")
+                };
+                let payload = payload::Outcome {
+                    cause: Some(Cow::Borrowed(cause)),
+                    detail: Some(Cow::Borrowed("the kernel no longer holds this request")),
+                    ..tracked.outcome(tid, state, None, "")
+                };
+                self.record(kind, Some(tracked.id()), None, &payload);
             }
         }
         for (tid, verdict) in retry {
@@ -892,7 +979,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     actor: "agent".to_owned(),
                     reason: "verdict written again: the task stopped before using it".to_owned(),
                     expired: false,
-                    details: None,
+                    service: None,
                 };
                 self.spawn_resume(tid, decision, false);
             }
@@ -914,80 +1001,72 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         self.drain_internal();
         for (tid, tracked) in std::mem::take(&mut self.tracked) {
             if tracked.stage == Stage::Deciding || tracked.stage == Stage::Resuming {
-                self.record(
-                    RecordKind::Cancelled,
-                    Some(&tracked.request_id),
-                    None,
-                    json!({
-                        "pid": tracked.pid,
-                        "tid": tid,
-                        "kind": tracked.kind,
-                        "policy": tracked.policy,
-                        "wait_ms": tracked.waited_ms(),
-                        "reason": "agent_stopped",
-                        "detail": "the agent stopped before a decision; the task stays paused and the next agent asks again",
-                    }),
-                );
+                let payload = payload::Outcome {
+                    cause: Some(Cow::Borrowed("agent_stopped")),
+                    detail: Some(Cow::Borrowed(
+                        "the agent stopped before a decision; the task stays paused and the next agent asks again",
+                    )),
+                    ..tracked.outcome(tid, RequestState::Cancelled, None, "")
+                };
+                self.record(RecordKind::Cancelled, Some(tracked.id()), None, &payload);
             }
         }
         self.stats
     }
 
-    fn origin_payload(&self, origin: &Origin, info: &Enrichment) -> Value {
-        let policy = self.policy(origin.policy_id).map(|p| p.policy.name.clone());
-        json!({
-            "pid": origin.pid,
-            "ppid": origin.ppid,
-            "tid": origin.tid,
-            "uid": origin.uid,
-            "gid": origin.gid,
-            "user": info.user,
-            "comm": origin.comm,
-            "cgroup": info.cgroup,
-            "cgroup_id": origin.cgroup_id,
-            "cwd": info.cwd,
-            "ancestry": info.ancestry,
-            "policy": policy,
-            "policy_id": origin.policy_id,
-            "digest": format!("{:016x}", origin.digest),
-        })
-    }
-
-    fn exec_payload(&self, request: &ExecRequest, info: &Enrichment) -> Value {
-        let mut payload = self.origin_payload(&request.origin, info);
-        let exe = self
-            .enricher
-            .display_path(request.origin.pid, &request.filename);
-        payload["kind"] = json!("exec");
-        payload["exe"] = json!(exe);
-        payload["filename"] = json!(request.filename);
-        payload["argv"] = json!(request.argv);
-        payload["argc"] = json!(request.argc);
-        payload["argv_truncated"] = json!(request.argv_truncated);
-        payload["dev"] = json!(request.dev);
-        payload["ino"] = json!(request.ino);
-        if let Some(policy) = self.policy(request.origin.policy_id) {
-            payload["rule"] = json!(policy.exec_rule(request.dev, request.ino));
+    /// A `kernel_denied` payload for an exec the kernel refused by policy.
+    fn exec_denied(&self, request: &ExecRequest, info: &Enrichment) -> payload::KernelDenied {
+        let policy = self.policy(request.origin.policy_id);
+        payload::KernelDenied {
+            schema: Schema::default(),
+            kind: Kind::Exec,
+            policy: policy.as_ref().map(|p| p.policy.name.clone()),
+            rule: policy.map(|p| p.exec_rule(request.dev, request.ino)),
+            process: request::process(&request.origin, info),
+            target: Some(request::exec_target(
+                &self
+                    .enricher
+                    .display_path(request.origin.pid, &request.filename),
+                &request.argv,
+            )),
+            kernel: request::kernel_facts(&request.origin, Some(request), None),
+            reason: None,
+            detail: None,
         }
-        payload
     }
 
-    fn connect_payload(&self, request: &ConnectRequest, info: &Enrichment) -> Value {
-        let mut payload = self.origin_payload(&request.origin, info);
-        payload["kind"] = json!("connect");
-        payload["address"] = json!(request.destination.to_string());
-        payload["sock_type"] = json!(request.sock_type);
-        if let Destination::Ip { addr, port } = request.destination {
-            payload["ip"] = json!(addr);
-            payload["port"] = json!(port);
-            if let Some(policy) = self.policy(request.origin.policy_id) {
-                payload["rule"] = json!(policy.connect_rule(addr, port));
+    /// A `kernel_denied` payload for a connect the kernel refused by policy.
+    fn connect_denied(&self, request: &ConnectRequest, info: &Enrichment) -> payload::KernelDenied {
+        let policy = self.policy(request.origin.policy_id);
+        let rule = match (&policy, &request.destination) {
+            (Some(policy), Destination::Ip { addr, port }) => {
+                Some(policy.connect_rule(*addr, *port))
             }
+            _ => None,
+        };
+        payload::KernelDenied {
+            schema: Schema::default(),
+            kind: Kind::Connect,
+            policy: policy.map(|p| p.policy.name.clone()),
+            rule,
+            process: request::process(&request.origin, info),
+            target: Some(request::connect_target(
+                &request.destination,
+                request.sock_type,
+            )),
+            kernel: request::kernel_facts(&request.origin, None, Some(request.sock_type)),
+            reason: None,
+            detail: None,
         }
-        if let Destination::Unix { path } = &request.destination {
-            payload["unix_path"] = json!(path);
-        }
-        payload
+    }
+}
+
+/// The model's kind of a kernel request kind (the kernel knows no other than exec and
+/// connect; an unknown one is reported as exec).
+fn model_kind(kind: RequestKind) -> Kind {
+    match kind {
+        RequestKind::Connect => Kind::Connect,
+        RequestKind::Exec | RequestKind::Unknown(_) => Kind::Exec,
     }
 }
 
@@ -1000,6 +1079,7 @@ enum Asked {
 #[cfg(test)]
 mod tests {
     use gatekeep_policy::parse_str;
+    use serde_json::json;
 
     use super::*;
     use crate::{
@@ -1086,9 +1166,16 @@ mod tests {
         assert_eq!(rig.kinds(), [RecordKind::Requested, RecordKind::Expired]);
         let records = rig.audit.records();
         assert_eq!(records[0].request_id, records[1].request_id);
-        assert_eq!(records[0].payload["rule"], "exec default ask");
-        assert_eq!(records[0].payload["argv"], json!(["tool", "7"]));
+        let requested = &records[0].payload;
+        assert_eq!(requested["schema"], gatekeep_proto::audit::SCHEMA_VERSION);
+        assert_eq!(requested["request"]["rule"], "exec default ask");
+        assert_eq!(requested["request"]["target"]["argv"], json!(["tool", "7"]));
+        // One id: the record's, the request's, and a valid request id.
+        let id = records[0].request_id.clone().expect("request id");
+        assert_eq!(requested["request"]["id"], id.as_str());
+        assert!(gatekeep_proto::id::parse(&id).is_ok(), "{id}");
         assert_eq!(records[1].payload["verdict"], "allow");
+        assert_eq!(records[1].payload["state"], "expired");
         assert_eq!(records[1].actor.as_deref(), Some("timeout"));
     }
 
@@ -1151,7 +1238,7 @@ mod tests {
                 RecordKind::Requested
             ]
         );
-        assert_eq!(records[1].payload["reason"], "superseded");
+        assert_eq!(records[1].payload["cause"], "superseded");
         assert_ne!(records[0].request_id, records[2].request_id);
         // The new request is decided; the verdict names the new digest only.
         rig.controller.step_internal().await;
@@ -1272,7 +1359,7 @@ mod tests {
         assert!(kernel.verdicts_now().is_empty());
         let kinds: Vec<RecordKind> = audit.records().iter().map(|r| r.kind).collect();
         assert_eq!(kinds, [RecordKind::Requested, RecordKind::Cancelled]);
-        assert_eq!(audit.records()[1].payload["reason"], "agent_stopped");
+        assert_eq!(audit.records()[1].payload["cause"], "agent_stopped");
     }
 
     #[tokio::test(start_paused = true)]

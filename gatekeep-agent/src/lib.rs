@@ -23,6 +23,7 @@ pub mod pinning;
 pub mod policy_maps;
 pub mod preflight;
 pub mod remote;
+pub mod request;
 pub mod service;
 #[cfg(test)]
 mod testing;

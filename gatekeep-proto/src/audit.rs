@@ -162,9 +162,13 @@ pub struct Outcome<'a> {
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tid: Option<u32>,
-    /// Agent records of requests that ended by a kernel event: what the kernel reported.
+    /// Agent records: the kernel's digest of the request (16 hex digits) and the task's
+    /// command name, for requests the agent ended without tracking them (no `requested`
+    /// record of its own holds them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel: Option<KernelFacts>,
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
 }
 
 /// `grant_installed`, `grant_revoked`: a standing grant came or went. `G` is the service's
@@ -303,7 +307,8 @@ mod tests {
             is_final: true,
             pid: Some(10),
             tid: Some(11),
-            kernel: None,
+            digest: None,
+            comm: None,
         };
         let value = serde_json::to_value(&outcome).unwrap();
         assert_eq!(value["schema"], SCHEMA_VERSION);

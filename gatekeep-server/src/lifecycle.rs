@@ -432,7 +432,8 @@ impl Engine {
             is_final: true,
             pid: None,
             tid: None,
-            kernel: None,
+            digest: None,
+            comm: None,
         };
         self.record_encoded(
             EncodedRecord::new(kind, &record.host, &payload).map(|encoded| {
@@ -540,7 +541,8 @@ impl Engine {
                     is_final: false,
                     pid: None,
                     tid: None,
-                    kernel: None,
+                    digest: None,
+                    comm: None,
                 };
                 self.record_encoded(
                     EncodedRecord::new(RecordKind::Decided, &record.host, &payload).map(
