@@ -13,10 +13,12 @@ use gatekeep_policy::PolicyError;
 use serde::Serialize;
 
 use crate::{
-    grants::{self, LocalGrant},
-    kernel::{COUNTER_NAMES, KernelMaps, VERDICT_TTL, boot_time_ns},
-    pause::{ProcTasks, Tasks as _},
-    pinning::{self, PinLayout, PinningError},
+    bpf::{
+        kernel::{COUNTER_NAMES, KernelMaps, VERDICT_TTL, boot_time_ns},
+        pinning::{self, PinLayout, PinningError},
+    },
+    decision::grants::{self, LocalGrant},
+    pause::resume::{ProcTasks, Tasks as _},
 };
 
 /// Errors of the admin subcommands.
@@ -184,7 +186,7 @@ pub fn status(pin_dir: &Path, state_dir: &Path) -> Result<Status, AdminError> {
             status.paused_requests.push(PausedRequest {
                 pid: pending.pid,
                 tid,
-                kind: crate::events::RequestKind::from_raw(pending.kind).as_str(),
+                kind: crate::bpf::events::RequestKind::from_raw(pending.kind).as_str(),
                 policy_id: pending.policy_id,
                 paused_for_ms: now.saturating_sub(pending.created_ns) / 1_000_000,
             });

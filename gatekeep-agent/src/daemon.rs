@@ -27,16 +27,20 @@ use tokio::{
 
 use crate::{
     audit::{AuditHandle, AuditPipeline, AuditSink as _},
+    bpf::{
+        events::reader::EventReader,
+        kernel::{self, KernelHandle, PauseKernel as _},
+        kernel_log,
+        pinning::{self, PinLayout, PinningError},
+    },
     config::{AgentConfig, DecisionMode},
-    controller::{Controller, Parts},
-    enrich::Enricher,
-    events::reader::EventReader,
-    kernel::{self, KernelHandle, PauseKernel as _},
-    kernel_log,
-    pause::{PauseTiming, ProcTasks},
-    pinning::{self, PinLayout, PinningError},
-    policy_maps::{self, Compiled, HostView, PolicyMapsError},
-    service::{self, ServiceError},
+    decision::service::{self, ServiceError},
+    pause::{
+        controller::{Controller, Parts},
+        enrich::Enricher,
+        resume::{PauseTiming, ProcTasks},
+    },
+    policy::{self, Compiled, HostView, PolicyMapsError},
 };
 
 /// Errors that stop the daemon.
@@ -360,8 +364,8 @@ fn release_startup_memory() {
 }
 
 fn log_parse_error(
-    result: Result<crate::events::Event, crate::events::ParseError>,
-) -> Option<crate::events::Event> {
+    result: Result<crate::bpf::events::Event, crate::bpf::events::ParseError>,
+) -> Option<crate::bpf::events::Event> {
     match result {
         Ok(event) => Some(event),
         Err(err) => {
@@ -373,7 +377,7 @@ fn log_parse_error(
 
 async fn read_events(
     mut reader: EventReader,
-    events: mpsc::Sender<Vec<crate::events::Event>>,
+    events: mpsc::Sender<Vec<crate::bpf::events::Event>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -416,7 +420,7 @@ async fn apply_new_policy(
         .read_policy_state()
         .await
         .map_err(|source| DaemonError::Apply { source })?;
-    let ids = policy_maps::allocate_ids(set.policies.len(), &current.ids_in_use())
+    let ids = policy::allocate_ids(set.policies.len(), &current.ids_in_use())
         .map_err(|source| DaemonError::Compile { source })?;
     let generation = current.generation().wrapping_add(1).max(1);
     let compiled = compile_blocking(set.clone(), ids, generation, host.clone()).await?;
@@ -433,7 +437,7 @@ async fn compile_blocking(
     generation: u32,
     host: HostView,
 ) -> Result<Compiled, DaemonError> {
-    tokio::task::spawn_blocking(move || policy_maps::compile(&set, &ids, generation, &host))
+    tokio::task::spawn_blocking(move || policy::compile(&set, &ids, generation, &host))
         .await
         .map_err(|source| DaemonError::Join { source })?
         .map_err(|source| DaemonError::Compile { source })

@@ -12,7 +12,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
-use gatekeep_agent::ebpf::Attached;
+use gatekeep_agent::bpf::programs::Attached;
 use gatekeep_common::{
     ExecEvent, ExecRuleKey, GatedCgroup, PolicyDefaults, TaskEvent, action, gated_filter_slot,
 };
@@ -38,7 +38,8 @@ unsafe impl Event for TaskEvent {}
 /// Loads and attaches every program, then gates `cgroup` as [`gate`] does.
 #[must_use]
 pub fn attach_gating(cgroup: &Cgroup, policy_id: u32, exec_default: u32) -> Attached {
-    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
+    let mut ebpf =
+        gatekeep_agent::bpf::programs::load_and_attach().expect("load and attach the programs");
     gate(&mut ebpf, cgroup, policy_id, exec_default);
     ebpf
 }

@@ -5,7 +5,7 @@
 use std::{io, os::unix::fs::MetadataExt as _, process::Command, time::Duration};
 
 use aya::maps::RingBuf;
-use gatekeep_agent::ebpf::PROGRAMS;
+use gatekeep_agent::bpf::programs::PROGRAMS;
 use gatekeep_common::{ExecEvent, action, counter, event_kind};
 use gatekeep_tests::{
     Cgroup,
@@ -34,7 +34,8 @@ fn gatekeep_programs_loaded() -> Vec<String> {
 fn exec_hook_sees_gated_exec_and_detaches() {
     require_vm();
     let cgroup = Cgroup::create("gatekeep-smoke");
-    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
+    let mut ebpf =
+        gatekeep_agent::bpf::programs::load_and_attach().expect("load and attach the programs");
     let loaded = gatekeep_programs_loaded();
     for program in PROGRAMS {
         assert!(

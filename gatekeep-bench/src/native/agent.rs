@@ -13,13 +13,17 @@ use std::{
 use anyhow::{Result, bail, ensure};
 use gatekeep_agent::{
     audit::{AuditPipeline, AuditSink as _, MemorySink},
-    controller::{Controller, Parts},
-    decide::LocalDecider,
-    enrich::Enricher,
-    events::{ConnectRequest, Destination, Event, ExecRequest, Origin},
-    kernel::{KernelError, PauseKernel, boot_time_ns},
-    pause::{PauseTiming, TaskState, Tasks},
-    policy_maps::{Compiled, HostView, compile},
+    bpf::{
+        events::{ConnectRequest, Destination, Event, ExecRequest, Origin},
+        kernel::{KernelError, PauseKernel, boot_time_ns},
+    },
+    decision::LocalDecider,
+    pause::{
+        controller::{Controller, Parts},
+        enrich::Enricher,
+        resume::{PauseTiming, TaskState, Tasks},
+    },
+    policy::{Compiled, HostView, compile},
 };
 use gatekeep_common::{PendingRequest, Verdict, VerdictKey, request_kind};
 

@@ -173,9 +173,9 @@ impl Service {
 fn request_id() -> Uuid {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let first_seen = gatekeep_agent::kernel::boot_time_ns();
+    let first_seen = gatekeep_agent::bpf::kernel::boot_time_ns();
     let digest = 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(u64::from(n));
-    gatekeep_agent::request::request_id("bench", "bench-boot", first_seen, n, digest)
+    gatekeep_agent::pause::request::request_id("bench", "bench-boot", first_seen, n, digest)
 }
 
 /// An exec request of policy `bench`: `git <command> branch-<n>` (the rule decides

@@ -179,10 +179,7 @@ pub fn install_tiny(path: &Path) -> Result<(u64, u64)> {
     fs::write(path, tiny_elf()).with_context(|| format!("cannot write {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
     let meta = fs::metadata(path)?;
-    Ok((
-        gatekeep_agent::policy_maps::kernel_dev(meta.dev()),
-        meta.ino(),
-    ))
+    Ok((gatekeep_agent::policy::kernel_dev(meta.dev()), meta.ino()))
 }
 
 /// A cgroup made for the benchmark, removed (after killing what is left in it) on drop.

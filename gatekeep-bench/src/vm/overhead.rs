@@ -68,10 +68,10 @@ use aya::{
     programs::links::FdLink,
     sys::{Stats, enable_stats},
 };
-use gatekeep_agent::{
-    ebpf::{Hook, PROGRAMS, Program},
+use gatekeep_agent::bpf::{
     events::Event,
     kernel::boot_time_ns,
+    programs::{Hook, PROGRAMS, Program},
 };
 use gatekeep_common::{
     ConnectV4Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, PolicyDefaults, PortRule, PortRules,
@@ -347,9 +347,9 @@ struct Programs {
 
 impl Programs {
     fn load() -> Result<Self> {
-        let (mut ebpf, btf) = gatekeep_agent::ebpf::open()?;
+        let (mut ebpf, btf) = gatekeep_agent::bpf::programs::open()?;
         for program in measured_programs() {
-            gatekeep_agent::ebpf::load(&mut ebpf, &btf, program)?;
+            gatekeep_agent::bpf::programs::load(&mut ebpf, &btf, program)?;
         }
         Ok(Self {
             lsm: Vec::new(),
@@ -361,7 +361,7 @@ impl Programs {
 
     fn attach<'a>(&mut self, programs: impl Iterator<Item = &'a Program>) -> Result<Vec<FdLink>> {
         programs
-            .map(|p| Ok(gatekeep_agent::ebpf::attach(&mut self.ebpf, p)?))
+            .map(|p| Ok(gatekeep_agent::bpf::programs::attach(&mut self.ebpf, p)?))
             .collect()
     }
 
@@ -533,7 +533,7 @@ impl Drainer {
                     unsafe { libc::poll(&raw mut poll, 1, 50) };
                     while let Some(item) = ring.next() {
                         thread_events.fetch_add(1, Ordering::Relaxed);
-                        match gatekeep_agent::events::parse(&item) {
+                        match gatekeep_agent::bpf::events::parse(&item) {
                             Ok(Event::ExecAsk(ask)) => drop(tx.send((
                                 request_kind::EXEC,
                                 ask.origin.pid,

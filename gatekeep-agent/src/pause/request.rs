@@ -25,8 +25,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::{
-    enrich::Enrichment,
-    events::{Destination, ExecRequest, Origin},
+    bpf::events::{Destination, ExecRequest, Origin},
+    pause::enrich::Enrichment,
 };
 
 /// Where the kernel says which boot this is.
@@ -293,7 +293,7 @@ mod tests {
     use gatekeep_proto::v1;
 
     use super::*;
-    use crate::enrich::ProcessInfo as LocalProcess;
+    use crate::pause::enrich::ProcessInfo as LocalProcess;
 
     fn origin() -> Origin {
         Origin {

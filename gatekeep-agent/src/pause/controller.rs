@@ -44,13 +44,17 @@ use uuid::Uuid;
 
 use crate::{
     audit::AuditSink,
-    decide::{Decider, Decision, DecisionRequest, Verdict, Withdrawal, decide_by_deadline},
-    enrich::{Enricher, Enrichment, RecentEnrichments},
-    events::{ConnectRequest, Destination, Event, ExecRequest, Origin, RequestKind},
-    kernel::{PauseKernel, boot_time_ns},
-    pause::{Finding, PauseTiming, ResumeOutcome, TaskState, Tasks, reconcile, resume},
-    policy_maps::{Compiled, LoadedPolicy},
-    request,
+    bpf::{
+        events::{ConnectRequest, Destination, Event, ExecRequest, Origin, RequestKind},
+        kernel::{PauseKernel, boot_time_ns},
+    },
+    decision::{Decider, Decision, DecisionRequest, Verdict, Withdrawal, decide_by_deadline},
+    pause::{
+        enrich::{Enricher, Enrichment, RecentEnrichments},
+        request,
+        resume::{Finding, PauseTiming, ResumeOutcome, TaskState, Tasks, reconcile, resume},
+    },
+    policy::{Compiled, LoadedPolicy},
 };
 
 /// Longest wait at shutdown for the event reader to hand over what it read.
@@ -1084,9 +1088,9 @@ mod tests {
     use super::*;
     use crate::{
         audit::MemorySink,
-        decide::LocalDecider,
-        policy_maps::{HostView, compile},
-        testing::{ALLOW, DENY, FakeKernel, FakeTask},
+        bpf::testing::{ALLOW, DENY, FakeKernel, FakeTask},
+        decision::LocalDecider,
+        policy::{HostView, compile},
     };
 
     fn policies(on_timeout: &str, timeout: &str) -> Arc<Compiled> {
@@ -1255,7 +1259,7 @@ mod tests {
     }
 
     fn nix_free_sigcont(kernel: &FakeKernel, pid: u32) {
-        crate::pause::Tasks::sigcont(kernel, pid).expect("sigcont");
+        crate::pause::resume::Tasks::sigcont(kernel, pid).expect("sigcont");
     }
 
     #[tokio::test(start_paused = true)]

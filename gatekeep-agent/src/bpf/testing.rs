@@ -12,9 +12,11 @@ use std::{
 use gatekeep_common::{PendingRequest, Verdict, VerdictKey, action, request_kind};
 
 use crate::{
-    events::{Event, ExecRequest, Origin, RequestKind},
-    kernel::{KernelError, PauseKernel, boot_time_ns},
-    pause::{TaskState, Tasks},
+    bpf::{
+        events::{Event, ExecRequest, Origin, RequestKind},
+        kernel::{KernelError, PauseKernel, boot_time_ns},
+    },
+    pause::resume::{TaskState, Tasks},
 };
 
 /// A thread that asks for a decision.
@@ -383,7 +385,7 @@ impl FakeGrants {
     }
 }
 
-impl crate::kernel::GrantKernel for FakeGrants {
+impl crate::bpf::kernel::GrantKernel for FakeGrants {
     async fn grants(
         &self,
     ) -> Result<Vec<(gatekeep_common::GrantKey, gatekeep_common::Grant)>, KernelError> {
@@ -412,7 +414,7 @@ impl crate::kernel::GrantKernel for FakeGrants {
 }
 
 /// Policies named `names` (exec default ask), compiled with kernel ids `ids`.
-pub fn compiled_policies(names: &[&str], ids: &[u32]) -> crate::policy_maps::Compiled {
+pub fn compiled_policies(names: &[&str], ids: &[u32]) -> crate::policy::Compiled {
     use std::fmt::Write as _;
     let mut text = String::new();
     for name in names {
@@ -424,9 +426,9 @@ pub fn compiled_policies(names: &[&str], ids: &[u32]) -> crate::policy_maps::Com
     }
     let set = gatekeep_policy::parse_str("t.toml", &text).expect("policy");
     let dir = tempfile::tempdir().expect("tempdir");
-    let host = crate::policy_maps::HostView {
+    let host = crate::policy::HostView {
         cgroup_root: dir.path().to_owned(),
         own_cgroup: None,
     };
-    crate::policy_maps::compile(&set, ids, 1, &host).expect("compile")
+    crate::policy::compile(&set, ids, 1, &host).expect("compile")
 }

@@ -11,7 +11,7 @@ use aya::{
 };
 use gatekeep_common::KernelOffsets;
 
-use crate::kernel_btf::{BtfError, KernelBtf, Offsets};
+use crate::bpf::btf::{BtfError, KernelBtf, Offsets};
 
 /// The eBPF object built by `build.rs` (empty when built with
 /// `AYA_BUILD_SKIP=1`).

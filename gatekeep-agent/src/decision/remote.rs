@@ -3,7 +3,7 @@
 //! [`AgentLink`].
 //!
 //! - Each paused request goes out as the [`ApprovalRequest`] the controller built
-//!   ([`crate::request`]), under the one request id the agent minted: the service stores it as
+//!   ([`crate::pause::request`]), under the one request id the agent minted: the service stores it as
 //!   its id. A restarted agent asking again about the same paused task mints the same id and
 //!   re-sends the same request (the service treats ids idempotently).
 //! - Requests go out with [`AgentLink::submit`] and every answer comes back
@@ -13,7 +13,7 @@
 //!   verdict is returned.
 //! - The link queues requests while the service is away and re-sends them;
 //!   the agent's deadline is enforced outside, by
-//!   [`decide_by_deadline`](crate::decide::decide_by_deadline) (fail closed:
+//!   [`decide_by_deadline`](crate::decision::decide_by_deadline) (fail closed:
 //!   the policy's timeout action).
 //! - Requests whose task died or asked something else are withdrawn.
 
@@ -31,8 +31,8 @@ use gatekeep_proto::{
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::{
-    decide::{DecideError, Decider, Decision, DecisionRequest, ServiceOutcome, Withdrawal},
+use crate::decision::{
+    DecideError, Decider, Decision, DecisionRequest, ServiceOutcome, Withdrawal,
     grants::{GrantTarget, GrantsHandle},
 };
 
@@ -277,13 +277,19 @@ mod tests {
     use super::*;
     use crate::{
         audit::MemorySink,
-        decide::{Verdict, decide_by_deadline},
-        enrich::{Enrichment, ProcessInfo as LocalProcess},
-        events::Origin,
-        grants::{self, Grants, GrantsConfig},
-        kernel::boot_time_ns,
-        request,
-        testing::{FakeGrants, compiled_policies},
+        bpf::{
+            events::Origin,
+            kernel::boot_time_ns,
+            testing::{FakeGrants, compiled_policies},
+        },
+        decision::{
+            Verdict, decide_by_deadline,
+            grants::{self, Grants, GrantsConfig},
+        },
+        pause::{
+            enrich::{Enrichment, ProcessInfo as LocalProcess},
+            request,
+        },
     };
 
     /// A paused exec of `argv` under policy `agents` (kernel id 3), built as the controller
@@ -388,7 +394,7 @@ mod tests {
         kernel: Arc<FakeGrants>,
         review: ReviewClient,
         stop: Option<oneshot::Sender<()>>,
-        _policies: watch::Sender<Arc<crate::policy_maps::Compiled>>,
+        _policies: watch::Sender<Arc<crate::policy::Compiled>>,
         _shutdown: watch::Sender<bool>,
     }
 
@@ -605,9 +611,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unreachable_service_gets_the_policys_timeout_action_at_the_deadline() {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        // Bound but not listening: the port stays this test's (no other test can take it,
+        // as one could after a listener is dropped) and every connection to it is refused.
+        let closed = tokio::net::TcpSocket::new_v4().expect("socket");
+        closed
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
         let endpoint = format!("https://{}", closed.local_addr().expect("addr"));
-        drop(closed);
         let pki = Pki::ephemeral(&[]).expect("pki");
         let identity = pki.agent("h1").expect("agent cert");
         let (link, events) = AgentLink::start(AgentLinkConfig::new(

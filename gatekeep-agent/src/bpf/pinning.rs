@@ -34,8 +34,10 @@ use aya::{
 };
 
 use crate::{
-    ebpf::{self, LoadError, PROGRAMS},
-    kernel::KernelMaps,
+    bpf::{
+        kernel::KernelMaps,
+        programs::{self, LoadError, PROGRAMS},
+    },
     paths,
 };
 
@@ -282,12 +284,12 @@ fn open_ring(layout: &PinLayout) -> Result<RingBuf<MapData>, PinningError> {
 /// Loads the object (maps from or into the pins) and attaches and pins the
 /// programs named in `missing`.
 fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), PinningError> {
-    if ebpf::OBJECT.is_empty() {
+    if programs::OBJECT.is_empty() {
         return Err(LoadError::NoObject.into());
     }
     let btf = Btf::from_sys_fs().map_err(|source| PinningError::from(LoadError::Btf { source }))?;
-    let offsets = ebpf::kernel_offsets()?;
-    let digest_key = ebpf::random_digest_key()?;
+    let offsets = programs::kernel_offsets()?;
+    let digest_key = programs::random_digest_key()?;
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&btf))
@@ -301,7 +303,7 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
         loader.map_pin_path(name, path.as_path());
     }
     let mut object = loader
-        .load(ebpf::OBJECT)
+        .load(programs::OBJECT)
         .map_err(|source| PinningError::Object {
             dir: layout.maps_dir(),
             source: Box::new(source),
@@ -311,8 +313,8 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
     write_build_id(layout)?;
 
     for program in PROGRAMS.iter().filter(|p| missing.contains(&p.name)) {
-        ebpf::load(&mut object, &btf, program)?;
-        let link = ebpf::attach(&mut object, program)?;
+        programs::load(&mut object, &btf, program)?;
+        let link = programs::attach(&mut object, program)?;
         pin_link(layout, program.name, link)?;
     }
     // Dropping `object` closes our program fds; the pinned links keep the
@@ -324,7 +326,7 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
 #[must_use]
 pub fn object_id() -> [u8; 32] {
     use sha2::Digest as _;
-    sha2::Sha256::digest(ebpf::OBJECT).into()
+    sha2::Sha256::digest(programs::OBJECT).into()
 }
 
 fn any_link_pinned(layout: &PinLayout) -> bool {
@@ -475,12 +477,12 @@ mod tests {
         let programs = PinLayout::programs();
         let first_lsm = PROGRAMS
             .iter()
-            .position(ebpf::Program::is_lsm)
+            .position(programs::Program::is_lsm)
             .expect("an lsm program");
-        assert!(PROGRAMS[first_lsm..].iter().all(ebpf::Program::is_lsm));
+        assert!(PROGRAMS[first_lsm..].iter().all(programs::Program::is_lsm));
         assert_eq!(programs.len(), PROGRAMS.len());
         assert_eq!(
-            ebpf::lsm_programs().map(|p| p.name).collect::<Vec<_>>(),
+            programs::lsm_programs().map(|p| p.name).collect::<Vec<_>>(),
             ["bprm_check_security", "socket_connect"]
         );
     }

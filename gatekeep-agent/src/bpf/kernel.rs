@@ -19,8 +19,8 @@ use gatekeep_common::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    pinning::{PinLayout, PinningError, open_map},
-    policy_maps::{
+    bpf::pinning::{PinLayout, PinningError, open_map},
+    policy::{
         Applied, MapOp, MapState, PolicyMaps, PolicyMapsError, exec_key, v4_bytes, v4_key,
         v6_bytes, v6_key,
     },
@@ -364,9 +364,11 @@ async fn serve(mut maps: KernelMaps, mut receiver: mpsc::Receiver<Command>) {
             Command::ReadPolicyState(reply) => {
                 drop(reply.send(maps.read_state().map_err(KernelError::from)));
             }
-            Command::ApplyPolicy(state, reply) => drop(
-                reply.send(crate::policy_maps::apply(&mut maps, &state).map_err(KernelError::from)),
-            ),
+            Command::ApplyPolicy(state, reply) => {
+                drop(
+                    reply.send(crate::policy::apply(&mut maps, &state).map_err(KernelError::from)),
+                );
+            }
             Command::Counters(reply) => {
                 drop(reply.send(maps.counters().map_err(map_err("read COUNTERS"))));
             }

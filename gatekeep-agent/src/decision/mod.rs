@@ -2,11 +2,22 @@
 //!
 //! [`Decider`] is what the agent asks. [`LocalDecider`] applies the policy's
 //! `on_timeout` action once the approval timeout passes;
-//! [`RemoteDecider`](crate::remote::RemoteDecider) asks the decision service
+//! [`RemoteDecider`](crate::decision::remote::RemoteDecider) asks the decision service
 //! (embedded or central) behind the same trait.
 //! Whatever the decider does, [`decide_by_deadline`] guarantees an answer at
 //! the deadline (the policy's timeout action) and retries a failing decider
 //! until then.
+
+//!
+//! Submodules: [`remote`] (the decision service behind [`Decider`]),
+//! [`embedded`] (that service run in-process), [`service`] (which decider,
+//! as the configuration says) and [`grants`] (what a decision with a
+//! duration leaves in the kernel).
+
+pub mod embedded;
+pub mod grants;
+pub mod remote;
+pub mod service;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -20,7 +31,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 /// A paused request, as put to a decider: the request in the domain model (see
-/// [`crate::request`]) and what only the agent needs about it.
+/// [`crate::pause::request`]) and what only the agent needs about it.
 #[derive(Debug, Clone)]
 pub struct DecisionRequest {
     /// What is asked, with its context, under the one request id: what the service stores
