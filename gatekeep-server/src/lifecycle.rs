@@ -302,10 +302,11 @@ impl Engine {
     /// A re-sent id: the same request from the same host is answered with its state; anything
     /// else reusing the id (another host, or another action) is refused.
     ///
-    /// "The same request" is the same paused action: policy, target, task, cgroup and
-    /// request time. The context the agent gathered around it (ancestry, cwd, user name) may
-    /// differ when an agent restarted and asks again about a task that stayed paused; the
-    /// stored one stands.
+    /// "The same request" is the same paused action: policy, target, task and cgroup (an
+    /// agent's id already hashes the time of the pause). The context the agent gathered
+    /// around it (ancestry, cwd, user name, its rounding of the request time) may differ when
+    /// an agent restarted and asks again about a task that stayed paused; the stored one
+    /// stands.
     fn resent(
         host: &str,
         request: &ApprovalRequest,
@@ -319,8 +320,7 @@ impl Engine {
             && stored.pid == request.pid
             && stored.tid == request.tid
             && stored.uid == request.uid
-            && stored.cgroup == request.cgroup
-            && stored.requested_at == request.requested_at;
+            && stored.cgroup == request.cgroup;
         if !same {
             tracing::warn!(
                 id = %request.id,
