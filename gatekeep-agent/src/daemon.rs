@@ -20,7 +20,7 @@ use std::{
 use gatekeep_audit::{AuditError, AuditRecord, RecordKind};
 use gatekeep_common::map_names;
 use gatekeep_policy::{PolicyError, PolicySet};
-use serde_json::json;
+use gatekeep_proto::audit;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
@@ -175,18 +175,19 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
     sink.record(AuditRecord::new(
         RecordKind::AgentStarted,
         config.host.clone(),
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "pid": std::process::id(),
-            "programs": programs,
-            "start": start.as_str(),
-            "attached_now": attached_now,
-            "retired": retired,
-            "pin_dir": config.pin_dir,
-            "paused_requests_found": paused_found,
-            "decision": {
-                "mode": config.decision.mode().as_str(),
-                "service": match config.decision.mode() {
+        payload(&audit::AgentStarted {
+            schema: audit::Schema::default(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            programs: programs.iter().map(|p| (*p).to_owned()).collect(),
+            start: start.as_str().to_owned(),
+            attached_now: attached_now.iter().map(|p| (*p).to_owned()).collect(),
+            retired: retired.clone(),
+            pin_dir: config.pin_dir.to_string_lossy().into_owned(),
+            paused_requests_found: paused_found,
+            decision: audit::DecisionSetting {
+                mode: config.decision.mode().as_str().to_owned(),
+                service: match config.decision.mode() {
                     DecisionMode::Embedded => Some(format!("https://{}", config.decision.listen)),
                     DecisionMode::Remote => config.decision.server.clone(),
                     DecisionMode::Local => None,
@@ -326,12 +327,13 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
     sink.record(AuditRecord::new(
         RecordKind::AgentStopped,
         config.host.clone(),
-        json!({
-            "pid": std::process::id(),
-            "paused_requests_left": paused_left,
-            "asked": stats.asked,
-            "decided": stats.decided,
-            "abandoned": stats.abandoned,
+        payload(&audit::AgentStopped {
+            schema: audit::Schema::default(),
+            pid: std::process::id(),
+            paused_requests_left: paused_left,
+            asked: stats.asked,
+            decided: stats.decided,
+            abandoned: stats.abandoned,
         }),
     ));
     drop(sink);
@@ -443,6 +445,12 @@ async fn compile_blocking(
         .map_err(|source| DaemonError::Compile { source })
 }
 
+/// An audit payload ([`gatekeep_proto::audit`]) as the record's JSON value.
+fn payload(payload: &impl serde::Serialize) -> serde_json::Value {
+    // Strings, numbers and lists of them: they always encode.
+    serde_json::to_value(payload).unwrap_or_default()
+}
+
 fn record_policy_loaded(
     sink: &AuditHandle,
     config: &AgentConfig,
@@ -452,20 +460,28 @@ fn record_policy_loaded(
     sink.record(AuditRecord::new(
         RecordKind::PolicyLoaded,
         config.host.clone(),
-        json!({
-            "trigger": trigger,
-            "policy_dir": config.policy_dir,
-            "generation": compiled.generation,
-            "policies": compiled
+        payload(&audit::PolicyLoaded {
+            schema: audit::Schema::default(),
+            trigger: trigger.to_owned(),
+            policy_dir: config.policy_dir.to_string_lossy().into_owned(),
+            generation: compiled.generation,
+            policies: compiled
                 .policies
                 .values()
-                .map(|p| json!({ "id": p.id, "name": p.policy.name }))
-                .collect::<Vec<_>>(),
-            "cgroups_gated": compiled.cgroup_paths.values().collect::<Vec<_>>(),
-            "exec_rules": compiled.state.rule_count(map_names::EXEC_RULES),
-            "connect_prefixes": compiled.state.rule_count(map_names::CONNECT_V4)
+                .map(|p| audit::LoadedPolicy {
+                    id: p.id,
+                    name: p.policy.name.clone(),
+                })
+                .collect(),
+            cgroups_gated: compiled
+                .cgroup_paths
+                .values()
+                .map(|path| path.to_string_lossy().into_owned())
+                .collect(),
+            exec_rules: compiled.state.rule_count(map_names::EXEC_RULES),
+            connect_prefixes: compiled.state.rule_count(map_names::CONNECT_V4)
                 + compiled.state.rule_count(map_names::CONNECT_V6),
-            "warnings": compiled.warnings,
+            warnings: compiled.warnings.clone(),
         }),
     ));
 }

@@ -55,14 +55,7 @@ impl Decider for AgentDecider {
         }
     }
 
-    fn reference(&self, request_id: &str) -> Option<String> {
-        match self {
-            AgentDecider::Local(local) => local.reference(request_id),
-            AgentDecider::Remote(remote) => remote.reference(request_id),
-        }
-    }
-
-    fn withdraw(&self, request_id: &str, reason: Withdrawal, detail: &str) {
+    fn withdraw(&self, request_id: uuid::Uuid, reason: Withdrawal, detail: &str) {
         match self {
             AgentDecider::Local(local) => local.withdraw(request_id, reason, detail),
             AgentDecider::Remote(remote) => remote.withdraw(request_id, reason, detail),
