@@ -10,6 +10,7 @@ use std::{
 use gatekeep_audit::{AuditError, ExportFilter};
 use gatekeep_common::{Verdict, VerdictKey, action, map_names};
 use gatekeep_policy::PolicyError;
+use gatekeep_util::retry::poll_until_blocking;
 use serde::Serialize;
 
 use crate::{
@@ -255,17 +256,18 @@ pub fn unload(pin_dir: &Path, proc_root: &Path) -> Result<Unloaded, AdminError> 
             }
         }
         let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            let left = maps.pending().map_err(|source| AdminError::Map {
-                map: map_names::PENDING,
-                source,
-            })?;
-            if left.is_empty() || Instant::now() >= deadline {
-                report.still_paused = left.iter().map(|(tid, _)| *tid).collect();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut left = Ok(Vec::new());
+        poll_until_blocking(deadline, Duration::from_millis(20), || {
+            left = maps.pending();
+            // Done when none is left, or reading failed (reported below).
+            left.as_ref()
+                .map_or(Some(()), |left| left.is_empty().then_some(()))
+        });
+        let left = left.map_err(|source| AdminError::Map {
+            map: map_names::PENDING,
+            source,
+        })?;
+        report.still_paused = left.iter().map(|(tid, _)| *tid).collect();
     }
     report.pins_removed = pinning::unpin_all(&layout)?;
     Ok(report)

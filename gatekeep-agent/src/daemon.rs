@@ -17,27 +17,28 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use aya::maps::{MapData, RingBuf};
 use gatekeep_audit::{AuditError, AuditRecord, RecordKind};
 use gatekeep_common::map_names;
 use gatekeep_policy::{PolicyError, PolicySet};
 use gatekeep_proto::audit;
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
 };
 
 use crate::{
     audit::{AuditHandle, AuditPipeline, AuditSink as _},
     bpf::{
-        events::reader::EventReader,
-        kernel::{self, KernelHandle, PauseKernel as _},
+        events::{Event, reader::EventReader},
+        kernel::{self, KernelHandle, KernelMaps, PauseKernel as _},
         kernel_log,
         pinning::{self, PinLayout, PinningError},
     },
     config::{AgentConfig, DecisionMode},
-    decision::service::{self, ServiceError},
+    decision::service::{self, DecisionService, ServiceError},
     pause::{
-        controller::{Controller, Parts},
+        controller::{Controller, Parts, Stats},
         enrich::Enricher,
         resume::{PauseTiming, ProcTasks},
     },
@@ -118,45 +119,166 @@ pub struct RunOptions {
 }
 
 /// Runs the daemon until SIGINT/SIGTERM, with the decider `[decision]`
-/// names (the embedded decision service by default).
-#[expect(
-    clippy::too_many_lines,
-    reason = "the startup sequence reads best in one place, step by step"
-)]
+/// names (the embedded decision service by default). Each step is a
+/// function below, in this order.
 pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut sigterm =
-        signal(SignalKind::terminate()).map_err(|source| DaemonError::Signals { source })?;
-    let mut sigint =
-        signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signals { source })?;
-    let mut sighup =
-        signal(SignalKind::hangup()).map_err(|source| DaemonError::Signals { source })?;
-
+    let signals = Signals::install()?;
     // 1. The policy must be valid before anything changes.
     let set = load_policy(&config.policy_dir).await?;
     let fingerprint = policy_fingerprint(&config.policy_dir);
-
     // 2. The audit log.
-    let audit = AuditPipeline::open(&config.audit_db).map_err(|source| DaemonError::Audit {
+    let audit = open_audit(&config)?;
+    let sink = Arc::new(audit.handle.clone());
+    // 3. The programs: loaded and pinned, or adopted; one task owns the maps.
+    let kernel = load_kernel(&config).await?;
+    // 4. The policy into the maps (fresh ids: the old set stays in force
+    //    until each cgroup switches).
+    let startup = apply_startup_policy(&config, &kernel, &set, &sink).await?;
+    // The programs' own diagnostics (one log buffer per loaded object).
+    let kernel_logs = kernel_log::attach(&kernel.layout, "bprm_check_security")
+        .map(|logger| tokio::spawn(kernel_log::drain(logger, shutdown_rx.clone())));
+    // 5. The request path: the ring buffer's reader.
+    let reader = start_reader(kernel.events, shutdown_rx.clone()).await?;
+    let (policies_tx, policies_rx) = watch::channel(Arc::new(startup.compiled));
+    // 6. Who decides: the embedded service, a central one, or timeouts only.
+    let decision = service::start(service::Wiring {
+        config: &config,
+        kernel: &kernel.handle,
+        audit: Arc::clone(&sink),
+        start: kernel.start,
+        policies: policies_rx.clone(),
+        shutdown: shutdown_rx.clone(),
+    })
+    .await
+    .map_err(|source| DaemonError::Decision { source })?;
+    // 7. The controller (paused requests) and the policy watch.
+    let controller_task = start_controller(
+        &config,
+        &kernel.handle,
+        &sink,
+        &decision,
+        reader.events,
+        &policies_rx,
+        &shutdown_rx,
+    );
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    let watcher_task = tokio::spawn(watch_policy(
+        config.clone(),
+        kernel.handle.clone(),
+        policies_tx,
+        Arc::clone(&sink),
+        startup.host,
+        fingerprint,
+        reload_rx,
+        shutdown_rx.clone(),
+    ));
+    // 8. Ready.
+    announce_ready(&Ready {
+        config: &config,
+        options: &options,
+        kernel: &kernel.summary,
+        compiled: &policies_rx.borrow(),
+        decision: &decision,
+        paused_found: startup.paused_found,
+        buffered_events: reader.backlog,
+        kernel_logs: kernel_logs.is_some(),
+    })?;
+    // 9. Serve until SIGINT/SIGTERM (SIGHUP reloads the policy).
+    signals.wait(&reload_tx).await;
+    // 10. Stop: every task drains, the audit log commits, nothing is
+    //     detached and no paused task is continued.
+    let _ = shutdown_tx.send(true);
+    shut_down(Stopping {
+        config: &config,
+        options: &options,
+        controller_task,
+        reader_task: reader.task,
+        watcher_task,
+        decision,
+        kernel_logs,
+        kernel: kernel.handle,
+        kernel_task: kernel.task,
+        sink,
+        audit,
+    })
+    .await
+}
+
+/// SIGTERM, SIGINT and SIGHUP, installed before anything starts.
+struct Signals {
+    sigterm: Signal,
+    sigint: Signal,
+    sighup: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, DaemonError> {
+        let install = |kind| signal(kind).map_err(|source| DaemonError::Signals { source });
+        Ok(Self {
+            sigterm: install(SignalKind::terminate())?,
+            sigint: install(SignalKind::interrupt())?,
+            sighup: install(SignalKind::hangup())?,
+        })
+    }
+
+    /// Returns at SIGTERM or SIGINT; a SIGHUP asks `reload` for a reload.
+    async fn wait(mut self, reload: &mpsc::Sender<()>) {
+        loop {
+            tokio::select! {
+                _ = self.sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+                _ = self.sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+                _ = self.sighup.recv() => {
+                    tracing::info!("SIGHUP: reloading the policy");
+                    let _ = reload.try_send(());
+                }
+            }
+        }
+    }
+}
+
+fn open_audit(config: &AgentConfig) -> Result<AuditPipeline, DaemonError> {
+    AuditPipeline::open(&config.audit_db).map_err(|source| DaemonError::Audit {
         path: config.audit_db.clone(),
         source,
-    })?;
-    let sink = Arc::new(audit.handle.clone());
+    })
+}
 
-    // 3. The programs: loaded and pinned, or adopted.
+/// What loading (or adopting) the programs gave the agent.
+struct Kernel {
+    layout: PinLayout,
+    start: pinning::Start,
+    summary: KernelSummary,
+    events: RingBuf<MapData>,
+    handle: KernelHandle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How the programs came to run, for the logs and the audit.
+struct KernelSummary {
+    start: pinning::Start,
+    programs: Vec<&'static str>,
+    attached_now: Vec<&'static str>,
+    retired: Vec<String>,
+}
+
+async fn load_kernel(config: &AgentConfig) -> Result<Kernel, DaemonError> {
     let layout = PinLayout::new(&config.pin_dir);
-    let running = {
+    let (running, maps) = {
         let layout = layout.clone();
-        tokio::task::spawn_blocking(move || pinning::load_or_adopt(&layout))
-            .await
-            .map_err(|source| DaemonError::Join { source })??
+        tokio::task::spawn_blocking(move || {
+            let running = pinning::load_or_adopt(&layout)?;
+            let maps = KernelMaps::open(&layout)?;
+            Ok::<_, PinningError>((running, maps))
+        })
+        .await
+        .map_err(|source| DaemonError::Join { source })??
     };
     let pinning::Running {
         start,
         programs,
         attached_now,
         retired,
-        maps,
         events,
     } = running;
     if !retired.is_empty() {
@@ -165,13 +287,39 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
             "detached programs an older agent left pinned"
         );
     }
-    let (kernel, kernel_task) = kernel::spawn(maps);
+    let (handle, task) = kernel::spawn(maps);
+    Ok(Kernel {
+        layout,
+        start,
+        summary: KernelSummary {
+            start,
+            programs,
+            attached_now,
+            retired,
+        },
+        events,
+        handle,
+        task,
+    })
+}
 
-    // 4. The policy into the maps (fresh ids: the old set stays in force
-    //    until each cgroup switches).
+/// The policy as first applied.
+struct Startup {
+    host: HostView,
+    compiled: Compiled,
+    paused_found: usize,
+}
+
+async fn apply_startup_policy(
+    config: &AgentConfig,
+    kernel: &Kernel,
+    set: &PolicySet,
+    sink: &AuditHandle,
+) -> Result<Startup, DaemonError> {
+    let summary = &kernel.summary;
     let host = HostView::current(&config.cgroup_root, &config.proc_root);
-    let compiled = apply_new_policy(&kernel, &set, &host).await?;
-    let paused_found = kernel.pending().await.map_or(0, |p| p.len());
+    let compiled = apply_new_policy(&kernel.handle, set, &host).await?;
+    let paused_found = kernel.handle.pending().await.map_or(0, |p| p.len());
     sink.record(AuditRecord::new(
         RecordKind::AgentStarted,
         config.host.clone(),
@@ -179,10 +327,14 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
             schema: audit::Schema::default(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
-            programs: programs.iter().map(|p| (*p).to_owned()).collect(),
-            start: start.as_str().to_owned(),
-            attached_now: attached_now.iter().map(|p| (*p).to_owned()).collect(),
-            retired: retired.clone(),
+            programs: summary.programs.iter().map(|p| (*p).to_owned()).collect(),
+            start: summary.start.as_str().to_owned(),
+            attached_now: summary
+                .attached_now
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
+            retired: summary.retired.clone(),
             pin_dir: config.pin_dir.to_string_lossy().into_owned(),
             paused_requests_found: paused_found,
             decision: audit::DecisionSetting {
@@ -195,16 +347,29 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
             },
         }),
     ));
-    record_policy_loaded(sink.as_ref(), &config, &compiled, "startup");
+    record_policy_loaded(sink, config, &compiled, "startup");
     for warning in &compiled.warnings {
         tracing::warn!(warning, "policy");
     }
+    Ok(Startup {
+        host,
+        compiled,
+        paused_found,
+    })
+}
 
-    // The programs' own diagnostics (one log buffer per loaded object).
-    let kernel_logs = kernel_log::attach(&layout, "bprm_check_security")
-        .map(|logger| tokio::spawn(kernel_log::drain(logger, shutdown_rx.clone())));
+/// The ring buffer's reader task, and what it reads.
+struct Reader {
+    events: mpsc::Receiver<Vec<Event>>,
+    task: tokio::task::JoinHandle<()>,
+    /// Events already waiting at start.
+    backlog: usize,
+}
 
-    // 5. The request path.
+async fn start_reader(
+    events: RingBuf<MapData>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Reader, DaemonError> {
     let mut reader =
         EventReader::new(events).map_err(|source| DaemonError::RingBuffer { source })?;
     // Batches of at most `BATCH_LIMIT` events: at most 16,384 events read and not yet
@@ -217,81 +382,89 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         .collect();
     let backlog_len = backlog.len();
     if !backlog.is_empty() {
-        // Capacity 1024 and nothing queued yet: this cannot block.
+        // Capacity 64 and nothing queued yet: this cannot block.
         let _ = events_tx.send(backlog).await;
     }
-    let reader_task = tokio::spawn(read_events(reader, events_tx, shutdown_rx.clone()));
-
-    let (policies_tx, policies_rx) = watch::channel(Arc::new(compiled));
-
-    // 6. Who decides: the embedded service, a central one, or timeouts only.
-    let decision = service::start(service::Wiring {
-        config: &config,
-        kernel: &kernel,
-        audit: Arc::clone(&sink),
-        start,
-        policies: policies_rx.clone(),
-        shutdown: shutdown_rx.clone(),
+    Ok(Reader {
+        events: events_rx,
+        task: tokio::spawn(read_events(reader, events_tx, shutdown)),
+        backlog: backlog_len,
     })
-    .await
-    .map_err(|source| DaemonError::Decision { source })?;
+}
+
+fn start_controller(
+    config: &AgentConfig,
+    kernel: &KernelHandle,
+    sink: &Arc<AuditHandle>,
+    decision: &DecisionService,
+    events: mpsc::Receiver<Vec<Event>>,
+    policies: &watch::Receiver<Arc<Compiled>>,
+    shutdown: &watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Stats> {
     let enricher = Arc::new(Enricher::new(&config.proc_root, &config.passwd));
     let controller = Controller::new(Parts {
         kernel: Arc::new(kernel.clone()),
         tasks: Arc::new(ProcTasks::new(&config.proc_root)),
-        audit: Arc::clone(&sink),
+        audit: Arc::clone(sink),
         enricher,
         host: config.host.clone(),
         timing: PauseTiming::default(),
-        policies: Arc::clone(&policies_rx.borrow()),
+        policies: Arc::clone(&policies.borrow()),
         decider: Arc::clone(&decision.decider),
     });
-    let controller_task = tokio::spawn(controller.run(
-        events_rx,
-        policies_rx.clone(),
-        shutdown_rx.clone(),
+    tokio::spawn(controller.run(
+        events,
+        policies.clone(),
+        shutdown.clone(),
         config.reconcile_interval,
-    ));
+    ))
+}
 
-    let (reload_tx, reload_rx) = mpsc::channel(4);
-    let watcher_task = tokio::spawn(watch_policy(
-        config.clone(),
-        kernel.clone(),
-        policies_tx,
-        Arc::clone(&sink),
-        host,
-        fingerprint,
-        reload_rx,
-        shutdown_rx.clone(),
-    ));
+/// What the "ready" line says.
+struct Ready<'a> {
+    config: &'a AgentConfig,
+    options: &'a RunOptions,
+    kernel: &'a KernelSummary,
+    compiled: &'a Compiled,
+    decision: &'a DecisionService,
+    paused_found: usize,
+    buffered_events: usize,
+    kernel_logs: bool,
+}
 
-    {
-        let compiled = policies_rx.borrow();
+fn announce_ready(ready: &Ready<'_>) -> Result<(), DaemonError> {
+    let Ready {
+        config,
+        options,
+        kernel,
+        compiled,
+        decision,
+        ..
+    } = ready;
+    tracing::info!(
+        start = kernel.start.as_str(),
+        programs = kernel.programs.join(","),
+        attached_now = kernel.attached_now.len(),
+        pin_dir = %config.pin_dir.display(),
+        policies = compiled.names().join(","),
+        generation = compiled.generation,
+        cgroups_gated = compiled.state.gated.len(),
+        exec_rules = compiled.state.rule_count(map_names::EXEC_RULES),
+        connect_prefixes = compiled.state.rule_count(map_names::CONNECT_V4)
+            + compiled.state.rule_count(map_names::CONNECT_V6),
+        paused_requests_found = ready.paused_found,
+        buffered_events = ready.buffered_events,
+        kernel_logs = ready.kernel_logs,
+        audit_db = %config.audit_db.display(),
+        decision = decision.mode.as_str(),
+        decision_service = decision.endpoint.as_deref().unwrap_or("-"),
+        "gatekeep agent ready"
+    );
+    if let Some(cli) = &decision.cli_config {
         tracing::info!(
-            start = start.as_str(),
-            programs = programs.join(","),
-            attached_now = attached_now.len(),
-            pin_dir = %config.pin_dir.display(),
-            policies = compiled.names().join(","),
-            generation = compiled.generation,
-            cgroups_gated = compiled.state.gated.len(),
-            exec_rules = compiled.state.rule_count(map_names::EXEC_RULES),
-            connect_prefixes = compiled.state.rule_count(map_names::CONNECT_V4)
-                + compiled.state.rule_count(map_names::CONNECT_V6),
-            paused_requests_found = paused_found,
-            buffered_events = backlog_len,
-            kernel_logs = kernel_logs.is_some(),
-            audit_db = %config.audit_db.display(),
-            decision = decision.mode.as_str(),
-            decision_service = decision.endpoint.as_deref().unwrap_or("-"),
-            "gatekeep agent ready"
+            "reviewers on this host: GATEKEEP_CLI_CONFIG={} gatekeep review list",
+            cli.display()
         );
-        if let Some(cli) = &decision.cli_config {
-            tracing::info!(
-                "reviewers on this host: GATEKEEP_CLI_CONFIG={} gatekeep review list",
-                cli.display()
-            );
-        }
     }
     release_startup_memory();
     if let Some(path) = &options.ready_file {
@@ -302,18 +475,40 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
             }
         })?;
     }
+    Ok(())
+}
 
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = sighup.recv() => {
-                tracing::info!("SIGHUP: reloading the policy");
-                let _ = reload_tx.try_send(());
-            }
-        }
-    }
-    let _ = shutdown_tx.send(true);
+/// Everything [`shut_down`] stops, in its order.
+struct Stopping<'a> {
+    config: &'a AgentConfig,
+    options: &'a RunOptions,
+    controller_task: tokio::task::JoinHandle<Stats>,
+    reader_task: tokio::task::JoinHandle<()>,
+    watcher_task: tokio::task::JoinHandle<()>,
+    decision: DecisionService,
+    kernel_logs: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    kernel: KernelHandle,
+    kernel_task: tokio::task::JoinHandle<()>,
+    sink: Arc<AuditHandle>,
+    audit: AuditPipeline,
+}
+
+/// After the shutdown flag: waits for every task, records the stop, commits
+/// the audit log.
+async fn shut_down(stopping: Stopping<'_>) -> Result<(), DaemonError> {
+    let Stopping {
+        config,
+        options,
+        controller_task,
+        reader_task,
+        watcher_task,
+        decision,
+        kernel_logs,
+        kernel,
+        kernel_task,
+        sink,
+        audit,
+    } = stopping;
     let stats = controller_task
         .await
         .map_err(|source| DaemonError::Join { source })?;
@@ -365,9 +560,7 @@ fn release_startup_memory() {
     }
 }
 
-fn log_parse_error(
-    result: Result<crate::bpf::events::Event, crate::bpf::events::ParseError>,
-) -> Option<crate::bpf::events::Event> {
+fn log_parse_error(result: Result<Event, crate::bpf::events::ParseError>) -> Option<Event> {
     match result {
         Ok(event) => Some(event),
         Err(err) => {
@@ -379,7 +572,7 @@ fn log_parse_error(
 
 async fn read_events(
     mut reader: EventReader,
-    events: mpsc::Sender<Vec<crate::bpf::events::Event>>,
+    events: mpsc::Sender<Vec<Event>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {

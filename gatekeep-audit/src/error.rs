@@ -2,8 +2,6 @@
 
 use std::{io, path::PathBuf, sync::Arc};
 
-use crate::record::AuditRecord;
-
 /// Everything that can go wrong opening, writing, verifying or exporting an audit log.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -117,25 +115,6 @@ pub enum TamperReason {
     /// A column has an impossible value (wrong type, invalid JSON, negative seq).
     #[error("malformed record: {detail}")]
     Malformed { detail: String },
-}
-
-/// Why [`AuditWriter::try_submit`](crate::AuditWriter::try_submit) did not take a record; the
-/// record is handed back where it can be retried.
-#[derive(Debug, thiserror::Error)]
-pub enum TrySubmitError {
-    /// The queue is full: the writer is behind (or its disk is failing). Retry, or submit from a
-    /// blocking context.
-    #[error("the audit queue is full")]
-    Full { record: Box<AuditRecord> },
-    /// The writer is shut down.
-    #[error("the audit writer is shut down")]
-    Closed { record: Box<AuditRecord> },
-    /// The record cannot be stored (see [`AuditRecord::validate`]).
-    #[error("the audit record is invalid")]
-    Invalid {
-        #[source]
-        source: AuditError,
-    },
 }
 
 /// `err` and its causes, `: `-separated on one line: a log line that says "database or disk

@@ -7,13 +7,13 @@ use std::{
 };
 
 use rusqlite::Connection;
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::{
     error::{AuditError, TamperReason},
+    line::ExportLine,
     record::RecordKind,
-    store::{from_sql_seq, open_read_only, to_sql_seq},
+    store::{AuditStore, from_sql_seq, open_read_only, to_sql_seq},
     verify::row_fields,
 };
 
@@ -25,29 +25,6 @@ pub struct ExportFilter {
     /// Only records of this kind (such an export has seq gaps and does not pass
     /// [`verify_export`](crate::verify_export)).
     pub kind: Option<RecordKind>,
-}
-
-/// One line of an export: every column, the payload as its stored canonical JSON text, in this
-/// key order. Absent `request_id`/`actor` are `null`.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct ExportLine<'a> {
-    pub(crate) seq: u64,
-    #[serde(borrow)]
-    pub(crate) at: Cow<'a, str>,
-    #[serde(borrow)]
-    pub(crate) kind: Cow<'a, str>,
-    #[serde(borrow)]
-    pub(crate) request_id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub(crate) host: Cow<'a, str>,
-    #[serde(borrow)]
-    pub(crate) actor: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub(crate) payload: &'a RawValue,
-    #[serde(borrow)]
-    pub(crate) prev_hash: Cow<'a, str>,
-    #[serde(borrow)]
-    pub(crate) hash: Cow<'a, str>,
 }
 
 /// Writes the records of the log at `path` (opened read-only) that pass `filter` to `writer` as
@@ -65,6 +42,13 @@ pub fn export(
     filter: &ExportFilter,
 ) -> Result<u64, AuditError> {
     export_connection(&open_read_only(path.as_ref())?, writer, filter)
+}
+
+impl AuditStore {
+    /// Exports through this connection; see [`export`](crate::export).
+    pub fn export(&self, writer: impl io::Write, filter: &ExportFilter) -> Result<u64, AuditError> {
+        export_connection(self.connection(), writer, filter)
+    }
 }
 
 pub(crate) fn export_connection(

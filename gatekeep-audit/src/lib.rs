@@ -81,13 +81,14 @@ mod canonical;
 mod error;
 mod export;
 mod hash;
+mod line;
 mod record;
 mod store;
 mod verify;
 mod writer;
 
 pub use canonical::to_canonical_json;
-pub use error::{AuditError, TamperReason, TrySubmitError, error_chain};
+pub use error::{AuditError, TamperReason, error_chain};
 pub use export::{ExportFilter, export};
 pub use hash::{ChainFields, GENESIS_HASH};
 pub use record::{
@@ -95,4 +96,4 @@ pub use record::{
 };
 pub use store::{APPEND_ONLY_MESSAGE, AuditStore, ChainHead, SCHEMA_VERSION};
 pub use verify::{VerifyReport, verify, verify_export};
-pub use writer::{AuditWriter, WriterConfig};
+pub use writer::{AuditWriter, TrySubmitError, WriterConfig};

@@ -235,21 +235,8 @@ impl AuditStore {
         Ok(())
     }
 
-    /// Verifies the whole chain through this connection; see [`verify`](crate::verify).
-    pub fn verify(&self) -> Result<crate::VerifyReport, AuditError> {
-        crate::verify::verify_connection(&self.conn)
-    }
-
-    /// Exports through this connection; see [`export`](crate::export).
-    pub fn export(
-        &self,
-        writer: impl io::Write,
-        filter: &crate::ExportFilter,
-    ) -> Result<u64, AuditError> {
-        crate::export::export_connection(&self.conn, writer, filter)
-    }
-
-    #[cfg(test)]
+    /// The connection, for the read-only operations (`verify`, `export`) that also run
+    /// through an open store.
     pub(crate) fn connection(&self) -> &Connection {
         &self.conn
     }

@@ -6,9 +6,9 @@ use rusqlite::{Connection, Row};
 
 use crate::{
     error::{AuditError, TamperReason},
-    export::ExportLine,
     hash::{ChainFields, GENESIS_HASH},
-    store::{ChainHead, GUARD_TRIGGERS, from_sql_seq, open_read_only},
+    line::ExportLine,
+    store::{AuditStore, ChainHead, GUARD_TRIGGERS, from_sql_seq, open_read_only},
 };
 
 /// What a successful verification saw.
@@ -38,6 +38,13 @@ pub struct VerifyReport {
 /// [`VerifyReport::head`] elsewhere for that.
 pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, AuditError> {
     verify_connection(&open_read_only(path.as_ref())?)
+}
+
+impl AuditStore {
+    /// Verifies the whole chain through this connection; see [`verify`](crate::verify).
+    pub fn verify(&self) -> Result<VerifyReport, AuditError> {
+        verify_connection(self.connection())
+    }
 }
 
 pub(crate) fn verify_connection(conn: &Connection) -> Result<VerifyReport, AuditError> {

@@ -12,10 +12,29 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    error::{AuditError, TrySubmitError, error_chain},
+    error::{AuditError, error_chain},
     record::{AuditRecord, EncodedRecord, Prepared},
     store::AuditStore,
 };
+
+/// Why [`AuditWriter::try_submit`] did not take a record; the
+/// record is handed back where it can be retried.
+#[derive(Debug, thiserror::Error)]
+pub enum TrySubmitError {
+    /// The queue is full: the writer is behind (or its disk is failing). Retry, or submit from a
+    /// blocking context.
+    #[error("the audit queue is full")]
+    Full { record: Box<AuditRecord> },
+    /// The writer is shut down.
+    #[error("the audit writer is shut down")]
+    Closed { record: Box<AuditRecord> },
+    /// The record cannot be stored (see [`AuditRecord::validate`]).
+    #[error("the audit record is invalid")]
+    Invalid {
+        #[source]
+        source: AuditError,
+    },
+}
 
 /// Tuning of an [`AuditWriter`]. The defaults suit the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

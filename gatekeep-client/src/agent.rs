@@ -20,6 +20,7 @@ use gatekeep_proto::{
     model::{ApprovalRequest, Decision, Grant, WithdrawReason},
     v1::{self, agent_message, agent_service_client::AgentServiceClient, server_message},
 };
+pub use gatekeep_util::retry::Backoff;
 use tokio::{
     sync::{mpsc, oneshot},
     task::JoinHandle,
@@ -33,22 +34,6 @@ use crate::{error::LinkError, tls::ClientTls};
 /// How long the service has to answer hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Reconnect delays: `initial`, doubling up to `max`, each with up to 20% of jitter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(15),
-        }
-    }
-}
-
 /// Where and how an [`AgentLink`] connects.
 #[derive(Debug, Clone)]
 pub struct AgentLinkConfig {
@@ -59,6 +44,7 @@ pub struct AgentLinkConfig {
     pub tls: ClientTls,
     /// Sent in hello, for the service's log.
     pub agent_version: String,
+    /// Reconnect delays (doubling, with jitter).
     pub backoff: Backoff,
     /// Longest wait for a TCP + TLS connection.
     pub connect_timeout: Duration,
@@ -71,7 +57,13 @@ impl AgentLinkConfig {
             endpoint: endpoint.into(),
             tls,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            backoff: Backoff::default(),
+            // Reconnect delays: 200 ms, doubling up to 15 s, each with up to
+            // 20% of jitter.
+            backoff: Backoff {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(15),
+                jitter: true,
+            },
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -317,22 +309,9 @@ fn message(message: agent_message::Message) -> v1::AgentMessage {
     }
 }
 
-/// Adds up to 20% to `delay`, so agents restarted together do not reconnect together.
-fn jitter(delay: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let spread = delay / 5;
-    if spread.is_zero() {
-        return delay;
-    }
-    let spread_nanos = u64::try_from(spread.as_nanos()).unwrap_or(u64::MAX).max(1);
-    delay + Duration::from_nanos(u64::from(nanos) % spread_nanos)
-}
-
 impl Task {
     async fn run(mut self) {
-        let mut backoff = self.config.backoff.initial;
+        let mut delays = self.config.backoff.delays();
         loop {
             let config = Arc::clone(&self.config);
             let attempt = connect(&config);
@@ -348,7 +327,7 @@ impl Task {
             };
             let error = match connected {
                 Ok(connection) => {
-                    backoff = self.config.backoff.initial;
+                    delays.reset();
                     match self.serve(connection).await {
                         Some(error) => error,
                         None => return,
@@ -357,7 +336,7 @@ impl Task {
                 Err(error) => error,
             };
             self.shared.connected.store(false, Ordering::Relaxed);
-            let delay = jitter(backoff);
+            let delay = delays.next().unwrap_or(self.config.backoff.max);
             tracing::warn!(%error, retry_in = ?delay, "decision service link down");
             self.emit(LinkEvent::Disconnected {
                 error,
@@ -374,7 +353,6 @@ impl Task {
                     },
                 }
             }
-            backoff = (backoff * 2).min(self.config.backoff.max);
         }
     }
 

@@ -1,5 +1,5 @@
 //! The "ask" path shared by every hook: verdict lookup, pending bookkeeping
-//! and the stop-and-restart pause (see DESIGN.md, "The pause").
+//! and the stop-and-restart pause (docs/architecture.md, "The pause protocol").
 
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_send_signal_thread};
 use gatekeep_common::{

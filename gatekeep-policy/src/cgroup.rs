@@ -20,8 +20,6 @@ use std::{
 use globset::{Glob, GlobBuilder, GlobMatcher};
 use serde::{Serialize, Serializer};
 
-use crate::model::PolicySet;
-
 /// Where cgroup v2 is mounted; every pattern is written under it.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -161,49 +159,6 @@ impl CgroupPattern {
             .filter(|relative| self.matches(relative))
             .map(|relative| root.join(relative))
             .collect()
-    }
-}
-
-impl PolicySet {
-    /// Existing cgroup directories under the cgroup2 mount point `root`
-    /// (`/sys/fs/cgroup` on a host) matched by each policy's patterns, as
-    /// `(policy index, directory)`, ordered by policy then path.
-    ///
-    /// A directory matched by several policies is listed once, for the first
-    /// policy in load order, which is the one that governs it. Each listed
-    /// directory also stands for its descendants, which the agent gates too.
-    #[must_use]
-    pub fn expand_cgroups(&self, root: &Path) -> Vec<(usize, PathBuf)> {
-        let mut seen = BTreeSet::new();
-        let mut out = Vec::new();
-        for (index, policy) in self.policies.iter().enumerate() {
-            let mut dirs = BTreeSet::new();
-            for pattern in &policy.cgroups {
-                dirs.extend(pattern.expand(root));
-            }
-            for dir in dirs {
-                if seen.insert(dir.clone()) {
-                    out.push((index, dir));
-                }
-            }
-        }
-        out
-    }
-
-    /// The index of the policy governing a cgroup, given as the kernel names
-    /// it (`/agents/job-1`, relative to the cgroup root).
-    ///
-    /// The nearest cgroup on the way up that some pattern matches decides
-    /// (the cgroup itself first, then its parent, and so on); if patterns of
-    /// several policies match that cgroup, the first policy in load order
-    /// wins.
-    #[must_use]
-    pub fn policy_for_cgroup(&self, cgroup: &Path) -> Option<usize> {
-        cgroup.ancestors().find_map(|dir| {
-            self.policies
-                .iter()
-                .position(|policy| policy.cgroups.iter().any(|pattern| pattern.matches(dir)))
-        })
     }
 }
 

@@ -4,7 +4,14 @@
 //! loader's business (see [`crate::parse_str`]). Everything derives
 //! `Serialize` so the agent can log or export the policy it enforces.
 
-use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -337,6 +344,51 @@ fn serialize_duration<S: Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_str(&humantime::format_duration(*duration))
+}
+
+// Which policy governs which cgroups (here rather than in `cgroup`, so that
+// `cgroup` does not import the model).
+impl PolicySet {
+    /// Existing cgroup directories under the cgroup2 mount point `root`
+    /// (`/sys/fs/cgroup` on a host) matched by each policy's patterns, as
+    /// `(policy index, directory)`, ordered by policy then path.
+    ///
+    /// A directory matched by several policies is listed once, for the first
+    /// policy in load order, which is the one that governs it. Each listed
+    /// directory also stands for its descendants, which the agent gates too.
+    #[must_use]
+    pub fn expand_cgroups(&self, root: &Path) -> Vec<(usize, PathBuf)> {
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for (index, policy) in self.policies.iter().enumerate() {
+            let mut dirs = BTreeSet::new();
+            for pattern in &policy.cgroups {
+                dirs.extend(pattern.expand(root));
+            }
+            for dir in dirs {
+                if seen.insert(dir.clone()) {
+                    out.push((index, dir));
+                }
+            }
+        }
+        out
+    }
+
+    /// The index of the policy governing a cgroup, given as the kernel names
+    /// it (`/agents/job-1`, relative to the cgroup root).
+    ///
+    /// The nearest cgroup on the way up that some pattern matches decides
+    /// (the cgroup itself first, then its parent, and so on); if patterns of
+    /// several policies match that cgroup, the first policy in load order
+    /// wins.
+    #[must_use]
+    pub fn policy_for_cgroup(&self, cgroup: &Path) -> Option<usize> {
+        cgroup.ancestors().find_map(|dir| {
+            self.policies
+                .iter()
+                .position(|policy| policy.cgroups.iter().any(|pattern| pattern.matches(dir)))
+        })
+    }
 }
 
 #[cfg(test)]

@@ -11,13 +11,9 @@
 //! `agent-HOST.pem` and `agent-HOST.key`. Keys are written with mode 0600 and existing files
 //! are never overwritten. [`Pki::ephemeral`] makes the same in memory, for an embedded service.
 
-use std::{
-    fs::OpenOptions,
-    io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
+use gatekeep_util::fs::{Existing, PRIVATE, write_atomic};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -259,22 +255,17 @@ impl Pki {
 }
 
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), Error> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|err| {
-            certs_error(
-                &format!(
-                    "cannot create `{}` (files are never overwritten)",
-                    path.display()
-                ),
-                err,
+    write_atomic(path, contents.as_bytes(), mode, Existing::Refuse).map_err(|err| {
+        let what = if err.kind() == std::io::ErrorKind::AlreadyExists {
+            format!(
+                "cannot create `{}` (files are never overwritten)",
+                path.display()
             )
-        })?;
-    file.write_all(contents.as_bytes())
-        .map_err(|err| certs_error(&format!("cannot write `{}`", path.display()), err))
+        } else {
+            format!("cannot write `{}`", path.display())
+        };
+        certs_error(&what, err)
+    })
 }
 
 /// Writes a new CA and service certificate into `dir` (created if needed); returns the files
@@ -299,9 +290,9 @@ pub fn init_dir(dir: &Path, names: &[String]) -> Result<Vec<PathBuf>, Error> {
     }
     let pki = Pki::ephemeral(names)?;
     write_new(&files[0], pki.ca.cert_pem(), 0o644)?;
-    write_new(&files[1], &pki.ca.key_pem, 0o600)?;
+    write_new(&files[1], &pki.ca.key_pem, PRIVATE)?;
     write_new(&files[2], &pki.server.cert_pem, 0o644)?;
-    write_new(&files[3], &pki.server.key_pem, 0o600)?;
+    write_new(&files[3], &pki.server.key_pem, PRIVATE)?;
     Ok(files.to_vec())
 }
 
@@ -318,7 +309,7 @@ pub fn agent_files(dir: &Path, host: &str, out: Option<&Path>) -> Result<Vec<Pat
     let cert = out.join(format!("agent-{host}.pem"));
     let key = out.join(format!("agent-{host}.key"));
     write_new(&cert, &identity.cert_pem, 0o644)?;
-    write_new(&key, &identity.key_pem, 0o600)?;
+    write_new(&key, &identity.key_pem, PRIVATE)?;
     Ok(vec![cert, key])
 }
 

@@ -35,6 +35,7 @@ pub mod grants;
 mod hub;
 pub mod lifecycle;
 pub mod paths;
+mod reviewer;
 pub mod rules;
 mod server;
 pub mod store;

@@ -174,6 +174,7 @@ impl Harness {
         config.backoff = Backoff {
             initial: Duration::from_millis(50),
             max: Duration::from_millis(500),
+            jitter: true,
         };
         let (link, events) = AgentLink::start(config).expect("start link");
         (link, Events(events))
@@ -758,6 +759,7 @@ async fn untrusted_or_missing_agent_certificates_are_refused() {
     config.backoff = Backoff {
         initial: Duration::from_millis(20),
         max: Duration::from_millis(50),
+        jitter: true,
     };
     let (link, mut events) = AgentLink::start(config).expect("link");
     for _ in 0..3 {

@@ -7,6 +7,8 @@
 //! - [`kernel`]: the one task that owns the maps, and the handle everyone
 //!   else uses to reach it;
 //! - [`btf`]: kernel struct member offsets from the running kernel's BTF;
+//! - [`record`]: what every ring buffer record shares (its origin, sized
+//!   reads);
 //! - [`events`]: records from the `EVENTS` ring buffer, and their reader;
 //! - [`kernel_log`]: the programs' own diagnostics, drained into tracing.
 
@@ -16,5 +18,6 @@ pub mod kernel;
 pub mod kernel_log;
 pub mod pinning;
 pub mod programs;
+pub mod record;
 #[cfg(test)]
 pub(crate) mod testing;

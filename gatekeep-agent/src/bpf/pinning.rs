@@ -35,10 +35,7 @@ use aya::{
 use gatekeep_common::{global_names, map_names};
 
 use crate::{
-    bpf::{
-        kernel::KernelMaps,
-        programs::{self, LoadError, PROGRAMS},
-    },
+    bpf::programs::{self, LoadError, PROGRAMS},
     paths,
 };
 
@@ -207,7 +204,8 @@ impl Start {
     }
 }
 
-/// The running programs' maps, ready for the agent.
+/// The running programs, ready for the agent (which opens their maps with
+/// [`KernelMaps::open`](crate::bpf::kernel::KernelMaps::open)).
 pub struct Running {
     pub start: Start,
     /// Programs attached (by name), in attach order.
@@ -217,7 +215,6 @@ pub struct Running {
     /// Pinned links of programs this version no longer has (an older
     /// agent's), detached by this start.
     pub retired: Vec<String>,
-    pub maps: KernelMaps,
     pub events: RingBuf<MapData>,
 }
 
@@ -252,14 +249,12 @@ pub fn load_or_adopt(layout: &PinLayout) -> Result<Running, PinningError> {
         (start, missing)
     };
     let retired = retire_unknown_links(layout)?;
-    let maps = KernelMaps::open(layout)?;
     let events = open_ring(layout)?;
     Ok(Running {
         start,
         programs: all,
         attached_now,
         retired,
-        maps,
         events,
     })
 }

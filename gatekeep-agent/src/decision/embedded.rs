@@ -18,11 +18,7 @@
 //! More reviewers: `gatekeep-agent reviewers add NAME [--group G]` (or
 //! `gatekeep-server reviewers add NAME --db /var/lib/gatekeep/service/state.db`).
 
-use std::{
-    io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use gatekeep_client::{ClientIdentity, ClientTls};
 use gatekeep_server::{
@@ -30,6 +26,7 @@ use gatekeep_server::{
     certs::Pki,
     store::{SqliteStore, Store as _, Synchronous},
 };
+use gatekeep_util::fs::{Existing, PRIVATE, write_atomic};
 use tokio::{sync::oneshot, task::JoinHandle};
 
 use crate::{config::AgentConfig, paths};
@@ -146,24 +143,12 @@ pub fn certificate_name(host: &str) -> String {
 
 /// Writes `contents` to `path` readable by its owner only, replacing it.
 fn write_private(path: &Path, contents: &str) -> Result<(), EmbeddedError> {
-    let error = |source| EmbeddedError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(error)?;
-    }
-    let tmp = path.with_extension("new");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(error)?;
-    file.write_all(contents.as_bytes()).map_err(error)?;
-    file.sync_all().map_err(error)?;
-    std::fs::rename(&tmp, path).map_err(error)
+    write_atomic(path, contents.as_bytes(), PRIVATE, Existing::Replace).map_err(|source| {
+        EmbeddedError::Write {
+            path: path.to_owned(),
+            source,
+        }
+    })
 }
 
 fn open_store(path: &Path) -> Result<SqliteStore, EmbeddedError> {

@@ -22,7 +22,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -32,6 +32,7 @@ use gatekeep_audit::{AuditRecord, RecordKind};
 use gatekeep_common::{Grant, GrantKey, request_kind};
 use gatekeep_policy::GrantDuration;
 use gatekeep_proto::model;
+use gatekeep_util::fs::{Existing, PRIVATE, write_atomic};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -494,21 +495,9 @@ impl<K: GrantKernel, A: AuditSink> Grants<K, A> {
         let file = GrantsFile {
             grants: self.table.values().cloned().collect(),
         };
-        let result = (|| -> std::io::Result<()> {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let tmp = path.with_extension("json.new");
-            let _ = std::fs::remove_file(&tmp);
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            serde_json::to_writer_pretty(&mut out, &file).map_err(std::io::Error::other)?;
-            out.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
+        let result = serde_json::to_vec_pretty(&file)
+            .map_err(std::io::Error::other)
+            .and_then(|json| write_atomic(path, &json, PRIVATE, Existing::Replace));
         if let Err(err) = result {
             tracing::error!(path = %path.display(), error = %err, "cannot store the grants");
         }

@@ -26,6 +26,7 @@ use gatekeep_proto::{
     audit::KernelFacts,
     model::{self, ApprovalRequest, RequestState},
 };
+use gatekeep_util::retry::{Backoff, retry_until};
 use serde::Serialize;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -218,26 +219,20 @@ pub async fn decide_by_deadline<D: Decider>(
     decider: &D,
     request: Arc<DecisionRequest>,
 ) -> Decision {
-    let deadline = request.deadline;
-    let attempt = async {
-        loop {
-            match decider.decide(Arc::clone(&request)).await {
-                Ok(decision) => return decision,
-                Err(err) => {
-                    tracing::warn!(
-                        request_id = %request.id(),
-                        error = %err,
-                        "decider failed; retrying until the deadline"
-                    );
-                    tokio::time::sleep(RETRY_DELAY).await;
-                }
-            }
-        }
-    };
-    match tokio::time::timeout_at(deadline, attempt).await {
-        Ok(decision) => decision,
-        Err(_elapsed) => Decision::expired(&request),
-    }
+    let answer = retry_until(
+        request.deadline,
+        Backoff::fixed(RETRY_DELAY),
+        || decider.decide(Arc::clone(&request)),
+        |err| {
+            tracing::warn!(
+                request_id = %request.id(),
+                error = %err,
+                "decider failed; retrying until the deadline"
+            );
+        },
+    )
+    .await;
+    answer.unwrap_or_else(|| Decision::expired(&request))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 use std::{path::Path, sync::Arc};
 
 use gatekeep_client::{AgentLink, AgentLinkConfig, ClientIdentity, ClientTls, LinkError};
+use gatekeep_util::retry::poll_until;
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
@@ -200,24 +201,27 @@ impl DecisionService {
         for task in tasks {
             let _ = task.await;
         }
-        if let Some(mut link) = link {
+        if let Some(link) = link {
             // Decision tasks the controller aborted drop their clones soon.
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-            loop {
-                match Arc::try_unwrap(link) {
-                    Ok(owned) => {
-                        owned.shutdown().await;
-                        break;
-                    }
-                    Err(shared) if tokio::time::Instant::now() < deadline => {
-                        link = shared;
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    }
-                    Err(shared) => {
-                        tracing::debug!("the decision service link is still shared at shutdown");
-                        drop(shared);
-                        break;
-                    }
+            let mut shared = Some(link);
+            let owned =
+                poll_until(
+                    deadline,
+                    std::time::Duration::from_millis(20),
+                    || match Arc::try_unwrap(shared.take()?) {
+                        Ok(owned) => Some(owned),
+                        Err(still_shared) => {
+                            shared = Some(still_shared);
+                            None
+                        }
+                    },
+                )
+                .await;
+            match owned {
+                Some(owned) => owned.shutdown().await,
+                None => {
+                    tracing::debug!("the decision service link is still shared at shutdown");
                 }
             }
         }

@@ -27,11 +27,11 @@ use gatekeep_policy::{ConnectRule, Policy};
 use gatekeep_proto::{audit::KernelFacts, model};
 use ipnet::IpNet;
 
-use super::{Compiling, Hook, RuleKey, absent_is_ok};
+use super::{Compiling, Hook, RuleKey, absent_is_ok, kernel_action};
 use crate::{
-    bpf::events::{Origin, ParseError, c_string, origin, read},
+    bpf::record::{Origin, ParseError, c_string, origin, read},
     pause::{enrich::Enricher, request},
-    policy::{LoadedPolicy, PolicyMapsError, kernel_action},
+    policy::error::PolicyMapsError,
 };
 
 /// `AF_UNIX`, `AF_INET`, `AF_INET6` (Linux values).
@@ -186,11 +186,11 @@ impl Hook for Connect {
         }
     }
 
-    fn rule(policy: &LoadedPolicy, (): &(), request: &ConnectRequest) -> String {
+    fn rule(policy: &Policy, (): &(), request: &ConnectRequest) -> String {
         match &request.destination {
             Destination::Ip { addr, port } => connect_rule(policy, *addr, *port),
             Destination::Unix { .. } => {
-                format!("connect unix {}", policy.policy.connect.unix)
+                format!("connect unix {}", policy.connect.unix)
             }
             Destination::Other { .. } => "connect default".to_owned(),
         }
@@ -207,10 +207,9 @@ impl Hook for Connect {
 
 /// The rule that decided a connect to `addr:port`.
 #[must_use]
-pub fn connect_rule(policy: &LoadedPolicy, addr: IpAddr, port: u16) -> String {
+pub fn connect_rule(policy: &Policy, addr: IpAddr, port: u16) -> String {
     let addr = addr.to_canonical();
     let best = policy
-        .policy
         .connect
         .rules
         .iter()
@@ -218,7 +217,7 @@ pub fn connect_rule(policy: &LoadedPolicy, addr: IpAddr, port: u16) -> String {
         .min_by_key(|rule| rule_order(rule));
     match best {
         Some(rule) => format!("connect {rule}"),
-        None => format!("connect default {}", policy.policy.connect.default),
+        None => format!("connect default {}", policy.connect.default),
     }
 }
 

@@ -20,11 +20,11 @@ use gatekeep_common::{ARGV_LEN, ExecEvent, ExecRuleKey, event_kind, map_names, r
 use gatekeep_policy::Policy;
 use gatekeep_proto::{audit::KernelFacts, model};
 
-use super::{Compiling, Hook, RuleKey, absent_is_ok};
+use super::{Compiling, Hook, RuleKey, absent_is_ok, kernel_action};
 use crate::{
-    bpf::events::{Origin, ParseError, origin, read},
+    bpf::record::{Origin, ParseError, origin, read},
     pause::{enrich::Enricher, request},
-    policy::{LoadedPolicy, PolicyMapsError, kernel_action},
+    policy::error::PolicyMapsError,
 };
 
 /// An exec as the kernel saw it.
@@ -127,19 +127,18 @@ impl Hook for Exec {
         }
     }
 
-    fn rule(policy: &LoadedPolicy, exec_paths: &Self::Loaded, request: &ExecRequest) -> String {
+    fn rule(policy: &Policy, exec_paths: &Self::Loaded, request: &ExecRequest) -> String {
         match exec_paths.get(&(request.dev, request.ino)) {
             Some(path) => {
                 let action = policy
-                    .policy
                     .exec
                     .rules
                     .iter()
                     .find(|rule| &rule.path == path)
-                    .map_or(policy.policy.exec.default, |rule| rule.action);
+                    .map_or(policy.exec.default, |rule| rule.action);
                 format!("exec {action} {}", path.display())
             }
-            None => format!("exec default {}", policy.policy.exec.default),
+            None => format!("exec default {}", policy.exec.default),
         }
     }
 

@@ -23,14 +23,14 @@ pub mod exec;
 use std::{collections::BTreeMap, fmt::Debug};
 
 use aya::maps::{Map, MapError};
-use gatekeep_common::PolicyDefaults;
-use gatekeep_policy::Policy;
+use gatekeep_common::{PolicyDefaults, action};
+use gatekeep_policy::{Action, Policy};
 use gatekeep_proto::{audit::KernelFacts, model};
 
 use crate::{
-    bpf::events::{Origin, ParseError},
+    bpf::record::{Origin, ParseError},
     pause::enrich::Enricher,
-    policy::{LoadedPolicy, PolicyMapsError},
+    policy::error::PolicyMapsError,
 };
 
 /// One kernel hook, as the agent sees it.
@@ -71,7 +71,7 @@ pub trait Hook {
     fn write_map(map: &mut Map, key: &RuleKey, value: Option<&[u8]>) -> Result<(), MapError>;
 
     /// The policy's rule (or default) that decided `request`, for reviewers.
-    fn rule(policy: &LoadedPolicy, loaded: &Self::Loaded, request: &Self::Request) -> String;
+    fn rule(policy: &Policy, loaded: &Self::Loaded, request: &Self::Request) -> String;
     /// What is asked, in the request model (what reviewers and both audit logs see).
     fn target(request: &Self::Request, enricher: &Enricher) -> model::Target;
     /// What the kernel reported beyond the target (for the agent's audit log).
@@ -176,10 +176,10 @@ macro_rules! hooks {
 
             /// [`Hook::rule`].
             #[must_use]
-            pub fn rule(&self, policy: &LoadedPolicy) -> String {
+            pub fn rule(&self, policy: &Policy, loaded: &Loaded) -> String {
                 match self {
                     $(Request::$variant(request) => {
-                        <$hook as Hook>::rule(policy, &policy.hooks.$field, request)
+                        <$hook as Hook>::rule(policy, &loaded.$field, request)
                     })+
                 }
             }
@@ -282,6 +282,16 @@ macro_rules! hooks {
 hooks! {
     exec: Exec => exec::Exec,
     connect: Connect => connect::Connect,
+}
+
+/// The kernel's encoding of a policy action.
+#[must_use]
+pub fn kernel_action(action: Action) -> u32 {
+    match action {
+        Action::Allow => action::ALLOW,
+        Action::Deny => action::DENY,
+        Action::Ask => action::ASK,
+    }
 }
 
 /// `get`/`remove` of an absent key is `KeyNotFound`; for a rule map that is

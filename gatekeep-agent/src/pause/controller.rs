@@ -500,7 +500,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         policy: &LoadedPolicy,
     ) -> (String, model::Target, payload::KernelFacts) {
         (
-            asked.rule(policy),
+            policy.rule_for(asked),
             asked.target(&self.enricher),
             asked.kernel_facts(),
         )
@@ -991,7 +991,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             schema: Schema::default(),
             kind: request.model_kind(),
             policy: policy.as_ref().map(|p| p.policy.name.clone()),
-            rule: policy.map(|p| request.rule(&p)),
+            rule: policy.map(|p| p.rule_for(request)),
             process: request::process(origin, info),
             target: Some(request.target(&self.enricher)),
             kernel: request.kernel_facts(),

@@ -1,5 +1,5 @@
-//! The user-space half of the stop-and-restart pause (DESIGN.md, "The
-//! pause"): writing a verdict and resuming the task, and reconciling the
+//! The user-space half of the stop-and-restart pause (docs/architecture.md,
+//! "The pause protocol"): writing a verdict and resuming the task, and reconciling the
 //! kernel's pending requests with the ones the agent tracks.
 //!
 //! Resuming, in order:
@@ -22,6 +22,7 @@ use std::{
 };
 
 use gatekeep_common::{PendingRequest, Verdict, VerdictKey};
+use gatekeep_util::retry::poll_until;
 use nix::{
     errno::Errno,
     sys::signal::{Signal, kill},
@@ -185,13 +186,13 @@ pub async fn resume<K: PauseKernel, T: Tasks>(
 /// Polls until the thread is stopped or gone, or `stop_wait` passes.
 async fn wait_stopped<T: Tasks>(tasks: &T, timing: PauseTiming, pid: u32, tid: u32) -> TaskState {
     let deadline = tokio::time::Instant::now() + timing.stop_wait;
-    loop {
-        let state = tasks.state(pid, tid);
-        if state != TaskState::Running || tokio::time::Instant::now() >= deadline {
-            return state;
-        }
-        tokio::time::sleep(timing.poll).await;
-    }
+    let mut state = TaskState::Running;
+    poll_until(deadline, timing.poll, || {
+        state = tasks.state(pid, tid);
+        (state != TaskState::Running).then_some(())
+    })
+    .await;
+    state
 }
 
 /// What reconciling found about a pending request the agent does not track.

@@ -12,26 +12,11 @@
 use std::sync::Arc;
 
 use gatekeep_proto::model::RequestRecord;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tonic::metadata::MetadataMap;
 
+pub use crate::reviewer::Reviewer;
 use crate::{error::Error, store::Store};
-
-/// An authenticated reviewer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reviewer {
-    pub name: String,
-    pub groups: Vec<String>,
-}
-
-impl Reviewer {
-    /// Whether the reviewer may decide requests of a policy naming `groups` (empty: anyone).
-    #[must_use]
-    pub fn may_review(&self, groups: &[String]) -> bool {
-        groups.is_empty() || groups.iter().any(|group| self.groups.contains(group))
-    }
-}
 
 /// A new random reviewer token.
 pub fn new_token() -> Result<String, Error> {

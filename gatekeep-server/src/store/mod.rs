@@ -18,7 +18,7 @@ pub use sqlite::{SqliteStore, Synchronous};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::auth::Reviewer;
+use crate::reviewer::Reviewer;
 
 /// A boxed future of a store call.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;

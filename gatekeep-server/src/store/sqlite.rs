@@ -36,7 +36,7 @@ use super::{
     Admission, AdmissionQuery, GrantQuery, Inserted, RequestQuery, Store, StoreError, StoreFuture,
     Transition, Versioned, ms, subject_key, target_key,
 };
-use crate::auth::Reviewer;
+use crate::reviewer::Reviewer;
 
 /// Schema version this build reads and writes.
 pub const SCHEMA_VERSION: i64 = 1;

@@ -32,46 +32,14 @@ use std::{
     sync::Arc,
 };
 
-use gatekeep_common::{GATED_INHERITED, GatedCgroup, MAX_POLICIES, PolicyDefaults, action};
-use gatekeep_policy::{Action, Policy, PolicySet};
-use ipnet::IpNet;
+use gatekeep_common::{GATED_INHERITED, GatedCgroup, MAX_POLICIES, PolicyDefaults};
+use gatekeep_policy::{Policy, PolicySet};
 
-use crate::hooks::{self, Compiling, RuleKey};
+pub mod error;
 
-/// Errors compiling or applying policies.
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyMapsError {
-    #[error(
-        "policy set has {count} policies; at most {max} fit while the previous set is still loaded"
-    )]
-    TooManyPolicies { count: usize, max: usize },
-    #[error(
-        "policy `{policy}`: network {net} is covered by {count} port rules (its own and those of wider networks), the kernel holds at most {max}"
-    )]
-    TooManyPortRules {
-        policy: String,
-        net: IpNet,
-        count: usize,
-        max: usize,
-    },
-    #[error("failed to read kernel map `{map}`")]
-    Read {
-        map: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
-    #[error("failed to update kernel map `{map}`")]
-    Write {
-        map: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
-    #[error("failed to write policy maps; the previous policy stays in force")]
-    RolledBack {
-        #[source]
-        source: Box<PolicyMapsError>,
-    },
-}
+pub use error::PolicyMapsError;
+
+use crate::hooks::{self, Compiling, Request, RuleKey};
 
 /// What the policy maps hold (or should hold). Only non-zero `POLICIES`
 /// slots are listed.
@@ -145,6 +113,15 @@ pub struct LoadedPolicy {
     pub hooks: hooks::Loaded,
 }
 
+impl LoadedPolicy {
+    /// The rule (or default) of this policy that decided `request`, as
+    /// reviewers read it.
+    #[must_use]
+    pub fn rule_for(&self, request: &Request) -> String {
+        request.rule(&self.policy, &self.hooks)
+    }
+}
+
 /// The compiled form of a policy set.
 #[derive(Debug, Clone, Default)]
 pub struct Compiled {
@@ -216,16 +193,6 @@ pub fn allocate_ids(count: usize, in_use: &BTreeSet<u32>) -> Result<Vec<u32>, Po
         });
     }
     Ok(free.into_iter().take(count).collect())
-}
-
-/// The kernel's encoding of a policy action.
-#[must_use]
-pub fn kernel_action(action: Action) -> u32 {
-    match action {
-        Action::Allow => action::ALLOW,
-        Action::Deny => action::DENY,
-        Action::Ask => action::ASK,
-    }
 }
 
 /// Compiles `set` with the given ids (one per policy, in order).
@@ -462,7 +429,7 @@ impl PolicyMaps for MemoryMaps {
 mod tests {
     use std::{net::IpAddr, os::unix::fs::symlink};
 
-    use gatekeep_common::{PortRule, PortRules, map_names};
+    use gatekeep_common::{PortRule, PortRules, action, map_names};
     use gatekeep_policy::parse_str;
 
     use super::*;
@@ -470,6 +437,7 @@ mod tests {
         self, Request,
         connect::{decode_rules, encode_rules, split_key},
         exec::{ExecRequest, decode_action, kernel_dev},
+        kernel_action,
     };
 
     /// (prefix, policy id, address) of a `CONNECT_V4` entry.
@@ -717,10 +685,10 @@ deny = ["[2001:db8::]/32:443"]
             })
         };
         assert_eq!(
-            exec_of(dev, meta.ino()).rule(loaded),
+            loaded.rule_for(&exec_of(dev, meta.ino())),
             format!("exec deny {}", link.display())
         );
-        assert_eq!(exec_of(1, 1).rule(loaded), "exec default ask");
+        assert_eq!(loaded.rule_for(&exec_of(1, 1)), "exec default ask");
     }
 
     #[test]
