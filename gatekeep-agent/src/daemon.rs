@@ -36,6 +36,7 @@ use crate::{
     pause::{PauseTiming, ProcTasks},
     pinning::{self, PinLayout, PinningError},
     policy_maps::{self, Compiled, HostView, PolicyMapsError},
+    protect::{self, HeldLinks, ProtectError, ProtectHandle, ProtectMaps},
     service::{self, ServiceError},
 };
 
@@ -96,6 +97,11 @@ pub enum DaemonError {
     Join {
         #[source]
         source: tokio::task::JoinError,
+    },
+    #[error("failed to set up self-protection (the PROTECT_* and SERVICE_LISTENERS maps)")]
+    Protect {
+        #[source]
+        source: ProtectError,
     },
     #[error("failed to start the decision side (`[decision]` in the config)")]
     Decision {
@@ -162,10 +168,15 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
     }
     let (kernel, kernel_task) = kernel::spawn(maps);
 
+    // 3b. Self-protection: hold every link (a removed pin detaches
+    //     nothing), protect this process, fence off the decision service.
+    let links = HeldLinks::open(&layout)?;
+    let protect_maps = setup_protection(&config, &layout).await?;
+
     // 4. The policy into the maps (fresh ids: the old set stays in force
     //    until each cgroup switches).
     let host = HostView::current(&config.cgroup_root, &config.proc_root);
-    let compiled = apply_new_policy(&kernel, &set, &host).await?;
+    let compiled = apply_new_policy(&kernel, &protect_maps, &set, &host).await?;
     let paused_found = kernel.pending().await.map_or(0, |p| p.len());
     sink.record(AuditRecord::new(
         RecordKind::AgentStarted,
@@ -177,6 +188,7 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
             "start": start.as_str(),
             "attached_now": attached_now,
             "retired": retired,
+            "links_held": links.len(),
             "pin_dir": config.pin_dir,
             "paused_requests_found": paused_found,
             "decision": {
@@ -247,10 +259,22 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         config.reconcile_interval,
     ));
 
+    let protect_task = tokio::spawn(protect::run(
+        Arc::clone(&protect_maps),
+        links,
+        layout.clone(),
+        Arc::clone(&sink),
+        config.host.clone(),
+        policies_rx.clone(),
+        PROTECT_INTERVAL,
+        shutdown_rx.clone(),
+    ));
+
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let watcher_task = tokio::spawn(watch_policy(
         config.clone(),
         kernel.clone(),
+        Arc::clone(&protect_maps),
         policies_tx,
         Arc::clone(&sink),
         host,
@@ -312,6 +336,7 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         .map_err(|source| DaemonError::Join { source })?;
     let _ = reader_task.await;
     let _ = watcher_task.await;
+    let _ = protect_task.await;
     decision.stop().await;
     if let Some(task) = kernel_logs {
         let _ = task.await;
@@ -344,6 +369,47 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         "stopped; programs stay attached and paused tasks stay paused for the next agent"
     );
     Ok(())
+}
+
+/// How often the protect task pins removed link pins again and records
+/// refusal bursts.
+const PROTECT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Opens the self-protection maps, protects this process (forgetting
+/// processes of earlier runs that are gone) and registers the decision
+/// service's listeners.
+async fn setup_protection(
+    config: &AgentConfig,
+    layout: &PinLayout,
+) -> Result<ProtectHandle, DaemonError> {
+    let wrap = |source| DaemonError::Protect { source };
+    let mut maps =
+        ProtectMaps::open(layout).map_err(|source| wrap(ProtectError::Pinning(source)))?;
+    maps.prune_processes(&config.proc_root).map_err(wrap)?;
+    maps.protect_process(&config.proc_root, std::process::id())
+        .map_err(wrap)?;
+    let listeners = match config.decision.mode() {
+        DecisionMode::Embedded => vec![config.decision.listen],
+        DecisionMode::Remote => {
+            let url = config.decision.server.clone().unwrap_or_default();
+            tokio::task::spawn_blocking(move || protect::resolve_service(&url))
+                .await
+                .map_err(|source| DaemonError::Join { source })?
+        }
+        DecisionMode::Local => Vec::new(),
+    };
+    let local = protect::local_addresses();
+    let keys: Vec<_> = listeners
+        .iter()
+        .flat_map(|addr| protect::listener_keys(*addr, &local))
+        .collect();
+    maps.set_listeners(&keys).map_err(wrap)?;
+    tracing::info!(
+        listeners = ?listeners,
+        keys = keys.len(),
+        "gated tasks cannot signal or trace this agent, nor connect to its decision service"
+    );
+    Ok(Arc::new(std::sync::Mutex::new(maps)))
 }
 
 /// Gives the memory start-up used and freed (the kernel's BTF parsed twice, the
@@ -407,6 +473,7 @@ async fn load_policy(dir: &Path) -> Result<PolicySet, DaemonError> {
 /// Compiles `set` with ids unused in the kernel and applies it.
 async fn apply_new_policy(
     kernel: &KernelHandle,
+    protect_maps: &ProtectHandle,
     set: &PolicySet,
     host: &HostView,
 ) -> Result<Compiled, DaemonError> {
@@ -418,6 +485,11 @@ async fn apply_new_policy(
         .map_err(|source| DaemonError::Compile { source })?;
     let generation = current.generation().wrapping_add(1).max(1);
     let compiled = compile_blocking(set.clone(), ids, generation, host.clone()).await?;
+    // The new ids' relaxations before any cgroup switches to them.
+    protect::with_maps(protect_maps, |maps| {
+        maps.set_relaxed(&protect::masks_of(&compiled))
+    })
+    .map_err(|source| DaemonError::Protect { source })?;
     kernel
         .apply_policy(compiled.state.clone())
         .await
@@ -459,6 +531,7 @@ fn record_policy_loaded(
             "exec_rules": compiled.state.exec_rules.len(),
             "connect_prefixes": compiled.state.connect_v4.len() + compiled.state.connect_v6.len(),
             "warnings": compiled.warnings,
+            "protect_relaxed": protect::relaxations(compiled),
         }),
     ));
 }
@@ -492,6 +565,7 @@ pub fn policy_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>, 
 async fn watch_policy(
     config: AgentConfig,
     kernel: KernelHandle,
+    protect_maps: ProtectHandle,
     policies: watch::Sender<Arc<Compiled>>,
     sink: Arc<AuditHandle>,
     host: HostView,
@@ -513,6 +587,7 @@ async fn watch_policy(
             reload_policy(
                 &config,
                 &kernel,
+                &protect_maps,
                 &policies,
                 sink.as_ref(),
                 &host,
@@ -528,6 +603,7 @@ async fn watch_policy(
 async fn reload_policy(
     config: &AgentConfig,
     kernel: &KernelHandle,
+    protect_maps: &ProtectHandle,
     policies: &watch::Sender<Arc<Compiled>>,
     sink: &AuditHandle,
     host: &HostView,
@@ -545,7 +621,7 @@ async fn reload_policy(
             return;
         }
     };
-    match apply_new_policy(kernel, &set, host).await {
+    match apply_new_policy(kernel, protect_maps, &set, host).await {
         Ok(compiled) => {
             for warning in &compiled.warnings {
                 tracing::warn!(warning, "policy");

@@ -59,6 +59,11 @@ pub const PINNED_MAPS: &[&str] = &[
     "EVENTS",
     "COUNTERS",
     BUILD_ID,
+    // Self-protection (issue 18).
+    "PROTECT_RELAXED",
+    "PROTECTED_TASKS",
+    "PROTECT_DENIALS",
+    "SERVICE_LISTENERS",
 ];
 
 /// Errors loading, adopting or unloading the pinned programs.
@@ -114,6 +119,12 @@ pub enum PinningError {
         path: PathBuf,
         #[source]
         source: MapError,
+    },
+    #[error("failed to open the pinned link `{}`", path.display())]
+    OpenLink {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
     },
     #[error("failed to remove pin `{}`", path.display())]
     Unpin {
@@ -288,11 +299,13 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
     let btf = Btf::from_sys_fs().map_err(|source| PinningError::from(LoadError::Btf { source }))?;
     let offsets = ebpf::kernel_offsets()?;
     let digest_key = ebpf::random_digest_key()?;
+    let kcore_ino = ebpf::proc_kcore_ino();
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&btf))
         .override_global("KERNEL_OFFSETS", &offsets, true)
-        .override_global("DIGEST_KEY", &digest_key, true);
+        .override_global("DIGEST_KEY", &digest_key, true)
+        .override_global("PROC_KCORE_INO", &kcore_ino, true);
     let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
         .map(|name| (*name, layout.map(name)))
@@ -481,7 +494,22 @@ mod tests {
         assert_eq!(programs.len(), PROGRAMS.len());
         assert_eq!(
             ebpf::lsm_programs().map(|p| p.name).collect::<Vec<_>>(),
-            ["bprm_check_security", "socket_connect"]
+            [
+                "bprm_check_security",
+                "socket_connect",
+                "task_kill",
+                "ptrace_access_check",
+                "bpf",
+                "kernel_load_data",
+                "kernel_read_file",
+                "kernel_module_request",
+                "file_open",
+                "sb_mount",
+                "sb_umount",
+                "sb_remount",
+                "move_mount",
+                "sb_pivotroot",
+            ]
         );
     }
 

@@ -418,6 +418,8 @@ pub mod protect {
     pub const SERVICE_CONNECT: u32 = 7;
     /// One past the highest id of this crate's protections.
     pub const END: u32 = 8;
+    // Ids 16..=31 belong to the file and cgroup protections.
+    const _: () = assert!(END <= 16);
 
     /// The `PROTECT_RELAXED` bit of protection `id` (ids are below 32).
     #[must_use]
@@ -550,10 +552,6 @@ mod tests {
         assert_eq!(size_of::<ProtectDenialKey>(), 16);
         assert_eq!(size_of::<ServiceListenerKey>(), 24);
         assert_eq!(size_of::<KernelOffsets>(), 18 * 4);
-        assert!(
-            protect::END <= 16,
-            "ids 16..=31 belong to the file protections"
-        );
         let ids = [
             protect::SIGNAL,
             protect::PTRACE,
