@@ -9,8 +9,8 @@ use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::lsm, programs::LsmContext
 use gatekeep_common::{EPERM, protect};
 
 use crate::{
-    hooks::{gating_candidate, protect::refuse},
-    maps::{offsets, proc_kcore_ino},
+    hooks::{gating_candidate, protect::refuse_gated},
+    maps::{gated_entry, offsets, proc_kcore_ino},
 };
 
 /// `S_IFMT`, `S_IFBLK`, `S_IFCHR` (include/uapi/linux/stat.h).
@@ -41,6 +41,9 @@ pub fn file_open(ctx: LsmContext) -> i32 {
 
 #[inline(never)]
 fn gated_file_open(ctx: &LsmContext, cgroup_id: u64) -> i32 {
+    let Some(gated) = gated_entry(cgroup_id) else {
+        return 0;
+    };
     let file: *const u8 = ctx.arg(0);
     let off = offsets();
     // SAFETY: probe read of the file being opened.
@@ -50,10 +53,11 @@ fn gated_file_open(ctx: &LsmContext, cgroup_id: u64) -> i32 {
         return EPERM;
     };
     if is_raw_device(inode) {
-        return refuse(cgroup_id, protect::RAW_DEVICE);
+        return refuse_gated(gated.policy_id, cgroup_id, protect::RAW_DEVICE);
     }
-    // protect-files: the protected-identity check (gatekeep's own files)
-    // goes here, on the same `inode`.
+    // Extension point (protect-files, issue 18 item 3): gatekeep's own
+    // files by identity, e.g.
+    // `if let Some(ret) = protected_file_open(file, gated.policy_id, cgroup_id) { return ret; }`
     0
 }
 
