@@ -20,7 +20,9 @@ const S_IFCHR: u16 = 0o020_000;
 /// `MEM_MAJOR` and its minors `mem`, `kmem`, `port`
 /// (drivers/char/mem.c), in the kernel's `dev_t` (`major << 20 | minor`).
 const MEM_MAJOR: u32 = 1;
-const MEM_MINORS: [u32; 3] = [1, 2, 4];
+const MEM_MINOR: u32 = 1;
+const KMEM_MINOR: u32 = 2;
+const PORT_MINOR: u32 = 4;
 const MINOR_BITS: u32 = 20;
 /// `PROC_SUPER_MAGIC` (include/uapi/linux/magic.h).
 const PROC_SUPER_MAGIC: u64 = 0x9fa0;
@@ -81,8 +83,9 @@ fn is_raw_device(inode: *const u8) -> bool {
             }) else {
                 return true;
             };
+            let minor = rdev & ((1 << MINOR_BITS) - 1);
             rdev >> MINOR_BITS == MEM_MAJOR
-                && MEM_MINORS.contains(&(rdev & ((1 << MINOR_BITS) - 1)))
+                && (minor == MEM_MINOR || minor == KMEM_MINOR || minor == PORT_MINOR)
         }
         _ => is_proc_kcore(inode),
     }

@@ -21,6 +21,16 @@ pub fn refuse(cgroup_id: u64, id: u32) -> i32 {
     }
 }
 
+/// [`refuse`] without counting the refusal (for permission probes that
+/// are not attempts).
+#[inline(always)]
+pub fn refuse_uncounted(cgroup_id: u64, id: u32) -> i32 {
+    match gated_entry(cgroup_id) {
+        Some(gated) if !protect_relaxed(gated.policy_id, id) => EPERM,
+        _ => 0,
+    }
+}
+
 /// [`refuse`] for a hook that has its cgroup's policy already.
 #[inline(always)]
 pub fn refuse_gated(policy_id: u32, cgroup_id: u64, id: u32) -> i32 {

@@ -11,8 +11,13 @@ use gatekeep_common::protect;
 
 use crate::hooks::{
     gating_candidate,
-    protect::{is_protected_task, refuse},
+    protect::{is_protected_task, refuse, refuse_uncounted},
 };
+
+/// `PTRACE_MODE_NOAUDIT` (include/linux/ptrace.h): the caller only asks
+/// whether access would be allowed (`/proc/<pid>/stat` deciding which
+/// fields to show, `ps`, `top`), it is not an attempt.
+const PTRACE_MODE_NOAUDIT: u32 = 0x04;
 
 /// Runs for every ptrace access check on the host. A gated task checked
 /// against a protected process gets `-EPERM` (so ptrace fails with EPERM
@@ -31,9 +36,14 @@ pub fn ptrace_access_check(ctx: LsmContext) -> i32 {
 #[inline(never)]
 fn gated_ptrace_access_check(ctx: &LsmContext, cgroup_id: u64) -> i32 {
     let child: *const u8 = ctx.arg(0);
-    if is_protected_task(child) {
-        refuse(cgroup_id, protect::PTRACE)
-    } else {
+    let mode: u32 = ctx.arg(1);
+    if !is_protected_task(child) {
         0
+    } else if mode & PTRACE_MODE_NOAUDIT != 0 {
+        // Refused all the same, but not counted: `ps` in a gated cgroup
+        // is no attack worth an audit record.
+        refuse_uncounted(cgroup_id, protect::PTRACE)
+    } else {
+        refuse(cgroup_id, protect::PTRACE)
     }
 }
