@@ -43,6 +43,7 @@ use crate::{
         resume::{PauseTiming, ProcTasks},
     },
     policy::{self, Compiled, HostView, PolicyMapsError},
+    protect::{self, HeldLinks, ProtectError, ProtectHandle, ProtectMaps},
 };
 
 /// Errors that stop the daemon.
@@ -103,6 +104,11 @@ pub enum DaemonError {
         #[source]
         source: tokio::task::JoinError,
     },
+    #[error("failed to set up self-protection (the PROTECT_* and SERVICE_LISTENERS maps)")]
+    Protect {
+        #[source]
+        source: ProtectError,
+    },
     #[error("failed to start the decision side (`[decision]` in the config)")]
     Decision {
         #[source]
@@ -132,9 +138,14 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
     let sink = Arc::new(audit.handle.clone());
     // 3. The programs: loaded and pinned, or adopted; one task owns the maps.
     let kernel = load_kernel(&config).await?;
+    // 3b. Self-protection: hold every link (a removed pin detaches nothing),
+    //     protect this process, fence off the decision service.
+    let links = HeldLinks::open(&kernel.layout)?;
+    let protect_maps = setup_protection(&config, &kernel.layout).await?;
     // 4. The policy into the maps (fresh ids: the old set stays in force
     //    until each cgroup switches).
-    let startup = apply_startup_policy(&config, &kernel, &set, &sink).await?;
+    let startup =
+        apply_startup_policy(&config, &kernel, &protect_maps, &set, &sink, links.len()).await?;
     // The programs' own diagnostics (one log buffer per loaded object).
     let kernel_logs = kernel_log::attach(&kernel.layout, "bprm_check_security")
         .map(|logger| tokio::spawn(kernel_log::drain(logger, shutdown_rx.clone())));
@@ -162,10 +173,21 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         &policies_rx,
         &shutdown_rx,
     );
+    let protect_task = tokio::spawn(protect::run(
+        Arc::clone(&protect_maps),
+        links,
+        kernel.layout.clone(),
+        Arc::clone(&sink),
+        config.host.clone(),
+        policies_rx.clone(),
+        PROTECT_INTERVAL,
+        shutdown_rx.clone(),
+    ));
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let watcher_task = tokio::spawn(watch_policy(
         config.clone(),
         kernel.handle.clone(),
+        Arc::clone(&protect_maps),
         policies_tx,
         Arc::clone(&sink),
         startup.host,
@@ -195,6 +217,7 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         controller_task,
         reader_task: reader.task,
         watcher_task,
+        protect_task,
         decision,
         kernel_logs,
         kernel: kernel.handle,
@@ -313,12 +336,14 @@ struct Startup {
 async fn apply_startup_policy(
     config: &AgentConfig,
     kernel: &Kernel,
+    protect_maps: &ProtectHandle,
     set: &PolicySet,
     sink: &AuditHandle,
+    links_held: usize,
 ) -> Result<Startup, DaemonError> {
     let summary = &kernel.summary;
     let host = HostView::current(&config.cgroup_root, &config.proc_root);
-    let compiled = apply_new_policy(&kernel.handle, set, &host).await?;
+    let compiled = apply_new_policy(&kernel.handle, protect_maps, set, &host).await?;
     let paused_found = kernel.handle.pending().await.map_or(0, |p| p.len());
     sink.record(AuditRecord::new(
         RecordKind::AgentStarted,
@@ -335,6 +360,7 @@ async fn apply_startup_policy(
                 .map(|p| (*p).to_owned())
                 .collect(),
             retired: summary.retired.clone(),
+            links_held,
             pin_dir: config.pin_dir.to_string_lossy().into_owned(),
             paused_requests_found: paused_found,
             decision: audit::DecisionSetting {
@@ -485,6 +511,7 @@ struct Stopping<'a> {
     controller_task: tokio::task::JoinHandle<Stats>,
     reader_task: tokio::task::JoinHandle<()>,
     watcher_task: tokio::task::JoinHandle<()>,
+    protect_task: tokio::task::JoinHandle<()>,
     decision: DecisionService,
     kernel_logs: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     kernel: KernelHandle,
@@ -502,6 +529,7 @@ async fn shut_down(stopping: Stopping<'_>) -> Result<(), DaemonError> {
         controller_task,
         reader_task,
         watcher_task,
+        protect_task,
         decision,
         kernel_logs,
         kernel,
@@ -514,6 +542,7 @@ async fn shut_down(stopping: Stopping<'_>) -> Result<(), DaemonError> {
         .map_err(|source| DaemonError::Join { source })?;
     let _ = reader_task.await;
     let _ = watcher_task.await;
+    let _ = protect_task.await;
     decision.stop().await;
     if let Some(task) = kernel_logs {
         let _ = task.await;
@@ -547,6 +576,47 @@ async fn shut_down(stopping: Stopping<'_>) -> Result<(), DaemonError> {
         "stopped; programs stay attached and paused tasks stay paused for the next agent"
     );
     Ok(())
+}
+
+/// How often the protect task pins removed link pins again and records
+/// refusal bursts.
+const PROTECT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Opens the self-protection maps, protects this process (forgetting
+/// processes of earlier runs that are gone) and registers the decision
+/// service's listeners.
+async fn setup_protection(
+    config: &AgentConfig,
+    layout: &PinLayout,
+) -> Result<ProtectHandle, DaemonError> {
+    let wrap = |source| DaemonError::Protect { source };
+    let mut maps =
+        ProtectMaps::open(layout).map_err(|source| wrap(ProtectError::Pinning(source)))?;
+    maps.prune_processes(&config.proc_root).map_err(wrap)?;
+    maps.protect_process(&config.proc_root, std::process::id())
+        .map_err(wrap)?;
+    let listeners = match config.decision.mode() {
+        DecisionMode::Embedded => vec![config.decision.listen],
+        DecisionMode::Remote => {
+            let url = config.decision.server.clone().unwrap_or_default();
+            tokio::task::spawn_blocking(move || protect::resolve_service(&url))
+                .await
+                .map_err(|source| DaemonError::Join { source })?
+        }
+        DecisionMode::Local => Vec::new(),
+    };
+    let local = protect::local_addresses();
+    let keys: Vec<_> = listeners
+        .iter()
+        .flat_map(|addr| protect::listener_keys(*addr, &local))
+        .collect();
+    maps.set_listeners(&keys).map_err(wrap)?;
+    tracing::info!(
+        listeners = ?listeners,
+        keys = keys.len(),
+        "gated tasks cannot signal or trace this agent, nor connect to its decision service"
+    );
+    Ok(Arc::new(std::sync::Mutex::new(maps)))
 }
 
 /// Gives the memory start-up used and freed (the kernel's BTF parsed twice, the
@@ -608,6 +678,7 @@ async fn load_policy(dir: &Path) -> Result<PolicySet, DaemonError> {
 /// Compiles `set` with ids unused in the kernel and applies it.
 async fn apply_new_policy(
     kernel: &KernelHandle,
+    protect_maps: &ProtectHandle,
     set: &PolicySet,
     host: &HostView,
 ) -> Result<Compiled, DaemonError> {
@@ -619,6 +690,11 @@ async fn apply_new_policy(
         .map_err(|source| DaemonError::Compile { source })?;
     let generation = current.generation().wrapping_add(1).max(1);
     let compiled = compile_blocking(set.clone(), ids, generation, host.clone()).await?;
+    // The new ids' relaxations before any cgroup switches to them.
+    protect::with_maps(protect_maps, |maps| {
+        maps.set_relaxed(&protect::masks_of(&compiled))
+    })
+    .map_err(|source| DaemonError::Protect { source })?;
     kernel
         .apply_policy(compiled.state.clone())
         .await
@@ -675,6 +751,7 @@ fn record_policy_loaded(
             connect_prefixes: compiled.state.rule_count(map_names::CONNECT_V4)
                 + compiled.state.rule_count(map_names::CONNECT_V6),
             warnings: compiled.warnings.clone(),
+            protect_relaxed: protect::relaxations(compiled),
         }),
     ));
 }
@@ -708,6 +785,7 @@ pub fn policy_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>, 
 async fn watch_policy(
     config: AgentConfig,
     kernel: KernelHandle,
+    protect_maps: ProtectHandle,
     policies: watch::Sender<Arc<Compiled>>,
     sink: Arc<AuditHandle>,
     host: HostView,
@@ -729,6 +807,7 @@ async fn watch_policy(
             reload_policy(
                 &config,
                 &kernel,
+                &protect_maps,
                 &policies,
                 sink.as_ref(),
                 &host,
@@ -744,6 +823,7 @@ async fn watch_policy(
 async fn reload_policy(
     config: &AgentConfig,
     kernel: &KernelHandle,
+    protect_maps: &ProtectHandle,
     policies: &watch::Sender<Arc<Compiled>>,
     sink: &AuditHandle,
     host: &HostView,
@@ -761,7 +841,7 @@ async fn reload_policy(
             return;
         }
     };
-    match apply_new_policy(kernel, &set, host).await {
+    match apply_new_policy(kernel, protect_maps, &set, host).await {
         Ok(compiled) => {
             for warning in &compiled.warnings {
                 tracing::warn!(warning, "policy");

@@ -129,6 +129,14 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Protect another process of gatekeep's (a local `gatekeep-server`):
+    /// gated tasks cannot signal, ptrace or read it through /proc while it
+    /// runs (e.g. `ExecStartPost=gatekeep-agent protect $MAINPID`).
+    Protect {
+        #[command(flatten)]
+        config: ConfigArg,
+        pid: u32,
+    },
     /// Reviewers of the embedded decision service (`[decision] mode =
     /// "embedded"`, the default).
     #[command(subcommand)]
@@ -190,6 +198,13 @@ fn add_reviewer(config: &AgentConfig, name: &str, groups: &[String]) -> anyhow::
     Ok(())
 }
 
+/// `protect PID`.
+fn protect(config: &AgentConfig, pid: u32) -> anyhow::Result<()> {
+    admin::protect_process(&config.pin_dir, &config.proc_root, pid)?;
+    println!("process {pid} is protected from gated tasks while it runs");
+    Ok(())
+}
+
 /// `status` as text.
 fn print_status(status: &admin::Status) {
     println!("pin dir: {}", status.pin_dir.display());
@@ -209,6 +224,25 @@ fn print_status(status: &admin::Status) {
     }
     for (name, value) in &status.counters {
         println!("{name}: {value}");
+    }
+    println!(
+        "protected processes: {}",
+        status
+            .protected_processes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "self-protection refusals: {}",
+        status.protect_refusals.iter().map(|r| r.count).sum::<u64>()
+    );
+    for refusal in &status.protect_refusals {
+        println!(
+            "  {} refused {} time(s) in cgroup {}",
+            refusal.protection, refusal.count, refusal.cgroup_id
+        );
     }
     println!(
         "grants: {} ({} kernel entries)",
@@ -355,6 +389,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Protect { config, pid } => protect(&config.load()?, pid),
         Command::Reviewers(ReviewersCommand::Add {
             config,
             name,

@@ -36,11 +36,15 @@ pub enum RecordKind {
     AgentStarted,
     /// The agent stopped.
     AgentStopped,
+    /// Gated tasks tried something self-protection refuses (signal or trace
+    /// gatekeep, `bpf()`, load a module, mount, ...): one record per burst of
+    /// one protection in one cgroup, with the count.
+    ProtectRefused,
 }
 
 impl RecordKind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Requested,
         Self::Decided,
         Self::Expired,
@@ -53,6 +57,7 @@ impl RecordKind {
         Self::PolicyLoaded,
         Self::AgentStarted,
         Self::AgentStopped,
+        Self::ProtectRefused,
     ];
 
     /// The stored name, as in JSON.
@@ -71,6 +76,7 @@ impl RecordKind {
             Self::PolicyLoaded => "policy_loaded",
             Self::AgentStarted => "agent_started",
             Self::AgentStopped => "agent_stopped",
+            Self::ProtectRefused => "protect_refused",
         }
     }
 }

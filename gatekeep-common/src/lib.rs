@@ -78,6 +78,14 @@ pub mod map_names {
     pub const CONNECT_V4: &str = "CONNECT_V4";
     /// connect hook: LPM trie of [`super::ConnectV6Key`] -> [`super::PortRules`].
     pub const CONNECT_V6: &str = "CONNECT_V6";
+    /// Self-protection (`hooks/protect`): the protections each policy relaxes.
+    pub const PROTECT_RELAXED: &str = "PROTECT_RELAXED";
+    /// Self-protection: gatekeep's own processes (tgid -> start time).
+    pub const PROTECTED_TASKS: &str = "PROTECTED_TASKS";
+    /// Self-protection: refused attempts per (protection, cgroup).
+    pub const PROTECT_DENIALS: &str = "PROTECT_DENIALS";
+    /// Self-protection: the decision service's listeners gated tasks cannot reach.
+    pub const SERVICE_LISTENERS: &str = "SERVICE_LISTENERS";
 
     /// Every map of the object.
     pub const ALL: &[&str] = &[
@@ -97,6 +105,10 @@ pub mod map_names {
         ARGV_SCRATCH,
         CONNECT_V4,
         CONNECT_V6,
+        PROTECT_RELAXED,
+        PROTECTED_TASKS,
+        PROTECT_DENIALS,
+        SERVICE_LISTENERS,
     ];
 }
 
@@ -107,6 +119,8 @@ pub mod global_names {
     pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
     /// The per-load `SipHash` key of request digests.
     pub const DIGEST_KEY: &str = "DIGEST_KEY";
+    /// The inode number of `/proc/kcore` (gated tasks cannot open it).
+    pub const PROC_KCORE_INO: &str = "PROC_KCORE_INO";
 }
 
 /// What a rule (or a policy default) does. `NONE` (0) means "no rule".
@@ -446,6 +460,105 @@ pub struct KernelOffsets {
     pub socket_type: u32,
     pub task_struct_real_parent: u32,
     pub task_struct_tgid: u32,
+    /// `struct inode` -> `i_mode` (`umode_t`, 2 bytes).
+    pub inode_i_mode: u32,
+    /// `struct inode` -> `i_rdev` (`dev_t`, 4 bytes).
+    pub inode_i_rdev: u32,
+    /// `struct super_block` -> `s_magic` (`unsigned long`).
+    pub super_block_s_magic: u32,
+    /// `struct task_struct` -> `group_leader` (`struct task_struct *`).
+    pub task_struct_group_leader: u32,
+    /// `struct task_struct` -> `start_boottime` (`u64`, nanoseconds).
+    pub task_struct_start_boottime: u32,
+    pub _pad_offsets: u32,
+}
+
+/// Self-protection (issue 18): what gated tasks may never do to gatekeep or
+/// the kernel, unless their policy relaxes it.
+///
+/// Each protection has an id; the refusals of a protection are counted per
+/// (id, cgroup) in `PROTECT_DENIALS`, and a policy relaxes a protection by
+/// setting bit `1 << id` of its `PROTECT_RELAXED` word. Ids 1..=15 are the
+/// process/kernel protections; 16..=31 are reserved for the file and cgroup
+/// protections. Append, never renumber: the ids are in audit records.
+pub mod protect {
+    /// Signals (`kill`, `tgkill`, `pidfd_send_signal`, `sigqueue`) to a
+    /// protected process (`task_kill`).
+    pub const SIGNAL: u32 = 1;
+    /// ptrace and everything `ptrace_may_access` guards (`/proc/<pid>/mem`,
+    /// `environ`, `maps`, `process_vm_readv`, `pidfd_getfd`) on a protected
+    /// process (`ptrace_access_check`).
+    pub const PTRACE: u32 = 2;
+    /// The `bpf()` system call (`bpf`).
+    pub const BPF: u32 = 3;
+    /// Module loading, module auto-loading requests, kexec and loading IMA
+    /// policies or keys (`kernel_load_data`, `kernel_read_file`,
+    /// `kernel_module_request`); firmware loads are left alone.
+    pub const KERNEL: u32 = 4;
+    /// Opening a block device, `/dev/mem`, `/dev/kmem`, `/dev/port` or
+    /// `/proc/kcore` (`file_open`).
+    pub const RAW_DEVICE: u32 = 5;
+    /// `mount`, `umount`, `move_mount`, `pivot_root`, remounts
+    /// (`sb_mount`, `sb_umount`, `move_mount`, `sb_pivotroot`, `sb_remount`).
+    pub const MOUNT: u32 = 6;
+    /// `connect` to a listener of the decision service (`socket_connect`).
+    pub const SERVICE_CONNECT: u32 = 7;
+    /// One past the highest id of this crate's protections.
+    pub const END: u32 = 8;
+    // Ids 16..=31 belong to the file and cgroup protections.
+    const _: () = assert!(END <= 16);
+
+    /// The `PROTECT_RELAXED` bit of protection `id` (ids are below 32).
+    #[must_use]
+    #[inline]
+    pub const fn bit(id: u32) -> u32 {
+        1 << (id & 31)
+    }
+}
+
+/// Value of the `PROTECTED_TASKS` map (keyed by thread group id): a process
+/// of gatekeep's that gated tasks may not signal or trace.
+///
+/// The start time tells a reused pid from the process itself: it is the
+/// process's `start_boottime` in clock ticks (`USER_HZ`), the unit of field
+/// 22 of `/proc/<pid>/stat`, from which the agent reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtectedTask {
+    pub start_ticks: u64,
+}
+
+/// Nanoseconds per clock tick (`USER_HZ` = 100 on every architecture
+/// gatekeep runs on): the kernel divides `start_boottime` by it to compare
+/// with [`ProtectedTask::start_ticks`].
+pub const NS_PER_CLOCK_TICK: u64 = 10_000_000;
+
+/// Key of the `PROTECT_DENIALS` map: refused self-protection attempts are
+/// counted per protection and cgroup, so a flood costs one map entry, and
+/// user space writes one audit record per burst.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProtectDenialKey {
+    /// A [`protect`] id.
+    pub hook: u32,
+    pub _pad: u32,
+    pub cgroup_id: u64,
+}
+
+/// Key of the `SERVICE_LISTENERS` map: an address and port the decision
+/// service listens on. `addr` is all zeroes for a wildcard listener, which
+/// the kernel matches for loopback destinations; the agent adds the host's
+/// own addresses as exact keys.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceListenerKey {
+    /// `AF_INET` or `AF_INET6` (IPv4-mapped IPv6 is keyed as IPv4).
+    pub family: u16,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u32,
+    /// IPv4 in the first 4 bytes, or IPv6; network order.
+    pub addr: [u8; 16],
 }
 
 #[cfg(feature = "user")]
@@ -465,6 +578,9 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::GrantKey {}
     unsafe impl aya::Pod for super::Grant {}
+    unsafe impl aya::Pod for super::ProtectedTask {}
+    unsafe impl aya::Pod for super::ProtectDenialKey {}
+    unsafe impl aya::Pod for super::ServiceListenerKey {}
 }
 
 #[cfg(test)]
@@ -515,6 +631,28 @@ mod tests {
             size_of::<EventHeader>() + 16 + 16 + 108 + 4
         );
         assert_eq!(align_of::<ExecEvent>(), 8);
+    }
+
+    #[test]
+    fn protect_types_have_their_wire_sizes_and_ids_fit_the_relax_mask() {
+        assert_eq!(size_of::<ProtectedTask>(), 8);
+        assert_eq!(size_of::<ProtectDenialKey>(), 16);
+        assert_eq!(size_of::<ServiceListenerKey>(), 24);
+        assert_eq!(size_of::<KernelOffsets>(), 18 * 4);
+        let ids = [
+            protect::SIGNAL,
+            protect::PTRACE,
+            protect::BPF,
+            protect::KERNEL,
+            protect::RAW_DEVICE,
+            protect::MOUNT,
+            protect::SERVICE_CONNECT,
+        ];
+        let mask = ids.iter().fold(0u32, |mask, id| {
+            assert_eq!(mask & protect::bit(*id), 0, "id {id} is used twice");
+            mask | protect::bit(*id)
+        });
+        assert_eq!(mask.count_ones() as usize, ids.len());
     }
 
     #[test]

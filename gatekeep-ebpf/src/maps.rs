@@ -9,11 +9,12 @@ use core::intrinsics::AtomicOrdering;
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_NOEXIST},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use gatekeep_common::{
     GATED_FILTER_SLOTS, GatedCgroup, Grant, GrantKey, KernelOffsets, MAX_POLICIES, PendingRequest,
-    PolicyDefaults, Verdict, VerdictKey, counter, gated_filter_slot, pending_slot,
+    PolicyDefaults, ProtectDenialKey, ProtectedTask, ServiceListenerKey, Verdict, VerdictKey,
+    counter, gated_filter_slot, pending_slot,
 };
 
 /// cgroup v2 id -> policy governing it. A task whose cgroup is absent is not
@@ -171,6 +172,12 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     socket_type: 0,
     task_struct_real_parent: 0,
     task_struct_tgid: 0,
+    inode_i_mode: 0,
+    inode_i_rdev: 0,
+    super_block_s_magic: 0,
+    task_struct_group_leader: 0,
+    task_struct_start_boottime: 0,
+    _pad_offsets: 0,
 };
 
 /// SipHash key for request digests, random per load (set by the agent), so
@@ -201,4 +208,73 @@ pub fn bump(index: u32) {
         // program runs.
         unsafe { *value += 1 };
     }
+}
+
+/// Self-protection (issue 18): policy id -> the [`gatekeep_common::protect`]
+/// bits (`1 << id`) the policy relaxed. 0, the default, protects everything.
+#[map]
+pub static PROTECT_RELAXED: Array<u32> = Array::with_max_entries(MAX_POLICIES, 0);
+
+/// Whether `policy_id` relaxed protection `id`.
+#[inline(always)]
+pub fn protect_relaxed(policy_id: u32, id: u32) -> bool {
+    PROTECT_RELAXED
+        .get(policy_id)
+        .is_some_and(|mask| *mask & gatekeep_common::protect::bit(id) != 0)
+}
+
+/// Thread group id -> a gatekeep process gated tasks may not signal, trace
+/// or read through `/proc` (the agent, processes it starts, a local
+/// `gatekeep-server`). Filled by the agent.
+#[map]
+pub static PROTECTED_TASKS: HashMap<u32, ProtectedTask> = HashMap::with_max_entries(64, 0);
+
+/// Refused self-protection attempts per (protection, cgroup), added to
+/// atomically. User space reads the counts and writes one audit record per
+/// burst, so a flood of attempts costs one entry here, not one event each.
+/// LRU: a workload making cgroups to evict entries only loses counts, never
+/// a refusal.
+#[map]
+pub static PROTECT_DENIALS: LruHashMap<ProtectDenialKey, u64> =
+    LruHashMap::with_max_entries(4096, 0);
+
+/// Counts one refusal of protection `hook` for `cgroup_id`.
+#[inline(always)]
+pub fn count_protect_denial(hook: u32, cgroup_id: u64) {
+    let key = ProtectDenialKey {
+        hook,
+        _pad: 0,
+        cgroup_id,
+    };
+    if let Some(count) = PROTECT_DENIALS.get_ptr_mut(&key) {
+        add_to_slot(count, 1);
+        return;
+    }
+    // Two first refusals at once: the loser's insert fails, and it adds.
+    if PROTECT_DENIALS
+        .insert(&key, &1, BPF_NOEXIST.into())
+        .is_err()
+        && let Some(count) = PROTECT_DENIALS.get_ptr_mut(&key)
+    {
+        add_to_slot(count, 1);
+    }
+}
+
+/// The decision service's listening addresses (set by the agent): gated
+/// tasks may not connect to them unless their policy relaxes
+/// `protect::SERVICE_CONNECT`.
+#[map]
+pub static SERVICE_LISTENERS: HashMap<ServiceListenerKey, u32> = HashMap::with_max_entries(256, 0);
+
+/// The inode number of `/proc/kcore` (set by the agent at load; the same in
+/// every procfs instance: proc entries get their inode number once, at
+/// registration). 0: not known, nothing matches.
+#[unsafe(no_mangle)]
+static PROC_KCORE_INO: u64 = 0;
+
+/// The `/proc/kcore` inode number the agent set at load time.
+#[inline(always)]
+pub fn proc_kcore_ino() -> u64 {
+    // SAFETY: as for `offsets`.
+    unsafe { core::ptr::read_volatile(&raw const PROC_KCORE_INO) }
 }

@@ -197,6 +197,9 @@ pub struct AgentStarted {
     pub start: String,
     pub attached_now: Vec<String>,
     pub retired: Vec<String>,
+    /// Program links the agent holds open (a removed pin detaches nothing).
+    #[serde(default)]
+    pub links_held: usize,
     pub pin_dir: String,
     pub paused_requests_found: usize,
     pub decision: DecisionSetting,
@@ -235,6 +238,18 @@ pub struct PolicyLoaded {
     pub exec_rules: usize,
     pub connect_prefixes: usize,
     pub warnings: Vec<String>,
+    /// The self-protections each policy gives up (`[policy.protect] relax`), only
+    /// policies that relax any.
+    #[serde(default)]
+    pub protect_relaxed: Vec<ProtectRelaxed>,
+}
+
+/// One policy's relaxed self-protections, in a [`PolicyLoaded`] record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectRelaxed {
+    pub policy: String,
+    /// Protection names as the policy file spells them (`signal`, `mount`, ...).
+    pub relax: Vec<String>,
 }
 
 /// One policy of a [`PolicyLoaded`] record.

@@ -12,5 +12,6 @@ mod pause;
 mod pending;
 mod preflight;
 mod restart;
+mod self_protect;
 mod smoke;
 mod workload;

@@ -15,6 +15,21 @@
 //! - `exec-rewrite PATH ARG0 ARGS... -- WORD REPLACEMENT`: execs from one
 //!   thread while a sibling thread, as soon as the process comes back from a
 //!   stop, overwrites the argument WORD in place with REPLACEMENT (same length).
+//!
+//! Self-protection attacks (`self_protect.rs`); each prints `ok` (exit 0) or
+//! `errno N` (exit 1):
+//! - `kill PID SIG`; `kill-loop PID SIG N` (N attempts; prints the last
+//!   result and `refused K`);
+//! - `ptrace-seize PID` (`PTRACE_SEIZE` does not stop the tracee; the
+//!   tracer's exit detaches it);
+//! - `open PATH r|rw`;
+//! - `bpf-map-by-id ID`, `bpf-prog-load` (a two-instruction socket filter);
+//! - `init-module PATH`, `finit-module PATH`;
+//! - `mount-tmpfs DIR`, `umount DIR`;
+//! - `as-user UID CMD...`: drops to UID (and group UID, no supplementary
+//!   groups, no capabilities) first;
+//! - `userns-root CMD...`: `unshare(CLONE_NEWUSER | CLONE_NEWNS)` mapping
+//!   itself to root first (`unshare -Ur`).
 
 use std::{
     ffi::CString,
@@ -94,6 +109,10 @@ fn run(args: &[String]) -> i32 {
             }
         }
         Some("exec-rewrite") => exec_rewrite(&args[1..]),
+        Some(
+            "kill" | "kill-loop" | "ptrace-seize" | "open" | "bpf-map-by-id" | "bpf-prog-load"
+            | "init-module" | "finit-module" | "mount-tmpfs" | "umount" | "as-user" | "userns-root",
+        ) => attack(args),
         Some("exec-expose") => exec_expose(&args[1..]),
         _ => {
             println!("unknown workload {args:?}");
@@ -178,4 +197,172 @@ fn exec_expose(args: &[String]) -> i32 {
     unsafe { libc::execv(path.as_ptr(), ptrs.as_ptr()) };
     println!("errno {}", errno());
     111
+}
+
+/// `ok` (0) or `errno N` (1) for a raw syscall's return value.
+fn report(ret: i64) -> i32 {
+    if ret < 0 {
+        println!("errno {}", errno());
+        1
+    } else {
+        println!("ok");
+        0
+    }
+}
+
+fn cstring(text: &str) -> CString {
+    CString::new(text).unwrap_or_default()
+}
+
+/// `union bpf_attr`, as far as the commands below use it (zeroes beyond).
+#[repr(C, align(8))]
+struct BpfAttr([u32; 32]);
+
+fn bpf(cmd: i64, attr: &BpfAttr) -> i64 {
+    // SAFETY: a zero-padded attribute of the size passed.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_ref(attr),
+            std::mem::size_of::<BpfAttr>(),
+        )
+    }
+}
+
+/// The self-protection attacks (see the module comment).
+fn attack(args: &[String]) -> i32 {
+    let arg = |i: usize| args.get(i).map_or("", String::as_str);
+    let number = |i: usize| arg(i).parse::<i64>().unwrap_or(-1);
+    match arg(0) {
+        // SAFETY (all arms): plain syscalls on values that outlive them.
+        "kill" => report(i64::from(unsafe {
+            libc::kill(number(1) as i32, number(2) as i32)
+        })),
+        "kill-loop" => {
+            let (mut refused, mut last) = (0, 0);
+            for _ in 0..number(3) {
+                last = i64::from(unsafe { libc::kill(number(1) as i32, number(2) as i32) });
+                if last < 0 {
+                    refused += 1;
+                }
+            }
+            let code = report(last);
+            println!("refused {refused}");
+            code
+        }
+        "ptrace-seize" => report(unsafe {
+            libc::ptrace(
+                libc::PTRACE_SEIZE,
+                number(1) as libc::pid_t,
+                std::ptr::null_mut::<libc::c_void>(),
+                std::ptr::null_mut::<libc::c_void>(),
+            )
+        }),
+        "open" => {
+            let flags = if arg(2) == "rw" {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            let path = cstring(arg(1));
+            report(i64::from(unsafe { libc::open(path.as_ptr(), flags) }))
+        }
+        "bpf-map-by-id" => {
+            const BPF_MAP_GET_FD_BY_ID: i64 = 14;
+            let mut attr = BpfAttr([0; 32]);
+            attr.0[0] = number(1) as u32;
+            report(bpf(BPF_MAP_GET_FD_BY_ID, &attr))
+        }
+        "bpf-prog-load" => {
+            const BPF_PROG_LOAD: i64 = 5;
+            const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+            // r0 = 0; exit
+            let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+            let license = cstring("GPL");
+            let mut attr = BpfAttr([0; 32]);
+            attr.0[0] = BPF_PROG_TYPE_SOCKET_FILTER;
+            attr.0[1] = 2;
+            let insns_ptr = insns.as_ptr() as u64;
+            let license_ptr = license.as_ptr() as u64;
+            attr.0[2] = insns_ptr as u32;
+            attr.0[3] = (insns_ptr >> 32) as u32;
+            attr.0[4] = license_ptr as u32;
+            attr.0[5] = (license_ptr >> 32) as u32;
+            report(bpf(BPF_PROG_LOAD, &attr))
+        }
+        "init-module" => {
+            let image = std::fs::read(arg(1)).unwrap_or_default();
+            let params = cstring("");
+            report(unsafe {
+                libc::syscall(
+                    libc::SYS_init_module,
+                    image.as_ptr(),
+                    image.len(),
+                    params.as_ptr(),
+                )
+            })
+        }
+        "finit-module" => {
+            let Ok(file) = std::fs::File::open(arg(1)) else {
+                println!("cannot open {}", arg(1));
+                return 2;
+            };
+            let params = cstring("");
+            report(unsafe {
+                libc::syscall(
+                    libc::SYS_finit_module,
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    params.as_ptr(),
+                    0,
+                )
+            })
+        }
+        "mount-tmpfs" => {
+            let (source, target, fstype) =
+                (cstring("gk-attack"), cstring(arg(1)), cstring("tmpfs"));
+            report(i64::from(unsafe {
+                libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    fstype.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            }))
+        }
+        "umount" => {
+            let target = cstring(arg(1));
+            report(i64::from(unsafe { libc::umount2(target.as_ptr(), 0) }))
+        }
+        "as-user" => {
+            let id = number(1) as u32;
+            let ok = unsafe {
+                libc::setgroups(0, std::ptr::null()) == 0
+                    && libc::setgid(id) == 0
+                    && libc::setuid(id) == 0
+            };
+            if !ok {
+                println!("cannot become uid {id}: errno {}", errno());
+                return 2;
+            }
+            run(&args[2..])
+        }
+        "userns-root" => {
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) } != 0 {
+                println!("unshare failed: errno {}", errno());
+                return 3;
+            }
+            let mapped = std::fs::write("/proc/self/setgroups", "deny")
+                .and_then(|()| std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")))
+                .and_then(|()| std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")));
+            if let Err(err) = mapped {
+                println!("cannot map root in the new user namespace: {err}");
+                return 3;
+            }
+            run(&args[1..])
+        }
+        _ => 2,
+    }
 }

@@ -865,6 +865,16 @@ pub struct Offsets {
     pub socket_type: u32,
     /// `struct socket` -> `sk` (`struct sock *`).
     pub socket_sk: u32,
+    /// `struct inode` -> `i_mode` (`umode_t`).
+    pub inode_i_mode: u32,
+    /// `struct inode` -> `i_rdev` (`dev_t`).
+    pub inode_i_rdev: u32,
+    /// `struct super_block` -> `s_magic` (`unsigned long`).
+    pub super_block_s_magic: u32,
+    /// `struct task_struct` -> `group_leader` (`struct task_struct *`).
+    pub task_struct_group_leader: u32,
+    /// `struct task_struct` -> `start_boottime` (`u64`).
+    pub task_struct_start_boottime: u32,
 }
 
 impl Offsets {
@@ -905,6 +915,11 @@ impl Offsets {
             task_struct_tgid: get("task_struct.tgid", 4)?,
             socket_type: get("socket.type", 2)?,
             socket_sk: get("socket.sk", 8)?,
+            inode_i_mode: get("inode.i_mode", 2)?,
+            inode_i_rdev: get("inode.i_rdev", 4)?,
+            super_block_s_magic: get("super_block.s_magic", 8)?,
+            task_struct_group_leader: get("task_struct.group_leader", 8)?,
+            task_struct_start_boottime: get("task_struct.start_boottime", 8)?,
         })
     }
 }
@@ -1383,6 +1398,9 @@ mod tests {
         let ch = b.int("char", 1);
         let pid_t = b.typedef("pid_t", int);
         let dev_t = b.typedef("dev_t", uint);
+        let ushort = b.int("short unsigned int", 2);
+        let umode_t = b.typedef("umode_t", ushort);
+        let u64_t = b.typedef("u64", ulong);
         let fwd = |b: &mut Builder, name| {
             let id = b.raw(name, 7, 0, false, 0);
             b.ptr(id)
@@ -1390,16 +1408,21 @@ mod tests {
         let sb = b.strukt(
             "super_block",
             64,
-            &[("s_list", long, 0), ("s_dev", dev_t, 128)],
+            &[
+                ("s_list", long, 0),
+                ("s_dev", dev_t, 128),
+                ("s_magic", ulong, 256),
+            ],
         );
         let sb_ptr = b.ptr(sb);
         let inode = b.strukt(
             "inode",
             128,
             &[
-                ("i_mode", uint, 0),
+                ("i_mode", umode_t, 0),
                 ("i_sb", sb_ptr, 320),
                 ("i_ino", ulong, 512),
+                ("i_rdev", dev_t, 576),
             ],
         );
         let inode_ptr = b.ptr(inode);
@@ -1425,7 +1448,12 @@ mod tests {
             ],
         );
         let task_ptr = fwd(&mut b, "task_struct");
-        let mut members = vec![("ptrace", uint, 192), ("real_parent", task_ptr, 1024)];
+        let mut members = vec![
+            ("ptrace", uint, 192),
+            ("real_parent", task_ptr, 1024),
+            ("group_leader", task_ptr, 1152),
+            ("start_boottime", u64_t, 1280),
+        ];
         if with_tgid {
             members.push(("tgid", pid_t, 960));
         }
@@ -1458,6 +1486,11 @@ mod tests {
                 task_struct_tgid: 120,
                 socket_type: 4,
                 socket_sk: 24,
+                inode_i_mode: 0,
+                inode_i_rdev: 72,
+                super_block_s_magic: 32,
+                task_struct_group_leader: 144,
+                task_struct_start_boottime: 160,
             }
         );
     }

@@ -69,6 +69,55 @@ pub const PROGRAMS: &[Program] = &[
         name: "socket_connect",
         hook: Hook::Lsm("socket_connect"),
     },
+    // Self-protection (issue 18): see `crate::protect`.
+    Program {
+        name: "task_kill",
+        hook: Hook::Lsm("task_kill"),
+    },
+    Program {
+        name: "ptrace_access_check",
+        hook: Hook::Lsm("ptrace_access_check"),
+    },
+    Program {
+        name: "bpf",
+        hook: Hook::Lsm("bpf"),
+    },
+    Program {
+        name: "kernel_load_data",
+        hook: Hook::Lsm("kernel_load_data"),
+    },
+    Program {
+        name: "kernel_read_file",
+        hook: Hook::Lsm("kernel_read_file"),
+    },
+    Program {
+        name: "kernel_module_request",
+        hook: Hook::Lsm("kernel_module_request"),
+    },
+    Program {
+        name: "file_open",
+        hook: Hook::Lsm("file_open"),
+    },
+    Program {
+        name: "sb_mount",
+        hook: Hook::Lsm("sb_mount"),
+    },
+    Program {
+        name: "sb_umount",
+        hook: Hook::Lsm("sb_umount"),
+    },
+    Program {
+        name: "sb_remount",
+        hook: Hook::Lsm("sb_remount"),
+    },
+    Program {
+        name: "move_mount",
+        hook: Hook::Lsm("move_mount"),
+    },
+    Program {
+        name: "sb_pivotroot",
+        hook: Hook::Lsm("sb_pivotroot"),
+    },
 ];
 
 /// The gating programs alone.
@@ -144,7 +193,22 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         socket_type: o.socket_type,
         task_struct_real_parent: o.task_struct_real_parent,
         task_struct_tgid: o.task_struct_tgid,
+        inode_i_mode: o.inode_i_mode,
+        inode_i_rdev: o.inode_i_rdev,
+        super_block_s_magic: o.super_block_s_magic,
+        task_struct_group_leader: o.task_struct_group_leader,
+        task_struct_start_boottime: o.task_struct_start_boottime,
+        _pad_offsets: 0,
     })
+}
+
+/// The inode number of `/proc/kcore` (the same in every procfs instance),
+/// which the `file_open` program refuses to gated tasks; 0 (nothing
+/// matches) on a kernel without it.
+#[must_use]
+pub fn proc_kcore_ino() -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/kcore").map_or(0, |meta| meta.ino())
 }
 
 /// A fresh random key for the request digests.
@@ -170,10 +234,12 @@ pub fn open() -> Result<(Ebpf, Btf), LoadError> {
     let btf = Btf::from_sys_fs().map_err(|source| LoadError::Btf { source })?;
     let offsets = kernel_offsets()?;
     let digest_key = random_digest_key()?;
+    let kcore_ino = proc_kcore_ino();
     let ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .override_global(global_names::KERNEL_OFFSETS, &offsets, true)
         .override_global(global_names::DIGEST_KEY, &digest_key, true)
+        .override_global(global_names::PROC_KCORE_INO, &kcore_ino, true)
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })?;
     Ok((ebpf, btf))

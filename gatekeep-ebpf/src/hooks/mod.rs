@@ -5,6 +5,14 @@ pub mod connect;
 pub mod exec;
 pub mod exit;
 pub mod floor;
+// Self-protection (issue 18).
+pub mod bpf;
+pub mod file_open;
+pub mod kernel;
+pub mod mount;
+pub mod protect;
+pub mod ptrace;
+pub mod signal;
 
 use aya_ebpf::helpers::bpf_get_current_cgroup_id;
 
