@@ -107,9 +107,9 @@ impl FromStr for RecordKind {
 
 /// One thing that happened, as a caller submits it.
 ///
-/// `payload` carries the full context; by convention its keys are in snake case and include what
-/// applies of `pid`, `exe`, `argv`, `cgroup`, `address`, `rule`, `action`, `reason`, `wait_ms`
-/// and `deadline`.
+/// `payload` carries the full context. gatekeep's agent and service write the typed, versioned
+/// payloads of `gatekeep_proto::audit`, documented in `docs/audit-schema.md`; this crate stores
+/// any JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// What happened.

@@ -193,7 +193,8 @@ pub struct AgentStarted {
     pub pid: u32,
     /// The kernel programs attached, by name.
     pub programs: Vec<String>,
-    /// `fresh` or `adopted` (pins of a previous agent reused).
+    /// `loaded` (loaded and pinned now), `adopted` (a previous agent's pins reused) or
+    /// `completed` (a half-done set finished).
     pub start: String,
     pub attached_now: Vec<String>,
     pub retired: Vec<String>,
