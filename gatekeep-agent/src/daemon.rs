@@ -12,6 +12,7 @@
 //! paused task: the next agent adopts both.
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -30,12 +31,13 @@ use crate::{
     config::{AgentConfig, DecisionMode},
     controller::{Controller, Parts},
     enrich::Enricher,
-    events::reader::EventReader,
+    events::{Event, reader::EventReader},
     kernel::{self, KernelHandle, PauseKernel as _},
     kernel_log,
     pause::{PauseTiming, ProcTasks},
     pinning::{self, PinLayout, PinningError},
-    policy_maps::{self, Compiled, HostView, PolicyMapsError},
+    policy_maps::{self, Compiled, HostView, MapState, PolicyMapsError},
+    protect_files,
     service::{self, ServiceError},
 };
 
@@ -110,6 +112,9 @@ pub struct RunOptions {
     /// Created (with the agent's pid) once everything is attached, the
     /// policy applied and requests are being handled; removed at exit.
     pub ready_file: Option<PathBuf>,
+    /// The configuration file the agent was started with: protected from
+    /// gated tasks like the rest of gatekeep's files.
+    pub config_file: Option<PathBuf>,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM, with the decider `[decision]`
@@ -164,7 +169,12 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
 
     // 4. The policy into the maps (fresh ids: the old set stays in force
     //    until each cgroup switches).
-    let host = HostView::current(&config.cgroup_root, &config.proc_root);
+    let mut host = HostView::current(&config.cgroup_root, &config.proc_root);
+    host.protected = protect_files::protected_paths(
+        &config,
+        options.config_file.as_deref(),
+        &protect_files::own_binaries(),
+    );
     let compiled = apply_new_policy(&kernel, &set, &host).await?;
     let paused_found = kernel.pending().await.map_or(0, |p| p.len());
     sink.record(AuditRecord::new(
@@ -204,17 +214,25 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
     // Batches of at most `BATCH_LIMIT` events: at most 16,384 events read and not yet
     // handled; a longer backlog waits in the ring buffer.
     let (events_tx, events_rx) = mpsc::channel(64);
+    // Tasks of unclassified cgroups, for the policy watcher to classify and resume.
+    let (classify_tx, classify_rx) = mpsc::channel(1024);
     let backlog: Vec<_> = reader
         .drain()
         .into_iter()
         .filter_map(log_parse_error)
+        .filter(|event| !route_unclassified(event, &classify_tx))
         .collect();
     let backlog_len = backlog.len();
     if !backlog.is_empty() {
         // Capacity 1024 and nothing queued yet: this cannot block.
         let _ = events_tx.send(backlog).await;
     }
-    let reader_task = tokio::spawn(read_events(reader, events_tx, shutdown_rx.clone()));
+    let reader_task = tokio::spawn(read_events(
+        reader,
+        events_tx,
+        classify_tx,
+        shutdown_rx.clone(),
+    ));
 
     let (policies_tx, policies_rx) = watch::channel(Arc::new(compiled));
 
@@ -256,6 +274,7 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         host,
         fingerprint,
         reload_rx,
+        classify_rx,
         shutdown_rx.clone(),
     ));
 
@@ -369,9 +388,22 @@ fn log_parse_error(
     }
 }
 
+/// Hands an [`Event::Unclassified`] to the policy watcher (`true`), which
+/// classifies the task's cgroup and resumes it; other events stay.
+fn route_unclassified(event: &Event, classify: &mpsc::Sender<u32>) -> bool {
+    if let Event::Unclassified { origin, .. } = event {
+        // A full queue already holds a classification pass to come.
+        let _ = classify.try_send(origin.pid);
+        true
+    } else {
+        false
+    }
+}
+
 async fn read_events(
     mut reader: EventReader,
-    events: mpsc::Sender<Vec<crate::events::Event>>,
+    events: mpsc::Sender<Vec<Event>>,
+    classify: mpsc::Sender<u32>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -379,7 +411,11 @@ async fn read_events(
             _ = shutdown.changed() => return,
             batch = reader.next_batch() => match batch {
                 Ok(batch) => {
-                    let batch: Vec<_> = batch.into_iter().filter_map(log_parse_error).collect();
+                    let batch: Vec<_> = batch
+                        .into_iter()
+                        .filter_map(log_parse_error)
+                        .filter(|event| !route_unclassified(event, &classify))
+                        .collect();
                     if !batch.is_empty() && events.send(batch).await.is_err() {
                         return;
                     }
@@ -417,12 +453,34 @@ async fn apply_new_policy(
     let ids = policy_maps::allocate_ids(set.policies.len(), &current.ids_in_use())
         .map_err(|source| DaemonError::Compile { source })?;
     let generation = current.generation().wrapping_add(1).max(1);
-    let compiled = compile_blocking(set.clone(), ids, generation, host.clone()).await?;
+    let mut compiled = compile_blocking(set.clone(), ids.clone(), generation, host.clone()).await?;
+    policy_maps::carry_inherited(&current, &mut compiled.state);
+    classify_blocking(current, &mut compiled, set.clone(), ids, host.clone()).await?;
     kernel
         .apply_policy(compiled.state.clone())
         .await
         .map_err(|source| DaemonError::Apply { source })?;
     Ok(compiled)
+}
+
+/// [`policy_maps::classify_unclassified`] off the async threads (it may walk
+/// the cgroup tree).
+async fn classify_blocking(
+    current: MapState,
+    compiled: &mut Compiled,
+    set: PolicySet,
+    ids: Vec<u32>,
+    host: HostView,
+) -> Result<(), DaemonError> {
+    let mut desired = std::mem::take(&mut compiled.state);
+    desired = tokio::task::spawn_blocking(move || {
+        policy_maps::classify_unclassified(&current, &mut desired, &set, &ids, &host);
+        desired
+    })
+    .await
+    .map_err(|source| DaemonError::Join { source })?;
+    compiled.state = desired;
+    Ok(())
 }
 
 async fn compile_blocking(
@@ -497,6 +555,7 @@ async fn watch_policy(
     host: HostView,
     mut fingerprint: Vec<(PathBuf, u64, Option<SystemTime>, u64)>,
     mut reload: mpsc::Receiver<()>,
+    mut classify: mpsc::Receiver<u32>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(config.rescan_interval);
@@ -506,6 +565,15 @@ async fn watch_policy(
             _ = shutdown.changed() => return,
             _ = tick.tick() => false,
             Some(()) = reload.recv() => true,
+            Some(pid) = classify.recv() => {
+                let mut waiting = BTreeSet::from([pid]);
+                while let Ok(pid) = classify.try_recv() {
+                    waiting.insert(pid);
+                }
+                rescan(&kernel, &policies, &host).await;
+                resume_classified(&waiting);
+                continue;
+            }
         };
         let now = policy_fingerprint(&config.policy_dir);
         if forced || now != fingerprint {
@@ -573,9 +641,26 @@ async fn rescan(kernel: &KernelHandle, policies: &watch::Sender<Arc<Compiled>>, 
     let set = PolicySet {
         policies: loaded.policies.values().map(|p| p.policy.clone()).collect(),
     };
-    let compiled = match compile_blocking(set, loaded.ids(), loaded.generation, host.clone()).await
-    {
-        Ok(compiled) => compiled,
+    let current = match kernel.read_policy_state().await {
+        Ok(current) => current,
+        Err(err) => {
+            tracing::error!(error = %err, "rescan could not read the maps");
+            return;
+        }
+    };
+    let compiled = compile_blocking(set.clone(), loaded.ids(), loaded.generation, host.clone())
+        .await
+        .map(|compiled| (compiled, current));
+    let compiled = match compiled {
+        Ok((mut compiled, current)) => {
+            match classify_blocking(current, &mut compiled, set, loaded.ids(), host.clone()).await {
+                Ok(()) => compiled,
+                Err(err) => {
+                    tracing::error!(error = %err, "rescan failed");
+                    return;
+                }
+            }
+        }
         Err(err) => {
             tracing::error!(error = %err, "rescan failed");
             return;
@@ -595,6 +680,24 @@ async fn rescan(kernel: &KernelHandle, policies: &watch::Sender<Arc<Compiled>>, 
             let _ = policies.send(Arc::new(compiled));
         }
         Err(err) => tracing::error!(error = %err, "rescan could not update the maps"),
+    }
+}
+
+/// Resumes tasks that stopped in an unclassified cgroup, now that the
+/// cgroup is classified: each restarts its syscall, which meets the
+/// cgroup's policy (or none). One still unclassified (its folder not seen
+/// yet) stops again and asks again.
+fn resume_classified(pids: &BTreeSet<u32>) {
+    for pid in pids {
+        let Ok(raw) = i32::try_from(*pid) else {
+            continue;
+        };
+        if let Err(err) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(raw),
+            nix::sys::signal::Signal::SIGCONT,
+        ) {
+            tracing::debug!(pid, error = %err, "resume after classification");
+        }
     }
 }
 

@@ -55,11 +55,7 @@ pub const PROGRAMS: &[Program] = &[
     },
     Program {
         name: "cgroup_mkdir",
-        hook: Hook::TracePoint("cgroup", "cgroup_mkdir"),
-    },
-    Program {
-        name: "cgroup_attach_task",
-        hook: Hook::TracePoint("cgroup", "cgroup_attach_task"),
+        hook: Hook::BtfTracePoint("cgroup_mkdir"),
     },
     Program {
         name: "bprm_check_security",
@@ -68,6 +64,58 @@ pub const PROGRAMS: &[Program] = &[
     Program {
         name: "socket_connect",
         hook: Hook::Lsm("socket_connect"),
+    },
+    // Self-protection, items 3 and 5 of issue 18: gatekeep's files and the
+    // gated cgroup subtree (gatekeep-ebpf hooks/protect_files.rs and
+    // hooks/cgroup_escape.rs).
+    Program {
+        name: "file_permission",
+        hook: Hook::Lsm("file_permission"),
+    },
+    Program {
+        name: "task_alloc",
+        hook: Hook::Lsm("task_alloc"),
+    },
+    // Stand-in until protect-proc's `file_open` calls `protected_file_open`.
+    Program {
+        name: "protect_file_open",
+        hook: Hook::Lsm("file_open"),
+    },
+    Program {
+        name: "inode_create",
+        hook: Hook::Lsm("inode_create"),
+    },
+    Program {
+        name: "inode_mkdir",
+        hook: Hook::Lsm("inode_mkdir"),
+    },
+    Program {
+        name: "inode_mknod",
+        hook: Hook::Lsm("inode_mknod"),
+    },
+    Program {
+        name: "inode_symlink",
+        hook: Hook::Lsm("inode_symlink"),
+    },
+    Program {
+        name: "inode_link",
+        hook: Hook::Lsm("inode_link"),
+    },
+    Program {
+        name: "inode_unlink",
+        hook: Hook::Lsm("inode_unlink"),
+    },
+    Program {
+        name: "inode_rmdir",
+        hook: Hook::Lsm("inode_rmdir"),
+    },
+    Program {
+        name: "inode_rename",
+        hook: Hook::Lsm("inode_rename"),
+    },
+    Program {
+        name: "inode_setattr",
+        hook: Hook::Lsm("inode_setattr"),
     },
 ];
 
@@ -144,6 +192,16 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         socket_type: o.socket_type,
         task_struct_real_parent: o.task_struct_real_parent,
         task_struct_tgid: o.task_struct_tgid,
+        super_block_s_magic: o.super_block_s_magic,
+        file_f_path_dentry: o.file_f_path_dentry,
+        file_f_mode: o.file_f_mode,
+        dentry_d_parent: o.dentry_d_parent,
+        dentry_d_inode: o.dentry_d_inode,
+        cgroup_kn: o.cgroup_kn,
+        kernfs_node_id: o.kernfs_node_id,
+        kernfs_node_parent: o.kernfs_node_parent,
+        cgroup_root: o.cgroup_root,
+        cgroup_root_hierarchy_id: o.cgroup_root_hierarchy_id,
     })
 }
 

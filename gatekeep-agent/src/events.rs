@@ -13,7 +13,8 @@ use std::{
 };
 
 use gatekeep_common::{
-    ARGV_LEN, ConnectEvent, EventHeader, ExecEvent, TaskEvent, event_kind, request_kind,
+    ARGV_LEN, ConnectEvent, EVENT_CGROUP_UNCLASSIFIED, EventHeader, ExecEvent, TaskEvent,
+    event_kind, request_kind,
 };
 
 /// `AF_UNIX`, `AF_INET`, `AF_INET6` (Linux values).
@@ -138,6 +139,9 @@ pub enum Event {
         /// [`gatekeep_common::action`] applied.
         action: u32,
     },
+    /// A task of an unclassified cgroup stopped until the agent classifies
+    /// the cgroup and resumes it (`EVENT_CGROUP_UNCLASSIFIED`).
+    Unclassified { origin: Origin, kind: RequestKind },
 }
 
 impl Event {
@@ -148,7 +152,8 @@ impl Event {
             Event::ConnectAsk(r) | Event::ConnectDenied(r) => &r.origin,
             Event::Abandoned { origin, .. }
             | Event::RefusedSpinning { origin, .. }
-            | Event::VerdictApplied { origin, .. } => origin,
+            | Event::VerdictApplied { origin, .. }
+            | Event::Unclassified { origin, .. } => origin,
         }
     }
 
@@ -163,6 +168,7 @@ impl Event {
             Event::Abandoned { .. } => "abandoned",
             Event::RefusedSpinning { .. } => "refused_spinning",
             Event::VerdictApplied { .. } => "verdict_applied",
+            Event::Unclassified { .. } => "cgroup_unclassified",
         }
     }
 }
@@ -226,6 +232,13 @@ pub fn parse(bytes: &[u8]) -> Result<Event, ParseError> {
                     kind: request,
                     action: raw.action,
                 },
+            })
+        }
+        EVENT_CGROUP_UNCLASSIFIED => {
+            let raw: TaskEvent = read(bytes, kind)?;
+            Ok(Event::Unclassified {
+                origin: origin(&raw.header),
+                kind: RequestKind::from_raw(raw.request_kind),
             })
         }
         kind => Err(ParseError::UnknownKind { kind }),

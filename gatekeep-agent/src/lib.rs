@@ -22,6 +22,7 @@ pub mod pause;
 pub mod pinning;
 pub mod policy_maps;
 pub mod preflight;
+pub mod protect_files;
 pub mod remote;
 pub mod service;
 #[cfg(test)]

@@ -279,6 +279,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { config, ready_file } => {
+            let config_file = Some(
+                config
+                    .config
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(paths::CONFIG_FILE)),
+            );
             let config = config.load()?;
             init_logging(cli.log_format.unwrap_or(config.log_format));
             tune_malloc();
@@ -286,7 +292,13 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("failed to start the async runtime")?;
-            runtime.block_on(daemon::run(config, daemon::RunOptions { ready_file }))?;
+            runtime.block_on(daemon::run(
+                config,
+                daemon::RunOptions {
+                    ready_file,
+                    config_file,
+                },
+            ))?;
             Ok(())
         }
         Command::Policy(PolicyCommand::Validate { paths }) => {

@@ -59,6 +59,12 @@ pub const PINNED_MAPS: &[&str] = &[
     "EVENTS",
     "COUNTERS",
     BUILD_ID,
+    // Self-protection (issue 18).
+    "PROTECTED_INODES",
+    "CANDIDATE_PARENTS",
+    "POLICY_NAME_HASHES",
+    "PROTECT_RELAXED",
+    "PROTECT_DENIALS",
 ];
 
 /// Errors loading, adopting or unloading the pinned programs.
@@ -481,7 +487,22 @@ mod tests {
         assert_eq!(programs.len(), PROGRAMS.len());
         assert_eq!(
             ebpf::lsm_programs().map(|p| p.name).collect::<Vec<_>>(),
-            ["bprm_check_security", "socket_connect"]
+            [
+                "bprm_check_security",
+                "socket_connect",
+                "file_permission",
+                "task_alloc",
+                "protect_file_open",
+                "inode_create",
+                "inode_mkdir",
+                "inode_mknod",
+                "inode_symlink",
+                "inode_link",
+                "inode_unlink",
+                "inode_rmdir",
+                "inode_rename",
+                "inode_setattr",
+            ]
         );
     }
 

@@ -41,8 +41,8 @@ use std::{
 };
 
 use gatekeep_common::{
-    ConnectV4Key, ConnectV6Key, ExecRuleKey, GATED_INHERITED, GatedCgroup, MAX_POLICIES,
-    PORT_RULES, PolicyDefaults, PortRule, PortRules, action,
+    ConnectV4Key, ConnectV6Key, ExecRuleKey, GATED_INHERITED, GATED_UNCLASSIFIED, GatedCgroup,
+    MAX_POLICIES, PORT_RULES, PolicyDefaults, PortRule, PortRules, action,
 };
 use gatekeep_policy::{Action, ConnectRule, Policy, PolicySet};
 use ipnet::IpNet;
@@ -88,6 +88,20 @@ pub enum PolicyMapsError {
 pub struct MapState {
     pub gated: BTreeMap<u64, GatedCgroup>,
     pub policies: BTreeMap<u32, PolicyDefaults>,
+    /// Policy id -> hash of its name (`POLICY_NAME_HASHES`), so a reload or a
+    /// restarted agent finds the new id of a policy the kernel gated a cgroup
+    /// under.
+    pub names: BTreeMap<u32, u64>,
+    /// gatekeep's files and folders, (dev, ino) -> `protected_inode` bits.
+    pub protected: BTreeMap<(u64, u64), u32>,
+    /// cgroup ids below which a policy pattern can match a cgroup to come
+    /// (`CANDIDATE_PARENTS`).
+    pub candidates: BTreeSet<u64>,
+    /// Desired state only (never read back): unclassified cgroups the agent
+    /// classified as governed by no policy, to ungate. An unclassified entry
+    /// is never removed otherwise, so one the kernel adds while the agent
+    /// compiles stays gated until the agent has looked at it.
+    pub ungate: BTreeSet<u64>,
     /// (policy id, dev, ino) -> action.
     pub exec_rules: BTreeMap<(u32, u64, u64), u32>,
     /// (prefix length incl. the 32 policy bits, key data) -> rules.
@@ -100,7 +114,13 @@ impl MapState {
     #[must_use]
     pub fn ids_in_use(&self) -> BTreeSet<u32> {
         let mut ids: BTreeSet<u32> = self.policies.keys().copied().collect();
-        ids.extend(self.gated.values().map(|g| g.policy_id));
+        ids.extend(self.names.keys().copied());
+        ids.extend(
+            self.gated
+                .values()
+                .map(|g| g.policy_id)
+                .filter(|id| *id < MAX_POLICIES),
+        );
         ids.extend(self.exec_rules.keys().map(|(id, _, _)| *id));
         ids.extend(
             self.connect_v4
@@ -138,6 +158,12 @@ pub enum MapOp {
     RemoveV6((u32, [u8; 20])),
     SetGated(u64, GatedCgroup),
     RemoveGated(u64),
+    /// `POLICY_NAME_HASHES[id] = hash` (0 clears it).
+    SetPolicyName(u32, u64),
+    SetProtected((u64, u64), u32),
+    RemoveProtected((u64, u64)),
+    SetCandidate(u64),
+    RemoveCandidate(u64),
 }
 
 impl MapOp {
@@ -238,6 +264,8 @@ pub struct HostView {
     pub cgroup_root: PathBuf,
     /// The agent's own cgroup directory, never gated.
     pub own_cgroup: Option<PathBuf>,
+    /// gatekeep's files and folders, protected from gated tasks by identity.
+    pub protected: Vec<crate::protect_files::ProtectedPath>,
 }
 
 impl HostView {
@@ -255,6 +283,7 @@ impl HostView {
         Self {
             cgroup_root: cgroup_root.to_owned(),
             own_cgroup: own,
+            protected: Vec::new(),
         }
     }
 }
@@ -310,7 +339,9 @@ pub fn compile(
         generation,
         ..Compiled::default()
     };
+    compiled.state.protected = crate::protect_files::identities(&host.protected);
     for (policy, &id) in set.policies.iter().zip(ids) {
+        compiled.state.names.insert(id, name_hash(&policy.name));
         compiled.state.policies.insert(
             id,
             PolicyDefaults {
@@ -354,7 +385,188 @@ pub fn compile(
         );
     }
     gate_cgroups(set, ids, host, &mut compiled);
+    compiled.state.candidates = candidate_parents(set, host);
     Ok(compiled)
+}
+
+/// A stable, non-zero hash of a policy name (`POLICY_NAME_HASHES`).
+#[must_use]
+pub fn name_hash(name: &str) -> u64 {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(word).max(1)
+}
+
+/// Whether a pattern component is a plain name (no glob syntax).
+fn is_literal(part: &str) -> bool {
+    !part.contains(['*', '?', '[', ']', '{', '}'])
+}
+
+/// Every existing cgroup (by id) in which a cgroup made later could be
+/// matched by some policy pattern: walking each pattern component by
+/// component, the folders reached so far are candidates for the next
+/// component (a literal one only while that name does not exist yet; `**`
+/// makes the whole subtree candidates). The kernel gates a cgroup made in a
+/// candidate as unclassified until the agent has classified it.
+fn candidate_parents(set: &PolicySet, host: &HostView) -> BTreeSet<u64> {
+    let mut candidates = BTreeSet::new();
+    let id_of = |dir: &Path| fs::metadata(dir).ok().map(|m| m.ino());
+    for policy in &set.policies {
+        for pattern in &policy.cgroups {
+            let mut frontier = vec![host.cgroup_root.clone()];
+            for part in pattern.relative().split('/').filter(|p| !p.is_empty()) {
+                let mut next = Vec::new();
+                for dir in &frontier {
+                    if part == "**" {
+                        let mut stack = vec![dir.clone()];
+                        while let Some(d) = stack.pop() {
+                            candidates.extend(id_of(&d));
+                            stack.extend(child_dirs(&d));
+                        }
+                        continue;
+                    }
+                    if is_literal(part) {
+                        let child = dir.join(part);
+                        if child.is_dir() {
+                            next.push(child);
+                        } else {
+                            candidates.extend(id_of(dir));
+                        }
+                    } else {
+                        candidates.extend(id_of(dir));
+                        let relative_pattern = pattern.relative();
+                        next.extend(child_dirs(dir).into_iter().filter(|child| {
+                            child
+                                .strip_prefix(&host.cgroup_root)
+                                .is_ok_and(|rel| prefix_may_match(relative_pattern, rel))
+                        }));
+                    }
+                }
+                frontier = next;
+            }
+        }
+    }
+    candidates
+}
+
+/// Whether the cgroup `relative` (to the root) can be an ancestor-or-self of
+/// a match of `pattern`: each of its components matches the pattern's
+/// component at the same depth (glob within one component).
+fn prefix_may_match(pattern: &str, relative: &Path) -> bool {
+    let parts: Vec<&str> = pattern.split('/').filter(|p| !p.is_empty()).collect();
+    for (index, component) in relative.components().enumerate() {
+        let Some(part) = parts.get(index) else {
+            return false;
+        };
+        if *part == "**" {
+            return true;
+        }
+        let name = component.as_os_str().to_string_lossy();
+        let matches = globset::Glob::new(part)
+            .map(|g| g.compile_matcher().is_match(name.as_ref()))
+            .unwrap_or(false);
+        if !matches {
+            return false;
+        }
+    }
+    true
+}
+
+fn child_dirs(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|entry| entry.path())
+        .collect()
+}
+
+/// Carries the cgroups the kernel gated itself (`GATED_INHERITED`) into a
+/// newly compiled set, which has new policy ids: each goes to the new id of
+/// the policy with the same name (`POLICY_NAME_HASHES`), so inherited gating
+/// survives reloads and agent restarts. One whose policy is gone from the
+/// set is ungated with it. Unclassified entries are left to
+/// [`classify_unclassified`].
+pub fn carry_inherited(current: &MapState, desired: &mut MapState) {
+    let new_ids: HashMap<u64, u32> = desired.names.iter().map(|(id, h)| (*h, *id)).collect();
+    for (cgroup, gated) in &current.gated {
+        if gated.flags & GATED_INHERITED == 0
+            || gated.flags & GATED_UNCLASSIFIED != 0
+            || desired.gated.contains_key(cgroup)
+        {
+            continue;
+        }
+        let Some(new_id) = current
+            .names
+            .get(&gated.policy_id)
+            .and_then(|hash| new_ids.get(hash))
+        else {
+            continue;
+        };
+        desired.gated.insert(
+            *cgroup,
+            GatedCgroup {
+                policy_id: *new_id,
+                flags: GATED_INHERITED,
+            },
+        );
+    }
+}
+
+/// Classifies the unclassified cgroups of `current` (those the kernel gated
+/// as `GATED_UNCLASSIFIED` when they were made in a candidate parent) by
+/// their path: governed by a policy -> gated under it in `desired` (the
+/// compile already did so for every cgroup below a match); governed by none
+/// -> listed in `desired.ungate`. One whose folder is not found (gone, or
+/// made after the walk) stays as it is until the next pass.
+pub fn classify_unclassified(
+    current: &MapState,
+    desired: &mut MapState,
+    set: &PolicySet,
+    ids: &[u32],
+    host: &HostView,
+) {
+    let pending: BTreeSet<u64> = current
+        .gated
+        .iter()
+        .filter(|(id, g)| g.flags & GATED_UNCLASSIFIED != 0 && !desired.gated.contains_key(id))
+        .map(|(id, _)| *id)
+        .collect();
+    if pending.is_empty() {
+        return;
+    }
+    let mut stack = vec![host.cgroup_root.clone()];
+    while let Some(dir) = stack.pop() {
+        stack.extend(child_dirs(&dir));
+        let Ok(meta) = fs::metadata(&dir) else {
+            continue;
+        };
+        if !pending.contains(&meta.ino()) {
+            continue;
+        }
+        let policy = dir
+            .strip_prefix(&host.cgroup_root)
+            .ok()
+            .and_then(|relative| set.policy_for_cgroup(relative))
+            .filter(|_| host.own_cgroup.as_deref() != Some(dir.as_path()));
+        match policy {
+            Some(index) => {
+                desired.gated.insert(
+                    meta.ino(),
+                    GatedCgroup {
+                        policy_id: ids[index],
+                        flags: 0,
+                    },
+                );
+            }
+            None => {
+                desired.ungate.insert(meta.ino());
+            }
+        }
+    }
 }
 
 fn compile_connect(policy: &Policy, id: u32, state: &mut MapState) -> Result<(), PolicyMapsError> {
@@ -497,9 +709,25 @@ fn gate_cgroups(set: &PolicySet, ids: &[u32], host: &HostView, compiled: &mut Co
 #[must_use]
 pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
     let mut ops = Vec::new();
+    // Protection first, and it goes last.
+    for (key, flags) in &desired.protected {
+        if current.protected.get(key) != Some(flags) {
+            ops.push(MapOp::SetProtected(*key, *flags));
+        }
+    }
     for (id, defaults) in &desired.policies {
         if current.policies.get(id) != Some(defaults) {
             ops.push(MapOp::SetPolicy(*id, *defaults));
+        }
+    }
+    for (id, hash) in &desired.names {
+        if current.names.get(id) != Some(hash) {
+            ops.push(MapOp::SetPolicyName(*id, *hash));
+        }
+    }
+    for id in &desired.candidates {
+        if !current.candidates.contains(id) {
+            ops.push(MapOp::SetCandidate(*id));
         }
     }
     for (key, action) in &desired.exec_rules {
@@ -523,13 +751,30 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
         }
     }
     for (id, gated) in &current.gated {
-        // The kernel gated this cgroup because a gated task created it or
-        // moved a task into it; it stays gated while its policy is loaded.
-        // (Cgroups under a policy's patterns are in `desired` anyway.)
+        if desired.gated.contains_key(id) {
+            continue;
+        }
+        // Unclassified: only the agent's classification ungates it.
+        if gated.flags & GATED_UNCLASSIFIED != 0 {
+            if desired.ungate.contains(id) {
+                ops.push(MapOp::RemoveGated(*id));
+            }
+            continue;
+        }
+        // The kernel gated this cgroup because a gated task created it (or
+        // an ungated one did, inside a gated cgroup); it stays gated while
+        // its policy is loaded. (Cgroups under a policy's patterns are in
+        // `desired` anyway; a reload carries it over with
+        // [`carry_inherited`].)
         let inherited =
             gated.flags & GATED_INHERITED != 0 && desired.policies.contains_key(&gated.policy_id);
-        if !desired.gated.contains_key(id) && !inherited {
+        if !inherited {
             ops.push(MapOp::RemoveGated(*id));
+        }
+    }
+    for id in &current.candidates {
+        if !desired.candidates.contains(id) {
+            ops.push(MapOp::RemoveCandidate(*id));
         }
     }
     for key in current.exec_rules.keys() {
@@ -550,6 +795,16 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
     for id in current.policies.keys() {
         if !desired.policies.contains_key(id) {
             ops.push(MapOp::SetPolicy(*id, PolicyDefaults::default()));
+        }
+    }
+    for id in current.names.keys() {
+        if !desired.names.contains_key(id) {
+            ops.push(MapOp::SetPolicyName(*id, 0));
+        }
+    }
+    for key in current.protected.keys() {
+        if !desired.protected.contains_key(key) {
+            ops.push(MapOp::RemoveProtected(*key));
         }
     }
     ops
@@ -658,6 +913,24 @@ impl PolicyMaps for MemoryMaps {
             MapOp::RemoveGated(key) => {
                 state.gated.remove(key);
             }
+            MapOp::SetPolicyName(id, 0) => {
+                state.names.remove(id);
+            }
+            MapOp::SetPolicyName(id, hash) => {
+                state.names.insert(*id, *hash);
+            }
+            MapOp::SetProtected(key, flags) => {
+                state.protected.insert(*key, *flags);
+            }
+            MapOp::RemoveProtected(key) => {
+                state.protected.remove(key);
+            }
+            MapOp::SetCandidate(id) => {
+                state.candidates.insert(*id);
+            }
+            MapOp::RemoveCandidate(id) => {
+                state.candidates.remove(id);
+            }
         }
         Ok(())
     }
@@ -690,6 +963,7 @@ mod tests {
         HostView {
             cgroup_root: root.to_owned(),
             own_cgroup: None,
+            protected: Vec::new(),
         }
     }
 
@@ -922,6 +1196,7 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
         let view = HostView {
             cgroup_root: root.to_owned(),
             own_cgroup: Some(root.join("agents/agent-self")),
+            protected: Vec::new(),
         };
         let compiled = compile(&set(text), &[10, 11], 1, &view).expect("compile");
         let ino = |sub: &str| fs::metadata(root.join(sub)).expect("stat").ino();

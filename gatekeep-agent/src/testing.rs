@@ -427,6 +427,7 @@ pub fn compiled_policies(names: &[&str], ids: &[u32]) -> crate::policy_maps::Com
     let host = crate::policy_maps::HostView {
         cgroup_root: dir.path().to_owned(),
         own_cgroup: None,
+        protected: Vec::new(),
     };
     crate::policy_maps::compile(&set, ids, 1, &host).expect("compile")
 }

@@ -373,6 +373,95 @@ pub struct KernelOffsets {
     pub socket_type: u32,
     pub task_struct_real_parent: u32,
     pub task_struct_tgid: u32,
+    // Appended for self-protection (issue 18; protect-proc appends its own
+    // before these at merge: order is free, the agent sets fields by name).
+    /// `struct super_block` -> `s_magic` (`unsigned long`).
+    pub super_block_s_magic: u32,
+    /// `struct file` -> `f_path.dentry` (`struct dentry *`).
+    pub file_f_path_dentry: u32,
+    /// `struct file` -> `f_mode` (`fmode_t`, 32 bits).
+    pub file_f_mode: u32,
+    /// `struct dentry` -> `d_parent` (`struct dentry *`).
+    pub dentry_d_parent: u32,
+    /// `struct dentry` -> `d_inode` (`struct inode *`).
+    pub dentry_d_inode: u32,
+    /// `struct cgroup` -> `kn` (`struct kernfs_node *`).
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node` -> `id` (`u64`): the cgroup id of a cgroup's node.
+    pub kernfs_node_id: u32,
+    /// `struct kernfs_node` -> `parent` (`struct kernfs_node *`).
+    pub kernfs_node_parent: u32,
+    /// `struct cgroup` -> `root` (`struct cgroup_root *`).
+    pub cgroup_root: u32,
+    /// `struct cgroup_root` -> `hierarchy_id` (`int`): 0 for cgroup v2.
+    pub cgroup_root_hierarchy_id: u32,
+}
+
+/// [`GatedCgroup::flags`]: the cgroup appeared under a *candidate parent*
+/// (a cgroup below which some policy pattern can match) and the agent has not
+/// classified it yet. Its tasks' gated actions wait (stopped, like a pause)
+/// until the agent replaces the entry with the real policy or removes it, so
+/// a cgroup that should be gated never runs ungated, not even for the
+/// moment before the agent sees it. The entry's `policy_id` is
+/// [`UNCLASSIFIED_POLICY`].
+pub const GATED_UNCLASSIFIED: u32 = 2;
+
+/// `policy_id` of an unclassified cgroup's entry: no policy slot
+/// (`>= MAX_POLICIES`), so no rule, grant or relaxation ever applies to it.
+pub const UNCLASSIFIED_POLICY: u32 = u32::MAX;
+
+/// Event kind (`EVENTS`) of a gated action in an unclassified cgroup
+/// ([`TaskEvent`]): the task is stopped until the agent has classified its
+/// cgroup and sent SIGCONT. Numbered from 16 so the kinds other branches
+/// append stay apart.
+pub const EVENT_CGROUP_UNCLASSIFIED: u32 = 16;
+
+/// Self-protection (issue 18). protect-proc numbers its protections 1..=15
+/// in this module; these are items 3 and 5.
+pub mod protect {
+    /// gatekeep's files by identity (config, policies, state, audit, pins,
+    /// binaries): bit `1 << FILES` of a policy's relaxations.
+    pub const FILES: u32 = 16;
+    /// Leaving the gated subtree (cgroup file writes outside it,
+    /// `clone3(CLONE_INTO_CGROUP)`, renaming cgroups).
+    pub const CGROUPS: u32 = 17;
+}
+
+/// Value bits of `PROTECTED_INODES`: what a gated task may not do to one of
+/// gatekeep's files or directories (by identity).
+pub mod protected_inode {
+    /// The inode itself: no open for writing, no truncate, setattr, rename,
+    /// unlink or new hard link.
+    pub const NO_WRITE: u32 = 1;
+    /// The inode itself: no open for reading (a secret).
+    pub const NO_READ: u32 = 2;
+    /// A directory: no entry is created, removed, renamed or linked in it.
+    pub const DIR_LOCKED: u32 = 4;
+    /// A directory: every file directly inside is [`NO_WRITE`] (also files
+    /// the agent creates later, e.g. a grants file replaced by rename).
+    pub const CHILDREN_NO_WRITE: u32 = 8;
+    /// A directory: every file directly inside is [`NO_READ`].
+    pub const CHILDREN_NO_READ: u32 = 16;
+}
+
+/// Key of `PROTECTED_INODES`: a file's identity, like an exec rule's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InodeKey {
+    /// `super_block::s_dev` in the kernel's encoding.
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// Key of `PROTECT_DENIALS` (shared with protect-proc): refused
+/// self-protection attempts per (protection, cgroup).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProtectDenialKey {
+    /// A [`protect`] id.
+    pub hook: u32,
+    pub _pad: u32,
+    pub cgroup_id: u64,
 }
 
 #[cfg(feature = "user")]
@@ -392,6 +481,8 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::GrantKey {}
     unsafe impl aya::Pod for super::Grant {}
+    unsafe impl aya::Pod for super::InodeKey {}
+    unsafe impl aya::Pod for super::ProtectDenialKey {}
 }
 
 #[cfg(test)]
@@ -432,6 +523,8 @@ mod tests {
         assert_eq!(size_of::<Verdict>(), 16);
         assert_eq!(size_of::<GrantKey>(), 16);
         assert_eq!(size_of::<Grant>(), 16);
+        assert_eq!(size_of::<InodeKey>(), 16);
+        assert_eq!(size_of::<ProtectDenialKey>(), 16);
         assert_eq!(size_of::<EventHeader>(), 4 * 8 + 8 * 3 + COMM_LEN);
         assert_eq!(
             size_of::<ExecEvent>(),

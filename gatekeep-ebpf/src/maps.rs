@@ -5,13 +5,14 @@ use core::intrinsics::AtomicOrdering;
 
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_NOEXIST},
+    helpers::bpf_probe_read_kernel,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use gatekeep_common::{
     ConnectV4Key, ConnectV6Key, ExecRuleKey, GATED_FILTER_SLOTS, GatedCgroup, Grant, GrantKey,
-    KernelOffsets, MAX_POLICIES, PendingRequest, PolicyDefaults, PortRules, Verdict, VerdictKey,
-    counter, gated_filter_slot, pending_slot,
+    InodeKey, KernelOffsets, MAX_POLICIES, PendingRequest, PolicyDefaults, PortRules,
+    ProtectDenialKey, Verdict, VerdictKey, counter, gated_filter_slot, pending_slot,
 };
 
 use crate::hooks::argv::ArgvScratch;
@@ -205,6 +206,16 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     socket_type: 0,
     task_struct_real_parent: 0,
     task_struct_tgid: 0,
+    super_block_s_magic: 0,
+    file_f_path_dentry: 0,
+    file_f_mode: 0,
+    dentry_d_parent: 0,
+    dentry_d_inode: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+    kernfs_node_parent: 0,
+    cgroup_root: 0,
+    cgroup_root_hierarchy_id: 0,
 };
 
 /// SipHash key for request digests, random per load (set by the agent), so
@@ -234,5 +245,94 @@ pub fn bump(index: u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the
         // program runs.
         unsafe { *value += 1 };
+    }
+}
+
+/// gatekeep's own files and directories, by identity -> `protected_inode`
+/// bits: what gated tasks may not do to them (hooks/protect_files.rs). The
+/// agent fills it at start and refreshes it on every rescan.
+#[map]
+pub static PROTECTED_INODES: HashMap<InodeKey, u32> = HashMap::with_max_entries(4096, 0);
+
+/// The `PROTECTED_INODES` bits of the inode at `inode` (a `struct inode *`),
+/// 0 when it is not one of gatekeep's (or cannot be read).
+#[inline(always)]
+pub fn protected_inode(inode: *const u8) -> u32 {
+    if inode.is_null() {
+        return 0;
+    }
+    let off = offsets();
+    // SAFETY: probe reads, which fail safely on a bad address.
+    let key = unsafe {
+        let Ok(ino) = bpf_probe_read_kernel::<u64>(inode.add(off.inode_i_ino as usize).cast())
+        else {
+            return 0;
+        };
+        let Ok(sb) = bpf_probe_read_kernel::<*const u8>(inode.add(off.inode_i_sb as usize).cast())
+        else {
+            return 0;
+        };
+        let Ok(dev) = bpf_probe_read_kernel::<u32>(sb.add(off.super_block_s_dev as usize).cast())
+        else {
+            return 0;
+        };
+        InodeKey {
+            dev: u64::from(dev),
+            ino,
+        }
+    };
+    // SAFETY: copied out immediately.
+    unsafe { PROTECTED_INODES.get(&key) }.copied().unwrap_or(0)
+}
+
+/// Policy id -> a hash of the policy's name (0: no policy), written with
+/// `POLICIES` and never read here: a reload (or a restarted agent) gives
+/// policies new ids, and finds by it which new policy a cgroup the kernel
+/// gated itself (`GATED_INHERITED`) belongs to, so inherited gating
+/// survives reloads.
+#[map]
+pub static POLICY_NAME_HASHES: Array<u64> = Array::with_max_entries(MAX_POLICIES, 0);
+
+/// cgroup ids below which some policy pattern can match a cgroup that does
+/// not exist yet (e.g. `/system.slice` for `/system.slice/ai-*.service`),
+/// written by the agent. A cgroup made in one by an ungated task is gated as
+/// unclassified (`GATED_UNCLASSIFIED`) until the agent classifies it.
+#[map]
+pub static CANDIDATE_PARENTS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+
+// shared with protect-proc (same definitions there): the lead keeps one copy.
+/// Policy id -> bits `1 << gatekeep_common::protect::*` the policy relaxed;
+/// 0 (the default) protects everything.
+#[map]
+pub static PROTECT_RELAXED: Array<u32> = Array::with_max_entries(MAX_POLICIES, 0);
+
+/// Whether policy `policy_id` relaxed protection `id`.
+#[inline(always)]
+pub fn protect_relaxed(policy_id: u32, id: u32) -> bool {
+    PROTECT_RELAXED
+        .get(policy_id)
+        .is_some_and(|bits| *bits & (1 << (id & 31)) != 0)
+}
+
+// shared with protect-proc (same definitions there): the lead keeps one copy.
+/// Refused self-protection attempts per (protection, cgroup): the agent
+/// reports them in `status` and as one audit record per burst.
+#[map]
+pub static PROTECT_DENIALS: LruHashMap<ProtectDenialKey, u64> =
+    LruHashMap::with_max_entries(4096, 0);
+
+// shared with protect-proc (same definitions there): the lead keeps one copy.
+/// Counts one refused attempt of protection `hook` by a task of `cgroup_id`.
+#[inline(always)]
+pub fn count_protect_denial(hook: u32, cgroup_id: u64) {
+    let key = ProtectDenialKey {
+        hook,
+        _pad: 0,
+        cgroup_id,
+    };
+    if let Some(count) = PROTECT_DENIALS.get_ptr_mut(&key) {
+        add_to_slot(count, 1);
+    } else {
+        let _ = PROTECT_DENIALS.insert(&key, &1, BPF_NOEXIST.into());
     }
 }

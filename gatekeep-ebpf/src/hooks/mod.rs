@@ -2,10 +2,12 @@
 
 pub mod argv;
 pub mod cgroup;
+pub mod cgroup_escape;
 pub mod connect;
 pub mod exec;
 pub mod exit;
 pub mod floor;
+pub mod protect_files;
 
 use aya_ebpf::helpers::bpf_get_current_cgroup_id;
 
