@@ -15,6 +15,18 @@
 //! - `exec-rewrite PATH ARG0 ARGS... -- WORD REPLACEMENT`: execs from one
 //!   thread while a sibling thread, as soon as the process comes back from a
 //!   stop, overwrites the argument WORD in place with REPLACEMENT (same length).
+//! - `fs OP PATH [PATH2]`: one file syscall, printing `ok` (exit 0) or
+//!   `errno N` (exit 1). OP: `read` (open for reading and read), `write`
+//!   (open for appending and write), `trunc-open` (`O_TRUNC`), `truncate`
+//!   (`truncate(2)`), `create` (`O_CREAT|O_EXCL`), `mkdir`, `unlink`,
+//!   `rmdir`, `rename PATH PATH2`, `link PATH PATH2`, `symlink PATH PATH2`,
+//!   `chmod`; `put PATH TEXT` writes TEXT to an existing file in one
+//!   `write` (`echo TEXT > PATH`, e.g. a pid into `cgroup.procs`).
+//! - `clone3-into DIR PATH ARG0 [ARGS...]`: `clone3(CLONE_INTO_CGROUP)` into
+//!   the cgroup folder DIR, the child execs PATH; prints `ok N` (the child's
+//!   exit code) or `errno N` of clone3 (exit 1).
+//! - `as-user UID COMMAND...`: drops to UID (and its gid, no groups) and
+//!   runs COMMAND as above: the unprivileged variants.
 
 use std::{
     ffi::CString,
@@ -92,6 +104,24 @@ fn run(args: &[String]) -> i32 {
                     1
                 }
             }
+        }
+        Some("fs") if args.len() >= 3 => report(fs_op(&args[1], &args[2..])),
+        Some("clone3-into") if args.len() >= 4 => clone3_into(&args[1], &args[2], &args[3..]),
+        Some("as-user") if args.len() >= 3 => {
+            let Ok(uid) = args[1].parse::<u32>() else {
+                return 2;
+            };
+            // SAFETY: plain syscalls; the process is single-threaded here.
+            let dropped = unsafe {
+                libc::setgroups(0, std::ptr::null()) == 0
+                    && libc::setgid(uid) == 0
+                    && libc::setuid(uid) == 0
+            };
+            if !dropped {
+                println!("setuid failed: errno {}", errno());
+                return 3;
+            }
+            run(&args[2..])
         }
         Some("exec-rewrite") => exec_rewrite(&args[1..]),
         Some("exec-expose") => exec_expose(&args[1..]),
@@ -178,4 +208,125 @@ fn exec_expose(args: &[String]) -> i32 {
     unsafe { libc::execv(path.as_ptr(), ptrs.as_ptr()) };
     println!("errno {}", errno());
     111
+}
+
+/// Prints `ok` or `errno N`; the exit code says which.
+fn report(result: std::io::Result<()>) -> i32 {
+    match result {
+        Ok(()) => {
+            println!("ok");
+            0
+        }
+        Err(err) => {
+            println!("errno {}", err.raw_os_error().unwrap_or(-1));
+            1
+        }
+    }
+}
+
+fn fs_op(op: &str, args: &[String]) -> std::io::Result<()> {
+    use std::{fs, io::Read as _, io::Write as _, os::unix::fs::PermissionsExt as _};
+    let path = args[0].as_str();
+    let second = || {
+        args.get(1)
+            .map(String::as_str)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    match op {
+        "read" => fs::File::open(path).and_then(|mut f| f.read_to_end(&mut Vec::new()).map(drop)),
+        "write" => fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(b"x")),
+        "trunc-open" => fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .map(drop),
+        "truncate" => {
+            let c = CString::new(path).unwrap_or_default();
+            // SAFETY: a NUL-terminated path.
+            if unsafe { libc::truncate(c.as_ptr(), 0) } == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        }
+        "create" => fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map(drop),
+        "mkdir" => fs::create_dir(path),
+        "unlink" => fs::remove_file(path),
+        "rmdir" => fs::remove_dir(path),
+        "rename" => fs::rename(path, second()?),
+        "link" => fs::hard_link(path, second()?),
+        "symlink" => std::os::unix::fs::symlink(path, second()?),
+        "chmod" => fs::set_permissions(path, fs::Permissions::from_mode(0o777)),
+        "put" => {
+            let text = second()?;
+            fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+        }
+        _ => Err(std::io::Error::from_raw_os_error(libc::ENOSYS)),
+    }
+}
+
+/// `struct clone_args` (include/uapi/linux/sched.h), up to `cgroup`.
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+fn clone3_into(dir: &str, path: &str, argv: &[String]) -> i32 {
+    let Ok(folder) = std::fs::File::open(dir) else {
+        println!("errno {}", errno());
+        return 1;
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&folder);
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: u64::try_from(fd).unwrap_or(0),
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM: the child is a copy of this process,
+    // which only execs (or exits) in it.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &raw const args,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid < 0 {
+        println!("errno {}", errno());
+        return 1;
+    }
+    if pid == 0 {
+        exec(path, argv);
+        // SAFETY: leave the child without running the parent's atexit work.
+        unsafe { libc::_exit(111) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(i32::try_from(pid).unwrap_or(-1), &raw mut status, 0) };
+    println!("ok {}", libc::WEXITSTATUS(status));
+    0
 }
