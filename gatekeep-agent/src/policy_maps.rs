@@ -1367,4 +1367,120 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
         assert_eq!(state.ids_in_use(), [4, 6].into());
         assert_eq!(state.generation(), 9);
     }
+
+    fn two_policies(a: &str, b: &str) -> PolicySet {
+        set(&format!(
+            "[[policy]]\nname = \"{a}\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n\
+             [[policy]]\nname = \"{b}\"\ncgroups = [\"/sys/fs/cgroup/b\"]\n"
+        ))
+    }
+
+    #[test]
+    fn inherited_gating_follows_its_policy_to_the_new_id_and_goes_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = compile(&two_policies("one", "two"), &[0, 1], 1, &host(dir.path())).expect("old");
+        let mut current = old.state.clone();
+        let inherited = |policy_id| GatedCgroup {
+            policy_id,
+            flags: GATED_INHERITED,
+        };
+        current.gated.insert(500, inherited(0));
+        current.gated.insert(501, inherited(1));
+        // The reload keeps "two" (new id 3) and drops "one".
+        let mut new = compile(&set(
+            "[[policy]]\nname = \"two\"\ncgroups = [\"/sys/fs/cgroup/b\"]\n",
+        ), &[3], 2, &host(dir.path()))
+        .expect("new");
+        carry_inherited(&current, &mut new.state);
+        assert_eq!(new.state.gated.get(&501), Some(&inherited(3)));
+        assert_eq!(new.state.gated.get(&500), None);
+        let mut maps = MemoryMaps {
+            state: current,
+            ..MemoryMaps::default()
+        };
+        apply(&mut maps, &new.state).expect("apply");
+        assert_eq!(maps.state.gated.get(&501), Some(&inherited(3)));
+        assert!(!maps.state.gated.contains_key(&500), "its policy is gone");
+        assert_eq!(maps.state.names.keys().copied().collect::<Vec<_>>(), [3]);
+        assert_eq!(maps.state.names[&3], name_hash("two"));
+    }
+
+    #[test]
+    fn an_unclassified_cgroup_is_ungated_only_once_the_agent_has_classified_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(root.path().join("jobs/job-1")).expect("mkdir");
+        fs::create_dir_all(root.path().join("jobs/other")).expect("mkdir");
+        let text = "[[policy]]\nname = \"jobs\"\ncgroups = [\"/sys/fs/cgroup/jobs/job-*\"]\n";
+        let id_of = |p: &str| fs::metadata(root.path().join(p)).expect("stat").ino();
+        let (job, other) = (id_of("jobs/job-1"), id_of("jobs/other"));
+        let unclassified = GatedCgroup {
+            policy_id: gatekeep_common::UNCLASSIFIED_POLICY,
+            flags: GATED_UNCLASSIFIED,
+        };
+        let mut current = MapState::default();
+        // `other` and one the walk never sees (made after it).
+        current.gated.insert(other, unclassified);
+        current.gated.insert(999_999, unclassified);
+        let mut compiled = compile(&set(text), &[7], 1, &host(root.path())).expect("compile");
+        // The matched one is gated by the compile itself.
+        current.gated.insert(job, unclassified);
+        assert!(compiled.state.candidates.contains(&id_of("jobs")));
+        classify_unclassified(&current, &mut compiled.state, &set(text), &[7], &host(root.path()));
+        assert_eq!(compiled.state.ungate.iter().copied().collect::<Vec<_>>(), [other]);
+        let mut maps = MemoryMaps {
+            state: current,
+            ..MemoryMaps::default()
+        };
+        apply(&mut maps, &compiled.state).expect("apply");
+        assert_eq!(maps.state.gated[&job].policy_id, 7);
+        assert_eq!(maps.state.gated[&job].flags, 0);
+        assert!(!maps.state.gated.contains_key(&other));
+        assert_eq!(
+            maps.state.gated.get(&999_999),
+            Some(&unclassified),
+            "not seen yet: stays unclassified"
+        );
+    }
+
+    #[test]
+    fn candidate_parents_are_where_a_pattern_can_still_match_a_new_cgroup() {
+        let root = tempfile::tempdir().expect("tempdir");
+        for dir in ["system.slice/ai-1.service", "system.slice/other.service", "fixed", "deep/x"] {
+            fs::create_dir_all(root.path().join(dir)).expect("mkdir");
+        }
+        let text = "[[policy]]\nname = \"p\"\ncgroups = [\
+             \"/sys/fs/cgroup/system.slice/ai-*.service\", \"/sys/fs/cgroup/fixed\", \
+             \"/sys/fs/cgroup/missing/job\", \"/sys/fs/cgroup/deep/*/leaf\"]\n";
+        let compiled = compile(&set(text), &[0], 1, &host(root.path())).expect("compile");
+        let id_of = |p: &str| fs::metadata(root.path().join(p)).expect("stat").ino();
+        let want: BTreeSet<u64> = [
+            // ai-*.service can appear in system.slice.
+            id_of("system.slice"),
+            // `missing` does not exist yet: it can appear at the root.
+            id_of(""),
+            // deep/*/leaf: any child of deep, and a leaf in deep/x.
+            id_of("deep"),
+            id_of("deep/x"),
+        ]
+        .into();
+        assert_eq!(compiled.state.candidates, want);
+    }
+
+    #[test]
+    fn protection_is_written_before_and_removed_after_everything_else() {
+        let mut desired = MapState::default();
+        desired.protected.insert((1, 2), 1);
+        desired.gated.insert(
+            5,
+            GatedCgroup {
+                policy_id: 0,
+                flags: 0,
+            },
+        );
+        let ops = plan(&MapState::default(), &desired);
+        assert_eq!(ops.first(), Some(&MapOp::SetProtected((1, 2), 1)));
+        let ops = plan(&desired, &MapState::default());
+        assert_eq!(ops.last(), Some(&MapOp::RemoveProtected((1, 2))));
+    }
+
 }
