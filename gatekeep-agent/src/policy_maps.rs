@@ -464,9 +464,8 @@ fn prefix_may_match(pattern: &str, relative: &Path) -> bool {
             return true;
         }
         let name = component.as_os_str().to_string_lossy();
-        let matches = globset::Glob::new(part)
-            .map(|g| g.compile_matcher().is_match(name.as_ref()))
-            .unwrap_or(false);
+        let matches =
+            globset::Glob::new(part).is_ok_and(|g| g.compile_matcher().is_match(name.as_ref()));
         if !matches {
             return false;
         }
@@ -1387,9 +1386,12 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
         current.gated.insert(500, inherited(0));
         current.gated.insert(501, inherited(1));
         // The reload keeps "two" (new id 3) and drops "one".
-        let mut new = compile(&set(
-            "[[policy]]\nname = \"two\"\ncgroups = [\"/sys/fs/cgroup/b\"]\n",
-        ), &[3], 2, &host(dir.path()))
+        let mut new = compile(
+            &set("[[policy]]\nname = \"two\"\ncgroups = [\"/sys/fs/cgroup/b\"]\n"),
+            &[3],
+            2,
+            &host(dir.path()),
+        )
         .expect("new");
         carry_inherited(&current, &mut new.state);
         assert_eq!(new.state.gated.get(&501), Some(&inherited(3)));
@@ -1425,8 +1427,17 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
         // The matched one is gated by the compile itself.
         current.gated.insert(job, unclassified);
         assert!(compiled.state.candidates.contains(&id_of("jobs")));
-        classify_unclassified(&current, &mut compiled.state, &set(text), &[7], &host(root.path()));
-        assert_eq!(compiled.state.ungate.iter().copied().collect::<Vec<_>>(), [other]);
+        classify_unclassified(
+            &current,
+            &mut compiled.state,
+            &set(text),
+            &[7],
+            &host(root.path()),
+        );
+        assert_eq!(
+            compiled.state.ungate.iter().copied().collect::<Vec<_>>(),
+            [other]
+        );
         let mut maps = MemoryMaps {
             state: current,
             ..MemoryMaps::default()
@@ -1445,7 +1456,12 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
     #[test]
     fn candidate_parents_are_where_a_pattern_can_still_match_a_new_cgroup() {
         let root = tempfile::tempdir().expect("tempdir");
-        for dir in ["system.slice/ai-1.service", "system.slice/other.service", "fixed", "deep/x"] {
+        for dir in [
+            "system.slice/ai-1.service",
+            "system.slice/other.service",
+            "fixed",
+            "deep/x",
+        ] {
             fs::create_dir_all(root.path().join(dir)).expect("mkdir");
         }
         let text = "[[policy]]\nname = \"p\"\ncgroups = [\
@@ -1482,5 +1498,4 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
         let ops = plan(&desired, &MapState::default());
         assert_eq!(ops.last(), Some(&MapOp::RemoveProtected((1, 2))));
     }
-
 }

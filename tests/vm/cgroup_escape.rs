@@ -120,7 +120,15 @@ fn root_in_a_gated_cgroup_cannot_move_itself_or_others_out_of_its_subtree() {
     );
     assert_eq!(s.gated.pids(), vec![sleeper.id()], "the sleeper stayed");
     assert_eq!(
-        line_of(g, &["fs", "put", &root.join("cgroup.kill").display().to_string(), "1"]),
+        line_of(
+            g,
+            &[
+                "fs",
+                "put",
+                &root.join("cgroup.kill").display().to_string(),
+                "1"
+            ]
+        ),
         EPERM,
         "cgroup.kill outside the subtree"
     );
@@ -220,13 +228,17 @@ fn cgroups_a_gated_task_makes_stay_gated_there_and_across_a_reload() {
     let elsewhere_cgroup = Cgroup::adopt("gk-made-elsewhere");
     let before = gated_entry(&s.agent, elsewhere_cgroup.id()).expect("gated by the kernel");
     assert_eq!(before.flags, GATED_INHERITED);
-    let policy_before = gated_entry(&s.agent, s.gated.id()).expect("gated").policy_id;
+    let policy_before = gated_entry(&s.agent, s.gated.id())
+        .expect("gated")
+        .policy_id;
     assert_eq!(before.policy_id, policy_before);
 
     // A reload gives the policy a new id; the inherited cgroup follows it.
     s.agent.signal(nix::sys::signal::Signal::SIGHUP);
     s.agent.wait_log("policy reloaded", 1, PATIENCE);
-    let policy_after = gated_entry(&s.agent, s.gated.id()).expect("gated").policy_id;
+    let policy_after = gated_entry(&s.agent, s.gated.id())
+        .expect("gated")
+        .policy_id;
     assert_ne!(policy_after, policy_before, "the reload assigned new ids");
     let after = gated_entry(&s.agent, elsewhere_cgroup.id()).expect("still gated after reload");
     assert_eq!(after.policy_id, policy_after);

@@ -15,10 +15,7 @@ use std::{
 use aya::maps::{HashMap, MapData};
 use gatekeep_common::InodeKey;
 use gatekeep_tests::{
-    Agent, Cgroup, gate_exec,
-    kernel::kernel_dev,
-    policy::on_timeout,
-    require_vm, wait_for,
+    Agent, Cgroup, gate_exec, kernel::kernel_dev, policy::on_timeout, require_vm, wait_for,
     workload::line_of,
 };
 

@@ -225,7 +225,11 @@ fn report(result: std::io::Result<()>) -> i32 {
 }
 
 fn fs_op(op: &str, args: &[String]) -> std::io::Result<()> {
-    use std::{fs, io::Read as _, io::Write as _, os::unix::fs::PermissionsExt as _};
+    use std::{
+        fs,
+        io::{Read as _, Write as _},
+        os::unix::fs::PermissionsExt as _,
+    };
     let path = args[0].as_str();
     let second = || {
         args.get(1)
