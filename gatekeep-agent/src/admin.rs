@@ -8,15 +8,17 @@ use std::{
 };
 
 use gatekeep_audit::{AuditError, ExportFilter};
-use gatekeep_common::{Verdict, VerdictKey, action};
+use gatekeep_common::{Verdict, VerdictKey, action, map_names};
 use gatekeep_policy::PolicyError;
 use serde::Serialize;
 
 use crate::{
-    grants::{self, LocalGrant},
-    kernel::{COUNTER_NAMES, KernelMaps, VERDICT_TTL, boot_time_ns},
-    pause::{ProcTasks, Tasks as _},
-    pinning::{self, PinLayout, PinningError},
+    bpf::{
+        kernel::{COUNTER_NAMES, KernelMaps, VERDICT_TTL, boot_time_ns},
+        pinning::{self, PinLayout, PinningError},
+    },
+    decision::grants::{self, LocalGrant},
+    pause::resume::{ProcTasks, Tasks as _},
 };
 
 /// Errors of the admin subcommands.
@@ -174,28 +176,28 @@ pub fn status(pin_dir: &Path, state_dir: &Path) -> Result<Status, AdminError> {
         kernel_grants: 0,
     };
     let mut kernel_digests = Vec::new();
-    if layout.map("PENDING").exists() {
+    if layout.map(map_names::PENDING).exists() {
         let maps = KernelMaps::open(&layout)?;
         let now = boot_time_ns();
         for (tid, pending) in maps.pending().map_err(|source| AdminError::Map {
-            map: "PENDING",
+            map: map_names::PENDING,
             source,
         })? {
             status.paused_requests.push(PausedRequest {
                 pid: pending.pid,
                 tid,
-                kind: crate::events::RequestKind::from_raw(pending.kind).as_str(),
+                kind: crate::bpf::events::RequestKind::from_raw(pending.kind).as_str(),
                 policy_id: pending.policy_id,
                 paused_for_ms: now.saturating_sub(pending.created_ns) / 1_000_000,
             });
         }
         let counters = maps.counters().map_err(|source| AdminError::Map {
-            map: "COUNTERS",
+            map: map_names::COUNTERS,
             source,
         })?;
         status.counters = COUNTER_NAMES.iter().copied().zip(counters).collect();
         let entries = maps.grants().map_err(|source| AdminError::Map {
-            map: "GRANTS",
+            map: map_names::GRANTS,
             source,
         })?;
         status.kernel_grants = entries.len();
@@ -228,11 +230,11 @@ pub struct Unloaded {
 pub fn unload(pin_dir: &Path, proc_root: &Path) -> Result<Unloaded, AdminError> {
     let layout = PinLayout::new(pin_dir);
     let mut report = Unloaded::default();
-    if layout.map("PENDING").exists() && !layout.pinned_programs().is_empty() {
+    if layout.map(map_names::PENDING).exists() && !layout.pinned_programs().is_empty() {
         let mut maps = KernelMaps::open(&layout)?;
         let tasks = ProcTasks::new(proc_root);
         let pending = maps.pending().map_err(|source| AdminError::Map {
-            map: "PENDING",
+            map: map_names::PENDING,
             source,
         })?;
         let expires_ns = boot_time_ns()
@@ -255,7 +257,7 @@ pub fn unload(pin_dir: &Path, proc_root: &Path) -> Result<Unloaded, AdminError> 
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
             let left = maps.pending().map_err(|source| AdminError::Map {
-                map: "PENDING",
+                map: map_names::PENDING,
                 source,
             })?;
             if left.is_empty() || Instant::now() >= deadline {

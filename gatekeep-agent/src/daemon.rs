@@ -19,6 +19,7 @@ use std::{
 };
 
 use gatekeep_audit::{AuditError, AuditRecord, RecordKind};
+use gatekeep_common::map_names;
 use gatekeep_policy::{PolicyError, PolicySet};
 use serde_json::json;
 use tokio::{
@@ -28,17 +29,21 @@ use tokio::{
 
 use crate::{
     audit::{AuditHandle, AuditPipeline, AuditSink as _},
+    bpf::{
+        events::{Event, reader::EventReader},
+        kernel::{self, KernelHandle, PauseKernel as _},
+        kernel_log,
+        pinning::{self, PinLayout, PinningError},
+    },
     config::{AgentConfig, DecisionMode},
-    controller::{Controller, Parts},
-    enrich::Enricher,
-    events::{Event, reader::EventReader},
-    kernel::{self, KernelHandle, PauseKernel as _},
-    kernel_log,
-    pause::{PauseTiming, ProcTasks},
-    pinning::{self, PinLayout, PinningError},
-    policy_maps::{self, Compiled, HostView, MapState, PolicyMapsError},
-    protect_files,
-    service::{self, ServiceError},
+    decision::service::{self, ServiceError},
+    hooks::protect_files,
+    pause::{
+        controller::{Controller, Parts},
+        enrich::Enricher,
+        resume::{PauseTiming, ProcTasks},
+    },
+    policy::{self, Compiled, HostView, MapState, PolicyMapsError},
 };
 
 /// Errors that stop the daemon.
@@ -288,8 +293,9 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
             policies = compiled.names().join(","),
             generation = compiled.generation,
             cgroups_gated = compiled.state.gated.len(),
-            exec_rules = compiled.state.exec_rules.len(),
-            connect_prefixes = compiled.state.connect_v4.len() + compiled.state.connect_v6.len(),
+            exec_rules = compiled.state.rule_count(map_names::EXEC_RULES),
+            connect_prefixes = compiled.state.rule_count(map_names::CONNECT_V4)
+                + compiled.state.rule_count(map_names::CONNECT_V6),
             paused_requests_found = paused_found,
             buffered_events = backlog_len,
             kernel_logs = kernel_logs.is_some(),
@@ -377,8 +383,8 @@ fn release_startup_memory() {
 }
 
 fn log_parse_error(
-    result: Result<crate::events::Event, crate::events::ParseError>,
-) -> Option<crate::events::Event> {
+    result: Result<crate::bpf::events::Event, crate::bpf::events::ParseError>,
+) -> Option<crate::bpf::events::Event> {
     match result {
         Ok(event) => Some(event),
         Err(err) => {
@@ -450,11 +456,11 @@ async fn apply_new_policy(
         .read_policy_state()
         .await
         .map_err(|source| DaemonError::Apply { source })?;
-    let ids = policy_maps::allocate_ids(set.policies.len(), &current.ids_in_use())
+    let ids = policy::allocate_ids(set.policies.len(), &current.ids_in_use())
         .map_err(|source| DaemonError::Compile { source })?;
     let generation = current.generation().wrapping_add(1).max(1);
     let mut compiled = compile_blocking(set.clone(), ids.clone(), generation, host.clone()).await?;
-    policy_maps::carry_inherited(&current, &mut compiled.state);
+    policy::carry_inherited(&current, &mut compiled.state);
     classify_blocking(current, &mut compiled, set.clone(), ids, host.clone()).await?;
     kernel
         .apply_policy(compiled.state.clone())
@@ -463,7 +469,7 @@ async fn apply_new_policy(
     Ok(compiled)
 }
 
-/// [`policy_maps::classify_unclassified`] off the async threads (it may walk
+/// [`policy::classify_unclassified`] off the async threads (it may walk
 /// the cgroup tree).
 async fn classify_blocking(
     current: MapState,
@@ -474,7 +480,7 @@ async fn classify_blocking(
 ) -> Result<(), DaemonError> {
     let mut desired = std::mem::take(&mut compiled.state);
     desired = tokio::task::spawn_blocking(move || {
-        policy_maps::classify_unclassified(&current, &mut desired, &set, &ids, &host);
+        policy::classify_unclassified(&current, &mut desired, &set, &ids, &host);
         desired
     })
     .await
@@ -489,7 +495,7 @@ async fn compile_blocking(
     generation: u32,
     host: HostView,
 ) -> Result<Compiled, DaemonError> {
-    tokio::task::spawn_blocking(move || policy_maps::compile(&set, &ids, generation, &host))
+    tokio::task::spawn_blocking(move || policy::compile(&set, &ids, generation, &host))
         .await
         .map_err(|source| DaemonError::Join { source })?
         .map_err(|source| DaemonError::Compile { source })
@@ -514,8 +520,9 @@ fn record_policy_loaded(
                 .map(|p| json!({ "id": p.id, "name": p.policy.name }))
                 .collect::<Vec<_>>(),
             "cgroups_gated": compiled.cgroup_paths.values().collect::<Vec<_>>(),
-            "exec_rules": compiled.state.exec_rules.len(),
-            "connect_prefixes": compiled.state.connect_v4.len() + compiled.state.connect_v6.len(),
+            "exec_rules": compiled.state.rule_count(map_names::EXEC_RULES),
+            "connect_prefixes": compiled.state.rule_count(map_names::CONNECT_V4)
+                + compiled.state.rule_count(map_names::CONNECT_V6),
             "warnings": compiled.warnings,
         }),
     ));

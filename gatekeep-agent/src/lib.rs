@@ -1,29 +1,31 @@
 //! gatekeep host agent.
 //!
 //! The binary (`main.rs`) is a thin clap front end over these modules so the
-//! in-VM integration tests can drive the same code.
+//! in-VM integration tests can drive the same code. The modules are grouped
+//! by concern (see `docs/architecture.md`):
+//!
+//! - [`bpf`]: the kernel programs and maps: loading, pinning, the task that
+//!   owns the maps, the BTF reader, the ring buffer, the programs' own log;
+//! - [`pause`]: the request state machine, resuming paused tasks and
+//!   reconciling them with the kernel;
+//! - [`decision`]: who decides (local, embedded or remote service) and the
+//!   grants a decision leaves behind;
+//! - [`hooks`]: one module per kernel hook (its requests, how policy
+//!   compiles into its maps, how a reviewer reads it);
+//! - [`policy`]: policy sets compiled into the kernel's maps;
+//! - [`audit`]: the agent's local audit log;
+//! - [`preflight`]: can this host run gatekeep, and if not, why;
+//! - [`config`], [`paths`], [`daemon`] (the wiring of `run`) and [`admin`]
+//!   (the other subcommands).
 
 pub mod admin;
 pub mod audit;
+pub mod bpf;
 pub mod config;
-pub mod controller;
 pub mod daemon;
-pub mod decide;
-pub mod ebpf;
-pub mod embedded;
-pub mod enrich;
-pub mod events;
-pub mod grants;
-pub mod kernel;
-pub mod kernel_btf;
-pub mod kernel_log;
+pub mod decision;
+pub mod hooks;
 pub mod paths;
 pub mod pause;
-pub mod pinning;
-pub mod policy_maps;
+pub mod policy;
 pub mod preflight;
-pub mod protect_files;
-pub mod remote;
-pub mod service;
-#[cfg(test)]
-mod testing;

@@ -186,7 +186,7 @@ fn add_reviewer(config: &AgentConfig, name: &str, groups: &[String]) -> anyhow::
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    let token = runtime.block_on(gatekeep_agent::embedded::add_reviewer(
+    let token = runtime.block_on(gatekeep_agent::decision::embedded::add_reviewer(
         &config.state_dir,
         name,
         groups,
@@ -296,7 +296,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Probe => {
-            let _ebpf = gatekeep_agent::ebpf::load_and_attach()?;
+            let _ebpf = gatekeep_agent::bpf::programs::load_and_attach()?;
             println!("attached");
             Ok(())
         }

@@ -265,9 +265,13 @@ async fn a_reviewer_session() {
         "{}",
         stderr(&bad)
     );
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    // Bound but not listening: the port stays this test's (no other test can take it,
+    // as one could after a listener is dropped) and every connection to it is refused.
+    let closed = tokio::net::TcpSocket::new_v4().expect("socket");
+    closed
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
     let nowhere = format!("https://{}", closed.local_addr().expect("addr"));
-    drop(closed);
     let down = env.run_with(&["status"], &env.token, &nowhere).await;
     assert!(
         stderr(&down).contains("cannot reach the decision service"),

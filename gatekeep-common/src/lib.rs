@@ -36,6 +36,95 @@ pub const ERESTARTNOINTR: i32 = -513;
 /// `-EPERM`.
 pub const EPERM: i32 = -1;
 
+/// The kernel maps' names: the names of the `static`s in `gatekeep-ebpf`
+/// (aya's `#[map]` names a map after its static), under which the agent
+/// finds them in the object and pins them (`<pin dir>/maps/<NAME>`).
+///
+/// The kernel side cannot use these constants (the attribute takes the
+/// static's identifier), so `gatekeep-tests`' `map_names` test loads the
+/// built object and checks that every name here is a map in it and every
+/// map in it is named here.
+pub mod map_names {
+    /// cgroup id -> [`super::GatedCgroup`]: the cgroups under a policy.
+    pub const GATED_CGROUPS: &str = "GATED_CGROUPS";
+    /// [`super::gated_filter_slot`] -> 1: the one lookup ungated tasks pay.
+    pub const GATED_FILTER: &str = "GATED_FILTER";
+    /// Policy id -> [`super::PolicyDefaults`].
+    pub const POLICIES: &str = "POLICIES";
+    /// Thread id -> [`super::PendingRequest`]: the paused requests.
+    pub const PENDING: &str = "PENDING";
+    /// [`super::pending_slot`] -> thread id: the bounded pending-request slots.
+    pub const PENDING_SLOTS: &str = "PENDING_SLOTS";
+    /// [`super::VerdictKey`] -> [`super::Verdict`]: user space's answers.
+    pub const VERDICTS: &str = "VERDICTS";
+    /// [`super::GrantKey`] -> [`super::Grant`]: granted durations.
+    pub const GRANTS: &str = "GRANTS";
+    /// The ring buffer of events for user space.
+    pub const EVENTS: &str = "EVENTS";
+    /// The SHA-256 of the object the running programs came from.
+    pub const BUILD_ID: &str = "BUILD_ID";
+    /// Per-CPU [`super::counter`] values.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// exec hook: [`super::ExecRuleKey`] -> action.
+    pub const EXEC_RULES: &str = "EXEC_RULES";
+    /// exec hook: thread id -> the `linux_binprm` an approved exec runs
+    /// with (its script's interpreter is part of the approved request).
+    pub const EXEC_APPROVED: &str = "EXEC_APPROVED";
+    /// exec hook: a block of zeroes to clear the argv scratch buffer.
+    pub const ZEROES: &str = "ZEROES";
+    /// exec hook: per-CPU scratch buffer the argv is gathered in.
+    pub const ARGV_SCRATCH: &str = "ARGV_SCRATCH";
+    /// connect hook: LPM trie of [`super::ConnectV4Key`] -> [`super::PortRules`].
+    pub const CONNECT_V4: &str = "CONNECT_V4";
+    /// connect hook: LPM trie of [`super::ConnectV6Key`] -> [`super::PortRules`].
+    pub const CONNECT_V6: &str = "CONNECT_V6";
+    /// Self-protection: [`super::InodeKey`] -> [`super::protected_inode`] bits,
+    /// gatekeep's own files and folders.
+    pub const PROTECTED_INODES: &str = "PROTECTED_INODES";
+    /// cgroup id -> 1: cgroups a policy pattern can still match a new child of.
+    pub const CANDIDATE_PARENTS: &str = "CANDIDATE_PARENTS";
+    /// Policy id -> hash of the policy's name (inherited gating across reloads).
+    pub const POLICY_NAME_HASHES: &str = "POLICY_NAME_HASHES";
+    /// Policy id -> bits of the protections it relaxed (shared with protect-proc).
+    pub const PROTECT_RELAXED: &str = "PROTECT_RELAXED";
+    /// [`super::ProtectDenialKey`] -> count of refused attempts (shared with protect-proc).
+    pub const PROTECT_DENIALS: &str = "PROTECT_DENIALS";
+
+    /// Every map of the object.
+    pub const ALL: &[&str] = &[
+        GATED_CGROUPS,
+        GATED_FILTER,
+        POLICIES,
+        PENDING,
+        PENDING_SLOTS,
+        VERDICTS,
+        GRANTS,
+        EVENTS,
+        BUILD_ID,
+        COUNTERS,
+        EXEC_RULES,
+        EXEC_APPROVED,
+        ZEROES,
+        ARGV_SCRATCH,
+        CONNECT_V4,
+        CONNECT_V6,
+        PROTECTED_INODES,
+        CANDIDATE_PARENTS,
+        POLICY_NAME_HASHES,
+        PROTECT_RELAXED,
+        PROTECT_DENIALS,
+    ];
+}
+
+/// Load-time globals of the programs (`EbpfLoader::set_global`), by the
+/// names of their `static`s in `gatekeep-ebpf`.
+pub mod global_names {
+    /// [`super::KernelOffsets`]: struct member offsets from the kernel's BTF.
+    pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
+    /// The per-load `SipHash` key of request digests.
+    pub const DIGEST_KEY: &str = "DIGEST_KEY";
+}
+
 /// What a rule (or a policy default) does. `NONE` (0) means "no rule".
 pub mod action {
     pub const NONE: u32 = 0;

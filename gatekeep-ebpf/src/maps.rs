@@ -1,5 +1,8 @@
-//! Every map and load-time global the programs share with user space. The
-//! agent finds them by these names (and pins them under /sys/fs/bpf/gatekeep).
+//! The maps more than one hook shares, and the load-time globals. A map
+//! only one hook uses lives in that hook's module (`hooks/<hook>.rs`). The
+//! agent finds every map by its static's name, which is also a constant in
+//! `gatekeep_common::map_names` (a test keeps the two equal), and pins it
+//! under /sys/fs/bpf/gatekeep.
 
 use core::intrinsics::AtomicOrdering;
 
@@ -7,15 +10,13 @@ use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_NOEXIST},
     helpers::bpf_probe_read_kernel,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use gatekeep_common::{
-    ConnectV4Key, ConnectV6Key, ExecRuleKey, GATED_FILTER_SLOTS, GatedCgroup, Grant, GrantKey,
-    InodeKey, KernelOffsets, MAX_POLICIES, PendingRequest, PolicyDefaults, PortRules,
-    ProtectDenialKey, Verdict, VerdictKey, counter, gated_filter_slot, pending_slot,
+    GATED_FILTER_SLOTS, GatedCgroup, Grant, GrantKey, InodeKey, KernelOffsets, MAX_POLICIES,
+    PendingRequest, PolicyDefaults, ProtectDenialKey, Verdict, VerdictKey, counter,
+    gated_filter_slot, pending_slot,
 };
-
-use crate::hooks::argv::ArgvScratch;
 
 /// cgroup v2 id -> policy governing it. A task whose cgroup is absent is not
 /// gated.
@@ -71,18 +72,6 @@ pub fn gate_cgroup(cgroup_id: u64, gated: &GatedCgroup) {
 /// Policy id -> what the policy does when no rule matches.
 #[map]
 pub static POLICIES: Array<PolicyDefaults> = Array::with_max_entries(MAX_POLICIES, 0);
-
-/// (policy, executable identity) -> `action`.
-#[map]
-pub static EXEC_RULES: HashMap<ExecRuleKey, u32> = HashMap::with_max_entries(65536, 0);
-
-/// (policy, IPv4 prefix) -> port rules.
-#[map]
-pub static CONNECT_V4: LpmTrie<ConnectV4Key, PortRules> = LpmTrie::with_max_entries(65536, 0);
-
-/// (policy, IPv6 prefix) -> port rules.
-#[map]
-pub static CONNECT_V6: LpmTrie<ConnectV6Key, PortRules> = LpmTrie::with_max_entries(65536, 0);
 
 /// Thread id -> the request it is stopped on.
 #[map]
@@ -152,28 +141,6 @@ pub static VERDICTS: HashMap<VerdictKey, Verdict> = HashMap::with_max_entries(65
 /// same request is allowed without asking while the grant lasts.
 #[map]
 pub static GRANTS: HashMap<GrantKey, Grant> = HashMap::with_max_entries(65536, 0);
-
-/// Thread id -> address of the `linux_binprm` whose exec a verdict or grant
-/// just allowed: the interpreter of an approved script runs as part of the
-/// same approved request (`bprm_check_security` runs again for it, in the
-/// same syscall). Written only on the ask path, for `#!` files, and cleared
-/// by the thread's next gated exec; LRU, so entries of exited threads age
-/// out.
-#[map]
-pub static EXEC_APPROVED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
-
-/// Zeroes (never written): the source that clears the rest of the last
-/// digest block of a captured argv in one helper call.
-#[map]
-pub static ZEROES: Array<[u8; ARGV_BLOCK]> = Array::with_max_entries(1, 0);
-
-/// Bytes of argv the exec digest hashes per step; a capture clears the rest
-/// of its last block.
-pub const ARGV_BLOCK: usize = 64;
-
-/// Where argv is captured, for the length of one hook run.
-#[map]
-pub static ARGV_SCRATCH: PerCpuArray<ArgvScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events for user space: requests that need a decision, denials, lifecycle.
 #[map]

@@ -12,9 +12,10 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
-use gatekeep_agent::ebpf::Attached;
+use gatekeep_agent::bpf::programs::Attached;
 use gatekeep_common::{
     ExecEvent, ExecRuleKey, GatedCgroup, PolicyDefaults, TaskEvent, action, gated_filter_slot,
+    map_names,
 };
 use nix::time::{ClockId, clock_gettime};
 
@@ -38,7 +39,8 @@ unsafe impl Event for TaskEvent {}
 /// Loads and attaches every program, then gates `cgroup` as [`gate`] does.
 #[must_use]
 pub fn attach_gating(cgroup: &Cgroup, policy_id: u32, exec_default: u32) -> Attached {
-    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
+    let mut ebpf =
+        gatekeep_agent::bpf::programs::load_and_attach().expect("load and attach the programs");
     gate(&mut ebpf, cgroup, policy_id, exec_default);
     ebpf
 }
@@ -55,8 +57,11 @@ pub fn exec_rule_on_busybox_copy(
     let copy = Path::new("/tmp").join(name);
     fs::copy("/bin/busybox", &copy).expect("copy busybox");
     let identity = fs::metadata(&copy).expect("stat the copy");
-    let mut rules: HashMap<_, ExecRuleKey, u32> =
-        HashMap::try_from(ebpf.map_mut("EXEC_RULES").expect("EXEC_RULES")).expect("hash map");
+    let mut rules: HashMap<_, ExecRuleKey, u32> = HashMap::try_from(
+        ebpf.map_mut(map_names::EXEC_RULES)
+            .expect(map_names::EXEC_RULES),
+    )
+    .expect("hash map");
     let key = ExecRuleKey {
         policy_id,
         _pad: 0,
@@ -71,8 +76,11 @@ pub fn exec_rule_on_busybox_copy(
 /// `exec_default` (connects and unix sockets allowed), in the loaded
 /// programs' maps.
 pub fn gate(ebpf: &mut Ebpf, cgroup: &Cgroup, policy_id: u32, exec_default: u32) {
-    let mut policies: Array<_, PolicyDefaults> =
-        Array::try_from(ebpf.map_mut("POLICIES").expect("POLICIES")).expect("array");
+    let mut policies: Array<_, PolicyDefaults> = Array::try_from(
+        ebpf.map_mut(map_names::POLICIES)
+            .expect(map_names::POLICIES),
+    )
+    .expect("array");
     let defaults = PolicyDefaults {
         exec_default,
         connect_default: action::ALLOW,
@@ -80,13 +88,19 @@ pub fn gate(ebpf: &mut Ebpf, cgroup: &Cgroup, policy_id: u32, exec_default: u32)
         generation: 1,
     };
     policies.set(policy_id, defaults, 0).expect("set policy");
-    let mut filter: Array<_, u64> =
-        Array::try_from(ebpf.map_mut("GATED_FILTER").expect("GATED_FILTER")).expect("array");
+    let mut filter: Array<_, u64> = Array::try_from(
+        ebpf.map_mut(map_names::GATED_FILTER)
+            .expect(map_names::GATED_FILTER),
+    )
+    .expect("array");
     filter
         .set(gated_filter_slot(cgroup.id()), 1, 0)
         .expect("set filter slot");
-    let mut gated: HashMap<_, u64, GatedCgroup> =
-        HashMap::try_from(ebpf.map_mut("GATED_CGROUPS").expect("GATED_CGROUPS")).expect("hash map");
+    let mut gated: HashMap<_, u64, GatedCgroup> = HashMap::try_from(
+        ebpf.map_mut(map_names::GATED_CGROUPS)
+            .expect(map_names::GATED_CGROUPS),
+    )
+    .expect("hash map");
     gated
         .insert(
             cgroup.id(),
@@ -104,7 +118,8 @@ pub fn gate(ebpf: &mut Ebpf, cgroup: &Cgroup, policy_id: u32, exec_default: u32)
 #[must_use]
 pub fn counter(ebpf: &Ebpf, index: u32) -> u64 {
     let counters: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(ebpf.map("COUNTERS").expect("COUNTERS")).expect("array");
+        PerCpuArray::try_from(ebpf.map(map_names::COUNTERS).expect(map_names::COUNTERS))
+            .expect("array");
     counters.get(&index, 0).expect("read counter").iter().sum()
 }
 
@@ -186,7 +201,8 @@ pub fn kernel_program_name(name: &str) -> &str {
 
 /// Waits up to `timeout` for an event of `kind` on the `EVENTS` ring buffer.
 pub fn wait_event<T: Event>(ebpf: &mut Ebpf, kind: u32, timeout: Duration) -> T {
-    let mut ring = RingBuf::try_from(ebpf.map_mut("EVENTS").expect("EVENTS")).expect("ring buffer");
+    let mut ring = RingBuf::try_from(ebpf.map_mut(map_names::EVENTS).expect(map_names::EVENTS))
+        .expect("ring buffer");
     wait_for(&format!("an event of kind {kind}"), timeout, || {
         next_event(&mut ring, kind)
     })

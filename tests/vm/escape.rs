@@ -12,7 +12,8 @@ use std::{
 
 use aya::maps::HashMap;
 use gatekeep_common::{
-    GATED_INHERITED, GatedCgroup, PendingRequest, TaskEvent, action, event_kind, request_kind,
+    GATED_INHERITED, GatedCgroup, PendingRequest, TaskEvent, action, event_kind, map_names,
+    request_kind,
 };
 use gatekeep_tests::{
     Cgroup,
@@ -49,8 +50,11 @@ fn a_cgroup_created_by_a_gated_task_is_gated_before_it_can_be_used() {
     let child_id = fs::metadata(&child_path)
         .expect("the child cgroup exists")
         .ino();
-    let gated: HashMap<_, u64, GatedCgroup> =
-        HashMap::try_from(ebpf.map("GATED_CGROUPS").expect("GATED_CGROUPS")).expect("hash map");
+    let gated: HashMap<_, u64, GatedCgroup> = HashMap::try_from(
+        ebpf.map(map_names::GATED_CGROUPS)
+            .expect(map_names::GATED_CGROUPS),
+    )
+    .expect("hash map");
     let entry = gated.get(&child_id, 0).expect("the new cgroup is gated");
     assert_eq!(
         entry,
@@ -102,7 +106,8 @@ fn a_traced_task_is_refused_instead_of_paused() {
     assert_eq!(event.request_kind, request_kind::EXEC);
     assert_eq!(event.header.cgroup_id, cgroup.id());
     let pending: HashMap<_, u32, PendingRequest> =
-        HashMap::try_from(ebpf.map("PENDING").expect("PENDING")).expect("hash map");
+        HashMap::try_from(ebpf.map(map_names::PENDING).expect(map_names::PENDING))
+            .expect("hash map");
     assert_eq!(
         pending.keys().count(),
         0,

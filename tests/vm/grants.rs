@@ -13,7 +13,8 @@ use std::{
 
 use aya::{Ebpf, maps::HashMap};
 use gatekeep_common::{
-    ExecEvent, Grant, GrantKey, Verdict, VerdictKey, action, counter, event_kind, request_kind,
+    ExecEvent, Grant, GrantKey, Verdict, VerdictKey, action, counter, event_kind, map_names,
+    request_kind,
 };
 use gatekeep_tests::{
     Cgroup,
@@ -44,8 +45,11 @@ fn paused_request(ebpf: &mut Ebpf) -> ExecEvent {
 }
 
 fn deny(ebpf: &mut Ebpf, event: &ExecEvent) {
-    let mut verdicts: HashMap<_, VerdictKey, Verdict> =
-        HashMap::try_from(ebpf.map_mut("VERDICTS").expect("VERDICTS")).expect("hash map");
+    let mut verdicts: HashMap<_, VerdictKey, Verdict> = HashMap::try_from(
+        ebpf.map_mut(map_names::VERDICTS)
+            .expect(map_names::VERDICTS),
+    )
+    .expect("hash map");
     let key = VerdictKey {
         tid: event.header.tid,
         _pad: 0,
@@ -85,7 +89,8 @@ fn ask_and_deny(ebpf: &mut Ebpf, cgroup: &Cgroup, argv: &[&str]) -> ExecEvent {
 /// Writes a grant for `key` that ends at `expires_ns` (0: never).
 fn write_grant(ebpf: &mut Ebpf, key: GrantKey, expires_ns: u64) {
     let mut grants: HashMap<_, GrantKey, Grant> =
-        HashMap::try_from(ebpf.map_mut("GRANTS").expect("GRANTS")).expect("hash map");
+        HashMap::try_from(ebpf.map_mut(map_names::GRANTS).expect(map_names::GRANTS))
+            .expect("hash map");
     let grant = Grant {
         expires_ns,
         cgroup_id: 0,

@@ -6,7 +6,9 @@
 use std::{os::unix::process::ExitStatusExt as _, process::Command, time::Duration};
 
 use aya::maps::{Array, HashMap};
-use gatekeep_common::{PendingRequest, TaskEvent, action, event_kind, pending_slot, request_kind};
+use gatekeep_common::{
+    PendingRequest, TaskEvent, action, event_kind, map_names, pending_slot, request_kind,
+};
 use gatekeep_tests::{
     Cgroup,
     kernel::{attach_gating, exec_rule_on_busybox_copy, wait_event},
@@ -16,14 +18,18 @@ use gatekeep_tests::{
 const POLICY_ID: u32 = 6;
 
 fn slot_count(ebpf: &aya::Ebpf, tid: u32) -> u64 {
-    let slots: Array<_, u64> =
-        Array::try_from(ebpf.map("PENDING_SLOTS").expect("PENDING_SLOTS")).expect("array");
+    let slots: Array<_, u64> = Array::try_from(
+        ebpf.map(map_names::PENDING_SLOTS)
+            .expect(map_names::PENDING_SLOTS),
+    )
+    .expect("array");
     slots.get(&pending_slot(tid), 0).expect("slot")
 }
 
 fn is_pending(ebpf: &aya::Ebpf, tid: u32) -> bool {
     let pending: HashMap<_, u32, PendingRequest> =
-        HashMap::try_from(ebpf.map("PENDING").expect("PENDING")).expect("hash map");
+        HashMap::try_from(ebpf.map(map_names::PENDING).expect(map_names::PENDING))
+            .expect("hash map");
     pending.get(&tid, 0).is_ok()
 }
 

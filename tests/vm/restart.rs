@@ -14,7 +14,8 @@ use aya::{
     maps::{Array, Map, MapData},
     programs::links::{FdLink, PinnedLink},
 };
-use gatekeep_agent::pinning::PinLayout;
+use gatekeep_agent::bpf::pinning::PinLayout;
+use gatekeep_common::map_names;
 use gatekeep_tests::{
     gate_exec, is_stopped, kernel,
     policy::{allow_but, on_timeout},
@@ -223,12 +224,12 @@ fn pinned_programs_of_another_build_are_refused_until_unloaded_and_keep_enforcin
 
     // Another build's programs: what the pinned build id says.
     let layout = PinLayout::new(agent.pin_dir());
-    let data = MapData::from_pin(layout.map("BUILD_ID")).expect("pinned BUILD_ID");
+    let data = MapData::from_pin(layout.map(map_names::BUILD_ID)).expect("pinned BUILD_ID");
     let mut build_id: Array<MapData, [u8; 32]> =
         Array::try_from(Map::Array(data)).expect("BUILD_ID is an array of 32-byte ids");
     assert_eq!(
         build_id.get(&0, 0).expect("read the build id"),
-        gatekeep_agent::pinning::object_id(),
+        gatekeep_agent::bpf::pinning::object_id(),
         "the agent records its own object's id"
     );
     build_id.set(0, [0xab; 32], 0).expect("write another id");

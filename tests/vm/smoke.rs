@@ -5,8 +5,8 @@
 use std::{io, os::unix::fs::MetadataExt as _, process::Command, time::Duration};
 
 use aya::maps::RingBuf;
-use gatekeep_agent::ebpf::PROGRAMS;
-use gatekeep_common::{ExecEvent, action, counter, event_kind};
+use gatekeep_agent::bpf::programs::PROGRAMS;
+use gatekeep_common::{ExecEvent, action, counter, event_kind, map_names};
 use gatekeep_tests::{
     Cgroup,
     kernel::{self, drain_events, event_argv, gate, kernel_dev, kernel_program_name},
@@ -34,7 +34,8 @@ fn gatekeep_programs_loaded() -> Vec<String> {
 fn exec_hook_sees_gated_exec_and_detaches() {
     require_vm();
     let cgroup = Cgroup::create("gatekeep-smoke");
-    let mut ebpf = gatekeep_agent::ebpf::load_and_attach().expect("load and attach the programs");
+    let mut ebpf =
+        gatekeep_agent::bpf::programs::load_and_attach().expect("load and attach the programs");
     let loaded = gatekeep_programs_loaded();
     for program in PROGRAMS {
         assert!(
@@ -70,8 +71,8 @@ fn exec_hook_sees_gated_exec_and_detaches() {
     );
 
     let identity = std::fs::metadata("/bin/true").expect("stat /bin/true");
-    let mut ring =
-        RingBuf::try_from(ebpf.map_mut("EVENTS").expect("EVENTS map")).expect("ring buffer");
+    let mut ring = RingBuf::try_from(ebpf.map_mut(map_names::EVENTS).expect("EVENTS map"))
+        .expect("ring buffer");
     // Every exec event (denied or asked), so one from outside the cgroup
     // would show up here.
     let mut seen: Vec<ExecEvent> = Vec::new();

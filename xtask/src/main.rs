@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod lint;
 mod setup;
 mod test;
 mod vm_run;
@@ -34,6 +35,9 @@ enum Task {
     /// reviewer approves one and denies the other (you, or the script with `--auto`),
     /// then both audit logs are printed and verified.
     Demo(demo::Options),
+    /// Enforce the house rules: rustfmt, clippy with `-D warnings`, cargo-deny (deny.toml).
+    /// Installs rustfmt (nightly) and cargo-deny first if they are missing.
+    Lint(lint::Options),
     /// Run the benchmarks (natively, then in the VM) and print one table of figures,
     /// baselines, ratios and targets; also written as JSON under `target/bench/`.
     Bench(bench::Options),
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Task::VmTest(opts) => setup::ensure().and_then(|()| vm_test::run(opts)),
         Task::VmRun(opts) => setup::ensure().and_then(|()| vm_run::run(opts)),
         Task::Demo(opts) => setup::ensure().and_then(|()| demo::run(opts)),
+        Task::Lint(opts) => lint::run(opts),
         Task::Bench(opts) => setup::ensure().and_then(|()| bench::run(opts)),
     };
     let Err(err) = result else {

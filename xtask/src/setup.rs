@@ -26,6 +26,9 @@ use xtask::{
 /// The bpf-linker release that fits the nightly's LLVM 22 (BUILDING.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The cargo-deny release `cargo xtask lint` runs (rust-version 1.88, builds with 1.95).
+pub const CARGO_DENY_VERSION: &str = "0.20.2";
+
 /// Debian packages the VM runner uses, and valgrind, whose callgrind counts the decision
 /// service's instructions per decision for `cargo xtask bench`.
 const APT_PACKAGES: &[&str] = &[
@@ -50,14 +53,64 @@ pub fn run(_opts: &Options) -> Result<()> {
     bpf_linker()?;
     apt_packages(&mut apt)?;
     kernel(&mut apt)?;
+    lint_tools()?;
     say(&format!("done in {:.1} s", started.elapsed().as_secs_f64()));
     Ok(())
 }
 
 /// The set-up every other task runs first, so each README command works on
-/// a fresh machine by itself (about half a second when all is in place).
+/// a fresh machine by itself (about half a second when all is in place). The
+/// lint tools are left to `setup` and `lint`: building cargo-deny takes minutes
+/// that a test or demo run does not need.
 pub fn ensure() -> Result<()> {
-    run(&Options {})
+    let mut apt = Apt::default();
+    rust_src()?;
+    bpf_linker()?;
+    apt_packages(&mut apt)?;
+    kernel(&mut apt)
+}
+
+/// What `cargo xtask lint` runs besides clippy: the nightly's rustfmt (rustfmt.toml
+/// groups imports, a nightly-only option) and cargo-deny, built from crates.io.
+pub fn lint_tools() -> Result<()> {
+    let rustfmt = probe(Command::new("rustfmt").args(["+nightly", "--version"]));
+    if rustfmt.is_some() {
+        say("rustfmt (nightly): already installed");
+    } else {
+        say("rustfmt (nightly): installing");
+        run_cmd(Command::new("rustup").args([
+            "component",
+            "add",
+            "rustfmt",
+            "--toolchain",
+            "nightly",
+        ]))
+        .context("cannot add rustfmt to the nightly toolchain")?;
+    }
+    let current = probe(Command::new("cargo").args(["deny", "--version"]))
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned());
+    if current.as_deref() == Some(&format!("cargo-deny {CARGO_DENY_VERSION}")) {
+        say(&format!(
+            "cargo-deny {CARGO_DENY_VERSION}: already installed"
+        ));
+        return Ok(());
+    }
+    say(&format!(
+        "cargo-deny {CARGO_DENY_VERSION}: installing from crates.io (a few minutes; found: {})",
+        current.as_deref().unwrap_or("none")
+    ));
+    let mut install = Command::new("cargo");
+    install.args([
+        "install",
+        "cargo-deny",
+        "--version",
+        CARGO_DENY_VERSION,
+        "--locked",
+        "--force",
+    ]);
+    // `cargo install` would build in a CARGO_TARGET_DIR meant for the workspace.
+    install.env_remove("CARGO_TARGET_DIR");
+    run_cmd(&mut install).context("cannot build cargo-deny (see cargo's output above)")
 }
 
 fn say(message: &str) {

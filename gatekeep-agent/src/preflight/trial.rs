@@ -7,7 +7,7 @@ use aya::programs::ProgramError;
 use gatekeep_audit::error_chain;
 
 use super::{CheckResult, Status, checks::KernelConfig};
-use crate::ebpf::{self, LoadError};
+use crate::bpf::programs::{self, LoadError};
 
 /// The check's name.
 pub const NAME: &str = "trial-load";
@@ -28,20 +28,22 @@ pub trait TrialLoad {
     fn trial_load(&self) -> Result<Vec<(&'static str, &'static str)>, TrialFailure>;
 }
 
-/// Loads the embedded object's [`ebpf::PROGRAMS`] into the running
+/// Loads the embedded object's [`programs::PROGRAMS`] into the running
 /// kernel, attaches nothing, and drops them (which unloads them).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KernelTrialLoad;
 
 impl TrialLoad for KernelTrialLoad {
     fn trial_load(&self) -> Result<Vec<(&'static str, &'static str)>, TrialFailure> {
-        let (mut loaded, btf) = ebpf::open().map_err(|err| TrialFailure::from_load_error(&err))?;
+        let (mut loaded, btf) =
+            programs::open().map_err(|err| TrialFailure::from_load_error(&err))?;
         // Every program, the LSM hooks first (their failure explains the
         // most); exit cleanup and cgroup tracking are part of gating too.
-        let order = ebpf::lsm_programs().chain(ebpf::PROGRAMS.iter().filter(|p| !p.is_lsm()));
+        let order =
+            programs::lsm_programs().chain(programs::PROGRAMS.iter().filter(|p| !p.is_lsm()));
         let mut verified = Vec::new();
         for program in order {
-            ebpf::load(&mut loaded, &btf, program)
+            programs::load(&mut loaded, &btf, program)
                 .map_err(|err| TrialFailure::from_load_error(&err))?;
             verified.push((program.name, hook_name(program.hook)));
         }
@@ -52,11 +54,11 @@ impl TrialLoad for KernelTrialLoad {
 }
 
 /// What a program attaches to, as the report names it.
-fn hook_name(hook: ebpf::Hook) -> &'static str {
+fn hook_name(hook: programs::Hook) -> &'static str {
     match hook {
-        ebpf::Hook::Lsm(name)
-        | ebpf::Hook::BtfTracePoint(name)
-        | ebpf::Hook::TracePoint(_, name) => name,
+        programs::Hook::Lsm(name)
+        | programs::Hook::BtfTracePoint(name)
+        | programs::Hook::TracePoint(_, name) => name,
     }
 }
 
@@ -93,7 +95,7 @@ fn chain_errno(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
 }
 
 impl TrialFailure {
-    /// Classifies an error from [`ebpf::open`] or [`ebpf::load`].
+    /// Classifies an error from [`programs::open`] or [`programs::load`].
     #[must_use]
     pub fn from_load_error(err: &LoadError) -> Self {
         match err {
@@ -531,7 +533,7 @@ mod tests {
         );
         let map = LoadError::Object {
             source: aya::EbpfError::MapError(aya::maps::MapError::CreateError {
-                name: "EVENTS".to_owned(),
+                name: gatekeep_common::map_names::EVENTS.to_owned(),
                 io_error: io::Error::from_raw_os_error(libc::EPERM),
             }),
         };

@@ -13,13 +13,22 @@ use std::{
 use anyhow::{Result, bail, ensure};
 use gatekeep_agent::{
     audit::{AuditPipeline, AuditSink as _, MemorySink},
-    controller::{Controller, Parts},
-    decide::LocalDecider,
-    enrich::Enricher,
-    events::{ConnectRequest, Destination, Event, ExecRequest, Origin},
-    kernel::{KernelError, PauseKernel, boot_time_ns},
-    pause::{PauseTiming, TaskState, Tasks},
-    policy_maps::{Compiled, HostView, compile},
+    bpf::{
+        events::{Event, Origin},
+        kernel::{KernelError, PauseKernel, boot_time_ns},
+    },
+    decision::LocalDecider,
+    hooks::{
+        Request,
+        connect::{ConnectRequest, Destination},
+        exec::ExecRequest,
+    },
+    pause::{
+        controller::{Controller, Parts},
+        enrich::Enricher,
+        resume::{PauseTiming, TaskState, Tasks},
+    },
+    policy::{Compiled, HostView, compile},
 };
 use gatekeep_common::{PendingRequest, Verdict, VerdictKey, request_kind};
 
@@ -140,7 +149,7 @@ fn origin(tid: u32, digest: u64) -> Origin {
 
 /// An ask like the kernel's: `/usr/bin/curl` with a few arguments.
 fn exec_ask(tid: u32, digest: u64) -> Event {
-    Event::ExecAsk(ExecRequest {
+    Event::Ask(Request::Exec(ExecRequest {
         origin: origin(tid, digest),
         dev: 0x0080_0001,
         ino: 1_234_567,
@@ -154,7 +163,7 @@ fn exec_ask(tid: u32, digest: u64) -> Event {
         ],
         argv_truncated: false,
         argc: 5,
-    })
+    }))
 }
 
 /// The workload the synthetic denials come from, as a `/proc` tree of its own: `curl`
@@ -220,14 +229,14 @@ fn connect_denied(n: u64) -> Event {
     origin.pid = WORKLOAD_PID;
     origin.tid = WORKLOAD_PID;
     origin.ppid = 4000;
-    Event::ConnectDenied(ConnectRequest {
+    Event::Denied(Request::Connect(ConnectRequest {
         origin,
         destination: Destination::Ip {
             addr: std::net::IpAddr::from([169, 254, 169, u8::try_from(n % 250).unwrap_or(0)]),
             port: 80,
         },
         sock_type: 1,
-    })
+    }))
 }
 
 type Pipeline = Controller<SimKernel, SimKernel, LocalDecider, gatekeep_agent::audit::AuditHandle>;
@@ -412,7 +421,7 @@ async fn audit_writer(base: &Path, records: usize, rounds: usize) -> Result<Figu
     controller.handle_event(connect_denied(1)).await;
     kernel.ask(WORKLOAD_PID, 7);
     let mut ask = exec_ask(WORKLOAD_PID, 7);
-    if let Event::ExecAsk(request) = &mut ask {
+    if let Event::Ask(Request::Exec(request)) = &mut ask {
         request.origin.ppid = 4000;
     }
     controller.handle_event(ask).await;

@@ -173,9 +173,13 @@ impl Service {
 fn request_id() -> Uuid {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let first_seen = gatekeep_agent::kernel::boot_time_ns();
+    let first_seen = gatekeep_agent::bpf::kernel::boot_time_ns();
     let digest = 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(n);
-    gatekeep_agent::remote::request_uuid("bench", &format!("{first_seen:x}-{n}-{digest:016x}"), 0)
+    gatekeep_agent::decision::remote::request_uuid(
+        "bench",
+        &format!("{first_seen:x}-{n}-{digest:016x}"),
+        0,
+    )
 }
 
 /// An exec request of policy `bench`: `git <command> branch-<n>` (the rule decides

@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use gatekeep_agent::{kernel::KernelMaps, pinning::PinLayout};
+use gatekeep_agent::bpf::{kernel::KernelMaps, pinning::PinLayout};
 use gatekeep_common::counter;
 
 use super::{BenchCgroup, Sizes, TINY, finish_worker, spawn_worker, worker};

@@ -180,7 +180,7 @@ pub fn install_tiny(path: &Path) -> Result<(u64, u64)> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
     let meta = fs::metadata(path)?;
     Ok((
-        gatekeep_agent::policy_maps::kernel_dev(meta.dev()),
+        gatekeep_agent::hooks::exec::kernel_dev(meta.dev()),
         meta.ino(),
     ))
 }

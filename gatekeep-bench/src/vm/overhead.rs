@@ -68,14 +68,14 @@ use aya::{
     programs::links::FdLink,
     sys::{Stats, enable_stats},
 };
-use gatekeep_agent::{
-    ebpf::{Hook, PROGRAMS, Program},
+use gatekeep_agent::bpf::{
     events::Event,
     kernel::boot_time_ns,
+    programs::{Hook, PROGRAMS, Program},
 };
 use gatekeep_common::{
     ConnectV4Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, PolicyDefaults, PortRule, PortRules,
-    Verdict, VerdictKey, action, counter, gated_filter_slot, request_kind,
+    Verdict, VerdictKey, action, counter, gated_filter_slot, map_names,
 };
 
 use super::{
@@ -347,9 +347,9 @@ struct Programs {
 
 impl Programs {
     fn load() -> Result<Self> {
-        let (mut ebpf, btf) = gatekeep_agent::ebpf::open()?;
+        let (mut ebpf, btf) = gatekeep_agent::bpf::programs::open()?;
         for program in measured_programs() {
-            gatekeep_agent::ebpf::load(&mut ebpf, &btf, program)?;
+            gatekeep_agent::bpf::programs::load(&mut ebpf, &btf, program)?;
         }
         Ok(Self {
             lsm: Vec::new(),
@@ -361,7 +361,7 @@ impl Programs {
 
     fn attach<'a>(&mut self, programs: impl Iterator<Item = &'a Program>) -> Result<Vec<FdLink>> {
         programs
-            .map(|p| Ok(gatekeep_agent::ebpf::attach(&mut self.ebpf, p)?))
+            .map(|p| Ok(gatekeep_agent::bpf::programs::attach(&mut self.ebpf, p)?))
             .collect()
     }
 
@@ -533,20 +533,14 @@ impl Drainer {
                     unsafe { libc::poll(&raw mut poll, 1, 50) };
                     while let Some(item) = ring.next() {
                         thread_events.fetch_add(1, Ordering::Relaxed);
-                        match gatekeep_agent::events::parse(&item) {
-                            Ok(Event::ExecAsk(ask)) => drop(tx.send((
-                                request_kind::EXEC,
-                                ask.origin.pid,
-                                ask.origin.tid,
-                                ask.origin.digest,
-                            ))),
-                            Ok(Event::ConnectAsk(ask)) => drop(tx.send((
-                                request_kind::CONNECT,
-                                ask.origin.pid,
-                                ask.origin.tid,
-                                ask.origin.digest,
-                            ))),
-                            _ => {}
+                        if let Ok(Event::Ask(ask)) = gatekeep_agent::bpf::events::parse(&item) {
+                            // The receiver gone means the measurement is over.
+                            let _ = tx.send((
+                                ask.kind(),
+                                ask.origin().pid,
+                                ask.origin().tid,
+                                ask.origin().digest,
+                            ));
                         }
                     }
                 }
@@ -568,7 +562,7 @@ impl Drainer {
 
 fn counters(ebpf: &Ebpf) -> Result<Vec<u64>> {
     let map: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(ebpf.map("COUNTERS").context("no COUNTERS map")?)?;
+        PerCpuArray::try_from(ebpf.map(map_names::COUNTERS).context("no COUNTERS map")?)?;
     (0..counter::COUNT)
         .map(|index| Ok(map.get(&index, 0)?.iter().sum()))
         .collect()
@@ -576,8 +570,10 @@ fn counters(ebpf: &Ebpf) -> Result<Vec<u64>> {
 
 /// Writes the rule and grant policies into the maps, and gates their cgroups.
 fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()> {
-    let mut policies: Array<_, PolicyDefaults> =
-        Array::try_from(ebpf.map_mut("POLICIES").context("POLICIES")?)?;
+    let mut policies: Array<_, PolicyDefaults> = Array::try_from(
+        ebpf.map_mut(map_names::POLICIES)
+            .context(map_names::POLICIES)?,
+    )?;
     let deny_by_default = PolicyDefaults {
         exec_default: action::DENY,
         connect_default: action::DENY,
@@ -592,8 +588,10 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
     };
     policies.set(RULE_POLICY, deny_by_default, 0)?;
     policies.set(GRANT_POLICY, ask_by_default, 0)?;
-    let mut rules: HashMap<_, ExecRuleKey, u32> =
-        HashMap::try_from(ebpf.map_mut("EXEC_RULES").context("EXEC_RULES")?)?;
+    let mut rules: HashMap<_, ExecRuleKey, u32> = HashMap::try_from(
+        ebpf.map_mut(map_names::EXEC_RULES)
+            .context(map_names::EXEC_RULES)?,
+    )?;
     let key = ExecRuleKey {
         policy_id: RULE_POLICY,
         _pad: 0,
@@ -601,8 +599,10 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
         ino: tiny.1,
     };
     rules.insert(key, action::ALLOW, 0)?;
-    let mut v4: LpmTrie<_, ConnectV4Key, PortRules> =
-        LpmTrie::try_from(ebpf.map_mut("CONNECT_V4").context("CONNECT_V4")?)?;
+    let mut v4: LpmTrie<_, ConnectV4Key, PortRules> = LpmTrie::try_from(
+        ebpf.map_mut(map_names::CONNECT_V4)
+            .context(map_names::CONNECT_V4)?,
+    )?;
     let mut allow_all = PortRules::default();
     allow_all.rules[0] = PortRule {
         port_lo: 0,
@@ -620,13 +620,17 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
     v4.insert(&loopback, allow_all, 0)?;
     let gated_cgroups = [(&cgroups.rule, RULE_POLICY), (&cgroups.grant, GRANT_POLICY)];
     // Each cgroup's filter slot before its entry, as the agent does.
-    let mut filter: Array<_, u64> =
-        Array::try_from(ebpf.map_mut("GATED_FILTER").context("GATED_FILTER")?)?;
+    let mut filter: Array<_, u64> = Array::try_from(
+        ebpf.map_mut(map_names::GATED_FILTER)
+            .context(map_names::GATED_FILTER)?,
+    )?;
     for (cgroup, _) in gated_cgroups {
         filter.set(gated_filter_slot(cgroup.id()?), 1, 0)?;
     }
-    let mut gated: HashMap<_, u64, GatedCgroup> =
-        HashMap::try_from(ebpf.map_mut("GATED_CGROUPS").context("GATED_CGROUPS")?)?;
+    let mut gated: HashMap<_, u64, GatedCgroup> = HashMap::try_from(
+        ebpf.map_mut(map_names::GATED_CGROUPS)
+            .context(map_names::GATED_CGROUPS)?,
+    )?;
     for (cgroup, policy_id) in gated_cgroups {
         gated.insert(
             cgroup.id()?,
@@ -654,8 +658,10 @@ fn learn_and_grant(
         .asks
         .recv_timeout(Duration::from_secs(30))
         .context("the grant setup's first request was not asked")?;
-    let mut verdicts: HashMap<_, VerdictKey, Verdict> =
-        HashMap::try_from(ebpf.map_mut("VERDICTS").context("VERDICTS")?)?;
+    let mut verdicts: HashMap<_, VerdictKey, Verdict> = HashMap::try_from(
+        ebpf.map_mut(map_names::VERDICTS)
+            .context(map_names::VERDICTS)?,
+    )?;
     verdicts.insert(
         VerdictKey {
             tid,
@@ -675,7 +681,7 @@ fn learn_and_grant(
     unsafe { libc::kill(i32::try_from(pid)?, libc::SIGCONT) };
     finish_worker(child)?;
     let mut grants: HashMap<_, GrantKey, Grant> =
-        HashMap::try_from(ebpf.map_mut("GRANTS").context("GRANTS")?)?;
+        HashMap::try_from(ebpf.map_mut(map_names::GRANTS).context(map_names::GRANTS)?)?;
     grants.insert(
         GrantKey {
             policy_id: GRANT_POLICY,
@@ -977,7 +983,12 @@ impl Bench {
     ) -> Result<(Self, Drainer)> {
         let mut programs = Programs::load().context("failed to load gatekeep's programs")?;
         configure(&mut programs.ebpf, cgroups, tiny)?;
-        let events = RingBuf::try_from(programs.ebpf.take_map("EVENTS").context("EVENTS")?)?;
+        let events = RingBuf::try_from(
+            programs
+                .ebpf
+                .take_map(map_names::EVENTS)
+                .context(map_names::EVENTS)?,
+        )?;
         let drainer = Drainer::start(events)?;
         programs.set(Setup::Grant.groups())?;
         learn_and_grant(

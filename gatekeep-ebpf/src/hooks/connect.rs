@@ -22,7 +22,7 @@ use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
     hooks::gating_candidate,
-    maps::{CONNECT_V4, CONNECT_V6, EVENTS, POLICIES, bump, gated_entry, offsets},
+    maps::{EVENTS, POLICIES, bump, gated_entry, offsets},
     pause::{Asked, Request, ask, await_classification},
 };
 
@@ -374,3 +374,16 @@ fn emit_connect(
     }
     entry.submit(0);
 }
+
+// The maps only this hook uses. (At the end of the file, so that the line
+// numbers in the hook's log records stay those of the code above.)
+
+/// (policy, IPv4 prefix) -> port rules.
+#[aya_ebpf::macros::map]
+pub static CONNECT_V4: aya_ebpf::maps::LpmTrie<ConnectV4Key, PortRules> =
+    aya_ebpf::maps::LpmTrie::with_max_entries(65536, 0);
+
+/// (policy, IPv6 prefix) -> port rules.
+#[aya_ebpf::macros::map]
+pub static CONNECT_V6: aya_ebpf::maps::LpmTrie<ConnectV6Key, PortRules> =
+    aya_ebpf::maps::LpmTrie::with_max_entries(65536, 0);

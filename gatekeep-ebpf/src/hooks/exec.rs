@@ -26,10 +26,10 @@ use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
     hooks::{
-        argv::{ExecArgs, capture_current_argv},
+        exec::argv::{ARGV_BLOCK, ExecArgs, capture_current_argv},
         gating_candidate,
     },
-    maps::{ARGV_BLOCK, EVENTS, EXEC_APPROVED, EXEC_RULES, POLICIES, bump, gated_entry, offsets},
+    maps::{EVENTS, POLICIES, bump, gated_entry, offsets},
     pause::{Asked, Request, ask, await_classification},
 };
 
@@ -400,3 +400,24 @@ fn emit_exec(
     }
     entry.submit(0);
 }
+
+// The argv capture and the maps only this hook uses. (At the end of the
+// file, so that the line numbers in the hook's log records stay those of
+// the code above.)
+
+mod argv;
+
+/// (policy, executable identity) -> `action`.
+#[aya_ebpf::macros::map]
+pub static EXEC_RULES: aya_ebpf::maps::HashMap<ExecRuleKey, u32> =
+    aya_ebpf::maps::HashMap::with_max_entries(65536, 0);
+
+/// Thread id -> address of the `linux_binprm` whose exec a verdict or grant
+/// just allowed: the interpreter of an approved script runs as part of the
+/// same approved request (`bprm_check_security` runs again for it, in the
+/// same syscall). Written only on the ask path, for `#!` files, and cleared
+/// by the thread's next gated exec; LRU, so entries of exited threads age
+/// out.
+#[aya_ebpf::macros::map]
+pub static EXEC_APPROVED: aya_ebpf::maps::LruHashMap<u32, u64> =
+    aya_ebpf::maps::LruHashMap::with_max_entries(4096, 0);

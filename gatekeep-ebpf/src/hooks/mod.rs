@@ -1,6 +1,5 @@
-//! One module per hook.
+//! One module per hook: its program(s), and the maps only it uses.
 
-pub mod argv;
 pub mod cgroup;
 pub mod cgroup_escape;
 pub mod connect;

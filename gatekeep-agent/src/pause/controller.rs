@@ -28,7 +28,7 @@ use std::{
 };
 
 use gatekeep_audit::{AuditRecord, RecordKind};
-use gatekeep_common::{VerdictKey, request_kind};
+use gatekeep_common::VerdictKey;
 use gatekeep_proto::model::ApprovalSettings;
 use serde_json::{Value, json};
 use tokio::{
@@ -39,15 +39,19 @@ use tokio::{
 
 use crate::{
     audit::AuditSink,
-    decide::{
-        Decider, Decision, DecisionRequest, RequestDetails, RequestTarget, Verdict, Withdrawal,
-        decide_by_deadline,
+    bpf::{
+        events::{Event, Origin, RequestKind},
+        kernel::{PauseKernel, boot_time_ns},
     },
-    enrich::{Enricher, Enrichment, RecentEnrichments},
-    events::{ConnectRequest, Destination, Event, ExecRequest, Origin, RequestKind},
-    kernel::{PauseKernel, boot_time_ns},
-    pause::{Finding, PauseTiming, ResumeOutcome, TaskState, Tasks, reconcile, resume},
-    policy_maps::{Compiled, LoadedPolicy},
+    decision::{
+        Decider, Decision, DecisionRequest, RequestDetails, Verdict, Withdrawal, decide_by_deadline,
+    },
+    hooks::Request,
+    pause::{
+        enrich::{Enricher, Enrichment, RecentEnrichments},
+        resume::{Finding, PauseTiming, ResumeOutcome, TaskState, Tasks, reconcile, resume},
+    },
+    policy::{Compiled, LoadedPolicy},
 };
 
 /// Longest wait at shutdown for the event reader to hand over what it read.
@@ -289,34 +293,18 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             "kernel event"
         );
         match event {
-            Event::ExecAsk(request) => {
-                let origin = request.origin.clone();
-                self.handle_ask(&origin, Asked::Exec(request)).await;
+            Event::Ask(request) => {
+                let origin = request.origin().clone();
+                self.handle_ask(&origin, request).await;
             }
-            Event::ConnectAsk(request) => {
-                let origin = request.origin.clone();
-                self.handle_ask(&origin, Asked::Connect(request)).await;
-            }
-            Event::ExecDenied(request) => {
+            Event::Denied(request) => {
                 self.audit.has_room().await;
                 self.stats.kernel_denied += 1;
-                let info = self.recent_denials.enrich(
-                    &self.enricher,
-                    request.origin.pid,
-                    request.origin.uid,
-                );
-                let payload = self.exec_payload(&request, &info);
-                self.record(RecordKind::KernelDenied, None, Some("kernel"), payload);
-            }
-            Event::ConnectDenied(request) => {
-                self.audit.has_room().await;
-                self.stats.kernel_denied += 1;
-                let info = self.recent_denials.enrich(
-                    &self.enricher,
-                    request.origin.pid,
-                    request.origin.uid,
-                );
-                let payload = self.connect_payload(&request, &info);
+                let origin = request.origin();
+                let info = self
+                    .recent_denials
+                    .enrich(&self.enricher, origin.pid, origin.uid);
+                let payload = self.request_payload(&request, &info);
                 self.record(RecordKind::KernelDenied, None, Some("kernel"), payload);
             }
             // The daemon hands these to the policy watcher, which classifies
@@ -340,7 +328,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         clippy::too_many_lines,
         reason = "one ask from event to decision task, step by step"
     )]
-    async fn handle_ask(&mut self, origin: &Origin, asked: Asked) {
+    async fn handle_ask(&mut self, origin: &Origin, asked: Request) {
         let tid = origin.tid;
         let pending = match self.kernel.pending_of(tid).await {
             Ok(pending) => pending,
@@ -412,7 +400,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             payload.clone(),
         );
 
-        let details = self.details(origin, asked, info, &policy, first_seen);
+        let details = self.details(origin, &asked, info, &policy, first_seen);
         let request = Arc::new(DecisionRequest {
             request_id: request_id.clone(),
             kind,
@@ -453,62 +441,37 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     /// What an ask is about, the rule that said ask, and its audit payload.
     fn describe(
         &self,
-        asked: &Asked,
+        asked: &Request,
         policy: &LoadedPolicy,
         info: &Enrichment,
     ) -> (&'static str, String, Value) {
-        match asked {
-            Asked::Exec(request) => (
-                "exec",
-                policy.exec_rule(request.dev, request.ino),
-                self.exec_payload(request, info),
-            ),
-            Asked::Connect(request) => {
-                let rule = match &request.destination {
-                    Destination::Ip { addr, port } => policy.connect_rule(*addr, *port),
-                    Destination::Unix { .. } => {
-                        format!("connect unix {}", policy.policy.connect.unix)
-                    }
-                    Destination::Other { .. } => "connect default".to_owned(),
-                };
-                ("connect", rule, self.connect_payload(request, info))
-            }
-        }
+        (
+            asked.kind_name(),
+            asked.rule(policy),
+            self.request_payload(asked, info),
+        )
     }
 
     /// The typed form of a request, for the decider.
     fn details(
         &self,
         origin: &Origin,
-        asked: Asked,
+        asked: &Request,
         info: Enrichment,
         policy: &LoadedPolicy,
         first_seen: u64,
     ) -> RequestDetails {
-        let target = match asked {
-            Asked::Exec(request) => RequestTarget::Exec {
-                executable: self.enricher.display_path(origin.pid, &request.filename),
-                argv: request.argv,
-            },
-            Asked::Connect(request) => RequestTarget::Connect {
-                destination: request.destination,
-                sock_type: request.sock_type,
-            },
-        };
         RequestDetails {
             pid: origin.pid,
             tid: origin.tid,
             uid: origin.uid,
             policy_id: origin.policy_id,
-            kind: match target {
-                RequestTarget::Exec { .. } => request_kind::EXEC,
-                RequestTarget::Connect { .. } => request_kind::CONNECT,
-            },
+            kind: asked.kind(),
             digest: origin.digest,
             cgroup_id: origin.cgroup_id,
             first_seen_ns: first_seen,
             enrichment: info,
-            target,
+            target: asked.target(&self.enricher),
             approval: ApprovalSettings::from_policy(&policy.policy.approval),
         }
     }
@@ -956,48 +919,16 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         })
     }
 
-    fn exec_payload(&self, request: &ExecRequest, info: &Enrichment) -> Value {
-        let mut payload = self.origin_payload(&request.origin, info);
-        let exe = self
-            .enricher
-            .display_path(request.origin.pid, &request.filename);
-        payload["kind"] = json!("exec");
-        payload["exe"] = json!(exe);
-        payload["filename"] = json!(request.filename);
-        payload["argv"] = json!(request.argv);
-        payload["argc"] = json!(request.argc);
-        payload["argv_truncated"] = json!(request.argv_truncated);
-        payload["dev"] = json!(request.dev);
-        payload["ino"] = json!(request.ino);
-        if let Some(policy) = self.policy(request.origin.policy_id) {
-            payload["rule"] = json!(policy.exec_rule(request.dev, request.ino));
-        }
+    /// A request's audit payload: who asked, then what (the hook's fields).
+    fn request_payload(&self, request: &Request, info: &Enrichment) -> Value {
+        let origin = request.origin();
+        let mut payload = self.origin_payload(origin, info);
+        let rule = self
+            .policy(origin.policy_id)
+            .map(|policy| request.rule(&policy));
+        request.payload(&self.enricher, rule, &mut payload);
         payload
     }
-
-    fn connect_payload(&self, request: &ConnectRequest, info: &Enrichment) -> Value {
-        let mut payload = self.origin_payload(&request.origin, info);
-        payload["kind"] = json!("connect");
-        payload["address"] = json!(request.destination.to_string());
-        payload["sock_type"] = json!(request.sock_type);
-        if let Destination::Ip { addr, port } = request.destination {
-            payload["ip"] = json!(addr);
-            payload["port"] = json!(port);
-            if let Some(policy) = self.policy(request.origin.policy_id) {
-                payload["rule"] = json!(policy.connect_rule(addr, port));
-            }
-        }
-        if let Destination::Unix { path } = &request.destination {
-            payload["unix_path"] = json!(path);
-        }
-        payload
-    }
-}
-
-/// An ask event's request.
-enum Asked {
-    Exec(ExecRequest),
-    Connect(ConnectRequest),
 }
 
 #[cfg(test)]
@@ -1007,9 +938,10 @@ mod tests {
     use super::*;
     use crate::{
         audit::MemorySink,
-        decide::LocalDecider,
-        policy_maps::{HostView, compile},
-        testing::{ALLOW, DENY, FakeKernel, FakeTask},
+        bpf::testing::{ALLOW, DENY, FakeKernel, FakeTask},
+        decision::LocalDecider,
+        hooks::connect::{ConnectRequest, Destination},
+        policy::{HostView, compile},
     };
 
     fn policies(on_timeout: &str, timeout: &str) -> Arc<Compiled> {
@@ -1172,7 +1104,7 @@ mod tests {
     }
 
     fn nix_free_sigcont(kernel: &FakeKernel, pid: u32) {
-        crate::pause::Tasks::sigcont(kernel, pid).expect("sigcont");
+        crate::pause::resume::Tasks::sigcont(kernel, pid).expect("sigcont");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1219,7 +1151,7 @@ mod tests {
         let (_policies_tx, policies_rx) = watch::channel(policies("allow", "60s"));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let denied = |n: u8| {
-            Event::ConnectDenied(ConnectRequest {
+            Event::Denied(Request::Connect(ConnectRequest {
                 origin: Origin {
                     policy_id: 1,
                     pid: 100,
@@ -1237,7 +1169,7 @@ mod tests {
                     port: 80,
                 },
                 sock_type: 1,
-            })
+            }))
         };
         // Read by the reader, queued, and the stop signal already given.
         events_tx.send(vec![denied(1), denied(2)]).await.unwrap();
@@ -1284,11 +1216,13 @@ mod tests {
         let mut rig = rig("allow", "2s");
         rig.kernel
             .spawn_task(FakeTask::asking(100, 100, 7).stopped());
-        let Event::ExecAsk(mut request) = rig.kernel.ask_event(100) else {
+        let Event::Ask(Request::Exec(mut request)) = rig.kernel.ask_event(100) else {
             panic!("exec ask");
         };
         request.origin.policy_id = 42;
-        rig.controller.handle_event(Event::ExecAsk(request)).await;
+        rig.controller
+            .handle_event(Event::Ask(Request::Exec(request)))
+            .await;
         assert_eq!(rig.controller.tracked_count(), 0);
         let events = rig.kernel.take_events();
         assert_eq!(events.len(), 1, "the task was continued and asked again");

@@ -2,11 +2,22 @@
 //!
 //! [`Decider`] is what the agent asks. [`LocalDecider`] applies the policy's
 //! `on_timeout` action once the approval timeout passes;
-//! [`RemoteDecider`](crate::remote::RemoteDecider) asks the decision service
+//! [`RemoteDecider`](crate::decision::remote::RemoteDecider) asks the decision service
 //! (embedded or central) behind the same trait.
 //! Whatever the decider does, [`decide_by_deadline`] guarantees an answer at
 //! the deadline (the policy's timeout action) and retries a failing decider
 //! until then.
+
+//!
+//! Submodules: [`remote`] (the decision service behind [`Decider`]),
+//! [`embedded`] (that service run in-process), [`service`] (which decider,
+//! as the configuration says) and [`grants`] (what a decision with a
+//! duration leaves in the kernel).
+
+pub mod embedded;
+pub mod grants;
+pub mod remote;
+pub mod service;
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
@@ -15,7 +26,7 @@ use gatekeep_proto::model::ApprovalSettings;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::{enrich::Enrichment, events::Destination};
+use crate::{hooks::connect::Destination, pause::enrich::Enrichment};
 
 /// A paused request, as put to a decider.
 #[derive(Debug, Clone, Serialize)]

@@ -9,9 +9,9 @@ use aya::{
         links::{FdLink, LinkError},
     },
 };
-use gatekeep_common::KernelOffsets;
+use gatekeep_common::{KernelOffsets, global_names};
 
-use crate::kernel_btf::{BtfError, KernelBtf, Offsets};
+use crate::bpf::btf::{BtfError, KernelBtf, Offsets};
 
 /// The eBPF object built by `build.rs` (empty when built with
 /// `AYA_BUILD_SKIP=1`).
@@ -230,8 +230,8 @@ pub fn open() -> Result<(Ebpf, Btf), LoadError> {
     let digest_key = random_digest_key()?;
     let ebpf = EbpfLoader::new()
         .btf(Some(&btf))
-        .override_global("KERNEL_OFFSETS", &offsets, true)
-        .override_global("DIGEST_KEY", &digest_key, true)
+        .override_global(global_names::KERNEL_OFFSETS, &offsets, true)
+        .override_global(global_names::DIGEST_KEY, &digest_key, true)
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })?;
     Ok((ebpf, btf))
@@ -326,4 +326,40 @@ pub fn load_and_attach_only(select: impl Fn(&Program) -> bool) -> Result<Attache
 /// Loads and attaches every program.
 pub fn load_and_attach() -> Result<Attached, LoadError> {
     load_and_attach_only(|_| true)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use gatekeep_common::map_names;
+
+    use super::OBJECT;
+
+    /// The kernel's `#[map]` statics are named by their identifiers, which
+    /// cannot be the `map_names` constants: this keeps the two equal.
+    #[test]
+    fn every_map_name_constant_is_a_map_of_the_object_and_back() {
+        assert!(
+            !OBJECT.is_empty(),
+            "this test reads the eBPF object, which was not built (AYA_BUILD_SKIP=1): run it without AYA_BUILD_SKIP"
+        );
+        let object = aya_obj::Object::parse(OBJECT).expect("parse the embedded eBPF object");
+        // Data sections (`.rodata`, `.bss`: the load-time globals) and
+        // aya-log's own ring buffer are maps too, but not ours to name.
+        let in_object: BTreeSet<&str> = object
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !name.starts_with('.') && *name != "AYA_LOGS")
+            .collect();
+        let named: BTreeSet<&str> = map_names::ALL.iter().copied().collect();
+        assert_eq!(named.len(), map_names::ALL.len(), "a name is listed twice");
+        assert_eq!(
+            in_object, named,
+            "gatekeep_common::map_names and the maps of gatekeep-ebpf differ"
+        );
+        // The globals (`global_names`) need no test here: they are set with
+        // `must_exist`, so a renamed static fails every load.
+    }
 }

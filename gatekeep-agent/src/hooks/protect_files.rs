@@ -19,7 +19,7 @@ use gatekeep_common::protected_inode::{
     CHILDREN_NO_READ, CHILDREN_NO_WRITE, DIR_LOCKED, NO_READ, NO_WRITE,
 };
 
-use crate::{config::AgentConfig, policy_maps::kernel_dev};
+use crate::{config::AgentConfig, hooks::exec::kernel_dev};
 
 /// One protected path and its `protected_inode` bits.
 #[derive(Debug, Clone, PartialEq, Eq)]

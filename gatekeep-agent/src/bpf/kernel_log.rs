@@ -14,7 +14,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::pinning::PinLayout;
+use crate::bpf::pinning::PinLayout;
 
 /// Forwards `log` records to `tracing`.
 #[derive(Debug, Clone, Copy)]

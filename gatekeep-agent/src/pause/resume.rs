@@ -29,9 +29,9 @@ use nix::{
 };
 
 use crate::{
-    decide,
-    enrich::Stat,
-    kernel::{KernelError, PauseKernel, VERDICT_TTL, boot_time_ns},
+    bpf::kernel::{KernelError, PauseKernel, VERDICT_TTL, boot_time_ns},
+    decision,
+    pause::enrich::Stat,
 };
 
 /// What a thread is doing, as far as the pause cares.
@@ -142,7 +142,7 @@ pub async fn resume<K: PauseKernel, T: Tasks>(
     pid: u32,
     tid: u32,
     digest: u64,
-    verdict: decide::Verdict,
+    verdict: decision::Verdict,
 ) -> Result<ResumeOutcome, KernelError> {
     if let Some(pending) = kernel.pending_of(tid).await?
         && pending.digest != digest
@@ -261,7 +261,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::testing::{FakeKernel, FakeTask};
+    use crate::bpf::testing::{FakeKernel, FakeTask};
 
     #[test]
     fn proc_task_states() {
@@ -297,7 +297,7 @@ mod tests {
             100,
             101,
             7,
-            decide::Verdict::Allow,
+            decision::Verdict::Allow,
         )
         .await
         .expect("resume");
@@ -323,7 +323,7 @@ mod tests {
             100,
             100,
             7,
-            decide::Verdict::Allow,
+            decision::Verdict::Allow,
         )
         .await
         .expect("resume");
@@ -344,7 +344,7 @@ mod tests {
             100,
             100,
             7,
-            decide::Verdict::Deny,
+            decision::Verdict::Deny,
         )
         .await
         .expect("resume");
@@ -362,7 +362,7 @@ mod tests {
             100,
             100,
             7,
-            decide::Verdict::Deny,
+            decision::Verdict::Deny,
         )
         .await
         .expect("resume");

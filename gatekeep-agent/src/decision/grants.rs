@@ -40,8 +40,8 @@ use uuid::Uuid;
 
 use crate::{
     audit::AuditSink,
-    kernel::{GrantKernel, boot_time_ns},
-    policy_maps::Compiled,
+    bpf::kernel::{GrantKernel, boot_time_ns},
+    policy::Compiled,
 };
 
 /// The kernel identity of the request a grant was made for.
@@ -356,7 +356,12 @@ impl<K: GrantKernel, A: AuditSink> Grants<K, A> {
     /// Removes expired grants and those whose session cgroup is gone (and
     /// tells the service about the session); run every few seconds.
     pub async fn tick(&mut self) {
-        let now = OffsetDateTime::now_utc();
+        self.tick_at(OffsetDateTime::now_utc()).await;
+    }
+
+    /// [`Self::tick`] as of `now`: tests pass the instants they mean instead of
+    /// sleeping past them (a slow disk's fsyncs must not decide an expiry test).
+    async fn tick_at(&mut self, now: OffsetDateTime) {
         let mut changed = false;
         let expired: Vec<Uuid> = self
             .table
@@ -615,7 +620,7 @@ mod tests {
     use super::*;
     use crate::{
         audit::MemorySink,
-        testing::{FakeGrants, compiled_policies},
+        bpf::testing::{FakeGrants, compiled_policies},
     };
 
     fn compiled(names: &[&str], ids: &[u32]) -> Compiled {
@@ -824,10 +829,14 @@ mod tests {
         assert_eq!(entry.cgroup_id, cgroup_id, "bound to the asking cgroup");
         assert_eq!(entry.expires_ns, 0);
 
-        grants.tick().await;
+        let created = short.created_at;
+        grants
+            .tick_at(created + time::Duration::milliseconds(100))
+            .await;
         assert_eq!(grants.list().len(), 2, "nothing ended yet");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        grants.tick().await;
+        grants
+            .tick_at(created + time::Duration::milliseconds(300))
+            .await;
         assert_eq!(grants.list().len(), 1, "the timed grant ran out");
         std::fs::remove_dir(&cgroup_dir).expect("rmdir");
         grants.tick().await;

@@ -2,25 +2,13 @@
 //! typed events (with size checks), and the async reader.
 //!
 //! Every record starts with a `u32` [`event_kind`]; the parser dispatches on
-//! it and refuses records shorter than their struct (a kernel/agent layout
+//! it (a hook's records to that hook's module in [`crate::hooks`]) and
+//! refuses records shorter than their struct (a kernel/agent layout
 //! mismatch, which must be loud rather than read garbage).
 
-use std::{
-    ffi::OsStr,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::unix::ffi::OsStrExt as _,
-    path::PathBuf,
-};
+use gatekeep_common::{EVENT_CGROUP_UNCLASSIFIED, EventHeader, TaskEvent, event_kind};
 
-use gatekeep_common::{
-    ARGV_LEN, ConnectEvent, EVENT_CGROUP_UNCLASSIFIED, EventHeader, ExecEvent, TaskEvent,
-    event_kind, request_kind,
-};
-
-/// `AF_UNIX`, `AF_INET`, `AF_INET6` (Linux values).
-const AF_UNIX: u32 = 1;
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
+use crate::hooks::{self, Request};
 
 /// Why a ring-buffer record could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,78 +44,30 @@ pub struct Origin {
     pub comm: String,
 }
 
-/// An exec as the kernel saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecRequest {
-    pub origin: Origin,
-    /// Kernel device number (`major << 20 | minor`) and inode of the file.
-    pub dev: u64,
-    pub ino: u64,
-    /// The path as passed to execve (may be relative).
-    pub filename: PathBuf,
-    pub argv: Vec<String>,
-    /// Argv was longer than the kernel captures.
-    pub argv_truncated: bool,
-    /// Number of arguments the kernel counted.
-    pub argc: u32,
-}
-
-/// Where a connect goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Destination {
-    Ip { addr: IpAddr, port: u16 },
-    Unix { path: String },
-    Other { family: u32 },
-}
-
-/// A connect as the kernel saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectRequest {
-    pub origin: Origin,
-    pub destination: Destination,
-    /// `SOCK_STREAM` (1), `SOCK_DGRAM` (2), ...
-    pub sock_type: u32,
-}
-
-/// What a request is about.
+/// What a request is about: a [`gatekeep_common::request_kind`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestKind {
-    Exec,
-    Connect,
-    Unknown(u32),
-}
+pub struct RequestKind(pub u32);
 
 impl RequestKind {
     #[must_use]
     pub fn from_raw(raw: u32) -> Self {
-        match raw {
-            request_kind::EXEC => Self::Exec,
-            request_kind::CONNECT => Self::Connect,
-            other => Self::Unknown(other),
-        }
+        Self(raw)
     }
 
+    /// The name of the hook that asks requests of this kind.
     #[must_use]
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Exec => "exec",
-            Self::Connect => "connect",
-            Self::Unknown(_) => "unknown",
-        }
+        hooks::kind_name(self.0).unwrap_or("unknown")
     }
 }
 
 /// One ring-buffer record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// An exec paused for a decision.
-    ExecAsk(ExecRequest),
-    /// An exec the kernel denied by rule.
-    ExecDenied(ExecRequest),
-    /// A connect paused for a decision.
-    ConnectAsk(ConnectRequest),
-    /// A connect the kernel denied by rule.
-    ConnectDenied(ConnectRequest),
+    /// A request paused for a decision.
+    Ask(Request),
+    /// A request the kernel denied by rule.
+    Denied(Request),
     /// The task exited while its request was pending.
     Abandoned { origin: Origin, kind: RequestKind },
     /// The task kept re-entering without stopping (a tracer) and was refused.
@@ -148,8 +88,7 @@ impl Event {
     #[must_use]
     pub fn origin(&self) -> &Origin {
         match self {
-            Event::ExecAsk(r) | Event::ExecDenied(r) => &r.origin,
-            Event::ConnectAsk(r) | Event::ConnectDenied(r) => &r.origin,
+            Event::Ask(request) | Event::Denied(request) => request.origin(),
             Event::Abandoned { origin, .. }
             | Event::RefusedSpinning { origin, .. }
             | Event::VerdictApplied { origin, .. }
@@ -161,10 +100,8 @@ impl Event {
     #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
-            Event::ExecAsk(_) => "exec_ask",
-            Event::ExecDenied(_) => "exec_denied",
-            Event::ConnectAsk(_) => "connect_ask",
-            Event::ConnectDenied(_) => "connect_denied",
+            Event::Ask(request) => request.event_name(true),
+            Event::Denied(request) => request.event_name(false),
             Event::Abandoned { .. } => "abandoned",
             Event::RefusedSpinning { .. } => "refused_spinning",
             Event::VerdictApplied { .. } => "verdict_applied",
@@ -174,7 +111,7 @@ impl Event {
 }
 
 /// Reads a `T` from the start of `bytes`, which must be at least that long.
-fn read<T: Copy>(bytes: &[u8], kind: u32) -> Result<T, ParseError> {
+pub(crate) fn read<T: Copy>(bytes: &[u8], kind: u32) -> Result<T, ParseError> {
     let expected = size_of::<T>();
     if bytes.len() < expected {
         return Err(ParseError::Truncated {
@@ -196,24 +133,6 @@ pub fn parse(bytes: &[u8]) -> Result<Event, ParseError> {
     }
     let kind = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     match kind {
-        event_kind::EXEC_ASK | event_kind::EXEC_DENIED => {
-            let raw: ExecEvent = read(bytes, kind)?;
-            let request = exec_request(&raw);
-            Ok(if kind == event_kind::EXEC_ASK {
-                Event::ExecAsk(request)
-            } else {
-                Event::ExecDenied(request)
-            })
-        }
-        event_kind::CONNECT_ASK | event_kind::CONNECT_DENIED => {
-            let raw: ConnectEvent = read(bytes, kind)?;
-            let request = connect_request(&raw);
-            Ok(if kind == event_kind::CONNECT_ASK {
-                Event::ConnectAsk(request)
-            } else {
-                Event::ConnectDenied(request)
-            })
-        }
         event_kind::ABANDONED | event_kind::REFUSED_SPINNING | event_kind::VERDICT_APPLIED => {
             let raw: TaskEvent = read(bytes, kind)?;
             let origin = origin(&raw.header);
@@ -241,11 +160,17 @@ pub fn parse(bytes: &[u8]) -> Result<Event, ParseError> {
                 kind: RequestKind::from_raw(raw.request_kind),
             })
         }
-        kind => Err(ParseError::UnknownKind { kind }),
+        kind => match hooks::parse(kind, bytes) {
+            Some(Ok((true, request))) => Ok(Event::Ask(request)),
+            Some(Ok((false, request))) => Ok(Event::Denied(request)),
+            Some(Err(err)) => Err(err),
+            None => Err(ParseError::UnknownKind { kind }),
+        },
     }
 }
 
-fn origin(header: &EventHeader) -> Origin {
+/// The [`Origin`] of a record's header.
+pub(crate) fn origin(header: &EventHeader) -> Origin {
     Origin {
         policy_id: header.policy_id,
         pid: header.pid,
@@ -261,98 +186,9 @@ fn origin(header: &EventHeader) -> Origin {
 }
 
 /// The bytes up to the first NUL, lossily decoded.
-fn c_string(bytes: &[u8]) -> String {
+pub(crate) fn c_string(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
-}
-
-fn exec_request(raw: &ExecEvent) -> ExecRequest {
-    let end = raw
-        .filename
-        .iter()
-        .position(|b| *b == 0)
-        .unwrap_or(raw.filename.len());
-    let argv_len = usize::try_from(raw.argv_len).map_or(ARGV_LEN, |len| len.min(ARGV_LEN));
-    let mut argv = split_argv(&raw.argv[..argv_len]);
-    if let Ok(argc) = usize::try_from(raw.argc)
-        && argc > 0
-    {
-        // Never more arguments than the kernel counted (guards against a
-        // length that overstates the data).
-        argv.truncate(argc);
-    }
-    ExecRequest {
-        origin: origin(&raw.header),
-        dev: raw.dev,
-        ino: raw.ino,
-        filename: PathBuf::from(OsStr::from_bytes(&raw.filename[..end])),
-        argv,
-        argv_truncated: raw.argv_truncated != 0,
-        argc: raw.argc,
-    }
-}
-
-/// Splits NUL-separated strings (the last may lack its NUL when truncated).
-/// Empty arguments count: `b"\0"` is `[""]`.
-fn split_argv(bytes: &[u8]) -> Vec<String> {
-    if bytes.is_empty() {
-        return Vec::new();
-    }
-    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
-    bytes
-        .split(|b| *b == 0)
-        .map(|arg| String::from_utf8_lossy(arg).into_owned())
-        .collect()
-}
-
-fn connect_request(raw: &ConnectEvent) -> ConnectRequest {
-    let destination = match raw.family {
-        AF_INET => Destination::Ip {
-            addr: IpAddr::V4(Ipv4Addr::new(
-                raw.addr[0],
-                raw.addr[1],
-                raw.addr[2],
-                raw.addr[3],
-            )),
-            port: raw.port,
-        },
-        AF_INET6 => Destination::Ip {
-            addr: IpAddr::V6(Ipv6Addr::from(raw.addr)),
-            port: raw.port,
-        },
-        AF_UNIX => {
-            // An abstract socket's name starts with a NUL; show it as `@name`.
-            let path = if raw.unix_path.first() == Some(&0) {
-                format!("@{}", c_string(&raw.unix_path[1..]))
-            } else {
-                c_string(&raw.unix_path)
-            };
-            Destination::Unix { path }
-        }
-        family => Destination::Other { family },
-    };
-    ConnectRequest {
-        origin: origin(&raw.header),
-        destination,
-        sock_type: raw.sock_type,
-    }
-}
-
-impl std::fmt::Display for Destination {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Destination::Ip {
-                addr: IpAddr::V4(addr),
-                port,
-            } => write!(f, "{addr}:{port}"),
-            Destination::Ip {
-                addr: IpAddr::V6(addr),
-                port,
-            } => write!(f, "[{addr}]:{port}"),
-            Destination::Unix { path } => write!(f, "unix:{path}"),
-            Destination::Other { family } => write!(f, "family {family}"),
-        }
-    }
 }
 
 /// Reads the ring buffer as records arrive.
@@ -423,9 +259,17 @@ pub mod reader {
 
 #[cfg(test)]
 mod tests {
-    use gatekeep_common::{COMM_LEN, PATH_LEN, action};
+    use std::{net::Ipv6Addr, path::PathBuf};
+
+    use gatekeep_common::{
+        ARGV_LEN, COMM_LEN, ConnectEvent, ExecEvent, PATH_LEN, action, request_kind,
+    };
 
     use super::*;
+    use crate::hooks::{
+        connect::{AF_INET, AF_INET6, AF_UNIX, Destination},
+        exec::split_argv,
+    };
 
     fn header(kind: u32) -> EventHeader {
         let mut comm = [0u8; COMM_LEN];
@@ -474,7 +318,7 @@ mod tests {
     #[test]
     fn exec_ask_is_parsed_with_argv_and_identity() {
         let raw = exec_event(event_kind::EXEC_ASK, b"./tool", b"tool\0--flag\0");
-        let Event::ExecAsk(request) = parse(&bytes_of(&raw)).expect("parse") else {
+        let Event::Ask(Request::Exec(request)) = parse(&bytes_of(&raw)).expect("parse") else {
             panic!("not an exec ask");
         };
         assert_eq!(request.filename, PathBuf::from("./tool"));
@@ -490,7 +334,7 @@ mod tests {
     #[test]
     fn truncated_argv_keeps_the_partial_last_argument() {
         let raw = exec_event(event_kind::EXEC_DENIED, b"/bin/x", b"x\0abc");
-        let Event::ExecDenied(request) = parse(&bytes_of(&raw)).expect("parse") else {
+        let Event::Denied(Request::Exec(request)) = parse(&bytes_of(&raw)).expect("parse") else {
             panic!("not an exec denial");
         };
         assert_eq!(request.argv, ["x", "abc"]);
@@ -498,7 +342,7 @@ mod tests {
         let mut raw = exec_event(event_kind::EXEC_ASK, b"/bin/x", b"x\0");
         raw.argv_len = u32::MAX;
         raw.argc = 1;
-        let Event::ExecAsk(request) = parse(&bytes_of(&raw)).expect("parse") else {
+        let Event::Ask(Request::Exec(request)) = parse(&bytes_of(&raw)).expect("parse") else {
             panic!("not an exec ask");
         };
         assert_eq!(request.argv, ["x"]);
@@ -522,7 +366,7 @@ mod tests {
             _pad2: 0,
         };
         raw.addr[..4].copy_from_slice(&[10, 1, 2, 3]);
-        let Event::ConnectAsk(request) = parse(&bytes_of(&raw)).expect("parse") else {
+        let Event::Ask(Request::Connect(request)) = parse(&bytes_of(&raw)).expect("parse") else {
             panic!("not a connect ask");
         };
         assert_eq!(request.destination.to_string(), "10.1.2.3:443");
@@ -530,14 +374,16 @@ mod tests {
         raw.header.kind = event_kind::CONNECT_DENIED;
         raw.family = AF_INET6;
         raw.addr = Ipv6Addr::LOCALHOST.octets();
-        let Event::ConnectDenied(request) = parse(&bytes_of(&raw)).expect("parse") else {
+        let Event::Denied(Request::Connect(request)) = parse(&bytes_of(&raw)).expect("parse")
+        else {
             panic!("not a connect denial");
         };
         assert_eq!(request.destination.to_string(), "[::1]:443");
 
         raw.family = AF_UNIX;
         raw.unix_path[..6].copy_from_slice(b"\0agent");
-        let Event::ConnectDenied(request) = parse(&bytes_of(&raw)).expect("parse") else {
+        let Event::Denied(Request::Connect(request)) = parse(&bytes_of(&raw)).expect("parse")
+        else {
             panic!("not a connect denial");
         };
         assert_eq!(
@@ -559,7 +405,7 @@ mod tests {
             parse(&bytes_of(&raw)).expect("parse"),
             Event::VerdictApplied {
                 origin: origin(&raw.header),
-                kind: RequestKind::Connect,
+                kind: RequestKind(request_kind::CONNECT),
                 action: action::DENY,
             }
         );
@@ -571,7 +417,7 @@ mod tests {
         assert!(matches!(
             parse(&bytes_of(&raw)),
             Ok(Event::Abandoned {
-                kind: RequestKind::Exec,
+                kind: RequestKind(request_kind::EXEC),
                 ..
             })
         ));

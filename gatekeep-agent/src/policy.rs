@@ -8,16 +8,9 @@
 //!   the new set coexist while the new one is written; each gated cgroup
 //!   then flips from its old id to its new one in one map update. A rescan
 //!   of the same set (new cgroups, replaced binaries) keeps the ids.
-//! - Exec rules: each path is `stat`ed (symlinks followed) and keyed by the
-//!   file's identity in the kernel's encoding (`dev = major << 20 | minor`).
-//!   A path that does not exist on this host is skipped with a warning and
-//!   picked up by a later rescan if it appears.
-//! - Connect rules: one LPM entry per distinct network of a policy, holding
-//!   the rules of that network and, after them, the rules of every less
-//!   specific network of the same policy that contains it (an LPM lookup
-//!   returns only the longest match). The list is ordered like
-//!   [`ConnectPolicy::action_for`] decides: longer prefix first, at the same
-//!   prefix port-specific before all-ports and narrower before wider.
+//! - Each hook compiles its part of a policy (its defaults and its rule
+//!   maps' entries): see [`crate::hooks`], e.g. [`crate::hooks::exec`] and
+//!   [`crate::hooks::connect`].
 //! - Gated cgroups: every existing cgroup directory a policy governs (the
 //!   matched ones and all their descendants, nearest match deciding), keyed
 //!   by cgroup id (the directory's inode). The agent's own cgroup is never
@@ -32,20 +25,20 @@
 //! not fit never half-replaces a working one.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     fs,
-    net::IpAddr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use gatekeep_common::{
-    ConnectV4Key, ConnectV6Key, ExecRuleKey, GATED_INHERITED, GATED_UNCLASSIFIED, GatedCgroup,
-    MAX_POLICIES, PORT_RULES, PolicyDefaults, PortRule, PortRules, action,
+    GATED_INHERITED, GATED_UNCLASSIFIED, GatedCgroup, MAX_POLICIES, PolicyDefaults, action,
 };
-use gatekeep_policy::{Action, ConnectRule, Policy, PolicySet};
+use gatekeep_policy::{Action, Policy, PolicySet};
 use ipnet::IpNet;
+
+use crate::hooks::{self, Compiling, RuleKey};
 
 /// Errors compiling or applying policies.
 #[derive(Debug, thiserror::Error)]
@@ -102,11 +95,9 @@ pub struct MapState {
     /// is never removed otherwise, so one the kernel adds while the agent
     /// compiles stays gated until the agent has looked at it.
     pub ungate: BTreeSet<u64>,
-    /// (policy id, dev, ino) -> action.
-    pub exec_rules: BTreeMap<(u32, u64, u64), u32>,
-    /// (prefix length incl. the 32 policy bits, key data) -> rules.
-    pub connect_v4: BTreeMap<(u32, [u8; 8]), PortRules>,
-    pub connect_v6: BTreeMap<(u32, [u8; 20]), PortRules>,
+    /// Every hook's rule map entries, encoded by the hook
+    /// ([`crate::hooks::Hook::read_map`]).
+    pub rules: BTreeMap<RuleKey, Vec<u8>>,
 }
 
 impl MapState {
@@ -121,17 +112,7 @@ impl MapState {
                 .map(|g| g.policy_id)
                 .filter(|id| *id < MAX_POLICIES),
         );
-        ids.extend(self.exec_rules.keys().map(|(id, _, _)| *id));
-        ids.extend(
-            self.connect_v4
-                .keys()
-                .map(|(_, k)| u32::from_be_bytes([k[0], k[1], k[2], k[3]])),
-        );
-        ids.extend(
-            self.connect_v6
-                .keys()
-                .map(|(_, k)| u32::from_be_bytes([k[0], k[1], k[2], k[3]])),
-        );
+        ids.extend(self.rules.keys().map(|key| key.policy_id));
         ids
     }
 
@@ -144,18 +125,21 @@ impl MapState {
             .max()
             .unwrap_or(0)
     }
+
+    /// How many entries `map` holds.
+    #[must_use]
+    pub fn rule_count(&self, map: &str) -> usize {
+        self.rules.keys().filter(|key| key.map == map).count()
+    }
 }
 
 /// One write to the policy maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MapOp {
     SetPolicy(u32, PolicyDefaults),
-    SetExec((u32, u64, u64), u32),
-    RemoveExec((u32, u64, u64)),
-    SetV4((u32, [u8; 8]), PortRules),
-    RemoveV4((u32, [u8; 8])),
-    SetV6((u32, [u8; 20]), PortRules),
-    RemoveV6((u32, [u8; 20])),
+    /// Writes one entry of a hook's rule map.
+    SetRule(RuleKey, Vec<u8>),
+    RemoveRule(RuleKey),
     SetGated(u64, GatedCgroup),
     RemoveGated(u64),
     /// `POLICY_NAME_HASHES[id] = hash` (0 clears it).
@@ -185,45 +169,8 @@ pub trait PolicyMaps {
 pub struct LoadedPolicy {
     pub id: u32,
     pub policy: Policy,
-    /// (dev, ino) -> rule path, to name the rule that matched an exec.
-    pub exec_paths: HashMap<(u64, u64), PathBuf>,
-}
-
-impl LoadedPolicy {
-    /// The rule that decided an exec of (dev, ino), as shown to reviewers.
-    #[must_use]
-    pub fn exec_rule(&self, dev: u64, ino: u64) -> String {
-        match self.exec_paths.get(&(dev, ino)) {
-            Some(path) => {
-                let action = self
-                    .policy
-                    .exec
-                    .rules
-                    .iter()
-                    .find(|rule| &rule.path == path)
-                    .map_or(self.policy.exec.default, |rule| rule.action);
-                format!("exec {action} {}", path.display())
-            }
-            None => format!("exec default {}", self.policy.exec.default),
-        }
-    }
-
-    /// The rule that decided a connect to `addr:port`.
-    #[must_use]
-    pub fn connect_rule(&self, addr: IpAddr, port: u16) -> String {
-        let addr = addr.to_canonical();
-        let best = self
-            .policy
-            .connect
-            .rules
-            .iter()
-            .filter(|rule| rule.net.contains(&addr) && rule.ports.contains(port))
-            .min_by_key(|rule| rule_order(rule));
-        match best {
-            Some(rule) => format!("connect {rule}"),
-            None => format!("connect default {}", self.policy.connect.default),
-        }
-    }
+    /// What each hook's compilation left, to name the rule that decided.
+    pub hooks: hooks::Loaded,
 }
 
 /// The compiled form of a policy set.
@@ -265,7 +212,7 @@ pub struct HostView {
     /// The agent's own cgroup directory, never gated.
     pub own_cgroup: Option<PathBuf>,
     /// gatekeep's files and folders, protected from gated tasks by identity.
-    pub protected: Vec<crate::protect_files::ProtectedPath>,
+    pub protected: Vec<crate::hooks::protect_files::ProtectedPath>,
 }
 
 impl HostView {
@@ -302,29 +249,14 @@ pub fn allocate_ids(count: usize, in_use: &BTreeSet<u32>) -> Result<Vec<u32>, Po
     Ok(free.into_iter().take(count).collect())
 }
 
-/// The kernel's encoding of a device number (`MKDEV`: major << 20 | minor).
+/// The kernel's encoding of a policy action.
 #[must_use]
-pub fn kernel_dev(st_dev: u64) -> u64 {
-    let major = u64::from(libc::major(st_dev));
-    let minor = u64::from(libc::minor(st_dev));
-    (major << 20) | minor
-}
-
-fn kernel_action(action: Action) -> u32 {
+pub fn kernel_action(action: Action) -> u32 {
     match action {
         Action::Allow => action::ALLOW,
         Action::Deny => action::DENY,
         Action::Ask => action::ASK,
     }
-}
-
-/// Sort key of a connect rule: the first in this order that matches decides.
-fn rule_order(rule: &ConnectRule) -> (std::cmp::Reverse<u8>, bool, u32) {
-    (
-        std::cmp::Reverse(rule.net.prefix_len()),
-        rule.ports.is_all(),
-        rule.ports.len(),
-    )
 }
 
 /// Compiles `set` with the given ids (one per policy, in order).
@@ -339,48 +271,31 @@ pub fn compile(
         generation,
         ..Compiled::default()
     };
-    compiled.state.protected = crate::protect_files::identities(&host.protected);
+    compiled.state.protected = crate::hooks::protect_files::identities(&host.protected);
     for (policy, &id) in set.policies.iter().zip(ids) {
         compiled.state.names.insert(id, name_hash(&policy.name));
-        compiled.state.policies.insert(
-            id,
-            PolicyDefaults {
-                exec_default: kernel_action(policy.exec.default),
-                connect_default: kernel_action(policy.connect.default),
-                unix_action: kernel_action(policy.connect.unix),
-                generation,
+        let mut defaults = PolicyDefaults {
+            generation,
+            ..PolicyDefaults::default()
+        };
+        let mut loaded = hooks::Loaded::default();
+        hooks::compile(
+            policy,
+            &mut Compiling {
+                id,
+                defaults: &mut defaults,
+                rules: &mut compiled.state.rules,
+                warnings: &mut compiled.warnings,
             },
-        );
-        let mut exec_paths = HashMap::new();
-        for rule in &policy.exec.rules {
-            match fs::metadata(&rule.path) {
-                Ok(meta) if meta.is_file() => {
-                    let identity = (kernel_dev(meta.dev()), meta.ino());
-                    compiled
-                        .state
-                        .exec_rules
-                        .insert((id, identity.0, identity.1), kernel_action(rule.action));
-                    exec_paths.insert(identity, rule.path.clone());
-                }
-                Ok(_) => compiled.warnings.push(format!(
-                    "policy `{}`: exec rule {} is not a regular file; skipped",
-                    policy.name,
-                    rule.path.display()
-                )),
-                Err(err) => compiled.warnings.push(format!(
-                    "policy `{}`: exec rule {} cannot be resolved ({err}); skipped until it exists",
-                    policy.name,
-                    rule.path.display()
-                )),
-            }
-        }
-        compile_connect(policy, id, &mut compiled.state)?;
+            &mut loaded,
+        )?;
+        compiled.state.policies.insert(id, defaults);
         compiled.policies.insert(
             id,
             Arc::new(LoadedPolicy {
                 id,
                 policy: policy.clone(),
-                exec_paths,
+                hooks: loaded,
             }),
         );
     }
@@ -490,7 +405,7 @@ fn child_dirs(dir: &Path) -> Vec<PathBuf> {
 /// set is ungated with it. Unclassified entries are left to
 /// [`classify_unclassified`].
 pub fn carry_inherited(current: &MapState, desired: &mut MapState) {
-    let new_ids: HashMap<u64, u32> = desired.names.iter().map(|(id, h)| (*h, *id)).collect();
+    let new_ids: BTreeMap<u64, u32> = desired.names.iter().map(|(id, h)| (*h, *id)).collect();
     for (cgroup, gated) in &current.gated {
         if gated.flags & GATED_INHERITED == 0
             || gated.flags & GATED_UNCLASSIFIED != 0
@@ -565,92 +480,6 @@ pub fn classify_unclassified(
                 desired.ungate.insert(meta.ino());
             }
         }
-    }
-}
-
-fn compile_connect(policy: &Policy, id: u32, state: &mut MapState) -> Result<(), PolicyMapsError> {
-    let nets: BTreeSet<IpNet> = policy.connect.rules.iter().map(|r| r.net).collect();
-    for net in nets {
-        let mut covering: Vec<&ConnectRule> = policy
-            .connect
-            .rules
-            .iter()
-            .filter(|rule| rule.net.contains(&net))
-            .collect();
-        covering.sort_by_key(|rule| rule_order(rule));
-        // Nothing after an all-ports rule can ever be reached.
-        if let Some(cut) = covering.iter().position(|rule| rule.ports.is_all()) {
-            covering.truncate(cut + 1);
-        }
-        if covering.len() > PORT_RULES {
-            return Err(PolicyMapsError::TooManyPortRules {
-                policy: policy.name.clone(),
-                net,
-                count: covering.len(),
-                max: PORT_RULES,
-            });
-        }
-        let mut rules = PortRules::default();
-        for (slot, rule) in rules.rules.iter_mut().zip(&covering) {
-            *slot = PortRule {
-                port_lo: rule.ports.0,
-                port_hi: rule.ports.1,
-                action: kernel_action(rule.action),
-            };
-        }
-        let id_be = id.to_be_bytes();
-        let prefix = 32 + u32::from(net.prefix_len());
-        match net {
-            IpNet::V4(v4) => {
-                let key = ConnectV4Key {
-                    policy_id_be: id_be,
-                    addr: v4.network().octets(),
-                };
-                state.connect_v4.insert((prefix, v4_bytes(&key)), rules);
-            }
-            IpNet::V6(v6) => {
-                let key = ConnectV6Key {
-                    policy_id_be: id_be,
-                    addr: v6.network().octets(),
-                };
-                state.connect_v6.insert((prefix, v6_bytes(&key)), rules);
-            }
-        }
-    }
-    Ok(())
-}
-
-#[must_use]
-pub fn v4_bytes(key: &ConnectV4Key) -> [u8; 8] {
-    let mut out = [0; 8];
-    out[..4].copy_from_slice(&key.policy_id_be);
-    out[4..].copy_from_slice(&key.addr);
-    out
-}
-
-#[must_use]
-pub fn v4_key(bytes: [u8; 8]) -> ConnectV4Key {
-    ConnectV4Key {
-        policy_id_be: [bytes[0], bytes[1], bytes[2], bytes[3]],
-        addr: [bytes[4], bytes[5], bytes[6], bytes[7]],
-    }
-}
-
-#[must_use]
-pub fn v6_bytes(key: &ConnectV6Key) -> [u8; 20] {
-    let mut out = [0; 20];
-    out[..4].copy_from_slice(&key.policy_id_be);
-    out[4..].copy_from_slice(&key.addr);
-    out
-}
-
-#[must_use]
-pub fn v6_key(bytes: [u8; 20]) -> ConnectV6Key {
-    let mut addr = [0; 16];
-    addr.copy_from_slice(&bytes[4..]);
-    ConnectV6Key {
-        policy_id_be: [bytes[0], bytes[1], bytes[2], bytes[3]],
-        addr,
     }
 }
 
@@ -729,19 +558,9 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
             ops.push(MapOp::SetCandidate(*id));
         }
     }
-    for (key, action) in &desired.exec_rules {
-        if current.exec_rules.get(key) != Some(action) {
-            ops.push(MapOp::SetExec(*key, *action));
-        }
-    }
-    for (key, rules) in &desired.connect_v4 {
-        if current.connect_v4.get(key) != Some(rules) {
-            ops.push(MapOp::SetV4(*key, *rules));
-        }
-    }
-    for (key, rules) in &desired.connect_v6 {
-        if current.connect_v6.get(key) != Some(rules) {
-            ops.push(MapOp::SetV6(*key, *rules));
+    for (key, value) in &desired.rules {
+        if current.rules.get(key) != Some(value) {
+            ops.push(MapOp::SetRule(key.clone(), value.clone()));
         }
     }
     for (id, gated) in &desired.gated {
@@ -776,19 +595,9 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
             ops.push(MapOp::RemoveCandidate(*id));
         }
     }
-    for key in current.exec_rules.keys() {
-        if !desired.exec_rules.contains_key(key) {
-            ops.push(MapOp::RemoveExec(*key));
-        }
-    }
-    for key in current.connect_v4.keys() {
-        if !desired.connect_v4.contains_key(key) {
-            ops.push(MapOp::RemoveV4(*key));
-        }
-    }
-    for key in current.connect_v6.keys() {
-        if !desired.connect_v6.contains_key(key) {
-            ops.push(MapOp::RemoveV6(*key));
+    for key in current.rules.keys() {
+        if !desired.rules.contains_key(key) {
+            ops.push(MapOp::RemoveRule(key.clone()));
         }
     }
     for id in current.policies.keys() {
@@ -872,7 +681,7 @@ impl PolicyMaps for MemoryMaps {
         self.attempts += 1;
         if self.fail_at == Some(attempt) {
             return Err(PolicyMapsError::Write {
-                map: "EXEC_RULES",
+                map: gatekeep_common::map_names::EXEC_RULES,
                 source: aya::maps::MapError::OutOfBounds {
                     index: 0,
                     max_entries: 0,
@@ -888,23 +697,11 @@ impl PolicyMaps for MemoryMaps {
                     state.policies.insert(*id, *defaults);
                 }
             }
-            MapOp::SetExec(key, value) => {
-                state.exec_rules.insert(*key, *value);
+            MapOp::SetRule(key, value) => {
+                state.rules.insert(key.clone(), value.clone());
             }
-            MapOp::RemoveExec(key) => {
-                state.exec_rules.remove(key);
-            }
-            MapOp::SetV4(key, value) => {
-                state.connect_v4.insert(*key, *value);
-            }
-            MapOp::RemoveV4(key) => {
-                state.connect_v4.remove(key);
-            }
-            MapOp::SetV6(key, value) => {
-                state.connect_v6.insert(*key, *value);
-            }
-            MapOp::RemoveV6(key) => {
-                state.connect_v6.remove(key);
+            MapOp::RemoveRule(key) => {
+                state.rules.remove(key);
             }
             MapOp::SetGated(key, value) => {
                 state.gated.insert(*key, *value);
@@ -935,24 +732,36 @@ impl PolicyMaps for MemoryMaps {
     }
 }
 
-/// Kernel-side conversions used by the real map writer.
-#[must_use]
-pub fn exec_key((policy_id, dev, ino): (u32, u64, u64)) -> ExecRuleKey {
-    ExecRuleKey {
-        policy_id,
-        _pad: 0,
-        dev,
-        ino,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::symlink;
+    use std::{net::IpAddr, os::unix::fs::symlink};
 
+    use gatekeep_common::{PortRule, PortRules, map_names};
     use gatekeep_policy::parse_str;
 
     use super::*;
+    use crate::hooks::{
+        self, Request,
+        connect::{decode_rules, encode_rules, split_key},
+        exec::{ExecRequest, decode_action, kernel_dev},
+    };
+
+    /// (prefix, policy id, address) of a `CONNECT_V4` entry.
+    type V4Key = (u32, u32, [u8; 4]);
+
+    /// The `CONNECT_V4` entries.
+    fn v4_entries(state: &MapState) -> Vec<(V4Key, PortRules)> {
+        state
+            .rules
+            .iter()
+            .filter(|(key, _)| key.map == map_names::CONNECT_V4)
+            .map(|(key, value)| {
+                let (prefix, addr) = split_key(&key.key);
+                let addr = <[u8; 4]>::try_from(addr).expect("an IPv4 key");
+                ((prefix, key.policy_id, addr), decode_rules(value))
+            })
+            .collect()
+    }
 
     fn set(text: &str) -> PolicySet {
         parse_str("test.toml", text).unwrap_or_else(|e| panic!("invalid test policy: {e}"))
@@ -967,14 +776,13 @@ mod tests {
     }
 
     fn rules_of(state: &MapState, prefix: u32, id: u32, addr: [u8; 4]) -> Vec<(u16, u16, u32)> {
-        let key = ConnectV4Key {
-            policy_id_be: id.to_be_bytes(),
-            addr,
-        };
-        let rules = state
-            .connect_v4
-            .get(&(prefix, v4_bytes(&key)))
-            .unwrap_or_else(|| panic!("no entry for /{prefix} {addr:?}"));
+        let rules = v4_entries(state)
+            .into_iter()
+            .find(|(key, _)| *key == (prefix, id, addr))
+            .map_or_else(
+                || panic!("no entry for /{prefix} {addr:?}"),
+                |(_, rules)| rules,
+            );
         rules
             .rules
             .iter()
@@ -988,21 +796,19 @@ mod tests {
     /// first port rule, else the default.
     fn kernel_decides(state: &MapState, id: u32, addr: [u8; 4], port: u16, default: u32) -> u32 {
         let full = u32::from_be_bytes(addr);
-        let best = state
-            .connect_v4
+        let entries = v4_entries(state);
+        let best = entries
             .iter()
-            .filter(|((prefix, key), _)| {
-                let key = v4_key(*key);
+            .filter(|((prefix, policy_id, key_addr), _)| {
                 let bits = prefix - 32;
                 let mask = if bits == 0 {
                     0
                 } else {
                     u32::MAX << (32 - bits)
                 };
-                u32::from_be_bytes(key.policy_id_be) == id
-                    && (u32::from_be_bytes(key.addr) & mask) == (full & mask)
+                *policy_id == id && (u32::from_be_bytes(*key_addr) & mask) == (full & mask)
             })
-            .max_by_key(|((prefix, _), _)| *prefix);
+            .max_by_key(|((prefix, _, _), _)| *prefix);
         let Some((_, rules)) = best else {
             return default;
         };
@@ -1054,7 +860,7 @@ deny = ["10.1.0.0/16", "10.1.2.0/24:7000-7001", "169.254.169.254"]
             rules_of(state, 32 + 32, 5, [169, 254, 169, 254]),
             [(0, 65535, action::DENY)]
         );
-        assert_eq!(state.connect_v4.len(), 4);
+        assert_eq!(state.rule_count(map_names::CONNECT_V4), 4);
     }
 
     #[test]
@@ -1110,12 +916,14 @@ deny = ["[2001:db8::]/32:443"]
 "#;
         let dir = tempfile::tempdir().expect("tempdir");
         let compiled = compile(&set(text), &[0x0102_0304], 1, &host(dir.path())).expect("compile");
-        let ((prefix, key), rules) = compiled.state.connect_v6.iter().next().expect("one entry");
-        assert_eq!(*prefix, 32 + 32);
-        assert_eq!(&key[..4], &[1, 2, 3, 4]);
-        assert_eq!(&key[4..8], &[0x20, 0x01, 0x0d, 0xb8]);
+        let (key, value) = compiled.state.rules.iter().next().expect("one entry");
+        assert_eq!(key.map, map_names::CONNECT_V6);
+        assert_eq!(key.policy_id, 0x0102_0304);
+        let (prefix, addr) = split_key(&key.key);
+        assert_eq!(prefix, 32 + 32);
+        assert_eq!(&addr[..4], &[0x20, 0x01, 0x0d, 0xb8]);
         assert_eq!(
-            rules.rules[0],
+            decode_rules(value).rules[0],
             PortRule {
                 port_lo: 443,
                 port_hi: 443,
@@ -1140,11 +948,15 @@ deny = ["[2001:db8::]/32:443"]
         let meta = fs::metadata(&tool).expect("stat");
         let dev = kernel_dev(meta.dev());
         assert_eq!(
-            compiled.state.exec_rules.get(&(3, dev, meta.ino())),
-            Some(&action::DENY),
+            compiled
+                .state
+                .rules
+                .get(&hooks::exec::rule_key(3, dev, meta.ino()))
+                .map(|value| decode_action(value)),
+            Some(action::DENY),
             "the symlink's target is what the kernel sees"
         );
-        assert_eq!(compiled.state.exec_rules.len(), 1);
+        assert_eq!(compiled.state.rule_count(map_names::EXEC_RULES), 1);
         assert_eq!(compiled.warnings.len(), 1, "{:?}", compiled.warnings);
         assert!(compiled.warnings[0].contains("missing"));
         assert_eq!(
@@ -1157,19 +969,33 @@ deny = ["[2001:db8::]/32:443"]
             }
         );
         let loaded = &compiled.policies[&3];
+        let exec_of = |dev, ino| {
+            Request::Exec(ExecRequest {
+                origin: crate::bpf::events::Origin {
+                    policy_id: 3,
+                    pid: 1,
+                    tid: 1,
+                    uid: 0,
+                    gid: 0,
+                    ppid: 0,
+                    cgroup_id: 0,
+                    ktime_ns: 0,
+                    digest: 0,
+                    comm: String::new(),
+                },
+                dev,
+                ino,
+                filename: PathBuf::new(),
+                argv: Vec::new(),
+                argv_truncated: false,
+                argc: 0,
+            })
+        };
         assert_eq!(
-            loaded.exec_rule(dev, meta.ino()),
+            exec_of(dev, meta.ino()).rule(loaded),
             format!("exec deny {}", link.display())
         );
-        assert_eq!(loaded.exec_rule(1, 1), "exec default ask");
-    }
-
-    #[test]
-    fn kernel_dev_uses_the_kernel_encoding() {
-        let st_dev = libc::makedev(8, 3);
-        assert_eq!(kernel_dev(st_dev), (8 << 20) | 3);
-        let st_dev = libc::makedev(259, 0x1_0001);
-        assert_eq!(kernel_dev(st_dev), (259 << 20) | 0x1_0001);
+        assert_eq!(exec_of(1, 1).rule(loaded), "exec default ask");
     }
 
     #[test]
@@ -1235,14 +1061,14 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
                 generation,
             },
         );
-        state.exec_rules.insert((id, 1, 2), action::DENY);
-        let key = ConnectV4Key {
-            policy_id_be: id.to_be_bytes(),
-            addr: [10, 0, 0, 0],
-        };
-        state
-            .connect_v4
-            .insert((40, v4_bytes(&key)), PortRules::default());
+        state.rules.insert(
+            hooks::exec::rule_key(id, 1, 2),
+            action::DENY.to_ne_bytes().to_vec(),
+        );
+        state.rules.insert(
+            hooks::connect::rule_key(map_names::CONNECT_V4, id, 40, &[10, 0, 0, 0]),
+            encode_rules(&PortRules::default()),
+        );
         for cgroup in cgroups {
             state.gated.insert(
                 *cgroup,
@@ -1293,20 +1119,20 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
             .position(MapOp::touches_cgroups)
             .expect("cgroup ops");
         assert!(
-            ops[..first_cgroup_op].iter().all(|op| matches!(
-                op,
-                MapOp::SetPolicy(1, _) | MapOp::SetExec(..) | MapOp::SetV4(..)
-            )),
+            ops[..first_cgroup_op]
+                .iter()
+                .all(|op| matches!(op, MapOp::SetPolicy(1, _) | MapOp::SetRule(..))),
             "{ops:?}"
         );
         let last_cgroup_op = ops
             .iter()
             .rposition(MapOp::touches_cgroups)
             .expect("cgroup ops");
-        assert!(ops[last_cgroup_op + 1..].iter().all(|op| matches!(
-            op,
-            MapOp::RemoveExec(_) | MapOp::RemoveV4(_) | MapOp::SetPolicy(0, _)
-        )));
+        assert!(
+            ops[last_cgroup_op + 1..]
+                .iter()
+                .all(|op| matches!(op, MapOp::RemoveRule(_) | MapOp::SetPolicy(0, _)))
+        );
         let mut maps = MemoryMaps {
             state: old,
             ..MemoryMaps::default()

@@ -32,10 +32,13 @@ use aya::{
     pin::PinError,
     programs::links::FdLink,
 };
+use gatekeep_common::{global_names, map_names};
 
 use crate::{
-    ebpf::{self, LoadError, PROGRAMS},
-    kernel::KernelMaps,
+    bpf::{
+        kernel::KernelMaps,
+        programs::{self, LoadError, PROGRAMS},
+    },
     paths,
 };
 
@@ -43,28 +46,28 @@ use crate::{
 /// scratch) are pinned too so a partial reload shares them with the running
 /// programs.
 pub const PINNED_MAPS: &[&str] = &[
-    "GATED_CGROUPS",
-    "GATED_FILTER",
-    "POLICIES",
-    "EXEC_RULES",
-    "CONNECT_V4",
-    "CONNECT_V6",
-    "PENDING",
-    "PENDING_SLOTS",
-    "VERDICTS",
+    map_names::GATED_CGROUPS,
+    map_names::GATED_FILTER,
+    map_names::POLICIES,
+    map_names::EXEC_RULES,
+    map_names::CONNECT_V4,
+    map_names::CONNECT_V6,
+    map_names::PENDING,
+    map_names::PENDING_SLOTS,
+    map_names::VERDICTS,
     // Granted durations ("allow for 1h"); ignored while the object has none.
-    "GRANTS",
-    "EXEC_APPROVED",
-    "ARGV_SCRATCH",
-    "EVENTS",
-    "COUNTERS",
-    BUILD_ID,
+    map_names::GRANTS,
+    map_names::EXEC_APPROVED,
+    map_names::ARGV_SCRATCH,
+    map_names::EVENTS,
+    map_names::COUNTERS,
+    map_names::BUILD_ID,
     // Self-protection (issue 18).
-    "PROTECTED_INODES",
-    "CANDIDATE_PARENTS",
-    "POLICY_NAME_HASHES",
-    "PROTECT_RELAXED",
-    "PROTECT_DENIALS",
+    map_names::PROTECTED_INODES,
+    map_names::CANDIDATE_PARENTS,
+    map_names::POLICY_NAME_HASHES,
+    map_names::PROTECT_RELAXED,
+    map_names::PROTECT_DENIALS,
 ];
 
 /// Errors loading, adopting or unloading the pinned programs.
@@ -278,9 +281,9 @@ pub fn open_map(layout: &PinLayout, name: &str) -> Result<Map, PinningError> {
 }
 
 fn open_ring(layout: &PinLayout) -> Result<RingBuf<MapData>, PinningError> {
-    let map = open_map(layout, "EVENTS")?;
+    let map = open_map(layout, map_names::EVENTS)?;
     RingBuf::try_from(map).map_err(|source| PinningError::MapLayout {
-        path: layout.map("EVENTS"),
+        path: layout.map(map_names::EVENTS),
         source,
     })
 }
@@ -288,17 +291,17 @@ fn open_ring(layout: &PinLayout) -> Result<RingBuf<MapData>, PinningError> {
 /// Loads the object (maps from or into the pins) and attaches and pins the
 /// programs named in `missing`.
 fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), PinningError> {
-    if ebpf::OBJECT.is_empty() {
+    if programs::OBJECT.is_empty() {
         return Err(LoadError::NoObject.into());
     }
     let btf = Btf::from_sys_fs().map_err(|source| PinningError::from(LoadError::Btf { source }))?;
-    let offsets = ebpf::kernel_offsets()?;
-    let digest_key = ebpf::random_digest_key()?;
+    let offsets = programs::kernel_offsets()?;
+    let digest_key = programs::random_digest_key()?;
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&btf))
-        .override_global("KERNEL_OFFSETS", &offsets, true)
-        .override_global("DIGEST_KEY", &digest_key, true);
+        .override_global(global_names::KERNEL_OFFSETS, &offsets, true)
+        .override_global(global_names::DIGEST_KEY, &digest_key, true);
     let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
         .map(|name| (*name, layout.map(name)))
@@ -307,7 +310,7 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
         loader.map_pin_path(name, path.as_path());
     }
     let mut object = loader
-        .load(ebpf::OBJECT)
+        .load(programs::OBJECT)
         .map_err(|source| PinningError::Object {
             dir: layout.maps_dir(),
             source: Box::new(source),
@@ -317,8 +320,8 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
     write_build_id(layout)?;
 
     for program in PROGRAMS.iter().filter(|p| missing.contains(&p.name)) {
-        ebpf::load(&mut object, &btf, program)?;
-        let link = ebpf::attach(&mut object, program)?;
+        programs::load(&mut object, &btf, program)?;
+        let link = programs::attach(&mut object, program)?;
         pin_link(layout, program.name, link)?;
     }
     // Dropping `object` closes our program fds; the pinned links keep the
@@ -330,23 +333,21 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
 #[must_use]
 pub fn object_id() -> [u8; 32] {
     use sha2::Digest as _;
-    sha2::Sha256::digest(ebpf::OBJECT).into()
+    sha2::Sha256::digest(programs::OBJECT).into()
 }
 
 fn any_link_pinned(layout: &PinLayout) -> bool {
     fs::read_dir(layout.links_dir()).is_ok_and(|mut entries| entries.next().is_some())
 }
 
-/// Name of the pinned map that records the build of the pinned programs.
-const BUILD_ID: &str = "BUILD_ID";
-
 fn build_id_error(layout: &PinLayout) -> impl FnOnce(MapError) -> PinningError {
-    let path = layout.map(BUILD_ID);
+    let path = layout.map(map_names::BUILD_ID);
     move |source| PinningError::BuildId { path, source }
 }
 
 fn build_id_map(layout: &PinLayout) -> Result<Array<MapData, [u8; 32]>, PinningError> {
-    let data = MapData::from_pin(layout.map(BUILD_ID)).map_err(build_id_error(layout))?;
+    let data =
+        MapData::from_pin(layout.map(map_names::BUILD_ID)).map_err(build_id_error(layout))?;
     Array::try_from(Map::Array(data)).map_err(build_id_error(layout))
 }
 
@@ -354,7 +355,7 @@ fn build_id_map(layout: &PinLayout) -> Result<Array<MapData, [u8; 32]>, PinningE
 /// builds were recorded).
 fn check_build(layout: &PinLayout) -> Result<(), PinningError> {
     let ours = object_id();
-    let pinned = if layout.map(BUILD_ID).exists() {
+    let pinned = if layout.map(map_names::BUILD_ID).exists() {
         build_id_map(layout)?
             .get(&0, 0)
             .map_err(build_id_error(layout))?
@@ -471,7 +472,7 @@ mod tests {
             Path::new("/sys/fs/bpf/gk/links/socket_connect")
         );
         assert_eq!(
-            layout.map("PENDING"),
+            layout.map(map_names::PENDING),
             Path::new("/sys/fs/bpf/gk/maps/PENDING")
         );
     }
@@ -481,12 +482,12 @@ mod tests {
         let programs = PinLayout::programs();
         let first_lsm = PROGRAMS
             .iter()
-            .position(ebpf::Program::is_lsm)
+            .position(programs::Program::is_lsm)
             .expect("an lsm program");
-        assert!(PROGRAMS[first_lsm..].iter().all(ebpf::Program::is_lsm));
+        assert!(PROGRAMS[first_lsm..].iter().all(programs::Program::is_lsm));
         assert_eq!(programs.len(), PROGRAMS.len());
         assert_eq!(
-            ebpf::lsm_programs().map(|p| p.name).collect::<Vec<_>>(),
+            programs::lsm_programs().map(|p| p.name).collect::<Vec<_>>(),
             [
                 "bprm_check_security",
                 "socket_connect",
@@ -529,7 +530,7 @@ mod tests {
         fs::create_dir_all(layout.links_dir()).expect("mkdir");
         fs::create_dir_all(layout.maps_dir()).expect("mkdir");
         fs::write(layout.link("socket_connect"), "").expect("pin");
-        fs::write(layout.map("PENDING"), "").expect("pin");
+        fs::write(layout.map(map_names::PENDING), "").expect("pin");
         fs::write(layout.map("OLD_MAP"), "").expect("pin");
         assert_eq!(layout.pinned_programs(), ["socket_connect"]);
         let removed = unpin_all(&layout).expect("unpin");

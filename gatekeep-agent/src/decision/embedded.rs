@@ -340,9 +340,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
 
         let dir = tempfile::tempdir().expect("tempdir");
-        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let listen = free.local_addr().expect("addr");
-        drop(free);
+        // Port 0: the service binds a free port itself and reports it (picking one here,
+        // dropping it and binding it again would race other tests for it).
+        let listen: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let mut config = AgentConfig {
             state_dir: dir.path().join("state"),
             host: "test host".into(),
@@ -350,7 +350,13 @@ mod tests {
         };
         config.decision.listen = listen;
         let service = start(&config).await.expect("embedded service");
-        assert_eq!(service.endpoint, format!("https://{listen}"));
+        let bound: std::net::SocketAddr = service
+            .endpoint
+            .strip_prefix("https://")
+            .and_then(|addr| addr.parse().ok())
+            .expect("the endpoint is https://ADDR");
+        assert_eq!(bound.ip(), listen.ip());
+        assert_ne!(bound.port(), 0, "the endpoint names the port it bound");
         let paths = EmbeddedPaths::new(&config.state_dir);
         let token = std::fs::read_to_string(&paths.token).expect("token file");
         let mode = std::fs::metadata(&paths.token)

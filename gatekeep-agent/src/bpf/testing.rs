@@ -12,9 +12,12 @@ use std::{
 use gatekeep_common::{PendingRequest, Verdict, VerdictKey, action, request_kind};
 
 use crate::{
-    events::{Event, ExecRequest, Origin, RequestKind},
-    kernel::{KernelError, PauseKernel, boot_time_ns},
-    pause::{TaskState, Tasks},
+    bpf::{
+        events::{Event, Origin, RequestKind},
+        kernel::{KernelError, PauseKernel, boot_time_ns},
+    },
+    hooks::{Request, exec::ExecRequest},
+    pause::resume::{TaskState, Tasks},
 };
 
 /// A thread that asks for a decision.
@@ -112,7 +115,7 @@ impl State {
             }
             self.events.push(Event::VerdictApplied {
                 origin: origin(&task),
-                kind: RequestKind::Exec,
+                kind: RequestKind(request_kind::EXEC),
                 action: verdict.action,
             });
             return;
@@ -158,7 +161,7 @@ fn pending_for(task: &FakeTask, created_ns: u64) -> PendingRequest {
 }
 
 fn ask_event_for(task: &FakeTask) -> Event {
-    Event::ExecAsk(ExecRequest {
+    Event::Ask(Request::Exec(ExecRequest {
         origin: origin(task),
         dev: 1,
         ino: 2,
@@ -166,7 +169,7 @@ fn ask_event_for(task: &FakeTask) -> Event {
         argv: vec!["tool".into(), format!("{:x}", task.digest)],
         argv_truncated: false,
         argc: 2,
-    })
+    }))
 }
 
 /// The simulated kernel (maps) and tasks (`/proc`, signals) in one.
@@ -223,7 +226,7 @@ impl FakeKernel {
                 origin.digest = pending.digest;
                 state.events.push(Event::Abandoned {
                     origin,
-                    kind: RequestKind::Exec,
+                    kind: RequestKind(request_kind::EXEC),
                 });
             }
         }
@@ -383,7 +386,7 @@ impl FakeGrants {
     }
 }
 
-impl crate::kernel::GrantKernel for FakeGrants {
+impl crate::bpf::kernel::GrantKernel for FakeGrants {
     async fn grants(
         &self,
     ) -> Result<Vec<(gatekeep_common::GrantKey, gatekeep_common::Grant)>, KernelError> {
@@ -412,7 +415,7 @@ impl crate::kernel::GrantKernel for FakeGrants {
 }
 
 /// Policies named `names` (exec default ask), compiled with kernel ids `ids`.
-pub fn compiled_policies(names: &[&str], ids: &[u32]) -> crate::policy_maps::Compiled {
+pub fn compiled_policies(names: &[&str], ids: &[u32]) -> crate::policy::Compiled {
     use std::fmt::Write as _;
     let mut text = String::new();
     for name in names {
@@ -424,10 +427,10 @@ pub fn compiled_policies(names: &[&str], ids: &[u32]) -> crate::policy_maps::Com
     }
     let set = gatekeep_policy::parse_str("t.toml", &text).expect("policy");
     let dir = tempfile::tempdir().expect("tempdir");
-    let host = crate::policy_maps::HostView {
+    let host = crate::policy::HostView {
         cgroup_root: dir.path().to_owned(),
         own_cgroup: None,
         protected: Vec::new(),
     };
-    crate::policy_maps::compile(&set, ids, 1, &host).expect("compile")
+    crate::policy::compile(&set, ids, 1, &host).expect("compile")
 }

@@ -10,15 +10,16 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     audit::AuditHandle,
+    bpf::{kernel::KernelHandle, pinning::Start},
     config::{AgentConfig, DecisionMode},
-    decide::{DecideError, Decider, Decision, DecisionRequest, LocalDecider, Withdrawal},
-    embedded::{self, EmbeddedError, EmbeddedService},
-    grants::{self, Grants, GrantsConfig, SessionEnded},
-    kernel::KernelHandle,
+    decision::{
+        DecideError, Decider, Decision, DecisionRequest, LocalDecider, Withdrawal,
+        embedded::{self, EmbeddedError, EmbeddedService},
+        grants::{self, Grants, GrantsConfig, SessionEnded},
+        remote::RemoteDecider,
+    },
     paths,
-    pinning::Start,
-    policy_maps::Compiled,
-    remote::RemoteDecider,
+    policy::Compiled,
 };
 
 /// Errors setting up the decider.

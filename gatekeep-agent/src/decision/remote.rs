@@ -15,7 +15,7 @@
 //!   verdict is returned.
 //! - The link queues requests while the service is away and re-sends them;
 //!   the agent's deadline is enforced outside, by
-//!   [`decide_by_deadline`](crate::decide::decide_by_deadline) (fail closed:
+//!   [`decide_by_deadline`](crate::decision::decide_by_deadline) (fail closed:
 //!   the policy's timeout action).
 //! - Requests whose task died or asked something else are withdrawn.
 
@@ -42,13 +42,13 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::{
-    decide::{
+    bpf::kernel::boot_time_ns,
+    decision::{
         DecideError, Decider, Decision, DecisionRequest, RequestDetails, RequestTarget, Verdict,
         Withdrawal,
+        grants::{GrantTarget, GrantsHandle},
     },
-    events::Destination,
-    grants::{GrantTarget, GrantsHandle},
-    kernel::boot_time_ns,
+    hooks::connect::Destination,
 };
 
 type Waiter = oneshot::Sender<Result<model::Decision, LinkError>>;
@@ -548,10 +548,12 @@ mod tests {
     use super::*;
     use crate::{
         audit::MemorySink,
-        decide::decide_by_deadline,
-        enrich::{Enrichment, ProcessInfo as LocalProcess},
-        grants::{self, Grants, GrantsConfig},
-        testing::{FakeGrants, compiled_policies},
+        bpf::testing::{FakeGrants, compiled_policies},
+        decision::{
+            decide_by_deadline,
+            grants::{self, Grants, GrantsConfig},
+        },
+        pause::enrich::{Enrichment, ProcessInfo as LocalProcess},
     };
 
     fn request(target: RequestTarget, kind: u32) -> DecisionRequest {
@@ -775,7 +777,7 @@ mod tests {
         kernel: Arc<FakeGrants>,
         review: ReviewClient,
         stop: Option<oneshot::Sender<()>>,
-        _policies: watch::Sender<Arc<crate::policy_maps::Compiled>>,
+        _policies: watch::Sender<Arc<crate::policy::Compiled>>,
         _shutdown: watch::Sender<bool>,
     }
 
@@ -1023,9 +1025,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unreachable_service_gets_the_policys_timeout_action_at_the_deadline() {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        // Bound but not listening: the port stays this test's (no other test can take it,
+        // as one could after a listener is dropped) and every connection to it is refused.
+        let closed = tokio::net::TcpSocket::new_v4().expect("socket");
+        closed
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
         let endpoint = format!("https://{}", closed.local_addr().expect("addr"));
-        drop(closed);
         let pki = Pki::ephemeral(&[]).expect("pki");
         let identity = pki.agent("h1").expect("agent cert");
         let (link, events) = AgentLink::start(AgentLinkConfig::new(

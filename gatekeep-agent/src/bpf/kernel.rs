@@ -2,28 +2,24 @@
 //!
 //! [`KernelMaps`] wraps the pinned maps with typed accessors. One task owns
 //! it ([`spawn`]); everything else talks to that task through a cloneable
-//! [`KernelHandle`] (an `mpsc` of commands, each with a `oneshot` reply), so
-//! map writes never race each other. Map operations are single syscalls, so
-//! the owner runs them inline.
+//! [`KernelHandle`]: [`KernelHandle::run`] sends it one closure over the maps
+//! (on an `mpsc`, with a `oneshot` reply), so map writes never race each
+//! other and a new operation needs no new command. Map operations are single
+//! syscalls, so the owner runs them inline.
 
-use std::{future::Future, time::Duration};
+use std::{collections::BTreeMap, future::Future, time::Duration};
 
-use aya::maps::{
-    Array, HashMap, MapData, MapError, PerCpuArray,
-    lpm_trie::{Key, LpmTrie},
-};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use gatekeep_common::{
-    ConnectV4Key, ConnectV6Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, InodeKey,
-    PendingRequest, PolicyDefaults, PortRules, Verdict, VerdictKey, counter, gated_filter_slot,
+    GatedCgroup, Grant, GrantKey, InodeKey, PendingRequest, PolicyDefaults, Verdict, VerdictKey,
+    counter, gated_filter_slot, map_names,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    pinning::{PinLayout, PinningError, open_map},
-    policy_maps::{
-        Applied, MapOp, MapState, PolicyMaps, PolicyMapsError, exec_key, v4_bytes, v4_key,
-        v6_bytes, v6_key,
-    },
+    bpf::pinning::{PinLayout, PinningError, open_map},
+    hooks::{self, RuleKey},
+    policy::{Applied, MapOp, MapState, PolicyMaps, PolicyMapsError},
 };
 
 /// `CLOCK_BOOTTIME` now, in nanoseconds: the clock of `bpf_ktime_get_boot_ns`.
@@ -46,9 +42,9 @@ pub struct KernelMaps {
     /// `gatekeep_common::gated_filter_slot`).
     gated_filter: Array<MapData, u64>,
     policies: Array<MapData, PolicyDefaults>,
-    exec_rules: HashMap<MapData, ExecRuleKey, u32>,
-    connect_v4: LpmTrie<MapData, ConnectV4Key, PortRules>,
-    connect_v6: LpmTrie<MapData, ConnectV6Key, PortRules>,
+    /// Every hook's rule maps ([`hooks::RULE_MAPS`]), typed by the hook
+    /// at each use.
+    rule_maps: BTreeMap<&'static str, Map>,
     pending: HashMap<MapData, u32, PendingRequest>,
     verdicts: HashMap<MapData, VerdictKey, Verdict>,
     /// Granted durations; `None` when the pinned programs predate them.
@@ -64,7 +60,7 @@ pub struct KernelMaps {
 
 /// Converts a pinned map, naming it when its layout is not the expected one.
 macro_rules! typed {
-    ($layout:expr, $name:literal, $ty:ty) => {{
+    ($layout:expr, $name:expr, $ty:ty) => {{
         let map = open_map($layout, $name)?;
         <$ty>::try_from(map).map_err(|source| PinningError::MapLayout {
             path: $layout.map($name),
@@ -77,23 +73,24 @@ impl KernelMaps {
     /// Opens the pinned maps.
     pub fn open(layout: &PinLayout) -> Result<Self, PinningError> {
         Ok(Self {
-            gated: typed!(layout, "GATED_CGROUPS", HashMap<MapData, u64, GatedCgroup>),
-            gated_filter: typed!(layout, "GATED_FILTER", Array<MapData, u64>),
-            policies: typed!(layout, "POLICIES", Array<MapData, PolicyDefaults>),
-            exec_rules: typed!(layout, "EXEC_RULES", HashMap<MapData, ExecRuleKey, u32>),
-            connect_v4: typed!(layout, "CONNECT_V4", LpmTrie<MapData, ConnectV4Key, PortRules>),
-            connect_v6: typed!(layout, "CONNECT_V6", LpmTrie<MapData, ConnectV6Key, PortRules>),
-            pending: typed!(layout, "PENDING", HashMap<MapData, u32, PendingRequest>),
-            verdicts: typed!(layout, "VERDICTS", HashMap<MapData, VerdictKey, Verdict>),
-            grants: if layout.map("GRANTS").exists() {
-                Some(typed!(layout, "GRANTS", HashMap<MapData, GrantKey, Grant>))
+            gated: typed!(layout, map_names::GATED_CGROUPS, HashMap<MapData, u64, GatedCgroup>),
+            gated_filter: typed!(layout, map_names::GATED_FILTER, Array<MapData, u64>),
+            policies: typed!(layout, map_names::POLICIES, Array<MapData, PolicyDefaults>),
+            rule_maps: hooks::RULE_MAPS
+                .iter()
+                .map(|name| Ok((*name, open_map(layout, name)?)))
+                .collect::<Result<_, PinningError>>()?,
+            pending: typed!(layout, map_names::PENDING, HashMap<MapData, u32, PendingRequest>),
+            verdicts: typed!(layout, map_names::VERDICTS, HashMap<MapData, VerdictKey, Verdict>),
+            grants: if layout.map(map_names::GRANTS).exists() {
+                Some(typed!(layout, map_names::GRANTS, HashMap<MapData, GrantKey, Grant>))
             } else {
                 None
             },
-            counters: typed!(layout, "COUNTERS", PerCpuArray<MapData, u64>),
-            names: typed!(layout, "POLICY_NAME_HASHES", Array<MapData, u64>),
-            protected: typed!(layout, "PROTECTED_INODES", HashMap<MapData, InodeKey, u32>),
-            candidates: typed!(layout, "CANDIDATE_PARENTS", HashMap<MapData, u64, u32>),
+            counters: typed!(layout, map_names::COUNTERS, PerCpuArray<MapData, u64>),
+            names: typed!(layout, map_names::POLICY_NAME_HASHES, Array<MapData, u64>),
+            protected: typed!(layout, map_names::PROTECTED_INODES, HashMap<MapData, InodeKey, u32>),
+            candidates: typed!(layout, map_names::CANDIDATE_PARENTS, HashMap<MapData, u64, u32>),
         })
     }
 
@@ -170,41 +167,44 @@ fn not_found_is_none<T>(result: Result<T, MapError>) -> Result<Option<T>, MapErr
     }
 }
 
+impl KernelMaps {
+    /// Writes (`Some`) or removes one entry of a hook's rule map.
+    fn write_rule(&mut self, key: &RuleKey, value: Option<&[u8]>) -> Result<(), PolicyMapsError> {
+        let write = |source| PolicyMapsError::Write {
+            map: key.map,
+            source,
+        };
+        let Some(map) = self.rule_maps.get_mut(key.map) else {
+            return Err(write(MapError::InvalidName {
+                name: key.map.to_owned(),
+            }));
+        };
+        hooks::write_map(map, key, value).map_err(write)
+    }
+}
+
 impl PolicyMaps for KernelMaps {
     fn read_state(&self) -> Result<MapState, PolicyMapsError> {
         let read = |map: &'static str| move |source| PolicyMapsError::Read { map, source };
         let mut state = MapState::default();
         for entry in &self.gated {
-            let (id, gated) = entry.map_err(read("GATED_CGROUPS"))?;
+            let (id, gated) = entry.map_err(read(map_names::GATED_CGROUPS))?;
             state.gated.insert(id, gated);
         }
         for (index, entry) in self.policies.iter().enumerate() {
-            let defaults = entry.map_err(read("POLICIES"))?;
+            let defaults = entry.map_err(read(map_names::POLICIES))?;
             if defaults != PolicyDefaults::default() {
                 let index = u32::try_from(index).unwrap_or(u32::MAX);
                 state.policies.insert(index, defaults);
             }
         }
-        for entry in &self.exec_rules {
-            let (key, action) = entry.map_err(read("EXEC_RULES"))?;
-            state
-                .exec_rules
-                .insert((key.policy_id, key.dev, key.ino), action);
-        }
-        for entry in &self.connect_v4 {
-            let (key, rules) = entry.map_err(read("CONNECT_V4"))?;
-            state
-                .connect_v4
-                .insert((key.prefix_len(), v4_bytes(&key.data())), rules);
-        }
-        for entry in &self.connect_v6 {
-            let (key, rules) = entry.map_err(read("CONNECT_V6"))?;
-            state
-                .connect_v6
-                .insert((key.prefix_len(), v6_bytes(&key.data())), rules);
+        for (name, map) in &self.rule_maps {
+            for (key, value) in hooks::read_map(name, map).map_err(read(name))? {
+                state.rules.insert(key, value);
+            }
         }
         for (index, entry) in self.names.iter().enumerate() {
-            let hash = entry.map_err(read("POLICY_NAME_HASHES"))?;
+            let hash = entry.map_err(read(map_names::POLICY_NAME_HASHES))?;
             if hash != 0 {
                 state
                     .names
@@ -212,13 +212,13 @@ impl PolicyMaps for KernelMaps {
             }
         }
         for entry in &self.protected {
-            let (key, flags) = entry.map_err(read("PROTECTED_INODES"))?;
+            let (key, flags) = entry.map_err(read(map_names::PROTECTED_INODES))?;
             state.protected.insert((key.dev, key.ino), flags);
         }
         for entry in self.candidates.keys() {
             state
                 .candidates
-                .insert(entry.map_err(read("CANDIDATE_PARENTS"))?);
+                .insert(entry.map_err(read(map_names::CANDIDATE_PARENTS))?);
         }
         Ok(state)
     }
@@ -229,49 +229,26 @@ impl PolicyMaps for KernelMaps {
             MapOp::SetPolicy(id, defaults) => self
                 .policies
                 .set(*id, defaults, 0)
-                .map_err(write("POLICIES")),
-            MapOp::SetExec(key, action) => self
-                .exec_rules
-                .insert(exec_key(*key), action, 0)
-                .map_err(write("EXEC_RULES")),
-            MapOp::RemoveExec(key) => not_found_is_none(self.exec_rules.remove(&exec_key(*key)))
-                .map(drop)
-                .map_err(write("EXEC_RULES")),
-            MapOp::SetV4((prefix, key), rules) => self
-                .connect_v4
-                .insert(&Key::new(*prefix, v4_key(*key)), rules, 0)
-                .map_err(write("CONNECT_V4")),
-            MapOp::RemoveV4((prefix, key)) => {
-                not_found_is_none(self.connect_v4.remove(&Key::new(*prefix, v4_key(*key))))
-                    .map(drop)
-                    .map_err(write("CONNECT_V4"))
-            }
-            MapOp::SetV6((prefix, key), rules) => self
-                .connect_v6
-                .insert(&Key::new(*prefix, v6_key(*key)), rules, 0)
-                .map_err(write("CONNECT_V6")),
-            MapOp::RemoveV6((prefix, key)) => {
-                not_found_is_none(self.connect_v6.remove(&Key::new(*prefix, v6_key(*key))))
-                    .map(drop)
-                    .map_err(write("CONNECT_V6"))
-            }
+                .map_err(write(map_names::POLICIES)),
+            MapOp::SetRule(key, value) => self.write_rule(key, Some(value)),
+            MapOp::RemoveRule(key) => self.write_rule(key, None),
             // The filter slot first: the programs never see the entry without it.
             MapOp::SetGated(id, gated) => self
                 .gated_filter
                 .set(gated_filter_slot(*id), 1, 0)
-                .map_err(write("GATED_FILTER"))
+                .map_err(write(map_names::GATED_FILTER))
                 .and_then(|()| {
                     self.gated
                         .insert(id, gated, 0)
-                        .map_err(write("GATED_CGROUPS"))
+                        .map_err(write(map_names::GATED_CGROUPS))
                 }),
             MapOp::RemoveGated(id) => not_found_is_none(self.gated.remove(id))
                 .map(drop)
-                .map_err(write("GATED_CGROUPS")),
+                .map_err(write(map_names::GATED_CGROUPS)),
             MapOp::SetPolicyName(id, hash) => self
                 .names
                 .set(*id, hash, 0)
-                .map_err(write("POLICY_NAME_HASHES")),
+                .map_err(write(map_names::POLICY_NAME_HASHES)),
             MapOp::SetProtected((dev, ino), flags) => self
                 .protected
                 .insert(
@@ -282,22 +259,22 @@ impl PolicyMaps for KernelMaps {
                     flags,
                     0,
                 )
-                .map_err(write("PROTECTED_INODES")),
+                .map_err(write(map_names::PROTECTED_INODES)),
             MapOp::RemoveProtected((dev, ino)) => {
                 not_found_is_none(self.protected.remove(&InodeKey {
                     dev: *dev,
                     ino: *ino,
                 }))
                 .map(drop)
-                .map_err(write("PROTECTED_INODES"))
+                .map_err(write(map_names::PROTECTED_INODES))
             }
             MapOp::SetCandidate(id) => self
                 .candidates
                 .insert(id, 1, 0)
-                .map_err(write("CANDIDATE_PARENTS")),
+                .map_err(write(map_names::CANDIDATE_PARENTS)),
             MapOp::RemoveCandidate(id) => not_found_is_none(self.candidates.remove(id))
                 .map(drop)
-                .map_err(write("CANDIDATE_PARENTS")),
+                .map_err(write(map_names::CANDIDATE_PARENTS)),
         }
     }
 }
@@ -347,122 +324,66 @@ pub trait PauseKernel: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), KernelError>> + Send;
 }
 
-enum Command {
-    Pending(oneshot::Sender<Result<Vec<(u32, PendingRequest)>, KernelError>>),
-    PendingOf(
-        u32,
-        oneshot::Sender<Result<Option<PendingRequest>, KernelError>>,
-    ),
-    RemovePending(u32, u64, oneshot::Sender<Result<bool, KernelError>>),
-    WriteVerdict(
-        VerdictKey,
-        Verdict,
-        oneshot::Sender<Result<(), KernelError>>,
-    ),
-    Verdicts(oneshot::Sender<Result<Vec<(VerdictKey, Verdict)>, KernelError>>),
-    RemoveVerdict(VerdictKey, oneshot::Sender<Result<(), KernelError>>),
-    ReadPolicyState(oneshot::Sender<Result<MapState, KernelError>>),
-    ApplyPolicy(Box<MapState>, oneshot::Sender<Result<Applied, KernelError>>),
-    Counters(oneshot::Sender<Result<Vec<u64>, KernelError>>),
-    Grants(oneshot::Sender<Result<Vec<(GrantKey, Grant)>, KernelError>>),
-    SetGrant(GrantKey, Grant, oneshot::Sender<Result<(), KernelError>>),
-    RemoveGrant(GrantKey, oneshot::Sender<Result<(), KernelError>>),
-}
+/// One operation on the maps, run by the owner task. It sends its own
+/// result back (see [`KernelHandle::run`]), so the task needs no variant
+/// per operation.
+type Job = Box<dyn FnOnce(&mut KernelMaps) + Send>;
 
 /// Talks to the task that owns the maps.
 #[derive(Clone)]
 pub struct KernelHandle {
-    commands: mpsc::Sender<Command>,
+    jobs: mpsc::Sender<Job>,
 }
 
 /// Starts the owner task; it ends when every handle is dropped.
 #[must_use]
 pub fn spawn(maps: KernelMaps) -> (KernelHandle, tokio::task::JoinHandle<()>) {
-    let (commands, receiver) = mpsc::channel(256);
+    let (jobs, receiver) = mpsc::channel(256);
     let task = tokio::spawn(serve(maps, receiver));
-    (KernelHandle { commands }, task)
+    (KernelHandle { jobs }, task)
 }
 
-async fn serve(mut maps: KernelMaps, mut receiver: mpsc::Receiver<Command>) {
-    let map_err = |op| move |source| KernelError::Map { op, source };
-    while let Some(command) = receiver.recv().await {
-        // A dropped reply means the asker gave up; nothing to do about it.
-        match command {
-            Command::Pending(reply) => {
-                drop(reply.send(maps.pending().map_err(map_err("read PENDING"))));
-            }
-            Command::PendingOf(tid, reply) => {
-                drop(reply.send(maps.pending_of(tid).map_err(map_err("read PENDING"))));
-            }
-            Command::RemovePending(tid, digest, reply) => drop(
-                reply.send(
-                    maps.remove_pending(tid, digest)
-                        .map_err(map_err("remove PENDING")),
-                ),
-            ),
-            Command::WriteVerdict(key, verdict, reply) => drop(
-                reply.send(
-                    maps.write_verdict(key, verdict)
-                        .map_err(map_err("write VERDICTS")),
-                ),
-            ),
-            Command::Verdicts(reply) => {
-                drop(reply.send(maps.verdicts().map_err(map_err("read VERDICTS"))));
-            }
-            Command::RemoveVerdict(key, reply) => {
-                drop(
-                    reply.send(
-                        maps.remove_verdict(&key)
-                            .map_err(map_err("remove VERDICTS")),
-                    ),
-                );
-            }
-            Command::ReadPolicyState(reply) => {
-                drop(reply.send(maps.read_state().map_err(KernelError::from)));
-            }
-            Command::ApplyPolicy(state, reply) => drop(
-                reply.send(crate::policy_maps::apply(&mut maps, &state).map_err(KernelError::from)),
-            ),
-            Command::Counters(reply) => {
-                drop(reply.send(maps.counters().map_err(map_err("read COUNTERS"))));
-            }
-            Command::Grants(reply) => {
-                drop(reply.send(maps.grants().map_err(map_err("read GRANTS"))));
-            }
-            Command::SetGrant(key, grant, reply) => {
-                drop(reply.send(maps.set_grant(key, grant).map_err(map_err("write GRANTS"))));
-            }
-            Command::RemoveGrant(key, reply) => {
-                drop(reply.send(maps.remove_grant(&key).map_err(map_err("remove GRANTS"))));
-            }
-        }
+async fn serve(mut maps: KernelMaps, mut receiver: mpsc::Receiver<Job>) {
+    while let Some(job) = receiver.recv().await {
+        job(&mut maps);
     }
 }
 
+/// Names a failed map operation (`"read PENDING"`).
+fn map_error(op: &'static str) -> impl FnOnce(MapError) -> KernelError {
+    move |source| KernelError::Map { op, source }
+}
+
 impl KernelHandle {
-    async fn ask<T>(
+    /// Runs `op` on the maps in the owner task and returns its result.
+    /// Every map operation goes through here, one at a time, so writes
+    /// never race each other; a map operation is a single syscall, so the
+    /// owner runs it inline.
+    pub async fn run<T: Send + 'static>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, KernelError>>) -> Command,
+        op: impl FnOnce(&mut KernelMaps) -> Result<T, KernelError> + Send + 'static,
     ) -> Result<T, KernelError> {
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(make(reply))
-            .await
-            .map_err(|_| KernelError::Gone)?;
+        let job: Job = Box::new(move |maps| {
+            // A dropped reply means the asker gave up; nothing to do about it.
+            drop(reply.send(op(maps)));
+        });
+        self.jobs.send(job).await.map_err(|_| KernelError::Gone)?;
         answer.await.map_err(|_| KernelError::Gone)?
     }
 
     pub async fn read_policy_state(&self) -> Result<MapState, KernelError> {
-        self.ask(Command::ReadPolicyState).await
+        self.run(|maps| Ok(maps.read_state()?)).await
     }
 
     pub async fn apply_policy(&self, state: MapState) -> Result<Applied, KernelError> {
-        self.ask(|reply| Command::ApplyPolicy(Box::new(state), reply))
+        self.run(move |maps| Ok(crate::policy::apply(maps, &state)?))
             .await
     }
 
     pub async fn counters(&self) -> Result<Vec<u64>, KernelError> {
-        self.ask(Command::Counters).await
+        self.run(|maps| maps.counters().map_err(map_error("read COUNTERS")))
+            .await
     }
 }
 
@@ -480,43 +401,62 @@ pub trait GrantKernel: Send + Sync + 'static {
 
 impl GrantKernel for KernelHandle {
     async fn grants(&self) -> Result<Vec<(GrantKey, Grant)>, KernelError> {
-        self.ask(Command::Grants).await
+        self.run(|maps| maps.grants().map_err(map_error("read GRANTS")))
+            .await
     }
 
     async fn set_grant(&self, key: GrantKey, grant: Grant) -> Result<(), KernelError> {
-        self.ask(|reply| Command::SetGrant(key, grant, reply)).await
+        self.run(move |maps| {
+            maps.set_grant(key, grant)
+                .map_err(map_error("write GRANTS"))
+        })
+        .await
     }
 
     async fn remove_grant(&self, key: GrantKey) -> Result<(), KernelError> {
-        self.ask(|reply| Command::RemoveGrant(key, reply)).await
+        self.run(move |maps| maps.remove_grant(&key).map_err(map_error("remove GRANTS")))
+            .await
     }
 }
 
 impl PauseKernel for KernelHandle {
     async fn pending(&self) -> Result<Vec<(u32, PendingRequest)>, KernelError> {
-        self.ask(Command::Pending).await
+        self.run(|maps| maps.pending().map_err(map_error("read PENDING")))
+            .await
     }
 
     async fn pending_of(&self, tid: u32) -> Result<Option<PendingRequest>, KernelError> {
-        self.ask(|reply| Command::PendingOf(tid, reply)).await
+        self.run(move |maps| maps.pending_of(tid).map_err(map_error("read PENDING")))
+            .await
     }
 
     async fn remove_pending(&self, tid: u32, digest: u64) -> Result<bool, KernelError> {
-        self.ask(|reply| Command::RemovePending(tid, digest, reply))
-            .await
+        self.run(move |maps| {
+            maps.remove_pending(tid, digest)
+                .map_err(map_error("remove PENDING"))
+        })
+        .await
     }
 
     async fn write_verdict(&self, key: VerdictKey, verdict: Verdict) -> Result<(), KernelError> {
-        self.ask(|reply| Command::WriteVerdict(key, verdict, reply))
-            .await
+        self.run(move |maps| {
+            maps.write_verdict(key, verdict)
+                .map_err(map_error("write VERDICTS"))
+        })
+        .await
     }
 
     async fn verdicts(&self) -> Result<Vec<(VerdictKey, Verdict)>, KernelError> {
-        self.ask(Command::Verdicts).await
+        self.run(|maps| maps.verdicts().map_err(map_error("read VERDICTS")))
+            .await
     }
 
     async fn remove_verdict(&self, key: VerdictKey) -> Result<(), KernelError> {
-        self.ask(|reply| Command::RemoveVerdict(key, reply)).await
+        self.run(move |maps| {
+            maps.remove_verdict(&key)
+                .map_err(map_error("remove VERDICTS"))
+        })
+        .await
     }
 }
 

@@ -14,15 +14,20 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::{
-    bpf_probe_read_kernel as read_kernel, bpf_probe_read_user,
-    generated::{
-        bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user_str, bpf_task_pt_regs,
+use aya_ebpf::{
+    helpers::{
+        bpf_probe_read_kernel as read_kernel, bpf_probe_read_user,
+        generated::{
+            bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user_str,
+            bpf_task_pt_regs,
+        },
     },
+    macros::map,
+    maps::{Array, PerCpuArray},
 };
 use gatekeep_common::{ARGV_LEN, ARGV_MAX_ARGS, counter};
 
-use crate::maps::{ARGV_BLOCK, ARGV_SCRATCH, ZEROES, bump};
+use crate::maps::bump;
 
 /// Argv as the exec digest and the events carry it.
 #[repr(C)]
@@ -165,3 +170,19 @@ fn capture(user_argv: *const *const u8) -> Option<*const ExecArgs> {
         Some(&raw const (*scratch).args)
     }
 }
+
+// The maps only this hook uses. (At the end of the file, so that the line
+// numbers in the hook's log records stay those of the code above.)
+
+/// Bytes of argv the exec digest hashes per step; a capture clears the rest
+/// of its last block.
+pub const ARGV_BLOCK: usize = 64;
+
+/// Zeroes (never written): the source that clears the rest of the last
+/// digest block of a captured argv in one helper call.
+#[map]
+pub static ZEROES: Array<[u8; ARGV_BLOCK]> = Array::with_max_entries(1, 0);
+
+/// Where argv is captured, for the length of one hook run.
+#[map]
+pub static ARGV_SCRATCH: PerCpuArray<ArgvScratch> = PerCpuArray::with_max_entries(1, 0);

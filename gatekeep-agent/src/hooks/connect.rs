@@ -1,0 +1,392 @@
+//! The connect hook (`socket_connect`; kernel half:
+//! `gatekeep-ebpf/src/hooks/connect.rs`): its requests, and
+//! `[policy.connect]` compiled into `CONNECT_V4`/`CONNECT_V6`.
+//!
+//! Connect rules: one LPM entry per distinct network of a policy, holding
+//! the rules of that network and, after them, the rules of every less
+//! specific network of the same policy that contains it (an LPM lookup
+//! returns only the longest match). The list is ordered like
+//! [`gatekeep_policy::ConnectPolicy::action_for`] decides: longer prefix
+//! first, at the same prefix port-specific before all-ports and narrower
+//! before wider.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use aya::maps::{
+    Map, MapError,
+    lpm_trie::{Key, LpmTrie},
+};
+use gatekeep_common::{
+    ConnectEvent, ConnectV4Key, ConnectV6Key, PORT_RULES, PortRule, PortRules, event_kind,
+    map_names, request_kind,
+};
+use gatekeep_policy::{ConnectRule, Policy};
+use ipnet::IpNet;
+use serde_json::{Value, json};
+
+use super::{Compiling, Hook, RuleKey, absent_is_ok};
+use crate::{
+    bpf::events::{Origin, ParseError, c_string, origin, read},
+    decision::RequestTarget,
+    pause::enrich::Enricher,
+    policy::{LoadedPolicy, PolicyMapsError, kernel_action},
+};
+
+/// `AF_UNIX`, `AF_INET`, `AF_INET6` (Linux values).
+pub(crate) const AF_UNIX: u32 = 1;
+pub(crate) const AF_INET: u32 = 2;
+pub(crate) const AF_INET6: u32 = 10;
+
+/// Where a connect goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Ip { addr: IpAddr, port: u16 },
+    Unix { path: String },
+    Other { family: u32 },
+}
+
+/// A connect as the kernel saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    pub origin: Origin,
+    pub destination: Destination,
+    /// `SOCK_STREAM` (1), `SOCK_DGRAM` (2), ...
+    pub sock_type: u32,
+}
+
+/// The connect hook.
+pub struct Connect;
+
+impl Hook for Connect {
+    const NAME: &'static str = "connect";
+    const KIND: u32 = request_kind::CONNECT;
+    const ASK: (u32, &'static str) = (event_kind::CONNECT_ASK, "connect_ask");
+    const DENIED: (u32, &'static str) = (event_kind::CONNECT_DENIED, "connect_denied");
+    const RULE_MAPS: &'static [&'static str] = &[map_names::CONNECT_V4, map_names::CONNECT_V6];
+
+    type Request = ConnectRequest;
+    type Loaded = ();
+
+    fn parse(kind: u32, bytes: &[u8]) -> Result<ConnectRequest, ParseError> {
+        let raw: ConnectEvent = read(bytes, kind)?;
+        Ok(connect_request(&raw))
+    }
+
+    fn origin(request: &ConnectRequest) -> &Origin {
+        &request.origin
+    }
+
+    fn compile(
+        policy: &Policy,
+        out: &mut Compiling<'_>,
+        (): &mut (),
+    ) -> Result<(), PolicyMapsError> {
+        out.defaults.connect_default = kernel_action(policy.connect.default);
+        out.defaults.unix_action = kernel_action(policy.connect.unix);
+        let nets: BTreeSet<IpNet> = policy.connect.rules.iter().map(|r| r.net).collect();
+        for net in nets {
+            let mut covering: Vec<&ConnectRule> = policy
+                .connect
+                .rules
+                .iter()
+                .filter(|rule| rule.net.contains(&net))
+                .collect();
+            covering.sort_by_key(|rule| rule_order(rule));
+            // Nothing after an all-ports rule can ever be reached.
+            if let Some(cut) = covering.iter().position(|rule| rule.ports.is_all()) {
+                covering.truncate(cut + 1);
+            }
+            if covering.len() > PORT_RULES {
+                return Err(PolicyMapsError::TooManyPortRules {
+                    policy: policy.name.clone(),
+                    net,
+                    count: covering.len(),
+                    max: PORT_RULES,
+                });
+            }
+            let mut rules = PortRules::default();
+            for (slot, rule) in rules.rules.iter_mut().zip(&covering) {
+                *slot = PortRule {
+                    port_lo: rule.ports.0,
+                    port_hi: rule.ports.1,
+                    action: kernel_action(rule.action),
+                };
+            }
+            let prefix = 32 + u32::from(net.prefix_len());
+            let (map, addr) = match net {
+                IpNet::V4(v4) => (map_names::CONNECT_V4, v4.network().octets().to_vec()),
+                IpNet::V6(v6) => (map_names::CONNECT_V6, v6.network().octets().to_vec()),
+            };
+            out.rules
+                .insert(rule_key(map, out.id, prefix, &addr), encode_rules(&rules));
+        }
+        Ok(())
+    }
+
+    fn read_map(name: &'static str, map: &Map) -> Result<Vec<(RuleKey, Vec<u8>)>, MapError> {
+        if name == map_names::CONNECT_V6 {
+            let trie = LpmTrie::<_, ConnectV6Key, PortRules>::try_from(map)?;
+            trie.iter()
+                .map(|entry| {
+                    entry.map(|(key, rules)| {
+                        let data = key.data();
+                        let id = u32::from_be_bytes(data.policy_id_be);
+                        let key = rule_key(name, id, key.prefix_len(), &data.addr);
+                        (key, encode_rules(&rules))
+                    })
+                })
+                .collect()
+        } else {
+            let trie = LpmTrie::<_, ConnectV4Key, PortRules>::try_from(map)?;
+            trie.iter()
+                .map(|entry| {
+                    entry.map(|(key, rules)| {
+                        let data = key.data();
+                        let id = u32::from_be_bytes(data.policy_id_be);
+                        let key = rule_key(name, id, key.prefix_len(), &data.addr);
+                        (key, encode_rules(&rules))
+                    })
+                })
+                .collect()
+        }
+    }
+
+    fn write_map(map: &mut Map, key: &RuleKey, value: Option<&[u8]>) -> Result<(), MapError> {
+        let (prefix, addr) = split_key(&key.key);
+        let policy_id_be = key.policy_id.to_be_bytes();
+        if key.map == map_names::CONNECT_V6 {
+            let mut trie = LpmTrie::<_, ConnectV6Key, PortRules>::try_from(map)?;
+            let mut data = ConnectV6Key {
+                policy_id_be,
+                addr: [0; 16],
+            };
+            let len = addr.len().min(16);
+            data.addr[..len].copy_from_slice(&addr[..len]);
+            let kernel_key = Key::new(prefix, data);
+            match value {
+                Some(value) => trie.insert(&kernel_key, decode_rules(value), 0),
+                None => absent_is_ok(trie.remove(&kernel_key)),
+            }
+        } else {
+            let mut trie = LpmTrie::<_, ConnectV4Key, PortRules>::try_from(map)?;
+            let mut data = ConnectV4Key {
+                policy_id_be,
+                addr: [0; 4],
+            };
+            let len = addr.len().min(4);
+            data.addr[..len].copy_from_slice(&addr[..len]);
+            let kernel_key = Key::new(prefix, data);
+            match value {
+                Some(value) => trie.insert(&kernel_key, decode_rules(value), 0),
+                None => absent_is_ok(trie.remove(&kernel_key)),
+            }
+        }
+    }
+
+    fn rule(policy: &LoadedPolicy, (): &(), request: &ConnectRequest) -> String {
+        match &request.destination {
+            Destination::Ip { addr, port } => connect_rule(policy, *addr, *port),
+            Destination::Unix { .. } => {
+                format!("connect unix {}", policy.policy.connect.unix)
+            }
+            Destination::Other { .. } => "connect default".to_owned(),
+        }
+    }
+
+    fn target(request: &ConnectRequest, _enricher: &Enricher) -> RequestTarget {
+        RequestTarget::Connect {
+            destination: request.destination.clone(),
+            sock_type: request.sock_type,
+        }
+    }
+
+    fn payload(
+        request: &ConnectRequest,
+        _enricher: &Enricher,
+        rule: Option<String>,
+        payload: &mut Value,
+    ) {
+        payload["kind"] = json!(Self::NAME);
+        payload["address"] = json!(request.destination.to_string());
+        payload["sock_type"] = json!(request.sock_type);
+        if let Destination::Ip { addr, port } = request.destination {
+            payload["ip"] = json!(addr);
+            payload["port"] = json!(port);
+            // The audit names the rule of an IP destination only (as before
+            // the hooks were modules).
+            if let Some(rule) = rule {
+                payload["rule"] = json!(rule);
+            }
+        }
+        if let Destination::Unix { path } = &request.destination {
+            payload["unix_path"] = json!(path);
+        }
+    }
+}
+
+/// The rule that decided a connect to `addr:port`.
+#[must_use]
+pub fn connect_rule(policy: &LoadedPolicy, addr: IpAddr, port: u16) -> String {
+    let addr = addr.to_canonical();
+    let best = policy
+        .policy
+        .connect
+        .rules
+        .iter()
+        .filter(|rule| rule.net.contains(&addr) && rule.ports.contains(port))
+        .min_by_key(|rule| rule_order(rule));
+    match best {
+        Some(rule) => format!("connect {rule}"),
+        None => format!("connect default {}", policy.policy.connect.default),
+    }
+}
+
+/// Sort key of a connect rule: the first in this order that matches decides.
+fn rule_order(rule: &ConnectRule) -> (std::cmp::Reverse<u8>, bool, u32) {
+    (
+        std::cmp::Reverse(rule.net.prefix_len()),
+        rule.ports.is_all(),
+        rule.ports.len(),
+    )
+}
+
+/// The [`RuleKey`] of a connect entry: the LPM prefix length (including the
+/// 32 policy bits), then the network's address.
+#[must_use]
+pub fn rule_key(map: &'static str, policy_id: u32, prefix: u32, addr: &[u8]) -> RuleKey {
+    let mut key = Vec::with_capacity(4 + addr.len());
+    key.extend_from_slice(&prefix.to_be_bytes());
+    key.extend_from_slice(addr);
+    RuleKey {
+        map,
+        policy_id,
+        key,
+    }
+}
+
+/// (prefix length, address) of a [`rule_key`].
+#[must_use]
+pub fn split_key(key: &[u8]) -> (u32, &[u8]) {
+    let mut prefix = [0; 4];
+    if let Some(bytes) = key.get(..4) {
+        prefix.copy_from_slice(bytes);
+    }
+    (u32::from_be_bytes(prefix), key.get(4..).unwrap_or_default())
+}
+
+/// Encodes a `PortRules` value: per rule `port_lo`, `port_hi` (u16) and
+/// `action` (u32), native endian.
+#[must_use]
+pub fn encode_rules(rules: &PortRules) -> Vec<u8> {
+    let mut out = Vec::with_capacity(PORT_RULES * 8);
+    for rule in &rules.rules {
+        out.extend_from_slice(&rule.port_lo.to_ne_bytes());
+        out.extend_from_slice(&rule.port_hi.to_ne_bytes());
+        out.extend_from_slice(&rule.action.to_ne_bytes());
+    }
+    out
+}
+
+/// The inverse of [`encode_rules`] (missing bytes read as zero: no rule).
+#[must_use]
+pub fn decode_rules(bytes: &[u8]) -> PortRules {
+    let mut rules = PortRules::default();
+    for (slot, chunk) in rules.rules.iter_mut().zip(bytes.chunks_exact(8)) {
+        *slot = PortRule {
+            port_lo: u16::from_ne_bytes([chunk[0], chunk[1]]),
+            port_hi: u16::from_ne_bytes([chunk[2], chunk[3]]),
+            action: u32::from_ne_bytes([chunk[4], chunk[5], chunk[6], chunk[7]]),
+        };
+    }
+    rules
+}
+
+fn connect_request(raw: &ConnectEvent) -> ConnectRequest {
+    let destination = match raw.family {
+        AF_INET => Destination::Ip {
+            addr: IpAddr::V4(Ipv4Addr::new(
+                raw.addr[0],
+                raw.addr[1],
+                raw.addr[2],
+                raw.addr[3],
+            )),
+            port: raw.port,
+        },
+        AF_INET6 => Destination::Ip {
+            addr: IpAddr::V6(Ipv6Addr::from(raw.addr)),
+            port: raw.port,
+        },
+        AF_UNIX => {
+            // An abstract socket's name starts with a NUL; show it as `@name`.
+            let path = if raw.unix_path.first() == Some(&0) {
+                format!("@{}", c_string(&raw.unix_path[1..]))
+            } else {
+                c_string(&raw.unix_path)
+            };
+            Destination::Unix { path }
+        }
+        family => Destination::Other { family },
+    };
+    ConnectRequest {
+        origin: origin(&raw.header),
+        destination,
+        sock_type: raw.sock_type,
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Ip {
+                addr: IpAddr::V4(addr),
+                port,
+            } => write!(f, "{addr}:{port}"),
+            Destination::Ip {
+                addr: IpAddr::V6(addr),
+                port,
+            } => write!(f, "[{addr}]:{port}"),
+            Destination::Unix { path } => write!(f, "unix:{path}"),
+            Destination::Other { family } => write!(f, "family {family}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gatekeep_common::action;
+
+    use super::*;
+
+    #[test]
+    fn rule_keys_and_values_round_trip() {
+        let key = rule_key(
+            map_names::CONNECT_V6,
+            7,
+            32 + 48,
+            &[0x20, 0x01, 0x0d, 0xb8, 0, 1],
+        );
+        assert_eq!(key.policy_id, 7);
+        assert_eq!(
+            split_key(&key.key),
+            (80, &[0x20, 0x01, 0x0d, 0xb8, 0, 1][..])
+        );
+
+        let mut rules = PortRules::default();
+        rules.rules[0] = PortRule {
+            port_lo: 443,
+            port_hi: 443,
+            action: action::ALLOW,
+        };
+        rules.rules[1] = PortRule {
+            port_lo: 0,
+            port_hi: u16::MAX,
+            action: action::DENY,
+        };
+        let encoded = encode_rules(&rules);
+        assert_eq!(encoded.len(), PORT_RULES * size_of::<PortRule>());
+        assert_eq!(decode_rules(&encoded), rules);
+    }
+}

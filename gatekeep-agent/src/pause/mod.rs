@@ -1,0 +1,12 @@
+//! The paused request, from the ask event to the verdict applied.
+//!
+//! - [`controller`]: the request state machine (kernel events in,
+//!   decisions out, every step recorded);
+//! - [`resume`]: writing a verdict and resuming the task, and reconciling
+//!   the kernel's pending requests with the ones the agent tracks;
+//! - [`enrich`]: what `/proc` says about the asking task, for reviewers and
+//!   the audit.
+
+pub mod controller;
+pub mod enrich;
+pub mod resume;
