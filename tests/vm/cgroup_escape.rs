@@ -119,16 +119,11 @@ fn root_in_a_gated_cgroup_cannot_move_itself_or_others_out_of_its_subtree() {
         EPERM
     );
     assert_eq!(s.gated.pids(), vec![sleeper.id()], "the sleeper stayed");
+    // (The root cgroup has no cgroup.kill; the parent's would kill the
+    // parent's tasks, e.g. an agent running beside the workload.)
+    let kill = s.parent.path().join("cgroup.kill").display().to_string();
     assert_eq!(
-        line_of(
-            g,
-            &[
-                "fs",
-                "put",
-                &root.join("cgroup.kill").display().to_string(),
-                "1"
-            ]
-        ),
+        line_of(g, &["fs", "put", &kill, "1"]),
         EPERM,
         "cgroup.kill outside the subtree"
     );
