@@ -130,6 +130,15 @@ fn root_in_a_gated_cgroup_cannot_move_itself_or_others_out_of_its_subtree() {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 
+    // Root of a user namespace made inside the gated cgroup: the same.
+    assert_eq!(
+        line_of(
+            g,
+            &["in-userns", "fs", "put", &procs(unrelated.path()), "0"]
+        ),
+        EPERM,
+        "a move out as userns root"
+    );
     // clone3(CLONE_INTO_CGROUP) is refused for gated tasks, wherever to.
     let into = unrelated.path().display().to_string();
     assert_eq!(

@@ -168,6 +168,17 @@ fn root_in_a_gated_cgroup_cannot_change_gatekeeps_files_or_read_its_secrets() {
     ] {
         expect(g, None, &op, EPERM);
     }
+    // Root of a user namespace made inside the gated cgroup: the same.
+    for op in [vec!["write", s(&policy)], vec!["read", s(&cli)]] {
+        let mut args = vec!["in-userns", "fs"];
+        args.extend(op.iter().copied());
+        assert_eq!(
+            line_of(g, &args),
+            EPERM,
+            "`{}` as userns root",
+            op.join(" ")
+        );
+    }
     let mut rm = std::process::Command::new("/bin/sh");
     rm.args(["-c", &format!("rm -f {}/*", links.display())]);
     let status = cgroup.spawn(&mut rm).wait().expect("rm");

@@ -27,6 +27,9 @@
 //!   exit code) or `errno N` of clone3 (exit 1).
 //! - `as-user UID COMMAND...`: drops to UID (and its gid, no groups) and
 //!   runs COMMAND as above: the unprivileged variants.
+//! - `in-userns COMMAND...`: makes a user namespace whose root is this
+//!   process's uid and gid, and runs COMMAND as its root (all capabilities in
+//!   it): the user-namespace variants.
 
 use std::{
     ffi::CString,
@@ -122,6 +125,23 @@ fn run(args: &[String]) -> i32 {
                 return 3;
             }
             run(&args[2..])
+        }
+        Some("in-userns") if args.len() >= 2 => {
+            // SAFETY: the first uid/gid read before the unshare; plain syscalls.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            // SAFETY: the process is single-threaded here.
+            if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
+                println!("unshare failed: errno {}", errno());
+                return 3;
+            }
+            let maps = std::fs::write("/proc/self/setgroups", "deny")
+                .and_then(|()| std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")))
+                .and_then(|()| std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")));
+            if let Err(err) = maps {
+                println!("userns maps failed: {err}");
+                return 3;
+            }
+            run(&args[1..])
         }
         Some("exec-rewrite") => exec_rewrite(&args[1..]),
         Some("exec-expose") => exec_expose(&args[1..]),
