@@ -12,6 +12,7 @@
 //! paused task: the next agent adopts both.
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -37,12 +38,13 @@ use crate::{
     },
     config::{AgentConfig, DecisionMode},
     decision::service::{self, DecisionService, ServiceError},
+    hooks::protect_files,
     pause::{
         controller::{Controller, Parts, Stats},
         enrich::Enricher,
         resume::{PauseTiming, ProcTasks},
     },
-    policy::{self, Compiled, HostView, PolicyMapsError},
+    policy::{self, Compiled, HostView, MapState, PolicyMapsError},
     protect::{self, HeldLinks, ProtectError, ProtectHandle, ProtectMaps},
 };
 
@@ -122,6 +124,9 @@ pub struct RunOptions {
     /// Created (with the agent's pid) once everything is attached, the
     /// policy applied and requests are being handled; removed at exit.
     pub ready_file: Option<PathBuf>,
+    /// The configuration file the agent was started with: protected from
+    /// gated tasks like the rest of gatekeep's files.
+    pub config_file: Option<PathBuf>,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM, with the decider `[decision]`
@@ -144,8 +149,16 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
     let protect_maps = setup_protection(&config, &kernel.layout).await?;
     // 4. The policy into the maps (fresh ids: the old set stays in force
     //    until each cgroup switches).
-    let startup =
-        apply_startup_policy(&config, &kernel, &protect_maps, &set, &sink, links.len()).await?;
+    let startup = apply_startup_policy(
+        &config,
+        options.config_file.as_deref(),
+        &kernel,
+        &protect_maps,
+        &set,
+        &sink,
+        links.len(),
+    )
+    .await?;
     // The programs' own diagnostics (one log buffer per loaded object).
     let kernel_logs = kernel_log::attach(&kernel.layout, "bprm_check_security")
         .map(|logger| tokio::spawn(kernel_log::drain(logger, shutdown_rx.clone())));
@@ -193,6 +206,7 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         startup.host,
         fingerprint,
         reload_rx,
+        reader.classify,
         shutdown_rx.clone(),
     ));
     // 8. Ready.
@@ -335,6 +349,7 @@ struct Startup {
 
 async fn apply_startup_policy(
     config: &AgentConfig,
+    config_file: Option<&Path>,
     kernel: &Kernel,
     protect_maps: &ProtectHandle,
     set: &PolicySet,
@@ -342,7 +357,9 @@ async fn apply_startup_policy(
     links_held: usize,
 ) -> Result<Startup, DaemonError> {
     let summary = &kernel.summary;
-    let host = HostView::current(&config.cgroup_root, &config.proc_root);
+    let mut host = HostView::current(&config.cgroup_root, &config.proc_root);
+    host.protected =
+        protect_files::protected_paths(config, config_file, &protect_files::own_binaries());
     let compiled = apply_new_policy(&kernel.handle, protect_maps, set, &host).await?;
     let paused_found = kernel.handle.pending().await.map_or(0, |p| p.len());
     sink.record(AuditRecord::new(
@@ -387,6 +404,8 @@ async fn apply_startup_policy(
 /// The ring buffer's reader task, and what it reads.
 struct Reader {
     events: mpsc::Receiver<Vec<Event>>,
+    /// Pids of tasks stopped in an unclassified cgroup.
+    classify: mpsc::Receiver<u32>,
     task: tokio::task::JoinHandle<()>,
     /// Events already waiting at start.
     backlog: usize,
@@ -401,10 +420,13 @@ async fn start_reader(
     // Batches of at most `BATCH_LIMIT` events: at most 16,384 events read and not yet
     // handled; a longer backlog waits in the ring buffer.
     let (events_tx, events_rx) = mpsc::channel(64);
+    // Tasks of unclassified cgroups, for the policy watcher to classify and resume.
+    let (classify_tx, classify_rx) = mpsc::channel(1024);
     let backlog: Vec<_> = reader
         .drain()
         .into_iter()
         .filter_map(log_parse_error)
+        .filter(|event| !route_unclassified(event, &classify_tx))
         .collect();
     let backlog_len = backlog.len();
     if !backlog.is_empty() {
@@ -413,7 +435,8 @@ async fn start_reader(
     }
     Ok(Reader {
         events: events_rx,
-        task: tokio::spawn(read_events(reader, events_tx, shutdown)),
+        classify: classify_rx,
+        task: tokio::spawn(read_events(reader, events_tx, classify_tx, shutdown)),
         backlog: backlog_len,
     })
 }
@@ -640,9 +663,22 @@ fn log_parse_error(result: Result<Event, crate::bpf::events::ParseError>) -> Opt
     }
 }
 
+/// Hands an [`Event::Unclassified`] to the policy watcher (`true`), which
+/// classifies the task's cgroup and resumes it; other events stay.
+fn route_unclassified(event: &Event, classify: &mpsc::Sender<u32>) -> bool {
+    if let Event::Unclassified { origin, .. } = event {
+        // A full queue already holds a classification pass to come.
+        let _ = classify.try_send(origin.pid);
+        true
+    } else {
+        false
+    }
+}
+
 async fn read_events(
     mut reader: EventReader,
     events: mpsc::Sender<Vec<Event>>,
+    classify: mpsc::Sender<u32>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -650,7 +686,11 @@ async fn read_events(
             _ = shutdown.changed() => return,
             batch = reader.next_batch() => match batch {
                 Ok(batch) => {
-                    let batch: Vec<_> = batch.into_iter().filter_map(log_parse_error).collect();
+                    let batch: Vec<_> = batch
+                        .into_iter()
+                        .filter_map(log_parse_error)
+                        .filter(|event| !route_unclassified(event, &classify))
+                        .collect();
                     if !batch.is_empty() && events.send(batch).await.is_err() {
                         return;
                     }
@@ -689,7 +729,9 @@ async fn apply_new_policy(
     let ids = policy::allocate_ids(set.policies.len(), &current.ids_in_use())
         .map_err(|source| DaemonError::Compile { source })?;
     let generation = current.generation().wrapping_add(1).max(1);
-    let compiled = compile_blocking(set.clone(), ids, generation, host.clone()).await?;
+    let mut compiled = compile_blocking(set.clone(), ids.clone(), generation, host.clone()).await?;
+    policy::carry_inherited(&current, &mut compiled.state);
+    classify_blocking(current, &mut compiled, set.clone(), ids, host.clone()).await?;
     // The new ids' relaxations before any cgroup switches to them.
     protect::with_maps(protect_maps, |maps| {
         maps.set_relaxed(&protect::masks_of(&compiled))
@@ -700,6 +742,26 @@ async fn apply_new_policy(
         .await
         .map_err(|source| DaemonError::Apply { source })?;
     Ok(compiled)
+}
+
+/// [`policy::classify_unclassified`] off the async threads (it may walk
+/// the cgroup tree).
+async fn classify_blocking(
+    current: MapState,
+    compiled: &mut Compiled,
+    set: PolicySet,
+    ids: Vec<u32>,
+    host: HostView,
+) -> Result<(), DaemonError> {
+    let mut desired = std::mem::take(&mut compiled.state);
+    desired = tokio::task::spawn_blocking(move || {
+        policy::classify_unclassified(&current, &mut desired, &set, &ids, &host);
+        desired
+    })
+    .await
+    .map_err(|source| DaemonError::Join { source })?;
+    compiled.state = desired;
+    Ok(())
 }
 
 async fn compile_blocking(
@@ -791,6 +853,7 @@ async fn watch_policy(
     host: HostView,
     mut fingerprint: Vec<(PathBuf, u64, Option<SystemTime>, u64)>,
     mut reload: mpsc::Receiver<()>,
+    mut classify: mpsc::Receiver<u32>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(config.rescan_interval);
@@ -800,6 +863,15 @@ async fn watch_policy(
             _ = shutdown.changed() => return,
             _ = tick.tick() => false,
             Some(()) = reload.recv() => true,
+            Some(pid) = classify.recv() => {
+                let mut waiting = BTreeSet::from([pid]);
+                while let Ok(pid) = classify.try_recv() {
+                    waiting.insert(pid);
+                }
+                rescan(&kernel, &policies, &host).await;
+                resume_classified(&waiting);
+                continue;
+            }
         };
         let now = policy_fingerprint(&config.policy_dir);
         if forced || now != fingerprint {
@@ -869,9 +941,26 @@ async fn rescan(kernel: &KernelHandle, policies: &watch::Sender<Arc<Compiled>>, 
     let set = PolicySet {
         policies: loaded.policies.values().map(|p| p.policy.clone()).collect(),
     };
-    let compiled = match compile_blocking(set, loaded.ids(), loaded.generation, host.clone()).await
-    {
-        Ok(compiled) => compiled,
+    let current = match kernel.read_policy_state().await {
+        Ok(current) => current,
+        Err(err) => {
+            tracing::error!(error = %err, "rescan could not read the maps");
+            return;
+        }
+    };
+    let compiled = compile_blocking(set.clone(), loaded.ids(), loaded.generation, host.clone())
+        .await
+        .map(|compiled| (compiled, current));
+    let compiled = match compiled {
+        Ok((mut compiled, current)) => {
+            match classify_blocking(current, &mut compiled, set, loaded.ids(), host.clone()).await {
+                Ok(()) => compiled,
+                Err(err) => {
+                    tracing::error!(error = %err, "rescan failed");
+                    return;
+                }
+            }
+        }
         Err(err) => {
             tracing::error!(error = %err, "rescan failed");
             return;
@@ -891,6 +980,24 @@ async fn rescan(kernel: &KernelHandle, policies: &watch::Sender<Arc<Compiled>>, 
             let _ = policies.send(Arc::new(compiled));
         }
         Err(err) => tracing::error!(error = %err, "rescan could not update the maps"),
+    }
+}
+
+/// Resumes tasks that stopped in an unclassified cgroup, now that the
+/// cgroup is classified: each restarts its syscall, which meets the
+/// cgroup's policy (or none). One still unclassified (its folder not seen
+/// yet) stops again and asks again.
+fn resume_classified(pids: &BTreeSet<u32>) {
+    for pid in pids {
+        let Ok(raw) = i32::try_from(*pid) else {
+            continue;
+        };
+        if let Err(err) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(raw),
+            nix::sys::signal::Signal::SIGCONT,
+        ) {
+            tracing::debug!(pid, error = %err, "resume after classification");
+        }
     }
 }
 

@@ -31,6 +31,13 @@ struct ConfigArg {
 }
 
 impl ConfigArg {
+    /// The configuration file this agent uses.
+    fn path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(paths::CONFIG_FILE))
+    }
+
     fn load(&self) -> anyhow::Result<AgentConfig> {
         let (path, explicit) = match &self.config {
             Some(path) => (path.clone(), true),
@@ -275,6 +282,27 @@ fn print_status(status: &admin::Status) {
     }
 }
 
+/// `gatekeep-agent run`.
+fn run(
+    config: &ConfigArg,
+    ready_file: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+) -> anyhow::Result<()> {
+    let options = daemon::RunOptions {
+        ready_file,
+        config_file: Some(config.path()),
+    };
+    let config = config.load()?;
+    init_logging(log_format.unwrap_or(config.log_format));
+    tune_malloc();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    runtime.block_on(daemon::run(config, options))?;
+    Ok(())
+}
+
 /// Keeps glibc's malloc from holding on to memory a daemon that mostly waits does not use.
 ///
 /// - glibc gives each thread that allocates an arena of its own (up to 8 per core), and
@@ -312,17 +340,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { config, ready_file } => {
-            let config = config.load()?;
-            init_logging(cli.log_format.unwrap_or(config.log_format));
-            tune_malloc();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("failed to start the async runtime")?;
-            runtime.block_on(daemon::run(config, daemon::RunOptions { ready_file }))?;
-            Ok(())
-        }
+        Command::Run { config, ready_file } => run(&config, ready_file, cli.log_format),
         Command::Policy(PolicyCommand::Validate { paths }) => {
             if let Err(err) = admin::validate_policy(&paths, &mut std::io::stdout().lock()) {
                 eprintln!("{err}");

@@ -86,6 +86,13 @@ pub mod map_names {
     pub const PROTECT_DENIALS: &str = "PROTECT_DENIALS";
     /// Self-protection: the decision service's listeners gated tasks cannot reach.
     pub const SERVICE_LISTENERS: &str = "SERVICE_LISTENERS";
+    /// Self-protection: [`super::InodeKey`] -> [`super::protected_inode`] bits,
+    /// gatekeep's own files and folders.
+    pub const PROTECTED_INODES: &str = "PROTECTED_INODES";
+    /// cgroup id -> 1: cgroups a policy pattern can still match a new child of.
+    pub const CANDIDATE_PARENTS: &str = "CANDIDATE_PARENTS";
+    /// Policy id -> hash of the policy's name (inherited gating across reloads).
+    pub const POLICY_NAME_HASHES: &str = "POLICY_NAME_HASHES";
 
     /// Every map of the object.
     pub const ALL: &[&str] = &[
@@ -109,6 +116,9 @@ pub mod map_names {
         PROTECTED_TASKS,
         PROTECT_DENIALS,
         SERVICE_LISTENERS,
+        PROTECTED_INODES,
+        CANDIDATE_PARENTS,
+        POLICY_NAME_HASHES,
     ];
 }
 
@@ -470,7 +480,70 @@ pub struct KernelOffsets {
     pub task_struct_group_leader: u32,
     /// `struct task_struct` -> `start_boottime` (`u64`, nanoseconds).
     pub task_struct_start_boottime: u32,
-    pub _pad_offsets: u32,
+    // File and cgroup protections (issue 18).
+    /// `struct file` -> `f_path.dentry` (`struct dentry *`).
+    pub file_f_path_dentry: u32,
+    /// `struct file` -> `f_mode` (`fmode_t`, 32 bits).
+    pub file_f_mode: u32,
+    /// `struct dentry` -> `d_parent` (`struct dentry *`).
+    pub dentry_d_parent: u32,
+    /// `struct dentry` -> `d_inode` (`struct inode *`).
+    pub dentry_d_inode: u32,
+    /// `struct cgroup` -> `kn` (`struct kernfs_node *`).
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node` -> `id` (`u64`): the cgroup id of a cgroup's node.
+    pub kernfs_node_id: u32,
+    /// `struct kernfs_node` -> `parent` (`struct kernfs_node *`).
+    pub kernfs_node_parent: u32,
+    /// `struct cgroup` -> `root` (`struct cgroup_root *`).
+    pub cgroup_root: u32,
+    /// `struct cgroup_root` -> `hierarchy_id` (`int`): 0 for cgroup v2.
+    pub cgroup_root_hierarchy_id: u32,
+}
+
+/// [`GatedCgroup::flags`]: the cgroup appeared under a *candidate parent*
+/// (a cgroup below which some policy pattern can match) and the agent has not
+/// classified it yet. Its tasks' gated actions wait (stopped, like a pause)
+/// until the agent replaces the entry with the real policy or removes it, so
+/// a cgroup that should be gated never runs ungated, not even for the
+/// moment before the agent sees it. The entry's `policy_id` is
+/// [`UNCLASSIFIED_POLICY`].
+pub const GATED_UNCLASSIFIED: u32 = 2;
+
+/// `policy_id` of an unclassified cgroup's entry: no policy slot
+/// (`>= MAX_POLICIES`), so no rule, grant or relaxation ever applies to it.
+pub const UNCLASSIFIED_POLICY: u32 = u32::MAX;
+
+/// Event kind (`EVENTS`) of a gated action in an unclassified cgroup
+/// ([`TaskEvent`]): the task is stopped until the agent has classified its
+/// cgroup and sent SIGCONT. Numbered from 16 so the kinds other branches
+/// append stay apart.
+pub const EVENT_CGROUP_UNCLASSIFIED: u32 = 16;
+
+/// Value bits of `PROTECTED_INODES`: what a gated task may not do to one of
+/// gatekeep's files or directories (by identity).
+pub mod protected_inode {
+    /// The inode itself: no open for writing, no truncate, setattr, rename,
+    /// unlink or new hard link.
+    pub const NO_WRITE: u32 = 1;
+    /// The inode itself: no open for reading (a secret).
+    pub const NO_READ: u32 = 2;
+    /// A directory: no entry is created, removed, renamed or linked in it.
+    pub const DIR_LOCKED: u32 = 4;
+    /// A directory: every file directly inside is [`NO_WRITE`] (also files
+    /// the agent creates later, e.g. a grants file replaced by rename).
+    pub const CHILDREN_NO_WRITE: u32 = 8;
+    /// A directory: every file directly inside is [`NO_READ`].
+    pub const CHILDREN_NO_READ: u32 = 16;
+}
+
+/// Key of `PROTECTED_INODES`: a file's identity, like an exec rule's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InodeKey {
+    /// `super_block::s_dev` in the kernel's encoding.
+    pub dev: u64,
+    pub ino: u64,
 }
 
 /// Self-protection (issue 18): what gated tasks may never do to gatekeep or
@@ -503,7 +576,13 @@ pub mod protect {
     pub const MOUNT: u32 = 6;
     /// `connect` to a listener of the decision service (`socket_connect`).
     pub const SERVICE_CONNECT: u32 = 7;
-    /// One past the highest id of this crate's protections.
+    /// gatekeep's files by identity (config, policies, state, audit, pins,
+    /// binaries).
+    pub const FILES: u32 = 16;
+    /// Leaving the gated subtree (cgroup file writes outside it,
+    /// `clone3(CLONE_INTO_CGROUP)`, renaming cgroups).
+    pub const CGROUPS: u32 = 17;
+    /// One past the highest id of the process and kernel protections.
     pub const END: u32 = 8;
     // Ids 16..=31 belong to the file and cgroup protections.
     const _: () = assert!(END <= 16);
@@ -581,6 +660,7 @@ mod pod {
     unsafe impl aya::Pod for super::ProtectedTask {}
     unsafe impl aya::Pod for super::ProtectDenialKey {}
     unsafe impl aya::Pod for super::ServiceListenerKey {}
+    unsafe impl aya::Pod for super::InodeKey {}
 }
 
 #[cfg(test)]
@@ -621,6 +701,8 @@ mod tests {
         assert_eq!(size_of::<Verdict>(), 16);
         assert_eq!(size_of::<GrantKey>(), 16);
         assert_eq!(size_of::<Grant>(), 16);
+        assert_eq!(size_of::<InodeKey>(), 16);
+        assert_eq!(size_of::<ProtectDenialKey>(), 16);
         assert_eq!(size_of::<EventHeader>(), 4 * 8 + 8 * 3 + COMM_LEN);
         assert_eq!(
             size_of::<ExecEvent>(),

@@ -8,13 +8,14 @@ use core::intrinsics::AtomicOrdering;
 
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_NOEXIST},
+    helpers::bpf_probe_read_kernel,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use gatekeep_common::{
-    GATED_FILTER_SLOTS, GatedCgroup, Grant, GrantKey, KernelOffsets, MAX_POLICIES, PendingRequest,
-    PolicyDefaults, ProtectDenialKey, ProtectedTask, ServiceListenerKey, Verdict, VerdictKey,
-    counter, gated_filter_slot, pending_slot,
+    GATED_FILTER_SLOTS, GatedCgroup, Grant, GrantKey, InodeKey, KernelOffsets, MAX_POLICIES,
+    PendingRequest, PolicyDefaults, ProtectDenialKey, ProtectedTask, ServiceListenerKey, Verdict,
+    VerdictKey, counter, gated_filter_slot, pending_slot,
 };
 
 /// cgroup v2 id -> policy governing it. A task whose cgroup is absent is not
@@ -177,7 +178,15 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     super_block_s_magic: 0,
     task_struct_group_leader: 0,
     task_struct_start_boottime: 0,
-    _pad_offsets: 0,
+    file_f_path_dentry: 0,
+    file_f_mode: 0,
+    dentry_d_parent: 0,
+    dentry_d_inode: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+    kernfs_node_parent: 0,
+    cgroup_root: 0,
+    cgroup_root_hierarchy_id: 0,
 };
 
 /// SipHash key for request digests, random per load (set by the agent), so
@@ -209,6 +218,58 @@ pub fn bump(index: u32) {
         unsafe { *value += 1 };
     }
 }
+
+/// gatekeep's own files and directories, by identity -> `protected_inode`
+/// bits: what gated tasks may not do to them (hooks/protect_files.rs). The
+/// agent fills it at start and refreshes it on every rescan.
+#[map]
+pub static PROTECTED_INODES: HashMap<InodeKey, u32> = HashMap::with_max_entries(4096, 0);
+
+/// The `PROTECTED_INODES` bits of the inode at `inode` (a `struct inode *`),
+/// 0 when it is not one of gatekeep's (or cannot be read).
+#[inline(always)]
+pub fn protected_inode(inode: *const u8) -> u32 {
+    if inode.is_null() {
+        return 0;
+    }
+    let off = offsets();
+    // SAFETY: probe reads, which fail safely on a bad address.
+    let key = unsafe {
+        let Ok(ino) = bpf_probe_read_kernel::<u64>(inode.add(off.inode_i_ino as usize).cast())
+        else {
+            return 0;
+        };
+        let Ok(sb) = bpf_probe_read_kernel::<*const u8>(inode.add(off.inode_i_sb as usize).cast())
+        else {
+            return 0;
+        };
+        let Ok(dev) = bpf_probe_read_kernel::<u32>(sb.add(off.super_block_s_dev as usize).cast())
+        else {
+            return 0;
+        };
+        InodeKey {
+            dev: u64::from(dev),
+            ino,
+        }
+    };
+    // SAFETY: copied out immediately.
+    unsafe { PROTECTED_INODES.get(&key) }.copied().unwrap_or(0)
+}
+
+/// Policy id -> a hash of the policy's name (0: no policy), written with
+/// `POLICIES` and never read here: a reload (or a restarted agent) gives
+/// policies new ids, and finds by it which new policy a cgroup the kernel
+/// gated itself (`GATED_INHERITED`) belongs to, so inherited gating
+/// survives reloads.
+#[map]
+pub static POLICY_NAME_HASHES: Array<u64> = Array::with_max_entries(MAX_POLICIES, 0);
+
+/// cgroup ids below which some policy pattern can match a cgroup that does
+/// not exist yet (e.g. `/system.slice` for `/system.slice/ai-*.service`),
+/// written by the agent. A cgroup made in one by an ungated task is gated as
+/// unclassified (`GATED_UNCLASSIFIED`) until the agent classifies it.
+#[map]
+pub static CANDIDATE_PARENTS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
 
 /// Self-protection (issue 18): policy id -> the [`gatekeep_common::protect`]
 /// bits (`1 << id`) the policy relaxed. 0, the default, protects everything.

@@ -558,11 +558,15 @@ pub enum ProtectPoint {
     Mount,
     /// Connecting to the decision service's listeners.
     ServiceConnect,
+    /// gatekeep's files by identity: configuration, policies, state, audit, pins, binaries.
+    Files,
+    /// Leaving the gated cgroup subtree.
+    Cgroups,
 }
 
 impl ProtectPoint {
     /// Every point, in kernel id order.
-    pub const ALL: [ProtectPoint; 7] = [
+    pub const ALL: [ProtectPoint; 9] = [
         ProtectPoint::Signals,
         ProtectPoint::Ptrace,
         ProtectPoint::Bpf,
@@ -570,6 +574,8 @@ impl ProtectPoint {
         ProtectPoint::RawDevices,
         ProtectPoint::Mount,
         ProtectPoint::ServiceConnect,
+        ProtectPoint::Files,
+        ProtectPoint::Cgroups,
     ];
 
     /// The name a policy file uses.
@@ -583,6 +589,8 @@ impl ProtectPoint {
             ProtectPoint::RawDevices => "raw-devices",
             ProtectPoint::Mount => "mount",
             ProtectPoint::ServiceConnect => "service-connect",
+            ProtectPoint::Files => "files",
+            ProtectPoint::Cgroups => "cgroups",
         }
     }
 
@@ -597,6 +605,8 @@ impl ProtectPoint {
             ProtectPoint::RawDevices => 5,
             ProtectPoint::Mount => 6,
             ProtectPoint::ServiceConnect => 7,
+            ProtectPoint::Files => 16,
+            ProtectPoint::Cgroups => 17,
         }
     }
 }

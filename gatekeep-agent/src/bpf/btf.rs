@@ -875,6 +875,24 @@ pub struct Offsets {
     pub task_struct_group_leader: u32,
     /// `struct task_struct` -> `start_boottime` (`u64`).
     pub task_struct_start_boottime: u32,
+    /// `struct file` -> `f_path.dentry` (`struct dentry *`).
+    pub file_f_path_dentry: u32,
+    /// `struct file` -> `f_mode` (`fmode_t`).
+    pub file_f_mode: u32,
+    /// `struct dentry` -> `d_parent` (`struct dentry *`).
+    pub dentry_d_parent: u32,
+    /// `struct dentry` -> `d_inode` (`struct inode *`).
+    pub dentry_d_inode: u32,
+    /// `struct cgroup` -> `kn` (`struct kernfs_node *`).
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node` -> `id` (`u64`).
+    pub kernfs_node_id: u32,
+    /// `struct kernfs_node` -> `parent` (`struct kernfs_node *`).
+    pub kernfs_node_parent: u32,
+    /// `struct cgroup` -> `root` (`struct cgroup_root *`).
+    pub cgroup_root: u32,
+    /// `struct cgroup_root` -> `hierarchy_id` (`int`).
+    pub cgroup_root_hierarchy_id: u32,
 }
 
 impl Offsets {
@@ -920,6 +938,17 @@ impl Offsets {
             super_block_s_magic: get("super_block.s_magic", 8)?,
             task_struct_group_leader: get("task_struct.group_leader", 8)?,
             task_struct_start_boottime: get("task_struct.start_boottime", 8)?,
+            file_f_path_dentry: get("file.f_path.dentry", 8)?,
+            file_f_mode: get("file.f_mode", 4)?,
+            dentry_d_parent: get("dentry.d_parent", 8)?,
+            dentry_d_inode: get("dentry.d_inode", 8)?,
+            cgroup_kn: get("cgroup.kn", 8)?,
+            kernfs_node_id: get("kernfs_node.id", 8)?,
+            // Renamed `__parent` (RCU-protected) in v6.15.
+            kernfs_node_parent: get("kernfs_node.parent", 8)
+                .or_else(|_| get("kernfs_node.__parent", 8))?,
+            cgroup_root: get("cgroup.root", 8)?,
+            cgroup_root_hierarchy_id: get("cgroup_root.hierarchy_id", 4)?,
         })
     }
 }
@@ -1433,7 +1462,37 @@ mod tests {
             false,
             &[("f_inode", inode_ptr, 0), ("x", long, 0)],
         );
-        let file = b.strukt("file", 64, &[("f_count", long, 0), ("", anon, 192)]);
+        let dentry_fwd = fwd(&mut b, "dentry");
+        let mnt = fwd(&mut b, "vfsmount");
+        let path = b.strukt("path", 16, &[("mnt", mnt, 0), ("dentry", dentry_fwd, 64)]);
+        b.strukt(
+            "dentry",
+            192,
+            &[("d_parent", dentry_fwd, 192), ("d_inode", inode_ptr, 384)],
+        );
+        let file = b.strukt(
+            "file",
+            128,
+            &[
+                ("f_count", long, 0),
+                ("", anon, 192),
+                ("f_mode", uint, 320),
+                ("f_path", path, 448),
+            ],
+        );
+        let kn_fwd = fwd(&mut b, "kernfs_node");
+        b.strukt(
+            "kernfs_node",
+            128,
+            &[("parent", kn_fwd, 64), ("id", ulong, 640)],
+        );
+        let root = b.strukt("cgroup_root", 64, &[("hierarchy_id", int, 160)]);
+        let root_ptr = b.ptr(root);
+        b.strukt(
+            "cgroup",
+            1024,
+            &[("kn", kn_fwd, 512), ("root", root_ptr, 4096)],
+        );
         let file_ptr = b.ptr(file);
         let str_ptr = b.ptr(ch);
         let buf = b.array(ch, uint, 256);
@@ -1491,6 +1550,15 @@ mod tests {
                 super_block_s_magic: 32,
                 task_struct_group_leader: 144,
                 task_struct_start_boottime: 160,
+                file_f_path_dentry: 64,
+                file_f_mode: 40,
+                dentry_d_parent: 24,
+                dentry_d_inode: 48,
+                cgroup_kn: 64,
+                kernfs_node_id: 80,
+                kernfs_node_parent: 8,
+                cgroup_root: 512,
+                cgroup_root_hierarchy_id: 20,
             }
         );
     }

@@ -64,6 +64,9 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::PROTECTED_TASKS,
     map_names::PROTECT_DENIALS,
     map_names::SERVICE_LISTENERS,
+    map_names::PROTECTED_INODES,
+    map_names::CANDIDATE_PARENTS,
+    map_names::POLICY_NAME_HASHES,
 ];
 
 /// Errors loading, adopting or unloading the pinned programs.
@@ -505,6 +508,17 @@ mod tests {
                 "sb_remount",
                 "move_mount",
                 "sb_pivotroot",
+                "file_permission",
+                "task_alloc",
+                "inode_create",
+                "inode_mkdir",
+                "inode_mknod",
+                "inode_symlink",
+                "inode_link",
+                "inode_unlink",
+                "inode_rmdir",
+                "inode_rename",
+                "inode_setattr",
             ]
         );
     }

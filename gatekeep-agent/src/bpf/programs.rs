@@ -55,11 +55,7 @@ pub const PROGRAMS: &[Program] = &[
     },
     Program {
         name: "cgroup_mkdir",
-        hook: Hook::TracePoint("cgroup", "cgroup_mkdir"),
-    },
-    Program {
-        name: "cgroup_attach_task",
-        hook: Hook::TracePoint("cgroup", "cgroup_attach_task"),
+        hook: Hook::BtfTracePoint("cgroup_mkdir"),
     },
     Program {
         name: "bprm_check_security",
@@ -117,6 +113,53 @@ pub const PROGRAMS: &[Program] = &[
     Program {
         name: "sb_pivotroot",
         hook: Hook::Lsm("sb_pivotroot"),
+    },
+    // Self-protection, items 3 and 5 of issue 18: gatekeep's files and the
+    // gated cgroup subtree (gatekeep-ebpf hooks/protect_files.rs and
+    // hooks/cgroup_escape.rs); `file_open` above also checks the files.
+    Program {
+        name: "file_permission",
+        hook: Hook::Lsm("file_permission"),
+    },
+    Program {
+        name: "task_alloc",
+        hook: Hook::Lsm("task_alloc"),
+    },
+    Program {
+        name: "inode_create",
+        hook: Hook::Lsm("inode_create"),
+    },
+    Program {
+        name: "inode_mkdir",
+        hook: Hook::Lsm("inode_mkdir"),
+    },
+    Program {
+        name: "inode_mknod",
+        hook: Hook::Lsm("inode_mknod"),
+    },
+    Program {
+        name: "inode_symlink",
+        hook: Hook::Lsm("inode_symlink"),
+    },
+    Program {
+        name: "inode_link",
+        hook: Hook::Lsm("inode_link"),
+    },
+    Program {
+        name: "inode_unlink",
+        hook: Hook::Lsm("inode_unlink"),
+    },
+    Program {
+        name: "inode_rmdir",
+        hook: Hook::Lsm("inode_rmdir"),
+    },
+    Program {
+        name: "inode_rename",
+        hook: Hook::Lsm("inode_rename"),
+    },
+    Program {
+        name: "inode_setattr",
+        hook: Hook::Lsm("inode_setattr"),
     },
 ];
 
@@ -198,7 +241,15 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         super_block_s_magic: o.super_block_s_magic,
         task_struct_group_leader: o.task_struct_group_leader,
         task_struct_start_boottime: o.task_struct_start_boottime,
-        _pad_offsets: 0,
+        file_f_path_dentry: o.file_f_path_dentry,
+        file_f_mode: o.file_f_mode,
+        dentry_d_parent: o.dentry_d_parent,
+        dentry_d_inode: o.dentry_d_inode,
+        cgroup_kn: o.cgroup_kn,
+        kernfs_node_id: o.kernfs_node_id,
+        kernfs_node_parent: o.kernfs_node_parent,
+        cgroup_root: o.cgroup_root,
+        cgroup_root_hierarchy_id: o.cgroup_root_hierarchy_id,
     })
 }
 

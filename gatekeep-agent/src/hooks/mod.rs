@@ -19,6 +19,9 @@
 
 pub mod connect;
 pub mod exec;
+// Self-protection of gatekeep's files (issue 18, item 3): no requests of its own, so not a
+// `Hook`; it compiles into `PROTECTED_INODES` through `policy::HostView::protected`.
+pub mod protect_files;
 
 use std::{collections::BTreeMap, fmt::Debug};
 

@@ -357,6 +357,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 let payload = self.kernel_denied(&request, &info);
                 self.record(RecordKind::KernelDenied, None, Some("kernel"), &payload);
             }
+            // The daemon hands these to the policy watcher, which classifies
+            // the cgroup and resumes the task; nothing to track here.
+            Event::Unclassified { .. } => {}
             Event::Abandoned { origin, kind } => self.handle_gone(&origin, kind, false),
             Event::RefusedSpinning { origin, kind } => self.handle_gone(&origin, kind, true),
             Event::VerdictApplied { origin, action, .. } => {
@@ -1030,6 +1033,7 @@ mod tests {
         let host = HostView {
             cgroup_root: dir.path().to_owned(),
             own_cgroup: None,
+            protected: Vec::new(),
         };
         // FakeKernel's events carry policy id 1.
         Arc::new(compile(&set, &[1], 1, &host).expect("compile"))

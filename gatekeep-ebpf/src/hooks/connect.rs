@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
-    ConnectEvent, ConnectV4Key, ConnectV6Key, EPERM, ERESTARTNOINTR, PORT_RULES, PortRules,
-    ServiceListenerKey, action, counter, event_kind, protect, request_kind,
+    ConnectEvent, ConnectV4Key, ConnectV6Key, EPERM, ERESTARTNOINTR, GATED_UNCLASSIFIED,
+    PORT_RULES, PortRules, ServiceListenerKey, action, counter, event_kind, protect, request_kind,
 };
 
 use crate::{
@@ -23,7 +23,7 @@ use crate::{
     events::{Caller, emit_task_event},
     hooks::{gating_candidate, protect::refuse_gated},
     maps::{EVENTS, POLICIES, SERVICE_LISTENERS, bump, gated_entry, offsets},
-    pause::{Asked, Request, ask},
+    pause::{Asked, Request, ask, await_classification},
 };
 
 const AF_UNIX: u16 = 1;
@@ -73,6 +73,10 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
     let Some(gated) = gated_entry(cgroup_id) else {
         return Ok(0);
     };
+    if gated.flags & GATED_UNCLASSIFIED != 0 {
+        let caller = Caller::current(cgroup_id, gated.policy_id);
+        return Ok(await_classification(&caller, request_kind::CONNECT));
+    }
     bump(counter::CONNECT_GATED);
 
     let sock: *const u8 = ctx.arg(0);

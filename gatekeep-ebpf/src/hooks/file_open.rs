@@ -9,7 +9,7 @@ use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::lsm, programs::LsmContext
 use gatekeep_common::{EPERM, protect};
 
 use crate::{
-    hooks::{gating_candidate, protect::refuse_gated},
+    hooks::{gating_candidate, protect::refuse_gated, protect_files::protected_file_open},
     maps::{gated_entry, offsets, proc_kcore_ino},
 };
 
@@ -57,10 +57,8 @@ fn gated_file_open(ctx: &LsmContext, cgroup_id: u64) -> i32 {
     if is_raw_device(inode) {
         return refuse_gated(gated.policy_id, cgroup_id, protect::RAW_DEVICE);
     }
-    // Extension point (protect-files, issue 18 item 3): gatekeep's own
-    // files by identity, e.g.
-    // `if let Some(ret) = protected_file_open(file, gated.policy_id, cgroup_id) { return ret; }`
-    0
+    // gatekeep's own files by identity (issue 18 item 3).
+    protected_file_open(file, gated.policy_id, cgroup_id).unwrap_or(0)
 }
 
 /// Whether `inode` is a block device, a `mem` character device or

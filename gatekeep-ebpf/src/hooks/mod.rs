@@ -1,6 +1,7 @@
 //! One module per hook: its program(s), and the maps only it uses.
 
 pub mod cgroup;
+pub mod cgroup_escape;
 pub mod connect;
 pub mod exec;
 pub mod exit;
@@ -11,6 +12,7 @@ pub mod file_open;
 pub mod kernel;
 pub mod mount;
 pub mod protect;
+pub mod protect_files;
 pub mod ptrace;
 pub mod signal;
 
