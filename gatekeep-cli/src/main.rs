@@ -312,10 +312,8 @@ impl App {
         };
         let grants = self.client().await?.list_grants(&filter).await;
         let grants = grants.map_err(|err| self.explain(err))?;
-        Ok(
-            gatekeep_proto::id::resolve_prefix(text, "grant", grants.iter().map(|grant| grant.id))
-                .map_err(|err| anyhow!("{err}; see `gatekeep grants list --all`"))?,
-        )
+        gatekeep_proto::id::resolve_prefix(text, "grant", grants.iter().map(|grant| grant.id))
+            .map_err(|err| anyhow!("{err}; see `gatekeep grants list --all`"))
     }
 
     async fn run(&mut self, command: Command) -> anyhow::Result<()> {

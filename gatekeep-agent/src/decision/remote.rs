@@ -70,7 +70,7 @@ impl RemoteDecider {
         link: Arc<AgentLink>,
         events: mpsc::UnboundedReceiver<LinkEvent>,
         grants: GrantsHandle,
-        host: String,
+        host: &str,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         tracing::debug!(%host, "deciding through the decision service");
         let shared = Arc::new(Mutex::new(Shared::default()));
@@ -448,7 +448,7 @@ mod tests {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (handle, _task) =
             grants::spawn(grants, policies_rx, shutdown_rx, Duration::from_secs(1));
-        let (decider, _pump) = RemoteDecider::start(Arc::new(link), events, handle, "h1".into());
+        let (decider, _pump) = RemoteDecider::start(Arc::new(link), events, handle, "h1");
         let review = ReviewClient::connect(ReviewConfig {
             endpoint,
             token,
@@ -649,7 +649,7 @@ mod tests {
             let (_s, shutdown) = watch::channel(false);
             grants::spawn(grants, policies, shutdown, Duration::from_secs(1))
         };
-        let (decider, _pump) = RemoteDecider::start(Arc::new(link), events, handle, "h1".into());
+        let (decider, _pump) = RemoteDecider::start(Arc::new(link), events, handle, "h1");
         let req = asked(&["git", "pull"], 1, Duration::from_millis(1500));
         let decision = decide_by_deadline(&decider, req).await;
         assert!(decision.expired, "fail closed at the deadline");

@@ -170,8 +170,7 @@ pub async fn start(wiring: Wiring<'_>) -> Result<DecisionService, ServiceError> 
         wiring.shutdown,
         config.rescan_interval,
     );
-    let (remote, pump_task) =
-        RemoteDecider::start(Arc::clone(&link), events, grants, config.host.clone());
+    let (remote, pump_task) = RemoteDecider::start(Arc::clone(&link), events, grants, &config.host);
     Ok(DecisionService {
         decider: Arc::new(AgentDecider::Remote(remote)),
         mode,

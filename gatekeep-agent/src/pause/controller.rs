@@ -712,42 +712,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                             at: Instant::now(),
                             verdict: decision.verdict,
                         };
-                        if !record {
-                            return;
+                        if record {
+                            self.record_resumed(tid, request_id, &decision);
                         }
-                        self.stats.decided += 1;
-                        let (kind, state) = match (&decision.service, decision.expired) {
-                            (_, true) => (RecordKind::Expired, RequestState::Expired),
-                            (Some(service), false) => (RecordKind::Decided, service.state),
-                            (None, false) => (
-                                RecordKind::Decided,
-                                match decision.verdict {
-                                    Verdict::Allow => RequestState::Approved,
-                                    Verdict::Deny => RequestState::Denied,
-                                },
-                            ),
-                        };
-                        let Some(tracked) = self.tracked.get(&tid) else {
-                            return;
-                        };
-                        tracing::info!(
-                            request_id = %request_id,
-                            verdict = decision.verdict.as_str(),
-                            actor = decision.actor,
-                            wait_ms = tracked.waited_ms(),
-                            "request decided, task resumed"
-                        );
-                        let payload = payload::Outcome {
-                            duration: Some(
-                                decision
-                                    .service
-                                    .as_ref()
-                                    .map_or_else(|| "once".to_owned(), |s| s.duration.clone()),
-                            ),
-                            grant_id: decision.service.as_ref().and_then(|s| s.grant_id),
-                            ..tracked.outcome(tid, state, Some(decision.verdict), &decision.reason)
-                        };
-                        self.record(kind, Some(request_id), Some(&decision.actor), &payload);
                     }
                     Ok(ResumeOutcome::Superseded) => self.supersede(tid),
                     Ok(ResumeOutcome::Gone) => {
@@ -782,6 +749,43 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 }
             }
         }
+    }
+
+    /// Records the decision of a request whose task was resumed.
+    fn record_resumed(&mut self, tid: u32, request_id: Uuid, decision: &Decision) {
+        self.stats.decided += 1;
+        let (kind, state) = match (&decision.service, decision.expired) {
+            (_, true) => (RecordKind::Expired, RequestState::Expired),
+            (Some(service), false) => (RecordKind::Decided, service.state),
+            (None, false) => (
+                RecordKind::Decided,
+                match decision.verdict {
+                    Verdict::Allow => RequestState::Approved,
+                    Verdict::Deny => RequestState::Denied,
+                },
+            ),
+        };
+        let Some(tracked) = self.tracked.get(&tid) else {
+            return;
+        };
+        tracing::info!(
+            request_id = %request_id,
+            verdict = decision.verdict.as_str(),
+            actor = decision.actor,
+            wait_ms = tracked.waited_ms(),
+            "request decided, task resumed"
+        );
+        let payload = payload::Outcome {
+            duration: Some(
+                decision
+                    .service
+                    .as_ref()
+                    .map_or_else(|| "once".to_owned(), |s| s.duration.clone()),
+            ),
+            grant_id: decision.service.as_ref().and_then(|s| s.grant_id),
+            ..tracked.outcome(tid, state, Some(decision.verdict), &decision.reason)
+        };
+        self.record(kind, Some(request_id), Some(&decision.actor), &payload);
     }
 
     fn spawn_resume(&mut self, tid: u32, decision: Decision, record: bool) {
