@@ -266,7 +266,7 @@ macro_rules! hooks {
                     return <$hook as Hook>::read_map(name, map);
                 }
             )+
-            Ok(Vec::new())
+            Err(not_a_rule_map(name))
         }
 
         /// [`Hook::write_map`] of the hook owning `key.map`.
@@ -276,7 +276,7 @@ macro_rules! hooks {
                     return <$hook as Hook>::write_map(map, key, value);
                 }
             )+
-            Ok(())
+            Err(not_a_rule_map(key.map))
         }
     };
 }
@@ -294,6 +294,14 @@ pub fn kernel_action(action: Action) -> u32 {
         Action::Allow => action::ALLOW,
         Action::Deny => action::DENY,
         Action::Ask => action::ASK,
+    }
+}
+
+/// No registered hook owns the map `name` (a programming error: every
+/// [`RULE_MAPS`] entry has its hook).
+fn not_a_rule_map(name: &str) -> MapError {
+    MapError::InvalidName {
+        name: name.to_owned(),
     }
 }
 
