@@ -162,6 +162,7 @@ fn root_in_a_gated_cgroup_cannot_change_gatekeeps_files_or_read_its_secrets() {
         vec!["unlink", s(&link)],
         vec!["rename", s(&link), s(&links.join("moved"))],
         vec!["create", s(&links.join("planted"))],
+        vec!["mkdir", s(&links.join("planted"))],
         vec!["unlink", s(&binary)],
         vec!["rename", s(&evil_binary), s(&binary)],
         vec!["chmod", s(&binary)],
@@ -205,8 +206,9 @@ fn root_in_a_gated_cgroup_cannot_change_gatekeeps_files_or_read_its_secrets() {
         (vec!["rename", s(&note), s(&policies.join("note2.txt"))], OK),
         (vec!["unlink", s(&policies.join("note2.txt"))], OK),
         (vec!["write", s(&grants)], OK),
-        (vec!["create", s(&links.join("planted"))], OK),
-        (vec!["unlink", s(&links.join("planted"))], OK),
+        // (bpffs makes no regular files; folders it does.)
+        (vec!["mkdir", s(&links.join("planted"))], OK),
+        (vec!["rmdir", s(&links.join("planted"))], OK),
     ] {
         expect(None, None, &op, want);
     }
