@@ -139,6 +139,11 @@ fn run(args: &[String]) -> i32 {
                 println!("setuid failed: errno {}", errno());
                 return 3;
             }
+            // A uid change makes the process undumpable, which leaves its
+            // /proc/self files (uid_map...) root's: dumpable again, as a
+            // process started by that user would be.
+            // SAFETY: a plain prctl.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
             run(&args[2..])
         }
         Some("in-userns") if args.len() >= 2 => {
