@@ -720,7 +720,9 @@ mod tests {
         assert_eq!(size_of::<ProtectedTask>(), 8);
         assert_eq!(size_of::<ProtectDenialKey>(), 16);
         assert_eq!(size_of::<ServiceListenerKey>(), 24);
-        assert_eq!(size_of::<KernelOffsets>(), 18 * 4);
+        // 26 `u32` offsets: the exec/connect ones, then the self-protection ones.
+        assert_eq!(size_of::<KernelOffsets>(), 26 * 4);
+        assert_eq!(size_of::<InodeKey>(), 16);
         let ids = [
             protect::SIGNAL,
             protect::PTRACE,
@@ -729,6 +731,8 @@ mod tests {
             protect::RAW_DEVICE,
             protect::MOUNT,
             protect::SERVICE_CONNECT,
+            protect::FILES,
+            protect::CGROUPS,
         ];
         let mask = ids.iter().fold(0u32, |mask, id| {
             assert_eq!(mask & protect::bit(*id), 0, "id {id} is used twice");
