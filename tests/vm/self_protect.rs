@@ -354,14 +354,14 @@ fn a_gated_task_cannot_use_bpf_load_modules_open_raw_devices_or_mount() {
         refused(EPERM)
     );
 
-    // bpf(): the LSM hook runs before any capability check, so the
-    // unprivileged attempt is counted too; mount's comes after
-    // `may_mount()`, so the unprivileged one is not.
+    // bpf() and mount: the LSM hooks run before any capability check
+    // (`security_sb_mount` before `may_mount()` in `path_mount`), so the
+    // unprivileged attempts are counted too.
     assert_eq!(refusals(&agent, "bpf", &cgroup), 4);
     assert_eq!(refusals(&agent, "kernel", &cgroup), 2);
     assert_eq!(refusals(&agent, "raw-devices", &cgroup), 3);
-    assert_eq!(refusals(&agent, "mount", &cgroup), 4);
-    wait_refusal_records(&agent, "mount", &cgroup, 4);
+    assert_eq!(refusals(&agent, "mount", &cgroup), 5);
+    wait_refusal_records(&agent, "mount", &cgroup, 5);
 }
 
 #[test]
