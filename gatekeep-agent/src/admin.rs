@@ -20,6 +20,7 @@ use crate::{
     },
     decision::grants::{self, LocalGrant},
     pause::resume::{ProcTasks, Tasks as _},
+    protect::{self, ProtectError, ProtectMaps},
 };
 
 /// Errors of the admin subcommands.
@@ -55,6 +56,11 @@ pub enum AdminError {
         map: &'static str,
         #[source]
         source: aya::maps::MapError,
+    },
+    #[error("failed to read or write the self-protection maps")]
+    Protect {
+        #[source]
+        source: ProtectError,
     },
     #[error("failed to write the report")]
     Write {
@@ -138,6 +144,20 @@ pub struct Status {
     pub grants: Vec<GrantStatus>,
     /// Entries of the kernel's `GRANTS` map.
     pub kernel_grants: usize,
+    /// Self-protection refusals the kernel counted, per protection and
+    /// cgroup (issue 18), most first.
+    pub protect_refusals: Vec<ProtectRefusals>,
+    /// Processes gated tasks may not signal or trace (pids).
+    pub protected_processes: Vec<u32>,
+}
+
+/// Refusals of one self-protection in one cgroup since the programs were
+/// loaded.
+#[derive(Debug, Serialize)]
+pub struct ProtectRefusals {
+    pub protection: &'static str,
+    pub cgroup_id: u64,
+    pub count: u64,
 }
 
 /// One granted duration.
@@ -175,6 +195,8 @@ pub fn status(pin_dir: &Path, state_dir: &Path) -> Result<Status, AdminError> {
         counters: Vec::new(),
         grants: Vec::new(),
         kernel_grants: 0,
+        protect_refusals: Vec::new(),
+        protected_processes: Vec::new(),
     };
     let mut kernel_digests = Vec::new();
     if layout.map(map_names::PENDING).exists() {
@@ -204,6 +226,29 @@ pub fn status(pin_dir: &Path, state_dir: &Path) -> Result<Status, AdminError> {
         status.kernel_grants = entries.len();
         kernel_digests = entries.iter().map(|(key, _)| key.digest).collect();
     }
+    if layout.map("PROTECT_DENIALS").exists() {
+        let maps = ProtectMaps::open(&layout)?;
+        let protect_error = |source| AdminError::Protect { source };
+        let mut refusals: Vec<ProtectRefusals> = maps
+            .denials()
+            .map_err(protect_error)?
+            .into_iter()
+            .map(|(key, count)| ProtectRefusals {
+                protection: protect::protection_name(key.hook),
+                cgroup_id: key.cgroup_id,
+                count,
+            })
+            .collect();
+        refusals.sort_by(|a, b| b.count.cmp(&a.count).then(a.cgroup_id.cmp(&b.cgroup_id)));
+        status.protect_refusals = refusals;
+        status.protected_processes = maps
+            .processes()
+            .map_err(protect_error)?
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect();
+        status.protected_processes.sort_unstable();
+    }
     status.grants = grants::read_file(&state_dir.join(crate::paths::GRANTS_FILE))
         .into_iter()
         .map(|grant| GrantStatus {
@@ -213,6 +258,15 @@ pub fn status(pin_dir: &Path, state_dir: &Path) -> Result<Status, AdminError> {
         })
         .collect();
     Ok(status)
+}
+
+/// `protect PID`: gated tasks may no longer signal or trace process `pid`
+/// (a local `gatekeep-server`, say), while it runs.
+pub fn protect_process(pin_dir: &Path, proc_root: &Path, pid: u32) -> Result<(), AdminError> {
+    let layout = PinLayout::new(pin_dir);
+    let mut maps = ProtectMaps::open(&layout)?;
+    maps.protect_process(proc_root, pid)
+        .map_err(|source| AdminError::Protect { source })
 }
 
 /// What `unload` did.
@@ -339,5 +393,6 @@ mod tests {
         assert_eq!(status.programs_missing.len(), PinLayout::programs().len());
         assert!(status.counters.is_empty());
         assert!(status.grants.is_empty());
+        assert!(status.protect_refusals.is_empty());
     }
 }

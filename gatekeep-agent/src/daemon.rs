@@ -12,6 +12,7 @@
 //! paused task: the next agent adopts both.
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -21,7 +22,7 @@ use aya::maps::{MapData, RingBuf};
 use gatekeep_audit::{AuditError, AuditRecord, RecordKind};
 use gatekeep_common::map_names;
 use gatekeep_policy::{PolicyError, PolicySet};
-use serde_json::json;
+use gatekeep_proto::audit;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
@@ -37,12 +38,14 @@ use crate::{
     },
     config::{AgentConfig, DecisionMode},
     decision::service::{self, DecisionService, ServiceError},
+    hooks::protect_files,
     pause::{
         controller::{Controller, Parts, Stats},
         enrich::Enricher,
         resume::{PauseTiming, ProcTasks},
     },
-    policy::{self, Compiled, HostView, PolicyMapsError},
+    policy::{self, Compiled, HostView, MapState, PolicyMapsError},
+    protect::{self, HeldLinks, ProtectError, ProtectHandle, ProtectMaps},
 };
 
 /// Errors that stop the daemon.
@@ -103,6 +106,11 @@ pub enum DaemonError {
         #[source]
         source: tokio::task::JoinError,
     },
+    #[error("failed to set up self-protection (the PROTECT_* and SERVICE_LISTENERS maps)")]
+    Protect {
+        #[source]
+        source: ProtectError,
+    },
     #[error("failed to start the decision side (`[decision]` in the config)")]
     Decision {
         #[source]
@@ -116,6 +124,9 @@ pub struct RunOptions {
     /// Created (with the agent's pid) once everything is attached, the
     /// policy applied and requests are being handled; removed at exit.
     pub ready_file: Option<PathBuf>,
+    /// The configuration file the agent was started with: protected from
+    /// gated tasks like the rest of gatekeep's files.
+    pub config_file: Option<PathBuf>,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM, with the decider `[decision]`
@@ -132,9 +143,22 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
     let sink = Arc::new(audit.handle.clone());
     // 3. The programs: loaded and pinned, or adopted; one task owns the maps.
     let kernel = load_kernel(&config).await?;
+    // 3b. Self-protection: hold every link (a removed pin detaches nothing),
+    //     protect this process, fence off the decision service.
+    let links = HeldLinks::open(&kernel.layout)?;
+    let protect_maps = setup_protection(&config, &kernel.layout).await?;
     // 4. The policy into the maps (fresh ids: the old set stays in force
     //    until each cgroup switches).
-    let startup = apply_startup_policy(&config, &kernel, &set, &sink).await?;
+    let startup = apply_startup_policy(
+        &config,
+        options.config_file.as_deref(),
+        &kernel,
+        &protect_maps,
+        &set,
+        &sink,
+        links.len(),
+    )
+    .await?;
     // The programs' own diagnostics (one log buffer per loaded object).
     let kernel_logs = kernel_log::attach(&kernel.layout, "bprm_check_security")
         .map(|logger| tokio::spawn(kernel_log::drain(logger, shutdown_rx.clone())));
@@ -162,15 +186,27 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         &policies_rx,
         &shutdown_rx,
     );
+    let protect_task = tokio::spawn(protect::run(
+        Arc::clone(&protect_maps),
+        links,
+        kernel.layout.clone(),
+        Arc::clone(&sink),
+        config.host.clone(),
+        policies_rx.clone(),
+        PROTECT_INTERVAL,
+        shutdown_rx.clone(),
+    ));
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let watcher_task = tokio::spawn(watch_policy(
         config.clone(),
         kernel.handle.clone(),
+        Arc::clone(&protect_maps),
         policies_tx,
         Arc::clone(&sink),
         startup.host,
         fingerprint,
         reload_rx,
+        reader.classify,
         shutdown_rx.clone(),
     ));
     // 8. Ready.
@@ -195,6 +231,7 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         controller_task,
         reader_task: reader.task,
         watcher_task,
+        protect_task,
         decision,
         kernel_logs,
         kernel: kernel.handle,
@@ -312,29 +349,40 @@ struct Startup {
 
 async fn apply_startup_policy(
     config: &AgentConfig,
+    config_file: Option<&Path>,
     kernel: &Kernel,
+    protect_maps: &ProtectHandle,
     set: &PolicySet,
     sink: &AuditHandle,
+    links_held: usize,
 ) -> Result<Startup, DaemonError> {
     let summary = &kernel.summary;
-    let host = HostView::current(&config.cgroup_root, &config.proc_root);
-    let compiled = apply_new_policy(&kernel.handle, set, &host).await?;
+    let mut host = HostView::current(&config.cgroup_root, &config.proc_root);
+    host.protected =
+        protect_files::protected_paths(config, config_file, &protect_files::own_binaries());
+    let compiled = apply_new_policy(&kernel.handle, protect_maps, set, &host).await?;
     let paused_found = kernel.handle.pending().await.map_or(0, |p| p.len());
     sink.record(AuditRecord::new(
         RecordKind::AgentStarted,
         config.host.clone(),
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "pid": std::process::id(),
-            "programs": summary.programs,
-            "start": summary.start.as_str(),
-            "attached_now": summary.attached_now,
-            "retired": summary.retired,
-            "pin_dir": config.pin_dir,
-            "paused_requests_found": paused_found,
-            "decision": {
-                "mode": config.decision.mode().as_str(),
-                "service": match config.decision.mode() {
+        payload(&audit::AgentStarted {
+            schema: audit::Schema::default(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            programs: summary.programs.iter().map(|p| (*p).to_owned()).collect(),
+            start: summary.start.as_str().to_owned(),
+            attached_now: summary
+                .attached_now
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
+            retired: summary.retired.clone(),
+            links_held,
+            pin_dir: config.pin_dir.to_string_lossy().into_owned(),
+            paused_requests_found: paused_found,
+            decision: audit::DecisionSetting {
+                mode: config.decision.mode().as_str().to_owned(),
+                service: match config.decision.mode() {
                     DecisionMode::Embedded => Some(format!("https://{}", config.decision.listen)),
                     DecisionMode::Remote => config.decision.server.clone(),
                     DecisionMode::Local => None,
@@ -356,6 +404,8 @@ async fn apply_startup_policy(
 /// The ring buffer's reader task, and what it reads.
 struct Reader {
     events: mpsc::Receiver<Vec<Event>>,
+    /// Pids of tasks stopped in an unclassified cgroup.
+    classify: mpsc::Receiver<u32>,
     task: tokio::task::JoinHandle<()>,
     /// Events already waiting at start.
     backlog: usize,
@@ -370,10 +420,13 @@ async fn start_reader(
     // Batches of at most `BATCH_LIMIT` events: at most 16,384 events read and not yet
     // handled; a longer backlog waits in the ring buffer.
     let (events_tx, events_rx) = mpsc::channel(64);
+    // Tasks of unclassified cgroups, for the policy watcher to classify and resume.
+    let (classify_tx, classify_rx) = mpsc::channel(1024);
     let backlog: Vec<_> = reader
         .drain()
         .into_iter()
         .filter_map(log_parse_error)
+        .filter(|event| !route_unclassified(event, &classify_tx))
         .collect();
     let backlog_len = backlog.len();
     if !backlog.is_empty() {
@@ -382,7 +435,8 @@ async fn start_reader(
     }
     Ok(Reader {
         events: events_rx,
-        task: tokio::spawn(read_events(reader, events_tx, shutdown)),
+        classify: classify_rx,
+        task: tokio::spawn(read_events(reader, events_tx, classify_tx, shutdown)),
         backlog: backlog_len,
     })
 }
@@ -480,6 +534,7 @@ struct Stopping<'a> {
     controller_task: tokio::task::JoinHandle<Stats>,
     reader_task: tokio::task::JoinHandle<()>,
     watcher_task: tokio::task::JoinHandle<()>,
+    protect_task: tokio::task::JoinHandle<()>,
     decision: DecisionService,
     kernel_logs: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     kernel: KernelHandle,
@@ -497,6 +552,7 @@ async fn shut_down(stopping: Stopping<'_>) -> Result<(), DaemonError> {
         controller_task,
         reader_task,
         watcher_task,
+        protect_task,
         decision,
         kernel_logs,
         kernel,
@@ -509,6 +565,7 @@ async fn shut_down(stopping: Stopping<'_>) -> Result<(), DaemonError> {
         .map_err(|source| DaemonError::Join { source })?;
     let _ = reader_task.await;
     let _ = watcher_task.await;
+    let _ = protect_task.await;
     decision.stop().await;
     if let Some(task) = kernel_logs {
         let _ = task.await;
@@ -517,12 +574,13 @@ async fn shut_down(stopping: Stopping<'_>) -> Result<(), DaemonError> {
     sink.record(AuditRecord::new(
         RecordKind::AgentStopped,
         config.host.clone(),
-        json!({
-            "pid": std::process::id(),
-            "paused_requests_left": paused_left,
-            "asked": stats.asked,
-            "decided": stats.decided,
-            "abandoned": stats.abandoned,
+        payload(&audit::AgentStopped {
+            schema: audit::Schema::default(),
+            pid: std::process::id(),
+            paused_requests_left: paused_left,
+            asked: stats.asked,
+            decided: stats.decided,
+            abandoned: stats.abandoned,
         }),
     ));
     drop(sink);
@@ -541,6 +599,47 @@ async fn shut_down(stopping: Stopping<'_>) -> Result<(), DaemonError> {
         "stopped; programs stay attached and paused tasks stay paused for the next agent"
     );
     Ok(())
+}
+
+/// How often the protect task pins removed link pins again and records
+/// refusal bursts.
+const PROTECT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Opens the self-protection maps, protects this process (forgetting
+/// processes of earlier runs that are gone) and registers the decision
+/// service's listeners.
+async fn setup_protection(
+    config: &AgentConfig,
+    layout: &PinLayout,
+) -> Result<ProtectHandle, DaemonError> {
+    let wrap = |source| DaemonError::Protect { source };
+    let mut maps =
+        ProtectMaps::open(layout).map_err(|source| wrap(ProtectError::Pinning(source)))?;
+    maps.prune_processes(&config.proc_root).map_err(wrap)?;
+    maps.protect_process(&config.proc_root, std::process::id())
+        .map_err(wrap)?;
+    let listeners = match config.decision.mode() {
+        DecisionMode::Embedded => vec![config.decision.listen],
+        DecisionMode::Remote => {
+            let url = config.decision.server.clone().unwrap_or_default();
+            tokio::task::spawn_blocking(move || protect::resolve_service(&url))
+                .await
+                .map_err(|source| DaemonError::Join { source })?
+        }
+        DecisionMode::Local => Vec::new(),
+    };
+    let local = protect::local_addresses();
+    let keys: Vec<_> = listeners
+        .iter()
+        .flat_map(|addr| protect::listener_keys(*addr, &local))
+        .collect();
+    maps.set_listeners(&keys).map_err(wrap)?;
+    tracing::info!(
+        listeners = ?listeners,
+        keys = keys.len(),
+        "gated tasks cannot signal or trace this agent, nor connect to its decision service"
+    );
+    Ok(Arc::new(std::sync::Mutex::new(maps)))
 }
 
 /// Gives the memory start-up used and freed (the kernel's BTF parsed twice, the
@@ -564,9 +663,22 @@ fn log_parse_error(result: Result<Event, crate::bpf::events::ParseError>) -> Opt
     }
 }
 
+/// Hands an [`Event::Unclassified`] to the policy watcher (`true`), which
+/// classifies the task's cgroup and resumes it; other events stay.
+fn route_unclassified(event: &Event, classify: &mpsc::Sender<u32>) -> bool {
+    if let Event::Unclassified { origin, .. } = event {
+        // A full queue already holds a classification pass to come.
+        let _ = classify.try_send(origin.pid);
+        true
+    } else {
+        false
+    }
+}
+
 async fn read_events(
     mut reader: EventReader,
     events: mpsc::Sender<Vec<Event>>,
+    classify: mpsc::Sender<u32>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -574,7 +686,11 @@ async fn read_events(
             _ = shutdown.changed() => return,
             batch = reader.next_batch() => match batch {
                 Ok(batch) => {
-                    let batch: Vec<_> = batch.into_iter().filter_map(log_parse_error).collect();
+                    let batch: Vec<_> = batch
+                        .into_iter()
+                        .filter_map(log_parse_error)
+                        .filter(|event| !route_unclassified(event, &classify))
+                        .collect();
                     if !batch.is_empty() && events.send(batch).await.is_err() {
                         return;
                     }
@@ -602,6 +718,7 @@ async fn load_policy(dir: &Path) -> Result<PolicySet, DaemonError> {
 /// Compiles `set` with ids unused in the kernel and applies it.
 async fn apply_new_policy(
     kernel: &KernelHandle,
+    protect_maps: &ProtectHandle,
     set: &PolicySet,
     host: &HostView,
 ) -> Result<Compiled, DaemonError> {
@@ -612,12 +729,39 @@ async fn apply_new_policy(
     let ids = policy::allocate_ids(set.policies.len(), &current.ids_in_use())
         .map_err(|source| DaemonError::Compile { source })?;
     let generation = current.generation().wrapping_add(1).max(1);
-    let compiled = compile_blocking(set.clone(), ids, generation, host.clone()).await?;
+    let mut compiled = compile_blocking(set.clone(), ids.clone(), generation, host.clone()).await?;
+    policy::carry_inherited(&current, &mut compiled.state);
+    classify_blocking(current, &mut compiled, set.clone(), ids, host.clone()).await?;
+    // The new ids' relaxations before any cgroup switches to them.
+    protect::with_maps(protect_maps, |maps| {
+        maps.set_relaxed(&protect::masks_of(&compiled))
+    })
+    .map_err(|source| DaemonError::Protect { source })?;
     kernel
         .apply_policy(compiled.state.clone())
         .await
         .map_err(|source| DaemonError::Apply { source })?;
     Ok(compiled)
+}
+
+/// [`policy::classify_unclassified`] off the async threads (it may walk
+/// the cgroup tree).
+async fn classify_blocking(
+    current: MapState,
+    compiled: &mut Compiled,
+    set: PolicySet,
+    ids: Vec<u32>,
+    host: HostView,
+) -> Result<(), DaemonError> {
+    let mut desired = std::mem::take(&mut compiled.state);
+    desired = tokio::task::spawn_blocking(move || {
+        policy::classify_unclassified(&current, &mut desired, &set, &ids, &host);
+        desired
+    })
+    .await
+    .map_err(|source| DaemonError::Join { source })?;
+    compiled.state = desired;
+    Ok(())
 }
 
 async fn compile_blocking(
@@ -632,6 +776,12 @@ async fn compile_blocking(
         .map_err(|source| DaemonError::Compile { source })
 }
 
+/// An audit payload ([`gatekeep_proto::audit`]) as the record's JSON value.
+fn payload(payload: &impl serde::Serialize) -> serde_json::Value {
+    // Strings, numbers and lists of them: they always encode.
+    serde_json::to_value(payload).unwrap_or_default()
+}
+
 fn record_policy_loaded(
     sink: &AuditHandle,
     config: &AgentConfig,
@@ -641,20 +791,29 @@ fn record_policy_loaded(
     sink.record(AuditRecord::new(
         RecordKind::PolicyLoaded,
         config.host.clone(),
-        json!({
-            "trigger": trigger,
-            "policy_dir": config.policy_dir,
-            "generation": compiled.generation,
-            "policies": compiled
+        payload(&audit::PolicyLoaded {
+            schema: audit::Schema::default(),
+            trigger: trigger.to_owned(),
+            policy_dir: config.policy_dir.to_string_lossy().into_owned(),
+            generation: compiled.generation,
+            policies: compiled
                 .policies
                 .values()
-                .map(|p| json!({ "id": p.id, "name": p.policy.name }))
-                .collect::<Vec<_>>(),
-            "cgroups_gated": compiled.cgroup_paths.values().collect::<Vec<_>>(),
-            "exec_rules": compiled.state.rule_count(map_names::EXEC_RULES),
-            "connect_prefixes": compiled.state.rule_count(map_names::CONNECT_V4)
+                .map(|p| audit::LoadedPolicy {
+                    id: p.id,
+                    name: p.policy.name.clone(),
+                })
+                .collect(),
+            cgroups_gated: compiled
+                .cgroup_paths
+                .values()
+                .map(|path| path.to_string_lossy().into_owned())
+                .collect(),
+            exec_rules: compiled.state.rule_count(map_names::EXEC_RULES),
+            connect_prefixes: compiled.state.rule_count(map_names::CONNECT_V4)
                 + compiled.state.rule_count(map_names::CONNECT_V6),
-            "warnings": compiled.warnings,
+            warnings: compiled.warnings.clone(),
+            protect_relaxed: protect::relaxations(compiled),
         }),
     ));
 }
@@ -688,11 +847,13 @@ pub fn policy_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>, 
 async fn watch_policy(
     config: AgentConfig,
     kernel: KernelHandle,
+    protect_maps: ProtectHandle,
     policies: watch::Sender<Arc<Compiled>>,
     sink: Arc<AuditHandle>,
     host: HostView,
     mut fingerprint: Vec<(PathBuf, u64, Option<SystemTime>, u64)>,
     mut reload: mpsc::Receiver<()>,
+    mut classify: mpsc::Receiver<u32>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(config.rescan_interval);
@@ -702,6 +863,15 @@ async fn watch_policy(
             _ = shutdown.changed() => return,
             _ = tick.tick() => false,
             Some(()) = reload.recv() => true,
+            Some(pid) = classify.recv() => {
+                let mut waiting = BTreeSet::from([pid]);
+                while let Ok(pid) = classify.try_recv() {
+                    waiting.insert(pid);
+                }
+                rescan(&kernel, &policies, &host).await;
+                resume_classified(&waiting);
+                continue;
+            }
         };
         let now = policy_fingerprint(&config.policy_dir);
         if forced || now != fingerprint {
@@ -709,6 +879,7 @@ async fn watch_policy(
             reload_policy(
                 &config,
                 &kernel,
+                &protect_maps,
                 &policies,
                 sink.as_ref(),
                 &host,
@@ -724,6 +895,7 @@ async fn watch_policy(
 async fn reload_policy(
     config: &AgentConfig,
     kernel: &KernelHandle,
+    protect_maps: &ProtectHandle,
     policies: &watch::Sender<Arc<Compiled>>,
     sink: &AuditHandle,
     host: &HostView,
@@ -741,7 +913,7 @@ async fn reload_policy(
             return;
         }
     };
-    match apply_new_policy(kernel, &set, host).await {
+    match apply_new_policy(kernel, protect_maps, &set, host).await {
         Ok(compiled) => {
             for warning in &compiled.warnings {
                 tracing::warn!(warning, "policy");
@@ -769,9 +941,26 @@ async fn rescan(kernel: &KernelHandle, policies: &watch::Sender<Arc<Compiled>>, 
     let set = PolicySet {
         policies: loaded.policies.values().map(|p| p.policy.clone()).collect(),
     };
-    let compiled = match compile_blocking(set, loaded.ids(), loaded.generation, host.clone()).await
-    {
-        Ok(compiled) => compiled,
+    let current = match kernel.read_policy_state().await {
+        Ok(current) => current,
+        Err(err) => {
+            tracing::error!(error = %err, "rescan could not read the maps");
+            return;
+        }
+    };
+    let compiled = compile_blocking(set.clone(), loaded.ids(), loaded.generation, host.clone())
+        .await
+        .map(|compiled| (compiled, current));
+    let compiled = match compiled {
+        Ok((mut compiled, current)) => {
+            match classify_blocking(current, &mut compiled, set, loaded.ids(), host.clone()).await {
+                Ok(()) => compiled,
+                Err(err) => {
+                    tracing::error!(error = %err, "rescan failed");
+                    return;
+                }
+            }
+        }
         Err(err) => {
             tracing::error!(error = %err, "rescan failed");
             return;
@@ -791,6 +980,24 @@ async fn rescan(kernel: &KernelHandle, policies: &watch::Sender<Arc<Compiled>>, 
             let _ = policies.send(Arc::new(compiled));
         }
         Err(err) => tracing::error!(error = %err, "rescan could not update the maps"),
+    }
+}
+
+/// Resumes tasks that stopped in an unclassified cgroup, now that the
+/// cgroup is classified: each restarts its syscall, which meets the
+/// cgroup's policy (or none). One still unclassified (its folder not seen
+/// yet) stops again and asks again.
+fn resume_classified(pids: &BTreeSet<u32>) {
+    for pid in pids {
+        let Ok(raw) = i32::try_from(*pid) else {
+            continue;
+        };
+        if let Err(err) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(raw),
+            nix::sys::signal::Signal::SIGCONT,
+        ) {
+            tracing::debug!(pid, error = %err, "resume after classification");
+        }
     }
 }
 

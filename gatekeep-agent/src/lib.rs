@@ -29,3 +29,4 @@ pub mod paths;
 pub mod pause;
 pub mod policy;
 pub mod preflight;
+pub mod protect;

@@ -31,6 +31,13 @@ struct ConfigArg {
 }
 
 impl ConfigArg {
+    /// The configuration file this agent uses.
+    fn path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(paths::CONFIG_FILE))
+    }
+
     fn load(&self) -> anyhow::Result<AgentConfig> {
         let (path, explicit) = match &self.config {
             Some(path) => (path.clone(), true),
@@ -129,6 +136,14 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Protect another process of gatekeep's (a local `gatekeep-server`):
+    /// gated tasks cannot signal, ptrace or read it through /proc while it
+    /// runs (e.g. `ExecStartPost=gatekeep-agent protect $MAINPID`).
+    Protect {
+        #[command(flatten)]
+        config: ConfigArg,
+        pid: u32,
+    },
     /// Reviewers of the embedded decision service (`[decision] mode =
     /// "embedded"`, the default).
     #[command(subcommand)]
@@ -190,6 +205,13 @@ fn add_reviewer(config: &AgentConfig, name: &str, groups: &[String]) -> anyhow::
     Ok(())
 }
 
+/// `protect PID`.
+fn protect(config: &AgentConfig, pid: u32) -> anyhow::Result<()> {
+    admin::protect_process(&config.pin_dir, &config.proc_root, pid)?;
+    println!("process {pid} is protected from gated tasks while it runs");
+    Ok(())
+}
+
 /// `status` as text.
 fn print_status(status: &admin::Status) {
     println!("pin dir: {}", status.pin_dir.display());
@@ -209,6 +231,25 @@ fn print_status(status: &admin::Status) {
     }
     for (name, value) in &status.counters {
         println!("{name}: {value}");
+    }
+    println!(
+        "protected processes: {}",
+        status
+            .protected_processes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "self-protection refusals: {}",
+        status.protect_refusals.iter().map(|r| r.count).sum::<u64>()
+    );
+    for refusal in &status.protect_refusals {
+        println!(
+            "  {} refused {} time(s) in cgroup {}",
+            refusal.protection, refusal.count, refusal.cgroup_id
+        );
     }
     println!(
         "grants: {} ({} kernel entries)",
@@ -239,6 +280,27 @@ fn print_status(status: &admin::Status) {
             }
         );
     }
+}
+
+/// `gatekeep-agent run`.
+fn run(
+    config: &ConfigArg,
+    ready_file: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+) -> anyhow::Result<()> {
+    let options = daemon::RunOptions {
+        ready_file,
+        config_file: Some(config.path()),
+    };
+    let config = config.load()?;
+    init_logging(log_format.unwrap_or(config.log_format));
+    tune_malloc();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    runtime.block_on(daemon::run(config, options))?;
+    Ok(())
 }
 
 /// Keeps glibc's malloc from holding on to memory a daemon that mostly waits does not use.
@@ -278,17 +340,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { config, ready_file } => {
-            let config = config.load()?;
-            init_logging(cli.log_format.unwrap_or(config.log_format));
-            tune_malloc();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("failed to start the async runtime")?;
-            runtime.block_on(daemon::run(config, daemon::RunOptions { ready_file }))?;
-            Ok(())
-        }
+        Command::Run { config, ready_file } => run(&config, ready_file, cli.log_format),
         Command::Policy(PolicyCommand::Validate { paths }) => {
             if let Err(err) = admin::validate_policy(&paths, &mut std::io::stdout().lock()) {
                 eprintln!("{err}");
@@ -355,6 +407,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Protect { config, pid } => protect(&config.load()?, pid),
         Command::Reviewers(ReviewersCommand::Add {
             config,
             name,

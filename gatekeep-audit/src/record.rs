@@ -36,11 +36,15 @@ pub enum RecordKind {
     AgentStarted,
     /// The agent stopped.
     AgentStopped,
+    /// Gated tasks tried something self-protection refuses (signal or trace
+    /// gatekeep, `bpf()`, load a module, mount, ...): one record per burst of
+    /// one protection in one cgroup, with the count.
+    ProtectRefused,
 }
 
 impl RecordKind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Requested,
         Self::Decided,
         Self::Expired,
@@ -53,6 +57,7 @@ impl RecordKind {
         Self::PolicyLoaded,
         Self::AgentStarted,
         Self::AgentStopped,
+        Self::ProtectRefused,
     ];
 
     /// The stored name, as in JSON.
@@ -71,6 +76,7 @@ impl RecordKind {
             Self::PolicyLoaded => "policy_loaded",
             Self::AgentStarted => "agent_started",
             Self::AgentStopped => "agent_stopped",
+            Self::ProtectRefused => "protect_refused",
         }
     }
 }
@@ -101,9 +107,9 @@ impl FromStr for RecordKind {
 
 /// One thing that happened, as a caller submits it.
 ///
-/// `payload` carries the full context; by convention its keys are in snake case and include what
-/// applies of `pid`, `exe`, `argv`, `cgroup`, `address`, `rule`, `action`, `reason`, `wait_ms`
-/// and `deadline`.
+/// `payload` carries the full context. gatekeep's agent and service write the typed, versioned
+/// payloads of `gatekeep_proto::audit`, documented in `docs/audit-schema.md`; this crate stores
+/// any JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// What happened.

@@ -1,6 +1,7 @@
 //! `gatekeep`: the reviewers' and administrators' command line.
 
 mod config;
+mod escape;
 mod output;
 
 use std::{io::Write as _, path::PathBuf, process::ExitCode};
@@ -135,12 +136,14 @@ enum ReviewCommand {
     },
     /// Show one request with its full context and similar past decisions.
     Show {
-        /// Request id (or a unique prefix of a pending one).
+        /// Request id, or any unique prefix of it (at least 4 hex digits; `review list` shows
+        /// short ones).
         id: String,
     },
     /// Approve a request.
     Approve {
-        /// Request id (or a unique prefix of a pending one).
+        /// Request id, or any unique prefix of it (at least 4 hex digits; `review list` shows
+        /// short ones).
         id: String,
         #[command(flatten)]
         duration: DurationArgs,
@@ -150,7 +153,8 @@ enum ReviewCommand {
     },
     /// Deny a request.
     Deny {
-        /// Request id (or a unique prefix of a pending one).
+        /// Request id, or any unique prefix of it (at least 4 hex digits; `review list` shows
+        /// short ones).
         id: String,
         /// Why (recorded in the audit log).
         #[arg(long, default_value = "")]
@@ -158,7 +162,8 @@ enum ReviewCommand {
     },
     /// Withdraw a pending request; the paused action is denied.
     Cancel {
-        /// Request id (or a unique prefix of a pending one).
+        /// Request id, or any unique prefix of it (at least 4 hex digits; `review list` shows
+        /// short ones).
         id: String,
         #[arg(long, default_value = "")]
         reason: String,
@@ -179,7 +184,8 @@ enum GrantsCommand {
     },
     /// Revoke a grant; its agent removes it.
     Revoke {
-        id: Uuid,
+        /// Grant id, or any unique prefix of it (at least 4 hex digits).
+        id: String,
         #[arg(long, default_value = "")]
         reason: String,
     },
@@ -282,34 +288,32 @@ impl App {
         explain(error, &self.connection)
     }
 
-    /// A full id, or the one pending request whose id starts with `text`.
+    /// A full request id, or the one request (pending or past) whose id starts with `text`:
+    /// the service resolves prefixes, and names the candidates when several match.
     async fn resolve(&mut self, text: &str) -> anyhow::Result<Uuid> {
         if let Ok(id) = Uuid::try_parse(text) {
             return Ok(id);
         }
-        let prefix = text.to_ascii_lowercase();
-        if prefix.len() < 4 || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            bail!("`{text}` is not a request id (a uuid, or at least 4 of its first characters)");
+        gatekeep_proto::id::normalize_prefix(text)?;
+        let resolved = self.client().await?.resolve_request_id(text).await;
+        resolved.map_err(|err| self.explain(err))
+    }
+
+    /// A full grant id, or the one grant (active or not) whose id starts with `text`.
+    async fn resolve_grant(&mut self, text: &str) -> anyhow::Result<Uuid> {
+        if let Ok(id) = Uuid::try_parse(text) {
+            return Ok(id);
         }
-        let pending = self
-            .client()
-            .await?
-            .list_pending(&RequestFilter::default(), 0)
-            .await;
-        let pending = pending.map_err(|err| self.explain(err))?;
-        let matches: Vec<Uuid> = pending
-            .iter()
-            .map(|record| record.request.id)
-            .filter(|id| id.to_string().starts_with(&prefix))
-            .collect();
-        match matches.as_slice() {
-            [id] => Ok(*id),
-            [] => bail!("no pending request id starts with `{text}`; see `gatekeep review list`"),
-            _ => bail!(
-                "`{text}` matches {} pending requests; give more of the id",
-                matches.len()
-            ),
-        }
+        gatekeep_proto::id::normalize_prefix(text)?;
+        let filter = GrantFilter {
+            host: None,
+            policy: None,
+            include_inactive: true,
+        };
+        let grants = self.client().await?.list_grants(&filter).await;
+        let grants = grants.map_err(|err| self.explain(err))?;
+        gatekeep_proto::id::resolve_prefix(text, "grant", grants.iter().map(|grant| grant.id))
+            .map_err(|err| anyhow!("{err}; see `gatekeep grants list --all`"))
     }
 
     async fn run(&mut self, command: Command) -> anyhow::Result<()> {
@@ -326,6 +330,7 @@ impl App {
                 self.printer.grants(&grants)
             }
             Command::Grants(GrantsCommand::Revoke { id, reason }) => {
+                let id = self.resolve_grant(&id).await?;
                 let grant = self.client().await?.revoke_grant(id, &reason).await;
                 let grant = grant.map_err(|err| self.explain(err))?;
                 self.printer.grant_revoked(&grant)

@@ -5,9 +5,11 @@ use std::{io::Write as _, path::Path};
 
 use clap::ValueEnum;
 use gatekeep_client::{AuditReport, Status};
-use gatekeep_proto::model::{Grant, RequestRecord, Target};
+use gatekeep_proto::model::{Family, Grant, RequestRecord, Target};
 use serde_json::json;
 use time::OffsetDateTime;
+
+use crate::escape::{terminal, word, words};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -46,8 +48,47 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn short(id: uuid::Uuid) -> String {
-    id.to_string()[..8].to_owned()
+/// `text` escaped for the terminal (see [`crate::escape`]), owned.
+fn t(text: &str) -> String {
+    terminal(text).into_owned()
+}
+
+/// The short id of each record: unique among those listed (see
+/// [`gatekeep_proto::id::short_ids`]).
+fn short_ids(records: &[RequestRecord]) -> Vec<String> {
+    let ids: Vec<uuid::Uuid> = records.iter().map(|r| r.request.id).collect();
+    gatekeep_proto::id::short_ids(&ids)
+}
+
+/// What a request asks, escaped for the terminal: the executable once, then the arguments
+/// after `argv[0]` (`/opt/demo/deploy.sh --env prod`); `argv[0]` is shown only when it is not
+/// the executable's path or file name (`/bin/busybox [as sh] -c ...`). A destination as
+/// `address:port`.
+pub fn what(target: &Target) -> String {
+    match target {
+        Target::Exec(exec) => {
+            let mut out = word(&exec.executable).into_owned();
+            let file_name = exec.executable.rsplit('/').next().unwrap_or_default();
+            if let Some(argv0) = exec.argv.first()
+                && *argv0 != exec.executable
+                && argv0 != file_name
+            {
+                out.push_str(" [as ");
+                out.push_str(&word(argv0));
+                out.push(']');
+            }
+            if exec.argv.len() > 1 {
+                out.push(' ');
+                out.push_str(&words(&exec.argv[1..]));
+            }
+            out
+        }
+        Target::Connect(connect) => match connect.family {
+            Family::Unix => format!("unix:{}", word(&connect.address)),
+            Family::Inet => format!("{}:{}", t(&connect.address), connect.port),
+            Family::Inet6 => format!("[{}]:{}", t(&connect.address), connect.port),
+        },
+    }
 }
 
 /// `12s`, `5m 3s`: how long from `from` to `to` (0s if negative), to the second.
@@ -99,21 +140,22 @@ impl Printer {
         let now = OffsetDateTime::now_utc();
         let rows: Vec<Vec<String>> = requests
             .iter()
-            .map(|record| {
+            .zip(short_ids(requests))
+            .map(|(record, short)| {
                 vec![
-                    short(record.request.id),
+                    short,
                     span(record.received_at, now),
                     span(now, record.deadline),
-                    record.host.clone(),
-                    record.request.policy.clone(),
+                    t(&record.host),
+                    t(&record.request.policy),
                     record.request.kind().to_string(),
                     record
                         .request
                         .user_name
-                        .clone()
-                        .unwrap_or_else(|| record.request.uid.to_string()),
+                        .as_deref()
+                        .map_or_else(|| record.request.uid.to_string(), t),
                     format!("{}/{}", record.approvals.len(), record.approvals_required),
-                    clip(&record.request.target.to_string(), 60),
+                    clip(&what(&record.request.target), 60),
                 ]
             })
             .collect();
@@ -140,16 +182,16 @@ impl Printer {
         let decided_by = record
             .decision
             .as_ref()
-            .map(|d| format!(" by {}", d.decided_by))
+            .map(|d| format!(" by {}", t(&d.decided_by)))
             .unwrap_or_default();
         text(&format!(
             "{}  {:<9}  {}  {}  {}  {}{}\n",
             at(OffsetDateTime::now_utc()),
             record.state.as_str(),
             record.request.id,
-            record.host,
-            record.request.policy,
-            clip(&record.request.target.to_string(), 80),
+            t(&record.host),
+            t(&record.request.policy),
+            clip(&what(&record.request.target), 80),
             decided_by
         ))
     }
@@ -172,15 +214,16 @@ impl Printer {
         };
         field("id", r.id.to_string());
         field("state", record.state.to_string());
-        field("host", record.host.clone());
-        field("policy", format!("{} (rule: {})", r.policy, r.rule));
+        field("host", t(&record.host));
+        field("policy", format!("{} (rule: {})", t(&r.policy), t(&r.rule)));
+        field("what", what(&r.target));
         match &r.target {
             Target::Exec(exec) => {
-                field("exec", exec.executable.clone());
-                field("argv", format!("{:?}", exec.argv));
+                field("exec", word(&exec.executable).into_owned());
+                field("argv", words(&exec.argv));
             }
             Target::Connect(connect) => {
-                field("connect", r.target.to_string());
+                field("connect", what(&r.target));
                 field(
                     "socket",
                     format!(
@@ -200,13 +243,13 @@ impl Printer {
                 r.uid,
                 r.user_name
                     .as_ref()
-                    .map(|u| format!(" ({u})"))
+                    .map(|u| format!(" ({})", t(u)))
                     .unwrap_or_default()
             ),
         );
-        field("cgroup", r.cgroup.clone());
+        field("cgroup", word(&r.cgroup).into_owned());
         if let Some(cwd) = &r.cwd {
-            field("cwd", cwd.clone());
+            field("cwd", word(cwd).into_owned());
         }
         for (i, process) in r.ancestry.iter().enumerate() {
             field(
@@ -214,8 +257,8 @@ impl Printer {
                 format!(
                     "{} {} {}",
                     process.pid,
-                    process.comm,
-                    clip(&process.argv.join(" "), 70)
+                    word(&process.comm),
+                    clip(&words(&process.argv), 70)
                 ),
             );
         }
@@ -242,7 +285,7 @@ impl Printer {
                 record
                     .approvals
                     .iter()
-                    .map(|v| format!("{} ({})", v.reviewer, v.duration))
+                    .map(|v| format!("{} ({})", t(&v.reviewer), v.duration))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -263,12 +306,12 @@ impl Printer {
                     "{} ({}) by {} at {}{}",
                     decision.state,
                     decision.verdict,
-                    decision.decided_by,
+                    t(&decision.decided_by),
                     at(decision.decided_at),
                     if decision.reason.is_empty() {
                         String::new()
                     } else {
-                        format!(": {}", decision.reason)
+                        format!(": {}", t(&decision.reason))
                     }
                 ),
             );
@@ -279,15 +322,16 @@ impl Printer {
             out.push_str("\nsimilar decisions (newest first):\n");
             let rows: Vec<Vec<String>> = similar
                 .iter()
-                .map(|s| {
+                .zip(short_ids(similar))
+                .map(|(s, short)| {
                     let decision = s.decision.as_ref();
                     vec![
-                        short(s.request.id),
+                        short,
                         s.state.to_string(),
-                        decision.map(|d| d.decided_by.clone()).unwrap_or_default(),
+                        decision.map(|d| t(&d.decided_by)).unwrap_or_default(),
                         decision.map(|d| at(d.decided_at)).unwrap_or_default(),
-                        s.host.clone(),
-                        clip(&s.request.target.to_string(), 50),
+                        t(&s.host),
+                        clip(&what(&s.request.target), 50),
                     ]
                 })
                 .collect();
@@ -333,20 +377,20 @@ impl Printer {
             .iter()
             .map(|g| {
                 let until = match (&g.revoked, g.expires_at, &g.cgroup) {
-                    (Some(revoked), _, _) => format!("revoked by {}", revoked.by),
+                    (Some(revoked), _, _) => format!("revoked by {}", t(&revoked.by)),
                     (None, Some(expires), _) => at(expires),
-                    (None, None, Some(cgroup)) => format!("end of {cgroup}"),
+                    (None, None, Some(cgroup)) => format!("end of {}", word(cgroup)),
                     (None, None, None) => "revoked".to_owned(),
                 };
                 vec![
                     g.id.to_string(),
-                    g.host.clone(),
-                    g.policy.clone(),
+                    t(&g.host),
+                    t(&g.policy),
                     g.verdict.to_string(),
                     g.duration.to_string(),
                     until,
-                    g.created_by.clone(),
-                    clip(&g.target.to_string(), 50),
+                    t(&g.created_by),
+                    clip(&what(&g.target), 50),
                 ]
             })
             .collect();
@@ -362,7 +406,11 @@ impl Printer {
         if self.format == Format::Json {
             return json_line(grant);
         }
-        text(&format!("revoked grant {} on {}\n", grant.id, grant.host))
+        text(&format!(
+            "revoked grant {} on {}\n",
+            grant.id,
+            t(&grant.host)
+        ))
     }
 
     pub fn local_verify(
@@ -479,5 +527,53 @@ mod tests {
         assert_eq!(out, "ID      WHAT\na       x\nabcdef  y\n");
         assert_eq!(clip("abcdef", 4), "abc…");
         assert_eq!(clip("abc", 4), "abc");
+    }
+
+    fn exec(executable: &str, argv: &[&str]) -> Target {
+        Target::Exec(gatekeep_proto::model::ExecTarget {
+            executable: executable.into(),
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+        })
+    }
+
+    #[test]
+    fn what_shows_the_executable_once() {
+        assert_eq!(
+            what(&exec(
+                "/opt/demo/deploy.sh",
+                &["/opt/demo/deploy.sh", "--env", "prod"]
+            )),
+            "/opt/demo/deploy.sh --env prod"
+        );
+        assert_eq!(
+            what(&exec("/usr/bin/git", &["git", "push"])),
+            "/usr/bin/git push"
+        );
+        assert_eq!(
+            what(&exec("/bin/busybox", &["sh", "-c", "id; uname -a"])),
+            r#"/bin/busybox [as sh] -c "id; uname -a""#
+        );
+        assert_eq!(what(&exec("/usr/bin/true", &[])), "/usr/bin/true");
+    }
+
+    #[test]
+    fn what_escapes_what_the_workload_wrote() {
+        let out = what(&exec(
+            "/tmp/\u{1b}]0;x\u{7}evil",
+            &["evil", "\u{1b}[2J\u{1b}[H", "a\u{202e}b", "\r\u{8}"],
+        ));
+        assert!(!out.chars().any(char::is_control), "{out}");
+        assert!(!out.contains('\u{202e}'), "{out}");
+        assert_eq!(
+            out,
+            r"/tmp/\e]0;x\aevil [as evil] \e[2J\e[H a\u{202e}b \r\b"
+        );
+        let unix = Target::Connect(gatekeep_proto::model::ConnectTarget {
+            family: Family::Unix,
+            address: "/run/\u{1b}[31mred".into(),
+            port: 0,
+            socket_type: gatekeep_proto::model::SocketType::Stream,
+        });
+        assert_eq!(what(&unix), r"unix:/run/\e[31mred");
     }
 }

@@ -159,16 +159,15 @@ async fn a_reviewer_session() {
 
     let table = stdout(&env.run(&["review", "list"]).await);
     assert!(table.starts_with("ID "), "{table}");
-    assert!(
-        table.contains("/usr/bin/git git push origin main"),
-        "{table}"
-    );
+    // WHAT names the executable once, then the arguments after argv[0].
+    assert!(table.contains("/usr/bin/git push origin main"), "{table}");
+    assert!(!table.contains("/usr/bin/git git"), "{table}");
 
     let short = &first.id.to_string()[..8];
     let shown = env.run(&["review", "show", short]).await;
     assert!(shown.status.success(), "{}", stderr(&shown));
     assert!(
-        stdout(&shown).contains("argv         [\"git\", \"push\", \"origin\", \"main\"]"),
+        stdout(&shown).contains("argv         git push origin main\n"),
         "{}",
         stdout(&shown)
     );
@@ -220,7 +219,7 @@ async fn a_reviewer_session() {
     );
     let prefix = env.run(&["review", "deny", "ffffffff"]).await;
     assert!(
-        stderr(&prefix).contains("no pending request id starts with"),
+        stderr(&prefix).contains("no request id starts with `ffffffff`"),
         "{}",
         stderr(&prefix)
     );
@@ -228,7 +227,8 @@ async fn a_reviewer_session() {
     let grants = env.run(&["--output", "json", "grants", "list"]).await;
     let grants: serde_json::Value = serde_json::from_slice(&grants.stdout).expect("json");
     let grant_id = grants[0]["id"].as_str().expect("grant id").to_owned();
-    let revoked = env.run(&["grants", "revoke", &grant_id]).await;
+    // A grant by a prefix of its id.
+    let revoked = env.run(&["grants", "revoke", &grant_id[..6]]).await;
     assert!(revoked.status.success(), "{}", stderr(&revoked));
 
     let status = env.run(&["status"]).await;
@@ -322,4 +322,260 @@ async fn check_policy_validate(env: &Env, dir: &Path) {
         "{}",
         stderr(&output)
     );
+}
+
+/// A service with reviewer `alice` and a connected agent `web-1`.
+struct Running {
+    env: Env,
+    link: Arc<AgentLink>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<Result<(), gatekeep_server::Error>>,
+}
+
+async fn running() -> Running {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::ephemeral(&[]).expect("pki");
+    std::fs::write(dir.path().join("ca.pem"), pki.ca.cert_pem()).expect("write ca");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let config = ServerConfig {
+        data_dir: dir.path().join("data"),
+        ..ServerConfig::default()
+    };
+    let server = Server::builder(config)
+        .tls(pki.tls())
+        .listener(listener)
+        .build()
+        .await
+        .expect("server");
+    let endpoint = server.endpoint();
+    let token = server
+        .add_reviewer("alice", &["sre".into()])
+        .await
+        .expect("reviewer");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(async move {
+        stopped.await.ok();
+    }));
+    let identity = pki.agent("web-1").expect("agent cert");
+    let (link, mut events) = AgentLink::start(AgentLinkConfig::new(
+        endpoint.clone(),
+        ClientTls {
+            ca_pem: pki.ca.cert_pem().to_owned(),
+            identity: Some(ClientIdentity {
+                cert_pem: identity.cert_pem,
+                key_pem: identity.key_pem,
+            }),
+            domain: None,
+        },
+    ))
+    .expect("link");
+    while !matches!(
+        tokio::time::timeout(PATIENCE, events.recv())
+            .await
+            .expect("event"),
+        Some(LinkEvent::Connected { .. })
+    ) {}
+    Running {
+        env: Env {
+            dir,
+            endpoint,
+            token,
+        },
+        link: Arc::new(link),
+        stop,
+        serving,
+    }
+}
+
+/// Sends `request` from the agent and waits until the service lists it.
+async fn ask(running: &Running, request: &ApprovalRequest) {
+    let link = Arc::clone(&running.link);
+    let sent = request.clone();
+    tokio::spawn(async move { link.decide(sent).await });
+    let started = std::time::Instant::now();
+    loop {
+        let output = running
+            .env
+            .run(&["--output", "json", "review", "list"])
+            .await;
+        let listed: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+        if listed.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|r| r["request"]["id"] == request.id.to_string())
+        }) {
+            return;
+        }
+        assert!(started.elapsed() < PATIENCE, "the request never showed up");
+    }
+}
+
+fn with_id(mut request: ApprovalRequest, id: &str) -> ApprovalRequest {
+    request.id = Uuid::try_parse(id).expect("uuid");
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_ids_are_unique_and_prefixes_resolve_or_name_the_candidates() {
+    let running = running().await;
+    let env = &running.env;
+    // Two ids that share their first eight digits, and one that does not.
+    let a = with_id(
+        request(&["git", "push"]),
+        "12345678-aaaa-4aaa-8aaa-aaaaaaaaaaaa",
+    );
+    let b = with_id(
+        request(&["git", "fetch"]),
+        "12345678-abbb-4bbb-8bbb-bbbbbbbbbbbb",
+    );
+    let c = with_id(
+        request(&["git", "pull"]),
+        "9abcdef0-cccc-4ccc-8ccc-cccccccccccc",
+    );
+    for r in [&a, &b, &c] {
+        ask(&running, r).await;
+    }
+
+    let table = stdout(&env.run(&["review", "list"]).await);
+    let shorts: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().next().expect("id column"))
+        .collect();
+    let mut expected = vec!["12345678-aa", "12345678-ab", "9abcdef0"];
+    let mut sorted = shorts.clone();
+    sorted.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(sorted, expected, "{table}");
+
+    // Each short id, as listed, resolves to its request.
+    let shown = env.run(&["review", "show", "12345678-ab"]).await;
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert!(
+        stdout(&shown).contains(&format!("id           {}\n", b.id)),
+        "{}",
+        stdout(&shown)
+    );
+    // Any case, hyphens optional.
+    let shown = env.run(&["review", "show", "12345678AA"]).await;
+    assert!(
+        stdout(&shown).contains(&a.id.to_string()),
+        "{}",
+        stderr(&shown)
+    );
+    // An ambiguous prefix names the candidates and changes nothing.
+    let ambiguous = env.run(&["review", "deny", "1234"]).await;
+    assert!(!ambiguous.status.success());
+    let message = stderr(&ambiguous);
+    assert!(
+        message.contains("`1234` is ambiguous")
+            && message.contains(&a.id.to_string())
+            && message.contains(&b.id.to_string())
+            && !message.contains(&c.id.to_string()),
+        "{message}"
+    );
+    // Too short, not hex: said so.
+    let bad = env.run(&["review", "show", "12"]).await;
+    assert!(
+        stderr(&bad).contains("at least 4 of its hex digits"),
+        "{}",
+        stderr(&bad)
+    );
+    // A unique prefix decides exactly that request.
+    let denied = env.run(&["review", "deny", "9abc", "--reason", "no"]).await;
+    assert!(denied.status.success(), "{}", stderr(&denied));
+    assert!(
+        stdout(&denied).starts_with(&format!("{} denied", c.id)),
+        "{}",
+        stdout(&denied)
+    );
+    // Decided requests still resolve (show works on history too).
+    let shown = env.run(&["review", "show", "9abcdef0"]).await;
+    assert!(
+        stdout(&shown).contains("state        denied"),
+        "{}",
+        stdout(&shown)
+    );
+
+    running.stop.send(()).ok();
+    drop(running.link);
+    tokio::time::timeout(PATIENCE, running.serving)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("clean");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escape_sequences_in_argv_cannot_drive_the_reviewers_terminal() {
+    let running = running().await;
+    let env = &running.env;
+    let hostile = [
+        "git",
+        "\u{1b}[2J\u{1b}[H",      // CSI: clear the screen, cursor home
+        "\u{1b}]0;approved\u{7}", // OSC: set the window title, BEL
+        "ok\r\u{8}\u{8}rm -rf /", // CR and backspaces to overwrite the line
+        "evil\u{202e}hs.txt",     // bidi override
+        "\u{9b}31m",              // C1 CSI
+    ];
+    let mut asked = request(&hostile);
+    asked.cwd = Some("/tmp/\u{1b}[31mred".into());
+    asked.cgroup = "/agents/\u{7}bell".into();
+    asked.ancestry = vec![gatekeep_proto::model::ProcessInfo {
+        pid: 1,
+        comm: "sh\u{1b}[8m".into(),
+        executable: None,
+        argv: vec!["sh".into(), "-c".into(), "\u{1b}[8mhidden".into()],
+        cgroup: None,
+    }];
+    ask(&running, &asked).await;
+
+    let forbidden = |text: &str| {
+        text.chars()
+            .filter(|c| (c.is_control() && *c != '\n') || ('\u{202a}'..='\u{202e}').contains(c))
+            .collect::<Vec<char>>()
+    };
+    let list = stdout(&env.run(&["review", "list"]).await);
+    assert!(forbidden(&list).is_empty(), "{list:?}");
+    assert!(list.contains(r"/usr/bin/git \e[2J\e[H"), "{list}");
+    let short = &asked.id.to_string()[..8];
+    let show = stdout(&env.run(&["review", "show", short]).await);
+    assert!(forbidden(&show).is_empty(), "{show:?}");
+    for visible in [
+        r"\e[2J\e[H",
+        r"\e]0;approved\a",
+        r#""ok\r\b\brm -rf /""#,
+        r"evil\u{202e}hs.txt",
+        r"\u{9b}31m",
+        r"cwd          /tmp/\e[31mred",
+        r"cgroup       /agents/\abell",
+        r"sh\e[8m",
+        r"\e[8mhidden",
+    ] {
+        assert!(show.contains(visible), "{visible} missing from\n{show}");
+    }
+    // JSON stays raw: the consumer gets the values, JSON-escaped (no ESC, BEL, CR, BS).
+    let json = env
+        .run(&["--output", "json", "review", "show", short])
+        .await;
+    assert!(
+        !stdout(&json)
+            .trim_end()
+            .chars()
+            .any(|c| u32::from(c) < 0x20),
+        "{}",
+        stdout(&json)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
+    assert_eq!(
+        value["request"]["request"]["target"]["argv"][1],
+        "\u{1b}[2J\u{1b}[H"
+    );
+
+    running.stop.send(()).ok();
+    drop(running.link);
+    tokio::time::timeout(PATIENCE, running.serving)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("clean");
 }

@@ -194,6 +194,20 @@ impl ReviewClient {
         Ok((record(response.request)?, records(response.similar)?))
     }
 
+    /// The one request (pending or past) whose id starts with `prefix` (at least 4 hex
+    /// digits); the service says which ids are candidates when several are.
+    pub async fn resolve_request_id(&mut self, prefix: &str) -> Result<Uuid, ClientError> {
+        let response = self
+            .inner
+            .resolve_request_id(v1::ResolveRequestIdRequest {
+                prefix: prefix.to_owned(),
+            })
+            .await?
+            .into_inner();
+        gatekeep_proto::convert::id("request_id", &response.request_id)
+            .map_err(|source| ClientError::InvalidAnswer { source })
+    }
+
     /// Approves or denies; `duration` other than `once` makes a grant.
     pub async fn decide(
         &mut self,

@@ -78,6 +78,21 @@ pub mod map_names {
     pub const CONNECT_V4: &str = "CONNECT_V4";
     /// connect hook: LPM trie of [`super::ConnectV6Key`] -> [`super::PortRules`].
     pub const CONNECT_V6: &str = "CONNECT_V6";
+    /// Self-protection (`hooks/protect`): the protections each policy relaxes.
+    pub const PROTECT_RELAXED: &str = "PROTECT_RELAXED";
+    /// Self-protection: gatekeep's own processes (tgid -> start time).
+    pub const PROTECTED_TASKS: &str = "PROTECTED_TASKS";
+    /// Self-protection: refused attempts per (protection, cgroup).
+    pub const PROTECT_DENIALS: &str = "PROTECT_DENIALS";
+    /// Self-protection: the decision service's listeners gated tasks cannot reach.
+    pub const SERVICE_LISTENERS: &str = "SERVICE_LISTENERS";
+    /// Self-protection: [`super::InodeKey`] -> [`super::protected_inode`] bits,
+    /// gatekeep's own files and folders.
+    pub const PROTECTED_INODES: &str = "PROTECTED_INODES";
+    /// cgroup id -> 1: cgroups a policy pattern can still match a new child of.
+    pub const CANDIDATE_PARENTS: &str = "CANDIDATE_PARENTS";
+    /// Policy id -> hash of the policy's name (inherited gating across reloads).
+    pub const POLICY_NAME_HASHES: &str = "POLICY_NAME_HASHES";
 
     /// Every map of the object.
     pub const ALL: &[&str] = &[
@@ -97,6 +112,13 @@ pub mod map_names {
         ARGV_SCRATCH,
         CONNECT_V4,
         CONNECT_V6,
+        PROTECT_RELAXED,
+        PROTECTED_TASKS,
+        PROTECT_DENIALS,
+        SERVICE_LISTENERS,
+        PROTECTED_INODES,
+        CANDIDATE_PARENTS,
+        POLICY_NAME_HASHES,
     ];
 }
 
@@ -107,6 +129,8 @@ pub mod global_names {
     pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
     /// The per-load `SipHash` key of request digests.
     pub const DIGEST_KEY: &str = "DIGEST_KEY";
+    /// The inode number of `/proc/kcore` (gated tasks cannot open it).
+    pub const PROC_KCORE_INO: &str = "PROC_KCORE_INO";
 }
 
 /// What a rule (or a policy default) does. `NONE` (0) means "no rule".
@@ -446,6 +470,174 @@ pub struct KernelOffsets {
     pub socket_type: u32,
     pub task_struct_real_parent: u32,
     pub task_struct_tgid: u32,
+    /// `struct inode` -> `i_mode` (`umode_t`, 2 bytes).
+    pub inode_i_mode: u32,
+    /// `struct inode` -> `i_rdev` (`dev_t`, 4 bytes).
+    pub inode_i_rdev: u32,
+    /// `struct super_block` -> `s_magic` (`unsigned long`).
+    pub super_block_s_magic: u32,
+    /// `struct task_struct` -> `group_leader` (`struct task_struct *`).
+    pub task_struct_group_leader: u32,
+    /// `struct task_struct` -> `start_boottime` (`u64`, nanoseconds).
+    pub task_struct_start_boottime: u32,
+    // File and cgroup protections (issue 18).
+    /// `struct file` -> `f_path.dentry` (`struct dentry *`).
+    pub file_f_path_dentry: u32,
+    /// `struct file` -> `f_mode` (`fmode_t`, 32 bits).
+    pub file_f_mode: u32,
+    /// `struct dentry` -> `d_parent` (`struct dentry *`).
+    pub dentry_d_parent: u32,
+    /// `struct dentry` -> `d_inode` (`struct inode *`).
+    pub dentry_d_inode: u32,
+    /// `struct cgroup` -> `kn` (`struct kernfs_node *`).
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node` -> `id` (`u64`): the cgroup id of a cgroup's node.
+    pub kernfs_node_id: u32,
+    /// `struct kernfs_node` -> `parent` (`struct kernfs_node *`).
+    pub kernfs_node_parent: u32,
+    /// `struct cgroup` -> `root` (`struct cgroup_root *`).
+    pub cgroup_root: u32,
+    /// `struct cgroup_root` -> `hierarchy_id` (`int`): 0 for cgroup v2.
+    pub cgroup_root_hierarchy_id: u32,
+}
+
+/// [`GatedCgroup::flags`]: the cgroup appeared under a *candidate parent*
+/// (a cgroup below which some policy pattern can match) and the agent has not
+/// classified it yet. Its tasks' gated actions wait (stopped, like a pause)
+/// until the agent replaces the entry with the real policy or removes it, so
+/// a cgroup that should be gated never runs ungated, not even for the
+/// moment before the agent sees it. The entry's `policy_id` is
+/// [`UNCLASSIFIED_POLICY`].
+pub const GATED_UNCLASSIFIED: u32 = 2;
+
+/// `policy_id` of an unclassified cgroup's entry: no policy slot
+/// (`>= MAX_POLICIES`), so no rule, grant or relaxation ever applies to it.
+pub const UNCLASSIFIED_POLICY: u32 = u32::MAX;
+
+/// Event kind (`EVENTS`) of a gated action in an unclassified cgroup
+/// ([`TaskEvent`]): the task is stopped until the agent has classified its
+/// cgroup and sent SIGCONT. Numbered from 16 so the kinds other branches
+/// append stay apart.
+pub const EVENT_CGROUP_UNCLASSIFIED: u32 = 16;
+
+/// Value bits of `PROTECTED_INODES`: what a gated task may not do to one of
+/// gatekeep's files or directories (by identity).
+pub mod protected_inode {
+    /// The inode itself: no open for writing, no truncate, setattr, rename,
+    /// unlink or new hard link.
+    pub const NO_WRITE: u32 = 1;
+    /// The inode itself: no open for reading (a secret).
+    pub const NO_READ: u32 = 2;
+    /// A directory: no entry is created, removed, renamed or linked in it.
+    pub const DIR_LOCKED: u32 = 4;
+    /// A directory: every file directly inside is [`NO_WRITE`] (also files
+    /// the agent creates later, e.g. a grants file replaced by rename).
+    pub const CHILDREN_NO_WRITE: u32 = 8;
+    /// A directory: every file directly inside is [`NO_READ`].
+    pub const CHILDREN_NO_READ: u32 = 16;
+}
+
+/// Key of `PROTECTED_INODES`: a file's identity, like an exec rule's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InodeKey {
+    /// `super_block::s_dev` in the kernel's encoding.
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// Self-protection (issue 18): what gated tasks may never do to gatekeep or
+/// the kernel, unless their policy relaxes it.
+///
+/// Each protection has an id; the refusals of a protection are counted per
+/// (id, cgroup) in `PROTECT_DENIALS`, and a policy relaxes a protection by
+/// setting bit `1 << id` of its `PROTECT_RELAXED` word. Ids 1..=15 are the
+/// process/kernel protections; 16..=31 are reserved for the file and cgroup
+/// protections. Append, never renumber: the ids are in audit records.
+pub mod protect {
+    /// Signals (`kill`, `tgkill`, `pidfd_send_signal`, `sigqueue`) to a
+    /// protected process (`task_kill`).
+    pub const SIGNAL: u32 = 1;
+    /// ptrace and everything `ptrace_may_access` guards (`/proc/<pid>/mem`,
+    /// `environ`, `maps`, `process_vm_readv`, `pidfd_getfd`) on a protected
+    /// process (`ptrace_access_check`).
+    pub const PTRACE: u32 = 2;
+    /// The `bpf()` system call (`bpf`).
+    pub const BPF: u32 = 3;
+    /// Module loading, module auto-loading requests, kexec and loading IMA
+    /// policies or keys (`kernel_load_data`, `kernel_read_file`,
+    /// `kernel_module_request`); firmware loads are left alone.
+    pub const KERNEL: u32 = 4;
+    /// Opening a block device, `/dev/mem`, `/dev/kmem`, `/dev/port` or
+    /// `/proc/kcore` (`file_open`).
+    pub const RAW_DEVICE: u32 = 5;
+    /// `mount`, `umount`, `move_mount`, `pivot_root`, remounts
+    /// (`sb_mount`, `sb_umount`, `move_mount`, `sb_pivotroot`, `sb_remount`).
+    pub const MOUNT: u32 = 6;
+    /// `connect` to a listener of the decision service (`socket_connect`).
+    pub const SERVICE_CONNECT: u32 = 7;
+    /// gatekeep's files by identity (config, policies, state, audit, pins,
+    /// binaries).
+    pub const FILES: u32 = 16;
+    /// Leaving the gated subtree (cgroup file writes outside it,
+    /// `clone3(CLONE_INTO_CGROUP)`, renaming cgroups).
+    pub const CGROUPS: u32 = 17;
+    /// One past the highest id of the process and kernel protections.
+    pub const END: u32 = 8;
+    // Ids 16..=31 belong to the file and cgroup protections.
+    const _: () = assert!(END <= 16);
+
+    /// The `PROTECT_RELAXED` bit of protection `id` (ids are below 32).
+    #[must_use]
+    #[inline]
+    pub const fn bit(id: u32) -> u32 {
+        1 << (id & 31)
+    }
+}
+
+/// Value of the `PROTECTED_TASKS` map (keyed by thread group id): a process
+/// of gatekeep's that gated tasks may not signal or trace.
+///
+/// The start time tells a reused pid from the process itself: it is the
+/// process's `start_boottime` in clock ticks (`USER_HZ`), the unit of field
+/// 22 of `/proc/<pid>/stat`, from which the agent reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtectedTask {
+    pub start_ticks: u64,
+}
+
+/// Nanoseconds per clock tick (`USER_HZ` = 100 on every architecture
+/// gatekeep runs on): the kernel divides `start_boottime` by it to compare
+/// with [`ProtectedTask::start_ticks`].
+pub const NS_PER_CLOCK_TICK: u64 = 10_000_000;
+
+/// Key of the `PROTECT_DENIALS` map: refused self-protection attempts are
+/// counted per protection and cgroup, so a flood costs one map entry, and
+/// user space writes one audit record per burst.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProtectDenialKey {
+    /// A [`protect`] id.
+    pub hook: u32,
+    pub _pad: u32,
+    pub cgroup_id: u64,
+}
+
+/// Key of the `SERVICE_LISTENERS` map: an address and port the decision
+/// service listens on. `addr` is all zeroes for a wildcard listener, which
+/// the kernel matches for loopback destinations; the agent adds the host's
+/// own addresses as exact keys.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceListenerKey {
+    /// `AF_INET` or `AF_INET6` (IPv4-mapped IPv6 is keyed as IPv4).
+    pub family: u16,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u32,
+    /// IPv4 in the first 4 bytes, or IPv6; network order.
+    pub addr: [u8; 16],
 }
 
 #[cfg(feature = "user")]
@@ -465,6 +657,10 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::GrantKey {}
     unsafe impl aya::Pod for super::Grant {}
+    unsafe impl aya::Pod for super::ProtectedTask {}
+    unsafe impl aya::Pod for super::ProtectDenialKey {}
+    unsafe impl aya::Pod for super::ServiceListenerKey {}
+    unsafe impl aya::Pod for super::InodeKey {}
 }
 
 #[cfg(test)]
@@ -505,6 +701,8 @@ mod tests {
         assert_eq!(size_of::<Verdict>(), 16);
         assert_eq!(size_of::<GrantKey>(), 16);
         assert_eq!(size_of::<Grant>(), 16);
+        assert_eq!(size_of::<InodeKey>(), 16);
+        assert_eq!(size_of::<ProtectDenialKey>(), 16);
         assert_eq!(size_of::<EventHeader>(), 4 * 8 + 8 * 3 + COMM_LEN);
         assert_eq!(
             size_of::<ExecEvent>(),
@@ -515,6 +713,32 @@ mod tests {
             size_of::<EventHeader>() + 16 + 16 + 108 + 4
         );
         assert_eq!(align_of::<ExecEvent>(), 8);
+    }
+
+    #[test]
+    fn protect_types_have_their_wire_sizes_and_ids_fit_the_relax_mask() {
+        assert_eq!(size_of::<ProtectedTask>(), 8);
+        assert_eq!(size_of::<ProtectDenialKey>(), 16);
+        assert_eq!(size_of::<ServiceListenerKey>(), 24);
+        // 26 `u32` offsets: the exec/connect ones, then the self-protection ones.
+        assert_eq!(size_of::<KernelOffsets>(), 26 * 4);
+        assert_eq!(size_of::<InodeKey>(), 16);
+        let ids = [
+            protect::SIGNAL,
+            protect::PTRACE,
+            protect::BPF,
+            protect::KERNEL,
+            protect::RAW_DEVICE,
+            protect::MOUNT,
+            protect::SERVICE_CONNECT,
+            protect::FILES,
+            protect::CGROUPS,
+        ];
+        let mask = ids.iter().fold(0u32, |mask, id| {
+            assert_eq!(mask & protect::bit(*id), 0, "id {id} is used twice");
+            mask | protect::bit(*id)
+        });
+        assert_eq!(mask.count_ones() as usize, ids.len());
     }
 
     #[test]

@@ -8,12 +8,14 @@ use core::intrinsics::AtomicOrdering;
 
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_NOEXIST},
+    helpers::bpf_probe_read_kernel,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use gatekeep_common::{
-    GATED_FILTER_SLOTS, GatedCgroup, Grant, GrantKey, KernelOffsets, MAX_POLICIES, PendingRequest,
-    PolicyDefaults, Verdict, VerdictKey, counter, gated_filter_slot, pending_slot,
+    GATED_FILTER_SLOTS, GatedCgroup, Grant, GrantKey, InodeKey, KernelOffsets, MAX_POLICIES,
+    PendingRequest, PolicyDefaults, ProtectDenialKey, ProtectedTask, ServiceListenerKey, Verdict,
+    VerdictKey, counter, gated_filter_slot, pending_slot,
 };
 
 /// cgroup v2 id -> policy governing it. A task whose cgroup is absent is not
@@ -171,6 +173,20 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     socket_type: 0,
     task_struct_real_parent: 0,
     task_struct_tgid: 0,
+    inode_i_mode: 0,
+    inode_i_rdev: 0,
+    super_block_s_magic: 0,
+    task_struct_group_leader: 0,
+    task_struct_start_boottime: 0,
+    file_f_path_dentry: 0,
+    file_f_mode: 0,
+    dentry_d_parent: 0,
+    dentry_d_inode: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+    kernfs_node_parent: 0,
+    cgroup_root: 0,
+    cgroup_root_hierarchy_id: 0,
 };
 
 /// SipHash key for request digests, random per load (set by the agent), so
@@ -201,4 +217,125 @@ pub fn bump(index: u32) {
         // program runs.
         unsafe { *value += 1 };
     }
+}
+
+/// gatekeep's own files and directories, by identity -> `protected_inode`
+/// bits: what gated tasks may not do to them (hooks/protect_files.rs). The
+/// agent fills it at start and refreshes it on every rescan.
+#[map]
+pub static PROTECTED_INODES: HashMap<InodeKey, u32> = HashMap::with_max_entries(4096, 0);
+
+/// The `PROTECTED_INODES` bits of the inode at `inode` (a `struct inode *`),
+/// 0 when it is not one of gatekeep's (or cannot be read).
+#[inline(always)]
+pub fn protected_inode(inode: *const u8) -> u32 {
+    if inode.is_null() {
+        return 0;
+    }
+    let off = offsets();
+    // SAFETY: probe reads, which fail safely on a bad address.
+    let key = unsafe {
+        let Ok(ino) = bpf_probe_read_kernel::<u64>(inode.add(off.inode_i_ino as usize).cast())
+        else {
+            return 0;
+        };
+        let Ok(sb) = bpf_probe_read_kernel::<*const u8>(inode.add(off.inode_i_sb as usize).cast())
+        else {
+            return 0;
+        };
+        let Ok(dev) = bpf_probe_read_kernel::<u32>(sb.add(off.super_block_s_dev as usize).cast())
+        else {
+            return 0;
+        };
+        InodeKey {
+            dev: u64::from(dev),
+            ino,
+        }
+    };
+    // SAFETY: copied out immediately.
+    unsafe { PROTECTED_INODES.get(&key) }.copied().unwrap_or(0)
+}
+
+/// Policy id -> a hash of the policy's name (0: no policy), written with
+/// `POLICIES` and never read here: a reload (or a restarted agent) gives
+/// policies new ids, and finds by it which new policy a cgroup the kernel
+/// gated itself (`GATED_INHERITED`) belongs to, so inherited gating
+/// survives reloads.
+#[map]
+pub static POLICY_NAME_HASHES: Array<u64> = Array::with_max_entries(MAX_POLICIES, 0);
+
+/// cgroup ids below which some policy pattern can match a cgroup that does
+/// not exist yet (e.g. `/system.slice` for `/system.slice/ai-*.service`),
+/// written by the agent. A cgroup made in one by an ungated task is gated as
+/// unclassified (`GATED_UNCLASSIFIED`) until the agent classifies it.
+#[map]
+pub static CANDIDATE_PARENTS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Self-protection (issue 18): policy id -> the [`gatekeep_common::protect`]
+/// bits (`1 << id`) the policy relaxed. 0, the default, protects everything.
+#[map]
+pub static PROTECT_RELAXED: Array<u32> = Array::with_max_entries(MAX_POLICIES, 0);
+
+/// Whether `policy_id` relaxed protection `id`.
+#[inline(always)]
+pub fn protect_relaxed(policy_id: u32, id: u32) -> bool {
+    PROTECT_RELAXED
+        .get(policy_id)
+        .is_some_and(|mask| *mask & gatekeep_common::protect::bit(id) != 0)
+}
+
+/// Thread group id -> a gatekeep process gated tasks may not signal, trace
+/// or read through `/proc` (the agent, processes it starts, a local
+/// `gatekeep-server`). Filled by the agent.
+#[map]
+pub static PROTECTED_TASKS: HashMap<u32, ProtectedTask> = HashMap::with_max_entries(64, 0);
+
+/// Refused self-protection attempts per (protection, cgroup), added to
+/// atomically. User space reads the counts and writes one audit record per
+/// burst, so a flood of attempts costs one entry here, not one event each.
+/// LRU: a workload making cgroups to evict entries only loses counts, never
+/// a refusal.
+#[map]
+pub static PROTECT_DENIALS: LruHashMap<ProtectDenialKey, u64> =
+    LruHashMap::with_max_entries(4096, 0);
+
+/// Counts one refusal of protection `hook` for `cgroup_id`.
+#[inline(always)]
+pub fn count_protect_denial(hook: u32, cgroup_id: u64) {
+    let key = ProtectDenialKey {
+        hook,
+        _pad: 0,
+        cgroup_id,
+    };
+    if let Some(count) = PROTECT_DENIALS.get_ptr_mut(&key) {
+        add_to_slot(count, 1);
+        return;
+    }
+    // Two first refusals at once: the loser's insert fails, and it adds.
+    if PROTECT_DENIALS
+        .insert(&key, &1, BPF_NOEXIST.into())
+        .is_err()
+        && let Some(count) = PROTECT_DENIALS.get_ptr_mut(&key)
+    {
+        add_to_slot(count, 1);
+    }
+}
+
+/// The decision service's listening addresses (set by the agent): gated
+/// tasks may not connect to them unless their policy relaxes
+/// `protect::SERVICE_CONNECT`.
+#[map]
+pub static SERVICE_LISTENERS: HashMap<ServiceListenerKey, u32> = HashMap::with_max_entries(256, 0);
+
+/// The inode number of `/proc/kcore` (set by the agent at load; the same in
+/// every procfs instance: proc entries get their inode number once, at
+/// registration). 0: not known, nothing matches.
+#[unsafe(no_mangle)]
+static PROC_KCORE_INO: u64 = 0;
+
+/// The `/proc/kcore` inode number the agent set at load time.
+#[inline(always)]
+pub fn proc_kcore_ino() -> u64 {
+    // SAFETY: as for `offsets`.
+    unsafe { core::ptr::read_volatile(&raw const PROC_KCORE_INO) }
 }

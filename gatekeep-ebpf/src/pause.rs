@@ -3,10 +3,14 @@
 
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_send_signal_thread};
 use gatekeep_common::{
-    GrantKey, MAX_PENDING_ATTEMPTS, PendingRequest, VerdictKey, action, counter,
+    EPERM, ERESTARTNOINTR, EVENT_CGROUP_UNCLASSIFIED, GrantKey, MAX_PENDING_ATTEMPTS,
+    PendingRequest, VerdictKey, action, counter,
 };
 
-use crate::maps::{GRANTS, PENDING, VERDICTS, bump, forget_pending, offsets, track_pending};
+use crate::{
+    events::{Caller, emit_task_event},
+    maps::{GRANTS, PENDING, VERDICTS, bump, forget_pending, offsets, track_pending},
+};
 
 const SIGSTOP: u32 = 19;
 
@@ -163,5 +167,30 @@ fn current_is_traced() -> bool {
             .add(offsets().task_struct_ptrace as usize)
             .cast::<u32>();
         bpf_probe_read_kernel(field).is_ok_and(|ptrace| ptrace != 0)
+    }
+}
+
+/// A gated action (`request_kind`) of a task whose cgroup is unclassified
+/// (`GATED_UNCLASSIFIED`): the thread stops, as for a pause, and the agent
+/// hears of it; once the agent has classified the cgroup it sends SIGCONT
+/// and the restarted syscall meets the cgroup's real policy (or none). A
+/// stray SIGCONT finds the cgroup still unclassified and stops it again; a
+/// traced task is refused (its tracer could swallow the stop).
+#[inline(always)]
+pub fn await_classification(caller: &Caller, request_kind: u32) -> i32 {
+    if current_is_traced() {
+        return EPERM;
+    }
+    emit_task_event(
+        caller,
+        EVENT_CGROUP_UNCLASSIFIED,
+        0,
+        request_kind,
+        action::ASK,
+    );
+    if stop_current_thread() {
+        ERESTARTNOINTR
+    } else {
+        EPERM
     }
 }

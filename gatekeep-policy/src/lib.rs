@@ -136,7 +136,8 @@ pub use error::{Diagnostic, PolicyError};
 pub use load::{Summary, parse_str, validate_paths};
 pub use model::{
     Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration,
-    ParseActionError, ParseGrantDurationError, Policy, PolicySet, PortRange,
+    ParseActionError, ParseGrantDurationError, ParseProtectPointError, Policy, PolicySet,
+    PortRange, Protect, ProtectPoint,
 };
 pub use parse::{DEFAULT_TIMEOUT, MAX_TIMEOUT};
 

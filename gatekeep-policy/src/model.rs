@@ -40,6 +40,9 @@ pub struct Policy {
     pub exec: ExecPolicy,
     pub connect: ConnectPolicy,
     pub approval: Approval,
+    /// Self-protections this policy gives up (`[policy.protect]`); none by
+    /// default.
+    pub protect: Protect,
 }
 
 /// What a policy does with an `execve`.
@@ -525,4 +528,113 @@ mod tests {
             "deny [::1]/128"
         );
     }
+}
+
+/// `[policy.protect]`: which self-protections a policy relaxes. Everything
+/// is protected unless named here; every relaxation is recorded in the
+/// audit log when the policy is loaded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Protect {
+    /// In file order, without duplicates.
+    pub relax: Vec<ProtectPoint>,
+}
+
+/// One self-protection a policy may relax. The kernel id of each is in
+/// `gatekeep_common::protect` ([`ProtectPoint::kernel_id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProtectPoint {
+    /// Signals to gatekeep's processes.
+    Signals,
+    /// ptrace and `/proc/<pid>/mem`, `environ`, ... of gatekeep's processes.
+    Ptrace,
+    /// The `bpf()` system call.
+    Bpf,
+    /// Module loading and kexec.
+    Kernel,
+    /// Block devices, `/dev/mem`, `/dev/kmem`, `/dev/port`, `/proc/kcore`.
+    RawDevices,
+    /// mount, umount, `move_mount`, `pivot_root`.
+    Mount,
+    /// Connecting to the decision service's listeners.
+    ServiceConnect,
+    /// gatekeep's files by identity: configuration, policies, state, audit, pins, binaries.
+    Files,
+    /// Leaving the gated cgroup subtree.
+    Cgroups,
+}
+
+impl ProtectPoint {
+    /// Every point, in kernel id order.
+    pub const ALL: [ProtectPoint; 9] = [
+        ProtectPoint::Signals,
+        ProtectPoint::Ptrace,
+        ProtectPoint::Bpf,
+        ProtectPoint::Kernel,
+        ProtectPoint::RawDevices,
+        ProtectPoint::Mount,
+        ProtectPoint::ServiceConnect,
+        ProtectPoint::Files,
+        ProtectPoint::Cgroups,
+    ];
+
+    /// The name a policy file uses.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProtectPoint::Signals => "signals",
+            ProtectPoint::Ptrace => "ptrace",
+            ProtectPoint::Bpf => "bpf",
+            ProtectPoint::Kernel => "kernel",
+            ProtectPoint::RawDevices => "raw-devices",
+            ProtectPoint::Mount => "mount",
+            ProtectPoint::ServiceConnect => "service-connect",
+            ProtectPoint::Files => "files",
+            ProtectPoint::Cgroups => "cgroups",
+        }
+    }
+
+    /// The protection's id in the kernel programs (`gatekeep_common::protect`).
+    #[must_use]
+    pub fn kernel_id(self) -> u32 {
+        match self {
+            ProtectPoint::Signals => 1,
+            ProtectPoint::Ptrace => 2,
+            ProtectPoint::Bpf => 3,
+            ProtectPoint::Kernel => 4,
+            ProtectPoint::RawDevices => 5,
+            ProtectPoint::Mount => 6,
+            ProtectPoint::ServiceConnect => 7,
+            ProtectPoint::Files => 16,
+            ProtectPoint::Cgroups => 17,
+        }
+    }
+}
+
+impl fmt::Display for ProtectPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ProtectPoint {
+    type Err = ParseProtectPointError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ProtectPoint::ALL
+            .into_iter()
+            .find(|point| point.as_str() == s)
+            .ok_or_else(|| ParseProtectPointError {
+                value: s.to_owned(),
+            })
+    }
+}
+
+/// The string names no self-protection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown protection \"{value}\" (expected signals, ptrace, bpf, kernel, raw-devices, mount or service-connect)"
+)]
+pub struct ParseProtectPointError {
+    pub value: String,
 }

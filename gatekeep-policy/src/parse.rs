@@ -17,6 +17,7 @@ use crate::{
     error::Diagnostic,
     model::{
         Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, Policy,
+        Protect, ProtectPoint,
     },
     net::parse_target,
 };
@@ -32,7 +33,8 @@ pub const MAX_TIMEOUT: Duration = Duration::from_hours(24);
 
 const EXEC_PATH_NOTE: &str = "exec rules match absolute paths; relative paths, `..` and symlinks are resolved by the kernel-side identity match";
 
-const POLICY_KEYS: &[&str] = &["name", "cgroups", "exec", "connect", "approval"];
+const POLICY_KEYS: &[&str] = &["name", "cgroups", "exec", "connect", "approval", "protect"];
+const PROTECT_KEYS: &[&str] = &["relax"];
 const EXEC_KEYS: &[&str] = &["default", "allow", "deny", "ask"];
 const CONNECT_KEYS: &[&str] = &["default", "allow", "deny", "ask", "unix"];
 const APPROVAL_KEYS: &[&str] = &[
@@ -226,6 +228,7 @@ impl<'a> Walker<'a> {
         let exec = self.exec(table);
         let connect = self.connect(table);
         let approval = self.approval(table);
+        let protect = self.protect(table);
         ParsedPolicy {
             policy: Policy {
                 name,
@@ -233,6 +236,7 @@ impl<'a> Walker<'a> {
                 exec,
                 connect,
                 approval,
+                protect,
             },
             name_at,
             cgroups_at,
@@ -437,6 +441,31 @@ impl<'a> Walker<'a> {
             }
         }
         None
+    }
+
+    /// `[policy.protect]`: `relax = ["signals", ...]`.
+    fn protect(&mut self, policy: &DeTable<'_>) -> Protect {
+        let mut protect = Protect::default();
+        let Some(table) = self.section(policy, "protect", PROTECT_KEYS) else {
+            return protect;
+        };
+        let Some(value) = field(table, "relax") else {
+            return protect;
+        };
+        let Some(items) = self.string_list(value, "relax", "relax = [\"mount\"]") else {
+            return protect;
+        };
+        for (text, span) in items {
+            match text.parse::<ProtectPoint>() {
+                Ok(point) if protect.relax.contains(&point) => self.error(
+                    &span,
+                    format!("protection \"{point}\" is relaxed twice in this policy; remove one"),
+                ),
+                Ok(point) => protect.relax.push(point),
+                Err(e) => self.error(&span, e.to_string()),
+            }
+        }
+        protect
     }
 
     fn approval(&mut self, policy: &DeTable<'_>) -> Approval {
@@ -759,7 +788,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 mod tests {
     use std::{net::IpAddr, time::Duration};
 
-    use crate::{Action, GrantDuration, PolicySet, PortRange, parse_str};
+    use crate::{Action, GrantDuration, PolicySet, PortRange, ProtectPoint, parse_str};
 
     const FILE: &str = "policies/agents.toml";
 
@@ -845,11 +874,11 @@ mod tests {
             [
                 "policies/agents.toml:1:1: unknown key \"version\" in this file (expected policy)",
                 "policies/agents.toml:2:1: policy has no cgroups; add cgroups = [\"/sys/fs/cgroup/...\"] to say which workloads it governs",
-                "policies/agents.toml:4:1: unknown key \"cgroup\" in [[policy]] (expected name, cgroups, exec, connect or approval); did you mean \"cgroups\"?",
+                "policies/agents.toml:4:1: unknown key \"cgroup\" in [[policy]] (expected name, cgroups, exec, connect, approval or protect); did you mean \"cgroups\"?",
                 "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny or ask); did you mean \"default\"?",
                 "policies/agents.toml:9:1: unknown key \"allowed\" in [policy.connect] (expected default, allow, deny, ask or unix); did you mean \"allow\"?",
                 "policies/agents.toml:12:1: unknown key \"reviewer\" in [policy.approval] (expected timeout, on_timeout, reviewers, approvals_required or grant_durations); did you mean \"reviewers\"?",
-                "policies/agents.toml:13:9: unknown key \"audit\" in [[policy]] (expected name, cgroups, exec, connect or approval)",
+                "policies/agents.toml:13:9: unknown key \"audit\" in [[policy]] (expected name, cgroups, exec, connect, approval or protect)",
             ]
         );
     }
@@ -1198,6 +1227,38 @@ mod tests {
         assert!(lines[0].starts_with("policies/agents.toml:5:11: unknown action"));
         assert!(
             lines[1].starts_with("policies/agents.toml:6:10: exec path \"ls\" is not absolute")
+        );
+    }
+
+    #[test]
+    fn protect_relaxations_are_read_in_order_and_none_by_default() {
+        assert!(load(HEAD).policies[0].protect.relax.is_empty());
+        let set = load(&with_head(
+            "[policy.protect]\nrelax = [\"mount\", \"service-connect\", \"signals\"]\n",
+        ));
+        assert_eq!(
+            set.policies[0].protect.relax,
+            [
+                ProtectPoint::Mount,
+                ProtectPoint::ServiceConnect,
+                ProtectPoint::Signals
+            ]
+        );
+    }
+
+    #[test]
+    fn protect_errors_are_located() {
+        let text = with_head(
+            "[policy.protect]\nrelax = [\"mount\", \"mounts\", \"mount\", 3]\nrelaxed = true\n",
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "policies/agents.toml:5:19: unknown protection \"mounts\" (expected signals, ptrace, bpf, kernel, raw-devices, mount or service-connect)",
+                "policies/agents.toml:5:29: protection \"mount\" is relaxed twice in this policy; remove one",
+                "policies/agents.toml:5:38: `relax` must contain strings only, found integer",
+                "policies/agents.toml:6:1: unknown key \"relaxed\" in [policy.protect] (expected relax); did you mean \"relax\"?",
+            ]
         );
     }
 }

@@ -123,6 +123,15 @@ pub fn id(field: &str, value: &str) -> Result<Uuid> {
     Uuid::try_parse(value).map_err(|err| WireError::invalid(field, format!("not a uuid ({err})")))
 }
 
+/// Parses the id of a new request: exactly the form [`crate::id::parse`] accepts (a
+/// lowercase hyphenated uuid of version 4 or 8).
+pub fn request_id(field: &str, value: &str) -> Result<Uuid> {
+    if value.is_empty() {
+        return Err(WireError::missing(field));
+    }
+    crate::id::parse(value).map_err(|err| WireError::invalid(field, err.to_string()))
+}
+
 /// Checks a reason: at most [`limits::MAX_REASON`] bytes.
 pub fn reason(field: &str, value: String) -> Result<String> {
     text(field, &value, limits::MAX_REASON)?;
@@ -569,7 +578,7 @@ impl TryFrom<v1::ApprovalRequest> for ApprovalRequest {
     type Error = WireError;
 
     fn try_from(wire: v1::ApprovalRequest) -> Result<Self> {
-        let id = id("request_id", &wire.request_id)?;
+        let id = request_id("request_id", &wire.request_id)?;
         let kind = Kind::try_from(wire.kind)?;
         let target = request_target(kind, wire.target)?;
         count("ancestry", wire.ancestry.len(), limits::MAX_ANCESTRY)?;

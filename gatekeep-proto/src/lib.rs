@@ -5,7 +5,9 @@
 //! The service and its clients both use the domain types, so a message that passes
 //! [`convert`] on one side means the same thing on the other.
 
+pub mod audit;
 pub mod convert;
+pub mod id;
 pub mod limits;
 pub mod model;
 

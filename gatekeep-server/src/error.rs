@@ -34,6 +34,12 @@ pub enum Error {
     /// A request id was re-sent with different content (or by another host).
     #[error("request id `{id}` is already used by a different request")]
     IdReused { id: Uuid },
+    /// A request id prefix names no single request.
+    #[error("{source}")]
+    Prefix {
+        #[from]
+        source: gatekeep_proto::id::PrefixError,
+    },
     /// The reviewer already approved this request: the same reviewer twice does not count
     /// twice towards the quorum.
     #[error("`{reviewer}` already approved request `{id}`; another reviewer must approve")]
@@ -127,6 +133,11 @@ impl Error {
             | Error::GrantInactive { .. }
             | Error::UnknownPolicy { .. } => Code::FailedPrecondition,
             Error::IdReused { .. } | Error::AlreadyVoted { .. } => Code::AlreadyExists,
+            Error::Prefix { source } => match source {
+                gatekeep_proto::id::PrefixError::Invalid { .. } => Code::InvalidArgument,
+                gatekeep_proto::id::PrefixError::Unknown { .. } => Code::NotFound,
+                gatekeep_proto::id::PrefixError::Ambiguous { .. } => Code::FailedPrecondition,
+            },
             Error::Unauthenticated { .. } => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::ShuttingDown => Code::Unavailable,

@@ -17,6 +17,7 @@
 //! Every final decision is pushed to the agent's stream and every change to watchers.
 
 use std::{
+    borrow::Cow,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -24,18 +25,18 @@ use std::{
     time::Duration,
 };
 
-use gatekeep_audit::{AuditError, AuditRecord, AuditWriter, EncodedRecord, RecordKind};
+use gatekeep_audit::{AuditError, AuditWriter, EncodedRecord, RecordKind};
 use gatekeep_policy::PolicySet;
 use gatekeep_proto::{
-    GrantDuration, limits,
+    GrantDuration,
+    audit::{self as payload, Schema},
+    limits,
     model::{
-        ApprovalRequest, ApprovalSettings, Decision, Grant, Kind, RequestRecord, RequestState,
-        Revocation, Target, Verdict, Vote, WithdrawReason,
+        ApprovalRequest, ApprovalSettings, Decision, Grant, RequestRecord, RequestState,
+        Revocation, Verdict, Vote, WithdrawReason,
     },
     v1,
 };
-use serde::Serialize;
-use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -49,29 +50,6 @@ use crate::{
     rules::Rules,
     store::{AdmissionQuery, GrantQuery, Inserted, RequestQuery, Store, Transition, Versioned},
 };
-
-/// The payload of a `requested` record.
-#[derive(Serialize)]
-struct RequestedPayload<'a> {
-    request: &'a ApprovalRequest,
-    deadline: Option<String>,
-}
-
-/// The payload of the record that ends a request (`decided`, `expired`, ...).
-#[derive(Serialize)]
-struct FinalPayload<'a> {
-    policy: &'a str,
-    kind: Kind,
-    target: &'a Target,
-    state: RequestState,
-    verdict: Verdict,
-    reason: &'a str,
-    duration: String,
-    approvals: &'a [Vote],
-    wait_ms: i64,
-    #[serde(rename = "final")]
-    is_final: bool,
-}
 
 /// How often a transition is retried when another writer changed the request meanwhile.
 const MAX_ATTEMPTS: usize = 16;
@@ -179,15 +157,8 @@ impl Engine {
         &self.audit
     }
 
-    async fn record(&self, record: AuditRecord) {
-        if let Err(error) = self.audit.submit_async(record).await {
-            // The transition is stored; losing its audit record is what the log shows.
-            tracing::error!(%error, "failed to queue an audit record");
-        }
-    }
-
-    /// Like [`Self::record`], for a payload encoded straight from its type (the records every
-    /// request writes).
+    /// Queues a record whose payload was encoded straight from its type
+    /// ([`gatekeep_proto::audit`]).
     async fn record_encoded(&self, record: Result<EncodedRecord, AuditError>) {
         let queued = match record {
             Ok(record) => self.audit.submit_encoded_async(record).await,
@@ -299,9 +270,11 @@ impl Engine {
                 Self::resent(host, &record.request, *existing)
             }
             Inserted::New => {
-                let payload = RequestedPayload {
-                    request: &record.request,
-                    deadline: gatekeep_audit::timestamp::format(record.deadline).ok(),
+                let payload = payload::Requested {
+                    schema: Schema::default(),
+                    request: Cow::Borrowed(&record.request),
+                    service_deadline: gatekeep_audit::timestamp::format(record.deadline).ok(),
+                    kernel: None,
                 };
                 self.record_encoded(
                     EncodedRecord::new(RecordKind::Requested, host, &payload).map(|encoded| {
@@ -327,14 +300,34 @@ impl Engine {
     }
 
     /// A re-sent id: the same request from the same host is answered with its state; anything
-    /// else reusing the id is refused.
+    /// else reusing the id (another host, or another action) is refused.
+    ///
+    /// "The same request" is the same paused action: policy, target, task and cgroup (an
+    /// agent's id already hashes the time of the pause). The context the agent gathered
+    /// around it (ancestry, cwd, user name, its rounding of the request time) may differ when
+    /// an agent restarted and asks again about a task that stayed paused; the stored one
+    /// stands.
     fn resent(
         host: &str,
         request: &ApprovalRequest,
         existing: Versioned<RequestRecord>,
     ) -> Result<Submitted, Error> {
         let existing = existing.value;
-        if existing.host != host || existing.request != *request {
+        let stored = &existing.request;
+        let same = existing.host == host
+            && stored.policy == request.policy
+            && stored.target == request.target
+            && stored.pid == request.pid
+            && stored.tid == request.tid
+            && stored.uid == request.uid
+            && stored.cgroup == request.cgroup;
+        if !same {
+            tracing::warn!(
+                id = %request.id,
+                host,
+                stored_host = existing.host,
+                "a request id was sent again for a different action; refused"
+            );
             return Err(Error::IdReused { id: request.id });
         }
         Ok(existing
@@ -421,17 +414,26 @@ impl Engine {
             }
         };
         let wait_ms = (decision.decided_at - record.received_at).whole_milliseconds();
-        let payload = FinalPayload {
-            policy: &record.request.policy,
+        let payload = payload::Outcome {
+            schema: Schema::default(),
+            policy: Some(Cow::Borrowed(&record.request.policy)),
             kind: record.request.kind(),
-            target: &record.request.target,
+            target: Some(Cow::Borrowed(&record.request.target)),
             state: decision.state,
-            verdict: decision.verdict,
-            reason: &decision.reason,
-            duration: decision.duration.to_string(),
-            approvals: &record.approvals,
-            wait_ms: i64::try_from(wait_ms).unwrap_or(i64::MAX),
+            verdict: Some(decision.verdict),
+            reason: Cow::Borrowed(&decision.reason),
+            cause: None,
+            detail: None,
+            duration: Some(decision.duration.to_string()),
+            approvals: Some(Cow::Borrowed(&record.approvals)),
+            approvals_required: Some(record.approvals_required),
+            grant_id: decision.grant.as_ref().map(|grant| grant.id),
+            wait_ms: u64::try_from(wait_ms).unwrap_or(0),
             is_final: true,
+            pid: None,
+            tid: None,
+            digest: None,
+            comm: None,
         };
         self.record_encoded(
             EncodedRecord::new(kind, &record.host, &payload).map(|encoded| {
@@ -443,11 +445,21 @@ impl Engine {
         )
         .await;
         if let Some(grant) = &decision.grant {
-            self.record(
-                AuditRecord::new(RecordKind::GrantInstalled, &grant.host, json!(grant))
-                    .with_request_id(record.request.id.to_string())
-                    .with_actor(&grant.created_by)
-                    .with_at(grant.created_at),
+            let change = payload::GrantChange {
+                schema: Schema::default(),
+                grant,
+                by: None,
+                reason: None,
+            };
+            self.record_encoded(
+                EncodedRecord::new(RecordKind::GrantInstalled, &grant.host, &change).map(
+                    |encoded| {
+                        encoded
+                            .with_request_id(record.request.id.to_string())
+                            .with_actor(&grant.created_by)
+                            .with_at(grant.created_at)
+                    },
+                ),
             )
             .await;
         }
@@ -510,23 +522,37 @@ impl Engine {
                 }
             }
             Outcome::Vote(vote) => {
-                self.record(
-                    AuditRecord::new(
-                        RecordKind::Decided,
-                        &record.host,
-                        json!({
-                            "policy": record.request.policy,
-                            "verdict": Verdict::Allow,
-                            "reason": vote.reason,
-                            "duration": vote.duration.to_string(),
-                            "approvals": record.approvals.len(),
-                            "approvals_required": record.approvals_required,
-                            "final": false,
-                        }),
-                    )
-                    .with_request_id(record.request.id.to_string())
-                    .with_actor(&vote.reviewer)
-                    .with_at(vote.at),
+                let wait_ms = (vote.at - record.received_at).whole_milliseconds();
+                let payload = payload::Outcome {
+                    schema: Schema::default(),
+                    policy: Some(Cow::Borrowed(&record.request.policy)),
+                    kind: record.request.kind(),
+                    target: Some(Cow::Borrowed(&record.request.target)),
+                    state: RequestState::Pending,
+                    verdict: Some(Verdict::Allow),
+                    reason: Cow::Borrowed(&vote.reason),
+                    cause: None,
+                    detail: None,
+                    duration: Some(vote.duration.to_string()),
+                    approvals: Some(Cow::Borrowed(&record.approvals)),
+                    approvals_required: Some(record.approvals_required),
+                    grant_id: None,
+                    wait_ms: u64::try_from(wait_ms).unwrap_or(0),
+                    is_final: false,
+                    pid: None,
+                    tid: None,
+                    digest: None,
+                    comm: None,
+                };
+                self.record_encoded(
+                    EncodedRecord::new(RecordKind::Decided, &record.host, &payload).map(
+                        |encoded| {
+                            encoded
+                                .with_request_id(record.request.id.to_string())
+                                .with_actor(&vote.reviewer)
+                                .with_at(vote.at)
+                        },
+                    ),
                 )
                 .await;
             }
@@ -546,6 +572,19 @@ impl Engine {
                 groups.join(", ")
             )))
         }
+    }
+
+    /// The one request whose id starts with `text` (see [`gatekeep_proto::id`]): a reviewer
+    /// may type any unique prefix of an id, of a pending request or a past one.
+    pub async fn resolve_request_id(&self, text: &str) -> Result<Uuid, Error> {
+        /// Candidates named in an "ambiguous" error, at most.
+        const CANDIDATES: usize = 11;
+        let prefix = gatekeep_proto::id::normalize_prefix(text)?;
+        let ids = self
+            .store
+            .request_ids_with_prefix(prefix, CANDIDATES)
+            .await?;
+        Ok(gatekeep_proto::id::resolve_prefix(text, "request", ids)?)
     }
 
     /// A reviewer approves or denies a pending request.
@@ -810,16 +849,19 @@ impl Engine {
             )
             .await?;
         if let Some(grant) = &revoked {
-            self.record(
-                AuditRecord::new(
-                    RecordKind::GrantRevoked,
-                    &grant.host,
-                    json!({"grant_id": grant.id, "policy": grant.policy, "reason": reason,
-                           "target": grant.target, "duration": grant.duration.to_string()}),
-                )
-                .with_request_id(grant.request_id.to_string())
-                .with_actor(by)
-                .with_at(now),
+            let change = payload::GrantChange {
+                schema: Schema::default(),
+                grant,
+                by: Some(by.to_owned()),
+                reason: Some(reason.to_owned()),
+            };
+            self.record_encoded(
+                EncodedRecord::new(RecordKind::GrantRevoked, &grant.host, &change).map(|encoded| {
+                    encoded
+                        .with_request_id(grant.request_id.to_string())
+                        .with_actor(by)
+                        .with_at(now)
+                }),
             )
             .await;
             self.hub.send(

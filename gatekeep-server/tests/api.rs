@@ -1221,6 +1221,32 @@ async fn malformed_inputs_get_precise_codes_and_change_nothing() {
     let rejected = next_rejection().await;
     assert_eq!(Code::from_i32(rejected.code), Code::AlreadyExists);
 
+    // Ids not in the one request-id form: uppercase, without hyphens, time-ordered (v7).
+    for bad in [
+        "5F0C2A9E-8D41-8B7E-9A13-4C2D7E9F0A1B",
+        "5f0c2a9e8d418b7e9a134c2d7e9f0a1b",
+        "0191ab3c-12aa-7b7e-9a13-4c2d7e9f0a1b",
+    ] {
+        let mut wire = v1::ApprovalRequest::from(request(&["curl"]));
+        wire.request_id = bad.to_owned();
+        sender
+            .send(v1::AgentMessage {
+                message: Some(v1::agent_message::Message::Request(wire)),
+            })
+            .expect("send");
+        let rejected = next_rejection().await;
+        assert_eq!(
+            Code::from_i32(rejected.code),
+            Code::InvalidArgument,
+            "{bad}"
+        );
+        assert!(
+            rejected.message.contains("request_id"),
+            "{bad}: {}",
+            rejected.message
+        );
+    }
+
     // Withdrawing an unknown id.
     sender
         .send(v1::AgentMessage {
@@ -1483,4 +1509,179 @@ approvals_required = 2
     drop(link);
     stop.send(()).ok();
     serving.await.expect("task").expect("served");
+}
+
+/// Exports the service's audit log as JSON values, one per record.
+fn audit_lines(harness: &Harness) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    gatekeep_audit::export(
+        harness.audit_db(),
+        &mut out,
+        &gatekeep_audit::ExportFilter::default(),
+    )
+    .expect("export");
+    String::from_utf8(out)
+        .expect("utf-8")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json line"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_request_id_is_the_id_in_the_list_and_the_audit_log() {
+    let mut harness = Harness::start().await;
+    let (link, _events) = harness.agent("web-1").await;
+    let link = Arc::new(link);
+    let mut alice = harness.reviewer("alice").await;
+
+    // Minted as the agent mints it: a v8 uuid from a hash.
+    let mut asked = request(&["curl", "https://example.org"]);
+    asked.id = gatekeep_proto::id::from_hash(*b"host+boot+pause!");
+    let waiting = decide_later(&link, asked.clone());
+    let pending = wait_state(&mut alice, asked.id, RequestState::Pending).await;
+    assert_eq!(pending.request.id, asked.id);
+    let listed = alice
+        .list_pending(&RequestFilter::default(), 0)
+        .await
+        .expect("list");
+    assert_eq!(
+        listed.iter().map(|r| r.request.id).collect::<Vec<_>>(),
+        [asked.id]
+    );
+
+    // The agent restarted (a new stream from the same host) and asks again about the same
+    // paused task: same id, the same action, context gathered anew (another cwd, ancestry).
+    // Still one request.
+    waiting.abort();
+    let _ = waiting.await;
+    Arc::try_unwrap(link)
+        .map_err(|_| "link still shared")
+        .expect("one link")
+        .shutdown()
+        .await;
+    let (restarted, _restarted_events) = harness.agent("web-1").await;
+    let restarted = Arc::new(restarted);
+    let mut again = asked.clone();
+    again.cwd = Some("/elsewhere".into());
+    again.ancestry = vec![gatekeep_proto::model::ProcessInfo {
+        pid: 1,
+        comm: "init".into(),
+        executable: None,
+        argv: vec![],
+        cgroup: None,
+    }];
+    let resent = decide_later(&restarted, again);
+
+    // Another agent with the same id: refused, and the stored request is untouched.
+    let (other, _other_events) = harness.agent("web-2").await;
+    let stolen = other.decide(asked.clone()).await;
+    assert!(
+        matches!(&stolen, Err(LinkError::Rejected { code, .. }) if *code == Code::AlreadyExists),
+        "{stolen:?}"
+    );
+    let stored = wait_state(&mut alice, asked.id, RequestState::Pending).await;
+    assert_eq!(stored.host, "web-1");
+    assert_eq!(stored.request.cwd.as_deref(), Some("/srv"));
+
+    // Resolved by its short id, decided, and the answer names the same id.
+    let short = &gatekeep_proto::id::short_ids(&[asked.id])[0];
+    assert_eq!(
+        alice.resolve_request_id(short).await.expect("resolve"),
+        asked.id
+    );
+    alice
+        .decide(asked.id, Verdict::Allow, "fine", GrantDuration::Once)
+        .await
+        .expect("approve");
+    let decision = answer(resent).await.expect("decision");
+    assert_eq!(decision.request_id, asked.id);
+    assert_eq!(
+        alice
+            .list_pending(&RequestFilter::default(), 0)
+            .await
+            .expect("list")
+            .len(),
+        0,
+        "one request, decided"
+    );
+    drop(other);
+
+    harness.stop().await;
+    let lines = audit_lines(&harness);
+    let ours: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["request_id"] == asked.id.to_string())
+        .collect();
+    let kinds: Vec<&str> = ours
+        .iter()
+        .map(|l| l["kind"].as_str().expect("kind"))
+        .collect();
+    assert_eq!(kinds, ["requested", "decided"], "{lines:#?}");
+    let requested = &ours[0]["payload"];
+    assert_eq!(requested["schema"], gatekeep_proto::audit::SCHEMA_VERSION);
+    assert_eq!(requested["request"]["id"], asked.id.to_string());
+    let decided = &ours[1]["payload"];
+    assert_eq!(decided["schema"], gatekeep_proto::audit::SCHEMA_VERSION);
+    assert_eq!(decided["state"], "approved");
+    assert_eq!(decided["final"], true);
+    assert_eq!(ours[1]["actor"], "alice");
+    // The refused copy from web-2 left no record.
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["host"] != "web-2" || l["request_id"] != asked.id.to_string()),
+        "{lines:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_prefixes_resolve_to_one_request_or_name_the_candidates() {
+    let mut harness = Harness::start().await;
+    let (link, _events) = harness.agent("web-1").await;
+    let link = Arc::new(link);
+    let mut alice = harness.reviewer("alice").await;
+    let ids = [
+        "12345678-aaaa-4aaa-8aaa-aaaaaaaaaaaa",
+        "12345678-abbb-4bbb-8bbb-bbbbbbbbbbbb",
+        "9abcdef0-cccc-4ccc-8ccc-cccccccccccc",
+    ]
+    .map(|text| Uuid::try_parse(text).expect("uuid"));
+    let mut waits = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let mut asked = request(&["curl", &format!("https://{i}.example")]);
+        asked.id = *id;
+        waits.push(decide_later(&link, asked));
+        wait_state(&mut alice, *id, RequestState::Pending).await;
+    }
+    assert_eq!(alice.resolve_request_id("9abc").await.expect("one"), ids[2]);
+    assert_eq!(
+        alice.resolve_request_id("12345678AB").await.expect("one"),
+        ids[1]
+    );
+    assert_eq!(
+        code(alice.resolve_request_id("12345678").await),
+        Code::FailedPrecondition
+    );
+    let ambiguous = alice.resolve_request_id("1234").await;
+    let message = format!("{:?}", ambiguous.expect_err("ambiguous"));
+    assert!(
+        message.contains(&ids[0].to_string()) && message.contains(&ids[1].to_string()),
+        "{message}"
+    );
+    assert_eq!(code(alice.resolve_request_id("ffff").await), Code::NotFound);
+    assert_eq!(
+        code(alice.resolve_request_id("zz").await),
+        Code::InvalidArgument
+    );
+    // Decided requests resolve too.
+    alice
+        .decide(ids[2], Verdict::Deny, "", GrantDuration::Once)
+        .await
+        .expect("deny");
+    answer(waits.pop().expect("third")).await.expect("denied");
+    assert_eq!(
+        alice.resolve_request_id("9abcdef0").await.expect("one"),
+        ids[2]
+    );
+    harness.stop().await;
 }

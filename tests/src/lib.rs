@@ -482,10 +482,10 @@ impl Agent {
         let outcome = workload::run_in(cgroup, &command, Duration::from_secs(30));
         assert_eq!(outcome, workload::Outcome::exec_denied());
         let record = self.wait_record("kernel_denied", Duration::from_secs(20), |r| {
-            r["payload"]["exe"].as_str() == Some(exe)
+            r["payload"]["target"]["executable"].as_str() == Some(exe)
         });
         assert_eq!(
-            record["payload"]["argv"],
+            record["payload"]["target"]["argv"],
             serde_json::json!(argv),
             "the denial must carry the captured argv: {record}"
         );

@@ -134,3 +134,19 @@ pub fn start_paused(cgroup: &Cgroup, args: &[&str], timeout: Duration) -> Child 
     wait_stopped(child.id(), timeout);
     child
 }
+
+/// Runs the workload with `args` to its end, in `cgroup` (or, with `None`,
+/// in the test's own, ungated cgroup), and returns the one line it printed
+/// (`ok`, `errno 1`, `ok 0`...).
+#[must_use]
+pub fn line_of(cgroup: Option<&Cgroup>, args: &[&str]) -> String {
+    let mut command = workload(args);
+    let mut child = match cgroup {
+        Some(cgroup) => cgroup.spawn(&mut command),
+        None => command.spawn().expect("start the workload"),
+    };
+    let output = wait_child(&mut child, Duration::from_mins(1));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_no_513(&stdout);
+    stdout.trim().to_owned()
+}

@@ -46,7 +46,8 @@ fn connect_denied_by_rule_fails_with_eperm_and_is_audited() {
     let record = agent.wait_record("kernel_denied", Duration::from_secs(20), |r| {
         r["payload"]["kind"] == "connect"
     });
-    assert_eq!(record["payload"]["address"], format!("127.0.0.1:{port}"));
+    assert_eq!(record["payload"]["target"]["address"], "127.0.0.1");
+    assert_eq!(record["payload"]["target"]["port"], port);
     assert_eq!(record["payload"]["rule"], "connect deny 127.0.0.0/8");
 }
 
@@ -94,10 +95,17 @@ fn asked_connect_is_allowed_when_the_timeout_action_is_allow() {
         "connected before the decision"
     );
     let requested = agent.wait_record("requested", Duration::from_secs(20), |r| {
-        r["payload"]["kind"] == "connect"
+        r["payload"]["request"]["target"]["kind"] == "connect"
     });
-    assert_eq!(requested["payload"]["address"], format!("127.0.0.1:{port}"));
-    assert_eq!(requested["payload"]["rule"], "connect default ask");
+    assert_eq!(
+        requested["payload"]["request"]["target"]["address"],
+        "127.0.0.1"
+    );
+    assert_eq!(requested["payload"]["request"]["target"]["port"], port);
+    assert_eq!(
+        requested["payload"]["request"]["rule"],
+        "connect default ask"
+    );
 }
 
 #[test]

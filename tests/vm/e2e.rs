@@ -122,18 +122,18 @@ fn embedded_service_reviewer_approves_a_paused_connect_and_denies_a_paused_exec(
     );
     assert_eq!(finish(&mut exec), Outcome::exec_denied());
 
-    // The agent's audit: who decided, why, the service's record.
+    // The agent's audit: who decided, why, under the service's request id.
     let allowed = agent.wait_record("decided", PATIENCE, |r| r["payload"]["kind"] == "connect");
     assert_eq!(allowed["actor"], "admin");
     assert_eq!(allowed["payload"]["verdict"], "allow");
     assert_eq!(allowed["payload"]["reason"], "expected call");
-    assert_eq!(
-        allowed["payload"]["service"]["request_id"],
-        connect_id.as_str()
-    );
-    assert_eq!(allowed["payload"]["service"]["state"], "approved");
-    let requested = agent.wait_record("requested", PATIENCE, |r| r["payload"]["kind"] == "exec");
-    assert_eq!(requested["payload"]["service_request_id"], exec_id.as_str());
+    assert_eq!(allowed["request_id"], connect_id.as_str());
+    assert_eq!(allowed["payload"]["state"], "approved");
+    let requested = agent.wait_record("requested", PATIENCE, |r| {
+        r["payload"]["request"]["target"]["kind"] == "exec"
+    });
+    assert_eq!(requested["request_id"], exec_id.as_str());
+    assert_eq!(requested["payload"]["request"]["id"], exec_id.as_str());
     let denied = agent.wait_record("decided", PATIENCE, |r| r["payload"]["kind"] == "exec");
     assert_eq!(denied["actor"], "admin");
     assert_eq!(denied["payload"]["verdict"], "deny");
@@ -297,7 +297,7 @@ fn a_decision_made_after_the_service_restarts_reaches_the_paused_task() {
     assert_eq!(finish(&mut exec), Outcome::exec_ran());
     let decided = agent.wait_record("decided", PATIENCE, |_| true);
     assert_eq!(decided["actor"], "alice");
-    assert_eq!(decided["payload"]["service"]["request_id"], id.as_str());
+    assert_eq!(decided["request_id"], id.as_str());
 }
 
 #[test]
@@ -464,5 +464,5 @@ fn a_restarted_agent_asks_the_same_request_again_and_gets_its_decision() {
     agent.cli_ok(&["review", "approve", &id], "review approve");
     assert_eq!(finish(&mut exec), Outcome::exec_ran());
     let decided = agent.wait_record("decided", PATIENCE, |_| true);
-    assert_eq!(decided["payload"]["service"]["request_id"], id.as_str());
+    assert_eq!(decided["request_id"], id.as_str());
 }

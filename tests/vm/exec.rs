@@ -116,16 +116,20 @@ fn asked_exec_is_allowed_when_the_timeout_action_is_allow() {
         "ran before the decision"
     );
     let requested = agent.wait_record("requested", Duration::from_secs(20), |r| {
-        r["payload"]["exe"].as_str() == Some(asked.as_str())
+        r["payload"]["request"]["target"]["executable"].as_str() == Some(asked.as_str())
     });
     let decided = agent.wait_record("expired", Duration::from_secs(20), |r| {
         r["request_id"] == requested["request_id"]
     });
     assert_eq!(decided["payload"]["verdict"], "allow");
     assert_eq!(decided["actor"], "timeout");
-    assert_eq!(requested["payload"]["user"], "root");
+    assert_eq!(requested["payload"]["request"]["user_name"], "root");
+    assert_eq!(
+        requested["payload"]["request"]["id"], requested["request_id"],
+        "one id: the record's and the request's"
+    );
     assert!(
-        requested["payload"]["ancestry"]
+        requested["payload"]["request"]["ancestry"]
             .as_array()
             .is_some_and(|a| !a.is_empty()),
         "{requested}"

@@ -3,6 +3,7 @@
 //! share kernel state).
 
 mod audit;
+mod cgroup_escape;
 mod connect;
 mod e2e;
 mod escape;
@@ -11,6 +12,8 @@ mod grants;
 mod pause;
 mod pending;
 mod preflight;
+mod protect_files;
 mod restart;
+mod self_protect;
 mod smoke;
 mod workload;

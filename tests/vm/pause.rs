@@ -132,7 +132,7 @@ fn argv_rewritten_by_a_sibling_thread_is_never_approved_by_the_old_verdict() {
                 .iter()
                 .find(|r| r["kind"] == "requested" && r["request_id"] == d["request_id"])
                 .and_then(|r| {
-                    r["payload"]["argv"]
+                    r["payload"]["request"]["target"]["argv"]
                         .as_array()?
                         .last()?
                         .as_str()
@@ -177,7 +177,7 @@ fn argv_changed_while_paused_is_asked_anew_and_only_the_new_request_is_decided()
         .unwrap_or_else(|| panic!("no address line: {line:?}"));
     wait_stopped(pid, Duration::from_secs(20));
     let first = agent.wait_record("requested", Duration::from_secs(20), |_| true);
-    assert_eq!(first["payload"]["argv"][4], "ORIGINAL");
+    assert_eq!(first["payload"]["request"]["target"]["argv"][4], "ORIGINAL");
 
     // Rewrite the argument in the stopped process's memory, then let it
     // retry: what it asks now is not what was asked.
@@ -201,13 +201,16 @@ fn argv_changed_while_paused_is_asked_anew_and_only_the_new_request_is_decided()
         .filter(|r| r["kind"] == "requested")
         .collect();
     assert_eq!(requested.len(), 2, "{records:#?}");
-    assert_eq!(requested[1]["payload"]["argv"][4], "REWRITTN");
+    assert_eq!(
+        requested[1]["payload"]["request"]["target"]["argv"][4],
+        "REWRITTN"
+    );
     let cancelled = records
         .iter()
         .find(|r| r["kind"] == "cancelled")
         .expect("the first request is cancelled");
     assert_eq!(cancelled["request_id"], first["request_id"]);
-    assert_eq!(cancelled["payload"]["reason"], "superseded");
+    assert_eq!(cancelled["payload"]["cause"], "superseded");
     let decided: Vec<&serde_json::Value> = records
         .iter()
         .filter(|r| r["kind"] == "expired" || r["kind"] == "decided")

@@ -102,7 +102,7 @@ fn clean_restart_keeps_paused_tasks_paused_and_finishes_them() {
         "a clean stop must not release paused tasks"
     );
     let cancelled = agent.wait_record("cancelled", Duration::from_secs(5), |r| {
-        r["payload"]["reason"] == "agent_stopped"
+        r["payload"]["cause"] == "agent_stopped"
     });
     assert!(cancelled["request_id"].is_string());
     assert!(

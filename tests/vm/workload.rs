@@ -15,6 +15,36 @@
 //! - `exec-rewrite PATH ARG0 ARGS... -- WORD REPLACEMENT`: execs from one
 //!   thread while a sibling thread, as soon as the process comes back from a
 //!   stop, overwrites the argument WORD in place with REPLACEMENT (same length).
+//!
+//! Self-protection attacks (`self_protect.rs`); each prints `ok` (exit 0) or
+//! `errno N` (exit 1):
+//! - `kill PID SIG`; `kill-loop PID SIG N` (N attempts; prints the last
+//!   result and `refused K`);
+//! - `ptrace-seize PID` (`PTRACE_SEIZE` does not stop the tracee; the
+//!   tracer's exit detaches it);
+//! - `open PATH r|rw`;
+//! - `bpf-map-by-id ID`, `bpf-prog-load` (a two-instruction socket filter);
+//! - `init-module PATH`, `finit-module PATH`;
+//! - `mount-tmpfs DIR`, `umount DIR`;
+//! - `userns-root CMD...`: `unshare(CLONE_NEWUSER | CLONE_NEWNS)` mapping
+//!   itself to root first (`unshare -Ur`).
+//!
+//! File and cgroup attacks (`protect_files.rs`, `cgroup_escape.rs`):
+//! - `fs OP PATH [PATH2]`: one file syscall, printing `ok` (exit 0) or
+//!   `errno N` (exit 1). OP: `read` (open for reading and read), `write`
+//!   (open for appending and write), `trunc-open` (`O_TRUNC`), `truncate`
+//!   (`truncate(2)`), `create` (`O_CREAT|O_EXCL`), `mkdir`, `unlink`,
+//!   `rmdir`, `rename PATH PATH2`, `link PATH PATH2`, `symlink PATH PATH2`,
+//!   `chmod`; `put PATH TEXT` writes TEXT to an existing file in one
+//!   `write` (`echo TEXT > PATH`, e.g. a pid into `cgroup.procs`).
+//! - `clone3-into DIR PATH ARG0 [ARGS...]`: `clone3(CLONE_INTO_CGROUP)` into
+//!   the cgroup folder DIR, the child execs PATH; prints `ok N` (the child's
+//!   exit code) or `errno N` of clone3 (exit 1).
+//! - `as-user UID COMMAND...`: drops to UID (and its gid, no groups) and
+//!   runs COMMAND as above: the unprivileged variants.
+//! - `in-userns COMMAND...`: makes a user namespace whose root is this
+//!   process's uid and gid, and runs COMMAND as its root (all capabilities in
+//!   it): the user-namespace variants.
 
 use std::{
     ffi::CString,
@@ -93,7 +123,51 @@ fn run(args: &[String]) -> i32 {
                 }
             }
         }
+        Some("fs") if args.len() >= 3 => report(fs_op(&args[1], &args[2..])),
+        Some("clone3-into") if args.len() >= 4 => clone3_into(&args[1], &args[2], &args[3..]),
+        Some("as-user") if args.len() >= 3 => {
+            let Ok(uid) = args[1].parse::<u32>() else {
+                return 2;
+            };
+            // SAFETY: plain syscalls; the process is single-threaded here.
+            let dropped = unsafe {
+                libc::setgroups(0, std::ptr::null()) == 0
+                    && libc::setgid(uid) == 0
+                    && libc::setuid(uid) == 0
+            };
+            if !dropped {
+                println!("setuid failed: errno {}", errno());
+                return 3;
+            }
+            // A uid change makes the process undumpable, which leaves its
+            // /proc/self files (uid_map...) root's: dumpable again, as a
+            // process started by that user would be.
+            // SAFETY: a plain prctl.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+            run(&args[2..])
+        }
+        Some("in-userns") if args.len() >= 2 => {
+            // SAFETY: the first uid/gid read before the unshare; plain syscalls.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            // SAFETY: the process is single-threaded here.
+            if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
+                println!("unshare failed: errno {}", errno());
+                return 3;
+            }
+            let maps = std::fs::write("/proc/self/setgroups", "deny")
+                .and_then(|()| std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")))
+                .and_then(|()| std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")));
+            if let Err(err) = maps {
+                println!("userns maps failed: {err}");
+                return 3;
+            }
+            run(&args[1..])
+        }
         Some("exec-rewrite") => exec_rewrite(&args[1..]),
+        Some(
+            "kill" | "kill-loop" | "ptrace-seize" | "open" | "bpf-map-by-id" | "bpf-prog-load"
+            | "init-module" | "finit-module" | "mount-tmpfs" | "umount" | "userns-root",
+        ) => attack(args),
         Some("exec-expose") => exec_expose(&args[1..]),
         _ => {
             println!("unknown workload {args:?}");
@@ -178,4 +252,284 @@ fn exec_expose(args: &[String]) -> i32 {
     unsafe { libc::execv(path.as_ptr(), ptrs.as_ptr()) };
     println!("errno {}", errno());
     111
+}
+
+/// `ok` (0) or `errno N` (1) for a raw syscall's return value.
+fn report_ret(ret: i64) -> i32 {
+    if ret < 0 {
+        println!("errno {}", errno());
+        1
+    } else {
+        println!("ok");
+        0
+    }
+}
+
+fn cstring(text: &str) -> CString {
+    CString::new(text).unwrap_or_default()
+}
+
+/// `union bpf_attr`, as far as the commands below use it (zeroes beyond).
+#[repr(C, align(8))]
+struct BpfAttr([u32; 32]);
+
+fn bpf(cmd: i64, attr: &BpfAttr) -> i64 {
+    // SAFETY: a zero-padded attribute of the size passed.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_ref(attr),
+            std::mem::size_of::<BpfAttr>(),
+        )
+    }
+}
+
+/// The self-protection attacks (see the module comment).
+fn attack(args: &[String]) -> i32 {
+    let arg = |i: usize| args.get(i).map_or("", String::as_str);
+    let number = |i: usize| arg(i).parse::<i64>().unwrap_or(-1);
+    match arg(0) {
+        // SAFETY (all arms): plain syscalls on values that outlive them.
+        "kill" => report_ret(i64::from(unsafe {
+            libc::kill(number(1) as i32, number(2) as i32)
+        })),
+        "kill-loop" => {
+            let (mut refused, mut last) = (0, 0);
+            for _ in 0..number(3) {
+                last = i64::from(unsafe { libc::kill(number(1) as i32, number(2) as i32) });
+                if last < 0 {
+                    refused += 1;
+                }
+            }
+            let code = report_ret(last);
+            println!("refused {refused}");
+            code
+        }
+        "ptrace-seize" => report_ret(unsafe {
+            libc::ptrace(
+                libc::PTRACE_SEIZE,
+                number(1) as libc::pid_t,
+                std::ptr::null_mut::<libc::c_void>(),
+                std::ptr::null_mut::<libc::c_void>(),
+            )
+        }),
+        "open" => {
+            let flags = if arg(2) == "rw" {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            let path = cstring(arg(1));
+            report_ret(i64::from(unsafe { libc::open(path.as_ptr(), flags) }))
+        }
+        "bpf-map-by-id" => {
+            const BPF_MAP_GET_FD_BY_ID: i64 = 14;
+            let mut attr = BpfAttr([0; 32]);
+            attr.0[0] = number(1) as u32;
+            report_ret(bpf(BPF_MAP_GET_FD_BY_ID, &attr))
+        }
+        "bpf-prog-load" => {
+            const BPF_PROG_LOAD: i64 = 5;
+            const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+            // r0 = 0; exit
+            let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+            let license = cstring("GPL");
+            let mut attr = BpfAttr([0; 32]);
+            attr.0[0] = BPF_PROG_TYPE_SOCKET_FILTER;
+            attr.0[1] = 2;
+            let insns_ptr = insns.as_ptr() as u64;
+            let license_ptr = license.as_ptr() as u64;
+            attr.0[2] = insns_ptr as u32;
+            attr.0[3] = (insns_ptr >> 32) as u32;
+            attr.0[4] = license_ptr as u32;
+            attr.0[5] = (license_ptr >> 32) as u32;
+            report_ret(bpf(BPF_PROG_LOAD, &attr))
+        }
+        "init-module" => {
+            let image = std::fs::read(arg(1)).unwrap_or_default();
+            let params = cstring("");
+            report_ret(unsafe {
+                libc::syscall(
+                    libc::SYS_init_module,
+                    image.as_ptr(),
+                    image.len(),
+                    params.as_ptr(),
+                )
+            })
+        }
+        "finit-module" => {
+            let Ok(file) = std::fs::File::open(arg(1)) else {
+                println!("cannot open {}", arg(1));
+                return 2;
+            };
+            let params = cstring("");
+            report_ret(unsafe {
+                libc::syscall(
+                    libc::SYS_finit_module,
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    params.as_ptr(),
+                    0,
+                )
+            })
+        }
+        "mount-tmpfs" => {
+            let (source, target, fstype) =
+                (cstring("gk-attack"), cstring(arg(1)), cstring("tmpfs"));
+            report_ret(i64::from(unsafe {
+                libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    fstype.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            }))
+        }
+        "umount" => {
+            let target = cstring(arg(1));
+            report_ret(i64::from(unsafe { libc::umount2(target.as_ptr(), 0) }))
+        }
+        "userns-root" => {
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) } != 0 {
+                println!("unshare failed: errno {}", errno());
+                return 3;
+            }
+            let mapped = std::fs::write("/proc/self/setgroups", "deny")
+                .and_then(|()| std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")))
+                .and_then(|()| std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")));
+            if let Err(err) = mapped {
+                println!("cannot map root in the new user namespace: {err}");
+                return 3;
+            }
+            run(&args[1..])
+        }
+        _ => 2,
+    }
+}
+
+/// Prints `ok` or `errno N`; the exit code says which.
+fn report(result: std::io::Result<()>) -> i32 {
+    match result {
+        Ok(()) => {
+            println!("ok");
+            0
+        }
+        Err(err) => {
+            println!("errno {}", err.raw_os_error().unwrap_or(-1));
+            1
+        }
+    }
+}
+
+fn fs_op(op: &str, args: &[String]) -> std::io::Result<()> {
+    use std::{
+        fs,
+        io::{Read as _, Write as _},
+        os::unix::fs::PermissionsExt as _,
+    };
+    let path = args[0].as_str();
+    let second = || {
+        args.get(1)
+            .map(String::as_str)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    match op {
+        "read" => fs::File::open(path).and_then(|mut f| f.read_to_end(&mut Vec::new()).map(drop)),
+        "write" => fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(b"x")),
+        "trunc-open" => fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .map(drop),
+        "truncate" => {
+            let c = CString::new(path).unwrap_or_default();
+            // SAFETY: a NUL-terminated path.
+            if unsafe { libc::truncate(c.as_ptr(), 0) } == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        }
+        "create" => fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map(drop),
+        "mkdir" => fs::create_dir(path),
+        "unlink" => fs::remove_file(path),
+        "rmdir" => fs::remove_dir(path),
+        "rename" => fs::rename(path, second()?),
+        "link" => fs::hard_link(path, second()?),
+        "symlink" => std::os::unix::fs::symlink(path, second()?),
+        "chmod" => fs::set_permissions(path, fs::Permissions::from_mode(0o777)),
+        "put" => {
+            let text = second()?;
+            fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+        }
+        _ => Err(std::io::Error::from_raw_os_error(libc::ENOSYS)),
+    }
+}
+
+/// `struct clone_args` (include/uapi/linux/sched.h), up to `cgroup`.
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+fn clone3_into(dir: &str, path: &str, argv: &[String]) -> i32 {
+    let Ok(folder) = std::fs::File::open(dir) else {
+        println!("errno {}", errno());
+        return 1;
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&folder);
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: u64::try_from(fd).unwrap_or(0),
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM: the child is a copy of this process,
+    // which only execs (or exits) in it.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &raw const args,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid < 0 {
+        println!("errno {}", errno());
+        return 1;
+    }
+    if pid == 0 {
+        exec(path, argv);
+        // SAFETY: leave the child without running the parent's atexit work.
+        unsafe { libc::_exit(111) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(i32::try_from(pid).unwrap_or(-1), &raw mut status, 0) };
+    println!("ok {}", libc::WEXITSTATUS(status));
+    0
 }

@@ -865,6 +865,34 @@ pub struct Offsets {
     pub socket_type: u32,
     /// `struct socket` -> `sk` (`struct sock *`).
     pub socket_sk: u32,
+    /// `struct inode` -> `i_mode` (`umode_t`).
+    pub inode_i_mode: u32,
+    /// `struct inode` -> `i_rdev` (`dev_t`).
+    pub inode_i_rdev: u32,
+    /// `struct super_block` -> `s_magic` (`unsigned long`).
+    pub super_block_s_magic: u32,
+    /// `struct task_struct` -> `group_leader` (`struct task_struct *`).
+    pub task_struct_group_leader: u32,
+    /// `struct task_struct` -> `start_boottime` (`u64`).
+    pub task_struct_start_boottime: u32,
+    /// `struct file` -> `f_path.dentry` (`struct dentry *`).
+    pub file_f_path_dentry: u32,
+    /// `struct file` -> `f_mode` (`fmode_t`).
+    pub file_f_mode: u32,
+    /// `struct dentry` -> `d_parent` (`struct dentry *`).
+    pub dentry_d_parent: u32,
+    /// `struct dentry` -> `d_inode` (`struct inode *`).
+    pub dentry_d_inode: u32,
+    /// `struct cgroup` -> `kn` (`struct kernfs_node *`).
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node` -> `id` (`u64`).
+    pub kernfs_node_id: u32,
+    /// `struct kernfs_node` -> `parent` (`struct kernfs_node *`).
+    pub kernfs_node_parent: u32,
+    /// `struct cgroup` -> `root` (`struct cgroup_root *`).
+    pub cgroup_root: u32,
+    /// `struct cgroup_root` -> `hierarchy_id` (`int`).
+    pub cgroup_root_hierarchy_id: u32,
 }
 
 impl Offsets {
@@ -905,6 +933,22 @@ impl Offsets {
             task_struct_tgid: get("task_struct.tgid", 4)?,
             socket_type: get("socket.type", 2)?,
             socket_sk: get("socket.sk", 8)?,
+            inode_i_mode: get("inode.i_mode", 2)?,
+            inode_i_rdev: get("inode.i_rdev", 4)?,
+            super_block_s_magic: get("super_block.s_magic", 8)?,
+            task_struct_group_leader: get("task_struct.group_leader", 8)?,
+            task_struct_start_boottime: get("task_struct.start_boottime", 8)?,
+            file_f_path_dentry: get("file.f_path.dentry", 8)?,
+            file_f_mode: get("file.f_mode", 4)?,
+            dentry_d_parent: get("dentry.d_parent", 8)?,
+            dentry_d_inode: get("dentry.d_inode", 8)?,
+            cgroup_kn: get("cgroup.kn", 8)?,
+            kernfs_node_id: get("kernfs_node.id", 8)?,
+            // Renamed `__parent` (RCU-protected) in v6.15.
+            kernfs_node_parent: get("kernfs_node.parent", 8)
+                .or_else(|_| get("kernfs_node.__parent", 8))?,
+            cgroup_root: get("cgroup.root", 8)?,
+            cgroup_root_hierarchy_id: get("cgroup_root.hierarchy_id", 4)?,
         })
     }
 }
@@ -1373,6 +1417,10 @@ mod tests {
     }
 
     /// Every struct `Offsets` reads, with the given type for `socket.type`.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one synthetic kernel: every struct member the programs read, in one place"
+    )]
     fn kernel(socket_type_size: u32, with_tgid: bool) -> Builder {
         let mut b = Builder::new();
         let long = b.int("long int", 8);
@@ -1383,6 +1431,9 @@ mod tests {
         let ch = b.int("char", 1);
         let pid_t = b.typedef("pid_t", int);
         let dev_t = b.typedef("dev_t", uint);
+        let ushort = b.int("short unsigned int", 2);
+        let umode_t = b.typedef("umode_t", ushort);
+        let u64_t = b.typedef("u64", ulong);
         let fwd = |b: &mut Builder, name| {
             let id = b.raw(name, 7, 0, false, 0);
             b.ptr(id)
@@ -1390,16 +1441,21 @@ mod tests {
         let sb = b.strukt(
             "super_block",
             64,
-            &[("s_list", long, 0), ("s_dev", dev_t, 128)],
+            &[
+                ("s_list", long, 0),
+                ("s_dev", dev_t, 128),
+                ("s_magic", ulong, 256),
+            ],
         );
         let sb_ptr = b.ptr(sb);
         let inode = b.strukt(
             "inode",
             128,
             &[
-                ("i_mode", uint, 0),
+                ("i_mode", umode_t, 0),
                 ("i_sb", sb_ptr, 320),
                 ("i_ino", ulong, 512),
+                ("i_rdev", dev_t, 576),
             ],
         );
         let inode_ptr = b.ptr(inode);
@@ -1410,7 +1466,37 @@ mod tests {
             false,
             &[("f_inode", inode_ptr, 0), ("x", long, 0)],
         );
-        let file = b.strukt("file", 64, &[("f_count", long, 0), ("", anon, 192)]);
+        let dentry_fwd = fwd(&mut b, "dentry");
+        let mnt = fwd(&mut b, "vfsmount");
+        let path = b.strukt("path", 16, &[("mnt", mnt, 0), ("dentry", dentry_fwd, 64)]);
+        b.strukt(
+            "dentry",
+            192,
+            &[("d_parent", dentry_fwd, 192), ("d_inode", inode_ptr, 384)],
+        );
+        let file = b.strukt(
+            "file",
+            128,
+            &[
+                ("f_count", long, 0),
+                ("", anon, 192),
+                ("f_mode", uint, 320),
+                ("f_path", path, 448),
+            ],
+        );
+        let kn_fwd = fwd(&mut b, "kernfs_node");
+        b.strukt(
+            "kernfs_node",
+            128,
+            &[("parent", kn_fwd, 64), ("id", ulong, 640)],
+        );
+        let root = b.strukt("cgroup_root", 64, &[("hierarchy_id", int, 160)]);
+        let root_ptr = b.ptr(root);
+        b.strukt(
+            "cgroup",
+            1024,
+            &[("kn", kn_fwd, 512), ("root", root_ptr, 4096)],
+        );
         let file_ptr = b.ptr(file);
         let str_ptr = b.ptr(ch);
         let buf = b.array(ch, uint, 256);
@@ -1425,7 +1511,12 @@ mod tests {
             ],
         );
         let task_ptr = fwd(&mut b, "task_struct");
-        let mut members = vec![("ptrace", uint, 192), ("real_parent", task_ptr, 1024)];
+        let mut members = vec![
+            ("ptrace", uint, 192),
+            ("real_parent", task_ptr, 1024),
+            ("group_leader", task_ptr, 1152),
+            ("start_boottime", u64_t, 1280),
+        ];
         if with_tgid {
             members.push(("tgid", pid_t, 960));
         }
@@ -1458,6 +1549,20 @@ mod tests {
                 task_struct_tgid: 120,
                 socket_type: 4,
                 socket_sk: 24,
+                inode_i_mode: 0,
+                inode_i_rdev: 72,
+                super_block_s_magic: 32,
+                task_struct_group_leader: 144,
+                task_struct_start_boottime: 160,
+                file_f_path_dentry: 64,
+                file_f_mode: 40,
+                dentry_d_parent: 24,
+                dentry_d_inode: 48,
+                cgroup_kn: 64,
+                kernfs_node_id: 80,
+                kernfs_node_parent: 8,
+                cgroup_root: 512,
+                cgroup_root_hierarchy_id: 20,
             }
         );
     }

@@ -6,7 +6,7 @@
 //! refuses records shorter than their struct (a kernel/agent layout
 //! mismatch, which must be loud rather than read garbage).
 
-use gatekeep_common::{EventHeader, TaskEvent, event_kind};
+use gatekeep_common::{EVENT_CGROUP_UNCLASSIFIED, EventHeader, TaskEvent, event_kind};
 
 pub use super::record::{Origin, ParseError};
 use super::record::{origin, read};
@@ -47,6 +47,9 @@ pub enum Event {
         /// [`gatekeep_common::action`] applied.
         action: u32,
     },
+    /// A task of an unclassified cgroup stopped until the agent classifies
+    /// the cgroup and resumes it (`EVENT_CGROUP_UNCLASSIFIED`).
+    Unclassified { origin: Origin, kind: RequestKind },
 }
 
 impl Event {
@@ -56,7 +59,8 @@ impl Event {
             Event::Ask(request) | Event::Denied(request) => request.origin(),
             Event::Abandoned { origin, .. }
             | Event::RefusedSpinning { origin, .. }
-            | Event::VerdictApplied { origin, .. } => origin,
+            | Event::VerdictApplied { origin, .. }
+            | Event::Unclassified { origin, .. } => origin,
         }
     }
 
@@ -69,6 +73,7 @@ impl Event {
             Event::Abandoned { .. } => "abandoned",
             Event::RefusedSpinning { .. } => "refused_spinning",
             Event::VerdictApplied { .. } => "verdict_applied",
+            Event::Unclassified { .. } => "cgroup_unclassified",
         }
     }
 }
@@ -98,6 +103,13 @@ pub fn parse(bytes: &[u8]) -> Result<Event, ParseError> {
                     kind: request,
                     action: raw.action,
                 },
+            })
+        }
+        EVENT_CGROUP_UNCLASSIFIED => {
+            let raw: TaskEvent = read(bytes, kind)?;
+            Ok(Event::Unclassified {
+                origin: origin(&raw.header),
+                kind: RequestKind::from_raw(raw.request_kind),
             })
         }
         kind => match hooks::parse(kind, bytes) {

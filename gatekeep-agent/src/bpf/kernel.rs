@@ -11,8 +11,8 @@ use std::{collections::BTreeMap, future::Future, time::Duration};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use gatekeep_common::{
-    GatedCgroup, Grant, GrantKey, PendingRequest, PolicyDefaults, Verdict, VerdictKey, counter,
-    gated_filter_slot, map_names,
+    GatedCgroup, Grant, GrantKey, InodeKey, PendingRequest, PolicyDefaults, Verdict, VerdictKey,
+    counter, gated_filter_slot, map_names,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -50,6 +50,12 @@ pub struct KernelMaps {
     /// Granted durations; `None` when the pinned programs predate them.
     grants: Option<HashMap<MapData, GrantKey, Grant>>,
     counters: PerCpuArray<MapData, u64>,
+    /// Policy id -> name hash (`POLICY_NAME_HASHES`).
+    names: Array<MapData, u64>,
+    /// gatekeep's files by identity (`PROTECTED_INODES`).
+    protected: HashMap<MapData, InodeKey, u32>,
+    /// `CANDIDATE_PARENTS`.
+    candidates: HashMap<MapData, u64, u32>,
 }
 
 /// Converts a pinned map, naming it when its layout is not the expected one.
@@ -82,6 +88,9 @@ impl KernelMaps {
                 None
             },
             counters: typed!(layout, map_names::COUNTERS, PerCpuArray<MapData, u64>),
+            names: typed!(layout, map_names::POLICY_NAME_HASHES, Array<MapData, u64>),
+            protected: typed!(layout, map_names::PROTECTED_INODES, HashMap<MapData, InodeKey, u32>),
+            candidates: typed!(layout, map_names::CANDIDATE_PARENTS, HashMap<MapData, u64, u32>),
         })
     }
 
@@ -194,6 +203,23 @@ impl PolicyMaps for KernelMaps {
                 state.rules.insert(key, value);
             }
         }
+        for (index, entry) in self.names.iter().enumerate() {
+            let hash = entry.map_err(read(map_names::POLICY_NAME_HASHES))?;
+            if hash != 0 {
+                state
+                    .names
+                    .insert(u32::try_from(index).unwrap_or(u32::MAX), hash);
+            }
+        }
+        for entry in &self.protected {
+            let (key, flags) = entry.map_err(read(map_names::PROTECTED_INODES))?;
+            state.protected.insert((key.dev, key.ino), flags);
+        }
+        for entry in self.candidates.keys() {
+            state
+                .candidates
+                .insert(entry.map_err(read(map_names::CANDIDATE_PARENTS))?);
+        }
         Ok(state)
     }
 
@@ -219,6 +245,36 @@ impl PolicyMaps for KernelMaps {
             MapOp::RemoveGated(id) => not_found_is_none(self.gated.remove(id))
                 .map(drop)
                 .map_err(write(map_names::GATED_CGROUPS)),
+            MapOp::SetPolicyName(id, hash) => self
+                .names
+                .set(*id, hash, 0)
+                .map_err(write(map_names::POLICY_NAME_HASHES)),
+            MapOp::SetProtected((dev, ino), flags) => self
+                .protected
+                .insert(
+                    InodeKey {
+                        dev: *dev,
+                        ino: *ino,
+                    },
+                    flags,
+                    0,
+                )
+                .map_err(write(map_names::PROTECTED_INODES)),
+            MapOp::RemoveProtected((dev, ino)) => {
+                not_found_is_none(self.protected.remove(&InodeKey {
+                    dev: *dev,
+                    ino: *ino,
+                }))
+                .map(drop)
+                .map_err(write(map_names::PROTECTED_INODES))
+            }
+            MapOp::SetCandidate(id) => self
+                .candidates
+                .insert(id, 1, 0)
+                .map_err(write(map_names::CANDIDATE_PARENTS)),
+            MapOp::RemoveCandidate(id) => not_found_is_none(self.candidates.remove(id))
+                .map(drop)
+                .map_err(write(map_names::CANDIDATE_PARENTS)),
         }
     }
 }

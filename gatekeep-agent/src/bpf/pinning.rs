@@ -59,6 +59,14 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::EVENTS,
     map_names::COUNTERS,
     map_names::BUILD_ID,
+    // Self-protection (issue 18).
+    map_names::PROTECT_RELAXED,
+    map_names::PROTECTED_TASKS,
+    map_names::PROTECT_DENIALS,
+    map_names::SERVICE_LISTENERS,
+    map_names::PROTECTED_INODES,
+    map_names::CANDIDATE_PARENTS,
+    map_names::POLICY_NAME_HASHES,
 ];
 
 /// Errors loading, adopting or unloading the pinned programs.
@@ -114,6 +122,12 @@ pub enum PinningError {
         path: PathBuf,
         #[source]
         source: MapError,
+    },
+    #[error("failed to open the pinned link `{}`", path.display())]
+    OpenLink {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
     },
     #[error("failed to remove pin `{}`", path.display())]
     Unpin {
@@ -286,11 +300,13 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
     let btf = Btf::from_sys_fs().map_err(|source| PinningError::from(LoadError::Btf { source }))?;
     let offsets = programs::kernel_offsets()?;
     let digest_key = programs::random_digest_key()?;
+    let kcore_ino = programs::proc_kcore_ino();
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&btf))
         .override_global(global_names::KERNEL_OFFSETS, &offsets, true)
-        .override_global(global_names::DIGEST_KEY, &digest_key, true);
+        .override_global(global_names::DIGEST_KEY, &digest_key, true)
+        .override_global(global_names::PROC_KCORE_INO, &kcore_ino, true);
     let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
         .map(|name| (*name, layout.map(name)))
@@ -477,7 +493,33 @@ mod tests {
         assert_eq!(programs.len(), PROGRAMS.len());
         assert_eq!(
             programs::lsm_programs().map(|p| p.name).collect::<Vec<_>>(),
-            ["bprm_check_security", "socket_connect"]
+            [
+                "bprm_check_security",
+                "socket_connect",
+                "task_kill",
+                "ptrace_access_check",
+                "bpf",
+                "kernel_load_data",
+                "kernel_read_file",
+                "kernel_module_request",
+                "file_open",
+                "sb_mount",
+                "sb_umount",
+                "sb_remount",
+                "move_mount",
+                "sb_pivotroot",
+                "file_permission",
+                "task_alloc",
+                "inode_create",
+                "inode_mkdir",
+                "inode_mknod",
+                "inode_symlink",
+                "inode_link",
+                "inode_unlink",
+                "inode_rmdir",
+                "inode_rename",
+                "inode_setattr",
+            ]
         );
     }
 

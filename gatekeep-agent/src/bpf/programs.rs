@@ -55,11 +55,7 @@ pub const PROGRAMS: &[Program] = &[
     },
     Program {
         name: "cgroup_mkdir",
-        hook: Hook::TracePoint("cgroup", "cgroup_mkdir"),
-    },
-    Program {
-        name: "cgroup_attach_task",
-        hook: Hook::TracePoint("cgroup", "cgroup_attach_task"),
+        hook: Hook::BtfTracePoint("cgroup_mkdir"),
     },
     Program {
         name: "bprm_check_security",
@@ -68,6 +64,102 @@ pub const PROGRAMS: &[Program] = &[
     Program {
         name: "socket_connect",
         hook: Hook::Lsm("socket_connect"),
+    },
+    // Self-protection (issue 18): see `crate::protect`.
+    Program {
+        name: "task_kill",
+        hook: Hook::Lsm("task_kill"),
+    },
+    Program {
+        name: "ptrace_access_check",
+        hook: Hook::Lsm("ptrace_access_check"),
+    },
+    Program {
+        name: "bpf",
+        hook: Hook::Lsm("bpf"),
+    },
+    Program {
+        name: "kernel_load_data",
+        hook: Hook::Lsm("kernel_load_data"),
+    },
+    Program {
+        name: "kernel_read_file",
+        hook: Hook::Lsm("kernel_read_file"),
+    },
+    Program {
+        name: "kernel_module_request",
+        hook: Hook::Lsm("kernel_module_request"),
+    },
+    Program {
+        name: "file_open",
+        hook: Hook::Lsm("file_open"),
+    },
+    Program {
+        name: "sb_mount",
+        hook: Hook::Lsm("sb_mount"),
+    },
+    Program {
+        name: "sb_umount",
+        hook: Hook::Lsm("sb_umount"),
+    },
+    Program {
+        name: "sb_remount",
+        hook: Hook::Lsm("sb_remount"),
+    },
+    Program {
+        name: "move_mount",
+        hook: Hook::Lsm("move_mount"),
+    },
+    Program {
+        name: "sb_pivotroot",
+        hook: Hook::Lsm("sb_pivotroot"),
+    },
+    // Self-protection, items 3 and 5 of issue 18: gatekeep's files and the
+    // gated cgroup subtree (gatekeep-ebpf hooks/protect_files.rs and
+    // hooks/cgroup_escape.rs); `file_open` above also checks the files.
+    Program {
+        name: "file_permission",
+        hook: Hook::Lsm("file_permission"),
+    },
+    Program {
+        name: "task_alloc",
+        hook: Hook::Lsm("task_alloc"),
+    },
+    Program {
+        name: "inode_create",
+        hook: Hook::Lsm("inode_create"),
+    },
+    Program {
+        name: "inode_mkdir",
+        hook: Hook::Lsm("inode_mkdir"),
+    },
+    Program {
+        name: "inode_mknod",
+        hook: Hook::Lsm("inode_mknod"),
+    },
+    Program {
+        name: "inode_symlink",
+        hook: Hook::Lsm("inode_symlink"),
+    },
+    Program {
+        name: "inode_link",
+        hook: Hook::Lsm("inode_link"),
+    },
+    Program {
+        name: "inode_unlink",
+        hook: Hook::Lsm("inode_unlink"),
+    },
+    Program {
+        name: "inode_rmdir",
+        hook: Hook::Lsm("inode_rmdir"),
+    },
+    Program {
+        name: "inode_rename",
+        hook: Hook::Lsm("inode_rename"),
+    },
+    Program {
+        name: "inode_setattr",
+        hook: Hook::Lsm("inode_setattr"),
     },
 ];
 
@@ -144,7 +236,30 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         socket_type: o.socket_type,
         task_struct_real_parent: o.task_struct_real_parent,
         task_struct_tgid: o.task_struct_tgid,
+        inode_i_mode: o.inode_i_mode,
+        inode_i_rdev: o.inode_i_rdev,
+        super_block_s_magic: o.super_block_s_magic,
+        task_struct_group_leader: o.task_struct_group_leader,
+        task_struct_start_boottime: o.task_struct_start_boottime,
+        file_f_path_dentry: o.file_f_path_dentry,
+        file_f_mode: o.file_f_mode,
+        dentry_d_parent: o.dentry_d_parent,
+        dentry_d_inode: o.dentry_d_inode,
+        cgroup_kn: o.cgroup_kn,
+        kernfs_node_id: o.kernfs_node_id,
+        kernfs_node_parent: o.kernfs_node_parent,
+        cgroup_root: o.cgroup_root,
+        cgroup_root_hierarchy_id: o.cgroup_root_hierarchy_id,
     })
+}
+
+/// The inode number of `/proc/kcore` (the same in every procfs instance),
+/// which the `file_open` program refuses to gated tasks; 0 (nothing
+/// matches) on a kernel without it.
+#[must_use]
+pub fn proc_kcore_ino() -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/kcore").map_or(0, |meta| meta.ino())
 }
 
 /// A fresh random key for the request digests.
@@ -170,10 +285,12 @@ pub fn open() -> Result<(Ebpf, Btf), LoadError> {
     let btf = Btf::from_sys_fs().map_err(|source| LoadError::Btf { source })?;
     let offsets = kernel_offsets()?;
     let digest_key = random_digest_key()?;
+    let kcore_ino = proc_kcore_ino();
     let ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .override_global(global_names::KERNEL_OFFSETS, &offsets, true)
         .override_global(global_names::DIGEST_KEY, &digest_key, true)
+        .override_global(global_names::PROC_KCORE_INO, &kcore_ino, true)
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })?;
     Ok((ebpf, btf))

@@ -430,6 +430,7 @@ pub fn compiled_policies(names: &[&str], ids: &[u32]) -> crate::policy::Compiled
     let host = crate::policy::HostView {
         cgroup_root: dir.path().to_owned(),
         own_cgroup: None,
+        protected: Vec::new(),
     };
     crate::policy::compile(&set, ids, 1, &host).expect("compile")
 }

@@ -34,7 +34,6 @@ use gatekeep_policy::GrantDuration;
 use gatekeep_proto::model;
 use gatekeep_util::fs::{Existing, PRIVATE, write_atomic};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -82,6 +81,18 @@ pub struct LocalGrant {
     pub request_id: Uuid,
     /// What it allows, as reviewers saw it.
     pub target: String,
+}
+
+/// The payload of a grant record ([`gatekeep_proto::audit::GrantChange`]).
+fn grant_payload(grant: &LocalGrant, by: Option<&str>, reason: Option<&str>) -> serde_json::Value {
+    let change = gatekeep_proto::audit::GrantChange {
+        schema: gatekeep_proto::audit::Schema::default(),
+        grant,
+        by: by.map(str::to_owned),
+        reason: reason.map(str::to_owned),
+    };
+    // A struct of strings and numbers always encodes.
+    serde_json::to_value(&change).unwrap_or_default()
 }
 
 impl LocalGrant {
@@ -288,7 +299,7 @@ impl<K: GrantKernel, A: AuditSink> Grants<K, A> {
             AuditRecord::new(
                 RecordKind::GrantInstalled,
                 self.host.clone(),
-                json!({ "grant": &local }),
+                grant_payload(&local, None, None),
             )
             .with_request_id(grant.request_id.to_string())
             .with_actor(grant.created_by.clone()),
@@ -414,7 +425,7 @@ impl<K: GrantKernel, A: AuditSink> Grants<K, A> {
             AuditRecord::new(
                 RecordKind::GrantRevoked,
                 self.host.clone(),
-                json!({ "grant": &grant, "by": by, "reason": reason }),
+                grant_payload(&grant, Some(by), Some(reason)),
             )
             .with_request_id(grant.request_id.to_string())
             .with_actor(by.to_owned()),

@@ -22,63 +22,44 @@ pub mod service;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use gatekeep_policy::Action;
-use gatekeep_proto::model::ApprovalSettings;
+use gatekeep_proto::{
+    audit::KernelFacts,
+    model::{self, ApprovalRequest, RequestState},
+};
 use gatekeep_util::retry::{Backoff, retry_until};
 use serde::Serialize;
 use tokio::time::Instant;
+use uuid::Uuid;
 
-pub use crate::hooks::RequestTarget;
-use crate::pause::enrich::Enrichment;
-
-/// A paused request, as put to a decider.
-#[derive(Debug, Clone, Serialize)]
+/// A paused request, as put to a decider: the request in the domain model (see
+/// [`crate::pause::request`]) and what only the agent needs about it.
+#[derive(Debug, Clone)]
 pub struct DecisionRequest {
-    /// Stable id of the request (audit records carry it).
-    pub request_id: String,
-    /// `exec` or `connect`.
-    pub kind: &'static str,
-    /// The policy that asked.
-    pub policy: String,
-    /// The policy's rule (or default) that said `ask`.
-    pub rule: String,
-    /// What is asked: executable + argv, or destination; plus enrichment.
-    pub context: serde_json::Value,
+    /// What is asked, with its context, under the one request id: what the service stores
+    /// and both audit logs carry.
+    pub request: ApprovalRequest,
+    /// What the kernel reported (its digest binds a grant to the very same request).
+    pub kernel: KernelFacts,
+    /// The kernel's digest of the request.
+    pub digest: u64,
     /// Approval timeout of the policy.
-    #[serde(skip)]
     pub timeout: Duration,
-    /// What happens at the deadline (`allow` or `deny`).
-    #[serde(skip)]
-    pub on_timeout: Verdict,
     /// When the decision is due: the request's first sighting plus `timeout`.
-    #[serde(skip)]
     pub deadline: Instant,
-    /// The request in typed form, for deciders that forward it.
-    #[serde(skip)]
-    pub details: RequestDetails,
 }
 
-/// Everything known about a paused request, typed (the audit payload in
-/// [`DecisionRequest::context`] says the same as JSON).
-#[derive(Debug, Clone, Default)]
-pub struct RequestDetails {
-    pub pid: u32,
-    pub tid: u32,
-    pub uid: u32,
-    /// The kernel's id of the asking policy (changes with every reload).
-    pub policy_id: u32,
-    /// [`gatekeep_common::request_kind`].
-    pub kind: u32,
-    /// The kernel's digest of the request: a grant for it lets the very same
-    /// request through.
-    pub digest: u64,
-    pub cgroup_id: u64,
-    /// `CLOCK_BOOTTIME` nanoseconds when the kernel first paused it.
-    pub first_seen_ns: u64,
-    /// Ancestry, cwd, user and cgroup path.
-    pub enrichment: Enrichment,
-    pub target: RequestTarget,
-    /// The asking policy's approval settings.
-    pub approval: ApprovalSettings,
+impl DecisionRequest {
+    /// The request id.
+    #[must_use]
+    pub fn id(&self) -> Uuid {
+        self.request.id
+    }
+
+    /// What happens at the deadline.
+    #[must_use]
+    pub fn on_timeout(&self) -> Verdict {
+        Verdict::from(self.request.on_timeout)
+    }
 }
 
 /// Why the agent no longer wants a decision.
@@ -96,6 +77,24 @@ pub enum Withdrawal {
 pub enum Verdict {
     Allow,
     Deny,
+}
+
+impl From<model::Verdict> for Verdict {
+    fn from(verdict: model::Verdict) -> Self {
+        match verdict {
+            model::Verdict::Allow => Verdict::Allow,
+            model::Verdict::Deny => Verdict::Deny,
+        }
+    }
+}
+
+impl From<Verdict> for model::Verdict {
+    fn from(verdict: Verdict) -> Self {
+        match verdict {
+            Verdict::Allow => model::Verdict::Allow,
+            Verdict::Deny => model::Verdict::Deny,
+        }
+    }
 }
 
 impl Verdict {
@@ -137,26 +136,36 @@ pub struct Decision {
     pub reason: String,
     /// Nobody decided before the deadline; the policy's timeout action applies.
     pub expired: bool,
-    /// What the decider adds to the audit record (e.g. the service's request
-    /// id, the decision's state, a granted duration).
-    pub details: Option<serde_json::Value>,
+    /// What the decision service said beyond the verdict (`None` for local decisions).
+    pub service: Option<ServiceOutcome>,
+}
+
+/// The decision service's side of a decision, for the audit record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceOutcome {
+    pub state: RequestState,
+    /// `once`, or the granted duration.
+    pub duration: String,
+    /// The grant the decision made.
+    pub grant_id: Option<Uuid>,
 }
 
 impl Decision {
     /// The policy's timeout action, applied at the deadline.
     #[must_use]
     pub fn expired(request: &DecisionRequest) -> Self {
+        let on_timeout = request.on_timeout();
         Self {
-            verdict: request.on_timeout,
+            verdict: on_timeout,
             actor: "timeout".to_owned(),
             reason: format!(
                 "no decision within {}; policy `{}` says {} on timeout",
                 humantime::format_duration(request.timeout),
-                request.policy,
-                request.on_timeout.as_str()
+                request.request.policy,
+                on_timeout.as_str()
             ),
             expired: true,
-            details: None,
+            service: None,
         }
     }
 }
@@ -170,7 +179,7 @@ pub enum DecideError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("the decision service refused request `{request_id}`: {reason}")]
-    Refused { request_id: String, reason: String },
+    Refused { request_id: Uuid, reason: String },
 }
 
 /// Decides paused requests. Implementations may take as long as a human
@@ -182,16 +191,9 @@ pub trait Decider: Send + Sync + 'static {
         request: Arc<DecisionRequest>,
     ) -> impl Future<Output = Result<Decision, DecideError>> + Send;
 
-    /// How whoever decides knows the request `request_id` (e.g. the decision
-    /// service's request id), for the audit record of the request.
-    fn reference(&self, request_id: &str) -> Option<String> {
-        let _ = request_id;
-        None
-    }
-
     /// The request `request_id` no longer needs a decision (its `decide`
     /// future, if any, is dropped too): tell whoever was asked.
-    fn withdraw(&self, request_id: &str, reason: Withdrawal, detail: &str) {
+    fn withdraw(&self, request_id: Uuid, reason: Withdrawal, detail: &str) {
         let _ = (request_id, reason, detail);
     }
 }
@@ -223,7 +225,7 @@ pub async fn decide_by_deadline<D: Decider>(
         || decider.decide(Arc::clone(&request)),
         |err| {
             tracing::warn!(
-                request_id = %request.request_id,
+                request_id = %request.id(),
                 error = %err,
                 "decider failed; retrying until the deadline"
             );
@@ -240,16 +242,41 @@ mod tests {
     use super::*;
 
     fn request(timeout: Duration, on_timeout: Verdict) -> Arc<DecisionRequest> {
+        let now = time::OffsetDateTime::now_utc();
         Arc::new(DecisionRequest {
-            request_id: "r1".into(),
-            kind: "exec",
-            policy: "agents".into(),
-            rule: "default".into(),
-            context: serde_json::json!({}),
+            request: ApprovalRequest {
+                id: gatekeep_proto::id::mint(),
+                policy: "agents".into(),
+                rule: "default".into(),
+                cgroup: "/agents".into(),
+                pid: 1,
+                tid: 1,
+                uid: 0,
+                user_name: None,
+                cwd: None,
+                ancestry: Vec::new(),
+                target: model::Target::Exec(model::ExecTarget {
+                    executable: "/bin/true".into(),
+                    argv: vec!["true".into()],
+                }),
+                requested_at: now,
+                deadline: now,
+                on_timeout: on_timeout.into(),
+                approval: model::ApprovalSettings::default(),
+            },
+            kernel: KernelFacts {
+                policy_id: 1,
+                digest: "0000000000000001".into(),
+                cgroup_id: 1,
+                ppid: 0,
+                gid: 0,
+                comm: "true".into(),
+                exec: None,
+                sock_type: None,
+            },
+            digest: 1,
             timeout,
-            on_timeout,
             deadline: Instant::now() + timeout,
-            details: RequestDetails::default(),
         })
     }
 
@@ -288,7 +315,7 @@ mod tests {
         async fn decide(&self, request: Arc<DecisionRequest>) -> Result<Decision, DecideError> {
             if self.calls.fetch_add(1, Ordering::SeqCst) < 2 {
                 return Err(DecideError::Refused {
-                    request_id: request.request_id.clone(),
+                    request_id: request.id(),
                     reason: "busy".into(),
                 });
             }
@@ -297,7 +324,7 @@ mod tests {
                 actor: "alice".into(),
                 reason: "looks fine".into(),
                 expired: false,
-                details: None,
+                service: None,
             })
         }
     }

@@ -2,12 +2,10 @@
 //! (`gatekeep-server`, central or embedded), over the agent's
 //! [`AgentLink`].
 //!
-//! - Each paused request becomes an [`ApprovalRequest`] with everything the
-//!   agent knows (policy, rule, cgroup, pid/tid, user, executable and argv or
-//!   destination, cwd, ancestry, deadline, timeout action, approval
-//!   settings). Its id is derived from the agent's own request id, so a
-//!   restarted agent asking again about the same paused task re-sends the
-//!   same request (the service treats ids idempotently).
+//! - Each paused request goes out as the [`ApprovalRequest`] the controller built
+//!   ([`crate::pause::request`]), under the one request id the agent minted: the service stores it as
+//!   its id. A restarted agent asking again about the same paused task mints the same id and
+//!   re-sends the same request (the service treats ids idempotently).
 //! - Requests go out with [`AgentLink::submit`] and every answer comes back
 //!   on the link's one event stream, read by one task ([`pump`]). That keeps
 //!   the service's order: the grants listed on (re)connection are applied
@@ -21,42 +19,27 @@
 
 use std::{
     collections::HashMap,
-    path::Path,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::{Duration, SystemTime},
 };
 
 use gatekeep_client::{AgentLink, LinkError, LinkEvent};
 use gatekeep_common::request_kind;
 use gatekeep_proto::{
     limits,
-    model::{
-        self, ApprovalRequest, ConnectTarget, ExecTarget, Family, ProcessInfo, RequestState,
-        SocketType, Target, WithdrawReason,
-    },
+    model::{self, RequestState, WithdrawReason},
 };
-use serde_json::json;
-use sha2::{Digest as _, Sha256};
-use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::{
-    bpf::kernel::boot_time_ns,
-    decision::{
-        DecideError, Decider, Decision, DecisionRequest, RequestDetails, RequestTarget, Verdict,
-        Withdrawal,
-        grants::{GrantTarget, GrantsHandle},
-    },
-    hooks::connect::Destination,
+use crate::decision::{
+    DecideError, Decider, Decision, DecisionRequest, ServiceOutcome, Withdrawal,
+    grants::{GrantTarget, GrantsHandle},
 };
 
 type Waiter = oneshot::Sender<Result<model::Decision, LinkError>>;
 
 /// A request sent to the service and not decided yet.
 struct Inflight {
-    /// The agent's request id.
-    request_id: String,
     /// Where a grant made by its decision goes.
     target: GrantTarget,
     /// The `decide` call waiting for it; `None` once that call gave up (the
@@ -67,9 +50,6 @@ struct Inflight {
 #[derive(Default)]
 struct Shared {
     inflight: HashMap<Uuid, Inflight>,
-    /// The agent's request id -> how many ids the service refused for it
-    /// (reused with different content, e.g. after a restart re-enriched it).
-    attempts: HashMap<String, u32>,
 }
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -80,81 +60,42 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 pub struct RemoteDecider {
     link: Arc<AgentLink>,
     shared: Arc<Mutex<Shared>>,
-    host: String,
 }
 
 impl RemoteDecider {
     /// A decider over `link`; spawns the task that reads `events` (and
-    /// installs grants through `grants`).
+    /// installs grants through `grants`). `host` is the agent's host name (for logs).
     #[must_use]
     pub fn start(
         link: Arc<AgentLink>,
         events: mpsc::UnboundedReceiver<LinkEvent>,
         grants: GrantsHandle,
-        host: String,
+        host: &str,
     ) -> (Self, tokio::task::JoinHandle<()>) {
+        tracing::debug!(%host, "deciding through the decision service");
         let shared = Arc::new(Mutex::new(Shared::default()));
         let task = tokio::spawn(pump(events, Arc::clone(&shared), grants));
-        (Self { link, shared, host }, task)
+        (Self { link, shared }, task)
     }
-
-    /// The service's id for the agent's request `request_id`.
-    fn service_id(&self, request_id: &str, shared: &Shared) -> Uuid {
-        let attempt = shared.attempts.get(request_id).copied().unwrap_or(0);
-        request_uuid(&self.host, request_id, attempt)
-    }
-}
-
-/// A stable UUID (version 8) for the agent's request id on `host`; `attempt`
-/// > 0 gives a new one when the service refused the old.
-///
-/// The first 48 bits are the milliseconds (since boot) of the request's first
-/// sighting, read from the controller's request id (`<first seen ns, hex>-...`);
-/// the rest comes from SHA-256 of host, request id and attempt. Ids of one host
-/// thus grow with time, so the service's indexes on them take appends instead of
-/// random inserts (random ids cost the service a fifth more CPU per request, and
-/// more as its database grows).
-#[must_use]
-pub fn request_uuid(host: &str, request_id: &str, attempt: u32) -> Uuid {
-    let mut hash = Sha256::new();
-    hash.update(b"gatekeep-agent request\0");
-    hash.update(host.as_bytes());
-    hash.update(b"\0");
-    hash.update(request_id.as_bytes());
-    hash.update(attempt.to_le_bytes());
-    let digest = hash.finalize();
-    let first_seen_ms = request_id
-        .split('-')
-        .next()
-        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-        .map_or(0, |ns| ns / 1_000_000);
-    let mut bytes = [0_u8; 16];
-    bytes[..6].copy_from_slice(&first_seen_ms.to_be_bytes()[2..]);
-    bytes[6..].copy_from_slice(&digest[..10]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 impl Decider for RemoteDecider {
     async fn decide(&self, request: Arc<DecisionRequest>) -> Result<Decision, DecideError> {
-        let (answer, id) = {
-            let mut shared = lock(&self.shared);
-            let id = self.service_id(&request.request_id, &shared);
-            let approval = approval_request(id, &request, SystemTime::now(), boot_time_ns());
+        let id = request.id();
+        let answer = {
             let (waiter, answer) = oneshot::channel();
-            shared.inflight.insert(
+            lock(&self.shared).inflight.insert(
                 id,
                 Inflight {
-                    request_id: request.request_id.clone(),
                     target: grant_target(&request),
                     waiter: Some(waiter),
                 },
             );
-            drop(shared);
-            if let Err(err) = self.link.submit(approval) {
+            if let Err(err) = self.link.submit(request.request.clone()) {
                 lock(&self.shared).inflight.remove(&id);
-                return Err(refusal(&request.request_id, err));
+                return Err(refusal(id, err));
             }
-            (answer, id)
+            answer
         };
         // Dropped (deadline, task gone): stop waiting, keep the entry so a
         // late decision's grant is still installed.
@@ -164,17 +105,7 @@ impl Decider for RemoteDecider {
         };
         let decision = match answer.await {
             Ok(Ok(decision)) => decision,
-            Ok(Err(err)) => {
-                if matches!(&err, LinkError::Rejected { code, .. } if *code == tonic::Code::AlreadyExists)
-                {
-                    // The id is taken by a different request: use a new one.
-                    *lock(&self.shared)
-                        .attempts
-                        .entry(request.request_id.clone())
-                        .or_insert(0) += 1;
-                }
-                return Err(refusal(&request.request_id, err));
-            }
+            Ok(Err(err)) => return Err(refusal(id, err)),
             Err(_closed) => {
                 return Err(DecideError::Unreachable {
                     source: "the decision service link stopped".into(),
@@ -184,25 +115,15 @@ impl Decider for RemoteDecider {
         Ok(from_service(&decision))
     }
 
-    fn reference(&self, request_id: &str) -> Option<String> {
-        Some(self.service_id(request_id, &lock(&self.shared)).to_string())
-    }
-
-    fn withdraw(&self, request_id: &str, reason: Withdrawal, detail: &str) {
-        let id = {
-            let mut shared = lock(&self.shared);
-            let id = self.service_id(request_id, &shared);
-            shared.inflight.remove(&id);
-            shared.attempts.remove(request_id);
-            id
-        };
+    fn withdraw(&self, request_id: Uuid, reason: Withdrawal, detail: &str) {
+        lock(&self.shared).inflight.remove(&request_id);
         let reason = match reason {
             Withdrawal::TaskExited => WithdrawReason::TaskExited,
             Withdrawal::Superseded => WithdrawReason::Superseded,
         };
         let detail: String = detail.chars().take(limits::MAX_REASON / 4).collect();
-        if let Err(err) = self.link.withdraw(id, reason, detail) {
-            tracing::warn!(request_id, error = %err, "cannot withdraw a request");
+        if let Err(err) = self.link.withdraw(request_id, reason, detail) {
+            tracing::warn!(%request_id, error = %err, "cannot withdraw a request");
         }
     }
 }
@@ -221,45 +142,31 @@ impl Drop for GiveUp<'_> {
     }
 }
 
-fn refusal(request_id: &str, err: LinkError) -> DecideError {
+fn refusal(request_id: Uuid, err: LinkError) -> DecideError {
     match err {
         LinkError::Closed => DecideError::Unreachable {
             source: Box::new(err),
         },
         other => DecideError::Refused {
-            request_id: request_id.to_owned(),
+            request_id,
             reason: other.to_string(),
         },
     }
 }
 
 /// The agent's view of a service decision: its verdict, who decided
-/// (reviewers, `rule:NAME`, `grant:ID`, `timeout`) and the service's record.
+/// (reviewers, `rule:NAME`, `grant:ID`, `timeout`) and the service's outcome.
 fn from_service(decision: &model::Decision) -> Decision {
-    let verdict = match decision.verdict {
-        model::Verdict::Allow => Verdict::Allow,
-        model::Verdict::Deny => Verdict::Deny,
-    };
-    let grant = decision.grant.as_ref().map(|grant| {
-        json!({
-            "id": grant.id,
-            "duration": grant.duration.to_string(),
-            "expires_at": grant.expires_at.and_then(|at| at.format(&time::format_description::well_known::Rfc3339).ok()),
-            "cgroup": grant.cgroup,
-        })
-    });
     Decision {
-        verdict,
+        verdict: decision.verdict.into(),
         actor: decision.decided_by.clone(),
         reason: decision.reason.clone(),
         expired: decision.state == RequestState::Expired,
-        details: Some(json!({
-            "request_id": decision.request_id,
-            "state": decision.state.as_str(),
-            "decided_by": decision.decided_by,
-            "duration": decision.duration.to_string(),
-            "grant": grant,
-        })),
+        service: Some(ServiceOutcome {
+            state: decision.state,
+            duration: decision.duration.to_string(),
+            grant_id: decision.grant.as_ref().map(|grant| grant.id),
+        }),
     }
 }
 
@@ -299,12 +206,11 @@ async fn pump(
                 {
                     grants.adopt(grant_id, entry.target.clone()).await;
                 }
-                lock(&shared).attempts.remove(&entry.request_id);
                 if let Some(waiter) = entry.waiter {
                     drop(waiter.send(Ok(*decision)));
                 } else {
                     tracing::info!(
-                        request_id = entry.request_id,
+                        request_id = %decision.request_id,
                         decided_by = decision.decided_by,
                         "decision arrived after the agent stopped waiting"
                     );
@@ -342,399 +248,109 @@ async fn pump(
 }
 
 fn grant_target(request: &DecisionRequest) -> GrantTarget {
-    let details = &request.details;
     GrantTarget {
-        policy: request.policy.clone(),
-        kind: details.kind,
-        digest: details.digest,
-        cgroup_id: details.cgroup_id,
-        cgroup: cgroup_path(details),
-    }
-}
-
-fn cgroup_path(details: &RequestDetails) -> String {
-    details
-        .enrichment
-        .cgroup
-        .clone()
-        .filter(|c| !c.is_empty())
-        .unwrap_or_else(|| format!("cgroup-id:{}", details.cgroup_id))
-}
-
-/// Cuts `text` to at most `max` bytes on a character boundary.
-fn bounded(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
-/// Argv within the service's limits (the kernel's capture is smaller).
-fn bounded_argv(argv: &[String]) -> Vec<String> {
-    let mut total = 0;
-    let mut out = Vec::new();
-    for arg in argv.iter().take(limits::MAX_ARGS) {
-        let arg = bounded(&arg.replace('\0', ""), limits::MAX_ARG);
-        total += arg.len();
-        if total > limits::MAX_ARGV_BYTES {
-            break;
-        }
-        out.push(arg);
-    }
-    out
-}
-
-/// A name the service accepts: no control characters, trimmed, bounded;
-/// `None` when nothing is left.
-fn clean_name(text: &str) -> Option<String> {
-    let cleaned: String = text.chars().filter(|c| !c.is_control()).collect();
-    let cleaned = bounded(cleaned.trim(), limits::MAX_NAME);
-    let cleaned = cleaned.trim();
-    (!cleaned.is_empty()).then(|| cleaned.to_owned())
-}
-
-fn path_text(path: &Path) -> String {
-    bounded(&path.to_string_lossy().replace('\0', ""), limits::MAX_PATH)
-}
-
-/// Wall-clock time at `CLOCK_BOOTTIME` `boot_ns`, given the two clocks now,
-/// rounded down to the second: a restarted agent computes the same value
-/// for the same paused request (the service compares re-sent requests).
-fn wall_at(boot_ns: u64, now: SystemTime, boot_now: u64) -> OffsetDateTime {
-    let ago = Duration::from_nanos(boot_now.saturating_sub(boot_ns));
-    let at = OffsetDateTime::from(now.checked_sub(ago).unwrap_or(now));
-    at.replace_nanosecond(0).unwrap_or(at)
-}
-
-/// The service's form of a paused request.
-#[must_use]
-pub fn approval_request(
-    id: Uuid,
-    request: &DecisionRequest,
-    now: SystemTime,
-    boot_now: u64,
-) -> ApprovalRequest {
-    let details = &request.details;
-    let info = &details.enrichment;
-    let first_seen = if details.first_seen_ns == 0 {
-        boot_now
-    } else {
-        details.first_seen_ns
-    };
-    let requested_at = wall_at(first_seen, now, boot_now);
-    // Rounded up to the second after the agent's own deadline: the agent
-    // applies the timeout action first, and the same value comes out again
-    // after a restart.
-    let timeout = time::Duration::try_from(request.timeout.min(Duration::from_hours(24)))
-        .unwrap_or(time::Duration::HOUR);
-    let deadline = requested_at + timeout + time::Duration::SECOND;
-    let target = match &details.target {
-        RequestTarget::Exec { executable, argv } => {
-            let executable = if executable.is_absolute() {
-                path_text(executable)
-            } else {
-                // The cwd was unreadable: show the path as given, anchored.
-                format!("/{}", path_text(executable).trim_start_matches("./"))
-            };
-            Target::Exec(ExecTarget {
-                executable,
-                argv: bounded_argv(argv),
-            })
-        }
-        RequestTarget::Connect {
-            destination,
-            sock_type,
-        } => Target::Connect(connect_target(destination, *sock_type)),
-    };
-    ApprovalRequest {
-        id,
-        policy: clean_name(&request.policy).unwrap_or_else(|| "unnamed".to_owned()),
-        rule: clean_name(&request.rule).unwrap_or_else(|| "default".to_owned()),
-        cgroup: bounded(&cgroup_path(details), limits::MAX_PATH),
-        pid: details.pid,
-        tid: details.tid,
-        uid: details.uid,
-        user_name: info.user.as_deref().and_then(clean_name),
-        cwd: info.cwd.as_deref().map(path_text),
-        ancestry: info
-            .ancestry
-            .iter()
-            .take(limits::MAX_ANCESTRY)
-            .map(|process| ProcessInfo {
-                pid: process.pid,
-                comm: bounded(&process.comm.replace('\0', ""), limits::MAX_NAME),
-                executable: process.exe.as_deref().map(path_text),
-                argv: bounded_argv(&process.cmdline),
-                cgroup: process
-                    .cgroup
-                    .as_deref()
-                    .map(|c| bounded(c, limits::MAX_PATH)),
-            })
-            .collect(),
-        target,
-        requested_at,
-        deadline,
-        on_timeout: match request.on_timeout {
-            Verdict::Allow => model::Verdict::Allow,
-            Verdict::Deny => model::Verdict::Deny,
+        policy: request.request.policy.clone(),
+        kind: match request.request.kind() {
+            model::Kind::Exec => request_kind::EXEC,
+            model::Kind::Connect => request_kind::CONNECT,
         },
-        approval: details.approval.clone(),
-    }
-}
-
-fn connect_target(destination: &Destination, sock_type: u32) -> ConnectTarget {
-    let socket_type = match sock_type {
-        1 => SocketType::Stream,
-        2 => SocketType::Dgram,
-        3 => SocketType::Raw,
-        5 => SocketType::Seqpacket,
-        _ => SocketType::Other,
-    };
-    match destination {
-        Destination::Ip { addr, port } => ConnectTarget {
-            family: if addr.is_ipv4() {
-                Family::Inet
-            } else {
-                Family::Inet6
-            },
-            address: addr.to_string(),
-            port: *port,
-            socket_type,
-        },
-        Destination::Unix { path } => ConnectTarget {
-            family: Family::Unix,
-            address: if path.is_empty() {
-                "(unnamed)".to_owned()
-            } else {
-                bounded(&path.replace('\0', "@"), limits::MAX_PATH)
-            },
-            port: 0,
-            socket_type,
-        },
-        Destination::Other { family } => ConnectTarget {
-            family: Family::Unix,
-            address: format!("(address family {family})"),
-            port: 0,
-            socket_type,
-        },
-    }
-}
-
-/// Whether a request kind is one the service knows.
-#[must_use]
-pub fn kind_name(kind: u32) -> &'static str {
-    if kind == request_kind::CONNECT {
-        "connect"
-    } else {
-        "exec"
+        digest: request.digest,
+        cgroup_id: request.kernel.cgroup_id,
+        cgroup: request.request.cgroup.clone(),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
+    use std::{
+        path::Path,
+        time::{Duration, SystemTime},
+    };
 
     use gatekeep_client::{AgentLinkConfig, ClientIdentity, ClientTls, ReviewClient, ReviewConfig};
     use gatekeep_common::GrantKey;
     use gatekeep_policy::GrantDuration;
-    use gatekeep_proto::v1;
     use gatekeep_server::{Server, ServerConfig, certs::Pki};
+    use time::OffsetDateTime;
     use tokio::sync::watch;
 
     use super::*;
     use crate::{
         audit::MemorySink,
-        bpf::testing::{FakeGrants, compiled_policies},
+        bpf::{
+            events::Origin,
+            kernel::boot_time_ns,
+            testing::{FakeGrants, compiled_policies},
+        },
         decision::{
-            decide_by_deadline,
+            Verdict, decide_by_deadline,
             grants::{self, Grants, GrantsConfig},
         },
-        pause::enrich::{Enrichment, ProcessInfo as LocalProcess},
+        pause::{
+            enrich::{Enrichment, ProcessInfo as LocalProcess},
+            request,
+        },
     };
 
-    fn request(target: RequestTarget, kind: u32) -> DecisionRequest {
-        DecisionRequest {
-            request_id: "1f-100-00000000000000aa".into(),
-            kind: kind_name(kind),
-            policy: "agents".into(),
-            rule: "exec default ask".into(),
-            context: json!({}),
-            timeout: Duration::from_mins(5),
-            on_timeout: Verdict::Deny,
-            deadline: tokio::time::Instant::now(),
-            details: RequestDetails {
+    /// A paused exec of `argv` under policy `agents` (kernel id 3), built as the controller
+    /// builds it.
+    fn asked(argv: &[&str], digest: u64, timeout: Duration) -> Arc<DecisionRequest> {
+        let origin = Origin {
+            policy_id: 3,
+            pid: 100,
+            tid: 101,
+            uid: 1000,
+            gid: 1000,
+            ppid: 1,
+            cgroup_id: 42,
+            ktime_ns: 0,
+            digest,
+            comm: "bash".into(),
+        };
+        let info = Enrichment {
+            ancestry: vec![LocalProcess {
                 pid: 100,
-                tid: 101,
-                uid: 1000,
-                policy_id: 3,
-                kind,
-                digest: 0xaa,
-                cgroup_id: 42,
-                first_seen_ns: 5_000_000_000,
-                enrichment: Enrichment {
-                    ancestry: vec![LocalProcess {
-                        pid: 100,
-                        comm: "bash".into(),
-                        exe: Some("/bin/bash".into()),
-                        cmdline: vec!["bash".into(), "-c".into(), "curl x".into()],
-                        cgroup: Some("/agents/a1".into()),
-                    }],
-                    cwd: Some("/work".into()),
-                    user: Some("worker".into()),
-                    cgroup: Some("/agents/a1".into()),
-                },
-                target,
+                comm: "bash".into(),
+                exe: Some("/bin/bash".into()),
+                cmdline: vec!["bash".into()],
+                cgroup: Some("/agents/a1".into()),
+            }],
+            cwd: Some("/work".into()),
+            user: Some("worker".into()),
+            cgroup: Some("/agents/a1".into()),
+        };
+        let argv: Vec<String> = argv.iter().map(|a| (*a).to_owned()).collect();
+        let first_seen = boot_time_ns();
+        let request = request::approval_request(
+            request::Ask {
+                id: request::request_id("h1", "boot", first_seen, origin.tid, digest),
+                policy: "agents",
+                rule: "exec default ask",
+                origin: &origin,
+                info: &info,
+                target: request::exec_target(Path::new("/usr/bin/git"), &argv),
                 approval: model::ApprovalSettings {
-                    grant_durations: vec![GrantDuration::Once, GrantDuration::Session],
+                    grant_durations: vec![
+                        GrantDuration::Once,
+                        GrantDuration::Session,
+                        GrantDuration::For(Duration::from_hours(1)),
+                    ],
                     ..model::ApprovalSettings::default()
                 },
+                on_timeout: model::Verdict::Deny,
+                timeout,
+                first_seen_ns: first_seen,
             },
-        }
-    }
-
-    /// Through the wire form and back, as the link and the service check it.
-    fn valid(request: ApprovalRequest) -> ApprovalRequest {
-        ApprovalRequest::try_from(v1::ApprovalRequest::from(request))
-            .expect("the service accepts it")
-    }
-
-    #[test]
-    fn an_exec_becomes_a_valid_approval_request_with_its_context() {
-        let req = request(
-            RequestTarget::Exec {
-                executable: "/usr/bin/curl".into(),
-                argv: vec!["curl".into(), "https://example.org".into()],
-            },
-            request_kind::EXEC,
-        );
-        let now = SystemTime::UNIX_EPOCH
-            + Duration::from_secs(1_700_000_000)
-            + Duration::from_millis(700);
-        let id = request_uuid("h", &req.request_id, 0);
-        let approval = valid(approval_request(id, &req, now, 7_000_000_000));
-        assert_eq!(approval.id, id);
-        assert_eq!(approval.policy, "agents");
-        assert_eq!(approval.rule, "exec default ask");
-        assert_eq!(approval.cgroup, "/agents/a1");
-        assert_eq!((approval.pid, approval.tid, approval.uid), (100, 101, 1000));
-        assert_eq!(approval.user_name.as_deref(), Some("worker"));
-        assert_eq!(approval.cwd.as_deref(), Some("/work"));
-        assert_eq!(approval.ancestry[0].argv, ["bash", "-c", "curl x"]);
-        assert_eq!(
-            approval.target.to_string(),
-            "/usr/bin/curl curl https://example.org"
-        );
-        // First seen 2 s before `now`, rounded down to the second.
-        assert_eq!(approval.requested_at.unix_timestamp(), 1_699_999_998);
-        assert_eq!(approval.requested_at.nanosecond(), 0);
-        assert_eq!(
-            approval.deadline - approval.requested_at,
-            time::Duration::seconds(301)
-        );
-        assert_eq!(approval.on_timeout, model::Verdict::Deny);
-        assert!(approval.approval.allows(GrantDuration::Session));
-
-        // The same paused request seen again a moment later (a restarted
-        // agent): the very same request.
-        let later = now + Duration::from_millis(150);
-        let again = valid(approval_request(id, &req, later, 7_150_000_000));
-        assert_eq!(again, approval);
-    }
-
-    #[test]
-    fn a_connect_becomes_a_valid_approval_request() {
-        let req = request(
-            RequestTarget::Connect {
-                destination: Destination::Ip {
-                    addr: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
-                    port: 443,
-                },
-                sock_type: 1,
-            },
-            request_kind::CONNECT,
-        );
-        let approval = valid(approval_request(
-            Uuid::new_v4(),
-            &req,
             SystemTime::now(),
-            boot_time_ns().max(6_000_000_000),
-        ));
-        assert_eq!(approval.target.to_string(), "10.1.2.3:443");
-        let unix = request(
-            RequestTarget::Connect {
-                destination: Destination::Unix {
-                    path: String::new(),
-                },
-                sock_type: 1,
-            },
-            request_kind::CONNECT,
+            boot_time_ns(),
         );
-        valid(approval_request(
-            Uuid::new_v4(),
-            &unix,
-            SystemTime::now(),
-            6_000_000_000,
-        ));
-    }
-
-    #[test]
-    fn oversized_and_odd_fields_are_bounded_not_refused() {
-        let mut req = request(
-            RequestTarget::Exec {
-                executable: "tool".into(),
-                argv: (0..400)
-                    .map(|i| format!("{i}{}", "x".repeat(200)))
-                    .collect(),
-            },
-            request_kind::EXEC,
-        );
-        req.rule = format!("exec {} ask", "/very/long".repeat(100));
-        req.details.enrichment.user = Some(" \u{7}".into());
-        req.details.enrichment.cgroup = None;
-        let approval = valid(approval_request(
-            Uuid::new_v4(),
-            &req,
-            SystemTime::now(),
-            6_000_000_000,
-        ));
-        assert!(approval.rule.len() <= limits::MAX_NAME);
-        assert_eq!(approval.user_name, None);
-        assert_eq!(approval.cgroup, "cgroup-id:42");
-        let Target::Exec(exec) = &approval.target else {
-            panic!("exec")
-        };
-        assert_eq!(exec.executable, "/tool");
-        assert!(exec.argv.len() <= limits::MAX_ARGS);
-    }
-
-    #[test]
-    fn request_ids_are_stable_per_host_request_and_attempt() {
-        let a = request_uuid("h", "r1", 0);
-        assert_eq!(a, request_uuid("h", "r1", 0));
-        assert_ne!(a, request_uuid("h", "r1", 1));
-        assert_ne!(a, request_uuid("h2", "r1", 0));
-        assert_ne!(a, request_uuid("h", "r2", 0));
-        assert_eq!(a.get_version_num(), 8);
-    }
-
-    #[test]
-    fn request_ids_grow_with_the_time_of_the_request() {
-        // `<first seen ns, hex>-<tid>-<digest>`, as the controller makes them.
-        let id =
-            |ns: u64, tid: u32| request_uuid("h", &format!("{ns:x}-{tid}-00000000000000ab"), 0);
-        let (early, late) = (id(5_000_000_000, 900), id(5_001_000_000, 17));
-        assert!(early.to_string() < late.to_string(), "{early} < {late}");
-        assert!(early < late);
-        assert_ne!(
-            id(5_000_000_000, 1),
-            id(5_000_000_000, 2),
-            "same millisecond, other request"
-        );
-        assert_eq!(&late.as_bytes()[..6], &5_001_u64.to_be_bytes()[2..]);
+        Arc::new(DecisionRequest {
+            request,
+            kernel: request::kernel_facts(&origin, None, None),
+            digest,
+            timeout,
+            deadline: tokio::time::Instant::now() + timeout,
+        })
     }
 
     #[test]
@@ -754,9 +370,10 @@ mod tests {
         assert_eq!(mapped.verdict, Verdict::Deny);
         assert!(mapped.expired);
         assert_eq!(mapped.actor, "timeout");
-        let details = mapped.details.expect("details");
-        assert_eq!(details["state"], "expired");
-        assert_eq!(details["request_id"], decision.request_id.to_string());
+        let service = mapped.service.expect("the service's outcome");
+        assert_eq!(service.state, RequestState::Expired);
+        assert_eq!(service.duration, "once");
+        assert_eq!(service.grant_id, None);
         let approved = model::Decision {
             state: RequestState::Approved,
             verdict: model::Verdict::Allow,
@@ -831,7 +448,7 @@ mod tests {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (handle, _task) =
             grants::spawn(grants, policies_rx, shutdown_rx, Duration::from_secs(1));
-        let (decider, _pump) = RemoteDecider::start(Arc::new(link), events, handle, "h1".into());
+        let (decider, _pump) = RemoteDecider::start(Arc::new(link), events, handle, "h1");
         let review = ReviewClient::connect(ReviewConfig {
             endpoint,
             token,
@@ -863,31 +480,6 @@ mod tests {
         }
     }
 
-    fn asked(
-        request_id: &str,
-        argv: &[&str],
-        digest: u64,
-        timeout: Duration,
-    ) -> Arc<DecisionRequest> {
-        let mut req = request(
-            RequestTarget::Exec {
-                executable: "/usr/bin/git".into(),
-                argv: argv.iter().map(|a| (*a).to_owned()).collect(),
-            },
-            request_kind::EXEC,
-        );
-        req.request_id = request_id.to_owned();
-        req.details.digest = digest;
-        req.details.first_seen_ns = boot_time_ns();
-        req.details
-            .approval
-            .grant_durations
-            .push(GrantDuration::For(Duration::from_hours(1)));
-        req.timeout = timeout;
-        req.deadline = tokio::time::Instant::now() + timeout;
-        Arc::new(req)
-    }
-
     /// Waits until the service lists `count` pending requests; returns them.
     async fn pending(review: &mut ReviewClient, count: usize) -> Vec<model::RequestRecord> {
         let started = std::time::Instant::now();
@@ -911,7 +503,7 @@ mod tests {
     async fn a_reviewers_approval_with_a_duration_reaches_the_agent_and_its_kernel_grant() {
         let mut service = service().await;
         let decider = Arc::clone(&service.decider);
-        let req = asked("r-approve", &["git", "push"], 0xaa, Duration::from_mins(1));
+        let req = asked(&["git", "push"], 0xaa, Duration::from_mins(1));
         let deciding = tokio::spawn({
             let req = Arc::clone(&req);
             async move { decide_by_deadline(decider.as_ref(), req).await }
@@ -919,13 +511,10 @@ mod tests {
         let listed = pending(&mut service.review, 1).await;
         let record = &listed[0];
         assert_eq!(record.host, "h1");
-        assert_eq!(record.request.id, request_uuid("h1", "r-approve", 0));
         assert_eq!(
-            service.decider.reference("r-approve"),
-            Some(record.request.id.to_string()),
-            "the agent's audit names the service's id"
+            record.request, req.request,
+            "the service holds the agent's request, under the agent's id"
         );
-        assert_eq!(record.request.target.to_string(), "/usr/bin/git git push");
         service
             .review
             .decide(
@@ -943,9 +532,10 @@ mod tests {
         assert_eq!(decision.verdict, Verdict::Allow);
         assert_eq!(decision.actor, "alice");
         assert!(!decision.expired);
-        let details = decision.details.expect("details");
-        assert_eq!(details["state"], "approved");
-        assert_eq!(details["grant"]["duration"], "1h");
+        let outcome = decision.service.expect("the service's outcome");
+        assert_eq!(outcome.state, RequestState::Approved);
+        assert_eq!(outcome.duration, "1h");
+        assert!(outcome.grant_id.is_some());
         // Installed before the verdict came back.
         let grants = service.kernel.now();
         let entry = grants
@@ -963,12 +553,7 @@ mod tests {
     async fn denials_and_withdrawals_reach_the_service() {
         let mut service = service().await;
         let decider = Arc::clone(&service.decider);
-        let denied = asked(
-            "r-deny",
-            &["git", "push", "--force"],
-            0xbb,
-            Duration::from_mins(1),
-        );
+        let denied = asked(&["git", "push", "--force"], 0xbb, Duration::from_mins(1));
         let deciding = tokio::spawn({
             let denied = Arc::clone(&denied);
             async move { decide_by_deadline(decider.as_ref(), denied).await }
@@ -997,17 +582,18 @@ mod tests {
 
         // The task dies while waiting: the request is withdrawn.
         let decider = Arc::clone(&service.decider);
-        let gone = asked("r-gone", &["git", "fetch"], 0xcc, Duration::from_mins(1));
+        let gone = asked(&["git", "fetch"], 0xcc, Duration::from_mins(1));
         let waiting = tokio::spawn({
             let gone = Arc::clone(&gone);
             async move { decide_by_deadline(decider.as_ref(), gone).await }
         });
         let listed = pending(&mut service.review, 1).await;
         let id = listed[0].request.id;
+        assert_eq!(id, gone.id());
         waiting.abort();
         service
             .decider
-            .withdraw("r-gone", Withdrawal::TaskExited, "the task exited");
+            .withdraw(id, Withdrawal::TaskExited, "the task exited");
         let started = std::time::Instant::now();
         loop {
             let (record, _) = service.review.get(id).await.expect("get");
@@ -1063,8 +649,8 @@ mod tests {
             let (_s, shutdown) = watch::channel(false);
             grants::spawn(grants, policies, shutdown, Duration::from_secs(1))
         };
-        let (decider, _pump) = RemoteDecider::start(Arc::new(link), events, handle, "h1".into());
-        let req = asked("r-down", &["git", "pull"], 1, Duration::from_millis(1500));
+        let (decider, _pump) = RemoteDecider::start(Arc::new(link), events, handle, "h1");
+        let req = asked(&["git", "pull"], 1, Duration::from_millis(1500));
         let decision = decide_by_deadline(&decider, req).await;
         assert!(decision.expired, "fail closed at the deadline");
         assert_eq!(decision.verdict, Verdict::Deny);

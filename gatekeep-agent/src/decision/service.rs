@@ -56,14 +56,7 @@ impl Decider for AgentDecider {
         }
     }
 
-    fn reference(&self, request_id: &str) -> Option<String> {
-        match self {
-            AgentDecider::Local(local) => local.reference(request_id),
-            AgentDecider::Remote(remote) => remote.reference(request_id),
-        }
-    }
-
-    fn withdraw(&self, request_id: &str, reason: Withdrawal, detail: &str) {
+    fn withdraw(&self, request_id: uuid::Uuid, reason: Withdrawal, detail: &str) {
         match self {
             AgentDecider::Local(local) => local.withdraw(request_id, reason, detail),
             AgentDecider::Remote(remote) => remote.withdraw(request_id, reason, detail),
@@ -177,8 +170,7 @@ pub async fn start(wiring: Wiring<'_>) -> Result<DecisionService, ServiceError> 
         wiring.shutdown,
         config.rescan_interval,
     );
-    let (remote, pump_task) =
-        RemoteDecider::start(Arc::clone(&link), events, grants, config.host.clone());
+    let (remote, pump_task) = RemoteDecider::start(Arc::clone(&link), events, grants, &config.host);
     Ok(DecisionService {
         decider: Arc::new(AgentDecider::Remote(remote)),
         mode,

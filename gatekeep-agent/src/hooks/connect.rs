@@ -24,13 +24,13 @@ use gatekeep_common::{
     map_names, request_kind,
 };
 use gatekeep_policy::{ConnectRule, Policy};
+use gatekeep_proto::{audit::KernelFacts, model};
 use ipnet::IpNet;
-use serde_json::{Value, json};
 
-use super::{Compiling, Hook, RequestTarget, RuleKey, absent_is_ok, kernel_action};
+use super::{Compiling, Hook, RuleKey, absent_is_ok, kernel_action};
 use crate::{
     bpf::record::{Origin, ParseError, c_string, origin, read},
-    pause::enrich::Enricher,
+    pause::{enrich::Enricher, request},
     policy::error::PolicyMapsError,
 };
 
@@ -61,6 +61,7 @@ pub struct Connect;
 
 impl Hook for Connect {
     const NAME: &'static str = "connect";
+    const MODEL_KIND: model::Kind = model::Kind::Connect;
     const KIND: u32 = request_kind::CONNECT;
     const ASK: (u32, &'static str) = (event_kind::CONNECT_ASK, "connect_ask");
     const DENIED: (u32, &'static str) = (event_kind::CONNECT_DENIED, "connect_denied");
@@ -195,34 +196,12 @@ impl Hook for Connect {
         }
     }
 
-    fn target(request: &ConnectRequest, _enricher: &Enricher) -> RequestTarget {
-        RequestTarget::Connect {
-            destination: request.destination.clone(),
-            sock_type: request.sock_type,
-        }
+    fn target(request: &ConnectRequest, _enricher: &Enricher) -> model::Target {
+        request::connect_target(&request.destination, request.sock_type)
     }
 
-    fn payload(
-        request: &ConnectRequest,
-        _enricher: &Enricher,
-        rule: Option<String>,
-        payload: &mut Value,
-    ) {
-        payload["kind"] = json!(Self::NAME);
-        payload["address"] = json!(request.destination.to_string());
-        payload["sock_type"] = json!(request.sock_type);
-        if let Destination::Ip { addr, port } = request.destination {
-            payload["ip"] = json!(addr);
-            payload["port"] = json!(port);
-            // The audit names the rule of an IP destination only (as before
-            // the hooks were modules).
-            if let Some(rule) = rule {
-                payload["rule"] = json!(rule);
-            }
-        }
-        if let Destination::Unix { path } = &request.destination {
-            payload["unix_path"] = json!(path);
-        }
+    fn kernel_facts(request: &ConnectRequest) -> KernelFacts {
+        request::kernel_facts(&request.origin, None, Some(request.sock_type))
     }
 }
 

@@ -18,12 +18,12 @@ use std::{
 use aya::maps::{Map, MapError};
 use gatekeep_common::{ARGV_LEN, ExecEvent, ExecRuleKey, event_kind, map_names, request_kind};
 use gatekeep_policy::Policy;
-use serde_json::{Value, json};
+use gatekeep_proto::{audit::KernelFacts, model};
 
-use super::{Compiling, Hook, RequestTarget, RuleKey, absent_is_ok, kernel_action};
+use super::{Compiling, Hook, RuleKey, absent_is_ok, kernel_action};
 use crate::{
     bpf::record::{Origin, ParseError, origin, read},
-    pause::enrich::Enricher,
+    pause::{enrich::Enricher, request},
     policy::error::PolicyMapsError,
 };
 
@@ -48,6 +48,7 @@ pub struct Exec;
 
 impl Hook for Exec {
     const NAME: &'static str = "exec";
+    const MODEL_KIND: model::Kind = model::Kind::Exec;
     const KIND: u32 = request_kind::EXEC;
     const ASK: (u32, &'static str) = (event_kind::EXEC_ASK, "exec_ask");
     const DENIED: (u32, &'static str) = (event_kind::EXEC_DENIED, "exec_denied");
@@ -141,31 +142,15 @@ impl Hook for Exec {
         }
     }
 
-    fn target(request: &ExecRequest, enricher: &Enricher) -> RequestTarget {
-        RequestTarget::Exec {
-            executable: enricher.display_path(request.origin.pid, &request.filename),
-            argv: request.argv.clone(),
-        }
+    fn target(request: &ExecRequest, enricher: &Enricher) -> model::Target {
+        request::exec_target(
+            &enricher.display_path(request.origin.pid, &request.filename),
+            &request.argv,
+        )
     }
 
-    fn payload(
-        request: &ExecRequest,
-        enricher: &Enricher,
-        rule: Option<String>,
-        payload: &mut Value,
-    ) {
-        let exe = enricher.display_path(request.origin.pid, &request.filename);
-        payload["kind"] = json!(Self::NAME);
-        payload["exe"] = json!(exe);
-        payload["filename"] = json!(request.filename);
-        payload["argv"] = json!(request.argv);
-        payload["argc"] = json!(request.argc);
-        payload["argv_truncated"] = json!(request.argv_truncated);
-        payload["dev"] = json!(request.dev);
-        payload["ino"] = json!(request.ino);
-        if let Some(rule) = rule {
-            payload["rule"] = json!(rule);
-        }
+    fn kernel_facts(request: &ExecRequest) -> KernelFacts {
+        request::kernel_facts(&request.origin, Some(request), None)
     }
 }
 

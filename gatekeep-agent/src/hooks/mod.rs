@@ -19,15 +19,17 @@
 
 pub mod connect;
 pub mod exec;
+// Self-protection of gatekeep's files (issue 18, item 3): no requests of its own, so not a
+// `Hook`; it compiles into `PROTECTED_INODES` through `policy::HostView::protected`.
+pub mod protect_files;
 
-use std::{collections::BTreeMap, fmt::Debug, path::PathBuf};
+use std::{collections::BTreeMap, fmt::Debug};
 
 use aya::maps::{Map, MapError};
 use gatekeep_common::{PolicyDefaults, action};
 use gatekeep_policy::{Action, Policy};
-use serde_json::Value;
+use gatekeep_proto::{audit::KernelFacts, model};
 
-use self::connect::Destination;
 use crate::{
     bpf::record::{Origin, ParseError},
     pause::enrich::Enricher,
@@ -38,6 +40,8 @@ use crate::{
 pub trait Hook {
     /// The hook's name in logs, audit records and requests (`"exec"`).
     const NAME: &'static str;
+    /// The request model's kind of its requests.
+    const MODEL_KIND: model::Kind;
     /// The [`gatekeep_common::request_kind`] of its paused requests.
     const KIND: u32;
     /// Its ring buffer records: a request paused to ask, and one the kernel
@@ -71,16 +75,10 @@ pub trait Hook {
 
     /// The policy's rule (or default) that decided `request`, for reviewers.
     fn rule(policy: &Policy, loaded: &Self::Loaded, request: &Self::Request) -> String;
-    /// What is asked, in the typed form deciders forward.
-    fn target(request: &Self::Request, enricher: &Enricher) -> RequestTarget;
-    /// Adds the hook's fields to an audit payload (`rule` only when the
-    /// policy is known).
-    fn payload(
-        request: &Self::Request,
-        enricher: &Enricher,
-        rule: Option<String>,
-        payload: &mut Value,
-    );
+    /// What is asked, in the request model (what reviewers and both audit logs see).
+    fn target(request: &Self::Request, enricher: &Enricher) -> model::Target;
+    /// What the kernel reported beyond the target (for the agent's audit log).
+    fn kernel_facts(request: &Self::Request) -> KernelFacts;
 }
 
 /// One entry of a hook's rule map, in the hook's own encoding (ordered, so
@@ -191,18 +189,25 @@ macro_rules! hooks {
 
             /// [`Hook::target`].
             #[must_use]
-            pub fn target(&self, enricher: &Enricher) -> RequestTarget {
+            pub fn target(&self, enricher: &Enricher) -> model::Target {
                 match self {
                     $(Request::$variant(request) => <$hook as Hook>::target(request, enricher),)+
                 }
             }
 
-            /// [`Hook::payload`].
-            pub fn payload(&self, enricher: &Enricher, rule: Option<String>, payload: &mut Value) {
+            /// [`Hook::kernel_facts`].
+            #[must_use]
+            pub fn kernel_facts(&self) -> KernelFacts {
                 match self {
-                    $(Request::$variant(request) => {
-                        <$hook as Hook>::payload(request, enricher, rule, payload);
-                    })+
+                    $(Request::$variant(request) => <$hook as Hook>::kernel_facts(request),)+
+                }
+            }
+
+            /// [`Hook::MODEL_KIND`].
+            #[must_use]
+            pub fn model_kind(&self) -> model::Kind {
+                match self {
+                    $(Request::$variant(_) => <$hook as Hook>::MODEL_KIND,)+
                 }
             }
         }
@@ -228,6 +233,17 @@ macro_rules! hooks {
             $(
                 if kind == <$hook as Hook>::KIND {
                     return Some(<$hook as Hook>::NAME);
+                }
+            )+
+            None
+        }
+
+        /// The request model's kind of the hook whose requests are of `kind`.
+        #[must_use]
+        pub fn model_kind(kind: u32) -> Option<model::Kind> {
+            $(
+                if kind == <$hook as Hook>::KIND {
+                    return Some(<$hook as Hook>::MODEL_KIND);
                 }
             )+
             None
@@ -269,31 +285,6 @@ macro_rules! hooks {
 hooks! {
     exec: Exec => exec::Exec,
     connect: Connect => connect::Connect,
-}
-
-/// What a paused request asks for, in the typed form deciders forward (the
-/// audit payload says the same as JSON).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RequestTarget {
-    Exec {
-        /// Absolute (made so against the cwd for display).
-        executable: PathBuf,
-        argv: Vec<String>,
-    },
-    Connect {
-        destination: Destination,
-        /// `SOCK_STREAM` (1), `SOCK_DGRAM` (2), ...
-        sock_type: u32,
-    },
-}
-
-impl Default for RequestTarget {
-    fn default() -> Self {
-        RequestTarget::Exec {
-            executable: PathBuf::new(),
-            argv: Vec::new(),
-        }
-    }
 }
 
 /// The kernel's encoding of a policy action.

@@ -22,20 +22,25 @@
 //!   tasks stay stopped (fail closed); the next agent asks them again.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, HashSet},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use gatekeep_audit::{AuditRecord, RecordKind};
 use gatekeep_common::VerdictKey;
-use gatekeep_proto::model::ApprovalSettings;
-use serde_json::{Value, json};
+use gatekeep_proto::{
+    audit::{self as payload, Schema},
+    model::{self, ApprovalSettings, Kind, RequestState},
+};
+use serde::Serialize;
 use tokio::{
     sync::{mpsc, watch},
     task::{AbortHandle, JoinSet},
     time::Instant,
 };
+use uuid::Uuid;
 
 use crate::{
     audit::AuditSink,
@@ -43,12 +48,11 @@ use crate::{
         events::{Event, Origin, RequestKind},
         kernel::{PauseKernel, boot_time_ns},
     },
-    decision::{
-        Decider, Decision, DecisionRequest, RequestDetails, Verdict, Withdrawal, decide_by_deadline,
-    },
+    decision::{Decider, Decision, DecisionRequest, Verdict, Withdrawal, decide_by_deadline},
     hooks::Request,
     pause::{
         enrich::{Enricher, Enrichment, RecentEnrichments},
+        request,
         resume::{Finding, PauseTiming, ResumeOutcome, TaskState, Tasks, reconcile, resume},
     },
     policy::{Compiled, LoadedPolicy},
@@ -71,19 +75,54 @@ enum Stage {
 
 #[derive(Debug)]
 struct Tracked {
-    request_id: String,
+    /// The request as asked (its id is the request id).
+    request: Arc<DecisionRequest>,
     pid: u32,
     digest: u64,
-    kind: &'static str,
-    policy: String,
     asked_at: Instant,
     stage: Stage,
     decision_task: Option<AbortHandle>,
 }
 
 impl Tracked {
+    fn id(&self) -> Uuid {
+        self.request.id()
+    }
+
     fn waited_ms(&self) -> u64 {
         u64::try_from(self.asked_at.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The payload of the record that ends it (`state`), before the decision's details.
+    fn outcome<'a>(
+        &'a self,
+        tid: u32,
+        state: RequestState,
+        verdict: Option<Verdict>,
+        reason: &'a str,
+    ) -> payload::Outcome<'a> {
+        let request = &self.request.request;
+        payload::Outcome {
+            schema: Schema::default(),
+            policy: Some(Cow::Borrowed(&request.policy)),
+            kind: request.kind(),
+            target: Some(Cow::Borrowed(&request.target)),
+            state,
+            verdict: verdict.map(model::Verdict::from),
+            reason: Cow::Borrowed(reason),
+            cause: None,
+            detail: None,
+            duration: None,
+            approvals: None,
+            approvals_required: None,
+            grant_id: None,
+            wait_ms: self.waited_ms(),
+            is_final: true,
+            pid: Some(self.pid),
+            tid: Some(tid),
+            digest: None,
+            comm: None,
+        }
     }
 }
 
@@ -92,12 +131,12 @@ impl Tracked {
 enum Internal {
     Decided {
         tid: u32,
-        request_id: String,
+        request_id: Uuid,
         decision: Decision,
     },
     Resumed {
         tid: u32,
-        request_id: String,
+        request_id: Uuid,
         decision: Decision,
         outcome: Result<ResumeOutcome, String>,
         /// False when a verdict is written again (already recorded).
@@ -128,6 +167,8 @@ pub struct Controller<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> {
     /// a full `/proc` walk each).
     recent_denials: RecentEnrichments,
     host: String,
+    /// The kernel's boot id: part of every request id (see [`request::request_id`]).
+    boot_id: String,
     timing: PauseTiming,
     current: Arc<Compiled>,
     previous: Option<Arc<Compiled>>,
@@ -166,6 +207,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             enricher: parts.enricher,
             recent_denials: RecentEnrichments::default(),
             host: parts.host,
+            boot_id: request::boot_id(std::path::Path::new(request::BOOT_ID_PATH)),
             timing: parts.timing,
             current: parts.policies,
             previous: None,
@@ -199,16 +241,24 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             .cloned()
     }
 
+    /// Records `payload` (one of [`gatekeep_proto::audit`]'s types) as a record of `kind`.
     fn record(
         &self,
         kind: RecordKind,
-        request_id: Option<&str>,
+        request_id: Option<Uuid>,
         actor: Option<&str>,
-        payload: Value,
+        payload: &impl Serialize,
     ) {
+        let payload = match serde_json::to_value(payload) {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::error!(%error, %kind, "cannot encode an audit payload");
+                return;
+            }
+        };
         let mut record = AuditRecord::new(kind, self.host.clone(), payload);
         if let Some(id) = request_id {
-            record = record.with_request_id(id);
+            record = record.with_request_id(id.to_string());
         }
         if let Some(actor) = actor {
             record = record.with_actor(actor);
@@ -304,9 +354,12 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 let info = self
                     .recent_denials
                     .enrich(&self.enricher, origin.pid, origin.uid);
-                let payload = self.request_payload(&request, &info);
-                self.record(RecordKind::KernelDenied, None, Some("kernel"), payload);
+                let payload = self.kernel_denied(&request, &info);
+                self.record(RecordKind::KernelDenied, None, Some("kernel"), &payload);
             }
+            // The daemon hands these to the policy watcher, which classifies
+            // the cgroup and resumes the task; nothing to track here.
+            Event::Unclassified { .. } => {}
             Event::Abandoned { origin, kind } => self.handle_gone(&origin, kind, false),
             Event::RefusedSpinning { origin, kind } => self.handle_gone(&origin, kind, true),
             Event::VerdictApplied { origin, action, .. } => {
@@ -370,20 +423,37 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let age = Duration::from_nanos(boot_time_ns().saturating_sub(first_seen));
         let timeout = policy.policy.approval.timeout;
         let deadline = Instant::now() + timeout.saturating_sub(age);
-        let request_id = format!("{first_seen:x}-{tid}-{:016x}", origin.digest);
+        let id = request::request_id(&self.host, &self.boot_id, first_seen, tid, origin.digest);
 
         let info = self.enricher.enrich(origin.pid, origin.uid);
-        let (kind, rule, mut payload) = self.describe(&asked, &policy, &info);
-        payload["rule"] = json!(rule);
-        payload["timeout_ms"] = json!(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
-        payload["on_timeout"] = json!(policy.policy.approval.on_timeout.as_str());
-        if let Some(reference) = self.decider.reference(&request_id) {
-            payload["service_request_id"] = json!(reference);
-        }
+        let (rule, target, kernel) = self.describe(&asked, &policy);
+        let approval = request::approval_request(
+            request::Ask {
+                id,
+                policy: &policy.policy.name,
+                rule: &rule,
+                origin,
+                info: &info,
+                target,
+                approval: ApprovalSettings::from_policy(&policy.policy.approval),
+                on_timeout: model::Verdict::from_policy(policy.policy.approval.on_timeout),
+                timeout,
+                first_seen_ns: first_seen,
+            },
+            SystemTime::now(),
+            boot_time_ns(),
+        );
+        let request = Arc::new(DecisionRequest {
+            request: approval,
+            kernel,
+            digest: origin.digest,
+            timeout,
+            deadline,
+        });
         self.stats.asked += 1;
         tracing::info!(
-            request_id,
-            kind,
+            request_id = %id,
+            kind = request.request.kind().as_str(),
             policy = policy.policy.name,
             rule,
             pid = origin.pid,
@@ -392,28 +462,21 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         );
         self.record(
             RecordKind::Requested,
-            Some(&request_id),
+            Some(id),
             None,
-            payload.clone(),
+            &payload::Requested {
+                schema: Schema::default(),
+                request: Cow::Borrowed(&request.request),
+                service_deadline: None,
+                kernel: Some(request.kernel.clone()),
+            },
         );
 
-        let details = self.details(origin, &asked, info, &policy, first_seen);
-        let request = Arc::new(DecisionRequest {
-            request_id: request_id.clone(),
-            kind,
-            policy: policy.policy.name.clone(),
-            rule,
-            context: payload,
-            timeout,
-            on_timeout: Verdict::from_policy(policy.policy.approval.on_timeout),
-            deadline,
-            details,
-        });
         let decider = Arc::clone(&self.decider);
         let internal = self.internal_tx.clone();
-        let id = request_id.clone();
+        let asked_request = Arc::clone(&request);
         let task = self.decisions.spawn(async move {
-            let decision = decide_by_deadline(decider.as_ref(), request).await;
+            let decision = decide_by_deadline(decider.as_ref(), asked_request).await;
             let _ = internal.send(Internal::Decided {
                 tid,
                 request_id: id,
@@ -423,11 +486,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         self.tracked.insert(
             tid,
             Tracked {
-                request_id,
+                request,
                 pid: origin.pid,
                 digest: origin.digest,
-                kind,
-                policy: policy.policy.name.clone(),
                 asked_at: Instant::now(),
                 stage: Stage::Deciding,
                 decision_task: Some(task),
@@ -435,42 +496,17 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         );
     }
 
-    /// What an ask is about, the rule that said ask, and its audit payload.
+    /// The rule that said ask, what is asked, and what the kernel reported.
     fn describe(
         &self,
         asked: &Request,
         policy: &LoadedPolicy,
-        info: &Enrichment,
-    ) -> (&'static str, String, Value) {
+    ) -> (String, model::Target, payload::KernelFacts) {
         (
-            asked.kind_name(),
             policy.rule_for(asked),
-            self.request_payload(asked, info),
+            asked.target(&self.enricher),
+            asked.kernel_facts(),
         )
-    }
-
-    /// The typed form of a request, for the decider.
-    fn details(
-        &self,
-        origin: &Origin,
-        asked: &Request,
-        info: Enrichment,
-        policy: &LoadedPolicy,
-        first_seen: u64,
-    ) -> RequestDetails {
-        RequestDetails {
-            pid: origin.pid,
-            tid: origin.tid,
-            uid: origin.uid,
-            policy_id: origin.policy_id,
-            kind: asked.kind(),
-            digest: origin.digest,
-            cgroup_id: origin.cgroup_id,
-            first_seen_ns: first_seen,
-            enrichment: info,
-            target: asked.target(&self.enricher),
-            approval: ApprovalSettings::from_policy(&policy.policy.approval),
-        }
     }
 
     /// The tracked request of `tid` was replaced by a new one.
@@ -483,7 +519,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         }
         self.stats.superseded += 1;
         tracing::info!(
-            request_id = old.request_id,
+            request_id = %old.id(),
             tid,
             "request superseded by a new one from the same thread"
         );
@@ -501,26 +537,20 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         }
         if old.stage == Stage::Deciding {
             self.decider.withdraw(
-                &old.request_id,
+                old.id(),
                 Withdrawal::Superseded,
                 "the thread asked something else before the decision applied",
             );
         }
         if old.stage == Stage::Deciding || old.stage == Stage::Resuming {
-            self.record(
-                RecordKind::Cancelled,
-                Some(&old.request_id),
-                None,
-                json!({
-                    "reason": "superseded",
-                    "detail": "the thread asked something else before the decision applied (e.g. argv rewritten)",
-                    "pid": old.pid,
-                    "tid": tid,
-                    "kind": old.kind,
-                    "policy": old.policy,
-                    "wait_ms": old.waited_ms(),
-                }),
-            );
+            let payload = payload::Outcome {
+                cause: Some(Cow::Borrowed("superseded")),
+                detail: Some(Cow::Borrowed(
+                    "the thread asked something else before the decision applied (e.g. argv rewritten)",
+                )),
+                ..old.outcome(tid, RequestState::Cancelled, None, "")
+            };
+            self.record(RecordKind::Cancelled, Some(old.id()), None, &payload);
         }
     }
 
@@ -545,46 +575,104 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     "the task exited while it waited for a decision",
                 )
             };
-            self.decider.withdraw(&tracked.request_id, reason, detail);
+            self.decider.withdraw(tracked.id(), reason, detail);
         }
-        let mut payload = json!({
-            "pid": origin.pid,
-            "ppid": origin.ppid,
-            "tid": origin.tid,
-            "kind": kind.as_str(),
-            "digest": format!("{:016x}", origin.digest),
-            "comm": origin.comm,
-        });
-        if let Some(tracked) = &tracked {
-            payload["wait_ms"] = json!(tracked.waited_ms());
-            payload["policy"] = json!(tracked.policy);
-        }
-        let request_id = tracked.as_ref().map(|t| t.request_id.as_str());
+        let request_id = tracked.as_ref().map(Tracked::id);
         if refused {
             self.stats.kernel_denied += 1;
-            payload["reason"] = json!("refused_spinning");
-            payload["detail"] =
-                json!("the task re-entered the hook without stopping (traced); refused with EPERM");
             tracing::warn!(
                 tid = origin.tid,
                 pid = origin.pid,
                 "paused request refused: the task is traced and would spin"
             );
+            let known = tracked.as_ref().map(|t| &t.request.request);
+            let policy = self.policy(origin.policy_id);
+            let payload = payload::KernelDenied {
+                schema: Schema::default(),
+                kind: model_kind(kind),
+                policy: known
+                    .map(|r| r.policy.clone())
+                    .or_else(|| policy.map(|p| p.policy.name.clone())),
+                rule: known.map(|r| r.rule.clone()),
+                process: request::process(origin, &Enrichment::default()),
+                target: known.map(|r| r.target.clone()),
+                kernel: request::kernel_facts(origin, None, None),
+                reason: Some("refused_spinning".to_owned()),
+                detail: Some(
+                    "the task re-entered the hook without stopping (traced); refused with EPERM"
+                        .to_owned(),
+                ),
+            };
             self.record(
                 RecordKind::KernelDenied,
                 request_id,
                 Some("kernel"),
-                payload,
+                &payload,
             );
         } else {
             self.stats.abandoned += 1;
             tracing::info!(
                 tid = origin.tid,
                 pid = origin.pid,
-                ?request_id,
+                request_id = ?request_id,
                 "paused task exited; request abandoned"
             );
-            self.record(RecordKind::Abandoned, request_id, None, payload);
+            let detail = "the task exited while it waited for a decision";
+            let payload = match &tracked {
+                Some(tracked) => payload::Outcome {
+                    cause: Some(Cow::Borrowed("task_exited")),
+                    detail: Some(Cow::Borrowed(detail)),
+                    ..tracked.outcome(origin.tid, RequestState::Abandoned, None, "")
+                },
+                None => self.untracked_outcome(
+                    origin.policy_id,
+                    kind,
+                    origin.pid,
+                    origin.tid,
+                    origin.digest,
+                    Some(&origin.comm),
+                    detail,
+                ),
+            };
+            self.record(RecordKind::Abandoned, request_id, None, &payload);
+        }
+    }
+
+    /// The end of a request the agent did not track (its event was missed, or it was asked
+    /// before this agent started): what the kernel said of it.
+    #[expect(clippy::too_many_arguments, reason = "the kernel's facts, one by one")]
+    fn untracked_outcome<'a>(
+        &self,
+        policy_id: u32,
+        kind: RequestKind,
+        pid: u32,
+        tid: u32,
+        digest: u64,
+        comm: Option<&str>,
+        detail: &'a str,
+    ) -> payload::Outcome<'a> {
+        payload::Outcome {
+            schema: Schema::default(),
+            policy: self
+                .policy(policy_id)
+                .map(|p| Cow::Owned(p.policy.name.clone())),
+            kind: model_kind(kind),
+            target: None,
+            state: RequestState::Abandoned,
+            verdict: None,
+            reason: Cow::Borrowed(""),
+            cause: Some(Cow::Borrowed("task_exited")),
+            detail: Some(Cow::Borrowed(detail)),
+            duration: None,
+            approvals: None,
+            approvals_required: None,
+            grant_id: None,
+            wait_ms: 0,
+            is_final: true,
+            pid: Some(pid),
+            tid: Some(tid),
+            digest: Some(format!("{digest:016x}")),
+            comm: comm.map(str::to_owned),
         }
     }
 
@@ -598,7 +686,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 let Some(tracked) = self.tracked.get_mut(&tid) else {
                     return;
                 };
-                if tracked.request_id != request_id || tracked.stage != Stage::Deciding {
+                if tracked.id() != request_id || tracked.stage != Stage::Deciding {
                     return;
                 }
                 tracked.stage = Stage::Resuming;
@@ -615,21 +703,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 let Some(tracked) = self.tracked.get_mut(&tid) else {
                     return;
                 };
-                if tracked.request_id != request_id {
+                if tracked.id() != request_id {
                     return;
-                }
-                let waited = tracked.waited_ms();
-                let mut base = json!({
-                    "pid": tracked.pid,
-                    "tid": tid,
-                    "kind": tracked.kind,
-                    "policy": tracked.policy,
-                    "verdict": decision.verdict.as_str(),
-                    "reason": decision.reason,
-                    "wait_ms": waited,
-                });
-                if let Some(details) = &decision.details {
-                    base["service"] = details.clone();
                 }
                 match outcome {
                     Ok(ResumeOutcome::Resumed | ResumeOutcome::ResumedUnconfirmed) => {
@@ -637,35 +712,27 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                             at: Instant::now(),
                             verdict: decision.verdict,
                         };
-                        if !record {
-                            return;
+                        if record {
+                            self.record_resumed(tid, request_id, &decision);
                         }
-                        self.stats.decided += 1;
-                        let kind = if decision.expired {
-                            RecordKind::Expired
-                        } else {
-                            RecordKind::Decided
-                        };
-                        tracing::info!(
-                            request_id,
-                            verdict = decision.verdict.as_str(),
-                            actor = decision.actor,
-                            wait_ms = waited,
-                            "request decided, task resumed"
-                        );
-                        self.record(kind, Some(&request_id), Some(&decision.actor), base);
                     }
                     Ok(ResumeOutcome::Superseded) => self.supersede(tid),
                     Ok(ResumeOutcome::Gone) => {
-                        self.tracked.remove(&tid);
+                        let Some(tracked) = self.tracked.remove(&tid) else {
+                            return;
+                        };
                         self.stats.abandoned += 1;
-                        let mut payload = base;
-                        payload["detail"] =
-                            json!("the task exited before its decision could be applied");
-                        self.record(RecordKind::Abandoned, Some(&request_id), None, payload);
+                        let payload = payload::Outcome {
+                            cause: Some(Cow::Borrowed("task_exited")),
+                            detail: Some(Cow::Borrowed(
+                                "the task exited before its decision could be applied",
+                            )),
+                            ..tracked.outcome(tid, RequestState::Abandoned, None, &decision.reason)
+                        };
+                        self.record(RecordKind::Abandoned, Some(request_id), None, &payload);
                     }
                     Err(err) => {
-                        tracing::error!(request_id, error = err, "failed to resume; retrying");
+                        tracing::error!(%request_id, error = err, "failed to resume; retrying");
                         let internal = self.internal_tx.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -684,11 +751,48 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         }
     }
 
+    /// Records the decision of a request whose task was resumed.
+    fn record_resumed(&mut self, tid: u32, request_id: Uuid, decision: &Decision) {
+        self.stats.decided += 1;
+        let (kind, state) = match (&decision.service, decision.expired) {
+            (_, true) => (RecordKind::Expired, RequestState::Expired),
+            (Some(service), false) => (RecordKind::Decided, service.state),
+            (None, false) => (
+                RecordKind::Decided,
+                match decision.verdict {
+                    Verdict::Allow => RequestState::Approved,
+                    Verdict::Deny => RequestState::Denied,
+                },
+            ),
+        };
+        let Some(tracked) = self.tracked.get(&tid) else {
+            return;
+        };
+        tracing::info!(
+            request_id = %request_id,
+            verdict = decision.verdict.as_str(),
+            actor = decision.actor,
+            wait_ms = tracked.waited_ms(),
+            "request decided, task resumed"
+        );
+        let payload = payload::Outcome {
+            duration: Some(
+                decision
+                    .service
+                    .as_ref()
+                    .map_or_else(|| "once".to_owned(), |s| s.duration.clone()),
+            ),
+            grant_id: decision.service.as_ref().and_then(|s| s.grant_id),
+            ..tracked.outcome(tid, state, Some(decision.verdict), &decision.reason)
+        };
+        self.record(kind, Some(request_id), Some(&decision.actor), &payload);
+    }
+
     fn spawn_resume(&mut self, tid: u32, decision: Decision, record: bool) {
         let Some(tracked) = self.tracked.get(&tid) else {
             return;
         };
-        let (pid, digest, request_id) = (tracked.pid, tracked.digest, tracked.request_id.clone());
+        let (pid, digest, request_id) = (tracked.pid, tracked.digest, tracked.id());
         let kernel = Arc::clone(&self.kernel);
         let tasks = Arc::clone(&self.tasks);
         let timing = self.timing;
@@ -740,18 +844,16 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             match *finding {
                 Finding::Dead { tid, pending } => {
                     self.stats.abandoned += 1;
-                    self.record(
-                        RecordKind::Abandoned,
+                    let payload = self.untracked_outcome(
+                        pending.policy_id,
+                        RequestKind::from_raw(pending.kind),
+                        pending.pid,
+                        tid,
+                        pending.digest,
                         None,
-                        None,
-                        json!({
-                            "pid": pending.pid,
-                            "tid": tid,
-                            "kind": RequestKind::from_raw(pending.kind).as_str(),
-                            "digest": format!("{:016x}", pending.digest),
-                            "detail": "found by the reconciler: the task is gone",
-                        }),
+                        "found by the reconciler: the task is gone",
                     );
+                    self.record(RecordKind::Abandoned, None, None, &payload);
                 }
                 Finding::Reasked { tid, pending } => {
                     self.stats.reasked += 1;
@@ -819,7 +921,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             if record {
                 let gone = self.tasks.state(tracked.pid, tid) == TaskState::Gone;
                 self.decider.withdraw(
-                    &tracked.request_id,
+                    tracked.id(),
                     if gone {
                         Withdrawal::TaskExited
                     } else {
@@ -832,19 +934,17 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 } else {
                     RecordKind::Cancelled
                 };
-                self.record(
-                    kind,
-                    Some(&tracked.request_id),
-                    None,
-                    json!({
-                        "pid": tracked.pid,
-                        "tid": tid,
-                        "kind": tracked.kind,
-                        "policy": tracked.policy,
-                        "wait_ms": tracked.waited_ms(),
-                        "detail": "the kernel no longer holds this request",
-                    }),
-                );
+                let (state, cause) = if gone {
+                    (RequestState::Abandoned, "task_exited")
+                } else {
+                    (RequestState::Cancelled, "vanished")
+                };
+                let payload = payload::Outcome {
+                    cause: Some(Cow::Borrowed(cause)),
+                    detail: Some(Cow::Borrowed("the kernel no longer holds this request")),
+                    ..tracked.outcome(tid, state, None, "")
+                };
+                self.record(kind, Some(tracked.id()), None, &payload);
             }
         }
         for (tid, verdict) in retry {
@@ -855,7 +955,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     actor: "agent".to_owned(),
                     reason: "verdict written again: the task stopped before using it".to_owned(),
                     expired: false,
-                    details: None,
+                    service: None,
                 };
                 self.spawn_resume(tid, decision, false);
             }
@@ -877,60 +977,47 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         self.drain_internal();
         for (tid, tracked) in std::mem::take(&mut self.tracked) {
             if tracked.stage == Stage::Deciding || tracked.stage == Stage::Resuming {
-                self.record(
-                    RecordKind::Cancelled,
-                    Some(&tracked.request_id),
-                    None,
-                    json!({
-                        "pid": tracked.pid,
-                        "tid": tid,
-                        "kind": tracked.kind,
-                        "policy": tracked.policy,
-                        "wait_ms": tracked.waited_ms(),
-                        "reason": "agent_stopped",
-                        "detail": "the agent stopped before a decision; the task stays paused and the next agent asks again",
-                    }),
-                );
+                let payload = payload::Outcome {
+                    cause: Some(Cow::Borrowed("agent_stopped")),
+                    detail: Some(Cow::Borrowed(
+                        "the agent stopped before a decision; the task stays paused and the next agent asks again",
+                    )),
+                    ..tracked.outcome(tid, RequestState::Cancelled, None, "")
+                };
+                self.record(RecordKind::Cancelled, Some(tracked.id()), None, &payload);
             }
         }
         self.stats
     }
 
-    fn origin_payload(&self, origin: &Origin, info: &Enrichment) -> Value {
-        let policy = self.policy(origin.policy_id).map(|p| p.policy.name.clone());
-        json!({
-            "pid": origin.pid,
-            "ppid": origin.ppid,
-            "tid": origin.tid,
-            "uid": origin.uid,
-            "gid": origin.gid,
-            "user": info.user,
-            "comm": origin.comm,
-            "cgroup": info.cgroup,
-            "cgroup_id": origin.cgroup_id,
-            "cwd": info.cwd,
-            "ancestry": info.ancestry,
-            "policy": policy,
-            "policy_id": origin.policy_id,
-            "digest": format!("{:016x}", origin.digest),
-        })
-    }
-
-    /// A request's audit payload: who asked, then what (the hook's fields).
-    fn request_payload(&self, request: &Request, info: &Enrichment) -> Value {
+    /// A `kernel_denied` payload for a request the kernel refused by policy.
+    fn kernel_denied(&self, request: &Request, info: &Enrichment) -> payload::KernelDenied {
         let origin = request.origin();
-        let mut payload = self.origin_payload(origin, info);
-        let rule = self
-            .policy(origin.policy_id)
-            .map(|policy| policy.rule_for(request));
-        request.payload(&self.enricher, rule, &mut payload);
-        payload
+        let policy = self.policy(origin.policy_id);
+        payload::KernelDenied {
+            schema: Schema::default(),
+            kind: request.model_kind(),
+            policy: policy.as_ref().map(|p| p.policy.name.clone()),
+            rule: policy.map(|p| p.rule_for(request)),
+            process: request::process(origin, info),
+            target: Some(request.target(&self.enricher)),
+            kernel: request.kernel_facts(),
+            reason: None,
+            detail: None,
+        }
     }
+}
+
+/// The model's kind of a kernel request kind (a kind no registered hook writes, which
+/// the kernel never reports, is reported as exec).
+fn model_kind(kind: RequestKind) -> Kind {
+    crate::hooks::model_kind(kind.0).unwrap_or(Kind::Exec)
 }
 
 #[cfg(test)]
 mod tests {
     use gatekeep_policy::parse_str;
+    use serde_json::json;
 
     use super::*;
     use crate::{
@@ -950,6 +1037,7 @@ mod tests {
         let host = HostView {
             cgroup_root: dir.path().to_owned(),
             own_cgroup: None,
+            protected: Vec::new(),
         };
         // FakeKernel's events carry policy id 1.
         Arc::new(compile(&set, &[1], 1, &host).expect("compile"))
@@ -1018,9 +1106,16 @@ mod tests {
         assert_eq!(rig.kinds(), [RecordKind::Requested, RecordKind::Expired]);
         let records = rig.audit.records();
         assert_eq!(records[0].request_id, records[1].request_id);
-        assert_eq!(records[0].payload["rule"], "exec default ask");
-        assert_eq!(records[0].payload["argv"], json!(["tool", "7"]));
+        let requested = &records[0].payload;
+        assert_eq!(requested["schema"], gatekeep_proto::audit::SCHEMA_VERSION);
+        assert_eq!(requested["request"]["rule"], "exec default ask");
+        assert_eq!(requested["request"]["target"]["argv"], json!(["tool", "7"]));
+        // One id: the record's, the request's, and a valid request id.
+        let id = records[0].request_id.clone().expect("request id");
+        assert_eq!(requested["request"]["id"], id.as_str());
+        assert!(gatekeep_proto::id::parse(&id).is_ok(), "{id}");
         assert_eq!(records[1].payload["verdict"], "allow");
+        assert_eq!(records[1].payload["state"], "expired");
         assert_eq!(records[1].actor.as_deref(), Some("timeout"));
     }
 
@@ -1083,7 +1178,7 @@ mod tests {
                 RecordKind::Requested
             ]
         );
-        assert_eq!(records[1].payload["reason"], "superseded");
+        assert_eq!(records[1].payload["cause"], "superseded");
         assert_ne!(records[0].request_id, records[2].request_id);
         // The new request is decided; the verdict names the new digest only.
         rig.controller.step_internal().await;
@@ -1204,7 +1299,7 @@ mod tests {
         assert!(kernel.verdicts_now().is_empty());
         let kinds: Vec<RecordKind> = audit.records().iter().map(|r| r.kind).collect();
         assert_eq!(kinds, [RecordKind::Requested, RecordKind::Cancelled]);
-        assert_eq!(audit.records()[1].payload["reason"], "agent_stopped");
+        assert_eq!(audit.records()[1].payload["cause"], "agent_stopped");
     }
 
     #[tokio::test(start_paused = true)]

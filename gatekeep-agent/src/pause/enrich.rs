@@ -105,7 +105,7 @@ impl Enricher {
         Enrichment {
             ancestry,
             cwd: self.cwd(pid),
-            user: self.users.name(uid).map(str::to_owned),
+            user: self.users.name(uid),
             cgroup,
         }
     }
@@ -277,20 +277,30 @@ impl Stat {
     }
 }
 
-/// uid -> user name, from a passwd file read once.
+/// uid -> user name: a passwd file read once, then the system's name
+/// service (NSS: LDAP, SSSD, ... through `getpwuid_r`) for uids the file
+/// does not name, so a workload owner known only to a directory still has a
+/// name, and the no-self-approval check can see it.
 #[derive(Debug, Clone, Default)]
 pub struct Users {
     names: HashMap<u32, String>,
+    /// Whether uids missing from the file are asked of NSS.
+    nss: bool,
 }
 
 impl Users {
-    /// Reads `path`; an unreadable file gives no names.
+    /// Reads `path` (an unreadable file gives no names) and falls back to
+    /// NSS.
     #[must_use]
     pub fn load(path: &Path) -> Self {
         let text = fs::read_to_string(path).unwrap_or_default();
-        Self::parse(&text)
+        Self {
+            nss: true,
+            ..Self::parse(&text)
+        }
     }
 
+    /// The names of a passwd text alone (no NSS).
     #[must_use]
     pub fn parse(text: &str) -> Self {
         let mut names = HashMap::new();
@@ -306,12 +316,21 @@ impl Users {
                 names.entry(uid).or_insert_with(|| name.to_owned());
             }
         }
-        Self { names }
+        Self { names, nss: false }
     }
 
     #[must_use]
-    pub fn name(&self, uid: u32) -> Option<&str> {
-        self.names.get(&uid).map(String::as_str)
+    pub fn name(&self, uid: u32) -> Option<String> {
+        if let Some(name) = self.names.get(&uid) {
+            return Some(name.clone());
+        }
+        if !self.nss {
+            return None;
+        }
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|user| user.name)
     }
 }
 
@@ -585,7 +604,22 @@ mod tests {
     fn first_passwd_entry_for_a_uid_wins_and_junk_is_skipped() {
         let users =
             Users::parse("root:x:0:0::/:/bin/sh\ntoor:x:0:0::/:/bin/sh\nbroken\nx:y:notanumber\n");
-        assert_eq!(users.name(0), Some("root"));
+        assert_eq!(users.name(0).as_deref(), Some("root"));
         assert_eq!(users.name(1), None);
+    }
+
+    #[test]
+    fn uids_the_passwd_file_lacks_are_resolved_through_nss() {
+        // No file at all: every name comes from the name service.
+        let users = Users::load(Path::new("/nonexistent/passwd"));
+        let root = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(0))
+            .expect("getpwuid")
+            .expect("uid 0 has an entry on every host");
+        assert_eq!(users.name(0), Some(root.name));
+        // The file wins where it names a uid.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let passwd = dir.path().join("passwd");
+        fs::write(&passwd, "admin0:x:0:0::/:/bin/sh\n").expect("passwd");
+        assert_eq!(Users::load(&passwd).name(0).as_deref(), Some("admin0"));
     }
 }

@@ -5,8 +5,11 @@
 //! - [`resume`]: writing a verdict and resuming the task, and reconciling
 //!   the kernel's pending requests with the ones the agent tracks;
 //! - [`enrich`]: what `/proc` says about the asking task, for reviewers and
-//!   the audit.
+//!   the audit;
+//! - [`request`]: the one request model (the domain `ApprovalRequest` under the one
+//!   request id) that the controller builds from the event and its enrichment.
 
 pub mod controller;
 pub mod enrich;
+pub mod request;
 pub mod resume;

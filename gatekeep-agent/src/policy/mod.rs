@@ -32,7 +32,9 @@ use std::{
     sync::Arc,
 };
 
-use gatekeep_common::{GATED_INHERITED, GatedCgroup, MAX_POLICIES, PolicyDefaults};
+use gatekeep_common::{
+    GATED_INHERITED, GATED_UNCLASSIFIED, GatedCgroup, MAX_POLICIES, PolicyDefaults,
+};
 use gatekeep_policy::{Policy, PolicySet};
 
 pub mod error;
@@ -47,6 +49,20 @@ use crate::hooks::{self, Compiling, Request, RuleKey};
 pub struct MapState {
     pub gated: BTreeMap<u64, GatedCgroup>,
     pub policies: BTreeMap<u32, PolicyDefaults>,
+    /// Policy id -> hash of its name (`POLICY_NAME_HASHES`), so a reload or a
+    /// restarted agent finds the new id of a policy the kernel gated a cgroup
+    /// under.
+    pub names: BTreeMap<u32, u64>,
+    /// gatekeep's files and folders, (dev, ino) -> `protected_inode` bits.
+    pub protected: BTreeMap<(u64, u64), u32>,
+    /// cgroup ids below which a policy pattern can match a cgroup to come
+    /// (`CANDIDATE_PARENTS`).
+    pub candidates: BTreeSet<u64>,
+    /// Desired state only (never read back): unclassified cgroups the agent
+    /// classified as governed by no policy, to ungate. An unclassified entry
+    /// is never removed otherwise, so one the kernel adds while the agent
+    /// compiles stays gated until the agent has looked at it.
+    pub ungate: BTreeSet<u64>,
     /// Every hook's rule map entries, encoded by the hook
     /// ([`crate::hooks::Hook::read_map`]).
     pub rules: BTreeMap<RuleKey, Vec<u8>>,
@@ -57,7 +73,13 @@ impl MapState {
     #[must_use]
     pub fn ids_in_use(&self) -> BTreeSet<u32> {
         let mut ids: BTreeSet<u32> = self.policies.keys().copied().collect();
-        ids.extend(self.gated.values().map(|g| g.policy_id));
+        ids.extend(self.names.keys().copied());
+        ids.extend(
+            self.gated
+                .values()
+                .map(|g| g.policy_id)
+                .filter(|id| *id < MAX_POLICIES),
+        );
         ids.extend(self.rules.keys().map(|key| key.policy_id));
         ids
     }
@@ -88,6 +110,12 @@ pub enum MapOp {
     RemoveRule(RuleKey),
     SetGated(u64, GatedCgroup),
     RemoveGated(u64),
+    /// `POLICY_NAME_HASHES[id] = hash` (0 clears it).
+    SetPolicyName(u32, u64),
+    SetProtected((u64, u64), u32),
+    RemoveProtected((u64, u64)),
+    SetCandidate(u64),
+    RemoveCandidate(u64),
 }
 
 impl MapOp {
@@ -160,6 +188,8 @@ pub struct HostView {
     pub cgroup_root: PathBuf,
     /// The agent's own cgroup directory, never gated.
     pub own_cgroup: Option<PathBuf>,
+    /// gatekeep's files and folders, protected from gated tasks by identity.
+    pub protected: Vec<crate::hooks::protect_files::ProtectedPath>,
 }
 
 impl HostView {
@@ -177,6 +207,7 @@ impl HostView {
         Self {
             cgroup_root: cgroup_root.to_owned(),
             own_cgroup: own,
+            protected: Vec::new(),
         }
     }
 }
@@ -207,7 +238,9 @@ pub fn compile(
         generation,
         ..Compiled::default()
     };
+    compiled.state.protected = crate::hooks::protect_files::identities(&host.protected);
     for (policy, &id) in set.policies.iter().zip(ids) {
+        compiled.state.names.insert(id, name_hash(&policy.name));
         let mut defaults = PolicyDefaults {
             generation,
             ..PolicyDefaults::default()
@@ -234,7 +267,187 @@ pub fn compile(
         );
     }
     gate_cgroups(set, ids, host, &mut compiled);
+    compiled.state.candidates = candidate_parents(set, host);
     Ok(compiled)
+}
+
+/// A stable, non-zero hash of a policy name (`POLICY_NAME_HASHES`).
+#[must_use]
+pub fn name_hash(name: &str) -> u64 {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(word).max(1)
+}
+
+/// Whether a pattern component is a plain name (no glob syntax).
+fn is_literal(part: &str) -> bool {
+    !part.contains(['*', '?', '[', ']', '{', '}'])
+}
+
+/// Every existing cgroup (by id) in which a cgroup made later could be
+/// matched by some policy pattern: walking each pattern component by
+/// component, the folders reached so far are candidates for the next
+/// component (a literal one only while that name does not exist yet; `**`
+/// makes the whole subtree candidates). The kernel gates a cgroup made in a
+/// candidate as unclassified until the agent has classified it.
+fn candidate_parents(set: &PolicySet, host: &HostView) -> BTreeSet<u64> {
+    let mut candidates = BTreeSet::new();
+    let id_of = |dir: &Path| fs::metadata(dir).ok().map(|m| m.ino());
+    for policy in &set.policies {
+        for pattern in &policy.cgroups {
+            let mut frontier = vec![host.cgroup_root.clone()];
+            for part in pattern.relative().split('/').filter(|p| !p.is_empty()) {
+                let mut next = Vec::new();
+                for dir in &frontier {
+                    if part == "**" {
+                        let mut stack = vec![dir.clone()];
+                        while let Some(d) = stack.pop() {
+                            candidates.extend(id_of(&d));
+                            stack.extend(child_dirs(&d));
+                        }
+                        continue;
+                    }
+                    if is_literal(part) {
+                        let child = dir.join(part);
+                        if child.is_dir() {
+                            next.push(child);
+                        } else {
+                            candidates.extend(id_of(dir));
+                        }
+                    } else {
+                        candidates.extend(id_of(dir));
+                        let relative_pattern = pattern.relative();
+                        next.extend(child_dirs(dir).into_iter().filter(|child| {
+                            child
+                                .strip_prefix(&host.cgroup_root)
+                                .is_ok_and(|rel| prefix_may_match(relative_pattern, rel))
+                        }));
+                    }
+                }
+                frontier = next;
+            }
+        }
+    }
+    candidates
+}
+
+/// Whether the cgroup `relative` (to the root) can be an ancestor-or-self of
+/// a match of `pattern`: each of its components matches the pattern's
+/// component at the same depth (glob within one component).
+fn prefix_may_match(pattern: &str, relative: &Path) -> bool {
+    let parts: Vec<&str> = pattern.split('/').filter(|p| !p.is_empty()).collect();
+    for (index, component) in relative.components().enumerate() {
+        let Some(part) = parts.get(index) else {
+            return false;
+        };
+        if *part == "**" {
+            return true;
+        }
+        let name = component.as_os_str().to_string_lossy();
+        let matches =
+            globset::Glob::new(part).is_ok_and(|g| g.compile_matcher().is_match(name.as_ref()));
+        if !matches {
+            return false;
+        }
+    }
+    true
+}
+
+fn child_dirs(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|entry| entry.path())
+        .collect()
+}
+
+/// Carries the cgroups the kernel gated itself (`GATED_INHERITED`) into a
+/// newly compiled set, which has new policy ids: each goes to the new id of
+/// the policy with the same name (`POLICY_NAME_HASHES`), so inherited gating
+/// survives reloads and agent restarts. One whose policy is gone from the
+/// set is ungated with it. Unclassified entries are left to
+/// [`classify_unclassified`].
+pub fn carry_inherited(current: &MapState, desired: &mut MapState) {
+    let new_ids: BTreeMap<u64, u32> = desired.names.iter().map(|(id, h)| (*h, *id)).collect();
+    for (cgroup, gated) in &current.gated {
+        if gated.flags & GATED_INHERITED == 0
+            || gated.flags & GATED_UNCLASSIFIED != 0
+            || desired.gated.contains_key(cgroup)
+        {
+            continue;
+        }
+        let Some(new_id) = current
+            .names
+            .get(&gated.policy_id)
+            .and_then(|hash| new_ids.get(hash))
+        else {
+            continue;
+        };
+        desired.gated.insert(
+            *cgroup,
+            GatedCgroup {
+                policy_id: *new_id,
+                flags: GATED_INHERITED,
+            },
+        );
+    }
+}
+
+/// Classifies the unclassified cgroups of `current` (those the kernel gated
+/// as `GATED_UNCLASSIFIED` when they were made in a candidate parent) by
+/// their path: governed by a policy -> gated under it in `desired` (the
+/// compile already did so for every cgroup below a match); governed by none
+/// -> listed in `desired.ungate`. One whose folder is not found (gone, or
+/// made after the walk) stays as it is until the next pass.
+pub fn classify_unclassified(
+    current: &MapState,
+    desired: &mut MapState,
+    set: &PolicySet,
+    ids: &[u32],
+    host: &HostView,
+) {
+    let pending: BTreeSet<u64> = current
+        .gated
+        .iter()
+        .filter(|(id, g)| g.flags & GATED_UNCLASSIFIED != 0 && !desired.gated.contains_key(id))
+        .map(|(id, _)| *id)
+        .collect();
+    if pending.is_empty() {
+        return;
+    }
+    let mut stack = vec![host.cgroup_root.clone()];
+    while let Some(dir) = stack.pop() {
+        stack.extend(child_dirs(&dir));
+        let Ok(meta) = fs::metadata(&dir) else {
+            continue;
+        };
+        if !pending.contains(&meta.ino()) {
+            continue;
+        }
+        let policy = dir
+            .strip_prefix(&host.cgroup_root)
+            .ok()
+            .and_then(|relative| set.policy_for_cgroup(relative))
+            .filter(|_| host.own_cgroup.as_deref() != Some(dir.as_path()));
+        match policy {
+            Some(index) => {
+                desired.gated.insert(
+                    meta.ino(),
+                    GatedCgroup {
+                        policy_id: ids[index],
+                        flags: 0,
+                    },
+                );
+            }
+            None => {
+                desired.ungate.insert(meta.ino());
+            }
+        }
+    }
 }
 
 /// Fills `gated` with every cgroup directory the set governs.
@@ -291,9 +504,25 @@ fn gate_cgroups(set: &PolicySet, ids: &[u32], host: &HostView, compiled: &mut Co
 #[must_use]
 pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
     let mut ops = Vec::new();
+    // Protection first, and it goes last.
+    for (key, flags) in &desired.protected {
+        if current.protected.get(key) != Some(flags) {
+            ops.push(MapOp::SetProtected(*key, *flags));
+        }
+    }
     for (id, defaults) in &desired.policies {
         if current.policies.get(id) != Some(defaults) {
             ops.push(MapOp::SetPolicy(*id, *defaults));
+        }
+    }
+    for (id, hash) in &desired.names {
+        if current.names.get(id) != Some(hash) {
+            ops.push(MapOp::SetPolicyName(*id, *hash));
+        }
+    }
+    for id in &desired.candidates {
+        if !current.candidates.contains(id) {
+            ops.push(MapOp::SetCandidate(*id));
         }
     }
     for (key, value) in &desired.rules {
@@ -307,13 +536,30 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
         }
     }
     for (id, gated) in &current.gated {
-        // The kernel gated this cgroup because a gated task created it or
-        // moved a task into it; it stays gated while its policy is loaded.
-        // (Cgroups under a policy's patterns are in `desired` anyway.)
+        if desired.gated.contains_key(id) {
+            continue;
+        }
+        // Unclassified: only the agent's classification ungates it.
+        if gated.flags & GATED_UNCLASSIFIED != 0 {
+            if desired.ungate.contains(id) {
+                ops.push(MapOp::RemoveGated(*id));
+            }
+            continue;
+        }
+        // The kernel gated this cgroup because a gated task created it (or
+        // an ungated one did, inside a gated cgroup); it stays gated while
+        // its policy is loaded. (Cgroups under a policy's patterns are in
+        // `desired` anyway; a reload carries it over with
+        // [`carry_inherited`].)
         let inherited =
             gated.flags & GATED_INHERITED != 0 && desired.policies.contains_key(&gated.policy_id);
-        if !desired.gated.contains_key(id) && !inherited {
+        if !inherited {
             ops.push(MapOp::RemoveGated(*id));
+        }
+    }
+    for id in &current.candidates {
+        if !desired.candidates.contains(id) {
+            ops.push(MapOp::RemoveCandidate(*id));
         }
     }
     for key in current.rules.keys() {
@@ -324,6 +570,16 @@ pub fn plan(current: &MapState, desired: &MapState) -> Vec<MapOp> {
     for id in current.policies.keys() {
         if !desired.policies.contains_key(id) {
             ops.push(MapOp::SetPolicy(*id, PolicyDefaults::default()));
+        }
+    }
+    for id in current.names.keys() {
+        if !desired.names.contains_key(id) {
+            ops.push(MapOp::SetPolicyName(*id, 0));
+        }
+    }
+    for key in current.protected.keys() {
+        if !desired.protected.contains_key(key) {
+            ops.push(MapOp::RemoveProtected(*key));
         }
     }
     ops
@@ -420,6 +676,24 @@ impl PolicyMaps for MemoryMaps {
             MapOp::RemoveGated(key) => {
                 state.gated.remove(key);
             }
+            MapOp::SetPolicyName(id, 0) => {
+                state.names.remove(id);
+            }
+            MapOp::SetPolicyName(id, hash) => {
+                state.names.insert(*id, *hash);
+            }
+            MapOp::SetProtected(key, flags) => {
+                state.protected.insert(*key, *flags);
+            }
+            MapOp::RemoveProtected(key) => {
+                state.protected.remove(key);
+            }
+            MapOp::SetCandidate(id) => {
+                state.candidates.insert(*id);
+            }
+            MapOp::RemoveCandidate(id) => {
+                state.candidates.remove(id);
+            }
         }
         Ok(())
     }
@@ -465,6 +739,7 @@ mod tests {
         HostView {
             cgroup_root: root.to_owned(),
             own_cgroup: None,
+            protected: Vec::new(),
         }
     }
 
@@ -714,6 +989,7 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
         let view = HostView {
             cgroup_root: root.to_owned(),
             own_cgroup: Some(root.join("agents/agent-self")),
+            protected: Vec::new(),
         };
         let compiled = compile(&set(text), &[10, 11], 1, &view).expect("compile");
         let ino = |sub: &str| fs::metadata(root.join(sub)).expect("stat").ino();
@@ -883,5 +1159,137 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
         );
         assert_eq!(state.ids_in_use(), [4, 6].into());
         assert_eq!(state.generation(), 9);
+    }
+
+    fn two_policies(a: &str, b: &str) -> PolicySet {
+        set(&format!(
+            "[[policy]]\nname = \"{a}\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n\
+             [[policy]]\nname = \"{b}\"\ncgroups = [\"/sys/fs/cgroup/b\"]\n"
+        ))
+    }
+
+    #[test]
+    fn inherited_gating_follows_its_policy_to_the_new_id_and_goes_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = compile(&two_policies("one", "two"), &[0, 1], 1, &host(dir.path())).expect("old");
+        let mut current = old.state.clone();
+        let inherited = |policy_id| GatedCgroup {
+            policy_id,
+            flags: GATED_INHERITED,
+        };
+        current.gated.insert(500, inherited(0));
+        current.gated.insert(501, inherited(1));
+        // The reload keeps "two" (new id 3) and drops "one".
+        let mut new = compile(
+            &set("[[policy]]\nname = \"two\"\ncgroups = [\"/sys/fs/cgroup/b\"]\n"),
+            &[3],
+            2,
+            &host(dir.path()),
+        )
+        .expect("new");
+        carry_inherited(&current, &mut new.state);
+        assert_eq!(new.state.gated.get(&501), Some(&inherited(3)));
+        assert_eq!(new.state.gated.get(&500), None);
+        let mut maps = MemoryMaps {
+            state: current,
+            ..MemoryMaps::default()
+        };
+        apply(&mut maps, &new.state).expect("apply");
+        assert_eq!(maps.state.gated.get(&501), Some(&inherited(3)));
+        assert!(!maps.state.gated.contains_key(&500), "its policy is gone");
+        assert_eq!(maps.state.names.keys().copied().collect::<Vec<_>>(), [3]);
+        assert_eq!(maps.state.names[&3], name_hash("two"));
+    }
+
+    #[test]
+    fn an_unclassified_cgroup_is_ungated_only_once_the_agent_has_classified_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(root.path().join("jobs/job-1")).expect("mkdir");
+        fs::create_dir_all(root.path().join("jobs/other")).expect("mkdir");
+        let text = "[[policy]]\nname = \"jobs\"\ncgroups = [\"/sys/fs/cgroup/jobs/job-*\"]\n";
+        let id_of = |p: &str| fs::metadata(root.path().join(p)).expect("stat").ino();
+        let (job, other) = (id_of("jobs/job-1"), id_of("jobs/other"));
+        let unclassified = GatedCgroup {
+            policy_id: gatekeep_common::UNCLASSIFIED_POLICY,
+            flags: GATED_UNCLASSIFIED,
+        };
+        let mut current = MapState::default();
+        // `other` and one the walk never sees (made after it).
+        current.gated.insert(other, unclassified);
+        current.gated.insert(999_999, unclassified);
+        let mut compiled = compile(&set(text), &[7], 1, &host(root.path())).expect("compile");
+        // The matched one is gated by the compile itself.
+        current.gated.insert(job, unclassified);
+        assert!(compiled.state.candidates.contains(&id_of("jobs")));
+        classify_unclassified(
+            &current,
+            &mut compiled.state,
+            &set(text),
+            &[7],
+            &host(root.path()),
+        );
+        assert_eq!(
+            compiled.state.ungate.iter().copied().collect::<Vec<_>>(),
+            [other]
+        );
+        let mut maps = MemoryMaps {
+            state: current,
+            ..MemoryMaps::default()
+        };
+        apply(&mut maps, &compiled.state).expect("apply");
+        assert_eq!(maps.state.gated[&job].policy_id, 7);
+        assert_eq!(maps.state.gated[&job].flags, 0);
+        assert!(!maps.state.gated.contains_key(&other));
+        assert_eq!(
+            maps.state.gated.get(&999_999),
+            Some(&unclassified),
+            "not seen yet: stays unclassified"
+        );
+    }
+
+    #[test]
+    fn candidate_parents_are_where_a_pattern_can_still_match_a_new_cgroup() {
+        let root = tempfile::tempdir().expect("tempdir");
+        for dir in [
+            "system.slice/ai-1.service",
+            "system.slice/other.service",
+            "fixed",
+            "deep/x",
+        ] {
+            fs::create_dir_all(root.path().join(dir)).expect("mkdir");
+        }
+        let text = "[[policy]]\nname = \"p\"\ncgroups = [\
+             \"/sys/fs/cgroup/system.slice/ai-*.service\", \"/sys/fs/cgroup/fixed\", \
+             \"/sys/fs/cgroup/missing/job\", \"/sys/fs/cgroup/deep/*/leaf\"]\n";
+        let compiled = compile(&set(text), &[0], 1, &host(root.path())).expect("compile");
+        let id_of = |p: &str| fs::metadata(root.path().join(p)).expect("stat").ino();
+        let want: BTreeSet<u64> = [
+            // ai-*.service can appear in system.slice.
+            id_of("system.slice"),
+            // `missing` does not exist yet: it can appear at the root.
+            id_of(""),
+            // deep/*/leaf: any child of deep, and a leaf in deep/x.
+            id_of("deep"),
+            id_of("deep/x"),
+        ]
+        .into();
+        assert_eq!(compiled.state.candidates, want);
+    }
+
+    #[test]
+    fn protection_is_written_before_and_removed_after_everything_else() {
+        let mut desired = MapState::default();
+        desired.protected.insert((1, 2), 1);
+        desired.gated.insert(
+            5,
+            GatedCgroup {
+                policy_id: 0,
+                flags: 0,
+            },
+        );
+        let ops = plan(&MapState::default(), &desired);
+        assert_eq!(ops.first(), Some(&MapOp::SetProtected((1, 2), 1)));
+        let ops = plan(&desired, &MapState::default());
+        assert_eq!(ops.last(), Some(&MapOp::RemoveProtected((1, 2))));
     }
 }

@@ -127,6 +127,7 @@ fn policies(cgroup_root: &Path) -> Result<Arc<Compiled>> {
     let host = HostView {
         cgroup_root: cgroup_root.to_owned(),
         own_cgroup: None,
+        protected: Vec::new(),
     };
     Ok(Arc::new(compile(&set, &[POLICY_ID], 1, &host)?))
 }

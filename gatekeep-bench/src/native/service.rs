@@ -168,18 +168,14 @@ impl Service {
     }
 }
 
-/// A service request id as the agent makes them: from the kernel's first sighting of the
-/// request (boot time), the thread and the request's digest, on host `bench`.
+/// A request id as the agent mints them: from the host, the boot, the kernel's first
+/// sighting of the request (boot time), the thread and the request's digest, on host `bench`.
 fn request_id() -> Uuid {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let first_seen = gatekeep_agent::bpf::kernel::boot_time_ns();
-    let digest = 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(n);
-    gatekeep_agent::decision::remote::request_uuid(
-        "bench",
-        &format!("{first_seen:x}-{n}-{digest:016x}"),
-        0,
-    )
+    let digest = 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(u64::from(n));
+    gatekeep_agent::pause::request::request_id("bench", "bench-boot", first_seen, n, digest)
 }
 
 /// An exec request of policy `bench`: `git <command> branch-<n>` (the rule decides

@@ -100,9 +100,12 @@ pub struct OverheadSizes {
     /// baseline three times as many).
     pub execs: usize,
     pub connects: usize,
+    /// Timed `kill(own pid, 0)` calls of one chunk.
+    pub kills: usize,
     /// Untimed iterations at the start of every chunk.
     pub warmup_execs: usize,
     pub warmup_connects: usize,
+    pub warmup_kills: usize,
     /// Pauses after attaching, and after detaching: detaching waits for RCU grace
     /// periods, and the trampolines' old images are freed after one more; that work is
     /// left to run before anything is timed.
@@ -112,6 +115,7 @@ pub struct OverheadSizes {
     pub stats_rounds: usize,
     pub stats_execs: usize,
     pub stats_connects: usize,
+    pub stats_kills: usize,
 }
 
 impl OverheadSizes {
@@ -123,13 +127,16 @@ impl OverheadSizes {
                 cycles: 1,
                 execs: 20,
                 connects: 50,
+                kills: 100,
                 warmup_execs: 2,
                 warmup_connects: 5,
+                warmup_kills: 10,
                 settle_attach: Duration::from_millis(20),
                 settle_detach: Duration::from_millis(20),
                 stats_rounds: 1,
                 stats_execs: 20,
                 stats_connects: 50,
+                stats_kills: 100,
             }
         } else {
             // 2000 execs and 5000 connects per setup per round, in 4 chunks each. Counted
@@ -141,8 +148,11 @@ impl OverheadSizes {
                 cycles: 4,
                 execs: 500,
                 connects: 1250,
+                // A kill(pid, 0) is a few hundred instructions: many per chunk.
+                kills: 5000,
                 warmup_execs: 10,
                 warmup_connects: 40,
+                warmup_kills: 100,
                 settle_attach: Duration::from_millis(50),
                 settle_detach: Duration::from_millis(100),
                 // Three rounds give a median and a spread; counted in instructions they
@@ -150,6 +160,7 @@ impl OverheadSizes {
                 stats_rounds: 3,
                 stats_execs: 600,
                 stats_connects: 1500,
+                stats_kills: 6000,
             }
         }
     }
@@ -159,7 +170,17 @@ impl OverheadSizes {
             * match op {
                 Op::Exec => self.execs,
                 Op::Connect => self.connects,
+                Op::Kill => self.kills,
             }
+    }
+
+    /// (untimed, timed) iterations of `op` in a chunk.
+    fn chunk_of(&self, op: Op) -> (usize, usize) {
+        match op {
+            Op::Exec => (self.warmup_execs, self.execs),
+            Op::Connect => (self.warmup_connects, self.connects),
+            Op::Kill => (self.warmup_kills, self.kills),
+        }
     }
 }
 
@@ -167,16 +188,22 @@ impl OverheadSizes {
 enum Op {
     Exec,
     Connect,
+    /// `kill(own pid, 0)`: the `task_kill` hook (issue 18's self-protection).
+    Kill,
 }
 
+/// How many loops there are.
+const OPS: usize = 3;
+
 impl Op {
-    const ALL: [Op; 2] = [Op::Exec, Op::Connect];
+    const ALL: [Op; OPS] = [Op::Exec, Op::Connect, Op::Kill];
 
     /// The worker's name for the loop, and the figures'.
     fn name(self) -> &'static str {
         match self {
             Op::Exec => "exec",
             Op::Connect => "connect",
+            Op::Kill => "kill",
         }
     }
 
@@ -184,6 +211,7 @@ impl Op {
         match self {
             Op::Exec => "fork + exec of a 129-byte static binary",
             Op::Connect => "TCP connect + close to a loopback listener",
+            Op::Kill => "kill(own pid, 0): a signal permission check, nothing delivered",
         }
     }
 }
@@ -191,8 +219,8 @@ impl Op {
 const SETUPS: usize = 7;
 
 /// The `floor` setup's programs (in the object, never loaded by the agent): LSM programs
-/// on gatekeep's two hooks that only pass the previous verdict on.
-const FLOOR_PROGRAMS: [Program; 2] = [
+/// on the hooks the loops reach that only pass the previous verdict on.
+const FLOOR_PROGRAMS: [Program; 3] = [
     Program {
         name: "floor_bprm_check_security",
         hook: Hook::Lsm("bprm_check_security"),
@@ -200,6 +228,10 @@ const FLOOR_PROGRAMS: [Program; 2] = [
     Program {
         name: "floor_socket_connect",
         hook: Hook::Lsm("socket_connect"),
+    },
+    Program {
+        name: "floor_task_kill",
+        hook: Hook::Lsm("task_kill"),
     },
 ];
 
@@ -304,7 +336,7 @@ impl Setup {
     fn target(self, op: Op) -> Option<f64> {
         match (self, op) {
             (Setup::Outside, _) => Some(1.01),
-            (Setup::Rule | Setup::Grant, Op::Exec) => Some(1.03),
+            (Setup::Rule | Setup::Grant, Op::Exec | Op::Kill) => Some(1.03),
             (Setup::Rule | Setup::Grant, Op::Connect) => Some(1.05),
             _ => None,
         }
@@ -702,8 +734,8 @@ fn learn_and_grant(
 #[derive(Debug, Clone, Copy)]
 struct Chunk {
     setup: Setup,
-    mean: [f64; 2],
-    trimmed: [f64; 2],
+    mean: [f64; OPS],
+    trimmed: [f64; OPS],
 }
 
 /// The apparatus of one run: programs, the worker, and what the switches cost.
@@ -746,10 +778,14 @@ impl Bench {
         let sizes = self.sizes;
         self.switch(setup)?;
         let before = counters(&self.programs.ebpf)?;
-        let exec = self.worker.run(Op::Exec, sizes.warmup_execs, sizes.execs)?;
-        let connect = self
-            .worker
-            .run(Op::Connect, sizes.warmup_connects, sizes.connects)?;
+        let mut mean = [0.0; OPS];
+        let mut trimmed = [0.0; OPS];
+        for (o, op) in Op::ALL.into_iter().enumerate() {
+            let (warmup, count) = sizes.chunk_of(op);
+            let report = self.worker.run(op, warmup, count)?;
+            mean[o] = report.mean_ns();
+            trimmed[o] = report.trimmed_mean_ns;
+        }
         let after = counters(&self.programs.ebpf)?;
         check_path(
             setup,
@@ -760,8 +796,8 @@ impl Bench {
         )?;
         Ok(Chunk {
             setup,
-            mean: [exec.mean_ns(), connect.mean_ns()],
-            trimmed: [exec.trimmed_mean_ns, connect.trimmed_mean_ns],
+            mean,
+            trimmed,
         })
     }
 }
@@ -813,19 +849,19 @@ const BRACKET_AGREEMENT: f64 = 0.05;
 /// counted); and how many chunks did not count ([`BRACKET_AGREEMENT`]).
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 struct Estimates {
-    values: [[f64; SETUPS]; 2],
-    ratios: [[f64; SETUPS]; 2],
-    dropped: [[usize; SETUPS]; 2],
+    values: [[f64; SETUPS]; OPS],
+    ratios: [[f64; SETUPS]; OPS],
+    dropped: [[usize; SETUPS]; OPS],
 }
 
 impl Estimates {
     /// From a round's chunks in the order they ran, reduced by `pick`. Every chunk but
     /// the baseline's lies between two baseline chunks ([`ratio_rounds`]).
     #[expect(clippy::cast_precision_loss, reason = "chunk counts and positions")]
-    fn of(chunks: &[Chunk], pick: fn(&Chunk) -> [f64; 2]) -> Self {
+    fn of(chunks: &[Chunk], pick: fn(&Chunk) -> [f64; OPS]) -> Self {
         let mut estimates = Self::default();
         let mut counts = [0usize; SETUPS];
-        let mut counted = [[0usize; SETUPS]; 2];
+        let mut counted = [[0usize; SETUPS]; OPS];
         let baselines: Vec<usize> = (0..chunks.len())
             .filter(|i| chunks[*i].setup == Setup::None)
             .collect();
@@ -846,7 +882,7 @@ impl Estimates {
             };
             let weight = (i - p) as f64 / (q - p) as f64;
             let (first, last) = (pick(&chunks[p]), pick(&chunks[q]));
-            for o in 0..2 {
+            for o in 0..OPS {
                 if (ratio(last[o], first[o]) - 1.0).abs() > BRACKET_AGREEMENT {
                     estimates.dropped[o][s] += 1;
                     continue;
@@ -934,6 +970,7 @@ fn stats_pass(bench: &mut Bench, rng: &mut Rng) -> Result<Vec<StatsSample>> {
                 let (warmup, ops) = match op {
                     Op::Exec => (sizes.warmup_execs, sizes.stats_execs),
                     Op::Connect => (sizes.warmup_connects, sizes.stats_connects),
+                    Op::Kill => (sizes.warmup_kills, sizes.stats_kills),
                 };
                 bench.worker.run(op, 0, warmup)?;
                 let before = bench.programs.run_stats()?;
@@ -1139,25 +1176,25 @@ pub fn run(
     let mut figures = ratio_figures(&rounds, sizes, &notes);
     let baselines = baselines(&figures, clock);
     figures.extend(stats_figures(&stats, baselines, &notes));
-    Ok(Overhead { figures, baselines })
+    Ok(Overhead {
+        figures,
+        baselines: (baselines[0], baselines[1]),
+    })
 }
 
-/// The no-gatekeep exec and connect times among the figures (µs).
-fn baselines(figures: &[Figure], clock: Clock) -> (f64, f64) {
-    let of = |op: Op| {
+/// The no-gatekeep time of each loop among the figures (µs), in [`Op::ALL`] order.
+fn baselines(figures: &[Figure], clock: Clock) -> [f64; OPS] {
+    Op::ALL.map(|op| {
         let id = format!("{}.{}.none", clock.id_prefix(), op.name());
         figures.iter().find(|f| f.id == id).map_or(0.0, |f| f.value)
-    };
-    (of(Op::Exec), of(Op::Connect))
+    })
 }
 
 fn ratio_figures(rounds: &[Round], sizes: OverheadSizes, notes: &RunNotes) -> Vec<Figure> {
     let mut figures = Vec::new();
     for (o, op) in Op::ALL.iter().enumerate() {
-        let chunk = match op {
-            Op::Exec => (sizes.execs, sizes.warmup_execs),
-            Op::Connect => (sizes.connects, sizes.warmup_connects),
-        };
+        let (warmup, count) = sizes.chunk_of(*op);
+        let chunk = (count, warmup);
         let mean_us = |round: &Round, setup: Setup| round.trimmed.values[o][setup.index()] / 1e3;
         let none: Vec<f64> = rounds.iter().map(|r| mean_us(r, Setup::None)).collect();
         let baseline = Summary::of(&none).median;
@@ -1251,7 +1288,7 @@ fn ratio_figures(rounds: &[Round], sizes: OverheadSizes, notes: &RunNotes) -> Ve
     clippy::cast_precision_loss,
     reason = "counts and nanoseconds, far below 2^52"
 )]
-fn stats_figures(stats: &[StatsSample], baselines: (f64, f64), notes: &RunNotes) -> Vec<Figure> {
+fn stats_figures(stats: &[StatsSample], baselines: [f64; OPS], notes: &RunNotes) -> Vec<Figure> {
     let mut figures = Vec::new();
     for (o, op) in Op::ALL.iter().enumerate() {
         for setup in &Setup::ALL[1..] {
@@ -1308,7 +1345,7 @@ fn stats_figures(stats: &[StatsSample], baselines: (f64, f64), notes: &RunNotes)
             )
             .baseline(
                 "no-gatekeep op time",
-                1e3 * if o == 0 { baselines.0 } else { baselines.1 },
+                1e3 * baselines[o],
             )
             .conditions(format!(
                 "sum over the attached programs of their run_time_ns growth / ops, with the \
@@ -1340,8 +1377,8 @@ mod tests {
     fn chunk(setup: Setup, time: f64) -> Chunk {
         Chunk {
             setup,
-            mean: [time, 2.0 * time],
-            trimmed: [time, time],
+            mean: [time, 2.0 * time, 3.0 * time],
+            trimmed: [time, time, time],
         }
     }
 

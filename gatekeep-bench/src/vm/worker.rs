@@ -38,8 +38,8 @@ pub enum Action {
     /// TCP connect + close to `addr`, `count` times; each must connect.
     Connect { count: usize, addr: SocketAddr },
     /// Serves loops on request, for as long as stdin stays open: each line `exec <warmup>
-    /// <count>` (fork + exec of `program`) or `connect <warmup> <count>` (to `addr`) is
-    /// answered with one report line. One process per cgroup for a whole benchmark, so
+    /// <count>` (fork + exec of `program`), `connect <warmup> <count>` (to `addr`) or
+    /// `kill <warmup> <count>` (`kill(own pid, 0)`) is answered with one report line. One process per cgroup for a whole benchmark, so
     /// setups alternate without starting processes.
     Serve { program: PathBuf, addr: SocketAddr },
     /// Connects to `addr` that gatekeep denies, paced at `rate` per second for `seconds`;
@@ -155,6 +155,20 @@ fn connect_op(addr: SocketAddr) -> impl FnMut() -> Result<()> {
     }
 }
 
+/// One `kill(own pid, 0)`: the signal permission check (the `task_kill` hook) and
+/// nothing delivered.
+fn kill_op() -> impl FnMut() -> Result<()> {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    move || {
+        // SAFETY: signal 0 to ourselves only checks permission.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            bail!("kill(own pid, 0): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 fn exec_loop(program: &Path, warmup: usize, count: usize, samples: bool) -> Result<WorkerReport> {
     timed(warmup, count, samples, exec_op(program)?)
 }
@@ -185,6 +199,7 @@ fn serve(program: &Path, addr: SocketAddr) -> Result<()> {
         let report = match what {
             "exec" => trimmed(warmup, count, exec_op(program)?)?,
             "connect" => trimmed(warmup, count, connect_op(addr))?,
+            "kill" => trimmed(warmup, count, kill_op())?,
             _ => bail!("unknown loop `{what}`"),
         };
         serde_json::to_writer(&mut stdout, &report)?;

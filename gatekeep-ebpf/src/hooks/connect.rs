@@ -14,16 +14,16 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
-    ConnectEvent, ConnectV4Key, ConnectV6Key, EPERM, ERESTARTNOINTR, PORT_RULES, PortRules, action,
-    counter, event_kind, request_kind,
+    ConnectEvent, ConnectV4Key, ConnectV6Key, EPERM, ERESTARTNOINTR, GATED_UNCLASSIFIED,
+    PORT_RULES, PortRules, ServiceListenerKey, action, counter, event_kind, protect, request_kind,
 };
 
 use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
-    hooks::gating_candidate,
-    maps::{EVENTS, POLICIES, bump, gated_entry, offsets},
-    pause::{Asked, Request, ask},
+    hooks::{gating_candidate, protect::refuse_gated},
+    maps::{EVENTS, POLICIES, SERVICE_LISTENERS, bump, gated_entry, offsets},
+    pause::{Asked, Request, ask, await_classification},
 };
 
 const AF_UNIX: u16 = 1;
@@ -73,6 +73,10 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
     let Some(gated) = gated_entry(cgroup_id) else {
         return Ok(0);
     };
+    if gated.flags & GATED_UNCLASSIFIED != 0 {
+        let caller = Caller::current(cgroup_id, gated.policy_id);
+        return Ok(await_classification(&caller, request_kind::CONNECT));
+    }
     bump(counter::CONNECT_GATED);
 
     let sock: *const u8 = ctx.arg(0);
@@ -125,6 +129,15 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
         _ => return Ok(0),
     };
 
+    // Self-protection (issue 18): the decision service's listeners come
+    // before any rule of the policy.
+    if family != AF_UNIX && is_service_listener(&destination) {
+        return Ok(refuse_gated(
+            gated.policy_id,
+            cgroup_id,
+            protect::SERVICE_CONNECT,
+        ));
+    }
     match action {
         action::ALLOW | action::NONE if family == AF_UNIX => return Ok(0),
         action::ALLOW => {
@@ -223,6 +236,47 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
             }
         }
     }
+}
+
+/// Whether `destination` reaches a listener of the decision service: its
+/// exact address and port, or, for a wildcard listener, a loopback or
+/// unspecified address and that port (the agent adds the host's own
+/// addresses as exact keys). IPv4-mapped IPv6 is looked up as IPv4.
+#[inline(always)]
+fn is_service_listener(destination: &Destination) -> bool {
+    let a = &destination.addr;
+    let v4_mapped = destination.family == AF_INET6
+        && a[..10].iter().all(|b| *b == 0)
+        && a[10] == 0xff
+        && a[11] == 0xff;
+    let mut key = ServiceListenerKey {
+        family: destination.family,
+        port: destination.port,
+        _pad: 0,
+        addr: *a,
+    };
+    if v4_mapped {
+        key.family = AF_INET;
+        key.addr = [
+            a[12], a[13], a[14], a[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+    }
+    // SAFETY: presence checks only.
+    if unsafe { SERVICE_LISTENERS.get(&key) }.is_some() {
+        return true;
+    }
+    let loopback = if key.family == AF_INET {
+        key.addr[0] == 127
+    } else {
+        // ::1
+        key.addr[..15].iter().all(|b| *b == 0) && key.addr[15] == 1
+    };
+    if !loopback {
+        return false;
+    }
+    key.addr = [0; 16];
+    // SAFETY: as above.
+    unsafe { SERVICE_LISTENERS.get(&key) }.is_some()
 }
 
 /// Port (host order) and address of a `sockaddr_in`/`sockaddr_in6`.

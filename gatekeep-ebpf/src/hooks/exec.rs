@@ -18,8 +18,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
-    ARGV_LEN, EPERM, ERESTARTNOINTR, ExecEvent, ExecRuleKey, PATH_LEN, action, counter, event_kind,
-    request_kind,
+    ARGV_LEN, EPERM, ERESTARTNOINTR, ExecEvent, ExecRuleKey, GATED_UNCLASSIFIED, PATH_LEN, action,
+    counter, event_kind, request_kind,
 };
 
 use crate::{
@@ -30,7 +30,7 @@ use crate::{
         gating_candidate,
     },
     maps::{EVENTS, POLICIES, bump, gated_entry, offsets},
-    pause::{Asked, Request, ask},
+    pause::{Asked, Request, ask, await_classification},
 };
 
 /// Runs for every exec on the host.
@@ -62,6 +62,10 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
     let Some(gated) = gated_entry(cgroup_id) else {
         return Ok(0);
     };
+    if gated.flags & GATED_UNCLASSIFIED != 0 {
+        let caller = Caller::current(cgroup_id, gated.policy_id);
+        return Ok(await_classification(&caller, request_kind::EXEC));
+    }
     bump(counter::EXEC_GATED);
 
     let bprm: *const u8 = ctx.arg(0);

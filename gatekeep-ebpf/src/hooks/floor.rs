@@ -1,6 +1,7 @@
-//! The benchmark's floor, never loaded by the agent: LSM programs on gatekeep's two hooks
-//! that do nothing but pass the previous verdict on. Attached alone, they measure what the
-//! kernel's BPF LSM trampoline costs an exec and a connect before any program body runs
+//! The benchmark's floor, never loaded by the agent: LSM programs on the hooks the
+//! benchmark's loops reach that do nothing but pass the previous verdict on. Attached
+//! alone, they measure what the kernel's BPF LSM trampoline costs an exec, a connect and a
+//! signal before any program body runs
 //! (`cargo xtask bench`, setup `floor`).
 
 use aya_ebpf::{macros::lsm, programs::LsmContext};
@@ -17,4 +18,11 @@ pub fn floor_bprm_check_security(ctx: LsmContext) -> i32 {
 #[lsm(hook = "socket_connect")]
 pub fn floor_socket_connect(ctx: LsmContext) -> i32 {
     ctx.arg(3)
+}
+
+/// `LSM_HOOK(int, 0, task_kill, struct task_struct *p, struct kernel_siginfo *info, int sig,
+/// const struct cred *cred)`: the previous verdict is argument 4.
+#[lsm(hook = "task_kill")]
+pub fn floor_task_kill(ctx: LsmContext) -> i32 {
+    ctx.arg(4)
 }

@@ -1,10 +1,20 @@
 //! One module per hook: its program(s), and the maps only it uses.
 
 pub mod cgroup;
+pub mod cgroup_escape;
 pub mod connect;
 pub mod exec;
 pub mod exit;
 pub mod floor;
+// Self-protection (issue 18).
+pub mod bpf;
+pub mod file_open;
+pub mod kernel;
+pub mod mount;
+pub mod protect;
+pub mod protect_files;
+pub mod ptrace;
+pub mod signal;
 
 use aya_ebpf::helpers::bpf_get_current_cgroup_id;
 

@@ -229,6 +229,19 @@ impl ReviewService for ReviewApi {
         }))
     }
 
+    async fn resolve_request_id(
+        &self,
+        request: Request<v1::ResolveRequestIdRequest>,
+    ) -> Result<Response<v1::ResolveRequestIdResponse>, Status> {
+        self.auth.reviewer(&request).await?;
+        let prefix = &request.get_ref().prefix;
+        convert::text("prefix", prefix, gatekeep_proto::limits::MAX_ID).map_err(Error::from)?;
+        let id = self.engine.resolve_request_id(prefix).await?;
+        Ok(Response::new(v1::ResolveRequestIdResponse {
+            request_id: id.to_string(),
+        }))
+    }
+
     async fn decide(
         &self,
         request: Request<v1::DecideRequest>,

@@ -34,9 +34,28 @@ pub fn token_hash(token: &str) -> String {
 }
 
 /// Whether `reviewer` counts as an owner of the workload that asked: a declared owner of the
-/// policy, the user the asking process runs as, or the asking agent's own host identity.
+/// policy, the user the asking process runs as (by name, or by uid: the reviewer's name
+/// resolved through the system's name service, NSS, so a user known only to LDAP/SSSD is
+/// recognised too), or the asking agent's own host identity.
 #[must_use]
 pub fn is_owner(reviewer: &Reviewer, record: &RequestRecord) -> bool {
+    is_owner_with(reviewer, record, nss_uid)
+}
+
+/// The uid NSS gives user `name`, if it knows one.
+fn nss_uid(name: &str) -> Option<u32> {
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|user| user.uid.as_raw())
+}
+
+/// [`is_owner`] with `uid_of` resolving reviewer names to uids.
+fn is_owner_with(
+    reviewer: &Reviewer,
+    record: &RequestRecord,
+    uid_of: impl Fn(&str) -> Option<u32>,
+) -> bool {
     let name = reviewer.name.as_str();
     record
         .request
@@ -46,6 +65,7 @@ pub fn is_owner(reviewer: &Reviewer, record: &RequestRecord) -> bool {
         .any(|owner| owner == name)
         || record.request.user_name.as_deref() == Some(name)
         || record.host == name
+        || uid_of(name) == Some(record.request.uid)
 }
 
 /// Authenticates calls.
@@ -199,5 +219,23 @@ mod tests {
         record.request.approval.owners.clear();
         record.host = "alice".into();
         assert!(is_owner(&alice, &record), "the agent's own identity");
+        record.host = "web-1".into();
+
+        // The workload's user is known to the directory only: the agent sent no name, but
+        // alice's uid (through NSS) is the uid the workload runs as.
+        let directory = |name: &str| (name == "alice").then_some(1000);
+        assert!(
+            is_owner_with(&alice, &record, directory),
+            "same uid, no name"
+        );
+        record.request.uid = 1001;
+        assert!(!is_owner_with(&alice, &record, directory), "another uid");
+        // The real name service: uid 0 is root on every host.
+        let root = Reviewer {
+            name: "root".into(),
+            groups: Vec::new(),
+        };
+        record.request.uid = 0;
+        assert!(is_owner(&root, &record), "root's uid through NSS");
     }
 }

@@ -136,6 +136,9 @@ pub trait Store: Send + Sync + 'static {
     /// version moved on (re-read and decide again).
     fn transition(&self, transition: Transition) -> StoreFuture<'_, bool>;
     fn list_requests(&self, query: RequestQuery) -> StoreFuture<'_, Vec<RequestRecord>>;
+    /// Ids of requests (any state) whose text form starts with `prefix` (lowercase,
+    /// hyphenated as ids are), in id order, at most `limit`.
+    fn request_ids_with_prefix(&self, prefix: String, limit: usize) -> StoreFuture<'_, Vec<Uuid>>;
     /// Pending requests whose deadline is at or before `now`, earliest first.
     fn due_requests(
         &self,

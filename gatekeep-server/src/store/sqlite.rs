@@ -519,6 +519,34 @@ fn transition(conn: &Connection, transition: &Transition) -> Result<bool, StoreE
     Ok(true)
 }
 
+/// See [`Store::request_ids_with_prefix`]: a range on the primary key's index (every
+/// character of an id sorts before `g`).
+fn request_ids_with_prefix(
+    conn: &Connection,
+    prefix: &str,
+    limit: usize,
+) -> Result<Vec<Uuid>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id FROM requests WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(
+        params![
+            prefix,
+            format!("{prefix}g"),
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ],
+        |row| row.get::<_, String>(0),
+    )?;
+    let mut out = Vec::new();
+    for row in rows {
+        let text = row?;
+        out.push(Uuid::try_parse(&text).map_err(|err| StoreError::Corrupt {
+            message: format!("stored request id `{text}` is not a uuid: {err}"),
+        })?);
+    }
+    Ok(out)
+}
+
 fn list_requests(
     conn: &Connection,
     query: &RequestQuery,
@@ -582,6 +610,10 @@ impl Store for SqliteStore {
 
     fn list_requests(&self, query: RequestQuery) -> StoreFuture<'_, Vec<RequestRecord>> {
         Box::pin(self.read(move |conn| list_requests(conn, &query)))
+    }
+
+    fn request_ids_with_prefix(&self, prefix: String, limit: usize) -> StoreFuture<'_, Vec<Uuid>> {
+        Box::pin(self.read(move |conn| request_ids_with_prefix(conn, &prefix, limit)))
     }
 
     fn due_requests(
