@@ -489,7 +489,11 @@ fn a_gated_task_cannot_reach_the_decision_service_nor_approve_its_own_request() 
     // The reviewer outside approves it.
     agent.cli_ok(&["review", "approve", &id], "approve from outside");
     assert_eq!(finish(&mut paused, PATIENCE), Outcome::exec_ran());
-    assert!(refusals(&agent, "service-connect", &cgroup) >= 4);
+    // The three connects were refused by the fence; the approval attempt was
+    // stopped even earlier: the bootstrap reviewer's cli.toml is one of
+    // gatekeep's secrets, which a gated task cannot read (issue 18 item 3).
+    assert_eq!(refusals(&agent, "service-connect", &cgroup), 3);
+    assert!(refusals(&agent, "files", &cgroup) >= 1);
 }
 
 #[test]
