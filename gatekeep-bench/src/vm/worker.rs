@@ -39,8 +39,10 @@ pub enum Action {
     Connect { count: usize, addr: SocketAddr },
     /// Serves loops on request, for as long as stdin stays open: each line `exec <warmup>
     /// <count>` (fork + exec of `program`), `connect <warmup> <count>` (to `addr`) or
-    /// `kill <warmup> <count>` (`kill(own pid, 0)`) is answered with one report line. One process per cgroup for a whole benchmark, so
-    /// setups alternate without starting processes.
+    /// `kill <warmup> <count>` (`kill(own pid, 0)`), `open <warmup> <count>` (open, read
+    /// and close `program`) or `stat <warmup> <count>` (`stat` of `program`) is answered
+    /// with one report line. One process for a whole benchmark, moved from cgroup to
+    /// cgroup, so setups alternate without starting processes.
     Serve { program: PathBuf, addr: SocketAddr },
     /// Connects to `addr` that gatekeep denies, paced at `rate` per second for `seconds`;
     /// each must fail with EPERM.
@@ -169,6 +171,42 @@ fn kill_op() -> impl FnMut() -> Result<()> {
     }
 }
 
+/// One open + read of up to 64 bytes + close of `path` (the `file_open` and
+/// `file_permission` hooks).
+fn open_op(path: &Path) -> Result<impl FnMut() -> Result<()>> {
+    let path = CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut buf = [0u8; 64];
+    Ok(move || {
+        // SAFETY: a NUL-terminated path; the descriptor is closed below.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            bail!("open: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: reads into a buffer of its length.
+        let read = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        if read <= 0 {
+            bail!("read: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+}
+
+/// One `stat` of `path` (the path walk and `inode_getattr`).
+fn stat_op(path: &Path) -> Result<impl FnMut() -> Result<()>> {
+    let path = CString::new(path.as_os_str().as_encoded_bytes())?;
+    Ok(move || {
+        // SAFETY: a NUL-terminated path and a stat buffer of the right type.
+        let mut stat = unsafe { std::mem::zeroed::<libc::stat>() };
+        // SAFETY: as above.
+        if unsafe { libc::stat(path.as_ptr(), &raw mut stat) } != 0 {
+            bail!("stat: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+}
+
 fn exec_loop(program: &Path, warmup: usize, count: usize, samples: bool) -> Result<WorkerReport> {
     timed(warmup, count, samples, exec_op(program)?)
 }
@@ -200,6 +238,8 @@ fn serve(program: &Path, addr: SocketAddr) -> Result<()> {
             "exec" => trimmed(warmup, count, exec_op(program)?)?,
             "connect" => trimmed(warmup, count, connect_op(addr))?,
             "kill" => trimmed(warmup, count, kill_op())?,
+            "open" => trimmed(warmup, count, open_op(program)?)?,
+            "stat" => trimmed(warmup, count, stat_op(program)?)?,
             _ => bail!("unknown loop `{what}`"),
         };
         serde_json::to_writer(&mut stdout, &report)?;

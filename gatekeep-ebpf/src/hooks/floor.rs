@@ -1,7 +1,7 @@
 //! The benchmark's floor, never loaded by the agent: LSM programs on the hooks the
 //! benchmark's loops reach that do nothing but pass the previous verdict on. Attached
-//! alone, they measure what the kernel's BPF LSM trampoline costs an exec, a connect and a
-//! signal before any program body runs
+//! alone, they measure what the kernel's BPF LSM trampoline costs an exec, a connect, a
+//! signal, a fork and an open or read before any program body runs
 //! (`cargo xtask bench`, setup `floor`).
 
 use aya_ebpf::{macros::lsm, programs::LsmContext};
@@ -25,4 +25,24 @@ pub fn floor_socket_connect(ctx: LsmContext) -> i32 {
 #[lsm(hook = "task_kill")]
 pub fn floor_task_kill(ctx: LsmContext) -> i32 {
     ctx.arg(4)
+}
+
+/// `LSM_HOOK(int, 0, task_alloc, struct task_struct *task, unsigned long clone_flags)`:
+/// the previous verdict is argument 2.
+#[lsm(hook = "task_alloc")]
+pub fn floor_task_alloc(ctx: LsmContext) -> i32 {
+    ctx.arg(2)
+}
+
+/// `LSM_HOOK(int, 0, file_open, struct file *file)`: the previous verdict is argument 1.
+#[lsm(hook = "file_open")]
+pub fn floor_file_open(ctx: LsmContext) -> i32 {
+    ctx.arg(1)
+}
+
+/// `LSM_HOOK(int, 0, file_permission, struct file *file, int mask)`: the previous verdict
+/// is argument 2.
+#[lsm(hook = "file_permission")]
+pub fn floor_file_permission(ctx: LsmContext) -> i32 {
+    ctx.arg(2)
 }
