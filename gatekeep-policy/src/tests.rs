@@ -122,8 +122,8 @@ fn to_toml(policy: &crate::Policy) -> String {
     let connect = &policy.connect;
     let _ = writeln!(
         out,
-        "[policy.connect]\ndefault = \"{}\"\nunix = \"{}\"",
-        connect.default, connect.unix
+        "[policy.connect]\ndefault = \"{}\"\nunix = \"{}\"\nraw_sockets = \"{}\"\nother_families = \"{}\"",
+        connect.default, connect.unix, connect.raw_sockets, connect.other_families
     );
     for action in [Action::Allow, Action::Deny, Action::Ask] {
         let rules = connect.rules.iter().filter(|r| r.action == action);

@@ -250,6 +250,11 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         kernfs_node_parent: o.kernfs_node_parent,
         cgroup_root: o.cgroup_root,
         cgroup_root_hierarchy_id: o.cgroup_root_hierarchy_id,
+        msghdr_msg_name: o.msghdr_msg_name,
+        msghdr_msg_namelen: o.msghdr_msg_namelen,
+        socket_sk: o.socket_sk,
+        sock_skc_family: o.sock_skc_family,
+        sock_sk_protocol: o.sock_sk_protocol,
     })
 }
 
