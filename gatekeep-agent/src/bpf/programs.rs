@@ -65,6 +65,16 @@ pub const PROGRAMS: &[Program] = &[
         name: "socket_connect",
         hook: Hook::Lsm("socket_connect"),
     },
+    // Egress beyond connect (issue 19, item 6): sends to an address, raw and
+    // packet sockets.
+    Program {
+        name: "socket_sendmsg",
+        hook: Hook::Lsm("socket_sendmsg"),
+    },
+    Program {
+        name: "socket_create",
+        hook: Hook::Lsm("socket_create"),
+    },
     // Self-protection (issue 18): see `crate::protect`.
     Program {
         name: "task_kill",
