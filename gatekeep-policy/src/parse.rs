@@ -1075,12 +1075,19 @@ mod tests {
         let set = load(&with_head("[policy.connect]\ndefault = \"deny\"\n"));
         let connect = &set.policies[0].connect;
         assert_eq!(connect.unix, Action::Deny, "unix follows default");
-        assert_eq!(connect.other_families, Action::Deny, "others follow default");
+        assert_eq!(
+            connect.other_families,
+            Action::Deny,
+            "others follow default"
+        );
         assert_eq!(connect.raw_sockets, Action::Deny);
 
         let set = load(&with_head("[policy.connect]\ndefault = \"ask\"\n"));
         let connect = &set.policies[0].connect;
-        assert_eq!((connect.unix, connect.other_families), (Action::Ask, Action::Ask));
+        assert_eq!(
+            (connect.unix, connect.other_families),
+            (Action::Ask, Action::Ask)
+        );
 
         // Without a connect section: everything allowed but raw sockets.
         let connect = &load(HEAD).policies[0].connect;

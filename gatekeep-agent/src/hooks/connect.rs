@@ -78,6 +78,18 @@ pub enum Via {
     Socket,
 }
 
+impl Via {
+    /// `connect`, `sendmsg` or `socket` (audit records' `kernel.call`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Connect => "connect",
+            Via::Sendmsg => "sendmsg",
+            Via::Socket => "socket",
+        }
+    }
+}
+
 /// A connect as the kernel saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectRequest {
@@ -239,7 +251,9 @@ impl Hook for Connect {
     }
 
     fn kernel_facts(request: &ConnectRequest) -> KernelFacts {
-        request::kernel_facts(&request.origin, None, Some(request.sock_type))
+        let mut facts = request::kernel_facts(&request.origin, None, Some(request.sock_type));
+        facts.call = Some(request.via.as_str().to_owned());
+        facts
     }
 }
 

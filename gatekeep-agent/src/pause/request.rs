@@ -240,6 +240,7 @@ pub fn kernel_facts(
             argv_truncated: exec.argv_truncated,
         }),
         sock_type,
+        call: None,
     }
 }
 

@@ -922,7 +922,12 @@ raw_sockets = "allow"
         let compiled = compile(&set(text), &[1, 2], 1, &host(dir.path())).expect("compile");
         let defaults = |id: u32| {
             let d = compiled.state.policies[&id];
-            (d.connect_default, d.unix_action, d.other_action, d.raw_action)
+            (
+                d.connect_default,
+                d.unix_action,
+                d.other_action,
+                d.raw_action,
+            )
         };
         assert_eq!(
             defaults(1),

@@ -71,11 +71,6 @@ fn gated_socket_create(ctx: &LsmContext, cgroup_id: u64) -> i32 {
     }
     let protocol: i32 = ctx.arg(2);
     bump(counter::CONNECT_DENIED);
-    emit_socket_denied(
-        &caller,
-        family as u16,
-        sock_type as u32,
-        protocol as u16,
-    );
+    emit_socket_denied(&caller, family as u16, sock_type as u32, protocol as u16);
     EPERM
 }
