@@ -715,3 +715,34 @@ fn other_families_follow_the_connect_default() {
     );
     assert_eq!(messages(&receiver), 2);
 }
+
+#[test]
+fn tcp_fast_open_and_the_unspecified_address_cannot_reach_the_decision_service() {
+    require_vm();
+    let port: u16 = 17463;
+    let cgroup_name = "gk-egress-service";
+    let cgroup = gatekeep_tests::Cgroup::create(cgroup_name);
+    let _agent = gatekeep_tests::Agent::start_with(
+        "egress-service",
+        &gatekeep_tests::policy::connect(cgroup_name, "default = \"allow\"", ""),
+        &gatekeep_tests::embedded_decision(port),
+    );
+    let port_text = port.to_string();
+    // Self-protection comes before the policy's `allow`, for every way in.
+    assert_eq!(
+        as_root_and_nobody(&cgroup, &["tfo", "127.0.0.1", &port_text]),
+        [EPERM, EPERM],
+        "sendto(MSG_FASTOPEN) to the decision service"
+    );
+    for ip in ["0.0.0.0", "127.0.0.1"] {
+        let outcome = run_in(
+            &cgroup,
+            &["connect", ip, &port_text],
+            Duration::from_mins(1),
+        );
+        assert_eq!(outcome, Outcome::connect_denied(), "connect to {ip}");
+    }
+    // From outside the gated cgroup the same calls reach it.
+    assert_eq!(line_of(None, &["net", "tfo", "127.0.0.1", &port_text]), OK);
+    assert_eq!(line_of(None, &["connect", "0.0.0.0", &port_text]), OK);
+}
