@@ -251,10 +251,19 @@ pub struct PolicyDefaults {
     pub exec_default: u32,
     /// [`action`] for an IPv4/IPv6 connect that no connect rule matches.
     pub connect_default: u32,
-    /// [`action`] for an `AF_UNIX` connect.
+    /// [`action`] for an `AF_UNIX` connect or datagram (the policy's
+    /// `unix`, else its connect default).
     pub unix_action: u32,
     /// Generation of the policy set; lets user space tell stale entries.
     pub generation: u32,
+    /// [`action`] (`ALLOW` or `DENY`) for creating a raw socket (`SOCK_RAW`
+    /// in any family but `AF_NETLINK`) or a packet socket (`AF_PACKET`);
+    /// `NONE` reads as `DENY`.
+    pub raw_action: u32,
+    /// [`action`] for a connect or a datagram to an address family other
+    /// than inet, inet6 and unix (netlink to the kernel excepted); `NONE`
+    /// reads as `connect_default`.
+    pub other_action: u32,
 }
 
 /// Key of the `EXEC_RULES` map: an executable's identity within a policy.
@@ -429,16 +438,34 @@ pub struct ConnectEvent {
     pub family: u32,
     /// `SOCK_STREAM`, `SOCK_DGRAM`, ...
     pub sock_type: u32,
-    /// Host byte order.
+    /// Host byte order (0 for ICMP and raw sockets, whose `sin_port` the
+    /// kernel ignores). For [`connect_op::SOCKET`], the socket's protocol.
     pub port: u16,
-    pub _pad: u16,
+    /// [`connect_op`]: which call the decision was made for.
+    pub op: u16,
     /// [`action`] the kernel applied or asks about.
     pub action: u32,
-    /// IPv4 in the first 4 bytes, or IPv6; network order. For `AF_UNIX`, the
-    /// first bytes of `sun_path` live in `unix_path`.
+    /// IPv4 in the first 4 bytes, or IPv6; network order (`0.0.0.0` and `::`
+    /// already replaced by the loopback address they reach). For `AF_UNIX`,
+    /// the first bytes of `sun_path` live in `unix_path`; for other
+    /// families, the bytes of the address after its family (zero past the
+    /// caller's length).
     pub addr: [u8; 16],
     pub unix_path: [u8; 108],
     pub _pad2: u32,
+}
+
+/// [`ConnectEvent::op`]: the call a connect decision was made for. The
+/// decision (rules, defaults, digest) is the same for all of them: a
+/// datagram sent to an address goes where a connect to it would.
+pub mod connect_op {
+    /// `connect()` (`socket_connect`).
+    pub const CONNECT: u16 = 0;
+    /// `sendto()`/`sendmsg()`/`sendmmsg()` with a destination, TCP Fast
+    /// Open included (`socket_sendmsg`).
+    pub const SENDMSG: u16 = 1;
+    /// `socket()` of a raw or packet socket (`socket_create`); no address.
+    pub const SOCKET: u16 = 2;
 }
 
 /// A lifecycle event about a task's pending request.
@@ -499,6 +526,18 @@ pub struct KernelOffsets {
     pub cgroup_root: u32,
     /// `struct cgroup_root` -> `hierarchy_id` (`int`): 0 for cgroup v2.
     pub cgroup_root_hierarchy_id: u32,
+    // Egress beyond connect (issue 19, item 6).
+    /// `struct msghdr` -> `msg_name` (`void *`): the destination of a send,
+    /// copied into kernel memory before `security_socket_sendmsg`.
+    pub msghdr_msg_name: u32,
+    /// `struct msghdr` -> `msg_namelen` (`int`).
+    pub msghdr_msg_namelen: u32,
+    /// `struct socket` -> `sk` (`struct sock *`).
+    pub socket_sk: u32,
+    /// `struct sock` -> `__sk_common.skc_family` (`unsigned short`).
+    pub sock_skc_family: u32,
+    /// `struct sock` -> `sk_protocol` (`u16`).
+    pub sock_sk_protocol: u32,
 }
 
 /// [`GatedCgroup::flags`]: the cgroup appeared under a *candidate parent*
@@ -691,7 +730,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<GatedCgroup>(), 8);
-        assert_eq!(size_of::<PolicyDefaults>(), 16);
+        assert_eq!(size_of::<PolicyDefaults>(), 24);
         assert_eq!(size_of::<ExecRuleKey>(), 24);
         assert_eq!(size_of::<PortRules>(), 8 * PORT_RULES);
         assert_eq!(size_of::<ConnectV4Key>(), 8);
@@ -720,8 +759,9 @@ mod tests {
         assert_eq!(size_of::<ProtectedTask>(), 8);
         assert_eq!(size_of::<ProtectDenialKey>(), 16);
         assert_eq!(size_of::<ServiceListenerKey>(), 24);
-        // 26 `u32` offsets: the exec/connect ones, then the self-protection ones.
-        assert_eq!(size_of::<KernelOffsets>(), 26 * 4);
+        // 31 `u32` offsets: the exec/connect ones, the self-protection ones,
+        // then the egress ones.
+        assert_eq!(size_of::<KernelOffsets>(), 31 * 4);
         assert_eq!(size_of::<InodeKey>(), 16);
         let ids = [
             protect::SIGNAL,

@@ -187,6 +187,11 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     kernfs_node_parent: 0,
     cgroup_root: 0,
     cgroup_root_hierarchy_id: 0,
+    msghdr_msg_name: 0,
+    msghdr_msg_namelen: 0,
+    socket_sk: 0,
+    sock_skc_family: 0,
+    sock_sk_protocol: 0,
 };
 
 /// SipHash key for request digests, random per load (set by the agent), so

@@ -24,7 +24,9 @@
 //! default = "ask"                            # allow | deny | ask (default allow)
 //! allow = ["127.0.0.0/8", "10.1.0.0/16:443", "[::1]/128", "10.2.0.0/16:8000-8999"]
 //! deny  = ["169.254.169.254/32"]
-//! unix = "allow"                             # AF_UNIX connects (default allow)
+//! unix = "allow"                             # AF_UNIX connects and datagrams (default: `default`)
+//! raw_sockets = "deny"                       # raw and packet sockets: allow | deny (default deny)
+//! other_families = "deny"                    # vsock, netlink to a process... (default: `default`)
 //!
 //! [policy.approval]
 //! timeout = "5m"                             # default 5m, at most 24h
@@ -112,8 +114,22 @@
 //! Overlapping networks with different prefixes are therefore fine (allow
 //! `10.0.0.0/8`, deny `10.9.0.0/16`). The same network and ports under two
 //! actions is an error, and so are overlapping port ranges at the same prefix
-//! under different actions, since no order could settle them. `AF_UNIX`
-//! connects have no address and take `unix` instead.
+//! under different actions, since no order could settle them.
+//!
+//! The same rules decide every way a governed process can send to an
+//! address: `connect()`, and `sendto()`/`sendmsg()` with a destination on
+//! an unconnected socket (UDP, ICMP "ping" sockets, TCP Fast Open). `0.0.0.0`
+//! and `::` are matched as `127.0.0.1` and `::1`, the loopback addresses
+//! they reach. Beyond IP:
+//! - `AF_UNIX` connects and datagrams have no IP address and take `unix`,
+//!   which is `default` unless written;
+//! - other address families (vsock, netlink addressed to another process,
+//!   ...) take `other_families`, also `default` unless written; netlink
+//!   messages to the kernel itself are not egress and are not gated;
+//! - raw sockets (`SOCK_RAW`, netlink excepted) and packet sockets
+//!   (`AF_PACKET`) write their own headers, so no address rule can follow
+//!   them: `raw_sockets` (`allow` or `deny`, default `deny`) decides whether
+//!   they can be created at all.
 //!
 //! # Approval
 //!

@@ -72,9 +72,18 @@ pub struct ExecRule {
 pub struct ConnectPolicy {
     /// Action for IP destinations no rule matches (`allow` when not written).
     pub default: Action,
-    /// Action for `AF_UNIX` connects, which carry no IP address
-    /// (`allow` when not written).
+    /// Action for `AF_UNIX` connects and datagrams, which carry no IP
+    /// address (`default` when not written).
     pub unix: Action,
+    /// Whether governed processes may create raw sockets (`SOCK_RAW` in any
+    /// family but netlink) and packet sockets (`AF_PACKET`): `allow` or
+    /// `deny` (`deny` when not written). Their packets carry their own
+    /// headers, so no address rule can follow them.
+    pub raw_sockets: Action,
+    /// Action for connects and datagrams to address families other than
+    /// inet, inet6 and unix (vsock, netlink to another process, ...):
+    /// `default` when not written.
+    pub other_families: Action,
     /// In file order; see [`ConnectPolicy::action_for`] for how they match.
     pub rules: Vec<ConnectRule>,
 }
@@ -481,6 +490,8 @@ mod tests {
         let policy = ConnectPolicy {
             default: Action::Ask,
             unix: Action::Allow,
+            raw_sockets: Action::Deny,
+            other_families: Action::Ask,
             rules: vec![
                 rule("10.0.0.0/8", PortRange::ALL, Action::Deny),
                 rule("10.1.0.0/16", PortRange::ALL, Action::Allow),

@@ -36,7 +36,15 @@ const EXEC_PATH_NOTE: &str = "exec rules match absolute paths; relative paths, `
 const POLICY_KEYS: &[&str] = &["name", "cgroups", "exec", "connect", "approval", "protect"];
 const PROTECT_KEYS: &[&str] = &["relax"];
 const EXEC_KEYS: &[&str] = &["default", "allow", "deny", "ask"];
-const CONNECT_KEYS: &[&str] = &["default", "allow", "deny", "ask", "unix"];
+const CONNECT_KEYS: &[&str] = &[
+    "default",
+    "allow",
+    "deny",
+    "ask",
+    "unix",
+    "raw_sockets",
+    "other_families",
+];
 const APPROVAL_KEYS: &[&str] = &[
     "timeout",
     "on_timeout",
@@ -369,6 +377,8 @@ impl<'a> Walker<'a> {
         let mut connect = ConnectPolicy {
             default: Action::Allow,
             unix: Action::Allow,
+            raw_sockets: Action::Deny,
+            other_families: Action::Allow,
             rules: Vec::new(),
         };
         let Some(table) = self.section(policy, "connect", CONNECT_KEYS) else {
@@ -377,8 +387,26 @@ impl<'a> Walker<'a> {
         if let Some(value) = field(table, "default") {
             connect.default = self.action(value, "default").unwrap_or(Action::Allow);
         }
+        // `unix` and `other_families` follow `default` unless written.
+        connect.unix = connect.default;
+        connect.other_families = connect.default;
         if let Some(value) = field(table, "unix") {
-            connect.unix = self.action(value, "unix").unwrap_or(Action::Allow);
+            connect.unix = self.action(value, "unix").unwrap_or(connect.default);
+        }
+        if let Some(value) = field(table, "other_families") {
+            connect.other_families = self
+                .action(value, "other_families")
+                .unwrap_or(connect.default);
+        }
+        if let Some(value) = field(table, "raw_sockets") {
+            match self.action(value, "raw_sockets") {
+                Some(Action::Ask) => self.error(
+                    &value.span(),
+                    "raw_sockets cannot be \"ask\": a raw or packet socket is refused or allowed when it is created, before it has a destination to show a reviewer; use \"allow\" or \"deny\"",
+                ),
+                Some(action) => connect.raw_sockets = action,
+                None => {}
+            }
         }
         let mut rules: Vec<(Span, ConnectRule)> = Vec::new();
         for (key, action) in RULE_LISTS {
@@ -876,7 +904,7 @@ mod tests {
                 "policies/agents.toml:2:1: policy has no cgroups; add cgroups = [\"/sys/fs/cgroup/...\"] to say which workloads it governs",
                 "policies/agents.toml:4:1: unknown key \"cgroup\" in [[policy]] (expected name, cgroups, exec, connect, approval or protect); did you mean \"cgroups\"?",
                 "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny or ask); did you mean \"default\"?",
-                "policies/agents.toml:9:1: unknown key \"allowed\" in [policy.connect] (expected default, allow, deny, ask or unix); did you mean \"allow\"?",
+                "policies/agents.toml:9:1: unknown key \"allowed\" in [policy.connect] (expected default, allow, deny, ask, unix, raw_sockets or other_families); did you mean \"allow\"?",
                 "policies/agents.toml:12:1: unknown key \"reviewer\" in [policy.approval] (expected timeout, on_timeout, reviewers, approvals_required or grant_durations); did you mean \"reviewers\"?",
                 "policies/agents.toml:13:9: unknown key \"audit\" in [[policy]] (expected name, cgroups, exec, connect, approval or protect)",
             ]
@@ -1039,6 +1067,66 @@ mod tests {
                 "policies/agents.toml:6:33: port 65536 in \"10.0.0.0/8:65536\" is out of range (ports are 1-65535)",
                 "policies/agents.toml:6:53: [2001:db8::1]/32:443 has host bits set; did you mean [2001:db8::]/32:443?",
             ]
+        );
+    }
+
+    #[test]
+    fn unix_and_other_families_follow_the_connect_default_and_raw_sockets_are_denied() {
+        let set = load(&with_head("[policy.connect]\ndefault = \"deny\"\n"));
+        let connect = &set.policies[0].connect;
+        assert_eq!(connect.unix, Action::Deny, "unix follows default");
+        assert_eq!(
+            connect.other_families,
+            Action::Deny,
+            "others follow default"
+        );
+        assert_eq!(connect.raw_sockets, Action::Deny);
+
+        let set = load(&with_head("[policy.connect]\ndefault = \"ask\"\n"));
+        let connect = &set.policies[0].connect;
+        assert_eq!(
+            (connect.unix, connect.other_families),
+            (Action::Ask, Action::Ask)
+        );
+
+        // Without a connect section: everything allowed but raw sockets.
+        let connect = &load(HEAD).policies[0].connect;
+        assert_eq!(
+            (connect.unix, connect.other_families, connect.raw_sockets),
+            (Action::Allow, Action::Allow, Action::Deny)
+        );
+
+        let set = load(&with_head(
+            "[policy.connect]\n\
+             default = \"deny\"\n\
+             unix = \"allow\"\n\
+             other_families = \"ask\"\n\
+             raw_sockets = \"allow\"\n",
+        ));
+        let connect = &set.policies[0].connect;
+        assert_eq!(connect.default, Action::Deny);
+        assert_eq!(connect.unix, Action::Allow);
+        assert_eq!(connect.other_families, Action::Ask);
+        assert_eq!(connect.raw_sockets, Action::Allow);
+    }
+
+    #[test]
+    fn raw_sockets_and_other_families_are_validated() {
+        assert_eq!(
+            error(&with_head("[policy.connect]\nraw_sockets = \"ask\"\n")),
+            "policies/agents.toml:5:15: raw_sockets cannot be \"ask\": a raw or packet socket is refused or allowed when it is created, before it has a destination to show a reviewer; use \"allow\" or \"deny\""
+        );
+        assert_eq!(
+            error(&with_head("[policy.connect]\nraw_sockets = \"yes\"\n")),
+            "policies/agents.toml:5:15: unknown action \"yes\" (expected allow, deny or ask)"
+        );
+        assert_eq!(
+            error(&with_head("[policy.connect]\nother_families = 1\n")),
+            "policies/agents.toml:5:18: `other_families` must be a string, found integer"
+        );
+        assert_eq!(
+            error(&with_head("[policy.connect]\nraw_socket = \"allow\"\n")),
+            "policies/agents.toml:5:1: unknown key \"raw_socket\" in [policy.connect] (expected default, allow, deny, ask, unix, raw_sockets or other_families); did you mean \"raw_sockets\"?"
         );
     }
 

@@ -55,6 +55,9 @@ fn example_loads_with_the_documented_content() {
         Action::Deny
     );
     assert_eq!(agents.connect.action_for(ip("192.0.2.1"), 80), Action::Ask);
+    assert_eq!(agents.connect.unix, Action::Allow);
+    assert_eq!(agents.connect.other_families, Action::Deny);
+    assert_eq!(agents.connect.raw_sockets, Action::Deny);
 
     let ci = &set.policies[1];
     assert_eq!(ci.exec.default, Action::Allow);
@@ -122,8 +125,8 @@ fn to_toml(policy: &crate::Policy) -> String {
     let connect = &policy.connect;
     let _ = writeln!(
         out,
-        "[policy.connect]\ndefault = \"{}\"\nunix = \"{}\"",
-        connect.default, connect.unix
+        "[policy.connect]\ndefault = \"{}\"\nunix = \"{}\"\nraw_sockets = \"{}\"\nother_families = \"{}\"",
+        connect.default, connect.unix, connect.raw_sockets, connect.other_families
     );
     for action in [Action::Allow, Action::Deny, Action::Ask] {
         let rules = connect.rules.iter().filter(|r| r.action == action);

@@ -65,6 +65,11 @@ pub struct KernelFacts {
     /// Connect only: the socket type number (`SOCK_STREAM` 1, `SOCK_DGRAM` 2...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sock_type: Option<u32>,
+    /// Connect only: the call the kernel decided: `connect`, `sendmsg` (a
+    /// datagram sent to an address, or TCP Fast Open) or `socket` (a raw or
+    /// packet socket being made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<String>,
 }
 
 /// What the kernel reported about an exec.

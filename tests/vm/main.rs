@@ -6,6 +6,7 @@ mod audit;
 mod cgroup_escape;
 mod connect;
 mod e2e;
+mod egress;
 mod escape;
 mod exec;
 mod grants;

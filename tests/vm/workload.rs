@@ -16,6 +16,8 @@
 //!   thread while a sibling thread, as soon as the process comes back from a
 //!   stop, overwrites the argument WORD in place with REPLACEMENT (same length).
 //!
+//! - `net COMMAND ...`: sends, raw sockets and other families (`egress.rs`).
+//!
 //! Self-protection attacks (`self_protect.rs`); each prints `ok` (exit 0) or
 //! `errno N` (exit 1):
 //! - `kill PID SIG`; `kill-loop PID SIG N` (N attempts; prints the last
@@ -169,6 +171,8 @@ fn run(args: &[String]) -> i32 {
             | "init-module" | "finit-module" | "mount-tmpfs" | "umount" | "userns-root",
         ) => attack(args),
         Some("exec-expose") => exec_expose(&args[1..]),
+        // Egress beyond connect (`egress.rs`).
+        Some("net") => crate::egress::run(&args[1..]),
         _ => {
             println!("unknown workload {args:?}");
             2

@@ -893,6 +893,15 @@ pub struct Offsets {
     pub cgroup_root: u32,
     /// `struct cgroup_root` -> `hierarchy_id` (`int`).
     pub cgroup_root_hierarchy_id: u32,
+    /// `struct msghdr` -> `msg_name` (`void *`).
+    pub msghdr_msg_name: u32,
+    /// `struct msghdr` -> `msg_namelen` (`int`).
+    pub msghdr_msg_namelen: u32,
+    /// `struct sock` -> `__sk_common.skc_family` (`unsigned short`).
+    pub sock_skc_family: u32,
+    /// `struct sock` -> `sk_protocol` (`u16`; a bitfield before v5.6,
+    /// which the programs cannot read: such kernels are refused here).
+    pub sock_sk_protocol: u32,
 }
 
 impl Offsets {
@@ -949,6 +958,10 @@ impl Offsets {
                 .or_else(|_| get("kernfs_node.__parent", 8))?,
             cgroup_root: get("cgroup.root", 8)?,
             cgroup_root_hierarchy_id: get("cgroup_root.hierarchy_id", 4)?,
+            msghdr_msg_name: get("msghdr.msg_name", 8)?,
+            msghdr_msg_namelen: get("msghdr.msg_namelen", 4)?,
+            sock_skc_family: get("sock.__sk_common.skc_family", 2)?,
+            sock_sk_protocol: get("sock.sk_protocol", 2)?,
         })
     }
 }
@@ -1527,6 +1540,22 @@ mod tests {
             48,
             &[("state", int, 0), ("type", short, 32), ("sk", sk, 192)],
         );
+        let void_ptr = b.ptr(0);
+        b.strukt(
+            "msghdr",
+            96,
+            &[("msg_name", void_ptr, 0), ("msg_namelen", int, 64)],
+        );
+        let common = b.strukt(
+            "sock_common",
+            136,
+            &[("skc_daddr", uint, 0), ("skc_family", ushort, 128)],
+        );
+        b.strukt(
+            "sock",
+            768,
+            &[("__sk_common", common, 0), ("sk_protocol", ushort, 4160)],
+        );
         b
     }
 
@@ -1563,6 +1592,10 @@ mod tests {
                 kernfs_node_parent: 8,
                 cgroup_root: 512,
                 cgroup_root_hierarchy_id: 20,
+                msghdr_msg_name: 0,
+                msghdr_msg_namelen: 8,
+                sock_skc_family: 16,
+                sock_sk_protocol: 520,
             }
         );
     }
@@ -1779,6 +1812,11 @@ mod tests {
         within(offsets.task_struct_tgid, 4, "task_struct");
         within(offsets.socket_type, 2, "socket");
         within(offsets.socket_sk, 8, "socket");
+        within(offsets.msghdr_msg_name, 8, "msghdr");
+        within(offsets.msghdr_msg_namelen, 4, "msghdr");
+        within(offsets.sock_skc_family, 2, "sock");
+        within(offsets.sock_sk_protocol, 2, "sock");
+        assert_ne!(offsets.msghdr_msg_name, offsets.msghdr_msg_namelen);
         assert_ne!(offsets.inode_i_ino, offsets.inode_i_sb);
         assert_ne!(offsets.task_struct_tgid, offsets.task_struct_real_parent);
         // Names the real kernel does not have are clear errors.

@@ -192,12 +192,12 @@ mod tests {
     use std::{net::Ipv6Addr, path::PathBuf};
 
     use gatekeep_common::{
-        ARGV_LEN, COMM_LEN, ConnectEvent, ExecEvent, PATH_LEN, action, request_kind,
+        ARGV_LEN, COMM_LEN, ConnectEvent, ExecEvent, PATH_LEN, action, connect_op, request_kind,
     };
 
     use super::*;
     use crate::hooks::{
-        connect::{AF_INET, AF_INET6, AF_UNIX, Destination},
+        connect::{AF_INET, AF_INET6, AF_UNIX, Destination, Via},
         exec::split_argv,
     };
 
@@ -289,7 +289,7 @@ mod tests {
             family: AF_INET,
             sock_type: 1,
             port: 443,
-            _pad: 0,
+            op: 0,
             action: action::ASK,
             addr: [0; 16],
             unix_path: [0; 108],
@@ -321,6 +321,43 @@ mod tests {
             Destination::Unix {
                 path: "@agent".into()
             }
+        );
+        assert_eq!(request.via, Via::Connect);
+
+        // A datagram sent to an address: the same destination, another call.
+        raw.op = connect_op::SENDMSG;
+        raw.family = AF_INET;
+        raw.sock_type = 2;
+        raw.addr = [0; 16];
+        raw.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let Event::Denied(Request::Connect(request)) = parse(&bytes_of(&raw)).expect("parse")
+        else {
+            panic!("not a connect denial");
+        };
+        assert_eq!(
+            (request.destination.to_string(), request.via),
+            ("127.0.0.1:443".to_owned(), Via::Sendmsg)
+        );
+
+        // A refused raw socket: no address, `port` is the protocol.
+        raw.op = connect_op::SOCKET;
+        raw.sock_type = 3;
+        raw.port = 1;
+        let Event::Denied(Request::Connect(request)) = parse(&bytes_of(&raw)).expect("parse")
+        else {
+            panic!("not a connect denial");
+        };
+        assert_eq!(
+            request.destination,
+            Destination::RawSocket {
+                family: AF_INET,
+                protocol: 1
+            }
+        );
+        assert_eq!(request.via, Via::Socket);
+        assert_eq!(
+            request.destination.to_string(),
+            "raw socket (family 2, protocol 1)"
         );
     }
 

@@ -496,6 +496,8 @@ mod tests {
             [
                 "bprm_check_security",
                 "socket_connect",
+                "socket_sendmsg",
+                "socket_create",
                 "task_kill",
                 "ptrace_access_check",
                 "bpf",

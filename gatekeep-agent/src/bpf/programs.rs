@@ -65,6 +65,16 @@ pub const PROGRAMS: &[Program] = &[
         name: "socket_connect",
         hook: Hook::Lsm("socket_connect"),
     },
+    // Egress beyond connect (issue 19, item 6): sends to an address, raw and
+    // packet sockets.
+    Program {
+        name: "socket_sendmsg",
+        hook: Hook::Lsm("socket_sendmsg"),
+    },
+    Program {
+        name: "socket_create",
+        hook: Hook::Lsm("socket_create"),
+    },
     // Self-protection (issue 18): see `crate::protect`.
     Program {
         name: "task_kill",
@@ -250,6 +260,11 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         kernfs_node_parent: o.kernfs_node_parent,
         cgroup_root: o.cgroup_root,
         cgroup_root_hierarchy_id: o.cgroup_root_hierarchy_id,
+        msghdr_msg_name: o.msghdr_msg_name,
+        msghdr_msg_namelen: o.msghdr_msg_namelen,
+        socket_sk: o.socket_sk,
+        sock_skc_family: o.sock_skc_family,
+        sock_sk_protocol: o.sock_sk_protocol,
     })
 }
 

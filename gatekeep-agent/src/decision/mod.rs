@@ -273,6 +273,7 @@ mod tests {
                 comm: "true".into(),
                 exec: None,
                 sock_type: None,
+                call: None,
             },
             digest: 1,
             timeout,

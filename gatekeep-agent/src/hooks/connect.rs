@@ -2,6 +2,13 @@
 //! `gatekeep-ebpf/src/hooks/connect.rs`): its requests, and
 //! `[policy.connect]` compiled into `CONNECT_V4`/`CONNECT_V6`.
 //!
+//! The kernel's other egress hooks share its decision and its records, so
+//! their requests are connect requests too, told apart by [`Via`]:
+//! `socket_sendmsg` (`gatekeep-ebpf/src/hooks/sendmsg.rs`: datagrams sent
+//! to an address, TCP Fast Open) and `socket_create`
+//! (`gatekeep-ebpf/src/hooks/socket_create.rs`: raw and packet sockets,
+//! `raw_sockets`).
+//!
 //! Connect rules: one LPM entry per distinct network of a policy, holding
 //! the rules of that network and, after them, the rules of every less
 //! specific network of the same policy that contains it (an LPM lookup
@@ -20,8 +27,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use gatekeep_common::{
-    ConnectEvent, ConnectV4Key, ConnectV6Key, PORT_RULES, PortRule, PortRules, event_kind,
-    map_names, request_kind,
+    ConnectEvent, ConnectV4Key, ConnectV6Key, PORT_RULES, PortRule, PortRules, connect_op,
+    event_kind, map_names, request_kind,
 };
 use gatekeep_policy::{ConnectRule, Policy};
 use gatekeep_proto::{audit::KernelFacts, model};
@@ -42,9 +49,45 @@ pub(crate) const AF_INET6: u32 = 10;
 /// Where a connect goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
-    Ip { addr: IpAddr, port: u16 },
-    Unix { path: String },
-    Other { family: u32 },
+    /// `0.0.0.0` and `::` arrive as the loopback address they reach.
+    Ip {
+        addr: IpAddr,
+        port: u16,
+    },
+    Unix {
+        path: String,
+    },
+    /// Another address family (`other_families`).
+    Other {
+        family: u32,
+    },
+    /// A raw or packet socket being created (`raw_sockets`): no address.
+    RawSocket {
+        family: u32,
+        protocol: u16,
+    },
+}
+
+/// Which call the kernel decided ([`gatekeep_common::connect_op`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Connect,
+    /// A datagram sent to an address, or TCP Fast Open.
+    Sendmsg,
+    /// A raw or packet socket's creation.
+    Socket,
+}
+
+impl Via {
+    /// `connect`, `sendmsg` or `socket` (audit records' `kernel.call`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Connect => "connect",
+            Via::Sendmsg => "sendmsg",
+            Via::Socket => "socket",
+        }
+    }
 }
 
 /// A connect as the kernel saw it.
@@ -54,6 +97,7 @@ pub struct ConnectRequest {
     pub destination: Destination,
     /// `SOCK_STREAM` (1), `SOCK_DGRAM` (2), ...
     pub sock_type: u32,
+    pub via: Via,
 }
 
 /// The connect hook.
@@ -86,6 +130,8 @@ impl Hook for Connect {
     ) -> Result<(), PolicyMapsError> {
         out.defaults.connect_default = kernel_action(policy.connect.default);
         out.defaults.unix_action = kernel_action(policy.connect.unix);
+        out.defaults.raw_action = kernel_action(policy.connect.raw_sockets);
+        out.defaults.other_action = kernel_action(policy.connect.other_families);
         let nets: BTreeSet<IpNet> = policy.connect.rules.iter().map(|r| r.net).collect();
         for net in nets {
             let mut covering: Vec<&ConnectRule> = policy
@@ -187,12 +233,16 @@ impl Hook for Connect {
     }
 
     fn rule(policy: &Policy, (): &(), request: &ConnectRequest) -> String {
+        let connect = &policy.connect;
         match &request.destination {
             Destination::Ip { addr, port } => connect_rule(policy, *addr, *port),
-            Destination::Unix { .. } => {
-                format!("connect unix {}", policy.connect.unix)
+            Destination::Unix { .. } => format!("connect unix {}", connect.unix),
+            Destination::Other { .. } => {
+                format!("connect other_families {}", connect.other_families)
             }
-            Destination::Other { .. } => "connect default".to_owned(),
+            Destination::RawSocket { .. } => {
+                format!("connect raw_sockets {}", connect.raw_sockets)
+            }
         }
     }
 
@@ -201,7 +251,9 @@ impl Hook for Connect {
     }
 
     fn kernel_facts(request: &ConnectRequest) -> KernelFacts {
-        request::kernel_facts(&request.origin, None, Some(request.sock_type))
+        let mut facts = request::kernel_facts(&request.origin, None, Some(request.sock_type));
+        facts.call = Some(request.via.as_str().to_owned());
+        facts
     }
 }
 
@@ -307,10 +359,22 @@ fn connect_request(raw: &ConnectEvent) -> ConnectRequest {
         }
         family => Destination::Other { family },
     };
+    let (via, destination) = match raw.op {
+        connect_op::SENDMSG => (Via::Sendmsg, destination),
+        connect_op::SOCKET => (
+            Via::Socket,
+            Destination::RawSocket {
+                family: raw.family,
+                protocol: raw.port,
+            },
+        ),
+        _ => (Via::Connect, destination),
+    };
     ConnectRequest {
         origin: origin(&raw.header),
         destination,
         sock_type: raw.sock_type,
+        via,
     }
 }
 
@@ -327,6 +391,9 @@ impl std::fmt::Display for Destination {
             } => write!(f, "[{addr}]:{port}"),
             Destination::Unix { path } => write!(f, "unix:{path}"),
             Destination::Other { family } => write!(f, "family {family}"),
+            Destination::RawSocket { family, protocol } => {
+                write!(f, "raw socket (family {family}, protocol {protocol})")
+            }
         }
     }
 }

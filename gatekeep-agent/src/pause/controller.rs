@@ -1024,7 +1024,7 @@ mod tests {
         audit::MemorySink,
         bpf::testing::{ALLOW, DENY, FakeKernel, FakeTask},
         decision::LocalDecider,
-        hooks::connect::{ConnectRequest, Destination},
+        hooks::connect::{ConnectRequest, Destination, Via},
         policy::{HostView, compile},
     };
 
@@ -1260,6 +1260,7 @@ mod tests {
                     port: 80,
                 },
                 sock_type: 1,
+                via: Via::Connect,
             }))
         };
         // Read by the reader, queued, and the stop signal already given.

@@ -173,6 +173,16 @@ pub fn connect_target(destination: &Destination, sock_type: u32) -> Target {
             port: 0,
             socket_type,
         },
+        Destination::RawSocket { family, protocol } => ConnectTarget {
+            family: match *family {
+                2 => Family::Inet,
+                10 => Family::Inet6,
+                _ => Family::Unix,
+            },
+            address: format!("(new raw socket: address family {family}, protocol {protocol})"),
+            port: 0,
+            socket_type,
+        },
     })
 }
 
@@ -230,6 +240,7 @@ pub fn kernel_facts(
             argv_truncated: exec.argv_truncated,
         }),
         sock_type,
+        call: None,
     }
 }
 

@@ -709,7 +709,7 @@ mod tests {
     use super::*;
     use crate::hooks::{
         self, Request,
-        connect::{decode_rules, encode_rules, split_key},
+        connect::{ConnectRequest, Destination, Via, decode_rules, encode_rules, split_key},
         exec::{ExecRequest, decode_action, kernel_dev},
         kernel_action,
     };
@@ -901,6 +901,73 @@ deny = ["[2001:db8::]/32:443"]
     }
 
     #[test]
+    fn connect_defaults_compile_unix_other_families_and_raw_sockets() {
+        let text = r#"
+[[policy]]
+name = "follows"
+cgroups = ["/sys/fs/cgroup/a"]
+[policy.connect]
+default = "deny"
+
+[[policy]]
+name = "says"
+cgroups = ["/sys/fs/cgroup/b"]
+[policy.connect]
+default = "deny"
+unix = "allow"
+other_families = "ask"
+raw_sockets = "allow"
+"#;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let compiled = compile(&set(text), &[1, 2], 1, &host(dir.path())).expect("compile");
+        let defaults = |id: u32| {
+            let d = compiled.state.policies[&id];
+            (
+                d.connect_default,
+                d.unix_action,
+                d.other_action,
+                d.raw_action,
+            )
+        };
+        assert_eq!(
+            defaults(1),
+            (action::DENY, action::DENY, action::DENY, action::DENY),
+            "unix and other families follow the default; raw sockets are denied"
+        );
+        assert_eq!(
+            defaults(2),
+            (action::DENY, action::ALLOW, action::ASK, action::ALLOW)
+        );
+        let request = |destination| ConnectRequest {
+            origin: crate::bpf::record::origin(&gatekeep_common::EventHeader::default()),
+            destination,
+            sock_type: 3,
+            via: Via::Socket,
+        };
+        let follows = &set(text).policies[0];
+        let rule = |destination| {
+            <hooks::connect::Connect as hooks::Hook>::rule(follows, &(), &request(destination))
+        };
+        assert_eq!(
+            rule(Destination::RawSocket {
+                family: 17,
+                protocol: 3
+            }),
+            "connect raw_sockets deny"
+        );
+        assert_eq!(
+            rule(Destination::Other { family: 16 }),
+            "connect other_families deny"
+        );
+        assert_eq!(
+            rule(Destination::Unix {
+                path: "/run/x".into()
+            }),
+            "connect unix deny"
+        );
+    }
+
+    #[test]
     fn exec_rules_are_keyed_by_kernel_identity_and_missing_paths_warn() {
         let dir = tempfile::tempdir().expect("tempdir");
         let tool = dir.path().join("tool");
@@ -934,6 +1001,8 @@ deny = ["[2001:db8::]/32:443"]
                 connect_default: action::ALLOW,
                 unix_action: action::ALLOW,
                 generation: 7,
+                raw_action: action::DENY,
+                other_action: action::ALLOW,
             }
         );
         let loaded = &compiled.policies[&3];
@@ -1027,6 +1096,8 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
                 connect_default: action::ALLOW,
                 unix_action: action::ALLOW,
                 generation,
+                raw_action: action::DENY,
+                other_action: action::ALLOW,
             },
         );
         state.rules.insert(

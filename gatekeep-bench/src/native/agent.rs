@@ -236,6 +236,7 @@ fn connect_denied(n: u64) -> Event {
             port: 80,
         },
         sock_type: 1,
+        via: gatekeep_agent::hooks::connect::Via::Connect,
     }))
 }
 

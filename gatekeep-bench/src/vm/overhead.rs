@@ -629,12 +629,16 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
         connect_default: action::DENY,
         unix_action: action::ALLOW,
         generation: 1,
+        raw_action: action::DENY,
+        other_action: action::DENY,
     };
     let ask_by_default = PolicyDefaults {
         exec_default: action::ASK,
         connect_default: action::ASK,
         unix_action: action::ALLOW,
         generation: 1,
+        raw_action: action::DENY,
+        other_action: action::ASK,
     };
     policies.set(RULE_POLICY, deny_by_default, 0)?;
     policies.set(GRANT_POLICY, ask_by_default, 0)?;

@@ -1,4 +1,6 @@
-//! `connect` gating at `security_socket_connect`.
+//! `connect` gating at `security_socket_connect`, and the connect decision
+//! ([`decide`]) that every way of sending to an address shares
+//! (`hooks/sendmsg.rs`).
 //!
 //! Kernel: `security_socket_connect()` is called from `__sys_connect_file()`
 //! (net/socket.c, v6.12) before the protocol's connect, so refusing here
@@ -15,7 +17,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
     ConnectEvent, ConnectV4Key, ConnectV6Key, EPERM, ERESTARTNOINTR, GATED_UNCLASSIFIED,
-    PORT_RULES, PortRules, ServiceListenerKey, action, counter, event_kind, protect, request_kind,
+    PORT_RULES, PortRules, ServiceListenerKey, action, connect_op, counter, event_kind, protect,
+    request_kind,
 };
 
 use crate::{
@@ -26,12 +29,21 @@ use crate::{
     pause::{Asked, Request, ask, await_classification},
 };
 
-const AF_UNIX: u16 = 1;
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
-/// `sizeof(struct sockaddr_in)` / `sizeof(struct sockaddr_in6)`.
+pub const AF_UNSPEC: u16 = 0;
+pub const AF_UNIX: u16 = 1;
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const AF_NETLINK: u16 = 16;
+pub const AF_PACKET: u16 = 17;
+pub const SOCK_DGRAM: u32 = 2;
+pub const SOCK_RAW: u32 = 3;
+const IPPROTO_ICMP: u16 = 1;
+const IPPROTO_ICMPV6: u16 = 58;
+/// `sizeof(struct sockaddr_in)` / `sizeof(struct sockaddr_in6)` /
+/// `sizeof(struct sockaddr_nl)`.
 const SOCKADDR_IN_LEN: i32 = 16;
 const SOCKADDR_IN6_LEN: i32 = 24;
+const SOCKADDR_NL_LEN: i32 = 12;
 /// `offsetof(struct sockaddr_un, sun_path)`.
 const SUN_PATH_OFFSET: usize = 2;
 
@@ -47,13 +59,9 @@ struct Destination {
 /// Runs for every connect on the host.
 ///
 /// Tasks outside gated cgroups return after an array lookup (rarely, a hash
-/// lookup too). For gated tasks:
-/// IPv4/IPv6 destinations are matched against the policy's prefixes (most
-/// specific first) and port rules, else the policy default; IPv4-mapped IPv6
-/// addresses match the IPv4 rules; `AF_UNIX` uses the policy's unix action;
-/// other families are not gated. Allow proceeds, deny returns `-EPERM` (with
-/// a `CONNECT_DENIED` event), ask pauses the thread until a verdict for this
-/// exact destination arrives.
+/// lookup too). For gated tasks, [`decide`] applies the policy to the
+/// destination. An `AF_UNSPEC` connect dissolves a socket's association
+/// (it reaches nobody) and is not gated.
 #[lsm(hook = "socket_connect")]
 pub fn socket_connect(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, socket_connect, struct socket *sock,
@@ -77,39 +85,82 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
         let caller = Caller::current(cgroup_id, gated.policy_id);
         return Ok(await_classification(&caller, request_kind::CONNECT));
     }
-    bump(counter::CONNECT_GATED);
-
-    let sock: *const u8 = ctx.arg(0);
     let address: *const u8 = ctx.arg(1);
     let addrlen: i32 = ctx.arg(2);
     // SAFETY: probe read of the kernel copy of the caller's sockaddr.
     let family: u16 = unsafe { bpf_probe_read_kernel(address.cast()) }.map_err(|_| EPERM)?;
-    let Some(policy) = POLICIES.get(gated.policy_id).copied() else {
+    let target = Target {
+        sock: ctx.arg(0),
+        address,
+        addrlen,
+        family,
+        op: connect_op::CONNECT,
+    };
+    decide(ctx, cgroup_id, gated.policy_id, &target)
+}
+
+/// What a connect or a send goes to: the kernel's copy of the caller's
+/// `sockaddr`, and the family to read it as.
+pub struct Target {
+    /// The `struct socket *`.
+    pub sock: *const u8,
+    /// The `struct sockaddr *` (kernel memory).
+    pub address: *const u8,
+    pub addrlen: i32,
+    /// The family to read `address` as (its own, unless the caller resolved
+    /// an `AF_UNSPEC`).
+    pub family: u16,
+    /// [`connect_op`].
+    pub op: u16,
+}
+
+/// The connect decision, for a connect and for a datagram sent to an
+/// address (`hooks/sendmsg.rs`) alike:
+/// IPv4/IPv6 destinations are matched against the policy's prefixes (most
+/// specific first) and port rules, else the policy default; IPv4-mapped IPv6
+/// addresses match the IPv4 rules, and `0.0.0.0`/`::` match as the loopback
+/// address they reach; `AF_UNIX` uses the policy's unix action; netlink to
+/// the kernel is not gated; other families use the policy's action for
+/// them. Allow proceeds, deny returns `-EPERM` (with a `CONNECT_DENIED`
+/// event), ask pauses the thread until a verdict for this exact destination
+/// arrives.
+///
+/// Inlined into each hook: its arguments do not fit a BPF call's five
+/// registers, and it runs only on the gated path.
+#[inline(always)]
+pub fn decide(
+    ctx: &LsmContext,
+    cgroup_id: u64,
+    policy_id: u32,
+    target: &Target,
+) -> Result<i32, i32> {
+    bump(counter::CONNECT_GATED);
+    let Some(policy) = POLICIES.get(policy_id).copied() else {
         return Ok(EPERM);
     };
+    let (family, address, addrlen) = (target.family, target.address, target.addrlen);
 
     let (destination, action) = match family {
         AF_INET if addrlen >= SOCKADDR_IN_LEN => {
-            let destination = read_inet(address, family).map_err(|_| EPERM)?;
-            let rules = lookup_v4(gated.policy_id, &destination.addr);
+            let destination = read_inet(address, family, target.sock).map_err(|_| EPERM)?;
+            let rules = lookup_v4(policy_id, &destination.addr);
             (
                 destination,
                 port_action(rules, destination.port, policy.connect_default),
             )
         }
         AF_INET6 if addrlen >= SOCKADDR_IN6_LEN => {
-            let destination = read_inet(address, family).map_err(|_| EPERM)?;
+            let destination = read_inet(address, family, target.sock).map_err(|_| EPERM)?;
             let a = &destination.addr;
-            let v4_mapped = a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff;
-            let rules = if v4_mapped {
+            let rules = if is_v4_mapped(a) {
                 lookup_v4(
-                    gated.policy_id,
+                    policy_id,
                     &[
                         a[12], a[13], a[14], a[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                     ],
                 )
             } else {
-                lookup_v6(gated.policy_id, a)
+                lookup_v6(policy_id, a)
             };
             (
                 destination,
@@ -124,19 +175,28 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
             },
             policy.unix_action,
         ),
-        // Too short for its family (the kernel rejects it with EINVAL) or a
-        // family we do not gate.
-        _ => return Ok(0),
+        // Too short for its family (the kernel refuses it with EINVAL), or
+        // `AF_UNSPEC`: a connect dissolving an association, or a send that
+        // goes to the socket's connected peer.
+        AF_INET | AF_INET6 | AF_UNSPEC => return Ok(0),
+        _ => {
+            let destination = read_other(address, family, addrlen).map_err(|_| EPERM)?;
+            if family == AF_NETLINK && netlink_to_kernel(&destination, addrlen) {
+                return Ok(0);
+            }
+            let action = if policy.other_action == action::NONE {
+                policy.connect_default
+            } else {
+                policy.other_action
+            };
+            (destination, action)
+        }
     };
 
     // Self-protection (issue 18): the decision service's listeners come
     // before any rule of the policy.
-    if family != AF_UNIX && is_service_listener(&destination) {
-        return Ok(refuse_gated(
-            gated.policy_id,
-            cgroup_id,
-            protect::SERVICE_CONNECT,
-        ));
+    if (family == AF_INET || family == AF_INET6) && is_service_listener(&destination) {
+        return Ok(refuse_gated(policy_id, cgroup_id, protect::SERVICE_CONNECT));
     }
     match action {
         action::ALLOW | action::NONE if family == AF_UNIX => return Ok(0),
@@ -147,8 +207,8 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
         _ => {}
     }
     // Who is asking, and with which socket, matters only off the allow path.
-    let caller = Caller::current(cgroup_id, gated.policy_id);
-    let sock_type = socket_type(sock);
+    let caller = Caller::current(cgroup_id, policy_id);
+    let sock_type = socket_type(target.sock);
     match action {
         action::DENY => {
             bump(counter::CONNECT_DENIED);
@@ -159,7 +219,7 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
                 action::DENY,
                 &destination,
                 sock_type,
-                address,
+                target,
             );
             Ok(EPERM)
         }
@@ -228,7 +288,7 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
                             action::ASK,
                             &destination,
                             sock_type,
-                            address,
+                            target,
                         );
                     }
                     Ok(ERESTARTNOINTR)
@@ -238,6 +298,12 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
     }
 }
 
+/// Whether `addr` is IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
+#[inline(always)]
+fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff
+}
+
 /// Whether `destination` reaches a listener of the decision service: its
 /// exact address and port, or, for a wildcard listener, a loopback or
 /// unspecified address and that port (the agent adds the host's own
@@ -245,10 +311,7 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
 #[inline(always)]
 fn is_service_listener(destination: &Destination) -> bool {
     let a = &destination.addr;
-    let v4_mapped = destination.family == AF_INET6
-        && a[..10].iter().all(|b| *b == 0)
-        && a[10] == 0xff
-        && a[11] == 0xff;
+    let v4_mapped = destination.family == AF_INET6 && is_v4_mapped(a);
     let mut key = ServiceListenerKey {
         family: destination.family,
         port: destination.port,
@@ -279,12 +342,16 @@ fn is_service_listener(destination: &Destination) -> bool {
     unsafe { SERVICE_LISTENERS.get(&key) }.is_some()
 }
 
-/// Port (host order) and address of a `sockaddr_in`/`sockaddr_in6`.
+/// Port (host order) and address of a `sockaddr_in`/`sockaddr_in6`, with
+/// the unspecified address (`0.0.0.0`, `::`, `::ffff:0.0.0.0`) replaced by
+/// the loopback address a connect or send to it reaches (`ip_route_connect`
+/// and `ip6_datagram_connect`/`tcp_v6_connect` in v6.12 route it there), and
+/// port 0 for ICMP and raw sockets, whose `sin_port` the kernel ignores.
 #[inline(always)]
-fn read_inet(address: *const u8, family: u16) -> Result<Destination, i64> {
+fn read_inet(address: *const u8, family: u16, sock: *const u8) -> Result<Destination, i64> {
     // SAFETY: probe reads within the sockaddr the kernel copied in (its
     // length was checked by the caller).
-    unsafe {
+    let (port_be, mut addr) = unsafe {
         let port_be: u16 = bpf_probe_read_kernel(address.add(2).cast())?;
         let mut addr = [0u8; 16];
         if family == AF_INET {
@@ -294,12 +361,70 @@ fn read_inet(address: *const u8, family: u16) -> Result<Destination, i64> {
             // sin6_flowinfo (4 bytes) sits between the port and the address.
             addr = bpf_probe_read_kernel(address.add(8).cast())?;
         }
-        Ok(Destination {
-            family,
-            port: u16::from_be(port_be),
-            addr,
-        })
+        (port_be, addr)
+    };
+    if family == AF_INET {
+        if addr[..4] == [0; 4] {
+            addr[0] = 127;
+            addr[3] = 1;
+        }
+    } else if addr == [0; 16] {
+        addr[15] = 1;
+    } else if is_v4_mapped(&addr) && addr[12..] == [0; 4] {
+        addr[12] = 127;
+        addr[15] = 1;
     }
+    let port = if portless(sock) {
+        0
+    } else {
+        u16::from_be(port_be)
+    };
+    Ok(Destination { family, port, addr })
+}
+
+/// Whether the socket's datagrams have no port: raw sockets, and ICMP
+/// "ping" sockets (`SOCK_DGRAM` with `IPPROTO_ICMP`/`IPPROTO_ICMPV6`).
+#[inline(always)]
+fn portless(sock: *const u8) -> bool {
+    match socket_type(sock) {
+        SOCK_RAW => true,
+        SOCK_DGRAM => {
+            let protocol = socket_protocol(sock);
+            protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6
+        }
+        _ => false,
+    }
+}
+
+/// An address of another family: the bytes after its family, as many as
+/// the caller gave (the rest zero, so the digest never covers stale bytes
+/// of the kernel's buffer).
+#[inline(always)]
+fn read_other(address: *const u8, family: u16, addrlen: i32) -> Result<Destination, i64> {
+    // SAFETY: the kernel's sockaddr buffer is a `sockaddr_storage` (128
+    // bytes), so these 16 bytes are within it whatever `addrlen` says.
+    let mut addr: [u8; 16] = unsafe { bpf_probe_read_kernel(address.add(2).cast())? };
+    let mut i = 0;
+    while i < 16 {
+        if i as i32 + 2 >= addrlen {
+            addr[i] = 0;
+        }
+        i += 1;
+    }
+    Ok(Destination {
+        family,
+        port: 0,
+        addr,
+    })
+}
+
+/// Whether a netlink address (`sockaddr_nl`: pad, `nl_pid`, `nl_groups`
+/// after the family) names the kernel alone: port id 0 and no multicast
+/// group. Anything else reaches other processes, like any IPC.
+#[inline(always)]
+fn netlink_to_kernel(destination: &Destination, addrlen: i32) -> bool {
+    // Shorter than `sockaddr_nl`: the kernel refuses it with EINVAL.
+    addrlen < SOCKADDR_NL_LEN || destination.addr[2..10] == [0; 8]
 }
 
 #[inline(always)]
@@ -350,10 +475,42 @@ fn port_action(rules: Option<*const PortRules>, port: u16, default: u32) -> u32 
 
 /// `socket::type` (`SOCK_STREAM`, ...); 0 if unreadable.
 #[inline(always)]
-fn socket_type(sock: *const u8) -> u32 {
+pub fn socket_type(sock: *const u8) -> u32 {
     // SAFETY: probe read.
     unsafe { bpf_probe_read_kernel::<i16>(sock.add(offsets().socket_type as usize).cast()) }
         .map_or(0, |t| t as u32)
+}
+
+/// `socket::sk`, null if unreadable.
+#[inline(always)]
+fn socket_sock(sock: *const u8) -> *const u8 {
+    // SAFETY: probe read.
+    unsafe { bpf_probe_read_kernel::<*const u8>(sock.add(offsets().socket_sk as usize).cast()) }
+        .unwrap_or(core::ptr::null())
+}
+
+/// `socket::sk->sk_protocol`; 0 if unreadable.
+#[inline(always)]
+fn socket_protocol(sock: *const u8) -> u16 {
+    let sk = socket_sock(sock);
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: probe read.
+    unsafe { bpf_probe_read_kernel::<u16>(sk.add(offsets().sock_sk_protocol as usize).cast()) }
+        .unwrap_or(0)
+}
+
+/// `socket::sk->sk_family` (`skc_family`); 0 (`AF_UNSPEC`) if unreadable.
+#[inline(always)]
+pub fn socket_family(sock: *const u8) -> u16 {
+    let sk = socket_sock(sock);
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: probe read.
+    unsafe { bpf_probe_read_kernel::<u16>(sk.add(offsets().sock_skc_family as usize).cast()) }
+        .unwrap_or(0)
 }
 
 #[inline(always)]
@@ -395,7 +552,7 @@ fn emit_connect(
     action: u32,
     destination: &Destination,
     sock_type: u32,
-    address: *const u8,
+    target: &Target,
 ) {
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         bump(counter::EVENTS_DROPPED);
@@ -408,7 +565,7 @@ fn emit_connect(
         (*event).family = u32::from(destination.family);
         (*event).sock_type = sock_type;
         (*event).port = destination.port;
-        (*event)._pad = 0;
+        (*event).op = target.op;
         (*event).action = action;
         (*event).addr = destination.addr;
         (*event)._pad2 = 0;
@@ -418,9 +575,33 @@ fn emit_connect(
             probe_read_kernel_raw(
                 (*event).unix_path.as_mut_ptr().cast::<c_void>(),
                 (*event).unix_path.len() as u32,
-                address.add(SUN_PATH_OFFSET).cast::<c_void>(),
+                target.address.add(SUN_PATH_OFFSET).cast::<c_void>(),
             );
         }
+    }
+    entry.submit(0);
+}
+
+/// Emits the `CONNECT_DENIED` record of a refused raw or packet socket
+/// (`hooks/socket_create.rs`): no address; `port` holds the protocol.
+#[inline(always)]
+pub fn emit_socket_denied(caller: &Caller, family: u16, sock_type: u32, protocol: u16) {
+    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
+        bump(counter::EVENTS_DROPPED);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved record of the right size.
+    unsafe {
+        (*event).header = caller.header(event_kind::CONNECT_DENIED, 0);
+        (*event).family = u32::from(family);
+        (*event).sock_type = sock_type;
+        (*event).port = protocol;
+        (*event).op = connect_op::SOCKET;
+        (*event).action = action::DENY;
+        (*event).addr = [0; 16];
+        (*event)._pad2 = 0;
+        (*event).unix_path[0] = 0;
     }
     entry.submit(0);
 }

@@ -6,6 +6,9 @@ pub mod connect;
 pub mod exec;
 pub mod exit;
 pub mod floor;
+// Egress beyond connect (issue 19, item 6).
+pub mod sendmsg;
+pub mod socket_create;
 // Self-protection (issue 18).
 pub mod bpf;
 pub mod file_open;
@@ -20,7 +23,7 @@ use aya_ebpf::helpers::bpf_get_current_cgroup_id;
 
 use crate::maps::may_be_gated;
 
-/// The part of the exec and connect hooks that every exec and connect on the
+/// The part of the gating hooks that every exec, connect, send... on the
 /// host runs: an earlier program's refusal (`previous`) stands, and a task
 /// whose cgroup cannot be gated gets 0 at once (`Err`, the verdict); any
 /// other gets its cgroup id (`Ok`) for the hook's gated path. The hooks keep
