@@ -40,11 +40,15 @@ pub enum RecordKind {
     /// gatekeep, `bpf()`, load a module, mount, ...): one record per burst of
     /// one protection in one cgroup, with the count.
     ProtectRefused,
+    /// The log could not be written for a while (disk full, I/O error, read-only): written
+    /// first once writes succeed again, before the records held in memory meanwhile, with
+    /// the cause, the period and how many records the bounded hold could not keep.
+    AuditInterrupted,
 }
 
 impl RecordKind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Requested,
         Self::Decided,
         Self::Expired,
@@ -58,6 +62,7 @@ impl RecordKind {
         Self::AgentStarted,
         Self::AgentStopped,
         Self::ProtectRefused,
+        Self::AuditInterrupted,
     ];
 
     /// The stored name, as in JSON.
@@ -77,6 +82,7 @@ impl RecordKind {
             Self::AgentStarted => "agent_started",
             Self::AgentStopped => "agent_stopped",
             Self::ProtectRefused => "protect_refused",
+            Self::AuditInterrupted => "audit_interrupted",
         }
     }
 }
