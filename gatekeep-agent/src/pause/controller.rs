@@ -20,10 +20,17 @@
 //!   requests whose task died unseen.
 //! - On shutdown, undecided requests are recorded as cancelled and their
 //!   tasks stay stopped (fail closed); the next agent asks them again.
+//! - Nothing runs off the record: a decision is recorded before its verdict
+//!   is written, and the verdict waits until the request and the decision are
+//!   durable ([`AuditSink::durable`]). When the log cannot be written, the
+//!   verdict becomes deny (recorded as `audit_unavailable`, held in memory
+//!   until the log can be written), and new requests are denied at once
+//!   without asking anyone.
 
 use std::{
     borrow::Cow,
     collections::{HashMap, HashSet},
+    future::Future,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -82,6 +89,11 @@ struct Tracked {
     asked_at: Instant,
     stage: Stage,
     decision_task: Option<AbortHandle>,
+    /// The decision's record was handed to the audit log (it is written once, before the
+    /// first attempt to apply it).
+    decision_recorded: bool,
+    /// Denied without asking because the audit log could not be written: the error.
+    audit_unavailable: Option<String>,
 }
 
 impl Tracked {
@@ -139,10 +151,20 @@ enum Internal {
         request_id: Uuid,
         decision: Decision,
         outcome: Result<ResumeOutcome, String>,
-        /// False when a verdict is written again (already recorded).
-        record: bool,
+        /// False when a verdict is written again (already logged).
+        first: bool,
+        /// The decision allowed, but it could not be made durable: denied instead, for this
+        /// reason.
+        undurable: Option<String>,
     },
 }
+
+/// [`AuditSink::durable`], boxed: resolves once the records before it are durable.
+type Durable = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// The reason of a request denied because the audit log cannot be written.
+pub const AUDIT_UNAVAILABLE_REASON: &str =
+    "denied: the audit log cannot be written, and nothing asked runs off the record";
 
 /// Counts for logs and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -472,17 +494,38 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             },
         );
 
-        let decider = Arc::clone(&self.decider);
         let internal = self.internal_tx.clone();
-        let asked_request = Arc::clone(&request);
-        let task = self.decisions.spawn(async move {
-            let decision = decide_by_deadline(decider.as_ref(), asked_request).await;
+        let (task, audit_unavailable) = if self.audit.is_writable() {
+            let decider = Arc::clone(&self.decider);
+            let asked_request = Arc::clone(&request);
+            let task = self.decisions.spawn(async move {
+                let decision = decide_by_deadline(decider.as_ref(), asked_request).await;
+                let _ = internal.send(Internal::Decided {
+                    tid,
+                    request_id: id,
+                    decision,
+                });
+            });
+            (Some(task), None)
+        } else {
+            // Whatever anyone would decide could not be put on record: deny now.
+            tracing::warn!(request_id = %id, tid, "the audit log cannot be written; request denied without asking");
             let _ = internal.send(Internal::Decided {
                 tid,
                 request_id: id,
-                decision,
+                decision: Decision {
+                    verdict: Verdict::Deny,
+                    actor: "agent".to_owned(),
+                    reason: AUDIT_UNAVAILABLE_REASON.to_owned(),
+                    expired: false,
+                    service: None,
+                },
             });
-        });
+            (
+                None,
+                Some("the audit log could not be written when the request arrived".to_owned()),
+            )
+        };
         self.tracked.insert(
             tid,
             Tracked {
@@ -491,7 +534,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 digest: origin.digest,
                 asked_at: Instant::now(),
                 stage: Stage::Deciding,
-                decision_task: Some(task),
+                decision_task: task,
+                decision_recorded: false,
+                audit_unavailable,
             },
         );
     }
@@ -691,14 +736,22 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 }
                 tracked.stage = Stage::Resuming;
                 tracked.decision_task = None;
-                self.spawn_resume(tid, decision, true);
+                let first = !tracked.decision_recorded;
+                if first {
+                    tracked.decision_recorded = true;
+                    self.record_decision(tid, request_id, &decision);
+                }
+                // Queued behind the request's and the decision's records.
+                let durable = Box::pin(self.audit.durable());
+                self.spawn_resume(tid, decision, first, Some(durable));
             }
             Internal::Resumed {
                 tid,
                 request_id,
                 decision,
                 outcome,
-                record,
+                first,
+                undurable,
             } => {
                 let Some(tracked) = self.tracked.get_mut(&tid) else {
                     return;
@@ -708,12 +761,27 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 }
                 match outcome {
                     Ok(ResumeOutcome::Resumed | ResumeOutcome::ResumedUnconfirmed) => {
+                        let verdict = if undurable.is_some() {
+                            Verdict::Deny
+                        } else {
+                            decision.verdict
+                        };
                         tracked.stage = Stage::Resumed {
                             at: Instant::now(),
-                            verdict: decision.verdict,
+                            verdict,
                         };
-                        if record {
-                            self.record_resumed(tid, request_id, &decision);
+                        if first {
+                            self.stats.decided += 1;
+                            tracing::info!(
+                                request_id = %request_id,
+                                verdict = verdict.as_str(),
+                                actor = decision.actor,
+                                wait_ms = tracked.waited_ms(),
+                                "request decided, task resumed"
+                            );
+                        }
+                        if let Some(error) = undurable {
+                            self.record_undurable(tid, request_id, &error);
                         }
                     }
                     Ok(ResumeOutcome::Superseded) => self.supersede(tid),
@@ -751,9 +819,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         }
     }
 
-    /// Records the decision of a request whose task was resumed.
-    fn record_resumed(&mut self, tid: u32, request_id: Uuid, decision: &Decision) {
-        self.stats.decided += 1;
+    /// Records the decision of a request, before its verdict is applied.
+    fn record_decision(&self, tid: u32, request_id: Uuid, decision: &Decision) {
         let (kind, state) = match (&decision.service, decision.expired) {
             (_, true) => (RecordKind::Expired, RequestState::Expired),
             (Some(service), false) => (RecordKind::Decided, service.state),
@@ -768,14 +835,12 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let Some(tracked) = self.tracked.get(&tid) else {
             return;
         };
-        tracing::info!(
-            request_id = %request_id,
-            verdict = decision.verdict.as_str(),
-            actor = decision.actor,
-            wait_ms = tracked.waited_ms(),
-            "request decided, task resumed"
-        );
         let payload = payload::Outcome {
+            cause: tracked
+                .audit_unavailable
+                .as_ref()
+                .map(|_| Cow::Borrowed("audit_unavailable")),
+            detail: tracked.audit_unavailable.as_deref().map(Cow::Borrowed),
             duration: Some(
                 decision
                     .service
@@ -788,7 +853,48 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         self.record(kind, Some(request_id), Some(&decision.actor), &payload);
     }
 
-    fn spawn_resume(&mut self, tid: u32, decision: Decision, record: bool) {
+    /// Records that an allowing decision was turned into a denial because it could not be
+    /// made durable (the record itself is held in memory until the log can be written).
+    fn record_undurable(&self, tid: u32, request_id: Uuid, error: &str) {
+        let Some(tracked) = self.tracked.get(&tid) else {
+            return;
+        };
+        tracing::warn!(
+            request_id = %request_id,
+            error,
+            "the decision could not be made durable; denied instead"
+        );
+        let detail = format!(
+            "the decision could not be made durable in the audit log, so it was not applied: {error}"
+        );
+        let payload = payload::Outcome {
+            cause: Some(Cow::Borrowed("audit_unavailable")),
+            detail: Some(Cow::Borrowed(&detail)),
+            duration: Some("once".to_owned()),
+            ..tracked.outcome(
+                tid,
+                RequestState::Denied,
+                Some(Verdict::Deny),
+                AUDIT_UNAVAILABLE_REASON,
+            )
+        };
+        self.record(
+            RecordKind::Decided,
+            Some(request_id),
+            Some("agent"),
+            &payload,
+        );
+    }
+
+    /// Writes the verdict and resumes the task, in a task of its own. With `durable`, the
+    /// verdict waits for it, and becomes deny when it fails.
+    fn spawn_resume(
+        &mut self,
+        tid: u32,
+        decision: Decision,
+        first: bool,
+        durable: Option<Durable>,
+    ) {
         let Some(tracked) = self.tracked.get(&tid) else {
             return;
         };
@@ -798,6 +904,17 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let timing = self.timing;
         let internal = self.internal_tx.clone();
         self.resumes.spawn(async move {
+            let undurable = match durable {
+                Some(durable) => durable.await.err(),
+                None => None,
+            }
+            // A denial releases nothing: it needs no record to be applied.
+            .filter(|_| decision.verdict == Verdict::Allow);
+            let verdict = if undurable.is_some() {
+                Verdict::Deny
+            } else {
+                decision.verdict
+            };
             let outcome = resume(
                 kernel.as_ref(),
                 tasks.as_ref(),
@@ -805,7 +922,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 pid,
                 tid,
                 digest,
-                decision.verdict,
+                verdict,
             )
             .await
             .map_err(|err| err.to_string());
@@ -814,7 +931,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 request_id,
                 decision,
                 outcome,
-                record,
+                first,
+                undurable,
             });
         });
     }
@@ -957,7 +1075,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     expired: false,
                     service: None,
                 };
-                self.spawn_resume(tid, decision, false);
+                self.spawn_resume(tid, decision, false, None);
             }
         }
     }
@@ -1191,6 +1309,84 @@ mod tests {
                 .last()
                 .and_then(|r| r.request_id.clone()),
             records[2].request_id
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_verdict_waits_until_the_request_and_the_decision_are_durable() {
+        let mut rig = rig("allow", "2s");
+        let gate = rig.audit.gate_durable();
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let ask = rig.kernel.ask_event(100);
+        rig.controller.handle_event(ask).await;
+        rig.controller.step_internal().await; // decided: recorded, waiting to be durable
+        assert_eq!(rig.kinds(), [RecordKind::Requested, RecordKind::Expired]);
+        tokio::time::sleep(Duration::from_mins(1)).await;
+        rig.controller.drain_internal();
+        assert_eq!(
+            rig.kernel.result_of(100),
+            None,
+            "released before it was durable"
+        );
+        assert!(rig.kernel.is_stopped(100));
+        gate.add_permits(1);
+        rig.controller.step_internal().await; // resumed
+        assert_eq!(rig.kernel.result_of(100), Some(ALLOW));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn asks_are_denied_at_once_while_the_log_cannot_be_written() {
+        let mut rig = rig("allow", "60s");
+        rig.audit.set_unwritable(true);
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let started = Instant::now();
+        let ask = rig.kernel.ask_event(100);
+        rig.controller.handle_event(ask).await;
+        rig.controller.step_internal().await;
+        rig.controller.step_internal().await;
+        assert_eq!(started.elapsed(), Duration::ZERO, "nobody was asked");
+        assert_eq!(rig.kernel.result_of(100), Some(DENY));
+        let records = rig.audit.records();
+        assert_eq!(rig.kinds(), [RecordKind::Requested, RecordKind::Decided]);
+        assert_eq!(records[1].payload["verdict"], "deny");
+        assert_eq!(records[1].payload["state"], "denied");
+        assert_eq!(records[1].payload["cause"], "audit_unavailable");
+        assert_eq!(records[1].actor.as_deref(), Some("agent"));
+        assert_eq!(rig.controller.stats.decided, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_allow_that_cannot_be_made_durable_is_denied_and_says_why() {
+        let mut rig = rig("allow", "2s");
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let ask = rig.kernel.ask_event(100);
+        rig.controller.handle_event(ask).await;
+        // The disk fills while the request waits.
+        rig.audit.set_unwritable(true);
+        rig.controller.step_internal().await;
+        rig.controller.step_internal().await;
+        assert_eq!(rig.kernel.result_of(100), Some(DENY));
+        let records = rig.audit.records();
+        assert_eq!(
+            rig.kinds(),
+            [
+                RecordKind::Requested,
+                RecordKind::Expired,
+                RecordKind::Decided
+            ]
+        );
+        assert_eq!(records[1].payload["verdict"], "allow");
+        assert_eq!(records[2].payload["verdict"], "deny");
+        assert_eq!(records[2].payload["cause"], "audit_unavailable");
+        assert!(
+            records[2].payload["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("disk is full")),
+            "{}",
+            records[2].payload
         );
     }
 
