@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod audit_health;
 pub mod bpf;
 pub mod config;
 pub mod daemon;

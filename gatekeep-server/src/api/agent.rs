@@ -203,6 +203,7 @@ async fn handle(
                 reject(sender, "", error);
             }
         }
+        Some(agent_message::Message::AuditHealth(health)) => audit_health(host, &health),
         Some(agent_message::Message::Hello(_)) => reject(
             sender,
             "",
@@ -217,5 +218,28 @@ async fn handle(
                 field: "message".into(),
             }),
         ),
+    }
+}
+
+/// An agent's audit log health: logged (error level while the log cannot be written). Every
+/// text an agent sends is escaped before it reaches a log line.
+fn audit_health(host: &str, health: &v1::AuditHealth) {
+    let clip = |text: &str| {
+        let clipped: String = text.chars().take(1024).collect();
+        clipped.escape_debug().to_string()
+    };
+    if health.writable {
+        tracing::info!(host, "the agent's audit log can be written");
+    } else {
+        tracing::error!(
+            host,
+            cause = clip(&health.cause),
+            error = clip(&health.error),
+            fix = clip(&health.fix),
+            since_ms = health.since_ms,
+            held = health.held,
+            lost = health.lost,
+            "the agent's audit log cannot be written: it denies asked actions until it can"
+        );
     }
 }
