@@ -55,6 +55,7 @@ use crate::{
         events::{Event, Origin, RequestKind},
         kernel::{PauseKernel, boot_time_ns},
     },
+    bursts::{BURST_QUIET, Bursts},
     decision::{Decider, Decision, DecisionRequest, Verdict, Withdrawal, decide_by_deadline},
     hooks::Request,
     pause::{
@@ -188,6 +189,8 @@ pub struct Controller<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> {
     /// Enrichments reused across a process's kernel denials (a flood of them must not cost
     /// a full `/proc` walk each).
     recent_denials: RecentEnrichments,
+    /// Identical kernel denials, aggregated into one record per burst.
+    denials: Bursts<DenialKey, payload::KernelDenied>,
     host: String,
     /// The kernel's boot id: part of every request id (see [`request::request_id`]).
     boot_id: String,
@@ -228,6 +231,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             audit: parts.audit,
             enricher: parts.enricher,
             recent_denials: RecentEnrichments::default(),
+            denials: Bursts::default(),
             host: parts.host,
             boot_id: request::boot_id(std::path::Path::new(request::BOOT_ID_PATH)),
             timing: parts.timing,
@@ -298,6 +302,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     ) -> Stats {
         let mut tick = tokio::time::interval(reconcile_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut bursts = tokio::time::interval(BURST_QUIET / 2);
+        bursts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -322,6 +328,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     }
                 }
                 _ = tick.tick() => self.reconcile().await,
+                _ = bursts.tick() => self.record_denial_bursts(SystemTime::now(), false),
                 Some(_) = self.decisions.join_next(), if !self.decisions.is_empty() => {}
                 Some(_) = self.resumes.join_next(), if !self.resumes.is_empty() => {}
             }
@@ -373,11 +380,24 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 self.audit.has_room().await;
                 self.stats.kernel_denied += 1;
                 let origin = request.origin();
-                let info = self
-                    .recent_denials
-                    .enrich(&self.enricher, origin.pid, origin.uid);
-                let payload = self.kernel_denied(&request, &info);
-                self.record(RecordKind::KernelDenied, None, Some("kernel"), &payload);
+                let target =
+                    serde_json::to_string(&request.target(&self.enricher)).unwrap_or_default();
+                let key = (
+                    origin.policy_id,
+                    origin.cgroup_id,
+                    origin.uid,
+                    request.model_kind().as_str(),
+                    target,
+                );
+                let now = SystemTime::now();
+                // Identical to an open burst's first: counted, recorded with it.
+                if !self.denials.add_if_open(&key, 1, now) {
+                    let info = self
+                        .recent_denials
+                        .enrich(&self.enricher, origin.pid, origin.uid);
+                    let payload = self.kernel_denied(&request, &info);
+                    self.denials.add(key, 1, now, || payload);
+                }
             }
             // The daemon hands these to the policy watcher, which classifies
             // the cgroup and resumes the task; nothing to track here.
@@ -647,6 +667,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     "the task re-entered the hook without stopping (traced); refused with EPERM"
                         .to_owned(),
                 ),
+                count: None,
+                first_at: None,
+                last_at: None,
             };
             self.record(
                 RecordKind::KernelDenied,
@@ -1093,6 +1116,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             tracing::warn!("resumes still running at shutdown; the next agent finishes them");
         }
         self.drain_internal();
+        self.record_denial_bursts(SystemTime::now(), true);
         for (tid, tracked) in std::mem::take(&mut self.tracked) {
             if tracked.stage == Stage::Deciding || tracked.stage == Stage::Resuming {
                 let payload = payload::Outcome {
@@ -1122,9 +1146,35 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             kernel: request.kernel_facts(),
             reason: None,
             detail: None,
+            count: None,
+            first_at: None,
+            last_at: None,
+        }
+    }
+
+    /// Records the denial bursts that ended by `now` (all of them with `all`).
+    fn record_denial_bursts(&mut self, now: SystemTime, all: bool) {
+        let closed = if all {
+            self.denials.drain()
+        } else {
+            self.denials.close(now)
+        };
+        for burst in closed {
+            let at = |at: SystemTime| gatekeep_audit::timestamp::format(at.into()).ok();
+            let payload = payload::KernelDenied {
+                count: Some(burst.count),
+                first_at: at(burst.first_seen),
+                last_at: at(burst.last_seen),
+                ..burst.value
+            };
+            self.record(RecordKind::KernelDenied, None, Some("kernel"), &payload);
         }
     }
 }
+
+/// Kernel policy denials that are identical: policy id, cgroup id, uid, kind and the target
+/// (as JSON: executable and argv, or destination).
+type DenialKey = (u32, u64, u32, &'static str, String);
 
 /// The model's kind of a kernel request kind (a kind no registered hook writes, which
 /// the kernel never reports, is reported as exec).
@@ -1475,6 +1525,62 @@ mod tests {
             .filter(|r| r.kind == RecordKind::KernelDenied)
             .count();
         assert_eq!(denied, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identical_kernel_denials_are_one_record_per_burst_with_their_count() {
+        let mut rig = rig("allow", "60s");
+        let denied = |n: u8| {
+            Event::Denied(Request::Connect(ConnectRequest {
+                origin: Origin {
+                    policy_id: 1,
+                    pid: 100,
+                    tid: 100,
+                    uid: 0,
+                    gid: 0,
+                    ppid: 1,
+                    cgroup_id: 99,
+                    ktime_ns: 0,
+                    digest: 0,
+                    comm: "worker".into(),
+                },
+                destination: Destination::Ip {
+                    addr: std::net::IpAddr::from([169, 254, 169, n]),
+                    port: 80,
+                },
+                sock_type: 1,
+            }))
+        };
+        for _ in 0..5_000 {
+            rig.controller.handle_event(denied(1)).await;
+        }
+        rig.controller.handle_event(denied(2)).await;
+        assert!(
+            rig.audit.records().is_empty(),
+            "recorded per burst, not per denial"
+        );
+        rig.controller
+            .record_denial_bursts(SystemTime::now() + BURST_QUIET, false);
+        let records = rig.audit.records();
+        assert_eq!(records.len(), 2, "{records:?}");
+        let count = |r: &AuditRecord| r.payload["count"].as_u64();
+        let first = records
+            .iter()
+            .find(|r| r.payload["target"]["address"] == "169.254.169.1")
+            .expect("the flood's record");
+        assert_eq!(count(first), Some(5_000));
+        assert!(first.payload["first_at"].is_string() && first.payload["last_at"].is_string());
+        assert_eq!(first.actor.as_deref(), Some("kernel"));
+        let other = records
+            .iter()
+            .find(|r| r.payload["target"]["address"] == "169.254.169.2")
+            .expect("the other destination's record");
+        assert_eq!(count(other), Some(1));
+        assert_eq!(rig.controller.stats.kernel_denied, 5_001);
+        // A later denial opens a new burst.
+        rig.controller.handle_event(denied(1)).await;
+        rig.controller.shutdown().await;
+        assert_eq!(rig.audit.records().len(), 3);
     }
 
     #[tokio::test(start_paused = true)]
