@@ -44,11 +44,14 @@ pub enum RecordKind {
     /// first once writes succeed again, before the records held in memory meanwhile, with
     /// the cause, the period and how many records the bounded hold could not keep.
     AuditInterrupted,
+    /// Service only: an agent reported that its own audit log can (no longer) be written
+    /// (the agent stream's `AuditHealth`).
+    AgentAuditHealth,
 }
 
 impl RecordKind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::Requested,
         Self::Decided,
         Self::Expired,
@@ -63,6 +66,7 @@ impl RecordKind {
         Self::AgentStopped,
         Self::ProtectRefused,
         Self::AuditInterrupted,
+        Self::AgentAuditHealth,
     ];
 
     /// The stored name, as in JSON.
@@ -83,6 +87,7 @@ impl RecordKind {
             Self::AgentStopped => "agent_stopped",
             Self::ProtectRefused => "protect_refused",
             Self::AuditInterrupted => "audit_interrupted",
+            Self::AgentAuditHealth => "agent_audit_health",
         }
     }
 }
