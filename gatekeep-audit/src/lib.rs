@@ -16,7 +16,8 @@
 //! # When the log cannot be written
 //!
 //! A commit that fails (disk full, I/O error, read-only filesystem) does not stop the
-//! writer: it keeps taking records into a bounded hold ([`WriterConfig::held_capacity`];
+//! writer: it keeps taking records into a bounded hold ([`WriterConfig::held_capacity`] records,
+//! [`WriterConfig::held_bytes`] bytes of payload;
 //! beyond it records are only counted), answers every flush with
 //! [`AuditError::Unavailable`] at once (so nobody mistakes a held record for a durable one),
 //! reports the condition through [`AuditWriter::health`], and retries with back-off. The

@@ -56,6 +56,9 @@ pub struct WriterConfig {
     /// Records beyond it are not kept, only counted, and the count is written in the
     /// `audit_interrupted` record that comes first once commits succeed again.
     pub held_capacity: usize,
+    /// Most bytes of payload kept in memory while commits fail, whichever of the two bounds
+    /// comes first (a record's payload may hold a 32 KiB command line).
+    pub held_bytes: usize,
 }
 
 impl Default for WriterConfig {
@@ -71,6 +74,7 @@ impl Default for WriterConfig {
             shutdown_attempts: 8,
             // About as much as the queue again: a few MB to a few tens of MB.
             held_capacity: 16_384,
+            held_bytes: 64 << 20,
         }
     }
 }
@@ -292,8 +296,9 @@ fn run(
             }
             Err(err) => {
                 let failing = Failing::new(&store, &config, err, std::mem::take(&mut pending));
-                failing.refuse_flushes(&mut flushes);
+                // Published first: whoever sees a flush fail sees why.
                 failing.publish(health);
+                failing.refuse_flushes(&mut flushes);
                 failing.run(&mut store, &mut receiver, closing, health)?;
             }
         }
@@ -312,6 +317,9 @@ const FAILING_POLL: Duration = Duration::from_millis(20);
 struct Failing {
     held: Vec<Prepared>,
     capacity: usize,
+    /// Payload bytes held, and their bound.
+    bytes: usize,
+    max_bytes: usize,
     failure: Failure,
     error: Arc<AuditError>,
     first_lost: Option<OffsetDateTime>,
@@ -337,8 +345,11 @@ impl Failing {
         }
         .delays();
         let first = delays.next().unwrap_or(config.retry_delay);
+        let bytes = held.iter().map(|r| r.payload.len()).sum();
         let failing = Self {
             capacity: config.held_capacity.max(held.len()),
+            bytes,
+            max_bytes: config.held_bytes.max(bytes),
             failure: Failure {
                 path: store.path().to_owned(),
                 cause,
@@ -393,7 +404,8 @@ impl Failing {
     }
 
     fn hold(&mut self, record: Prepared) {
-        if self.held.len() < self.capacity {
+        if self.held.len() < self.capacity && self.bytes + record.payload.len() <= self.max_bytes {
+            self.bytes += record.payload.len();
             self.held.push(record);
         } else {
             let now = OffsetDateTime::now_utc();
@@ -659,6 +671,14 @@ mod tests {
         path: &std::path::Path,
         held_capacity: usize,
     ) -> (AuditWriter, Arc<std::sync::atomic::AtomicU64>) {
+        failing_rig_bytes(path, held_capacity, WriterConfig::default().held_bytes)
+    }
+
+    fn failing_rig_bytes(
+        path: &std::path::Path,
+        held_capacity: usize,
+        held_bytes: usize,
+    ) -> (AuditWriter, Arc<std::sync::atomic::AtomicU64>) {
         let store = AuditStore::open(path).unwrap();
         let limit = store.page_limit();
         let writer = AuditWriter::spawn(
@@ -667,6 +687,7 @@ mod tests {
                 retry_delay: Duration::from_millis(5),
                 max_retry_delay: Duration::from_millis(20),
                 held_capacity,
+                held_bytes,
                 ..WriterConfig::default()
             },
         )
@@ -796,6 +817,43 @@ mod tests {
         assert_eq!(records[3].payload, sample(2).payload);
         assert_eq!(records[4].payload, sample(3).payload);
         assert_eq!(verify(&path).unwrap().records, 5);
+    }
+
+    #[test]
+    fn the_hold_is_bounded_in_bytes_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        // Room for the batch that failed, nothing more.
+        let (writer, limit) = failing_rig_bytes(&path, 1_000, 1);
+        writer.submit(sample(0)).unwrap();
+        writer.flush().unwrap();
+        limit.store(1, Ordering::Release);
+        writer.submit(large(1)).unwrap();
+        assert!(writer.flush().is_err());
+        for i in 2..6 {
+            writer.submit(sample(i)).unwrap();
+        }
+        let failing = gatekeep_util::retry::poll_until_blocking(
+            std::time::Instant::now() + Duration::from_mins(1),
+            Duration::from_millis(5),
+            || {
+                let _ = writer.flush();
+                writer
+                    .health()
+                    .borrow()
+                    .failing
+                    .clone()
+                    .filter(|f| f.lost == 4)
+            },
+        )
+        .expect("the overflow is counted");
+        assert_eq!(failing.held, 1);
+        limit.store(u64::from(u32::MAX), Ordering::Release);
+        wait_writable(&writer);
+        assert_eq!(writer.shutdown().unwrap(), 3);
+        let records = stored(&path);
+        assert_eq!(records[1].payload["records_lost"], 4);
+        assert_eq!(verify(&path).unwrap().records, 3);
     }
 
     #[test]
