@@ -46,8 +46,16 @@ pub fn read(state_dir: &Path) -> Option<HealthFile> {
 }
 
 fn write(path: &Path, file: &HealthFile) {
-    let written = serde_json::to_vec_pretty(file)
-        .map_err(std::io::Error::other)
+    let folder = || match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::os::unix::fs::DirBuilderExt::mode(
+            std::fs::DirBuilder::new().recursive(true),
+            0o700,
+        )
+        .create(dir),
+        _ => Ok(()),
+    };
+    let written = folder()
+        .and_then(|()| serde_json::to_vec_pretty(file).map_err(std::io::Error::other))
         .and_then(|text| {
             gatekeep_util::fs::write_atomic(
                 path,
@@ -170,31 +178,33 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_file_follows_the_writer_and_the_service_hears_each_change() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let parent = tempfile::tempdir().expect("tempdir");
+        // A state folder that does not exist yet is made.
+        let dir = &parent.path().join("state");
         let (health_tx, health_rx) = watch::channel(WriterHealth::default());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let reports = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&reports);
         let task = tokio::spawn(run(
             health_rx,
-            dir.path().to_owned(),
+            dir.clone(),
             "/x/audit.db".into(),
             move |h: &WriterHealth| seen.lock().expect("lock").push(h.is_writable()),
             shutdown_rx,
         ));
         let state = |dir: &Path| read(dir).expect("health file");
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(state(dir.path()).health.is_writable());
+        assert!(state(dir).health.is_writable());
 
         health_tx.send(failing(1)).expect("send");
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let file = state(dir.path());
+        let file = state(dir);
         assert_eq!(file.health, failing(1));
         assert_eq!(file.pid, std::process::id());
         // More held records: the file follows, the service is not told again...
         health_tx.send(failing(5)).expect("send");
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(state(dir.path()).health, failing(5));
+        assert_eq!(state(dir).health, failing(5));
         assert_eq!(*reports.lock().expect("lock"), [true, false]);
         // ...until the minute's repeat.
         tokio::time::sleep(REPEAT_EVERY).await;
@@ -207,7 +217,7 @@ mod tests {
             })
             .expect("send");
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(state(dir.path()).health.is_writable());
+        assert!(state(dir).health.is_writable());
         assert_eq!(*reports.lock().expect("lock"), [true, false, false, true]);
         shutdown_tx.send(true).expect("send");
         task.await.expect("join");
