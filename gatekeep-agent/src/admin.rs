@@ -149,6 +149,76 @@ pub struct Status {
     pub protect_refusals: Vec<ProtectRefusals>,
     /// Processes gated tasks may not signal or trace (pids).
     pub protected_processes: Vec<u32>,
+    /// Whether the audit log can be written.
+    pub audit: AuditStatus,
+}
+
+/// The audit log's state: what the running agent last reported (its health file) and the
+/// free space of the log's filesystem, measured now.
+#[derive(Debug, Serialize)]
+pub struct AuditStatus {
+    pub audit_db: PathBuf,
+    /// `writable`, `failing`, or `unknown` (no health file: no agent runs, or it could not
+    /// write the file, which the free space below then explains).
+    pub state: &'static str,
+    /// The agent's report, as written.
+    pub health: Option<crate::audit_health::HealthFile>,
+    /// Bytes available to the agent (root) on the log's filesystem now.
+    pub free_bytes: Option<u64>,
+    /// One line for humans: the condition, its cause and the fix.
+    pub summary: String,
+}
+
+/// The audit part of `status`.
+#[must_use]
+pub fn audit_status(audit_db: &Path, state_dir: &Path) -> AuditStatus {
+    let health = crate::audit_health::read(state_dir);
+    let dir = audit_db
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let free_bytes = nix::sys::statvfs::statvfs(dir)
+        .ok()
+        .map(|fs| fs.blocks_free().saturating_mul(fs.fragment_size()));
+    let free = free_bytes.map_or_else(|| "unknown".to_owned(), |b| format!("{b} bytes"));
+    let (state, summary) = match health.as_ref().map(|h| &h.health.failing) {
+        Some(None) => (
+            "writable",
+            format!(
+                "writable ({free} free on the filesystem of {})",
+                dir.display()
+            ),
+        ),
+        Some(Some(failure)) => (
+            "failing",
+            format!(
+                "CANNOT WRITE since {since} ({cause}: {error}); asked actions are denied; \
+                 {held} record(s) held in memory (at most {cap}), {lost} lost; fix: {fix}",
+                since = gatekeep_audit::timestamp::format(failure.since).unwrap_or_default(),
+                cause = failure.cause.as_str(),
+                error = failure.error,
+                held = failure.held,
+                cap = failure.held_capacity,
+                lost = failure.lost,
+                fix = failure.fix,
+            ),
+        ),
+        None => (
+            "unknown",
+            format!(
+                "unknown: no health file in {} (no agent runs, or it could not write there); {free} free on the filesystem of {}",
+                state_dir.display(),
+                dir.display()
+            ),
+        ),
+    };
+    AuditStatus {
+        audit_db: audit_db.to_owned(),
+        state,
+        health,
+        free_bytes,
+        summary,
+    }
 }
 
 /// Refusals of one self-protection in one cgroup since the programs were
@@ -180,7 +250,7 @@ pub struct PausedRequest {
 
 /// `status`: which programs are pinned, what is paused, the counters, the
 /// granted durations (from `state_dir`).
-pub fn status(pin_dir: &Path, state_dir: &Path) -> Result<Status, AdminError> {
+pub fn status(pin_dir: &Path, state_dir: &Path, audit_db: &Path) -> Result<Status, AdminError> {
     let layout = PinLayout::new(pin_dir);
     let pinned = layout.pinned_programs();
     let missing = PinLayout::programs()
@@ -197,6 +267,7 @@ pub fn status(pin_dir: &Path, state_dir: &Path) -> Result<Status, AdminError> {
         kernel_grants: 0,
         protect_refusals: Vec::new(),
         protected_processes: Vec::new(),
+        audit: audit_status(audit_db, state_dir),
     };
     let mut kernel_digests = Vec::new();
     if layout.map(map_names::PENDING).exists() {
@@ -386,9 +457,60 @@ mod tests {
     }
 
     #[test]
+    fn the_audit_status_names_the_condition_the_cause_and_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("audit.db");
+        let failing = gatekeep_audit::WriterHealth {
+            failing: Some(gatekeep_audit::Failure {
+                path: db.clone(),
+                cause: gatekeep_audit::FailureCause::DiskFull,
+                error: "audit log database error: database or disk is full".into(),
+                fix: gatekeep_audit::FailureCause::DiskFull.fix(&db),
+                since: time::OffsetDateTime::UNIX_EPOCH,
+                held: 3,
+                held_capacity: 16_384,
+                lost: 0,
+                attempts: 4,
+            }),
+            recovered: 0,
+        };
+        let file = crate::audit_health::HealthFile {
+            pid: 1,
+            audit_db: db.clone(),
+            health: failing,
+        };
+        std::fs::write(
+            dir.path().join(crate::audit_health::HEALTH_FILE),
+            serde_json::to_vec(&file).expect("json"),
+        )
+        .expect("write");
+        let status = audit_status(&db, dir.path());
+        assert_eq!(status.state, "failing");
+        for needle in [
+            "CANNOT WRITE since 1970-01-01",
+            "disk_full",
+            "database or disk is full",
+            "asked actions are denied",
+            "3 record(s) held",
+            &format!(
+                "fix: free space on the filesystem holding {}",
+                dir.path().display()
+            ),
+        ] {
+            assert!(
+                status.summary.contains(needle),
+                "`{needle}` in {}",
+                status.summary
+            );
+        }
+    }
+
+    #[test]
     fn status_of_an_empty_pin_dir_lists_every_program_missing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let status = status(dir.path(), dir.path()).expect("status");
+        let status = status(dir.path(), dir.path(), &dir.path().join("audit.db")).expect("status");
+        assert_eq!(status.audit.state, "unknown");
+        assert!(status.audit.free_bytes.is_some());
         assert!(status.programs_pinned.is_empty());
         assert_eq!(status.programs_missing.len(), PinLayout::programs().len());
         assert!(status.counters.is_empty());

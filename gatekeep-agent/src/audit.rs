@@ -2,6 +2,13 @@
 //! records to without waiting, and a forwarder that queues them into the
 //! batching [`AuditWriter`] in order. On shutdown the forwarder drains and
 //! the writer commits everything before the agent exits.
+//!
+//! Nothing asked is released before it is on record: the controller records a
+//! request and its decision, then waits for [`AuditSink::durable`] (a flush
+//! queued behind them, in order) before it writes an allowing verdict; when
+//! the log cannot be written (disk full, I/O error, read-only) that wait
+//! fails at once and the request is denied instead. [`AuditSink::is_writable`]
+//! lets it deny new requests without asking anyone.
 
 use std::{
     future::Future,
@@ -12,9 +19,11 @@ use std::{
     },
 };
 
-use gatekeep_audit::{AuditError, AuditRecord, AuditWriter, WriterConfig};
+use gatekeep_audit::{
+    AuditError, AuditRecord, AuditWriter, WriterConfig, WriterHealth, error_chain,
+};
 use tokio::{
-    sync::{Notify, mpsc},
+    sync::{Notify, mpsc, oneshot, watch},
     task::JoinHandle,
 };
 
@@ -35,6 +44,26 @@ pub trait AuditSink: Send + Sync + 'static {
     fn has_room(&self) -> impl Future<Output = ()> + Send {
         std::future::ready(())
     }
+
+    /// Resolves once every record handed over before this call is durable, or fails (with
+    /// the reason, for the record that says so) when the log cannot be written. The flush is
+    /// queued when this is called, behind the records before it; awaiting it can happen
+    /// elsewhere.
+    fn durable(&self) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        std::future::ready(Ok(()))
+    }
+
+    /// Whether records are committed now. `false` while the log cannot be written: asked
+    /// actions are then denied without asking.
+    fn is_writable(&self) -> bool {
+        true
+    }
+}
+
+/// What the forwarder takes, in order.
+enum Item {
+    Record(AuditRecord),
+    Flush(oneshot::Sender<Result<u64, AuditError>>),
 }
 
 /// Records handed to an [`AuditHandle`] and not yet taken by the writer.
@@ -58,8 +87,9 @@ impl Backlog {
 /// Sends records to the forwarder task.
 #[derive(Clone)]
 pub struct AuditHandle {
-    records: mpsc::UnboundedSender<AuditRecord>,
+    records: mpsc::UnboundedSender<Item>,
     backlog: Arc<Backlog>,
+    health: watch::Receiver<WriterHealth>,
 }
 
 impl AuditHandle {
@@ -68,12 +98,18 @@ impl AuditHandle {
     pub fn backlog(&self) -> usize {
         self.backlog.queued.load(Ordering::Acquire)
     }
+
+    /// Whether the log can be written, and while it cannot, why.
+    #[must_use]
+    pub fn health(&self) -> watch::Receiver<WriterHealth> {
+        self.health.clone()
+    }
 }
 
 impl AuditSink for AuditHandle {
     fn record(&self, record: AuditRecord) {
         self.backlog.queued.fetch_add(1, Ordering::AcqRel);
-        if self.records.send(record).is_err() {
+        if self.records.send(Item::Record(record)).is_err() {
             self.backlog.taken();
             tracing::error!("audit forwarder is gone; a record was not written");
         }
@@ -94,6 +130,25 @@ impl AuditSink for AuditHandle {
             }
             room.await;
         }
+    }
+
+    fn durable(&self) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        let (ack, done) = oneshot::channel();
+        let queued = self.records.send(Item::Flush(ack)).is_ok();
+        async move {
+            if !queued {
+                return Err("the audit forwarder is gone".to_owned());
+            }
+            match done.await {
+                Ok(Ok(_seq)) => Ok(()),
+                Ok(Err(err)) => Err(error_chain(&err)),
+                Err(_) => Err("the audit forwarder is gone".to_owned()),
+            }
+        }
+    }
+
+    fn is_writable(&self) -> bool {
+        self.health.borrow().is_writable()
     }
 }
 
@@ -117,21 +172,38 @@ impl AuditPipeline {
             })?;
         }
         let writer = Arc::new(AuditWriter::open(path, WriterConfig::default())?);
-        let (records, mut receiver) = mpsc::unbounded_channel::<AuditRecord>();
+        let (records, mut receiver) = mpsc::unbounded_channel::<Item>();
         let backlog = Arc::new(Backlog::default());
         let forward_to = Arc::clone(&writer);
         let taken_by = Arc::clone(&backlog);
         let forwarder = tokio::spawn(async move {
-            while let Some(record) = receiver.recv().await {
-                let queued = forward_to.submit_async(record).await;
-                taken_by.taken();
-                if let Err(err) = queued {
-                    tracing::error!(error = %err, "failed to queue an audit record");
+            while let Some(item) = receiver.recv().await {
+                match item {
+                    Item::Record(record) => {
+                        let queued = forward_to.submit_async(record).await;
+                        taken_by.taken();
+                        if let Err(err) = queued {
+                            tracing::error!(error = %err, "failed to queue an audit record");
+                        }
+                    }
+                    Item::Flush(ack) => {
+                        // Everything before it is queued in the writer already; the flush
+                        // waits on its own, so records behind it go on being forwarded.
+                        let writer = Arc::clone(&forward_to);
+                        tokio::spawn(async move {
+                            let _ = ack.send(writer.flush_async().await);
+                        });
+                    }
                 }
             }
         });
+        let health = writer.health();
         Ok(Self {
-            handle: AuditHandle { records, backlog },
+            handle: AuditHandle {
+                records,
+                backlog,
+                health,
+            },
             forwarder,
             writer,
         })
@@ -155,13 +227,30 @@ impl AuditPipeline {
     }
 }
 
-/// Collects records in memory (tests, dry runs).
+/// Collects records in memory (tests, dry runs). [`set_unwritable`](Self::set_unwritable)
+/// makes it act like a log on a full disk: records are still taken, nothing is durable.
 #[derive(Debug, Default, Clone)]
 pub struct MemorySink {
     records: Arc<Mutex<Vec<AuditRecord>>>,
+    unwritable: Arc<std::sync::atomic::AtomicBool>,
+    /// When set, `durable` waits for a permit of it (a slow disk the test controls).
+    gate: Arc<Mutex<Option<Arc<tokio::sync::Semaphore>>>>,
 }
 
 impl MemorySink {
+    /// Whether it acts like a log that cannot be written.
+    pub fn set_unwritable(&self, unwritable: bool) {
+        self.unwritable.store(unwritable, Ordering::Release);
+    }
+
+    /// From now on `durable` waits for a permit of the returned semaphore (one per call).
+    #[must_use]
+    pub fn gate_durable(&self) -> Arc<tokio::sync::Semaphore> {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        *self.gate.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&gate));
+        gate
+    }
+
     #[must_use]
     pub fn records(&self) -> Vec<AuditRecord> {
         self.records
@@ -177,6 +266,32 @@ impl AuditSink for MemorySink {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(record);
+    }
+
+    fn durable(&self) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        let gate = self
+            .gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let unwritable = Arc::clone(&self.unwritable);
+        async move {
+            if let Some(gate) = gate {
+                gate.acquire()
+                    .await
+                    .map_err(|_| "the gate closed".to_owned())?
+                    .forget();
+            }
+            if unwritable.load(Ordering::Acquire) {
+                Err("audit log database error: database or disk is full".to_owned())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn is_writable(&self) -> bool {
+        !self.unwritable.load(Ordering::Acquire)
     }
 }
 
@@ -257,6 +372,30 @@ mod tests {
     fn futures_poll_once<F: Future>(future: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         future.poll(&mut cx)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_resolves_once_the_records_before_it_are_committed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.db");
+        let pipeline = AuditPipeline::open(&path).expect("open");
+        assert!(pipeline.handle.is_writable());
+        for i in 0..3 {
+            pipeline.handle.record(AuditRecord::new(
+                RecordKind::Requested,
+                "h",
+                json!({ "i": i }),
+            ));
+        }
+        let durable = pipeline.handle.durable();
+        // Recorded after the flush was queued: not waited for.
+        pipeline
+            .handle
+            .record(AuditRecord::new(RecordKind::Decided, "h", json!({})));
+        durable.await.expect("durable");
+        let report = gatekeep_audit::verify(&path).expect("verify");
+        assert!(report.records >= 3, "{}", report.records);
+        assert_eq!(pipeline.shutdown().await.expect("shutdown"), 4);
     }
 
     #[tokio::test]

@@ -30,6 +30,7 @@ use tokio::{
 
 use crate::{
     audit::{AuditHandle, AuditPipeline, AuditSink as _},
+    audit_health,
     bpf::{
         events::{Event, reader::EventReader},
         kernel::{self, KernelHandle, KernelMaps, PauseKernel as _},
@@ -176,6 +177,8 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
     })
     .await
     .map_err(|source| DaemonError::Decision { source })?;
+    // 6b. The audit log's health: status file, logs, the decision service.
+    let health_task = start_audit_health(&config, &audit, &decision, &shutdown_rx);
     // 7. The controller (paused requests) and the policy watch.
     let controller_task = start_controller(
         &config,
@@ -232,6 +235,7 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         reader_task: reader.task,
         watcher_task,
         protect_task,
+        health_task,
         decision,
         kernel_logs,
         kernel: kernel.handle,
@@ -441,6 +445,22 @@ async fn start_reader(
     })
 }
 
+/// The task that reports the audit log's health ([`audit_health`]).
+fn start_audit_health(
+    config: &AgentConfig,
+    audit: &AuditPipeline,
+    decision: &DecisionService,
+    shutdown: &watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(audit_health::run(
+        audit.handle.health(),
+        config.state_dir.clone(),
+        config.audit_db.clone(),
+        decision.audit_health_reporter(),
+        shutdown.clone(),
+    ))
+}
+
 fn start_controller(
     config: &AgentConfig,
     kernel: &KernelHandle,
@@ -535,6 +555,7 @@ struct Stopping<'a> {
     reader_task: tokio::task::JoinHandle<()>,
     watcher_task: tokio::task::JoinHandle<()>,
     protect_task: tokio::task::JoinHandle<()>,
+    health_task: tokio::task::JoinHandle<()>,
     decision: DecisionService,
     kernel_logs: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     kernel: KernelHandle,
@@ -553,6 +574,7 @@ async fn shut_down(stopping: Stopping<'_>) -> Result<(), DaemonError> {
         reader_task,
         watcher_task,
         protect_task,
+        health_task,
         decision,
         kernel_logs,
         kernel,
@@ -566,6 +588,7 @@ async fn shut_down(stopping: Stopping<'_>) -> Result<(), DaemonError> {
     let _ = reader_task.await;
     let _ = watcher_task.await;
     let _ = protect_task.await;
+    let _ = health_task.await;
     decision.stop().await;
     if let Some(task) = kernel_logs {
         let _ = task.await;

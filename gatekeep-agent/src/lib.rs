@@ -20,7 +20,9 @@
 
 pub mod admin;
 pub mod audit;
+pub mod audit_health;
 pub mod bpf;
+pub mod bursts;
 pub mod config;
 pub mod daemon;
 pub mod decision;

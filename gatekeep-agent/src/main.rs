@@ -214,6 +214,7 @@ fn protect(config: &AgentConfig, pid: u32) -> anyhow::Result<()> {
 
 /// `status` as text.
 fn print_status(status: &admin::Status) {
+    println!("audit log: {}", status.audit.summary);
     println!("pin dir: {}", status.pin_dir.display());
     println!("programs pinned: {}", status.programs_pinned.join(", "));
     if !status.programs_missing.is_empty() {
@@ -382,7 +383,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Status { config, output } => {
             let config = config.load()?;
-            let status = admin::status(&config.pin_dir, &config.state_dir)?;
+            let status = admin::status(&config.pin_dir, &config.state_dir, &config.audit_db)?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

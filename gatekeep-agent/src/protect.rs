@@ -438,10 +438,7 @@ impl HeldLinks {
     }
 }
 
-/// Nothing new for this long closes a burst.
-pub const BURST_QUIET: Duration = Duration::from_secs(1);
-/// A burst that goes on is recorded at least this often.
-pub const BURST_MAX: Duration = Duration::from_mins(1);
+pub use crate::bursts::{BURST_MAX, BURST_QUIET};
 
 /// Refusals of one protection in one cgroup, seen in consecutive polls.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -456,12 +453,13 @@ pub struct Burst {
     pub last_seen: SystemTime,
 }
 
-/// Turns the kernel's running counts into bursts.
+/// Turns the kernel's running counts into bursts ([`crate::bursts`], keyed by protection id
+/// and cgroup).
 #[derive(Debug, Default)]
 pub struct Bursts {
     /// Count last seen per key.
     seen: StdHashMap<ProtectDenialKey, u64>,
-    open: StdHashMap<ProtectDenialKey, Burst>,
+    open: crate::bursts::Bursts<(u32, u64), ()>,
 }
 
 impl Bursts {
@@ -471,7 +469,7 @@ impl Bursts {
     pub fn starting_from(counts: &[(ProtectDenialKey, u64)]) -> Self {
         Self {
             seen: counts.iter().copied().collect(),
-            open: StdHashMap::new(),
+            open: crate::bursts::Bursts::default(),
         }
     }
 
@@ -483,45 +481,26 @@ impl Bursts {
             // A count below the last one: the LRU entry was evicted and
             // started again.
             let new = if *count >= last { count - last } else { *count };
-            if new == 0 {
-                continue;
-            }
-            self.open
-                .entry(*key)
-                .and_modify(|burst| {
-                    burst.count += new;
-                    burst.last_seen = now;
-                })
-                .or_insert(Burst {
-                    protection: protection_name(key.hook),
-                    protection_id: key.hook,
-                    cgroup_id: key.cgroup_id,
-                    count: new,
-                    first_seen: now,
-                    last_seen: now,
-                });
+            self.open.add((key.hook, key.cgroup_id), new, now, || ());
         }
-        let ended: Vec<ProtectDenialKey> = self
-            .open
-            .iter()
-            .filter(|(_, burst)| {
-                let quiet = now.duration_since(burst.last_seen).unwrap_or_default();
-                let length = now.duration_since(burst.first_seen).unwrap_or_default();
-                quiet >= BURST_QUIET || length >= BURST_MAX
-            })
-            .map(|(key, _)| *key)
-            .collect();
-        let mut closed: Vec<Burst> = ended
-            .iter()
-            .filter_map(|key| self.open.remove(key))
-            .collect();
-        closed.sort_by_key(|burst| (burst.first_seen, burst.protection_id, burst.cgroup_id));
-        closed
+        self.open.close(now).iter().map(Self::burst).collect()
     }
 
     /// Every burst still open (at shutdown).
     pub fn drain(&mut self) -> Vec<Burst> {
-        self.open.drain().map(|(_, burst)| burst).collect()
+        self.open.drain().iter().map(Self::burst).collect()
+    }
+
+    fn burst(burst: &crate::bursts::Burst<(u32, u64), ()>) -> Burst {
+        let (protection_id, cgroup_id) = burst.key;
+        Burst {
+            protection: protection_name(protection_id),
+            protection_id,
+            cgroup_id,
+            count: burst.count,
+            first_seen: burst.first_seen,
+            last_seen: burst.last_seen,
+        }
     }
 }
 

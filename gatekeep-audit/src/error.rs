@@ -90,6 +90,14 @@ pub enum AuditError {
         #[source]
         source: Arc<AuditError>,
     },
+    /// Commits fail (disk full, I/O error, read-only): the records before this flush are held
+    /// in memory, not durable. They are written once a commit succeeds.
+    #[error("the audit log cannot be written now ({held} records held in memory)")]
+    Unavailable {
+        held: usize,
+        #[source]
+        source: Arc<AuditError>,
+    },
     /// At shutdown the writer gave up committing after repeated failures: `lost` records were
     /// not written.
     #[error("the audit writer gave up at shutdown, {lost} records were not written")]

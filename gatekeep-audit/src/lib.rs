@@ -13,6 +13,18 @@
 //!   accepted before it returns.
 //! - [`verify`], [`export`], [`verify_export`]: read-only, streaming, safe beside a writer.
 //!
+//! # When the log cannot be written
+//!
+//! A commit that fails (disk full, I/O error, read-only filesystem) does not stop the
+//! writer: it keeps taking records into a bounded hold ([`WriterConfig::held_capacity`] records,
+//! [`WriterConfig::held_bytes`] bytes of payload;
+//! beyond it records are only counted), answers every flush with
+//! [`AuditError::Unavailable`] at once (so nobody mistakes a held record for a durable one),
+//! reports the condition through [`AuditWriter::health`], and retries with back-off. The
+//! first commit that succeeds writes one `audit_interrupted` record (cause, since when,
+//! attempts, how many records were held and how many lost), then the held records in their
+//! order, in one transaction: the chain stays continuous and verifies.
+//!
 //! # Storage
 //!
 //! One table, `audit_records` (`STRICT`), in WAL mode with `synchronous=FULL`; the schema
@@ -81,6 +93,7 @@ mod canonical;
 mod error;
 mod export;
 mod hash;
+mod health;
 mod line;
 mod record;
 mod store;
@@ -91,6 +104,7 @@ pub use canonical::to_canonical_json;
 pub use error::{AuditError, TamperReason, error_chain};
 pub use export::{ExportFilter, export};
 pub use hash::{ChainFields, GENESIS_HASH};
+pub use health::{Failure, FailureCause, WriterHealth};
 pub use record::{
     AuditRecord, EncodedRecord, RecordKind, StoredRecord, UnknownKind, canonical_json, timestamp,
 };

@@ -40,11 +40,18 @@ pub enum RecordKind {
     /// gatekeep, `bpf()`, load a module, mount, ...): one record per burst of
     /// one protection in one cgroup, with the count.
     ProtectRefused,
+    /// The log could not be written for a while (disk full, I/O error, read-only): written
+    /// first once writes succeed again, before the records held in memory meanwhile, with
+    /// the cause, the period and how many records the bounded hold could not keep.
+    AuditInterrupted,
+    /// Service only: an agent reported that its own audit log can (no longer) be written
+    /// (the agent stream's `AuditHealth`).
+    AgentAuditHealth,
 }
 
 impl RecordKind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 15] = [
         Self::Requested,
         Self::Decided,
         Self::Expired,
@@ -58,6 +65,8 @@ impl RecordKind {
         Self::AgentStarted,
         Self::AgentStopped,
         Self::ProtectRefused,
+        Self::AuditInterrupted,
+        Self::AgentAuditHealth,
     ];
 
     /// The stored name, as in JSON.
@@ -77,6 +86,8 @@ impl RecordKind {
             Self::AgentStarted => "agent_started",
             Self::AgentStopped => "agent_stopped",
             Self::ProtectRefused => "protect_refused",
+            Self::AuditInterrupted => "audit_interrupted",
+            Self::AgentAuditHealth => "agent_audit_health",
         }
     }
 }

@@ -85,6 +85,10 @@ pub struct AuditStore {
     conn: Connection,
     path: PathBuf,
     head: Option<ChainHead>,
+    /// Tests make the database "full" with `PRAGMA max_page_count`: a real `SQLITE_FULL`
+    /// from `SQLite`, without a small filesystem. Applied before every append.
+    #[cfg(test)]
+    page_limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for AuditStore {
@@ -124,7 +128,13 @@ impl AuditStore {
             .map_err(open_err)?;
         migrate(&mut conn, &path)?;
         let head = read_head(&conn)?;
-        Ok(Self { conn, path, head })
+        Ok(Self {
+            conn,
+            path,
+            head,
+            #[cfg(test)]
+            page_limit: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::from(u32::MAX))),
+        })
     }
 
     /// Where the log lives.
@@ -195,6 +205,13 @@ impl AuditStore {
         if rows.is_empty() {
             return Ok(());
         }
+        #[cfg(test)]
+        self.conn.pragma_update(
+            None,
+            "max_page_count",
+            i64::try_from(self.page_limit.load(std::sync::atomic::Ordering::Acquire))
+                .unwrap_or(i64::MAX),
+        )?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -233,6 +250,13 @@ impl AuditStore {
         tx.commit()?;
         self.head = Some(ChainHead { seq, hash: prev });
         Ok(())
+    }
+
+    /// The knob of the test "disk": the most pages the database may hold (lowering it below
+    /// the current size makes the next growing append fail with `SQLITE_FULL`).
+    #[cfg(test)]
+    pub(crate) fn page_limit(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        std::sync::Arc::clone(&self.page_limit)
     }
 
     /// The connection, for the read-only operations (`verify`, `export`) that also run

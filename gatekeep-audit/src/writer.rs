@@ -6,14 +6,17 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use tokio::sync::{mpsc, oneshot};
+use gatekeep_util::retry::{Backoff, Delays};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     error::{AuditError, error_chain},
-    record::{AuditRecord, EncodedRecord, Prepared},
+    health::{Failure, FailureCause, WriterHealth},
+    record::{AuditRecord, EncodedRecord, Prepared, RecordKind},
     store::AuditStore,
 };
 
@@ -49,6 +52,13 @@ pub struct WriterConfig {
     pub max_retry_delay: Duration,
     /// Commit attempts after shutdown was asked for before the writer gives up on the rest.
     pub shutdown_attempts: u32,
+    /// Most records kept in memory while commits fail (disk full, I/O error, read-only).
+    /// Records beyond it are not kept, only counted, and the count is written in the
+    /// `audit_interrupted` record that comes first once commits succeed again.
+    pub held_capacity: usize,
+    /// Most bytes of payload kept in memory while commits fail, whichever of the two bounds
+    /// comes first (a record's payload may hold a 32 KiB command line).
+    pub held_bytes: usize,
 }
 
 impl Default for WriterConfig {
@@ -62,6 +72,9 @@ impl Default for WriterConfig {
             max_retry_delay: Duration::from_secs(5),
             // With the delays above, about 6 s before giving up on a dead disk at shutdown.
             shutdown_attempts: 8,
+            // About as much as the queue again: a few MB to a few tens of MB.
+            held_capacity: 16_384,
+            held_bytes: 64 << 20,
         }
     }
 }
@@ -90,6 +103,7 @@ pub struct AuditWriter {
     sender: RwLock<Option<mpsc::Sender<Command>>>,
     thread: Mutex<Option<JoinHandle<Result<u64, AuditError>>>>,
     closing: Arc<AtomicBool>,
+    health: watch::Receiver<WriterHealth>,
 }
 
 impl AuditWriter {
@@ -106,15 +120,24 @@ impl AuditWriter {
         let (sender, receiver) = mpsc::channel(config.queue_capacity.max(1));
         let closing = Arc::new(AtomicBool::new(false));
         let thread_closing = Arc::clone(&closing);
+        let (health_tx, health) = watch::channel(WriterHealth::default());
         let thread = thread::Builder::new()
             .name("audit-writer".to_owned())
-            .spawn(move || run(store, receiver, config, &thread_closing))
+            .spawn(move || run(store, receiver, config, &thread_closing, &health_tx))
             .map_err(|source| AuditError::SpawnWriter { source })?;
         Ok(Self {
             sender: RwLock::new(Some(sender)),
             thread: Mutex::new(Some(thread)),
             closing,
+            health,
         })
+    }
+
+    /// Whether commits succeed, and while they fail, why and what is held: changes as the
+    /// writer finds out (a failed commit, a failed retry, the first commit that succeeds).
+    #[must_use]
+    pub fn health(&self) -> watch::Receiver<WriterHealth> {
+        self.health.clone()
     }
 
     fn sender(&self) -> Option<mpsc::Sender<Command>> {
@@ -239,84 +262,264 @@ impl Drop for AuditWriter {
 }
 
 /// The writer thread: commit what has queued, answer flushes in order, until every sender is
-/// gone and the queue is empty.
+/// gone and the queue is empty. While commits fail it keeps taking records into the bounded
+/// hold (see [`Failing`]) and retries with back-off.
 fn run(
     mut store: AuditStore,
     mut receiver: mpsc::Receiver<Command>,
     config: WriterConfig,
     closing: &AtomicBool,
+    health: &watch::Sender<WriterHealth>,
 ) -> Result<u64, AuditError> {
     let max_batch = config.max_batch.max(1);
     let mut commands = Vec::with_capacity(max_batch);
     let mut pending = Vec::with_capacity(max_batch);
     let mut flushes = Vec::new();
-    while receiver.blocking_recv_many(&mut commands, max_batch) > 0 {
+    loop {
+        if receiver.blocking_recv_many(&mut commands, max_batch) == 0 {
+            return Ok(head_seq(&store));
+        }
         for command in commands.drain(..) {
             match command {
                 Command::Record(record) => pending.push(record),
                 Command::Flush(ack) => flushes.push(ack),
             }
         }
-        commit(
-            &mut store,
-            &mut pending,
-            &mut flushes,
-            &config,
-            closing,
-            &receiver,
-        )?;
-    }
-    Ok(head_seq(&store))
-}
-
-/// Commits `pending`, retrying with back-off until it succeeds (or, once closing, until the
-/// attempts run out). Flushes queued behind the records are answered after the commit, or with
-/// the error when an attempt fails.
-fn commit(
-    store: &mut AuditStore,
-    pending: &mut Vec<Prepared>,
-    flushes: &mut Vec<oneshot::Sender<Result<u64, AuditError>>>,
-    config: &WriterConfig,
-    closing: &AtomicBool,
-    receiver: &mpsc::Receiver<Command>,
-) -> Result<(), AuditError> {
-    let mut delay = config.retry_delay;
-    let mut closing_attempts = 0;
-    loop {
-        match store.append_prepared(pending) {
+        match store.append_prepared(&pending) {
             Ok(_) => {
                 pending.clear();
-                let seq = head_seq(store);
+                let seq = head_seq(&store);
                 for ack in flushes.drain(..) {
                     // A flusher that stopped waiting is no concern of ours.
                     let _ = ack.send(Ok(seq));
                 }
-                return Ok(());
             }
             Err(err) => {
-                let err = Arc::new(err);
-                tracing::error!(
-                    error = %error_chain(err.as_ref()),
-                    records = pending.len(),
-                    retry_in = ?delay,
-                    "failed to commit audit records, retrying"
-                );
-                for ack in flushes.drain(..) {
-                    let _ = ack.send(Err(AuditError::Commit {
-                        source: Arc::clone(&err),
-                    }));
+                let failing = Failing::new(&store, &config, err, std::mem::take(&mut pending));
+                // Published first: whoever sees a flush fail sees why.
+                failing.publish(health);
+                failing.refuse_flushes(&mut flushes);
+                failing.run(&mut store, &mut receiver, closing, health)?;
+            }
+        }
+    }
+}
+
+/// How often a failing writer looks at its queue between commit attempts: a flush waits at
+/// most this long for its (failed) answer.
+const FAILING_POLL: Duration = Duration::from_millis(20);
+
+/// The writer while commits fail: records go into a bounded hold (what does not fit is
+/// counted as lost), flushes are answered with [`AuditError::Unavailable`] at once, and
+/// commits are retried with [`Backoff`] delays. The first successful commit writes one
+/// [`RecordKind::AuditInterrupted`] record, then the held records in their order, in one
+/// transaction.
+struct Failing {
+    held: Vec<Prepared>,
+    capacity: usize,
+    /// Payload bytes held, and their bound.
+    bytes: usize,
+    max_bytes: usize,
+    failure: Failure,
+    error: Arc<AuditError>,
+    first_lost: Option<OffsetDateTime>,
+    last_lost: Option<OffsetDateTime>,
+    delays: Delays,
+    next_attempt: Instant,
+    shutdown_attempts: u32,
+    closing_attempts: u32,
+}
+
+impl Failing {
+    fn new(
+        store: &AuditStore,
+        config: &WriterConfig,
+        err: AuditError,
+        held: Vec<Prepared>,
+    ) -> Self {
+        let cause = FailureCause::of(&err);
+        let mut delays = Backoff {
+            initial: config.retry_delay,
+            max: config.max_retry_delay,
+            jitter: false,
+        }
+        .delays();
+        let first = delays.next().unwrap_or(config.retry_delay);
+        let bytes = held.iter().map(|r| r.payload.len()).sum();
+        let failing = Self {
+            capacity: config.held_capacity.max(held.len()),
+            bytes,
+            max_bytes: config.held_bytes.max(bytes),
+            failure: Failure {
+                path: store.path().to_owned(),
+                cause,
+                error: error_chain(&err),
+                fix: cause.fix(store.path()),
+                since: OffsetDateTime::now_utc(),
+                held: held.len(),
+                held_capacity: config.held_capacity,
+                lost: 0,
+                attempts: 1,
+            },
+            held,
+            error: Arc::new(err),
+            first_lost: None,
+            last_lost: None,
+            delays,
+            next_attempt: Instant::now() + first,
+            shutdown_attempts: config.shutdown_attempts,
+            closing_attempts: 0,
+        };
+        failing.log();
+        failing
+    }
+
+    fn log(&self) {
+        tracing::error!(
+            error = %self.failure.error,
+            cause = self.failure.cause.as_str(),
+            held = self.failure.held,
+            lost = self.failure.lost,
+            attempts = self.failure.attempts,
+            fix = %self.failure.fix,
+            "cannot commit audit records; holding them in memory and retrying"
+        );
+    }
+
+    fn publish(&self, health: &watch::Sender<WriterHealth>) {
+        health.send_modify(|health| health.failing = Some(self.failure.clone()));
+    }
+
+    fn refuse_flushes(&self, flushes: &mut Vec<oneshot::Sender<Result<u64, AuditError>>>) {
+        for ack in flushes.drain(..) {
+            let _ = ack.send(Err(self.unavailable()));
+        }
+    }
+
+    fn unavailable(&self) -> AuditError {
+        AuditError::Unavailable {
+            held: self.held.len(),
+            source: Arc::clone(&self.error),
+        }
+    }
+
+    fn hold(&mut self, record: Prepared) {
+        if self.held.len() < self.capacity && self.bytes + record.payload.len() <= self.max_bytes {
+            self.bytes += record.payload.len();
+            self.held.push(record);
+        } else {
+            let now = OffsetDateTime::now_utc();
+            self.first_lost.get_or_insert(now);
+            self.last_lost = Some(now);
+            self.failure.lost += 1;
+        }
+        self.failure.held = self.held.len();
+    }
+
+    /// Takes what has queued; `false` once every sender is gone.
+    fn take_queued(&mut self, receiver: &mut mpsc::Receiver<Command>) -> bool {
+        loop {
+            match receiver.try_recv() {
+                Ok(Command::Record(record)) => self.hold(record),
+                Ok(Command::Flush(ack)) => {
+                    let _ = ack.send(Err(self.unavailable()));
                 }
-                if closing.load(Ordering::Acquire) {
-                    closing_attempts += 1;
-                    if closing_attempts >= config.shutdown_attempts {
-                        return Err(AuditError::Unwritten {
-                            lost: pending.len() + receiver.len(),
-                            source: err,
-                        });
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// The record written first once commits succeed again.
+    fn interrupted_record(&self) -> Option<Prepared> {
+        let host = self.held.first()?.host.clone();
+        let at = |at: Option<OffsetDateTime>| at.and_then(|at| crate::timestamp::format(at).ok());
+        let payload = serde_json::json!({
+            "cause": self.failure.cause.as_str(),
+            "error": self.failure.error,
+            "since": crate::timestamp::format(self.failure.since).ok(),
+            "attempts": self.failure.attempts,
+            "held": self.held.len(),
+            "held_capacity": self.failure.held_capacity,
+            "records_lost": self.failure.lost,
+            "first_lost_at": at(self.first_lost),
+            "last_lost_at": at(self.last_lost),
+        });
+        AuditRecord::new(RecordKind::AuditInterrupted, host, payload)
+            .with_actor("audit-writer")
+            .into_prepared()
+            .ok()
+    }
+
+    /// Retries until a commit succeeds (then returns to normal writing), or until the
+    /// attempts after shutdown run out.
+    fn run(
+        mut self,
+        store: &mut AuditStore,
+        receiver: &mut mpsc::Receiver<Command>,
+        closing: &AtomicBool,
+        health: &watch::Sender<WriterHealth>,
+    ) -> Result<(), AuditError> {
+        let mut open = true;
+        loop {
+            open = open && self.take_queued(receiver);
+            let now = Instant::now();
+            if now < self.next_attempt {
+                thread::sleep(FAILING_POLL.min(self.next_attempt - now));
+                continue;
+            }
+            let marker = self.interrupted_record();
+            let has_marker = marker.is_some();
+            if let Some(marker) = marker {
+                self.held.insert(0, marker);
+            }
+            match store.append_prepared(&self.held) {
+                Ok(_) => {
+                    let written = self.held.len() - usize::from(has_marker);
+                    tracing::warn!(
+                        held = written,
+                        lost = self.failure.lost,
+                        cause = self.failure.cause.as_str(),
+                        since = %self.failure.since,
+                        "audit log writable again; wrote the held records in order"
+                    );
+                    health.send_modify(|health| {
+                        health.failing = None;
+                        health.recovered += 1;
+                    });
+                    return Ok(());
+                }
+                Err(err) => {
+                    if has_marker {
+                        self.held.remove(0);
                     }
+                    self.failure.attempts += 1;
+                    self.failure.error = error_chain(&err);
+                    self.failure.cause = FailureCause::of(&err);
+                    self.failure.fix = self.failure.cause.fix(store.path());
+                    self.error = Arc::new(err);
+                    self.publish(health);
+                    tracing::debug!(
+                        error = %self.failure.error,
+                        attempts = self.failure.attempts,
+                        held = self.held.len(),
+                        "audit commit retry failed"
+                    );
+                    if !open || closing.load(Ordering::Acquire) {
+                        self.closing_attempts += 1;
+                        if self.closing_attempts >= self.shutdown_attempts {
+                            self.take_queued(receiver);
+                            return Err(AuditError::Unwritten {
+                                lost: usize::try_from(self.failure.lost)
+                                    .unwrap_or(usize::MAX)
+                                    .saturating_add(self.held.len()),
+                                source: self.error,
+                            });
+                        }
+                    }
+                    let delay = self.delays.next().unwrap_or(FAILING_POLL);
+                    self.next_attempt = Instant::now() + delay;
                 }
-                thread::sleep(delay);
-                delay = (delay * 2).min(config.max_retry_delay);
             }
         }
     }
@@ -461,6 +664,213 @@ mod tests {
         writer.submit(*bounced.1).unwrap();
         assert_eq!(writer.shutdown().unwrap(), accepted + 1);
         assert_eq!(verify(&path).unwrap().records, accepted + 1);
+    }
+
+    /// A writer whose store's "disk" the test fills and frees, retrying quickly.
+    fn failing_rig(
+        path: &std::path::Path,
+        held_capacity: usize,
+    ) -> (AuditWriter, Arc<std::sync::atomic::AtomicU64>) {
+        failing_rig_bytes(path, held_capacity, WriterConfig::default().held_bytes)
+    }
+
+    fn failing_rig_bytes(
+        path: &std::path::Path,
+        held_capacity: usize,
+        held_bytes: usize,
+    ) -> (AuditWriter, Arc<std::sync::atomic::AtomicU64>) {
+        let store = AuditStore::open(path).unwrap();
+        let limit = store.page_limit();
+        let writer = AuditWriter::spawn(
+            store,
+            WriterConfig {
+                retry_delay: Duration::from_millis(5),
+                max_retry_delay: Duration::from_millis(20),
+                held_capacity,
+                held_bytes,
+                ..WriterConfig::default()
+            },
+        )
+        .unwrap();
+        (writer, limit)
+    }
+
+    /// A record too large for the free room of the last page: it needs new pages.
+    fn large(i: u64) -> AuditRecord {
+        sample(i).with_request_id(format!("large-{i}").repeat(2_000))
+    }
+
+    fn wait_writable(writer: &AuditWriter) -> WriterHealth {
+        let health = writer.health();
+        gatekeep_util::retry::poll_until_blocking(
+            std::time::Instant::now() + Duration::from_mins(1),
+            Duration::from_millis(5),
+            || {
+                health
+                    .borrow()
+                    .is_writable()
+                    .then(|| health.borrow().clone())
+            },
+        )
+        .expect("writable again within a minute")
+    }
+
+    #[test]
+    fn a_full_disk_holds_records_refuses_flushes_and_writes_them_in_order_once_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let (writer, limit) = failing_rig(&path, 1_000);
+        for i in 0..5 {
+            writer.submit(sample(i)).unwrap();
+        }
+        assert_eq!(writer.flush().unwrap(), 5);
+        assert!(writer.health().borrow().is_writable());
+
+        // The disk is full: no page can be added.
+        limit.store(1, Ordering::Release);
+        writer.submit(large(5)).unwrap();
+        let Err(AuditError::Unavailable { held, source }) = writer.flush() else {
+            panic!("a flush behind a failed commit must fail");
+        };
+        assert_eq!(held, 1);
+        assert!(error_chain(source.as_ref()).contains("full"), "{source:?}");
+        let failing = writer.health().borrow().failing.clone().expect("failing");
+        assert_eq!(failing.cause, FailureCause::DiskFull);
+        assert!(
+            failing.fix.contains("free space on the filesystem holding"),
+            "{}",
+            failing.fix
+        );
+        assert_eq!(failing.held, 1);
+        // Submitters are not held up; flushes keep failing at once.
+        for i in 6..9 {
+            writer.submit(sample(i)).unwrap();
+        }
+        assert!(matches!(
+            writer.flush(),
+            Err(AuditError::Unavailable { held: 4, .. })
+        ));
+        assert_eq!(verify(&path).unwrap().records, 5, "nothing new is durable");
+
+        // Room again: the retry writes the interruption, then the held records in order.
+        limit.store(u64::from(u32::MAX), Ordering::Release);
+        let health = wait_writable(&writer);
+        assert_eq!(health.recovered, 1);
+        assert_eq!(writer.flush().unwrap(), 10);
+        let records = stored(&path);
+        let kinds: Vec<RecordKind> = records.iter().map(|r| r.kind).collect();
+        assert_eq!(kinds[5], RecordKind::AuditInterrupted);
+        assert_eq!(records[5].payload["cause"], "disk_full");
+        assert_eq!(records[5].payload["held"], 4);
+        assert_eq!(records[5].payload["records_lost"], 0);
+        assert_eq!(records[6].request_id, large(5).request_id);
+        for (record, i) in records[7..].iter().zip(6..) {
+            assert_eq!(
+                record.payload,
+                sample(i).payload,
+                "held record {i} in order"
+            );
+        }
+        assert_eq!(writer.shutdown().unwrap(), 10);
+        assert_eq!(verify(&path).unwrap().records, 10, "the chain verifies");
+    }
+
+    #[test]
+    fn the_hold_is_bounded_and_what_overflowed_is_counted_first_once_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let (writer, limit) = failing_rig(&path, 3);
+        writer.submit(sample(0)).unwrap();
+        writer.flush().unwrap();
+        limit.store(1, Ordering::Release);
+        writer.submit(large(1)).unwrap();
+        assert!(writer.flush().is_err());
+        for i in 2..10 {
+            writer.submit(sample(i)).unwrap();
+        }
+        // Every submit is taken (the hold never blocks submitters): 3 held, 6 counted.
+        let failing = gatekeep_util::retry::poll_until_blocking(
+            std::time::Instant::now() + Duration::from_mins(1),
+            Duration::from_millis(5),
+            || {
+                let _ = writer.flush();
+                writer
+                    .health()
+                    .borrow()
+                    .failing
+                    .clone()
+                    .filter(|f| f.lost == 6)
+            },
+        )
+        .expect("the overflow is counted");
+        assert_eq!((failing.held, failing.held_capacity), (3, 3));
+
+        limit.store(u64::from(u32::MAX), Ordering::Release);
+        wait_writable(&writer);
+        assert_eq!(writer.shutdown().unwrap(), 5);
+        let records = stored(&path);
+        assert_eq!(records[1].kind, RecordKind::AuditInterrupted);
+        assert_eq!(records[1].payload["records_lost"], 6);
+        assert!(records[1].payload["first_lost_at"].is_string());
+        // The oldest are kept: the large record and samples 2 and 3.
+        assert_eq!(records[2].request_id, large(1).request_id);
+        assert_eq!(records[3].payload, sample(2).payload);
+        assert_eq!(records[4].payload, sample(3).payload);
+        assert_eq!(verify(&path).unwrap().records, 5);
+    }
+
+    #[test]
+    fn the_hold_is_bounded_in_bytes_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        // Room for the batch that failed, nothing more.
+        let (writer, limit) = failing_rig_bytes(&path, 1_000, 1);
+        writer.submit(sample(0)).unwrap();
+        writer.flush().unwrap();
+        limit.store(1, Ordering::Release);
+        writer.submit(large(1)).unwrap();
+        assert!(writer.flush().is_err());
+        for i in 2..6 {
+            writer.submit(sample(i)).unwrap();
+        }
+        let failing = gatekeep_util::retry::poll_until_blocking(
+            std::time::Instant::now() + Duration::from_mins(1),
+            Duration::from_millis(5),
+            || {
+                let _ = writer.flush();
+                writer
+                    .health()
+                    .borrow()
+                    .failing
+                    .clone()
+                    .filter(|f| f.lost == 4)
+            },
+        )
+        .expect("the overflow is counted");
+        assert_eq!(failing.held, 1);
+        limit.store(u64::from(u32::MAX), Ordering::Release);
+        wait_writable(&writer);
+        assert_eq!(writer.shutdown().unwrap(), 3);
+        let records = stored(&path);
+        assert_eq!(records[1].payload["records_lost"], 4);
+        assert_eq!(verify(&path).unwrap().records, 3);
+    }
+
+    #[test]
+    fn a_disk_that_never_recovers_is_reported_lost_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let (writer, limit) = failing_rig(&path, 100);
+        writer.submit(sample(0)).unwrap();
+        writer.flush().unwrap();
+        limit.store(1, Ordering::Release);
+        writer.submit(large(1)).unwrap();
+        writer.submit(sample(2)).unwrap();
+        let Err(AuditError::Unwritten { lost, .. }) = writer.shutdown() else {
+            panic!("shutdown must report what it could not write");
+        };
+        assert_eq!(lost, 2);
+        assert_eq!(verify(&path).unwrap().records, 1);
     }
 
     #[test]

@@ -106,6 +106,7 @@ enum Command {
     },
     Withdraw(v1::Withdraw),
     SessionEnded(String),
+    AuditHealth(v1::AuditHealth),
 }
 
 #[derive(Debug, Default)]
@@ -240,6 +241,14 @@ impl AgentLink {
             .map_err(|_| LinkError::Closed)
     }
 
+    /// Reports whether the agent's audit log can be written (see the `AuditHealth` message);
+    /// the last report is sent again after every reconnect.
+    pub fn audit_health(&self, health: v1::AuditHealth) -> Result<(), LinkError> {
+        self.commands
+            .send(Command::AuditHealth(health))
+            .map_err(|_| LinkError::Closed)
+    }
+
     /// Requests queued without a decision yet.
     #[must_use]
     pub fn pending(&self) -> usize {
@@ -276,6 +285,8 @@ struct Queue {
     next: u64,
     withdrawals: Vec<v1::Withdraw>,
     sessions: Vec<String>,
+    /// The last audit health reported: sent again on every connect.
+    audit_health: Option<v1::AuditHealth>,
 }
 
 impl Queue {
@@ -387,6 +398,9 @@ impl Task {
                 v1::SessionEnded { cgroup },
             ))));
         }
+        if let Some(health) = &self.queue.audit_health {
+            drop(outbound.send(message(agent_message::Message::AuditHealth(health.clone()))));
+        }
         for id in self.queue.order.values() {
             if let Some(entry) = self.queue.entries.get_mut(id) {
                 drop(outbound.send(message(agent_message::Message::Request(
@@ -472,6 +486,14 @@ impl Task {
                 }
                 None => self.queue.sessions.push(cgroup),
             },
+            Command::AuditHealth(health) => {
+                if let Some(outbound) = outbound {
+                    drop(
+                        outbound.send(message(agent_message::Message::AuditHealth(health.clone()))),
+                    );
+                }
+                self.queue.audit_health = Some(health);
+            }
         }
         self.update_pending();
     }

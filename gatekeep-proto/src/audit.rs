@@ -105,6 +105,15 @@ pub struct KernelDenied {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Policy denials: how many identical denials (same policy, cgroup, user, kind and
+    /// target) this record stands for, one record per burst; `process` is the first one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// The first and last denial of the burst (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_at: Option<String>,
 }
 
 /// The task an agent record is about.

@@ -959,6 +959,16 @@ impl Engine {
         Ok((record, similar))
     }
 
+    /// Records an agent's report on its own audit log (`agent_audit_health`): the fleet's
+    /// record shows when a host's log could not be written, and why.
+    pub async fn agent_audit_health(&self, host: &str, health: &serde_json::Value) {
+        self.record_encoded(
+            EncodedRecord::new(RecordKind::AgentAuditHealth, host, health)
+                .map(|encoded| encoded.with_actor(format!("agent:{host}"))),
+        )
+        .await;
+    }
+
     /// Flushes the audit log; returns its last durable seq.
     pub async fn audit_head(&self) -> Result<u64, Error> {
         self.audit

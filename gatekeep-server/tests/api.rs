@@ -1685,3 +1685,46 @@ async fn request_id_prefixes_resolve_to_one_request_or_name_the_candidates() {
     );
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_audit_health_is_recorded_by_the_service() {
+    let mut harness = Harness::start().await;
+    let (link, _events) = harness.agent("web-1").await;
+    link.audit_health(v1::AuditHealth {
+        writable: false,
+        cause: "disk_full".into(),
+        error: "audit log database error: database or disk is full".into(),
+        fix: "free space on the filesystem holding /var/lib/gatekeep".into(),
+        since_ms: 1_700_000_000_000,
+        held: 3,
+        lost: 0,
+    })
+    .expect("report");
+    link.audit_health(v1::AuditHealth {
+        writable: true,
+        ..v1::AuditHealth::default()
+    })
+    .expect("report");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let records = loop {
+        let records: Vec<serde_json::Value> = audit_lines(&harness)
+            .into_iter()
+            .filter(|r| r["kind"] == "agent_audit_health")
+            .collect();
+        if records.len() == 2 {
+            break records;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the service did not record both reports: {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(records[0]["host"], "web-1");
+    assert_eq!(records[0]["actor"], "agent:web-1");
+    assert_eq!(records[0]["payload"]["writable"], false);
+    assert_eq!(records[0]["payload"]["cause"], "disk_full");
+    assert_eq!(records[0]["payload"]["held"], 3);
+    assert_eq!(records[1]["payload"]["writable"], true);
+    harness.stop().await;
+}

@@ -198,6 +198,7 @@ pub fn loopback_listener() -> (std::net::TcpListener, u16) {
 pub struct Agent {
     dir: tempfile::TempDir,
     pin_dir: PathBuf,
+    audit_db: PathBuf,
     child: Option<Child>,
     starts: u32,
 }
@@ -217,6 +218,22 @@ impl Agent {
     /// [`Service::decision_config`].
     #[must_use]
     pub fn start_with(name: &str, policy: &str, decision: &str) -> Self {
+        Self::start_full(name, policy, decision, None)
+    }
+
+    /// Like [`start`](Self::start), with the audit log at `audit_db` (e.g. on a small
+    /// filesystem of the test's own) instead of the agent's temporary folder.
+    #[must_use]
+    pub fn start_with_audit_db(name: &str, policy: &str, audit_db: &Path) -> Self {
+        Self::start_full(
+            name,
+            policy,
+            "[decision]\nmode = \"local\"\n",
+            Some(audit_db.to_owned()),
+        )
+    }
+
+    fn start_full(name: &str, policy: &str, decision: &str, audit_db: Option<PathBuf>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix(&format!("gk-agent-{name}-"))
             .tempdir()
@@ -225,11 +242,12 @@ impl Agent {
         fs::create_dir(&policies).expect("policy dir");
         fs::write(policies.join("policy.toml"), policy).expect("write policy");
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/gk-test-{name}"));
+        let audit_db = audit_db.unwrap_or_else(|| dir.path().join("audit.db"));
         let config = format!(
             "policy_dir = \"{}\"\naudit_db = \"{}\"\npin_dir = \"{}\"\nhost = \"vm\"\n\
              reconcile_interval = \"500ms\"\nrescan_interval = \"500ms\"\nstate_dir = \"{}\"\n{decision}",
             policies.display(),
-            dir.path().join("audit.db").display(),
+            audit_db.display(),
             pin_dir.display(),
             dir.path().join("state").display(),
         );
@@ -237,6 +255,7 @@ impl Agent {
         let mut agent = Self {
             dir,
             pin_dir,
+            audit_db,
             child: None,
             starts: 0,
         };
@@ -251,7 +270,7 @@ impl Agent {
 
     #[must_use]
     pub fn audit_db(&self) -> PathBuf {
-        self.dir.path().join("audit.db")
+        self.audit_db.clone()
     }
 
     /// Where the agent pins its programs' links (`links/<program>`) and

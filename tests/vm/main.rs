@@ -3,6 +3,7 @@
 //! share kernel state).
 
 mod audit;
+mod audit_full;
 mod cgroup_escape;
 mod connect;
 mod e2e;

@@ -471,6 +471,19 @@ fn fs_op(op: &str, args: &[String]) -> std::io::Result<()> {
         "link" => fs::hard_link(path, second()?),
         "symlink" => std::os::unix::fs::symlink(path, second()?),
         "chmod" => fs::set_permissions(path, fs::Permissions::from_mode(0o777)),
+        // Writes until the filesystem is full: reports the error that stopped it
+        // (`errno 28`, ENOSPC, when it filled it).
+        "fill" => {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)?;
+            let chunk = vec![0x5a_u8; 64 * 1024];
+            loop {
+                file.write_all(&chunk)?;
+            }
+        }
         "put" => {
             let text = second()?;
             fs::OpenOptions::new()

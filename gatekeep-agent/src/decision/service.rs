@@ -183,6 +183,33 @@ pub async fn start(wiring: Wiring<'_>) -> Result<DecisionService, ServiceError> 
 }
 
 impl DecisionService {
+    /// Tells the decision service (remote or embedded) whether the audit log can be written;
+    /// a no-op with the local decider.
+    pub fn audit_health_reporter(&self) -> impl Fn(&gatekeep_audit::WriterHealth) + Send + 'static {
+        let link = self.link.clone();
+        move |health| {
+            let Some(link) = &link else { return };
+            let wire = match &health.failing {
+                None => gatekeep_proto::v1::AuditHealth {
+                    writable: true,
+                    ..Default::default()
+                },
+                Some(failure) => gatekeep_proto::v1::AuditHealth {
+                    writable: false,
+                    cause: failure.cause.as_str().to_owned(),
+                    error: failure.error.clone(),
+                    fix: failure.fix.clone(),
+                    since_ms: gatekeep_proto::convert::to_ms(failure.since),
+                    held: u64::try_from(failure.held).unwrap_or(u64::MAX),
+                    lost: failure.lost,
+                },
+            };
+            if let Err(error) = link.audit_health(wire) {
+                tracing::debug!(%error, "cannot report the audit health to the decision service");
+            }
+        }
+    }
+
     /// Stops the link, the grant task and the embedded service, once the
     /// controller (the decider's other holder) has stopped.
     pub async fn stop(self) {

@@ -20,10 +20,17 @@
 //!   requests whose task died unseen.
 //! - On shutdown, undecided requests are recorded as cancelled and their
 //!   tasks stay stopped (fail closed); the next agent asks them again.
+//! - Nothing runs off the record: a decision is recorded before its verdict
+//!   is written, and the verdict waits until the request and the decision are
+//!   durable ([`AuditSink::durable`]). When the log cannot be written, the
+//!   verdict becomes deny (recorded as `audit_unavailable`, held in memory
+//!   until the log can be written), and new requests are denied at once
+//!   without asking anyone.
 
 use std::{
     borrow::Cow,
     collections::{HashMap, HashSet},
+    future::Future,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -48,6 +55,7 @@ use crate::{
         events::{Event, Origin, RequestKind},
         kernel::{PauseKernel, boot_time_ns},
     },
+    bursts::{BURST_QUIET, Bursts},
     decision::{Decider, Decision, DecisionRequest, Verdict, Withdrawal, decide_by_deadline},
     hooks::Request,
     pause::{
@@ -82,6 +90,11 @@ struct Tracked {
     asked_at: Instant,
     stage: Stage,
     decision_task: Option<AbortHandle>,
+    /// The decision's record was handed to the audit log (it is written once, before the
+    /// first attempt to apply it).
+    decision_recorded: bool,
+    /// Denied without asking because the audit log could not be written: the error.
+    audit_unavailable: Option<String>,
 }
 
 impl Tracked {
@@ -139,10 +152,20 @@ enum Internal {
         request_id: Uuid,
         decision: Decision,
         outcome: Result<ResumeOutcome, String>,
-        /// False when a verdict is written again (already recorded).
-        record: bool,
+        /// False when a verdict is written again (already logged).
+        first: bool,
+        /// The decision allowed, but it could not be made durable: denied instead, for this
+        /// reason.
+        undurable: Option<String>,
     },
 }
+
+/// [`AuditSink::durable`], boxed: resolves once the records before it are durable.
+type Durable = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// The reason of a request denied because the audit log cannot be written.
+pub const AUDIT_UNAVAILABLE_REASON: &str =
+    "denied: the audit log cannot be written, and nothing asked runs off the record";
 
 /// Counts for logs and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -166,6 +189,8 @@ pub struct Controller<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> {
     /// Enrichments reused across a process's kernel denials (a flood of them must not cost
     /// a full `/proc` walk each).
     recent_denials: RecentEnrichments,
+    /// Identical kernel denials, aggregated into one record per burst.
+    denials: Bursts<DenialKey, payload::KernelDenied>,
     host: String,
     /// The kernel's boot id: part of every request id (see [`request::request_id`]).
     boot_id: String,
@@ -206,6 +231,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             audit: parts.audit,
             enricher: parts.enricher,
             recent_denials: RecentEnrichments::default(),
+            denials: Bursts::default(),
             host: parts.host,
             boot_id: request::boot_id(std::path::Path::new(request::BOOT_ID_PATH)),
             timing: parts.timing,
@@ -276,6 +302,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     ) -> Stats {
         let mut tick = tokio::time::interval(reconcile_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut bursts = tokio::time::interval(BURST_QUIET / 2);
+        bursts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -300,6 +328,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     }
                 }
                 _ = tick.tick() => self.reconcile().await,
+                _ = bursts.tick() => self.record_denial_bursts(SystemTime::now(), false),
                 Some(_) = self.decisions.join_next(), if !self.decisions.is_empty() => {}
                 Some(_) = self.resumes.join_next(), if !self.resumes.is_empty() => {}
             }
@@ -351,11 +380,24 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 self.audit.has_room().await;
                 self.stats.kernel_denied += 1;
                 let origin = request.origin();
-                let info = self
-                    .recent_denials
-                    .enrich(&self.enricher, origin.pid, origin.uid);
-                let payload = self.kernel_denied(&request, &info);
-                self.record(RecordKind::KernelDenied, None, Some("kernel"), &payload);
+                let target =
+                    serde_json::to_string(&request.target(&self.enricher)).unwrap_or_default();
+                let key = (
+                    origin.policy_id,
+                    origin.cgroup_id,
+                    origin.uid,
+                    request.model_kind().as_str(),
+                    target,
+                );
+                let now = SystemTime::now();
+                // Identical to an open burst's first: counted, recorded with it.
+                if !self.denials.add_if_open(&key, 1, now) {
+                    let info = self
+                        .recent_denials
+                        .enrich(&self.enricher, origin.pid, origin.uid);
+                    let payload = self.kernel_denied(&request, &info);
+                    self.denials.add(key, 1, now, || payload);
+                }
             }
             // The daemon hands these to the policy watcher, which classifies
             // the cgroup and resumes the task; nothing to track here.
@@ -472,17 +514,38 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             },
         );
 
-        let decider = Arc::clone(&self.decider);
         let internal = self.internal_tx.clone();
-        let asked_request = Arc::clone(&request);
-        let task = self.decisions.spawn(async move {
-            let decision = decide_by_deadline(decider.as_ref(), asked_request).await;
+        let (task, audit_unavailable) = if self.audit.is_writable() {
+            let decider = Arc::clone(&self.decider);
+            let asked_request = Arc::clone(&request);
+            let task = self.decisions.spawn(async move {
+                let decision = decide_by_deadline(decider.as_ref(), asked_request).await;
+                let _ = internal.send(Internal::Decided {
+                    tid,
+                    request_id: id,
+                    decision,
+                });
+            });
+            (Some(task), None)
+        } else {
+            // Whatever anyone would decide could not be put on record: deny now.
+            tracing::warn!(request_id = %id, tid, "the audit log cannot be written; request denied without asking");
             let _ = internal.send(Internal::Decided {
                 tid,
                 request_id: id,
-                decision,
+                decision: Decision {
+                    verdict: Verdict::Deny,
+                    actor: "agent".to_owned(),
+                    reason: AUDIT_UNAVAILABLE_REASON.to_owned(),
+                    expired: false,
+                    service: None,
+                },
             });
-        });
+            (
+                None,
+                Some("the audit log could not be written when the request arrived".to_owned()),
+            )
+        };
         self.tracked.insert(
             tid,
             Tracked {
@@ -491,7 +554,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 digest: origin.digest,
                 asked_at: Instant::now(),
                 stage: Stage::Deciding,
-                decision_task: Some(task),
+                decision_task: task,
+                decision_recorded: false,
+                audit_unavailable,
             },
         );
     }
@@ -602,6 +667,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     "the task re-entered the hook without stopping (traced); refused with EPERM"
                         .to_owned(),
                 ),
+                count: None,
+                first_at: None,
+                last_at: None,
             };
             self.record(
                 RecordKind::KernelDenied,
@@ -691,14 +759,22 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 }
                 tracked.stage = Stage::Resuming;
                 tracked.decision_task = None;
-                self.spawn_resume(tid, decision, true);
+                let first = !tracked.decision_recorded;
+                if first {
+                    tracked.decision_recorded = true;
+                    self.record_decision(tid, request_id, &decision);
+                }
+                // Queued behind the request's and the decision's records.
+                let durable = Box::pin(self.audit.durable());
+                self.spawn_resume(tid, decision, first, Some(durable));
             }
             Internal::Resumed {
                 tid,
                 request_id,
                 decision,
                 outcome,
-                record,
+                first,
+                undurable,
             } => {
                 let Some(tracked) = self.tracked.get_mut(&tid) else {
                     return;
@@ -708,12 +784,27 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 }
                 match outcome {
                     Ok(ResumeOutcome::Resumed | ResumeOutcome::ResumedUnconfirmed) => {
+                        let verdict = if undurable.is_some() {
+                            Verdict::Deny
+                        } else {
+                            decision.verdict
+                        };
                         tracked.stage = Stage::Resumed {
                             at: Instant::now(),
-                            verdict: decision.verdict,
+                            verdict,
                         };
-                        if record {
-                            self.record_resumed(tid, request_id, &decision);
+                        if first {
+                            self.stats.decided += 1;
+                            tracing::info!(
+                                request_id = %request_id,
+                                verdict = verdict.as_str(),
+                                actor = decision.actor,
+                                wait_ms = tracked.waited_ms(),
+                                "request decided, task resumed"
+                            );
+                        }
+                        if let Some(error) = undurable {
+                            self.record_undurable(tid, request_id, &error);
                         }
                     }
                     Ok(ResumeOutcome::Superseded) => self.supersede(tid),
@@ -751,9 +842,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         }
     }
 
-    /// Records the decision of a request whose task was resumed.
-    fn record_resumed(&mut self, tid: u32, request_id: Uuid, decision: &Decision) {
-        self.stats.decided += 1;
+    /// Records the decision of a request, before its verdict is applied.
+    fn record_decision(&self, tid: u32, request_id: Uuid, decision: &Decision) {
         let (kind, state) = match (&decision.service, decision.expired) {
             (_, true) => (RecordKind::Expired, RequestState::Expired),
             (Some(service), false) => (RecordKind::Decided, service.state),
@@ -768,14 +858,12 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let Some(tracked) = self.tracked.get(&tid) else {
             return;
         };
-        tracing::info!(
-            request_id = %request_id,
-            verdict = decision.verdict.as_str(),
-            actor = decision.actor,
-            wait_ms = tracked.waited_ms(),
-            "request decided, task resumed"
-        );
         let payload = payload::Outcome {
+            cause: tracked
+                .audit_unavailable
+                .as_ref()
+                .map(|_| Cow::Borrowed("audit_unavailable")),
+            detail: tracked.audit_unavailable.as_deref().map(Cow::Borrowed),
             duration: Some(
                 decision
                     .service
@@ -788,7 +876,48 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         self.record(kind, Some(request_id), Some(&decision.actor), &payload);
     }
 
-    fn spawn_resume(&mut self, tid: u32, decision: Decision, record: bool) {
+    /// Records that an allowing decision was turned into a denial because it could not be
+    /// made durable (the record itself is held in memory until the log can be written).
+    fn record_undurable(&self, tid: u32, request_id: Uuid, error: &str) {
+        let Some(tracked) = self.tracked.get(&tid) else {
+            return;
+        };
+        tracing::warn!(
+            request_id = %request_id,
+            error,
+            "the decision could not be made durable; denied instead"
+        );
+        let detail = format!(
+            "the decision could not be made durable in the audit log, so it was not applied: {error}"
+        );
+        let payload = payload::Outcome {
+            cause: Some(Cow::Borrowed("audit_unavailable")),
+            detail: Some(Cow::Borrowed(&detail)),
+            duration: Some("once".to_owned()),
+            ..tracked.outcome(
+                tid,
+                RequestState::Denied,
+                Some(Verdict::Deny),
+                AUDIT_UNAVAILABLE_REASON,
+            )
+        };
+        self.record(
+            RecordKind::Decided,
+            Some(request_id),
+            Some("agent"),
+            &payload,
+        );
+    }
+
+    /// Writes the verdict and resumes the task, in a task of its own. With `durable`, the
+    /// verdict waits for it, and becomes deny when it fails.
+    fn spawn_resume(
+        &mut self,
+        tid: u32,
+        decision: Decision,
+        first: bool,
+        durable: Option<Durable>,
+    ) {
         let Some(tracked) = self.tracked.get(&tid) else {
             return;
         };
@@ -798,6 +927,17 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let timing = self.timing;
         let internal = self.internal_tx.clone();
         self.resumes.spawn(async move {
+            let undurable = match durable {
+                Some(durable) => durable.await.err(),
+                None => None,
+            }
+            // A denial releases nothing: it needs no record to be applied.
+            .filter(|_| decision.verdict == Verdict::Allow);
+            let verdict = if undurable.is_some() {
+                Verdict::Deny
+            } else {
+                decision.verdict
+            };
             let outcome = resume(
                 kernel.as_ref(),
                 tasks.as_ref(),
@@ -805,7 +945,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 pid,
                 tid,
                 digest,
-                decision.verdict,
+                verdict,
             )
             .await
             .map_err(|err| err.to_string());
@@ -814,7 +954,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 request_id,
                 decision,
                 outcome,
-                record,
+                first,
+                undurable,
             });
         });
     }
@@ -957,7 +1098,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                     expired: false,
                     service: None,
                 };
-                self.spawn_resume(tid, decision, false);
+                self.spawn_resume(tid, decision, false, None);
             }
         }
     }
@@ -975,6 +1116,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             tracing::warn!("resumes still running at shutdown; the next agent finishes them");
         }
         self.drain_internal();
+        self.record_denial_bursts(SystemTime::now(), true);
         for (tid, tracked) in std::mem::take(&mut self.tracked) {
             if tracked.stage == Stage::Deciding || tracked.stage == Stage::Resuming {
                 let payload = payload::Outcome {
@@ -1004,9 +1146,35 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             kernel: request.kernel_facts(),
             reason: None,
             detail: None,
+            count: None,
+            first_at: None,
+            last_at: None,
+        }
+    }
+
+    /// Records the denial bursts that ended by `now` (all of them with `all`).
+    fn record_denial_bursts(&mut self, now: SystemTime, all: bool) {
+        let closed = if all {
+            self.denials.drain()
+        } else {
+            self.denials.close(now)
+        };
+        for burst in closed {
+            let at = |at: SystemTime| gatekeep_audit::timestamp::format(at.into()).ok();
+            let payload = payload::KernelDenied {
+                count: Some(burst.count),
+                first_at: at(burst.first_seen),
+                last_at: at(burst.last_seen),
+                ..burst.value
+            };
+            self.record(RecordKind::KernelDenied, None, Some("kernel"), &payload);
         }
     }
 }
+
+/// Kernel policy denials that are identical: policy id, cgroup id, uid, kind and the target
+/// (as JSON: executable and argv, or destination).
+type DenialKey = (u32, u64, u32, &'static str, String);
 
 /// The model's kind of a kernel request kind (a kind no registered hook writes, which
 /// the kernel never reports, is reported as exec).
@@ -1194,6 +1362,84 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_verdict_waits_until_the_request_and_the_decision_are_durable() {
+        let mut rig = rig("allow", "2s");
+        let gate = rig.audit.gate_durable();
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let ask = rig.kernel.ask_event(100);
+        rig.controller.handle_event(ask).await;
+        rig.controller.step_internal().await; // decided: recorded, waiting to be durable
+        assert_eq!(rig.kinds(), [RecordKind::Requested, RecordKind::Expired]);
+        tokio::time::sleep(Duration::from_mins(1)).await;
+        rig.controller.drain_internal();
+        assert_eq!(
+            rig.kernel.result_of(100),
+            None,
+            "released before it was durable"
+        );
+        assert!(rig.kernel.is_stopped(100));
+        gate.add_permits(1);
+        rig.controller.step_internal().await; // resumed
+        assert_eq!(rig.kernel.result_of(100), Some(ALLOW));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn asks_are_denied_at_once_while_the_log_cannot_be_written() {
+        let mut rig = rig("allow", "60s");
+        rig.audit.set_unwritable(true);
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let started = Instant::now();
+        let ask = rig.kernel.ask_event(100);
+        rig.controller.handle_event(ask).await;
+        rig.controller.step_internal().await;
+        rig.controller.step_internal().await;
+        assert_eq!(started.elapsed(), Duration::ZERO, "nobody was asked");
+        assert_eq!(rig.kernel.result_of(100), Some(DENY));
+        let records = rig.audit.records();
+        assert_eq!(rig.kinds(), [RecordKind::Requested, RecordKind::Decided]);
+        assert_eq!(records[1].payload["verdict"], "deny");
+        assert_eq!(records[1].payload["state"], "denied");
+        assert_eq!(records[1].payload["cause"], "audit_unavailable");
+        assert_eq!(records[1].actor.as_deref(), Some("agent"));
+        assert_eq!(rig.controller.stats.decided, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_allow_that_cannot_be_made_durable_is_denied_and_says_why() {
+        let mut rig = rig("allow", "2s");
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let ask = rig.kernel.ask_event(100);
+        rig.controller.handle_event(ask).await;
+        // The disk fills while the request waits.
+        rig.audit.set_unwritable(true);
+        rig.controller.step_internal().await;
+        rig.controller.step_internal().await;
+        assert_eq!(rig.kernel.result_of(100), Some(DENY));
+        let records = rig.audit.records();
+        assert_eq!(
+            rig.kinds(),
+            [
+                RecordKind::Requested,
+                RecordKind::Expired,
+                RecordKind::Decided
+            ]
+        );
+        assert_eq!(records[1].payload["verdict"], "allow");
+        assert_eq!(records[2].payload["verdict"], "deny");
+        assert_eq!(records[2].payload["cause"], "audit_unavailable");
+        assert!(
+            records[2].payload["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("disk is full")),
+            "{}",
+            records[2].payload
+        );
+    }
+
     fn nix_free_sigcont(kernel: &FakeKernel, pid: u32) {
         crate::pause::resume::Tasks::sigcont(kernel, pid).expect("sigcont");
     }
@@ -1280,6 +1526,63 @@ mod tests {
             .filter(|r| r.kind == RecordKind::KernelDenied)
             .count();
         assert_eq!(denied, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identical_kernel_denials_are_one_record_per_burst_with_their_count() {
+        let mut rig = rig("allow", "60s");
+        let denied = |n: u8| {
+            Event::Denied(Request::Connect(ConnectRequest {
+                origin: Origin {
+                    policy_id: 1,
+                    pid: 100,
+                    tid: 100,
+                    uid: 0,
+                    gid: 0,
+                    ppid: 1,
+                    cgroup_id: 99,
+                    ktime_ns: 0,
+                    digest: 0,
+                    comm: "worker".into(),
+                },
+                destination: Destination::Ip {
+                    addr: std::net::IpAddr::from([169, 254, 169, n]),
+                    port: 80,
+                },
+                sock_type: 1,
+                via: Via::Connect,
+            }))
+        };
+        for _ in 0..5_000 {
+            rig.controller.handle_event(denied(1)).await;
+        }
+        rig.controller.handle_event(denied(2)).await;
+        assert!(
+            rig.audit.records().is_empty(),
+            "recorded per burst, not per denial"
+        );
+        rig.controller
+            .record_denial_bursts(SystemTime::now() + BURST_QUIET, false);
+        let records = rig.audit.records();
+        assert_eq!(records.len(), 2, "{records:?}");
+        let count = |r: &AuditRecord| r.payload["count"].as_u64();
+        let first = records
+            .iter()
+            .find(|r| r.payload["target"]["address"] == "169.254.169.1")
+            .expect("the flood's record");
+        assert_eq!(count(first), Some(5_000));
+        assert!(first.payload["first_at"].is_string() && first.payload["last_at"].is_string());
+        assert_eq!(first.actor.as_deref(), Some("kernel"));
+        let other = records
+            .iter()
+            .find(|r| r.payload["target"]["address"] == "169.254.169.2")
+            .expect("the other destination's record");
+        assert_eq!(count(other), Some(1));
+        assert_eq!(rig.controller.stats.kernel_denied, 5_001);
+        // A later denial opens a new burst.
+        rig.controller.handle_event(denied(1)).await;
+        rig.controller.shutdown().await;
+        assert_eq!(rig.audit.records().len(), 3);
     }
 
     #[tokio::test(start_paused = true)]

@@ -203,6 +203,11 @@ async fn handle(
                 reject(sender, "", error);
             }
         }
+        Some(agent_message::Message::AuditHealth(health)) => {
+            if let Err(error) = audit_health(engine, host, &health).await {
+                reject(sender, "", error);
+            }
+        }
         Some(agent_message::Message::Hello(_)) => reject(
             sender,
             "",
@@ -218,4 +223,42 @@ async fn handle(
             }),
         ),
     }
+}
+
+/// An agent's audit log health: logged (error level while the log cannot be written) and
+/// recorded (`agent_audit_health`). Every text an agent sends is escaped before it reaches a
+/// log line.
+async fn audit_health(engine: &Engine, host: &str, health: &v1::AuditHealth) -> Result<(), Error> {
+    convert::text("cause", &health.cause, gatekeep_proto::limits::MAX_NAME)?;
+    convert::text("error", &health.error, gatekeep_proto::limits::MAX_REASON)?;
+    convert::text("fix", &health.fix, gatekeep_proto::limits::MAX_REASON)?;
+    let clip = |text: &str| {
+        let clipped: String = text.chars().take(1024).collect();
+        clipped.escape_debug().to_string()
+    };
+    if health.writable {
+        tracing::info!(host, "the agent's audit log can be written");
+    } else {
+        tracing::error!(
+            host,
+            cause = clip(&health.cause),
+            error = clip(&health.error),
+            fix = clip(&health.fix),
+            since_ms = health.since_ms,
+            held = health.held,
+            lost = health.lost,
+            "the agent's audit log cannot be written: it denies asked actions until it can"
+        );
+    }
+    let payload = serde_json::json!({
+        "writable": health.writable,
+        "cause": health.cause,
+        "error": health.error,
+        "fix": health.fix,
+        "since_ms": health.since_ms,
+        "held": health.held,
+        "lost": health.lost,
+    });
+    engine.agent_audit_health(host, &payload).await;
+    Ok(())
 }
