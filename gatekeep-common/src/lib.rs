@@ -65,7 +65,7 @@ pub mod map_names {
     pub const BUILD_ID: &str = "BUILD_ID";
     /// Per-CPU [`super::counter`] values.
     pub const COUNTERS: &str = "COUNTERS";
-    /// exec hook: [`super::ExecRuleKey`] -> action.
+    /// exec hook: [`super::ExecRuleKey`] -> [`super::ExecRule`].
     pub const EXEC_RULES: &str = "EXEC_RULES";
     /// exec hook: thread id -> the `linux_binprm` an approved exec runs
     /// with (its script's interpreter is part of the approved request).
@@ -159,6 +159,9 @@ pub mod event_kind {
     pub const REFUSED_SPINNING: u32 = 6;
     /// A verdict from user space was applied ([`super::TaskEvent`]).
     pub const VERDICT_APPLIED: u32 = 7;
+    /// An exec met a rule whose file changed content since the policy was
+    /// loaded ([`super::ExecRuleStaleEvent`]): the rule did not match.
+    pub const EXEC_RULE_STALE: u32 = 8;
 }
 
 /// What a request is about; also in [`PendingRequest::kind`].
@@ -191,8 +194,11 @@ pub mod counter {
     pub const ARGV_MISSED: u32 = 11;
     /// An "ask" action was allowed by a granted duration (`GRANTS`).
     pub const GRANT_ALLOWED: u32 = 12;
+    /// An exec met a rule bound to other content than the file has now
+    /// (rewritten in place since the policy was loaded).
+    pub const EXEC_RULE_STALE: u32 = 13;
     /// Number of counters; size of the `COUNTERS` map.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// Value of the `GATED_CGROUPS` map: which policy governs a cgroup.
@@ -278,6 +284,67 @@ pub struct ExecRuleKey {
     /// `super_block::s_dev` in the kernel's encoding (`MKDEV`: major << 20 | minor).
     pub dev: u64,
     pub ino: u64,
+}
+
+/// The content version of a file, as the kernel keeps it in `struct inode`:
+/// what changes when the file is written in place (same device and inode).
+///
+/// Every write of the data or the attributes sets `ctime` (`i_ctime_sec`,
+/// `i_ctime_nsec`: on v6.12 a coarse, jiffy-granular clock; see
+/// `docs/threat-model.md`) and usually `i_size`; `i_generation` tells a
+/// reused inode number from the file that had it (filesystems that keep one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContentVersion {
+    pub ctime_sec: i64,
+    pub ctime_nsec: u32,
+    /// `i_generation`.
+    pub generation: u32,
+    /// `i_size`.
+    pub size: i64,
+}
+
+/// Value of the `EXEC_RULES` map: the rule's action, and the content its
+/// file had when the agent compiled the rule (policy load or reload). The
+/// kernel applies the rule only while the file still has that content; a
+/// file rewritten in place meets the policy default instead (never a laxer
+/// action than the rule's own) and is reported ([`event_kind::EXEC_RULE_STALE`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecRule {
+    /// [`action`].
+    pub action: u32,
+    /// [`exec_rule_flags`].
+    pub flags: u32,
+    pub content: ContentVersion,
+}
+
+/// [`ExecRule::flags`].
+pub mod exec_rule_flags {
+    /// `content.generation` was read from the file (`FS_IOC_GETVERSION`) and
+    /// is compared; filesystems without the ioctl (tmpfs) leave it unset,
+    /// and the kernel compares ctime and size only.
+    pub const GENERATION: u32 = 1;
+}
+
+/// Event [`event_kind::EXEC_RULE_STALE`]: an exec of a file whose rule was
+/// bound to other content. `header.digest` is the exec's request digest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecRuleStaleEvent {
+    pub header: EventHeader,
+    pub dev: u64,
+    pub ino: u64,
+    /// The content the rule was bound to.
+    pub bound: ContentVersion,
+    /// The content the file has now.
+    pub found: ContentVersion,
+    /// The rule's [`action`], and the [`action`] applied instead.
+    pub rule_action: u32,
+    pub applied_action: u32,
+    /// The rule's [`exec_rule_flags`].
+    pub rule_flags: u32,
+    pub _pad: u32,
 }
 
 /// One port range rule of a connect prefix.
@@ -538,6 +605,16 @@ pub struct KernelOffsets {
     pub sock_skc_family: u32,
     /// `struct sock` -> `sk_protocol` (`u16`).
     pub sock_sk_protocol: u32,
+    // Exec identity bound to content (issue 19, item 1).
+    /// `struct inode` -> `i_ctime_sec` (`time64_t`; `__i_ctime.tv_sec` before v6.11).
+    pub inode_i_ctime_sec: u32,
+    /// `struct inode` -> `i_ctime_nsec` (`u32`; the low half of
+    /// `__i_ctime.tv_nsec` before v6.11).
+    pub inode_i_ctime_nsec: u32,
+    /// `struct inode` -> `i_size` (`loff_t`).
+    pub inode_i_size: u32,
+    /// `struct inode` -> `i_generation` (`u32`).
+    pub inode_i_generation: u32,
 }
 
 /// [`GatedCgroup::flags`]: the cgroup appeared under a *candidate parent*
@@ -686,6 +763,8 @@ mod pod {
     unsafe impl aya::Pod for super::GatedCgroup {}
     unsafe impl aya::Pod for super::PolicyDefaults {}
     unsafe impl aya::Pod for super::ExecRuleKey {}
+    unsafe impl aya::Pod for super::ExecRule {}
+    unsafe impl aya::Pod for super::ContentVersion {}
     unsafe impl aya::Pod for super::PortRule {}
     unsafe impl aya::Pod for super::PortRules {}
     unsafe impl aya::Pod for super::ConnectV4Key {}
@@ -732,6 +811,12 @@ mod tests {
         assert_eq!(size_of::<GatedCgroup>(), 8);
         assert_eq!(size_of::<PolicyDefaults>(), 24);
         assert_eq!(size_of::<ExecRuleKey>(), 24);
+        assert_eq!(size_of::<ContentVersion>(), 24);
+        assert_eq!(size_of::<ExecRule>(), 32);
+        assert_eq!(
+            size_of::<ExecRuleStaleEvent>(),
+            size_of::<EventHeader>() + 16 + 2 * 24 + 16
+        );
         assert_eq!(size_of::<PortRules>(), 8 * PORT_RULES);
         assert_eq!(size_of::<ConnectV4Key>(), 8);
         assert_eq!(size_of::<ConnectV6Key>(), 20);
@@ -759,9 +844,9 @@ mod tests {
         assert_eq!(size_of::<ProtectedTask>(), 8);
         assert_eq!(size_of::<ProtectDenialKey>(), 16);
         assert_eq!(size_of::<ServiceListenerKey>(), 24);
-        // 31 `u32` offsets: the exec/connect ones, the self-protection ones,
-        // then the egress ones.
-        assert_eq!(size_of::<KernelOffsets>(), 31 * 4);
+        // 35 `u32` offsets: the exec/connect ones, the self-protection ones,
+        // the egress ones, then the content version ones.
+        assert_eq!(size_of::<KernelOffsets>(), 35 * 4);
         assert_eq!(size_of::<InodeKey>(), 16);
         let ids = [
             protect::SIGNAL,

@@ -6,6 +6,14 @@
 //! file's identity in the kernel's encoding (`dev = major << 20 | minor`).
 //! A path that does not exist on this host is skipped with a warning and
 //! picked up by a later rescan if it appears.
+//!
+//! Each rule is bound to the content its file has when the policy is loaded
+//! (or reloaded): its [`ContentVersion`] (ctime to the nanosecond and size,
+//! from `statx`, and the inode generation where the filesystem tells it,
+//! `FS_IOC_GETVERSION`). The kernel applies the rule only while the file
+//! still has that version; a rescan keeps the binding of a rule whose file
+//! it finds again ([`keep_bindings`]), so only a load re-binds. An exec that
+//! meets a stale rule is reported ([`StaleRule`]).
 
 use std::{
     collections::HashMap,
@@ -16,7 +24,10 @@ use std::{
 };
 
 use aya::maps::{Map, MapError};
-use gatekeep_common::{ARGV_LEN, ExecEvent, ExecRuleKey, event_kind, map_names, request_kind};
+use gatekeep_common::{
+    ARGV_LEN, ContentVersion, ExecEvent, ExecRule, ExecRuleKey, ExecRuleStaleEvent, event_kind,
+    exec_rule_flags, map_names, request_kind,
+};
 use gatekeep_policy::Policy;
 use gatekeep_proto::{audit::KernelFacts, model};
 
@@ -74,12 +85,20 @@ impl Hook for Exec {
     ) -> Result<(), PolicyMapsError> {
         out.defaults.exec_default = kernel_action(policy.exec.default);
         for rule in &policy.exec.rules {
-            match fs::metadata(&rule.path) {
-                Ok(meta) if meta.is_file() => {
+            match bind(&rule.path) {
+                Ok(Bound {
+                    meta,
+                    content,
+                    flags,
+                }) if meta.is_file() => {
                     let identity = (kernel_dev(meta.dev()), meta.ino());
                     out.rules.insert(
                         rule_key(out.id, identity.0, identity.1),
-                        kernel_action(rule.action).to_ne_bytes().to_vec(),
+                        encode_rule(&ExecRule {
+                            action: kernel_action(rule.action),
+                            flags,
+                            content,
+                        }),
                     );
                     exec_paths.insert(identity, rule.path.clone());
                 }
@@ -99,21 +118,21 @@ impl Hook for Exec {
     }
 
     fn read_map(name: &'static str, map: &Map) -> Result<Vec<(RuleKey, Vec<u8>)>, MapError> {
-        let rules = aya::maps::HashMap::<_, ExecRuleKey, u32>::try_from(map)?;
+        let rules = aya::maps::HashMap::<_, ExecRuleKey, ExecRule>::try_from(map)?;
         rules
             .iter()
             .map(|entry| {
-                entry.map(|(key, action)| {
+                entry.map(|(key, value)| {
                     let mut rule = rule_key(key.policy_id, key.dev, key.ino);
                     rule.map = name;
-                    (rule, action.to_ne_bytes().to_vec())
+                    (rule, encode_rule(&value))
                 })
             })
             .collect()
     }
 
     fn write_map(map: &mut Map, key: &RuleKey, value: Option<&[u8]>) -> Result<(), MapError> {
-        let mut rules = aya::maps::HashMap::<_, ExecRuleKey, u32>::try_from(map)?;
+        let mut rules = aya::maps::HashMap::<_, ExecRuleKey, ExecRule>::try_from(map)?;
         let (dev, ino) = decode_identity(&key.key);
         let kernel_key = ExecRuleKey {
             policy_id: key.policy_id,
@@ -122,7 +141,7 @@ impl Hook for Exec {
             ino,
         };
         match value {
-            Some(value) => rules.insert(kernel_key, decode_action(value), 0),
+            Some(value) => rules.insert(kernel_key, decode_rule(value), 0),
             None => absent_is_ok(rules.remove(&kernel_key)),
         }
     }
@@ -182,11 +201,214 @@ fn decode_identity(key: &[u8]) -> (u64, u64) {
 /// The action of an encoded `EXEC_RULES` value.
 #[must_use]
 pub fn decode_action(value: &[u8]) -> u32 {
-    let mut bytes = [0; 4];
-    if let Some(slice) = value.get(..4) {
-        bytes.copy_from_slice(slice);
+    decode_rule(value).action
+}
+
+/// A file's metadata and content version, read from one open file.
+struct Bound {
+    meta: fs::Metadata,
+    content: ContentVersion,
+    /// [`exec_rule_flags`].
+    flags: u32,
+}
+
+/// Reads the identity and content version of the file at `path` (symlinks
+/// followed), from one open file so both describe the same inode.
+fn bind(path: &std::path::Path) -> std::io::Result<Bound> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    let generation = file_generation(&file);
+    let (content, flags) = content_version(&meta, generation);
+    Ok(Bound {
+        meta,
+        content,
+        flags,
+    })
+}
+
+/// The [`ContentVersion`] of a file (and its [`exec_rule_flags`]) from its
+/// `statx` data and, when the filesystem tells it, its inode generation.
+#[must_use]
+pub fn content_version(meta: &fs::Metadata, generation: Option<u32>) -> (ContentVersion, u32) {
+    let content = ContentVersion {
+        ctime_sec: meta.ctime(),
+        // `statx` gives nanoseconds below 10^9.
+        ctime_nsec: u32::try_from(meta.ctime_nsec()).unwrap_or_default(),
+        generation: generation.unwrap_or_default(),
+        size: i64::try_from(meta.size()).unwrap_or(i64::MAX),
+    };
+    let flags = if generation.is_some() {
+        exec_rule_flags::GENERATION
+    } else {
+        0
+    };
+    (content, flags)
+}
+
+/// The inode generation (`FS_IOC_GETVERSION`), on filesystems that answer
+/// it (ext4, XFS, btrfs; not tmpfs).
+fn file_generation(file: &fs::File) -> Option<u32> {
+    use std::os::fd::AsRawFd as _;
+    // `_IOR('v', 1, long)`; the filesystems write an `int`.
+    const FS_IOC_GETVERSION: libc::c_ulong = 0x8008_7601;
+    let mut generation: libc::c_long = 0;
+    // SAFETY: the ioctl writes at most a `long` into `generation`, which
+    // lives across the call; `file` is an open descriptor.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_GETVERSION, &raw mut generation) };
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "the kernel writes a 32-bit `i_generation` into the low half"
+    )]
+    (rc == 0).then_some(generation as u32)
+}
+
+/// Encodes an `EXEC_RULES` value (native byte order, the struct's layout).
+#[must_use]
+pub fn encode_rule(rule: &ExecRule) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size_of::<ExecRule>());
+    out.extend_from_slice(&rule.action.to_ne_bytes());
+    out.extend_from_slice(&rule.flags.to_ne_bytes());
+    out.extend_from_slice(&rule.content.ctime_sec.to_ne_bytes());
+    out.extend_from_slice(&rule.content.ctime_nsec.to_ne_bytes());
+    out.extend_from_slice(&rule.content.generation.to_ne_bytes());
+    out.extend_from_slice(&rule.content.size.to_ne_bytes());
+    out
+}
+
+/// Decodes an [`encode_rule`] value (missing bytes read as zero).
+#[must_use]
+pub fn decode_rule(value: &[u8]) -> ExecRule {
+    let word = |at: usize| {
+        let mut bytes = [0; 8];
+        if let Some(slice) = value.get(at..at + 8) {
+            bytes.copy_from_slice(slice);
+        }
+        bytes
+    };
+    let half = |at: usize| {
+        let mut bytes = [0; 4];
+        if let Some(slice) = value.get(at..at + 4) {
+            bytes.copy_from_slice(slice);
+        }
+        u32::from_ne_bytes(bytes)
+    };
+    ExecRule {
+        action: half(0),
+        flags: half(4),
+        content: ContentVersion {
+            ctime_sec: i64::from_ne_bytes(word(8)),
+            ctime_nsec: half(16),
+            generation: half(20),
+            size: i64::from_ne_bytes(word(24)),
+        },
     }
-    u32::from_ne_bytes(bytes)
+}
+
+/// A rescan recompiles the loaded policies from the filesystem; it must not
+/// re-bind a rule to content written since the load. For every exec rule
+/// the rescan finds again (same policy id and file identity), the loaded
+/// binding stays; rules of files that appeared since are bound now.
+pub fn keep_bindings(
+    rescanned: &mut std::collections::BTreeMap<super::RuleKey, Vec<u8>>,
+    loaded: &std::collections::BTreeMap<super::RuleKey, Vec<u8>>,
+) {
+    for (key, value) in rescanned.iter_mut() {
+        if key.map != map_names::EXEC_RULES {
+            continue;
+        }
+        if let Some(bound) = loaded.get(key) {
+            let action = decode_rule(value).action;
+            let mut kept = decode_rule(bound);
+            kept.action = action;
+            *value = encode_rule(&kept);
+        }
+    }
+}
+
+/// An exec met a rule bound to other content than its file has now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleRule {
+    pub origin: Origin,
+    pub dev: u64,
+    pub ino: u64,
+    pub bound: ContentVersion,
+    pub found: ContentVersion,
+    /// The rule's [`gatekeep_common::action`], and the one applied instead.
+    pub rule_action: u32,
+    pub applied_action: u32,
+    /// The rule's [`exec_rule_flags`].
+    pub rule_flags: u32,
+}
+
+/// The `rule_stale` audit payload of `stale`, under `policy` (when the
+/// agent still knows the kernel's policy id).
+#[must_use]
+pub fn stale_payload(
+    stale: &StaleRule,
+    policy: Option<&crate::policy::LoadedPolicy>,
+    info: &crate::pause::enrich::Enrichment,
+) -> gatekeep_proto::audit::RuleStale {
+    use gatekeep_proto::audit::{self, Schema};
+    let path = policy.and_then(|p| p.hooks.exec.get(&(stale.dev, stale.ino)));
+    let version = |content: &ContentVersion, generation: bool| audit::ContentVersion {
+        ctime_sec: content.ctime_sec,
+        ctime_nsec: content.ctime_nsec,
+        size: content.size,
+        generation: generation.then_some(content.generation),
+    };
+    audit::RuleStale {
+        schema: Schema::default(),
+        kind: model::Kind::Exec,
+        policy: policy.map(|p| p.policy.name.clone()),
+        rule: path.map(|path| {
+            format!(
+                "exec {} {}",
+                action_name(stale.rule_action),
+                path.display()
+            )
+        }),
+        path: path.map(|path| path.to_string_lossy().into_owned()),
+        dev: stale.dev,
+        ino: stale.ino,
+        bound: version(
+            &stale.bound,
+            stale.rule_flags & exec_rule_flags::GENERATION != 0,
+        ),
+        found: version(&stale.found, true),
+        rule_action: action_name(stale.rule_action).to_owned(),
+        applied: action_name(stale.applied_action).to_owned(),
+        process: request::process(&stale.origin, info),
+        kernel: request::kernel_facts(&stale.origin, None, None),
+    }
+}
+
+/// The policy word of a kernel [`gatekeep_common::action`].
+fn action_name(action: u32) -> &'static str {
+    match action {
+        gatekeep_common::action::ALLOW => "allow",
+        gatekeep_common::action::DENY => "deny",
+        _ => "ask",
+    }
+}
+
+/// Parses an [`event_kind::EXEC_RULE_STALE`] record.
+pub fn parse_stale(bytes: &[u8]) -> Result<StaleRule, ParseError> {
+    let raw: ExecRuleStaleEvent = read(bytes, event_kind::EXEC_RULE_STALE)?;
+    Ok(StaleRule {
+        origin: origin(&raw.header),
+        dev: raw.dev,
+        ino: raw.ino,
+        bound: raw.bound,
+        found: raw.found,
+        rule_action: raw.rule_action,
+        applied_action: raw.applied_action,
+        rule_flags: raw.rule_flags,
+    })
 }
 
 /// The kernel's encoding of a device number (`MKDEV`: major << 20 | minor).

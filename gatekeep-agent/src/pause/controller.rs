@@ -201,6 +201,9 @@ pub struct Controller<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> {
     /// (thread, digest) asked again by the reconciler -> (when the kernel
     /// first saw the request, pid); its deadline counts from then.
     reasked: HashMap<(u32, u64), (u64, u32)>,
+    /// Stale exec rules already reported: (policy id, dev, ino, the content
+    /// found). A reload gives policies new ids, so they are reported again.
+    stale_reported: HashSet<(u32, u64, u64, gatekeep_common::ContentVersion)>,
     decisions: JoinSet<()>,
     resumes: JoinSet<()>,
     internal_tx: mpsc::UnboundedSender<Internal>,
@@ -239,6 +242,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             previous: None,
             tracked: HashMap::new(),
             reasked: HashMap::new(),
+            stale_reported: HashSet::new(),
             decisions: JoinSet::new(),
             resumes: JoinSet::new(),
             internal_tx,
@@ -402,6 +406,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             // The daemon hands these to the policy watcher, which classifies
             // the cgroup and resumes the task; nothing to track here.
             Event::Unclassified { .. } => {}
+            Event::ExecRuleStale(stale) => self.handle_stale_rule(&stale),
             Event::Abandoned { origin, kind } => self.handle_gone(&origin, kind, false),
             Event::RefusedSpinning { origin, kind } => self.handle_gone(&origin, kind, true),
             Event::VerdictApplied { origin, action, .. } => {
@@ -1133,6 +1138,42 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     }
 
     /// A `kernel_denied` payload for a request the kernel refused by policy.
+    /// An exec met a stale rule: one warning and one `rule_stale` record per
+    /// rule, policy load and content found (a loop of execs is one report).
+    fn handle_stale_rule(&mut self, stale: &crate::hooks::exec::StaleRule) {
+        const MAX_REMEMBERED: usize = 4096;
+        let key = (
+            stale.origin.policy_id,
+            stale.dev,
+            stale.ino,
+            stale.found,
+        );
+        if self.stale_reported.contains(&key) {
+            return;
+        }
+        if self.stale_reported.len() >= MAX_REMEMBERED {
+            self.stale_reported.clear();
+        }
+        self.stale_reported.insert(key);
+        let policy = self.policy(stale.origin.policy_id);
+        let info = self
+            .recent_denials
+            .enrich(&self.enricher, stale.origin.pid, stale.origin.uid);
+        let payload = crate::hooks::exec::stale_payload(stale, policy.as_deref(), &info);
+        tracing::warn!(
+            policy = payload.policy.as_deref().unwrap_or("?"),
+            path = %payload.path.as_deref().unwrap_or("?").escape_debug(),
+            dev = stale.dev,
+            ino = stale.ino,
+            rule_action = payload.rule_action,
+            applied = payload.applied,
+            pid = stale.origin.pid,
+            "exec rule is stale: its file was rewritten since the policy was loaded, so the \
+             rule no longer matches; reload the policy to bind the rule to the file's new content"
+        );
+        self.record(RecordKind::RuleStale, None, Some("kernel"), &payload);
+    }
+
     fn kernel_denied(&self, request: &Request, info: &Enrichment) -> payload::KernelDenied {
         let origin = request.origin();
         let policy = self.policy(origin.policy_id);

@@ -75,7 +75,7 @@ use gatekeep_agent::bpf::{
     programs::{Hook, PROGRAMS, Program},
 };
 use gatekeep_common::{
-    ConnectV4Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, PolicyDefaults, PortRule, PortRules,
+    ConnectV4Key, ExecRule, ExecRuleKey, GatedCgroup, Grant, GrantKey, PolicyDefaults, PortRule, PortRules,
     Verdict, VerdictKey, action, counter, gated_filter_slot, map_names,
 };
 
@@ -642,7 +642,7 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
     };
     policies.set(RULE_POLICY, deny_by_default, 0)?;
     policies.set(GRANT_POLICY, ask_by_default, 0)?;
-    let mut rules: HashMap<_, ExecRuleKey, u32> = HashMap::try_from(
+    let mut rules: HashMap<_, ExecRuleKey, ExecRule> = HashMap::try_from(
         ebpf.map_mut(map_names::EXEC_RULES)
             .context(map_names::EXEC_RULES)?,
     )?;
@@ -652,7 +652,15 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
         dev: tiny.0,
         ino: tiny.1,
     };
-    rules.insert(key, action::ALLOW, 0)?;
+    // Bound to the tiny executable's content, as the agent binds a rule.
+    let meta = std::fs::metadata(super::TINY).with_context(|| super::TINY.to_owned())?;
+    let (content, flags) = gatekeep_agent::hooks::exec::content_version(&meta, None);
+    let rule = ExecRule {
+        action: action::ALLOW,
+        flags,
+        content,
+    };
+    rules.insert(key, rule, 0)?;
     let mut v4: LpmTrie<_, ConnectV4Key, PortRules> = LpmTrie::try_from(
         ebpf.map_mut(map_names::CONNECT_V4)
             .context(map_names::CONNECT_V4)?,
