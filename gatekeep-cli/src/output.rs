@@ -533,6 +533,7 @@ mod tests {
         Target::Exec(gatekeep_proto::model::ExecTarget {
             executable: executable.into(),
             argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            content: None,
         })
     }
 

@@ -486,6 +486,8 @@ pub struct ExecEvent {
     /// Identity of the file about to run.
     pub dev: u64,
     pub ino: u64,
+    /// Its content version (part of the request digest).
+    pub content: ContentVersion,
     /// [`action`] the kernel applied or asks about.
     pub action: u32,
     pub argc: u32,
@@ -830,7 +832,7 @@ mod tests {
         assert_eq!(size_of::<EventHeader>(), 4 * 8 + 8 * 3 + COMM_LEN);
         assert_eq!(
             size_of::<ExecEvent>(),
-            size_of::<EventHeader>() + 16 + 16 + PATH_LEN + ARGV_LEN
+            size_of::<EventHeader>() + 16 + 24 + 16 + PATH_LEN + ARGV_LEN
         );
         assert_eq!(
             size_of::<ConnectEvent>(),

@@ -336,6 +336,7 @@ mod tests {
             target: Target::Exec(ExecTarget {
                 executable: "/usr/bin/git".into(),
                 argv: vec!["git".into(), "push".into()],
+                content: None,
             }),
             requested_at: time::OffsetDateTime::UNIX_EPOCH,
             deadline: time::OffsetDateTime::UNIX_EPOCH + time::Duration::minutes(5),

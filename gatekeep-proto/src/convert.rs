@@ -346,9 +346,16 @@ impl TryFrom<v1::ExecTarget> for ExecTarget {
                 "not an absolute path",
             ));
         }
+        if wire.content.len() > 64 || !wire.content.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(WireError::invalid(
+                "exec.content",
+                "not a content version (at most 64 printable ASCII characters)",
+            ));
+        }
         Ok(ExecTarget {
             executable,
             argv: argv("exec.argv", wire.argv)?,
+            content: (!wire.content.is_empty()).then_some(wire.content),
         })
     }
 }
@@ -416,6 +423,7 @@ impl From<ExecTarget> for v1::ExecTarget {
         v1::ExecTarget {
             executable: exec.executable,
             argv: exec.argv,
+            content: exec.content.unwrap_or_default(),
         }
     }
 }
@@ -835,6 +843,7 @@ mod tests {
             target: Some(v1::approval_request::Target::Exec(v1::ExecTarget {
                 executable: "/usr/bin/curl".into(),
                 argv: vec!["curl".into(), "example.org".into()],
+                content: String::new(),
             })),
             requested_at_ms: 1_800_000_000_000,
             deadline_ms: 1_800_000_300_000,

@@ -87,6 +87,12 @@ pub struct ExecTarget {
     /// Absolute path of the executable.
     pub executable: String,
     pub argv: Vec<String>,
+    /// The executable's content version as the host's kernel saw it when it asked
+    /// (`<ctime seconds>.<ctime nanoseconds, 9 digits>:<size>:<inode generation>`), so a
+    /// grant covers the content it was given for and not a rewrite of the same file.
+    /// `None` from callers without a kernel (tests, the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
 
 /// A `connect`.

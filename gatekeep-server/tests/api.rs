@@ -327,6 +327,7 @@ fn exec_request(argv: &[&str], timeout: time::Duration, on_timeout: Verdict) -> 
         target: Target::Exec(ExecTarget {
             executable: "/usr/bin/curl".into(),
             argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            content: None,
         }),
         requested_at: now,
         deadline: now + timeout,
@@ -1212,6 +1213,7 @@ async fn malformed_inputs_get_precise_codes_and_change_nothing() {
     forged.target = Target::Exec(ExecTarget {
         executable: "/usr/bin/curl".into(),
         argv: vec!["curl".into(), "two".into()],
+        content: None,
     });
     sender
         .send(v1::AgentMessage {

@@ -239,6 +239,7 @@ mod tests {
             header: header(kind),
             dev: (8 << 20) | 1,
             ino: 77,
+            content: gatekeep_common::ContentVersion::default(),
             action: action::ASK,
             argc: 2,
             argv_len: u32::try_from(argv.len()).expect("len"),

@@ -165,6 +165,7 @@ fn ask_event_for(task: &FakeTask) -> Event {
         origin: origin(task),
         dev: 1,
         ino: 2,
+        content: gatekeep_common::ContentVersion::default(),
         filename: PathBuf::from("/usr/bin/tool"),
         argv: vec!["tool".into(), format!("{:x}", task.digest)],
         argv_truncated: false,

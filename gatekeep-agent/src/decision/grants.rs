@@ -636,6 +636,7 @@ mod tests {
             target: Target::Exec(ExecTarget {
                 executable: "/usr/bin/git".into(),
                 argv: vec!["git".into(), "push".into()],
+                content: None,
             }),
             verdict: model::Verdict::Allow,
             duration,

@@ -328,7 +328,7 @@ mod tests {
                 rule: "exec default ask",
                 origin: &origin,
                 info: &info,
-                target: request::exec_target(Path::new("/usr/bin/git"), &argv),
+                target: request::exec_target(Path::new("/usr/bin/git"), &argv, None),
                 approval: model::ApprovalSettings {
                     grant_durations: vec![
                         GrantDuration::Once,

@@ -45,6 +45,8 @@ pub struct ExecRequest {
     /// Kernel device number (`major << 20 | minor`) and inode of the file.
     pub dev: u64,
     pub ino: u64,
+    /// The file's content version when the kernel saw the exec.
+    pub content: ContentVersion,
     /// The path as passed to execve (may be relative).
     pub filename: PathBuf,
     pub argv: Vec<String>,
@@ -165,6 +167,7 @@ impl Hook for Exec {
         request::exec_target(
             &enricher.display_path(request.origin.pid, &request.filename),
             &request.argv,
+            Some(&request.content),
         )
     }
 
@@ -438,6 +441,7 @@ fn exec_request(raw: &ExecEvent) -> ExecRequest {
         origin: origin(&raw.header),
         dev: raw.dev,
         ino: raw.ino,
+        content: raw.content,
         filename: PathBuf::from(OsStr::from_bytes(&raw.filename[..end])),
         argv,
         argv_truncated: raw.argv_truncated != 0,
@@ -480,5 +484,187 @@ mod tests {
         assert_eq!(kernel_dev(st_dev), (8 << 20) | 3);
         let st_dev = libc::makedev(259, 0x1_0001);
         assert_eq!(kernel_dev(st_dev), (259 << 20) | 0x1_0001);
+    }
+
+    #[test]
+    fn exec_rule_values_round_trip_with_their_content_version() {
+        let rule = ExecRule {
+            action: action::ALLOW,
+            flags: exec_rule_flags::GENERATION,
+            content: ContentVersion {
+                ctime_sec: 1_764_000_000,
+                ctime_nsec: 999_999_999,
+                generation: 0xdead_beef,
+                size: 1 << 40,
+            },
+        };
+        let encoded = encode_rule(&rule);
+        assert_eq!(encoded.len(), size_of::<ExecRule>());
+        assert_eq!(decode_rule(&encoded), rule);
+        assert_eq!(decode_action(&encoded), action::ALLOW);
+        // The encoding is the kernel struct's bytes.
+        // SAFETY: `ExecRule` is `#[repr(C)]` integers, 32 bytes.
+        let raw: [u8; 32] = unsafe { std::mem::transmute(rule) };
+        assert_eq!(encoded, raw);
+    }
+
+    /// Compiles a policy allowing `path`; returns its only exec rule.
+    fn compiled_rule(path: &std::path::Path) -> (RuleKey, ExecRule) {
+        let text = format!(
+            "[[policy]]\nname = \"p\"\ncgroups = [\"/sys/fs/cgroup/p\"]\n[policy.exec]\ndefault = \"deny\"\nallow = [{}]\n",
+            serde_json::to_string(path).unwrap()
+        );
+        let set = gatekeep_policy::parse_str("t.toml", &text).unwrap();
+        let mut defaults = gatekeep_common::PolicyDefaults::default();
+        let mut rules = std::collections::BTreeMap::new();
+        let mut warnings = Vec::new();
+        let mut loaded = HashMap::new();
+        Exec::compile(
+            &set.policies[0],
+            &mut Compiling {
+                id: 4,
+                defaults: &mut defaults,
+                rules: &mut rules,
+                warnings: &mut warnings,
+            },
+            &mut loaded,
+        )
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(rules.len(), 1);
+        let (key, value) = rules.into_iter().next().unwrap();
+        (key, decode_rule(&value))
+    }
+
+    #[test]
+    fn a_rule_records_its_files_content_version_and_a_rewrite_changes_it() {
+        use std::io::{Seek as _, Write as _};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        fs::write(&path, b"#!/bin/sh\necho v1\n").unwrap();
+        let (key, rule) = compiled_rule(&path);
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(key, rule_key(4, kernel_dev(meta.dev()), meta.ino()));
+        assert_eq!(rule.action, action::ALLOW);
+        assert_eq!(rule.content.ctime_sec, meta.ctime());
+        assert_eq!(i64::from(rule.content.ctime_nsec), meta.ctime_nsec());
+        assert_eq!(rule.content.size, 18);
+        // The generation is recorded exactly when the filesystem tells it.
+        let generation = file_generation(&fs::File::open(&path).unwrap());
+        assert_eq!(
+            rule.flags & exec_rule_flags::GENERATION != 0,
+            generation.is_some()
+        );
+        assert_eq!(rule.content.generation, generation.unwrap_or_default());
+
+        // Rewritten in place with the same size: the same identity, another
+        // content version (its ctime), once the clock has moved on.
+        let before = rule.content;
+        wait_for_ctime_tick(&path, &before);
+        let mut file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.rewind().unwrap();
+        file.write_all(b"#!/bin/sh\necho v2\n").unwrap();
+        drop(file);
+        let (again_key, again) = compiled_rule(&path);
+        assert_eq!(again_key, key, "same file identity");
+        assert_eq!(again.content.size, before.size);
+        assert_ne!(again.content, before, "a rewrite is a new content version");
+    }
+
+    /// Waits until a file written now gets a ctime other than `version`'s
+    /// (the kernel's timestamps are coarse: a clock tick, a few ms).
+    fn wait_for_ctime_tick(path: &std::path::Path, version: &ContentVersion) {
+        let probe = path.with_extension("probe");
+        for _ in 0..1000 {
+            fs::write(&probe, b"x").unwrap();
+            let meta = fs::metadata(&probe).unwrap();
+            if (meta.ctime(), meta.ctime_nsec())
+                != (version.ctime_sec, i64::from(version.ctime_nsec))
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("the filesystem clock did not move in a second");
+    }
+
+    #[test]
+    fn a_rescan_keeps_the_binding_made_at_load_and_binds_new_rules() {
+        let bound = |size: i64, action: u32| {
+            encode_rule(&ExecRule {
+                action,
+                flags: 0,
+                content: ContentVersion {
+                    size,
+                    ..ContentVersion::default()
+                },
+            })
+        };
+        let kept = rule_key(1, 8, 100);
+        let appeared = rule_key(1, 8, 200);
+        let loaded = std::collections::BTreeMap::from([(kept.clone(), bound(10, action::ALLOW))]);
+        let mut rescanned = std::collections::BTreeMap::from([
+            (kept.clone(), bound(11, action::ALLOW)),
+            (appeared.clone(), bound(20, action::DENY)),
+        ]);
+        keep_bindings(&mut rescanned, &loaded);
+        assert_eq!(rescanned[&kept], bound(10, action::ALLOW));
+        assert_eq!(rescanned[&appeared], bound(20, action::DENY));
+        // The binding is compared as the whole state: nothing to apply.
+        assert_eq!(
+            rescanned.get(&kept),
+            loaded.get(&kept),
+            "a rescan of a rewritten file changes no map entry"
+        );
+    }
+
+    #[test]
+    fn stale_rule_records_parse() {
+        let raw = ExecRuleStaleEvent {
+            header: gatekeep_common::EventHeader {
+                kind: event_kind::EXEC_RULE_STALE,
+                policy_id: 3,
+                pid: 9,
+                tid: 10,
+                digest: 77,
+                ..Default::default()
+            },
+            dev: 8,
+            ino: 100,
+            bound: ContentVersion {
+                size: 1,
+                ..ContentVersion::default()
+            },
+            found: ContentVersion {
+                size: 2,
+                ..ContentVersion::default()
+            },
+            rule_action: action::ALLOW,
+            applied_action: action::ASK,
+            rule_flags: exec_rule_flags::GENERATION,
+            _pad: 0,
+        };
+        // SAFETY: a `#[repr(C)]` struct of integers, viewed as its bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&raw const raw).cast::<u8>(),
+                size_of::<ExecRuleStaleEvent>(),
+            )
+        };
+        let stale = parse_stale(bytes).unwrap();
+        assert_eq!((stale.dev, stale.ino), (8, 100));
+        assert_eq!(stale.origin.policy_id, 3);
+        assert_eq!(stale.found.size, 2);
+        assert_eq!(stale.applied_action, action::ASK);
+        assert_eq!(stale.rule_flags, exec_rule_flags::GENERATION);
+        assert!(matches!(
+            parse_stale(&bytes[..bytes.len() - 1]),
+            Err(ParseError::Truncated { .. })
+        ));
+        assert!(matches!(
+            crate::bpf::events::parse(bytes),
+            Ok(crate::bpf::events::Event::ExecRuleStale(_))
+        ));
     }
 }

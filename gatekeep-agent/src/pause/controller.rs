@@ -1690,4 +1690,96 @@ mod tests {
         assert_eq!(stats.asked, 1);
         assert_eq!(stats.decided, 1);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_exec_rule_is_reported_once_per_content_with_its_path() {
+        use std::os::unix::fs::MetadataExt as _;
+
+        use gatekeep_common::{ContentVersion, action};
+
+        use crate::hooks::exec::StaleRule;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A rule path with a control character: escaped in the log, JSON in the record.
+        let tool = dir.path().join("tool\u{1b}[31m");
+        std::fs::write(&tool, b"v1").expect("write tool");
+        let meta = std::fs::metadata(&tool).expect("stat");
+        let text = format!(
+            "[[policy]]\nname = \"agents\"\ncgroups = [\"/sys/fs/cgroup/agents\"]\n[policy.exec]\ndefault = \"deny\"\nallow = [{}]\n",
+            serde_json::to_string(&tool).expect("json path")
+        );
+        let set = parse_str("t.toml", &text).expect("policy");
+        let host = HostView {
+            cgroup_root: dir.path().to_owned(),
+            own_cgroup: None,
+            protected: Vec::new(),
+        };
+        let mut rig = rig("deny", "5m");
+        rig.controller
+            .set_policies(Arc::new(compile(&set, &[1], 2, &host).expect("compile")));
+
+        let (dev, ino) = (crate::hooks::exec::kernel_dev(meta.dev()), meta.ino());
+        let bound = ContentVersion {
+            ctime_sec: 10,
+            ctime_nsec: 1,
+            generation: 0,
+            size: 2,
+        };
+        let stale = |size: i64| {
+            Event::ExecRuleStale(StaleRule {
+                origin: Origin {
+                    policy_id: 1,
+                    pid: 40,
+                    tid: 40,
+                    uid: 65534,
+                    gid: 65534,
+                    ppid: 1,
+                    cgroup_id: 7,
+                    ktime_ns: 1,
+                    digest: 0xfeed,
+                    comm: "sh".into(),
+                },
+                dev,
+                ino,
+                bound,
+                found: ContentVersion { size, ..bound },
+                rule_action: action::ALLOW,
+                applied_action: action::DENY,
+                rule_flags: 0,
+            })
+        };
+        // A loop of execs of the rewritten file: one report.
+        for _ in 0..3 {
+            rig.controller.handle_event(stale(3)).await;
+        }
+        // Rewritten again: reported again.
+        rig.controller.handle_event(stale(4)).await;
+
+        let records = rig.audit.records();
+        assert_eq!(
+            records.iter().map(|r| r.kind).collect::<Vec<_>>(),
+            [RecordKind::RuleStale, RecordKind::RuleStale]
+        );
+        let payload = &records[0].payload;
+        assert_eq!(payload["schema"], 2);
+        assert_eq!(payload["kind"], "exec");
+        assert_eq!(payload["policy"], "agents");
+        assert_eq!(payload["path"], tool.to_str().expect("utf8"));
+        assert_eq!(
+            payload["rule"],
+            format!("exec allow {}", tool.display()).as_str()
+        );
+        assert_eq!(payload["rule_action"], "allow");
+        assert_eq!(payload["applied"], "deny");
+        assert_eq!(
+            payload["bound"],
+            json!({"ctime_sec": 10, "ctime_nsec": 1, "size": 2, "generation": null})
+        );
+        assert_eq!(payload["found"]["size"], 3);
+        assert_eq!(payload["dev"], dev);
+        assert_eq!(payload["ino"], ino);
+        assert_eq!(payload["process"]["uid"], 65534);
+        assert_eq!(records[0].actor.as_deref(), Some("kernel"));
+        assert_eq!(records[1].payload["found"]["size"], 4);
+    }
 }

@@ -153,6 +153,7 @@ fn exec_ask(tid: u32, digest: u64) -> Event {
         origin: origin(tid, digest),
         dev: 0x0080_0001,
         ino: 1_234_567,
+        content: gatekeep_common::ContentVersion::default(),
         filename: PathBuf::from("/usr/bin/curl"),
         argv: vec![
             "curl".into(),

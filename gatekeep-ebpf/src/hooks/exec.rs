@@ -88,13 +88,11 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
         );
         return Ok(EPERM);
     };
-    let (dev, ino) = (file.dev, file.ino);
-
     let key = ExecRuleKey {
         policy_id: gated.policy_id,
         _pad: 0,
-        dev,
-        ino,
+        dev: file.dev,
+        ino: file.ino,
     };
     let default = || {
         POLICIES
@@ -113,9 +111,8 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
             bump(counter::EXEC_RULE_STALE);
             emit_stale(
                 &Caller::current(cgroup_id, gated.policy_id),
-                &key,
+                &file,
                 &rule,
-                &file.content,
                 applied,
             );
             applied
@@ -139,8 +136,7 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
                 0,
                 action::DENY,
                 bprm,
-                dev,
-                ino,
+                &file,
                 args,
             );
             Ok(EPERM)
@@ -156,6 +152,7 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
     }
 }
 
+#[inline(never)]
 fn ask_exec(
     ctx: &LsmContext,
     caller: &Caller,
@@ -163,7 +160,6 @@ fn ask_exec(
     interpreter: bool,
     file: &Executable,
 ) -> Result<i32, i32> {
-    let (dev, ino) = (file.dev, file.ino);
     if interpreter && approved_in_this_exec(caller.tid, bprm) {
         // The interpreter of a script whose exec was just approved.
         return Ok(0);
@@ -236,8 +232,7 @@ fn ask_exec(
                     digest,
                     action::ASK,
                     bprm,
-                    dev,
-                    ino,
+                    file,
                     args,
                 );
             }
@@ -370,29 +365,28 @@ fn stricter(a: u32, b: u32) -> u32 {
 }
 
 /// Reports an exec that met a stale rule (the agent logs and audits it).
-#[inline(always)]
-fn emit_stale(
-    caller: &Caller,
-    key: &ExecRuleKey,
-    rule: &ExecRule,
-    found: &ContentVersion,
-    applied: u32,
-) {
+/// Off the common path, and not inlined: its record is built in place in
+/// the ring buffer, and its frame is not part of the hook's.
+#[inline(never)]
+fn emit_stale(caller: &Caller, file: &Executable, rule: &ExecRule, applied: u32) {
     let Some(mut entry) = EVENTS.reserve::<ExecRuleStaleEvent>(0) else {
         bump(counter::EVENTS_DROPPED);
         return;
     };
-    entry.write(ExecRuleStaleEvent {
-        header: caller.header(event_kind::EXEC_RULE_STALE, 0),
-        dev: key.dev,
-        ino: key.ino,
-        bound: rule.content,
-        found: *found,
-        rule_action: rule.action,
-        applied_action: applied,
-        rule_flags: rule.flags,
-        _pad: 0,
-    });
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved ring-buffer record of the right
+    // size; every field is written before it is submitted.
+    unsafe {
+        (*event).header = caller.header(event_kind::EXEC_RULE_STALE, 0);
+        (*event).dev = file.dev;
+        (*event).ino = file.ino;
+        (*event).bound = rule.content;
+        (*event).found = file.content;
+        (*event).rule_action = rule.action;
+        (*event).applied_action = applied;
+        (*event).rule_flags = rule.flags;
+        (*event)._pad = 0;
+    }
     entry.submit(0);
 }
 
@@ -443,10 +437,6 @@ fn exec_digest(file: &Executable, args: Option<*const ExecArgs>) -> u64 {
 }
 
 /// Emits an exec event (request or denial) with the path and argv.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one flat call site per event kind reads clearer"
-)]
 #[inline(always)]
 fn emit_exec(
     caller: &Caller,
@@ -454,8 +444,7 @@ fn emit_exec(
     digest: u64,
     action: u32,
     bprm: *const u8,
-    dev: u64,
-    ino: u64,
+    file: &Executable,
     args: Option<*const ExecArgs>,
 ) {
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
@@ -469,8 +458,12 @@ fn emit_exec(
     // stack). Kernel reads go through the probe helpers.
     unsafe {
         (*event).header = caller.header(kind, digest);
-        (*event).dev = dev;
-        (*event).ino = ino;
+        (*event).dev = file.dev;
+        (*event).ino = file.ino;
+        (*event).content.ctime_sec = file.content.ctime_sec;
+        (*event).content.ctime_nsec = file.content.ctime_nsec;
+        (*event).content.generation = file.content.generation;
+        (*event).content.size = file.content.size;
         (*event).action = action;
         (*event).filename[0] = 0;
         if let Ok(filename) =
