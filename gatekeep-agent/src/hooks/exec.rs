@@ -217,20 +217,64 @@ struct Bound {
 
 /// Reads the identity and content version of the file at `path` (symlinks
 /// followed), from one open file so both describe the same inode.
+///
+/// Timestamps are coarse (v6.12 sets ctime from the clock tick,
+/// `ktime_get_coarse_real_ts64`): a file changed in the current tick could
+/// be changed again in that tick and keep its ctime. So the version is read
+/// only once the file's ctime lies before the tick in which the read began
+/// ([`settled`]); until then (a file changed a moment ago) it waits a tick
+/// and reads again, for at most [`SETTLE_LIMIT`].
 fn bind(path: &std::path::Path) -> std::io::Result<Bound> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)?;
-    let meta = file.metadata()?;
-    let generation = file_generation(&file);
-    let (content, flags) = content_version(&meta, generation);
-    Ok(Bound {
-        meta,
-        content,
-        flags,
+    let started = std::time::Instant::now();
+    loop {
+        let before = coarse_now();
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)?;
+        let meta = file.metadata()?;
+        let generation = file_generation(&file);
+        let (content, flags) = content_version(&meta, generation);
+        if settled(&content, before) || started.elapsed() >= SETTLE_LIMIT {
+            return Ok(Bound {
+                meta,
+                content,
+                flags,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// How long [`bind`] waits for a file that keeps changing (a rule bound to
+/// content still changing then goes stale at its next change).
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// `CLOCK_REALTIME_COARSE`, the clock the kernel stamps ctime from, as
+/// (seconds, nanoseconds).
+fn coarse_now() -> (i64, u32) {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_REALTIME_COARSE).map_or((i64::MAX, 0), |now| {
+        (
+            now.tv_sec(),
+            u32::try_from(now.tv_nsec()).unwrap_or_default(),
+        )
     })
+}
+
+/// Whether every change to the file after a read that began at coarse time
+/// `before` must give it another ctime than `content`'s: its ctime lies in
+/// an earlier tick. A ctime of whole seconds may come from a filesystem
+/// that keeps seconds only (ext4 with small inodes), so it must lie in an
+/// earlier second.
+#[must_use]
+pub fn settled(content: &ContentVersion, before: (i64, u32)) -> bool {
+    if content.ctime_nsec == 0 {
+        content.ctime_sec < before.0
+    } else {
+        (content.ctime_sec, content.ctime_nsec) < before
+    }
 }
 
 /// The [`ContentVersion`] of a file (and its [`exec_rule_flags`]) from its
@@ -666,5 +710,36 @@ mod tests {
             crate::bpf::events::parse(bytes),
             Ok(crate::bpf::events::Event::ExecRuleStale(_))
         ));
+    }
+
+    #[test]
+    fn a_version_is_settled_only_once_its_tick_has_passed() {
+        let at = |ctime_sec, ctime_nsec| ContentVersion {
+            ctime_sec,
+            ctime_nsec,
+            ..ContentVersion::default()
+        };
+        // Changed in an earlier tick: any later write gets another ctime.
+        assert!(settled(&at(100, 5_000_000), (100, 9_000_000)));
+        // Changed in the tick the read began in: a write may still keep it.
+        assert!(!settled(&at(100, 9_000_000), (100, 9_000_000)));
+        assert!(!settled(&at(100, 9_000_001), (100, 9_000_000)));
+        // Whole seconds (a filesystem of second granularity): an earlier second only.
+        assert!(!settled(&at(100, 0), (100, 500_000_000)));
+        assert!(settled(&at(100, 0), (101, 0)));
+    }
+
+    #[test]
+    fn binding_a_file_changed_a_moment_ago_waits_until_its_version_is_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh");
+        fs::write(&path, b"x").unwrap();
+        let bound = bind(&path).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(bound.content.ctime_sec, meta.ctime());
+        // Bound after the coarse clock passed the change: a rewrite now
+        // necessarily gets another ctime.
+        let now = coarse_now();
+        assert!(settled(&bound.content, now), "{:?} vs {now:?}", bound.content);
     }
 }

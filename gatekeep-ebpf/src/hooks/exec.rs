@@ -88,11 +88,13 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
         );
         return Ok(EPERM);
     };
+    let (dev, ino) = (file.dev, file.ino);
+
     let key = ExecRuleKey {
         policy_id: gated.policy_id,
         _pad: 0,
-        dev: file.dev,
-        ino: file.ino,
+        dev,
+        ino,
     };
     let default = || {
         POLICIES
@@ -111,8 +113,9 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
             bump(counter::EXEC_RULE_STALE);
             emit_stale(
                 &Caller::current(cgroup_id, gated.policy_id),
-                &file,
+                &key,
                 &rule,
+                &file.content,
                 applied,
             );
             applied
@@ -136,7 +139,8 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
                 0,
                 action::DENY,
                 bprm,
-                &file,
+                dev,
+                ino,
                 args,
             );
             Ok(EPERM)
@@ -152,7 +156,6 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
     }
 }
 
-#[inline(never)]
 fn ask_exec(
     ctx: &LsmContext,
     caller: &Caller,
@@ -160,6 +163,7 @@ fn ask_exec(
     interpreter: bool,
     file: &Executable,
 ) -> Result<i32, i32> {
+    let (dev, ino) = (file.dev, file.ino);
     if interpreter && approved_in_this_exec(caller.tid, bprm) {
         // The interpreter of a script whose exec was just approved.
         return Ok(0);
@@ -232,7 +236,8 @@ fn ask_exec(
                     digest,
                     action::ASK,
                     bprm,
-                    file,
+                    dev,
+                    ino,
                     args,
                 );
             }
@@ -365,29 +370,73 @@ fn stricter(a: u32, b: u32) -> u32 {
 }
 
 /// Reports an exec that met a stale rule (the agent logs and audits it).
-/// Off the common path, and not inlined: its record is built in place in
-/// the ring buffer, and its frame is not part of the hook's.
-#[inline(never)]
-fn emit_stale(caller: &Caller, file: &Executable, rule: &ExecRule, applied: u32) {
+#[inline(always)]
+fn emit_stale(
+    caller: &Caller,
+    key: &ExecRuleKey,
+    rule: &ExecRule,
+    found: &ContentVersion,
+    applied: u32,
+) {
     let Some(mut entry) = EVENTS.reserve::<ExecRuleStaleEvent>(0) else {
         bump(counter::EVENTS_DROPPED);
         return;
     };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points at a reserved ring-buffer record of the right
-    // size; every field is written before it is submitted.
-    unsafe {
-        (*event).header = caller.header(event_kind::EXEC_RULE_STALE, 0);
-        (*event).dev = file.dev;
-        (*event).ino = file.ino;
-        (*event).bound = rule.content;
-        (*event).found = file.content;
-        (*event).rule_action = rule.action;
-        (*event).applied_action = applied;
-        (*event).rule_flags = rule.flags;
-        (*event)._pad = 0;
-    }
+    entry.write(ExecRuleStaleEvent {
+        header: caller.header(event_kind::EXEC_RULE_STALE, 0),
+        dev: key.dev,
+        ino: key.ino,
+        bound: rule.content,
+        found: *found,
+        rule_action: rule.action,
+        applied_action: applied,
+        rule_flags: rule.flags,
+        _pad: 0,
+    });
     entry.submit(0);
+}
+
+/// Reads the content version of `bprm->file` straight into `out` (a ring
+/// buffer record), field by field through the probe helper, so it takes no
+/// stack (the hook's frames share 512 bytes). The digest read the same
+/// fields a moment earlier in this hook. Unreadable: zeroes.
+#[inline(always)]
+fn read_content_into(bprm: *const u8, out: *mut ContentVersion) {
+    let off = offsets();
+    // SAFETY: kernel reads go through the probe helpers, which fail safely
+    // (zeroing the destination); `out` points into a reserved record.
+    unsafe {
+        let Ok(file) =
+            bpf_probe_read_kernel::<*const u8>(bprm.add(off.linux_binprm_file as usize).cast())
+        else {
+            return;
+        };
+        let Ok(inode) =
+            bpf_probe_read_kernel::<*const u8>(file.add(off.file_f_inode as usize).cast())
+        else {
+            return;
+        };
+        probe_read_kernel_raw(
+            (&raw mut (*out).ctime_sec).cast::<c_void>(),
+            8,
+            inode.add(off.inode_i_ctime_sec as usize).cast::<c_void>(),
+        );
+        probe_read_kernel_raw(
+            (&raw mut (*out).ctime_nsec).cast::<c_void>(),
+            4,
+            inode.add(off.inode_i_ctime_nsec as usize).cast::<c_void>(),
+        );
+        probe_read_kernel_raw(
+            (&raw mut (*out).generation).cast::<c_void>(),
+            4,
+            inode.add(off.inode_i_generation as usize).cast::<c_void>(),
+        );
+        probe_read_kernel_raw(
+            (&raw mut (*out).size).cast::<c_void>(),
+            8,
+            inode.add(off.inode_i_size as usize).cast::<c_void>(),
+        );
+    }
 }
 
 /// Digest of an exec request: executable identity, its content version and
@@ -437,6 +486,10 @@ fn exec_digest(file: &Executable, args: Option<*const ExecArgs>) -> u64 {
 }
 
 /// Emits an exec event (request or denial) with the path and argv.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one flat call site per event kind reads clearer"
+)]
 #[inline(always)]
 fn emit_exec(
     caller: &Caller,
@@ -444,7 +497,8 @@ fn emit_exec(
     digest: u64,
     action: u32,
     bprm: *const u8,
-    file: &Executable,
+    dev: u64,
+    ino: u64,
     args: Option<*const ExecArgs>,
 ) {
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
@@ -458,12 +512,9 @@ fn emit_exec(
     // stack). Kernel reads go through the probe helpers.
     unsafe {
         (*event).header = caller.header(kind, digest);
-        (*event).dev = file.dev;
-        (*event).ino = file.ino;
-        (*event).content.ctime_sec = file.content.ctime_sec;
-        (*event).content.ctime_nsec = file.content.ctime_nsec;
-        (*event).content.generation = file.content.generation;
-        (*event).content.size = file.content.size;
+        (*event).dev = dev;
+        (*event).ino = ino;
+        read_content_into(bprm, &raw mut (*event).content);
         (*event).action = action;
         (*event).filename[0] = 0;
         if let Ok(filename) =
