@@ -14,8 +14,8 @@ use aya::{
 };
 use gatekeep_agent::bpf::programs::Attached;
 use gatekeep_common::{
-    ExecEvent, ExecRule, ExecRuleKey, GatedCgroup, PolicyDefaults, TaskEvent, action, gated_filter_slot,
-    map_names,
+    ExecEvent, ExecRule, ExecRuleKey, GatedCgroup, PolicyDefaults, TaskEvent, action,
+    gated_filter_slot, map_names,
 };
 use nix::time::{ClockId, clock_gettime};
 

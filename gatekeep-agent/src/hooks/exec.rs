@@ -412,13 +412,8 @@ pub fn stale_payload(
         schema: Schema::default(),
         kind: model::Kind::Exec,
         policy: policy.map(|p| p.policy.name.clone()),
-        rule: path.map(|path| {
-            format!(
-                "exec {} {}",
-                action_name(stale.rule_action),
-                path.display()
-            )
-        }),
+        rule: path
+            .map(|path| format!("exec {} {}", action_name(stale.rule_action), path.display())),
         path: path.map(|path| path.to_string_lossy().into_owned()),
         dev: stale.dev,
         ino: stale.ino,
@@ -740,6 +735,10 @@ mod tests {
         // Bound after the coarse clock passed the change: a rewrite now
         // necessarily gets another ctime.
         let now = coarse_now();
-        assert!(settled(&bound.content, now), "{:?} vs {now:?}", bound.content);
+        assert!(
+            settled(&bound.content, now),
+            "{:?} vs {now:?}",
+            bound.content
+        );
     }
 }

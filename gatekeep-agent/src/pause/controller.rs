@@ -1142,12 +1142,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     /// rule, policy load and content found (a loop of execs is one report).
     fn handle_stale_rule(&mut self, stale: &crate::hooks::exec::StaleRule) {
         const MAX_REMEMBERED: usize = 4096;
-        let key = (
-            stale.origin.policy_id,
-            stale.dev,
-            stale.ino,
-            stale.found,
-        );
+        let key = (stale.origin.policy_id, stale.dev, stale.ino, stale.found);
         if self.stale_reported.contains(&key) {
             return;
         }

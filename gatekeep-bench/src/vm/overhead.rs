@@ -75,8 +75,8 @@ use gatekeep_agent::bpf::{
     programs::{Hook, PROGRAMS, Program},
 };
 use gatekeep_common::{
-    ConnectV4Key, ExecRule, ExecRuleKey, GatedCgroup, Grant, GrantKey, PolicyDefaults, PortRule, PortRules,
-    Verdict, VerdictKey, action, counter, gated_filter_slot, map_names,
+    ConnectV4Key, ExecRule, ExecRuleKey, GatedCgroup, Grant, GrantKey, PolicyDefaults, PortRule,
+    PortRules, Verdict, VerdictKey, action, counter, gated_filter_slot, map_names,
 };
 
 use super::{

@@ -19,8 +19,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
     ARGV_LEN, ContentVersion, EPERM, ERESTARTNOINTR, ExecEvent, ExecRule, ExecRuleKey,
-    ExecRuleStaleEvent, GATED_UNCLASSIFIED, PATH_LEN, action, counter, event_kind,
-    exec_rule_flags, request_kind,
+    ExecRuleStaleEvent, GATED_UNCLASSIFIED, PATH_LEN, action, counter, event_kind, exec_rule_flags,
+    request_kind,
 };
 
 use crate::{
@@ -330,9 +330,7 @@ fn executable_identity(bprm: *const u8) -> Result<Executable, i64> {
         let content = ContentVersion {
             ctime_sec: bpf_probe_read_kernel(inode.add(off.inode_i_ctime_sec as usize).cast())?,
             ctime_nsec: bpf_probe_read_kernel(inode.add(off.inode_i_ctime_nsec as usize).cast())?,
-            generation: bpf_probe_read_kernel(
-                inode.add(off.inode_i_generation as usize).cast(),
-            )?,
+            generation: bpf_probe_read_kernel(inode.add(off.inode_i_generation as usize).cast())?,
             size: bpf_probe_read_kernel(inode.add(off.inode_i_size as usize).cast())?,
         };
         Ok(Executable {
