@@ -69,11 +69,44 @@ pub enum AdminError {
     },
 }
 
-/// `policy validate`: every problem of every file, or a one-line summary.
+/// `policy validate`: every problem of every file, or a one-line summary
+/// after the warnings (where a valid policy cannot keep its promise on this
+/// host; they do not fail validation).
 pub fn validate_policy(paths: &[PathBuf], out: &mut impl Write) -> Result<(), AdminError> {
-    let summary =
+    let validation =
         gatekeep_policy::validate_paths(paths).map_err(|source| AdminError::Policy { source })?;
-    writeln!(out, "ok: {summary}").map_err(|source| AdminError::Write { source })
+    let write = |out: &mut dyn Write| {
+        for warning in &validation.warnings {
+            // Rule paths and `#!` lines come from files: control characters
+            // are escaped.
+            writeln!(
+                out,
+                "warning[{}]: {}",
+                warning.kind,
+                escape_controls(&warning.to_string())
+            )?;
+        }
+        writeln!(out, "ok: {}", validation.summary)
+    };
+    write(out).map_err(|source| AdminError::Write { source })
+}
+
+/// `text` with control, bidirectional and invisible format characters (and
+/// the backslash) escaped, so file contents cannot drive a terminal.
+fn escape_controls(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let format = matches!(
+                c,
+                '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}'
+            );
+            if c == '\\' || c.is_control() || format {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `audit verify`: proves the hash chain.
