@@ -459,6 +459,39 @@ mod tests {
     }
 
     #[test]
+    fn validate_prints_warnings_escaped_before_the_summary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("warn.toml");
+        // TOML escapes: the rule's path holds ESC and a right-to-left override.
+        std::fs::write(
+            &file,
+            format!(
+                "[[policy]]\nname = \"w\"\ncgroups = [\"/sys/fs/cgroup/w\"]\n[policy.exec]\ndefault = \"deny\"\nallow = [\"{}/gone\\u001b[2J\\u202e\"]\n",
+                dir.path().display()
+            ),
+        )
+        .expect("write");
+        let mut out = Vec::new();
+        validate_policy(std::slice::from_ref(&file), &mut out).expect("warnings do not fail");
+        let text = String::from_utf8(out).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].starts_with(&format!(
+                "warning[missing-path]: {}:6:10: policy \"w\": exec allow rule \"{}/gone\\u{{1b}}[2J\\u{{202e}}\" names a file that does not exist",
+                file.display(),
+                dir.path().display()
+            )),
+            "{text}"
+        );
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+            "{text}"
+        );
+        assert_eq!(lines[1], "ok: 1 policy, 1 exec rule, 0 connect rules");
+    }
+
+    #[test]
     fn audit_verify_and_export_round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.db");
