@@ -69,11 +69,44 @@ pub enum AdminError {
     },
 }
 
-/// `policy validate`: every problem of every file, or a one-line summary.
+/// `policy validate`: every problem of every file, or a one-line summary
+/// after the warnings (where a valid policy cannot keep its promise on this
+/// host; they do not fail validation).
 pub fn validate_policy(paths: &[PathBuf], out: &mut impl Write) -> Result<(), AdminError> {
-    let summary =
+    let validation =
         gatekeep_policy::validate_paths(paths).map_err(|source| AdminError::Policy { source })?;
-    writeln!(out, "ok: {summary}").map_err(|source| AdminError::Write { source })
+    let write = |out: &mut dyn Write| {
+        for warning in &validation.warnings {
+            // Rule paths and `#!` lines come from files: control characters
+            // are escaped.
+            writeln!(
+                out,
+                "warning[{}]: {}",
+                warning.kind,
+                escape_controls(&warning.to_string())
+            )?;
+        }
+        writeln!(out, "ok: {}", validation.summary)
+    };
+    write(out).map_err(|source| AdminError::Write { source })
+}
+
+/// `text` with control, bidirectional and invisible format characters (and
+/// the backslash) escaped, so file contents cannot drive a terminal.
+fn escape_controls(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let format = matches!(
+                c,
+                '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}'
+            );
+            if c == '\\' || c.is_control() || format {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `audit verify`: proves the hash chain.
@@ -423,6 +456,39 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains("bad.toml:5:"), "{message}");
         assert!(message.contains("alow"), "{message}");
+    }
+
+    #[test]
+    fn validate_prints_warnings_escaped_before_the_summary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("warn.toml");
+        // TOML escapes: the rule's path holds ESC and a right-to-left override.
+        std::fs::write(
+            &file,
+            format!(
+                "[[policy]]\nname = \"w\"\ncgroups = [\"/sys/fs/cgroup/w\"]\n[policy.exec]\ndefault = \"deny\"\nallow = [\"{}/gone\\u001b[2J\\u202e\"]\n",
+                dir.path().display()
+            ),
+        )
+        .expect("write");
+        let mut out = Vec::new();
+        validate_policy(std::slice::from_ref(&file), &mut out).expect("warnings do not fail");
+        let text = String::from_utf8(out).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].starts_with(&format!(
+                "warning[missing-path]: {}:6:10: policy \"w\": exec allow rule \"{}/gone\\u{{1b}}[2J\\u{{202e}}\" names a file that does not exist",
+                file.display(),
+                dir.path().display()
+            )),
+            "{text}"
+        );
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+            "{text}"
+        );
+        assert_eq!(lines[1], "ok: 1 policy, 1 exec rule, 0 connect rules");
     }
 
     #[test]

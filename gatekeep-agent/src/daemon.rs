@@ -731,11 +731,30 @@ async fn load_policy(dir: &Path) -> Result<PolicySet, DaemonError> {
     let dir = dir.to_owned();
     tokio::task::spawn_blocking({
         let dir = dir.clone();
-        move || PolicySet::load_dir(&dir)
+        move || {
+            let set = PolicySet::load_dir(&dir)?;
+            log_policy_warnings(&set);
+            Ok(set)
+        }
     })
     .await
     .map_err(|source| DaemonError::Join { source })?
     .map_err(|source| DaemonError::Policy { dir, source })
+}
+
+/// Logs where a loaded policy cannot keep its promise on this host (the
+/// warnings of `gatekeep policy validate`); the policy is enforced all the
+/// same. Reads the files the exec rules name, so it runs off the async
+/// threads.
+fn log_policy_warnings(set: &PolicySet) {
+    for warning in set.warnings() {
+        tracing::warn!(
+            kind = warning.kind.as_str(),
+            policy = warning.policy.as_str(),
+            warning = warning.message.as_str(),
+            "policy cannot keep its promise"
+        );
+    }
 }
 
 /// Compiles `set` with ids unused in the kernel and applies it.
@@ -1043,5 +1062,66 @@ mod tests {
         let second = policy_fingerprint(dir.path());
         std::fs::write(dir.path().join("b.toml"), "").expect("write");
         assert_ne!(policy_fingerprint(dir.path()), second);
+    }
+
+    /// A log writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log buffer").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_policy_that_cannot_keep_its_promise_is_loaded_and_its_warnings_logged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("denied.sh");
+        std::fs::write(&script, "#!/bin/sh\necho hi\n").expect("write");
+        std::fs::write(
+            dir.path().join("a.toml"),
+            format!(
+                "[[policy]]\nname = \"agents\"\ncgroups = [\"/sys/fs/cgroup/agents\"]\n[policy.exec]\ndeny = [\"{}\"]\n",
+                script.display()
+            ),
+        )
+        .expect("write");
+
+        // Not refused: the policy is what the files say.
+        let set = load_policy(dir.path())
+            .await
+            .expect("a policy with warnings loads");
+        assert_eq!(set.policies[0].exec.rules.len(), 1);
+
+        let log = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer({
+                let log = log.clone();
+                move || log.clone()
+            })
+            .finish();
+        tracing::subscriber::with_default(subscriber, || log_policy_warnings(&set));
+        let text = String::from_utf8(log.0.lock().expect("log buffer").clone()).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines.iter().all(|line| line.contains(" WARN ")), "{text}");
+        assert!(
+            lines[0].contains("policy cannot keep its promise")
+                && lines[0].contains("kind=\"deny-list-under-allow\"")
+                && lines[0].contains("policy=\"agents\""),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("kind=\"script\"")
+                && lines[1].contains("deny that interpreter to the workload"),
+            "{text}"
+        );
     }
 }

@@ -51,6 +51,9 @@ impl ConfigArg {
 enum PolicyCommand {
     /// Check policy files (or directories of them) as the agent would load
     /// them; print every problem with its line and column, exit 1 if any.
+    /// Warnings (where a valid policy cannot keep its promise on this host)
+    /// are printed before the summary and do not fail; `gatekeep policy
+    /// validate --deny-warnings` fails on them.
     Validate {
         #[arg(required = true, value_name = "FILE")]
         paths: Vec<PathBuf>,

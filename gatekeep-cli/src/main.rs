@@ -221,12 +221,43 @@ enum AuditCommand {
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
     /// Validate policy files (or directories of them), reporting every problem with its line
-    /// and column.
+    /// and column, and warning where a valid policy cannot keep its promise on this host.
+    ///
+    /// Warnings (on stderr, one per line: `warning[KIND]: FILE:LINE:COLUMN: cause; fix`; in
+    /// `--output json`, the document's `warnings` array) are checked against this host's
+    /// files:
+    ///   deny-list-under-allow  deny/ask exec rules under `default = "allow"`: a copy or
+    ///                          rebuild of the program escapes them
+    ///   missing-path           a rule names a file that does not exist here
+    ///   not-a-file             a rule names a directory or special file
+    ///   unreadable             a rule's file could not be read to check it
+    ///   script                 a deny/ask rule names a script (or a non-ELF file): `sh FILE`
+    ///                          runs it without exec'ing it
+    ///
+    /// Exit status: 0 the files are valid (warnings alone do not fail); 1 a file is invalid
+    /// or cannot be read; 2 wrong command-line usage; 3 the files are valid but have
+    /// warnings and --deny-warnings was given.
+    #[command(verbatim_doc_comment)]
     Validate {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Fail (exit status 3) when any warning is found.
+        #[arg(long)]
+        deny_warnings: bool,
     },
 }
+
+/// `policy validate --deny-warnings` found warnings: exit status 3.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the policy files are valid but have {count} warning(s), and --deny-warnings makes that a failure; fix them (each says how) or drop --deny-warnings"
+)]
+struct WarningsDenied {
+    count: usize,
+}
+
+/// The exit status of `policy validate` when `--deny-warnings` finds warnings.
+const EXIT_WARNINGS: u8 = 3;
 
 /// Turns a client error into a message that names the cause and the fix.
 fn explain(error: ClientError, connection: &Connection) -> anyhow::Error {
@@ -372,14 +403,31 @@ impl App {
                 out.flush()?;
                 Ok(())
             }
-            Command::Policy(PolicyCommand::Validate { paths }) => {
-                match gatekeep_policy::validate_paths(&paths) {
-                    Ok(summary) => self.printer.policy_ok(&summary),
-                    Err(error) => {
-                        bail!("{error}")
+            Command::Policy(PolicyCommand::Validate {
+                paths,
+                deny_warnings,
+            }) => match gatekeep_policy::validate_paths(&paths) {
+                Ok(validation) => {
+                    let failed = deny_warnings && !validation.warnings.is_empty();
+                    self.printer.policy_validated(&validation, !failed)?;
+                    if failed {
+                        return Err(WarningsDenied {
+                            count: validation.warnings.len(),
+                        }
+                        .into());
                     }
+                    Ok(())
                 }
-            }
+                Err(error) => {
+                    // One diagnostic per line; file names and quoted text escaped.
+                    let lines: Vec<String> = error
+                        .to_string()
+                        .lines()
+                        .map(|line| escape::terminal(line).into_owned())
+                        .collect();
+                    bail!("{}", lines.join("\n"))
+                }
+            },
             Command::Status => {
                 let status = self.client().await?.status().await;
                 let status = status.map_err(|err| self.explain(err))?;
@@ -488,7 +536,11 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("gatekeep: {error:#}");
-            ExitCode::FAILURE
+            if error.downcast_ref::<WarningsDenied>().is_some() {
+                ExitCode::from(EXIT_WARNINGS)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -461,11 +461,41 @@ impl Printer {
         ))
     }
 
-    pub fn policy_ok(&self, summary: &gatekeep_policy::Summary) -> anyhow::Result<()> {
+    /// A valid policy set: its warnings, then (when `ok`) the one-line summary. JSON: one
+    /// document, the summary's fields and `warnings` (raw values; JSON escapes them). Text:
+    /// the warnings on stderr, escaped for the terminal, the summary on stdout.
+    pub fn policy_validated(
+        &self,
+        validation: &gatekeep_policy::Validation,
+        ok: bool,
+    ) -> anyhow::Result<()> {
         if self.format == Format::Json {
-            return json_line(summary);
+            let mut document = serde_json::to_value(validation.summary)?;
+            if let Some(fields) = document.as_object_mut() {
+                fields.insert("ok".into(), ok.into());
+                fields.insert(
+                    "warnings".into(),
+                    serde_json::to_value(&validation.warnings)?,
+                );
+            }
+            return json_line(&document);
         }
-        text(&format!("ok: {summary}\n"))
+        {
+            let mut err = std::io::stderr().lock();
+            for warning in &validation.warnings {
+                writeln!(err, "{}", warning_line(warning))?;
+            }
+        }
+        if !ok {
+            return Ok(());
+        }
+        let count = validation.warnings.len();
+        let warnings = match count {
+            0 => String::new(),
+            1 => "; 1 warning".to_owned(),
+            _ => format!("; {count} warnings"),
+        };
+        text(&format!("ok: {}{warnings}\n", validation.summary))
     }
 
     pub fn status(&self, server: &str, status: &Status) -> anyhow::Result<()> {
@@ -509,6 +539,12 @@ impl Printer {
             },
         ))
     }
+}
+
+/// `warning[script]: agents.toml:7:9: policy "agents": ...`, escaped for the terminal (rule
+/// paths and `#!` lines come from files).
+pub fn warning_line(warning: &gatekeep_policy::Warning) -> String {
+    format!("warning[{}]: {}", warning.kind, t(&warning.to_string()))
 }
 
 #[cfg(test)]

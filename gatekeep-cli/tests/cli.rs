@@ -580,3 +580,199 @@ async fn escape_sequences_in_argv_cannot_drive_the_reviewers_terminal() {
         .expect("task")
         .expect("clean");
 }
+
+/// Runs `gatekeep ARGS` without any service (policy validation is local).
+fn run_local(dir: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gatekeep"))
+        .args(args)
+        .env_remove("GATEKEEP_SERVER")
+        .env_remove("GATEKEEP_TOKEN")
+        .env_remove("GATEKEEP_CA")
+        .env("XDG_CONFIG_HOME", dir)
+        .output()
+        .expect("run gatekeep")
+}
+
+/// A folder with two copies of an ELF binary (`tool`, `other`) and a `#!/bin/sh` script.
+struct PolicyHost {
+    dir: tempfile::TempDir,
+    base: String,
+}
+
+const POLICY_HEAD: &str =
+    "[[policy]]\nname = \"agents\"\ncgroups = [\"/sys/fs/cgroup/agents\"]\n[policy.exec]\n";
+
+impl PolicyHost {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::copy("/bin/true", dir.path().join("tool")).expect("copy /bin/true");
+        std::fs::copy("/bin/true", dir.path().join("other")).expect("copy /bin/true");
+        std::fs::write(dir.path().join("denied.sh"), "#!/bin/sh\necho hi\n").expect("write");
+        let base = dir.path().display().to_string();
+        Self { dir, base }
+    }
+
+    /// Writes `name` with this `[policy.exec]` body and returns its path.
+    fn policy(&self, name: &str, exec: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, format!("{POLICY_HEAD}{exec}")).expect("write");
+        path.to_str().expect("utf-8").to_owned()
+    }
+
+    /// A deny-list under default allow, on an ELF file, a script and a path that does not
+    /// exist (whose name holds an escape sequence, written as a TOML escape).
+    fn leaky(&self) -> String {
+        let base = &self.base;
+        self.policy(
+            "leaky.toml",
+            &format!(
+                "default = \"allow\"\ndeny = [\"{base}/tool\", \"{base}/denied.sh\", \"{base}/gone\\u001b[2J\"]\n"
+            ),
+        )
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        run_local(self.dir.path(), args)
+    }
+}
+
+#[test]
+fn policy_validate_passes_a_clean_allow_list_and_fails_an_invalid_file() {
+    let host = PolicyHost::new();
+    let base = &host.base;
+    // An allow-list under default deny, on real ELF files: no warnings, with or without the
+    // flag.
+    let clean = host.policy(
+        "clean.toml",
+        &format!("default = \"deny\"\nallow = [\"{base}/tool\"]\ndeny = [\"{base}/other\"]\n"),
+    );
+    for args in [
+        &["policy", "validate", clean.as_str()][..],
+        &["policy", "validate", "--deny-warnings", clean.as_str()][..],
+    ] {
+        let output = host.run(args);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        assert_eq!(
+            stdout(&output),
+            "ok: 1 policy, 2 exec rules, 0 connect rules\n"
+        );
+        assert_eq!(stderr(&output), "");
+    }
+
+    // An invalid file is status 1, flag or not.
+    let bad = host.policy("bad.toml", "default = \"alow\"\n");
+    let output = host.run(&["policy", "validate", "--deny-warnings", &bad]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("bad.toml:5:11: unknown action"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn policy_validate_prints_warnings_and_fails_on_them_only_when_asked() {
+    let host = PolicyHost::new();
+    let base = &host.base;
+    let leaky = host.leaky();
+
+    // Warnings alone do not fail: printed on stderr, counted in the summary.
+    let output = host.run(&["policy", "validate", &leaky]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "ok: 1 policy, 3 exec rules, 0 connect rules; 3 warnings\n"
+    );
+    let err = stderr(&output);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "warning[deny-list-under-allow]: {leaky}:6:9: policy \"agents\": exec default is allow, so deny \"{base}/tool\", deny \"{base}/denied.sh\", deny \"{base}/gone\\e[2J\" hold only for the files named"
+        )),
+        "{err}"
+    );
+    assert!(lines[0].contains("write default = \"deny\""), "{err}");
+    assert!(
+        lines[1].starts_with(&format!(
+            "warning[script]: {leaky}:6:{}: policy \"agents\": exec deny rule \"{base}/denied.sh\" is a script (#!/bin/sh)",
+            9 + base.len() + 9
+        )),
+        "{err}"
+    );
+    assert!(
+        lines[1].contains("put the rule on the interpreter instead (deny \"/bin/sh\")"),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with(&format!("warning[missing-path]: {leaky}:6:"))
+            && lines[2].contains(&format!(
+                "exec deny rule \"{base}/gone\\e[2J\" names a file that does not exist on this host"
+            )),
+        "{err}"
+    );
+    assert!(
+        !err.contains('\u{1b}'),
+        "escape sequences reach the terminal: {err}"
+    );
+
+    // --deny-warnings: the same warnings, no "ok", exit status 3.
+    let output = host.run(&["policy", "validate", "--deny-warnings", &leaky]);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "");
+    let err = stderr(&output);
+    assert_eq!(err.lines().count(), 4, "{err}");
+    assert!(
+        err.lines().take(3).all(|line| line.starts_with("warning[")),
+        "{err}"
+    );
+    assert!(
+        err.lines().nth(3).is_some_and(|line| line.starts_with(
+            "gatekeep: the policy files are valid but have 3 warning(s), and --deny-warnings makes that a failure"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn policy_validate_json_carries_the_warnings_and_the_same_exit_status() {
+    let host = PolicyHost::new();
+    let base = &host.base;
+    let leaky = host.leaky();
+    let output = host.run(&[
+        "--output",
+        "json",
+        "policy",
+        "validate",
+        "--deny-warnings",
+        &leaky,
+    ]);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    let document: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON document");
+    assert_eq!(document["ok"], false);
+    assert_eq!(document["exec_rules"], 3);
+    let warnings = document["warnings"].as_array().expect("warnings");
+    let kinds: Vec<&str> = warnings
+        .iter()
+        .map(|w| w["kind"].as_str().expect("kind"))
+        .collect();
+    assert_eq!(kinds, ["deny-list-under-allow", "script", "missing-path"]);
+    assert_eq!(warnings[0]["rules"].as_array().map(Vec::len), Some(3));
+    // Raw values: JSON escapes them itself.
+    assert_eq!(
+        warnings[2]["rules"][0]["path"],
+        format!("{base}/gone\u{1b}[2J")
+    );
+    assert_eq!(warnings[2]["rules"][0]["action"], "deny");
+    assert_eq!(warnings[2]["policy"], "agents");
+    assert_eq!(warnings[2]["at"]["line"], 6);
+    assert_eq!(warnings[2]["at"]["file"], leaky.as_str());
+
+    let output = host.run(&["--output", "json", "policy", "validate", &leaky]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let document: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON document");
+    assert_eq!(document["ok"], true);
+    assert_eq!(document["warnings"].as_array().map(Vec::len), Some(3));
+}

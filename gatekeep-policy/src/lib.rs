@@ -96,6 +96,20 @@
 //! become one identity when the agent resolves them.)
 //! An executable no rule names gets `default`.
 //!
+//! # Warnings: promises a valid policy cannot keep
+//!
+//! Some valid policies promise more than identity matching can hold. Loading
+//! never refuses them, but [`validate_paths`] (`gatekeep policy validate`)
+//! and [`PolicySet::warnings`] (which the agent logs when it loads a policy)
+//! report each as a [`Warning`] with its cause and fix ([`WarningKind`]):
+//! - deny or ask rules under an exec `default = "allow"`: a copy or rebuild
+//!   of a denied program is a new file and runs (write `default = "deny"` or
+//!   `"ask"` with an allow-list);
+//! - a rule path that does not exist on this host, or is not a regular file;
+//! - a deny or ask rule on a script (`#!`, or any file that is not ELF):
+//!   `sh denied.sh` runs the interpreter, never exec'ing the script (put the
+//!   rule on the interpreter, or deny the interpreter).
+//!
 //! # Connect rules
 //!
 //! Connect rules are `NETWORK[:PORTS]`: `10.0.0.0/8`, `10.1.0.0/16:443`,
@@ -146,16 +160,18 @@ mod load;
 mod model;
 mod net;
 mod parse;
+mod warning;
 
 pub use cgroup::{CGROUP_ROOT, CgroupPattern, CgroupPatternError};
 pub use error::{Diagnostic, PolicyError};
-pub use load::{Summary, parse_str, validate_paths};
+pub use load::{Summary, Validation, parse_str, validate_paths};
 pub use model::{
     Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration,
     ParseActionError, ParseGrantDurationError, ParseProtectPointError, Policy, PolicySet,
     PortRange, Protect, ProtectPoint,
 };
 pub use parse::{DEFAULT_TIMEOUT, MAX_TIMEOUT};
+pub use warning::{Location, Warning, WarningKind};
 
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,7 @@ use crate::{
     error::{Diagnostic, PolicyError},
     model::PolicySet,
     parse::{ParsedPolicy, Pos, parse_file},
+    warning::{Warning, policy_warnings},
 };
 
 impl PolicySet {
@@ -24,16 +25,21 @@ impl PolicySet {
     /// Loads the given files in the given order, reporting every problem of
     /// every file at once.
     pub fn load_files(paths: &[PathBuf]) -> Result<PolicySet, PolicyError> {
-        let mut sources = Vec::with_capacity(paths.len());
-        for path in paths {
-            let text = fs::read_to_string(path).map_err(|source| PolicyError::ReadFile {
-                path: path.clone(),
-                source,
-            })?;
-            sources.push((path.display().to_string(), text));
-        }
-        load_sources(&sources)
+        load_sources(&read_sources(paths)?)
     }
+}
+
+/// `(name, text)` of each file, in order.
+fn read_sources(paths: &[PathBuf]) -> Result<Vec<(String, String)>, PolicyError> {
+    let mut sources = Vec::with_capacity(paths.len());
+    for path in paths {
+        let text = fs::read_to_string(path).map_err(|source| PolicyError::ReadFile {
+            path: path.clone(),
+            source,
+        })?;
+        sources.push((path.display().to_string(), text));
+    }
+    Ok(sources)
 }
 
 /// Parses and validates one policy file's text; `source_name` is how
@@ -68,11 +74,21 @@ impl fmt::Display for Summary {
     }
 }
 
+/// What `gatekeep policy validate` reports about a valid set of files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Validation {
+    pub summary: Summary,
+    /// Where the policies cannot keep their promise on this host, each
+    /// located in its file; in load order. Warnings never make a set invalid.
+    pub warnings: Vec<Warning>,
+}
+
 /// Validates policy files for `gatekeep policy validate`: each path is a file,
 /// or a directory whose `*.toml` files are taken in name order. The files are
 /// checked together, as the agent would load them (duplicate names and cgroup
-/// patterns are found across files).
-pub fn validate_paths(paths: &[PathBuf]) -> Result<Summary, PolicyError> {
+/// patterns are found across files); a valid set is then checked against this
+/// host for [`Warning`]s.
+pub fn validate_paths(paths: &[PathBuf]) -> Result<Validation, PolicyError> {
     let mut files: Vec<PathBuf> = Vec::new();
     for path in paths {
         let meta = fs::metadata(path).map_err(|source| PolicyError::ReadFile {
@@ -90,13 +106,21 @@ pub fn validate_paths(paths: &[PathBuf]) -> Result<Summary, PolicyError> {
             }
         }
     }
-    let set = PolicySet::load_files(&files)?;
-    Ok(Summary {
-        files: files.len(),
-        policies: set.policies.len(),
-        cgroup_patterns: set.policies.iter().map(|p| p.cgroups.len()).sum(),
-        exec_rules: set.policies.iter().map(|p| p.exec.rules.len()).sum(),
-        connect_rules: set.policies.iter().map(|p| p.connect.rules.len()).sum(),
+    let parsed = load_parsed(&read_sources(&files)?)?;
+    let warnings = parsed
+        .iter()
+        .flat_map(|entry| policy_warnings(&entry.policy, Some(&entry.exec_at)))
+        .collect();
+    let policies = parsed.iter().map(|entry| &entry.policy);
+    Ok(Validation {
+        summary: Summary {
+            files: files.len(),
+            policies: parsed.len(),
+            cgroup_patterns: policies.clone().map(|p| p.cgroups.len()).sum(),
+            exec_rules: policies.clone().map(|p| p.exec.rules.len()).sum(),
+            connect_rules: policies.map(|p| p.connect.rules.len()).sum(),
+        },
+        warnings,
     })
 }
 
@@ -121,6 +145,16 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
 
 /// Parses `(name, text)` sources in order and checks them as one set.
 pub(crate) fn load_sources(sources: &[(String, String)]) -> Result<PolicySet, PolicyError> {
+    Ok(PolicySet {
+        policies: load_parsed(sources)?
+            .into_iter()
+            .map(|entry| entry.policy)
+            .collect(),
+    })
+}
+
+/// [`load_sources`], keeping where things were written.
+fn load_parsed(sources: &[(String, String)]) -> Result<Vec<ParsedPolicy>, PolicyError> {
     let mut diagnostics = Vec::new();
     let mut parsed = Vec::new();
     for (name, text) in sources {
@@ -128,9 +162,7 @@ pub(crate) fn load_sources(sources: &[(String, String)]) -> Result<PolicySet, Po
     }
     check_set(&parsed, &mut diagnostics);
     if diagnostics.is_empty() {
-        return Ok(PolicySet {
-            policies: parsed.into_iter().map(|p| p.policy).collect(),
-        });
+        return Ok(parsed);
     }
     // Files in load order, each from top to bottom.
     let order: HashMap<&str, usize> = sources

@@ -79,6 +79,8 @@ pub(crate) struct ParsedPolicy {
     pub name_at: Option<Pos>,
     /// Where each of `policy.cgroups` was written.
     pub cgroups_at: Vec<Pos>,
+    /// Where each of `policy.exec.rules` was written.
+    pub exec_at: Vec<Pos>,
 }
 
 /// Parses one file, appending its problems to `diagnostics`.
@@ -233,7 +235,7 @@ impl<'a> Walker<'a> {
         };
 
         let (cgroups, cgroups_at) = self.cgroups(header, table);
-        let exec = self.exec(table);
+        let (exec, exec_at) = self.exec(table);
         let connect = self.connect(table);
         let approval = self.approval(table);
         let protect = self.protect(table);
@@ -248,6 +250,7 @@ impl<'a> Walker<'a> {
             },
             name_at,
             cgroups_at,
+            exec_at,
         }
     }
 
@@ -297,13 +300,15 @@ impl<'a> Walker<'a> {
         (patterns, places)
     }
 
-    fn exec(&mut self, policy: &DeTable<'_>) -> ExecPolicy {
+    /// `[policy.exec]`, and where each kept rule was written.
+    fn exec(&mut self, policy: &DeTable<'_>) -> (ExecPolicy, Vec<Pos>) {
         let mut exec = ExecPolicy {
             default: Action::Allow,
             rules: Vec::new(),
         };
+        let mut places = Vec::new();
         let Some(table) = self.section(policy, "exec", EXEC_KEYS) else {
-            return exec;
+            return (exec, places);
         };
         if let Some(value) = field(table, "default") {
             exec.default = self.action(value, "default").unwrap_or(Action::Allow);
@@ -344,10 +349,11 @@ impl<'a> Walker<'a> {
                 self.error(&span, message);
                 continue;
             }
+            places.push(self.pos(&span));
             seen.insert(rule.path.clone(), (span, rule.action));
             exec.rules.push(rule);
         }
-        exec
+        (exec, places)
     }
 
     fn exec_path(&mut self, text: &str, span: &Span) -> Option<PathBuf> {

@@ -273,7 +273,9 @@ fn validate_paths_takes_files_and_directories() {
     write(&policies, "a.toml", &policy("a", "a"));
     let extra = write(dir.path(), "extra.toml", EXAMPLE);
 
-    let summary = validate_paths(&[policies.clone(), extra.clone()]).expect("valid");
+    let summary = validate_paths(&[policies.clone(), extra.clone()])
+        .expect("valid")
+        .summary;
     assert_eq!(summary.files, 2);
     assert_eq!(summary.policies, 3);
     assert_eq!(summary.cgroup_patterns, 4);
@@ -285,14 +287,16 @@ fn validate_paths_takes_files_and_directories() {
     );
 
     // The same file named twice is loaded once.
-    let summary = validate_paths(&[extra.clone(), extra]).expect("valid");
+    let summary = validate_paths(&[extra.clone(), extra])
+        .expect("valid")
+        .summary;
     assert_eq!(
         summary.to_string(),
         "2 policies, 8 exec rules, 11 connect rules"
     );
 
     let one = write(dir.path(), "one.toml", &policy("one", "one"));
-    let summary = validate_paths(&[one]).expect("valid");
+    let summary = validate_paths(&[one]).expect("valid").summary;
     assert_eq!(
         summary.to_string(),
         "1 policy, 0 exec rules, 0 connect rules"

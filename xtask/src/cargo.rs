@@ -119,3 +119,28 @@ pub fn workspace_binaries() -> Result<Vec<(String, Vec<String>)>> {
         })
         .collect())
 }
+
+/// The source roots of the workspace's library and binary targets, as
+/// `(package/target, path)`, from `cargo metadata`.
+pub fn workspace_crate_roots() -> Result<Vec<(String, PathBuf)>> {
+    let json = cmd_stdout(cargo().args(["metadata", "--no-deps", "--format-version", "1"]))?;
+    let metadata: Value =
+        serde_json::from_str(&json).context("failed to parse `cargo metadata` output")?;
+    let packages = metadata["packages"]
+        .as_array()
+        .context("`cargo metadata` printed no package list")?;
+    let mut roots = Vec::new();
+    for package in packages {
+        let name = package["name"].as_str().unwrap_or_default();
+        for target in package["targets"].as_array().into_iter().flatten() {
+            let is_code = target["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "lib" || k == "bin"));
+            if let (true, Some(src)) = (is_code, target["src_path"].as_str()) {
+                let target_name = target["name"].as_str().unwrap_or_default();
+                roots.push((format!("{name}/{target_name}"), PathBuf::from(src)));
+            }
+        }
+    }
+    Ok(roots)
+}

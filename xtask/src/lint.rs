@@ -1,6 +1,7 @@
 //! `cargo xtask lint`: the house rules CI enforces, each a command that fails the run:
-//! rustfmt (`--check`), clippy with `-D warnings` on every target, and cargo-deny
-//! (licences, bans, sources, and advisories where the `RustSec` database can be fetched).
+//! rustfmt (`--check`), no import cycles among a crate's modules (`module_cycles`), clippy
+//! with `-D warnings` on every target, and cargo-deny (licences, bans, sources, and
+//! advisories where the `RustSec` database can be fetched).
 
 use std::process::Command;
 
@@ -8,7 +9,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use xtask::{cargo, probe, run_cmd, workspace_root};
 
-use crate::setup;
+use crate::{module_cycles, setup};
 
 #[derive(Debug, Args)]
 pub struct Options {
@@ -28,6 +29,18 @@ pub fn run(opts: &Options) -> Result<()> {
             .args(["run", "nightly", "cargo", "fmt", "--all", "--check"]),
     )
     .context("the code is not formatted: run `cargo +nightly fmt --all`")?;
+
+    let cycles = module_cycles::check(&cargo::workspace_crate_roots()?)?;
+    if !cycles.is_empty() {
+        for cycle in &cycles {
+            eprintln!("[lint] import cycle: {cycle}");
+        }
+        anyhow::bail!(
+            "{} import cycle(s) among modules (above): move what both sides need into a \
+             module below them, or make one side stop using the other",
+            cycles.len()
+        );
+    }
 
     // The default members: every host crate. gatekeep-ebpf builds only for the BPF target
     // with the nightly; AYA_BUILD_SKIP keeps the agent's build script from building it
@@ -78,6 +91,6 @@ pub fn run(opts: &Options) -> Result<()> {
              `cargo deny check advisories` runs wherever it can"
         );
     }
-    eprintln!("[lint] rustfmt, clippy and cargo-deny: clean");
+    eprintln!("[lint] rustfmt, module cycles, clippy and cargo-deny: clean");
     Ok(())
 }

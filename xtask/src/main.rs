@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod lint;
+mod module_cycles;
 mod setup;
 mod test;
 mod vm_run;

@@ -31,7 +31,11 @@ use gatekeep_common::{
     event_kind, map_names, request_kind,
 };
 use gatekeep_policy::{ConnectRule, Policy};
-use gatekeep_proto::{audit::KernelFacts, model};
+use gatekeep_proto::{
+    audit::KernelFacts,
+    limits,
+    model::{self, ConnectTarget, Family, SocketType, Target},
+};
 use ipnet::IpNet;
 
 use super::{Compiling, Hook, RuleKey, absent_is_ok, kernel_action};
@@ -247,7 +251,7 @@ impl Hook for Connect {
     }
 
     fn target(request: &ConnectRequest, _enricher: &Enricher) -> model::Target {
-        request::connect_target(&request.destination, request.sock_type)
+        connect_target(&request.destination, request.sock_type)
     }
 
     fn kernel_facts(request: &ConnectRequest) -> KernelFacts {
@@ -396,6 +400,56 @@ impl std::fmt::Display for Destination {
             }
         }
     }
+}
+
+/// A connect's target.
+#[must_use]
+pub fn connect_target(destination: &Destination, sock_type: u32) -> Target {
+    let socket_type = match sock_type {
+        1 => SocketType::Stream,
+        2 => SocketType::Dgram,
+        3 => SocketType::Raw,
+        5 => SocketType::Seqpacket,
+        _ => SocketType::Other,
+    };
+    Target::Connect(match destination {
+        Destination::Ip { addr, port } => ConnectTarget {
+            family: if addr.is_ipv4() {
+                Family::Inet
+            } else {
+                Family::Inet6
+            },
+            address: addr.to_string(),
+            port: *port,
+            socket_type,
+        },
+        Destination::Unix { path } => ConnectTarget {
+            family: Family::Unix,
+            address: if path.is_empty() {
+                "(unnamed)".to_owned()
+            } else {
+                request::bounded(&path.replace('\0', "@"), limits::MAX_PATH)
+            },
+            port: 0,
+            socket_type,
+        },
+        Destination::Other { family } => ConnectTarget {
+            family: Family::Unix,
+            address: format!("(address family {family})"),
+            port: 0,
+            socket_type,
+        },
+        Destination::RawSocket { family, protocol } => ConnectTarget {
+            family: match *family {
+                2 => Family::Inet,
+                10 => Family::Inet6,
+                _ => Family::Unix,
+            },
+            address: format!("(new raw socket: address family {family}, protocol {protocol})"),
+            port: 0,
+            socket_type,
+        },
+    })
 }
 
 #[cfg(test)]

@@ -29,7 +29,10 @@ use gatekeep_common::{
     exec_rule_flags, map_names, request_kind,
 };
 use gatekeep_policy::Policy;
-use gatekeep_proto::{audit::KernelFacts, model};
+use gatekeep_proto::{
+    audit::{ExecFacts, KernelFacts},
+    model,
+};
 
 use super::{Compiling, Hook, RuleKey, absent_is_ok, kernel_action};
 use crate::{
@@ -172,7 +175,14 @@ impl Hook for Exec {
     }
 
     fn kernel_facts(request: &ExecRequest) -> KernelFacts {
-        request::kernel_facts(&request.origin, Some(request), None)
+        let exec = ExecFacts {
+            filename: request.filename.to_string_lossy().into_owned(),
+            dev: request.dev,
+            ino: request.ino,
+            argc: request.argc,
+            argv_truncated: request.argv_truncated,
+        };
+        request::kernel_facts(&request.origin, Some(exec), None)
     }
 }
 

@@ -15,20 +15,13 @@ use std::{
 use gatekeep_proto::{
     audit::{ExecFacts, KernelFacts, Process},
     limits,
-    model::{
-        self, ApprovalRequest, ApprovalSettings, ConnectTarget, ExecTarget, Family, ProcessInfo,
-        SocketType, Target,
-    },
+    model::{self, ApprovalRequest, ApprovalSettings, ExecTarget, ProcessInfo, Target},
 };
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{
-    bpf::events::Origin,
-    hooks::{connect::Destination, exec::ExecRequest},
-    pause::enrich::Enrichment,
-};
+use crate::{bpf::events::Origin, pause::enrich::Enrichment};
 
 /// Where the kernel says which boot this is.
 pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
@@ -64,7 +57,8 @@ pub fn request_id(host: &str, boot_id: &str, first_seen_ns: u64, tid: u32, diges
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary.
-fn bounded(text: &str, max: usize) -> String {
+#[must_use]
+pub fn bounded(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }
@@ -151,56 +145,6 @@ pub fn content_text(content: &gatekeep_common::ContentVersion) -> String {
     )
 }
 
-/// A connect's target.
-#[must_use]
-pub fn connect_target(destination: &Destination, sock_type: u32) -> Target {
-    let socket_type = match sock_type {
-        1 => SocketType::Stream,
-        2 => SocketType::Dgram,
-        3 => SocketType::Raw,
-        5 => SocketType::Seqpacket,
-        _ => SocketType::Other,
-    };
-    Target::Connect(match destination {
-        Destination::Ip { addr, port } => ConnectTarget {
-            family: if addr.is_ipv4() {
-                Family::Inet
-            } else {
-                Family::Inet6
-            },
-            address: addr.to_string(),
-            port: *port,
-            socket_type,
-        },
-        Destination::Unix { path } => ConnectTarget {
-            family: Family::Unix,
-            address: if path.is_empty() {
-                "(unnamed)".to_owned()
-            } else {
-                bounded(&path.replace('\0', "@"), limits::MAX_PATH)
-            },
-            port: 0,
-            socket_type,
-        },
-        Destination::Other { family } => ConnectTarget {
-            family: Family::Unix,
-            address: format!("(address family {family})"),
-            port: 0,
-            socket_type,
-        },
-        Destination::RawSocket { family, protocol } => ConnectTarget {
-            family: match *family {
-                2 => Family::Inet,
-                10 => Family::Inet6,
-                _ => Family::Unix,
-            },
-            address: format!("(new raw socket: address family {family}, protocol {protocol})"),
-            port: 0,
-            socket_type,
-        },
-    })
-}
-
 /// The ancestry in the model's form, bounded.
 fn ancestry(info: &Enrichment) -> Vec<ProcessInfo> {
     info.ancestry
@@ -233,11 +177,11 @@ pub fn process(origin: &Origin, info: &Enrichment) -> Process {
     }
 }
 
-/// What the kernel reported beyond the request: for an exec `exec` is its event.
+/// What the kernel reported beyond the request: for an exec, `exec` (its hook says what).
 #[must_use]
 pub fn kernel_facts(
     origin: &Origin,
-    exec: Option<&ExecRequest>,
+    exec: Option<ExecFacts>,
     sock_type: Option<u32>,
 ) -> KernelFacts {
     KernelFacts {
@@ -247,13 +191,7 @@ pub fn kernel_facts(
         ppid: origin.ppid,
         gid: origin.gid,
         comm: origin.comm.clone(),
-        exec: exec.map(|exec| ExecFacts {
-            filename: exec.filename.to_string_lossy().into_owned(),
-            dev: exec.dev,
-            ino: exec.ino,
-            argc: exec.argc,
-            argv_truncated: exec.argv_truncated,
-        }),
+        exec,
         sock_type,
         call: None,
     }
@@ -317,10 +255,13 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use gatekeep_policy::GrantDuration;
-    use gatekeep_proto::v1;
+    use gatekeep_proto::{model::SocketType, v1};
 
     use super::*;
-    use crate::pause::enrich::ProcessInfo as LocalProcess;
+    use crate::{
+        hooks::connect::{Destination, connect_target},
+        pause::enrich::ProcessInfo as LocalProcess,
+    };
 
     fn origin() -> Origin {
         Origin {

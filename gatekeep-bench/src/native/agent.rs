@@ -524,8 +524,9 @@ mod tests {
         fake_proc(&dir.path().join("proc")).unwrap();
         controller.handle_event(connect_denied(1)).await;
         assert_eq!(controller.tracked_count(), 3);
-        drop(controller);
-        // Three requests and one denial.
-        assert_eq!(audit.shutdown().await.unwrap(), 4);
+        // Shutdown records the denial's burst and cancels the three undecided asks.
+        controller.shutdown().await;
+        // Three requests, their three cancellations and one denial.
+        assert_eq!(audit.shutdown().await.unwrap(), 7);
     }
 }

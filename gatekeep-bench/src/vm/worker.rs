@@ -5,7 +5,7 @@
 use std::{
     ffi::CString,
     io::{BufRead as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -37,10 +37,14 @@ pub enum Action {
     Exec { count: usize, program: PathBuf },
     /// TCP connect + close to `addr`, `count` times; each must connect.
     Connect { count: usize, addr: SocketAddr },
+    /// A 16-byte UDP datagram to `addr` from one unconnected socket, `count` times; each
+    /// must be sent.
+    Sendto { count: usize, addr: SocketAddr },
     /// Serves loops on request, for as long as stdin stays open: each line `exec <warmup>
     /// <count>` (fork + exec of `program`), `connect <warmup> <count>` (to `addr`) or
     /// `kill <warmup> <count>` (`kill(own pid, 0)`), `open <warmup> <count>` (open, read
-    /// and close `program`) or `stat <warmup> <count>` (`stat` of `program`) is answered
+    /// and close `program`), `stat <warmup> <count>` (`stat` of `program`) or `sendto
+    /// <warmup> <count>` (a UDP datagram to `addr`'s port on an unconnected socket) is answered
     /// with one report line. One process for a whole benchmark, moved from cgroup to
     /// cgroup, so setups alternate without starting processes.
     Serve { program: PathBuf, addr: SocketAddr },
@@ -125,6 +129,9 @@ pub fn run(opts: &WorkerOptions) -> Result<()> {
     let report = match &opts.action {
         Action::Exec { count, program } => exec_loop(program, opts.warmup, *count, opts.samples)?,
         Action::Connect { count, addr } => connect_loop(*addr, opts.warmup, *count, opts.samples)?,
+        Action::Sendto { count, addr } => {
+            timed(opts.warmup, *count, opts.samples, sendto_op(*addr)?)?
+        }
         Action::Serve { program, addr } => return serve(program, *addr),
         Action::Denied {
             rate,
@@ -155,6 +162,25 @@ fn connect_op(addr: SocketAddr) -> impl FnMut() -> Result<()> {
         drop(stream);
         Ok(())
     }
+}
+
+/// One `sendto` of 16 bytes to `addr` on an unconnected UDP socket made once (the
+/// `socket_sendmsg` hook: a datagram with a destination gets the connect decision). Nothing
+/// needs to listen: the datagram is sent whether or not a port takes it.
+fn sendto_op(addr: SocketAddr) -> Result<impl FnMut() -> Result<()>> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "127.0.0.1:0".parse()?
+    } else {
+        "[::1]:0".parse()?
+    };
+    let socket = UdpSocket::bind(bind).context("bind a UDP socket")?;
+    let payload = [0x5a_u8; 16];
+    Ok(move || {
+        socket
+            .send_to(&payload, addr)
+            .with_context(|| format!("sendto {addr}"))?;
+        Ok(())
+    })
 }
 
 /// One `kill(own pid, 0)`: the signal permission check (the `task_kill` hook) and
@@ -240,6 +266,7 @@ fn serve(program: &Path, addr: SocketAddr) -> Result<()> {
             "kill" => trimmed(warmup, count, kill_op())?,
             "open" => trimmed(warmup, count, open_op(program)?)?,
             "stat" => trimmed(warmup, count, stat_op(program)?)?,
+            "sendto" => trimmed(warmup, count, sendto_op(addr)?)?,
             _ => bail!("unknown loop `{what}`"),
         };
         serde_json::to_writer(&mut stdout, &report)?;

@@ -46,3 +46,10 @@ pub fn floor_file_open(ctx: LsmContext) -> i32 {
 pub fn floor_file_permission(ctx: LsmContext) -> i32 {
     ctx.arg(2)
 }
+
+/// `LSM_HOOK(int, 0, socket_sendmsg, struct socket *sock, struct msghdr *msg, int size)`:
+/// the previous verdict is argument 3.
+#[lsm(hook = "socket_sendmsg")]
+pub fn floor_socket_sendmsg(ctx: LsmContext) -> i32 {
+    ctx.arg(3)
+}
