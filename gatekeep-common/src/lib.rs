@@ -361,7 +361,11 @@ pub struct Verdict {
 
 /// Key of the `GRANTS` map: a reviewer's "allow for a while" for one exact
 /// request (same digest: same executable and argv, or same destination)
-/// under one policy.
+/// under one policy, for one workload or the whole policy.
+///
+/// The scope is part of the key, so a workload's grant and a policy-wide
+/// grant for the same request are two entries: the ask path looks up the
+/// asking cgroup's key first, then the policy-wide one (`cgroup_id` 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct GrantKey {
@@ -369,6 +373,9 @@ pub struct GrantKey {
     /// [`request_kind`].
     pub kind: u32,
     pub digest: u64,
+    /// The workload (cgroup v2 id) the grant covers; 0 = every cgroup of
+    /// the policy (a reviewer chose scope "policy").
+    pub cgroup_id: u64,
 }
 
 /// Value of the `GRANTS` map, installed by the agent when a reviewer grants
@@ -379,8 +386,9 @@ pub struct Grant {
     /// `CLOCK_BOOTTIME` nanoseconds when the grant lapses; 0 = no expiry
     /// ("always", or "session" which the agent removes with the cgroup).
     pub expires_ns: u64,
-    /// Only this cgroup may use the grant ("session"); 0 = any cgroup of
-    /// the policy.
+    /// Equal to the key's [`GrantKey::cgroup_id`] (the kernel checks it
+    /// again: an entry whose value disagrees with its key covers nothing
+    /// beyond its key).
     pub cgroup_id: u64,
 }
 
@@ -738,7 +746,7 @@ mod tests {
         assert_eq!(size_of::<PendingRequest>(), 32);
         assert_eq!(size_of::<VerdictKey>(), 16);
         assert_eq!(size_of::<Verdict>(), 16);
-        assert_eq!(size_of::<GrantKey>(), 16);
+        assert_eq!(size_of::<GrantKey>(), 24);
         assert_eq!(size_of::<Grant>(), 16);
         assert_eq!(size_of::<InodeKey>(), 16);
         assert_eq!(size_of::<ProtectDenialKey>(), 16);

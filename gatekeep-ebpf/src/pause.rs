@@ -131,16 +131,30 @@ pub fn ask(request: &Request) -> Asked {
     Asked::Paused { new: true }
 }
 
-/// Whether a reviewer's granted duration covers this exact request.
+/// Whether a reviewer's granted duration covers this exact request: a grant
+/// for the asking workload (its cgroup), else one for the whole policy
+/// (`cgroup_id` 0). Only the ask path pays these lookups.
 #[inline(always)]
 fn granted(request: &Request) -> bool {
-    let key = GrantKey {
+    let mut key = GrantKey {
         policy_id: request.policy_id,
         kind: request.kind,
         digest: request.digest,
+        cgroup_id: request.cgroup_id,
     };
+    if grant_live(&key, request) {
+        return true;
+    }
+    key.cgroup_id = 0;
+    grant_live(&key, request)
+}
+
+/// Whether `GRANTS` holds an unexpired entry for `key` that covers the
+/// request's cgroup.
+#[inline(always)]
+fn grant_live(key: &GrantKey, request: &Request) -> bool {
     // SAFETY: copied out immediately.
-    let Some(grant) = (unsafe { GRANTS.get(&key) }).copied() else {
+    let Some(grant) = (unsafe { GRANTS.get(key) }).copied() else {
         return false;
     };
     (grant.expires_ns == 0 || request.now_ns < grant.expires_ns)

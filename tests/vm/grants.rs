@@ -113,6 +113,7 @@ fn granted_duration_allows_the_identical_request_only() {
         policy_id: POLICY_ID,
         kind: request_kind::EXEC,
         digest: asked.header.digest,
+        cgroup_id: 0,
     };
     write_grant(&mut ebpf, key, 0);
     let before = kernel::counter(&ebpf, counter::GRANT_ALLOWED);
@@ -174,6 +175,7 @@ fn exec_digest_binds_the_whole_argv_past_the_first_block() {
             policy_id: POLICY_ID,
             kind: request_kind::EXEC,
             digest: asked.header.digest,
+            cgroup_id: 0,
         },
         0,
     );

@@ -736,11 +736,14 @@ fn learn_and_grant(
     finish_worker(child)?;
     let mut grants: HashMap<_, GrantKey, Grant> =
         HashMap::try_from(ebpf.map_mut(map_names::GRANTS).context(map_names::GRANTS)?)?;
+    // Policy-wide (cgroup 0): the ask path looks up the workload's key first and finds
+    // this one second, the costlier of the two scopes.
     grants.insert(
         GrantKey {
             policy_id: GRANT_POLICY,
             kind,
             digest,
+            cgroup_id: 0,
         },
         Grant {
             expires_ns: 0,
