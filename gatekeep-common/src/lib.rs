@@ -336,15 +336,22 @@ pub struct PendingRequest {
     /// Thread group id of the paused task.
     pub pid: u32,
     pub policy_id: u32,
+    /// The paused thread's start time (`task_struct::start_boottime`, ns):
+    /// with the thread id, the identity of the task that asked. A thread
+    /// id reused by a later task never matches it.
+    pub start_ns: u64,
 }
 
-/// Key of the `VERDICTS` map: a verdict is for one thread *and* one digest.
+/// Key of the `VERDICTS` map: a verdict is for one task (thread id *and*
+/// start time, so never for a later task that reuses the id) and one digest.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VerdictKey {
     pub tid: u32,
     pub _pad: u32,
     pub digest: u64,
+    /// [`PendingRequest::start_ns`] of the task the verdict is for.
+    pub start_ns: u64,
 }
 
 /// Value of the `VERDICTS` map, written by the agent before it sends SIGCONT.
@@ -743,8 +750,8 @@ mod tests {
         assert_eq!(size_of::<PortRules>(), 8 * PORT_RULES);
         assert_eq!(size_of::<ConnectV4Key>(), 8);
         assert_eq!(size_of::<ConnectV6Key>(), 20);
-        assert_eq!(size_of::<PendingRequest>(), 32);
-        assert_eq!(size_of::<VerdictKey>(), 16);
+        assert_eq!(size_of::<PendingRequest>(), 40);
+        assert_eq!(size_of::<VerdictKey>(), 24);
         assert_eq!(size_of::<Verdict>(), 16);
         assert_eq!(size_of::<GrantKey>(), 24);
         assert_eq!(size_of::<Grant>(), 16);
