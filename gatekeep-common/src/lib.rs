@@ -403,15 +403,22 @@ pub struct PendingRequest {
     /// Thread group id of the paused task.
     pub pid: u32,
     pub policy_id: u32,
+    /// The paused thread's start time (`task_struct::start_boottime`, ns):
+    /// with the thread id, the identity of the task that asked. A thread
+    /// id reused by a later task never matches it.
+    pub start_ns: u64,
 }
 
-/// Key of the `VERDICTS` map: a verdict is for one thread *and* one digest.
+/// Key of the `VERDICTS` map: a verdict is for one task (thread id *and*
+/// start time, so never for a later task that reuses the id) and one digest.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VerdictKey {
     pub tid: u32,
     pub _pad: u32,
     pub digest: u64,
+    /// [`PendingRequest::start_ns`] of the task the verdict is for.
+    pub start_ns: u64,
 }
 
 /// Value of the `VERDICTS` map, written by the agent before it sends SIGCONT.
@@ -428,7 +435,11 @@ pub struct Verdict {
 
 /// Key of the `GRANTS` map: a reviewer's "allow for a while" for one exact
 /// request (same digest: same executable and argv, or same destination)
-/// under one policy.
+/// under one policy, for one workload or the whole policy.
+///
+/// The scope is part of the key, so a workload's grant and a policy-wide
+/// grant for the same request are two entries: the ask path looks up the
+/// asking cgroup's key first, then the policy-wide one (`cgroup_id` 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct GrantKey {
@@ -436,6 +447,9 @@ pub struct GrantKey {
     /// [`request_kind`].
     pub kind: u32,
     pub digest: u64,
+    /// The workload (cgroup v2 id) the grant covers; 0 = every cgroup of
+    /// the policy (a reviewer chose scope "policy").
+    pub cgroup_id: u64,
 }
 
 /// Value of the `GRANTS` map, installed by the agent when a reviewer grants
@@ -446,8 +460,9 @@ pub struct Grant {
     /// `CLOCK_BOOTTIME` nanoseconds when the grant lapses; 0 = no expiry
     /// ("always", or "session" which the agent removes with the cgroup).
     pub expires_ns: u64,
-    /// Only this cgroup may use the grant ("session"); 0 = any cgroup of
-    /// the policy.
+    /// Equal to the key's [`GrantKey::cgroup_id`] (the kernel checks it
+    /// again: an entry whose value disagrees with its key covers nothing
+    /// beyond its key).
     pub cgroup_id: u64,
 }
 
@@ -822,10 +837,10 @@ mod tests {
         assert_eq!(size_of::<PortRules>(), 8 * PORT_RULES);
         assert_eq!(size_of::<ConnectV4Key>(), 8);
         assert_eq!(size_of::<ConnectV6Key>(), 20);
-        assert_eq!(size_of::<PendingRequest>(), 32);
-        assert_eq!(size_of::<VerdictKey>(), 16);
+        assert_eq!(size_of::<PendingRequest>(), 40);
+        assert_eq!(size_of::<VerdictKey>(), 24);
         assert_eq!(size_of::<Verdict>(), 16);
-        assert_eq!(size_of::<GrantKey>(), 16);
+        assert_eq!(size_of::<GrantKey>(), 24);
         assert_eq!(size_of::<Grant>(), 16);
         assert_eq!(size_of::<InodeKey>(), 16);
         assert_eq!(size_of::<ProtectDenialKey>(), 16);

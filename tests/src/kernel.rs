@@ -14,8 +14,8 @@ use aya::{
 };
 use gatekeep_agent::bpf::programs::Attached;
 use gatekeep_common::{
-    ExecEvent, ExecRule, ExecRuleKey, GatedCgroup, PolicyDefaults, TaskEvent, action,
-    gated_filter_slot, map_names,
+    ExecEvent, ExecRule, ExecRuleKey, GatedCgroup, PendingRequest, PolicyDefaults, TaskEvent,
+    action, gated_filter_slot, map_names,
 };
 use nix::time::{ClockId, clock_gettime};
 
@@ -130,6 +130,15 @@ pub fn counter(ebpf: &Ebpf, index: u32) -> u64 {
         PerCpuArray::try_from(ebpf.map(map_names::COUNTERS).expect(map_names::COUNTERS))
             .expect("array");
     counters.get(&index, 0).expect("read counter").iter().sum()
+}
+
+/// The kernel's pending request of thread `tid` (`PENDING`), if it has one.
+#[must_use]
+pub fn pending_of(ebpf: &Ebpf, tid: u32) -> Option<PendingRequest> {
+    let pending: HashMap<_, u32, PendingRequest> =
+        HashMap::try_from(ebpf.map(map_names::PENDING).expect(map_names::PENDING))
+            .expect("hash map");
+    pending.get(&tid, 0).ok()
 }
 
 /// The kind of a ring buffer record: the first field of its `EventHeader`.

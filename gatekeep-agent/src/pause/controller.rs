@@ -61,7 +61,9 @@ use crate::{
     pause::{
         enrich::{Enricher, Enrichment, RecentEnrichments},
         request,
-        resume::{Finding, PauseTiming, ResumeOutcome, TaskState, Tasks, reconcile, resume},
+        resume::{
+            Finding, PauseTiming, ResumeOutcome, TaskRequest, TaskState, Tasks, reconcile, resume,
+        },
     },
     policy::{Compiled, LoadedPolicy},
 };
@@ -87,6 +89,9 @@ struct Tracked {
     request: Arc<DecisionRequest>,
     pid: u32,
     digest: u64,
+    /// The asking thread's start time, from the kernel's pending entry: a
+    /// verdict names it, so it never applies to a later task reusing the tid.
+    start_ns: u64,
     asked_at: Instant,
     stage: Stage,
     decision_task: Option<AbortHandle>,
@@ -557,6 +562,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 request,
                 pid: origin.pid,
                 digest: origin.digest,
+                start_ns: pending.start_ns,
                 asked_at: Instant::now(),
                 stage: Stage::Deciding,
                 decision_task: task,
@@ -600,6 +606,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 tid,
                 _pad: 0,
                 digest: old.digest,
+                start_ns: old.start_ns,
             };
             tokio::spawn(async move {
                 let _ = kernel.remove_verdict(key).await;
@@ -926,7 +933,12 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let Some(tracked) = self.tracked.get(&tid) else {
             return;
         };
-        let (pid, digest, request_id) = (tracked.pid, tracked.digest, tracked.id());
+        let (pid, request_id) = (tracked.pid, tracked.id());
+        let task = TaskRequest {
+            tid,
+            start_ns: tracked.start_ns,
+            digest: tracked.digest,
+        };
         let kernel = Arc::clone(&self.kernel);
         let tasks = Arc::clone(&self.tasks);
         let timing = self.timing;
@@ -943,17 +955,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             } else {
                 decision.verdict
             };
-            let outcome = resume(
-                kernel.as_ref(),
-                tasks.as_ref(),
-                timing,
-                pid,
-                tid,
-                digest,
-                verdict,
-            )
-            .await
-            .map_err(|err| err.to_string());
+            let outcome = resume(kernel.as_ref(), tasks.as_ref(), timing, pid, task, verdict)
+                .await
+                .map_err(|err| err.to_string());
             let _ = internal.send(Internal::Resumed {
                 tid,
                 request_id,
@@ -1040,7 +1044,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let mut vanished = Vec::new();
         let mut retry = Vec::new();
         for (tid, tracked) in &self.tracked {
-            let in_kernel = pending.get(tid).is_some_and(|p| p.digest == tracked.digest);
+            let in_kernel = pending
+                .get(tid)
+                .is_some_and(|p| p.digest == tracked.digest && p.start_ns == tracked.start_ns);
             match tracked.stage {
                 Stage::Resumed { at, verdict } if at.elapsed() >= grace => {
                     if in_kernel {

@@ -60,6 +60,7 @@ impl SimKernel {
                     attempts: 0,
                     pid: tid,
                     policy_id: POLICY_ID,
+                    start_ns: 0,
                 },
             );
     }
