@@ -402,16 +402,17 @@ pub struct StaleRule {
     pub rule_flags: u32,
 }
 
-/// The `rule_stale` audit payload of `stale`, under `policy` (when the
-/// agent still knows the kernel's policy id).
+/// The `rule_stale` audit payload of `stale`, under `policy` (its name and
+/// what its hooks' compilation left, when the agent still knows the
+/// kernel's policy id).
 #[must_use]
 pub fn stale_payload(
     stale: &StaleRule,
-    policy: Option<&crate::policy::LoadedPolicy>,
+    policy: Option<(&str, &super::Loaded)>,
     info: &crate::pause::enrich::Enrichment,
 ) -> gatekeep_proto::audit::RuleStale {
     use gatekeep_proto::audit::{self, Schema};
-    let path = policy.and_then(|p| p.hooks.exec.get(&(stale.dev, stale.ino)));
+    let path = policy.and_then(|(_, hooks)| hooks.exec.get(&(stale.dev, stale.ino)));
     let version = |content: &ContentVersion, generation: bool| audit::ContentVersion {
         ctime_sec: content.ctime_sec,
         ctime_nsec: content.ctime_nsec,
@@ -421,7 +422,7 @@ pub fn stale_payload(
     audit::RuleStale {
         schema: Schema::default(),
         kind: model::Kind::Exec,
-        policy: policy.map(|p| p.policy.name.clone()),
+        policy: policy.map(|(name, _)| name.to_owned()),
         rule: path
             .map(|path| format!("exec {} {}", action_name(stale.rule_action), path.display())),
         path: path.map(|path| path.to_string_lossy().into_owned()),

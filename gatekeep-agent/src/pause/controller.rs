@@ -1160,7 +1160,13 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let info = self
             .recent_denials
             .enrich(&self.enricher, stale.origin.pid, stale.origin.uid);
-        let payload = crate::hooks::exec::stale_payload(stale, policy.as_deref(), &info);
+        let payload = crate::hooks::exec::stale_payload(
+            stale,
+            policy
+                .as_deref()
+                .map(|p| (p.policy.name.as_str(), &p.hooks)),
+            &info,
+        );
         tracing::warn!(
             policy = payload.policy.as_deref().unwrap_or("?"),
             path = %payload.path.as_deref().unwrap_or("?").escape_debug(),
