@@ -5,7 +5,7 @@ use std::{io::Write as _, path::Path};
 
 use clap::ValueEnum;
 use gatekeep_client::{AuditReport, Status};
-use gatekeep_proto::model::{Family, Grant, GrantScope, RequestRecord, Target};
+use gatekeep_proto::model::{Family, Grant, GrantScope, PathCheck, RequestRecord, Target};
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -62,12 +62,22 @@ fn short_ids(records: &[RequestRecord]) -> Vec<String> {
 
 /// What a request asks, escaped for the terminal: the executable once, then the arguments
 /// after `argv[0]` (`/opt/demo/deploy.sh --env prod`); `argv[0]` is shown only when it is not
-/// the executable's path or file name (`/bin/busybox [as sh] -c ...`). A destination as
+/// the executable's path or file name (`/bin/busybox [as sh] -c ...`). The name the workload
+/// passed follows the executable when it differs (`/tmp/x/evil [named /tmp/innocent/echo]`),
+/// and a path the agent could not verify says so (`/tmp/y [unverified]`). A destination as
 /// `address:port`.
 pub fn what(target: &Target) -> String {
     match target {
         Target::Exec(exec) => {
             let mut out = word(&exec.executable).into_owned();
+            if exec.path_check == Some(PathCheck::Unverified) {
+                out.push_str(" [unverified]");
+            }
+            if let Some(named) = &exec.named {
+                out.push_str(" [named ");
+                out.push_str(&word(named));
+                out.push(']');
+            }
             let file_name = exec.executable.rsplit('/').next().unwrap_or_default();
             if let Some(argv0) = exec.argv.first()
                 && *argv0 != exec.executable
@@ -89,6 +99,41 @@ pub fn what(target: &Target) -> String {
             Family::Inet6 => format!("[{}]:{}", t(&connect.address), connect.port),
         },
     }
+}
+
+/// The lines `review show` prints of an exec before its argv, escaped for the terminal: the
+/// executable and whether the agent verified that the host's file there is the one that
+/// runs; the name the workload passed when it differs; the file's device and inode; and the
+/// workload's mount namespace when it is not the agent's.
+fn exec_fields(exec: &gatekeep_proto::model::ExecTarget) -> Vec<(&'static str, String)> {
+    let file = exec.file.as_deref().map(t).unwrap_or_default();
+    let check = match exec.path_check {
+        Some(PathCheck::Verified) => String::new(),
+        Some(PathCheck::Unverified) => {
+            format!(" (UNVERIFIED: the workload's name; no host path of file {file} was found)")
+        }
+        None => " (as the caller said; not checked by an agent)".to_owned(),
+    };
+    let mut out = vec![("exec", format!("{}{check}", word(&exec.executable)))];
+    if let Some(named) = &exec.named {
+        out.push((
+            "named",
+            format!("{} (the name the workload passed)", word(named)),
+        ));
+    }
+    if exec.path_check == Some(PathCheck::Verified) && !file.is_empty() {
+        out.push(("file", format!("{file} (verified on the host)")));
+    }
+    if let Some(namespace) = &exec.mount_namespace {
+        out.push((
+            "mount ns",
+            format!(
+                "{} (not the agent's: the workload may see other files at a path)",
+                t(namespace)
+            ),
+        ));
+    }
+    out
 }
 
 /// `12s`, `5m 3s`: how long from `from` to `to` (0s if negative), to the second.
@@ -219,7 +264,9 @@ impl Printer {
         field("what", what(&r.target));
         match &r.target {
             Target::Exec(exec) => {
-                field("exec", word(&exec.executable).into_owned());
+                for (name, value) in exec_fields(exec) {
+                    field(name, value);
+                }
                 field("argv", words(&exec.argv));
             }
             Target::Connect(connect) => {
@@ -577,6 +624,10 @@ mod tests {
             executable: executable.into(),
             argv: argv.iter().map(|a| (*a).to_owned()).collect(),
             content: None,
+            path_check: None,
+            named: None,
+            file: None,
+            mount_namespace: None,
         })
     }
 
@@ -598,6 +649,71 @@ mod tests {
             r#"/bin/busybox [as sh] -c "id; uname -a""#
         );
         assert_eq!(what(&exec("/usr/bin/true", &[])), "/usr/bin/true");
+    }
+
+    #[test]
+    fn an_exec_shows_the_file_that_runs_its_name_and_its_mount_namespace() {
+        let decoy = gatekeep_proto::model::ExecTarget {
+            executable: "/tmp/x/evil".into(),
+            argv: vec!["echo".into(), "hi".into()],
+            content: None,
+            path_check: Some(PathCheck::Verified),
+            named: Some("/tmp/innocent/echo".into()),
+            file: Some("0:30 1234".into()),
+            mount_namespace: Some("mnt:[4026532301]".into()),
+        };
+        assert_eq!(
+            what(&Target::Exec(decoy.clone())),
+            "/tmp/x/evil [named /tmp/innocent/echo] [as echo] hi"
+        );
+        assert_eq!(
+            exec_fields(&decoy),
+            [
+                ("exec", "/tmp/x/evil".to_owned()),
+                (
+                    "named",
+                    "/tmp/innocent/echo (the name the workload passed)".to_owned()
+                ),
+                ("file", "0:30 1234 (verified on the host)".to_owned()),
+                (
+                    "mount ns",
+                    "mnt:[4026532301] (not the agent's: the workload may see other files at a path)"
+                        .to_owned()
+                ),
+            ]
+        );
+
+        let unverified = gatekeep_proto::model::ExecTarget {
+            executable: "/tmp/innocent/echo".into(),
+            path_check: Some(PathCheck::Unverified),
+            named: None,
+            ..decoy.clone()
+        };
+        assert_eq!(
+            what(&Target::Exec(unverified.clone())),
+            "/tmp/innocent/echo [unverified] hi"
+        );
+        let fields = exec_fields(&unverified);
+        assert_eq!(
+            fields[0].1,
+            "/tmp/innocent/echo (UNVERIFIED: the workload's name; no host path of file 0:30 1234 was found)"
+        );
+        assert!(fields.iter().all(|(name, _)| *name != "file"), "{fields:?}");
+
+        // The workload writes the names: escaped like the rest.
+        let hostile = gatekeep_proto::model::ExecTarget {
+            named: Some("/tmp/\u{1b}[2Jecho".into()),
+            mount_namespace: Some("mnt:[1]\u{202e}".into()),
+            ..decoy
+        };
+        let shown = exec_fields(&hostile);
+        assert!(
+            shown
+                .iter()
+                .all(|(_, v)| !v.contains('\u{1b}') && !v.contains('\u{202e}')),
+            "{shown:?}"
+        );
+        assert!(what(&Target::Exec(hostile)).contains(r"[named /tmp/\e[2Jecho]"));
     }
 
     #[test]

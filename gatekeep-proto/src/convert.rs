@@ -11,8 +11,8 @@ use crate::{
     limits,
     model::{
         ApprovalRequest, ApprovalSettings, ConnectTarget, Decision, ExecTarget, Family, Grant,
-        GrantScope, Kind, ProcessInfo, RequestRecord, RequestState, Revocation, SocketType, Target,
-        Verdict, Vote, WithdrawReason,
+        GrantScope, Kind, PathCheck, ProcessInfo, RequestRecord, RequestState, Revocation,
+        SocketType, Target, Verdict, Vote, WithdrawReason,
     },
     v1,
 };
@@ -362,10 +362,28 @@ impl TryFrom<v1::ExecTarget> for ExecTarget {
                 "not a content version (at most 64 printable ASCII characters)",
             ));
         }
+        let path_check = match v1::PathCheck::try_from(wire.path_check) {
+            Ok(v1::PathCheck::Unspecified) => None,
+            Ok(v1::PathCheck::Verified) => Some(PathCheck::Verified),
+            Ok(v1::PathCheck::Unverified) => Some(PathCheck::Unverified),
+            Err(_) => {
+                return Err(WireError::invalid(
+                    "exec.path_check",
+                    format!("unknown value {}", wire.path_check),
+                ));
+            }
+        };
+        let named = path("exec.named", wire.named, false)?;
+        let file = opt_name("exec.file", &wire.file)?;
+        let mount_namespace = opt_name("exec.mount_namespace", &wire.mount_namespace)?;
         Ok(ExecTarget {
             executable,
             argv: argv("exec.argv", wire.argv)?,
             content: (!wire.content.is_empty()).then_some(wire.content),
+            path_check,
+            named,
+            file,
+            mount_namespace,
         })
     }
 }
@@ -434,6 +452,15 @@ impl From<ExecTarget> for v1::ExecTarget {
             executable: exec.executable,
             argv: exec.argv,
             content: exec.content.unwrap_or_default(),
+            path_check: match exec.path_check {
+                None => v1::PathCheck::Unspecified,
+                Some(PathCheck::Verified) => v1::PathCheck::Verified,
+                Some(PathCheck::Unverified) => v1::PathCheck::Unverified,
+            }
+            .into(),
+            named: exec.named.unwrap_or_default(),
+            file: exec.file.unwrap_or_default(),
+            mount_namespace: exec.mount_namespace.unwrap_or_default(),
         }
     }
 }
@@ -858,6 +885,7 @@ mod tests {
                 executable: "/usr/bin/curl".into(),
                 argv: vec!["curl".into(), "example.org".into()],
                 content: String::new(),
+                ..Default::default()
             })),
             requested_at_ms: 1_800_000_000_000,
             deadline_ms: 1_800_000_300_000,
@@ -888,6 +916,67 @@ mod tests {
             serde_json::from_str::<ApprovalRequest>(&json).unwrap(),
             domain
         );
+    }
+
+    #[test]
+    fn what_the_agent_saw_of_an_exec_round_trips_and_is_checked() {
+        let mut wire = wire_request();
+        let Some(v1::approval_request::Target::Exec(exec)) = &mut wire.target else {
+            panic!("an exec target")
+        };
+        exec.executable = "/tmp/x/evil".into();
+        exec.path_check = v1::PathCheck::Verified.into();
+        exec.named = "/tmp/innocent/echo".into();
+        exec.file = "0:30 1234".into();
+        exec.mount_namespace = "mnt:[4026532301]".into();
+        let domain = ApprovalRequest::try_from(wire.clone()).unwrap();
+        let Target::Exec(seen) = &domain.target else {
+            panic!("an exec target")
+        };
+        assert_eq!(seen.path_check, Some(PathCheck::Verified));
+        assert_eq!(seen.named.as_deref(), Some("/tmp/innocent/echo"));
+        assert_eq!(seen.file.as_deref(), Some("0:30 1234"));
+        assert_eq!(seen.mount_namespace.as_deref(), Some("mnt:[4026532301]"));
+        assert_eq!(v1::ApprovalRequest::from(domain.clone()), wire);
+        let json = serde_json::to_value(&domain).unwrap();
+        assert_eq!(json["target"]["path_check"], "verified");
+        assert_eq!(json["target"]["mount_namespace"], "mnt:[4026532301]");
+        // Absent on the wire: absent in the model (and in its JSON).
+        let plain = ApprovalRequest::try_from(wire_request()).unwrap();
+        let json = serde_json::to_value(&plain).unwrap();
+        for field in ["path_check", "named", "file", "mount_namespace"] {
+            assert!(json["target"].get(field).is_none(), "{field}: {json}");
+        }
+
+        let exec_of = |r: &mut v1::ApprovalRequest| match &mut r.target {
+            Some(v1::approval_request::Target::Exec(exec)) => exec.clone(),
+            _ => panic!("an exec target"),
+        };
+        for (change, expected) in [
+            (
+                (|e: &mut v1::ExecTarget| e.path_check = 7) as fn(&mut v1::ExecTarget),
+                "`exec.path_check` is invalid: unknown value 7",
+            ),
+            (
+                |e: &mut v1::ExecTarget| e.mount_namespace = "mnt:[1]\n\u{1b}[2J".into(),
+                "`exec.mount_namespace`",
+            ),
+            (
+                |e: &mut v1::ExecTarget| e.file = "x".repeat(limits::MAX_NAME + 1),
+                "`exec.file`",
+            ),
+            (
+                |e: &mut v1::ExecTarget| e.named = "a\0b".into(),
+                "`exec.named` is invalid: contains a NUL byte",
+            ),
+        ] {
+            let mut wire = wire_request();
+            let mut exec = exec_of(&mut wire);
+            change(&mut exec);
+            wire.target = Some(v1::approval_request::Target::Exec(exec));
+            let err = ApprovalRequest::try_from(wire).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err:?} lacks {expected:?}");
+        }
     }
 
     #[test]

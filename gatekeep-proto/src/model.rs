@@ -93,6 +93,44 @@ pub struct ExecTarget {
     /// `None` from callers without a kernel (tests, the API).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Whether the host's file at `executable` is the file that runs (the agent checked its
+    /// device and inode against the kernel's), or `executable` is only the name the workload
+    /// passed (no host path of that file was found: a file of a private mount namespace).
+    /// `None` from callers without a kernel (tests, the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_check: Option<PathCheck>,
+    /// The name the workload passed to `execve`, made absolute against its cwd, in its own
+    /// mount namespace, when it differs from `executable` (a symbolic link, a bind mount in
+    /// a private mount namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub named: Option<String>,
+    /// The file as the kernel identified it: `major:minor inode` of its filesystem's device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// The asking task's mount namespace (`mnt:[4026532301]`) when it is not the agent's:
+    /// the workload sees other files at some paths than the host does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_namespace: Option<String>,
+}
+
+/// How the agent found an exec's `executable` path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathCheck {
+    /// The host's file at that path is the file that runs.
+    Verified,
+    /// No host path of the file that runs was found: the path is the workload's name for it.
+    Unverified,
+}
+
+impl PathCheck {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Verified => "verified",
+            Self::Unverified => "unverified",
+        }
+    }
 }
 
 /// A `connect`.

@@ -10,7 +10,8 @@
 //! host_group = "ci"                  # optional: every host when absent
 //! policy = "ai-agents"               # optional
 //! kind = "exec"                      # optional: exec | connect
-//! executable = "/usr/bin/git"        # exec: exact path (optional)
+//! executable = "/usr/bin/git"        # exec: exact path (optional; an allow rule never
+//!                                    # matches a path the agent marked unverified)
 //! command = "git fetch *"            # exec: glob over argv joined by spaces (optional)
 //! destination = "10.0.0.0/8"         # connect: network (optional)
 //! ports = "443"                      # connect: port or range "8000-8999" (optional)
@@ -21,7 +22,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use gatekeep_proto::model::{ApprovalRequest, Kind, Target, Verdict};
+use gatekeep_proto::model::{ApprovalRequest, Kind, PathCheck, Target, Verdict};
 use globset::{Glob, GlobMatcher, GlobSet, GlobSetBuilder};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -199,13 +200,17 @@ impl Rule {
         }
         match &request.target {
             Target::Exec(exec) => {
-                self.executable
+                // An allow rule's path must be the file that runs: a path the agent could
+                // not verify is only the workload's name for it (a decoy in a private mount
+                // namespace), and a reviewer decides it. A deny rule may match the name.
+                self.executable.as_ref().is_none_or(|path| {
+                    *path == exec.executable
+                        && (self.action == Verdict::Deny
+                            || exec.path_check != Some(PathCheck::Unverified))
+                }) && self
+                    .command
                     .as_ref()
-                    .is_none_or(|path| *path == exec.executable)
-                    && self
-                        .command
-                        .as_ref()
-                        .is_none_or(|glob| glob.is_match(exec.argv.join(" ")))
+                    .is_none_or(|glob| glob.is_match(exec.argv.join(" ")))
             }
             Target::Connect(connect) => {
                 let address = connect.address.parse::<IpAddr>().ok();
@@ -251,6 +256,10 @@ mod tests {
             executable: "/usr/bin/git".into(),
             argv: argv.iter().map(|s| (*s).to_owned()).collect(),
             content: None,
+            path_check: None,
+            named: None,
+            file: None,
+            mount_namespace: None,
         })
     }
 
@@ -302,6 +311,29 @@ mod tests {
             rules.decide("web-1", &metadata),
             Some(("no-metadata", Verdict::Deny))
         );
+    }
+
+    #[test]
+    fn an_allow_rule_never_matches_a_path_the_agent_could_not_verify() {
+        let rules = rules(
+            "[[rules]]\nname = \"git\"\naction = \"allow\"\nexecutable = \"/usr/bin/git\"\n\
+             [[rules]]\nname = \"no-curl\"\naction = \"deny\"\nexecutable = \"/usr/bin/curl\"\n",
+        )
+        .unwrap();
+        let with = |executable: &str, check: Option<PathCheck>| {
+            let mut asked = request(exec(&["x"]));
+            if let Target::Exec(exec) = &mut asked.target {
+                exec.executable = executable.into();
+                exec.path_check = check;
+            }
+            asked
+        };
+        let verified = with("/usr/bin/git", Some(PathCheck::Verified));
+        assert_eq!(rules.decide("h", &verified), Some(("git", Verdict::Allow)));
+        let decoy = with("/usr/bin/git", Some(PathCheck::Unverified));
+        assert_eq!(rules.decide("h", &decoy), None, "a reviewer decides it");
+        let curl = with("/usr/bin/curl", Some(PathCheck::Unverified));
+        assert_eq!(rules.decide("h", &curl), Some(("no-curl", Verdict::Deny)));
     }
 
     #[test]

@@ -328,6 +328,10 @@ fn exec_request(argv: &[&str], timeout: time::Duration, on_timeout: Verdict) -> 
             executable: "/usr/bin/curl".into(),
             argv: argv.iter().map(|a| (*a).to_owned()).collect(),
             content: None,
+            path_check: None,
+            named: None,
+            file: None,
+            mount_namespace: None,
         }),
         requested_at: now,
         deadline: now + timeout,
@@ -1328,6 +1332,10 @@ async fn malformed_inputs_get_precise_codes_and_change_nothing() {
         executable: "/usr/bin/curl".into(),
         argv: vec!["curl".into(), "two".into()],
         content: None,
+        path_check: None,
+        named: None,
+        file: None,
+        mount_namespace: None,
     });
     sender
         .send(v1::AgentMessage {

@@ -208,6 +208,10 @@ mod tests {
                 executable: "/usr/bin/git".into(),
                 argv: argv.iter().map(|s| (*s).to_owned()).collect(),
                 content: None,
+                path_check: None,
+                named: None,
+                file: None,
+                mount_namespace: None,
             })
         };
         assert_eq!(subject_key(&exec(&["git", "push"])), "exec:/usr/bin/git");
