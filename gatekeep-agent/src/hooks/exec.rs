@@ -37,7 +37,7 @@ use gatekeep_proto::{
 use super::{Compiling, Hook, RuleKey, absent_is_ok, kernel_action};
 use crate::{
     bpf::record::{Origin, ParseError, origin, read},
-    pause::{enrich::Enricher, request},
+    pause::{enrich::Enricher, exe_path::Views, request},
     policy::error::PolicyMapsError,
 };
 
@@ -166,9 +166,15 @@ impl Hook for Exec {
         }
     }
 
+    /// The executable shown is the host's path of the file that runs, found from the file
+    /// the kernel matched (`pause::exe_path`), never just the name the workload passed.
     fn target(request: &ExecRequest, enricher: &Enricher) -> model::Target {
-        request::exec_target(
-            &enricher.display_path(request.origin.pid, &request.filename),
+        let tid = request.origin.tid;
+        let named = enricher.display_path(tid, &request.filename);
+        let seen = Views::new(enricher.proc_root()).exe_path(tid, &named, request.dev, request.ino);
+        request::exec_target_seen(
+            &seen,
+            (request.dev, request.ino),
             &request.argv,
             Some(&request.content),
         )

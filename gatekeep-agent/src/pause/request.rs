@@ -15,13 +15,19 @@ use std::{
 use gatekeep_proto::{
     audit::{ExecFacts, KernelFacts, Process},
     limits,
-    model::{self, ApprovalRequest, ApprovalSettings, ExecTarget, ProcessInfo, Target},
+    model::{self, ApprovalRequest, ApprovalSettings, ExecTarget, PathCheck, ProcessInfo, Target},
 };
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{bpf::events::Origin, pause::enrich::Enrichment};
+use crate::{
+    bpf::events::Origin,
+    pause::{
+        enrich::Enrichment,
+        exe_path::{self, ExePath},
+    },
+};
 
 /// Where the kernel says which boot this is.
 pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
@@ -132,7 +138,42 @@ pub fn exec_target(
         executable,
         argv: bounded_argv(argv),
         content: content.map(content_text),
+        path_check: None,
+        named: None,
+        file: None,
+        mount_namespace: None,
     })
+}
+
+/// An exec's target as the agent saw it on this host: the executable is the host's path of
+/// the file that runs when the agent verified it, the workload's name for it otherwise
+/// (marked unverified, with the file's device and inode); the name passed is added when it
+/// differs, and a mount namespace other than the agent's is noted (see
+/// [`crate::pause::exe_path`]).
+#[must_use]
+pub fn exec_target_seen(
+    seen: &ExePath,
+    file: (u64, u64),
+    argv: &[String],
+    content: Option<&gatekeep_common::ContentVersion>,
+) -> Target {
+    let mut target = exec_target(&seen.path, argv, content);
+    if let Target::Exec(exec) = &mut target {
+        exec.path_check = Some(if seen.verified {
+            PathCheck::Verified
+        } else {
+            PathCheck::Unverified
+        });
+        let named = exec_target(&seen.named, &[], None);
+        if let Target::Exec(named) = named
+            && named.executable != exec.executable
+        {
+            exec.named = Some(named.executable);
+        }
+        exec.file = Some(exe_path::file_identity(file.0, file.1));
+        exec.mount_namespace = seen.mount_namespace.as_deref().and_then(clean_name);
+    }
+    target
 }
 
 /// The text of a content version in a request's target:
@@ -410,6 +451,61 @@ mod tests {
             7_150_000_000,
         ));
         assert_eq!(again, approval);
+    }
+
+    #[test]
+    fn an_exec_target_shows_the_file_that_runs_and_notes_the_name_and_namespace() {
+        let exec_of = |target: Target| match target {
+            Target::Exec(exec) => exec,
+            Target::Connect(_) => panic!("an exec target"),
+        };
+        let argv = ["echo".to_owned(), "hi".to_owned()];
+        // A decoy: another file bound over the name, in another mount namespace.
+        let decoy = ExePath {
+            path: "/tmp/x/evil".into(),
+            verified: true,
+            named: "/tmp/innocent/echo".into(),
+            mount_namespace: Some("mnt:[4026532301]".into()),
+        };
+        let exec = exec_of(exec_target_seen(&decoy, (30, 1234), &argv, None));
+        assert_eq!(exec.executable, "/tmp/x/evil");
+        assert_eq!(exec.path_check, Some(PathCheck::Verified));
+        assert_eq!(exec.named.as_deref(), Some("/tmp/innocent/echo"));
+        assert_eq!(exec.file.as_deref(), Some("0:30 1234"));
+        assert_eq!(exec.mount_namespace.as_deref(), Some("mnt:[4026532301]"));
+        assert_eq!(exec.argv, argv);
+
+        // The plain case: the name is the file, nothing more to say.
+        let plain = ExePath {
+            path: "/usr/bin/echo".into(),
+            verified: true,
+            named: "/usr/bin/echo".into(),
+            mount_namespace: None,
+        };
+        let exec = exec_of(exec_target_seen(&plain, (8 << 20 | 1, 7), &argv, None));
+        assert_eq!(exec.executable, "/usr/bin/echo");
+        assert_eq!(exec.named, None);
+        assert_eq!(exec.mount_namespace, None);
+        assert_eq!(exec.file.as_deref(), Some("8:1 7"));
+
+        // Not found on the host: the name, marked unverified (never passed as verified).
+        let unseen = ExePath {
+            verified: false,
+            path: "/tmp/innocent/echo".into(),
+            ..decoy
+        };
+        let target = exec_target_seen(&unseen, (99, 5), &argv, None);
+        let (origin, info) = (origin(), info());
+        let approval = valid(approval_request(
+            ask(&origin, &info, target),
+            SystemTime::now(),
+            7_000_000_000,
+        ));
+        let exec = exec_of(approval.target);
+        assert_eq!(exec.executable, "/tmp/innocent/echo");
+        assert_eq!(exec.path_check, Some(PathCheck::Unverified));
+        assert_eq!(exec.named, None, "the same text as the executable");
+        assert_eq!(exec.file.as_deref(), Some("0:99 5"));
     }
 
     #[test]
