@@ -19,4 +19,5 @@ mod protect_files;
 mod restart;
 mod self_protect;
 mod smoke;
+mod truth;
 mod workload;

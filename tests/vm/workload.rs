@@ -18,6 +18,13 @@
 //!
 //! - `net COMMAND ...`: sends, raw sockets and other families (`egress.rs`).
 //!
+//! The decoy-path attack (`truth.rs`); each step prints `STEP: errno N` and exits 3 if it
+//! fails, and otherwise runs the rest of the command:
+//! - `mount-ns COMMAND...`: a private mount namespace (`unshare -m`, `/` made private);
+//! - `bind SRC DST COMMAND...`: bind-mounts SRC over DST;
+//! - `rm PATH COMMAND...`: unlinks PATH;
+//! - `join PROCS COMMAND...`: writes its pid into the `cgroup.procs` file PROCS.
+//!
 //! Self-protection attacks (`self_protect.rs`); each prints `ok` (exit 0) or
 //! `errno N` (exit 1):
 //! - `kill PID SIG`; `kill-loop PID SIG N` (N attempts; prints the last
@@ -165,6 +172,7 @@ fn run(args: &[String]) -> i32 {
             }
             run(&args[1..])
         }
+        Some("mount-ns" | "bind" | "rm" | "join") => decoy_step(args),
         Some("exec-rewrite") => exec_rewrite(&args[1..]),
         Some(
             "kill" | "kill-loop" | "ptrace-seize" | "open" | "bpf-map-by-id" | "bpf-prog-load"
@@ -178,6 +186,51 @@ fn run(args: &[String]) -> i32 {
             2
         }
     }
+}
+
+/// One step of the decoy-path attack (`truth.rs`), then the rest of the command: prints
+/// `STEP: errno N` and exits 3 if the step fails.
+fn decoy_step(args: &[String]) -> i32 {
+    let arg = |at: usize| cstring(args.get(at).map_or("", String::as_str));
+    let (root, source, target) = (cstring("/"), arg(1), arg(2));
+    // SAFETY: plain syscalls with NUL-terminated strings that outlive them; the process is
+    // single-threaded here.
+    let (ok, taken) = unsafe {
+        match args[0].as_str() {
+            "mount-ns" => (
+                libc::unshare(libc::CLONE_NEWNS) == 0
+                    && libc::mount(
+                        std::ptr::null(),
+                        root.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) == 0,
+                1,
+            ),
+            "bind" => (
+                libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) == 0,
+                3,
+            ),
+            "rm" => (libc::unlink(source.as_ptr()) == 0, 2),
+            "join" => (
+                std::fs::write(&args[1], std::process::id().to_string()).is_ok(),
+                2,
+            ),
+            _ => (false, 1),
+        }
+    };
+    if !ok || args.len() <= taken {
+        println!("{}: errno {}", args[0], errno());
+        return 3;
+    }
+    run(&args[taken..])
 }
 
 static EXEC_STARTED: AtomicBool = AtomicBool::new(false);
