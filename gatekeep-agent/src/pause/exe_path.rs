@@ -36,6 +36,8 @@ use std::{
         fs::MetadataExt as _,
     },
     path::{Component, Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
 };
 
 /// Most symbolic links followed while resolving a name (the kernel's `MAXSYMLINKS`).
@@ -300,31 +302,92 @@ impl Views {
             (theirs, _) => Some(theirs.clone().unwrap_or_else(|| "unknown".to_owned())),
         };
         let named = normalize(named);
-        let resolved = resolve_in_root(&task.join("root"), &named).unwrap_or_else(|| named.clone());
-        let is_the_file = |candidate: &Path| {
-            fs::symlink_metadata(candidate).is_ok_and(|meta| {
-                meta.is_file() && kernel_dev(meta.dev()) == dev && meta.ino() == ino
-            })
+        let fallback = ExePath {
+            path: named.clone(),
+            verified: false,
+            named: named.clone(),
+            mount_namespace: mount_namespace.clone(),
         };
-        // The common case first, without reading mount tables: the same namespace, and the
-        // host's file at the resolved name is the one that runs.
-        let verified = if mount_namespace.is_none() && is_the_file(&resolved) {
-            Some(resolved.clone())
-        } else {
-            let read = |dir: &Path| fs::read(dir.join("mountinfo")).map(|t| parse_mountinfo(&t));
-            match (read(&task), read(&self.own)) {
-                (Ok(theirs), Ok(ours)) => candidates(&theirs, &ours, &resolved)
-                    .into_iter()
-                    .find(|candidate| is_the_file(candidate)),
-                _ => None,
+        let (own, same) = (self.own.clone(), mount_namespace.is_none());
+        within(&RUNNING, RESOLVE_WITHIN, move || {
+            let (path, verified) = locate(&task, &own, same, &named, (dev, ino));
+            ExePath {
+                path,
+                verified,
+                named,
+                mount_namespace,
             }
-        };
-        ExePath {
-            verified: verified.is_some(),
-            path: verified.unwrap_or(resolved),
-            named,
-            mount_namespace,
-        }
+        })
+        .unwrap_or(fallback)
+    }
+}
+
+/// How long the agent waits for a path to be resolved and checked. The walk reads the
+/// workload's filesystems (`lstat` through `/proc/<tid>/root`): one that never answers (a
+/// FUSE server the workload runs) must not stall the agent, so the work runs on its own
+/// thread and, past this, the request shows the name unverified.
+const RESOLVE_WITHIN: Duration = Duration::from_secs(2);
+
+/// Most resolutions running at once (the controller runs one at a time; the rest are stuck
+/// on a filesystem that does not answer): past it, a request shows the name unverified at
+/// once, so stuck threads stay bounded.
+const MAX_RUNNING: usize = 8;
+
+/// Resolutions running now.
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// `work`'s result if it ends within `limit`, run on a thread of its own; `None` when it
+/// does not, or when `running` (counting such threads) already holds [`MAX_RUNNING`].
+fn within<T: Send + 'static>(
+    running: &'static AtomicUsize,
+    limit: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    if running.fetch_add(1, Ordering::SeqCst) >= MAX_RUNNING {
+        running.fetch_sub(1, Ordering::SeqCst);
+        return None;
+    }
+    let (done, result) = std::sync::mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("exe-path".to_owned())
+        .spawn(move || {
+            let out = work();
+            running.fetch_sub(1, Ordering::SeqCst);
+            let _ = done.send(out);
+        });
+    if spawned.is_err() {
+        running.fetch_sub(1, Ordering::SeqCst);
+        return None;
+    }
+    result.recv_timeout(limit).ok()
+}
+
+/// The path to show for the file (`dev`, `ino`) that task dir `task` named `named`, and
+/// whether it is verified: the host's path of that file when one is found, else the name
+/// resolved in the task's view. `own` is the agent's proc dir; `same` says the task shares
+/// the agent's mount namespace.
+fn locate(task: &Path, own: &Path, same: bool, named: &Path, file: (u64, u64)) -> (PathBuf, bool) {
+    let (dev, ino) = file;
+    let resolved = resolve_in_root(&task.join("root"), named).unwrap_or_else(|| named.to_owned());
+    let is_the_file = |candidate: &Path| {
+        fs::symlink_metadata(candidate)
+            .is_ok_and(|meta| meta.is_file() && kernel_dev(meta.dev()) == dev && meta.ino() == ino)
+    };
+    // The common case first, without reading mount tables: the same namespace, and the
+    // host's file at the resolved name is the one that runs.
+    if same && is_the_file(&resolved) {
+        return (resolved, true);
+    }
+    let read = |dir: &Path| fs::read(dir.join("mountinfo")).map(|t| parse_mountinfo(&t));
+    let found = match (read(task), read(own)) {
+        (Ok(theirs), Ok(ours)) => candidates(&theirs, &ours, &resolved)
+            .into_iter()
+            .find(|candidate| is_the_file(candidate)),
+        _ => None,
+    };
+    match found {
+        Some(path) => (path, true),
+        None => (resolved, false),
     }
 }
 
@@ -620,6 +683,39 @@ mod tests {
         // A task already gone: its namespace is unknown, which is noted.
         let seen = views.exe_path(78, &alias, dev, ino);
         assert_eq!(seen.mount_namespace.as_deref(), Some("unknown"));
+    }
+
+    #[test]
+    fn a_resolution_that_does_not_end_gives_way_and_stuck_ones_stay_bounded() {
+        static RUNNING: AtomicUsize = AtomicUsize::new(0);
+        let quick = within(&RUNNING, Duration::from_hours(1), || 7);
+        assert_eq!(quick, Some(7));
+        // Resolutions that never end (a filesystem that does not answer): each gives way.
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let stuck = std::sync::Arc::new(std::sync::Mutex::new(stuck));
+        for _ in 0..MAX_RUNNING {
+            let stuck = std::sync::Arc::clone(&stuck);
+            let out = within(&RUNNING, Duration::from_millis(1), move || {
+                let _ = stuck.lock().map(|rx| rx.recv());
+                1
+            });
+            assert_eq!(out, None);
+        }
+        // With MAX_RUNNING stuck, nothing more is started, not even quick work.
+        assert_eq!(within(&RUNNING, Duration::from_hours(1), || 2), None);
+        assert_eq!(RUNNING.load(Ordering::SeqCst), MAX_RUNNING);
+        // Once they end, work runs again.
+        drop(release);
+        let again = (0..10_000)
+            .find_map(|_| {
+                let out = within(&RUNNING, Duration::from_hours(1), || 3);
+                if out.is_none() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                out
+            })
+            .expect("the released resolutions end");
+        assert_eq!(again, 3);
     }
 
     #[test]
