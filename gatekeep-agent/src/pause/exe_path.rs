@@ -23,7 +23,9 @@
 //!
 //! The task is stopped inside its exec while this runs, so its namespaces, mounts, root and
 //! cwd cannot change meanwhile (a sibling thread is stopped with it). Every step that fails
-//! (the task is gone, a file is unreadable) ends in "unverified", never in an error.
+//! (the task is gone, a file is unreadable) ends in "unverified", never in an error, and so
+//! does a walk that does not end in time: it runs on a thread of its own ([`within`]), so a
+//! filesystem of the workload's that never answers cannot stall the agent.
 //!
 //! The mount namespace is compared with the agent's (`/proc/<tid>/ns/mnt`, e.g.
 //! `mnt:[4026532301]`): a different one is noted in the request.
