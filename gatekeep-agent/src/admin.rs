@@ -403,6 +403,7 @@ pub fn unload(pin_dir: &Path, proc_root: &Path) -> Result<Unloaded, AdminError> 
                 tid: *tid,
                 _pad: 0,
                 digest: request.digest,
+                start_ns: request.start_ns,
             };
             let verdict = Verdict {
                 action: action::DENY,

@@ -995,6 +995,8 @@ async fn rescan(kernel: &KernelHandle, policies: &watch::Sender<Arc<Compiled>>, 
         .map(|compiled| (compiled, current));
     let compiled = match compiled {
         Ok((mut compiled, current)) => {
+            // Only a load binds exec rules to their files' content.
+            crate::hooks::exec::keep_bindings(&mut compiled.state.rules, &loaded.state.rules);
             match classify_blocking(current, &mut compiled, set, loaded.ids(), host.clone()).await {
                 Ok(()) => compiled,
                 Err(err) => {

@@ -265,10 +265,11 @@ fn print_status(status: &admin::Status) {
         let until = g
             .expires_at
             .map_or_else(|| "no expiry".to_owned(), |at| format!("until {at}"));
-        let scope = g
-            .cgroup
-            .as_deref()
-            .map_or_else(String::new, |c| format!(" in cgroup {c}"));
+        let scope = match (g.is_workload(), g.cgroup.as_deref()) {
+            (true, Some(c)) => format!(" scope workload {c}"),
+            (true, None) => " scope workload (unknown cgroup)".to_owned(),
+            (false, _) => " scope policy (every workload)".to_owned(),
+        };
         println!(
             "  {} policy {} {} `{}` {}{scope}, {until}, by {}{}",
             g.id,

@@ -47,11 +47,14 @@ pub enum RecordKind {
     /// Service only: an agent reported that its own audit log can (no longer) be written
     /// (the agent stream's `AuditHealth`).
     AgentAuditHealth,
+    /// Agent only: an exec met a rule whose file was rewritten in place since the policy was
+    /// loaded; the rule did not match (the policy default applied).
+    RuleStale,
 }
 
 impl RecordKind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::Requested,
         Self::Decided,
         Self::Expired,
@@ -67,6 +70,7 @@ impl RecordKind {
         Self::ProtectRefused,
         Self::AuditInterrupted,
         Self::AgentAuditHealth,
+        Self::RuleStale,
     ];
 
     /// The stored name, as in JSON.
@@ -88,6 +92,7 @@ impl RecordKind {
             Self::ProtectRefused => "protect_refused",
             Self::AuditInterrupted => "audit_interrupted",
             Self::AgentAuditHealth => "agent_audit_health",
+            Self::RuleStale => "rule_stale",
         }
     }
 }

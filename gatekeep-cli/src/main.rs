@@ -11,7 +11,7 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use gatekeep_client::{ClientError, GrantFilter, RequestFilter, ReviewClient};
 use gatekeep_proto::{
     GrantDuration,
-    model::{Kind, Verdict},
+    model::{GrantScope, Kind, Verdict},
 };
 use tokio_stream::StreamExt as _;
 use uuid::Uuid;
@@ -104,6 +104,24 @@ struct DurationArgs {
     always: bool,
 }
 
+/// Whom a grant covers.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ScopeArg {
+    /// Only the workload (cgroup) that asked.
+    Workload,
+    /// Every workload the policy gates on the host.
+    Policy,
+}
+
+impl From<ScopeArg> for GrantScope {
+    fn from(scope: ScopeArg) -> Self {
+        match scope {
+            ScopeArg::Workload => GrantScope::Workload,
+            ScopeArg::Policy => GrantScope::Policy,
+        }
+    }
+}
+
 impl DurationArgs {
     fn duration(&self) -> anyhow::Result<GrantDuration> {
         if self.session {
@@ -147,6 +165,10 @@ enum ReviewCommand {
         id: String,
         #[command(flatten)]
         duration: DurationArgs,
+        /// Whom a grant (--for, --session, --always) covers: only the workload (cgroup) that
+        /// asked, or every workload of the policy. A session grant is always the workload's.
+        #[arg(long, value_enum, default_value = "workload")]
+        scope: ScopeArg,
         /// Why (recorded in the audit log).
         #[arg(long, default_value = "")]
         reason: String,
@@ -474,6 +496,7 @@ impl App {
             ReviewCommand::Approve {
                 id,
                 duration,
+                scope,
                 reason,
             } => {
                 let duration = duration.duration()?;
@@ -481,7 +504,7 @@ impl App {
                 let decided = self
                     .client()
                     .await?
-                    .decide(id, Verdict::Allow, &reason, duration)
+                    .decide_scoped(id, Verdict::Allow, &reason, duration, scope.into())
                     .await;
                 let record = decided.map_err(|err| self.explain(err))?;
                 self.printer.decided(&record)

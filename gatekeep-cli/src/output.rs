@@ -5,7 +5,7 @@ use std::{io::Write as _, path::Path};
 
 use clap::ValueEnum;
 use gatekeep_client::{AuditReport, Status};
-use gatekeep_proto::model::{Family, Grant, RequestRecord, Target};
+use gatekeep_proto::model::{Family, Grant, GrantScope, RequestRecord, Target};
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -349,7 +349,7 @@ impl Printer {
                 let grant = decision
                     .grant
                     .as_ref()
-                    .map(|g| format!("; grant {} ({})", g.id, g.duration))
+                    .map(|g| format!("; grant {} ({}, scope {})", g.id, g.duration, g.scope))
                     .unwrap_or_default();
                 format!(
                     "{} {}: {}{}\n",
@@ -376,11 +376,17 @@ impl Printer {
         let rows: Vec<Vec<String>> = grants
             .iter()
             .map(|g| {
+                let session = g.duration == gatekeep_proto::GrantDuration::Session;
                 let until = match (&g.revoked, g.expires_at, &g.cgroup) {
                     (Some(revoked), _, _) => format!("revoked by {}", t(&revoked.by)),
                     (None, Some(expires), _) => at(expires),
-                    (None, None, Some(cgroup)) => format!("end of {}", word(cgroup)),
-                    (None, None, None) => "revoked".to_owned(),
+                    (None, None, Some(cgroup)) if session => format!("end of {}", word(cgroup)),
+                    (None, None, _) => "revoked".to_owned(),
+                };
+                let scope = match (g.scope, &g.cgroup) {
+                    (GrantScope::Workload, Some(cgroup)) => format!("workload {}", word(cgroup)),
+                    (GrantScope::Workload, None) => "workload".to_owned(),
+                    (GrantScope::Policy, _) => "policy".to_owned(),
                 };
                 vec![
                     g.id.to_string(),
@@ -388,6 +394,7 @@ impl Printer {
                     t(&g.policy),
                     g.verdict.to_string(),
                     g.duration.to_string(),
+                    scope,
                     until,
                     t(&g.created_by),
                     clip(&what(&g.target), 50),
@@ -396,7 +403,7 @@ impl Printer {
             .collect();
         text(&table(
             &[
-                "ID", "HOST", "POLICY", "VERDICT", "DURATION", "UNTIL", "BY", "WHAT",
+                "ID", "HOST", "POLICY", "VERDICT", "DURATION", "SCOPE", "UNTIL", "BY", "WHAT",
             ],
             &rows,
         ))
@@ -569,6 +576,7 @@ mod tests {
         Target::Exec(gatekeep_proto::model::ExecTarget {
             executable: executable.into(),
             argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            content: None,
         })
     }
 

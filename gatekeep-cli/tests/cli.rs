@@ -63,6 +63,7 @@ fn request(argv: &[&str]) -> ApprovalRequest {
         target: Target::Exec(ExecTarget {
             executable: "/usr/bin/git".into(),
             argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            content: None,
         }),
         requested_at: now,
         deadline: now + time::Duration::minutes(5),

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use gatekeep_proto::{
     GrantDuration, limits,
-    model::{Grant, Kind, RequestRecord, Verdict},
+    model::{Grant, GrantScope, Kind, RequestRecord, Verdict},
     v1::{self, review_service_client::ReviewServiceClient},
 };
 use tokio_stream::{Stream, StreamExt as _};
@@ -208,13 +208,28 @@ impl ReviewClient {
             .map_err(|source| ClientError::InvalidAnswer { source })
     }
 
-    /// Approves or denies; `duration` other than `once` makes a grant.
+    /// Approves or denies; `duration` other than `once` makes a grant for the asking
+    /// workload only (see [`Self::decide_scoped`]).
     pub async fn decide(
         &mut self,
         id: Uuid,
         verdict: Verdict,
         reason: &str,
         duration: GrantDuration,
+    ) -> Result<RequestRecord, ClientError> {
+        self.decide_scoped(id, verdict, reason, duration, GrantScope::Workload)
+            .await
+    }
+
+    /// Approves or denies; `duration` other than `once` makes a grant covering `scope`: the
+    /// workload (cgroup) that asked, or every workload of the policy.
+    pub async fn decide_scoped(
+        &mut self,
+        id: Uuid,
+        verdict: Verdict,
+        reason: &str,
+        duration: GrantDuration,
+        scope: GrantScope,
     ) -> Result<RequestRecord, ClientError> {
         let response = self
             .inner
@@ -223,6 +238,7 @@ impl ReviewClient {
                 verdict: v1::Verdict::from(verdict).into(),
                 reason: reason.to_owned(),
                 duration: duration.to_string(),
+                scope: scope.to_string(),
             })
             .await?;
         record(response.into_inner().request)

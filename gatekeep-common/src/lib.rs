@@ -65,7 +65,7 @@ pub mod map_names {
     pub const BUILD_ID: &str = "BUILD_ID";
     /// Per-CPU [`super::counter`] values.
     pub const COUNTERS: &str = "COUNTERS";
-    /// exec hook: [`super::ExecRuleKey`] -> action.
+    /// exec hook: [`super::ExecRuleKey`] -> [`super::ExecRule`].
     pub const EXEC_RULES: &str = "EXEC_RULES";
     /// exec hook: thread id -> the `linux_binprm` an approved exec runs
     /// with (its script's interpreter is part of the approved request).
@@ -159,6 +159,9 @@ pub mod event_kind {
     pub const REFUSED_SPINNING: u32 = 6;
     /// A verdict from user space was applied ([`super::TaskEvent`]).
     pub const VERDICT_APPLIED: u32 = 7;
+    /// An exec met a rule whose file changed content since the policy was
+    /// loaded ([`super::ExecRuleStaleEvent`]): the rule did not match.
+    pub const EXEC_RULE_STALE: u32 = 8;
 }
 
 /// What a request is about; also in [`PendingRequest::kind`].
@@ -191,8 +194,11 @@ pub mod counter {
     pub const ARGV_MISSED: u32 = 11;
     /// An "ask" action was allowed by a granted duration (`GRANTS`).
     pub const GRANT_ALLOWED: u32 = 12;
+    /// An exec met a rule bound to other content than the file has now
+    /// (rewritten in place since the policy was loaded).
+    pub const EXEC_RULE_STALE: u32 = 13;
     /// Number of counters; size of the `COUNTERS` map.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// Value of the `GATED_CGROUPS` map: which policy governs a cgroup.
@@ -280,6 +286,67 @@ pub struct ExecRuleKey {
     pub ino: u64,
 }
 
+/// The content version of a file, as the kernel keeps it in `struct inode`:
+/// what changes when the file is written in place (same device and inode).
+///
+/// Every write of the data or the attributes sets `ctime` (`i_ctime_sec`,
+/// `i_ctime_nsec`: on v6.12 a coarse, jiffy-granular clock; see
+/// `docs/threat-model.md`) and usually `i_size`; `i_generation` tells a
+/// reused inode number from the file that had it (filesystems that keep one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContentVersion {
+    pub ctime_sec: i64,
+    pub ctime_nsec: u32,
+    /// `i_generation`.
+    pub generation: u32,
+    /// `i_size`.
+    pub size: i64,
+}
+
+/// Value of the `EXEC_RULES` map: the rule's action, and the content its
+/// file had when the agent compiled the rule (policy load or reload). The
+/// kernel applies the rule only while the file still has that content; a
+/// file rewritten in place meets the policy default instead (never a laxer
+/// action than the rule's own) and is reported ([`event_kind::EXEC_RULE_STALE`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecRule {
+    /// [`action`].
+    pub action: u32,
+    /// [`exec_rule_flags`].
+    pub flags: u32,
+    pub content: ContentVersion,
+}
+
+/// [`ExecRule::flags`].
+pub mod exec_rule_flags {
+    /// `content.generation` was read from the file (`FS_IOC_GETVERSION`) and
+    /// is compared; filesystems without the ioctl (tmpfs) leave it unset,
+    /// and the kernel compares ctime and size only.
+    pub const GENERATION: u32 = 1;
+}
+
+/// Event [`event_kind::EXEC_RULE_STALE`]: an exec of a file whose rule was
+/// bound to other content. `header.digest` is the exec's request digest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecRuleStaleEvent {
+    pub header: EventHeader,
+    pub dev: u64,
+    pub ino: u64,
+    /// The content the rule was bound to.
+    pub bound: ContentVersion,
+    /// The content the file has now.
+    pub found: ContentVersion,
+    /// The rule's [`action`], and the [`action`] applied instead.
+    pub rule_action: u32,
+    pub applied_action: u32,
+    /// The rule's [`exec_rule_flags`].
+    pub rule_flags: u32,
+    pub _pad: u32,
+}
+
 /// One port range rule of a connect prefix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -336,15 +403,22 @@ pub struct PendingRequest {
     /// Thread group id of the paused task.
     pub pid: u32,
     pub policy_id: u32,
+    /// The paused thread's start time (`task_struct::start_boottime`, ns):
+    /// with the thread id, the identity of the task that asked. A thread
+    /// id reused by a later task never matches it.
+    pub start_ns: u64,
 }
 
-/// Key of the `VERDICTS` map: a verdict is for one thread *and* one digest.
+/// Key of the `VERDICTS` map: a verdict is for one task (thread id *and*
+/// start time, so never for a later task that reuses the id) and one digest.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VerdictKey {
     pub tid: u32,
     pub _pad: u32,
     pub digest: u64,
+    /// [`PendingRequest::start_ns`] of the task the verdict is for.
+    pub start_ns: u64,
 }
 
 /// Value of the `VERDICTS` map, written by the agent before it sends SIGCONT.
@@ -361,7 +435,11 @@ pub struct Verdict {
 
 /// Key of the `GRANTS` map: a reviewer's "allow for a while" for one exact
 /// request (same digest: same executable and argv, or same destination)
-/// under one policy.
+/// under one policy, for one workload or the whole policy.
+///
+/// The scope is part of the key, so a workload's grant and a policy-wide
+/// grant for the same request are two entries: the ask path looks up the
+/// asking cgroup's key first, then the policy-wide one (`cgroup_id` 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct GrantKey {
@@ -369,6 +447,9 @@ pub struct GrantKey {
     /// [`request_kind`].
     pub kind: u32,
     pub digest: u64,
+    /// The workload (cgroup v2 id) the grant covers; 0 = every cgroup of
+    /// the policy (a reviewer chose scope "policy").
+    pub cgroup_id: u64,
 }
 
 /// Value of the `GRANTS` map, installed by the agent when a reviewer grants
@@ -379,8 +460,9 @@ pub struct Grant {
     /// `CLOCK_BOOTTIME` nanoseconds when the grant lapses; 0 = no expiry
     /// ("always", or "session" which the agent removes with the cgroup).
     pub expires_ns: u64,
-    /// Only this cgroup may use the grant ("session"); 0 = any cgroup of
-    /// the policy.
+    /// Equal to the key's [`GrantKey::cgroup_id`] (the kernel checks it
+    /// again: an entry whose value disagrees with its key covers nothing
+    /// beyond its key).
     pub cgroup_id: u64,
 }
 
@@ -419,6 +501,8 @@ pub struct ExecEvent {
     /// Identity of the file about to run.
     pub dev: u64,
     pub ino: u64,
+    /// Its content version (part of the request digest).
+    pub content: ContentVersion,
     /// [`action`] the kernel applied or asks about.
     pub action: u32,
     pub argc: u32,
@@ -538,6 +622,16 @@ pub struct KernelOffsets {
     pub sock_skc_family: u32,
     /// `struct sock` -> `sk_protocol` (`u16`).
     pub sock_sk_protocol: u32,
+    // Exec identity bound to content (issue 19, item 1).
+    /// `struct inode` -> `i_ctime_sec` (`time64_t`; `__i_ctime.tv_sec` before v6.11).
+    pub inode_i_ctime_sec: u32,
+    /// `struct inode` -> `i_ctime_nsec` (`u32`; the low half of
+    /// `__i_ctime.tv_nsec` before v6.11).
+    pub inode_i_ctime_nsec: u32,
+    /// `struct inode` -> `i_size` (`loff_t`).
+    pub inode_i_size: u32,
+    /// `struct inode` -> `i_generation` (`u32`).
+    pub inode_i_generation: u32,
 }
 
 /// [`GatedCgroup::flags`]: the cgroup appeared under a *candidate parent*
@@ -686,6 +780,8 @@ mod pod {
     unsafe impl aya::Pod for super::GatedCgroup {}
     unsafe impl aya::Pod for super::PolicyDefaults {}
     unsafe impl aya::Pod for super::ExecRuleKey {}
+    unsafe impl aya::Pod for super::ExecRule {}
+    unsafe impl aya::Pod for super::ContentVersion {}
     unsafe impl aya::Pod for super::PortRule {}
     unsafe impl aya::Pod for super::PortRules {}
     unsafe impl aya::Pod for super::ConnectV4Key {}
@@ -732,20 +828,26 @@ mod tests {
         assert_eq!(size_of::<GatedCgroup>(), 8);
         assert_eq!(size_of::<PolicyDefaults>(), 24);
         assert_eq!(size_of::<ExecRuleKey>(), 24);
+        assert_eq!(size_of::<ContentVersion>(), 24);
+        assert_eq!(size_of::<ExecRule>(), 32);
+        assert_eq!(
+            size_of::<ExecRuleStaleEvent>(),
+            size_of::<EventHeader>() + 16 + 2 * 24 + 16
+        );
         assert_eq!(size_of::<PortRules>(), 8 * PORT_RULES);
         assert_eq!(size_of::<ConnectV4Key>(), 8);
         assert_eq!(size_of::<ConnectV6Key>(), 20);
-        assert_eq!(size_of::<PendingRequest>(), 32);
-        assert_eq!(size_of::<VerdictKey>(), 16);
+        assert_eq!(size_of::<PendingRequest>(), 40);
+        assert_eq!(size_of::<VerdictKey>(), 24);
         assert_eq!(size_of::<Verdict>(), 16);
-        assert_eq!(size_of::<GrantKey>(), 16);
+        assert_eq!(size_of::<GrantKey>(), 24);
         assert_eq!(size_of::<Grant>(), 16);
         assert_eq!(size_of::<InodeKey>(), 16);
         assert_eq!(size_of::<ProtectDenialKey>(), 16);
         assert_eq!(size_of::<EventHeader>(), 4 * 8 + 8 * 3 + COMM_LEN);
         assert_eq!(
             size_of::<ExecEvent>(),
-            size_of::<EventHeader>() + 16 + 16 + PATH_LEN + ARGV_LEN
+            size_of::<EventHeader>() + 16 + 24 + 16 + PATH_LEN + ARGV_LEN
         );
         assert_eq!(
             size_of::<ConnectEvent>(),
@@ -759,9 +861,9 @@ mod tests {
         assert_eq!(size_of::<ProtectedTask>(), 8);
         assert_eq!(size_of::<ProtectDenialKey>(), 16);
         assert_eq!(size_of::<ServiceListenerKey>(), 24);
-        // 31 `u32` offsets: the exec/connect ones, the self-protection ones,
-        // then the egress ones.
-        assert_eq!(size_of::<KernelOffsets>(), 31 * 4);
+        // 35 `u32` offsets: the exec/connect ones, the self-protection ones,
+        // the egress ones, then the content version ones.
+        assert_eq!(size_of::<KernelOffsets>(), 35 * 4);
         assert_eq!(size_of::<InodeKey>(), 16);
         let ids = [
             protect::SIGNAL,

@@ -192,6 +192,10 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     socket_sk: 0,
     sock_skc_family: 0,
     sock_sk_protocol: 0,
+    inode_i_ctime_sec: 0,
+    inode_i_ctime_nsec: 0,
+    inode_i_size: 0,
+    inode_i_generation: 0,
 };
 
 /// SipHash key for request digests, random per load (set by the agent), so

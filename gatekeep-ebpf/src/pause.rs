@@ -50,20 +50,24 @@ pub struct Request {
 /// Decides what an "ask" request does right now.
 ///
 /// A verdict is consumed once: the entry is deleted as it is used. Nobody
-/// but a verdict for the same thread and digest lets the request through: a
-/// stray SIGCONT finds the request still pending and stops the task again.
+/// but a verdict for the same task (thread id and start time) and digest
+/// lets the request through: a stray SIGCONT finds the request still pending
+/// and stops the task again, and a verdict written for an earlier task whose
+/// thread id this one reuses names another start time.
 #[inline(always)]
 pub fn ask(request: &Request) -> Asked {
+    let start_ns = current_start_ns();
     let key = VerdictKey {
         tid: request.tid,
         _pad: 0,
         digest: request.digest,
+        start_ns,
     };
     if granted(request) {
         bump(counter::GRANT_ALLOWED);
         // SAFETY: copied out immediately.
-        let paused =
-            unsafe { PENDING.get(&request.tid) }.is_some_and(|p| p.digest == request.digest);
+        let paused = unsafe { PENDING.get(&request.tid) }
+            .is_some_and(|p| p.digest == request.digest && p.start_ns == start_ns);
         if paused {
             // This very request was paused and a grant now covers it (a reviewer granted a
             // duration): finish it like its verdict would, so user space hears of it.
@@ -96,7 +100,7 @@ pub fn ask(request: &Request) -> Asked {
     if let Some(pending) = PENDING.get_ptr_mut(&request.tid) {
         // SAFETY: only this thread touches its own entry while it runs.
         let pending = unsafe { &mut *pending };
-        if pending.digest == request.digest {
+        if pending.digest == request.digest && pending.start_ns == start_ns {
             pending.attempts += 1;
             if pending.attempts > MAX_PENDING_ATTEMPTS {
                 forget_pending(request.tid);
@@ -108,8 +112,9 @@ pub fn ask(request: &Request) -> Asked {
             bump(counter::REPAUSED);
             return Asked::Paused { new: false };
         }
-        // The digest changed (e.g. argv rewritten after a SIGCONT): this is
-        // a new request; the old one is superseded below.
+        // The digest changed (e.g. argv rewritten after a SIGCONT), or the
+        // entry is an earlier task's with this thread id: this is a new
+        // request; the old one is superseded below.
     }
 
     let pending = PendingRequest {
@@ -119,6 +124,7 @@ pub fn ask(request: &Request) -> Asked {
         attempts: 0,
         pid: request.pid,
         policy_id: request.policy_id,
+        start_ns,
     };
     if track_pending(request.tid, &pending).is_err() {
         // Cannot track it, so cannot pause it safely: fail closed.
@@ -131,20 +137,50 @@ pub fn ask(request: &Request) -> Asked {
     Asked::Paused { new: true }
 }
 
-/// Whether a reviewer's granted duration covers this exact request.
+/// Whether a reviewer's granted duration covers this exact request: a grant
+/// for the asking workload (its cgroup), else one for the whole policy
+/// (`cgroup_id` 0). Only the ask path pays these lookups.
 #[inline(always)]
 fn granted(request: &Request) -> bool {
-    let key = GrantKey {
+    let mut key = GrantKey {
         policy_id: request.policy_id,
         kind: request.kind,
         digest: request.digest,
+        cgroup_id: request.cgroup_id,
     };
+    if grant_live(&key, request) {
+        return true;
+    }
+    key.cgroup_id = 0;
+    grant_live(&key, request)
+}
+
+/// Whether `GRANTS` holds an unexpired entry for `key` that covers the
+/// request's cgroup.
+#[inline(always)]
+fn grant_live(key: &GrantKey, request: &Request) -> bool {
     // SAFETY: copied out immediately.
-    let Some(grant) = (unsafe { GRANTS.get(&key) }).copied() else {
+    let Some(grant) = (unsafe { GRANTS.get(key) }).copied() else {
         return false;
     };
     (grant.expires_ns == 0 || request.now_ns < grant.expires_ns)
         && (grant.cgroup_id == 0 || grant.cgroup_id == request.cgroup_id)
+}
+
+/// The calling thread's start time (`task_struct::start_boottime`), which
+/// with its thread id names the task; 0 if unreadable (the pending entry
+/// then says 0 too, and binding falls back to the thread id).
+#[inline(always)]
+fn current_start_ns() -> u64 {
+    // SAFETY: reads kernel memory through the probe helper, which fails
+    // safely on a bad address.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let field = task
+            .add(offsets().task_struct_start_boottime as usize)
+            .cast::<u64>();
+        bpf_probe_read_kernel(field).unwrap_or(0)
+    }
 }
 
 /// Sends SIGSTOP to the calling thread; the whole thread group stops on

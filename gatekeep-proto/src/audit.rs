@@ -116,6 +116,47 @@ pub struct KernelDenied {
     pub last_at: Option<String>,
 }
 
+/// `rule_stale`: an exec met a rule whose file was rewritten in place since the policy was
+/// loaded (its content version differs from the one the rule was bound to), so the rule did
+/// not match and the policy default applied (never laxer than the rule's own action). One
+/// record per rule, policy load and new content. Agent records only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleStale {
+    pub schema: Schema,
+    /// `exec`.
+    pub kind: Kind,
+    /// The policy's name, when the agent still knows the kernel's policy id.
+    pub policy: Option<String>,
+    /// The rule as reviewers read it (`exec allow /usr/bin/tool`), when known.
+    pub rule: Option<String>,
+    /// The rule's path as the policy names it, when known.
+    pub path: Option<String>,
+    /// Device (kernel encoding) and inode of the file.
+    pub dev: u64,
+    pub ino: u64,
+    /// The content version the rule was bound to at load, and the one the file has now.
+    pub bound: ContentVersion,
+    pub found: ContentVersion,
+    /// The rule's action, and the action applied instead (`allow`, `deny`, `ask`).
+    pub rule_action: String,
+    pub applied: String,
+    /// The task whose exec met the rule.
+    pub process: Process,
+    pub kernel: KernelFacts,
+}
+
+/// A file's content version as the kernel keeps it (`struct inode`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentVersion {
+    /// The inode change time: seconds and nanoseconds since the Unix epoch.
+    pub ctime_sec: i64,
+    pub ctime_nsec: u32,
+    pub size: i64,
+    /// The inode generation, where the filesystem reports one (`FS_IOC_GETVERSION`);
+    /// `null` when the rule was bound without it.
+    pub generation: Option<u32>,
+}
+
 /// The task an agent record is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Process {
@@ -295,6 +336,7 @@ mod tests {
             target: Target::Exec(ExecTarget {
                 executable: "/usr/bin/git".into(),
                 argv: vec!["git".into(), "push".into()],
+                content: None,
             }),
             requested_at: time::OffsetDateTime::UNIX_EPOCH,
             deadline: time::OffsetDateTime::UNIX_EPOCH + time::Duration::minutes(5),

@@ -11,8 +11,8 @@ use crate::{
     limits,
     model::{
         ApprovalRequest, ApprovalSettings, ConnectTarget, Decision, ExecTarget, Family, Grant,
-        Kind, ProcessInfo, RequestRecord, RequestState, Revocation, SocketType, Target, Verdict,
-        Vote, WithdrawReason,
+        GrantScope, Kind, ProcessInfo, RequestRecord, RequestState, Revocation, SocketType, Target,
+        Verdict, Vote, WithdrawReason,
     },
     v1,
 };
@@ -207,6 +207,16 @@ pub fn duration(field: &str, value: &str) -> Result<GrantDuration> {
         })
 }
 
+/// Parses a grant scope; empty means `workload`.
+pub fn scope(field: &str, value: &str) -> Result<GrantScope> {
+    text(field, value, limits::MAX_NAME)?;
+    value
+        .parse()
+        .map_err(|err: crate::model::ParseGrantScopeError| {
+            WireError::invalid(field, err.to_string())
+        })
+}
+
 // Enums.
 
 impl TryFrom<i32> for Kind {
@@ -346,9 +356,16 @@ impl TryFrom<v1::ExecTarget> for ExecTarget {
                 "not an absolute path",
             ));
         }
+        if wire.content.len() > 64 || !wire.content.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(WireError::invalid(
+                "exec.content",
+                "not a content version (at most 64 printable ASCII characters)",
+            ));
+        }
         Ok(ExecTarget {
             executable,
             argv: argv("exec.argv", wire.argv)?,
+            content: (!wire.content.is_empty()).then_some(wire.content),
         })
     }
 }
@@ -416,6 +433,7 @@ impl From<ExecTarget> for v1::ExecTarget {
         v1::ExecTarget {
             executable: exec.executable,
             argv: exec.argv,
+            content: exec.content.unwrap_or_default(),
         }
     }
 }
@@ -675,6 +693,7 @@ impl TryFrom<v1::Grant> for Grant {
             target: grant_target(kind, wire.target)?,
             verdict: verdict("grant.verdict", wire.verdict)?,
             duration: duration("grant.duration", &wire.duration)?,
+            scope: scope("grant.scope", &wire.scope)?,
             cgroup: path("grant.cgroup", wire.cgroup, false)?,
             expires_at: opt_from_ms("grant.expires_at_ms", wire.expires_at_ms)?,
             created_by: wire.created_by,
@@ -700,6 +719,7 @@ impl From<Grant> for v1::Grant {
             target: Some(grant.target.into()),
             verdict: v1::Verdict::from(grant.verdict).into(),
             duration: grant.duration.to_string(),
+            scope: grant.scope.to_string(),
             cgroup: grant.cgroup.unwrap_or_default(),
             expires_at_ms: opt_to_ms(grant.expires_at),
             created_by: grant.created_by,
@@ -756,6 +776,7 @@ impl TryFrom<v1::Vote> for Vote {
             reviewer: wire.reviewer,
             reason: wire.reason,
             duration: duration("vote.duration", &wire.duration)?,
+            scope: scope("vote.scope", &wire.scope)?,
             at: from_ms("vote.at_ms", wire.at_ms)?,
         })
     }
@@ -767,6 +788,7 @@ impl From<Vote> for v1::Vote {
             reviewer: vote.reviewer,
             reason: vote.reason,
             duration: vote.duration.to_string(),
+            scope: vote.scope.to_string(),
             at_ms: to_ms(vote.at),
         }
     }
@@ -835,6 +857,7 @@ mod tests {
             target: Some(v1::approval_request::Target::Exec(v1::ExecTarget {
                 executable: "/usr/bin/curl".into(),
                 argv: vec!["curl".into(), "example.org".into()],
+                content: String::new(),
             })),
             requested_at_ms: 1_800_000_000_000,
             deadline_ms: 1_800_000_300_000,

@@ -87,6 +87,12 @@ pub struct ExecTarget {
     /// Absolute path of the executable.
     pub executable: String,
     pub argv: Vec<String>,
+    /// The executable's content version as the host's kernel saw it when it asked
+    /// (`<ctime seconds>.<ctime nanoseconds, 9 digits>:<size>:<inode generation>`), so a
+    /// grant covers the content it was given for and not a rewrite of the same file.
+    /// `None` from callers without a kernel (tests, the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
 
 /// A `connect`.
@@ -208,11 +214,84 @@ impl Target {
     }
 }
 
+/// Whom a grant covers: the workload (cgroup) that asked, or every workload of the policy.
+///
+/// A reviewer chooses it with the decision; the default is [`GrantScope::Workload`]. A
+/// `session` grant is always [`GrantScope::Workload`] (it ends with its cgroup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantScope {
+    /// Only the cgroup that asked (by its path: a cgroup re-created at the same path is the
+    /// same workload).
+    Workload,
+    /// Every cgroup the policy gates on the host.
+    Policy,
+}
+
+impl GrantScope {
+    /// The narrowest of the scopes a quorum's members chose: it grants no more than each
+    /// agreed to. No scopes at all (no approvals) is [`GrantScope::Workload`].
+    #[must_use]
+    pub fn narrowest(scopes: impl IntoIterator<Item = GrantScope>) -> GrantScope {
+        let mut any = false;
+        for scope in scopes {
+            if scope == GrantScope::Workload {
+                return GrantScope::Workload;
+            }
+            any = true;
+        }
+        if any {
+            GrantScope::Policy
+        } else {
+            GrantScope::Workload
+        }
+    }
+
+    /// What records made before scopes existed meant: session grants were bound to their
+    /// cgroup, every other grant covered the whole policy.
+    #[must_use]
+    pub fn legacy() -> GrantScope {
+        GrantScope::Policy
+    }
+}
+
+impl std::fmt::Display for GrantScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GrantScope::Workload => "workload",
+            GrantScope::Policy => "policy",
+        })
+    }
+}
+
+/// The string was not a grant scope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown grant scope \"{value}\" (expected workload or policy)")]
+pub struct ParseGrantScopeError {
+    pub value: String,
+}
+
+impl std::str::FromStr for GrantScope {
+    type Err = ParseGrantScopeError;
+
+    /// `workload` or `policy`; empty means `workload` (the default).
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "" | "workload" => Ok(GrantScope::Workload),
+            "policy" => Ok(GrantScope::Policy),
+            _ => Err(ParseGrantScopeError {
+                value: value.to_owned(),
+            }),
+        }
+    }
+}
+
 /// A standing rule made from a decision with a duration other than `once`: the agent installs
 /// it so the same action is not asked again while it lasts.
 ///
 /// It matches the same policy on the same host and the same [`Target`] (executable and argv,
-/// or destination); a `session` grant only in its cgroup.
+/// or destination), and, for [`GrantScope::Workload`] (the default), only in the cgroup that
+/// asked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
     pub id: Uuid,
@@ -221,7 +300,11 @@ pub struct Grant {
     pub target: Target,
     pub verdict: Verdict,
     pub duration: GrantDuration,
-    /// Set for `session` grants: they end when this cgroup goes away.
+    /// Whom it covers. Records made before scopes existed read as [`GrantScope::legacy`].
+    #[serde(default = "GrantScope::legacy")]
+    pub scope: GrantScope,
+    /// The asking workload's cgroup path, set for [`GrantScope::Workload`] grants: only it may
+    /// use the grant. `session` grants end when it goes away.
     pub cgroup: Option<String>,
     /// Set for grants of a duration.
     #[serde(with = "time::serde::rfc3339::option")]
@@ -277,6 +360,9 @@ pub struct Vote {
     pub reviewer: String,
     pub reason: String,
     pub duration: GrantDuration,
+    /// The scope this reviewer chose (the quorum grants the narrowest).
+    #[serde(default = "GrantScope::legacy")]
+    pub scope: GrantScope,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
@@ -416,6 +502,36 @@ impl fmt::Display for Target {
                 Family::Inet => write!(f, "{}:{}", connect.address, connect.port),
                 Family::Inet6 => write!(f, "[{}]:{}", connect.address, connect.port),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GrantScope;
+
+    #[test]
+    fn grant_scopes_parse_and_a_quorum_grants_the_narrowest() {
+        assert_eq!("".parse::<GrantScope>(), Ok(GrantScope::Workload));
+        assert_eq!("workload".parse::<GrantScope>(), Ok(GrantScope::Workload));
+        assert_eq!("policy".parse::<GrantScope>(), Ok(GrantScope::Policy));
+        assert!("host".parse::<GrantScope>().is_err());
+        assert!("Policy".parse::<GrantScope>().is_err());
+        assert_eq!(
+            GrantScope::narrowest([GrantScope::Policy, GrantScope::Policy]),
+            GrantScope::Policy
+        );
+        assert_eq!(
+            GrantScope::narrowest([GrantScope::Policy, GrantScope::Workload]),
+            GrantScope::Workload
+        );
+        assert_eq!(
+            GrantScope::narrowest([GrantScope::Workload, GrantScope::Policy]),
+            GrantScope::Workload
+        );
+        assert_eq!(GrantScope::narrowest([]), GrantScope::Workload);
+        for scope in [GrantScope::Workload, GrantScope::Policy] {
+            assert_eq!(scope.to_string().parse::<GrantScope>(), Ok(scope));
         }
     }
 }

@@ -44,6 +44,7 @@ fn request(command: &str, n: usize) -> ApprovalRequest {
         target: Target::Exec(ExecTarget {
             executable: "/usr/bin/git".into(),
             argv: vec!["git".into(), command.into(), format!("branch-{n}")],
+            content: None,
         }),
         requested_at: now,
         deadline: now + time::Duration::hours(1),

@@ -5,8 +5,13 @@
 //!
 //! - `for N` ends N after the decision (the service revokes it then, and tells the agent);
 //! - `session` ends when the workload's cgroup goes away (the agent reports it with
-//!   `SessionEnded`) and only matches in that cgroup;
+//!   `SessionEnded`);
 //! - `always` ends when a reviewer revokes it.
+//!
+//! Its scope ([`GrantScope`]) says whom it covers: by default only the workload (cgroup path)
+//! that asked; a reviewer may choose the whole policy instead. A `session` grant is always
+//! scoped to its workload. A workload grant outlives its cgroup (unless it is a `session`
+//! grant): a cgroup made again at the same path is the same workload.
 //!
 //! The agent installs grants into its kernel maps, so identical actions are not asked again;
 //! should one reach the service anyway, the service decides it by the grant (`grant:ID`).
@@ -15,34 +20,38 @@
 
 use gatekeep_proto::{
     GrantDuration,
-    model::{Grant, RequestRecord, Verdict},
+    model::{Grant, GrantScope, RequestRecord, Verdict},
 };
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// The grant a decision of `duration` makes, or `None` for `once`.
+/// The grant a decision of `duration` and `scope` makes, or `None` for `once`.
 #[must_use]
 pub fn from_decision(
     record: &RequestRecord,
     verdict: Verdict,
     duration: GrantDuration,
+    scope: GrantScope,
     created_by: &str,
     now: OffsetDateTime,
 ) -> Option<Grant> {
-    let (cgroup, expires_at) = match duration {
+    let expires_at = match duration {
         GrantDuration::Once => return None,
-        GrantDuration::For(length) => (
-            None,
-            Some(
-                time::Duration::try_from(length)
-                    .ok()
-                    .and_then(|length| now.checked_add(length))
-                    .unwrap_or(OffsetDateTime::UNIX_EPOCH.replace_year(9999).unwrap_or(now)),
-            ),
+        GrantDuration::For(length) => Some(
+            time::Duration::try_from(length)
+                .ok()
+                .and_then(|length| now.checked_add(length))
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH.replace_year(9999).unwrap_or(now)),
         ),
-        GrantDuration::Session => (Some(record.request.cgroup.clone()), None),
-        GrantDuration::Always => (None, None),
+        GrantDuration::Session | GrantDuration::Always => None,
     };
+    // A session ends with its cgroup, so it can only cover that cgroup.
+    let scope = if duration == GrantDuration::Session {
+        GrantScope::Workload
+    } else {
+        scope
+    };
+    let cgroup = (scope == GrantScope::Workload).then(|| record.request.cgroup.clone());
     Some(Grant {
         id: Uuid::new_v4(),
         host: record.host.clone(),
@@ -50,6 +59,7 @@ pub fn from_decision(
         target: record.request.target.clone(),
         verdict,
         duration,
+        scope,
         cgroup,
         expires_at,
         created_by: created_by.to_owned(),

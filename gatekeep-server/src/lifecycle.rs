@@ -7,7 +7,8 @@
 //!   idempotent: the stored request is kept, and a decided one is answered again.
 //! - Reviewers approve or deny ([`Engine::decide`]). A denial is final at once; approvals
 //!   count towards `approvals_required` distinct reviewers, never the workload's owner, and
-//!   the quorum grants the most restrictive duration its members chose.
+//!   the quorum grants the most restrictive duration and the narrowest scope its members
+//!   chose (one reviewer's `workload` makes the grant `workload`, whatever the others chose).
 //! - The service's deadline is the agent's, or sooner by the service's own copy of the
 //!   policy; at the deadline the policy's `on_timeout` applies ([`Engine::expire_due`], run by
 //!   [`Engine::run_timer`]).
@@ -32,8 +33,8 @@ use gatekeep_proto::{
     audit::{self as payload, Schema},
     limits,
     model::{
-        ApprovalRequest, ApprovalSettings, Decision, Grant, RequestRecord, RequestState,
-        Revocation, Verdict, Vote, WithdrawReason,
+        ApprovalRequest, ApprovalSettings, Decision, Grant, GrantScope, RequestRecord,
+        RequestState, Revocation, Verdict, Vote, WithdrawReason,
     },
     v1,
 };
@@ -364,8 +365,8 @@ impl Engine {
                 None,
                 format!("grant:{}", grant.id),
                 format!(
-                    "standing grant ({}) by {}",
-                    grant.duration, grant.created_by
+                    "standing grant ({}, scope {}) by {}",
+                    grant.duration, grant.scope, grant.created_by
                 ),
             ));
         }
@@ -595,6 +596,7 @@ impl Engine {
         verdict: Verdict,
         reason: String,
         duration: GrantDuration,
+        scope: GrantScope,
     ) -> Result<RequestRecord, Error> {
         let (record, outcome) = self
             .transition(id, |record| {
@@ -616,7 +618,7 @@ impl Engine {
                 match verdict {
                     Verdict::Deny => {
                         let grant =
-                            grants::from_decision(record, Verdict::Deny, duration, &reviewer.name, now);
+                            grants::from_decision(record, Verdict::Deny, duration, scope, &reviewer.name, now);
                         Ok((
                             Outcome::Final(Box::new(Decision {
                                 request_id: id,
@@ -648,6 +650,7 @@ impl Engine {
                             reviewer: reviewer.name.clone(),
                             reason: reason.clone(),
                             duration,
+                            scope,
                             at: now,
                         };
                         record.approvals.push(vote.clone());
@@ -657,6 +660,8 @@ impl Engine {
                         }
                         let duration =
                             grants::most_restrictive(record.approvals.iter().map(|v| v.duration));
+                        let scope =
+                            GrantScope::narrowest(record.approvals.iter().map(|v| v.scope));
                         let decided_by = record
                             .approvals
                             .iter()
@@ -664,7 +669,7 @@ impl Engine {
                             .collect::<Vec<_>>()
                             .join(",");
                         let grant =
-                            grants::from_decision(record, Verdict::Allow, duration, &decided_by, now);
+                            grants::from_decision(record, Verdict::Allow, duration, scope, &decided_by, now);
                         let reason = record
                             .approvals
                             .iter()

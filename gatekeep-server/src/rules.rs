@@ -250,6 +250,7 @@ mod tests {
         Target::Exec(ExecTarget {
             executable: "/usr/bin/git".into(),
             argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+            content: None,
         })
     }
 

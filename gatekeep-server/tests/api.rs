@@ -20,7 +20,7 @@ use gatekeep_client::{
 use gatekeep_proto::{
     GrantDuration,
     model::{
-        ApprovalRequest, ApprovalSettings, ConnectTarget, Decision, ExecTarget, Family,
+        ApprovalRequest, ApprovalSettings, ConnectTarget, Decision, ExecTarget, Family, GrantScope,
         RequestRecord, RequestState, SocketType, Target, Verdict, WithdrawReason,
     },
     v1::{
@@ -327,6 +327,7 @@ fn exec_request(argv: &[&str], timeout: time::Duration, on_timeout: Verdict) -> 
         target: Target::Exec(ExecTarget {
             executable: "/usr/bin/curl".into(),
             argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            content: None,
         }),
         requested_at: now,
         deadline: now + timeout,
@@ -589,7 +590,13 @@ async fn quorum_needs_distinct_reviewers() {
     wait_state(&mut alice, id, RequestState::Pending).await;
 
     let after_one = alice
-        .decide(id, Verdict::Allow, "ok by me", GrantDuration::Always)
+        .decide_scoped(
+            id,
+            Verdict::Allow,
+            "ok by me",
+            GrantDuration::Always,
+            GrantScope::Policy,
+        )
         .await
         .expect("first approval");
     assert_eq!(after_one.state, RequestState::Pending);
@@ -619,10 +626,113 @@ async fn quorum_needs_distinct_reviewers() {
     assert_eq!(done.state, RequestState::Approved);
     let decision = answer(pending).await.expect("decision");
     assert_eq!(decision.decided_by, "alice,bob");
-    // The quorum grants what every member agreed to: 1h, not always.
+    // The quorum grants what every member agreed to: 1h, not always; for the
+    // asking workload (bob's default), not the whole policy (alice's choice).
     assert_eq!(
         decision.duration,
         GrantDuration::For(Duration::from_hours(1))
+    );
+    let grant = decision.grant.expect("a grant");
+    assert_eq!(grant.scope, GrantScope::Workload);
+    assert_eq!(grant.cgroup.as_deref(), Some("/sys/fs/cgroup/agents/a1"));
+    let record = alice.get(id).await.expect("get").0;
+    let scopes: Vec<GrantScope> = record.approvals.iter().map(|v| v.scope).collect();
+    assert_eq!(
+        scopes,
+        [GrantScope::Policy, GrantScope::Workload],
+        "each vote keeps its scope"
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_covers_the_asking_workload_unless_the_reviewer_chose_the_policy() {
+    let mut harness = Harness::start().await;
+    let (link, _events) = harness.agent("web-1").await;
+    let link = Arc::new(link);
+    let mut alice = harness.reviewer("alice").await;
+    let hour = GrantDuration::For(Duration::from_hours(1));
+    let from = |argv: &[&str], cgroup: &str| {
+        let mut req = request(argv);
+        req.cgroup = cgroup.to_owned();
+        req
+    };
+    let (w1, w2) = ("/sys/fs/cgroup/agents/w1", "/sys/fs/cgroup/agents/w2");
+
+    // Approved for an hour without a scope: the asking workload's.
+    let first = from(&["curl", "https://scope.example"], w1);
+    let pending = decide_later(&link, first.clone());
+    wait_state(&mut alice, first.id, RequestState::Pending).await;
+    alice
+        .decide(first.id, Verdict::Allow, "", hour)
+        .await
+        .expect("approve");
+    let grant = answer(pending)
+        .await
+        .expect("decision")
+        .grant
+        .expect("grant");
+    assert_eq!(grant.scope, GrantScope::Workload);
+    assert_eq!(grant.cgroup.as_deref(), Some(w1));
+
+    // w1 again: decided by the grant. w2, the same action: asked.
+    let mut again = first.clone();
+    again.id = Uuid::new_v4();
+    let by_grant = link.decide(again).await.expect("decision");
+    assert_eq!(by_grant.decided_by, format!("grant:{}", grant.id));
+    let other = from(&["curl", "https://scope.example"], w2);
+    let pending = decide_later(&link, other.clone());
+    wait_state(&mut alice, other.id, RequestState::Pending).await;
+
+    // w2's approved with scope policy: covers every workload, w1 and a new w3.
+    alice
+        .decide_scoped(other.id, Verdict::Allow, "", hour, GrantScope::Policy)
+        .await
+        .expect("approve for the policy");
+    let wide = answer(pending)
+        .await
+        .expect("decision")
+        .grant
+        .expect("grant");
+    assert_eq!(wide.scope, GrantScope::Policy);
+    assert_eq!(wide.cgroup, None);
+    let third = from(
+        &["curl", "https://scope.example"],
+        "/sys/fs/cgroup/agents/w3",
+    );
+    let by_wide = link.decide(third).await.expect("decision");
+    assert_eq!(by_wide.decided_by, format!("grant:{}", wide.id));
+
+    // Listed with their scopes.
+    let listed = alice
+        .list_grants(&gatekeep_client::GrantFilter::default())
+        .await
+        .expect("grants");
+    let mut scopes: Vec<(GrantScope, Option<String>)> =
+        listed.into_iter().map(|g| (g.scope, g.cgroup)).collect();
+    scopes.sort_by_key(|(scope, _)| scope.to_string());
+    assert_eq!(
+        scopes,
+        [
+            (GrantScope::Policy, None),
+            (GrantScope::Workload, Some(w1.to_owned()))
+        ]
+    );
+
+    // w1's cgroup goes away: a workload grant that is not a session stays (a
+    // cgroup made again at that path is the same workload).
+    link.session_ended(w1).expect("session ended");
+    let mut later = first.clone();
+    later.id = Uuid::new_v4();
+    let still = link.decide(later).await.expect("decision");
+    assert!(still.decided_by.starts_with("grant:"), "{still:?}");
+    let listed = alice
+        .list_grants(&gatekeep_client::GrantFilter::default())
+        .await
+        .expect("grants");
+    assert!(
+        listed.iter().any(|g| g.id == grant.id),
+        "the workload grant outlives its cgroup: {listed:?}"
     );
     harness.stop().await;
 }
@@ -1037,6 +1147,11 @@ async fn grants_reach_the_agent_and_revocations_are_pushed() {
         .grant
         .expect("session grant");
     assert_eq!(grant.cgroup.as_deref(), Some("/sys/fs/cgroup/agents/a1"));
+    assert_eq!(
+        grant.scope,
+        GrantScope::Workload,
+        "a session is its workload's"
+    );
     link.session_ended("/sys/fs/cgroup/agents")
         .expect("session ended");
     let event = events
@@ -1212,6 +1327,7 @@ async fn malformed_inputs_get_precise_codes_and_change_nothing() {
     forged.target = Target::Exec(ExecTarget {
         executable: "/usr/bin/curl".into(),
         argv: vec!["curl".into(), "two".into()],
+        content: None,
     });
     sender
         .send(v1::AgentMessage {
@@ -1273,6 +1389,7 @@ async fn malformed_inputs_get_precise_codes_and_change_nothing() {
         verdict: verdict.into(),
         reason: String::new(),
         duration: duration.to_owned(),
+        scope: String::new(),
     };
     let id = original.id.to_string();
     let cases = [
@@ -1292,6 +1409,13 @@ async fn malformed_inputs_get_precise_codes_and_change_nothing() {
         (
             v1::DecideRequest {
                 reason: "x".repeat(10_000),
+                ..decide(&id, v1::Verdict::Allow, "")
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            v1::DecideRequest {
+                scope: "everywhere".into(),
                 ..decide(&id, v1::Verdict::Allow, "")
             },
             Code::InvalidArgument,

@@ -14,8 +14,8 @@ use aya::{
 };
 use gatekeep_agent::bpf::programs::Attached;
 use gatekeep_common::{
-    ExecEvent, ExecRuleKey, GatedCgroup, PolicyDefaults, TaskEvent, action, gated_filter_slot,
-    map_names,
+    ExecEvent, ExecRule, ExecRuleKey, GatedCgroup, PendingRequest, PolicyDefaults, TaskEvent,
+    action, gated_filter_slot, map_names,
 };
 use nix::time::{ClockId, clock_gettime};
 
@@ -57,7 +57,7 @@ pub fn exec_rule_on_busybox_copy(
     let copy = Path::new("/tmp").join(name);
     fs::copy("/bin/busybox", &copy).expect("copy busybox");
     let identity = fs::metadata(&copy).expect("stat the copy");
-    let mut rules: HashMap<_, ExecRuleKey, u32> = HashMap::try_from(
+    let mut rules: HashMap<_, ExecRuleKey, ExecRule> = HashMap::try_from(
         ebpf.map_mut(map_names::EXEC_RULES)
             .expect(map_names::EXEC_RULES),
     )
@@ -68,7 +68,14 @@ pub fn exec_rule_on_busybox_copy(
         dev: kernel_dev(identity.dev()),
         ino: identity.ino(),
     };
-    rules.insert(key, action, 0).expect("exec rule");
+    // Bound to the copy's content now, as the agent binds a rule at load.
+    let (content, flags) = gatekeep_agent::hooks::exec::content_version(&identity, None);
+    let rule = ExecRule {
+        action,
+        flags,
+        content,
+    };
+    rules.insert(key, rule, 0).expect("exec rule");
     copy
 }
 
@@ -123,6 +130,15 @@ pub fn counter(ebpf: &Ebpf, index: u32) -> u64 {
         PerCpuArray::try_from(ebpf.map(map_names::COUNTERS).expect(map_names::COUNTERS))
             .expect("array");
     counters.get(&index, 0).expect("read counter").iter().sum()
+}
+
+/// The kernel's pending request of thread `tid` (`PENDING`), if it has one.
+#[must_use]
+pub fn pending_of(ebpf: &Ebpf, tid: u32) -> Option<PendingRequest> {
+    let pending: HashMap<_, u32, PendingRequest> =
+        HashMap::try_from(ebpf.map(map_names::PENDING).expect(map_names::PENDING))
+            .expect("hash map");
+    pending.get(&tid, 0).ok()
 }
 
 /// The kind of a ring buffer record: the first field of its `EventHeader`.

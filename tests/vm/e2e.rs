@@ -466,3 +466,114 @@ fn a_restarted_agent_asks_the_same_request_again_and_gets_its_decision() {
     let decided = agent.wait_record("decided", PATIENCE, |_| true);
     assert_eq!(decided["request_id"], id.as_str());
 }
+
+/// Runs `args` in `cgroup` as root and as nobody; both must be let through
+/// by a kernel grant, without a new request.
+fn both_run_on_grant(agent: &Agent, cgroup: &Cgroup, args: &[&str]) {
+    let requested = agent.records_of("requested").len();
+    assert_runs_on_grant(agent, cgroup, args);
+    let mut nobody = vec!["as-user", "65534"];
+    nobody.extend_from_slice(args);
+    assert_runs_on_grant(agent, cgroup, &nobody);
+    assert_eq!(
+        agent.records_of("requested").len(),
+        requested,
+        "{args:?} in {} was asked again",
+        cgroup.path().display()
+    );
+}
+
+/// Starts `args` in `cgroup` (as `uid` if given), expects it to be asked
+/// about, and denies it.
+fn asked_and_denied(agent: &Agent, cgroup: &Cgroup, uid: Option<&str>, args: &[&str]) {
+    let mut full: Vec<&str> = uid.map_or_else(Vec::new, |uid| vec!["as-user", uid]);
+    full.extend_from_slice(args);
+    let mut child = start_paused(cgroup, &full, PATIENCE);
+    let id = agent.wait_request_id(PATIENCE);
+    agent.cli_ok(&["review", "deny", &id], "review deny");
+    assert_eq!(finish(&mut child), Outcome::exec_denied(), "{full:?}");
+}
+
+#[test]
+fn a_grant_covers_the_workload_that_asked_unless_the_reviewer_chose_the_policy() {
+    require_vm();
+    let w1 = Cgroup::create("gk-e2e-scope-w1");
+    let w2 = Cgroup::create("gk-e2e-scope-w2");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // nobody runs the tool too.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let asked = tool(dir.path(), "scope-tool");
+    let agent = Agent::start_with(
+        "e2e-scope",
+        &policy::policy(
+            "gk-e2e-scope",
+            "/sys/fs/cgroup/gk-e2e-scope-*",
+            &[
+                ("exec", &allow_but("ask", &asked)),
+                ("approval", "timeout = \"5m\"\ngrant_durations = [\"1h\"]"),
+            ],
+        ),
+        &embedded_decision(17446),
+    );
+
+    // w1 asks; approved for an hour with no scope given: w1's grant.
+    let narrow = ["exec", asked.as_str(), "true", "narrow"];
+    let mut exec = start_paused(&w1, &narrow, PATIENCE);
+    let id = agent.wait_request_id(PATIENCE);
+    let out = agent.cli_ok(
+        &["review", "approve", &id, "--for", "1h"],
+        "review approve --for 1h",
+    );
+    assert!(out.contains("scope workload"), "{out}");
+    assert_eq!(finish(&mut exec), Outcome::exec_ran());
+    let installed = agent.wait_record("grant_installed", PATIENCE, |_| true);
+    assert_eq!(installed["payload"]["grant"]["scope"], "workload");
+    assert_eq!(installed["payload"]["grant"]["cgroup"], "/gk-e2e-scope-w1");
+
+    // w1 again, as root and as nobody: not asked.
+    both_run_on_grant(&agent, &w1, &narrow);
+    // w2, the identical exec, as root and as nobody: asked (and denied).
+    asked_and_denied(&agent, &w2, None, &narrow);
+    asked_and_denied(&agent, &w2, Some("65534"), &narrow);
+
+    // w2 asks another; approved for an hour for the whole policy.
+    let wide = ["exec", asked.as_str(), "true", "wide"];
+    let mut exec = start_paused(&w2, &wide, PATIENCE);
+    let id = agent.wait_request_id(PATIENCE);
+    let out = agent.cli_ok(
+        &["review", "approve", &id, "--for", "1h", "--scope", "policy"],
+        "review approve --for 1h --scope policy",
+    );
+    assert!(out.contains("scope policy"), "{out}");
+    assert_eq!(finish(&mut exec), Outcome::exec_ran());
+    agent.wait_record("grant_installed", PATIENCE, |r| {
+        r["payload"]["grant"]["scope"] == "policy"
+    });
+    // Both workloads, as root and as nobody: not asked.
+    both_run_on_grant(&agent, &w1, &wide);
+    both_run_on_grant(&agent, &w2, &wide);
+
+    // Every grant shows its scope: the agent's status and the service's list.
+    let status = agent.status();
+    let mut scopes: Vec<String> = status["grants"]
+        .as_array()
+        .expect("grants")
+        .iter()
+        .map(|g| format!("{} {}", g["scope"], g["cgroup"]))
+        .collect();
+    scopes.sort();
+    assert_eq!(
+        scopes,
+        ["\"policy\" null", "\"workload\" \"/gk-e2e-scope-w1\""],
+        "{status}"
+    );
+    let listed = agent.cli_ok(&["grants", "list"], "grants list");
+    assert!(
+        listed.contains("SCOPE") && listed.contains("workload /gk-e2e-scope-w1"),
+        "{listed}"
+    );
+}

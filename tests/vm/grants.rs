@@ -45,6 +45,9 @@ fn paused_request(ebpf: &mut Ebpf) -> ExecEvent {
 }
 
 fn deny(ebpf: &mut Ebpf, event: &ExecEvent) {
+    let start_ns = kernel::pending_of(ebpf, event.header.tid)
+        .expect("the paused request is pending")
+        .start_ns;
     let mut verdicts: HashMap<_, VerdictKey, Verdict> = HashMap::try_from(
         ebpf.map_mut(map_names::VERDICTS)
             .expect(map_names::VERDICTS),
@@ -54,6 +57,7 @@ fn deny(ebpf: &mut Ebpf, event: &ExecEvent) {
         tid: event.header.tid,
         _pad: 0,
         digest: event.header.digest,
+        start_ns,
     };
     let verdict = Verdict {
         action: action::DENY,
@@ -113,6 +117,7 @@ fn granted_duration_allows_the_identical_request_only() {
         policy_id: POLICY_ID,
         kind: request_kind::EXEC,
         digest: asked.header.digest,
+        cgroup_id: 0,
     };
     write_grant(&mut ebpf, key, 0);
     let before = kernel::counter(&ebpf, counter::GRANT_ALLOWED);
@@ -174,6 +179,7 @@ fn exec_digest_binds_the_whole_argv_past_the_first_block() {
             policy_id: POLICY_ID,
             kind: request_kind::EXEC,
             digest: asked.header.digest,
+            cgroup_id: 0,
         },
         0,
     );
@@ -231,4 +237,92 @@ fn exec_digest_counts_empty_arguments_and_what_follows_them() {
         assert_eq!(kernel::event_argv(&asked_left), left);
         assert_eq!(kernel::event_argv(&asked_right), right);
     }
+}
+
+/// `/proc/<pid>/task/<tid>/stat` field 22: the thread's start time in clock
+/// ticks after boot (the kernel's `start_boottime`, which `/proc` divides by
+/// the tick).
+fn proc_start_ticks(pid: u32, tid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("stat");
+    // Fields after the command name, which ends at the last ')'.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    // `rest` starts at field 3 (state); field 22 is its 20th.
+    rest.split(' ')
+        .nth(19)
+        .expect("field 22")
+        .parse()
+        .expect("start time")
+}
+
+#[test]
+fn a_verdict_binds_the_task_identity_not_just_its_thread_id() {
+    require_vm();
+    let cgroup = Cgroup::create("gatekeep-verdict-task");
+    let mut ebpf = attach_gating(&cgroup, POLICY_ID, action::ASK);
+
+    let result = exec_in(&cgroup, &["/bin/true", "whose-verdict"]);
+    let asked = paused_request(&mut ebpf);
+    let (pid, tid) = (asked.header.pid, asked.header.tid);
+    let pending = kernel::pending_of(&ebpf, tid).expect("the request is pending");
+    // The pending entry names the task by its real start time (the BTF
+    // offset is right): /proc shows the same instant, in ticks of 10 ms.
+    // SAFETY: sysconf has no memory arguments.
+    let tick_ns = 1_000_000_000
+        / u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).expect("clock tick");
+    let ticks = proc_start_ticks(pid, tid);
+    assert!(
+        pending.start_ns != 0 && (pending.start_ns / tick_ns).abs_diff(ticks) <= 1,
+        "pending start {} ns, /proc start {ticks} ticks",
+        pending.start_ns
+    );
+
+    // A verdict for another task that had this thread id (same tid and
+    // digest, another start time: what the agent would write for a task that
+    // died and whose tid was reused) does not release this one.
+    let mut verdicts: HashMap<_, VerdictKey, Verdict> = HashMap::try_from(
+        ebpf.map_mut(map_names::VERDICTS)
+            .expect(map_names::VERDICTS),
+    )
+    .expect("hash map");
+    let earlier_task = VerdictKey {
+        tid,
+        _pad: 0,
+        digest: asked.header.digest,
+        start_ns: pending.start_ns - 1_000_000,
+    };
+    let allow = Verdict {
+        action: action::ALLOW,
+        _pad: 0,
+        expires_ns: boot_ns() + 30_000_000_000,
+    };
+    verdicts
+        .insert(earlier_task, allow, 0)
+        .expect("write verdict");
+    let repaused = kernel::counter(&ebpf, counter::REPAUSED);
+    let applied = kernel::counter(&ebpf, counter::VERDICTS_APPLIED);
+    sigcont(pid);
+    gatekeep_tests::wait_for("the task to stop again", Duration::from_secs(10), || {
+        (kernel::counter(&ebpf, counter::REPAUSED) > repaused).then_some(())
+    });
+    wait_stopped(pid, Duration::from_secs(10));
+    assert_eq!(
+        kernel::counter(&ebpf, counter::VERDICTS_APPLIED),
+        applied,
+        "another task's verdict must not apply"
+    );
+    assert!(
+        result.try_recv().is_err(),
+        "the exec must still be paused, not run"
+    );
+    let verdicts: HashMap<_, VerdictKey, Verdict> =
+        HashMap::try_from(ebpf.map(map_names::VERDICTS).expect(map_names::VERDICTS))
+            .expect("hash map");
+    assert!(
+        verdicts.get(&earlier_task, 0).is_ok(),
+        "the other task's verdict was not consumed"
+    );
+
+    // Its own verdict (its start time, from the pending entry) applies.
+    deny(&mut ebpf, &asked);
+    expect_denied(&result);
 }

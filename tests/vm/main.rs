@@ -6,6 +6,7 @@ mod audit;
 mod audit_full;
 mod cgroup_escape;
 mod connect;
+mod content;
 mod e2e;
 mod egress;
 mod escape;

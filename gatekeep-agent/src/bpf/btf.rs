@@ -902,6 +902,17 @@ pub struct Offsets {
     /// `struct sock` -> `sk_protocol` (`u16`; a bitfield before v5.6,
     /// which the programs cannot read: such kernels are refused here).
     pub sock_sk_protocol: u32,
+    /// `struct inode` -> `i_ctime_sec` (`time64_t`; v6.11+), else
+    /// `__i_ctime.tv_sec` (v6.6 to v6.10).
+    pub inode_i_ctime_sec: u32,
+    /// `struct inode` -> `i_ctime_nsec` (`u32`; v6.11+), else
+    /// `__i_ctime.tv_nsec` (`long`, of which the programs read the low
+    /// 32 bits: nanoseconds fit, and the kernel is little-endian).
+    pub inode_i_ctime_nsec: u32,
+    /// `struct inode` -> `i_size` (`loff_t`).
+    pub inode_i_size: u32,
+    /// `struct inode` -> `i_generation` (`u32`).
+    pub inode_i_generation: u32,
 }
 
 impl Offsets {
@@ -962,6 +973,13 @@ impl Offsets {
             msghdr_msg_namelen: get("msghdr.msg_namelen", 4)?,
             sock_skc_family: get("sock.__sk_common.skc_family", 2)?,
             sock_sk_protocol: get("sock.sk_protocol", 2)?,
+            // v6.11 split `__i_ctime` (a `timespec64`) into two members.
+            inode_i_ctime_sec: get("inode.i_ctime_sec", 8)
+                .or_else(|_| get("inode.__i_ctime.tv_sec", 8))?,
+            inode_i_ctime_nsec: get("inode.i_ctime_nsec", 4)
+                .or_else(|_| get("inode.__i_ctime.tv_nsec", 8))?,
+            inode_i_size: get("inode.i_size", 8)?,
+            inode_i_generation: get("inode.i_generation", 4)?,
         })
     }
 }
@@ -1469,6 +1487,11 @@ mod tests {
                 ("i_sb", sb_ptr, 320),
                 ("i_ino", ulong, 512),
                 ("i_rdev", dev_t, 576),
+                // v6.12's layout of the content version.
+                ("i_size", long, 640),
+                ("i_ctime_sec", long, 832),
+                ("i_ctime_nsec", uint, 960),
+                ("i_generation", uint, 992),
             ],
         );
         let inode_ptr = b.ptr(inode);
@@ -1596,6 +1619,10 @@ mod tests {
                 msghdr_msg_namelen: 8,
                 sock_skc_family: 16,
                 sock_sk_protocol: 520,
+                inode_i_ctime_sec: 104,
+                inode_i_ctime_nsec: 120,
+                inode_i_size: 80,
+                inode_i_generation: 124,
             }
         );
     }
@@ -1818,6 +1845,11 @@ mod tests {
         within(offsets.sock_sk_protocol, 2, "sock");
         assert_ne!(offsets.msghdr_msg_name, offsets.msghdr_msg_namelen);
         assert_ne!(offsets.inode_i_ino, offsets.inode_i_sb);
+        within(offsets.inode_i_ctime_sec, 8, "inode");
+        within(offsets.inode_i_ctime_nsec, 4, "inode");
+        within(offsets.inode_i_size, 8, "inode");
+        within(offsets.inode_i_generation, 4, "inode");
+        assert_ne!(offsets.inode_i_ctime_sec, offsets.inode_i_ctime_nsec);
         assert_ne!(offsets.task_struct_tgid, offsets.task_struct_real_parent);
         // Names the real kernel does not have are clear errors.
         let error = btf.member_offset("linux_binprm", &["filex"]).unwrap_err();

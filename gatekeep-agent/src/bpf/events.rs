@@ -50,6 +50,9 @@ pub enum Event {
     /// A task of an unclassified cgroup stopped until the agent classifies
     /// the cgroup and resumes it (`EVENT_CGROUP_UNCLASSIFIED`).
     Unclassified { origin: Origin, kind: RequestKind },
+    /// An exec met a rule whose file was rewritten since the policy was
+    /// loaded: the rule did not match (`EXEC_RULE_STALE`).
+    ExecRuleStale(hooks::exec::StaleRule),
 }
 
 impl Event {
@@ -61,6 +64,7 @@ impl Event {
             | Event::RefusedSpinning { origin, .. }
             | Event::VerdictApplied { origin, .. }
             | Event::Unclassified { origin, .. } => origin,
+            Event::ExecRuleStale(stale) => &stale.origin,
         }
     }
 
@@ -74,6 +78,7 @@ impl Event {
             Event::RefusedSpinning { .. } => "refused_spinning",
             Event::VerdictApplied { .. } => "verdict_applied",
             Event::Unclassified { .. } => "cgroup_unclassified",
+            Event::ExecRuleStale(_) => "exec_rule_stale",
         }
     }
 }
@@ -112,6 +117,7 @@ pub fn parse(bytes: &[u8]) -> Result<Event, ParseError> {
                 kind: RequestKind::from_raw(raw.request_kind),
             })
         }
+        event_kind::EXEC_RULE_STALE => hooks::exec::parse_stale(bytes).map(Event::ExecRuleStale),
         kind => match hooks::parse(kind, bytes) {
             Some(Ok((true, request))) => Ok(Event::Ask(request)),
             Some(Ok((false, request))) => Ok(Event::Denied(request)),
@@ -233,6 +239,7 @@ mod tests {
             header: header(kind),
             dev: (8 << 20) | 1,
             ino: 77,
+            content: gatekeep_common::ContentVersion::default(),
             action: action::ASK,
             argc: 2,
             argv_len: u32::try_from(argv.len()).expect("len"),

@@ -475,4 +475,5 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "verdicts_applied",
     "argv_missed",
     "grant_allowed",
+    "exec_rule_stale",
 ];

@@ -265,6 +265,10 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         socket_sk: o.socket_sk,
         sock_skc_family: o.sock_skc_family,
         sock_sk_protocol: o.sock_sk_protocol,
+        inode_i_ctime_sec: o.inode_i_ctime_sec,
+        inode_i_ctime_nsec: o.inode_i_ctime_nsec,
+        inode_i_size: o.inode_i_size,
+        inode_i_generation: o.inode_i_generation,
     })
 }
 

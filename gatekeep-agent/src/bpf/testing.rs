@@ -32,6 +32,8 @@ pub struct FakeTask {
     stopped: bool,
     alive: bool,
     created_ago_ns: u64,
+    /// `task_struct::start_boottime`: with the tid, the task's identity.
+    start_ns: u64,
     /// The verdict the restarted syscall consumed.
     result: Option<u32>,
 }
@@ -48,8 +50,16 @@ impl FakeTask {
             stopped: false,
             alive: true,
             created_ago_ns: 0,
+            start_ns: 1_000 + u64::from(tid),
             result: None,
         }
+    }
+
+    /// A task started at `start_ns` (a later task reusing a tid starts later).
+    #[must_use]
+    pub fn started_at(mut self, start_ns: u64) -> Self {
+        self.start_ns = start_ns;
+        self
     }
 
     #[must_use]
@@ -104,6 +114,7 @@ impl State {
             tid,
             _pad: 0,
             digest: task.digest,
+            start_ns: task.start_ns,
         };
         if let Some(verdict) = self.verdicts.remove(&key)
             && verdict.expires_ns >= boot_time_ns()
@@ -123,7 +134,7 @@ impl State {
         let same = self
             .pending
             .get(&tid)
-            .is_some_and(|p| p.digest == task.digest);
+            .is_some_and(|p| p.digest == task.digest && p.start_ns == task.start_ns);
         if !same {
             self.pending.insert(tid, pending_for(&task, boot_time_ns()));
             self.events.push(ask_event_for(&task));
@@ -157,6 +168,7 @@ fn pending_for(task: &FakeTask, created_ns: u64) -> PendingRequest {
         attempts: 0,
         pid: task.pid,
         policy_id: 1,
+        start_ns: task.start_ns,
     }
 }
 
@@ -165,6 +177,7 @@ fn ask_event_for(task: &FakeTask) -> Event {
         origin: origin(task),
         dev: 1,
         ino: 2,
+        content: gatekeep_common::ContentVersion::default(),
         filename: PathBuf::from("/usr/bin/tool"),
         argv: vec!["tool".into(), format!("{:x}", task.digest)],
         argv_truncated: false,

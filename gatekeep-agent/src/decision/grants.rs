@@ -19,6 +19,17 @@
 //!   also tells the service that the session ended.
 //! - A fresh load of the programs draws a new digest key: the stored digests
 //!   mean nothing then and are dropped ([`Grants::load`]).
+//!
+//! Scope: a grant covers the workload (cgroup) that asked, unless the
+//! reviewer chose the whole policy. The kernel's key carries the cgroup id
+//! (0 for the whole policy). cgroup ids are not stable (a cgroup made again
+//! at the same path, or after a reboot, has a new id, and an old id may be
+//! reused by another cgroup after a reboot), so a workload grant is kept by
+//! its cgroup *path* and its id is resolved again from that path whenever
+//! the kernel entries are computed (every tick): a workload cgroup made
+//! again at the same path is covered again; while no cgroup exists at the
+//! path, nothing is. A `session` grant keeps the id it was made for, and
+//! ends when that cgroup goes away.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -31,7 +42,7 @@ use std::{
 use gatekeep_audit::{AuditRecord, RecordKind};
 use gatekeep_common::{Grant, GrantKey, request_kind};
 use gatekeep_policy::GrantDuration;
-use gatekeep_proto::model;
+use gatekeep_proto::model::{self, GrantScope};
 use gatekeep_util::fs::{Existing, PRIVATE, write_atomic};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -52,7 +63,7 @@ pub struct GrantTarget {
     /// [`request_kind`].
     pub kind: u32,
     pub digest: u64,
-    /// The asking task's cgroup: what a `session` grant is bound to.
+    /// The asking task's cgroup: what a workload grant is bound to.
     pub cgroup_id: u64,
     /// Its path relative to the cgroup root (`/agents/a1`), as the service
     /// knows it.
@@ -68,9 +79,17 @@ pub struct LocalGrant {
     pub kind: String,
     /// The kernel's request digest (hex).
     pub digest: String,
-    /// Non-zero for `session` grants: only this cgroup may use it.
+    /// Whom it covers: `workload` (only [`Self::cgroup`]) or `policy`.
+    /// Files written before scopes existed read as `policy` unless they
+    /// name a cgroup (their `session` grants).
+    #[serde(default = "GrantScope::legacy")]
+    pub scope: GrantScope,
+    /// Workload grants: the id of the cgroup that asked (a `session` grant
+    /// is bound to exactly this id; other workload grants resolve
+    /// [`Self::cgroup`] again). 0 for policy-wide grants.
     pub cgroup_id: u64,
-    /// `session` grants: the cgroup whose disappearance ends it.
+    /// Workload grants: the asking cgroup's path relative to the cgroup
+    /// root (`/agents/a1`); a `session` grant ends when it goes away.
     pub cgroup: Option<String>,
     /// `1h`, `session`, `always`...
     pub duration: String,
@@ -111,6 +130,19 @@ impl LocalGrant {
     fn expired(&self, now: OffsetDateTime) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }
+
+    /// Whether it is a `session` grant (it ends with its cgroup).
+    #[must_use]
+    pub fn is_session(&self) -> bool {
+        self.duration == GrantDuration::Session.to_string()
+    }
+
+    /// Whether it covers only its workload (a legacy entry naming a cgroup
+    /// was a session grant, bound to it).
+    #[must_use]
+    pub fn is_workload(&self) -> bool {
+        self.scope == GrantScope::Workload || self.cgroup.is_some()
+    }
 }
 
 /// What `grants.json` holds.
@@ -142,15 +174,14 @@ fn boot_ns_at(at: Option<OffsetDateTime>, now: OffsetDateTime, boot_now: u64) ->
     boot_now.saturating_add(left)
 }
 
-/// Of two grants for the same request, the one that allows more: any cgroup
-/// over one cgroup, then the later expiry (0 = never).
+/// Of two grants for the same kernel key (same request, same scope), the
+/// one that lasts longer (expiry 0 = never).
 fn broader(a: Grant, b: Grant) -> Grant {
     let later = |x: u64, y: u64| x == 0 || (y != 0 && x >= y);
-    match (a.cgroup_id == 0, b.cgroup_id == 0) {
-        (true, false) => a,
-        (false, true) => b,
-        _ if later(a.expires_ns, b.expires_ns) => a,
-        _ => b,
+    if later(a.expires_ns, b.expires_ns) {
+        a
+    } else {
+        b
     }
 }
 
@@ -265,6 +296,13 @@ impl<K: GrantKernel, A: AuditSink> Grants<K, A> {
             return;
         }
         let session = grant.duration == GrantDuration::Session;
+        // A session ends with its cgroup, so it only ever covers that cgroup.
+        let scope = if session {
+            GrantScope::Workload
+        } else {
+            grant.scope
+        };
+        let workload = scope == GrantScope::Workload;
         let local = LocalGrant {
             id: grant.id,
             policy: grant.policy.clone(),
@@ -275,8 +313,9 @@ impl<K: GrantKernel, A: AuditSink> Grants<K, A> {
             }
             .to_owned(),
             digest: format!("{:016x}", target.digest),
-            cgroup_id: if session { target.cgroup_id } else { 0 },
-            cgroup: session.then(|| {
+            scope,
+            cgroup_id: if workload { target.cgroup_id } else { 0 },
+            cgroup: workload.then(|| {
                 grant
                     .cgroup
                     .clone()
@@ -292,6 +331,8 @@ impl<K: GrantKernel, A: AuditSink> Grants<K, A> {
             grant_id = %local.id,
             policy = local.policy,
             duration = local.duration,
+            scope = %local.scope,
+            cgroup = local.cgroup.as_deref().unwrap_or(""),
             target = local.target,
             "grant installed"
         );
@@ -385,7 +426,7 @@ impl<K: GrantKernel, A: AuditSink> Grants<K, A> {
             changed |= self.forget(id, "expiry", "the granted duration ran out");
         }
         let mut ended: Vec<(Uuid, String)> = Vec::new();
-        for grant in self.table.values() {
+        for grant in self.table.values().filter(|g| g.is_session()) {
             if let Some(cgroup) = &grant.cgroup
                 && !self.cgroup_alive(cgroup, grant.cgroup_id)
             {
@@ -403,16 +444,40 @@ impl<K: GrantKernel, A: AuditSink> Grants<K, A> {
             }
         }
         if changed {
-            self.apply().await;
             self.persist();
         }
+        // Always: a workload's cgroup may have been made again (a new id).
+        self.apply().await;
     }
 
     /// Whether the cgroup at `path` (relative to the root) is still the one
     /// with id `cgroup_id` (its directory's inode).
     fn cgroup_alive(&self, path: &str, cgroup_id: u64) -> bool {
+        self.cgroup_id_of(path)
+            .is_some_and(|id| cgroup_id == 0 || id == cgroup_id)
+    }
+
+    /// The id (directory inode) of the cgroup at `path` (relative to the
+    /// root), if one exists there now.
+    fn cgroup_id_of(&self, path: &str) -> Option<u64> {
         let dir = self.cgroup_root.join(path.trim_start_matches('/'));
-        std::fs::metadata(dir).is_ok_and(|meta| cgroup_id == 0 || meta.ino() == cgroup_id)
+        std::fs::metadata(dir).ok().map(|meta| meta.ino())
+    }
+
+    /// The cgroup id a grant's kernel entry is keyed by: 0 for the whole
+    /// policy; a session's own cgroup; for other workload grants, the
+    /// cgroup at its path now. `None`: no cgroup to cover (none exists at
+    /// its path, or the session's is gone), so no kernel entry.
+    fn kernel_cgroup(&self, grant: &LocalGrant) -> Option<u64> {
+        if !grant.is_workload() {
+            return Some(0);
+        }
+        let path = grant.cgroup.as_deref()?;
+        let now = self.cgroup_id_of(path)?;
+        if grant.is_session() && grant.cgroup_id != 0 && now != grant.cgroup_id {
+            return None;
+        }
+        Some(now)
     }
 
     /// Drops a grant from the table (recording why); true if it was there.
@@ -448,14 +513,18 @@ impl<K: GrantKernel, A: AuditSink> Grants<K, A> {
             if grant.expired(now) {
                 continue;
             }
+            let Some(cgroup_id) = self.kernel_cgroup(grant) else {
+                continue;
+            };
             let key = GrantKey {
                 policy_id,
                 kind: grant.kind_raw(),
                 digest,
+                cgroup_id,
             };
             let value = Grant {
                 expires_ns: boot_ns_at(grant.expires_at, now, boot_now),
-                cgroup_id: grant.cgroup_id,
+                cgroup_id,
             };
             desired
                 .entry(key)
@@ -627,7 +696,25 @@ mod tests {
         compiled_policies(names, ids)
     }
 
+    /// A policy-wide grant (a `session` grant is always its workload's).
     fn grant(duration: GrantDuration, expires_in: Option<time::Duration>) -> model::Grant {
+        let session = duration == GrantDuration::Session;
+        scoped_grant(
+            duration,
+            expires_in,
+            if session {
+                GrantScope::Workload
+            } else {
+                GrantScope::Policy
+            },
+        )
+    }
+
+    fn scoped_grant(
+        duration: GrantDuration,
+        expires_in: Option<time::Duration>,
+        scope: GrantScope,
+    ) -> model::Grant {
         let now = OffsetDateTime::now_utc();
         model::Grant {
             id: Uuid::new_v4(),
@@ -636,10 +723,12 @@ mod tests {
             target: Target::Exec(ExecTarget {
                 executable: "/usr/bin/git".into(),
                 argv: vec!["git".into(), "push".into()],
+                content: None,
             }),
             verdict: model::Verdict::Allow,
             duration,
-            cgroup: (duration == GrantDuration::Session).then(|| "/agents/a1".to_owned()),
+            scope,
+            cgroup: (scope == GrantScope::Workload).then(|| "/agents/a1".to_owned()),
             expires_at: expires_in.map(|d| now + d),
             created_by: "alice".into(),
             created_at: now,
@@ -677,6 +766,18 @@ mod tests {
 
         fn file(&self) -> PathBuf {
             self.dir.path().join("state/grants.json")
+        }
+
+        /// Makes the workload cgroup `/agents/a1` (a directory) and
+        /// returns its id.
+        fn make_cgroup(&self) -> u64 {
+            let dir = self.dir.path().join("cgroup/agents/a1");
+            std::fs::create_dir_all(&dir).expect("cgroup dir");
+            std::fs::metadata(&dir).expect("stat").ino()
+        }
+
+        fn remove_cgroup(&self) {
+            std::fs::remove_dir(self.dir.path().join("cgroup/agents/a1")).expect("rmdir");
         }
 
         async fn grants(&self, fresh: bool) -> Grants<FakeGrants, MemorySink> {
@@ -718,6 +819,7 @@ mod tests {
             policy_id: 3,
             kind: request_kind::EXEC,
             digest: 0xabc,
+            cgroup_id: 0,
         };
         let entry = map.get(&key).expect("installed under policy id 3");
         assert_eq!(
@@ -860,23 +962,136 @@ mod tests {
         assert!(rig.kernel.now().is_empty());
     }
 
+    #[tokio::test]
+    async fn a_workload_grant_is_keyed_by_the_asking_cgroup_only() {
+        let rig = Rig::new();
+        let cgroup_id = rig.make_cgroup();
+        let mut grants = rig.grants(false).await;
+        grants.set_policies(&compiled(&["agents"], &[3])).await;
+        let hour = scoped_grant(
+            GrantDuration::For(Duration::from_hours(1)),
+            Some(time::Duration::HOUR),
+            GrantScope::Workload,
+        );
+        grants.install(&hour, &target(0xabc, cgroup_id)).await;
+        let map = rig.kernel.now();
+        assert_eq!(map.len(), 1, "{map:?}");
+        let (key, value) = map.into_iter().next().expect("one entry");
+        assert_eq!(
+            key,
+            GrantKey {
+                policy_id: 3,
+                kind: request_kind::EXEC,
+                digest: 0xabc,
+                cgroup_id,
+            },
+            "keyed by the asking cgroup, never policy-wide (0)"
+        );
+        assert_eq!(value.cgroup_id, cgroup_id);
+        let listed = grants.list();
+        assert_eq!(listed[0].scope, GrantScope::Workload);
+        assert_eq!(listed[0].cgroup.as_deref(), Some("/agents/a1"));
+        let record = &rig.audit.records()[0];
+        assert_eq!(record.payload["grant"]["scope"], "workload", "{record:?}");
+        assert_eq!(record.payload["grant"]["cgroup"], "/agents/a1");
+
+        // The same request granted for the whole policy: a second entry, keyed 0.
+        let everywhere = scoped_grant(GrantDuration::Always, None, GrantScope::Policy);
+        grants.install(&everywhere, &target(0xabc, cgroup_id)).await;
+        let mut cgroups: Vec<u64> = rig.kernel.now().keys().map(|k| k.cgroup_id).collect();
+        cgroups.sort_unstable();
+        assert_eq!(cgroups, [0, cgroup_id]);
+        assert_eq!(
+            rig.audit.records()[1].payload["grant"]["scope"],
+            "policy",
+            "the record shows the scope"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_workload_grant_follows_its_cgroup_path_not_a_stale_id() {
+        let rig = Rig::new();
+        let first_id = rig.make_cgroup();
+        let mut grants = rig.grants(false).await;
+        grants.set_policies(&compiled(&["agents"], &[1])).await;
+        let always = scoped_grant(GrantDuration::Always, None, GrantScope::Workload);
+        grants.install(&always, &target(5, first_id)).await;
+        assert!(rig.kernel.now().keys().all(|k| k.cgroup_id == first_id));
+
+        // The workload's cgroup goes away: nothing left to cover, but the
+        // grant (not a session) stays, and no session end is reported.
+        rig.remove_cgroup();
+        grants.tick().await;
+        assert!(rig.kernel.now().is_empty(), "{:?}", rig.kernel.now());
+        assert_eq!(grants.list().len(), 1);
+        assert!(rig.ended.lock().expect("lock").is_empty());
+
+        // Made again at the same path (whatever its new id): covered again,
+        // by the id the path has now.
+        let second_id = rig.make_cgroup();
+        grants.tick().await;
+        let keys: Vec<u64> = rig.kernel.now().keys().map(|k| k.cgroup_id).collect();
+        assert_eq!(keys, [second_id]);
+        drop(grants);
+
+        // An agent restart keeps the scope and the path, and resolves it again.
+        rig.kernel.clear();
+        let stored = read_file(&rig.file());
+        assert_eq!(stored[0].scope, GrantScope::Workload);
+        assert_eq!(stored[0].cgroup.as_deref(), Some("/agents/a1"));
+        let mut again = rig.grants(false).await;
+        again.set_policies(&compiled(&["agents"], &[2])).await;
+        let keys: Vec<(u32, u64)> = rig
+            .kernel
+            .now()
+            .keys()
+            .map(|k| (k.policy_id, k.cgroup_id))
+            .collect();
+        assert_eq!(keys, [(2, second_id)]);
+    }
+
     #[test]
-    fn the_broader_of_two_entries_wins() {
-        let any_hour = Grant {
-            expires_ns: 100,
-            cgroup_id: 0,
+    fn grants_files_from_before_scopes_keep_their_meaning() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("grants.json");
+        let entry = |cgroup_id: u64, cgroup: &str, duration: &str| {
+            serde_json::json!({
+                "id": Uuid::new_v4(), "policy": "agents", "kind": "exec",
+                "digest": "00000000000000aa", "cgroup_id": cgroup_id,
+                "cgroup": (!cgroup.is_empty()).then_some(cgroup),
+                "duration": duration, "expires_at": null, "created_by": "alice",
+                "request_id": Uuid::new_v4(), "target": "git push",
+            })
         };
-        let session_forever = Grant {
+        let file = serde_json::json!({ "grants": [
+            entry(0, "", "always"),
+            entry(7, "/agents/a1", "session"),
+        ]});
+        std::fs::write(&path, file.to_string()).expect("write");
+        let read = read_file(&path);
+        assert_eq!(read.len(), 2);
+        assert!(!read[0].is_workload(), "a timed grant was policy-wide");
+        assert!(read[1].is_workload(), "a session grant was its cgroup's");
+        assert!(read[1].is_session());
+    }
+
+    #[test]
+    fn the_longer_of_two_entries_wins() {
+        let hour = Grant {
+            expires_ns: 100,
+            cgroup_id: 7,
+        };
+        let day = Grant {
+            expires_ns: 2400,
+            cgroup_id: 7,
+        };
+        let forever = Grant {
             expires_ns: 0,
             cgroup_id: 7,
         };
-        let any_forever = Grant {
-            expires_ns: 0,
-            cgroup_id: 0,
-        };
-        assert_eq!(broader(any_hour, session_forever), any_hour);
-        assert_eq!(broader(session_forever, any_hour), any_hour);
-        assert_eq!(broader(any_hour, any_forever), any_forever);
-        assert_eq!(broader(any_forever, any_hour), any_forever);
+        assert_eq!(broader(hour, day), day);
+        assert_eq!(broader(day, hour), day);
+        assert_eq!(broader(hour, forever), forever);
+        assert_eq!(broader(forever, hour), forever);
     }
 }

@@ -258,6 +258,7 @@ mod tests {
                 target: model::Target::Exec(model::ExecTarget {
                     executable: "/bin/true".into(),
                     argv: vec!["true".into()],
+                    content: None,
                 }),
                 requested_at: now,
                 deadline: now,

@@ -328,7 +328,7 @@ mod tests {
                 rule: "exec default ask",
                 origin: &origin,
                 info: &info,
-                target: request::exec_target(Path::new("/usr/bin/git"), &argv),
+                target: request::exec_target(Path::new("/usr/bin/git"), &argv, None),
                 approval: model::ApprovalSettings {
                     grant_durations: vec![
                         GrantDuration::Once,
@@ -517,11 +517,12 @@ mod tests {
         );
         service
             .review
-            .decide(
+            .decide_scoped(
                 record.request.id,
                 model::Verdict::Allow,
                 "release",
                 GrantDuration::For(Duration::from_hours(1)),
+                model::GrantScope::Policy,
             )
             .await
             .expect("approve");
@@ -543,6 +544,7 @@ mod tests {
                 policy_id: 3,
                 kind: request_kind::EXEC,
                 digest: 0xaa,
+                cgroup_id: 0,
             })
             .expect("the grant is in the kernel map");
         assert_eq!(entry.cgroup_id, 0);

@@ -6,6 +6,14 @@
 //! file's identity in the kernel's encoding (`dev = major << 20 | minor`).
 //! A path that does not exist on this host is skipped with a warning and
 //! picked up by a later rescan if it appears.
+//!
+//! Each rule is bound to the content its file has when the policy is loaded
+//! (or reloaded): its [`ContentVersion`] (ctime to the nanosecond and size,
+//! from `statx`, and the inode generation where the filesystem tells it,
+//! `FS_IOC_GETVERSION`). The kernel applies the rule only while the file
+//! still has that version; a rescan keeps the binding of a rule whose file
+//! it finds again ([`keep_bindings`]), so only a load re-binds. An exec that
+//! meets a stale rule is reported ([`StaleRule`]).
 
 use std::{
     collections::HashMap,
@@ -16,7 +24,10 @@ use std::{
 };
 
 use aya::maps::{Map, MapError};
-use gatekeep_common::{ARGV_LEN, ExecEvent, ExecRuleKey, event_kind, map_names, request_kind};
+use gatekeep_common::{
+    ARGV_LEN, ContentVersion, ExecEvent, ExecRule, ExecRuleKey, ExecRuleStaleEvent, event_kind,
+    exec_rule_flags, map_names, request_kind,
+};
 use gatekeep_policy::Policy;
 use gatekeep_proto::{
     audit::{ExecFacts, KernelFacts},
@@ -37,6 +48,8 @@ pub struct ExecRequest {
     /// Kernel device number (`major << 20 | minor`) and inode of the file.
     pub dev: u64,
     pub ino: u64,
+    /// The file's content version when the kernel saw the exec.
+    pub content: ContentVersion,
     /// The path as passed to execve (may be relative).
     pub filename: PathBuf,
     pub argv: Vec<String>,
@@ -77,12 +90,20 @@ impl Hook for Exec {
     ) -> Result<(), PolicyMapsError> {
         out.defaults.exec_default = kernel_action(policy.exec.default);
         for rule in &policy.exec.rules {
-            match fs::metadata(&rule.path) {
-                Ok(meta) if meta.is_file() => {
+            match bind(&rule.path) {
+                Ok(Bound {
+                    meta,
+                    content,
+                    flags,
+                }) if meta.is_file() => {
                     let identity = (kernel_dev(meta.dev()), meta.ino());
                     out.rules.insert(
                         rule_key(out.id, identity.0, identity.1),
-                        kernel_action(rule.action).to_ne_bytes().to_vec(),
+                        encode_rule(&ExecRule {
+                            action: kernel_action(rule.action),
+                            flags,
+                            content,
+                        }),
                     );
                     exec_paths.insert(identity, rule.path.clone());
                 }
@@ -102,21 +123,21 @@ impl Hook for Exec {
     }
 
     fn read_map(name: &'static str, map: &Map) -> Result<Vec<(RuleKey, Vec<u8>)>, MapError> {
-        let rules = aya::maps::HashMap::<_, ExecRuleKey, u32>::try_from(map)?;
+        let rules = aya::maps::HashMap::<_, ExecRuleKey, ExecRule>::try_from(map)?;
         rules
             .iter()
             .map(|entry| {
-                entry.map(|(key, action)| {
+                entry.map(|(key, value)| {
                     let mut rule = rule_key(key.policy_id, key.dev, key.ino);
                     rule.map = name;
-                    (rule, action.to_ne_bytes().to_vec())
+                    (rule, encode_rule(&value))
                 })
             })
             .collect()
     }
 
     fn write_map(map: &mut Map, key: &RuleKey, value: Option<&[u8]>) -> Result<(), MapError> {
-        let mut rules = aya::maps::HashMap::<_, ExecRuleKey, u32>::try_from(map)?;
+        let mut rules = aya::maps::HashMap::<_, ExecRuleKey, ExecRule>::try_from(map)?;
         let (dev, ino) = decode_identity(&key.key);
         let kernel_key = ExecRuleKey {
             policy_id: key.policy_id,
@@ -125,7 +146,7 @@ impl Hook for Exec {
             ino,
         };
         match value {
-            Some(value) => rules.insert(kernel_key, decode_action(value), 0),
+            Some(value) => rules.insert(kernel_key, decode_rule(value), 0),
             None => absent_is_ok(rules.remove(&kernel_key)),
         }
     }
@@ -149,6 +170,7 @@ impl Hook for Exec {
         request::exec_target(
             &enricher.display_path(request.origin.pid, &request.filename),
             &request.argv,
+            Some(&request.content),
         )
     }
 
@@ -192,11 +214,254 @@ fn decode_identity(key: &[u8]) -> (u64, u64) {
 /// The action of an encoded `EXEC_RULES` value.
 #[must_use]
 pub fn decode_action(value: &[u8]) -> u32 {
-    let mut bytes = [0; 4];
-    if let Some(slice) = value.get(..4) {
-        bytes.copy_from_slice(slice);
+    decode_rule(value).action
+}
+
+/// A file's metadata and content version, read from one open file.
+struct Bound {
+    meta: fs::Metadata,
+    content: ContentVersion,
+    /// [`exec_rule_flags`].
+    flags: u32,
+}
+
+/// Reads the identity and content version of the file at `path` (symlinks
+/// followed), from one open file so both describe the same inode.
+///
+/// Timestamps are coarse (v6.12 sets ctime from the clock tick,
+/// `ktime_get_coarse_real_ts64`): a file changed in the current tick could
+/// be changed again in that tick and keep its ctime. So the version is read
+/// only once the file's ctime lies before the tick in which the read began
+/// ([`settled`]); until then (a file changed a moment ago) it waits a tick
+/// and reads again, for at most [`SETTLE_LIMIT`].
+fn bind(path: &std::path::Path) -> std::io::Result<Bound> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let started = std::time::Instant::now();
+    loop {
+        let before = coarse_now();
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)?;
+        let meta = file.metadata()?;
+        let generation = file_generation(&file);
+        let (content, flags) = content_version(&meta, generation);
+        if settled(&content, before) || started.elapsed() >= SETTLE_LIMIT {
+            return Ok(Bound {
+                meta,
+                content,
+                flags,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    u32::from_ne_bytes(bytes)
+}
+
+/// How long [`bind`] waits for a file that keeps changing (a rule bound to
+/// content still changing then goes stale at its next change).
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// `CLOCK_REALTIME_COARSE`, the clock the kernel stamps ctime from, as
+/// (seconds, nanoseconds).
+fn coarse_now() -> (i64, u32) {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_REALTIME_COARSE).map_or((i64::MAX, 0), |now| {
+        (
+            now.tv_sec(),
+            u32::try_from(now.tv_nsec()).unwrap_or_default(),
+        )
+    })
+}
+
+/// Whether every change to the file after a read that began at coarse time
+/// `before` must give it another ctime than `content`'s: its ctime lies in
+/// an earlier tick. A ctime of whole seconds may come from a filesystem
+/// that keeps seconds only (ext4 with small inodes), so it must lie in an
+/// earlier second.
+#[must_use]
+pub fn settled(content: &ContentVersion, before: (i64, u32)) -> bool {
+    if content.ctime_nsec == 0 {
+        content.ctime_sec < before.0
+    } else {
+        (content.ctime_sec, content.ctime_nsec) < before
+    }
+}
+
+/// The [`ContentVersion`] of a file (and its [`exec_rule_flags`]) from its
+/// `statx` data and, when the filesystem tells it, its inode generation.
+#[must_use]
+pub fn content_version(meta: &fs::Metadata, generation: Option<u32>) -> (ContentVersion, u32) {
+    let content = ContentVersion {
+        ctime_sec: meta.ctime(),
+        // `statx` gives nanoseconds below 10^9.
+        ctime_nsec: u32::try_from(meta.ctime_nsec()).unwrap_or_default(),
+        generation: generation.unwrap_or_default(),
+        size: i64::try_from(meta.size()).unwrap_or(i64::MAX),
+    };
+    let flags = if generation.is_some() {
+        exec_rule_flags::GENERATION
+    } else {
+        0
+    };
+    (content, flags)
+}
+
+/// The inode generation (`FS_IOC_GETVERSION`), on filesystems that answer
+/// it (ext4, XFS, btrfs; not tmpfs).
+fn file_generation(file: &fs::File) -> Option<u32> {
+    use std::os::fd::AsRawFd as _;
+    // `_IOR('v', 1, long)`; the filesystems write an `int`.
+    const FS_IOC_GETVERSION: libc::c_ulong = 0x8008_7601;
+    let mut generation: libc::c_long = 0;
+    // SAFETY: the ioctl writes at most a `long` into `generation`, which
+    // lives across the call; `file` is an open descriptor.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_GETVERSION, &raw mut generation) };
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "the kernel writes a 32-bit `i_generation` into the low half"
+    )]
+    (rc == 0).then_some(generation as u32)
+}
+
+/// Encodes an `EXEC_RULES` value (native byte order, the struct's layout).
+#[must_use]
+pub fn encode_rule(rule: &ExecRule) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size_of::<ExecRule>());
+    out.extend_from_slice(&rule.action.to_ne_bytes());
+    out.extend_from_slice(&rule.flags.to_ne_bytes());
+    out.extend_from_slice(&rule.content.ctime_sec.to_ne_bytes());
+    out.extend_from_slice(&rule.content.ctime_nsec.to_ne_bytes());
+    out.extend_from_slice(&rule.content.generation.to_ne_bytes());
+    out.extend_from_slice(&rule.content.size.to_ne_bytes());
+    out
+}
+
+/// Decodes an [`encode_rule`] value (missing bytes read as zero).
+#[must_use]
+pub fn decode_rule(value: &[u8]) -> ExecRule {
+    let word = |at: usize| {
+        let mut bytes = [0; 8];
+        if let Some(slice) = value.get(at..at + 8) {
+            bytes.copy_from_slice(slice);
+        }
+        bytes
+    };
+    let half = |at: usize| {
+        let mut bytes = [0; 4];
+        if let Some(slice) = value.get(at..at + 4) {
+            bytes.copy_from_slice(slice);
+        }
+        u32::from_ne_bytes(bytes)
+    };
+    ExecRule {
+        action: half(0),
+        flags: half(4),
+        content: ContentVersion {
+            ctime_sec: i64::from_ne_bytes(word(8)),
+            ctime_nsec: half(16),
+            generation: half(20),
+            size: i64::from_ne_bytes(word(24)),
+        },
+    }
+}
+
+/// A rescan recompiles the loaded policies from the filesystem; it must not
+/// re-bind a rule to content written since the load. For every exec rule
+/// the rescan finds again (same policy id and file identity), the loaded
+/// binding stays; rules of files that appeared since are bound now.
+pub fn keep_bindings(
+    rescanned: &mut std::collections::BTreeMap<super::RuleKey, Vec<u8>>,
+    loaded: &std::collections::BTreeMap<super::RuleKey, Vec<u8>>,
+) {
+    for (key, value) in rescanned.iter_mut() {
+        if key.map != map_names::EXEC_RULES {
+            continue;
+        }
+        if let Some(bound) = loaded.get(key) {
+            let action = decode_rule(value).action;
+            let mut kept = decode_rule(bound);
+            kept.action = action;
+            *value = encode_rule(&kept);
+        }
+    }
+}
+
+/// An exec met a rule bound to other content than its file has now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleRule {
+    pub origin: Origin,
+    pub dev: u64,
+    pub ino: u64,
+    pub bound: ContentVersion,
+    pub found: ContentVersion,
+    /// The rule's [`gatekeep_common::action`], and the one applied instead.
+    pub rule_action: u32,
+    pub applied_action: u32,
+    /// The rule's [`exec_rule_flags`].
+    pub rule_flags: u32,
+}
+
+/// The `rule_stale` audit payload of `stale`, under `policy` (its name and
+/// what its hooks' compilation left, when the agent still knows the
+/// kernel's policy id).
+#[must_use]
+pub fn stale_payload(
+    stale: &StaleRule,
+    policy: Option<(&str, &super::Loaded)>,
+    info: &crate::pause::enrich::Enrichment,
+) -> gatekeep_proto::audit::RuleStale {
+    use gatekeep_proto::audit::{self, Schema};
+    let path = policy.and_then(|(_, hooks)| hooks.exec.get(&(stale.dev, stale.ino)));
+    let version = |content: &ContentVersion, generation: bool| audit::ContentVersion {
+        ctime_sec: content.ctime_sec,
+        ctime_nsec: content.ctime_nsec,
+        size: content.size,
+        generation: generation.then_some(content.generation),
+    };
+    audit::RuleStale {
+        schema: Schema::default(),
+        kind: model::Kind::Exec,
+        policy: policy.map(|(name, _)| name.to_owned()),
+        rule: path
+            .map(|path| format!("exec {} {}", action_name(stale.rule_action), path.display())),
+        path: path.map(|path| path.to_string_lossy().into_owned()),
+        dev: stale.dev,
+        ino: stale.ino,
+        bound: version(
+            &stale.bound,
+            stale.rule_flags & exec_rule_flags::GENERATION != 0,
+        ),
+        found: version(&stale.found, true),
+        rule_action: action_name(stale.rule_action).to_owned(),
+        applied: action_name(stale.applied_action).to_owned(),
+        process: request::process(&stale.origin, info),
+        kernel: request::kernel_facts(&stale.origin, None, None),
+    }
+}
+
+/// The policy word of a kernel [`gatekeep_common::action`].
+fn action_name(action: u32) -> &'static str {
+    match action {
+        gatekeep_common::action::ALLOW => "allow",
+        gatekeep_common::action::DENY => "deny",
+        _ => "ask",
+    }
+}
+
+/// Parses an [`event_kind::EXEC_RULE_STALE`] record.
+pub fn parse_stale(bytes: &[u8]) -> Result<StaleRule, ParseError> {
+    let raw: ExecRuleStaleEvent = read(bytes, event_kind::EXEC_RULE_STALE)?;
+    Ok(StaleRule {
+        origin: origin(&raw.header),
+        dev: raw.dev,
+        ino: raw.ino,
+        bound: raw.bound,
+        found: raw.found,
+        rule_action: raw.rule_action,
+        applied_action: raw.applied_action,
+        rule_flags: raw.rule_flags,
+    })
 }
 
 /// The kernel's encoding of a device number (`MKDEV`: major << 20 | minor).
@@ -226,6 +491,7 @@ fn exec_request(raw: &ExecEvent) -> ExecRequest {
         origin: origin(&raw.header),
         dev: raw.dev,
         ino: raw.ino,
+        content: raw.content,
         filename: PathBuf::from(OsStr::from_bytes(&raw.filename[..end])),
         argv,
         argv_truncated: raw.argv_truncated != 0,
@@ -268,5 +534,222 @@ mod tests {
         assert_eq!(kernel_dev(st_dev), (8 << 20) | 3);
         let st_dev = libc::makedev(259, 0x1_0001);
         assert_eq!(kernel_dev(st_dev), (259 << 20) | 0x1_0001);
+    }
+
+    #[test]
+    fn exec_rule_values_round_trip_with_their_content_version() {
+        let rule = ExecRule {
+            action: action::ALLOW,
+            flags: exec_rule_flags::GENERATION,
+            content: ContentVersion {
+                ctime_sec: 1_764_000_000,
+                ctime_nsec: 999_999_999,
+                generation: 0xdead_beef,
+                size: 1 << 40,
+            },
+        };
+        let encoded = encode_rule(&rule);
+        assert_eq!(encoded.len(), size_of::<ExecRule>());
+        assert_eq!(decode_rule(&encoded), rule);
+        assert_eq!(decode_action(&encoded), action::ALLOW);
+        // The encoding is the kernel struct's bytes.
+        // SAFETY: `ExecRule` is `#[repr(C)]` integers, 32 bytes.
+        let raw: [u8; 32] = unsafe { std::mem::transmute(rule) };
+        assert_eq!(encoded, raw);
+    }
+
+    /// Compiles a policy allowing `path`; returns its only exec rule.
+    fn compiled_rule(path: &std::path::Path) -> (RuleKey, ExecRule) {
+        let text = format!(
+            "[[policy]]\nname = \"p\"\ncgroups = [\"/sys/fs/cgroup/p\"]\n[policy.exec]\ndefault = \"deny\"\nallow = [{}]\n",
+            serde_json::to_string(path).unwrap()
+        );
+        let set = gatekeep_policy::parse_str("t.toml", &text).unwrap();
+        let mut defaults = gatekeep_common::PolicyDefaults::default();
+        let mut rules = std::collections::BTreeMap::new();
+        let mut warnings = Vec::new();
+        let mut loaded = HashMap::new();
+        Exec::compile(
+            &set.policies[0],
+            &mut Compiling {
+                id: 4,
+                defaults: &mut defaults,
+                rules: &mut rules,
+                warnings: &mut warnings,
+            },
+            &mut loaded,
+        )
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(rules.len(), 1);
+        let (key, value) = rules.into_iter().next().unwrap();
+        (key, decode_rule(&value))
+    }
+
+    #[test]
+    fn a_rule_records_its_files_content_version_and_a_rewrite_changes_it() {
+        use std::io::{Seek as _, Write as _};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        fs::write(&path, b"#!/bin/sh\necho v1\n").unwrap();
+        let (key, rule) = compiled_rule(&path);
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(key, rule_key(4, kernel_dev(meta.dev()), meta.ino()));
+        assert_eq!(rule.action, action::ALLOW);
+        assert_eq!(rule.content.ctime_sec, meta.ctime());
+        assert_eq!(i64::from(rule.content.ctime_nsec), meta.ctime_nsec());
+        assert_eq!(rule.content.size, 18);
+        // The generation is recorded exactly when the filesystem tells it.
+        let generation = file_generation(&fs::File::open(&path).unwrap());
+        assert_eq!(
+            rule.flags & exec_rule_flags::GENERATION != 0,
+            generation.is_some()
+        );
+        assert_eq!(rule.content.generation, generation.unwrap_or_default());
+
+        // Rewritten in place with the same size: the same identity, another
+        // content version (its ctime), once the clock has moved on.
+        let before = rule.content;
+        wait_for_ctime_tick(&path, &before);
+        let mut file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.rewind().unwrap();
+        file.write_all(b"#!/bin/sh\necho v2\n").unwrap();
+        drop(file);
+        let (again_key, again) = compiled_rule(&path);
+        assert_eq!(again_key, key, "same file identity");
+        assert_eq!(again.content.size, before.size);
+        assert_ne!(again.content, before, "a rewrite is a new content version");
+    }
+
+    /// Waits until a file written now gets a ctime other than `version`'s
+    /// (the kernel's timestamps are coarse: a clock tick, a few ms).
+    fn wait_for_ctime_tick(path: &std::path::Path, version: &ContentVersion) {
+        let probe = path.with_extension("probe");
+        for _ in 0..1000 {
+            fs::write(&probe, b"x").unwrap();
+            let meta = fs::metadata(&probe).unwrap();
+            if (meta.ctime(), meta.ctime_nsec())
+                != (version.ctime_sec, i64::from(version.ctime_nsec))
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("the filesystem clock did not move in a second");
+    }
+
+    #[test]
+    fn a_rescan_keeps_the_binding_made_at_load_and_binds_new_rules() {
+        let bound = |size: i64, action: u32| {
+            encode_rule(&ExecRule {
+                action,
+                flags: 0,
+                content: ContentVersion {
+                    size,
+                    ..ContentVersion::default()
+                },
+            })
+        };
+        let kept = rule_key(1, 8, 100);
+        let appeared = rule_key(1, 8, 200);
+        let loaded = std::collections::BTreeMap::from([(kept.clone(), bound(10, action::ALLOW))]);
+        let mut rescanned = std::collections::BTreeMap::from([
+            (kept.clone(), bound(11, action::ALLOW)),
+            (appeared.clone(), bound(20, action::DENY)),
+        ]);
+        keep_bindings(&mut rescanned, &loaded);
+        assert_eq!(rescanned[&kept], bound(10, action::ALLOW));
+        assert_eq!(rescanned[&appeared], bound(20, action::DENY));
+        // The binding is compared as the whole state: nothing to apply.
+        assert_eq!(
+            rescanned.get(&kept),
+            loaded.get(&kept),
+            "a rescan of a rewritten file changes no map entry"
+        );
+    }
+
+    #[test]
+    fn stale_rule_records_parse() {
+        let raw = ExecRuleStaleEvent {
+            header: gatekeep_common::EventHeader {
+                kind: event_kind::EXEC_RULE_STALE,
+                policy_id: 3,
+                pid: 9,
+                tid: 10,
+                digest: 77,
+                ..Default::default()
+            },
+            dev: 8,
+            ino: 100,
+            bound: ContentVersion {
+                size: 1,
+                ..ContentVersion::default()
+            },
+            found: ContentVersion {
+                size: 2,
+                ..ContentVersion::default()
+            },
+            rule_action: action::ALLOW,
+            applied_action: action::ASK,
+            rule_flags: exec_rule_flags::GENERATION,
+            _pad: 0,
+        };
+        // SAFETY: a `#[repr(C)]` struct of integers, viewed as its bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&raw const raw).cast::<u8>(),
+                size_of::<ExecRuleStaleEvent>(),
+            )
+        };
+        let stale = parse_stale(bytes).unwrap();
+        assert_eq!((stale.dev, stale.ino), (8, 100));
+        assert_eq!(stale.origin.policy_id, 3);
+        assert_eq!(stale.found.size, 2);
+        assert_eq!(stale.applied_action, action::ASK);
+        assert_eq!(stale.rule_flags, exec_rule_flags::GENERATION);
+        assert!(matches!(
+            parse_stale(&bytes[..bytes.len() - 1]),
+            Err(ParseError::Truncated { .. })
+        ));
+        assert!(matches!(
+            crate::bpf::events::parse(bytes),
+            Ok(crate::bpf::events::Event::ExecRuleStale(_))
+        ));
+    }
+
+    #[test]
+    fn a_version_is_settled_only_once_its_tick_has_passed() {
+        let at = |ctime_sec, ctime_nsec| ContentVersion {
+            ctime_sec,
+            ctime_nsec,
+            ..ContentVersion::default()
+        };
+        // Changed in an earlier tick: any later write gets another ctime.
+        assert!(settled(&at(100, 5_000_000), (100, 9_000_000)));
+        // Changed in the tick the read began in: a write may still keep it.
+        assert!(!settled(&at(100, 9_000_000), (100, 9_000_000)));
+        assert!(!settled(&at(100, 9_000_001), (100, 9_000_000)));
+        // Whole seconds (a filesystem of second granularity): an earlier second only.
+        assert!(!settled(&at(100, 0), (100, 500_000_000)));
+        assert!(settled(&at(100, 0), (101, 0)));
+    }
+
+    #[test]
+    fn binding_a_file_changed_a_moment_ago_waits_until_its_version_is_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh");
+        fs::write(&path, b"x").unwrap();
+        let bound = bind(&path).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(bound.content.ctime_sec, meta.ctime());
+        // Bound after the coarse clock passed the change: a rewrite now
+        // necessarily gets another ctime.
+        let now = coarse_now();
+        assert!(
+            settled(&bound.content, now),
+            "{:?} vs {now:?}",
+            bound.content
+        );
     }
 }

@@ -61,7 +61,9 @@ use crate::{
     pause::{
         enrich::{Enricher, Enrichment, RecentEnrichments},
         request,
-        resume::{Finding, PauseTiming, ResumeOutcome, TaskState, Tasks, reconcile, resume},
+        resume::{
+            Finding, PauseTiming, ResumeOutcome, TaskRequest, TaskState, Tasks, reconcile, resume,
+        },
     },
     policy::{Compiled, LoadedPolicy},
 };
@@ -87,6 +89,9 @@ struct Tracked {
     request: Arc<DecisionRequest>,
     pid: u32,
     digest: u64,
+    /// The asking thread's start time, from the kernel's pending entry: a
+    /// verdict names it, so it never applies to a later task reusing the tid.
+    start_ns: u64,
     asked_at: Instant,
     stage: Stage,
     decision_task: Option<AbortHandle>,
@@ -201,6 +206,9 @@ pub struct Controller<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> {
     /// (thread, digest) asked again by the reconciler -> (when the kernel
     /// first saw the request, pid); its deadline counts from then.
     reasked: HashMap<(u32, u64), (u64, u32)>,
+    /// Stale exec rules already reported: (policy id, dev, ino, the content
+    /// found). A reload gives policies new ids, so they are reported again.
+    stale_reported: HashSet<(u32, u64, u64, gatekeep_common::ContentVersion)>,
     decisions: JoinSet<()>,
     resumes: JoinSet<()>,
     internal_tx: mpsc::UnboundedSender<Internal>,
@@ -239,6 +247,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             previous: None,
             tracked: HashMap::new(),
             reasked: HashMap::new(),
+            stale_reported: HashSet::new(),
             decisions: JoinSet::new(),
             resumes: JoinSet::new(),
             internal_tx,
@@ -402,6 +411,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             // The daemon hands these to the policy watcher, which classifies
             // the cgroup and resumes the task; nothing to track here.
             Event::Unclassified { .. } => {}
+            Event::ExecRuleStale(stale) => self.handle_stale_rule(&stale),
             Event::Abandoned { origin, kind } => self.handle_gone(&origin, kind, false),
             Event::RefusedSpinning { origin, kind } => self.handle_gone(&origin, kind, true),
             Event::VerdictApplied { origin, action, .. } => {
@@ -552,6 +562,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 request,
                 pid: origin.pid,
                 digest: origin.digest,
+                start_ns: pending.start_ns,
                 asked_at: Instant::now(),
                 stage: Stage::Deciding,
                 decision_task: task,
@@ -595,6 +606,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 tid,
                 _pad: 0,
                 digest: old.digest,
+                start_ns: old.start_ns,
             };
             tokio::spawn(async move {
                 let _ = kernel.remove_verdict(key).await;
@@ -921,7 +933,12 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let Some(tracked) = self.tracked.get(&tid) else {
             return;
         };
-        let (pid, digest, request_id) = (tracked.pid, tracked.digest, tracked.id());
+        let (pid, request_id) = (tracked.pid, tracked.id());
+        let task = TaskRequest {
+            tid,
+            start_ns: tracked.start_ns,
+            digest: tracked.digest,
+        };
         let kernel = Arc::clone(&self.kernel);
         let tasks = Arc::clone(&self.tasks);
         let timing = self.timing;
@@ -938,17 +955,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             } else {
                 decision.verdict
             };
-            let outcome = resume(
-                kernel.as_ref(),
-                tasks.as_ref(),
-                timing,
-                pid,
-                tid,
-                digest,
-                verdict,
-            )
-            .await
-            .map_err(|err| err.to_string());
+            let outcome = resume(kernel.as_ref(), tasks.as_ref(), timing, pid, task, verdict)
+                .await
+                .map_err(|err| err.to_string());
             let _ = internal.send(Internal::Resumed {
                 tid,
                 request_id,
@@ -1035,7 +1044,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let mut vanished = Vec::new();
         let mut retry = Vec::new();
         for (tid, tracked) in &self.tracked {
-            let in_kernel = pending.get(tid).is_some_and(|p| p.digest == tracked.digest);
+            let in_kernel = pending
+                .get(tid)
+                .is_some_and(|p| p.digest == tracked.digest && p.start_ns == tracked.start_ns);
             match tracked.stage {
                 Stage::Resumed { at, verdict } if at.elapsed() >= grace => {
                     if in_kernel {
@@ -1133,6 +1144,43 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     }
 
     /// A `kernel_denied` payload for a request the kernel refused by policy.
+    /// An exec met a stale rule: one warning and one `rule_stale` record per
+    /// rule, policy load and content found (a loop of execs is one report).
+    fn handle_stale_rule(&mut self, stale: &crate::hooks::exec::StaleRule) {
+        const MAX_REMEMBERED: usize = 4096;
+        let key = (stale.origin.policy_id, stale.dev, stale.ino, stale.found);
+        if self.stale_reported.contains(&key) {
+            return;
+        }
+        if self.stale_reported.len() >= MAX_REMEMBERED {
+            self.stale_reported.clear();
+        }
+        self.stale_reported.insert(key);
+        let policy = self.policy(stale.origin.policy_id);
+        let info = self
+            .recent_denials
+            .enrich(&self.enricher, stale.origin.pid, stale.origin.uid);
+        let payload = crate::hooks::exec::stale_payload(
+            stale,
+            policy
+                .as_deref()
+                .map(|p| (p.policy.name.as_str(), &p.hooks)),
+            &info,
+        );
+        tracing::warn!(
+            policy = payload.policy.as_deref().unwrap_or("?"),
+            path = %payload.path.as_deref().unwrap_or("?").escape_debug(),
+            dev = stale.dev,
+            ino = stale.ino,
+            rule_action = payload.rule_action,
+            applied = payload.applied,
+            pid = stale.origin.pid,
+            "exec rule is stale: its file was rewritten since the policy was loaded, so the \
+             rule no longer matches; reload the policy to bind the rule to the file's new content"
+        );
+        self.record(RecordKind::RuleStale, None, Some("kernel"), &payload);
+    }
+
     fn kernel_denied(&self, request: &Request, info: &Enrichment) -> payload::KernelDenied {
         let origin = request.origin();
         let policy = self.policy(origin.policy_id);
@@ -1648,5 +1696,97 @@ mod tests {
         let stats = run.await.expect("join");
         assert_eq!(stats.asked, 1);
         assert_eq!(stats.decided, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_exec_rule_is_reported_once_per_content_with_its_path() {
+        use std::os::unix::fs::MetadataExt as _;
+
+        use gatekeep_common::{ContentVersion, action};
+
+        use crate::hooks::exec::StaleRule;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A rule path with a control character: escaped in the log, JSON in the record.
+        let tool = dir.path().join("tool\u{1b}[31m");
+        std::fs::write(&tool, b"v1").expect("write tool");
+        let meta = std::fs::metadata(&tool).expect("stat");
+        let text = format!(
+            "[[policy]]\nname = \"agents\"\ncgroups = [\"/sys/fs/cgroup/agents\"]\n[policy.exec]\ndefault = \"deny\"\nallow = [{}]\n",
+            serde_json::to_string(&tool).expect("json path")
+        );
+        let set = parse_str("t.toml", &text).expect("policy");
+        let host = HostView {
+            cgroup_root: dir.path().to_owned(),
+            own_cgroup: None,
+            protected: Vec::new(),
+        };
+        let mut rig = rig("deny", "5m");
+        rig.controller
+            .set_policies(Arc::new(compile(&set, &[1], 2, &host).expect("compile")));
+
+        let (dev, ino) = (crate::hooks::exec::kernel_dev(meta.dev()), meta.ino());
+        let bound = ContentVersion {
+            ctime_sec: 10,
+            ctime_nsec: 1,
+            generation: 0,
+            size: 2,
+        };
+        let stale = |size: i64| {
+            Event::ExecRuleStale(StaleRule {
+                origin: Origin {
+                    policy_id: 1,
+                    pid: 40,
+                    tid: 40,
+                    uid: 65534,
+                    gid: 65534,
+                    ppid: 1,
+                    cgroup_id: 7,
+                    ktime_ns: 1,
+                    digest: 0xfeed,
+                    comm: "sh".into(),
+                },
+                dev,
+                ino,
+                bound,
+                found: ContentVersion { size, ..bound },
+                rule_action: action::ALLOW,
+                applied_action: action::DENY,
+                rule_flags: 0,
+            })
+        };
+        // A loop of execs of the rewritten file: one report.
+        for _ in 0..3 {
+            rig.controller.handle_event(stale(3)).await;
+        }
+        // Rewritten again: reported again.
+        rig.controller.handle_event(stale(4)).await;
+
+        let records = rig.audit.records();
+        assert_eq!(
+            records.iter().map(|r| r.kind).collect::<Vec<_>>(),
+            [RecordKind::RuleStale, RecordKind::RuleStale]
+        );
+        let payload = &records[0].payload;
+        assert_eq!(payload["schema"], 2);
+        assert_eq!(payload["kind"], "exec");
+        assert_eq!(payload["policy"], "agents");
+        assert_eq!(payload["path"], tool.to_str().expect("utf8"));
+        assert_eq!(
+            payload["rule"],
+            format!("exec allow {}", tool.display()).as_str()
+        );
+        assert_eq!(payload["rule_action"], "allow");
+        assert_eq!(payload["applied"], "deny");
+        assert_eq!(
+            payload["bound"],
+            json!({"ctime_sec": 10, "ctime_nsec": 1, "size": 2, "generation": null})
+        );
+        assert_eq!(payload["found"]["size"], 3);
+        assert_eq!(payload["dev"], dev);
+        assert_eq!(payload["ino"], ino);
+        assert_eq!(payload["process"]["uid"], 65534);
+        assert_eq!(records[0].actor.as_deref(), Some("kernel"));
+        assert_eq!(records[1].payload["found"]["size"], 4);
     }
 }

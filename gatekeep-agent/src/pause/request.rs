@@ -115,10 +115,14 @@ pub fn cgroup_path(info: &Enrichment, cgroup_id: u64) -> String {
         .unwrap_or_else(|| format!("cgroup-id:{cgroup_id}"))
 }
 
-/// An exec's target: the executable (absolute; anchored at `/` when the cwd was unreadable)
-/// and its argv, bounded.
+/// An exec's target: the executable (absolute; anchored at `/` when the cwd was unreadable),
+/// its argv, bounded, and its content version (what a grant binds besides the path).
 #[must_use]
-pub fn exec_target(executable: &Path, argv: &[String]) -> Target {
+pub fn exec_target(
+    executable: &Path,
+    argv: &[String],
+    content: Option<&gatekeep_common::ContentVersion>,
+) -> Target {
     let executable = if executable.is_absolute() {
         path_text(executable)
     } else {
@@ -127,7 +131,18 @@ pub fn exec_target(executable: &Path, argv: &[String]) -> Target {
     Target::Exec(ExecTarget {
         executable,
         argv: bounded_argv(argv),
+        content: content.map(content_text),
     })
+}
+
+/// The text of a content version in a request's target:
+/// `<ctime seconds>.<ctime nanoseconds, 9 digits>:<size>:<generation>`.
+#[must_use]
+pub fn content_text(content: &gatekeep_common::ContentVersion) -> String {
+    format!(
+        "{}.{:09}:{}:{}",
+        content.ctime_sec, content.ctime_nsec, content.size, content.generation
+    )
 }
 
 /// The ancestry in the model's form, bounded.
@@ -333,9 +348,24 @@ mod tests {
     #[test]
     fn an_exec_becomes_a_valid_approval_request_with_its_context() {
         let (origin, info) = (origin(), info());
+        let content = gatekeep_common::ContentVersion {
+            ctime_sec: 1_764_000_000,
+            ctime_nsec: 5,
+            generation: 42,
+            size: 4096,
+        };
         let target = exec_target(
             Path::new("/usr/bin/curl"),
             &["curl".into(), "https://example.org".into()],
+            Some(&content),
+        );
+        // The content version travels with the target (grants bind it).
+        let model::Target::Exec(exec) = &target else {
+            panic!("an exec target")
+        };
+        assert_eq!(
+            exec.content.as_deref(),
+            Some("1764000000.000000005:4096:42")
         );
         let asked = ask(&origin, &info, target);
         let id = asked.id;
@@ -372,6 +402,7 @@ mod tests {
         let target = exec_target(
             Path::new("/usr/bin/curl"),
             &["curl".into(), "https://example.org".into()],
+            Some(&content),
         );
         let again = valid(approval_request(
             ask(&origin, &info, target),
@@ -425,7 +456,7 @@ mod tests {
         let argv: Vec<String> = (0..400)
             .map(|i| format!("{i}{}", "x".repeat(200)))
             .collect();
-        let target = exec_target(Path::new("tool"), &argv);
+        let target = exec_target(Path::new("tool"), &argv, None);
         let rule = format!("exec {} ask", "/very/long".repeat(100));
         let mut asked = ask(&origin, &info, target);
         asked.rule = &rule;

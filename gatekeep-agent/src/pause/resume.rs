@@ -3,9 +3,12 @@
 //! kernel's pending requests with the ones the agent tracks.
 //!
 //! Resuming, in order:
-//! 1. if the kernel's pending request of the thread has another digest, the
+//! 1. if the kernel's pending request of the thread has another digest, or
+//!    is another task's (another start time: the thread id was reused), the
 //!    decision is for a request that no longer exists: do nothing;
-//! 2. write `VERDICTS[{tid, digest}]` (valid for [`VERDICT_TTL`]);
+//! 2. write `VERDICTS[{tid, start time, digest}]` (valid for [`VERDICT_TTL`]):
+//!    the kernel applies it only to the task that asked, never to a later
+//!    task reusing its thread id;
 //! 3. wait until the thread is really stopped (`/proc/<pid>/task/<tid>/stat`
 //!    state `T` or `t`), so the SIGCONT is not spent on a task still on its
 //!    way to the stop;
@@ -34,6 +37,16 @@ use crate::{
     decision,
     pause::enrich::Stat,
 };
+
+/// The paused request a decision is for: the task (thread id and start time,
+/// from the kernel's pending entry) and the digest of what it asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskRequest {
+    pub tid: u32,
+    /// `task_struct::start_boottime` of the thread ([`PendingRequest::start_ns`]).
+    pub start_ns: u64,
+    pub digest: u64,
+}
 
 /// What a thread is doing, as far as the pause cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,12 +154,16 @@ pub async fn resume<K: PauseKernel, T: Tasks>(
     tasks: &T,
     timing: PauseTiming,
     pid: u32,
-    tid: u32,
-    digest: u64,
+    task: TaskRequest,
     verdict: decision::Verdict,
 ) -> Result<ResumeOutcome, KernelError> {
+    let TaskRequest {
+        tid,
+        start_ns,
+        digest,
+    } = task;
     if let Some(pending) = kernel.pending_of(tid).await?
-        && pending.digest != digest
+        && (pending.digest != digest || pending.start_ns != start_ns)
     {
         return Ok(ResumeOutcome::Superseded);
     }
@@ -157,6 +174,7 @@ pub async fn resume<K: PauseKernel, T: Tasks>(
                 tid,
                 _pad: 0,
                 digest,
+                start_ns,
             },
             Verdict {
                 action: verdict.kernel_action(),
@@ -296,8 +314,7 @@ mod tests {
             kernel.as_ref(),
             PauseTiming::default(),
             100,
-            101,
-            7,
+            req(101, 7),
             decision::Verdict::Allow,
         )
         .await
@@ -322,8 +339,7 @@ mod tests {
             kernel.as_ref(),
             PauseTiming::default(),
             100,
-            100,
-            7,
+            req(100, 7),
             decision::Verdict::Allow,
         )
         .await
@@ -331,6 +347,82 @@ mod tests {
         assert_eq!(outcome, ResumeOutcome::Superseded);
         assert!(kernel.verdicts_now().is_empty());
         assert_eq!(kernel.result_of(100), None, "still paused");
+    }
+
+    /// The request of `tid` (a [`FakeTask::asking`] task's start time) for `digest`.
+    fn req(tid: u32, digest: u64) -> TaskRequest {
+        TaskRequest {
+            tid,
+            start_ns: 1_000 + u64::from(tid),
+            digest,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_decision_for_a_task_whose_tid_was_reused_is_never_applied() {
+        let kernel = Arc::new(FakeKernel::default());
+        // Task A (tid 100) asked about 7 and was tracked; it died, and a later
+        // task B reusing tid 100 asked the very same thing.
+        kernel.spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        kernel.kill(100);
+        kernel.spawn_task(FakeTask::asking(100, 100, 7).started_at(5_000).stopped());
+        let outcome = resume(
+            kernel.as_ref(),
+            kernel.as_ref(),
+            PauseTiming::default(),
+            100,
+            req(100, 7),
+            decision::Verdict::Allow,
+        )
+        .await
+        .expect("resume");
+        assert_eq!(
+            outcome,
+            ResumeOutcome::Superseded,
+            "A's decision is not B's"
+        );
+        assert!(kernel.verdicts_now().is_empty(), "nothing written for B");
+        assert_eq!(kernel.result_of(100), None, "B stays paused");
+
+        // Even a verdict that reached the map for A (written just before B
+        // asked) is not B's: B's restart finds its request pending and stops again.
+        kernel.insert_verdict(
+            VerdictKey {
+                tid: 100,
+                _pad: 0,
+                digest: 7,
+                start_ns: 1_100,
+            },
+            Verdict {
+                action: gatekeep_common::action::ALLOW,
+                _pad: 0,
+                expires_ns: u64::MAX,
+            },
+        );
+        kernel.sigcont(100).expect("sigcont");
+        assert_eq!(
+            kernel.result_of(100),
+            None,
+            "A's verdict does not release B"
+        );
+        assert!(kernel.is_stopped(100));
+
+        // B's own decision applies.
+        let outcome = resume(
+            kernel.as_ref(),
+            kernel.as_ref(),
+            PauseTiming::default(),
+            100,
+            TaskRequest {
+                start_ns: 5_000,
+                ..req(100, 7)
+            },
+            decision::Verdict::Deny,
+        )
+        .await
+        .expect("resume");
+        assert_eq!(outcome, ResumeOutcome::Resumed);
+        assert_eq!(kernel.result_of(100), Some(gatekeep_common::action::DENY));
     }
 
     #[tokio::test(start_paused = true)]
@@ -343,8 +435,7 @@ mod tests {
             kernel.as_ref(),
             PauseTiming::default(),
             100,
-            100,
-            7,
+            req(100, 7),
             decision::Verdict::Deny,
         )
         .await
@@ -361,8 +452,7 @@ mod tests {
             kernel.as_ref(),
             PauseTiming::default(),
             100,
-            100,
-            7,
+            req(100, 7),
             decision::Verdict::Deny,
         )
         .await
@@ -420,6 +510,7 @@ mod tests {
                 tid: 5,
                 _pad: 0,
                 digest: 1,
+                start_ns: 1_005,
             },
             Verdict {
                 action: 1,
@@ -432,6 +523,7 @@ mod tests {
                 tid: 6,
                 _pad: 0,
                 digest: 1,
+                start_ns: 1_006,
             },
             Verdict {
                 action: 1,

@@ -1022,6 +1022,7 @@ raw_sockets = "allow"
                 },
                 dev,
                 ino,
+                content: gatekeep_common::ContentVersion::default(),
                 filename: PathBuf::new(),
                 argv: Vec::new(),
                 argv_truncated: false,

@@ -61,6 +61,7 @@ impl SimKernel {
                     attempts: 0,
                     pid: tid,
                     policy_id: POLICY_ID,
+                    start_ns: 0,
                 },
             );
     }
@@ -154,6 +155,7 @@ fn exec_ask(tid: u32, digest: u64) -> Event {
         origin: origin(tid, digest),
         dev: 0x0080_0001,
         ino: 1_234_567,
+        content: gatekeep_common::ContentVersion::default(),
         filename: PathBuf::from("/usr/bin/curl"),
         argv: vec![
             "curl".into(),

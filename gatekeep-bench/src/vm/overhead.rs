@@ -76,8 +76,9 @@ use gatekeep_agent::bpf::{
     programs::{Hook, PROGRAMS, Program},
 };
 use gatekeep_common::{
-    ConnectV4Key, ExecRuleKey, GatedCgroup, Grant, GrantKey, PolicyDefaults, PortRule, PortRules,
-    Verdict, VerdictKey, action, counter, gated_filter_slot, map_names,
+    ConnectV4Key, ExecRule, ExecRuleKey, GatedCgroup, Grant, GrantKey, PendingRequest,
+    PolicyDefaults, PortRule, PortRules, Verdict, VerdictKey, action, counter, gated_filter_slot,
+    map_names,
 };
 
 use super::{
@@ -662,7 +663,7 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
     };
     policies.set(RULE_POLICY, deny_by_default, 0)?;
     policies.set(GRANT_POLICY, ask_by_default, 0)?;
-    let mut rules: HashMap<_, ExecRuleKey, u32> = HashMap::try_from(
+    let mut rules: HashMap<_, ExecRuleKey, ExecRule> = HashMap::try_from(
         ebpf.map_mut(map_names::EXEC_RULES)
             .context(map_names::EXEC_RULES)?,
     )?;
@@ -672,7 +673,15 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
         dev: tiny.0,
         ino: tiny.1,
     };
-    rules.insert(key, action::ALLOW, 0)?;
+    // Bound to the tiny executable's content, as the agent binds a rule.
+    let meta = std::fs::metadata(super::TINY).with_context(|| super::TINY.to_owned())?;
+    let (content, flags) = gatekeep_agent::hooks::exec::content_version(&meta, None);
+    let rule = ExecRule {
+        action: action::ALLOW,
+        flags,
+        content,
+    };
+    rules.insert(key, rule, 0)?;
     let mut v4: LpmTrie<_, ConnectV4Key, PortRules> = LpmTrie::try_from(
         ebpf.map_mut(map_names::CONNECT_V4)
             .context(map_names::CONNECT_V4)?,
@@ -732,6 +741,12 @@ fn learn_and_grant(
         .asks
         .recv_timeout(Duration::from_secs(30))
         .context("the grant setup's first request was not asked")?;
+    // The verdict names the task (tid and start time, from its pending entry).
+    let start_ns = {
+        let pending: HashMap<_, u32, PendingRequest> =
+            HashMap::try_from(ebpf.map(map_names::PENDING).context(map_names::PENDING)?)?;
+        pending.get(&tid, 0)?.start_ns
+    };
     let mut verdicts: HashMap<_, VerdictKey, Verdict> = HashMap::try_from(
         ebpf.map_mut(map_names::VERDICTS)
             .context(map_names::VERDICTS)?,
@@ -741,6 +756,7 @@ fn learn_and_grant(
             tid,
             _pad: 0,
             digest,
+            start_ns,
         },
         Verdict {
             action: action::ALLOW,
@@ -756,11 +772,14 @@ fn learn_and_grant(
     finish_worker(child)?;
     let mut grants: HashMap<_, GrantKey, Grant> =
         HashMap::try_from(ebpf.map_mut(map_names::GRANTS).context(map_names::GRANTS)?)?;
+    // Policy-wide (cgroup 0): the ask path looks up the workload's key first and finds
+    // this one second, the costlier of the two scopes.
     grants.insert(
         GrantKey {
             policy_id: GRANT_POLICY,
             kind,
             digest,
+            cgroup_id: 0,
         },
         Grant {
             expires_ns: 0,

@@ -18,8 +18,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
-    ARGV_LEN, EPERM, ERESTARTNOINTR, ExecEvent, ExecRuleKey, GATED_UNCLASSIFIED, PATH_LEN, action,
-    counter, event_kind, request_kind,
+    ARGV_LEN, ContentVersion, EPERM, ERESTARTNOINTR, ExecEvent, ExecRule, ExecRuleKey,
+    ExecRuleStaleEvent, GATED_UNCLASSIFIED, PATH_LEN, action, counter, event_kind, exec_rule_flags,
+    request_kind,
 };
 
 use crate::{
@@ -80,13 +81,14 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
     if !interpreter {
         forget_approval();
     }
-    let Ok((dev, ino)) = executable_identity(bprm) else {
+    let Ok(file) = executable_identity(bprm) else {
         error!(
             ctx,
             "gatekeep: cannot read the executable's identity (kernel offsets?): exec denied"
         );
         return Ok(EPERM);
     };
+    let (dev, ino) = (file.dev, file.ino);
 
     let key = ExecRuleKey {
         policy_id: gated.policy_id,
@@ -94,13 +96,31 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
         dev,
         ino,
     };
+    let default = || {
+        POLICIES
+            .get(gated.policy_id)
+            .map_or(action::ASK, |p| p.exec_default)
+    };
     // SAFETY: copied out immediately.
     let rule = unsafe { EXEC_RULES.get(&key) }.copied();
     let action = match rule {
-        Some(action) => action,
-        None => POLICIES
-            .get(gated.policy_id)
-            .map_or(action::ASK, |p| p.exec_default),
+        Some(rule) if bound_to(&rule, &file.content) => rule.action,
+        Some(rule) => {
+            // Rewritten in place since the policy was loaded: the rule
+            // vouches for other content. The default applies, never laxer
+            // than the rule itself (a stale deny still denies).
+            let applied = stricter(rule.action, default());
+            bump(counter::EXEC_RULE_STALE);
+            emit_stale(
+                &Caller::current(cgroup_id, gated.policy_id),
+                &key,
+                &rule,
+                &file.content,
+                applied,
+            );
+            applied
+        }
+        None => default(),
     };
 
     match action {
@@ -131,8 +151,7 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
             &Caller::current(cgroup_id, gated.policy_id),
             bprm,
             interpreter,
-            dev,
-            ino,
+            &file,
         ),
     }
 }
@@ -142,15 +161,15 @@ fn ask_exec(
     caller: &Caller,
     bprm: *const u8,
     interpreter: bool,
-    dev: u64,
-    ino: u64,
+    file: &Executable,
 ) -> Result<i32, i32> {
+    let (dev, ino) = (file.dev, file.ino);
     if interpreter && approved_in_this_exec(caller.tid, bprm) {
         // The interpreter of a script whose exec was just approved.
         return Ok(0);
     }
     let args = capture_current_argv();
-    let digest = exec_digest(dev, ino, args);
+    let digest = exec_digest(file, args);
     let request = Request {
         tid: caller.tid,
         pid: caller.pid,
@@ -282,11 +301,23 @@ fn forget_approval() {
     }
 }
 
-/// (device, inode) of `bprm->file`, the file about to run.
+/// The file about to run: its identity and its content version.
+struct Executable {
+    dev: u64,
+    ino: u64,
+    content: ContentVersion,
+}
+
+/// (device, inode) and content version of `bprm->file`, the file about to
+/// run.
 ///
-/// The device is `super_block::s_dev` in the kernel's encoding.
+/// The device is `super_block::s_dev` in the kernel's encoding. The content
+/// version is what `struct inode` (v6.12, include/linux/fs.h) keeps of the
+/// file's last change: `i_ctime_sec`/`i_ctime_nsec` (set by every write of
+/// data or attributes, `file_update_time()` / `inode_set_ctime_current()`),
+/// `i_size` and `i_generation`.
 #[inline(always)]
-fn executable_identity(bprm: *const u8) -> Result<(u64, u64), i64> {
+fn executable_identity(bprm: *const u8) -> Result<Executable, i64> {
     let off = offsets();
     // SAFETY: every read goes through the probe helper, which fails safely.
     unsafe {
@@ -296,16 +327,129 @@ fn executable_identity(bprm: *const u8) -> Result<(u64, u64), i64> {
         let ino: u64 = bpf_probe_read_kernel(inode.add(off.inode_i_ino as usize).cast())?;
         let sb: *const u8 = bpf_probe_read_kernel(inode.add(off.inode_i_sb as usize).cast())?;
         let dev: u32 = bpf_probe_read_kernel(sb.add(off.super_block_s_dev as usize).cast())?;
-        Ok((u64::from(dev), ino))
+        let content = ContentVersion {
+            ctime_sec: bpf_probe_read_kernel(inode.add(off.inode_i_ctime_sec as usize).cast())?,
+            ctime_nsec: bpf_probe_read_kernel(inode.add(off.inode_i_ctime_nsec as usize).cast())?,
+            generation: bpf_probe_read_kernel(inode.add(off.inode_i_generation as usize).cast())?,
+            size: bpf_probe_read_kernel(inode.add(off.inode_i_size as usize).cast())?,
+        };
+        Ok(Executable {
+            dev: u64::from(dev),
+            ino,
+            content,
+        })
     }
 }
 
-/// Digest of an exec request: executable identity and the captured argv.
+/// Whether `rule` was bound to the content the file has now.
 #[inline(always)]
-fn exec_digest(dev: u64, ino: u64, args: Option<*const ExecArgs>) -> u64 {
+fn bound_to(rule: &ExecRule, now: &ContentVersion) -> bool {
+    let bound = &rule.content;
+    bound.ctime_sec == now.ctime_sec
+        && bound.ctime_nsec == now.ctime_nsec
+        && bound.size == now.size
+        && (rule.flags & exec_rule_flags::GENERATION == 0 || bound.generation == now.generation)
+}
+
+/// The stricter of two actions: deny, then ask, then allow (unknown
+/// actions count as ask, as everywhere on this hook).
+#[inline(always)]
+fn stricter(a: u32, b: u32) -> u32 {
+    let rank = |action: u32| match action {
+        action::ALLOW => 0,
+        action::DENY => 2,
+        _ => 1,
+    };
+    let pick = if rank(a) >= rank(b) { a } else { b };
+    match pick {
+        action::ALLOW | action::DENY => pick,
+        _ => action::ASK,
+    }
+}
+
+/// Reports an exec that met a stale rule (the agent logs and audits it).
+#[inline(always)]
+fn emit_stale(
+    caller: &Caller,
+    key: &ExecRuleKey,
+    rule: &ExecRule,
+    found: &ContentVersion,
+    applied: u32,
+) {
+    let Some(mut entry) = EVENTS.reserve::<ExecRuleStaleEvent>(0) else {
+        bump(counter::EVENTS_DROPPED);
+        return;
+    };
+    entry.write(ExecRuleStaleEvent {
+        header: caller.header(event_kind::EXEC_RULE_STALE, 0),
+        dev: key.dev,
+        ino: key.ino,
+        bound: rule.content,
+        found: *found,
+        rule_action: rule.action,
+        applied_action: applied,
+        rule_flags: rule.flags,
+        _pad: 0,
+    });
+    entry.submit(0);
+}
+
+/// Reads the content version of `bprm->file` straight into `out` (a ring
+/// buffer record), field by field through the probe helper, so it takes no
+/// stack (the hook's frames share 512 bytes). The digest read the same
+/// fields a moment earlier in this hook. Unreadable: zeroes.
+#[inline(always)]
+fn read_content_into(bprm: *const u8, out: *mut ContentVersion) {
+    let off = offsets();
+    // SAFETY: kernel reads go through the probe helpers, which fail safely
+    // (zeroing the destination); `out` points into a reserved record.
+    unsafe {
+        let Ok(file) =
+            bpf_probe_read_kernel::<*const u8>(bprm.add(off.linux_binprm_file as usize).cast())
+        else {
+            return;
+        };
+        let Ok(inode) =
+            bpf_probe_read_kernel::<*const u8>(file.add(off.file_f_inode as usize).cast())
+        else {
+            return;
+        };
+        probe_read_kernel_raw(
+            (&raw mut (*out).ctime_sec).cast::<c_void>(),
+            8,
+            inode.add(off.inode_i_ctime_sec as usize).cast::<c_void>(),
+        );
+        probe_read_kernel_raw(
+            (&raw mut (*out).ctime_nsec).cast::<c_void>(),
+            4,
+            inode.add(off.inode_i_ctime_nsec as usize).cast::<c_void>(),
+        );
+        probe_read_kernel_raw(
+            (&raw mut (*out).generation).cast::<c_void>(),
+            4,
+            inode.add(off.inode_i_generation as usize).cast::<c_void>(),
+        );
+        probe_read_kernel_raw(
+            (&raw mut (*out).size).cast::<c_void>(),
+            8,
+            inode.add(off.inode_i_size as usize).cast::<c_void>(),
+        );
+    }
+}
+
+/// Digest of an exec request: executable identity, its content version and
+/// the captured argv. A write to the file between a request and its
+/// restart changes the content version, so the restart is a new request
+/// (asked again), and a verdict or grant for the old content does not
+/// cover the new.
+#[inline(always)]
+fn exec_digest(file: &Executable, args: Option<*const ExecArgs>) -> u64 {
     let mut digest = Digest::new();
-    digest.word(dev);
-    digest.word(ino);
+    digest.word(file.dev);
+    digest.word(file.ino);
+    digest.word(file.content.ctime_sec as u64);
+    digest.word((u64::from(file.content.ctime_nsec) << 32) | u64::from(file.content.generation));
+    digest.word(file.content.size as u64);
     let Some(args) = args else {
         digest.word(u64::MAX);
         return digest.finish();
@@ -368,6 +512,7 @@ fn emit_exec(
         (*event).header = caller.header(kind, digest);
         (*event).dev = dev;
         (*event).ino = ino;
+        read_content_into(bprm, &raw mut (*event).content);
         (*event).action = action;
         (*event).filename[0] = 0;
         if let Ok(filename) =
@@ -407,9 +552,10 @@ fn emit_exec(
 
 mod argv;
 
-/// (policy, executable identity) -> `action`.
+/// (policy, executable identity) -> the rule's action and the content its
+/// file had when the policy was loaded.
 #[aya_ebpf::macros::map]
-pub static EXEC_RULES: aya_ebpf::maps::HashMap<ExecRuleKey, u32> =
+pub static EXEC_RULES: aya_ebpf::maps::HashMap<ExecRuleKey, ExecRule> =
     aya_ebpf::maps::HashMap::with_max_entries(65536, 0);
 
 /// Thread id -> address of the `linux_binprm` whose exec a verdict or grant

@@ -40,6 +40,7 @@ fn abandon_pending(tid: u32) {
             tid,
             _pad: 0,
             digest: pending.digest,
+            start_ns: pending.start_ns,
         });
         let caller = Caller::current(0, pending.policy_id);
         emit_task_event(

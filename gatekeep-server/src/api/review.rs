@@ -252,9 +252,10 @@ impl ReviewService for ReviewApi {
         let verdict = convert::verdict("verdict", wire.verdict).map_err(Error::from)?;
         let reason = convert::reason("reason", wire.reason).map_err(Error::from)?;
         let duration = convert::duration("duration", &wire.duration).map_err(Error::from)?;
+        let scope = convert::scope("scope", &wire.scope).map_err(Error::from)?;
         let record = self
             .engine
-            .decide(&reviewer, id, verdict, reason, duration)
+            .decide(&reviewer, id, verdict, reason, duration, scope)
             .await?;
         Ok(Response::new(v1::DecideResponse {
             request: Some(record.into()),

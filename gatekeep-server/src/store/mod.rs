@@ -207,6 +207,7 @@ mod tests {
             Target::Exec(ExecTarget {
                 executable: "/usr/bin/git".into(),
                 argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+                content: None,
             })
         };
         assert_eq!(subject_key(&exec(&["git", "push"])), "exec:/usr/bin/git");

@@ -740,7 +740,8 @@ impl Store for SqliteStore {
             grants_where(
                 conn,
                 "SELECT grant FROM grants WHERE host = ?1 AND revoked_at IS NULL \
-                 AND cgroup IS NOT NULL AND (cgroup = ?2 OR substr(cgroup, 1, length(?3)) = ?3)",
+                 AND duration = 'session' AND cgroup IS NOT NULL \
+                 AND (cgroup = ?2 OR substr(cgroup, 1, length(?3)) = ?3)",
                 params![host, cgroup, below],
             )
         }))
