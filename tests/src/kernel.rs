@@ -14,8 +14,8 @@ use aya::{
 };
 use gatekeep_agent::bpf::programs::Attached;
 use gatekeep_common::{
-    ExecEvent, ExecRule, ExecRuleKey, GatedCgroup, PendingRequest, PolicyDefaults, TaskEvent,
-    action, gated_filter_slot, map_names,
+    ConnectEvent, ExecEvent, ExecRule, ExecRuleKey, GatedCgroup, PendingRequest, PolicyDefaults,
+    TaskEvent, action, gated_filter_slot, map_names,
 };
 use nix::time::{ClockId, clock_gettime};
 
@@ -35,6 +35,8 @@ pub unsafe trait Event: Copy {}
 unsafe impl Event for ExecEvent {}
 // SAFETY: as above.
 unsafe impl Event for TaskEvent {}
+// SAFETY: as above.
+unsafe impl Event for ConnectEvent {}
 
 /// Loads and attaches every program, then gates `cgroup` as [`gate`] does.
 #[must_use]

@@ -49,7 +49,8 @@ const NOBODY: &str = "65534";
 ///   (`SOCK_DGRAM`, `IPPROTO_ICMP`), `sin_port` = PORT;
 /// - `raw-icmp [IP]`: a raw ICMP socket (and an echo request to IP);
 /// - `raw-icmp6`: a raw `ICMPv6` socket; `packet`: an `AF_PACKET` socket;
-/// - `unix-connect PATH`, `unix-send PATH`: stream connect / datagram `sendto`;
+/// - `unix-connect PATH`, `unix-send PATH`: stream connect / datagram `sendto`
+///   (`@NAME`: the abstract name NAME; a connect passes its exact length);
 /// - `netlink-send PORTID`: a `NETLINK_USERSOCK` datagram to another
 ///   process's port id; `netlink-kernel`: a `NETLINK_ROUTE` request to the
 ///   kernel (port id 0).
@@ -217,8 +218,13 @@ fn sockaddr_un(path: &str) -> libc::sockaddr_un {
     // SAFETY: all-zero is a valid sockaddr_un.
     let mut sa: libc::sockaddr_un = unsafe { zeroed() };
     sa.sun_family = libc::AF_UNIX as u16;
-    for (slot, byte) in sa.sun_path.iter_mut().zip(path.bytes()) {
-        *slot = byte as libc::c_char;
+    // `@NAME`: an abstract name, whose first byte is NUL.
+    let bytes = path
+        .strip_prefix('@')
+        .map_or(path.as_bytes(), str::as_bytes);
+    let skip = usize::from(path.starts_with('@'));
+    for (slot, byte) in sa.sun_path.iter_mut().skip(skip).zip(bytes) {
+        *slot = *byte as libc::c_char;
     }
     sa
 }
@@ -229,12 +235,19 @@ fn unix(path: &str, kind: i32) -> Result<(), i32> {
     if kind == libc::SOCK_DGRAM {
         return send_to(&fd, b"unix datagram", 0, &sa);
     }
-    // SAFETY: a sockaddr_un of the size passed.
+    // An abstract name is exactly its bytes (as `bind` of std's abstract
+    // addresses makes it); a pathname passes the whole structure.
+    let len = if path.starts_with('@') {
+        2 + path.len()
+    } else {
+        size_of::<libc::sockaddr_un>()
+    };
+    // SAFETY: a sockaddr_un, `len` no longer than it.
     let ret = unsafe {
         libc::connect(
             fd.as_raw_fd(),
             std::ptr::from_ref(&sa).cast(),
-            size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            len as libc::socklen_t,
         )
     };
     check(ret as isize)

@@ -13,13 +13,13 @@ use std::{
 
 use aya::{Ebpf, maps::HashMap};
 use gatekeep_common::{
-    ExecEvent, Grant, GrantKey, Verdict, VerdictKey, action, counter, event_kind, map_names,
-    request_kind,
+    ConnectEvent, ExecEvent, Grant, GrantKey, Verdict, VerdictKey, action, counter, event_kind,
+    map_names, request_kind,
 };
 use gatekeep_tests::{
     Cgroup,
     kernel::{self, attach_gating, boot_ns, wait_event},
-    require_vm, sigcont, wait_stopped,
+    require_vm, sigcont, wait_stopped, workload,
 };
 
 const POLICY_ID: u32 = 3;
@@ -325,4 +325,171 @@ fn a_verdict_binds_the_task_identity_not_just_its_thread_id() {
     // Its own verdict (its start time, from the pending entry) applies.
     deny(&mut ebpf, &asked);
     expect_denied(&result);
+}
+
+/// Writes a denial for the paused request of `tid` (digest `digest`) and
+/// continues its process.
+fn deny_request(ebpf: &mut Ebpf, pid: u32, tid: u32, digest: u64) {
+    let start_ns = kernel::pending_of(ebpf, tid)
+        .expect("the paused request is pending")
+        .start_ns;
+    let mut verdicts: HashMap<_, VerdictKey, Verdict> = HashMap::try_from(
+        ebpf.map_mut(map_names::VERDICTS)
+            .expect(map_names::VERDICTS),
+    )
+    .expect("hash map");
+    let key = VerdictKey {
+        tid,
+        _pad: 0,
+        digest,
+        start_ns,
+    };
+    let verdict = Verdict {
+        action: action::DENY,
+        _pad: 0,
+        expires_ns: boot_ns() + 30_000_000_000,
+    };
+    verdicts.insert(key, verdict, 0).expect("write verdict");
+    sigcont(pid);
+}
+
+/// The workload's `net unix-connect NAME` in `cgroup` (as `uid`, if given):
+/// it asks, the ask is denied; returns what it asked.
+fn unix_connect_asked(
+    ebpf: &mut Ebpf,
+    cgroup: &Cgroup,
+    uid: Option<&str>,
+    name: &str,
+) -> ConnectEvent {
+    let mut args: Vec<&str> = uid.map_or_else(Vec::new, |uid| vec!["as-user", uid]);
+    args.extend_from_slice(&["net", "unix-connect", name]);
+    let mut child = cgroup.spawn(&mut workload::workload(&args));
+    let asked: ConnectEvent = wait_event(ebpf, event_kind::CONNECT_ASK, Duration::from_secs(10));
+    wait_stopped(asked.header.pid, Duration::from_secs(10));
+    deny_request(
+        ebpf,
+        asked.header.pid,
+        asked.header.tid,
+        asked.header.digest,
+    );
+    let outcome = workload::finish(&mut child, Duration::from_secs(10));
+    assert_eq!(outcome.stdout, "errno 1", "{args:?}");
+    asked
+}
+
+/// Runs the workload's `net unix-connect NAME` in `cgroup` (as `uid`, if
+/// given) to its end: the line it printed.
+fn unix_connect(cgroup: &Cgroup, uid: Option<&str>, name: &str) -> String {
+    let mut args: Vec<&str> = uid.map_or_else(Vec::new, |uid| vec!["as-user", uid]);
+    args.extend_from_slice(&["net", "unix-connect", name]);
+    workload::line_of(Some(cgroup), &args)
+}
+
+#[test]
+fn unix_socket_digests_cover_the_path_and_abstract_name() {
+    use std::os::unix::{
+        fs::PermissionsExt as _,
+        net::{SocketAddr, UnixListener},
+    };
+    require_vm();
+    let cgroup = Cgroup::create("gatekeep-grants-unix");
+    let mut ebpf = attach_gating(&cgroup, POLICY_ID, action::ALLOW);
+    // `unix = "ask"`.
+    let mut policies: aya::maps::Array<_, gatekeep_common::PolicyDefaults> =
+        aya::maps::Array::try_from(
+            ebpf.map_mut(map_names::POLICIES)
+                .expect(map_names::POLICIES),
+        )
+        .expect("array");
+    let mut defaults = policies.get(&POLICY_ID, 0).expect("policy");
+    defaults.unix_action = action::ASK;
+    policies.set(POLICY_ID, defaults, 0).expect("set policy");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let (a, b) = (path("a.sock"), path("b.sock"));
+    let mut listeners = Vec::new();
+    for socket in [&a, &b] {
+        listeners.push(UnixListener::bind(socket).expect("bind"));
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o777))
+            .expect("chmod the socket");
+    }
+    for name in ["gk-abstract-a", "gk-abstract-b"] {
+        let address = <SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name)
+            .expect("abstract name");
+        listeners.push(UnixListener::bind_addr(&address).expect("bind abstract"));
+    }
+
+    // Four names, four requests: the digest tells every one apart, and the
+    // request shows each as it was hashed.
+    let asked_a = unix_connect_asked(&mut ebpf, &cgroup, None, &a);
+    let asked_b = unix_connect_asked(&mut ebpf, &cgroup, None, &b);
+    let asked_x = unix_connect_asked(&mut ebpf, &cgroup, None, "@gk-abstract-a");
+    let asked_y = unix_connect_asked(&mut ebpf, &cgroup, None, "@gk-abstract-b");
+    let digests = [
+        asked_a.header.digest,
+        asked_b.header.digest,
+        asked_x.header.digest,
+        asked_y.header.digest,
+    ];
+    for (i, left) in digests.iter().enumerate() {
+        for right in &digests[i + 1..] {
+            assert_ne!(left, right, "two socket names, one digest: {digests:x?}");
+        }
+    }
+    let shown = |event: &ConnectEvent| event.unix_path.to_vec();
+    let mut expected_a = a.as_bytes().to_vec();
+    expected_a.resize(108, 0);
+    assert_eq!(shown(&asked_a), expected_a, "the path, zero past its end");
+    let mut expected_x = b"\0gk-abstract-a".to_vec();
+    expected_x.resize(108, 0);
+    assert_eq!(
+        shown(&asked_x),
+        expected_x,
+        "the abstract name, nothing past its length"
+    );
+    // The same name asks with the same digest (root or not).
+    let again = unix_connect_asked(&mut ebpf, &cgroup, Some("65534"), &a);
+    assert_eq!(again.header.digest, asked_a.header.digest);
+
+    // A grant for a.sock (this workload's) lets it through, as root and as
+    // nobody; b.sock and the abstract names are still asked.
+    let mut grants: HashMap<_, GrantKey, Grant> =
+        HashMap::try_from(ebpf.map_mut(map_names::GRANTS).expect(map_names::GRANTS))
+            .expect("hash map");
+    grants
+        .insert(
+            GrantKey {
+                policy_id: POLICY_ID,
+                kind: request_kind::CONNECT,
+                digest: asked_a.header.digest,
+                cgroup_id: cgroup.id(),
+            },
+            Grant {
+                expires_ns: 0,
+                cgroup_id: cgroup.id(),
+            },
+            0,
+        )
+        .expect("write grant");
+    let before = kernel::counter(&ebpf, counter::GRANT_ALLOWED);
+    assert_eq!(unix_connect(&cgroup, None, &a), "ok");
+    assert_eq!(unix_connect(&cgroup, Some("65534"), &a), "ok");
+    assert_eq!(kernel::counter(&ebpf, counter::GRANT_ALLOWED), before + 2);
+    for (uid, name, digest) in [
+        (None, b.as_str(), asked_b.header.digest),
+        (Some("65534"), b.as_str(), asked_b.header.digest),
+        (None, "@gk-abstract-a", asked_x.header.digest),
+        (Some("65534"), "@gk-abstract-b", asked_y.header.digest),
+    ] {
+        let asked = unix_connect_asked(&mut ebpf, &cgroup, uid, name);
+        assert_eq!(asked.header.digest, digest, "{name} as {uid:?}");
+    }
+    assert_eq!(
+        kernel::counter(&ebpf, counter::GRANT_ALLOWED),
+        before + 2,
+        "the grant for a.sock let nothing else through"
+    );
+    drop(listeners);
 }

@@ -19,6 +19,7 @@
 
 use std::{
     collections::BTreeSet,
+    fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -337,6 +338,41 @@ pub fn decode_rules(bytes: &[u8]) -> PortRules {
     rules
 }
 
+/// How reviewers see an `AF_UNIX` name (the bytes the kernel's digest
+/// covers: those within the caller's length, zero past it): a pathname up to
+/// its NUL, as the kernel resolves it (bytes after the NUL are hashed but
+/// ignored by the kernel, so names differing only there read the same and
+/// are two requests); an abstract name
+/// (leading NUL) as `@name`, where a NUL inside it reads `\x00`, a byte that
+/// is not UTF-8 `\xNN` and a backslash `\\`, so two names the digest tells
+/// apart read differently. Trailing NULs of an abstract name are not shown:
+/// names differing only in them read the same, yet are two requests.
+fn unix_name(raw: &[u8]) -> String {
+    if raw.first() != Some(&0) {
+        return c_string(raw);
+    }
+    let name = &raw[1..];
+    let end = name
+        .iter()
+        .rposition(|b| *b != 0)
+        .map_or(0, |last| last + 1);
+    let mut shown = String::from("@");
+    for chunk in name[..end].utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\0' => shown.push_str("\\x00"),
+                '\\' => shown.push_str("\\\\"),
+                c => shown.push(c),
+            }
+        }
+        for byte in chunk.invalid() {
+            // Writing to a String cannot fail.
+            let _ = write!(shown, "\\x{byte:02x}");
+        }
+    }
+    shown
+}
+
 fn connect_request(raw: &ConnectEvent) -> ConnectRequest {
     let destination = match raw.family {
         AF_INET => Destination::Ip {
@@ -352,15 +388,9 @@ fn connect_request(raw: &ConnectEvent) -> ConnectRequest {
             addr: IpAddr::V6(Ipv6Addr::from(raw.addr)),
             port: raw.port,
         },
-        AF_UNIX => {
-            // An abstract socket's name starts with a NUL; show it as `@name`.
-            let path = if raw.unix_path.first() == Some(&0) {
-                format!("@{}", c_string(&raw.unix_path[1..]))
-            } else {
-                c_string(&raw.unix_path)
-            };
-            Destination::Unix { path }
-        }
+        AF_UNIX => Destination::Unix {
+            path: unix_name(&raw.unix_path),
+        },
         family => Destination::Other { family },
     };
     let (via, destination) = match raw.op {
@@ -457,6 +487,23 @@ mod tests {
     use gatekeep_common::action;
 
     use super::*;
+
+    #[test]
+    fn unix_names_read_as_the_kernel_hashes_them() {
+        let mut raw = [0u8; 108];
+        raw[..9].copy_from_slice(b"/run/sock");
+        assert_eq!(unix_name(&raw), "/run/sock");
+        // Abstract: leading NUL; interior NULs and backslashes kept apart.
+        let mut raw = [0u8; 108];
+        raw[1..6].copy_from_slice(b"a\0b\\c");
+        assert_eq!(unix_name(&raw), "@a\\x00b\\\\c");
+        let mut raw = [0u8; 108];
+        raw[1..5].copy_from_slice(b"name");
+        assert_eq!(unix_name(&raw), "@name");
+        raw[1] = 0xff;
+        assert_eq!(unix_name(&raw), "@\\xffame");
+        assert_eq!(unix_name(&[0u8; 108]), "@", "an empty abstract name");
+    }
 
     #[test]
     fn rule_keys_and_values_round_trip() {

@@ -30,6 +30,7 @@ use gatekeep_agent::{
     },
     policy::{Compiled, HostView, compile},
 };
+use gatekeep_audit::RecordKind;
 use gatekeep_common::{PendingRequest, Verdict, VerdictKey, request_kind};
 
 use super::rss_mib;
@@ -234,7 +235,10 @@ fn connect_denied(n: u64) -> Event {
     Event::Denied(Request::Connect(ConnectRequest {
         origin,
         destination: Destination::Ip {
-            addr: std::net::IpAddr::from([169, 254, 169, u8::try_from(n % 250).unwrap_or(0)]),
+            // A distinct destination each: identical denials would be one burst's record.
+            addr: std::net::IpAddr::from(std::net::Ipv4Addr::from(
+                0x0a00_0000 | u32::try_from(n & 0x00ff_ffff).unwrap_or(0),
+            )),
             port: 80,
         },
         sock_type: 1,
@@ -368,7 +372,8 @@ pub async fn audit(base: &Path, records: usize, rounds: usize) -> Result<Vec<Fig
                 .handle_event(connect_denied(u64::try_from(n)?))
                 .await;
         }
-        drop(controller);
+        // Shutdown records the open denial bursts, as the agent's own does.
+        controller.shutdown().await;
         rates.push(durable_rate(audit, started, records).await?);
         bytes.push(super::bytes_per_record(
             &dir.path().join("audit.db"),
@@ -428,11 +433,21 @@ async fn audit_writer(base: &Path, records: usize, rounds: usize) -> Result<Figu
         request.origin.ppid = 4000;
     }
     controller.handle_event(ask).await;
-    drop(controller);
-    let templates = sink.records();
+    // Shutdown records the denial's burst (and cancels the ask, a record not kept here).
+    controller.shutdown().await;
+    let templates: Vec<_> = sink
+        .records()
+        .into_iter()
+        .filter(|record| {
+            matches!(
+                record.kind,
+                RecordKind::KernelDenied | RecordKind::Requested
+            )
+        })
+        .collect();
     ensure!(
         templates.len() == 2,
-        "expected 2 records, got {}",
+        "expected a denial and a request, got {} records",
         templates.len()
     );
 

@@ -9,7 +9,10 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel as probe_read_kernel_raw},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::bpf_probe_read_kernel as probe_read_kernel_raw,
+    },
     macros::lsm,
     maps::lpm_trie::Key,
     programs::LsmContext,
@@ -46,6 +49,10 @@ const SOCKADDR_IN6_LEN: i32 = 24;
 const SOCKADDR_NL_LEN: i32 = 12;
 /// `offsetof(struct sockaddr_un, sun_path)`.
 const SUN_PATH_OFFSET: usize = 2;
+/// `sizeof(((struct sockaddr_un *)0)->sun_path)`.
+const SUN_PATH_LEN: usize = 108;
+/// 64-bit words covering `sun_path` (the last one half used).
+const SUN_PATH_WORDS: usize = SUN_PATH_LEN.div_ceil(8);
 
 /// What is being connected to, read from the caller's `sockaddr`.
 #[derive(Clone, Copy)]
@@ -71,13 +78,51 @@ pub fn socket_connect(ctx: LsmContext) -> i32 {
         Ok(cgroup_id) => cgroup_id,
         Err(verdict) => return verdict,
     };
-    match gated_connect(&ctx, cgroup_id) {
-        Ok(ret) | Err(ret) => ret,
+    let unix_name = unix_name_digest(ctx.arg(1), ctx.arg(2));
+    match gated_connect(&ctx, cgroup_id, unix_name) {
+        Ok(ret) | Err(ret) => verdict(&ctx, ret),
+    }
+}
+
+/// [`decide`]'s `-EPERM` for a paused request refused because its thread is
+/// traced or re-enters without stopping, which the hook logs.
+const EPERM_REFUSED: i32 = -0x1_0001;
+/// [`decide`]'s `-EPERM` for a request the pending map has no room for,
+/// which the hook logs.
+const EPERM_UNTRACKABLE: i32 = -0x1_0002;
+
+/// The hook's return value for [`decide`]'s, logging the refusals that are
+/// worth a line. Logged here, in the hook's frame: a log call from the
+/// decision's frame would add its own to the decision's chain of calls,
+/// beyond the 512 bytes of stack BPF allows a chain. Every value is a
+/// constant, as the verifier wants an LSM program's return value bounded.
+#[inline(always)]
+pub fn verdict(ctx: &LsmContext, ret: i32) -> i32 {
+    match ret {
+        0 => 0,
+        ERESTARTNOINTR => ERESTARTNOINTR,
+        EPERM_REFUSED => {
+            warn!(
+                ctx,
+                "gatekeep: connect by tid {} refused: traced, or re-entering without stopping",
+                bpf_get_current_pid_tgid() as u32
+            );
+            EPERM
+        }
+        EPERM_UNTRACKABLE => {
+            error!(
+                ctx,
+                "gatekeep: pending map full: connect by tid {} refused",
+                bpf_get_current_pid_tgid() as u32
+            );
+            EPERM
+        }
+        _ => EPERM,
     }
 }
 
 #[inline(never)]
-fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
+fn gated_connect(ctx: &LsmContext, cgroup_id: u64, unix_name: u64) -> Result<i32, i32> {
     let Some(gated) = gated_entry(cgroup_id) else {
         return Ok(0);
     };
@@ -95,8 +140,9 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
         addrlen,
         family,
         op: connect_op::CONNECT,
+        unix_name,
     };
-    decide(ctx, cgroup_id, gated.policy_id, &target)
+    decide(cgroup_id, gated.policy_id, &target)
 }
 
 /// What a connect or a send goes to: the kernel's copy of the caller's
@@ -112,6 +158,8 @@ pub struct Target {
     pub family: u16,
     /// [`connect_op`].
     pub op: u16,
+    /// For `AF_UNIX`, the digest of the socket's name ([`unix_name_digest`]).
+    pub unix_name: u64,
 }
 
 /// The connect decision, for a connect and for a datagram sent to an
@@ -128,12 +176,7 @@ pub struct Target {
 /// Inlined into each hook: its arguments do not fit a BPF call's five
 /// registers, and it runs only on the gated path.
 #[inline(always)]
-pub fn decide(
-    ctx: &LsmContext,
-    cgroup_id: u64,
-    policy_id: u32,
-    target: &Target,
-) -> Result<i32, i32> {
+pub fn decide(cgroup_id: u64, policy_id: u32, target: &Target) -> Result<i32, i32> {
     bump(counter::CONNECT_GATED);
     let Some(policy) = POLICIES.get(policy_id).copied() else {
         return Ok(EPERM);
@@ -224,7 +267,7 @@ pub fn decide(
             Ok(EPERM)
         }
         _ => {
-            let digest = connect_digest(&destination, sock_type);
+            let digest = connect_digest(&destination, sock_type, target);
             let request = Request {
                 tid: caller.tid,
                 pid: caller.pid,
@@ -257,11 +300,6 @@ pub fn decide(
                     Ok(EPERM)
                 }
                 Asked::Refused => {
-                    warn!(
-                        ctx,
-                        "gatekeep: connect by tid {} refused: traced, or re-entering without stopping",
-                        caller.tid
-                    );
                     emit_task_event(
                         &caller,
                         event_kind::REFUSED_SPINNING,
@@ -269,15 +307,9 @@ pub fn decide(
                         request_kind::CONNECT,
                         action::DENY,
                     );
-                    Ok(EPERM)
+                    Ok(EPERM_REFUSED)
                 }
-                Asked::Untrackable => {
-                    error!(
-                        ctx,
-                        "gatekeep: pending map full: connect by tid {} refused", caller.tid
-                    );
-                    Ok(EPERM)
-                }
+                Asked::Untrackable => Ok(EPERM_UNTRACKABLE),
                 Asked::Paused { new } => {
                     if new {
                         bump(counter::CONNECT_ASKED);
@@ -513,14 +545,22 @@ pub fn socket_family(sock: *const u8) -> u16 {
         .unwrap_or(0)
 }
 
+/// The request digest of a destination: family, port, socket type and
+/// address; for `AF_UNIX`, family, socket type and the digest of the
+/// socket's name ([`unix_name_digest`]), so a grant or verdict for one
+/// socket path (or abstract name) covers no other.
 #[inline(always)]
-fn connect_digest(destination: &Destination, sock_type: u32) -> u64 {
+fn connect_digest(destination: &Destination, sock_type: u32, target: &Target) -> u64 {
     let mut digest = Digest::new();
     digest.word(
         (u64::from(destination.family) << 48)
             | (u64::from(destination.port) << 32)
             | u64::from(sock_type),
     );
+    if destination.family == AF_UNIX {
+        digest.word(target.unix_name);
+        return digest.finish();
+    }
     digest.word(u64::from_ne_bytes([
         destination.addr[0],
         destination.addr[1],
@@ -542,6 +582,100 @@ fn connect_digest(destination: &Destination, sock_type: u32) -> u64 {
         destination.addr[15],
     ]));
     digest.finish()
+}
+
+/// The bytes of an `AF_UNIX` name that requests cover: those of `sun_path`
+/// within the caller's length (`addrlen`), zero past it, so stale bytes of
+/// the kernel's copy never count. An abstract name (first byte NUL) is every
+/// byte of its length; a pathname's bytes after its NUL, which the kernel
+/// ignores (`unix_mkname_bsd`, net/unix/af_unix.c, v6.12), are covered too:
+/// a caller that leaves garbage there makes another request, never the same.
+#[inline(always)]
+fn unix_name_len(addrlen: i32) -> usize {
+    usize::try_from(addrlen)
+        .unwrap_or(0)
+        .saturating_sub(SUN_PATH_OFFSET)
+        .min(SUN_PATH_LEN)
+}
+
+/// `word` with only its first `within` bytes (little endian) kept.
+#[inline(always)]
+fn keep_bytes(word: u64, within: usize) -> u64 {
+    match within {
+        0 => 0,
+        1..8 => word & ((1u64 << (within * 8)) - 1),
+        _ => word,
+    }
+}
+
+/// The digest of the name of the `AF_UNIX` destination at `address` (kernel
+/// memory, `addrlen` bytes; see [`unix_name_len`]), or 0 for any other
+/// family. The hooks take it before their gated path, in a call of its own:
+/// the hashing state does not fit their frames beside the decision's (BPF
+/// allows 512 bytes of stack over a chain of calls), and in a frame beside
+/// theirs it would add to every chain.
+#[inline(never)]
+pub fn unix_name_digest(address: *const u8, addrlen: i32) -> u64 {
+    // SAFETY: probe reads of the kernel's copy of the caller's address, a
+    // `sockaddr_storage` (128 bytes): every word read stays inside it.
+    let family = unsafe { bpf_probe_read_kernel::<u16>(address.cast()) }.unwrap_or(0);
+    if family != AF_UNIX {
+        return 0;
+    }
+    let len = unix_name_len(addrlen);
+    let mut digest = Digest::new();
+    for i in 0..SUN_PATH_WORDS {
+        let within = len.saturating_sub(i * 8);
+        let word = if within == 0 {
+            0
+        } else {
+            // SAFETY: as above.
+            let raw = unsafe {
+                bpf_probe_read_kernel::<u64>(address.add(SUN_PATH_OFFSET + i * 8).cast())
+            }
+            .unwrap_or(0);
+            keep_bytes(raw, within)
+        };
+        digest.word(word);
+    }
+    digest.finish()
+}
+
+/// Writes into an event's `unix_path` (108 bytes at `path`, 8-byte aligned)
+/// exactly the bytes [`unix_name_digest`] covers. Both read the kernel's
+/// copy of the caller's address, which lives on its own syscall's stack: no
+/// other thread can change it between the two reads.
+#[inline(always)]
+fn fill_unix_name(path: *mut u8, address: *const u8, addrlen: i32) {
+    let len = unix_name_len(addrlen);
+    // SAFETY: `path` is the event's 108-byte `unix_path` in the reserved
+    // record; the probe read fills it or fails (then it is zeroed below).
+    unsafe {
+        if probe_read_kernel_raw(
+            path.cast::<c_void>(),
+            SUN_PATH_LEN as u32,
+            address.add(SUN_PATH_OFFSET).cast::<c_void>(),
+        ) != 0
+        {
+            for i in 0..SUN_PATH_WORDS - 1 {
+                path.add(i * 8).cast::<u64>().write_unaligned(0);
+            }
+            path.add((SUN_PATH_WORDS - 1) * 8)
+                .cast::<u32>()
+                .write_unaligned(0);
+            return;
+        }
+        for i in 0..SUN_PATH_WORDS - 1 {
+            let word = path.add(i * 8).cast::<u64>();
+            word.write_unaligned(keep_bytes(word.read_unaligned(), len.saturating_sub(i * 8)));
+        }
+        let last = path.add((SUN_PATH_WORDS - 1) * 8).cast::<u32>();
+        let kept = keep_bytes(
+            u64::from(last.read_unaligned()),
+            len.saturating_sub((SUN_PATH_WORDS - 1) * 8),
+        );
+        last.write_unaligned(kept as u32);
+    }
 }
 
 #[inline(always)]
@@ -571,11 +705,11 @@ fn emit_connect(
         (*event)._pad2 = 0;
         (*event).unix_path[0] = 0;
         if destination.family == AF_UNIX {
-            // sun_path may hold an abstract name (leading NUL): copy bytes.
-            probe_read_kernel_raw(
-                (*event).unix_path.as_mut_ptr().cast::<c_void>(),
-                (*event).unix_path.len() as u32,
-                target.address.add(SUN_PATH_OFFSET).cast::<c_void>(),
+            // Exactly the bytes the digest covers.
+            fill_unix_name(
+                (*event).unix_path.as_mut_ptr(),
+                target.address,
+                target.addrlen,
             );
         }
     }

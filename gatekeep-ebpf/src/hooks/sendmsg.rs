@@ -44,7 +44,33 @@ pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
         Ok(cgroup_id) => cgroup_id,
         Err(verdict) => return verdict,
     };
-    gated_sendmsg(&ctx, cgroup_id)
+    let msg: *const u8 = ctx.arg(1);
+    let off = offsets();
+    // SAFETY: probe reads of the kernel's `struct msghdr`.
+    let Ok(name) = (unsafe {
+        bpf_probe_read_kernel::<*const u8>(msg.add(off.msghdr_msg_name as usize).cast())
+    }) else {
+        return EPERM;
+    };
+    if name.is_null() {
+        return 0;
+    }
+    // SAFETY: as above.
+    let Ok(namelen) =
+        (unsafe { bpf_probe_read_kernel::<i32>(msg.add(off.msghdr_msg_namelen as usize).cast()) })
+    else {
+        return EPERM;
+    };
+    // Not even a family: every protocol refuses it (EINVAL) or sends to the
+    // connected peer.
+    if namelen < 2 {
+        return 0;
+    }
+    let unix_name = connect::unix_name_digest(name, namelen);
+    connect::verdict(
+        &ctx,
+        gated_sendmsg(&ctx, cgroup_id, name, namelen, unix_name),
+    )
 }
 
 /// The gated path, returning its verdict in a register: a `Result` returned
@@ -52,32 +78,26 @@ pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
 /// which the verifier (v6.12 checks that an LSM program returns 0 or an
 /// errno) cannot bound.
 #[inline(never)]
-fn gated_sendmsg(ctx: &LsmContext, cgroup_id: u64) -> i32 {
-    match sendmsg_decision(ctx, cgroup_id) {
+fn gated_sendmsg(
+    ctx: &LsmContext,
+    cgroup_id: u64,
+    name: *const u8,
+    namelen: i32,
+    unix_name: u64,
+) -> i32 {
+    match sendmsg_decision(ctx, cgroup_id, name, namelen, unix_name) {
         Ok(ret) | Err(ret) => ret,
     }
 }
 
 #[inline(always)]
-fn sendmsg_decision(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
-    let msg: *const u8 = ctx.arg(1);
-    let off = offsets();
-    // SAFETY: probe reads of the kernel's `struct msghdr`.
-    let name: *const u8 =
-        unsafe { bpf_probe_read_kernel(msg.add(off.msghdr_msg_name as usize).cast()) }
-            .map_err(|_| EPERM)?;
-    if name.is_null() {
-        return Ok(0);
-    }
-    // SAFETY: as above.
-    let namelen: i32 =
-        unsafe { bpf_probe_read_kernel(msg.add(off.msghdr_msg_namelen as usize).cast()) }
-            .map_err(|_| EPERM)?;
-    // Not even a family: every protocol refuses it (EINVAL) or sends to the
-    // connected peer.
-    if namelen < 2 {
-        return Ok(0);
-    }
+fn sendmsg_decision(
+    ctx: &LsmContext,
+    cgroup_id: u64,
+    name: *const u8,
+    namelen: i32,
+    unix_name: u64,
+) -> Result<i32, i32> {
     let Some(gated) = gated_entry(cgroup_id) else {
         return Ok(0);
     };
@@ -103,6 +123,7 @@ fn sendmsg_decision(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
         addrlen: namelen,
         family,
         op: connect_op::SENDMSG,
+        unix_name,
     };
-    connect::decide(ctx, cgroup_id, gated.policy_id, &target)
+    connect::decide(cgroup_id, gated.policy_id, &target)
 }
