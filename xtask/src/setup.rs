@@ -160,14 +160,16 @@ fn bpf_linker() -> Result<()> {
     let prefix_lib = prefix.join("lib");
     fs::create_dir_all(&prefix_lib)
         .with_context(|| format!("failed to create {}", prefix_lib.display()))?;
-    // Refreshed every time (cheap): an installed bpf-linker finds libLLVM through them.
-    for link in ["libLLVM.so", file_name.as_str()] {
-        let link = prefix_lib.join(link);
-        if link.symlink_metadata().is_ok() {
-            fs::remove_file(&link)
-                .with_context(|| format!("failed to remove {}", link.display()))?;
-        }
-        symlink(&libllvm, &link).with_context(|| format!("failed to link {}", link.display()))?;
+    // Refreshed every time (cheap): an installed bpf-linker finds libLLVM through them. Made
+    // under a name of this process's and renamed over the old link, so a build running
+    // meanwhile (or a second set-up) never finds it missing.
+    for name in ["libLLVM.so", file_name.as_str()] {
+        let link = prefix_lib.join(name);
+        let fresh = prefix_lib.join(format!(".{name}.{}", std::process::id()));
+        let _ = fs::remove_file(&fresh);
+        symlink(&libllvm, &fresh).with_context(|| format!("failed to link {}", fresh.display()))?;
+        fs::rename(&fresh, &link)
+            .with_context(|| format!("failed to replace {}", link.display()))?;
     }
 
     let current = probe(Command::new("bpf-linker").arg("--version"))
