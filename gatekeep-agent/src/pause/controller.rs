@@ -1184,6 +1184,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     fn kernel_denied(&self, request: &Request, info: &Enrichment) -> payload::KernelDenied {
         let origin = request.origin();
         let policy = self.policy(origin.policy_id);
+        let because = request.denied_because();
         payload::KernelDenied {
             schema: Schema::default(),
             kind: request.model_kind(),
@@ -1192,8 +1193,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             process: request::process(origin, info),
             target: Some(request.target(&self.enricher)),
             kernel: request.kernel_facts(),
-            reason: None,
-            detail: None,
+            reason: because.map(|(reason, _)| reason.to_owned()),
+            detail: because.map(|(_, detail)| detail.to_owned()),
             count: None,
             first_at: None,
             last_at: None,

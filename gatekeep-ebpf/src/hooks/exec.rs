@@ -19,8 +19,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
     ARGV_LEN, ContentVersion, EPERM, ERESTARTNOINTR, ExecEvent, ExecRule, ExecRuleKey,
-    ExecRuleStaleEvent, GATED_UNCLASSIFIED, PATH_LEN, action, counter, event_kind, exec_rule_flags,
-    request_kind,
+    ExecRuleStaleEvent, GATED_UNCLASSIFIED, PATH_LEN, action, counter, event_kind, exec_denied_for,
+    exec_rule_flags, request_kind,
 };
 
 use crate::{
@@ -137,7 +137,7 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
                 &caller,
                 event_kind::EXEC_DENIED,
                 0,
-                action::DENY,
+                (action::DENY, exec_denied_for::POLICY),
                 bprm,
                 dev,
                 ino,
@@ -169,6 +169,25 @@ fn ask_exec(
         return Ok(0);
     }
     let args = capture_current_argv();
+    // SAFETY: this CPU's capture of this run.
+    let truncated = args.is_none_or(|args| unsafe { (*args).truncated } != 0);
+    if truncated && on_truncated(caller.policy_id) != action::ASK {
+        // The digest cannot cover the whole argv, so no verdict or grant
+        // could bind it: the policy's `on_truncated` (deny by default)
+        // refuses it without asking.
+        bump(counter::EXEC_DENIED);
+        emit_exec(
+            caller,
+            event_kind::EXEC_DENIED,
+            0,
+            (action::DENY, exec_denied_for::ARGV_TRUNCATED),
+            bprm,
+            dev,
+            ino,
+            args,
+        );
+        return Ok(EPERM);
+    }
     let digest = exec_digest(file, args);
     let request = Request {
         tid: caller.tid,
@@ -179,7 +198,9 @@ fn ask_exec(
         now_ns: caller.now_ns,
         cgroup_id: caller.cgroup_id,
     };
-    match ask(&request) {
+    // A truncated request (on_truncated = "ask") is asked every time: a
+    // grant never covers it, only a verdict for this very request.
+    match ask(&request, !truncated) {
         Asked::Granted => {
             remember_approval(caller.tid, bprm);
             Ok(0)
@@ -234,7 +255,7 @@ fn ask_exec(
                     caller,
                     event_kind::EXEC_ASK,
                     digest,
-                    action::ASK,
+                    (action::ASK, exec_denied_for::POLICY),
                     bprm,
                     dev,
                     ino,
@@ -243,6 +264,16 @@ fn ask_exec(
             }
             Ok(ERESTARTNOINTR)
         }
+    }
+}
+
+/// The policy's `on_truncated` action: `ASK` only when the policy says so,
+/// else `DENY` (fail closed).
+#[inline(always)]
+fn on_truncated(policy_id: u32) -> u32 {
+    match POLICIES.get(policy_id).map(|p| p.on_truncated) {
+        Some(action::ASK) => action::ASK,
+        _ => action::DENY,
     }
 }
 
@@ -493,7 +524,7 @@ fn emit_exec(
     caller: &Caller,
     kind: u32,
     digest: u64,
-    action: u32,
+    (action, denied_for): (u32, u32),
     bprm: *const u8,
     dev: u64,
     ino: u64,
@@ -514,6 +545,8 @@ fn emit_exec(
         (*event).ino = ino;
         read_content_into(bprm, &raw mut (*event).content);
         (*event).action = action;
+        (*event).denied_for = denied_for;
+        (*event)._pad = 0;
         (*event).filename[0] = 0;
         if let Ok(filename) =
             bpf_probe_read_kernel::<*const u8>(bprm.add(off.linux_binprm_filename as usize).cast())
