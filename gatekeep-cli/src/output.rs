@@ -65,7 +65,7 @@ fn short_ids(records: &[RequestRecord]) -> Vec<String> {
 /// the executable's path or file name (`/bin/busybox [as sh] -c ...`). The name the workload
 /// passed follows the executable when it differs (`/tmp/x/evil [named /tmp/innocent/echo]`),
 /// and a path the agent could not verify says so (`/tmp/y [unverified]`). A destination as
-/// `address:port`.
+/// `address:port`. An argv the kernel could not capture whole ends in `[ARGV TRUNCATED]`.
 pub fn what(target: &Target) -> String {
     match target {
         Target::Exec(exec) => {
@@ -91,6 +91,9 @@ pub fn what(target: &Target) -> String {
                 out.push(' ');
                 out.push_str(&words(&exec.argv[1..]));
             }
+            if exec.argv_truncated {
+                out.push_str(" [ARGV TRUNCATED]");
+            }
             out
         }
         Target::Connect(connect) => match connect.family {
@@ -104,7 +107,8 @@ pub fn what(target: &Target) -> String {
 /// The lines `review show` prints of an exec before its argv, escaped for the terminal: the
 /// executable and whether the agent verified that the host's file there is the one that
 /// runs; the name the workload passed when it differs; the file's device and inode; and the
-/// workload's mount namespace when it is not the agent's.
+/// workload's mount namespace when it is not the agent's; and an argv the kernel could
+/// not capture whole.
 fn exec_fields(exec: &gatekeep_proto::model::ExecTarget) -> Vec<(&'static str, String)> {
     let file = exec.file.as_deref().map(t).unwrap_or_default();
     let check = match exec.path_check {
@@ -123,6 +127,14 @@ fn exec_fields(exec: &gatekeep_proto::model::ExecTarget) -> Vec<(&'static str, S
     }
     if exec.path_check == Some(PathCheck::Verified) && !file.is_empty() {
         out.push(("file", format!("{file} (verified on the host)")));
+    }
+    if exec.argv_truncated {
+        out.push((
+            "truncated",
+            "ARGV TRUNCATED: the kernel captured only the arguments below; what runs may differ \
+             after them, and no grant will cover it"
+                .to_owned(),
+        ));
     }
     if let Some(namespace) = &exec.mount_namespace {
         out.push((
@@ -628,6 +640,7 @@ mod tests {
             named: None,
             file: None,
             mount_namespace: None,
+            argv_truncated: false,
         })
     }
 
@@ -661,6 +674,7 @@ mod tests {
             named: Some("/tmp/innocent/echo".into()),
             file: Some("0:30 1234".into()),
             mount_namespace: Some("mnt:[4026532301]".into()),
+            argv_truncated: false,
         };
         assert_eq!(
             what(&Target::Exec(decoy.clone())),
@@ -714,6 +728,37 @@ mod tests {
             "{shown:?}"
         );
         assert!(what(&Target::Exec(hostile)).contains(r"[named /tmp/\e[2Jecho]"));
+    }
+
+    #[test]
+    fn a_truncated_argv_is_marked_in_list_and_show_and_stays_escaped() {
+        let exec = gatekeep_proto::model::ExecTarget {
+            executable: "/bin/echo".into(),
+            argv: vec!["echo".into(), "a\u{1b}[2J".into()],
+            content: None,
+            path_check: Some(PathCheck::Verified),
+            named: None,
+            file: Some("0:30 1234".into()),
+            mount_namespace: None,
+            argv_truncated: true,
+        };
+        let listed = what(&Target::Exec(exec.clone()));
+        assert!(listed.ends_with(" [ARGV TRUNCATED]"), "{listed}");
+        assert!(!listed.contains('\u{1b}'), "{listed}");
+        let fields = exec_fields(&exec);
+        assert!(
+            fields
+                .iter()
+                .any(|(name, value)| *name == "truncated" && value.starts_with("ARGV TRUNCATED")),
+            "{fields:?}"
+        );
+
+        let whole = gatekeep_proto::model::ExecTarget {
+            argv_truncated: false,
+            ..exec
+        };
+        assert!(!what(&Target::Exec(whole.clone())).contains("TRUNCATED"));
+        assert!(exec_fields(&whole).iter().all(|(name, _)| *name != "truncated"));
     }
 
     #[test]

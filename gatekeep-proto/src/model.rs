@@ -111,6 +111,11 @@ pub struct ExecTarget {
     /// the workload sees other files at some paths than the host does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount_namespace: Option<String>,
+    /// The kernel could not capture the whole argv (more arguments or bytes than it keeps,
+    /// or a compat 32-bit exec whose argv it does not read): `argv` is a prefix of what
+    /// runs. Reviewers are told; no grant or allow rule covers such a request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub argv_truncated: bool,
 }
 
 /// How the agent found an exec's `executable` path.

@@ -34,7 +34,7 @@ use gatekeep_proto::{
     limits,
     model::{
         ApprovalRequest, ApprovalSettings, Decision, Grant, GrantScope, RequestRecord,
-        RequestState, Revocation, Verdict, Vote, WithdrawReason,
+        RequestState, Revocation, Target, Verdict, Vote, WithdrawReason,
     },
     v1,
 };
@@ -359,7 +359,10 @@ impl Engine {
                 duration: GrantDuration::Once,
                 grant: None,
             };
-        if let Some(grant) = grant {
+        // A truncated exec's argv is only a prefix of what runs: no standing grant allows it
+        // (it would allow whatever follows the prefix); a reviewer decides each one.
+        let truncated = matches!(&request.target, Target::Exec(exec) if exec.argv_truncated);
+        if let Some(grant) = grant.filter(|g| !(truncated && g.verdict == Verdict::Allow)) {
             return Some(decision(
                 grant.verdict,
                 None,
