@@ -758,7 +758,11 @@ mod tests {
             ..exec
         };
         assert!(!what(&Target::Exec(whole.clone())).contains("TRUNCATED"));
-        assert!(exec_fields(&whole).iter().all(|(name, _)| *name != "truncated"));
+        assert!(
+            exec_fields(&whole)
+                .iter()
+                .all(|(name, _)| *name != "truncated")
+        );
     }
 
     #[test]

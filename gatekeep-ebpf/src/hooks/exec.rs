@@ -123,71 +123,57 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
         None => default(),
     };
 
-    match action {
-        action::ALLOW => {
-            bump(counter::EXEC_ALLOWED);
-            Ok(0)
-        }
-        action::DENY => {
-            bump(counter::EXEC_DENIED);
-            // Who is asking matters only off the allow path.
-            let caller = Caller::current(cgroup_id, gated.policy_id);
-            let args = capture_current_argv();
-            emit_exec(
-                &caller,
-                event_kind::EXEC_DENIED,
-                0,
-                (action::DENY, exec_denied_for::POLICY),
-                bprm,
-                dev,
-                ino,
-                args,
-            );
-            Ok(EPERM)
-        }
-        // ASK, and anything unknown: a human decides (fail closed).
-        _ => ask_exec(
-            ctx,
-            &Caller::current(cgroup_id, gated.policy_id),
-            bprm,
-            interpreter,
-            &file,
-        ),
+    if action == action::ALLOW {
+        bump(counter::EXEC_ALLOWED);
+        return Ok(0);
     }
+    // Who is asking, and argv, matter only off the allow path.
+    let caller = Caller::current(cgroup_id, gated.policy_id);
+    // DENY, else ASK (and anything unknown: a human decides, fail closed).
+    let (denied_for, args) = if action == action::DENY {
+        (exec_denied_for::POLICY, capture_current_argv())
+    } else {
+        if interpreter && approved_in_this_exec(caller.tid, bprm) {
+            // The interpreter of a script whose exec was just approved.
+            return Ok(0);
+        }
+        let args = capture_current_argv();
+        // SAFETY: this CPU's capture of this run.
+        let truncated = args.is_none_or(|args| unsafe { (*args).truncated } != 0);
+        if !truncated || on_truncated(gated.policy_id) == action::ASK {
+            return ask_exec(ctx, &caller, bprm, &file, (args, truncated));
+        }
+        // The digest cannot cover the whole argv, so no verdict or grant
+        // could bind it: the policy's `on_truncated` (deny by default)
+        // refuses it without asking.
+        (exec_denied_for::ARGV_TRUNCATED, args)
+    };
+    // One denial path for both reasons keeps the frame small.
+    bump(counter::EXEC_DENIED);
+    emit_exec(
+        &caller,
+        event_kind::EXEC_DENIED,
+        0,
+        (action::DENY, denied_for),
+        bprm,
+        dev,
+        ino,
+        args,
+    );
+    Ok(EPERM)
 }
 
+/// Asks about an exec whose argv was captured as `args`; a `truncated` one
+/// (the policy's `on_truncated` is ask) is never covered by a grant.
+#[inline(always)]
 fn ask_exec(
     ctx: &LsmContext,
     caller: &Caller,
     bprm: *const u8,
-    interpreter: bool,
     file: &Executable,
+    (args, truncated): (Option<*const ExecArgs>, bool),
 ) -> Result<i32, i32> {
     let (dev, ino) = (file.dev, file.ino);
-    if interpreter && approved_in_this_exec(caller.tid, bprm) {
-        // The interpreter of a script whose exec was just approved.
-        return Ok(0);
-    }
-    let args = capture_current_argv();
-    // SAFETY: this CPU's capture of this run.
-    let truncated = args.is_none_or(|args| unsafe { (*args).truncated } != 0);
-    if truncated && on_truncated(caller.policy_id) != action::ASK {
-        // The digest cannot cover the whole argv, so no verdict or grant
-        // could bind it: the policy's `on_truncated` (deny by default)
-        // refuses it without asking.
-        bump(counter::EXEC_DENIED);
-        emit_exec(
-            caller,
-            event_kind::EXEC_DENIED,
-            0,
-            (action::DENY, exec_denied_for::ARGV_TRUNCATED),
-            bprm,
-            dev,
-            ino,
-            args,
-        );
-        return Ok(EPERM);
-    }
     let digest = exec_digest(file, args);
     let request = Request {
         tid: caller.tid,

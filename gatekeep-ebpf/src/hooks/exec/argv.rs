@@ -62,8 +62,8 @@ const PT_REGS_ORIG_AX: usize = 15 * 8;
 /// x86-64 syscall numbers. A compat exec has other numbers in `orig_ax`
 /// (ia32 `int 0x80`/`sysenter`: execve 11, execveat 358; x32: 520 and 545
 /// with bit 30 set) and other register conventions, and no compat syscall
-/// reaching this hook carries 59 or 322 (ia32 59 is `oldolduname`, 322
-/// `signalfd4`... none exec). So any other number is a compat exec: it is
+/// reaching this hook carries 59 or 322 (those ia32 numbers are not execs,
+/// so they never get here). So any other number is a compat exec: it is
 /// not captured (`ARGV_MISSED`), and the request is truncated (the policy's
 /// `on_truncated` decides, deny by default).
 const NR_EXECVE: u64 = 59;
