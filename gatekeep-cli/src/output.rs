@@ -65,13 +65,18 @@ fn short_ids(records: &[RequestRecord]) -> Vec<String> {
 /// the executable's path or file name (`/bin/busybox [as sh] -c ...`). The name the workload
 /// passed follows the executable when it differs (`/tmp/x/evil [named /tmp/innocent/echo]`),
 /// and a path the agent could not verify says so (`/tmp/y [unverified]`). A destination as
-/// `address:port`. An argv the kernel could not capture whole ends in `[ARGV TRUNCATED]`.
+/// `address:port`. An argv the kernel could not capture whole is marked `[ARGV TRUNCATED]`
+/// right after the executable.
 pub fn what(target: &Target) -> String {
     match target {
         Target::Exec(exec) => {
             let mut out = word(&exec.executable).into_owned();
             if exec.path_check == Some(PathCheck::Unverified) {
                 out.push_str(" [unverified]");
+            }
+            // Up front: `review list` cuts long lines, and this must not be cut.
+            if exec.argv_truncated {
+                out.push_str(" [ARGV TRUNCATED]");
             }
             if let Some(named) = &exec.named {
                 out.push_str(" [named ");
@@ -90,9 +95,6 @@ pub fn what(target: &Target) -> String {
             if exec.argv.len() > 1 {
                 out.push(' ');
                 out.push_str(&words(&exec.argv[1..]));
-            }
-            if exec.argv_truncated {
-                out.push_str(" [ARGV TRUNCATED]");
             }
             out
         }
@@ -743,7 +745,10 @@ mod tests {
             argv_truncated: true,
         };
         let listed = what(&Target::Exec(exec.clone()));
-        assert!(listed.ends_with(" [ARGV TRUNCATED]"), "{listed}");
+        assert!(
+            listed.starts_with("/bin/echo [ARGV TRUNCATED] "),
+            "marked before the arguments, which a list may cut: {listed}"
+        );
         assert!(!listed.contains('\u{1b}'), "{listed}");
         let fields = exec_fields(&exec);
         assert!(
