@@ -248,6 +248,13 @@ impl ApprovalRequest {
 }
 
 impl Target {
+    /// Whether this is an exec whose argv the kernel could not capture whole
+    /// ([`ExecTarget::argv_truncated`]): no grant, allow rule or timeout allows it.
+    #[must_use]
+    pub fn argv_truncated(&self) -> bool {
+        matches!(self, Target::Exec(exec) if exec.argv_truncated)
+    }
+
     #[must_use]
     pub fn kind(&self) -> Kind {
         match self {
