@@ -65,13 +65,18 @@ fn short_ids(records: &[RequestRecord]) -> Vec<String> {
 /// the executable's path or file name (`/bin/busybox [as sh] -c ...`). The name the workload
 /// passed follows the executable when it differs (`/tmp/x/evil [named /tmp/innocent/echo]`),
 /// and a path the agent could not verify says so (`/tmp/y [unverified]`). A destination as
-/// `address:port`.
+/// `address:port`. An argv the kernel could not capture whole is marked `[ARGV TRUNCATED]`
+/// right after the executable.
 pub fn what(target: &Target) -> String {
     match target {
         Target::Exec(exec) => {
             let mut out = word(&exec.executable).into_owned();
             if exec.path_check == Some(PathCheck::Unverified) {
                 out.push_str(" [unverified]");
+            }
+            // Up front: `review list` cuts long lines, and this must not be cut.
+            if exec.argv_truncated {
+                out.push_str(" [ARGV TRUNCATED]");
             }
             if let Some(named) = &exec.named {
                 out.push_str(" [named ");
@@ -104,7 +109,8 @@ pub fn what(target: &Target) -> String {
 /// The lines `review show` prints of an exec before its argv, escaped for the terminal: the
 /// executable and whether the agent verified that the host's file there is the one that
 /// runs; the name the workload passed when it differs; the file's device and inode; and the
-/// workload's mount namespace when it is not the agent's.
+/// workload's mount namespace when it is not the agent's; and an argv the kernel could
+/// not capture whole.
 fn exec_fields(exec: &gatekeep_proto::model::ExecTarget) -> Vec<(&'static str, String)> {
     let file = exec.file.as_deref().map(t).unwrap_or_default();
     let check = match exec.path_check {
@@ -123,6 +129,14 @@ fn exec_fields(exec: &gatekeep_proto::model::ExecTarget) -> Vec<(&'static str, S
     }
     if exec.path_check == Some(PathCheck::Verified) && !file.is_empty() {
         out.push(("file", format!("{file} (verified on the host)")));
+    }
+    if exec.argv_truncated {
+        out.push((
+            "truncated",
+            "ARGV TRUNCATED: the kernel captured only the arguments below; what runs may differ \
+             after them, and no grant will cover it"
+                .to_owned(),
+        ));
     }
     if let Some(namespace) = &exec.mount_namespace {
         out.push((
@@ -628,6 +642,7 @@ mod tests {
             named: None,
             file: None,
             mount_namespace: None,
+            argv_truncated: false,
         })
     }
 
@@ -661,6 +676,7 @@ mod tests {
             named: Some("/tmp/innocent/echo".into()),
             file: Some("0:30 1234".into()),
             mount_namespace: Some("mnt:[4026532301]".into()),
+            argv_truncated: false,
         };
         assert_eq!(
             what(&Target::Exec(decoy.clone())),
@@ -714,6 +730,44 @@ mod tests {
             "{shown:?}"
         );
         assert!(what(&Target::Exec(hostile)).contains(r"[named /tmp/\e[2Jecho]"));
+    }
+
+    #[test]
+    fn a_truncated_argv_is_marked_in_list_and_show_and_stays_escaped() {
+        let exec = gatekeep_proto::model::ExecTarget {
+            executable: "/bin/echo".into(),
+            argv: vec!["echo".into(), "a\u{1b}[2J".into()],
+            content: None,
+            path_check: Some(PathCheck::Verified),
+            named: None,
+            file: Some("0:30 1234".into()),
+            mount_namespace: None,
+            argv_truncated: true,
+        };
+        let listed = what(&Target::Exec(exec.clone()));
+        assert!(
+            listed.starts_with("/bin/echo [ARGV TRUNCATED] "),
+            "marked before the arguments, which a list may cut: {listed}"
+        );
+        assert!(!listed.contains('\u{1b}'), "{listed}");
+        let fields = exec_fields(&exec);
+        assert!(
+            fields
+                .iter()
+                .any(|(name, value)| *name == "truncated" && value.starts_with("ARGV TRUNCATED")),
+            "{fields:?}"
+        );
+
+        let whole = gatekeep_proto::model::ExecTarget {
+            argv_truncated: false,
+            ..exec
+        };
+        assert!(!what(&Target::Exec(whole.clone())).contains("TRUNCATED"));
+        assert!(
+            exec_fields(&whole)
+                .iter()
+                .all(|(name, _)| *name != "truncated")
+        );
     }
 
     #[test]

@@ -68,6 +68,7 @@ fn request(argv: &[&str]) -> ApprovalRequest {
             named: None,
             file: None,
             mount_namespace: None,
+            argv_truncated: false,
         }),
         requested_at: now,
         deadline: now + time::Duration::minutes(5),

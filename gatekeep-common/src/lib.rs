@@ -270,6 +270,13 @@ pub struct PolicyDefaults {
     /// than inet, inet6 and unix (netlink to the kernel excepted); `NONE`
     /// reads as `connect_default`.
     pub other_action: u32,
+    /// [`action`] (`DENY` or `ASK`) for an exec on the ask path whose argv
+    /// the kernel could not bind completely (more than [`ARGV_MAX_ARGS`]
+    /// arguments or [`ARGV_LEN`] bytes, an unreadable argument, a compat
+    /// syscall): the digest would not cover all of it, so it is never
+    /// granted, and only `ASK` lets a reviewer see it (marked truncated).
+    /// `NONE` and anything else read as `DENY`.
+    pub on_truncated: u32,
 }
 
 /// Key of the `EXEC_RULES` map: an executable's identity within a policy.
@@ -493,6 +500,15 @@ pub struct EventHeader {
     pub comm: [u8; COMM_LEN],
 }
 
+/// Why the kernel denied an exec (`ExecEvent::denied_for`).
+pub mod exec_denied_for {
+    /// A deny rule or default.
+    pub const POLICY: u32 = 0;
+    /// The policy said ask, but the argv was truncated and the policy's
+    /// `on_truncated` is deny.
+    pub const ARGV_TRUNCATED: u32 = 1;
+}
+
 /// An exec request or denial.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -507,7 +523,12 @@ pub struct ExecEvent {
     pub action: u32,
     pub argc: u32,
     pub argv_len: u32,
+    /// Non-zero when the kernel could not capture the whole argv (too
+    /// long, unreadable, or a compat syscall): `argv` holds a prefix.
     pub argv_truncated: u32,
+    /// [`exec_denied_for`]: why an `EXEC_DENIED` was denied.
+    pub denied_for: u32,
+    pub _pad: u32,
     /// The path as passed to execve (may be relative), NUL terminated.
     pub filename: [u8; PATH_LEN],
     pub argv: [u8; ARGV_LEN],
@@ -826,7 +847,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<GatedCgroup>(), 8);
-        assert_eq!(size_of::<PolicyDefaults>(), 24);
+        assert_eq!(size_of::<PolicyDefaults>(), 28);
         assert_eq!(size_of::<ExecRuleKey>(), 24);
         assert_eq!(size_of::<ContentVersion>(), 24);
         assert_eq!(size_of::<ExecRule>(), 32);
@@ -847,7 +868,7 @@ mod tests {
         assert_eq!(size_of::<EventHeader>(), 4 * 8 + 8 * 3 + COMM_LEN);
         assert_eq!(
             size_of::<ExecEvent>(),
-            size_of::<EventHeader>() + 16 + 24 + 16 + PATH_LEN + ARGV_LEN
+            size_of::<EventHeader>() + 16 + 24 + 24 + PATH_LEN + ARGV_LEN
         );
         assert_eq!(
             size_of::<ConnectEvent>(),

@@ -47,7 +47,10 @@ pub struct Request {
     pub cgroup_id: u64,
 }
 
-/// Decides what an "ask" request does right now.
+/// Decides what an "ask" request does right now. `grants`: whether a
+/// granted duration may cover it (never for a request whose digest does not
+/// cover all of it, such as an exec with a truncated argv: a grant would
+/// reach every request that differs only past the truncation).
 ///
 /// A verdict is consumed once: the entry is deleted as it is used. Nobody
 /// but a verdict for the same task (thread id and start time) and digest
@@ -55,7 +58,7 @@ pub struct Request {
 /// and stops the task again, and a verdict written for an earlier task whose
 /// thread id this one reuses names another start time.
 #[inline(always)]
-pub fn ask(request: &Request) -> Asked {
+pub fn ask(request: &Request, grants: bool) -> Asked {
     let start_ns = current_start_ns();
     let key = VerdictKey {
         tid: request.tid,
@@ -63,7 +66,7 @@ pub fn ask(request: &Request) -> Asked {
         digest: request.digest,
         start_ns,
     };
-    if granted(request) {
+    if grants && granted(request) {
         bump(counter::GRANT_ALLOWED);
         // SAFETY: copied out immediately.
         let paused = unsafe { PENDING.get(&request.tid) }

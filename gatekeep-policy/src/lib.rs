@@ -19,6 +19,8 @@
 //! allow = ["/usr/bin/ls", "/usr/bin/git"]
 //! deny  = ["/usr/bin/sudo"]
 //! ask   = ["/usr/bin/curl"]
+//! on_truncated = "deny"                      # deny | ask (default deny): an exec to be asked whose
+//!                                            # argv the kernel cannot bind completely
 //!
 //! [policy.connect]
 //! default = "ask"                            # allow | deny | ask (default allow)
@@ -95,6 +97,16 @@
 //! (Two different paths naming the same file cannot be told apart here; they
 //! become one identity when the agent resolves them.)
 //! An executable no rule names gets `default`.
+//!
+//! An exec that would be asked (an `ask` rule or default) is bound by a
+//! digest of the executable and its argv. The kernel captures at most 32
+//! arguments and 4 KiB of argv, and reads nothing of a compat (32-bit,
+//! `int 0x80`) exec's argv; such a request is *truncated*, its digest does
+//! not cover all of it, and `on_truncated` decides: `deny` (the default)
+//! refuses it in the kernel, `ask` asks with the request marked truncated
+//! (and no granted duration ever covers it: each one is asked). `allow` is
+//! not offered. Allow and deny rules do not depend on argv and apply as
+//! written.
 //!
 //! # Warnings: promises a valid policy cannot keep
 //!

@@ -53,6 +53,13 @@ pub struct ExecPolicy {
     /// In file order. A path appears at most once (validation refuses
     /// duplicates and conflicts), so order carries no meaning.
     pub rules: Vec<ExecRule>,
+    /// What an exec that would be asked does when the kernel cannot bind its
+    /// whole argv (more arguments or bytes than it captures, an unreadable
+    /// argument, a compat 32-bit syscall): `deny` (when not written) or
+    /// `ask` (the reviewer sees it marked truncated, and no grant covers
+    /// it). Never `allow`: approving a prefix would approve every exec that
+    /// differs after it.
+    pub on_truncated: Action,
 }
 
 /// One executable and what happens when a governed process runs it.

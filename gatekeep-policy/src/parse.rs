@@ -35,7 +35,7 @@ const EXEC_PATH_NOTE: &str = "exec rules match absolute paths; relative paths, `
 
 const POLICY_KEYS: &[&str] = &["name", "cgroups", "exec", "connect", "approval", "protect"];
 const PROTECT_KEYS: &[&str] = &["relax"];
-const EXEC_KEYS: &[&str] = &["default", "allow", "deny", "ask"];
+const EXEC_KEYS: &[&str] = &["default", "allow", "deny", "ask", "on_truncated"];
 const CONNECT_KEYS: &[&str] = &[
     "default",
     "allow",
@@ -305,6 +305,7 @@ impl<'a> Walker<'a> {
         let mut exec = ExecPolicy {
             default: Action::Allow,
             rules: Vec::new(),
+            on_truncated: Action::Deny,
         };
         let mut places = Vec::new();
         let Some(table) = self.section(policy, "exec", EXEC_KEYS) else {
@@ -312,6 +313,23 @@ impl<'a> Walker<'a> {
         };
         if let Some(value) = field(table, "default") {
             exec.default = self.action(value, "default").unwrap_or(Action::Allow);
+        }
+        if let Some(value) = field(table, "on_truncated") {
+            match self.string(value, "on_truncated") {
+                Some("deny") => exec.on_truncated = Action::Deny,
+                Some("ask") => exec.on_truncated = Action::Ask,
+                Some("allow") => self.error(
+                    &value.span(),
+                    "on_truncated cannot be \"allow\": the kernel could not bind the whole argv, so allowing it would allow every exec that differs after the truncation; use \"deny\" (the default) or \"ask\"",
+                ),
+                Some(other) => self.error(
+                    &value.span(),
+                    format!(
+                        "unknown on_truncated value {other:?} (expected \"deny\" or \"ask\")"
+                    ),
+                ),
+                None => {}
+            }
         }
         let mut rules: Vec<(Span, ExecRule)> = Vec::new();
         for (key, action) in RULE_LISTS {
@@ -860,6 +878,7 @@ mod tests {
         assert_eq!(policy.cgroups[0].relative(), "a");
         assert_eq!(policy.exec.default, Action::Allow);
         assert!(policy.exec.rules.is_empty());
+        assert_eq!(policy.exec.on_truncated, Action::Deny, "fail closed");
         assert_eq!(policy.connect.default, Action::Allow);
         assert_eq!(policy.connect.unix, Action::Allow);
         assert_eq!(policy.approval.timeout, Duration::from_mins(5));
@@ -909,7 +928,7 @@ mod tests {
                 "policies/agents.toml:1:1: unknown key \"version\" in this file (expected policy)",
                 "policies/agents.toml:2:1: policy has no cgroups; add cgroups = [\"/sys/fs/cgroup/...\"] to say which workloads it governs",
                 "policies/agents.toml:4:1: unknown key \"cgroup\" in [[policy]] (expected name, cgroups, exec, connect, approval or protect); did you mean \"cgroups\"?",
-                "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny or ask); did you mean \"default\"?",
+                "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny, ask or on_truncated); did you mean \"default\"?",
                 "policies/agents.toml:9:1: unknown key \"allowed\" in [policy.connect] (expected default, allow, deny, ask, unix, raw_sockets or other_families); did you mean \"allow\"?",
                 "policies/agents.toml:12:1: unknown key \"reviewer\" in [policy.approval] (expected timeout, on_timeout, reviewers, approvals_required or grant_durations); did you mean \"reviewers\"?",
                 "policies/agents.toml:13:9: unknown key \"audit\" in [[policy]] (expected name, cgroups, exec, connect, approval or protect)",
@@ -1114,6 +1133,35 @@ mod tests {
         assert_eq!(connect.unix, Action::Allow);
         assert_eq!(connect.other_families, Action::Ask);
         assert_eq!(connect.raw_sockets, Action::Allow);
+    }
+
+    #[test]
+    fn on_truncated_is_deny_or_ask_and_deny_unless_written() {
+        let set = load(&with_head("[policy.exec]\ndefault = \"ask\"\n"));
+        assert_eq!(set.policies[0].exec.on_truncated, Action::Deny);
+        let set = load(&with_head(
+            "[policy.exec]\ndefault = \"ask\"\non_truncated = \"ask\"\n",
+        ));
+        assert_eq!(set.policies[0].exec.on_truncated, Action::Ask);
+        let set = load(&with_head("[policy.exec]\non_truncated = \"deny\"\n"));
+        assert_eq!(set.policies[0].exec.on_truncated, Action::Deny);
+
+        assert_eq!(
+            error(&with_head("[policy.exec]\non_truncated = \"allow\"\n")),
+            "policies/agents.toml:5:16: on_truncated cannot be \"allow\": the kernel could not bind the whole argv, so allowing it would allow every exec that differs after the truncation; use \"deny\" (the default) or \"ask\""
+        );
+        assert_eq!(
+            error(&with_head("[policy.exec]\non_truncated = \"prompt\"\n")),
+            "policies/agents.toml:5:16: unknown on_truncated value \"prompt\" (expected \"deny\" or \"ask\")"
+        );
+        assert_eq!(
+            error(&with_head("[policy.exec]\non_truncated = true\n")),
+            "policies/agents.toml:5:16: `on_truncated` must be a string, found boolean"
+        );
+        assert_eq!(
+            error(&with_head("[policy.connect]\non_truncated = \"ask\"\n")),
+            "policies/agents.toml:5:1: unknown key \"on_truncated\" in [policy.connect] (expected default, allow, deny, ask, unix, raw_sockets or other_families)"
+        );
     }
 
     #[test]

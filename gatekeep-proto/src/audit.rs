@@ -341,6 +341,7 @@ mod tests {
                 named: None,
                 file: None,
                 mount_namespace: None,
+                argv_truncated: false,
             }),
             requested_at: time::OffsetDateTime::UNIX_EPOCH,
             deadline: time::OffsetDateTime::UNIX_EPOCH + time::Duration::minutes(5),

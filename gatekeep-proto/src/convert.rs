@@ -384,6 +384,7 @@ impl TryFrom<v1::ExecTarget> for ExecTarget {
             named,
             file,
             mount_namespace,
+            argv_truncated: wire.argv_truncated,
         })
     }
 }
@@ -461,6 +462,7 @@ impl From<ExecTarget> for v1::ExecTarget {
             named: exec.named.unwrap_or_default(),
             file: exec.file.unwrap_or_default(),
             mount_namespace: exec.mount_namespace.unwrap_or_default(),
+            argv_truncated: exec.argv_truncated,
         }
     }
 }

@@ -111,6 +111,11 @@ pub struct ExecTarget {
     /// the workload sees other files at some paths than the host does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount_namespace: Option<String>,
+    /// The kernel could not capture the whole argv (more arguments or bytes than it keeps,
+    /// or a compat 32-bit exec whose argv it does not read): `argv` is a prefix of what
+    /// runs. Reviewers are told; no grant or allow rule covers such a request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub argv_truncated: bool,
 }
 
 /// How the agent found an exec's `executable` path.
@@ -243,6 +248,13 @@ impl ApprovalRequest {
 }
 
 impl Target {
+    /// Whether this is an exec whose argv the kernel could not capture whole
+    /// ([`ExecTarget::argv_truncated`]): no grant, allow rule or timeout allows it.
+    #[must_use]
+    pub fn argv_truncated(&self) -> bool {
+        matches!(self, Target::Exec(exec) if exec.argv_truncated)
+    }
+
     #[must_use]
     pub fn kind(&self) -> Kind {
         match self {

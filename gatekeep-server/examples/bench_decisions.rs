@@ -49,6 +49,7 @@ fn request(command: &str, n: usize) -> ApprovalRequest {
             named: None,
             file: None,
             mount_namespace: None,
+            argv_truncated: false,
         }),
         requested_at: now,
         deadline: now + time::Duration::hours(1),

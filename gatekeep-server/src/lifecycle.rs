@@ -190,7 +190,12 @@ impl Engine {
                 owners,
                 ..ApprovalSettings::from_policy(&policy.approval)
             };
-            request.on_timeout = Verdict::from_policy(policy.approval.on_timeout);
+            // A truncated argv is approved by a reviewer or not at all: its deadline denies.
+            request.on_timeout = if request.target.argv_truncated() {
+                Verdict::Deny
+            } else {
+                Verdict::from_policy(policy.approval.on_timeout)
+            };
             if let Ok(timeout) = time::Duration::try_from(policy.approval.timeout) {
                 deadline = deadline.min(now + timeout);
             }
@@ -359,7 +364,10 @@ impl Engine {
                 duration: GrantDuration::Once,
                 grant: None,
             };
-        if let Some(grant) = grant {
+        // A truncated exec's argv is only a prefix of what runs: no standing grant allows it
+        // (it would allow whatever follows the prefix); a reviewer decides each one.
+        let truncated = request.target.argv_truncated();
+        if let Some(grant) = grant.filter(|g| !(truncated && g.verdict == Verdict::Allow)) {
             return Some(decision(
                 grant.verdict,
                 None,

@@ -200,6 +200,10 @@ impl Rule {
         }
         match &request.target {
             Target::Exec(exec) => {
+                // A truncated argv is a prefix of what runs: an allow rule never matches it.
+                if exec.argv_truncated && self.action == Verdict::Allow {
+                    return false;
+                }
                 // An allow rule's path must be the file that runs: a path the agent could
                 // not verify is only the workload's name for it (a decoy in a private mount
                 // namespace), and a reviewer decides it. A deny rule may match the name.
@@ -260,6 +264,7 @@ mod tests {
             named: None,
             file: None,
             mount_namespace: None,
+            argv_truncated: false,
         })
     }
 
@@ -334,6 +339,36 @@ mod tests {
         assert_eq!(rules.decide("h", &decoy), None, "a reviewer decides it");
         let curl = with("/usr/bin/curl", Some(PathCheck::Unverified));
         assert_eq!(rules.decide("h", &curl), Some(("no-curl", Verdict::Deny)));
+    }
+
+    #[test]
+    fn an_allow_rule_never_matches_a_truncated_argv() {
+        let rules = rules(
+            "[[rules]]\nname = \"git\"\naction = \"allow\"\nexecutable = \"/usr/bin/git\"\n\
+             [[rules]]\nname = \"no-curl\"\naction = \"deny\"\nexecutable = \"/usr/bin/curl\"\n",
+        )
+        .unwrap();
+        let with = |executable: &str, truncated: bool| {
+            let mut asked = request(exec(&["x"]));
+            if let Target::Exec(exec) = &mut asked.target {
+                exec.executable = executable.into();
+                exec.argv_truncated = truncated;
+            }
+            asked
+        };
+        assert_eq!(
+            rules.decide("h", &with("/usr/bin/git", false)),
+            Some(("git", Verdict::Allow))
+        );
+        assert_eq!(
+            rules.decide("h", &with("/usr/bin/git", true)),
+            None,
+            "a reviewer decides it"
+        );
+        assert_eq!(
+            rules.decide("h", &with("/usr/bin/curl", true)),
+            Some(("no-curl", Verdict::Deny))
+        );
     }
 
     #[test]

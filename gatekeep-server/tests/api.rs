@@ -332,6 +332,7 @@ fn exec_request(argv: &[&str], timeout: time::Duration, on_timeout: Verdict) -> 
             named: None,
             file: None,
             mount_namespace: None,
+            argv_truncated: false,
         }),
         requested_at: now,
         deadline: now + timeout,
@@ -1336,6 +1337,7 @@ async fn malformed_inputs_get_precise_codes_and_change_nothing() {
         named: None,
         file: None,
         mount_namespace: None,
+        argv_truncated: false,
     });
     sender
         .send(v1::AgentMessage {

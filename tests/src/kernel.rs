@@ -97,6 +97,7 @@ pub fn gate(ebpf: &mut Ebpf, cgroup: &Cgroup, policy_id: u32, exec_default: u32)
         generation: 1,
         raw_action: action::ALLOW,
         other_action: action::ALLOW,
+        on_truncated: action::DENY,
     };
     policies.set(policy_id, defaults, 0).expect("set policy");
     let mut filter: Array<_, u64> = Array::try_from(

@@ -19,5 +19,6 @@ mod protect_files;
 mod restart;
 mod self_protect;
 mod smoke;
+mod truncated;
 mod truth;
 mod workload;

@@ -17,6 +17,11 @@
 //!   stop, overwrites the argument WORD in place with REPLACEMENT (same length).
 //!
 //! - `net COMMAND ...`: sends, raw sockets and other families (`egress.rs`).
+//! - `exec32 PATH ARG0 [ARGS...]`: the same exec made as a compat (ia32)
+//!   syscall, `int 0x80` with `eax = 11`, its strings and pointer array in
+//!   memory below 4 GiB (`MAP_32BIT`); on failure prints `errno N` and exits
+//!   111. A kernel without IA32 emulation (not built, or `ia32_emulation=0`)
+//!   has no `int 0x80` gate: the process dies of SIGSEGV.
 //!
 //! The decoy-path attack (`truth.rs`); each step prints `STEP: errno N` and exits 3 if it
 //! fails, and otherwise runs the rest of the command:
@@ -179,6 +184,7 @@ fn run(args: &[String]) -> i32 {
             | "init-module" | "finit-module" | "mount-tmpfs" | "umount" | "userns-root",
         ) => attack(args),
         Some("exec-expose") => exec_expose(&args[1..]),
+        Some("exec32") if args.len() >= 3 => exec32(&args[1], &args[2..]),
         // Egress beyond connect (`egress.rs`).
         Some("net") => crate::egress::run(&args[1..]),
         _ => {
@@ -602,4 +608,96 @@ fn clone3_into(dir: &str, path: &str, argv: &[String]) -> i32 {
     unsafe { libc::waitpid(i32::try_from(pid).unwrap_or(-1), &raw mut status, 0) };
     println!("ok {}", libc::WEXITSTATUS(status));
     0
+}
+
+/// `execve(PATH, [ARG0, ARGS...], [])` as an ia32 compat syscall (`int 0x80`,
+/// syscall 11): the path, the strings and the array of 32-bit pointers live in
+/// one `MAP_32BIT` mapping, since the compat ABI passes 32-bit addresses.
+/// Returns only on failure, with the exit code to use.
+fn exec32(path: &str, argv: &[String]) -> i32 {
+    const NR_IA32_EXECVE: u32 = 11;
+    const SIZE: usize = 1 << 20;
+    // SAFETY: a fresh anonymous private mapping.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        println!("mmap errno {}", errno());
+        return 3;
+    }
+    let base = base.cast::<u8>();
+    let Ok(base32) = u32::try_from(base as usize) else {
+        println!("mmap: not below 4 GiB");
+        return 3;
+    };
+    let mut at = 0usize;
+    // Copies one NUL-terminated string into the mapping; its 32-bit address.
+    let mut put = |text: &str| -> Option<u32> {
+        let bytes = text.as_bytes();
+        if at + bytes.len() + 1 > SIZE / 2 {
+            return None;
+        }
+        // SAFETY: within the first half of the mapping, checked above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.add(at), bytes.len());
+            *base.add(at + bytes.len()) = 0;
+        }
+        let address = base32 + u32::try_from(at).ok()?;
+        at += bytes.len() + 1;
+        Some(address)
+    };
+    let Some(path32) = put(path) else {
+        return 3;
+    };
+    let mut pointers = Vec::with_capacity(argv.len() + 1);
+    for arg in argv {
+        let Some(address) = put(arg) else {
+            return 3;
+        };
+        pointers.push(address);
+    }
+    pointers.push(0);
+    // The pointer array in the second half; the (empty) environment is its
+    // final NULL.
+    let array = SIZE / 2;
+    // SAFETY: the second half of the mapping holds the array (far below 512 KiB).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            pointers.as_ptr().cast::<u8>(),
+            base.add(array),
+            pointers.len() * 4,
+        );
+    }
+    let argv32 = base32 + u32::try_from(array).unwrap_or(0);
+    let envp32 = argv32 + u32::try_from((pointers.len() - 1) * 4).unwrap_or(0);
+    let ret: u32;
+    // SAFETY: the compat execve either replaces the process or returns an
+    // error in eax. rbx cannot be an asm operand (LLVM reserves it), so the
+    // path goes in through rsi and is swapped in and back around the call.
+    unsafe {
+        core::arch::asm!(
+            "xchg rsi, rbx",
+            "int 0x80",
+            "xchg rsi, rbx",
+            inlateout("eax") NR_IA32_EXECVE => ret,
+            inout("rsi") u64::from(path32) => _,
+            in("ecx") argv32,
+            in("edx") envp32,
+            // Older kernels zero these on `int 0x80` from 64-bit code.
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+        );
+    }
+    // eax holds -errno.
+    println!("errno {}", ret.wrapping_neg());
+    111
 }

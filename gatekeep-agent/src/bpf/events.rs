@@ -244,6 +244,8 @@ mod tests {
             argc: 2,
             argv_len: u32::try_from(argv.len()).expect("len"),
             argv_truncated: 0,
+            denied_for: 0,
+            _pad: 0,
             filename: [0; PATH_LEN],
             argv: [0; ARGV_LEN],
         };

@@ -728,6 +728,7 @@ mod tests {
                 named: None,
                 file: None,
                 mount_namespace: None,
+                argv_truncated: false,
             }),
             verdict: model::Verdict::Allow,
             duration,

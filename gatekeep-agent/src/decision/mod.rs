@@ -263,6 +263,7 @@ mod tests {
                     named: None,
                     file: None,
                     mount_namespace: None,
+                    argv_truncated: false,
                 }),
                 requested_at: now,
                 deadline: now,

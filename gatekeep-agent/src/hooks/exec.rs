@@ -26,7 +26,7 @@ use std::{
 use aya::maps::{Map, MapError};
 use gatekeep_common::{
     ARGV_LEN, ContentVersion, ExecEvent, ExecRule, ExecRuleKey, ExecRuleStaleEvent, event_kind,
-    exec_rule_flags, map_names, request_kind,
+    exec_denied_for, exec_rule_flags, map_names, request_kind,
 };
 use gatekeep_policy::Policy;
 use gatekeep_proto::{
@@ -53,8 +53,12 @@ pub struct ExecRequest {
     /// The path as passed to execve (may be relative).
     pub filename: PathBuf,
     pub argv: Vec<String>,
-    /// Argv was longer than the kernel captures.
+    /// The kernel could not capture the whole argv (longer than it keeps, an
+    /// unreadable argument, a compat 32-bit exec): `argv` is a prefix.
     pub argv_truncated: bool,
+    /// A denial because of that truncation (the policy would have asked, and
+    /// its `on_truncated` is deny), not because of a deny rule.
+    pub denied_truncated: bool,
     /// Number of arguments the kernel counted.
     pub argc: u32,
 }
@@ -89,6 +93,7 @@ impl Hook for Exec {
         exec_paths: &mut Self::Loaded,
     ) -> Result<(), PolicyMapsError> {
         out.defaults.exec_default = kernel_action(policy.exec.default);
+        out.defaults.on_truncated = kernel_action(policy.exec.on_truncated);
         for rule in &policy.exec.rules {
             match bind(&rule.path) {
                 Ok(Bound {
@@ -152,6 +157,9 @@ impl Hook for Exec {
     }
 
     fn rule(policy: &Policy, exec_paths: &Self::Loaded, request: &ExecRequest) -> String {
+        if request.denied_truncated {
+            return format!("exec on_truncated {}", policy.exec.on_truncated);
+        }
         match exec_paths.get(&(request.dev, request.ino)) {
             Some(path) => {
                 let action = policy
@@ -172,12 +180,26 @@ impl Hook for Exec {
         let tid = request.origin.tid;
         let named = enricher.display_path(tid, &request.filename);
         let seen = Views::new(enricher.proc_root()).exe_path(tid, &named, request.dev, request.ino);
-        request::exec_target_seen(
+        let mut target = request::exec_target_seen(
             &seen,
             (request.dev, request.ino),
             &request.argv,
             Some(&request.content),
-        )
+        );
+        if let model::Target::Exec(exec) = &mut target {
+            exec.argv_truncated = request.argv_truncated;
+        }
+        target
+    }
+
+    fn denied_because(request: &ExecRequest) -> Option<(&'static str, &'static str)> {
+        request.denied_truncated.then_some((
+            "argv_truncated",
+            "the kernel could not capture the whole argv (more than it keeps, an unreadable \
+             argument, or a compat 32-bit exec), so no approval could bind it, and the \
+             policy's exec on_truncated is deny; write on_truncated = \"ask\" to have \
+             reviewers decide such requests",
+        ))
     }
 
     fn kernel_facts(request: &ExecRequest) -> KernelFacts {
@@ -501,6 +523,8 @@ fn exec_request(raw: &ExecEvent) -> ExecRequest {
         filename: PathBuf::from(OsStr::from_bytes(&raw.filename[..end])),
         argv,
         argv_truncated: raw.argv_truncated != 0,
+        denied_truncated: raw.header.kind == event_kind::EXEC_DENIED
+            && raw.denied_for == exec_denied_for::ARGV_TRUNCATED,
         argc: raw.argc,
     }
 }

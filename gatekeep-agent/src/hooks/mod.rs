@@ -79,6 +79,11 @@ pub trait Hook {
     fn target(request: &Self::Request, enricher: &Enricher) -> model::Target;
     /// What the kernel reported beyond the target (for the agent's audit log).
     fn kernel_facts(request: &Self::Request) -> KernelFacts;
+    /// Why the kernel denied `request` when it was not a deny rule: a `reason`
+    /// code and its explanation for the `kernel_denied` record.
+    fn denied_because(_request: &Self::Request) -> Option<(&'static str, &'static str)> {
+        None
+    }
 }
 
 /// One entry of a hook's rule map, in the hook's own encoding (ordered, so
@@ -200,6 +205,14 @@ macro_rules! hooks {
             pub fn kernel_facts(&self) -> KernelFacts {
                 match self {
                     $(Request::$variant(request) => <$hook as Hook>::kernel_facts(request),)+
+                }
+            }
+
+            /// [`Hook::denied_because`].
+            #[must_use]
+            pub fn denied_because(&self) -> Option<(&'static str, &'static str)> {
+                match self {
+                    $(Request::$variant(request) => <$hook as Hook>::denied_because(request),)+
                 }
             }
 

@@ -479,6 +479,12 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
 
         let info = self.enricher.enrich(origin.pid, origin.uid);
         let (rule, target, kernel) = self.describe(&asked, &policy);
+        // A truncated argv is approved by a reviewer or not at all: its deadline denies.
+        let on_timeout = if target.argv_truncated() {
+            model::Verdict::Deny
+        } else {
+            model::Verdict::from_policy(policy.policy.approval.on_timeout)
+        };
         let approval = request::approval_request(
             request::Ask {
                 id,
@@ -488,7 +494,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 info: &info,
                 target,
                 approval: ApprovalSettings::from_policy(&policy.policy.approval),
-                on_timeout: model::Verdict::from_policy(policy.policy.approval.on_timeout),
+                on_timeout,
                 timeout,
                 first_seen_ns: first_seen,
             },
@@ -1184,6 +1190,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     fn kernel_denied(&self, request: &Request, info: &Enrichment) -> payload::KernelDenied {
         let origin = request.origin();
         let policy = self.policy(origin.policy_id);
+        let because = request.denied_because();
         payload::KernelDenied {
             schema: Schema::default(),
             kind: request.model_kind(),
@@ -1192,8 +1199,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             process: request::process(origin, info),
             target: Some(request.target(&self.enricher)),
             kernel: request.kernel_facts(),
-            reason: None,
-            detail: None,
+            reason: because.map(|(reason, _)| reason.to_owned()),
+            detail: because.map(|(_, detail)| detail.to_owned()),
             count: None,
             first_at: None,
             last_at: None,
@@ -1333,6 +1340,31 @@ mod tests {
         assert_eq!(records[1].payload["verdict"], "allow");
         assert_eq!(records[1].payload["state"], "expired");
         assert_eq!(records[1].actor.as_deref(), Some("timeout"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_truncated_exec_is_denied_at_the_timeout_even_when_the_policy_allows() {
+        let mut rig = rig("allow", "2s");
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 100, 7).stopped());
+        let Event::Ask(Request::Exec(mut exec)) = rig.kernel.ask_event(100) else {
+            unreachable!("an exec ask")
+        };
+        exec.argv_truncated = true;
+        rig.controller
+            .handle_event(Event::Ask(Request::Exec(exec)))
+            .await;
+        rig.controller.step_internal().await; // decided
+        rig.controller.step_internal().await; // resumed
+        assert_eq!(
+            rig.kernel.result_of(100),
+            Some(DENY),
+            "never allowed unseen"
+        );
+        let records = rig.audit.records();
+        let requested = &records[0].payload;
+        assert_eq!(requested["request"]["target"]["argv_truncated"], true);
+        assert_eq!(requested["request"]["on_timeout"], "deny");
     }
 
     #[tokio::test(start_paused = true)]

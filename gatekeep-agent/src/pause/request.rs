@@ -142,6 +142,7 @@ pub fn exec_target(
         named: None,
         file: None,
         mount_namespace: None,
+        argv_truncated: false,
     })
 }
 

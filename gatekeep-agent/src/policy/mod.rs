@@ -968,6 +968,55 @@ raw_sockets = "allow"
     }
 
     #[test]
+    fn on_truncated_compiles_to_deny_unless_the_policy_says_ask() {
+        let text = r#"
+[[policy]]
+name = "silent"
+cgroups = ["/sys/fs/cgroup/a"]
+[policy.exec]
+default = "ask"
+
+[[policy]]
+name = "asks"
+cgroups = ["/sys/fs/cgroup/b"]
+[policy.exec]
+default = "ask"
+on_truncated = "ask"
+"#;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let compiled = compile(&set(text), &[1, 2], 1, &host(dir.path())).expect("compile");
+        assert_eq!(compiled.state.policies[&1].on_truncated, action::DENY);
+        assert_eq!(compiled.state.policies[&2].on_truncated, action::ASK);
+
+        // A kernel denial for truncation names on_truncated, with its reason.
+        let denied = Request::Exec(ExecRequest {
+            origin: crate::bpf::record::origin(&gatekeep_common::EventHeader::default()),
+            dev: 1,
+            ino: 2,
+            content: gatekeep_common::ContentVersion::default(),
+            filename: PathBuf::from("/bin/echo"),
+            argv: vec!["echo".into()],
+            argv_truncated: true,
+            denied_truncated: true,
+            argc: 1,
+        });
+        let silent = &set(text).policies[0];
+        assert_eq!(
+            denied.rule(silent, &compiled.policies[&1].hooks),
+            "exec on_truncated deny"
+        );
+        assert_eq!(
+            denied.denied_because().map(|(reason, _)| reason),
+            Some("argv_truncated")
+        );
+        let Request::Exec(mut asked) = denied else {
+            unreachable!()
+        };
+        asked.denied_truncated = false;
+        assert_eq!(Request::Exec(asked).denied_because(), None);
+    }
+
+    #[test]
     fn exec_rules_are_keyed_by_kernel_identity_and_missing_paths_warn() {
         let dir = tempfile::tempdir().expect("tempdir");
         let tool = dir.path().join("tool");
@@ -1003,6 +1052,7 @@ raw_sockets = "allow"
                 generation: 7,
                 raw_action: action::DENY,
                 other_action: action::ALLOW,
+                on_truncated: action::DENY,
             }
         );
         let loaded = &compiled.policies[&3];
@@ -1026,6 +1076,7 @@ raw_sockets = "allow"
                 filename: PathBuf::new(),
                 argv: Vec::new(),
                 argv_truncated: false,
+                denied_truncated: false,
                 argc: 0,
             })
         };
@@ -1099,6 +1150,7 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
                 generation,
                 raw_action: action::DENY,
                 other_action: action::ALLOW,
+                on_truncated: action::DENY,
             },
         );
         state.rules.insert(

@@ -202,6 +202,7 @@ pub fn request(command: &str, n: usize) -> ApprovalRequest {
             named: None,
             file: None,
             mount_namespace: None,
+            argv_truncated: false,
         }),
         requested_at: now,
         deadline: now + time::Duration::hours(1),

@@ -652,6 +652,7 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
         generation: 1,
         raw_action: action::DENY,
         other_action: action::DENY,
+        on_truncated: action::DENY,
     };
     let ask_by_default = PolicyDefaults {
         exec_default: action::ASK,
@@ -660,6 +661,7 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
         generation: 1,
         raw_action: action::DENY,
         other_action: action::ASK,
+        on_truncated: action::DENY,
     };
     policies.set(RULE_POLICY, deny_by_default, 0)?;
     policies.set(GRANT_POLICY, ask_by_default, 0)?;

@@ -277,7 +277,7 @@ pub fn decide(cgroup_id: u64, policy_id: u32, target: &Target) -> Result<i32, i3
                 now_ns: caller.now_ns,
                 cgroup_id: caller.cgroup_id,
             };
-            match ask(&request) {
+            match ask(&request, true) {
                 Asked::Granted => Ok(0),
                 Asked::Allow => {
                     emit_task_event(

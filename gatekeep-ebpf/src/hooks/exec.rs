@@ -19,8 +19,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
     ARGV_LEN, ContentVersion, EPERM, ERESTARTNOINTR, ExecEvent, ExecRule, ExecRuleKey,
-    ExecRuleStaleEvent, GATED_UNCLASSIFIED, PATH_LEN, action, counter, event_kind, exec_rule_flags,
-    request_kind,
+    ExecRuleStaleEvent, GATED_UNCLASSIFIED, PATH_LEN, action, counter, event_kind, exec_denied_for,
+    exec_rule_flags, request_kind,
 };
 
 use crate::{
@@ -123,52 +123,57 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
         None => default(),
     };
 
-    match action {
-        action::ALLOW => {
-            bump(counter::EXEC_ALLOWED);
-            Ok(0)
-        }
-        action::DENY => {
-            bump(counter::EXEC_DENIED);
-            // Who is asking matters only off the allow path.
-            let caller = Caller::current(cgroup_id, gated.policy_id);
-            let args = capture_current_argv();
-            emit_exec(
-                &caller,
-                event_kind::EXEC_DENIED,
-                0,
-                action::DENY,
-                bprm,
-                dev,
-                ino,
-                args,
-            );
-            Ok(EPERM)
-        }
-        // ASK, and anything unknown: a human decides (fail closed).
-        _ => ask_exec(
-            ctx,
-            &Caller::current(cgroup_id, gated.policy_id),
-            bprm,
-            interpreter,
-            &file,
-        ),
+    if action == action::ALLOW {
+        bump(counter::EXEC_ALLOWED);
+        return Ok(0);
     }
+    // Who is asking, and argv, matter only off the allow path.
+    let caller = Caller::current(cgroup_id, gated.policy_id);
+    // DENY, else ASK (and anything unknown: a human decides, fail closed).
+    let (denied_for, args) = if action == action::DENY {
+        (exec_denied_for::POLICY, capture_current_argv())
+    } else {
+        if interpreter && approved_in_this_exec(caller.tid, bprm) {
+            // The interpreter of a script whose exec was just approved.
+            return Ok(0);
+        }
+        let args = capture_current_argv();
+        // SAFETY: this CPU's capture of this run.
+        let truncated = args.is_none_or(|args| unsafe { (*args).truncated } != 0);
+        if !truncated || on_truncated(gated.policy_id) == action::ASK {
+            return ask_exec(ctx, &caller, bprm, &file, (args, truncated));
+        }
+        // The digest cannot cover the whole argv, so no verdict or grant
+        // could bind it: the policy's `on_truncated` (deny by default)
+        // refuses it without asking.
+        (exec_denied_for::ARGV_TRUNCATED, args)
+    };
+    // One denial path for both reasons keeps the frame small.
+    bump(counter::EXEC_DENIED);
+    emit_exec(
+        &caller,
+        event_kind::EXEC_DENIED,
+        0,
+        (action::DENY, denied_for),
+        bprm,
+        dev,
+        ino,
+        args,
+    );
+    Ok(EPERM)
 }
 
+/// Asks about an exec whose argv was captured as `args`; a `truncated` one
+/// (the policy's `on_truncated` is ask) is never covered by a grant.
+#[inline(always)]
 fn ask_exec(
     ctx: &LsmContext,
     caller: &Caller,
     bprm: *const u8,
-    interpreter: bool,
     file: &Executable,
+    (args, truncated): (Option<*const ExecArgs>, bool),
 ) -> Result<i32, i32> {
     let (dev, ino) = (file.dev, file.ino);
-    if interpreter && approved_in_this_exec(caller.tid, bprm) {
-        // The interpreter of a script whose exec was just approved.
-        return Ok(0);
-    }
-    let args = capture_current_argv();
     let digest = exec_digest(file, args);
     let request = Request {
         tid: caller.tid,
@@ -179,7 +184,9 @@ fn ask_exec(
         now_ns: caller.now_ns,
         cgroup_id: caller.cgroup_id,
     };
-    match ask(&request) {
+    // A truncated request (on_truncated = "ask") is asked every time: a
+    // grant never covers it, only a verdict for this very request.
+    match ask(&request, !truncated) {
         Asked::Granted => {
             remember_approval(caller.tid, bprm);
             Ok(0)
@@ -234,7 +241,7 @@ fn ask_exec(
                     caller,
                     event_kind::EXEC_ASK,
                     digest,
-                    action::ASK,
+                    (action::ASK, exec_denied_for::POLICY),
                     bprm,
                     dev,
                     ino,
@@ -243,6 +250,16 @@ fn ask_exec(
             }
             Ok(ERESTARTNOINTR)
         }
+    }
+}
+
+/// The policy's `on_truncated` action: `ASK` only when the policy says so,
+/// else `DENY` (fail closed).
+#[inline(always)]
+fn on_truncated(policy_id: u32) -> u32 {
+    match POLICIES.get(policy_id).map(|p| p.on_truncated) {
+        Some(action::ASK) => action::ASK,
+        _ => action::DENY,
     }
 }
 
@@ -493,7 +510,7 @@ fn emit_exec(
     caller: &Caller,
     kind: u32,
     digest: u64,
-    action: u32,
+    (action, denied_for): (u32, u32),
     bprm: *const u8,
     dev: u64,
     ino: u64,
@@ -514,6 +531,8 @@ fn emit_exec(
         (*event).ino = ino;
         read_content_into(bprm, &raw mut (*event).content);
         (*event).action = action;
+        (*event).denied_for = denied_for;
+        (*event)._pad = 0;
         (*event).filename[0] = 0;
         if let Ok(filename) =
             bpf_probe_read_kernel::<*const u8>(bprm.add(off.linux_binprm_filename as usize).cast())

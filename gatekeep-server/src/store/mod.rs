@@ -212,6 +212,7 @@ mod tests {
                 named: None,
                 file: None,
                 mount_namespace: None,
+                argv_truncated: false,
             })
         };
         assert_eq!(subject_key(&exec(&["git", "push"])), "exec:/usr/bin/git");

@@ -35,7 +35,8 @@ pub struct ExecArgs {
     /// Bytes of `argv` used (NUL-separated strings).
     pub len: u32,
     pub argc: u32,
-    /// Non-zero when argv was longer than [`ARGV_LEN`] or [`ARGV_MAX_ARGS`].
+    /// Non-zero when the capture does not hold the whole argv: longer than
+    /// [`ARGV_LEN`] or [`ARGV_MAX_ARGS`], or an argument was unreadable.
     pub truncated: u32,
     pub _pad: u32,
     /// The captured strings; zero from `len` to the end of its 64-byte
@@ -58,8 +59,13 @@ pub struct ArgvScratch {
 const PT_REGS_DX: usize = 12 * 8;
 const PT_REGS_SI: usize = 13 * 8;
 const PT_REGS_ORIG_AX: usize = 15 * 8;
-/// x86-64 syscall numbers. A compat (ia32, x32) exec has other numbers and
-/// other register conventions: it is not captured (`ARGV_MISSED`).
+/// x86-64 syscall numbers. A compat exec has other numbers in `orig_ax`
+/// (ia32 `int 0x80`/`sysenter`: execve 11, execveat 358; x32: 520 and 545
+/// with bit 30 set) and other register conventions, and no compat syscall
+/// reaching this hook carries 59 or 322 (those ia32 numbers are not execs,
+/// so they never get here). So any other number is a compat exec: it is
+/// not captured (`ARGV_MISSED`), and the request is truncated (the policy's
+/// `on_truncated` decides, deny by default).
 const NR_EXECVE: u64 = 59;
 const NR_EXECVEAT: u64 = 322;
 
@@ -109,8 +115,16 @@ fn capture(user_argv: *const *const u8) -> Option<*const ExecArgs> {
         args.truncated = 0;
         let mut len: u32 = 0;
         let mut i: u32 = 0;
+        // A NULL argv is an empty one (the kernel runs it with argc 0, or
+        // with "" since v5.18): nothing to read, nothing truncated.
+        if user_argv.is_null() {
+            i = ARGV_MAX_ARGS + 1;
+        }
         while i < ARGV_MAX_ARGS {
             let Ok(arg) = bpf_probe_read_user(user_argv.add(i as usize)) else {
+                // The kernel read this array a moment ago; unreadable now
+                // (unmapped by a sibling, paged out): what follows is unknown.
+                args.truncated = 1;
                 break;
             };
             if arg.is_null() {
@@ -124,6 +138,7 @@ fn capture(user_argv: *const *const u8) -> Option<*const ExecArgs> {
             let dst = strings.add(offset).cast::<c_void>();
             let copied = bpf_probe_read_user_str(dst, ARGV_LEN as u32, arg.cast::<c_void>());
             if copied < 0 {
+                args.truncated = 1;
                 break;
             }
             // An empty argument is one byte (its NUL). Kernels without the
