@@ -15,7 +15,7 @@ use aya::{
 use gatekeep_agent::bpf::programs::Attached;
 use gatekeep_common::{
     ConnectEvent, ExecEvent, ExecRule, ExecRuleKey, GatedCgroup, PendingRequest, PolicyDefaults,
-    TaskEvent, action, gated_filter_slot, map_names,
+    TaskEvent, Verdict, VerdictKey, action, gated_filter_slot, map_names,
 };
 use nix::time::{ClockId, clock_gettime};
 
@@ -142,6 +142,33 @@ pub fn pending_of(ebpf: &Ebpf, tid: u32) -> Option<PendingRequest> {
         HashMap::try_from(ebpf.map(map_names::PENDING).expect(map_names::PENDING))
             .expect("hash map");
     pending.get(&tid, 0).ok()
+}
+
+/// Writes `action` as the verdict for the paused request of thread `tid`
+/// (digest `digest`, bound to the task's start time as the agent binds it)
+/// and continues process `pid`, as the agent's resume does.
+pub fn decide_paused(ebpf: &mut Ebpf, pid: u32, tid: u32, digest: u64, action: u32) {
+    let start_ns = pending_of(ebpf, tid)
+        .expect("the paused request is pending")
+        .start_ns;
+    let mut verdicts: HashMap<_, VerdictKey, Verdict> = HashMap::try_from(
+        ebpf.map_mut(map_names::VERDICTS)
+            .expect(map_names::VERDICTS),
+    )
+    .expect("hash map");
+    let key = VerdictKey {
+        tid,
+        _pad: 0,
+        digest,
+        start_ns,
+    };
+    let verdict = Verdict {
+        action,
+        _pad: 0,
+        expires_ns: boot_ns() + 30_000_000_000,
+    };
+    verdicts.insert(key, verdict, 0).expect("write verdict");
+    crate::sigcont(pid);
 }
 
 /// The kind of a ring buffer record: the first field of its `EventHeader`.

@@ -45,27 +45,13 @@ fn paused_request(ebpf: &mut Ebpf) -> ExecEvent {
 }
 
 fn deny(ebpf: &mut Ebpf, event: &ExecEvent) {
-    let start_ns = kernel::pending_of(ebpf, event.header.tid)
-        .expect("the paused request is pending")
-        .start_ns;
-    let mut verdicts: HashMap<_, VerdictKey, Verdict> = HashMap::try_from(
-        ebpf.map_mut(map_names::VERDICTS)
-            .expect(map_names::VERDICTS),
-    )
-    .expect("hash map");
-    let key = VerdictKey {
-        tid: event.header.tid,
-        _pad: 0,
-        digest: event.header.digest,
-        start_ns,
-    };
-    let verdict = Verdict {
-        action: action::DENY,
-        _pad: 0,
-        expires_ns: boot_ns() + 30_000_000_000,
-    };
-    verdicts.insert(key, verdict, 0).expect("write verdict");
-    sigcont(event.header.pid);
+    kernel::decide_paused(
+        ebpf,
+        event.header.pid,
+        event.header.tid,
+        event.header.digest,
+        action::DENY,
+    );
 }
 
 fn expect_denied(result: &mpsc::Receiver<std::io::Result<ExitStatus>>) {
@@ -327,32 +313,6 @@ fn a_verdict_binds_the_task_identity_not_just_its_thread_id() {
     expect_denied(&result);
 }
 
-/// Writes a denial for the paused request of `tid` (digest `digest`) and
-/// continues its process.
-fn deny_request(ebpf: &mut Ebpf, pid: u32, tid: u32, digest: u64) {
-    let start_ns = kernel::pending_of(ebpf, tid)
-        .expect("the paused request is pending")
-        .start_ns;
-    let mut verdicts: HashMap<_, VerdictKey, Verdict> = HashMap::try_from(
-        ebpf.map_mut(map_names::VERDICTS)
-            .expect(map_names::VERDICTS),
-    )
-    .expect("hash map");
-    let key = VerdictKey {
-        tid,
-        _pad: 0,
-        digest,
-        start_ns,
-    };
-    let verdict = Verdict {
-        action: action::DENY,
-        _pad: 0,
-        expires_ns: boot_ns() + 30_000_000_000,
-    };
-    verdicts.insert(key, verdict, 0).expect("write verdict");
-    sigcont(pid);
-}
-
 /// The workload's `net unix-connect NAME` in `cgroup` (as `uid`, if given):
 /// it asks, the ask is denied; returns what it asked.
 fn unix_connect_asked(
@@ -366,11 +326,12 @@ fn unix_connect_asked(
     let mut child = cgroup.spawn(&mut workload::workload(&args));
     let asked: ConnectEvent = wait_event(ebpf, event_kind::CONNECT_ASK, Duration::from_secs(10));
     wait_stopped(asked.header.pid, Duration::from_secs(10));
-    deny_request(
+    kernel::decide_paused(
         ebpf,
         asked.header.pid,
         asked.header.tid,
         asked.header.digest,
+        action::DENY,
     );
     let outcome = workload::finish(&mut child, Duration::from_secs(10));
     assert_eq!(outcome.stdout, "errno 1", "{args:?}");

@@ -13,13 +13,13 @@ use aya::{
     maps::{Array, HashMap, RingBuf},
 };
 use gatekeep_common::{
-    ExecEvent, Grant, GrantKey, PolicyDefaults, Verdict, VerdictKey, action, counter, event_kind,
-    exec_denied_for, map_names, request_kind,
+    ExecEvent, Grant, GrantKey, PolicyDefaults, action, counter, event_kind, exec_denied_for,
+    map_names, request_kind,
 };
 use gatekeep_tests::{
     Cgroup,
-    kernel::{self, attach_gating, boot_ns, drain_events, exec_rule_on_busybox_copy, wait_event},
-    require_vm, sigcont, wait_stopped,
+    kernel::{self, attach_gating, drain_events, exec_rule_on_busybox_copy, wait_event},
+    require_vm, wait_stopped,
     workload::{self, Outcome, workload},
 };
 
@@ -93,27 +93,13 @@ fn expect_denied_truncated(ebpf: &mut Ebpf, cgroup: &Cgroup, args: &[&str]) -> E
 
 /// Writes a verdict for the paused request `event` and resumes it.
 fn decide(ebpf: &mut Ebpf, event: &ExecEvent, verdict: u32) {
-    let start_ns = kernel::pending_of(ebpf, event.header.tid)
-        .expect("the paused request is pending")
-        .start_ns;
-    let mut verdicts: HashMap<_, VerdictKey, Verdict> = HashMap::try_from(
-        ebpf.map_mut(map_names::VERDICTS)
-            .expect(map_names::VERDICTS),
-    )
-    .expect("hash map");
-    let key = VerdictKey {
-        tid: event.header.tid,
-        _pad: 0,
-        digest: event.header.digest,
-        start_ns,
-    };
-    let value = Verdict {
-        action: verdict,
-        _pad: 0,
-        expires_ns: boot_ns() + 30_000_000_000,
-    };
-    verdicts.insert(key, value, 0).expect("write verdict");
-    sigcont(event.header.pid);
+    kernel::decide_paused(
+        ebpf,
+        event.header.pid,
+        event.header.tid,
+        event.header.digest,
+        verdict,
+    );
 }
 
 /// Starts the exec, waits until it is paused and returns its ask.

@@ -92,14 +92,20 @@ pub fn find_executable(executables: &[Executable], kind: &str, target: &str) -> 
         .with_context(|| format!("cargo did not report building the {kind} target `{target}`"))
 }
 
+/// The workspace's packages, as `cargo metadata` describes them.
+fn workspace_packages() -> Result<Vec<Value>> {
+    let json = cmd_stdout(cargo().args(["metadata", "--no-deps", "--format-version", "1"]))?;
+    let mut metadata: Value =
+        serde_json::from_str(&json).context("failed to parse `cargo metadata` output")?;
+    match metadata["packages"].take() {
+        Value::Array(packages) => Ok(packages),
+        _ => bail!("`cargo metadata` printed no package list"),
+    }
+}
+
 /// The workspace's packages and their binary targets, from `cargo metadata`.
 pub fn workspace_binaries() -> Result<Vec<(String, Vec<String>)>> {
-    let json = cmd_stdout(cargo().args(["metadata", "--no-deps", "--format-version", "1"]))?;
-    let metadata: Value =
-        serde_json::from_str(&json).context("failed to parse `cargo metadata` output")?;
-    let packages = metadata["packages"]
-        .as_array()
-        .context("`cargo metadata` printed no package list")?;
+    let packages = workspace_packages()?;
     Ok(packages
         .iter()
         .map(|package| {
@@ -123,12 +129,7 @@ pub fn workspace_binaries() -> Result<Vec<(String, Vec<String>)>> {
 /// The source roots of the workspace's library and binary targets, as
 /// `(package/target, path)`, from `cargo metadata`.
 pub fn workspace_crate_roots() -> Result<Vec<(String, PathBuf)>> {
-    let json = cmd_stdout(cargo().args(["metadata", "--no-deps", "--format-version", "1"]))?;
-    let metadata: Value =
-        serde_json::from_str(&json).context("failed to parse `cargo metadata` output")?;
-    let packages = metadata["packages"]
-        .as_array()
-        .context("`cargo metadata` printed no package list")?;
+    let packages = workspace_packages()?;
     let mut roots = Vec::new();
     for package in packages {
         let name = package["name"].as_str().unwrap_or_default();
