@@ -192,6 +192,22 @@ impl Hook for Exec {
         target
     }
 
+    /// The file the kernel matched (device, inode, content version), the name as passed
+    /// (made absolute) and argv: what [`Hook::target`] is made of, without its path walk
+    /// (`pause::exe_path`, a thread per call), which only a burst's first denial pays.
+    fn burst_key(request: &ExecRequest, enricher: &Enricher) -> String {
+        let named = enricher.display_path(request.origin.tid, &request.filename);
+        format!(
+            "{}:{} {:?} {:?} {:?} {}",
+            request.dev,
+            request.ino,
+            request.content,
+            named.as_os_str().as_encoded_bytes(),
+            request.argv,
+            request.argv_truncated
+        )
+    }
+
     fn denied_because(request: &ExecRequest) -> Option<(&'static str, &'static str)> {
         request.denied_truncated.then_some((
             "argv_truncated",

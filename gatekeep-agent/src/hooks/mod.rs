@@ -77,6 +77,12 @@ pub trait Hook {
     fn rule(policy: &Policy, loaded: &Self::Loaded, request: &Self::Request) -> String;
     /// What is asked, in the request model (what reviewers and both audit logs see).
     fn target(request: &Self::Request, enricher: &Enricher) -> model::Target;
+    /// What tells identical kernel denials apart (aggregated one record per burst): by
+    /// default the target; a hook whose target is costly to describe gives what the kernel
+    /// reported instead, as every denial of a flood pays for it.
+    fn burst_key(request: &Self::Request, enricher: &Enricher) -> String {
+        serde_json::to_string(&Self::target(request, enricher)).unwrap_or_default()
+    }
     /// What the kernel reported beyond the target (for the agent's audit log).
     fn kernel_facts(request: &Self::Request) -> KernelFacts;
     /// Why the kernel denied `request` when it was not a deny rule: a `reason`
@@ -197,6 +203,14 @@ macro_rules! hooks {
             pub fn target(&self, enricher: &Enricher) -> model::Target {
                 match self {
                     $(Request::$variant(request) => <$hook as Hook>::target(request, enricher),)+
+                }
+            }
+
+            /// [`Hook::burst_key`].
+            #[must_use]
+            pub fn burst_key(&self, enricher: &Enricher) -> String {
+                match self {
+                    $(Request::$variant(request) => <$hook as Hook>::burst_key(request, enricher),)+
                 }
             }
 

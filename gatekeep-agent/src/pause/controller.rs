@@ -389,8 +389,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 self.audit.has_room().await;
                 self.stats.kernel_denied += 1;
                 let origin = request.origin();
-                let target =
-                    serde_json::to_string(&request.target(&self.enricher)).unwrap_or_default();
+                let target = request.burst_key(&self.enricher);
                 let key = (
                     origin.policy_id,
                     origin.cgroup_id,
