@@ -241,6 +241,11 @@ enum AuditCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::doc_markdown,
+    clippy::doc_link_with_quotes,
+    reason = "clap help text, shown as written"
+)]
 enum PolicyCommand {
     /// Validate policy files (or directories of them), reporting every problem with its line
     /// and column, and warning where a valid policy cannot keep its promise on this host.
@@ -267,7 +272,64 @@ enum PolicyCommand {
         #[arg(long)]
         deny_warnings: bool,
     },
+    /// Check that policies give example actions the outcomes you expect (like `opa test`).
+    ///
+    /// Each CASES path is a file, or a directory whose `*.cases.toml` files are read. A cases
+    /// file holds one [[case]] per example action:
+    ///
+    ///   [[case]]
+    ///   name = "agents may not use sudo"        # optional
+    ///   cgroup = "/sys/fs/cgroup/agents/job-1"  # the workload's cgroup
+    ///   exec = "/usr/bin/sudo"                  # an exec...
+    ///   argv = ["sudo", "-i"]                   # ...and its argv (default: [exec])
+    ///   expect = "deny"                         # allow | deny | ask
+    ///
+    ///   [[case]]
+    ///   cgroup = "/sys/fs/cgroup/agents/job-1"
+    ///   connect = "169.254.169.254:80"          # IP:PORT or [IPv6]:PORT (also sendto)
+    ///   expect = "deny"
+    ///
+    ///   [[case]]
+    ///   cgroup = "/sys/fs/cgroup/agents/job-1"
+    ///   unix = "/run/docker.sock"               # AF_UNIX; "@name" for an abstract socket
+    ///   expect = "ask"
+    ///
+    /// Each case is decided as the kernel would, before any reviewer acts: the policy
+    /// governing the cgroup (none: allow), the exec rule naming the file (by identity when
+    /// the file exists on this host, by path otherwise) and a script's `#!` interpreter,
+    /// `on_truncated` for an asked exec whose argv the kernel cannot bind, the connect rules
+    /// (most specific first), the `unix` action. Grants, and gatekeep's self-protections
+    /// (which refuse whatever the policy says), are not modelled.
+    ///
+    /// `*.cases.toml` files can sit in the policy directory: the agent does not load them as
+    /// policies. So `gatekeep policy test --policies DIR DIR` tests a directory's policies
+    /// with its own cases.
+    ///
+    /// Exit status: 0 every case got its expected outcome; 1 a policy or cases file is
+    /// invalid or cannot be read; 2 wrong command-line usage; 4 a case got another outcome.
+    #[command(verbatim_doc_comment)]
+    Test {
+        /// Cases files, or directories of `*.cases.toml` files.
+        #[arg(required = true, value_name = "CASES")]
+        cases: Vec<PathBuf>,
+        /// Policy files or directories to test (as for `policy validate`).
+        #[arg(long, value_name = "PATH", default_value = "/etc/gatekeep/policies")]
+        policies: Vec<PathBuf>,
+    },
 }
+
+/// `policy test` found cases whose outcome was not the expected one: exit status 4.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{failed} of {total} case(s) did not get the expected outcome; fix the policy, or the expectation if the policy is right"
+)]
+struct CasesFailed {
+    failed: usize,
+    total: usize,
+}
+
+/// The exit status of `policy test` when a case fails.
+const EXIT_CASES_FAILED: u8 = 4;
 
 /// `policy validate --deny-warnings` found warnings: exit status 3.
 #[derive(Debug, thiserror::Error)]
@@ -280,6 +342,28 @@ struct WarningsDenied {
 
 /// The exit status of `policy validate` when `--deny-warnings` finds warnings.
 const EXIT_WARNINGS: u8 = 3;
+
+/// A policy or cases file that could not be loaded: one diagnostic per line,
+/// file names and quoted text escaped; I/O errors with their cause.
+fn policy_error(what: &str, error: &gatekeep_policy::PolicyError) -> anyhow::Error {
+    if error.diagnostics().is_empty() {
+        let cause = std::error::Error::source(error)
+            .map(|source| format!(": {source}"))
+            .unwrap_or_default();
+        return anyhow!(
+            "{}{}",
+            escape::terminal(&error.to_string()),
+            escape::terminal(&cause)
+        )
+        .context(format!("cannot load the {what} files"));
+    }
+    let lines: Vec<String> = error
+        .to_string()
+        .lines()
+        .map(|line| escape::terminal(line).into_owned())
+        .collect();
+    anyhow!("{}", lines.join("\n"))
+}
 
 /// Turns a client error into a message that names the cause and the fix.
 fn explain(error: ClientError, connection: &Connection) -> anyhow::Error {
@@ -425,31 +509,7 @@ impl App {
                 out.flush()?;
                 Ok(())
             }
-            Command::Policy(PolicyCommand::Validate {
-                paths,
-                deny_warnings,
-            }) => match gatekeep_policy::validate_paths(&paths) {
-                Ok(validation) => {
-                    let failed = deny_warnings && !validation.warnings.is_empty();
-                    self.printer.policy_validated(&validation, !failed)?;
-                    if failed {
-                        return Err(WarningsDenied {
-                            count: validation.warnings.len(),
-                        }
-                        .into());
-                    }
-                    Ok(())
-                }
-                Err(error) => {
-                    // One diagnostic per line; file names and quoted text escaped.
-                    let lines: Vec<String> = error
-                        .to_string()
-                        .lines()
-                        .map(|line| escape::terminal(line).into_owned())
-                        .collect();
-                    bail!("{}", lines.join("\n"))
-                }
-            },
+            Command::Policy(command) => self.policy(command),
             Command::Status => {
                 let status = self.client().await?.status().await;
                 let status = status.map_err(|err| self.explain(err))?;
@@ -462,6 +522,45 @@ impl App {
                     "gatekeep",
                     &mut std::io::stdout(),
                 );
+                Ok(())
+            }
+        }
+    }
+
+    /// `policy validate` and `policy test`: local, no service needed.
+    fn policy(&self, command: PolicyCommand) -> anyhow::Result<()> {
+        match command {
+            PolicyCommand::Validate {
+                paths,
+                deny_warnings,
+            } => {
+                let validation = gatekeep_policy::validate_paths(&paths)
+                    .map_err(|error| policy_error("policy", &error))?;
+                let failed = deny_warnings && !validation.warnings.is_empty();
+                self.printer.policy_validated(&validation, !failed)?;
+                if failed {
+                    return Err(WarningsDenied {
+                        count: validation.warnings.len(),
+                    }
+                    .into());
+                }
+                Ok(())
+            }
+            PolicyCommand::Test { cases, policies } => {
+                let loaded = gatekeep_policy::PolicySet::load_paths(&policies)
+                    .map_err(|error| policy_error("policy", &error))?;
+                let cases = gatekeep_policy::load_cases(&cases)
+                    .map_err(|error| policy_error("cases", &error))?;
+                let results = loaded.run_cases(cases);
+                self.printer.policy_tested(&results)?;
+                let failed = results.iter().filter(|result| !result.passed).count();
+                if failed > 0 {
+                    return Err(CasesFailed {
+                        failed,
+                        total: results.len(),
+                    }
+                    .into());
+                }
                 Ok(())
             }
         }
@@ -561,6 +660,8 @@ async fn main() -> ExitCode {
             eprintln!("gatekeep: {error:#}");
             if error.downcast_ref::<WarningsDenied>().is_some() {
                 ExitCode::from(EXIT_WARNINGS)
+            } else if error.downcast_ref::<CasesFailed>().is_some() {
+                ExitCode::from(EXIT_CASES_FAILED)
             } else {
                 ExitCode::FAILURE
             }

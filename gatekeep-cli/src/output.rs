@@ -1,7 +1,7 @@
 //! Human-readable tables (the default) or JSON (`--output json`, one document per command,
 //! one line per event for `watch`).
 
-use std::{io::Write as _, path::Path};
+use std::{fmt::Write as _, io::Write as _, path::Path};
 
 use clap::ValueEnum;
 use gatekeep_client::{AuditReport, Status};
@@ -566,6 +566,32 @@ impl Printer {
         text(&format!("ok: {}{warnings}\n", validation.summary))
     }
 
+    /// `policy test`'s results. Text: one line per case (`PASS`/`FAIL`, where it was
+    /// written, the action, the outcome and what decided it, escaped), then a summary. JSON:
+    /// one document with `cases` (each case, its outcome and `passed`), `passed` and `failed`.
+    pub fn policy_tested(&self, results: &[gatekeep_policy::CaseResult]) -> anyhow::Result<()> {
+        let failed = results.iter().filter(|result| !result.passed).count();
+        if self.format == Format::Json {
+            return json_line(&json!({
+                "cases": results,
+                "passed": results.len() - failed,
+                "failed": failed,
+            }));
+        }
+        let mut out = String::new();
+        for result in results {
+            out.push_str(&case_line(result));
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "{} case(s): {} passed, {failed} failed",
+            results.len(),
+            results.len() - failed
+        );
+        text(&out)
+    }
+
     pub fn status(&self, server: &str, status: &Status) -> anyhow::Result<()> {
         let started = gatekeep_proto::convert::from_ms("started_at_ms", status.started_at_ms).ok();
         if self.format == Format::Json {
@@ -611,6 +637,46 @@ impl Printer {
 
 /// `warning[script]: agents.toml:7:9: policy "agents": ...`, escaped for the terminal (rule
 /// paths and `#!` lines come from files).
+/// One `policy test` result, every part escaped for the terminal:
+/// `PASS at: [name: ]action in cgroup -> outcome (policy: why)`.
+fn case_line(result: &gatekeep_policy::CaseResult) -> String {
+    use gatekeep_policy::Example;
+    let case = &result.case;
+    let action = match &case.example {
+        Example::Exec { path, argv } => {
+            let path = path.display().to_string();
+            if argv.len() == 1 && argv[0] == path {
+                format!("exec {}", word(&path))
+            } else {
+                format!("exec {} (argv: {})", word(&path), words(argv))
+            }
+        }
+        Example::Connect { to } => format!("connect {to}"),
+        Example::Unix { path } => format!("unix {}", word(path)),
+    };
+    let name = case
+        .name
+        .as_ref()
+        .map(|name| format!("{}: ", t(name)))
+        .unwrap_or_default();
+    let outcome = &result.outcome;
+    let got = if result.passed {
+        outcome.action.to_string()
+    } else {
+        format!("expected {}, got {}", case.expect, outcome.action)
+    };
+    let why = match &outcome.policy {
+        Some(policy) => format!("{}: {}", t(policy), t(&outcome.because)),
+        None => t(&outcome.because),
+    };
+    format!(
+        "{} {}: {name}{action} in {} -> {got} ({why})",
+        if result.passed { "PASS" } else { "FAIL" },
+        t(&case.at),
+        t(&case.cgroup)
+    )
+}
+
 pub fn warning_line(warning: &gatekeep_policy::Warning) -> String {
     format!("warning[{}]: {}", warning.kind, t(&warning.to_string()))
 }

@@ -781,3 +781,139 @@ fn policy_validate_json_carries_the_warnings_and_the_same_exit_status() {
     assert_eq!(document["ok"], true);
     assert_eq!(document["warnings"].as_array().map(Vec::len), Some(3));
 }
+
+#[test]
+fn policy_test_passes_right_expectations_and_fails_wrong_ones_with_status_4() {
+    let host = PolicyHost::new();
+    let base = &host.base;
+    // The policy and its cases side by side: the directory's policy files are loaded
+    // without the `*.cases.toml` files, which hold the cases.
+    let policies = host.dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("mkdir");
+    std::fs::write(
+        policies.join("agents.toml"),
+        format!(
+            "{POLICY_HEAD}default = \"ask\"\nallow = [\"{base}/tool\"]\ndeny = [\"{base}/other\"]\n[policy.connect]\ndefault = \"deny\"\nallow = [\"10.0.0.0/8:443\"]\n"
+        ),
+    )
+    .expect("write");
+    let cases = |name: &str, deny_expect: &str| {
+        let path = policies.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[[case]]\nname = \"tool runs\"\ncgroup = \"/sys/fs/cgroup/agents/job-1\"\nexec = \"{base}/tool\"\nexpect = \"allow\"\n\n\
+                 [[case]]\ncgroup = \"/sys/fs/cgroup/agents/job-1\"\nexec = \"{base}/other\"\nargv = [\"other\", \"\\u001b[2J\"]\nexpect = \"{deny_expect}\"\n\n\
+                 [[case]]\ncgroup = \"/sys/fs/cgroup/agents/job-1\"\nconnect = \"10.1.2.3:443\"\nexpect = \"allow\"\n\n\
+                 [[case]]\ncgroup = \"/sys/fs/cgroup/web\"\nconnect = \"1.1.1.1:80\"\nexpect = \"allow\"\n"
+            ),
+        )
+        .expect("write");
+        path.to_str().expect("utf-8").to_owned()
+    };
+    let dir = policies.to_str().expect("utf-8");
+
+    // Right expectations: status 0, one PASS line per case and a summary.
+    let right = cases("agents.cases.toml", "deny");
+    let output = host.run(&["policy", "test", "--policies", dir, dir]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let out = stdout(&output);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!(
+                "PASS {right}:1:1: tool runs: exec {base}/tool in /sys/fs/cgroup/agents/job-1 -> allow (agents: exec rule allow {base}/tool)"
+            ),
+            format!(
+                "PASS {right}:7:1: exec {base}/other (argv: other \\e[2J) in /sys/fs/cgroup/agents/job-1 -> deny (agents: exec rule deny {base}/other)"
+            ),
+            format!(
+                "PASS {right}:13:1: connect 10.1.2.3:443 in /sys/fs/cgroup/agents/job-1 -> allow (agents: connect rule allow 10.0.0.0/8:443)"
+            ),
+            format!(
+                "PASS {right}:18:1: connect 1.1.1.1:80 in /sys/fs/cgroup/web -> allow (no policy governs this cgroup)"
+            ),
+            "4 case(s): 4 passed, 0 failed".to_owned(),
+        ]
+    );
+    assert!(
+        !out.contains('\u{1b}'),
+        "escape sequences reach the terminal"
+    );
+
+    // A wrong expectation: status 4, the case marked FAIL with what it got and why.
+    std::fs::remove_file(&right).expect("rm");
+    let wrong = cases("wrong.cases.toml", "ask");
+    let output = host.run(&["policy", "test", "--policies", dir, &wrong]);
+    assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains(&format!(
+            "FAIL {wrong}:7:1: exec {base}/other (argv: other \\e[2J) in /sys/fs/cgroup/agents/job-1 -> expected ask, got deny (agents: exec rule deny {base}/other)"
+        )),
+        "{}",
+        stdout(&output)
+    );
+    assert!(stdout(&output).ends_with("4 case(s): 3 passed, 1 failed\n"));
+    assert!(
+        stderr(&output).starts_with(
+            "gatekeep: 1 of 4 case(s) did not get the expected outcome; fix the policy, or the expectation if the policy is right"
+        ),
+        "{}",
+        stderr(&output)
+    );
+
+    // JSON: the same verdicts, one document, the same status.
+    let output = host.run(&[
+        "--output",
+        "json",
+        "policy",
+        "test",
+        "--policies",
+        dir,
+        &wrong,
+    ]);
+    assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+    let document: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON document");
+    assert_eq!(
+        (document["passed"].as_u64(), document["failed"].as_u64()),
+        (Some(3), Some(1))
+    );
+    assert_eq!(document["cases"][1]["passed"], false);
+    assert_eq!(document["cases"][1]["expect"], "ask");
+    assert_eq!(document["cases"][1]["outcome"]["action"], "deny");
+    assert_eq!(document["cases"][1]["example"]["argv"][1], "\u{1b}[2J");
+}
+
+#[test]
+fn policy_test_refuses_invalid_cases_and_missing_policies_with_status_1() {
+    let host = PolicyHost::new();
+    let policy = host.policy("agents.toml", "default = \"ask\"\n");
+    let bad = host.dir.path().join("bad.cases.toml");
+    std::fs::write(
+        &bad,
+        "[[case]]\ncgroup = \"/sys/fs/cgroup/a\"\nconnect = \"db.internal:5432\"\nexpect = \"deny\"\n",
+    )
+    .expect("write");
+    let bad = bad.to_str().expect("utf-8");
+    // An invalid cases file is status 1 with its place; nothing is decided.
+    let output = host.run(&["policy", "test", "--policies", &policy, bad]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "");
+    assert!(
+        stderr(&output).contains(&format!(
+            "{bad}:3:11: connect \"db.internal:5432\" is not IP:PORT"
+        )),
+        "{}",
+        stderr(&output)
+    );
+    // A missing policy directory names itself and the cause.
+    let output = host.run(&["policy", "test", "--policies", "/nonexistent/policies", bad]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).starts_with("gatekeep: cannot load the policy files: failed to read policy file /nonexistent/policies: No such file or directory"),
+        "{}",
+        stderr(&output)
+    );
+}

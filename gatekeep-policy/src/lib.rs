@@ -157,6 +157,15 @@
 //!   them: `raw_sockets` (`allow` or `deny`, default `deny`) decides whether
 //!   they can be created at all.
 //!
+//! # Policy tests
+//!
+//! A `*.cases.toml` file lists example actions, each with the outcome it
+//! must get (`[[case]]` with `cgroup`, one of `exec` (+ `argv`), `connect`
+//! or `unix`, and `expect`); [`load_cases`] reads them and
+//! [`PolicySet::run_cases`] decides each as the kernel would, before any
+//! reviewer acts (`gatekeep policy test`). Such files may sit in a policy
+//! directory: [`PolicySet::load_dir`] skips them.
+//!
 //! # Approval
 //!
 //! `ask` pauses the process and asks reviewers: any authenticated reviewer, or
@@ -166,6 +175,7 @@
 //! grant beyond the one request: `once`, a duration such as `1h`, `session`
 //! (until the workload's cgroup goes away) or `always` ([`GrantDuration`]).
 
+mod cases;
 mod cgroup;
 mod error;
 mod load;
@@ -174,6 +184,7 @@ mod net;
 mod parse;
 mod warning;
 
+pub use cases::{Case, CaseResult, Example, Outcome, load_cases, parse_cases};
 pub use cgroup::{CGROUP_ROOT, CgroupPattern, CgroupPatternError};
 pub use error::{Diagnostic, PolicyError};
 pub use load::{Summary, Validation, parse_str, validate_paths};

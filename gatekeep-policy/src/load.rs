@@ -17,7 +17,8 @@ use crate::{
 
 impl PolicySet {
     /// Loads every `*.toml` file directly in `dir` (for example
-    /// `/etc/gatekeep/policies`), in file name order.
+    /// `/etc/gatekeep/policies`), in file name order, except policy test
+    /// files (`*.cases.toml`, see [`crate::load_cases`]).
     pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
         PolicySet::load_files(&policy_files(dir)?)
     }
@@ -26,6 +27,12 @@ impl PolicySet {
     /// every file at once.
     pub fn load_files(paths: &[PathBuf]) -> Result<PolicySet, PolicyError> {
         load_sources(&read_sources(paths)?)
+    }
+
+    /// Loads policy files as `gatekeep policy validate` names them: each path
+    /// is a file, or a directory whose policy files are taken in name order.
+    pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyError> {
+        load_sources(&read_sources(&policy_paths(paths)?)?)
     }
 }
 
@@ -89,23 +96,7 @@ pub struct Validation {
 /// patterns are found across files); a valid set is then checked against this
 /// host for [`Warning`]s.
 pub fn validate_paths(paths: &[PathBuf]) -> Result<Validation, PolicyError> {
-    let mut files: Vec<PathBuf> = Vec::new();
-    for path in paths {
-        let meta = fs::metadata(path).map_err(|source| PolicyError::ReadFile {
-            path: path.clone(),
-            source,
-        })?;
-        let found = if meta.is_dir() {
-            policy_files(path)?
-        } else {
-            vec![path.clone()]
-        };
-        for file in found {
-            if !files.contains(&file) {
-                files.push(file);
-            }
-        }
-    }
+    let files = policy_paths(paths)?;
     let parsed = load_parsed(&read_sources(&files)?)?;
     let warnings = parsed
         .iter()
@@ -124,9 +115,45 @@ pub fn validate_paths(paths: &[PathBuf]) -> Result<Validation, PolicyError> {
     })
 }
 
+/// The files `paths` name: each a file, or a directory's policy files (see
+/// [`policy_files`]); each file once, in order.
+fn policy_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PolicyError> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for path in paths {
+        let meta = fs::metadata(path).map_err(|source| PolicyError::ReadFile {
+            path: path.clone(),
+            source,
+        })?;
+        let found = if meta.is_dir() {
+            policy_files(path)?
+        } else {
+            vec![path.clone()]
+        };
+        for file in found {
+            if !files.contains(&file) {
+                files.push(file);
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// The suffix of policy test files ([`crate::load_cases`]), which may sit in
+/// a policy directory without being loaded as policies.
+pub(crate) const CASES_SUFFIX: &str = ".cases.toml";
+
 /// The regular `*.toml` files directly in `dir` (symlinks followed), sorted by
-/// name.
+/// name, except policy test files (`*.cases.toml`).
 fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
+    toml_files(dir, |name| !name.ends_with(CASES_SUFFIX))
+}
+
+/// The policy test files (`*.cases.toml`) directly in `dir`, sorted by name.
+pub(crate) fn cases_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
+    toml_files(dir, |name| name.ends_with(CASES_SUFFIX))
+}
+
+fn toml_files(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>, PolicyError> {
     let read_dir = |source| PolicyError::ReadDir {
         path: dir.to_path_buf(),
         source,
@@ -135,7 +162,11 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     for entry in fs::read_dir(dir).map_err(read_dir)? {
         let path = entry.map_err(read_dir)?.path();
         let is_toml = path.extension().is_some_and(|ext| ext == "toml");
-        if is_toml && fs::metadata(&path).is_ok_and(|meta| meta.is_file()) {
+        let kept = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(&keep);
+        if is_toml && kept && fs::metadata(&path).is_ok_and(|meta| meta.is_file()) {
             files.push(path);
         }
     }

@@ -260,10 +260,24 @@ impl ConnectPolicy {
     /// 3. if no rule matches, [`ConnectPolicy::default`] applies.
     ///
     /// IPv4-mapped IPv6 destinations (`::ffff:a.b.c.d`) are matched as the
-    /// IPv4 address they carry, since that is where the connect goes.
+    /// IPv4 address they carry, since that is where the connect goes, and
+    /// `0.0.0.0` and `::` as `127.0.0.1` and `::1`, the loopback addresses
+    /// a connect to them reaches.
     #[must_use]
     pub fn action_for(&self, addr: IpAddr, port: u16) -> Action {
-        let addr = addr.to_canonical();
+        self.rule_for(addr, port)
+            .map_or(self.default, |rule| rule.action)
+    }
+
+    /// The rule that decides a connect to `addr:port` (see
+    /// [`ConnectPolicy::action_for`]), or `None` when the default does.
+    #[must_use]
+    pub fn rule_for(&self, addr: IpAddr, port: u16) -> Option<&ConnectRule> {
+        let addr = match addr.to_canonical() {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            other => other,
+        };
         self.rules
             .iter()
             .filter(|rule| rule.net.contains(&addr) && rule.ports.contains(port))
@@ -274,7 +288,6 @@ impl ConnectPolicy {
                     std::cmp::Reverse(rule.ports.len()),
                 )
             })
-            .map_or(self.default, |rule| rule.action)
     }
 }
 

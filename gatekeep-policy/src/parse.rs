@@ -22,9 +22,9 @@ use crate::{
     net::parse_target,
 };
 
-type Span = Range<usize>;
+pub(crate) type Span = Range<usize>;
 type Key<'i> = Spanned<Cow<'i, str>>;
-type Value<'i> = Spanned<DeValue<'i>>;
+pub(crate) type Value<'i> = Spanned<DeValue<'i>>;
 
 /// How long a paused request waits when a policy does not say.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_mins(5);
@@ -109,15 +109,15 @@ pub(crate) fn parse_file(
     policies
 }
 
-struct Walker<'a> {
+pub(crate) struct Walker<'a> {
     file: &'a str,
     text: &'a str,
     line_starts: Vec<usize>,
-    diagnostics: Vec<Diagnostic>,
+    pub(crate) diagnostics: Vec<Diagnostic>,
 }
 
 impl<'a> Walker<'a> {
-    fn new(file: &'a str, text: &'a str) -> Self {
+    pub(crate) fn new(file: &'a str, text: &'a str) -> Self {
         let line_starts = std::iter::once(0)
             .chain(text.match_indices('\n').map(|(at, _)| at + 1))
             .collect();
@@ -129,7 +129,7 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn pos(&self, span: &Span) -> Pos {
+    pub(crate) fn pos(&self, span: &Span) -> Pos {
         let offset = span.start.min(self.text.len());
         let line = self.line_starts.partition_point(|&start| start <= offset);
         let start = self.line_starts[line.saturating_sub(1)];
@@ -144,7 +144,7 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn error(&mut self, span: &Span, message: impl Into<String>) {
+    pub(crate) fn error(&mut self, span: &Span, message: impl Into<String>) {
         let Pos { file, line, column } = self.pos(span);
         self.diagnostics.push(Diagnostic {
             file,
@@ -703,7 +703,7 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn check_keys(&mut self, table: &DeTable<'_>, section: &str, allowed: &[&str]) {
+    pub(crate) fn check_keys(&mut self, table: &DeTable<'_>, section: &str, allowed: &[&str]) {
         for (key, _) in sorted(table) {
             if !allowed.contains(&key.get_ref().as_ref()) {
                 self.unknown_key(key, section, allowed);
@@ -711,7 +711,7 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn unknown_key(&mut self, key: &Key<'_>, section: &str, allowed: &[&str]) {
+    pub(crate) fn unknown_key(&mut self, key: &Key<'_>, section: &str, allowed: &[&str]) {
         let name = key.get_ref();
         let hint = closest(name, allowed)
             .map(|near| format!("; did you mean \"{near}\"?"))
@@ -725,7 +725,7 @@ impl<'a> Walker<'a> {
         );
     }
 
-    fn string<'v>(&mut self, value: &'v Value<'_>, key: &str) -> Option<&'v str> {
+    pub(crate) fn string<'v>(&mut self, value: &'v Value<'_>, key: &str) -> Option<&'v str> {
         if let DeValue::String(text) = value.get_ref() {
             Some(text)
         } else {
@@ -741,7 +741,7 @@ impl<'a> Walker<'a> {
     }
 
     /// An array of strings; wrong items are reported and left out.
-    fn string_list<'v>(
+    pub(crate) fn string_list<'v>(
         &mut self,
         value: &'v Value<'_>,
         key: &str,
@@ -774,7 +774,7 @@ impl<'a> Walker<'a> {
         Some(strings)
     }
 
-    fn action(&mut self, value: &Value<'_>, key: &str) -> Option<Action> {
+    pub(crate) fn action(&mut self, value: &Value<'_>, key: &str) -> Option<Action> {
         let text = self.string(value, key)?;
         match text.parse() {
             Ok(action) => Some(action),
@@ -786,7 +786,7 @@ impl<'a> Walker<'a> {
     }
 }
 
-fn field<'t, 'i>(table: &'t DeTable<'i>, key: &str) -> Option<&'t Value<'i>> {
+pub(crate) fn field<'t, 'i>(table: &'t DeTable<'i>, key: &str) -> Option<&'t Value<'i>> {
     table
         .iter()
         .find(|(name, _)| name.get_ref() == key)
@@ -794,7 +794,7 @@ fn field<'t, 'i>(table: &'t DeTable<'i>, key: &str) -> Option<&'t Value<'i>> {
 }
 
 /// A table's entries in the order they were written.
-fn sorted<'t, 'i>(table: &'t DeTable<'i>) -> Vec<(&'t Key<'i>, &'t Value<'i>)> {
+pub(crate) fn sorted<'t, 'i>(table: &'t DeTable<'i>) -> Vec<(&'t Key<'i>, &'t Value<'i>)> {
     let mut entries: Vec<_> = table.iter().collect();
     entries.sort_by_key(|(key, _)| key.span().start);
     entries

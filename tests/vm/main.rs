@@ -14,6 +14,7 @@ mod exec;
 mod grants;
 mod pause;
 mod pending;
+mod policy_cases;
 mod preflight;
 mod protect_files;
 mod restart;
