@@ -50,11 +50,15 @@ pub enum RecordKind {
     /// Agent only: an exec met a rule whose file was rewritten in place since the policy was
     /// loaded; the rule did not match (the policy default applied).
     RuleStale,
+    /// Agent only: a policy in audit mode (`mode = "audit"`) let an action through that
+    /// enforcement would have denied or asked about (`would`); one record per burst of
+    /// identical ones, with the count.
+    Audited,
 }
 
 impl RecordKind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::Requested,
         Self::Decided,
         Self::Expired,
@@ -71,6 +75,7 @@ impl RecordKind {
         Self::AuditInterrupted,
         Self::AgentAuditHealth,
         Self::RuleStale,
+        Self::Audited,
     ];
 
     /// The stored name, as in JSON.
@@ -93,6 +98,7 @@ impl RecordKind {
             Self::AuditInterrupted => "audit_interrupted",
             Self::AgentAuditHealth => "agent_audit_health",
             Self::RuleStale => "rule_stale",
+            Self::Audited => "audited",
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod config;
 mod escape;
+mod forecast;
 mod output;
 
 use std::{io::Write as _, path::PathBuf, process::ExitCode};
@@ -271,6 +272,32 @@ enum PolicyCommand {
         /// Fail (exit status 3) when any warning is found.
         #[arg(long)]
         deny_warnings: bool,
+    },
+    /// Show what policies in audit mode would have denied and asked, from an agent's audit log.
+    ///
+    /// A policy with `mode = "audit"` denies and pauses nothing: the agent records each action
+    /// enforcement would have denied or asked about (`audited` records, one per burst of
+    /// identical actions, with a count). This sums them over a time window, per policy and
+    /// rule, and lists the commands and destinations that would have asked most often, so a
+    /// policy can be tuned before it enforces. Switching a policy to `mode = "enforce"` is a
+    /// reload of the agent's policies.
+    ///
+    ///   gatekeep policy forecast --db /var/lib/gatekeep/audit.db --since 7d
+    #[command(verbatim_doc_comment)]
+    Forecast {
+        /// The agent's audit database (read-only).
+        #[arg(
+            long,
+            value_name = "PATH",
+            default_value = "/var/lib/gatekeep/audit.db"
+        )]
+        db: PathBuf,
+        /// The window: records from this long ago until now (e.g. 1h, 24h, 7d).
+        #[arg(long, value_name = "DURATION", default_value = "24h")]
+        since: String,
+        /// How many of the most frequent asked targets to list per policy.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
     },
     /// Check that policies give example actions the outcomes you expect (like `opa test`).
     ///
@@ -545,6 +572,33 @@ impl App {
                     .into());
                 }
                 Ok(())
+            }
+            PolicyCommand::Forecast { db, since, top } => {
+                let window = humantime::parse_duration(&since).map_err(|err| {
+                    anyhow!("--since takes a duration such as 24h or 7d, not `{since}` ({err})")
+                })?;
+                let until = time::OffsetDateTime::now_utc();
+                let from = until - window;
+                let mut lines = Vec::new();
+                let filter = gatekeep_audit::ExportFilter {
+                    from_seq: None,
+                    kind: Some(gatekeep_audit::RecordKind::Audited),
+                };
+                gatekeep_audit::export(&db, &mut lines, &filter)
+                    .with_context(|| format!("cannot read the audit log `{}`", db.display()))?;
+                let mut records = Vec::new();
+                for line in lines.split(|&byte| byte == b'\n').filter(|l| !l.is_empty()) {
+                    let record: gatekeep_audit::StoredRecord = serde_json::from_slice(line)
+                        .context("the audit log holds a record this version cannot read")?;
+                    records.push((record.at, record.payload));
+                }
+                let found = forecast::forecast(
+                    records.iter().map(|(at, payload)| (*at, payload)),
+                    from,
+                    until,
+                    top,
+                );
+                self.printer.forecast(&found, &since)
             }
             PolicyCommand::Test { cases, policies } => {
                 let loaded = gatekeep_policy::PolicySet::load_paths(&policies)

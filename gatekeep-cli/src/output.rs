@@ -566,6 +566,58 @@ impl Printer {
         text(&format!("ok: {}{warnings}\n", validation.summary))
     }
 
+    /// `policy forecast`: per policy and rule, asks and denials enforcement would have made,
+    /// then the targets that would have asked most often. JSON: the [`Forecast`] as one
+    /// document.
+    pub fn forecast(&self, found: &crate::forecast::Forecast, since: &str) -> anyhow::Result<()> {
+        if self.format == Format::Json {
+            return json_line(found);
+        }
+        if found.records == 0 {
+            return text(&format!(
+                "no audited actions in the last {}: no policy in audit mode met an action it would deny or ask about (or none is in audit mode)\n",
+                t(since)
+            ));
+        }
+        let rows: Vec<Vec<String>> = found
+            .rules
+            .iter()
+            .map(|row| {
+                vec![
+                    t(&row.policy),
+                    t(&row.rule),
+                    row.would_ask.to_string(),
+                    row.would_deny.to_string(),
+                ]
+            })
+            .collect();
+        let mut out = format!("in the last {}, enforcement would have:\n", t(since));
+        out.push_str(&table(&["POLICY", "RULE", "ASKS", "DENIALS"], &rows));
+        if !found.frequent_asks.is_empty() {
+            out.push_str("\nmost frequent actions that would have asked:\n");
+            let rows: Vec<Vec<String>> = found
+                .frequent_asks
+                .iter()
+                .map(|entry| {
+                    vec![
+                        t(&entry.policy),
+                        entry.count.to_string(),
+                        entry.target.clone(),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(&["POLICY", "COUNT", "WHAT"], &rows));
+        }
+        if found.unreadable > 0 {
+            let _ = writeln!(
+                out,
+                "\n{} record(s) could not be read (written by another version) and are not counted",
+                found.unreadable
+            );
+        }
+        text(&out)
+    }
+
     /// `policy test`'s results. Text: one line per case (`PASS`/`FAIL`, where it was
     /// written, the action, the outcome and what decided it, escaped), then a summary. JSON:
     /// one document with `cases` (each case, its outcome and `passed`), `passed` and `failed`.

@@ -162,6 +162,11 @@ pub mod event_kind {
     /// An exec met a rule whose file changed content since the policy was
     /// loaded ([`super::ExecRuleStaleEvent`]): the rule did not match.
     pub const EXEC_RULE_STALE: u32 = 8;
+    /// An exec of a policy in audit mode that enforcement would have denied
+    /// or asked about (`action` says which); it ran ([`super::ExecEvent`]).
+    pub const EXEC_AUDITED: u32 = 9;
+    /// The same for a connect, datagram or raw socket ([`super::ConnectEvent`]).
+    pub const CONNECT_AUDITED: u32 = 10;
 }
 
 /// What a request is about; also in [`PendingRequest::kind`].
@@ -277,6 +282,12 @@ pub struct PolicyDefaults {
     /// granted, and only `ASK` lets a reviewer see it (marked truncated).
     /// `NONE` and anything else read as `DENY`.
     pub on_truncated: u32,
+    /// Non-zero when the policy is in audit mode (`mode = "audit"`): the
+    /// hooks deny and pause nothing of its own rules; where they would,
+    /// they report it ([`event_kind::EXEC_AUDITED`],
+    /// [`event_kind::CONNECT_AUDITED`]) and let the syscall through.
+    /// Self-protection is enforced whatever the mode.
+    pub audit: u32,
 }
 
 /// Key of the `EXEC_RULES` map: an executable's identity within a policy.

@@ -13,6 +13,7 @@
 //! [[policy]]
 //! name = "ai-agents"
 //! cgroups = ["/sys/fs/cgroup/agents/*"]     # cgroup v2 paths, globs allowed
+//! mode = "enforce"                           # enforce | audit (default enforce)
 //!
 //! [policy.exec]
 //! default = "ask"                            # allow | deny | ask (default allow)
@@ -157,6 +158,17 @@
 //!   them: `raw_sockets` (`allow` or `deny`, default `deny`) decides whether
 //!   they can be created at all.
 //!
+//! # Audit mode
+//!
+//! `mode = "audit"` rolls a policy out safely: it denies and pauses nothing
+//! of its own rules. Every action enforcement would have denied or asked
+//! about runs, and the agent records it (`audited`, one record per burst of
+//! identical actions, with `would` = `deny` or `ask`, the rule and a count).
+//! `gatekeep policy forecast` sums those per policy and rule over a window
+//! and lists the commands and destinations that would have asked most.
+//! Switching between `audit` and `enforce` is a policy reload. gatekeep's
+//! self-protections are enforced in both modes.
+//!
 //! # Policy tests
 //!
 //! A `*.cases.toml` file lists example actions, each with the outcome it
@@ -189,7 +201,7 @@ pub use cgroup::{CGROUP_ROOT, CgroupPattern, CgroupPatternError};
 pub use error::{Diagnostic, PolicyError};
 pub use load::{Summary, Validation, parse_str, validate_paths};
 pub use model::{
-    Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration,
+    Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, Mode,
     ParseActionError, ParseGrantDurationError, ParseProtectPointError, Policy, PolicySet,
     PortRange, Protect, ProtectPoint,
 };

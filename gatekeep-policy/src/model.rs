@@ -43,6 +43,39 @@ pub struct Policy {
     /// Self-protections this policy gives up (`[policy.protect]`); none by
     /// default.
     pub protect: Protect,
+    /// Whether the policy enforces (the default) or only records what it
+    /// would do (`mode = "audit"`).
+    pub mode: Mode,
+}
+
+/// How a policy applies its rules.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Deny and pause as the rules say.
+    #[default]
+    Enforce,
+    /// Deny and pause nothing: every action enforcement would have denied
+    /// or asked about runs, and is recorded with what would have happened
+    /// ("would deny", "would ask") and the rule. Self-protection is enforced
+    /// in both modes. Switching is a policy reload.
+    Audit,
+}
+
+impl Mode {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What a policy does with an `execve`.

@@ -16,8 +16,8 @@ use crate::{
     cgroup::CgroupPattern,
     error::Diagnostic,
     model::{
-        Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, Policy,
-        Protect, ProtectPoint,
+        Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, Mode,
+        Policy, Protect, ProtectPoint,
     },
     net::parse_target,
 };
@@ -33,7 +33,9 @@ pub const MAX_TIMEOUT: Duration = Duration::from_hours(24);
 
 const EXEC_PATH_NOTE: &str = "exec rules match absolute paths; relative paths, `..` and symlinks are resolved by the kernel-side identity match";
 
-const POLICY_KEYS: &[&str] = &["name", "cgroups", "exec", "connect", "approval", "protect"];
+const POLICY_KEYS: &[&str] = &[
+    "name", "cgroups", "mode", "exec", "connect", "approval", "protect",
+];
 const PROTECT_KEYS: &[&str] = &["relax"];
 const EXEC_KEYS: &[&str] = &["default", "allow", "deny", "ask", "on_truncated"];
 const CONNECT_KEYS: &[&str] = &[
@@ -239,6 +241,7 @@ impl<'a> Walker<'a> {
         let connect = self.connect(table);
         let approval = self.approval(table);
         let protect = self.protect(table);
+        let mode = self.mode(table);
         ParsedPolicy {
             policy: Policy {
                 name,
@@ -247,6 +250,7 @@ impl<'a> Walker<'a> {
                 connect,
                 approval,
                 protect,
+                mode,
             },
             name_at,
             cgroups_at,
@@ -496,6 +500,26 @@ impl<'a> Walker<'a> {
     }
 
     /// `[policy.protect]`: `relax = ["signals", ...]`.
+    /// `mode`: `enforce` (when not written) or `audit`.
+    fn mode(&mut self, policy: &DeTable<'_>) -> Mode {
+        let Some(value) = field(policy, "mode") else {
+            return Mode::Enforce;
+        };
+        match self.string(value, "mode") {
+            Some("audit") => Mode::Audit,
+            Some("enforce") | None => Mode::Enforce,
+            Some(other) => {
+                self.error(
+                    &value.span(),
+                    format!(
+                        "unknown mode {other:?} (expected \"enforce\", the default, or \"audit\" to record what the policy would deny or ask without enforcing it)"
+                    ),
+                );
+                Mode::Enforce
+            }
+        }
+    }
+
     fn protect(&mut self, policy: &DeTable<'_>) -> Protect {
         let mut protect = Protect::default();
         let Some(table) = self.section(policy, "protect", PROTECT_KEYS) else {
@@ -927,11 +951,11 @@ mod tests {
             [
                 "policies/agents.toml:1:1: unknown key \"version\" in this file (expected policy)",
                 "policies/agents.toml:2:1: policy has no cgroups; add cgroups = [\"/sys/fs/cgroup/...\"] to say which workloads it governs",
-                "policies/agents.toml:4:1: unknown key \"cgroup\" in [[policy]] (expected name, cgroups, exec, connect, approval or protect); did you mean \"cgroups\"?",
+                "policies/agents.toml:4:1: unknown key \"cgroup\" in [[policy]] (expected name, cgroups, mode, exec, connect, approval or protect); did you mean \"cgroups\"?",
                 "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny, ask or on_truncated); did you mean \"default\"?",
                 "policies/agents.toml:9:1: unknown key \"allowed\" in [policy.connect] (expected default, allow, deny, ask, unix, raw_sockets or other_families); did you mean \"allow\"?",
                 "policies/agents.toml:12:1: unknown key \"reviewer\" in [policy.approval] (expected timeout, on_timeout, reviewers, approvals_required or grant_durations); did you mean \"reviewers\"?",
-                "policies/agents.toml:13:9: unknown key \"audit\" in [[policy]] (expected name, cgroups, exec, connect, approval or protect)",
+                "policies/agents.toml:13:9: unknown key \"audit\" in [[policy]] (expected name, cgroups, mode, exec, connect, approval or protect)",
             ]
         );
     }
@@ -1385,6 +1409,21 @@ mod tests {
                 ProtectPoint::ServiceConnect,
                 ProtectPoint::Signals
             ]
+        );
+    }
+
+    #[test]
+    fn mode_is_enforce_unless_audit_is_written() {
+        assert_eq!(load(HEAD).policies[0].mode, crate::Mode::Enforce);
+        let set = load(&with_head("mode = \"audit\"\n"));
+        assert_eq!(set.policies[0].mode, crate::Mode::Audit);
+        let set = load(&with_head("mode = \"enforce\"\n"));
+        assert_eq!(set.policies[0].mode, crate::Mode::Enforce);
+        assert_eq!(
+            error(&with_head("mode = \"permissive\"\n")),
+            format!(
+                "{FILE}:4:8: unknown mode \"permissive\" (expected \"enforce\", the default, or \"audit\" to record what the policy would deny or ask without enforcing it)"
+            )
         );
     }
 

@@ -114,6 +114,10 @@ pub struct KernelDenied {
     pub first_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_at: Option<String>,
+    /// `audited` records only: what enforcement would have done (`deny` or `ask`); the
+    /// action ran, as its policy is in audit mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would: Option<String>,
 }
 
 /// `rule_stale`: an exec met a rule whose file was rewritten in place since the policy was

@@ -4,6 +4,7 @@
 
 mod audit;
 mod audit_full;
+mod audit_mode;
 mod cgroup_escape;
 mod connect;
 mod content;

@@ -10,7 +10,7 @@ use gatekeep_common::{EVENT_CGROUP_UNCLASSIFIED, EventHeader, TaskEvent, event_k
 
 pub use super::record::{Origin, ParseError};
 use super::record::{origin, read};
-use crate::hooks::{self, Request};
+use crate::hooks::{self, Reported, Request};
 
 /// What a request is about: a [`gatekeep_common::request_kind`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +36,9 @@ pub enum Event {
     Ask(Request),
     /// A request the kernel denied by rule.
     Denied(Request),
+    /// A request a policy in audit mode let through; `would` is the
+    /// [`gatekeep_common::action`] enforcement would have taken.
+    Audited { request: Request, would: u32 },
     /// The task exited while its request was pending.
     Abandoned { origin: Origin, kind: RequestKind },
     /// The task kept re-entering without stopping (a tracer) and was refused.
@@ -59,7 +62,9 @@ impl Event {
     #[must_use]
     pub fn origin(&self) -> &Origin {
         match self {
-            Event::Ask(request) | Event::Denied(request) => request.origin(),
+            Event::Ask(request) | Event::Denied(request) | Event::Audited { request, .. } => {
+                request.origin()
+            }
             Event::Abandoned { origin, .. }
             | Event::RefusedSpinning { origin, .. }
             | Event::VerdictApplied { origin, .. }
@@ -72,8 +77,11 @@ impl Event {
     #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
-            Event::Ask(request) => request.event_name(true),
-            Event::Denied(request) => request.event_name(false),
+            Event::Ask(request) => request.event_name(Reported::Ask),
+            Event::Denied(request) => request.event_name(Reported::Denied),
+            Event::Audited { request, would } => {
+                request.event_name(Reported::Audited { would: *would })
+            }
             Event::Abandoned { .. } => "abandoned",
             Event::RefusedSpinning { .. } => "refused_spinning",
             Event::VerdictApplied { .. } => "verdict_applied",
@@ -119,8 +127,11 @@ pub fn parse(bytes: &[u8]) -> Result<Event, ParseError> {
         }
         event_kind::EXEC_RULE_STALE => hooks::exec::parse_stale(bytes).map(Event::ExecRuleStale),
         kind => match hooks::parse(kind, bytes) {
-            Some(Ok((true, request))) => Ok(Event::Ask(request)),
-            Some(Ok((false, request))) => Ok(Event::Denied(request)),
+            Some(Ok((Reported::Ask, request))) => Ok(Event::Ask(request)),
+            Some(Ok((Reported::Denied, request))) => Ok(Event::Denied(request)),
+            Some(Ok((Reported::Audited { would }, request))) => {
+                Ok(Event::Audited { request, would })
+            }
             Some(Err(err)) => Err(err),
             None => Err(ParseError::UnknownKind { kind }),
         },

@@ -114,10 +114,16 @@ impl Hook for Connect {
     const KIND: u32 = request_kind::CONNECT;
     const ASK: (u32, &'static str) = (event_kind::CONNECT_ASK, "connect_ask");
     const DENIED: (u32, &'static str) = (event_kind::CONNECT_DENIED, "connect_denied");
+    const AUDITED: (u32, &'static str) = (event_kind::CONNECT_AUDITED, "connect_audited");
     const RULE_MAPS: &'static [&'static str] = &[map_names::CONNECT_V4, map_names::CONNECT_V6];
 
     type Request = ConnectRequest;
     type Loaded = ();
+
+    fn reported_action(kind: u32, bytes: &[u8]) -> Result<u32, ParseError> {
+        let raw: ConnectEvent = read(bytes, kind)?;
+        Ok(raw.action)
+    }
 
     fn parse(kind: u32, bytes: &[u8]) -> Result<ConnectRequest, ParseError> {
         let raw: ConnectEvent = read(bytes, kind)?;

@@ -72,11 +72,17 @@ impl Hook for Exec {
     const KIND: u32 = request_kind::EXEC;
     const ASK: (u32, &'static str) = (event_kind::EXEC_ASK, "exec_ask");
     const DENIED: (u32, &'static str) = (event_kind::EXEC_DENIED, "exec_denied");
+    const AUDITED: (u32, &'static str) = (event_kind::EXEC_AUDITED, "exec_audited");
     const RULE_MAPS: &'static [&'static str] = &[map_names::EXEC_RULES];
 
     type Request = ExecRequest;
     /// (dev, ino) -> rule path, to name the rule that matched an exec.
     type Loaded = HashMap<(u64, u64), PathBuf>;
+
+    fn reported_action(kind: u32, bytes: &[u8]) -> Result<u32, ParseError> {
+        let raw: ExecEvent = read(bytes, kind)?;
+        Ok(raw.action)
+    }
 
     fn parse(kind: u32, bytes: &[u8]) -> Result<ExecRequest, ParseError> {
         let raw: ExecEvent = read(bytes, kind)?;

@@ -48,6 +48,9 @@ pub trait Hook {
     /// denied by rule ([`gatekeep_common::event_kind`], and a log name).
     const ASK: (u32, &'static str);
     const DENIED: (u32, &'static str);
+    /// Its record of what a policy in audit mode let through that enforcement would have
+    /// denied or asked about.
+    const AUDITED: (u32, &'static str);
     /// The maps policy compiles into ([`gatekeep_common::map_names`]).
     const RULE_MAPS: &'static [&'static str];
 
@@ -57,8 +60,12 @@ pub trait Hook {
     /// path a file identity came from).
     type Loaded: Debug + Clone + Default + Send + Sync + 'static;
 
-    /// Parses one of its ring buffer records ([`Hook::ASK`] or [`Hook::DENIED`]).
+    /// Parses one of its ring buffer records ([`Hook::ASK`], [`Hook::DENIED`] or
+    /// [`Hook::AUDITED`]).
     fn parse(kind: u32, bytes: &[u8]) -> Result<Self::Request, ParseError>;
+    /// The [`gatekeep_common::action`] one of its records carries: for [`Hook::AUDITED`],
+    /// what enforcement would have done.
+    fn reported_action(kind: u32, bytes: &[u8]) -> Result<u32, ParseError>;
     fn origin(request: &Self::Request) -> &Origin;
 
     /// Compiles `policy`'s part for this hook: its defaults, and its rules
@@ -90,6 +97,18 @@ pub trait Hook {
     fn denied_because(_request: &Self::Request) -> Option<(&'static str, &'static str)> {
         None
     }
+}
+
+/// What a hook's ring buffer record reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    /// A request paused for a decision.
+    Ask,
+    /// A request the kernel denied by rule.
+    Denied,
+    /// A request a policy in audit mode let through; `would` is the
+    /// [`gatekeep_common::action`] enforcement would have taken.
+    Audited { would: u32 },
 }
 
 /// One entry of a hook's rule map, in the hook's own encoding (ordered, so
@@ -178,12 +197,12 @@ macro_rules! hooks {
 
             /// The log name of its record (`"exec_ask"`).
             #[must_use]
-            pub fn event_name(&self, ask: bool) -> &'static str {
+            pub fn event_name(&self, reported: Reported) -> &'static str {
                 match self {
-                    $(Request::$variant(_) => if ask {
-                        <$hook as Hook>::ASK.1
-                    } else {
-                        <$hook as Hook>::DENIED.1
+                    $(Request::$variant(_) => match reported {
+                        Reported::Ask => <$hook as Hook>::ASK.1,
+                        Reported::Denied => <$hook as Hook>::DENIED.1,
+                        Reported::Audited { .. } => <$hook as Hook>::AUDITED.1,
                     },)+
                 }
             }
@@ -240,15 +259,25 @@ macro_rules! hooks {
         }
 
         /// Parses a hook's record: `None` if no hook writes records of `kind`,
-        /// else whether it is an ask, and the request.
+        /// else what it reports, and the request.
         #[must_use]
-        pub fn parse(kind: u32, bytes: &[u8]) -> Option<Result<(bool, Request), ParseError>> {
+        pub fn parse(kind: u32, bytes: &[u8]) -> Option<Result<(Reported, Request), ParseError>> {
             $(
-                if kind == <$hook as Hook>::ASK.0 || kind == <$hook as Hook>::DENIED.0 {
-                    return Some(
+                let reported = if kind == <$hook as Hook>::ASK.0 {
+                    Some(Ok(Reported::Ask))
+                } else if kind == <$hook as Hook>::DENIED.0 {
+                    Some(Ok(Reported::Denied))
+                } else if kind == <$hook as Hook>::AUDITED.0 {
+                    Some(<$hook as Hook>::reported_action(kind, bytes)
+                        .map(|would| Reported::Audited { would }))
+                } else {
+                    None
+                };
+                if let Some(reported) = reported {
+                    return Some(reported.and_then(|reported| {
                         <$hook as Hook>::parse(kind, bytes)
-                            .map(|request| (kind == <$hook as Hook>::ASK.0, Request::$variant(request))),
-                    );
+                            .map(|request| (reported, Request::$variant(request)))
+                    }));
                 }
             )+
             None

@@ -181,6 +181,9 @@ pub struct Stats {
     pub superseded: u64,
     pub reasked: u64,
     pub kernel_denied: u64,
+    /// Actions policies in audit mode let through that enforcement would have denied or
+    /// asked about.
+    pub audited: u64,
     pub stale_events: u64,
 }
 
@@ -388,24 +391,12 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             Event::Denied(request) => {
                 self.audit.has_room().await;
                 self.stats.kernel_denied += 1;
-                let origin = request.origin();
-                let target = request.burst_key(&self.enricher);
-                let key = (
-                    origin.policy_id,
-                    origin.cgroup_id,
-                    origin.uid,
-                    request.model_kind().as_str(),
-                    target,
-                );
-                let now = SystemTime::now();
-                // Identical to an open burst's first: counted, recorded with it.
-                if !self.denials.add_if_open(&key, 1, now) {
-                    let info = self
-                        .recent_denials
-                        .enrich(&self.enricher, origin.pid, origin.uid);
-                    let payload = self.kernel_denied(&request, &info);
-                    self.denials.add(key, 1, now, || payload);
-                }
+                self.add_to_burst(&request, None);
+            }
+            Event::Audited { request, would } => {
+                self.audit.has_room().await;
+                self.stats.audited += 1;
+                self.add_to_burst(&request, Some(would));
             }
             // The daemon hands these to the policy watcher, which classifies
             // the cgroup and resumes the task; nothing to track here.
@@ -687,6 +678,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 count: None,
                 first_at: None,
                 last_at: None,
+                would: None,
             };
             self.record(
                 RecordKind::KernelDenied,
@@ -1186,6 +1178,36 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         self.record(RecordKind::RuleStale, None, Some("kernel"), &payload);
     }
 
+    /// Counts a kernel denial, or (`would`: what enforcement would have done) an action a
+    /// policy in audit mode let through, into its burst: identical ones (same policy,
+    /// cgroup, user, kind, target and `would`) make one record, written when the burst
+    /// ends.
+    fn add_to_burst(&mut self, request: &Request, would: Option<u32>) {
+        let origin = request.origin();
+        let would = would.map(would_name);
+        let mut target = request.burst_key(&self.enricher);
+        if let Some(would) = would {
+            target = format!("{would} {target}");
+        }
+        let key = (
+            origin.policy_id,
+            origin.cgroup_id,
+            origin.uid,
+            request.model_kind().as_str(),
+            target,
+        );
+        let now = SystemTime::now();
+        // Identical to an open burst's first: counted, recorded with it.
+        if !self.denials.add_if_open(&key, 1, now) {
+            let info = self
+                .recent_denials
+                .enrich(&self.enricher, origin.pid, origin.uid);
+            let mut payload = self.kernel_denied(request, &info);
+            payload.would = would.map(str::to_owned);
+            self.denials.add(key, 1, now, || payload);
+        }
+    }
+
     fn kernel_denied(&self, request: &Request, info: &Enrichment) -> payload::KernelDenied {
         let origin = request.origin();
         let policy = self.policy(origin.policy_id);
@@ -1203,6 +1225,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             count: None,
             first_at: None,
             last_at: None,
+            would: None,
         }
     }
 
@@ -1221,8 +1244,22 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 last_at: at(burst.last_seen),
                 ..burst.value
             };
-            self.record(RecordKind::KernelDenied, None, Some("kernel"), &payload);
+            let kind = if payload.would.is_some() {
+                RecordKind::Audited
+            } else {
+                RecordKind::KernelDenied
+            };
+            self.record(kind, None, Some("kernel"), &payload);
         }
+    }
+}
+
+/// How an `audited` record names what enforcement would have done.
+fn would_name(action: u32) -> &'static str {
+    if action == gatekeep_common::action::DENY {
+        "deny"
+    } else {
+        "ask"
     }
 }
 

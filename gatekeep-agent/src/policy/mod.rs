@@ -243,6 +243,7 @@ pub fn compile(
         compiled.state.names.insert(id, name_hash(&policy.name));
         let mut defaults = PolicyDefaults {
             generation,
+            audit: u32::from(policy.mode == gatekeep_policy::Mode::Audit),
             ..PolicyDefaults::default()
         };
         let mut loaded = hooks::Loaded::default();
@@ -1053,6 +1054,7 @@ on_truncated = "ask"
                 raw_action: action::DENY,
                 other_action: action::ALLOW,
                 on_truncated: action::DENY,
+                audit: 0,
             }
         );
         let loaded = &compiled.policies[&3];
@@ -1151,6 +1153,7 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
                 raw_action: action::DENY,
                 other_action: action::ALLOW,
                 on_truncated: action::DENY,
+                audit: 0,
             },
         );
         state.rules.insert(

@@ -653,6 +653,7 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
         raw_action: action::DENY,
         other_action: action::DENY,
         on_truncated: action::DENY,
+        audit: 0,
     };
     let ask_by_default = PolicyDefaults {
         exec_default: action::ASK,
@@ -662,6 +663,7 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
         raw_action: action::DENY,
         other_action: action::ASK,
         on_truncated: action::DENY,
+        audit: 0,
     };
     policies.set(RULE_POLICY, deny_by_default, 0)?;
     policies.set(GRANT_POLICY, ask_by_default, 0)?;

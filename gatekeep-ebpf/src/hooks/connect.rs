@@ -252,6 +252,23 @@ pub fn decide(cgroup_id: u64, policy_id: u32, target: &Target) -> Result<i32, i3
     // Who is asking, and with which socket, matters only off the allow path.
     let caller = Caller::current(cgroup_id, policy_id);
     let sock_type = socket_type(target.sock);
+    if policy.audit != 0 {
+        // Audit mode: report what enforcement would do, let it through.
+        emit_connect(
+            &caller,
+            event_kind::CONNECT_AUDITED,
+            0,
+            if action == action::DENY {
+                action::DENY
+            } else {
+                action::ASK
+            },
+            &destination,
+            sock_type,
+            target,
+        );
+        return Ok(0);
+    }
     match action {
         action::DENY => {
             bump(counter::CONNECT_DENIED);
@@ -716,10 +733,10 @@ fn emit_connect(
     entry.submit(0);
 }
 
-/// Emits the `CONNECT_DENIED` record of a refused raw or packet socket
+/// Emits the `CONNECT_DENIED` (or, in audit mode, `CONNECT_AUDITED`) record of a refused raw or packet socket
 /// (`hooks/socket_create.rs`): no address; `port` holds the protocol.
 #[inline(always)]
-pub fn emit_socket_denied(caller: &Caller, family: u16, sock_type: u32, protocol: u16) {
+pub fn emit_socket_denied(caller: &Caller, kind: u32, family: u16, sock_type: u32, protocol: u16) {
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         bump(counter::EVENTS_DROPPED);
         return;
@@ -727,7 +744,7 @@ pub fn emit_socket_denied(caller: &Caller, family: u16, sock_type: u32, protocol
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points at a reserved record of the right size.
     unsafe {
-        (*event).header = caller.header(event_kind::CONNECT_DENIED, 0);
+        (*event).header = caller.header(kind, 0);
         (*event).family = u32::from(family);
         (*event).sock_type = sock_type;
         (*event).port = protocol;

@@ -129,9 +129,16 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
     }
     // Who is asking, and argv, matter only off the allow path.
     let caller = Caller::current(cgroup_id, gated.policy_id);
+    // Audit mode (`mode = "audit"`): what enforcement would do is reported
+    // on the denial path (`EXEC_AUDITED`), and the exec runs.
+    let audit = audits(gated.policy_id);
     // DENY, else ASK (and anything unknown: a human decides, fail closed).
-    let (denied_for, args) = if action == action::DENY {
-        (exec_denied_for::POLICY, capture_current_argv())
+    let (would, denied_for, args) = if action == action::DENY {
+        (
+            action::DENY,
+            exec_denied_for::POLICY,
+            capture_current_argv(),
+        )
     } else {
         if interpreter && approved_in_this_exec(caller.tid, bprm) {
             // The interpreter of a script whose exec was just approved.
@@ -140,27 +147,28 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
         let args = capture_current_argv();
         // SAFETY: this CPU's capture of this run.
         let truncated = args.is_none_or(|args| unsafe { (*args).truncated } != 0);
-        if !truncated || on_truncated(gated.policy_id) == action::ASK {
+        let asks = !truncated || on_truncated(gated.policy_id) == action::ASK;
+        if asks && !audit {
             return ask_exec(ctx, &caller, bprm, &file, (args, truncated));
         }
-        // The digest cannot cover the whole argv, so no verdict or grant
-        // could bind it: the policy's `on_truncated` (deny by default)
-        // refuses it without asking.
-        (exec_denied_for::ARGV_TRUNCATED, args)
+        if asks {
+            (action::ASK, exec_denied_for::POLICY, args)
+        } else {
+            // The digest cannot cover the whole argv, so no verdict or grant
+            // could bind it: the policy's `on_truncated` (deny by default)
+            // refuses it without asking.
+            (action::DENY, exec_denied_for::ARGV_TRUNCATED, args)
+        }
     };
-    // One denial path for both reasons keeps the frame small.
-    bump(counter::EXEC_DENIED);
-    emit_exec(
-        &caller,
-        event_kind::EXEC_DENIED,
-        0,
-        (action::DENY, denied_for),
-        bprm,
-        dev,
-        ino,
-        args,
-    );
-    Ok(EPERM)
+    // One denial path for all reasons keeps the frame small.
+    let (kind, verdict) = if audit {
+        (event_kind::EXEC_AUDITED, 0)
+    } else {
+        bump(counter::EXEC_DENIED);
+        (event_kind::EXEC_DENIED, EPERM)
+    };
+    emit_exec(&caller, kind, 0, (would, denied_for), bprm, dev, ino, args);
+    Ok(verdict)
 }
 
 /// Asks about an exec whose argv was captured as `args`; a `truncated` one
@@ -251,6 +259,12 @@ fn ask_exec(
             Ok(ERESTARTNOINTR)
         }
     }
+}
+
+/// Whether the policy only reports (`mode = "audit"`).
+#[inline(always)]
+pub fn audits(policy_id: u32) -> bool {
+    POLICIES.get(policy_id).is_some_and(|p| p.audit != 0)
 }
 
 /// The policy's `on_truncated` action: `ASK` only when the policy says so,

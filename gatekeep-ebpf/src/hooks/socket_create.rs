@@ -9,7 +9,7 @@
 //! for anyone else.
 
 use aya_ebpf::{macros::lsm, programs::LsmContext};
-use gatekeep_common::{EPERM, GATED_UNCLASSIFIED, action, counter, request_kind};
+use gatekeep_common::{EPERM, GATED_UNCLASSIFIED, action, counter, event_kind, request_kind};
 
 use crate::{
     events::Caller,
@@ -63,14 +63,26 @@ fn gated_socket_create(ctx: &LsmContext, cgroup_id: u64) -> i32 {
     if gated.flags & GATED_UNCLASSIFIED != 0 {
         return await_classification(&caller, request_kind::CONNECT);
     }
-    let allowed = POLICIES
-        .get(gated.policy_id)
-        .is_some_and(|policy| policy.raw_action == action::ALLOW);
-    if allowed {
+    let Some(policy) = POLICIES.get(gated.policy_id).copied() else {
+        return EPERM;
+    };
+    if policy.raw_action == action::ALLOW {
         return 0;
     }
     let protocol: i32 = ctx.arg(2);
-    bump(counter::CONNECT_DENIED);
-    emit_socket_denied(&caller, family as u16, sock_type as u32, protocol as u16);
-    EPERM
+    // Audit mode reports the socket enforcement would refuse, and allows it.
+    let (kind, verdict) = if policy.audit != 0 {
+        (event_kind::CONNECT_AUDITED, 0)
+    } else {
+        bump(counter::CONNECT_DENIED);
+        (event_kind::CONNECT_DENIED, EPERM)
+    };
+    emit_socket_denied(
+        &caller,
+        kind,
+        family as u16,
+        sock_type as u32,
+        protocol as u16,
+    );
+    verdict
 }
