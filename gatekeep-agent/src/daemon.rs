@@ -830,6 +830,16 @@ fn record_policy_loaded(
     compiled: &Compiled,
     trigger: &str,
 ) {
+    for policy in compiled.policies.values() {
+        if policy.policy.mode == gatekeep_policy::Mode::Audit {
+            tracing::warn!(
+                policy = %policy.policy.name.escape_debug(),
+                "policy is in audit mode: it denies and pauses nothing of its rules and records \
+                 what it would have done (`gatekeep policy forecast`); write mode = \"enforce\" \
+                 and reload to enforce it"
+            );
+        }
+    }
     sink.record(AuditRecord::new(
         RecordKind::PolicyLoaded,
         config.host.clone(),
@@ -844,6 +854,7 @@ fn record_policy_loaded(
                 .map(|p| audit::LoadedPolicy {
                     id: p.id,
                     name: p.policy.name.clone(),
+                    mode: p.policy.mode.to_string(),
                 })
                 .collect(),
             cgroups_gated: compiled

@@ -318,6 +318,14 @@ pub struct LoadedPolicy {
     /// The kernel's id for it in this generation.
     pub id: u32,
     pub name: String,
+    /// `enforce`, or `audit` for a policy that enforces none of its rules and records what
+    /// it would have done (`audited` records).
+    #[serde(default = "enforce")]
+    pub mode: String,
+}
+
+fn enforce() -> String {
+    "enforce".to_owned()
 }
 
 #[cfg(test)]

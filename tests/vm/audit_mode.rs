@@ -100,6 +100,18 @@ fn audit_mode_denies_and_pauses_nothing_records_what_it_would_do_and_forecasts_i
 
     assert_forecast(&agent, &denied, &asked);
 
+    // The loaded policy is on record with its mode, and the agent says so in its log.
+    let loaded = agent.records_of("policy_loaded");
+    assert_eq!(
+        loaded[0]["payload"]["policies"][0]["mode"], "audit",
+        "{loaded:?}"
+    );
+    assert!(
+        agent.log().contains("policy is in audit mode"),
+        "{}",
+        agent.log()
+    );
+
     // Switching to enforce is a reload: the same exec is now denied.
     agent.replace_policy(&text("enforce"));
     agent.wait_log("policy reloaded", 1, Duration::from_secs(30));
