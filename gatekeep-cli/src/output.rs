@@ -66,7 +66,8 @@ fn short_ids(records: &[RequestRecord]) -> Vec<String> {
 /// passed follows the executable when it differs (`/tmp/x/evil [named /tmp/innocent/echo]`),
 /// and a path the agent could not verify says so (`/tmp/y [unverified]`). A destination as
 /// `address:port`. An argv the kernel could not capture whole is marked `[ARGV TRUNCATED]`
-/// right after the executable.
+/// right after the executable, followed by the bound environment variables (`[env
+/// LD_PRELOAD=/tmp/x.so]`), which are part of what an approval covers.
 pub fn what(target: &Target) -> String {
     match target {
         Target::Exec(exec) => {
@@ -77,6 +78,12 @@ pub fn what(target: &Target) -> String {
             // Up front: `review list` cuts long lines, and this must not be cut.
             if exec.argv_truncated {
                 out.push_str(" [ARGV TRUNCATED]");
+            }
+            // Up front too: what the loader runs besides the file.
+            if !exec.env.is_empty() {
+                out.push_str(" [env ");
+                out.push_str(&words(&exec.env));
+                out.push(']');
             }
             if let Some(named) = &exec.named {
                 out.push_str(" [named ");
@@ -282,6 +289,15 @@ impl Printer {
                     field(name, value);
                 }
                 field("argv", words(&exec.argv));
+                if !exec.env.is_empty() {
+                    field(
+                        "env",
+                        format!(
+                            "{} (bound: the loader's LD_* and the policy's bound_env)",
+                            words(&exec.env)
+                        ),
+                    );
+                }
             }
             Target::Connect(connect) => {
                 field("connect", what(&r.target));
@@ -761,6 +777,7 @@ mod tests {
             file: None,
             mount_namespace: None,
             argv_truncated: false,
+            env: Vec::new(),
         })
     }
 
@@ -795,6 +812,7 @@ mod tests {
             file: Some("0:30 1234".into()),
             mount_namespace: Some("mnt:[4026532301]".into()),
             argv_truncated: false,
+            env: Vec::new(),
         };
         assert_eq!(
             what(&Target::Exec(decoy.clone())),
@@ -861,6 +879,7 @@ mod tests {
             file: Some("0:30 1234".into()),
             mount_namespace: None,
             argv_truncated: true,
+            env: Vec::new(),
         };
         let listed = what(&Target::Exec(exec.clone()));
         assert!(
@@ -886,6 +905,34 @@ mod tests {
                 .iter()
                 .all(|(name, _)| *name != "truncated")
         );
+    }
+
+    #[test]
+    fn the_bound_environment_is_listed_up_front_and_escaped() {
+        let exec = gatekeep_proto::model::ExecTarget {
+            executable: "/bin/echo".into(),
+            argv: vec!["echo".into(), "hi".into()],
+            content: None,
+            path_check: Some(PathCheck::Verified),
+            named: None,
+            file: None,
+            mount_namespace: None,
+            argv_truncated: false,
+            env: vec![
+                "LD_PRELOAD=/tmp/e\u{1b}[2J.so".into(),
+                "PYTHONPATH=/x y".into(),
+            ],
+        };
+        let listed = what(&Target::Exec(exec.clone()));
+        assert_eq!(
+            listed,
+            r#"/bin/echo [env LD_PRELOAD=/tmp/e\e[2J.so "PYTHONPATH=/x y"] hi"#
+        );
+        let plain = gatekeep_proto::model::ExecTarget {
+            env: Vec::new(),
+            ..exec
+        };
+        assert_eq!(what(&Target::Exec(plain)), "/bin/echo hi");
     }
 
     #[test]

@@ -69,6 +69,7 @@ fn request(argv: &[&str]) -> ApprovalRequest {
             file: None,
             mount_namespace: None,
             argv_truncated: false,
+            env: Vec::new(),
         }),
         requested_at: now,
         deadline: now + time::Duration::minutes(5),

@@ -19,6 +19,16 @@ pub const PATH_LEN: usize = 256;
 pub const ARGV_LEN: usize = 4096;
 /// Most arguments captured per exec.
 pub const ARGV_MAX_ARGS: u32 = 32;
+/// Bytes of bound environment variables (`NAME=value`, NUL-separated)
+/// captured per exec: the loader's `LD_*` and the policy's `bound_env`.
+pub const ENV_LEN: usize = 1024;
+/// Most environment entries the kernel scans for bound variables per exec;
+/// an exec with more is truncated (the policy's `on_truncated` decides).
+pub const ENV_MAX_SCAN: u32 = 4096;
+/// Most names a policy's `exec.bound_env` lists.
+pub const BOUND_ENV_NAMES: usize = 8;
+/// Most bytes of a `bound_env` name, with its `=`.
+pub const BOUND_ENV_NAME_LEN: usize = 32;
 /// Most policies the kernel maps hold.
 pub const MAX_POLICIES: u32 = 256;
 /// Port rules per connect prefix (after the agent folds in the rules of
@@ -70,6 +80,9 @@ pub mod map_names {
     /// exec hook: thread id -> the `linux_binprm` an approved exec runs
     /// with (its script's interpreter is part of the approved request).
     pub const EXEC_APPROVED: &str = "EXEC_APPROVED";
+    /// exec hook: policy id -> [`super::BoundEnv`], the environment
+    /// variables bound into its exec digests besides `LD_*`.
+    pub const EXEC_BOUND_ENV: &str = "EXEC_BOUND_ENV";
     /// exec hook: a block of zeroes to clear the argv scratch buffer.
     pub const ZEROES: &str = "ZEROES";
     /// exec hook: per-CPU scratch buffer the argv is gathered in.
@@ -108,6 +121,7 @@ pub mod map_names {
         COUNTERS,
         EXEC_RULES,
         EXEC_APPROVED,
+        EXEC_BOUND_ENV,
         ZEROES,
         ARGV_SCRATCH,
         CONNECT_V4,
@@ -337,6 +351,64 @@ pub struct ExecRule {
     pub content: ContentVersion,
 }
 
+/// Value of the `EXEC_BOUND_ENV` map: the environment variables a policy
+/// binds into its exec digests (and shows reviewers) besides the loader's
+/// `LD_*`, which are always bound.
+///
+/// Name `i` is `names[i]`: its bytes followed by `=`, zero padded, read as
+/// little-endian words; `masks[i]` has `0xff` in each byte the name (with
+/// its `=`) covers. An environment string `s` is bound when, for every
+/// word `w` of its first [`BOUND_ENV_NAME_LEN`] bytes (zero padded),
+/// `w & masks[i][w] == names[i][w]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BoundEnv {
+    /// Names used (at most [`BOUND_ENV_NAMES`]).
+    pub count: u32,
+    pub _pad: u32,
+    pub names: [[u64; BOUND_ENV_NAME_LEN / 8]; BOUND_ENV_NAMES],
+    pub masks: [[u64; BOUND_ENV_NAME_LEN / 8]; BOUND_ENV_NAMES],
+}
+
+impl BoundEnv {
+    /// The entry for `names` (each without its `=`), or `None` when there
+    /// are more than [`BOUND_ENV_NAMES`], or one is empty, contains `=` or
+    /// NUL, or is longer than [`BOUND_ENV_NAME_LEN`] - 1 bytes.
+    #[must_use]
+    pub fn from_names(names: &[&[u8]]) -> Option<Self> {
+        if names.len() > BOUND_ENV_NAMES {
+            return None;
+        }
+        let mut out = Self {
+            count: u32::try_from(names.len()).ok()?,
+            ..Self::default()
+        };
+        for (i, name) in names.iter().enumerate() {
+            if name.is_empty()
+                || name.len() >= BOUND_ENV_NAME_LEN
+                || name.iter().any(|b| *b == b'=' || *b == 0)
+            {
+                return None;
+            }
+            let mut bytes = [0u8; BOUND_ENV_NAME_LEN];
+            let mut mask = [0u8; BOUND_ENV_NAME_LEN];
+            bytes[..name.len()].copy_from_slice(name);
+            bytes[name.len()] = b'=';
+            mask[..=name.len()].fill(0xff);
+            for word in 0..BOUND_ENV_NAME_LEN / 8 {
+                let at = word * 8;
+                let mut b = [0u8; 8];
+                let mut m = [0u8; 8];
+                b.copy_from_slice(&bytes[at..at + 8]);
+                m.copy_from_slice(&mask[at..at + 8]);
+                out.names[i][word] = u64::from_le_bytes(b);
+                out.masks[i][word] = u64::from_le_bytes(m);
+            }
+        }
+        Some(out)
+    }
+}
+
 /// [`ExecRule::flags`].
 pub mod exec_rule_flags {
     /// `content.generation` was read from the file (`FS_IOC_GETVERSION`) and
@@ -535,7 +607,9 @@ pub struct ExecEvent {
     pub argc: u32,
     pub argv_len: u32,
     /// Non-zero when the kernel could not capture the whole argv (too
-    /// long, unreadable, or a compat syscall): `argv` holds a prefix.
+    /// long, unreadable, or a compat syscall), or the bound environment
+    /// (more than [`ENV_LEN`] bytes, or more than [`ENV_MAX_SCAN`]
+    /// entries): `argv` and `env` hold prefixes.
     pub argv_truncated: u32,
     /// [`exec_denied_for`]: why an `EXEC_DENIED` was denied.
     pub denied_for: u32,
@@ -543,6 +617,15 @@ pub struct ExecEvent {
     /// The path as passed to execve (may be relative), NUL terminated.
     pub filename: [u8; PATH_LEN],
     pub argv: [u8; ARGV_LEN],
+    /// Bytes of `env` used.
+    pub env_len: u32,
+    /// Bound environment variables captured.
+    pub env_count: u32,
+    /// The bound environment variables (`LD_*` and the policy's
+    /// `bound_env`), `NAME=value` strings, NUL-separated, in the order the
+    /// exec passed them; part of the digest. Those that did not fit make
+    /// the request truncated (`argv_truncated`).
+    pub env: [u8; ENV_LEN],
 }
 
 /// A connect request or denial.
@@ -813,6 +896,7 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyDefaults {}
     unsafe impl aya::Pod for super::ExecRuleKey {}
     unsafe impl aya::Pod for super::ExecRule {}
+    unsafe impl aya::Pod for super::BoundEnv {}
     unsafe impl aya::Pod for super::ContentVersion {}
     unsafe impl aya::Pod for super::PortRule {}
     unsafe impl aya::Pod for super::PortRules {}
@@ -858,7 +942,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<GatedCgroup>(), 8);
-        assert_eq!(size_of::<PolicyDefaults>(), 28);
+        assert_eq!(size_of::<PolicyDefaults>(), 32);
         assert_eq!(size_of::<ExecRuleKey>(), 24);
         assert_eq!(size_of::<ContentVersion>(), 24);
         assert_eq!(size_of::<ExecRule>(), 32);
@@ -879,13 +963,48 @@ mod tests {
         assert_eq!(size_of::<EventHeader>(), 4 * 8 + 8 * 3 + COMM_LEN);
         assert_eq!(
             size_of::<ExecEvent>(),
-            size_of::<EventHeader>() + 16 + 24 + 24 + PATH_LEN + ARGV_LEN
+            size_of::<EventHeader>() + 16 + 24 + 24 + PATH_LEN + ARGV_LEN + 8 + ENV_LEN
+        );
+        assert_eq!(
+            size_of::<BoundEnv>(),
+            8 + 2 * BOUND_ENV_NAMES * BOUND_ENV_NAME_LEN
         );
         assert_eq!(
             size_of::<ConnectEvent>(),
             size_of::<EventHeader>() + 16 + 16 + 108 + 4
         );
         assert_eq!(align_of::<ExecEvent>(), 8);
+    }
+
+    #[test]
+    fn bound_env_names_match_their_name_and_equals_sign_only() {
+        let bound = BoundEnv::from_names(&[b"PYTHONPATH", b"NODE_OPTIONS"]).expect("valid");
+        assert_eq!(bound.count, 2);
+        // What the kernel does with an entry's first 32 bytes, zero padded.
+        let matches = |entry: &[u8]| {
+            let mut head = [0u8; BOUND_ENV_NAME_LEN];
+            let n = entry.len().min(BOUND_ENV_NAME_LEN - 1);
+            head[..n].copy_from_slice(&entry[..n]);
+            (0..bound.count as usize).any(|i| {
+                (0..BOUND_ENV_NAME_LEN / 8).all(|w| {
+                    let mut word = [0u8; 8];
+                    word.copy_from_slice(&head[w * 8..w * 8 + 8]);
+                    u64::from_le_bytes(word) & bound.masks[i][w] == bound.names[i][w]
+                })
+            })
+        };
+        assert!(matches(b"PYTHONPATH=/x"));
+        assert!(matches(b"PYTHONPATH="));
+        assert!(matches(b"NODE_OPTIONS=--require /tmp/x.js"));
+        assert!(!matches(b"PYTHONPATHX=/x"));
+        assert!(!matches(b"PYTHONPATH"));
+        assert!(!matches(b"XPYTHONPATH=/x"));
+        assert!(!matches(b"NODE_OPTION=x"));
+        assert!(BoundEnv::from_names(&[b"A=B"]).is_none());
+        assert!(BoundEnv::from_names(&[b""]).is_none());
+        assert!(BoundEnv::from_names(&[&[b'A'; 31]]).is_some());
+        assert!(BoundEnv::from_names(&[&[b'A'; 32]]).is_none());
+        assert!(BoundEnv::from_names(&[b"A".as_slice(); 9]).is_none());
     }
 
     #[test]

@@ -22,6 +22,7 @@
 //! ask   = ["/usr/bin/curl"]
 //! on_truncated = "deny"                      # deny | ask (default deny): an exec to be asked whose
 //!                                            # argv the kernel cannot bind completely
+//! bound_env = ["PYTHONPATH", "NODE_OPTIONS"] # shown and bound besides LD_* (at most 8 names)
 //!
 //! [policy.connect]
 //! default = "ask"                            # allow | deny | ask (default allow)
@@ -101,12 +102,19 @@
 //!
 //! An exec that would be asked (an `ask` rule or default) is bound by a
 //! digest of the executable and its argv. The kernel captures at most 32
-//! arguments and 4 KiB of argv, and reads nothing of a compat (32-bit,
-//! `int 0x80`) exec's argv; such a request is *truncated*, its digest does
+//! arguments and 4 KiB of argv (64-bit and ia32 `int 0x80` execs alike),
+//! and reads nothing of an x32 exec's argv; such a request is *truncated*, its digest does
 //! not cover all of it, and `on_truncated` decides: `deny` (the default)
 //! refuses it in the kernel, `ask` asks with the request marked truncated
 //! (and no granted duration ever covers it: each one is asked). `allow` is
-//! not offered. Allow and deny rules do not depend on argv and apply as
+//! not offered.
+//!
+//! The digest also binds the exec's loader environment: every `LD_*`
+//! variable (`LD_PRELOAD`, `LD_LIBRARY_PATH`, `LD_AUDIT`...) and the names
+//! `bound_env` lists (at most 8 names of at most 31 bytes), which reviewers
+//! are shown; approving `cmd` does not approve `LD_PRELOAD=x cmd`. Bound
+//! variables over 1 KiB in all, or an environment of more than 4,096
+//! entries, make the request truncated. Allow and deny rules do not depend on argv and apply as
 //! written.
 //!
 //! # Warnings: promises a valid policy cannot keep

@@ -93,6 +93,11 @@ pub struct ExecPolicy {
     /// it). Never `allow`: approving a prefix would approve every exec that
     /// differs after it.
     pub on_truncated: Action,
+    /// Environment variables bound into exec requests besides the loader's
+    /// `LD_*` (always bound): shown to reviewers and part of what a verdict
+    /// or grant covers (`PYTHONPATH`, `NODE_OPTIONS`...). At most 8 names of
+    /// at most 31 bytes (`[A-Za-z_][A-Za-z0-9_]*`), no duplicates.
+    pub bound_env: Vec<String>,
 }
 
 /// One executable and what happens when a governed process runs it.

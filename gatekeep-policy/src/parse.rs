@@ -37,7 +37,18 @@ const POLICY_KEYS: &[&str] = &[
     "name", "cgroups", "mode", "exec", "connect", "approval", "protect",
 ];
 const PROTECT_KEYS: &[&str] = &["relax"];
-const EXEC_KEYS: &[&str] = &["default", "allow", "deny", "ask", "on_truncated"];
+const EXEC_KEYS: &[&str] = &[
+    "default",
+    "allow",
+    "deny",
+    "ask",
+    "on_truncated",
+    "bound_env",
+];
+/// Most names `exec.bound_env` may list (the kernel matches each one).
+const BOUND_ENV_MAX: usize = 8;
+/// Longest `exec.bound_env` name, in bytes (the kernel compares 32 bytes, `=` included).
+const BOUND_ENV_NAME_MAX: usize = 31;
 const CONNECT_KEYS: &[&str] = &[
     "default",
     "allow",
@@ -310,6 +321,7 @@ impl<'a> Walker<'a> {
             default: Action::Allow,
             rules: Vec::new(),
             on_truncated: Action::Deny,
+            bound_env: Vec::new(),
         };
         let mut places = Vec::new();
         let Some(table) = self.section(policy, "exec", EXEC_KEYS) else {
@@ -334,6 +346,9 @@ impl<'a> Walker<'a> {
                 ),
                 None => {}
             }
+        }
+        if let Some(value) = field(table, "bound_env") {
+            exec.bound_env = self.bound_env(value);
         }
         let mut rules: Vec<(Span, ExecRule)> = Vec::new();
         for (key, action) in RULE_LISTS {
@@ -765,6 +780,54 @@ impl<'a> Walker<'a> {
     }
 
     /// An array of strings; wrong items are reported and left out.
+    /// `exec.bound_env`: environment variable names, validated.
+    fn bound_env(&mut self, value: &Value<'_>) -> Vec<String> {
+        let example = "bound_env = [\"PYTHONPATH\", \"NODE_OPTIONS\"]";
+        let Some(items) = self.string_list(value, "bound_env", example) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = Vec::new();
+        for (name, span) in items {
+            let valid = name.len() <= BOUND_ENV_NAME_MAX
+                && name
+                    .bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                self.error(
+                    &span,
+                    format!(
+                        "bound_env name {name:?} is not an environment variable name of at most \
+                         {BOUND_ENV_NAME_MAX} bytes (letters, digits and `_`, not starting with a \
+                         digit; no `=`), e.g. {example}"
+                    ),
+                );
+            } else if name.starts_with("LD_") {
+                self.error(
+                    &span,
+                    format!(
+                        "bound_env name {name:?} is already bound: every `LD_*` variable is; \
+                         remove it"
+                    ),
+                );
+            } else if names.iter().any(|n| n == name) {
+                self.error(&span, format!("bound_env lists {name:?} twice; remove one"));
+            } else if names.len() == BOUND_ENV_MAX {
+                self.error(
+                    &span,
+                    format!(
+                        "bound_env lists more than {BOUND_ENV_MAX} names (the kernel matches at \
+                         most {BOUND_ENV_MAX}); keep those a loader or interpreter reads code from"
+                    ),
+                );
+            } else {
+                names.push(name.to_owned());
+            }
+        }
+        names
+    }
+
     pub(crate) fn string_list<'v>(
         &mut self,
         value: &'v Value<'_>,
@@ -952,7 +1015,7 @@ mod tests {
                 "policies/agents.toml:1:1: unknown key \"version\" in this file (expected policy)",
                 "policies/agents.toml:2:1: policy has no cgroups; add cgroups = [\"/sys/fs/cgroup/...\"] to say which workloads it governs",
                 "policies/agents.toml:4:1: unknown key \"cgroup\" in [[policy]] (expected name, cgroups, mode, exec, connect, approval or protect); did you mean \"cgroups\"?",
-                "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny, ask or on_truncated); did you mean \"default\"?",
+                "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny, ask, on_truncated or bound_env); did you mean \"default\"?",
                 "policies/agents.toml:9:1: unknown key \"allowed\" in [policy.connect] (expected default, allow, deny, ask, unix, raw_sockets or other_families); did you mean \"allow\"?",
                 "policies/agents.toml:12:1: unknown key \"reviewer\" in [policy.approval] (expected timeout, on_timeout, reviewers, approvals_required or grant_durations); did you mean \"reviewers\"?",
                 "policies/agents.toml:13:9: unknown key \"audit\" in [[policy]] (expected name, cgroups, mode, exec, connect, approval or protect)",
@@ -1157,6 +1220,50 @@ mod tests {
         assert_eq!(connect.unix, Action::Allow);
         assert_eq!(connect.other_families, Action::Ask);
         assert_eq!(connect.raw_sockets, Action::Allow);
+    }
+
+    #[test]
+    fn bound_env_lists_valid_distinct_names_beyond_ld() {
+        let set = load(&with_head("[policy.exec]\ndefault = \"ask\"\n"));
+        assert!(
+            set.policies[0].exec.bound_env.is_empty(),
+            "none unless written"
+        );
+        let set = load(&with_head(
+            "[policy.exec]\nbound_env = [\"PYTHONPATH\", \"NODE_OPTIONS\", \"_X1\"]\n",
+        ));
+        assert_eq!(
+            set.policies[0].exec.bound_env,
+            ["PYTHONPATH", "NODE_OPTIONS", "_X1"]
+        );
+        let long = "A".repeat(32);
+        assert_eq!(
+            errors(&with_head(&format!(
+                "[policy.exec]\nbound_env = [\"A=B\", \"1A\", \"\", \"{long}\", \"LD_PRELOAD\", \"X\", \"X\"]\n"
+            ))),
+            [
+                "policies/agents.toml:5:14: bound_env name \"A=B\" is not an environment variable name of at most 31 bytes (letters, digits and `_`, not starting with a digit; no `=`), e.g. bound_env = [\"PYTHONPATH\", \"NODE_OPTIONS\"]",
+                "policies/agents.toml:5:21: bound_env name \"1A\" is not an environment variable name of at most 31 bytes (letters, digits and `_`, not starting with a digit; no `=`), e.g. bound_env = [\"PYTHONPATH\", \"NODE_OPTIONS\"]",
+                "policies/agents.toml:5:27: bound_env name \"\" is not an environment variable name of at most 31 bytes (letters, digits and `_`, not starting with a digit; no `=`), e.g. bound_env = [\"PYTHONPATH\", \"NODE_OPTIONS\"]",
+                &format!(
+                    "policies/agents.toml:5:31: bound_env name \"{long}\" is not an environment variable name of at most 31 bytes (letters, digits and `_`, not starting with a digit; no `=`), e.g. bound_env = [\"PYTHONPATH\", \"NODE_OPTIONS\"]"
+                ),
+                "policies/agents.toml:5:67: bound_env name \"LD_PRELOAD\" is already bound: every `LD_*` variable is; remove it",
+                "policies/agents.toml:5:86: bound_env lists \"X\" twice; remove one",
+            ]
+        );
+        let nine: Vec<String> = (0..9).map(|i| format!("\"V{i}\"")).collect();
+        assert_eq!(
+            error(&with_head(&format!(
+                "[policy.exec]\nbound_env = [{}]\n",
+                nine.join(", ")
+            ))),
+            "policies/agents.toml:5:62: bound_env lists more than 8 names (the kernel matches at most 8); keep those a loader or interpreter reads code from"
+        );
+        assert_eq!(
+            error(&with_head("[policy.exec]\nbound_env = \"PYTHONPATH\"\n")),
+            "policies/agents.toml:5:13: `bound_env` must be an array of strings, e.g. bound_env = [\"PYTHONPATH\", \"NODE_OPTIONS\"], found string"
+        );
     }
 
     #[test]

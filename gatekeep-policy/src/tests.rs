@@ -122,6 +122,8 @@ fn to_toml(policy: &crate::Policy) -> String {
         let paths = quoted(paths.map(|r| r.path.display().to_string()).collect());
         let _ = writeln!(out, "{action} = [{paths}]");
     }
+    let bound_env = quoted(policy.exec.bound_env.clone());
+    let _ = writeln!(out, "bound_env = [{bound_env}]");
     let connect = &policy.connect;
     let _ = writeln!(
         out,

@@ -354,6 +354,7 @@ mod tests {
                 file: None,
                 mount_namespace: None,
                 argv_truncated: false,
+                env: Vec::new(),
             }),
             requested_at: time::OffsetDateTime::UNIX_EPOCH,
             deadline: time::OffsetDateTime::UNIX_EPOCH + time::Duration::minutes(5),

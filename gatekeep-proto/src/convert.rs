@@ -385,6 +385,7 @@ impl TryFrom<v1::ExecTarget> for ExecTarget {
             file,
             mount_namespace,
             argv_truncated: wire.argv_truncated,
+            env: argv("exec.env", wire.env)?,
         })
     }
 }
@@ -463,6 +464,7 @@ impl From<ExecTarget> for v1::ExecTarget {
             file: exec.file.unwrap_or_default(),
             mount_namespace: exec.mount_namespace.unwrap_or_default(),
             argv_truncated: exec.argv_truncated,
+            env: exec.env,
         }
     }
 }
@@ -931,6 +933,10 @@ mod tests {
         exec.named = "/tmp/innocent/echo".into();
         exec.file = "0:30 1234".into();
         exec.mount_namespace = "mnt:[4026532301]".into();
+        exec.env = vec![
+            "LD_PRELOAD=/tmp/evil.so".into(),
+            "PYTHONPATH=\u{1b}[2J".into(),
+        ];
         let domain = ApprovalRequest::try_from(wire.clone()).unwrap();
         let Target::Exec(seen) = &domain.target else {
             panic!("an exec target")
@@ -943,10 +949,14 @@ mod tests {
         let json = serde_json::to_value(&domain).unwrap();
         assert_eq!(json["target"]["path_check"], "verified");
         assert_eq!(json["target"]["mount_namespace"], "mnt:[4026532301]");
+        assert_eq!(
+            json["target"]["env"],
+            serde_json::json!(["LD_PRELOAD=/tmp/evil.so", "PYTHONPATH=\u{1b}[2J"])
+        );
         // Absent on the wire: absent in the model (and in its JSON).
         let plain = ApprovalRequest::try_from(wire_request()).unwrap();
         let json = serde_json::to_value(&plain).unwrap();
-        for field in ["path_check", "named", "file", "mount_namespace"] {
+        for field in ["path_check", "named", "file", "mount_namespace", "env"] {
             assert!(json["target"].get(field).is_none(), "{field}: {json}");
         }
 
@@ -970,6 +980,10 @@ mod tests {
             (
                 |e: &mut v1::ExecTarget| e.named = "a\0b".into(),
                 "`exec.named` is invalid: contains a NUL byte",
+            ),
+            (
+                |e: &mut v1::ExecTarget| e.env = vec!["LD_PRELOAD=a\0b".into()],
+                "`exec.env[0]` is invalid: contains a NUL byte",
             ),
         ] {
             let mut wire = wire_request();
@@ -1023,6 +1037,14 @@ mod tests {
                     }
                 }),
                 "`exec.argv` is 36864 bytes long",
+            ),
+            (
+                Box::new(|r| {
+                    if let Some(v1::approval_request::Target::Exec(exec)) = &mut r.target {
+                        exec.env = vec!["x".into(); limits::MAX_ARGS + 1];
+                    }
+                }),
+                "`exec.env` has 257 items",
             ),
             (
                 Box::new(|r| {

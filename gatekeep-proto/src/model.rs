@@ -116,6 +116,13 @@ pub struct ExecTarget {
     /// runs. Reviewers are told; no grant or allow rule covers such a request.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub argv_truncated: bool,
+    /// The exec's bound environment variables, `NAME=value` as the workload passed them
+    /// (the loader's `LD_*` and the policy's `exec.bound_env`), in its order: part of what
+    /// a verdict or grant covers (approving `cmd` does not approve `LD_PRELOAD=x cmd`).
+    /// Workload-controlled: escape before showing. Variables that did not fit the kernel's
+    /// capture make the request `argv_truncated`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
 }
 
 /// How the agent found an exec's `executable` path.

@@ -50,6 +50,7 @@ fn request(command: &str, n: usize) -> ApprovalRequest {
             file: None,
             mount_namespace: None,
             argv_truncated: false,
+            env: Vec::new(),
         }),
         requested_at: now,
         deadline: now + time::Duration::hours(1),

@@ -608,7 +608,7 @@ impl Engine {
     ) -> Result<RequestRecord, Error> {
         let (record, outcome) = self
             .transition(id, |record| {
-                Self::authorise(reviewer, record)?;
+                Self::authorise(reviewer, record).and(no_grant(record, verdict, duration))?;
                 let settings = &record.request.approval;
                 if !settings.allows(duration) {
                     return Err(Error::permission(format!(
@@ -989,4 +989,29 @@ impl Engine {
             .await
             .map_err(|source| Error::Audit { source })
     }
+}
+
+/// Refuses an approval with a grant (any duration but once) of a truncated request: its
+/// digest covers only the captured part, so a grant would allow every exec that differs
+/// after it (the kernel would ignore the grant; the reviewer is told instead).
+fn no_grant(
+    record: &RequestRecord,
+    verdict: Verdict,
+    duration: GrantDuration,
+) -> Result<(), Error> {
+    if verdict == Verdict::Allow
+        && duration != GrantDuration::Once
+        && record.request.target.argv_truncated()
+    {
+        return Err(Error::BadArgument {
+            message: format!(
+                "request {} is truncated (the kernel could not capture its whole argv or bound \
+                 environment), so no grant can cover it: a grant would allow every exec that \
+                 differs after the captured part; approve it `once` (each such exec is asked), \
+                 or deny it",
+                record.request.id
+            ),
+        });
+    }
+    Ok(())
 }

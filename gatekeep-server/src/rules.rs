@@ -201,7 +201,9 @@ impl Rule {
         match &request.target {
             Target::Exec(exec) => {
                 // A truncated argv is a prefix of what runs: an allow rule never matches it.
-                if exec.argv_truncated && self.action == Verdict::Allow {
+                // Nor does it match an exec with a bound environment (`LD_PRELOAD`...): the
+                // rule names a file and command, not the code a loader adds to them.
+                if (exec.argv_truncated || !exec.env.is_empty()) && self.action == Verdict::Allow {
                     return false;
                 }
                 // An allow rule's path must be the file that runs: a path the agent could
@@ -265,6 +267,7 @@ mod tests {
             file: None,
             mount_namespace: None,
             argv_truncated: false,
+            env: Vec::new(),
         })
     }
 
@@ -342,7 +345,7 @@ mod tests {
     }
 
     #[test]
-    fn an_allow_rule_never_matches_a_truncated_argv() {
+    fn an_allow_rule_never_matches_a_truncated_argv_or_a_bound_environment() {
         let rules = rules(
             "[[rules]]\nname = \"git\"\naction = \"allow\"\nexecutable = \"/usr/bin/git\"\n\
              [[rules]]\nname = \"no-curl\"\naction = \"deny\"\nexecutable = \"/usr/bin/curl\"\n",
@@ -367,6 +370,19 @@ mod tests {
         );
         assert_eq!(
             rules.decide("h", &with("/usr/bin/curl", true)),
+            Some(("no-curl", Verdict::Deny))
+        );
+        // A bound environment: a reviewer decides it, a deny rule still denies.
+        let preloaded = |executable: &str| {
+            let mut asked = with(executable, false);
+            if let Target::Exec(exec) = &mut asked.target {
+                exec.env = vec!["LD_PRELOAD=/tmp/evil.so".into()];
+            }
+            asked
+        };
+        assert_eq!(rules.decide("h", &preloaded("/usr/bin/git")), None);
+        assert_eq!(
+            rules.decide("h", &preloaded("/usr/bin/curl")),
             Some(("no-curl", Verdict::Deny))
         );
     }

@@ -333,6 +333,7 @@ fn exec_request(argv: &[&str], timeout: time::Duration, on_timeout: Verdict) -> 
             file: None,
             mount_namespace: None,
             argv_truncated: false,
+            env: Vec::new(),
         }),
         requested_at: now,
         deadline: now + timeout,
@@ -812,6 +813,52 @@ async fn owners_and_other_groups_cannot_approve() {
         .await
         .expect("dave approves");
     assert_eq!(answer(pending).await.expect("decision").decided_by, "dave");
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_request_is_approved_once_never_granted() {
+    let mut harness = Harness::start().await;
+    let (link, _events) = harness.agent("web-1").await;
+    let link = Arc::new(link);
+    let mut alice = harness.reviewer("alice").await;
+    let mut req = request(&["curl", "https://truncated.example"]);
+    if let Target::Exec(exec) = &mut req.target {
+        exec.argv_truncated = true;
+    }
+    let id = req.id;
+    let pending = decide_later(&link, req);
+    wait_state(&mut alice, id, RequestState::Pending).await;
+    // An hour (which the policy offers) is refused for a truncated request, with the reason.
+    let err = alice
+        .decide(
+            id,
+            Verdict::Allow,
+            "",
+            GrantDuration::For(Duration::from_hours(1)),
+        )
+        .await
+        .expect_err("no grant for a truncated request");
+    assert_eq!(err.code(), Some(Code::InvalidArgument));
+    assert!(
+        err.to_string().contains("is truncated") && err.to_string().contains("approve it `once`"),
+        "{err}"
+    );
+    let record = alice.get(id).await.expect("get").0;
+    assert_eq!(
+        record.state,
+        RequestState::Pending,
+        "the refusal changed nothing"
+    );
+    assert!(record.approvals.is_empty());
+    // Once: approved, and no grant.
+    alice
+        .decide(id, Verdict::Allow, "", GrantDuration::Once)
+        .await
+        .expect("approve once");
+    let decision = answer(pending).await.expect("decision");
+    assert_eq!(decision.verdict, Verdict::Allow);
+    assert!(decision.grant.is_none());
     harness.stop().await;
 }
 
@@ -1338,6 +1385,7 @@ async fn malformed_inputs_get_precise_codes_and_change_nothing() {
         file: None,
         mount_namespace: None,
         argv_truncated: false,
+        env: Vec::new(),
     });
     sender
         .send(v1::AgentMessage {

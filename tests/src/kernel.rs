@@ -228,6 +228,24 @@ pub fn event_argv(event: &ExecEvent) -> Vec<String> {
         .collect()
 }
 
+/// The bound environment variables an exec event carries
+/// (`env[..env_len]`), in order.
+#[must_use]
+pub fn event_env(event: &ExecEvent) -> Vec<String> {
+    let len = usize::try_from(event.env_len)
+        .expect("env_len fits usize")
+        .min(event.env.len());
+    let bytes = &event.env[..len];
+    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    bytes
+        .split(|b| *b == 0)
+        .map(|var| String::from_utf8_lossy(var).into_owned())
+        .collect()
+}
+
 /// Names of every BPF program loaded in the kernel (as the kernel keeps
 /// them: at most [`PROGRAM_NAME_LEN`] bytes), with their ids.
 #[must_use]

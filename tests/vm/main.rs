@@ -12,6 +12,7 @@ mod e2e;
 mod egress;
 mod escape;
 mod exec;
+mod execenv;
 mod grants;
 mod pause;
 mod pending;

@@ -1,7 +1,7 @@
 //! Truncated argv (issue 19, item 3): an exec on the ask path whose argv the
-//! kernel cannot bind completely (more than 32 arguments or 4 KiB, or a
-//! compat `int 0x80` exec whose argv it does not read) is never silently
-//! approvable. The policy's `on_truncated` decides: deny (the default) refuses
+//! kernel cannot bind completely (more than 32 arguments or 4 KiB) is never
+//! silently approvable; a compat `int 0x80` exec's argv and environment are
+//! read like a 64-bit one's. The policy's `on_truncated` decides: deny (the default) refuses
 //! it in the kernel, with the event saying why; ask pauses it marked truncated,
 //! and no grant ever covers it. Driven through the maps (no agent), as root in
 //! the gated cgroup and as an unprivileged user.
@@ -275,7 +275,7 @@ fn ia32_available() -> bool {
 }
 
 #[test]
-fn truncated_compat_int80_exec_is_denied_by_default_and_asked_only_as_truncated() {
+fn compat_int80_exec_is_asked_with_its_whole_argv_and_environment() {
     require_vm();
     if !ia32_available() {
         // No IA32 emulation: `int 0x80` faults before any exec, so no compat
@@ -307,22 +307,55 @@ fn truncated_compat_int80_exec_is_denied_by_default_and_asked_only_as_truncated(
             Outcome::exec_denied()
         );
 
-        // By `int 0x80`: its argv is not read, so denied without asking.
-        let args = exec_args(uid, "exec32", tool, &argv);
-        let denied = expect_denied_truncated(&mut ebpf, &cgroup, &args);
-        assert_eq!(denied.argc, 0, "no argv was read from the compat syscall");
+        let asked_64 = ask;
 
-        // Under on_truncated = "ask": asked, but marked truncated (never
-        // shown as a complete, empty argv).
-        set_on_truncated(&mut ebpf, action::ASK);
+        // By `int 0x80` (ia32 execve, 32-bit pointer arrays, garbage in the
+        // registers' upper halves): asked with its whole argv, not truncated,
+        // under the default on_truncated = "deny".
+        let args = exec_args(uid, "exec32", tool, &argv);
         let (mut child, ask) = asked(&mut ebpf, &cgroup, &args);
-        assert_eq!(ask.argv_truncated, 1, "a compat exec is asked as truncated");
+        assert_eq!(
+            ask.argv_truncated, 0,
+            "a compat exec's argv is read ({uid:?})"
+        );
+        assert_eq!(kernel::event_argv(&ask), argv, "the whole argv is shown");
+        assert_eq!(kernel::event_env(&ask), Vec::<String>::new());
+        if kernel::event_env(&asked_64).is_empty() {
+            assert_eq!(
+                ask.header.digest, asked_64.header.digest,
+                "the same file, argv and bound environment: the same request"
+            );
+        }
+        let plain_digest = ask.header.digest;
         decide(&mut ebpf, &ask, action::ALLOW);
         assert_eq!(
             workload::finish(&mut child, TIMEOUT),
             Outcome::exec_ran(),
             "the approved compat exec runs"
         );
+
+        // Its 32-bit envp is read too: LD_PRELOAD is shown and bound.
+        let mut with_env = argv.clone();
+        with_env.extend(["--env", "FOO=bar", "LD_PRELOAD=/tmp/evil.so"].map(str::to_owned));
+        let args = exec_args(uid, "exec32", tool, &with_env);
+        let (mut child, ask) = asked(&mut ebpf, &cgroup, &args);
+        assert_eq!(ask.argv_truncated, 0);
+        assert_eq!(kernel::event_argv(&ask), argv);
+        assert_eq!(kernel::event_env(&ask), ["LD_PRELOAD=/tmp/evil.so"]);
+        assert_ne!(ask.header.digest, plain_digest);
+        decide(&mut ebpf, &ask, action::DENY);
+        assert_eq!(
+            workload::finish(&mut child, TIMEOUT),
+            Outcome::exec_denied()
+        );
+
+        // A compat argv past the capture is truncated like a 64-bit one:
+        // denied without asking, its first 32 arguments shown.
+        let long = forty_args("compat");
+        let args = exec_args(uid, "exec32", tool, &long);
+        let denied = expect_denied_truncated(&mut ebpf, &cgroup, &args);
+        assert_eq!(denied.argc, 32);
+        assert_eq!(kernel::event_argv(&denied), long[..32]);
     }
 }
 

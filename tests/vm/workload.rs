@@ -610,9 +610,11 @@ fn clone3_into(dir: &str, path: &str, argv: &[String]) -> i32 {
     0
 }
 
-/// `execve(PATH, [ARG0, ARGS...], [])` as an ia32 compat syscall (`int 0x80`,
-/// syscall 11): the path, the strings and the array of 32-bit pointers live in
-/// one `MAP_32BIT` mapping, since the compat ABI passes 32-bit addresses.
+/// `execve(PATH, [ARG0, ARGS...], [ENV...])` as an ia32 compat syscall (`int
+/// 0x80`, syscall 11; the environment is what follows an argument `--env`,
+/// else empty): the path, the strings and the arrays of 32-bit pointers live
+/// in one `MAP_32BIT` mapping, since the compat ABI passes 32-bit addresses;
+/// the registers' upper halves hold garbage, which the kernel ignores.
 /// Returns only on failure, with the exit code to use.
 fn exec32(path: &str, argv: &[String]) -> i32 {
     const NR_IA32_EXECVE: u32 = 11;
@@ -656,16 +658,22 @@ fn exec32(path: &str, argv: &[String]) -> i32 {
     let Some(path32) = put(path) else {
         return 3;
     };
-    let mut pointers = Vec::with_capacity(argv.len() + 1);
-    for arg in argv {
+    // Arguments after `--env` are the environment (else it is empty).
+    let (argv, env) = match argv.iter().position(|a| a == "--env") {
+        Some(at) => (&argv[..at], &argv[at + 1..]),
+        None => (argv, &argv[argv.len()..]),
+    };
+    let mut pointers = Vec::with_capacity(argv.len() + env.len() + 2);
+    for arg in argv.iter().chain(env) {
         let Some(address) = put(arg) else {
             return 3;
         };
         pointers.push(address);
     }
+    // argv's final NULL, then envp's.
+    pointers.insert(argv.len(), 0);
     pointers.push(0);
-    // The pointer array in the second half; the (empty) environment is its
-    // final NULL.
+    // The pointer arrays in the second half: argv, then envp.
     let array = SIZE / 2;
     // SAFETY: the second half of the mapping holds the array (far below 512 KiB).
     unsafe {
@@ -676,7 +684,11 @@ fn exec32(path: &str, argv: &[String]) -> i32 {
         );
     }
     let argv32 = base32 + u32::try_from(array).unwrap_or(0);
-    let envp32 = argv32 + u32::try_from((pointers.len() - 1) * 4).unwrap_or(0);
+    let envp32 = argv32 + u32::try_from((argv.len() + 1) * 4).unwrap_or(0);
+    // The kernel reads an ia32 syscall's arguments from the registers' low
+    // halves: garbage in the upper ones (possible from 64-bit code) must not
+    // make gatekeep read anything else.
+    const UPPER: u64 = 0xdead_beef_0000_0000;
     let ret: u32;
     // SAFETY: the compat execve either replaces the process or returns an
     // error in eax. rbx cannot be an asm operand (LLVM reserves it), so the
@@ -688,8 +700,8 @@ fn exec32(path: &str, argv: &[String]) -> i32 {
             "xchg rsi, rbx",
             inlateout("eax") NR_IA32_EXECVE => ret,
             inout("rsi") u64::from(path32) => _,
-            in("ecx") argv32,
-            in("edx") envp32,
+            in("rcx") u64::from(argv32) | UPPER,
+            in("rdx") u64::from(envp32) | UPPER,
             // Older kernels zero these on `int 0x80` from 64-bit code.
             out("r8") _,
             out("r9") _,

@@ -259,6 +259,9 @@ mod tests {
             _pad: 0,
             filename: [0; PATH_LEN],
             argv: [0; ARGV_LEN],
+            env_len: 0,
+            env_count: 0,
+            env: [0; gatekeep_common::ENV_LEN],
         };
         event.filename[..filename.len()].copy_from_slice(filename);
         event.argv[..argv.len()].copy_from_slice(argv);
@@ -279,6 +282,30 @@ mod tests {
         assert_eq!(request.origin.digest, 0xfeed);
         assert_eq!(request.origin.comm, "bash");
         assert!(!request.argv_truncated);
+        assert!(request.env.is_empty(), "no bound environment");
+    }
+
+    #[test]
+    fn exec_bound_environment_is_parsed_in_order_and_clamped() {
+        let mut raw = exec_event(event_kind::EXEC_ASK, b"/bin/x", b"x\0");
+        let env = b"LD_PRELOAD=/tmp/e.so\0PYTHONPATH=\x1b[2J\0";
+        raw.env[..env.len()].copy_from_slice(env);
+        raw.env_len = u32::try_from(env.len()).expect("len");
+        raw.env_count = 2;
+        let Event::Ask(Request::Exec(request)) = parse(&bytes_of(&raw)).expect("parse") else {
+            panic!("not an exec ask");
+        };
+        assert_eq!(
+            request.env,
+            ["LD_PRELOAD=/tmp/e.so", "PYTHONPATH=\u{1b}[2J"]
+        );
+        // A length beyond the buffer is clamped; never more than env_count.
+        raw.env_len = u32::MAX;
+        raw.env_count = 1;
+        let Event::Ask(Request::Exec(request)) = parse(&bytes_of(&raw)).expect("parse") else {
+            panic!("not an exec ask");
+        };
+        assert_eq!(request.env, ["LD_PRELOAD=/tmp/e.so"]);
     }
 
     #[test]

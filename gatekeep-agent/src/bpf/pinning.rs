@@ -47,6 +47,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::GATED_FILTER,
     map_names::POLICIES,
     map_names::EXEC_RULES,
+    map_names::EXEC_BOUND_ENV,
     map_names::CONNECT_V4,
     map_names::CONNECT_V6,
     map_names::PENDING,

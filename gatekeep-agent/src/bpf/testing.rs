@@ -181,6 +181,7 @@ fn ask_event_for(task: &FakeTask) -> Event {
         filename: PathBuf::from("/usr/bin/tool"),
         argv: vec!["tool".into(), format!("{:x}", task.digest)],
         argv_truncated: false,
+        env: Vec::new(),
         denied_truncated: false,
         argc: 2,
     }))

@@ -729,6 +729,7 @@ mod tests {
                 file: None,
                 mount_namespace: None,
                 argv_truncated: false,
+                env: Vec::new(),
             }),
             verdict: model::Verdict::Allow,
             duration,

@@ -264,6 +264,7 @@ mod tests {
                     file: None,
                     mount_namespace: None,
                     argv_truncated: false,
+                    env: Vec::new(),
                 }),
                 requested_at: now,
                 deadline: now,

@@ -25,8 +25,8 @@ use std::{
 
 use aya::maps::{Map, MapError};
 use gatekeep_common::{
-    ARGV_LEN, ContentVersion, ExecEvent, ExecRule, ExecRuleKey, ExecRuleStaleEvent, event_kind,
-    exec_denied_for, exec_rule_flags, map_names, request_kind,
+    ARGV_LEN, BoundEnv, ContentVersion, ENV_LEN, ExecEvent, ExecRule, ExecRuleKey,
+    ExecRuleStaleEvent, event_kind, exec_denied_for, exec_rule_flags, map_names, request_kind,
 };
 use gatekeep_policy::Policy;
 use gatekeep_proto::{
@@ -53,6 +53,9 @@ pub struct ExecRequest {
     /// The path as passed to execve (may be relative).
     pub filename: PathBuf,
     pub argv: Vec<String>,
+    /// The bound environment variables (`LD_*` and the policy's `bound_env`),
+    /// `NAME=value`, in the order the exec passed them.
+    pub env: Vec<String>,
     /// The kernel could not capture the whole argv (longer than it keeps, an
     /// unreadable argument, a compat 32-bit exec): `argv` is a prefix.
     pub argv_truncated: bool,
@@ -73,7 +76,7 @@ impl Hook for Exec {
     const ASK: (u32, &'static str) = (event_kind::EXEC_ASK, "exec_ask");
     const DENIED: (u32, &'static str) = (event_kind::EXEC_DENIED, "exec_denied");
     const AUDITED: (u32, &'static str) = (event_kind::EXEC_AUDITED, "exec_audited");
-    const RULE_MAPS: &'static [&'static str] = &[map_names::EXEC_RULES];
+    const RULE_MAPS: &'static [&'static str] = &[map_names::EXEC_RULES, map_names::EXEC_BOUND_ENV];
 
     type Request = ExecRequest;
     /// (dev, ino) -> rule path, to name the rule that matched an exec.
@@ -100,6 +103,20 @@ impl Hook for Exec {
     ) -> Result<(), PolicyMapsError> {
         out.defaults.exec_default = kernel_action(policy.exec.default);
         out.defaults.on_truncated = kernel_action(policy.exec.on_truncated);
+        if !policy.exec.bound_env.is_empty() {
+            let names: Vec<&[u8]> = policy.exec.bound_env.iter().map(String::as_bytes).collect();
+            let bound = BoundEnv::from_names(&names).ok_or_else(|| PolicyMapsError::BoundEnv {
+                policy: policy.name.clone(),
+            })?;
+            out.rules.insert(
+                RuleKey {
+                    map: map_names::EXEC_BOUND_ENV,
+                    policy_id: out.id,
+                    key: Vec::new(),
+                },
+                encode_bound_env(&bound),
+            );
+        }
         for rule in &policy.exec.rules {
             match bind(&rule.path) {
                 Ok(Bound {
@@ -134,6 +151,23 @@ impl Hook for Exec {
     }
 
     fn read_map(name: &'static str, map: &Map) -> Result<Vec<(RuleKey, Vec<u8>)>, MapError> {
+        if name == map_names::EXEC_BOUND_ENV {
+            let bound = aya::maps::Array::<_, BoundEnv>::try_from(map)?;
+            return (0..bound.len())
+                .filter_map(|policy_id| match bound.get(&policy_id, 0) {
+                    Ok(entry) if entry.count == 0 => None,
+                    Ok(entry) => Some(Ok((
+                        RuleKey {
+                            map: name,
+                            policy_id,
+                            key: Vec::new(),
+                        },
+                        encode_bound_env(&entry),
+                    ))),
+                    Err(err) => Some(Err(err)),
+                })
+                .collect();
+        }
         let rules = aya::maps::HashMap::<_, ExecRuleKey, ExecRule>::try_from(map)?;
         rules
             .iter()
@@ -148,6 +182,12 @@ impl Hook for Exec {
     }
 
     fn write_map(map: &mut Map, key: &RuleKey, value: Option<&[u8]>) -> Result<(), MapError> {
+        if key.map == map_names::EXEC_BOUND_ENV {
+            let mut bound = aya::maps::Array::<_, BoundEnv>::try_from(map)?;
+            // Absent: a zeroed entry (no names).
+            let entry = value.map(decode_bound_env).unwrap_or_default();
+            return bound.set(key.policy_id, entry, 0);
+        }
         let mut rules = aya::maps::HashMap::<_, ExecRuleKey, ExecRule>::try_from(map)?;
         let (dev, ino) = decode_identity(&key.key);
         let kernel_key = ExecRuleKey {
@@ -194,6 +234,7 @@ impl Hook for Exec {
         );
         if let model::Target::Exec(exec) = &mut target {
             exec.argv_truncated = request.argv_truncated;
+            exec.env.clone_from(&request.env);
         }
         target
     }
@@ -204,12 +245,13 @@ impl Hook for Exec {
     fn burst_key(request: &ExecRequest, enricher: &Enricher) -> String {
         let named = enricher.display_path(request.origin.tid, &request.filename);
         format!(
-            "{}:{} {:?} {:?} {:?} {}",
+            "{}:{} {:?} {:?} {:?} {:?} {}",
             request.dev,
             request.ino,
             request.content,
             named.as_os_str().as_encoded_bytes(),
             request.argv,
+            request.env,
             request.argv_truncated
         )
     }
@@ -544,11 +586,57 @@ fn exec_request(raw: &ExecEvent) -> ExecRequest {
         content: raw.content,
         filename: PathBuf::from(OsStr::from_bytes(&raw.filename[..end])),
         argv,
+        env: split_env(raw),
         argv_truncated: raw.argv_truncated != 0,
         denied_truncated: raw.header.kind == event_kind::EXEC_DENIED
             && raw.denied_for == exec_denied_for::ARGV_TRUNCATED,
         argc: raw.argc,
     }
+}
+
+/// The bound environment variables of an event (`env[..env_len]`, at most
+/// `env_count` of them).
+fn split_env(raw: &ExecEvent) -> Vec<String> {
+    let len = usize::try_from(raw.env_len).map_or(ENV_LEN, |len| len.min(ENV_LEN));
+    let mut env = split_argv(&raw.env[..len]);
+    env.truncate(usize::try_from(raw.env_count).unwrap_or(usize::MAX));
+    env
+}
+
+/// [`BoundEnv`] as the bytes of a rule-map value (native order).
+fn encode_bound_env(bound: &BoundEnv) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size_of::<BoundEnv>());
+    out.extend_from_slice(&bound.count.to_ne_bytes());
+    out.extend_from_slice(&bound._pad.to_ne_bytes());
+    for words in bound.names.iter().chain(&bound.masks) {
+        for word in words {
+            out.extend_from_slice(&word.to_ne_bytes());
+        }
+    }
+    out
+}
+
+/// Decodes an [`encode_bound_env`] value (missing bytes read as zero).
+fn decode_bound_env(value: &[u8]) -> BoundEnv {
+    let bytes = |at: usize, len: usize| {
+        let mut out = [0u8; 8];
+        if let Some(slice) = value.get(at..at + len) {
+            out[..len].copy_from_slice(slice);
+        }
+        out
+    };
+    let mut bound = BoundEnv {
+        count: u32::from_ne_bytes(bytes(0, 4)[..4].try_into().unwrap_or_default()),
+        ..BoundEnv::default()
+    };
+    let mut at = 8;
+    for words in bound.names.iter_mut().chain(bound.masks.iter_mut()) {
+        for word in words {
+            *word = u64::from_ne_bytes(bytes(at, 8));
+            at += 8;
+        }
+    }
+    bound
 }
 
 /// Splits NUL-separated strings (the last may lack its NUL when truncated).
@@ -569,6 +657,17 @@ mod tests {
     use gatekeep_common::action;
 
     use super::*;
+
+    #[test]
+    fn bound_env_values_round_trip() {
+        let bound = BoundEnv::from_names(&[b"PYTHONPATH", b"NODE_OPTIONS"]).expect("valid");
+        assert_eq!(decode_bound_env(&encode_bound_env(&bound)), bound);
+        assert_eq!(
+            decode_bound_env(&[]),
+            BoundEnv::default(),
+            "absent reads as none"
+        );
+    }
 
     #[test]
     fn rule_keys_order_by_policy_then_identity_and_round_trip() {

@@ -385,6 +385,7 @@ mod tests {
             RULE_MAPS,
             [
                 map_names::EXEC_RULES,
+                map_names::EXEC_BOUND_ENV,
                 map_names::CONNECT_V4,
                 map_names::CONNECT_V6
             ]

@@ -143,6 +143,7 @@ pub fn exec_target(
         file: None,
         mount_namespace: None,
         argv_truncated: false,
+        env: Vec::new(),
     })
 }
 

@@ -19,6 +19,10 @@ pub enum PolicyMapsError {
         count: usize,
         max: usize,
     },
+    #[error(
+        "policy `{policy}`: exec.bound_env cannot be bound in the kernel (at most 8 names of at most 31 bytes, no `=`); fix the policy"
+    )]
+    BoundEnv { policy: String },
     #[error("failed to read kernel map `{map}`")]
     Read {
         map: &'static str,

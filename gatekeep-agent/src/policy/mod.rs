@@ -969,6 +969,40 @@ raw_sockets = "allow"
     }
 
     #[test]
+    fn bound_env_compiles_to_an_exec_bound_env_entry_of_its_policy_only() {
+        let text = r#"
+[[policy]]
+name = "plain"
+cgroups = ["/sys/fs/cgroup/a"]
+[policy.exec]
+default = "ask"
+
+[[policy]]
+name = "python"
+cgroups = ["/sys/fs/cgroup/b"]
+[policy.exec]
+default = "ask"
+bound_env = ["PYTHONPATH", "NODE_OPTIONS"]
+"#;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let compiled = compile(&set(text), &[1, 2], 1, &host(dir.path())).expect("compile");
+        let bound: Vec<_> = compiled
+            .state
+            .rules
+            .iter()
+            .filter(|(key, _)| key.map == gatekeep_common::map_names::EXEC_BOUND_ENV)
+            .collect();
+        assert_eq!(bound.len(), 1, "{bound:?}");
+        let (key, value) = bound[0];
+        assert_eq!(key.policy_id, 2);
+        let expected = gatekeep_common::BoundEnv::from_names(&[b"PYTHONPATH", b"NODE_OPTIONS"])
+            .expect("valid");
+        assert_eq!(value.len(), size_of::<gatekeep_common::BoundEnv>());
+        assert_eq!(value[..4], expected.count.to_ne_bytes());
+        assert_eq!(value[8..16], expected.names[0][0].to_ne_bytes());
+    }
+
+    #[test]
     fn on_truncated_compiles_to_deny_unless_the_policy_says_ask() {
         let text = r#"
 [[policy]]
@@ -998,6 +1032,7 @@ on_truncated = "ask"
             filename: PathBuf::from("/bin/echo"),
             argv: vec!["echo".into()],
             argv_truncated: true,
+            env: Vec::new(),
             denied_truncated: true,
             argc: 1,
         });
@@ -1078,6 +1113,7 @@ on_truncated = "ask"
                 filename: PathBuf::new(),
                 argv: Vec::new(),
                 argv_truncated: false,
+                env: Vec::new(),
                 denied_truncated: false,
                 argc: 0,
             })

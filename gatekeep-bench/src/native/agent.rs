@@ -165,6 +165,7 @@ fn exec_ask(tid: u32, digest: u64) -> Event {
             format!("https://downloads.example.org/release/{tid}/install.sh"),
         ],
         argv_truncated: false,
+        env: Vec::new(),
         denied_truncated: false,
         argc: 5,
     }))

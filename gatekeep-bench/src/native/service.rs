@@ -203,6 +203,7 @@ pub fn request(command: &str, n: usize) -> ApprovalRequest {
             file: None,
             mount_namespace: None,
             argv_truncated: false,
+            env: Vec::new(),
         }),
         requested_at: now,
         deadline: now + time::Duration::hours(1),

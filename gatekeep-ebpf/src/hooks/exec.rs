@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
-    ARGV_LEN, ContentVersion, EPERM, ERESTARTNOINTR, ExecEvent, ExecRule, ExecRuleKey,
+    ARGV_LEN, ContentVersion, ENV_LEN, EPERM, ERESTARTNOINTR, ExecEvent, ExecRule, ExecRuleKey,
     ExecRuleStaleEvent, GATED_UNCLASSIFIED, PATH_LEN, action, counter, event_kind, exec_denied_for,
     exec_rule_flags, request_kind,
 };
@@ -27,7 +27,7 @@ use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
     hooks::{
-        exec::argv::{ARGV_BLOCK, ExecArgs, capture_current_argv},
+        exec::argv::{ARGV_BLOCK, ARGV_SCRATCH, ExecArgs, capture_current_argv},
         gating_candidate,
     },
     maps::{EVENTS, POLICIES, bump, gated_entry, offsets},
@@ -43,8 +43,8 @@ use crate::{
 /// - allow: the exec proceeds;
 /// - deny: `-EPERM`, and an `EXEC_DENIED` event for the audit;
 /// - ask: the thread is paused until user space writes a verdict for this
-///   exact request (identity + argv), then the restarted exec is allowed or
-///   fails with `-EPERM`.
+///   exact request (identity + content + argv + bound environment), then the
+///   restarted exec is allowed or fails with `-EPERM`.
 #[lsm(hook = "bprm_check_security")]
 pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, bprm_check_security, struct linux_binprm *bprm): the
@@ -53,19 +53,52 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
         Ok(cgroup_id) => cgroup_id,
         Err(verdict) => return verdict,
     };
-    match gated_exec(&ctx, cgroup_id) {
-        Ok(ret) | Err(ret) => ret,
+    // Three calls, so that the argv and environment capture (and its
+    // `bpf_loop` callback) is not stacked on the deciding frames: the
+    // verifier allows 512 bytes of stack over a call chain.
+    // What is left to decide waits in the per-CPU scratch, off the stack.
+    // (A verdict comes back in a register: the verifier checks its range.)
+    let verdict = exec_action(&ctx, cgroup_id);
+    if verdict != UNDECIDED {
+        return verdict;
+    }
+    let args = capture_current_argv();
+    exec_refuse_or_ask(&ctx, cgroup_id, args)
+}
+
+/// `exec_action`'s answer when argv decides: never a verdict (those are 0
+/// or negative).
+const UNDECIDED: i32 = 1;
+
+/// An exec the policy does not simply allow: what `exec_refuse_or_ask`
+/// needs once argv is captured (kept in `ARGV_SCRATCH` for this run).
+pub struct Pending {
+    file: Executable,
+    policy_id: u32,
+    /// `DENY`, else ask.
+    action: u32,
+}
+
+/// The policy's action for this exec: the verdict when that settles it
+/// (allowed; unreadable state; an unclassified cgroup; an approved
+/// script's interpreter), else [`UNDECIDED`], with what is left to decide
+/// with argv stored as this CPU's [`Pending`].
+#[inline(never)]
+fn exec_action(ctx: &LsmContext, cgroup_id: u64) -> i32 {
+    match exec_action_inner(ctx, cgroup_id) {
+        Ok(()) => UNDECIDED,
+        Err(verdict) => verdict,
     }
 }
 
-#[inline(never)]
-fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
+#[inline(always)]
+fn exec_action_inner(ctx: &LsmContext, cgroup_id: u64) -> Result<(), i32> {
     let Some(gated) = gated_entry(cgroup_id) else {
-        return Ok(0);
+        return Err(0);
     };
     if gated.flags & GATED_UNCLASSIFIED != 0 {
         let caller = Caller::current(cgroup_id, gated.policy_id);
-        return Ok(await_classification(&caller, request_kind::EXEC));
+        return Err(await_classification(&caller, request_kind::EXEC));
     }
     bump(counter::EXEC_GATED);
 
@@ -76,7 +109,7 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
             ctx,
             "gatekeep: cannot read the exec's state (kernel offsets?): exec denied"
         );
-        return Ok(EPERM);
+        return Err(EPERM);
     };
     if !interpreter {
         forget_approval();
@@ -86,7 +119,7 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
             ctx,
             "gatekeep: cannot read the executable's identity (kernel offsets?): exec denied"
         );
-        return Ok(EPERM);
+        return Err(EPERM);
     };
     let (dev, ino) = (file.dev, file.ino);
 
@@ -125,39 +158,65 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
 
     if action == action::ALLOW {
         bump(counter::EXEC_ALLOWED);
-        return Ok(0);
+        return Err(0);
     }
-    // Who is asking, and argv, matter only off the allow path.
-    let caller = Caller::current(cgroup_id, gated.policy_id);
+    if action != action::DENY
+        && interpreter
+        && approved_in_this_exec(bpf_get_current_pid_tgid() as u32, bprm)
+    {
+        // The interpreter of a script whose exec was just approved.
+        return Err(0);
+    }
+    let Some(scratch) = ARGV_SCRATCH.get_ptr_mut(0) else {
+        return Err(EPERM);
+    };
+    // SAFETY: this CPU's scratch slot, for this run.
+    unsafe {
+        (*scratch).pending = Pending {
+            file,
+            policy_id: gated.policy_id,
+            action,
+        };
+    }
+    Ok(())
+}
+
+/// Denies or asks about an exec the policy does not allow, with its
+/// captured argv and bound environment (`args`).
+#[inline(never)]
+fn exec_refuse_or_ask(ctx: &LsmContext, cgroup_id: u64, args: Option<*const ExecArgs>) -> i32 {
+    let bprm: *const u8 = ctx.arg(0);
+    let Some(scratch) = ARGV_SCRATCH.get_ptr(0) else {
+        return EPERM;
+    };
+    // SAFETY: this CPU's scratch slot, written by `exec_action` in this run.
+    let pending = unsafe { &(*scratch).pending };
+    let file = &pending.file;
+    let (dev, ino) = (file.dev, file.ino);
+    // Who is asking matters only off the allow path.
+    let caller = Caller::current(cgroup_id, pending.policy_id);
     // Audit mode (`mode = "audit"`): what enforcement would do is reported
     // on the denial path (`EXEC_AUDITED`), and the exec runs.
-    let audit = audits(gated.policy_id);
+    let audit = audits(pending.policy_id);
     // DENY, else ASK (and anything unknown: a human decides, fail closed).
-    let (would, denied_for, args) = if action == action::DENY {
-        (
-            action::DENY,
-            exec_denied_for::POLICY,
-            capture_current_argv(),
-        )
+    let (would, denied_for) = if pending.action == action::DENY {
+        (action::DENY, exec_denied_for::POLICY)
     } else {
-        if interpreter && approved_in_this_exec(caller.tid, bprm) {
-            // The interpreter of a script whose exec was just approved.
-            return Ok(0);
-        }
-        let args = capture_current_argv();
         // SAFETY: this CPU's capture of this run.
         let truncated = args.is_none_or(|args| unsafe { (*args).truncated } != 0);
-        let asks = !truncated || on_truncated(gated.policy_id) == action::ASK;
+        let asks = !truncated || on_truncated(pending.policy_id) == action::ASK;
         if asks && !audit {
-            return ask_exec(ctx, &caller, bprm, &file, (args, truncated));
+            return match ask_exec(ctx, &caller, bprm, file, (args, truncated)) {
+                Ok(ret) | Err(ret) => ret,
+            };
         }
         if asks {
-            (action::ASK, exec_denied_for::POLICY, args)
+            (action::ASK, exec_denied_for::POLICY)
         } else {
             // The digest cannot cover the whole argv, so no verdict or grant
             // could bind it: the policy's `on_truncated` (deny by default)
             // refuses it without asking.
-            (action::DENY, exec_denied_for::ARGV_TRUNCATED, args)
+            (action::DENY, exec_denied_for::ARGV_TRUNCATED)
         }
     };
     // One denial path for all reasons keeps the frame small.
@@ -168,7 +227,7 @@ fn gated_exec(ctx: &LsmContext, cgroup_id: u64) -> Result<i32, i32> {
         (event_kind::EXEC_DENIED, EPERM)
     };
     emit_exec(&caller, kind, 0, (would, denied_for), bprm, dev, ino, args);
-    Ok(verdict)
+    verdict
 }
 
 /// Asks about an exec whose argv was captured as `args`; a `truncated` one
@@ -333,7 +392,7 @@ fn forget_approval() {
 }
 
 /// The file about to run: its identity and its content version.
-struct Executable {
+pub struct Executable {
     dev: u64,
     ino: u64,
     content: ContentVersion,
@@ -468,8 +527,10 @@ fn read_content_into(bprm: *const u8, out: *mut ContentVersion) {
     }
 }
 
-/// Digest of an exec request: executable identity, its content version and
-/// the captured argv. A write to the file between a request and its
+/// Digest of an exec request: executable identity, its content version, the
+/// captured argv and the bound environment (`LD_*` and the policy's
+/// `bound_env`, captured after argv in the same buffer), so approving `cmd`
+/// does not approve `LD_PRELOAD=x cmd`. A write to the file between a request and its
 /// restart changes the content version, so the restart is a new request
 /// (asked again), and a verdict or grant for the old content does not
 /// cover the new.
@@ -495,6 +556,7 @@ fn exec_digest(file: &Executable, args: Option<*const ExecArgs>) -> u64 {
     unsafe {
         let args = &*args;
         digest.word((u64::from(args.argc) << 32) | u64::from(args.truncated));
+        // `len` covers argv and, after it, the bound environment.
         digest.word(u64::from(args.len));
         let words = args.argv.as_ptr().cast::<u64>();
         let used_blocks = (args.len as usize).div_ceil(ARGV_BLOCK);
@@ -559,13 +621,26 @@ fn emit_exec(
         }
         match args {
             Some(args) => {
+                // argv, then the bound environment, share the capture.
+                let argv_len = (*args).len.saturating_sub((*args).env_len);
                 (*event).argc = (*args).argc;
-                (*event).argv_len = (*args).len;
+                (*event).argv_len = argv_len;
                 (*event).argv_truncated = (*args).truncated;
                 probe_read_kernel_raw(
                     (*event).argv.as_mut_ptr().cast::<c_void>(),
                     ARGV_LEN as u32,
                     (*args).argv.as_ptr().cast::<c_void>(),
+                );
+                (*event).env_len = (*args).env_len;
+                (*event).env_count = (*args).env_count;
+                probe_read_kernel_raw(
+                    (*event).env.as_mut_ptr().cast::<c_void>(),
+                    ENV_LEN as u32,
+                    (*args)
+                        .argv
+                        .as_ptr()
+                        .add(argv_len as usize & (ARGV_LEN - 1))
+                        .cast::<c_void>(),
                 );
             }
             None => {
@@ -573,6 +648,8 @@ fn emit_exec(
                 (*event).argc = 0;
                 (*event).argv_len = 0;
                 (*event).argv_truncated = 1;
+                (*event).env_len = 0;
+                (*event).env_count = 0;
             }
         }
     }
@@ -584,6 +661,7 @@ fn emit_exec(
 // the code above.)
 
 mod argv;
+mod env;
 
 /// (policy, executable identity) -> the rule's action and the content its
 /// file had when the policy was loaded.

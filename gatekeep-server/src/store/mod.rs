@@ -213,6 +213,7 @@ mod tests {
                 file: None,
                 mount_namespace: None,
                 argv_truncated: false,
+                env: Vec::new(),
             })
         };
         assert_eq!(subject_key(&exec(&["git", "push"])), "exec:/usr/bin/git");
@@ -223,6 +224,15 @@ mod tests {
         assert_ne!(
             target_key(&exec(&["git", "push"])).unwrap(),
             target_key(&exec(&["git", "pull"])).unwrap()
+        );
+        // The bound environment is part of what a grant matches.
+        let mut preloaded = exec(&["git", "push"]);
+        if let Target::Exec(target) = &mut preloaded {
+            target.env = vec!["LD_PRELOAD=/tmp/evil.so".into()];
+        }
+        assert_ne!(
+            target_key(&preloaded).unwrap(),
+            target_key(&exec(&["git", "push"])).unwrap()
         );
         let connect = Target::Connect(ConnectTarget {
             family: Family::Inet,

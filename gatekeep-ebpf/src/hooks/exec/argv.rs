@@ -27,20 +27,30 @@ use aya_ebpf::{
 };
 use gatekeep_common::{ARGV_LEN, ARGV_MAX_ARGS, counter};
 
+use super::env::{EnvScan, capture_env};
 use crate::maps::bump;
 
-/// Argv as the exec digest and the events carry it.
+/// Argv and the bound environment as the exec digest and the events carry
+/// them.
 #[repr(C)]
 pub struct ExecArgs {
-    /// Bytes of `argv` used (NUL-separated strings).
+    /// Bytes of `argv` used (NUL-separated strings): argv's, then the bound
+    /// environment's (the last `env_len`).
     pub len: u32,
     pub argc: u32,
     /// Non-zero when the capture does not hold the whole argv: longer than
-    /// [`ARGV_LEN`] or [`ARGV_MAX_ARGS`], or an argument was unreadable.
+    /// [`ARGV_LEN`] or [`ARGV_MAX_ARGS`], or an argument was unreadable; or
+    /// not the whole bound environment (see `env`).
     pub truncated: u32,
     pub _pad: u32,
+    /// Bytes of the bound environment variables (`LD_*` and the policy's
+    /// `bound_env`) at the end of `argv[..len]` (at most [`ENV_LEN`]).
+    pub env_len: u32,
+    /// Bound environment variables captured.
+    pub env_count: u32,
     /// The captured strings; zero from `len` to the end of its 64-byte
-    /// block (what the digest hashes).
+    /// block (what the digest hashes, so one loop hashes both argv and the
+    /// environment: the hook's frame has no room for a second).
     pub argv: [u8; ARGV_LEN],
 }
 
@@ -51,56 +61,121 @@ pub struct ExecArgs {
 pub struct ArgvScratch {
     pub args: ExecArgs,
     pub spill: [u8; ARGV_LEN],
+    /// The environment scan's state (`bpf_loop` callbacks keep no stack).
+    pub scan: EnvScan,
+    /// The hook's decision so far (see `exec_action`).
+    pub pending: super::Pending,
 }
 
 /// Offsets in x86-64 `struct pt_regs`, whose first members the syscall entry
 /// code pushes in a fixed order (`PUSH_REGS`): `dx` holds execveat's third
-/// argument, `si` execve's second (both `argv`), `orig_ax` the syscall number.
+/// argument, `si` execve's second (both `argv`), `orig_ax` the syscall number;
+/// `envp` is execve's third (`dx`) and execveat's fourth (`r10`). An ia32
+/// syscall passes its arguments in `ebx, ecx, edx, esi, edi, ebp`: execve's
+/// `argv` in `ecx` and `envp` in `edx`, execveat's in `edx` and `esi`.
+const PT_REGS_R10: usize = 7 * 8;
+const PT_REGS_CX: usize = 11 * 8;
 const PT_REGS_DX: usize = 12 * 8;
 const PT_REGS_SI: usize = 13 * 8;
 const PT_REGS_ORIG_AX: usize = 15 * 8;
-/// x86-64 syscall numbers. A compat exec has other numbers in `orig_ax`
-/// (ia32 `int 0x80`/`sysenter`: execve 11, execveat 358; x32: 520 and 545
-/// with bit 30 set) and other register conventions, and no compat syscall
-/// reaching this hook carries 59 or 322 (those ia32 numbers are not execs,
-/// so they never get here). So any other number is a compat exec: it is
-/// not captured (`ARGV_MISSED`), and the request is truncated (the policy's
-/// `on_truncated` decides, deny by default).
+/// x86-64 syscall numbers.
 const NR_EXECVE: u64 = 59;
 const NR_EXECVEAT: u64 = 322;
+/// ia32 (`int 0x80`, `sysenter`, 32-bit `syscall`) syscall numbers. No
+/// 64-bit syscall that reaches this hook carries them (x86-64's 11 is
+/// `munmap`; 358 is unassigned), nor 59 or 322 an ia32 one (not execs). The
+/// kernel reads an ia32 syscall's arguments as the low 32 bits of the
+/// registers (`SC_IA32_REGS_TO_ARGS`, also for `int 0x80` from 64-bit code,
+/// whose upper halves the caller controls) and its pointer arrays as 32-bit
+/// entries (`compat_ptr`), and so does the capture. x32 execs (520 and 545
+/// with bit 30 set) are not read: truncated (`on_truncated` decides).
+const NR_IA32_EXECVE: u64 = 11;
+const NR_IA32_EXECVEAT: u64 = 358;
 
-/// Reads the calling thread's exec argv into this CPU's scratch, or `None`
-/// (counted in `ARGV_MISSED`) when the syscall or its argv cannot be read.
-/// The result is valid until this program run ends.
-#[inline(always)]
+/// A user array of pointers as the exec syscall passed it: its address and
+/// whether its entries are 32-bit (an ia32 exec).
+#[derive(Clone, Copy)]
+pub struct UserArray {
+    pub base: u64,
+    pub compat: bool,
+}
+
+impl UserArray {
+    /// Entry `i`, zero-extended, or `None` when unreadable.
+    #[inline(always)]
+    fn entry(self, i: u32) -> Option<u64> {
+        // SAFETY: user memory, read through the probe helper, which fails
+        // safely.
+        unsafe {
+            if self.compat {
+                let at = self.base.wrapping_add(u64::from(i) * 4) as *const u32;
+                bpf_probe_read_user(at).ok().map(u64::from)
+            } else {
+                let at = self.base.wrapping_add(u64::from(i) * 8) as *const u64;
+                bpf_probe_read_user(at).ok()
+            }
+        }
+    }
+}
+
+/// Reads the calling thread's exec argv, and the bound variables of its
+/// environment (the names of the pending exec's policy), into this CPU's
+/// scratch, or `None` (counted in `ARGV_MISSED`) when the syscall or its
+/// argv cannot be read. The result is valid until this program run ends.
+/// Not inlined: called from the hook's entry, between the deciding frames.
+#[inline(never)]
 pub fn capture_current_argv() -> Option<*const ExecArgs> {
-    let captured = user_argv().and_then(capture);
+    // SAFETY: this CPU's slot; `exec_action` wrote `pending` in this run.
+    let policy_id = ARGV_SCRATCH
+        .get_ptr(0)
+        .map_or(0, |scratch| unsafe { (*scratch).pending.policy_id });
+    let captured = user_arrays().and_then(|(argv, envp)| {
+        let args = capture(argv)?;
+        capture_env(envp, policy_id);
+        Some(args)
+    });
     if captured.is_none() {
         bump(counter::ARGV_MISSED);
     }
     captured
 }
 
-/// The `argv` pointer this thread passed to `execve(at)`.
+/// The `argv` and `envp` arrays this thread passed to `execve(at)`, 64-bit
+/// or ia32.
 #[inline(always)]
-fn user_argv() -> Option<*const *const u8> {
+fn user_arrays() -> Option<(UserArray, UserArray)> {
     // SAFETY: helpers on the current task; `regs` is the kernel's saved user
     // registers of the current syscall, and every read of it goes through
     // the probe helper at an offset inside its fixed part.
     unsafe {
         let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
         let nr = read_kernel(regs.add(PT_REGS_ORIG_AX).cast::<u64>()).ok()?;
-        let register = match nr {
-            NR_EXECVE => PT_REGS_SI,
-            NR_EXECVEAT => PT_REGS_DX,
+        let (argv, envp, compat) = match nr {
+            NR_EXECVE => (PT_REGS_SI, PT_REGS_DX, false),
+            NR_EXECVEAT => (PT_REGS_DX, PT_REGS_R10, false),
+            NR_IA32_EXECVE => (PT_REGS_CX, PT_REGS_DX, true),
+            NR_IA32_EXECVEAT => (PT_REGS_DX, PT_REGS_SI, true),
             _ => return None,
         };
-        read_kernel(regs.add(register).cast::<*const *const u8>()).ok()
+        let register = |at: usize| -> Option<u64> {
+            let value = read_kernel(regs.add(at).cast::<u64>()).ok()?;
+            Some(if compat { value & 0xffff_ffff } else { value })
+        };
+        Some((
+            UserArray {
+                base: register(argv)?,
+                compat,
+            },
+            UserArray {
+                base: register(envp)?,
+                compat,
+            },
+        ))
     }
 }
 
 #[inline(always)]
-fn capture(user_argv: *const *const u8) -> Option<*const ExecArgs> {
+fn capture(user_argv: UserArray) -> Option<*const ExecArgs> {
     let scratch = ARGV_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: `scratch` points at this CPU's scratch slot; every string
     // write below starts in `argv` (offset masked below ARGV_LEN) and is at
@@ -113,23 +188,26 @@ fn capture(user_argv: *const *const u8) -> Option<*const ExecArgs> {
         args.len = 0;
         args.argc = 0;
         args.truncated = 0;
+        args.env_len = 0;
+        args.env_count = 0;
         let mut len: u32 = 0;
         let mut i: u32 = 0;
         // A NULL argv is an empty one (the kernel runs it with argc 0, or
         // with "" since v5.18): nothing to read, nothing truncated.
-        if user_argv.is_null() {
+        if user_argv.base == 0 {
             i = ARGV_MAX_ARGS + 1;
         }
         while i < ARGV_MAX_ARGS {
-            let Ok(arg) = bpf_probe_read_user(user_argv.add(i as usize)) else {
+            let Some(arg) = user_argv.entry(i) else {
                 // The kernel read this array a moment ago; unreadable now
                 // (unmapped by a sibling, paged out): what follows is unknown.
                 args.truncated = 1;
                 break;
             };
-            if arg.is_null() {
+            if arg == 0 {
                 break;
             }
+            let arg = arg as *const u8;
             if len as usize >= ARGV_LEN {
                 args.truncated = 1;
                 break;
@@ -157,8 +235,8 @@ fn capture(user_argv: *const *const u8) -> Option<*const ExecArgs> {
         }
         if i == ARGV_MAX_ARGS {
             // There may be more arguments than we keep.
-            if let Ok(next) = bpf_probe_read_user(user_argv.add(ARGV_MAX_ARGS as usize)) {
-                if !next.is_null() {
+            if let Some(next) = user_argv.entry(ARGV_MAX_ARGS) {
+                if next != 0 {
                     args.truncated = 1;
                 }
             }
