@@ -98,6 +98,8 @@ pub fn gate(ebpf: &mut Ebpf, cgroup: &Cgroup, policy_id: u32, exec_default: u32)
         raw_action: action::ALLOW,
         other_action: action::ALLOW,
         on_truncated: action::DENY,
+        map_unlisted: action::ALLOW,
+        fileless: action::DENY,
     };
     policies.set(policy_id, defaults, 0).expect("set policy");
     let mut filter: Array<_, u64> = Array::try_from(

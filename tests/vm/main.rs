@@ -12,6 +12,7 @@ mod egress;
 mod escape;
 mod exec;
 mod grants;
+mod mapped;
 mod pause;
 mod pending;
 mod preflight;

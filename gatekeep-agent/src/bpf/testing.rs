@@ -183,6 +183,7 @@ fn ask_event_for(task: &FakeTask) -> Event {
         argv_truncated: false,
         denied_truncated: false,
         argc: 2,
+        via: crate::hooks::exec::Via::Exec,
     }))
 }
 

@@ -167,6 +167,7 @@ fn exec_ask(tid: u32, digest: u64) -> Event {
         argv_truncated: false,
         denied_truncated: false,
         argc: 5,
+        via: gatekeep_agent::hooks::exec::Via::Exec,
     }))
 }
 
