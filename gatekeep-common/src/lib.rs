@@ -302,6 +302,17 @@ pub struct PolicyDefaults {
     /// [`event_kind::CONNECT_AUDITED`]) and let the syscall through.
     /// Self-protection is enforced whatever the mode.
     pub audit: u32,
+    // Code that runs without an exec (issue 19, item 2).
+    /// [`action`] for a `PROT_EXEC` mapping of a file no exec rule names
+    /// (`mmap_file`, `file_mprotect`): `ALLOW` (the policy's
+    /// `unlisted_mappings = "allow"`, its default, so ordinary dynamic
+    /// linking works) or the exec default (`"default"`). `ASK` reads as
+    /// `DENY` (a mapping is never paused); `NONE` reads as `ALLOW`.
+    pub map_unlisted: u32,
+    /// [`action`] for an exec of a file with no name on disk (no links:
+    /// `memfd_create`, `O_TMPFILE`, a deleted file), whatever its rules:
+    /// the policy's `fileless`. `NONE` reads as `DENY`.
+    pub fileless: u32,
 }
 
 /// Key of the `EXEC_RULES` map: an executable's identity within a policy.
@@ -592,6 +603,19 @@ pub mod exec_denied_for {
     pub const ARGV_TRUNCATED: u32 = 1;
 }
 
+/// [`ExecEvent::flags`]: what kind of code the event is about.
+pub mod exec_flags {
+    /// Not an exec: a file mapped as code (`mmap` or `mprotect` with
+    /// `PROT_EXEC`: ld.so running a program it was handed, `LD_PRELOAD`,
+    /// `dlopen`). `filename` is the file's name in its folder (the dentry's
+    /// name); argv is empty.
+    pub const MAPPED: u32 = 1;
+    /// The file has no name on disk (no links: `memfd_create`, `O_TMPFILE`,
+    /// a deleted file): `filename` is the dentry's name (`memfd:NAME` for a
+    /// memfd), which the workload chose.
+    pub const FILELESS: u32 = 2;
+}
+
 /// An exec request or denial.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -613,7 +637,8 @@ pub struct ExecEvent {
     pub argv_truncated: u32,
     /// [`exec_denied_for`]: why an `EXEC_DENIED` was denied.
     pub denied_for: u32,
-    pub _pad: u32,
+    /// [`exec_flags`] (0: an exec of a file with a name on disk).
+    pub flags: u32,
     /// The path as passed to execve (may be relative), NUL terminated.
     pub filename: [u8; PATH_LEN],
     pub argv: [u8; ARGV_LEN],
@@ -747,6 +772,17 @@ pub struct KernelOffsets {
     pub inode_i_size: u32,
     /// `struct inode` -> `i_generation` (`u32`).
     pub inode_i_generation: u32,
+    // Code that runs without an exec (issue 19, item 2).
+    /// `struct task_struct` -> `mm` (`struct mm_struct *`).
+    pub task_struct_mm: u32,
+    /// `struct mm_struct` -> `exe_file` (`struct file *`).
+    pub mm_struct_exe_file: u32,
+    /// `struct vm_area_struct` -> `vm_file` (`struct file *`).
+    pub vm_area_struct_vm_file: u32,
+    /// `struct inode` -> `__i_nlink` (`unsigned int`).
+    pub inode_i_nlink: u32,
+    /// `struct dentry` -> `d_name.name` (`const unsigned char *`).
+    pub dentry_d_name_name: u32,
 }
 
 /// [`GatedCgroup::flags`]: the cgroup appeared under a *candidate parent*
@@ -942,7 +978,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<GatedCgroup>(), 8);
-        assert_eq!(size_of::<PolicyDefaults>(), 32);
+        assert_eq!(size_of::<PolicyDefaults>(), 40);
         assert_eq!(size_of::<ExecRuleKey>(), 24);
         assert_eq!(size_of::<ContentVersion>(), 24);
         assert_eq!(size_of::<ExecRule>(), 32);
@@ -1012,9 +1048,9 @@ mod tests {
         assert_eq!(size_of::<ProtectedTask>(), 8);
         assert_eq!(size_of::<ProtectDenialKey>(), 16);
         assert_eq!(size_of::<ServiceListenerKey>(), 24);
-        // 35 `u32` offsets: the exec/connect ones, the self-protection ones,
-        // the egress ones, then the content version ones.
-        assert_eq!(size_of::<KernelOffsets>(), 35 * 4);
+        // 40 `u32` offsets: the exec/connect ones, the self-protection ones,
+        // the egress ones, the content version ones, then the mapping ones.
+        assert_eq!(size_of::<KernelOffsets>(), 40 * 4);
         assert_eq!(size_of::<InodeKey>(), 16);
         let ids = [
             protect::SIGNAL,

@@ -196,6 +196,11 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     inode_i_ctime_nsec: 0,
     inode_i_size: 0,
     inode_i_generation: 0,
+    task_struct_mm: 0,
+    mm_struct_exe_file: 0,
+    vm_area_struct_vm_file: 0,
+    inode_i_nlink: 0,
+    dentry_d_name_name: 0,
 };
 
 /// SipHash key for request digests, random per load (set by the agent), so
@@ -204,11 +209,18 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
 static DIGEST_KEY: [u64; 2] = [0, 0];
 
 /// The offsets the agent set at load time.
+///
+/// A reference whose address the compiler cannot see through (read back
+/// from the stack with a volatile load), so each field is loaded from the
+/// global as it is used, with the loader's value rather than the
+/// compile-time zeroes, and the struct is never copied onto the 512-byte
+/// stack.
 #[inline(always)]
-pub fn offsets() -> KernelOffsets {
-    // SAFETY: read of a global; volatile so the loader's value is used
-    // rather than the compile-time zeroes.
-    unsafe { core::ptr::read_volatile(&raw const KERNEL_OFFSETS) }
+pub fn offsets() -> &'static KernelOffsets {
+    let global = &raw const KERNEL_OFFSETS;
+    // SAFETY: a volatile read of a local holding the global's address, and
+    // a shared reference to an immutable global.
+    unsafe { &*core::ptr::read_volatile(&raw const global) }
 }
 
 /// The digest key the agent set at load time.

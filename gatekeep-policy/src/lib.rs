@@ -23,6 +23,10 @@
 //! on_truncated = "deny"                      # deny | ask (default deny): an exec to be asked whose
 //!                                            # argv the kernel cannot bind completely
 //! bound_env = ["PYTHONPATH", "NODE_OPTIONS"] # shown and bound besides LD_* (at most 8 names)
+//! unlisted_mappings = "allow"                # allow | default (default allow): a PROT_EXEC mapping
+//!                                            # (ld.so, LD_PRELOAD, dlopen) of a file no rule names
+//! fileless = "deny"                          # allow | deny | ask (default deny): an exec of a file
+//!                                            # with no name on disk (memfd, O_TMPFILE, deleted)
 //!
 //! [policy.connect]
 //! default = "ask"                            # allow | deny | ask (default allow)
@@ -116,6 +120,22 @@
 //! variables over 1 KiB in all, or an environment of more than 4,096
 //! entries, make the request truncated. Allow and deny rules do not depend on argv and apply as
 //! written.
+//!
+//! Code also runs without an exec: ld.so maps the program it is handed
+//! (`/lib64/ld-linux-x86-64.so.2 /usr/bin/x`), `LD_PRELOAD` and `dlopen`
+//! map libraries. A file mapped with `PROT_EXEC` meets the exec rules of
+//! that file: a deny (or ask: a mapping is never paused) rule refuses the
+//! mapping, an allow rule allows it. A file no rule names gets
+//! `unlisted_mappings`: `allow` (the default, so every program can load
+//! its libraries) or `default` (the exec default; an allow-list under
+//! `default = "deny"` then keeps its promise for libraries too, and must
+//! list the ones its programs load, ld.so and libc included). The
+//! program's own binary, which the kernel maps as part of the exec, is
+//! never checked twice.
+//!
+//! A file with no name on disk (made with `memfd_create`, `O_TMPFILE`, or
+//! deleted) cannot be named by a rule; its exec gets `fileless`: `deny`
+//! (the default), `ask` or `allow`.
 //!
 //! # Warnings: promises a valid policy cannot keep
 //!
@@ -211,7 +231,7 @@ pub use load::{Summary, Validation, parse_str, validate_paths};
 pub use model::{
     Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, Mode,
     ParseActionError, ParseGrantDurationError, ParseProtectPointError, Policy, PolicySet,
-    PortRange, Protect, ProtectPoint,
+    PortRange, Protect, ProtectPoint, UnlistedMappings,
 };
 pub use parse::{DEFAULT_TIMEOUT, MAX_TIMEOUT};
 pub use warning::{Location, Warning, WarningKind};

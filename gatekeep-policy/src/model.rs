@@ -98,6 +98,37 @@ pub struct ExecPolicy {
     /// or grant covers (`PYTHONPATH`, `NODE_OPTIONS`...). At most 8 names of
     /// at most 31 bytes (`[A-Za-z_][A-Za-z0-9_]*`), no duplicates.
     pub bound_env: Vec<String>,
+    /// What a `PROT_EXEC` mapping (ld.so, `LD_PRELOAD`, `dlopen`) of a file
+    /// no exec rule names gets: `allow` (when not written) or the exec
+    /// `default`. A file a rule names always gets its rule's action, for a
+    /// mapping as for an exec (`ask` reads as deny: a mapping is never
+    /// paused).
+    pub unlisted_mappings: UnlistedMappings,
+    /// Action for an exec of a file with no name on disk (`memfd_create`,
+    /// `O_TMPFILE`, a deleted file), which no rule can name: `deny` when not
+    /// written.
+    pub fileless: Action,
+}
+
+/// [`ExecPolicy::unlisted_mappings`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnlistedMappings {
+    /// Mapping a file no rule names as code is allowed: libraries load as
+    /// usual, and only files a rule names are checked.
+    Allow,
+    /// It gets the exec `default` (an allow-list must then list the
+    /// libraries its programs load, ld.so and libc included).
+    Default,
+}
+
+impl fmt::Display for UnlistedMappings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UnlistedMappings::Allow => "allow",
+            UnlistedMappings::Default => "default",
+        })
+    }
 }
 
 /// One executable and what happens when a governed process runs it.

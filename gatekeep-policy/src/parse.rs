@@ -17,7 +17,7 @@ use crate::{
     error::Diagnostic,
     model::{
         Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, Mode,
-        Policy, Protect, ProtectPoint,
+        Policy, Protect, ProtectPoint, UnlistedMappings,
     },
     net::parse_target,
 };
@@ -44,6 +44,8 @@ const EXEC_KEYS: &[&str] = &[
     "ask",
     "on_truncated",
     "bound_env",
+    "unlisted_mappings",
+    "fileless",
 ];
 /// Most names `exec.bound_env` may list (the kernel matches each one).
 const BOUND_ENV_MAX: usize = 8;
@@ -322,6 +324,8 @@ impl<'a> Walker<'a> {
             rules: Vec::new(),
             on_truncated: Action::Deny,
             bound_env: Vec::new(),
+            unlisted_mappings: UnlistedMappings::Allow,
+            fileless: Action::Deny,
         };
         let mut places = Vec::new();
         let Some(table) = self.section(policy, "exec", EXEC_KEYS) else {
@@ -349,6 +353,22 @@ impl<'a> Walker<'a> {
         }
         if let Some(value) = field(table, "bound_env") {
             exec.bound_env = self.bound_env(value);
+        }
+        if let Some(value) = field(table, "unlisted_mappings") {
+            match self.string(value, "unlisted_mappings") {
+                Some("allow") => exec.unlisted_mappings = UnlistedMappings::Allow,
+                Some("default") => exec.unlisted_mappings = UnlistedMappings::Default,
+                Some(other) => self.error(
+                    &value.span(),
+                    format!(
+                        "unknown unlisted_mappings value {other:?} (expected \"allow\", to let programs map any library no rule names, or \"default\", to give such mappings the exec default)"
+                    ),
+                ),
+                None => {}
+            }
+        }
+        if let Some(value) = field(table, "fileless") {
+            exec.fileless = self.action(value, "fileless").unwrap_or(Action::Deny);
         }
         let mut rules: Vec<(Span, ExecRule)> = Vec::new();
         for (key, action) in RULE_LISTS {
@@ -1015,7 +1035,7 @@ mod tests {
                 "policies/agents.toml:1:1: unknown key \"version\" in this file (expected policy)",
                 "policies/agents.toml:2:1: policy has no cgroups; add cgroups = [\"/sys/fs/cgroup/...\"] to say which workloads it governs",
                 "policies/agents.toml:4:1: unknown key \"cgroup\" in [[policy]] (expected name, cgroups, mode, exec, connect, approval or protect); did you mean \"cgroups\"?",
-                "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny, ask, on_truncated or bound_env); did you mean \"default\"?",
+                "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny, ask, on_truncated, bound_env, unlisted_mappings or fileless); did you mean \"default\"?",
                 "policies/agents.toml:9:1: unknown key \"allowed\" in [policy.connect] (expected default, allow, deny, ask, unix, raw_sockets or other_families); did you mean \"allow\"?",
                 "policies/agents.toml:12:1: unknown key \"reviewer\" in [policy.approval] (expected timeout, on_timeout, reviewers, approvals_required or grant_durations); did you mean \"reviewers\"?",
                 "policies/agents.toml:13:9: unknown key \"audit\" in [[policy]] (expected name, cgroups, mode, exec, connect, approval or protect)",
@@ -1263,6 +1283,52 @@ mod tests {
         assert_eq!(
             error(&with_head("[policy.exec]\nbound_env = \"PYTHONPATH\"\n")),
             "policies/agents.toml:5:13: `bound_env` must be an array of strings, e.g. bound_env = [\"PYTHONPATH\", \"NODE_OPTIONS\"], found string"
+        );
+    }
+
+    #[test]
+    fn unlisted_mappings_and_fileless_have_secure_defaults_and_name_their_values() {
+        // Unwritten: libraries map freely, fileless executables are denied.
+        let exec = &load(HEAD).policies[0].exec;
+        assert_eq!(
+            exec.unlisted_mappings,
+            crate::model::UnlistedMappings::Allow
+        );
+        assert_eq!(exec.fileless, Action::Deny);
+        let set = load(&with_head(
+            "[policy.exec]\ndefault = \"deny\"\nunlisted_mappings = \"default\"\nfileless = \"ask\"\n",
+        ));
+        let exec = &set.policies[0].exec;
+        assert_eq!(
+            exec.unlisted_mappings,
+            crate::model::UnlistedMappings::Default
+        );
+        assert_eq!(exec.fileless, Action::Ask);
+        let set = load(&with_head(
+            "[policy.exec]\nunlisted_mappings = \"allow\"\nfileless = \"allow\"\n",
+        ));
+        let exec = &set.policies[0].exec;
+        assert_eq!(
+            exec.unlisted_mappings,
+            crate::model::UnlistedMappings::Allow
+        );
+        assert_eq!(exec.fileless, Action::Allow);
+        assert_eq!(
+            crate::model::UnlistedMappings::Default.to_string(),
+            "default"
+        );
+
+        assert_eq!(
+            error(&with_head("[policy.exec]\nunlisted_mappings = \"deny\"\n")),
+            "policies/agents.toml:5:21: unknown unlisted_mappings value \"deny\" (expected \"allow\", to let programs map any library no rule names, or \"default\", to give such mappings the exec default)"
+        );
+        assert_eq!(
+            error(&with_head("[policy.exec]\nfileless = \"maybe\"\n")),
+            "policies/agents.toml:5:12: unknown action \"maybe\" (expected allow, deny or ask)"
+        );
+        assert_eq!(
+            error(&with_head("[policy.exec]\nfileless = 1\n")),
+            "policies/agents.toml:5:12: `fileless` must be a string, found integer"
         );
     }
 

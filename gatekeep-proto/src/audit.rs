@@ -84,6 +84,13 @@ pub struct ExecFacts {
     pub argc: u32,
     /// True when the kernel captured fewer than `argc` arguments or cut one.
     pub argv_truncated: bool,
+    /// How the code came to run when it was not an exec of a file with a name on disk:
+    /// `mapped as code` (`mmap`/`mprotect` with `PROT_EXEC`: ld.so running a program it was
+    /// handed, `LD_PRELOAD`, `dlopen`; `filename` is then the file's name in its folder) or
+    /// `fileless` (no name on disk: `memfd_create`, `O_TMPFILE`, a deleted file; `filename`
+    /// is the name the workload gave it, e.g. `memfd:NAME`). Absent for a plain exec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 /// `kernel_denied`: the kernel refused an action by policy without asking (or refused a

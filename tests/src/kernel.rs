@@ -99,6 +99,8 @@ pub fn gate(ebpf: &mut Ebpf, cgroup: &Cgroup, policy_id: u32, exec_default: u32)
         other_action: action::ALLOW,
         on_truncated: action::DENY,
         audit: 0,
+        map_unlisted: action::ALLOW,
+        fileless: action::DENY,
     };
     policies.set(policy_id, defaults, 0).expect("set policy");
     let mut filter: Array<_, u64> = Array::try_from(

@@ -75,7 +75,9 @@ impl Outcome {
         Self::new(1, "errno 1")
     }
 
-    fn new(code: i32, stdout: &str) -> Self {
+    /// Exit code `code` with `stdout` printed (trimmed).
+    #[must_use]
+    pub fn new(code: i32, stdout: &str) -> Self {
         Self {
             code,
             stdout: stdout.to_owned(),

@@ -913,6 +913,17 @@ pub struct Offsets {
     pub inode_i_size: u32,
     /// `struct inode` -> `i_generation` (`u32`).
     pub inode_i_generation: u32,
+    /// `struct task_struct` -> `mm` (`struct mm_struct *`).
+    pub task_struct_mm: u32,
+    /// `struct mm_struct` -> `exe_file` (`struct file *`).
+    pub mm_struct_exe_file: u32,
+    /// `struct vm_area_struct` -> `vm_file` (`struct file *`).
+    pub vm_area_struct_vm_file: u32,
+    /// `struct inode` -> `__i_nlink` (`unsigned int`, in a union with the
+    /// read-only `i_nlink`).
+    pub inode_i_nlink: u32,
+    /// `struct dentry` -> `d_name.name` (`const unsigned char *`).
+    pub dentry_d_name_name: u32,
 }
 
 impl Offsets {
@@ -980,6 +991,11 @@ impl Offsets {
                 .or_else(|_| get("inode.__i_ctime.tv_nsec", 8))?,
             inode_i_size: get("inode.i_size", 8)?,
             inode_i_generation: get("inode.i_generation", 4)?,
+            task_struct_mm: get("task_struct.mm", 8)?,
+            mm_struct_exe_file: get("mm_struct.exe_file", 8)?,
+            vm_area_struct_vm_file: get("vm_area_struct.vm_file", 8)?,
+            inode_i_nlink: get("inode.__i_nlink", 4)?,
+            dentry_d_name_name: get("dentry.d_name.name", 8)?,
         })
     }
 }
@@ -1481,7 +1497,7 @@ mod tests {
         let sb_ptr = b.ptr(sb);
         let inode = b.strukt(
             "inode",
-            128,
+            136,
             &[
                 ("i_mode", umode_t, 0),
                 ("i_sb", sb_ptr, 320),
@@ -1492,6 +1508,7 @@ mod tests {
                 ("i_ctime_sec", long, 832),
                 ("i_ctime_nsec", uint, 960),
                 ("i_generation", uint, 992),
+                ("__i_nlink", uint, 1024),
             ],
         );
         let inode_ptr = b.ptr(inode);
@@ -1505,10 +1522,20 @@ mod tests {
         let dentry_fwd = fwd(&mut b, "dentry");
         let mnt = fwd(&mut b, "vfsmount");
         let path = b.strukt("path", 16, &[("mnt", mnt, 0), ("dentry", dentry_fwd, 64)]);
+        let name_ptr = b.ptr(ch);
+        let qstr = b.strukt(
+            "qstr",
+            16,
+            &[("hash_len", u64_t, 0), ("name", name_ptr, 64)],
+        );
         b.strukt(
             "dentry",
             192,
-            &[("d_parent", dentry_fwd, 192), ("d_inode", inode_ptr, 384)],
+            &[
+                ("d_parent", dentry_fwd, 192),
+                ("d_name", qstr, 256),
+                ("d_inode", inode_ptr, 384),
+            ],
         );
         let file = b.strukt(
             "file",
@@ -1547,11 +1574,15 @@ mod tests {
             ],
         );
         let task_ptr = fwd(&mut b, "task_struct");
+        b.strukt("mm_struct", 1024, &[("exe_file", file_ptr, 7168)]);
+        let mm_ptr = fwd(&mut b, "mm_struct");
+        b.strukt("vm_area_struct", 184, &[("vm_file", file_ptr, 1280)]);
         let mut members = vec![
             ("ptrace", uint, 192),
             ("real_parent", task_ptr, 1024),
             ("group_leader", task_ptr, 1152),
             ("start_boottime", u64_t, 1280),
+            ("mm", mm_ptr, 1408),
         ];
         if with_tgid {
             members.push(("tgid", pid_t, 960));
@@ -1623,6 +1654,11 @@ mod tests {
                 inode_i_ctime_nsec: 120,
                 inode_i_size: 80,
                 inode_i_generation: 124,
+                task_struct_mm: 176,
+                mm_struct_exe_file: 896,
+                vm_area_struct_vm_file: 160,
+                inode_i_nlink: 128,
+                dentry_d_name_name: 40,
             }
         );
     }
@@ -1849,6 +1885,11 @@ mod tests {
         within(offsets.inode_i_ctime_nsec, 4, "inode");
         within(offsets.inode_i_size, 8, "inode");
         within(offsets.inode_i_generation, 4, "inode");
+        within(offsets.task_struct_mm, 8, "task_struct");
+        within(offsets.mm_struct_exe_file, 8, "mm_struct");
+        within(offsets.vm_area_struct_vm_file, 8, "vm_area_struct");
+        within(offsets.inode_i_nlink, 4, "inode");
+        within(offsets.dentry_d_name_name, 8, "dentry");
         assert_ne!(offsets.inode_i_ctime_sec, offsets.inode_i_ctime_nsec);
         assert_ne!(offsets.task_struct_tgid, offsets.task_struct_real_parent);
         // Names the real kernel does not have are clear errors.

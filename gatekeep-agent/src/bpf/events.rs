@@ -256,7 +256,7 @@ mod tests {
             argv_len: u32::try_from(argv.len()).expect("len"),
             argv_truncated: 0,
             denied_for: 0,
-            _pad: 0,
+            flags: 0,
             filename: [0; PATH_LEN],
             argv: [0; ARGV_LEN],
             env_len: 0,
@@ -306,6 +306,39 @@ mod tests {
             panic!("not an exec ask");
         };
         assert_eq!(request.env, ["LD_PRELOAD=/tmp/e.so"]);
+    }
+
+    #[test]
+    fn mapped_and_fileless_events_say_so_and_plain_execs_do_not() {
+        let mut raw = exec_event(event_kind::EXEC_DENIED, b"libdenied.so", b"");
+        raw.argc = 0;
+        raw.flags = gatekeep_common::exec_flags::MAPPED;
+        let Event::Denied(Request::Exec(request)) = parse(&bytes_of(&raw)).expect("parse") else {
+            panic!("not an exec denial");
+        };
+        assert!(request.mapped() && !request.fileless());
+        assert_eq!(request.via(), Some("mapped as code"));
+        assert_eq!(request.filename, PathBuf::from("libdenied.so"));
+        assert!(request.argv.is_empty());
+
+        let mut raw = exec_event(event_kind::EXEC_ASK, b"memfd:x\nrm -rf /", b"x\0");
+        raw.flags = gatekeep_common::exec_flags::FILELESS;
+        let Event::Ask(Request::Exec(request)) = parse(&bytes_of(&raw)).expect("parse") else {
+            panic!("not an exec ask");
+        };
+        assert!(request.fileless() && !request.mapped());
+        assert_eq!(request.via(), Some("fileless"));
+        // Shown as the workload's name, marked; escaping is the reader's (the CLI's) job.
+        assert_eq!(
+            crate::hooks::exec::fileless_executable(&request.filename),
+            PathBuf::from("/memfd:x\nrm -rf / (no file on disk)")
+        );
+
+        let raw = exec_event(event_kind::EXEC_ASK, b"/bin/x", b"x\0");
+        let Event::Ask(Request::Exec(request)) = parse(&bytes_of(&raw)).expect("parse") else {
+            panic!("not an exec ask");
+        };
+        assert_eq!(request.via(), None);
     }
 
     #[test]

@@ -499,6 +499,8 @@ mod tests {
                 "socket_connect",
                 "socket_sendmsg",
                 "socket_create",
+                "mmap_file",
+                "file_mprotect",
                 "task_kill",
                 "ptrace_access_check",
                 "bpf",

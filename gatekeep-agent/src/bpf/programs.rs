@@ -75,6 +75,16 @@ pub const PROGRAMS: &[Program] = &[
         name: "socket_create",
         hook: Hook::Lsm("socket_create"),
     },
+    // Code that runs without an exec (issue 19, item 2): files mapped with
+    // PROT_EXEC meet the exec rules.
+    Program {
+        name: "mmap_file",
+        hook: Hook::Lsm("mmap_file"),
+    },
+    Program {
+        name: "file_mprotect",
+        hook: Hook::Lsm("file_mprotect"),
+    },
     // Self-protection (issue 18): see `crate::protect`.
     Program {
         name: "task_kill",
@@ -269,6 +279,11 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         inode_i_ctime_nsec: o.inode_i_ctime_nsec,
         inode_i_size: o.inode_i_size,
         inode_i_generation: o.inode_i_generation,
+        task_struct_mm: o.task_struct_mm,
+        mm_struct_exe_file: o.mm_struct_exe_file,
+        vm_area_struct_vm_file: o.vm_area_struct_vm_file,
+        inode_i_nlink: o.inode_i_nlink,
+        dentry_d_name_name: o.dentry_d_name_name,
     })
 }
 

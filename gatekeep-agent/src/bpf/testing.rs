@@ -184,6 +184,7 @@ fn ask_event_for(task: &FakeTask) -> Event {
         env: Vec::new(),
         denied_truncated: false,
         argc: 2,
+        via: crate::hooks::exec::Via::Exec,
     }))
 }
 

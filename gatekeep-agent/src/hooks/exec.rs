@@ -26,9 +26,10 @@ use std::{
 use aya::maps::{Map, MapError};
 use gatekeep_common::{
     ARGV_LEN, BoundEnv, ContentVersion, ENV_LEN, ExecEvent, ExecRule, ExecRuleKey,
-    ExecRuleStaleEvent, event_kind, exec_denied_for, exec_rule_flags, map_names, request_kind,
+    ExecRuleStaleEvent, event_kind, exec_denied_for, exec_flags, exec_rule_flags, map_names,
+    request_kind,
 };
-use gatekeep_policy::Policy;
+use gatekeep_policy::{Policy, UnlistedMappings};
 use gatekeep_proto::{
     audit::{ExecFacts, KernelFacts},
     model,
@@ -64,6 +65,65 @@ pub struct ExecRequest {
     pub denied_truncated: bool,
     /// Number of arguments the kernel counted.
     pub argc: u32,
+    /// How the code came to run.
+    pub via: Via,
+}
+
+/// How the code of an [`ExecRequest`] came to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Via {
+    /// An exec of a file with a name on disk.
+    #[default]
+    Exec,
+    /// Not an exec: the file was mapped as code (`mmap`/`mprotect` with
+    /// `PROT_EXEC`: ld.so, `LD_PRELOAD`, `dlopen`); `filename` is its name in
+    /// its folder, and there is no argv. Only ever a kernel denial.
+    Mapped,
+    /// An exec of a file with no name on disk (`memfd_create`, `O_TMPFILE`,
+    /// deleted): `filename` is the name the workload gave it (`memfd:NAME`).
+    Fileless,
+}
+
+impl ExecRequest {
+    /// How the code came to run, when it was not an exec of a file with a name
+    /// on disk: what reviewers and auditors are told.
+    #[must_use]
+    pub fn via(&self) -> Option<&'static str> {
+        match self.via {
+            Via::Exec => None,
+            Via::Mapped => Some(MAPPED_AS_CODE),
+            Via::Fileless => Some(FILELESS),
+        }
+    }
+
+    /// Whether the file was mapped as code rather than exec'd.
+    #[must_use]
+    pub fn mapped(&self) -> bool {
+        self.via == Via::Mapped
+    }
+
+    /// Whether the file has no name on disk.
+    #[must_use]
+    pub fn fileless(&self) -> bool {
+        self.via == Via::Fileless
+    }
+}
+
+/// [`ExecRequest::via`] of a mapping.
+pub const MAPPED_AS_CODE: &str = "mapped as code";
+/// [`ExecRequest::via`] of an exec of a file with no name on disk.
+pub const FILELESS: &str = "fileless";
+
+/// What a reviewer is shown as the executable of a file with no name on disk:
+/// the name the workload gave it (for a memfd, `memfd:NAME`), marked. The name
+/// is the workload's: whoever prints it escapes it.
+#[must_use]
+pub fn fileless_executable(name: &std::path::Path) -> PathBuf {
+    let name = name.as_os_str().as_encoded_bytes();
+    let mut shown = b"/".to_vec();
+    shown.extend_from_slice(name.strip_prefix(b"/").unwrap_or(name));
+    shown.extend_from_slice(b" (no file on disk)");
+    PathBuf::from(OsStr::from_bytes(&shown))
 }
 
 /// The exec hook.
@@ -117,6 +177,11 @@ impl Hook for Exec {
                 encode_bound_env(&bound),
             );
         }
+        out.defaults.map_unlisted = match policy.exec.unlisted_mappings {
+            UnlistedMappings::Allow => gatekeep_common::action::ALLOW,
+            UnlistedMappings::Default => kernel_action(policy.exec.default),
+        };
+        out.defaults.fileless = kernel_action(policy.exec.fileless);
         for rule in &policy.exec.rules {
             match bind(&rule.path) {
                 Ok(Bound {
@@ -206,7 +271,10 @@ impl Hook for Exec {
         if request.denied_truncated {
             return format!("exec on_truncated {}", policy.exec.on_truncated);
         }
-        match exec_paths.get(&(request.dev, request.ino)) {
+        if request.fileless() {
+            return format!("exec fileless {}", policy.exec.fileless);
+        }
+        let rule = match exec_paths.get(&(request.dev, request.ino)) {
             Some(path) => {
                 let action = policy
                     .exec
@@ -216,7 +284,16 @@ impl Hook for Exec {
                     .map_or(policy.exec.default, |rule| rule.action);
                 format!("exec {action} {}", path.display())
             }
+            None if request.mapped() => format!(
+                "exec unlisted_mappings {} (default {})",
+                policy.exec.unlisted_mappings, policy.exec.default
+            ),
             None => format!("exec default {}", policy.exec.default),
+        };
+        if request.mapped() {
+            format!("{rule} ({MAPPED_AS_CODE})")
+        } else {
+            rule
         }
     }
 
@@ -225,7 +302,14 @@ impl Hook for Exec {
     fn target(request: &ExecRequest, enricher: &Enricher) -> model::Target {
         let tid = request.origin.tid;
         let named = enricher.display_path(tid, &request.filename);
-        let seen = Views::new(enricher.proc_root()).exe_path(tid, &named, request.dev, request.ino);
+        let mut seen =
+            Views::new(enricher.proc_root()).exe_path(tid, &named, request.dev, request.ino);
+        if request.fileless() {
+            // No host path can be the file: shown by the name the workload gave it.
+            seen.path = fileless_executable(&request.filename);
+            seen.named = seen.path.clone();
+            seen.verified = false;
+        }
         let mut target = request::exec_target_seen(
             &seen,
             (request.dev, request.ino),
@@ -245,18 +329,37 @@ impl Hook for Exec {
     fn burst_key(request: &ExecRequest, enricher: &Enricher) -> String {
         let named = enricher.display_path(request.origin.tid, &request.filename);
         format!(
-            "{}:{} {:?} {:?} {:?} {:?} {}",
+            "{}:{} {:?} {:?} {:?} {:?} {} {:?}",
             request.dev,
             request.ino,
             request.content,
             named.as_os_str().as_encoded_bytes(),
             request.argv,
             request.env,
-            request.argv_truncated
+            request.argv_truncated,
+            request.via()
         )
     }
 
     fn denied_because(request: &ExecRequest) -> Option<(&'static str, &'static str)> {
+        if request.mapped() {
+            return Some((
+                "mapped_as_code",
+                "the file was mapped as code (mmap or mprotect with PROT_EXEC: ld.so running a \
+                 program it was handed, LD_PRELOAD, dlopen), not executed; mappings meet the \
+                 exec rules of the file they map (an ask rule refuses them: a mapping is never \
+                 paused), and a file no rule names gets the policy's exec unlisted_mappings; \
+                 allow the file in [policy.exec] if the workload may load it",
+            ));
+        }
+        if request.fileless() {
+            return Some((
+                "fileless",
+                "the executable has no name on disk (memfd_create, O_TMPFILE or a deleted \
+                 file), so no exec rule can name it, and the policy's exec fileless is deny; \
+                 write fileless = \"ask\" to have reviewers decide such execs",
+            ));
+        }
         request.denied_truncated.then_some((
             "argv_truncated",
             "the kernel could not capture the whole argv (more than it keeps, an unreadable \
@@ -273,6 +376,7 @@ impl Hook for Exec {
             ino: request.ino,
             argc: request.argc,
             argv_truncated: request.argv_truncated,
+            via: request.via().map(str::to_owned),
         };
         request::kernel_facts(&request.origin, Some(exec), None)
     }
@@ -591,6 +695,13 @@ fn exec_request(raw: &ExecEvent) -> ExecRequest {
         denied_truncated: raw.header.kind == event_kind::EXEC_DENIED
             && raw.denied_for == exec_denied_for::ARGV_TRUNCATED,
         argc: raw.argc,
+        via: if raw.flags & exec_flags::MAPPED != 0 {
+            Via::Mapped
+        } else if raw.flags & exec_flags::FILELESS != 0 {
+            Via::Fileless
+        } else {
+            Via::Exec
+        },
     }
 }
 

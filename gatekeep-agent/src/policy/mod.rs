@@ -1035,6 +1035,7 @@ on_truncated = "ask"
             env: Vec::new(),
             denied_truncated: true,
             argc: 1,
+            via: crate::hooks::exec::Via::Exec,
         });
         let silent = &set(text).policies[0];
         assert_eq!(
@@ -1090,6 +1091,8 @@ on_truncated = "ask"
                 other_action: action::ALLOW,
                 on_truncated: action::DENY,
                 audit: 0,
+                map_unlisted: action::ALLOW,
+                fileless: action::DENY,
             }
         );
         let loaded = &compiled.policies[&3];
@@ -1116,6 +1119,7 @@ on_truncated = "ask"
                 env: Vec::new(),
                 denied_truncated: false,
                 argc: 0,
+                via: crate::hooks::exec::Via::Exec,
             })
         };
         assert_eq!(
@@ -1123,6 +1127,80 @@ on_truncated = "ask"
             format!("exec deny {}", link.display())
         );
         assert_eq!(loaded.rule_for(&exec_of(1, 1)), "exec default ask");
+        // A mapping names the same rule, marked; an unlisted one names the setting.
+        let mapped = |dev, ino| {
+            let Request::Exec(mut exec) = exec_of(dev, ino) else {
+                unreachable!()
+            };
+            exec.via = crate::hooks::exec::Via::Mapped;
+            Request::Exec(exec)
+        };
+        assert_eq!(
+            loaded.rule_for(&mapped(dev, meta.ino())),
+            format!("exec deny {} (mapped as code)", link.display())
+        );
+        assert_eq!(
+            loaded.rule_for(&mapped(1, 1)),
+            "exec unlisted_mappings allow (default ask) (mapped as code)"
+        );
+        assert_eq!(
+            mapped(1, 1).denied_because().map(|(reason, _)| reason),
+            Some("mapped_as_code")
+        );
+    }
+
+    #[test]
+    fn unlisted_mappings_and_fileless_compile_into_the_policy_defaults() {
+        let text = r#"
+[[policy]]
+name = "plain"
+cgroups = ["/sys/fs/cgroup/a"]
+[policy.exec]
+default = "deny"
+
+[[policy]]
+name = "strict"
+cgroups = ["/sys/fs/cgroup/b"]
+[policy.exec]
+default = "deny"
+unlisted_mappings = "default"
+fileless = "ask"
+"#;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let compiled = compile(&set(text), &[1, 2], 1, &host(dir.path())).expect("compile");
+        // Unwritten: libraries map freely, fileless executables are denied.
+        assert_eq!(compiled.state.policies[&1].map_unlisted, action::ALLOW);
+        assert_eq!(compiled.state.policies[&1].fileless, action::DENY);
+        // `default`: the exec default decides unlisted mappings.
+        assert_eq!(compiled.state.policies[&2].map_unlisted, action::DENY);
+        assert_eq!(compiled.state.policies[&2].fileless, action::ASK);
+
+        let fileless = Request::Exec(ExecRequest {
+            origin: crate::bpf::record::origin(&gatekeep_common::EventHeader::default()),
+            dev: 1,
+            ino: 2,
+            content: gatekeep_common::ContentVersion::default(),
+            filename: PathBuf::from("memfd:payload"),
+            argv: vec!["payload".into()],
+            argv_truncated: false,
+            env: Vec::new(),
+            denied_truncated: false,
+            argc: 1,
+            via: crate::hooks::exec::Via::Fileless,
+        });
+        let plain = &set(text).policies[0];
+        assert_eq!(
+            fileless.rule(plain, &compiled.policies[&1].hooks),
+            "exec fileless deny"
+        );
+        assert_eq!(
+            fileless.denied_because().map(|(reason, _)| reason),
+            Some("fileless")
+        );
+        assert_eq!(
+            fileless.kernel_facts().exec.and_then(|exec| exec.via),
+            Some("fileless".to_owned())
+        );
     }
 
     #[test]
@@ -1190,6 +1268,8 @@ cgroups = ["/sys/fs/cgroup/agents/special"]
                 other_action: action::ALLOW,
                 on_truncated: action::DENY,
                 audit: 0,
+                map_unlisted: action::ALLOW,
+                fileless: action::DENY,
             },
         );
         state.rules.insert(

@@ -168,6 +168,7 @@ fn exec_ask(tid: u32, digest: u64) -> Event {
         env: Vec::new(),
         denied_truncated: false,
         argc: 5,
+        via: gatekeep_agent::hooks::exec::Via::Exec,
     }))
 }
 

@@ -298,7 +298,7 @@ fn ask_figures(
 }
 
 /// Runs the ask path (exec and connect) in `cgroup`; returns the per-op samples (ns).
-fn ask_path(cgroup: &Path, sizes: Sizes, addr: SocketAddr) -> Result<(Vec<u64>, Vec<u64>)> {
+fn ask_path(cgroup: &Path, sizes: &Sizes, addr: SocketAddr) -> Result<(Vec<u64>, Vec<u64>)> {
     let exec = worker(
         cgroup,
         3,
@@ -464,7 +464,7 @@ fn denial_step(
 
 /// Raises the rate of denied connects, by a factor of about 1.4 a step, until the ring
 /// buffer drops events or the generator cannot go faster.
-fn ramp(agent: &Agent, denials: &mut Denials, cgroup: &Path, sizes: Sizes) -> Result<Vec<Step>> {
+fn ramp(agent: &Agent, denials: &mut Denials, cgroup: &Path, sizes: &Sizes) -> Result<Vec<Step>> {
     let rates: &[u32] = if sizes.rounds == 1 {
         &[500, 2_000]
     } else {
@@ -509,7 +509,7 @@ fn event_run(
     agent: &Agent,
     denials: &mut Denials,
     cgroup: &Path,
-    sizes: Sizes,
+    sizes: &Sizes,
 ) -> Result<EventRun> {
     let steps = ramp(agent, denials, cgroup, sizes)?;
     let highest = |keep: fn(&Step) -> bool| {
@@ -543,7 +543,7 @@ fn event_run(
     })
 }
 
-fn event_figures(runs: &[EventRun], sizes: Sizes) -> Vec<Figure> {
+fn event_figures(runs: &[EventRun], sizes: &Sizes) -> Vec<Figure> {
     let of = |pick: fn(&EventRun) -> f64| runs.iter().map(pick).collect::<Vec<f64>>();
     let ramps: Vec<String> = runs
         .iter()
@@ -682,7 +682,7 @@ fn idle_rss(agent: &Agent) -> Result<f64> {
 /// Starts an agent with `start` [`Sizes::repeats`] times, one after the other, and reads
 /// each one's idle RSS; emits the figure and returns the last agent, still running.
 fn idle_agent(
-    sizes: Sizes,
+    sizes: &Sizes,
     mode: &str,
     conditions: &str,
     start: impl Fn() -> Result<Agent>,
@@ -725,7 +725,7 @@ fn measure_ask(
     what: &str,
     cgroup: &Path,
     addr: SocketAddr,
-    sizes: Sizes,
+    sizes: &Sizes,
     baselines: Option<(f64, f64)>,
     conditions: &str,
 ) -> Result<()> {
@@ -755,7 +755,7 @@ fn measure_ask(
 
 /// Runs the agent benchmarks, printing each figure as soon as it is measured; `baselines`
 /// are the overhead run's (exec, connect) µs.
-pub fn run(sizes: Sizes, addr: SocketAddr, baselines: Option<(f64, f64)>) -> Result<()> {
+pub fn run(sizes: &Sizes, addr: SocketAddr, baselines: Option<(f64, f64)>) -> Result<()> {
     let ask = BenchCgroup::create("gk-bench-ask")?;
     let deny = BenchCgroup::create("gk-bench-deny")?;
 
@@ -908,7 +908,7 @@ mod tests {
             burst,
             check: step(0.9 * sustained, check_dropped, 100),
         };
-        let figures = event_figures(&[run(2000.0, 8000.0, 0), run(2800.0, 8000.0, 7)], sizes);
+        let figures = event_figures(&[run(2000.0, 8000.0, 0), run(2800.0, 8000.0, 7)], &sizes);
         let by_id = |id: &str| figures.iter().find(|f| f.id == id).expect(id);
         assert_eq!(by_id("vm.events.sustained_per_s").value, 2400.0);
         assert_eq!(by_id("vm.events.burst_per_s").value, 8000.0);

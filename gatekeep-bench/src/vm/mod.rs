@@ -331,7 +331,7 @@ pub fn run(opts: &VmOptions) -> Result<()> {
         }
     }
     if wants("agent") {
-        agent::run(sizes, listener, exec_baseline)?;
+        agent::run(&sizes, listener, exec_baseline)?;
     }
     Ok(())
 }

@@ -1,13 +1,15 @@
 //! What gatekeep costs exec, connect, UDP `sendto` (a send with a destination gets the
-//! connect decision) and the system calls its self-protection hooks see (`kill`,
-//! open/read/close, `stat`), in four setups measured side by side in
+//! connect decision), `mmap` with `PROT_EXEC` (a file mapped as code meets its exec rules)
+//! and the system calls its self-protection hooks see (`kill`, open/read/close, `stat`), in
+//! four setups measured side by side in
 //! one VM run (the VM is emulated: absolute times drift with the host's load, ratios
 //! measured close together in time do not):
 //!
 //! - `none`: no program attached;
 //! - `outside`: every program attached, the process in a cgroup nobody gates;
 //! - `rule`: the process gated, the exec, the connect and the send allowed by an in-kernel rule
-//!   (`EXEC_RULES`, `CONNECT_V4`) under a policy whose defaults deny;
+//!   (`EXEC_RULES`, `CONNECT_V4`) under a policy whose defaults deny (the mapped binary
+//!   meets its exec rule);
 //! - `grant`: the process gated under a policy that asks by default, the exact exec,
 //!   connect and send allowed by a granted duration (`GRANTS`, digests learnt from one paused
 //!   request each, as the agent does).
@@ -145,6 +147,7 @@ impl OverheadSizes {
                     LoopSize::new(10, 100, 100),
                     LoopSize::new(10, 100, 100),
                     LoopSize::new(10, 100, 100),
+                    LoopSize::new(10, 100, 100),
                 ],
                 settle_attach: Duration::from_millis(20),
                 settle_detach: Duration::from_millis(20),
@@ -166,6 +169,7 @@ impl OverheadSizes {
                     LoopSize::new(100, 5000, 6000),
                     LoopSize::new(100, 2500, 3000),
                     LoopSize::new(100, 5000, 6000),
+                    LoopSize::new(100, 2500, 3000),
                     LoopSize::new(100, 2500, 3000),
                 ],
                 settle_attach: Duration::from_millis(50),
@@ -199,10 +203,13 @@ enum Op {
     /// A UDP datagram to a loopback port from an unconnected socket: `socket_sendmsg`
     /// (issue 19: a send with a destination gets the connect decision).
     Sendto,
+    /// `mmap` of a file's first page with `PROT_EXEC`, then `munmap`: `mmap_file`
+    /// (issue 19: a file mapped as code meets its exec rules).
+    Mmap,
 }
 
 /// How many loops there are.
-const OPS: usize = 6;
+const OPS: usize = 7;
 
 impl Op {
     const ALL: [Op; OPS] = [
@@ -212,6 +219,7 @@ impl Op {
         Op::Open,
         Op::Stat,
         Op::Sendto,
+        Op::Mmap,
     ];
 
     /// The worker's name for the loop, and the figures'.
@@ -223,6 +231,7 @@ impl Op {
             Op::Open => "open",
             Op::Stat => "stat",
             Op::Sendto => "sendto",
+            Op::Mmap => "mmap",
         }
     }
 
@@ -234,6 +243,9 @@ impl Op {
             Op::Open => "open + read of 64 bytes + close of a 129-byte file",
             Op::Stat => "stat of a file",
             Op::Sendto => "sendto of 16 bytes on an unconnected UDP socket to a loopback port",
+            Op::Mmap => {
+                "mmap of the 129-byte binary's page with PROT_READ | PROT_EXEC, then munmap"
+            }
         }
     }
 }
@@ -242,7 +254,7 @@ const SETUPS: usize = 7;
 
 /// The `floor` setup's programs (in the object, never loaded by the agent): LSM programs
 /// on the hooks the loops reach that only pass the previous verdict on.
-const FLOOR_PROGRAMS: [Program; 7] = [
+const FLOOR_PROGRAMS: [Program; 8] = [
     Program {
         name: "floor_bprm_check_security",
         hook: Hook::Lsm("bprm_check_security"),
@@ -270,6 +282,10 @@ const FLOOR_PROGRAMS: [Program; 7] = [
     Program {
         name: "floor_socket_sendmsg",
         hook: Hook::Lsm("socket_sendmsg"),
+    },
+    Program {
+        name: "floor_mmap_file",
+        hook: Hook::Lsm("mmap_file"),
     },
 ];
 
@@ -654,6 +670,8 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
         other_action: action::DENY,
         on_truncated: action::DENY,
         audit: 0,
+        map_unlisted: action::ALLOW,
+        fileless: action::DENY,
     };
     let ask_by_default = PolicyDefaults {
         exec_default: action::ASK,
@@ -664,6 +682,8 @@ fn configure(ebpf: &mut Ebpf, cgroups: &Cgroups, tiny: (u64, u64)) -> Result<()>
         other_action: action::ASK,
         on_truncated: action::DENY,
         audit: 0,
+        map_unlisted: action::ALLOW,
+        fileless: action::DENY,
     };
     policies.set(RULE_POLICY, deny_by_default, 0)?;
     policies.set(GRANT_POLICY, ask_by_default, 0)?;
@@ -1498,6 +1518,7 @@ mod tests {
                 4.0 * time,
                 5.0 * time,
                 6.0 * time,
+                7.0 * time,
             ],
             trimmed: [time; OPS],
         }

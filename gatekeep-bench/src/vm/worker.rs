@@ -43,9 +43,10 @@ pub enum Action {
     /// Serves loops on request, for as long as stdin stays open: each line `exec <warmup>
     /// <count>` (fork + exec of `program`), `connect <warmup> <count>` (to `addr`) or
     /// `kill <warmup> <count>` (`kill(own pid, 0)`), `open <warmup> <count>` (open, read
-    /// and close `program`), `stat <warmup> <count>` (`stat` of `program`) or `sendto
-    /// <warmup> <count>` (a UDP datagram to `addr`'s port on an unconnected socket) is answered
-    /// with one report line. One process for a whole benchmark, moved from cgroup to
+    /// and close `program`), `stat <warmup> <count>` (`stat` of `program`), `sendto
+    /// <warmup> <count>` (a UDP datagram to `addr`'s port on an unconnected socket) or `mmap
+    /// <warmup> <count>` (`program`'s first page mapped with `PROT_EXEC`, then unmapped) is
+    /// answered with one report line. One process for a whole benchmark, moved from cgroup to
     /// cgroup, so setups alternate without starting processes.
     Serve { program: PathBuf, addr: SocketAddr },
     /// Connects to `addr` that gatekeep denies, paced at `rate` per second for `seconds`;
@@ -220,6 +221,34 @@ fn open_op(path: &Path) -> Result<impl FnMut() -> Result<()>> {
 }
 
 /// One `stat` of `path` (the path walk and `inode_getattr`).
+/// One `mmap` of `path`'s first page with `PROT_READ | PROT_EXEC` and its `munmap` (the
+/// `mmap_file` hook: a file mapped as code meets its exec rules), on a descriptor opened
+/// once.
+fn mmap_op(path: &Path) -> Result<impl FnMut() -> Result<()>> {
+    let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    Ok(move || {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        // SAFETY: a private mapping of one page of an open file, never touched, unmapped
+        // below.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE,
+                fd,
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            bail!("mmap: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: the page mapped above.
+        unsafe { libc::munmap(at, 4096) };
+        Ok(())
+    })
+}
+
 fn stat_op(path: &Path) -> Result<impl FnMut() -> Result<()>> {
     let path = CString::new(path.as_os_str().as_encoded_bytes())?;
     Ok(move || {
@@ -267,6 +296,7 @@ fn serve(program: &Path, addr: SocketAddr) -> Result<()> {
             "open" => trimmed(warmup, count, open_op(program)?)?,
             "stat" => trimmed(warmup, count, stat_op(program)?)?,
             "sendto" => trimmed(warmup, count, sendto_op(addr)?)?,
+            "mmap" => trimmed(warmup, count, mmap_op(program)?)?,
             _ => bail!("unknown loop `{what}`"),
         };
         serde_json::to_writer(&mut stdout, &report)?;

@@ -20,7 +20,7 @@ use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
     ARGV_LEN, ContentVersion, ENV_LEN, EPERM, ERESTARTNOINTR, ExecEvent, ExecRule, ExecRuleKey,
     ExecRuleStaleEvent, GATED_UNCLASSIFIED, PATH_LEN, action, counter, event_kind, exec_denied_for,
-    exec_rule_flags, request_kind,
+    exec_flags, exec_rule_flags, request_kind,
 };
 
 use crate::{
@@ -45,6 +45,10 @@ use crate::{
 /// - ask: the thread is paused until user space writes a verdict for this
 ///   exact request (identity + content + argv + bound environment), then the
 ///   restarted exec is allowed or fails with `-EPERM`.
+///
+/// A file with no name on disk (no links: memfd, `O_TMPFILE`, deleted)
+/// gets the policy's `fileless` action instead of its rules (deny unless
+/// the policy says otherwise).
 #[lsm(hook = "bprm_check_security")]
 pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     // LSM_HOOK(int, 0, bprm_check_security, struct linux_binprm *bprm): the
@@ -136,7 +140,9 @@ fn exec_action_inner(ctx: &LsmContext, cgroup_id: u64) -> Result<(), i32> {
     };
     // SAFETY: copied out immediately.
     let rule = unsafe { EXEC_RULES.get(&key) }.copied();
+    // No name on disk: no rule could have been written for it.
     let action = match rule {
+        _ if is_fileless(bprm) => fileless_action(gated.policy_id),
         Some(rule) if bound_to(&rule, &file.content) => rule.action,
         Some(rule) => {
             // Rewritten in place since the policy was loaded: the rule
@@ -431,9 +437,55 @@ fn executable_identity(bprm: *const u8) -> Result<Executable, i64> {
     }
 }
 
+/// Whether `bprm->file` has no name on disk (no links: a memfd, an
+/// `O_TMPFILE` file, a deleted file). Unreadable: fileless (fail closed).
+#[inline(always)]
+fn is_fileless(bprm: *const u8) -> bool {
+    let off = offsets();
+    // SAFETY: probe reads, which fail safely.
+    unsafe {
+        bpf_probe_read_kernel::<*const u8>(bprm.add(off.linux_binprm_file as usize).cast())
+            .and_then(|file| {
+                bpf_probe_read_kernel::<*const u8>(file.add(off.file_f_inode as usize).cast())
+            })
+            .and_then(|inode| {
+                bpf_probe_read_kernel::<u32>(inode.add(off.inode_i_nlink as usize).cast())
+            })
+            .map_or(true, |links| links == 0)
+    }
+}
+
+/// The policy's action for an exec of a file with no name on disk: `ALLOW`
+/// or `ASK` only when the policy says so, else `DENY`.
+#[inline(always)]
+pub fn fileless_action(policy_id: u32) -> u32 {
+    match POLICIES.get(policy_id).map(|p| p.fileless) {
+        Some(action::ALLOW) => action::ALLOW,
+        Some(action::ASK) => action::ASK,
+        _ => action::DENY,
+    }
+}
+
+/// The name of `file` in its folder (`f_path.dentry->d_name.name`:
+/// `memfd:NAME` for a memfd), a kernel string. The mapping hook
+/// (`mmap.rs`) names the files it refuses with it too.
+#[inline(always)]
+pub fn file_name(file: *const u8) -> Result<*const u8, i32> {
+    let off = offsets();
+    // SAFETY: probe reads, which fail safely.
+    unsafe {
+        bpf_probe_read_kernel::<*const u8>(file.add(off.file_f_path_dentry as usize).cast())
+            .and_then(|dentry| {
+                bpf_probe_read_kernel::<*const u8>(
+                    dentry.add(off.dentry_d_name_name as usize).cast(),
+                )
+            })
+    }
+}
+
 /// Whether `rule` was bound to the content the file has now.
 #[inline(always)]
-fn bound_to(rule: &ExecRule, now: &ContentVersion) -> bool {
+pub(crate) fn bound_to(rule: &ExecRule, now: &ContentVersion) -> bool {
     let bound = &rule.content;
     bound.ctime_sec == now.ctime_sec
         && bound.ctime_nsec == now.ctime_nsec
@@ -444,7 +496,7 @@ fn bound_to(rule: &ExecRule, now: &ContentVersion) -> bool {
 /// The stricter of two actions: deny, then ask, then allow (unknown
 /// actions count as ask, as everywhere on this hook).
 #[inline(always)]
-fn stricter(a: u32, b: u32) -> u32 {
+pub(crate) fn stricter(a: u32, b: u32) -> u32 {
     let rank = |action: u32| match action {
         action::ALLOW => 0,
         action::DENY => 2,
@@ -608,15 +660,22 @@ fn emit_exec(
         read_content_into(bprm, &raw mut (*event).content);
         (*event).action = action;
         (*event).denied_for = denied_for;
-        (*event)._pad = 0;
         (*event).filename[0] = 0;
-        if let Ok(filename) =
+        // A fileless exec is shown by the name the workload gave the file
+        // (`memfd:NAME`), not by the `/dev/fd/N` it was run by.
+        let fileless = is_fileless(bprm);
+        (*event).flags = if fileless { exec_flags::FILELESS } else { 0 };
+        let name = if fileless {
+            bpf_probe_read_kernel::<*const u8>(bprm.add(off.linux_binprm_file as usize).cast())
+                .and_then(file_name)
+        } else {
             bpf_probe_read_kernel::<*const u8>(bprm.add(off.linux_binprm_filename as usize).cast())
-        {
+        };
+        if let Ok(name) = name {
             bpf_probe_read_kernel_str(
                 (*event).filename.as_mut_ptr().cast::<c_void>(),
                 PATH_LEN as u32,
-                filename.cast::<c_void>(),
+                name.cast::<c_void>(),
             );
         }
         match args {

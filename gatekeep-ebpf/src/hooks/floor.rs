@@ -53,3 +53,10 @@ pub fn floor_file_permission(ctx: LsmContext) -> i32 {
 pub fn floor_socket_sendmsg(ctx: LsmContext) -> i32 {
     ctx.arg(3)
 }
+
+/// `LSM_HOOK(int, 0, mmap_file, struct file *file, unsigned long reqprot, unsigned long prot,
+/// unsigned long flags)`: the previous verdict is argument 4.
+#[lsm(hook = "mmap_file")]
+pub fn floor_mmap_file(ctx: LsmContext) -> i32 {
+    ctx.arg(4)
+}

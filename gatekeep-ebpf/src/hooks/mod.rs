@@ -6,6 +6,8 @@ pub mod connect;
 pub mod exec;
 pub mod exit;
 pub mod floor;
+// Code that runs without an exec (issue 19, item 2).
+pub mod mmap;
 // Egress beyond connect (issue 19, item 6).
 pub mod sendmsg;
 pub mod socket_create;
