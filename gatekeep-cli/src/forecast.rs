@@ -12,8 +12,6 @@ use gatekeep_proto::model::Target;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::output::what;
-
 /// The fields of an `audited` payload (`gatekeep_proto::audit::KernelDenied`) a forecast
 /// reads.
 #[derive(Debug, Deserialize)]
@@ -38,8 +36,8 @@ pub struct RuleRow {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Frequent {
     pub policy: String,
-    /// As `review list` shows it, escaped for the terminal.
-    pub target: String,
+    /// `None` when the records named none.
+    pub target: Option<Target>,
     pub count: u64,
 }
 
@@ -66,7 +64,8 @@ pub fn forecast<'a>(
 ) -> Forecast {
     let mut out = Forecast::default();
     let mut rules: BTreeMap<(String, String), RuleRow> = BTreeMap::new();
-    let mut asks: BTreeMap<(String, String), u64> = BTreeMap::new();
+    // Keyed by the target's JSON, which tells targets apart exactly.
+    let mut asks: BTreeMap<(String, String), (Option<Target>, u64)> = BTreeMap::new();
     for (at, payload) in records {
         if at < from || at >= until {
             continue;
@@ -92,11 +91,10 @@ pub fn forecast<'a>(
             row.would_deny += count;
         } else {
             row.would_ask += count;
-            let target = record
-                .target
-                .as_ref()
-                .map_or_else(|| "(no target)".to_owned(), what);
-            *asks.entry((policy, target)).or_default() += count;
+            let key = serde_json::to_string(&record.target).unwrap_or_default();
+            asks.entry((policy, key))
+                .or_insert_with(|| (record.target.clone(), 0))
+                .1 += count;
         }
     }
     let mut rows: Vec<RuleRow> = rules.into_values().collect();
@@ -109,7 +107,7 @@ pub fn forecast<'a>(
     out.rules = rows;
     let mut frequent: Vec<Frequent> = asks
         .into_iter()
-        .map(|((policy, target), count)| Frequent {
+        .map(|((policy, _), (target, count))| Frequent {
             policy,
             target,
             count,
@@ -119,7 +117,11 @@ pub fn forecast<'a>(
         a.policy
             .cmp(&b.policy)
             .then(b.count.cmp(&a.count))
-            .then(a.target.cmp(&b.target))
+            .then_with(|| {
+                serde_json::to_string(&a.target)
+                    .unwrap_or_default()
+                    .cmp(&serde_json::to_string(&b.target).unwrap_or_default())
+            })
     });
     let mut kept: BTreeMap<String, usize> = BTreeMap::new();
     frequent.retain(|entry| {
@@ -238,7 +240,11 @@ mod tests {
             found.frequent_asks,
             [Frequent {
                 policy: "agents".into(),
-                target: "/usr/bin/kubectl get pods".into(),
+                target: Some(Target::Exec(gatekeep_proto::model::ExecTarget {
+                    executable: "/usr/bin/kubectl".into(),
+                    argv: vec!["kubectl".into(), "get".into(), "pods".into()],
+                    ..serde_json::from_value(json!({"executable": "", "argv": []})).unwrap()
+                })),
                 count: 6
             }]
         );

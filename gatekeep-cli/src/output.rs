@@ -618,7 +618,10 @@ impl Printer {
                     vec![
                         t(&entry.policy),
                         entry.count.to_string(),
-                        entry.target.clone(),
+                        entry
+                            .target
+                            .as_ref()
+                            .map_or_else(|| "(no target)".to_owned(), what),
                     ]
                 })
                 .collect();

@@ -27,7 +27,7 @@ use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
     hooks::{
-        exec::argv::{ARGV_BLOCK, ARGV_SCRATCH, ExecArgs, capture_current_argv},
+        exec::argv::{ARGV_BLOCK, ARGV_SCRATCH, ExecArgs},
         gating_candidate,
     },
     maps::{EVENTS, POLICIES, bump, gated_entry, offsets},
@@ -68,6 +68,46 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     }
     let args = capture_current_argv();
     exec_refuse_or_ask(&ctx, cgroup_id, args)
+}
+
+/// Reads the calling thread's exec argv, and the bound variables of its
+/// environment (the names of the pending exec's policy), into this CPU's
+/// scratch, or `None` (counted in `ARGV_MISSED`) when the syscall or its
+/// argv cannot be read. The result is valid until this program run ends.
+/// Not inlined: called from the hook's entry, between the deciding frames.
+#[inline(never)]
+pub fn capture_current_argv() -> Option<*const ExecArgs> {
+    // SAFETY: this CPU's slot; `exec_action` wrote `pending` in this run.
+    let policy_id = ARGV_SCRATCH
+        .get_ptr(0)
+        .map_or(0, |scratch| unsafe { (*scratch).pending.policy_id });
+    let captured = argv::user_arrays().and_then(|(user_argv, envp)| {
+        let args = argv::capture(user_argv)?;
+        env::capture_env(envp, policy_id);
+        Some(args)
+    });
+    if captured.is_none() {
+        bump(counter::ARGV_MISSED);
+    }
+    captured
+}
+
+/// The state of one environment scan.
+#[repr(C)]
+pub struct EnvScan {
+    /// The `envp` the exec passed.
+    pub(crate) envp: u64,
+    /// Non-zero when its entries are 32-bit (an ia32 exec).
+    pub(crate) compat: u32,
+    pub(crate) _pad: u32,
+    /// The entry being looked at (a user pointer).
+    pub(crate) entry: u64,
+    pub(crate) policy_id: u32,
+    /// Non-zero once the scan reached the array's end (or gave up, marking
+    /// the capture truncated).
+    pub(crate) complete: u32,
+    /// The entry's first bytes, zero padded.
+    pub(crate) head: [u64; gatekeep_common::BOUND_ENV_NAME_LEN / 8],
 }
 
 /// `exec_action`'s answer when argv decides: never a verdict (those are 0

@@ -25,10 +25,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray},
 };
-use gatekeep_common::{ARGV_LEN, ARGV_MAX_ARGS, counter};
+use gatekeep_common::{ARGV_LEN, ARGV_MAX_ARGS};
 
-use super::env::{EnvScan, capture_env};
-use crate::maps::bump;
+use super::EnvScan;
 
 /// Argv and the bound environment as the exec digest and the events carry
 /// them.
@@ -118,32 +117,10 @@ impl UserArray {
     }
 }
 
-/// Reads the calling thread's exec argv, and the bound variables of its
-/// environment (the names of the pending exec's policy), into this CPU's
-/// scratch, or `None` (counted in `ARGV_MISSED`) when the syscall or its
-/// argv cannot be read. The result is valid until this program run ends.
-/// Not inlined: called from the hook's entry, between the deciding frames.
-#[inline(never)]
-pub fn capture_current_argv() -> Option<*const ExecArgs> {
-    // SAFETY: this CPU's slot; `exec_action` wrote `pending` in this run.
-    let policy_id = ARGV_SCRATCH
-        .get_ptr(0)
-        .map_or(0, |scratch| unsafe { (*scratch).pending.policy_id });
-    let captured = user_arrays().and_then(|(argv, envp)| {
-        let args = capture(argv)?;
-        capture_env(envp, policy_id);
-        Some(args)
-    });
-    if captured.is_none() {
-        bump(counter::ARGV_MISSED);
-    }
-    captured
-}
-
 /// The `argv` and `envp` arrays this thread passed to `execve(at)`, 64-bit
 /// or ia32.
 #[inline(always)]
-fn user_arrays() -> Option<(UserArray, UserArray)> {
+pub(super) fn user_arrays() -> Option<(UserArray, UserArray)> {
     // SAFETY: helpers on the current task; `regs` is the kernel's saved user
     // registers of the current syscall, and every read of it goes through
     // the probe helper at an offset inside its fixed part.
@@ -175,7 +152,7 @@ fn user_arrays() -> Option<(UserArray, UserArray)> {
 }
 
 #[inline(always)]
-fn capture(user_argv: UserArray) -> Option<*const ExecArgs> {
+pub(super) fn capture(user_argv: UserArray) -> Option<*const ExecArgs> {
     let scratch = ARGV_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: `scratch` points at this CPU's scratch slot; every string
     // write below starts in `argv` (offset masked below ARGV_LEN) and is at

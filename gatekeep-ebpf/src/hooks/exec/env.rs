@@ -37,24 +37,6 @@ const NAME_WORDS: usize = BOUND_ENV_NAME_LEN / 8;
 /// `"LD_"` as the low three bytes of a little-endian word.
 const LD_PREFIX: u64 = 0x005f_444c;
 
-/// The state of one environment scan.
-#[repr(C)]
-pub struct EnvScan {
-    /// The `envp` the exec passed.
-    envp: u64,
-    /// Non-zero when its entries are 32-bit (an ia32 exec).
-    compat: u32,
-    _pad: u32,
-    /// The entry being looked at (a user pointer).
-    entry: u64,
-    policy_id: u32,
-    /// Non-zero once the scan reached the array's end (or gave up, marking
-    /// the capture truncated).
-    complete: u32,
-    /// The entry's first bytes, zero padded.
-    head: [u64; NAME_WORDS],
-}
-
 /// Captures the bound variables of `envp` into this CPU's scratch, after
 /// the argv `argv` just captured there, for `policy_id`'s names. Not
 /// inlined: the hook's frame has no room for its registers.
