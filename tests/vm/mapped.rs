@@ -325,7 +325,7 @@ fn expect_mapping_denied(ebpf: &mut Ebpf, file: &Path, what: &str) {
             && e.ino == meta.ino()
             && e.dev == kernel_dev(meta.dev())
             && e.argv_len == 0
-            && text(&e.filename) == file.file_name().unwrap().to_string_lossy()),
+            && text(&e.filename) == file.file_name().expect("file name").to_string_lossy()),
         "{what}: no mapping denial of {} among {} denial(s)",
         file.display(),
         denials.len()

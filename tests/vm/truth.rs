@@ -172,31 +172,25 @@ fn a_decoy_name_in_a_private_mount_namespace_shows_the_file_that_runs() {
     assert_eq!(target["executable"], evil.as_str(), "{requested:#}");
     assert_eq!(target["named"], innocent.as_str(), "{requested:#}");
 
-    // A file the host reaches at no path: bound over the name, then unlinked. The request
-    // says the path is only the workload's name, and names the file by device and inode.
+    // A file the host reaches at no path: bound over the name, then unlinked. It has no
+    // name on disk, so the policy's `fileless` action decides it, whatever the name it runs
+    // under (deny by default; threat model section 14). What reviewers see of an asked
+    // fileless exec is `mapped::fileless_executables_are_denied_by_default_and_asked_marked_fileless`.
     let gone = tool(&dir.path().join("evil"), "gone");
-    let gone_identity = identity(&gone);
     let args = [
         "mount-ns", "bind", &gone, &innocent, "rm", &gone, "exec", &innocent, "echo", "hi",
     ];
-    let child = cgroup.spawn(&mut workload(&args));
-    wait_stopped(child.id(), PATIENCE);
-    let request = next_request(&agent, &mut seen);
-    let exec = &request["request"]["target"];
-    assert_eq!(exec["executable"], innocent.as_str(), "{request:#}");
-    assert_eq!(exec["path_check"], "unverified", "{exec}");
-    assert_eq!(exec["file"], gone_identity.as_str(), "{exec}");
-    assert!(exec["mount_namespace"].is_string(), "{exec}");
-    let shown = agent.cli_ok(&["review", "show", &request_id(&request)], "review show");
-    assert!(
-        shown.contains(&format!(
-            "{innocent} (UNVERIFIED: the workload's name; no host path of file {gone_identity} was found)"
-        )),
-        "{shown}"
+    let mut child = cgroup.spawn(&mut workload(&args));
+    let outcome = workload::finish(&mut child, PATIENCE);
+    assert_eq!(
+        outcome,
+        Outcome::exec_denied(),
+        "an unlinked file bound over a name is fileless: denied by default"
     );
-    let listed = agent.cli_ok(&["review", "list"], "review list");
-    assert!(listed.contains("[unverified]"), "{listed}");
-    deny(&agent, &request, child, "unlinked");
+    let denied = agent.wait_record("kernel_denied", PATIENCE, |r| {
+        r["payload"]["reason"] == "fileless"
+    });
+    assert_eq!(denied["payload"]["policy"], "gk-truth-decoy", "{denied:#}");
 }
 
 #[test]
