@@ -454,11 +454,21 @@ pub struct Executable {
 /// `i_size` and `i_generation`.
 #[inline(always)]
 fn executable_identity(bprm: *const u8) -> Result<Executable, i64> {
+    // SAFETY: a probe read, which fails safely.
+    let file: *const u8 =
+        unsafe { bpf_probe_read_kernel(bprm.add(offsets().linux_binprm_file as usize).cast())? };
+    let (dev, ino, content) = file_identity(file)?;
+    Ok(Executable { dev, ino, content })
+}
+
+/// The identity (device in the kernel's encoding, inode) and content version
+/// of the open `file`: what exec rules are keyed by and bound to, for an exec
+/// and for a file mapped as code (`hooks/mmap.rs`) alike.
+#[inline(always)]
+pub(crate) fn file_identity(file: *const u8) -> Result<(u64, u64, ContentVersion), i64> {
     let off = offsets();
     // SAFETY: every read goes through the probe helper, which fails safely.
     unsafe {
-        let file: *const u8 =
-            bpf_probe_read_kernel(bprm.add(off.linux_binprm_file as usize).cast())?;
         let inode: *const u8 = bpf_probe_read_kernel(file.add(off.file_f_inode as usize).cast())?;
         let ino: u64 = bpf_probe_read_kernel(inode.add(off.inode_i_ino as usize).cast())?;
         let sb: *const u8 = bpf_probe_read_kernel(inode.add(off.inode_i_sb as usize).cast())?;
@@ -469,11 +479,7 @@ fn executable_identity(bprm: *const u8) -> Result<Executable, i64> {
             generation: bpf_probe_read_kernel(inode.add(off.inode_i_generation as usize).cast())?,
             size: bpf_probe_read_kernel(inode.add(off.inode_i_size as usize).cast())?,
         };
-        Ok(Executable {
-            dev: u64::from(dev),
-            ino,
-            content,
-        })
+        Ok((u64::from(dev), ino, content))
     }
 }
 

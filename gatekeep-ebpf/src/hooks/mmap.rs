@@ -41,7 +41,7 @@ use gatekeep_common::{
 use crate::{
     events::Caller,
     hooks::{
-        exec::{EXEC_RULES, bound_to, file_name, stricter},
+        exec::{EXEC_RULES, bound_to, file_identity, file_name, stricter},
         gating_candidate,
     },
     maps::{EVENTS, POLICIES, bump, gated_entry, offsets},
@@ -177,27 +177,6 @@ fn is_exe_file(file: *const u8) -> bool {
                 bpf_probe_read_kernel::<*const u8>(mm.add(off.mm_struct_exe_file as usize).cast())
             })
             .is_ok_and(|exe| exe == file)
-    }
-}
-
-/// (device, inode, content version) of `file`, read as the exec hook reads
-/// its executable's.
-#[inline(always)]
-fn file_identity(file: *const u8) -> Result<(u64, u64, ContentVersion), i64> {
-    let off = offsets();
-    // SAFETY: every read goes through the probe helper, which fails safely.
-    unsafe {
-        let inode: *const u8 = bpf_probe_read_kernel(file.add(off.file_f_inode as usize).cast())?;
-        let ino: u64 = bpf_probe_read_kernel(inode.add(off.inode_i_ino as usize).cast())?;
-        let sb: *const u8 = bpf_probe_read_kernel(inode.add(off.inode_i_sb as usize).cast())?;
-        let dev: u32 = bpf_probe_read_kernel(sb.add(off.super_block_s_dev as usize).cast())?;
-        let content = ContentVersion {
-            ctime_sec: bpf_probe_read_kernel(inode.add(off.inode_i_ctime_sec as usize).cast())?,
-            ctime_nsec: bpf_probe_read_kernel(inode.add(off.inode_i_ctime_nsec as usize).cast())?,
-            generation: bpf_probe_read_kernel(inode.add(off.inode_i_generation as usize).cast())?,
-            size: bpf_probe_read_kernel(inode.add(off.inode_i_size as usize).cast())?,
-        };
-        Ok((u64::from(dev), ino, content))
     }
 }
 
