@@ -217,6 +217,7 @@
 
 mod cases;
 mod cgroup;
+mod command;
 mod error;
 mod load;
 mod model;
@@ -226,12 +227,17 @@ mod warning;
 
 pub use cases::{Case, CaseResult, Example, Outcome, load_cases, parse_cases};
 pub use cgroup::{CGROUP_ROOT, CgroupPattern, CgroupPatternError};
+pub use command::{
+    CommandSet, Decided, ExecMatcher, Operand, applet, args_match, operand, operand_path,
+    split_shell_command, stricter, strictness,
+};
 pub use error::{Diagnostic, PolicyError};
 pub use load::{Summary, Validation, parse_str, validate_paths};
 pub use model::{
-    Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, Mode,
-    ParseActionError, ParseGrantDurationError, ParseProtectPointError, Policy, PolicySet,
-    PortRange, Protect, ProtectPoint, UnlistedMappings,
+    Action, Approval, ArgPattern, CommandRule, ConnectPolicy, ConnectRule, DEFAULT_INTERPRETERS,
+    ExecPolicy, ExecRule, GrantDuration, InterpreterKind, Mode, ParseActionError,
+    ParseGrantDurationError, ParseProtectPointError, Policy, PolicySet, PortRange, Protect,
+    ProtectPoint, UnlistedMappings,
 };
 pub use parse::{DEFAULT_TIMEOUT, MAX_TIMEOUT};
 pub use warning::{Location, Warning, WarningKind};

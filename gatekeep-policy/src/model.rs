@@ -108,6 +108,100 @@ pub struct ExecPolicy {
     /// `O_TMPFILE`, a deleted file), which no rule can name: `deny` when not
     /// written.
     pub fileless: Action,
+    /// Command-line rules (`[[policy.exec.command]]`), in file order: an
+    /// executable and a pattern per argument. The agent matches them in user
+    /// space (see `docs/policy-commands.md` and [`crate::CommandSet`]).
+    pub commands: Vec<CommandRule>,
+    /// Interpreters whose script operand meets the script's own rules
+    /// (`interpreters`; [`DEFAULT_INTERPRETERS`] when not written). How each
+    /// one's options are read follows from its file name
+    /// ([`InterpreterKind`]).
+    pub interpreters: Vec<PathBuf>,
+    /// Multi-call binaries (`multicall`, none by default), whose command
+    /// rules match the applet name where other rules match `argv[1]`.
+    pub multicall: Vec<PathBuf>,
+}
+
+/// The interpreters a policy knows when it does not say (`interpreters`).
+/// Those missing on a host are skipped there.
+pub const DEFAULT_INTERPRETERS: &[&str] = &[
+    "/bin/sh",
+    "/bin/dash",
+    "/bin/bash",
+    "/usr/bin/sh",
+    "/usr/bin/dash",
+    "/usr/bin/bash",
+    "/usr/bin/python3",
+    "/usr/bin/perl",
+    "/usr/bin/node",
+    "/usr/bin/ruby",
+];
+
+/// How an interpreter reads its command line: which options take a value,
+/// where the script operand is. Told from the interpreter's file name
+/// (applet name for a multi-call binary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InterpreterKind {
+    /// `sh`, `dash`, `ash`, `bash`, `ksh`, `mksh`, `zsh`, `hush`.
+    Shell,
+    /// `python`, `python3`, `python3.11`, ...
+    Python,
+    /// `perl`, `perl5.36.0`, ...
+    Perl,
+    /// `node`, `nodejs`.
+    Node,
+    /// `ruby`, `ruby3.1`, ...
+    Ruby,
+}
+
+impl InterpreterKind {
+    /// The kind an interpreter named `name` (a file or applet name) is.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        let versioned = |stem: &str| {
+            name.strip_prefix(stem)
+                .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+        };
+        match name {
+            "sh" | "dash" | "ash" | "bash" | "ksh" | "mksh" | "zsh" | "hush" => {
+                Some(InterpreterKind::Shell)
+            }
+            "node" | "nodejs" => Some(InterpreterKind::Node),
+            _ if versioned("python") => Some(InterpreterKind::Python),
+            _ if versioned("perl") => Some(InterpreterKind::Perl),
+            _ if versioned("ruby") => Some(InterpreterKind::Ruby),
+            _ => None,
+        }
+    }
+}
+
+/// One `[[policy.exec.command]]`: an executable, a pattern for each of its
+/// arguments, and an action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CommandRule {
+    /// The executable (absolute, matched by file identity like
+    /// [`ExecRule::path`]); `argv[0]` as written.
+    pub path: PathBuf,
+    /// Patterns for `argv[1..]` (for a multi-call binary: the applet name,
+    /// then its arguments); `argv[1..]` as written.
+    pub args: Vec<ArgPattern>,
+    pub action: Action,
+}
+
+/// A pattern for one argument of a [`CommandRule`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "kind", content = "text", rename_all = "lowercase")]
+pub enum ArgPattern {
+    /// Exactly this argument (`\*`, `\?` and `\\` written for `*`, `?`
+    /// and `\`).
+    Literal(String),
+    /// One argument matching a glob: `*` any run of characters (`/`
+    /// included), `?` one character, `\` escapes the next one. Kept as
+    /// written.
+    Glob(String),
+    /// `**`: any number of arguments, none included.
+    Rest,
 }
 
 /// [`ExecPolicy::unlisted_mappings`].

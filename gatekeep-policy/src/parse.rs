@@ -16,8 +16,9 @@ use crate::{
     cgroup::CgroupPattern,
     error::Diagnostic,
     model::{
-        Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, Mode,
-        Policy, Protect, ProtectPoint, UnlistedMappings,
+        Action, Approval, ArgPattern, CommandRule, ConnectPolicy, ConnectRule,
+        DEFAULT_INTERPRETERS, ExecPolicy, ExecRule, GrantDuration, InterpreterKind, Mode, Policy,
+        Protect, ProtectPoint, UnlistedMappings,
     },
     net::parse_target,
 };
@@ -46,7 +47,11 @@ const EXEC_KEYS: &[&str] = &[
     "bound_env",
     "unlisted_mappings",
     "fileless",
+    "command",
+    "interpreters",
+    "multicall",
 ];
+const COMMAND_KEYS: &[&str] = &["argv", "action"];
 /// Most names `exec.bound_env` may list (the kernel matches each one).
 const BOUND_ENV_MAX: usize = 8;
 /// Longest `exec.bound_env` name, in bytes (the kernel compares 32 bytes, `=` included).
@@ -326,6 +331,9 @@ impl<'a> Walker<'a> {
             bound_env: Vec::new(),
             unlisted_mappings: UnlistedMappings::Allow,
             fileless: Action::Deny,
+            commands: Vec::new(),
+            interpreters: DEFAULT_INTERPRETERS.iter().map(PathBuf::from).collect(),
+            multicall: Vec::new(),
         };
         let mut places = Vec::new();
         let Some(table) = self.section(policy, "exec", EXEC_KEYS) else {
@@ -370,6 +378,15 @@ impl<'a> Walker<'a> {
         if let Some(value) = field(table, "fileless") {
             exec.fileless = self.action(value, "fileless").unwrap_or(Action::Deny);
         }
+        if let Some(value) = field(table, "command") {
+            exec.commands = self.commands(value);
+        }
+        if let Some(value) = field(table, "interpreters") {
+            exec.interpreters = self.interpreters(value);
+        }
+        if let Some(value) = field(table, "multicall") {
+            exec.multicall = self.paths(value, "multicall", "multicall = [\"/bin/busybox\"]");
+        }
         let mut rules: Vec<(Span, ExecRule)> = Vec::new();
         for (key, action) in RULE_LISTS {
             let Some(value) = field(table, key) else {
@@ -411,6 +428,147 @@ impl<'a> Walker<'a> {
             exec.rules.push(rule);
         }
         (exec, places)
+    }
+
+    /// `[[policy.exec.command]]`: command-line rules.
+    fn commands(&mut self, value: &Value<'_>) -> Vec<CommandRule> {
+        const EXAMPLE: &str = "[[policy.exec.command]] with argv = [\"/usr/bin/kubectl\", \"delete\", \"**\"] and action = \"ask\"";
+        let DeValue::Array(items) = value.get_ref() else {
+            self.error(
+                &value.span(),
+                format!(
+                    "`command` must be an array of tables ({EXAMPLE}), found {}",
+                    value.get_ref().type_str()
+                ),
+            );
+            return Vec::new();
+        };
+        let mut rules: Vec<CommandRule> = Vec::new();
+        let mut seen: HashMap<(PathBuf, Vec<ArgPattern>), usize> = HashMap::new();
+        for item in items {
+            let DeValue::Table(table) = item.get_ref() else {
+                self.error(
+                    &item.span(),
+                    format!(
+                        "`command` must contain tables ({EXAMPLE}), found {}",
+                        item.get_ref().type_str()
+                    ),
+                );
+                continue;
+            };
+            self.check_keys(table, "[[policy.exec.command]]", COMMAND_KEYS);
+            let action = match field(table, "action") {
+                Some(value) => self.action(value, "action"),
+                None => {
+                    self.error(
+                        &item.span(),
+                        "[[policy.exec.command]] has no `action`; add action = \"allow\", \"deny\" or \"ask\"",
+                    );
+                    None
+                }
+            };
+            let Some(argv_value) = field(table, "argv") else {
+                self.error(
+                    &item.span(),
+                    format!("[[policy.exec.command]] has no `argv`; write the executable and a pattern per argument, e.g. {EXAMPLE}"),
+                );
+                continue;
+            };
+            let Some(argv) = self.string_list(argv_value, "argv", EXAMPLE) else {
+                continue;
+            };
+            let Some(((exe, exe_span), patterns)) = argv.split_first() else {
+                self.error(
+                    &argv_value.span(),
+                    "empty argv; its first element is the executable's absolute path, e.g. \"/usr/bin/kubectl\"",
+                );
+                continue;
+            };
+            let path = self.exec_path(exe, exe_span);
+            let mut args = Vec::new();
+            let mut valid = path.is_some();
+            for (text, span) in patterns {
+                match ArgPattern::parse(text) {
+                    Ok(pattern) => args.push(pattern),
+                    Err(message) => {
+                        self.error(span, message);
+                        valid = false;
+                    }
+                }
+            }
+            let (Some(path), Some(action), true) = (path, action, valid) else {
+                continue;
+            };
+            let line = self.pos(&argv_value.span()).line;
+            if let Some(first) = seen.get(&(path.clone(), args.clone())) {
+                self.error(
+                    &argv_value.span(),
+                    format!(
+                        "this argv is already a command rule at line {first}; two rules with the same patterns cannot both win: remove one"
+                    ),
+                );
+                continue;
+            }
+            seen.insert((path.clone(), args.clone()), line);
+            rules.push(CommandRule { path, args, action });
+        }
+        rules
+    }
+
+    /// `interpreters`: absolute paths whose file names say how to read
+    /// their options.
+    fn interpreters(&mut self, value: &Value<'_>) -> Vec<PathBuf> {
+        let Some(items) = self.string_list(
+            value,
+            "interpreters",
+            "interpreters = [\"/bin/sh\", \"/usr/bin/python3\"]",
+        ) else {
+            return DEFAULT_INTERPRETERS.iter().map(PathBuf::from).collect();
+        };
+        let mut out: Vec<PathBuf> = Vec::new();
+        for (text, span) in items {
+            let Some(path) = self.exec_path(text, &span) else {
+                continue;
+            };
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if InterpreterKind::from_name(name).is_none() {
+                self.error(
+                    &span,
+                    format!(
+                        "interpreter {text:?}: gatekeep cannot tell how {name:?} reads its options; interpreters are known by file name (sh, dash, ash, bash, ksh, mksh, zsh, hush, python*, perl*, node, nodejs, ruby*)"
+                    ),
+                );
+            } else if out.contains(&path) {
+                self.error(
+                    &span,
+                    format!("interpreters lists {text:?} twice; remove one"),
+                );
+            } else {
+                out.push(path);
+            }
+        }
+        out
+    }
+
+    /// A list of absolute executable paths.
+    fn paths(&mut self, value: &Value<'_>, key: &str, example: &str) -> Vec<PathBuf> {
+        let Some(items) = self.string_list(value, key, example) else {
+            return Vec::new();
+        };
+        let mut out: Vec<PathBuf> = Vec::new();
+        for (text, span) in items {
+            if let Some(path) = self.exec_path(text, &span) {
+                if out.contains(&path) {
+                    self.error(&span, format!("{key} lists {text:?} twice; remove one"));
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        out
     }
 
     fn exec_path(&mut self, text: &str, span: &Span) -> Option<PathBuf> {
@@ -945,9 +1103,12 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use std::{net::IpAddr, time::Duration};
+    use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-    use crate::{Action, GrantDuration, PolicySet, PortRange, ProtectPoint, parse_str};
+    use crate::{
+        Action, ArgPattern, DEFAULT_INTERPRETERS, GrantDuration, PolicySet, PortRange,
+        ProtectPoint, parse_str,
+    };
 
     const FILE: &str = "policies/agents.toml";
 
@@ -1035,7 +1196,7 @@ mod tests {
                 "policies/agents.toml:1:1: unknown key \"version\" in this file (expected policy)",
                 "policies/agents.toml:2:1: policy has no cgroups; add cgroups = [\"/sys/fs/cgroup/...\"] to say which workloads it governs",
                 "policies/agents.toml:4:1: unknown key \"cgroup\" in [[policy]] (expected name, cgroups, mode, exec, connect, approval or protect); did you mean \"cgroups\"?",
-                "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny, ask, on_truncated, bound_env, unlisted_mappings or fileless); did you mean \"default\"?",
+                "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny, ask, on_truncated, bound_env, unlisted_mappings, fileless, command, interpreters or multicall); did you mean \"default\"?",
                 "policies/agents.toml:9:1: unknown key \"allowed\" in [policy.connect] (expected default, allow, deny, ask, unix, raw_sockets or other_families); did you mean \"allow\"?",
                 "policies/agents.toml:12:1: unknown key \"reviewer\" in [policy.approval] (expected timeout, on_timeout, reviewers, approvals_required or grant_durations); did you mean \"reviewers\"?",
                 "policies/agents.toml:13:9: unknown key \"audit\" in [[policy]] (expected name, cgroups, mode, exec, connect, approval or protect)",
@@ -1119,6 +1280,81 @@ mod tests {
         assert_eq!(
             set.policy_for_cgroup(std::path::Path::new("/agents/job-1")),
             Some(0)
+        );
+    }
+
+    #[test]
+    fn command_rules_interpreters_and_multicall_parse() {
+        let set = load(&with_head(
+            "[policy.exec]\n\
+             multicall = [\"/bin/busybox\"]\n\
+             interpreters = [\"/bin/sh\", \"/usr/bin/python3.11\"]\n\
+             [[policy.exec.command]]\n\
+             argv = [\"/usr/bin/kubectl\", \"delete\", \"**\"]\n\
+             action = \"ask\"\n\
+             [[policy.exec.command]]\n\
+             argv = [\"/usr/bin/git\", \"push\", \"**\", \"--force*\"]\n\
+             action = \"deny\"\n",
+        ));
+        let exec = &set.policies[0].exec;
+        assert_eq!(exec.multicall, vec![PathBuf::from("/bin/busybox")]);
+        assert_eq!(
+            exec.interpreters,
+            vec![
+                PathBuf::from("/bin/sh"),
+                PathBuf::from("/usr/bin/python3.11")
+            ]
+        );
+        assert_eq!(exec.commands.len(), 2);
+        assert_eq!(
+            exec.commands[1].to_string(),
+            "deny [\"/usr/bin/git\", \"push\", \"**\", \"--force*\"]"
+        );
+        assert_eq!(
+            exec.commands[0].args,
+            vec![ArgPattern::Literal("delete".into()), ArgPattern::Rest]
+        );
+        // Unwritten: the default interpreters, no multi-call binary.
+        let exec = &load(HEAD).policies[0].exec;
+        assert_eq!(exec.interpreters.len(), DEFAULT_INTERPRETERS.len());
+        assert!(exec.multicall.is_empty() && exec.commands.is_empty());
+    }
+
+    #[test]
+    fn bad_command_rules_are_located() {
+        assert_eq!(
+            errors(&with_head(
+                "[policy.exec]\n\
+                 interpreters = [\"/usr/bin/tclsh\", \"sh\"]\n\
+                 multicall = [\"/bin/busybox\", \"/bin/busybox\"]\n\
+                 [[policy.exec.command]]\n\
+                 argv = [\"kubectl\", \"delete**\"]\n\
+                 action = \"maybe\"\n\
+                 [[policy.exec.command]]\n\
+                 argv = [\"/usr/bin/git\", \"push\"]\n\
+                 [[policy.exec.command]]\n\
+                 argv = []\n\
+                 action = \"ask\"\n\
+                 arg = 1\n\
+                 [[policy.exec.command]]\n\
+                 argv = [\"/usr/bin/git\", \"push\"]\n\
+                 action = \"ask\"\n\
+                 [[policy.exec.command]]\n\
+                 argv = [\"/usr/bin/git\", \"push\"]\n\
+                 action = \"allow\"\n"
+            )),
+            [
+                "policies/agents.toml:5:17: interpreter \"/usr/bin/tclsh\": gatekeep cannot tell how \"tclsh\" reads its options; interpreters are known by file name (sh, dash, ash, bash, ksh, mksh, zsh, hush, python*, perl*, node, nodejs, ruby*)",
+                "policies/agents.toml:5:35: exec path \"sh\" is not absolute (exec rules match absolute paths; relative paths, `..` and symlinks are resolved by the kernel-side identity match)",
+                "policies/agents.toml:6:30: multicall lists \"/bin/busybox\" twice; remove one",
+                "policies/agents.toml:8:9: exec path \"kubectl\" is not absolute (exec rules match absolute paths; relative paths, `..` and symlinks are resolved by the kernel-side identity match)",
+                "policies/agents.toml:8:20: argument pattern \"delete**\" contains `**` inside an argument; `**` stands for any number of whole arguments and must be an element of its own (use `*` for any characters within one argument)",
+                "policies/agents.toml:9:10: unknown action \"maybe\" (expected allow, deny or ask)",
+                "policies/agents.toml:10:1: [[policy.exec.command]] has no `action`; add action = \"allow\", \"deny\" or \"ask\"",
+                "policies/agents.toml:13:8: empty argv; its first element is the executable's absolute path, e.g. \"/usr/bin/kubectl\"",
+                "policies/agents.toml:15:1: unknown key \"arg\" in [[policy.exec.command]] (expected argv or action); did you mean \"argv\"?",
+                "policies/agents.toml:20:8: this argv is already a command rule at line 17; two rules with the same patterns cannot both win: remove one",
+            ]
         );
     }
 
