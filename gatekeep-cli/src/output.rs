@@ -714,7 +714,7 @@ fn case_line(result: &gatekeep_policy::CaseResult) -> String {
     use gatekeep_policy::Example;
     let case = &result.case;
     let action = match &case.example {
-        Example::Exec { path, argv } => {
+        Example::Exec { path, argv, .. } => {
             let path = path.display().to_string();
             if argv.len() == 1 && argv[0] == path {
                 format!("exec {}", word(&path))

@@ -9,6 +9,7 @@
 //! cgroup = "/sys/fs/cgroup/agents/job-1"  # the workload's cgroup
 //! exec = "/usr/bin/sudo"                  # an exec, with its argv (default: [exec])
 //! argv = ["sudo", "-i"]
+//! cwd = "/srv/app"                        # optional: where a script operand is found
 //! expect = "deny"                         # allow | deny | ask
 //!
 //! [[case]]
@@ -27,8 +28,10 @@
 //! exec the rule naming the file (matched by file identity when both the
 //! rule's file and the case's file exist on this host, by path otherwise),
 //! the interpreter of a `#!` script as a second exec (the kernel checks it
-//! too), and `on_truncated` for an asked exec whose argv the kernel cannot
-//! bind completely; for a connect, the connect rules as
+//! too), command rules, scripts run by interpreters and applets of
+//! multi-call binaries as the agent matches them ([`crate::ExecMatcher`]),
+//! and `on_truncated` for an asked (or matched) exec whose argv the kernel
+//! cannot bind completely; for a connect, the connect rules as
 //! [`crate::ConnectPolicy::action_for`] matches them; for `AF_UNIX`, the
 //! policy's `unix` action.
 //!
@@ -52,6 +55,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::{
     cgroup::CGROUP_ROOT,
+    command::{Decided, ExecMatcher, operand_path, strictness},
     error::{Diagnostic, PolicyError},
     load::{CASES_SUFFIX, cases_files},
     model::{Action, Policy, PolicySet},
@@ -59,7 +63,7 @@ use crate::{
 };
 
 const CASE_KEYS: &[&str] = &[
-    "name", "cgroup", "exec", "argv", "connect", "unix", "expect",
+    "name", "cgroup", "exec", "argv", "cwd", "connect", "unix", "expect",
 ];
 
 /// One example action and the outcome it must get.
@@ -78,8 +82,15 @@ pub struct Case {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Example {
-    /// `execve(path, argv)`.
-    Exec { path: PathBuf, argv: Vec<String> },
+    /// `execve(path, argv)`, from the directory `cwd` (`/` when not
+    /// written), against which an interpreter's relative script operand is
+    /// found.
+    Exec {
+        path: PathBuf,
+        argv: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cwd: Option<PathBuf>,
+    },
     /// A connect (or a datagram sent) to an IP address and port.
     Connect { to: SocketAddr },
     /// An `AF_UNIX` connect to a socket path, or `@name` for an abstract one.
@@ -302,10 +313,15 @@ fn example(walker: &mut Walker<'_>, header: &Span, table: &DeTable<'_>) -> Optio
             return None;
         }
     };
-    if kind != "exec"
-        && let Some(value) = field(table, "argv")
-    {
-        walker.error(&value.span(), "argv belongs to an exec case; remove it");
+    for key in ["argv", "cwd"] {
+        if kind != "exec"
+            && let Some(value) = field(table, key)
+        {
+            walker.error(
+                &value.span(),
+                format!("{key} belongs to an exec case; remove it"),
+            );
+        }
     }
     let value = field(table, kind)?;
     let text = walker.string(value, kind)?;
@@ -322,9 +338,24 @@ fn example(walker: &mut Walker<'_>, header: &Span, table: &DeTable<'_>) -> Optio
                 None => vec![text.to_owned()],
                 Some(argv) => argv_list(walker, argv)?,
             };
+            let cwd = match field(table, "cwd") {
+                None => None,
+                Some(value) => {
+                    let cwd = walker.string(value, "cwd")?;
+                    if !cwd.starts_with('/') {
+                        walker.error(
+                            &value.span(),
+                            format!("cwd \"{cwd}\" is not absolute; write the directory the workload runs in, e.g. \"/srv/app\""),
+                        );
+                        return None;
+                    }
+                    Some(PathBuf::from(cwd))
+                }
+            };
             Some(Example::Exec {
                 path: PathBuf::from(text),
                 argv,
+                cwd,
             })
         }
         "connect" => {
@@ -386,7 +417,9 @@ impl PolicySet {
         };
         let policy = &self.policies[index];
         let (action, because) = match example {
-            Example::Exec { path, argv } => decide_exec(policy, path, argv),
+            Example::Exec { path, argv, cwd } => {
+                decide_exec(policy, path, argv, cwd.as_deref().unwrap_or(Path::new("/")))
+            }
             Example::Connect { to } => match policy.connect.rule_for(to.ip(), to.port()) {
                 Some(rule) => (rule.action, format!("connect rule {rule}")),
                 None => (
@@ -422,23 +455,65 @@ impl PolicySet {
 }
 
 /// An exec: the file's own decision, then, for a `#!` script, its
-/// interpreter's (the kernel checks both; the stricter stands).
-fn decide_exec(policy: &Policy, path: &Path, argv: &[String]) -> (Action, String) {
-    let (mut action, mut because) = exec_rule(policy, path);
+/// interpreter's (the kernel checks both; the stricter stands). A file with
+/// command rules, and an interpreter or multi-call binary the agent reads
+/// argv for, is decided as the agent matches it ([`ExecMatcher`]), after the
+/// kernel's `on_truncated` for an argv it cannot bind.
+fn decide_exec(policy: &Policy, path: &Path, argv: &[String], cwd: &Path) -> (Action, String) {
+    let matcher = ExecMatcher::new(&policy.exec, |file| Some(FileKey::of(file)));
+    let resolve = |operand: &str| Some(FileKey::of(&operand_path(cwd, operand)));
+    let decide = |file: &Path, argv: &[String]| -> (Action, String, bool) {
+        let key = FileKey::of(file);
+        if matcher.matches(&key) {
+            let Decided { action, because } = matcher.decide(&key, argv, &resolve);
+            (action, because, true)
+        } else {
+            let (action, because) = exec_rule(policy, file);
+            (action, because, false)
+        }
+    };
+    let (mut action, mut because, mut handed_over) = decide(path, argv);
     if let Some(interpreter) = script_interpreter(path) {
-        let (second, why) = exec_rule(policy, &interpreter);
+        // The interpreter pass: the agent reads the script (the file exec'd)
+        // as the interpreter's operand.
+        let mut line = vec![
+            interpreter.display().to_string(),
+            path.display().to_string(),
+        ];
+        line.extend(argv.iter().skip(1).cloned());
+        let (second, why, second_matched) = decide(&interpreter, &line);
+        handed_over |= second_matched;
         if strictness(second) > strictness(action) {
             action = second;
             because = format!("{why} (the interpreter of {})", path.display());
         }
     }
-    if action == Action::Ask
+    // The kernel hands a matched exec over on its ask path, so an argv it
+    // cannot bind takes `on_truncated` before any matching.
+    if (action == Action::Ask || handed_over)
         && let Some(why) = truncation(argv)
     {
         let on = policy.exec.on_truncated;
         return (on, format!("{because}, but {why}: on_truncated {on}"));
     }
     (action, because)
+}
+
+/// A file as `policy test` tells files apart: by identity when it exists
+/// here, by path otherwise (see [`same_file`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum FileKey {
+    Id(u64, u64),
+    Path(PathBuf),
+}
+
+impl FileKey {
+    fn of(path: &Path) -> Self {
+        fs::metadata(path).map_or_else(
+            |_| FileKey::Path(path.to_path_buf()),
+            |meta| FileKey::Id(meta.dev(), meta.ino()),
+        )
+    }
 }
 
 fn exec_rule(policy: &Policy, path: &Path) -> (Action, String) {
@@ -485,14 +560,6 @@ fn script_interpreter(path: &Path) -> Option<PathBuf> {
     interpreter
         .starts_with('/')
         .then(|| PathBuf::from(interpreter))
-}
-
-fn strictness(action: Action) -> u8 {
-    match action {
-        Action::Allow => 0,
-        Action::Ask => 1,
-        Action::Deny => 2,
-    }
 }
 
 /// Why the kernel cannot bind this argv completely, if it cannot: more than
@@ -558,6 +625,7 @@ unix = "ask"
         Example::Exec {
             path: path.into(),
             argv: argv.iter().map(|arg| (*arg).to_owned()).collect(),
+            cwd: None,
         }
     }
 
@@ -622,7 +690,7 @@ expect = "deny"
                 "cases.toml:3:10: cgroup \"agents/job-1\" is not under /sys/fs/cgroup; write the workload's cgroup v2 directory, e.g. \"/sys/fs/cgroup/agents/job-1\"",
                 "cases.toml:4:8: exec \"git\" is not absolute; write the path the workload runs, e.g. \"/usr/bin/git\"",
                 "cases.toml:5:10: unknown action \"alow\" (expected allow, deny or ask)",
-                "cases.toml:6:1: unknown key \"colour\" in [[case]] (expected name, cgroup, exec, argv, connect, unix or expect)",
+                "cases.toml:6:1: unknown key \"colour\" in [[case]] (expected name, cgroup, exec, argv, cwd, connect, unix or expect)",
                 "cases.toml:8:1: case names connect and unix actions; one case is one action, so split it into cases",
                 "cases.toml:9:10: cgroup \"/sys/fs/cgroup/agents/*\" is a pattern; a case names one cgroup, as a process is in one",
                 "cases.toml:16:11: connect \"api.github.com:443\" is not IP:PORT; write e.g. \"10.0.0.1:443\" or \"[2001:db8::1]:443\" (connect rules match addresses, not host names)",
@@ -719,6 +787,75 @@ expect = "deny"
                 shell.display(),
                 script.display()
             )
+        );
+    }
+
+    #[test]
+    fn command_rules_scripts_and_applets_are_decided_as_the_agent_matches_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, content: &[u8]| {
+            let path = dir.path().join(name);
+            fs::write(&path, content).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+            path.display().to_string()
+        };
+        let kubectl = file("kubectl", b"\x7fELF");
+        let shell = file("sh", b"\x7fELF");
+        let busybox = file("busybox", b"\x7fELF");
+        let deploy = file("deploy.sh", format!("#!{shell}\necho hi\n").as_bytes());
+        let text = format!(
+            "[[policy]]\nname = \"p\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n[policy.exec]\n\
+             ask = [\"{deploy}\"]\nallow = [\"{busybox}\"]\n\
+             interpreters = [\"{shell}\"]\nmulticall = [\"{busybox}\"]\n\
+             [[policy.exec.command]]\nargv = [\"{kubectl}\", \"delete\", \"**\"]\naction = \"ask\"\n\
+             [[policy.exec.command]]\nargv = [\"{busybox}\", \"wget\", \"**\"]\naction = \"deny\"\n"
+        );
+        let set = policies(&text);
+        let cg = "/sys/fs/cgroup/a";
+        let run = |path: &str, argv: &[&str], cwd: Option<&Path>| {
+            let example = Example::Exec {
+                path: path.into(),
+                argv: argv.iter().map(|arg| (*arg).to_owned()).collect(),
+                cwd: cwd.map(Path::to_path_buf),
+            };
+            outcome(&set, cg, &example)
+        };
+        assert_eq!(
+            run(&kubectl, &["kubectl", "get", "pods"], None).0,
+            Action::Allow
+        );
+        let (action, because) = run(&kubectl, &["kubectl", "delete", "pod", "x"], None);
+        assert_eq!(action, Action::Ask);
+        assert_eq!(
+            because,
+            format!("exec command ask [\"{kubectl}\", \"delete\", \"**\"]")
+        );
+        // The script, exec'd or run by its interpreter, from its folder.
+        assert_eq!(
+            run(&deploy, &["./deploy.sh"], Some(dir.path())).0,
+            Action::Ask
+        );
+        assert_eq!(
+            run(&shell, &["sh", "deploy.sh"], Some(dir.path())).0,
+            Action::Ask
+        );
+        assert_eq!(run(&shell, &["sh", "deploy.sh"], None).0, Action::Allow);
+        // Applets by name.
+        assert_eq!(run(&busybox, &["wget", "x"], None).0, Action::Deny);
+        assert_eq!(
+            run(&busybox, &["busybox", "wget", "x"], None).0,
+            Action::Deny
+        );
+        assert_eq!(run(&busybox, &["ls"], None).0, Action::Allow);
+        assert_eq!(
+            run(&busybox, &["sh", "deploy.sh"], Some(dir.path())).0,
+            Action::Ask
+        );
+        // An argv the kernel cannot bind: on_truncated, even for an allow.
+        let long = "x".repeat(ARGV_LEN);
+        assert_eq!(
+            run(&kubectl, &["kubectl", "get", &long], None).0,
+            Action::Deny
         );
     }
 

@@ -244,7 +244,7 @@ impl CommandSet {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
             match rule.args.first() {
                 Some(ArgPattern::Literal(first)) => {
-                    by_first.entry(first.clone()).or_default().push(i)
+                    by_first.entry(first.clone()).or_default().push(i);
                 }
                 _ => other.push(i),
             }
@@ -742,7 +742,7 @@ impl<K: Clone + Eq + Hash> ExecMatcher<K> {
         let Some(entry) = self.entries.get(exe) else {
             return self.own(None);
         };
-        let args = argv.get(1..).unwrap_or_default();
+        let operands = argv.get(1..).unwrap_or_default();
         if let Some(self_name) = &entry.multicall {
             let Some((applet, at)) = applet(self_name, argv) else {
                 return self.own(Some(entry));
@@ -757,9 +757,9 @@ impl<K: Clone + Eq + Hash> ExecMatcher<K> {
                 None => base,
             };
         }
-        let base = self.with_commands(entry, args);
+        let base = self.with_commands(entry, operands);
         match entry.interpreter {
-            Some(kind) => self.with_operand(base, kind, args, resolve),
+            Some(kind) => self.with_operand(base, kind, operands, resolve),
             None => base,
         }
     }
@@ -1127,6 +1127,7 @@ mod tests {
 
     /// Joins the cwd `/srv` and folds `.` and `..` (the agent resolves
     /// through the file system instead).
+    #[expect(clippy::unnecessary_wraps, reason = "the resolver's signature")]
     fn resolve(path: &str) -> Option<PathBuf> {
         let mut out = PathBuf::from("/");
         for part in operand_path(Path::new("/srv"), path).components() {

@@ -378,15 +378,7 @@ impl<'a> Walker<'a> {
         if let Some(value) = field(table, "fileless") {
             exec.fileless = self.action(value, "fileless").unwrap_or(Action::Deny);
         }
-        if let Some(value) = field(table, "command") {
-            exec.commands = self.commands(value);
-        }
-        if let Some(value) = field(table, "interpreters") {
-            exec.interpreters = self.interpreters(value);
-        }
-        if let Some(value) = field(table, "multicall") {
-            exec.multicall = self.paths(value, "multicall", "multicall = [\"/bin/busybox\"]");
-        }
+        self.exec_matching(table, &mut exec);
         let mut rules: Vec<(Span, ExecRule)> = Vec::new();
         for (key, action) in RULE_LISTS {
             let Some(value) = field(table, key) else {
@@ -430,6 +422,20 @@ impl<'a> Walker<'a> {
         (exec, places)
     }
 
+    /// The keys of `[policy.exec]` the agent matches in user space:
+    /// `command`, `interpreters`, `multicall`.
+    fn exec_matching(&mut self, table: &DeTable<'_>, exec: &mut ExecPolicy) {
+        if let Some(value) = field(table, "command") {
+            exec.commands = self.commands(value);
+        }
+        if let Some(value) = field(table, "interpreters") {
+            exec.interpreters = self.interpreters(value);
+        }
+        if let Some(value) = field(table, "multicall") {
+            exec.multicall = self.paths(value, "multicall", "multicall = [\"/bin/busybox\"]");
+        }
+    }
+
     /// `[[policy.exec.command]]`: command-line rules.
     fn commands(&mut self, value: &Value<'_>) -> Vec<CommandRule> {
         const EXAMPLE: &str = "[[policy.exec.command]] with argv = [\"/usr/bin/kubectl\", \"delete\", \"**\"] and action = \"ask\"";
@@ -457,15 +463,14 @@ impl<'a> Walker<'a> {
                 continue;
             };
             self.check_keys(table, "[[policy.exec.command]]", COMMAND_KEYS);
-            let action = match field(table, "action") {
-                Some(value) => self.action(value, "action"),
-                None => {
-                    self.error(
-                        &item.span(),
-                        "[[policy.exec.command]] has no `action`; add action = \"allow\", \"deny\" or \"ask\"",
-                    );
-                    None
-                }
+            let action = if let Some(value) = field(table, "action") {
+                self.action(value, "action")
+            } else {
+                self.error(
+                    &item.span(),
+                    "[[policy.exec.command]] has no `action`; add action = \"allow\", \"deny\" or \"ask\"",
+                );
+                None
             };
             let Some(argv_value) = field(table, "argv") else {
                 self.error(
@@ -485,11 +490,11 @@ impl<'a> Walker<'a> {
                 continue;
             };
             let path = self.exec_path(exe, exe_span);
-            let mut args = Vec::new();
+            let mut patterns_read = Vec::new();
             let mut valid = path.is_some();
             for (text, span) in patterns {
                 match ArgPattern::parse(text) {
-                    Ok(pattern) => args.push(pattern),
+                    Ok(pattern) => patterns_read.push(pattern),
                     Err(message) => {
                         self.error(span, message);
                         valid = false;
@@ -500,7 +505,7 @@ impl<'a> Walker<'a> {
                 continue;
             };
             let line = self.pos(&argv_value.span()).line;
-            if let Some(first) = seen.get(&(path.clone(), args.clone())) {
+            if let Some(first) = seen.get(&(path.clone(), patterns_read.clone())) {
                 self.error(
                     &argv_value.span(),
                     format!(
@@ -509,8 +514,12 @@ impl<'a> Walker<'a> {
                 );
                 continue;
             }
-            seen.insert((path.clone(), args.clone()), line);
-            rules.push(CommandRule { path, args, action });
+            seen.insert((path.clone(), patterns_read.clone()), line);
+            rules.push(CommandRule {
+                path,
+                args: patterns_read,
+                action,
+            });
         }
         rules
     }
