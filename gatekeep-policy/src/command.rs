@@ -619,6 +619,16 @@ struct Entry {
     multicall: Option<String>,
 }
 
+/// Whether `path` is an ELF binary here (`\x7fELF`): no interpreter runs
+/// it. A file that cannot be read counts as a script.
+fn is_binary(path: &Path) -> bool {
+    use std::io::Read as _;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut file| file.read_exact(&mut magic))
+        .is_ok_and(|()| magic == *b"\x7fELF")
+}
+
 /// An outcome of [`ExecMatcher::decide`] and what decided it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decided {
@@ -683,19 +693,39 @@ impl<K: Clone + Eq + Hash> ExecMatcher<K> {
             }
         }
         for path in &exec.interpreters {
-            let kind = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(InterpreterKind::from_name);
+            // Told by the name of the file it is: `/bin/sh` may be a link to
+            // dash (an interpreter) or to busybox (a multi-call binary, whose
+            // shells are told by applet name once it is declared).
+            let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+            let kind = [path, &real]
+                .into_iter()
+                .map(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(InterpreterKind::from_name)
+                })
+                .reduce(Option::and)
+                .flatten();
             if let (Some(kind), Some(key)) = (kind, identify(path)) {
                 entries.entry(key).or_default().interpreter = Some(kind);
             }
         }
-        let script_checks = exec.rules.iter().any(|rule| rule.action != Action::Allow)
-            || exec
-                .commands
-                .iter()
-                .any(|rule| rule.action != Action::Allow);
+        // Only a script can be run by an interpreter (a binary read as a
+        // script fails), and every command a `sh -c` string runs is an exec
+        // of its own: interpreters need to look at their operand only when a
+        // rule stricter than allow names a script.
+        let script_checks = exec
+            .rules
+            .iter()
+            .filter(|rule| rule.action != Action::Allow)
+            .map(|rule| &rule.path)
+            .chain(
+                exec.commands
+                    .iter()
+                    .filter(|rule| rule.action != Action::Allow)
+                    .map(|rule| &rule.path),
+            )
+            .any(|path| !is_binary(path));
         Self {
             entries,
             by_name,

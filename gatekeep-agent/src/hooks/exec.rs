@@ -14,6 +14,10 @@
 //! still has that version; a rescan keeps the binding of a rule whose file
 //! it finds again ([`keep_bindings`]), so only a load re-binds. An exec that
 //! meets a stale rule is reported ([`StaleRule`]).
+//!
+//! Command-line rules, interpreters and multi-call binaries are matched in
+//! user space ([`matching`]): their executables compile into `EXEC_RULES`
+//! with the ask action, bound like any rule.
 
 use std::{
     collections::HashMap,
@@ -34,6 +38,8 @@ use gatekeep_proto::{
     audit::{ExecFacts, KernelFacts},
     model,
 };
+
+pub mod matching;
 
 use super::{Compiling, Hook, RuleKey, absent_is_ok, kernel_action};
 use crate::{
@@ -126,6 +132,75 @@ pub fn fileless_executable(name: &std::path::Path) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(&shown))
 }
 
+/// What compiling `[policy.exec]` leaves for user space.
+#[derive(Debug, Clone, Default)]
+pub struct ExecLoaded {
+    /// (dev, ino) -> rule path, to name the rule that matched an exec.
+    pub paths: HashMap<(u64, u64), PathBuf>,
+    /// Command rules, interpreters and multi-call binaries.
+    pub matching: matching::Matching,
+}
+
+/// Compiles what the agent matches in user space: each executable it needs
+/// argv for gets the ask action in `EXEC_RULES` (its own rule's entry, else
+/// a new one bound to the file's content now).
+fn compile_matching(policy: &Policy, out: &mut Compiling<'_>, loaded: &mut ExecLoaded) {
+    let exec = &policy.exec;
+    if exec.commands.is_empty() && exec.multicall.is_empty() {
+        // Interpreters alone only ever make an exec stricter for a script
+        // some rule names: without command rules, only path rules can.
+        if !exec
+            .rules
+            .iter()
+            .any(|rule| rule.action != gatekeep_policy::Action::Allow)
+        {
+            return;
+        }
+    }
+    let mut paths: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let matcher = gatekeep_policy::ExecMatcher::new(exec, |path| {
+        let meta = fs::metadata(path).ok().filter(fs::Metadata::is_file)?;
+        let identity = (kernel_dev(meta.dev()), meta.ino());
+        paths.entry(identity).or_insert_with(|| path.to_path_buf());
+        Some(identity)
+    });
+    let mut handed_over = HashMap::new();
+    for identity in matcher.needs_match() {
+        let key = rule_key(out.id, identity.0, identity.1);
+        let rule = if let Some(value) = out.rules.get(&key) {
+            ExecRule {
+                action: gatekeep_common::action::ASK,
+                ..decode_rule(value)
+            }
+        } else {
+            let Some(path) = paths.get(identity) else {
+                continue;
+            };
+            match bind(path) {
+                Ok(Bound { content, flags, .. }) => ExecRule {
+                    action: gatekeep_common::action::ASK,
+                    flags,
+                    content,
+                },
+                Err(err) => {
+                    out.warnings.push(format!(
+                        "policy `{}`: {} cannot be bound for its command rules ({err}); skipped until it exists",
+                        policy.name,
+                        path.display()
+                    ));
+                    continue;
+                }
+            }
+        };
+        handed_over.insert(*identity, rule.content);
+        out.rules.insert(key, encode_rule(&rule));
+    }
+    loaded.matching = matching::Matching {
+        matcher: Some(std::sync::Arc::new(matcher)),
+        handed_over,
+    };
+}
+
 /// The exec hook.
 pub struct Exec;
 
@@ -139,8 +214,7 @@ impl Hook for Exec {
     const RULE_MAPS: &'static [&'static str] = &[map_names::EXEC_RULES, map_names::EXEC_BOUND_ENV];
 
     type Request = ExecRequest;
-    /// (dev, ino) -> rule path, to name the rule that matched an exec.
-    type Loaded = HashMap<(u64, u64), PathBuf>;
+    type Loaded = ExecLoaded;
 
     fn reported_action(kind: u32, bytes: &[u8]) -> Result<u32, ParseError> {
         let raw: ExecEvent = read(bytes, kind)?;
@@ -198,7 +272,7 @@ impl Hook for Exec {
                             content,
                         }),
                     );
-                    exec_paths.insert(identity, rule.path.clone());
+                    exec_paths.paths.insert(identity, rule.path.clone());
                 }
                 Ok(_) => out.warnings.push(format!(
                     "policy `{}`: exec rule {} is not a regular file; skipped",
@@ -212,6 +286,7 @@ impl Hook for Exec {
                 )),
             }
         }
+        compile_matching(policy, out, exec_paths);
         Ok(())
     }
 
@@ -274,7 +349,13 @@ impl Hook for Exec {
         if request.fileless() {
             return format!("exec fileless {}", policy.exec.fileless);
         }
-        let rule = match exec_paths.get(&(request.dev, request.ino)) {
+        if exec_paths.matching.handed_over((request.dev, request.ino)) && !request.mapped() {
+            return format!(
+                "exec command rules of {} (matched by the agent)",
+                request.filename.display()
+            );
+        }
+        let rule = match exec_paths.paths.get(&(request.dev, request.ino)) {
             Some(path) => {
                 let action = policy
                     .exec
@@ -608,7 +689,7 @@ pub fn stale_payload(
     info: &crate::pause::enrich::Enrichment,
 ) -> gatekeep_proto::audit::RuleStale {
     use gatekeep_proto::audit::{self, Schema};
-    let path = policy.and_then(|(_, hooks)| hooks.exec.get(&(stale.dev, stale.ino)));
+    let path = policy.and_then(|(_, hooks)| hooks.exec.paths.get(&(stale.dev, stale.ino)));
     let version = |content: &ContentVersion, generation: bool| audit::ContentVersion {
         ctime_sec: content.ctime_sec,
         ctime_nsec: content.ctime_nsec,
@@ -830,7 +911,7 @@ mod tests {
         let mut defaults = gatekeep_common::PolicyDefaults::default();
         let mut rules = std::collections::BTreeMap::new();
         let mut warnings = Vec::new();
-        let mut loaded = HashMap::new();
+        let mut loaded = ExecLoaded::default();
         Exec::compile(
             &set.policies[0],
             &mut Compiling {

@@ -184,6 +184,9 @@ pub struct Stats {
     /// Actions policies in audit mode let through that enforcement would have denied or
     /// asked about.
     pub audited: u64,
+    /// Execs decided by their command rules (or a script's, or an applet's)
+    /// in the agent, without a reviewer.
+    pub matched: u64,
     pub stale_events: u64,
 }
 
@@ -394,9 +397,20 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 self.add_to_burst(&request, None);
             }
             Event::Audited { request, would } => {
+                // A handed-over exec: what the matcher would have done.
+                let matched = self
+                    .policy(request.origin().policy_id)
+                    .and_then(|policy| self.match_exec(&request, &policy));
+                let (would, rule) = match matched {
+                    Some(matched) => match matched.action {
+                        gatekeep_policy::Action::Allow => return,
+                        action => (crate::hooks::kernel_action(action), Some(matched.because)),
+                    },
+                    None => (would, None),
+                };
                 self.audit.has_room().await;
                 self.stats.audited += 1;
-                self.add_to_burst(&request, Some(would));
+                self.add_to_burst_with(&request, Some(would), rule);
             }
             // The daemon hands these to the policy watcher, which classifies
             // the cgroup and resumes the task; nothing to track here.
@@ -468,7 +482,17 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let id = request::request_id(&self.host, &self.boot_id, first_seen, tid, origin.digest);
 
         let info = self.enricher.enrich(origin.pid, origin.uid);
-        let (rule, target, kernel) = self.describe(&asked, &policy);
+        let (mut rule, target, kernel) = self.describe(&asked, &policy);
+        // Command rules, scripts, applets: decided here when no reviewer is
+        // needed (a short local pause, recorded like any decision).
+        let local = self.match_exec(&asked, &policy).and_then(|matched| {
+            rule.clone_from(&matched.because);
+            match matched.action {
+                gatekeep_policy::Action::Allow => Some(Verdict::Allow),
+                gatekeep_policy::Action::Deny => Some(Verdict::Deny),
+                gatekeep_policy::Action::Ask => None,
+            }
+        });
         // A truncated argv is approved by a reviewer or not at all: its deadline denies.
         let on_timeout = if target.argv_truncated() {
             model::Verdict::Deny
@@ -521,7 +545,21 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         );
 
         let internal = self.internal_tx.clone();
-        let (task, audit_unavailable) = if self.audit.is_writable() {
+        let (task, audit_unavailable) = if let Some(verdict) = local {
+            self.stats.matched += 1;
+            let _ = internal.send(Internal::Decided {
+                tid,
+                request_id: id,
+                decision: Decision {
+                    verdict,
+                    actor: "policy".to_owned(),
+                    reason: rule.clone(),
+                    expired: false,
+                    service: None,
+                },
+            });
+            (None, None)
+        } else if self.audit.is_writable() {
             let decider = Arc::clone(&self.decider);
             let asked_request = Arc::clone(&request);
             let task = self.decisions.spawn(async move {
@@ -566,6 +604,24 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 audit_unavailable,
             },
         );
+    }
+
+    /// The user-space decision of an exec the kernel handed over for its
+    /// command rules, interpreters or multi-call binaries (`None`: not one,
+    /// or one a reviewer must decide as the kernel asked it).
+    fn match_exec(
+        &self,
+        asked: &Request,
+        policy: &LoadedPolicy,
+    ) -> Option<gatekeep_policy::Decided> {
+        match asked {
+            Request::Exec(exec) => policy
+                .hooks
+                .exec
+                .matching
+                .decide(exec, self.enricher.proc_root()),
+            Request::Connect(_) => None,
+        }
     }
 
     /// The rule that said ask, what is asked, and what the kernel reported.
@@ -1183,6 +1239,11 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     /// cgroup, user, kind, target and `would`) make one record, written when the burst
     /// ends.
     fn add_to_burst(&mut self, request: &Request, would: Option<u32>) {
+        self.add_to_burst_with(request, would, None);
+    }
+
+    /// [`Self::add_to_burst`], naming `rule` instead of the kernel rule.
+    fn add_to_burst_with(&mut self, request: &Request, would: Option<u32>, rule: Option<String>) {
         let origin = request.origin();
         let would = would.map(would_name);
         let mut target = request.burst_key(&self.enricher);
@@ -1204,6 +1265,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
                 .enrich(&self.enricher, origin.pid, origin.uid);
             let mut payload = self.kernel_denied(request, &info);
             payload.would = would.map(str::to_owned);
+            if rule.is_some() {
+                payload.rule = rule;
+            }
             self.denials.add(key, 1, now, || payload);
         }
     }

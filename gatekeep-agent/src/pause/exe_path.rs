@@ -340,7 +340,7 @@ static RUNNING: AtomicUsize = AtomicUsize::new(0);
 
 /// `work`'s result if it ends within `limit`, run on a thread of its own; `None` when it
 /// does not, or when `running` (counting such threads) already holds [`MAX_RUNNING`].
-fn within<T: Send + 'static>(
+pub(crate) fn within<T: Send + 'static>(
     running: &'static AtomicUsize,
     limit: Duration,
     work: impl FnOnce() -> T + Send + 'static,

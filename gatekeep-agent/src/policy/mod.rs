@@ -1057,7 +1057,9 @@ on_truncated = "ask"
     fn exec_rules_are_keyed_by_kernel_identity_and_missing_paths_warn() {
         let dir = tempfile::tempdir().expect("tempdir");
         let tool = dir.path().join("tool");
-        fs::write(&tool, "#!/bin/sh\n").expect("write");
+        // A binary: a rule naming a script would hand the host's
+        // interpreters over to the agent's matcher too.
+        fs::write(&tool, b"\x7fELF").expect("write");
         let link = dir.path().join("link");
         symlink(&tool, &link).expect("symlink");
         let text = format!(

@@ -1,0 +1,159 @@
+//! The user-space half of command-line rules, scripts run by interpreters and
+//! applets of multi-call binaries (`[[policy.exec.command]]`, `interpreters`,
+//! `multicall`).
+//!
+//! At policy load, the executables the matcher needs argv for
+//! ([`ExecMatcher::needs_match`]) are compiled into `EXEC_RULES` with the
+//! kernel's ask action: the kernel pauses their execs exactly as an ask
+//! (argv and bound environment captured into the request digest, the
+//! policy's `on_truncated` for an argv it cannot bind, audit mode reported
+//! instead of paused). The agent then decides them here before any reviewer
+//! hears of them ([`Matching::decide`]): an allow or a deny is answered at
+//! once (a short local pause, recorded with the rule that decided), and only
+//! an ask goes to the decision service. Every other executable is decided
+//! in the kernel as before, at no added cost.
+//!
+//! A matched exec is decided here only while its file has the content the
+//! rule was bound to, its argv is complete and valid UTF-8, and the task's
+//! files can be read in time; otherwise the request goes to a reviewer as
+//! the kernel asked it (never laxer).
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
+
+use gatekeep_common::ContentVersion;
+use gatekeep_policy::{Action, Decided, ExecMatcher, operand_path};
+
+use super::{ExecRequest, Via, kernel_dev};
+use crate::pause::exe_path::{resolve_in_root, within};
+
+/// A file's identity as the kernel reports it: (device in the kernel's
+/// encoding, inode).
+pub type FileId = (u64, u64);
+
+/// What one policy's exec compilation left for user-space matching.
+#[derive(Debug, Clone, Default)]
+pub struct Matching {
+    pub matcher: Option<Arc<ExecMatcher<FileId>>>,
+    /// The executables handed to user space, each with the content its rule
+    /// was bound to when compiled.
+    pub handed_over: HashMap<FileId, ContentVersion>,
+}
+
+/// How long a decision may read the workload's files (its cwd, root and
+/// script operand) before the request goes to a reviewer instead.
+const DECIDE_WITHIN: Duration = Duration::from_secs(2);
+
+/// Decisions reading files now (bounded like `exe_path`'s resolutions).
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+impl Matching {
+    /// Whether the kernel hands execs of `file` to user space.
+    #[must_use]
+    pub fn handed_over(&self, file: FileId) -> bool {
+        self.handed_over.contains_key(&file)
+    }
+
+    /// The decision for a paused exec the kernel handed over, or `None` when
+    /// it is not one of those, or cannot be decided here (another content
+    /// than the rule's, a truncated argv): a reviewer decides it then.
+    /// `proc_root` is usually `/proc`.
+    #[must_use]
+    pub fn decide(&self, request: &ExecRequest, proc_root: &Path) -> Option<Decided> {
+        let matcher = Arc::clone(self.matcher.as_ref()?);
+        let file = (request.dev, request.ino);
+        let bound = self.handed_over.get(&file)?;
+        if *bound != request.content || request.argv_truncated || request.via != Via::Exec {
+            return None;
+        }
+        let Some(filename) = request.filename.to_str() else {
+            return Some(not_text());
+        };
+        if request.argv.iter().any(|arg| arg.contains('\u{fffd}')) {
+            // Lossily decoded: the words matched would not be the bytes the
+            // program reads (a script named in other bytes could hide).
+            return Some(not_text());
+        }
+        let task = proc_root.join(request.origin.tid.to_string());
+        let (filename, argv) = (filename.to_owned(), request.argv.clone());
+        within(&RUNNING, DECIDE_WITHIN, move || {
+            let root = task.join("root");
+            let cwd = fs::read_link(task.join("cwd")).ok()?;
+            let resolve = |name: &str| identity_in(&root, &cwd, name);
+            // The interpreter pass of a `#!` script (or a binfmt_misc
+            // handler): the kernel checks the interpreter with the script's
+            // argv; the interpreter runs the file that was exec'd.
+            let argv = if resolve(&filename) == Some(file) {
+                argv
+            } else {
+                let mut line = Vec::with_capacity(argv.len() + 1);
+                line.push(argv.first().cloned().unwrap_or_default());
+                line.push(filename.clone());
+                line.extend(argv.iter().skip(1).cloned());
+                line
+            };
+            Some(matcher.decide(&file, &argv, &resolve))
+        })
+        .flatten()
+    }
+}
+
+/// An argv or file name that is not UTF-8: asked.
+fn not_text() -> Decided {
+    Decided {
+        action: Action::Ask,
+        because: "exec command rules: argv or file name is not UTF-8, so it is asked".to_owned(),
+    }
+}
+
+/// The identity of the file `name` names for a task whose root is reached at
+/// `root` (`/proc/<tid>/root`) and whose cwd is `cwd` (in its own view):
+/// symbolic links are followed in the task's view.
+#[must_use]
+pub fn identity_in(root: &Path, cwd: &Path, name: &str) -> Option<FileId> {
+    let path = operand_path(cwd, name);
+    let resolved = resolve_in_root(root, &path)?;
+    let inside: PathBuf = root.join(resolved.strip_prefix("/").unwrap_or(&resolved));
+    let meta = fs::metadata(inside).ok()?;
+    meta.is_file().then(|| (kernel_dev(meta.dev()), meta.ino()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn id(path: &Path) -> FileId {
+        let meta = fs::metadata(path).unwrap();
+        (kernel_dev(meta.dev()), meta.ino())
+    }
+
+    #[test]
+    fn operands_resolve_in_the_tasks_root_and_cwd() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("srv/app")).unwrap();
+        fs::write(root.join("srv/app/deploy.sh"), "echo hi\n").unwrap();
+        // An absolute link target starts again at the task's root.
+        symlink("/srv/app/deploy.sh", root.join("srv/link.sh")).unwrap();
+        let want = Some(id(&root.join("srv/app/deploy.sh")));
+        let cwd = Path::new("/srv/app");
+        assert_eq!(identity_in(root, cwd, "deploy.sh"), want);
+        assert_eq!(identity_in(root, cwd, "./deploy.sh"), want);
+        assert_eq!(identity_in(root, cwd, "../link.sh"), want);
+        assert_eq!(identity_in(root, cwd, "/srv/link.sh"), want);
+        assert_eq!(identity_in(root, cwd, "missing.sh"), None);
+        assert_eq!(
+            identity_in(root, cwd, "/srv"),
+            None,
+            "a directory is no script"
+        );
+    }
+}
