@@ -799,7 +799,7 @@ impl<K: Clone + Eq + Hash> ExecMatcher<K> {
         match entry.and_then(|entry| entry.own.as_ref()) {
             Some((action, path)) => Decided {
                 action: *action,
-                because: format!("exec rule {action} {}", path.display()),
+                because: format!("exec {action} {}", path.display()),
             },
             None => Decided {
                 action: self.default,

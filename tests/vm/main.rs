@@ -6,6 +6,7 @@ mod audit;
 mod audit_full;
 mod audit_mode;
 mod cgroup_escape;
+mod commands;
 mod connect;
 mod content;
 mod e2e;

@@ -61,6 +61,8 @@ pub fn run_counted(opts: &Options, counts: &mut TestCounts) -> Result<()> {
         initramfs.add_executable(path, name)?;
     }
     initramfs.add_executable(&tests, TEST_BINARY)?;
+    // A real bash (busybox has none), for scripts run by an interpreter.
+    initramfs.add_executable(std::path::Path::new("/bin/bash"), "bash")?;
     let mut argv = vec![TEST_BINARY.to_owned(), "--test-threads=1".to_owned()];
     argv.extend(opts.test_args.iter().cloned());
     let initrd = initramfs.finish(&Payload {
