@@ -4,6 +4,7 @@ pub mod agent;
 pub mod decisions;
 pub mod host;
 pub mod instructions;
+pub mod matcher;
 pub mod service;
 
 use std::{
@@ -28,8 +29,8 @@ pub struct NativeOptions {
     /// Where the databases go (the disk being measured; default: the system temp folder).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Only these groups: `host`, `rtt`, `throughput`, `instructions`, `audit`, `memory`
-    /// (default: all).
+    /// Only these groups: `host`, `rtt`, `throughput`, `instructions`, `audit`, `memory`,
+    /// `matcher` (default: all).
     #[arg(long = "only", value_name = "GROUP")]
     pub only: Vec<String>,
     /// Durability of the service's state database: `full` (default) or `normal`.
@@ -208,6 +209,7 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
             "instructions",
             "audit",
             "memory",
+            "matcher",
         ]
         .contains(&group.as_str())
         {
@@ -216,6 +218,11 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
     }
     if wants("host") {
         for figure in host::figures(opts.smoke) {
+            figure.emit();
+        }
+    }
+    if wants("matcher") {
+        for figure in matcher::figures(opts.smoke)? {
             figure.emit();
         }
     }
