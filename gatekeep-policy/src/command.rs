@@ -834,6 +834,21 @@ impl<K: Clone + Eq + Hash> ExecMatcher<K> {
             return base;
         }
         let found = match operand(kind, args) {
+            Operand::Script(i)
+                if kind == InterpreterKind::Shell
+                    && !args[i].as_ref().contains('/')
+                    && resolve(args[i].as_ref()).is_none() =>
+            {
+                // bash looks an operand it does not find in the cwd up in
+                // `PATH`, which the workload sets: the file cannot be told.
+                Some(Decided {
+                    action: Action::Ask,
+                    because: format!(
+                        "shell script {:?} is not in the cwd, and a shell may look it up in PATH: asked",
+                        args[i].as_ref()
+                    ),
+                })
+            }
             Operand::Script(i) => {
                 let script = args[i].as_ref();
                 resolve(script)
@@ -1200,6 +1215,18 @@ mod tests {
             Action::Ask
         );
         assert_eq!(decide(&m, "/bin/sh", &["sh", "other.sh"]), Action::Allow);
+        // Not in the cwd: bash would search PATH, so it is asked.
+        let nowhere = |_: &str| None;
+        assert_eq!(
+            m.decide(&PathBuf::from("/bin/sh"), &["sh", "deploy.sh"], &nowhere)
+                .action,
+            Action::Ask
+        );
+        assert_eq!(
+            m.decide(&PathBuf::from("/bin/sh"), &["sh", "./gone.sh"], &nowhere)
+                .action,
+            Action::Allow
+        );
         assert_eq!(
             decide(&m, "/usr/bin/python3", &["python3", "../srv/deploy.sh"]),
             Action::Ask
@@ -1253,6 +1280,86 @@ mod tests {
         );
         // A file with no entry: the default.
         assert_eq!(decide(&m, "/usr/bin/git", &["git"]), Action::Allow);
+    }
+
+    /// The worked example of `docs/policy-commands.md` decides as its table says.
+    #[test]
+    fn the_documented_example_decides_as_documented() {
+        let doc = include_str!("../../docs/policy-commands.md");
+        let start = doc
+            .find("[[policy]]\nname = \"coding-agents\"")
+            .expect("the example");
+        let end = start + doc[start..].find("```").expect("its end");
+        let set = crate::parse_str("policy-commands.md", &doc[start..end]).expect("valid");
+        let m = matcher(&set.policies[0].exec);
+        let at = |path: &str, argv: &[&str]| {
+            m.decide(&PathBuf::from(path), argv, &|p| {
+                Some(operand_path(Path::new("/srv/app"), p))
+            })
+            .action
+        };
+        let git = "/usr/bin/git";
+        assert_eq!(at(git, &["git", "push", "origin", "main"]), Action::Allow);
+        assert_eq!(
+            at(
+                git,
+                &["git", "push", "origin", "main", "--force-with-lease"]
+            ),
+            Action::Ask
+        );
+        assert_eq!(
+            at(git, &["git", "-C", "repo", "push", "--force", "origin"]),
+            Action::Ask
+        );
+        assert_eq!(
+            at(git, &["git", "-C", "repo", "push", "origin", "+main"]),
+            Action::Ask
+        );
+        let npm = "/usr/bin/npm";
+        assert_eq!(at(npm, &["npm", "install", "left-pad"]), Action::Ask);
+        assert_eq!(at(npm, &["npm", "ci"]), Action::Allow);
+        let pip = "/usr/bin/pip3";
+        assert_eq!(
+            at(pip, &["pip3", "install", "-r", "requirements.txt"]),
+            Action::Allow
+        );
+        assert_eq!(at(pip, &["pip3", "install", "requests"]), Action::Ask);
+        let kubectl = "/usr/local/bin/kubectl";
+        assert_eq!(
+            at(kubectl, &["kubectl", "get", "pods", "-A"]),
+            Action::Allow
+        );
+        assert_eq!(
+            at(kubectl, &["kubectl", "get", "secrets", "-n", "prod"]),
+            Action::Deny
+        );
+        assert_eq!(
+            at(kubectl, &["kubectl", "delete", "pod", "web-1"]),
+            Action::Ask
+        );
+        assert_eq!(
+            at(kubectl, &["kubectl", "apply", "-f", "x.yaml"]),
+            Action::Ask
+        );
+        let aws = "/usr/local/bin/aws";
+        assert_eq!(
+            at(aws, &["aws", "s3api", "delete-bucket", "--bucket", "b"]),
+            Action::Ask
+        );
+        assert_eq!(at(aws, &["aws", "s3", "ls"]), Action::Allow);
+        assert_eq!(
+            at("/usr/bin/terraform", &["terraform", "destroy"]),
+            Action::Deny
+        );
+        assert_eq!(at("/bin/sh", &["sh", "/srv/app/deploy.sh"]), Action::Ask);
+        assert_eq!(
+            at("/bin/sh", &["sh", "-c", "kubectl delete pod x"]),
+            Action::Ask
+        );
+        assert_eq!(
+            at("/bin/busybox", &["busybox", "wget", "http://x"]),
+            Action::Deny
+        );
     }
 
     #[test]

@@ -101,7 +101,10 @@ pub fn figures(smoke: bool) -> Result<Vec<Figure>> {
             .iter()
             .filter(|(tool, argv)| matcher.decide(tool, argv, &resolve).action == Action::Ask)
             .count();
-        ensure!(asked > 0, "no sample was asked: the matcher bench matches nothing");
+        ensure!(
+            asked > 0,
+            "no sample was asked: the matcher bench matches nothing"
+        );
         let mut runs = Vec::with_capacity(rounds);
         for _ in 0..rounds {
             let started = Instant::now();
