@@ -614,6 +614,10 @@ pub mod exec_flags {
     /// a deleted file): `filename` is the dentry's name (`memfd:NAME` for a
     /// memfd), which the workload chose.
     pub const FILELESS: u32 = 2;
+    /// The kernel checks a script's interpreter (or a `binfmt_misc`
+    /// handler): the file is the interpreter, `filename` and argv are the
+    /// script's as exec'd (the script itself was checked just before).
+    pub const INTERPRETER: u32 = 4;
 }
 
 /// An exec request or denial.

@@ -55,7 +55,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::{
     cgroup::CGROUP_ROOT,
-    command::{Decided, ExecMatcher, operand_path, strictness},
+    command::{Decided, ExecMatcher, Resolved, operand_path, strictness},
     error::{Diagnostic, PolicyError},
     load::{CASES_SUFFIX, cases_files},
     model::{Action, Policy, PolicySet},
@@ -461,7 +461,14 @@ impl PolicySet {
 /// kernel's `on_truncated` for an argv it cannot bind.
 fn decide_exec(policy: &Policy, path: &Path, argv: &[String], cwd: &Path) -> (Action, String) {
     let matcher = ExecMatcher::new(&policy.exec, |file| Some(FileKey::of(file)));
-    let resolve = |operand: &str| Some(FileKey::of(&operand_path(cwd, operand)));
+    let resolve = |operand: &str| {
+        let path = operand_path(cwd, operand);
+        match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => Resolved::File(FileKey::of(&path)),
+            Ok(_) => Resolved::Missing,
+            Err(_) => Resolved::File(FileKey::Path(path)),
+        }
+    };
     let decide = |file: &Path, argv: &[String]| -> (Action, String, bool) {
         let key = FileKey::of(file);
         if matcher.matches(&key) {
@@ -474,14 +481,17 @@ fn decide_exec(policy: &Policy, path: &Path, argv: &[String], cwd: &Path) -> (Ac
     };
     let (mut action, mut because, mut handed_over) = decide(path, argv);
     if let Some(interpreter) = script_interpreter(path) {
-        // The interpreter pass: the agent reads the script (the file exec'd)
-        // as the interpreter's operand.
-        let mut line = vec![
-            interpreter.display().to_string(),
-            path.display().to_string(),
-        ];
-        line.extend(argv.iter().skip(1).cloned());
-        let (second, why, second_matched) = decide(&interpreter, &line);
+        // The interpreter pass: the interpreter's own decision (the kernel
+        // checked the script itself just before; the agent applies the
+        // interpreter's own rule to a handed-over interpreter pass).
+        let key = FileKey::of(&interpreter);
+        let (second, why, second_matched) = if matcher.matches(&key) {
+            let Decided { action, because } = matcher.decide_own(&key);
+            (action, because, true)
+        } else {
+            let (action, because) = exec_rule(policy, &interpreter);
+            (action, because, false)
+        };
         handed_over |= second_matched;
         if strictness(second) > strictness(action) {
             action = second;

@@ -629,6 +629,19 @@ fn is_binary(path: &Path) -> bool {
         .is_ok_and(|()| magic == *b"\x7fELF")
 }
 
+/// What a resolver of [`ExecMatcher::decide`] found for a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved<K> {
+    /// A regular file, by identity.
+    File(K),
+    /// No regular file by that name.
+    Missing,
+    /// A name whose file cannot be told from outside the task (it goes
+    /// through `/proc` or `/dev/fd`, which name the reader's own files):
+    /// asked.
+    Unknown,
+}
+
 /// An outcome of [`ExecMatcher::decide`] and what decided it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decided {
@@ -767,7 +780,7 @@ impl<K: Clone + Eq + Hash> ExecMatcher<K> {
         &self,
         exe: &K,
         argv: &[S],
-        resolve: &dyn Fn(&str) -> Option<K>,
+        resolve: &dyn Fn(&str) -> Resolved<K>,
     ) -> Decided {
         let Some(entry) = self.entries.get(exe) else {
             return self.own(None);
@@ -792,6 +805,13 @@ impl<K: Clone + Eq + Hash> ExecMatcher<K> {
             Some(kind) => self.with_operand(base, kind, operands, resolve),
             None => base,
         }
+    }
+
+    /// The decision of `exe`'s own rule (else the default), without its
+    /// command rules: what the kernel decided before these rules existed.
+    #[must_use]
+    pub fn decide_own(&self, exe: &K) -> Decided {
+        self.own(self.entries.get(exe))
     }
 
     /// The executable's own rule, else the default.
@@ -828,39 +848,46 @@ impl<K: Clone + Eq + Hash> ExecMatcher<K> {
         base: Decided,
         kind: InterpreterKind,
         args: &[S],
-        resolve: &dyn Fn(&str) -> Option<K>,
+        resolve: &dyn Fn(&str) -> Resolved<K>,
     ) -> Decided {
         if !self.script_checks {
             return base;
         }
         let found = match operand(kind, args) {
-            Operand::Script(i)
-                if kind == InterpreterKind::Shell
-                    && !args[i].as_ref().contains('/')
-                    && resolve(args[i].as_ref()).is_none() =>
-            {
-                // bash looks an operand it does not find in the cwd up in
-                // `PATH`, which the workload sets: the file cannot be told.
-                Some(Decided {
-                    action: Action::Ask,
-                    because: format!(
-                        "shell script {:?} is not in the cwd, and a shell may look it up in PATH: asked",
-                        args[i].as_ref()
-                    ),
-                })
-            }
             Operand::Script(i) => {
                 let script = args[i].as_ref();
-                resolve(script)
-                    .and_then(|key| self.entries.get(&key))
-                    .filter(|entry| entry.own.is_some() || !entry.commands.is_empty())
-                    .map(|entry| {
-                        let decided = self.with_commands(entry, &args[i + 1..]);
-                        Decided {
-                            because: format!("{} (the script {script:?})", decided.because),
-                            ..decided
-                        }
-                    })
+                match resolve(script) {
+                    Resolved::File(key) => self
+                        .entries
+                        .get(&key)
+                        .filter(|entry| entry.own.is_some() || !entry.commands.is_empty())
+                        .map(|entry| {
+                            let decided = self.with_commands(entry, &args[i + 1..]);
+                            Decided {
+                                because: format!("{} (the script {script:?})", decided.because),
+                                ..decided
+                            }
+                        }),
+                    // bash looks an operand it does not find in the cwd up in
+                    // `PATH`, which the workload sets: the file cannot be told.
+                    Resolved::Missing
+                        if kind == InterpreterKind::Shell && !script.contains('/') =>
+                    {
+                        Some(Decided {
+                            action: Action::Ask,
+                            because: format!(
+                                "shell script {script:?} is not in the cwd, and a shell may look it up in PATH: asked"
+                            ),
+                        })
+                    }
+                    Resolved::Missing => None,
+                    Resolved::Unknown => Some(Decided {
+                        action: Action::Ask,
+                        because: format!(
+                            "script {script:?} cannot be identified (it goes through /proc or /dev/fd): asked"
+                        ),
+                    }),
+                }
             }
             Operand::ShellCommand(string) => self.shell_command(string, resolve),
             Operand::Unknown(option) => Some(Decided {
@@ -878,11 +905,18 @@ impl<K: Clone + Eq + Hash> ExecMatcher<K> {
     /// The decision for the command of a `sh -c` string, when it splits
     /// into words faithfully and its command word names a file with rules
     /// (by path, else by file name: the strictest of the files so named).
-    fn shell_command(&self, string: &str, resolve: &dyn Fn(&str) -> Option<K>) -> Option<Decided> {
+    fn shell_command(
+        &self,
+        string: &str,
+        resolve: &dyn Fn(&str) -> Resolved<K>,
+    ) -> Option<Decided> {
         let words = split_shell_command(string)?;
         let (command, args) = words.split_first()?;
         let keys: Vec<K> = if command.contains('/') {
-            resolve(command).into_iter().collect()
+            match resolve(command) {
+                Resolved::File(key) => vec![key],
+                Resolved::Missing | Resolved::Unknown => Vec::new(),
+            }
         } else {
             self.by_name.get(command).cloned().unwrap_or_default()
         };
@@ -1172,8 +1206,7 @@ mod tests {
 
     /// Joins the cwd `/srv` and folds `.` and `..` (the agent resolves
     /// through the file system instead).
-    #[expect(clippy::unnecessary_wraps, reason = "the resolver's signature")]
-    fn resolve(path: &str) -> Option<PathBuf> {
+    fn resolve(path: &str) -> Resolved<PathBuf> {
         let mut out = PathBuf::from("/");
         for part in operand_path(Path::new("/srv"), path).components() {
             match part {
@@ -1184,7 +1217,10 @@ mod tests {
                 _ => {}
             }
         }
-        Some(out)
+        if out.starts_with("/proc") {
+            return Resolved::Unknown;
+        }
+        Resolved::File(out)
     }
 
     fn decide(m: &ExecMatcher<PathBuf>, exe: &str, argv: &[&str]) -> Action {
@@ -1215,8 +1251,12 @@ mod tests {
             Action::Ask
         );
         assert_eq!(decide(&m, "/bin/sh", &["sh", "other.sh"]), Action::Allow);
+        assert_eq!(
+            decide(&m, "/bin/sh", &["sh", "/proc/self/fd/3"]),
+            Action::Ask
+        );
         // Not in the cwd: bash would search PATH, so it is asked.
-        let nowhere = |_: &str| None;
+        let nowhere = |_: &str| Resolved::Missing;
         assert_eq!(
             m.decide(&PathBuf::from("/bin/sh"), &["sh", "deploy.sh"], &nowhere)
                 .action,
@@ -1294,7 +1334,7 @@ mod tests {
         let m = matcher(&set.policies[0].exec);
         let at = |path: &str, argv: &[&str]| {
             m.decide(&PathBuf::from(path), argv, &|p| {
-                Some(operand_path(Path::new("/srv/app"), p))
+                Resolved::File(operand_path(Path::new("/srv/app"), p))
             })
             .action
         };

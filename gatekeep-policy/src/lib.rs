@@ -228,7 +228,7 @@ mod warning;
 pub use cases::{Case, CaseResult, Example, Outcome, load_cases, parse_cases};
 pub use cgroup::{CGROUP_ROOT, CgroupPattern, CgroupPatternError};
 pub use command::{
-    CommandSet, Decided, ExecMatcher, Operand, applet, args_match, operand, operand_path,
+    CommandSet, Decided, ExecMatcher, Operand, Resolved, applet, args_match, operand, operand_path,
     split_shell_command, stricter, strictness,
 };
 pub use error::{Diagnostic, PolicyError};

@@ -185,6 +185,7 @@ fn ask_event_for(task: &FakeTask) -> Event {
         denied_truncated: false,
         argc: 2,
         via: crate::hooks::exec::Via::Exec,
+        interpreter: false,
     }))
 }
 

@@ -73,6 +73,9 @@ pub struct ExecRequest {
     pub argc: u32,
     /// How the code came to run.
     pub via: Via,
+    /// The kernel checked a script's interpreter: the file is the
+    /// interpreter, `filename` and `argv` the script's as exec'd.
+    pub interpreter: bool,
 }
 
 /// How the code of an [`ExecRequest`] came to run.
@@ -776,6 +779,7 @@ fn exec_request(raw: &ExecEvent) -> ExecRequest {
         denied_truncated: raw.header.kind == event_kind::EXEC_DENIED
             && raw.denied_for == exec_denied_for::ARGV_TRUNCATED,
         argc: raw.argc,
+        interpreter: raw.flags & exec_flags::INTERPRETER != 0,
         via: if raw.flags & exec_flags::MAPPED != 0 {
             Via::Mapped
         } else if raw.flags & exec_flags::FILELESS != 0 {

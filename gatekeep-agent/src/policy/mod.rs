@@ -1036,6 +1036,7 @@ on_truncated = "ask"
             denied_truncated: true,
             argc: 1,
             via: crate::hooks::exec::Via::Exec,
+            interpreter: false,
         });
         let silent = &set(text).policies[0];
         assert_eq!(
@@ -1122,6 +1123,7 @@ on_truncated = "ask"
                 denied_truncated: false,
                 argc: 0,
                 via: crate::hooks::exec::Via::Exec,
+                interpreter: false,
             })
         };
         assert_eq!(
@@ -1189,6 +1191,7 @@ fileless = "ask"
             denied_truncated: false,
             argc: 1,
             via: crate::hooks::exec::Via::Fileless,
+            interpreter: false,
         });
         let plain = &set(text).policies[0];
         assert_eq!(

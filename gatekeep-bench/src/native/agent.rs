@@ -169,6 +169,7 @@ fn exec_ask(tid: u32, digest: u64) -> Event {
         denied_truncated: false,
         argc: 5,
         via: gatekeep_agent::hooks::exec::Via::Exec,
+        interpreter: false,
     }))
 }
 

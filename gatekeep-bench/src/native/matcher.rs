@@ -5,7 +5,9 @@
 use std::{hint::black_box, path::PathBuf, time::Instant};
 
 use anyhow::{Result, ensure};
-use gatekeep_policy::{Action, ArgPattern, CommandRule, ExecMatcher, ExecPolicy, UnlistedMappings};
+use gatekeep_policy::{
+    Action, ArgPattern, CommandRule, ExecMatcher, ExecPolicy, Resolved, UnlistedMappings,
+};
 
 use crate::report::{Figure, Target, per_second};
 
@@ -95,7 +97,7 @@ pub fn figures(smoke: bool) -> Result<Vec<Figure>> {
                 .ok()
         });
         let samples = samples(executables);
-        let resolve = |_: &str| None;
+        let resolve = |_: &str| Resolved::Missing;
         // Every shape decides as written (a check that the loop matches).
         let asked = samples
             .iter()

@@ -188,6 +188,17 @@ async fn service_audit(base: &Path, records: usize, rounds: usize) -> Result<Vec
     ])
 }
 
+/// The groups `--only` may name.
+const GROUPS: &[&str] = &[
+    "host",
+    "rtt",
+    "throughput",
+    "instructions",
+    "audit",
+    "memory",
+    "matcher",
+];
+
 /// Runs the native benchmarks and prints their figures.
 pub fn run(opts: &NativeOptions) -> Result<()> {
     let sizes = if opts.smoke {
@@ -202,17 +213,7 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
     };
     let wants = |group: &str| opts.only.is_empty() || opts.only.iter().any(|g| g == group);
     for group in &opts.only {
-        if ![
-            "host",
-            "rtt",
-            "throughput",
-            "instructions",
-            "audit",
-            "memory",
-            "matcher",
-        ]
-        .contains(&group.as_str())
-        {
+        if !GROUPS.contains(&group.as_str()) {
             bail!("unknown benchmark group `{group}`");
         }
     }

@@ -753,6 +753,40 @@ fn measure_ask(
     Ok(())
 }
 
+/// An exec with command rules, decided by the agent's matcher without a reviewer (issue
+/// 20): the kernel hands it over as an ask, the agent matches its argv, records the
+/// request and the decision, and resumes it. Printed next to the plain exec's time.
+fn measure_match(sizes: &Sizes, baselines: Option<(f64, f64)>) -> Result<()> {
+    let matched = BenchCgroup::create("gk-bench-match")?;
+    let policy = format!(
+        "[[policy]]\nname = \"bench-match\"\ncgroups = [\"{}\"]\n\
+         [policy.exec]\ndefault = \"allow\"\n\
+         [[policy.exec.command]]\nargv = [\"{TINY}\", \"--never-given\", \"**\"]\naction = \"ask\"\n",
+        matched.path().display()
+    );
+    let agent = Agent::start("match", &policy, "")?;
+    let exec = worker(
+        matched.path(),
+        3,
+        true,
+        &["exec".into(), sizes.asks.to_string(), TINY.into()],
+    )?;
+    for figure in ask_figures(
+        "vm.match.exec",
+        "exec decided by the agent's command-line matcher, no reviewer",
+        &exec.samples_ns,
+        sizes.rounds,
+        baselines.map(|(exec, _)| exec),
+        "paused exec -> agent matches argv (no rule matches: the default allows) -> \
+         request and decision recorded durably -> verdict + SIGCONT -> exec completes; \
+         per op incl. fork+exec",
+    ) {
+        figure.emit();
+    }
+    drop(agent);
+    Ok(())
+}
+
 /// Runs the agent benchmarks, printing each figure as soon as it is measured; `baselines`
 /// are the overhead run's (exec, connect) µs.
 pub fn run(sizes: &Sizes, addr: SocketAddr, baselines: Option<(f64, f64)>) -> Result<()> {
@@ -789,6 +823,8 @@ pub fn run(sizes: &Sizes, addr: SocketAddr, baselines: Option<(f64, f64)>) -> Re
         )?;
         drop(agent);
     }
+
+    measure_match(sizes, baselines)?;
 
     // The local decider: the policy's timeout action after 1 ms; the ask path, then the
     // event runs. Each repetition is an agent of its own: a ramp leaves a few hundred MB

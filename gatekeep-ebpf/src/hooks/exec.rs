@@ -710,7 +710,12 @@ fn emit_exec(
         // A fileless exec is shown by the name the workload gave the file
         // (`memfd:NAME`), not by the `/dev/fd/N` it was run by.
         let fileless = is_fileless(bprm);
-        (*event).flags = if fileless { exec_flags::FILELESS } else { 0 };
+        (*event).flags = if fileless { exec_flags::FILELESS } else { 0 }
+            | if is_interpreter_pass(bprm).unwrap_or(false) {
+                exec_flags::INTERPRETER
+            } else {
+                0
+            };
         let name = if fileless {
             bpf_probe_read_kernel::<*const u8>(bprm.add(off.linux_binprm_file as usize).cast())
                 .and_then(file_name)

@@ -21,17 +21,17 @@
 use std::{
     collections::HashMap,
     fs,
-    os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    path::{Component, Path, PathBuf},
     sync::{Arc, atomic::AtomicUsize},
     time::Duration,
 };
 
 use gatekeep_common::ContentVersion;
-use gatekeep_policy::{Action, Decided, ExecMatcher, operand_path};
+use gatekeep_policy::{Action, Decided, ExecMatcher, Resolved, operand_path};
 
 use super::{ExecRequest, Via, kernel_dev};
-use crate::pause::exe_path::{resolve_in_root, within};
+use crate::pause::exe_path::within;
 
 /// A file's identity as the kernel reports it: (device in the kernel's
 /// encoding, inode).
@@ -72,35 +72,34 @@ impl Matching {
         if *bound != request.content || request.argv_truncated || request.via != Via::Exec {
             return None;
         }
-        let Some(filename) = request.filename.to_str() else {
-            return Some(not_text());
-        };
-        if request.argv.iter().any(|arg| arg.contains('\u{fffd}')) {
+        if request.filename.to_str().is_none()
+            || request.argv.iter().any(|arg| arg.contains('\u{fffd}'))
+        {
             // Lossily decoded: the words matched would not be the bytes the
             // program reads (a script named in other bytes could hide).
             return Some(not_text());
         }
+        if request.interpreter {
+            // The interpreter pass of a `#!` script (or a binfmt_misc
+            // handler), as the kernel says: it checked the script itself by
+            // identity just before, and now the interpreter, with the
+            // script's argv. The interpreter's own decision applies (its
+            // command rules speak of its own command lines).
+            return Some(matcher.decide_own(&file));
+        }
         let task = proc_root.join(request.origin.tid.to_string());
-        let (filename, argv) = (filename.to_owned(), request.argv.clone());
+        let argv = request.argv.clone();
         within(&RUNNING, DECIDE_WITHIN, move || {
             let root = task.join("root");
-            let cwd = fs::read_link(task.join("cwd")).ok()?;
-            let resolve = |name: &str| identity_in(&root, &cwd, name);
-            // The interpreter pass of a `#!` script (or a binfmt_misc
-            // handler): the kernel checks the interpreter with the script's
-            // argv; the interpreter runs the file that was exec'd.
-            let argv = if resolve(&filename) == Some(file) {
-                argv
-            } else {
-                let mut line = Vec::with_capacity(argv.len() + 1);
-                line.push(argv.first().cloned().unwrap_or_default());
-                line.push(filename.clone());
-                line.extend(argv.iter().skip(1).cloned());
-                line
+            // Unreadable (the task is gone: an audit-mode report read late):
+            // no name can be resolved, so scripts are not looked at.
+            let cwd = fs::read_link(task.join("cwd")).ok();
+            let resolve = |name: &str| match &cwd {
+                Some(cwd) => identity_in(&root, cwd, name),
+                None => Resolved::Missing,
             };
-            Some(matcher.decide(&file, &argv, &resolve))
+            matcher.decide(&file, &argv, &resolve)
         })
-        .flatten()
     }
 }
 
@@ -114,14 +113,73 @@ fn not_text() -> Decided {
 
 /// The identity of the file `name` names for a task whose root is reached at
 /// `root` (`/proc/<tid>/root`) and whose cwd is `cwd` (in its own view):
-/// symbolic links are followed in the task's view.
+/// symbolic links are followed in the task's view. A walk that enters
+/// `/proc` (or `/dev/fd`, a link into it) is [`Resolved::Unknown`]: there
+/// `self` and `fd/N` would name the agent's files, not the task's.
 #[must_use]
-pub fn identity_in(root: &Path, cwd: &Path, name: &str) -> Option<FileId> {
+pub fn identity_in(root: &Path, cwd: &Path, name: &str) -> Resolved<FileId> {
     let path = operand_path(cwd, name);
-    let resolved = resolve_in_root(root, &path)?;
-    let inside: PathBuf = root.join(resolved.strip_prefix("/").unwrap_or(&resolved));
-    let meta = fs::metadata(inside).ok()?;
-    meta.is_file().then(|| (kernel_dev(meta.dev()), meta.ino()))
+    let mut done = PathBuf::from("/");
+    // Components still to walk, last first.
+    let mut todo: Vec<std::ffi::OsString> = Vec::new();
+    push_components(&mut todo, &path);
+    let mut links = 0;
+    while let Some(part) = todo.pop() {
+        match part.as_bytes() {
+            b"." => continue,
+            b".." => {
+                done.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let next = done.join(&part);
+        if next.starts_with("/proc") || next.starts_with("/dev/fd") {
+            return Resolved::Unknown;
+        }
+        let inside = root.join(next.strip_prefix("/").unwrap_or(&next));
+        match fs::symlink_metadata(&inside) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                links += 1;
+                let Ok(target) = fs::read_link(&inside) else {
+                    return Resolved::Missing;
+                };
+                if links > MAX_LINKS {
+                    return Resolved::Missing;
+                }
+                if target.is_absolute() {
+                    done = PathBuf::from("/");
+                }
+                push_components(&mut todo, &target);
+            }
+            Ok(meta) if todo.is_empty() => {
+                return if meta.is_file() {
+                    Resolved::File((kernel_dev(meta.dev()), meta.ino()))
+                } else {
+                    Resolved::Missing
+                };
+            }
+            Ok(_) => done = next,
+            Err(_) => return Resolved::Missing,
+        }
+    }
+    Resolved::Missing
+}
+
+/// Most symbolic links followed (the kernel's `MAXSYMLINKS`).
+const MAX_LINKS: usize = 40;
+
+/// Pushes the components of `path` onto `todo` so the first is popped first.
+fn push_components(todo: &mut Vec<std::ffi::OsString>, path: &Path) {
+    let names: Vec<&std::ffi::OsStr> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(name),
+            Component::ParentDir => Some(std::ffi::OsStr::new("..")),
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => None,
+        })
+        .collect();
+    todo.extend(names.into_iter().rev().map(ToOwned::to_owned));
 }
 
 #[cfg(test)]
@@ -143,17 +201,22 @@ mod tests {
         fs::write(root.join("srv/app/deploy.sh"), "echo hi\n").unwrap();
         // An absolute link target starts again at the task's root.
         symlink("/srv/app/deploy.sh", root.join("srv/link.sh")).unwrap();
-        let want = Some(id(&root.join("srv/app/deploy.sh")));
+        let want = Resolved::File(id(&root.join("srv/app/deploy.sh")));
         let cwd = Path::new("/srv/app");
         assert_eq!(identity_in(root, cwd, "deploy.sh"), want);
         assert_eq!(identity_in(root, cwd, "./deploy.sh"), want);
         assert_eq!(identity_in(root, cwd, "../link.sh"), want);
         assert_eq!(identity_in(root, cwd, "/srv/link.sh"), want);
-        assert_eq!(identity_in(root, cwd, "missing.sh"), None);
+        assert_eq!(identity_in(root, cwd, "missing.sh"), Resolved::Missing);
         assert_eq!(
             identity_in(root, cwd, "/srv"),
-            None,
+            Resolved::Missing,
             "a directory is no script"
         );
+        // Through /proc (`self`, `fd/N`) names the reader's files: unknown.
+        symlink("/proc/self/fd/3", root.join("srv/app/fd3")).unwrap();
+        assert_eq!(identity_in(root, cwd, "fd3"), Resolved::Unknown);
+        assert_eq!(identity_in(root, cwd, "/dev/fd/3"), Resolved::Unknown);
+        assert_eq!(identity_in(root, cwd, "/proc/self/fd/3"), Resolved::Unknown);
     }
 }
