@@ -145,7 +145,7 @@ fn a_script_run_by_an_interpreter_is_asked_exactly_like_the_script() {
     let (cgroup, agent) = gate_exec("cmd-script", &exec, &on_timeout("2s", "deny"));
 
     let ways: [&[&str]; 6] = [
-        &["chdir-exec", &dir_str, "./deploy.sh"],
+        &["chdir-exec", &dir_str, "./deploy.sh", "./deploy.sh"],
         &["chdir-exec", &dir_str, "/bin/sh", "sh", "deploy.sh"],
         &["chdir-exec", &dir_str, "/bin/sh", "sh", "-e", "./deploy.sh"],
         &["exec", "/bin/busybox", "busybox", "ash", &deploy],

@@ -195,7 +195,7 @@ fn compile_matching(policy: &Policy, out: &mut Compiling<'_>, loaded: &mut ExecL
                 }
             }
         };
-        handed_over.insert(*identity, rule.content);
+        handed_over.insert(*identity, (rule.content, rule.flags));
         out.rules.insert(key, encode_rule(&rule));
     }
     loaded.matching = matching::Matching {

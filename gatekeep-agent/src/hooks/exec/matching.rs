@@ -27,7 +27,7 @@ use std::{
     time::Duration,
 };
 
-use gatekeep_common::ContentVersion;
+use gatekeep_common::{ContentVersion, exec_rule_flags};
 use gatekeep_policy::{Action, Decided, ExecMatcher, Resolved, operand_path};
 
 use super::{ExecRequest, Via, kernel_dev};
@@ -42,8 +42,8 @@ pub type FileId = (u64, u64);
 pub struct Matching {
     pub matcher: Option<Arc<ExecMatcher<FileId>>>,
     /// The executables handed to user space, each with the content its rule
-    /// was bound to when compiled.
-    pub handed_over: HashMap<FileId, ContentVersion>,
+    /// was bound to when compiled and the rule's flags (`exec_rule_flags`).
+    pub handed_over: HashMap<FileId, (ContentVersion, u32)>,
 }
 
 /// How long a decision may read the workload's files (its cwd, root and
@@ -69,7 +69,8 @@ impl Matching {
         let matcher = Arc::clone(self.matcher.as_ref()?);
         let file = (request.dev, request.ino);
         let bound = self.handed_over.get(&file)?;
-        if *bound != request.content || request.argv_truncated || request.via != Via::Exec {
+        if !bound_to(bound, &request.content) || request.argv_truncated || request.via != Via::Exec
+        {
             return None;
         }
         if request.filename.to_str().is_none()
@@ -101,6 +102,17 @@ impl Matching {
             matcher.decide(&file, &argv, &resolve)
         })
     }
+}
+
+/// Whether `now` is the content a rule was bound to, compared as the kernel
+/// compares it (`bound_to` in `gatekeep-ebpf/src/hooks/exec.rs`): the inode
+/// generation only where it was read from the file (tmpfs gives every inode
+/// a random one the agent cannot read).
+fn bound_to((bound, flags): &(ContentVersion, u32), now: &ContentVersion) -> bool {
+    bound.ctime_sec == now.ctime_sec
+        && bound.ctime_nsec == now.ctime_nsec
+        && bound.size == now.size
+        && (flags & exec_rule_flags::GENERATION == 0 || bound.generation == now.generation)
 }
 
 /// An argv or file name that is not UTF-8: asked.
@@ -191,6 +203,28 @@ mod tests {
     fn id(path: &Path) -> FileId {
         let meta = fs::metadata(path).unwrap();
         (kernel_dev(meta.dev()), meta.ino())
+    }
+
+    #[test]
+    fn content_is_compared_as_the_kernel_compares_it() {
+        let bound = ContentVersion {
+            ctime_sec: 10,
+            ctime_nsec: 20,
+            generation: 0,
+            size: 129,
+        };
+        // tmpfs: a random generation the agent could not read.
+        let now = ContentVersion {
+            generation: 0x5eed,
+            ..bound
+        };
+        assert!(bound_to(&(bound, 0), &now));
+        assert!(!bound_to(&(bound, exec_rule_flags::GENERATION), &now));
+        let rewritten = ContentVersion {
+            ctime_nsec: 21,
+            ..now
+        };
+        assert!(!bound_to(&(bound, 0), &rewritten));
     }
 
     #[test]
