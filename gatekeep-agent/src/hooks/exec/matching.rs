@@ -249,6 +249,8 @@ mod tests {
         );
         // Through /proc (`self`, `fd/N`) names the reader's files: unknown.
         symlink("/proc/self/fd/3", root.join("srv/app/fd3")).unwrap();
+        fs::create_dir(root.join("dev")).unwrap();
+        symlink("/proc/self/fd", root.join("dev/fd")).unwrap();
         assert_eq!(identity_in(root, cwd, "fd3"), Resolved::Unknown);
         assert_eq!(identity_in(root, cwd, "/dev/fd/3"), Resolved::Unknown);
         assert_eq!(identity_in(root, cwd, "/proc/self/fd/3"), Resolved::Unknown);
