@@ -1487,6 +1487,90 @@ mod tests {
         );
     }
 
+    /// The rig's policy, with `/usr/bin/tool` (the fake kernel's exec, identity (1, 2))
+    /// handed over for the command rules `commands`.
+    fn with_commands(commands: &str) -> Arc<Compiled> {
+        let text = format!(
+            "[[policy]]\nname = \"agents\"\ncgroups = [\"/sys/fs/cgroup/agents\"]\n\
+             [policy.exec]\ndefault = \"ask\"\n{commands}\
+             [policy.approval]\ntimeout = \"24h\"\non_timeout = \"allow\"\n"
+        );
+        let set = parse_str("t.toml", &text).expect("policy");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = HostView {
+            cgroup_root: dir.path().to_owned(),
+            own_cgroup: None,
+            protected: Vec::new(),
+        };
+        let mut compiled = compile(&set, &[1], 1, &host).expect("compile");
+        let loaded = Arc::get_mut(compiled.policies.get_mut(&1).expect("policy 1")).expect("own");
+        let matcher = gatekeep_policy::ExecMatcher::new(&loaded.policy.exec, |path| {
+            (path == std::path::Path::new("/usr/bin/tool")).then_some((1, 2))
+        });
+        loaded.hooks.exec.matching = crate::hooks::exec::matching::Matching {
+            matcher: Some(Arc::new(matcher)),
+            handed_over: [((1, 2), (gatekeep_common::ContentVersion::default(), 0))].into(),
+        };
+        Arc::new(compiled)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn command_rules_that_allow_or_deny_are_answered_by_the_agent_without_a_reviewer() {
+        // The fake exec's argv is ["tool", "<digest in hex>"].
+        for (rule, verdict) in [("allow", ALLOW), ("deny", DENY)] {
+            let mut rig = rig("allow", "24h");
+            rig.controller.set_policies(with_commands(&format!(
+                "[[policy.exec.command]]\nargv = [\"/usr/bin/tool\", \"*\"]\naction = \"{rule}\"\n"
+            )));
+            rig.kernel
+                .spawn_task(FakeTask::asking(100, 101, 0xabc).stopped());
+            let ask = rig.kernel.ask_event(101);
+            rig.controller.handle_event(ask).await;
+            rig.controller.step_internal().await; // decided, by the matcher
+            rig.controller.step_internal().await; // resumed
+            assert_eq!(rig.kernel.result_of(101), Some(verdict), "{rule}");
+            assert_eq!(rig.controller.stats.matched, 1);
+            let records = rig.audit.records();
+            assert_eq!(records[0].kind, RecordKind::Requested);
+            assert_eq!(
+                records[0].payload["request"]["rule"],
+                format!("exec command {rule} [\"/usr/bin/tool\", \"*\"]")
+            );
+            assert_eq!(records[1].kind, RecordKind::Decided);
+            assert_eq!(records[1].actor.as_deref(), Some("policy"), "no reviewer");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_command_rule_that_asks_goes_to_the_decider() {
+        let mut rig = rig("allow", "24h");
+        rig.controller.set_policies(with_commands(
+            "[[policy.exec.command]]\nargv = [\"/usr/bin/tool\", \"**\"]\naction = \"ask\"\n",
+        ));
+        rig.kernel
+            .spawn_task(FakeTask::asking(100, 101, 0xabc).stopped());
+        let ask = rig.kernel.ask_event(101);
+        rig.controller.handle_event(ask).await;
+        rig.controller.step_internal().await;
+        rig.controller.step_internal().await;
+        assert_eq!(
+            rig.kernel.result_of(101),
+            Some(ALLOW),
+            "the timeout's allow"
+        );
+        assert_eq!(rig.controller.stats.matched, 0);
+        let records = rig.audit.records();
+        assert_eq!(
+            records[0].payload["request"]["rule"],
+            "exec command ask [\"/usr/bin/tool\", \"**\"]"
+        );
+        assert_eq!(
+            records[1].actor.as_deref(),
+            Some("timeout"),
+            "the decider decided"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_task_dying_while_paused_is_abandoned_and_never_resumed() {
         let mut rig = rig("allow", "60s");
