@@ -113,55 +113,58 @@ impl std::fmt::Display for CommandRule {
     }
 }
 
-/// A one-argument glob: `*` any run, `?` one byte... of UTF-8 text, so `?`
-/// matches one character; `\` escapes the next character.
+/// A one-argument glob on UTF-8 text, without allocating: `*` any run, `?`
+/// one character, `\` escapes the next character.
 fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    let pattern = String::from_utf8_lossy(pattern);
-    let text = String::from_utf8_lossy(text);
-    let pattern: Vec<(char, bool)> = {
-        let mut out = Vec::new();
-        let mut chars = pattern.chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some(next) = chars.next() {
-                        out.push((next, false));
-                    }
-                }
-                '*' | '?' => out.push((c, true)),
-                _ => out.push((c, false)),
-            }
-        }
-        out
-    };
-    let text: Vec<char> = text.chars().collect();
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        match pattern.get(p) {
-            Some(('*', true)) => {
-                star = Some((p, t));
-                p += 1;
-            }
-            Some(('?', true)) => {
-                p += 1;
-                t += 1;
-            }
-            Some((c, false)) if *c == text[t] => {
-                p += 1;
-                t += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    p = sp + 1;
-                    t = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
+    // The length of the UTF-8 character that starts with `lead`.
+    fn char_len(lead: u8) -> usize {
+        match lead {
+            0xf0.. => 4,
+            0xe0.. => 3,
+            0xc0.. => 2,
+            _ => 1,
         }
     }
-    pattern[p..].iter().all(|item| *item == ('*', true))
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    loop {
+        if p < pattern.len() {
+            match pattern[p] {
+                b'*' => {
+                    star = Some((p, t));
+                    p += 1;
+                    continue;
+                }
+                b'?' if t < text.len() => {
+                    p += 1;
+                    t += char_len(text[t]);
+                    continue;
+                }
+                b'\\' if p + 1 < pattern.len() && t < text.len() && pattern[p + 1] == text[t] => {
+                    p += 2;
+                    t += 1;
+                    continue;
+                }
+                c if c != b'\\' && c != b'?' && t < text.len() && c == text[t] => {
+                    p += 1;
+                    t += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        } else if t >= text.len() {
+            return true;
+        }
+        match star {
+            Some((sp, st)) if st < text.len() => {
+                let next = st + char_len(text[st]);
+                star = Some((sp, next));
+                p = sp + 1;
+                t = next;
+            }
+            _ => return false,
+        }
+    }
 }
 
 /// Whether `patterns` match `args` (`**` any number of arguments).
@@ -229,7 +232,11 @@ pub struct CommandSet {
     rules: Vec<CommandRule>,
     /// First argument (literal) -> indices into `rules`, ascending.
     by_first: HashMap<String, Vec<u32>>,
-    /// Rules whose first pattern is not a literal (or that have none).
+    /// Rules whose first pattern is not a literal but that have a literal
+    /// somewhere: that literal -> indices, ascending (one of the arguments
+    /// must be it).
+    by_literal: HashMap<String, Vec<u32>>,
+    /// Rules with no literal pattern at all.
     other: Vec<u32>,
 }
 
@@ -239,19 +246,26 @@ impl CommandSet {
     pub fn new(mut rules: Vec<CommandRule>) -> Self {
         rules.sort_by_key(|rule| Reverse(weight(rule)));
         let mut by_first: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut by_literal: HashMap<String, Vec<u32>> = HashMap::new();
         let mut other = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
-            match rule.args.first() {
-                Some(ArgPattern::Literal(first)) => {
+            let literal = rule.args.iter().find_map(|arg| match arg {
+                ArgPattern::Literal(text) => Some(text),
+                _ => None,
+            });
+            match (rule.args.first(), literal) {
+                (Some(ArgPattern::Literal(first)), _) => {
                     by_first.entry(first.clone()).or_default().push(i);
                 }
-                _ => other.push(i),
+                (_, Some(literal)) => by_literal.entry(literal.clone()).or_default().push(i),
+                (_, None) => other.push(i),
             }
         }
         Self {
             rules,
             by_first,
+            by_literal,
             other,
         }
     }
@@ -270,33 +284,28 @@ impl CommandSet {
     /// and its arguments), if any.
     #[must_use]
     pub fn best<S: AsRef<str>>(&self, args: &[S]) -> Option<&CommandRule> {
-        let first: &[u32] = args
+        let mut candidates: Vec<u32> = Vec::new();
+        if let Some(first) = args
             .first()
             .and_then(|first| self.by_first.get(first.as_ref()))
-            .map_or(&[], Vec::as_slice);
-        // Both lists ascend: merge them, and the first match wins.
-        let (mut i, mut j) = (0, 0);
-        loop {
-            let next = match (first.get(i), self.other.get(j)) {
-                (Some(a), Some(b)) if a < b => {
-                    i += 1;
-                    *a
+        {
+            candidates.extend_from_slice(first);
+        }
+        if !self.by_literal.is_empty() {
+            for arg in args {
+                if let Some(found) = self.by_literal.get(arg.as_ref()) {
+                    candidates.extend_from_slice(found);
                 }
-                (_, Some(b)) => {
-                    j += 1;
-                    *b
-                }
-                (Some(a), None) => {
-                    i += 1;
-                    *a
-                }
-                (None, None) => return None,
-            };
-            let rule = &self.rules[next as usize];
-            if args_match(&rule.args, args) {
-                return Some(rule);
             }
         }
+        candidates.extend_from_slice(&self.other);
+        // Most specific first: indices follow precedence.
+        candidates.sort_unstable();
+        candidates.dedup();
+        candidates
+            .into_iter()
+            .map(|i| &self.rules[i as usize])
+            .find(|rule| args_match(&rule.args, args))
     }
 }
 

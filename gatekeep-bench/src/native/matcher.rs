@@ -83,7 +83,7 @@ fn samples(executables: usize) -> Vec<(u32, Vec<String>)> {
 /// Matches per second with 1,000 rules spread over 50 executables, and all
 /// on one.
 pub fn figures(smoke: bool) -> Result<Vec<Figure>> {
-    let (rounds, per_round) = if smoke { (2, 200_000) } else { (7, 3_000_000) };
+    let (rounds, per_round) = if smoke { (2, 100_000) } else { (7, 1_000_000) };
     let mut out = Vec::new();
     for (executables, id, what) in [
         (50, "native.matcher.spread", "50 executables x 20 rules"),
