@@ -1087,6 +1087,44 @@ mod tests {
         );
     }
 
+    /// The index finds what a scan of every rule in precedence order finds.
+    #[test]
+    fn the_index_finds_what_a_full_scan_finds() {
+        let words = ["get", "delete", "-f", "--all", "x", "pod"];
+        let shapes: [&[&str]; 9] = [
+            &["get", "**"],
+            &["*", "--all"],
+            &["**", "-f", "**"],
+            &["delete", "*", "x"],
+            &["?et"],
+            &["**"],
+            &["*", "*"],
+            &["pod", "**", "--all"],
+            &["**", "x"],
+        ];
+        let actions = [Action::Allow, Action::Deny, Action::Ask];
+        let rules: Vec<CommandRule> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, shape)| rule("/k", shape, actions[i % 3]))
+            .collect();
+        let set = CommandSet::new(rules);
+        let mut scan = set.rules.clone();
+        scan.sort_by_key(|rule| Reverse(weight(rule)));
+        let mut checked = 0;
+        for a in words {
+            for b in words {
+                for c in ["", "x", "--all"] {
+                    let args: Vec<&str> = [a, b, c].into_iter().filter(|w| !w.is_empty()).collect();
+                    let want = scan.iter().find(|rule| args_match(&rule.args, &args));
+                    assert_eq!(set.best(&args), want, "{args:?}");
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 108);
+    }
+
     #[test]
     fn busybox_dispatch() {
         assert_eq!(applet("busybox", &["wget", "x"]), Some(("wget", 0)));
