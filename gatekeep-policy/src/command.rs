@@ -230,6 +230,8 @@ fn weight(rule: &CommandRule) -> (usize, usize, Reverse<usize>, u8) {
 pub struct CommandSet {
     /// Most specific first.
     rules: Vec<CommandRule>,
+    /// `exec command {rule}` for each rule, made once (what a decision names).
+    described: Vec<String>,
     /// First argument (literal) -> indices into `rules`, ascending.
     by_first: HashMap<String, Vec<u32>>,
     /// Rules whose first pattern is not a literal but that have a literal
@@ -262,8 +264,13 @@ impl CommandSet {
                 (_, None) => other.push(i),
             }
         }
+        let described = rules
+            .iter()
+            .map(|rule| format!("exec command {rule}"))
+            .collect();
         Self {
             rules,
+            described,
             by_first,
             by_literal,
             other,
@@ -284,6 +291,11 @@ impl CommandSet {
     /// and its arguments), if any.
     #[must_use]
     pub fn best<S: AsRef<str>>(&self, args: &[S]) -> Option<&CommandRule> {
+        self.best_index(args).map(|i| &self.rules[i])
+    }
+
+    /// [`CommandSet::best`]'s index into the rules.
+    fn best_index<S: AsRef<str>>(&self, args: &[S]) -> Option<usize> {
         let mut candidates: Vec<u32> = Vec::new();
         if let Some(first) = args
             .first()
@@ -304,8 +316,8 @@ impl CommandSet {
         candidates.dedup();
         candidates
             .into_iter()
-            .map(|i| &self.rules[i as usize])
-            .find(|rule| args_match(&rule.args, args))
+            .map(|i| i as usize)
+            .find(|i| args_match(&self.rules[*i].args, args))
     }
 }
 
@@ -832,17 +844,22 @@ impl<K: Clone + Eq + Hash> ExecMatcher<K> {
             },
             None => Decided {
                 action: self.default,
-                because: format!("exec default {}", self.default),
+                because: match self.default {
+                    Action::Allow => "exec default allow",
+                    Action::Deny => "exec default deny",
+                    Action::Ask => "exec default ask",
+                }
+                .to_owned(),
             },
         }
     }
 
     /// The most specific command rule matching `args`, else the own rule.
     fn with_commands<S: AsRef<str>>(&self, entry: &Entry, args: &[S]) -> Decided {
-        match entry.commands.best(args) {
-            Some(rule) => Decided {
-                action: rule.action,
-                because: format!("exec command {rule}"),
+        match entry.commands.best_index(args) {
+            Some(i) => Decided {
+                action: entry.commands.rules[i].action,
+                because: entry.commands.described[i].clone(),
             },
             None => self.own(Some(entry)),
         }
