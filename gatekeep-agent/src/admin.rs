@@ -442,7 +442,7 @@ mod tests {
         let good = dir.path().join("good.toml");
         std::fs::write(
             &good,
-            "[[policy]]\nname = \"a\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n[policy.exec]\ndefault = \"ask\"\n",
+            "[[policy]]\nname = \"a\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n[policy.exec]\ndefault = \"ask\"\nunlisted_mappings = \"default\"\n",
         )
         .expect("write");
         let mut out = Vec::new();
@@ -467,7 +467,7 @@ mod tests {
         std::fs::write(
             &file,
             format!(
-                "[[policy]]\nname = \"w\"\ncgroups = [\"/sys/fs/cgroup/w\"]\n[policy.exec]\ndefault = \"deny\"\nallow = [\"{}/gone\\u001b[2J\\u202e\"]\n",
+                "[[policy]]\nname = \"w\"\ncgroups = [\"/sys/fs/cgroup/w\"]\n[policy.exec]\ndefault = \"deny\"\nallow = [\"{}/gone\\u001b[2J\\u202e\"]\nunlisted_mappings = \"default\"\n",
                 dir.path().display()
             ),
         )

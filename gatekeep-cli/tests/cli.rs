@@ -646,11 +646,13 @@ impl PolicyHost {
 fn policy_validate_passes_a_clean_allow_list_and_fails_an_invalid_file() {
     let host = PolicyHost::new();
     let base = &host.base;
-    // An allow-list under default deny, on real ELF files: no warnings, with or without the
-    // flag.
+    // An allow-list under default deny, on real ELF files, mapped files included: no
+    // warnings, with or without the flag.
     let clean = host.policy(
         "clean.toml",
-        &format!("default = \"deny\"\nallow = [\"{base}/tool\"]\ndeny = [\"{base}/other\"]\n"),
+        &format!(
+            "default = \"deny\"\nunlisted_mappings = \"default\"\nallow = [\"{base}/tool\"]\ndeny = [\"{base}/other\"]\n"
+        ),
     );
     for args in [
         &["policy", "validate", clean.as_str()][..],

@@ -87,6 +87,9 @@ pub mod map_names {
     pub const ZEROES: &str = "ZEROES";
     /// exec hook: per-CPU scratch buffer the argv is gathered in.
     pub const ARGV_SCRATCH: &str = "ARGV_SCRATCH";
+    /// exec hook: thread id -> the argv digests an allowed exec must start
+    /// its program with (checked at `sched_process_exec`).
+    pub const BOUND_ARGV: &str = "BOUND_ARGV";
     /// connect hook: LPM trie of [`super::ConnectV4Key`] -> [`super::PortRules`].
     pub const CONNECT_V4: &str = "CONNECT_V4";
     /// connect hook: LPM trie of [`super::ConnectV6Key`] -> [`super::PortRules`].
@@ -124,6 +127,7 @@ pub mod map_names {
         EXEC_BOUND_ENV,
         ZEROES,
         ARGV_SCRATCH,
+        BOUND_ARGV,
         CONNECT_V4,
         CONNECT_V6,
         PROTECT_RELAXED,
@@ -181,6 +185,10 @@ pub mod event_kind {
     pub const EXEC_AUDITED: u32 = 9;
     /// The same for a connect, datagram or raw socket ([`super::ConnectEvent`]).
     pub const CONNECT_AUDITED: u32 = 10;
+    /// An exec allowed by a verdict or grant was killed before its new
+    /// program ran: the argv the kernel gave it is not the one bound
+    /// ([`super::TaskEvent`]; `digest` is the allowed request's).
+    pub const EXEC_ARGV_CHANGED: u32 = 17;
 }
 
 /// What a request is about; also in [`PendingRequest::kind`].
@@ -216,8 +224,12 @@ pub mod counter {
     /// An exec met a rule bound to other content than the file has now
     /// (rewritten in place since the policy was loaded).
     pub const EXEC_RULE_STALE: u32 = 13;
+    /// An exec allowed by a verdict or grant ran with another argv than the
+    /// one bound (changed in the caller's memory after the kernel copied
+    /// it): the new program was killed before it ran.
+    pub const EXEC_ARGV_CHANGED: u32 = 14;
     /// Number of counters; size of the `COUNTERS` map.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// Value of the `GATED_CGROUPS` map: which policy governs a cgroup.
@@ -787,6 +799,11 @@ pub struct KernelOffsets {
     pub inode_i_nlink: u32,
     /// `struct dentry` -> `d_name.name` (`const unsigned char *`).
     pub dentry_d_name_name: u32,
+    // argv checked in the new image (issue 19, item 3).
+    /// `struct mm_struct` -> `arg_start` (`unsigned long`).
+    pub mm_struct_arg_start: u32,
+    /// `struct mm_struct` -> `arg_end` (`unsigned long`).
+    pub mm_struct_arg_end: u32,
 }
 
 /// [`GatedCgroup::flags`]: the cgroup appeared under a *candidate parent*

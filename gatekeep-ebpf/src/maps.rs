@@ -201,6 +201,8 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     vm_area_struct_vm_file: 0,
     inode_i_nlink: 0,
     dentry_d_name_name: 0,
+    mm_struct_arg_start: 0,
+    mm_struct_arg_end: 0,
 };
 
 /// SipHash key for request digests, random per load (set by the agent), so

@@ -29,7 +29,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    model::{Action, ExecRule, Policy, PolicySet},
+    model::{Action, ExecRule, Policy, PolicySet, UnlistedMappings},
     parse::Pos,
 };
 
@@ -55,11 +55,16 @@ pub enum WarningKind {
     /// A deny or ask rule names a script, or another file that is not an ELF
     /// binary: an interpreter can run it without exec'ing it.
     Script,
+    /// An allow-list (`default = "deny"`) that lets files no rule names be
+    /// mapped as code (`unlisted_mappings = "allow"`): a program it allows
+    /// can load code it does not list (`dlopen`, `LD_PRELOAD`).
+    UnlistedMappingsUnderAllowList,
 }
 
 impl WarningKind {
     /// The name in JSON output and logs: `deny-list-under-allow`,
-    /// `missing-path`, `not-a-file`, `unreadable`, `script`.
+    /// `missing-path`, `not-a-file`, `unreadable`, `script`,
+    /// `unlisted-mappings-under-allow-list`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -68,6 +73,7 @@ impl WarningKind {
             WarningKind::NotAFile => "not-a-file",
             WarningKind::Unreadable => "unreadable",
             WarningKind::Script => "script",
+            WarningKind::UnlistedMappingsUnderAllowList => "unlisted-mappings-under-allow-list",
         }
     }
 }
@@ -187,6 +193,22 @@ pub(crate) fn policy_warnings(policy: &Policy, places: Option<&[Pos]>) -> Vec<Wa
                 } else {
                     "any of those programs"
                 },
+            ),
+        });
+    }
+
+    // Under `default = "ask"` listing every library would ask about each
+    // mapping (a mapping is never paused: ask reads as deny); only an
+    // allow-list proper is told.
+    if exec.default == Action::Deny && exec.unlisted_mappings == UnlistedMappings::Allow {
+        warnings.push(Warning {
+            kind: WarningKind::UnlistedMappingsUnderAllowList,
+            policy: policy.name.clone(),
+            rules: Vec::new(),
+            at: at(0),
+            message: format!(
+                "policy \"{}\": exec default is {}, but unlisted_mappings is allow: a program the policy allows can still map a file no rule names as code (dlopen, LD_PRELOAD, a library it downloads) and run it; write unlisted_mappings = \"default\" under [policy.exec] and list the libraries its programs load (ld.so and libc included) under allow",
+                policy.name, exec.default
             ),
         });
     }
@@ -357,8 +379,15 @@ mod tests {
         /// A policy with this `[policy.exec]` body; `{dir}` stands for the
         /// temporary folder.
         fn policy(&self, exec: &str) -> String {
+            // Allow-lists here check their rules, not their mappings
+            // (unless the test is about those).
+            let mappings = if exec.contains("unlisted_mappings") {
+                ""
+            } else {
+                "unlisted_mappings = \"default\"\n"
+            };
             format!(
-                "[[policy]]\nname = \"agents\"\ncgroups = [\"/sys/fs/cgroup/agents\"]\n[policy.exec]\n{}",
+                "[[policy]]\nname = \"agents\"\ncgroups = [\"/sys/fs/cgroup/agents\"]\n[policy.exec]\n{}{mappings}",
                 exec.replace("{dir}", &self.dir.path().display().to_string())
             )
         }
@@ -399,6 +428,36 @@ mod tests {
         assert_eq!(host.warnings("default = \"allow\"\n"), []);
         // Only allow rules under default allow: redundant, but no promise broken.
         assert_eq!(host.warnings("allow = [\"{dir}/elf\"]\n"), []);
+    }
+
+    #[test]
+    fn an_allow_list_that_lets_unlisted_files_be_mapped_as_code_says_so_and_the_fix() {
+        let host = Host::new();
+        let warnings = host.validate(
+            "default = \"deny\"\nallow = [\"{dir}/elf\"]\nunlisted_mappings = \"allow\"\n",
+        );
+        assert_eq!(
+            kinds(&warnings),
+            [WarningKind::UnlistedMappingsUnderAllowList]
+        );
+        let warning = &warnings[0];
+        assert!(warning.rules.is_empty());
+        let at = warning.at.as_ref().expect("located at the first rule");
+        assert_eq!((at.line, at.column), (6, 10), "{at}");
+        assert!(
+            warning.message.contains("exec default is deny")
+                && warning
+                    .message
+                    .contains("write unlisted_mappings = \"default\""),
+            "{}",
+            warning.message
+        );
+        // Under default allow there is no allow-list to bypass; under ask,
+        // every library would have to be listed.
+        for default in ["allow", "ask"] {
+            let policy = format!("default = \"{default}\"\nunlisted_mappings = \"allow\"\n");
+            assert_eq!(host.warnings(&policy), [], "default {default}");
+        }
     }
 
     #[test]

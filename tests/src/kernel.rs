@@ -58,7 +58,14 @@ pub fn exec_rule_on_busybox_copy(
 ) -> PathBuf {
     let copy = Path::new("/tmp").join(name);
     fs::copy("/bin/busybox", &copy).expect("copy busybox");
-    let identity = fs::metadata(&copy).expect("stat the copy");
+    exec_rule_on(ebpf, policy_id, &copy, action);
+    copy
+}
+
+/// Writes an exec rule with `action` on the file at `path` (bound to its
+/// content now, as the agent binds a rule at load) for policy `policy_id`.
+pub fn exec_rule_on(ebpf: &mut Ebpf, policy_id: u32, path: &Path, action: u32) {
+    let identity = fs::metadata(path).expect("stat the rule's file");
     let mut rules: HashMap<_, ExecRuleKey, ExecRule> = HashMap::try_from(
         ebpf.map_mut(map_names::EXEC_RULES)
             .expect(map_names::EXEC_RULES),
@@ -78,7 +85,6 @@ pub fn exec_rule_on_busybox_copy(
         content,
     };
     rules.insert(key, rule, 0).expect("exec rule");
-    copy
 }
 
 /// Gates `cgroup` under policy `policy_id`, whose exec default is

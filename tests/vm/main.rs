@@ -2,6 +2,7 @@
 //! real kernel (BPF LSM enabled), one at a time (`--test-threads=1`: they
 //! share kernel state).
 
+mod argv_race;
 mod audit;
 mod audit_full;
 mod audit_mode;

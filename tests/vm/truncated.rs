@@ -164,6 +164,12 @@ fn truncated_argv_is_denied_by_default_and_never_asked() {
             "the command lies past the capture"
         );
 
+        // One argument longer than the capture, which it fills alone.
+        let argv = vec!["y".repeat(5000)];
+        let denied =
+            expect_denied_truncated(&mut ebpf, &cgroup, &exec_args(uid, "exec", tool, &argv));
+        assert_eq!(denied.argc, 1, "the long argument is captured, cut");
+
         // Control: a short argv still asks, and a verdict allows it.
         let argv = vec!["true".to_owned(), "short".to_owned()];
         let args = exec_args(uid, "exec", tool, &argv);

@@ -187,6 +187,8 @@ fn run(args: &[String]) -> i32 {
         Some("exec32") if args.len() >= 3 => exec32(&args[1], &args[2..]),
         // Egress beyond connect (`egress.rs`).
         Some("net") => crate::egress::run(&args[1..]),
+        // The argv race, won with userfaultfd (`argv_race.rs`).
+        Some("exec-swapped") => crate::argv_race::exec_swapped(&args[1..]),
         // Code without an exec (`mapped.rs`).
         Some("code") => crate::mapped::run(&args[1..]),
         // Run by ld.so (`ld.so PROGRAM ARGS...`): the kernel's argv still names PROGRAM.

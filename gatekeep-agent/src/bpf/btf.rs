@@ -924,6 +924,11 @@ pub struct Offsets {
     pub inode_i_nlink: u32,
     /// `struct dentry` -> `d_name.name` (`const unsigned char *`).
     pub dentry_d_name_name: u32,
+    /// `struct mm_struct` -> `arg_start` (`unsigned long`): where the new
+    /// image's argv strings begin.
+    pub mm_struct_arg_start: u32,
+    /// `struct mm_struct` -> `arg_end` (`unsigned long`).
+    pub mm_struct_arg_end: u32,
 }
 
 impl Offsets {
@@ -996,6 +1001,8 @@ impl Offsets {
             vm_area_struct_vm_file: get("vm_area_struct.vm_file", 8)?,
             inode_i_nlink: get("inode.__i_nlink", 4)?,
             dentry_d_name_name: get("dentry.d_name.name", 8)?,
+            mm_struct_arg_start: get("mm_struct.arg_start", 8)?,
+            mm_struct_arg_end: get("mm_struct.arg_end", 8)?,
         })
     }
 }
@@ -1574,7 +1581,15 @@ mod tests {
             ],
         );
         let task_ptr = fwd(&mut b, "task_struct");
-        b.strukt("mm_struct", 1024, &[("exe_file", file_ptr, 7168)]);
+        b.strukt(
+            "mm_struct",
+            1024,
+            &[
+                ("arg_start", u64_t, 2048),
+                ("arg_end", u64_t, 2112),
+                ("exe_file", file_ptr, 7168),
+            ],
+        );
         let mm_ptr = fwd(&mut b, "mm_struct");
         b.strukt("vm_area_struct", 184, &[("vm_file", file_ptr, 1280)]);
         let mut members = vec![
@@ -1659,6 +1674,8 @@ mod tests {
                 vm_area_struct_vm_file: 160,
                 inode_i_nlink: 128,
                 dentry_d_name_name: 40,
+                mm_struct_arg_start: 256,
+                mm_struct_arg_end: 264,
             }
         );
     }
@@ -1890,6 +1907,9 @@ mod tests {
         within(offsets.vm_area_struct_vm_file, 8, "vm_area_struct");
         within(offsets.inode_i_nlink, 4, "inode");
         within(offsets.dentry_d_name_name, 8, "dentry");
+        within(offsets.mm_struct_arg_start, 8, "mm_struct");
+        within(offsets.mm_struct_arg_end, 8, "mm_struct");
+        assert_ne!(offsets.mm_struct_arg_start, offsets.mm_struct_arg_end);
         assert_ne!(offsets.inode_i_ctime_sec, offsets.inode_i_ctime_nsec);
         assert_ne!(offsets.task_struct_tgid, offsets.task_struct_real_parent);
         // Names the real kernel does not have are clear errors.

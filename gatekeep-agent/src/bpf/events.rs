@@ -56,6 +56,10 @@ pub enum Event {
     /// An exec met a rule whose file was rewritten since the policy was
     /// loaded: the rule did not match (`EXEC_RULE_STALE`).
     ExecRuleStale(hooks::exec::StaleRule),
+    /// An exec allowed by a verdict or grant was killed before its program
+    /// ran: the argv the kernel gave it differs from the one allowed
+    /// (`EXEC_ARGV_CHANGED`; the digest is the allowed request's).
+    ArgvChanged { origin: Origin },
 }
 
 impl Event {
@@ -68,7 +72,8 @@ impl Event {
             Event::Abandoned { origin, .. }
             | Event::RefusedSpinning { origin, .. }
             | Event::VerdictApplied { origin, .. }
-            | Event::Unclassified { origin, .. } => origin,
+            | Event::Unclassified { origin, .. }
+            | Event::ArgvChanged { origin } => origin,
             Event::ExecRuleStale(stale) => &stale.origin,
         }
     }
@@ -87,6 +92,7 @@ impl Event {
             Event::VerdictApplied { .. } => "verdict_applied",
             Event::Unclassified { .. } => "cgroup_unclassified",
             Event::ExecRuleStale(_) => "exec_rule_stale",
+            Event::ArgvChanged { .. } => "exec_argv_changed",
         }
     }
 }
@@ -116,6 +122,12 @@ pub fn parse(bytes: &[u8]) -> Result<Event, ParseError> {
                     kind: request,
                     action: raw.action,
                 },
+            })
+        }
+        event_kind::EXEC_ARGV_CHANGED => {
+            let raw: TaskEvent = read(bytes, kind)?;
+            Ok(Event::ArgvChanged {
+                origin: origin(&raw.header),
             })
         }
         EVENT_CGROUP_UNCLASSIFIED => {

@@ -476,4 +476,5 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "argv_missed",
     "grant_allowed",
     "exec_rule_stale",
+    "exec_argv_changed",
 ];

@@ -57,6 +57,12 @@ pub const PROGRAMS: &[Program] = &[
         name: "cgroup_mkdir",
         hook: Hook::BtfTracePoint("cgroup_mkdir"),
     },
+    // Before the exec hook: an exec it allows with a bound argv is checked
+    // when its new program starts (issue 19, item 3).
+    Program {
+        name: "sched_process_exec",
+        hook: Hook::BtfTracePoint("sched_process_exec"),
+    },
     Program {
         name: "bprm_check_security",
         hook: Hook::Lsm("bprm_check_security"),
@@ -284,6 +290,8 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         vm_area_struct_vm_file: o.vm_area_struct_vm_file,
         inode_i_nlink: o.inode_i_nlink,
         dentry_d_name_name: o.dentry_d_name_name,
+        mm_struct_arg_start: o.mm_struct_arg_start,
+        mm_struct_arg_end: o.mm_struct_arg_end,
     })
 }
 

@@ -418,6 +418,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             Event::ExecRuleStale(stale) => self.handle_stale_rule(&stale),
             Event::Abandoned { origin, kind } => self.handle_gone(&origin, kind, false),
             Event::RefusedSpinning { origin, kind } => self.handle_gone(&origin, kind, true),
+            Event::ArgvChanged { origin } => self.handle_argv_changed(&origin),
             Event::VerdictApplied { origin, action, .. } => {
                 tracing::debug!(tid = origin.tid, action, "verdict applied");
                 if let Some(tracked) = self.tracked.get(&origin.tid)
@@ -769,6 +770,38 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             };
             self.record(RecordKind::Abandoned, request_id, None, &payload);
         }
+    }
+
+    /// An allowed exec killed before its program ran: the argv the kernel
+    /// gave it was changed (by another thread) after the hook read it.
+    fn handle_argv_changed(&mut self, origin: &Origin) {
+        self.stats.kernel_denied += 1;
+        tracing::warn!(
+            pid = origin.pid,
+            digest = format_args!("{:016x}", origin.digest),
+            "allowed exec killed: its argv changed after it was read"
+        );
+        let payload = payload::KernelDenied {
+            schema: Schema::default(),
+            kind: Kind::Exec,
+            policy: self.policy(origin.policy_id).map(|p| p.policy.name.clone()),
+            rule: None,
+            process: request::process(origin, &Enrichment::default()),
+            target: None,
+            kernel: request::kernel_facts(origin, None, None),
+            reason: Some("argv_changed".to_owned()),
+            detail: Some(
+                "the exec was allowed for one argv, and the kernel gave the new program \
+                 another (changed in the caller's memory after it was read): killed \
+                 before it ran"
+                    .to_owned(),
+            ),
+            count: None,
+            first_at: None,
+            last_at: None,
+            would: None,
+        };
+        self.record(RecordKind::KernelDenied, None, Some("kernel"), &payload);
     }
 
     /// The end of a request the agent did not track (its event was missed, or it was asked

@@ -67,7 +67,16 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
         return verdict;
     }
     let args = capture_current_argv();
-    exec_refuse_or_ask(&ctx, cgroup_id, args)
+    let verdict = exec_refuse_or_ask(&ctx, cgroup_id, args);
+    // Bound from this frame: the deciding frames leave no stack for it.
+    if verdict == 0 && !image::bind_allowed(ctx.arg(0)) {
+        error!(
+            &ctx,
+            "gatekeep: cannot bind an allowed exec's argv: refused"
+        );
+        return EPERM;
+    }
+    verdict
 }
 
 /// Reads the calling thread's exec argv, and the bound variables of its
@@ -121,6 +130,10 @@ pub struct Pending {
     policy_id: u32,
     /// `DENY`, else ask.
     action: u32,
+    /// Non-zero when a verdict or grant allowed the exec with a whole argv,
+    /// which the hook's entry then binds (see `image`) with this digest.
+    bind: u64,
+    bind_digest: u64,
 }
 
 /// The policy's action for this exec: the verdict when that settles it
@@ -157,6 +170,7 @@ fn exec_action_inner(ctx: &LsmContext, cgroup_id: u64) -> Result<(), i32> {
     };
     if !interpreter {
         forget_approval();
+        image::forget(bpf_get_current_pid_tgid() as u32);
     }
     let Ok(file) = executable_identity(bprm) else {
         error!(
@@ -222,6 +236,8 @@ fn exec_action_inner(ctx: &LsmContext, cgroup_id: u64) -> Result<(), i32> {
             file,
             policy_id: gated.policy_id,
             action,
+            bind: 0,
+            bind_digest: 0,
         };
     }
     Ok(())
@@ -301,10 +317,12 @@ fn ask_exec(
     // grant never covers it, only a verdict for this very request.
     match ask(&request, !truncated) {
         Asked::Granted => {
+            bind_later(digest, truncated);
             remember_approval(caller.tid, bprm);
             Ok(0)
         }
         Asked::Allow => {
+            bind_later(digest, truncated);
             remember_approval(caller.tid, bprm);
             emit_task_event(
                 caller,
@@ -362,6 +380,23 @@ fn ask_exec(
                 );
             }
             Ok(ERESTARTNOINTR)
+        }
+    }
+}
+
+/// Marks the argv an exec was just allowed with for binding to the program
+/// it starts (see `image`; the hook's entry binds it): a truncated capture
+/// binds nothing (it is marked for the reviewer and never granted).
+#[inline(always)]
+fn bind_later(digest: u64, truncated: bool) {
+    if truncated {
+        return;
+    }
+    if let Some(scratch) = ARGV_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's scratch slot, for this run.
+        unsafe {
+            (*scratch).pending.bind = 1;
+            (*scratch).pending.bind_digest = digest;
         }
     }
 }
@@ -772,6 +807,7 @@ fn emit_exec(
 
 mod argv;
 mod env;
+mod image;
 
 /// (policy, executable identity) -> the rule's action and the content its
 /// file had when the policy was loaded.

@@ -206,6 +206,12 @@ pub(super) fn capture(user_argv: UserArray) -> Option<*const ExecArgs> {
             } else {
                 copied
             };
+            // A copy that filled the whole read may have been cut short (the
+            // helper NUL-terminates what fits): an argument of ARGV_LEN - 1
+            // bytes or more cannot be told from a longer one.
+            if copied as usize >= ARGV_LEN {
+                args.truncated = 1;
+            }
             len += copied as u32;
             args.argc += 1;
             i += 1;

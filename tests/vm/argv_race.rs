@@ -1,0 +1,291 @@
+//! The argv race (issue 19, item 3), won on purpose: the kernel copies one
+//! argv for the new program, and the exec hook, reading the caller's memory
+//! a moment later, finds another. A grant for the argv the hook saw must
+//! not let the other one run.
+//!
+//! The race is made deterministic with userfaultfd, as root inside the gated
+//! cgroup: `copy_strings()` copies argv from the last argument to the
+//! first, so argv[1] is copied before argv[0]'s page is touched; that page
+//! is registered missing, and the fault handler writes the shown word over
+//! argv[1] before it supplies the page. The kernel has the run word; the
+//! hook reads the shown one.
+//!
+//! The workload half is [`exec_swapped`], reached as `exec-swapped PATH
+//! ARG0 SHOWN RUN` (see `workload.rs`).
+
+use std::{ffi::CString, path::Path, time::Duration};
+
+use aya::{Ebpf, maps::HashMap};
+use gatekeep_common::{
+    ExecEvent, Grant, GrantKey, TaskEvent, action, counter, event_kind, map_names, request_kind,
+};
+use gatekeep_tests::{
+    Cgroup,
+    kernel::{self, attach_gating, exec_rule_on, exec_rule_on_busybox_copy, wait_event},
+    require_vm, wait_stopped,
+    workload::{Outcome, finish, run_in, workload},
+};
+
+const POLICY_ID: u32 = 5;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks once for `exec-swapped PATH ARG0 WORD WORD` (no swap), denies that
+/// request, grants its digest and returns the request.
+fn grant_unswapped(ebpf: &mut Ebpf, cgroup: &Cgroup, path: &str, arg0: &str) -> ExecEvent {
+    let mut child = cgroup.spawn(&mut workload(&["exec-swapped", path, arg0, "SAFE", "SAFE"]));
+    let asked: ExecEvent = wait_event(ebpf, event_kind::EXEC_ASK, TIMEOUT);
+    wait_stopped(asked.header.pid, TIMEOUT);
+    assert_eq!(
+        kernel::event_argv(&asked),
+        [arg0, "SAFE"],
+        "what the hook read"
+    );
+    kernel::decide_paused(
+        ebpf,
+        asked.header.pid,
+        asked.header.tid,
+        asked.header.digest,
+        action::DENY,
+    );
+    assert_eq!(finish(&mut child, TIMEOUT), Outcome::exec_denied());
+    let mut grants: HashMap<_, GrantKey, Grant> =
+        HashMap::try_from(ebpf.map_mut(map_names::GRANTS).expect(map_names::GRANTS))
+            .expect("hash map");
+    let key = GrantKey {
+        policy_id: POLICY_ID,
+        kind: request_kind::EXEC,
+        digest: asked.header.digest,
+        cgroup_id: 0,
+    };
+    let grant = Grant {
+        expires_ns: 0,
+        cgroup_id: 0,
+    };
+    grants.insert(key, grant, 0).expect("write grant");
+    asked
+}
+
+/// The granted argv runs; the same exec with argv[1] swapped under the
+/// hook is killed before its program runs, and reported.
+fn granted_runs_and_swapped_is_killed(ebpf: &mut Ebpf, cgroup: &Cgroup, path: &str, arg0: &str) {
+    let granted = grant_unswapped(ebpf, cgroup, path, arg0);
+
+    let before = kernel::counter(ebpf, counter::GRANT_ALLOWED);
+    let ran = run_in(
+        cgroup,
+        &["exec-swapped", path, arg0, "SAFE", "SAFE"],
+        TIMEOUT,
+    );
+    assert_eq!(
+        ran,
+        Outcome::new(0, "SAFE"),
+        "the granted argv runs ({path})"
+    );
+    assert!(kernel::counter(ebpf, counter::GRANT_ALLOWED) > before);
+
+    let changed = kernel::counter(ebpf, counter::EXEC_ARGV_CHANGED);
+    let granted_again = kernel::counter(ebpf, counter::GRANT_ALLOWED);
+    let swapped = run_in(
+        cgroup,
+        &["exec-swapped", path, arg0, "SAFE", "EVIL"],
+        TIMEOUT,
+    );
+    assert!(
+        kernel::counter(ebpf, counter::GRANT_ALLOWED) > granted_again,
+        "the hook saw the granted argv (the race was won): {swapped:?}"
+    );
+    assert!(
+        !swapped.stdout.contains("EVIL"),
+        "the swapped argv ran under the grant ({path}): {swapped:?}"
+    );
+    assert_eq!(
+        swapped,
+        Outcome::new(-1, ""),
+        "killed before the new program ran ({path})"
+    );
+    assert_eq!(
+        kernel::counter(ebpf, counter::EXEC_ARGV_CHANGED),
+        changed + 1
+    );
+    let killed: TaskEvent = wait_event(ebpf, event_kind::EXEC_ARGV_CHANGED, TIMEOUT);
+    assert_eq!(
+        killed.header.digest, granted.header.digest,
+        "the granted request"
+    );
+    assert_eq!(killed.request_kind, request_kind::EXEC);
+}
+
+#[test]
+fn argv_changed_after_the_hook_read_it_is_killed_before_it_runs() {
+    require_vm();
+    let cgroup = Cgroup::create("gatekeep-argv-race");
+    // Exec allowed by default (the workload runs); an ask rule on a busybox
+    // copy, run as its `echo` applet.
+    let mut ebpf = attach_gating(&cgroup, POLICY_ID, action::ALLOW);
+    let tool = exec_rule_on_busybox_copy(&mut ebpf, POLICY_ID, "gk-argv-race", action::ASK);
+    granted_runs_and_swapped_is_killed(
+        &mut ebpf,
+        &cgroup,
+        tool.to_str().expect("utf-8 path"),
+        "echo",
+    );
+
+    // A script: its interpreter runs with [/bin/sh, script, argv[1..]], and
+    // argv[1..] is what is compared.
+    let script = Path::new("/tmp/gk-argv-race.sh");
+    std::fs::write(script, "#!/bin/sh\necho \"$@\"\n").expect("write script");
+    std::fs::set_permissions(script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod script");
+    exec_rule_on(&mut ebpf, POLICY_ID, script, action::ASK);
+    granted_runs_and_swapped_is_killed(
+        &mut ebpf,
+        &cgroup,
+        script.to_str().expect("utf-8 path"),
+        "gk-argv-race.sh",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The workload half.
+
+/// `struct uffdio_api` (linux/userfaultfd.h).
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+/// `struct uffdio_register`.
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+
+/// `struct uffdio_copy`.
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+const UFFD_API: u64 = 0xAA;
+/// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+/// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+/// `_IOWR(0xAA, 0x03, struct uffdio_copy)`.
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const PAGE: usize = 4096;
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+}
+
+/// An anonymous read-write page.
+fn anonymous_page() -> Option<*mut u8> {
+    // SAFETY: a fresh private mapping, no address hint.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    (page != libc::MAP_FAILED).then_some(page.cast())
+}
+
+/// `exec-swapped PATH ARG0 SHOWN RUN`: execs PATH with argv `[ARG0, W]`,
+/// where the kernel copies W = RUN and the exec hook then reads W = SHOWN
+/// (see the module's comment). With SHOWN = RUN it is a plain exec with the
+/// same memory layout. Prints `errno N` (exit 111) if the exec fails.
+pub fn exec_swapped(words: &[String]) -> i32 {
+    let [path, arg0, shown, run] = words else {
+        return 2;
+    };
+    if shown.len() != run.len() || arg0.len() >= PAGE {
+        return 2;
+    }
+    let (Some(word), Some(lazy)) = (anonymous_page(), anonymous_page()) else {
+        println!("mmap: errno {}", errno());
+        return 3;
+    };
+    // SAFETY: `word` is a fresh page, and RUN fits in it with its NUL.
+    unsafe { std::ptr::copy_nonoverlapping(run.as_ptr(), word, run.len()) };
+    // argv[0]'s page is what UFFDIO_COPY supplies.
+    let mut source = vec![0u8; PAGE];
+    source[..arg0.len()].copy_from_slice(arg0.as_bytes());
+    // SAFETY: the userfaultfd syscall and its ioctls, with the structures
+    // the kernel defines; the range registered is the page mapped above.
+    let uffd = unsafe {
+        let uffd =
+            i32::try_from(libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC)).unwrap_or(-1);
+        if uffd < 0 {
+            println!("userfaultfd: errno {}", errno());
+            return 3;
+        }
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        let mut register = UffdioRegister {
+            start: lazy as u64,
+            len: PAGE as u64,
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        if libc::ioctl(uffd, UFFDIO_API, &raw mut api) != 0
+            || libc::ioctl(uffd, UFFDIO_REGISTER, &raw mut register) != 0
+        {
+            println!("uffd ioctl: errno {}", errno());
+            return 3;
+        }
+        uffd
+    };
+    let (word_at, lazy_at) = (word as usize, lazy as usize);
+    let shown = shown.clone().into_bytes();
+    std::thread::spawn(move || {
+        let mut message = [0u8; 32];
+        // SAFETY: reads one `struct uffd_msg` (32 bytes): the fault.
+        let read = unsafe { libc::read(uffd, message.as_mut_ptr().cast(), message.len()) };
+        if read != 32 {
+            return;
+        }
+        for (i, byte) in shown.iter().enumerate() {
+            // SAFETY: inside `word`, which lives until execve replaces the
+            // image.
+            unsafe { std::ptr::write_volatile((word_at as *mut u8).add(i), *byte) };
+        }
+        let mut copy = UffdioCopy {
+            dst: lazy_at as u64,
+            src: source.as_ptr() as u64,
+            len: PAGE as u64,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: supplies the registered page from `source`.
+        unsafe { libc::ioctl(uffd, UFFDIO_COPY, &raw mut copy) };
+    });
+    let path = CString::new(path.as_str()).unwrap_or_default();
+    let argv = [
+        lazy.cast_const().cast::<libc::c_char>(),
+        word.cast_const().cast::<libc::c_char>(),
+        std::ptr::null(),
+    ];
+    // SAFETY: NUL-terminated strings (zeroed pages past the words) and a
+    // NULL-terminated array that outlive the call.
+    unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
+    println!("errno {}", errno());
+    111
+}
