@@ -722,7 +722,16 @@ fn case_line(result: &gatekeep_policy::CaseResult) -> String {
                 format!("exec {} (argv: {})", word(&path), words(argv))
             }
         }
-        Example::Connect { to } => format!("connect {to}"),
+        Example::Connect { to, resolved } if resolved.is_empty() => format!("connect {to}"),
+        Example::Connect { to, resolved } => format!(
+            "connect {to} (resolved {})",
+            resolved
+                .iter()
+                .map(|name| word(name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Example::ConnectHost { host, port } => format!("connect {}:{port}", word(host)),
         Example::Unix { path } => format!("unix {}", word(path)),
     };
     let name = case

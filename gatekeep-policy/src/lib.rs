@@ -218,6 +218,7 @@
 mod cases;
 mod cgroup;
 mod error;
+mod hosts;
 mod load;
 mod model;
 mod net;
@@ -227,6 +228,7 @@ mod warning;
 pub use cases::{Case, CaseResult, Example, Outcome, load_cases, parse_cases};
 pub use cgroup::{CGROUP_ROOT, CgroupPattern, CgroupPatternError};
 pub use error::{Diagnostic, PolicyError};
+pub use hosts::{Decider, HostPattern, HostRule, Resolved, normalize as normalize_host, strictest};
 pub use load::{Summary, Validation, parse_str, validate_paths};
 pub use model::{
     Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, Mode,

@@ -162,6 +162,9 @@ pub struct ConnectPolicy {
     pub other_families: Action,
     /// In file order; see [`ConnectPolicy::action_for`] for how they match.
     pub rules: Vec<ConnectRule>,
+    /// Host-name rules, in file order (`crate::hosts`, issue 20 item 3):
+    /// they apply to addresses the workload resolved the names to.
+    pub hosts: Vec<crate::hosts::HostRule>,
 }
 
 /// An IP network, a destination port range and an action.
@@ -588,6 +591,7 @@ mod tests {
                 rule("10.1.2.0/24", PortRange(443, 443), Action::Ask),
                 rule("::1/128", PortRange::ALL, Action::Allow),
             ],
+            hosts: Vec::new(),
         };
         let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
         // Only the /8 matches.
