@@ -107,10 +107,30 @@ pub fn what(target: &Target) -> String {
         }
         Target::Connect(connect) => match connect.family {
             Family::Unix => format!("unix:{}", word(&connect.address)),
-            Family::Inet => format!("{}:{}", t(&connect.address), connect.port),
-            Family::Inet6 => format!("[{}]:{}", t(&connect.address), connect.port),
+            Family::Inet => format!(
+                "{}:{}{}",
+                t(&connect.address),
+                connect.port,
+                resolved_names(&connect.resolved)
+            ),
+            Family::Inet6 => format!(
+                "[{}]:{}{}",
+                t(&connect.address),
+                connect.port,
+                resolved_names(&connect.resolved)
+            ),
         },
     }
+}
+
+/// ` (resolved NAME, ...)`: the host names the workload looked up for a
+/// connect's address (workload controlled, so escaped), or nothing.
+fn resolved_names(names: &[String]) -> String {
+    if names.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = names.iter().map(|name| word(name).into_owned()).collect();
+    format!(" (resolved {})", names.join(", "))
 }
 
 /// The lines `review show` prints of an exec before its argv, escaped for the terminal: the
@@ -964,6 +984,7 @@ mod tests {
             address: "/run/\u{1b}[31mred".into(),
             port: 0,
             socket_type: gatekeep_proto::model::SocketType::Stream,
+            resolved: Vec::new(),
         });
         assert_eq!(what(&unix), r"unix:/run/\e[31mred");
     }

@@ -20,8 +20,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
     ConnectEvent, ConnectV4Key, ConnectV6Key, EPERM, ERESTARTNOINTR, EVENT_DNS_WAIT,
-    GATED_UNCLASSIFIED, PORT_RULES, PolicyDefaults, PortRules, ServiceListenerKey, action, connect_op, counter, event_kind, protect,
-    request_kind,
+    GATED_UNCLASSIFIED, PORT_RULES, PolicyDefaults, PortRules, ServiceListenerKey, action,
+    connect_op, counter, event_kind, protect, request_kind,
 };
 
 use crate::{

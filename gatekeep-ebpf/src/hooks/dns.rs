@@ -24,19 +24,18 @@
 use core::intrinsics::AtomicOrdering;
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_ktime_get_boot_ns, generated::bpf_skb_cgroup_id,
-        generated::bpf_skb_load_bytes,
+        bpf_ktime_get_boot_ns,
+        generated::{bpf_skb_cgroup_id, bpf_skb_load_bytes},
     },
     macros::{cgroup_skb, map},
     maps::HashMap,
     programs::SkBuffContext,
-    EbpfContext as _,
 };
 use gatekeep_common::{
-    DNS_PAYLOAD_LEN, DnsEvent, EVENT_DNS_PACKET, HostKey, HostRules, action, counter,
-    dns_direction,
+    DNS_PAYLOAD_LEN, DnsEvent, EVENT_DNS_PACKET, HostKey, HostRules, action, counter, dns_direction,
 };
 
 use crate::maps::{EVENTS, bump, gated_cgroup};
@@ -199,7 +198,10 @@ fn count_answer(cgroup_id: u64) -> u64 {
             return *count;
         }
     }
-    if DNS_RECEIVED.insert(&cgroup_id, &1, u64::from(BPF_NOEXIST)).is_ok() {
+    if DNS_RECEIVED
+        .insert(&cgroup_id, &1, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
         return 1;
     }
     // Another CPU inserted it meanwhile.
