@@ -14,6 +14,7 @@ mod escape;
 mod exec;
 mod execenv;
 mod grants;
+mod hosts;
 mod mapped;
 mod pause;
 mod pending;

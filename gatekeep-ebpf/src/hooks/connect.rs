@@ -90,6 +90,9 @@ const EPERM_REFUSED: i32 = -0x1_0001;
 /// [`decide`]'s `-EPERM` for a request the pending map has no room for,
 /// which the hook logs.
 const EPERM_UNTRACKABLE: i32 = -0x1_0002;
+/// [`decide`]'s "wait for the agent's DNS processing" ([`await_dns`]),
+/// which the hook does in its own frame.
+const DNS_WAIT: i32 = -0x1_0003;
 
 /// The hook's return value for [`decide`]'s, logging the refusals that are
 /// worth a line. Logged here, in the hook's frame: a log call from the
@@ -116,6 +119,13 @@ pub fn verdict(ctx: &LsmContext, ret: i32) -> i32 {
                 bpf_get_current_pid_tgid() as u32
             );
             EPERM
+        }
+        DNS_WAIT => {
+            if await_dns() == ERESTARTNOINTR {
+                ERESTARTNOINTR
+            } else {
+                EPERM
+            }
         }
         _ => EPERM,
     }
@@ -191,7 +201,7 @@ pub fn decide(cgroup_id: u64, policy_id: u32, target: &Target) -> Result<i32, i3
             let rules = lookup_v4(policy_id, &destination.addr);
             let network = port_action(rules, destination.port, action::NONE);
             let Some(action) = with_hosts(cgroup_id, &policy, &destination, true, network) else {
-                return Ok(await_dns(cgroup_id, policy_id));
+                return Ok(DNS_WAIT);
             };
             (destination, action)
         }
@@ -210,7 +220,7 @@ pub fn decide(cgroup_id: u64, policy_id: u32, target: &Target) -> Result<i32, i3
             };
             let network = port_action(rules, destination.port, action::NONE);
             let Some(action) = with_hosts(cgroup_id, &policy, &destination, false, network) else {
-                return Ok(await_dns(cgroup_id, policy_id));
+                return Ok(DNS_WAIT);
             };
             (destination, action)
         }
@@ -380,11 +390,16 @@ fn with_hosts(
     })
 }
 
-/// A connect whose workload's DNS answers the agent has not processed yet:
-/// the thread stops until the agent has caught up and sends SIGCONT
-/// ([`EVENT_DNS_WAIT`]); the restarted syscall is decided again.
+/// A connect whose workload's DNS answers the agent has not processed yet
+/// ([`DNS_WAIT`]): the thread stops until the agent has caught up and sends
+/// SIGCONT ([`EVENT_DNS_WAIT`]); the restarted syscall is decided again.
+/// Called from the hook's own frame ([`verdict`]): the event and the caller
+/// do not fit beside the decision's frame in BPF's 512 bytes of stack.
 #[inline(never)]
-fn await_dns(cgroup_id: u64, policy_id: u32) -> i32 {
+fn await_dns() -> i32 {
+    // SAFETY: helper without arguments.
+    let cgroup_id = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
+    let policy_id = gated_entry(cgroup_id).map_or(u32::MAX, |gated| gated.policy_id);
     let caller = Caller::current(cgroup_id, policy_id);
     await_agent(&caller, request_kind::CONNECT, EVENT_DNS_WAIT)
 }
