@@ -26,7 +26,7 @@ use hickory_proto::{
 /// The names the test resolver knows: (name, address, TTL in seconds).
 const ZONE: &[(&str, [u8; 4], u32)] = &[
     ("api.allowed.test.", [127, 0, 0, 2], 300),
-    ("short.allowed.test.", [127, 0, 0, 2], 2),
+    ("short.allowed.test.", [127, 0, 0, 4], 2),
     ("evil.test.", [127, 0, 0, 3], 300),
 ];
 
@@ -323,9 +323,25 @@ fn host_rules_end_with_the_answer_ttl() {
     let _resolver = Resolver::start();
     let (_listener, port) = listener();
     let port_text = port.to_string();
-    let (cgroup, _agent) = gate_hosts("hosts-ttl", &connect_table(port));
-    // short.allowed.test has a TTL of 2 s: connecting 4 s after the answer,
-    // the host rule no longer applies and the default denies.
+    let (cgroup, agent) = gate_hosts("hosts-ttl", &connect_table(port));
+    // The same kind of rule for a name with a long TTL lets the connect
+    // through, 4 s after the answer.
+    assert_eq!(
+        line_of(
+            Some(&cgroup),
+            &[
+                "dns",
+                "resolve-connect",
+                "api.allowed.test.",
+                &port_text,
+                "4000"
+            ]
+        ),
+        "ok"
+    );
+    // short.allowed.test (127.0.0.4) has a TTL of 2 s: it is learned, but
+    // 4 s after the answer the host rule no longer applies and the default
+    // denies.
     assert_eq!(
         line_of(
             Some(&cgroup),
@@ -339,6 +355,7 @@ fn host_rules_end_with_the_answer_ttl() {
         ),
         "errno 1"
     );
+    agent.wait_log("name=short.allowed.test", 1, Duration::from_secs(20));
 }
 
 #[test]

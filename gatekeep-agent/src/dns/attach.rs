@@ -1,5 +1,5 @@
-//! Where the DNS observation programs run: attached (`BPF_F_ALLOW_MULTI`,
-//! beside anyone else's) to each topmost gated cgroup whose policy has host
+//! Where the DNS observation programs run: attached (as BPF links, which run
+//! beside anyone else's programs) to each topmost gated cgroup whose policy has host
 //! rules. A cgroup's effective programs include its ancestors', so the
 //! cgroups below it (made later, or gated by inheritance) are covered too;
 //! everything else on the host runs none of them.
@@ -83,7 +83,10 @@ impl Attached {
             } else {
                 CgroupSkbAttachType::Egress
             };
-            let id = program.attach(&file, attach_type, CgroupAttachMode::AllowMultiple)?;
+            // A BPF link (kernels >= 5.7, where aya makes one) always runs
+            // beside the cgroup's other programs; link_create refuses the
+            // BPF_F_ALLOW_MULTI flag itself.
+            let id = program.attach(&file, attach_type, CgroupAttachMode::Single)?;
             links.push(program.take_link(id)?);
         }
         Ok(links)
