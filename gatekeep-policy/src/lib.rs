@@ -228,12 +228,12 @@ mod warning;
 pub use cases::{Case, CaseResult, Example, Outcome, load_cases, parse_cases};
 pub use cgroup::{CGROUP_ROOT, CgroupPattern, CgroupPatternError};
 pub use error::{Diagnostic, PolicyError};
-pub use hosts::{Decider, HostPattern, HostRule, Resolved, normalize as normalize_host, strictest};
+pub use hosts::{Decider, Resolved, strictest};
 pub use load::{Summary, Validation, parse_str, validate_paths};
 pub use model::{
-    Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, Mode,
-    ParseActionError, ParseGrantDurationError, ParseProtectPointError, Policy, PolicySet,
-    PortRange, Protect, ProtectPoint, UnlistedMappings,
+    Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, HostPattern,
+    HostRule, Mode, ParseActionError, ParseGrantDurationError, ParseProtectPointError, Policy,
+    PolicySet, PortRange, Protect, ProtectPoint, UnlistedMappings, normalize as normalize_host,
 };
 pub use parse::{DEFAULT_TIMEOUT, MAX_TIMEOUT};
 pub use warning::{Location, Warning, WarningKind};

@@ -15,10 +15,9 @@ use toml::{
 use crate::{
     cgroup::CgroupPattern,
     error::Diagnostic,
-    hosts::HostRule,
     model::{
-        Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration, Mode,
-        Policy, Protect, ProtectPoint, UnlistedMappings,
+        Action, Approval, ConnectPolicy, ConnectRule, ExecPolicy, ExecRule, GrantDuration,
+        HostRule, Mode, Policy, Protect, ProtectPoint, UnlistedMappings,
     },
     net::parse_target,
 };

@@ -11,7 +11,6 @@ use gatekeep_common::{HostRules, PORT_RULES, PortRule, PortRules};
 use gatekeep_policy::{Action, ConnectPolicy, strictest};
 
 use super::message::Parsed;
-use crate::hooks::kernel_action;
 
 /// How long a query waits for its answer.
 pub const QUERY_TIMEOUT_NS: u64 = 30 * NS_PER_S;
@@ -331,6 +330,17 @@ pub fn host_rules(policy: &ConnectPolicy, names: &[(String, u64)]) -> Option<Hos
         expires_ns: expires,
         rules,
     })
+}
+
+/// The kernel's [`gatekeep_common::action`] for a policy action (as the
+/// hooks compile rules; written here so `dns` does not use `hooks`, which
+/// uses `dns`).
+fn kernel_action(action: Action) -> u32 {
+    match action {
+        Action::Allow => gatekeep_common::action::ALLOW,
+        Action::Deny => gatekeep_common::action::DENY,
+        Action::Ask => gatekeep_common::action::ASK,
+    }
 }
 
 fn strictness(action: Action) -> u8 {
