@@ -85,6 +85,59 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Who decides paused requests.
     pub decision: DecisionConfig,
+    /// Whose DNS answers teach host-name connect rules.
+    pub dns: DnsConfig,
+}
+
+/// `[dns]`: the resolvers whose answers gated workloads receive are
+/// believed (host-name connect rules, docs/policy-hosts.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Resolver addresses (port 53). Empty: the `nameserver` lines of
+    /// `resolv_conf` when the agent starts.
+    pub resolvers: Vec<std::net::IpAddr>,
+    /// The resolver configuration read when `resolvers` is empty.
+    pub resolv_conf: PathBuf,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            resolvers: Vec::new(),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+        }
+    }
+}
+
+impl DnsConfig {
+    /// The resolvers to believe: `resolvers`, else those `resolv_conf`
+    /// names (none when it cannot be read).
+    #[must_use]
+    pub fn effective_resolvers(&self) -> Vec<std::net::IpAddr> {
+        if !self.resolvers.is_empty() {
+            return self.resolvers.clone();
+        }
+        std::fs::read_to_string(&self.resolv_conf)
+            .map(|text| nameservers(&text))
+            .unwrap_or_default()
+    }
+}
+
+/// The addresses of a resolv.conf's `nameserver` lines (a `%zone` suffix
+/// dropped).
+#[must_use]
+pub fn nameservers(text: &str) -> Vec<std::net::IpAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
+                .and_then(|addr| addr.split('%').next())
+                .and_then(|addr| addr.parse().ok())
+        })
+        .collect()
 }
 
 /// Who decides paused requests.
@@ -178,6 +231,7 @@ impl Default for AgentConfig {
             rescan_interval: Duration::from_secs(1),
             state_dir: paths::STATE_DIR.into(),
             decision: DecisionConfig::default(),
+            dns: DnsConfig::default(),
         }
     }
 }
@@ -295,6 +349,31 @@ mod tests {
         assert_eq!(config, AgentConfig::default());
         assert_eq!(config.policy_dir, Path::new("/etc/gatekeep/policies"));
         assert_eq!(config.reconcile_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn dns_resolvers_come_from_the_config_or_resolv_conf() {
+        let config =
+            AgentConfig::parse("[dns]\nresolvers = [\"127.0.0.1\", \"::1\"]\n").expect("parse");
+        assert_eq!(
+            config.dns.effective_resolvers(),
+            [
+                "127.0.0.1".parse::<std::net::IpAddr>().unwrap(),
+                "::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            nameservers(
+                "# c\nsearch x\nnameserver 127.0.0.53\nnameserver fe80::1%eth0\nnameserver bad\n"
+            ),
+            [
+                "127.0.0.53".parse::<std::net::IpAddr>().unwrap(),
+                "fe80::1".parse().unwrap()
+            ]
+        );
+        let config = AgentConfig::parse("[dns]\nresolv_conf = \"/nonexistent/resolv.conf\"\n")
+            .expect("parse");
+        assert!(config.dns.effective_resolvers().is_empty());
     }
 
     #[test]

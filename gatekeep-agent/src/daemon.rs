@@ -61,6 +61,11 @@ pub enum DaemonError {
         #[source]
         source: PolicyError,
     },
+    #[error("failed to start DNS observation (host-name connect rules)")]
+    Dns {
+        #[source]
+        source: crate::dns::DnsError,
+    },
     #[error("failed to open the audit log `{}`", path.display())]
     Audit {
         path: PathBuf,
@@ -163,9 +168,13 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
     // The programs' own diagnostics (one log buffer per loaded object).
     let kernel_logs = kernel_log::attach(&kernel.layout, "bprm_check_security")
         .map(|logger| tokio::spawn(kernel_log::drain(logger, shutdown_rx.clone())));
-    // 5. The request path: the ring buffer's reader.
-    let reader = start_reader(kernel.events, shutdown_rx.clone()).await?;
+    // 5. The request path: the ring buffer's reader (DNS records go to the
+    //    observer, in ring order).
+    let (dns_tx, dns_rx) = mpsc::channel(DNS_QUEUE);
+    let reader = start_reader(kernel.events, dns_tx, shutdown_rx.clone()).await?;
     let (policies_tx, policies_rx) = watch::channel(Arc::new(startup.compiled));
+    // 5b. Host-name connect rules: DNS observation where policies need it.
+    let dns_task = start_dns(&config, &kernel.layout, &policies_rx, dns_rx, &shutdown_rx)?;
     // 6. Who decides: the embedded service, a central one, or timeouts only.
     let decision = service::start(service::Wiring {
         config: &config,
@@ -235,6 +244,7 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         reader_task: reader.task,
         watcher_task,
         protect_task,
+        dns_task,
         health_task,
         decision,
         kernel_logs,
@@ -405,6 +415,44 @@ async fn apply_startup_policy(
     })
 }
 
+/// DNS records read and not yet processed; the reader waits when it is full.
+const DNS_QUEUE: usize = 4096;
+
+/// Starts the DNS observer (`crate::dns`).
+fn start_dns(
+    config: &AgentConfig,
+    layout: &PinLayout,
+    policies: &watch::Receiver<Arc<Compiled>>,
+    inputs: mpsc::Receiver<crate::dns::Input>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
+    let resolvers = config.dns.effective_resolvers();
+    tracing::info!(resolvers = ?resolvers, "DNS answers believed from these resolvers (host-name connect rules)");
+    crate::dns::spawn(
+        layout,
+        resolvers,
+        config.cgroup_root.clone(),
+        policies.clone(),
+        inputs,
+        shutdown.clone(),
+    )
+    .map_err(|source| DaemonError::Dns { source })
+}
+
+/// Hands DNS records to the observer (`true`); other events stay.
+async fn route_dns(event: &mut Option<Event>, dns: &mpsc::Sender<crate::dns::Input>) {
+    let input = match event.take() {
+        Some(Event::DnsPacket { packet, .. }) => crate::dns::Input::Packet(packet),
+        Some(Event::DnsWait { origin }) => crate::dns::Input::Wait(origin),
+        other => {
+            *event = other;
+            return;
+        }
+    };
+    // The observer gone (shutdown): nothing to hand it.
+    let _ = dns.send(input).await;
+}
+
 /// The ring buffer's reader task, and what it reads.
 struct Reader {
     events: mpsc::Receiver<Vec<Event>>,
@@ -417,6 +465,7 @@ struct Reader {
 
 async fn start_reader(
     events: RingBuf<MapData>,
+    dns: mpsc::Sender<crate::dns::Input>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Reader, DaemonError> {
     let mut reader =
@@ -426,12 +475,16 @@ async fn start_reader(
     let (events_tx, events_rx) = mpsc::channel(64);
     // Tasks of unclassified cgroups, for the policy watcher to classify and resume.
     let (classify_tx, classify_rx) = mpsc::channel(1024);
-    let backlog: Vec<_> = reader
-        .drain()
-        .into_iter()
-        .filter_map(log_parse_error)
-        .filter(|event| !route_unclassified(event, &classify_tx))
-        .collect();
+    let mut backlog = Vec::new();
+    for event in reader.drain().into_iter().filter_map(log_parse_error) {
+        let mut event = Some(event);
+        route_dns(&mut event, &dns).await;
+        if let Some(event) = event
+            && !route_unclassified(&event, &classify_tx)
+        {
+            backlog.push(event);
+        }
+    }
     let backlog_len = backlog.len();
     if !backlog.is_empty() {
         // Capacity 64 and nothing queued yet: this cannot block.
@@ -440,7 +493,7 @@ async fn start_reader(
     Ok(Reader {
         events: events_rx,
         classify: classify_rx,
-        task: tokio::spawn(read_events(reader, events_tx, classify_tx, shutdown)),
+        task: tokio::spawn(read_events(reader, events_tx, classify_tx, dns, shutdown)),
         backlog: backlog_len,
     })
 }
@@ -555,6 +608,7 @@ struct Stopping<'a> {
     reader_task: tokio::task::JoinHandle<()>,
     watcher_task: tokio::task::JoinHandle<()>,
     protect_task: tokio::task::JoinHandle<()>,
+    dns_task: tokio::task::JoinHandle<()>,
     health_task: tokio::task::JoinHandle<()>,
     decision: DecisionService,
     kernel_logs: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -574,6 +628,7 @@ async fn shut_down(stopping: Stopping<'_>) -> Result<(), DaemonError> {
         reader_task,
         watcher_task,
         protect_task,
+        dns_task,
         health_task,
         decision,
         kernel_logs,
@@ -588,6 +643,8 @@ async fn shut_down(stopping: Stopping<'_>) -> Result<(), DaemonError> {
     let _ = reader_task.await;
     let _ = watcher_task.await;
     let _ = protect_task.await;
+    // Its links go with it: the DNS programs detach until the next start.
+    let _ = dns_task.await;
     let _ = health_task.await;
     decision.stop().await;
     if let Some(task) = kernel_logs {
@@ -702,6 +759,7 @@ async fn read_events(
     mut reader: EventReader,
     events: mpsc::Sender<Vec<Event>>,
     classify: mpsc::Sender<u32>,
+    dns: mpsc::Sender<crate::dns::Input>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -709,11 +767,17 @@ async fn read_events(
             _ = shutdown.changed() => return,
             batch = reader.next_batch() => match batch {
                 Ok(batch) => {
-                    let batch: Vec<_> = batch
-                        .into_iter()
-                        .filter_map(log_parse_error)
-                        .filter(|event| !route_unclassified(event, &classify))
-                        .collect();
+                    let mut kept = Vec::with_capacity(batch.len());
+                    for event in batch.into_iter().filter_map(log_parse_error) {
+                        let mut event = Some(event);
+                        route_dns(&mut event, &dns).await;
+                        if let Some(event) = event
+                            && !route_unclassified(&event, &classify)
+                        {
+                            kept.push(event);
+                        }
+                    }
+                    let batch = kept;
                     if !batch.is_empty() && events.send(batch).await.is_err() {
                         return;
                     }

@@ -26,6 +26,8 @@ pub mod bursts;
 pub mod config;
 pub mod daemon;
 pub mod decision;
+// Host-name connect rules (issue 20, item 3).
+pub mod dns;
 pub mod hooks;
 pub mod paths;
 pub mod pause;

@@ -107,10 +107,30 @@ pub fn what(target: &Target) -> String {
         }
         Target::Connect(connect) => match connect.family {
             Family::Unix => format!("unix:{}", word(&connect.address)),
-            Family::Inet => format!("{}:{}", t(&connect.address), connect.port),
-            Family::Inet6 => format!("[{}]:{}", t(&connect.address), connect.port),
+            Family::Inet => format!(
+                "{}:{}{}",
+                t(&connect.address),
+                connect.port,
+                resolved_names(&connect.resolved)
+            ),
+            Family::Inet6 => format!(
+                "[{}]:{}{}",
+                t(&connect.address),
+                connect.port,
+                resolved_names(&connect.resolved)
+            ),
         },
     }
+}
+
+/// ` (resolved NAME, ...)`: the host names the workload looked up for a
+/// connect's address (workload controlled, so escaped), or nothing.
+fn resolved_names(names: &[String]) -> String {
+    if names.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = names.iter().map(|name| word(name).into_owned()).collect();
+    format!(" (resolved {})", names.join(", "))
 }
 
 /// The lines `review show` prints of an exec before its argv, escaped for the terminal: the
@@ -722,7 +742,16 @@ fn case_line(result: &gatekeep_policy::CaseResult) -> String {
                 format!("exec {} (argv: {})", word(&path), words(argv))
             }
         }
-        Example::Connect { to } => format!("connect {to}"),
+        Example::Connect { to, resolved } if resolved.is_empty() => format!("connect {to}"),
+        Example::Connect { to, resolved } => format!(
+            "connect {to} (resolved {})",
+            resolved
+                .iter()
+                .map(|name| word(name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Example::ConnectHost { host, port } => format!("connect {}:{port}", word(host)),
         Example::Unix { path } => format!("unix {}", word(path)),
     };
     let name = case
@@ -955,6 +984,7 @@ mod tests {
             address: "/run/\u{1b}[31mred".into(),
             port: 0,
             socket_type: gatekeep_proto::model::SocketType::Stream,
+            resolved: Vec::new(),
         });
         assert_eq!(what(&unix), r"unix:/run/\e[31mred");
     }

@@ -896,7 +896,7 @@ fn policy_test_refuses_invalid_cases_and_missing_policies_with_status_1() {
     let bad = host.dir.path().join("bad.cases.toml");
     std::fs::write(
         &bad,
-        "[[case]]\ncgroup = \"/sys/fs/cgroup/a\"\nconnect = \"db.internal:5432\"\nexpect = \"deny\"\n",
+        "[[case]]\ncgroup = \"/sys/fs/cgroup/a\"\nconnect = \"db.internal\"\nexpect = \"deny\"\n",
     )
     .expect("write");
     let bad = bad.to_str().expect("utf-8");
@@ -906,7 +906,7 @@ fn policy_test_refuses_invalid_cases_and_missing_policies_with_status_1() {
     assert_eq!(stdout(&output), "");
     assert!(
         stderr(&output).contains(&format!(
-            "{bad}:3:11: connect \"db.internal:5432\" is not IP:PORT"
+            "{bad}:3:11: connect \"db.internal\" is neither IP:PORT nor HOST:PORT"
         )),
         "{}",
         stderr(&output)

@@ -109,6 +109,14 @@ pub mod map_names {
     pub const CANDIDATE_PARENTS: &str = "CANDIDATE_PARENTS";
     /// Policy id -> hash of the policy's name (inherited gating across reloads).
     pub const POLICY_NAME_HASHES: &str = "POLICY_NAME_HASHES";
+    // Host-name rules (issue 20, item 3).
+    /// [`super::HostKey`] -> [`super::HostRules`]: what the host rules say
+    /// about an address a workload resolved.
+    pub const HOST_RULES: &str = "HOST_RULES";
+    /// cgroup id -> DNS answers the kernel passed to user space (a count).
+    pub const DNS_RECEIVED: &str = "DNS_RECEIVED";
+    /// cgroup id -> DNS answers user space has processed (a count).
+    pub const DNS_PROCESSED: &str = "DNS_PROCESSED";
 
     /// Every map of the object.
     pub const ALL: &[&str] = &[
@@ -137,6 +145,9 @@ pub mod map_names {
         PROTECTED_INODES,
         CANDIDATE_PARENTS,
         POLICY_NAME_HASHES,
+        HOST_RULES,
+        DNS_RECEIVED,
+        DNS_PROCESSED,
     ];
 }
 
@@ -825,6 +836,80 @@ pub const UNCLASSIFIED_POLICY: u32 = u32::MAX;
 /// append stay apart.
 pub const EVENT_CGROUP_UNCLASSIFIED: u32 = 16;
 
+// Host-name rules (issue 20, item 3): DNS answers observed per workload.
+
+/// Event kind (`EVENTS`) of a DNS packet a gated workload sent or received
+/// ([`DnsEvent`]).
+pub const EVENT_DNS_PACKET: u32 = 40;
+/// Event kind (`EVENTS`) of a connect or datagram that waits until user
+/// space has processed the DNS answers its workload received, or refreshed
+/// an expired [`HostRules`] entry ([`TaskEvent`]): the thread is stopped,
+/// like a pause; user space sends SIGCONT once it has caught up, and the
+/// restarted syscall is decided with what it learned.
+pub const EVENT_DNS_WAIT: u32 = 41;
+
+/// UDP payload bytes of a DNS packet copied to user space. Longer answers
+/// are cut, fail to parse, and teach nothing (the IP rules decide).
+pub const DNS_PAYLOAD_LEN: usize = 1024;
+
+/// [`DnsEvent::direction`].
+pub mod dns_direction {
+    /// A query the workload sent (UDP to port 53).
+    pub const QUERY: u32 = 1;
+    /// An answer the workload received (UDP from port 53).
+    pub const ANSWER: u32 = 2;
+}
+
+/// A DNS packet of a gated workload (`cgroup_skb` programs). Addresses are
+/// IPv4-mapped IPv6 for IPv4 (`::ffff:a.b.c.d`), network order; ports host
+/// order. `seq` is, for an answer, the workload's `DNS_RECEIVED` count
+/// after it: user space writes it into `DNS_PROCESSED` once processed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsEvent {
+    /// [`EVENT_DNS_PACKET`].
+    pub kind: u32,
+    /// [`dns_direction`].
+    pub direction: u32,
+    /// cgroup v2 id of the socket.
+    pub cgroup_id: u64,
+    pub seq: u64,
+    /// `bpf_ktime_get_boot_ns` when the packet passed.
+    pub ktime_ns: u64,
+    /// The socket's cgroup's policy (`GATED_CGROUPS`), `u32::MAX` if none.
+    pub policy_id: u32,
+    /// Bytes of `payload` used.
+    pub len: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u32,
+    pub payload: [u8; DNS_PAYLOAD_LEN],
+}
+
+/// Key of `HOST_RULES`: a workload (cgroup) and an address it resolved
+/// (IPv4 as `::ffff:a.b.c.d`, network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HostKey {
+    pub cgroup_id: u64,
+    pub addr: [u8; 16],
+}
+
+/// Value of `HOST_RULES`: the port rules the policy's host rules give the
+/// names the workload resolved to this address (merged by user space, the
+/// strictest action per port), valid until `expires_ns`
+/// (`bpf_ktime_get_boot_ns`): the earliest end of those names' TTLs. After
+/// it the kernel asks user space to refresh the entry ([`EVENT_DNS_WAIT`])
+/// rather than decide with a stale one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostRules {
+    pub expires_ns: u64,
+    pub rules: PortRules,
+}
+
 /// Value bits of `PROTECTED_INODES`: what a gated task may not do to one of
 /// gatekeep's files or directories (by identity).
 pub mod protected_inode {
@@ -969,6 +1054,8 @@ mod pod {
     unsafe impl aya::Pod for super::ProtectDenialKey {}
     unsafe impl aya::Pod for super::ServiceListenerKey {}
     unsafe impl aya::Pod for super::InodeKey {}
+    unsafe impl aya::Pod for super::HostKey {}
+    unsafe impl aya::Pod for super::HostRules {}
 }
 
 #[cfg(test)]
@@ -1010,6 +1097,9 @@ mod tests {
         assert_eq!(size_of::<PortRules>(), 8 * PORT_RULES);
         assert_eq!(size_of::<ConnectV4Key>(), 8);
         assert_eq!(size_of::<ConnectV6Key>(), 20);
+        assert_eq!(size_of::<HostKey>(), 24);
+        assert_eq!(size_of::<HostRules>(), 8 + 8 * PORT_RULES);
+        assert_eq!(size_of::<DnsEvent>(), 4 * 8 + 8 + 32 + 8 + DNS_PAYLOAD_LEN);
         assert_eq!(size_of::<PendingRequest>(), 40);
         assert_eq!(size_of::<VerdictKey>(), 24);
         assert_eq!(size_of::<Verdict>(), 16);
@@ -1069,9 +1159,10 @@ mod tests {
         assert_eq!(size_of::<ProtectedTask>(), 8);
         assert_eq!(size_of::<ProtectDenialKey>(), 16);
         assert_eq!(size_of::<ServiceListenerKey>(), 24);
-        // 40 `u32` offsets: the exec/connect ones, the self-protection ones,
-        // the egress ones, the content version ones, then the mapping ones.
-        assert_eq!(size_of::<KernelOffsets>(), 40 * 4);
+        // 42 `u32` offsets: the exec/connect ones, the self-protection ones,
+        // the egress ones, the content version ones, the mapping ones, then
+        // the new image's argv.
+        assert_eq!(size_of::<KernelOffsets>(), 42 * 4);
         assert_eq!(size_of::<InodeKey>(), 16);
         let ids = [
             protect::SIGNAL,

@@ -217,16 +217,20 @@ fn current_is_traced() -> bool {
 /// traced task is refused (its tracer could swallow the stop).
 #[inline(always)]
 pub fn await_classification(caller: &Caller, request_kind: u32) -> i32 {
+    await_agent(caller, request_kind, EVENT_CGROUP_UNCLASSIFIED)
+}
+
+/// Stops the calling thread until the agent has done what `event_kind`
+/// tells it (classify the cgroup, process its DNS answers) and sent
+/// SIGCONT; the restarted syscall is decided again, so a stray SIGCONT
+/// only stops it again. A traced task is refused (its tracer could swallow
+/// the stop).
+#[inline(always)]
+pub fn await_agent(caller: &Caller, request_kind: u32, event_kind: u32) -> i32 {
     if current_is_traced() {
         return EPERM;
     }
-    emit_task_event(
-        caller,
-        EVENT_CGROUP_UNCLASSIFIED,
-        0,
-        request_kind,
-        action::ASK,
-    );
+    emit_task_event(caller, event_kind, 0, request_kind, action::ASK);
     if stop_current_thread() {
         ERESTARTNOINTR
     } else {

@@ -19,6 +19,17 @@
 //!
 //! [[case]]
 //! cgroup = "/sys/fs/cgroup/agents/job-1"
+//! connect = "api.github.com:443"          # the workload resolved the name, then connected
+//! expect = "allow"                        # (to an address no network rule names)
+//!
+//! [[case]]
+//! cgroup = "/sys/fs/cgroup/agents/job-1"
+//! connect = "140.82.112.5:443"            # an address ...
+//! resolved = ["api.github.com"]           # ... the workload resolved these names to
+//! expect = "allow"
+//!
+//! [[case]]
+//! cgroup = "/sys/fs/cgroup/agents/job-1"
 //! unix = "/run/docker.sock"               # an AF_UNIX connect ("@name": abstract)
 //! expect = "ask"
 //! ```
@@ -31,9 +42,11 @@
 //! too), command rules, scripts run by interpreters and applets of
 //! multi-call binaries as the agent matches them ([`crate::ExecMatcher`]),
 //! and `on_truncated` for an asked (or matched) exec whose argv the kernel
-//! cannot bind completely; for a connect, the connect rules as
-//! [`crate::ConnectPolicy::action_for`] matches them; for `AF_UNIX`, the
-//! policy's `unix` action.
+//! cannot bind completely; for a connect, the network rules as
+//! [`crate::ConnectPolicy::action_for`] matches them and the host rules of
+//! the names the case says the workload resolved, the strictest winning
+//! ([`crate::ConnectPolicy::decide_resolved`]); for `AF_UNIX`, the policy's
+//! `unix` action.
 //!
 //! Not modelled: grants and verdicts (a case is what happens before any
 //! reviewer acts), the self-protections (gatekeep's own files, processes,
@@ -63,7 +76,7 @@ use crate::{
 };
 
 const CASE_KEYS: &[&str] = &[
-    "name", "cgroup", "exec", "argv", "cwd", "connect", "unix", "expect",
+    "name", "cgroup", "exec", "argv", "cwd", "connect", "resolved", "unix", "expect",
 ];
 
 /// One example action and the outcome it must get.
@@ -91,8 +104,16 @@ pub enum Example {
         #[serde(skip_serializing_if = "Option::is_none")]
         cwd: Option<PathBuf>,
     },
-    /// A connect (or a datagram sent) to an IP address and port.
-    Connect { to: SocketAddr },
+    /// A connect (or a datagram sent) to an IP address and port, by a
+    /// workload that resolved `resolved` (fresh answers) to that address.
+    Connect {
+        to: SocketAddr,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        resolved: Vec<String>,
+    },
+    /// A connect to an address the workload resolved `host` to, an address
+    /// no network rule names.
+    ConnectHost { host: String, port: u16 },
     /// An `AF_UNIX` connect to a socket path, or `@name` for an abstract one.
     Unix { path: String },
 }
@@ -288,6 +309,54 @@ fn cgroup(walker: &mut Walker<'_>, value: &Value<'_>) -> Option<String> {
     Some(text.trim_end_matches('/').to_owned())
 }
 
+/// A connect case: `IP:PORT` (with the names the workload resolved to it,
+/// if any) or `HOST:PORT`.
+fn connect_example(
+    walker: &mut Walker<'_>,
+    value: &Value<'_>,
+    text: &str,
+    resolved: Vec<String>,
+) -> Option<Example> {
+    if let Ok(to) = text.parse::<SocketAddr>() {
+        return Some(Example::Connect { to, resolved });
+    }
+    let host = text
+        .rsplit_once(':')
+        .filter(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+        .and_then(|(host, port)| {
+            crate::hosts::parse_host_target(host)
+                .ok()
+                .filter(|(pattern, _)| matches!(pattern, crate::HostPattern::Exact(_)))
+                .map(|(pattern, _)| (pattern.to_string(), port))
+        });
+    let Some((host, port)) = host.filter(|_| resolved.is_empty()) else {
+        walker.error(
+            &value.span(),
+            format!(
+                "connect \"{text}\" is neither IP:PORT nor HOST:PORT; write e.g. \"10.0.0.1:443\", \"[2001:db8::1]:443\" or \"api.github.com:443\" (a HOST:PORT case takes no `resolved`)"
+            ),
+        );
+        return None;
+    };
+    Some(Example::ConnectHost {
+        host,
+        port: port.parse().unwrap_or_default(),
+    })
+}
+
+/// An exec case's `cwd`: an absolute directory.
+fn exec_cwd(walker: &mut Walker<'_>, value: &Value<'_>) -> Option<PathBuf> {
+    let cwd = walker.string(value, "cwd")?;
+    if !cwd.starts_with('/') {
+        walker.error(
+            &value.span(),
+            format!("cwd \"{cwd}\" is not absolute; write the directory the workload runs in, e.g. \"/srv/app\""),
+        );
+        return None;
+    }
+    Some(PathBuf::from(cwd))
+}
+
 fn example(walker: &mut Walker<'_>, header: &Span, table: &DeTable<'_>) -> Option<Example> {
     let kinds: Vec<&str> = ["exec", "connect", "unix"]
         .into_iter()
@@ -323,6 +392,17 @@ fn example(walker: &mut Walker<'_>, header: &Span, table: &DeTable<'_>) -> Optio
             );
         }
     }
+    let resolved = match field(table, "resolved") {
+        Some(value) if kind != "connect" => {
+            walker.error(
+                &value.span(),
+                "resolved belongs to a connect case; remove it",
+            );
+            return None;
+        }
+        Some(value) => resolved_names(walker, value)?,
+        None => Vec::new(),
+    };
     let value = field(table, kind)?;
     let text = walker.string(value, kind)?;
     match kind {
@@ -340,17 +420,7 @@ fn example(walker: &mut Walker<'_>, header: &Span, table: &DeTable<'_>) -> Optio
             };
             let cwd = match field(table, "cwd") {
                 None => None,
-                Some(value) => {
-                    let cwd = walker.string(value, "cwd")?;
-                    if !cwd.starts_with('/') {
-                        walker.error(
-                            &value.span(),
-                            format!("cwd \"{cwd}\" is not absolute; write the directory the workload runs in, e.g. \"/srv/app\""),
-                        );
-                        return None;
-                    }
-                    Some(PathBuf::from(cwd))
-                }
+                Some(value) => Some(exec_cwd(walker, value)?),
             };
             Some(Example::Exec {
                 path: PathBuf::from(text),
@@ -358,18 +428,7 @@ fn example(walker: &mut Walker<'_>, header: &Span, table: &DeTable<'_>) -> Optio
                 cwd,
             })
         }
-        "connect" => {
-            let Ok(to) = text.parse::<SocketAddr>() else {
-                walker.error(
-                    &value.span(),
-                    format!(
-                        "connect \"{text}\" is not IP:PORT; write e.g. \"10.0.0.1:443\" or \"[2001:db8::1]:443\" (connect rules match addresses, not host names)"
-                    ),
-                );
-                return None;
-            };
-            Some(Example::Connect { to })
-        }
+        "connect" => connect_example(walker, value, text, resolved),
         _ => {
             if text.is_empty() || text.contains('\0') || text.len() > 107 {
                 walker.error(
@@ -383,6 +442,33 @@ fn example(walker: &mut Walker<'_>, header: &Span, table: &DeTable<'_>) -> Optio
             })
         }
     }
+}
+
+/// `resolved = "name"` or `resolved = ["name", ...]`: host names.
+fn resolved_names(walker: &mut Walker<'_>, value: &Value<'_>) -> Option<Vec<String>> {
+    let items: Vec<(String, Span)> = if let DeValue::String(text) = value.get_ref() {
+        vec![(text.to_string(), value.span())]
+    } else {
+        walker
+            .string_list(value, "resolved", "resolved = [\"api.github.com\"]")?
+            .into_iter()
+            .map(|(text, span)| (text.to_owned(), span))
+            .collect()
+    };
+    let mut names = Vec::with_capacity(items.len());
+    for (text, span) in items {
+        match crate::hosts::parse_host_target(&text) {
+            Ok((crate::HostPattern::Exact(name), ports)) if ports.is_all() => names.push(name),
+            _ => {
+                walker.error(
+                    &span,
+                    format!("resolved \"{text}\" is not a host name; write the name the workload looked up, e.g. \"api.github.com\""),
+                );
+                return None;
+            }
+        }
+    }
+    Some(names)
 }
 
 fn argv_list(walker: &mut Walker<'_>, value: &Value<'_>) -> Option<Vec<String>> {
@@ -420,13 +506,15 @@ impl PolicySet {
             Example::Exec { path, argv, cwd } => {
                 decide_exec(policy, path, argv, cwd.as_deref().unwrap_or(Path::new("/")))
             }
-            Example::Connect { to } => match policy.connect.rule_for(to.ip(), to.port()) {
-                Some(rule) => (rule.action, format!("connect rule {rule}")),
-                None => (
-                    policy.connect.default,
-                    format!("connect default {}", policy.connect.default),
-                ),
-            },
+            Example::Connect { to, resolved } => {
+                let names: Vec<&str> = resolved.iter().map(String::as_str).collect();
+                let decided = policy.connect.decide_resolved(to.ip(), to.port(), &names);
+                (decided.action, decided.to_string())
+            }
+            Example::ConnectHost { host, port } => {
+                let decided = policy.connect.decide_host(host, *port);
+                (decided.action, decided.to_string())
+            }
             Example::Unix { .. } => (policy.connect.unix, format!("unix {}", policy.connect.unix)),
         };
         Outcome {
@@ -666,7 +754,8 @@ expect = "allow"
         assert_eq!(
             cases[1].example,
             Example::Connect {
-                to: "[::1]:8080".parse().unwrap()
+                to: "[::1]:8080".parse().unwrap(),
+                resolved: Vec::new(),
             }
         );
     }
@@ -689,7 +778,7 @@ expect = "deny"
 
 [[case]]
 cgroup = "/sys/fs/cgroup/a"
-connect = "api.github.com:443"
+connect = "api.github.com"
 argv = ["x"]
 expect = "deny"
 "#,
@@ -700,10 +789,10 @@ expect = "deny"
                 "cases.toml:3:10: cgroup \"agents/job-1\" is not under /sys/fs/cgroup; write the workload's cgroup v2 directory, e.g. \"/sys/fs/cgroup/agents/job-1\"",
                 "cases.toml:4:8: exec \"git\" is not absolute; write the path the workload runs, e.g. \"/usr/bin/git\"",
                 "cases.toml:5:10: unknown action \"alow\" (expected allow, deny or ask)",
-                "cases.toml:6:1: unknown key \"colour\" in [[case]] (expected name, cgroup, exec, argv, cwd, connect, unix or expect)",
+                "cases.toml:6:1: unknown key \"colour\" in [[case]] (expected name, cgroup, exec, argv, cwd, connect, resolved, unix or expect)",
                 "cases.toml:8:1: case names connect and unix actions; one case is one action, so split it into cases",
                 "cases.toml:9:10: cgroup \"/sys/fs/cgroup/agents/*\" is a pattern; a case names one cgroup, as a process is in one",
-                "cases.toml:16:11: connect \"api.github.com:443\" is not IP:PORT; write e.g. \"10.0.0.1:443\" or \"[2001:db8::1]:443\" (connect rules match addresses, not host names)",
+                "cases.toml:16:11: connect \"api.github.com\" is neither IP:PORT nor HOST:PORT; write e.g. \"10.0.0.1:443\", \"[2001:db8::1]:443\" or \"api.github.com:443\" (a HOST:PORT case takes no `resolved`)",
                 "cases.toml:17:8: argv belongs to an exec case; remove it",
             ]
         );
@@ -908,6 +997,7 @@ expect = "deny"
         let job = "/sys/fs/cgroup/agents/job-1";
         let connect = |to: &str| Example::Connect {
             to: to.parse().unwrap(),
+            resolved: Vec::new(),
         };
         assert_eq!(
             outcome(&set, job, &connect("10.1.2.3:443")),
@@ -942,6 +1032,48 @@ expect = "deny"
                 }
             ),
             (Action::Ask, "unix ask".to_owned())
+        );
+    }
+
+    #[test]
+    fn connects_to_resolved_names_meet_the_host_rules() {
+        let set = policies(
+            "[[policy]]\nname = \"agents\"\ncgroups = [\"/sys/fs/cgroup/agents/*\"]\n[policy.connect]\ndefault = \"ask\"\nallow = [\"api.github.com:443\", \"10.0.0.0/8:443\"]\ndeny = [\"*.paste.example\", \"10.66.0.0/16\"]\n",
+        );
+        let job = "/sys/fs/cgroup/agents/job-1";
+        let cases = parse_cases(
+            "cases.toml",
+            "[[case]]\ncgroup = \"/sys/fs/cgroup/agents/j\"\nconnect = \"api.github.com:443\"\nexpect = \"allow\"\n\n[[case]]\ncgroup = \"/sys/fs/cgroup/agents/j\"\nconnect = \"192.0.2.7:443\"\nresolved = \"api.github.com\"\nexpect = \"allow\"\n\n[[case]]\ncgroup = \"/sys/fs/cgroup/agents/j\"\nconnect = \"10.66.0.1:443\"\nresolved = [\"api.github.com\"]\nexpect = \"deny\"\n",
+        )
+        .unwrap();
+        let results = set.run_cases(cases);
+        assert!(results.iter().all(|r| r.passed), "{results:#?}");
+        assert_eq!(
+            results[1].outcome.because,
+            "connect rule allow api.github.com:443 (resolved api.github.com)"
+        );
+        let host = |host: &str, port| Example::ConnectHost {
+            host: host.into(),
+            port,
+        };
+        assert_eq!(
+            outcome(&set, job, &host("x.paste.example", 443)),
+            (
+                Action::Deny,
+                "connect rule deny *.paste.example (resolved x.paste.example)".to_owned()
+            )
+        );
+        assert_eq!(
+            outcome(&set, job, &host("api.github.com", 80)),
+            (Action::Ask, "connect default ask".to_owned())
+        );
+        assert_eq!(
+            errors(
+                "[[case]]\ncgroup = \"/sys/fs/cgroup/a\"\nconnect = \"1.2.3.4:80\"\nresolved = [\"*.x.test\"]\nexpect = \"deny\"\n"
+            ),
+            [
+                "cases.toml:4:13: resolved \"*.x.test\" is not a host name; write the name the workload looked up, e.g. \"api.github.com\""
+            ]
         );
     }
 

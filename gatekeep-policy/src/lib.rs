@@ -219,6 +219,7 @@ mod cases;
 mod cgroup;
 mod command;
 mod error;
+mod hosts;
 mod load;
 mod model;
 mod net;
@@ -232,12 +233,13 @@ pub use command::{
     split_shell_command, stricter, strictness,
 };
 pub use error::{Diagnostic, PolicyError};
+pub use hosts::{Decider, HostDecision, strictest};
 pub use load::{Summary, Validation, parse_str, validate_paths};
 pub use model::{
     Action, Approval, ArgPattern, CommandRule, ConnectPolicy, ConnectRule, DEFAULT_INTERPRETERS,
-    ExecPolicy, ExecRule, GrantDuration, InterpreterKind, Mode, ParseActionError,
-    ParseGrantDurationError, ParseProtectPointError, Policy, PolicySet, PortRange, Protect,
-    ProtectPoint, UnlistedMappings,
+    ExecPolicy, ExecRule, GrantDuration, HostPattern, HostRule, InterpreterKind, Mode,
+    ParseActionError, ParseGrantDurationError, ParseProtectPointError, Policy, PolicySet,
+    PortRange, Protect, ProtectPoint, UnlistedMappings, normalize as normalize_host,
 };
 pub use parse::{DEFAULT_TIMEOUT, MAX_TIMEOUT};
 pub use warning::{Location, Warning, WarningKind};

@@ -256,6 +256,9 @@ pub struct ConnectPolicy {
     pub other_families: Action,
     /// In file order; see [`ConnectPolicy::action_for`] for how they match.
     pub rules: Vec<ConnectRule>,
+    /// Host-name rules, in file order (`crate::hosts`, issue 20 item 3):
+    /// they apply to addresses the workload resolved the names to.
+    pub hosts: Vec<HostRule>,
 }
 
 /// An IP network, a destination port range and an action.
@@ -586,6 +589,83 @@ impl PolicySet {
     }
 }
 
+// Host-name rules (issue 20, item 3); how they match and decide: `crate::hosts`.
+
+/// The names a host rule matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum HostPattern {
+    /// One name, lower case, without a final dot.
+    Exact(String),
+    /// `*.SUFFIX`: every name ending in `.SUFFIX` with at least one more
+    /// label (not `SUFFIX` itself).
+    Wildcard(String),
+}
+
+impl HostPattern {
+    /// Whether `name` (any case, with or without a final dot) is matched.
+    #[must_use]
+    pub fn matches(&self, name: &str) -> bool {
+        let name = normalize(name);
+        match self {
+            HostPattern::Exact(exact) => name == *exact,
+            HostPattern::Wildcard(suffix) => name
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        }
+    }
+
+    /// Larger is more specific: an exact name, then wildcards by how many
+    /// labels their suffix has.
+    #[must_use]
+    pub fn specificity(&self) -> (bool, usize) {
+        match self {
+            HostPattern::Exact(name) => (true, name.split('.').count()),
+            HostPattern::Wildcard(suffix) => (false, suffix.split('.').count()),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(name) => f.write_str(name),
+            HostPattern::Wildcard(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+/// A host-name pattern, a destination port range and an action.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct HostRule {
+    pub pattern: HostPattern,
+    pub ports: PortRange,
+    pub action: Action,
+}
+
+impl HostRule {
+    /// The rule's destination as a policy file writes it.
+    #[must_use]
+    pub fn target(&self) -> String {
+        if self.ports.is_all() {
+            self.pattern.to_string()
+        } else {
+            format!("{}:{}", self.pattern, self.ports)
+        }
+    }
+}
+
+impl fmt::Display for HostRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.action, self.target())
+    }
+}
+
+/// A name as compared: lower case, no final dot.
+#[must_use]
+pub fn normalize(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -682,6 +762,7 @@ mod tests {
                 rule("10.1.2.0/24", PortRange(443, 443), Action::Ask),
                 rule("::1/128", PortRange::ALL, Action::Allow),
             ],
+            hosts: Vec::new(),
         };
         let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
         // Only the /8 matches.

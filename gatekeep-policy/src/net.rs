@@ -217,7 +217,7 @@ fn make_net(text: &str, address: IpAddr, prefix: Option<&str>) -> Result<IpNet, 
     })
 }
 
-fn parse_ports(text: &str, ports: &str) -> Result<PortRange, TargetError> {
+pub(crate) fn parse_ports(text: &str, ports: &str) -> Result<PortRange, TargetError> {
     if ports.is_empty() {
         return Err(TargetError::NoPort {
             target: text.to_owned(),

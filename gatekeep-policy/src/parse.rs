@@ -17,8 +17,8 @@ use crate::{
     error::Diagnostic,
     model::{
         Action, Approval, ArgPattern, CommandRule, ConnectPolicy, ConnectRule,
-        DEFAULT_INTERPRETERS, ExecPolicy, ExecRule, GrantDuration, InterpreterKind, Mode, Policy,
-        Protect, ProtectPoint, UnlistedMappings,
+        DEFAULT_INTERPRETERS, ExecPolicy, ExecRule, GrantDuration, HostRule, InterpreterKind, Mode,
+        Policy, Protect, ProtectPoint, UnlistedMappings,
     },
     net::parse_target,
 };
@@ -610,6 +610,7 @@ impl<'a> Walker<'a> {
             raw_sockets: Action::Deny,
             other_families: Action::Allow,
             rules: Vec::new(),
+            hosts: Vec::new(),
         };
         let Some(table) = self.section(policy, "connect", CONNECT_KEYS) else {
             return connect;
@@ -639,6 +640,7 @@ impl<'a> Walker<'a> {
             }
         }
         let mut rules: Vec<(Span, ConnectRule)> = Vec::new();
+        let mut hosts: Vec<(Span, HostRule)> = Vec::new();
         for (key, action) in RULE_LISTS {
             let Some(value) = field(table, key) else {
                 continue;
@@ -648,6 +650,20 @@ impl<'a> Walker<'a> {
                 continue;
             };
             for (text, span) in items {
+                if crate::hosts::is_host_target(text) {
+                    match crate::hosts::parse_host_target(text) {
+                        Ok((pattern, ports)) => hosts.push((
+                            span,
+                            HostRule {
+                                pattern,
+                                ports,
+                                action,
+                            },
+                        )),
+                        Err(message) => self.error(&span, message),
+                    }
+                    continue;
+                }
                 match parse_target(text) {
                     Ok((net, ports)) => rules.push((span, ConnectRule { net, ports, action })),
                     Err(e) => self.error(&span, e.to_string()),
@@ -655,6 +671,16 @@ impl<'a> Walker<'a> {
             }
         }
         rules.sort_by_key(|(span, _)| span.start);
+        hosts.sort_by_key(|(span, _)| span.start);
+        let mut kept_hosts: Vec<(Span, HostRule)> = Vec::new();
+        for (span, rule) in hosts {
+            if let Some(message) = self.host_clash(&kept_hosts, &rule) {
+                self.error(&span, message);
+                continue;
+            }
+            kept_hosts.push((span, rule));
+        }
+        connect.hosts = kept_hosts.into_iter().map(|(_, rule)| rule).collect();
 
         let mut kept: Vec<(Span, ConnectRule)> = Vec::new();
         for (span, rule) in rules {
@@ -692,6 +718,42 @@ impl<'a> Walker<'a> {
             if both_specific && first.action != rule.action && first.ports.overlaps(rule.ports) {
                 return Some(format!(
                     "connect rule {target} ({}) overlaps {} ({}, line {line}) at the same prefix; split the port ranges so they do not overlap",
+                    rule.action,
+                    first.target(),
+                    first.action
+                ));
+            }
+        }
+        None
+    }
+
+    /// Why host `rule` cannot join `kept`: the same pattern and ports
+    /// again, or overlapping port ranges of the same pattern under
+    /// different actions (as [`Self::connect_clash`] for networks).
+    fn host_clash(&self, kept: &[(Span, HostRule)], rule: &HostRule) -> Option<String> {
+        let target = rule.target();
+        for (span, first) in kept
+            .iter()
+            .filter(|(_, first)| first.pattern == rule.pattern)
+        {
+            let line = self.pos(span).line;
+            if first.ports == rule.ports {
+                return Some(if first.action == rule.action {
+                    format!(
+                        "connect rule {target} is listed twice under {} (first at line {line}); remove one",
+                        rule.action
+                    )
+                } else {
+                    format!(
+                        "connect rule {target} is listed under both {} (line {line}) and {}; a host name and port range may appear under one action only",
+                        first.action, rule.action
+                    )
+                });
+            }
+            let both_specific = !first.ports.is_all() && !rule.ports.is_all();
+            if both_specific && first.action != rule.action && first.ports.overlaps(rule.ports) {
+                return Some(format!(
+                    "connect rule {target} ({}) overlaps {} ({}, line {line}) for the same host name; split the port ranges so they do not overlap",
                     rule.action,
                     first.target(),
                     first.action

@@ -439,11 +439,24 @@ impl TryFrom<v1::ConnectTarget> for ConnectTarget {
                 ip.to_string()
             }
         };
+        if wire.resolved.len() > limits::MAX_RESOLVED {
+            return Err(WireError::invalid(
+                "connect.resolved",
+                format!("more than {} names", limits::MAX_RESOLVED),
+            ));
+        }
+        for name in &wire.resolved {
+            if name.is_empty() {
+                return Err(WireError::invalid("connect.resolved", "empty name"));
+            }
+            text("connect.resolved", name, limits::MAX_HOST_NAME)?;
+        }
         Ok(ConnectTarget {
             family,
             address,
             port,
             socket_type,
+            resolved: wire.resolved,
         })
     }
 }
@@ -476,6 +489,7 @@ impl From<ConnectTarget> for v1::ConnectTarget {
             address: connect.address,
             port: u32::from(connect.port),
             socket_type: v1::SocketType::from(connect.socket_type).into(),
+            resolved: connect.resolved,
         }
     }
 }
@@ -1078,6 +1092,7 @@ mod tests {
             address: "2001:DB8::1".into(),
             port: 443,
             socket_type: v1::SocketType::Stream.into(),
+            resolved: vec!["api.example.test".into()],
         }));
         let domain = ApprovalRequest::try_from(wire.clone()).unwrap();
         let Target::Connect(connect) = &domain.target else {

@@ -7,6 +7,10 @@ use time::Duration;
 pub const MAX_ID: usize = 64;
 /// Longest name: policy, rule, host, user, reviewer, group, duration.
 pub const MAX_NAME: usize = 256;
+/// Most host names a connect request carries (`ConnectTarget::resolved`).
+pub const MAX_RESOLVED: usize = 16;
+/// Most bytes of a DNS name.
+pub const MAX_HOST_NAME: usize = 253;
 /// Longest path: executable, cwd, cgroup, socket path.
 pub const MAX_PATH: usize = 4096;
 /// Most argv items (of the request and of each ancestor).

@@ -154,6 +154,10 @@ pub struct ConnectTarget {
     /// 0 for [`Family::Unix`].
     pub port: u16,
     pub socket_type: SocketType,
+    /// Host names the workload resolved to `address` (fresh DNS answers it
+    /// received): what it looked up. Workload controlled: escape to show.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resolved: Vec<String>,
 }
 
 /// One process of the asking task's ancestry.

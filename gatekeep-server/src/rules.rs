@@ -314,6 +314,7 @@ mod tests {
             address: "169.254.169.254".into(),
             port: 80,
             socket_type: SocketType::Stream,
+            resolved: Vec::new(),
         }));
         assert_eq!(
             rules.decide("web-1", &metadata),

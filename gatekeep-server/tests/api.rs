@@ -1284,6 +1284,7 @@ async fn server_rules_decide_and_are_recorded() {
         address: "169.254.169.254".into(),
         port: 80,
         socket_type: SocketType::Stream,
+        resolved: Vec::new(),
     });
     let denied = web.decide(metadata.clone()).await.expect("decided by rule");
     assert_eq!(

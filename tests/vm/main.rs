@@ -16,6 +16,7 @@ mod escape;
 mod exec;
 mod execenv;
 mod grants;
+mod hosts;
 mod mapped;
 mod pause;
 mod pending;

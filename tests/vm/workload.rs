@@ -17,6 +17,7 @@
 //!   stop, overwrites the argument WORD in place with REPLACEMENT (same length).
 //!
 //! - `net COMMAND ...`: sends, raw sockets and other families (`egress.rs`).
+//! - `dns COMMAND ...`: resolve a name, then connect (`hosts.rs`).
 //! - `exec32 PATH ARG0 [ARGS...]`: the same exec made as a compat (ia32)
 //!   syscall, `int 0x80` with `eax = 11`, its strings and pointer array in
 //!   memory below 4 GiB (`MAP_32BIT`); on failure prints `errno N` and exits
@@ -189,6 +190,8 @@ fn run(args: &[String]) -> i32 {
         Some("net") => crate::egress::run(&args[1..]),
         // The argv race, won with userfaultfd (`argv_race.rs`).
         Some("exec-swapped") => crate::argv_race::exec_swapped(&args[1..]),
+        // Host-name connect rules (`hosts.rs`).
+        Some("dns") => crate::hosts::run(&args[1..]),
         // Code without an exec (`mapped.rs`).
         Some("code") => crate::mapped::run(&args[1..]),
         // Run by ld.so (`ld.so PROGRAM ARGS...`): the kernel's argv still names PROGRAM.

@@ -6,7 +6,10 @@
 //! refuses records shorter than their struct (a kernel/agent layout
 //! mismatch, which must be loud rather than read garbage).
 
-use gatekeep_common::{EVENT_CGROUP_UNCLASSIFIED, EventHeader, TaskEvent, event_kind};
+use gatekeep_common::{
+    DnsEvent, EVENT_CGROUP_UNCLASSIFIED, EVENT_DNS_PACKET, EVENT_DNS_WAIT, EventHeader, TaskEvent,
+    event_kind,
+};
 
 pub use super::record::{Origin, ParseError};
 use super::record::{origin, read};
@@ -60,6 +63,16 @@ pub enum Event {
     /// ran: the argv the kernel gave it differs from the one allowed
     /// (`EXEC_ARGV_CHANGED`; the digest is the allowed request's).
     ArgvChanged { origin: Origin },
+    /// A DNS datagram a gated workload sent or received
+    /// (`EVENT_DNS_PACKET`), for [`crate::dns`]. `origin` names only the
+    /// socket's cgroup.
+    DnsPacket {
+        origin: Origin,
+        packet: Box<DnsEvent>,
+    },
+    /// A connect stopped until [`crate::dns`] has processed its workload's
+    /// DNS answers (`EVENT_DNS_WAIT`).
+    DnsWait { origin: Origin },
 }
 
 impl Event {
@@ -73,7 +86,9 @@ impl Event {
             | Event::RefusedSpinning { origin, .. }
             | Event::VerdictApplied { origin, .. }
             | Event::Unclassified { origin, .. }
-            | Event::ArgvChanged { origin } => origin,
+            | Event::ArgvChanged { origin }
+            | Event::DnsPacket { origin, .. }
+            | Event::DnsWait { origin } => origin,
             Event::ExecRuleStale(stale) => &stale.origin,
         }
     }
@@ -93,6 +108,8 @@ impl Event {
             Event::Unclassified { .. } => "cgroup_unclassified",
             Event::ExecRuleStale(_) => "exec_rule_stale",
             Event::ArgvChanged { .. } => "exec_argv_changed",
+            Event::DnsPacket { .. } => "dns_packet",
+            Event::DnsWait { .. } => "dns_wait",
         }
     }
 }
@@ -138,6 +155,31 @@ pub fn parse(bytes: &[u8]) -> Result<Event, ParseError> {
             })
         }
         event_kind::EXEC_RULE_STALE => hooks::exec::parse_stale(bytes).map(Event::ExecRuleStale),
+        EVENT_DNS_PACKET => {
+            let raw: DnsEvent = read(bytes, kind)?;
+            let origin = Origin {
+                policy_id: raw.policy_id,
+                pid: 0,
+                tid: 0,
+                uid: 0,
+                gid: 0,
+                ppid: 0,
+                cgroup_id: raw.cgroup_id,
+                ktime_ns: raw.ktime_ns,
+                digest: 0,
+                comm: String::new(),
+            };
+            Ok(Event::DnsPacket {
+                origin,
+                packet: Box::new(raw),
+            })
+        }
+        EVENT_DNS_WAIT => {
+            let raw: TaskEvent = read(bytes, kind)?;
+            Ok(Event::DnsWait {
+                origin: origin(&raw.header),
+            })
+        }
         kind => match hooks::parse(kind, bytes) {
             Some(Ok((Reported::Ask, request))) => Ok(Event::Ask(request)),
             Some(Ok((Reported::Denied, request))) => Ok(Event::Denied(request)),

@@ -68,6 +68,10 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::PROTECTED_INODES,
     map_names::CANDIDATE_PARENTS,
     map_names::POLICY_NAME_HASHES,
+    // Host-name connect rules (issue 20, item 3).
+    map_names::HOST_RULES,
+    map_names::DNS_RECEIVED,
+    map_names::DNS_PROCESSED,
 ];
 
 /// Errors loading, adopting or unloading the pinned programs.
@@ -295,6 +299,42 @@ fn open_ring(layout: &PinLayout) -> Result<RingBuf<MapData>, PinningError> {
 /// Loads the object (maps from or into the pins) and attaches and pins the
 /// programs named in `missing`.
 fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), PinningError> {
+    let (mut object, btf) = load_object(layout)?;
+    // Before any program runs from these pins: a later start must know
+    // whose they are.
+    write_build_id(layout)?;
+
+    for program in PROGRAMS.iter().filter(|p| missing.contains(&p.name)) {
+        programs::load(&mut object, &btf, program)?;
+        let link = programs::attach(&mut object, program)?;
+        pin_link(layout, program.name, link)?;
+    }
+    // Dropping `object` closes our program fds; the pinned links keep the
+    // programs attached, and the pinned maps keep the maps.
+    Ok(())
+}
+
+/// The DNS observation programs (`cgroup_skb`), loaded (not attached) from
+/// a copy of the object whose maps are the pinned ones: the agent attaches
+/// them to the gated cgroups whose policies have host rules, and they stay
+/// attached while it holds their links ([`crate::dns`]).
+pub fn load_dns_programs(layout: &PinLayout) -> Result<aya::Ebpf, PinningError> {
+    let (mut object, _btf) = load_object(layout)?;
+    for name in programs::DNS_PROGRAMS {
+        let program: &mut aya::programs::CgroupSkb = object
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| LoadError::LoadProgram { name, source })?;
+        program
+            .load()
+            .map_err(|source| LoadError::LoadProgram { name, source })?;
+    }
+    Ok(object)
+}
+
+/// Loads the object with its maps from (or into) the pins.
+fn load_object(layout: &PinLayout) -> Result<(aya::Ebpf, Btf), PinningError> {
     if programs::OBJECT.is_empty() {
         return Err(LoadError::NoObject.into());
     }
@@ -315,24 +355,13 @@ fn attach_missing(layout: &PinLayout, missing: &[&'static str]) -> Result<(), Pi
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut object = loader
+    let object = loader
         .load(programs::OBJECT)
         .map_err(|source| PinningError::Object {
             dir: layout.maps_dir(),
             source: Box::new(source),
         })?;
-    // Before any program runs from these pins: a later start must know
-    // whose they are.
-    write_build_id(layout)?;
-
-    for program in PROGRAMS.iter().filter(|p| missing.contains(&p.name)) {
-        programs::load(&mut object, &btf, program)?;
-        let link = programs::attach(&mut object, program)?;
-        pin_link(layout, program.name, link)?;
-    }
-    // Dropping `object` closes our program fds; the pinned links keep the
-    // programs attached, and the pinned maps keep the maps.
-    Ok(())
+    Ok((object, btf))
 }
 
 /// Identity of the embedded object: its SHA-256.

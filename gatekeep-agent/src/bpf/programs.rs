@@ -43,6 +43,11 @@ impl Program {
     }
 }
 
+/// The DNS observation programs (`cgroup_skb`, issue 20 item 3): not in
+/// [`PROGRAMS`], because the agent attaches them per gated cgroup
+/// ([`crate::dns`]), never to the whole host.
+pub const DNS_PROGRAMS: [&str; 2] = ["dns_egress", "dns_ingress"];
+
 /// Every program of the object, in attach order: per-thread cleanup and
 /// cgroup tracking first, so gating never runs without them. Nothing on
 /// the exec or connect syscalls but the LSM hooks, which return after one

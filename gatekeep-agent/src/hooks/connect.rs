@@ -103,6 +103,10 @@ pub struct ConnectRequest {
     /// `SOCK_STREAM` (1), `SOCK_DGRAM` (2), ...
     pub sock_type: u32,
     pub via: Via,
+    /// The host names the workload resolved to an IP destination (fresh
+    /// DNS answers it received, `crate::dns`): shown to reviewers, and the
+    /// host rules they match decided the request with the network rules.
+    pub resolved: Vec<String>,
 }
 
 /// The connect hook.
@@ -246,6 +250,10 @@ impl Hook for Connect {
     fn rule(policy: &Policy, (): &(), request: &ConnectRequest) -> String {
         let connect = &policy.connect;
         match &request.destination {
+            Destination::Ip { addr, port } if !request.resolved.is_empty() => {
+                let names: Vec<&str> = request.resolved.iter().map(String::as_str).collect();
+                connect.decide_resolved(*addr, *port, &names).to_string()
+            }
             Destination::Ip { addr, port } => connect_rule(policy, *addr, *port),
             Destination::Unix { .. } => format!("connect unix {}", connect.unix),
             Destination::Other { .. } => {
@@ -258,7 +266,7 @@ impl Hook for Connect {
     }
 
     fn target(request: &ConnectRequest, _enricher: &Enricher) -> model::Target {
-        connect_target(&request.destination, request.sock_type)
+        connect_target(&request.destination, request.sock_type, &request.resolved)
     }
 
     fn kernel_facts(request: &ConnectRequest) -> KernelFacts {
@@ -410,11 +418,22 @@ fn connect_request(raw: &ConnectEvent) -> ConnectRequest {
         ),
         _ => (Via::Connect, destination),
     };
+    // The kernel decided after the agent had processed every DNS answer of
+    // this workload (it waits otherwise), so these are the names it used.
+    let resolved = match &destination {
+        Destination::Ip { addr, .. } => crate::dns::names_for(raw.header.cgroup_id, *addr)
+            .into_iter()
+            .take(limits::MAX_RESOLVED)
+            .map(|name| request::bounded(&name, limits::MAX_HOST_NAME))
+            .collect(),
+        _ => Vec::new(),
+    };
     ConnectRequest {
         origin: origin(&raw.header),
         destination,
         sock_type: raw.sock_type,
         via,
+        resolved,
     }
 }
 
@@ -440,7 +459,7 @@ impl std::fmt::Display for Destination {
 
 /// A connect's target.
 #[must_use]
-pub fn connect_target(destination: &Destination, sock_type: u32) -> Target {
+pub fn connect_target(destination: &Destination, sock_type: u32, resolved: &[String]) -> Target {
     let socket_type = match sock_type {
         1 => SocketType::Stream,
         2 => SocketType::Dgram,
@@ -458,6 +477,7 @@ pub fn connect_target(destination: &Destination, sock_type: u32) -> Target {
             address: addr.to_string(),
             port: *port,
             socket_type,
+            resolved: resolved.to_vec(),
         },
         Destination::Unix { path } => ConnectTarget {
             family: Family::Unix,
@@ -468,12 +488,14 @@ pub fn connect_target(destination: &Destination, sock_type: u32) -> Target {
             },
             port: 0,
             socket_type,
+            resolved: Vec::new(),
         },
         Destination::Other { family } => ConnectTarget {
             family: Family::Unix,
             address: format!("(address family {family})"),
             port: 0,
             socket_type,
+            resolved: Vec::new(),
         },
         Destination::RawSocket { family, protocol } => ConnectTarget {
             family: match *family {
@@ -484,6 +506,7 @@ pub fn connect_target(destination: &Destination, sock_type: u32) -> Target {
             address: format!("(new raw socket: address family {family}, protocol {protocol})"),
             port: 0,
             socket_type,
+            resolved: Vec::new(),
         },
     })
 }

@@ -414,7 +414,7 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             }
             // The daemon hands these to the policy watcher, which classifies
             // the cgroup and resumes the task; nothing to track here.
-            Event::Unclassified { .. } => {}
+            Event::Unclassified { .. } | Event::DnsPacket { .. } | Event::DnsWait { .. } => {}
             Event::ExecRuleStale(stale) => self.handle_stale_rule(&stale),
             Event::Abandoned { origin, kind } => self.handle_gone(&origin, kind, false),
             Event::RefusedSpinning { origin, kind } => self.handle_gone(&origin, kind, true),
@@ -1804,6 +1804,7 @@ mod tests {
                 },
                 sock_type: 1,
                 via: Via::Connect,
+                resolved: Vec::new(),
             }))
         };
         // Read by the reader, queued, and the stop signal already given.
@@ -1848,6 +1849,7 @@ mod tests {
                 },
                 sock_type: 1,
                 via: Via::Connect,
+                resolved: Vec::new(),
             }))
         };
         for _ in 0..5_000 {

@@ -519,6 +519,7 @@ mod tests {
                 port: 443,
             },
             1,
+            &[],
         );
         let approval = valid(approval_request(
             ask(&origin, &info, ip),
@@ -537,6 +538,7 @@ mod tests {
                 path: String::new(),
             },
             1,
+            &[],
         );
         valid(approval_request(
             ask(&origin, &info, unix),

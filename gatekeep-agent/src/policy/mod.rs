@@ -944,6 +944,7 @@ raw_sockets = "allow"
             destination,
             sock_type: 3,
             via: Via::Socket,
+            resolved: Vec::new(),
         };
         let follows = &set(text).policies[0];
         let rule = |destination| {

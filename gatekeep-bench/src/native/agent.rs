@@ -247,6 +247,7 @@ fn connect_denied(n: u64) -> Event {
         },
         sock_type: 1,
         via: gatekeep_agent::hooks::connect::Via::Connect,
+        resolved: Vec::new(),
     }))
 }
 

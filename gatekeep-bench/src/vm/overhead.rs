@@ -148,6 +148,7 @@ impl OverheadSizes {
                     LoopSize::new(10, 100, 100),
                     LoopSize::new(10, 100, 100),
                     LoopSize::new(10, 100, 100),
+                    LoopSize::new(10, 100, 100),
                 ],
                 settle_attach: Duration::from_millis(20),
                 settle_detach: Duration::from_millis(20),
@@ -169,6 +170,7 @@ impl OverheadSizes {
                     LoopSize::new(100, 5000, 6000),
                     LoopSize::new(100, 2500, 3000),
                     LoopSize::new(100, 5000, 6000),
+                    LoopSize::new(100, 2500, 3000),
                     LoopSize::new(100, 2500, 3000),
                     LoopSize::new(100, 2500, 3000),
                 ],
@@ -206,10 +208,14 @@ enum Op {
     /// `mmap` of a file's first page with `PROT_EXEC`, then `munmap`: `mmap_file`
     /// (issue 19: a file mapped as code meets its exec rules).
     Mmap,
+    /// A DNS query to a loopback responder on port 53 and its answer (issue 20: host-name
+    /// rules observe DNS with `cgroup_skb` programs attached only to gated cgroups whose
+    /// policy has host rules, so outside them only `socket_sendmsg` runs).
+    Dns,
 }
 
 /// How many loops there are.
-const OPS: usize = 7;
+const OPS: usize = 8;
 
 impl Op {
     const ALL: [Op; OPS] = [
@@ -220,6 +226,7 @@ impl Op {
         Op::Stat,
         Op::Sendto,
         Op::Mmap,
+        Op::Dns,
     ];
 
     /// The worker's name for the loop, and the figures'.
@@ -232,6 +239,7 @@ impl Op {
             Op::Stat => "stat",
             Op::Sendto => "sendto",
             Op::Mmap => "mmap",
+            Op::Dns => "dns",
         }
     }
 
@@ -245,6 +253,10 @@ impl Op {
             Op::Sendto => "sendto of 16 bytes on an unconnected UDP socket to a loopback port",
             Op::Mmap => {
                 "mmap of the 129-byte binary's page with PROT_READ | PROT_EXEC, then munmap"
+            }
+            Op::Dns => {
+                "DNS query (sendto of 32 bytes on an unconnected UDP socket) to a loopback \
+                 responder on port 53, and its answer (recv)"
             }
         }
     }
@@ -391,7 +403,7 @@ impl Setup {
     fn target(self, op: Op) -> Option<f64> {
         match (self, op) {
             (Setup::Outside, _) => Some(1.005),
-            (Setup::Rule | Setup::Grant, Op::Sendto) => Some(1.05),
+            (Setup::Rule | Setup::Grant, Op::Sendto | Op::Dns) => Some(1.05),
             (Setup::Rule | Setup::Grant, _) => Some(1.03),
             _ => None,
         }
@@ -881,7 +893,9 @@ impl Bench {
                 sizes.of(Op::Connect).warmup
                     + sizes.of(Op::Connect).timed
                     + sizes.of(Op::Sendto).warmup
-                    + sizes.of(Op::Sendto).timed,
+                    + sizes.of(Op::Sendto).timed
+                    + sizes.of(Op::Dns).warmup
+                    + sizes.of(Op::Dns).timed,
             )?,
         )?;
         Ok(Chunk {
@@ -1135,6 +1149,17 @@ impl Bench {
             cgroups.grant.path(),
             &["sendto".into(), "1".into(), addr.to_string()],
         )?;
+        // The DNS loop's query: a datagram to port 53 (the digest holds no payload).
+        learn_and_grant(
+            &mut programs.ebpf,
+            &drainer,
+            cgroups.grant.path(),
+            &[
+                "sendto".into(),
+                "1".into(),
+                SocketAddr::new(addr.ip(), super::worker::DNS_PORT).to_string(),
+            ],
+        )?;
         let worker = LoopWorker::start(cgroups.free.path(), addr)?;
         let bench = Self {
             programs,
@@ -1222,6 +1247,46 @@ fn ratio_rounds(bench: &mut Bench, rng: &mut Rng) -> Result<Vec<Round>> {
     Ok(rounds)
 }
 
+/// A UDP responder answering the DNS loop's queries ([`super::worker::answer_dns`]) from a
+/// thread of this process, until dropped.
+struct DnsResponder {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DnsResponder {
+    fn start(at: SocketAddr) -> Result<Self> {
+        let socket = std::net::UdpSocket::bind(at)
+            .with_context(|| format!("bind the DNS loop's responder on {at}"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                let mut buf = [0u8; 512];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                        let _ = socket.send_to(&super::worker::answer_dns(&buf[..len]), from);
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for DnsResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Loads the programs once, runs the ratio rounds and the statistics pass, and returns
 /// the figures.
 pub fn run(
@@ -1237,6 +1302,8 @@ pub fn run(
     };
     let vcpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let started = Instant::now();
+    // The DNS loop's resolver: this process, which no setup gates.
+    let _responder = DnsResponder::start(SocketAddr::new(addr.ip(), super::worker::DNS_PORT))?;
     let (mut bench, drainer) = Bench::start(&cgroups, sizes, tiny, addr)?;
     eprintln!(
         "[bench] overhead: programs loaded and grants learnt in {:.1} s; {vcpus} vCPU",
@@ -1519,6 +1586,7 @@ mod tests {
                 5.0 * time,
                 6.0 * time,
                 7.0 * time,
+                8.0 * time,
             ],
             trimmed: [time; OPS],
         }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::report::trimmed_mean;
@@ -45,8 +45,9 @@ pub enum Action {
     /// `kill <warmup> <count>` (`kill(own pid, 0)`), `open <warmup> <count>` (open, read
     /// and close `program`), `stat <warmup> <count>` (`stat` of `program`), `sendto
     /// <warmup> <count>` (a UDP datagram to `addr`'s port on an unconnected socket) or `mmap
-    /// <warmup> <count>` (`program`'s first page mapped with `PROT_EXEC`, then unmapped) is
-    /// answered with one report line. One process for a whole benchmark, moved from cgroup to
+    /// <warmup> <count>` (`program`'s first page mapped with `PROT_EXEC`, then unmapped) or
+    /// `dns <warmup> <count>` (a DNS query to port 53 of `addr`'s address, and its answer)
+    /// is answered with one report line. One process for a whole benchmark, moved from cgroup to
     /// cgroup, so setups alternate without starting processes.
     Serve { program: PathBuf, addr: SocketAddr },
     /// Connects to `addr` that gatekeep denies, paced at `rate` per second for `seconds`;
@@ -184,6 +185,59 @@ fn sendto_op(addr: SocketAddr) -> Result<impl FnMut() -> Result<()>> {
     })
 }
 
+/// The DNS query of the `dns` loop: id 0x4242, recursion desired, one
+/// question `api.bench.test` type A class IN (RFC 1035, 4.1).
+pub const DNS_QUERY: [u8; 32] = [
+    0x42, 0x42, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'a', b'p', b'i', 5, b'b', b'e', b'n', b'c',
+    b'h', 4, b't', b'e', b's', b't', 0, 0, 1, 0, 1,
+];
+
+/// The DNS resolver port the `dns` loop queries on `addr`'s address.
+pub const DNS_PORT: u16 = 53;
+
+/// One DNS query (`sendto` of [`DNS_QUERY`] on an unconnected UDP socket made once, to
+/// port 53 of `addr`'s address) and its answer (`recv`): what a resolver library does.
+/// The benchmark's responder ([`answer_dns`]) must listen there.
+fn dns_op(addr: SocketAddr) -> Result<impl FnMut() -> Result<()>> {
+    let resolver = SocketAddr::new(addr.ip(), DNS_PORT);
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "127.0.0.1:0".parse()?
+    } else {
+        "[::1]:0".parse()?
+    };
+    let socket = UdpSocket::bind(bind).context("bind a UDP socket")?;
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut answer = [0u8; 512];
+    Ok(move || {
+        socket
+            .send_to(&DNS_QUERY, resolver)
+            .with_context(|| format!("DNS query to {resolver}"))?;
+        let len = socket
+            .recv(&mut answer)
+            .with_context(|| format!("DNS answer from {resolver}"))?;
+        ensure!(len > DNS_QUERY.len(), "short DNS answer ({len} bytes)");
+        Ok(())
+    })
+}
+
+/// The answer to a query (as [`DNS_QUERY`]): the query with the response flags and one A
+/// record (127.0.0.2, TTL 60) for the question name.
+#[must_use]
+pub fn answer_dns(query: &[u8]) -> Vec<u8> {
+    let mut answer = query.to_vec();
+    if answer.len() < 12 {
+        return answer;
+    }
+    // QR, RD, RA; NOERROR; one answer.
+    answer[2] = 0x81;
+    answer[3] = 0x80;
+    answer[6] = 0;
+    answer[7] = 1;
+    // The question name by pointer (offset 12), A, IN, TTL 60, 4 bytes.
+    answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 2]);
+    answer
+}
+
 /// One `kill(own pid, 0)`: the signal permission check (the `task_kill` hook) and
 /// nothing delivered.
 fn kill_op() -> impl FnMut() -> Result<()> {
@@ -297,6 +351,7 @@ fn serve(program: &Path, addr: SocketAddr) -> Result<()> {
             "stat" => trimmed(warmup, count, stat_op(program)?)?,
             "sendto" => trimmed(warmup, count, sendto_op(addr)?)?,
             "mmap" => trimmed(warmup, count, mmap_op(program)?)?,
+            "dns" => trimmed(warmup, count, dns_op(addr)?)?,
             _ => bail!("unknown loop `{what}`"),
         };
         serde_json::to_writer(&mut stdout, &report)?;

@@ -10,7 +10,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
         generated::bpf_probe_read_kernel as probe_read_kernel_raw,
     },
     macros::lsm,
@@ -19,17 +19,17 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
-    ConnectEvent, ConnectV4Key, ConnectV6Key, EPERM, ERESTARTNOINTR, GATED_UNCLASSIFIED,
-    PORT_RULES, PortRules, ServiceListenerKey, action, connect_op, counter, event_kind, protect,
-    request_kind,
+    ConnectEvent, ConnectV4Key, ConnectV6Key, EPERM, ERESTARTNOINTR, EVENT_DNS_WAIT,
+    GATED_UNCLASSIFIED, PORT_RULES, PolicyDefaults, PortRules, ServiceListenerKey, action,
+    connect_op, counter, event_kind, protect, request_kind,
 };
 
 use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
-    hooks::{gating_candidate, protect::refuse_gated},
+    hooks::{dns, gating_candidate, protect::refuse_gated},
     maps::{EVENTS, POLICIES, SERVICE_LISTENERS, bump, gated_entry, offsets},
-    pause::{Asked, Request, ask, await_classification},
+    pause::{Asked, Request, ask, await_agent, await_classification},
 };
 
 pub const AF_UNSPEC: u16 = 0;
@@ -90,6 +90,9 @@ const EPERM_REFUSED: i32 = -0x1_0001;
 /// [`decide`]'s `-EPERM` for a request the pending map has no room for,
 /// which the hook logs.
 const EPERM_UNTRACKABLE: i32 = -0x1_0002;
+/// [`decide`]'s "wait for the agent's DNS processing" ([`await_dns`]),
+/// which the hook does in its own frame.
+const DNS_WAIT: i32 = -0x1_0003;
 
 /// The hook's return value for [`decide`]'s, logging the refusals that are
 /// worth a line. Logged here, in the hook's frame: a log call from the
@@ -116,6 +119,13 @@ pub fn verdict(ctx: &LsmContext, ret: i32) -> i32 {
                 bpf_get_current_pid_tgid() as u32
             );
             EPERM
+        }
+        DNS_WAIT => {
+            if await_dns() == ERESTARTNOINTR {
+                ERESTARTNOINTR
+            } else {
+                EPERM
+            }
         }
         _ => EPERM,
     }
@@ -165,7 +175,9 @@ pub struct Target {
 /// The connect decision, for a connect and for a datagram sent to an
 /// address (`hooks/sendmsg.rs`) alike:
 /// IPv4/IPv6 destinations are matched against the policy's prefixes (most
-/// specific first) and port rules, else the policy default; IPv4-mapped IPv6
+/// specific first) and port rules, and against the host rules of the names
+/// the workload resolved to the address ([`with_hosts`]: the strictest of
+/// the two), else the policy default; IPv4-mapped IPv6
 /// addresses match the IPv4 rules, and `0.0.0.0`/`::` match as the loopback
 /// address they reach; `AF_UNIX` uses the policy's unix action; netlink to
 /// the kernel is not gated; other families use the policy's action for
@@ -187,10 +199,11 @@ pub fn decide(cgroup_id: u64, policy_id: u32, target: &Target) -> Result<i32, i3
         AF_INET if addrlen >= SOCKADDR_IN_LEN => {
             let destination = read_inet(address, family, target.sock).map_err(|_| EPERM)?;
             let rules = lookup_v4(policy_id, &destination.addr);
-            (
-                destination,
-                port_action(rules, destination.port, policy.connect_default),
-            )
+            let network = port_action(rules, destination.port, action::NONE);
+            let Some(action) = with_hosts(cgroup_id, &policy, &destination, true, network) else {
+                return Ok(DNS_WAIT);
+            };
+            (destination, action)
         }
         AF_INET6 if addrlen >= SOCKADDR_IN6_LEN => {
             let destination = read_inet(address, family, target.sock).map_err(|_| EPERM)?;
@@ -205,10 +218,11 @@ pub fn decide(cgroup_id: u64, policy_id: u32, target: &Target) -> Result<i32, i3
             } else {
                 lookup_v6(policy_id, a)
             };
-            (
-                destination,
-                port_action(rules, destination.port, policy.connect_default),
-            )
+            let network = port_action(rules, destination.port, action::NONE);
+            let Some(action) = with_hosts(cgroup_id, &policy, &destination, false, network) else {
+                return Ok(DNS_WAIT);
+            };
+            (destination, action)
         }
         AF_UNIX => (
             Destination {
@@ -345,6 +359,49 @@ pub fn decide(cgroup_id: u64, policy_id: u32, target: &Target) -> Result<i32, i3
             }
         }
     }
+}
+
+/// The action for an IP destination whose most specific network rule gave
+/// `network` (`NONE`: none matched): with the host rules of the names the
+/// workload resolved to the address (`hooks/dns.rs`), the strictest of the
+/// two; neither: the policy default. `None` when the agent must catch up
+/// first (see [`dns::host_action`]); in audit mode, which pauses nothing,
+/// the host rules then count as not applying.
+#[inline(always)]
+fn with_hosts(
+    cgroup_id: u64,
+    policy: &PolicyDefaults,
+    destination: &Destination,
+    v4: bool,
+    network: u32,
+) -> Option<u32> {
+    // SAFETY: helper without arguments.
+    let now_ns = unsafe { bpf_ktime_get_boot_ns() };
+    let host = match dns::host_action(cgroup_id, &destination.addr, v4, destination.port, now_ns) {
+        Ok(host) => host,
+        Err(()) if policy.audit != 0 => action::NONE,
+        Err(()) => return None,
+    };
+    let decided = dns::strictest(network, host);
+    Some(if decided == action::NONE {
+        policy.connect_default
+    } else {
+        decided
+    })
+}
+
+/// A connect whose workload's DNS answers the agent has not processed yet
+/// ([`DNS_WAIT`]): the thread stops until the agent has caught up and sends
+/// SIGCONT ([`EVENT_DNS_WAIT`]); the restarted syscall is decided again.
+/// Called from the hook's own frame ([`verdict`]): the event and the caller
+/// do not fit beside the decision's frame in BPF's 512 bytes of stack.
+#[inline(never)]
+fn await_dns() -> i32 {
+    // SAFETY: helper without arguments.
+    let cgroup_id = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
+    let policy_id = gated_entry(cgroup_id).map_or(u32::MAX, |gated| gated.policy_id);
+    let caller = Caller::current(cgroup_id, policy_id);
+    await_agent(&caller, request_kind::CONNECT, EVENT_DNS_WAIT)
 }
 
 /// Whether `addr` is IPv4-mapped IPv6 (`::ffff:a.b.c.d`).

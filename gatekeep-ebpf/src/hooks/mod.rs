@@ -3,6 +3,8 @@
 pub mod cgroup;
 pub mod cgroup_escape;
 pub mod connect;
+// Host-name connect rules (issue 20, item 3): DNS answers observed.
+pub mod dns;
 pub mod exec;
 pub mod exit;
 pub mod floor;

@@ -239,6 +239,7 @@ mod tests {
             address: "10.0.0.1".into(),
             port: 443,
             socket_type: SocketType::Stream,
+            resolved: Vec::new(),
         });
         assert_eq!(subject_key(&connect), "connect:inet:10.0.0.1:443");
     }
