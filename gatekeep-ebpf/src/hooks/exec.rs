@@ -27,7 +27,7 @@ use crate::{
     digest::Digest,
     events::{Caller, emit_task_event},
     hooks::{
-        exec::argv::{ARGV_BLOCK, ARGV_SCRATCH, ExecArgs},
+        exec::argv::{ARGV_SCRATCH, ExecArgs},
         gating_candidate,
     },
     maps::{EVENTS, POLICIES, bump, gated_entry, offsets},
@@ -691,20 +691,7 @@ fn exec_digest(file: &Executable, args: Option<*const ExecArgs>) -> u64 {
         digest.word((u64::from(args.argc) << 32) | u64::from(args.truncated));
         // `len` covers argv and, after it, the bound environment.
         digest.word(u64::from(args.len));
-        let words = args.argv.as_ptr().cast::<u64>();
-        let used_blocks = (args.len as usize).div_ceil(ARGV_BLOCK);
-        let mut block = 0;
-        while block < ARGV_LEN / ARGV_BLOCK {
-            if block >= used_blocks {
-                break;
-            }
-            let mut i = 0;
-            while i < ARGV_BLOCK / 8 {
-                digest.word(words.add(block * (ARGV_BLOCK / 8) + i).read_unaligned());
-                i += 1;
-            }
-            block += 1;
-        }
+        digest.blocks(args.argv.as_ptr(), args.len as usize, ARGV_LEN);
     }
     digest.finish()
 }

@@ -203,20 +203,7 @@ unsafe fn digest_prefix(buf: *mut u8, len: u32) -> u64 {
         }
         let mut digest = Digest::new();
         digest.word(u64::from(len));
-        let words = buf.cast::<u64>();
-        let used_blocks = (len as usize).div_ceil(ARGV_BLOCK);
-        let mut block = 0;
-        while block < ARGV_LEN / ARGV_BLOCK {
-            if block >= used_blocks {
-                break;
-            }
-            let mut i = 0;
-            while i < ARGV_BLOCK / 8 {
-                digest.word(words.add(block * (ARGV_BLOCK / 8) + i).read_unaligned());
-                i += 1;
-            }
-            block += 1;
-        }
+        digest.blocks(buf, len as usize, ARGV_LEN);
         digest.finish()
     }
 }
