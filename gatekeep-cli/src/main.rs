@@ -259,8 +259,14 @@ enum PolicyCommand {
     ///   missing-path           a rule names a file that does not exist here
     ///   not-a-file             a rule names a directory or special file
     ///   unreadable             a rule's file could not be read to check it
-    ///   script                 a deny/ask rule names a script (or a non-ELF file): `sh FILE`
-    ///                          runs it without exec'ing it
+    ///   script                 a deny/ask rule names a script (or a non-ELF file): an
+    ///                          interpreter outside `interpreters` runs it without exec'ing
+    ///                          it, and a listed one still reads `sh < FILE`
+    ///   unlisted-mappings-under-allow-list
+    ///                          an allow-list that lets unlisted files be mapped as code
+    ///   host-deny-list-under-allow
+    ///                          deny/ask host-name rules under connect `default = "allow"`:
+    ///                          a hard-coded address or DNS over HTTPS escapes them
     ///
     /// Exit status: 0 the files are valid (warnings alone do not fail); 1 a file is invalid
     /// or cannot be read; 2 wrong command-line usage; 3 the files are valid but have

@@ -12,7 +12,7 @@ use crate::{
     error::{Diagnostic, PolicyError},
     model::PolicySet,
     parse::{ParsedPolicy, Pos, parse_file},
-    warning::{Warning, policy_warnings},
+    warning::{Places, Warning, policy_warnings},
 };
 
 impl PolicySet {
@@ -100,7 +100,13 @@ pub fn validate_paths(paths: &[PathBuf]) -> Result<Validation, PolicyError> {
     let parsed = load_parsed(&read_sources(&files)?)?;
     let warnings = parsed
         .iter()
-        .flat_map(|entry| policy_warnings(&entry.policy, Some(&entry.exec_at)))
+        .flat_map(|entry| {
+            let places = Places {
+                exec: &entry.exec_at,
+                hosts: &entry.hosts_at,
+            };
+            policy_warnings(&entry.policy, Some(places))
+        })
         .collect();
     let policies = parsed.iter().map(|entry| &entry.policy);
     Ok(Validation {

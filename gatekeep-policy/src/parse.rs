@@ -101,6 +101,8 @@ pub(crate) struct ParsedPolicy {
     pub cgroups_at: Vec<Pos>,
     /// Where each of `policy.exec.rules` was written.
     pub exec_at: Vec<Pos>,
+    /// Where each of `policy.connect.hosts` was written.
+    pub hosts_at: Vec<Pos>,
 }
 
 /// Parses one file, appending its problems to `diagnostics`.
@@ -256,7 +258,7 @@ impl<'a> Walker<'a> {
 
         let (cgroups, cgroups_at) = self.cgroups(header, table);
         let (exec, exec_at) = self.exec(table);
-        let connect = self.connect(table);
+        let (connect, hosts_at) = self.connect(table);
         let approval = self.approval(table);
         let protect = self.protect(table);
         let mode = self.mode(table);
@@ -273,6 +275,7 @@ impl<'a> Walker<'a> {
             name_at,
             cgroups_at,
             exec_at,
+            hosts_at,
         }
     }
 
@@ -603,7 +606,8 @@ impl<'a> Walker<'a> {
         None
     }
 
-    fn connect(&mut self, policy: &DeTable<'_>) -> ConnectPolicy {
+    /// The connect section, and where each of its host rules is written.
+    fn connect(&mut self, policy: &DeTable<'_>) -> (ConnectPolicy, Vec<Pos>) {
         let mut connect = ConnectPolicy {
             default: Action::Allow,
             unix: Action::Allow,
@@ -613,7 +617,7 @@ impl<'a> Walker<'a> {
             hosts: Vec::new(),
         };
         let Some(table) = self.section(policy, "connect", CONNECT_KEYS) else {
-            return connect;
+            return (connect, Vec::new());
         };
         if let Some(value) = field(table, "default") {
             connect.default = self.action(value, "default").unwrap_or(Action::Allow);
@@ -680,6 +684,7 @@ impl<'a> Walker<'a> {
             }
             kept_hosts.push((span, rule));
         }
+        let hosts_at = kept_hosts.iter().map(|(span, _)| self.pos(span)).collect();
         connect.hosts = kept_hosts.into_iter().map(|(_, rule)| rule).collect();
 
         let mut kept: Vec<(Span, ConnectRule)> = Vec::new();
@@ -691,7 +696,7 @@ impl<'a> Walker<'a> {
             kept.push((span, rule));
         }
         connect.rules = kept.into_iter().map(|(_, rule)| rule).collect();
-        connect
+        (connect, hosts_at)
     }
 
     /// Why `rule` cannot join `kept`: the same network and ports again, or

@@ -10,9 +10,15 @@
 //!   file, matches nothing ([`WarningKind::MissingPath`],
 //!   [`WarningKind::NotAFile`]);
 //! - a deny or ask rule on a **script** (a file starting with `#!`, or any
-//!   file that is not an ELF binary) holds only when the script is exec'ed:
-//!   `sh denied.sh` or `python3 x.py` runs the interpreter, which reads the
-//!   script as data ([`WarningKind::Script`]).
+//!   file that is not an ELF binary) holds only when the script is exec'ed
+//!   or named to an interpreter the policy lists (`interpreters`): `sh <
+//!   denied.sh`, or an interpreter the policy does not list, reads the
+//!   script as data ([`WarningKind::Script`]);
+//! - a **host-name deny-list under connect `default = "allow"`** holds only
+//!   for addresses the workload resolved those names to in DNS answers the
+//!   agent saw: a hard-coded address, DNS over HTTPS, or a resolver it does
+//!   not watch reaches the same host under the default
+//!   ([`WarningKind::HostDenyListUnderAllow`]).
 //!
 //! Warnings never make a policy invalid; `gatekeep policy validate` prints
 //! them (and fails on them with `--deny-warnings`), and the agent logs them
@@ -29,7 +35,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    model::{Action, ExecRule, Policy, PolicySet, UnlistedMappings},
+    model::{Action, ExecPolicy, ExecRule, Policy, PolicySet, UnlistedMappings},
     parse::Pos,
 };
 
@@ -59,12 +65,15 @@ pub enum WarningKind {
     /// mapped as code (`unlisted_mappings = "allow"`): a program it allows
     /// can load code it does not list (`dlopen`, `LD_PRELOAD`).
     UnlistedMappingsUnderAllowList,
+    /// Host-name rules deny or ask while connect's `default = "allow"`: an
+    /// address reached without a DNS answer the agent saw escapes them.
+    HostDenyListUnderAllow,
 }
 
 impl WarningKind {
     /// The name in JSON output and logs: `deny-list-under-allow`,
     /// `missing-path`, `not-a-file`, `unreadable`, `script`,
-    /// `unlisted-mappings-under-allow-list`.
+    /// `unlisted-mappings-under-allow-list`, `host-deny-list-under-allow`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -74,6 +83,7 @@ impl WarningKind {
             WarningKind::Unreadable => "unreadable",
             WarningKind::Script => "script",
             WarningKind::UnlistedMappingsUnderAllowList => "unlisted-mappings-under-allow-list",
+            WarningKind::HostDenyListUnderAllow => "host-deny-list-under-allow",
         }
     }
 }
@@ -109,7 +119,8 @@ pub struct Warning {
     /// The policy's name.
     pub policy: String,
     /// The exec rules concerned, in file order: one, or for
-    /// [`WarningKind::DenyListUnderAllow`] every deny and ask rule.
+    /// [`WarningKind::DenyListUnderAllow`] every deny and ask rule (none for
+    /// the warnings about a whole policy or its connect rules).
     pub rules: Vec<ExecRule>,
     /// Where the (first) rule is written; `None` for a policy checked
     /// without its file positions ([`PolicySet::warnings`]).
@@ -148,17 +159,33 @@ impl Policy {
     }
 }
 
-/// One policy's warnings; `places` are where its exec rules are written (one
-/// per rule), when known.
-pub(crate) fn policy_warnings(policy: &Policy, places: Option<&[Pos]>) -> Vec<Warning> {
+/// Where a policy's rules are written, one position per rule.
+#[derive(Clone, Copy)]
+pub(crate) struct Places<'a> {
+    pub exec: &'a [Pos],
+    pub hosts: &'a [Pos],
+}
+
+fn location(pos: &Pos) -> Location {
+    Location {
+        file: pos.file.clone(),
+        line: pos.line,
+        column: pos.column,
+    }
+}
+
+/// One policy's warnings; `places` are where its rules are written, when
+/// known.
+pub(crate) fn policy_warnings(policy: &Policy, places: Option<Places<'_>>) -> Vec<Warning> {
     let at = |index: usize| {
         places
-            .and_then(|places| places.get(index))
-            .map(|pos| Location {
-                file: pos.file.clone(),
-                line: pos.line,
-                column: pos.column,
-            })
+            .and_then(|places| places.exec.get(index))
+            .map(location)
+    };
+    let host_at = |index: usize| {
+        places
+            .and_then(|places| places.hosts.get(index))
+            .map(location)
     };
     let mut warnings = Vec::new();
     let exec = &policy.exec;
@@ -213,8 +240,35 @@ pub(crate) fn policy_warnings(policy: &Policy, places: Option<&[Pos]>) -> Vec<Wa
         });
     }
 
+    let connect = &policy.connect;
+    let restricted_hosts: Vec<usize> = (0..connect.hosts.len())
+        .filter(|&index| connect.hosts[index].action != Action::Allow)
+        .collect();
+    if connect.default == Action::Allow && !restricted_hosts.is_empty() {
+        let listed: Vec<String> = restricted_hosts
+            .iter()
+            .map(|&index| {
+                let rule = &connect.hosts[index];
+                format!("{} \"{}\"", rule.action, rule.target())
+            })
+            .collect();
+        warnings.push(Warning {
+            kind: WarningKind::HostDenyListUnderAllow,
+            policy: policy.name.clone(),
+            rules: Vec::new(),
+            at: host_at(restricted_hosts[0]),
+            message: format!(
+                "policy \"{}\": connect default is allow, so {} hold{} only for addresses the workload resolved through DNS answers the agent saw: a hard-coded address, DNS over HTTPS or TLS, or a resolver the agent does not watch reaches the same host{} under the default; write default = \"deny\" (or \"ask\") under [policy.connect] and list what the workload may reach under allow",
+                policy.name,
+                listed.join(", "),
+                if listed.len() == 1 { "s" } else { "" },
+                if listed.len() == 1 { "" } else { "s" },
+            ),
+        });
+    }
+
     for (index, rule) in exec.rules.iter().enumerate() {
-        if let Some((kind, message)) = check_file(&policy.name, rule) {
+        if let Some((kind, message)) = check_file(&policy.name, exec, rule) {
             warnings.push(Warning {
                 kind,
                 policy: policy.name.clone(),
@@ -227,8 +281,8 @@ pub(crate) fn policy_warnings(policy: &Policy, places: Option<&[Pos]>) -> Vec<Wa
     warnings
 }
 
-/// What is wrong with the file one rule names, if anything.
-fn check_file(policy: &str, rule: &ExecRule) -> Option<(WarningKind, String)> {
+/// What is wrong with the file one rule of `exec` names, if anything.
+fn check_file(policy: &str, exec: &ExecPolicy, rule: &ExecRule) -> Option<(WarningKind, String)> {
     let path = rule.path.display();
     let named = format!("policy \"{policy}\": exec {} rule \"{path}\"", rule.action);
     let meta = match fs::metadata(&rule.path) {
@@ -279,9 +333,15 @@ fn check_file(policy: &str, rule: &ExecRule) -> Option<(WarningKind, String)> {
                     interpreter_path(&line)
                 )
             };
-            format!(
-                "{named} is a script (#!{line}): running its interpreter on it (`{interpreter} {path}`) reads the script without exec'ing it, so the rule does not hold; put the rule on the interpreter instead ({instead}), or deny that interpreter to the workload"
-            )
+            if lists_interpreter(exec, interpreter) {
+                format!(
+                    "{named} is a script (#!{line}): `{interpreter} {path}` meets the rule (the policy's interpreters), but {interpreter} can still read the script without being given its name (`{interpreter} < {path}`, `cat {path} | {interpreter}`), so the rule holds only as far as the interpreter is kept from the workload; restrict the interpreter too ({instead}, or a command rule on it)"
+                )
+            } else {
+                format!(
+                    "{named} is a script (#!{line}): running its interpreter on it (`{interpreter} {path}`) reads the script without exec'ing it, and {interpreter} is not among the policy's interpreters, so the rule does not hold; add the interpreter to `interpreters` under [policy.exec], or put the rule on the interpreter instead ({instead}), or deny that interpreter to the workload"
+                )
+            }
         }
         None => format!(
             "{named} is not an ELF binary and has no #! line: shells run such a file themselves when exec fails, and `sh {path}` (or the program binfmt_misc hands it to) reads it without exec'ing it, so the rule does not hold; put the rule on the program that runs it (e.g. {} \"/bin/sh\"), or deny that program to the workload",
@@ -321,6 +381,20 @@ fn shebang(head: &[u8]) -> Option<String> {
 /// `/usr/bin/env`); `/bin/sh` when the line names none.
 fn interpreter_path(line: &str) -> &str {
     line.split_whitespace().next().unwrap_or("/bin/sh")
+}
+
+/// Whether `exec.interpreters` holds `interpreter` (a path, or a program
+/// name that `env` looks up): by path, by the file it leads to, or by name.
+fn lists_interpreter(exec: &ExecPolicy, interpreter: &str) -> bool {
+    let wanted = Path::new(interpreter);
+    let real = fs::canonicalize(wanted).ok();
+    exec.interpreters.iter().any(|listed| {
+        if wanted.is_absolute() {
+            listed == wanted || real.is_some() && fs::canonicalize(listed).ok() == real
+        } else {
+            listed.file_name() == Some(wanted.as_os_str())
+        }
+    })
 }
 
 /// The program that really runs the script: the `#!` line's interpreter, or
@@ -580,37 +654,107 @@ mod tests {
     fn a_deny_or_ask_rule_on_a_shell_script_names_the_interpreter_and_the_fix() {
         let host = Host::new();
         for action in ["deny", "ask"] {
+            // /bin/sh is not among this policy's interpreters: `sh script`
+            // itself gets around the rule.
             let warnings = host.validate(&format!(
-                "default = \"deny\"\nallow = [\"/bin/sh\"]\n{action} = [\"{{dir}}/denied.sh\"]\n"
+                "default = \"deny\"\ninterpreters = [\"/usr/bin/perl\"]\nallow = [\"/bin/sh\"]\n{action} = [\"{{dir}}/denied.sh\"]\n"
             ));
             assert_eq!(kinds(&warnings), [WarningKind::Script], "{action}");
             let warning = &warnings[0];
             assert_eq!(rule_paths(warning), [PathBuf::from(host.path("denied.sh"))]);
-            assert_eq!(warning.at.as_ref().map(|at| at.line), Some(7));
+            assert_eq!(warning.at.as_ref().map(|at| at.line), Some(8));
             let script = host.path("denied.sh");
             assert_eq!(
                 warning.message,
                 format!(
-                    "policy \"agents\": exec {action} rule \"{script}\" is a script (#!/bin/sh): running its interpreter on it (`/bin/sh {script}`) reads the script without exec'ing it, so the rule does not hold; put the rule on the interpreter instead ({action} \"/bin/sh\"), or deny that interpreter to the workload"
+                    "policy \"agents\": exec {action} rule \"{script}\" is a script (#!/bin/sh): running its interpreter on it (`/bin/sh {script}`) reads the script without exec'ing it, and /bin/sh is not among the policy's interpreters, so the rule does not hold; add the interpreter to `interpreters` under [policy.exec], or put the rule on the interpreter instead ({action} \"/bin/sh\"), or deny that interpreter to the workload"
                 )
             );
         }
     }
 
     #[test]
+    fn a_script_whose_interpreter_is_listed_is_told_what_still_gets_around_it() {
+        let host = Host::new();
+        // The default interpreters hold /bin/sh: `sh script` meets the
+        // rule, reading the script from standard input does not.
+        let warnings = host
+            .validate("default = \"deny\"\nallow = [\"/bin/sh\"]\nask = [\"{dir}/denied.sh\"]\n");
+        assert_eq!(kinds(&warnings), [WarningKind::Script]);
+        let script = host.path("denied.sh");
+        assert_eq!(
+            warnings[0].message,
+            format!(
+                "policy \"agents\": exec ask rule \"{script}\" is a script (#!/bin/sh): `/bin/sh {script}` meets the rule (the policy's interpreters), but /bin/sh can still read the script without being given its name (`/bin/sh < {script}`, `cat {script} | /bin/sh`), so the rule holds only as far as the interpreter is kept from the workload; restrict the interpreter too (ask \"/bin/sh\", or a command rule on it)"
+            )
+        );
+    }
+
+    #[test]
     fn an_env_script_names_the_program_env_runs() {
         let host = Host::new();
-        let warnings = host.warnings("default = \"ask\"\ndeny = [\"{dir}/tool.py\"]\n");
-        assert_eq!(kinds(&warnings), [WarningKind::Script]);
-        let message = &warnings[0].message;
-        assert!(
-            message.contains(&format!("(`python3 {}`)", host.path("tool.py"))),
-            "{message}"
+        for (interpreters, said) in [
+            ("", "meets the rule (the policy's interpreters)"),
+            (
+                "interpreters = [\"/bin/sh\"]\n",
+                "python3 is not among the policy's interpreters",
+            ),
+        ] {
+            let warnings = host.warnings(&format!(
+                "default = \"ask\"\n{interpreters}deny = [\"{{dir}}/tool.py\"]\n"
+            ));
+            assert_eq!(kinds(&warnings), [WarningKind::Script]);
+            let message = &warnings[0].message;
+            assert!(
+                message.contains(&format!("`python3 {}`", host.path("tool.py"))),
+                "{message}"
+            );
+            assert!(message.contains(said), "{message}");
+            assert!(
+                message.contains("(deny the python3 that `/usr/bin/env` finds in $PATH"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_rules_stricter_than_a_connect_default_of_allow_are_warned_about() {
+        let host = Host::new();
+        let connect = |body: &str| {
+            let file = host.dir.path().join("hosts.toml");
+            fs::write(
+                &file,
+                format!(
+                    "[[policy]]\nname = \"agents\"\ncgroups = [\"/sys/fs/cgroup/agents\"]\n[policy.connect]\n{body}"
+                ),
+            )
+            .expect("write");
+            validate_paths(&[file]).expect("valid").warnings
+        };
+        let warnings = connect(
+            "default = \"allow\"\nallow = [\"api.github.com:443\"]\ndeny = [\"*.paste.example\"]\nask = [\"10.0.0.0/8\", \"upload.example.com:443\"]\n",
         );
-        assert!(
-            message.contains("(deny the python3 that `/usr/bin/env` finds in $PATH)"),
-            "{message}"
+        assert_eq!(kinds(&warnings), [WarningKind::HostDenyListUnderAllow]);
+        let warning = &warnings[0];
+        assert!(warning.rules.is_empty());
+        // The first stricter host rule, as written.
+        assert_eq!(
+            warning.at.as_ref().map(|at| (at.line, at.column)),
+            Some((7, 9))
         );
+        assert_eq!(
+            warning.message,
+            "policy \"agents\": connect default is allow, so deny \"*.paste.example\", ask \"upload.example.com:443\" hold only for addresses the workload resolved through DNS answers the agent saw: a hard-coded address, DNS over HTTPS or TLS, or a resolver the agent does not watch reaches the same hosts under the default; write default = \"deny\" (or \"ask\") under [policy.connect] and list what the workload may reach under allow"
+        );
+        // An allow-list of hosts, or host rules under a stricter default,
+        // keep their promise.
+        for body in [
+            "default = \"allow\"\nallow = [\"api.github.com:443\"]\n",
+            "default = \"deny\"\ndeny = [\"*.paste.example\"]\n",
+            "default = \"ask\"\ndeny = [\"*.paste.example\"]\n",
+        ] {
+            assert_eq!(kinds(&connect(body)), [], "{body}");
+        }
     }
 
     #[test]
