@@ -1072,6 +1072,20 @@ async fn rescan(kernel: &KernelHandle, policies: &watch::Sender<Arc<Compiled>>, 
         Ok((mut compiled, current)) => {
             // Only a load binds exec rules to their files' content.
             crate::hooks::exec::keep_bindings(&mut compiled.state.rules, &loaded.state.rules);
+            // Except files pinned by their bytes that still have them.
+            for (id, policy) in &mut compiled.policies {
+                if let (Some(before), Some(policy)) =
+                    (loaded.policies.get(id), Arc::get_mut(policy))
+                {
+                    crate::hooks::exec::integrity::rebind(
+                        &mut compiled.state.rules,
+                        &loaded.state.rules,
+                        *id,
+                        &mut policy.hooks.exec.integrity,
+                        &before.hooks.exec.integrity,
+                    );
+                }
+            }
             match classify_blocking(current, &mut compiled, set, loaded.ids(), host.clone()).await {
                 Ok(()) => compiled,
                 Err(err) => {

@@ -449,6 +449,11 @@ pub mod exec_rule_flags {
     /// is compared; filesystems without the ioctl (tmpfs) leave it unset,
     /// and the kernel compares ctime and size only.
     pub const GENERATION: u32 = 1;
+    /// The policy's `integrity = "sha256"`: an allow rule whose file has
+    /// other content than the rule was bound to is asked (the agent hashes
+    /// the file and allows it while its SHA-256 is the bound one, else
+    /// applies the default), not reported stale.
+    pub const SHA256: u32 = 2;
 }
 
 /// Event [`event_kind::EXEC_RULE_STALE`]: an exec of a file whose rule was
@@ -815,6 +820,9 @@ pub struct KernelOffsets {
     pub mm_struct_arg_start: u32,
     /// `struct mm_struct` -> `arg_end` (`unsigned long`).
     pub mm_struct_arg_end: u32,
+    /// `struct mm_struct` -> `env_end` (`unsigned long`); the environment
+    /// starts at `arg_end` (`create_elf_tables()` sets both).
+    pub mm_struct_env_end: u32,
 }
 
 /// [`GatedCgroup::flags`]: the cgroup appeared under a *candidate parent*
@@ -1162,7 +1170,7 @@ mod tests {
         // 42 `u32` offsets: the exec/connect ones, the self-protection ones,
         // the egress ones, the content version ones, the mapping ones, then
         // the new image's argv.
-        assert_eq!(size_of::<KernelOffsets>(), 42 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 43 * 4);
         assert_eq!(size_of::<InodeKey>(), 16);
         let ids = [
             protect::SIGNAL,

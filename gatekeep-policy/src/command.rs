@@ -1265,6 +1265,7 @@ mod tests {
             commands,
             interpreters: vec!["/bin/sh".into(), "/usr/bin/python3".into()],
             multicall: vec!["/bin/busybox".into()],
+            integrity: crate::Integrity::Content,
         }
     }
 

@@ -237,7 +237,7 @@ pub use hosts::{Decider, HostDecision, strictest};
 pub use load::{Summary, Validation, parse_str, validate_paths};
 pub use model::{
     Action, Approval, ArgPattern, CommandRule, ConnectPolicy, ConnectRule, DEFAULT_INTERPRETERS,
-    ExecPolicy, ExecRule, GrantDuration, HostPattern, HostRule, InterpreterKind, Mode,
+    ExecPolicy, ExecRule, GrantDuration, HostPattern, HostRule, Integrity, InterpreterKind, Mode,
     ParseActionError, ParseGrantDurationError, ParseProtectPointError, Policy, PolicySet,
     PortRange, Protect, ProtectPoint, UnlistedMappings, normalize as normalize_host,
 };

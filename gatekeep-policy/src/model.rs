@@ -120,6 +120,32 @@ pub struct ExecPolicy {
     /// Multi-call binaries (`multicall`, none by default), whose command
     /// rules match the applet name where other rules match `argv[1]`.
     pub multicall: Vec<PathBuf>,
+    /// What vouches for an allowed file's content (`integrity`).
+    pub integrity: Integrity,
+}
+
+/// [`ExecPolicy::integrity`]: what an allow rule binds of its file's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Integrity {
+    /// The content version the kernel compares (ctime, size, inode
+    /// generation): any write to the file after the policy is loaded makes
+    /// its rule stale, and the default applies until a reload.
+    #[default]
+    Content,
+    /// The file's SHA-256 as well: an allowed file rewritten since the load
+    /// is handed to the agent, which hashes it (once per content version)
+    /// and allows it while it still has the bytes the rule was bound to.
+    Sha256,
+}
+
+impl fmt::Display for Integrity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Integrity::Content => "content",
+            Integrity::Sha256 => "sha256",
+        })
+    }
 }
 
 /// The interpreters a policy knows when it does not say (`interpreters`).

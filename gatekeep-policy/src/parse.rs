@@ -17,8 +17,8 @@ use crate::{
     error::Diagnostic,
     model::{
         Action, Approval, ArgPattern, CommandRule, ConnectPolicy, ConnectRule,
-        DEFAULT_INTERPRETERS, ExecPolicy, ExecRule, GrantDuration, HostRule, InterpreterKind, Mode,
-        Policy, Protect, ProtectPoint, UnlistedMappings,
+        DEFAULT_INTERPRETERS, ExecPolicy, ExecRule, GrantDuration, HostRule, Integrity,
+        InterpreterKind, Mode, Policy, Protect, ProtectPoint, UnlistedMappings,
     },
     net::parse_target,
 };
@@ -50,6 +50,7 @@ const EXEC_KEYS: &[&str] = &[
     "command",
     "interpreters",
     "multicall",
+    "integrity",
 ];
 const COMMAND_KEYS: &[&str] = &["argv", "action"];
 /// Most names `exec.bound_env` may list (the kernel matches each one).
@@ -279,6 +280,23 @@ impl<'a> Walker<'a> {
         }
     }
 
+    /// `exec.integrity`: `"content"` or `"sha256"`.
+    fn integrity(&mut self, value: &Value<'_>) -> Option<Integrity> {
+        match self.string(value, "integrity")? {
+            "content" => Some(Integrity::Content),
+            "sha256" => Some(Integrity::Sha256),
+            other => {
+                self.error(
+                    &value.span(),
+                    format!(
+                        "unknown integrity value {other:?} (expected \"content\", the default: an allowed file rewritten after the policy is loaded is no longer allowed until a reload, or \"sha256\": it stays allowed while its SHA-256 is the one it had at load)"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
     fn cgroups(&mut self, header: &Span, table: &DeTable<'_>) -> (Vec<CgroupPattern>, Vec<Pos>) {
         let mut patterns = Vec::new();
         let mut places = Vec::new();
@@ -337,6 +355,7 @@ impl<'a> Walker<'a> {
             commands: Vec::new(),
             interpreters: DEFAULT_INTERPRETERS.iter().map(PathBuf::from).collect(),
             multicall: Vec::new(),
+            integrity: Integrity::Content,
         };
         let mut places = Vec::new();
         let Some(table) = self.section(policy, "exec", EXEC_KEYS) else {
@@ -380,6 +399,9 @@ impl<'a> Walker<'a> {
         }
         if let Some(value) = field(table, "fileless") {
             exec.fileless = self.action(value, "fileless").unwrap_or(Action::Deny);
+        }
+        if let Some(value) = field(table, "integrity") {
+            exec.integrity = self.integrity(value).unwrap_or_default();
         }
         self.exec_matching(table, &mut exec);
         let mut rules: Vec<(Span, ExecRule)> = Vec::new();
@@ -1272,7 +1294,7 @@ mod tests {
                 "policies/agents.toml:1:1: unknown key \"version\" in this file (expected policy)",
                 "policies/agents.toml:2:1: policy has no cgroups; add cgroups = [\"/sys/fs/cgroup/...\"] to say which workloads it governs",
                 "policies/agents.toml:4:1: unknown key \"cgroup\" in [[policy]] (expected name, cgroups, mode, exec, connect, approval or protect); did you mean \"cgroups\"?",
-                "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny, ask, on_truncated, bound_env, unlisted_mappings, fileless, command, interpreters or multicall); did you mean \"default\"?",
+                "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny, ask, on_truncated, bound_env, unlisted_mappings, fileless, command, interpreters, multicall or integrity); did you mean \"default\"?",
                 "policies/agents.toml:9:1: unknown key \"allowed\" in [policy.connect] (expected default, allow, deny, ask, unix, raw_sockets or other_families); did you mean \"allow\"?",
                 "policies/agents.toml:12:1: unknown key \"reviewer\" in [policy.approval] (expected timeout, on_timeout, reviewers, approvals_required or grant_durations); did you mean \"reviewers\"?",
                 "policies/agents.toml:13:9: unknown key \"audit\" in [[policy]] (expected name, cgroups, mode, exec, connect, approval or protect)",
@@ -1641,6 +1663,25 @@ mod tests {
         assert_eq!(
             error(&with_head("[policy.exec]\nfileless = 1\n")),
             "policies/agents.toml:5:12: `fileless` must be a string, found integer"
+        );
+    }
+
+    #[test]
+    fn integrity_is_content_unless_sha256_is_written() {
+        let set = load(&with_head("[policy.exec]\ndefault = \"deny\"\n"));
+        assert_eq!(set.policies[0].exec.integrity, crate::Integrity::Content);
+        let set = load(&with_head(
+            "[policy.exec]\ndefault = \"deny\"\nintegrity = \"sha256\"\n",
+        ));
+        assert_eq!(set.policies[0].exec.integrity, crate::Integrity::Sha256);
+        assert_eq!(crate::Integrity::Sha256.to_string(), "sha256");
+        assert_eq!(
+            error(&with_head("[policy.exec]\nintegrity = \"md5\"\n")),
+            "policies/agents.toml:5:13: unknown integrity value \"md5\" (expected \"content\", the default: an allowed file rewritten after the policy is loaded is no longer allowed until a reload, or \"sha256\": it stays allowed while its SHA-256 is the one it had at load)"
+        );
+        assert_eq!(
+            error(&with_head("[policy.exec]\nintegrity = true\n")),
+            "policies/agents.toml:5:13: `integrity` must be a string, found boolean"
         );
     }
 

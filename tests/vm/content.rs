@@ -279,3 +279,117 @@ fn a_grant_does_not_cover_the_file_once_rewritten() {
         "the tool stays for the agent's records"
     );
 }
+
+/// `integrity = "sha256"`: an allow rule trusts its file's bytes. Rewritten
+/// with the same bytes (a new content version), the file still runs: the
+/// agent hashes it and allows it at once, and a rescan binds the rule to the
+/// new version, so the kernel decides it again. Rewritten with other bytes,
+/// it gets the default (deny), and the record names the hash found.
+#[test]
+fn under_integrity_sha256_the_same_bytes_run_after_a_rewrite_and_other_bytes_do_not() {
+    require_vm();
+    let dir = open_dir();
+    let pinned = tool(dir.path(), "pinned-tool");
+    world_writable(&pinned);
+    let exec = format!(
+        "default = \"deny\"\nintegrity = \"sha256\"\nallow = [\"{}\", \"{pinned}\"]",
+        workload_path()
+    );
+    let (cgroup, agent) = gate_exec("content-sha256", &exec, "");
+    let requested = || -> Vec<Value> {
+        agent
+            .records_of("requested")
+            .into_iter()
+            .filter(|r| r["payload"]["request"]["target"]["executable"] == pinned.as_str())
+            .collect()
+    };
+    assert_eq!(
+        run_in(&cgroup, &["exec", &pinned, "true"], PATIENCE),
+        Outcome::exec_ran(),
+        "the allow-listed file runs as loaded"
+    );
+    assert!(requested().is_empty(), "decided in the kernel");
+
+    for (round, uid) in [None, Some(NOBODY)].into_iter().enumerate() {
+        // The ELF magic written over itself: the same bytes, a new ctime.
+        let before = fs::metadata(&pinned).expect("stat");
+        rewrite_in_place(&cgroup, uid, &["put", &pinned, "\u{7f}ELF"]);
+        let after = fs::metadata(&pinned).expect("stat");
+        assert_ne!(
+            (before.ctime(), before.ctime_nsec()),
+            (after.ctime(), after.ctime_nsec()),
+            "a new content version"
+        );
+        let run = as_user(uid, &["exec", &pinned, "true"]);
+        let outcome = run_in(&cgroup, &run, PATIENCE);
+        outcome.assert_no_513();
+        assert_eq!(
+            outcome,
+            Outcome::exec_ran(),
+            "({uid:?}) the same bytes still run"
+        );
+        let asked = wait_for("the agent's check", PATIENCE, || {
+            requested().into_iter().nth(round)
+        });
+        let rule = asked["payload"]["request"]["rule"]
+            .as_str()
+            .expect("rule")
+            .to_owned();
+        assert!(
+            rule.starts_with(&format!(
+                "exec allow \"{pinned}\" (integrity sha256: rewritten with the same bytes, "
+            )),
+            "{asked}"
+        );
+        let decided = wait_for("the decision", PATIENCE, || {
+            agent
+                .records_of("decided")
+                .into_iter()
+                .find(|r| r["request_id"] == asked["request_id"])
+        });
+        assert_eq!(decided["actor"], "policy", "no reviewer: {decided}");
+        assert_eq!(decided["payload"]["verdict"], "allow", "{decided}");
+        assert!(
+            agent.records_of("rule_stale").is_empty(),
+            "a pinned rule is checked, not reported stale"
+        );
+
+        // A rescan (every second) binds the rule to the new version: then
+        // the kernel allows it with nobody asked.
+        wait_for(
+            "a rescan to bind the rule to the same bytes",
+            PATIENCE,
+            || {
+                let seen = requested().len();
+                assert_eq!(run_in(&cgroup, &run, PATIENCE), Outcome::exec_ran());
+                (requested().len() == seen).then_some(())
+            },
+        );
+    }
+
+    // Other bytes: one appended. The default (deny) applies.
+    rewrite_in_place(&cgroup, None, &["write", &pinned]);
+    let seen = requested().len();
+    assert_eq!(
+        run_in(&cgroup, &["exec", &pinned, "true"], PATIENCE),
+        Outcome::exec_denied(),
+        "other bytes are not what the rule allows"
+    );
+    let asked = wait_for("the agent's check", PATIENCE, || {
+        requested().into_iter().nth(seen)
+    });
+    let rule = asked["payload"]["request"]["rule"].as_str().expect("rule");
+    assert!(
+        rule.starts_with(&format!(
+            "exec default deny (\"{pinned}\" was rewritten and its SHA-256 is now "
+        )),
+        "{asked}"
+    );
+    // Rescans keep the load's pin: still denied, still checked by the agent.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        run_in(&cgroup, &["exec", &pinned, "true"], PATIENCE),
+        Outcome::exec_denied(),
+        "a rescan must not pin the new bytes"
+    );
+}

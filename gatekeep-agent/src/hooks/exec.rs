@@ -33,12 +33,13 @@ use gatekeep_common::{
     ExecRuleStaleEvent, event_kind, exec_denied_for, exec_flags, exec_rule_flags, map_names,
     request_kind,
 };
-use gatekeep_policy::{Policy, UnlistedMappings};
+use gatekeep_policy::{Action, Integrity, Policy, UnlistedMappings};
 use gatekeep_proto::{
     audit::{ExecFacts, KernelFacts},
     model,
 };
 
+pub mod integrity;
 pub mod matching;
 
 use super::{Compiling, Hook, RuleKey, absent_is_ok, kernel_action};
@@ -142,6 +143,8 @@ pub struct ExecLoaded {
     pub paths: HashMap<(u64, u64), PathBuf>,
     /// Command rules, interpreters and multi-call binaries.
     pub matching: matching::Matching,
+    /// Allow rules pinned by SHA-256 (`integrity = "sha256"`).
+    pub integrity: integrity::Integrity,
 }
 
 /// Compiles what the agent matches in user space: each executable it needs
@@ -171,9 +174,13 @@ fn compile_matching(policy: &Policy, out: &mut Compiling<'_>, loaded: &mut ExecL
     for identity in matcher.needs_match() {
         let key = rule_key(out.id, identity.0, identity.1);
         let rule = if let Some(value) = out.rules.get(&key) {
+            // Matched here by its argv: a pin must not allow it around that.
+            loaded.integrity.pinned.remove(identity);
+            let bound = decode_rule(value);
             ExecRule {
                 action: gatekeep_common::action::ASK,
-                ..decode_rule(value)
+                flags: bound.flags & !exec_rule_flags::SHA256,
+                ..bound
             }
         } else {
             let Some(path) = paths.get(identity) else {
@@ -259,14 +266,36 @@ impl Hook for Exec {
             UnlistedMappings::Default => kernel_action(policy.exec.default),
         };
         out.defaults.fileless = kernel_action(policy.exec.fileless);
+        exec_paths.integrity.default = Some(policy.exec.default);
         for rule in &policy.exec.rules {
             match bind(&rule.path) {
                 Ok(Bound {
                     meta,
                     content,
-                    flags,
+                    mut flags,
                 }) if meta.is_file() => {
                     let identity = (kernel_dev(meta.dev()), meta.ino());
+                    if rule.action == Action::Allow && policy.exec.integrity == Integrity::Sha256 {
+                        match integrity::sha256_of(&rule.path, identity, &content, flags) {
+                            Ok(sha256) => {
+                                flags |= exec_rule_flags::SHA256;
+                                exec_paths.integrity.pinned.insert(
+                                    identity,
+                                    integrity::Pinned {
+                                        path: rule.path.clone(),
+                                        content,
+                                        flags,
+                                        sha256,
+                                    },
+                                );
+                            }
+                            Err(err) => out.warnings.push(format!(
+                                "policy `{}`: exec rule {} cannot be hashed for `integrity = \"sha256\"` ({err}); bound to its content version only until the next rescan",
+                                policy.name,
+                                rule.path.display()
+                            )),
+                        }
+                    }
                     out.rules.insert(
                         rule_key(out.id, identity.0, identity.1),
                         encode_rule(&ExecRule {
@@ -656,6 +685,10 @@ pub fn keep_bindings(
 ) {
     for (key, value) in rescanned.iter_mut() {
         if key.map != map_names::EXEC_RULES {
+            continue;
+        }
+        if decode_rule(value).flags & exec_rule_flags::SHA256 != 0 {
+            // Pinned by its bytes: `integrity::rebind` decides.
             continue;
         }
         if let Some(bound) = loaded.get(key) {

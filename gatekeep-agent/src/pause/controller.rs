@@ -608,7 +608,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
     }
 
     /// The user-space decision of an exec the kernel handed over for its
-    /// command rules, interpreters or multi-call binaries (`None`: not one,
+    /// command rules, interpreters or multi-call binaries, or for the bytes
+    /// of a rewritten file an allow rule pinned by SHA-256 (`None`: not one,
     /// or one a reviewer must decide as the kernel asked it).
     fn match_exec(
         &self,
@@ -616,11 +617,13 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         policy: &LoadedPolicy,
     ) -> Option<gatekeep_policy::Decided> {
         match asked {
-            Request::Exec(exec) => policy
-                .hooks
-                .exec
-                .matching
-                .decide(exec, self.enricher.proc_root()),
+            Request::Exec(exec) => policy.hooks.exec.integrity.decide(exec).or_else(|| {
+                policy
+                    .hooks
+                    .exec
+                    .matching
+                    .decide(exec, self.enricher.proc_root())
+            }),
             Request::Connect(_) => None,
         }
     }

@@ -53,6 +53,7 @@ fn policy(executables: usize) -> ExecPolicy {
         commands,
         interpreters: Vec::new(),
         multicall: Vec::new(),
+        integrity: gatekeep_policy::Integrity::Content,
     }
 }
 

@@ -198,6 +198,10 @@ fn exec_action_inner(ctx: &LsmContext, cgroup_id: u64) -> Result<(), i32> {
     let action = match rule {
         _ if is_fileless(bprm) => fileless_action(gated.policy_id),
         Some(rule) if bound_to(&rule, &file.content) => rule.action,
+        // `integrity = "sha256"`: the agent compares the bytes.
+        Some(rule) if rule.flags & exec_rule_flags::SHA256 != 0 && rule.action == action::ALLOW => {
+            action::ASK
+        }
         Some(rule) => {
             // Rewritten in place since the policy was loaded: the rule
             // vouches for other content. The default applies, never laxer
