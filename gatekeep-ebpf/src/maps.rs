@@ -203,6 +203,7 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     dentry_d_name_name: 0,
     mm_struct_arg_start: 0,
     mm_struct_arg_end: 0,
+    mm_struct_env_end: 0,
 };
 
 /// SipHash key for request digests, random per load (set by the agent), so

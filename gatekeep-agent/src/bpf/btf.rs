@@ -927,8 +927,11 @@ pub struct Offsets {
     /// `struct mm_struct` -> `arg_start` (`unsigned long`): where the new
     /// image's argv strings begin.
     pub mm_struct_arg_start: u32,
-    /// `struct mm_struct` -> `arg_end` (`unsigned long`).
+    /// `struct mm_struct` -> `arg_end` (`unsigned long`): also where the
+    /// environment strings begin.
     pub mm_struct_arg_end: u32,
+    /// `struct mm_struct` -> `env_end` (`unsigned long`).
+    pub mm_struct_env_end: u32,
 }
 
 impl Offsets {
@@ -1003,6 +1006,7 @@ impl Offsets {
             dentry_d_name_name: get("dentry.d_name.name", 8)?,
             mm_struct_arg_start: get("mm_struct.arg_start", 8)?,
             mm_struct_arg_end: get("mm_struct.arg_end", 8)?,
+            mm_struct_env_end: get("mm_struct.env_end", 8)?,
         })
     }
 }
@@ -1587,6 +1591,7 @@ mod tests {
             &[
                 ("arg_start", u64_t, 2048),
                 ("arg_end", u64_t, 2112),
+                ("env_end", u64_t, 2240),
                 ("exe_file", file_ptr, 7168),
             ],
         );
@@ -1676,6 +1681,7 @@ mod tests {
                 dentry_d_name_name: 40,
                 mm_struct_arg_start: 256,
                 mm_struct_arg_end: 264,
+                mm_struct_env_end: 280,
             }
         );
     }
@@ -1909,6 +1915,8 @@ mod tests {
         within(offsets.dentry_d_name_name, 8, "dentry");
         within(offsets.mm_struct_arg_start, 8, "mm_struct");
         within(offsets.mm_struct_arg_end, 8, "mm_struct");
+        within(offsets.mm_struct_env_end, 8, "mm_struct");
+        assert!(offsets.mm_struct_env_end > offsets.mm_struct_arg_end);
         assert_ne!(offsets.mm_struct_arg_start, offsets.mm_struct_arg_end);
         assert_ne!(offsets.inode_i_ctime_sec, offsets.inode_i_ctime_nsec);
         assert_ne!(offsets.task_struct_tgid, offsets.task_struct_real_parent);

@@ -297,6 +297,7 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
         dentry_d_name_name: o.dentry_d_name_name,
         mm_struct_arg_start: o.mm_struct_arg_start,
         mm_struct_arg_end: o.mm_struct_arg_end,
+        mm_struct_env_end: o.mm_struct_env_end,
     })
 }
 
