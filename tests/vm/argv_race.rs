@@ -10,8 +10,12 @@
 //! argv[1] before it supplies the page. The kernel has the run word; the
 //! hook reads the shown one.
 //!
-//! The workload half is [`exec_swapped`], reached as `exec-swapped PATH
-//! ARG0 SHOWN RUN` (see `workload.rs`).
+//! The bound environment (`LD_*`) is raced the same way: the kernel copies
+//! it before argv, so it too is copied when argv[0]'s page faults.
+//!
+//! The workload half is [`exec_swapped`] and [`exec_swapped_env`], reached
+//! as `exec-swapped PATH ARG0 SHOWN RUN` and `exec-swapped-env PATH ARG0
+//! ARG1 NAME SHOWN RUN` (see `workload.rs`).
 
 use std::{ffi::CString, path::Path, time::Duration};
 
@@ -48,13 +52,19 @@ fn grant_unswapped(ebpf: &mut Ebpf, cgroup: &Cgroup, path: &str, arg0: &str) -> 
         action::DENY,
     );
     assert_eq!(finish(&mut child, TIMEOUT), Outcome::exec_denied());
+    grant(ebpf, asked.header.digest);
+    asked
+}
+
+/// A policy-wide, unexpiring grant of the exec request `digest`.
+fn grant(ebpf: &mut Ebpf, digest: u64) {
     let mut grants: HashMap<_, GrantKey, Grant> =
         HashMap::try_from(ebpf.map_mut(map_names::GRANTS).expect(map_names::GRANTS))
             .expect("hash map");
     let key = GrantKey {
         policy_id: POLICY_ID,
         kind: request_kind::EXEC,
-        digest: asked.header.digest,
+        digest,
         cgroup_id: 0,
     };
     let grant = Grant {
@@ -62,7 +72,6 @@ fn grant_unswapped(ebpf: &mut Ebpf, cgroup: &Cgroup, path: &str, arg0: &str) -> 
         cgroup_id: 0,
     };
     grants.insert(key, grant, 0).expect("write grant");
-    asked
 }
 
 /// The granted argv runs; the same exec with argv[1] swapped under the
@@ -145,6 +154,83 @@ fn argv_changed_after_the_hook_read_it_is_killed_before_it_runs() {
     );
 }
 
+/// The bound environment raced the same way: the kernel copies the
+/// environment before argv, so the fault on argv[0] comes after it, and the
+/// hook reads the variable the handler rewrote. A grant for the shown value
+/// must not let the copied one run. The program is a busybox copy's `env`,
+/// which prints its environment: that one variable.
+#[test]
+fn bound_environment_changed_after_the_hook_read_it_is_killed_before_it_runs() {
+    require_vm();
+    let cgroup = Cgroup::create("gatekeep-env-race");
+    let mut ebpf = attach_gating(&cgroup, POLICY_ID, action::ALLOW);
+    let tool = exec_rule_on_busybox_copy(&mut ebpf, POLICY_ID, "gk-env-race", action::ASK);
+    let path = tool.to_str().expect("utf-8 path");
+    // `LD_*` is always bound; the loader ignores a name it does not know.
+    let run = |shown: &str, ran: &str| {
+        workload(&[
+            "exec-swapped-env",
+            path,
+            "env",
+            // Unsets a variable that is not there: `env` prints the rest.
+            "-uGK_NONE",
+            "LD_GK_MODE",
+            shown,
+            ran,
+        ])
+    };
+
+    let mut child = cgroup.spawn(&mut run("SAFE", "SAFE"));
+    let asked: ExecEvent = wait_event(&mut ebpf, event_kind::EXEC_ASK, TIMEOUT);
+    wait_stopped(asked.header.pid, TIMEOUT);
+    assert_eq!(kernel::event_argv(&asked), ["env", "-uGK_NONE"]);
+    assert_eq!(
+        kernel::event_env(&asked),
+        ["LD_GK_MODE=SAFE"],
+        "what the hook read"
+    );
+    kernel::decide_paused(
+        &mut ebpf,
+        asked.header.pid,
+        asked.header.tid,
+        asked.header.digest,
+        action::DENY,
+    );
+    assert_eq!(finish(&mut child, TIMEOUT), Outcome::exec_denied());
+    grant(&mut ebpf, asked.header.digest);
+
+    let before = kernel::counter(&ebpf, counter::GRANT_ALLOWED);
+    let ran = finish(&mut cgroup.spawn(&mut run("SAFE", "SAFE")), TIMEOUT);
+    assert_eq!(
+        ran,
+        Outcome::new(0, "LD_GK_MODE=SAFE"),
+        "the granted environment runs"
+    );
+    assert!(kernel::counter(&ebpf, counter::GRANT_ALLOWED) > before);
+
+    let changed = kernel::counter(&ebpf, counter::EXEC_ARGV_CHANGED);
+    let granted = kernel::counter(&ebpf, counter::GRANT_ALLOWED);
+    let swapped = finish(&mut cgroup.spawn(&mut run("SAFE", "EVIL")), TIMEOUT);
+    assert!(
+        kernel::counter(&ebpf, counter::GRANT_ALLOWED) > granted,
+        "the hook saw the granted environment (the race was won): {swapped:?}"
+    );
+    assert!(
+        !swapped.stdout.contains("EVIL"),
+        "the swapped environment ran under the grant: {swapped:?}"
+    );
+    assert_eq!(swapped, Outcome::new(-1, ""), "killed before it ran");
+    assert_eq!(
+        kernel::counter(&ebpf, counter::EXEC_ARGV_CHANGED),
+        changed + 1
+    );
+    let killed: TaskEvent = wait_event(&mut ebpf, event_kind::EXEC_ARGV_CHANGED, TIMEOUT);
+    assert_eq!(
+        killed.header.digest, asked.header.digest,
+        "the granted request"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The workload half.
 
@@ -213,15 +299,82 @@ pub fn exec_swapped(words: &[String]) -> i32 {
     let [path, arg0, shown, run] = words else {
         return 2;
     };
-    if shown.len() != run.len() || arg0.len() >= PAGE {
+    if shown.len() != run.len() {
         return 2;
     }
-    let (Some(word), Some(lazy)) = (anonymous_page(), anonymous_page()) else {
+    let Some(word) = anonymous_page() else {
         println!("mmap: errno {}", errno());
         return 3;
     };
     // SAFETY: `word` is a fresh page, and RUN fits in it with its NUL.
     unsafe { std::ptr::copy_nonoverlapping(run.as_ptr(), word, run.len()) };
+    let swap = Swap {
+        at: word as usize,
+        shown: shown.clone().into_bytes(),
+    };
+    exec_racing(path, arg0, &[word.cast_const()], None, swap)
+}
+
+/// `exec-swapped-env PATH ARG0 ARG1 NAME SHOWN RUN`: execs PATH with argv
+/// `[ARG0, ARG1]` and the environment `[NAME=V]` alone, where the kernel
+/// copies V = RUN (the environment is copied before argv) and the exec hook
+/// then reads V = SHOWN.
+pub fn exec_swapped_env(words: &[String]) -> i32 {
+    let [path, arg0, arg1, name, shown, run] = words else {
+        return 2;
+    };
+    let assignment = format!("{name}={run}");
+    if shown.len() != run.len() || assignment.len() >= PAGE {
+        return 2;
+    }
+    let (Some(variable), Some(second)) = (anonymous_page(), anonymous_page()) else {
+        println!("mmap: errno {}", errno());
+        return 3;
+    };
+    // SAFETY: fresh pages, and each string fits in its page with its NUL.
+    unsafe {
+        std::ptr::copy_nonoverlapping(assignment.as_ptr(), variable, assignment.len());
+        std::ptr::copy_nonoverlapping(arg1.as_ptr(), second, arg1.len().min(PAGE - 1));
+    }
+    let swap = Swap {
+        at: variable as usize + name.len() + 1,
+        shown: shown.clone().into_bytes(),
+    };
+    exec_racing(
+        path,
+        arg0,
+        &[second.cast_const()],
+        Some(&[variable.cast_const()]),
+        swap,
+    )
+}
+
+/// What the fault handler writes, and where: over a string the kernel has
+/// already copied.
+struct Swap {
+    at: usize,
+    shown: Vec<u8>,
+}
+
+/// Execs `path` with argv `[arg0, rest...]` and `envp` (the current
+/// environment when `None`), where argv[0]'s page is registered missing
+/// with userfaultfd: the kernel copies every other string first, then
+/// faults on argv[0], and the handler applies `swap` before it supplies
+/// the page. Returns only if the exec fails (`errno N`, 111).
+fn exec_racing(
+    path: &str,
+    arg0: &str,
+    rest: &[*const u8],
+    envp: Option<&[*const u8]>,
+    swap: Swap,
+) -> i32 {
+    if arg0.len() >= PAGE {
+        return 2;
+    }
+    let Some(lazy) = anonymous_page() else {
+        println!("mmap: errno {}", errno());
+        return 3;
+    };
     // argv[0]'s page is what UFFDIO_COPY supplies.
     let mut source = vec![0u8; PAGE];
     source[..arg0.len()].copy_from_slice(arg0.as_bytes());
@@ -253,8 +406,7 @@ pub fn exec_swapped(words: &[String]) -> i32 {
         }
         uffd
     };
-    let (word_at, lazy_at) = (word as usize, lazy as usize);
-    let shown = shown.clone().into_bytes();
+    let lazy_at = lazy as usize;
     std::thread::spawn(move || {
         let mut message = [0u8; 32];
         // SAFETY: reads one `struct uffd_msg` (32 bytes): the fault.
@@ -262,10 +414,10 @@ pub fn exec_swapped(words: &[String]) -> i32 {
         if read != 32 {
             return;
         }
-        for (i, byte) in shown.iter().enumerate() {
-            // SAFETY: inside `word`, which lives until execve replaces the
-            // image.
-            unsafe { std::ptr::write_volatile((word_at as *mut u8).add(i), *byte) };
+        for (i, byte) in swap.shown.iter().enumerate() {
+            // SAFETY: inside a string's page, which lives until execve
+            // replaces the image.
+            unsafe { std::ptr::write_volatile((swap.at as *mut u8).add(i), *byte) };
         }
         let mut copy = UffdioCopy {
             dst: lazy_at as u64,
@@ -277,15 +429,28 @@ pub fn exec_swapped(words: &[String]) -> i32 {
         // SAFETY: supplies the registered page from `source`.
         unsafe { libc::ioctl(uffd, UFFDIO_COPY, &raw mut copy) };
     });
-    let path = CString::new(path.as_str()).unwrap_or_default();
-    let argv = [
-        lazy.cast_const().cast::<libc::c_char>(),
-        word.cast_const().cast::<libc::c_char>(),
-        std::ptr::null(),
-    ];
-    // SAFETY: NUL-terminated strings (zeroed pages past the words) and a
-    // NULL-terminated array that outlive the call.
-    unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
+    let path = CString::new(path).unwrap_or_default();
+    let argv: Vec<*const libc::c_char> = std::iter::once(lazy.cast_const())
+        .chain(rest.iter().copied())
+        .map(<*const u8>::cast::<libc::c_char>)
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    // SAFETY: NUL-terminated strings (zeroed pages past the words) and
+    // NULL-terminated arrays that outlive the call.
+    unsafe {
+        match envp {
+            None => libc::execv(path.as_ptr(), argv.as_ptr()),
+            Some(envp) => {
+                let envp: Vec<*const libc::c_char> = envp
+                    .iter()
+                    .copied()
+                    .map(<*const u8>::cast::<libc::c_char>)
+                    .chain(std::iter::once(std::ptr::null()))
+                    .collect();
+                libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr())
+            }
+        }
+    };
     println!("errno {}", errno());
     111
 }

@@ -190,6 +190,7 @@ fn run(args: &[String]) -> i32 {
         Some("net") => crate::egress::run(&args[1..]),
         // The argv race, won with userfaultfd (`argv_race.rs`).
         Some("exec-swapped") => crate::argv_race::exec_swapped(&args[1..]),
+        Some("exec-swapped-env") => crate::argv_race::exec_swapped_env(&args[1..]),
         // Host-name connect rules (`hosts.rs`).
         Some("dns") => crate::hosts::run(&args[1..]),
         // Code without an exec (`mapped.rs`).

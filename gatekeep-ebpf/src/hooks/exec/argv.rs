@@ -64,6 +64,8 @@ pub struct ArgvScratch {
     pub scan: EnvScan,
     /// The hook's decision so far (see `exec_action`).
     pub pending: super::Pending,
+    /// The new image's environment walk (see `image`).
+    pub image: super::image::ImageEnvScan,
 }
 
 /// Offsets in x86-64 `struct pt_regs`, whose first members the syscall entry

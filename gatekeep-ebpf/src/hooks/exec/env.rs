@@ -182,7 +182,7 @@ unsafe fn stop(scratch: *mut super::argv::ArgvScratch, truncated: bool) -> i64 {
 /// Whether an environment entry starting with `head` (zero padded) is
 /// bound: `LD_*`, or a name of the policy's `bound_env`.
 #[inline(always)]
-fn is_bound(head: &[u64; NAME_WORDS], policy_id: u32) -> bool {
+pub(super) fn is_bound(head: &[u64; NAME_WORDS], policy_id: u32) -> bool {
     if head[0] & 0x00ff_ffff == LD_PREFIX {
         return true;
     }

@@ -19,6 +19,14 @@
 //! (`remove_arg_zero()`, then `copy_string_kernel()` in front). The
 //! original argv[1..] ends it; only that is compared there (argv[0] is not
 //! passed on to the script).
+//!
+//! The bound environment (`LD_*` and the policy's `bound_env`, see `env`)
+//! is read from the caller's memory too, and checked the same way: the new
+//! mm's `arg_end..env_end` holds the environment strings in the order the
+//! exec passed them; a `bpf_loop` walks them, collects the bound ones as
+//! the capture did, and their digest must be the one bound. A walk that
+//! cannot finish (an unreadable string, more than [`IMAGE_ENV_STEPS`]
+//! steps) reads as a mismatch: unknown fails closed.
 
 use core::ffi::c_void;
 
@@ -27,18 +35,21 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_probe_read_kernel,
         generated::{
-            bpf_probe_read_kernel as read_kernel_raw, bpf_probe_read_kernel_str,
-            bpf_probe_read_user as read_user_raw, bpf_send_signal,
+            bpf_loop, bpf_probe_read_kernel as read_kernel_raw, bpf_probe_read_kernel_str,
+            bpf_probe_read_user as read_user_raw, bpf_probe_read_user_str, bpf_send_signal,
         },
     },
     macros::{btf_tracepoint, map},
     maps::LruHashMap,
     programs::BtfTracePointContext,
 };
-use gatekeep_common::{ARGV_LEN, action, counter, event_kind, request_kind};
+use gatekeep_common::{
+    ARGV_LEN, BOUND_ENV_NAME_LEN, ENV_LEN, ENV_MAX_SCAN, action, counter, event_kind, request_kind,
+};
 
 use super::{
     argv::{ARGV_BLOCK, ARGV_SCRATCH, ZEROES},
+    env::is_bound,
     is_interpreter_pass,
 };
 use crate::{
@@ -61,11 +72,48 @@ pub struct BoundArgv {
     whole: u64,
     /// Digest of argv[1..]: what a script's interpreter receives of it.
     tail: u64,
+    /// Digest of the bound environment variables, in exec order.
+    env: u64,
     /// Bytes of the whole argv, and of argv[1..].
     whole_len: u32,
     tail_len: u32,
     policy_id: u32,
+    /// Bytes of the bound environment variables.
+    env_len: u32,
+}
+
+/// Most steps of the new image's environment walk: a step reads one string,
+/// or [`ARGV_LEN`] bytes of a longer one. The capture looks at most at
+/// [`ENV_MAX_SCAN`] entries (more is truncated, and never bound), so this
+/// leaves as many steps again for long values.
+const IMAGE_ENV_STEPS: u32 = 2 * ENV_MAX_SCAN;
+
+/// The walk's state ([`ImageEnvScan::outcome`]).
+const WALKING: u32 = 0;
+const WALKED: u32 = 1;
+const DIFFERS: u32 = 2;
+
+/// The new image's check, in this CPU's scratch (`bpf_loop` callbacks keep
+/// no stack, and the walk is a call of its own).
+#[repr(C)]
+pub struct ImageEnvScan {
+    /// The allowed request's digest, for the report.
+    digest: u64,
+    /// The bound environment's digest and bytes.
+    expected: u64,
+    expected_len: u32,
     _pad: u32,
+    /// The next string, and the end of the environment (user addresses; 0:
+    /// the new mm could not be read).
+    at: u64,
+    end: u64,
+    /// Bytes of bound variables collected (in `args.argv`).
+    len: u32,
+    policy_id: u32,
+    /// Non-zero while inside a string longer than one read.
+    skipping: u32,
+    /// [`WALKING`], [`WALKED`] or [`DIFFERS`].
+    outcome: u32,
 }
 
 /// Thread id -> the argv its exec was allowed with. An LRU map: an entry
@@ -110,6 +158,17 @@ pub(super) fn bind_allowed(bprm: u64) -> bool {
         }
         let buf = (&raw mut (*scratch).args.argv).cast::<u8>();
         let spill = (&raw mut (*scratch).spill).cast::<u8>();
+        // The bound environment follows argv in the capture: digest it
+        // first, from the spill (the argv digests below clobber both).
+        let env_len = (*args).env_len;
+        if env_len as usize > ENV_LEN {
+            return false;
+        }
+        let env_at = buf.add(whole_len as usize & (ARGV_LEN - 1));
+        if read_bounded(spill, env_len, env_at, Source::Kernel) != 0 {
+            return false;
+        }
+        let env = digest_prefix(spill, env_len);
         // argv[0]'s bytes, with its NUL.
         let first = bpf_probe_read_kernel_str(spill.cast(), ARGV_LEN as u32, buf.cast());
         if first <= 0 || first as u32 > whole_len {
@@ -128,10 +187,11 @@ pub(super) fn bind_allowed(bprm: u64) -> bool {
             digest,
             whole,
             tail,
+            env,
             whole_len,
             tail_len,
             policy_id,
-            _pad: 0,
+            env_len,
         };
         BOUND_ARGV.insert(&tid, &bound, 0).is_ok()
     }
@@ -216,15 +276,29 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if may_be_gated(cgroup_id) {
-        check_new_image(&ctx, cgroup_id);
+        // Two calls from here, not one inside the other: each walk needs
+        // its own frames, and the verifier counts a call chain's together.
+        let argv = check_new_argv(&ctx);
+        if argv == ARGV_MATCHES && image_env_matches() {
+            return 0;
+        }
+        if argv != UNBOUND {
+            kill_changed(cgroup_id);
+        }
     }
     0
 }
 
-/// Kills the new program when its argv is not the one its exec was allowed
-/// with.
+/// [`check_new_argv`]'s answers.
+const UNBOUND: u32 = 0;
+const ARGV_MATCHES: u32 = 1;
+const ARGV_DIFFERS: u32 = 2;
+
+/// Whether this exec bound its argv, and whether the new mm's is that one.
+/// When it bound it, what the environment walk and the report need is left
+/// in this CPU's scratch (`image`).
 #[inline(never)]
-fn check_new_image(ctx: &BtfTracePointContext, cgroup_id: u64) {
+fn check_new_argv(ctx: &BtfTracePointContext) -> u32 {
     // TP_PROTO(struct task_struct *p, pid_t old_pid, struct linux_binprm
     // *bprm): `old_pid` is the thread id the exec started in (de_thread()
     // gives a non-leader the leader's).
@@ -232,41 +306,96 @@ fn check_new_image(ctx: &BtfTracePointContext, cgroup_id: u64) {
     let bprm: u64 = ctx.arg(2);
     // SAFETY: copied out immediately.
     let Some(bound) = (unsafe { BOUND_ARGV.get(&old_tid) }).copied() else {
-        return;
+        return UNBOUND;
     };
     let _ = BOUND_ARGV.remove(&old_tid);
     if bound.bprm != bprm {
-        return;
+        return UNBOUND;
+    }
+    let Some(scratch) = ARGV_SCRATCH.get_ptr_mut(0) else {
+        return ARGV_DIFFERS;
+    };
+    let image = image_layout();
+    // SAFETY: this CPU's scratch slot, for this run.
+    unsafe {
+        let scan = &raw mut (*scratch).image;
+        (*scan).digest = bound.digest;
+        (*scan).policy_id = bound.policy_id;
+        (*scan).expected = bound.env;
+        (*scan).expected_len = bound.env_len;
+        (*scan).at = 0;
+        (*scan).end = 0;
+        if let Ok(image) = &image {
+            (*scan).at = image.arg_end;
+            (*scan).end = image.env_end;
+        }
     }
     // Unreadable means unknown: fail closed.
-    if image_argv_matches(bprm as *const u8, &bound) == Ok(true) {
-        return;
+    match image {
+        Ok(image) if image_argv_matches(bprm as *const u8, &image, &bound) == Ok(true) => {
+            ARGV_MATCHES
+        }
+        _ => ARGV_DIFFERS,
     }
+}
+
+/// Kills the new program (its argv or bound environment is not the one its
+/// exec was allowed with) and reports it.
+#[inline(never)]
+fn kill_changed(cgroup_id: u64) {
     // SAFETY: a signal to the current process, which is not a kernel thread.
     unsafe { bpf_send_signal(SIGKILL) };
     bump(counter::EXEC_ARGV_CHANGED);
+    let Some(scratch) = ARGV_SCRATCH.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot, written by `check_new_argv`.
+    let (policy_id, digest) = unsafe { ((*scratch).image.policy_id, (*scratch).image.digest) };
     emit_task_event(
-        &Caller::current(cgroup_id, bound.policy_id),
+        &Caller::current(cgroup_id, policy_id),
         event_kind::EXEC_ARGV_CHANGED,
-        bound.digest,
+        digest,
         request_kind::EXEC,
         action::DENY,
     );
 }
 
-/// Whether the new mm's argv is the one bound (its tail, after an
-/// interpreter's rewrite).
+/// Where the new mm keeps its argv and environment strings (user
+/// addresses): `arg_start..arg_end`, then `arg_end..env_end`.
+struct ImageLayout {
+    arg_start: u64,
+    arg_end: u64,
+    env_end: u64,
+}
+
 #[inline(always)]
-fn image_argv_matches(bprm: *const u8, bound: &BoundArgv) -> Result<bool, i64> {
+fn image_layout() -> Result<ImageLayout, i64> {
     let off = offsets();
-    let interpreted = is_interpreter_pass(bprm)?;
-    // SAFETY: every read goes through the probe helpers, which fail safely;
-    // the copy into this CPU's scratch is bounded by ARGV_LEN.
+    // SAFETY: every read goes through the probe helper, which fails safely.
     unsafe {
         let task = bpf_get_current_task() as *const u8;
         let mm: *const u8 = bpf_probe_read_kernel(task.add(off.task_struct_mm as usize).cast())?;
-        let start: u64 = bpf_probe_read_kernel(mm.add(off.mm_struct_arg_start as usize).cast())?;
-        let end: u64 = bpf_probe_read_kernel(mm.add(off.mm_struct_arg_end as usize).cast())?;
+        Ok(ImageLayout {
+            arg_start: bpf_probe_read_kernel(mm.add(off.mm_struct_arg_start as usize).cast())?,
+            arg_end: bpf_probe_read_kernel(mm.add(off.mm_struct_arg_end as usize).cast())?,
+            env_end: bpf_probe_read_kernel(mm.add(off.mm_struct_env_end as usize).cast())?,
+        })
+    }
+}
+
+/// Whether the new mm's argv is the one bound (its tail, after an
+/// interpreter's rewrite).
+#[inline(always)]
+fn image_argv_matches(
+    bprm: *const u8,
+    image: &ImageLayout,
+    bound: &BoundArgv,
+) -> Result<bool, i64> {
+    let interpreted = is_interpreter_pass(bprm)?;
+    let (start, end) = (image.arg_start, image.arg_end);
+    // SAFETY: user memory is read through the probe helpers, which fail
+    // safely; the copy into this CPU's scratch is bounded by ARGV_LEN.
+    unsafe {
         let size = end.checked_sub(start).ok_or(-1i64)?;
         let (from, len, expected) = if interpreted {
             if size < u64::from(bound.tail_len) {
@@ -289,5 +418,109 @@ fn image_argv_matches(bprm: *const u8, bound: &BoundArgv) -> Result<bool, i64> {
             return Err(read);
         }
         Ok(digest_prefix(buf, len) == expected)
+    }
+}
+
+/// Whether the new mm's bound environment variables are the ones bound:
+/// walks `arg_end..env_end` ([`image_env_step`]) collecting them into this
+/// CPU's scratch, then compares length and digest with what
+/// [`check_new_argv`] left there.
+#[inline(never)]
+fn image_env_matches() -> bool {
+    let Some(scratch) = ARGV_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch slot, for this run; the callback writes the
+    // same slot.
+    unsafe {
+        let scan = &raw mut (*scratch).image;
+        if (*scan).end == 0 {
+            return false;
+        }
+        (*scan).len = 0;
+        (*scan).skipping = 0;
+        (*scan).outcome = WALKING;
+        bpf_loop(
+            IMAGE_ENV_STEPS,
+            image_env_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+        let len = (*scan).len;
+        if (*scan).outcome != WALKED || len != (*scan).expected_len || len as usize > ENV_LEN {
+            return false;
+        }
+        let buf = (&raw mut (*scratch).args.argv).cast::<u8>();
+        digest_prefix(buf, len) == (*scan).expected
+    }
+}
+
+/// `bpf_loop` callback: reads the string at `at` into the spill, appends it
+/// to the collected variables if it is bound, and moves on; returns 1 to
+/// stop.
+#[inline(never)]
+extern "C" fn image_env_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(scratch) = ARGV_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot; user memory is read through the probe
+    // helpers into its spill, and a bound string is copied from there to
+    // `argv` at an offset below ENV_LEN, at most ENV_LEN bytes long.
+    unsafe {
+        let scan = &raw mut (*scratch).image;
+        if (*scan).at >= (*scan).end {
+            (*scan).outcome = WALKED;
+            return 1;
+        }
+        let spill = (&raw mut (*scratch).spill).cast::<u8>();
+        let read = bpf_probe_read_user_str(
+            spill.cast::<c_void>(),
+            ARGV_LEN as u32,
+            (*scan).at as *const c_void,
+        );
+        if read < 0 {
+            (*scan).outcome = DIFFERS;
+            return 1;
+        }
+        // "" may read as 0 bytes on some kernels (see `argv`): its NUL.
+        let read = if read == 0 { 1 } else { read as usize };
+        // A full read may have stopped short of the string's NUL: its last
+        // byte is the helper's. Go on from there, inside the same string.
+        let whole = read < ARGV_LEN;
+        let step = if whole { read } else { ARGV_LEN - 1 };
+        if (*scan).skipping != 0 {
+            (*scan).skipping = u32::from(!whole);
+            (*scan).at += step as u64;
+            return 0;
+        }
+        let mut head = [0_u64; BOUND_ENV_NAME_LEN / 8];
+        read_kernel_raw(
+            head.as_mut_ptr().cast::<c_void>(),
+            BOUND_ENV_NAME_LEN as u32,
+            spill.cast::<c_void>(),
+        );
+        if is_bound(&head, (*scan).policy_id) {
+            let len = (*scan).len as usize;
+            // Too long to have been bound (the capture would have marked
+            // the exec truncated): not the environment that was allowed.
+            if !whole || len + read > ENV_LEN {
+                (*scan).outcome = DIFFERS;
+                return 1;
+            }
+            let buf = (&raw mut (*scratch).args.argv).cast::<u8>();
+            // Volatile, then masked: LLVM knows `len` is small and would drop
+            // the mask the verifier needs.
+            let offset = core::ptr::read_volatile(&raw const len) & (ARGV_LEN - 1);
+            let dst = buf.add(offset);
+            if read_bounded(dst, read as u32, spill, Source::Kernel) != 0 {
+                (*scan).outcome = DIFFERS;
+                return 1;
+            }
+            (*scan).len = (len + read) as u32;
+        } else {
+            (*scan).skipping = u32::from(!whole);
+        }
+        (*scan).at += step as u64;
+        0
     }
 }
