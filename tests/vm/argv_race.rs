@@ -430,7 +430,7 @@ fn exec_racing(
         unsafe { libc::ioctl(uffd, UFFDIO_COPY, &raw mut copy) };
     });
     let path = CString::new(path).unwrap_or_default();
-    let argv: Vec<*const libc::c_char> = std::iter::once(lazy.cast_const())
+    let pointers: Vec<*const libc::c_char> = std::iter::once(lazy.cast_const())
         .chain(rest.iter().copied())
         .map(<*const u8>::cast::<libc::c_char>)
         .chain(std::iter::once(std::ptr::null()))
@@ -439,7 +439,7 @@ fn exec_racing(
     // NULL-terminated arrays that outlive the call.
     unsafe {
         match envp {
-            None => libc::execv(path.as_ptr(), argv.as_ptr()),
+            None => libc::execv(path.as_ptr(), pointers.as_ptr()),
             Some(envp) => {
                 let envp: Vec<*const libc::c_char> = envp
                     .iter()
@@ -447,7 +447,7 @@ fn exec_racing(
                     .map(<*const u8>::cast::<libc::c_char>)
                     .chain(std::iter::once(std::ptr::null()))
                     .collect();
-                libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr())
+                libc::execve(path.as_ptr(), pointers.as_ptr(), envp.as_ptr())
             }
         }
     };
