@@ -13,6 +13,10 @@
 //! cert = "/etc/gatekeep-server/tls/server.pem"
 //! key = "/etc/gatekeep-server/tls/server.key"
 //!
+//! [console]                                # HTTP/JSON API and web console, same port
+//! enabled = true
+//! session_ttl_secs = 28800
+//!
 //! [host_groups]                            # and [[rules]]: see the rules module
 //! ```
 
@@ -49,6 +53,28 @@ pub struct ServerConfig {
     pub host_groups: BTreeMap<String, Vec<String>>,
     /// Auto-decide rules, tried in order.
     pub rules: Vec<RuleConfig>,
+    /// The HTTP/JSON API and the web console (same port as gRPC).
+    pub console: ConsoleConfig,
+}
+
+/// The HTTP/JSON API and the reviewers' web console, served on the gRPC port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Serve `/api/v1/...` and `/console/`.
+    pub enabled: bool,
+    /// How long a console session lasts after sign-in, in seconds (server-side).
+    pub session_ttl_secs: u64,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            // A working day; a reviewer signs in again the next morning.
+            session_ttl_secs: 8 * 3600,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -64,6 +90,7 @@ impl Default for ServerConfig {
             history_limit: 20,
             host_groups: BTreeMap::new(),
             rules: Vec::new(),
+            console: ConsoleConfig::default(),
         }
     }
 }

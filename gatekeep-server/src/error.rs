@@ -22,6 +22,9 @@ pub enum Error {
     /// No request with this id (or not one this caller may see).
     #[error("no request `{id}`")]
     UnknownRequest { id: Uuid },
+    /// No HTTP API route with this method and path.
+    #[error("no api route `{route}`; see /api/v1/openapi.json")]
+    UnknownRoute { route: String },
     /// No grant with this id.
     #[error("no grant `{id}`")]
     UnknownGrant { id: Uuid },
@@ -62,6 +65,12 @@ pub enum Error {
     /// The audit log refused a record.
     #[error("audit log failed")]
     Audit {
+        #[source]
+        source: gatekeep_audit::AuditError,
+    },
+    /// The audit log's hash chain or its guards do not verify.
+    #[error("{source}")]
+    AuditTampered {
         #[source]
         source: gatekeep_audit::AuditError,
     },
@@ -128,7 +137,9 @@ impl Error {
         use tonic::Code;
         match self {
             Error::Invalid { .. } | Error::BadArgument { .. } => Code::InvalidArgument,
-            Error::UnknownRequest { .. } | Error::UnknownGrant { .. } => Code::NotFound,
+            Error::UnknownRequest { .. }
+            | Error::UnknownGrant { .. }
+            | Error::UnknownRoute { .. } => Code::NotFound,
             Error::NotPending { .. }
             | Error::GrantInactive { .. }
             | Error::UnknownPolicy { .. } => Code::FailedPrecondition,
@@ -141,6 +152,7 @@ impl Error {
             Error::Unauthenticated { .. } => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::ShuttingDown => Code::Unavailable,
+            Error::AuditTampered { .. } => Code::DataLoss,
             Error::Store { .. }
             | Error::Audit { .. }
             | Error::ReadConfig { .. }

@@ -15,6 +15,8 @@ use gatekeep_proto::model::RequestRecord;
 use sha2::{Digest as _, Sha256};
 use tonic::metadata::MetadataMap;
 
+pub mod session;
+
 pub use crate::reviewer::Reviewer;
 use crate::{error::Error, store::Store};
 
@@ -88,6 +90,11 @@ impl Authenticator {
             ));
         }
         let token = bearer(request.metadata())?;
+        self.by_token(token).await
+    }
+
+    /// The reviewer holding `token`.
+    pub async fn by_token(&self, token: &str) -> Result<Reviewer, Error> {
         self.store
             .reviewer_by_token(token_hash(token))
             .await?
@@ -106,6 +113,11 @@ fn bearer(metadata: &MetadataMap) -> Result<&str, Error> {
     let value = value
         .to_str()
         .map_err(|_| Error::unauthenticated("malformed authorization header"))?;
+    bearer_token(value)
+}
+
+/// The token of an `authorization: Bearer TOKEN` header value.
+pub fn bearer_token(value: &str) -> Result<&str, Error> {
     let token = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
