@@ -16,6 +16,15 @@
 //! [console]                                # HTTP/JSON API and web console, same port
 //! enabled = true
 //! session_ttl_secs = 28800
+//! token_sign_in = true                     # also sign in to the console with a reviewer token
+//! [console.oidc]                           # optional: sign-in with an OpenID provider
+//! issuer = "https://login.example.com"
+//! client_id = "gatekeep"
+//! client_secret_file = "/etc/gatekeep-server/oidc-secret"
+//! redirect_url = "https://gatekeep.example.com:7443/auth/oidc/callback"
+//! groups_claim = "groups"                  # its values are reviewer groups
+//! [console.max_auth_age]                   # per policy: approvals need a fresh provider sign-in
+//! prod-deploy = 300
 //!
 //! [host_groups]                            # and [[rules]]: see the rules module
 //! ```
@@ -28,6 +37,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::auth::oidc::OidcConfig;
 use crate::{error::Error, paths, rules::RuleConfig, store::Synchronous};
 
 /// Everything the service reads at start.
@@ -65,6 +75,16 @@ pub struct ConsoleConfig {
     pub enabled: bool,
     /// How long a console session lasts after sign-in, in seconds (server-side).
     pub session_ttl_secs: u64,
+    /// Whether the console also accepts a reviewer token to sign in (with OIDC configured,
+    /// set it to false so every console reviewer is an identity of the provider).
+    pub token_sign_in: bool,
+    /// Sign-in with an OpenID Connect provider.
+    pub oidc: Option<OidcConfig>,
+    /// Per policy name: approving needs a sign-in at the provider at most this many seconds
+    /// old (the console asks the provider with `max_age`, `prompt=login` for 0). Approvals
+    /// with a reviewer token (gRPC, HTTP bearer, token session) are refused for these
+    /// policies; denials are not.
+    pub max_auth_age: BTreeMap<String, u64>,
 }
 
 impl Default for ConsoleConfig {
@@ -73,6 +93,9 @@ impl Default for ConsoleConfig {
             enabled: true,
             // A working day; a reviewer signs in again the next morning.
             session_ttl_secs: 8 * 3600,
+            token_sign_in: true,
+            oidc: None,
+            max_auth_age: BTreeMap::new(),
         }
     }
 }

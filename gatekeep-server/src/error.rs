@@ -74,6 +74,14 @@ pub enum Error {
         #[source]
         source: gatekeep_audit::AuditError,
     },
+    /// Approving for this policy needs a recent sign-in at the identity provider.
+    #[error(
+        "policy `{policy}` needs a sign-in at the identity provider at most {max_age} s old to approve; sign in again (the console offers it), then approve"
+    )]
+    ReauthRequired { policy: String, max_age: u64 },
+    /// The OpenID provider could not be used (unreachable, misconfigured, unreadable answer).
+    #[error("openid connect: {message}")]
+    Oidc { message: String },
     /// The service is shutting down.
     #[error("the decision service is shutting down")]
     ShuttingDown,
@@ -149,9 +157,9 @@ impl Error {
                 gatekeep_proto::id::PrefixError::Unknown { .. } => Code::NotFound,
                 gatekeep_proto::id::PrefixError::Ambiguous { .. } => Code::FailedPrecondition,
             },
-            Error::Unauthenticated { .. } => Code::Unauthenticated,
+            Error::Unauthenticated { .. } | Error::ReauthRequired { .. } => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
-            Error::ShuttingDown => Code::Unavailable,
+            Error::ShuttingDown | Error::Oidc { .. } => Code::Unavailable,
             Error::AuditTampered { .. } => Code::DataLoss,
             Error::Store { .. }
             | Error::Audit { .. }

@@ -248,12 +248,15 @@ impl Server {
                 .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
         )
         .add_service(
-            ReviewServiceServer::new(ReviewApi::new(Arc::clone(&engine)))
-                .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
+            ReviewServiceServer::new(
+                ReviewApi::new(Arc::clone(&engine))
+                    .with_max_auth_age(self.console.max_auth_age.clone()),
+            )
+            .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
         );
         let mut router = grpc.into_axum_router();
         if self.console.enabled {
-            router = router.merge(http::router(Arc::clone(&engine), &self.console));
+            router = router.merge(http::router(Arc::clone(&engine), &self.console)?);
         }
         let result = tonic::transport::Server::builder()
             // Find agents that vanished without closing their connection.
@@ -292,7 +295,14 @@ pub async fn add_reviewer(
         .collect::<Result<Vec<_>, _>>()?;
     let token = auth::new_token()?;
     store
-        .add_reviewer(Reviewer { name, groups }, auth::token_hash(&token))
+        .add_reviewer(
+            Reviewer {
+                name,
+                groups,
+                email: None,
+            },
+            auth::token_hash(&token),
+        )
         .await?;
     Ok(token)
 }

@@ -19,7 +19,7 @@
 //! GET/HEAD) must carry the session's CSRF token in `x-csrf-token`. Agent certificates are
 //! refused here as on the gRPC review service.
 //!
-//! The `OpenAPI` 3 description is `openapi.json` beside this file, served at
+//! The OpenAPI 3 description is `openapi.json` beside this file, served at
 //! `/api/v1/openapi.json`; [`ROUTES`] lists every route and a test checks both agree.
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
@@ -48,6 +48,7 @@ use super::ops::{self, Filter, WatchItem};
 use crate::{
     auth::{
         self, Authenticator, Reviewer,
+        oidc::{self, Oidc},
         session::{self, Principal, Session, Sessions},
     },
     config::ConsoleConfig,
@@ -56,13 +57,14 @@ use crate::{
     web,
 };
 
-/// The `OpenAPI` 3 description of this API.
+/// The OpenAPI 3 description of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-/// Every route of the HTTP API: method and path (axum syntax). The `OpenAPI` description
+/// Every route of the HTTP API: method and path (axum syntax). The OpenAPI description
 /// must describe exactly these (checked by a test), and the router serves exactly these.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/openapi.json"),
+    ("GET", "/api/v1/auth"),
     ("GET", "/api/v1/session"),
     ("POST", "/api/v1/session"),
     ("DELETE", "/api/v1/session"),
@@ -85,18 +87,28 @@ struct HttpState {
     engine: Arc<Engine>,
     auth: Authenticator,
     sessions: Arc<Sessions>,
+    oidc: Option<Arc<Oidc>>,
+    config: Arc<ConsoleConfig>,
 }
 
 /// The HTTP API and console routes (without the gRPC services), with the security headers
-/// on every response.
-pub fn router(engine: Arc<Engine>, config: &ConsoleConfig) -> Router {
+/// on every response. Fails on an unusable `[console.oidc]` section.
+pub fn router(engine: Arc<Engine>, config: &ConsoleConfig) -> Result<Router, Error> {
+    let oidc = config
+        .oidc
+        .clone()
+        .map(|oidc| Oidc::new(oidc).map(Arc::new))
+        .transpose()?;
     let state = HttpState {
         auth: Authenticator::new(Arc::clone(&engine.store)),
         engine,
         sessions: Arc::new(Sessions::new(Duration::from_secs(config.session_ttl_secs))),
+        oidc,
+        config: Arc::new(config.clone()),
     };
     let api = Router::new()
         .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/auth", get(auth_methods))
         .route(
             "/api/v1/session",
             get(session_info).post(sign_in).delete(sign_out),
@@ -113,10 +125,13 @@ pub fn router(engine: Arc<Engine>, config: &ConsoleConfig) -> Router {
         .route("/api/v1/audit/verify", get(verify_audit))
         .route("/api/v1/audit/export", get(export_audit))
         .route("/api/v1/{*rest}", axum::routing::any(no_such_route))
+        .route("/auth/oidc/login", get(oidc_login))
+        .route("/auth/oidc/callback", get(oidc_callback))
         .with_state(state);
-    api.merge(web::router())
+    Ok(api
+        .merge(web::router())
         .route("/", get(|| async { Redirect::to("/console/") }))
-        .layer(axum::middleware::map_response(web::security_headers))
+        .layer(axum::middleware::map_response(web::security_headers)))
 }
 
 // Errors.
@@ -174,6 +189,20 @@ fn http_status(code: tonic::Code) -> (StatusCode, &'static str) {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = http_status(self.0.code());
+        if let Error::ReauthRequired { max_age, .. } = &self.0 {
+            // The console sends the reviewer to the provider with this, then back.
+            return (
+                status,
+                Json(serde_json::json!({
+                    "error": {
+                        "code": "reauthenticate",
+                        "message": self.0.to_string(),
+                        "reauth_url": format!("/auth/oidc/login?max_age={max_age}"),
+                    }
+                })),
+            )
+                .into_response();
+        }
         let message = if code == "internal" {
             // Internal details stay in the service's log.
             tracing::error!(error = %self.0, source = ?std::error::Error::source(&self.0), "internal error");
@@ -237,6 +266,8 @@ struct Caller {
     reviewer: Reviewer,
     /// The session it came with, if not a bearer token.
     session: Option<(String, Session)>,
+    /// When the caller last authenticated at the identity provider (`None`: a token).
+    auth_time: Option<time::OffsetDateTime>,
 }
 
 impl FromRequestParts<HttpState> for Caller {
@@ -262,6 +293,7 @@ impl FromRequestParts<HttpState> for Caller {
             return Ok(Self {
                 reviewer,
                 session: None,
+                auth_time: None,
             });
         }
         let (id, session) = session_of(&parts.headers, &state.sessions)?;
@@ -278,22 +310,30 @@ impl FromRequestParts<HttpState> for Caller {
                 .into());
             }
         }
-        let reviewer = match &session.principal {
-            Principal::Token { hash } => state
-                .engine
-                .store
-                .reviewer_by_token(hash.clone())
-                .await
-                .map_err(Error::from)?
-                .ok_or_else(|| {
-                    Error::unauthenticated(
-                        "the reviewer of this session was removed; sign in again",
-                    )
-                })?,
+        let (reviewer, auth_time) = match &session.principal {
+            Principal::Oidc {
+                reviewer,
+                auth_time,
+            } => (reviewer.clone(), Some(*auth_time)),
+            Principal::Token { hash } => (
+                state
+                    .engine
+                    .store
+                    .reviewer_by_token(hash.clone())
+                    .await
+                    .map_err(Error::from)?
+                    .ok_or_else(|| {
+                        Error::unauthenticated(
+                            "the reviewer of this session was removed; sign in again",
+                        )
+                    })?,
+                None,
+            ),
         };
         Ok(Self {
             reviewer,
             session: Some((id, session)),
+            auth_time,
         })
     }
 }
@@ -320,6 +360,25 @@ fn session_of(headers: &HeaderMap, sessions: &Sessions) -> Result<(String, Sessi
 
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+#[derive(Serialize)]
+struct AuthMethods {
+    /// Whether the console accepts a reviewer token to sign in.
+    token_sign_in: bool,
+    /// The OpenID Connect provider's display name, when one is configured.
+    oidc: Option<String>,
+}
+
+/// `GET /api/v1/auth`: how one may sign in (public).
+async fn auth_methods(State(state): State<HttpState>) -> Json<AuthMethods> {
+    Json(AuthMethods {
+        token_sign_in: state.config.token_sign_in,
+        oidc: state
+            .oidc
+            .as_ref()
+            .map(|oidc| oidc.display_name().to_owned()),
+    })
 }
 
 #[derive(Deserialize)]
@@ -355,18 +414,150 @@ async fn sign_in(
     State(state): State<HttpState>,
     Body(body): Body<SignIn>,
 ) -> Result<Response, ApiError> {
+    if !state.config.token_sign_in {
+        return Err(Error::permission(
+            "this console signs in with the identity provider only (console.token_sign_in = false)",
+        )
+        .into());
+    }
     let token = auth::bearer_token(&format!("Bearer {}", body.token))?.to_owned();
     let reviewer = state.auth.by_token(&token).await?;
     let (id, session) = state.sessions.create(Principal::Token {
         hash: auth::token_hash(&token),
     })?;
-    let cookie = HeaderValue::from_str(&session::set_cookie(&id, state.sessions.ttl()))
-        .map_err(|_| bad("unrepresentable cookie"))?;
+    let cookie = session_cookie(&state, &id)?;
     Ok((
         [(header::SET_COOKIE, cookie)],
         Json(session_info_of(reviewer, &session)),
     )
         .into_response())
+}
+
+fn session_cookie(state: &HttpState, id: &str) -> Result<HeaderValue, ApiError> {
+    HeaderValue::from_str(&session::set_cookie(id, state.sessions.ttl()))
+        .map_err(|_| bad("unrepresentable cookie"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginParams {
+    /// Ask the provider for an authentication at most this old (seconds; 0: now).
+    max_age: Option<u64>,
+    /// The console route to return to (`#/request/ID`).
+    #[serde(default, rename = "return")]
+    return_to: String,
+}
+
+/// A console route to return to after sign-in: only `#/` followed by plain characters, so
+/// the callback never redirects anywhere else.
+fn console_route(text: &str) -> &str {
+    let plain = text.strip_prefix("#/").is_some_and(|rest| {
+        rest.len() <= 100
+            && rest
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_'))
+    });
+    if plain { text } else { "#/queue" }
+}
+
+fn no_oidc() -> ApiError {
+    ApiError(Error::UnknownRoute {
+        route: "openid connect sign-in (no [console.oidc] configured)".to_owned(),
+    })
+}
+
+/// `GET /auth/oidc/login`: sends the browser to the provider (code flow with PKCE).
+async fn oidc_login(
+    State(state): State<HttpState>,
+    Params(params): Params<LoginParams>,
+) -> Result<Response, ApiError> {
+    let oidc = state.oidc.as_ref().ok_or_else(no_oidc)?;
+    let (url, login_state) = oidc
+        .start(params.max_age, console_route(&params.return_to))
+        .await?;
+    let cookie = HeaderValue::from_str(&session::set_login_cookie(
+        oidc::LOGIN_COOKIE,
+        &login_state,
+        Duration::from_mins(10),
+    ))
+    .map_err(|_| bad("unrepresentable cookie"))?;
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&url)).into_response())
+}
+
+#[derive(Deserialize)]
+struct CallbackParams {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// `GET /auth/oidc/callback`: the provider's redirect back; opens the session.
+async fn oidc_callback(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Query(params): Query<CallbackParams>,
+) -> Response {
+    let clear_login = (
+        header::SET_COOKIE,
+        HeaderValue::from_str(&session::clear_named_cookie(oidc::LOGIN_COOKIE))
+            .unwrap_or(HeaderValue::from_static("")),
+    );
+    match finish_sign_in(&state, &headers, params).await {
+        Ok((id, return_to)) => {
+            let mut response = Redirect::to(&format!("/console/{return_to}")).into_response();
+            let headers = response.headers_mut();
+            headers.append(clear_login.0, clear_login.1);
+            if let Ok(cookie) = session_cookie(&state, &id) {
+                headers.append(header::SET_COOKIE, cookie);
+            }
+            response
+        }
+        Err(ApiError(error)) => {
+            tracing::info!(%error, "console sign-in refused");
+            let message = if error.code() == tonic::Code::Internal {
+                "internal error in the decision service; see its log".to_owned()
+            } else {
+                error.to_string()
+            };
+            let mut query = reqwest::Url::parse("https://x/console/").expect("a valid url");
+            query.query_pairs_mut().append_pair("error", &message);
+            let target = format!("/console/?{}", query.query().unwrap_or_default());
+            let mut response = Redirect::to(&target).into_response();
+            response.headers_mut().append(clear_login.0, clear_login.1);
+            response
+        }
+    }
+}
+
+async fn finish_sign_in(
+    state: &HttpState,
+    headers: &HeaderMap,
+    params: CallbackParams,
+) -> Result<(String, String), ApiError> {
+    let oidc = state.oidc.as_ref().ok_or_else(no_oidc)?;
+    if let Some(error) = params.error {
+        let detail = params.error_description.unwrap_or_default();
+        return Err(Error::unauthenticated(format!(
+            "the identity provider refused the sign-in: {error} {detail}"
+        ))
+        .into());
+    }
+    let (Some(code), Some(login_state)) = (params.code, params.state) else {
+        return Err(bad("the callback needs `code` and `state`"));
+    };
+    let cookie_state = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .find_map(|value| session::cookie(value, oidc::LOGIN_COOKIE));
+    let (identity, return_to) = oidc.finish(&code, &login_state, cookie_state).await?;
+    tracing::info!(reviewer = %identity.reviewer.name, groups = ?identity.reviewer.groups, "console sign-in");
+    let (id, _) = state.sessions.create(Principal::Oidc {
+        reviewer: identity.reviewer,
+        auth_time: identity.auth_time,
+    })?;
+    Ok((id, return_to))
 }
 
 /// `GET /api/v1/session`: who is signed in, and the session's CSRF token.
@@ -529,6 +720,14 @@ async fn decide(
 ) -> Result<Json<RequestRecord>, ApiError> {
     let id = convert::id("id", &id)?;
     let reason = convert::reason("reason", body.reason)?;
+    ops::check_auth_age(
+        &state.engine,
+        &state.config.max_auth_age,
+        id,
+        body.verdict,
+        caller.auth_time,
+    )
+    .await?;
     let duration = convert::duration("duration", &body.duration)?;
     let scope = convert::scope(
         "scope",
@@ -742,7 +941,7 @@ async fn export_audit(
 mod tests {
     use super::*;
 
-    /// Every route in [`ROUTES`] is described in the `OpenAPI` document, and nothing else is.
+    /// Every route in [`ROUTES`] is described in the OpenAPI document, and nothing else is.
     #[test]
     fn openapi_describes_every_route() {
         let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();

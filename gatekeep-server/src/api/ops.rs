@@ -154,6 +154,36 @@ pub async fn watch(
     Ok(receiver)
 }
 
+/// Refuses an approval of request `id` when its policy has a `max_auth_age` and the
+/// reviewer's sign-in at the identity provider (`auth_time`; `None` for a token) is older.
+pub async fn check_auth_age(
+    engine: &Engine,
+    max_auth_age: &std::collections::BTreeMap<String, u64>,
+    id: uuid::Uuid,
+    verdict: gatekeep_proto::model::Verdict,
+    auth_time: Option<time::OffsetDateTime>,
+) -> Result<(), Error> {
+    if verdict != gatekeep_proto::model::Verdict::Allow || max_auth_age.is_empty() {
+        return Ok(());
+    }
+    let (record, _) = engine.get(id).await?;
+    let Some(&max_age) = max_auth_age.get(&record.request.policy) else {
+        return Ok(());
+    };
+    let fresh = auth_time.is_some_and(|at| {
+        let age = (time::OffsetDateTime::now_utc() - at).whole_seconds();
+        age <= i64::try_from(max_age).unwrap_or(i64::MAX)
+    });
+    if fresh {
+        Ok(())
+    } else {
+        Err(Error::ReauthRequired {
+            policy: record.request.policy,
+            max_age,
+        })
+    }
+}
+
 /// Grants, by host and policy (both optional), active ones unless `include_inactive`.
 pub async fn list_grants(
     engine: &Engine,

@@ -22,6 +22,8 @@ use crate::{auth::Authenticator, error::Error, lifecycle::Engine};
 pub struct ReviewApi {
     engine: Arc<Engine>,
     auth: Authenticator,
+    /// Policies whose approvals need a recent identity-provider sign-in: tokens never have one.
+    max_auth_age: Arc<std::collections::BTreeMap<String, u64>>,
 }
 
 impl std::fmt::Debug for ReviewApi {
@@ -34,7 +36,22 @@ impl ReviewApi {
     #[must_use]
     pub fn new(engine: Arc<Engine>) -> Self {
         let auth = Authenticator::new(Arc::clone(&engine.store));
-        Self { engine, auth }
+        Self {
+            engine,
+            auth,
+            max_auth_age: Arc::default(),
+        }
+    }
+
+    /// Approvals of these policies need a recent identity-provider sign-in, which a token
+    /// never is: they are refused here (see `ConsoleConfig::max_auth_age`).
+    #[must_use]
+    pub fn with_max_auth_age(
+        mut self,
+        max_auth_age: std::collections::BTreeMap<String, u64>,
+    ) -> Self {
+        self.max_auth_age = Arc::new(max_auth_age);
+        self
     }
 }
 
@@ -129,6 +146,7 @@ impl ReviewService for ReviewApi {
         let reason = convert::reason("reason", wire.reason).map_err(Error::from)?;
         let duration = convert::duration("duration", &wire.duration).map_err(Error::from)?;
         let scope = convert::scope("scope", &wire.scope).map_err(Error::from)?;
+        ops::check_auth_age(&self.engine, &self.max_auth_age, id, verdict, None).await?;
         let record = self
             .engine
             .decide(&reviewer, id, verdict, reason, duration, scope)

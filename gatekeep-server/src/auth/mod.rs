@@ -15,6 +15,7 @@ use gatekeep_proto::model::RequestRecord;
 use sha2::{Digest as _, Sha256};
 use tonic::metadata::MetadataMap;
 
+pub mod oidc;
 pub mod session;
 
 pub use crate::reviewer::Reviewer;
@@ -58,16 +59,26 @@ fn is_owner_with(
     record: &RequestRecord,
     uid_of: impl Fn(&str) -> Option<u32>,
 ) -> bool {
-    let name = reviewer.name.as_str();
-    record
-        .request
-        .approval
-        .owners
-        .iter()
-        .any(|owner| owner == name)
-        || record.request.user_name.as_deref() == Some(name)
-        || record.host == name
-        || uid_of(name) == Some(record.request.uid)
+    // A token reviewer is their name; a reviewer of the identity provider is also the local
+    // part of their verified email (alice@example.com is the host's user alice).
+    let local = reviewer
+        .email
+        .as_deref()
+        .and_then(|email| email.split_once('@'))
+        .map(|(local, _)| local);
+    std::iter::once(reviewer.name.as_str())
+        .chain(local)
+        .any(|name| {
+            record
+                .request
+                .approval
+                .owners
+                .iter()
+                .any(|owner| owner == name || reviewer.email.as_deref() == Some(owner.as_str()))
+                || record.request.user_name.as_deref() == Some(name)
+                || record.host == name
+                || uid_of(name) == Some(record.request.uid)
+        })
 }
 
 /// Authenticates calls.
@@ -202,6 +213,7 @@ mod tests {
         let alice = Reviewer {
             name: "alice".into(),
             groups: vec!["sre".into()],
+            email: None,
         };
         assert!(alice.may_review(&[]));
         assert!(alice.may_review(&["security".into(), "sre".into()]));
@@ -246,6 +258,7 @@ mod tests {
         let root = Reviewer {
             name: "root".into(),
             groups: Vec::new(),
+            email: None,
         };
         record.request.uid = 0;
         assert!(is_owner(&root, &record), "root's uid through NSS");

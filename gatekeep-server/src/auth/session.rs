@@ -15,7 +15,7 @@ use std::{
 
 use time::OffsetDateTime;
 
-use super::{new_token, token_hash};
+use super::{Reviewer, new_token, token_hash};
 use crate::error::Error;
 
 /// The session cookie. `__Host-` makes browsers refuse it unless it is `Secure`, has
@@ -31,6 +31,12 @@ pub enum Principal {
     /// A reviewer token (its hash): the reviewer is looked up on every use, so a removed
     /// reviewer loses the session too.
     Token { hash: String },
+    /// An identity of the OpenID provider, as it signed in.
+    Oidc {
+        reviewer: Reviewer,
+        /// When the user last authenticated at the provider.
+        auth_time: OffsetDateTime,
+    },
 }
 
 /// One signed-in browser.
@@ -145,6 +151,22 @@ pub fn set_cookie(id: &str, ttl: Duration) -> String {
         "{COOKIE}={id}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={}",
         ttl.as_secs()
     )
+}
+
+/// The `set-cookie` value of a sign-in in progress (`SameSite=Lax`: it must come back with
+/// the provider's top-level redirect to the callback).
+#[must_use]
+pub fn set_login_cookie(name: &str, state: &str, ttl: Duration) -> String {
+    format!(
+        "{name}={state}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
+        ttl.as_secs()
+    )
+}
+
+/// The `set-cookie` value that deletes cookie `name`.
+#[must_use]
+pub fn clear_named_cookie(name: &str) -> String {
+    format!("{name}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0")
 }
 
 /// The `set-cookie` value that deletes the session cookie.
