@@ -47,7 +47,8 @@ pub const LOGIN_COOKIE: &str = "__Host-gatekeep-login";
 const LOGIN_TTL: Duration = Duration::from_mins(10);
 /// Most sign-ins in progress at once.
 const MAX_PENDING: usize = 10_000;
-/// An unknown `kid` refetches the JWKS at most this often.
+/// The same unknown `kid` refetches the JWKS at most this often (a new one at once: the
+/// provider rotated its keys).
 const JWKS_REFRESH: Duration = Duration::from_secs(10);
 /// Clock skew allowed on `exp`, `iat`, `auth_time`.
 const LEEWAY_SECS: u64 = 60;
@@ -111,6 +112,8 @@ struct Discovered {
     metadata: Metadata,
     jwks: JwkSet,
     jwks_fetched: Instant,
+    /// The unknown `kid` that caused the last refetch.
+    refetched_for: Option<String>,
 }
 
 /// A sign-in in progress.
@@ -338,27 +341,31 @@ impl Oidc {
             metadata: metadata.clone(),
             jwks,
             jwks_fetched: Instant::now(),
+            refetched_for: None,
         });
         Ok(metadata)
     }
 
-    /// Fetches the JWKS again (an unknown `kid`: the provider rotated its keys), at most
-    /// every [`JWKS_REFRESH`].
-    async fn refresh_jwks(&self) -> Result<(), Error> {
+    /// Fetches the JWKS again for an unknown `kid` (the provider rotated its keys); the
+    /// same unknown `kid` again only after [`JWKS_REFRESH`].
+    async fn refresh_jwks(&self, kid: Option<&str>) -> Result<(), Error> {
         let uri = {
             let guard = self.discovered.read().await;
             let Some(found) = &*guard else {
                 return Ok(());
             };
-            if found.jwks_fetched.elapsed() < JWKS_REFRESH {
+            if found.refetched_for.as_deref() == kid && found.jwks_fetched.elapsed() < JWKS_REFRESH
+            {
                 return Ok(());
             }
             found.metadata.jwks_uri.clone()
         };
         let jwks: JwkSet = self.get_json(&uri).await?;
         if let Some(found) = &mut *self.discovered.write().await {
+            tracing::info!(kid = ?kid, keys = jwks.keys.len(), "fetched the identity provider's keys again");
             found.jwks = jwks;
             found.jwks_fetched = Instant::now();
+            found.refetched_for = kid.map(str::to_owned);
         }
         Ok(())
     }
@@ -509,7 +516,7 @@ impl Oidc {
         let mut key = self.key(header.kid.as_deref()).await;
         if key.is_none() {
             // The provider may have rotated its keys since the JWKS was fetched.
-            self.refresh_jwks().await?;
+            self.refresh_jwks(header.kid.as_deref()).await?;
             key = self.key(header.kid.as_deref()).await;
         }
         let key = key.ok_or_else(|| {
