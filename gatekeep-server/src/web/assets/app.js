@@ -98,13 +98,20 @@ function notice(message, isError) {
   setTimeout(() => line.remove(), isError ? 8000 : 4000);
 }
 
-function shortId(id, all) {
-  // The shortest prefix (at least 8) unique among the ids shown.
-  const hexId = id.replace(/-/g, '');
-  let length = 8;
-  const others = all.filter((other) => other !== id).map((other) => other.replace(/-/g, ''));
-  while (length < hexId.length && others.some((other) => other.startsWith(hexId.slice(0, length)))) length += 2;
-  return hexId.slice(0, length);
+// The shortest prefixes (at least 8 hex digits) telling the ids apart: sorted, each id
+// needs one digit more than it shares with either neighbour.
+function shortIds(ids) {
+  const hexIds = ids.map((id) => id.replace(/-/g, ''));
+  const order = hexIds.map((_, index) => index).sort((a, b) => (hexIds[a] < hexIds[b] ? -1 : 1));
+  const common = (a, b) => { let n = 0; while (n < a.length && a[n] === b[n]) n += 1; return n; };
+  const out = new Array(ids.length);
+  order.forEach((index, position) => {
+    const own = hexIds[index];
+    const before = position > 0 ? common(own, hexIds[order[position - 1]]) : 0;
+    const after = position + 1 < order.length ? common(own, hexIds[order[position + 1]]) : 0;
+    out[index] = own.slice(0, Math.max(8, Math.max(before, after) + 1));
+  });
+  return out;
 }
 
 function timeLeft(deadline) {
@@ -288,14 +295,14 @@ function renderQueueRows() {
   const body = document.getElementById('queue-rows');
   if (!body) return;
   const rows = visibleQueue();
-  const ids = rows.map((r) => r.request.id);
+  const shorts = shortIds(rows.map((r) => r.request.id));
   state.selected = Math.min(state.selected, Math.max(rows.length - 1, 0));
   const fragment = document.createDocumentFragment();
   rows.forEach((record, index) => {
     const request = record.request;
     const what = whatOf(request);
     const left = timeLeft(record.deadline);
-    const link = el('a', { href: `#/request/${request.id}`, class: 'mono' }, shortId(request.id, ids));
+    const link = el('a', { href: `#/request/${request.id}`, class: 'mono' }, shorts[index]);
     const row = el('tr', { 'data-id': request.id, class: index === state.selected ? 'selected' : '', 'aria-selected': index === state.selected ? 'true' : 'false' },
       el('td', {}, link),
       el('td', {}, request.target.kind),
@@ -593,9 +600,10 @@ function onKey(event) {
     case 'k': if (state.route === '#/queue') { moveSelection(-1); event.preventDefault(); } break;
     case '/': if (state.route === '#/queue') { document.getElementById('filter-host').focus(); event.preventDefault(); } break;
     case 'o': case 'Enter':
-      if (state.route === '#/queue') {
+      // Enter on a focused link follows it by itself.
+      if (state.route === '#/queue' && (event.key === 'o' || document.activeElement?.tagName !== 'A')) {
         const row = document.querySelectorAll('#queue-rows tr')[state.selected];
-        if (row && document.activeElement?.tagName !== 'A') { location.hash = `#/request/${row.dataset.id}`; event.preventDefault(); }
+        if (row) { location.hash = `#/request/${row.dataset.id}`; event.preventDefault(); }
       }
       break;
     case 'a': document.getElementById('approve')?.focus(); break;
