@@ -51,9 +51,11 @@ const browser = await chromium.launch({
   ],
 });
 const violations = [];
+const pages = [];
 try {
   const alice = await browser.newContext({ viewport: { width: 1400, height: 900 } });
   const page = await signIn(alice, 'alice');
+  pages.push(['alice', page]);
   page.on('console', (message) => {
     if (/Content Security Policy|Refused to/.test(message.text())) violations.push(message.text());
   });
@@ -133,6 +135,7 @@ try {
   // carol (group security) sees the live request but cannot approve it.
   const carolContext = await browser.newContext({ viewport: { width: 1400, height: 900 } });
   const carol = await signIn(carolContext, 'carol');
+  pages.push(['carol', carol]);
   await carol.locator(row(live)).waitFor();
   await carol.locator(`${row(live)} a`).click();
   await carol.locator('#why-not').waitFor();
@@ -169,6 +172,22 @@ try {
   check(violations.length === 0, `no CSP violation: ${violations.join('; ')}`);
   await alice.close();
   console.log('PASS');
+} catch (error) {
+  // Enough to tell what the page showed when a check failed.
+  for (const [who, page] of pages) {
+    try {
+      const seen = await page.evaluate(() => ({
+        url: location.href,
+        rows: [...document.querySelectorAll('#queue-rows tr')].map((tr) => tr.dataset.id),
+        filters: document.getElementById('filter-kind')?.value,
+        main: document.getElementById('main')?.innerText.slice(0, 300),
+      }));
+      console.log(`DEBUG ${who} ${JSON.stringify(seen)}`);
+      await page.screenshot({ path: `${SHOTS}/failure-${who}.png`, fullPage: true });
+    } catch (_) { /* the page is gone */ }
+  }
+  console.log(`DEBUG ids first=${FIRST} second=${SECOND}`);
+  throw error;
 } finally {
   await browser.close();
 }
