@@ -16,6 +16,7 @@ const state = {
   route: '',
   renderQueued: false,
   gPressed: false,
+  renderSeq: 0,         // bumped by every route(); a slower, older render gives way
 };
 
 // ---------------------------------------------------------------- DOM helpers
@@ -392,15 +393,25 @@ function targetFacts(target) {
   ];
 }
 
-async function renderDetail(idText) {
+async function renderDetail(idText, seq) {
   const main = document.getElementById('main');
   let detail;
   try {
     detail = await api('GET', `/requests/${encodeURIComponent(idText)}`);
   } catch (error) {
+    if (seq !== state.renderSeq) return;
     main.replaceChildren(el('h1', {}, 'Request'), el('p', { class: 'why-not' }, error.message));
     return;
   }
+  // Another route() ran meanwhile (the reviewer moved on, or a newer update came).
+  if (seq !== state.renderSeq) return;
+  // A refresh of the same request keeps what the reviewer was typing and choosing.
+  const kept = {};
+  for (const id of ['reason', 'duration', 'scope']) {
+    const control = document.getElementById(id);
+    if (control && main.dataset.request === detail.request.request.id) kept[id] = control.value;
+  }
+  const focused = document.activeElement?.id;
   const record = detail.request;
   const request = record.request;
   const settings = request.approval;
@@ -437,6 +448,12 @@ async function renderDetail(idText) {
   }
   parts.push(similarTable(detail.similar));
   main.replaceChildren(...parts);
+  main.dataset.request = request.id;
+  for (const [id, value] of Object.entries(kept)) {
+    const control = document.getElementById(id);
+    if (control) control.value = value;
+  }
+  if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
 }
 
 function decideForm(record, you) {
@@ -496,7 +513,7 @@ function similarTable(similar) {
 
 // ---------------------------------------------------------------- grants and audit
 
-async function renderGrants() {
+async function renderGrants(seq) {
   const main = document.getElementById('main');
   const all = el('input', { type: 'checkbox', id: 'grants-all' });
   const table = el('tbody', { id: 'grant-rows' });
@@ -531,7 +548,7 @@ async function renderGrants() {
     el('table', { 'aria-label': 'Grants' },
       el('thead', {}, el('tr', {}, ['Id', 'Verdict', 'What', 'Host', 'Policy', 'Scope', 'Until', 'By', ''].map((h) => el('th', { scope: 'col' }, h)))),
       table));
-  try { await load(); } catch (error) { notice(error.message, true); }
+  try { await load(); } catch (error) { if (seq === state.renderSeq) notice(error.message, true); }
 }
 
 function renderAudit() {
@@ -573,8 +590,13 @@ function route() {
     const link = document.getElementById(id);
     if (state.route === prefix) link.setAttribute('aria-current', 'page'); else link.removeAttribute('aria-current');
   }
-  if (state.route.startsWith('#/request/')) renderDetail(decodeURIComponent(state.route.slice('#/request/'.length)));
-  else if (state.route === '#/grants') renderGrants();
+  state.renderSeq += 1;
+  const seq = state.renderSeq;
+  if (state.route !== '#/request/' + (document.getElementById('main').dataset.request || '')) {
+    delete document.getElementById('main').dataset.request;
+  }
+  if (state.route.startsWith('#/request/')) renderDetail(decodeURIComponent(state.route.slice('#/request/'.length)), seq);
+  else if (state.route === '#/grants') renderGrants(seq);
   else if (state.route === '#/audit') renderAudit();
   else { state.route = '#/queue'; renderQueue(); }
 }
