@@ -20,7 +20,7 @@ use tonic::{
 
 use crate::{
     api::{AgentApi, ReviewApi, http},
-    auth::{self, Reviewer},
+    auth::{self, Reviewer, session::Sessions},
     certs::TlsMaterial,
     config::{ConsoleConfig, ServerConfig},
     error::Error,
@@ -243,6 +243,11 @@ impl Server {
             stream
         });
         // gRPC and the HTTP API/console share this listener, routed by path (see api::http).
+        // Sessions: the console's (cookies) and the CLI's (`gatekeep login`, bearer tokens
+        // on both APIs).
+        let sessions = Arc::new(Sessions::new(Duration::from_secs(
+            self.console.session_ttl_secs,
+        )));
         let grpc = Routes::new(
             AgentServiceServer::new(AgentApi::new(Arc::clone(&engine)))
                 .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
@@ -250,13 +255,18 @@ impl Server {
         .add_service(
             ReviewServiceServer::new(
                 ReviewApi::new(Arc::clone(&engine))
-                    .with_max_auth_age(self.console.max_auth_age.clone()),
+                    .with_max_auth_age(self.console.max_auth_age.clone())
+                    .with_sessions(Arc::clone(&sessions)),
             )
             .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
         );
         let mut router = grpc.into_axum_router();
         if self.console.enabled {
-            router = router.merge(http::router(Arc::clone(&engine), &self.console)?);
+            router = router.merge(http::router(
+                Arc::clone(&engine),
+                &self.console,
+                Arc::clone(&sessions),
+            )?);
         }
         let result = tonic::transport::Server::builder()
             // Find agents that vanished without closing their connection.

@@ -67,6 +67,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/auth"),
     ("GET", "/api/v1/session"),
     ("POST", "/api/v1/session"),
+    ("POST", "/api/v1/token"),
     ("DELETE", "/api/v1/session"),
     ("GET", "/api/v1/status"),
     ("GET", "/api/v1/requests"),
@@ -93,16 +94,20 @@ struct HttpState {
 
 /// The HTTP API and console routes (without the gRPC services), with the security headers
 /// on every response. Fails on an unusable `[console.oidc]` section.
-pub fn router(engine: Arc<Engine>, config: &ConsoleConfig) -> Result<Router, Error> {
+pub fn router(
+    engine: Arc<Engine>,
+    config: &ConsoleConfig,
+    sessions: Arc<Sessions>,
+) -> Result<Router, Error> {
     let oidc = config
         .oidc
         .clone()
         .map(|oidc| Oidc::new(oidc).map(Arc::new))
         .transpose()?;
     let state = HttpState {
-        auth: Authenticator::new(Arc::clone(&engine.store)),
+        auth: Authenticator::new(Arc::clone(&engine.store)).with_sessions(Arc::clone(&sessions)),
         engine,
-        sessions: Arc::new(Sessions::new(Duration::from_secs(config.session_ttl_secs))),
+        sessions,
         oidc,
         config: Arc::new(config.clone()),
     };
@@ -113,6 +118,7 @@ pub fn router(engine: Arc<Engine>, config: &ConsoleConfig) -> Result<Router, Err
             "/api/v1/session",
             get(session_info).post(sign_in).delete(sign_out),
         )
+        .route("/api/v1/token", post(device_token))
         .route("/api/v1/status", get(status))
         .route("/api/v1/requests", get(list_pending))
         .route("/api/v1/requests/{id}", get(get_request))
@@ -289,11 +295,14 @@ impl FromRequestParts<HttpState> for Caller {
             let value = value
                 .to_str()
                 .map_err(|_| Error::unauthenticated("malformed authorization header"))?;
-            let reviewer = state.auth.by_token(auth::bearer_token(value)?).await?;
+            let (reviewer, auth_time) = state
+                .auth
+                .caller_by_token(auth::bearer_token(value)?)
+                .await?;
             return Ok(Self {
                 reviewer,
                 session: None,
-                auth_time: None,
+                auth_time,
             });
         }
         let (id, session) = session_of(&parts.headers, &state.sessions)?;
@@ -368,6 +377,8 @@ struct AuthMethods {
     token_sign_in: bool,
     /// The OpenID Connect provider's display name, when one is configured.
     oidc: Option<String>,
+    /// What `gatekeep login` needs for the device flow, when the CLI may sign in.
+    device: Option<oidc::DeviceClient>,
 }
 
 /// `GET /api/v1/auth`: how one may sign in (public).
@@ -378,7 +389,47 @@ async fn auth_methods(State(state): State<HttpState>) -> Json<AuthMethods> {
             .oidc
             .as_ref()
             .map(|oidc| oidc.display_name().to_owned()),
+        device: state.oidc.as_ref().and_then(|oidc| oidc.device_client()),
     })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceToken {
+    /// An ID token from the device flow, issued to `cli_client_id`.
+    id_token: String,
+}
+
+#[derive(Serialize)]
+struct CliSession {
+    /// The bearer token for the gRPC and HTTP APIs until `expires_at`.
+    token: String,
+    reviewer: String,
+    groups: Vec<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    expires_at: time::OffsetDateTime,
+}
+
+/// `POST /api/v1/token`: `gatekeep login` hands over the provider's ID token and gets a
+/// command-line session, whose id is its bearer token.
+async fn device_token(
+    State(state): State<HttpState>,
+    Body(body): Body<DeviceToken>,
+) -> Result<Json<CliSession>, ApiError> {
+    let oidc = state.oidc.as_ref().ok_or_else(no_oidc)?;
+    convert::text("id_token", &body.id_token, 64 * 1024)?;
+    let identity = oidc.validate_device_token(&body.id_token).await?;
+    tracing::info!(reviewer = %identity.reviewer.name, "command-line sign-in");
+    let (token, session) = state.sessions.create_bearer(Principal::Oidc {
+        reviewer: identity.reviewer.clone(),
+        auth_time: identity.auth_time,
+    })?;
+    Ok(Json(CliSession {
+        token,
+        reviewer: identity.reviewer.name,
+        groups: identity.reviewer.groups,
+        expires_at: session.expires_at,
+    }))
 }
 
 #[derive(Deserialize)]

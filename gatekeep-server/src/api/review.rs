@@ -43,6 +43,13 @@ impl ReviewApi {
         }
     }
 
+    /// Also accepts command-line sessions' ids (`gatekeep login`) as bearer tokens.
+    #[must_use]
+    pub fn with_sessions(mut self, sessions: Arc<crate::auth::session::Sessions>) -> Self {
+        self.auth = self.auth.with_sessions(sessions);
+        self
+    }
+
     /// Approvals of these policies need a recent identity-provider sign-in, which a token
     /// never is: they are refused here (see `ConsoleConfig::max_auth_age`).
     #[must_use]
@@ -139,14 +146,14 @@ impl ReviewService for ReviewApi {
         &self,
         request: Request<v1::DecideRequest>,
     ) -> Result<Response<v1::DecideResponse>, Status> {
-        let reviewer = self.auth.reviewer(&request).await?;
+        let (reviewer, auth_time) = self.auth.caller(&request).await?;
         let wire = request.into_inner();
         let id = convert::id("request_id", &wire.request_id).map_err(Error::from)?;
         let verdict = convert::verdict("verdict", wire.verdict).map_err(Error::from)?;
         let reason = convert::reason("reason", wire.reason).map_err(Error::from)?;
         let duration = convert::duration("duration", &wire.duration).map_err(Error::from)?;
         let scope = convert::scope("scope", &wire.scope).map_err(Error::from)?;
-        ops::check_auth_age(&self.engine, &self.max_auth_age, id, verdict, None).await?;
+        ops::check_auth_age(&self.engine, &self.max_auth_age, id, verdict, auth_time).await?;
         let record = self
             .engine
             .decide(&reviewer, id, verdict, reason, duration, scope)

@@ -85,23 +85,67 @@ fn is_owner_with(
 #[derive(Clone)]
 pub struct Authenticator {
     store: Arc<dyn Store>,
+    /// Command-line sessions (`gatekeep login`), whose ids are bearer tokens too.
+    sessions: Option<Arc<session::Sessions>>,
 }
 
 impl Authenticator {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self {
+            store,
+            sessions: None,
+        }
     }
 
-    /// The reviewer making a review call. Refuses agent certificates, missing or malformed
-    /// `authorization` headers and unknown tokens.
-    pub async fn reviewer<T>(&self, request: &tonic::Request<T>) -> Result<Reviewer, Error> {
+    /// Also accepts the ids of command-line sessions in `sessions` as bearer tokens.
+    #[must_use]
+    pub fn with_sessions(mut self, sessions: Arc<session::Sessions>) -> Self {
+        self.sessions = Some(sessions);
+        self
+    }
+
+    /// The reviewer making a review call, and when they last signed in at the identity
+    /// provider (`None` for a reviewer token).
+    pub async fn caller<T>(
+        &self,
+        request: &tonic::Request<T>,
+    ) -> Result<(Reviewer, Option<time::OffsetDateTime>), Error> {
         if request.peer_certs().is_some_and(|certs| !certs.is_empty()) {
             return Err(Error::permission(
                 "agent certificates cannot use the review api; connect without a client certificate and use a reviewer token",
             ));
         }
-        let token = bearer(request.metadata())?;
-        self.by_token(token).await
+        self.caller_by_token(bearer(request.metadata())?).await
+    }
+
+    /// The reviewer holding `token`: a reviewer token, or a command-line session's id.
+    pub async fn caller_by_token(
+        &self,
+        token: &str,
+    ) -> Result<(Reviewer, Option<time::OffsetDateTime>), Error> {
+        if let Some(reviewer) = self.store.reviewer_by_token(token_hash(token)).await? {
+            return Ok((reviewer, None));
+        }
+        let session = self
+            .sessions
+            .as_ref()
+            .and_then(|sessions| sessions.get(token))
+            .filter(|session| session.bearer);
+        match session.map(|session| session.principal) {
+            Some(session::Principal::Oidc {
+                reviewer,
+                auth_time,
+            }) => Ok((reviewer, Some(auth_time))),
+            _ => Err(Error::unauthenticated(
+                "unknown or expired token; sign in again (`gatekeep login`) or ask an administrator for a reviewer token",
+            )),
+        }
+    }
+
+    /// The reviewer making a review call. Refuses agent certificates, missing or malformed
+    /// `authorization` headers and unknown tokens.
+    pub async fn reviewer<T>(&self, request: &tonic::Request<T>) -> Result<Reviewer, Error> {
+        Ok(self.caller(request).await?.0)
     }
 
     /// The reviewer holding `token`.

@@ -50,6 +50,8 @@ const MAX_PENDING: usize = 10_000;
 /// The same unknown `kid` refetches the JWKS at most this often (a new one at once: the
 /// provider rotated its keys).
 const JWKS_REFRESH: Duration = Duration::from_secs(10);
+/// The oldest ID token `gatekeep login` may hand over.
+pub const DEVICE_TOKEN_AGE: Duration = Duration::from_mins(10);
 /// Clock skew allowed on `exp`, `iat`, `auth_time`.
 const LEEWAY_SECS: u64 = 60;
 
@@ -82,6 +84,18 @@ pub struct OidcConfig {
     /// Extra trust roots (PEM) for the provider's TLS, besides the system's.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// The public client `gatekeep login` uses (device authorization grant, no secret);
+    /// without it the CLI cannot sign in with the provider.
+    #[serde(default)]
+    pub cli_client_id: Option<String>,
+}
+
+/// What `gatekeep login` needs to run the device flow (public: `GET /api/v1/auth`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceClient {
+    pub issuer: String,
+    pub client_id: String,
+    pub scopes: Vec<String>,
 }
 
 fn default_display_name() -> String {
@@ -496,11 +510,52 @@ impl Oidc {
         Ok((identity, login.return_to))
     }
 
-    /// Validates an ID token (see the module's list) and maps it to a reviewer.
+    /// Validates an ID token of a console sign-in (see the module's list) and maps it to a
+    /// reviewer.
     pub async fn validate(
         &self,
         id_token: &str,
         nonce: &str,
+        max_age: Option<u64>,
+    ) -> Result<Identity, Error> {
+        self.check(id_token, &self.config.client_id, Some(nonce), max_age)
+            .await
+    }
+
+    /// The command-line client (`gatekeep login`, the device authorization flow), when
+    /// `cli_client_id` is configured.
+    #[must_use]
+    pub fn device_client(&self) -> Option<DeviceClient> {
+        self.config
+            .cli_client_id
+            .as_ref()
+            .map(|client_id| DeviceClient {
+                issuer: self.config.issuer.clone(),
+                client_id: client_id.clone(),
+                scopes: std::iter::once("openid".to_owned())
+                    .chain(self.config.scopes.iter().cloned())
+                    .collect(),
+            })
+    }
+
+    /// Validates an ID token `gatekeep login` obtained with the device flow: issued to
+    /// `cli_client_id`, at most [`DEVICE_TOKEN_AGE`] old (the device flow has no nonce, so
+    /// the token's age bounds a replay).
+    pub async fn validate_device_token(&self, id_token: &str) -> Result<Identity, Error> {
+        let client_id = self.config.cli_client_id.as_deref().ok_or_else(|| {
+            Error::permission(
+                "the service accepts no command-line sign-in (no console.oidc.cli_client_id)",
+            )
+        })?;
+        let identity = self.check(id_token, client_id, None, None).await?;
+        Ok(identity)
+    }
+
+    async fn check(
+        &self,
+        id_token: &str,
+        audience: &str,
+        nonce: Option<&str>,
         max_age: Option<u64>,
     ) -> Result<Identity, Error> {
         let refused = |why: String| Error::unauthenticated(format!("id token refused: {why}"));
@@ -527,22 +582,31 @@ impl Oidc {
         })??;
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&self.config.issuer]);
-        validation.set_audience(&[&self.config.client_id]);
+        validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
         validation.leeway = LEEWAY_SECS;
         let claims = jsonwebtoken::decode::<Claims>(id_token, &key, &validation)
             .map_err(|err| refused(err.to_string()))?
             .claims;
-        if claims.nonce.as_deref() != Some(nonce) {
-            return Err(refused("the nonce is not this sign-in's".to_owned()));
+        let now = OffsetDateTime::now_utc();
+        match nonce {
+            Some(nonce) if claims.nonce.as_deref() != Some(nonce) => {
+                return Err(refused("the nonce is not this sign-in's".to_owned()));
+            }
+            Some(_) => {}
+            None => {
+                let age = now.unix_timestamp() - claims.iat;
+                if age > i64::try_from(DEVICE_TOKEN_AGE.as_secs()).unwrap_or(i64::MAX) {
+                    return Err(refused(format!(
+                        "issued {age} s ago; sign in again (`gatekeep login`)"
+                    )));
+                }
+            }
         }
         let audiences = claims.aud.as_array().map_or(1, Vec::len);
-        if (audiences > 1 || claims.azp.is_some())
-            && claims.azp.as_deref() != Some(self.config.client_id.as_str())
-        {
+        if (audiences > 1 || claims.azp.is_some()) && claims.azp.as_deref() != Some(audience) {
             return Err(refused("azp is not this client".to_owned()));
         }
-        let now = OffsetDateTime::now_utc();
         let auth_time = claims.auth_time.unwrap_or(claims.iat);
         let auth_time = OffsetDateTime::from_unix_timestamp(auth_time)
             .map_err(|_| refused("auth_time out of range".to_owned()))?;

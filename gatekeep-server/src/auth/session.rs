@@ -48,6 +48,9 @@ pub struct Session {
     pub expires: Instant,
     pub expires_at: OffsetDateTime,
     pub signed_in_at: OffsetDateTime,
+    /// A command-line session (`gatekeep login`): its id is a bearer token and never a
+    /// cookie. A browser session's id is only ever a cookie.
+    pub bearer: bool,
 }
 
 impl Session {
@@ -81,8 +84,17 @@ impl Sessions {
         self.ttl
     }
 
-    /// Opens a session and returns its id (for the cookie) and the session.
+    /// Opens a browser session and returns its id (for the cookie) and the session.
     pub fn create(&self, principal: Principal) -> Result<(String, Session), Error> {
+        self.open(principal, false)
+    }
+
+    /// Opens a command-line session: its id is the bearer token `gatekeep login` keeps.
+    pub fn create_bearer(&self, principal: Principal) -> Result<(String, Session), Error> {
+        self.open(principal, true)
+    }
+
+    fn open(&self, principal: Principal, bearer: bool) -> Result<(String, Session), Error> {
         let id = new_token()?;
         let csrf = new_token()?;
         let now = OffsetDateTime::now_utc();
@@ -92,6 +104,7 @@ impl Sessions {
             expires: Instant::now() + self.ttl,
             expires_at: now + self.ttl,
             signed_in_at: now,
+            bearer,
         };
         let mut map = self.lock();
         if map.len() >= MAX_SESSIONS {

@@ -41,6 +41,13 @@ const provider = new Provider(issuer, {
     grant_types: ['authorization_code', 'urn:ietf:params:oauth:grant-type:device_code'],
     response_types: ['code'],
     token_endpoint_auth_method: 'client_secret_basic',
+  }, {
+    // `gatekeep login`: a public client of the device authorization grant.
+    client_id: process.env.CLI_CLIENT_ID || 'gatekeep-cli',
+    grant_types: ['urn:ietf:params:oauth:grant-type:device_code'],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'none',
   }],
   jwks: await signingKeys(process.env.KEYS_FILE),
   claims: {
@@ -54,7 +61,22 @@ const provider = new Provider(issuer, {
   conformIdTokenClaims: false,
   features: {
     devInteractions: { enabled: false },
-    deviceFlow: { enabled: true },
+    deviceFlow: {
+      enabled: true,
+      // Plain pages with known ids (the defaults load a web font from the internet).
+      async userCodeInputSource(ctx, form, _out, err) {
+        ctx.body = `<!doctype html><html><body><h1>Enter the code</h1>${err ? '<p id="error">error</p>' : ''}
+          ${form}<label>Code <input id="user-code" name="user_code" form="op.deviceInputForm"></label>
+          <button type="submit" id="device-submit" form="op.deviceInputForm">Continue</button></body></html>`;
+      },
+      async userCodeConfirmSource(ctx, form, _client, _deviceInfo, userCode) {
+        ctx.body = `<!doctype html><html><body><h1>Confirm</h1><p id="code">${userCode}</p>${form}
+          <button type="submit" id="device-confirm" form="op.deviceConfirmForm">Continue</button></body></html>`;
+      },
+      async successSource(ctx) {
+        ctx.body = '<!doctype html><html><body><h1 id="device-done">Signed in; return to the terminal.</h1></body></html>';
+      },
+    },
   },
   pkce: { required: () => true },
   cookies: { keys: ['gatekeep-test-provider-only'] },

@@ -13,6 +13,8 @@ use gatekeep_server::auth::oidc::OidcConfig;
 /// The client the provider knows gatekeep as.
 pub const CLIENT_ID: &str = "gatekeep-console";
 pub const CLIENT_SECRET: &str = "test-secret-not-for-production";
+/// The public client `gatekeep login` uses (device flow).
+pub const CLI_CLIENT_ID: &str = "gatekeep-cli";
 
 /// `target/node`: `node_modules` with oidc-provider and playwright-core, and the scripts.
 pub fn node_dir() -> PathBuf {
@@ -34,8 +36,9 @@ pub fn node_dir() -> PathBuf {
 /// from the script's own folder) and returns its path.
 pub fn script(name: &str) -> PathBuf {
     let dir = node_dir();
+    // From this crate's tests or another's (gatekeep-cli's includes this file).
     let source = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/browser")
+        .join("../gatekeep-server/tests/browser")
         .join(name);
     let dest = dir.join(name);
     std::fs::copy(&source, &dest).expect("copy the test script next to node_modules");
@@ -105,6 +108,7 @@ impl Idp {
             groups_claim: "groups".to_owned(),
             scopes: vec!["email".into(), "profile".into(), "groups".into()],
             ca_file: None,
+            cli_client_id: Some(CLI_CLIENT_ID.to_owned()),
         }
     }
 }
