@@ -41,6 +41,46 @@ async function signIn(context, user) {
   return page;
 }
 
+// Every form control has a label, every button and link a name, the tab order follows the
+// page (no positive tabindex), and the page's text colours are AA contrast or better.
+async function checkAccessible(page, where) {
+  const problems = await page.evaluate(() => {
+    const out = [];
+    for (const control of document.querySelectorAll('main input, main select, main textarea')) {
+      if (!control.labels || control.labels.length === 0) out.push(`unlabelled ${control.id || control.name}`);
+    }
+    for (const button of document.querySelectorAll('button, a[href]')) {
+      const name = (button.getAttribute('aria-label') || button.textContent || '').trim();
+      if (!name && button.offsetParent !== null) out.push(`unnamed ${button.outerHTML.slice(0, 60)}`);
+    }
+    for (const node of document.querySelectorAll('[tabindex]')) {
+      if (Number(node.getAttribute('tabindex')) > 0) out.push(`positive tabindex on ${node.id}`);
+    }
+    const channel = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+    const luminance = (rgb) => {
+      const [r, g, b] = rgb.match(/\d+(\.\d+)?/g).map(Number);
+      return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b);
+    };
+    const background = (node) => {
+      for (let at = node; at; at = at.parentElement) {
+        const colour = getComputedStyle(at).backgroundColor;
+        if (colour && !/rgba\(0, 0, 0, 0\)|transparent/.test(colour)) return colour;
+      }
+      return 'rgb(255, 255, 255)';
+    };
+    for (const node of document.querySelectorAll('main *, header *')) {
+      if (!node.childNodes.length || ![...node.childNodes].some((c) => c.nodeType === 3 && c.textContent.trim())) continue;
+      if (node.offsetParent === null) continue;
+      const fg = luminance(getComputedStyle(node).color);
+      const bg = luminance(background(node));
+      const ratio = (Math.max(fg, bg) + 0.05) / (Math.min(fg, bg) + 0.05);
+      if (ratio < 4.5) out.push(`contrast ${ratio.toFixed(1)} on ${node.tagName} "${node.textContent.slice(0, 20)}"`);
+    }
+    return out;
+  });
+  check(problems.length === 0, `accessibility of the ${where} page: ${problems.join('; ')}`);
+}
+
 mkdirSync(SHOTS, { recursive: true });
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM,
@@ -67,6 +107,7 @@ try {
   check(!firstRow.includes('\u001b'), 'no raw ESC reaches the page');
   check(firstRow.includes("$'\\x1b[2Jhello'"), `the ESC is shown escaped in the queue: ${firstRow}`);
   await page.screenshot({ path: `${SHOTS}/queue.png`, fullPage: true });
+  await checkAccessible(page, 'queue');
 
   // A new request appears without a reload.
   await page.evaluate(() => { window.gkNoReload = true; });
@@ -107,6 +148,7 @@ try {
   check(await page.locator('ul.tree li').count() >= 2, 'ancestry as a tree');
   check(await page.locator('img, script:not([src])').count() === 0, 'no injected element');
   await page.screenshot({ path: `${SHOTS}/detail.png`, fullPage: true });
+  await checkAccessible(page, 'detail');
 
   // A forged CSRF token is refused (the page's own session cookie goes with it).
   const forged = await page.evaluate(async (id) => {
