@@ -71,7 +71,10 @@ async fn complete_at_provider(url: &str, user: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[expect(clippy::too_many_lines, reason = "one sign-in end to end, read top to bottom")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one sign-in end to end, read top to bottom"
+)]
 async fn login_makes_the_cli_a_provider_identity() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = Pki::ephemeral(&[]).expect("pki");

@@ -90,6 +90,38 @@ struct HttpState {
     sessions: Arc<Sessions>,
     oidc: Option<Arc<Oidc>>,
     config: Arc<ConsoleConfig>,
+    /// Recent changes as `request` event data, shared by every console watching.
+    encoded: Arc<EncodedChanges>,
+}
+
+/// The last few changes, encoded once for every watcher: with 100 consoles open, a decision
+/// is serialised once, not 100 times. Keyed by the hub's shared record (`Arc` identity);
+/// the entry keeps its record alive, so the address is not reused while cached.
+#[derive(Default)]
+struct EncodedChanges(std::sync::Mutex<std::collections::VecDeque<(Arc<RequestRecord>, Arc<str>)>>);
+
+impl EncodedChanges {
+    const KEPT: usize = 64;
+
+    fn get(&self, record: &Arc<RequestRecord>) -> Result<Arc<str>, serde_json::Error> {
+        let mut cache = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, data)) = cache.iter().find(|(cached, _)| Arc::ptr_eq(cached, record)) {
+            return Ok(Arc::clone(data));
+        }
+        let data: Arc<str> = serde_json::to_string(&WatchEventRef {
+            initial: false,
+            request: record,
+        })?
+        .into();
+        if cache.len() >= Self::KEPT {
+            cache.pop_front();
+        }
+        cache.push_back((Arc::clone(record), Arc::clone(&data)));
+        Ok(data)
+    }
 }
 
 /// The HTTP API and console routes (without the gRPC services), with the security headers
@@ -110,6 +142,7 @@ pub fn router(
         sessions,
         oidc,
         config: Arc::new(config.clone()),
+        encoded: Arc::default(),
     };
     let api = Router::new()
         .route("/api/v1/openapi.json", get(openapi))
@@ -817,9 +850,9 @@ async fn cancel(
 }
 
 #[derive(Serialize)]
-struct WatchEvent {
+struct WatchEventRef<'a> {
     initial: bool,
-    request: RequestRecord,
+    request: &'a RequestRecord,
 }
 
 /// `GET /api/v1/events`: server-sent events. `request` events carry `{initial, request}`:
@@ -836,6 +869,7 @@ async fn events(
         .session
         .map(|(_, session)| tokio::time::Instant::from_std(session.expires));
     let (sender, receiver) = mpsc::channel::<Event>(64);
+    let encoded = Arc::clone(&state.encoded);
     tokio::spawn(async move {
         let session_end = async {
             match expiry {
@@ -855,11 +889,17 @@ async fn events(
             };
             let event = match item {
                 Some(WatchItem::Request { initial, record }) => {
-                    match Event::default().event("request").json_data(WatchEvent {
-                        initial,
-                        request: *record,
-                    }) {
-                        Ok(event) => event,
+                    let data = if initial {
+                        serde_json::to_string(&WatchEventRef {
+                            initial,
+                            request: &record,
+                        })
+                        .map(Arc::<str>::from)
+                    } else {
+                        encoded.get(&record)
+                    };
+                    match data {
+                        Ok(data) => Event::default().event("request").data(&*data),
                         Err(error) => {
                             tracing::error!(%error, "cannot encode a watch event");
                             return;

@@ -94,7 +94,7 @@ pub enum WatchItem {
     /// A request: pending when the watch began (`initial`), or one that changed since.
     Request {
         initial: bool,
-        record: Box<RequestRecord>,
+        record: Arc<RequestRecord>,
     },
     /// The watcher fell behind the changes and must watch again.
     Lagged { missed: u64 },
@@ -117,7 +117,7 @@ pub async fn watch(
         for record in initial {
             let item = WatchItem::Request {
                 initial: true,
-                record: Box::new(record),
+                record: Arc::new(record),
             };
             if sender.send(item).await.is_err() {
                 return;
@@ -136,7 +136,7 @@ pub async fn watch(
                 Ok(record) if filter.matches(&record) => {
                     let item = WatchItem::Request {
                         initial: false,
-                        record: Box::new(record),
+                        record,
                     };
                     if sender.send(item).await.is_err() {
                         return;

@@ -8,7 +8,7 @@ use std::{pin::Pin, sync::Arc};
 
 use gatekeep_proto::{
     WireError, convert,
-    model::Kind,
+    model::{Kind, RequestRecord},
     v1::{self, review_service_server::ReviewService},
 };
 use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
@@ -104,7 +104,7 @@ impl ReviewService for ReviewApi {
         let events = ReceiverStream::new(items).map(|item| match item {
             ops::WatchItem::Request { initial, record } => Ok(v1::WatchEvent {
                 initial,
-                request: Some((*record).into()),
+                request: Some(RequestRecord::clone(&record).into()),
             }),
             ops::WatchItem::Lagged { missed } => Err(Status::resource_exhausted(format!(
                 "the watch fell {missed} changes behind; watch again"
