@@ -459,8 +459,10 @@ async function renderDetail(idText, seq) {
 function decideForm(record, you) {
   const request = record.request;
   const reason = el('textarea', { id: 'reason', rows: 2, maxlength: 1000 });
+  // `once` is always allowed; the rest is what the policy's grant_durations list.
+  const durations = ['once', ...request.approval.grant_durations.filter((d) => d !== 'once')];
   const duration = el('select', { id: 'duration' },
-    request.approval.grant_durations.map((d) => el('option', { value: d }, d === 'once' ? 'this request only (once)' : d)));
+    durations.map((d) => el('option', { value: d }, d === 'once' ? 'this request only (once)' : d)));
   const scope = el('select', { id: 'scope' },
     el('option', { value: 'workload' }, 'the workload that asked'),
     el('option', { value: 'policy' }, 'every workload of the policy'));
