@@ -744,3 +744,28 @@ async fn console_is_bundled_with_strict_security_headers() {
     assert_eq!(response.headers()["location"], "/console/");
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consoles_live_queue_ends_with_its_session() {
+    let mut harness = Harness::start_with(|config, _| config.console.session_ttl_secs = 1).await;
+    let http = harness.client(None);
+    let (cookie, _) = sign_in(&http, &harness, &harness.token("bob")).await;
+    let mut stream = http
+        .get(harness.url("/api/v1/events"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut text = String::new();
+    while !text.contains("event: end") {
+        let chunk = tokio::time::timeout(PATIENCE, stream.chunk())
+            .await
+            .expect("the stream ends with the session")
+            .expect("stream")
+            .expect("an end event before the stream closes");
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(text.contains("the session expired"), "{text}");
+    harness.stop().await;
+}

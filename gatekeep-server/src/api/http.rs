@@ -39,7 +39,6 @@ use gatekeep_proto::{
     model::{Kind, RequestRecord, Verdict},
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use tokio::sync::mpsc;
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use uuid::Uuid;
@@ -864,73 +863,40 @@ async fn events(
     Params(params): Params<FilterParams>,
 ) -> Result<impl IntoResponse, ApiError> {
     let filter = params.filter()?;
-    let mut items = ops::watch(&state.engine, filter).await?;
+    // A console's watch ends with its session.
     let expiry = caller
         .session
         .map(|(_, session)| tokio::time::Instant::from_std(session.expires));
-    let (sender, receiver) = mpsc::channel::<Event>(64);
+    let items = ops::watch(&state.engine, filter, expiry).await?;
     let encoded = Arc::clone(&state.encoded);
-    tokio::spawn(async move {
-        let session_end = async {
-            match expiry {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(session_end);
-        loop {
-            let item = tokio::select! {
-                item = items.recv() => item,
-                () = &mut session_end => {
-                    drop(sender.send(end_event("the session expired; sign in again")).await);
-                    return;
-                }
-                () = sender.closed() => return,
-            };
-            let event = match item {
-                Some(WatchItem::Request { initial, record }) => {
-                    let data = if initial {
-                        serde_json::to_string(&WatchEventRef {
-                            initial,
-                            request: &record,
-                        })
-                        .map(Arc::<str>::from)
-                    } else {
-                        encoded.get(&record)
-                    };
-                    match data {
-                        Ok(data) => Event::default().event("request").data(&*data),
-                        Err(error) => {
-                            tracing::error!(%error, "cannot encode a watch event");
-                            return;
-                        }
+    // One task per watch (ops::watch's); events are made as the response is written.
+    let stream = ReceiverStream::new(items).map(move |item| {
+        Ok::<_, Infallible>(match item {
+            WatchItem::Request { initial, record } => {
+                let data = if initial {
+                    serde_json::to_string(&WatchEventRef {
+                        initial,
+                        request: &record,
+                    })
+                    .map(Arc::<str>::from)
+                } else {
+                    encoded.get(&record)
+                };
+                match data {
+                    Ok(data) => Event::default().event("request").data(&*data),
+                    Err(error) => {
+                        tracing::error!(%error, "cannot encode a watch event");
+                        end_event("internal error in the decision service; see its log")
                     }
                 }
-                Some(WatchItem::Lagged { missed }) => {
-                    drop(
-                        sender
-                            .send(end_event(&format!(
-                                "the watch fell {missed} changes behind; watch again"
-                            )))
-                            .await,
-                    );
-                    return;
-                }
-                Some(WatchItem::ShuttingDown) | None => {
-                    drop(
-                        sender
-                            .send(end_event("the decision service is shutting down"))
-                            .await,
-                    );
-                    return;
-                }
-            };
-            if sender.send(event).await.is_err() {
-                return;
             }
-        }
+            WatchItem::Lagged { missed } => end_event(&format!(
+                "the watch fell {missed} changes behind; watch again"
+            )),
+            WatchItem::ShuttingDown => end_event("the decision service is shutting down"),
+            WatchItem::Expired => end_event("the session expired; sign in again"),
+        })
     });
-    let stream = ReceiverStream::new(receiver).map(Ok::<_, Infallible>);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 

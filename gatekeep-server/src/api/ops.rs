@@ -100,13 +100,17 @@ pub enum WatchItem {
     Lagged { missed: u64 },
     /// The service is stopping.
     ShuttingDown,
+    /// The watch's deadline passed (a console session expired).
+    Expired,
 }
 
 /// Starts a watch: first every pending request passing `filter`, then every change of one,
-/// until the receiver is dropped or the service stops.
+/// until the receiver is dropped, the service stops or `until` passes. The last item of an
+/// ended watch says why.
 pub async fn watch(
     engine: &Arc<Engine>,
     filter: Filter,
+    until: Option<tokio::time::Instant>,
 ) -> Result<mpsc::Receiver<WatchItem>, Error> {
     // Subscribe before listing, so nothing falls between the two.
     let mut changes = engine.hub.subscribe();
@@ -114,6 +118,13 @@ pub async fn watch(
     let (sender, receiver) = mpsc::channel(256);
     let shutdown = engine.shutdown.clone();
     tokio::spawn(async move {
+        let deadline = async {
+            match until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
         for record in initial {
             let item = WatchItem::Request {
                 initial: true,
@@ -129,6 +140,10 @@ pub async fn watch(
                 () = sender.closed() => return,
                 () = shutdown.cancelled() => {
                     drop(sender.send(WatchItem::ShuttingDown).await);
+                    return;
+                }
+                () = &mut deadline => {
+                    drop(sender.send(WatchItem::Expired).await);
                     return;
                 }
             };

@@ -100,7 +100,7 @@ impl ReviewService for ReviewApi {
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.auth.reviewer(&request).await?;
         let filter = filter(request.into_inner().filter).map_err(Error::from)?;
-        let items = ops::watch(&self.engine, filter).await?;
+        let items = ops::watch(&self.engine, filter, None).await?;
         let events = ReceiverStream::new(items).map(|item| match item {
             ops::WatchItem::Request { initial, record } => Ok(v1::WatchEvent {
                 initial,
@@ -112,6 +112,7 @@ impl ReviewService for ReviewApi {
             ops::WatchItem::ShuttingDown => {
                 Err(Status::unavailable("the decision service is shutting down"))
             }
+            ops::WatchItem::Expired => Err(Status::unauthenticated("the session expired")),
         });
         Ok(Response::new(Box::pin(events)))
     }
