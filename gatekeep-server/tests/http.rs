@@ -87,6 +87,7 @@ async fn bearer_reviewers_list_inspect_and_decide_over_http() {
         json!(["LD_PRELOAD=/tmp/x.so"])
     );
     assert_eq!(detail["you"]["may_decide"], true);
+    assert_eq!(detail["you"]["may_deny"], true);
     // carol (group security) sees it but may not decide, and is told why.
     let (_, carol_view) = json_of(
         http.get(harness.url(&format!("/api/v1/requests/{exec_id}")))
@@ -97,6 +98,7 @@ async fn bearer_reviewers_list_inspect_and_decide_over_http() {
     )
     .await;
     assert_eq!(carol_view["you"]["may_decide"], false);
+    assert_eq!(carol_view["you"]["may_deny"], false);
     assert!(
         carol_view["you"]["why_not"]
             .as_str()

@@ -723,7 +723,10 @@ struct RequestDetail {
 
 #[derive(Serialize)]
 struct YourPart {
+    /// May approve (a vote towards the quorum) now.
     may_decide: bool,
+    /// May deny or withdraw it now (owners may; reviewers outside its groups may not).
+    may_deny: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     why_not: Option<String>,
 }
@@ -736,9 +739,10 @@ async fn get_request(
 ) -> Result<Json<RequestDetail>, ApiError> {
     let id = request_id(&state.engine, &id).await?;
     let (record, similar) = state.engine.get(id).await?;
+    let not_in_groups = Engine::authorise(&caller.reviewer, &record).err();
     let why_not = if record.state.is_final() {
         Some(format!("the request is already {}", record.state))
-    } else if let Err(error) = Engine::authorise(&caller.reviewer, &record) {
+    } else if let Some(error) = &not_in_groups {
         Some(error.to_string())
     } else if auth::is_owner(&caller.reviewer, &record) {
         Some(format!(
@@ -754,11 +758,13 @@ async fn get_request(
     } else {
         None
     };
+    let may_deny = !record.state.is_final() && not_in_groups.is_none();
     Ok(Json(RequestDetail {
         request: record,
         similar,
         you: YourPart {
             may_decide: why_not.is_none(),
+            may_deny,
             why_not,
         },
     }))

@@ -182,6 +182,7 @@ try {
   await carol.locator(`${row(live)} a`).click();
   await carol.locator('#why-not').waitFor();
   check(await carol.locator('#approve').isDisabled(), 'approve is disabled for carol');
+  check(await carol.locator('#deny').isDisabled(), 'deny is disabled for carol');
   const whyNot = await carol.locator('#why-not').innerText();
   check(whyNot.includes('not in a reviewer group'), `carol is told why: ${whyNot}`);
   await carol.screenshot({ path: `${SHOTS}/detail-not-in-group.png`, fullPage: true });

@@ -467,8 +467,8 @@ function decideForm(record, you) {
     el('option', { value: 'workload' }, 'the workload that asked'),
     el('option', { value: 'policy' }, 'every workload of the policy'));
   const approve = el('button', { type: 'button', id: 'approve', class: 'primary', disabled: !you.may_decide, 'aria-keyshortcuts': 'a' }, 'Approve');
-  const deny = el('button', { type: 'button', id: 'deny', class: 'danger', 'aria-keyshortcuts': 'd' }, 'Deny');
-  const cancel = el('button', { type: 'button', id: 'cancel-request' }, 'Withdraw request');
+  const deny = el('button', { type: 'button', id: 'deny', class: 'danger', disabled: !you.may_deny, 'aria-keyshortcuts': 'd' }, 'Deny');
+  const cancel = el('button', { type: 'button', id: 'cancel-request', disabled: !you.may_deny }, 'Withdraw request');
   const send = async (path, body, done) => {
     for (const button of [approve, deny, cancel]) button.disabled = true;
     try {
@@ -477,7 +477,7 @@ function decideForm(record, you) {
       if (result.state !== 'pending') { state.pending.delete(request.id); location.hash = '#/queue'; } else route();
     } catch (error) {
       notice(error.message, true);
-      approve.disabled = !you.may_decide; deny.disabled = false; cancel.disabled = false;
+      approve.disabled = !you.may_decide; deny.disabled = !you.may_deny; cancel.disabled = !you.may_deny;
     }
   };
   approve.addEventListener('click', () => send('decision',
