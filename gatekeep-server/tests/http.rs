@@ -639,6 +639,8 @@ async fn events_stream_new_requests_live() {
     assert_eq!(name, "request");
     assert_eq!(first["initial"], true);
     assert_eq!(first["request"]["request"]["id"], early_id.to_string());
+    let (name, _) = next_event().await;
+    assert_eq!(name, "ready", "the snapshot ends with `ready`");
 
     // A connect (filtered out) and an exec arrive while watching: only the exec is sent.
     let _connect = submit(&link, connect_request());

@@ -861,8 +861,8 @@ struct WatchEventRef<'a> {
 }
 
 /// `GET /api/v1/events`: server-sent events. `request` events carry `{initial, request}`:
-/// first every pending request (`initial: true`), then every change; `end` says why the
-/// stream ended (the session expired, the watcher lagged, the service stops).
+/// first every pending request (`initial: true`), then `ready`, then every change; `end`
+/// says why the stream ended (the session expired, the watcher lagged, the service stops).
 async fn events(
     State(state): State<HttpState>,
     caller: Caller,
@@ -896,6 +896,7 @@ async fn events(
                     }
                 }
             }
+            WatchItem::Ready => Event::default().event("ready").data("{}"),
             WatchItem::Lagged { missed } => end_event(&format!(
                 "the watch fell {missed} changes behind; watch again"
             )),

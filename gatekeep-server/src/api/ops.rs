@@ -96,6 +96,8 @@ pub enum WatchItem {
         initial: bool,
         record: Arc<RequestRecord>,
     },
+    /// Every request pending when the watch began has been sent; changes follow.
+    Ready,
     /// The watcher fell behind the changes and must watch again.
     Lagged { missed: u64 },
     /// The service is stopping.
@@ -133,6 +135,9 @@ pub async fn watch(
             if sender.send(item).await.is_err() {
                 return;
             }
+        }
+        if sender.send(WatchItem::Ready).await.is_err() {
+            return;
         }
         loop {
             let change = tokio::select! {

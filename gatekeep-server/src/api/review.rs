@@ -101,19 +101,23 @@ impl ReviewService for ReviewApi {
         self.auth.reviewer(&request).await?;
         let filter = filter(request.into_inner().filter).map_err(Error::from)?;
         let items = ops::watch(&self.engine, filter, None).await?;
-        let events = ReceiverStream::new(items).map(|item| match item {
-            ops::WatchItem::Request { initial, record } => Ok(v1::WatchEvent {
-                initial,
-                request: Some(RequestRecord::clone(&record).into()),
-            }),
-            ops::WatchItem::Lagged { missed } => Err(Status::resource_exhausted(format!(
-                "the watch fell {missed} changes behind; watch again"
-            ))),
-            ops::WatchItem::ShuttingDown => {
-                Err(Status::unavailable("the decision service is shutting down"))
-            }
-            ops::WatchItem::Expired => Err(Status::unauthenticated("the session expired")),
-        });
+        // The wire protocol marks initial requests with `initial`; it has no ready marker.
+        let events = ReceiverStream::new(items)
+            .filter(|item| !matches!(item, ops::WatchItem::Ready))
+            .map(|item| match item {
+                ops::WatchItem::Request { initial, record } => Ok(v1::WatchEvent {
+                    initial,
+                    request: Some(RequestRecord::clone(&record).into()),
+                }),
+                ops::WatchItem::Ready => Err(Status::internal("unreachable: filtered")),
+                ops::WatchItem::Lagged { missed } => Err(Status::resource_exhausted(format!(
+                    "the watch fell {missed} changes behind; watch again"
+                ))),
+                ops::WatchItem::ShuttingDown => {
+                    Err(Status::unavailable("the decision service is shutting down"))
+                }
+                ops::WatchItem::Expired => Err(Status::unauthenticated("the session expired")),
+            });
         Ok(Response::new(Box::pin(events)))
     }
 

@@ -234,11 +234,15 @@ function startEvents() {
   for (const [key, value] of Object.entries(state.filters)) if (value) params.set(key, value);
   const source = new EventSource('/api/v1/events?' + params.toString());
   state.events = source;
-  source.addEventListener('open', () => { state.pending.clear(); scheduleRender(); });
+  // The snapshot of pending requests is drawn once, at `ready`; changes after it at once.
+  state.snapshot = true;
+  source.addEventListener('open', () => { state.pending.clear(); state.snapshot = true; });
+  source.addEventListener('ready', () => { state.snapshot = false; scheduleRender(); });
   source.addEventListener('request', (event) => {
     const { request } = JSON.parse(event.data);
     if (request.state === 'pending') state.pending.set(request.request.id, request);
     else state.pending.delete(request.request.id);
+    if (state.snapshot) return;
     scheduleRender();
     if (state.route.startsWith('#/request/') && state.route.endsWith(request.request.id)) route();
   });
