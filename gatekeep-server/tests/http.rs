@@ -636,9 +636,10 @@ async fn events_stream_new_requests_live() {
         }
     };
     let (name, first) = next_event().await;
-    assert_eq!(name, "request");
-    assert_eq!(first["initial"], true);
-    assert_eq!(first["request"]["request"]["id"], early_id.to_string());
+    assert_eq!(name, "requests");
+    assert_eq!(first.as_array().expect("an array").len(), 1, "{first}");
+    assert_eq!(first[0]["initial"], true);
+    assert_eq!(first[0]["request"]["request"]["id"], early_id.to_string());
     let (name, _) = next_event().await;
     assert_eq!(name, "ready", "the snapshot ends with `ready`");
 
@@ -648,7 +649,8 @@ async fn events_stream_new_requests_live() {
     let live_id = live.id;
     let _live = submit(&link, live);
     let (name, event) = next_event().await;
-    assert_eq!(name, "request");
+    assert_eq!(name, "requests");
+    let event = &event.as_array().expect("an array")[0];
     assert_eq!(event["initial"], false);
     assert_eq!(event["request"]["request"]["id"], live_id.to_string());
     assert_eq!(event["request"]["state"], "pending");

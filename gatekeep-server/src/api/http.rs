@@ -860,9 +860,10 @@ struct WatchEventRef<'a> {
     request: &'a RequestRecord,
 }
 
-/// `GET /api/v1/events`: server-sent events. `request` events carry `{initial, request}`:
-/// first every pending request (`initial: true`), then `ready`, then every change; `end`
-/// says why the stream ended (the session expired, the watcher lagged, the service stops).
+/// `GET /api/v1/events`: server-sent events. `requests` events carry a JSON array of
+/// `{initial, request}`: first every pending request (`initial: true`), then `ready`, then
+/// every change (changes close together share an event); `end` says why the stream ended
+/// (the session expired, the watcher lagged, the service stops).
 async fn events(
     State(state): State<HttpState>,
     caller: Caller,
@@ -875,9 +876,40 @@ async fn events(
         .map(|(_, session)| tokio::time::Instant::from_std(session.expires));
     let items = ops::watch(&state.engine, filter, expiry).await?;
     let encoded = Arc::clone(&state.encoded);
-    // One task per watch (ops::watch's); events are made as the response is written.
-    let stream = ReceiverStream::new(items).map(move |item| {
-        Ok::<_, Infallible>(match item {
+    // One task per watch (ops::watch's); events are made as the response is written, and
+    // what arrives within `WATCH_BATCH` goes out as one event: with many consoles open,
+    // each connection writes once per batch, not once per change.
+    let stream = ReceiverStream::new(items).chunks_timeout(WATCH_BATCH_MAX, WATCH_BATCH);
+    let stream = futures_util::StreamExt::flat_map(stream, move |batch| {
+        futures_util::stream::iter(
+            batch_events(&encoded, batch)
+                .into_iter()
+                .map(Ok::<_, Infallible>),
+        )
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// How long a change may wait for others to share its event.
+const WATCH_BATCH: Duration = Duration::from_millis(50);
+/// Most requests in one event.
+const WATCH_BATCH_MAX: usize = 256;
+
+/// The events of one batch: its requests as one `requests` event (a JSON array of
+/// `{initial, request}`), then `ready` or `end` if the batch holds one.
+fn batch_events(encoded: &EncodedChanges, batch: Vec<WatchItem>) -> Vec<Event> {
+    let mut events = Vec::new();
+    let mut requests = String::from("[");
+    let flush = |requests: &mut String, events: &mut Vec<Event>| {
+        if requests.len() > 1 {
+            requests.push(']');
+            events.push(Event::default().event("requests").data(&*requests));
+            requests.clear();
+            requests.push('[');
+        }
+    };
+    for item in batch {
+        let end = match item {
             WatchItem::Request { initial, record } => {
                 let data = if initial {
                     serde_json::to_string(&WatchEventRef {
@@ -889,7 +921,13 @@ async fn events(
                     encoded.get(&record)
                 };
                 match data {
-                    Ok(data) => Event::default().event("request").data(&*data),
+                    Ok(data) => {
+                        if requests.len() > 1 {
+                            requests.push(',');
+                        }
+                        requests.push_str(&data);
+                        continue;
+                    }
                     Err(error) => {
                         tracing::error!(%error, "cannot encode a watch event");
                         end_event("internal error in the decision service; see its log")
@@ -902,9 +940,12 @@ async fn events(
             )),
             WatchItem::ShuttingDown => end_event("the decision service is shutting down"),
             WatchItem::Expired => end_event("the session expired; sign in again"),
-        })
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+        };
+        flush(&mut requests, &mut events);
+        events.push(end);
+    }
+    flush(&mut requests, &mut events);
+    events
 }
 
 fn end_event(message: &str) -> Event {

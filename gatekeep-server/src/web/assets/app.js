@@ -238,13 +238,16 @@ function startEvents() {
   state.snapshot = true;
   source.addEventListener('open', () => { state.pending.clear(); state.snapshot = true; });
   source.addEventListener('ready', () => { state.snapshot = false; scheduleRender(); });
-  source.addEventListener('request', (event) => {
-    const { request } = JSON.parse(event.data);
-    if (request.state === 'pending') state.pending.set(request.request.id, request);
-    else state.pending.delete(request.request.id);
+  source.addEventListener('requests', (event) => {
+    let openChanged = false;
+    for (const { request } of JSON.parse(event.data)) {
+      if (request.state === 'pending') state.pending.set(request.request.id, request);
+      else state.pending.delete(request.request.id);
+      if (state.route.startsWith('#/request/') && state.route.endsWith(request.request.id)) openChanged = true;
+    }
     if (state.snapshot) return;
     scheduleRender();
-    if (state.route.startsWith('#/request/') && state.route.endsWith(request.request.id)) route();
+    if (openChanged) route();
   });
   source.addEventListener('end', (event) => notice(event.data, true));
   source.addEventListener('error', async () => {
