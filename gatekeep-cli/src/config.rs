@@ -54,6 +54,8 @@ pub struct Connection {
     token: Option<String>,
     pub ca: PathBuf,
     source: Option<PathBuf>,
+    /// The config file `gatekeep login` writes its token to (named, or the default one).
+    pub file: Option<PathBuf>,
 }
 
 /// `$XDG_CONFIG_HOME/gatekeep/cli.toml`, else `$HOME/.config/gatekeep/cli.toml`.
@@ -92,6 +94,7 @@ impl ConnectionArgs {
                 .or(file.ca)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CA)),
             source,
+            file: self.cli_config.clone().or_else(|| default_file.cloned()),
         })
     }
 }
@@ -104,6 +107,7 @@ impl Connection {
             token: None,
             ca: PathBuf::from(DEFAULT_CA),
             source: None,
+            file: None,
         }
     }
 

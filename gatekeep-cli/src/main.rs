@@ -3,6 +3,7 @@
 mod config;
 mod escape;
 mod forecast;
+mod login;
 mod output;
 
 use std::{io::Write as _, path::PathBuf, process::ExitCode};
@@ -55,6 +56,9 @@ enum Command {
     Policy(PolicyCommand),
     /// Show the service's state and who you are to it.
     Status,
+    /// Sign in with the service's identity provider (OpenID Connect device flow) and keep
+    /// the session's token in the CLI config.
+    Login,
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -548,6 +552,26 @@ impl App {
                 let status = status.map_err(|err| self.explain(err))?;
                 self.printer.status(&self.connection.server, &status)
             }
+            Command::Login => {
+                let file = self.connection.file.clone().ok_or_else(|| {
+                    anyhow!("no CLI config file to keep the token in: pass --cli-config FILE")
+                })?;
+                let session = login::login(&self.connection, |url, code| {
+                    eprintln!(
+                        "To sign in, open {url}\nand check that it shows the code {code}.\nWaiting for the sign-in..."
+                    );
+                })
+                .await?;
+                login::save_token(&file, &session)?;
+                eprintln!(
+                    "Signed in as {} (groups: {}) until {}; the token is in {}",
+                    escape::terminal(&session.reviewer),
+                    escape::terminal(&session.groups.join(", ")),
+                    session.expires_at,
+                    file.display()
+                );
+                Ok(())
+            }
             Command::Completions { shell } => {
                 clap_complete::generate(
                     shell,
@@ -696,6 +720,7 @@ async fn main() -> ExitCode {
         Command::Review(_)
             | Command::Grants(_)
             | Command::Status
+            | Command::Login
             | Command::Audit(
                 AuditCommand::Verify { db: None } | AuditCommand::Export { db: None, .. }
             )

@@ -13,6 +13,19 @@
 //! cert = "/etc/gatekeep-server/tls/server.pem"
 //! key = "/etc/gatekeep-server/tls/server.key"
 //!
+//! [console]                                # HTTP/JSON API and web console, same port
+//! enabled = true
+//! session_ttl_secs = 28800
+//! token_sign_in = true                     # also sign in to the console with a reviewer token
+//! [console.oidc]                           # optional: sign-in with an OpenID provider
+//! issuer = "https://login.example.com"
+//! client_id = "gatekeep"
+//! client_secret_file = "/etc/gatekeep-server/oidc-secret"
+//! redirect_url = "https://gatekeep.example.com:7443/auth/oidc/callback"
+//! groups_claim = "groups"                  # its values are reviewer groups
+//! [console.max_auth_age]                   # per policy: approvals need a fresh provider sign-in
+//! prod-deploy = 300
+//!
 //! [host_groups]                            # and [[rules]]: see the rules module
 //! ```
 
@@ -24,6 +37,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::auth::oidc::OidcConfig;
 use crate::{error::Error, paths, rules::RuleConfig, store::Synchronous};
 
 /// Everything the service reads at start.
@@ -49,6 +63,41 @@ pub struct ServerConfig {
     pub host_groups: BTreeMap<String, Vec<String>>,
     /// Auto-decide rules, tried in order.
     pub rules: Vec<RuleConfig>,
+    /// The HTTP/JSON API and the web console (same port as gRPC).
+    pub console: ConsoleConfig,
+}
+
+/// The HTTP/JSON API and the reviewers' web console, served on the gRPC port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Serve `/api/v1/...` and `/console/`.
+    pub enabled: bool,
+    /// How long a console session lasts after sign-in, in seconds (server-side).
+    pub session_ttl_secs: u64,
+    /// Whether the console also accepts a reviewer token to sign in (with OIDC configured,
+    /// set it to false so every console reviewer is an identity of the provider).
+    pub token_sign_in: bool,
+    /// Sign-in with an OpenID Connect provider.
+    pub oidc: Option<OidcConfig>,
+    /// Per policy name: approving needs a sign-in at the provider at most this many seconds
+    /// old (the console asks the provider with `max_age`, `prompt=login` for 0). Approvals
+    /// with a reviewer token (gRPC, HTTP bearer, token session) are refused for these
+    /// policies; denials are not.
+    pub max_auth_age: BTreeMap<String, u64>,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            // A working day; a reviewer signs in again the next morning.
+            session_ttl_secs: 8 * 3600,
+            token_sign_in: true,
+            oidc: None,
+            max_auth_age: BTreeMap::new(),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -64,6 +113,7 @@ impl Default for ServerConfig {
             history_limit: 20,
             host_groups: BTreeMap::new(),
             rules: Vec::new(),
+            console: ConsoleConfig::default(),
         }
     }
 }

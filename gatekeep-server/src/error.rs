@@ -22,6 +22,9 @@ pub enum Error {
     /// No request with this id (or not one this caller may see).
     #[error("no request `{id}`")]
     UnknownRequest { id: Uuid },
+    /// No HTTP API route with this method and path.
+    #[error("no api route `{route}`; see /api/v1/openapi.json")]
+    UnknownRoute { route: String },
     /// No grant with this id.
     #[error("no grant `{id}`")]
     UnknownGrant { id: Uuid },
@@ -65,6 +68,20 @@ pub enum Error {
         #[source]
         source: gatekeep_audit::AuditError,
     },
+    /// The audit log's hash chain or its guards do not verify.
+    #[error("{source}")]
+    AuditTampered {
+        #[source]
+        source: gatekeep_audit::AuditError,
+    },
+    /// Approving for this policy needs a recent sign-in at the identity provider.
+    #[error(
+        "policy `{policy}` needs a sign-in at the identity provider at most {max_age} s old to approve; sign in again (the console offers it), then approve"
+    )]
+    ReauthRequired { policy: String, max_age: u64 },
+    /// The OpenID provider could not be used (unreachable, misconfigured, unreadable answer).
+    #[error("openid connect: {message}")]
+    Oidc { message: String },
     /// The service is shutting down.
     #[error("the decision service is shutting down")]
     ShuttingDown,
@@ -128,7 +145,9 @@ impl Error {
         use tonic::Code;
         match self {
             Error::Invalid { .. } | Error::BadArgument { .. } => Code::InvalidArgument,
-            Error::UnknownRequest { .. } | Error::UnknownGrant { .. } => Code::NotFound,
+            Error::UnknownRequest { .. }
+            | Error::UnknownGrant { .. }
+            | Error::UnknownRoute { .. } => Code::NotFound,
             Error::NotPending { .. }
             | Error::GrantInactive { .. }
             | Error::UnknownPolicy { .. } => Code::FailedPrecondition,
@@ -138,9 +157,10 @@ impl Error {
                 gatekeep_proto::id::PrefixError::Unknown { .. } => Code::NotFound,
                 gatekeep_proto::id::PrefixError::Ambiguous { .. } => Code::FailedPrecondition,
             },
-            Error::Unauthenticated { .. } => Code::Unauthenticated,
+            Error::Unauthenticated { .. } | Error::ReauthRequired { .. } => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
-            Error::ShuttingDown => Code::Unavailable,
+            Error::ShuttingDown | Error::Oidc { .. } => Code::Unavailable,
+            Error::AuditTampered { .. } => Code::DataLoss,
             Error::Store { .. }
             | Error::Audit { .. }
             | Error::ReadConfig { .. }

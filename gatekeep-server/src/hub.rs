@@ -8,7 +8,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Mutex, PoisonError,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -31,7 +31,8 @@ struct Slot {
 pub(crate) struct Hub {
     agents: Mutex<HashMap<String, Slot>>,
     next_connection: AtomicU64,
-    changes: broadcast::Sender<RequestRecord>,
+    /// Shared, not cloned per watcher (a watcher that serialises it may share that too).
+    changes: broadcast::Sender<Arc<RequestRecord>>,
 }
 
 impl Hub {
@@ -105,11 +106,11 @@ impl Hub {
     pub(crate) fn publish(&self, record: &RequestRecord) {
         // No watcher is not an error (and needs no copy of the record).
         if self.changes.receiver_count() > 0 {
-            drop(self.changes.send(record.clone()));
+            drop(self.changes.send(Arc::new(record.clone())));
         }
     }
 
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<RequestRecord> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<RequestRecord>> {
         self.changes.subscribe()
     }
 }

@@ -39,6 +39,7 @@ mod reviewer;
 pub mod rules;
 mod server;
 pub mod store;
+pub mod web;
 
 pub use config::ServerConfig;
 pub use error::Error;

@@ -569,7 +569,7 @@ impl Engine {
         self.hub.publish(record);
     }
 
-    fn authorise(reviewer: &Reviewer, record: &RequestRecord) -> Result<(), Error> {
+    pub(crate) fn authorise(reviewer: &Reviewer, record: &RequestRecord) -> Result<(), Error> {
         let groups = &record.request.approval.reviewer_groups;
         if reviewer.may_review(groups) {
             Ok(())

@@ -6,8 +6,14 @@ use serde::{Deserialize, Serialize};
 /// An authenticated reviewer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reviewer {
+    /// How the audit log names them: a token reviewer's name, or for a reviewer signed in
+    /// with OpenID Connect `EMAIL (oidc:SUBJECT)`.
     pub name: String,
     pub groups: Vec<String>,
+    /// The verified email of a reviewer signed in with OpenID Connect: its local part is
+    /// checked against the workload's user too (no self-approval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
 }
 
 impl Reviewer {

@@ -13,13 +13,16 @@ use gatekeep_proto::{
 };
 use tokio::net::TcpListener;
 use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::{
+    service::Routes,
+    transport::{Certificate, Identity, ServerTlsConfig},
+};
 
 use crate::{
-    api::{AgentApi, ReviewApi},
-    auth::{self, Reviewer},
+    api::{AgentApi, ReviewApi, http},
+    auth::{self, Reviewer, session::Sessions},
     certs::TlsMaterial,
-    config::ServerConfig,
+    config::{ConsoleConfig, ServerConfig},
     error::Error,
     lifecycle::{Engine, EngineParts},
     rules::Rules,
@@ -135,6 +138,7 @@ impl ServerBuilder {
             listener,
             local_addr,
             tls,
+            console: config.console,
         })
     }
 }
@@ -145,6 +149,7 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     tls: TlsMaterial,
+    console: ConsoleConfig,
 }
 
 impl std::fmt::Debug for Server {
@@ -182,6 +187,14 @@ impl Server {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         format!("https://{addr}")
+    }
+
+    /// The web console's address (`https://127.0.0.1:PORT/console/`), when it is enabled.
+    #[must_use]
+    pub fn console_url(&self) -> Option<String> {
+        self.console
+            .enabled
+            .then(|| format!("{}/console/", self.endpoint()))
     }
 
     /// The CA certificate clients must trust (PEM).
@@ -229,20 +242,39 @@ impl Server {
             }
             stream
         });
+        // gRPC and the HTTP API/console share this listener, routed by path (see api::http).
+        // Sessions: the console's (cookies) and the CLI's (`gatekeep login`, bearer tokens
+        // on both APIs).
+        let sessions = Arc::new(Sessions::new(Duration::from_secs(
+            self.console.session_ttl_secs,
+        )));
+        let grpc = Routes::new(
+            AgentServiceServer::new(AgentApi::new(Arc::clone(&engine)))
+                .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ReviewServiceServer::new(
+                ReviewApi::new(Arc::clone(&engine))
+                    .with_max_auth_age(self.console.max_auth_age.clone())
+                    .with_sessions(Arc::clone(&sessions)),
+            )
+            .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
+        );
+        let mut router = grpc.into_axum_router();
+        if self.console.enabled {
+            router = router.merge(http::router(
+                Arc::clone(&engine),
+                &self.console,
+                Arc::clone(&sessions),
+            )?);
+        }
         let result = tonic::transport::Server::builder()
             // Find agents that vanished without closing their connection.
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .tls_config(tls)
             .map_err(|source| Error::Transport { source })?
-            .add_service(
-                AgentServiceServer::new(AgentApi::new(Arc::clone(&engine)))
-                    .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
-            )
-            .add_service(
-                ReviewServiceServer::new(ReviewApi::new(Arc::clone(&engine)))
-                    .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
-            )
+            .add_routes(Routes::from(router))
             .serve_with_incoming_shutdown(incoming, signal)
             .await
             .map_err(|source| Error::Transport { source });
@@ -273,7 +305,14 @@ pub async fn add_reviewer(
         .collect::<Result<Vec<_>, _>>()?;
     let token = auth::new_token()?;
     store
-        .add_reviewer(Reviewer { name, groups }, auth::token_hash(&token))
+        .add_reviewer(
+            Reviewer {
+                name,
+                groups,
+                email: None,
+            },
+            auth::token_hash(&token),
+        )
         .await?;
     Ok(token)
 }

@@ -267,6 +267,7 @@ impl Reviewer {
         if line.contains(READY) {
             match self.write_config() {
                 Ok(()) => {
+                    self.print_console();
                     let cli = self.cli.clone();
                     let config = self.cli_config();
                     thread::spawn(move || {
@@ -278,6 +279,18 @@ impl Reviewer {
                 Err(err) => eprintln!("[demo] cannot set up the reviewer's CLI: {err:#}"),
             }
         }
+    }
+
+    /// Where the web console of the VM's service is, and how to sign in to it.
+    fn print_console(&self) {
+        eprintln!(
+            "\n[demo] The web console: https://127.0.0.1:{port}/console/ (the browser must trust \
+             the service's CA, {ca}; sign in with the reviewer token in {config}; the HTTP API \
+             is described at https://127.0.0.1:{port}/api/v1/openapi.json)",
+            port = self.port,
+            ca = self.dir.join("ca.pem").display(),
+            config = self.cli_config().display(),
+        );
     }
 
     fn write_config(&self) -> Result<()> {

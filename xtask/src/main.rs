@@ -1,6 +1,7 @@
 //! `cargo xtask`: gatekeep's developer and CI tasks. See each subcommand's `--help`.
 
 mod bench;
+mod console;
 mod demo;
 mod lint;
 mod module_cycles;

@@ -53,6 +53,7 @@ pub fn run(_opts: &Options) -> Result<()> {
     bpf_linker()?;
     apt_packages(&mut apt)?;
     kernel(&mut apt)?;
+    crate::console::ensure()?;
     lint_tools()?;
     say(&format!("done in {:.1} s", started.elapsed().as_secs_f64()));
     Ok(())
@@ -67,7 +68,8 @@ pub fn ensure() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     apt_packages(&mut apt)?;
-    kernel(&mut apt)
+    kernel(&mut apt)?;
+    crate::console::ensure()
 }
 
 /// What `cargo xtask lint` runs besides clippy: the nightly's rustfmt (rustfmt.toml

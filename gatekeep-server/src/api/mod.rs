@@ -4,6 +4,8 @@
 //! one `From<Error> for tonic::Status`.
 
 mod agent;
+pub mod http;
+pub mod ops;
 mod review;
 
 pub use agent::AgentApi;

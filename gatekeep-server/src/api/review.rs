@@ -11,27 +11,19 @@ use gatekeep_proto::{
     model::{Kind, RequestRecord},
     v1::{self, review_service_server::ReviewService},
 };
-use tokio::sync::{broadcast::error::RecvError, mpsc};
-use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
-use crate::{
-    auth::Authenticator,
-    error::Error,
-    lifecycle::Engine,
-    store::{GrantQuery, RequestQuery},
-};
-
-/// Most requests one list returns.
-const MAX_LIST: u32 = 1000;
-/// Bytes of JSON Lines per export message.
-const EXPORT_CHUNK: usize = 64 * 1024;
+use super::ops::{self, Filter};
+use crate::{auth::Authenticator, error::Error, lifecycle::Engine};
 
 /// The review service.
 #[derive(Clone)]
 pub struct ReviewApi {
     engine: Arc<Engine>,
     auth: Authenticator,
+    /// Policies whose approvals need a recent identity-provider sign-in: tokens never have one.
+    max_auth_age: Arc<std::collections::BTreeMap<String, u64>>,
 }
 
 impl std::fmt::Debug for ReviewApi {
@@ -44,66 +36,45 @@ impl ReviewApi {
     #[must_use]
     pub fn new(engine: Arc<Engine>) -> Self {
         let auth = Authenticator::new(Arc::clone(&engine.store));
-        Self { engine, auth }
+        Self {
+            engine,
+            auth,
+            max_auth_age: Arc::default(),
+        }
+    }
+
+    /// Also accepts command-line sessions' ids (`gatekeep login`) as bearer tokens.
+    #[must_use]
+    pub fn with_sessions(mut self, sessions: Arc<crate::auth::session::Sessions>) -> Self {
+        self.auth = self.auth.with_sessions(sessions);
+        self
+    }
+
+    /// Approvals of these policies need a recent identity-provider sign-in, which a token
+    /// never is: they are refused here (see `ConsoleConfig::max_auth_age`).
+    #[must_use]
+    pub fn with_max_auth_age(
+        mut self,
+        max_auth_age: std::collections::BTreeMap<String, u64>,
+    ) -> Self {
+        self.max_auth_age = Arc::new(max_auth_age);
+        self
     }
 }
 
-/// A validated request filter.
-#[derive(Debug, Clone, Default)]
-struct Filter {
-    host: Option<String>,
-    policy: Option<String>,
-    kind: Option<Kind>,
-}
-
-impl Filter {
-    fn parse(wire: Option<v1::RequestFilter>) -> Result<Self, WireError> {
-        let wire = wire.unwrap_or_default();
-        let opt = |field: &str, value: &str| {
-            if value.is_empty() {
-                Ok(None)
-            } else {
-                convert::name(field, value).map(Some)
-            }
-        };
-        Ok(Self {
-            host: opt("filter.host", &wire.host)?,
-            policy: opt("filter.policy", &wire.policy)?,
-            kind: if wire.kind == 0 {
-                None
-            } else {
-                Some(Kind::try_from(wire.kind)?)
-            },
-        })
-    }
-
-    fn matches(&self, record: &RequestRecord) -> bool {
-        self.host.as_ref().is_none_or(|host| *host == record.host)
-            && self
-                .policy
-                .as_ref()
-                .is_none_or(|policy| *policy == record.request.policy)
-            && self.kind.is_none_or(|kind| kind == record.request.kind())
-    }
-}
-
-fn opt_name(field: &str, value: &str) -> Result<Option<String>, Error> {
-    if value.is_empty() {
-        Ok(None)
+/// A validated wire filter.
+fn filter(wire: Option<v1::RequestFilter>) -> Result<Filter, WireError> {
+    let wire = wire.unwrap_or_default();
+    let kind = if wire.kind == 0 {
+        None
     } else {
-        Ok(Some(convert::name(field, value)?))
-    }
+        Some(Kind::try_from(wire.kind)?)
+    };
+    Filter::new(&wire.host, &wire.policy, kind)
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
 type ExportStream = Pin<Box<dyn Stream<Item = Result<v1::ExportAuditChunk, Status>> + Send>>;
-
-fn audit_status(error: gatekeep_audit::AuditError) -> Status {
-    match error {
-        gatekeep_audit::AuditError::Tampered { .. } => Status::data_loss(error.to_string()),
-        source => Status::from(Error::Audit { source }),
-    }
-}
 
 #[tonic::async_trait]
 impl ReviewService for ReviewApi {
@@ -116,31 +87,8 @@ impl ReviewService for ReviewApi {
     ) -> Result<Response<v1::ListPendingResponse>, Status> {
         self.auth.reviewer(&request).await?;
         let wire = request.into_inner();
-        let filter = Filter::parse(wire.filter).map_err(Error::from)?;
-        if wire.limit > MAX_LIST {
-            return Err(Error::BadArgument {
-                message: format!("limit {} is more than {MAX_LIST}", wire.limit),
-            }
-            .into());
-        }
-        let limit = if wire.limit == 0 {
-            MAX_LIST
-        } else {
-            wire.limit
-        };
-        let requests = self
-            .engine
-            .store
-            .list_requests(RequestQuery {
-                state: Some(gatekeep_proto::model::RequestState::Pending),
-                host: filter.host,
-                policy: filter.policy,
-                kind: filter.kind,
-                limit: limit as usize,
-                ..RequestQuery::default()
-            })
-            .await
-            .map_err(Error::from)?;
+        let filter = filter(wire.filter).map_err(Error::from)?;
+        let requests = ops::list_pending(&self.engine, &filter, wire.limit).await?;
         Ok(Response::new(v1::ListPendingResponse {
             requests: requests.into_iter().map(Into::into).collect(),
         }))
@@ -151,69 +99,26 @@ impl ReviewService for ReviewApi {
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.auth.reviewer(&request).await?;
-        let filter = Filter::parse(request.into_inner().filter).map_err(Error::from)?;
-        // Subscribe before listing, so nothing falls between the two.
-        let mut changes = self.engine.hub.subscribe();
-        let initial = self
-            .engine
-            .store
-            .list_requests(RequestQuery {
-                state: Some(gatekeep_proto::model::RequestState::Pending),
-                host: filter.host.clone(),
-                policy: filter.policy.clone(),
-                kind: filter.kind,
-                limit: MAX_LIST as usize,
-                ..RequestQuery::default()
-            })
-            .await
-            .map_err(Error::from)?;
-        let (sender, receiver) = mpsc::channel(256);
-        let shutdown = self.engine.shutdown.clone();
-        tokio::spawn(async move {
-            for record in initial {
-                let event = v1::WatchEvent {
-                    initial: true,
-                    request: Some(record.into()),
-                };
-                if sender.send(Ok(event)).await.is_err() {
-                    return;
+        let filter = filter(request.into_inner().filter).map_err(Error::from)?;
+        let items = ops::watch(&self.engine, filter, None).await?;
+        // The wire protocol marks initial requests with `initial`; it has no ready marker.
+        let events = ReceiverStream::new(items)
+            .filter(|item| !matches!(item, ops::WatchItem::Ready))
+            .map(|item| match item {
+                ops::WatchItem::Request { initial, record } => Ok(v1::WatchEvent {
+                    initial,
+                    request: Some(RequestRecord::clone(&record).into()),
+                }),
+                ops::WatchItem::Ready => Err(Status::internal("unreachable: filtered")),
+                ops::WatchItem::Lagged { missed } => Err(Status::resource_exhausted(format!(
+                    "the watch fell {missed} changes behind; watch again"
+                ))),
+                ops::WatchItem::ShuttingDown => {
+                    Err(Status::unavailable("the decision service is shutting down"))
                 }
-            }
-            loop {
-                let change = tokio::select! {
-                    change = changes.recv() => change,
-                    () = sender.closed() => return,
-                    () = shutdown.cancelled() => {
-                        drop(sender.send(Err(Status::unavailable("the decision service is shutting down"))).await);
-                        return;
-                    }
-                };
-                match change {
-                    Ok(record) if filter.matches(&record) => {
-                        let event = v1::WatchEvent {
-                            initial: false,
-                            request: Some(record.into()),
-                        };
-                        if sender.send(Ok(event)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(missed)) => {
-                        drop(
-                            sender
-                                .send(Err(Status::resource_exhausted(format!(
-                                    "the watch fell {missed} changes behind; watch again"
-                                ))))
-                                .await,
-                        );
-                        return;
-                    }
-                    Err(RecvError::Closed) => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+                ops::WatchItem::Expired => Err(Status::unauthenticated("the session expired")),
+            });
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn get_request(
@@ -246,13 +151,14 @@ impl ReviewService for ReviewApi {
         &self,
         request: Request<v1::DecideRequest>,
     ) -> Result<Response<v1::DecideResponse>, Status> {
-        let reviewer = self.auth.reviewer(&request).await?;
+        let (reviewer, auth_time) = self.auth.caller(&request).await?;
         let wire = request.into_inner();
         let id = convert::id("request_id", &wire.request_id).map_err(Error::from)?;
         let verdict = convert::verdict("verdict", wire.verdict).map_err(Error::from)?;
         let reason = convert::reason("reason", wire.reason).map_err(Error::from)?;
         let duration = convert::duration("duration", &wire.duration).map_err(Error::from)?;
         let scope = convert::scope("scope", &wire.scope).map_err(Error::from)?;
+        ops::check_auth_age(&self.engine, &self.max_auth_age, id, verdict, auth_time).await?;
         let record = self
             .engine
             .decide(&reviewer, id, verdict, reason, duration, scope)
@@ -282,19 +188,13 @@ impl ReviewService for ReviewApi {
     ) -> Result<Response<v1::ListGrantsResponse>, Status> {
         self.auth.reviewer(&request).await?;
         let wire = request.into_inner();
-        let grants = self
-            .engine
-            .store
-            .list_grants(
-                GrantQuery {
-                    host: opt_name("host", &wire.host)?,
-                    policy: opt_name("policy", &wire.policy)?,
-                    include_inactive: wire.include_inactive,
-                },
-                time::OffsetDateTime::now_utc(),
-            )
-            .await
-            .map_err(Error::from)?;
+        let grants = ops::list_grants(
+            &self.engine,
+            &wire.host,
+            &wire.policy,
+            wire.include_inactive,
+        )
+        .await?;
         Ok(Response::new(v1::ListGrantsResponse {
             grants: grants.into_iter().map(Into::into).collect(),
         }))
@@ -319,30 +219,16 @@ impl ReviewService for ReviewApi {
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
         let reviewer = self.auth.reviewer(&request).await?;
-        let pending = self
-            .engine
-            .store
-            .count_pending()
-            .await
-            .map_err(Error::from)?;
-        let audit_records = self.engine.audit_head().await?;
-        let path = self.engine.audit_path.clone();
-        let head = tokio::task::spawn_blocking(move || gatekeep_audit::AuditStore::open(&path))
-            .await
-            .map_err(|_| Status::internal("audit task failed"))?
-            .map_err(|source| Error::Audit { source })?
-            .head()
-            .map(|head| head.hash.clone())
-            .unwrap_or_default();
+        let report = ops::status(&self.engine, reviewer).await?;
         Ok(Response::new(v1::StatusResponse {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            started_at_ms: convert::to_ms(self.engine.started_at),
-            pending,
-            connected_agents: self.engine.hub.connected(),
-            audit_records,
-            audit_head: head,
-            reviewer: reviewer.name,
-            groups: reviewer.groups,
+            version: report.version.to_owned(),
+            started_at_ms: convert::to_ms(report.started_at),
+            pending: report.pending,
+            connected_agents: report.connected_agents,
+            audit_records: report.audit_records,
+            audit_head: report.audit_head,
+            reviewer: report.reviewer,
+            groups: report.groups,
         }))
     }
 
@@ -351,21 +237,12 @@ impl ReviewService for ReviewApi {
         request: Request<v1::VerifyAuditRequest>,
     ) -> Result<Response<v1::VerifyAuditResponse>, Status> {
         self.auth.reviewer(&request).await?;
-        self.engine.audit_head().await?;
-        let path = self.engine.audit_path.clone();
-        let report = tokio::task::spawn_blocking(move || gatekeep_audit::verify(&path))
-            .await
-            .map_err(|_| Status::internal("audit task failed"))?
-            .map_err(audit_status)?;
-        let head = report.head.unwrap_or(gatekeep_audit::ChainHead {
-            seq: 0,
-            hash: String::new(),
-        });
+        let report = ops::verify_audit(&self.engine).await?;
         Ok(Response::new(v1::VerifyAuditResponse {
             records: report.records,
-            head_seq: head.seq,
-            head_hash: head.hash,
-            guards_intact: report.guards_intact.unwrap_or(false),
+            head_seq: report.head_seq,
+            head_hash: report.head_hash,
+            guards_intact: report.guards_intact,
         }))
     }
 
@@ -375,70 +252,12 @@ impl ReviewService for ReviewApi {
     ) -> Result<Response<Self::ExportAuditStream>, Status> {
         self.auth.reviewer(&request).await?;
         let from_seq = request.into_inner().from_seq;
-        self.engine.audit_head().await?;
-        let path = self.engine.audit_path.clone();
-        let (sender, receiver) = mpsc::channel(8);
-        tokio::task::spawn_blocking(move || {
-            let mut writer = ChunkWriter {
-                sender: sender.clone(),
-                buffer: Vec::with_capacity(EXPORT_CHUNK),
-            };
-            let filter = gatekeep_audit::ExportFilter {
-                from_seq: (from_seq > 0).then_some(from_seq),
-                kind: None,
-            };
-            let result = gatekeep_audit::export(&path, &mut writer, &filter).and_then(|_| {
-                writer
-                    .finish()
-                    .map_err(|source| gatekeep_audit::AuditError::Export { source })
-            });
-            if let Err(error) = result {
-                drop(sender.blocking_send(Err(audit_status(error))));
-            }
+        let chunks = ops::export_audit(&self.engine, from_seq).await?;
+        let chunks = ReceiverStream::new(chunks).map(|chunk| {
+            chunk
+                .map(|data| v1::ExportAuditChunk { data })
+                .map_err(Status::from)
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
-    }
-}
-
-/// Sends an export in chunks of whole lines.
-struct ChunkWriter {
-    sender: mpsc::Sender<Result<v1::ExportAuditChunk, Status>>,
-    buffer: Vec<u8>,
-}
-
-impl ChunkWriter {
-    fn send(&mut self, data: Vec<u8>) -> std::io::Result<()> {
-        self.sender
-            .blocking_send(Ok(v1::ExportAuditChunk { data }))
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
-            })
-    }
-
-    fn finish(&mut self) -> std::io::Result<()> {
-        if self.buffer.is_empty() {
-            return Ok(());
-        }
-        let data = std::mem::take(&mut self.buffer);
-        self.send(data)
-    }
-}
-
-impl std::io::Write for ChunkWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.buffer.extend_from_slice(bytes);
-        if self.buffer.len() >= EXPORT_CHUNK {
-            // Cut after the last complete line.
-            if let Some(end) = self.buffer.iter().rposition(|b| *b == b'\n') {
-                let rest = self.buffer.split_off(end + 1);
-                let data = std::mem::replace(&mut self.buffer, rest);
-                self.send(data)?;
-            }
-        }
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        Ok(Response::new(Box::pin(chunks)))
     }
 }

@@ -15,6 +15,9 @@ use gatekeep_proto::model::RequestRecord;
 use sha2::{Digest as _, Sha256};
 use tonic::metadata::MetadataMap;
 
+pub mod oidc;
+pub mod session;
+
 pub use crate::reviewer::Reviewer;
 use crate::{error::Error, store::Store};
 
@@ -56,38 +59,97 @@ fn is_owner_with(
     record: &RequestRecord,
     uid_of: impl Fn(&str) -> Option<u32>,
 ) -> bool {
-    let name = reviewer.name.as_str();
-    record
-        .request
-        .approval
-        .owners
-        .iter()
-        .any(|owner| owner == name)
-        || record.request.user_name.as_deref() == Some(name)
-        || record.host == name
-        || uid_of(name) == Some(record.request.uid)
+    // A token reviewer is their name; a reviewer of the identity provider is also the local
+    // part of their verified email (alice@example.com is the host's user alice).
+    let local = reviewer
+        .email
+        .as_deref()
+        .and_then(|email| email.split_once('@'))
+        .map(|(local, _)| local);
+    std::iter::once(reviewer.name.as_str())
+        .chain(local)
+        .any(|name| {
+            record
+                .request
+                .approval
+                .owners
+                .iter()
+                .any(|owner| owner == name || reviewer.email.as_deref() == Some(owner.as_str()))
+                || record.request.user_name.as_deref() == Some(name)
+                || record.host == name
+                || uid_of(name) == Some(record.request.uid)
+        })
 }
 
 /// Authenticates calls.
 #[derive(Clone)]
 pub struct Authenticator {
     store: Arc<dyn Store>,
+    /// Command-line sessions (`gatekeep login`), whose ids are bearer tokens too.
+    sessions: Option<Arc<session::Sessions>>,
 }
 
 impl Authenticator {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self {
+            store,
+            sessions: None,
+        }
     }
 
-    /// The reviewer making a review call. Refuses agent certificates, missing or malformed
-    /// `authorization` headers and unknown tokens.
-    pub async fn reviewer<T>(&self, request: &tonic::Request<T>) -> Result<Reviewer, Error> {
+    /// Also accepts the ids of command-line sessions in `sessions` as bearer tokens.
+    #[must_use]
+    pub fn with_sessions(mut self, sessions: Arc<session::Sessions>) -> Self {
+        self.sessions = Some(sessions);
+        self
+    }
+
+    /// The reviewer making a review call, and when they last signed in at the identity
+    /// provider (`None` for a reviewer token).
+    pub async fn caller<T>(
+        &self,
+        request: &tonic::Request<T>,
+    ) -> Result<(Reviewer, Option<time::OffsetDateTime>), Error> {
         if request.peer_certs().is_some_and(|certs| !certs.is_empty()) {
             return Err(Error::permission(
                 "agent certificates cannot use the review api; connect without a client certificate and use a reviewer token",
             ));
         }
-        let token = bearer(request.metadata())?;
+        self.caller_by_token(bearer(request.metadata())?).await
+    }
+
+    /// The reviewer holding `token`: a reviewer token, or a command-line session's id.
+    pub async fn caller_by_token(
+        &self,
+        token: &str,
+    ) -> Result<(Reviewer, Option<time::OffsetDateTime>), Error> {
+        if let Some(reviewer) = self.store.reviewer_by_token(token_hash(token)).await? {
+            return Ok((reviewer, None));
+        }
+        let session = self
+            .sessions
+            .as_ref()
+            .and_then(|sessions| sessions.get(token))
+            .filter(|session| session.bearer);
+        match session.map(|session| session.principal) {
+            Some(session::Principal::Oidc {
+                reviewer,
+                auth_time,
+            }) => Ok((reviewer, Some(auth_time))),
+            _ => Err(Error::unauthenticated(
+                "unknown or expired token; sign in again (`gatekeep login`) or ask an administrator for a reviewer token",
+            )),
+        }
+    }
+
+    /// The reviewer making a review call. Refuses agent certificates, missing or malformed
+    /// `authorization` headers and unknown tokens.
+    pub async fn reviewer<T>(&self, request: &tonic::Request<T>) -> Result<Reviewer, Error> {
+        Ok(self.caller(request).await?.0)
+    }
+
+    /// The reviewer holding `token`.
+    pub async fn by_token(&self, token: &str) -> Result<Reviewer, Error> {
         self.store
             .reviewer_by_token(token_hash(token))
             .await?
@@ -106,6 +168,11 @@ fn bearer(metadata: &MetadataMap) -> Result<&str, Error> {
     let value = value
         .to_str()
         .map_err(|_| Error::unauthenticated("malformed authorization header"))?;
+    bearer_token(value)
+}
+
+/// The token of an `authorization: Bearer TOKEN` header value.
+pub fn bearer_token(value: &str) -> Result<&str, Error> {
     let token = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
@@ -190,6 +257,7 @@ mod tests {
         let alice = Reviewer {
             name: "alice".into(),
             groups: vec!["sre".into()],
+            email: None,
         };
         assert!(alice.may_review(&[]));
         assert!(alice.may_review(&["security".into(), "sre".into()]));
@@ -234,6 +302,7 @@ mod tests {
         let root = Reviewer {
             name: "root".into(),
             groups: Vec::new(),
+            email: None,
         };
         record.request.uid = 0;
         assert!(is_owner(&root, &record), "root's uid through NSS");

@@ -779,6 +779,7 @@ impl Store for SqliteStore {
                     Ok(Reviewer {
                         name,
                         groups: serde_json::from_str(&groups)?,
+                        email: None,
                     })
                 })
                 .transpose()
@@ -797,6 +798,7 @@ impl Store for SqliteStore {
                 out.push(Reviewer {
                     name,
                     groups: serde_json::from_str(&groups)?,
+                    email: None,
                 });
             }
             Ok(out)

@@ -1,0 +1,370 @@
+//! Review operations shared by the gRPC service ([`super::ReviewApi`]) and the HTTP/JSON API
+//! ([`super::http`]): each validates its input, calls the [`Engine`] or the store and returns
+//! domain types, so the two front ends differ only in how they encode messages.
+
+use std::sync::Arc;
+
+use gatekeep_proto::{
+    WireError, convert,
+    model::{Grant, Kind, RequestRecord, RequestState},
+};
+use serde::Serialize;
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+
+use crate::{
+    auth::Reviewer,
+    error::Error,
+    lifecycle::Engine,
+    store::{GrantQuery, RequestQuery},
+};
+
+/// Most requests one list returns.
+pub const MAX_LIST: u32 = 1000;
+/// Bytes of JSON Lines per export chunk.
+const EXPORT_CHUNK: usize = 64 * 1024;
+
+/// A validated request filter (host, policy, kind; each optional).
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub host: Option<String>,
+    pub policy: Option<String>,
+    pub kind: Option<Kind>,
+}
+
+impl Filter {
+    /// Validates a filter; empty strings mean "any".
+    pub fn new(host: &str, policy: &str, kind: Option<Kind>) -> Result<Self, WireError> {
+        Ok(Self {
+            host: opt_name("filter.host", host)?,
+            policy: opt_name("filter.policy", policy)?,
+            kind,
+        })
+    }
+
+    /// Whether `record` passes the filter.
+    #[must_use]
+    pub fn matches(&self, record: &RequestRecord) -> bool {
+        self.host.as_ref().is_none_or(|host| *host == record.host)
+            && self
+                .policy
+                .as_ref()
+                .is_none_or(|policy| *policy == record.request.policy)
+            && self.kind.is_none_or(|kind| kind == record.request.kind())
+    }
+
+    fn query(&self, limit: u32) -> RequestQuery {
+        RequestQuery {
+            state: Some(RequestState::Pending),
+            host: self.host.clone(),
+            policy: self.policy.clone(),
+            kind: self.kind,
+            limit: limit as usize,
+            ..RequestQuery::default()
+        }
+    }
+}
+
+/// A validated optional name: empty is `None`.
+pub fn opt_name(field: &str, value: &str) -> Result<Option<String>, WireError> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        convert::name(field, value).map(Some)
+    }
+}
+
+/// The pending requests passing `filter`, oldest first; `limit` 0 is [`MAX_LIST`].
+pub async fn list_pending(
+    engine: &Engine,
+    filter: &Filter,
+    limit: u32,
+) -> Result<Vec<RequestRecord>, Error> {
+    if limit > MAX_LIST {
+        return Err(Error::BadArgument {
+            message: format!("limit {limit} is more than {MAX_LIST}"),
+        });
+    }
+    let limit = if limit == 0 { MAX_LIST } else { limit };
+    Ok(engine.store.list_requests(filter.query(limit)).await?)
+}
+
+/// One item of a watch.
+#[derive(Debug, Clone)]
+pub enum WatchItem {
+    /// A request: pending when the watch began (`initial`), or one that changed since.
+    Request {
+        initial: bool,
+        record: Arc<RequestRecord>,
+    },
+    /// Every request pending when the watch began has been sent; changes follow.
+    Ready,
+    /// The watcher fell behind the changes and must watch again.
+    Lagged { missed: u64 },
+    /// The service is stopping.
+    ShuttingDown,
+    /// The watch's deadline passed (a console session expired).
+    Expired,
+}
+
+/// Starts a watch: first every pending request passing `filter`, then every change of one,
+/// until the receiver is dropped, the service stops or `until` passes. The last item of an
+/// ended watch says why.
+pub async fn watch(
+    engine: &Arc<Engine>,
+    filter: Filter,
+    until: Option<tokio::time::Instant>,
+) -> Result<mpsc::Receiver<WatchItem>, Error> {
+    // Subscribe before listing, so nothing falls between the two.
+    let mut changes = engine.hub.subscribe();
+    let initial = engine.store.list_requests(filter.query(MAX_LIST)).await?;
+    let (sender, receiver) = mpsc::channel(256);
+    let shutdown = engine.shutdown.clone();
+    tokio::spawn(async move {
+        let deadline = async {
+            match until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        for record in initial {
+            let item = WatchItem::Request {
+                initial: true,
+                record: Arc::new(record),
+            };
+            if sender.send(item).await.is_err() {
+                return;
+            }
+        }
+        if sender.send(WatchItem::Ready).await.is_err() {
+            return;
+        }
+        loop {
+            let change = tokio::select! {
+                change = changes.recv() => change,
+                () = sender.closed() => return,
+                () = shutdown.cancelled() => {
+                    drop(sender.send(WatchItem::ShuttingDown).await);
+                    return;
+                }
+                () = &mut deadline => {
+                    drop(sender.send(WatchItem::Expired).await);
+                    return;
+                }
+            };
+            match change {
+                Ok(record) if filter.matches(&record) => {
+                    let item = WatchItem::Request {
+                        initial: false,
+                        record,
+                    };
+                    if sender.send(item).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(missed)) => {
+                    drop(sender.send(WatchItem::Lagged { missed }).await);
+                    return;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(receiver)
+}
+
+/// Refuses an approval of request `id` when its policy has a `max_auth_age` and the
+/// reviewer's sign-in at the identity provider (`auth_time`; `None` for a token) is older.
+pub async fn check_auth_age(
+    engine: &Engine,
+    max_auth_age: &std::collections::BTreeMap<String, u64>,
+    id: uuid::Uuid,
+    verdict: gatekeep_proto::model::Verdict,
+    auth_time: Option<time::OffsetDateTime>,
+) -> Result<(), Error> {
+    if verdict != gatekeep_proto::model::Verdict::Allow || max_auth_age.is_empty() {
+        return Ok(());
+    }
+    let (record, _) = engine.get(id).await?;
+    let Some(&max_age) = max_auth_age.get(&record.request.policy) else {
+        return Ok(());
+    };
+    let fresh = auth_time.is_some_and(|at| {
+        let age = (time::OffsetDateTime::now_utc() - at).whole_seconds();
+        age <= i64::try_from(max_age).unwrap_or(i64::MAX)
+    });
+    if fresh {
+        Ok(())
+    } else {
+        Err(Error::ReauthRequired {
+            policy: record.request.policy,
+            max_age,
+        })
+    }
+}
+
+/// Grants, by host and policy (both optional), active ones unless `include_inactive`.
+pub async fn list_grants(
+    engine: &Engine,
+    host: &str,
+    policy: &str,
+    include_inactive: bool,
+) -> Result<Vec<Grant>, Error> {
+    Ok(engine
+        .store
+        .list_grants(
+            GrantQuery {
+                host: opt_name("host", host)?,
+                policy: opt_name("policy", policy)?,
+                include_inactive,
+            },
+            time::OffsetDateTime::now_utc(),
+        )
+        .await?)
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub version: &'static str,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: time::OffsetDateTime,
+    pub pending: u64,
+    pub connected_agents: Vec<String>,
+    pub audit_records: u64,
+    pub audit_head: String,
+    pub reviewer: String,
+    pub groups: Vec<String>,
+}
+
+/// The service's status, as `reviewer` sees it.
+pub async fn status(engine: &Engine, reviewer: Reviewer) -> Result<StatusReport, Error> {
+    let pending = engine.store.count_pending().await?;
+    let audit_records = engine.audit_head().await?;
+    let path = engine.audit_path.clone();
+    let head = tokio::task::spawn_blocking(move || gatekeep_audit::AuditStore::open(&path))
+        .await
+        .map_err(|_| Error::ShuttingDown)?
+        .map_err(|source| Error::Audit { source })?
+        .head()
+        .map(|head| head.hash.clone())
+        .unwrap_or_default();
+    Ok(StatusReport {
+        version: env!("CARGO_PKG_VERSION"),
+        started_at: engine.started_at,
+        pending,
+        connected_agents: engine.hub.connected(),
+        audit_records,
+        audit_head: head,
+        reviewer: reviewer.name,
+        groups: reviewer.groups,
+    })
+}
+
+/// The outcome of verifying the service's audit log.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub records: u64,
+    pub head_seq: u64,
+    pub head_hash: String,
+    pub guards_intact: bool,
+}
+
+fn audit_error(source: gatekeep_audit::AuditError) -> Error {
+    match source {
+        gatekeep_audit::AuditError::Tampered { .. } => Error::AuditTampered { source },
+        source => Error::Audit { source },
+    }
+}
+
+/// Verifies the service's audit hash chain; a broken chain is [`Error::AuditTampered`].
+pub async fn verify_audit(engine: &Engine) -> Result<VerifyReport, Error> {
+    engine.audit_head().await?;
+    let path = engine.audit_path.clone();
+    let report = tokio::task::spawn_blocking(move || gatekeep_audit::verify(&path))
+        .await
+        .map_err(|_| Error::ShuttingDown)?
+        .map_err(audit_error)?;
+    let head = report.head.unwrap_or(gatekeep_audit::ChainHead {
+        seq: 0,
+        hash: String::new(),
+    });
+    Ok(VerifyReport {
+        records: report.records,
+        head_seq: head.seq,
+        head_hash: head.hash,
+        guards_intact: report.guards_intact.unwrap_or(false),
+    })
+}
+
+/// Exports the service's audit log as JSON Lines from `from_seq` (0: the start), in chunks
+/// of whole lines; an error ends the stream.
+pub async fn export_audit(
+    engine: &Engine,
+    from_seq: u64,
+) -> Result<mpsc::Receiver<Result<Vec<u8>, Error>>, Error> {
+    engine.audit_head().await?;
+    let path = engine.audit_path.clone();
+    let (sender, receiver) = mpsc::channel(8);
+    tokio::task::spawn_blocking(move || {
+        let mut writer = ChunkWriter {
+            sender: sender.clone(),
+            buffer: Vec::with_capacity(EXPORT_CHUNK),
+        };
+        let filter = gatekeep_audit::ExportFilter {
+            from_seq: (from_seq > 0).then_some(from_seq),
+            kind: None,
+        };
+        let result = gatekeep_audit::export(&path, &mut writer, &filter).and_then(|_| {
+            writer
+                .finish()
+                .map_err(|source| gatekeep_audit::AuditError::Export { source })
+        });
+        if let Err(error) = result {
+            drop(sender.blocking_send(Err(audit_error(error))));
+        }
+    });
+    Ok(receiver)
+}
+
+/// Sends an export in chunks of whole lines.
+struct ChunkWriter {
+    sender: mpsc::Sender<Result<Vec<u8>, Error>>,
+    buffer: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self, data: Vec<u8>) -> std::io::Result<()> {
+        self.sender.blocking_send(Ok(data)).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
+    }
+
+    fn finish(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::take(&mut self.buffer);
+        self.send(data)
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(bytes);
+        if self.buffer.len() >= EXPORT_CHUNK {
+            // Cut after the last complete line.
+            if let Some(end) = self.buffer.iter().rposition(|b| *b == b'\n') {
+                let rest = self.buffer.split_off(end + 1);
+                let data = std::mem::replace(&mut self.buffer, rest);
+                self.send(data)?;
+            }
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
