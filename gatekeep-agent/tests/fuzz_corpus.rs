@@ -50,7 +50,10 @@ fn ring_buffer_records_of_the_fuzz_corpus_parse_or_fail_cleanly() {
             let _ = request.kernel_facts();
         }
     }
-    assert!(parsed > 0, "no seed parsed: the seeds no longer match the records");
+    assert!(
+        parsed > 0,
+        "no seed parsed: the seeds no longer match the records"
+    );
 }
 
 #[test]
