@@ -5,7 +5,8 @@
 //! builds it with plain cargo and cargo-fuzz's instrumentation flags: it needs no
 //! cargo-fuzz, which would take minutes to install on every fresh CI machine. New inputs go
 //! to `fuzz/target/corpus/<target>` (the committed seeds in `fuzz/corpus/<target>` stay as
-//! they are), crashes to `fuzz/artifacts/<target>/`. Each run prints libFuzzer's figures:
+//! they are), crashes to `fuzz/artifacts/<target>/`; a crash, once fixed, is committed to
+//! `fuzz/regressions/<target>/`, which every run reads at start. Each run prints libFuzzer's figures:
 //! executions, coverage (`cov`, edges) and features (`ft`).
 
 use std::{
@@ -188,9 +189,11 @@ fn run_target(target: &str, seconds: u64) -> Result<Figures> {
         .join(target);
     let work_corpus = fuzz_dir().join("target/corpus").join(target);
     let seeds = fuzz_dir().join("corpus").join(target);
+    // Inputs that once crashed the target: read (and so run) at every start.
+    let regressions = fuzz_dir().join("regressions").join(target);
     let artifacts = fuzz_dir().join("artifacts").join(target);
     let logs = fuzz_dir().join("target/logs");
-    for dir in [&work_corpus, &artifacts, &logs] {
+    for dir in [&work_corpus, &artifacts, &logs, &regressions] {
         fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     }
     let log_path = logs.join(format!("{target}.log"));
@@ -203,6 +206,7 @@ fn run_target(target: &str, seconds: u64) -> Result<Figures> {
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg(&work_corpus)
         .arg(&seeds)
+        .arg(&regressions)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     eprintln!("$ {}", display_cmd(&cmd));
