@@ -4,8 +4,8 @@
 Small, hand-made inputs of each boundary's format, so that libFuzzer starts from valid
 shapes: policy files, protobuf messages, JSON, BTF blobs, ring-buffer records, audit logs
 and exports. Run from the repository root: `python3 fuzz/make_seeds.py`. The audit
-database seeds come from `cargo xtask fuzz` itself (a log written by gatekeep-audit), not
-from here.
+target's `seed-database` (mode byte 0, then a four-record log written by gatekeep-audit's
+`AuditStore`) is not made here: it is kept as committed.
 """
 
 import json
