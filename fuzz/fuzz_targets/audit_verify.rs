@@ -98,7 +98,10 @@ fn edit_rows(path: &Path, edits: &[u8]) -> bool {
         "audit_records_no_delete",
         "audit_records_no_replace",
     ] {
-        if conn.execute_batch(&format!("DROP TRIGGER {trigger}")).is_err() {
+        if conn
+            .execute_batch(&format!("DROP TRIGGER {trigger}"))
+            .is_err()
+        {
             return false;
         }
     }

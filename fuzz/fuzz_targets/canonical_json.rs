@@ -16,7 +16,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let back: Value = serde_json::from_str(&text)
         .unwrap_or_else(|err| panic!("canonical output is not JSON: {err}: {text}"));
-    assert_eq!(back, value, "canonical output {text} reads back differently");
+    assert_eq!(
+        back, value,
+        "canonical output {text} reads back differently"
+    );
     let again = canonical_json(&back).expect("a value that encoded once encodes again");
     assert_eq!(again, text, "canonical encoding is not a fixed point");
     let direct = to_canonical_json(&value).expect("the direct encoder takes what the other took");
