@@ -3,6 +3,7 @@
 mod bench;
 mod console;
 mod demo;
+mod fuzz;
 mod lint;
 mod module_cycles;
 mod setup;
@@ -43,6 +44,9 @@ enum Task {
     /// Run the benchmarks (natively, then in the VM) and print one table of figures,
     /// baselines, ratios and targets; also written as JSON under `target/bench/`.
     Bench(bench::Options),
+    /// Build the libFuzzer targets in `fuzz/` (nightly) and run each for a while over its
+    /// seeds; prints executions and coverage, fails on a crash with the input that caused it.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Task::Demo(opts) => setup::ensure().and_then(|()| demo::run(opts)),
         Task::Lint(opts) => lint::run(opts),
         Task::Bench(opts) => setup::ensure().and_then(|()| bench::run(opts)),
+        Task::Fuzz(opts) => fuzz::run(opts),
     };
     let Err(err) = result else {
         return ExitCode::SUCCESS;

@@ -7,13 +7,16 @@ use anyhow::Result;
 use clap::Args;
 use xtask::{TestCounts, cargo, run_cmd_lines};
 
-use crate::vm_test;
+use crate::{fuzz, vm_test};
 
 #[derive(Debug, Args)]
 pub struct Options {
     /// Run only the native tests.
     #[arg(long)]
     pub no_vm: bool,
+    /// Skip the short run of every fuzz target (`cargo xtask fuzz`) after the native tests.
+    #[arg(long)]
+    pub no_fuzz: bool,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -41,6 +44,21 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         summary(native, None);
         return Err(err.context("native tests failed"));
+    }
+
+    if !opts.no_fuzz {
+        let started = Instant::now();
+        let result = fuzz::smoke();
+        eprintln!(
+            "[test] fuzz targets: {} ({:.0} s)",
+            if result.is_ok() { "no crash" } else { "FAILED" },
+            started.elapsed().as_secs_f64()
+        );
+        if let Err(err) = result {
+            native.failed += 1;
+            summary(native, None);
+            return Err(err.context("a fuzz target failed"));
+        }
     }
 
     if opts.no_vm {

@@ -40,7 +40,10 @@ pub enum EmbeddedError {
         #[source]
         source: Box<gatekeep_server::Error>,
     },
-    #[error("failed to open the embedded service's database `{}`", path.display())]
+    #[error(
+        "failed to open the embedded service's database `{}` (if it is corrupt, restore it from a backup, or move it aside to start with an empty one: reviewers are then added again and pending requests asked again; until then the agent does not start, and paused tasks stay paused)",
+        path.display()
+    )]
     Store {
         path: PathBuf,
         #[source]
@@ -233,6 +236,9 @@ pub async fn start(config: &AgentConfig) -> Result<EmbeddedService, EmbeddedErro
         dir: paths.pki.clone(),
         source: Box::new(source),
     })?;
+    // A state database that cannot be opened (corrupt, unreadable) is named with its
+    // cause and fix here, not reported as a failure to listen by the server below.
+    drop(open_store(&paths.state_db())?);
     let token = bootstrap_token(&config.state_dir, &paths).await?;
     let listen = config.decision.listen;
     let server_config = ServerConfig {
@@ -318,6 +324,48 @@ mod tests {
         assert_eq!(certificate_name("web-1.example.org"), "web-1.example.org");
         assert_eq!(certificate_name("my host"), "my-host");
         assert_eq!(certificate_name(""), "localhost");
+    }
+
+    /// Fault injection (issue 24): a corrupt `state.db` at start. Expected: the agent
+    /// does not start (fail closed: paused tasks stay paused, the pinned programs keep
+    /// enforcing), with an error naming the file, the cause and the fix; the file is left
+    /// as it is for inspection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupt_state_db_stops_the_start_with_file_cause_and_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = AgentConfig {
+            state_dir: dir.path().join("state"),
+            host: "h".into(),
+            ..AgentConfig::default()
+        };
+        config.decision.listen = "127.0.0.1:0".parse().expect("addr");
+        let paths = EmbeddedPaths::new(&config.state_dir);
+        std::fs::create_dir_all(&paths.data).expect("data dir");
+        let garbage = b"this is not an SQLite database, a torn write left it like this".repeat(64);
+        std::fs::write(paths.state_db(), &garbage).expect("corrupt state.db");
+        // With and without the bootstrap token (which decides who opens the file first).
+        for token in [false, true] {
+            if token {
+                std::fs::write(&paths.token, "t0ken\n").expect("token");
+            }
+            let Err(err) = start(&config).await else {
+                panic!("started on a corrupt state.db");
+            };
+            let text = gatekeep_audit::error_chain(&err);
+            for part in [
+                &format!("`{}`", paths.state_db().display()),
+                "file is not a database",
+                "move it aside",
+                "paused tasks stay paused",
+            ] {
+                assert!(text.contains(part), "{part:?} missing from: {text}");
+            }
+            assert!(!text.contains("another service on that port"), "{text}");
+            assert_eq!(
+                std::fs::read(paths.state_db()).expect("left in place"),
+                garbage
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

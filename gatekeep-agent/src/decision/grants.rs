@@ -152,14 +152,63 @@ struct GrantsFile {
 }
 
 /// Reads the grants an agent stored in `path` (none when the file is absent
-/// or unreadable).
+/// or unreadable; [`try_read_file`] says why).
 #[must_use]
 pub fn read_file(path: &Path) -> Vec<LocalGrant> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<GrantsFile>(&bytes).ok())
+    try_read_file(path).unwrap_or_default()
+}
+
+/// Why `grants.json` could not be read at start.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantsFileError {
+    #[error(
+        "cannot read the grants file `{path}`: {source}; the agent must be able to read it (root, mode 0600): fix its owner and mode, or remove it to start without stored grants"
+    )]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the grants file `{path}` is corrupt: {source}; it was moved aside to `{aside}` and the agent goes on without stored grants (requests they covered are asked again): restore a good copy there, or let reviewers grant again"
+    )]
+    Corrupt {
+        path: PathBuf,
+        aside: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Reads the grants stored in `path`: none when the file does not exist, an
+/// error naming the file, the cause and the fix when it cannot be read or
+/// parsed. (A corrupt file's `aside` is where [`Grants::load`] moves it.)
+pub fn try_read_file(path: &Path) -> Result<Vec<LocalGrant>, GrantsFileError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(GrantsFileError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    serde_json::from_slice::<GrantsFile>(&bytes)
         .map(|file| file.grants)
-        .unwrap_or_default()
+        .map_err(|source| GrantsFileError::Corrupt {
+            path: path.to_owned(),
+            aside: corrupt_aside(path),
+            source,
+        })
+}
+
+/// Where a corrupt grants file is kept for inspection (`grants.json.corrupt`),
+/// so that storing the grants again does not destroy it.
+fn corrupt_aside(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".corrupt");
+    PathBuf::from(name)
 }
 
 /// Where the kernel's clock will be at wall-clock time `at` (0: never).
@@ -233,7 +282,26 @@ impl<K: GrantKernel, A: AuditSink> Grants<K, A> {
         config: GrantsConfig,
         on_session_end: Option<SessionEnded>,
     ) -> Self {
-        let stored = config.file.as_deref().map(read_file).unwrap_or_default();
+        // Fail closed: stored grants that cannot be read are not applied (the
+        // kernel entries they made are removed at the next `apply`), so their
+        // requests are asked again; the error names the file, cause and fix.
+        let stored = match config.file.as_deref().map(try_read_file) {
+            None => Vec::new(),
+            Some(Ok(stored)) => stored,
+            Some(Err(err)) => {
+                if let GrantsFileError::Corrupt { path, aside, .. } = &err
+                    && let Err(rename) = std::fs::rename(path, aside)
+                {
+                    tracing::error!(
+                        path = %path.display(),
+                        error = %rename,
+                        "cannot move the corrupt grants file aside; storing grants will replace it"
+                    );
+                }
+                tracing::error!(error = %err, "stored grants not applied");
+                Vec::new()
+            }
+        };
         let installed = match kernel.grants().await {
             Ok(entries) => entries.into_iter().collect(),
             Err(err) => {
@@ -879,6 +947,74 @@ mod tests {
         let fresh = rig.grants(true).await;
         assert!(fresh.list().is_empty(), "digests of the old key are void");
         assert!(read_file(&rig.file()).is_empty());
+    }
+
+    /// Fault injection (issue 24): a torn or corrupt `grants.json` at start.
+    /// Expected: an error naming the file, the cause and the fix; the file kept
+    /// aside; none of its grants applied, and the kernel entry a grant of it made
+    /// removed (fail closed: the request is asked again).
+    #[tokio::test]
+    async fn a_corrupt_grants_file_is_named_kept_aside_and_its_grants_fail_closed() {
+        let rig = Rig::new();
+        let mut grants = rig.grants(false).await;
+        grants.set_policies(&compiled(&["agents"], &[1])).await;
+        grants
+            .install(&grant(GrantDuration::Always, None), &target(9, 0))
+            .await;
+        assert_eq!(rig.kernel.now().len(), 1);
+        drop(grants);
+        let good = std::fs::read(rig.file()).expect("stored");
+        let torn = &good[..good.len() / 2];
+        std::fs::write(rig.file(), torn).expect("tear the file");
+
+        let text = try_read_file(&rig.file())
+            .expect_err("a torn file is an error")
+            .to_string();
+        for part in [
+            &rig.file().display().to_string(),
+            "is corrupt: EOF while parsing",
+            "moved aside to",
+            "grants.json.corrupt",
+            "restore a good copy",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from: {text}");
+        }
+
+        let mut again = rig.grants(false).await;
+        again.set_policies(&compiled(&["agents"], &[2])).await;
+        assert!(again.list().is_empty(), "nothing of the torn file applies");
+        assert!(
+            rig.kernel.now().is_empty(),
+            "the torn file's grant no longer lets its request through: {:?}",
+            rig.kernel.now()
+        );
+        assert_eq!(
+            std::fs::read(corrupt_aside(&rig.file())).expect("kept aside"),
+            torn
+        );
+        assert!(!rig.file().exists(), "moved, not copied");
+    }
+
+    /// An unreadable `grants.json` (here a directory in its place): the error
+    /// names the file, the cause and the fix, and the agent starts without it.
+    #[tokio::test]
+    async fn an_unreadable_grants_file_is_named_with_its_cause_and_fix() {
+        let rig = Rig::new();
+        std::fs::create_dir_all(rig.file()).expect("a directory in its place");
+        let text = try_read_file(&rig.file())
+            .expect_err("unreadable")
+            .to_string();
+        for part in [
+            &format!("cannot read the grants file `{}`", rig.file().display()),
+            "Is a directory",
+            "fix its owner and mode, or remove it",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from: {text}");
+        }
+        let grants = rig.grants(false).await;
+        assert!(grants.list().is_empty());
+        // A missing file is no error: a fresh host has none.
+        assert!(try_read_file(&rig.dir.path().join("absent.json")).is_ok_and(|g| g.is_empty()));
     }
 
     #[tokio::test]

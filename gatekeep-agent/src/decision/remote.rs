@@ -658,4 +658,71 @@ mod tests {
         assert_eq!(decision.verdict, Verdict::Deny);
         assert_eq!(decision.actor, "timeout");
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_service_gets_the_policys_timeout_action_at_the_deadline() {
+        // Fault injection (issue 24): a service that accepts connections and never answers
+        // (no TLS handshake, no byte at all), as a wedged process or a black-holing proxy
+        // would. Expected: the policy's timeout action at the deadline; nobody waits forever.
+        let stalled = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let endpoint = format!("https://{}", stalled.local_addr().expect("addr"));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let _holder = tokio::spawn({
+            let accepted = Arc::clone(&accepted);
+            async move {
+                let mut held = Vec::new();
+                while let Ok((stream, _)) = stalled.accept().await {
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    held.push(stream);
+                }
+            }
+        });
+        let pki = Pki::ephemeral(&[]).expect("pki");
+        let identity = pki.agent("h1").expect("agent cert");
+        let (link, events) = AgentLink::start(AgentLinkConfig::new(
+            endpoint,
+            ClientTls {
+                ca_pem: pki.ca.cert_pem().to_owned(),
+                identity: Some(ClientIdentity {
+                    cert_pem: identity.cert_pem,
+                    key_pem: identity.key_pem,
+                }),
+                domain: None,
+            },
+        ))
+        .expect("link");
+        let (handle, _task) = {
+            let grants = Grants::load(
+                Arc::new(FakeGrants::default()),
+                Arc::new(MemorySink::default()),
+                GrantsConfig {
+                    host: "h1".into(),
+                    file: None,
+                    cgroup_root: "/nonexistent".into(),
+                    fresh_digests: false,
+                },
+                None,
+            )
+            .await;
+            let (_p, policies) = watch::channel(Arc::new(compiled_policies(&["agents"], &[1])));
+            let (_s, shutdown) = watch::channel(false);
+            grants::spawn(grants, policies, shutdown, Duration::from_secs(1))
+        };
+        let (decider, _pump) = RemoteDecider::start(Arc::new(link), events, handle, "h1");
+        let req = asked(&["git", "pull"], 1, Duration::from_millis(1500));
+        // The outer bound only guards against a hang; the deadline is 1.5 s.
+        let decision =
+            tokio::time::timeout(Duration::from_secs(30), decide_by_deadline(&decider, req))
+                .await
+                .expect("answered at the deadline, not never");
+        assert!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst) > 0,
+            "the agent reached the stalled service"
+        );
+        assert!(decision.expired, "fail closed at the deadline");
+        assert_eq!(decision.verdict, Verdict::Deny);
+        assert_eq!(decision.actor, "timeout");
+    }
 }

@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Writes the committed seed corpus of the fuzz targets (fuzz/corpus/<target>/seed-*).
+
+Small, hand-made inputs of each boundary's format, so that libFuzzer starts from valid
+shapes: policy files, protobuf messages, JSON, BTF blobs, ring-buffer records, audit logs
+and exports. Run from the repository root: `python3 fuzz/make_seeds.py`. The audit
+target's `seed-database` (mode byte 0, then a four-record log written by gatekeep-audit's
+`AuditStore`) is not made here: it is kept as committed.
+"""
+
+import json
+import os
+import shutil
+import struct
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+
+
+def put(target, name, data):
+    folder = os.path.join(ROOT, target)
+    os.makedirs(folder, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    with open(os.path.join(folder, "seed-" + name), "wb") as f:
+        f.write(data)
+
+
+# --- policy_toml -------------------------------------------------------------------------
+repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+examples = os.path.join(repo, "gatekeep-policy", "examples")
+for name in sorted(os.listdir(examples)):
+    if name.endswith(".toml"):
+        with open(os.path.join(examples, name), "rb") as f:
+            put("policy_toml", name, f.read())
+put("policy_toml", "commands.toml", """
+[[policy]]
+name = "cmds"
+cgroups = ["/sys/fs/cgroup/agents/*", "/sys/fs/cgroup/**/ci-{a,b}?"]
+mode = "audit"
+[policy.exec]
+default = "ask"
+allow = ["/usr/bin/ls"]
+multicall = ["/bin/busybox"]
+bound_env = ["PYTHONPATH"]
+[[policy.exec.command]]
+argv = ["/usr/bin/kubectl", "delete", "**"]
+action = "ask"
+[[policy.exec.command]]
+argv = ["/usr/bin/git", "**", "push", "**", "--force*", "**"]
+action = "deny"
+[[policy.exec.command]]
+argv = ["/bin/busybox", "wget", "\\\\*x?"]
+action = "deny"
+[policy.connect]
+default = "deny"
+allow = ["10.0.0.0/8", "[2001:db8::]/32:443", "api.github.com:443", "*.example.com"]
+deny = ["10.1.0.0/16:8000-8999"]
+unix = "allow"
+[policy.approval]
+timeout = "1h 30m"
+on_timeout = "allow"
+grant_durations = ["once", "1h", "session", "always"]
+[policy.protect]
+relax = ["mount"]
+""")
+put("policy_toml", "errors.toml", """
+[[policy]]
+name = "x"
+cgroups = ["agents/*"]
+[policy.exec]
+default = "alow"
+[policy.connect]
+allow = ["10.1.2.3/16", "[::1/128", "10.0.0.0/8:0-80"]
+""")
+put("policy_toml", "cases.toml", """
+[[case]]
+cgroup = "/sys/fs/cgroup/agents/a"
+exec = "/usr/bin/kubectl"
+argv = ["kubectl", "delete", "pod"]
+expect = "ask"
+[[case]]
+cgroup = "/sys/fs/cgroup/agents/a"
+connect = "10.1.2.3:443"
+expect = "allow"
+""")
+
+# --- canonical_json ----------------------------------------------------------------------
+for i, value in enumerate([
+    {"argv": ["curl", "example.org"], "pid": 42},
+    {"b": [1, -0.0, 1.5e300, 2.2250738585072014e-308, 18446744073709551615, -9223372036854775808],
+     "a": {"é": "\u0000\u001f\"\\/\u2028", "": None, "z": True}},
+    [[], {}, "", "🦀", 0.1, 1e-7, 123456789012345680000.0],
+]):
+    put("canonical_json", f"{i}.json", json.dumps(value, ensure_ascii=(i == 1)))
+
+# --- proto_wire --------------------------------------------------------------------------
+
+
+def varint(n):
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def field(num, value):
+    if isinstance(value, bool):
+        return varint(num << 3) + varint(int(value))
+    if isinstance(value, int):
+        return varint(num << 3) + varint(value)
+    if isinstance(value, str):
+        value = value.encode()
+    return varint(num << 3 | 2) + varint(len(value)) + value
+
+
+def msg(*fields):
+    return b"".join(field(n, v) for n, v in fields)
+
+
+exec_target = msg((1, "/usr/bin/kubectl"), (2, "kubectl"), (2, "delete"), (2, "pod"),
+                  (3, "sha256:" + "ab" * 16), (4, 1), (5, "/usr/local/bin/kubectl"),
+                  (8, False), (9, "LD_PRELOAD=/x.so"))
+connect_target = msg((1, 1), (2, "10.1.2.3"), (3, 443), (4, 1), (5, "api.github.com"))
+process = msg((1, 42), (2, "bash"), (3, "/bin/bash"), (4, "bash"), (4, "-c"), (5, "/agents/a"))
+settings = msg((1, "sre"), (2, 1), (3, "once"), (3, "1h"), (4, "alice"))
+request_id = "0190a5b4-8c3e-7000-8000-000000000001"
+request = msg((1, request_id), (2, 1), (3, "ai-agents"), (4, "exec ask /usr/bin/kubectl"),
+              (5, "/agents/a"), (6, 42), (7, 42), (8, 1000), (9, "alice"), (10, "/home/alice"),
+              (11, process), (12, exec_target), (14, 1_790_000_000_000),
+              (15, 1_790_000_300_000), (16, 2), (17, settings))
+grant = msg((1, "0190a5b4-8c3e-7000-8000-000000000002"), (2, "web-1"), (3, "ai-agents"), (4, 2),
+            (6, connect_target), (7, 1), (8, "1h"), (9, "/agents/a"), (10, 1_790_003_600_000),
+            (11, "bob"), (12, 1_790_000_000_000), (13, request_id), (17, "cgroup"))
+decision = msg((1, request_id), (2, 2), (3, 1), (4, "bob"), (5, "looks fine"),
+               (6, 1_790_000_100_000), (7, "1h"), (8, grant))
+vote = msg((1, "bob"), (2, "ok"), (3, "once"), (4, 1_790_000_100_000), (5, "cgroup"))
+record = msg((1, request), (2, "web-1"), (3, 2), (4, 1_790_000_000_000), (5, 1_790_000_300_000),
+             (6, vote), (7, 1), (8, decision))
+for index, (name, data) in enumerate([
+    ("exec_target", exec_target), ("connect_target", connect_target), ("process", process),
+    ("approval_settings", settings), ("approval_request", request), ("grant", grant),
+    ("decision", decision), ("vote", vote), ("request_record", record),
+]):
+    put("proto_wire", name, bytes([index]) + data)
+
+# --- btf ---------------------------------------------------------------------------------
+BTF_INT, BTF_PTR, BTF_ARRAY, BTF_STRUCT, BTF_UNION, BTF_TYPEDEF, BTF_CONST = 1, 2, 3, 4, 5, 8, 10
+
+
+class Btf:
+    def __init__(self):
+        self.types = b""
+        self.strings = b"\0"
+        self.next = 1
+
+    def s(self, text):
+        if not text:
+            return 0
+        off = len(self.strings)
+        self.strings += text.encode() + b"\0"
+        return off
+
+    def add(self, kind, name, vlen, size_or_type, extra=b"", kflag=0):
+        info = (kflag << 31) | (kind << 24) | vlen
+        self.types += struct.pack("<III", self.s(name), info, size_or_type) + extra
+        self.next += 1
+        return self.next - 1
+
+    def int(self, name, size):
+        return self.add(BTF_INT, name, 0, size, struct.pack("<I", size * 8))
+
+    def struct(self, name, size, members, kind=BTF_STRUCT):
+        extra = b"".join(struct.pack("<III", self.s(m), t, off * 8) for m, t, off in members)
+        return self.add(kind, name, len(members), size, extra)
+
+    def blob(self):
+        header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(self.types),
+                             len(self.types), len(self.strings))
+        return header + self.types + self.strings
+
+
+b = Btf()
+u32 = b.int("unsigned int", 4)
+u64 = b.int("long long unsigned int", 8)
+kuid = b.struct("kuid_t", 4, [("val", u32, 0)])
+cred = b.struct("cred", 16, [("usage", u32, 0), ("uid", kuid, 4), ("gid", kuid, 8)])
+pcred = b.add(BTF_PTR, "", 0, cred)
+ccred = b.add(BTF_CONST, "", 0, pcred)
+arr = b.add(BTF_ARRAY, "", 0, 0, struct.pack("<III", u32, u32, 16))
+task = b.struct("task_struct", 64, [("pid", u32, 0), ("tgid", u32, 4), ("cred", ccred, 8),
+                                    ("comm", arr, 16), ("start_time", u64, 32)])
+b.add(BTF_TYPEDEF, "pid_t", 0, u32)
+b.struct("u", 8, [("a", u32, 0), ("b", u64, 0)], kind=BTF_UNION)
+put("btf", "small", b.blob())
+put("btf", "empty", Btf().blob())
+# Truncated: header claims more than there is.
+put("btf", "truncated", b.blob()[:40])
+
+# --- ring_buffer_event: headers of each kind, zero bodies of a few sizes ------------------
+for kind in range(0, 24):
+    for size in (64, 256, 1024):
+        put("ring_buffer_event", f"kind{kind}-{size}", struct.pack("<I", kind) + bytes(size - 4))
+
+# --- audit_verify: an export and edit scripts (mode byte first) ---------------------------
+put("audit_verify", "export", b"\x01" + (
+    '{"seq":1,"at":"2026-11-24T21:42:56.123456789Z","kind":"requested","request_id":"r-1",'
+    '"host":"web-1","actor":null,"payload":{"argv":["curl","example.org"],"pid":42},'
+    '"prev_hash":"' + "0" * 64 + '","hash":'
+    '"cb4085752a4836720dac1a2cbff421ebbea6c721d063ca1f91154861f42fd518"}\n').encode())
+put("audit_verify", "edit-sql", b"\x02\xff" + bytes([1, 6, 2, ord("{"), ord("}"), 32]))
+put("audit_verify", "edit-bytes", b"\x02" + bytes([0x10, 0x00, 0x41, 0x00, 0x20, 0x00]))
+put("audit_verify", "pristine", b"\x02")
