@@ -1209,7 +1209,7 @@ mod tests {
         );
         assert!(
             lines[1].contains("kind=\"script\"")
-                && lines[1].contains("deny that interpreter to the workload"),
+                && lines[1].contains("restrict the interpreter too"),
             "{text}"
         );
     }

@@ -709,7 +709,7 @@ fn policy_validate_prints_warnings_and_fails_on_them_only_when_asked() {
         "{err}"
     );
     assert!(
-        lines[1].contains("put the rule on the interpreter instead (deny \"/bin/sh\")"),
+        lines[1].contains("restrict the interpreter too (deny \"/bin/sh\""),
         "{err}"
     );
     assert!(
