@@ -119,6 +119,31 @@ pub struct EnvScan {
     pub(crate) head: [u64; gatekeep_common::BOUND_ENV_NAME_LEN / 8],
 }
 
+/// The new image's environment check (see `image`), in this CPU's scratch
+/// (`bpf_loop` callbacks keep no stack, and the walk is a call of its own).
+/// Here, beside [`EnvScan`], so that `argv`, which holds the scratch, need
+/// not use `image`, which uses `argv`.
+#[repr(C)]
+pub struct ImageEnvScan {
+    /// The allowed request's digest, for the report.
+    digest: u64,
+    /// The bound environment's digest and bytes.
+    expected: u64,
+    expected_len: u32,
+    _pad: u32,
+    /// The next string, and the end of the environment (user addresses; 0:
+    /// the new mm could not be read).
+    at: u64,
+    end: u64,
+    /// Bytes of bound variables collected (in `args.argv`).
+    len: u32,
+    policy_id: u32,
+    /// Non-zero while inside a string longer than one read.
+    skipping: u32,
+    /// `image::WALKING`, `WALKED` or `DIFFERS`.
+    outcome: u32,
+}
+
 /// `exec_action`'s answer when argv decides: never a verdict (those are 0
 /// or negative).
 const UNDECIDED: i32 = 1;

@@ -65,7 +65,7 @@ pub struct ArgvScratch {
     /// The hook's decision so far (see `exec_action`).
     pub pending: super::Pending,
     /// The new image's environment walk (see `image`).
-    pub image: super::image::ImageEnvScan,
+    pub image: super::ImageEnvScan,
 }
 
 /// Offsets in x86-64 `struct pt_regs`, whose first members the syscall entry

@@ -88,33 +88,10 @@ pub struct BoundArgv {
 /// leaves as many steps again for long values.
 const IMAGE_ENV_STEPS: u32 = 2 * ENV_MAX_SCAN;
 
-/// The walk's state ([`ImageEnvScan::outcome`]).
+/// The walk's state ([`super::ImageEnvScan::outcome`]).
 const WALKING: u32 = 0;
 const WALKED: u32 = 1;
 const DIFFERS: u32 = 2;
-
-/// The new image's check, in this CPU's scratch (`bpf_loop` callbacks keep
-/// no stack, and the walk is a call of its own).
-#[repr(C)]
-pub struct ImageEnvScan {
-    /// The allowed request's digest, for the report.
-    digest: u64,
-    /// The bound environment's digest and bytes.
-    expected: u64,
-    expected_len: u32,
-    _pad: u32,
-    /// The next string, and the end of the environment (user addresses; 0:
-    /// the new mm could not be read).
-    at: u64,
-    end: u64,
-    /// Bytes of bound variables collected (in `args.argv`).
-    len: u32,
-    policy_id: u32,
-    /// Non-zero while inside a string longer than one read.
-    skipping: u32,
-    /// [`WALKING`], [`WALKED`] or [`DIFFERS`].
-    outcome: u32,
-}
 
 /// Thread id -> the argv its exec was allowed with. An LRU map: an entry
 /// left by an exec that failed after its check (and whose thread never
