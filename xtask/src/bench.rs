@@ -19,15 +19,14 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 use xtask::{
-    cargo::{self, build_executables, find_executable},
     run_cmd_lines, target_dir,
-    vm::{self, Initramfs, Kernel, Payload, VM_BINARIES, VmArgs},
+    vm::{self, Initramfs, Kernel, Payload, VmArgs},
 };
 
 /// What starts a figure line (`gatekeep-bench`'s `report::MARKER`).
 const MARKER: &str = "GATEKEEP-BENCH ";
 /// The benchmark binary's name on the VM's `PATH`.
-const BENCH_BINARY: &str = "gatekeep-bench";
+const BENCH_BINARY: &str = vm::BENCH_BINARY.1;
 
 #[derive(Debug, Args)]
 #[expect(
@@ -255,39 +254,13 @@ fn table(figures: &[Value]) -> String {
     out
 }
 
-/// Builds the VM's binaries and `gatekeep-bench` in one cargo invocation (one feature
-/// unification); returns the bench binary and the VM binaries.
+/// Builds the VM's binaries and `gatekeep-bench` (with the VM test suite: see
+/// [`vm::Extras`]); returns the bench binary and the VM binaries.
 fn build() -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
-    let workspace = cargo::workspace_binaries()?;
-    let wanted: Vec<(&str, &str)> = VM_BINARIES
-        .iter()
-        .copied()
-        .filter(|(package, bin)| {
-            workspace
-                .iter()
-                .any(|(name, bins)| name == package && bins.iter().any(|b| b == bin))
-        })
-        .chain([("gatekeep-bench", BENCH_BINARY)])
-        .collect();
-    let mut cmd = cargo::cargo();
-    cmd.args(["build", "--release", "--locked"]);
-    for (package, bin) in &wanted {
-        cmd.args(["--package", package, "--bin", bin]);
-    }
-    let built = build_executables(&mut cmd)?;
-    let mut binaries = Vec::new();
-    let mut bench = None;
-    for (_, bin) in &wanted {
-        let path = find_executable(&built, "bin", bin)?;
-        if *bin == BENCH_BINARY {
-            bench = Some(path);
-        } else {
-            binaries.push(((*bin).to_owned(), path));
-        }
-    }
+    let build = vm::build_for_vm(vm::Extras::TestsAndBench)?;
     Ok((
-        bench.context("cargo did not build gatekeep-bench")?,
-        binaries,
+        build.bench.context("cargo did not build gatekeep-bench")?,
+        build.binaries,
     ))
 }
 

@@ -400,7 +400,7 @@ pub fn run(opts: &Options) -> Result<()> {
         eprintln!("[demo] standard input is not a terminal: deciding by script (--auto)");
     }
     let kernel = Kernel::load()?;
-    let build = vm::build_for_vm(None)?;
+    let build = vm::build_for_vm(vm::Extras::None)?;
     let cli = build
         .binaries
         .iter()

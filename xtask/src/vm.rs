@@ -147,28 +147,50 @@ impl Default for VmArgs {
 pub struct VmBuild {
     /// Each of [`VM_BINARIES`] that exists: its binary name and path.
     pub binaries: Vec<(String, PathBuf)>,
-    /// The test executable, when one was asked for.
+    /// The benchmark binary, when asked for.
+    pub bench: Option<PathBuf>,
+    /// The test executable, when asked for.
     pub test: Option<PathBuf>,
 }
 
-/// Builds [`VM_BINARIES`] and, optionally, a test target given as (package, test name),
-/// in the release profile and in one cargo invocation: cargo unifies dependency features
-/// per invocation, so separate builds of the agent and of the tests would compile tokio,
-/// aya, serde... twice over.
-pub fn build_for_vm(test: Option<(&str, &str)>) -> Result<VmBuild> {
+/// The in-VM test suite, as (package, test target).
+pub const VM_TEST_SUITE: (&str, &str) = ("gatekeep-tests", "vm");
+
+/// The benchmark binary, as (package, binary).
+pub const BENCH_BINARY: (&str, &str) = ("gatekeep-bench", "gatekeep-bench");
+
+/// What [`build_for_vm`] builds besides [`VM_BINARIES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extras {
+    /// Only the binaries (`demo`, `vm-run`).
+    None,
+    /// The test suite and the benchmark binary (`vm-test`, `bench`). Both tasks build
+    /// the same set so that, run one after the other (as CI does), the second reuses
+    /// the first's artifacts: cargo unifies dependency features per invocation, and
+    /// different sets recompiled two dozen crates (about ten minutes on 2 cores).
+    TestsAndBench,
+}
+
+/// Builds [`VM_BINARIES`] and the [`Extras`] in the release profile and in one cargo
+/// invocation: cargo unifies dependency features per invocation, so separate builds of
+/// the agent and of the tests would compile tokio, aya, serde... twice over.
+pub fn build_for_vm(extras: Extras) -> Result<VmBuild> {
     let workspace = cargo::workspace_binaries()?;
     let wanted: Vec<(&str, &str)> = VM_BINARIES
         .iter()
         .copied()
+        .chain((extras == Extras::TestsAndBench).then_some(BENCH_BINARY))
         .filter(|(package, bin)| {
             workspace
                 .iter()
                 .any(|(name, bins)| name == package && bins.iter().any(|b| b == bin))
         })
         .collect();
+    let test = (extras == Extras::TestsAndBench).then_some(VM_TEST_SUITE);
     if wanted.is_empty() && test.is_none() {
         return Ok(VmBuild {
             binaries: Vec::new(),
+            bench: None,
             test: None,
         });
     }
@@ -181,14 +203,24 @@ pub fn build_for_vm(test: Option<(&str, &str)>) -> Result<VmBuild> {
         cmd.args(["--package", package, "--test", name]);
     }
     let built = build_executables(&mut cmd)?;
-    let binaries = wanted
-        .iter()
-        .map(|(_, bin)| Ok(((*bin).to_owned(), find_executable(&built, "bin", bin)?)))
-        .collect::<Result<_>>()?;
+    let mut binaries = Vec::new();
+    let mut bench = None;
+    for (_, bin) in &wanted {
+        let path = find_executable(&built, "bin", bin)?;
+        if *bin == BENCH_BINARY.1 {
+            bench = Some(path);
+        } else {
+            binaries.push(((*bin).to_owned(), path));
+        }
+    }
     let test = test
         .map(|(_, name)| find_executable(&built, "test", name))
         .transpose()?;
-    Ok(VmBuild { binaries, test })
+    Ok(VmBuild {
+        binaries,
+        bench,
+        test,
+    })
 }
 
 /// What `/init` runs once the system is up.

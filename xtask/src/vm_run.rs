@@ -55,7 +55,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let binaries = if opts.no_build {
         Vec::new()
     } else {
-        vm::build_for_vm(None)?.binaries
+        vm::build_for_vm(vm::Extras::None)?.binaries
     };
 
     let initramfs = Initramfs::new("vm-run")?;

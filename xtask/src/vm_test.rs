@@ -47,7 +47,7 @@ pub fn run(opts: &Options) -> Result<()> {
 pub fn run_counted(opts: &Options, counts: &mut TestCounts) -> Result<()> {
     let kernel = Kernel::load()?;
     let started = Instant::now();
-    let VmBuild { binaries, test } = vm::build_for_vm(Some(("gatekeep-tests", "vm")))?;
+    let VmBuild { binaries, test, .. } = vm::build_for_vm(vm::Extras::TestsAndBench)?;
     let tests = test.context("cargo did not build the VM test suite")?;
     eprintln!(
         "[vm-test] built in {:.1} s",
