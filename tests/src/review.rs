@@ -2,7 +2,10 @@
 //! embedded service's bootstrap reviewer (an [`Agent`]'s) or `alice` at a
 //! separate [`Service`].
 
-use std::{ffi::OsStr, time::Duration};
+use std::{
+    ffi::{OsStr, OsString},
+    time::Duration,
+};
 
 use serde_json::Value;
 
@@ -72,17 +75,23 @@ impl Reviewer for Agent {
 /// Reviewer `alice`.
 impl Reviewer for Service {
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let ca = self.dir.path().join("tls/ca.pem");
-        let endpoint = self.endpoint();
-        gatekeep(
-            args,
-            &[
-                ("GATEKEEP_SERVER", OsStr::new(&endpoint)),
-                ("GATEKEEP_TOKEN", OsStr::new(&self.token)),
-                ("GATEKEEP_CA", ca.as_os_str()),
-                ("XDG_CONFIG_HOME", self.dir.path().as_os_str()),
-            ],
-        )
+        let env = self.cli_env();
+        let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
+        gatekeep(args, &env)
+    }
+}
+
+impl Service {
+    /// The environment that makes the `gatekeep` CLI reviewer `alice` here
+    /// (owned, so that another thread can run the CLI with it).
+    #[must_use]
+    pub fn cli_env(&self) -> Vec<(&'static str, OsString)> {
+        vec![
+            ("GATEKEEP_SERVER", self.endpoint().into()),
+            ("GATEKEEP_TOKEN", self.token.clone().into()),
+            ("GATEKEEP_CA", self.dir.path().join("tls/ca.pem").into()),
+            ("XDG_CONFIG_HOME", self.dir.path().into()),
+        ]
     }
 }
 

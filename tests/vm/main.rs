@@ -14,6 +14,7 @@ mod e2e;
 mod egress;
 mod escape;
 mod exec;
+mod faults;
 mod execenv;
 mod grants;
 mod hosts;
