@@ -170,19 +170,65 @@ enum ReviewersCommand {
     },
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging_to<W>(format: LogFormat, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+}
+
+/// Lines the daemon's log queues for its standard error before it drops them.
+const LOG_QUEUE_LINES: usize = 16_384;
+/// How often the daemon says how many log lines it dropped.
+const LOG_DROPS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The daemon logs through a bounded queue and a writer thread. Whatever reads its standard
+/// error (journald, a pipe, a terminal) may stall, and may even be a process in a gated
+/// cgroup that the agent itself has paused: a blocking write would then stop the agent
+/// deciding, and nobody would resume the reader. So a full queue drops lines, and counts
+/// them; the audit log, not this log, is the record of what was decided.
+fn init_daemon_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("gatekeep-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
+    init_logging_to(format, writer);
+    let watcher = std::thread::Builder::new()
+        .name("gatekeep-log-drops".to_owned())
+        .spawn(move || {
+            let mut reported = 0;
+            loop {
+                std::thread::sleep(LOG_DROPS_EVERY);
+                let total = dropped.dropped_lines();
+                if total > reported {
+                    // Queued like any line: it gets out once the reader reads again.
+                    tracing::warn!(
+                        dropped = total - reported,
+                        total,
+                        "log lines dropped: whatever reads the agent's standard error \
+                         (journald, a pipe) is not keeping up; the audit log is complete"
+                    );
+                    reported = total;
+                }
+            }
+        });
+    if let Err(error) = watcher {
+        tracing::warn!(%error, "cannot watch for dropped log lines");
+    }
+    guard
 }
 
 /// `reviewers add`: a reviewer of the embedded service, and their token.
@@ -298,7 +344,7 @@ fn run(
         config_file: Some(config.path()),
     };
     let config = config.load()?;
-    init_logging(log_format.unwrap_or(config.log_format));
+    let _log_writer = init_daemon_logging(log_format.unwrap_or(config.log_format));
     tune_malloc();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

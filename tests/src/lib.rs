@@ -15,7 +15,7 @@ use std::{
     io::Write as _,
     os::unix::{fs::MetadataExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -201,6 +201,8 @@ pub struct Agent {
     audit_db: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Where the agent's standard output and error go instead of its log file.
+    log_to: Option<std::os::fd::OwnedFd>,
 }
 
 impl Agent {
@@ -233,7 +235,30 @@ impl Agent {
         )
     }
 
+    /// Like [`start_with`](Self::start_with), with the agent's standard output and error
+    /// going to `log` (e.g. a pipe that nobody reads) instead of its log file, so
+    /// [`log`](Self::log) has nothing.
+    #[must_use]
+    pub fn start_logging_to(
+        name: &str,
+        policy: &str,
+        decision: &str,
+        log: std::os::fd::OwnedFd,
+    ) -> Self {
+        Self::start_full_with(name, policy, decision, None, Some(log))
+    }
+
     fn start_full(name: &str, policy: &str, decision: &str, audit_db: Option<PathBuf>) -> Self {
+        Self::start_full_with(name, policy, decision, audit_db, None)
+    }
+
+    fn start_full_with(
+        name: &str,
+        policy: &str,
+        decision: &str,
+        audit_db: Option<PathBuf>,
+        log_to: Option<std::os::fd::OwnedFd>,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix(&format!("gk-agent-{name}-"))
             .tempdir()
@@ -258,6 +283,7 @@ impl Agent {
             audit_db,
             child: None,
             starts: 0,
+            log_to,
         };
         agent.launch();
         agent
@@ -332,6 +358,16 @@ impl Agent {
             .open(self.log_path())
             .expect("agent log");
         self.starts += 1;
+        let (stdout, stderr) = match &self.log_to {
+            Some(fd) => (
+                Stdio::from(fd.try_clone().expect("log fd")),
+                Stdio::from(fd.try_clone().expect("log fd")),
+            ),
+            None => (
+                Stdio::from(log.try_clone().expect("log fd")),
+                Stdio::from(log),
+            ),
+        };
         let child = Command::new("gatekeep-agent")
             .arg("run")
             .arg("--config")
@@ -339,8 +375,8 @@ impl Agent {
             .arg("--ready-file")
             .arg(&ready)
             .env("RUST_LOG", "info,gatekeep_agent=debug")
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .expect("start gatekeep-agent (is it on PATH?)");
         self.child = Some(child);

@@ -10,20 +10,29 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    process::Child,
+    fs,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use gatekeep_tests::{
-    Agent, Cgroup, Service, embedded_decision,
+    Agent, Cgroup, Service, embedded_decision, is_stopped,
     policy::{self, allow_but, on_timeout},
     require_vm,
     review::{Reviewer, request_id},
-    wait_for,
+    wait_for, wait_stopped,
     workload::{Outcome, finish, tool, workload},
 };
-use nix::time::{ClockId, clock_gettime, clock_settime};
+use nix::{
+    fcntl::{FcntlArg, fcntl},
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sys::stat::Mode,
+    time::{ClockId, clock_gettime, clock_settime},
+    unistd::{mkfifo, pipe},
+};
 use serde_json::Value;
 
 /// How long anything in the flow may take under software emulation.
@@ -117,7 +126,10 @@ fn agent_sigkilled_at_random_points_releases_no_task_without_a_recorded_verdict(
         );
     }
     let (ok, out, err) = agent.admin(&["audit", "verify"]);
-    assert!(ok, "the chain must verify after {ROUNDS} SIGKILLs: {out}{err}");
+    assert!(
+        ok,
+        "the chain must verify after {ROUNDS} SIGKILLs: {out}{err}"
+    );
 }
 
 #[test]
@@ -133,11 +145,7 @@ fn service_sigkilled_mid_commit_loses_no_decision_and_counts_none_twice() {
     let cgroup = Cgroup::create(cgroup_name);
     let agent = Agent::start_with(
         "faults-service-kill",
-        &policy::exec(
-            cgroup_name,
-            &allow_but("ask", &asked),
-            "timeout = \"10m\"",
-        ),
+        &policy::exec(cgroup_name, &allow_but("ask", &asked), "timeout = \"10m\""),
         &service.decision_config("vm"),
     );
     let mut children = BTreeMap::new();
@@ -174,7 +182,13 @@ fn service_sigkilled_mid_commit_loses_no_decision_and_counts_none_twice() {
         );
         for request in &left {
             service.cli_ok(
-                &["review", "approve", &request_id(request), "--reason", "again"],
+                &[
+                    "review",
+                    "approve",
+                    &request_id(request),
+                    "--reason",
+                    "again",
+                ],
                 "approve what the kill cut short",
             );
         }
@@ -236,11 +250,8 @@ impl ReviewerCli {
     }
 
     fn run(&self, args: &[&str]) -> (bool, String, String) {
-        let env: Vec<(&str, &std::ffi::OsStr)> = self
-            .env
-            .iter()
-            .map(|(k, v)| (*k, v.as_os_str()))
-            .collect();
+        let env: Vec<(&str, &std::ffi::OsStr)> =
+            self.env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
         gatekeep_tests::gatekeep(args, &env)
     }
 }
@@ -311,7 +322,10 @@ fn a_wall_clock_jumping_back_neither_strands_nor_stretches_a_pending_request() {
     });
     drop(jump);
     let (ok, out, err) = agent.admin(&["audit", "verify"]);
-    assert!(ok, "a chain written across a clock jump verifies: {out}{err}");
+    assert!(
+        ok,
+        "a chain written across a clock jump verifies: {out}{err}"
+    );
     agent.cli_ok(&["audit", "verify"], "service audit verify");
 }
 
@@ -347,6 +361,123 @@ fn a_wall_clock_jumping_forward_ends_a_pending_request_with_its_timeout_action()
     let ended = agent.wait_record("expired", PATIENCE, |r| r["request_id"] == id.as_str());
     assert_eq!(ended["payload"]["verdict"], "deny", "{ended}");
     let (ok, out, err) = agent.admin(&["audit", "verify"]);
-    assert!(ok, "a chain written across a clock jump verifies: {out}{err}");
+    assert!(
+        ok,
+        "a chain written across a clock jump verifies: {out}{err}"
+    );
     agent.cli_ok(&["audit", "verify"], "service audit verify");
+}
+
+/// `/etc/passwd` replaced by a FIFO that nobody writes: the name service
+/// (glibc's `files` source here, LDAP or SSSD elsewhere) never answers a uid
+/// the agent's own passwd copy lacks. Dropping it answers (EOF) and unmounts.
+struct HungNameService {
+    fifo: PathBuf,
+}
+
+impl HungNameService {
+    fn install(dir: &Path) -> Self {
+        let fifo = dir.join("passwd-fifo");
+        mkfifo(&fifo, Mode::from_bits_truncate(0o644)).expect("mkfifo");
+        mount(
+            Some(&fifo),
+            "/etc/passwd",
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind a FIFO over /etc/passwd");
+        Self { fifo }
+    }
+}
+
+impl Drop for HungNameService {
+    fn drop(&mut self) {
+        // A writer that closes at once: every lookup stuck in open() or read()
+        // gets end of file. Non-blocking, so no reader means no wait.
+        let _ = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.fifo);
+        let _ = umount2("/etc/passwd", MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn the_agent_decides_while_its_log_reader_and_name_service_are_stalled_by_its_own_gate() {
+    require_vm();
+    const WORK: usize = 60;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The tools run as an unprivileged uid too.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let stall = tool(dir.path(), "stall-tool");
+    let asked = tool(dir.path(), "asked-tool");
+    let (stalled_name, work_name) = ("gk-faults-deps-stalled", "gk-faults-deps-work");
+    let stalled = Cgroup::create(stalled_name);
+    let work = Cgroup::create(work_name);
+    let policies = policy::exec(
+        stalled_name,
+        &allow_but("ask", &stall),
+        &on_timeout("10m", "deny"),
+    ) + &policy::exec(
+        work_name,
+        &allow_but("ask", &asked),
+        &on_timeout("1s", "allow"),
+    );
+    // The agent's standard error is a pipe of one page.
+    let (read_end, write_end) = pipe().expect("pipe");
+    fcntl(&write_end, FcntlArg::F_SETPIPE_SZ(4096)).expect("shrink the pipe");
+    let agent = Agent::start_logging_to(
+        "faults-deps",
+        &policies,
+        "[decision]\nmode = \"local\"\n",
+        write_end,
+    );
+    // Its reader sits in a gated cgroup and is paused by the agent itself
+    // before it reads a byte (as a journald or log shipper under a policy
+    // would be): from now on, nothing drains the agent's log.
+    let mut log_reader =
+        stalled.spawn(workload(&["exec", &stall, "cat"]).stdin(Stdio::from(read_end)));
+    wait_stopped(log_reader.id(), PATIENCE);
+    // And the name service hangs.
+    let name_service = HungNameService::install(dir.path());
+
+    // Work for the agent, logged at debug level (far more than a page), as a
+    // uid its passwd copy lacks, so each request would ask the name service.
+    let mut children: Vec<Child> = (0..WORK)
+        .map(|_| work.spawn(&mut workload(&["as-user", "4242", "exec", &asked, "true"])))
+        .collect();
+    for child in &mut children {
+        assert_eq!(
+            finish(child, PATIENCE),
+            Outcome::exec_ran(),
+            "allowed at the timeout while the log reader and the name service were stalled"
+        );
+    }
+    let records = agent.audit_records();
+    let asked_by_4242: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "requested" && r["payload"]["request"]["uid"] == 4242)
+        .collect();
+    assert!(
+        asked_by_4242.len() >= WORK,
+        "{} requests recorded for {WORK} tasks",
+        asked_by_4242.len()
+    );
+    assert!(
+        asked_by_4242
+            .iter()
+            .all(|r| r["payload"]["request"]["user"].is_null()),
+        "no name while the name service hangs: {:?}",
+        asked_by_4242.first()
+    );
+    assert!(
+        is_stopped(log_reader.id()),
+        "the log reader is still paused: the log really was stalled"
+    );
+    drop(name_service);
+    let _ = log_reader.kill();
+    let _ = log_reader.wait();
+    let (ok, out, err) = agent.admin(&["audit", "verify"]);
+    assert!(ok, "the chain verifies: {out}{err}");
 }

@@ -9,6 +9,12 @@ use std::{
     collections::HashMap,
     fs,
     path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
     time::{Duration, Instant},
 };
 
@@ -277,6 +283,14 @@ impl Stat {
     }
 }
 
+/// How long a request's enrichment waits for the name service. A directory that does not
+/// answer (LDAP down, or an SSSD or nscd that sits in a gated cgroup and is itself paused)
+/// must not stop the agent deciding: past this, the request goes on without a user name.
+const NSS_WAIT: Duration = Duration::from_millis(500);
+
+/// How long an answer of the name service is reused.
+const NSS_REMEMBER: Duration = Duration::from_mins(1);
+
 /// uid -> user name: a passwd file read once, then the system's name
 /// service (NSS: LDAP, SSSD, ... through `getpwuid_r`) for uids the file
 /// does not name, so a workload owner known only to a directory still has a
@@ -284,8 +298,8 @@ impl Stat {
 #[derive(Debug, Clone, Default)]
 pub struct Users {
     names: HashMap<u32, String>,
-    /// Whether uids missing from the file are asked of NSS.
-    nss: bool,
+    /// Where uids missing from the file are asked; `None`: nowhere.
+    nss: Option<Arc<NameService>>,
 }
 
 impl Users {
@@ -295,7 +309,7 @@ impl Users {
     pub fn load(path: &Path) -> Self {
         let text = fs::read_to_string(path).unwrap_or_default();
         Self {
-            nss: true,
+            nss: Some(Arc::new(NameService::new(system_name))),
             ..Self::parse(&text)
         }
     }
@@ -316,7 +330,7 @@ impl Users {
                 names.entry(uid).or_insert_with(|| name.to_owned());
             }
         }
-        Self { names, nss: false }
+        Self { names, nss: None }
     }
 
     #[must_use]
@@ -324,13 +338,82 @@ impl Users {
         if let Some(name) = self.names.get(&uid) {
             return Some(name.clone());
         }
-        if !self.nss {
+        self.nss.as_ref()?.name(uid)
+    }
+}
+
+/// `getpwuid_r` through the system's name service switch.
+fn system_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|user| user.name)
+}
+
+/// The name service, asked on a thread of its own with a bounded wait, one lookup at a
+/// time, its answers remembered for [`NSS_REMEMBER`].
+#[derive(Debug)]
+struct NameService {
+    lookup: fn(u32) -> Option<String>,
+    answers: Mutex<HashMap<u32, (Option<String>, Instant)>>,
+    /// Set while a lookup runs. A lookup that never returns keeps it set, and later ones
+    /// are not started (no pile of stuck threads) until it does.
+    busy: Arc<AtomicBool>,
+}
+
+impl NameService {
+    fn new(lookup: fn(u32) -> Option<String>) -> Self {
+        Self {
+            lookup,
+            answers: Mutex::default(),
+            busy: Arc::default(),
+        }
+    }
+
+    fn name(&self, uid: u32) -> Option<String> {
+        let remembered = self
+            .answers
+            .lock()
+            .ok()
+            .and_then(|answers| answers.get(&uid).cloned());
+        if let Some((name, at)) = remembered
+            && at.elapsed() < NSS_REMEMBER
+        {
+            return name;
+        }
+        if self.busy.swap(true, Ordering::AcqRel) {
             return None;
         }
-        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .ok()
-            .flatten()
-            .map(|user| user.name)
+        let (answer, answered) = mpsc::channel();
+        let (busy, lookup) = (Arc::clone(&self.busy), self.lookup);
+        let started = thread::Builder::new()
+            .name("gatekeep-nss".to_owned())
+            .spawn(move || {
+                let name = lookup(uid);
+                busy.store(false, Ordering::Release);
+                let _ = answer.send(name);
+            });
+        if let Err(error) = started {
+            self.busy.store(false, Ordering::Release);
+            tracing::warn!(%error, "cannot ask the name service");
+            return None;
+        }
+        let Ok(name) = answered.recv_timeout(NSS_WAIT) else {
+            tracing::warn!(
+                uid,
+                wait_ms = NSS_WAIT.as_millis(),
+                "the name service (NSS: LDAP, SSSD, nscd...) did not answer; the request goes \
+                 on without a user name, and no other uid is asked until it does"
+            );
+            return None;
+        };
+        if let Ok(mut answers) = self.answers.lock() {
+            if answers.len() >= MAX_RECENT {
+                answers.clear();
+            }
+            answers.insert(uid, (name.clone(), Instant::now()));
+        }
+        name
     }
 }
 
@@ -621,5 +704,71 @@ mod tests {
         let passwd = dir.path().join("passwd");
         fs::write(&passwd, "admin0:x:0:0::/:/bin/sh\n").expect("passwd");
         assert_eq!(Users::load(&passwd).name(0).as_deref(), Some("admin0"));
+    }
+
+    /// A name service that never answers (until `release`), like an SSSD paused in a
+    /// gated cgroup.
+    static HUNG: Mutex<()> = Mutex::new(());
+
+    #[expect(clippy::unnecessary_wraps, reason = "the shape of a lookup")]
+    fn hung_lookup(uid: u32) -> Option<String> {
+        let _held = HUNG.lock();
+        Some(format!("user{uid}"))
+    }
+
+    #[test]
+    fn a_name_service_that_hangs_delays_one_request_by_the_bounded_wait_and_no_other() {
+        let held = HUNG.lock().expect("hold the name service");
+        let users = Users {
+            names: HashMap::from([(0, "root".to_owned())]),
+            nss: Some(Arc::new(NameService::new(hung_lookup))),
+        };
+        let started = Instant::now();
+        assert_eq!(users.name(4242), None, "no answer: no name");
+        assert!(started.elapsed() >= NSS_WAIT, "it waited for the answer");
+        // The stuck lookup is not joined by others: they answer at once, without a name,
+        // and the file's names still resolve.
+        assert_eq!(users.name(4243), None);
+        assert_eq!(users.name(0).as_deref(), Some("root"));
+        assert!(
+            users
+                .nss
+                .as_ref()
+                .expect("nss")
+                .busy
+                .load(Ordering::Acquire)
+        );
+        drop(held);
+        // Once it answers, the service is asked again.
+        let name = wait_for_name(&users, 4243);
+        assert_eq!(name, "user4243");
+    }
+
+    fn wait_for_name(users: &Users, uid: u32) -> String {
+        for _ in 0..100 {
+            if let Some(name) = users.name(uid) {
+                return name;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!("uid {uid} never resolved once the name service answered");
+    }
+
+    #[test]
+    fn answers_of_the_name_service_are_remembered() {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn counting(uid: u32) -> Option<String> {
+            CALLS.fetch_add(1, Ordering::SeqCst);
+            (uid == 7).then(|| "seven".to_owned())
+        }
+        let users = Users {
+            names: HashMap::new(),
+            nss: Some(Arc::new(NameService::new(counting))),
+        };
+        assert_eq!(users.name(7).as_deref(), Some("seven"));
+        assert_eq!(users.name(7).as_deref(), Some("seven"));
+        assert_eq!(users.name(8), None);
+        assert_eq!(users.name(8), None);
+        assert_eq!(CALLS.load(Ordering::SeqCst), 2, "one lookup per uid");
     }
 }
