@@ -91,6 +91,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    ServedByAProcess(#[from] crate::deps::ServedByAProcess),
     #[error("failed to install signal handlers")]
     Signals {
         #[source]
@@ -141,6 +143,8 @@ pub struct RunOptions {
 pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let signals = Signals::install()?;
+    // 0. Nothing the agent waits on may be served by a process it could pause.
+    crate::deps::check_paths(&config)?;
     // 1. The policy must be valid before anything changes.
     let set = load_policy(&config.policy_dir).await?;
     let fingerprint = policy_fingerprint(&config.policy_dir);

@@ -26,6 +26,7 @@ pub mod bursts;
 pub mod config;
 pub mod daemon;
 pub mod decision;
+pub mod deps;
 // Host-name connect rules (issue 20, item 3).
 pub mod dns;
 pub mod hooks;
