@@ -19,6 +19,7 @@ mod faults;
 mod grants;
 mod hosts;
 mod mapped;
+mod mass_pause;
 mod pause;
 mod pending;
 mod policy_cases;

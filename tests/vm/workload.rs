@@ -55,6 +55,7 @@
 //! - `clone3-into DIR PATH ARG0 [ARGS...]`: `clone3(CLONE_INTO_CGROUP)` into
 //!   the cgroup folder DIR, the child execs PATH; prints `ok N` (the child's
 //!   exit code) or `errno N` of clone3 (exit 1).
+//! - `exec-many N PATH`: N children exec PATH at once (`mass_pause.rs`).
 //! - `as-user UID COMMAND...`: drops to UID (and its gid, no groups) and
 //!   runs COMMAND as above: the unprivileged variants.
 //! - `in-userns COMMAND...`: makes a user namespace whose root is this
@@ -195,6 +196,7 @@ fn run(args: &[String]) -> i32 {
         Some("dns") => crate::hosts::run(&args[1..]),
         // Code without an exec (`mapped.rs`).
         Some("code") => crate::mapped::run(&args[1..]),
+        Some("exec-many") => crate::mass_pause::run(&args[1..]),
         // Run by ld.so (`ld.so PROGRAM ARGS...`): the kernel's argv still names PROGRAM.
         Some(program) if program.starts_with('/') && args.len() > 1 => run(&args[1..]),
         _ => {

@@ -101,8 +101,9 @@ impl Kernel {
 /// How to size and wire the VM.
 #[derive(Debug, Clone, Args)]
 pub struct VmArgs {
-    /// Memory for the VM, in MiB.
-    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    /// Memory for the VM, in MiB. 2 GiB: `kernel.threads-max` follows memory, and the
+    /// mass-pause test holds 10,000 tasks paused at once.
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
     pub memory: u32,
     /// Virtual CPUs. One by default: with several, QEMU's multi-threaded TCG can race the
     /// kernel's live code patching (tracepoint static keys flipped as programs attach), which
@@ -132,7 +133,7 @@ pub struct VmArgs {
 impl Default for VmArgs {
     fn default() -> Self {
         Self {
-            memory: 1024,
+            memory: 2048,
             cpus: 1,
             net: false,
             kernel_args: Vec::new(),
