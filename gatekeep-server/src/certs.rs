@@ -84,9 +84,12 @@ impl std::fmt::Debug for CertAuthority {
     }
 }
 
+/// Valid from a day ago: a host whose clock is behind, or a clock set back (NTP, `date -s`)
+/// after the certificate was made, must still accept it (the fault table in the threat
+/// model, section 19). The end of validity is what limits a stolen key, not the start.
 fn validity(params: &mut CertificateParams, days: i64) {
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::hours(1);
+    params.not_before = now - Duration::days(1);
     params.not_after = now + Duration::days(days);
 }
 
