@@ -1,0 +1,358 @@
+//! Notifications: Slack messages with buttons, Teams cards, signed webhooks.
+//!
+//! Each configured sink has its own feed task, fed from the hub's change events
+//! ([`Hub::subscribe`](crate::hub::Hub)), and its own worker with a bounded queue and
+//! retries ([`delivery`]). Notification never blocks a decision: the hub's broadcast never
+//! waits for a reader, and a sink that is down only holds its own queue. A feed that falls
+//! behind (its queue full while the hub moves on) catches up from the store: every pending
+//! request is brought up to date again, which the sinks' stored delivery state makes
+//! idempotent. The same catch-up runs at start, so requests pending across a restart are
+//! announced too.
+
+pub mod config;
+mod delivery;
+pub mod render;
+pub mod secret;
+pub mod slack;
+pub mod teams;
+pub mod webhook;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::Router;
+use gatekeep_proto::model::{Grant, RequestRecord, RequestState};
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+
+pub use self::config::NotifyConfig;
+use self::{
+    config::{RetryConfig, SlackApprovals},
+    delivery::Sink,
+    secret::Secret,
+    slack::{Routing, SlackApi, SlackSink, interactions::Interactions},
+    teams::TeamsSink,
+    webhook::WebhookSink,
+};
+use crate::{error::Error, lifecycle::Engine, store::RequestQuery};
+
+/// Pending requests read per catch-up, at most.
+const CATCH_UP_LIMIT: usize = 100_000;
+
+/// A URL is `https`, or `http` on a loopback address (tests, a receiver on the same host).
+pub(crate) fn check_url(field: &str, text: &str) -> Result<reqwest::Url, Error> {
+    let bad = |message: String| Error::Notify { message };
+    let url = reqwest::Url::parse(text)
+        .map_err(|err| bad(format!("{field}: `{text}` is not a url: {err}")))?;
+    let loopback = url.host_str().is_some_and(|host| {
+        host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    if url.scheme() == "https" || (url.scheme() == "http" && loopback) {
+        Ok(url)
+    } else {
+        Err(bad(format!(
+            "{field}: `{text}` must be an https url (http only on a loopback address)"
+        )))
+    }
+}
+
+struct SlackParts {
+    api: SlackApi,
+    routing: Arc<Routing>,
+    signing_secret: Secret,
+    team_id: Option<String>,
+    reviewers: BTreeMap<String, Vec<String>>,
+}
+
+struct TeamsParts {
+    url: Secret,
+    policies: Vec<String>,
+}
+
+/// The configured sinks, checked and with their secrets read; [`Notify::start`] runs them.
+pub(crate) struct Notify {
+    retry: RetryConfig,
+    queue: usize,
+    console_url: Option<String>,
+    http: reqwest::Client,
+    slack: Option<SlackParts>,
+    teams: Option<TeamsParts>,
+    webhooks: Vec<config::WebhookConfig>,
+}
+
+impl std::fmt::Debug for Notify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notify")
+            .field("slack", &self.slack.is_some())
+            .field("teams", &self.teams.is_some())
+            .field("webhooks", &self.webhooks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Notify {
+    /// Checks `config` and reads its secrets; `None` when no sink is configured.
+    pub(crate) fn new(
+        config: &NotifyConfig,
+        host_groups: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Option<Self>, Error> {
+        if config.slack.is_none() && config.teams.is_none() && config.webhook.is_empty() {
+            return Ok(None);
+        }
+        let bad = |message: String| Error::Notify { message };
+        let console_url = match &config.console_url {
+            Some(url) => Some(
+                check_url("console_url", url)?
+                    .as_str()
+                    .trim_end_matches('/')
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        if config.retry.max_attempts == 0 || config.retry.initial_ms == 0 {
+            return Err(bad(
+                "[notify.retry]: `max_attempts` and `initial_ms` must be at least 1".to_owned(),
+            ));
+        }
+        let http = crate::auth::oidc::http_client(None)?;
+        let slack = match &config.slack {
+            None => None,
+            Some(slack) => {
+                let api_url = check_url("[notify.slack] api_url", &slack.api_url)?;
+                let token = slack
+                    .bot_token
+                    .load("[notify.slack] bot_token")
+                    .map_err(bad)?;
+                let signing_secret = slack
+                    .signing_secret
+                    .load("[notify.slack] signing_secret")
+                    .map_err(bad)?;
+                let links = slack
+                    .approvals
+                    .iter()
+                    .filter(|(_, mode)| **mode == SlackApprovals::Link)
+                    .map(|(policy, _)| policy.as_str())
+                    .collect::<Vec<_>>();
+                if !links.is_empty() && console_url.is_none() {
+                    return Err(bad(format!(
+                        "[notify.slack.approvals]: `link` (policies {}) needs `console_url` in [notify]",
+                        links.join(", ")
+                    )));
+                }
+                for (email, groups) in &slack.reviewers {
+                    if !email.contains('@') || email.contains(',') {
+                        return Err(bad(format!(
+                            "[notify.slack.reviewers]: `{email}` is not an email address"
+                        )));
+                    }
+                    if groups.is_empty() {
+                        return Err(bad(format!(
+                            "[notify.slack.reviewers]: `{email}` has no groups; give at least one (e.g. [\"sre\"])"
+                        )));
+                    }
+                }
+                Some(SlackParts {
+                    api: SlackApi::new(http.clone(), api_url.as_str(), token),
+                    routing: Arc::new(Routing::new(slack, host_groups)?),
+                    signing_secret,
+                    team_id: slack.team_id.clone(),
+                    reviewers: slack.reviewers.clone(),
+                })
+            }
+        };
+        let teams = match &config.teams {
+            None => None,
+            Some(teams) => {
+                let url = teams
+                    .workflow_url
+                    .load("[notify.teams] workflow_url")
+                    .map_err(bad)?;
+                // Checked without echoing it: the URL is a secret.
+                check_url("[notify.teams] workflow_url", url.expose()).map_err(|_| {
+                    bad("[notify.teams] workflow_url: the secret is not an https url".to_owned())
+                })?;
+                Some(TeamsParts {
+                    url,
+                    policies: teams.policies.clone(),
+                })
+            }
+        };
+        let mut names = std::collections::BTreeSet::new();
+        for webhook in &config.webhook {
+            if !names.insert(&webhook.name) {
+                return Err(bad(format!(
+                    "[[notify.webhook]]: two webhooks are named `{}`",
+                    webhook.name
+                )));
+            }
+        }
+        Ok(Some(Self {
+            retry: config.retry.clone(),
+            queue: config.queue,
+            console_url,
+            http,
+            slack,
+            teams,
+            webhooks: config.webhook.clone(),
+        }))
+    }
+
+    /// Starts every sink's feed and worker; returns the Slack interaction route when Slack
+    /// is configured. Call it before serving, so no change is published unseen.
+    pub(crate) fn start(
+        self,
+        engine: &Arc<Engine>,
+        max_auth_age: &BTreeMap<String, u64>,
+    ) -> Result<Option<Router>, Error> {
+        let mut router = None;
+        if let Some(slack) = self.slack {
+            let sink = Arc::new(SlackSink {
+                api: slack.api.clone(),
+                engine: Arc::clone(engine),
+                routing: Arc::clone(&slack.routing),
+                console_url: self.console_url.clone(),
+            });
+            feed(engine, sink, &self.retry, self.queue, |sink, change| match change {
+                Change::Request(record) => sink.jobs(record),
+                Change::Revoked(_) => Vec::new(),
+            });
+            let interactions = Interactions::new(
+                Arc::clone(engine),
+                slack.api,
+                slack.signing_secret,
+                slack.team_id,
+                &slack.reviewers,
+                slack.routing,
+                max_auth_age.clone(),
+            );
+            router = Some(slack::interactions::router(Arc::new(interactions)));
+        }
+        if let Some(teams) = self.teams {
+            let sink = Arc::new(TeamsSink {
+                http: self.http.clone(),
+                url: teams.url,
+                engine: Arc::clone(engine),
+                policies: teams.policies,
+                console_url: self.console_url.clone(),
+            });
+            feed(engine, sink, &self.retry, self.queue, |sink, change| match change {
+                Change::Request(record) => sink.job(record).into_iter().collect(),
+                Change::Revoked(_) => Vec::new(),
+            });
+        }
+        for config in &self.webhooks {
+            let sink = Arc::new(WebhookSink::new(
+                config,
+                self.http.clone(),
+                Arc::clone(&engine.store),
+            )?);
+            feed(engine, sink, &self.retry, self.queue, |sink, change| {
+                let events = match change {
+                    Change::Request(record) => webhook::request_events(record),
+                    Change::Revoked(grant) => {
+                        vec![webhook::grant_event(grant, "revoked", "grant.revoked")]
+                    }
+                };
+                events.into_iter().filter(|e| sink.wants(e.kind)).collect()
+            });
+        }
+        Ok(router)
+    }
+}
+
+/// What a feed reacts to.
+enum Change {
+    Request(Arc<RequestRecord>),
+    Revoked(Arc<Grant>),
+}
+
+/// Queues the jobs `change` makes for `sink`; `false` once the worker is gone.
+async fn send_all<S: Sink>(
+    sink: &S,
+    jobs: &(impl Fn(&S, &Change) -> Vec<S::Job> + Send + Sync),
+    queue: &mpsc::Sender<S::Job>,
+    change: &Change,
+) -> bool {
+    for job in jobs(sink, change) {
+        if queue.send(job).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Runs `sink`: subscribes to the hub now, catches up with the pending requests, then
+/// turns every change into jobs for the sink's queue until shutdown.
+fn feed<S: Sink>(
+    engine: &Arc<Engine>,
+    sink: Arc<S>,
+    retry: &RetryConfig,
+    capacity: usize,
+    jobs: impl Fn(&S, &Change) -> Vec<S::Job> + Send + Sync + 'static,
+) {
+    let mut requests = engine.hub.subscribe();
+    let mut revoked = engine.hub.subscribe_revoked();
+    let shutdown = engine.shutdown.clone();
+    let queue = delivery::spawn(
+        Arc::clone(&sink),
+        Arc::clone(&engine.store),
+        retry.clone(),
+        capacity,
+        shutdown.clone(),
+    );
+    let engine = Arc::clone(engine);
+    tokio::spawn(async move {
+        let mut catch_up = true;
+        loop {
+            if catch_up {
+                catch_up = false;
+                let pending = engine
+                    .store
+                    .list_requests(RequestQuery {
+                        state: Some(RequestState::Pending),
+                        limit: CATCH_UP_LIMIT,
+                        ..RequestQuery::default()
+                    })
+                    .await;
+                match pending {
+                    Ok(pending) => {
+                        for record in pending {
+                            if !send_all(&*sink, &jobs, &queue, &Change::Request(Arc::new(record))).await {
+                                return;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, sink = sink.name(), "cannot read pending requests to announce");
+                    }
+                }
+            }
+            let change = tokio::select! {
+                change = requests.recv() => change.map(Change::Request),
+                change = revoked.recv() => change.map(Change::Revoked),
+                () = shutdown.cancelled() => return,
+            };
+            match change {
+                Ok(change) => {
+                    if !send_all(&*sink, &jobs, &queue, &change).await {
+                        return;
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    // Pending requests are announced again (idempotently); outcomes among
+                    // the missed changes are not, and are in the log.
+                    tracing::warn!(
+                        sink = sink.name(),
+                        missed,
+                        "notifications fell behind the changes; catching up with pending requests"
+                    );
+                    catch_up = true;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+}
