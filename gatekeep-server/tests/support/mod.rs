@@ -8,6 +8,7 @@
     reason = "each test binary uses a different part of this module"
 )]
 
+pub mod chat;
 pub mod idp;
 
 use std::{sync::Arc, time::Duration};
@@ -91,6 +92,11 @@ impl Harness {
             .find(|(n, _)| n == name)
             .map(|(_, t)| t.clone())
             .expect("known reviewer")
+    }
+
+    /// The service's data directory (`state.db`, `audit.db`).
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("data")
     }
 
     pub fn url(&self, path: &str) -> String {

