@@ -149,22 +149,13 @@ pub enum SlackApprovals {
 }
 
 /// Microsoft Teams: an Adaptive Card per request through a Workflows incoming webhook.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TeamsConfig {
     /// The workflow's URL; it carries its own signature, so it is a secret.
     pub workflow_url: SecretSource,
     /// Policies announced; empty: every policy.
     pub policies: Vec<String>,
-}
-
-impl Default for TeamsConfig {
-    fn default() -> Self {
-        Self {
-            workflow_url: SecretSource::default(),
-            policies: Vec::new(),
-        }
-    }
 }
 
 /// A signed JSON webhook.

@@ -97,7 +97,9 @@ pub(crate) fn backoff(retry: &RetryConfig, attempt: u32, after: Option<Duration>
     if let Some(after) = after {
         return after.min(max);
     }
-    let factor = 1_u64.checked_shl(attempt.saturating_sub(1)).unwrap_or(u64::MAX);
+    let factor = 1_u64
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u64::MAX);
     Duration::from_millis(retry.initial_ms.saturating_mul(factor)).min(max)
 }
 
@@ -143,8 +145,8 @@ async fn run<S: Sink>(
             Ok(()) => return true,
             Err(failure) => failure,
         };
-        let give_up = matches!(failure, Failure::Permanent { .. })
-            || attempt >= retry.max_attempts.max(1);
+        let give_up =
+            matches!(failure, Failure::Permanent { .. }) || attempt >= retry.max_attempts.max(1);
         if give_up {
             let key = sink.key(job);
             tracing::error!(
@@ -198,14 +200,17 @@ mod tests {
             max_attempts: 5,
         };
         let ms = |attempt| backoff(&retry, attempt, None).as_millis();
-        assert_eq!([ms(1), ms(2), ms(3), ms(4), ms(5)], [100, 200, 400, 800, 1000]);
+        assert_eq!(
+            [ms(1), ms(2), ms(3), ms(4), ms(5)],
+            [100, 200, 400, 800, 1000]
+        );
         assert_eq!(backoff(&retry, 60, None).as_millis(), 1000, "no overflow");
         assert_eq!(
             backoff(&retry, 1, Some(Duration::from_millis(300))).as_millis(),
             300
         );
         assert_eq!(
-            backoff(&retry, 1, Some(Duration::from_secs(3600))).as_millis(),
+            backoff(&retry, 1, Some(Duration::from_hours(1))).as_millis(),
             1000,
             "a receiver cannot park the queue for an hour"
         );

@@ -215,10 +215,16 @@ impl Notify {
                 routing: Arc::clone(&slack.routing),
                 console_url: self.console_url.clone(),
             });
-            feed(engine, sink, &self.retry, self.queue, |sink, change| match change {
-                Change::Request(record) => sink.jobs(record),
-                Change::Revoked(_) => Vec::new(),
-            });
+            feed(
+                engine,
+                sink,
+                &self.retry,
+                self.queue,
+                |sink, change| match change {
+                    Change::Request(record) => sink.jobs(record),
+                    Change::Revoked(_) => Vec::new(),
+                },
+            );
             let interactions = Interactions::new(
                 Arc::clone(engine),
                 slack.api,
@@ -238,10 +244,16 @@ impl Notify {
                 policies: teams.policies,
                 console_url: self.console_url.clone(),
             });
-            feed(engine, sink, &self.retry, self.queue, |sink, change| match change {
-                Change::Request(record) => sink.job(record).into_iter().collect(),
-                Change::Revoked(_) => Vec::new(),
-            });
+            feed(
+                engine,
+                sink,
+                &self.retry,
+                self.queue,
+                |sink, change| match change {
+                    Change::Request(record) => sink.job(record).into_iter().collect(),
+                    Change::Revoked(_) => Vec::new(),
+                },
+            );
         }
         for config in &self.webhooks {
             let sink = Arc::new(WebhookSink::new(
@@ -320,7 +332,9 @@ fn feed<S: Sink>(
                 match pending {
                     Ok(pending) => {
                         for record in pending {
-                            if !send_all(&*sink, &jobs, &queue, &Change::Request(Arc::new(record))).await {
+                            if !send_all(&*sink, &jobs, &queue, &Change::Request(Arc::new(record)))
+                                .await
+                            {
                                 return;
                             }
                         }

@@ -107,7 +107,11 @@ mod tests {
         };
         assert!(both.load("t").unwrap_err().contains("not both"));
         let none = SecretSource::default();
-        assert!(none.load("[notify.slack] bot_token").unwrap_err().contains("missing"));
+        assert!(
+            none.load("[notify.slack] bot_token")
+                .unwrap_err()
+                .contains("missing")
+        );
         let unset = SecretSource {
             file: None,
             env: Some("GATEKEEP_TEST_SURELY_UNSET_VARIABLE".into()),

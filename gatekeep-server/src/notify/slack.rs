@@ -94,7 +94,10 @@ impl SlackApi {
         if body["ok"].as_bool() == Some(true) {
             return Ok(body);
         }
-        let error = body["error"].as_str().unwrap_or("no error given").to_owned();
+        let error = body["error"]
+            .as_str()
+            .unwrap_or("no error given")
+            .to_owned();
         let message = format!("{method}: slack says `{error}`");
         if TRANSIENT.contains(&error.as_str()) {
             Err(Failure::retry(message))
@@ -257,13 +260,15 @@ pub(crate) fn message(
             .collect();
         format!(" · approved by {}", names.join(", "))
     };
-    blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!(
-        "Request `{}` · rule {} · {} of {} approvals{votes}",
-        request.id,
-        escape(&render::word(&request.rule)),
-        record.approvals.len(),
-        record.approvals_required
-    )}]}));
+    blocks.push(
+        json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!(
+            "Request `{}` · rule {} · {} of {} approvals{votes}",
+            request.id,
+            escape(&render::word(&request.rule)),
+            record.approvals.len(),
+            record.approvals_required
+        )}]}),
+    );
     if let Some(decision) = &record.decision {
         let at = decision.decided_at.unix_timestamp();
         let reason = if decision.reason.is_empty() {
@@ -309,8 +314,10 @@ pub(crate) fn message(
             }
             SlackApprovals::Link => {
                 if let Some(url) = console {
-                    actions.push(json!({"type": "button", "action_id": "gatekeep_open", "style": "primary",
-                        "text": {"type": "plain_text", "text": "Review in console"}, "url": url}));
+                    actions.push(
+                        json!({"type": "button", "action_id": "gatekeep_open", "style": "primary",
+                        "text": {"type": "plain_text", "text": "Review in console"}, "url": url}),
+                    );
                 }
             }
         }
@@ -454,7 +461,7 @@ impl SlackSink {
 impl Sink for SlackSink {
     type Job = SlackJob;
 
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "slack"
     }
 

@@ -35,7 +35,11 @@ pub fn escape(text: &str) -> String {
 }
 
 /// The message envelope with the card of `record`.
-pub(crate) fn card(record: &RequestRecord, console_url: Option<&str>, now: OffsetDateTime) -> Value {
+pub(crate) fn card(
+    record: &RequestRecord,
+    console_url: Option<&str>,
+    now: OffsetDateTime,
+) -> Value {
     let title = render::outcome(record.state);
     let (label, subject) = render::subject(record);
     let mut facts = vec![
@@ -108,8 +112,7 @@ impl TeamsSink {
     /// The job a changed request makes, if its policy is announced: the pending card for a
     /// new request, the outcome card for a final one (votes make none).
     pub(crate) fn job(&self, record: &RequestRecord) -> Option<TeamsJob> {
-        let announced =
-            self.policies.is_empty() || self.policies.contains(&record.request.policy);
+        let announced = self.policies.is_empty() || self.policies.contains(&record.request.policy);
         let outcome = match record.state {
             RequestState::Pending if record.approvals.is_empty() => false,
             RequestState::Pending => return None,
@@ -136,7 +139,12 @@ impl TeamsSink {
             job.id,
             if outcome { "final" } else { "requested" }
         );
-        if store.notice(key.clone()).await.map_err(store_failure)?.is_some() {
+        if store
+            .notice(key.clone())
+            .await
+            .map_err(store_failure)?
+            .is_some()
+        {
             return Ok(());
         }
         // An outcome is posted only for an announced request (not one a grant or rule
@@ -150,7 +158,11 @@ impl TeamsSink {
         {
             return Ok(());
         }
-        let body = card(&record, self.console_url.as_deref(), OffsetDateTime::now_utc());
+        let body = card(
+            &record,
+            self.console_url.as_deref(),
+            OffsetDateTime::now_utc(),
+        );
         let response = self
             .http
             .post(self.url.expose())
@@ -170,12 +182,16 @@ impl TeamsSink {
 impl Sink for TeamsSink {
     type Job = TeamsJob;
 
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "teams"
     }
 
     fn key(&self, job: &TeamsJob) -> String {
-        format!("{}:{}", job.id, if job.outcome { "final" } else { "requested" })
+        format!(
+            "{}:{}",
+            job.id,
+            if job.outcome { "final" } else { "requested" }
+        )
     }
 
     fn deliver(&self, job: &TeamsJob) -> impl Future<Output = Result<(), Failure>> + Send {

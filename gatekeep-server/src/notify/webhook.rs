@@ -131,10 +131,7 @@ impl WebhookSink {
                 )));
             }
         }
-        let secret = config
-            .secret
-            .load(&format!("{what} secret"))
-            .map_err(bad)?;
+        let secret = config.secret.load(&format!("{what} secret")).map_err(bad)?;
         Ok(Self {
             name: format!("webhook:{}", config.name),
             url,

@@ -33,8 +33,8 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    Admission, AdmissionQuery, DeadLetter, GrantQuery, Inserted, RequestQuery, Store, StoreError, StoreFuture,
-    Transition, Versioned, ms, subject_key, target_key,
+    Admission, AdmissionQuery, DeadLetter, GrantQuery, Inserted, RequestQuery, Store, StoreError,
+    StoreFuture, Transition, Versioned, ms, subject_key, target_key,
 };
 use crate::reviewer::Reviewer;
 

@@ -65,7 +65,9 @@ const USERS: &[(&str, &str, bool)] = &[
 impl StandIn {
     /// Serves on `addr` (bound now) until the test ends.
     pub async fn serve_on(&self, addr: SocketAddr) {
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind stand-in");
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind stand-in");
         let app = Router::new()
             .route("/api/users.info", get(users_info))
             .route("/api/{method}", post(slack_method))
@@ -149,7 +151,8 @@ impl StandIn {
             .iter()
             .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("?").to_owned()))
             .collect();
-        let (status, response) = if let Some(n) = inner.fail_500.get_mut(method).filter(|n| **n > 0) {
+        let (status, response) = if let Some(n) = inner.fail_500.get_mut(method).filter(|n| **n > 0)
+        {
             *n -= 1;
             (500, Some(StatusCode::INTERNAL_SERVER_ERROR.into_response()))
         } else if let Some(n) = inner.fail_429.get_mut(method).filter(|n| **n > 0) {
@@ -157,12 +160,19 @@ impl StandIn {
             (
                 429,
                 Some(
-                    (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], "slow down")
+                    (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        [("retry-after", "1")],
+                        "slow down",
+                    )
                         .into_response(),
                 ),
             )
         } else if inner.refuse.iter().any(|m| m == method) {
-            (400, Some((StatusCode::BAD_REQUEST, "refused").into_response()))
+            (
+                400,
+                Some((StatusCode::BAD_REQUEST, "refused").into_response()),
+            )
         } else {
             (200, None)
         };
@@ -182,7 +192,9 @@ fn check_bearer(standin: &StandIn, method: &str, headers: &HeaderMap) {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     if auth != format!("Bearer {BOT_TOKEN}") {
-        standin.violation(format!("{method}: authorization is `{auth}`, not `Bearer xoxb-…`"));
+        standin.violation(format!(
+            "{method}: authorization is `{auth}`, not `Bearer xoxb-…`"
+        ));
     }
 }
 
@@ -248,7 +260,9 @@ async fn slack_method(
     }
     if let Some(blocks) = body["blocks"].as_array() {
         for block in blocks {
-            if !["header", "section", "context", "actions"].contains(&block["type"].as_str().unwrap_or("")) {
+            if !["header", "section", "context", "actions"]
+                .contains(&block["type"].as_str().unwrap_or(""))
+            {
                 standin.violation(format!("{method}: unexpected block {block}"));
             }
         }
@@ -256,7 +270,14 @@ async fn slack_method(
     if let Some(failure) = standin.record(&method, &headers, body.clone()) {
         return failure;
     }
-    if standin.0.lock().expect("lock").refuse.iter().any(|m| *m == format!("slack:{method}")) {
+    if standin
+        .0
+        .lock()
+        .expect("lock")
+        .refuse
+        .iter()
+        .any(|m| *m == format!("slack:{method}"))
+    {
         return Json(json!({"ok": false, "error": "channel_not_found"})).into_response();
     }
     match method.as_str() {
@@ -270,8 +291,10 @@ async fn slack_method(
             Json(json!({"ok": true, "channel": body["channel"], "ts": ts, "message": {"text": body["text"]}}))
                 .into_response()
         }
-        "chat.update" => Json(json!({"ok": true, "channel": body["channel"], "ts": body["ts"], "text": body["text"]}))
-            .into_response(),
+        "chat.update" => Json(
+            json!({"ok": true, "channel": body["channel"], "ts": body["ts"], "text": body["text"]}),
+        )
+        .into_response(),
         _ => Json(json!({"ok": true, "message_ts": "1700000001.000001"})).into_response(),
     }
 }
@@ -323,15 +346,17 @@ async fn hook(
     if !valid {
         standin.violation(format!("hook {name}: bad signature `{signature}`"));
     }
-    let fresh = timestamp.parse::<i64>().is_ok_and(|at| {
-        (time::OffsetDateTime::now_utc().unix_timestamp() - at).abs() <= 300
-    });
+    let fresh = timestamp
+        .parse::<i64>()
+        .is_ok_and(|at| (time::OffsetDateTime::now_utc().unix_timestamp() - at).abs() <= 300);
     if !fresh {
         standin.violation(format!("hook {name}: stale timestamp `{timestamp}`"));
     }
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if body["id"] != header("x-gatekeep-event-id") || body["type"].as_str().is_none() {
-        standin.violation(format!("hook {name}: id/type do not match the headers: {body}"));
+        standin.violation(format!(
+            "hook {name}: id/type do not match the headers: {body}"
+        ));
     }
     if let Some(failure) = standin.record(&format!("hook:{name}"), &headers, body) {
         return failure;

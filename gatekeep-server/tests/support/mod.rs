@@ -32,7 +32,7 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 
 pub struct Harness {
     pub pki: Arc<Pki>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     pub base: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), gatekeep_server::Error>>>,
@@ -78,7 +78,7 @@ impl Harness {
         }));
         Self {
             pki,
-            _dir: dir,
+            dir,
             base,
             stop: Some(stop),
             task: Some(task),
@@ -96,7 +96,7 @@ impl Harness {
 
     /// The service's data directory (`state.db`, `audit.db`).
     pub fn data_dir(&self) -> std::path::PathBuf {
-        self._dir.path().join("data")
+        self.dir.path().join("data")
     }
 
     pub fn url(&self, path: &str) -> String {

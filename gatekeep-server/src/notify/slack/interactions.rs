@@ -63,14 +63,10 @@ pub(crate) struct Interactions {
     pub reviewers: BTreeMap<String, Vec<String>>,
     pub routing: Arc<Routing>,
     pub max_auth_age: BTreeMap<String, u64>,
-    seen: Mutex<HashMap<String, i64>>,
+    seen: ReplayGuard,
 }
 
 impl Interactions {
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "built once, in one place, from the config"
-    )]
     pub(crate) fn new(
         engine: Arc<Engine>,
         api: SlackApi,
@@ -91,7 +87,7 @@ impl Interactions {
                 .collect(),
             routing,
             max_auth_age,
-            seen: Mutex::new(HashMap::new()),
+            seen: ReplayGuard::default(),
         }
     }
 }
@@ -118,13 +114,17 @@ pub enum Refused {
     Replayed,
 }
 
+/// Signatures seen within the replay window, with their timestamps.
+#[derive(Debug, Default)]
+pub struct ReplayGuard(Mutex<HashMap<String, i64>>);
+
 /// Checks a request's signature, timestamp and freshness (`now` in Unix seconds).
 pub fn verify(
     secret: &Secret,
     headers: &HeaderMap,
     body: &[u8],
     now: i64,
-    seen: &Mutex<HashMap<String, i64>>,
+    seen: &ReplayGuard,
 ) -> Result<(), Refused> {
     let timestamp = headers
         .get("x-slack-request-timestamp")
@@ -150,7 +150,7 @@ pub fn verify(
     signed.extend_from_slice(body);
     // Constant time: ring compares the tags without an early exit.
     hmac::verify(&key, &signed, &mac).map_err(|_| Refused::BadSignature)?;
-    let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut seen = seen.0.lock().unwrap_or_else(PoisonError::into_inner);
     seen.retain(|_, at| now - *at <= REPLAY_WINDOW_SECS);
     if seen.contains_key(signature) {
         return Err(Refused::Replayed);
@@ -275,13 +275,20 @@ async fn handle(state: &Interactions, payload: Payload) {
         Ok(()) => return,
         Err(text) => text,
     };
-    tracing::info!(user = payload.user.id, refusal = text, "slack decision refused");
+    tracing::info!(
+        user = payload.user.id,
+        refusal = text,
+        "slack decision refused"
+    );
     let Some(channel) = payload.channel.as_ref().map(|c| c.id.clone()) else {
         return;
     };
     let body = json!({"channel": channel, "user": payload.user.id, "text": text});
     if let Err(error) = state.api.call("chat.postEphemeral", &body).await {
-        tracing::warn!(?error, "cannot tell a slack user why their decision was refused");
+        tracing::warn!(
+            ?error,
+            "cannot tell a slack user why their decision was refused"
+        );
     }
 }
 
@@ -307,7 +314,10 @@ async fn decide(
         .value
         .as_deref()
         .ok_or("gatekeep: the button carries no request id")
-        .and_then(|value| convert::id("value", value).map_err(|_| "gatekeep: the button carries no valid request id"))
+        .and_then(|value| {
+            convert::id("value", value)
+                .map_err(|_| "gatekeep: the button carries no valid request id")
+        })
         .map_err(str::to_owned)?;
     let duration = if verdict == Verdict::Allow {
         chosen_duration(payload)?
@@ -366,8 +376,7 @@ async fn reviewer(state: &Interactions, user: &str) -> Result<Reviewer, String> 
     let user_info = &info["user"];
     let confirmed = user_info["is_email_confirmed"].as_bool() == Some(true);
     let email = user_info["profile"]["email"].as_str().unwrap_or_default();
-    if user_info["deleted"].as_bool() == Some(true) || user_info["is_bot"].as_bool() == Some(true)
-    {
+    if user_info["deleted"].as_bool() == Some(true) || user_info["is_bot"].as_bool() == Some(true) {
         return Err("gatekeep: bots and deactivated users cannot decide requests".to_owned());
     }
     if email.is_empty() || !confirmed {
@@ -421,37 +430,65 @@ mod tests {
         let body = b"token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c";
         let expected = "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503";
         assert_eq!(sign(secret.expose(), "1531420618", body), expected);
-        let seen = Mutex::new(HashMap::new());
-        verify(&secret, &headers("1531420618", expected), body, 1_531_420_618, &seen).unwrap();
+        let seen = ReplayGuard::default();
+        verify(
+            &secret,
+            &headers("1531420618", expected),
+            body,
+            1_531_420_618,
+            &seen,
+        )
+        .unwrap();
     }
 
     #[test]
     fn refusals() {
         let secret = Secret::new("s3cret");
-        let seen = Mutex::new(HashMap::new());
+        let seen = ReplayGuard::default();
         let now = 1_800_000_000_i64;
         let body = b"payload=%7B%7D";
         let ts = now.to_string();
         let good = sign("s3cret", &ts, body);
         assert_eq!(
-            verify(&secret, &headers(&ts, &sign("other", &ts, body)), body, now, &seen),
+            verify(
+                &secret,
+                &headers(&ts, &sign("other", &ts, body)),
+                body,
+                now,
+                &seen
+            ),
             Err(Refused::BadSignature)
         );
         assert_eq!(
-            verify(&secret, &headers(&ts, &good), b"payload=%7B%7Dx", now, &seen),
+            verify(
+                &secret,
+                &headers(&ts, &good),
+                b"payload=%7B%7Dx",
+                now,
+                &seen
+            ),
             Err(Refused::BadSignature),
             "a changed body"
         );
         let old = (now - 301).to_string();
         assert_eq!(
-            verify(&secret, &headers(&old, &sign("s3cret", &old, body)), body, now, &seen),
+            verify(
+                &secret,
+                &headers(&old, &sign("s3cret", &old, body)),
+                body,
+                now,
+                &seen
+            ),
             Err(Refused::Stale)
         );
         assert_eq!(
             verify(&secret, &headers(&ts, "v1=00"), body, now, &seen),
             Err(Refused::SignatureHeader)
         );
-        assert_eq!(verify(&secret, &headers(&ts, &good), body, now, &seen), Ok(()));
+        assert_eq!(
+            verify(&secret, &headers(&ts, &good), body, now, &seen),
+            Ok(())
+        );
         assert_eq!(
             verify(&secret, &headers(&ts, &good), body, now + 10, &seen),
             Err(Refused::Replayed)
