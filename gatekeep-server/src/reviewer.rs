@@ -42,3 +42,34 @@ impl Reviewer {
         matches!((mine, theirs), (Some(a), Some(b)) if a.eq_ignore_ascii_case(&b))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_person_across_surfaces() {
+        let slack = Reviewer {
+            name: "alice@example.com (slack:U0ALICE)".into(),
+            groups: vec!["sre".into()],
+            email: Some("alice@example.com".into()),
+        };
+        assert!(slack.same_person("alice@example.com (slack:U0ALICE)"));
+        assert!(
+            slack.same_person("Alice@Example.com (oidc:1234)"),
+            "the console's name"
+        );
+        assert!(!slack.same_person("bob@example.com (oidc:99)"));
+        assert!(
+            !slack.same_person("alice"),
+            "a token reviewer is a name, not an email"
+        );
+        let token = Reviewer {
+            name: "alice".into(),
+            groups: Vec::new(),
+            email: None,
+        };
+        assert!(token.same_person("alice"));
+        assert!(!token.same_person("alice@example.com (oidc:1)"));
+    }
+}

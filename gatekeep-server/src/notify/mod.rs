@@ -370,3 +370,129 @@ fn feed<S: Sink>(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notify(text: &str) -> Result<Option<Notify>, String> {
+        let config: NotifyConfig = toml::from_str(text).map_err(|err| err.to_string())?;
+        let groups = BTreeMap::from([("prod".to_owned(), vec!["prod-*".to_owned()])]);
+        Notify::new(&config, &groups).map_err(|err| err.to_string())
+    }
+
+    #[test]
+    fn config_errors_name_their_cause_and_never_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "xoxb-never-printed").unwrap();
+        let slack = |extra: &str| {
+            format!(
+                "[slack]\nbot_token = {{ file = \"{0}\" }}\nsigning_secret = {{ file = \"{0}\" }}\n{extra}",
+                token.display()
+            )
+        };
+        assert!(
+            notify("").unwrap().is_none(),
+            "nothing configured, nothing runs"
+        );
+        let ok = notify(&slack("channel = \"C1\"")).unwrap().unwrap();
+        assert!(!format!("{ok:?}").contains("xoxb"), "{ok:?}");
+
+        let err = notify("[slack]\nsigning_secret = { env = \"X\" }").unwrap_err();
+        assert!(err.contains("[notify.slack] bot_token: missing"), "{err}");
+        let err = notify(&slack("api_url = \"http://slack.example.com/api\"")).unwrap_err();
+        assert!(err.contains("must be an https url"), "{err}");
+        let err = notify(&slack(
+            "[[slack.routes]]\nhost_group = \"nope\"\nchannel = \"C\"",
+        ))
+        .unwrap_err();
+        assert!(err.contains("host_group `nope` is not defined"), "{err}");
+        let err = notify(&slack("[slack.approvals]\nprod-deploy = \"link\"")).unwrap_err();
+        assert!(err.contains("needs `console_url`"), "{err}");
+        let err = notify(&slack("[slack.approvals]\nprod-deploy = \"maybe\"")).unwrap_err();
+        assert!(err.contains("unknown variant"), "{err}");
+        let err = notify(&slack("[slack.reviewers]\n\"alice\" = [\"sre\"]")).unwrap_err();
+        assert!(err.contains("not an email address"), "{err}");
+        let err = notify(&format!(
+            "[teams]\nworkflow_url = {{ file = \"{}\" }}",
+            token.display()
+        ))
+        .unwrap_err();
+        assert!(err.contains("not an https url"), "{err}");
+        assert!(!err.contains("xoxb"), "the secret is not echoed: {err}");
+        let hook = |name: &str, events: &str| {
+            format!(
+                "[[webhook]]\nname = \"{name}\"\nurl = \"https://h.example.com/x\"\nsecret = {{ file = \"{}\" }}\nevents = {events}\n",
+                token.display()
+            )
+        };
+        let err = notify(&format!("{}{}", hook("a", "[]"), hook("a", "[]"))).unwrap_err();
+        assert!(err.contains("two webhooks are named `a`"), "{err}");
+        let err = notify(&hook("a", "[]").replace("secret =", "secrte =")).unwrap_err();
+        assert!(err.contains("unknown field `secrte`"), "{err}");
+        // Webhook sinks are checked when they start (they need the store): their errors
+        // are tested through `WebhookSink::new`.
+        let config: config::WebhookConfig =
+            toml::from_str(&hook("a", "[\"request.approved\"]").replace("[[webhook]]\n", ""))
+                .unwrap();
+        let dir2 = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> = Arc::new(
+            crate::store::SqliteStore::open(
+                dir2.path().join("s.db"),
+                crate::store::Synchronous::Normal,
+            )
+            .unwrap(),
+        );
+        let err = WebhookSink::new(
+            &config,
+            crate::auth::oidc::http_client(None).unwrap(),
+            store,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("unknown event `request.approved`"), "{err}");
+    }
+
+    #[test]
+    fn routes_by_policy_and_host_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "xoxb-1").unwrap();
+        let text = format!(
+            "[slack]\nbot_token = {{ file = \"{0}\" }}\nsigning_secret = {{ file = \"{0}\" }}\nchannel = \"CDEFAULT\"\n\
+             [[slack.routes]]\npolicy = \"deploy\"\nchannel = \"CDEPLOY\"\n\
+             [[slack.routes]]\nhost_group = \"prod\"\nchannel = \"CPROD\"\n\
+             [[slack.routes]]\npolicy = \"deploy\"\nhost_group = \"prod\"\nchannel = \"CPROD\"\n",
+            token.display()
+        );
+        let notify = notify(&text).unwrap().unwrap();
+        let routing = &notify.slack.as_ref().unwrap().routing;
+        let record = |policy: &str, host: &str| {
+            let mut record: RequestRecord = serde_json::from_value(serde_json::json!({
+                "request": {
+                    "id": "6f1c1d2e-3a4b-4c5d-8e9f-001122334455", "policy": policy, "rule": "r",
+                    "cgroup": "/a", "pid": 1, "tid": 1, "uid": 1000, "user_name": null, "cwd": null,
+                    "ancestry": [], "target": {"kind": "exec", "executable": "/bin/true", "argv": []},
+                    "requested_at": "2026-11-24T21:00:00Z", "deadline": "2026-11-24T21:05:00Z",
+                    "on_timeout": "deny",
+                    "approval": {"reviewer_groups": [], "approvals_required": 1, "grant_durations": ["once"], "owners": []}
+                },
+                "host": "h", "state": "pending", "received_at": "2026-11-24T21:00:00Z",
+                "deadline": "2026-11-24T21:05:00Z", "approvals": [], "approvals_required": 1,
+                "decision": null
+            }))
+            .unwrap();
+            record.host = host.to_owned();
+            record
+        };
+        assert_eq!(
+            routing.channels(&record("deploy", "prod-1")),
+            ["CDEPLOY", "CPROD"]
+        );
+        assert_eq!(routing.channels(&record("deploy", "dev-1")), ["CDEPLOY"]);
+        assert_eq!(routing.channels(&record("other", "prod-2")), ["CPROD"]);
+        assert_eq!(routing.channels(&record("other", "dev-1")), ["CDEFAULT"]);
+    }
+}

@@ -25,7 +25,7 @@ use std::{
 use axum::{
     Router,
     body::Bytes,
-    extract::State,
+    extract::{DefaultBodyLimit, State},
     http::{HeaderMap, StatusCode},
     response::IntoResponse,
     routing::post,
@@ -96,6 +96,8 @@ impl Interactions {
 pub(crate) fn router(state: Arc<Interactions>) -> Router {
     Router::new()
         .route("/slack/interactions", post(interaction))
+        // Refused while reading, not after buffering megabytes.
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
 
