@@ -62,6 +62,7 @@ channel = "C0AGENTS"
 "carol@example.com" = ["security"]
 "worker@example.com" = ["sre"]
 "bob@example.com" = ["sre"]
+"dave@example.com" = ["sre"]
 "#,
         team = chat::TEAM,
     );
@@ -716,6 +717,64 @@ events = ["request.requested"]
         standin.ok_calls("teams", |_| true).len(),
         6,
         "no duplicate cards"
+    );
+    assert_eq!(standin.violations(), Vec::<String>::new());
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_of_two_is_reached_from_slack_one_person_once() {
+    let (standin, addr) = StandIn::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let notify = notify_toml(secrets.path(), addr);
+    let mut harness = Harness::start_with(|config, _| config.notify = notify).await;
+    let (link, _events) = harness.agent("web-1").await;
+    let mut request = exec_request(&["curl", "https://quorum.example"]);
+    request.approval.approvals_required = 2;
+    let id = request.id;
+    let pending = submit(&link, request);
+    standin
+        .wait_for("chat.postMessage", 1, for_request(id))
+        .await;
+    let approve = |user: &str| button_payload(user, chat::TEAM, "gatekeep_approve", id, None);
+
+    let alice = signed(&approve("U0ALICE"), chat::SIGNING_SECRET, now());
+    assert_eq!(post_interaction(&harness, &alice).await.0, StatusCode::OK);
+    let updated = standin
+        .wait_for("chat.update", 1, |b| {
+            for_request(id)(b) && b.to_string().contains("1 of 2 approvals")
+        })
+        .await;
+    assert!(
+        updated[0]
+            .body
+            .to_string()
+            .contains("approved by alice@example.com (slack:U0ALICE)"),
+        "the vote so far is shown"
+    );
+    // Alice again (a new press, so a new signature): her vote counts once.
+    let again = signed(&approve("U0ALICE"), chat::SIGNING_SECRET, now() - 1);
+    assert_eq!(post_interaction(&harness, &again).await.0, StatusCode::OK);
+    let text = ephemeral_to(&standin, "U0ALICE", 1).await;
+    assert!(text.contains("already approved"), "{text}");
+
+    let bob = signed(&approve("U0BOB"), chat::SIGNING_SECRET, now());
+    assert_eq!(post_interaction(&harness, &bob).await.0, StatusCode::OK);
+    let decision = answer(pending).await;
+    assert_eq!(decision.verdict, Verdict::Allow);
+    assert_eq!(
+        decision.decided_by,
+        "alice@example.com (slack:U0ALICE),bob@example.com (slack:U0BOB)"
+    );
+    let finals = standin
+        .wait_for("chat.update", 1, |b| {
+            for_request(id)(b) && b.to_string().contains("*Approved* by")
+        })
+        .await;
+    assert!(finals[0].body.to_string().contains("2 of 2 approvals"));
+    assert_eq!(
+        standin.ok_calls("chat.postMessage", for_request(id)).len(),
+        1
     );
     assert_eq!(standin.violations(), Vec::<String>::new());
     harness.stop().await;

@@ -63,8 +63,8 @@ pub(crate) fn classify(response: &reqwest::Response, what: &str) -> Result<(), F
     }
 }
 
-/// A network failure: always worth another attempt. The error's text names no secret
-/// (reqwest prints the URL without its query for Teams' signed URLs? no: so it is dropped).
+/// A network failure: always worth another attempt. Only its kind is kept: reqwest's text
+/// names the URL, and a Teams workflow URL is a secret.
 pub(crate) fn network(what: &str, error: &reqwest::Error) -> Failure {
     let kind = if error.is_timeout() {
         "timed out"

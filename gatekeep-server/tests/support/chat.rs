@@ -59,7 +59,8 @@ const USERS: &[(&str, &str, bool)] = &[
     ("U0CAROL", "carol@example.com", true),
     ("U0WORKER", "worker@example.com", true),
     ("U0MALLORY", "mallory@elsewhere.example", true),
-    ("U0UNCONFIRMED", "bob@example.com", false),
+    ("U0BOB", "bob@example.com", true),
+    ("U0UNCONFIRMED", "dave@example.com", false),
 ];
 
 impl StandIn {
