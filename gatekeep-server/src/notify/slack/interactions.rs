@@ -285,7 +285,8 @@ async fn handle(state: &Interactions, payload: Payload) {
     let Some(channel) = payload.channel.as_ref().map(|c| c.id.clone()) else {
         return;
     };
-    let body = json!({"channel": channel, "user": payload.user.id, "text": text});
+    // Error texts quote names (policies, reviewers): escaped, as all mrkdwn text is.
+    let body = json!({"channel": channel, "user": payload.user.id, "text": super::escape(&text)});
     if let Err(error) = state.api.call("chat.postEphemeral", &body).await {
         tracing::warn!(
             ?error,
@@ -387,8 +388,7 @@ async fn reviewer(state: &Interactions, user: &str) -> Result<Reviewer, String> 
     let email = email.to_lowercase();
     let Some(groups) = state.reviewers.get(&email) else {
         return Err(format!(
-            "gatekeep: {} is not a gatekeep reviewer (ask an administrator to add it to [notify.slack.reviewers]); nothing was done",
-            super::escape(&email)
+            "gatekeep: {email} is not a gatekeep reviewer (ask an administrator to add it to [notify.slack.reviewers]); nothing was done"
         ));
     };
     // The same checks as an email from the identity provider: reviewer lists in the audit
