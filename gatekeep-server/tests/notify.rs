@@ -57,6 +57,11 @@ team_id = "{team}"
 [[slack.routes]]
 policy = "ai-agents"
 channel = "C0AGENTS"
+[[slack.routes]]
+policy = "prod-deploy"
+channel = "C0PROD"
+[slack.approvals]
+prod-deploy = "link"
 [slack.reviewers]
 "alice@example.com" = ["sre"]
 "carol@example.com" = ["security"]
@@ -646,6 +651,18 @@ events = ["request.requested"]
     )
     .unwrap();
 
+    // Slack's messages say how each request ended.
+    for (id, outcome) in [
+        (cancelled_id, "gatekeep: Cancelled"),
+        (expiring_id, "gatekeep: Expired"),
+    ] {
+        standin
+            .wait_for("chat.update", 1, move |b| {
+                for_request(id)(b) && b.to_string().contains(outcome)
+            })
+            .await;
+    }
+
     // Teams: a card per request and one per outcome, each once.
     let cards = standin.wait_for("teams", 6, |_| true).await;
     let approved_cards: Vec<&Value> = cards
@@ -776,6 +793,61 @@ async fn a_quorum_of_two_is_reached_from_slack_one_person_once() {
         standin.ok_calls("chat.postMessage", for_request(id)).len(),
         1
     );
+    assert_eq!(standin.violations(), Vec::<String>::new());
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_mode_policies_link_to_the_console_and_refuse_buttons() {
+    let (standin, addr) = StandIn::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let notify = notify_toml(secrets.path(), addr);
+    let mut harness = Harness::start_with(|config, _| config.notify = notify).await;
+    let (link, _events) = harness.agent("web-1").await;
+    let mut request = exec_request(&["kubectl", "rollout", "restart", "deploy/api"]);
+    request.policy = "prod-deploy".into();
+    let id = request.id;
+    let pending = submit(&link, request);
+    let posted = standin
+        .wait_for("chat.postMessage", 1, for_request(id))
+        .await;
+    let message = &posted[0].body;
+    assert_eq!(message["channel"], "C0PROD");
+    let actions = message["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["type"] == "actions")
+        .expect("an actions block");
+    assert_eq!(
+        actions["elements"],
+        json!([{
+            "type": "button", "action_id": "gatekeep_open", "style": "primary",
+            "text": {"type": "plain_text", "text": "Review in console"},
+            "url": format!("https://gatekeep.example.com:7443/console/#/request/{id}")
+        }]),
+        "only a console link"
+    );
+    // A button payload for it anyway (signed: e.g. an old message) decides nothing.
+    let payload = button_payload("U0ALICE", chat::TEAM, "gatekeep_approve", id, None);
+    let (status, _) =
+        post_interaction(&harness, &signed(&payload, chat::SIGNING_SECRET, now())).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = ephemeral_to(&standin, "U0ALICE", 1).await;
+    assert!(text.contains("decided in the console only"), "{text}");
+    // The console (here its API) decides it; Slack's message follows.
+    api_post(
+        &harness,
+        "alice",
+        &format!("/api/v1/requests/{id}/decision"),
+        json!({"verdict": "deny", "reason": "not during the freeze"}),
+    )
+    .await;
+    assert_eq!(answer(pending).await.verdict, Verdict::Deny);
+    let updated = standin.wait_for("chat.update", 1, for_request(id)).await;
+    let text = updated[0].body.to_string();
+    assert!(text.contains("*Denied* by alice"), "{text}");
+    assert!(text.contains("Reason: not during the freeze"), "{text}");
     assert_eq!(standin.violations(), Vec::<String>::new());
     harness.stop().await;
 }
