@@ -851,3 +851,86 @@ async fn link_mode_policies_link_to_the_console_and_refuse_buttons() {
     assert_eq!(standin.violations(), Vec::<String>::new());
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_falls_far_behind_catches_up_and_loses_nothing() {
+    // More changes than the hub keeps for a reader (4096) arrive while the receiver is
+    // down and the sink's queue holds one: its feed lags, then catches up from the store.
+    const REQUESTS: usize = 4400;
+    let standin = StandIn::default();
+    let addr = StandIn::free_addr();
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("hook-key"), chat::WEBHOOK_KEY).unwrap();
+    let text = format!(
+        r#"
+synchronous = "normal"
+[[rules]]
+name = "deny-everything"
+action = "deny"
+[notify]
+queue = 1
+[notify.retry]
+initial_ms = 20
+max_ms = 200
+max_attempts = 100000
+[[notify.webhook]]
+name = "siem"
+url = "http://{addr}/hooks/siem"
+secret = {{ file = "{}/hook-key" }}
+events = ["request.decided"]
+"#,
+        secrets.path().display()
+    );
+    let parsed =
+        gatekeep_server::ServerConfig::parse(Path::new("test.toml"), &text).expect("config");
+    let mut harness = Harness::start_with(|config, _| {
+        config.synchronous = parsed.synchronous;
+        config.rules = parsed.rules;
+        config.notify = parsed.notify;
+    })
+    .await;
+    let (link, _events) = harness.agent("web-1").await;
+    let mut ids = Vec::with_capacity(REQUESTS);
+    let mut answers = Vec::with_capacity(REQUESTS);
+    for n in 0..REQUESTS {
+        let request = exec_request(&["curl", &format!("https://{n}.example")]);
+        ids.push(format!("{}.decided", request.id));
+        answers.push(submit(&link, request));
+    }
+    let submitted = std::time::Instant::now();
+    for handle in answers {
+        assert_eq!(answer(handle).await.verdict, Verdict::Deny);
+    }
+    println!("{REQUESTS} decided in {:?}", submitted.elapsed());
+    // Every decision was made and delivered to the agent while the receiver was down.
+    standin.serve_on(addr).await;
+    let start = std::time::Instant::now();
+    let delivered = loop {
+        let delivered = standin.ok_calls("hook:siem", |_| true);
+        if delivered.len() >= REQUESTS {
+            break delivered;
+        }
+        assert!(
+            start.elapsed() < Duration::from_mins(2),
+            "{} of {REQUESTS} events delivered",
+            delivered.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut got: Vec<String> = delivered
+        .iter()
+        .map(|c| c.body["id"].as_str().unwrap().to_owned())
+        .collect();
+    got.sort();
+    ids.sort();
+    assert_eq!(got.len(), ids.len(), "no event twice");
+    assert!(got == ids, "every decision's event, once");
+    println!(
+        "{REQUESTS} decisions while the receiver was down: all delivered once after it came back, in {:?}",
+        start.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(standin.ok_calls("hook:siem", |_| true).len(), REQUESTS);
+    assert_eq!(standin.violations(), Vec::<String>::new());
+    harness.stop().await;
+}

@@ -4,10 +4,10 @@
 //! ([`Hub::subscribe`](crate::hub::Hub)), and its own worker with a bounded queue and
 //! retries ([`delivery`]). Notification never blocks a decision: the hub's broadcast never
 //! waits for a reader, and a sink that is down only holds its own queue. A feed that falls
-//! behind (its queue full while the hub moves on) catches up from the store: every pending
-//! request is brought up to date again, which the sinks' stored delivery state makes
-//! idempotent. The same catch-up runs at start, so requests pending across a restart are
-//! announced too.
+//! behind (its queue full while the hub moves on) catches up from the store: the pending
+//! requests, and the outcomes and revocations since the feed started, go through the sink
+//! again, which its stored delivery state makes idempotent. At start the pending requests
+//! are read the same way, so requests pending across a restart are announced too.
 
 pub mod config;
 mod delivery;
@@ -21,6 +21,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use axum::Router;
 use gatekeep_proto::model::{Grant, RequestRecord, RequestState};
+use time::OffsetDateTime;
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 
 pub use self::config::NotifyConfig;
@@ -316,31 +317,23 @@ fn feed<S: Sink>(
         shutdown.clone(),
     );
     let engine = Arc::clone(engine);
+    // Changes from here on are this feed's to deliver; a catch-up after a lag re-reads
+    // the outcomes since then (not older history, which was never this feed's).
+    let since = OffsetDateTime::now_utc();
     tokio::spawn(async move {
-        let mut catch_up = true;
+        let mut catch_up = Some(CatchUp::Pending);
         loop {
-            if catch_up {
-                catch_up = false;
-                let pending = engine
-                    .store
-                    .list_requests(RequestQuery {
-                        state: Some(RequestState::Pending),
-                        limit: CATCH_UP_LIMIT,
-                        ..RequestQuery::default()
-                    })
-                    .await;
-                match pending {
-                    Ok(pending) => {
-                        for record in pending {
-                            if !send_all(&*sink, &jobs, &queue, &Change::Request(Arc::new(record)))
-                                .await
-                            {
-                                return;
-                            }
-                        }
-                    }
+            if let Some(what) = catch_up.take() {
+                let changes = match catch_up_changes(&engine, what, since).await {
+                    Ok(changes) => changes,
                     Err(error) => {
-                        tracing::error!(%error, sink = sink.name(), "cannot read pending requests to announce");
+                        tracing::error!(%error, sink = sink.name(), "cannot read requests to catch up with");
+                        Vec::new()
+                    }
+                };
+                for change in changes {
+                    if !send_all(&*sink, &jobs, &queue, &change).await {
+                        return;
                     }
                 }
             }
@@ -356,19 +349,76 @@ fn feed<S: Sink>(
                     }
                 }
                 Err(RecvError::Lagged(missed)) => {
-                    // Pending requests are announced again (idempotently); outcomes among
-                    // the missed changes are not, and are in the log.
                     tracing::warn!(
                         sink = sink.name(),
                         missed,
-                        "notifications fell behind the changes; catching up with pending requests"
+                        "notifications fell behind the changes; catching up from the store"
                     );
-                    catch_up = true;
+                    catch_up = Some(CatchUp::Everything);
                 }
                 Err(RecvError::Closed) => return,
             }
         }
     });
+}
+
+/// What a feed re-reads from the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUp {
+    /// At start: the pending requests.
+    Pending,
+    /// After a lag: the pending requests, the outcomes and grant revocations since the
+    /// feed started (sinks skip what they delivered already).
+    Everything,
+}
+
+async fn catch_up_changes(
+    engine: &Engine,
+    what: CatchUp,
+    since: OffsetDateTime,
+) -> Result<Vec<Change>, crate::store::StoreError> {
+    let mut changes = Vec::new();
+    if what == CatchUp::Everything {
+        let mut finals = engine
+            .store
+            .list_requests(RequestQuery {
+                final_only: true,
+                newest_first: true,
+                limit: CATCH_UP_LIMIT,
+                ..RequestQuery::default()
+            })
+            .await?;
+        finals.retain(|r| r.decision.as_ref().is_some_and(|d| d.decided_at >= since));
+        finals.reverse();
+        changes.extend(finals.into_iter().map(|r| Change::Request(Arc::new(r))));
+        let now = OffsetDateTime::now_utc();
+        let grants = engine
+            .store
+            .list_grants(
+                crate::store::GrantQuery {
+                    include_inactive: true,
+                    ..crate::store::GrantQuery::default()
+                },
+                now,
+            )
+            .await?;
+        changes.extend(
+            grants
+                .into_iter()
+                .filter(|g| g.revoked.as_ref().is_some_and(|r| r.at >= since))
+                .map(|g| Change::Revoked(Arc::new(g))),
+        );
+    }
+    let pending = engine
+        .store
+        .list_requests(RequestQuery {
+            state: Some(RequestState::Pending),
+            limit: CATCH_UP_LIMIT,
+            ..RequestQuery::default()
+        })
+        .await?;
+    changes.extend(pending.into_iter().map(|r| Change::Request(Arc::new(r))));
+    Ok(changes)
 }
 
 #[cfg(test)]
