@@ -231,8 +231,8 @@ impl Server {
             .client_auth_optional(true);
         let engine = Arc::clone(&self.engine);
         // Notification feeds subscribe before anything is served, so they miss no change.
-        let slack = match self.notify {
-            Some(notify) => notify.start(&engine, &self.console.max_auth_age)?,
+        let mut notify = match self.notify {
+            Some(notify) => Some(notify.start(&engine, &self.console.max_auth_age)?),
             None => None,
         };
         let timer = tokio::spawn(Arc::clone(&engine).run_timer());
@@ -274,7 +274,7 @@ impl Server {
         let mut router = grpc.into_axum_router();
         // Slack's interactions come signed by Slack, not from a console session: served
         // whenever Slack is configured, console or not.
-        if let Some(slack) = slack {
+        if let Some(slack) = notify.as_mut().and_then(|running| running.router.take()) {
             router = router.merge(slack);
         }
         if self.console.enabled {
@@ -296,6 +296,9 @@ impl Server {
             .map_err(|source| Error::Transport { source });
         engine.shutdown.cancel();
         drop(timer.await);
+        if let Some(notify) = notify {
+            notify.finish().await;
+        }
         let audit = Arc::clone(engine.audit());
         let flushed = tokio::task::spawn_blocking(move || audit.shutdown())
             .await

@@ -934,3 +934,47 @@ events = ["request.decided"]
     assert_eq!(standin.violations(), Vec::<String>::new());
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notices_queued_at_shutdown_are_still_sent() {
+    let (standin, addr) = StandIn::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let notify = notify_toml(secrets.path(), addr);
+    let mut harness = Harness::start_with(|config, _| config.notify = notify).await;
+    let (link, _events) = harness.agent("web-1").await;
+    let mut ids = Vec::new();
+    let mut answers = Vec::new();
+    for n in 0..5 {
+        let request = exec_request(&["curl", &format!("https://{n}.example")]);
+        ids.push(request.id);
+        answers.push(submit(&link, request));
+    }
+    for id in &ids {
+        standin
+            .wait_for("chat.postMessage", 1, for_request(*id))
+            .await;
+    }
+    // A slow Slack: every update takes 200 ms, so most are still queued at the stop.
+    standin.delay("chat.update", Duration::from_millis(200));
+    for id in &ids {
+        api_post(
+            &harness,
+            "alice",
+            &format!("/api/v1/requests/{id}/decision"),
+            json!({"verdict": "deny"}),
+        )
+        .await;
+    }
+    for handle in answers {
+        assert_eq!(answer(handle).await.verdict, Verdict::Deny);
+    }
+    harness.stop().await;
+    for id in &ids {
+        assert_eq!(
+            standin.ok_calls("chat.update", for_request(*id)).len(),
+            1,
+            "request {id}'s message was updated before the service stopped"
+        );
+    }
+    assert_eq!(standin.violations(), Vec::<String>::new());
+}

@@ -9,7 +9,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use super::config::RetryConfig;
@@ -103,34 +103,29 @@ pub(crate) fn backoff(retry: &RetryConfig, attempt: u32, after: Option<Duration>
     Duration::from_millis(retry.initial_ms.saturating_mul(factor)).min(max)
 }
 
-/// Starts `sink`'s worker; returns its queue. The worker ends when the queue's senders are
-/// gone or `shutdown` is cancelled.
+/// Starts `sink`'s worker; returns its queue and the worker's task. The worker ends when
+/// the queue's senders are gone and it is empty (at shutdown the feed stops sending: what
+/// is queued is still attempted once), or when `shutdown` interrupts a retry.
 pub(crate) fn spawn<S: Sink>(
     sink: Arc<S>,
     store: Arc<dyn Store>,
     retry: RetryConfig,
     capacity: usize,
     shutdown: CancellationToken,
-) -> mpsc::Sender<S::Job> {
+) -> (mpsc::Sender<S::Job>, JoinHandle<()>) {
     let (sender, mut receiver) = mpsc::channel::<S::Job>(capacity.max(1));
-    tokio::spawn(async move {
-        loop {
-            let job = tokio::select! {
-                job = receiver.recv() => match job {
-                    Some(job) => job,
-                    None => return,
-                },
-                () = shutdown.cancelled() => return,
-            };
+    let worker = tokio::spawn(async move {
+        while let Some(job) = receiver.recv().await {
             if !run(&*sink, &*store, &retry, &job, &shutdown).await {
                 return;
             }
         }
     });
-    sender
+    (sender, worker)
 }
 
-/// Delivers one job with retries; `false` when shutdown interrupted it.
+/// Delivers one job with retries; `false` when shutdown interrupted it (no retry waits
+/// once the service stops: the attempt made is the last).
 async fn run<S: Sink>(
     sink: &S,
     store: &dyn Store,

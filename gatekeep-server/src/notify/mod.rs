@@ -22,7 +22,10 @@ use std::{collections::BTreeMap, sync::Arc};
 use axum::Router;
 use gatekeep_proto::model::{Grant, RequestRecord, RequestState};
 use time::OffsetDateTime;
-use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio::{
+    sync::{broadcast::error::RecvError, mpsc},
+    task::JoinHandle,
+};
 
 pub use self::config::NotifyConfig;
 use self::{
@@ -202,13 +205,15 @@ impl Notify {
     }
 
     /// Starts every sink's feed and worker; returns the Slack interaction route when Slack
-    /// is configured. Call it before serving, so no change is published unseen.
+    /// is configured, and the workers ([`Running::finish`] waits for them at shutdown).
+    /// Call it before serving, so no change is published unseen.
     pub(crate) fn start(
         self,
         engine: &Arc<Engine>,
         max_auth_age: &BTreeMap<String, u64>,
-    ) -> Result<Option<Router>, Error> {
+    ) -> Result<Running, Error> {
         let mut router = None;
+        let mut workers = Vec::new();
         if let Some(slack) = self.slack {
             let sink = Arc::new(SlackSink {
                 api: slack.api.clone(),
@@ -216,7 +221,7 @@ impl Notify {
                 routing: Arc::clone(&slack.routing),
                 console_url: self.console_url.clone(),
             });
-            feed(
+            workers.push(feed(
                 engine,
                 sink,
                 &self.retry,
@@ -225,7 +230,7 @@ impl Notify {
                     Change::Request(record) => sink.jobs(record),
                     Change::Revoked(_) => Vec::new(),
                 },
-            );
+            ));
             let interactions = Interactions::new(
                 Arc::clone(engine),
                 slack.api,
@@ -245,7 +250,7 @@ impl Notify {
                 policies: teams.policies,
                 console_url: self.console_url.clone(),
             });
-            feed(
+            workers.push(feed(
                 engine,
                 sink,
                 &self.retry,
@@ -254,7 +259,7 @@ impl Notify {
                     Change::Request(record) => sink.job(record).into_iter().collect(),
                     Change::Revoked(_) => Vec::new(),
                 },
-            );
+            ));
         }
         for config in &self.webhooks {
             let sink = Arc::new(WebhookSink::new(
@@ -262,17 +267,44 @@ impl Notify {
                 self.http.clone(),
                 Arc::clone(&engine.store),
             )?);
-            feed(engine, sink, &self.retry, self.queue, |sink, change| {
-                let events = match change {
-                    Change::Request(record) => webhook::request_events(record),
-                    Change::Revoked(grant) => {
-                        vec![webhook::grant_event(grant, "revoked", "grant.revoked")]
-                    }
-                };
-                events.into_iter().filter(|e| sink.wants(e.kind)).collect()
-            });
+            workers.push(feed(
+                engine,
+                sink,
+                &self.retry,
+                self.queue,
+                |sink, change| {
+                    let events = match change {
+                        Change::Request(record) => webhook::request_events(record),
+                        Change::Revoked(grant) => {
+                            vec![webhook::grant_event(grant, "revoked", "grant.revoked")]
+                        }
+                    };
+                    events.into_iter().filter(|e| sink.wants(e.kind)).collect()
+                },
+            ));
         }
-        Ok(router)
+        Ok(Running { router, workers })
+    }
+}
+
+/// Started sinks.
+pub(crate) struct Running {
+    /// `/slack/interactions`, when Slack is configured.
+    pub router: Option<Router>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Longest wait at shutdown for the notices still queued.
+    const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// After the service stopped (its shutdown token cancelled): waits up to
+    /// [`Self::DRAIN`] while the workers attempt what is queued, each once.
+    pub(crate) async fn finish(self) {
+        let all = futures_util::future::join_all(self.workers);
+        if tokio::time::timeout(Self::DRAIN, all).await.is_err() {
+            tracing::warn!("notifications still queued at shutdown were not all sent");
+        }
     }
 }
 
@@ -305,11 +337,11 @@ fn feed<S: Sink>(
     retry: &RetryConfig,
     capacity: usize,
     jobs: impl Fn(&S, &Change) -> Vec<S::Job> + Send + Sync + 'static,
-) {
+) -> JoinHandle<()> {
     let mut requests = engine.hub.subscribe();
     let mut revoked = engine.hub.subscribe_revoked();
     let shutdown = engine.shutdown.clone();
-    let queue = delivery::spawn(
+    let (queue, worker) = delivery::spawn(
         Arc::clone(&sink),
         Arc::clone(&engine.store),
         retry.clone(),
@@ -340,7 +372,21 @@ fn feed<S: Sink>(
             let change = tokio::select! {
                 change = requests.recv() => change.map(Change::Request),
                 change = revoked.recv() => change.map(Change::Revoked),
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    // What was published before the stop still goes to the worker, which
+                    // attempts it once; then the queue closes.
+                    while let Ok(record) = requests.try_recv() {
+                        if !send_all(&*sink, &jobs, &queue, &Change::Request(record)).await {
+                            return;
+                        }
+                    }
+                    while let Ok(grant) = revoked.try_recv() {
+                        if !send_all(&*sink, &jobs, &queue, &Change::Revoked(grant)).await {
+                            return;
+                        }
+                    }
+                    return;
+                }
             };
             match change {
                 Ok(change) => {
@@ -360,6 +406,7 @@ fn feed<S: Sink>(
             }
         }
     });
+    worker
 }
 
 /// What a feed re-reads from the store.

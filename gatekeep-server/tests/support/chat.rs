@@ -47,6 +47,8 @@ struct Inner {
     fail_429: HashMap<String, u32>,
     /// Methods answered with a permanent refusal (400 / Slack `channel_not_found`).
     refuse: Vec<String>,
+    /// A slow receiver: each answer of these methods waits this long.
+    delay: HashMap<String, Duration>,
     next_ts: u64,
 }
 
@@ -97,6 +99,14 @@ impl StandIn {
         let mut inner = self.0.lock().expect("lock");
         inner.fail_500.insert(method.to_owned(), fail_500);
         inner.fail_429.insert(method.to_owned(), fail_429);
+    }
+
+    pub fn delay(&self, method: &str, delay: Duration) {
+        self.0
+            .lock()
+            .expect("lock")
+            .delay
+            .insert(method.to_owned(), delay);
     }
 
     pub fn refuse(&self, method: &str) {
@@ -230,6 +240,10 @@ async fn slack_method(
     body: Bytes,
 ) -> Response {
     check_bearer(&standin, &method, &headers);
+    let delay = standin.0.lock().expect("lock").delay.get(&method).copied();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
