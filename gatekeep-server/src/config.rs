@@ -27,6 +27,7 @@
 //! prod-deploy = 300
 //!
 //! [host_groups]                            # and [[rules]]: see the rules module
+//! [notify.slack]                           # Slack, Teams, webhooks: see notify::config
 //! ```
 
 use std::{
@@ -37,7 +38,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::auth::oidc::OidcConfig;
+pub use crate::{auth::oidc::OidcConfig, notify::NotifyConfig};
 use crate::{error::Error, paths, rules::RuleConfig, store::Synchronous};
 
 /// Everything the service reads at start.
@@ -65,6 +66,8 @@ pub struct ServerConfig {
     pub rules: Vec<RuleConfig>,
     /// The HTTP/JSON API and the web console (same port as gRPC).
     pub console: ConsoleConfig,
+    /// Slack, Teams and signed webhooks (see [`crate::notify::config`]).
+    pub notify: NotifyConfig,
 }
 
 /// The HTTP/JSON API and the reviewers' web console, served on the gRPC port.
@@ -114,6 +117,7 @@ impl Default for ServerConfig {
             host_groups: BTreeMap::new(),
             rules: Vec::new(),
             console: ConsoleConfig::default(),
+            notify: NotifyConfig::default(),
         }
     }
 }

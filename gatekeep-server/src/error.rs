@@ -82,6 +82,9 @@ pub enum Error {
     /// The OpenID provider could not be used (unreachable, misconfigured, unreadable answer).
     #[error("openid connect: {message}")]
     Oidc { message: String },
+    /// The `[notify]` section cannot be used (a secret, a route, a URL).
+    #[error("invalid [notify] config: {message}")]
+    Notify { message: String },
     /// The service is shutting down.
     #[error("the decision service is shutting down")]
     ShuttingDown,
@@ -165,6 +168,7 @@ impl Error {
             | Error::Audit { .. }
             | Error::ReadConfig { .. }
             | Error::Config { .. }
+            | Error::Notify { .. }
             | Error::ReadTls { .. }
             | Error::Policy { .. }
             | Error::Certs { .. }

@@ -13,7 +13,10 @@ use std::{
     },
 };
 
-use gatekeep_proto::{model::RequestRecord, v1};
+use gatekeep_proto::{
+    model::{Grant, RequestRecord},
+    v1,
+};
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
@@ -33,6 +36,8 @@ pub(crate) struct Hub {
     next_connection: AtomicU64,
     /// Shared, not cloned per watcher (a watcher that serialises it may share that too).
     changes: broadcast::Sender<Arc<RequestRecord>>,
+    /// Revoked grants, for notifications (a request's own changes carry the grants made).
+    revoked: broadcast::Sender<Arc<Grant>>,
 }
 
 impl Hub {
@@ -41,6 +46,7 @@ impl Hub {
             agents: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
             changes: broadcast::channel(WATCH_BUFFER).0,
+            revoked: broadcast::channel(WATCH_BUFFER).0,
         }
     }
 
@@ -112,5 +118,16 @@ impl Hub {
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<RequestRecord>> {
         self.changes.subscribe()
+    }
+
+    /// Tells notification feeds about a revoked grant.
+    pub(crate) fn publish_revoked(&self, grant: &Grant) {
+        if self.revoked.receiver_count() > 0 {
+            drop(self.revoked.send(Arc::new(grant.clone())));
+        }
+    }
+
+    pub(crate) fn subscribe_revoked(&self) -> broadcast::Receiver<Arc<Grant>> {
+        self.revoked.subscribe()
     }
 }

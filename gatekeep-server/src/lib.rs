@@ -34,6 +34,7 @@ mod error;
 pub mod grants;
 mod hub;
 pub mod lifecycle;
+pub mod notify;
 pub mod paths;
 mod reviewer;
 pub mod rules;

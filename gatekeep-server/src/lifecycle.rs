@@ -648,7 +648,7 @@ impl Engine {
                                 reviewer.name
                             )));
                         }
-                        if record.approvals.iter().any(|vote| vote.reviewer == reviewer.name) {
+                        if record.approvals.iter().any(|vote| reviewer.same_person(&vote.reviewer)) {
                             return Err(Error::AlreadyVoted {
                                 id,
                                 reviewer: reviewer.name.clone(),
@@ -877,6 +877,7 @@ impl Engine {
                 }),
             )
             .await;
+            self.hub.publish_revoked(grant);
             self.hub.send(
                 &grant.host,
                 v1::server_message::Message::GrantRevoked(v1::GrantRevoked {

@@ -25,6 +25,7 @@ use crate::{
     config::{ConsoleConfig, ServerConfig},
     error::Error,
     lifecycle::{Engine, EngineParts},
+    notify::Notify,
     rules::Rules,
     store::{SqliteStore, Store},
 };
@@ -92,6 +93,9 @@ impl ServerBuilder {
             (None, None) => None,
         };
         let rules = Rules::compile(&config.rules, &config.host_groups)?;
+        // Checked (and its secrets read) before anything is opened: a wrong [notify] section
+        // stops the start with its cause.
+        let notify = Notify::new(&config.notify, &config.host_groups)?;
         let store: Arc<dyn Store> = match self.store {
             Some(store) => store,
             None => Arc::new(SqliteStore::open(config.state_db(), config.synchronous)?),
@@ -139,6 +143,7 @@ impl ServerBuilder {
             local_addr,
             tls,
             console: config.console,
+            notify,
         })
     }
 }
@@ -150,6 +155,7 @@ pub struct Server {
     local_addr: SocketAddr,
     tls: TlsMaterial,
     console: ConsoleConfig,
+    notify: Option<Notify>,
 }
 
 impl std::fmt::Debug for Server {
@@ -224,6 +230,11 @@ impl Server {
             // use tokens and present none. An untrusted certificate fails the handshake.
             .client_auth_optional(true);
         let engine = Arc::clone(&self.engine);
+        // Notification feeds subscribe before anything is served, so they miss no change.
+        let mut notify = match self.notify {
+            Some(notify) => Some(notify.start(&engine, &self.console.max_auth_age)?),
+            None => None,
+        };
         let timer = tokio::spawn(Arc::clone(&engine).run_timer());
         let stopping = Arc::clone(&engine);
         let signal = async move {
@@ -261,6 +272,11 @@ impl Server {
             .max_decoding_message_size(limits::MAX_MESSAGE_BYTES),
         );
         let mut router = grpc.into_axum_router();
+        // Slack's interactions come signed by Slack, not from a console session: served
+        // whenever Slack is configured, console or not.
+        if let Some(slack) = notify.as_mut().and_then(|running| running.router.take()) {
+            router = router.merge(slack);
+        }
         if self.console.enabled {
             router = router.merge(http::router(
                 Arc::clone(&engine),
@@ -280,6 +296,9 @@ impl Server {
             .map_err(|source| Error::Transport { source });
         engine.shutdown.cancel();
         drop(timer.await);
+        if let Some(notify) = notify {
+            notify.finish().await;
+        }
         let audit = Arc::clone(engine.audit());
         let flushed = tokio::task::spawn_blocking(move || audit.shutdown())
             .await

@@ -168,6 +168,28 @@ pub trait Store: Send + Sync + 'static {
     fn list_reviewers(&self) -> StoreFuture<'_, Vec<Reviewer>>;
     /// `false` if there was no such reviewer.
     fn remove_reviewer(&self, name: String) -> StoreFuture<'_, bool>;
+
+    /// What a notification sink keeps about a delivery ([`crate::notify`]): e.g. the Slack
+    /// message of a request in a channel, or that a webhook event was delivered. `None`
+    /// when nothing was delivered under `key` yet.
+    fn notice(&self, key: String) -> StoreFuture<'_, Option<String>>;
+    /// Records (or replaces) what was delivered under `key`.
+    fn set_notice(&self, key: String, value: String) -> StoreFuture<'_, ()>;
+    /// Keeps a notification that could not be delivered (retries exhausted, or refused).
+    fn dead_letter(&self, letter: DeadLetter) -> StoreFuture<'_, ()>;
+}
+
+/// A notification given up on, kept for an operator (table `dead_letters`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The sink: `slack`, `teams` or `webhook:NAME`.
+    pub sink: String,
+    /// What it was about (the delivery's key: request id, channel, event id).
+    pub key: String,
+    /// The last failure.
+    pub error: String,
+    pub attempts: u32,
+    pub at: OffsetDateTime,
 }
 
 /// What similar requests share: the executable, or the destination (address and port).

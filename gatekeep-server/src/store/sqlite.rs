@@ -33,8 +33,8 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    Admission, AdmissionQuery, GrantQuery, Inserted, RequestQuery, Store, StoreError, StoreFuture,
-    Transition, Versioned, ms, subject_key, target_key,
+    Admission, AdmissionQuery, DeadLetter, GrantQuery, Inserted, RequestQuery, Store, StoreError,
+    StoreFuture, Transition, Versioned, ms, subject_key, target_key,
 };
 use crate::reviewer::Reviewer;
 
@@ -80,6 +80,24 @@ CREATE TABLE reviewers (
     token_sha256 TEXT NOT NULL UNIQUE,
     groups       TEXT NOT NULL,
     created_at   INTEGER NOT NULL
+) STRICT;
+";
+
+/// Notification bookkeeping ([`crate::notify`]), added to version-1 databases as they
+/// open: additive tables that older builds ignore, so no schema version of their own.
+const NOTIFY_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS notices (
+    key        TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id       INTEGER PRIMARY KEY,
+    sink     TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    error    TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    at       INTEGER NOT NULL
 ) STRICT;
 ";
 
@@ -287,6 +305,7 @@ fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection, 
             });
         }
     }
+    conn.execute_batch(NOTIFY_SCHEMA).map_err(open_err)?;
     Ok(conn)
 }
 
@@ -808,6 +827,36 @@ impl Store for SqliteStore {
     fn remove_reviewer(&self, name: String) -> StoreFuture<'_, bool> {
         Box::pin(self.call(move |conn| {
             Ok(conn.execute("DELETE FROM reviewers WHERE name = ?1", [name])? == 1)
+        }))
+    }
+
+    fn notice(&self, key: String) -> StoreFuture<'_, Option<String>> {
+        Box::pin(self.read(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT value FROM notices WHERE key = ?1")?
+                .query_row([key], |row| row.get(0))
+                .optional()?)
+        }))
+    }
+
+    fn set_notice(&self, key: String, value: String) -> StoreFuture<'_, ()> {
+        Box::pin(self.call_single_write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO notices (key, value, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            )?
+            .execute(params![key, value, ms(OffsetDateTime::now_utc())])?;
+            Ok(())
+        }))
+    }
+
+    fn dead_letter(&self, letter: DeadLetter) -> StoreFuture<'_, ()> {
+        Box::pin(self.call_single_write(move |conn| {
+            conn.execute(
+                "INSERT INTO dead_letters (sink, key, error, attempts, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![letter.sink, letter.key, letter.error, letter.attempts, ms(letter.at)],
+            )?;
+            Ok(())
         }))
     }
 }

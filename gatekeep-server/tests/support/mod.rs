@@ -8,6 +8,7 @@
     reason = "each test binary uses a different part of this module"
 )]
 
+pub mod chat;
 pub mod idp;
 
 use std::{sync::Arc, time::Duration};
@@ -31,7 +32,7 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 
 pub struct Harness {
     pub pki: Arc<Pki>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     pub base: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), gatekeep_server::Error>>>,
@@ -77,7 +78,7 @@ impl Harness {
         }));
         Self {
             pki,
-            _dir: dir,
+            dir,
             base,
             stop: Some(stop),
             task: Some(task),
@@ -91,6 +92,11 @@ impl Harness {
             .find(|(n, _)| n == name)
             .map(|(_, t)| t.clone())
             .expect("known reviewer")
+    }
+
+    /// The service's data directory (`state.db`, `audit.db`).
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,488 @@
+//! Slack: a Block Kit message per pending request in the channels its policy or host
+//! group is routed to, updated (`chat.update`) when the request is decided anywhere,
+//! expires or is cancelled; and the interaction endpoint its buttons call
+//! ([`interactions`]).
+//!
+//! Idempotent delivery: the message's channel and `ts` are stored per request and channel
+//! (store notices `slack:CHANNEL:ID`) with the state it shows, so a retried or repeated job
+//! posts a request once and updates it once per change.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use gatekeep_proto::{
+    GrantDuration,
+    model::{RequestRecord, RequestState},
+};
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    config::{SlackApprovals, SlackConfig},
+    delivery::{self, Failure, Sink},
+    render,
+    secret::Secret,
+};
+use crate::{error::Error, lifecycle::Engine};
+
+pub mod interactions;
+
+/// Action ids of the message's interactive elements.
+pub(crate) const APPROVE: &str = "gatekeep_approve";
+pub(crate) const DENY: &str = "gatekeep_deny";
+pub(crate) const DURATION: &str = "gatekeep_duration";
+/// The actions block (its state carries the chosen duration).
+pub(crate) const ACTIONS_BLOCK: &str = "gatekeep_actions";
+
+/// Escapes text for Slack's mrkdwn: `&`, `<` and `>` are its control characters (links,
+/// mentions such as `<!channel>`), per Slack's "Escaping text" rules.
+#[must_use]
+pub fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Slack's Web API, with the bot token.
+#[derive(Clone)]
+pub(crate) struct SlackApi {
+    http: reqwest::Client,
+    base: String,
+    token: Secret,
+}
+
+impl std::fmt::Debug for SlackApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlackApi")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Slack error codes worth another attempt (the rest are a wrong channel, token or scope:
+/// retrying changes nothing).
+const TRANSIENT: &[&str] = &[
+    "ratelimited",
+    "internal_error",
+    "fatal_error",
+    "service_unavailable",
+    "request_timeout",
+];
+
+impl SlackApi {
+    pub(crate) fn new(http: reqwest::Client, base: &str, token: Secret) -> Self {
+        Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        }
+    }
+
+    /// Reads a Web API answer: HTTP status, then Slack's `ok`/`error`.
+    async fn answer(
+        method: &str,
+        response: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<Value, Failure> {
+        let response = response.map_err(|err| delivery::network(method, &err))?;
+        delivery::classify(&response, method)?;
+        let body: Value = response
+            .json()
+            .await
+            .map_err(|_| Failure::retry(format!("{method}: the answer is not json")))?;
+        if body["ok"].as_bool() == Some(true) {
+            return Ok(body);
+        }
+        let error = body["error"]
+            .as_str()
+            .unwrap_or("no error given")
+            .to_owned();
+        let message = format!("{method}: slack says `{error}`");
+        if TRANSIENT.contains(&error.as_str()) {
+            Err(Failure::retry(message))
+        } else {
+            Err(Failure::Permanent { message })
+        }
+    }
+
+    /// A JSON Web API call (`chat.postMessage`, `chat.update`, `chat.postEphemeral`).
+    pub(crate) async fn call(&self, method: &str, body: &Value) -> Result<Value, Failure> {
+        let response = self
+            .http
+            .post(format!("{}/{method}", self.base))
+            .bearer_auth(self.token.expose())
+            .json(body)
+            .send()
+            .await;
+        Self::answer(method, response).await
+    }
+
+    /// `users.info`: the user's profile (with email, given `users:read.email`).
+    pub(crate) async fn user_info(&self, user: &str) -> Result<Value, Failure> {
+        let response = self
+            .http
+            .get(format!("{}/users.info", self.base))
+            .bearer_auth(self.token.expose())
+            .query(&[("user", user)])
+            .send()
+            .await;
+        Self::answer("users.info", response).await
+    }
+}
+
+/// Where and how requests go to Slack.
+pub(crate) struct Routing {
+    routes: Vec<Route>,
+    default_channel: Option<String>,
+    approvals: BTreeMap<String, SlackApprovals>,
+}
+
+struct Route {
+    policy: Option<String>,
+    hosts: Option<GlobSet>,
+    channel: String,
+}
+
+impl Routing {
+    pub(crate) fn new(
+        config: &SlackConfig,
+        host_groups: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Self, Error> {
+        let bad = |message: String| Error::Notify { message };
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for (index, route) in config.routes.iter().enumerate() {
+            let what = format!("[[notify.slack.routes]] #{}", index + 1);
+            if route.policy.is_none() && route.host_group.is_none() {
+                return Err(bad(format!(
+                    "{what}: give `policy`, `host_group` or both (use `channel` in [notify.slack] for everything else)"
+                )));
+            }
+            if route.channel.trim().is_empty() {
+                return Err(bad(format!("{what}: `channel` is empty")));
+            }
+            let hosts = match &route.host_group {
+                None => None,
+                Some(group) => {
+                    let patterns = host_groups.get(group).ok_or_else(|| {
+                        bad(format!(
+                            "{what}: host_group `{group}` is not defined in [host_groups]"
+                        ))
+                    })?;
+                    let mut set = GlobSetBuilder::new();
+                    for pattern in patterns {
+                        set.add(Glob::new(pattern).map_err(|err| bad(format!("{what}: {err}")))?);
+                    }
+                    Some(set.build().map_err(|err| bad(format!("{what}: {err}")))?)
+                }
+            };
+            routes.push(Route {
+                policy: route.policy.clone(),
+                hosts,
+                channel: route.channel.clone(),
+            });
+        }
+        Ok(Self {
+            routes,
+            default_channel: config.channel.clone().filter(|c| !c.trim().is_empty()),
+            approvals: config.approvals.clone(),
+        })
+    }
+
+    /// The channels of a request: every matching route's, else the default channel.
+    pub(crate) fn channels(&self, record: &RequestRecord) -> Vec<String> {
+        let mut channels: Vec<String> = Vec::new();
+        for route in &self.routes {
+            let policy_ok = route
+                .policy
+                .as_ref()
+                .is_none_or(|policy| *policy == record.request.policy);
+            let host_ok = route
+                .hosts
+                .as_ref()
+                .is_none_or(|hosts| hosts.is_match(&record.host));
+            if policy_ok && host_ok && !channels.contains(&route.channel) {
+                channels.push(route.channel.clone());
+            }
+        }
+        if channels.is_empty()
+            && let Some(channel) = &self.default_channel
+        {
+            channels.push(channel.clone());
+        }
+        channels
+    }
+
+    /// Buttons or a console link, for a policy.
+    pub(crate) fn approvals(&self, policy: &str) -> SlackApprovals {
+        self.approvals.get(policy).copied().unwrap_or_default()
+    }
+}
+
+/// A Slack message for `record`: its blocks and notification text.
+pub(crate) fn message(
+    record: &RequestRecord,
+    mode: SlackApprovals,
+    console_url: Option<&str>,
+    now: OffsetDateTime,
+) -> (Vec<Value>, String) {
+    let request = &record.request;
+    let title = render::outcome(record.state);
+    let host = escape(&render::word(&record.host));
+    let policy = escape(&render::word(&request.policy));
+    let (label, subject) = render::subject(record);
+    let deadline = record.deadline.unix_timestamp();
+    let mut fields = vec![
+        json!({"type": "mrkdwn", "text": format!("*Host*\n{host}")}),
+        json!({"type": "mrkdwn", "text": format!("*Policy*\n{policy}")}),
+        json!({"type": "mrkdwn", "text": format!("*Asked by*\n{}", escape(&render::asker(record)))}),
+    ];
+    if record.state == RequestState::Pending {
+        fields.push(json!({"type": "mrkdwn", "text": format!(
+            "*Time left*\n{} (until <!date^{deadline}^{{date_short_pretty}} {{time_secs}}|{}>)",
+            render::time_left(record, now),
+            render::rfc3339(record.deadline)
+        )}));
+    }
+    let mut blocks = vec![
+        json!({"type": "header", "text": {"type": "plain_text", "text": format!("gatekeep: {title}"), "emoji": false}}),
+        json!({"type": "section", "fields": fields}),
+        // Verbatim: plain_text is never parsed for links, mentions or formatting.
+        json!({"type": "section", "text": {"type": "plain_text", "text": format!("{label}: {subject}"), "emoji": false}}),
+    ];
+    let votes = if record.approvals.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<String> = record
+            .approvals
+            .iter()
+            .map(|vote| escape(&vote.reviewer))
+            .collect();
+        format!(" · approved by {}", names.join(", "))
+    };
+    blocks.push(
+        json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!(
+            "Request `{}` · rule {} · {} of {} approvals{votes}",
+            request.id,
+            escape(&render::word(&request.rule)),
+            record.approvals.len(),
+            record.approvals_required
+        )}]}),
+    );
+    if let Some(decision) = &record.decision {
+        let at = decision.decided_at.unix_timestamp();
+        let reason = if decision.reason.is_empty() {
+            String::new()
+        } else {
+            format!("\nReason: {}", escape(&decision.reason))
+        };
+        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": format!(
+            "*{title}* by {} at <!date^{at}^{{date_short_pretty}} {{time_secs}}|{}>{}{reason}",
+            escape(&decision.decided_by),
+            render::rfc3339(decision.decided_at),
+            if decision.duration == GrantDuration::Once { String::new() } else { format!(" (for {})", decision.duration) },
+        )}}));
+    } else {
+        let mut actions = Vec::new();
+        let console = console_url.map(|url| render::console_link(url, record));
+        match mode {
+            SlackApprovals::Buttons => {
+                let durations = &request.approval.grant_durations;
+                if durations.len() > 1 {
+                    let options: Vec<Value> = durations
+                        .iter()
+                        .map(|d| json!({"text": {"type": "plain_text", "text": d.to_string()}, "value": d.to_string()}))
+                        .collect();
+                    let once = durations
+                        .iter()
+                        .position(|d| *d == GrantDuration::Once)
+                        .unwrap_or(0);
+                    actions.push(json!({
+                        "type": "static_select", "action_id": DURATION,
+                        "placeholder": {"type": "plain_text", "text": "Duration"},
+                        "options": options, "initial_option": options[once].clone(),
+                    }));
+                }
+                actions.push(json!({"type": "button", "action_id": APPROVE, "style": "primary",
+                    "text": {"type": "plain_text", "text": "Approve"}, "value": request.id.to_string()}));
+                actions.push(json!({"type": "button", "action_id": DENY, "style": "danger",
+                    "text": {"type": "plain_text", "text": "Deny"}, "value": request.id.to_string()}));
+                if let Some(url) = console {
+                    actions.push(json!({"type": "button", "action_id": "gatekeep_open",
+                        "text": {"type": "plain_text", "text": "Open in console"}, "url": url}));
+                }
+            }
+            SlackApprovals::Link => {
+                if let Some(url) = console {
+                    actions.push(
+                        json!({"type": "button", "action_id": "gatekeep_open", "style": "primary",
+                        "text": {"type": "plain_text", "text": "Review in console"}, "url": url}),
+                    );
+                }
+            }
+        }
+        if !actions.is_empty() {
+            blocks.push(json!({"type": "actions", "block_id": ACTIONS_BLOCK, "elements": actions}));
+        }
+    }
+    let text = format!("gatekeep: {title} on {host} (policy {policy})");
+    (blocks, text)
+}
+
+/// What is stored per request and channel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Posted {
+    /// The channel id Slack answered with (`chat.update` needs the id, not a name).
+    channel: String,
+    ts: String,
+    /// The state the message shows ([`shown`]).
+    shown: String,
+}
+
+/// What a message shows, to skip updates that would change nothing.
+fn shown(record: &RequestRecord) -> String {
+    format!("{}:{}", record.state, record.approvals.len())
+}
+
+/// A job: bring `channel`'s message of request `id` up to date. `post` is set when the
+/// change that made it was a pending request: only those are posted (a request a grant or
+/// rule decided at once never needed a reviewer).
+#[derive(Debug, Clone)]
+pub(crate) struct SlackJob {
+    pub id: Uuid,
+    pub channel: String,
+    pub post: bool,
+}
+
+/// The Slack sink.
+pub(crate) struct SlackSink {
+    pub api: SlackApi,
+    pub engine: Arc<Engine>,
+    pub routing: Arc<Routing>,
+    pub console_url: Option<String>,
+}
+
+impl SlackSink {
+    /// Jobs for a changed request.
+    pub(crate) fn jobs(&self, record: &RequestRecord) -> Vec<SlackJob> {
+        self.routing
+            .channels(record)
+            .into_iter()
+            .map(|channel| SlackJob {
+                id: record.request.id,
+                channel,
+                post: record.state == RequestState::Pending,
+            })
+            .collect()
+    }
+
+    async fn sync(&self, job: &SlackJob) -> Result<(), Failure> {
+        let store_failure = |err: crate::store::StoreError| Failure::retry(format!("store: {err}"));
+        // The request as it is now: a job that waited through an outage shows the latest.
+        let Some(record) = self
+            .engine
+            .store
+            .get_request(job.id)
+            .await
+            .map_err(store_failure)?
+        else {
+            return Ok(());
+        };
+        let record = record.value;
+        let key = format!("slack:{}:{}", job.channel, job.id);
+        let posted: Option<Posted> = self
+            .engine
+            .store
+            .notice(key.clone())
+            .await
+            .map_err(store_failure)?
+            .and_then(|text| serde_json::from_str(&text).ok());
+        let now_shown = shown(&record);
+        if posted.as_ref().is_some_and(|p| p.shown == now_shown) {
+            return Ok(());
+        }
+        if posted.is_none() && !job.post {
+            return Ok(());
+        }
+        let mode = self.routing.approvals(&record.request.policy);
+        let (blocks, text) = message(
+            &record,
+            mode,
+            self.console_url.as_deref(),
+            OffsetDateTime::now_utc(),
+        );
+        let stored = match posted {
+            None => {
+                let answer = self
+                    .api
+                    .call(
+                        "chat.postMessage",
+                        &json!({"channel": job.channel, "text": text, "blocks": blocks, "unfurl_links": false}),
+                    )
+                    .await?;
+                let ts = answer["ts"].as_str().unwrap_or_default().to_owned();
+                if ts.is_empty() {
+                    return Err(Failure::Permanent {
+                        message: "chat.postMessage: the answer has no `ts`".to_owned(),
+                    });
+                }
+                Posted {
+                    channel: answer["channel"]
+                        .as_str()
+                        .unwrap_or(&job.channel)
+                        .to_owned(),
+                    ts,
+                    shown: now_shown,
+                }
+            }
+            Some(posted) => {
+                self.api
+                    .call(
+                        "chat.update",
+                        &json!({"channel": posted.channel, "ts": posted.ts, "text": text, "blocks": blocks}),
+                    )
+                    .await?;
+                Posted {
+                    shown: now_shown,
+                    ..posted
+                }
+            }
+        };
+        let value = serde_json::to_string(&stored)
+            .map_err(|err| Failure::retry(format!("encode: {err}")))?;
+        self.engine
+            .store
+            .set_notice(key, value)
+            .await
+            .map_err(store_failure)
+    }
+}
+
+impl Sink for SlackSink {
+    type Job = SlackJob;
+
+    fn name(&self) -> &'static str {
+        "slack"
+    }
+
+    fn key(&self, job: &SlackJob) -> String {
+        format!("{}:{}", job.channel, job.id)
+    }
+
+    fn deliver(&self, job: &SlackJob) -> impl Future<Output = Result<(), Failure>> + Send {
+        self.sync(job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mrkdwn_control_characters_are_escaped() {
+        assert_eq!(
+            escape("<!channel> & <https://evil|click>"),
+            "&lt;!channel&gt; &amp; &lt;https://evil|click&gt;"
+        );
+    }
+}
