@@ -216,3 +216,34 @@ put("audit_verify", "export", b"\x01" + (
 put("audit_verify", "edit-sql", b"\x02\xff" + bytes([1, 6, 2, ord("{"), ord("}"), 32]))
 put("audit_verify", "edit-bytes", b"\x02" + bytes([0x10, 0x00, 0x41, 0x00, 0x20, 0x00]))
 put("audit_verify", "pristine", b"\x02")
+
+# --- slack_interaction: TIMESTAMP\nSIGNATURE\nBODY, signed with the target's secret ---------
+import hashlib
+import hmac
+import urllib.parse
+
+SLACK_SECRET = b"fuzz-signing-secret"
+
+
+def slack(name, timestamp, payload, sign=True):
+    body = b"payload=" + urllib.parse.quote(json.dumps(payload)).encode() if payload is not None else b"token=x"
+    mac = hmac.new(SLACK_SECRET, b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256).hexdigest()
+    signature = "v0=" + (mac if sign else "0" * 64)
+    put("slack_interaction", name, timestamp.encode() + b"\n" + signature.encode() + b"\n" + body)
+
+
+button = {
+    "type": "block_actions",
+    "user": {"id": "U0ALICE", "team_id": "T0TEAM"},
+    "team": {"id": "T0TEAM"},
+    "channel": {"id": "C0AGENTS"},
+    "actions": [{"action_id": "gatekeep_approve", "value": "b1ec35ee-0000-4000-8000-000000000001"}],
+    "state": {"values": {"gatekeep_actions": {"gatekeep_duration": {"selected_option": {"value": "1h"}}}}},
+}
+slack("approve", "1800000000", button)
+slack("deny", "1800000000", dict(button, actions=[{"action_id": "gatekeep_deny", "value": "x"}]))
+slack("other-type", "1800000000", {"type": "view_submission", "user": {"id": "U1"}})
+slack("no-payload", "1800000000", None)
+slack("stale", "1531420618", button)
+slack("unsigned", "1800000000", button, sign=False)
+slack("minimum", "-9223372036854775808", button)

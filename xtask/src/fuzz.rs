@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Project)] = &[
     ("canonical_json", Project::Light),
     ("ring_buffer_event", Project::Agent),
     ("btf", Project::Agent),
+    ("slack_interaction", Project::Agent),
 ];
 
 /// One of the two cargo-fuzz projects.

@@ -133,7 +133,8 @@ pub fn verify(
         .and_then(|v| v.to_str().ok())
         .ok_or(Refused::Timestamp)?;
     let at: i64 = timestamp.parse().map_err(|_| Refused::Timestamp)?;
-    if (now - at).abs() > REPLAY_WINDOW_SECS {
+    // abs_diff: a timestamp near i64::MIN must not overflow (found by fuzzing's shape).
+    if now.abs_diff(at) > REPLAY_WINDOW_SECS.unsigned_abs() {
         return Err(Refused::Stale);
     }
     let signature = headers
@@ -171,7 +172,7 @@ pub fn verify(
 
 /// The parts of a `block_actions` payload used here.
 #[derive(Debug, Deserialize)]
-struct Payload {
+pub struct Payload {
     #[serde(rename = "type")]
     kind: String,
     user: User,
@@ -221,6 +222,26 @@ struct SelectedOption {
     value: String,
 }
 
+impl Payload {
+    /// The `payload` field of a verified form body (`application/x-www-form-urlencoded`),
+    /// parsed; the error says what is wrong, for the `400` answer.
+    pub fn from_body(body: &[u8]) -> Result<Self, String> {
+        let payload = form_urlencoded::parse(body)
+            .find(|(name, _)| name == "payload")
+            .map(|(_, value)| value.into_owned())
+            .ok_or_else(|| "no `payload` field".to_owned())?;
+        serde_json::from_str(&payload)
+            .map_err(|err| format!("payload is not a slack interaction: {err}"))
+    }
+
+    /// What the payload asks, for a log line: its type, and its actions' ids.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        let actions: Vec<&str> = self.actions.iter().map(|a| a.action_id.as_str()).collect();
+        format!("{} {:?}", self.kind, actions)
+    }
+}
+
 async fn interaction(
     State(state): State<Arc<Interactions>>,
     headers: HeaderMap,
@@ -234,22 +255,11 @@ async fn interaction(
         tracing::warn!(reason = %refused, "slack interaction refused");
         return (StatusCode::UNAUTHORIZED, refused.to_string()).into_response();
     }
-    let payload = form_urlencoded::parse(&body)
-        .find(|(name, _)| name == "payload")
-        .map(|(_, value)| value.into_owned());
-    let Some(payload) = payload else {
-        return (StatusCode::BAD_REQUEST, "no `payload` field").into_response();
-    };
-    let payload: Payload = match serde_json::from_str(&payload) {
+    let payload = match Payload::from_body(&body) {
         Ok(payload) => payload,
-        Err(err) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("payload is not a slack interaction: {err}"),
-            )
-                .into_response();
-        }
+        Err(err) => return (StatusCode::BAD_REQUEST, err).into_response(),
     };
+    tracing::debug!(payload = %payload.summary(), "slack interaction");
     tokio::spawn(async move { handle(&state, payload).await });
     StatusCode::OK.into_response()
 }
@@ -495,5 +505,34 @@ mod tests {
             verify(&secret, &headers(&ts, &good), body, now + 10, &seen),
             Err(Refused::Replayed)
         );
+    }
+
+    #[test]
+    fn timestamps_at_the_ends_of_the_range_are_stale_not_a_panic() {
+        let (secret, seen) = (Secret::new("s3cret"), ReplayGuard::default());
+        for ts in [i64::MIN.to_string(), i64::MAX.to_string()] {
+            let headers = headers(&ts, &sign("s3cret", &ts, b""));
+            assert_eq!(
+                verify(&secret, &headers, b"", 1_800_000_000, &seen),
+                Err(Refused::Stale),
+                "{ts}"
+            );
+        }
+    }
+
+    #[test]
+    fn bodies_without_a_slack_payload_say_what_is_wrong() {
+        let missing = Payload::from_body(b"token=x").unwrap_err();
+        assert_eq!(missing, "no `payload` field");
+        let not_json = Payload::from_body(b"payload=%7Bnope").unwrap_err();
+        assert!(
+            not_json.starts_with("payload is not a slack interaction"),
+            "{not_json}"
+        );
+        let ok = Payload::from_body(
+            b"payload=%7B%22type%22%3A%22block_actions%22%2C%22user%22%3A%7B%22id%22%3A%22U1%22%7D%7D",
+        )
+        .expect("a minimal block_actions payload");
+        assert_eq!(ok.summary(), "block_actions []");
     }
 }
