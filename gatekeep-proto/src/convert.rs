@@ -291,6 +291,7 @@ pub fn withdraw_reason(value: i32) -> Result<WithdrawReason> {
     match v1::WithdrawReason::try_from(value) {
         Ok(v1::WithdrawReason::TaskExited) => Ok(WithdrawReason::TaskExited),
         Ok(v1::WithdrawReason::Superseded) => Ok(WithdrawReason::Superseded),
+        Ok(v1::WithdrawReason::AgentDeadline) => Ok(WithdrawReason::AgentDeadline),
         Ok(v1::WithdrawReason::Unspecified) => Err(WireError::missing("reason")),
         Err(_) => Err(WireError::invalid(
             "reason",
@@ -304,6 +305,7 @@ impl From<WithdrawReason> for v1::WithdrawReason {
         match reason {
             WithdrawReason::TaskExited => v1::WithdrawReason::TaskExited,
             WithdrawReason::Superseded => v1::WithdrawReason::Superseded,
+            WithdrawReason::AgentDeadline => v1::WithdrawReason::AgentDeadline,
         }
     }
 }

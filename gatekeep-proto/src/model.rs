@@ -71,6 +71,8 @@ pub enum WithdrawReason {
     TaskExited,
     /// The task asked something else; the request no longer applies.
     Superseded,
+    /// The agent's deadline passed first: it applied the policy's timeout action.
+    AgentDeadline,
 }
 
 /// What is asked: an executable with its argv, or a destination.
@@ -515,6 +517,7 @@ impl WithdrawReason {
         match self {
             WithdrawReason::TaskExited => "task_exited",
             WithdrawReason::Superseded => "superseded",
+            WithdrawReason::AgentDeadline => "agent_deadline",
         }
     }
 }

@@ -749,6 +749,14 @@ impl Engine {
                 if record.host != host {
                     return Err(Error::UnknownRequest { id });
                 }
+                if reason == WithdrawReason::AgentDeadline {
+                    // The agent applied the timeout action: the request expired, whatever
+                    // this service's clock says.
+                    let mut expired = Self::expiry(record, OffsetDateTime::now_utc());
+                    expired.decided_by = format!("agent:{host}");
+                    expired.reason = format!("{}: {detail}", reason.as_str());
+                    return Ok((Outcome::Final(Box::new(expired)), None));
+                }
                 Ok((
                     Outcome::Final(Box::new(Decision {
                         request_id: id,

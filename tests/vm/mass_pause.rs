@@ -3,6 +3,7 @@
 //! are resolved; none is left behind. The figures are printed, not asserted.
 
 use std::{
+    collections::BTreeMap,
     fs,
     time::{Duration, Instant},
 };
@@ -48,14 +49,19 @@ fn tasks_this_vm_allows() -> usize {
     n
 }
 
-/// Tasks of `cgroup` stopped now.
-fn stopped_in(procs: &str) -> usize {
-    fs::read_to_string(procs)
+/// How many tasks of the cgroup (its `cgroup.procs`) are in each state now.
+fn states_in(procs: &str) -> BTreeMap<char, usize> {
+    let mut states = BTreeMap::new();
+    for pid in fs::read_to_string(procs)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.trim().parse::<u32>().ok())
-        .filter(|&pid| matches!(task_state(pid, pid), Some('T' | 't')))
-        .count()
+    {
+        *states
+            .entry(task_state(pid, pid).unwrap_or('?'))
+            .or_default() += 1;
+    }
+    states
 }
 
 #[test]
@@ -79,10 +85,12 @@ fn ten_thousand_tasks_paused_at_once_are_all_resolved() {
     let (mut peak, mut all_paused_at) = (0, None);
     let mut reported = Instant::now();
     while parent.try_wait().expect("try_wait").is_none() {
-        let stopped = stopped_in(&procs);
+        let states = states_in(&procs);
+        let stopped =
+            states.get(&'T').copied().unwrap_or(0) + states.get(&'t').copied().unwrap_or(0);
         if reported.elapsed() >= Duration::from_secs(30) {
             eprintln!(
-                "mass pause: {:?}: {stopped} paused now, {peak} at most",
+                "mass pause: {:?}: {stopped} paused now, {peak} at most; states {states:?}",
                 started.elapsed()
             );
             reported = Instant::now();

@@ -69,6 +69,8 @@ pub enum Withdrawal {
     TaskExited,
     /// The task asked something else, or the kernel dropped the request.
     Superseded,
+    /// The agent's deadline came before any answer: the timeout action was applied.
+    DeadlinePassed,
 }
 
 /// The two outcomes a paused syscall can have.
@@ -232,7 +234,16 @@ pub async fn decide_by_deadline<D: Decider>(
         },
     )
     .await;
-    answer.unwrap_or_else(|| Decision::expired(&request))
+    answer.unwrap_or_else(|| {
+        // The deadline is monotonic; the service's is a wall-clock time that a clock set
+        // back (or skewed) puts later. Tell the service, or it keeps listing the request.
+        decider.withdraw(
+            request.id(),
+            Withdrawal::DeadlinePassed,
+            "the agent's deadline passed first; it applied the policy's timeout action",
+        );
+        Decision::expired(&request)
+    })
 }
 
 #[cfg(test)]

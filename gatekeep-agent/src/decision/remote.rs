@@ -120,6 +120,7 @@ impl Decider for RemoteDecider {
         let reason = match reason {
             Withdrawal::TaskExited => WithdrawReason::TaskExited,
             Withdrawal::Superseded => WithdrawReason::Superseded,
+            Withdrawal::DeadlinePassed => WithdrawReason::AgentDeadline,
         };
         let detail: String = detail.chars().take(limits::MAX_REASON / 4).collect();
         if let Err(err) = self.link.withdraw(request_id, reason, detail) {
