@@ -133,7 +133,7 @@ fn ten_thousand_tasks_paused_at_once_are_all_resolved() {
 }
 
 /// The workload's `exec-many N PATH`: forks N children that each wait on a
-/// pipe, then lets them all `execv(PATH, [PATH, "true"])` at once; prints
+/// pipe, then lets them all `execv(PATH, ["true"])` (a busybox copy) at once; prints
 /// `forked N`, then `ran R denied D other O` once every child has ended.
 pub fn run(args: &[String]) -> i32 {
     let (Some(Ok(n)), Some(path)) = (args.first().map(|a| a.parse::<usize>()), args.get(1)) else {
@@ -141,7 +141,7 @@ pub fn run(args: &[String]) -> i32 {
         return 2;
     };
     let path = std::ffi::CString::new(path.as_str()).unwrap_or_default();
-    let arg1 = c"true";
+    let arg0 = c"true";
     let mut gate = [0; 2];
     // SAFETY: plain syscalls in a single-threaded process (the workload
     // runs before libtest starts any thread); a child only reads, execs and
@@ -156,9 +156,14 @@ pub fn run(args: &[String]) -> i32 {
             match libc::fork() {
                 0 => {
                     libc::close(gate[1]);
+                    // Nothing a child prints may fill the test's pipes while nobody reads.
+                    let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+                    libc::dup2(null, 1);
+                    libc::dup2(null, 2);
                     let mut byte = 0u8;
                     libc::read(gate[0], (&raw mut byte).cast(), 1);
-                    let argv = [path.as_ptr(), arg1.as_ptr(), std::ptr::null()];
+                    // argv[0] `true`: the busybox applet.
+                    let argv = [arg0.as_ptr(), std::ptr::null()];
                     libc::execv(path.as_ptr(), argv.as_ptr());
                     libc::_exit(111);
                 }
