@@ -1,5 +1,6 @@
 //! `gatekeep`: the reviewers' and administrators' command line.
 
+mod api;
 mod config;
 mod escape;
 mod forecast;
@@ -59,6 +60,23 @@ enum Command {
     /// Sign in with the service's identity provider (OpenID Connect device flow) and keep
     /// the session's token in the CLI config.
     Login,
+    /// Call the service's HTTP/JSON API (the console's; routes at /api/v1/openapi.json)
+    /// and print its JSON answer, e.g. `gatekeep api post
+    /// /api/v1/requests/ID/decision --body '{"verdict": "allow", "reason": "ticket 42"}'`.
+    Api {
+        /// The HTTP method.
+        #[arg(value_enum)]
+        method: api::ApiMethod,
+        /// A path under /api/v1/ (with its query string, if any).
+        path: String,
+        /// The JSON body of a POST.
+        #[arg(long, value_name = "JSON")]
+        body: Option<String>,
+        /// Sign in as the console does (a session cookie from the token, its CSRF token on
+        /// changes; signed out after) instead of sending the token as a bearer credential.
+        #[arg(long)]
+        session: bool,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -572,6 +590,21 @@ impl App {
                 );
                 Ok(())
             }
+            Command::Api {
+                method,
+                path,
+                body,
+                session,
+            } => {
+                let answer =
+                    api::call(&self.connection, method, &path, body.as_deref(), session).await?;
+                // The answer holds workload strings: nothing in them reaches the terminal raw.
+                println!(
+                    "{}",
+                    escape::json(&serde_json::to_string_pretty(&answer)?)
+                );
+                Ok(())
+            }
             Command::Completions { shell } => {
                 clap_complete::generate(
                     shell,
@@ -721,6 +754,7 @@ async fn main() -> ExitCode {
             | Command::Grants(_)
             | Command::Status
             | Command::Login
+            | Command::Api { .. }
             | Command::Audit(
                 AuditCommand::Verify { db: None } | AuditCommand::Export { db: None, .. }
             )

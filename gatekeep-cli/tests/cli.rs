@@ -513,6 +513,53 @@ async fn short_ids_are_unique_and_prefixes_resolve_or_name_the_candidates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_without_a_reason_is_refused_where_the_policy_requires_one() {
+    let running = running().await;
+    let env = &running.env;
+    let mut asked = with_id(
+        request(&["terraform", "apply"]),
+        "4eed0000-aaaa-4aaa-8aaa-aaaaaaaaaaaa",
+    );
+    asked.approval.require_reason = true;
+    ask(&running, &asked).await;
+
+    // No reason, or only blanks: refused, saying which policy wants one and how to give it.
+    for args in [
+        &["review", "approve", "4eed"][..],
+        &["review", "approve", "4eed", "--reason", "  "][..],
+    ] {
+        let refused = env.run(args).await;
+        assert!(!refused.status.success(), "{}", stdout(&refused));
+        let message = stderr(&refused);
+        assert!(
+            message.contains("policy `ai-agents` requires a reason for approvals")
+                && message.contains("--reason"),
+            "{message}"
+        );
+    }
+    let shown = stdout(&env.run(&["review", "show", "4eed"]).await);
+    assert!(shown.contains("state        pending"), "{shown}");
+
+    let approved = env
+        .run(&["review", "approve", "4eed", "--reason", "planned change CHG-42"])
+        .await;
+    assert!(approved.status.success(), "{}", stderr(&approved));
+    assert!(
+        stdout(&approved).starts_with(&format!("{} approved", asked.id)),
+        "{}",
+        stdout(&approved)
+    );
+
+    running.stop.send(()).ok();
+    drop(running.link);
+    tokio::time::timeout(PATIENCE, running.serving)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("clean");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn escape_sequences_in_argv_cannot_drive_the_reviewers_terminal() {
     let running = running().await;
     let env = &running.env;

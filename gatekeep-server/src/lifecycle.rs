@@ -642,6 +642,13 @@ impl Engine {
                         ))
                     }
                     Verdict::Allow => {
+                        // Every surface (gRPC, HTTP, Slack) decides here, so this one check
+                        // holds for all of them.
+                        if record.request.approval.require_reason && reason.trim().is_empty() {
+                            return Err(Error::ReasonRequired {
+                                policy: record.request.policy.clone(),
+                            });
+                        }
                         if auth::is_owner(reviewer, record) {
                             return Err(Error::permission(format!(
                                 "`{}` owns the workload that asked (or is its agent) and cannot approve its own request",
