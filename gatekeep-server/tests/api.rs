@@ -1701,8 +1701,7 @@ async fn a_policy_that_requires_a_reason_refuses_approvals_without_one() {
     let policies = tempfile::tempdir().expect("temp dir");
     std::fs::write(
         policies.path().join("agents.toml"),
-        "version = 2\n\
-         [[policy]]\n\
+        "[[policy]]\n\
          name = \"ai-agents\"\n\
          cgroups = [\"/sys/fs/cgroup/agents/*\"]\n\
          [policy.approval]\n\
