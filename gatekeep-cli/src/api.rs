@@ -35,7 +35,10 @@ impl From<ApiMethod> for Method {
 enum Credentials {
     Bearer(String),
     /// The console's way: the session cookie (`name=value`) and its CSRF token.
-    Session { cookie: String, csrf: String },
+    Session {
+        cookie: String,
+        csrf: String,
+    },
 }
 
 impl Credentials {
@@ -131,8 +134,9 @@ pub async fn call(
     check_path(path)?;
     let body = body
         .map(|text| {
-            serde_json::from_str::<Value>(text)
-                .with_context(|| "--body is not JSON; quote it, e.g. --body '{\"verdict\": \"deny\"}'")
+            serde_json::from_str::<Value>(text).with_context(
+                || "--body is not JSON; quote it, e.g. --body '{\"verdict\": \"deny\"}'",
+            )
         })
         .transpose()?;
     let token = connection.review_config()?.token;
@@ -145,7 +149,10 @@ pub async fn call(
     };
     let method = Method::from(method);
     let what = format!("{method} {path}");
-    let mut request = credentials.apply(http.request(method.clone(), format!("{server}{path}")), &method);
+    let mut request = credentials.apply(
+        http.request(method.clone(), format!("{server}{path}")),
+        &method,
+    );
     if let Some(body) = &body {
         request = request.json(body);
     }

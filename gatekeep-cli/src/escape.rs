@@ -130,11 +130,19 @@ mod tests {
         let pretty = serde_json::to_string_pretty(&value).unwrap();
         let safe = json(&pretty);
         assert!(
-            !safe.chars().any(|c| c != '\n' && needs_escape(c) && c != '\\'),
+            !safe
+                .chars()
+                .any(|c| c != '\n' && needs_escape(c) && c != '\\'),
             "{safe}"
         );
-        assert!(safe.contains("\\u009b") && safe.contains("\\u202e") && safe.contains("\\u007f"), "{safe}");
-        assert_eq!(serde_json::from_str::<serde_json::Value>(&safe).unwrap(), value);
+        assert!(
+            safe.contains("\\u009b") && safe.contains("\\u202e") && safe.contains("\\u007f"),
+            "{safe}"
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&safe).unwrap(),
+            value
+        );
     }
 
     #[test]

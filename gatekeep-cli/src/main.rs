@@ -599,10 +599,7 @@ impl App {
                 let answer =
                     api::call(&self.connection, method, &path, body.as_deref(), session).await?;
                 // The answer holds workload strings: nothing in them reaches the terminal raw.
-                println!(
-                    "{}",
-                    escape::json(&serde_json::to_string_pretty(&answer)?)
-                );
+                println!("{}", escape::json(&serde_json::to_string_pretty(&answer)?));
                 Ok(())
             }
             Command::Completions { shell } => {

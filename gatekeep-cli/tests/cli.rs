@@ -541,7 +541,13 @@ async fn an_approval_without_a_reason_is_refused_where_the_policy_requires_one_c
     assert!(shown.contains("state        pending"), "{shown}");
 
     let approved = env
-        .run(&["review", "approve", "4eed", "--reason", "planned change CHG-42"])
+        .run(&[
+            "review",
+            "approve",
+            "4eed",
+            "--reason",
+            "planned change CHG-42",
+        ])
         .await;
     assert!(approved.status.success(), "{}", stderr(&approved));
     assert!(
@@ -559,7 +565,12 @@ async fn an_approval_without_a_reason_is_refused_where_the_policy_requires_one_c
     ask(&running, &asked).await;
     let path = format!("/api/v1/requests/{}/decision", asked.id);
     let listed = env
-        .run(&["api", "get", "/api/v1/requests?policy=ai-agents", "--session"])
+        .run(&[
+            "api",
+            "get",
+            "/api/v1/requests?policy=ai-agents",
+            "--session",
+        ])
         .await;
     assert!(listed.status.success(), "{}", stderr(&listed));
     let queue: serde_json::Value = serde_json::from_str(&stdout(&listed)).expect("json");
@@ -572,7 +583,14 @@ async fn an_approval_without_a_reason_is_refused_where_the_policy_requires_one_c
         "{queue}"
     );
     let refused = env
-        .run(&["api", "post", &path, "--session", "--body", r#"{"verdict": "allow"}"#])
+        .run(&[
+            "api",
+            "post",
+            &path,
+            "--session",
+            "--body",
+            r#"{"verdict": "allow"}"#,
+        ])
         .await;
     assert!(!refused.status.success());
     let message = stderr(&refused);

@@ -14,8 +14,8 @@ use std::{
 
 use gatekeep_audit::RecordKind;
 use gatekeep_client::{
-    AgentLink, AgentLinkConfig, Backoff, ClientError, ClientIdentity, ClientTls, LinkError, LinkEvent,
-    RequestFilter, ReviewClient, ReviewConfig,
+    AgentLink, AgentLinkConfig, Backoff, ClientError, ClientIdentity, ClientTls, LinkError,
+    LinkEvent, RequestFilter, ReviewClient, ReviewConfig,
 };
 use gatekeep_proto::{
     GrantDuration,
@@ -1719,7 +1719,10 @@ async fn a_policy_that_requires_a_reason_refuses_approvals_without_one() {
     let id = req.id;
     let pending = decide_later(&link, req);
     let record = wait_state(&mut alice, id, RequestState::Pending).await;
-    assert!(record.request.approval.require_reason, "the service's policy wins");
+    assert!(
+        record.request.approval.require_reason,
+        "the service's policy wins"
+    );
     for blank in ["", " \t\n"] {
         let refused = alice
             .decide(id, Verdict::Allow, blank, GrantDuration::Once)
@@ -1758,7 +1761,10 @@ async fn a_policy_that_requires_a_reason_refuses_approvals_without_one() {
         .decide(id, Verdict::Deny, "", GrantDuration::Once)
         .await
         .expect("deny without a reason");
-    assert_eq!(answer(pending).await.expect("decision").verdict, Verdict::Deny);
+    assert_eq!(
+        answer(pending).await.expect("decision").verdict,
+        Verdict::Deny
+    );
     drop(link);
     harness.stop().await;
 }

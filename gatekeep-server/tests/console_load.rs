@@ -101,7 +101,7 @@ fn request(index: usize) -> ApprovalRequest {
             approvals_required: 1,
             grant_durations: vec![GrantDuration::Once],
             owners: vec![],
-        require_reason: false,
+            require_reason: false,
         },
     }
 }

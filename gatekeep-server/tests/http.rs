@@ -270,7 +270,10 @@ async fn an_approval_without_a_reason_is_refused_where_the_policy_requires_one()
             .unwrap(),
     )
     .await;
-    assert_eq!(detail["request"]["request"]["approval"]["require_reason"], true);
+    assert_eq!(
+        detail["request"]["request"]["approval"]["require_reason"],
+        true
+    );
 
     let decide = |id, body: Value| {
         http.post(harness.url(&format!("/api/v1/requests/{id}/decision")))
@@ -293,16 +296,20 @@ async fn an_approval_without_a_reason_is_refused_where_the_policy_requires_one()
         );
     }
     let (status, record) = json_of(
-        decide(approve_id, json!({"verdict": "allow", "reason": "change CHG-9"}))
-            .await
-            .unwrap(),
+        decide(
+            approve_id,
+            json!({"verdict": "allow", "reason": "change CHG-9"}),
+        )
+        .await
+        .unwrap(),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{record}");
     assert_eq!(answer(approved).await.reason, "change CHG-9");
 
     // A denial needs none.
-    let (status, record) = json_of(decide(deny_id, json!({"verdict": "deny"})).await.unwrap()).await;
+    let (status, record) =
+        json_of(decide(deny_id, json!({"verdict": "deny"})).await.unwrap()).await;
     assert_eq!(status, StatusCode::OK, "{record}");
     assert_eq!(answer(denied).await.verdict, Verdict::Deny);
     harness.stop().await;
