@@ -7,11 +7,43 @@
 //! bearer credential.
 
 use anyhow::{Context as _, anyhow, bail};
-use clap::ValueEnum;
+use clap::{Args, ValueEnum};
 use reqwest::{Method, RequestBuilder, StatusCode, header};
 use serde_json::{Value, json};
 
-use crate::{config::Connection, login};
+use crate::{config::Connection, escape, login};
+
+/// `gatekeep api`'s arguments.
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// The HTTP method.
+    #[arg(value_enum)]
+    method: ApiMethod,
+    /// A path under /api/v1/ (with its query string, if any).
+    path: String,
+    /// The JSON body of a POST.
+    #[arg(long, value_name = "JSON")]
+    body: Option<String>,
+    /// Sign in as the console does (a session cookie from the token, its CSRF token on
+    /// changes; signed out after) instead of sending the token as a bearer credential.
+    #[arg(long)]
+    session: bool,
+}
+
+/// Makes the call and prints the answer.
+pub async fn run(connection: &Connection, args: &ApiArgs) -> anyhow::Result<()> {
+    let answer = call(
+        connection,
+        args.method,
+        &args.path,
+        args.body.as_deref(),
+        args.session,
+    )
+    .await?;
+    // The answer holds workload strings: nothing in them reaches the terminal raw.
+    println!("{}", escape::json(&serde_json::to_string_pretty(&answer)?));
+    Ok(())
+}
 
 /// The methods the API has.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -124,7 +156,7 @@ async fn sign_in(
 }
 
 /// Makes the call; the answer's JSON (`null` for none).
-pub async fn call(
+async fn call(
     connection: &Connection,
     method: ApiMethod,
     path: &str,

@@ -64,7 +64,7 @@ pub fn terminal(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Serialized JSON made safe for a terminal and still the same JSON: serde_json escapes
+/// Serialized JSON made safe for a terminal and still the same JSON: `serde_json` escapes
 /// only C0 controls in strings, so DEL, C1 controls, bidirectional and invisible format
 /// characters become `\uXXXX` escapes here (all are in the basic plane). The layout's own
 /// newlines are kept; inside strings a newline is already `\n`.

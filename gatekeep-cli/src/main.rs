@@ -63,20 +63,7 @@ enum Command {
     /// Call the service's HTTP/JSON API (the console's; routes at /api/v1/openapi.json)
     /// and print its JSON answer, e.g. `gatekeep api post
     /// /api/v1/requests/ID/decision --body '{"verdict": "allow", "reason": "ticket 42"}'`.
-    Api {
-        /// The HTTP method.
-        #[arg(value_enum)]
-        method: api::ApiMethod,
-        /// A path under /api/v1/ (with its query string, if any).
-        path: String,
-        /// The JSON body of a POST.
-        #[arg(long, value_name = "JSON")]
-        body: Option<String>,
-        /// Sign in as the console does (a session cookie from the token, its CSRF token on
-        /// changes; signed out after) instead of sending the token as a bearer credential.
-        #[arg(long)]
-        session: bool,
-    },
+    Api(api::ApiArgs),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -590,18 +577,7 @@ impl App {
                 );
                 Ok(())
             }
-            Command::Api {
-                method,
-                path,
-                body,
-                session,
-            } => {
-                let answer =
-                    api::call(&self.connection, method, &path, body.as_deref(), session).await?;
-                // The answer holds workload strings: nothing in them reaches the terminal raw.
-                println!("{}", escape::json(&serde_json::to_string_pretty(&answer)?));
-                Ok(())
-            }
+            Command::Api(args) => api::run(&self.connection, &args).await,
             Command::Completions { shell } => {
                 clap_complete::generate(
                     shell,
@@ -751,7 +727,7 @@ async fn main() -> ExitCode {
             | Command::Grants(_)
             | Command::Status
             | Command::Login
-            | Command::Api { .. }
+            | Command::Api(_)
             | Command::Audit(
                 AuditCommand::Verify { db: None } | AuditCommand::Export { db: None, .. }
             )

@@ -513,6 +513,10 @@ async fn short_ids_are_unique_and_prefixes_resolve_or_name_the_candidates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario end to end: the CLI, then the console's HTTP API"
+)]
 async fn an_approval_without_a_reason_is_refused_where_the_policy_requires_one_cli_and_api() {
     let running = running().await;
     let env = &running.env;
