@@ -863,9 +863,14 @@ async fn a_slack_button_cannot_approve_where_the_policy_requires_a_reason() {
     request.approval.require_reason = true;
     let id = request.id;
     let pending = submit(&link, request);
-    standin
+    let posted = standin
         .wait_for("chat.postMessage", 1, for_request(id))
         .await;
+    let message = posted[0].body.to_string();
+    assert!(
+        message.contains("Policy ai-agents requires a reason to approve"),
+        "the message says where to approve: {message}"
+    );
 
     // Approve: refused ephemerally (a button carries no reason), nothing recorded.
     let approve = button_payload("U0ALICE", chat::TEAM, "gatekeep_approve", id, None);

@@ -287,6 +287,15 @@ pub(crate) fn message(
         let console = console_url.map(|url| render::console_link(url, record));
         match mode {
             SlackApprovals::Buttons => {
+                // A button carries no reason: Approve is refused for such a policy, so the
+                // message says where to approve instead (Deny works here).
+                if request.approval.require_reason {
+                    blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!(
+                        "Policy {} requires a reason to approve: approve in the console or with `gatekeep review approve {} --reason ...`",
+                        escape(&request.policy),
+                        request.id
+                    )}]}));
+                }
                 let durations = &request.approval.grant_durations;
                 if durations.len() > 1 {
                     let options: Vec<Value> = durations
