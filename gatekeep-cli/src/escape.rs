@@ -17,7 +17,8 @@
 //!
 //! Everything else, including printable non-ASCII (`é`, `日本`), is kept. The JSON output
 //! (`--output json`) is not passed through here: JSON escapes control characters itself and
-//! consumers want the raw values.
+//! consumers want the raw values; `gatekeep api` prints its JSON through [`json`], which
+//! also escapes what JSON leaves raw (DEL, C1, bidirectional controls).
 
 use std::{borrow::Cow, fmt::Write as _};
 
@@ -63,6 +64,27 @@ pub fn terminal(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Serialized JSON made safe for a terminal and still the same JSON: `serde_json` escapes
+/// only C0 controls in strings, so DEL, C1 controls, bidirectional and invisible format
+/// characters become `\uXXXX` escapes here (all are in the basic plane). The layout's own
+/// newlines are kept; inside strings a newline is already `\n`.
+#[must_use]
+pub fn json(serialized: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| c != '\n' && c != '\\' && needs_escape(c);
+    if !serialized.chars().any(unsafe_char) {
+        return Cow::Borrowed(serialized);
+    }
+    let mut out = String::with_capacity(serialized.len() + 8);
+    for c in serialized.chars() {
+        if unsafe_char(c) {
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// One argument of a command line, escaped, and quoted when it is empty or holds a space
 /// or a quote, so that the words a reviewer sees are the words the program gets:
 /// `rm "-rf /"` is one argument, `rm -rf /` three.
@@ -101,6 +123,27 @@ pub fn words<'a>(argv: impl IntoIterator<Item = &'a String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_stays_json_and_hides_nothing() {
+        let value = serde_json::json!({"argv": ["a\u{1b}[2J", "b\u{9b}31m", "\u{202e}txt.exe", "l\u{7f}", "é\\"]});
+        let pretty = serde_json::to_string_pretty(&value).unwrap();
+        let safe = json(&pretty);
+        assert!(
+            !safe
+                .chars()
+                .any(|c| c != '\n' && needs_escape(c) && c != '\\'),
+            "{safe}"
+        );
+        assert!(
+            safe.contains("\\u009b") && safe.contains("\\u202e") && safe.contains("\\u007f"),
+            "{safe}"
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&safe).unwrap(),
+            value
+        );
+    }
 
     #[test]
     fn plain_text_and_printable_unicode_pass_unchanged() {

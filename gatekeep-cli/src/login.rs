@@ -68,7 +68,7 @@ pub struct Session {
 }
 
 /// An HTTPS client trusting the service's CA and the system's roots.
-fn client(ca: &Path) -> anyhow::Result<reqwest::Client> {
+pub(crate) fn client(ca: &Path) -> anyhow::Result<reqwest::Client> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         // A system root rustls cannot parse is skipped, as browsers do.

@@ -1,5 +1,6 @@
 //! `gatekeep`: the reviewers' and administrators' command line.
 
+mod api;
 mod config;
 mod escape;
 mod forecast;
@@ -59,6 +60,10 @@ enum Command {
     /// Sign in with the service's identity provider (OpenID Connect device flow) and keep
     /// the session's token in the CLI config.
     Login,
+    /// Call the service's HTTP/JSON API (the console's; routes at /api/v1/openapi.json)
+    /// and print its JSON answer, e.g. `gatekeep api post
+    /// /api/v1/requests/ID/decision --body '{"verdict": "allow", "reason": "ticket 42"}'`.
+    Api(api::ApiArgs),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -572,6 +577,7 @@ impl App {
                 );
                 Ok(())
             }
+            Command::Api(args) => api::run(&self.connection, &args).await,
             Command::Completions { shell } => {
                 clap_complete::generate(
                     shell,
@@ -721,6 +727,7 @@ async fn main() -> ExitCode {
             | Command::Grants(_)
             | Command::Status
             | Command::Login
+            | Command::Api(_)
             | Command::Audit(
                 AuditCommand::Verify { db: None } | AuditCommand::Export { db: None, .. }
             )

@@ -513,6 +513,124 @@ async fn short_ids_are_unique_and_prefixes_resolve_or_name_the_candidates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario end to end: the CLI, then the console's HTTP API"
+)]
+async fn an_approval_without_a_reason_is_refused_where_the_policy_requires_one_cli_and_api() {
+    let running = running().await;
+    let env = &running.env;
+    let mut asked = with_id(
+        request(&["terraform", "apply"]),
+        "4eed0000-aaaa-4aaa-8aaa-aaaaaaaaaaaa",
+    );
+    asked.approval.require_reason = true;
+    ask(&running, &asked).await;
+
+    // No reason, or only blanks: refused, saying which policy wants one and how to give it.
+    for args in [
+        &["review", "approve", "4eed"][..],
+        &["review", "approve", "4eed", "--reason", "  "][..],
+    ] {
+        let refused = env.run(args).await;
+        assert!(!refused.status.success(), "{}", stdout(&refused));
+        let message = stderr(&refused);
+        assert!(
+            message.contains("policy `ai-agents` requires a reason for approvals")
+                && message.contains("--reason"),
+            "{message}"
+        );
+    }
+    let shown = stdout(&env.run(&["review", "show", "4eed"]).await);
+    assert!(shown.contains("state        pending"), "{shown}");
+
+    let approved = env
+        .run(&[
+            "review",
+            "approve",
+            "4eed",
+            "--reason",
+            "planned change CHG-42",
+        ])
+        .await;
+    assert!(approved.status.success(), "{}", stderr(&approved));
+    assert!(
+        stdout(&approved).starts_with(&format!("{} approved", asked.id)),
+        "{}",
+        stdout(&approved)
+    );
+
+    // The same through the console's HTTP API, signed in as the console is.
+    let mut asked = with_id(
+        request(&["terraform", "plan"]),
+        "4eed1111-aaaa-4aaa-8aaa-aaaaaaaaaaaa",
+    );
+    asked.approval.require_reason = true;
+    ask(&running, &asked).await;
+    let path = format!("/api/v1/requests/{}/decision", asked.id);
+    let listed = env
+        .run(&[
+            "api",
+            "get",
+            "/api/v1/requests?policy=ai-agents",
+            "--session",
+        ])
+        .await;
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let queue: serde_json::Value = serde_json::from_str(&stdout(&listed)).expect("json");
+    assert!(
+        queue["requests"]
+            .as_array()
+            .expect("requests")
+            .iter()
+            .any(|r| r["request"]["id"] == asked.id.to_string()),
+        "{queue}"
+    );
+    let refused = env
+        .run(&[
+            "api",
+            "post",
+            &path,
+            "--session",
+            "--body",
+            r#"{"verdict": "allow"}"#,
+        ])
+        .await;
+    assert!(!refused.status.success());
+    let message = stderr(&refused);
+    assert!(
+        message.contains("400 Bad Request")
+            && message.contains("policy `ai-agents` requires a reason for approvals"),
+        "{message}"
+    );
+    let body = r#"{"verdict": "allow", "reason": "plan only"}"#;
+    let approved = env
+        .run(&["api", "post", &path, "--session", "--body", body])
+        .await;
+    assert!(approved.status.success(), "{}", stderr(&approved));
+    let record: serde_json::Value = serde_json::from_str(&stdout(&approved)).expect("json");
+    assert_eq!(record["state"], "approved", "{record}");
+    assert_eq!(record["decision"]["reason"], "plan only", "{record}");
+    // The bearer way, and paths outside the API are refused before anything is sent.
+    let shown = env.run(&["api", "get", "/api/v1/status"]).await;
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let outside = env.run(&["api", "get", "/console/"]).await;
+    assert!(
+        stderr(&outside).contains("is not an API path"),
+        "{}",
+        stderr(&outside)
+    );
+
+    running.stop.send(()).ok();
+    drop(running.link);
+    tokio::time::timeout(PATIENCE, running.serving)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("clean");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn escape_sequences_in_argv_cannot_drive_the_reviewers_terminal() {
     let running = running().await;
     let env = &running.env;

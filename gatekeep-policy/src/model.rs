@@ -316,6 +316,9 @@ pub struct Approval {
     pub approvals_required: u32,
     /// What a reviewer may grant beyond this one request (default `once`).
     pub grant_durations: Vec<GrantDuration>,
+    /// Whether an approval must say why (default false); denials never need
+    /// a reason.
+    pub require_reason: bool,
 }
 
 /// What a rule (or a reviewer) decides.

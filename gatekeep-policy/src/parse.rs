@@ -72,6 +72,7 @@ const APPROVAL_KEYS: &[&str] = &[
     "reviewers",
     "approvals_required",
     "grant_durations",
+    "require_reason",
 ];
 const RULE_LISTS: [(&str, Action); 3] = [
     ("allow", Action::Allow),
@@ -842,6 +843,7 @@ impl<'a> Walker<'a> {
             reviewers: Vec::new(),
             approvals_required: 1,
             grant_durations: vec![GrantDuration::Once],
+            require_reason: false,
         };
         let Some(table) = self.section(policy, "approval", APPROVAL_KEYS) else {
             return approval;
@@ -903,7 +905,27 @@ impl<'a> Walker<'a> {
         {
             approval.grant_durations = durations;
         }
+
+        if let Some(value) = field(table, "require_reason")
+            && let Some(required) = self.flag(value, "require_reason")
+        {
+            approval.require_reason = required;
+        }
         approval
+    }
+
+    fn flag(&mut self, value: &Value<'_>, key: &str) -> Option<bool> {
+        if let DeValue::Boolean(flag) = value.get_ref() {
+            return Some(*flag);
+        }
+        self.error(
+            &value.span(),
+            format!(
+                "`{key}` must be true or false (without quotes), found {}",
+                value.get_ref().type_str()
+            ),
+        );
+        None
     }
 
     fn timeout(&mut self, value: &Value<'_>) -> Option<Duration> {
@@ -1296,7 +1318,7 @@ mod tests {
                 "policies/agents.toml:4:1: unknown key \"cgroup\" in [[policy]] (expected name, cgroups, mode, exec, connect, approval or protect); did you mean \"cgroups\"?",
                 "policies/agents.toml:6:1: unknown key \"defualt\" in [policy.exec] (expected default, allow, deny, ask, on_truncated, bound_env, unlisted_mappings, fileless, command, interpreters, multicall or integrity); did you mean \"default\"?",
                 "policies/agents.toml:9:1: unknown key \"allowed\" in [policy.connect] (expected default, allow, deny, ask, unix, raw_sockets or other_families); did you mean \"allow\"?",
-                "policies/agents.toml:12:1: unknown key \"reviewer\" in [policy.approval] (expected timeout, on_timeout, reviewers, approvals_required or grant_durations); did you mean \"reviewers\"?",
+                "policies/agents.toml:12:1: unknown key \"reviewer\" in [policy.approval] (expected timeout, on_timeout, reviewers, approvals_required, grant_durations or require_reason); did you mean \"reviewers\"?",
                 "policies/agents.toml:13:9: unknown key \"audit\" in [[policy]] (expected name, cgroups, mode, exec, connect, approval or protect)",
             ]
         );
@@ -1821,6 +1843,27 @@ mod tests {
                 GrantDuration::Session,
                 GrantDuration::Always
             ]
+        );
+        assert!(!approval.require_reason, "a reason is optional by default");
+    }
+
+    #[test]
+    fn require_reason() {
+        let set = load(&with_head("[policy.approval]\nrequire_reason = true\n"));
+        assert!(set.policies[0].approval.require_reason);
+        let set = load(&with_head("[policy.approval]\nrequire_reason = false\n"));
+        assert!(!set.policies[0].approval.require_reason);
+        assert_eq!(
+            error(&with_head("[policy.approval]\nrequire_reason = \"yes\"\n")),
+            "policies/agents.toml:5:18: `require_reason` must be true or false (without quotes), found string"
+        );
+        assert_eq!(
+            error(&with_head("[policy.approval]\nrequire_reason = 1\n")),
+            "policies/agents.toml:5:18: `require_reason` must be true or false (without quotes), found integer"
+        );
+        assert_eq!(
+            error(&with_head("[policy.approval]\nrequire_reasons = true\n")),
+            "policies/agents.toml:5:1: unknown key \"require_reasons\" in [policy.approval] (expected timeout, on_timeout, reviewers, approvals_required, grant_durations or require_reason); did you mean \"require_reason\"?"
         );
     }
 

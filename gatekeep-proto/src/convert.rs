@@ -620,6 +620,7 @@ impl TryFrom<v1::ApprovalSettings> for ApprovalSettings {
             approvals_required: wire.approvals_required,
             grant_durations,
             owners: names("approval.owners", wire.owners)?,
+            require_reason: wire.require_reason,
         })
     }
 }
@@ -635,6 +636,7 @@ impl From<ApprovalSettings> for v1::ApprovalSettings {
                 .map(ToString::to_string)
                 .collect(),
             owners: settings.owners,
+            require_reason: settings.require_reason,
         }
     }
 }
@@ -915,6 +917,7 @@ mod tests {
                 approvals_required: 2,
                 grant_durations: vec!["once".into(), "1h".into()],
                 owners: vec!["alice".into()],
+                require_reason: true,
             }),
         }
     }
@@ -924,6 +927,7 @@ mod tests {
         let domain = ApprovalRequest::try_from(wire_request()).unwrap();
         assert_eq!(domain.kind(), Kind::Exec);
         assert_eq!(domain.approval.approvals_required, 2);
+        assert!(domain.approval.require_reason);
         assert_eq!(
             domain.approval.grant_durations[1],
             GrantDuration::For(std::time::Duration::from_hours(1))

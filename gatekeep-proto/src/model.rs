@@ -183,6 +183,10 @@ pub struct ApprovalSettings {
     pub grant_durations: Vec<GrantDuration>,
     /// Identities owning the gated workloads: they can never approve.
     pub owners: Vec<String>,
+    /// An approval must give a non-blank reason; denials never need one.
+    /// Absent in requests stored before the field existed: not required.
+    #[serde(default)]
+    pub require_reason: bool,
 }
 
 impl Default for ApprovalSettings {
@@ -194,6 +198,7 @@ impl Default for ApprovalSettings {
             approvals_required: 1,
             grant_durations: vec![GrantDuration::Once],
             owners: Vec::new(),
+            require_reason: false,
         }
     }
 }
@@ -207,6 +212,7 @@ impl ApprovalSettings {
             approvals_required: approval.approvals_required.max(1),
             grant_durations: approval.grant_durations.clone(),
             owners: Vec::new(),
+            require_reason: approval.require_reason,
         }
     }
 

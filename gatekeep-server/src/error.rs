@@ -47,6 +47,11 @@ pub enum Error {
     /// twice towards the quorum.
     #[error("`{reviewer}` already approved request `{id}`; another reviewer must approve")]
     AlreadyVoted { id: Uuid, reviewer: String },
+    /// The policy wants approvals to say why, and this one says nothing.
+    #[error(
+        "policy `{policy}` requires a reason for approvals; give one (`gatekeep review approve ID --reason \"...\"`, or the console's reason field)"
+    )]
+    ReasonRequired { policy: String },
     /// The policy is not one the service has loaded.
     #[error("policy `{policy}` is not loaded by the decision service")]
     UnknownPolicy { policy: String },
@@ -147,7 +152,9 @@ impl Error {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            Error::Invalid { .. } | Error::BadArgument { .. } => Code::InvalidArgument,
+            Error::Invalid { .. } | Error::BadArgument { .. } | Error::ReasonRequired { .. } => {
+                Code::InvalidArgument
+            }
             Error::UnknownRequest { .. }
             | Error::UnknownGrant { .. }
             | Error::UnknownRoute { .. } => Code::NotFound,

@@ -8,16 +8,20 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex, OnceLock, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use gatekeep_proto::{
     model::{Grant, RequestRecord},
     v1,
 };
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{
+    broadcast::{self, error::RecvError},
+    mpsc,
+};
 use tonic::Status;
 
 /// What an agent's outbound stream carries.
@@ -25,6 +29,20 @@ pub(crate) type AgentSender = mpsc::UnboundedSender<Result<v1::ServerMessage, St
 
 /// How many changes a watcher may fall behind before its watch ends.
 const WATCH_BUFFER: usize = 4096;
+/// How long a change waits for others to share its batch (and a console's event).
+pub(crate) const BATCH_WINDOW: Duration = Duration::from_millis(50);
+/// Most changes in one batch.
+const BATCH_MAX: usize = 256;
+/// How many batches a watcher may fall behind (each up to `BATCH_MAX` changes).
+const BATCH_BUFFER: usize = 1024;
+
+/// Changes made within [`BATCH_WINDOW`] of each other, in the order they were made.
+#[derive(Debug)]
+pub(crate) enum Batch {
+    Changes(Vec<Arc<RequestRecord>>),
+    /// The batcher itself fell behind the changes by this many: watchers must watch again.
+    Lagged(u64),
+}
 
 struct Slot {
     connection: u64,
@@ -38,6 +56,12 @@ pub(crate) struct Hub {
     changes: broadcast::Sender<Arc<RequestRecord>>,
     /// Revoked grants, for notifications (a request's own changes carry the grants made).
     revoked: broadcast::Sender<Arc<Grant>>,
+    /// The changes again, gathered into batches by one task for the consoles' live queues:
+    /// with 100 consoles open, a decision then wakes each console's connection once per
+    /// batch instead of twice per change (its own watch task, then its connection).
+    batches: broadcast::Sender<Arc<Batch>>,
+    /// Set once the batching task runs (started by the first batch watcher).
+    batcher: OnceLock<()>,
 }
 
 impl Hub {
@@ -47,6 +71,8 @@ impl Hub {
             next_connection: AtomicU64::new(1),
             changes: broadcast::channel(WATCH_BUFFER).0,
             revoked: broadcast::channel(WATCH_BUFFER).0,
+            batches: broadcast::channel(BATCH_BUFFER).0,
+            batcher: OnceLock::new(),
         }
     }
 
@@ -120,6 +146,15 @@ impl Hub {
         self.changes.subscribe()
     }
 
+    /// The changes in batches (see [`Hub::batches`]); starts the batching task on first use,
+    /// so it must be called inside the runtime.
+    pub(crate) fn subscribe_batches(&self) -> broadcast::Receiver<Arc<Batch>> {
+        self.batcher.get_or_init(|| {
+            tokio::spawn(gather(self.changes.subscribe(), self.batches.clone()));
+        });
+        self.batches.subscribe()
+    }
+
     /// Tells notification feeds about a revoked grant.
     pub(crate) fn publish_revoked(&self, grant: &Grant) {
         if self.revoked.receiver_count() > 0 {
@@ -129,5 +164,108 @@ impl Hub {
 
     pub(crate) fn subscribe_revoked(&self) -> broadcast::Receiver<Arc<Grant>> {
         self.revoked.subscribe()
+    }
+}
+
+/// The batching task: from the first change of a batch, gathers what arrives within
+/// [`BATCH_WINDOW`] (at most [`BATCH_MAX`]) and sends it as one batch. Ends with the hub.
+async fn gather(
+    mut changes: broadcast::Receiver<Arc<RequestRecord>>,
+    batches: broadcast::Sender<Arc<Batch>>,
+) {
+    loop {
+        let first = match changes.recv().await {
+            Ok(record) => record,
+            Err(RecvError::Lagged(missed)) => {
+                drop(batches.send(Arc::new(Batch::Lagged(missed))));
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        let mut batch = vec![first];
+        let window = tokio::time::sleep(BATCH_WINDOW);
+        tokio::pin!(window);
+        let mut lagged = None;
+        while batch.len() < BATCH_MAX {
+            tokio::select! {
+                change = changes.recv() => match change {
+                    Ok(record) => batch.push(record),
+                    Err(RecvError::Lagged(missed)) => {
+                        lagged = Some(missed);
+                        break;
+                    }
+                    Err(RecvError::Closed) => break,
+                },
+                () = &mut window => break,
+            }
+        }
+        // No watcher is not an error.
+        drop(batches.send(Arc::new(Batch::Changes(batch))));
+        if let Some(missed) = lagged {
+            drop(batches.send(Arc::new(Batch::Lagged(missed))));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gatekeep_proto::model::RequestState;
+
+    use super::*;
+
+    fn record(state: RequestState) -> RequestRecord {
+        let mut record: RequestRecord = serde_json::from_value(serde_json::json!({
+            "request": {
+                "id": uuid::Uuid::new_v4(), "policy": "p", "rule": "r", "cgroup": "/c",
+                "pid": 1, "tid": 1, "uid": 0, "user_name": null, "cwd": null, "ancestry": [],
+                "target": {"kind": "connect", "family": "inet", "socket_type": "stream",
+                           "address": "10.0.0.1", "port": 443, "resolved": []},
+                "requested_at": "2026-12-04T10:00:00Z", "deadline": "2026-12-04T10:05:00Z",
+                "on_timeout": "deny",
+                "approval": {"reviewer_groups": [], "approvals_required": 1,
+                             "grant_durations": ["once"], "owners": []}
+            },
+            "host": "h", "state": "pending", "received_at": "2026-12-04T10:00:00Z",
+            "deadline": "2026-12-04T10:05:00Z", "approvals": [], "approvals_required": 1,
+            "decision": null
+        }))
+        .expect("a record");
+        record.state = state;
+        record
+    }
+
+    #[tokio::test]
+    async fn changes_arrive_in_batches_in_order() {
+        let hub = Hub::new();
+        let mut batches = hub.subscribe_batches();
+        let sent: Vec<RequestRecord> = [
+            RequestState::Pending,
+            RequestState::Approved,
+            RequestState::Denied,
+        ]
+        .into_iter()
+        .map(record)
+        .collect();
+        for record in &sent {
+            hub.publish(record);
+        }
+        let mut seen = Vec::new();
+        while seen.len() < sent.len() {
+            let Batch::Changes(batch) = &*batches.recv().await.expect("a batch") else {
+                panic!("changes expected");
+            };
+            assert!(!batch.is_empty(), "no empty batch is sent");
+            seen.extend(batch.iter().map(|r| (r.request.id, r.state)));
+        }
+        let expected: Vec<_> = sent.iter().map(|r| (r.request.id, r.state)).collect();
+        assert_eq!(seen, expected, "every change, in the order made");
+        // A change after a batch went out is in the next one.
+        let later = record(RequestState::Expired);
+        hub.publish(&later);
+        let Batch::Changes(batch) = &*batches.recv().await.expect("a batch") else {
+            panic!("changes expected");
+        };
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].request.id, later.request.id);
     }
 }

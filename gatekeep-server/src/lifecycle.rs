@@ -608,20 +608,10 @@ impl Engine {
     ) -> Result<RequestRecord, Error> {
         let (record, outcome) = self
             .transition(id, |record| {
-                Self::authorise(reviewer, record).and(no_grant(record, verdict, duration))?;
-                let settings = &record.request.approval;
-                if !settings.allows(duration) {
-                    return Err(Error::permission(format!(
-                        "policy `{}` does not let reviewers grant `{duration}` (it allows: {})",
-                        record.request.policy,
-                        settings
-                            .grant_durations
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )));
-                }
+                Self::authorise(reviewer, record)?;
+                no_grant(record, verdict, duration)?;
+                duration_allowed(record, duration)?;
+                reason_given(record, verdict, &reason)?;
                 let now = OffsetDateTime::now_utc();
                 match verdict {
                     Verdict::Deny => {
@@ -998,6 +988,39 @@ impl Engine {
             .await
             .map_err(|source| Error::Audit { source })
     }
+}
+
+/// Refuses a grant duration the request's policy does not offer.
+fn duration_allowed(record: &RequestRecord, duration: GrantDuration) -> Result<(), Error> {
+    let settings = &record.request.approval;
+    if !settings.allows(duration) {
+        return Err(Error::permission(format!(
+            "policy `{}` does not let reviewers grant `{duration}` (it allows: {})",
+            record.request.policy,
+            settings
+                .grant_durations
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses an approval without a reason where the policy requires one (`require_reason`);
+/// a denial needs none. Every surface (gRPC, HTTP, Slack) decides through
+/// [`Engine::decide`], so this one check holds for all of them.
+fn reason_given(record: &RequestRecord, verdict: Verdict, reason: &str) -> Result<(), Error> {
+    if verdict == Verdict::Allow
+        && record.request.approval.require_reason
+        && reason.trim().is_empty()
+    {
+        return Err(Error::ReasonRequired {
+            policy: record.request.policy.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// Refuses an approval with a grant (any duration but once) of a truncated request: its

@@ -14,8 +14,8 @@ use std::{
 
 use gatekeep_audit::RecordKind;
 use gatekeep_client::{
-    AgentLink, AgentLinkConfig, Backoff, ClientIdentity, ClientTls, LinkError, LinkEvent,
-    RequestFilter, ReviewClient, ReviewConfig,
+    AgentLink, AgentLinkConfig, Backoff, ClientError, ClientIdentity, ClientTls, LinkError,
+    LinkEvent, RequestFilter, ReviewClient, ReviewConfig,
 };
 use gatekeep_proto::{
     GrantDuration,
@@ -308,6 +308,7 @@ fn settings() -> ApprovalSettings {
             GrantDuration::For(Duration::from_hours(1)),
         ],
         owners: vec![],
+        require_reason: false,
     }
 }
 
@@ -1692,6 +1693,80 @@ approvals_required = 2
     drop(link);
     stop.send(()).ok();
     serving.await.expect("task").expect("served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_requires_a_reason_refuses_approvals_without_one() {
+    // The service's own policy asks for reasons; the agent's copy (the request) does not.
+    let policies = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        policies.path().join("agents.toml"),
+        "[[policy]]\n\
+         name = \"ai-agents\"\n\
+         cgroups = [\"/sys/fs/cgroup/agents/*\"]\n\
+         [policy.approval]\n\
+         require_reason = true\n",
+    )
+    .expect("write policy");
+    let dir = policies.path().to_owned();
+    let mut harness = Harness::start_with(|config| config.policy_dir = Some(dir)).await;
+    let (link, _events) = harness.agent("web-1").await;
+    let link = Arc::new(link);
+    let mut alice = harness.reviewer("alice").await;
+
+    let req = request(&["terraform", "apply"]);
+    assert!(!req.approval.require_reason);
+    let id = req.id;
+    let pending = decide_later(&link, req);
+    let record = wait_state(&mut alice, id, RequestState::Pending).await;
+    assert!(
+        record.request.approval.require_reason,
+        "the service's policy wins"
+    );
+    for blank in ["", " \t\n"] {
+        let refused = alice
+            .decide(id, Verdict::Allow, blank, GrantDuration::Once)
+            .await
+            .expect_err("an approval without a reason");
+        let ClientError::Status { status } = &refused else {
+            panic!("{refused:?}");
+        };
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status
+                .message()
+                .starts_with("policy `ai-agents` requires a reason for approvals; give one")
+                && status.message().contains("--reason"),
+            "{}",
+            status.message()
+        );
+    }
+    let (record, _) = alice.get(id).await.expect("get");
+    assert_eq!(record.state, RequestState::Pending, "nothing was recorded");
+    assert!(record.approvals.is_empty());
+    alice
+        .decide(id, Verdict::Allow, "change CHG-7", GrantDuration::Once)
+        .await
+        .expect("approve with a reason");
+    let decision = answer(pending).await.expect("decision");
+    assert_eq!(decision.verdict, Verdict::Allow);
+    assert_eq!(decision.reason, "change CHG-7");
+
+    // A denial needs no reason.
+    let req = request(&["terraform", "destroy"]);
+    let id = req.id;
+    let pending = decide_later(&link, req);
+    wait_state(&mut alice, id, RequestState::Pending).await;
+    alice
+        .decide(id, Verdict::Deny, "", GrantDuration::Once)
+        .await
+        .expect("deny without a reason");
+    assert_eq!(
+        answer(pending).await.expect("decision").verdict,
+        Verdict::Deny
+    );
+    drop(link);
+    harness.stop().await;
 }
 
 /// Exports the service's audit log as JSON values, one per record.

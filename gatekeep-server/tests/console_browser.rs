@@ -79,6 +79,8 @@ async fn reviewers_decide_in_chromium() {
             cgroup: None,
         },
     );
+    // Its policy requires a reason: the detail page marks the field required.
+    first.approval.require_reason = true;
     let first_id = first.id;
     let first_answer = submit(&link, first);
     let second = connect_request();

@@ -246,6 +246,76 @@ type Case<'a> = (
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_without_a_reason_is_refused_where_the_policy_requires_one() {
+    let mut harness = Harness::start().await;
+    let (link, _events) = harness.agent("web-1").await;
+    let http = harness.client(None);
+    let bob = harness.token("bob");
+    let asking = |argv: &[&str]| {
+        let mut request = exec_request(argv);
+        request.approval.require_reason = true;
+        (request.id, submit(&link, request))
+    };
+    let (approve_id, approved) = asking(&["terraform", "apply"]);
+    let (deny_id, denied) = asking(&["terraform", "destroy"]);
+    wait_pending(&http, &harness, &bob, approve_id).await;
+    wait_pending(&http, &harness, &bob, deny_id).await;
+
+    // What the console reads to mark its reason field required.
+    let (_, detail) = json_of(
+        http.get(harness.url(&format!("/api/v1/requests/{approve_id}")))
+            .bearer_auth(&bob)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        detail["request"]["request"]["approval"]["require_reason"],
+        true
+    );
+
+    let decide = |id, body: Value| {
+        http.post(harness.url(&format!("/api/v1/requests/{id}/decision")))
+            .bearer_auth(&bob)
+            .json(&body)
+            .send()
+    };
+    for body in [
+        json!({"verdict": "allow"}),
+        json!({"verdict": "allow", "reason": "   "}),
+    ] {
+        let (status, refused) = json_of(decide(approve_id, body).await.unwrap()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+        assert_eq!(error_code(&refused), "invalid_argument");
+        let message = refused["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("policy `ai-agents` requires a reason for approvals; give one")
+                && message.contains("reason field"),
+            "{message}"
+        );
+    }
+    let (status, record) = json_of(
+        decide(
+            approve_id,
+            json!({"verdict": "allow", "reason": "change CHG-9"}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{record}");
+    assert_eq!(answer(approved).await.reason, "change CHG-9");
+
+    // A denial needs none.
+    let (status, record) =
+        json_of(decide(deny_id, json!({"verdict": "deny"})).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{record}");
+    assert_eq!(answer(denied).await.verdict, Verdict::Deny);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_input_is_validated_with_json_errors() {
     let mut harness = Harness::start().await;
     let http = harness.client(None);

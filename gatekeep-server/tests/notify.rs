@@ -853,6 +853,61 @@ async fn link_mode_policies_link_to_the_console_and_refuse_buttons() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_button_cannot_approve_where_the_policy_requires_a_reason() {
+    let (standin, addr) = StandIn::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let notify = notify_toml(secrets.path(), addr);
+    let mut harness = Harness::start_with(|config, _| config.notify = notify).await;
+    let (link, _events) = harness.agent("web-1").await;
+    let mut request = exec_request(&["terraform", "apply"]);
+    request.approval.require_reason = true;
+    let id = request.id;
+    let pending = submit(&link, request);
+    let posted = standin
+        .wait_for("chat.postMessage", 1, for_request(id))
+        .await;
+    let message = posted[0].body.to_string();
+    assert!(
+        message.contains("Policy ai-agents requires a reason to approve"),
+        "the message says where to approve: {message}"
+    );
+
+    // Approve: refused ephemerally (a button carries no reason), nothing recorded.
+    let approve = button_payload("U0ALICE", chat::TEAM, "gatekeep_approve", id, None);
+    let (status, _) =
+        post_interaction(&harness, &signed(&approve, chat::SIGNING_SECRET, now())).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = ephemeral_to(&standin, "U0ALICE", 1).await;
+    assert!(
+        text.contains("policy `ai-agents` requires a reason for approvals")
+            && text.contains("console")
+            && text.contains("nothing was done"),
+        "{text}"
+    );
+    let (_, detail) = json_of(
+        harness
+            .client(None)
+            .get(harness.url(&format!("/api/v1/requests/{id}")))
+            .bearer_auth(harness.token("alice"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(detail["request"]["state"], "pending", "{detail}");
+    assert_eq!(detail["request"]["approvals"], json!([]), "{detail}");
+
+    // Deny still works from Slack.
+    let deny = button_payload("U0ALICE", chat::TEAM, "gatekeep_deny", id, None);
+    let (status, _) =
+        post_interaction(&harness, &signed(&deny, chat::SIGNING_SECRET, now() - 1)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer(pending).await.verdict, Verdict::Deny);
+    assert_eq!(standin.violations(), Vec::<String>::new());
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_that_falls_far_behind_catches_up_and_loses_nothing() {
     // More changes than the hub keeps for a reader (4096) arrive while the receiver is
     // down and the sink's queue holds one: its feed lags, then catches up from the store.

@@ -1,15 +1,19 @@
 //! `cargo xtask demo [--auto]`: the approval flow for real. Boots the VM with the agent
 //! (its embedded decision service on `SQLite`) and a scripted workload in a gated cgroup
 //! that calls an internal HTTP API (`connect`) and runs a deploy script (`exec`); both
-//! syscalls are paused. A reviewer then decides with the `gatekeep` CLI:
+//! syscalls are paused. A reviewer then decides:
 //!
 //! - `--auto` (the default without a terminal, e.g. in CI): a script in the VM approves
-//!   the connect and denies the exec;
+//!   the connect through the web console's HTTP/JSON API, signed in as the console is
+//!   (`gatekeep api --session`: session cookie and CSRF token; the VM has busybox but no
+//!   curl, and the service speaks HTTP/2 over TLS only), after checking that an approval
+//!   without the reason the policy requires is refused; it denies the exec with the CLI;
 //! - interactive: the VM's decision service is forwarded to a port on the host's
-//!   127.0.0.1 and this command asks you, for each paused request, whether to approve or
-//!   deny it, running the host's `gatekeep` CLI; the commands are printed so you can run
-//!   them yourself from another terminal instead. (The VM's serial console takes no
-//!   input here, so the reviewer's side runs on the host.)
+//!   127.0.0.1; this command prints the console's address there and how to sign in (a
+//!   reviewer token), and asks you, for each paused request, whether to approve or deny
+//!   it, running the host's `gatekeep` CLI; the commands are printed so you can run them
+//!   yourself from another terminal, or decide in the console instead. (The VM's serial
+//!   console takes no input here, so the reviewer's side runs on the host.)
 //!
 //! Then the VM prints the workload's results, both audit exports (the agent's and the
 //! service's) and verifies both hash chains. The demo fails if anything does not hold.
@@ -70,6 +74,7 @@ ask = ["127.0.0.1/32:8080"]            # the internal API needs a human
 timeout = "10m"
 on_timeout = "deny"
 grant_durations = ["1h", "session"]
+require_reason = true                  # approvers say why; it goes to the audit log
 "#;
 
 /// The agent's config: everything default (embedded decision service) but the host name,
@@ -162,9 +167,23 @@ CONNECT_ID=$(pending_id connect)
 show gatekeep review show "$EXEC_ID"
 
 if [ "$MODE" = auto ]; then
-    say "The reviewer decides (--auto): approve the API call, deny the deploy"
-    show gatekeep review approve "$CONNECT_ID" --reason "read-only status call" || fail "approve"
-    show gatekeep review deny "$EXEC_ID" --reason "no deploys without a change ticket" || fail "deny"
+    say "The reviewer decides (--auto): approve the API call through the console's HTTP API"
+    echo "(gatekeep api --session signs in as the web console does: a session cookie from"
+    echo " the reviewer token, its CSRF token on every change; then signs out)"
+    show gatekeep api --session get "/api/v1/requests?kind=connect" >/tmp/queue.json || fail "the console's queue"
+    grep -q "\"$CONNECT_ID\"" /tmp/queue.json || { cat /tmp/queue.json; fail "the console's queue lacks the connect"; }
+    echo "the console's queue lists $CONNECT_ID"
+    echo "An approval without a reason: the policy requires one (require_reason = true)"
+    if show gatekeep api --session post "/api/v1/requests/$CONNECT_ID/decision" \
+        --body '{"verdict": "allow"}'; then
+        fail "an approval without a reason was accepted"
+    fi
+    show gatekeep api --session post "/api/v1/requests/$CONNECT_ID/decision" \
+        --body '{"verdict": "allow", "reason": "read-only status call", "duration": "once"}' \
+        >/tmp/decided.json || fail "approve through the console's API"
+    grep -E '"state": "approved"|"decided_by"' /tmp/decided.json || { cat /tmp/decided.json; fail "not approved"; }
+    say "... and denies the deploy with the CLI (a denial needs no reason)"
+    show gatekeep review deny "$EXEC_ID" || fail "deny"
 else
     echo "@CA_BEGIN@"
     cat /var/lib/gatekeep/pki/ca.pem
@@ -283,14 +302,22 @@ impl Reviewer {
 
     /// Where the web console of the VM's service is, and how to sign in to it.
     fn print_console(&self) {
-        eprintln!(
-            "\n[demo] The web console: https://127.0.0.1:{port}/console/ (the browser must trust \
-             the service's CA, {ca}; sign in with the reviewer token in {config}; the HTTP API \
-             is described at https://127.0.0.1:{port}/api/v1/openapi.json)",
+        eprintln!("{}", self.console_notice());
+    }
+
+    fn console_notice(&self) -> String {
+        format!(
+            "\n[demo] The web console: https://127.0.0.1:{port}/console/\n\
+             [demo]   Your browser must trust the service's CA, {ca} (or accept its warning).\n\
+             [demo]   Sign in with a reviewer token (the embedded service allows it: \
+             [console] token_sign_in = true): paste the `token` value of {config} into \
+             \"Reviewer token\" and press \"Sign in with token\".\n\
+             [demo]   Open a paused request, give a reason (this policy requires one to approve), \
+             then Approve or Deny. The HTTP API: https://127.0.0.1:{port}/api/v1/openapi.json",
             port = self.port,
             ca = self.dir.join("ca.pem").display(),
             config = self.cli_config().display(),
-        );
+        )
     }
 
     fn write_config(&self) -> Result<()> {
@@ -504,5 +531,14 @@ mod tests {
             Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
         );
         assert_eq!(reviewer.token.as_deref(), Some("gk_abc"));
+        let notice = reviewer.console_notice();
+        assert!(
+            notice.contains("https://127.0.0.1:1/console/")
+                && notice.contains("/nonexistent/ca.pem")
+                && notice.contains("/nonexistent/cli.toml")
+                && notice.contains("Sign in with token")
+                && !notice.contains("gk_abc"),
+            "the address and how to sign in, never the token itself: {notice}"
+        );
     }
 }

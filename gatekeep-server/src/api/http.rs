@@ -874,13 +874,12 @@ async fn events(
     let expiry = caller
         .session
         .map(|(_, session)| tokio::time::Instant::from_std(session.expires));
-    let items = ops::watch(&state.engine, filter, expiry).await?;
+    let groups = ops::watch_batched(&state.engine, filter, expiry).await?;
     let encoded = Arc::clone(&state.encoded);
-    // One task per watch (ops::watch's); events are made as the response is written, and
-    // what arrives within `WATCH_BATCH` goes out as one event: with many consoles open,
-    // each connection writes once per batch, not once per change.
-    let stream = ReceiverStream::new(items).chunks_timeout(WATCH_BATCH_MAX, WATCH_BATCH);
-    let stream = futures_util::StreamExt::flat_map(stream, move |batch| {
+    // No task per watch: the connection reads the hub's batches (changes within 50 ms)
+    // itself, and makes each one event as the response is written, so with many consoles
+    // open a change costs each connection a share of one wake-up and one write.
+    let stream = futures_util::StreamExt::flat_map(groups, move |batch| {
         futures_util::stream::iter(
             batch_events(&encoded, batch)
                 .into_iter()
@@ -889,11 +888,6 @@ async fn events(
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
-
-/// How long a change may wait for others to share its event.
-const WATCH_BATCH: Duration = Duration::from_millis(50);
-/// Most requests in one event.
-const WATCH_BATCH_MAX: usize = 256;
 
 /// The events of one batch: its requests as one `requests` event (a JSON array of
 /// `{initial, request}`), then `ready` or `end` if the batch holds one.

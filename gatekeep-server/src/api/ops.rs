@@ -174,6 +174,98 @@ pub async fn watch(
     Ok(receiver)
 }
 
+/// A watch for many watchers (the consoles' live queues): like [`watch`], but a stream of
+/// item groups read by the watcher's own connection, with no task of its own. The first
+/// groups are the pending requests (`initial`, at most `MAX_LIST`) ending with `Ready`;
+/// then one group per batch of the hub's (changes within
+/// [`crate::hub::BATCH_WINDOW`]) that holds a change passing `filter`, so a change costs
+/// each watcher a share of one wake-up. The last group of an ended watch says why.
+pub async fn watch_batched(
+    engine: &Arc<Engine>,
+    filter: Filter,
+    until: Option<tokio::time::Instant>,
+) -> Result<impl futures_util::Stream<Item = Vec<WatchItem>> + Send + use<>, Error> {
+    // Subscribe before listing, so nothing falls between the two.
+    let batches = engine.hub.subscribe_batches();
+    let initial = engine.store.list_requests(filter.query(MAX_LIST)).await?;
+    let mut first: Vec<WatchItem> = initial
+        .into_iter()
+        .map(|record| WatchItem::Request {
+            initial: true,
+            record: Arc::new(record),
+        })
+        .collect();
+    first.push(WatchItem::Ready);
+    let deadline = Box::pin(async move {
+        match until {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    });
+    let state = BatchedWatch {
+        batches,
+        filter,
+        shutdown: engine.shutdown.clone(),
+        deadline,
+        ended: false,
+    };
+    let changes = futures_util::stream::unfold(state, |mut watch| async move {
+        if watch.ended {
+            return None;
+        }
+        let group = watch.next_group().await?;
+        Some((group, watch))
+    });
+    Ok(futures_util::StreamExt::chain(
+        futures_util::stream::iter([first]),
+        changes,
+    ))
+}
+
+/// The state of one [`watch_batched`] after its initial groups.
+struct BatchedWatch {
+    batches: tokio::sync::broadcast::Receiver<Arc<crate::hub::Batch>>,
+    filter: Filter,
+    shutdown: tokio_util::sync::CancellationToken,
+    deadline: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    ended: bool,
+}
+
+impl BatchedWatch {
+    /// The next non-empty group; `None` when the hub is gone.
+    async fn next_group(&mut self) -> Option<Vec<WatchItem>> {
+        loop {
+            let ending = tokio::select! {
+                batch = self.batches.recv() => match batch {
+                    Ok(batch) => match &*batch {
+                        crate::hub::Batch::Changes(changes) => {
+                            let group: Vec<WatchItem> = changes
+                                .iter()
+                                .filter(|record| self.filter.matches(record))
+                                .map(|record| WatchItem::Request {
+                                    initial: false,
+                                    record: Arc::clone(record),
+                                })
+                                .collect();
+                            if group.is_empty() {
+                                continue;
+                            }
+                            return Some(group);
+                        }
+                        crate::hub::Batch::Lagged(missed) => WatchItem::Lagged { missed: *missed },
+                    },
+                    Err(RecvError::Lagged(missed)) => WatchItem::Lagged { missed },
+                    Err(RecvError::Closed) => return None,
+                },
+                () = self.shutdown.cancelled() => WatchItem::ShuttingDown,
+                () = &mut self.deadline => WatchItem::Expired,
+            };
+            self.ended = true;
+            return Some(vec![ending]);
+        }
+    }
+}
+
 /// Refuses an approval of request `id` when its policy has a `max_auth_age` and the
 /// reviewer's sign-in at the identity provider (`auth_time`; `None` for a token) is older.
 pub async fn check_auth_age(

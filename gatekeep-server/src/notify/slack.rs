@@ -219,7 +219,20 @@ impl Routing {
     }
 }
 
+/// For a policy with `require_reason`: a button carries no reason and its Approve is
+/// refused, so the message says where to approve instead (Deny works in Slack).
+fn reason_notice(request: &gatekeep_proto::model::ApprovalRequest) -> Option<Value> {
+    request.approval.require_reason.then(|| {
+        json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!(
+            "Policy {} requires a reason to approve: approve in the console or with `gatekeep review approve {} --reason ...`",
+            escape(&request.policy),
+            request.id
+        )}]})
+    })
+}
+
 /// A Slack message for `record`: its blocks and notification text.
+#[expect(clippy::too_many_lines, reason = "one message's blocks, top to bottom")]
 pub(crate) fn message(
     record: &RequestRecord,
     mode: SlackApprovals,
@@ -287,6 +300,7 @@ pub(crate) fn message(
         let console = console_url.map(|url| render::console_link(url, record));
         match mode {
             SlackApprovals::Buttons => {
+                blocks.extend(reason_notice(request));
                 let durations = &request.approval.grant_durations;
                 if durations.len() > 1 {
                     let options: Vec<Value> = durations

@@ -147,8 +147,19 @@ try {
   check(detail.includes('LD_PRELOAD=/tmp/x.so'), 'the bound environment is shown');
   check(await page.locator('ul.tree li').count() >= 2, 'ancestry as a tree');
   check(await page.locator('img, script:not([src])').count() === 0, 'no injected element');
+  // Its policy requires a reason: the field says so and why, and an approval without one
+  // is held back (the service would refuse it too).
+  const reasonLabel = await page.locator('label[for="reason"]').innerText();
+  check(reasonLabel.includes('required to approve'), `the reason is marked required: ${reasonLabel}`);
+  check(await page.locator('#reason').getAttribute('aria-required') === 'true', 'the reason is aria-required');
+  const reasonWhy = await page.locator('#reason-why').innerText();
+  check(reasonWhy.includes('ai-agents') && reasonWhy.includes('require_reason'), `and says why: ${reasonWhy}`);
   await page.screenshot({ path: `${SHOTS}/detail.png`, fullPage: true });
   await checkAccessible(page, 'detail');
+  await page.locator('#approve').click();
+  await page.locator('#notice p.error').filter({ hasText: 'requires a reason' }).waitFor();
+  check(page.url().endsWith(`#/request/${FIRST}`), 'an approval without a reason stays on the request');
+  check(await page.evaluate(() => document.activeElement.id) === 'reason', 'the reason field has the focus');
 
   // A forged CSRF token is refused (the page's own session cookie goes with it).
   const forged = await page.evaluate(async (id) => {

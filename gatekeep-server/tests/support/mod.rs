@@ -211,6 +211,7 @@ pub fn settings() -> ApprovalSettings {
             GrantDuration::For(Duration::from_hours(1)),
         ],
         owners: vec![],
+        require_reason: false,
     }
 }
 

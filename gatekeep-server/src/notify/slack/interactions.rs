@@ -12,7 +12,9 @@
 //! 3. **Rules**: the decision goes through [`Engine::decide`] like the console's and the
 //!    CLI's (reviewer groups, quorum, no self-approval, allowed durations), after the
 //!    same re-authentication check ([`ops::check_auth_age`]: a policy that needs a fresh
-//!    sign-in is not approved from Slack). Any refusal is told to the user ephemerally.
+//!    sign-in is not approved from Slack). A policy with `require_reason` is not approved
+//!    from Slack either: a button carries no reason. Any refusal is told to the user
+//!    ephemerally.
 //!
 //! The signature is checked before anything else is read; Slack gets its `200` at once and
 //! the rest runs in a task (Slack wants an answer within 3 s).
@@ -344,6 +346,14 @@ async fn decide(
         return Err(format!(
             "gatekeep: requests of policy `{}` are decided in the console only",
             record.request.policy
+        ));
+    }
+    // The engine would take the button's fixed "from Slack" as the reason: a policy that
+    // wants reviewers to say why is approved where they can.
+    if verdict == Verdict::Allow && record.request.approval.require_reason {
+        return Err(format!(
+            "gatekeep: policy `{}` requires a reason for approvals, and a Slack button carries none; nothing was done. Approve it in the console (its reason field) or with `gatekeep review approve {id} --reason \"...\"`; Deny works here",
+            record.request.policy,
         ));
     }
     ops::check_auth_age(engine, &state.max_auth_age, id, verdict, None)

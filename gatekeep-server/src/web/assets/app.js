@@ -465,7 +465,14 @@ async function renderDetail(idText, seq) {
 
 function decideForm(record, you) {
   const request = record.request;
-  const reason = el('textarea', { id: 'reason', rows: 2, maxlength: 1000 });
+  // The service refuses an approval without a reason for such a policy; the form says so
+  // up front instead of after a refused click. Denials never need one.
+  const reasonRequired = request.approval.require_reason === true;
+  const reason = el('textarea', {
+    id: 'reason', rows: 2, maxlength: 1000,
+    'aria-required': reasonRequired ? 'true' : null,
+    'aria-describedby': reasonRequired ? 'reason-why' : null,
+  });
   // `once` is always allowed; the rest is what the policy's grant_durations list.
   const durations = ['once', ...request.approval.grant_durations.filter((d) => d !== 'once')];
   const duration = el('select', { id: 'duration' },
@@ -487,16 +494,29 @@ function decideForm(record, you) {
       approve.disabled = !you.may_decide; deny.disabled = !you.may_deny; cancel.disabled = !you.may_deny;
     }
   };
-  approve.addEventListener('click', () => send('decision',
-    { verdict: 'allow', reason: reason.value, duration: duration.value, scope: scope.value },
-    (r) => r.state === 'approved' ? 'Approved.' : `Approval recorded: ${r.approvals.length} of ${r.approvals_required}.`));
+  approve.addEventListener('click', () => {
+    if (reasonRequired && !reason.value.trim()) {
+      notice(`Policy ${request.policy} requires a reason for approvals: say why in the reason field.`, true);
+      reason.focus();
+      return;
+    }
+    send('decision',
+      { verdict: 'allow', reason: reason.value, duration: duration.value, scope: scope.value },
+      (r) => r.state === 'approved' ? 'Approved.' : `Approval recorded: ${r.approvals.length} of ${r.approvals_required}.`);
+  });
   deny.addEventListener('click', () => send('decision',
     { verdict: 'deny', reason: reason.value, duration: duration.value, scope: scope.value }, () => 'Denied.'));
   cancel.addEventListener('click', () => send('cancel', { reason: reason.value }, () => 'Withdrawn (denied).'));
   return el('section', { class: 'decide', 'aria-labelledby': 'decide-title' },
     el('h2', { id: 'decide-title' }, 'Decide'),
     you.may_decide ? null : el('p', { class: 'why-not', id: 'why-not' }, you.why_not),
-    el('label', { for: 'reason' }, 'Reason (recorded in the audit log)', reason),
+    el('label', { for: 'reason' },
+      reasonRequired ? 'Reason (required to approve; recorded in the audit log)' : 'Reason (recorded in the audit log)',
+      reason),
+    reasonRequired
+      ? el('p', { class: 'muted', id: 'reason-why' }, 'Policy ', visible(request.policy),
+        ' requires approvers to say why (require_reason). A denial needs no reason.')
+      : null,
     el('div', { class: 'row' },
       el('label', { for: 'duration' }, 'Grant for', duration),
       el('label', { for: 'scope' }, 'Grant covers', scope)),
