@@ -755,7 +755,9 @@ async fn a_quorum_of_two_is_reached_from_slack_one_person_once() {
         .await;
     let approve = |user: &str| button_payload(user, chat::TEAM, "gatekeep_approve", id, None);
 
-    let alice = signed(&approve("U0ALICE"), chat::SIGNING_SECRET, now());
+    // Two seconds back: her second press below (signed at `now()`) can never carry the
+    // same timestamp, which would make it the same signed request, a replay.
+    let alice = signed(&approve("U0ALICE"), chat::SIGNING_SECRET, now() - 2);
     assert_eq!(post_interaction(&harness, &alice).await.0, StatusCode::OK);
     let updated = standin
         .wait_for("chat.update", 1, |b| {
@@ -770,7 +772,7 @@ async fn a_quorum_of_two_is_reached_from_slack_one_person_once() {
         "the vote so far is shown"
     );
     // Alice again (a new press, so a new signature): her vote counts once.
-    let again = signed(&approve("U0ALICE"), chat::SIGNING_SECRET, now() - 1);
+    let again = signed(&approve("U0ALICE"), chat::SIGNING_SECRET, now());
     assert_eq!(post_interaction(&harness, &again).await.0, StatusCode::OK);
     let text = ephemeral_to(&standin, "U0ALICE", 1).await;
     assert!(text.contains("already approved"), "{text}");
