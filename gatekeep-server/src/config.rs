@@ -26,6 +26,11 @@
 //! [console.max_auth_age]                   # per policy: approvals need a fresh provider sign-in
 //! prod-deploy = 300
 //!
+//! [store]                                  # optional: PostgreSQL instead of SQLite (a fleet)
+//! url = "postgres://gatekeep@db.example.com:5432/gatekeep"
+//! password_file = "/etc/gatekeep-server/db-password"
+//! pool_size = 16
+//!
 //! [host_groups]                            # and [[rules]]: see the rules module
 //! ```
 
@@ -37,7 +42,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::auth::oidc::OidcConfig;
+pub use crate::{auth::oidc::OidcConfig, store::StoreConfig};
 use crate::{error::Error, paths, rules::RuleConfig, store::Synchronous};
 
 /// Everything the service reads at start.
@@ -65,6 +70,8 @@ pub struct ServerConfig {
     pub rules: Vec<RuleConfig>,
     /// The HTTP/JSON API and the web console (same port as gRPC).
     pub console: ConsoleConfig,
+    /// Where requests, grants, reviewers and the audit chain live.
+    pub store: StoreConfig,
 }
 
 /// The HTTP/JSON API and the reviewers' web console, served on the gRPC port.
@@ -114,6 +121,7 @@ impl Default for ServerConfig {
             host_groups: BTreeMap::new(),
             rules: Vec::new(),
             console: ConsoleConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -205,6 +213,14 @@ mod tests {
         assert_eq!(config.tls.ca, Path::new("/c/ca.pem"));
         assert_eq!(config.tls.key, TlsPaths::default().key);
         assert_eq!(config.rules.len(), 1);
+        assert_eq!(config.store, StoreConfig::default());
+        let pg = ServerConfig::parse(
+            Path::new("x.toml"),
+            "[store]\nurl = \"postgres://gk:secret@db:5432/gk\"\npool_size = 4",
+        )
+        .unwrap();
+        assert_eq!(pg.store.pool_size, 4);
+        assert!(!format!("{pg:?}").contains("secret"), "{pg:?}");
         let err = ServerConfig::parse(Path::new("x.toml"), "lisen = \"x\"").unwrap_err();
         assert!(
             err.to_string().starts_with("invalid config `x.toml`: "),
