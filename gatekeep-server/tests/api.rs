@@ -4,6 +4,9 @@
 //!
 //! No timing assertions: waits poll for a state with a generous upper bound and fail with a
 //! message when it is not reached.
+//!
+//! Every scenario runs on both stores (`on_both_backends!`): `sqlite::NAME` and
+//! `postgres::NAME` (a database of a throwaway cluster, see `support::pg`).
 
 use std::{
     net::SocketAddr,
@@ -651,7 +654,7 @@ async fn a_grant_covers_the_asking_workload_unless_the_reviewer_chose_the_policy
     let hour = GrantDuration::For(Duration::from_hours(1));
     let from = |argv: &[&str], cgroup: &str| {
         let mut req = request(argv);
-        req.cgroup = cgroup.to_owned();
+        cgroup.clone_into(&mut req.cgroup);
         req
     };
     let (w1, w2) = ("/sys/fs/cgroup/agents/w1", "/sys/fs/cgroup/agents/w2");

@@ -9,6 +9,11 @@
     clippy::too_many_lines,
     reason = "each test is one scenario end to end, read top to bottom"
 )]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a panic is the failure report a test wants; the scenarios are plain async fns \
+              (`on_both_backends!` runs each per store), which `allow-unwrap-in-tests` misses"
+)]
 
 mod support;
 
@@ -612,7 +617,7 @@ async fn events_stream_new_requests_live(backend: Backend) {
                 let mut data = String::new();
                 for line in block.lines() {
                     if let Some(value) = line.strip_prefix("event: ") {
-                        name = value.to_owned();
+                        value.clone_into(&mut name);
                     } else if let Some(value) = line.strip_prefix("data: ") {
                         data.push_str(value);
                     }

@@ -30,7 +30,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const CARGO_DENY_VERSION: &str = "0.20.2";
 
 /// Debian packages the VM runner uses, valgrind, whose callgrind counts the decision
-/// service's instructions per decision for `cargo xtask bench`, and PostgreSQL, whose
+/// service's instructions per decision for `cargo xtask bench`, and `PostgreSQL`, whose
 /// server binaries the decision service's tests start as throwaway clusters under `target/`
 /// (the package's own cluster is never used).
 const APT_PACKAGES: &[&str] = &[

@@ -183,7 +183,7 @@ fn start() -> Result<Cluster, String> {
     let mut last = String::new();
     for _ in 0..5 {
         let port = free_port()?;
-        match launch(&bin, &dir, &data, port, user.clone()) {
+        match launch(&bin, &dir, &data, port, user.as_ref()) {
             Ok(()) => return Ok(Cluster { port, dir, bin }),
             // Most likely the port was taken meanwhile: try another.
             Err(message) => last = message,
@@ -206,7 +206,7 @@ fn launch(
     dir: &Path,
     data: &Path,
     port: u16,
-    user: Option<nix::unistd::User>,
+    user: Option<&nix::unistd::User>,
 ) -> Result<(), String> {
     let log_path = dir.join(format!("postgres-{port}.log"));
     let log = fs::File::create(&log_path).map_err(|err| format!("cannot create the log: {err}"))?;
@@ -223,7 +223,7 @@ fn launch(
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|err| err.to_string())?)
         .stderr(log);
-    as_user(&mut command, user.as_ref());
+    as_user(&mut command, user);
     // SAFETY: prctl is async-signal-safe; it runs in the child after the uid change (which
     // would clear it) and before exec.
     unsafe {
@@ -251,7 +251,7 @@ fn launch(
         .recv()
         .map_err(|err| err.to_string())?
         .map_err(|err| format!("cannot run {}: {err}", bin.join("postgres").display()))?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!(

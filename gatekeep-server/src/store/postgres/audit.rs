@@ -27,6 +27,8 @@ use super::PostgresStore;
 const AUDIT_LOCK: i64 = 0x676b_2d61_7564_6974;
 /// Rows read per query of an export.
 const EXPORT_PAGE: i64 = 5_000;
+/// The chain's last record.
+const HEAD: &str = "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1";
 /// The guards `verify` looks for.
 const GUARDS: [&str; 2] = ["audit_records_no_change", "audit_records_no_truncate"];
 
@@ -98,19 +100,26 @@ impl PostgresChain {
 }
 
 /// One batch, one transaction; returns the new head's seq.
+///
+/// Every path ends its transaction before returning: the connection is only driven while
+/// an append runs, so a transaction left to end on drop would keep the lock until the next
+/// append, and every other replica waiting for it.
 async fn append(
     client: &mut tokio_postgres::Client,
     records: &[Prepared],
 ) -> Result<u64, BoxError> {
+    if records.is_empty() {
+        // Only the head (a flush): no lock, no transaction.
+        let head = client.query_opt(HEAD, &[]).await?;
+        return Ok(match head {
+            Some(row) => u64::try_from(row.get::<_, i64>(0))?,
+            None => 0,
+        });
+    }
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
         .await?;
-    let head = tx
-        .query_opt(
-            "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1",
-            &[],
-        )
-        .await?;
+    let head = tx.query_opt(HEAD, &[]).await?;
     let (mut seq, mut prev) = match head {
         Some(row) => (
             u64::try_from(row.get::<_, i64>(0))?,
@@ -118,9 +127,6 @@ async fn append(
         ),
         None => (0, GENESIS_HASH.to_owned()),
     };
-    if records.is_empty() {
-        return Ok(seq);
-    }
     let mut columns = Columns::default();
     for record in records {
         seq += 1;
@@ -297,10 +303,7 @@ pub async fn head(store: &PostgresStore) -> Result<Option<ChainHead>, AuditError
     };
     let client = store.pool().get().await.map_err(|e| backend(e.into()))?;
     let row = client
-        .query_opt(
-            "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1",
-            &[],
-        )
+        .query_opt(HEAD, &[])
         .await
         .map_err(|e| backend(e.into()))?;
     row.map(|row| {
