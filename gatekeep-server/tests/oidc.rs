@@ -15,7 +15,7 @@ use gatekeep_server::auth::oidc::Oidc;
 use reqwest::{StatusCode, redirect::Policy};
 use serde_json::{Value, json};
 use support::{
-    Harness, answer, error_code, exec_request,
+    Backend, Harness, answer, error_code, exec_request,
     idp::{self, Idp},
     json_of, submit, wait_pending,
 };
@@ -85,12 +85,11 @@ async fn console_sign_in(client: &reqwest::Client, harness: &Harness, user: &str
     session
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn provider_identities_sign_in_with_their_groups_and_decide() {
+async fn provider_identities_sign_in_with_their_groups_and_decide(backend: Backend) {
     let keys = tempfile::tempdir().expect("keys dir");
     let idp_port = idp::free_port();
     let mut provider = None;
-    let mut harness = Harness::start_with(|config, addr| {
+    let mut harness = Harness::start_on(backend, |config, addr| {
         let idp = Idp::start(
             idp_port,
             &keys.path().join("keys.json"),
@@ -222,14 +221,13 @@ async fn provider_identities_sign_in_with_their_groups_and_decide() {
     drop(provider);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn foreign_issuers_forged_logins_refused_and_key_rotation_followed() {
+async fn foreign_issuers_forged_logins_refused_and_key_rotation_followed(backend: Backend) {
     let keys = tempfile::tempdir().expect("keys dir");
     let shared_keys = keys.path().join("shared.json");
     let idp_port = idp::free_port();
     let mut provider = None;
     let mut service = None;
-    let mut harness = Harness::start_with(|config, addr| {
+    let mut harness = Harness::start_on(backend, |config, addr| {
         let idp = Idp::start(
             idp_port,
             &shared_keys,
@@ -394,3 +392,8 @@ async fn id_token_from(
         nonce,
     )
 }
+
+on_both_backends!(
+    provider_identities_sign_in_with_their_groups_and_decide,
+    foreign_issuers_forged_logins_refused_and_key_rotation_followed,
+);
