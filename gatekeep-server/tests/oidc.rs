@@ -8,6 +8,11 @@
     clippy::too_many_lines,
     reason = "each test is one scenario end to end, read top to bottom"
 )]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a panic is the failure report a test wants; the scenarios are plain async fns \
+              (`on_both_backends!` runs each per store), which `allow-unwrap-in-tests` misses"
+)]
 
 mod support;
 
