@@ -74,6 +74,16 @@ impl Replica {
     }
 }
 
+impl Replica {
+    /// Kills it at once (SIGKILL): no graceful shutdown, nothing flushed.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill the replica");
+            drop(child.wait());
+        }
+    }
+}
+
 impl Drop for Replica {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -223,6 +233,19 @@ impl Fleet {
 
     /// The agent `web-1`, streaming to replica `n`.
     async fn agent(&self, n: usize) -> Arc<AgentLink> {
+        let (link, mut events) = self.agent_with_failover(n, &[]).await;
+        // Later events (decisions are answered through `decide`) are not needed.
+        tokio::spawn(async move { while events.recv().await.is_some() {} });
+        link
+    }
+
+    /// The agent `web-1`, streaming to replica `n`, failing over to `failover` in turn;
+    /// returns once connected, with its events.
+    async fn agent_with_failover(
+        &self,
+        n: usize,
+        failover: &[usize],
+    ) -> (Arc<AgentLink>, mpsc::UnboundedReceiver<LinkEvent>) {
         let tls = self.dir.path().join("tls");
         let mut config = AgentLinkConfig::new(
             self.replicas[n].endpoint(),
@@ -235,6 +258,10 @@ impl Fleet {
                 domain: None,
             },
         );
+        config.failover = failover
+            .iter()
+            .map(|m| self.replicas[*m].endpoint())
+            .collect();
         config.backoff = Backoff {
             initial: Duration::from_millis(50),
             max: Duration::from_millis(500),
@@ -250,9 +277,7 @@ impl Fleet {
                 break;
             }
         }
-        // Later events (decisions are answered through `decide`) are not needed.
-        tokio::spawn(async move { while events.recv().await.is_some() {} });
-        Arc::new(link)
+        (Arc::new(link), events)
     }
 
     /// Stops every replica gracefully, then checks the one audit chain they wrote.
@@ -459,5 +484,71 @@ async fn a_deadline_expires_once_across_replicas() {
             .filter(|l| l["kind"] == "expired" && l["request_id"] == id.to_string())
             .count();
         assert_eq!(expired, 1, "request {id} expired once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_fails_over_when_its_replica_is_killed_and_nothing_is_lost_or_asked_twice() {
+    const REQUESTS: usize = 10;
+    let mut fleet = Fleet::start(2).await;
+    let (link, mut events) = fleet.agent_with_failover(0, &[1]).await;
+    let mut on_b = fleet.reviewer(1, "alice").await;
+    let (answers, mut answered) = mpsc::unbounded_channel();
+    let mut ids = Vec::new();
+    for n in 0..REQUESTS {
+        let request = exec_request(&["curl", &format!("https://failover.example/{n}")]);
+        ids.push(request.id);
+        ask(&link, request, &answers);
+    }
+    for id in &ids {
+        wait_pending(&mut on_b, *id).await;
+    }
+    // The replica the agent streams to dies with every request pending.
+    let killed = Instant::now();
+    fleet.replicas[0].kill();
+    loop {
+        let event = tokio::time::timeout(PATIENCE, events.recv())
+            .await
+            .expect("the agent reconnects in time")
+            .expect("link alive");
+        if matches!(event, LinkEvent::Connected { .. }) {
+            break;
+        }
+    }
+    println!(
+        "failover: replica SIGKILLed -> the agent connected to the next one (its pending \
+         requests re-sent on connect): {:?}",
+        killed.elapsed()
+    );
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    for id in &ids {
+        on_b.decide(*id, Verdict::Allow, "after failover", GrantDuration::Once)
+            .await
+            .expect("decide on the surviving replica");
+    }
+    let mut decided = Vec::new();
+    for _ in 0..REQUESTS {
+        let (id, decision, _) = next_answer(&mut answered).await;
+        assert_eq!(decision.verdict, Verdict::Allow);
+        decided.push(id);
+    }
+    decided.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(decided, expected, "every request decided, each once");
+    let lines = fleet.stop_and_verify().await;
+    for id in &ids {
+        let of = |kind: &str| {
+            lines
+                .iter()
+                .filter(|l| l["kind"] == kind && l["request_id"] == id.to_string())
+                .count()
+        };
+        assert_eq!(
+            of("requested"),
+            1,
+            "{id} was stored once although sent twice"
+        );
+        assert_eq!(of("decided"), 1, "{id} decided once");
     }
 }
