@@ -26,34 +26,47 @@ pub(crate) async fn follow(engine: Arc<Engine>, mut changes: mpsc::UnboundedRece
         let Some(change) = change else {
             return;
         };
-        if let Err(error) = apply(&engine, change).await {
+        if let Err(error) = apply(&engine, &change).await {
             tracing::warn!(%error, ?change, "failed to apply another replica's change");
         }
     }
 }
 
-async fn apply(engine: &Engine, change: Change) -> Result<(), crate::store::StoreError> {
+async fn apply(engine: &Engine, change: &Change) -> Result<(), crate::store::StoreError> {
     match change {
-        Change::Request(id) => {
-            let Some(stored) = engine.store.get_request(id).await? else {
+        Change::Request { id, host, pending } => {
+            if *pending {
+                engine.wake_timer();
+            }
+            // Nothing to do here unless someone watches, or a final decision goes to an
+            // agent connected here: most changes (automatic decisions, other replicas'
+            // agents) need no read at all.
+            let deliver = !*pending && engine.hub.is_connected(host);
+            if !deliver && !engine.hub.watched() {
+                return Ok(());
+            }
+            let Some(stored) = engine.store.get_request(*id).await? else {
                 return Ok(());
             };
             let record = stored.value;
             match (&record.decision, record.state) {
-                (_, RequestState::Pending) => engine.wake_timer(),
                 // The agent withdrew it: it needs no answer.
-                (_, RequestState::Abandoned) | (None, _) => {}
-                (Some(decision), _) => {
+                (_, RequestState::Pending | RequestState::Abandoned) | (None, _) => {}
+                (Some(decision), _) if deliver => {
                     engine.hub.send(
                         &record.host,
                         v1::server_message::Message::Decision(decision.clone().into()),
                     );
                 }
+                (Some(_), _) => {}
             }
             engine.hub.publish(&record);
         }
-        Change::GrantRevoked(id) => {
-            let Some(grant) = engine.store.get_grant(id).await? else {
+        Change::GrantRevoked { id, host } => {
+            if !engine.hub.is_connected(host) {
+                return Ok(());
+            }
+            let Some(grant) = engine.store.get_grant(*id).await? else {
                 return Ok(());
             };
             if let Some(revoked) = &grant.revoked {

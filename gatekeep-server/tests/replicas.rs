@@ -21,8 +21,8 @@ use std::{
 };
 
 use gatekeep_client::{
-    AgentLink, AgentLinkConfig, Backoff, ClientIdentity, ClientTls, LinkEvent, ReviewClient,
-    ReviewConfig,
+    AgentLink, AgentLinkConfig, Backoff, ClientIdentity, ClientTls, LinkEvent, RequestFilter,
+    ReviewClient, ReviewConfig,
 };
 use gatekeep_proto::{
     GrantDuration,
@@ -31,6 +31,7 @@ use gatekeep_proto::{
 use gatekeep_server::{ServerConfig, certs, store::PostgresStore};
 use support::{PATIENCE, exec_request, pg};
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
 use uuid::Uuid;
 
 /// One `gatekeep-server serve` process; stopped (SIGTERM, then SIGKILL) when dropped.
@@ -351,11 +352,21 @@ async fn decisions_on_another_replica_reach_the_agent() {
     let mut fleet = Fleet::start(2).await;
     let link = fleet.agent(0).await;
     let mut on_b = fleet.reviewer(1, "alice").await;
+    // A console on replica B watches requests the agent streams to replica A.
+    let mut watcher = fleet.reviewer(1, "bob").await;
+    let mut watch = Box::pin(
+        watcher
+            .watch(&RequestFilter::default())
+            .await
+            .expect("watch on replica b"),
+    );
     let (answers, mut answered) = mpsc::unbounded_channel();
     let mut latencies = Vec::new();
+    let mut first = None;
     for n in 0..REQUESTS {
         let request = exec_request(&["curl", &format!("https://fleet.example/{n}")]);
         let id = request.id;
+        first.get_or_insert(id);
         ask(&link, request, &answers);
         wait_pending(&mut on_b, id).await;
         let verdict = if n % 4 == 3 {
@@ -375,6 +386,20 @@ async fn decisions_on_another_replica_reach_the_agent() {
         assert_eq!(decision.decided_by, "alice");
         latencies.push(at.saturating_duration_since(decided_at));
     }
+    // The watcher saw the first request arrive on A and be decided on B.
+    let first = first.expect("a request");
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let (_, record) = tokio::time::timeout(PATIENCE, watch.next())
+            .await
+            .expect("a watch event in time")
+            .expect("watch open")
+            .expect("event");
+        if record.request.id == first {
+            seen.push(record.state);
+        }
+    }
+    assert_eq!(seen, [RequestState::Pending, RequestState::Approved]);
     latencies.sort();
     println!(
         "cross-replica delivery (decide called on replica B -> the agent streaming to A has \

@@ -164,12 +164,16 @@ pub struct Admission {
 }
 
 /// A change another replica committed (see [`Store::changes`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// A request was stored or moved.
-    Request(Uuid),
-    /// A grant was revoked.
-    GrantRevoked(Uuid),
+    /// A request of the agent on `host` was stored or moved; `pending` if it still waits.
+    Request {
+        id: Uuid,
+        host: String,
+        pending: bool,
+    },
+    /// A grant of `host` was revoked.
+    GrantRevoked { id: Uuid, host: String },
     /// Changes may have been missed (the notifications were interrupted).
     Resync,
 }

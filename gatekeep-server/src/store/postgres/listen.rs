@@ -98,18 +98,32 @@ async fn follow(
     result
 }
 
-/// `r|<request id>|<writer>` or `g|<grant id>|<writer>`; `None` for this replica's own
+/// `r|<request id>|<state>|<writer>|<host>` or `g|<grant id>||<writer>|<host>` (the host
+/// last: it is the one field gatekeep does not write itself); `None` for this replica's own
 /// changes (and anything malformed, which no gatekeep trigger sends).
 fn parse(payload: &str, origin: &str) -> Option<Change> {
-    let mut parts = payload.splitn(3, '|');
-    let (kind, id, writer) = (parts.next()?, parts.next()?, parts.next()?);
+    let mut parts = payload.splitn(5, '|');
+    let (kind, id, state, writer, host) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
     if writer == origin {
         return None;
     }
     let id = Uuid::try_parse(id).ok()?;
     match kind {
-        "r" => Some(Change::Request(id)),
-        "g" => Some(Change::GrantRevoked(id)),
+        "r" => Some(Change::Request {
+            id,
+            host: host.to_owned(),
+            pending: state == "pending",
+        }),
+        "g" => Some(Change::GrantRevoked {
+            id,
+            host: host.to_owned(),
+        }),
         _ => None,
     }
 }
@@ -122,16 +136,43 @@ mod tests {
     fn own_and_malformed_notifications_are_skipped() {
         let id = Uuid::new_v4();
         assert_eq!(
-            parse(&format!("r|{id}|gatekeep-b"), "gatekeep-a"),
-            Some(Change::Request(id))
+            parse(&format!("r|{id}|pending|gatekeep-b|web-1"), "gatekeep-a"),
+            Some(Change::Request {
+                id,
+                host: "web-1".into(),
+                pending: true
+            })
         );
         assert_eq!(
-            parse(&format!("g|{id}|gatekeep-b"), "gatekeep-a"),
-            Some(Change::GrantRevoked(id))
+            parse(&format!("r|{id}|approved|gatekeep-b|a|b"), "gatekeep-a"),
+            Some(Change::Request {
+                id,
+                host: "a|b".into(),
+                pending: false
+            })
         );
-        assert_eq!(parse(&format!("r|{id}|gatekeep-a"), "gatekeep-a"), None);
-        assert_eq!(parse("r|not-an-id|gatekeep-b", "gatekeep-a"), None);
-        assert_eq!(parse(&format!("x|{id}|gatekeep-b"), "gatekeep-a"), None);
-        assert_eq!(parse("r", "gatekeep-a"), None);
+        assert_eq!(
+            parse(&format!("g|{id}||gatekeep-b|web-1"), "gatekeep-a"),
+            Some(Change::GrantRevoked {
+                id,
+                host: "web-1".into()
+            })
+        );
+        assert_eq!(
+            parse(&format!("r|{id}|pending|gatekeep-a|web-1"), "gatekeep-a"),
+            None
+        );
+        assert_eq!(
+            parse("r|not-an-id|pending|gatekeep-b|web-1", "gatekeep-a"),
+            None
+        );
+        assert_eq!(
+            parse(&format!("x|{id}|pending|gatekeep-b|web-1"), "gatekeep-a"),
+            None
+        );
+        assert_eq!(
+            parse(&format!("r|{id}|pending|gatekeep-b"), "gatekeep-a"),
+            None
+        );
     }
 }

@@ -84,11 +84,13 @@ CREATE TRIGGER audit_records_no_truncate BEFORE TRUNCATE ON audit_records
 
 -- Every committed change of a request, and every revocation, is announced to the replicas
 -- (delivered at commit, never for a rolled-back change). The payload names the writer's
--- application_name, so a replica skips its own changes.
+-- application_name, so a replica skips its own changes, and the request's state and host,
+-- so a replica with no watcher and without that agent's stream skips re-reading it.
 CREATE FUNCTION gatekeep_notify_request() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('gatekeep_changes',
-        'r|' || NEW.id || '|' || current_setting('application_name'));
+        'r|' || NEW.id || '|' || NEW.state || '|' || current_setting('application_name')
+        || '|' || NEW.host);
     RETURN NULL;
 END $$;
 CREATE TRIGGER requests_changed AFTER INSERT OR UPDATE ON requests
@@ -96,7 +98,7 @@ CREATE TRIGGER requests_changed AFTER INSERT OR UPDATE ON requests
 CREATE FUNCTION gatekeep_notify_grant() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('gatekeep_changes',
-        'g|' || NEW.id || '|' || current_setting('application_name'));
+        'g|' || NEW.id || '||' || current_setting('application_name') || '|' || NEW.host);
     RETURN NULL;
 END $$;
 CREATE TRIGGER grants_revoked AFTER UPDATE OF revoked_at ON grants
