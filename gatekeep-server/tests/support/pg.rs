@@ -2,7 +2,8 @@
 //! directory under `target/tmp/pg/<pid>`, loopback on a free port, trust authentication for
 //! the superuser `gk`, and a new database per test ([`Cluster::database`]).
 //!
-//! - One cluster per test process, started on first use ([`cluster`]).
+//! - One cluster per test process, started on first use ([`cluster`]); a benchmark starts
+//!   a durable one of its own ([`start`]).
 //! - `initdb` and `postgres` refuse to run as root. As root (CI, these machines) both run as
 //!   the `postgres` user that Debian's package creates (else `nobody`): the data directory
 //!   is handed to that user and the processes drop to it (`Command::uid`).
@@ -30,15 +31,26 @@ pub const USER: &str = "gk";
 pub struct Cluster {
     pub port: u16,
     pub dir: PathBuf,
+    /// The postmaster's process id (benchmarks read the cluster's CPU time from `/proc`).
+    pub pid: u32,
     bin: PathBuf,
 }
 
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 
+/// How much a cluster keeps on a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Tests: `fsync`, `synchronous_commit` and `full_page_writes` off.
+    Throwaway,
+    /// Benchmarks: `PostgreSQL`'s defaults (every commit flushed).
+    Durable,
+}
+
 /// The test process's cluster, started on first use. Panics with the cause (and what to do)
 /// when it cannot start.
 pub fn cluster() -> &'static Cluster {
-    match CLUSTER.get_or_init(start) {
+    match CLUSTER.get_or_init(|| start(Durability::Throwaway)) {
         Ok(cluster) => cluster,
         Err(message) => panic!("cannot start the test PostgreSQL cluster: {message}"),
     }
@@ -141,10 +153,17 @@ fn as_user<'a>(command: &'a mut Command, user: Option<&nix::unistd::User>) -> &'
     command
 }
 
-fn start() -> Result<Cluster, String> {
+/// Starts a cluster of its own (tests share [`cluster`] instead).
+pub fn start(durability: Durability) -> Result<Cluster, String> {
     let bin = server_bin()?;
     let user = unprivileged()?;
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pg");
+    // Integration tests get cargo's temporary folder; examples (benchmarks) the same one.
+    let base = option_env!("CARGO_TARGET_TMPDIR")
+        .map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp"),
+            PathBuf::from,
+        )
+        .join("pg");
     remove_stale(&base);
     let dir = base.join(std::process::id().to_string());
     drop(fs::remove_dir_all(&dir));
@@ -183,8 +202,15 @@ fn start() -> Result<Cluster, String> {
     let mut last = String::new();
     for _ in 0..5 {
         let port = free_port()?;
-        match launch(&bin, &dir, &data, port, user.as_ref()) {
-            Ok(()) => return Ok(Cluster { port, dir, bin }),
+        match launch(&bin, &dir, &data, port, user.as_ref(), durability) {
+            Ok(pid) => {
+                return Ok(Cluster {
+                    port,
+                    dir,
+                    pid,
+                    bin,
+                });
+            }
             // Most likely the port was taken meanwhile: try another.
             Err(message) => last = message,
         }
@@ -199,15 +225,16 @@ fn free_port() -> Result<u16, String> {
         .map_err(|err| format!("no free port: {err}"))
 }
 
-/// Starts `postgres` from a thread that outlives every test (see the module comment) and
-/// waits until it accepts connections.
+/// Starts `postgres` from a thread that outlives every test (see the module comment), waits
+/// until it accepts connections, and returns its process id.
 fn launch(
     bin: &Path,
     dir: &Path,
     data: &Path,
     port: u16,
     user: Option<&nix::unistd::User>,
-) -> Result<(), String> {
+    durability: Durability,
+) -> Result<u32, String> {
     let log_path = dir.join(format!("postgres-{port}.log"));
     let log = fs::File::create(&log_path).map_err(|err| format!("cannot create the log: {err}"))?;
     let mut command = Command::new(bin.join("postgres"));
@@ -217,12 +244,16 @@ fn launch(
         .arg("-k")
         .arg(dir)
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        // Throwaway: no durability, and room for every test's pools and replicas.
-        .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-        .args(["-c", "full_page_writes=off", "-c", "max_connections=400"])
+        // Room for every test's pools and replicas.
+        .args(["-c", "max_connections=400"])
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|err| err.to_string())?)
         .stderr(log);
+    if durability == Durability::Throwaway {
+        command
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off"]);
+    }
     as_user(&mut command, user);
     // SAFETY: prctl is async-signal-safe; it runs in the child after the uid change (which
     // would clear it) and before exec.
@@ -264,7 +295,7 @@ fn launch(
             .status()
             .is_ok_and(|status| status.success());
         if ready {
-            return Ok(());
+            return Ok(child.id());
         }
         if Instant::now() > deadline {
             drop(child.kill());
