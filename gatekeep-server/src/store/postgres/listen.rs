@@ -82,7 +82,12 @@ async fn follow(
         return Ok(());
     }
     let result = loop {
-        let note = match forwarded.recv().await {
+        let received = tokio::select! {
+            received = forwarded.recv() => received,
+            // The replica stopped following (shutdown): end, and close the connection.
+            () = sender.closed() => break Ok(()),
+        };
+        let note = match received {
             Some(Ok(note)) => note,
             Some(Err(error)) => break Err(error.into()),
             None => break Err("the database closed the connection".into()),
