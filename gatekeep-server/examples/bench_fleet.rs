@@ -25,6 +25,7 @@ mod pg;
 use std::{
     fs,
     net::SocketAddr,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -53,6 +54,8 @@ use uuid::Uuid;
 const IN_FLIGHT: usize = 8;
 /// Decisions timed one at a time per latency round.
 const LATENCY_ROUNDS: usize = 200;
+/// Longest wait for one step; reached only when something is stuck.
+const PATIENCE: Duration = Duration::from_secs(30);
 
 fn request(command: &str, n: usize) -> ApprovalRequest {
     let now = time::OffsetDateTime::now_utc();
@@ -198,16 +201,24 @@ fn spawn_replica(dir: &Path, n: usize, url: &str) -> Replica {
         ),
     )
     .expect("config");
-    let child = Command::new(server_binary())
+    let mut command = Command::new(server_binary());
+    command
         .arg("--config")
         .arg(&config)
         .arg("serve")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join(format!("replica-{n}.log"))).expect("log"))
-        .spawn()
-        .expect("start gatekeep-server");
+        .stderr(fs::File::create(dir.join(format!("replica-{n}.log"))).expect("log"));
+    // SAFETY: prctl is async-signal-safe; the replicas die with the benchmark (the main
+    // thread, which spawns them, lives until it ends).
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = command.spawn().expect("start gatekeep-server");
     Replica { addr, child }
 }
 
@@ -286,20 +297,34 @@ async fn cross_replica(link: &Arc<AgentLink>, reviewer: &mut ReviewClient, label
             let decision = agent.decide(request).await.expect("decision");
             let _ = answers.send((decision.request_id, Instant::now()));
         });
+        let asked = Instant::now();
         loop {
-            if let Ok((record, _)) = reviewer.get(id).await
+            let got = tokio::time::timeout(PATIENCE, reviewer.get(id))
+                .await
+                .unwrap_or_else(|_| panic!("reading request {n} ({label}) took too long"));
+            if let Ok((record, _)) = got
                 && record.state == RequestState::Pending
             {
                 break;
             }
+            assert!(
+                asked.elapsed() < PATIENCE,
+                "request {n} ({label}) never pending on replica 1"
+            );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let sent = Instant::now();
-        reviewer
-            .decide(id, Verdict::Allow, "bench", GrantDuration::Once)
+        tokio::time::timeout(
+            PATIENCE,
+            reviewer.decide(id, Verdict::Allow, "bench", GrantDuration::Once),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("approving request {n} ({label}) took too long"))
+        .expect("approve");
+        let (answer, at) = tokio::time::timeout(PATIENCE, answered.recv())
             .await
-            .expect("approve");
-        let (answer, at) = answered.recv().await.expect("answer");
+            .unwrap_or_else(|_| panic!("decision {n} ({label}) never reached the agent"))
+            .expect("answer");
         assert_eq!(answer, id);
         samples.push(at.duration_since(sent));
     }
@@ -400,7 +425,10 @@ async fn main() {
             workers.push(tokio::spawn(async move {
                 let mut n = worker;
                 while running.load(Ordering::Relaxed) {
-                    let decision = link.decide(request("fetch", n)).await.expect("decision");
+                    let decision = tokio::time::timeout(PATIENCE, link.decide(request("fetch", n)))
+                        .await
+                        .expect("an automatic decision in time")
+                        .expect("decision");
                     debug_assert_eq!(decision.decided_by, "rule:bench-fetch");
                     decided.fetch_add(1, Ordering::Relaxed);
                     n += IN_FLIGHT;
