@@ -189,6 +189,14 @@ impl PostgresStore {
 
     async fn get_request(&self, id: Uuid) -> Result<Option<Versioned<RequestRecord>>, StoreError> {
         let client = self.client().await?;
+        self.get_request_on(&client, id).await
+    }
+
+    async fn get_request_on(
+        &self,
+        client: &Object,
+        id: Uuid,
+    ) -> Result<Option<Versioned<RequestRecord>>, StoreError> {
         let stmt = client
             .prepare_cached("SELECT record, version FROM requests WHERE id = $1")
             .await
@@ -201,8 +209,11 @@ impl PostgresStore {
             .transpose()
     }
 
-    async fn find_grant(&self, query: &AdmissionQuery) -> Result<Option<Grant>, StoreError> {
-        let client = self.client().await?;
+    async fn find_grant_on(
+        &self,
+        client: &Object,
+        query: &AdmissionQuery,
+    ) -> Result<Option<Grant>, StoreError> {
         let stmt = client
             .prepare_cached(
                 "SELECT body FROM grants WHERE host = $1 AND policy = $2 AND target = $3 \
@@ -665,8 +676,13 @@ impl Store for PostgresStore {
 
     fn admission(&self, query: AdmissionQuery) -> StoreFuture<'_, Admission> {
         Box::pin(async move {
-            let (existing, grant) =
-                tokio::try_join!(self.get_request(query.id), self.find_grant(&query))?;
+            // Both on one connection (pipelined): a call never holds one pooled connection
+            // while it waits for a second, which could starve the pool.
+            let client = self.client().await?;
+            let (existing, grant) = tokio::try_join!(
+                self.get_request_on(&client, query.id),
+                self.find_grant_on(&client, &query)
+            )?;
             Ok(Admission { existing, grant })
         })
     }
