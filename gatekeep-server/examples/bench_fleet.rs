@@ -52,8 +52,10 @@ use uuid::Uuid;
 
 /// Requests in flight per agent.
 const IN_FLIGHT: usize = 8;
-/// Decisions timed one at a time per latency round.
+/// Decisions timed one at a time while idle, and while the throughput load runs (each then
+/// waits behind the load's requests: fewer, or the phase takes minutes).
 const LATENCY_ROUNDS: usize = 200;
+const LATENCY_ROUNDS_UNDER_LOAD: usize = 30;
 /// Longest wait for one step; reached only when something is stuck.
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -285,10 +287,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// One request at a time: pending on replica 0's agent, approved on replica 1.
-async fn cross_replica(link: &Arc<AgentLink>, reviewer: &mut ReviewClient, label: &str) {
+async fn cross_replica(
+    link: &Arc<AgentLink>,
+    reviewer: &mut ReviewClient,
+    label: &str,
+    rounds: usize,
+) {
     let (answers, mut answered) = mpsc::unbounded_channel();
-    let mut samples = Vec::with_capacity(LATENCY_ROUNDS);
-    for n in 0..LATENCY_ROUNDS {
+    let mut samples = Vec::with_capacity(rounds);
+    for n in 0..rounds {
         let request = request("push", n);
         let id = request.id;
         let agent = Arc::clone(link);
@@ -330,7 +337,7 @@ async fn cross_replica(link: &Arc<AgentLink>, reviewer: &mut ReviewClient, label
     }
     samples.sort();
     println!(
-        "cross-replica delivery ({label}): {LATENCY_ROUNDS} decisions, p50 {:.2} ms, p99 {:.2} ms, \
+        "cross-replica delivery ({label}): {rounds} decisions, p50 {:.2} ms, p99 {:.2} ms, \
          max {:.2} ms",
         percentile(&samples, 0.5).as_secs_f64() * 1e3,
         percentile(&samples, 0.99).as_secs_f64() * 1e3,
@@ -403,7 +410,7 @@ async fn main() {
     // Latency while idle.
     let latency_agent = setup.agent(&fleet[0], "latency").await;
     let mut reviewer = setup.reviewer(&fleet[1]).await.expect("reviewer");
-    cross_replica(&latency_agent, &mut reviewer, "idle").await;
+    cross_replica(&latency_agent, &mut reviewer, "idle", LATENCY_ROUNDS).await;
 
     // Throughput.
     let mut links = Vec::with_capacity(agents);
@@ -466,7 +473,13 @@ async fn main() {
     );
 
     // Latency under that load.
-    cross_replica(&latency_agent, &mut reviewer, "under the throughput load").await;
+    cross_replica(
+        &latency_agent,
+        &mut reviewer,
+        "under the throughput load",
+        LATENCY_ROUNDS_UNDER_LOAD,
+    )
+    .await;
     running.store(false, Ordering::Relaxed);
     for worker in workers {
         drop(worker.await);
