@@ -19,6 +19,7 @@
 //! listen = "127.0.0.1:7443"    # embedded: the in-process service's address
 //! # remote (the default mode once `server` is set):
 //! # server = "https://gatekeep.example.org:7443"
+//! # failover = ["https://gatekeep-2.example.org:7443"]  # other replicas, tried in turn
 //! # ca = "/etc/gatekeep/tls/ca.pem"
 //! # cert = "/etc/gatekeep/tls/agent.pem"
 //! # key = "/etc/gatekeep/tls/agent.key"
@@ -171,6 +172,10 @@ pub struct DecisionConfig {
     pub mode: Option<DecisionMode>,
     /// Remote: `https://HOST:PORT` of the decision service.
     pub server: Option<String>,
+    /// Remote: further replicas of the same service (one database), tried in turn when
+    /// `server` (or the replica in use) cannot be reached; pending requests are re-sent
+    /// there and kept once by their id.
+    pub failover: Vec<String>,
     /// Remote: the CA that signed the service's certificate (PEM).
     pub ca: Option<PathBuf>,
     /// Remote: this agent's client certificate (PEM), which names its host.
@@ -189,6 +194,7 @@ impl Default for DecisionConfig {
         Self {
             mode: None,
             server: None,
+            failover: Vec::new(),
             ca: None,
             cert: None,
             key: None,

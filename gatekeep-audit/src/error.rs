@@ -35,6 +35,13 @@ pub enum AuditError {
         #[from]
         source: rusqlite::Error,
     },
+    /// A [`ChainStore`](crate::ChainStore) other than the `SQLite` one failed.
+    #[error("audit log database error ({location})")]
+    Backend {
+        location: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A record's timestamp cannot be written as RFC 3339 (year outside 0000..=9999).
     #[error("record timestamp {at} is outside the range RFC 3339 can express")]
     TimestampOutOfRange { at: time::OffsetDateTime },

@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 
 use crate::{
     error::{AuditError, TamperReason},
+    hash::ChainFields,
     line::ExportLine,
     record::RecordKind,
     store::{AuditStore, from_sql_seq, open_read_only, to_sql_seq},
@@ -51,6 +52,38 @@ impl AuditStore {
     }
 }
 
+/// Writes one record as a line of the export, exactly as [`export`] does: for a
+/// [`ChainStore`](crate::ChainStore) that keeps its records in another database, so that its
+/// export reads (and [`verify_export`](crate::verify_export) verifies) the same.
+pub fn export_line(
+    mut out: impl Write,
+    fields: &ChainFields<'_>,
+    hash: &str,
+) -> Result<(), AuditError> {
+    let write_err = |source| AuditError::Export { source };
+    let seq = fields.seq;
+    let payload: &RawValue =
+        serde_json::from_str(fields.payload).map_err(|err| AuditError::Tampered {
+            seq,
+            reason: TamperReason::Malformed {
+                detail: format!("payload is not json: {err}"),
+            },
+        })?;
+    let line = ExportLine {
+        seq,
+        at: fields.at.into(),
+        kind: fields.kind.into(),
+        request_id: fields.request_id.map(Cow::from),
+        host: fields.host.into(),
+        actor: fields.actor.map(Cow::from),
+        payload,
+        prev_hash: fields.prev_hash.into(),
+        hash: hash.into(),
+    };
+    serde_json::to_writer(&mut out, &line).map_err(|err| write_err(io::Error::from(err)))?;
+    out.write_all(b"\n").map_err(write_err)
+}
+
 pub(crate) fn export_connection(
     conn: &Connection,
     writer: impl Write,
@@ -68,13 +101,6 @@ pub(crate) fn export_connection(
     while let Some(row) = rows.next()? {
         let seq = from_sql_seq(row.get(0)?)?;
         let fields = row_fields(row, seq)?;
-        let payload: &RawValue =
-            serde_json::from_str(fields.payload).map_err(|err| AuditError::Tampered {
-                seq,
-                reason: TamperReason::Malformed {
-                    detail: format!("payload is not json: {err}"),
-                },
-            })?;
         let hash = row
             .get_ref(8)?
             .as_str()
@@ -84,19 +110,7 @@ pub(crate) fn export_connection(
                     detail: format!("column hash {err}"),
                 },
             })?;
-        let line = ExportLine {
-            seq,
-            at: fields.at.into(),
-            kind: fields.kind.into(),
-            request_id: fields.request_id.map(Cow::from),
-            host: fields.host.into(),
-            actor: fields.actor.map(Cow::from),
-            payload,
-            prev_hash: fields.prev_hash.into(),
-            hash: hash.into(),
-        };
-        serde_json::to_writer(&mut out, &line).map_err(|err| write_err(io::Error::from(err)))?;
-        out.write_all(b"\n").map_err(write_err)?;
+        export_line(&mut out, &fields, hash)?;
         count += 1;
     }
     out.flush().map_err(write_err)?;

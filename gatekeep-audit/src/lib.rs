@@ -102,12 +102,13 @@ mod writer;
 
 pub use canonical::to_canonical_json;
 pub use error::{AuditError, TamperReason, error_chain};
-pub use export::{ExportFilter, export};
+pub use export::{ExportFilter, export, export_line};
 pub use hash::{ChainFields, GENESIS_HASH};
 pub use health::{Failure, FailureCause, WriterHealth};
 pub use record::{
-    AuditRecord, EncodedRecord, RecordKind, StoredRecord, UnknownKind, canonical_json, timestamp,
+    AuditRecord, EncodedRecord, Prepared, RecordKind, StoredRecord, UnknownKind, canonical_json,
+    timestamp,
 };
-pub use store::{APPEND_ONLY_MESSAGE, AuditStore, ChainHead, SCHEMA_VERSION};
+pub use store::{APPEND_ONLY_MESSAGE, AuditStore, ChainHead, ChainStore, SCHEMA_VERSION};
 pub use verify::{VerifyReport, verify, verify_export};
 pub use writer::{AuditWriter, TrySubmitError, WriterConfig};

@@ -285,15 +285,67 @@ impl EncodedRecord {
 }
 
 /// A record's columns as stored (and hashed). The [`AuditWriter`](crate::AuditWriter)'s
-/// submitters make them, so that its one thread only chains and inserts.
+/// submitters make them, so that its one thread only chains and inserts; a
+/// [`ChainStore`](crate::ChainStore) reads them through the accessors.
 #[derive(Debug)]
-pub(crate) struct Prepared {
+pub struct Prepared {
     pub(crate) at: String,
     pub(crate) kind: &'static str,
     pub(crate) request_id: Option<String>,
     pub(crate) host: String,
     pub(crate) actor: Option<String>,
     pub(crate) payload: String,
+}
+
+impl Prepared {
+    /// `at` as stored (RFC 3339, UTC, nine fractional digits).
+    #[must_use]
+    pub fn at(&self) -> &str {
+        &self.at
+    }
+
+    /// The [`RecordKind`] name.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    #[must_use]
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+
+    #[must_use]
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    #[must_use]
+    pub fn actor(&self) -> Option<&str> {
+        self.actor.as_deref()
+    }
+
+    /// The canonical JSON payload.
+    #[must_use]
+    pub fn payload(&self) -> &str {
+        &self.payload
+    }
+
+    /// The chain fields of this record at `seq` after `prev_hash` (hash them with
+    /// [`ChainFields::hash`](crate::ChainFields::hash)).
+    #[must_use]
+    pub fn chain_fields<'a>(&'a self, seq: u64, prev_hash: &'a str) -> crate::ChainFields<'a> {
+        crate::ChainFields {
+            seq,
+            at: &self.at,
+            kind: self.kind,
+            request_id: self.request_id.as_deref(),
+            host: &self.host,
+            actor: self.actor.as_deref(),
+            payload: &self.payload,
+            prev_hash,
+        }
+    }
 }
 
 /// A record as the log holds it: the submitted fields plus its place in the chain.

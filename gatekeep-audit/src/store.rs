@@ -77,6 +77,34 @@ pub struct ChainHead {
     pub hash: String,
 }
 
+/// Where an [`AuditWriter`](crate::AuditWriter) appends: the `SQLite` [`AuditStore`], or a
+/// shared database several writers (service replicas) append one chain to.
+pub trait ChainStore: Send + 'static {
+    /// Where the chain lives, named in health reports and their fixes.
+    fn location(&self) -> &Path;
+    /// Chains `records` after the stored head and inserts them in one durable transaction;
+    /// returns the new head's seq. The head is read inside that transaction, under a lock
+    /// every writer takes, so that concurrent writers never fork the chain.
+    fn append(&mut self, records: &[Prepared]) -> Result<u64, AuditError>;
+    /// The seq of the last record this store wrote or read (0 while the log is empty).
+    fn head_seq(&self) -> u64;
+}
+
+impl ChainStore for AuditStore {
+    fn location(&self) -> &Path {
+        self.path()
+    }
+
+    fn append(&mut self, records: &[Prepared]) -> Result<u64, AuditError> {
+        self.append_prepared(records)
+            .map(|head| head.map_or(0, |head| head.seq))
+    }
+
+    fn head_seq(&self) -> u64 {
+        self.head().map_or(0, |head| head.seq)
+    }
+}
+
 /// An open, writable audit log.
 ///
 /// Synchronous: async code calls it through `spawn_blocking`, or submits through

@@ -17,7 +17,7 @@ use crate::{
     error::{AuditError, error_chain},
     health::{Failure, FailureCause, WriterHealth},
     record::{AuditRecord, EncodedRecord, Prepared, RecordKind},
-    store::AuditStore,
+    store::{AuditStore, ChainStore},
 };
 
 /// Why [`AuditWriter::try_submit`] did not take a record; the
@@ -115,8 +115,9 @@ impl AuditWriter {
         Self::spawn(AuditStore::open(path)?, config)
     }
 
-    /// Starts the writer thread on `store`.
-    pub fn spawn(store: AuditStore, config: WriterConfig) -> Result<Self, AuditError> {
+    /// Starts the writer thread on `store` (the `SQLite` [`AuditStore`], or another
+    /// [`ChainStore`]).
+    pub fn spawn(store: impl ChainStore, config: WriterConfig) -> Result<Self, AuditError> {
         let (sender, receiver) = mpsc::channel(config.queue_capacity.max(1));
         let closing = Arc::new(AtomicBool::new(false));
         let thread_closing = Arc::clone(&closing);
@@ -265,7 +266,7 @@ impl Drop for AuditWriter {
 /// gone and the queue is empty. While commits fail it keeps taking records into the bounded
 /// hold (see [`Failing`]) and retries with back-off.
 fn run(
-    mut store: AuditStore,
+    mut store: impl ChainStore,
     mut receiver: mpsc::Receiver<Command>,
     config: WriterConfig,
     closing: &AtomicBool,
@@ -277,7 +278,7 @@ fn run(
     let mut flushes = Vec::new();
     loop {
         if receiver.blocking_recv_many(&mut commands, max_batch) == 0 {
-            return Ok(head_seq(&store));
+            return Ok(store.head_seq());
         }
         for command in commands.drain(..) {
             match command {
@@ -285,10 +286,9 @@ fn run(
                 Command::Flush(ack) => flushes.push(ack),
             }
         }
-        match store.append_prepared(&pending) {
-            Ok(_) => {
+        match store.append(&pending) {
+            Ok(seq) => {
                 pending.clear();
-                let seq = head_seq(&store);
                 for ack in flushes.drain(..) {
                     // A flusher that stopped waiting is no concern of ours.
                     let _ = ack.send(Ok(seq));
@@ -332,7 +332,7 @@ struct Failing {
 
 impl Failing {
     fn new(
-        store: &AuditStore,
+        store: &impl ChainStore,
         config: &WriterConfig,
         err: AuditError,
         held: Vec<Prepared>,
@@ -351,10 +351,10 @@ impl Failing {
             bytes,
             max_bytes: config.held_bytes.max(bytes),
             failure: Failure {
-                path: store.path().to_owned(),
+                path: store.location().to_owned(),
                 cause,
                 error: error_chain(&err),
-                fix: cause.fix(store.path()),
+                fix: cause.fix(store.location()),
                 since: OffsetDateTime::now_utc(),
                 held: held.len(),
                 held_capacity: config.held_capacity,
@@ -455,7 +455,7 @@ impl Failing {
     /// attempts after shutdown run out.
     fn run(
         mut self,
-        store: &mut AuditStore,
+        store: &mut impl ChainStore,
         receiver: &mut mpsc::Receiver<Command>,
         closing: &AtomicBool,
         health: &watch::Sender<WriterHealth>,
@@ -473,7 +473,7 @@ impl Failing {
             if let Some(marker) = marker {
                 self.held.insert(0, marker);
             }
-            match store.append_prepared(&self.held) {
+            match store.append(&self.held) {
                 Ok(_) => {
                     let written = self.held.len() - usize::from(has_marker);
                     tracing::warn!(
@@ -496,7 +496,7 @@ impl Failing {
                     self.failure.attempts += 1;
                     self.failure.error = error_chain(&err);
                     self.failure.cause = FailureCause::of(&err);
-                    self.failure.fix = self.failure.cause.fix(store.path());
+                    self.failure.fix = self.failure.cause.fix(store.location());
                     self.error = Arc::new(err);
                     self.publish(health);
                     tracing::debug!(
@@ -523,10 +523,6 @@ impl Failing {
             }
         }
     }
-}
-
-fn head_seq(store: &AuditStore) -> u64 {
-    store.head().map_or(0, |head| head.seq)
 }
 
 #[cfg(test)]

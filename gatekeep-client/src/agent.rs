@@ -39,6 +39,10 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct AgentLinkConfig {
     /// `https://HOST:PORT` of the service.
     pub endpoint: String,
+    /// Further replicas of the same service (same database), tried in turn when the one in
+    /// use cannot be reached or its stream ends. Pending requests are re-sent to the next
+    /// one; the service keeps them by id, so nothing is asked twice.
+    pub failover: Vec<String>,
     /// The service's CA and the agent's certificate (required: the service identifies the
     /// agent's host by it).
     pub tls: ClientTls,
@@ -55,6 +59,7 @@ impl AgentLinkConfig {
     pub fn new(endpoint: impl Into<String>, tls: ClientTls) -> Self {
         Self {
             endpoint: endpoint.into(),
+            failover: Vec::new(),
             tls,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             // Reconnect delays: 200 ms, doubling up to 15 s, each with up to
@@ -130,9 +135,11 @@ impl AgentLink {
     pub fn start(
         config: AgentLinkConfig,
     ) -> Result<(Self, mpsc::UnboundedReceiver<LinkEvent>), LinkError> {
-        Endpoint::from_shared(config.endpoint.clone()).map_err(|err| LinkError::Config {
-            message: format!("endpoint `{}`: {err}", config.endpoint),
-        })?;
+        for endpoint in std::iter::once(&config.endpoint).chain(&config.failover) {
+            Endpoint::from_shared(endpoint.clone()).map_err(|err| LinkError::Config {
+                message: format!("endpoint `{endpoint}`: {err}"),
+            })?;
+        }
         if config.tls.identity.is_none() {
             return Err(LinkError::Config {
                 message: "an agent needs a client certificate (tls.identity)".into(),
@@ -323,9 +330,16 @@ fn message(message: agent_message::Message) -> v1::AgentMessage {
 impl Task {
     async fn run(mut self) {
         let mut delays = self.config.backoff.delays();
+        let endpoints: Vec<String> = std::iter::once(self.config.endpoint.clone())
+            .chain(self.config.failover.iter().cloned())
+            .collect();
+        // Which address is tried next, and how many failed in a row since one worked.
+        let mut current = 0;
+        let mut failed = 0;
         loop {
             let config = Arc::clone(&self.config);
-            let attempt = connect(&config);
+            let endpoint = &endpoints[current];
+            let attempt = connect(&config, endpoint);
             tokio::pin!(attempt);
             let connected = loop {
                 tokio::select! {
@@ -339,6 +353,7 @@ impl Task {
             let error = match connected {
                 Ok(connection) => {
                     delays.reset();
+                    failed = 0;
                     match self.serve(connection).await {
                         Some(error) => error,
                         None => return,
@@ -347,7 +362,15 @@ impl Task {
                 Err(error) => error,
             };
             self.shared.connected.store(false, Ordering::Relaxed);
-            let delay = delays.next().unwrap_or(self.config.backoff.max);
+            // The next address at once; the back-off only once every address failed in turn.
+            current = (current + 1) % endpoints.len();
+            failed += 1;
+            let delay = if failed < endpoints.len() {
+                Duration::ZERO
+            } else {
+                failed = 0;
+                delays.next().unwrap_or(self.config.backoff.max)
+            };
             tracing::warn!(%error, retry_in = ?delay, "decision service link down");
             self.emit(LinkEvent::Disconnected {
                 error,
@@ -562,10 +585,10 @@ impl Task {
     }
 }
 
-/// Connects, says hello and waits for welcome.
-async fn connect(config: &AgentLinkConfig) -> Result<Connection, String> {
-    let endpoint = Endpoint::from_shared(config.endpoint.clone())
-        .map_err(|err| format!("invalid endpoint `{}`: {err}", config.endpoint))?
+/// Connects to `address`, says hello and waits for welcome.
+async fn connect(config: &AgentLinkConfig, address: &str) -> Result<Connection, String> {
+    let endpoint = Endpoint::from_shared(address.to_owned())
+        .map_err(|err| format!("invalid endpoint `{address}`: {err}"))?
         .tls_config(config.tls.config())
         .map_err(|err| format!("invalid tls settings: {err}"))?
         .connect_timeout(config.connect_timeout)
@@ -573,7 +596,7 @@ async fn connect(config: &AgentLinkConfig) -> Result<Connection, String> {
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
     let channel = endpoint.connect().await.map_err(|err| {
-        let mut text = format!("cannot connect to {}: {err}", config.endpoint);
+        let mut text = format!("cannot connect to {address}: {err}");
         let mut source = std::error::Error::source(&err);
         while let Some(cause) = source {
             text.push_str(": ");

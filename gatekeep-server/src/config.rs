@@ -26,6 +26,11 @@
 //! [console.max_auth_age]                   # per policy: approvals need a fresh provider sign-in
 //! prod-deploy = 300
 //!
+//! [store]                                  # optional: PostgreSQL instead of SQLite (a fleet)
+//! url = "postgres://gatekeep@db.example.com:5432/gatekeep"
+//! password_file = "/etc/gatekeep-server/db-password"
+//! pool_size = 16
+//!
 //! [host_groups]                            # and [[rules]]: see the rules module
 //! [notify.slack]                           # Slack, Teams, webhooks: see notify::config
 //! ```
@@ -38,7 +43,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::{auth::oidc::OidcConfig, notify::NotifyConfig};
+pub use crate::{auth::oidc::OidcConfig, notify::NotifyConfig, store::StoreConfig};
 use crate::{error::Error, paths, rules::RuleConfig, store::Synchronous};
 
 /// Everything the service reads at start.
@@ -68,6 +73,8 @@ pub struct ServerConfig {
     pub console: ConsoleConfig,
     /// Slack, Teams and signed webhooks (see [`crate::notify::config`]).
     pub notify: NotifyConfig,
+    /// Where requests, grants, reviewers and the audit chain live.
+    pub store: StoreConfig,
 }
 
 /// The HTTP/JSON API and the reviewers' web console, served on the gRPC port.
@@ -118,6 +125,7 @@ impl Default for ServerConfig {
             rules: Vec::new(),
             console: ConsoleConfig::default(),
             notify: NotifyConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -209,6 +217,14 @@ mod tests {
         assert_eq!(config.tls.ca, Path::new("/c/ca.pem"));
         assert_eq!(config.tls.key, TlsPaths::default().key);
         assert_eq!(config.rules.len(), 1);
+        assert_eq!(config.store, StoreConfig::default());
+        let pg = ServerConfig::parse(
+            Path::new("x.toml"),
+            "[store]\nurl = \"postgres://gk:secret@db:5432/gk\"\npool_size = 4",
+        )
+        .unwrap();
+        assert_eq!(pg.store.pool_size, 4);
+        assert!(!format!("{pg:?}").contains("secret"), "{pg:?}");
         let err = ServerConfig::parse(Path::new("x.toml"), "lisen = \"x\"").unwrap_err();
         assert!(
             err.to_string().starts_with("invalid config `x.toml`: "),

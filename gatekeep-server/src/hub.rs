@@ -1,9 +1,9 @@
 //! Fan-out: the live stream of each connected agent, and the watchers of the review API.
 //!
 //! One process holds the streams it serves. With several replicas on one database, a
-//! decision made on another replica reaches the agent when it re-sends its pending requests
-//! (or, later, through the database's notifications); nothing here assumes a single replica
-//! for correctness, only for latency.
+//! decision made on another replica reaches this hub through the database's notifications
+//! ([`fanout`](crate::fanout)), and at the latest when the agent re-sends its pending
+//! requests.
 
 use std::{
     collections::HashMap,
@@ -116,6 +116,16 @@ impl Hub {
                 }))
                 .is_ok()
         })
+    }
+
+    /// Whether `host` has a live stream here.
+    pub(crate) fn is_connected(&self, host: &str) -> bool {
+        self.agents().contains_key(host)
+    }
+
+    /// Whether anyone watches the changes.
+    pub(crate) fn watched(&self) -> bool {
+        self.changes.receiver_count() > 0
     }
 
     /// Hosts with a live stream, sorted.

@@ -27,10 +27,12 @@
 //! ```
 
 pub mod api;
+mod audit_log;
 pub mod auth;
 pub mod certs;
 pub mod config;
 mod error;
+mod fanout;
 pub mod grants;
 mod hub;
 pub mod lifecycle;

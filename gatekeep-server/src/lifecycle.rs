@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
+    audit_log::AuditLog,
     auth::{self, Reviewer},
     error::Error,
     grants,
@@ -74,7 +75,8 @@ pub struct Engine {
     pub(crate) started_at: OffsetDateTime,
     /// New requests being stored now.
     storing: AtomicUsize,
-    pub(crate) audit_path: std::path::PathBuf,
+    /// Where the audit chain can be read (status, verify, export).
+    pub(crate) audit_log: AuditLog,
 }
 
 impl std::fmt::Debug for Engine {
@@ -128,7 +130,7 @@ enum Outcome {
 pub(crate) struct EngineParts {
     pub store: Arc<dyn Store>,
     pub audit: Arc<AuditWriter>,
-    pub audit_path: std::path::PathBuf,
+    pub audit_log: AuditLog,
     pub rules: Rules,
     pub policies: Option<PolicySet>,
     pub name: String,
@@ -140,7 +142,7 @@ impl Engine {
         Self {
             store: parts.store,
             audit: parts.audit,
-            audit_path: parts.audit_path,
+            audit_log: parts.audit_log,
             hub: Hub::new(),
             rules: parts.rules,
             policies: parts.policies,
@@ -809,6 +811,11 @@ impl Engine {
                 return Ok(expired);
             }
         }
+    }
+
+    /// Wakes the deadline timer (a replica stored a new deadline).
+    pub(crate) fn wake_timer(&self) {
+        self.wake.notify_one();
     }
 
     /// Runs the deadline timer until shutdown: sleeps until the next pending deadline or grant

@@ -1,12 +1,15 @@
 //! `gatekeep-server`: run the decision service, mint certificates, manage reviewers.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use gatekeep_server::{
     Server, ServerConfig, certs, paths,
-    store::{SqliteStore, Store as _},
+    store::{self, Store},
 };
 
 /// glibc's malloc spent about a quarter of the service's CPU under load on arena locks and
@@ -149,14 +152,20 @@ async fn shutdown_signal() {
     }
 }
 
-fn open_store(config: &Path, db: Option<PathBuf>) -> anyhow::Result<SqliteStore> {
-    let config = load_config(config)?;
+/// The configured store (`--db` names another `SQLite` file instead).
+async fn open_store(config: &Path, db: Option<PathBuf>) -> anyhow::Result<Arc<dyn Store>> {
+    let mut config = load_config(config)?;
+    if db.is_some() {
+        config.store.url = None;
+    }
     let path = db.unwrap_or_else(|| config.state_db());
-    if let Some(parent) = path.parent() {
+    if config.store.url.is_none()
+        && let Some(parent) = path.parent()
+    {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create `{}`", parent.display()))?;
     }
-    Ok(SqliteStore::open(&path, config.synchronous)?)
+    Ok(store::open(&config.store, path, config.synchronous).await?)
 }
 
 #[tokio::main]
@@ -197,19 +206,19 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Reviewers(ReviewersCommand::Add { name, groups, db }) => {
-            let store = open_store(&cli.config, db)?;
-            let token = gatekeep_server::add_reviewer(&store, &name, &groups).await?;
+            let store = open_store(&cli.config, db).await?;
+            let token = gatekeep_server::add_reviewer(&*store, &name, &groups).await?;
             eprintln!("added reviewer `{name}`; their token (shown once, keep it secret):");
             println!("{token}");
         }
         Command::Reviewers(ReviewersCommand::List { db }) => {
-            let store = open_store(&cli.config, db)?;
+            let store = open_store(&cli.config, db).await?;
             for reviewer in store.list_reviewers().await? {
                 println!("{}\t{}", reviewer.name, reviewer.groups.join(","));
             }
         }
         Command::Reviewers(ReviewersCommand::Remove { name, db }) => {
-            let store = open_store(&cli.config, db)?;
+            let store = open_store(&cli.config, db).await?;
             if !store.remove_reviewer(name.clone()).await? {
                 anyhow::bail!("no reviewer `{name}`");
             }

@@ -20,14 +20,16 @@ use tonic::{
 
 use crate::{
     api::{AgentApi, ReviewApi, http},
+    audit_log::AuditLog,
     auth::{self, Reviewer, session::Sessions},
     certs::TlsMaterial,
     config::{ConsoleConfig, ServerConfig},
     error::Error,
+    fanout,
     lifecycle::{Engine, EngineParts},
     notify::Notify,
     rules::Rules,
-    store::{SqliteStore, Store},
+    store::{self, Store, postgres::audit::PostgresChain},
 };
 
 /// Builds a [`Server`].
@@ -98,16 +100,25 @@ impl ServerBuilder {
         let notify = Notify::new(&config.notify, &config.host_groups)?;
         let store: Arc<dyn Store> = match self.store {
             Some(store) => store,
-            None => Arc::new(SqliteStore::open(config.state_db(), config.synchronous)?),
+            None => store::open(&config.store, config.state_db(), config.synchronous).await?,
         };
-        let audit_path = config.audit_db();
-        let audit = tokio::task::spawn_blocking({
-            let path = audit_path.clone();
-            move || AuditWriter::open(path, WriterConfig::default())
-        })
-        .await
-        .map_err(|_| Error::ShuttingDown)?
-        .map_err(|source| Error::Audit { source })?;
+        // On PostgreSQL the audit chain is in the database too: one chain for every replica.
+        let (audit, audit_log) = if let Some(postgres) = store.postgres() {
+            (
+                AuditWriter::spawn(PostgresChain::new(postgres), WriterConfig::default()),
+                AuditLog::Postgres(Box::new(postgres.clone())),
+            )
+        } else {
+            let path = config.audit_db();
+            let writer = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || AuditWriter::open(path, WriterConfig::default())
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+            (writer, AuditLog::Sqlite(path))
+        };
+        let audit = audit.map_err(|source| Error::Audit { source })?;
         let listener = match self.listener {
             Some(listener) => {
                 listener
@@ -131,7 +142,7 @@ impl ServerBuilder {
         let engine = Arc::new(Engine::new(EngineParts {
             store,
             audit: Arc::new(audit),
-            audit_path,
+            audit_log,
             rules,
             policies,
             name: config.name.clone(),
@@ -236,6 +247,11 @@ impl Server {
             None => None,
         };
         let timer = tokio::spawn(Arc::clone(&engine).run_timer());
+        // Replicas sharing the database: their changes reach this one's agents and watchers.
+        let fanout = engine
+            .store
+            .changes()
+            .map(|changes| tokio::spawn(fanout::follow(Arc::clone(&engine), changes)));
         let stopping = Arc::clone(&engine);
         let signal = async move {
             shutdown.await;
@@ -296,6 +312,9 @@ impl Server {
             .map_err(|source| Error::Transport { source });
         engine.shutdown.cancel();
         drop(timer.await);
+        if let Some(fanout) = fanout {
+            drop(fanout.await);
+        }
         if let Some(notify) = notify {
             notify.finish().await;
         }

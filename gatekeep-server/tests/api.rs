@@ -4,6 +4,9 @@
 //!
 //! No timing assertions: waits poll for a state with a generous upper bound and fail with a
 //! message when it is not reached.
+//!
+//! Every scenario runs on both stores (`on_both_backends!`): `sqlite::NAME` and
+//! `postgres::NAME` (a database of a throwaway cluster, see `support::pg`).
 
 use std::{
     net::SocketAddr,
@@ -11,6 +14,8 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
+
+mod support;
 
 use gatekeep_audit::RecordKind;
 use gatekeep_client::{
@@ -28,6 +33,7 @@ use gatekeep_proto::{
     },
 };
 use gatekeep_server::{Server, ServerConfig, certs::Pki, rules::RuleConfig};
+use support::Backend;
 use tokio::{
     sync::{Mutex, mpsc, oneshot},
     task::JoinHandle,
@@ -63,14 +69,15 @@ fn config(data: PathBuf) -> ServerConfig {
 }
 
 impl Harness {
-    async fn start() -> Self {
-        Self::start_with(|_| {}).await
+    async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, |_| {}).await
     }
 
-    async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
+    async fn start_with(backend: Backend, adjust: impl FnOnce(&mut ServerConfig)) -> Self {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
         let pki = Arc::new(Pki::ephemeral(&[]).expect("pki"));
         let mut config = config(dir.path().join("data"));
+        backend.configure(&mut config).await;
         adjust(&mut config);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -143,10 +150,6 @@ impl Harness {
 
     fn endpoint(&self) -> String {
         format!("https://{}", self.addr)
-    }
-
-    fn audit_db(&self) -> PathBuf {
-        self.config.audit_db()
     }
 
     fn token(&self, name: &str) -> String {
@@ -388,14 +391,8 @@ fn code(result: Result<impl std::fmt::Debug, gatekeep_client::ClientError>) -> C
         .expect("a status code")
 }
 
-fn audit_kinds(harness: &Harness) -> Vec<(RecordKind, Option<String>, Option<String>)> {
-    let mut out = Vec::new();
-    gatekeep_audit::export(
-        harness.audit_db(),
-        &mut out,
-        &gatekeep_audit::ExportFilter::default(),
-    )
-    .expect("export");
+async fn audit_kinds(harness: &Harness) -> Vec<(RecordKind, Option<String>, Option<String>)> {
+    let out = support::audit_export(&harness.config).await;
     String::from_utf8(out)
         .expect("utf-8")
         .lines()
@@ -414,9 +411,8 @@ fn audit_kinds(harness: &Harness) -> Vec<(RecordKind, Option<String>, Option<Str
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn approve_deny_and_cancel_reach_the_agent() {
-    let mut harness = Harness::start().await;
+async fn approve_deny_and_cancel_reach_the_agent(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let (link, _events) = harness.agent("web-1").await;
     let link = Arc::new(link);
     let mut alice = harness.reviewer("alice").await;
@@ -509,7 +505,7 @@ async fn approve_deny_and_cancel_reach_the_agent() {
     );
 
     harness.stop().await;
-    let kinds = audit_kinds(&harness);
+    let kinds = audit_kinds(&harness).await;
     for kind in [
         RecordKind::Requested,
         RecordKind::Decided,
@@ -527,9 +523,8 @@ async fn approve_deny_and_cancel_reach_the_agent() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deadlines_apply_the_timeout_action() {
-    let mut harness = Harness::start().await;
+async fn deadlines_apply_the_timeout_action(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let (link, _events) = harness.agent("web-1").await;
     let link = Arc::new(link);
 
@@ -576,15 +571,15 @@ async fn deadlines_apply_the_timeout_action() {
 
     harness.stop().await;
     let expired = audit_kinds(&harness)
+        .await
         .into_iter()
         .filter(|(k, _, actor)| *k == RecordKind::Expired && actor.as_deref() == Some("timeout"))
         .count();
     assert_eq!(expired, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quorum_needs_distinct_reviewers() {
-    let mut harness = Harness::start().await;
+async fn quorum_needs_distinct_reviewers(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let (link, _events) = harness.agent("web-1").await;
     let link = Arc::new(link);
     let mut req = request(&["curl", "https://quorum.example"]);
@@ -652,16 +647,15 @@ async fn quorum_needs_distinct_reviewers() {
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grant_covers_the_asking_workload_unless_the_reviewer_chose_the_policy() {
-    let mut harness = Harness::start().await;
+async fn a_grant_covers_the_asking_workload_unless_the_reviewer_chose_the_policy(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let (link, _events) = harness.agent("web-1").await;
     let link = Arc::new(link);
     let mut alice = harness.reviewer("alice").await;
     let hour = GrantDuration::For(Duration::from_hours(1));
     let from = |argv: &[&str], cgroup: &str| {
         let mut req = request(argv);
-        req.cgroup = cgroup.to_owned();
+        cgroup.clone_into(&mut req.cgroup);
         req
     };
     let (w1, w2) = ("/sys/fs/cgroup/agents/w1", "/sys/fs/cgroup/agents/w2");
@@ -744,9 +738,8 @@ async fn a_grant_covers_the_asking_workload_unless_the_reviewer_chose_the_policy
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn owners_and_other_groups_cannot_approve() {
-    let mut harness = Harness::start().await;
+async fn owners_and_other_groups_cannot_approve(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let (link, _events) = harness.agent("web-1").await;
     let link = Arc::new(link);
 
@@ -817,9 +810,8 @@ async fn owners_and_other_groups_cannot_approve() {
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_truncated_request_is_approved_once_never_granted() {
-    let mut harness = Harness::start().await;
+async fn a_truncated_request_is_approved_once_never_granted(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let (link, _events) = harness.agent("web-1").await;
     let link = Arc::new(link);
     let mut alice = harness.reviewer("alice").await;
@@ -863,9 +855,8 @@ async fn a_truncated_request_is_approved_once_never_granted() {
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn review_api_refuses_agents_and_bad_tokens() {
-    let mut harness = Harness::start().await;
+async fn review_api_refuses_agents_and_bad_tokens(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let identity = harness.agent_tls("web-1").identity;
     // An agent certificate, even with a valid reviewer token, cannot review.
     let mut as_agent = harness
@@ -902,9 +893,8 @@ async fn review_api_refuses_agents_and_bad_tokens() {
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn untrusted_or_missing_agent_certificates_are_refused() {
-    let mut harness = Harness::start().await;
+async fn untrusted_or_missing_agent_certificates_are_refused(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     // A certificate from another CA fails the TLS handshake: the link never connects.
     let stranger = Pki::ephemeral(&[]).expect("other pki");
     let identity = stranger.agent("web-1").expect("cert");
@@ -987,9 +977,8 @@ impl Relay {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconnect_resends_pending_requests_without_duplicates() {
-    let mut harness = Harness::start().await;
+async fn reconnect_resends_pending_requests_without_duplicates(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let relay = Relay::start(harness.addr).await;
     // The server certificate names 127.0.0.1, which the relay's address is too.
     let (link, mut events) = harness.agent_at("web-1", format!("https://{}", relay.addr));
@@ -1050,6 +1039,7 @@ async fn reconnect_resends_pending_requests_without_duplicates() {
     assert_eq!(pending[0].request.id, requests[0].id);
     harness.stop().await;
     let requested = audit_kinds(&harness)
+        .await
         .into_iter()
         .filter(|(k, _, _)| *k == RecordKind::Requested)
         .count();
@@ -1057,9 +1047,8 @@ async fn reconnect_resends_pending_requests_without_duplicates() {
     drop(first);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_keeps_pending_requests() {
-    let mut harness = Harness::start().await;
+async fn restart_keeps_pending_requests(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let (link, mut events) = harness.agent("web-1").await;
     let link = Arc::new(link);
     let req = request(&["curl", "https://restart.example"]);
@@ -1095,18 +1084,16 @@ async fn restart_keeps_pending_requests() {
     let decision = answer(pending).await.expect("decision");
     assert_eq!(decision.reason, "after restart");
     harness.stop().await;
-    let report =
-        gatekeep_audit::verify(harness.audit_db()).expect("chain verifies across restarts");
+    let report = support::audit_verify(&harness.config).await;
     assert!(report.records >= 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[expect(
     clippy::too_many_lines,
     reason = "one grant's life: made, used, listed, revoked; then a session grant"
 )]
-async fn grants_reach_the_agent_and_revocations_are_pushed() {
-    let mut harness = Harness::start().await;
+async fn grants_reach_the_agent_and_revocations_are_pushed(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let (link, mut events) = harness.agent("web-1").await;
     let link = Arc::new(link);
     let mut alice = harness.reviewer("alice").await;
@@ -1215,7 +1202,7 @@ async fn grants_reach_the_agent_and_revocations_are_pushed() {
     );
 
     harness.stop().await;
-    let kinds = audit_kinds(&harness);
+    let kinds = audit_kinds(&harness).await;
     assert_eq!(
         kinds
             .iter()
@@ -1232,9 +1219,8 @@ async fn grants_reach_the_agent_and_revocations_are_pushed() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_rules_decide_and_are_recorded() {
-    let mut harness = Harness::start_with(|config| {
+async fn server_rules_decide_and_are_recorded(backend: Backend) {
+    let mut harness = Harness::start_with(backend, |config| {
         config.host_groups.insert("ci".into(), vec!["ci-*".into()]);
         config.rules.push(RuleConfig {
             name: "ci-curl-health".into(),
@@ -1300,19 +1286,18 @@ async fn server_rules_decide_and_are_recorded() {
     );
 
     harness.stop().await;
-    let kinds = audit_kinds(&harness);
+    let kinds = audit_kinds(&harness).await;
     assert!(kinds.iter().any(|(k, id, actor)| *k == RecordKind::Decided
         && id.as_deref() == Some(health.id.to_string().as_str())
         && actor.as_deref() == Some("rule:ci-curl-health")));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[expect(
     clippy::too_many_lines,
     reason = "one scenario: each refusal, then proof nothing changed"
 )]
-async fn malformed_inputs_get_precise_codes_and_change_nothing() {
-    let mut harness = Harness::start().await;
+async fn malformed_inputs_get_precise_codes_and_change_nothing(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let agent_identity = harness.pki.agent("web-1").expect("cert");
     let (sender, mut inbound) = harness
         .raw_agent(Some(Identity::from_pem(
@@ -1551,9 +1536,8 @@ async fn next_event(
         .expect("event")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_streams_new_and_changed_requests_and_the_audit_verifies() {
-    let mut harness = Harness::start().await;
+async fn watch_streams_new_and_changed_requests_and_the_audit_verifies(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let (link, _events) = harness.agent("web-1").await;
     let link = Arc::new(link);
     let mut alice = harness.reviewer("alice").await;
@@ -1602,8 +1586,7 @@ async fn watch_streams_new_and_changed_requests_and_the_audit_verifies() {
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_services_own_policies_override_the_agents_copy() {
+async fn the_services_own_policies_override_the_agents_copy(backend: Backend) {
     let policies = gatekeep_policy::parse_str(
         "service.toml",
         r#"
@@ -1621,7 +1604,9 @@ approvals_required = 2
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = Pki::ephemeral(&[]).expect("pki");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let server = Server::builder(config(dir.path().join("data")))
+    let mut config = config(dir.path().join("data"));
+    backend.configure(&mut config).await;
+    let server = Server::builder(config)
         .tls(pki.tls())
         .listener(listener)
         .policies(policies)
@@ -1695,8 +1680,7 @@ approvals_required = 2
     serving.await.expect("task").expect("served");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_policy_that_requires_a_reason_refuses_approvals_without_one() {
+async fn a_policy_that_requires_a_reason_refuses_approvals_without_one(backend: Backend) {
     // The service's own policy asks for reasons; the agent's copy (the request) does not.
     let policies = tempfile::tempdir().expect("temp dir");
     std::fs::write(
@@ -1709,7 +1693,7 @@ async fn a_policy_that_requires_a_reason_refuses_approvals_without_one() {
     )
     .expect("write policy");
     let dir = policies.path().to_owned();
-    let mut harness = Harness::start_with(|config| config.policy_dir = Some(dir)).await;
+    let mut harness = Harness::start_with(backend, |config| config.policy_dir = Some(dir)).await;
     let (link, _events) = harness.agent("web-1").await;
     let link = Arc::new(link);
     let mut alice = harness.reviewer("alice").await;
@@ -1770,14 +1754,8 @@ async fn a_policy_that_requires_a_reason_refuses_approvals_without_one() {
 }
 
 /// Exports the service's audit log as JSON values, one per record.
-fn audit_lines(harness: &Harness) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    gatekeep_audit::export(
-        harness.audit_db(),
-        &mut out,
-        &gatekeep_audit::ExportFilter::default(),
-    )
-    .expect("export");
+async fn audit_lines(harness: &Harness) -> Vec<serde_json::Value> {
+    let out = support::audit_export(&harness.config).await;
     String::from_utf8(out)
         .expect("utf-8")
         .lines()
@@ -1785,9 +1763,8 @@ fn audit_lines(harness: &Harness) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agents_request_id_is_the_id_in_the_list_and_the_audit_log() {
-    let mut harness = Harness::start().await;
+async fn the_agents_request_id_is_the_id_in_the_list_and_the_audit_log(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let (link, _events) = harness.agent("web-1").await;
     let link = Arc::new(link);
     let mut alice = harness.reviewer("alice").await;
@@ -1865,7 +1842,7 @@ async fn the_agents_request_id_is_the_id_in_the_list_and_the_audit_log() {
     drop(other);
 
     harness.stop().await;
-    let lines = audit_lines(&harness);
+    let lines = audit_lines(&harness).await;
     let ours: Vec<&serde_json::Value> = lines
         .iter()
         .filter(|l| l["request_id"] == asked.id.to_string())
@@ -1892,9 +1869,8 @@ async fn the_agents_request_id_is_the_id_in_the_list_and_the_audit_log() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_id_prefixes_resolve_to_one_request_or_name_the_candidates() {
-    let mut harness = Harness::start().await;
+async fn request_id_prefixes_resolve_to_one_request_or_name_the_candidates(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let (link, _events) = harness.agent("web-1").await;
     let link = Arc::new(link);
     let mut alice = harness.reviewer("alice").await;
@@ -1944,9 +1920,8 @@ async fn request_id_prefixes_resolve_to_one_request_or_name_the_candidates() {
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agents_audit_health_is_recorded_by_the_service() {
-    let mut harness = Harness::start().await;
+async fn an_agents_audit_health_is_recorded_by_the_service(backend: Backend) {
+    let mut harness = Harness::start(backend).await;
     let (link, _events) = harness.agent("web-1").await;
     link.audit_health(v1::AuditHealth {
         writable: false,
@@ -1966,6 +1941,7 @@ async fn an_agents_audit_health_is_recorded_by_the_service() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let records = loop {
         let records: Vec<serde_json::Value> = audit_lines(&harness)
+            .await
             .into_iter()
             .filter(|r| r["kind"] == "agent_audit_health")
             .collect();
@@ -1986,3 +1962,25 @@ async fn an_agents_audit_health_is_recorded_by_the_service() {
     assert_eq!(records[1]["payload"]["writable"], true);
     harness.stop().await;
 }
+
+on_both_backends!(
+    malformed_inputs_get_precise_codes_and_change_nothing,
+    grants_reach_the_agent_and_revocations_are_pushed,
+    approve_deny_and_cancel_reach_the_agent,
+    deadlines_apply_the_timeout_action,
+    quorum_needs_distinct_reviewers,
+    a_grant_covers_the_asking_workload_unless_the_reviewer_chose_the_policy,
+    owners_and_other_groups_cannot_approve,
+    a_truncated_request_is_approved_once_never_granted,
+    review_api_refuses_agents_and_bad_tokens,
+    untrusted_or_missing_agent_certificates_are_refused,
+    reconnect_resends_pending_requests_without_duplicates,
+    restart_keeps_pending_requests,
+    server_rules_decide_and_are_recorded,
+    watch_streams_new_and_changed_requests_and_the_audit_verifies,
+    the_services_own_policies_override_the_agents_copy,
+    the_agents_request_id_is_the_id_in_the_list_and_the_audit_log,
+    request_id_prefixes_resolve_to_one_request_or_name_the_candidates,
+    an_agents_audit_health_is_recorded_by_the_service,
+    a_policy_that_requires_a_reason_refuses_approvals_without_one,
+);

@@ -2,7 +2,7 @@
 //! (`tests/browser/console.mjs`): a reviewer signs in with a real OpenID provider, sees the
 //! paused requests of a simulated agent (real mTLS gRPC) live, approves one and denies
 //! another (the agent gets both verdicts), a reviewer outside the policy's groups cannot
-//! approve, and a forged CSRF token is refused. Screenshots go to `target/screenshots/`;
+//! approve, and a forged CSRF token is refused. Screenshots go to `target/screenshots/{sqlite,postgres}/`;
 //! figures (a live request's delay, the queue with 1,000 pending requests) are printed,
 //! never asserted on time.
 //!
@@ -27,7 +27,7 @@ use base64::Engine as _;
 use gatekeep_proto::model::{ProcessInfo, Target, Verdict};
 use sha2::{Digest as _, Sha256};
 use support::{
-    Harness, answer, connect_request, exec_request,
+    Backend, Harness, answer, connect_request, exec_request,
     idp::{self, Idp},
     submit, wait_pending,
 };
@@ -43,8 +43,7 @@ fn spki_hash(cert_pem: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(Sha256::digest(cert.public_key().raw))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reviewers_decide_in_chromium() {
+async fn reviewers_decide_in_chromium(backend: Backend) {
     assert!(
         std::path::Path::new(CHROMIUM).exists(),
         "the browser test needs Debian's chromium at {CHROMIUM}: run `cargo xtask setup`"
@@ -52,7 +51,7 @@ async fn reviewers_decide_in_chromium() {
     let keys = tempfile::tempdir().expect("keys dir");
     let idp_port = idp::free_port();
     let mut provider = None;
-    let mut harness = Harness::start_with(|config, addr| {
+    let mut harness = Harness::start_on(backend, |config, addr| {
         let idp = Idp::start(
             idp_port,
             &keys.path().join("keys.json"),
@@ -89,7 +88,10 @@ async fn reviewers_decide_in_chromium() {
     wait_pending(&http, &harness, &bob, first_id).await;
     wait_pending(&http, &harness, &bob, second_id).await;
 
-    let shots = idp::node_dir().join("../screenshots");
+    // One directory per store: both runs may go at once.
+    let shots = idp::node_dir()
+        .join("../screenshots")
+        .join(format!("{backend:?}").to_lowercase());
     let script = idp::script("console.mjs");
     let mut node = Command::new("node")
         .arg(&script)
@@ -221,3 +223,5 @@ async fn reviewers_decide_in_chromium() {
     drop(Arc::clone(&link));
     drop(provider);
 }
+
+on_both_backends!(reviewers_decide_in_chromium,);

@@ -9,6 +9,11 @@
     clippy::too_many_lines,
     reason = "each test is one scenario end to end, read top to bottom"
 )]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a panic is the failure report a test wants; the scenarios are plain async fns \
+              (`on_both_backends!` runs each per store), which `allow-unwrap-in-tests` misses"
+)]
 
 mod support;
 
@@ -20,13 +25,12 @@ use reqwest::{Method, StatusCode};
 use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 use serde_json::{Value, json};
 use support::{
-    Harness, PATIENCE, WithH2 as _, answer, connect_request, error_code, exec_request, json_of,
-    submit, wait_pending,
+    Backend, Harness, PATIENCE, WithH2 as _, answer, connect_request, error_code, exec_request,
+    json_of, submit, wait_pending,
 };
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bearer_reviewers_list_inspect_and_decide_over_http() {
-    let mut harness = Harness::start().await;
+async fn bearer_reviewers_list_inspect_and_decide_over_http(backend: Backend) {
+    let mut harness = Harness::start_on(backend, |_, _| {}).await;
     let (link, _events) = harness.agent("web-1").await;
     let http = harness.client(None);
     let bob = harness.token("bob");
@@ -245,9 +249,8 @@ type Case<'a> = (
     &'a str,
 );
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_approval_without_a_reason_is_refused_where_the_policy_requires_one() {
-    let mut harness = Harness::start().await;
+async fn an_approval_without_a_reason_is_refused_where_the_policy_requires_one(backend: Backend) {
+    let mut harness = Harness::start_on(backend, |_, _| {}).await;
     let (link, _events) = harness.agent("web-1").await;
     let http = harness.client(None);
     let bob = harness.token("bob");
@@ -315,9 +318,8 @@ async fn an_approval_without_a_reason_is_refused_where_the_policy_requires_one()
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_input_is_validated_with_json_errors() {
-    let mut harness = Harness::start().await;
+async fn every_input_is_validated_with_json_errors(backend: Backend) {
+    let mut harness = Harness::start_on(backend, |_, _| {}).await;
     let http = harness.client(None);
     let bob = harness.token("bob");
     let cases: Vec<Case> = vec![
@@ -550,9 +552,8 @@ async fn sign_in(http: &reqwest::Client, harness: &Harness, token: &str) -> (Str
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_need_csrf_for_changes_and_end_on_sign_out() {
-    let mut harness = Harness::start().await;
+async fn sessions_need_csrf_for_changes_and_end_on_sign_out(backend: Backend) {
+    let mut harness = Harness::start_on(backend, |_, _| {}).await;
     let (link, _events) = harness.agent("web-1").await;
     let http = harness.client(None);
     let request = exec_request(&["curl", "https://example.com"]);
@@ -629,9 +630,9 @@ async fn sessions_need_csrf_for_changes_and_end_on_sign_out() {
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_sessions_are_refused_by_the_server() {
-    let mut harness = Harness::start_with(|config, _| config.console.session_ttl_secs = 0).await;
+async fn expired_sessions_are_refused_by_the_server(backend: Backend) {
+    let mut harness =
+        Harness::start_on(backend, |config, _| config.console.session_ttl_secs = 0).await;
     let http = harness.client(None);
     let (cookie, _) = sign_in(&http, &harness, &harness.token("bob")).await;
     let (status, body) = json_of(
@@ -653,9 +654,8 @@ async fn expired_sessions_are_refused_by_the_server() {
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_stream_new_requests_live() {
-    let mut harness = Harness::start().await;
+async fn events_stream_new_requests_live(backend: Backend) {
+    let mut harness = Harness::start_on(backend, |_, _| {}).await;
     let (link, _events) = harness.agent("web-1").await;
     let http = harness.client(None);
     let early = exec_request(&["curl", "early"]);
@@ -686,7 +686,7 @@ async fn events_stream_new_requests_live() {
                 let mut data = String::new();
                 for line in block.lines() {
                     if let Some(value) = line.strip_prefix("event: ") {
-                        name = value.to_owned();
+                        value.clone_into(&mut name);
                     } else if let Some(value) = line.strip_prefix("data: ") {
                         data.push_str(value);
                     }
@@ -728,9 +728,8 @@ async fn events_stream_new_requests_live() {
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn console_is_bundled_with_strict_security_headers() {
-    let mut harness = Harness::start().await;
+async fn console_is_bundled_with_strict_security_headers(backend: Backend) {
+    let mut harness = Harness::start_on(backend, |_, _| {}).await;
     let http = harness.client(None);
     for (path, content_type, body) in [
         ("/console/", "text/html", web::INDEX_HTML),
@@ -821,9 +820,9 @@ async fn console_is_bundled_with_strict_security_headers() {
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consoles_live_queue_ends_with_its_session() {
-    let mut harness = Harness::start_with(|config, _| config.console.session_ttl_secs = 1).await;
+async fn a_consoles_live_queue_ends_with_its_session(backend: Backend) {
+    let mut harness =
+        Harness::start_on(backend, |config, _| config.console.session_ttl_secs = 1).await;
     let http = harness.client(None);
     let (cookie, _) = sign_in(&http, &harness, &harness.token("bob")).await;
     let mut stream = http
@@ -845,3 +844,14 @@ async fn a_consoles_live_queue_ends_with_its_session() {
     assert!(text.contains("the session expired"), "{text}");
     harness.stop().await;
 }
+
+on_both_backends!(
+    bearer_reviewers_list_inspect_and_decide_over_http,
+    an_approval_without_a_reason_is_refused_where_the_policy_requires_one,
+    every_input_is_validated_with_json_errors,
+    sessions_need_csrf_for_changes_and_end_on_sign_out,
+    expired_sessions_are_refused_by_the_server,
+    events_stream_new_requests_live,
+    console_is_bundled_with_strict_security_headers,
+    a_consoles_live_queue_ends_with_its_session,
+);

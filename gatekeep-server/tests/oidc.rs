@@ -8,6 +8,11 @@
     clippy::too_many_lines,
     reason = "each test is one scenario end to end, read top to bottom"
 )]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a panic is the failure report a test wants; the scenarios are plain async fns \
+              (`on_both_backends!` runs each per store), which `allow-unwrap-in-tests` misses"
+)]
 
 mod support;
 
@@ -15,7 +20,7 @@ use gatekeep_server::auth::oidc::Oidc;
 use reqwest::{StatusCode, redirect::Policy};
 use serde_json::{Value, json};
 use support::{
-    Harness, answer, error_code, exec_request,
+    Backend, Harness, answer, error_code, exec_request,
     idp::{self, Idp},
     json_of, submit, wait_pending,
 };
@@ -85,12 +90,11 @@ async fn console_sign_in(client: &reqwest::Client, harness: &Harness, user: &str
     session
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn provider_identities_sign_in_with_their_groups_and_decide() {
+async fn provider_identities_sign_in_with_their_groups_and_decide(backend: Backend) {
     let keys = tempfile::tempdir().expect("keys dir");
     let idp_port = idp::free_port();
     let mut provider = None;
-    let mut harness = Harness::start_with(|config, addr| {
+    let mut harness = Harness::start_on(backend, |config, addr| {
         let idp = Idp::start(
             idp_port,
             &keys.path().join("keys.json"),
@@ -222,14 +226,13 @@ async fn provider_identities_sign_in_with_their_groups_and_decide() {
     drop(provider);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn foreign_issuers_forged_logins_refused_and_key_rotation_followed() {
+async fn foreign_issuers_forged_logins_refused_and_key_rotation_followed(backend: Backend) {
     let keys = tempfile::tempdir().expect("keys dir");
     let shared_keys = keys.path().join("shared.json");
     let idp_port = idp::free_port();
     let mut provider = None;
     let mut service = None;
-    let mut harness = Harness::start_with(|config, addr| {
+    let mut harness = Harness::start_on(backend, |config, addr| {
         let idp = Idp::start(
             idp_port,
             &shared_keys,
@@ -394,3 +397,8 @@ async fn id_token_from(
         nonce,
     )
 }
+
+on_both_backends!(
+    provider_identities_sign_in_with_their_groups_and_decide,
+    foreign_issuers_forged_logins_refused_and_key_rotation_followed,
+);

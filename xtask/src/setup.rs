@@ -29,14 +29,17 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The cargo-deny release `cargo xtask lint` runs (rust-version 1.88, builds with 1.95).
 pub const CARGO_DENY_VERSION: &str = "0.20.2";
 
-/// Debian packages the VM runner uses, and valgrind, whose callgrind counts the decision
-/// service's instructions per decision for `cargo xtask bench`.
+/// Debian packages the VM runner uses, valgrind, whose callgrind counts the decision
+/// service's instructions per decision for `cargo xtask bench`, and `PostgreSQL`, whose
+/// server binaries the decision service's tests start as throwaway clusters under `target/`
+/// (the package's own cluster is never used).
 const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
     "xz-utils",
     "valgrind",
+    "postgresql",
 ];
 
 /// apt's pattern for Debian's cloud kernels. Anchored at both ends, so the `-dbg` and

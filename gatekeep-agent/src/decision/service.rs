@@ -100,7 +100,7 @@ fn read(field: &'static str, path: &Path) -> Result<String, ServiceError> {
 pub async fn start(wiring: Wiring<'_>) -> Result<DecisionService, ServiceError> {
     let config = wiring.config;
     let mode = config.decision.mode();
-    let (endpoint, tls, embedded) = match mode {
+    let (endpoint, tls, embedded, failover) = match mode {
         DecisionMode::Local => {
             return Ok(DecisionService {
                 decider: Arc::new(AgentDecider::Local(LocalDecider)),
@@ -114,7 +114,12 @@ pub async fn start(wiring: Wiring<'_>) -> Result<DecisionService, ServiceError> 
         }
         DecisionMode::Embedded => {
             let service = embedded::start(config).await?;
-            (service.endpoint.clone(), service.tls.clone(), Some(service))
+            (
+                service.endpoint.clone(),
+                service.tls.clone(),
+                Some(service),
+                Vec::new(),
+            )
         }
         DecisionMode::Remote => {
             let decision = &config.decision;
@@ -139,12 +144,14 @@ pub async fn start(wiring: Wiring<'_>) -> Result<DecisionService, ServiceError> 
                 }),
                 domain: decision.server_name.clone(),
             };
-            (server, tls, None)
+            (server, tls, None, decision.failover.clone())
         }
     };
     let cli_config = embedded.as_ref().map(|e| e.cli_config.clone());
-    let (link, events) = AgentLink::start(AgentLinkConfig::new(endpoint.clone(), tls))
-        .map_err(|source| ServiceError::Link { source })?;
+    let mut link_config = AgentLinkConfig::new(endpoint.clone(), tls);
+    link_config.failover = failover;
+    let (link, events) =
+        AgentLink::start(link_config).map_err(|source| ServiceError::Link { source })?;
     let link = Arc::new(link);
     let session_link = Arc::clone(&link);
     let on_session_end: SessionEnded = Arc::new(move |cgroup: &str| {

@@ -12,10 +12,11 @@ use serde::Serialize;
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 
 use crate::{
+    audit_log::AuditLog,
     auth::Reviewer,
     error::Error,
     lifecycle::Engine,
-    store::{GrantQuery, RequestQuery},
+    store::{GrantQuery, PostgresStore, RequestQuery, postgres},
 };
 
 /// Most requests one list returns.
@@ -334,13 +335,12 @@ pub struct StatusReport {
 pub async fn status(engine: &Engine, reviewer: Reviewer) -> Result<StatusReport, Error> {
     let pending = engine.store.count_pending().await?;
     let audit_records = engine.audit_head().await?;
-    let path = engine.audit_path.clone();
-    let head = tokio::task::spawn_blocking(move || gatekeep_audit::AuditStore::open(&path))
-        .await
-        .map_err(|_| Error::ShuttingDown)?
-        .map_err(|source| Error::Audit { source })?
+    let head = engine
+        .audit_log
         .head()
-        .map(|head| head.hash.clone())
+        .await
+        .map_err(|source| Error::Audit { source })?
+        .map(|head| head.hash)
         .unwrap_or_default();
     Ok(StatusReport {
         version: env!("CARGO_PKG_VERSION"),
@@ -373,11 +373,7 @@ fn audit_error(source: gatekeep_audit::AuditError) -> Error {
 /// Verifies the service's audit hash chain; a broken chain is [`Error::AuditTampered`].
 pub async fn verify_audit(engine: &Engine) -> Result<VerifyReport, Error> {
     engine.audit_head().await?;
-    let path = engine.audit_path.clone();
-    let report = tokio::task::spawn_blocking(move || gatekeep_audit::verify(&path))
-        .await
-        .map_err(|_| Error::ShuttingDown)?
-        .map_err(audit_error)?;
+    let report = engine.audit_log.verify().await.map_err(audit_error)?;
     let head = report.head.unwrap_or(gatekeep_audit::ChainHead {
         seq: 0,
         hash: String::new(),
@@ -397,8 +393,14 @@ pub async fn export_audit(
     from_seq: u64,
 ) -> Result<mpsc::Receiver<Result<Vec<u8>, Error>>, Error> {
     engine.audit_head().await?;
-    let path = engine.audit_path.clone();
     let (sender, receiver) = mpsc::channel(8);
+    let path = match &engine.audit_log {
+        AuditLog::Sqlite(path) => path.clone(),
+        AuditLog::Postgres(store) => {
+            tokio::spawn(export_postgres((**store).clone(), from_seq, sender));
+            return Ok(receiver);
+        }
+    };
     tokio::task::spawn_blocking(move || {
         let mut writer = ChunkWriter {
             sender: sender.clone(),
@@ -418,6 +420,32 @@ pub async fn export_audit(
         }
     });
     Ok(receiver)
+}
+
+/// [`export_audit`] of a chain in `PostgreSQL`: a page of lines per chunk.
+async fn export_postgres(
+    store: PostgresStore,
+    from_seq: u64,
+    sender: mpsc::Sender<Result<Vec<u8>, Error>>,
+) {
+    let mut from = from_seq.max(1);
+    loop {
+        match postgres::audit::export_page(&store, from, None).await {
+            Ok((lines, next, _)) => {
+                if !lines.is_empty() && sender.send(Ok(lines)).await.is_err() {
+                    return;
+                }
+                match next {
+                    Some(next) => from = next,
+                    None => return,
+                }
+            }
+            Err(error) => {
+                drop(sender.send(Err(audit_error(error))).await);
+                return;
+            }
+        }
+    }
 }
 
 /// Sends an export in chunks of whole lines.

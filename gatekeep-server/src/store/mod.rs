@@ -3,19 +3,22 @@
 //! [`Store`] is everything the service logic needs from its database: requests with an
 //! optimistic version (so several service replicas can share one database and never apply two
 //! transitions to the same request), grants, and reviewers. [`SqliteStore`] is the default
-//! backend; a `PostgreSQL` backend implements the same trait without touching
-//! [`lifecycle`](crate::lifecycle).
+//! backend (one process); [`PostgresStore`] serves a fleet of replicas on one database
+//! (`[store] url` in the config, see [`open`]).
 //!
 //! The trait is dyn-compatible (the service holds an `Arc<dyn Store>`), so its methods return
 //! boxed futures.
 
+pub mod postgres;
 mod sqlite;
 
-use std::{future::Future, path::PathBuf, pin::Pin};
+use std::{future::Future, path::PathBuf, pin::Pin, sync::Arc};
 
 use gatekeep_proto::model::{Grant, Kind, RequestRecord, RequestState, Revocation, Target};
+pub use postgres::PostgresStore;
 pub use sqlite::{SqliteStore, Synchronous};
 use time::OffsetDateTime;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::reviewer::Reviewer;
@@ -50,6 +53,39 @@ pub enum StoreError {
     },
     #[error("stored value is corrupt: {message}")]
     Corrupt { message: String },
+    #[error("invalid service database settings: {message}")]
+    Url { message: String },
+    #[error(
+        "failed to connect to the service database {target}; check that PostgreSQL runs there \
+         and accepts this user (pg_hba.conf)"
+    )]
+    Connect {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "service database {target} has schema version {found}, newer than this build's \
+         {supported}: a newer gatekeep-server migrated it; run that version (or restore the \
+         database from before the upgrade)"
+    )]
+    SchemaNewer {
+        target: String,
+        found: i64,
+        supported: i64,
+    },
+    #[error("service database {target} failed")]
+    Postgres {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("no connection to the service database {target}")]
+    Pool {
+        target: String,
+        #[source]
+        source: deadpool_postgres::PoolError,
+    },
     #[error("reviewer `{name}` already exists")]
     ReviewerExists { name: String },
     #[error("the store is closed")]
@@ -127,6 +163,71 @@ pub struct Admission {
     pub grant: Option<Grant>,
 }
 
+/// A change another replica committed (see [`Store::changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A request of the agent on `host` was stored or moved; `pending` if it still waits.
+    Request {
+        id: Uuid,
+        host: String,
+        pending: bool,
+    },
+    /// A grant of `host` was revoked.
+    GrantRevoked { id: Uuid, host: String },
+    /// Changes may have been missed (the notifications were interrupted).
+    Resync,
+}
+
+/// The database: `SQLite` files in `data_dir` (default), or `PostgreSQL` shared by replicas.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://USER@HOST:PORT/DATABASE`: every replica with the same URL serves the same
+    /// requests, grants, reviewers and audit chain. Unset: `SQLite` in `data_dir`.
+    pub url: Option<String>,
+    /// A file holding the database password (kept out of the config file and the logs).
+    pub password_file: Option<PathBuf>,
+    /// Most database connections this replica opens.
+    pub pool_size: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            password_file: None,
+            // Enough for the decision path's concurrency on a few cores; PostgreSQL's default
+            // max_connections (100) leaves room for several replicas.
+            pool_size: 16,
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: never print it.
+        f.debug_struct("StoreConfig")
+            .field("url", &self.url.as_ref().map(|_| "<set>"))
+            .field("password_file", &self.password_file)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+/// Opens the store `config` names: `PostgreSQL` when `url` is set, else `SQLite` at
+/// `state_db`.
+pub async fn open(
+    config: &StoreConfig,
+    state_db: PathBuf,
+    synchronous: Synchronous,
+) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(if config.url.is_some() {
+        Arc::new(PostgresStore::connect(config).await?)
+    } else {
+        Arc::new(SqliteStore::open(state_db, synchronous)?)
+    })
+}
+
 /// The storage the service logic runs on.
 pub trait Store: Send + Sync + 'static {
     /// Stores a new request, or returns the one already stored under its id (unchanged).
@@ -168,6 +269,17 @@ pub trait Store: Send + Sync + 'static {
     fn list_reviewers(&self) -> StoreFuture<'_, Vec<Reviewer>>;
     /// `false` if there was no such reviewer.
     fn remove_reviewer(&self, name: String) -> StoreFuture<'_, bool>;
+
+    /// What other processes sharing this database change, for a store that several replicas
+    /// share; `None` for one only this process uses (and after the first call).
+    fn changes(&self) -> Option<mpsc::UnboundedReceiver<Change>> {
+        None
+    }
+
+    /// The `PostgreSQL` store behind this one, if it is one (its audit chain lives there).
+    fn postgres(&self) -> Option<&PostgresStore> {
+        None
+    }
 
     /// What a notification sink keeps about a delivery ([`crate::notify`]): e.g. the Slack
     /// message of a request in a channel, or that a webhook event was delivered. `None`

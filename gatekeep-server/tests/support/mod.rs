@@ -10,6 +10,7 @@
 
 pub mod chat;
 pub mod idp;
+pub mod pg;
 
 use std::{sync::Arc, time::Duration};
 
@@ -30,6 +31,95 @@ use uuid::Uuid;
 
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// The store a test runs on; [`on_both_backends!`](crate::on_both_backends) runs a test on
+/// each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// Points `config` at a fresh store of this backend: `SQLite` in its data directory (the
+    /// default), or a new database of the test process's throwaway cluster.
+    pub async fn configure(self, config: &mut ServerConfig) {
+        if self == Self::Postgres {
+            config.store.url = Some(pg::cluster().database().await);
+            config.store.pool_size = 4;
+        }
+    }
+}
+
+/// Runs each named `async fn NAME(backend: Backend)` once per backend, as the tests
+/// `sqlite::NAME` and `postgres::NAME`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::support::Backend::Sqlite).await;
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::support::Backend::Postgres).await;
+                }
+            )+
+        }
+    };
+}
+
+/// The service's audit chain as JSON Lines, from wherever `config` keeps it.
+pub async fn audit_export(config: &ServerConfig) -> Vec<u8> {
+    let mut out = Vec::new();
+    if config.store.url.is_some() {
+        let store = gatekeep_server::store::PostgresStore::connect(&config.store)
+            .await
+            .expect("connect to the test database");
+        gatekeep_server::store::postgres::audit::export(
+            &store,
+            &mut out,
+            &gatekeep_audit::ExportFilter::default(),
+        )
+        .await
+        .expect("export the audit chain");
+    } else {
+        gatekeep_audit::export(
+            config.audit_db(),
+            &mut out,
+            &gatekeep_audit::ExportFilter::default(),
+        )
+        .expect("export");
+    }
+    out
+}
+
+/// Verifies the service's audit chain (and its append-only guards), wherever `config` keeps
+/// it.
+pub async fn audit_verify(config: &ServerConfig) -> gatekeep_audit::VerifyReport {
+    let report = if config.store.url.is_some() {
+        let store = gatekeep_server::store::PostgresStore::connect(&config.store)
+            .await
+            .expect("connect to the test database");
+        gatekeep_server::store::postgres::audit::verify(&store)
+            .await
+            .expect("the audit chain verifies")
+    } else {
+        gatekeep_audit::verify(config.audit_db()).expect("the audit chain verifies")
+    };
+    assert_eq!(
+        report.guards_intact,
+        Some(true),
+        "append-only guards in place"
+    );
+    report
+}
+
 pub struct Harness {
     pub pki: Arc<Pki>,
     dir: tempfile::TempDir,
@@ -44,8 +134,18 @@ impl Harness {
         Self::start_with(|_, _| {}).await
     }
 
-    /// Starts a server; `adjust` edits its config, knowing the address it will listen on.
+    /// Starts a server on `SQLite`; `adjust` edits its config, knowing the address it will
+    /// listen on.
     pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig, std::net::SocketAddr)) -> Self {
+        Self::start_on(Backend::Sqlite, adjust).await
+    }
+
+    /// Starts a server on `backend`; `adjust` edits its config, knowing the address it will
+    /// listen on.
+    pub async fn start_on(
+        backend: Backend,
+        adjust: impl FnOnce(&mut ServerConfig, std::net::SocketAddr),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let pki = Arc::new(Pki::ephemeral(&[]).expect("pki"));
         let mut config = ServerConfig {
@@ -53,6 +153,7 @@ impl Harness {
             name: "test-service".into(),
             ..ServerConfig::default()
         };
+        backend.configure(&mut config).await;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         adjust(&mut config, listener.local_addr().expect("address"));
         let server = Server::builder(config)

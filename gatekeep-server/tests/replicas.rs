@@ -1,0 +1,636 @@
+//! A fleet: separate `gatekeep-server` processes (the shipped binary) on one throwaway
+//! `PostgreSQL` database. An agent streams to one replica while reviewers decide on
+//! others; quorums are reached by approvals on different replicas at once; deadlines expire
+//! once although every replica's timer sees them; and the service's audit chain, appended by
+//! every replica, verifies.
+//!
+//! No timing assertions: waits poll with a generous bound; the cross-replica delivery times
+//! are printed, not checked.
+
+mod support;
+
+use std::{
+    collections::HashMap,
+    fs,
+    net::SocketAddr,
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use gatekeep_client::{
+    AgentLink, AgentLinkConfig, Backoff, ClientIdentity, ClientTls, LinkEvent, RequestFilter,
+    ReviewClient, ReviewConfig,
+};
+use gatekeep_proto::{
+    GrantDuration,
+    model::{ApprovalRequest, Decision, RequestState, Verdict},
+};
+use gatekeep_server::{ServerConfig, certs, store::PostgresStore};
+use support::{PATIENCE, exec_request, pg};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+use uuid::Uuid;
+
+/// One `gatekeep-server serve` process; stopped (SIGTERM, then SIGKILL) when dropped.
+struct Replica {
+    name: String,
+    addr: SocketAddr,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Replica {
+    fn endpoint(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Stops it gracefully (it commits its audit records first) and checks it exited 0.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                assert!(
+                    status.success(),
+                    "replica {} exited with {status}: {}",
+                    self.name,
+                    fs::read_to_string(&self.log).unwrap_or_default()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {} did not stop",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Replica {
+    /// Kills it at once (SIGKILL): no graceful shutdown, nothing flushed.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill the replica");
+            drop(child.wait());
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            drop(child.kill());
+            drop(child.wait());
+        }
+    }
+}
+
+/// N replicas on one database, reviewers alice and bob (group sre), certificates on disk.
+struct Fleet {
+    dir: tempfile::TempDir,
+    config: ServerConfig,
+    ca_pem: String,
+    tokens: HashMap<String, String>,
+    replicas: Vec<Replica>,
+}
+
+impl Fleet {
+    async fn start(count: usize) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tls = dir.path().join("tls");
+        certs::init_dir(&tls, &[]).expect("certificates");
+        certs::agent_files(&tls, "web-1", None).expect("agent certificate");
+        let mut config = ServerConfig::default();
+        config.store.url = Some(pg::cluster().database().await);
+        config.store.pool_size = 4;
+        // Migrates the new database and adds the reviewers every replica will know.
+        let store = PostgresStore::connect(&config.store)
+            .await
+            .expect("connect to the test database");
+        let mut tokens = HashMap::new();
+        for name in ["alice", "bob"] {
+            let token = gatekeep_server::add_reviewer(&store, name, &["sre".into()])
+                .await
+                .expect("reviewer");
+            tokens.insert(name.to_owned(), token);
+        }
+        let ca_pem = fs::read_to_string(tls.join("ca.pem")).expect("ca");
+        let mut fleet = Self {
+            dir,
+            config,
+            ca_pem,
+            tokens,
+            replicas: Vec::new(),
+        };
+        for n in 0..count {
+            let replica = fleet.spawn(&format!("replica-{n}"));
+            fleet.replicas.push(replica);
+        }
+        for n in 0..count {
+            fleet.wait_ready(n).await;
+        }
+        fleet
+    }
+
+    fn spawn(&self, name: &str) -> Replica {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let tls = self.dir.path().join("tls");
+        let config_path = self.dir.path().join(format!("{name}.toml"));
+        let text = format!(
+            "name = \"{name}\"\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\n\
+             [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+             [store]\nurl = \"{url}\"\npool_size = 4\n",
+            data = self.dir.path().join(name).display(),
+            ca = tls.join("ca.pem").display(),
+            cert = tls.join("server.pem").display(),
+            key = tls.join("server.key").display(),
+            url = self.config.store.url.as_deref().expect("url"),
+        );
+        fs::write(&config_path, text).expect("config");
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gatekeep-server"));
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("log"));
+        // SAFETY: prctl is async-signal-safe. A test process that dies (killed by a timeout)
+        // takes its replicas with it; the test's thread, which spawns them, outlives them.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = command.spawn().expect("start gatekeep-server");
+        Replica {
+            name: name.to_owned(),
+            addr,
+            child: Some(child),
+            log,
+        }
+    }
+
+    async fn wait_ready(&self, n: usize) {
+        let started = Instant::now();
+        loop {
+            // Bounded: a replica that accepts but never answers fails the test, not hangs it.
+            let ready = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut client = self.try_reviewer(n, "alice").await?;
+                client.status().await
+            })
+            .await;
+            if matches!(ready, Ok(Ok(_))) {
+                return;
+            }
+            let replica = &self.replicas[n];
+            assert!(
+                started.elapsed() < PATIENCE,
+                "replica {} never served: {}",
+                replica.name,
+                fs::read_to_string(&replica.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn try_reviewer(
+        &self,
+        n: usize,
+        name: &str,
+    ) -> Result<ReviewClient, gatekeep_client::ClientError> {
+        ReviewClient::connect(ReviewConfig {
+            endpoint: self.replicas[n].endpoint(),
+            token: self.tokens[name].clone(),
+            tls: ClientTls {
+                ca_pem: self.ca_pem.clone(),
+                identity: None,
+                domain: None,
+            },
+            connect_timeout: Duration::from_secs(5),
+        })
+        .await
+    }
+
+    async fn reviewer(&self, n: usize, name: &str) -> ReviewClient {
+        self.try_reviewer(n, name).await.expect("reviewer connects")
+    }
+
+    /// The agent `web-1`, streaming to replica `n`.
+    async fn agent(&self, n: usize) -> Arc<AgentLink> {
+        let (link, mut events) = self.agent_with_failover(n, &[]).await;
+        // Later events (decisions are answered through `decide`) are not needed.
+        tokio::spawn(async move { while events.recv().await.is_some() {} });
+        link
+    }
+
+    /// The agent `web-1`, streaming to replica `n`, failing over to `failover` in turn;
+    /// returns once connected, with its events.
+    async fn agent_with_failover(
+        &self,
+        n: usize,
+        failover: &[usize],
+    ) -> (Arc<AgentLink>, mpsc::UnboundedReceiver<LinkEvent>) {
+        let tls = self.dir.path().join("tls");
+        let mut config = AgentLinkConfig::new(
+            self.replicas[n].endpoint(),
+            ClientTls {
+                ca_pem: self.ca_pem.clone(),
+                identity: Some(ClientIdentity {
+                    cert_pem: fs::read_to_string(tls.join("agent-web-1.pem")).expect("cert"),
+                    key_pem: fs::read_to_string(tls.join("agent-web-1.key")).expect("key"),
+                }),
+                domain: None,
+            },
+        );
+        config.failover = failover
+            .iter()
+            .map(|m| self.replicas[*m].endpoint())
+            .collect();
+        config.backoff = Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+            jitter: true,
+        };
+        let (link, mut events) = AgentLink::start(config).expect("start link");
+        loop {
+            let event = tokio::time::timeout(PATIENCE, events.recv())
+                .await
+                .expect("the agent connects in time")
+                .expect("link alive");
+            if matches!(event, LinkEvent::Connected { .. }) {
+                break;
+            }
+        }
+        (Arc::new(link), events)
+    }
+
+    /// Stops every replica gracefully, then checks the one audit chain they wrote.
+    async fn stop_and_verify(&mut self) -> Vec<serde_json::Value> {
+        for replica in &mut self.replicas {
+            replica.stop();
+        }
+        let report = support::audit_verify(&self.config).await;
+        let lines: Vec<serde_json::Value> =
+            String::from_utf8(support::audit_export(&self.config).await)
+                .expect("utf-8")
+                .lines()
+                .map(|line| serde_json::from_str(line).expect("json"))
+                .collect();
+        assert_eq!(report.records, lines.len() as u64);
+        lines
+    }
+}
+
+/// Asks in the background; the decision arrives on the returned channel.
+fn ask(
+    link: &Arc<AgentLink>,
+    request: ApprovalRequest,
+    answers: &mpsc::UnboundedSender<(Uuid, Decision, Instant)>,
+) {
+    let link = Arc::clone(link);
+    let answers = answers.clone();
+    tokio::spawn(async move {
+        let id = request.id;
+        let decision = link.decide(request).await.expect("a decision");
+        drop(answers.send((id, decision, Instant::now())));
+    });
+}
+
+async fn wait_pending(reviewer: &mut ReviewClient, id: Uuid) {
+    let started = Instant::now();
+    loop {
+        if let Ok((record, _)) = reviewer.get(id).await
+            && record.state == RequestState::Pending
+        {
+            return;
+        }
+        assert!(started.elapsed() < PATIENCE, "request {id} never pending");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn next_answer(
+    answers: &mut mpsc::UnboundedReceiver<(Uuid, Decision, Instant)>,
+) -> (Uuid, Decision, Instant) {
+    tokio::time::timeout(PATIENCE, answers.recv())
+        .await
+        .expect("a decision reaches the agent in time")
+        .expect("answers")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into a short list"
+    )]
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_on_another_replica_reach_the_agent() {
+    const REQUESTS: usize = 40;
+    let mut fleet = Fleet::start(2).await;
+    let link = fleet.agent(0).await;
+    let mut on_b = fleet.reviewer(1, "alice").await;
+    // A console on replica B watches requests the agent streams to replica A.
+    let mut watcher = fleet.reviewer(1, "bob").await;
+    let mut watch = Box::pin(
+        watcher
+            .watch(&RequestFilter::default())
+            .await
+            .expect("watch on replica b"),
+    );
+    let (answers, mut answered) = mpsc::unbounded_channel();
+    let mut latencies = Vec::new();
+    let mut first = None;
+    for n in 0..REQUESTS {
+        let request = exec_request(&["curl", &format!("https://fleet.example/{n}")]);
+        let id = request.id;
+        first.get_or_insert(id);
+        ask(&link, request, &answers);
+        wait_pending(&mut on_b, id).await;
+        let verdict = if n % 4 == 3 {
+            Verdict::Deny
+        } else {
+            Verdict::Allow
+        };
+        let decided_at = Instant::now();
+        let record = on_b
+            .decide(id, verdict, "decided on replica b", GrantDuration::Once)
+            .await
+            .expect("decide on replica b");
+        assert_ne!(record.state, RequestState::Pending);
+        let (answer_id, decision, at) = next_answer(&mut answered).await;
+        assert_eq!(answer_id, id, "the agent got this request's decision");
+        assert_eq!(decision.verdict, verdict);
+        assert_eq!(decision.decided_by, "alice");
+        latencies.push(at.saturating_duration_since(decided_at));
+    }
+    // The watcher saw the first request arrive on A and be decided on B.
+    let first = first.expect("a request");
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let (_, record) = tokio::time::timeout(PATIENCE, watch.next())
+            .await
+            .expect("a watch event in time")
+            .expect("watch open")
+            .expect("event");
+        if record.request.id == first {
+            seen.push(record.state);
+        }
+    }
+    assert_eq!(seen, [RequestState::Pending, RequestState::Approved]);
+    latencies.sort();
+    println!(
+        "cross-replica delivery (decide called on replica B -> the agent streaming to A has \
+         the decision), {REQUESTS} decisions one at a time, debug build: p50 {:?}, p99 {:?}, \
+         max {:?}",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().expect("some")
+    );
+    let lines = fleet.stop_and_verify().await;
+    let finals = lines
+        .iter()
+        .filter(|l| l["kind"] == "decided" && l["payload"]["final"] == true)
+        .count();
+    assert_eq!(finals, REQUESTS, "one final decision record per request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_reached_on_two_replicas_at_once_counts_each_vote_once() {
+    const REQUESTS: usize = 12;
+    let mut fleet = Fleet::start(2).await;
+    let link = fleet.agent(0).await;
+    let (answers, mut answered) = mpsc::unbounded_channel();
+    let mut alice = fleet.reviewer(0, "alice").await;
+    let mut bob = fleet.reviewer(1, "bob").await;
+    let mut ids = Vec::new();
+    for n in 0..REQUESTS {
+        let mut request = exec_request(&["curl", &format!("https://quorum.example/{n}")]);
+        request.approval.approvals_required = 2;
+        ids.push(request.id);
+        ask(&link, request, &answers);
+    }
+    for id in &ids {
+        wait_pending(&mut alice, *id).await;
+        // Both approvals at once, on different replicas.
+        let (a, b) = tokio::join!(
+            alice.decide(*id, Verdict::Allow, "a", GrantDuration::Once),
+            bob.decide(*id, Verdict::Allow, "b", GrantDuration::Once),
+        );
+        let (a, b) = (
+            a.expect("alice's vote counts"),
+            b.expect("bob's vote counts"),
+        );
+        // Exactly one of the two made the quorum.
+        let approved = [&a, &b]
+            .iter()
+            .filter(|r| r.state == RequestState::Approved)
+            .count();
+        assert_eq!(approved, 1, "{:?} / {:?}", a.state, b.state);
+    }
+    let mut decided = HashMap::new();
+    for _ in 0..REQUESTS {
+        let (id, decision, _) = next_answer(&mut answered).await;
+        decided.insert(id, decision);
+    }
+    for id in &ids {
+        let decision = &decided[id];
+        assert_eq!(decision.verdict, Verdict::Allow);
+        let mut by: Vec<&str> = decision.decided_by.split(',').collect();
+        by.sort_unstable();
+        assert_eq!(by, ["alice", "bob"], "both votes, once each");
+        let (record, _) = alice.get(*id).await.expect("get");
+        assert_eq!(record.approvals.len(), 2);
+    }
+    let lines = fleet.stop_and_verify().await;
+    for id in &ids {
+        let votes: Vec<&serde_json::Value> = lines
+            .iter()
+            .filter(|l| l["kind"] == "decided" && l["request_id"] == id.to_string())
+            .collect();
+        // One vote record and one final record per request.
+        assert_eq!(votes.len(), 2, "{id}: {votes:?}");
+        assert_eq!(
+            votes
+                .iter()
+                .filter(|l| l["payload"]["final"] == true)
+                .count(),
+            1
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_expires_once_across_replicas() {
+    const REQUESTS: usize = 30;
+    let mut fleet = Fleet::start(3).await;
+    let link = fleet.agent(0).await;
+    let (answers, mut answered) = mpsc::unbounded_channel();
+    let mut ids = Vec::new();
+    let deadline = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    for n in 0..REQUESTS {
+        let mut request = exec_request(&["curl", &format!("https://late.example/{n}")]);
+        request.deadline = deadline;
+        request.on_timeout = Verdict::Deny;
+        ids.push(request.id);
+        ask(&link, request, &answers);
+    }
+    for _ in 0..REQUESTS {
+        let (_, decision, _) = next_answer(&mut answered).await;
+        assert_eq!(decision.state, RequestState::Expired);
+        assert_eq!(decision.verdict, Verdict::Deny);
+    }
+    let lines = fleet.stop_and_verify().await;
+    for id in &ids {
+        let expired = lines
+            .iter()
+            .filter(|l| l["kind"] == "expired" && l["request_id"] == id.to_string())
+            .count();
+        assert_eq!(expired, 1, "request {id} expired once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_fails_over_when_its_replica_is_killed_and_nothing_is_lost_or_asked_twice() {
+    const REQUESTS: usize = 10;
+    let mut fleet = Fleet::start(2).await;
+    let (link, mut events) = fleet.agent_with_failover(0, &[1]).await;
+    let mut on_b = fleet.reviewer(1, "alice").await;
+    let (answers, mut answered) = mpsc::unbounded_channel();
+    let mut ids = Vec::new();
+    for n in 0..REQUESTS {
+        let request = exec_request(&["curl", &format!("https://failover.example/{n}")]);
+        ids.push(request.id);
+        ask(&link, request, &answers);
+    }
+    for id in &ids {
+        wait_pending(&mut on_b, *id).await;
+    }
+    // The replica the agent streams to dies with every request pending.
+    let killed = Instant::now();
+    fleet.replicas[0].kill();
+    loop {
+        let event = tokio::time::timeout(PATIENCE, events.recv())
+            .await
+            .expect("the agent reconnects in time")
+            .expect("link alive");
+        if matches!(event, LinkEvent::Connected { .. }) {
+            break;
+        }
+    }
+    println!(
+        "failover: replica SIGKILLed -> the agent connected to the next one (its pending \
+         requests re-sent on connect): {:?}",
+        killed.elapsed()
+    );
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    for id in &ids {
+        on_b.decide(*id, Verdict::Allow, "after failover", GrantDuration::Once)
+            .await
+            .expect("decide on the surviving replica");
+    }
+    let mut decided = Vec::new();
+    for _ in 0..REQUESTS {
+        let (id, decision, _) = next_answer(&mut answered).await;
+        assert_eq!(decision.verdict, Verdict::Allow);
+        decided.push(id);
+    }
+    decided.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(decided, expected, "every request decided, each once");
+    let lines = fleet.stop_and_verify().await;
+    for id in &ids {
+        let of = |kind: &str| {
+            lines
+                .iter()
+                .filter(|l| l["kind"] == kind && l["request_id"] == id.to_string())
+                .count()
+        };
+        // Known gap (docs/architecture.md): the `requested` record the killed replica had
+        // queued but not yet committed is lost with it; the surviving replica finds the
+        // request stored and, rightly, does not record it as new. Never twice, though.
+        assert!(
+            of("requested") <= 1,
+            "{id} was recorded as new once at most"
+        );
+        assert_eq!(of("decided"), 1, "{id} decided once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_revoked_on_another_replica_is_removed_from_the_agent() {
+    let mut fleet = Fleet::start(2).await;
+    let (link, mut events) = fleet.agent_with_failover(0, &[]).await;
+    let mut on_b = fleet.reviewer(1, "alice").await;
+    let request = exec_request(&["curl", "https://granted.example"]);
+    let id = request.id;
+    let asking = {
+        let link = Arc::clone(&link);
+        tokio::spawn(async move { link.decide(request).await.expect("a decision") })
+    };
+    wait_pending(&mut on_b, id).await;
+    on_b.decide(
+        id,
+        Verdict::Allow,
+        "for an hour",
+        GrantDuration::For(Duration::from_hours(1)),
+    )
+    .await
+    .expect("approve with a grant on replica b");
+    let decision = tokio::time::timeout(PATIENCE, asking)
+        .await
+        .expect("the decision in time")
+        .expect("task");
+    let grant = decision.grant.expect("the decision carries its grant");
+    on_b.revoke_grant(grant.id, "no longer needed")
+        .await
+        .expect("revoke on replica b");
+    loop {
+        let event = tokio::time::timeout(PATIENCE, events.recv())
+            .await
+            .expect("the revocation reaches the agent on replica a in time")
+            .expect("link alive");
+        if let LinkEvent::GrantRevoked {
+            grant_id,
+            revoked_by,
+            reason,
+        } = event
+        {
+            assert_eq!(grant_id, grant.id);
+            assert_eq!(revoked_by, "alice");
+            assert_eq!(reason, "no longer needed");
+            break;
+        }
+    }
+    let lines = fleet.stop_and_verify().await;
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["kind"] == "grant_revoked")
+            .count(),
+        1
+    );
+}
