@@ -247,3 +247,44 @@ slack("no-payload", "1800000000", None)
 slack("stale", "1531420618", button)
 slack("unsigned", "1800000000", button, sign=False)
 slack("minimum", "-9223372036854775808", button)
+
+# --- http_api: FLAGS PATH\nBODY (flags: method in bits 0-2, credentials in bits 3-4) ------
+GET, POST, DELETE, PUT = 0, 1, 2, 3
+NOBODY, REVIEWER, BAD_TOKEN, BAD_SESSION = 0, 1 << 3, 2 << 3, 3 << 3
+ID = "b1ec35ee-0000-4000-8000-000000000001"
+
+
+def http(name, flags, path, body=b""):
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    put("http_api", name, bytes([flags]) + path.encode() + b"\n" + body)
+
+
+http("openapi", GET | NOBODY, "/api/v1/openapi.json")
+http("auth-methods", GET | NOBODY, "/api/v1/auth")
+http("status", GET | REVIEWER, "/api/v1/status")
+http("list-filtered", GET | REVIEWER, "/api/v1/requests?kind=exec&host=web-1&policy=ci&limit=5")
+http("list-unknown-field", GET | REVIEWER, "/api/v1/requests?colour=red")
+http("list-no-credentials", GET | NOBODY, "/api/v1/requests")
+http("get-by-prefix", GET | REVIEWER, "/api/v1/requests/b1ec35ee0000")
+http("resolve", GET | REVIEWER, "/api/v1/resolve/b1ec")
+http("approve", POST | REVIEWER, f"/api/v1/requests/{ID}/decision",
+     {"verdict": "allow", "reason": "checked the diff", "duration": "1h", "scope": "policy"})
+http("deny", POST | REVIEWER, f"/api/v1/requests/{ID}/decision", {"verdict": "deny"})
+http("decide-bad-token", POST | BAD_TOKEN, f"/api/v1/requests/{ID}/decision", {"verdict": "allow"})
+http("decide-bad-session", POST | BAD_SESSION, f"/api/v1/requests/{ID}/decision", {"verdict": "allow"})
+http("decide-not-json", POST | REVIEWER, f"/api/v1/requests/{ID}/decision", b"verdict=allow")
+http("cancel", POST | REVIEWER, f"/api/v1/requests/{ID}/cancel", {"reason": "no longer needed"})
+http("grants", GET | REVIEWER, "/api/v1/grants?host=web-1&include_inactive=true")
+http("revoke", POST | REVIEWER, f"/api/v1/grants/{ID}/revoke", {"reason": "rotated"})
+http("sign-in", POST | NOBODY, "/api/v1/session", {"token": "gk_not-a-token"})
+http("session", GET | BAD_SESSION, "/api/v1/session")
+http("sign-out", DELETE | BAD_SESSION, "/api/v1/session")
+http("device-token", POST | BAD_SESSION, "/api/v1/token", {"id_token": "eyJhbGciOiJub25lIn0.e30."})
+http("events", GET | REVIEWER, "/api/v1/events")
+http("verify", GET | REVIEWER, "/api/v1/audit/verify")
+http("export", GET | REVIEWER, "/api/v1/audit/export?from_seq=2")
+http("unknown-route", PUT | REVIEWER, "/api/v1/nothing/here")
+http("console", GET | NOBODY, "/console/")
+http("oidc-login", GET | NOBODY, "/auth/oidc/login?max_age=0&return_to=%23%2Frequests")
+http("oidc-callback", GET | NOBODY, "/auth/oidc/callback?code=x&state=y")

@@ -189,6 +189,12 @@ impl Server {
         }
     }
 
+    /// The engine every surface decides through (the in-process HTTP probe builds its router
+    /// on it).
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     /// The address it listens on.
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {

@@ -31,6 +31,7 @@ pub const TARGETS: &[(&str, Project)] = &[
     ("ring_buffer_event", Project::Agent),
     ("btf", Project::Agent),
     ("slack_interaction", Project::Agent),
+    ("http_api", Project::Agent),
 ];
 
 /// One of the two cargo-fuzz projects.

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod decisions;
+pub mod fleet;
 pub mod host;
 pub mod instructions;
 pub mod matcher;
@@ -30,7 +31,7 @@ pub struct NativeOptions {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Only these groups: `host`, `rtt`, `throughput`, `instructions`, `audit`, `memory`,
-    /// `matcher` (default: all).
+    /// `matcher`, `fleet` (default: all). `fleet` needs `PostgreSQL` (`cargo xtask setup`).
     #[arg(long = "only", value_name = "GROUP")]
     pub only: Vec<String>,
     /// Durability of the service's state database: `full` (default) or `normal`.
@@ -197,6 +198,7 @@ const GROUPS: &[&str] = &[
     "audit",
     "memory",
     "matcher",
+    "fleet",
 ];
 
 /// Runs the native benchmarks and prints their figures.
@@ -271,31 +273,41 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
                 figure.emit();
             }
         }
+        if wants("fleet") {
+            for figure in fleet::figures(&server, &base, fleet::Sizes::of(opts.smoke)).await? {
+                figure.emit();
+            }
+        }
         anyhow::Ok(())
     })?;
     if wants("memory") {
-        // Each in a process of its own, so that its RSS is the pipeline's alone.
-        let exe = std::env::current_exe()?;
-        let mut readings = Vec::new();
-        for _ in 0..decisions::MEMORY_RUNS.min(sizes.rounds) {
-            let output = Command::new(&exe)
-                .arg("agent-memory")
-                .arg(sizes.pending.to_string())
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .context("failed to start `gatekeep-bench agent-memory`")?;
-            ensure!(
-                output.status.success(),
-                "`gatekeep-bench agent-memory` failed with {}",
-                output.status
-            );
-            readings.push(agent::parse_memory(&String::from_utf8_lossy(
-                &output.stdout,
-            ))?);
-        }
-        for figure in agent::memory_figures(sizes.pending, &readings) {
+        for figure in agent_memory(sizes)? {
             figure.emit();
         }
     }
     Ok(())
+}
+
+/// The agent's memory with `sizes.pending` requests, each reading in a process of its own,
+/// so that its RSS is the pipeline's alone.
+fn agent_memory(sizes: decisions::Sizes) -> Result<Vec<Figure>> {
+    let exe = std::env::current_exe()?;
+    let mut readings = Vec::new();
+    for _ in 0..decisions::MEMORY_RUNS.min(sizes.rounds) {
+        let output = Command::new(&exe)
+            .arg("agent-memory")
+            .arg(sizes.pending.to_string())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("failed to start `gatekeep-bench agent-memory`")?;
+        ensure!(
+            output.status.success(),
+            "`gatekeep-bench agent-memory` failed with {}",
+            output.status
+        );
+        readings.push(agent::parse_memory(&String::from_utf8_lossy(
+            &output.stdout,
+        ))?);
+    }
+    Ok(agent::memory_figures(sizes.pending, &readings))
 }

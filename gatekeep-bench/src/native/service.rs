@@ -19,6 +19,7 @@ use gatekeep_proto::{
     model::{ApprovalRequest, ApprovalSettings, ExecTarget, Target, Verdict},
 };
 use gatekeep_server::certs::Pki;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::server::ServerProcess;
@@ -120,52 +121,75 @@ impl Service {
 
     /// Connects one agent named `host` and waits until its stream is up.
     pub async fn agent(&self, host: &str) -> Result<Arc<AgentLink>> {
-        let identity = self.pki.agent(host)?;
-        let (link, mut events) = AgentLink::start(AgentLinkConfig::new(
-            &self.endpoint,
-            ClientTls {
-                ca_pem: self.pki.ca.cert_pem().to_owned(),
-                identity: Some(ClientIdentity {
-                    cert_pem: identity.cert_pem,
-                    key_pem: identity.key_pem,
-                }),
-                domain: None,
-            },
-        ))?;
-        loop {
-            match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
-                Ok(Some(LinkEvent::Connected { .. })) => break,
-                Ok(Some(LinkEvent::Disconnected { error, .. })) => {
-                    bail!("agent {host} cannot connect: {error}")
-                }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => bail!("agent {host} did not connect"),
-            }
-        }
-        // Keep reading events so their queue does not grow.
-        tokio::spawn(async move { while events.recv().await.is_some() {} });
+        let (link, events) = connect_agent(&self.pki, &self.endpoint, &[], host).await?;
+        drain(events);
         Ok(Arc::new(link))
     }
 
     /// A reviewer client (for the service's status).
     pub async fn reviewer(&self) -> Result<ReviewClient> {
-        Ok(ReviewClient::connect(ReviewConfig {
-            endpoint: self.endpoint.clone(),
-            token: self.token.clone(),
-            tls: ClientTls {
-                ca_pem: self.pki.ca.cert_pem().to_owned(),
-                identity: None,
-                domain: None,
-            },
-            connect_timeout: Duration::from_secs(5),
-        })
-        .await?)
+        reviewer(&self.pki, &self.endpoint, &self.token).await
     }
 
     /// Stops the service and waits for it to commit and exit.
     pub fn stop(self) -> Result<()> {
         self.process.stop()
     }
+}
+
+/// Starts an agent link named `host` to `endpoint` (then `failover`, in turn) with a
+/// certificate of `pki`, and waits until its stream is up; returns its events.
+pub async fn connect_agent(
+    pki: &Pki,
+    endpoint: &str,
+    failover: &[String],
+    host: &str,
+) -> Result<(AgentLink, mpsc::UnboundedReceiver<LinkEvent>)> {
+    let identity = pki.agent(host)?;
+    let mut config = AgentLinkConfig::new(
+        endpoint,
+        ClientTls {
+            ca_pem: pki.ca.cert_pem().to_owned(),
+            identity: Some(ClientIdentity {
+                cert_pem: identity.cert_pem,
+                key_pem: identity.key_pem,
+            }),
+            domain: None,
+        },
+    );
+    config.failover = failover.to_vec();
+    let (link, mut events) = AgentLink::start(config)?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+            Ok(Some(LinkEvent::Connected { .. })) => break,
+            Ok(Some(LinkEvent::Disconnected { error, .. })) => {
+                bail!("agent {host} cannot connect: {error}")
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => bail!("agent {host} did not connect"),
+        }
+    }
+    Ok((link, events))
+}
+
+/// Keeps reading a link's events so their queue does not grow.
+pub fn drain(mut events: mpsc::UnboundedReceiver<LinkEvent>) {
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+}
+
+/// A reviewer client of `endpoint`, trusting `pki`'s CA.
+pub async fn reviewer(pki: &Pki, endpoint: &str, token: &str) -> Result<ReviewClient> {
+    Ok(ReviewClient::connect(ReviewConfig {
+        endpoint: endpoint.to_owned(),
+        token: token.to_owned(),
+        tls: ClientTls {
+            ca_pem: pki.ca.cert_pem().to_owned(),
+            identity: None,
+            domain: None,
+        },
+        connect_timeout: Duration::from_secs(5),
+    })
+    .await?)
 }
 
 /// A request id as the agent mints them: from the host, the boot, the kernel's first

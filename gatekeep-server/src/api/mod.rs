@@ -5,6 +5,7 @@
 
 mod agent;
 pub mod http;
+pub mod http_probe;
 pub mod ops;
 mod review;
 
