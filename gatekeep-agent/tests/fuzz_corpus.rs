@@ -4,37 +4,17 @@
 //! (`ring_buffer_event`, `btf`), so `cargo test` keeps the fixed crashes fixed without a
 //! fuzzing build.
 
-use std::{fs, path::PathBuf};
+#[path = "../../fuzz/inputs.rs"]
+mod corpus;
 
 use gatekeep_agent::bpf::{
     btf::{KernelBtf, Offsets},
     events::{Event, parse},
 };
 
-/// Every input file of `target`: its seeds and its regressions.
-fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let fuzz = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    let mut found = Vec::new();
-    for dir in [
-        fuzz.join("corpus").join(target),
-        fuzz.join("regressions").join(target),
-    ] {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry.expect("a directory entry").path();
-            let bytes = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            found.push((path, bytes));
-        }
-    }
-    found.sort();
-    found
-}
-
 #[test]
 fn ring_buffer_records_of_the_fuzz_corpus_parse_or_fail_cleanly() {
-    let inputs = inputs("ring_buffer_event");
+    let inputs = corpus::inputs("ring_buffer_event");
     assert!(inputs.len() > 10, "the ring_buffer_event seeds are missing");
     let mut parsed = 0;
     for (_path, bytes) in &inputs {
@@ -58,7 +38,7 @@ fn ring_buffer_records_of_the_fuzz_corpus_parse_or_fail_cleanly() {
 
 #[test]
 fn btf_blobs_of_the_fuzz_corpus_read_or_fail_cleanly() {
-    let inputs = inputs("btf");
+    let inputs = corpus::inputs("btf");
     assert!(!inputs.is_empty(), "the btf seeds are missing");
     let mut read = 0;
     for (_path, bytes) in &inputs {

@@ -3,7 +3,8 @@
 //! `fuzz/regressions/<target>/`) goes through the same calls as the targets in
 //! `fuzz/agent/`, so `cargo test` keeps fixed crashes fixed without a fuzzing build.
 
-use std::{fs, path::PathBuf};
+#[path = "../../fuzz/inputs.rs"]
+mod corpus;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use gatekeep_server::{
@@ -19,29 +20,9 @@ const SECRET: &str = "fuzz-signing-secret";
 /// The target's "now", in Unix seconds.
 const NOW: i64 = 1_800_000_000;
 
-fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let fuzz = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    let mut found = Vec::new();
-    for dir in [
-        fuzz.join("corpus").join(target),
-        fuzz.join("regressions").join(target),
-    ] {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry.expect("a directory entry").path();
-            let bytes = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            found.push((path, bytes));
-        }
-    }
-    found.sort();
-    found
-}
-
 #[test]
 fn slack_interactions_of_the_fuzz_corpus_verify_and_parse_or_fail_cleanly() {
-    let inputs = inputs("slack_interaction");
+    let inputs = corpus::inputs("slack_interaction");
     assert!(inputs.len() >= 7, "the slack_interaction seeds are missing");
     let mut accepted = Vec::new();
     for (path, bytes) in &inputs {
@@ -83,7 +64,7 @@ fn slack_interactions_of_the_fuzz_corpus_verify_and_parse_or_fail_cleanly() {
 
 #[test]
 fn http_api_seeds_get_answers_that_keep_the_apis_invariants() {
-    let inputs = inputs("http_api");
+    let inputs = corpus::inputs("http_api");
     assert!(inputs.len() >= 27, "the http_api seeds are missing");
     let dir = tempfile::tempdir().expect("temp dir");
     let probe = HttpProbe::start(dir.path()).expect("the probe starts");

@@ -165,6 +165,9 @@ pub fn router(
         .route("/api/v1/{*rest}", axum::routing::any(no_such_route))
         .route("/auth/oidc/login", get(oidc_login))
         .route("/auth/oidc/callback", get(oidc_callback))
+        // A known route with another method: a JSON refusal too, not axum's empty 405
+        // (found by the http_api fuzz target).
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
     Ok(api
         .merge(web::router())
@@ -262,6 +265,19 @@ async fn no_such_route(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError(Error::UnknownRoute {
         route: format!("{method} {}", uri.path()),
     })
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(ErrorBody {
+            error: ErrorDetail {
+                code: "method_not_allowed",
+                message: format!("{} does not answer {method}", uri.path()),
+            },
+        }),
+    )
+        .into_response()
 }
 
 // Extractors whose rejections are JSON errors too.
