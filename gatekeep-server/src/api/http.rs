@@ -162,7 +162,11 @@ pub fn router(
         .route("/api/v1/grants/{id}/revoke", post(revoke_grant))
         .route("/api/v1/audit/verify", get(verify_audit))
         .route("/api/v1/audit/export", get(export_audit))
+        // Unknown API paths get a JSON refusal; the catch-all needs a non-empty rest, so the
+        // API's root is routed too (found by the http_api fuzz target).
         .route("/api/v1/{*rest}", axum::routing::any(no_such_route))
+        .route("/api/v1/", axum::routing::any(no_such_route))
+        .route("/api/v1", axum::routing::any(no_such_route))
         .route("/auth/oidc/login", get(oidc_login))
         .route("/auth/oidc/callback", get(oidc_callback))
         // A known route with another method: a JSON refusal too, not axum's empty 405
