@@ -49,6 +49,7 @@ use crate::{
     error::Error,
     grants,
     hub::Hub,
+    metrics::Metrics,
     rules::Rules,
     store::{AdmissionQuery, GrantQuery, Inserted, RequestQuery, Store, Transition, Versioned},
 };
@@ -77,6 +78,7 @@ pub struct Engine {
     storing: AtomicUsize,
     /// Where the audit chain can be read (status, verify, export).
     pub(crate) audit_log: AuditLog,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -135,6 +137,7 @@ pub(crate) struct EngineParts {
     pub policies: Option<PolicySet>,
     pub name: String,
     pub history_limit: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Engine {
@@ -152,6 +155,7 @@ impl Engine {
             shutdown: CancellationToken::new(),
             started_at: OffsetDateTime::now_utc(),
             storing: AtomicUsize::new(0),
+            metrics: parts.metrics,
         }
     }
 
@@ -278,6 +282,8 @@ impl Engine {
                 Self::resent(host, &record.request, *existing)
             }
             Inserted::New => {
+                self.metrics
+                    .request_received(record.request.kind(), &record.request.policy);
                 let payload = payload::Requested {
                     schema: Schema::default(),
                     request: Cow::Borrowed(&record.request),
@@ -424,7 +430,14 @@ impl Engine {
                 RecordKind::Decided
             }
         };
-        let wait_ms = (decision.decided_at - record.received_at).whole_milliseconds();
+        let waited = decision.decided_at - record.received_at;
+        self.metrics.request_decided(
+            record.request.kind(),
+            &record.request.policy,
+            decision,
+            waited.as_seconds_f64(),
+        );
+        let wait_ms = waited.whole_milliseconds();
         let payload = payload::Outcome {
             schema: Schema::default(),
             policy: Some(Cow::Borrowed(&record.request.policy)),
@@ -608,7 +621,9 @@ impl Engine {
         duration: GrantDuration,
         scope: GrantScope,
     ) -> Result<RequestRecord, Error> {
-        let (record, outcome) = self
+        // Set when the reviewer owns the workload: the refusal is audited and counted.
+        let mut self_approval: Option<RequestRecord> = None;
+        let decided = self
             .transition(id, |record| {
                 Self::authorise(reviewer, record)?;
                 no_grant(record, verdict, duration)?;
@@ -635,6 +650,7 @@ impl Engine {
                     }
                     Verdict::Allow => {
                         if auth::is_owner(reviewer, record) {
+                            self_approval = Some(record.clone());
                             return Err(Error::permission(format!(
                                 "`{}` owns the workload that asked (or is its agent) and cannot approve its own request",
                                 reviewer.name
@@ -693,9 +709,39 @@ impl Engine {
                     }
                 }
             })
-            .await?;
+            .await;
+        let (record, outcome) = match (decided, self_approval) {
+            (Err(error), Some(record)) => {
+                self.self_approval_refused(reviewer, &record, &error).await;
+                return Err(error);
+            }
+            (decided, _) => decided?,
+        };
         self.after(&record, &outcome, true).await;
         Ok(record)
+    }
+
+    /// Audits and counts an approval refused because `reviewer` owns the workload.
+    async fn self_approval_refused(&self, reviewer: &Reviewer, record: &RequestRecord, error: &Error) {
+        self.metrics.approval_refused(&record.request.policy);
+        let reason = error.to_string();
+        let payload = payload::ApprovalRefused {
+            schema: Schema::default(),
+            policy: Cow::Borrowed(&record.request.policy),
+            kind: record.request.kind(),
+            cause: Cow::Borrowed("self_approval"),
+            reason: Cow::Borrowed(&reason),
+        };
+        self.record_encoded(
+            EncodedRecord::new(RecordKind::ApprovalRefused, &record.host, &payload).map(
+                |encoded| {
+                    encoded
+                        .with_request_id(record.request.id.to_string())
+                        .with_actor(&reviewer.name)
+                },
+            ),
+        )
+        .await;
     }
 
     /// A reviewer withdraws a pending request; the paused action is denied.
