@@ -722,7 +722,12 @@ impl Engine {
     }
 
     /// Audits and counts an approval refused because `reviewer` owns the workload.
-    async fn self_approval_refused(&self, reviewer: &Reviewer, record: &RequestRecord, error: &Error) {
+    async fn self_approval_refused(
+        &self,
+        reviewer: &Reviewer,
+        record: &RequestRecord,
+        error: &Error,
+    ) {
         self.metrics.approval_refused(&record.request.policy);
         let reason = error.to_string();
         let payload = payload::ApprovalRefused {

@@ -31,10 +31,9 @@ use prometheus_client::{
     registry::Registry,
 };
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use uuid::Uuid;
-
-use time::OffsetDateTime;
 
 use crate::{
     auth::Reviewer,
@@ -237,7 +236,10 @@ impl Metrics {
             "Failed notification deliveries, by channel; result `dead_letter` means given up",
             metrics.notification_failures.clone(),
         );
-        Self { registry, ..metrics }
+        Self {
+            registry,
+            ..metrics
+        }
     }
 
     /// A request was stored.
@@ -408,11 +410,7 @@ impl TimedStore {
         Arc::new(Self { inner, metrics })
     }
 
-    fn time<'a, T: 'a>(
-        &'a self,
-        op: &'static str,
-        call: StoreFuture<'a, T>,
-    ) -> StoreFuture<'a, T> {
+    fn time<'a, T: 'a>(&'a self, op: &'static str, call: StoreFuture<'a, T>) -> StoreFuture<'a, T> {
         Box::pin(async move {
             let start = Instant::now();
             let result = call.await;
