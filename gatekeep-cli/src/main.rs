@@ -640,6 +640,7 @@ impl App {
     async fn report(&mut self, args: ReportArgs) -> anyhow::Result<()> {
         let from = report::parse_time("--from", &args.from, false)?;
         let to = report::parse_time("--to", &args.to, true)?;
+        report::check_window(from, to)?;
         let export = if let Some(db) = &args.db {
             let verified = gatekeep_audit::verify(db)
                 .map_err(|source| report::ReportError::Broken { source })

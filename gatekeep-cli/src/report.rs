@@ -90,7 +90,11 @@ pub enum ReportFormat {
 
 /// Parses `--from`/`--to`: an RFC 3339 time, or a date (UTC). A date means its start for
 /// `--from` and the start of the next day for `--to` (so `--to 2026-01-31` includes that day).
-pub fn parse_time(flag: &'static str, value: &str, end: bool) -> Result<OffsetDateTime, ReportError> {
+pub fn parse_time(
+    flag: &'static str,
+    value: &str,
+    end: bool,
+) -> Result<OffsetDateTime, ReportError> {
     const DATE: &[BorrowedFormatItem<'_>] = format_description!("[year]-[month]-[day]");
     let bad = || ReportError::BadTime {
         flag,
@@ -100,7 +104,11 @@ pub fn parse_time(flag: &'static str, value: &str, end: bool) -> Result<OffsetDa
         return Ok(at);
     }
     let date = Date::parse(value, DATE).map_err(|_| bad())?;
-    let date = if end { date.next_day().ok_or_else(bad)? } else { date };
+    let date = if end {
+        date.next_day().ok_or_else(bad)?
+    } else {
+        date
+    };
     Ok(date.with_time(Time::MIDNIGHT).assume_utc())
 }
 
@@ -162,12 +170,7 @@ impl Report {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<Self, ReportError> {
-        if from >= to {
-            return Err(ReportError::EmptyWindow {
-                from: from.format(&Rfc3339).unwrap_or_default(),
-                to: to.format(&Rfc3339).unwrap_or_default(),
-            });
-        }
+        check_window(from, to)?;
         let verified = gatekeep_audit::verify_export(export)
             .map_err(|source| ReportError::Broken { source })?;
         check_whole(&verified)?;
@@ -217,10 +220,11 @@ impl Report {
         match format {
             ReportFormat::Json => {
                 let mut out = out;
-                serde_json::to_writer_pretty(&mut out, self)
-                    .map_err(|source| ReportError::Write {
+                serde_json::to_writer_pretty(&mut out, self).map_err(|source| {
+                    ReportError::Write {
                         source: source.into(),
-                    })?;
+                    }
+                })?;
                 out.write_all(b"\n")
                     .map_err(|source| ReportError::Write { source })
             }
@@ -260,7 +264,11 @@ impl Report {
             .map_err(csv_error)?;
         let from = self.from.format(&Rfc3339).unwrap_or_default();
         let to = self.to.format(&Rfc3339).unwrap_or_default();
-        let head_seq = self.chain.head_seq.map(|s| s.to_string()).unwrap_or_default();
+        let head_seq = self
+            .chain
+            .head_seq
+            .map(|s| s.to_string())
+            .unwrap_or_default();
         let head_hash = self.chain.head_hash.clone().unwrap_or_default();
         let optional = |value: Option<u64>| value.map(|v| v.to_string()).unwrap_or_default();
         for p in &self.policies {
@@ -348,7 +356,9 @@ impl Report {
                 page.push_str("<p>None.</p>\n");
                 continue;
             }
-            page.push_str("<table><thead><tr><th>Reviewer</th><th>Approvals</th></tr></thead><tbody>\n");
+            page.push_str(
+                "<table><thead><tr><th>Reviewer</th><th>Approvals</th></tr></thead><tbody>\n",
+            );
             for (reviewer, count) in &p.approvals_by_reviewer {
                 let _ = writeln!(
                     page,
@@ -373,6 +383,17 @@ table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #999;padding:
 td:first-child,th:first-child{text-align:left}th{background:#eee}code{word-break:break-all}\
 .note{font-size:90%;color:#444}@media print{body{margin:0}h2{page-break-before:always}}";
 
+/// Refuses a window that holds no time.
+pub fn check_window(from: OffsetDateTime, to: OffsetDateTime) -> Result<(), ReportError> {
+    if from >= to {
+        return Err(ReportError::EmptyWindow {
+            from: from.format(&Rfc3339).unwrap_or_default(),
+            to: to.format(&Rfc3339).unwrap_or_default(),
+        });
+    }
+    Ok(())
+}
+
 fn check_whole(verified: &VerifyReport) -> Result<(), ReportError> {
     match verified.first_seq {
         Some(first_seq) if first_seq != 1 => Err(ReportError::Partial { first_seq }),
@@ -393,7 +414,9 @@ fn count(policies: &mut BTreeMap<String, PolicySummary>, record: &StoredRecord) 
     let payload = &record.payload;
     let policy = match record.kind {
         RecordKind::Requested => payload["request"]["policy"].as_str(),
-        RecordKind::GrantInstalled | RecordKind::GrantRevoked => payload["grant"]["policy"].as_str(),
+        RecordKind::GrantInstalled | RecordKind::GrantRevoked => {
+            payload["grant"]["policy"].as_str()
+        }
         _ => payload["policy"].as_str(),
     };
     let Some(policy) = policy else { return };
@@ -424,12 +447,24 @@ fn decided(summary: &mut PolicySummary, record: &StoredRecord) {
             summary.approved += 1;
             let votes: Vec<&str> = payload["approvals"]
                 .as_array()
-                .map(|votes| votes.iter().filter_map(|v| v["reviewer"].as_str()).collect())
+                .map(|votes| {
+                    votes
+                        .iter()
+                        .filter_map(|v| v["reviewer"].as_str())
+                        .collect()
+                })
                 .unwrap_or_default();
             if votes.is_empty() {
                 let actor = record.actor.as_deref().unwrap_or("unknown");
-                let actor = if actor.starts_with("grant:") { "grant" } else { actor };
-                *summary.approvals_by_reviewer.entry(actor.to_owned()).or_default() += 1;
+                let actor = if actor.starts_with("grant:") {
+                    "grant"
+                } else {
+                    actor
+                };
+                *summary
+                    .approvals_by_reviewer
+                    .entry(actor.to_owned())
+                    .or_default() += 1;
             }
             for reviewer in votes {
                 *summary
