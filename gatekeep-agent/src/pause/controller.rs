@@ -58,6 +58,7 @@ use crate::{
     bursts::{BURST_QUIET, Bursts},
     decision::{Decider, Decision, DecisionRequest, Verdict, Withdrawal, decide_by_deadline},
     hooks::Request,
+    metrics::AgentMetrics,
     pause::{
         enrich::{Enricher, Enrichment, RecentEnrichments},
         request,
@@ -220,6 +221,8 @@ pub struct Controller<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> {
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     pub stats: Stats,
+    /// Counts asked requests and their outcomes from the records made (`None`: not counted).
+    metrics: Option<Arc<AgentMetrics>>,
 }
 
 /// Everything the controller works with.
@@ -259,7 +262,15 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             internal_tx,
             internal_rx,
             stats: Stats::default(),
+            metrics: None,
         }
+    }
+
+    /// Counts requests into `metrics` (`/metrics`).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Requests currently tracked (paused tasks the agent knows of).
@@ -303,6 +314,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         }
         if let Some(actor) = actor {
             record = record.with_actor(actor);
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.observe(&record);
         }
         self.audit.record(record);
     }
