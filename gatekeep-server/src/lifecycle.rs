@@ -41,6 +41,7 @@ use gatekeep_proto::{
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
@@ -229,6 +230,18 @@ impl Engine {
         request: ApprovalRequest,
         early: impl FnOnce(&Decision) + Send,
     ) -> Result<Submitted, Error> {
+        let span = request_span(request.id);
+        self.submit_traced(host, request, early)
+            .instrument(span)
+            .await
+    }
+
+    async fn submit_traced(
+        &self,
+        host: &str,
+        request: ApprovalRequest,
+        early: impl FnOnce(&Decision) + Send,
+    ) -> Result<Submitted, Error> {
         let now = OffsetDateTime::now_utc();
         let (request, deadline) = self.authoritative(request, now)?;
         let mut record = RequestRecord {
@@ -282,6 +295,12 @@ impl Engine {
                 Self::resent(host, &record.request, *existing)
             }
             Inserted::New => {
+                tracing::info!(
+                    host,
+                    kind = record.request.kind().as_str(),
+                    policy = record.request.policy,
+                    "request received"
+                );
                 self.metrics
                     .request_received(record.request.kind(), &record.request.policy);
                 let payload = payload::Requested {
@@ -431,6 +450,13 @@ impl Engine {
             }
         };
         let waited = decision.decided_at - record.received_at;
+        tracing::info!(
+            state = decision.state.as_str(),
+            decided_by = decision.decided_by,
+            policy = record.request.policy,
+            wait_ms = u64::try_from(waited.whole_milliseconds()).unwrap_or(0),
+            "request decided"
+        );
         self.metrics.request_decided(
             record.request.kind(),
             &record.request.policy,
@@ -546,6 +572,12 @@ impl Engine {
                 }
             }
             Outcome::Vote(vote) => {
+                tracing::info!(
+                    reviewer = vote.reviewer,
+                    approvals = record.approvals.len(),
+                    required = record.approvals_required,
+                    "approval recorded"
+                );
                 let wait_ms = (vote.at - record.received_at).whole_milliseconds();
                 let payload = payload::Outcome {
                     schema: Schema::default(),
@@ -613,6 +645,20 @@ impl Engine {
 
     /// A reviewer approves or denies a pending request.
     pub async fn decide(
+        &self,
+        reviewer: &Reviewer,
+        id: Uuid,
+        verdict: Verdict,
+        reason: String,
+        duration: GrantDuration,
+        scope: GrantScope,
+    ) -> Result<RequestRecord, Error> {
+        self.decide_traced(reviewer, id, verdict, reason, duration, scope)
+            .instrument(request_span(id))
+            .await
+    }
+
+    async fn decide_traced(
         &self,
         reviewer: &Reviewer,
         id: Uuid,
@@ -728,6 +774,7 @@ impl Engine {
         record: &RequestRecord,
         error: &Error,
     ) {
+        tracing::warn!(reviewer = reviewer.name, "self-approval refused");
         self.metrics.approval_refused(&record.request.policy);
         let reason = error.to_string();
         let payload = payload::ApprovalRefused {
@@ -756,6 +803,7 @@ impl Engine {
         id: Uuid,
         reason: String,
     ) -> Result<RequestRecord, Error> {
+        let span = request_span(id);
         let (record, outcome) = self
             .transition(id, |record| {
                 Self::authorise(reviewer, record)?;
@@ -773,8 +821,9 @@ impl Engine {
                     None,
                 ))
             })
+            .instrument(span.clone())
             .await?;
-        self.after(&record, &outcome, true).await;
+        self.after(&record, &outcome, true).instrument(span).await;
         Ok(record)
     }
 
@@ -787,6 +836,7 @@ impl Engine {
         reason: WithdrawReason,
         detail: String,
     ) -> Result<(), Error> {
+        let span = request_span(id);
         let result = self
             .transition(id, |record| {
                 if record.host != host {
@@ -818,10 +868,11 @@ impl Engine {
                     None,
                 ))
             })
+            .instrument(span.clone())
             .await;
         match result {
             Ok((record, outcome)) => {
-                self.after(&record, &outcome, false).await;
+                self.after(&record, &outcome, false).instrument(span).await;
                 Ok(())
             }
             Err(Error::NotPending { .. }) => Ok(()),
@@ -838,14 +889,16 @@ impl Engine {
             let batch = due.len();
             for Versioned { value, .. } in due {
                 let decision = Self::expiry(&value, now);
+                let span = request_span(value.request.id);
                 match self
                     .transition(value.request.id, |_| {
                         Ok((Outcome::Final(Box::new(decision.clone())), None))
                     })
+                    .instrument(span.clone())
                     .await
                 {
                     Ok((record, outcome)) => {
-                        self.after(&record, &outcome, true).await;
+                        self.after(&record, &outcome, true).instrument(span).await;
                         expired += 1;
                     }
                     // Decided meanwhile.
@@ -1046,6 +1099,12 @@ impl Engine {
             .await
             .map_err(|source| Error::Audit { source })
     }
+}
+
+/// The span every log line about one request is in: its `request_id` field reaches the JSON
+/// logs (`--log-format json`) of each line, whatever the line's own fields.
+pub(crate) fn request_span(id: Uuid) -> tracing::Span {
+    tracing::info_span!("request", request_id = %id)
 }
 
 /// Refuses a grant duration the request's policy does not offer.
