@@ -231,6 +231,19 @@ mod tests {
         .unwrap();
         assert_eq!(pg.store.pool_size, 4);
         assert!(!format!("{pg:?}").contains("secret"), "{pg:?}");
+        let metrics =
+            ServerConfig::parse(Path::new("x.toml"), "[metrics]\nlisten = \"0.0.0.0:9464\"")
+                .unwrap();
+        assert_eq!(metrics.metrics.listen.unwrap().port(), 9464);
+        let bad = ServerConfig::parse(Path::new("x.toml"), "[metrics]\nlisten = \"9464\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("line 2")
+                && bad.contains("listen = \"9464\"")
+                && bad.contains("socket address"),
+            "{bad}"
+        );
         let err = ServerConfig::parse(Path::new("x.toml"), "lisen = \"x\"").unwrap_err();
         assert!(
             err.to_string().starts_with("invalid config `x.toml`: "),
