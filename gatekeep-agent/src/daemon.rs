@@ -147,6 +147,10 @@ pub struct RunOptions {
 /// Runs the daemon until SIGINT/SIGTERM, with the decider `[decision]`
 /// names (the embedded decision service by default). Each step is a
 /// function below, in this order.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the daemon's start and stop in order, one numbered step after another"
+)]
 pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let signals = Signals::install()?;
@@ -531,6 +535,10 @@ fn start_audit_health(
     ))
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the controller's wiring: each argument is a distinct part of the daemon"
+)]
 fn start_controller(
     config: &AgentConfig,
     kernel: &KernelHandle,

@@ -235,12 +235,7 @@ impl AgentMetrics {
                     return;
                 }
                 let kind = kind_label(payload["kind"].as_str());
-                let outcome = match payload["state"].as_str() {
-                    Some(
-                        state @ ("approved" | "denied" | "expired" | "cancelled" | "abandoned"),
-                    ) => state,
-                    _ => "unknown",
-                };
+                let outcome = outcome_label(payload["state"].as_str());
                 self.ended
                     .get_or_create(&Ended {
                         kind: kind.to_owned(),
@@ -299,6 +294,18 @@ impl AgentMetrics {
             tracing::warn!(%error, "metrics: cannot encode");
         }
         text
+    }
+}
+
+/// A final state as a bounded label value.
+fn outcome_label(state: Option<&str>) -> &'static str {
+    match state {
+        Some("approved") => "approved",
+        Some("denied") => "denied",
+        Some("expired") => "expired",
+        Some("cancelled") => "cancelled",
+        Some("abandoned") => "abandoned",
+        _ => "unknown",
     }
 }
 

@@ -660,21 +660,18 @@ impl App {
             lines
         };
         let built = report::Report::build(&export, from, to)?;
-        match &args.out {
-            Some(path) => {
-                let file = std::fs::File::create(path)
-                    .with_context(|| format!("cannot create `{}`", path.display()))?;
-                let mut file = std::io::BufWriter::new(file);
-                built.write(args.format, &mut file)?;
-                file.flush()
-                    .with_context(|| format!("cannot write `{}`", path.display()))?;
-            }
-            None => {
-                let stdout = std::io::stdout();
-                let mut out = stdout.lock();
-                built.write(args.format, &mut out)?;
-                out.flush()?;
-            }
+        if let Some(path) = &args.out {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create `{}`", path.display()))?;
+            let mut file = std::io::BufWriter::new(file);
+            built.write(args.format, &mut file)?;
+            file.flush()
+                .with_context(|| format!("cannot write `{}`", path.display()))?;
+        } else {
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            built.write(args.format, &mut out)?;
+            out.flush()?;
         }
         Ok(())
     }

@@ -2,6 +2,12 @@
 //! writer, in the service's record schema): the figures of every format, and the refusal of a
 //! tampered log.
 
+#![expect(
+    clippy::too_many_arguments,
+    clippy::too_many_lines,
+    reason = "the known log is spelled out record by record, each with all its fields"
+)]
+
 use std::{path::Path, process::Output};
 
 use gatekeep_audit::{AuditRecord, AuditWriter, RecordKind, WriterConfig};
@@ -72,8 +78,12 @@ fn known_log(dir: &Path) -> std::path::PathBuf {
     // deploy: five requests; r1 approved by alice and bob (1 s), r2 by alice (3 s) with a
     // grant that is revoked later, r3 denied by carol (2 s), r4 expired (5 min, not a
     // decision), r5 got a vote from bob (not final) and a refused self-approval by alice.
-    for request in 1..=5 {
-        records.push(requested(day + minute * request, request as u32, DEPLOY));
+    for request in 1..=5_u32 {
+        records.push(requested(
+            day + minute * i32::try_from(request).expect("small"),
+            request,
+            DEPLOY,
+        ));
     }
     let at = day + minute * 10;
     records.push(outcome(

@@ -46,7 +46,7 @@ use crate::{
 /// Distinct policy names kept as label values; later ones count as `_other`.
 pub const MAX_POLICY_LABELS: usize = 256;
 
-/// The exposition's content type (prometheus-client writes OpenMetrics text).
+/// The exposition's content type (prometheus-client writes `OpenMetrics` text).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// `[metrics]` of a config file: where `/metrics` is served, if anywhere.
@@ -146,8 +146,8 @@ fn decision_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 4.0, 12))
 }
 
-/// From 50 µs to about 3 s, x3 per bucket: a store call is a SQLite commit or a PostgreSQL
-/// round trip.
+/// From 50 µs to about 3 s, x3 per bucket: a store call is a `SQLite` commit or a
+/// `PostgreSQL` round trip.
 fn store_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 3.0, 11))
 }

@@ -266,19 +266,9 @@ impl Server {
             None => None,
         };
         let timer = tokio::spawn(Arc::clone(&engine).run_timer());
-        let metrics = self.metrics_listener.map(|listener| {
-            let scraped = Arc::clone(&engine);
-            let render = move || {
-                let engine = Arc::clone(&scraped);
-                async move { engine.metrics.render(&*engine.store).await }
-            };
-            tracing::info!(addr = ?listener.local_addr().ok(), "metrics served at /metrics");
-            tokio::spawn(metrics::serve(
-                listener,
-                render,
-                engine.shutdown.clone().cancelled_owned(),
-            ))
-        });
+        let metrics = self
+            .metrics_listener
+            .map(|listener| spawn_metrics(listener, &engine));
         // Replicas sharing the database: their changes reach this one's agents and watchers.
         let fanout = engine
             .store
@@ -365,6 +355,24 @@ impl Server {
         }
         result
     }
+}
+
+/// Serves `/metrics` on `listener` until the engine shuts down.
+fn spawn_metrics(
+    listener: TcpListener,
+    engine: &Arc<Engine>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let scraped = Arc::clone(engine);
+    let render = move || {
+        let engine = Arc::clone(&scraped);
+        async move { engine.metrics.render(&*engine.store).await }
+    };
+    tracing::info!(addr = ?listener.local_addr().ok(), "metrics served at /metrics");
+    tokio::spawn(metrics::serve(
+        listener,
+        render,
+        engine.shutdown.clone().cancelled_owned(),
+    ))
 }
 
 /// Adds a reviewer to `store` and returns the new token.

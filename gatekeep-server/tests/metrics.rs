@@ -6,6 +6,10 @@
     clippy::too_many_lines,
     reason = "each test is one scenario end to end, read top to bottom"
 )]
+#![expect(
+    clippy::float_cmp,
+    reason = "the exposition's counts are whole numbers, exact in f64"
+)]
 
 mod support;
 
@@ -26,7 +30,7 @@ struct Series {
     labels: BTreeMap<String, String>,
 }
 
-/// Parses the OpenMetrics text prometheus-client writes (no escaped quotes in our values).
+/// Parses the `OpenMetrics` text prometheus-client writes (no escaped quotes in our values).
 fn parse(text: &str) -> BTreeMap<Series, f64> {
     assert!(text.ends_with("# EOF\n"), "a complete exposition: {text}");
     let mut samples = BTreeMap::new();

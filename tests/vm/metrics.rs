@@ -2,6 +2,11 @@
 //! and approved by a reviewer, scraped over HTTP from inside the VM; the figures must match
 //! what happened and the kernel's own counters (`gatekeep-agent status`).
 
+#![expect(
+    clippy::float_cmp,
+    reason = "the exposition's counts are whole numbers, exact in f64"
+)]
+
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
