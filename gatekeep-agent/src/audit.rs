@@ -152,6 +152,18 @@ impl AuditSink for AuditHandle {
     }
 }
 
+/// Reads the writer's queue length (metrics).
+#[derive(Debug, Clone)]
+pub struct WriterQueue(std::sync::Weak<AuditWriter>);
+
+impl WriterQueue {
+    /// Records queued in the writer; 0 once it stopped.
+    #[must_use]
+    pub fn queued(&self) -> usize {
+        self.0.upgrade().map_or(0, |writer| writer.queued())
+    }
+}
+
 /// The running audit pipeline.
 pub struct AuditPipeline {
     pub handle: AuditHandle,
@@ -207,6 +219,13 @@ impl AuditPipeline {
             forwarder,
             writer,
         })
+    }
+
+    /// What [`AuditWriter::queued`] reports, for as long as the writer runs (the probe does
+    /// not keep it alive).
+    #[must_use]
+    pub fn writer_queue(&self) -> WriterQueue {
+        WriterQueue(Arc::downgrade(&self.writer))
     }
 
     /// Drains the forwarder (once every other handle clone is dropped) and

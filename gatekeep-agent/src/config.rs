@@ -14,6 +14,9 @@
 //! rescan_interval = "1s"
 //! state_dir = "/var/lib/gatekeep"   # grants.json; the embedded service's data
 //!
+//! [metrics]                    # optional: Prometheus /metrics, plain HTTP; off when absent
+//! listen = "127.0.0.1:9464"    # gated tasks cannot connect to it (like the decision service)
+//!
 //! [decision]
 //! mode = "embedded"            # embedded (default) | remote | local
 //! listen = "127.0.0.1:7443"    # embedded: the in-process service's address
@@ -88,6 +91,8 @@ pub struct AgentConfig {
     pub decision: DecisionConfig,
     /// Whose DNS answers teach host-name connect rules.
     pub dns: DnsConfig,
+    /// Prometheus `/metrics` (off unless `listen` is set; see [`crate::metrics`]).
+    pub metrics: gatekeep_server::metrics::MetricsConfig,
 }
 
 /// `[dns]`: the resolvers whose answers gated workloads receive are
@@ -238,6 +243,7 @@ impl Default for AgentConfig {
             state_dir: paths::STATE_DIR.into(),
             decision: DecisionConfig::default(),
             dns: DnsConfig::default(),
+            metrics: gatekeep_server::metrics::MetricsConfig::default(),
         }
     }
 }

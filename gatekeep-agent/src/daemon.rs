@@ -13,6 +13,7 @@
 
 use std::{
     collections::BTreeSet,
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -40,6 +41,7 @@ use crate::{
     config::{AgentConfig, DecisionMode},
     decision::service::{self, DecisionService, ServiceError},
     hooks::protect_files,
+    metrics::{AgentMetrics, Snapshot},
     pause::{
         controller::{Controller, Parts, Stats},
         enrich::Enricher,
@@ -119,6 +121,11 @@ pub enum DaemonError {
         #[source]
         source: ProtectError,
     },
+    #[error("failed to serve metrics (`[metrics] listen` in the config)")]
+    Metrics {
+        #[source]
+        source: gatekeep_server::Error,
+    },
     #[error("failed to start the decision side (`[decision]` in the config)")]
     Decision {
         #[source]
@@ -140,6 +147,10 @@ pub struct RunOptions {
 /// Runs the daemon until SIGINT/SIGTERM, with the decider `[decision]`
 /// names (the embedded decision service by default). Each step is a
 /// function below, in this order.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the daemon's start and stop in order, one numbered step after another"
+)]
 pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let signals = Signals::install()?;
@@ -192,6 +203,11 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
     .map_err(|source| DaemonError::Decision { source })?;
     // 6b. The audit log's health: status file, logs, the decision service.
     let health_task = start_audit_health(&config, &audit, &decision, &shutdown_rx);
+    // 6c. Metrics, when `[metrics] listen` is set.
+    let metrics = Arc::new(AgentMetrics::new());
+    if let Some(addr) = config.metrics.listen {
+        serve_metrics(addr, &metrics, &kernel.handle, &audit, &shutdown_rx).await?;
+    }
     // 7. The controller (paused requests) and the policy watch.
     let controller_task = start_controller(
         &config,
@@ -201,6 +217,7 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
         reader.events,
         &policies_rx,
         &shutdown_rx,
+        &metrics,
     );
     let protect_task = tokio::spawn(protect::run(
         Arc::clone(&protect_maps),
@@ -518,6 +535,10 @@ fn start_audit_health(
     ))
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the controller's wiring: each argument is a distinct part of the daemon"
+)]
 fn start_controller(
     config: &AgentConfig,
     kernel: &KernelHandle,
@@ -526,6 +547,7 @@ fn start_controller(
     events: mpsc::Receiver<Vec<Event>>,
     policies: &watch::Receiver<Arc<Compiled>>,
     shutdown: &watch::Receiver<bool>,
+    metrics: &Arc<AgentMetrics>,
 ) -> tokio::task::JoinHandle<Stats> {
     let enricher = Arc::new(Enricher::new(&config.proc_root, &config.passwd));
     let controller = Controller::new(Parts {
@@ -537,13 +559,68 @@ fn start_controller(
         timing: PauseTiming::default(),
         policies: Arc::clone(&policies.borrow()),
         decider: Arc::clone(&decision.decider),
-    });
+    })
+    .with_metrics(Arc::clone(metrics));
     tokio::spawn(controller.run(
         events,
         policies.clone(),
         shutdown.clone(),
         config.reconcile_interval,
     ))
+}
+
+/// Binds `addr` and serves `/metrics` until shutdown; each scrape reads the kernel's counters
+/// and pending entries and the audit backlog.
+async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: &Arc<AgentMetrics>,
+    kernel: &KernelHandle,
+    audit: &AuditPipeline,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), DaemonError> {
+    let listener = gatekeep_server::metrics::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Metrics { source })?;
+    let render = {
+        let metrics = Arc::clone(metrics);
+        let kernel = kernel.clone();
+        let handle = audit.handle.clone();
+        let writer = audit.writer_queue();
+        move || {
+            let metrics = Arc::clone(&metrics);
+            let kernel = kernel.clone();
+            let handle = handle.clone();
+            let writer = writer.clone();
+            async move {
+                let kernel_counters = kernel.counters().await.ok();
+                let paused_kinds = kernel
+                    .pending()
+                    .await
+                    .ok()
+                    .map(|pending| pending.iter().map(|(_, entry)| entry.kind).collect());
+                let health = handle.health().borrow().clone();
+                metrics.render(Snapshot {
+                    kernel_counters,
+                    paused_kinds,
+                    audit_forwarder: handle.backlog(),
+                    audit_writer: writer.queued(),
+                    audit_held: health.failing.as_ref().map_or(0, |failure| failure.held),
+                    audit_writable: health.is_writable(),
+                })
+            }
+        }
+    };
+    let mut stop = shutdown.clone();
+    let stopped = async move {
+        let _ = stop.wait_for(|stopping| *stopping).await;
+    };
+    tracing::info!(%addr, "metrics served at /metrics");
+    tokio::spawn(async move {
+        if let Err(error) = gatekeep_server::metrics::serve(listener, render, stopped).await {
+            tracing::warn!(%error, "the metrics listener failed");
+        }
+    });
+    Ok(())
 }
 
 /// What the "ready" line says.
@@ -712,6 +789,8 @@ async fn setup_protection(
         }
         DecisionMode::Local => Vec::new(),
     };
+    // The metrics listener too: gated tasks have no business reading what is paused.
+    let listeners: Vec<SocketAddr> = listeners.into_iter().chain(config.metrics.listen).collect();
     let local = protect::local_addresses();
     let keys: Vec<_> = listeners
         .iter()

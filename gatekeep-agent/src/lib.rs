@@ -30,6 +30,7 @@ pub mod deps;
 // Host-name connect rules (issue 20, item 3).
 pub mod dns;
 pub mod hooks;
+pub mod metrics;
 pub mod paths;
 pub mod pause;
 pub mod policy;

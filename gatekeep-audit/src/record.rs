@@ -54,11 +54,14 @@ pub enum RecordKind {
     /// enforcement would have denied or asked about (`would`); one record per burst of
     /// identical ones, with the count.
     Audited,
+    /// Service only: a reviewer's approval was refused because they own the workload that
+    /// asked (no self-approval); the compliance report counts these.
+    ApprovalRefused,
 }
 
 impl RecordKind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::Requested,
         Self::Decided,
         Self::Expired,
@@ -76,6 +79,7 @@ impl RecordKind {
         Self::AgentAuditHealth,
         Self::RuleStale,
         Self::Audited,
+        Self::ApprovalRefused,
     ];
 
     /// The stored name, as in JSON.
@@ -99,6 +103,7 @@ impl RecordKind {
             Self::AgentAuditHealth => "agent_audit_health",
             Self::RuleStale => "rule_stale",
             Self::Audited => "audited",
+            Self::ApprovalRefused => "approval_refused",
         }
     }
 }

@@ -141,6 +141,14 @@ impl AuditWriter {
         self.health.clone()
     }
 
+    /// Records (and flushes) queued and not yet taken by the writer thread: a backlog figure
+    /// for metrics. The batch the thread is committing at that moment is not counted.
+    #[must_use]
+    pub fn queued(&self) -> usize {
+        self.sender()
+            .map_or(0, |sender| sender.max_capacity() - sender.capacity())
+    }
+
     fn sender(&self) -> Option<mpsc::Sender<Command>> {
         self.sender
             .read()

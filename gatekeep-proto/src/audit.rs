@@ -237,6 +237,19 @@ pub struct Outcome<'a> {
     pub comm: Option<String>,
 }
 
+/// `approval_refused` (service): a reviewer tried to approve a request of a workload they
+/// own (or as its agent) and was refused; nothing changed on the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRefused<'a> {
+    pub schema: Schema,
+    pub policy: Cow<'a, str>,
+    pub kind: Kind,
+    /// Why, as a code: `self_approval`.
+    pub cause: Cow<'a, str>,
+    /// The refusal as the reviewer saw it.
+    pub reason: Cow<'a, str>,
+}
+
 /// `grant_installed`, `grant_revoked`: a standing grant came or went. `G` is the service's
 /// [`Grant`](crate::model::Grant) in service records, the agent's own form of it (kernel
 /// digest and cgroup id) in agent records.

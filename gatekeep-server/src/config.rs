@@ -31,6 +31,9 @@
 //! password_file = "/etc/gatekeep-server/db-password"
 //! pool_size = 16
 //!
+//! [metrics]                                # optional: Prometheus `/metrics`, plain HTTP
+//! listen = "127.0.0.1:9464"                # off when absent (see metrics::MetricsConfig)
+//!
 //! [host_groups]                            # and [[rules]]: see the rules module
 //! [notify.slack]                           # Slack, Teams, webhooks: see notify::config
 //! ```
@@ -44,7 +47,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use crate::{auth::oidc::OidcConfig, notify::NotifyConfig, store::StoreConfig};
-use crate::{error::Error, paths, rules::RuleConfig, store::Synchronous};
+use crate::{error::Error, metrics::MetricsConfig, paths, rules::RuleConfig, store::Synchronous};
 
 /// Everything the service reads at start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +78,8 @@ pub struct ServerConfig {
     pub notify: NotifyConfig,
     /// Where requests, grants, reviewers and the audit chain live.
     pub store: StoreConfig,
+    /// Prometheus `/metrics` (off unless `listen` is set).
+    pub metrics: MetricsConfig,
 }
 
 /// The HTTP/JSON API and the reviewers' web console, served on the gRPC port.
@@ -126,6 +131,7 @@ impl Default for ServerConfig {
             console: ConsoleConfig::default(),
             notify: NotifyConfig::default(),
             store: StoreConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -225,6 +231,19 @@ mod tests {
         .unwrap();
         assert_eq!(pg.store.pool_size, 4);
         assert!(!format!("{pg:?}").contains("secret"), "{pg:?}");
+        let metrics =
+            ServerConfig::parse(Path::new("x.toml"), "[metrics]\nlisten = \"0.0.0.0:9464\"")
+                .unwrap();
+        assert_eq!(metrics.metrics.listen.unwrap().port(), 9464);
+        let bad = ServerConfig::parse(Path::new("x.toml"), "[metrics]\nlisten = \"9464\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("line 2")
+                && bad.contains("listen = \"9464\"")
+                && bad.contains("socket address"),
+            "{bad}"
+        );
         let err = ServerConfig::parse(Path::new("x.toml"), "lisen = \"x\"").unwrap_err();
         assert!(
             err.to_string().starts_with("invalid config `x.toml`: "),

@@ -36,6 +36,7 @@ mod fanout;
 pub mod grants;
 mod hub;
 pub mod lifecycle;
+pub mod metrics;
 pub mod notify;
 pub mod paths;
 mod reviewer;

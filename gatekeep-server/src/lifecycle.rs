@@ -41,6 +41,7 @@ use gatekeep_proto::{
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
@@ -49,6 +50,7 @@ use crate::{
     error::Error,
     grants,
     hub::Hub,
+    metrics::Metrics,
     rules::Rules,
     store::{AdmissionQuery, GrantQuery, Inserted, RequestQuery, Store, Transition, Versioned},
 };
@@ -77,6 +79,7 @@ pub struct Engine {
     storing: AtomicUsize,
     /// Where the audit chain can be read (status, verify, export).
     pub(crate) audit_log: AuditLog,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -135,6 +138,7 @@ pub(crate) struct EngineParts {
     pub policies: Option<PolicySet>,
     pub name: String,
     pub history_limit: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Engine {
@@ -152,6 +156,7 @@ impl Engine {
             shutdown: CancellationToken::new(),
             started_at: OffsetDateTime::now_utc(),
             storing: AtomicUsize::new(0),
+            metrics: parts.metrics,
         }
     }
 
@@ -225,6 +230,18 @@ impl Engine {
         request: ApprovalRequest,
         early: impl FnOnce(&Decision) + Send,
     ) -> Result<Submitted, Error> {
+        let span = request_span(request.id);
+        self.submit_traced(host, request, early)
+            .instrument(span)
+            .await
+    }
+
+    async fn submit_traced(
+        &self,
+        host: &str,
+        request: ApprovalRequest,
+        early: impl FnOnce(&Decision) + Send,
+    ) -> Result<Submitted, Error> {
         let now = OffsetDateTime::now_utc();
         let (request, deadline) = self.authoritative(request, now)?;
         let mut record = RequestRecord {
@@ -278,6 +295,14 @@ impl Engine {
                 Self::resent(host, &record.request, *existing)
             }
             Inserted::New => {
+                tracing::info!(
+                    host,
+                    kind = record.request.kind().as_str(),
+                    policy = record.request.policy,
+                    "request received"
+                );
+                self.metrics
+                    .request_received(record.request.kind(), &record.request.policy);
                 let payload = payload::Requested {
                     schema: Schema::default(),
                     request: Cow::Borrowed(&record.request),
@@ -424,7 +449,21 @@ impl Engine {
                 RecordKind::Decided
             }
         };
-        let wait_ms = (decision.decided_at - record.received_at).whole_milliseconds();
+        let waited = decision.decided_at - record.received_at;
+        tracing::info!(
+            state = decision.state.as_str(),
+            decided_by = decision.decided_by,
+            policy = record.request.policy,
+            wait_ms = u64::try_from(waited.whole_milliseconds()).unwrap_or(0),
+            "request decided"
+        );
+        self.metrics.request_decided(
+            record.request.kind(),
+            &record.request.policy,
+            decision,
+            waited.as_seconds_f64(),
+        );
+        let wait_ms = waited.whole_milliseconds();
         let payload = payload::Outcome {
             schema: Schema::default(),
             policy: Some(Cow::Borrowed(&record.request.policy)),
@@ -533,6 +572,12 @@ impl Engine {
                 }
             }
             Outcome::Vote(vote) => {
+                tracing::info!(
+                    reviewer = vote.reviewer,
+                    approvals = record.approvals.len(),
+                    required = record.approvals_required,
+                    "approval recorded"
+                );
                 let wait_ms = (vote.at - record.received_at).whole_milliseconds();
                 let payload = payload::Outcome {
                     schema: Schema::default(),
@@ -608,7 +653,23 @@ impl Engine {
         duration: GrantDuration,
         scope: GrantScope,
     ) -> Result<RequestRecord, Error> {
-        let (record, outcome) = self
+        self.decide_traced(reviewer, id, verdict, reason, duration, scope)
+            .instrument(request_span(id))
+            .await
+    }
+
+    async fn decide_traced(
+        &self,
+        reviewer: &Reviewer,
+        id: Uuid,
+        verdict: Verdict,
+        reason: String,
+        duration: GrantDuration,
+        scope: GrantScope,
+    ) -> Result<RequestRecord, Error> {
+        // Set when the reviewer owns the workload: the refusal is audited and counted.
+        let mut self_approval: Option<RequestRecord> = None;
+        let decided = self
             .transition(id, |record| {
                 Self::authorise(reviewer, record)?;
                 no_grant(record, verdict, duration)?;
@@ -635,6 +696,7 @@ impl Engine {
                     }
                     Verdict::Allow => {
                         if auth::is_owner(reviewer, record) {
+                            self_approval = Some(record.clone());
                             return Err(Error::permission(format!(
                                 "`{}` owns the workload that asked (or is its agent) and cannot approve its own request",
                                 reviewer.name
@@ -693,9 +755,45 @@ impl Engine {
                     }
                 }
             })
-            .await?;
+            .await;
+        let (record, outcome) = match (decided, self_approval) {
+            (Err(error), Some(record)) => {
+                self.self_approval_refused(reviewer, &record, &error).await;
+                return Err(error);
+            }
+            (decided, _) => decided?,
+        };
         self.after(&record, &outcome, true).await;
         Ok(record)
+    }
+
+    /// Audits and counts an approval refused because `reviewer` owns the workload.
+    async fn self_approval_refused(
+        &self,
+        reviewer: &Reviewer,
+        record: &RequestRecord,
+        error: &Error,
+    ) {
+        tracing::warn!(reviewer = reviewer.name, "self-approval refused");
+        self.metrics.approval_refused(&record.request.policy);
+        let reason = error.to_string();
+        let payload = payload::ApprovalRefused {
+            schema: Schema::default(),
+            policy: Cow::Borrowed(&record.request.policy),
+            kind: record.request.kind(),
+            cause: Cow::Borrowed("self_approval"),
+            reason: Cow::Borrowed(&reason),
+        };
+        self.record_encoded(
+            EncodedRecord::new(RecordKind::ApprovalRefused, &record.host, &payload).map(
+                |encoded| {
+                    encoded
+                        .with_request_id(record.request.id.to_string())
+                        .with_actor(&reviewer.name)
+                },
+            ),
+        )
+        .await;
     }
 
     /// A reviewer withdraws a pending request; the paused action is denied.
@@ -705,6 +803,7 @@ impl Engine {
         id: Uuid,
         reason: String,
     ) -> Result<RequestRecord, Error> {
+        let span = request_span(id);
         let (record, outcome) = self
             .transition(id, |record| {
                 Self::authorise(reviewer, record)?;
@@ -722,8 +821,9 @@ impl Engine {
                     None,
                 ))
             })
+            .instrument(span.clone())
             .await?;
-        self.after(&record, &outcome, true).await;
+        self.after(&record, &outcome, true).instrument(span).await;
         Ok(record)
     }
 
@@ -736,6 +836,7 @@ impl Engine {
         reason: WithdrawReason,
         detail: String,
     ) -> Result<(), Error> {
+        let span = request_span(id);
         let result = self
             .transition(id, |record| {
                 if record.host != host {
@@ -767,10 +868,11 @@ impl Engine {
                     None,
                 ))
             })
+            .instrument(span.clone())
             .await;
         match result {
             Ok((record, outcome)) => {
-                self.after(&record, &outcome, false).await;
+                self.after(&record, &outcome, false).instrument(span).await;
                 Ok(())
             }
             Err(Error::NotPending { .. }) => Ok(()),
@@ -787,14 +889,16 @@ impl Engine {
             let batch = due.len();
             for Versioned { value, .. } in due {
                 let decision = Self::expiry(&value, now);
+                let span = request_span(value.request.id);
                 match self
                     .transition(value.request.id, |_| {
                         Ok((Outcome::Final(Box::new(decision.clone())), None))
                     })
+                    .instrument(span.clone())
                     .await
                 {
                     Ok((record, outcome)) => {
-                        self.after(&record, &outcome, true).await;
+                        self.after(&record, &outcome, true).instrument(span).await;
                         expired += 1;
                     }
                     // Decided meanwhile.
@@ -995,6 +1099,12 @@ impl Engine {
             .await
             .map_err(|source| Error::Audit { source })
     }
+}
+
+/// The span every log line about one request is in: its `request_id` field reaches the JSON
+/// logs (`--log-format json`) of each line, whatever the line's own fields.
+pub(crate) fn request_span(id: Uuid) -> tracing::Span {
+    tracing::info_span!("request", request_id = %id)
 }
 
 /// Refuses a grant duration the request's policy does not offer.

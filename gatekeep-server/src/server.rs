@@ -27,6 +27,7 @@ use crate::{
     error::Error,
     fanout,
     lifecycle::{Engine, EngineParts},
+    metrics::{self, Metrics, TimedStore},
     notify::Notify,
     rules::Rules,
     store::{self, Store, postgres::audit::PostgresChain},
@@ -102,6 +103,13 @@ impl ServerBuilder {
             Some(store) => store,
             None => store::open(&config.store, config.state_db(), config.synchronous).await?,
         };
+        let metrics = Arc::new(Metrics::new());
+        let store = TimedStore::wrap(store, Arc::clone(&metrics));
+        // Bound now, so a taken port stops the start with its cause.
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(metrics::bind(addr).await?),
+            None => None,
+        };
         // On PostgreSQL the audit chain is in the database too: one chain for every replica.
         let (audit, audit_log) = if let Some(postgres) = store.postgres() {
             (
@@ -147,6 +155,7 @@ impl ServerBuilder {
             policies,
             name: config.name.clone(),
             history_limit: config.history_limit,
+            metrics,
         }));
         Ok(Server {
             engine,
@@ -155,6 +164,7 @@ impl ServerBuilder {
             tls,
             console: config.console,
             notify,
+            metrics_listener,
         })
     }
 }
@@ -167,6 +177,7 @@ pub struct Server {
     tls: TlsMaterial,
     console: ConsoleConfig,
     notify: Option<Notify>,
+    metrics_listener: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Server {
@@ -199,6 +210,14 @@ impl Server {
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of `/metrics`, when `[metrics] listen` is set.
+    #[must_use]
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
     }
 
     /// The URL clients connect to: `https://127.0.0.1:PORT` (loopback when listening on
@@ -253,6 +272,9 @@ impl Server {
             None => None,
         };
         let timer = tokio::spawn(Arc::clone(&engine).run_timer());
+        let metrics = self
+            .metrics_listener
+            .map(|listener| spawn_metrics(listener, &engine));
         // Replicas sharing the database: their changes reach this one's agents and watchers.
         let fanout = engine
             .store
@@ -318,6 +340,11 @@ impl Server {
             .map_err(|source| Error::Transport { source });
         engine.shutdown.cancel();
         drop(timer.await);
+        if let Some(metrics) = metrics
+            && let Ok(Err(error)) = metrics.await
+        {
+            tracing::warn!(%error, "the metrics listener failed");
+        }
         if let Some(fanout) = fanout {
             drop(fanout.await);
         }
@@ -334,6 +361,24 @@ impl Server {
         }
         result
     }
+}
+
+/// Serves `/metrics` on `listener` until the engine shuts down.
+fn spawn_metrics(
+    listener: TcpListener,
+    engine: &Arc<Engine>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let scraped = Arc::clone(engine);
+    let render = move || {
+        let engine = Arc::clone(&scraped);
+        async move { engine.metrics.render(&*engine.store).await }
+    };
+    tracing::info!(addr = ?listener.local_addr().ok(), "metrics served at /metrics");
+    tokio::spawn(metrics::serve(
+        listener,
+        render,
+        engine.shutdown.clone().cancelled_owned(),
+    ))
 }
 
 /// Adds a reviewer to `store` and returns the new token.

@@ -20,6 +20,7 @@ mod grants;
 mod hosts;
 mod mapped;
 mod mass_pause;
+mod metrics;
 mod pause;
 mod pending;
 mod policy_cases;

@@ -47,6 +47,7 @@ use tokio::{
     task::{AbortHandle, JoinSet},
     time::Instant,
 };
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
@@ -58,6 +59,7 @@ use crate::{
     bursts::{BURST_QUIET, Bursts},
     decision::{Decider, Decision, DecisionRequest, Verdict, Withdrawal, decide_by_deadline},
     hooks::Request,
+    metrics::AgentMetrics,
     pause::{
         enrich::{Enricher, Enrichment, RecentEnrichments},
         request,
@@ -220,6 +222,8 @@ pub struct Controller<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> {
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     pub stats: Stats,
+    /// Counts asked requests and their outcomes from the records made (`None`: not counted).
+    metrics: Option<Arc<AgentMetrics>>,
 }
 
 /// Everything the controller works with.
@@ -259,7 +263,15 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             internal_tx,
             internal_rx,
             stats: Stats::default(),
+            metrics: None,
         }
+    }
+
+    /// Counts requests into `metrics` (`/metrics`).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Requests currently tracked (paused tasks the agent knows of).
@@ -303,6 +315,9 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         }
         if let Some(actor) = actor {
             record = record.with_actor(actor);
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.observe(&record);
         }
         self.audit.record(record);
     }
@@ -563,14 +578,17 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         } else if self.audit.is_writable() {
             let decider = Arc::clone(&self.decider);
             let asked_request = Arc::clone(&request);
-            let task = self.decisions.spawn(async move {
-                let decision = decide_by_deadline(decider.as_ref(), asked_request).await;
-                let _ = internal.send(Internal::Decided {
-                    tid,
-                    request_id: id,
-                    decision,
-                });
-            });
+            let task = self.decisions.spawn(
+                async move {
+                    let decision = decide_by_deadline(decider.as_ref(), asked_request).await;
+                    let _ = internal.send(Internal::Decided {
+                        tid,
+                        request_id: id,
+                        decision,
+                    });
+                }
+                .instrument(request_span(id)),
+            );
             (Some(task), None)
         } else {
             // Whatever anyone would decide could not be put on record: deny now.
@@ -1032,30 +1050,34 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         let tasks = Arc::clone(&self.tasks);
         let timing = self.timing;
         let internal = self.internal_tx.clone();
-        self.resumes.spawn(async move {
-            let undurable = match durable {
-                Some(durable) => durable.await.err(),
-                None => None,
+        let span = request_span(request_id);
+        self.resumes.spawn(
+            async move {
+                let undurable = match durable {
+                    Some(durable) => durable.await.err(),
+                    None => None,
+                }
+                // A denial releases nothing: it needs no record to be applied.
+                .filter(|_| decision.verdict == Verdict::Allow);
+                let verdict = if undurable.is_some() {
+                    Verdict::Deny
+                } else {
+                    decision.verdict
+                };
+                let outcome = resume(kernel.as_ref(), tasks.as_ref(), timing, pid, task, verdict)
+                    .await
+                    .map_err(|err| err.to_string());
+                let _ = internal.send(Internal::Resumed {
+                    tid,
+                    request_id,
+                    decision,
+                    outcome,
+                    first,
+                    undurable,
+                });
             }
-            // A denial releases nothing: it needs no record to be applied.
-            .filter(|_| decision.verdict == Verdict::Allow);
-            let verdict = if undurable.is_some() {
-                Verdict::Deny
-            } else {
-                decision.verdict
-            };
-            let outcome = resume(kernel.as_ref(), tasks.as_ref(), timing, pid, task, verdict)
-                .await
-                .map_err(|err| err.to_string());
-            let _ = internal.send(Internal::Resumed {
-                tid,
-                request_id,
-                decision,
-                outcome,
-                first,
-                undurable,
-            });
-        });
+            .instrument(span),
+        );
     }
 
     /// Compares the kernel's pending requests with the tracked ones.
@@ -1355,6 +1377,12 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
 }
 
 /// How an `audited` record names what enforcement would have done.
+/// The span of a request's decision and resume tasks: their log lines (the decider's, the
+/// resume's) carry `request_id` in the JSON logs.
+fn request_span(id: Uuid) -> tracing::Span {
+    tracing::info_span!("request", request_id = %id)
+}
+
 fn would_name(action: u32) -> &'static str {
     if action == gatekeep_common::action::DENY {
         "deny"

@@ -13,7 +13,10 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use super::config::RetryConfig;
-use crate::store::{DeadLetter, Store};
+use crate::{
+    metrics::Metrics,
+    store::{DeadLetter, Store},
+};
 
 /// Why an attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +112,7 @@ pub(crate) fn backoff(retry: &RetryConfig, attempt: u32, after: Option<Duration>
 pub(crate) fn spawn<S: Sink>(
     sink: Arc<S>,
     store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
     retry: RetryConfig,
     capacity: usize,
     shutdown: CancellationToken,
@@ -116,7 +120,7 @@ pub(crate) fn spawn<S: Sink>(
     let (sender, mut receiver) = mpsc::channel::<S::Job>(capacity.max(1));
     let worker = tokio::spawn(async move {
         while let Some(job) = receiver.recv().await {
-            if !run(&*sink, &*store, &retry, &job, &shutdown).await {
+            if !run(&*sink, &*store, &metrics, &retry, &job, &shutdown).await {
                 return;
             }
         }
@@ -129,6 +133,7 @@ pub(crate) fn spawn<S: Sink>(
 async fn run<S: Sink>(
     sink: &S,
     store: &dyn Store,
+    metrics: &Metrics,
     retry: &RetryConfig,
     job: &S::Job,
     shutdown: &CancellationToken,
@@ -142,6 +147,7 @@ async fn run<S: Sink>(
         };
         let give_up =
             matches!(failure, Failure::Permanent { .. }) || attempt >= retry.max_attempts.max(1);
+        metrics.notification_failed(sink.name(), give_up);
         if give_up {
             let key = sink.key(job);
             tracing::error!(

@@ -344,6 +344,7 @@ fn feed<S: Sink>(
     let (queue, worker) = delivery::spawn(
         Arc::clone(&sink),
         Arc::clone(&engine.store),
+        Arc::clone(&engine.metrics),
         retry.clone(),
         capacity,
         shutdown.clone(),

@@ -127,6 +127,9 @@ pub struct Harness {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), gatekeep_server::Error>>>,
     tokens: Vec<(String, String)>,
+    /// Where `/metrics` is served, when the config asked for it.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    config: ServerConfig,
 }
 
 impl Harness {
@@ -156,13 +159,14 @@ impl Harness {
         backend.configure(&mut config).await;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         adjust(&mut config, listener.local_addr().expect("address"));
-        let server = Server::builder(config)
+        let server = Server::builder(config.clone())
             .tls(pki.tls())
             .listener(listener)
             .build()
             .await
             .expect("build server");
         let base = server.endpoint();
+        let metrics_addr = server.metrics_addr();
         let mut tokens = Vec::new();
         for (name, groups) in [
             ("alice", &["sre"][..]),
@@ -184,6 +188,8 @@ impl Harness {
             stop: Some(stop),
             task: Some(task),
             tokens,
+            metrics_addr,
+            config,
         }
     }
 
@@ -198,6 +204,11 @@ impl Harness {
     /// The service's data directory (`state.db`, `audit.db`).
     pub fn data_dir(&self) -> std::path::PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The service's audit chain as JSON Lines.
+    pub async fn audit_export(&self) -> Vec<u8> {
+        audit_export(&self.config).await
     }
 
     pub fn url(&self, path: &str) -> String {
