@@ -187,6 +187,10 @@ pub struct StoreConfig {
     pub url: Option<String>,
     /// A file holding the database password (kept out of the config file and the logs).
     pub password_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign the database server's certificate, trusted beside
+    /// the system's roots. TLS is required for any host but this one (see the URL's
+    /// `sslmode`, `store::postgres::tls`).
+    pub ca_file: Option<PathBuf>,
     /// Most database connections this replica opens.
     pub pool_size: usize,
 }
@@ -196,6 +200,7 @@ impl Default for StoreConfig {
         Self {
             url: None,
             password_file: None,
+            ca_file: None,
             // Enough for the decision path's concurrency on a few cores; PostgreSQL's default
             // max_connections (100) leaves room for several replicas.
             pool_size: 16,
@@ -209,6 +214,7 @@ impl std::fmt::Debug for StoreConfig {
         f.debug_struct("StoreConfig")
             .field("url", &self.url.as_ref().map(|_| "<set>"))
             .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
             .field("pool_size", &self.pool_size)
             .finish()
     }

@@ -19,7 +19,6 @@ use gatekeep_audit::{
     AuditError, ChainFields, ChainHead, ChainStore, ExportFilter, GENESIS_HASH, Prepared,
     RecordKind, VerifyReport,
 };
-use tokio_postgres::NoTls;
 
 use super::PostgresStore;
 
@@ -40,7 +39,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// thread, and the chain must stay writable while the service's runtime shuts down (the
 /// writer commits everything accepted before it stops).
 pub struct PostgresChain {
-    config: tokio_postgres::Config,
+    dialer: super::tls::Dialer,
     location: PathBuf,
     head: u64,
     connection: Option<(tokio::runtime::Runtime, tokio_postgres::Client)>,
@@ -60,7 +59,7 @@ impl PostgresChain {
     #[must_use]
     pub fn new(store: &PostgresStore) -> Self {
         Self {
-            config: store.client_config().clone(),
+            dialer: store.dialer().clone(),
             location: PathBuf::from(store.target().to_string()),
             head: 0,
             connection: None,
@@ -85,7 +84,7 @@ impl PostgresChain {
                 .enable_all()
                 .build()?;
             let client = runtime.block_on(async {
-                let (client, connection) = self.config.connect(NoTls).await?;
+                let (client, connection) = self.dialer.connect().await?;
                 // Polled whenever the runtime runs, that is during each append.
                 tokio::spawn(connection);
                 Ok::<_, tokio_postgres::Error>(client)

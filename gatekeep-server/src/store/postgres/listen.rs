@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use uuid::Uuid;
 
-use super::Target;
+use super::{Target, tls::Dialer};
 use crate::store::Change;
 
 /// The notification channel the triggers announce on.
@@ -22,7 +22,7 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 
 /// Starts following; the task ends when the receiver is dropped.
 pub(super) fn spawn(
-    config: tokio_postgres::Config,
+    dialer: Dialer,
     target: Target,
     origin: String,
 ) -> mpsc::UnboundedReceiver<Change> {
@@ -31,7 +31,7 @@ pub(super) fn spawn(
         let mut retry = Duration::from_millis(100);
         let mut first = true;
         while !sender.is_closed() {
-            match follow(&config, &origin, &sender, first).await {
+            match follow(&dialer, &origin, &sender, first).await {
                 Ok(()) => return,
                 Err(error) => {
                     tracing::warn!(
@@ -52,12 +52,12 @@ pub(super) fn spawn(
 
 /// One connection's life: `Ok` once the receiver is gone, `Err` when the connection failed.
 async fn follow(
-    config: &tokio_postgres::Config,
+    dialer: &Dialer,
     origin: &str,
     sender: &mpsc::UnboundedSender<Change>,
     first: bool,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = dialer.connect().await?;
     let (forward, mut forwarded) = mpsc::unbounded_channel();
     // The connection delivers notifications only while it is polled as a stream.
     let driver = tokio::spawn(async move {

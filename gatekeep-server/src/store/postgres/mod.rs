@@ -19,6 +19,7 @@
 pub mod audit;
 mod listen;
 mod migrations;
+mod tls;
 
 use std::{fmt, str::FromStr as _, sync::Mutex, time::Duration};
 
@@ -26,7 +27,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use gatekeep_proto::model::{Grant, RequestRecord, RequestState, Revocation};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{
@@ -83,7 +84,7 @@ pub(crate) fn pg_error(target: &Target, source: tokio_postgres::Error) -> StoreE
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
-    config: tokio_postgres::Config,
+    dialer: tls::Dialer,
     target: Target,
     /// This replica's `application_name`, which the change notifications carry.
     origin: String,
@@ -131,12 +132,13 @@ impl PostgresStore {
         let target = Target::of(&pg);
         let origin = format!("gatekeep-{}", Uuid::new_v4());
         pg.application_name(&origin);
-        let mut client = connect_one(&pg, &target).await?;
+        let dialer = tls::Dialer::new(pg, config)?;
+        let mut client = connect_one(&dialer, &target).await?;
         migrations::migrate(&mut client, &target).await?;
         drop(client);
         let manager = Manager::from_config(
-            pg.clone(),
-            NoTls,
+            dialer.config.clone(),
+            dialer.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -153,7 +155,7 @@ impl PostgresStore {
         tracing::info!(target = %target, "service database: PostgreSQL");
         Ok(Self {
             pool,
-            config: pg,
+            dialer,
             target,
             origin,
             listening: std::sync::Arc::new(Mutex::new(false)),
@@ -171,9 +173,9 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// The client config (the audit chain connects with it).
-    pub(crate) fn client_config(&self) -> &tokio_postgres::Config {
-        &self.config
+    /// How to connect (the audit chain and the notification listener connect with it).
+    pub(crate) fn dialer(&self) -> &tls::Dialer {
+        &self.dialer
     }
 
     async fn client(&self) -> Result<Object, StoreError> {
@@ -610,17 +612,16 @@ impl PostgresStore {
 }
 
 async fn connect_one(
-    config: &tokio_postgres::Config,
+    dialer: &tls::Dialer,
     target: &Target,
 ) -> Result<tokio_postgres::Client, StoreError> {
-    let (client, connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|source| StoreError::Connect {
-                target: target.to_string(),
-                source,
-            })?;
+    let (client, connection) = dialer
+        .connect()
+        .await
+        .map_err(|source| StoreError::Connect {
+            target: target.to_string(),
+            source,
+        })?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "service database connection ended");
@@ -803,7 +804,7 @@ impl Store for PostgresStore {
         }
         *listening = true;
         Some(listen::spawn(
-            self.config.clone(),
+            self.dialer.clone(),
             self.target.clone(),
             self.origin.clone(),
         ))

@@ -1,0 +1,162 @@
+//! Connections to `PostgreSQL`, over TLS where the server offers it: rustls with the
+//! system's roots and `[store] ca_file`, the server's name checked against its certificate.
+//!
+//! `sslmode` in the URL works as `libpq`'s first three: `disable`, `prefer` (the default)
+//! and `require`. With rustls a TLS connection always verifies the certificate, so
+//! `require` means what `libpq` calls `verify-full`. `prefer` falls back to plaintext when
+//! the server has no TLS, which an attacker on the path can force; so `prefer` becomes
+//! `require` for any host but this one (a loopback address or a Unix socket), and only an
+//! explicit `sslmode=disable` talks plaintext across the network.
+
+use std::{net::IpAddr, path::Path, sync::Arc};
+
+use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+use tokio_postgres::{
+    Client, Connection, Socket,
+    config::{Host, SslMode},
+    tls::MakeTlsConnect,
+};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// What a connection runs over: plain TCP or TLS, as negotiated.
+type Stream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+
+use crate::store::{StoreConfig, StoreError};
+
+/// What a connection needs: the client settings and the TLS connector.
+#[derive(Clone)]
+pub(crate) struct Dialer {
+    pub config: tokio_postgres::Config,
+    pub tls: MakeRustlsConnect,
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialer")
+            .field("ssl_mode", &self.config.get_ssl_mode())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dialer {
+    /// The dialer of `config` (already parsed from `store`'s URL): `prefer` tightened to
+    /// `require` off this host, roots from the system and `store.ca_file`.
+    pub fn new(
+        mut config: tokio_postgres::Config,
+        store: &StoreConfig,
+    ) -> Result<Self, StoreError> {
+        if config.get_ssl_mode() == SslMode::Prefer && !config.get_hosts().iter().all(is_local) {
+            config.ssl_mode(SslMode::Require);
+        }
+        let tls =
+            client_tls(store.ca_file.as_deref()).map_err(|message| StoreError::Url { message })?;
+        Ok(Self {
+            config,
+            tls: MakeRustlsConnect::new(tls),
+        })
+    }
+
+    /// One connection; the caller drives (spawns) the [`Connection`].
+    pub async fn connect(
+        &self,
+    ) -> Result<(Client, Connection<Socket, Stream>), tokio_postgres::Error> {
+        self.config.connect(self.tls.clone()).await
+    }
+}
+
+/// This host: a Unix socket, `localhost` or a loopback address.
+fn is_local(host: &Host) -> bool {
+    match host {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    }
+}
+
+/// A rustls client trusting the system's roots and the certificates in `ca_file` (PEM).
+fn client_tls(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system root rustls cannot parse is skipped, as browsers do.
+        drop(roots.add(cert));
+    }
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|err| format!("cannot read `[store] ca_file` `{}`: {err}", path.display()))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert =
+                cert.map_err(|err| format!("`[store] ca_file` `{}`: {err}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|err| format!("`[store] ca_file` `{}`: {err}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!(
+                "`[store] ca_file` `{}` holds no PEM certificate",
+                path.display()
+            ));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| err.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr as _;
+
+    use super::*;
+
+    fn mode(url: &str) -> SslMode {
+        let config = tokio_postgres::Config::from_str(url).expect("a url");
+        Dialer::new(config, &StoreConfig::default())
+            .expect("a dialer")
+            .config
+            .get_ssl_mode()
+    }
+
+    #[test]
+    fn prefer_becomes_require_off_this_host_and_explicit_modes_stay() {
+        assert_eq!(mode("postgres://gk@db.example.com/gk"), SslMode::Require);
+        assert_eq!(mode("postgres://gk@10.0.0.5:5432/gk"), SslMode::Require);
+        assert_eq!(
+            mode("postgres://gk@127.0.0.1,db.example.com/gk"),
+            SslMode::Require,
+            "any remote host of a list"
+        );
+        assert_eq!(mode("postgres://gk@127.0.0.1:5432/gk"), SslMode::Prefer);
+        assert_eq!(mode("postgres://gk@localhost/gk"), SslMode::Prefer);
+        assert_eq!(mode("postgres://gk@[::1]:5432/gk"), SslMode::Prefer);
+        assert_eq!(
+            mode("postgres://gk@db.example.com/gk?sslmode=disable"),
+            SslMode::Disable
+        );
+        assert_eq!(
+            mode("postgres://gk@127.0.0.1/gk?sslmode=require"),
+            SslMode::Require
+        );
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate\n").expect("write");
+        let err = client_tls(Some(&path)).expect_err("refused");
+        assert!(err.contains("holds no PEM certificate"), "{err}");
+        let err = client_tls(Some(&dir.path().join("missing.pem"))).expect_err("refused");
+        assert!(err.contains("cannot read `[store] ca_file`"), "{err}");
+    }
+}
