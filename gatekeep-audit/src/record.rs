@@ -54,11 +54,15 @@ pub enum RecordKind {
     /// enforcement would have denied or asked about (`would`); one record per burst of
     /// identical ones, with the count.
     Audited,
+    /// Service only: a host's local audit log no longer matches what the host shipped
+    /// earlier (a shipped record rewritten, or the log truncated or rolled back), seen when
+    /// the host's agent shipped again.
+    HostAuditDiverged,
 }
 
 impl RecordKind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::Requested,
         Self::Decided,
         Self::Expired,
@@ -76,6 +80,7 @@ impl RecordKind {
         Self::AgentAuditHealth,
         Self::RuleStale,
         Self::Audited,
+        Self::HostAuditDiverged,
     ];
 
     /// The stored name, as in JSON.
@@ -99,6 +104,7 @@ impl RecordKind {
             Self::AgentAuditHealth => "agent_audit_health",
             Self::RuleStale => "rule_stale",
             Self::Audited => "audited",
+            Self::HostAuditDiverged => "host_audit_diverged",
         }
     }
 }
