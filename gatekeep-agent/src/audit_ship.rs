@@ -28,8 +28,8 @@ impl AuditDbLog {
 
     fn reader(&mut self) -> Result<&AuditReader, String> {
         if self.reader.is_none() {
-            let reader = AuditReader::open(&self.path)
-                .map_err(|err| gatekeep_audit::error_chain(&err))?;
+            let reader =
+                AuditReader::open(&self.path).map_err(|err| gatekeep_audit::error_chain(&err))?;
             self.reader = Some(reader);
         }
         self.reader
@@ -53,12 +53,10 @@ impl AuditDbLog {
 
 impl LocalLog for AuditDbLog {
     fn head(&mut self) -> Result<Option<ChainPoint>, String> {
-        Ok(self
-            .with_reader(AuditReader::head)?
-            .map(|head| ChainPoint {
-                seq: head.seq,
-                hash: head.hash,
-            }))
+        Ok(self.with_reader(AuditReader::head)?.map(|head| ChainPoint {
+            seq: head.seq,
+            hash: head.hash,
+        }))
     }
 
     fn read_from(

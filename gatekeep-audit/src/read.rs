@@ -153,7 +153,10 @@ mod tests {
         );
         for record in &batch {
             assert!(record.hash_matches());
-            assert_eq!(record.hash, stored[usize::try_from(record.seq).unwrap() - 1].hash);
+            assert_eq!(
+                record.hash,
+                stored[usize::try_from(record.seq).unwrap() - 1].hash
+            );
         }
         // One payload already passes the byte bound: one record, never none.
         assert_eq!(reader.read_from(1, 100, 1).unwrap().len(), 1);

@@ -40,7 +40,11 @@ pub enum LocalFinding {
     /// The local chain does not verify by itself at `seq`.
     Broken { seq: u64, detail: String },
     /// The record at `seq` differs from the anchored one.
-    Rewritten { seq: u64, local: String, anchored: String },
+    Rewritten {
+        seq: u64,
+        local: String,
+        anchored: String,
+    },
     /// The local log ends at `local_seq`, before the anchored head.
     Truncated { local_seq: u64, anchored_seq: u64 },
 }
@@ -158,7 +162,8 @@ async fn compare(
             });
         }
         Err(err) => {
-            return Err(err).with_context(|| format!("cannot read the audit log `{}`", db.display()));
+            return Err(err)
+                .with_context(|| format!("cannot read the audit log `{}`", db.display()));
         }
     }
     let reader =

@@ -480,6 +480,76 @@ impl App {
             .ok_or_else(|| anyhow!("no connection to the decision service"))
     }
 
+    /// `gatekeep audit ...`.
+    async fn audit(&mut self, command: AuditCommand) -> anyhow::Result<()> {
+        match command {
+            AuditCommand::Verify {
+                db,
+                host: Some(host),
+            } => {
+                let verdict =
+                    host_audit::verify(self.client().await?, &host, db.as_deref()).await?;
+                self.printer.host_verify(&verdict)?;
+                if verdict.diverged() {
+                    return Err(anyhow!(
+                        "host `{host}`'s audit log diverges from what it shipped"
+                    ));
+                }
+                Ok(())
+            }
+            AuditCommand::Verify {
+                db: Some(db),
+                host: None,
+            } => {
+                let report = gatekeep_audit::verify(&db)
+                    .with_context(|| format!("audit log `{}` does not verify", db.display()))?;
+                self.printer.local_verify(&db, &report)
+            }
+            AuditCommand::Verify {
+                db: None,
+                host: None,
+            } => {
+                let report = self.client().await?.verify_audit().await;
+                let report = report.map_err(|err| self.explain(err))?;
+                self.printer.remote_verify(&report)
+            }
+            AuditCommand::Export {
+                db,
+                format: ExportFormat::Jsonl,
+                from_seq,
+                all_hosts,
+                host,
+            } => {
+                let stdout = std::io::stdout();
+                let mut out = stdout.lock();
+                if let Some(db) = db {
+                    let filter = gatekeep_audit::ExportFilter {
+                        from_seq,
+                        kind: None,
+                    };
+                    gatekeep_audit::export(&db, &mut out, &filter)
+                        .with_context(|| format!("cannot export `{}`", db.display()))?;
+                } else {
+                    let mut buffer = Vec::new();
+                    let hosts = match (all_hosts, host) {
+                        (_, Some(host)) => HostRecords::One(host),
+                        (true, None) => HostRecords::All,
+                        (false, None) => HostRecords::None,
+                    };
+                    let exported = self
+                        .client()
+                        .await?
+                        .export_audit_hosts(from_seq.unwrap_or(0), hosts, &mut buffer)
+                        .await;
+                    exported.map_err(|err| self.explain(err))?;
+                    out.write_all(&buffer)?;
+                }
+                out.flush()?;
+                Ok(())
+            }
+        }
+    }
+
     fn explain(&self, error: ClientError) -> anyhow::Error {
         explain(error, &self.connection)
     }
@@ -531,70 +601,7 @@ impl App {
                 let grant = grant.map_err(|err| self.explain(err))?;
                 self.printer.grant_revoked(&grant)
             }
-            Command::Audit(AuditCommand::Verify {
-                db,
-                host: Some(host),
-            }) => {
-                let verdict =
-                    host_audit::verify(self.client().await?, &host, db.as_deref()).await?;
-                self.printer.host_verify(&verdict)?;
-                if verdict.diverged() {
-                    return Err(anyhow!(
-                        "host `{host}`'s audit log diverges from what it shipped"
-                    ));
-                }
-                Ok(())
-            }
-            Command::Audit(AuditCommand::Verify {
-                db: Some(db),
-                host: None,
-            }) => {
-                let report = gatekeep_audit::verify(&db)
-                    .with_context(|| format!("audit log `{}` does not verify", db.display()))?;
-                self.printer.local_verify(&db, &report)
-            }
-            Command::Audit(AuditCommand::Verify {
-                db: None,
-                host: None,
-            }) => {
-                let report = self.client().await?.verify_audit().await;
-                let report = report.map_err(|err| self.explain(err))?;
-                self.printer.remote_verify(&report)
-            }
-            Command::Audit(AuditCommand::Export {
-                db,
-                format: ExportFormat::Jsonl,
-                from_seq,
-                all_hosts,
-                host,
-            }) => {
-                let stdout = std::io::stdout();
-                let mut out = stdout.lock();
-                if let Some(db) = db {
-                    let filter = gatekeep_audit::ExportFilter {
-                        from_seq,
-                        kind: None,
-                    };
-                    gatekeep_audit::export(&db, &mut out, &filter)
-                        .with_context(|| format!("cannot export `{}`", db.display()))?;
-                } else {
-                    let mut buffer = Vec::new();
-                    let hosts = match (all_hosts, host) {
-                        (_, Some(host)) => HostRecords::One(host),
-                        (true, None) => HostRecords::All,
-                        (false, None) => HostRecords::None,
-                    };
-                    let exported = self
-                        .client()
-                        .await?
-                        .export_audit_hosts(from_seq.unwrap_or(0), hosts, &mut buffer)
-                        .await;
-                    exported.map_err(|err| self.explain(err))?;
-                    out.write_all(&buffer)?;
-                }
-                out.flush()?;
-                Ok(())
-            }
+            Command::Audit(command) => self.audit(command).await,
             Command::Policy(command) => self.policy(command),
             Command::Status => {
                 let status = self.client().await?.status().await;

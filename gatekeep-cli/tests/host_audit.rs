@@ -127,6 +127,10 @@ fn tampered(db: &Path, name: &str, sql: &str) -> std::path::PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one story: the log shipped, then tampered with three ways and shipped again"
+)]
 async fn a_rewritten_or_truncated_host_log_is_named_at_its_seq_and_fails() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = Pki::ephemeral(&[]).expect("pki");
@@ -179,7 +183,12 @@ async fn a_rewritten_or_truncated_host_log_is_named_at_its_seq_and_fails() {
     let ok = env
         .run(&["audit", "verify", "--host", "web-1", "--db", &db_text])
         .await;
-    assert!(ok.status.success(), "{}{}", text(&ok.stdout), text(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}{}",
+        text(&ok.stdout),
+        text(&ok.stderr)
+    );
     assert!(
         text(&ok.stdout).contains("matches every anchored record; 0 not shipped yet"),
         "{}",
@@ -193,10 +202,21 @@ async fn a_rewritten_or_truncated_host_log_is_named_at_its_seq_and_fails() {
         r#"UPDATE audit_records SET payload = '{"exe":"/bin/true","n":6}' WHERE seq = 7"#,
     );
     let out = env
-        .run(&["audit", "verify", "--host", "web-1", "--db", &in_place.to_string_lossy()])
+        .run(&[
+            "audit",
+            "verify",
+            "--host",
+            "web-1",
+            "--db",
+            &in_place.to_string_lossy(),
+        ])
         .await;
     assert!(!out.status.success());
-    assert!(text(&out.stdout).contains("REWRITTEN at seq 7"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("REWRITTEN at seq 7"),
+        "{}",
+        text(&out.stdout)
+    );
     assert!(
         text(&out.stderr).contains("host `web-1`'s audit log diverges"),
         "{}",
@@ -211,13 +231,17 @@ async fn a_rewritten_or_truncated_host_log_is_named_at_its_seq_and_fails() {
         let mut rows: Vec<(i64, String, String, String, String)> = conn
             .prepare("SELECT seq, at, kind, host, payload FROM audit_records ORDER BY seq")
             .expect("select")
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
             .expect("rows")
             .collect::<Result<_, _>>()
             .expect("rows");
         rows[6].4 = r#"{"exe":"/bin/true","n":6}"#.into();
         let mut prev: String = conn
-            .query_row("SELECT hash FROM audit_records WHERE seq = 6", [], |r| r.get(0))
+            .query_row("SELECT hash FROM audit_records WHERE seq = 6", [], |r| {
+                r.get(0)
+            })
             .expect("hash 6");
         for (seq, at, kind, host, payload) in &rows[6..] {
             let hash = ChainFields {
@@ -239,9 +263,19 @@ async fn a_rewritten_or_truncated_host_log_is_named_at_its_seq_and_fails() {
             prev = hash;
         }
     }
-    assert!(gatekeep_audit::verify(&fresh).is_ok(), "the forged chain verifies alone");
+    assert!(
+        gatekeep_audit::verify(&fresh).is_ok(),
+        "the forged chain verifies alone"
+    );
     let out = env
-        .run(&["audit", "verify", "--host", "web-1", "--db", &fresh.to_string_lossy()])
+        .run(&[
+            "audit",
+            "verify",
+            "--host",
+            "web-1",
+            "--db",
+            &fresh.to_string_lossy(),
+        ])
         .await;
     assert!(!out.status.success());
     assert!(
@@ -251,9 +285,20 @@ async fn a_rewritten_or_truncated_host_log_is_named_at_its_seq_and_fails() {
     );
 
     // Truncated: records 16 to 20 removed.
-    let truncated = tampered(&db, "truncated.db", "DELETE FROM audit_records WHERE seq > 15");
+    let truncated = tampered(
+        &db,
+        "truncated.db",
+        "DELETE FROM audit_records WHERE seq > 15",
+    );
     let out = env
-        .run(&["audit", "verify", "--host", "web-1", "--db", &truncated.to_string_lossy()])
+        .run(&[
+            "audit",
+            "verify",
+            "--host",
+            "web-1",
+            "--db",
+            &truncated.to_string_lossy(),
+        ])
         .await;
     assert!(!out.status.success());
     assert!(
@@ -283,7 +328,10 @@ async fn a_rewritten_or_truncated_host_log_is_named_at_its_seq_and_fails() {
     let out = env.run(&["audit", "export", "--all-hosts"]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let export = text(&out.stdout);
-    assert!(export.contains(r#""kind":"host_audit_diverged""#), "{export}");
+    assert!(
+        export.contains(r#""kind":"host_audit_diverged""#),
+        "{export}"
+    );
     assert_eq!(
         export
             .lines()

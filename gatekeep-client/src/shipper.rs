@@ -66,7 +66,7 @@ impl ShipperConfig {
             link,
             batch: BATCH_RECORDS,
             poll: Duration::from_secs(1),
-            diverged_retry: Duration::from_secs(60),
+            diverged_retry: Duration::from_mins(1),
         }
     }
 }
@@ -109,9 +109,8 @@ impl AuditShipper {
             .chain(config.link.failover.iter().cloned())
             .collect();
         for address in &endpoints {
-            endpoint(&config.link, address).map_err(|message| crate::LinkError::Config {
-                message,
-            })?;
+            endpoint(&config.link, address)
+                .map_err(|message| crate::LinkError::Config { message })?;
         }
         if config.link.tls.identity.is_none() {
             return Err(crate::LinkError::Config {
@@ -260,9 +259,7 @@ impl Shipper {
             let local = match self.with_log(LocalLog::head).await {
                 Ok(local) => local,
                 Err(error) => {
-                    tracing::error!(%error, "cannot read the local audit log to ship it");
-                    self.status.send_modify(|status| status.error = Some(error));
-                    if self.sleep(self.config.poll).await {
+                    if self.unreadable(error).await {
                         return Ended::Stopped;
                     }
                     continue;
@@ -281,9 +278,7 @@ impl Shipper {
                     {
                         Ok(records) => records,
                         Err(error) => {
-                            tracing::error!(%error, "cannot read the local audit log to ship it");
-                            self.status.send_modify(|status| status.error = Some(error));
-                            if self.sleep(self.config.poll).await {
+                            if self.unreadable(error).await {
                                 return Ended::Stopped;
                             }
                             continue;
@@ -292,7 +287,8 @@ impl Shipper {
                 }
                 // Nothing new, and the service already knows this head: wait.
                 Some(_) if reported.as_ref() == Some(&local) => {
-                    self.status.send_modify(|status| status.local.clone_from(&local));
+                    self.status
+                        .send_modify(|status| status.local.clone_from(&local));
                     if self.sleep(self.config.poll).await {
                         return Ended::Stopped;
                     }
@@ -305,10 +301,7 @@ impl Shipper {
                 records,
                 local_head: local.clone(),
             };
-            let response = match client
-                .ship_audit(v1::ShipAuditRequest::from(batch))
-                .await
-            {
+            let response = match client.ship_audit(v1::ShipAuditRequest::from(batch)).await {
                 Ok(response) => response.into_inner(),
                 Err(status) if status.code() == tonic::Code::FailedPrecondition => {
                     // Out of step with the service (another connection shipped meanwhile):
@@ -327,38 +320,55 @@ impl Shipper {
                     return Ended::Failed(format!("{} ({:?})", status.message(), status.code()));
                 }
             };
-            let head = (response.head_seq > 0).then(|| ChainPoint {
-                seq: response.head_seq,
-                hash: response.head_hash,
-            });
-            let divergence = response
-                .divergence
-                .and_then(|wire| Divergence::try_from(wire).ok());
-            anchored = Some(head.clone());
-            reported = Some(local.clone());
-            let diverged = divergence.is_some();
-            self.status.send_modify(|status| {
-                if let Some(divergence) = &divergence
-                    && status.divergence.as_ref() != Some(divergence)
-                {
-                    tracing::error!(
-                        seq = divergence.seq,
-                        kind = divergence.kind.as_str(),
-                        detail = %divergence.detail,
-                        "the decision service found that this host's audit log no longer \
-                         matches what it shipped; an operator must look (`gatekeep audit \
-                         verify --host`)"
-                    );
-                }
-                status.anchored = head;
-                status.local = local;
-                status.divergence = divergence;
-                status.error = None;
-            });
+            let head = self.learned(response, local.clone());
+            anchored = Some(head);
+            reported = Some(local);
+            let diverged = self.status.borrow().divergence.is_some();
             if diverged && self.sleep(self.config.diverged_retry).await {
                 return Ended::Stopped;
             }
         }
+    }
+
+    /// Logs a local log that cannot be read and waits a poll; `true` if stopped meanwhile.
+    async fn unreadable(&mut self, error: String) -> bool {
+        tracing::error!(%error, "cannot read the local audit log to ship it");
+        self.status.send_modify(|status| status.error = Some(error));
+        self.sleep(self.config.poll).await
+    }
+
+    /// Takes in the service's answer: its head for this host (returned) and any divergence.
+    fn learned(
+        &self,
+        response: v1::ShipAuditResponse,
+        local: Option<ChainPoint>,
+    ) -> Option<ChainPoint> {
+        let head = (response.head_seq > 0).then_some(ChainPoint {
+            seq: response.head_seq,
+            hash: response.head_hash,
+        });
+        let divergence = response
+            .divergence
+            .and_then(|wire| Divergence::try_from(wire).ok());
+        self.status.send_modify(|status| {
+            if let Some(divergence) = &divergence
+                && status.divergence.as_ref() != Some(divergence)
+            {
+                tracing::error!(
+                    seq = divergence.seq,
+                    kind = divergence.kind.as_str(),
+                    detail = %divergence.detail,
+                    "the decision service found that this host's audit log no longer \
+                     matches what it shipped; an operator must look (`gatekeep audit \
+                     verify --host`)"
+                );
+            }
+            status.anchored.clone_from(&head);
+            status.local = local;
+            status.divergence = divergence;
+            status.error = None;
+        });
+        head
     }
 }
 

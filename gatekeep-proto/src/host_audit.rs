@@ -289,7 +289,8 @@ mod tests {
 
     #[test]
     fn malformed_records_are_refused_naming_the_field() {
-        let cases: [(fn(&mut v1::ShippedRecord), &str); 5] = [
+        type Case = (fn(&mut v1::ShippedRecord), &'static str);
+        let cases: [Case; 5] = [
             (|w| w.seq = 0, "record.seq"),
             (|w| w.hash = "A".repeat(64), "record.hash"),
             (|w| w.prev_hash = "0".repeat(63), "record.prev_hash"),

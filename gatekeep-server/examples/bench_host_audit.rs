@@ -47,7 +47,12 @@ fn log(host: &str, n: u64) -> MemoryLog {
         );
         let mut record = HostAuditRecord {
             seq,
-            at: format!("2026-12-04T10:{:02}:{:02}.{:09}Z", (seq / 60) % 60, seq % 60, seq),
+            at: format!(
+                "2026-12-04T10:{:02}:{:02}.{:09}Z",
+                (seq / 60) % 60,
+                seq % 60,
+                seq
+            ),
             kind: kind.to_owned(),
             request_id: Some(uuid::Uuid::new_v4().to_string()),
             host: host.to_owned(),
@@ -165,7 +170,12 @@ async fn main() {
         .collect();
     let bytes: usize = logs
         .iter()
-        .flat_map(|(_, log)| log.records().iter().map(|r| r.payload.len()).collect::<Vec<_>>())
+        .flat_map(|(_, log)| {
+            log.records()
+                .iter()
+                .map(|r| r.payload.len())
+                .collect::<Vec<_>>()
+        })
         .sum();
     let total = hosts * per_host;
     println!(

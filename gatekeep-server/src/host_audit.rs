@@ -12,7 +12,7 @@
 //! The hash of every new record is recomputed here (gatekeep-audit's encoding): the service
 //! never takes a hash on trust.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use gatekeep_audit::{ChainFields, GENESIS_HASH};
 use gatekeep_proto::host_audit::{ChainPoint, DivergenceKind, HostAuditRecord, ShipBatch};
@@ -64,12 +64,14 @@ pub fn needed(head: Option<&ChainPoint>, batch: &ShipBatch) -> Vec<u64> {
 /// Checks `batch` against the anchored `head` and the anchored hashes of [`needed`] seqs.
 pub fn check(
     head: Option<&ChainPoint>,
-    anchored: &HashMap<u64, String>,
+    anchored: &BTreeMap<u64, String>,
     batch: &ShipBatch,
 ) -> Result<Plan, Refusal> {
     let head_seq = head.map_or(0, |head| head.seq);
     let mut expected_seq = head_seq + 1;
-    let mut expected_prev = head.map_or(GENESIS_HASH, |head| head.hash.as_str()).to_owned();
+    let mut expected_prev = head
+        .map_or(GENESIS_HASH, |head| head.hash.as_str())
+        .to_owned();
     let mut plan = Plan::default();
     let mut last: Option<u64> = None;
     for record in &batch.records {
@@ -163,7 +165,7 @@ pub fn check(
 /// Whether the host's reported head forks from or falls behind the anchored chain.
 fn local_head_divergence(
     head_seq: u64,
-    anchored: &HashMap<u64, String>,
+    anchored: &BTreeMap<u64, String>,
     local: Option<&ChainPoint>,
 ) -> Option<(u64, DivergenceKind, String)> {
     let Some(local) = local else {
@@ -261,7 +263,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn anchored(records: &[HostAuditRecord]) -> (Option<ChainPoint>, HashMap<u64, String>) {
+    fn anchored(records: &[HostAuditRecord]) -> (Option<ChainPoint>, BTreeMap<u64, String>) {
         let head = records.last().map(|r| ChainPoint {
             seq: r.seq,
             hash: r.hash.clone(),
@@ -295,7 +297,10 @@ pub(crate) mod tests {
         let plan = check(head.as_ref(), &hashes, &batch(&changed[1..2])).unwrap();
         let (seq, kind, detail) = plan.divergence.unwrap();
         assert_eq!((seq, kind), (2, DivergenceKind::Rewritten));
-        assert!(detail.contains("rewritten or rolled back at seq 2"), "{detail}");
+        assert!(
+            detail.contains("rewritten or rolled back at seq 2"),
+            "{detail}"
+        );
         assert!(plan.append.is_empty());
     }
 

@@ -9,7 +9,6 @@
 
 #![expect(
     clippy::unwrap_used,
-    clippy::missing_panics_doc,
     reason = "tests (`on_both_backends!` runs each per store, which `allow-unwrap-in-tests` \
               misses)"
 )]
@@ -83,6 +82,12 @@ fn fields(record: &HostAuditRecord) -> ChainFields<'_> {
     }
 }
 
+/// A serving task and the switch that stops it.
+type Running = (
+    oneshot::Sender<()>,
+    JoinHandle<Result<(), gatekeep_server::Error>>,
+);
+
 /// A service on `backend` that can be stopped and started again on the same address and
 /// database (an outage).
 struct Service {
@@ -90,7 +95,7 @@ struct Service {
     config: ServerConfig,
     addr: std::net::SocketAddr,
     _dir: tempfile::TempDir,
-    running: Option<(oneshot::Sender<()>, JoinHandle<Result<(), gatekeep_server::Error>>)>,
+    running: Option<Running>,
     token: String,
 }
 
@@ -239,11 +244,10 @@ async fn ship_with_head(
     records: &[HostAuditRecord],
     head: Option<&HostAuditRecord>,
 ) -> Result<v1::ShipAuditResponse, tonic::Status> {
-    let local_head = head
-        .map(|r| gatekeep_proto::host_audit::ChainPoint {
-            seq: r.seq,
-            hash: r.hash.clone(),
-        });
+    let local_head = head.map(|r| gatekeep_proto::host_audit::ChainPoint {
+        seq: r.seq,
+        hash: r.hash.clone(),
+    });
     client
         .ship_audit(v1::ShipAuditRequest::from(ShipBatch {
             records: records.to_vec(),
@@ -277,9 +281,15 @@ async fn shipped_records_are_anchored_and_a_resend_is_idempotent(backend: Backen
     let log = MemoryLog::default();
     *log.records() = chain("web-1", 1_200);
     let shipper = service.shipper("web-1", &log);
-    wait_for(&shipper, "1200 records anchored", |s| anchored_seq(s) == 1_200).await;
+    wait_for(&shipper, "1200 records anchored", |s| {
+        anchored_seq(s) == 1_200
+    })
+    .await;
     let head = log.records()[1_199].hash.clone();
-    assert_eq!(shipper.status().borrow().anchored.as_ref().unwrap().hash, head);
+    assert_eq!(
+        shipper.status().borrow().anchored.as_ref().unwrap().hash,
+        head
+    );
     shipper.shutdown().await;
 
     // The same records again: accepted, nothing changes.
@@ -294,7 +304,10 @@ async fn shipped_records_are_anchored_and_a_resend_is_idempotent(backend: Backen
     let report = service.reviewer().await.host_audit("", 0, 0).await.unwrap();
     assert_eq!(report.hosts.len(), 1);
     assert_eq!(report.hosts[0].host, "web-1");
-    assert_eq!((report.hosts[0].head_seq, &report.hosts[0].head_hash), (1_200, &head));
+    assert_eq!(
+        (report.hosts[0].head_seq, &report.hosts[0].head_hash),
+        (1_200, &head)
+    );
     assert!(report.divergences.is_empty());
 
     let lines = host_export(&service, "web-1").await;
@@ -352,7 +365,10 @@ async fn a_different_record_at_a_stored_seq_is_a_divergence_recorded_once(backen
         .unwrap();
     assert_eq!(report.divergences.len(), 1);
     assert_eq!(report.hashes.len(), 10);
-    assert_eq!(report.hashes[3].hash, records[3].hash, "the anchored copy is kept");
+    assert_eq!(
+        report.hashes[3].hash, records[3].hash,
+        "the anchored copy is kept"
+    );
 
     // The service's own audit log says so, once.
     service.stop().await;
@@ -379,7 +395,9 @@ async fn gaps_are_refused_and_a_head_behind_is_truncation(backend: Backend) {
     let refused = ship(&mut raw, &records[5..]).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     assert!(
-        refused.message().contains("holds this host's log up to seq 3")
+        refused
+            .message()
+            .contains("holds this host's log up to seq 3")
             && refused.message().contains("starts at seq 6"),
         "{}",
         refused.message()
@@ -447,7 +465,10 @@ async fn the_host_is_the_one_the_certificate_names(backend: Backend) {
     assert_eq!(hosts, ["db-7"], "attributed to the certificate's host");
     let lines = host_export(&service, "db-7").await;
     assert!(lines.iter().all(|l| l["anchored_host"] == "db-7"));
-    assert_eq!(lines[0]["host"], "web-1", "the record itself is kept as written");
+    assert_eq!(
+        lines[0]["host"], "web-1",
+        "the record itself is kept as written"
+    );
 
     // web-1's own chain is untouched by db-7's batch, and db-7 cannot extend it.
     let mut as_db7 = service.raw(Some("db-7")).await;

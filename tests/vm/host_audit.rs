@@ -90,14 +90,30 @@ fn rewrite_with_fresh_hashes(db: &Path, seq: u64) {
         )
         .expect("the hash before");
     #[expect(clippy::type_complexity, reason = "one row of the audit table")]
-    let rows: Vec<(i64, String, String, Option<String>, String, Option<String>, String)> = conn
+    let rows: Vec<(
+        i64,
+        String,
+        String,
+        Option<String>,
+        String,
+        Option<String>,
+        String,
+    )> = conn
         .prepare(
             "SELECT seq, at, kind, request_id, host, actor, payload FROM audit_records \
              WHERE seq >= ?1 ORDER BY seq",
         )
         .expect("select")
         .query_map([i64::try_from(seq).expect("seq")], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
         })
         .expect("rows")
         .collect::<Result<_, _>>()
@@ -179,7 +195,10 @@ fn a_rewritten_host_audit_log_is_detected_at_the_service() {
         .as_u64()
         .expect("anchored seq");
     let seq = divergence[0].as_u64().expect("seq");
-    assert!((denial..=anchored).contains(&seq), "{seq} in {denial}..={anchored}");
+    assert!(
+        (denial..=anchored).contains(&seq),
+        "{seq} in {denial}..={anchored}"
+    );
     let recorded = recorded_divergences(&service, "vm-rewrite");
     assert!(!recorded.is_empty(), "in the service's audit log");
     assert_eq!(recorded[0]["payload"]["seq"], seq);
@@ -194,7 +213,10 @@ fn a_truncated_host_audit_log_is_detected() {
     let anchored = verdict(&service, "vm-truncate", None).1["anchored_seq"]
         .as_u64()
         .expect("anchored seq");
-    assert!(anchored >= 4, "at least the start and three denials: {anchored}");
+    assert!(
+        anchored >= 4,
+        "at least the start and three denials: {anchored}"
+    );
 
     // Root removes the last two anchored records (and whatever followed).
     let keep = anchored - 2;
@@ -234,7 +256,10 @@ fn a_truncated_host_audit_log_is_detected() {
     });
     eprintln!("the service recorded: {divergence}");
     let seq = divergence[0].as_u64().expect("seq");
-    assert!(seq > keep && seq <= anchored, "{seq} in {keep}..={anchored}");
+    assert!(
+        seq > keep && seq <= anchored,
+        "{seq} in {keep}..={anchored}"
+    );
     assert!(
         divergence[2]
             .as_str()

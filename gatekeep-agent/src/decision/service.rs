@@ -157,15 +157,7 @@ pub async fn start(wiring: Wiring<'_>) -> Result<DecisionService, ServiceError> 
     let cli_config = embedded.as_ref().map(|e| e.cli_config.clone());
     let mut link_config = AgentLinkConfig::new(endpoint.clone(), tls);
     link_config.failover = failover;
-    let shipper = if mode == DecisionMode::Remote {
-        let log = crate::audit_ship::AuditDbLog::new(&config.audit_db);
-        Some(
-            AuditShipper::start(ShipperConfig::new(link_config.clone()), log)
-                .map_err(|source| ServiceError::Link { source })?,
-        )
-    } else {
-        None
-    };
+    let shipper = start_shipper(config, mode, &link_config)?;
     let (link, events) =
         AgentLink::start(link_config).map_err(|source| ServiceError::Link { source })?;
     let link = Arc::new(link);
@@ -204,6 +196,21 @@ pub async fn start(wiring: Wiring<'_>) -> Result<DecisionService, ServiceError> 
         embedded,
         shipper,
     })
+}
+
+/// Remote mode: ships the local audit log to the service over the link's addresses.
+fn start_shipper(
+    config: &AgentConfig,
+    mode: DecisionMode,
+    link: &AgentLinkConfig,
+) -> Result<Option<AuditShipper>, ServiceError> {
+    if mode != DecisionMode::Remote {
+        return Ok(None);
+    }
+    let log = crate::audit_ship::AuditDbLog::new(&config.audit_db);
+    AuditShipper::start(ShipperConfig::new(link.clone()), log)
+        .map(Some)
+        .map_err(|source| ServiceError::Link { source })
 }
 
 impl DecisionService {

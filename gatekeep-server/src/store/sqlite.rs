@@ -34,8 +34,7 @@ use uuid::Uuid;
 
 use super::{
     Admission, AdmissionQuery, DeadLetter, GrantQuery, Inserted, RequestQuery, Shipped, Store,
-    StoreError,
-    StoreFuture, Transition, Versioned, ms, subject_key, target_key,
+    StoreError, StoreFuture, Transition, Versioned, ms, subject_key, target_key,
 };
 use crate::reviewer::Reviewer;
 
@@ -46,11 +45,7 @@ pub const SCHEMA_VERSION: i64 = 3;
 
 /// `(user_version, SQL)`, applied in order from the database's version on; the same numbers
 /// as the `PostgreSQL` migrations. Never edit a released one: add one.
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, SCHEMA),
-    (2, NOTIFY_SCHEMA),
-    (3, host_audit::SCHEMA),
-];
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA), (2, NOTIFY_SCHEMA), (3, host_audit::SCHEMA)];
 
 /// Most calls committed in one transaction.
 const MAX_GROUP: usize = 512;

@@ -4,7 +4,7 @@
 //! connections of one host (a failover while the old stream lingers) never interleave; the
 //! new records go in with one `INSERT ... SELECT FROM unnest(...)`, one round trip per batch.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use gatekeep_proto::host_audit::{
     ChainPoint, Divergence, DivergenceKind, HostAuditRecord, HostHead, ShipBatch,
@@ -78,7 +78,7 @@ impl PostgresStore {
             .into_iter()
             .map(seq_to_sql)
             .collect::<Result<Vec<_>, _>>()?;
-        let mut anchored = HashMap::new();
+        let mut anchored = BTreeMap::new();
         if !needed.is_empty() {
             for row in tx
                 .query(
@@ -107,44 +107,8 @@ impl PostgresStore {
             ..Shipped::default()
         };
         if let Some(last) = plan.append.last() {
-            let records = &plan.append;
-            let seqs = records
-                .iter()
-                .map(|r| seq_to_sql(r.seq))
-                .collect::<Result<Vec<_>, _>>()?;
-            let column = |f: fn(&HostAuditRecord) -> &str| -> Vec<&str> {
-                records.iter().map(f).collect()
-            };
-            let optional = |f: fn(&HostAuditRecord) -> Option<&str>| -> Vec<Option<&str>> {
-                records.iter().map(f).collect()
-            };
-            tx.execute(
-                "INSERT INTO host_audit_records (host, seq, at, kind, request_id, record_host, \
-                 actor, payload, prev_hash, hash, received_at) \
-                 SELECT $1, * , $10 FROM unnest($2::bigint[], $3::text[], $4::text[], \
-                 $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $11::text[])",
-                &[
-                    &host,
-                    &seqs,
-                    &column(|r| &r.at),
-                    &column(|r| &r.kind),
-                    &optional(|r| r.request_id.as_deref()),
-                    &column(|r| &r.host),
-                    &optional(|r| r.actor.as_deref()),
-                    &column(|r| &r.payload),
-                    &column(|r| &r.prev_hash),
-                    &ms(now),
-                    &column(|r| &r.hash),
-                ],
-            )
-            .await
-            .map_err(self.err())?;
-            tx.execute(
-                "UPDATE host_audit_heads SET seq = $2, hash = $3, updated_at = $4 WHERE host = $1",
-                &[&host, &seq_to_sql(last.seq)?, &last.hash, &ms(now)],
-            )
-            .await
-            .map_err(self.err())?;
+            self.append_host_records(&tx, host, &plan.append, now)
+                .await?;
             shipped.head = Some(ChainPoint {
                 seq: last.seq,
                 hash: last.hash.clone(),
@@ -173,6 +137,56 @@ impl PostgresStore {
         }
         tx.commit().await.map_err(self.err())?;
         Ok(shipped)
+    }
+
+    /// Inserts `records` (one `INSERT ... unnest`) and moves the host's head to the last.
+    async fn append_host_records(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        host: &str,
+        records: &[HostAuditRecord],
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let Some(last) = records.last() else {
+            return Ok(());
+        };
+        let seqs = records
+            .iter()
+            .map(|r| seq_to_sql(r.seq))
+            .collect::<Result<Vec<_>, _>>()?;
+        let column =
+            |f: fn(&HostAuditRecord) -> &str| -> Vec<&str> { records.iter().map(f).collect() };
+        let optional = |f: fn(&HostAuditRecord) -> Option<&str>| -> Vec<Option<&str>> {
+            records.iter().map(f).collect()
+        };
+        tx.execute(
+            "INSERT INTO host_audit_records (host, seq, at, kind, request_id, record_host, \
+             actor, payload, prev_hash, hash, received_at) \
+             SELECT $1, * , $10 FROM unnest($2::bigint[], $3::text[], $4::text[], \
+             $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $11::text[])",
+            &[
+                &host,
+                &seqs,
+                &column(|r| &r.at),
+                &column(|r| &r.kind),
+                &optional(|r| r.request_id.as_deref()),
+                &column(|r| &r.host),
+                &optional(|r| r.actor.as_deref()),
+                &column(|r| &r.payload),
+                &column(|r| &r.prev_hash),
+                &ms(now),
+                &column(|r| &r.hash),
+            ],
+        )
+        .await
+        .map_err(self.err())?;
+        tx.execute(
+            "UPDATE host_audit_heads SET seq = $2, hash = $3, updated_at = $4 WHERE host = $1",
+            &[&host, &seq_to_sql(last.seq)?, &last.hash, &ms(now)],
+        )
+        .await
+        .map_err(self.err())?;
+        Ok(())
     }
 
     pub(super) async fn host_audit_heads(

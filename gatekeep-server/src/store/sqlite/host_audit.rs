@@ -1,6 +1,6 @@
 //! Hosts' anchored audit chains on `SQLite` (migration 3); see [`crate::host_audit`].
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use gatekeep_proto::host_audit::{
     ChainPoint, Divergence, DivergenceKind, HostAuditRecord, HostHead, ShipBatch,
@@ -87,13 +87,15 @@ pub(super) fn ship(
     now: OffsetDateTime,
 ) -> Result<Shipped, StoreError> {
     let anchored_head = head(conn, host)?;
-    let mut anchored = HashMap::new();
+    let mut anchored = BTreeMap::new();
     {
-        let mut stmt =
-            conn.prepare_cached("SELECT hash FROM host_audit_records WHERE host = ?1 AND seq = ?2")?;
+        let mut stmt = conn
+            .prepare_cached("SELECT hash FROM host_audit_records WHERE host = ?1 AND seq = ?2")?;
         for seq in host_audit::needed(anchored_head.as_ref(), batch) {
             if let Some(hash) = stmt
-                .query_row(params![host, seq_to_sql(seq)?], |row| row.get::<_, String>(0))
+                .query_row(params![host, seq_to_sql(seq)?], |row| {
+                    row.get::<_, String>(0)
+                })
                 .optional()?
             {
                 anchored.insert(seq, hash);
@@ -153,7 +155,13 @@ pub(super) fn ship(
                 "INSERT INTO host_audit_divergences (host, seq, kind, detail, at) \
                  VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
             )?
-            .execute(params![host, seq_to_sql(seq)?, kind.as_str(), detail, ms(now)])?;
+            .execute(params![
+                host,
+                seq_to_sql(seq)?,
+                kind.as_str(),
+                detail,
+                ms(now)
+            ])?;
         shipped.new_divergence = added == 1;
         shipped.divergence = divergences(conn, Some(host))?
             .into_iter()
