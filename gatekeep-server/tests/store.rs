@@ -416,7 +416,7 @@ async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused()
         refused,
         StoreError::SchemaNewer {
             found: 99,
-            supported: 2,
+            supported: 3,
             ..
         }
     ));
