@@ -213,9 +213,10 @@ fn a_truncated_host_audit_log_is_detected() {
     let anchored = verdict(&service, "vm-truncate", None).1["anchored_seq"]
         .as_u64()
         .expect("anchored seq");
+    // agent_started, policy_loaded and the denials (one record per burst).
     assert!(
-        anchored >= 4,
-        "at least the start and three denials: {anchored}"
+        anchored >= 3,
+        "at least the start, the policy and a denial: {anchored}"
     );
 
     // Root removes the last two anchored records (and whatever followed).
