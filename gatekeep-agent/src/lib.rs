@@ -21,6 +21,7 @@
 pub mod admin;
 pub mod audit;
 pub mod audit_health;
+pub mod audit_ship;
 pub mod bpf;
 pub mod bursts;
 pub mod config;

@@ -95,6 +95,7 @@ mod export;
 mod hash;
 mod health;
 mod line;
+mod read;
 mod record;
 mod store;
 mod verify;
@@ -105,6 +106,7 @@ pub use error::{AuditError, TamperReason, error_chain};
 pub use export::{ExportFilter, export, export_line};
 pub use hash::{ChainFields, GENESIS_HASH};
 pub use health::{Failure, FailureCause, WriterHealth};
+pub use read::{AuditReader, RawRecord};
 pub use record::{
     AuditRecord, EncodedRecord, Prepared, RecordKind, StoredRecord, UnknownKind, canonical_json,
     timestamp,

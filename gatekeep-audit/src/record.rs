@@ -57,11 +57,15 @@ pub enum RecordKind {
     /// Service only: a reviewer's approval was refused because they own the workload that
     /// asked (no self-approval); the compliance report counts these.
     ApprovalRefused,
+    /// Service only: a host's local audit log no longer matches what the host shipped
+    /// earlier (a shipped record rewritten, or the log truncated or rolled back), seen when
+    /// the host's agent shipped again.
+    HostAuditDiverged,
 }
 
 impl RecordKind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::Requested,
         Self::Decided,
         Self::Expired,
@@ -80,6 +84,7 @@ impl RecordKind {
         Self::RuleStale,
         Self::Audited,
         Self::ApprovalRefused,
+        Self::HostAuditDiverged,
     ];
 
     /// The stored name, as in JSON.
@@ -104,6 +109,7 @@ impl RecordKind {
             Self::RuleStale => "rule_stale",
             Self::Audited => "audited",
             Self::ApprovalRefused => "approval_refused",
+            Self::HostAuditDiverged => "host_audit_diverged",
         }
     }
 }

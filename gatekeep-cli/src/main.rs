@@ -4,6 +4,7 @@ mod api;
 mod config;
 mod escape;
 mod forecast;
+mod host_audit;
 mod login;
 mod output;
 mod report;
@@ -12,7 +13,7 @@ use std::{io::Write as _, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
-use gatekeep_client::{ClientError, GrantFilter, RequestFilter, ReviewClient};
+use gatekeep_client::{ClientError, GrantFilter, HostRecords, RequestFilter, ReviewClient};
 use gatekeep_proto::{
     GrantDuration,
     model::{GrantScope, Kind, Verdict},
@@ -277,11 +278,19 @@ struct ReportArgs {
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Prove the hash chain of an audit log.
+    ///
+    /// With --host, check a host's log against what its agent shipped to the service: the
+    /// service reports the anchored head and any divergence it saw; with --db as well (run on
+    /// the host), the local log is proved and compared record by record. Exit status 1 when
+    /// the log was rewritten, truncated or rolled back (the message names the seq).
     Verify {
         /// A local audit database (the agent's or the service's); the service's through its
         /// API when left out.
         #[arg(long)]
         db: Option<PathBuf>,
+        /// The host (its certificate's name) whose anchored log to check.
+        #[arg(long)]
+        host: Option<String>,
     },
     /// Write an audit log as JSON Lines to stdout.
     Export {
@@ -292,6 +301,14 @@ enum AuditCommand {
         /// Only records from this seq on.
         #[arg(long)]
         from_seq: Option<u64>,
+        /// The service's export only: after its own chain, every host's shipped records
+        /// (lines with `"anchored_host"`).
+        #[arg(long, conflicts_with_all = ["db", "host"])]
+        all_hosts: bool,
+        /// The service's export only: this host's shipped records alone (one chain;
+        /// --from-seq counts in it).
+        #[arg(long, conflicts_with = "db")]
+        host: Option<String>,
     },
 }
 
@@ -508,6 +525,76 @@ impl App {
             .ok_or_else(|| anyhow!("no connection to the decision service"))
     }
 
+    /// `gatekeep audit ...`.
+    async fn audit(&mut self, command: AuditCommand) -> anyhow::Result<()> {
+        match command {
+            AuditCommand::Verify {
+                db,
+                host: Some(host),
+            } => {
+                let verdict =
+                    host_audit::verify(self.client().await?, &host, db.as_deref()).await?;
+                self.printer.host_verify(&verdict)?;
+                if verdict.diverged() {
+                    return Err(anyhow!(
+                        "host `{host}`'s audit log diverges from what it shipped"
+                    ));
+                }
+                Ok(())
+            }
+            AuditCommand::Verify {
+                db: Some(db),
+                host: None,
+            } => {
+                let report = gatekeep_audit::verify(&db)
+                    .with_context(|| format!("audit log `{}` does not verify", db.display()))?;
+                self.printer.local_verify(&db, &report)
+            }
+            AuditCommand::Verify {
+                db: None,
+                host: None,
+            } => {
+                let report = self.client().await?.verify_audit().await;
+                let report = report.map_err(|err| self.explain(err))?;
+                self.printer.remote_verify(&report)
+            }
+            AuditCommand::Export {
+                db,
+                format: ExportFormat::Jsonl,
+                from_seq,
+                all_hosts,
+                host,
+            } => {
+                let stdout = std::io::stdout();
+                let mut out = stdout.lock();
+                if let Some(db) = db {
+                    let filter = gatekeep_audit::ExportFilter {
+                        from_seq,
+                        kind: None,
+                    };
+                    gatekeep_audit::export(&db, &mut out, &filter)
+                        .with_context(|| format!("cannot export `{}`", db.display()))?;
+                } else {
+                    let mut buffer = Vec::new();
+                    let hosts = match (all_hosts, host) {
+                        (_, Some(host)) => HostRecords::One(host),
+                        (true, None) => HostRecords::All,
+                        (false, None) => HostRecords::None,
+                    };
+                    let exported = self
+                        .client()
+                        .await?
+                        .export_audit_hosts(from_seq.unwrap_or(0), hosts, &mut buffer)
+                        .await;
+                    exported.map_err(|err| self.explain(err))?;
+                    out.write_all(&buffer)?;
+                }
+                out.flush()?;
+                Ok(())
+            }
+        }
+    }
+
     fn explain(&self, error: ClientError) -> anyhow::Error {
         explain(error, &self.connection)
     }
@@ -559,43 +646,7 @@ impl App {
                 let grant = grant.map_err(|err| self.explain(err))?;
                 self.printer.grant_revoked(&grant)
             }
-            Command::Audit(AuditCommand::Verify { db: Some(db) }) => {
-                let report = gatekeep_audit::verify(&db)
-                    .with_context(|| format!("audit log `{}` does not verify", db.display()))?;
-                self.printer.local_verify(&db, &report)
-            }
-            Command::Audit(AuditCommand::Verify { db: None }) => {
-                let report = self.client().await?.verify_audit().await;
-                let report = report.map_err(|err| self.explain(err))?;
-                self.printer.remote_verify(&report)
-            }
-            Command::Audit(AuditCommand::Export {
-                db,
-                format: ExportFormat::Jsonl,
-                from_seq,
-            }) => {
-                let stdout = std::io::stdout();
-                let mut out = stdout.lock();
-                if let Some(db) = db {
-                    let filter = gatekeep_audit::ExportFilter {
-                        from_seq,
-                        kind: None,
-                    };
-                    gatekeep_audit::export(&db, &mut out, &filter)
-                        .with_context(|| format!("cannot export `{}`", db.display()))?;
-                } else {
-                    let mut buffer = Vec::new();
-                    let exported = self
-                        .client()
-                        .await?
-                        .export_audit(from_seq.unwrap_or(0), &mut buffer)
-                        .await;
-                    exported.map_err(|err| self.explain(err))?;
-                    out.write_all(&buffer)?;
-                }
-                out.flush()?;
-                Ok(())
-            }
+            Command::Audit(command) => self.audit(command).await,
             Command::Policy(command) => self.policy(command),
             Command::Report(args) => self.report(args).await,
             Command::Status => {
@@ -815,7 +866,9 @@ async fn main() -> ExitCode {
             | Command::Login
             | Command::Api(_)
             | Command::Audit(
-                AuditCommand::Verify { db: None } | AuditCommand::Export { db: None, .. }
+                AuditCommand::Verify { db: None, .. }
+                    | AuditCommand::Verify { host: Some(_), .. }
+                    | AuditCommand::Export { db: None, .. }
             )
             | Command::Report(ReportArgs {
                 db: None,

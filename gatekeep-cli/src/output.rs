@@ -540,6 +540,20 @@ impl Printer {
         ))
     }
 
+    /// `audit verify --host`: what the service anchored and how the local log compares.
+    pub fn host_verify(&self, verdict: &crate::host_audit::HostVerdict) -> anyhow::Result<()> {
+        if self.format == Format::Json {
+            let mut value = serde_json::to_value(verdict)?;
+            value["diverged"] = json!(verdict.diverged());
+            return json_line(&value);
+        }
+        text(&format!(
+            "{}{}\n",
+            if verdict.diverged() { "" } else { "ok: " },
+            verdict.describe()
+        ))
+    }
+
     pub fn remote_verify(&self, report: &AuditReport) -> anyhow::Result<()> {
         if self.format == Format::Json {
             return json_line(&json!({

@@ -585,17 +585,21 @@ impl Task {
     }
 }
 
-/// Connects to `address`, says hello and waits for welcome.
-async fn connect(config: &AgentLinkConfig, address: &str) -> Result<Connection, String> {
-    let endpoint = Endpoint::from_shared(address.to_owned())
+/// The endpoint of `address` with `config`'s TLS, timeouts and keep-alives.
+pub(crate) fn endpoint(config: &AgentLinkConfig, address: &str) -> Result<Endpoint, String> {
+    Ok(Endpoint::from_shared(address.to_owned())
         .map_err(|err| format!("invalid endpoint `{address}`: {err}"))?
         .tls_config(config.tls.config())
         .map_err(|err| format!("invalid tls settings: {err}"))?
         .connect_timeout(config.connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
-    let channel = endpoint.connect().await.map_err(|err| {
+        .keep_alive_while_idle(true))
+}
+
+/// Connects to `address`, says hello and waits for welcome.
+async fn connect(config: &AgentLinkConfig, address: &str) -> Result<Connection, String> {
+    let channel = endpoint(config, address)?.connect().await.map_err(|err| {
         let mut text = format!("cannot connect to {address}: {err}");
         let mut source = std::error::Error::source(&err);
         while let Some(cause) = source {

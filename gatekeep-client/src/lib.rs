@@ -5,6 +5,8 @@
 //!   disconnects (re-sent, by id, on every reconnect; the service treats ids idempotently);
 //!   [`AgentLink::decide`] awaits one request's decision, and [`LinkEvent`]s carry
 //!   connection changes, grants and revocations.
+//! - [`AuditShipper`]: ships the agent's local audit log to the service, which anchors each
+//!   host's chain; resumable from the service's head, the local log its only backlog.
 //! - [`ReviewClient`]: the reviewers' side (the `gatekeep` CLI), with a bearer token.
 //!
 //! Both speak the domain types of [`gatekeep_proto::model`]; wire messages stay inside.
@@ -39,9 +41,15 @@
 mod agent;
 mod error;
 mod review;
+mod shipper;
 mod tls;
 
 pub use agent::{AgentLink, AgentLinkConfig, Backoff, LinkEvent};
 pub use error::{ClientError, LinkError};
-pub use review::{AuditReport, GrantFilter, RequestFilter, ReviewClient, ReviewConfig, Status};
+pub use review::{
+    AuditReport, GrantFilter, HostRecords, RequestFilter, ReviewClient, ReviewConfig, Status,
+};
+pub use shipper::{
+    AuditShipper, BATCH_BYTES, BATCH_RECORDS, LocalLog, MemoryLog, ShipStatus, ShipperConfig,
+};
 pub use tls::{ClientIdentity, ClientTls};

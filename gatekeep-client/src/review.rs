@@ -17,6 +17,14 @@ use uuid::Uuid;
 
 use crate::{error::ClientError, tls::ClientTls};
 
+/// Whose shipped records an export includes (see [`ReviewClient::export_audit_hosts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostRecords {
+    None,
+    All,
+    One(String),
+}
+
 /// Where and as whom a reviewer connects.
 #[derive(Clone)]
 pub struct ReviewConfig {
@@ -314,9 +322,31 @@ impl ReviewClient {
         from_seq: u64,
         out: &mut (impl std::io::Write + Send),
     ) -> Result<u64, ClientError> {
+        self.export_audit_hosts(from_seq, HostRecords::None, out)
+            .await
+    }
+
+    /// Like [`export_audit`](Self::export_audit), with the hosts' anchored records: every
+    /// host's after the service's own chain, or one host's alone (`from_seq` then counts in
+    /// that host's chain). Host lines carry `"anchored_host"`.
+    pub async fn export_audit_hosts(
+        &mut self,
+        from_seq: u64,
+        hosts: HostRecords,
+        out: &mut (impl std::io::Write + Send),
+    ) -> Result<u64, ClientError> {
+        let (hosts, host) = match hosts {
+            HostRecords::None => (v1::HostRecords::None, String::new()),
+            HostRecords::All => (v1::HostRecords::All, String::new()),
+            HostRecords::One(host) => (v1::HostRecords::One, host),
+        };
         let mut stream = self
             .inner
-            .export_audit(v1::ExportAuditRequest { from_seq })
+            .export_audit(v1::ExportAuditRequest {
+                from_seq,
+                hosts: hosts.into(),
+                host,
+            })
             .await?
             .into_inner();
         let mut written = 0;
@@ -328,5 +358,24 @@ impl ReviewClient {
             written += chunk.data.len() as u64;
         }
         Ok(written)
+    }
+
+    /// What the service anchored of `host`'s audit log (every host's when empty): heads and
+    /// divergences; with `limit` > 0, also `host`'s anchored hashes from `from_seq` on.
+    pub async fn host_audit(
+        &mut self,
+        host: &str,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<v1::HostAuditResponse, ClientError> {
+        Ok(self
+            .inner
+            .host_audit(v1::HostAuditRequest {
+                host: host.to_owned(),
+                from_seq,
+                limit,
+            })
+            .await?
+            .into_inner())
     }
 }

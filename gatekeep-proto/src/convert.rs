@@ -40,7 +40,7 @@ pub enum WireError {
 }
 
 impl WireError {
-    fn missing(field: impl Into<String>) -> Self {
+    pub(crate) fn missing(field: impl Into<String>) -> Self {
         WireError::Missing {
             field: field.into(),
         }
@@ -54,7 +54,7 @@ impl WireError {
     }
 }
 
-type Result<T, E = WireError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = WireError> = std::result::Result<T, E>;
 
 /// Checks a free-text field: at most `max` bytes and no NUL.
 pub fn text(field: &str, value: &str, max: usize) -> Result<()> {

@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod convert;
+pub mod host_audit;
 pub mod id;
 pub mod limits;
 pub mod model;

@@ -55,6 +55,9 @@ pub enum Error {
     /// The policy is not one the service has loaded.
     #[error("policy `{policy}` is not loaded by the decision service")]
     UnknownPolicy { policy: String },
+    /// A batch of host audit records the service cannot take as it is (out of order, a gap).
+    #[error("{message}")]
+    ShipRefused { message: String },
     /// The caller presented no credentials, or unknown ones.
     #[error("{message}")]
     Unauthenticated { message: String },
@@ -160,7 +163,8 @@ impl Error {
             | Error::UnknownRoute { .. } => Code::NotFound,
             Error::NotPending { .. }
             | Error::GrantInactive { .. }
-            | Error::UnknownPolicy { .. } => Code::FailedPrecondition,
+            | Error::UnknownPolicy { .. }
+            | Error::ShipRefused { .. } => Code::FailedPrecondition,
             Error::IdReused { .. } | Error::AlreadyVoted { .. } => Code::AlreadyExists,
             Error::Prefix { source } => match source {
                 gatekeep_proto::id::PrefixError::Invalid { .. } => Code::InvalidArgument,

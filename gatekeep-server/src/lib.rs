@@ -34,6 +34,7 @@ pub mod config;
 mod error;
 mod fanout;
 pub mod grants;
+pub mod host_audit;
 mod hub;
 pub mod lifecycle;
 pub mod metrics;

@@ -1092,6 +1092,40 @@ impl Engine {
         .await;
     }
 
+    /// Anchors a batch of `host`'s audit records ([`crate::host_audit`]). A divergence found
+    /// for the first time is logged and recorded in the service's own log
+    /// (`host_audit_diverged`), so an auditor sees it there; a refused batch is an error.
+    pub async fn ship_host_audit(
+        &self,
+        host: &str,
+        batch: gatekeep_proto::host_audit::ShipBatch,
+    ) -> Result<crate::store::Shipped, Error> {
+        let shipped = self
+            .store
+            .ship_host_audit(host.to_owned(), batch, OffsetDateTime::now_utc())
+            .await?;
+        if let Some(refusal) = &shipped.refused {
+            return Err(Error::ShipRefused {
+                message: refusal.to_string(),
+            });
+        }
+        if let (Some(divergence), true) = (&shipped.divergence, shipped.new_divergence) {
+            tracing::error!(
+                %host,
+                seq = divergence.seq,
+                kind = divergence.kind.as_str(),
+                detail = %divergence.detail,
+                "a host's audit log no longer matches what it shipped"
+            );
+            self.record_encoded(
+                EncodedRecord::new(RecordKind::HostAuditDiverged, host, divergence)
+                    .map(|encoded| encoded.with_actor(format!("agent:{host}"))),
+            )
+            .await;
+        }
+        Ok(shipped)
+    }
+
     /// Flushes the audit log; returns its last durable seq.
     pub async fn audit_head(&self) -> Result<u64, Error> {
         self.audit

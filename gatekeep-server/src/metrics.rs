@@ -19,7 +19,10 @@ use std::{
     time::Instant,
 };
 
-use gatekeep_proto::model::{Decision, Grant, Kind, RequestRecord, RequestState, Revocation};
+use gatekeep_proto::{
+    host_audit::{Divergence, HostAuditRecord, HostHead, ShipBatch},
+    model::{Decision, Grant, Kind, RequestRecord, RequestState, Revocation},
+};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -39,7 +42,7 @@ use crate::{
     auth::Reviewer,
     store::{
         Admission, AdmissionQuery, Change, DeadLetter, GrantQuery, Inserted, PostgresStore,
-        RequestQuery, Store, StoreFuture, Transition, Versioned,
+        RequestQuery, Shipped, Store, StoreFuture, Transition, Versioned,
     },
 };
 
@@ -453,6 +456,10 @@ impl Store for TimedStore {
         notice(key: String) -> Option<String>;
         set_notice(key: String, value: String) -> ();
         dead_letter(letter: DeadLetter) -> ();
+        ship_host_audit(host: String, batch: ShipBatch, now: OffsetDateTime) -> Shipped;
+        host_audit_heads(host: Option<String>) -> Vec<HostHead>;
+        host_audit_divergences(host: Option<String>) -> Vec<Divergence>;
+        host_audit_records(host: String, from_seq: u64, limit: usize) -> Vec<HostAuditRecord>;
     }
 
     fn changes(&self) -> Option<mpsc::UnboundedReceiver<Change>> {

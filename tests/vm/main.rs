@@ -17,6 +17,7 @@ mod exec;
 mod execenv;
 mod faults;
 mod grants;
+mod host_audit;
 mod hosts;
 mod mapped;
 mod mass_pause;

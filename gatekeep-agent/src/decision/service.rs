@@ -5,7 +5,9 @@
 
 use std::{path::Path, sync::Arc};
 
-use gatekeep_client::{AgentLink, AgentLinkConfig, ClientIdentity, ClientTls, LinkError};
+use gatekeep_client::{
+    AgentLink, AgentLinkConfig, AuditShipper, ClientIdentity, ClientTls, LinkError, ShipperConfig,
+};
 use gatekeep_util::retry::poll_until;
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -75,6 +77,10 @@ pub struct DecisionService {
     link: Option<Arc<AgentLink>>,
     tasks: Vec<JoinHandle<()>>,
     embedded: Option<EmbeddedService>,
+    /// Remote only: ships the local audit log to the service, which anchors this host's
+    /// chain (an embedded service on the same host would anchor nothing the host's root
+    /// cannot rewrite too).
+    shipper: Option<AuditShipper>,
 }
 
 /// What [`start`] needs from the daemon.
@@ -110,6 +116,7 @@ pub async fn start(wiring: Wiring<'_>) -> Result<DecisionService, ServiceError> 
                 link: None,
                 tasks: Vec::new(),
                 embedded: None,
+                shipper: None,
             });
         }
         DecisionMode::Embedded => {
@@ -150,6 +157,7 @@ pub async fn start(wiring: Wiring<'_>) -> Result<DecisionService, ServiceError> 
     let cli_config = embedded.as_ref().map(|e| e.cli_config.clone());
     let mut link_config = AgentLinkConfig::new(endpoint.clone(), tls);
     link_config.failover = failover;
+    let shipper = start_shipper(config, mode, &link_config)?;
     let (link, events) =
         AgentLink::start(link_config).map_err(|source| ServiceError::Link { source })?;
     let link = Arc::new(link);
@@ -186,7 +194,23 @@ pub async fn start(wiring: Wiring<'_>) -> Result<DecisionService, ServiceError> 
         link: Some(link),
         tasks: vec![grants_task, pump_task],
         embedded,
+        shipper,
     })
+}
+
+/// Remote mode: ships the local audit log to the service over the link's addresses.
+fn start_shipper(
+    config: &AgentConfig,
+    mode: DecisionMode,
+    link: &AgentLinkConfig,
+) -> Result<Option<AuditShipper>, ServiceError> {
+    if mode != DecisionMode::Remote {
+        return Ok(None);
+    }
+    let log = crate::audit_ship::AuditDbLog::new(&config.audit_db);
+    AuditShipper::start(ShipperConfig::new(link.clone()), log)
+        .map(Some)
+        .map_err(|source| ServiceError::Link { source })
 }
 
 impl DecisionService {
@@ -225,9 +249,14 @@ impl DecisionService {
             link,
             mut tasks,
             embedded,
+            shipper,
             ..
         } = self;
         drop(decider);
+        if let Some(shipper) = shipper {
+            // What it did not ship stays in the local log, shipped after the next start.
+            shipper.shutdown().await;
+        }
         // The grant task ends on the shutdown signal; with it goes the last
         // other holder of the link.
         let pump = if tasks.len() == 2 { tasks.pop() } else { None };

@@ -4,6 +4,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use gatekeep_proto::{
     WireError, convert,
+    host_audit::ShipBatch,
     model::{ApprovalRequest, Decision},
     v1::{
         self, AgentMessage, ServerMessage, agent_message, agent_service_server::AgentService,
@@ -128,6 +129,24 @@ impl AgentService for AgentApi {
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
             receiver,
         ))))
+    }
+
+    async fn ship_audit(
+        &self,
+        request: Request<v1::ShipAuditRequest>,
+    ) -> Result<Response<v1::ShipAuditResponse>, Status> {
+        // The certificate names the host: one host cannot ship as another.
+        let host = auth::agent_host(&request)?;
+        let batch = ShipBatch::try_from(request.into_inner()).map_err(Error::from)?;
+        let shipped = self.engine.ship_host_audit(&host, batch).await?;
+        let (head_seq, head_hash) = shipped
+            .head
+            .map_or((0, String::new()), |head| (head.seq, head.hash));
+        Ok(Response::new(v1::ShipAuditResponse {
+            head_seq,
+            head_hash,
+            divergence: shipped.divergence.map(Into::into),
+        }))
     }
 }
 

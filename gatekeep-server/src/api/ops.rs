@@ -422,6 +422,152 @@ pub async fn export_audit(
     Ok(receiver)
 }
 
+/// Whose shipped records an export includes besides (or instead of) the service's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostRecords {
+    /// The service's own chain only.
+    None,
+    /// The service's chain, then every host's anchored records, host by host.
+    All,
+    /// Only this host's anchored records (from `from_seq`): one chain, verifiable on its own.
+    One(String),
+}
+
+/// Host records read per store call of an export.
+const HOST_EXPORT_PAGE: usize = 2_000;
+
+/// Like [`export_audit`], with the hosts' anchored records (see [`HostRecords`]): every
+/// action on every host in one place. Each host line is a record line of the host's chain
+/// with `"anchored_host"` first: the host named by the certificate it was shipped with.
+pub async fn export_audit_with_hosts(
+    engine: &Engine,
+    from_seq: u64,
+    hosts: HostRecords,
+) -> Result<mpsc::Receiver<Result<Vec<u8>, Error>>, Error> {
+    let (own, hosts) = match hosts {
+        HostRecords::None => return export_audit(engine, from_seq).await,
+        HostRecords::All => (Some(export_audit(engine, from_seq).await?), None),
+        HostRecords::One(host) => (None, Some(convert::name("host", &host)?)),
+    };
+    let store = Arc::clone(&engine.store);
+    let (sender, receiver) = mpsc::channel(8);
+    tokio::spawn(async move {
+        if let Some(mut own) = own {
+            while let Some(chunk) = own.recv().await {
+                let failed = chunk.is_err();
+                if sender.send(chunk).await.is_err() || failed {
+                    return;
+                }
+            }
+        }
+        let names = match hosts {
+            Some(host) => vec![(host, from_seq.max(1))],
+            None => match store.host_audit_heads(None).await {
+                Ok(heads) => heads.into_iter().map(|head| (head.host, 1)).collect(),
+                Err(error) => {
+                    drop(sender.send(Err(error.into())).await);
+                    return;
+                }
+            },
+        };
+        for (host, from) in names {
+            if let Err(error) = export_host(&*store, &host, from, &sender).await {
+                drop(sender.send(Err(error)).await);
+                return;
+            }
+        }
+    });
+    Ok(receiver)
+}
+
+/// Sends `host`'s anchored records from `from` on as export lines, a page per chunk.
+async fn export_host(
+    store: &dyn crate::store::Store,
+    host: &str,
+    mut from: u64,
+    sender: &mpsc::Sender<Result<Vec<u8>, Error>>,
+) -> Result<(), Error> {
+    let prefix = format!(
+        "{{\"anchored_host\":{},",
+        serde_json::to_string(host).map_err(|source| Error::Store {
+            source: source.into(),
+        })?
+    );
+    loop {
+        let page = store
+            .host_audit_records(host.to_owned(), from, HOST_EXPORT_PAGE)
+            .await?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        from = last.seq + 1;
+        let mut chunk = Vec::with_capacity(page.len() * 512);
+        for record in &page {
+            let mut line = Vec::with_capacity(512);
+            gatekeep_audit::export_line(
+                &mut line,
+                &crate::host_audit::fields(record),
+                &record.hash,
+            )
+            .map_err(audit_error)?;
+            // `{"seq":...}` becomes `{"anchored_host":"H","seq":...}`.
+            chunk.extend_from_slice(prefix.as_bytes());
+            chunk.extend_from_slice(line.get(1..).unwrap_or_default());
+        }
+        if sender.send(Ok(chunk)).await.is_err() {
+            return Ok(());
+        }
+        if page.len() < HOST_EXPORT_PAGE {
+            return Ok(());
+        }
+    }
+}
+
+/// What the service anchored of one host's log, or of every host's.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostAuditReport {
+    pub hosts: Vec<gatekeep_proto::host_audit::HostHead>,
+    pub divergences: Vec<gatekeep_proto::host_audit::Divergence>,
+    /// With a host and a limit: the anchored hashes from `from_seq` on.
+    pub hashes: Vec<(u64, String)>,
+}
+
+/// Most anchored hashes one [`host_audit`] call returns.
+pub const MAX_HOST_HASHES: u32 = 10_000;
+
+/// The anchored heads and divergences of `host` (every host when empty); with a host and a
+/// `limit`, also its anchored hashes from `from_seq` on (a client compares a local log).
+pub async fn host_audit(
+    engine: &Engine,
+    host: &str,
+    from_seq: u64,
+    limit: u32,
+) -> Result<HostAuditReport, Error> {
+    let host = opt_name("host", host)?;
+    if limit > MAX_HOST_HASHES {
+        return Err(Error::BadArgument {
+            message: format!("limit {limit} is more than {MAX_HOST_HASHES}"),
+        });
+    }
+    let hosts = engine.store.host_audit_heads(host.clone()).await?;
+    let divergences = engine.store.host_audit_divergences(host.clone()).await?;
+    let hashes = match host {
+        Some(host) if limit > 0 => engine
+            .store
+            .host_audit_records(host, from_seq.max(1), limit as usize)
+            .await?
+            .into_iter()
+            .map(|record| (record.seq, record.hash))
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(HostAuditReport {
+        hosts,
+        divergences,
+        hashes,
+    })
+}
+
 /// [`export_audit`] of a chain in `PostgreSQL`: a page of lines per chunk.
 async fn export_postgres(
     store: PostgresStore,

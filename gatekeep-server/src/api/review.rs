@@ -251,13 +251,43 @@ impl ReviewService for ReviewApi {
         request: Request<v1::ExportAuditRequest>,
     ) -> Result<Response<Self::ExportAuditStream>, Status> {
         self.auth.reviewer(&request).await?;
-        let from_seq = request.into_inner().from_seq;
-        let chunks = ops::export_audit(&self.engine, from_seq).await?;
+        let request = request.into_inner();
+        let hosts = match v1::HostRecords::try_from(request.hosts) {
+            Ok(v1::HostRecords::None) => ops::HostRecords::None,
+            Ok(v1::HostRecords::All) => ops::HostRecords::All,
+            Ok(v1::HostRecords::One) => ops::HostRecords::One(request.host),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown `hosts` value {}",
+                    request.hosts
+                )));
+            }
+        };
+        let chunks = ops::export_audit_with_hosts(&self.engine, request.from_seq, hosts).await?;
         let chunks = ReceiverStream::new(chunks).map(|chunk| {
             chunk
                 .map(|data| v1::ExportAuditChunk { data })
                 .map_err(Status::from)
         });
         Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn host_audit(
+        &self,
+        request: Request<v1::HostAuditRequest>,
+    ) -> Result<Response<v1::HostAuditResponse>, Status> {
+        self.auth.reviewer(&request).await?;
+        let request = request.into_inner();
+        let report =
+            ops::host_audit(&self.engine, &request.host, request.from_seq, request.limit).await?;
+        Ok(Response::new(v1::HostAuditResponse {
+            hosts: report.hosts.into_iter().map(Into::into).collect(),
+            divergences: report.divergences.into_iter().map(Into::into).collect(),
+            hashes: report
+                .hashes
+                .into_iter()
+                .map(|(seq, hash)| v1::AnchoredHash { seq, hash })
+                .collect(),
+        }))
     }
 }

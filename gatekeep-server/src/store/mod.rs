@@ -14,14 +14,17 @@ mod sqlite;
 
 use std::{future::Future, path::PathBuf, pin::Pin, sync::Arc};
 
-use gatekeep_proto::model::{Grant, Kind, RequestRecord, RequestState, Revocation, Target};
+use gatekeep_proto::{
+    host_audit::{ChainPoint, Divergence, HostAuditRecord, HostHead, ShipBatch},
+    model::{Grant, Kind, RequestRecord, RequestState, Revocation, Target},
+};
 pub use postgres::PostgresStore;
 pub use sqlite::{SqliteStore, Synchronous};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::reviewer::Reviewer;
+use crate::{host_audit::Refusal, reviewer::Reviewer};
 
 /// A boxed future of a store call.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -295,6 +298,41 @@ pub trait Store: Send + Sync + 'static {
     fn set_notice(&self, key: String, value: String) -> StoreFuture<'_, ()>;
     /// Keeps a notification that could not be delivered (retries exhausted, or refused).
     fn dead_letter(&self, letter: DeadLetter) -> StoreFuture<'_, ()>;
+
+    /// Checks a batch of `host`'s audit records against the chain anchored for it
+    /// ([`crate::host_audit::check`]) and, in the same transaction (which holds the host's
+    /// head), appends what is new and records a divergence once.
+    fn ship_host_audit(
+        &self,
+        host: String,
+        batch: ShipBatch,
+        now: OffsetDateTime,
+    ) -> StoreFuture<'_, Shipped>;
+    /// The anchored heads of every host (or of `host`), by host name.
+    fn host_audit_heads(&self, host: Option<String>) -> StoreFuture<'_, Vec<HostHead>>;
+    /// The divergences recorded for every host (or for `host`), oldest first.
+    fn host_audit_divergences(&self, host: Option<String>) -> StoreFuture<'_, Vec<Divergence>>;
+    /// `host`'s anchored records from `from_seq` on, at most `limit`.
+    fn host_audit_records(
+        &self,
+        host: String,
+        from_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<HostAuditRecord>>;
+}
+
+/// What [`Store::ship_host_audit`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Shipped {
+    /// The host's anchored head afterwards; `None` while nothing is anchored.
+    pub head: Option<ChainPoint>,
+    pub appended: usize,
+    /// Where the host's log departs from the anchored chain, if it does.
+    pub divergence: Option<Divergence>,
+    /// Whether this batch found the divergence first (the others re-report it).
+    pub new_divergence: bool,
+    /// Why nothing was done with the batch, if refused.
+    pub refused: Option<Refusal>,
 }
 
 /// A notification given up on, kept for an operator (table `dead_letters`).

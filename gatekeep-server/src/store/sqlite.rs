@@ -11,7 +11,7 @@
 //! group's commit and fsync (WAL lets them run beside it). Every write is answered only
 //! once committed, so a read issued after a write's answer sees it.
 //!
-//! Schema (`PRAGMA user_version` 1), every table `STRICT`, times in milliseconds since the
+//! Schema (`PRAGMA user_version`, see [`MIGRATIONS`]), every table `STRICT`, times in milliseconds since the
 //! epoch: `requests` (a row per request, the full [`RequestRecord`] as JSON plus the columns
 //! queries filter on, and an optimistic `version`), `grants` (likewise) and `reviewers` (name,
 //! SHA-256 of the token, groups).
@@ -33,13 +33,19 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    Admission, AdmissionQuery, DeadLetter, GrantQuery, Inserted, RequestQuery, Store, StoreError,
-    StoreFuture, Transition, Versioned, ms, subject_key, target_key,
+    Admission, AdmissionQuery, DeadLetter, GrantQuery, Inserted, RequestQuery, Shipped, Store,
+    StoreError, StoreFuture, Transition, Versioned, ms, subject_key, target_key,
 };
 use crate::reviewer::Reviewer;
 
-/// Schema version this build reads and writes.
-pub const SCHEMA_VERSION: i64 = 1;
+mod host_audit;
+
+/// Schema version this build reads and writes: the last of [`MIGRATIONS`].
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// `(user_version, SQL)`, applied in order from the database's version on; the same numbers
+/// as the `PostgreSQL` migrations. Never edit a released one: add one.
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA), (2, NOTIFY_SCHEMA), (3, host_audit::SCHEMA)];
 
 /// Most calls committed in one transaction.
 const MAX_GROUP: usize = 512;
@@ -83,8 +89,8 @@ CREATE TABLE reviewers (
 ) STRICT;
 ";
 
-/// Notification bookkeeping ([`crate::notify`]), added to version-1 databases as they
-/// open: additive tables that older builds ignore, so no schema version of their own.
+/// Notification bookkeeping ([`crate::notify`]). Databases of older builds may hold these
+/// tables at version 1 already (they were added without a version), hence `IF NOT EXISTS`.
 const NOTIFY_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS notices (
     key        TEXT PRIMARY KEY,
@@ -288,24 +294,20 @@ fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection, 
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(open_err)?;
-    match version {
-        0 => {
-            let tx = conn.transaction().map_err(open_err)?;
-            tx.execute_batch(SCHEMA).map_err(open_err)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-                .map_err(open_err)?;
-            tx.commit().map_err(open_err)?;
-        }
-        SCHEMA_VERSION => {}
-        found => {
-            return Err(StoreError::Schema {
-                path: path.to_owned(),
-                found,
-                supported: SCHEMA_VERSION,
-            });
-        }
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Schema {
+            path: path.to_owned(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
     }
-    conn.execute_batch(NOTIFY_SCHEMA).map_err(open_err)?;
+    for (number, sql) in MIGRATIONS.iter().filter(|(number, _)| *number > version) {
+        let tx = conn.transaction().map_err(open_err)?;
+        tx.execute_batch(sql).map_err(open_err)?;
+        tx.pragma_update(None, "user_version", number)
+            .map_err(open_err)?;
+        tx.commit().map_err(open_err)?;
+    }
     Ok(conn)
 }
 
@@ -858,6 +860,38 @@ impl Store for SqliteStore {
             )?;
             Ok(())
         }))
+    }
+
+    fn ship_host_audit(
+        &self,
+        host: String,
+        batch: gatekeep_proto::host_audit::ShipBatch,
+        now: OffsetDateTime,
+    ) -> StoreFuture<'_, Shipped> {
+        Box::pin(self.call(move |conn| host_audit::ship(conn, &host, &batch, now)))
+    }
+
+    fn host_audit_heads(
+        &self,
+        host: Option<String>,
+    ) -> StoreFuture<'_, Vec<gatekeep_proto::host_audit::HostHead>> {
+        Box::pin(self.read(move |conn| host_audit::heads(conn, host.as_deref())))
+    }
+
+    fn host_audit_divergences(
+        &self,
+        host: Option<String>,
+    ) -> StoreFuture<'_, Vec<gatekeep_proto::host_audit::Divergence>> {
+        Box::pin(self.read(move |conn| host_audit::divergences(conn, host.as_deref())))
+    }
+
+    fn host_audit_records(
+        &self,
+        host: String,
+        from_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<gatekeep_proto::host_audit::HostAuditRecord>> {
+        Box::pin(self.read(move |conn| host_audit::records(conn, &host, from_seq, limit)))
     }
 }
 

@@ -126,6 +126,47 @@ CREATE TABLE dead_letters (
 );
 "#,
     ),
+    (
+        3,
+        "hosts' audit chains anchored at the service",
+        r#"
+-- Records as each host stored them, under the host of the agent's certificate (`host`;
+-- `record_host` is the name the agent wrote), append-only like the service's own chain.
+CREATE TABLE host_audit_records (
+    host        TEXT COLLATE "C" NOT NULL,
+    seq         BIGINT NOT NULL CHECK (seq >= 1),
+    at          TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    request_id  TEXT,
+    record_host TEXT NOT NULL,
+    actor       TEXT,
+    payload     TEXT NOT NULL,
+    prev_hash   TEXT NOT NULL,
+    hash        TEXT NOT NULL,
+    received_at BIGINT NOT NULL,
+    PRIMARY KEY (host, seq)
+);
+CREATE TRIGGER host_audit_records_no_change BEFORE UPDATE OR DELETE ON host_audit_records
+    FOR EACH ROW EXECUTE FUNCTION gatekeep_audit_append_only();
+CREATE TRIGGER host_audit_records_no_truncate BEFORE TRUNCATE ON host_audit_records
+    FOR EACH STATEMENT EXECUTE FUNCTION gatekeep_audit_append_only();
+-- Each host's anchored head; seq 0 while nothing is anchored (a row to lock).
+CREATE TABLE host_audit_heads (
+    host       TEXT COLLATE "C" PRIMARY KEY,
+    seq        BIGINT NOT NULL,
+    hash       TEXT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE host_audit_divergences (
+    host   TEXT COLLATE "C" NOT NULL,
+    seq    BIGINT NOT NULL,
+    kind   TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at     BIGINT NOT NULL,
+    PRIMARY KEY (host, seq, kind)
+);
+"#,
+    ),
 ];
 
 /// The newest schema version this build knows.

@@ -17,6 +17,7 @@
 //! the `C` collation, so that prefix ranges and ordering are bytewise.
 
 pub mod audit;
+mod host_audit;
 mod listen;
 mod migrations;
 mod tls;
@@ -31,8 +32,9 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{
-    Admission, AdmissionQuery, Change, DeadLetter, GrantQuery, Inserted, RequestQuery, Store,
-    StoreConfig, StoreError, StoreFuture, Transition, Versioned, ms, subject_key, target_key,
+    Admission, AdmissionQuery, Change, DeadLetter, GrantQuery, Inserted, RequestQuery, Shipped,
+    Store, StoreConfig, StoreError, StoreFuture, Transition, Versioned, ms, subject_key,
+    target_key,
 };
 use crate::reviewer::Reviewer;
 
@@ -792,6 +794,38 @@ impl Store for PostgresStore {
 
     fn dead_letter(&self, letter: DeadLetter) -> StoreFuture<'_, ()> {
         Box::pin(async move { self.dead_letter(&letter).await })
+    }
+
+    fn ship_host_audit(
+        &self,
+        host: String,
+        batch: gatekeep_proto::host_audit::ShipBatch,
+        now: OffsetDateTime,
+    ) -> StoreFuture<'_, Shipped> {
+        Box::pin(async move { self.ship_host_audit(&host, &batch, now).await })
+    }
+
+    fn host_audit_heads(
+        &self,
+        host: Option<String>,
+    ) -> StoreFuture<'_, Vec<gatekeep_proto::host_audit::HostHead>> {
+        Box::pin(async move { self.host_audit_heads(host.as_deref()).await })
+    }
+
+    fn host_audit_divergences(
+        &self,
+        host: Option<String>,
+    ) -> StoreFuture<'_, Vec<gatekeep_proto::host_audit::Divergence>> {
+        Box::pin(async move { self.host_audit_divergences(host.as_deref()).await })
+    }
+
+    fn host_audit_records(
+        &self,
+        host: String,
+        from_seq: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<gatekeep_proto::host_audit::HostAuditRecord>> {
+        Box::pin(async move { self.host_audit_records(&host, from_seq, limit).await })
     }
 
     fn changes(&self) -> Option<mpsc::UnboundedReceiver<Change>> {
