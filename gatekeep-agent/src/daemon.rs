@@ -206,7 +206,16 @@ pub async fn run(config: AgentConfig, options: RunOptions) -> Result<(), DaemonE
     // 6c. Metrics, when `[metrics] listen` is set.
     let metrics = Arc::new(AgentMetrics::new());
     if let Some(addr) = config.metrics.listen {
-        serve_metrics(addr, &metrics, &kernel.handle, &audit, &shutdown_rx).await?;
+        let shipping = decision.shipping();
+        serve_metrics(
+            addr,
+            &metrics,
+            &kernel.handle,
+            &audit,
+            shipping,
+            &shutdown_rx,
+        )
+        .await?;
     }
     // 7. The controller (paused requests) and the policy watch.
     let controller_task = start_controller(
@@ -576,6 +585,7 @@ async fn serve_metrics(
     metrics: &Arc<AgentMetrics>,
     kernel: &KernelHandle,
     audit: &AuditPipeline,
+    shipping: Option<watch::Receiver<gatekeep_client::ShipStatus>>,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(), DaemonError> {
     let listener = gatekeep_server::metrics::bind(addr)
@@ -591,6 +601,7 @@ async fn serve_metrics(
             let kernel = kernel.clone();
             let handle = handle.clone();
             let writer = writer.clone();
+            let shipping_lag = shipping.as_ref().map(|status| status.borrow().lag());
             async move {
                 let kernel_counters = kernel.counters().await.ok();
                 let paused_kinds = kernel
@@ -606,6 +617,7 @@ async fn serve_metrics(
                     audit_writer: writer.queued(),
                     audit_held: health.failing.as_ref().map_or(0, |failure| failure.held),
                     audit_writable: health.is_writable(),
+                    shipping_lag,
                 })
             }
         }

@@ -12,9 +12,8 @@
 //! - gauges read at each scrape: paused requests (the kernel's `PENDING` map, by kind) and the
 //!   audit backlog (records handed to the log and not yet committed).
 //!
-//! Shipping lag (host audit records not yet acknowledged by the service) belongs here too
-//! once the agent ships its log: a `Gauge` field, one `register` line, and a `set` in
-//! [`Snapshot`]'s reader.
+//! - shipping lag: local audit records the service has not anchored yet (remote mode), from
+//!   the shipper's status at each scrape; 0 when the agent does not ship.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -131,6 +130,9 @@ pub struct Snapshot {
     pub audit_held: usize,
     /// Whether the audit log can be written.
     pub audit_writable: bool,
+    /// Local audit records the service has not anchored yet; `None` unless the agent ships
+    /// its log (remote mode).
+    pub shipping_lag: Option<u64>,
 }
 
 /// The agent's metrics.
@@ -143,6 +145,7 @@ pub struct AgentMetrics {
     paused: Family<KindLabel, Gauge>,
     audit_backlog: Family<Stage, Gauge>,
     audit_writable: Gauge,
+    shipping_lag: Gauge,
     kernel: Arc<KernelCounters>,
 }
 
@@ -171,6 +174,7 @@ impl AgentMetrics {
             paused: Family::default(),
             audit_backlog: Family::default(),
             audit_writable: Gauge::default(),
+            shipping_lag: Gauge::default(),
             kernel: Arc::default(),
         };
         let mut registry = Registry::default();
@@ -204,6 +208,11 @@ impl AgentMetrics {
             "gatekeep_agent_audit_writable",
             "1 while the local audit log can be written, 0 while asks are denied for want of it",
             metrics.audit_writable.clone(),
+        );
+        r.register(
+            "gatekeep_agent_audit_shipping_lag_records",
+            "Local audit records the decision service has not anchored yet (remote mode only)",
+            metrics.shipping_lag.clone(),
         );
         r.register_collector(Box::new(Arc::clone(&metrics.kernel)));
         Self {
@@ -288,6 +297,10 @@ impl AgentMetrics {
                 .set(i64::try_from(records).unwrap_or(i64::MAX));
         }
         self.audit_writable.set(i64::from(snapshot.audit_writable));
+        if let Some(lag) = snapshot.shipping_lag {
+            self.shipping_lag
+                .set(i64::try_from(lag).unwrap_or(i64::MAX));
+        }
         *self.kernel.0.lock().unwrap_or_else(PoisonError::into_inner) = snapshot.kernel_counters;
         let mut text = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
@@ -347,8 +360,10 @@ mod tests {
             audit_writer: 1,
             audit_held: 0,
             audit_writable: true,
+            shipping_lag: Some(42),
         });
         for line in [
+            "gatekeep_agent_audit_shipping_lag_records 42",
             "gatekeep_agent_requests_asked_total{kind=\"exec\",policy=\"deploy\"} 1",
             "gatekeep_agent_requests_ended_total{kind=\"exec\",policy=\"deploy\",outcome=\"approved\"} 1",
             "gatekeep_agent_decision_seconds_sum{kind=\"exec\",outcome=\"approved\"} 1.5",

@@ -83,6 +83,14 @@ pub struct DecisionService {
     shipper: Option<AuditShipper>,
 }
 
+impl DecisionService {
+    /// Where shipping the local audit log stands; `None` unless the agent ships (remote mode).
+    #[must_use]
+    pub fn shipping(&self) -> Option<watch::Receiver<gatekeep_client::ShipStatus>> {
+        self.shipper.as_ref().map(AuditShipper::status)
+    }
+}
+
 /// What [`start`] needs from the daemon.
 pub struct Wiring<'a> {
     pub config: &'a AgentConfig,
