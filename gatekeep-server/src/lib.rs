@@ -35,6 +35,7 @@ mod error;
 mod fanout;
 pub mod grants;
 mod hub;
+pub mod https;
 pub mod lifecycle;
 pub mod notify;
 pub mod paths;
