@@ -227,7 +227,8 @@ async fn a_slack_button_approves_and_the_message_says_who() {
     let updated = standin.wait_for("chat.update", 1, for_request(id)).await;
     let update = &updated[0].body;
     assert_eq!(
-        update["ts"], "1700000000.000001",
+        update["ts"],
+        standin.messages("C0AGENTS")[0].ts.as_str(),
         "the ts chat.postMessage answered"
     );
     assert_eq!(update["channel"], "C0AGENTS");
@@ -712,7 +713,8 @@ events = ["request.requested"]
     };
     for (sink, key, error, attempts) in &letters {
         assert_eq!(sink, "webhook:refuser");
-        assert!(key.ends_with(".requested"), "{key}");
+        // The delivery's key: `REQUEST_ID EVENT CHANNEL`.
+        assert!(key.ends_with(" requested webhook:refuser"), "{key}");
         assert!(error.contains("400"), "{error}");
         assert_eq!(*attempts, 1, "a 400 is final: no retry");
     }
@@ -1034,4 +1036,77 @@ async fn notices_queued_at_shutdown_are_still_sent() {
         );
     }
     assert_eq!(standin.violations(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_post_whose_answer_is_lost_is_found_again_not_posted_twice() {
+    let (standin, addr) = StandIn::start().await;
+    // Slack posts the first message, then the connection breaks: the service never hears
+    // the `ts` and cannot tell whether it was posted.
+    standin.drop_answer("chat.postMessage", 1);
+    let secrets = tempfile::tempdir().unwrap();
+    let notify = notify_toml(secrets.path(), addr);
+    let mut harness = Harness::start_with(|config, _| config.notify = notify).await;
+    let (link, _events) = harness.agent("web-1").await;
+    let request = exec_request(&["curl", "https://lost.example"]);
+    let id = request.id;
+    let pending = submit(&link, request);
+
+    // The retry looks the message up by its metadata instead of posting again.
+    let looked = standin
+        .wait_for("conversations.history", 1, |b| b["channel"] == "C0AGENTS")
+        .await;
+    let query = &looked[0].body;
+    assert_eq!(query["include_all_metadata"], "true", "{query}");
+    assert!(
+        query["oldest"].as_str().is_some_and(|t| t.parse::<f64>().is_ok()),
+        "a bounded window: {query}"
+    );
+    let posts = standin.ok_calls("chat.postMessage", for_request(id));
+    assert_eq!(posts.len(), 1, "posted once: {posts:#?}");
+    assert_eq!(
+        posts[0].body["metadata"],
+        json!({"event_type": "gatekeep_request",
+               "event_payload": {"request_id": id.to_string(), "shows": "pending:0"}})
+    );
+
+    api_post(
+        &harness,
+        "alice",
+        &format!("/api/v1/requests/{id}/decision"),
+        json!({"verdict": "allow", "reason": "found again"}),
+    )
+    .await;
+    assert_eq!(answer(pending).await.verdict, Verdict::Allow);
+    let updates = standin.wait_for("chat.update", 1, for_request(id)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let messages = standin.messages("C0AGENTS");
+    println!(
+        "stand-in: {} message(s) in C0AGENTS, {} post(s), {} history lookup(s), {} update(s)",
+        messages.len(),
+        standin.ok_calls("chat.postMessage", for_request(id)).len(),
+        standin.ok_calls("conversations.history", |_| true).len(),
+        standin.ok_calls("chat.update", for_request(id)).len(),
+    );
+    assert_eq!(messages.len(), 1, "exactly one message: {messages:#?}");
+    assert_eq!(messages[0].updates, 1, "updated once, on the decision");
+    assert_eq!(updates[0].body["ts"], messages[0].ts.as_str(), "the adopted ts");
+    assert!(
+        messages[0].text.as_str().is_some_and(|t| t.contains("Approved")),
+        "{:?}",
+        messages[0].text
+    );
+    assert_eq!(
+        standin.ok_calls("chat.postMessage", for_request(id)).len(),
+        1
+    );
+    assert_eq!(standin.ok_calls("chat.update", for_request(id)).len(), 1);
+    std::fs::write(
+        examples_dir().join("slack-history.json"),
+        serde_json::to_string_pretty(&looked[0].body).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(standin.violations(), Vec::<String>::new());
+    harness.stop().await;
 }

@@ -144,13 +144,14 @@ impl SlackApi {
     }
 
     /// Looks in `channel` for the message of `request` posted since `oldest`
-    /// (`conversations.history` with `include_all_metadata`); its `ts` if found.
+    /// (`conversations.history` with `include_all_metadata`); its `ts` and what it shows
+    /// (its metadata's `shows`) if found.
     pub(crate) async fn find_posted(
         &self,
         channel: &str,
         request: Uuid,
         oldest: OffsetDateTime,
-    ) -> Result<Option<String>, Failure> {
+    ) -> Result<Option<(String, String)>, Failure> {
         let oldest = format!("{}.000000", oldest.unix_timestamp());
         let wanted = request.to_string();
         let mut cursor = String::new();
@@ -179,8 +180,13 @@ impl SlackApi {
                         && message["metadata"]["event_payload"]["request_id"] == wanted.as_str()
                 })
             });
-            if let Some(ts) = found.and_then(|message| message["ts"].as_str()) {
-                return Ok(Some(ts.to_owned()));
+            if let Some(message) = found
+                && let Some(ts) = message["ts"].as_str()
+            {
+                let shows = message["metadata"]["event_payload"]["shows"]
+                    .as_str()
+                    .unwrap_or_default();
+                return Ok(Some((ts.to_owned(), shows.to_owned())));
             }
             cursor = answer["response_metadata"]["next_cursor"]
                 .as_str()
@@ -516,6 +522,11 @@ impl SlackSink {
             && let Some(since) = attempted_at
         {
             posted = self.find_lost_post(job, since).await?;
+            if let Some(found) = &posted {
+                if found.shown == now_shown {
+                    return self.store_posted(job, found).await;
+                }
+            }
         }
         let mode = self.routing.approvals(&record.request.policy);
         let (blocks, text) = message(
@@ -524,6 +535,12 @@ impl SlackSink {
             self.console_url.as_deref(),
             OffsetDateTime::now_utc(),
         );
+        // Names the request, and what the message shows, so a lost post found again is
+        // updated only if it shows less than the request's state.
+        let metadata = json!({
+            "event_type": METADATA_EVENT,
+            "event_payload": {"request_id": job.id.to_string(), "shows": now_shown},
+        });
         let stored = match posted {
             None => {
                 self.leases.attempt(&self.key(job)).await?;
@@ -533,11 +550,7 @@ impl SlackSink {
                         "chat.postMessage",
                         &json!({
                             "channel": job.channel, "text": text, "blocks": blocks,
-                            "unfurl_links": false,
-                            "metadata": {
-                                "event_type": METADATA_EVENT,
-                                "event_payload": {"request_id": job.id.to_string()},
-                            },
+                            "unfurl_links": false, "metadata": metadata,
                         }),
                     )
                     .await?;
@@ -560,7 +573,8 @@ impl SlackSink {
                 self.api
                     .call(
                         "chat.update",
-                        &json!({"channel": posted.channel, "ts": posted.ts, "text": text, "blocks": blocks}),
+                        &json!({"channel": posted.channel, "ts": posted.ts, "text": text,
+                            "blocks": blocks, "metadata": metadata}),
                     )
                     .await?;
                 Posted {
@@ -569,7 +583,11 @@ impl SlackSink {
                 }
             }
         };
-        let value = serde_json::to_string(&stored)
+        self.store_posted(job, &stored).await
+    }
+
+    async fn store_posted(&self, job: &SlackJob, posted: &Posted) -> Result<(), Failure> {
+        let value = serde_json::to_string(posted)
             .map_err(|err| Failure::retry(format!("encode: {err}")))?;
         self.engine
             .store
@@ -592,13 +610,12 @@ impl SlackSink {
             .find_posted(&job.channel, job.id, since - LOOKBACK)
             .await
         {
-            Ok(Some(ts)) => {
+            Ok(Some((ts, shown))) => {
                 tracing::info!(channel = job.channel, request = %job.id, ts, "found the message of a post whose answer was lost");
                 Ok(Some(Posted {
                     channel: job.channel.clone(),
                     ts,
-                    // Shows something older: the update below brings it up to date.
-                    shown: String::new(),
+                    shown,
                 }))
             }
             Ok(None) => Ok(None),
