@@ -5,6 +5,7 @@ mod config;
 mod escape;
 mod forecast;
 mod login;
+mod notify;
 mod output;
 
 use std::{io::Write as _, path::PathBuf, process::ExitCode};
@@ -64,6 +65,10 @@ enum Command {
     /// and print its JSON answer, e.g. `gatekeep api post
     /// /api/v1/requests/ID/decision --body '{"verdict": "allow", "reason": "ticket 42"}'`.
     Api(api::ApiArgs),
+    /// The notifications the service gave up on, and delivering them again
+    /// (administrators).
+    #[command(subcommand)]
+    Notify(notify::NotifyCommand),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -578,6 +583,9 @@ impl App {
                 Ok(())
             }
             Command::Api(args) => api::run(&self.connection, &args).await,
+            Command::Notify(command) => {
+                notify::run(&self.connection, &command, self.printer.is_json()).await
+            }
             Command::Completions { shell } => {
                 clap_complete::generate(
                     shell,
@@ -728,6 +736,7 @@ async fn main() -> ExitCode {
             | Command::Status
             | Command::Login
             | Command::Api(_)
+            | Command::Notify(_)
             | Command::Audit(
                 AuditCommand::Verify { db: None } | AuditCommand::Export { db: None, .. }
             )

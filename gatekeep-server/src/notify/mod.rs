@@ -12,6 +12,7 @@
 pub mod config;
 mod delivery;
 pub mod render;
+pub mod replay;
 pub mod secret;
 pub mod slack;
 pub mod teams;
