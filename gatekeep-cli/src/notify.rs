@@ -53,7 +53,11 @@ struct DeadLetters {
 }
 
 /// Runs `command`; `json` from `--output json`.
-pub async fn run(connection: &Connection, command: &NotifyCommand, json: bool) -> anyhow::Result<()> {
+pub async fn run(
+    connection: &Connection,
+    command: &NotifyCommand,
+    json: bool,
+) -> anyhow::Result<()> {
     match command {
         NotifyCommand::DeadLetters { json: as_json } => {
             let answer = api::call(
@@ -131,7 +135,16 @@ fn render(letters: &[DeadLetter]) -> String {
         })
         .collect();
     table(
-        &["ID", "AT", "SINK", "ABOUT", "EVENT", "CHANNEL", "ATTEMPTS", "LAST ERROR"],
+        &[
+            "ID",
+            "AT",
+            "SINK",
+            "ABOUT",
+            "EVENT",
+            "CHANNEL",
+            "ATTEMPTS",
+            "LAST ERROR",
+        ],
         &rows,
     )
 }
@@ -155,8 +168,14 @@ mod tests {
         }];
         let text = render(&letters);
         assert!(text.starts_with("ID  AT"), "{text}");
-        assert!(text.contains("7   2026-12-04T15:51:09Z  webhook:siem"), "{text}");
-        assert!(!text.contains('\u{1b}'), "no escape sequence reaches the terminal: {text}");
+        assert!(
+            text.contains("7   2026-12-04T15:51:09Z  webhook:siem"),
+            "{text}"
+        );
+        assert!(
+            !text.contains('\u{1b}'),
+            "no escape sequence reaches the terminal: {text}"
+        );
         assert!(render(&[]).starts_with("no dead letters"));
     }
 }

@@ -1146,7 +1146,10 @@ async fn an_administrator_lists_dead_letters_and_retries_one_until_it_is_deliver
             .await;
         assert!(output.status.success(), "{}", stderr(&output));
         let listed: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
-        let letters = listed["dead_letters"].as_array().cloned().unwrap_or_default();
+        let letters = listed["dead_letters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         if !letters.is_empty() {
             break letters;
         }
@@ -1158,7 +1161,10 @@ async fn an_administrator_lists_dead_letters_and_retries_one_until_it_is_deliver
     assert_eq!(letter["sink"], "webhook:siem");
     assert_eq!(letter["subject"], request.id.to_string());
     assert_eq!(letter["event"], "requested");
-    assert!(letter["error"].as_str().unwrap_or_default().contains("400"), "{letter}");
+    assert!(
+        letter["error"].as_str().unwrap_or_default().contains("400"),
+        "{letter}"
+    );
     let id = letter["id"].as_i64().expect("id").to_string();
 
     let table = env
@@ -1167,14 +1173,25 @@ async fn an_administrator_lists_dead_letters_and_retries_one_until_it_is_deliver
     let text = stdout(&table);
     println!("{text}");
     assert!(text.starts_with("ID "), "{text}");
-    assert!(text.contains("webhook:siem") && text.contains("requested"), "{text}");
+    assert!(
+        text.contains("webhook:siem") && text.contains("requested"),
+        "{text}"
+    );
 
     // A reviewer who is not an administrator sees nothing and retries nothing.
     let refused = env.run(&["notify", "dead-letters"]).await;
     assert!(!refused.status.success());
-    assert!(stderr(&refused).contains("not an administrator"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("not an administrator"),
+        "{}",
+        stderr(&refused)
+    );
     let refused = env.run(&["notify", "retry", &id]).await;
-    assert!(stderr(&refused).contains("not an administrator"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("not an administrator"),
+        "{}",
+        stderr(&refused)
+    );
 
     let retried = env
         .run_with(&["notify", "retry", &id], &admin, &env.endpoint)
@@ -1185,7 +1202,10 @@ async fn an_administrator_lists_dead_letters_and_retries_one_until_it_is_deliver
     // Delivered again, with the same event id (the receiver's idempotency key).
     let started = std::time::Instant::now();
     while seen.lock().expect("lock").len() < 2 {
-        assert!(started.elapsed() < PATIENCE, "the retry was never delivered");
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the retry was never delivered"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let events = seen.lock().expect("lock").clone();
@@ -1200,9 +1220,17 @@ async fn an_administrator_lists_dead_letters_and_retries_one_until_it_is_deliver
         .run_with(&["notify", "retry", &id], &admin, &env.endpoint)
         .await;
     assert!(!again.status.success());
-    assert!(stderr(&again).contains(&format!("no dead letter {id}")), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains(&format!("no dead letter {id}")),
+        "{}",
+        stderr(&again)
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(seen.lock().expect("lock").len(), 2, "delivered once more, not twice");
+    assert_eq!(
+        seen.lock().expect("lock").len(),
+        2,
+        "delivered once more, not twice"
+    );
     running.stop.send(()).expect("stop");
     running.serving.await.expect("join").expect("served");
 }

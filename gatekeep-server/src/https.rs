@@ -52,8 +52,7 @@ pub fn client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, Erro
 /// A URL is `https`, or `http` on a loopback address (tests, a receiver or provider on the
 /// same host). The error says what is wrong with `text`; the caller names the field.
 pub(crate) fn check_url(text: &str) -> Result<reqwest::Url, String> {
-    let url =
-        reqwest::Url::parse(text).map_err(|err| format!("`{text}` is not a url: {err}"))?;
+    let url = reqwest::Url::parse(text).map_err(|err| format!("`{text}` is not a url: {err}"))?;
     let loopback = url.host_str().is_some_and(|host| {
         host == "localhost"
             || host

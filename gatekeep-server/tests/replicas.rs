@@ -749,7 +749,11 @@ async fn every_replica_notifies_and_each_message_is_posted_once_and_updated_once
     let delivered = events.len();
     events.dedup();
     assert_eq!(delivered, events.len(), "each webhook event once");
-    assert_eq!(delivered, 2 * REQUESTS, "requested and decided, per request");
+    assert_eq!(
+        delivered,
+        2 * REQUESTS,
+        "requested and decided, per request"
+    );
     assert_eq!(standin.violations(), Vec::<String>::new());
     fleet.stop_and_verify().await;
 }
@@ -779,7 +783,10 @@ async fn a_message_whose_replica_died_mid_post_is_taken_over_after_its_lease() {
         )
         .await
         .expect("claim");
-    assert!(matches!(claimed, gatekeep_server::store::Claim::Taken { .. }));
+    assert!(matches!(
+        claimed,
+        gatekeep_server::store::Claim::Taken { .. }
+    ));
     store
         .delivery_attempt(key, "ghost".to_owned(), now)
         .await
@@ -790,7 +797,10 @@ async fn a_message_whose_replica_died_mid_post_is_taken_over_after_its_lease() {
     wait_pending(&mut on_b, id).await;
     let started = Instant::now();
     while standin.messages("C0FLEET").is_empty() {
-        assert!(started.elapsed() < PATIENCE, "the message was never taken over");
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the message was never taken over"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let taken_over = asked.elapsed();

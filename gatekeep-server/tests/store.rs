@@ -14,8 +14,8 @@ use gatekeep_proto::{
 use gatekeep_server::{
     ServerConfig, grants,
     store::{
-        self, AdmissionQuery, Claim, GrantQuery, Inserted, PostgresStore, RequestQuery, Store, StoreError,
-        Transition, postgres::audit::PostgresChain,
+        self, AdmissionQuery, Claim, GrantQuery, Inserted, PostgresStore, RequestQuery, Store,
+        StoreError, Transition, postgres::audit::PostgresChain,
     },
 };
 use support::{Backend, exec_request, pg};
@@ -362,7 +362,10 @@ async fn notices_are_kept_and_replaced_and_dead_letters_stored(backend: Backend)
         .expect("take")
         .expect("there");
     assert_eq!(taken, kept[0]);
-    assert_eq!(store.take_dead_letter(kept[0].id).await.expect("again"), None);
+    assert_eq!(
+        store.take_dead_letter(kept[0].id).await.expect("again"),
+        None
+    );
     assert!(store.dead_letters(10).await.expect("list").is_empty());
 }
 
@@ -437,7 +440,10 @@ async fn delivery_leases_have_one_holder_and_expire(backend: Backend) {
         store::Claim::Taken { attempted_at: None }
     );
     assert_eq!(key.to_string().split(' ').count(), 3);
-    assert_eq!(store::DeliveryKey::parse(&key.to_string()), Some(key.clone()));
+    assert_eq!(
+        store::DeliveryKey::parse(&key.to_string()),
+        Some(key.clone())
+    );
 }
 
 /// Of many claimers racing for one delivery, exactly one wins.
@@ -450,7 +456,12 @@ async fn of_racing_claims_exactly_one_wins(backend: Backend) {
         let key = key.clone();
         tokio::spawn(async move {
             store
-                .claim_delivery(key, format!("replica-{n}"), now, now + Duration::from_secs(60))
+                .claim_delivery(
+                    key,
+                    format!("replica-{n}"),
+                    now,
+                    now + Duration::from_secs(60),
+                )
                 .await
                 .expect("claim")
         })

@@ -165,7 +165,10 @@ pub fn router(
         .route("/api/v1/audit/verify", get(verify_audit))
         .route("/api/v1/audit/export", get(export_audit))
         .route("/api/v1/notify/dead-letters", get(dead_letters))
-        .route("/api/v1/notify/dead-letters/{id}/retry", post(retry_dead_letter))
+        .route(
+            "/api/v1/notify/dead-letters/{id}/retry",
+            post(retry_dead_letter),
+        )
         .route("/api/v1/{*rest}", axum::routing::any(no_such_route))
         .route("/auth/oidc/login", get(oidc_login))
         .route("/auth/oidc/callback", get(oidc_callback))
@@ -1018,7 +1021,13 @@ async fn retry_dead_letter(
         .parse()
         .map_err(|_| bad(format!("id: `{id}` is not a dead letter id (a number)")))?;
     let letter = crate::notify::replay::retry(&*state.engine.store, id).await?;
-    tracing::info!(id, sink = letter.sink, key = letter.key, by = caller.reviewer.name, "dead letter queued for delivery again");
+    tracing::info!(
+        id,
+        sink = letter.sink,
+        key = letter.key,
+        by = caller.reviewer.name,
+        "dead letter queued for delivery again"
+    );
     Ok(Json(letter))
 }
 

@@ -220,7 +220,11 @@ async fn run<S: Sink>(
             }
             // Given up: no other replica should take it over (an operator retries it).
             if let Err(failure) = leases.release(&key).await {
-                tracing::error!(error = failure.message(), sink = sink.name(), "failed to release a delivery");
+                tracing::error!(
+                    error = failure.message(),
+                    sink = sink.name(),
+                    "failed to release a delivery"
+                );
             }
             return true;
         }

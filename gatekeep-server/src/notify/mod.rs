@@ -37,11 +37,7 @@ use self::{
     teams::TeamsSink,
     webhook::WebhookSink,
 };
-use crate::{
-    error::Error,
-    lifecycle::Engine,
-    store::RequestQuery,
-};
+use crate::{error::Error, lifecycle::Engine, store::RequestQuery};
 
 /// Pending requests read per catch-up, at most.
 const CATCH_UP_LIMIT: usize = 100_000;
@@ -230,15 +226,10 @@ impl Notify {
                 console_url: self.console_url.clone(),
                 leases: leases.clone(),
             });
-            workers.push(feed(
-                engine,
-                sink,
-                &settings,
-                |sink, change| match change {
-                    Change::Request(record) => sink.jobs(record),
-                    Change::Revoked(_) => Vec::new(),
-                },
-            ));
+            workers.push(feed(engine, sink, &settings, |sink, change| match change {
+                Change::Request(record) => sink.jobs(record),
+                Change::Revoked(_) => Vec::new(),
+            }));
             let interactions = Interactions::new(
                 Arc::clone(engine),
                 slack.api,
@@ -259,36 +250,22 @@ impl Notify {
                 console_url: self.console_url.clone(),
                 leases: leases.clone(),
             });
-            workers.push(feed(
-                engine,
-                sink,
-                &settings,
-                |sink, change| match change {
-                    Change::Request(record) => sink.job(record).into_iter().collect(),
-                    Change::Revoked(_) => Vec::new(),
-                },
-            ));
+            workers.push(feed(engine, sink, &settings, |sink, change| match change {
+                Change::Request(record) => sink.job(record).into_iter().collect(),
+                Change::Revoked(_) => Vec::new(),
+            }));
         }
         for config in &self.webhooks {
-            let sink = Arc::new(WebhookSink::new(
-                config,
-                self.http.clone(),
-                leases.clone(),
-            )?);
-            workers.push(feed(
-                engine,
-                sink,
-                &settings,
-                |sink, change| {
-                    let events = match change {
-                        Change::Request(record) => webhook::request_events(record),
-                        Change::Revoked(grant) => {
-                            vec![webhook::grant_event(grant, "revoked", "grant.revoked")]
-                        }
-                    };
-                    events.into_iter().filter(|e| sink.wants(e.kind)).collect()
-                },
-            ));
+            let sink = Arc::new(WebhookSink::new(config, self.http.clone(), leases.clone())?);
+            workers.push(feed(engine, sink, &settings, |sink, change| {
+                let events = match change {
+                    Change::Request(record) => webhook::request_events(record),
+                    Change::Revoked(grant) => {
+                        vec![webhook::grant_event(grant, "revoked", "grant.revoked")]
+                    }
+                };
+                events.into_iter().filter(|e| sink.wants(e.kind)).collect()
+            }));
         }
         Ok(Running { router, workers })
     }
@@ -374,7 +351,9 @@ async fn expired_jobs<S: Sink>(sink: &S, leases: &Leases) -> Vec<S::Job> {
                 jobs.push(job);
             }
             // Nothing this sink delivers now (a request or grant gone, a webhook renamed).
-            None => tracing::debug!(sink = sink.name(), key = %key, "an expired delivery lease names nothing to deliver"),
+            None => {
+                tracing::debug!(sink = sink.name(), key = %key, "an expired delivery lease names nothing to deliver")
+            }
         }
     }
     jobs
@@ -609,9 +588,9 @@ mod tests {
             lease: std::time::Duration::from_secs(60),
         };
         let err = WebhookSink::new(&config, crate::https::client(None).unwrap(), leases)
-        .err()
-        .unwrap()
-        .to_string();
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("unknown event `request.approved`"), "{err}");
     }
 

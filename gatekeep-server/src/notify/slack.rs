@@ -462,7 +462,10 @@ impl SlackSink {
 
     /// The request as it is now (a job that waited through an outage shows the latest) and
     /// what its message shows so far.
-    async fn read(&self, job: &SlackJob) -> Result<Option<(RequestRecord, Option<Posted>)>, Failure> {
+    async fn read(
+        &self,
+        job: &SlackJob,
+    ) -> Result<Option<(RequestRecord, Option<Posted>)>, Failure> {
         let store = &self.engine.store;
         let Some(record) = store.get_request(job.id).await.map_err(store_failure)? else {
             return Ok(None);

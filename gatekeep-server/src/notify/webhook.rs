@@ -56,7 +56,13 @@ pub(crate) struct Event {
     pub body: Arc<str>,
 }
 
-fn event(subject: Uuid, suffix: &'static str, kind: &'static str, field: &str, value: Value) -> Event {
+fn event(
+    subject: Uuid,
+    suffix: &'static str,
+    kind: &'static str,
+    field: &str,
+    value: Value,
+) -> Event {
     let id = format!("{subject}.{suffix}");
     let mut body = json!({
         "id": id,

@@ -335,7 +335,11 @@ pub struct DeliveryKey {
 }
 
 impl DeliveryKey {
-    pub fn new(subject: impl ToString, channel: impl Into<String>, event: impl Into<String>) -> Self {
+    pub fn new(
+        subject: impl ToString,
+        channel: impl Into<String>,
+        event: impl Into<String>,
+    ) -> Self {
         Self {
             subject: subject.to_string(),
             channel: channel.into(),
@@ -365,7 +369,9 @@ impl std::fmt::Display for DeliveryKey {
 pub enum Claim {
     /// The caller holds the lease now. `attempted_at`: a call to the receiver was started
     /// then (by the caller or a holder that died) and its outcome never recorded.
-    Taken { attempted_at: Option<OffsetDateTime> },
+    Taken {
+        attempted_at: Option<OffsetDateTime>,
+    },
     /// Another holder's lease is live: it delivers.
     Held,
 }

@@ -33,8 +33,9 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    Admission, AdmissionQuery, Claim, DeadLetter, DeliveryKey, GrantQuery, StoredDeadLetter, Inserted, RequestQuery, Store, StoreError,
-    StoreFuture, Transition, Versioned, ms, subject_key, target_key,
+    Admission, AdmissionQuery, Claim, DeadLetter, DeliveryKey, GrantQuery, Inserted, RequestQuery,
+    Store, StoreError, StoreFuture, StoredDeadLetter, Transition, Versioned, ms, subject_key,
+    target_key,
 };
 use crate::reviewer::Reviewer;
 

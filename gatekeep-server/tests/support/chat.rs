@@ -303,7 +303,9 @@ async fn slack_method(
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !type_ok || !metadata["event_payload"].is_object() {
-            standin.violation(format!("{method}: metadata {metadata} is not event_type + event_payload"));
+            standin.violation(format!(
+                "{method}: metadata {metadata} is not event_type + event_payload"
+            ));
         }
     }
     let required: &[&str] = match method.as_str() {
@@ -392,7 +394,10 @@ async fn slack_method(
                 }
                 None => {
                     drop(inner);
-                    standin.violation(format!("chat.update: no message {} in {}", body["ts"], body["channel"]));
+                    standin.violation(format!(
+                        "chat.update: no message {} in {}",
+                        body["ts"], body["channel"]
+                    ));
                     json!({"ok": false, "error": "message_not_found"})
                 }
             }
@@ -405,7 +410,12 @@ async fn slack_method(
         let broken = futures_util::stream::once(async {
             Err::<Bytes, std::io::Error>(std::io::Error::other("answer dropped by the stand-in"))
         });
-        return (StatusCode::OK, [("content-type", "application/json")], axum::body::Body::from_stream(broken)).into_response();
+        return (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            axum::body::Body::from_stream(broken),
+        )
+            .into_response();
     }
     Json(answer).into_response()
 }
@@ -423,7 +433,9 @@ async fn conversations_history(
         let ok = match name.as_str() {
             "channel" => !value.is_empty(),
             "oldest" | "latest" => value.parse::<f64>().is_ok(),
-            "inclusive" | "include_all_metadata" => ["true", "false", "1", "0"].contains(&value.as_str()),
+            "inclusive" | "include_all_metadata" => {
+                ["true", "false", "1", "0"].contains(&value.as_str())
+            }
             "limit" => value.parse::<u32>().is_ok_and(|n| (1..=999).contains(&n)),
             "cursor" => value.parse::<usize>().is_ok(),
             _ => false,
@@ -445,8 +457,12 @@ async fn conversations_history(
     let oldest = arg("oldest").map_or(0.0, ts_of);
     let inclusive = truthy("inclusive");
     let metadata = truthy("include_all_metadata");
-    let limit = arg("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(100);
-    let start = arg("cursor").and_then(|c| c.parse::<usize>().ok()).unwrap_or(0);
+    let limit = arg("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(100);
+    let start = arg("cursor")
+        .and_then(|c| c.parse::<usize>().ok())
+        .unwrap_or(0);
     let inner = standin.0.lock().expect("lock");
     let Some(messages) = inner.messages.get(channel) else {
         return Json(json!({"ok": false, "error": "channel_not_found"})).into_response();
@@ -471,7 +487,11 @@ async fn conversations_history(
         .collect();
     let page: Vec<Value> = matching.iter().skip(start).take(limit).cloned().collect();
     let more = start + page.len() < matching.len();
-    let next = if more { (start + page.len()).to_string() } else { String::new() };
+    let next = if more {
+        (start + page.len()).to_string()
+    } else {
+        String::new()
+    };
     Json(json!({
         "ok": true, "messages": page, "has_more": more, "pin_count": 0,
         "response_metadata": {"next_cursor": next},

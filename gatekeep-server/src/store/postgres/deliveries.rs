@@ -150,7 +150,13 @@ impl PostgresStore {
             .map_err(self.err())?;
         Ok(rows
             .iter()
-            .map(|row| DeliveryKey::new(row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, String>(2)))
+            .map(|row| {
+                DeliveryKey::new(
+                    row.get::<_, String>(0),
+                    row.get::<_, String>(1),
+                    row.get::<_, String>(2),
+                )
+            })
             .collect())
     }
 }

@@ -31,8 +31,9 @@ use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
 use super::{
-    Admission, AdmissionQuery, Change, Claim, DeadLetter, DeliveryKey, GrantQuery, Inserted, RequestQuery, Store,
-    StoreConfig, StoreError, StoreFuture, Transition, Versioned, ms, subject_key, target_key,
+    Admission, AdmissionQuery, Change, Claim, DeadLetter, DeliveryKey, GrantQuery, Inserted,
+    RequestQuery, Store, StoreConfig, StoreError, StoreFuture, Transition, Versioned, ms,
+    subject_key, target_key,
 };
 use crate::reviewer::Reviewer;
 
