@@ -375,7 +375,7 @@ async fn delivery_leases_have_one_holder_and_expire(backend: Backend) {
     let (store, _config, _dir) = open(backend).await;
     let key = store::DeliveryKey::new(uuid::Uuid::new_v4(), "slack:C0AGENTS", "message");
     let t0 = OffsetDateTime::now_utc();
-    let lease = Duration::from_secs(60);
+    let lease = Duration::from_mins(1);
     let claim = |owner: &str, now: OffsetDateTime| {
         store.claim_delivery(key.clone(), owner.to_owned(), now, now + lease)
     };
@@ -411,7 +411,7 @@ async fn delivery_leases_have_one_holder_and_expire(backend: Backend) {
             .expired_deliveries("slack".into(), later)
             .await
             .expect("expired"),
-        [key.clone()]
+        std::slice::from_ref(&key)
     );
     assert!(
         store
@@ -426,7 +426,7 @@ async fn delivery_leases_have_one_holder_and_expire(backend: Backend) {
         panic!("an expired lease is taken over");
     };
     assert_eq!(
-        attempted_at.map(|at| at.unix_timestamp()),
+        attempted_at.map(OffsetDateTime::unix_timestamp),
         Some(t0.unix_timestamp())
     );
     assert_eq!(claim("a", later).await.expect("claim"), store::Claim::Held);
@@ -460,7 +460,7 @@ async fn of_racing_claims_exactly_one_wins(backend: Backend) {
                     key,
                     format!("replica-{n}"),
                     now,
-                    now + Duration::from_secs(60),
+                    now + Duration::from_mins(1),
                 )
                 .await
                 .expect("claim")

@@ -96,6 +96,10 @@ pub(crate) trait Sink: Send + Sync + 'static {
 }
 
 /// A store failure: worth another attempt.
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "made for `map_err(store_failure)`"
+)]
 pub(crate) fn store_failure(error: StoreError) -> Failure {
     Failure::retry(format!("store: {error}"))
 }

@@ -103,16 +103,7 @@ impl Notify {
             ),
             None => None,
         };
-        if config.lease_ms < 100 {
-            return Err(bad(
-                "[notify]: `lease_ms` must be at least 100 (default 60000)".to_owned(),
-            ));
-        }
-        if config.retry.max_attempts == 0 || config.retry.initial_ms == 0 {
-            return Err(bad(
-                "[notify.retry]: `max_attempts` and `initial_ms` must be at least 1".to_owned(),
-            ));
-        }
+        check_limits(config)?;
         let http = crate::https::client(None)?;
         let slack = match &config.slack {
             None => None,
@@ -271,6 +262,22 @@ impl Notify {
     }
 }
 
+/// The numbers of `[notify]` that must not be zero.
+fn check_limits(config: &NotifyConfig) -> Result<(), Error> {
+    let bad = |message: &str| {
+        Err(Error::Notify {
+            message: message.to_owned(),
+        })
+    };
+    if config.lease_ms < 100 {
+        return bad("[notify]: `lease_ms` must be at least 100 (default 60000)");
+    }
+    if config.retry.max_attempts == 0 || config.retry.initial_ms == 0 {
+        return bad("[notify.retry]: `max_attempts` and `initial_ms` must be at least 1");
+    }
+    Ok(())
+}
+
 /// Started sinks.
 pub(crate) struct Running {
     /// `/slack/interactions`, when Slack is configured.
@@ -352,7 +359,7 @@ async fn expired_jobs<S: Sink>(sink: &S, leases: &Leases) -> Vec<S::Job> {
             }
             // Nothing this sink delivers now (a request or grant gone, a webhook renamed).
             None => {
-                tracing::debug!(sink = sink.name(), key = %key, "an expired delivery lease names nothing to deliver")
+                tracing::debug!(sink = sink.name(), key = %key, "an expired delivery lease names nothing to deliver");
             }
         }
     }
@@ -585,7 +592,7 @@ mod tests {
         let leases = Leases {
             store,
             owner: "test".to_owned(),
-            lease: std::time::Duration::from_secs(60),
+            lease: std::time::Duration::from_mins(1),
         };
         let err = WebhookSink::new(&config, crate::https::client(None).unwrap(), leases)
             .err()

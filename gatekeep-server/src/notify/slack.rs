@@ -188,10 +188,10 @@ impl SlackApi {
                     .unwrap_or_default();
                 return Ok(Some((ts.to_owned(), shows.to_owned())));
             }
-            cursor = answer["response_metadata"]["next_cursor"]
+            answer["response_metadata"]["next_cursor"]
                 .as_str()
                 .unwrap_or_default()
-                .to_owned();
+                .clone_into(&mut cursor);
             if answer["has_more"].as_bool() != Some(true) || cursor.is_empty() {
                 break;
             }
@@ -496,12 +496,9 @@ impl SlackSink {
             let Some(attempted_at) = self.leases.claim(&lease).await? else {
                 return Ok(());
             };
-            let result = self.bring_up_to_date(job, attempted_at).await;
-            if let Err(failure) = result {
-                // The lease stays held: this worker retries, or another replica takes it
-                // over once it expires.
-                return Err(failure);
-            }
+            // On failure the lease stays held: this worker retries, or another replica
+            // takes it over once it expires.
+            self.bring_up_to_date(job, attempted_at).await?;
             self.leases.release(&lease).await?;
         }
     }
@@ -525,10 +522,10 @@ impl SlackSink {
             && let Some(since) = attempted_at
         {
             posted = self.find_lost_post(job, since).await?;
-            if let Some(found) = &posted {
-                if found.shown == now_shown {
-                    return self.store_posted(job, found).await;
-                }
+            if let Some(found) = &posted
+                && found.shown == now_shown
+            {
+                return self.store_posted(job, found).await;
             }
         }
         let mode = self.routing.approvals(&record.request.policy);

@@ -335,6 +335,10 @@ pub struct DeliveryKey {
 }
 
 impl DeliveryKey {
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "ids are `Copy`: callers pass them as they are"
+    )]
     pub fn new(
         subject: impl ToString,
         channel: impl Into<String>,

@@ -273,6 +273,10 @@ async fn users_info(
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "every Web API method the stand-in speaks, checked and answered in one place"
+)]
 async fn slack_method(
     State(standin): State<StandIn>,
     Path(method): Path<String>,
@@ -385,21 +389,18 @@ async fn slack_method(
                 .messages
                 .get_mut(channel)
                 .and_then(|messages| messages.iter_mut().find(|m| body["ts"] == m.ts.as_str()));
-            match message {
-                Some(message) => {
-                    message.text = body["text"].clone();
-                    message.blocks = body["blocks"].clone();
-                    message.updates += 1;
-                    json!({"ok": true, "channel": body["channel"], "ts": body["ts"], "text": body["text"]})
-                }
-                None => {
-                    drop(inner);
-                    standin.violation(format!(
-                        "chat.update: no message {} in {}",
-                        body["ts"], body["channel"]
-                    ));
-                    json!({"ok": false, "error": "message_not_found"})
-                }
+            if let Some(message) = message {
+                message.text = body["text"].clone();
+                message.blocks = body["blocks"].clone();
+                message.updates += 1;
+                json!({"ok": true, "channel": body["channel"], "ts": body["ts"], "text": body["text"]})
+            } else {
+                drop(inner);
+                standin.violation(format!(
+                    "chat.update: no message {} in {}",
+                    body["ts"], body["channel"]
+                ));
+                json!({"ok": false, "error": "message_not_found"})
             }
         }
         _ => json!({"ok": true, "message_ts": "1700000001.000001"}),
