@@ -1118,7 +1118,10 @@ async fn receiver() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[expect(clippy::too_many_lines, reason = "one scenario end to end, read top to bottom")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario end to end, read top to bottom"
+)]
 async fn an_administrator_lists_dead_letters_and_retries_one_until_it_is_delivered() {
     let (url, seen) = receiver().await;
     let running = running_with(|config, dir| {
