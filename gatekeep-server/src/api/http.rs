@@ -97,59 +97,16 @@ struct HttpState {
 
 /// The last few changes, encoded once for every watcher: with 100 consoles open, a decision
 /// is serialised once, not 100 times. Keyed by the hub's shared record (`Arc` identity);
-/// the entry keeps its record alive, so the address is not reused while cached. Whole
-/// groups of changes are kept too, as the `requests` event's data: watchers whose filter
-/// let the same changes through (all of them, without filters) share one string instead of
-/// each joining its own.
+/// the entry keeps its record alive, so the address is not reused while cached.
 #[derive(Default)]
-struct EncodedChanges {
-    records: std::sync::Mutex<std::collections::VecDeque<(Arc<RequestRecord>, Arc<str>)>>,
-    groups: std::sync::Mutex<std::collections::VecDeque<(Vec<Arc<RequestRecord>>, Arc<str>)>>,
-}
+struct EncodedChanges(std::sync::Mutex<std::collections::VecDeque<(Arc<RequestRecord>, Arc<str>)>>);
 
 impl EncodedChanges {
     const KEPT: usize = 64;
-    const GROUPS_KEPT: usize = 8;
-
-    /// The `requests` event data (a JSON array) of a group of changes, built once per
-    /// distinct group.
-    fn group(&self, records: &[Arc<RequestRecord>]) -> Result<Arc<str>, serde_json::Error> {
-        let same = |cached: &[Arc<RequestRecord>]| {
-            cached.len() == records.len()
-                && cached.iter().zip(records).all(|(a, b)| Arc::ptr_eq(a, b))
-        };
-        {
-            let groups = self
-                .groups
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some((_, data)) = groups.iter().rev().find(|(cached, _)| same(cached)) {
-                return Ok(Arc::clone(data));
-            }
-        }
-        let mut data = String::from("[");
-        for (index, record) in records.iter().enumerate() {
-            if index > 0 {
-                data.push(',');
-            }
-            data.push_str(&self.get(record)?);
-        }
-        data.push(']');
-        let data: Arc<str> = data.into();
-        let mut groups = self
-            .groups
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if groups.len() >= Self::GROUPS_KEPT {
-            groups.pop_front();
-        }
-        groups.push_back((records.to_vec(), Arc::clone(&data)));
-        Ok(data)
-    }
 
     fn get(&self, record: &Arc<RequestRecord>) -> Result<Arc<str>, serde_json::Error> {
         let mut cache = self
-            .records
+            .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((_, data)) = cache.iter().find(|(cached, _)| Arc::ptr_eq(cached, record)) {
@@ -942,26 +899,6 @@ async fn events(
 /// The events of one batch: its requests as one `requests` event (a JSON array of
 /// `{initial, request}`), then `ready` or `end` if the batch holds one.
 fn batch_events(encoded: &EncodedChanges, batch: Vec<WatchItem>) -> Vec<Event> {
-    // The common case, a group of changes only: its data is shared by every watcher.
-    let changes: Option<Vec<Arc<RequestRecord>>> = batch
-        .iter()
-        .map(|item| match item {
-            WatchItem::Request {
-                initial: false,
-                record,
-            } => Some(Arc::clone(record)),
-            _ => None,
-        })
-        .collect();
-    if let Some(changes) = changes.filter(|changes| !changes.is_empty()) {
-        return vec![match encoded.group(&changes) {
-            Ok(data) => Event::default().event("requests").data(&*data),
-            Err(error) => {
-                tracing::error!(%error, "cannot encode a watch event");
-                end_event("internal error in the decision service; see its log")
-            }
-        }];
-    }
     let mut events = Vec::new();
     let mut requests = String::from("[");
     let flush = |requests: &mut String, events: &mut Vec<Event>| {
