@@ -644,16 +644,34 @@ events = ["request.requested"]
     )
     .unwrap();
 
-    // Slack's messages say how each request ended.
+    // Slack's messages say how each request ended: updated, or (a request that ended
+    // before its post went out) posted showing it already.
     for (id, outcome) in [
         (cancelled_id, "gatekeep: Cancelled"),
         (expiring_id, "gatekeep: Expired"),
     ] {
-        standin
-            .wait_for("chat.update", 1, move |b| {
-                for_request(id)(b) && b.to_string().contains(outcome)
+        let shows = move |b: &Value| for_request(id)(b) && b.to_string().contains(outcome);
+        let started = std::time::Instant::now();
+        while standin.ok_calls("chat.update", shows).is_empty()
+            && standin.ok_calls("chat.postMessage", shows).is_empty()
+        {
+            assert!(
+                started.elapsed() < support::PATIENCE,
+                "no message of {id} says {outcome}: {:#?}",
+                standin.calls()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let messages = standin
+            .messages("C0AGENTS")
+            .into_iter()
+            .filter(|m| {
+                m.metadata
+                    .as_ref()
+                    .is_some_and(|meta| meta["event_payload"]["request_id"] == id.to_string())
             })
-            .await;
+            .count();
+        assert_eq!(messages, 1, "one message for {id}");
     }
 
     // Teams: a card per request and one per outcome, each once.
