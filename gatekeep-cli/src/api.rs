@@ -156,7 +156,7 @@ async fn sign_in(
 }
 
 /// Makes the call; the answer's JSON (`null` for none).
-async fn call(
+pub(crate) async fn call(
     connection: &Connection,
     method: ApiMethod,
     path: &str,

@@ -6,6 +6,7 @@ mod escape;
 mod forecast;
 mod host_audit;
 mod login;
+mod notify;
 mod output;
 mod report;
 
@@ -69,6 +70,10 @@ enum Command {
     /// and print its JSON answer, e.g. `gatekeep api post
     /// /api/v1/requests/ID/decision --body '{"verdict": "allow", "reason": "ticket 42"}'`.
     Api(api::ApiArgs),
+    /// The notifications the service gave up on, and delivering them again
+    /// (administrators).
+    #[command(subcommand)]
+    Notify(notify::NotifyCommand),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -675,6 +680,9 @@ impl App {
                 Ok(())
             }
             Command::Api(args) => api::run(&self.connection, &args).await,
+            Command::Notify(command) => {
+                notify::run(&self.connection, &command, self.printer.is_json()).await
+            }
             Command::Completions { shell } => {
                 clap_complete::generate(
                     shell,
@@ -865,6 +873,7 @@ async fn main() -> ExitCode {
             | Command::Status
             | Command::Login
             | Command::Api(_)
+            | Command::Notify(_)
             | Command::Audit(
                 AuditCommand::Verify { db: None, .. }
                     | AuditCommand::Verify { host: Some(_), .. }

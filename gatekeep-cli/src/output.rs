@@ -21,8 +21,15 @@ pub struct Printer {
     format: Format,
 }
 
+impl Printer {
+    /// Whether `--output json` was asked for.
+    pub fn is_json(&self) -> bool {
+        matches!(self.format, Format::Json)
+    }
+}
+
 /// Prints rows with columns padded to their widest cell.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {

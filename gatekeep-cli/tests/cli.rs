@@ -337,17 +337,25 @@ struct Running {
     link: Arc<AgentLink>,
     stop: tokio::sync::oneshot::Sender<()>,
     serving: tokio::task::JoinHandle<Result<(), gatekeep_server::Error>>,
+    /// The token of bob, an administrator (group `admins`).
+    admin: String,
 }
 
 async fn running() -> Running {
+    running_with(|_, _| {}).await
+}
+
+/// A service whose config `configure` adjusts (given the test's directory).
+async fn running_with(configure: impl FnOnce(&mut ServerConfig, &Path)) -> Running {
     let dir = tempfile::tempdir().expect("temp dir");
     let pki = Pki::ephemeral(&[]).expect("pki");
     std::fs::write(dir.path().join("ca.pem"), pki.ca.cert_pem()).expect("write ca");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         data_dir: dir.path().join("data"),
         ..ServerConfig::default()
     };
+    configure(&mut config, dir.path());
     let server = Server::builder(config)
         .tls(pki.tls())
         .listener(listener)
@@ -357,6 +365,10 @@ async fn running() -> Running {
     let endpoint = server.endpoint();
     let token = server
         .add_reviewer("alice", &["sre".into()])
+        .await
+        .expect("reviewer");
+    let admin = server
+        .add_reviewer("bob", &["sre".into(), "admins".into()])
         .await
         .expect("reviewer");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -391,6 +403,7 @@ async fn running() -> Running {
         link: Arc::new(link),
         stop,
         serving,
+        admin,
     }
 }
 
@@ -1037,4 +1050,191 @@ fn policy_test_refuses_invalid_cases_and_missing_policies_with_status_1() {
         "{}",
         stderr(&output)
     );
+}
+
+/// A webhook receiver on loopback (plain HTTP/1.1): refuses the first delivery with 400,
+/// accepts the rest with 204; every delivery's event id in order of arrival.
+async fn receiver() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let events = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut data = Vec::new();
+            let mut buffer = [0_u8; 4096];
+            // Headers, then as much body as content-length says.
+            let (head, length) = loop {
+                let n = stream.read(&mut buffer).await.unwrap_or(0);
+                if n == 0 {
+                    break (String::new(), 0);
+                }
+                data.extend_from_slice(&buffer[..n]);
+                if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    data.drain(..end + 4);
+                    break (head, length);
+                }
+            };
+            while data.len() < length {
+                let n = stream.read(&mut buffer).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                data.extend_from_slice(&buffer[..n]);
+            }
+            let id = head
+                .lines()
+                .find_map(|l| l.strip_prefix("x-gatekeep-event-id:"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            let first = {
+                let mut events = events.lock().expect("lock");
+                events.push(id);
+                events.len() == 1
+            };
+            let answer: &[u8] = if first {
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 7\r\nconnection: close\r\n\r\nrefused"
+            } else {
+                b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n"
+            };
+            drop(stream.write_all(answer).await);
+            drop(stream.shutdown().await);
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario end to end, read top to bottom"
+)]
+async fn an_administrator_lists_dead_letters_and_retries_one_until_it_is_delivered() {
+    let (url, seen) = receiver().await;
+    let running = running_with(|config, dir| {
+        std::fs::write(dir.join("hook-key"), "whsec-cli-test").expect("key");
+        let text = format!(
+            "lease_ms = 400\n[retry]\ninitial_ms = 50\nmax_ms = 200\n\
+             [[webhook]]\nname = \"siem\"\nurl = \"{url}\"\nsecret = {{ file = \"{}\" }}\n\
+             events = [\"request.requested\"]\n",
+            dir.join("hook-key").display()
+        );
+        config.notify = toml::from_str(&text).expect("notify config");
+        config.console.admin_groups = vec!["admins".into()];
+    })
+    .await;
+    let env = &running.env;
+    // bob is an administrator (group `admins`), alice is not.
+    let admin = running.admin.clone();
+    let request = request(&["curl", "https://dead.example"]);
+    ask(&running, &request).await;
+
+    // The receiver refused the `requested` event: a dead letter.
+    let started = std::time::Instant::now();
+    let letters = loop {
+        let output = env
+            .run_with(&["notify", "dead-letters", "--json"], &admin, &env.endpoint)
+            .await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        let listed: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+        let letters = listed["dead_letters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !letters.is_empty() {
+            break letters;
+        }
+        assert!(started.elapsed() < PATIENCE, "no dead letter appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter["sink"], "webhook:siem");
+    assert_eq!(letter["subject"], request.id.to_string());
+    assert_eq!(letter["event"], "requested");
+    assert!(
+        letter["error"].as_str().unwrap_or_default().contains("400"),
+        "{letter}"
+    );
+    let id = letter["id"].as_i64().expect("id").to_string();
+
+    let table = env
+        .run_with(&["notify", "dead-letters"], &admin, &env.endpoint)
+        .await;
+    let text = stdout(&table);
+    println!("{text}");
+    assert!(text.starts_with("ID "), "{text}");
+    assert!(
+        text.contains("webhook:siem") && text.contains("requested"),
+        "{text}"
+    );
+
+    // A reviewer who is not an administrator sees nothing and retries nothing.
+    let refused = env.run(&["notify", "dead-letters"]).await;
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("not an administrator"),
+        "{}",
+        stderr(&refused)
+    );
+    let refused = env.run(&["notify", "retry", &id]).await;
+    assert!(
+        stderr(&refused).contains("not an administrator"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let retried = env
+        .run_with(&["notify", "retry", &id], &admin, &env.endpoint)
+        .await;
+    assert!(retried.status.success(), "{}", stderr(&retried));
+    println!("{}", stdout(&retried));
+    assert!(stdout(&retried).contains("queued"), "{}", stdout(&retried));
+    // Delivered again, with the same event id (the receiver's idempotency key).
+    let started = std::time::Instant::now();
+    while seen.lock().expect("lock").len() < 2 {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the retry was never delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = seen.lock().expect("lock").clone();
+    assert_eq!(events[0], events[1], "{events:?}");
+    assert_eq!(events[0], format!("{}.requested", request.id));
+    let after = env
+        .run_with(&["notify", "dead-letters", "--json"], &admin, &env.endpoint)
+        .await;
+    let listed: serde_json::Value = serde_json::from_slice(&after.stdout).expect("json");
+    assert_eq!(listed["dead_letters"], serde_json::json!([]));
+    let again = env
+        .run_with(&["notify", "retry", &id], &admin, &env.endpoint)
+        .await;
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains(&format!("no dead letter {id}")),
+        "{}",
+        stderr(&again)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        seen.lock().expect("lock").len(),
+        2,
+        "delivered once more, not twice"
+    );
+    running.stop.send(()).expect("stop");
+    running.serving.await.expect("join").expect("served");
 }

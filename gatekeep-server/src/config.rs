@@ -100,6 +100,9 @@ pub struct ConsoleConfig {
     /// with a reviewer token (gRPC, HTTP bearer, token session) are refused for these
     /// policies; denials are not.
     pub max_auth_age: BTreeMap<String, u64>,
+    /// Reviewer groups whose members administer the service through the HTTP API (the
+    /// notification dead letters: `gatekeep notify ...`). Empty: nobody.
+    pub admin_groups: Vec<String>,
 }
 
 impl Default for ConsoleConfig {
@@ -111,6 +114,7 @@ impl Default for ConsoleConfig {
             token_sign_in: true,
             oidc: None,
             max_auth_age: BTreeMap::new(),
+            admin_groups: Vec::new(),
         }
     }
 }

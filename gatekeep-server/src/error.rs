@@ -28,6 +28,12 @@ pub enum Error {
     /// No grant with this id.
     #[error("no grant `{id}`")]
     UnknownGrant { id: Uuid },
+    /// No dead letter with this id (already retried, or never kept).
+    #[error("no dead letter {id}; list them with `gatekeep notify dead-letters`")]
+    UnknownDeadLetter { id: i64 },
+    /// A dead letter that cannot be delivered again now.
+    #[error("dead letter {id} cannot be retried: {message}")]
+    NotReplayable { id: i64, message: String },
     /// The request already left `pending`.
     #[error("request `{id}` is already {state}")]
     NotPending { id: Uuid, state: RequestState },
@@ -160,8 +166,10 @@ impl Error {
             }
             Error::UnknownRequest { .. }
             | Error::UnknownGrant { .. }
+            | Error::UnknownDeadLetter { .. }
             | Error::UnknownRoute { .. } => Code::NotFound,
             Error::NotPending { .. }
+            | Error::NotReplayable { .. }
             | Error::GrantInactive { .. }
             | Error::UnknownPolicy { .. }
             | Error::ShipRefused { .. } => Code::FailedPrecondition,

@@ -63,12 +63,17 @@ async fn apply(engine: &Engine, change: &Change) -> Result<(), crate::store::Sto
             engine.hub.publish(&record);
         }
         Change::GrantRevoked { id, host } => {
-            if !engine.hub.is_connected(host) {
+            // Notification feeds announce revocations made anywhere.
+            let notify = engine.hub.revocations_watched();
+            if !engine.hub.is_connected(host) && !notify {
                 return Ok(());
             }
             let Some(grant) = engine.store.get_grant(*id).await? else {
                 return Ok(());
             };
+            if notify {
+                engine.hub.publish_revoked(&grant);
+            }
             if let Some(revoked) = &grant.revoked {
                 engine.hub.send(
                     &grant.host,

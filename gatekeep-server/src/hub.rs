@@ -172,6 +172,11 @@ impl Hub {
         }
     }
 
+    /// Whether a notification feed follows revocations.
+    pub(crate) fn revocations_watched(&self) -> bool {
+        self.revoked.receiver_count() > 0
+    }
+
     pub(crate) fn subscribe_revoked(&self) -> broadcast::Receiver<Arc<Grant>> {
         self.revoked.subscribe()
     }

@@ -35,6 +35,7 @@ mod error;
 mod fanout;
 pub mod grants;
 pub mod host_audit;
+pub mod https;
 mod hub;
 pub mod lifecycle;
 pub mod metrics;

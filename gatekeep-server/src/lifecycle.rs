@@ -82,6 +82,13 @@ pub struct Engine {
     pub(crate) metrics: Arc<Metrics>,
 }
 
+impl Engine {
+    /// The service's host name (in its audit records, and naming it to other replicas).
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")

@@ -41,8 +41,9 @@ use uuid::Uuid;
 use crate::{
     auth::Reviewer,
     store::{
-        Admission, AdmissionQuery, Change, DeadLetter, GrantQuery, Inserted, PostgresStore,
-        RequestQuery, Shipped, Store, StoreFuture, Transition, Versioned,
+        Admission, AdmissionQuery, Change, Claim, DeadLetter, DeliveryKey, GrantQuery, Inserted,
+        PostgresStore, RequestQuery, Shipped, Store, StoreFuture, StoredDeadLetter, Transition,
+        Versioned,
     },
 };
 
@@ -456,6 +457,17 @@ impl Store for TimedStore {
         notice(key: String) -> Option<String>;
         set_notice(key: String, value: String) -> ();
         dead_letter(letter: DeadLetter) -> ();
+        dead_letters(limit: usize) -> Vec<StoredDeadLetter>;
+        take_dead_letter(id: i64) -> Option<StoredDeadLetter>;
+        claim_delivery(
+            key: DeliveryKey,
+            owner: String,
+            now: OffsetDateTime,
+            lease_until: OffsetDateTime
+        ) -> Claim;
+        delivery_attempt(key: DeliveryKey, owner: String, at: OffsetDateTime) -> ();
+        release_delivery(key: DeliveryKey, owner: String) -> ();
+        expired_deliveries(channel: String, now: OffsetDateTime) -> Vec<DeliveryKey>;
         ship_host_audit(host: String, batch: ShipBatch, now: OffsetDateTime) -> Shipped;
         host_audit_heads(host: Option<String>) -> Vec<HostHead>;
         host_audit_divergences(host: Option<String>) -> Vec<Divergence>;

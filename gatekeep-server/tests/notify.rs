@@ -227,7 +227,8 @@ async fn a_slack_button_approves_and_the_message_says_who() {
     let updated = standin.wait_for("chat.update", 1, for_request(id)).await;
     let update = &updated[0].body;
     assert_eq!(
-        update["ts"], "1700000000.000001",
+        update["ts"],
+        standin.messages("C0AGENTS")[0].ts.as_str(),
         "the ts chat.postMessage answered"
     );
     assert_eq!(update["channel"], "C0AGENTS");
@@ -278,6 +279,26 @@ async fn ephemeral_to(standin: &StandIn, user: &str, count: usize) -> String {
         .to_owned()
 }
 
+/// Presses a button (`payload`, signed now with Slack's secret): the service answers 200 and
+/// tells only the presser why nothing was done. Returns that ephemeral text, and the signed
+/// press (to replay it).
+async fn press_refused(
+    harness: &Harness,
+    standin: &StandIn,
+    payload: &Value,
+) -> (String, (String, String, String)) {
+    let user = payload["user"]["id"]
+        .as_str()
+        .expect("test setup")
+        .to_owned();
+    let heard = standin
+        .ok_calls("chat.postEphemeral", |b| b["user"] == user.as_str())
+        .len();
+    let press = signed(payload, chat::SIGNING_SECRET, now());
+    assert_eq!(post_interaction(harness, &press).await.0, StatusCode::OK);
+    (ephemeral_to(standin, &user, heard + 1).await, press)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_stale_replayed_and_unmapped_slack_requests_decide_nothing() {
     let (standin, addr) = StandIn::start().await;
@@ -315,13 +336,8 @@ async fn forged_stale_replayed_and_unmapped_slack_requests_decide_nothing() {
     assert!(body.contains("more than 5 minutes"), "{body}");
 
     // Unmapped: a confirmed email no reviewer has.
-    let mallory = signed(
-        &approve("U0MALLORY", chat::TEAM),
-        chat::SIGNING_SECRET,
-        now(),
-    );
-    assert_eq!(post_interaction(&harness, &mallory).await.0, StatusCode::OK);
-    let text = ephemeral_to(&standin, "U0MALLORY", 1).await;
+    let (text, mallory) =
+        press_refused(&harness, &standin, &approve("U0MALLORY", chat::TEAM)).await;
     assert!(
         text.contains("mallory@elsewhere.example is not a gatekeep reviewer"),
         "{text}"
@@ -331,42 +347,19 @@ async fn forged_stale_replayed_and_unmapped_slack_requests_decide_nothing() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body.contains("replay"), "{body}");
     // Another workspace.
-    let other = signed(
-        &approve("U0ALICE", "T0ELSEWHERE"),
-        chat::SIGNING_SECRET,
-        now(),
-    );
-    assert_eq!(post_interaction(&harness, &other).await.0, StatusCode::OK);
-    let text = ephemeral_to(&standin, "U0ALICE", 1).await;
+    let (text, _) = press_refused(&harness, &standin, &approve("U0ALICE", "T0ELSEWHERE")).await;
     assert!(text.contains("workspace"), "{text}");
     // An email Slack has not confirmed.
-    let unconfirmed = signed(
-        &approve("U0UNCONFIRMED", chat::TEAM),
-        chat::SIGNING_SECRET,
-        now(),
-    );
-    assert_eq!(
-        post_interaction(&harness, &unconfirmed).await.0,
-        StatusCode::OK
-    );
-    let text = ephemeral_to(&standin, "U0UNCONFIRMED", 1).await;
+    let (text, _) = press_refused(&harness, &standin, &approve("U0UNCONFIRMED", chat::TEAM)).await;
     assert!(text.contains("no confirmed email"), "{text}");
     // The rules of every surface: carol is not in the policy's group `sre`.
-    let carol = signed(&approve("U0CAROL", chat::TEAM), chat::SIGNING_SECRET, now());
-    assert_eq!(post_interaction(&harness, &carol).await.0, StatusCode::OK);
-    let text = ephemeral_to(&standin, "U0CAROL", 1).await;
+    let (text, _) = press_refused(&harness, &standin, &approve("U0CAROL", chat::TEAM)).await;
     assert!(
         text.contains("is not in a reviewer group of policy `ai-agents`"),
         "{text}"
     );
     // ... and nobody approves their own workload: worker@ is the workload's user `worker`.
-    let worker = signed(
-        &approve("U0WORKER", chat::TEAM),
-        chat::SIGNING_SECRET,
-        now(),
-    );
-    assert_eq!(post_interaction(&harness, &worker).await.0, StatusCode::OK);
-    let text = ephemeral_to(&standin, "U0WORKER", 1).await;
+    let (text, _) = press_refused(&harness, &standin, &approve("U0WORKER", chat::TEAM)).await;
     assert!(text.contains("cannot approve its own request"), "{text}");
 
     // Still pending after all that; then a real approval goes through.
@@ -651,16 +644,34 @@ events = ["request.requested"]
     )
     .unwrap();
 
-    // Slack's messages say how each request ended.
+    // Slack's messages say how each request ended: updated, or (a request that ended
+    // before its post went out) posted showing it already.
     for (id, outcome) in [
         (cancelled_id, "gatekeep: Cancelled"),
         (expiring_id, "gatekeep: Expired"),
     ] {
-        standin
-            .wait_for("chat.update", 1, move |b| {
-                for_request(id)(b) && b.to_string().contains(outcome)
+        let shows = move |b: &Value| for_request(id)(b) && b.to_string().contains(outcome);
+        let started = std::time::Instant::now();
+        while standin.ok_calls("chat.update", shows).is_empty()
+            && standin.ok_calls("chat.postMessage", shows).is_empty()
+        {
+            assert!(
+                started.elapsed() < support::PATIENCE,
+                "no message of {id} says {outcome}: {:#?}",
+                standin.calls()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let messages = standin
+            .messages("C0AGENTS")
+            .into_iter()
+            .filter(|m| {
+                m.metadata
+                    .as_ref()
+                    .is_some_and(|meta| meta["event_payload"]["request_id"] == id.to_string())
             })
-            .await;
+            .count();
+        assert_eq!(messages, 1, "one message for {id}");
     }
 
     // Teams: a card per request and one per outcome, each once.
@@ -712,7 +723,8 @@ events = ["request.requested"]
     };
     for (sink, key, error, attempts) in &letters {
         assert_eq!(sink, "webhook:refuser");
-        assert!(key.ends_with(".requested"), "{key}");
+        // The delivery's key: `REQUEST_ID EVENT CHANNEL`.
+        assert!(key.ends_with(" requested webhook:refuser"), "{key}");
         assert!(error.contains("400"), "{error}");
         assert_eq!(*attempts, 1, "a 400 is final: no retry");
     }
@@ -772,9 +784,7 @@ async fn a_quorum_of_two_is_reached_from_slack_one_person_once() {
         "the vote so far is shown"
     );
     // Alice again (a new press, so a new signature): her vote counts once.
-    let again = signed(&approve("U0ALICE"), chat::SIGNING_SECRET, now());
-    assert_eq!(post_interaction(&harness, &again).await.0, StatusCode::OK);
-    let text = ephemeral_to(&standin, "U0ALICE", 1).await;
+    let (text, _) = press_refused(&harness, &standin, &approve("U0ALICE")).await;
     assert!(text.contains("already approved"), "{text}");
 
     let bob = signed(&approve("U0BOB"), chat::SIGNING_SECRET, now());
@@ -832,10 +842,7 @@ async fn link_mode_policies_link_to_the_console_and_refuse_buttons() {
     );
     // A button payload for it anyway (signed: e.g. an old message) decides nothing.
     let payload = button_payload("U0ALICE", chat::TEAM, "gatekeep_approve", id, None);
-    let (status, _) =
-        post_interaction(&harness, &signed(&payload, chat::SIGNING_SECRET, now())).await;
-    assert_eq!(status, StatusCode::OK);
-    let text = ephemeral_to(&standin, "U0ALICE", 1).await;
+    let (text, _) = press_refused(&harness, &standin, &payload).await;
     assert!(text.contains("decided in the console only"), "{text}");
     // The console (here its API) decides it; Slack's message follows.
     api_post(
@@ -876,10 +883,7 @@ async fn a_slack_button_cannot_approve_where_the_policy_requires_a_reason() {
 
     // Approve: refused ephemerally (a button carries no reason), nothing recorded.
     let approve = button_payload("U0ALICE", chat::TEAM, "gatekeep_approve", id, None);
-    let (status, _) =
-        post_interaction(&harness, &signed(&approve, chat::SIGNING_SECRET, now())).await;
-    assert_eq!(status, StatusCode::OK);
-    let text = ephemeral_to(&standin, "U0ALICE", 1).await;
+    let (text, _) = press_refused(&harness, &standin, &approve).await;
     assert!(
         text.contains("policy `ai-agents` requires a reason for approvals")
             && text.contains("console")
@@ -1034,4 +1038,86 @@ async fn notices_queued_at_shutdown_are_still_sent() {
         );
     }
     assert_eq!(standin.violations(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_post_whose_answer_is_lost_is_found_again_not_posted_twice() {
+    let (standin, addr) = StandIn::start().await;
+    // Slack posts the first message, then the connection breaks: the service never hears
+    // the `ts` and cannot tell whether it was posted.
+    standin.drop_answer("chat.postMessage", 1);
+    let secrets = tempfile::tempdir().unwrap();
+    let notify = notify_toml(secrets.path(), addr);
+    let mut harness = Harness::start_with(|config, _| config.notify = notify).await;
+    let (link, _events) = harness.agent("web-1").await;
+    let request = exec_request(&["curl", "https://lost.example"]);
+    let id = request.id;
+    let pending = submit(&link, request);
+
+    // The retry looks the message up by its metadata instead of posting again.
+    let looked = standin
+        .wait_for("conversations.history", 1, |b| b["channel"] == "C0AGENTS")
+        .await;
+    let query = &looked[0].body;
+    assert_eq!(query["include_all_metadata"], "true", "{query}");
+    assert!(
+        query["oldest"]
+            .as_str()
+            .is_some_and(|t| t.parse::<f64>().is_ok()),
+        "a bounded window: {query}"
+    );
+    let posts = standin.ok_calls("chat.postMessage", for_request(id));
+    assert_eq!(posts.len(), 1, "posted once: {posts:#?}");
+    assert_eq!(
+        posts[0].body["metadata"],
+        json!({"event_type": "gatekeep_request",
+               "event_payload": {"request_id": id.to_string(), "shows": "pending:0"}})
+    );
+
+    api_post(
+        &harness,
+        "alice",
+        &format!("/api/v1/requests/{id}/decision"),
+        json!({"verdict": "allow", "reason": "found again"}),
+    )
+    .await;
+    assert_eq!(answer(pending).await.verdict, Verdict::Allow);
+    let updates = standin.wait_for("chat.update", 1, for_request(id)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let messages = standin.messages("C0AGENTS");
+    println!(
+        "stand-in: {} message(s) in C0AGENTS, {} post(s), {} history lookup(s), {} update(s)",
+        messages.len(),
+        standin.ok_calls("chat.postMessage", for_request(id)).len(),
+        standin.ok_calls("conversations.history", |_| true).len(),
+        standin.ok_calls("chat.update", for_request(id)).len(),
+    );
+    assert_eq!(messages.len(), 1, "exactly one message: {messages:#?}");
+    assert_eq!(messages[0].updates, 1, "updated once, on the decision");
+    assert_eq!(
+        updates[0].body["ts"],
+        messages[0].ts.as_str(),
+        "the adopted ts"
+    );
+    assert!(
+        messages[0]
+            .text
+            .as_str()
+            .is_some_and(|t| t.contains("Approved")),
+        "{:?}",
+        messages[0].text
+    );
+    assert_eq!(
+        standin.ok_calls("chat.postMessage", for_request(id)).len(),
+        1
+    );
+    assert_eq!(standin.ok_calls("chat.update", for_request(id)).len(), 1);
+    std::fs::write(
+        examples_dir().join("slack-history.json"),
+        serde_json::to_string_pretty(&looked[0].body).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(standin.violations(), Vec::<String>::new());
+    harness.stop().await;
 }

@@ -28,8 +28,15 @@ use gatekeep_proto::{
     GrantDuration,
     model::{ApprovalRequest, Decision, RequestState, Verdict},
 };
-use gatekeep_server::{ServerConfig, certs, store::PostgresStore};
-use support::{PATIENCE, exec_request, pg};
+use gatekeep_server::{
+    ServerConfig, certs,
+    store::{PostgresStore, Store as _},
+};
+use support::{
+    PATIENCE,
+    chat::{self, StandIn},
+    exec_request, pg,
+};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use uuid::Uuid;
@@ -101,10 +108,16 @@ struct Fleet {
     ca_pem: String,
     tokens: HashMap<String, String>,
     replicas: Vec<Replica>,
+    /// TOML appended to every replica's config (a `[notify]` section).
+    extra: String,
 }
 
 impl Fleet {
     async fn start(count: usize) -> Self {
+        Self::start_with(count, String::new()).await
+    }
+
+    async fn start_with(count: usize, extra: String) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let tls = dir.path().join("tls");
         certs::init_dir(&tls, &[]).expect("certificates");
@@ -130,6 +143,7 @@ impl Fleet {
             ca_pem,
             tokens,
             replicas: Vec::new(),
+            extra,
         };
         for n in 0..count {
             let replica = fleet.spawn(&format!("replica-{n}"));
@@ -159,7 +173,7 @@ impl Fleet {
             key = tls.join("server.key").display(),
             url = self.config.store.url.as_deref().expect("url"),
         );
-        fs::write(&config_path, text).expect("config");
+        fs::write(&config_path, text + &self.extra).expect("config");
         let log = self.dir.path().join(format!("{name}.log"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_gatekeep-server"));
         command
@@ -633,4 +647,180 @@ async fn a_grant_revoked_on_another_replica_is_removed_from_the_agent() {
             .count(),
         1
     );
+}
+
+/// `[notify]` for every replica: Slack (one channel) and a signed webhook, both at `standin`,
+/// with a short delivery lease so a dead holder is taken over quickly.
+fn notify_section(secrets: &std::path::Path, standin: SocketAddr) -> String {
+    fs::write(secrets.join("slack-bot-token"), chat::BOT_TOKEN).expect("test setup");
+    fs::write(secrets.join("slack-signing-secret"), chat::SIGNING_SECRET).expect("test setup");
+    fs::write(secrets.join("hook-key"), chat::WEBHOOK_KEY).expect("test setup");
+    let dir = secrets.display();
+    format!(
+        r#"
+[notify]
+lease_ms = 2000
+[notify.retry]
+initial_ms = 50
+max_ms = 1000
+[notify.slack]
+api_url = "http://{standin}/api"
+bot_token = {{ file = "{dir}/slack-bot-token" }}
+signing_secret = {{ file = "{dir}/slack-signing-secret" }}
+channel = "C0FLEET"
+[[notify.webhook]]
+name = "siem"
+url = "http://{standin}/hooks/siem"
+secret = {{ file = "{dir}/hook-key" }}
+"#
+    )
+}
+
+/// Waits until every message posted in `channel` has been updated at least once and
+/// there are `count` of them.
+async fn wait_updated(standin: &StandIn, channel: &str, count: usize) -> Vec<chat::Message> {
+    let started = Instant::now();
+    loop {
+        let messages = standin.messages(channel);
+        if messages.len() >= count && messages.iter().all(|m| m.updates >= 1) {
+            return messages;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{count} messages, each updated, never appeared: {messages:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_notifies_and_each_message_is_posted_once_and_updated_once() {
+    const REQUESTS: usize = 12;
+    let (standin, standin_addr) = StandIn::start().await;
+    let secrets = tempfile::tempdir().expect("temp dir");
+    let mut fleet = Fleet::start_with(2, notify_section(secrets.path(), standin_addr)).await;
+    let link = fleet.agent(0).await;
+    let mut on_a = fleet.reviewer(0, "alice").await;
+    let mut on_b = fleet.reviewer(1, "alice").await;
+    let (answers, mut answered) = mpsc::unbounded_channel();
+    let mut ids = Vec::new();
+    for n in 0..REQUESTS {
+        let request = exec_request(&["curl", &format!("https://notify.example/{n}")]);
+        ids.push(request.id);
+        ask(&link, request, &answers);
+    }
+    // Both replicas see every request; each message is posted by one of them.
+    let started = Instant::now();
+    while standin.messages("C0FLEET").len() < REQUESTS {
+        assert!(started.elapsed() < PATIENCE, "not every request was posted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (n, id) in ids.iter().enumerate() {
+        let reviewer = if n % 2 == 0 { &mut on_a } else { &mut on_b };
+        wait_pending(reviewer, *id).await;
+        reviewer
+            .decide(*id, Verdict::Allow, "fleet", GrantDuration::Once)
+            .await
+            .expect("decide");
+        next_answer(&mut answered).await;
+    }
+    wait_updated(&standin, "C0FLEET", REQUESTS).await;
+    // Nothing more arrives: no second post, no second update, no second webhook event.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let messages = standin.messages("C0FLEET");
+    let posts = standin.ok_calls("chat.postMessage", |_| true).len();
+    let updates = standin.ok_calls("chat.update", |_| true).len();
+    let hooks = standin.ok_calls("hook:siem", |_| true);
+    println!(
+        "two replicas, both notifying, {REQUESTS} requests: {} messages, {posts} posts, \
+         {updates} updates, {} webhook deliveries",
+        messages.len(),
+        hooks.len()
+    );
+    assert_eq!(messages.len(), REQUESTS, "one message per request");
+    assert!(messages.iter().all(|m| m.updates == 1), "{messages:#?}");
+    assert_eq!(posts, REQUESTS);
+    assert_eq!(updates, REQUESTS);
+    let mut events: Vec<String> = hooks
+        .iter()
+        .map(|c| c.body["id"].as_str().expect("id").to_owned())
+        .collect();
+    events.sort();
+    let delivered = events.len();
+    events.dedup();
+    assert_eq!(delivered, events.len(), "each webhook event once");
+    assert_eq!(
+        delivered,
+        2 * REQUESTS,
+        "requested and decided, per request"
+    );
+    assert_eq!(standin.violations(), Vec::<String>::new());
+    fleet.stop_and_verify().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_replica_died_mid_post_is_taken_over_after_its_lease() {
+    let (standin, standin_addr) = StandIn::start().await;
+    let secrets = tempfile::tempdir().expect("temp dir");
+    let mut fleet = Fleet::start_with(2, notify_section(secrets.path(), standin_addr)).await;
+    let link = fleet.agent(0).await;
+    let mut on_b = fleet.reviewer(1, "alice").await;
+    let request = exec_request(&["curl", "https://ghost.example"]);
+    let id = request.id;
+    // A replica (no longer running) took the message's lease and started posting: its
+    // outcome is unknown. Neither live replica posts while that lease holds.
+    let store = PostgresStore::connect(&fleet.config.store)
+        .await
+        .expect("connect");
+    let key = gatekeep_server::store::DeliveryKey::new(id, "slack:C0FLEET", "message");
+    let now = time::OffsetDateTime::now_utc();
+    let claimed = store
+        .claim_delivery(
+            key.clone(),
+            "ghost".to_owned(),
+            now,
+            now + Duration::from_secs(3),
+        )
+        .await
+        .expect("claim");
+    assert!(matches!(
+        claimed,
+        gatekeep_server::store::Claim::Taken { .. }
+    ));
+    store
+        .delivery_attempt(key, "ghost".to_owned(), now)
+        .await
+        .expect("attempt");
+    let (answers, mut answered) = mpsc::unbounded_channel();
+    let asked = Instant::now();
+    ask(&link, request, &answers);
+    wait_pending(&mut on_b, id).await;
+    let started = Instant::now();
+    while standin.messages("C0FLEET").is_empty() {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the message was never taken over"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let taken_over = asked.elapsed();
+    // The new holder first looked for the ghost's post (none: it died before Slack had it).
+    let lookups = standin.ok_calls("conversations.history", |_| true);
+    assert_eq!(lookups.len(), 1, "{lookups:#?}");
+    on_b.decide(id, Verdict::Deny, "ghost", GrantDuration::Once)
+        .await
+        .expect("decide");
+    next_answer(&mut answered).await;
+    let messages = wait_updated(&standin, "C0FLEET", 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    println!(
+        "a lease held by a dead replica (3 s) was taken over {taken_over:?} after the request; \
+         {} message, {} update",
+        standin.messages("C0FLEET").len(),
+        messages[0].updates
+    );
+    assert_eq!(standin.messages("C0FLEET").len(), 1);
+    assert_eq!(standin.messages("C0FLEET")[0].updates, 1);
+    assert_eq!(standin.violations(), Vec::<String>::new());
+    fleet.stop_and_verify().await;
 }

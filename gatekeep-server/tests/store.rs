@@ -14,8 +14,8 @@ use gatekeep_proto::{
 use gatekeep_server::{
     ServerConfig, grants,
     store::{
-        self, AdmissionQuery, GrantQuery, Inserted, PostgresStore, RequestQuery, Store, StoreError,
-        Transition, postgres::audit::PostgresChain,
+        self, AdmissionQuery, Claim, GrantQuery, Inserted, PostgresStore, RequestQuery, Store,
+        StoreError, Transition, postgres::audit::PostgresChain,
     },
 };
 use support::{Backend, exec_request, pg};
@@ -353,9 +353,131 @@ async fn notices_are_kept_and_replaced_and_dead_letters_stored(backend: Backend)
         })
         .await
         .expect("dead letter");
+    let kept = store.dead_letters(10).await.expect("list");
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].letter.key, "event-1");
+    let taken = store
+        .take_dead_letter(kept[0].id)
+        .await
+        .expect("take")
+        .expect("there");
+    assert_eq!(taken, kept[0]);
+    assert_eq!(
+        store.take_dead_letter(kept[0].id).await.expect("again"),
+        None
+    );
+    assert!(store.dead_letters(10).await.expect("list").is_empty());
+}
+
+/// Delivery leases: one holder at a time, taken over once expired, with the unknown
+/// outcome of the dead holder's attempt handed to the next.
+async fn delivery_leases_have_one_holder_and_expire(backend: Backend) {
+    let (store, _config, _dir) = open(backend).await;
+    let key = store::DeliveryKey::new(uuid::Uuid::new_v4(), "slack:C0AGENTS", "message");
+    let t0 = OffsetDateTime::now_utc();
+    let lease = Duration::from_mins(1);
+    let claim = |owner: &str, now: OffsetDateTime| {
+        store.claim_delivery(key.clone(), owner.to_owned(), now, now + lease)
+    };
+    assert_eq!(
+        claim("a", t0).await.expect("claim"),
+        store::Claim::Taken { attempted_at: None }
+    );
+    assert_eq!(claim("b", t0).await.expect("claim"), store::Claim::Held);
+    // Its holder renews it.
+    assert_eq!(
+        claim("a", t0).await.expect("claim"),
+        store::Claim::Taken { attempted_at: None }
+    );
+    store
+        .delivery_attempt(key.clone(), "a".into(), t0)
+        .await
+        .expect("attempt");
+    // `b` is not the holder: its attempt changes nothing.
+    store
+        .delivery_attempt(key.clone(), "b".into(), t0 + lease)
+        .await
+        .expect("attempt");
+    assert!(
+        store
+            .expired_deliveries("slack".into(), t0)
+            .await
+            .expect("expired")
+            .is_empty()
+    );
+    let later = t0 + lease + Duration::from_secs(1);
+    assert_eq!(
+        store
+            .expired_deliveries("slack".into(), later)
+            .await
+            .expect("expired"),
+        std::slice::from_ref(&key)
+    );
+    assert!(
+        store
+            .expired_deliveries("webhook:siem".into(), later)
+            .await
+            .expect("expired")
+            .is_empty(),
+        "another sink's"
+    );
+    // Expired: `b` takes it over and learns that `a`'s attempt has no known outcome.
+    let Claim::Taken { attempted_at } = claim("b", later).await.expect("claim") else {
+        panic!("an expired lease is taken over");
+    };
+    assert_eq!(
+        attempted_at.map(OffsetDateTime::unix_timestamp),
+        Some(t0.unix_timestamp())
+    );
+    assert_eq!(claim("a", later).await.expect("claim"), store::Claim::Held);
+    // Released: free for anyone, nothing left unknown.
+    store
+        .release_delivery(key.clone(), "b".into())
+        .await
+        .expect("release");
+    assert_eq!(
+        claim("a", later).await.expect("claim"),
+        store::Claim::Taken { attempted_at: None }
+    );
+    assert_eq!(key.to_string().split(' ').count(), 3);
+    assert_eq!(
+        store::DeliveryKey::parse(&key.to_string()),
+        Some(key.clone())
+    );
+}
+
+/// Of many claimers racing for one delivery, exactly one wins.
+async fn of_racing_claims_exactly_one_wins(backend: Backend) {
+    let (store, _config, _dir) = open(backend).await;
+    let key = store::DeliveryKey::new(uuid::Uuid::new_v4(), "teams", "requested");
+    let now = OffsetDateTime::now_utc();
+    let claims = (0..16).map(|n| {
+        let store = Arc::clone(&store);
+        let key = key.clone();
+        tokio::spawn(async move {
+            store
+                .claim_delivery(
+                    key,
+                    format!("replica-{n}"),
+                    now,
+                    now + Duration::from_mins(1),
+                )
+                .await
+                .expect("claim")
+        })
+    });
+    let mut taken = 0;
+    for claim in claims {
+        if matches!(claim.await.expect("task"), store::Claim::Taken { .. }) {
+            taken += 1;
+        }
+    }
+    assert_eq!(taken, 1);
 }
 
 on_both_backends!(
+    delivery_leases_have_one_holder_and_expire,
+    of_racing_claims_exactly_one_wins,
     notices_are_kept_and_replaced_and_dead_letters_stored,
     inserts_are_idempotent_and_transitions_version_checked,
     of_concurrent_transitions_exactly_one_applies,
@@ -400,7 +522,7 @@ async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused()
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3], "each migration applied once");
+    assert_eq!(versions, [1, 2, 3, 4], "each migration applied once");
     // A newer build migrated the database: this build refuses it, saying why.
     client
         .execute(
@@ -416,7 +538,7 @@ async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused()
         refused,
         StoreError::SchemaNewer {
             found: 99,
-            supported: 3,
+            supported: 4,
             ..
         }
     ));

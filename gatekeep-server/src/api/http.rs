@@ -79,6 +79,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/grants/{id}/revoke"),
     ("GET", "/api/v1/audit/verify"),
     ("GET", "/api/v1/audit/export"),
+    ("GET", "/api/v1/notify/dead-letters"),
+    ("POST", "/api/v1/notify/dead-letters/{id}/retry"),
 ];
 
 /// What every handler shares.
@@ -162,6 +164,11 @@ pub fn router(
         .route("/api/v1/grants/{id}/revoke", post(revoke_grant))
         .route("/api/v1/audit/verify", get(verify_audit))
         .route("/api/v1/audit/export", get(export_audit))
+        .route("/api/v1/notify/dead-letters", get(dead_letters))
+        .route(
+            "/api/v1/notify/dead-letters/{id}/retry",
+            post(retry_dead_letter),
+        )
         // Unknown API paths get a JSON refusal; the catch-all needs a non-empty rest, so the
         // API's root is routed too (found by the http_api fuzz target).
         .route("/api/v1/{*rest}", axum::routing::any(no_such_route))
@@ -980,6 +987,68 @@ struct GrantParams {
 #[derive(Serialize)]
 struct GrantList {
     grants: Vec<gatekeep_proto::model::Grant>,
+}
+
+impl Caller {
+    /// Refuses a caller outside `[console] admin_groups`.
+    fn require_admin(&self, config: &ConsoleConfig) -> Result<(), ApiError> {
+        if self
+            .reviewer
+            .groups
+            .iter()
+            .any(|group| config.admin_groups.contains(group))
+        {
+            return Ok(());
+        }
+        Err(ApiError(Error::PermissionDenied {
+            message: format!(
+                "`{}` is not an administrator: only members of [console] admin_groups ({}) may do this",
+                self.reviewer.name,
+                if config.admin_groups.is_empty() {
+                    "none configured".to_owned()
+                } else {
+                    config.admin_groups.join(", ")
+                }
+            ),
+        }))
+    }
+}
+
+#[derive(Serialize)]
+struct DeadLetterList {
+    dead_letters: Vec<crate::notify::replay::DeadLetterView>,
+}
+
+/// `GET /api/v1/notify/dead-letters` (administrators).
+async fn dead_letters(
+    State(state): State<HttpState>,
+    caller: Caller,
+) -> Result<Json<DeadLetterList>, ApiError> {
+    caller.require_admin(&state.config)?;
+    Ok(Json(DeadLetterList {
+        dead_letters: crate::notify::replay::list(&*state.engine.store).await?,
+    }))
+}
+
+/// `POST /api/v1/notify/dead-letters/{id}/retry` (administrators).
+async fn retry_dead_letter(
+    State(state): State<HttpState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<crate::notify::replay::DeadLetterView>, ApiError> {
+    caller.require_admin(&state.config)?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| bad(format!("id: `{id}` is not a dead letter id (a number)")))?;
+    let letter = crate::notify::replay::retry(&*state.engine.store, id).await?;
+    tracing::info!(
+        id,
+        sink = letter.sink,
+        key = letter.key,
+        by = caller.reviewer.name,
+        "dead letter queued for delivery again"
+    );
+    Ok(Json(letter))
 }
 
 /// `GET /api/v1/grants`.

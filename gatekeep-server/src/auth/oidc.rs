@@ -23,7 +23,7 @@
 use std::{
     collections::HashMap,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -32,7 +32,6 @@ use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
     jwk::{AlgorithmParameters, JwkSet},
 };
-use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
@@ -173,64 +172,9 @@ fn oidc_error(message: impl Into<String>) -> Error {
     }
 }
 
-/// An HTTPS client trusting the system's roots and `ca_file`.
-pub fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        // A system root rustls cannot parse is skipped, as browsers do.
-        drop(roots.add(cert));
-    }
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|source| Error::ReadTls {
-            path: path.to_owned(),
-            source,
-        })?;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|err| Error::Certs {
-                message: format!("`{}`: {err}", path.display()),
-            })?;
-            roots.add(cert).map_err(|err| Error::Certs {
-                message: format!("`{}`: {err}", path.display()),
-            })?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|err| Error::Certs {
-            message: err.to_string(),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .timeout(Duration::from_secs(15))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|err| oidc_error(format!("cannot make an https client: {err}")))
-}
-
 /// A URL is `https`, or `http` on a loopback address (tests, a provider on the same host).
 fn check_url(field: &str, text: &str) -> Result<reqwest::Url, Error> {
-    let url = reqwest::Url::parse(text)
-        .map_err(|err| oidc_error(format!("`{field}` `{text}` is not a url: {err}")))?;
-    let loopback = url.host_str().is_some_and(|host| {
-        host == "localhost"
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    });
-    if url.scheme() == "https" || (url.scheme() == "http" && loopback) {
-        Ok(url)
-    } else {
-        Err(oidc_error(format!(
-            "`{field}` `{text}` must be an https url (http only on a loopback address)"
-        )))
-    }
+    crate::https::check_url(text).map_err(|message| oidc_error(format!("`{field}` {message}")))
 }
 
 fn random_b64(bytes: usize) -> Result<String, Error> {
@@ -295,7 +239,7 @@ impl Oidc {
             ),
             (None, None) => None,
         };
-        let http = http_client(config.ca_file.as_deref())?;
+        let http = crate::https::client(config.ca_file.as_deref())?;
         Ok(Self {
             config,
             secret,

@@ -4,6 +4,7 @@
 //! ```toml
 //! [notify]
 //! console_url = "https://gatekeep.example.com:7443"   # links in messages ("open in console")
+//! lease_ms = 60000                                    # a dead replica's deliveries resume after this
 //! [notify.retry]                                      # every sink: backoff, then dead letter
 //! initial_ms = 1000
 //! max_ms = 300000
@@ -50,6 +51,10 @@ pub struct NotifyConfig {
     pub retry: RetryConfig,
     /// Notices waiting per sink before its feed waits (then catches up from the store).
     pub queue: usize,
+    /// How long a replica holds a delivery (a Slack message, a card, a webhook event) before
+    /// another may take it over, in milliseconds: a replica that dies while delivering
+    /// delays that delivery by about this much.
+    pub lease_ms: u64,
     pub slack: Option<SlackConfig>,
     pub teams: Option<TeamsConfig>,
     pub webhook: Vec<WebhookConfig>,
@@ -61,6 +66,8 @@ impl Default for NotifyConfig {
             console_url: None,
             retry: RetryConfig::default(),
             queue: 1024,
+            // Far longer than one call (15 s at most), so a live holder is never overtaken.
+            lease_ms: 60_000,
             slack: None,
             teams: None,
             webhook: Vec::new(),

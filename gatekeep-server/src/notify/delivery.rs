@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::RetryConfig;
 use crate::{
     metrics::Metrics,
-    store::{DeadLetter, Store},
+    store::{Claim, DeadLetter, DeliveryKey, Store, StoreError},
 };
 
 /// Why an attempt failed.
@@ -86,12 +86,73 @@ pub(crate) trait Sink: Send + Sync + 'static {
     /// Names the sink in logs and dead letters (`slack`, `webhook:siem`).
     fn name(&self) -> &str;
 
-    /// Names a job in logs and dead letters.
-    fn key(&self, job: &Self::Job) -> String;
+    /// The delivery a job makes: its lease, its name in logs and dead letters.
+    fn key(&self, job: &Self::Job) -> DeliveryKey;
 
-    /// One attempt; must be idempotent (a retry after a lost answer must not post twice
-    /// where the receiver allows avoiding it).
+    /// One attempt, under the delivery's lease ([`Leases`]); must be idempotent (a retry after
+    /// a lost answer must not post twice where the receiver allows avoiding it).
     fn deliver(&self, job: &Self::Job) -> impl Future<Output = Result<(), Failure>> + Send;
+
+    /// The job of a delivery known by its key only (a lease another replica let expire, a
+    /// dead letter to retry); `None` if it names nothing this sink delivers.
+    fn resume(&self, key: &DeliveryKey) -> impl Future<Output = Option<Self::Job>> + Send;
+}
+
+/// A store failure: worth another attempt.
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "made for `map_err(store_failure)`"
+)]
+pub(crate) fn store_failure(error: StoreError) -> Failure {
+    Failure::retry(format!("store: {error}"))
+}
+
+/// This process's delivery leases (table `deliveries`): before it calls a receiver, a sink
+/// takes the delivery's lease, so of replicas sharing the database one delivers; a lease
+/// whose holder died expires and another replica takes the delivery over.
+#[derive(Clone)]
+pub(crate) struct Leases {
+    pub store: Arc<dyn Store>,
+    /// Names this process (random per start).
+    pub owner: String,
+    /// How long a lease holds without being renewed (every claim by its holder renews it).
+    pub lease: Duration,
+}
+
+impl Leases {
+    /// Takes `key`'s lease: `None` if another holder's is live (it delivers), else when a
+    /// call with an unknown outcome was started (`Some(Some(at))`).
+    pub(crate) async fn claim(
+        &self,
+        key: &DeliveryKey,
+    ) -> Result<Option<Option<OffsetDateTime>>, Failure> {
+        let now = OffsetDateTime::now_utc();
+        let claim = self
+            .store
+            .claim_delivery(key.clone(), self.owner.clone(), now, now + self.lease)
+            .await
+            .map_err(store_failure)?;
+        Ok(match claim {
+            Claim::Held => None,
+            Claim::Taken { attempted_at } => Some(attempted_at),
+        })
+    }
+
+    /// Notes that a call to the receiver starts now (its outcome unknown until released).
+    pub(crate) async fn attempt(&self, key: &DeliveryKey) -> Result<(), Failure> {
+        self.store
+            .delivery_attempt(key.clone(), self.owner.clone(), OffsetDateTime::now_utc())
+            .await
+            .map_err(store_failure)
+    }
+
+    /// Frees `key`'s lease: its outcome is known.
+    pub(crate) async fn release(&self, key: &DeliveryKey) -> Result<(), Failure> {
+        self.store
+            .release_delivery(key.clone(), self.owner.clone())
+            .await
+            .map_err(store_failure)
+    }
 }
 
 /// The delay before attempt `attempt + 1` (attempt counts from 1).
@@ -111,7 +172,7 @@ pub(crate) fn backoff(retry: &RetryConfig, attempt: u32, after: Option<Duration>
 /// is queued is still attempted once), or when `shutdown` interrupts a retry.
 pub(crate) fn spawn<S: Sink>(
     sink: Arc<S>,
-    store: Arc<dyn Store>,
+    leases: Leases,
     metrics: Arc<Metrics>,
     retry: RetryConfig,
     capacity: usize,
@@ -120,7 +181,7 @@ pub(crate) fn spawn<S: Sink>(
     let (sender, mut receiver) = mpsc::channel::<S::Job>(capacity.max(1));
     let worker = tokio::spawn(async move {
         while let Some(job) = receiver.recv().await {
-            if !run(&*sink, &*store, &metrics, &retry, &job, &shutdown).await {
+            if !run(&*sink, &leases, &metrics, &retry, &job, &shutdown).await {
                 return;
             }
         }
@@ -132,7 +193,7 @@ pub(crate) fn spawn<S: Sink>(
 /// once the service stops: the attempt made is the last).
 async fn run<S: Sink>(
     sink: &S,
-    store: &dyn Store,
+    leases: &Leases,
     metrics: &Metrics,
     retry: &RetryConfig,
     job: &S::Job,
@@ -152,20 +213,28 @@ async fn run<S: Sink>(
             let key = sink.key(job);
             tracing::error!(
                 sink = sink.name(),
-                key,
+                key = %key,
                 attempt,
                 error = failure.message(),
                 "notification not delivered; kept as a dead letter"
             );
             let letter = DeadLetter {
                 sink: sink.name().to_owned(),
-                key,
+                key: key.to_string(),
                 error: failure.message().to_owned(),
                 attempts: attempt,
                 at: OffsetDateTime::now_utc(),
             };
-            if let Err(error) = store.dead_letter(letter).await {
+            if let Err(error) = leases.store.dead_letter(letter).await {
                 tracing::error!(%error, sink = sink.name(), "failed to store a dead letter");
+            }
+            // Given up: no other replica should take it over (an operator retries it).
+            if let Err(failure) = leases.release(&key).await {
+                tracing::error!(
+                    error = failure.message(),
+                    sink = sink.name(),
+                    "failed to release a delivery"
+                );
             }
             return true;
         }
@@ -176,7 +245,7 @@ async fn run<S: Sink>(
         let wait = backoff(retry, attempt, after);
         tracing::warn!(
             sink = sink.name(),
-            key = sink.key(job),
+            key = %sink.key(job),
             attempt,
             error = failure.message(),
             wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),

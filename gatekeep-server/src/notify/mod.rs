@@ -12,6 +12,7 @@
 pub mod config;
 mod delivery;
 pub mod render;
+pub mod replay;
 pub mod secret;
 pub mod slack;
 pub mod teams;
@@ -30,7 +31,7 @@ use tokio::{
 pub use self::config::NotifyConfig;
 use self::{
     config::{RetryConfig, SlackApprovals},
-    delivery::Sink,
+    delivery::{Leases, Sink},
     secret::Secret,
     slack::{Routing, SlackApi, SlackSink, interactions::Interactions},
     teams::TeamsSink,
@@ -43,24 +44,9 @@ const CATCH_UP_LIMIT: usize = 100_000;
 
 /// A URL is `https`, or `http` on a loopback address (tests, a receiver on the same host).
 pub(crate) fn check_url(field: &str, text: &str) -> Result<reqwest::Url, Error> {
-    let bad = |message: String| Error::Notify { message };
-    let url = reqwest::Url::parse(text)
-        .map_err(|err| bad(format!("{field}: `{text}` is not a url: {err}")))?;
-    let loopback = url.host_str().is_some_and(|host| {
-        host == "localhost"
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    });
-    if url.scheme() == "https" || (url.scheme() == "http" && loopback) {
-        Ok(url)
-    } else {
-        Err(bad(format!(
-            "{field}: `{text}` must be an https url (http only on a loopback address)"
-        )))
-    }
+    crate::https::check_url(text).map_err(|message| Error::Notify {
+        message: format!("{field}: {message}"),
+    })
 }
 
 struct SlackParts {
@@ -80,6 +66,7 @@ struct TeamsParts {
 pub(crate) struct Notify {
     retry: RetryConfig,
     queue: usize,
+    lease: std::time::Duration,
     console_url: Option<String>,
     http: reqwest::Client,
     slack: Option<SlackParts>,
@@ -116,12 +103,8 @@ impl Notify {
             ),
             None => None,
         };
-        if config.retry.max_attempts == 0 || config.retry.initial_ms == 0 {
-            return Err(bad(
-                "[notify.retry]: `max_attempts` and `initial_ms` must be at least 1".to_owned(),
-            ));
-        }
-        let http = crate::auth::oidc::http_client(None)?;
+        check_limits(config)?;
+        let http = crate::https::client(None)?;
         let slack = match &config.slack {
             None => None,
             Some(slack) => {
@@ -196,6 +179,7 @@ impl Notify {
         Ok(Some(Self {
             retry: config.retry.clone(),
             queue: config.queue,
+            lease: std::time::Duration::from_millis(config.lease_ms),
             console_url,
             http,
             slack,
@@ -214,23 +198,29 @@ impl Notify {
     ) -> Result<Running, Error> {
         let mut router = None;
         let mut workers = Vec::new();
+        // This process's name on the leases it takes.
+        let leases = Leases {
+            store: Arc::clone(&engine.store),
+            owner: format!("{}:{}", engine.name(), uuid::Uuid::new_v4()),
+            lease: self.lease,
+        };
+        let settings = FeedSettings {
+            leases: leases.clone(),
+            retry: self.retry.clone(),
+            capacity: self.queue,
+        };
         if let Some(slack) = self.slack {
             let sink = Arc::new(SlackSink {
                 api: slack.api.clone(),
                 engine: Arc::clone(engine),
                 routing: Arc::clone(&slack.routing),
                 console_url: self.console_url.clone(),
+                leases: leases.clone(),
             });
-            workers.push(feed(
-                engine,
-                sink,
-                &self.retry,
-                self.queue,
-                |sink, change| match change {
-                    Change::Request(record) => sink.jobs(record),
-                    Change::Revoked(_) => Vec::new(),
-                },
-            ));
+            workers.push(feed(engine, sink, &settings, |sink, change| match change {
+                Change::Request(record) => sink.jobs(record),
+                Change::Revoked(_) => Vec::new(),
+            }));
             let interactions = Interactions::new(
                 Arc::clone(engine),
                 slack.api,
@@ -249,42 +239,43 @@ impl Notify {
                 engine: Arc::clone(engine),
                 policies: teams.policies,
                 console_url: self.console_url.clone(),
+                leases: leases.clone(),
             });
-            workers.push(feed(
-                engine,
-                sink,
-                &self.retry,
-                self.queue,
-                |sink, change| match change {
-                    Change::Request(record) => sink.job(record).into_iter().collect(),
-                    Change::Revoked(_) => Vec::new(),
-                },
-            ));
+            workers.push(feed(engine, sink, &settings, |sink, change| match change {
+                Change::Request(record) => sink.job(record).into_iter().collect(),
+                Change::Revoked(_) => Vec::new(),
+            }));
         }
         for config in &self.webhooks {
-            let sink = Arc::new(WebhookSink::new(
-                config,
-                self.http.clone(),
-                Arc::clone(&engine.store),
-            )?);
-            workers.push(feed(
-                engine,
-                sink,
-                &self.retry,
-                self.queue,
-                |sink, change| {
-                    let events = match change {
-                        Change::Request(record) => webhook::request_events(record),
-                        Change::Revoked(grant) => {
-                            vec![webhook::grant_event(grant, "revoked", "grant.revoked")]
-                        }
-                    };
-                    events.into_iter().filter(|e| sink.wants(e.kind)).collect()
-                },
-            ));
+            let sink = Arc::new(WebhookSink::new(config, self.http.clone(), leases.clone())?);
+            workers.push(feed(engine, sink, &settings, |sink, change| {
+                let events = match change {
+                    Change::Request(record) => webhook::request_events(record),
+                    Change::Revoked(grant) => {
+                        vec![webhook::grant_event(grant, "revoked", "grant.revoked")]
+                    }
+                };
+                events.into_iter().filter(|e| sink.wants(e.kind)).collect()
+            }));
         }
         Ok(Running { router, workers })
     }
+}
+
+/// The numbers of `[notify]` that must not be zero.
+fn check_limits(config: &NotifyConfig) -> Result<(), Error> {
+    let bad = |message: &str| {
+        Err(Error::Notify {
+            message: message.to_owned(),
+        })
+    };
+    if config.lease_ms < 100 {
+        return bad("[notify]: `lease_ms` must be at least 100 (default 60000)");
+    }
+    if config.retry.max_attempts == 0 || config.retry.initial_ms == 0 {
+        return bad("[notify.retry]: `max_attempts` and `initial_ms` must be at least 1");
+    }
+    Ok(())
 }
 
 /// Started sinks.
@@ -329,26 +320,75 @@ async fn send_all<S: Sink>(
     true
 }
 
+/// What every feed shares.
+struct FeedSettings {
+    leases: Leases,
+    retry: RetryConfig,
+    capacity: usize,
+}
+
+/// How often a feed looks for leases of its sink that expired: a quarter of the lease
+/// (between 1 and 15 s), so a delivery a dead replica held resumes soon after it expires.
+fn sweep_interval(lease: std::time::Duration) -> std::time::Duration {
+    (lease / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(15),
+    )
+}
+
+/// The deliveries of `sink` whose lease expired (their holder died or stalled, or an
+/// operator asked for a dead letter to be retried), as jobs.
+async fn expired_jobs<S: Sink>(sink: &S, leases: &Leases) -> Vec<S::Job> {
+    let keys = match leases
+        .store
+        .expired_deliveries(sink.name().to_owned(), OffsetDateTime::now_utc())
+        .await
+    {
+        Ok(keys) => keys,
+        Err(error) => {
+            tracing::warn!(%error, sink = sink.name(), "cannot read expired delivery leases");
+            return Vec::new();
+        }
+    };
+    let mut jobs = Vec::with_capacity(keys.len());
+    for key in keys {
+        match sink.resume(&key).await {
+            Some(job) => {
+                tracing::info!(sink = sink.name(), key = %key, "taking over a delivery whose lease expired");
+                jobs.push(job);
+            }
+            // Nothing this sink delivers now (a request or grant gone, a webhook renamed).
+            None => {
+                tracing::debug!(sink = sink.name(), key = %key, "an expired delivery lease names nothing to deliver");
+            }
+        }
+    }
+    jobs
+}
+
 /// Runs `sink`: subscribes to the hub now, catches up with the pending requests, then
-/// turns every change into jobs for the sink's queue until shutdown.
+/// turns every change into jobs for the sink's queue until shutdown; and takes over the
+/// deliveries whose lease expired.
 fn feed<S: Sink>(
     engine: &Arc<Engine>,
     sink: Arc<S>,
-    retry: &RetryConfig,
-    capacity: usize,
+    settings: &FeedSettings,
     jobs: impl Fn(&S, &Change) -> Vec<S::Job> + Send + Sync + 'static,
 ) -> JoinHandle<()> {
     let mut requests = engine.hub.subscribe();
     let mut revoked = engine.hub.subscribe_revoked();
     let shutdown = engine.shutdown.clone();
+    let leases = settings.leases.clone();
     let (queue, worker) = delivery::spawn(
         Arc::clone(&sink),
-        Arc::clone(&engine.store),
+        leases.clone(),
         Arc::clone(&engine.metrics),
-        retry.clone(),
-        capacity,
+        settings.retry.clone(),
+        settings.capacity,
         shutdown.clone(),
     );
+    let mut sweep = tokio::time::interval(sweep_interval(leases.lease));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let engine = Arc::clone(engine);
     // Changes from here on are this feed's to deliver; a catch-up after a lag re-reads
     // the outcomes since then (not older history, which was never this feed's).
@@ -371,6 +411,14 @@ fn feed<S: Sink>(
                 }
             }
             let change = tokio::select! {
+                _ = sweep.tick() => {
+                    for job in expired_jobs(&*sink, &leases).await {
+                        if queue.send(job).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 change = requests.recv() => change.map(Change::Request),
                 change = revoked.recv() => change.map(Change::Revoked),
                 () = shutdown.cancelled() => {
@@ -542,14 +590,15 @@ mod tests {
             )
             .unwrap(),
         );
-        let err = WebhookSink::new(
-            &config,
-            crate::auth::oidc::http_client(None).unwrap(),
+        let leases = Leases {
             store,
-        )
-        .err()
-        .unwrap()
-        .to_string();
+            owner: "test".to_owned(),
+            lease: std::time::Duration::from_mins(1),
+        };
+        let err = WebhookSink::new(&config, crate::https::client(None).unwrap(), leases)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("unknown event `request.approved`"), "{err}");
     }
 

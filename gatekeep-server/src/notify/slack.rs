@@ -5,7 +5,13 @@
 //!
 //! Idempotent delivery: the message's channel and `ts` are stored per request and channel
 //! (store notices `slack:CHANNEL:ID`) with the state it shows, so a retried or repeated job
-//! posts a request once and updates it once per change.
+//! posts a request once and updates it once per change. A post whose answer was lost (Slack
+//! posted it, the service never heard) is found again before it is retried: every message
+//! carries metadata naming its request ([`METADATA_EVENT`]), and `conversations.history`
+//! (with `include_all_metadata`, from shortly before the first attempt) finds it; its `ts`
+//! is adopted. Replicas take the message's lease (`deliveries`, event `message`) before
+//! posting or updating it, so one replica at a time does, and the one holding it brings the
+//! message up to date after letting go of it.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -21,11 +27,11 @@ use uuid::Uuid;
 
 use super::{
     config::{SlackApprovals, SlackConfig},
-    delivery::{self, Failure, Sink},
+    delivery::{self, Failure, Sink, store_failure},
     render,
     secret::Secret,
 };
-use crate::{error::Error, lifecycle::Engine};
+use crate::{error::Error, lifecycle::Engine, store::DeliveryKey};
 
 pub mod interactions;
 
@@ -35,6 +41,13 @@ pub(crate) const DENY: &str = "gatekeep_deny";
 pub(crate) const DURATION: &str = "gatekeep_duration";
 /// The actions block (its state carries the chosen duration).
 pub(crate) const ACTIONS_BLOCK: &str = "gatekeep_actions";
+/// The `event_type` of the metadata every message carries (its payload: `request_id`).
+pub const METADATA_EVENT: &str = "gatekeep_request";
+/// How far before the first attempt a lost post is looked for (Slack's clock may differ
+/// from the service's).
+const LOOKBACK: time::Duration = time::Duration::minutes(5);
+/// Pages of history read at most when looking for a lost post.
+const HISTORY_PAGES: usize = 10;
 
 /// Escapes text for Slack's mrkdwn: `&`, `<` and `>` are its control characters (links,
 /// mentions such as `<!channel>`), per Slack's "Escaping text" rules.
@@ -128,6 +141,62 @@ impl SlackApi {
             .send()
             .await;
         Self::answer("users.info", response).await
+    }
+
+    /// Looks in `channel` for the message of `request` posted since `oldest`
+    /// (`conversations.history` with `include_all_metadata`); its `ts` and what it shows
+    /// (its metadata's `shows`) if found.
+    pub(crate) async fn find_posted(
+        &self,
+        channel: &str,
+        request: Uuid,
+        oldest: OffsetDateTime,
+    ) -> Result<Option<(String, String)>, Failure> {
+        let oldest = format!("{}.000000", oldest.unix_timestamp());
+        let wanted = request.to_string();
+        let mut cursor = String::new();
+        for _ in 0..HISTORY_PAGES {
+            let mut query = vec![
+                ("channel", channel),
+                ("oldest", oldest.as_str()),
+                ("inclusive", "true"),
+                ("include_all_metadata", "true"),
+                ("limit", "200"),
+            ];
+            if !cursor.is_empty() {
+                query.push(("cursor", cursor.as_str()));
+            }
+            let response = self
+                .http
+                .get(format!("{}/conversations.history", self.base))
+                .bearer_auth(self.token.expose())
+                .query(&query)
+                .send()
+                .await;
+            let answer = Self::answer("conversations.history", response).await?;
+            let found = answer["messages"].as_array().and_then(|messages| {
+                messages.iter().find(|message| {
+                    message["metadata"]["event_type"] == METADATA_EVENT
+                        && message["metadata"]["event_payload"]["request_id"] == wanted.as_str()
+                })
+            });
+            if let Some(message) = found
+                && let Some(ts) = message["ts"].as_str()
+            {
+                let shows = message["metadata"]["event_payload"]["shows"]
+                    .as_str()
+                    .unwrap_or_default();
+                return Ok(Some((ts.to_owned(), shows.to_owned())));
+            }
+            answer["response_metadata"]["next_cursor"]
+                .as_str()
+                .unwrap_or_default()
+                .clone_into(&mut cursor);
+            if answer["has_more"].as_bool() != Some(true) || cursor.is_empty() {
+                break;
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -374,6 +443,7 @@ pub(crate) struct SlackSink {
     pub engine: Arc<Engine>,
     pub routing: Arc<Routing>,
     pub console_url: Option<String>,
+    pub leases: delivery::Leases,
 }
 
 impl SlackSink {
@@ -390,33 +460,73 @@ impl SlackSink {
             .collect()
     }
 
-    async fn sync(&self, job: &SlackJob) -> Result<(), Failure> {
-        let store_failure = |err: crate::store::StoreError| Failure::retry(format!("store: {err}"));
-        // The request as it is now: a job that waited through an outage shows the latest.
-        let Some(record) = self
-            .engine
-            .store
-            .get_request(job.id)
-            .await
-            .map_err(store_failure)?
-        else {
-            return Ok(());
+    /// The request as it is now (a job that waited through an outage shows the latest) and
+    /// what its message shows so far.
+    async fn read(
+        &self,
+        job: &SlackJob,
+    ) -> Result<Option<(RequestRecord, Option<Posted>)>, Failure> {
+        let store = &self.engine.store;
+        let Some(record) = store.get_request(job.id).await.map_err(store_failure)? else {
+            return Ok(None);
         };
-        let record = record.value;
-        let key = format!("slack:{}:{}", job.channel, job.id);
-        let posted: Option<Posted> = self
-            .engine
-            .store
-            .notice(key.clone())
+        let posted = store
+            .notice(notice_key(job))
             .await
             .map_err(store_failure)?
             .and_then(|text| serde_json::from_str(&text).ok());
+        Ok(Some((record.value, posted)))
+    }
+
+    async fn sync(&self, job: &SlackJob) -> Result<(), Failure> {
+        let lease = self.key(job);
+        // A replica that finds the message's lease held leaves the change to its holder,
+        // which reads the request again after letting go (below): so the last change is
+        // always shown, by one replica, and updates never race each other.
+        loop {
+            let Some((record, posted)) = self.read(job).await? else {
+                return Ok(());
+            };
+            if posted.as_ref().is_some_and(|p| p.shown == shown(&record)) {
+                return Ok(());
+            }
+            if posted.is_none() && !job.post {
+                return Ok(());
+            }
+            let Some(attempted_at) = self.leases.claim(&lease).await? else {
+                return Ok(());
+            };
+            // On failure the lease stays held: this worker retries, or another replica
+            // takes it over once it expires.
+            self.bring_up_to_date(job, attempted_at).await?;
+            self.leases.release(&lease).await?;
+        }
+    }
+
+    /// Under the message's lease: posts it (or finds the post whose answer was lost) or
+    /// updates it, and stores what it shows.
+    async fn bring_up_to_date(
+        &self,
+        job: &SlackJob,
+        attempted_at: Option<OffsetDateTime>,
+    ) -> Result<(), Failure> {
+        // Read again under the lease: the previous holder may have changed it.
+        let Some((record, mut posted)) = self.read(job).await? else {
+            return Ok(());
+        };
         let now_shown = shown(&record);
         if posted.as_ref().is_some_and(|p| p.shown == now_shown) {
             return Ok(());
         }
-        if posted.is_none() && !job.post {
-            return Ok(());
+        if posted.is_none()
+            && let Some(since) = attempted_at
+        {
+            posted = self.find_lost_post(job, since).await?;
+            if let Some(found) = &posted
+                && found.shown == now_shown
+            {
+                return self.store_posted(job, found).await;
+            }
         }
         let mode = self.routing.approvals(&record.request.policy);
         let (blocks, text) = message(
@@ -425,13 +535,23 @@ impl SlackSink {
             self.console_url.as_deref(),
             OffsetDateTime::now_utc(),
         );
+        // Names the request, and what the message shows, so a lost post found again is
+        // updated only if it shows less than the request's state.
+        let metadata = json!({
+            "event_type": METADATA_EVENT,
+            "event_payload": {"request_id": job.id.to_string(), "shows": now_shown},
+        });
         let stored = match posted {
             None => {
+                self.leases.attempt(&self.key(job)).await?;
                 let answer = self
                     .api
                     .call(
                         "chat.postMessage",
-                        &json!({"channel": job.channel, "text": text, "blocks": blocks, "unfurl_links": false}),
+                        &json!({
+                            "channel": job.channel, "text": text, "blocks": blocks,
+                            "unfurl_links": false, "metadata": metadata,
+                        }),
                     )
                     .await?;
                 let ts = answer["ts"].as_str().unwrap_or_default().to_owned();
@@ -453,7 +573,8 @@ impl SlackSink {
                 self.api
                     .call(
                         "chat.update",
-                        &json!({"channel": posted.channel, "ts": posted.ts, "text": text, "blocks": blocks}),
+                        &json!({"channel": posted.channel, "ts": posted.ts, "text": text,
+                            "blocks": blocks, "metadata": metadata}),
                     )
                     .await?;
                 Posted {
@@ -462,14 +583,55 @@ impl SlackSink {
                 }
             }
         };
-        let value = serde_json::to_string(&stored)
+        self.store_posted(job, &stored).await
+    }
+
+    async fn store_posted(&self, job: &SlackJob, posted: &Posted) -> Result<(), Failure> {
+        let value = serde_json::to_string(posted)
             .map_err(|err| Failure::retry(format!("encode: {err}")))?;
         self.engine
             .store
-            .set_notice(key, value)
+            .set_notice(notice_key(job), value)
             .await
             .map_err(store_failure)
     }
+
+    /// A post was attempted at `since` and its outcome never heard: the message Slack may
+    /// have posted then, found by its metadata. If the history cannot be read (a channel
+    /// given by name, a token without `channels:history`), the post is made again and may
+    /// appear twice: a notice seen twice beats one never seen.
+    async fn find_lost_post(
+        &self,
+        job: &SlackJob,
+        since: OffsetDateTime,
+    ) -> Result<Option<Posted>, Failure> {
+        match self
+            .api
+            .find_posted(&job.channel, job.id, since - LOOKBACK)
+            .await
+        {
+            Ok(Some((ts, shown))) => {
+                tracing::info!(channel = job.channel, request = %job.id, ts, "found the message of a post whose answer was lost");
+                Ok(Some(Posted {
+                    channel: job.channel.clone(),
+                    ts,
+                    shown,
+                }))
+            }
+            Ok(None) => Ok(None),
+            Err(failure @ Failure::Retry { .. }) => Err(failure),
+            Err(Failure::Permanent { message }) => {
+                tracing::warn!(channel = job.channel, request = %job.id, error = message,
+                    "cannot look for a post whose answer was lost; posting again (it may appear twice)");
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Where the message of a job is stored.
+fn notice_key(job: &SlackJob) -> String {
+    format!("slack:{}:{}", job.channel, job.id)
 }
 
 impl Sink for SlackSink {
@@ -479,12 +641,23 @@ impl Sink for SlackSink {
         "slack"
     }
 
-    fn key(&self, job: &SlackJob) -> String {
-        format!("{}:{}", job.channel, job.id)
+    fn key(&self, job: &SlackJob) -> DeliveryKey {
+        DeliveryKey::new(job.id, format!("slack:{}", job.channel), "message")
     }
 
     fn deliver(&self, job: &SlackJob) -> impl Future<Output = Result<(), Failure>> + Send {
         self.sync(job)
+    }
+
+    async fn resume(&self, key: &DeliveryKey) -> Option<SlackJob> {
+        let channel = key.channel.strip_prefix("slack:")?;
+        (key.event == "message").then_some(())?;
+        Some(SlackJob {
+            id: key.subject.parse().ok()?,
+            channel: channel.to_owned(),
+            // A message taken over may have been posted already (found again, not twice).
+            post: true,
+        })
     }
 }
 

@@ -14,11 +14,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    delivery::{self, Failure, Sink},
+    delivery::{self, Failure, Leases, Sink, store_failure},
     render,
     secret::Secret,
 };
-use crate::lifecycle::Engine;
+use crate::{lifecycle::Engine, store::DeliveryKey};
 
 /// Escapes the markdown Adaptive Cards render in `TextBlock` and `FactSet` text, so a
 /// workload's string cannot make a link or emphasis.
@@ -106,6 +106,7 @@ pub(crate) struct TeamsSink {
     pub engine: Arc<Engine>,
     pub policies: Vec<String>,
     pub console_url: Option<String>,
+    pub leases: Leases,
 }
 
 impl TeamsSink {
@@ -125,7 +126,6 @@ impl TeamsSink {
     }
 
     async fn post(&self, job: &TeamsJob) -> Result<(), Failure> {
-        let store_failure = |err: crate::store::StoreError| Failure::retry(format!("store: {err}"));
         let store = &self.engine.store;
         let Some(record) = store.get_request(job.id).await.map_err(store_failure)? else {
             return Ok(());
@@ -134,17 +134,18 @@ impl TeamsSink {
         // A request decided before its first card could be posted gets the outcome card
         // only (it says everything the first would have).
         let outcome = job.outcome || record.state != RequestState::Pending;
-        let key = format!(
-            "teams:{}:{}",
-            job.id,
-            if outcome { "final" } else { "requested" }
-        );
-        if store
-            .notice(key.clone())
-            .await
-            .map_err(store_failure)?
-            .is_some()
-        {
+        let event = if outcome { "final" } else { "requested" };
+        let key = format!("teams:{}:{event}", job.id);
+        let posted = || async {
+            Ok::<_, Failure>(
+                store
+                    .notice(key.clone())
+                    .await
+                    .map_err(store_failure)?
+                    .is_some(),
+            )
+        };
+        if posted().await? {
             return Ok(());
         }
         // An outcome is posted only for an announced request (not one a grant or rule
@@ -158,11 +159,22 @@ impl TeamsSink {
         {
             return Ok(());
         }
+        let lease = DeliveryKey::new(job.id, "teams", event);
+        // Another replica posts it (and if it dies, its lease expires and it is resumed).
+        if self.leases.claim(&lease).await?.is_none() {
+            return Ok(());
+        }
+        if posted().await? {
+            return self.leases.release(&lease).await;
+        }
         let body = card(
             &record,
             self.console_url.as_deref(),
             OffsetDateTime::now_utc(),
         );
+        // Workflows have no idempotency key and nothing to read a channel back with: a post
+        // whose answer is lost is posted again (at least once; never by two replicas).
+        self.leases.attempt(&lease).await?;
         let response = self
             .http
             .post(self.url.expose())
@@ -175,7 +187,8 @@ impl TeamsSink {
         store
             .set_notice(key, "posted".to_owned())
             .await
-            .map_err(store_failure)
+            .map_err(store_failure)?;
+        self.leases.release(&lease).await
     }
 }
 
@@ -186,16 +199,24 @@ impl Sink for TeamsSink {
         "teams"
     }
 
-    fn key(&self, job: &TeamsJob) -> String {
-        format!(
-            "{}:{}",
+    fn key(&self, job: &TeamsJob) -> DeliveryKey {
+        DeliveryKey::new(
             job.id,
-            if job.outcome { "final" } else { "requested" }
+            "teams",
+            if job.outcome { "final" } else { "requested" },
         )
     }
 
     fn deliver(&self, job: &TeamsJob) -> impl Future<Output = Result<(), Failure>> + Send {
         self.post(job)
+    }
+
+    async fn resume(&self, key: &DeliveryKey) -> Option<TeamsJob> {
+        (key.channel == "teams").then_some(())?;
+        Some(TeamsJob {
+            id: key.subject.parse().ok()?,
+            outcome: key.event == "final",
+        })
     }
 }
 

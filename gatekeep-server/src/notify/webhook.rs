@@ -22,14 +22,15 @@ use gatekeep_proto::model::{Grant, RequestRecord, RequestState};
 use ring::hmac;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 use super::{
     config::WebhookConfig,
-    delivery::{self, Failure, Sink},
+    delivery::{self, Failure, Leases, Sink, store_failure},
     render,
     secret::Secret,
 };
-use crate::{error::Error, store::Store};
+use crate::{error::Error, store::DeliveryKey};
 
 /// Every event type.
 pub const EVENTS: &[&str] = &[
@@ -45,12 +46,24 @@ pub const EVENTS: &[&str] = &[
 /// One event, encoded once: every retry sends the same body.
 #[derive(Debug, Clone)]
 pub(crate) struct Event {
+    /// `SUBJECT.SUFFIX`: the idempotency key receivers dedupe on.
     pub id: String,
+    /// The request or grant it announces.
+    pub subject: Uuid,
+    /// `requested`, `decided`, ... `created`, `revoked`.
+    pub suffix: &'static str,
     pub kind: &'static str,
     pub body: Arc<str>,
 }
 
-fn event(id: String, kind: &'static str, field: &str, value: Value) -> Event {
+fn event(
+    subject: Uuid,
+    suffix: &'static str,
+    kind: &'static str,
+    field: &str,
+    value: Value,
+) -> Event {
+    let id = format!("{subject}.{suffix}");
     let mut body = json!({
         "id": id,
         "type": kind,
@@ -59,24 +72,42 @@ fn event(id: String, kind: &'static str, field: &str, value: Value) -> Event {
     body[field] = value;
     Event {
         id,
+        subject,
+        suffix,
         kind,
         body: body.to_string().into(),
     }
 }
 
-/// The events a changed request makes (none for a vote that did not reach the quorum).
-pub(crate) fn request_events(record: &RequestRecord) -> Vec<Event> {
-    let id = record.request.id;
-    let (suffix, kind) = match record.state {
+/// The event suffix and type of a request's state (`None` for a vote that did not reach
+/// the quorum).
+fn request_kind(record: &RequestRecord) -> Option<(&'static str, &'static str)> {
+    Some(match record.state {
         RequestState::Pending if record.approvals.is_empty() => ("requested", "request.requested"),
-        RequestState::Pending => return Vec::new(),
+        RequestState::Pending => return None,
         RequestState::Approved | RequestState::Denied => ("decided", "request.decided"),
         RequestState::Expired => ("expired", "request.expired"),
         RequestState::Cancelled => ("cancelled", "request.cancelled"),
         RequestState::Abandoned => ("abandoned", "request.abandoned"),
+    })
+}
+
+/// Request event suffixes and their types.
+const REQUEST_KINDS: &[(&str, &str)] = &[
+    ("requested", "request.requested"),
+    ("decided", "request.decided"),
+    ("expired", "request.expired"),
+    ("cancelled", "request.cancelled"),
+    ("abandoned", "request.abandoned"),
+];
+
+/// The events a changed request makes (none for a vote that did not reach the quorum).
+pub(crate) fn request_events(record: &RequestRecord) -> Vec<Event> {
+    let Some((suffix, kind)) = request_kind(record) else {
+        return Vec::new();
     };
     let value = serde_json::to_value(record).unwrap_or(Value::Null);
-    let mut events = vec![event(format!("{id}.{suffix}"), kind, "request", value)];
+    let mut events = vec![event(record.request.id, suffix, kind, "request", value)];
     if let Some(grant) = record.decision.as_ref().and_then(|d| d.grant.as_ref()) {
         events.push(grant_event(grant, "created", "grant.created"));
     }
@@ -84,9 +115,9 @@ pub(crate) fn request_events(record: &RequestRecord) -> Vec<Event> {
 }
 
 /// A grant's event.
-pub(crate) fn grant_event(grant: &Grant, suffix: &str, kind: &'static str) -> Event {
+pub(crate) fn grant_event(grant: &Grant, suffix: &'static str, kind: &'static str) -> Event {
     let value = serde_json::to_value(grant).unwrap_or(Value::Null);
-    event(format!("{}.{suffix}", grant.id), kind, "grant", value)
+    event(grant.id, suffix, kind, "grant", value)
 }
 
 /// The signature header's value for `body` signed at `timestamp`.
@@ -106,14 +137,14 @@ pub(crate) struct WebhookSink {
     secret: Secret,
     events: Vec<String>,
     http: reqwest::Client,
-    store: Arc<dyn Store>,
+    leases: Leases,
 }
 
 impl WebhookSink {
     pub(crate) fn new(
         config: &WebhookConfig,
         http: reqwest::Client,
-        store: Arc<dyn Store>,
+        leases: Leases,
     ) -> Result<Self, Error> {
         let what = format!("[[notify.webhook]] `{}`", config.name);
         let bad = |message: String| Error::Notify { message };
@@ -138,7 +169,7 @@ impl WebhookSink {
             secret,
             events: config.events.clone(),
             http,
-            store,
+            leases,
         })
     }
 
@@ -147,24 +178,40 @@ impl WebhookSink {
         self.events.is_empty() || self.events.iter().any(|e| e == kind)
     }
 
-    async fn send(&self, event: &Event) -> Result<(), Failure> {
-        let store_failure = |err: crate::store::StoreError| Failure::retry(format!("store: {err}"));
-        let key = format!("{}:{}", self.name, event.id);
-        if self
+    async fn delivered(&self, notice: &str) -> Result<bool, Failure> {
+        Ok(self
+            .leases
             .store
-            .notice(key.clone())
+            .notice(notice.to_owned())
             .await
             .map_err(store_failure)?
-            .is_some()
-        {
+            .is_some())
+    }
+
+    async fn send(&self, event: &Event) -> Result<(), Failure> {
+        let notice = format!("{}:{}", self.name, event.id);
+        if self.delivered(&notice).await? {
             return Ok(());
         }
+        let key = self.key(event);
+        // Another replica delivers it (and if it dies, its lease expires and it is resumed).
+        if self.leases.claim(&key).await?.is_none() {
+            return Ok(());
+        }
+        // The previous holder may have delivered it just before letting go.
+        if self.delivered(&notice).await? {
+            return self.leases.release(&key).await;
+        }
+        // An attempt whose answer is lost is sent again: receivers dedupe on the event id.
+        self.leases.attempt(&key).await?;
         let timestamp = OffsetDateTime::now_utc().unix_timestamp();
         let response = self
             .http
             .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("x-gatekeep-event-id", &event.id)
+            // The same key under the name the IETF draft `Idempotency-Key` header gives it.
+            .header("idempotency-key", &event.id)
             .header("x-gatekeep-timestamp", timestamp.to_string())
             .header(
                 "x-gatekeep-signature",
@@ -175,10 +222,30 @@ impl WebhookSink {
             .await
             .map_err(|err| delivery::network(&self.name, &err))?;
         delivery::classify(&response, &self.name)?;
-        self.store
-            .set_notice(key, "delivered".to_owned())
+        self.leases
+            .store
+            .set_notice(notice, "delivered".to_owned())
             .await
-            .map_err(store_failure)
+            .map_err(store_failure)?;
+        self.leases.release(&key).await
+    }
+
+    async fn event_of(&self, key: &DeliveryKey) -> Option<Event> {
+        let subject: Uuid = key.subject.parse().ok()?;
+        let store = &self.leases.store;
+        if let Some((suffix, kind)) = REQUEST_KINDS.iter().find(|(s, _)| *s == key.event) {
+            let record = store.get_request(subject).await.ok()??.value;
+            let value = serde_json::to_value(&record).unwrap_or(Value::Null);
+            return Some(event(subject, suffix, kind, "request", value));
+        }
+        let grant = store.get_grant(subject).await.ok()??;
+        match key.event.as_str() {
+            "created" => Some(grant_event(&grant, "created", "grant.created")),
+            "revoked" if grant.revoked.is_some() => {
+                Some(grant_event(&grant, "revoked", "grant.revoked"))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -189,12 +256,19 @@ impl Sink for WebhookSink {
         &self.name
     }
 
-    fn key(&self, job: &Event) -> String {
-        job.id.clone()
+    fn key(&self, job: &Event) -> DeliveryKey {
+        DeliveryKey::new(job.subject, self.name.clone(), job.suffix)
     }
 
     fn deliver(&self, job: &Event) -> impl Future<Output = Result<(), Failure>> + Send {
         self.send(job)
+    }
+
+    async fn resume(&self, key: &DeliveryKey) -> Option<Event> {
+        if key.channel != self.name {
+            return None;
+        }
+        self.event_of(key).await.filter(|e| self.wants(e.kind))
     }
 }
 

@@ -319,6 +319,102 @@ pub trait Store: Send + Sync + 'static {
         from_seq: u64,
         limit: usize,
     ) -> StoreFuture<'_, Vec<HostAuditRecord>>;
+    /// The dead letters kept, oldest first, at most `limit`.
+    fn dead_letters(&self, limit: usize) -> StoreFuture<'_, Vec<StoredDeadLetter>>;
+    /// Removes and returns dead letter `id` (to deliver it again); `None` if there is none.
+    fn take_dead_letter(&self, id: i64) -> StoreFuture<'_, Option<StoredDeadLetter>>;
+
+    /// Takes the lease of delivery `key` for `owner` until `lease_until`: the row is inserted
+    /// if absent, or taken when it is free, its lease has expired, or `owner` holds it
+    /// already. One statement (insert-on-conflict), so replicas racing for it never both win.
+    fn claim_delivery(
+        &self,
+        key: DeliveryKey,
+        owner: String,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+    ) -> StoreFuture<'_, Claim>;
+    /// Notes that `owner` is about to call the receiver for `key`: until it is released, the
+    /// outcome of that call is unknown (the first such time is kept).
+    fn delivery_attempt(
+        &self,
+        key: DeliveryKey,
+        owner: String,
+        at: OffsetDateTime,
+    ) -> StoreFuture<'_, ()>;
+    /// Frees the lease of `key` held by `owner` (its outcome is known: delivered or given up).
+    fn release_delivery(&self, key: DeliveryKey, owner: String) -> StoreFuture<'_, ()>;
+    /// Deliveries of `channel` (or of channels `channel:...`) still held under a lease that
+    /// expired before `now`: their holder died or stalled, and another may take them over.
+    fn expired_deliveries(
+        &self,
+        channel: String,
+        now: OffsetDateTime,
+    ) -> StoreFuture<'_, Vec<DeliveryKey>>;
+}
+
+/// One delivery of a notification: what it is about (a request or grant id), where it goes
+/// (`slack:CHANNEL`, `teams`, `webhook:NAME`) and which event (`message` for a Slack message,
+/// which is posted once and then updated; `requested`, `decided`, ... otherwise). Table
+/// `deliveries` holds its lease, so one replica at a time delivers it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeliveryKey {
+    pub subject: String,
+    pub channel: String,
+    pub event: String,
+}
+
+impl DeliveryKey {
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "ids are `Copy`: callers pass them as they are"
+    )]
+    pub fn new(
+        subject: impl ToString,
+        channel: impl Into<String>,
+        event: impl Into<String>,
+    ) -> Self {
+        Self {
+            subject: subject.to_string(),
+            channel: channel.into(),
+            event: event.into(),
+        }
+    }
+
+    /// Reads the text form ([`Display`](std::fmt::Display)): `SUBJECT EVENT CHANNEL`.
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.splitn(3, ' ');
+        let (subject, event, channel) = (parts.next()?, parts.next()?, parts.next()?);
+        (!subject.is_empty() && !event.is_empty() && !channel.is_empty())
+            .then(|| Self::new(subject, channel, event))
+    }
+}
+
+impl std::fmt::Display for DeliveryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The channel last: a webhook's name may hold spaces, ids and events do not.
+        write!(f, "{} {} {}", self.subject, self.event, self.channel)
+    }
+}
+
+/// What [`Store::claim_delivery`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller holds the lease now. `attempted_at`: a call to the receiver was started
+    /// then (by the caller or a holder that died) and its outcome never recorded.
+    Taken {
+        attempted_at: Option<OffsetDateTime>,
+    },
+    /// Another holder's lease is live: it delivers.
+    Held,
+}
+
+/// A kept dead letter and its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDeadLetter {
+    pub id: i64,
+    pub letter: DeadLetter,
 }
 
 /// What [`Store::ship_host_audit`] did.
@@ -340,7 +436,7 @@ pub struct Shipped {
 pub struct DeadLetter {
     /// The sink: `slack`, `teams` or `webhook:NAME`.
     pub sink: String,
-    /// What it was about (the delivery's key: request id, channel, event id).
+    /// What it was about: the [`DeliveryKey`]'s text form (`SUBJECT EVENT CHANNEL`).
     pub key: String,
     /// The last failure.
     pub error: String,

@@ -33,19 +33,29 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    Admission, AdmissionQuery, DeadLetter, GrantQuery, Inserted, RequestQuery, Shipped, Store,
-    StoreError, StoreFuture, Transition, Versioned, ms, subject_key, target_key,
+    Admission, AdmissionQuery, Claim, DeadLetter, DeliveryKey, GrantQuery, Inserted, RequestQuery,
+    Shipped, Store, StoreError, StoreFuture, StoredDeadLetter, Transition, Versioned, ms,
+    subject_key, target_key,
 };
 use crate::reviewer::Reviewer;
 
 mod host_audit;
 
 /// Schema version this build reads and writes: the last of [`MIGRATIONS`].
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// `(user_version, SQL)`, applied in order from the database's version on; the same numbers
 /// as the `PostgreSQL` migrations. Never edit a released one: add one.
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA), (2, NOTIFY_SCHEMA), (3, host_audit::SCHEMA)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, SCHEMA),
+    (2, NOTIFY_SCHEMA),
+    (3, host_audit::SCHEMA),
+    (4, DELIVERIES_SCHEMA),
+];
+const _: () = assert!(
+    MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION,
+    "SCHEMA_VERSION is the last migration's number"
+);
 
 /// Most calls committed in one transaction.
 const MAX_GROUP: usize = 512;
@@ -105,6 +115,22 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     attempts INTEGER NOT NULL,
     at       INTEGER NOT NULL
 ) STRICT;
+";
+
+/// A lease per notification delivery (as `PostgreSQL`'s migration 4), so that at most one
+/// worker calls a receiver for it at a time; a process alone on its `SQLite` file uses it to
+/// know, after a crash, which calls have an unknown outcome.
+const DELIVERIES_SCHEMA: &str = "
+CREATE TABLE deliveries (
+    subject      TEXT NOT NULL,
+    channel      TEXT NOT NULL,
+    event        TEXT NOT NULL,
+    owner        TEXT,
+    lease_until  INTEGER NOT NULL,
+    attempted_at INTEGER,
+    PRIMARY KEY (subject, channel, event)
+) STRICT;
+CREATE INDEX deliveries_held ON deliveries (lease_until) WHERE owner IS NOT NULL;
 ";
 
 /// Active grants of one host, policy and target; the caller checks expiry and cgroup and
@@ -893,6 +919,168 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'_, Vec<gatekeep_proto::host_audit::HostAuditRecord>> {
         Box::pin(self.read(move |conn| host_audit::records(conn, &host, from_seq, limit)))
     }
+
+    fn dead_letters(&self, limit: usize) -> StoreFuture<'_, Vec<StoredDeadLetter>> {
+        Box::pin(self.read(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT id, sink, key, error, attempts, at FROM dead_letters ORDER BY id LIMIT ?1",
+            )?;
+            let rows = statement.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, i64>(4)?,
+                    row.get::<_, i64>(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, sink, key, error, attempts, at) = row?;
+                out.push(stored_dead_letter(id, sink, key, error, attempts, at)?);
+            }
+            Ok(out)
+        }))
+    }
+
+    fn take_dead_letter(&self, id: i64) -> StoreFuture<'_, Option<StoredDeadLetter>> {
+        Box::pin(self.call_single_write(move |conn| {
+            let row = conn
+                .prepare_cached(
+                    "DELETE FROM dead_letters WHERE id = ?1 \
+                     RETURNING id, sink, key, error, attempts, at",
+                )?
+                .query_row([id], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, i64>(5)?,
+                    ))
+                })
+                .optional()?;
+            row.map(|(id, sink, key, error, attempts, at)| {
+                stored_dead_letter(id, sink, key, error, attempts, at)
+            })
+            .transpose()
+        }))
+    }
+
+    fn claim_delivery(
+        &self,
+        key: DeliveryKey,
+        owner: String,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+    ) -> StoreFuture<'_, Claim> {
+        Box::pin(self.call_single_write(move |conn| {
+            let taken: Option<Option<i64>> = conn
+                .prepare_cached(CLAIM_DELIVERY)?
+                .query_row(
+                    params![
+                        key.subject,
+                        key.channel,
+                        key.event,
+                        owner,
+                        ms(lease_until),
+                        ms(now)
+                    ],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            Ok(match taken {
+                None => Claim::Held,
+                Some(attempted_at) => Claim::Taken {
+                    attempted_at: attempted_at.map(from_ms).transpose()?,
+                },
+            })
+        }))
+    }
+
+    fn delivery_attempt(
+        &self,
+        key: DeliveryKey,
+        owner: String,
+        at: OffsetDateTime,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(self.call_single_write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE deliveries SET attempted_at = coalesce(attempted_at, ?5) \
+                 WHERE subject = ?1 AND channel = ?2 AND event = ?3 AND owner = ?4",
+            )?
+            .execute(params![key.subject, key.channel, key.event, owner, ms(at)])?;
+            Ok(())
+        }))
+    }
+
+    fn release_delivery(&self, key: DeliveryKey, owner: String) -> StoreFuture<'_, ()> {
+        Box::pin(self.call_single_write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE deliveries SET owner = NULL, attempted_at = NULL \
+                 WHERE subject = ?1 AND channel = ?2 AND event = ?3 AND owner = ?4",
+            )?
+            .execute(params![key.subject, key.channel, key.event, owner])?;
+            Ok(())
+        }))
+    }
+
+    fn expired_deliveries(
+        &self,
+        channel: String,
+        now: OffsetDateTime,
+    ) -> StoreFuture<'_, Vec<DeliveryKey>> {
+        Box::pin(self.read(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT subject, channel, event FROM deliveries \
+                 WHERE owner IS NOT NULL AND lease_until < ?2 \
+                 AND (channel = ?1 OR substr(channel, 1, length(?1) + 1) = ?1 || ':') \
+                 ORDER BY lease_until LIMIT 1000",
+            )?;
+            let rows = statement.query_map(params![channel, ms(now)], |row| {
+                Ok(DeliveryKey::new(
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                ))
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        }))
+    }
+}
+
+/// Takes a delivery's lease (see [`Store::claim_delivery`]); a row comes back only if the
+/// caller holds it now. `?5` the new lease's end, `?6` now.
+const CLAIM_DELIVERY: &str = "INSERT INTO deliveries (subject, channel, event, owner, lease_until) \
+     VALUES (?1, ?2, ?3, ?4, ?5) \
+     ON CONFLICT (subject, channel, event) DO UPDATE SET owner = excluded.owner, \
+     lease_until = excluded.lease_until \
+     WHERE deliveries.owner IS NULL OR deliveries.owner = excluded.owner \
+     OR deliveries.lease_until < ?6 \
+     RETURNING attempted_at";
+
+fn stored_dead_letter(
+    id: i64,
+    sink: String,
+    key: String,
+    error: String,
+    attempts: i64,
+    at: i64,
+) -> Result<StoredDeadLetter, StoreError> {
+    Ok(StoredDeadLetter {
+        id,
+        letter: DeadLetter {
+            sink,
+            key,
+            error,
+            attempts: u32::try_from(attempts).map_err(|_| StoreError::Corrupt {
+                message: format!("dead letter {id}: attempts {attempts}"),
+            })?,
+            at: from_ms(at)?,
+        },
+    })
 }
 
 #[cfg(test)]

@@ -1,9 +1,13 @@
 //! A local stand-in for Slack's Web API (`chat.postMessage`, `chat.update`,
-//! `chat.postEphemeral`, `users.info`), a Teams Workflows webhook and webhook receivers.
-//! Every call is checked against the documented shapes (auth header, JSON fields, the
-//! Adaptive Card envelope, webhook signatures) and recorded; a shape that is wrong is a
-//! recorded violation the tests assert empty. It can fail on purpose: a number of 500s,
-//! then 429s with `Retry-After`, before answering.
+//! `chat.postEphemeral`, `users.info`, `conversations.history`), a Teams Workflows webhook
+//! and webhook receivers. Every call is checked against the documented shapes (auth header,
+//! JSON fields, message `metadata`, the Adaptive Card envelope, webhook signatures) and
+//! recorded; a shape that is wrong is a recorded violation the tests assert empty. Posted
+//! Slack messages are kept per channel (with their metadata), so updates must name a real
+//! `ts` and `conversations.history` reads them back, newest first. It can fail on purpose: a
+//! number of 500s, then 429s with `Retry-After`, before answering; or accept a post and
+//! drop its answer (the connection breaks after the status line: the caller never learns
+//! the `ts`).
 
 use std::{
     collections::HashMap,
@@ -49,7 +53,22 @@ struct Inner {
     refuse: Vec<String>,
     /// A slow receiver: each answer of these methods waits this long.
     delay: HashMap<String, Duration>,
+    /// Calls of these methods still to carry out but answer with a broken body.
+    drop_answer: HashMap<String, u32>,
+    /// Posted messages per channel, oldest first.
+    messages: HashMap<String, Vec<Message>>,
     next_ts: u64,
+}
+
+/// A message the stand-in keeps, as `conversations.history` returns it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub ts: String,
+    pub text: Value,
+    pub blocks: Value,
+    pub metadata: Option<Value>,
+    /// How many times `chat.update` changed it.
+    pub updates: u32,
 }
 
 #[derive(Clone, Default)]
@@ -73,6 +92,7 @@ impl StandIn {
             .expect("bind stand-in");
         let app = Router::new()
             .route("/api/users.info", get(users_info))
+            .route("/api/conversations.history", get(conversations_history))
             .route("/api/{method}", post(slack_method))
             .route("/teams/workflow", post(teams))
             .route("/hooks/{name}", post(hook))
@@ -107,6 +127,26 @@ impl StandIn {
             .expect("lock")
             .delay
             .insert(method.to_owned(), delay);
+    }
+
+    /// The next `count` calls of `method` are carried out but their answers are lost.
+    pub fn drop_answer(&self, method: &str, count: u32) {
+        self.0
+            .lock()
+            .expect("lock")
+            .drop_answer
+            .insert(method.to_owned(), count);
+    }
+
+    /// The messages posted in `channel`, oldest first.
+    pub fn messages(&self, channel: &str) -> Vec<Message> {
+        self.0
+            .lock()
+            .expect("lock")
+            .messages
+            .get(channel)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn refuse(&self, method: &str) {
@@ -233,6 +273,10 @@ async fn users_info(
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "every Web API method the stand-in speaks, checked and answered in one place"
+)]
 async fn slack_method(
     State(standin): State<StandIn>,
     Path(method): Path<String>,
@@ -255,6 +299,19 @@ async fn slack_method(
         standin.violation(format!("{method}: body is not json"));
         Value::Null
     });
+    if let Some(metadata) = body.get("metadata") {
+        // Slack's message metadata: an alphanumeric `event_type` and an object payload.
+        let event_type = metadata["event_type"].as_str().unwrap_or_default();
+        let type_ok = !event_type.is_empty()
+            && event_type
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !type_ok || !metadata["event_payload"].is_object() {
+            standin.violation(format!(
+                "{method}: metadata {metadata} is not event_type + event_payload"
+            ));
+        }
+    }
     let required: &[&str] = match method.as_str() {
         "chat.postMessage" => &["channel", "text", "blocks"],
         "chat.update" => &["channel", "ts", "text", "blocks"],
@@ -295,23 +352,152 @@ async fn slack_method(
     {
         return Json(json!({"ok": false, "error": "channel_not_found"})).into_response();
     }
-    match method.as_str() {
+    let drop_answer = {
+        let mut inner = standin.0.lock().expect("lock");
+        inner
+            .drop_answer
+            .get_mut(&method)
+            .filter(|n| **n > 0)
+            .map(|n| *n -= 1)
+            .is_some()
+    };
+    let answer = match method.as_str() {
         "chat.postMessage" => {
-            let ts = {
-                let mut inner = standin.0.lock().expect("lock");
-                inner.next_ts += 1;
-                format!("1700000000.{:06}", inner.next_ts)
-            };
+            let mut inner = standin.0.lock().expect("lock");
+            inner.next_ts += 1;
+            // Slack's ts: Unix seconds and a sequence, unique in the channel.
+            let ts = format!(
+                "{}.{:06}",
+                time::OffsetDateTime::now_utc().unix_timestamp(),
+                inner.next_ts
+            );
+            let channel = body["channel"].as_str().unwrap_or_default().to_owned();
+            inner.messages.entry(channel).or_default().push(Message {
+                ts: ts.clone(),
+                text: body["text"].clone(),
+                blocks: body["blocks"].clone(),
+                metadata: body.get("metadata").cloned(),
+                updates: 0,
+            });
             // Slack answers with the channel's id (here the id the test gave).
-            Json(json!({"ok": true, "channel": body["channel"], "ts": ts, "message": {"text": body["text"]}}))
-                .into_response()
+            json!({"ok": true, "channel": body["channel"], "ts": ts, "message": {"text": body["text"]}})
         }
-        "chat.update" => Json(
-            json!({"ok": true, "channel": body["channel"], "ts": body["ts"], "text": body["text"]}),
+        "chat.update" => {
+            let mut inner = standin.0.lock().expect("lock");
+            let channel = body["channel"].as_str().unwrap_or_default();
+            let message = inner
+                .messages
+                .get_mut(channel)
+                .and_then(|messages| messages.iter_mut().find(|m| body["ts"] == m.ts.as_str()));
+            if let Some(message) = message {
+                message.text = body["text"].clone();
+                message.blocks = body["blocks"].clone();
+                message.updates += 1;
+                json!({"ok": true, "channel": body["channel"], "ts": body["ts"], "text": body["text"]})
+            } else {
+                drop(inner);
+                standin.violation(format!(
+                    "chat.update: no message {} in {}",
+                    body["ts"], body["channel"]
+                ));
+                json!({"ok": false, "error": "message_not_found"})
+            }
+        }
+        _ => json!({"ok": true, "message_ts": "1700000001.000001"}),
+    };
+    if drop_answer {
+        // The status line goes out, then the connection breaks: the caller cannot tell
+        // whether Slack acted.
+        let broken = futures_util::stream::once(async {
+            Err::<Bytes, std::io::Error>(std::io::Error::other("answer dropped by the stand-in"))
+        });
+        return (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            axum::body::Body::from_stream(broken),
         )
-        .into_response(),
-        _ => Json(json!({"ok": true, "message_ts": "1700000001.000001"})).into_response(),
+            .into_response();
     }
+    Json(answer).into_response()
+}
+
+/// `conversations.history` (GET, query arguments): the channel's messages newest first,
+/// from `oldest` (exclusive unless `inclusive`), `limit` per page with a `cursor`; message
+/// metadata only with `include_all_metadata=true`.
+async fn conversations_history(
+    State(standin): State<StandIn>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    check_bearer(&standin, "conversations.history", &headers);
+    for (name, value) in &query {
+        let ok = match name.as_str() {
+            "channel" => !value.is_empty(),
+            "oldest" | "latest" => value.parse::<f64>().is_ok(),
+            "inclusive" | "include_all_metadata" => {
+                ["true", "false", "1", "0"].contains(&value.as_str())
+            }
+            "limit" => value.parse::<u32>().is_ok_and(|n| (1..=999).contains(&n)),
+            "cursor" => value.parse::<usize>().is_ok(),
+            _ => false,
+        };
+        if !ok {
+            standin.violation(format!("conversations.history: argument {name}={value}"));
+        }
+    }
+    let body = serde_json::to_value(&query).unwrap_or(Value::Null);
+    if let Some(failure) = standin.record("conversations.history", &headers, body) {
+        return failure;
+    }
+    let arg = |name: &str| query.get(name).map(String::as_str);
+    let Some(channel) = arg("channel").filter(|c| !c.is_empty()) else {
+        return Json(json!({"ok": false, "error": "channel_not_found"})).into_response();
+    };
+    let truthy = |name: &str| matches!(arg(name), Some("true" | "1"));
+    let ts_of = |ts: &str| ts.parse::<f64>().unwrap_or(0.0);
+    let oldest = arg("oldest").map_or(0.0, ts_of);
+    let inclusive = truthy("inclusive");
+    let metadata = truthy("include_all_metadata");
+    let limit = arg("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(100);
+    let start = arg("cursor")
+        .and_then(|c| c.parse::<usize>().ok())
+        .unwrap_or(0);
+    let inner = standin.0.lock().expect("lock");
+    let Some(messages) = inner.messages.get(channel) else {
+        return Json(json!({"ok": false, "error": "channel_not_found"})).into_response();
+    };
+    let matching: Vec<Value> = messages
+        .iter()
+        .rev()
+        .filter(|m| {
+            let ts = ts_of(&m.ts);
+            ts > oldest || (inclusive && (ts - oldest).abs() < f64::EPSILON)
+        })
+        .map(|m| {
+            let mut message = json!({
+                "type": "message", "subtype": "bot_message", "bot_id": "B0GATEKEEP",
+                "app_id": "A0GATEKEEP", "text": m.text, "ts": m.ts, "blocks": m.blocks,
+            });
+            if metadata && let Some(meta) = &m.metadata {
+                message["metadata"] = meta.clone();
+            }
+            message
+        })
+        .collect();
+    let page: Vec<Value> = matching.iter().skip(start).take(limit).cloned().collect();
+    let more = start + page.len() < matching.len();
+    let next = if more {
+        (start + page.len()).to_string()
+    } else {
+        String::new()
+    };
+    Json(json!({
+        "ok": true, "messages": page, "has_more": more, "pin_count": 0,
+        "response_metadata": {"next_cursor": next},
+    }))
+    .into_response()
 }
 
 async fn teams(State(standin): State<StandIn>, headers: HeaderMap, body: Bytes) -> Response {
@@ -368,7 +554,11 @@ async fn hook(
         standin.violation(format!("hook {name}: stale timestamp `{timestamp}`"));
     }
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    if body["id"] != header("x-gatekeep-event-id") || body["type"].as_str().is_none() {
+    // Receivers dedupe on the event id, sent as `Idempotency-Key` too.
+    if body["id"] != header("x-gatekeep-event-id")
+        || header("idempotency-key") != header("x-gatekeep-event-id")
+        || body["type"].as_str().is_none()
+    {
         standin.violation(format!(
             "hook {name}: id/type do not match the headers: {body}"
         ));

@@ -167,6 +167,22 @@ CREATE TABLE host_audit_divergences (
 );
 "#,
     ),
+    (
+        4,
+        "notification delivery leases: one replica posts and updates each message",
+        r#"
+CREATE TABLE deliveries (
+    subject      TEXT COLLATE "C" NOT NULL,
+    channel      TEXT COLLATE "C" NOT NULL,
+    event        TEXT COLLATE "C" NOT NULL,
+    owner        TEXT,
+    lease_until  BIGINT NOT NULL,
+    attempted_at BIGINT,
+    PRIMARY KEY (subject, channel, event)
+);
+CREATE INDEX deliveries_held ON deliveries (lease_until) WHERE owner IS NOT NULL;
+"#,
+    ),
 ];
 
 /// The newest schema version this build knows.

@@ -17,6 +17,7 @@
 //! the `C` collation, so that prefix ranges and ordering are bytewise.
 
 pub mod audit;
+mod deliveries;
 mod host_audit;
 mod listen;
 mod migrations;
@@ -32,9 +33,9 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{
-    Admission, AdmissionQuery, Change, DeadLetter, GrantQuery, Inserted, RequestQuery, Shipped,
-    Store, StoreConfig, StoreError, StoreFuture, Transition, Versioned, ms, subject_key,
-    target_key,
+    Admission, AdmissionQuery, Change, Claim, DeadLetter, DeliveryKey, GrantQuery, Inserted,
+    RequestQuery, Shipped, Store, StoreConfig, StoreError, StoreFuture, Transition, Versioned, ms,
+    subject_key, target_key,
 };
 use crate::reviewer::Reviewer;
 
@@ -826,6 +827,45 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> StoreFuture<'_, Vec<gatekeep_proto::host_audit::HostAuditRecord>> {
         Box::pin(async move { self.host_audit_records(&host, from_seq, limit).await })
+    }
+
+    fn dead_letters(&self, limit: usize) -> StoreFuture<'_, Vec<super::StoredDeadLetter>> {
+        Box::pin(self.dead_letters(limit))
+    }
+
+    fn take_dead_letter(&self, id: i64) -> StoreFuture<'_, Option<super::StoredDeadLetter>> {
+        Box::pin(self.take_dead_letter(id))
+    }
+
+    fn claim_delivery(
+        &self,
+        key: DeliveryKey,
+        owner: String,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+    ) -> StoreFuture<'_, Claim> {
+        Box::pin(async move { self.claim_delivery(&key, &owner, now, lease_until).await })
+    }
+
+    fn delivery_attempt(
+        &self,
+        key: DeliveryKey,
+        owner: String,
+        at: OffsetDateTime,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(async move { self.delivery_attempt(&key, &owner, at).await })
+    }
+
+    fn release_delivery(&self, key: DeliveryKey, owner: String) -> StoreFuture<'_, ()> {
+        Box::pin(async move { self.release_delivery(&key, &owner).await })
+    }
+
+    fn expired_deliveries(
+        &self,
+        channel: String,
+        now: OffsetDateTime,
+    ) -> StoreFuture<'_, Vec<DeliveryKey>> {
+        Box::pin(async move { self.expired_deliveries(&channel, now).await })
     }
 
     fn changes(&self) -> Option<mpsc::UnboundedReceiver<Change>> {

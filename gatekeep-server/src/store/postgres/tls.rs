@@ -8,9 +8,8 @@
 //! `require` for any host but this one (a loopback address or a Unix socket), and only an
 //! explicit `sslmode=disable` talks plaintext across the network.
 
-use std::{net::IpAddr, path::Path, sync::Arc};
+use std::net::IpAddr;
 
-use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 use tokio_postgres::{
     Client, Connection, Socket,
     config::{Host, SslMode},
@@ -49,7 +48,9 @@ impl Dialer {
             config.ssl_mode(SslMode::Require);
         }
         let tls =
-            client_tls(store.ca_file.as_deref()).map_err(|message| StoreError::Url { message })?;
+            crate::https::tls_config(store.ca_file.as_deref()).map_err(|err| StoreError::Url {
+                message: format!("`[store] ca_file`: {err}"),
+            })?;
         Ok(Self {
             config,
             tls: MakeRustlsConnect::new(tls),
@@ -77,40 +78,6 @@ fn is_local(host: &Host) -> bool {
                     .is_ok_and(|ip| ip.is_loopback())
         }
     }
-}
-
-/// A rustls client trusting the system's roots and the certificates in `ca_file` (PEM).
-fn client_tls(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        // A system root rustls cannot parse is skipped, as browsers do.
-        drop(roots.add(cert));
-    }
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|err| format!("cannot read `[store] ca_file` `{}`: {err}", path.display()))?;
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert =
-                cert.map_err(|err| format!("`[store] ca_file` `{}`: {err}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|err| format!("`[store] ca_file` `{}`: {err}", path.display()))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(format!(
-                "`[store] ca_file` `{}` holds no PEM certificate",
-                path.display()
-            ));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|err| err.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 #[cfg(test)]
@@ -154,9 +121,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, "not a certificate\n").expect("write");
-        let err = client_tls(Some(&path)).expect_err("refused");
+        let dial = |ca_file: std::path::PathBuf| {
+            let config =
+                tokio_postgres::Config::from_str("postgres://gk@db.example.com/gk").expect("a url");
+            let store = StoreConfig {
+                ca_file: Some(ca_file),
+                ..StoreConfig::default()
+            };
+            Dialer::new(config, &store)
+                .expect_err("refused")
+                .to_string()
+        };
+        let err = dial(path);
         assert!(err.contains("holds no PEM certificate"), "{err}");
-        let err = client_tls(Some(&dir.path().join("missing.pem"))).expect_err("refused");
-        assert!(err.contains("cannot read `[store] ca_file`"), "{err}");
+        let err = dial(dir.path().join("missing.pem"));
+        assert!(err.contains("`[store] ca_file`"), "{err}");
+        assert!(err.contains("missing.pem"), "{err}");
     }
 }
