@@ -307,6 +307,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     }
 }
 
+/// The route's one path parameter (`{id}`, `{prefix}`), rejected as `invalid_argument`
+/// (a percent-encoding that is not UTF-8, say) like every other API error.
+struct PathParam(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(value)| Self(value))
+            .map_err(|rejection| bad(format!("path: {}", rejection.body_text())))
+    }
+}
+
 /// Query parameters, rejected as `invalid_argument`.
 struct Params<T>(T);
 
@@ -762,7 +777,7 @@ struct YourPart {
 async fn get_request(
     State(state): State<HttpState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Json<RequestDetail>, ApiError> {
     let id = request_id(&state.engine, &id).await?;
     let (record, similar) = state.engine.get(id).await?;
@@ -806,7 +821,7 @@ struct Resolved {
 async fn resolve(
     State(state): State<HttpState>,
     _caller: Caller,
-    Path(prefix): Path<String>,
+    PathParam(prefix): PathParam,
 ) -> Result<Json<Resolved>, ApiError> {
     convert::text("prefix", &prefix, gatekeep_proto::limits::MAX_ID)?;
     let request_id = state.engine.resolve_request_id(&prefix).await?;
@@ -831,7 +846,7 @@ struct Decide {
 async fn decide(
     State(state): State<HttpState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Body(body): Body<Decide>,
 ) -> Result<Json<RequestRecord>, ApiError> {
     let id = convert::id("id", &id)?;
@@ -871,7 +886,7 @@ struct WithReason {
 async fn cancel(
     State(state): State<HttpState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Body(body): Body<WithReason>,
 ) -> Result<Json<RequestRecord>, ApiError> {
     let id = convert::id("id", &id)?;
@@ -1034,7 +1049,7 @@ async fn dead_letters(
 async fn retry_dead_letter(
     State(state): State<HttpState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Json<crate::notify::replay::DeadLetterView>, ApiError> {
     caller.require_admin(&state.config)?;
     let id: i64 = id
@@ -1071,7 +1086,7 @@ async fn list_grants(
 async fn revoke_grant(
     State(state): State<HttpState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Body(body): Body<WithReason>,
 ) -> Result<Json<gatekeep_proto::model::Grant>, ApiError> {
     let id = convert::id("id", &id)?;
