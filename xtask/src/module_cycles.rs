@@ -39,6 +39,25 @@ pub fn check(roots: &[(String, PathBuf)]) -> Result<Vec<String>> {
     Ok(cycles)
 }
 
+/// The file a `#[path = "..."]` attribute names for a `mod x;`, if it has one.
+fn path_attribute(module: &syn::ItemMod) -> Option<String> {
+    module.attrs.iter().find_map(|attr| {
+        let syn::Meta::NameValue(pair) = &attr.meta else {
+            return None;
+        };
+        if !pair.path.is_ident("path") {
+            return None;
+        }
+        match &pair.value {
+            syn::Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Str(text),
+                ..
+            }) => Some(text.value()),
+            _ => None,
+        }
+    })
+}
+
 /// The crate's module tree and, per module, the paths its code names.
 #[derive(Default)]
 struct Tree {
@@ -80,6 +99,11 @@ impl Tree {
                 child.push(module.ident.to_string());
                 if let Some((_, inline)) = &module.content {
                     self.items(inline, &child, &dir.join(module.ident.to_string()), file)?;
+                } else if let Some(target) = path_attribute(module) {
+                    // `#[path = "..."]`: relative to the declaring file's folder, and read
+                    // like a `mod.rs` (rustc's rule).
+                    let folder = file.parent().map(Path::to_path_buf).unwrap_or_default();
+                    self.load(&folder.join(target), &child, true)?;
                 } else {
                     let name = module.ident.to_string();
                     let flat = dir.join(format!("{name}.rs"));
@@ -358,6 +382,22 @@ mod tests {
     fn cycles(files: &[(&str, &str)]) -> Vec<String> {
         let dir = crate_with(files);
         check(&[("c".to_owned(), dir.path().join("c/src/lib.rs"))]).unwrap()
+    }
+
+    #[test]
+    fn a_path_attribute_module_is_read_from_where_it_points() {
+        // `shared/ring.rs` uses `crate::a`, which uses the module it became: a cycle found
+        // only if the `#[path]` file was read.
+        let found = cycles(&[
+            ("lib.rs", "mod a; #[path = \"shared/ring.rs\"] mod b;"),
+            ("a.rs", "pub struct A(crate::b::B);"),
+            (
+                "shared/ring.rs",
+                "pub struct B; fn f() { let _ = crate::a::A; }",
+            ),
+        ]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("{crate::a, crate::b}"), "{found:?}");
     }
 
     #[test]
