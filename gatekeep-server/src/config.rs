@@ -29,7 +29,8 @@
 //! [store]                                  # optional: PostgreSQL instead of SQLite (a fleet)
 //! url = "postgres://gatekeep@db.example.com:5432/gatekeep"
 //! password_file = "/etc/gatekeep-server/db-password"
-//! pool_size = 16
+//! ca_file = "/etc/gatekeep-server/db-ca.pem"  # trusted beside the system's roots; TLS is
+//! pool_size = 16                           # required off this host (store::postgres::tls)
 //!
 //! [metrics]                                # optional: Prometheus `/metrics`, plain HTTP
 //! listen = "127.0.0.1:9464"                # off when absent (see metrics::MetricsConfig)

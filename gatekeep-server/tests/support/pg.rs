@@ -155,6 +155,23 @@ fn as_user<'a>(command: &'a mut Command, user: Option<&nix::unistd::User>) -> &'
 
 /// Starts a cluster of its own (tests share [`cluster`] instead).
 pub fn start(durability: Durability) -> Result<Cluster, String> {
+    start_with(durability, None)
+}
+
+/// A server certificate and key (PEM) for a cluster that speaks TLS only.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerTls<'a> {
+    pub cert_pem: &'a str,
+    pub key_pem: &'a str,
+}
+
+/// Starts a throwaway cluster that accepts TCP connections over TLS only (`hostssl` in
+/// `pg_hba.conf`, `ssl = on` with `tls`'s certificate).
+pub fn start_tls(tls: ServerTls<'_>) -> Result<Cluster, String> {
+    start_with(Durability::Throwaway, Some(tls))
+}
+
+fn start_with(durability: Durability, tls: Option<ServerTls<'_>>) -> Result<Cluster, String> {
     let bin = server_bin()?;
     let user = unprivileged()?;
     // Integration tests get cargo's temporary folder; examples (benchmarks) the same one.
@@ -199,10 +216,21 @@ pub fn start(durability: Durability) -> Result<Cluster, String> {
             String::from_utf8_lossy(&output.stderr)
         ));
     }
+    if let Some(tls) = tls {
+        only_tls(&data, tls, user.as_ref())?;
+    }
     let mut last = String::new();
     for _ in 0..5 {
         let port = free_port()?;
-        match launch(&bin, &dir, &data, port, user.as_ref(), durability) {
+        match launch(
+            &bin,
+            &dir,
+            &data,
+            port,
+            user.as_ref(),
+            durability,
+            tls.is_some(),
+        ) {
             Ok(pid) => {
                 return Ok(Cluster {
                     port,
@@ -216,6 +244,35 @@ pub fn start(durability: Durability) -> Result<Cluster, String> {
         }
     }
     Err(last)
+}
+
+/// Writes the server's certificate and key into `data` (the key readable by its owner
+/// only, as `postgres` demands) and a `pg_hba.conf` that admits TCP over TLS only.
+fn only_tls(
+    data: &Path,
+    tls: ServerTls<'_>,
+    user: Option<&nix::unistd::User>,
+) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    for (name, text, mode) in [
+        ("server.crt", tls.cert_pem, 0o644),
+        ("server.key", tls.key_pem, 0o600),
+        (
+            "pg_hba.conf",
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+            0o600,
+        ),
+    ] {
+        let path = data.join(name);
+        fs::write(&path, text).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .map_err(|err| format!("cannot restrict {}: {err}", path.display()))?;
+        if let Some(user) = user {
+            chown(&path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                .map_err(|err| format!("cannot hand {} to {}: {err}", path.display(), user.name))?;
+        }
+    }
+    Ok(())
 }
 
 fn free_port() -> Result<u16, String> {
@@ -234,6 +291,7 @@ fn launch(
     port: u16,
     user: Option<&nix::unistd::User>,
     durability: Durability,
+    tls: bool,
 ) -> Result<u32, String> {
     let log_path = dir.join(format!("postgres-{port}.log"));
     let log = fs::File::create(&log_path).map_err(|err| format!("cannot create the log: {err}"))?;
@@ -249,6 +307,9 @@ fn launch(
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|err| err.to_string())?)
         .stderr(log);
+    if tls {
+        command.args(["-c", "ssl=on"]);
+    }
     if durability == Durability::Throwaway {
         command
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
