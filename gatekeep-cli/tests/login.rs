@@ -82,8 +82,7 @@ async fn login_makes_the_cli_a_provider_identity() {
     std::fs::write(&ca, pki.ca.cert_pem()).expect("write ca");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let provider = Idp::start(
-        idp::free_port(),
+    let provider = Idp::start_any(
         &dir.path().join("keys.json"),
         &format!("https://{addr}/auth/oidc/callback"),
     );

@@ -49,11 +49,9 @@ async fn reviewers_decide_in_chromium(backend: Backend) {
         "the browser test needs Debian's chromium at {CHROMIUM}: run `cargo xtask setup`"
     );
     let keys = tempfile::tempdir().expect("keys dir");
-    let idp_port = idp::free_port();
     let mut provider = None;
     let mut harness = Harness::start_on(backend, |config, addr| {
-        let idp = Idp::start(
-            idp_port,
+        let idp = Idp::start_any(
             &keys.path().join("keys.json"),
             &format!("https://{addr}/auth/oidc/callback"),
         );

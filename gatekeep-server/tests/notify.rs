@@ -16,7 +16,7 @@ use gatekeep_proto::{
     GrantDuration,
     model::{RequestState, Verdict},
 };
-use gatekeep_server::notify::NotifyConfig;
+use gatekeep_server::{notify::NotifyConfig, store::Store as _};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{
@@ -1038,6 +1038,76 @@ async fn notices_queued_at_shutdown_are_still_sent() {
         );
     }
     assert_eq!(standin.violations(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teams_card_whose_answer_is_lost_is_dead_lettered_not_posted_twice() {
+    let (standin, addr) = StandIn::start().await;
+    // The workflow posts the card, then the connection breaks before its answer.
+    standin.drop_answer("teams", 1);
+    let secrets = tempfile::tempdir().unwrap();
+    let dir = secrets.path().display().to_string();
+    let extra: NotifyConfig = toml::from_str(&format!(
+        "[teams]\nworkflow_url = {{ file = \"{dir}/teams-url\" }}\n"
+    ))
+    .expect("teams config");
+    let notify = NotifyConfig {
+        teams: extra.teams,
+        ..notify_toml(secrets.path(), addr)
+    };
+    let mut harness = Harness::start_with(|config, _| config.notify = notify).await;
+    let (link, _events) = harness.agent("web-1").await;
+    let request = exec_request(&["curl", "https://teams-lost.example"]);
+    let id = request.id;
+    let pending = submit(&link, request);
+    standin.wait_for("teams", 1, for_request(id)).await;
+
+    // Whether the card is there cannot be known, so it is not posted again: it waits in the
+    // dead letters for an operator, named as such.
+    let store = gatekeep_server::store::SqliteStore::open(
+        harness.data_dir().join("state.db"),
+        gatekeep_server::store::Synchronous::Normal,
+    )
+    .expect("the service's database");
+    let started = std::time::Instant::now();
+    let letter = loop {
+        let letters = store.dead_letters(10).await.expect("dead letters");
+        if let Some(letter) = letters.into_iter().find(|l| l.letter.sink == "teams") {
+            break letter;
+        }
+        assert!(
+            started.elapsed() < support::PATIENCE,
+            "no dead letter for the lost card"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        letter.letter.key.contains(&id.to_string()) && letter.letter.error.contains("unknown"),
+        "{letter:?}"
+    );
+    assert_eq!(
+        letter.letter.attempts, 2,
+        "the lost call, then the refusal to repeat it"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cards = standin
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "teams" && for_request(id)(&c.body))
+        .count();
+    assert_eq!(cards, 1, "posted once");
+
+    // Deciding still works, and Slack (a channel that can be read back) is unaffected.
+    api_post(
+        &harness,
+        "alice",
+        &format!("/api/v1/requests/{id}/decision"),
+        json!({"verdict": "allow", "reason": "teams was flaky"}),
+    )
+    .await;
+    assert_eq!(answer(pending).await.verdict, Verdict::Allow);
+    standin.wait_for("chat.update", 1, for_request(id)).await;
+    harness.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

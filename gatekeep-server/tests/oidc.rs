@@ -92,11 +92,9 @@ async fn console_sign_in(client: &reqwest::Client, harness: &Harness, user: &str
 
 async fn provider_identities_sign_in_with_their_groups_and_decide(backend: Backend) {
     let keys = tempfile::tempdir().expect("keys dir");
-    let idp_port = idp::free_port();
     let mut provider = None;
     let mut harness = Harness::start_on(backend, |config, addr| {
-        let idp = Idp::start(
-            idp_port,
+        let idp = Idp::start_any(
             &keys.path().join("keys.json"),
             &format!("https://{addr}/auth/oidc/callback"),
         );
@@ -229,15 +227,10 @@ async fn provider_identities_sign_in_with_their_groups_and_decide(backend: Backe
 async fn foreign_issuers_forged_logins_refused_and_key_rotation_followed(backend: Backend) {
     let keys = tempfile::tempdir().expect("keys dir");
     let shared_keys = keys.path().join("shared.json");
-    let idp_port = idp::free_port();
     let mut provider = None;
     let mut service = None;
     let mut harness = Harness::start_on(backend, |config, addr| {
-        let idp = Idp::start(
-            idp_port,
-            &shared_keys,
-            &format!("https://{addr}/auth/oidc/callback"),
-        );
+        let idp = Idp::start_any(&shared_keys, &format!("https://{addr}/auth/oidc/callback"));
         config.console.oidc = Some(idp.config(addr));
         provider = Some(idp);
         service = Some(addr);
@@ -248,8 +241,7 @@ async fn foreign_issuers_forged_logins_refused_and_key_rotation_followed(backend
 
     // Another provider, signing with the very same keys: its ID tokens verify by signature,
     // but their issuer is not the configured one.
-    let other = Idp::start(
-        idp::free_port(),
+    let other = Idp::start_any(
         &shared_keys,
         &format!("https://{service}/auth/oidc/callback"),
     );

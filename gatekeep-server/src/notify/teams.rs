@@ -161,28 +161,47 @@ impl TeamsSink {
         }
         let lease = DeliveryKey::new(job.id, "teams", event);
         // Another replica posts it (and if it dies, its lease expires and it is resumed).
-        if self.leases.claim(&lease).await?.is_none() {
+        let Some(unknown_since) = self.leases.claim(&lease).await? else {
             return Ok(());
-        }
+        };
         if posted().await? {
             return self.leases.release(&lease).await;
+        }
+        // Workflows have no idempotency key and nothing to read a channel back with: after a
+        // post whose answer was lost (or whose replica died mid-call) nobody can tell whether
+        // the card is there. Posting again could show it twice, so it goes to the dead
+        // letters instead, where an operator sees it and retries it if the card is missing.
+        if unknown_since.is_some() {
+            return Err(Failure::Permanent {
+                message: concat!(
+                    "teams workflow: an earlier post's answer was lost, so whether its card ",
+                    "was posted is unknown; not posted again (a Workflows webhook cannot be ",
+                    "read back): retry it from the dead letters if the card is missing"
+                )
+                .to_owned(),
+            });
         }
         let body = card(
             &record,
             self.console_url.as_deref(),
             OffsetDateTime::now_utc(),
         );
-        // Workflows have no idempotency key and nothing to read a channel back with: a post
-        // whose answer is lost is posted again (at least once; never by two replicas).
         self.leases.attempt(&lease).await?;
-        let response = self
-            .http
-            .post(self.url.expose())
-            .json(&body)
-            .send()
-            .await
-            // The error's text would name the URL, which is a secret: `network` drops it.
-            .map_err(|err| delivery::network("teams workflow", &err))?;
+        let response = match self.http.post(self.url.expose()).json(&body).send().await {
+            Ok(response) => response,
+            Err(err) if err.is_connect() => {
+                // Never sent: no card can exist, so another attempt is safe.
+                self.leases.release(&lease).await?;
+                // The error's text would name the URL, which is a secret: `network` drops it.
+                return Err(delivery::network("teams workflow", &err));
+            }
+            // Sent, answer lost: the attempt stays noted and the next one gives up (above).
+            Err(err) => return Err(delivery::network("teams workflow", &err)),
+        };
+        if !response.status().is_success() {
+            // An answer that says it failed: nothing was posted, another attempt is safe.
+            self.leases.release(&lease).await?;
+        }
         delivery::classify(&response, "teams workflow")?;
         store
             .set_notice(key, "posted".to_owned())

@@ -516,6 +516,20 @@ async fn teams(State(standin): State<StandIn>, headers: HeaderMap, body: Bytes) 
     if let Some(failure) = standin.record("teams", &headers, body) {
         return failure;
     }
+    let drop_answer = {
+        let mut inner = standin.0.lock().expect("lock");
+        inner
+            .drop_answer
+            .get_mut("teams")
+            .filter(|n| **n > 0)
+            .map(|n| *n -= 1)
+            .is_some()
+    };
+    if drop_answer {
+        // The card is posted, then the connection breaks before any answer: ending the
+        // handler's task drops the connection (`resume_unwind` runs no panic hook).
+        std::panic::resume_unwind(Box::new("answer dropped by the stand-in"));
+    }
     // Workflows answer 202 Accepted.
     StatusCode::ACCEPTED.into_response()
 }

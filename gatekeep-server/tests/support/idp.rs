@@ -62,8 +62,35 @@ pub struct Idp {
 
 impl Idp {
     /// Starts a provider on `port` signing with the keys in `keys_file` (made if missing),
-    /// sending users back to `redirect_uri`.
+    /// sending users back to `redirect_uri`. A port another process holds for a moment is
+    /// tried again a few times.
     pub fn start(port: u16, keys_file: &Path, redirect_uri: &str) -> Self {
+        let mut last = String::new();
+        for _ in 0..10 {
+            match Self::spawn(port, keys_file, redirect_uri) {
+                Ok(idp) => return idp,
+                Err(why) => last = why,
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        panic!("the OpenID provider does not start on port {port}: {last}");
+    }
+
+    /// Starts a provider on a free port (another one if the first was taken meanwhile by
+    /// a process of a test running beside this one).
+    pub fn start_any(keys_file: &Path, redirect_uri: &str) -> Self {
+        let mut last = String::new();
+        for _ in 0..10 {
+            match Self::spawn(free_port(), keys_file, redirect_uri) {
+                Ok(idp) => return idp,
+                Err(why) => last = why,
+            }
+        }
+        panic!("the OpenID provider does not start: {last}");
+    }
+
+    /// One attempt: the provider once it prints READY, or why it ended before (its stderr).
+    fn spawn(port: u16, keys_file: &Path, redirect_uri: &str) -> Result<Self, String> {
         let script = script("provider.mjs");
         let mut child = Command::new("node")
             .arg(&script)
@@ -74,10 +101,11 @@ impl Idp {
             .env("REDIRECT_URIS", redirect_uri)
             .env("KEYS_FILE", keys_file)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start node (Node.js is installed by `cargo xtask setup`)");
         let stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
         let (ready, wait) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -86,13 +114,23 @@ impl Idp {
                 }
             }
         });
-        let issuer = wait
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the OpenID provider starts (READY on its stdout)");
-        Self {
-            child,
-            issuer,
-            port,
+        let complaint = std::thread::spawn(move || {
+            let mut text = String::new();
+            drop(std::io::Read::read_to_string(&mut stderr, &mut text));
+            text
+        });
+        match wait.recv_timeout(Duration::from_secs(30)) {
+            Ok(issuer) => Ok(Self {
+                child,
+                issuer,
+                port,
+            }),
+            Err(why) => {
+                drop(child.kill());
+                drop(child.wait());
+                let stderr = complaint.join().unwrap_or_default();
+                Err(format!("{why}; its stderr: {}", stderr.trim()))
+            }
         }
     }
 
