@@ -18,7 +18,7 @@ use crate::{
     model::{
         Action, Approval, ArgPattern, CommandRule, ConnectPolicy, ConnectRule,
         DEFAULT_INTERPRETERS, ExecPolicy, ExecRule, GrantDuration, HostRule, Integrity,
-        InterpreterKind, Mode, Policy, Protect, ProtectPoint, UnlistedMappings,
+        InterpreterKind, Mode, Policy, Protect, ProtectPoint, UnixRule, UnlistedMappings,
     },
     net::parse_target,
 };
@@ -638,6 +638,7 @@ impl<'a> Walker<'a> {
             other_families: Action::Allow,
             rules: Vec::new(),
             hosts: Vec::new(),
+            unix_rules: Vec::new(),
         };
         let Some(table) = self.section(policy, "connect", CONNECT_KEYS) else {
             return (connect, Vec::new());
@@ -668,6 +669,7 @@ impl<'a> Walker<'a> {
         }
         let mut rules: Vec<(Span, ConnectRule)> = Vec::new();
         let mut hosts: Vec<(Span, HostRule)> = Vec::new();
+        let mut unix_rules: Vec<(Span, UnixRule)> = Vec::new();
         for (key, action) in RULE_LISTS {
             let Some(value) = field(table, key) else {
                 continue;
@@ -677,6 +679,13 @@ impl<'a> Walker<'a> {
                 continue;
             };
             for (text, span) in items {
+                if text.starts_with(crate::unix::UNIX_PREFIX) {
+                    match crate::unix::parse_unix_target(text, action) {
+                        Ok(rule) => unix_rules.push((span, rule)),
+                        Err(message) => self.error(&span, message),
+                    }
+                    continue;
+                }
                 if crate::hosts::is_host_target(text) {
                     match crate::hosts::parse_host_target(text) {
                         Ok((pattern, ports)) => hosts.push((
@@ -699,6 +708,16 @@ impl<'a> Walker<'a> {
         }
         rules.sort_by_key(|(span, _)| span.start);
         hosts.sort_by_key(|(span, _)| span.start);
+        unix_rules.sort_by_key(|(span, _)| span.start);
+        let mut kept_unix: Vec<(Span, UnixRule)> = Vec::new();
+        for (span, rule) in unix_rules {
+            if let Some(message) = self.unix_clash(&kept_unix, &rule) {
+                self.error(&span, message);
+                continue;
+            }
+            kept_unix.push((span, rule));
+        }
+        connect.unix_rules = kept_unix.into_iter().map(|(_, rule)| rule).collect();
         let mut kept_hosts: Vec<(Span, HostRule)> = Vec::new();
         for (span, rule) in hosts {
             if let Some(message) = self.host_clash(&kept_hosts, &rule) {
@@ -753,6 +772,29 @@ impl<'a> Walker<'a> {
             }
         }
         None
+    }
+
+    /// Why `AF_UNIX` `rule` cannot join `kept`: a rule on the same name
+    /// as the kernel resolves it (`/run/x` and `/run/x` again, under one
+    /// action or two).
+    fn unix_clash(&self, kept: &[(Span, UnixRule)], rule: &UnixRule) -> Option<String> {
+        let hash = crate::unix::rule_hash(&rule.name);
+        let (span, first) = kept
+            .iter()
+            .find(|(_, first)| crate::unix::rule_hash(&first.name) == hash)?;
+        let line = self.pos(span).line;
+        let target = rule.target();
+        Some(if first.action == rule.action {
+            format!(
+                "connect rule {target} is listed twice under {} (first at line {line}); remove one",
+                rule.action
+            )
+        } else {
+            format!(
+                "connect rule {target} is listed under both {} (line {line}) and {}; a socket name may appear under one action only",
+                first.action, rule.action
+            )
+        })
     }
 
     /// Why host `rule` cannot join `kept`: the same pattern and ports
@@ -1554,6 +1596,67 @@ mod tests {
                 "policies/agents.toml:6:9: port range 9000-8000 in \"10.0.0.0/8:9000-8000\" is reversed; did you mean 8000-9000?",
                 "policies/agents.toml:6:33: port 65536 in \"10.0.0.0/8:65536\" is out of range (ports are 1-65535)",
                 "policies/agents.toml:6:53: [2001:db8::1]/32:443 has host bits set; did you mean [2001:db8::]/32:443?",
+            ]
+        );
+    }
+
+    #[test]
+    fn unix_rules_name_socket_paths_and_abstract_names_beside_the_unix_fallback() {
+        let set = load(&with_head(
+            "[policy.connect]\n\
+             unix = \"allow\"\n\
+             allow = [\"10.0.0.0/8\", \"unix:/run/ok.sock\"]\n\
+             deny = [\"unix:/run/docker.sock\"]\n\
+             ask = [\"unix:@gk-bus\"]\n",
+        ));
+        let connect = &set.policies[0].connect;
+        assert_eq!(connect.rules.len(), 1, "the IP rule stays an IP rule");
+        let rules: Vec<String> = connect.unix_rules.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            rules,
+            [
+                "allow unix:/run/ok.sock",
+                "deny unix:/run/docker.sock",
+                "ask unix:@gk-bus"
+            ]
+        );
+        let decide = |name: &[u8]| connect.decide_unix(name);
+        assert_eq!(
+            decide(b"/run/docker.sock"),
+            (
+                Action::Deny,
+                "connect deny unix:/run/docker.sock".to_owned()
+            )
+        );
+        // Bytes after a path's NUL are not part of the name the kernel uses.
+        assert_eq!(decide(b"/run/docker.sock\0junk").0, Action::Deny);
+        assert_eq!(decide(b"\0gk-bus").0, Action::Ask);
+        assert_eq!(
+            decide(b"\0gk-bus\0").0,
+            Action::Allow,
+            "another abstract name"
+        );
+        assert_eq!(
+            decide(b"/run/other.sock"),
+            (Action::Allow, "connect unix allow".to_owned())
+        );
+    }
+
+    #[test]
+    fn invalid_unix_rules_name_the_place_and_the_fix() {
+        let all = errors(&with_head(
+            "[policy.connect]\n\
+             deny = [\"unix:run/docker.sock\", \"unix:/run/docker.sock\"]\n\
+             ask = [\"unix:@\", \"unix:/run/docker.sock\"]\n\
+             allow = [\"unix:/run/../x.sock\"]\n",
+        ));
+        assert_eq!(
+            all,
+            [
+                "policies/agents.toml:5:9: unix rule path \"run/docker.sock\" is not absolute; the kernel resolves a relative name from the caller's working directory, so write the absolute path (e.g. \"unix:/run/docker.sock\", or \"unix:@name\" for an abstract socket)",
+                "policies/agents.toml:6:8: unix rule \"unix:@\" names no abstract socket; write its name after the @, e.g. \"unix:/run/docker.sock\", or \"unix:@name\" for an abstract socket",
+                "policies/agents.toml:6:18: connect rule unix:/run/docker.sock is listed under both deny (line 5) and ask; a socket name may appear under one action only",
+                "policies/agents.toml:7:10: unix rule path \"/run/../x.sock\" is not in plain form (`.`, `..`, `//` or a final `/`); a rule matches the path a caller passes byte for byte, so write the plain absolute path",
             ]
         );
     }

@@ -453,7 +453,8 @@ mod tests {
         assert_eq!(
             request.destination,
             Destination::Unix {
-                path: "@agent".into()
+                path: "@agent".into(),
+                name: raw.unix_path.to_vec(),
             }
         );
         assert_eq!(request.via, Via::Connect);
