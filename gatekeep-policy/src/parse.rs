@@ -105,6 +105,8 @@ pub(crate) struct ParsedPolicy {
     pub exec_at: Vec<Pos>,
     /// Where each of `policy.connect.hosts` was written.
     pub hosts_at: Vec<Pos>,
+    /// Where each of `policy.connect.unix_rules` was written.
+    pub unix_at: Vec<Pos>,
 }
 
 /// Parses one file, appending its problems to `diagnostics`.
@@ -260,7 +262,7 @@ impl<'a> Walker<'a> {
 
         let (cgroups, cgroups_at) = self.cgroups(header, table);
         let (exec, exec_at) = self.exec(table);
-        let (connect, hosts_at) = self.connect(table);
+        let (connect, hosts_at, unix_at) = self.connect(table);
         let approval = self.approval(table);
         let protect = self.protect(table);
         let mode = self.mode(table);
@@ -278,6 +280,7 @@ impl<'a> Walker<'a> {
             cgroups_at,
             exec_at,
             hosts_at,
+            unix_at,
         }
     }
 
@@ -629,8 +632,9 @@ impl<'a> Walker<'a> {
         None
     }
 
-    /// The connect section, and where each of its host rules is written.
-    fn connect(&mut self, policy: &DeTable<'_>) -> (ConnectPolicy, Vec<Pos>) {
+    /// The connect section, and where each of its host and unix rules is
+    /// written.
+    fn connect(&mut self, policy: &DeTable<'_>) -> (ConnectPolicy, Vec<Pos>, Vec<Pos>) {
         let mut connect = ConnectPolicy {
             default: Action::Allow,
             unix: Action::Allow,
@@ -641,7 +645,7 @@ impl<'a> Walker<'a> {
             unix_rules: Vec::new(),
         };
         let Some(table) = self.section(policy, "connect", CONNECT_KEYS) else {
-            return (connect, Vec::new());
+            return (connect, Vec::new(), Vec::new());
         };
         if let Some(value) = field(table, "default") {
             connect.default = self.action(value, "default").unwrap_or(Action::Allow);
@@ -717,6 +721,7 @@ impl<'a> Walker<'a> {
             }
             kept_unix.push((span, rule));
         }
+        let unix_at = kept_unix.iter().map(|(span, _)| self.pos(span)).collect();
         connect.unix_rules = kept_unix.into_iter().map(|(_, rule)| rule).collect();
         let mut kept_hosts: Vec<(Span, HostRule)> = Vec::new();
         for (span, rule) in hosts {
@@ -738,7 +743,7 @@ impl<'a> Walker<'a> {
             kept.push((span, rule));
         }
         connect.rules = kept.into_iter().map(|(_, rule)| rule).collect();
-        (connect, hosts_at)
+        (connect, hosts_at, unix_at)
     }
 
     /// Why `rule` cannot join `kept`: the same network and ports again, or

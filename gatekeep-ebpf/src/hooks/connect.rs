@@ -77,8 +77,8 @@ pub fn socket_connect(ctx: LsmContext) -> i32 {
         Ok(cgroup_id) => cgroup_id,
         Err(verdict) => return verdict,
     };
-    let unix_name = UnixName::of(ctx.arg(1), ctx.arg(2));
-    match gated_connect(&ctx, cgroup_id, &unix_name) {
+    let unix_name = unix_name_digest(ctx.arg(1), ctx.arg(2), cgroup_id);
+    match gated_connect(&ctx, cgroup_id, unix_name) {
         Ok(ret) | Err(ret) => verdict(&ctx, ret),
     }
 }
@@ -131,7 +131,7 @@ pub fn verdict(ctx: &LsmContext, ret: i32) -> i32 {
 }
 
 #[inline(never)]
-fn gated_connect(ctx: &LsmContext, cgroup_id: u64, unix_name: &UnixName) -> Result<i32, i32> {
+fn gated_connect(ctx: &LsmContext, cgroup_id: u64, unix_name: u64) -> Result<i32, i32> {
     let Some(gated) = gated_entry(cgroup_id) else {
         return Ok(0);
     };
@@ -156,7 +156,7 @@ fn gated_connect(ctx: &LsmContext, cgroup_id: u64, unix_name: &UnixName) -> Resu
 
 /// What a connect or a send goes to: the kernel's copy of the caller's
 /// `sockaddr`, and the family to read it as.
-pub struct Target<'a> {
+pub struct Target {
     /// The `struct socket *`.
     pub sock: *const u8,
     /// The `struct sockaddr *` (kernel memory).
@@ -167,34 +167,9 @@ pub struct Target<'a> {
     pub family: u16,
     /// [`connect_op`].
     pub op: u16,
-    /// For `AF_UNIX`, the socket's name hashed ([`UnixName`]).
-    pub unix_name: &'a UnixName,
-}
-
-/// An `AF_UNIX` destination's name, hashed twice, in the hook's frame
-/// before its gated path ([`UnixName::of`]).
-pub struct UnixName {
-    /// The request digest's part ([`unix_name_digest`]): every byte the
-    /// caller passed.
-    pub digest: u64,
-    /// The name rules match ([`unix_rule_name`]): what the kernel resolves.
-    pub rule: u64,
-}
-
-impl UnixName {
-    /// Both hashes of the destination at `address` (kernel memory,
-    /// `addrlen` bytes); zero for another family. Each in a call of its
-    /// own from the hook's frame: the hashing state does not fit the
-    /// frames of the gated path beside the decision's (BPF allows 512 bytes
-    /// of stack over a chain of calls), and the two calls are siblings, so
-    /// neither adds to the other's chain.
-    #[inline(always)]
-    pub fn of(address: *const u8, addrlen: i32) -> Self {
-        Self {
-            digest: unix_name_digest(address, addrlen),
-            rule: unix_rule_name(address, addrlen),
-        }
-    }
+    /// For `AF_UNIX`, the digest of the socket's name and the action of the
+    /// policy's rule on it ([`unix_name_digest`]).
+    pub unix_name: u64,
 }
 
 /// The connect decision, for a connect and for a datagram sent to an
@@ -255,7 +230,7 @@ pub fn decide(cgroup_id: u64, policy_id: u32, target: &Target) -> Result<i32, i3
                 port: 0,
                 addr: [0; 16],
             },
-            match unix_rule_action(policy_id, target.unix_name.rule) {
+            match (target.unix_name & UNIX_RULE_BITS) as u32 {
                 action::NONE => policy.unix_action,
                 ruled => ruled,
             },
@@ -660,7 +635,7 @@ fn connect_digest(destination: &Destination, sock_type: u32, target: &Target) ->
             | u64::from(sock_type),
     );
     if destination.family == AF_UNIX {
-        digest.word(target.unix_name.digest);
+        digest.word(target.unix_name);
         return digest.finish();
     }
     digest.word(u64::from_ne_bytes([
@@ -700,14 +675,25 @@ fn unix_name_len(addrlen: i32) -> usize {
         .min(SUN_PATH_LEN)
 }
 
+/// The low bits of [`unix_name_digest`] that hold the rule's action.
+const UNIX_RULE_BITS: u64 = 0b11;
+const _: () = assert!(action::NONE | action::ALLOW | action::DENY | action::ASK <= 3);
+
 /// The digest of the name of the `AF_UNIX` destination at `address` (kernel
-/// memory, `addrlen` bytes; see [`unix_name_len`]), or 0 for any other
-/// family. The hooks take it before their gated path, in a call of its own:
-/// the hashing state does not fit their frames beside the decision's (BPF
-/// allows 512 bytes of stack over a chain of calls), and in a frame beside
-/// theirs it would add to every chain.
+/// memory, `addrlen` bytes; see [`unix_name_len`]), its two low bits
+/// replaced by the action of the rule of `cgroup_id`'s policy on that name
+/// ([`unix_rule_action`], `action::NONE` without one); 0 for any other
+/// family. The request digest therefore binds the name and what the policy
+/// says of it.
+///
+/// The hooks take it before their gated path, in a call of its own: the
+/// hashing state does not fit their frames beside the decision's (BPF
+/// allows 512 bytes of stack over a chain of calls, and the decision's
+/// frame leaves no room for a callee's), and in a frame beside theirs it
+/// would add to every chain. The rule travels in the digest for the same
+/// reason: one more value would grow the decision's frame.
 #[inline(never)]
-pub fn unix_name_digest(address: *const u8, addrlen: i32) -> u64 {
+pub fn unix_name_digest(address: *const u8, addrlen: i32, cgroup_id: u64) -> u64 {
     // SAFETY: probe reads of the kernel's copy of the caller's address, a
     // `sockaddr_storage` (128 bytes): every word read stays inside it.
     let family = unsafe { bpf_probe_read_kernel::<u16>(address.cast()) }.unwrap_or(0);
@@ -730,17 +716,17 @@ pub fn unix_name_digest(address: *const u8, addrlen: i32) -> u64 {
         };
         digest.word(word);
     }
-    digest.finish()
+    (digest.finish() & !UNIX_RULE_BITS)
+        | u64::from(unix_rule_action(address, addrlen, cgroup_id)) & UNIX_RULE_BITS
 }
 
 /// The [`gatekeep_common::unix_rule_hash`] of the `AF_UNIX` destination at
 /// `address` (kernel memory, `addrlen` bytes; see [`unix_name_len`]), or 0
 /// for any other family: a pathname up to its first NUL (the kernel ignores
 /// what follows, so bytes there cannot dodge a rule), an abstract name
-/// every byte of its length. Only the gated path calls it (see
-/// [`UnixName::of`]).
-#[inline(never)]
-pub fn unix_rule_name(address: *const u8, addrlen: i32) -> u64 {
+/// every byte of its length.
+#[inline(always)]
+fn unix_rule_name(address: *const u8, addrlen: i32) -> u64 {
     // SAFETY: probe reads of the kernel's copy of the caller's address, a
     // `sockaddr_storage` (128 bytes): every word read stays inside it.
     let family = unsafe { bpf_probe_read_kernel::<u16>(address.cast()) }.unwrap_or(0);
@@ -778,15 +764,22 @@ pub fn unix_rule_name(address: *const u8, addrlen: i32) -> u64 {
     hash.finish()
 }
 
-/// The action of the policy's rule on the `AF_UNIX` name `name`
-/// ([`unix_rule_name`]), `NONE` when it has none. A call of its own, off
-/// the decision's frame: its key would otherwise sit there on every path.
-#[inline(never)]
-fn unix_rule_action(policy_id: u32, name: u64) -> u32 {
+/// The action of the rule of `cgroup_id`'s policy on the `AF_UNIX`
+/// destination at `address` ([`unix_rule_name`]); `NONE` when it has none,
+/// or the cgroup is not gated (yet: an unclassified cgroup's connect waits
+/// and is decided again).
+#[inline(always)]
+fn unix_rule_action(address: *const u8, addrlen: i32, cgroup_id: u64) -> u32 {
+    let Some(gated) = gated_entry(cgroup_id) else {
+        return action::NONE;
+    };
+    if gated.flags & GATED_UNCLASSIFIED != 0 {
+        return action::NONE;
+    }
     let key = UnixRuleKey {
-        policy_id,
+        policy_id: gated.policy_id,
         _pad: 0,
-        name,
+        name: unix_rule_name(address, addrlen),
     };
     // SAFETY: the value is copied out at once.
     unsafe { UNIX_RULES.get(&key) }

@@ -66,10 +66,10 @@ pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
     if namelen < 2 {
         return 0;
     }
-    let unix_name = connect::UnixName::of(name, namelen);
+    let unix_name = connect::unix_name_digest(name, namelen, cgroup_id);
     connect::verdict(
         &ctx,
-        gated_sendmsg(&ctx, cgroup_id, name, namelen, &unix_name),
+        gated_sendmsg(&ctx, cgroup_id, name, namelen, unix_name),
     )
 }
 
@@ -83,7 +83,7 @@ fn gated_sendmsg(
     cgroup_id: u64,
     name: *const u8,
     namelen: i32,
-    unix_name: &connect::UnixName,
+    unix_name: u64,
 ) -> i32 {
     match sendmsg_decision(ctx, cgroup_id, name, namelen, unix_name) {
         Ok(ret) | Err(ret) => ret,
@@ -96,7 +96,7 @@ fn sendmsg_decision(
     cgroup_id: u64,
     name: *const u8,
     namelen: i32,
-    unix_name: &connect::UnixName,
+    unix_name: u64,
 ) -> Result<i32, i32> {
     let Some(gated) = gated_entry(cgroup_id) else {
         return Ok(0);
