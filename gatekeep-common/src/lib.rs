@@ -207,6 +207,10 @@ pub mod event_kind {
     /// program ran: the argv the kernel gave it is not the one bound
     /// ([`super::TaskEvent`]; `digest` is the allowed request's).
     pub const EXEC_ARGV_CHANGED: u32 = 17;
+    /// The same, for the bound environment (`LD_*` and the policy's
+    /// `bound_env`): the argv was the one bound, the bound variables the
+    /// new program received are not.
+    pub const EXEC_ENV_CHANGED: u32 = 18;
 }
 
 /// What a request is about; also in [`PendingRequest::kind`].
@@ -246,8 +250,11 @@ pub mod counter {
     /// one bound (changed in the caller's memory after the kernel copied
     /// it): the new program was killed before it ran.
     pub const EXEC_ARGV_CHANGED: u32 = 14;
+    /// The same for the bound environment: its argv was the one bound, its
+    /// bound variables were not.
+    pub const EXEC_ENV_CHANGED: u32 = 15;
     /// Number of counters; size of the `COUNTERS` map.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 /// Value of the `GATED_CGROUPS` map: which policy governs a cgroup.
