@@ -553,6 +553,10 @@ pub const UNIX_RULE_HASH_KEY: [u64; 2] = [0x6761_7465_6b65_6570, 0x756e_6978_2d7
 
 /// `word` with only its first `within` bytes (little endian) kept.
 #[must_use]
+#[expect(
+    clippy::inline_always,
+    reason = "called per word in the eBPF programs' loops"
+)]
 #[inline(always)]
 pub fn keep_bytes(word: u64, within: usize) -> u64 {
     match within {
@@ -586,7 +590,7 @@ pub fn until_nul(word: u64) -> (u64, bool) {
 /// `unix_rule_name`): what the kernel resolves, nothing more.
 ///
 /// - A pathname (first byte not NUL) is its bytes up to the first NUL
-///   (`unix_mkname_bsd()` in net/unix/af_unix.c, v6.12, ignores the rest),
+///   (`unix_mkname_bsd()` in `net/unix/af_unix.c`, v6.12, ignores the rest),
 ///   after a zero word.
 /// - An abstract name (first byte NUL) is every byte of its length, that
 ///   NUL included (`unix_find_abstract()` compares the whole length), after
@@ -1192,8 +1196,8 @@ mod tests {
             (word([b'a', 0, 0, 0, 0, 0, 0, 0]), true)
         );
         assert_eq!(
-            until_nul(word([0xff, 0x80, 0x01, 0x7f, 0xfe, 1, 2, 0])).1,
-            true
+            until_nul(word([0xff, 0x80, 0x01, 0x7f, 0xfe, 1, 2, 0])),
+            (word([0xff, 0x80, 0x01, 0x7f, 0xfe, 1, 2, 0]), true)
         );
     }
 

@@ -12,6 +12,10 @@ pub struct SipHash13 {
     words: u64,
 }
 
+#[expect(
+    clippy::inline_always,
+    reason = "the eBPF programs hash in loops the verifier walks: a call per word would cost a BPF call frame each"
+)]
 impl SipHash13 {
     #[must_use]
     #[inline(always)]

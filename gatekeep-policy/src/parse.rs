@@ -712,17 +712,8 @@ impl<'a> Walker<'a> {
         }
         rules.sort_by_key(|(span, _)| span.start);
         hosts.sort_by_key(|(span, _)| span.start);
-        unix_rules.sort_by_key(|(span, _)| span.start);
-        let mut kept_unix: Vec<(Span, UnixRule)> = Vec::new();
-        for (span, rule) in unix_rules {
-            if let Some(message) = self.unix_clash(&kept_unix, &rule) {
-                self.error(&span, message);
-                continue;
-            }
-            kept_unix.push((span, rule));
-        }
-        let unix_at = kept_unix.iter().map(|(span, _)| self.pos(span)).collect();
-        connect.unix_rules = kept_unix.into_iter().map(|(_, rule)| rule).collect();
+        let (kept_unix, unix_at) = self.kept_unix(unix_rules);
+        connect.unix_rules = kept_unix;
         let mut kept_hosts: Vec<(Span, HostRule)> = Vec::new();
         for (span, rule) in hosts {
             if let Some(message) = self.host_clash(&kept_hosts, &rule) {
@@ -777,6 +768,22 @@ impl<'a> Walker<'a> {
             }
         }
         None
+    }
+
+    /// The `AF_UNIX` rules in file order, those that clash with an earlier
+    /// one refused ([`Self::unix_clash`]), and where each is written.
+    fn kept_unix(&mut self, mut rules: Vec<(Span, UnixRule)>) -> (Vec<UnixRule>, Vec<Pos>) {
+        rules.sort_by_key(|(span, _)| span.start);
+        let mut kept: Vec<(Span, UnixRule)> = Vec::new();
+        for (span, rule) in rules {
+            if let Some(message) = self.unix_clash(&kept, &rule) {
+                self.error(&span, message);
+                continue;
+            }
+            kept.push((span, rule));
+        }
+        let at = kept.iter().map(|(span, _)| self.pos(span)).collect();
+        (kept.into_iter().map(|(_, rule)| rule).collect(), at)
     }
 
     /// Why `AF_UNIX` `rule` cannot join `kept`: a rule on the same name

@@ -277,32 +277,7 @@ pub(crate) fn policy_warnings(policy: &Policy, places: Option<Places<'_>>) -> Ve
         });
     }
 
-    let restricted_unix: Vec<usize> = (0..connect.unix_rules.len())
-        .filter(|&index| connect.unix_rules[index].action != Action::Allow)
-        .collect();
-    if connect.unix == Action::Allow && !restricted_unix.is_empty() {
-        let listed: Vec<String> = restricted_unix
-            .iter()
-            .map(|&index| {
-                let rule = &connect.unix_rules[index];
-                format!("{} \"{}\"", rule.action, rule.target())
-            })
-            .collect();
-        warnings.push(Warning {
-            kind: WarningKind::UnixDenyListUnderAllow,
-            policy: policy.name.clone(),
-            rules: Vec::new(),
-            at: places
-                .and_then(|places| places.unix.get(restricted_unix[0]))
-                .map(location),
-            message: format!(
-                "policy \"{}\": unix is allow, so {} hold{} only for that name: a symlink, hard link or bind mount of the socket, or a relative name from its folder, reaches it under unix; write unix = \"deny\" (or \"ask\") under [policy.connect] and list the sockets the workload may use under allow",
-                policy.name,
-                listed.join(", "),
-                if listed.len() == 1 { "s" } else { "" },
-            ),
-        });
-    }
+    warnings.extend(unix_deny_list_under_allow(policy, places));
 
     for (index, rule) in exec.rules.iter().enumerate() {
         if let Some((kind, message)) = check_file(&policy.name, exec, rule) {
@@ -316,6 +291,38 @@ pub(crate) fn policy_warnings(policy: &Policy, places: Option<Places<'_>>) -> Ve
         }
     }
     warnings
+}
+
+/// [`WarningKind::UnixDenyListUnderAllow`], if `policy` earns it.
+fn unix_deny_list_under_allow(policy: &Policy, places: Option<Places<'_>>) -> Option<Warning> {
+    let connect = &policy.connect;
+    let restricted: Vec<usize> = (0..connect.unix_rules.len())
+        .filter(|&index| connect.unix_rules[index].action != Action::Allow)
+        .collect();
+    if connect.unix != Action::Allow || restricted.is_empty() {
+        return None;
+    }
+    let listed: Vec<String> = restricted
+        .iter()
+        .map(|&index| {
+            let rule = &connect.unix_rules[index];
+            format!("{} \"{}\"", rule.action, rule.target())
+        })
+        .collect();
+    Some(Warning {
+        kind: WarningKind::UnixDenyListUnderAllow,
+        policy: policy.name.clone(),
+        rules: Vec::new(),
+        at: places
+            .and_then(|places| places.unix.get(restricted[0]))
+            .map(location),
+        message: format!(
+            "policy \"{}\": unix is allow, so {} hold{} only for that name: a symlink, hard link or bind mount of the socket, or a relative name from its folder, reaches it under unix; write unix = \"deny\" (or \"ask\") under [policy.connect] and list the sockets the workload may use under allow",
+            policy.name,
+            listed.join(", "),
+            if listed.len() == 1 { "s" } else { "" },
+        ),
+    })
 }
 
 /// What is wrong with the file one rule of `exec` names, if anything.
