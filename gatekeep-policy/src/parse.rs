@@ -684,8 +684,14 @@ impl<'a> Walker<'a> {
             };
             for (text, span) in items {
                 if text.starts_with(crate::unix::UNIX_PREFIX) {
-                    match crate::unix::parse_unix_target(text, action) {
-                        Ok(rule) => unix_rules.push((span, rule)),
+                    match crate::unix::parse_unix_target(text) {
+                        Ok(name) => unix_rules.push((
+                            span,
+                            UnixRule {
+                                name: name.to_owned(),
+                                action,
+                            },
+                        )),
                         Err(message) => self.error(&span, message),
                     }
                     continue;

@@ -12,15 +12,14 @@
 
 use gatekeep_common::{SUN_PATH_LEN, unix_rule_hash};
 
-use crate::model::{Action, UnixRule};
-
 /// What `allow`, `deny` and `ask` entries start with to name an `AF_UNIX`
 /// destination.
 pub(crate) const UNIX_PREFIX: &str = "unix:";
 
-/// Checks the name after `unix:`: an absolute, plain path, or `@` and an
-/// abstract name, that fits `sun_path`. The error is the diagnostic.
-pub(crate) fn parse_unix_target(text: &str, action: Action) -> Result<UnixRule, String> {
+/// Checks the name after `unix:` in `text`: an absolute, plain path, or
+/// `@` and an abstract name, that fits `sun_path`; returns the name. The
+/// error is the diagnostic.
+pub(crate) fn parse_unix_target(text: &str) -> Result<&str, String> {
     let name = text.strip_prefix(UNIX_PREFIX).unwrap_or(text);
     let example = "e.g. \"unix:/run/docker.sock\", or \"unix:@name\" for an abstract socket";
     if name.is_empty() {
@@ -68,10 +67,7 @@ pub(crate) fn parse_unix_target(text: &str, action: Action) -> Result<UnixRule, 
             ));
         }
     }
-    Ok(UnixRule {
-        name: name.to_owned(),
-        action,
-    })
+    Ok(name)
 }
 
 /// The `sun_path` bytes of a name as rules and `policy test` cases write
@@ -100,23 +96,23 @@ mod tests {
     use super::*;
 
     fn error(text: &str) -> String {
-        parse_unix_target(text, Action::Deny).unwrap_err()
+        parse_unix_target(text).unwrap_err()
     }
 
     #[test]
     fn paths_and_abstract_names_parse() {
-        let rule = parse_unix_target("unix:/run/docker.sock", Action::Deny).unwrap();
-        assert_eq!(rule.name, "/run/docker.sock");
-        assert_eq!(rule.target(), "unix:/run/docker.sock");
-        let rule = parse_unix_target("unix:@gk-bus", Action::Ask).unwrap();
-        assert_eq!(rule.name, "@gk-bus");
+        assert_eq!(
+            parse_unix_target("unix:/run/docker.sock"),
+            Ok("/run/docker.sock")
+        );
+        assert_eq!(parse_unix_target("unix:@gk-bus"), Ok("@gk-bus"));
         assert_eq!(sun_path("@gk-bus"), b"\0gk-bus");
         assert_eq!(sun_path("/run/x"), b"/run/x");
         assert_eq!(rule_hash("/run/x"), unix_rule_hash(b"/run/x\0junk"));
         let longest = format!("/{}", "a".repeat(SUN_PATH_LEN - 2));
-        assert!(parse_unix_target(&format!("unix:{longest}"), Action::Allow).is_ok());
+        assert!(parse_unix_target(&format!("unix:{longest}")).is_ok());
         let longest = format!("@{}", "a".repeat(SUN_PATH_LEN - 1));
-        assert!(parse_unix_target(&format!("unix:{longest}"), Action::Allow).is_ok());
+        assert!(parse_unix_target(&format!("unix:{longest}")).is_ok());
     }
 
     #[test]
