@@ -40,6 +40,9 @@ pub const PORT_RULES: usize = 16;
 /// otherwise spin.
 pub const MAX_PENDING_ATTEMPTS: u32 = 256;
 
+mod siphash;
+pub use siphash::SipHash13;
+
 /// `-ERESTARTNOINTR`: the syscall is restarted transparently after the
 /// signal (our SIGSTOP/SIGCONT) is handled; never seen by user space.
 pub const ERESTARTNOINTR: i32 = -513;
@@ -94,6 +97,9 @@ pub mod map_names {
     pub const CONNECT_V4: &str = "CONNECT_V4";
     /// connect hook: LPM trie of [`super::ConnectV6Key`] -> [`super::PortRules`].
     pub const CONNECT_V6: &str = "CONNECT_V6";
+    /// connect hook: [`super::UnixRuleKey`] -> [`super::action`], the
+    /// policies' `AF_UNIX` path and abstract name rules.
+    pub const UNIX_RULES: &str = "UNIX_RULES";
     /// Self-protection (`hooks/protect`): the protections each policy relaxes.
     pub const PROTECT_RELAXED: &str = "PROTECT_RELAXED";
     /// Self-protection: gatekeep's own processes (tgid -> start time).
@@ -138,6 +144,7 @@ pub mod map_names {
         BOUND_ARGV,
         CONNECT_V4,
         CONNECT_V6,
+        UNIX_RULES,
         PROTECT_RELAXED,
         PROTECTED_TASKS,
         PROTECT_DENIALS,
@@ -200,6 +207,10 @@ pub mod event_kind {
     /// program ran: the argv the kernel gave it is not the one bound
     /// ([`super::TaskEvent`]; `digest` is the allowed request's).
     pub const EXEC_ARGV_CHANGED: u32 = 17;
+    /// The same, for the bound environment (`LD_*` and the policy's
+    /// `bound_env`): the argv was the one bound, the bound variables the
+    /// new program received are not.
+    pub const EXEC_ENV_CHANGED: u32 = 18;
 }
 
 /// What a request is about; also in [`PendingRequest::kind`].
@@ -239,8 +250,11 @@ pub mod counter {
     /// one bound (changed in the caller's memory after the kernel copied
     /// it): the new program was killed before it ran.
     pub const EXEC_ARGV_CHANGED: u32 = 14;
+    /// The same for the bound environment: its argv was the one bound, its
+    /// bound variables were not.
+    pub const EXEC_ENV_CHANGED: u32 = 15;
     /// Number of counters; size of the `COUNTERS` map.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 /// Value of the `GATED_CGROUPS` map: which policy governs a cgroup.
@@ -513,6 +527,100 @@ pub struct ConnectV4Key {
 pub struct ConnectV6Key {
     pub policy_id_be: [u8; 4],
     pub addr: [u8; 16],
+}
+
+/// Most `AF_UNIX` name rules (`unix:/path`, `unix:@name`) over all policies.
+pub const MAX_UNIX_RULES: u32 = 16384;
+/// Bytes of `sockaddr_un::sun_path`: the most an `AF_UNIX` name holds.
+pub const SUN_PATH_LEN: usize = 108;
+
+/// Key of the `UNIX_RULES` map: a policy and the [`unix_rule_hash`] of the
+/// `AF_UNIX` name its rule names.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnixRuleKey {
+    pub policy_id: u32,
+    pub _pad: u32,
+    pub name: u64,
+}
+
+/// The fixed `SipHash` key of [`unix_rule_hash`]. Not secret: the kernel and
+/// the policy compiler must agree on it across agent restarts and programs
+/// loaded at different times (the request digests' key changes per load).
+/// A workload would need a second preimage of a 64-bit `SipHash` value to
+/// pass one name off as another.
+pub const UNIX_RULE_HASH_KEY: [u64; 2] = [0x6761_7465_6b65_6570, 0x756e_6978_2d72_756c];
+
+/// `word` with only its first `within` bytes (little endian) kept.
+#[must_use]
+#[expect(
+    clippy::inline_always,
+    reason = "called per word in the eBPF programs' loops"
+)]
+#[inline(always)]
+pub fn keep_bytes(word: u64, within: usize) -> u64 {
+    match within {
+        0 => 0,
+        1..8 => word & ((1u64 << (within * 8)) - 1),
+        _ => word,
+    }
+}
+
+/// `word` (little endian) up to its first NUL byte, the rest zeroed, and
+/// whether it had a NUL. Branch-free (the classic "has a zero byte" test:
+/// its lowest set bit marks exactly the first NUL), so the kernel's loop
+/// over a name stays small.
+#[must_use]
+#[inline(always)]
+pub fn until_nul(word: u64) -> (u64, bool) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let nuls = word.wrapping_sub(ONES) & !word & HIGHS;
+    if nuls == 0 {
+        return (word, false);
+    }
+    // The lowest flagged byte's high bit, moved to that byte's low bit:
+    // minus one masks the bytes before it.
+    let first = nuls & nuls.wrapping_neg();
+    (word & ((first >> 7) - 1), true)
+}
+
+/// The name an `AF_UNIX` rule matches, hashed as the kernel hashes the
+/// destination of a connect or datagram (`gatekeep-ebpf/src/hooks/connect.rs`,
+/// `unix_rule_name`): what the kernel resolves, nothing more.
+///
+/// - A pathname (first byte not NUL) is its bytes up to the first NUL
+///   (`unix_mkname_bsd()` in `net/unix/af_unix.c`, v6.12, ignores the rest),
+///   after a zero word.
+/// - An abstract name (first byte NUL) is every byte of its length, that
+///   NUL included (`unix_find_abstract()` compares the whole length), after
+///   a word holding the length: `@a` and `@a\0` are two sockets.
+///
+/// `name` is the `sun_path` bytes within the caller's length (at most
+/// [`SUN_PATH_LEN`]; more is cut).
+#[must_use]
+pub fn unix_rule_hash(name: &[u8]) -> u64 {
+    let name = &name[..name.len().min(SUN_PATH_LEN)];
+    let abstract_name = name.first() == Some(&0);
+    let mut hash = SipHash13::new(UNIX_RULE_HASH_KEY);
+    hash.word(if abstract_name { name.len() as u64 } else { 0 });
+    let mut ended = false;
+    for i in 0..SUN_PATH_LEN.div_ceil(8) {
+        let mut bytes = [0u8; 8];
+        for (j, byte) in bytes.iter_mut().enumerate() {
+            *byte = name.get(i * 8 + j).copied().unwrap_or(0);
+        }
+        let mut word = u64::from_le_bytes(bytes);
+        if !abstract_name {
+            if ended {
+                word = 0;
+            } else {
+                (word, ended) = until_nul(word);
+            }
+        }
+        hash.word(word);
+    }
+    hash.finish()
 }
 
 /// Value of the `PENDING` map (keyed by thread id): a request that is
@@ -1052,6 +1160,7 @@ mod pod {
     unsafe impl aya::Pod for super::PortRules {}
     unsafe impl aya::Pod for super::ConnectV4Key {}
     unsafe impl aya::Pod for super::ConnectV6Key {}
+    unsafe impl aya::Pod for super::UnixRuleKey {}
     unsafe impl aya::Pod for super::PendingRequest {}
     unsafe impl aya::Pod for super::VerdictKey {}
     unsafe impl aya::Pod for super::Verdict {}
@@ -1071,6 +1180,45 @@ mod tests {
     use core::mem::{align_of, size_of};
 
     use super::*;
+
+    #[test]
+    fn until_nul_keeps_the_bytes_before_the_first_nul() {
+        let word = |bytes: [u8; 8]| u64::from_le_bytes(bytes);
+        assert_eq!(until_nul(word(*b"abcdefgh")), (word(*b"abcdefgh"), false));
+        assert_eq!(
+            until_nul(word(*b"abc\0efgh")),
+            (word(*b"abc\0\0\0\0\0"), true)
+        );
+        assert_eq!(until_nul(word(*b"\0bcdefgh")), (0, true));
+        // A 0x01 after the NUL borrows in the test; the first NUL still wins.
+        assert_eq!(
+            until_nul(word([b'a', 0, 1, 0, 0x80, 0xff, 1, 1])),
+            (word([b'a', 0, 0, 0, 0, 0, 0, 0]), true)
+        );
+        assert_eq!(
+            until_nul(word([0xff, 0x80, 0x01, 0x7f, 0xfe, 1, 2, 0])),
+            (word([0xff, 0x80, 0x01, 0x7f, 0xfe, 1, 2, 0]), true)
+        );
+    }
+
+    #[test]
+    fn unix_rule_hashes_name_what_the_kernel_resolves() {
+        let path = unix_rule_hash(b"/run/docker.sock");
+        // What follows a pathname's NUL is not part of it.
+        assert_eq!(path, unix_rule_hash(b"/run/docker.sock\0"));
+        assert_eq!(path, unix_rule_hash(b"/run/docker.sock\0garbage"));
+        let mut full = [0u8; 120];
+        full[..16].copy_from_slice(b"/run/docker.sock");
+        assert_eq!(path, unix_rule_hash(&full), "cut at 108 bytes");
+        assert_ne!(path, unix_rule_hash(b"/run/docker.sockx"));
+        assert_ne!(path, unix_rule_hash(b"/run/docker.soc"));
+        // An abstract name is all its bytes, trailing NULs included.
+        let abstract_name = unix_rule_hash(b"\0name");
+        assert_ne!(abstract_name, unix_rule_hash(b"\0name\0"));
+        assert_ne!(abstract_name, unix_rule_hash(b"\0nam"));
+        assert_ne!(abstract_name, unix_rule_hash(b"name"));
+        assert_ne!(unix_rule_hash(b"\0a\0b"), unix_rule_hash(b"\0a\0c"));
+    }
 
     /// The kernel and user space must agree on these sizes; a change here is
     /// a wire-format change.

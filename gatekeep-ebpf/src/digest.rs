@@ -4,50 +4,22 @@
 //! per load so a workload cannot craft a different request that collides
 //! with an approved one.
 
+use gatekeep_common::SipHash13;
+
 use crate::maps::digest_key;
 
-/// Incremental SipHash-1-3 state.
-pub struct Digest {
-    v0: u64,
-    v1: u64,
-    v2: u64,
-    v3: u64,
-    words: u64,
-}
+/// Incremental SipHash-1-3 state, keyed with this load's key.
+pub struct Digest(SipHash13);
 
 impl Digest {
     #[inline(always)]
     pub fn new() -> Self {
-        let [k0, k1] = digest_key();
-        Self {
-            v0: k0 ^ 0x736f_6d65_7073_6575,
-            v1: k1 ^ 0x646f_7261_6e64_6f6d,
-            v2: k0 ^ 0x6c79_6765_6e65_7261,
-            v3: k1 ^ 0x7465_6462_7974_6573,
-            words: 0,
-        }
-    }
-
-    #[inline(always)]
-    fn round(&mut self) {
-        self.v0 = self.v0.wrapping_add(self.v1);
-        self.v1 = self.v1.rotate_left(13) ^ self.v0;
-        self.v0 = self.v0.rotate_left(32);
-        self.v2 = self.v2.wrapping_add(self.v3);
-        self.v3 = self.v3.rotate_left(16) ^ self.v2;
-        self.v0 = self.v0.wrapping_add(self.v3);
-        self.v3 = self.v3.rotate_left(21) ^ self.v0;
-        self.v2 = self.v2.wrapping_add(self.v1);
-        self.v1 = self.v1.rotate_left(17) ^ self.v2;
-        self.v2 = self.v2.rotate_left(32);
+        Self(SipHash13::new(digest_key()))
     }
 
     #[inline(always)]
     pub fn word(&mut self, m: u64) {
-        self.v3 ^= m;
-        self.round();
-        self.v0 ^= m;
-        self.words += 1;
+        self.0.word(m);
     }
 
     /// Hashes the whole 64-byte blocks of `bytes` that hold its first `len`
@@ -80,13 +52,7 @@ impl Digest {
     }
 
     #[inline(always)]
-    pub fn finish(mut self) -> u64 {
-        let words = self.words;
-        self.word(words << 56);
-        self.v2 ^= 0xff;
-        self.round();
-        self.round();
-        self.round();
-        self.v0 ^ self.v1 ^ self.v2 ^ self.v3
+    pub fn finish(self) -> u64 {
+        self.0.finish()
     }
 }

@@ -515,7 +515,7 @@ impl PolicySet {
                 let decided = policy.connect.decide_host(host, *port);
                 (decided.action, decided.to_string())
             }
-            Example::Unix { .. } => (policy.connect.unix, format!("unix {}", policy.connect.unix)),
+            Example::Unix { path } => policy.connect.decide_unix(&crate::unix::sun_path(path)),
         };
         Outcome {
             action,
@@ -1031,7 +1031,30 @@ expect = "deny"
                     path: "/run/docker.sock".into()
                 }
             ),
-            (Action::Ask, "unix ask".to_owned())
+            (Action::Ask, "connect unix ask".to_owned())
+        );
+    }
+
+    #[test]
+    fn unix_cases_meet_the_unix_rules_before_the_unix_fallback() {
+        let set = policies(
+            "[[policy]]\nname = \"a\"\ncgroups = [\"/sys/fs/cgroup/a\"]\n\
+             [policy.connect]\nunix = \"ask\"\n\
+             deny = [\"unix:/run/docker.sock\"]\nallow = [\"unix:@gk-ok\"]\n",
+        );
+        let unix = |path: &str| Example::Unix { path: path.into() };
+        let job = "/sys/fs/cgroup/a";
+        assert_eq!(
+            outcome(&set, job, &unix("/run/docker.sock")),
+            (
+                Action::Deny,
+                "connect deny unix:/run/docker.sock".to_owned()
+            )
+        );
+        assert_eq!(outcome(&set, job, &unix("@gk-ok")).0, Action::Allow);
+        assert_eq!(
+            outcome(&set, job, &unix("/run/other.sock")),
+            (Action::Ask, "connect unix ask".to_owned())
         );
     }
 

@@ -224,6 +224,7 @@ mod load;
 mod model;
 mod net;
 mod parse;
+mod unix;
 mod warning;
 
 pub use cases::{Case, CaseResult, Example, Outcome, load_cases, parse_cases};
@@ -239,9 +240,10 @@ pub use model::{
     Action, Approval, ArgPattern, CommandRule, ConnectPolicy, ConnectRule, DEFAULT_INTERPRETERS,
     ExecPolicy, ExecRule, GrantDuration, HostPattern, HostRule, Integrity, InterpreterKind, Mode,
     ParseActionError, ParseGrantDurationError, ParseProtectPointError, Policy, PolicySet,
-    PortRange, Protect, ProtectPoint, UnlistedMappings, normalize as normalize_host,
+    PortRange, Protect, ProtectPoint, UnixRule, UnlistedMappings, normalize as normalize_host,
 };
 pub use parse::{DEFAULT_TIMEOUT, MAX_TIMEOUT};
+pub use unix::{rule_hash as unix_rule_hash, sun_path};
 pub use warning::{Location, Warning, WarningKind};
 
 #[cfg(test)]

@@ -104,6 +104,7 @@ pub fn validate_paths(paths: &[PathBuf]) -> Result<Validation, PolicyError> {
             let places = Places {
                 exec: &entry.exec_at,
                 hosts: &entry.hosts_at,
+                unix: &entry.unix_at,
             };
             policy_warnings(&entry.policy, Some(places))
         })

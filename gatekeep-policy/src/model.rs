@@ -285,6 +285,32 @@ pub struct ConnectPolicy {
     /// Host-name rules, in file order (`crate::hosts`, issue 20 item 3):
     /// they apply to addresses the workload resolved the names to.
     pub hosts: Vec<HostRule>,
+    /// `AF_UNIX` name rules (`unix:/path`, `unix:@name`; `crate::unix`), in
+    /// file order: a destination they do not name gets [`Self::unix`].
+    pub unix_rules: Vec<UnixRule>,
+}
+
+/// An `AF_UNIX` destination and what a connect or datagram to it does.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct UnixRule {
+    /// As the rule writes it after `unix:`: an absolute path, or `@` and
+    /// an abstract name.
+    pub name: String,
+    pub action: Action,
+}
+
+impl UnixRule {
+    /// The rule's destination as a policy file writes it.
+    #[must_use]
+    pub fn target(&self) -> String {
+        format!("{}{}", crate::unix::UNIX_PREFIX, self.name)
+    }
+}
+
+impl fmt::Display for UnixRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.action, self.target())
+    }
 }
 
 /// An IP network, a destination port range and an action.
@@ -445,6 +471,27 @@ impl fmt::Display for ConnectRule {
 }
 
 impl ConnectPolicy {
+    /// The rule naming the `AF_UNIX` destination `sun_path` (the bytes
+    /// within the caller's length), matched as the kernel matches it
+    /// ([`gatekeep_common::unix_rule_hash`]).
+    #[must_use]
+    pub fn unix_rule_for(&self, sun_path: &[u8]) -> Option<&UnixRule> {
+        let wanted = gatekeep_common::unix_rule_hash(sun_path);
+        self.unix_rules
+            .iter()
+            .find(|rule| crate::unix::rule_hash(&rule.name) == wanted)
+    }
+
+    /// What a connect or datagram to the `AF_UNIX` destination `sun_path`
+    /// does, and why, as reviewers read it: its rule, else `unix`.
+    #[must_use]
+    pub fn decide_unix(&self, sun_path: &[u8]) -> (Action, String) {
+        match self.unix_rule_for(sun_path) {
+            Some(rule) => (rule.action, format!("connect {rule}")),
+            None => (self.unix, format!("connect unix {}", self.unix)),
+        }
+    }
+
     /// The action for a connect to `addr:port`, as the kernel decides it:
     ///
     /// 1. among the rules whose network contains `addr` and whose ports
@@ -792,6 +839,7 @@ mod tests {
                 rule("::1/128", PortRange::ALL, Action::Allow),
             ],
             hosts: Vec::new(),
+            unix_rules: Vec::new(),
         };
         let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
         // Only the /8 matches.

@@ -18,7 +18,7 @@ use crate::{
     model::{
         Action, Approval, ArgPattern, CommandRule, ConnectPolicy, ConnectRule,
         DEFAULT_INTERPRETERS, ExecPolicy, ExecRule, GrantDuration, HostRule, Integrity,
-        InterpreterKind, Mode, Policy, Protect, ProtectPoint, UnlistedMappings,
+        InterpreterKind, Mode, Policy, Protect, ProtectPoint, UnixRule, UnlistedMappings,
     },
     net::parse_target,
 };
@@ -105,6 +105,8 @@ pub(crate) struct ParsedPolicy {
     pub exec_at: Vec<Pos>,
     /// Where each of `policy.connect.hosts` was written.
     pub hosts_at: Vec<Pos>,
+    /// Where each of `policy.connect.unix_rules` was written.
+    pub unix_at: Vec<Pos>,
 }
 
 /// Parses one file, appending its problems to `diagnostics`.
@@ -260,7 +262,7 @@ impl<'a> Walker<'a> {
 
         let (cgroups, cgroups_at) = self.cgroups(header, table);
         let (exec, exec_at) = self.exec(table);
-        let (connect, hosts_at) = self.connect(table);
+        let (connect, hosts_at, unix_at) = self.connect(table);
         let approval = self.approval(table);
         let protect = self.protect(table);
         let mode = self.mode(table);
@@ -278,6 +280,7 @@ impl<'a> Walker<'a> {
             cgroups_at,
             exec_at,
             hosts_at,
+            unix_at,
         }
     }
 
@@ -629,8 +632,9 @@ impl<'a> Walker<'a> {
         None
     }
 
-    /// The connect section, and where each of its host rules is written.
-    fn connect(&mut self, policy: &DeTable<'_>) -> (ConnectPolicy, Vec<Pos>) {
+    /// The connect section, and where each of its host and unix rules is
+    /// written.
+    fn connect(&mut self, policy: &DeTable<'_>) -> (ConnectPolicy, Vec<Pos>, Vec<Pos>) {
         let mut connect = ConnectPolicy {
             default: Action::Allow,
             unix: Action::Allow,
@@ -638,9 +642,10 @@ impl<'a> Walker<'a> {
             other_families: Action::Allow,
             rules: Vec::new(),
             hosts: Vec::new(),
+            unix_rules: Vec::new(),
         };
         let Some(table) = self.section(policy, "connect", CONNECT_KEYS) else {
-            return (connect, Vec::new());
+            return (connect, Vec::new(), Vec::new());
         };
         if let Some(value) = field(table, "default") {
             connect.default = self.action(value, "default").unwrap_or(Action::Allow);
@@ -668,6 +673,7 @@ impl<'a> Walker<'a> {
         }
         let mut rules: Vec<(Span, ConnectRule)> = Vec::new();
         let mut hosts: Vec<(Span, HostRule)> = Vec::new();
+        let mut unix_rules: Vec<(Span, UnixRule)> = Vec::new();
         for (key, action) in RULE_LISTS {
             let Some(value) = field(table, key) else {
                 continue;
@@ -677,6 +683,19 @@ impl<'a> Walker<'a> {
                 continue;
             };
             for (text, span) in items {
+                if text.starts_with(crate::unix::UNIX_PREFIX) {
+                    match crate::unix::parse_unix_target(text) {
+                        Ok(name) => unix_rules.push((
+                            span,
+                            UnixRule {
+                                name: name.to_owned(),
+                                action,
+                            },
+                        )),
+                        Err(message) => self.error(&span, message),
+                    }
+                    continue;
+                }
                 if crate::hosts::is_host_target(text) {
                     match crate::hosts::parse_host_target(text) {
                         Ok((pattern, ports)) => hosts.push((
@@ -699,6 +718,8 @@ impl<'a> Walker<'a> {
         }
         rules.sort_by_key(|(span, _)| span.start);
         hosts.sort_by_key(|(span, _)| span.start);
+        let (kept_unix, unix_at) = self.kept_unix(unix_rules);
+        connect.unix_rules = kept_unix;
         let mut kept_hosts: Vec<(Span, HostRule)> = Vec::new();
         for (span, rule) in hosts {
             if let Some(message) = self.host_clash(&kept_hosts, &rule) {
@@ -719,7 +740,7 @@ impl<'a> Walker<'a> {
             kept.push((span, rule));
         }
         connect.rules = kept.into_iter().map(|(_, rule)| rule).collect();
-        (connect, hosts_at)
+        (connect, hosts_at, unix_at)
     }
 
     /// Why `rule` cannot join `kept`: the same network and ports again, or
@@ -753,6 +774,45 @@ impl<'a> Walker<'a> {
             }
         }
         None
+    }
+
+    /// The `AF_UNIX` rules in file order, those that clash with an earlier
+    /// one refused ([`Self::unix_clash`]), and where each is written.
+    fn kept_unix(&mut self, mut rules: Vec<(Span, UnixRule)>) -> (Vec<UnixRule>, Vec<Pos>) {
+        rules.sort_by_key(|(span, _)| span.start);
+        let mut kept: Vec<(Span, UnixRule)> = Vec::new();
+        for (span, rule) in rules {
+            if let Some(message) = self.unix_clash(&kept, &rule) {
+                self.error(&span, message);
+                continue;
+            }
+            kept.push((span, rule));
+        }
+        let at = kept.iter().map(|(span, _)| self.pos(span)).collect();
+        (kept.into_iter().map(|(_, rule)| rule).collect(), at)
+    }
+
+    /// Why `AF_UNIX` `rule` cannot join `kept`: a rule on the same name
+    /// as the kernel resolves it (`/run/x` and `/run/x` again, under one
+    /// action or two).
+    fn unix_clash(&self, kept: &[(Span, UnixRule)], rule: &UnixRule) -> Option<String> {
+        let hash = crate::unix::rule_hash(&rule.name);
+        let (span, first) = kept
+            .iter()
+            .find(|(_, first)| crate::unix::rule_hash(&first.name) == hash)?;
+        let line = self.pos(span).line;
+        let target = rule.target();
+        Some(if first.action == rule.action {
+            format!(
+                "connect rule {target} is listed twice under {} (first at line {line}); remove one",
+                rule.action
+            )
+        } else {
+            format!(
+                "connect rule {target} is listed under both {} (line {line}) and {}; a socket name may appear under one action only",
+                first.action, rule.action
+            )
+        })
     }
 
     /// Why host `rule` cannot join `kept`: the same pattern and ports
@@ -1554,6 +1614,67 @@ mod tests {
                 "policies/agents.toml:6:9: port range 9000-8000 in \"10.0.0.0/8:9000-8000\" is reversed; did you mean 8000-9000?",
                 "policies/agents.toml:6:33: port 65536 in \"10.0.0.0/8:65536\" is out of range (ports are 1-65535)",
                 "policies/agents.toml:6:53: [2001:db8::1]/32:443 has host bits set; did you mean [2001:db8::]/32:443?",
+            ]
+        );
+    }
+
+    #[test]
+    fn unix_rules_name_socket_paths_and_abstract_names_beside_the_unix_fallback() {
+        let set = load(&with_head(
+            "[policy.connect]\n\
+             unix = \"allow\"\n\
+             allow = [\"10.0.0.0/8\", \"unix:/run/ok.sock\"]\n\
+             deny = [\"unix:/run/docker.sock\"]\n\
+             ask = [\"unix:@gk-bus\"]\n",
+        ));
+        let connect = &set.policies[0].connect;
+        assert_eq!(connect.rules.len(), 1, "the IP rule stays an IP rule");
+        let rules: Vec<String> = connect.unix_rules.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            rules,
+            [
+                "allow unix:/run/ok.sock",
+                "deny unix:/run/docker.sock",
+                "ask unix:@gk-bus"
+            ]
+        );
+        let decide = |name: &[u8]| connect.decide_unix(name);
+        assert_eq!(
+            decide(b"/run/docker.sock"),
+            (
+                Action::Deny,
+                "connect deny unix:/run/docker.sock".to_owned()
+            )
+        );
+        // Bytes after a path's NUL are not part of the name the kernel uses.
+        assert_eq!(decide(b"/run/docker.sock\0junk").0, Action::Deny);
+        assert_eq!(decide(b"\0gk-bus").0, Action::Ask);
+        assert_eq!(
+            decide(b"\0gk-bus\0").0,
+            Action::Allow,
+            "another abstract name"
+        );
+        assert_eq!(
+            decide(b"/run/other.sock"),
+            (Action::Allow, "connect unix allow".to_owned())
+        );
+    }
+
+    #[test]
+    fn invalid_unix_rules_name_the_place_and_the_fix() {
+        let all = errors(&with_head(
+            "[policy.connect]\n\
+             deny = [\"unix:run/docker.sock\", \"unix:/run/docker.sock\"]\n\
+             ask = [\"unix:@\", \"unix:/run/docker.sock\"]\n\
+             allow = [\"unix:/run/../x.sock\"]\n",
+        ));
+        assert_eq!(
+            all,
+            [
+                "policies/agents.toml:5:9: unix rule path \"run/docker.sock\" is not absolute; the kernel resolves a relative name from the caller's working directory, so write the absolute path (e.g. \"unix:/run/docker.sock\", or \"unix:@name\" for an abstract socket)",
+                "policies/agents.toml:6:8: unix rule \"unix:@\" names no abstract socket; write its name after the @, e.g. \"unix:/run/docker.sock\", or \"unix:@name\" for an abstract socket",
+                "policies/agents.toml:6:18: connect rule unix:/run/docker.sock is listed under both deny (line 5) and ask; a socket name may appear under one action only",
+                "policies/agents.toml:7:10: unix rule path \"/run/../x.sock\" is not in plain form (`.`, `..`, `//` or a final `/`); a rule matches the path a caller passes byte for byte, so write the plain absolute path",
             ]
         );
     }

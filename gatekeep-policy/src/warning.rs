@@ -18,7 +18,11 @@
 //!   for addresses the workload resolved those names to in DNS answers the
 //!   agent saw: a hard-coded address, DNS over HTTPS, or a resolver it does
 //!   not watch reaches the same host under the default
-//!   ([`WarningKind::HostDenyListUnderAllow`]).
+//!   ([`WarningKind::HostDenyListUnderAllow`]);
+//! - an **`AF_UNIX` deny-list under `unix = "allow"`** holds only for the
+//!   names it lists: a symlink, hard link or bind mount of the socket, or a
+//!   relative name, reaches it under `unix`
+//!   ([`WarningKind::UnixDenyListUnderAllow`]).
 //!
 //! Warnings never make a policy invalid; `gatekeep policy validate` prints
 //! them (and fails on them with `--deny-warnings`), and the agent logs them
@@ -68,12 +72,16 @@ pub enum WarningKind {
     /// Host-name rules deny or ask while connect's `default = "allow"`: an
     /// address reached without a DNS answer the agent saw escapes them.
     HostDenyListUnderAllow,
+    /// `unix:` rules deny or ask while `unix = "allow"`: another name for
+    /// the same socket escapes them.
+    UnixDenyListUnderAllow,
 }
 
 impl WarningKind {
     /// The name in JSON output and logs: `deny-list-under-allow`,
     /// `missing-path`, `not-a-file`, `unreadable`, `script`,
-    /// `unlisted-mappings-under-allow-list`, `host-deny-list-under-allow`.
+    /// `unlisted-mappings-under-allow-list`, `host-deny-list-under-allow`,
+    /// `unix-deny-list-under-allow`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -84,6 +92,7 @@ impl WarningKind {
             WarningKind::Script => "script",
             WarningKind::UnlistedMappingsUnderAllowList => "unlisted-mappings-under-allow-list",
             WarningKind::HostDenyListUnderAllow => "host-deny-list-under-allow",
+            WarningKind::UnixDenyListUnderAllow => "unix-deny-list-under-allow",
         }
     }
 }
@@ -164,6 +173,7 @@ impl Policy {
 pub(crate) struct Places<'a> {
     pub exec: &'a [Pos],
     pub hosts: &'a [Pos],
+    pub unix: &'a [Pos],
 }
 
 fn location(pos: &Pos) -> Location {
@@ -267,6 +277,8 @@ pub(crate) fn policy_warnings(policy: &Policy, places: Option<Places<'_>>) -> Ve
         });
     }
 
+    warnings.extend(unix_deny_list_under_allow(policy, places));
+
     for (index, rule) in exec.rules.iter().enumerate() {
         if let Some((kind, message)) = check_file(&policy.name, exec, rule) {
             warnings.push(Warning {
@@ -279,6 +291,38 @@ pub(crate) fn policy_warnings(policy: &Policy, places: Option<Places<'_>>) -> Ve
         }
     }
     warnings
+}
+
+/// [`WarningKind::UnixDenyListUnderAllow`], if `policy` earns it.
+fn unix_deny_list_under_allow(policy: &Policy, places: Option<Places<'_>>) -> Option<Warning> {
+    let connect = &policy.connect;
+    let restricted: Vec<usize> = (0..connect.unix_rules.len())
+        .filter(|&index| connect.unix_rules[index].action != Action::Allow)
+        .collect();
+    if connect.unix != Action::Allow || restricted.is_empty() {
+        return None;
+    }
+    let listed: Vec<String> = restricted
+        .iter()
+        .map(|&index| {
+            let rule = &connect.unix_rules[index];
+            format!("{} \"{}\"", rule.action, rule.target())
+        })
+        .collect();
+    Some(Warning {
+        kind: WarningKind::UnixDenyListUnderAllow,
+        policy: policy.name.clone(),
+        rules: Vec::new(),
+        at: places
+            .and_then(|places| places.unix.get(restricted[0]))
+            .map(location),
+        message: format!(
+            "policy \"{}\": unix is allow, so {} hold{} only for that name: a symlink, hard link or bind mount of the socket, or a relative name from its folder, reaches it under unix; write unix = \"deny\" (or \"ask\") under [policy.connect] and list the sockets the workload may use under allow",
+            policy.name,
+            listed.join(", "),
+            if listed.len() == 1 { "s" } else { "" },
+        ),
+    })
 }
 
 /// What is wrong with the file one rule of `exec` names, if anything.
@@ -752,6 +796,40 @@ mod tests {
             "default = \"allow\"\nallow = [\"api.github.com:443\"]\n",
             "default = \"deny\"\ndeny = [\"*.paste.example\"]\n",
             "default = \"ask\"\ndeny = [\"*.paste.example\"]\n",
+        ] {
+            assert_eq!(kinds(&connect(body)), [], "{body}");
+        }
+    }
+
+    #[test]
+    fn unix_deny_rules_under_unix_allow_are_told_that_another_name_escapes_them() {
+        let host = Host::new();
+        let connect = |body: &str| {
+            let file = host.dir.path().join("unix.toml");
+            fs::write(
+                &file,
+                format!(
+                    "[[policy]]\nname = \"agents\"\ncgroups = [\"/sys/fs/cgroup/agents\"]\n[policy.connect]\n{body}"
+                ),
+            )
+            .expect("write");
+            validate_paths(&[file]).expect("valid").warnings
+        };
+        let warnings = connect(
+            "unix = \"allow\"\nallow = [\"unix:/run/ok.sock\"]\ndeny = [\"unix:/run/docker.sock\"]\n",
+        );
+        assert_eq!(kinds(&warnings), [WarningKind::UnixDenyListUnderAllow]);
+        assert_eq!(
+            warnings[0].at.as_ref().map(|at| (at.line, at.column)),
+            Some((7, 9))
+        );
+        assert_eq!(
+            warnings[0].message,
+            "policy \"agents\": unix is allow, so deny \"unix:/run/docker.sock\" holds only for that name: a symlink, hard link or bind mount of the socket, or a relative name from its folder, reaches it under unix; write unix = \"deny\" (or \"ask\") under [policy.connect] and list the sockets the workload may use under allow"
+        );
+        for body in [
+            "unix = \"deny\"\nallow = [\"unix:/run/ok.sock\"]\n",
+            "unix = \"ask\"\ndeny = [\"unix:/run/docker.sock\"]\n",
         ] {
             assert_eq!(kinds(&connect(body)), [], "{body}");
         }

@@ -208,27 +208,72 @@ fn bound_environment_changed_after_the_hook_read_it_is_killed_before_it_runs() {
     );
     assert!(kernel::counter(&ebpf, counter::GRANT_ALLOWED) > before);
 
-    let changed = kernel::counter(&ebpf, counter::EXEC_ARGV_CHANGED);
-    let granted = kernel::counter(&ebpf, counter::GRANT_ALLOWED);
-    let swapped = finish(&mut cgroup.spawn(&mut run("SAFE", "EVIL")), TIMEOUT);
-    assert!(
-        kernel::counter(&ebpf, counter::GRANT_ALLOWED) > granted,
-        "the hook saw the granted environment (the race was won): {swapped:?}"
-    );
-    assert!(
-        !swapped.stdout.contains("EVIL"),
-        "the swapped environment ran under the grant: {swapped:?}"
-    );
-    assert_eq!(swapped, Outcome::new(-1, ""), "killed before it ran");
-    assert_eq!(
-        kernel::counter(&ebpf, counter::EXEC_ARGV_CHANGED),
-        changed + 1
-    );
-    let killed: TaskEvent = wait_event(&mut ebpf, event_kind::EXEC_ARGV_CHANGED, TIMEOUT);
-    assert_eq!(
-        killed.header.digest, asked.header.digest,
-        "the granted request"
-    );
+    // As root, then as nobody (userfaultfd of kernel-mode faults needs
+    // `vm.unprivileged_userfaultfd` for an unprivileged user).
+    let _sysctl = Sysctl::set("/proc/sys/vm/unprivileged_userfaultfd", "1");
+    for uid in [None, Some("65534")] {
+        let argv_changed = kernel::counter(&ebpf, counter::EXEC_ARGV_CHANGED);
+        let env_changed = kernel::counter(&ebpf, counter::EXEC_ENV_CHANGED);
+        let granted = kernel::counter(&ebpf, counter::GRANT_ALLOWED);
+        let mut command = run("SAFE", "EVIL");
+        if let Some(uid) = uid {
+            command = workload(
+                &[
+                    &["as-user", uid][..],
+                    &["exec-swapped-env", path, "env", "-uGK_NONE", "LD_GK_MODE"],
+                    &["SAFE", "EVIL"],
+                ]
+                .concat(),
+            );
+        }
+        let swapped = finish(&mut cgroup.spawn(&mut command), TIMEOUT);
+        assert!(
+            kernel::counter(&ebpf, counter::GRANT_ALLOWED) > granted,
+            "the hook saw the granted environment (the race was won) as {uid:?}: {swapped:?}"
+        );
+        assert!(
+            !swapped.stdout.contains("EVIL"),
+            "the swapped environment ran under the grant as {uid:?}: {swapped:?}"
+        );
+        assert_eq!(
+            swapped,
+            Outcome::new(-1, ""),
+            "killed before it ran, as {uid:?}"
+        );
+        assert_eq!(
+            (
+                kernel::counter(&ebpf, counter::EXEC_ENV_CHANGED),
+                kernel::counter(&ebpf, counter::EXEC_ARGV_CHANGED)
+            ),
+            (env_changed + 1, argv_changed),
+            "reported as a changed environment, not argv"
+        );
+        let killed: TaskEvent = wait_event(&mut ebpf, event_kind::EXEC_ENV_CHANGED, TIMEOUT);
+        assert_eq!(
+            killed.header.digest, asked.header.digest,
+            "the granted request"
+        );
+    }
+}
+
+/// A sysctl set for a test, put back as it was when dropped.
+struct Sysctl {
+    path: &'static str,
+    before: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Self {
+        let before = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        std::fs::write(path, value).unwrap_or_else(|e| panic!("write {path}: {e}"));
+        Self { path, before }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, self.before.trim());
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -51,6 +51,8 @@ const NOBODY: &str = "65534";
 /// - `raw-icmp6`: a raw `ICMPv6` socket; `packet`: an `AF_PACKET` socket;
 /// - `unix-connect PATH`, `unix-send PATH`: stream connect / datagram `sendto`
 ///   (`@NAME`: the abstract name NAME; a connect passes its exact length);
+///   `unix-connect-junk PATH`: a stream connect to PATH with bytes after
+///   its NUL (which the kernel ignores);
 /// - `netlink-send PORTID`: a `NETLINK_USERSOCK` datagram to another
 ///   process's port id; `netlink-kernel`: a `NETLINK_ROUTE` request to the
 ///   kernel (port id 0).
@@ -69,6 +71,7 @@ pub fn run(args: &[String]) -> i32 {
         )
         .map(drop),
         "unix-connect" => unix(arg(1), libc::SOCK_STREAM),
+        "unix-connect-junk" => unix_junk(arg(1)),
         "unix-send" => unix(arg(1), libc::SOCK_DGRAM),
         "netlink-send" => netlink_send(arg(1).parse().unwrap_or(0)),
         "netlink-kernel" => netlink_kernel(),
@@ -248,6 +251,25 @@ fn unix(path: &str, kind: i32) -> Result<(), i32> {
             fd.as_raw_fd(),
             std::ptr::from_ref(&sa).cast(),
             len as libc::socklen_t,
+        )
+    };
+    check(ret as isize)
+}
+
+/// A stream connect to the path `path`, whose `sun_path` has `J` bytes
+/// after the path's NUL, all of them passed.
+fn unix_junk(path: &str) -> Result<(), i32> {
+    let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+    let mut sa = sockaddr_un(path);
+    for slot in sa.sun_path.iter_mut().skip(path.len() + 1) {
+        *slot = b'J' as libc::c_char;
+    }
+    // SAFETY: a whole sockaddr_un.
+    let ret = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&sa).cast(),
+            size_of::<libc::sockaddr_un>() as libc::socklen_t,
         )
     };
     check(ret as isize)
@@ -693,6 +715,91 @@ fn unix_sockets_follow_the_connect_default() {
         [OK, OK]
     );
     assert_eq!(messages(&dgram), 2);
+}
+
+/// A listening unix stream socket bound to the abstract name `name`.
+fn abstract_listener(name: &str) -> std::os::unix::net::UnixListener {
+    use std::os::{linux::net::SocketAddrExt as _, unix::net::SocketAddr};
+    let address = SocketAddr::from_abstract_name(name).expect("abstract name");
+    std::os::unix::net::UnixListener::bind_addr(&address).expect("bind abstract")
+}
+
+#[test]
+fn unix_rules_decide_by_socket_path_and_abstract_name() {
+    require_vm();
+    let (_ok, ok_path, _a) = unix_listener(libc::SOCK_STREAM);
+    let (_asked, asked_path, _b) = unix_listener(libc::SOCK_STREAM);
+    let (_other, other_path, _c) = unix_listener(libc::SOCK_STREAM);
+    let (_denied, denied_path, _d) = unix_listener(libc::SOCK_STREAM);
+    let _abstract_ok = abstract_listener("gk-unix-ok");
+    let _abstract_denied = abstract_listener("gk-unix-denied");
+    let _abstract_other = abstract_listener("gk-unix-other");
+
+    // Rules allow and ask; everything else gets `unix = "deny"`.
+    let (cgroup, agent) = gate_connect(
+        "egress-unix-rules",
+        &format!(
+            "default = \"allow\"\nunix = \"deny\"\n\
+             allow = [\"unix:{ok_path}\", \"unix:@gk-unix-ok\"]\n\
+             ask = [\"unix:{asked_path}\"]"
+        ),
+        &on_timeout("2s", "allow"),
+    );
+    let connect = |name: &str| as_root_and_nobody(&cgroup, &["unix-connect", name]);
+    assert_eq!(connect(&ok_path), [OK, OK], "an allowed path connects");
+    assert_eq!(connect("@gk-unix-ok"), [OK, OK], "an allowed abstract name");
+    assert_eq!(connect(&other_path), [EPERM, EPERM], "another path: unix");
+    assert_eq!(connect("@gk-unix-other"), [EPERM, EPERM], "another name");
+    let record = agent.wait_record("kernel_denied", Duration::from_secs(20), |r| {
+        r["payload"]["target"]["address"] == other_path.as_str()
+    });
+    assert_eq!(record["payload"]["rule"], "connect unix deny");
+    // An asked path pauses until the reviewers' deadline (allow here).
+    for (uid, who) in [(None, "root"), (Some(NOBODY), "nobody")] {
+        let started = std::time::Instant::now();
+        let mut args = uid.map_or_else(Vec::new, |uid| vec!["as-user", uid]);
+        args.extend_from_slice(&["net", "unix-connect", &asked_path]);
+        assert_eq!(line_of(Some(&cgroup), &args), OK, "{who}");
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "{who}: connected before the deadline"
+        );
+    }
+    let requested = agent.wait_record("requested", Duration::from_secs(20), |r| {
+        r["payload"]["request"]["target"]["address"] == asked_path.as_str()
+    });
+    assert_eq!(
+        requested["payload"]["request"]["rule"],
+        format!("connect ask unix:{asked_path}")
+    );
+    drop(agent);
+
+    // Rules deny; everything else gets `unix = "allow"`.
+    let (cgroup, agent) = gate_connect(
+        "egress-unix-deny-rules",
+        &format!(
+            "default = \"deny\"\nunix = \"allow\"\n\
+             deny = [\"unix:{denied_path}\", \"unix:@gk-unix-denied\"]"
+        ),
+        "",
+    );
+    let run = |command: &[&str]| as_root_and_nobody(&cgroup, command);
+    assert_eq!(run(&["unix-connect", &denied_path]), [EPERM, EPERM]);
+    assert_eq!(
+        run(&["unix-connect-junk", &denied_path]),
+        [EPERM, EPERM],
+        "bytes after the path's NUL do not make another name"
+    );
+    assert_eq!(run(&["unix-connect", "@gk-unix-denied"]), [EPERM, EPERM]);
+    assert_eq!(run(&["unix-connect", &other_path]), [OK, OK], "unix");
+    assert_eq!(run(&["unix-connect", "@gk-unix-other"]), [OK, OK]);
+    let record = agent.wait_record("kernel_denied", Duration::from_secs(20), |r| {
+        r["payload"]["target"]["address"] == denied_path.as_str()
+    });
+    assert_eq!(
+        record["payload"]["rule"],
+        format!("connect deny unix:{denied_path}")
+    );
 }
 
 #[test]

@@ -63,6 +63,9 @@ pub enum Event {
     /// ran: the argv the kernel gave it differs from the one allowed
     /// (`EXEC_ARGV_CHANGED`; the digest is the allowed request's).
     ArgvChanged { origin: Origin },
+    /// The same for the bound environment (`EXEC_ENV_CHANGED`): the argv
+    /// was the one allowed, the bound variables were not.
+    EnvChanged { origin: Origin },
     /// A DNS datagram a gated workload sent or received
     /// (`EVENT_DNS_PACKET`), for [`crate::dns`]. `origin` names only the
     /// socket's cgroup.
@@ -87,6 +90,7 @@ impl Event {
             | Event::VerdictApplied { origin, .. }
             | Event::Unclassified { origin, .. }
             | Event::ArgvChanged { origin }
+            | Event::EnvChanged { origin }
             | Event::DnsPacket { origin, .. }
             | Event::DnsWait { origin } => origin,
             Event::ExecRuleStale(stale) => &stale.origin,
@@ -108,6 +112,7 @@ impl Event {
             Event::Unclassified { .. } => "cgroup_unclassified",
             Event::ExecRuleStale(_) => "exec_rule_stale",
             Event::ArgvChanged { .. } => "exec_argv_changed",
+            Event::EnvChanged { .. } => "exec_env_changed",
             Event::DnsPacket { .. } => "dns_packet",
             Event::DnsWait { .. } => "dns_wait",
         }
@@ -144,6 +149,12 @@ pub fn parse(bytes: &[u8]) -> Result<Event, ParseError> {
         event_kind::EXEC_ARGV_CHANGED => {
             let raw: TaskEvent = read(bytes, kind)?;
             Ok(Event::ArgvChanged {
+                origin: origin(&raw.header),
+            })
+        }
+        event_kind::EXEC_ENV_CHANGED => {
+            let raw: TaskEvent = read(bytes, kind)?;
+            Ok(Event::EnvChanged {
                 origin: origin(&raw.header),
             })
         }
@@ -453,7 +464,8 @@ mod tests {
         assert_eq!(
             request.destination,
             Destination::Unix {
-                path: "@agent".into()
+                path: "@agent".into(),
+                name: raw.unix_path.to_vec(),
             }
         );
         assert_eq!(request.via, Via::Connect);
@@ -522,6 +534,23 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn changed_argv_and_changed_environment_are_told_apart() {
+        for (kind, name) in [
+            (event_kind::EXEC_ARGV_CHANGED, "exec_argv_changed"),
+            (event_kind::EXEC_ENV_CHANGED, "exec_env_changed"),
+        ] {
+            let raw = TaskEvent {
+                header: header(kind),
+                request_kind: request_kind::EXEC,
+                action: action::DENY,
+            };
+            let event = parse(&bytes_of(&raw)).expect("parse");
+            assert_eq!(event.name(), name);
+            assert_eq!(event.origin(), &origin(&raw.header));
+        }
     }
 
     #[test]

@@ -477,4 +477,5 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "grant_allowed",
     "exec_rule_stale",
     "exec_argv_changed",
+    "exec_env_changed",
 ];

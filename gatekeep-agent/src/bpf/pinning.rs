@@ -50,6 +50,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::EXEC_BOUND_ENV,
     map_names::CONNECT_V4,
     map_names::CONNECT_V6,
+    map_names::UNIX_RULES,
     map_names::PENDING,
     map_names::PENDING_SLOTS,
     map_names::VERDICTS,

@@ -1,6 +1,7 @@
 //! The connect hook (`socket_connect`; kernel half:
 //! `gatekeep-ebpf/src/hooks/connect.rs`): its requests, and
-//! `[policy.connect]` compiled into `CONNECT_V4`/`CONNECT_V6`.
+//! `[policy.connect]` compiled into `CONNECT_V4`/`CONNECT_V6`, and its
+//! `unix:` rules into `UNIX_RULES`.
 //!
 //! The kernel's other egress hooks share its decision and its records, so
 //! their requests are connect requests too, told apart by [`Via`]:
@@ -16,6 +17,11 @@
 //! [`gatekeep_policy::ConnectPolicy::action_for`] decides: longer prefix
 //! first, at the same prefix port-specific before all-ports and narrower
 //! before wider.
+//!
+//! `AF_UNIX` rules: one `UNIX_RULES` entry per rule, keyed by the policy
+//! and [`gatekeep_common::unix_rule_hash`] of its name, which the kernel
+//! computes of each destination the same way; a destination without an
+//! entry gets the policy's `unix` action.
 
 use std::{
     collections::BTreeSet,
@@ -24,12 +30,12 @@ use std::{
 };
 
 use aya::maps::{
-    Map, MapError,
+    HashMap, Map, MapError,
     lpm_trie::{Key, LpmTrie},
 };
 use gatekeep_common::{
-    ConnectEvent, ConnectV4Key, ConnectV6Key, PORT_RULES, PortRule, PortRules, connect_op,
-    event_kind, map_names, request_kind,
+    ConnectEvent, ConnectV4Key, ConnectV6Key, PORT_RULES, PortRule, PortRules, UnixRuleKey,
+    connect_op, event_kind, map_names, request_kind,
 };
 use gatekeep_policy::{ConnectRule, Policy};
 use gatekeep_proto::{
@@ -55,22 +61,18 @@ pub(crate) const AF_INET6: u32 = 10;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
     /// `0.0.0.0` and `::` arrive as the loopback address they reach.
-    Ip {
-        addr: IpAddr,
-        port: u16,
-    },
+    Ip { addr: IpAddr, port: u16 },
     Unix {
+        /// As reviewers read it ([`unix_name`]).
         path: String,
+        /// `sun_path` as the kernel's record holds it: the bytes within the
+        /// caller's length, zero past it.
+        name: Vec<u8>,
     },
     /// Another address family (`other_families`).
-    Other {
-        family: u32,
-    },
+    Other { family: u32 },
     /// A raw or packet socket being created (`raw_sockets`): no address.
-    RawSocket {
-        family: u32,
-        protocol: u16,
-    },
+    RawSocket { family: u32, protocol: u16 },
 }
 
 /// Which call the kernel decided ([`gatekeep_common::connect_op`]).
@@ -119,7 +121,11 @@ impl Hook for Connect {
     const ASK: (u32, &'static str) = (event_kind::CONNECT_ASK, "connect_ask");
     const DENIED: (u32, &'static str) = (event_kind::CONNECT_DENIED, "connect_denied");
     const AUDITED: (u32, &'static str) = (event_kind::CONNECT_AUDITED, "connect_audited");
-    const RULE_MAPS: &'static [&'static str] = &[map_names::CONNECT_V4, map_names::CONNECT_V6];
+    const RULE_MAPS: &'static [&'static str] = &[
+        map_names::CONNECT_V4,
+        map_names::CONNECT_V6,
+        map_names::UNIX_RULES,
+    ];
 
     type Request = ConnectRequest;
     type Loaded = ();
@@ -147,6 +153,12 @@ impl Hook for Connect {
         out.defaults.unix_action = kernel_action(policy.connect.unix);
         out.defaults.raw_action = kernel_action(policy.connect.raw_sockets);
         out.defaults.other_action = kernel_action(policy.connect.other_families);
+        for rule in &policy.connect.unix_rules {
+            out.rules.insert(
+                unix_rule_key(out.id, gatekeep_policy::unix_rule_hash(&rule.name)),
+                kernel_action(rule.action).to_ne_bytes().to_vec(),
+            );
+        }
         let nets: BTreeSet<IpNet> = policy.connect.rules.iter().map(|r| r.net).collect();
         for net in nets {
             let mut covering: Vec<&ConnectRule> = policy
@@ -188,7 +200,20 @@ impl Hook for Connect {
     }
 
     fn read_map(name: &'static str, map: &Map) -> Result<Vec<(RuleKey, Vec<u8>)>, MapError> {
-        if name == map_names::CONNECT_V6 {
+        if name == map_names::UNIX_RULES {
+            let rules = HashMap::<_, UnixRuleKey, u32>::try_from(map)?;
+            rules
+                .iter()
+                .map(|entry| {
+                    entry.map(|(key, action)| {
+                        (
+                            unix_rule_key(key.policy_id, key.name),
+                            action.to_ne_bytes().to_vec(),
+                        )
+                    })
+                })
+                .collect()
+        } else if name == map_names::CONNECT_V6 {
             let trie = LpmTrie::<_, ConnectV6Key, PortRules>::try_from(map)?;
             trie.iter()
                 .map(|entry| {
@@ -216,6 +241,29 @@ impl Hook for Connect {
     }
 
     fn write_map(map: &mut Map, key: &RuleKey, value: Option<&[u8]>) -> Result<(), MapError> {
+        if key.map == map_names::UNIX_RULES {
+            let mut rules = HashMap::<_, UnixRuleKey, u32>::try_from(map)?;
+            let kernel_key = UnixRuleKey {
+                policy_id: key.policy_id,
+                _pad: 0,
+                name: u64::from_be_bytes(
+                    key.key
+                        .get(..8)
+                        .and_then(|k| k.try_into().ok())
+                        .unwrap_or_default(),
+                ),
+            };
+            return match value {
+                Some(value) => {
+                    let action = value
+                        .get(..4)
+                        .and_then(|v| v.try_into().ok())
+                        .map_or(0, u32::from_ne_bytes);
+                    rules.insert(kernel_key, action, 0)
+                }
+                None => absent_is_ok(rules.remove(&kernel_key)),
+            };
+        }
         let (prefix, addr) = split_key(&key.key);
         let policy_id_be = key.policy_id.to_be_bytes();
         if key.map == map_names::CONNECT_V6 {
@@ -255,7 +303,10 @@ impl Hook for Connect {
                 connect.decide_resolved(*addr, *port, &names).to_string()
             }
             Destination::Ip { addr, port } => connect_rule(policy, *addr, *port),
-            Destination::Unix { .. } => format!("connect unix {}", connect.unix),
+            // An abstract name's trailing NULs are not in the record: a
+            // rule on `@a` reads as deciding `@a\0` too (the kernel tells
+            // them apart; only this description cannot).
+            Destination::Unix { name, .. } => connect.decide_unix(trim_abstract(name)).1,
             Destination::Other { .. } => {
                 format!("connect other_families {}", connect.other_families)
             }
@@ -299,6 +350,31 @@ fn rule_order(rule: &ConnectRule) -> (std::cmp::Reverse<u8>, bool, u32) {
         rule.ports.is_all(),
         rule.ports.len(),
     )
+}
+
+/// The [`RuleKey`] of a `UNIX_RULES` entry: the name's hash, big endian
+/// (keys order and compare as bytes).
+#[must_use]
+pub fn unix_rule_key(policy_id: u32, name: u64) -> RuleKey {
+    RuleKey {
+        map: map_names::UNIX_RULES,
+        policy_id,
+        key: name.to_be_bytes().to_vec(),
+    }
+}
+
+/// An `AF_UNIX` record's `sun_path` without the zeroes past the caller's
+/// length: a path's are after its NUL anyway; an abstract name's cannot be
+/// told from its own trailing NULs, which are dropped.
+fn trim_abstract(name: &[u8]) -> &[u8] {
+    if name.first() != Some(&0) {
+        return name;
+    }
+    let end = name
+        .iter()
+        .rposition(|b| *b != 0)
+        .map_or(1, |last| last + 1);
+    &name[..end]
 }
 
 /// The [`RuleKey`] of a connect entry: the LPM prefix length (including the
@@ -404,6 +480,7 @@ fn connect_request(raw: &ConnectEvent) -> ConnectRequest {
         },
         AF_UNIX => Destination::Unix {
             path: unix_name(&raw.unix_path),
+            name: raw.unix_path.to_vec(),
         },
         family => Destination::Other { family },
     };
@@ -448,7 +525,7 @@ impl std::fmt::Display for Destination {
                 addr: IpAddr::V6(addr),
                 port,
             } => write!(f, "[{addr}]:{port}"),
-            Destination::Unix { path } => write!(f, "unix:{path}"),
+            Destination::Unix { path, .. } => write!(f, "unix:{path}"),
             Destination::Other { family } => write!(f, "family {family}"),
             Destination::RawSocket { family, protocol } => {
                 write!(f, "raw socket (family {family}, protocol {protocol})")
@@ -479,7 +556,7 @@ pub fn connect_target(destination: &Destination, sock_type: u32, resolved: &[Str
             socket_type,
             resolved: resolved.to_vec(),
         },
-        Destination::Unix { path } => ConnectTarget {
+        Destination::Unix { path, .. } => ConnectTarget {
             family: Family::Unix,
             address: if path.is_empty() {
                 "(unnamed)".to_owned()

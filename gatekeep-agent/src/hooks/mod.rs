@@ -387,7 +387,8 @@ mod tests {
                 map_names::EXEC_RULES,
                 map_names::EXEC_BOUND_ENV,
                 map_names::CONNECT_V4,
-                map_names::CONNECT_V6
+                map_names::CONNECT_V6,
+                map_names::UNIX_RULES
             ]
         );
         assert!(RULE_MAPS.iter().all(|name| map_names::ALL.contains(name)));

@@ -146,6 +146,32 @@ impl Tracked {
     }
 }
 
+/// What of an allowed exec the new program received changed
+/// (`EXEC_ARGV_CHANGED`, `EXEC_ENV_CHANGED`).
+#[derive(Clone, Copy)]
+enum Changed {
+    Argv,
+    /// The bound environment (`LD_*` and the policy's `bound_env`).
+    Env,
+}
+
+impl Changed {
+    /// The `kernel_denied` record's `reason`.
+    fn reason(self) -> &'static str {
+        match self {
+            Changed::Argv => "argv_changed",
+            Changed::Env => "env_changed",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Changed::Argv => "argv",
+            Changed::Env => "bound environment",
+        }
+    }
+}
+
 /// Messages from the controller's own decision and resume tasks.
 #[derive(Debug)]
 enum Internal {
@@ -433,7 +459,8 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             Event::ExecRuleStale(stale) => self.handle_stale_rule(&stale),
             Event::Abandoned { origin, kind } => self.handle_gone(&origin, kind, false),
             Event::RefusedSpinning { origin, kind } => self.handle_gone(&origin, kind, true),
-            Event::ArgvChanged { origin } => self.handle_argv_changed(&origin),
+            Event::ArgvChanged { origin } => self.handle_image_changed(&origin, Changed::Argv),
+            Event::EnvChanged { origin } => self.handle_image_changed(&origin, Changed::Env),
             Event::VerdictApplied { origin, action, .. } => {
                 tracing::debug!(tid = origin.tid, action, "verdict applied");
                 if let Some(tracked) = self.tracked.get(&origin.tid)
@@ -793,14 +820,16 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
         }
     }
 
-    /// An allowed exec killed before its program ran: the argv the kernel
-    /// gave it was changed (by another thread) after the hook read it.
-    fn handle_argv_changed(&mut self, origin: &Origin) {
+    /// An allowed exec killed before its program ran: the argv (or the
+    /// bound environment) the kernel gave it was changed (by another
+    /// thread) after the hook read it.
+    fn handle_image_changed(&mut self, origin: &Origin, changed: Changed) {
         self.stats.kernel_denied += 1;
         tracing::warn!(
             pid = origin.pid,
             digest = format_args!("{:016x}", origin.digest),
-            "allowed exec killed: its argv changed after it was read"
+            "allowed exec killed: its {} changed after it was read",
+            changed.what()
         );
         let payload = payload::KernelDenied {
             schema: Schema::default(),
@@ -810,13 +839,13 @@ impl<K: PauseKernel, T: Tasks, D: Decider, A: AuditSink> Controller<K, T, D, A> 
             process: request::process(origin, &Enrichment::default()),
             target: None,
             kernel: request::kernel_facts(origin, None, None),
-            reason: Some("argv_changed".to_owned()),
-            detail: Some(
-                "the exec was allowed for one argv, and the kernel gave the new program \
+            reason: Some(changed.reason().to_owned()),
+            detail: Some(format!(
+                "the exec was allowed for one {what}, and the kernel gave the new program \
                  another (changed in the caller's memory after it was read): killed \
-                 before it ran"
-                    .to_owned(),
-            ),
+                 before it ran",
+                what = changed.what()
+            )),
             count: None,
             first_at: None,
             last_at: None,

@@ -536,6 +536,7 @@ mod tests {
         let unix = connect_target(
             &Destination::Unix {
                 path: String::new(),
+                name: Vec::new(),
             },
             1,
             &[],

@@ -875,6 +875,41 @@ deny = ["10.1.0.0/16", "10.1.2.0/24:7000-7001", "169.254.169.254"]
     }
 
     #[test]
+    fn unix_rules_compile_to_their_name_hash_under_the_policy_id() {
+        let text = r#"
+[[policy]]
+name = "u"
+cgroups = ["/sys/fs/cgroup/a"]
+[policy.connect]
+unix = "ask"
+deny = ["unix:/run/docker.sock"]
+allow = ["unix:@gk-ok"]
+"#;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let compiled = compile(&set(text), &[7], 1, &host(dir.path())).expect("compile");
+        let unix: Vec<_> = compiled
+            .state
+            .rules
+            .iter()
+            .filter(|(key, _)| key.map == map_names::UNIX_RULES)
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        let entry = |name: &[u8], action: u32| {
+            (
+                hooks::connect::unix_rule_key(7, gatekeep_common::unix_rule_hash(name)),
+                action.to_ne_bytes().to_vec(),
+            )
+        };
+        let mut expected = vec![
+            entry(b"/run/docker.sock", action::DENY),
+            entry(b"\0gk-ok", action::ALLOW),
+        ];
+        expected.sort();
+        assert_eq!(unix, expected);
+        assert_eq!(compiled.state.policies[&7].unix_action, action::ASK);
+    }
+
+    #[test]
     fn ipv6_prefixes_are_keyed_after_the_policy_id() {
         let text = r#"
 [[policy]]
@@ -963,7 +998,8 @@ raw_sockets = "allow"
         );
         assert_eq!(
             rule(Destination::Unix {
-                path: "/run/x".into()
+                path: "/run/x".into(),
+                name: b"/run/x".to_vec(),
             }),
             "connect unix deny"
         );

@@ -14,14 +14,15 @@ use aya_ebpf::{
         generated::bpf_probe_read_kernel as probe_read_kernel_raw,
     },
     macros::lsm,
-    maps::lpm_trie::Key,
+    maps::{HashMap, lpm_trie::Key},
     programs::LsmContext,
 };
 use aya_log_ebpf::{error, warn};
 use gatekeep_common::{
     ConnectEvent, ConnectV4Key, ConnectV6Key, EPERM, ERESTARTNOINTR, EVENT_DNS_WAIT,
-    GATED_UNCLASSIFIED, PORT_RULES, PolicyDefaults, PortRules, ServiceListenerKey, action,
-    connect_op, counter, event_kind, protect, request_kind,
+    GATED_UNCLASSIFIED, MAX_UNIX_RULES, PORT_RULES, PolicyDefaults, PortRules, SUN_PATH_LEN,
+    ServiceListenerKey, SipHash13, UNIX_RULE_HASH_KEY, UnixRuleKey, action, connect_op, counter,
+    event_kind, keep_bytes, protect, request_kind, until_nul,
 };
 
 use crate::{
@@ -49,8 +50,6 @@ const SOCKADDR_IN6_LEN: i32 = 24;
 const SOCKADDR_NL_LEN: i32 = 12;
 /// `offsetof(struct sockaddr_un, sun_path)`.
 const SUN_PATH_OFFSET: usize = 2;
-/// `sizeof(((struct sockaddr_un *)0)->sun_path)`.
-const SUN_PATH_LEN: usize = 108;
 /// 64-bit words covering `sun_path` (the last one half used).
 const SUN_PATH_WORDS: usize = SUN_PATH_LEN.div_ceil(8);
 
@@ -78,7 +77,7 @@ pub fn socket_connect(ctx: LsmContext) -> i32 {
         Ok(cgroup_id) => cgroup_id,
         Err(verdict) => return verdict,
     };
-    let unix_name = unix_name_digest(ctx.arg(1), ctx.arg(2));
+    let unix_name = unix_name_digest(ctx.arg(1), ctx.arg(2), cgroup_id);
     match gated_connect(&ctx, cgroup_id, unix_name) {
         Ok(ret) | Err(ret) => verdict(&ctx, ret),
     }
@@ -168,7 +167,8 @@ pub struct Target {
     pub family: u16,
     /// [`connect_op`].
     pub op: u16,
-    /// For `AF_UNIX`, the digest of the socket's name ([`unix_name_digest`]).
+    /// For `AF_UNIX`, the digest of the socket's name and the action of the
+    /// policy's rule on it ([`unix_name_digest`]).
     pub unix_name: u64,
 }
 
@@ -179,7 +179,7 @@ pub struct Target {
 /// the workload resolved to the address ([`with_hosts`]: the strictest of
 /// the two), else the policy default; IPv4-mapped IPv6
 /// addresses match the IPv4 rules, and `0.0.0.0`/`::` match as the loopback
-/// address they reach; `AF_UNIX` uses the policy's unix action; netlink to
+/// address they reach; `AF_UNIX` uses the policy's rule on its name, else its unix action; netlink to
 /// the kernel is not gated; other families use the policy's action for
 /// them. Allow proceeds, deny returns `-EPERM` (with a `CONNECT_DENIED`
 /// event), ask pauses the thread until a verdict for this exact destination
@@ -230,7 +230,10 @@ pub fn decide(cgroup_id: u64, policy_id: u32, target: &Target) -> Result<i32, i3
                 port: 0,
                 addr: [0; 16],
             },
-            policy.unix_action,
+            match (target.unix_name & UNIX_RULE_BITS) as u32 {
+                action::NONE => policy.unix_action,
+                ruled => ruled,
+            },
         ),
         // Too short for its family (the kernel refuses it with EINVAL), or
         // `AF_UNSPEC`: a connect dissolving an association, or a send that
@@ -672,24 +675,25 @@ fn unix_name_len(addrlen: i32) -> usize {
         .min(SUN_PATH_LEN)
 }
 
-/// `word` with only its first `within` bytes (little endian) kept.
-#[inline(always)]
-fn keep_bytes(word: u64, within: usize) -> u64 {
-    match within {
-        0 => 0,
-        1..8 => word & ((1u64 << (within * 8)) - 1),
-        _ => word,
-    }
-}
+/// The low bits of [`unix_name_digest`] that hold the rule's action.
+const UNIX_RULE_BITS: u64 = 0b11;
+const _: () = assert!(action::NONE | action::ALLOW | action::DENY | action::ASK <= 3);
 
 /// The digest of the name of the `AF_UNIX` destination at `address` (kernel
-/// memory, `addrlen` bytes; see [`unix_name_len`]), or 0 for any other
-/// family. The hooks take it before their gated path, in a call of its own:
-/// the hashing state does not fit their frames beside the decision's (BPF
-/// allows 512 bytes of stack over a chain of calls), and in a frame beside
-/// theirs it would add to every chain.
+/// memory, `addrlen` bytes; see [`unix_name_len`]), its two low bits
+/// replaced by the action of the rule of `cgroup_id`'s policy on that name
+/// ([`unix_rule_action`], `action::NONE` without one); 0 for any other
+/// family. The request digest therefore binds the name and what the policy
+/// says of it.
+///
+/// The hooks take it before their gated path, in a call of its own: the
+/// hashing state does not fit their frames beside the decision's (BPF
+/// allows 512 bytes of stack over a chain of calls, and the decision's
+/// frame leaves no room for a callee's), and in a frame beside theirs it
+/// would add to every chain. The rule travels in the digest for the same
+/// reason: one more value would grow the decision's frame.
 #[inline(never)]
-pub fn unix_name_digest(address: *const u8, addrlen: i32) -> u64 {
+pub fn unix_name_digest(address: *const u8, addrlen: i32, cgroup_id: u64) -> u64 {
     // SAFETY: probe reads of the kernel's copy of the caller's address, a
     // `sockaddr_storage` (128 bytes): every word read stays inside it.
     let family = unsafe { bpf_probe_read_kernel::<u16>(address.cast()) }.unwrap_or(0);
@@ -712,7 +716,75 @@ pub fn unix_name_digest(address: *const u8, addrlen: i32) -> u64 {
         };
         digest.word(word);
     }
-    digest.finish()
+    (digest.finish() & !UNIX_RULE_BITS)
+        | u64::from(unix_rule_action(address, addrlen, cgroup_id)) & UNIX_RULE_BITS
+}
+
+/// The [`gatekeep_common::unix_rule_hash`] of the `AF_UNIX` destination at
+/// `address` (kernel memory, `addrlen` bytes; see [`unix_name_len`]), or 0
+/// for any other family: a pathname up to its first NUL (the kernel ignores
+/// what follows, so bytes there cannot dodge a rule), an abstract name
+/// every byte of its length.
+#[inline(always)]
+fn unix_rule_name(address: *const u8, addrlen: i32) -> u64 {
+    // SAFETY: probe reads of the kernel's copy of the caller's address, a
+    // `sockaddr_storage` (128 bytes): every word read stays inside it.
+    let family = unsafe { bpf_probe_read_kernel::<u16>(address.cast()) }.unwrap_or(0);
+    if family != AF_UNIX {
+        return 0;
+    }
+    let len = unix_name_len(addrlen);
+    // SAFETY: as above.
+    let first = unsafe { bpf_probe_read_kernel::<u8>(address.add(SUN_PATH_OFFSET)) }.unwrap_or(0);
+    let abstract_name = len > 0 && first == 0;
+    let mut hash = SipHash13::new(UNIX_RULE_HASH_KEY);
+    hash.word(if abstract_name { len as u64 } else { 0 });
+    let mut ended = false;
+    for i in 0..SUN_PATH_WORDS {
+        let within = len.saturating_sub(i * 8);
+        let word = if within == 0 || ended {
+            0
+        } else {
+            // SAFETY: as above.
+            let raw = unsafe {
+                bpf_probe_read_kernel::<u64>(address.add(SUN_PATH_OFFSET + i * 8).cast())
+            }
+            .unwrap_or(0);
+            let kept = keep_bytes(raw, within);
+            if abstract_name {
+                kept
+            } else {
+                let (word, nul) = until_nul(kept);
+                ended = nul;
+                word
+            }
+        };
+        hash.word(word);
+    }
+    hash.finish()
+}
+
+/// The action of the rule of `cgroup_id`'s policy on the `AF_UNIX`
+/// destination at `address` ([`unix_rule_name`]); `NONE` when it has none,
+/// or the cgroup is not gated (yet: an unclassified cgroup's connect waits
+/// and is decided again).
+#[inline(always)]
+fn unix_rule_action(address: *const u8, addrlen: i32, cgroup_id: u64) -> u32 {
+    let Some(gated) = gated_entry(cgroup_id) else {
+        return action::NONE;
+    };
+    if gated.flags & GATED_UNCLASSIFIED != 0 {
+        return action::NONE;
+    }
+    let key = UnixRuleKey {
+        policy_id: gated.policy_id,
+        _pad: 0,
+        name: unix_rule_name(address, addrlen),
+    };
+    // SAFETY: the value is copied out at once.
+    unsafe { UNIX_RULES.get(&key) }
+        .copied()
+        .unwrap_or(action::NONE)
 }
 
 /// Writes into an event's `unix_path` (108 bytes at `path`, 8-byte aligned)
@@ -826,3 +898,7 @@ pub static CONNECT_V4: aya_ebpf::maps::LpmTrie<ConnectV4Key, PortRules> =
 #[aya_ebpf::macros::map]
 pub static CONNECT_V6: aya_ebpf::maps::LpmTrie<ConnectV6Key, PortRules> =
     aya_ebpf::maps::LpmTrie::with_max_entries(65536, 0);
+
+/// (policy, [`unix_rule_name`]) -> the action of its `unix:` rule.
+#[aya_ebpf::macros::map]
+pub static UNIX_RULES: HashMap<UnixRuleKey, u32> = HashMap::with_max_entries(MAX_UNIX_RULES, 0);

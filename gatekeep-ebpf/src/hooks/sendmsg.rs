@@ -66,7 +66,7 @@ pub fn socket_sendmsg(ctx: LsmContext) -> i32 {
     if namelen < 2 {
         return 0;
     }
-    let unix_name = connect::unix_name_digest(name, namelen);
+    let unix_name = connect::unix_name_digest(name, namelen, cgroup_id);
     connect::verdict(
         &ctx,
         gated_sendmsg(&ctx, cgroup_id, name, namelen, unix_name),

@@ -259,8 +259,11 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
         if argv == ARGV_MATCHES && image_env_matches() {
             return 0;
         }
-        if argv != UNBOUND {
-            kill_changed(cgroup_id);
+        // The argv first: when it differs the environment was not walked.
+        match argv {
+            UNBOUND => {}
+            ARGV_MATCHES => kill_changed(cgroup_id, event_kind::EXEC_ENV_CHANGED),
+            _ => kill_changed(cgroup_id, event_kind::EXEC_ARGV_CHANGED),
         }
     }
     0
@@ -317,12 +320,17 @@ fn check_new_argv(ctx: &BtfTracePointContext) -> u32 {
 }
 
 /// Kills the new program (its argv or bound environment is not the one its
-/// exec was allowed with) and reports it.
+/// exec was allowed with) and reports it as `changed`
+/// (`EXEC_ARGV_CHANGED` or `EXEC_ENV_CHANGED`).
 #[inline(never)]
-fn kill_changed(cgroup_id: u64) {
+fn kill_changed(cgroup_id: u64, changed: u32) {
     // SAFETY: a signal to the current process, which is not a kernel thread.
     unsafe { bpf_send_signal(SIGKILL) };
-    bump(counter::EXEC_ARGV_CHANGED);
+    bump(if changed == event_kind::EXEC_ENV_CHANGED {
+        counter::EXEC_ENV_CHANGED
+    } else {
+        counter::EXEC_ARGV_CHANGED
+    });
     let Some(scratch) = ARGV_SCRATCH.get_ptr(0) else {
         return;
     };
@@ -330,7 +338,7 @@ fn kill_changed(cgroup_id: u64) {
     let (policy_id, digest) = unsafe { ((*scratch).image.policy_id, (*scratch).image.digest) };
     emit_task_event(
         &Caller::current(cgroup_id, policy_id),
-        event_kind::EXEC_ARGV_CHANGED,
+        changed,
         digest,
         request_kind::EXEC,
         action::DENY,
