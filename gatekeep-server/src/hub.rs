@@ -29,14 +29,18 @@ pub(crate) type AgentSender = mpsc::UnboundedSender<Result<v1::ServerMessage, St
 
 /// How many changes a watcher may fall behind before its watch ends.
 const WATCH_BUFFER: usize = 4096;
-/// How long a change waits for others to share its batch (and a console's event).
-pub(crate) const BATCH_WINDOW: Duration = Duration::from_millis(50);
+/// How long a change waits for others to share its batch (and a console's event). A new
+/// request must show in the consoles within 1 s (issue 21); each batch costs every console
+/// a wake-up and a write, so the longer the window, the less 100 consoles cost per
+/// decision.
+pub(crate) const BATCH_WINDOW: Duration = Duration::from_millis(250);
 /// Most changes in one batch.
-const BATCH_MAX: usize = 256;
+pub(crate) const BATCH_MAX: usize = 256;
 /// How many batches a watcher may fall behind (each up to `BATCH_MAX` changes).
 const BATCH_BUFFER: usize = 1024;
 
-/// Changes made within [`BATCH_WINDOW`] of each other, in the order they were made.
+/// Changes made within [`BATCH_WINDOW`] of each other: the latest state of each request
+/// that changed, in the order of those latest changes.
 #[derive(Debug)]
 pub(crate) enum Batch {
     Changes(Vec<Arc<RequestRecord>>),
@@ -215,11 +219,23 @@ async fn gather(
             }
         }
         // No watcher is not an error.
-        drop(batches.send(Arc::new(Batch::Changes(batch))));
+        drop(batches.send(Arc::new(Batch::Changes(latest(batch)))));
         if let Some(missed) = lagged {
             drop(batches.send(Arc::new(Batch::Lagged(missed))));
         }
     }
+}
+
+/// Only the latest change of each request, in the order of those changes: a watcher keeps
+/// a request's latest state, so the earlier ones of one batch would be sent for nothing.
+fn latest(mut batch: Vec<Arc<RequestRecord>>) -> Vec<Arc<RequestRecord>> {
+    if batch.len() > 1 {
+        let mut seen = std::collections::HashSet::with_capacity(batch.len());
+        batch.reverse();
+        batch.retain(|record| seen.insert(record.request.id));
+        batch.reverse();
+    }
+    batch
 }
 
 #[cfg(test)]
@@ -282,5 +298,31 @@ mod tests {
         };
         assert_eq!(batch.len(), 1);
         assert_eq!(batch[0].request.id, later.request.id);
+    }
+
+    #[tokio::test]
+    async fn a_batch_carries_each_requests_latest_state_once() {
+        let hub = Hub::new();
+        let mut batches = hub.subscribe_batches();
+        let first = record(RequestState::Pending);
+        let second = record(RequestState::Pending);
+        let mut first_approved = first.clone();
+        first_approved.state = RequestState::Approved;
+        // Within one window: first pending, second pending, first approved.
+        for record in [&first, &second, &first_approved] {
+            hub.publish(record);
+        }
+        let Batch::Changes(batch) = &*batches.recv().await.expect("a batch") else {
+            panic!("changes expected");
+        };
+        let seen: Vec<_> = batch.iter().map(|r| (r.request.id, r.state)).collect();
+        assert_eq!(
+            seen,
+            [
+                (second.request.id, RequestState::Pending),
+                (first.request.id, RequestState::Approved),
+            ],
+            "the first request once, in its latest state, after the second"
+        );
     }
 }

@@ -1,0 +1,224 @@
+//! The live queue as server-sent events (`GET /api/v1/events`): how a watch's groups become
+//! the bytes of the response, and the encodings every console shares.
+//!
+//! With 100 consoles open, what a change costs the service is multiplied by 100 wherever it
+//! is done per console. So a batch of changes that every change of which passes a console's
+//! filter (always, without filters) is one frame, encoded once and handed to every such
+//! console as the same bytes; only a console whose filter cuts a batch makes its own frame
+//! of its part (from records each encoded once). The response is written by hand rather
+//! than with axum's `Sse`, which would copy every event's data into a frame of its own.
+
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use axum::{
+    body::{Body, Bytes},
+    http::{HeaderValue, header},
+    response::Response,
+};
+use futures_util::{Stream, StreamExt as _};
+use gatekeep_proto::model::RequestRecord;
+use serde::Serialize;
+
+use super::ops::{WatchGroup, WatchItem};
+use crate::hub::Batch;
+
+/// A comment sent when nothing else was for this long, so proxies keep the stream open
+/// (axum's `Sse` default).
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// One item of a `requests` event's data.
+#[derive(Serialize)]
+struct RequestItem<'a> {
+    initial: bool,
+    request: &'a RequestRecord,
+}
+
+/// The recent changes and batches, encoded once for every console watching. Entries are
+/// keyed by the hub's shared value (`Arc` identity) and keep it alive, so an address is
+/// not reused while cached.
+#[derive(Default)]
+pub(crate) struct Encoder {
+    records: Mutex<VecDeque<(Arc<RequestRecord>, Arc<str>)>>,
+    batches: Mutex<VecDeque<(Arc<Batch>, Bytes)>>,
+}
+
+impl Encoder {
+    /// Changes kept: a batch holds at most [`crate::hub::BATCH_MAX`]; consoles read a batch
+    /// within moments of each other.
+    const RECORDS_KEPT: usize = 512;
+    const BATCHES_KEPT: usize = 8;
+
+    /// A change as an item of a `requests` event.
+    fn record(&self, record: &Arc<RequestRecord>) -> Result<Arc<str>, serde_json::Error> {
+        let mut cache = self
+            .records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, data)) = cache
+            .iter()
+            .rev()
+            .find(|(cached, _)| Arc::ptr_eq(cached, record))
+        {
+            return Ok(Arc::clone(data));
+        }
+        let data: Arc<str> = serde_json::to_string(&RequestItem {
+            initial: false,
+            request: record,
+        })?
+        .into();
+        if cache.len() >= Self::RECORDS_KEPT {
+            cache.pop_front();
+        }
+        cache.push_back((Arc::clone(record), Arc::clone(&data)));
+        Ok(data)
+    }
+
+    /// The one `requests` frame of a whole batch, made by the first console to send it and
+    /// shared by the others (the lock is held while it is made, so it is made once).
+    fn batch(&self, batch: &Arc<Batch>) -> Bytes {
+        let mut cache = self
+            .batches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, frame)) = cache.iter().rev().find(|(cached, _)| Arc::ptr_eq(cached, batch)) {
+            return frame.clone();
+        }
+        let Batch::Changes(changes) = &**batch else {
+            // Not a batch of changes: nothing to share (watches turn these into `end`).
+            return Bytes::new();
+        };
+        let frame = match self.requests(changes.iter().map(|record| (false, record))) {
+            Ok(frame) => frame,
+            Err(error) => return internal(&error),
+        };
+        if cache.len() >= Self::BATCHES_KEPT {
+            cache.pop_front();
+        }
+        cache.push_back((Arc::clone(batch), frame.clone()));
+        frame
+    }
+
+    /// A `requests` frame: the items as one JSON array.
+    fn requests<'a>(
+        &self,
+        items: impl Iterator<Item = (bool, &'a Arc<RequestRecord>)>,
+    ) -> Result<Bytes, serde_json::Error> {
+        let mut data = String::from("[");
+        for (initial, record) in items {
+            if data.len() > 1 {
+                data.push(',');
+            }
+            if initial {
+                // A snapshot is this console's own: not worth keeping.
+                data.push_str(&serde_json::to_string(&RequestItem {
+                    initial,
+                    request: record,
+                })?);
+            } else {
+                data.push_str(&self.record(record)?);
+            }
+        }
+        data.push(']');
+        Ok(frame("requests", &data))
+    }
+
+    /// The frames of one group of a watch: its requests as one `requests` event, then
+    /// `ready` or `end` if the group holds one.
+    fn frames(&self, group: WatchGroup) -> Vec<Bytes> {
+        let items = match group {
+            WatchGroup::Batch(batch) => return vec![self.batch(&batch)],
+            WatchGroup::Items(items) => items,
+        };
+        let mut frames = Vec::new();
+        let mut requests: Vec<(bool, &Arc<RequestRecord>)> = Vec::new();
+        let flush = |requests: &mut Vec<(bool, &Arc<RequestRecord>)>, frames: &mut Vec<Bytes>| {
+            if !requests.is_empty() {
+                frames.push(
+                    self.requests(requests.drain(..))
+                        .unwrap_or_else(|error| internal(&error)),
+                );
+            }
+        };
+        for item in &items {
+            let end = match item {
+                WatchItem::Request { initial, record } => {
+                    requests.push((*initial, record));
+                    continue;
+                }
+                WatchItem::Ready => frame("ready", "{}"),
+                WatchItem::Lagged { missed } => frame(
+                    "end",
+                    &format!("the watch fell {missed} changes behind; watch again"),
+                ),
+                WatchItem::ShuttingDown => frame("end", "the decision service is shutting down"),
+                WatchItem::Expired => frame("end", "the session expired; sign in again"),
+            };
+            flush(&mut requests, &mut frames);
+            frames.push(end);
+        }
+        flush(&mut requests, &mut frames);
+        frames
+    }
+}
+
+/// One event. `data` must be a single line (JSON from serde has none; messages are ours).
+fn frame(event: &str, data: &str) -> Bytes {
+    debug_assert!(!data.contains(['\n', '\r']), "one data line");
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+fn internal(error: &serde_json::Error) -> Bytes {
+    tracing::error!(%error, "cannot encode a watch event");
+    frame("end", "internal error in the decision service; see its log")
+}
+
+/// The response of a watch: its groups as events, a keep-alive comment after
+/// [`KEEP_ALIVE`] of silence. The console's connection polls it itself (no task per watch).
+pub(crate) fn response(
+    encoder: Arc<Encoder>,
+    groups: impl Stream<Item = WatchGroup> + Send + 'static,
+) -> Response {
+    let frames = groups
+        .flat_map(move |group| futures_util::stream::iter(encoder.frames(group)))
+        .filter(|frame| std::future::ready(!frame.is_empty()));
+    let idle = Box::pin(tokio::time::sleep(KEEP_ALIVE));
+    let body = futures_util::stream::unfold(
+        (Box::pin(frames), idle),
+        |(mut frames, mut idle)| async move {
+            let next = tokio::select! {
+                biased;
+                frame = frames.next() => frame?,
+                () = &mut idle => Bytes::from_static(b":\n\n"),
+            };
+            idle.as_mut()
+                .reset(tokio::time::Instant::now() + KEEP_ALIVE);
+            Some((Ok::<_, Infallible>(next), (frames, idle)))
+        },
+    );
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_server_sent_events() {
+        assert_eq!(
+            &frame("ready", "{}")[..],
+            b"event: ready\ndata: {}\n\n".as_slice()
+        );
+    }
+}
