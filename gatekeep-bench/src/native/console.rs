@@ -178,7 +178,7 @@ async fn read_events(console: usize, mut stream: reqwest::Response, seen: Arc<Se
             } else if let Some(data) = line.strip_prefix("data:") {
                 if event == "ready" {
                     seen.ready.fetch_add(1, Ordering::Relaxed);
-                } else if event == "requests" {
+                } else if event == "requests" || event == "left" {
                     note_approvals(console, data.trim_start(), &seen);
                 }
             }
@@ -186,7 +186,8 @@ async fn read_events(console: usize, mut stream: reqwest::Response, seen: Arc<Se
     }
 }
 
-/// Notes the approved requests of one `requests` event's data.
+/// Notes the approved requests of one `requests` event's data (an array of
+/// `{initial, request}`) or one `left` event's (an array of `{id, state}`).
 fn note_approvals(console: usize, data: &str, seen: &Seen) {
     let Ok(Value::Array(items)) = serde_json::from_str::<Value>(data) else {
         return;
@@ -196,9 +197,12 @@ fn note_approvals(console: usize, data: &str, seen: &Seen) {
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
     for item in items {
-        let record = &item["request"];
-        if record["state"] == "approved"
-            && let Some(id) = record["request"]["id"].as_str()
+        let (state, id) = match item.get("request") {
+            Some(record) => (&record["state"], &record["request"]["id"]),
+            None => (&item["state"], &item["id"]),
+        };
+        if state == "approved"
+            && let Some(id) = id.as_str()
         {
             approved.insert((console, id.to_owned()));
         }

@@ -2,11 +2,15 @@
 //! the bytes of the response, and the encodings every console shares.
 //!
 //! With 100 consoles open, what a change costs the service is multiplied by 100 wherever it
-//! is done per console. So a batch of changes that every change of which passes a console's
-//! filter (always, without filters) is one frame, encoded once and handed to every such
-//! console as the same bytes; only a console whose filter cuts a batch makes its own frame
-//! of its part (from records each encoded once). The response is written by hand rather
-//! than with axum's `Sse`, which would copy every event's data into a frame of its own.
+//! is done per console, and most of it is each console's TLS and TCP write, by the byte.
+//! So:
+//! - a request in the queue is sent in full (`requests`), one that left it as its id and
+//!   state only (`left`): a decision adds a few dozen bytes per console, not the record;
+//! - a batch every change of which passes a console's filter (always, without filters) is
+//!   encoded once and handed to every such console as the same bytes; only a console whose
+//!   filter cuts a batch makes its own frames of its part (from changes each encoded once);
+//! - the response is written by hand rather than with axum's `Sse`, which would copy every
+//!   event's data into a frame of its own.
 
 use std::{
     collections::VecDeque,
@@ -21,7 +25,7 @@ use axum::{
     response::Response,
 };
 use futures_util::{Stream, StreamExt as _};
-use gatekeep_proto::model::RequestRecord;
+use gatekeep_proto::model::{RequestRecord, RequestState};
 use serde::Serialize;
 
 use super::ops::{WatchGroup, WatchItem};
@@ -31,11 +35,30 @@ use crate::hub::Batch;
 /// (axum's `Sse` default).
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// One item of a `requests` event's data.
+/// One item of a `requests` event's data: a request in the queue, in full.
 #[derive(Serialize)]
 struct RequestItem<'a> {
     initial: bool,
     request: &'a RequestRecord,
+}
+
+/// One item of a `left` event's data: a request that left the queue (decided, expired,
+/// withdrawn). The queue needs only which one; its detail is one GET away. This keeps a
+/// decision's bytes to every console small: they are what each console's TLS and TCP
+/// write cost (issue 21).
+#[derive(Serialize)]
+struct LeftItem {
+    id: uuid::Uuid,
+    state: RequestState,
+}
+
+/// A change, encoded: the item of the event it belongs in.
+#[derive(Clone)]
+enum Change {
+    /// An item of a `requests` event (the request is pending).
+    Queued(Arc<str>),
+    /// An item of a `left` event.
+    Left(Arc<str>),
 }
 
 /// The recent changes and batches, encoded once for every console watching. Entries are
@@ -43,7 +66,7 @@ struct RequestItem<'a> {
 /// not reused while cached.
 #[derive(Default)]
 pub(crate) struct Encoder {
-    records: Mutex<VecDeque<(Arc<RequestRecord>, Arc<str>)>>,
+    records: Mutex<VecDeque<(Arc<RequestRecord>, Change)>>,
     batches: Mutex<VecDeque<(Arc<Batch>, Bytes)>>,
 }
 
@@ -53,33 +76,45 @@ impl Encoder {
     const RECORDS_KEPT: usize = 512;
     const BATCHES_KEPT: usize = 8;
 
-    /// A change as an item of a `requests` event.
-    fn record(&self, record: &Arc<RequestRecord>) -> Result<Arc<str>, serde_json::Error> {
+    /// A change as an item of the event it belongs in.
+    fn change(&self, record: &Arc<RequestRecord>) -> Result<Change, serde_json::Error> {
         let mut cache = self
             .records
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, data)) = cache
+        if let Some((_, change)) = cache
             .iter()
             .rev()
             .find(|(cached, _)| Arc::ptr_eq(cached, record))
         {
-            return Ok(Arc::clone(data));
+            return Ok(change.clone());
         }
-        let data: Arc<str> = serde_json::to_string(&RequestItem {
-            initial: false,
-            request: record,
-        })?
-        .into();
+        let change = if record.state == RequestState::Pending {
+            Change::Queued(
+                serde_json::to_string(&RequestItem {
+                    initial: false,
+                    request: record,
+                })?
+                .into(),
+            )
+        } else {
+            Change::Left(
+                serde_json::to_string(&LeftItem {
+                    id: record.request.id,
+                    state: record.state,
+                })?
+                .into(),
+            )
+        };
         if cache.len() >= Self::RECORDS_KEPT {
             cache.pop_front();
         }
-        cache.push_back((Arc::clone(record), Arc::clone(&data)));
-        Ok(data)
+        cache.push_back((Arc::clone(record), change.clone()));
+        Ok(change)
     }
 
-    /// The one `requests` frame of a whole batch, made by the first console to send it and
-    /// shared by the others (the lock is held while it is made, so it is made once).
+    /// The frames of a whole batch, made by the first console to send it and shared by the
+    /// others (the lock is held while they are made, so they are made once).
     fn batch(&self, batch: &Arc<Batch>) -> Bytes {
         let mut cache = self
             .batches
@@ -92,7 +127,7 @@ impl Encoder {
             // Not a batch of changes: nothing to share (watches turn these into `end`).
             return Bytes::new();
         };
-        let frame = match self.requests(changes.iter().map(|record| (false, record))) {
+        let frame = match self.changes(changes.iter().map(|record| (false, record))) {
             Ok(frame) => frame,
             Err(error) => return internal(&error),
         };
@@ -103,31 +138,45 @@ impl Encoder {
         frame
     }
 
-    /// A `requests` frame: the items as one JSON array.
-    fn requests<'a>(
+    /// The frames of some requests: those in the queue as one `requests` event (a JSON
+    /// array), then those that left it as one `left` event. A batch holds a request once,
+    /// so the two need no order between them.
+    fn changes<'a>(
         &self,
         items: impl Iterator<Item = (bool, &'a Arc<RequestRecord>)>,
     ) -> Result<Bytes, serde_json::Error> {
-        let mut data = String::from("[");
+        let mut queued = String::from("[");
+        let mut left = String::from("[");
         for (initial, record) in items {
-            if data.len() > 1 {
-                data.push(',');
-            }
-            if initial {
+            let (list, item) = if initial {
                 // A snapshot is this console's own: not worth keeping.
-                data.push_str(&serde_json::to_string(&RequestItem {
+                let item = serde_json::to_string(&RequestItem {
                     initial,
                     request: record,
-                })?);
+                })?;
+                (&mut queued, Arc::from(item))
             } else {
-                data.push_str(&self.record(record)?);
+                match self.change(record)? {
+                    Change::Queued(item) => (&mut queued, item),
+                    Change::Left(item) => (&mut left, item),
+                }
+            };
+            if list.len() > 1 {
+                list.push(',');
+            }
+            list.push_str(&item);
+        }
+        let mut frames = String::new();
+        for (event, mut list) in [("requests", queued), ("left", left)] {
+            if list.len() > 1 {
+                list.push(']');
+                push_frame(&mut frames, event, &list);
             }
         }
-        data.push(']');
-        Ok(frame("requests", &data))
+        Ok(Bytes::from(frames))
     }
 
-    /// The frames of one group of a watch: its requests as one `requests` event, then
+    /// The frames of one group of a watch: its requests (see [`Self::changes`]), then
     /// `ready` or `end` if the group holds one.
     fn frames(&self, group: WatchGroup) -> Vec<Bytes> {
         let items = match group {
@@ -139,7 +188,7 @@ impl Encoder {
         let flush = |requests: &mut Vec<(bool, &Arc<RequestRecord>)>, frames: &mut Vec<Bytes>| {
             if !requests.is_empty() {
                 frames.push(
-                    self.requests(requests.drain(..))
+                    self.changes(requests.drain(..))
                         .unwrap_or_else(|error| internal(&error)),
                 );
             }
@@ -168,8 +217,16 @@ impl Encoder {
 
 /// One event. `data` must be a single line (JSON from serde has none; messages are ours).
 fn frame(event: &str, data: &str) -> Bytes {
+    let mut text = String::new();
+    push_frame(&mut text, event, data);
+    Bytes::from(text)
+}
+
+fn push_frame(text: &mut String, event: &str, data: &str) {
     debug_assert!(!data.contains(['\n', '\r']), "one data line");
-    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+    for part in ["event: ", event, "\ndata: ", data, "\n\n"] {
+        text.push_str(part);
+    }
 }
 
 fn internal(error: &serde_json::Error) -> Bytes {
