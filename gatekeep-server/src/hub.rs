@@ -33,11 +33,11 @@ const WATCH_BUFFER: usize = 4096;
 /// request must show in the consoles within 1 s (issue 21); each batch costs every console
 /// a wake-up and a write, so the longer the window, the less 100 consoles cost per
 /// decision.
-pub(crate) const BATCH_WINDOW: Duration = Duration::from_millis(250);
-/// Most changes in one batch.
-pub(crate) const BATCH_MAX: usize = 256;
+pub(crate) const BATCH_WINDOW: Duration = Duration::from_millis(400);
+/// Most changes in one batch (a burst of them costs each console a wake-up per batch).
+pub(crate) const BATCH_MAX: usize = 1024;
 /// How many batches a watcher may fall behind (each up to `BATCH_MAX` changes).
-const BATCH_BUFFER: usize = 1024;
+const BATCH_BUFFER: usize = 256;
 
 /// Changes made within [`BATCH_WINDOW`] of each other: the latest state of each request
 /// that changed, in the order of those latest changes.

@@ -768,7 +768,10 @@ async fn events_stream_new_requests_live(backend: Backend) {
         let snapshot = events.snapshot().await;
         assert_eq!(snapshot.len(), 1, "{snapshot:?}");
         assert_eq!(snapshot[0]["initial"], true);
-        assert_eq!(snapshot[0]["request"]["request"]["id"], early_id.to_string());
+        assert_eq!(
+            snapshot[0]["request"]["request"]["id"],
+            early_id.to_string()
+        );
     }
 
     // A connect and an exec arrive while watching.

@@ -8,13 +8,14 @@
 //! counts the service's CPU time from the first submission until every console has seen
 //! every decision, so the fan-out of both the new requests and the decisions is inside.
 //!
-//! Noise: the rounds alternate (without, with, with, without, ...) so that a slow spell of
-//! the shared machine falls on both sides; each pair gives one ratio, and the figure is the
-//! median of the pairs' ratios with their range and a 95 % interval. The CPU time is read
+//! Noise: two services run side by side, the same workload at the same moments, one with
+//! the consoles and one without (which one swaps every pair), so the shared machine's other
+//! load falls on both alike; each pair gives one ratio, and the figure is the median of the
+//! pairs' ratios with their range and a 95 % interval. The CPU time is read
 //! in nanoseconds (`/proc/PID/task/*/schedstat`), not in 10 ms ticks.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     path::Path,
     sync::{
         Arc, Mutex, PoisonError,
@@ -61,7 +62,7 @@ impl Sizes {
             }
         } else {
             Self {
-                pairs: 6,
+                pairs: 16,
                 decisions: 600,
             }
         }
@@ -145,67 +146,40 @@ fn client(ca_pem: &str) -> Result<reqwest::Client> {
         .build()?)
 }
 
-
 /// What the consoles of a round have seen.
 #[derive(Default)]
 struct Seen {
     /// Consoles that had their snapshot (`ready`).
     ready: AtomicUsize,
-    /// (console, request id) of every approval seen.
-    approved: Mutex<HashSet<(usize, String)>>,
+    /// Approvals seen, summed over the consoles.
+    approvals: AtomicUsize,
 }
 
 impl Seen {
     fn approvals(&self) -> usize {
-        self.approved
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.approvals.load(Ordering::Relaxed)
     }
 }
 
-/// Reads one console's event stream, noting `ready` and every approved request.
-async fn read_events(console: usize, mut stream: reqwest::Response, seen: Arc<Seen>) {
+/// Reads one console's event stream, counting `ready` and approved requests. Cheaply: the
+/// consoles run beside the measured services on the same cores, so they count text rather
+/// than parse JSON (an approval is `"state":"approved"` in a `left` item; the service sends
+/// a decided request nowhere else).
+async fn read_events(mut stream: reqwest::Response, seen: Arc<Seen>) {
+    const APPROVED: &str = "\"state\":\"approved\"";
     let mut pending = Vec::new();
-    let mut event = String::new();
     while let Ok(Some(chunk)) = stream.chunk().await {
         pending.extend_from_slice(&chunk);
-        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line[..end]);
-            if let Some(name) = line.strip_prefix("event:") {
-                name.trim().clone_into(&mut event);
-            } else if let Some(data) = line.strip_prefix("data:") {
-                if event == "ready" {
-                    seen.ready.fetch_add(1, Ordering::Relaxed);
-                } else if event == "requests" || event == "left" {
-                    note_approvals(console, data.trim_start(), &seen);
-                }
-            }
-        }
-    }
-}
-
-/// Notes the approved requests of one `requests` event's data (an array of
-/// `{initial, request}`) or one `left` event's (an array of `{id, state}`).
-fn note_approvals(console: usize, data: &str, seen: &Seen) {
-    let Ok(Value::Array(items)) = serde_json::from_str::<Value>(data) else {
-        return;
-    };
-    let mut approved = seen
-        .approved
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    for item in items {
-        let (state, id) = match item.get("request") {
-            Some(record) => (&record["state"], &record["request"]["id"]),
-            None => (&item["state"], &item["id"]),
+        // Whole lines only: a chunk may end inside one.
+        let Some(end) = pending.iter().rposition(|&b| b == b'\n') else {
+            continue;
         };
-        if state == "approved"
-            && let Some(id) = id.as_str()
-        {
-            approved.insert((console, id.to_owned()));
-        }
+        let lines: Vec<u8> = pending.drain(..=end).collect();
+        let text = String::from_utf8_lossy(&lines);
+        seen.ready
+            .fetch_add(text.matches("event: ready\n").count(), Ordering::Relaxed);
+        seen.approvals
+            .fetch_add(text.matches(APPROVED).count(), Ordering::Relaxed);
     }
 }
 
@@ -266,7 +240,7 @@ impl Bench {
     /// waits for their snapshots.
     async fn watch(&self, count: usize, seen: &Arc<Seen>) -> Result<Vec<JoinHandle<()>>> {
         let mut readers = Vec::with_capacity(count);
-        for (index, cookie) in self.cookies.iter().take(count).enumerate() {
+        for cookie in self.cookies.iter().take(count) {
             let stream = client(&self.ca)?
                 .get(format!("{}/api/v1/events", self.service.endpoint))
                 .header("cookie", cookie)
@@ -278,7 +252,7 @@ impl Bench {
                 "live queue refused: {}",
                 stream.status()
             );
-            readers.push(tokio::spawn(read_events(index, stream, Arc::clone(seen))));
+            readers.push(tokio::spawn(read_events(stream, Arc::clone(seen))));
         }
         let started = Instant::now();
         while seen.ready.load(Ordering::Relaxed) < count {
@@ -341,8 +315,7 @@ impl Bench {
             let (endpoint, token) = (self.service.endpoint.clone(), self.service.token.clone());
             deciders.push(tokio::spawn(async move {
                 loop {
-                    let Some(id) = ids.lock().unwrap_or_else(PoisonError::into_inner).pop()
-                    else {
+                    let Some(id) = ids.lock().unwrap_or_else(PoisonError::into_inner).pop() else {
                         return anyhow::Ok(());
                     };
                     http.post(format!("{endpoint}/api/v1/requests/{id}/decision"))
@@ -391,25 +364,36 @@ impl Bench {
 /// The service's CPU per decision without consoles and with [`WATCHERS`], and their ratio.
 pub async fn figures(server: &Path, base: &Path, smoke: bool) -> Result<Vec<Figure>> {
     let sizes = Sizes::of(smoke);
-    let mut bench = Bench::start(server, base).await?;
+    // Two services side by side, one watched and one not at the same moments: the machine's
+    // other load then falls on both alike (rounds one after the other saw it move the CPU
+    // per decision by 40 %). Which one is watched swaps every pair.
+    let mut first = Bench::start(server, base).await?;
+    let mut second = Bench::start(server, base).await?;
     // One round each way first, unmeasured: connections, caches and the database warm up.
-    bench.round(0, sizes.decisions.min(100)).await?;
-    bench.round(WATCHERS, sizes.decisions.min(100)).await?;
+    let warm = sizes.decisions.min(100);
+    for watchers in [[0, WATCHERS], [WATCHERS, 0]] {
+        let (a, b) = tokio::join!(
+            first.round(watchers[0], warm),
+            second.round(watchers[1], warm)
+        );
+        a?;
+        b?;
+    }
     let (mut alone, mut watched, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut inexact = 0;
     for pair in 0..sizes.pairs {
-        // Without first, then with; the next pair the other way round.
-        let order = if pair % 2 == 0 {
-            [0, WATCHERS]
+        let (with, without) = if pair % 2 == 0 {
+            (&mut first, &mut second)
         } else {
-            [WATCHERS, 0]
+            (&mut second, &mut first)
         };
-        let mut per = [0.0; 2];
-        for watchers in order {
-            let (seconds, exact) = bench.round(watchers, sizes.decisions).await?;
-            inexact += usize::from(!exact);
-            per[usize::from(watchers > 0)] = seconds * 1e6;
-        }
+        let (with, without) = tokio::join!(
+            with.round(WATCHERS, sizes.decisions),
+            without.round(0, sizes.decisions)
+        );
+        let (with, without) = (with?, without?);
+        inexact += usize::from(!with.1) + usize::from(!without.1);
+        let per = [without.0 * 1e6, with.0 * 1e6];
         eprintln!(
             "[bench] console pair {}: {:.0} us alone, {:.0} us with {WATCHERS} consoles ({:+.1} %)",
             pair + 1,
@@ -421,14 +405,16 @@ pub async fn figures(server: &Path, base: &Path, smoke: bool) -> Result<Vec<Figu
         watched.push(per[1]);
         ratios.push(per[1] / per[0]);
     }
-    bench.service.stop()?;
+    first.service.stop()?;
+    second.service.stop()?;
     let conditions = format!(
         "the gatekeep-server binary's own CPU time (user + system, every thread, from \
          /proc/PID/task/*/schedstat{}), from the first of {} requests submitted by one agent \
          (mTLS stream) to the last of their HTTP decisions ({DECIDERS} reviewers, one \
          decision at a time each) seen by every console; {WATCHERS} consoles: a signed-in \
-         session and an HTTP/2 connection each, holding GET /api/v1/events open; {} pairs of \
-         rounds, alternating which goes first; ratio = median of the pairs' ratios",
+         session and an HTTP/2 connection each, holding GET /api/v1/events open; two services \
+         side by side, one watched, one not, at the same time (which one is watched swaps \
+         every pair); {} pairs; ratio = median of the pairs' ratios",
         if inexact > 0 {
             format!("; {inexact} rounds in clock ticks, a thread having ended")
         } else {

@@ -73,15 +73,12 @@ pub(crate) struct Encoder {
 impl Encoder {
     /// Changes kept: a batch holds at most [`crate::hub::BATCH_MAX`]; consoles read a batch
     /// within moments of each other.
-    const RECORDS_KEPT: usize = 512;
+    const RECORDS_KEPT: usize = 2048;
     const BATCHES_KEPT: usize = 8;
 
     /// A change as an item of the event it belongs in.
     fn change(&self, record: &Arc<RequestRecord>) -> Result<Change, serde_json::Error> {
-        let mut cache = self
-            .records
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cache = self.records.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((_, change)) = cache
             .iter()
             .rev()
@@ -116,11 +113,12 @@ impl Encoder {
     /// The frames of a whole batch, made by the first console to send it and shared by the
     /// others (the lock is held while they are made, so they are made once).
     fn batch(&self, batch: &Arc<Batch>) -> Bytes {
-        let mut cache = self
-            .batches
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, frame)) = cache.iter().rev().find(|(cached, _)| Arc::ptr_eq(cached, batch)) {
+        let mut cache = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, frame)) = cache
+            .iter()
+            .rev()
+            .find(|(cached, _)| Arc::ptr_eq(cached, batch))
+        {
             return frame.clone();
         }
         let Batch::Changes(changes) = &**batch else {
@@ -235,7 +233,7 @@ fn internal(error: &serde_json::Error) -> Bytes {
 }
 
 /// The response of a watch: its groups as events, a keep-alive comment after
-/// [`KEEP_ALIVE`] of silence. The console's connection polls it itself (no task per watch).
+/// [`KEEP_ALIVE`] (to twice that) of silence. The console's connection polls it itself (no task per watch).
 pub(crate) fn response(
     encoder: Arc<Encoder>,
     groups: impl Stream<Item = WatchGroup> + Send + 'static,
@@ -243,18 +241,26 @@ pub(crate) fn response(
     let frames = groups
         .flat_map(move |group| futures_util::stream::iter(encoder.frames(group)))
         .filter(|frame| std::future::ready(!frame.is_empty()));
-    let idle = Box::pin(tokio::time::sleep(KEEP_ALIVE));
+    // A tick every KEEP_ALIVE sends a comment if nothing went out since the last one: no
+    // timer to reset for every frame (a cost per console per batch).
+    let ticks = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
     let body = futures_util::stream::unfold(
-        (Box::pin(frames), idle),
-        |(mut frames, mut idle)| async move {
-            let next = tokio::select! {
-                biased;
-                frame = frames.next() => frame?,
-                () = &mut idle => Bytes::from_static(b":\n\n"),
-            };
-            idle.as_mut()
-                .reset(tokio::time::Instant::now() + KEEP_ALIVE);
-            Some((Ok::<_, Infallible>(next), (frames, idle)))
+        (Box::pin(frames), ticks, false),
+        |(mut frames, mut ticks, mut sent)| async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    frame = frames.next() => {
+                        return Some((Ok::<_, Infallible>(frame?), (frames, ticks, true)));
+                    }
+                    _ = ticks.tick() => {
+                        if !std::mem::take(&mut sent) {
+                            let comment = Bytes::from_static(b":\n\n");
+                            return Some((Ok(comment), (frames, ticks, false)));
+                        }
+                    }
+                }
+            }
         },
     );
     let mut response = Response::new(Body::from_stream(body));
