@@ -444,3 +444,23 @@ pub async fn figures(server: &Path, base: &Path, smoke: bool) -> Result<Vec<Figu
         .conditions(conditions),
     ])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_cpu_time_is_read_from_its_threads() {
+        let pid = std::process::id();
+        let mark = CpuMark::take(pid).unwrap();
+        // Some work on this thread, which was there at the mark.
+        let mut x = 1u64;
+        for i in 0..20_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(i));
+        }
+        let (seconds, exact) = mark.elapsed(pid).unwrap();
+        assert!(exact, "no thread of the mark ended");
+        assert!(seconds > 0.0, "{seconds}");
+        assert!(thread_cpu_ns(pid).unwrap().len() >= 1);
+    }
+}
