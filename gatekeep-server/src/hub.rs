@@ -19,7 +19,10 @@ use gatekeep_proto::{
     v1,
 };
 use tokio::sync::{
-    broadcast::{self, error::RecvError},
+    broadcast::{
+        self,
+        error::{RecvError, TryRecvError},
+    },
     mpsc,
 };
 use tonic::Status;
@@ -29,14 +32,18 @@ pub(crate) type AgentSender = mpsc::UnboundedSender<Result<v1::ServerMessage, St
 
 /// How many changes a watcher may fall behind before its watch ends.
 const WATCH_BUFFER: usize = 4096;
-/// How long a change waits for others to share its batch (and a console's event).
-pub(crate) const BATCH_WINDOW: Duration = Duration::from_millis(50);
-/// Most changes in one batch.
-const BATCH_MAX: usize = 256;
+/// The shortest time between two batches (see [`gather`]), so the longest a change waits
+/// for others to share its batch (and a console's event). A new request must show in the
+/// consoles within 1 s (issue 21); each batch costs every console a wake-up and a write, so
+/// the longer the window, the less 100 consoles cost per decision.
+pub(crate) const BATCH_WINDOW: Duration = Duration::from_millis(400);
+/// Most changes in one batch (a burst of them costs each console a wake-up per batch).
+pub(crate) const BATCH_MAX: usize = 1024;
 /// How many batches a watcher may fall behind (each up to `BATCH_MAX` changes).
-const BATCH_BUFFER: usize = 1024;
+const BATCH_BUFFER: usize = 256;
 
-/// Changes made within [`BATCH_WINDOW`] of each other, in the order they were made.
+/// Changes made within [`BATCH_WINDOW`] of each other: the latest state of each request
+/// that changed, in the order of those latest changes.
 #[derive(Debug)]
 pub(crate) enum Batch {
     Changes(Vec<Arc<RequestRecord>>),
@@ -182,12 +189,15 @@ impl Hub {
     }
 }
 
-/// The batching task: from the first change of a batch, gathers what arrives within
-/// [`BATCH_WINDOW`] (at most [`BATCH_MAX`]) and sends it as one batch. Ends with the hub.
+/// The batching task: at most one batch per [`BATCH_WINDOW`] (of at most [`BATCH_MAX`]
+/// changes). A change after a quiet window goes out at once with whatever is already queued
+/// (a new request shows without waiting); one within a window of the last batch waits for
+/// that window's end and takes along what arrives meanwhile. Ends with the hub.
 async fn gather(
     mut changes: broadcast::Receiver<Arc<RequestRecord>>,
     batches: broadcast::Sender<Arc<Batch>>,
 ) {
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
         let first = match changes.recv().await {
             Ok(record) => record,
@@ -198,28 +208,49 @@ async fn gather(
             Err(RecvError::Closed) => return,
         };
         let mut batch = vec![first];
-        let window = tokio::time::sleep(BATCH_WINDOW);
+        let due = last_sent.map_or_else(tokio::time::Instant::now, |at| at + BATCH_WINDOW);
+        let window = tokio::time::sleep_until(due);
         tokio::pin!(window);
         let mut lagged = None;
         while batch.len() < BATCH_MAX {
-            tokio::select! {
-                change = changes.recv() => match change {
-                    Ok(record) => batch.push(record),
-                    Err(RecvError::Lagged(missed)) => {
-                        lagged = Some(missed);
-                        break;
-                    }
-                    Err(RecvError::Closed) => break,
+            // What is queued already comes along even when the window is over.
+            let change = match changes.try_recv() {
+                Err(TryRecvError::Empty) => tokio::select! {
+                    change = changes.recv() => change,
+                    () = &mut window => break,
                 },
-                () = &mut window => break,
+                Ok(record) => Ok(record),
+                Err(TryRecvError::Lagged(missed)) => Err(RecvError::Lagged(missed)),
+                Err(TryRecvError::Closed) => Err(RecvError::Closed),
+            };
+            match change {
+                Ok(record) => batch.push(record),
+                Err(RecvError::Lagged(missed)) => {
+                    lagged = Some(missed);
+                    break;
+                }
+                Err(RecvError::Closed) => break,
             }
         }
         // No watcher is not an error.
-        drop(batches.send(Arc::new(Batch::Changes(batch))));
+        drop(batches.send(Arc::new(Batch::Changes(latest(batch)))));
+        last_sent = Some(tokio::time::Instant::now());
         if let Some(missed) = lagged {
             drop(batches.send(Arc::new(Batch::Lagged(missed))));
         }
     }
+}
+
+/// Only the latest change of each request, in the order of those changes: a watcher keeps
+/// a request's latest state, so the earlier ones of one batch would be sent for nothing.
+fn latest(mut batch: Vec<Arc<RequestRecord>>) -> Vec<Arc<RequestRecord>> {
+    if batch.len() > 1 {
+        let mut seen = std::collections::HashSet::with_capacity(batch.len());
+        batch.reverse();
+        batch.retain(|record| seen.insert(record.request.id));
+        batch.reverse();
+    }
+    batch
 }
 
 #[cfg(test)]
@@ -282,5 +313,31 @@ mod tests {
         };
         assert_eq!(batch.len(), 1);
         assert_eq!(batch[0].request.id, later.request.id);
+    }
+
+    #[tokio::test]
+    async fn a_batch_carries_each_requests_latest_state_once() {
+        let hub = Hub::new();
+        let mut batches = hub.subscribe_batches();
+        let first = record(RequestState::Pending);
+        let second = record(RequestState::Pending);
+        let mut first_approved = first.clone();
+        first_approved.state = RequestState::Approved;
+        // Within one window: first pending, second pending, first approved.
+        for record in [&first, &second, &first_approved] {
+            hub.publish(record);
+        }
+        let Batch::Changes(batch) = &*batches.recv().await.expect("a batch") else {
+            panic!("changes expected");
+        };
+        let seen: Vec<_> = batch.iter().map(|r| (r.request.id, r.state)).collect();
+        assert_eq!(
+            seen,
+            [
+                (second.request.id, RequestState::Pending),
+                (first.request.id, RequestState::Approved),
+            ],
+            "the first request once, in its latest state, after the second"
+        );
     }
 }

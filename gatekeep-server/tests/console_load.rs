@@ -310,8 +310,15 @@ async fn console_sessions_cost_per_decision_is_measured() {
         assert!(stream.status().is_success());
         let seen = Arc::clone(&seen);
         watchers.push(tokio::spawn(async move {
+            // Whole lines only: a chunk may end inside one (and inside the text counted).
+            let mut pending = Vec::new();
             while let Ok(Some(chunk)) = stream.chunk().await {
-                let events = String::from_utf8_lossy(&chunk)
+                pending.extend_from_slice(&chunk);
+                let Some(end) = pending.iter().rposition(|&b| b == b'\n') else {
+                    continue;
+                };
+                let lines: Vec<u8> = pending.drain(..=end).collect();
+                let events = String::from_utf8_lossy(&lines)
                     .matches("\"state\":\"approved\"")
                     .count();
                 seen.fetch_add(events, Ordering::Relaxed);

@@ -654,34 +654,38 @@ async fn expired_sessions_are_refused_by_the_server(backend: Backend) {
     harness.stop().await;
 }
 
-async fn events_stream_new_requests_live(backend: Backend) {
-    let mut harness = Harness::start_on(backend, |_, _| {}).await;
-    let (link, _events) = harness.agent("web-1").await;
-    let http = harness.client(None);
-    let early = exec_request(&["curl", "early"]);
-    let early_id = early.id;
-    let _early = submit(&link, early);
-    wait_pending(&http, &harness, &harness.token("bob"), early_id).await;
+/// Reads server-sent events from `stream`: `(name, data)` (data as JSON when it is),
+/// skipping keep-alive comments.
+struct Events {
+    stream: reqwest::Response,
+    buffer: String,
+}
 
-    let mut stream = http
-        .get(harness.url("/api/v1/events?kind=exec"))
-        .bearer_auth(harness.token("bob"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), StatusCode::OK);
-    assert!(
-        stream.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream")
-    );
-    // Reads events until `pick` accepts one.
-    let mut buffer = String::new();
-    let mut next_event = async || -> (String, Value) {
+impl Events {
+    async fn open(http: &reqwest::Client, harness: &Harness, path: &str) -> Self {
+        let stream = http
+            .get(harness.url(path))
+            .bearer_auth(harness.token("bob"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stream.status(), StatusCode::OK);
+        assert!(
+            stream.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        Self {
+            stream,
+            buffer: String::new(),
+        }
+    }
+
+    async fn next(&mut self) -> (String, Value) {
         loop {
-            if let Some(end) = buffer.find("\n\n") {
-                let block: String = buffer.drain(..end + 2).collect();
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
                 let mut name = String::new();
                 let mut data = String::new();
                 for line in block.lines() {
@@ -697,34 +701,129 @@ async fn events_stream_new_requests_live(backend: Backend) {
                 let value = serde_json::from_str(&data).unwrap_or(Value::String(data));
                 return (name, value);
             }
-            let chunk = tokio::time::timeout(PATIENCE, stream.chunk())
+            let chunk = tokio::time::timeout(PATIENCE, self.stream.chunk())
                 .await
                 .expect("an event in time")
                 .expect("stream")
                 .expect("stream open");
-            buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+            self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
         }
-    };
-    let (name, first) = next_event().await;
-    assert_eq!(name, "requests");
-    assert_eq!(first.as_array().expect("an array").len(), 1, "{first}");
-    assert_eq!(first[0]["initial"], true);
-    assert_eq!(first[0]["request"]["request"]["id"], early_id.to_string());
-    let (name, _) = next_event().await;
-    assert_eq!(name, "ready", "the snapshot ends with `ready`");
+    }
 
-    // A connect (filtered out) and an exec arrive while watching: only the exec is sent.
-    let _connect = submit(&link, connect_request());
+    /// The snapshot's requests, up to `ready`.
+    async fn snapshot(&mut self) -> Vec<Value> {
+        let mut requests = Vec::new();
+        loop {
+            match self.next().await {
+                (name, _) if name == "ready" => return requests,
+                (name, Value::Array(items)) if name == "requests" => requests.extend(items),
+                other => panic!("unexpected in the snapshot: {other:?}"),
+            }
+        }
+    }
+
+    /// Events until every id of `wanted` has been seen in `requests` (as `(id, state)`) or
+    /// `left` (`(id, state)`); returns what was seen, in order.
+    async fn until_seen(&mut self, wanted: &[String]) -> Vec<(String, String, String)> {
+        let mut seen: Vec<(String, String, String)> = Vec::new();
+        while !wanted
+            .iter()
+            .all(|id| seen.iter().any(|(_, seen_id, _)| seen_id == id))
+        {
+            let (name, data) = self.next().await;
+            for item in data.as_array().unwrap_or_else(|| panic!("{name}: {data}")) {
+                let (id, state) = match name.as_str() {
+                    "requests" => {
+                        assert_eq!(item["initial"], false, "{item}");
+                        (&item["request"]["request"]["id"], &item["request"]["state"])
+                    }
+                    "left" => (&item["id"], &item["state"]),
+                    other => panic!("unexpected event {other}: {data}"),
+                };
+                seen.push((
+                    name.clone(),
+                    id.as_str().unwrap().to_owned(),
+                    state.as_str().unwrap().to_owned(),
+                ));
+            }
+        }
+        seen
+    }
+}
+
+async fn events_stream_new_requests_live(backend: Backend) {
+    let mut harness = Harness::start_on(backend, |_, _| {}).await;
+    let (link, _events) = harness.agent("web-1").await;
+    let http = harness.client(None);
+    let early = exec_request(&["curl", "early"]);
+    let early_id = early.id;
+    let _early = submit(&link, early);
+    wait_pending(&http, &harness, &harness.token("bob"), early_id).await;
+
+    // Two consoles at once: one filtered (exec only), one not, so a batch is one frame
+    // shared by the unfiltered one and cut for the filtered one.
+    let mut exec_only = Events::open(&http, &harness, "/api/v1/events?kind=exec").await;
+    let mut everything = Events::open(&http, &harness, "/api/v1/events").await;
+    for events in [&mut exec_only, &mut everything] {
+        let snapshot = events.snapshot().await;
+        assert_eq!(snapshot.len(), 1, "{snapshot:?}");
+        assert_eq!(snapshot[0]["initial"], true);
+        assert_eq!(
+            snapshot[0]["request"]["request"]["id"],
+            early_id.to_string()
+        );
+    }
+
+    // A connect and an exec arrive while watching.
+    let connect = connect_request();
+    let connect_id = connect.id.to_string();
+    let _connect = submit(&link, connect);
     let live = exec_request(&["curl", "live"]);
-    let live_id = live.id;
+    let live_id = live.id.to_string();
     let _live = submit(&link, live);
-    let (name, event) = next_event().await;
-    assert_eq!(name, "requests");
-    let event = &event.as_array().expect("an array")[0];
-    assert_eq!(event["initial"], false);
-    assert_eq!(event["request"]["request"]["id"], live_id.to_string());
-    assert_eq!(event["request"]["state"], "pending");
-    drop(stream);
+    let seen = everything
+        .until_seen(&[connect_id.clone(), live_id.clone()])
+        .await;
+    for id in [&connect_id, &live_id] {
+        assert!(
+            seen.contains(&("requests".into(), id.clone(), "pending".into())),
+            "the unfiltered console sees {id} in full: {seen:?}"
+        );
+    }
+    let seen = exec_only.until_seen(std::slice::from_ref(&live_id)).await;
+    assert_eq!(
+        seen,
+        [("requests".into(), live_id.clone(), "pending".into())],
+        "the filtered console sees the exec only"
+    );
+
+    // Deciding both: each console learns that they left the queue, as id and state only;
+    // the connect reaches the filtered console at no point.
+    for (id, verdict) in [(&connect_id, "deny"), (&live_id, "allow")] {
+        let response = http
+            .post(harness.url(&format!("/api/v1/requests/{id}/decision")))
+            .bearer_auth(harness.token("bob"))
+            .json(&json!({ "verdict": verdict, "reason": "test" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let seen = everything
+        .until_seen(&[connect_id.clone(), live_id.clone()])
+        .await;
+    for (id, state) in [(&connect_id, "denied"), (&live_id, "approved")] {
+        assert!(
+            seen.contains(&("left".into(), id.clone(), state.into())),
+            "{id} left as {state}: {seen:?}"
+        );
+    }
+    let seen = exec_only.until_seen(std::slice::from_ref(&live_id)).await;
+    assert_eq!(
+        seen,
+        [("left".into(), live_id.clone(), "approved".into())],
+        "the filtered console sees the exec leave, and nothing of the connect"
+    );
     harness.stop().await;
 }
 

@@ -1,6 +1,7 @@
 //! The native benchmarks (no kernel needed): `gatekeep-bench native`.
 
 pub mod agent;
+pub mod console;
 pub mod decisions;
 pub mod fleet;
 pub mod host;
@@ -31,7 +32,7 @@ pub struct NativeOptions {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Only these groups: `host`, `rtt`, `throughput`, `instructions`, `audit`, `memory`,
-    /// `matcher`, `fleet` (default: all). `fleet` needs `PostgreSQL` (`cargo xtask setup`).
+    /// `matcher`, `fleet`, `console` (default: all). `fleet` needs `PostgreSQL` (`cargo xtask setup`).
     #[arg(long = "only", value_name = "GROUP")]
     pub only: Vec<String>,
     /// Durability of the service's state database: `full` (default) or `normal`.
@@ -199,6 +200,7 @@ const GROUPS: &[&str] = &[
     "memory",
     "matcher",
     "fleet",
+    "console",
 ];
 
 /// Runs the native benchmarks and prints their figures.
@@ -270,6 +272,11 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
         }
         if wants("memory") {
             for figure in decisions::memory(&server, &base, sizes).await? {
+                figure.emit();
+            }
+        }
+        if wants("console") {
+            for figure in console::figures(&server, &base, opts.smoke).await? {
                 figure.emit();
             }
         }

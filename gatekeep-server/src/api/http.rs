@@ -22,16 +22,13 @@
 //! The OpenAPI 3 description is `openapi.json` beside this file, served at
 //! `/api/v1/openapi.json`; [`ROUTES`] lists every route and a test checks both agree.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
     extract::{FromRequest, FromRequestParts, Path, Query, Request, State},
     http::{HeaderMap, HeaderValue, Method, StatusCode, header, request::Parts},
-    response::{
-        IntoResponse, Redirect, Response,
-        sse::{Event, KeepAlive, Sse},
-    },
+    response::{IntoResponse, Redirect, Response},
     routing::{get, post},
 };
 use gatekeep_proto::{
@@ -43,7 +40,10 @@ use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use uuid::Uuid;
 
-use super::ops::{self, Filter, WatchItem};
+use super::{
+    ops::{self, Filter},
+    sse,
+};
 use crate::{
     auth::{
         self, Authenticator, Reviewer,
@@ -91,38 +91,8 @@ struct HttpState {
     sessions: Arc<Sessions>,
     oidc: Option<Arc<Oidc>>,
     config: Arc<ConsoleConfig>,
-    /// Recent changes as `request` event data, shared by every console watching.
-    encoded: Arc<EncodedChanges>,
-}
-
-/// The last few changes, encoded once for every watcher: with 100 consoles open, a decision
-/// is serialised once, not 100 times. Keyed by the hub's shared record (`Arc` identity);
-/// the entry keeps its record alive, so the address is not reused while cached.
-#[derive(Default)]
-struct EncodedChanges(std::sync::Mutex<std::collections::VecDeque<(Arc<RequestRecord>, Arc<str>)>>);
-
-impl EncodedChanges {
-    const KEPT: usize = 64;
-
-    fn get(&self, record: &Arc<RequestRecord>) -> Result<Arc<str>, serde_json::Error> {
-        let mut cache = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, data)) = cache.iter().find(|(cached, _)| Arc::ptr_eq(cached, record)) {
-            return Ok(Arc::clone(data));
-        }
-        let data: Arc<str> = serde_json::to_string(&WatchEventRef {
-            initial: false,
-            request: record,
-        })?
-        .into();
-        if cache.len() >= Self::KEPT {
-            cache.pop_front();
-        }
-        cache.push_back((Arc::clone(record), Arc::clone(&data)));
-        Ok(data)
-    }
+    /// Recent changes as live queue events, shared by every console watching.
+    encoded: Arc<sse::Encoder>,
 }
 
 /// The HTTP API and console routes (without the gRPC services), with the security headers
@@ -896,96 +866,24 @@ async fn cancel(
     ))
 }
 
-#[derive(Serialize)]
-struct WatchEventRef<'a> {
-    initial: bool,
-    request: &'a RequestRecord,
-}
-
-/// `GET /api/v1/events`: server-sent events. `requests` events carry a JSON array of
-/// `{initial, request}`: first every pending request (`initial: true`), then `ready`, then
-/// every change (changes close together share an event); `end` says why the stream ended
-/// (the session expired, the watcher lagged, the service stops).
+/// `GET /api/v1/events`: the live queue as server-sent events. `requests` events carry a
+/// JSON array of `{initial, request}`: first every pending request (`initial: true`), then
+/// `ready`, then every request that entered the queue or changed in it; `left` events a JSON
+/// array of `{id, state}`, the requests that left it (decided, expired, withdrawn). Changes
+/// close together share their events, each request once in its latest state. `end` says why
+/// the stream ended (the session expired, the watcher lagged, the service stops).
 async fn events(
     State(state): State<HttpState>,
     caller: Caller,
     Params(params): Params<FilterParams>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
     let filter = params.filter()?;
     // A console's watch ends with its session.
     let expiry = caller
         .session
         .map(|(_, session)| tokio::time::Instant::from_std(session.expires));
     let groups = ops::watch_batched(&state.engine, filter, expiry).await?;
-    let encoded = Arc::clone(&state.encoded);
-    // No task per watch: the connection reads the hub's batches (changes within 50 ms)
-    // itself, and makes each one event as the response is written, so with many consoles
-    // open a change costs each connection a share of one wake-up and one write.
-    let stream = futures_util::StreamExt::flat_map(groups, move |batch| {
-        futures_util::stream::iter(
-            batch_events(&encoded, batch)
-                .into_iter()
-                .map(Ok::<_, Infallible>),
-        )
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
-}
-
-/// The events of one batch: its requests as one `requests` event (a JSON array of
-/// `{initial, request}`), then `ready` or `end` if the batch holds one.
-fn batch_events(encoded: &EncodedChanges, batch: Vec<WatchItem>) -> Vec<Event> {
-    let mut events = Vec::new();
-    let mut requests = String::from("[");
-    let flush = |requests: &mut String, events: &mut Vec<Event>| {
-        if requests.len() > 1 {
-            requests.push(']');
-            events.push(Event::default().event("requests").data(&*requests));
-            requests.clear();
-            requests.push('[');
-        }
-    };
-    for item in batch {
-        let end = match item {
-            WatchItem::Request { initial, record } => {
-                let data = if initial {
-                    serde_json::to_string(&WatchEventRef {
-                        initial,
-                        request: &record,
-                    })
-                    .map(Arc::<str>::from)
-                } else {
-                    encoded.get(&record)
-                };
-                match data {
-                    Ok(data) => {
-                        if requests.len() > 1 {
-                            requests.push(',');
-                        }
-                        requests.push_str(&data);
-                        continue;
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "cannot encode a watch event");
-                        end_event("internal error in the decision service; see its log")
-                    }
-                }
-            }
-            WatchItem::Ready => Event::default().event("ready").data("{}"),
-            WatchItem::Lagged { missed } => end_event(&format!(
-                "the watch fell {missed} changes behind; watch again"
-            )),
-            WatchItem::ShuttingDown => end_event("the decision service is shutting down"),
-            WatchItem::Expired => end_event("the session expired; sign in again"),
-        };
-        flush(&mut requests, &mut events);
-        events.push(end);
-    }
-    flush(&mut requests, &mut events);
-    events
-}
-
-fn end_event(message: &str) -> Event {
-    Event::default().event("end").data(message)
+    Ok(sse::response(Arc::clone(&state.encoded), groups))
 }
 
 #[derive(Deserialize)]

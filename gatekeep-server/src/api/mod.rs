@@ -8,6 +8,7 @@ pub mod http;
 pub mod http_probe;
 pub mod ops;
 mod review;
+mod sse;
 
 pub use agent::AgentApi;
 pub use review::ReviewApi;

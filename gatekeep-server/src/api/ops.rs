@@ -175,17 +175,29 @@ pub async fn watch(
     Ok(receiver)
 }
 
+/// One group of a [`watch_batched`].
+#[derive(Debug)]
+pub(crate) enum WatchGroup {
+    /// Items of this watcher's own: the snapshot, the part of a batch its filter passes,
+    /// or why the watch ended.
+    Items(Vec<WatchItem>),
+    /// A whole batch of the hub's changes, every one of which passes this watcher's
+    /// filter: the same value reaches every watcher it passes, so they can share its
+    /// encoding.
+    Batch(Arc<crate::hub::Batch>),
+}
+
 /// A watch for many watchers (the consoles' live queues): like [`watch`], but a stream of
-/// item groups read by the watcher's own connection, with no task of its own. The first
-/// groups are the pending requests (`initial`, at most `MAX_LIST`) ending with `Ready`;
-/// then one group per batch of the hub's (changes within
+/// groups read by the watcher's own connection, with no task of its own. The first group is
+/// the pending requests (`initial`, at most `MAX_LIST`) ending with `Ready`; then one group
+/// per batch of the hub's (the latest state of each request changed within
 /// [`crate::hub::BATCH_WINDOW`]) that holds a change passing `filter`, so a change costs
 /// each watcher a share of one wake-up. The last group of an ended watch says why.
-pub async fn watch_batched(
+pub(crate) async fn watch_batched(
     engine: &Arc<Engine>,
     filter: Filter,
     until: Option<tokio::time::Instant>,
-) -> Result<impl futures_util::Stream<Item = Vec<WatchItem>> + Send + use<>, Error> {
+) -> Result<impl futures_util::Stream<Item = WatchGroup> + Send + use<>, Error> {
     // Subscribe before listing, so nothing falls between the two.
     let batches = engine.hub.subscribe_batches();
     let initial = engine.store.list_requests(filter.query(MAX_LIST)).await?;
@@ -218,7 +230,7 @@ pub async fn watch_batched(
         Some((group, watch))
     });
     Ok(futures_util::StreamExt::chain(
-        futures_util::stream::iter([first]),
+        futures_util::stream::iter([WatchGroup::Items(first)]),
         changes,
     ))
 }
@@ -234,12 +246,15 @@ struct BatchedWatch {
 
 impl BatchedWatch {
     /// The next non-empty group; `None` when the hub is gone.
-    async fn next_group(&mut self) -> Option<Vec<WatchItem>> {
+    async fn next_group(&mut self) -> Option<WatchGroup> {
         loop {
             let ending = tokio::select! {
                 batch = self.batches.recv() => match batch {
                     Ok(batch) => match &*batch {
                         crate::hub::Batch::Changes(changes) => {
+                            if changes.iter().all(|record| self.filter.matches(record)) {
+                                return Some(WatchGroup::Batch(batch));
+                            }
                             let group: Vec<WatchItem> = changes
                                 .iter()
                                 .filter(|record| self.filter.matches(record))
@@ -251,7 +266,7 @@ impl BatchedWatch {
                             if group.is_empty() {
                                 continue;
                             }
-                            return Some(group);
+                            return Some(WatchGroup::Items(group));
                         }
                         crate::hub::Batch::Lagged(missed) => WatchItem::Lagged { missed: *missed },
                     },
@@ -262,7 +277,7 @@ impl BatchedWatch {
                 () = &mut self.deadline => WatchItem::Expired,
             };
             self.ended = true;
-            return Some(vec![ending]);
+            return Some(WatchGroup::Items(vec![ending]));
         }
     }
 }

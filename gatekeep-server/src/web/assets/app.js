@@ -238,16 +238,25 @@ function startEvents() {
   state.snapshot = true;
   source.addEventListener('open', () => { state.pending.clear(); state.snapshot = true; });
   source.addEventListener('ready', () => { state.snapshot = false; scheduleRender(); });
+  // `requests`: requests in the queue, in full; `left`: ids of requests that left it.
+  const changed = (ids) => {
+    if (state.snapshot) return;
+    scheduleRender();
+    if (state.route.startsWith('#/request/') && ids.some((id) => state.route.endsWith(id))) route();
+  };
   source.addEventListener('requests', (event) => {
-    let openChanged = false;
+    const ids = [];
     for (const { request } of JSON.parse(event.data)) {
       if (request.state === 'pending') state.pending.set(request.request.id, request);
       else state.pending.delete(request.request.id);
-      if (state.route.startsWith('#/request/') && state.route.endsWith(request.request.id)) openChanged = true;
+      ids.push(request.request.id);
     }
-    if (state.snapshot) return;
-    scheduleRender();
-    if (openChanged) route();
+    changed(ids);
+  });
+  source.addEventListener('left', (event) => {
+    const ids = JSON.parse(event.data).map(({ id }) => id);
+    for (const id of ids) state.pending.delete(id);
+    changed(ids);
   });
   source.addEventListener('end', (event) => notice(event.data, true));
   source.addEventListener('error', async () => {
