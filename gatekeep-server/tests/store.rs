@@ -6,7 +6,7 @@ mod support;
 
 use std::{sync::Arc, time::Duration};
 
-use gatekeep_audit::{AuditRecord, AuditWriter, RecordKind, WriterConfig};
+use gatekeep_audit::{AuditRecord, AuditWriter, EncodedRecord, RecordKind, WriterConfig};
 use gatekeep_proto::{
     GrantDuration,
     model::{Decision, GrantScope, RequestRecord, RequestState, Revocation, Verdict},
@@ -634,4 +634,74 @@ async fn replicas_append_one_audit_chain() {
             .unwrap_or_default();
         assert_eq!(message, "audit records are append-only", "{statement}");
     }
+}
+
+/// Two replicas' writers race to record the same requests as new (an agent re-sent them to
+/// the second while the first may have committed them): each request's once-per-request
+/// `requested` record is appended once, whichever commits first, also when one batch holds
+/// it twice; records of other kinds are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_recorded_by_two_replicas_at_once_is_in_the_chain_once() {
+    const REQUESTS: usize = 200;
+    let url = pg::cluster().database().await;
+    let config = store_config(&url);
+    let a = PostgresStore::connect(&config).await.expect("replica a");
+    let b = PostgresStore::connect(&config).await.expect("replica b");
+    let writers: Vec<Arc<AuditWriter>> = [&a, &b]
+        .into_iter()
+        .map(|store| {
+            let config = WriterConfig {
+                max_batch: 16,
+                ..WriterConfig::default()
+            };
+            Arc::new(AuditWriter::spawn(PostgresChain::new(store), config).expect("writer"))
+        })
+        .collect();
+    let record = |kind: RecordKind, n: usize| {
+        EncodedRecord::new(kind, "svc", &serde_json::json!({ "n": n }))
+            .expect("encode")
+            .with_request_id(format!("r-{n}"))
+            .once_per_request()
+    };
+    let tasks = writers.iter().map(|writer| {
+        let writer = Arc::clone(writer);
+        tokio::spawn(async move {
+            for n in 0..REQUESTS {
+                // Twice in a row: often twice in one batch.
+                for _ in 0..2 {
+                    writer
+                        .submit_encoded_async(record(RecordKind::Requested, n))
+                        .await
+                        .expect("submit");
+                }
+            }
+            writer.flush_async().await.expect("flush")
+        })
+    });
+    for task in tasks.collect::<Vec<_>>() {
+        task.await.expect("task");
+    }
+    writers[0]
+        .submit_encoded_async(record(RecordKind::Decided, 0))
+        .await
+        .expect("submit");
+    writers[0].flush_async().await.expect("flush");
+    for writer in &writers {
+        tokio::task::block_in_place(|| writer.shutdown()).expect("shutdown");
+    }
+    let report = gatekeep_server::store::postgres::audit::verify(&a)
+        .await
+        .expect("one valid chain");
+    assert_eq!(report.records, REQUESTS as u64 + 1);
+    let client = raw(&url).await;
+    let repeated: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT request_id FROM audit_records \
+             WHERE kind = 'requested' GROUP BY request_id HAVING count(*) <> 1) AS r",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(repeated, 0, "every request recorded as new exactly once");
 }
