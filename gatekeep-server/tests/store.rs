@@ -705,3 +705,83 @@ async fn a_request_recorded_by_two_replicas_at_once_is_in_the_chain_once() {
         .get(0);
     assert_eq!(repeated, 0, "every request recorded as new exactly once");
 }
+
+/// Every connection of the main pool is busy (agents' requests stuck behind another
+/// transaction, as a burst of them queues): a reviewer's decision on another request still
+/// reads and moves it, through the connections kept apart for decisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_does_not_queue_behind_a_full_pool() {
+    let url = pg::cluster().database().await;
+    let config = store::StoreConfig {
+        decision_pool_size: 1,
+        ..store_config(&url)
+    };
+    let store = Arc::new(PostgresStore::connect(&config).await.expect("store"));
+    let pending = record(&["curl", "decided-anyway"]);
+    let id = pending.request.id;
+    assert_eq!(
+        store.insert_request(pending.clone()).await.expect("insert"),
+        Inserted::New
+    );
+    // Another transaction inserts the same ids first and stays open: the store's inserts
+    // wait for it, each holding a connection of the main pool, and more wait for one.
+    let stuck: Vec<RequestRecord> = (0..config.pool_size + 2)
+        .map(|n| record(&["curl", &format!("stuck-{n}")]))
+        .collect();
+    let mut holder = raw(&url).await;
+    let first = holder.transaction().await.expect("begin");
+    for record in &stuck {
+        first
+            .execute(
+                "INSERT INTO requests (id, host, policy, kind, state, subject, received_at, \
+                 deadline, version, record) VALUES ($1, 'h', 'p', 'exec', 'pending', 's', 0, 0, \
+                 1, '{}')",
+                &[&record.request.id.to_string()],
+            )
+            .await
+            .expect("insert first");
+    }
+    let inserts: Vec<_> = stuck
+        .into_iter()
+        .map(|record| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.insert_request(record).await })
+        })
+        .collect();
+    let watcher = raw(&url).await;
+    let started = std::time::Instant::now();
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND datname = current_database()",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if usize::try_from(waiting).expect("count") >= config.pool_size {
+            break;
+        }
+        assert!(
+            started.elapsed() < support::PATIENCE,
+            "the inserts never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let read = store.get_request(id).await.expect("read").expect("stored");
+    assert_eq!(read.value.state, RequestState::Pending);
+    let moved = store
+        .transition(Transition {
+            record: decided(pending, Verdict::Allow),
+            expected_version: read.version,
+            new_grant: None,
+        })
+        .await
+        .expect("a decision does not wait for the agents' pool");
+    assert!(moved);
+    first.rollback().await.expect("release");
+    for insert in inserts {
+        assert_eq!(insert.await.expect("task").expect("insert"), Inserted::New);
+    }
+}
