@@ -290,11 +290,14 @@ impl Engine {
         }
         let inserted = {
             let _storing = Storing::enter(&self.storing);
-            // Durable before the request is stored, that is before any replica shows it or
-            // finds it when the agent re-sends it: a replica that dies in between leaves the
-            // record without the request, and whoever stores it on the re-send does not
-            // record it again (`once_per_request`).
-            self.record_requested(&record).await?;
+            // A pending request's record is durable before the request is stored, that is
+            // before any replica shows it to a reviewer or finds it when the agent re-sends
+            // it: a replica that dies in between leaves the record without the request, and
+            // whoever stores it on the re-send does not record it again
+            // (`once_per_request`). An automatic decision keeps its early answer (see
+            // above): its record is queued ahead of the request's storing and decision, not
+            // waited for; a re-send after a crash writes it once if it was lost.
+            self.record_requested(&record, decision.is_none()).await?;
             self.store.insert_request(record.clone()).await?
         };
         match inserted {
@@ -366,17 +369,17 @@ impl Engine {
             );
             return Err(Error::IdReused { id: request.id });
         }
-        self.record_requested(&existing).await?;
+        self.record_requested(&existing, true).await?;
         Ok(existing
             .decision
             .map_or(Submitted::Pending, Submitted::Decided))
     }
 
-    /// Writes `record`'s `requested` record, unless the chain holds it already, and waits
-    /// until it is durable. A request whose record cannot be written is refused (the agent
-    /// keeps it and asks again, or applies its timeout action): nothing is shown to a
-    /// reviewer that the audit does not hold.
-    async fn record_requested(&self, record: &RequestRecord) -> Result<(), Error> {
+    /// Writes `record`'s `requested` record, unless the chain holds it already, and with
+    /// `durable` waits until it is durable. A request whose record cannot be written is
+    /// refused (the agent keeps it and asks again, or applies its timeout action): nothing
+    /// is shown to a reviewer that the audit does not hold.
+    async fn record_requested(&self, record: &RequestRecord, durable: bool) -> Result<(), Error> {
         let host = &record.host;
         let payload = payload::Requested {
             schema: Schema::default(),
@@ -394,10 +397,12 @@ impl Engine {
             .submit_encoded_async(encoded)
             .await
             .map_err(|source| Error::Audit { source })?;
-        self.audit
-            .flush_async()
-            .await
-            .map_err(|source| Error::Audit { source })?;
+        if durable {
+            self.audit
+                .flush_async()
+                .await
+                .map_err(|source| Error::Audit { source })?;
+        }
         Ok(())
     }
 
