@@ -221,6 +221,7 @@ impl AuditRecord {
             actor: self.actor,
             payload: canonical_json(&self.payload)?,
             at: self.at,
+            once: false,
         })
     }
 }
@@ -236,6 +237,7 @@ pub struct EncodedRecord {
     actor: Option<String>,
     payload: String,
     at: OffsetDateTime,
+    once: bool,
 }
 
 impl EncodedRecord {
@@ -253,7 +255,20 @@ impl EncodedRecord {
             actor: None,
             payload: crate::to_canonical_json(payload)?,
             at: OffsetDateTime::now_utc(),
+            once: false,
         })
+    }
+
+    /// Marks it as a record its request has at most once: a [`ChainStore`](crate::ChainStore)
+    /// appends it only if neither the chain nor an earlier record of the same batch holds
+    /// one of the same kind for the same request id ([`once_filter`]). For a record whose
+    /// writing may be repeated, e.g. a service's intake of a request that an agent re-sends
+    /// to another replica after the first died, with or without having committed it.
+    /// Without a request id it is an ordinary record.
+    #[must_use]
+    pub fn once_per_request(mut self) -> Self {
+        self.once = true;
+        self
     }
 
     /// Sets the request this record belongs to.
@@ -291,6 +306,7 @@ impl EncodedRecord {
             host: self.host,
             actor: self.actor,
             payload: self.payload,
+            once: self.once,
         })
     }
 }
@@ -306,6 +322,9 @@ pub struct Prepared {
     pub(crate) host: String,
     pub(crate) actor: Option<String>,
     pub(crate) payload: String,
+    /// Appended only if its request has no record of its kind yet (see
+    /// [`EncodedRecord::once_per_request`]).
+    pub(crate) once: bool,
 }
 
 impl Prepared {
@@ -342,6 +361,12 @@ impl Prepared {
         &self.payload
     }
 
+    /// Whether it is appended only once per request ([`EncodedRecord::once_per_request`]).
+    #[must_use]
+    pub fn once(&self) -> bool {
+        self.once && self.request_id.is_some()
+    }
+
     /// The chain fields of this record at `seq` after `prev_hash` (hash them with
     /// [`ChainFields::hash`](crate::ChainFields::hash)).
     #[must_use]
@@ -357,6 +382,29 @@ impl Prepared {
             prev_hash,
         }
     }
+}
+
+/// Which records of a batch a [`ChainStore`](crate::ChainStore) appends, by index in
+/// `batch`: every record but a once-per-request one ([`EncodedRecord::once_per_request`])
+/// whose request already has a record of its kind, in the chain (`stored(request_id, kind)`
+/// says; call it inside the append's transaction, so that no other appender slips one in)
+/// or earlier in the batch.
+pub fn once_filter<E>(
+    batch: &[Prepared],
+    mut stored: impl FnMut(&str, &str) -> Result<bool, E>,
+) -> Result<Vec<usize>, E> {
+    let mut seen = std::collections::HashSet::new();
+    let mut keep = Vec::with_capacity(batch.len());
+    for (index, record) in batch.iter().enumerate() {
+        if record.once
+            && let Some(id) = record.request_id.as_deref()
+            && (!seen.insert((id, record.kind)) || stored(id, record.kind)?)
+        {
+            continue;
+        }
+        keep.push(index);
+    }
+    Ok(keep)
 }
 
 /// A record as the log holds it: the submitted fields plus its place in the chain.

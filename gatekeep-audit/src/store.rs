@@ -69,6 +69,11 @@ const INSERT: &str = "INSERT INTO audit_records \
     (seq, at, kind, request_id, host, actor, payload, prev_hash, hash) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 
+/// Whether the chain holds a record of a kind for a request
+/// ([`EncodedRecord::once_per_request`](crate::EncodedRecord::once_per_request)); served by
+/// the `request_id` index.
+const ONCE_EXISTS: &str = "SELECT 1 FROM audit_records WHERE request_id = ?1 AND kind = ?2";
+
 /// The last record of a chain: the value to anchor elsewhere (the decision service, a ticket)
 /// so that truncating the log's tail, which no chain can show by itself, shows too.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -243,11 +248,23 @@ impl AuditStore {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let head = read_head(&tx)?;
+        // Inside the write transaction: another process appending to the file waits.
+        let keep = {
+            let mut exists = tx.prepare_cached(ONCE_EXISTS)?;
+            crate::record::once_filter(rows, |id, kind| exists.exists(params![id, kind]))?
+        };
+        if keep.is_empty() {
+            // Every record was there already: nothing to write.
+            self.head = head;
+            return Ok(());
+        }
         let (mut seq, mut prev) =
-            read_head(&tx)?.map_or((0, GENESIS_HASH.to_owned()), |head| (head.seq, head.hash));
+            head.map_or((0, GENESIS_HASH.to_owned()), |head| (head.seq, head.hash));
         {
             let mut insert = tx.prepare_cached(INSERT)?;
-            for (index, row) in rows.iter().enumerate() {
+            for index in keep {
+                let row = &rows[index];
                 seq += 1;
                 let hash = ChainFields {
                     seq,
@@ -480,6 +497,56 @@ pub(crate) mod tests {
         assert_eq!(report.head, store.head().cloned());
         assert_eq!(report.guards_intact, Some(true));
         assert_eq!(store.verify().unwrap(), report);
+    }
+
+    #[test]
+    fn a_once_per_request_record_is_appended_once_per_request_and_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let record = |kind: RecordKind, id: &str, once: bool| {
+            let record = crate::EncodedRecord::new(kind, "svc", &json!({"n": 1}))
+                .unwrap()
+                .with_request_id(id);
+            if once {
+                record.once_per_request()
+            } else {
+                record
+            }
+            .into_prepared()
+            .unwrap()
+        };
+        let mut store = AuditStore::open(&path).unwrap();
+        // Twice in one batch: the first stays.
+        let head = store
+            .append_prepared(&[
+                record(RecordKind::Requested, "a", true),
+                record(RecordKind::Requested, "a", true),
+                record(RecordKind::Requested, "b", true),
+            ])
+            .unwrap()
+            .cloned();
+        assert_eq!(head.map(|h| h.seq), Some(2));
+        // Again in a later batch, and from another store on the same file (another
+        // process): nothing. Another kind, or an ordinary record, is appended.
+        let mut other = AuditStore::open(&path).unwrap();
+        assert_eq!(
+            other
+                .append_prepared(&[record(RecordKind::Requested, "a", true)])
+                .unwrap()
+                .map(|h| h.seq),
+            Some(2)
+        );
+        let head = store
+            .append_prepared(&[
+                record(RecordKind::Requested, "b", true),
+                record(RecordKind::Decided, "a", true),
+                record(RecordKind::Requested, "a", false),
+            ])
+            .unwrap()
+            .cloned();
+        assert_eq!(head.map(|h| h.seq), Some(4));
+        let report = verify(&path).unwrap();
+        assert_eq!(report.records, 4);
     }
 
     #[test]

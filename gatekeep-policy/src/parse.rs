@@ -632,6 +632,21 @@ impl<'a> Walker<'a> {
         None
     }
 
+    /// The host rules that clash with no earlier one (the others are
+    /// errors), and where each is written.
+    fn kept_hosts(&mut self, hosts: Vec<(Span, HostRule)>) -> (Vec<HostRule>, Vec<Pos>) {
+        let mut kept: Vec<(Span, HostRule)> = Vec::new();
+        for (span, rule) in hosts {
+            if let Some(message) = self.host_clash(&kept, &rule) {
+                self.error(&span, message);
+                continue;
+            }
+            kept.push((span, rule));
+        }
+        let at = kept.iter().map(|(span, _)| self.pos(span)).collect();
+        (kept.into_iter().map(|(_, rule)| rule).collect(), at)
+    }
+
     /// The connect section, and where each of its host and unix rules is
     /// written.
     fn connect(&mut self, policy: &DeTable<'_>) -> (ConnectPolicy, Vec<Pos>, Vec<Pos>) {
@@ -720,16 +735,8 @@ impl<'a> Walker<'a> {
         hosts.sort_by_key(|(span, _)| span.start);
         let (kept_unix, unix_at) = self.kept_unix(unix_rules);
         connect.unix_rules = kept_unix;
-        let mut kept_hosts: Vec<(Span, HostRule)> = Vec::new();
-        for (span, rule) in hosts {
-            if let Some(message) = self.host_clash(&kept_hosts, &rule) {
-                self.error(&span, message);
-                continue;
-            }
-            kept_hosts.push((span, rule));
-        }
-        let hosts_at = kept_hosts.iter().map(|(span, _)| self.pos(span)).collect();
-        connect.hosts = kept_hosts.into_iter().map(|(_, rule)| rule).collect();
+        let (kept_hosts, hosts_at) = self.kept_hosts(hosts);
+        connect.hosts = kept_hosts;
 
         let mut kept: Vec<(Span, ConnectRule)> = Vec::new();
         for (span, rule) in rules {

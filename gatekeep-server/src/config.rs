@@ -31,6 +31,7 @@
 //! password_file = "/etc/gatekeep-server/db-password"
 //! ca_file = "/etc/gatekeep-server/db-ca.pem"  # trusted beside the system's roots; TLS is
 //! pool_size = 16                           # required off this host (store::postgres::tls)
+//! decision_pool_size = 4                   # kept apart for decisions (see store::StoreConfig)
 //!
 //! [metrics]                                # optional: Prometheus `/metrics`, plain HTTP
 //! listen = "127.0.0.1:9464"                # off when absent (see metrics::MetricsConfig)

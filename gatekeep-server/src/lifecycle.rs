@@ -273,7 +273,7 @@ impl Engine {
             })
             .await?;
         if let Some(existing) = admission.existing {
-            return Self::resent(host, &record.request, existing);
+            return self.resent(host, &record.request, existing).await;
         }
         let decision = self.auto_decide(&record, admission.grant, now);
         let mut delivered = false;
@@ -290,6 +290,14 @@ impl Engine {
         }
         let inserted = {
             let _storing = Storing::enter(&self.storing);
+            // A pending request's record is durable before the request is stored, that is
+            // before any replica shows it to a reviewer or finds it when the agent re-sends
+            // it: a replica that dies in between leaves the record without the request, and
+            // whoever stores it on the re-send does not record it again
+            // (`once_per_request`). An automatic decision keeps its early answer (see
+            // above): its record is queued ahead of the request's storing and decision, not
+            // waited for; a re-send after a crash writes it once if it was lost.
+            self.record_requested(&record, decision.is_none()).await?;
             self.store.insert_request(record.clone()).await?
         };
         match inserted {
@@ -299,7 +307,7 @@ impl Engine {
                     // were refused above); it got the same automatic answer already.
                     tracing::warn!(id = %record.request.id, "a request was stored twice at once");
                 }
-                Self::resent(host, &record.request, *existing)
+                self.resent(host, &record.request, *existing).await
             }
             Inserted::New => {
                 tracing::info!(
@@ -310,20 +318,6 @@ impl Engine {
                 );
                 self.metrics
                     .request_received(record.request.kind(), &record.request.policy);
-                let payload = payload::Requested {
-                    schema: Schema::default(),
-                    request: Cow::Borrowed(&record.request),
-                    service_deadline: gatekeep_audit::timestamp::format(record.deadline).ok(),
-                    kernel: None,
-                };
-                self.record_encoded(
-                    EncodedRecord::new(RecordKind::Requested, host, &payload).map(|encoded| {
-                        encoded
-                            .with_request_id(record.request.id.to_string())
-                            .with_actor(format!("agent:{host}"))
-                    }),
-                )
-                .await;
                 if let Some(decision) = &decision {
                     self.audit_final(&record, decision).await;
                 } else {
@@ -347,7 +341,12 @@ impl Engine {
     /// around it (ancestry, cwd, user name, its rounding of the request time) may differ when
     /// an agent restarted and asks again about a task that stayed paused; the stored one
     /// stands.
-    fn resent(
+    ///
+    /// The stored request's `requested` record is written if the chain lacks it (at most
+    /// once): a service that stored requests before their record was durable (an older
+    /// build) may have died in between.
+    async fn resent(
+        &self,
         host: &str,
         request: &ApprovalRequest,
         existing: Versioned<RequestRecord>,
@@ -370,9 +369,41 @@ impl Engine {
             );
             return Err(Error::IdReused { id: request.id });
         }
+        self.record_requested(&existing, true).await?;
         Ok(existing
             .decision
             .map_or(Submitted::Pending, Submitted::Decided))
+    }
+
+    /// Writes `record`'s `requested` record, unless the chain holds it already, and with
+    /// `durable` waits until it is durable. A request whose record cannot be written is
+    /// refused (the agent keeps it and asks again, or applies its timeout action): nothing
+    /// is shown to a reviewer that the audit does not hold.
+    async fn record_requested(&self, record: &RequestRecord, durable: bool) -> Result<(), Error> {
+        let host = &record.host;
+        let payload = payload::Requested {
+            schema: Schema::default(),
+            request: Cow::Borrowed(&record.request),
+            service_deadline: gatekeep_audit::timestamp::format(record.deadline).ok(),
+            kernel: None,
+        };
+        let encoded = EncodedRecord::new(RecordKind::Requested, host, &payload)
+            .map_err(|source| Error::Audit { source })?
+            .with_request_id(record.request.id.to_string())
+            .with_actor(format!("agent:{host}"))
+            .with_at(record.received_at)
+            .once_per_request();
+        self.audit
+            .submit_encoded_async(encoded)
+            .await
+            .map_err(|source| Error::Audit { source })?;
+        if durable {
+            self.audit
+                .flush_async()
+                .await
+                .map_err(|source| Error::Audit { source })?;
+        }
+        Ok(())
     }
 
     /// A decision without a reviewer: the standing `grant` that covers the request, a

@@ -21,16 +21,16 @@ use std::{
 };
 
 use gatekeep_client::{
-    AgentLink, AgentLinkConfig, Backoff, ClientIdentity, ClientTls, LinkEvent, RequestFilter,
-    ReviewClient, ReviewConfig,
+    AgentLink, AgentLinkConfig, Backoff, ClientError, ClientIdentity, ClientTls, LinkEvent,
+    RequestFilter, ReviewClient, ReviewConfig,
 };
 use gatekeep_proto::{
     GrantDuration,
-    model::{ApprovalRequest, Decision, RequestState, Verdict},
+    model::{ApprovalRequest, Decision, RequestRecord, RequestState, Verdict},
 };
 use gatekeep_server::{
     ServerConfig, certs,
-    store::{PostgresStore, Store as _},
+    store::{PostgresStore, Store as _, postgres::audit::AUDIT_LOCK},
 };
 use support::{
     PATIENCE,
@@ -349,6 +349,23 @@ async fn next_answer(
         .expect("answers")
 }
 
+/// The state of request `id` in the next event of `watch` about it.
+async fn next_watched(
+    watch: &mut (impl tokio_stream::Stream<Item = Result<(bool, RequestRecord), ClientError>> + Unpin),
+    id: Uuid,
+) -> RequestState {
+    loop {
+        let (_, record) = tokio::time::timeout(PATIENCE, watch.next())
+            .await
+            .expect("a watch event in time")
+            .expect("watch open")
+            .expect("event");
+        if record.request.id == id {
+            return record.state;
+        }
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     #[expect(
         clippy::cast_possible_truncation,
@@ -383,6 +400,15 @@ async fn decisions_on_another_replica_reach_the_agent() {
         first.get_or_insert(id);
         ask(&link, request, &answers);
         wait_pending(&mut on_b, id).await;
+        if n == 0 {
+            // B re-reads a request when A's change reaches it: decided before that, the
+            // watcher would see it decided only.
+            assert_eq!(
+                next_watched(&mut watch, id).await,
+                RequestState::Pending,
+                "the watcher on B sees the request A took"
+            );
+        }
         let verdict = if n % 4 == 3 {
             Verdict::Deny
         } else {
@@ -400,20 +426,12 @@ async fn decisions_on_another_replica_reach_the_agent() {
         assert_eq!(decision.decided_by, "alice");
         latencies.push(at.saturating_duration_since(decided_at));
     }
-    // The watcher saw the first request arrive on A and be decided on B.
+    // The watcher saw the first request arrive on A (above) and be decided on B.
     let first = first.expect("a request");
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
-        let (_, record) = tokio::time::timeout(PATIENCE, watch.next())
-            .await
-            .expect("a watch event in time")
-            .expect("watch open")
-            .expect("event");
-        if record.request.id == first {
-            seen.push(record.state);
-        }
-    }
-    assert_eq!(seen, [RequestState::Pending, RequestState::Approved]);
+    assert_eq!(
+        next_watched(&mut watch, first).await,
+        RequestState::Approved
+    );
     latencies.sort();
     println!(
         "cross-replica delivery (decide called on replica B -> the agent streaming to A has \
@@ -583,14 +601,119 @@ async fn an_agent_fails_over_when_its_replica_is_killed_and_nothing_is_lost_or_a
                 .filter(|l| l["kind"] == kind && l["request_id"] == id.to_string())
                 .count()
         };
-        // Known gap (docs/architecture.md): the `requested` record the killed replica had
-        // queued but not yet committed is lost with it; the surviving replica finds the
-        // request stored and, rightly, does not record it as new. Never twice, though.
-        assert!(
-            of("requested") <= 1,
-            "{id} was recorded as new once at most"
-        );
+        assert_eq!(of("requested"), 1, "{id} recorded as new once");
         assert_eq!(of("decided"), 1, "{id} decided once");
+    }
+}
+
+/// The replica an agent streams to dies (SIGKILL) while its audit commits are held up (the
+/// test holds the chain's lock, as a slow commit would): the requests it took are not
+/// stored, nor shown to a reviewer, before their `requested` record is durable; the agent
+/// re-sends them to the other replica, and each request ends with exactly one `requested`
+/// and one `decided` record in a chain that verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_before_its_audit_commit_leaves_every_request_recorded_once() {
+    const REQUESTS: usize = 10;
+    let mut fleet = Fleet::start(2).await;
+    let url = fleet.config.store.url.clone().expect("url");
+    let (holder, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(connection);
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&AUDIT_LOCK])
+        .await
+        .expect("hold the audit chain's lock");
+    let (link, mut events) = fleet.agent_with_failover(0, &[1]).await;
+    let mut on_b = fleet.reviewer(1, "alice").await;
+    let (answers, mut answered) = mpsc::unbounded_channel();
+    let mut ids = Vec::new();
+    for n in 0..REQUESTS {
+        let request = exec_request(&["curl", &format!("https://stalled.example/{n}")]);
+        ids.push(request.id);
+        ask(&link, request, &answers);
+    }
+    // Replica 0's writer waits for the lock with (some of) the requests' records.
+    let started = Instant::now();
+    loop {
+        let waiting: i64 = holder
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE, "the audit append never came");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for id in &ids {
+        assert!(
+            on_b.get(*id).await.is_err(),
+            "{id} is shown before its `requested` record is durable"
+        );
+    }
+    fleet.replicas[0].kill();
+    // Its database session sees the client gone once it gets the lock: that transaction
+    // never commits.
+    holder
+        .execute("SELECT pg_advisory_unlock($1)", &[&AUDIT_LOCK])
+        .await
+        .expect("release the lock");
+    loop {
+        let event = tokio::time::timeout(PATIENCE, events.recv())
+            .await
+            .expect("the agent reconnects in time")
+            .expect("link alive");
+        if matches!(event, LinkEvent::Connected { .. }) {
+            break;
+        }
+    }
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    for id in &ids {
+        wait_pending(&mut on_b, *id).await;
+        on_b.decide(
+            *id,
+            Verdict::Allow,
+            "after the replica died",
+            GrantDuration::Once,
+        )
+        .await
+        .expect("decide on the surviving replica");
+    }
+    let mut decided = Vec::new();
+    for _ in 0..REQUESTS {
+        let (id, decision, _) = next_answer(&mut answered).await;
+        assert_eq!(decision.verdict, Verdict::Allow);
+        decided.push(id);
+    }
+    decided.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(decided, expected, "every request decided, each once");
+    let lines = fleet.stop_and_verify().await;
+    for id in &ids {
+        let of = |kind: &str| {
+            lines
+                .iter()
+                .filter(|l| l["kind"] == kind && l["request_id"] == id.to_string())
+                .count()
+        };
+        assert_eq!(of("requested"), 1, "{id} recorded as new once");
+        assert_eq!(of("decided"), 1, "{id} decided once");
+        let requested = lines
+            .iter()
+            .position(|l| l["kind"] == "requested" && l["request_id"] == id.to_string());
+        let decided = lines
+            .iter()
+            .position(|l| l["kind"] == "decided" && l["request_id"] == id.to_string());
+        assert!(
+            requested < decided,
+            "{id}: `requested` comes before `decided`"
+        );
     }
 }
 

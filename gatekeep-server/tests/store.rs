@@ -6,7 +6,7 @@ mod support;
 
 use std::{sync::Arc, time::Duration};
 
-use gatekeep_audit::{AuditRecord, AuditWriter, RecordKind, WriterConfig};
+use gatekeep_audit::{AuditRecord, AuditWriter, EncodedRecord, RecordKind, WriterConfig};
 use gatekeep_proto::{
     GrantDuration,
     model::{Decision, GrantScope, RequestRecord, RequestState, Revocation, Verdict},
@@ -633,5 +633,155 @@ async fn replicas_append_one_audit_chain() {
             .map(|db| db.message().to_owned())
             .unwrap_or_default();
         assert_eq!(message, "audit records are append-only", "{statement}");
+    }
+}
+
+/// Two replicas' writers race to record the same requests as new (an agent re-sent them to
+/// the second while the first may have committed them): each request's once-per-request
+/// `requested` record is appended once, whichever commits first, also when one batch holds
+/// it twice; records of other kinds are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_recorded_by_two_replicas_at_once_is_in_the_chain_once() {
+    const REQUESTS: usize = 200;
+    let url = pg::cluster().database().await;
+    let config = store_config(&url);
+    let a = PostgresStore::connect(&config).await.expect("replica a");
+    let b = PostgresStore::connect(&config).await.expect("replica b");
+    let writers: Vec<Arc<AuditWriter>> = [&a, &b]
+        .into_iter()
+        .map(|store| {
+            let config = WriterConfig {
+                max_batch: 16,
+                ..WriterConfig::default()
+            };
+            Arc::new(AuditWriter::spawn(PostgresChain::new(store), config).expect("writer"))
+        })
+        .collect();
+    let record = |kind: RecordKind, n: usize| {
+        EncodedRecord::new(kind, "svc", &serde_json::json!({ "n": n }))
+            .expect("encode")
+            .with_request_id(format!("r-{n}"))
+            .once_per_request()
+    };
+    let tasks = writers.iter().map(|writer| {
+        let writer = Arc::clone(writer);
+        tokio::spawn(async move {
+            for n in 0..REQUESTS {
+                // Twice in a row: often twice in one batch.
+                for _ in 0..2 {
+                    writer
+                        .submit_encoded_async(record(RecordKind::Requested, n))
+                        .await
+                        .expect("submit");
+                }
+            }
+            writer.flush_async().await.expect("flush")
+        })
+    });
+    for task in tasks.collect::<Vec<_>>() {
+        task.await.expect("task");
+    }
+    writers[0]
+        .submit_encoded_async(record(RecordKind::Decided, 0))
+        .await
+        .expect("submit");
+    writers[0].flush_async().await.expect("flush");
+    for writer in &writers {
+        tokio::task::block_in_place(|| writer.shutdown()).expect("shutdown");
+    }
+    let report = gatekeep_server::store::postgres::audit::verify(&a)
+        .await
+        .expect("one valid chain");
+    assert_eq!(report.records, REQUESTS as u64 + 1);
+    let client = raw(&url).await;
+    let repeated: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT request_id FROM audit_records \
+             WHERE kind = 'requested' GROUP BY request_id HAVING count(*) <> 1) AS r",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(repeated, 0, "every request recorded as new exactly once");
+}
+
+/// Every connection of the main pool is busy (agents' requests stuck behind another
+/// transaction, as a burst of them queues): a reviewer's decision on another request still
+/// reads and moves it, through the connections kept apart for decisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_does_not_queue_behind_a_full_pool() {
+    let url = pg::cluster().database().await;
+    let config = store::StoreConfig {
+        decision_pool_size: 1,
+        ..store_config(&url)
+    };
+    let store = Arc::new(PostgresStore::connect(&config).await.expect("store"));
+    let pending = record(&["curl", "decided-anyway"]);
+    let id = pending.request.id;
+    assert_eq!(
+        store.insert_request(pending.clone()).await.expect("insert"),
+        Inserted::New
+    );
+    // Another transaction inserts the same ids first and stays open: the store's inserts
+    // wait for it, each holding a connection of the main pool, and more wait for one.
+    let stuck: Vec<RequestRecord> = (0..config.pool_size + 2)
+        .map(|n| record(&["curl", &format!("stuck-{n}")]))
+        .collect();
+    let mut holder = raw(&url).await;
+    let first = holder.transaction().await.expect("begin");
+    for record in &stuck {
+        first
+            .execute(
+                "INSERT INTO requests (id, host, policy, kind, state, subject, received_at, \
+                 deadline, version, record) VALUES ($1, 'h', 'p', 'exec', 'pending', 's', 0, 0, \
+                 1, '{}')",
+                &[&record.request.id.to_string()],
+            )
+            .await
+            .expect("insert first");
+    }
+    let inserts: Vec<_> = stuck
+        .into_iter()
+        .map(|record| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.insert_request(record).await })
+        })
+        .collect();
+    let watcher = raw(&url).await;
+    let started = std::time::Instant::now();
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND datname = current_database()",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if usize::try_from(waiting).expect("count") >= config.pool_size {
+            break;
+        }
+        assert!(
+            started.elapsed() < support::PATIENCE,
+            "the inserts never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let read = store.get_request(id).await.expect("read").expect("stored");
+    assert_eq!(read.value.state, RequestState::Pending);
+    let moved = store
+        .transition(Transition {
+            record: decided(pending, Verdict::Allow),
+            expected_version: read.version,
+            new_grant: None,
+        })
+        .await
+        .expect("a decision does not wait for the agents' pool");
+    assert!(moved);
+    first.rollback().await.expect("release");
+    for insert in inserts {
+        assert_eq!(insert.await.expect("task").expect("insert"), Inserted::New);
     }
 }

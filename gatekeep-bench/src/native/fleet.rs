@@ -14,13 +14,6 @@
 //!    pending; replica 0 is killed (SIGKILL) and a reviewer approves them all on replica 1: from
 //!    the kill until the agent, reconnected and its requests re-sent, holds every decision.
 
-#[path = "../../../gatekeep-server/tests/support/pg.rs"]
-#[expect(
-    dead_code,
-    reason = "the service tests' cluster module; the benchmark uses part of it"
-)]
-mod pg;
-
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
     path::Path,
@@ -31,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, ensure};
+use anyhow::{Context as _, Result, ensure};
 use gatekeep_client::{AgentLink, LinkEvent, ReviewClient};
 use gatekeep_proto::{
     GrantDuration,
@@ -41,7 +34,7 @@ use gatekeep_server::{ServerConfig, certs::Pki, store::PostgresStore};
 use uuid::Uuid;
 
 use super::{
-    cpu_seconds,
+    cluster_pids, cpu_of, pg,
     service::{RULE, connect_agent, drain, request, reviewer},
 };
 use crate::{
@@ -183,33 +176,6 @@ impl Fleet {
     }
 }
 
-/// The postmaster and its children (backends, WAL writer, checkpointer...).
-fn cluster_pids(postmaster: u32) -> Vec<u32> {
-    let mut pids = vec![postmaster];
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in entries.filter_map(Result::ok) {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let rest = stat.rsplit_once(')')?.1.to_owned();
-                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-            });
-        if parent == Some(postmaster) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|pid| cpu_seconds(*pid).ok()).sum()
-}
-
 /// Waits until request `id` is pending as `reviewer`'s replica sees it.
 async fn wait_pending(reviewer: &mut ReviewClient, id: Uuid) -> Result<()> {
     let asked = Instant::now();
@@ -348,10 +314,12 @@ async fn failover(fleet: &mut Fleet, pending: usize, round: usize) -> Result<Dur
 
 /// Runs the fleet benchmark and returns its figures.
 #[expect(clippy::too_many_lines, reason = "the benchmark's phases, in order")]
-pub async fn figures(server: &Path, base: &Path, sizes: Sizes) -> Result<Vec<Figure>> {
-    let cluster = pg::start(pg::Durability::Durable).map_err(|message| {
-        anyhow!("cannot start a PostgreSQL cluster for the fleet benchmark: {message}")
-    })?;
+pub async fn figures(
+    server: &Path,
+    base: &Path,
+    cluster: &pg::Cluster,
+    sizes: Sizes,
+) -> Result<Vec<Figure>> {
     let url = cluster.database().await;
     let mut fleet = Fleet::start(server, base, url, sizes.replicas.max(2)).await?;
     let setting = format!(

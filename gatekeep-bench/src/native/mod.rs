@@ -5,9 +5,17 @@ pub mod console;
 pub mod decisions;
 pub mod fleet;
 pub mod host;
+pub mod host_audit;
 pub mod instructions;
 pub mod matcher;
 pub mod service;
+
+#[path = "../../../gatekeep-server/tests/support/pg.rs"]
+#[expect(
+    dead_code,
+    reason = "the service tests' cluster module; the benchmarks use part of it"
+)]
+mod pg;
 
 use std::{
     path::{Path, PathBuf},
@@ -32,7 +40,8 @@ pub struct NativeOptions {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Only these groups: `host`, `rtt`, `throughput`, `instructions`, `audit`, `memory`,
-    /// `matcher`, `fleet`, `console` (default: all). `fleet` needs `PostgreSQL` (`cargo xtask setup`).
+    /// `matcher`, `fleet`, `host-audit`, `console` (default: all). `fleet` and `host-audit`
+    /// need `PostgreSQL` (`cargo xtask setup`).
     #[arg(long = "only", value_name = "GROUP")]
     pub only: Vec<String>,
     /// Durability of the service's state database: `full` (default) or `normal`.
@@ -79,6 +88,33 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     )]
     let per_second = per_second.max(1) as f64;
     Ok((ticks(11)? + ticks(12)?) / per_second)
+}
+
+/// The postmaster and its children (backends, WAL writer, checkpointer...).
+pub(crate) fn cluster_pids(postmaster: u32) -> Vec<u32> {
+    let mut pids = vec![postmaster];
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let rest = stat.rsplit_once(')')?.1.to_owned();
+                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+            });
+        if parent == Some(postmaster) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub(crate) fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|pid| cpu_seconds(*pid).ok()).sum()
 }
 
 /// Stored bytes per record: the database and its WAL (`SQLite` folds the WAL into the
@@ -200,6 +236,7 @@ const GROUPS: &[&str] = &[
     "memory",
     "matcher",
     "fleet",
+    "host-audit",
     "console",
 ];
 
@@ -280,9 +317,22 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
                 figure.emit();
             }
         }
-        if wants("fleet") {
-            for figure in fleet::figures(&server, &base, fleet::Sizes::of(opts.smoke)).await? {
-                figure.emit();
+        if wants("fleet") || wants("host-audit") {
+            // One cluster for both (its initdb takes seconds); a database each.
+            let cluster = pg::start(pg::Durability::Durable).map_err(|message| {
+                anyhow::anyhow!("cannot start a PostgreSQL cluster for the benchmarks: {message}")
+            })?;
+            if wants("fleet") {
+                let sizes = fleet::Sizes::of(opts.smoke);
+                for figure in fleet::figures(&server, &base, &cluster, sizes).await? {
+                    figure.emit();
+                }
+            }
+            if wants("host-audit") {
+                let sizes = host_audit::Sizes::of(opts.smoke);
+                for figure in host_audit::figures(&server, &base, &cluster, sizes).await? {
+                    figure.emit();
+                }
             }
         }
         anyhow::Ok(())

@@ -11,9 +11,12 @@ use std::{future::Future, sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use uuid::Uuid;
 
 use super::config::RetryConfig;
 use crate::{
+    lifecycle::request_span,
     metrics::Metrics,
     store::{Claim, DeadLetter, DeliveryKey, Store, StoreError},
 };
@@ -88,6 +91,10 @@ pub(crate) trait Sink: Send + Sync + 'static {
 
     /// The delivery a job makes: its lease, its name in logs and dead letters.
     fn key(&self, job: &Self::Job) -> DeliveryKey;
+
+    /// The request a job is about (a grant's: the request whose decision made it): what is
+    /// logged while delivering it is in that request's span, so JSON logs carry its id.
+    fn request_id(&self, job: &Self::Job) -> Uuid;
 
     /// One attempt, under the delivery's lease ([`Leases`]); must be idempotent (a retry after
     /// a lost answer must not post twice where the receiver allows avoiding it).
@@ -181,7 +188,11 @@ pub(crate) fn spawn<S: Sink>(
     let (sender, mut receiver) = mpsc::channel::<S::Job>(capacity.max(1));
     let worker = tokio::spawn(async move {
         while let Some(job) = receiver.recv().await {
-            if !run(&*sink, &leases, &metrics, &retry, &job, &shutdown).await {
+            let span = request_span(sink.request_id(&job));
+            if !run(&*sink, &leases, &metrics, &retry, &job, &shutdown)
+                .instrument(span)
+                .await
+            {
                 return;
             }
         }

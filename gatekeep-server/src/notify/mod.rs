@@ -37,7 +37,11 @@ use self::{
     teams::TeamsSink,
     webhook::WebhookSink,
 };
-use crate::{error::Error, lifecycle::Engine, store::RequestQuery};
+use crate::{
+    error::Error,
+    lifecycle::{Engine, request_span},
+    store::RequestQuery,
+};
 
 /// Pending requests read per catch-up, at most.
 const CATCH_UP_LIMIT: usize = 100_000;
@@ -354,7 +358,9 @@ async fn expired_jobs<S: Sink>(sink: &S, leases: &Leases) -> Vec<S::Job> {
     for key in keys {
         match sink.resume(&key).await {
             Some(job) => {
-                tracing::info!(sink = sink.name(), key = %key, "taking over a delivery whose lease expired");
+                request_span(sink.request_id(&job)).in_scope(|| {
+                    tracing::info!(sink = sink.name(), key = %key, "taking over a delivery whose lease expired");
+                });
                 jobs.push(job);
             }
             // Nothing this sink delivers now (a request or grant gone, a webhook renamed).

@@ -645,6 +645,10 @@ impl Sink for SlackSink {
         DeliveryKey::new(job.id, format!("slack:{}", job.channel), "message")
     }
 
+    fn request_id(&self, job: &SlackJob) -> Uuid {
+        job.id
+    }
+
     fn deliver(&self, job: &SlackJob) -> impl Future<Output = Result<(), Failure>> + Send {
         self.sync(job)
     }

@@ -226,6 +226,10 @@ impl Sink for TeamsSink {
         )
     }
 
+    fn request_id(&self, job: &TeamsJob) -> Uuid {
+        job.id
+    }
+
     fn deliver(&self, job: &TeamsJob) -> impl Future<Output = Result<(), Failure>> + Send {
         self.post(job)
     }

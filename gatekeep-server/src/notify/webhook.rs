@@ -50,6 +50,9 @@ pub(crate) struct Event {
     pub id: String,
     /// The request or grant it announces.
     pub subject: Uuid,
+    /// The request it is about: the one it announces, or the one whose decision made the
+    /// grant it announces.
+    pub request: Uuid,
     /// `requested`, `decided`, ... `created`, `revoked`.
     pub suffix: &'static str,
     pub kind: &'static str,
@@ -58,6 +61,7 @@ pub(crate) struct Event {
 
 fn event(
     subject: Uuid,
+    request: Uuid,
     suffix: &'static str,
     kind: &'static str,
     field: &str,
@@ -73,6 +77,7 @@ fn event(
     Event {
         id,
         subject,
+        request,
         suffix,
         kind,
         body: body.to_string().into(),
@@ -107,7 +112,8 @@ pub(crate) fn request_events(record: &RequestRecord) -> Vec<Event> {
         return Vec::new();
     };
     let value = serde_json::to_value(record).unwrap_or(Value::Null);
-    let mut events = vec![event(record.request.id, suffix, kind, "request", value)];
+    let id = record.request.id;
+    let mut events = vec![event(id, id, suffix, kind, "request", value)];
     if let Some(grant) = record.decision.as_ref().and_then(|d| d.grant.as_ref()) {
         events.push(grant_event(grant, "created", "grant.created"));
     }
@@ -117,7 +123,7 @@ pub(crate) fn request_events(record: &RequestRecord) -> Vec<Event> {
 /// A grant's event.
 pub(crate) fn grant_event(grant: &Grant, suffix: &'static str, kind: &'static str) -> Event {
     let value = serde_json::to_value(grant).unwrap_or(Value::Null);
-    event(grant.id, suffix, kind, "grant", value)
+    event(grant.id, grant.request_id, suffix, kind, "grant", value)
 }
 
 /// The signature header's value for `body` signed at `timestamp`.
@@ -222,6 +228,11 @@ impl WebhookSink {
             .await
             .map_err(|err| delivery::network(&self.name, &err))?;
         delivery::classify(&response, &self.name)?;
+        tracing::debug!(
+            webhook = self.name,
+            event = event.id,
+            "webhook event delivered"
+        );
         self.leases
             .store
             .set_notice(notice, "delivered".to_owned())
@@ -236,7 +247,7 @@ impl WebhookSink {
         if let Some((suffix, kind)) = REQUEST_KINDS.iter().find(|(s, _)| *s == key.event) {
             let record = store.get_request(subject).await.ok()??.value;
             let value = serde_json::to_value(&record).unwrap_or(Value::Null);
-            return Some(event(subject, suffix, kind, "request", value));
+            return Some(event(subject, subject, suffix, kind, "request", value));
         }
         let grant = store.get_grant(subject).await.ok()??;
         match key.event.as_str() {
@@ -258,6 +269,10 @@ impl Sink for WebhookSink {
 
     fn key(&self, job: &Event) -> DeliveryKey {
         DeliveryKey::new(job.subject, self.name.clone(), job.suffix)
+    }
+
+    fn request_id(&self, job: &Event) -> Uuid {
+        job.request
     }
 
     fn deliver(&self, job: &Event) -> impl Future<Output = Result<(), Failure>> + Send {

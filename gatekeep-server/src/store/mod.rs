@@ -194,8 +194,14 @@ pub struct StoreConfig {
     /// the system's roots. TLS is required for any host but this one (see the URL's
     /// `sslmode`, `store::postgres::tls`).
     pub ca_file: Option<PathBuf>,
-    /// Most database connections this replica opens.
+    /// Most database connections this replica opens for agents' requests and everything
+    /// else but what `decision_pool_size` serves.
     pub pool_size: usize,
+    /// Most connections kept apart for what a decision waits on: a reviewer's decision and
+    /// reads of single requests (a decision made on another replica is read through them
+    /// before it goes to the agent), and reviewer sign-ins by token. A burst of agents'
+    /// requests queues for `pool_size`, never in front of a decision.
+    pub decision_pool_size: usize,
 }
 
 impl Default for StoreConfig {
@@ -207,6 +213,9 @@ impl Default for StoreConfig {
             // Enough for the decision path's concurrency on a few cores; PostgreSQL's default
             // max_connections (100) leaves room for several replicas.
             pool_size: 16,
+            // A decision takes one for a few milliseconds; reviewers decide far less often
+            // than agents ask.
+            decision_pool_size: 4,
         }
     }
 }
@@ -219,6 +228,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("password_file", &self.password_file)
             .field("ca_file", &self.ca_file)
             .field("pool_size", &self.pool_size)
+            .field("decision_pool_size", &self.decision_pool_size)
             .finish()
     }
 }

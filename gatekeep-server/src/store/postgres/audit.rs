@@ -11,6 +11,7 @@
 //! [`AuditWriter`]: gatekeep_audit::AuditWriter
 
 use std::{
+    collections::HashSet,
     io::Write,
     path::{Path, PathBuf},
 };
@@ -22,8 +23,9 @@ use gatekeep_audit::{
 
 use super::PostgresStore;
 
-/// The advisory lock key of audit appends ("gk-audit").
-const AUDIT_LOCK: i64 = 0x676b_2d61_7564_6974;
+/// The advisory lock key of audit appends ("gk-audit"): whoever holds it holds up every
+/// replica's appends (the replicas test holds it to stall them).
+pub const AUDIT_LOCK: i64 = 0x676b_2d61_7564_6974;
 /// Rows read per query of an export.
 const EXPORT_PAGE: i64 = 5_000;
 /// The chain's last record.
@@ -126,8 +128,14 @@ async fn append(
         ),
         None => (0, GENESIS_HASH.to_owned()),
     };
+    let keep = once_filter(&tx, records).await?;
+    if keep.is_empty() {
+        // Every record was there already.
+        tx.commit().await?;
+        return Ok(seq);
+    }
     let mut columns = Columns::default();
-    for record in records {
+    for record in keep.into_iter().map(|index| &records[index]) {
         seq += 1;
         let hash = record.chain_fields(seq, &prev).hash();
         columns.seq.push(i64::try_from(seq)?);
@@ -163,6 +171,34 @@ async fn append(
     .await?;
     tx.commit().await?;
     Ok(seq)
+}
+
+/// The records of `records` to append ([`gatekeep_audit::once_filter`]): one query, under
+/// the lock, for the requests of the once-per-request records.
+async fn once_filter(
+    tx: &tokio_postgres::Transaction<'_>,
+    records: &[Prepared],
+) -> Result<Vec<usize>, BoxError> {
+    let ids: Vec<&str> = records
+        .iter()
+        .filter(|r| r.once())
+        .filter_map(Prepared::request_id)
+        .collect();
+    let stored: HashSet<(String, String)> = if ids.is_empty() {
+        HashSet::new()
+    } else {
+        tx.query(
+            "SELECT request_id, kind FROM audit_records WHERE request_id = ANY($1)",
+            &[&ids],
+        )
+        .await?
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+    };
+    gatekeep_audit::once_filter(records, |id, kind| {
+        Ok::<_, BoxError>(stored.contains(&(id.to_owned(), kind.to_owned())))
+    })
 }
 
 /// A batch as arrays, one per column.

@@ -87,6 +87,8 @@ pub(crate) fn pg_error(target: &Target, source: tokio_postgres::Error) -> StoreE
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// Kept apart for decisions (`[store] decision_pool_size`): see [`Self::decision_client`].
+    decisions: Pool,
     dialer: tls::Dialer,
     target: Target,
     /// This replica's `application_name`, which the change notifications carry.
@@ -139,25 +141,28 @@ impl PostgresStore {
         let mut client = connect_one(&dialer, &target).await?;
         migrations::migrate(&mut client, &target).await?;
         drop(client);
-        let manager = Manager::from_config(
-            dialer.config.clone(),
-            dialer.tls.clone(),
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size.max(2))
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
-            .map_err(|err| StoreError::Url {
-                message: format!("cannot make a connection pool: {err}"),
-            })?;
+        let pool = |size: usize| {
+            let manager = Manager::from_config(
+                dialer.config.clone(),
+                dialer.tls.clone(),
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .wait_timeout(Some(POOL_WAIT))
+                .create_timeout(Some(CONNECT_TIMEOUT))
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .build()
+                .map_err(|err| StoreError::Url {
+                    message: format!("cannot make a connection pool: {err}"),
+                })
+        };
         tracing::info!(target = %target, "service database: PostgreSQL");
         Ok(Self {
-            pool,
+            pool: pool(config.pool_size.max(2))?,
+            decisions: pool(config.decision_pool_size.max(1))?,
             dialer,
             target,
             origin,
@@ -188,12 +193,26 @@ impl PostgresStore {
         })
     }
 
+    /// A connection of the decision pool: for what a reviewer's decision, or its delivery
+    /// from another replica, waits on. Under a burst of agents' requests every connection of
+    /// the main pool is busy and a queue forms for it; a decision queued there would wait
+    /// for the whole burst ahead of it.
+    async fn decision_client(&self) -> Result<Object, StoreError> {
+        self.decisions
+            .get()
+            .await
+            .map_err(|source| StoreError::Pool {
+                target: self.target.to_string(),
+                source,
+            })
+    }
+
     fn err(&self) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
         |source| pg_error(&self.target, source)
     }
 
     async fn get_request(&self, id: Uuid) -> Result<Option<Versioned<RequestRecord>>, StoreError> {
-        let client = self.client().await?;
+        let client = self.decision_client().await?;
         self.get_request_on(&client, id).await
     }
 
@@ -304,7 +323,7 @@ impl PostgresStore {
     }
 
     async fn transition(&self, transition: &Transition) -> Result<bool, StoreError> {
-        let mut client = self.client().await?;
+        let mut client = self.decision_client().await?;
         let tx = client.transaction().await.map_err(self.err())?;
         let record = &transition.record;
         let stmt = tx
@@ -545,7 +564,8 @@ impl PostgresStore {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Reviewer>, StoreError> {
-        let client = self.client().await?;
+        // Reviewers signing in are served apart from agents' requests, as their decisions.
+        let client = self.decision_client().await?;
         let stmt = client.prepare_cached(sql).await.map_err(self.err())?;
         client
             .query(&stmt, params)
