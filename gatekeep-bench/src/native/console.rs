@@ -362,8 +362,7 @@ impl Bench {
 }
 
 /// The service's CPU per decision without consoles and with [`WATCHERS`], and their ratio.
-pub async fn figures(server: &Path, base: &Path, smoke: bool) -> Result<Vec<Figure>> {
-    let sizes = Sizes::of(smoke);
+pub async fn figures(server: &Path, base: &Path, sizes: Sizes) -> Result<Vec<Figure>> {
     // Two services side by side, one watched and one not at the same moments: the machine's
     // other load then falls on both alike (rounds one after the other saw it move the CPU
     // per decision by 40 %). Which one is watched swaps every pair.
