@@ -55,7 +55,7 @@ pub struct NativeOptions {
     #[arg(long, value_name = "DIR")]
     pub callgrind_dir: Option<PathBuf>,
     /// Pairs of rounds of the `console` group (default 16; 1 with `--smoke`): more pairs
-    /// narrow the 95 % interval of its ratio (about 2.5 minutes per 10 pairs).
+    /// narrow the 95 % interval of its ratio (a pair of 600 decisions takes a few seconds).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub console_pairs: Option<u16>,
 }
