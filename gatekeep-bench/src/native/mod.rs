@@ -317,11 +317,7 @@ pub fn run(opts: &NativeOptions) -> Result<()> {
             }
         }
         if wants("console") {
-            let mut sizes = console::Sizes::of(opts.smoke);
-            if let Some(pairs) = opts.console_pairs {
-                sizes.pairs = usize::from(pairs);
-            }
-            for figure in console::figures(&server, &base, sizes).await? {
+            for figure in console::figures(&server, &base, opts.smoke, opts.console_pairs).await? {
                 figure.emit();
             }
         }
