@@ -735,7 +735,7 @@ impl Events {
                 let (id, state) = match name.as_str() {
                     "requests" => {
                         assert_eq!(item["initial"], false, "{item}");
-                        (&item["request"]["request"]["id"], &item["request"]["state"])
+                        (&item["row"]["id"], &item["row"]["state"])
                     }
                     "left" => (&item["id"], &item["state"]),
                     other => panic!("unexpected event {other}: {data}"),
@@ -768,10 +768,16 @@ async fn events_stream_new_requests_live(backend: Backend) {
         let snapshot = events.snapshot().await;
         assert_eq!(snapshot.len(), 1, "{snapshot:?}");
         assert_eq!(snapshot[0]["initial"], true);
-        assert_eq!(
-            snapshot[0]["request"]["request"]["id"],
-            early_id.to_string()
-        );
+        assert_eq!(snapshot[0]["row"]["id"], early_id.to_string());
+        // A queue row: what the queue shows (the detail fetches the record).
+        let row = &snapshot[0]["row"];
+        assert_eq!(row["host"], "web-1");
+        assert_eq!(row["policy"], "ai-agents");
+        assert_eq!(row["target"]["argv"], json!(["curl", "early"]));
+        for detail in ["request", "cwd", "cgroup", "ancestry", "received_at"] {
+            assert!(row.get(detail).is_none(), "no {detail} in a row: {row}");
+        }
+        assert!(row["target"].get("content").is_none(), "{row}");
     }
 
     // A connect and an exec arrive while watching.
@@ -787,7 +793,7 @@ async fn events_stream_new_requests_live(backend: Backend) {
     for id in [&connect_id, &live_id] {
         assert!(
             seen.contains(&("requests".into(), id.clone(), "pending".into())),
-            "the unfiltered console sees {id} in full: {seen:?}"
+            "the unfiltered console sees {id} as a queue row: {seen:?}"
         );
     }
     let seen = exec_only.until_seen(std::slice::from_ref(&live_id)).await;

@@ -53,18 +53,13 @@ pub struct Sizes {
 }
 
 impl Sizes {
+    /// The full sizes, or a smoke run's; `pairs` (`--console-pairs`) overrides either's.
     #[must_use]
-    pub fn of(smoke: bool) -> Self {
-        if smoke {
-            Self {
-                pairs: 1,
-                decisions: 50,
-            }
-        } else {
-            Self {
-                pairs: 16,
-                decisions: 600,
-            }
+    pub fn of(smoke: bool, pairs: Option<u16>) -> Self {
+        let (default_pairs, decisions) = if smoke { (1, 50) } else { (16, 600) };
+        Self {
+            pairs: pairs.map_or(default_pairs, usize::from),
+            decisions,
         }
     }
 }
@@ -362,8 +357,14 @@ impl Bench {
 }
 
 /// The service's CPU per decision without consoles and with [`WATCHERS`], and their ratio.
-pub async fn figures(server: &Path, base: &Path, smoke: bool) -> Result<Vec<Figure>> {
-    let sizes = Sizes::of(smoke);
+/// `pairs` (`--console-pairs`) overrides the pairs of rounds.
+pub async fn figures(
+    server: &Path,
+    base: &Path,
+    smoke: bool,
+    pairs: Option<u16>,
+) -> Result<Vec<Figure>> {
+    let sizes = Sizes::of(smoke, pairs);
     // Two services side by side, one watched and one not at the same moments: the machine's
     // other load then falls on both alike (rounds one after the other saw it move the CPU
     // per decision by 40 %). Which one is watched swaps every pair.

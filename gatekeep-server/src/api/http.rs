@@ -867,8 +867,10 @@ async fn cancel(
 }
 
 /// `GET /api/v1/events`: the live queue as server-sent events. `requests` events carry a
-/// JSON array of `{initial, request}`: first every pending request (`initial: true`), then
-/// `ready`, then every request that entered the queue or changed in it; `left` events a JSON
+/// JSON array of `{initial, row}`, each request as its queue row (see `queue_row`; its
+/// whole record is `GET /api/v1/requests/{id}`): first every pending request
+/// (`initial: true`), then `ready`, then every request that entered the queue or changed in
+/// it; `left` events a JSON
 /// array of `{id, state}`, the requests that left it (decided, expired, withdrawn). Changes
 /// close together share their events, each request once in its latest state. `end` says why
 /// the stream ended (the session expired, the watcher lagged, the service stops).

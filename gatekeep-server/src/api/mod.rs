@@ -7,6 +7,7 @@ mod agent;
 pub mod http;
 pub mod http_probe;
 pub mod ops;
+mod queue_row;
 mod review;
 mod sse;
 

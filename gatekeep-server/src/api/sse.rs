@@ -4,8 +4,9 @@
 //! With 100 consoles open, what a change costs the service is multiplied by 100 wherever it
 //! is done per console, and most of it is each console's TLS and TCP write, by the byte.
 //! So:
-//! - a request in the queue is sent in full (`requests`), one that left it as its id and
-//!   state only (`left`): a decision adds a few dozen bytes per console, not the record;
+//! - a request in the queue is sent as its queue row (`requests`, see [`QueueRow`]), one
+//!   that left it as its id and state only (`left`): the detail page fetches the whole
+//!   record when it is opened;
 //! - a batch every change of which passes a console's filter (always, without filters) is
 //!   encoded once and handed to every such console as the same bytes; only a console whose
 //!   filter cuts a batch makes its own frames of its part (from changes each encoded once);
@@ -13,7 +14,7 @@
 //!   event's data into a frame of its own.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     convert::Infallible,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
@@ -28,18 +29,21 @@ use futures_util::{Stream, StreamExt as _};
 use gatekeep_proto::model::{RequestRecord, RequestState};
 use serde::Serialize;
 
-use super::ops::{WatchGroup, WatchItem};
+use super::{
+    ops::{WatchGroup, WatchItem},
+    queue_row::QueueRow,
+};
 use crate::hub::Batch;
 
 /// A comment sent when nothing else was for this long, so proxies keep the stream open
 /// (axum's `Sse` default).
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// One item of a `requests` event's data: a request in the queue, in full.
+/// One item of a `requests` event's data: a request in the queue, as its row.
 #[derive(Serialize)]
 struct RequestItem<'a> {
     initial: bool,
-    request: &'a RequestRecord,
+    row: QueueRow<'a>,
 }
 
 /// One item of a `left` event's data: a request that left the queue (decided, expired,
@@ -66,8 +70,17 @@ enum Change {
 /// not reused while cached.
 #[derive(Default)]
 pub(crate) struct Encoder {
-    records: Mutex<VecDeque<(Arc<RequestRecord>, Change)>>,
+    records: Mutex<Changes>,
     batches: Mutex<VecDeque<(Arc<Batch>, Bytes)>>,
+}
+
+/// The encoded changes, by the address of the hub's value (a batch of 1,000 changes looks
+/// each up: a scan of the cache for each would cost more than the encoding), and in the
+/// order cached, oldest first, holding the values so their addresses stay theirs.
+#[derive(Default)]
+struct Changes {
+    by_address: HashMap<usize, Change>,
+    order: VecDeque<Arc<RequestRecord>>,
 }
 
 impl Encoder {
@@ -78,19 +91,16 @@ impl Encoder {
 
     /// A change as an item of the event it belongs in.
     fn change(&self, record: &Arc<RequestRecord>) -> Result<Change, serde_json::Error> {
+        let address = Arc::as_ptr(record).addr();
         let mut cache = self.records.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, change)) = cache
-            .iter()
-            .rev()
-            .find(|(cached, _)| Arc::ptr_eq(cached, record))
-        {
+        if let Some(change) = cache.by_address.get(&address) {
             return Ok(change.clone());
         }
         let change = if record.state == RequestState::Pending {
             Change::Queued(
                 serde_json::to_string(&RequestItem {
                     initial: false,
-                    request: record,
+                    row: QueueRow::of(record),
                 })?
                 .into(),
             )
@@ -103,10 +113,13 @@ impl Encoder {
                 .into(),
             )
         };
-        if cache.len() >= Self::RECORDS_KEPT {
-            cache.pop_front();
+        if cache.order.len() >= Self::RECORDS_KEPT
+            && let Some(oldest) = cache.order.pop_front()
+        {
+            cache.by_address.remove(&Arc::as_ptr(&oldest).addr());
         }
-        cache.push_back((Arc::clone(record), change.clone()));
+        cache.order.push_back(Arc::clone(record));
+        cache.by_address.insert(address, change.clone());
         Ok(change)
     }
 
@@ -150,7 +163,7 @@ impl Encoder {
                 // A snapshot is this console's own: not worth keeping.
                 let item = serde_json::to_string(&RequestItem {
                     initial,
-                    request: record,
+                    row: QueueRow::of(record),
                 })?;
                 (&mut queued, Arc::from(item))
             } else {

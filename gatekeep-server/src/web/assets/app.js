@@ -9,7 +9,7 @@
 const state = {
   session: null,        // {reviewer, groups, csrf_token, expires_at}
   auth: null,           // {token_sign_in, oidc}
-  pending: new Map(),   // id -> RequestRecord
+  pending: new Map(),   // id -> queue row (see `requests` in startEvents)
   events: null,         // EventSource
   selected: 0,          // index in the visible queue
   filters: { host: '', policy: '', kind: '' },
@@ -154,19 +154,21 @@ async function api(method, path, body) {
 
 // ---------------------------------------------------------------- what a request asks
 
+// A request's or a queue row's target (a row's may be `cut`: the rest is in the detail).
 function whatOf(request) {
   const target = request.target;
+  const more = target.cut ? ' …(more in the detail)' : '';
   if (target.kind === 'exec') {
     // WHAT is the argv; the executable is its own column, so argv[0] is not repeated when
     // it names the executable.
     const argv = target.argv || [];
     const rest = argv.length && (argv[0] === target.executable || target.executable.endsWith('/' + argv[0]))
       ? argv.slice(1) : argv;
-    return { exe: target.executable, args: shellLine(rest) + (target.argv_truncated ? ' …(truncated)' : '') };
+    return { exe: target.executable, args: shellLine(rest) + more + (target.argv_truncated ? ' …(truncated)' : '') };
   }
   const dest = target.family === 'inet6' ? `[${target.address}]:${target.port}`
     : target.family === 'unix' ? target.address : `${target.address}:${target.port}`;
-  const names = (target.resolved || []).length ? ` (${target.resolved.join(', ')})` : '';
+  const names = (target.resolved || []).length ? ` (${target.resolved.join(', ')}${more})` : '';
   return { exe: `connect ${target.socket_type || ''}`.trim(), args: dest + names };
 }
 
@@ -238,7 +240,8 @@ function startEvents() {
   state.snapshot = true;
   source.addEventListener('open', () => { state.pending.clear(); state.snapshot = true; });
   source.addEventListener('ready', () => { state.snapshot = false; scheduleRender(); });
-  // `requests`: requests in the queue, in full; `left`: ids of requests that left it.
+  // `requests`: requests in the queue, as queue rows (what the queue shows; the detail
+  // fetches the whole record); `left`: ids of requests that left it.
   const changed = (ids) => {
     if (state.snapshot) return;
     scheduleRender();
@@ -246,10 +249,10 @@ function startEvents() {
   };
   source.addEventListener('requests', (event) => {
     const ids = [];
-    for (const { request } of JSON.parse(event.data)) {
-      if (request.state === 'pending') state.pending.set(request.request.id, request);
-      else state.pending.delete(request.request.id);
-      ids.push(request.request.id);
+    for (const { row } of JSON.parse(event.data)) {
+      if (row.state === 'pending') state.pending.set(row.id, row);
+      else state.pending.delete(row.id);
+      ids.push(row.id);
     }
     changed(ids);
   });
@@ -277,8 +280,8 @@ function scheduleRender() {
 function visibleQueue() {
   const f = state.filters;
   return [...state.pending.values()]
-    .filter((r) => (!f.host || r.host === f.host) && (!f.policy || r.request.policy === f.policy)
-      && (!f.kind || r.request.target.kind === f.kind))
+    .filter((r) => (!f.host || r.host === f.host) && (!f.policy || r.policy === f.policy)
+      && (!f.kind || r.target.kind === f.kind))
     .sort((a, b) => Date.parse(a.deadline) - Date.parse(b.deadline));
 }
 
@@ -312,26 +315,25 @@ function renderQueueRows() {
   const body = document.getElementById('queue-rows');
   if (!body) return;
   const rows = visibleQueue();
-  const shorts = shortIds(rows.map((r) => r.request.id));
+  const shorts = shortIds(rows.map((r) => r.id));
   state.selected = Math.min(state.selected, Math.max(rows.length - 1, 0));
   const fragment = document.createDocumentFragment();
-  rows.forEach((record, index) => {
-    const request = record.request;
-    const what = whatOf(request);
-    const left = timeLeft(record.deadline);
-    const link = el('a', { href: `#/request/${request.id}`, class: 'mono' }, shorts[index]);
-    const row = el('tr', { 'data-id': request.id, class: index === state.selected ? 'selected' : '', 'aria-selected': index === state.selected ? 'true' : 'false' },
+  rows.forEach((queued, index) => {
+    const what = whatOf(queued);
+    const left = timeLeft(queued.deadline);
+    const link = el('a', { href: `#/request/${queued.id}`, class: 'mono' }, shorts[index]);
+    const row = el('tr', { 'data-id': queued.id, class: index === state.selected ? 'selected' : '', 'aria-selected': index === state.selected ? 'true' : 'false' },
       el('td', {}, link),
-      el('td', {}, request.target.kind),
+      el('td', {}, queued.target.kind),
       el('td', {}, visible(what.exe)),
       el('td', {}, visible(what.args)),
-      el('td', {}, visible(record.host)),
-      el('td', {}, visible(request.policy), el('br'), el('span', { class: 'muted' }, visible(request.rule))),
-      el('td', {}, visible(request.user_name || String(request.uid))),
-      el('td', {}, `${record.approvals.length} of ${record.approvals_required}`),
-      el('td', { class: left.late ? 'late time-left' : 'time-left', 'data-deadline': record.deadline }, left.text),
+      el('td', {}, visible(queued.host)),
+      el('td', {}, visible(queued.policy), el('br'), el('span', { class: 'muted' }, visible(queued.rule))),
+      el('td', {}, visible(queued.user_name || String(queued.uid))),
+      el('td', {}, `${queued.approvals} of ${queued.approvals_required}`),
+      el('td', { class: left.late ? 'late time-left' : 'time-left', 'data-deadline': queued.deadline }, left.text),
     );
-    row.addEventListener('click', (event) => { if (event.target.tagName !== 'A') location.hash = `#/request/${request.id}`; });
+    row.addEventListener('click', (event) => { if (event.target.tagName !== 'A') location.hash = `#/request/${queued.id}`; });
     fragment.append(row);
   });
   body.replaceChildren(fragment);
