@@ -816,7 +816,10 @@ pub struct ConnectEvent {
     /// caller's length).
     pub addr: [u8; 16],
     pub unix_path: [u8; 108],
-    pub _pad2: u32,
+    /// For `AF_UNIX`, how many bytes of `unix_path` the caller's address
+    /// holds (its length minus the family, at most 108): an abstract name's
+    /// trailing NULs within it are part of the name. 0 for other families.
+    pub unix_len: u32,
 }
 
 /// [`ConnectEvent::op`]: the call a connect decision was made for. The

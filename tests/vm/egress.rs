@@ -50,7 +50,8 @@ const NOBODY: &str = "65534";
 /// - `raw-icmp [IP]`: a raw ICMP socket (and an echo request to IP);
 /// - `raw-icmp6`: a raw `ICMPv6` socket; `packet`: an `AF_PACKET` socket;
 /// - `unix-connect PATH`, `unix-send PATH`: stream connect / datagram `sendto`
-///   (`@NAME`: the abstract name NAME; a connect passes its exact length);
+///   (`@NAME`: the abstract name NAME; a connect passes its exact length,
+///   or that and N more NULs with `unix-connect @NAME N`);
 ///   `unix-connect-junk PATH`: a stream connect to PATH with bytes after
 ///   its NUL (which the kernel ignores);
 /// - `netlink-send PORTID`: a `NETLINK_USERSOCK` datagram to another
@@ -70,9 +71,9 @@ pub fn run(args: &[String]) -> i32 {
             i32::from((libc::ETH_P_ALL as u16).to_be()),
         )
         .map(drop),
-        "unix-connect" => unix(arg(1), libc::SOCK_STREAM),
+        "unix-connect" => unix(arg(1), libc::SOCK_STREAM, arg(2).parse().unwrap_or(0)),
         "unix-connect-junk" => unix_junk(arg(1)),
-        "unix-send" => unix(arg(1), libc::SOCK_DGRAM),
+        "unix-send" => unix(arg(1), libc::SOCK_DGRAM, 0),
         "netlink-send" => netlink_send(arg(1).parse().unwrap_or(0)),
         "netlink-kernel" => netlink_kernel(),
         other => {
@@ -232,7 +233,9 @@ fn sockaddr_un(path: &str) -> libc::sockaddr_un {
     sa
 }
 
-fn unix(path: &str, kind: i32) -> Result<(), i32> {
+/// `trailing_nuls`: NULs an abstract name's connect adds to its length
+/// (part of the name for the kernel: another socket).
+fn unix(path: &str, kind: i32, trailing_nuls: usize) -> Result<(), i32> {
     let fd = socket(libc::AF_UNIX, kind, 0)?;
     let sa = sockaddr_un(path);
     if kind == libc::SOCK_DGRAM {
@@ -241,7 +244,7 @@ fn unix(path: &str, kind: i32) -> Result<(), i32> {
     // An abstract name is exactly its bytes (as `bind` of std's abstract
     // addresses makes it); a pathname passes the whole structure.
     let len = if path.starts_with('@') {
-        2 + path.len()
+        (2 + path.len() + trailing_nuls).min(size_of::<libc::sockaddr_un>())
     } else {
         size_of::<libc::sockaddr_un>()
     };

@@ -321,8 +321,20 @@ fn unix_connect_asked(
     uid: Option<&str>,
     name: &str,
 ) -> ConnectEvent {
+    unix_connect_with_nuls_asked(ebpf, cgroup, uid, name, "0")
+}
+
+/// [`unix_connect_asked`] of the abstract `name` (`@NAME`) with `nuls` more
+/// NULs within the connect's length.
+fn unix_connect_with_nuls_asked(
+    ebpf: &mut Ebpf,
+    cgroup: &Cgroup,
+    uid: Option<&str>,
+    name: &str,
+    nuls: &str,
+) -> ConnectEvent {
     let mut args: Vec<&str> = uid.map_or_else(Vec::new, |uid| vec!["as-user", uid]);
-    args.extend_from_slice(&["net", "unix-connect", name]);
+    args.extend_from_slice(&["net", "unix-connect", name, nuls]);
     let mut child = cgroup.spawn(&mut workload::workload(&args));
     let asked: ConnectEvent = wait_event(ebpf, event_kind::CONNECT_ASK, Duration::from_secs(10));
     wait_stopped(asked.header.pid, Duration::from_secs(10));
@@ -388,11 +400,15 @@ fn unix_socket_digests_cover_the_path_and_abstract_name() {
     let asked_b = unix_connect_asked(&mut ebpf, &cgroup, None, &b);
     let asked_x = unix_connect_asked(&mut ebpf, &cgroup, None, "@gk-abstract-a");
     let asked_y = unix_connect_asked(&mut ebpf, &cgroup, None, "@gk-abstract-b");
+    // An abstract name with trailing NULs within its length is another socket.
+    let asked_x_nuls =
+        unix_connect_with_nuls_asked(&mut ebpf, &cgroup, None, "@gk-abstract-a", "2");
     let digests = [
         asked_a.header.digest,
         asked_b.header.digest,
         asked_x.header.digest,
         asked_y.header.digest,
+        asked_x_nuls.header.digest,
     ];
     for (i, left) in digests.iter().enumerate() {
         for right in &digests[i + 1..] {
@@ -410,6 +426,12 @@ fn unix_socket_digests_cover_the_path_and_abstract_name() {
         expected_x,
         "the abstract name, nothing past its length"
     );
+    // The record says how long each name is, so its reader can show an
+    // abstract name's trailing NULs (a pathname connect passes all 108 bytes).
+    assert_eq!(asked_a.unix_len, 108, "a pathname's whole sun_path");
+    assert_eq!(asked_x.unix_len, 14, "NUL + gk-abstract-a");
+    assert_eq!(shown(&asked_x_nuls), expected_x, "the same bytes");
+    assert_eq!(asked_x_nuls.unix_len, 16, "NUL + gk-abstract-a + 2 NULs");
     // The same name asks with the same digest (root or not).
     let again = unix_connect_asked(&mut ebpf, &cgroup, Some("65534"), &a);
     assert_eq!(again.header.digest, asked_a.header.digest);

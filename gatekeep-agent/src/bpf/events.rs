@@ -438,7 +438,7 @@ mod tests {
             action: action::ASK,
             addr: [0; 16],
             unix_path: [0; 108],
-            _pad2: 0,
+            unix_len: 0,
         };
         raw.addr[..4].copy_from_slice(&[10, 1, 2, 3]);
         let Event::Ask(Request::Connect(request)) = parse(&bytes_of(&raw)).expect("parse") else {
@@ -457,6 +457,7 @@ mod tests {
 
         raw.family = AF_UNIX;
         raw.unix_path[..6].copy_from_slice(b"\0agent");
+        raw.unix_len = 6;
         let Event::Denied(Request::Connect(request)) = parse(&bytes_of(&raw)).expect("parse")
         else {
             panic!("not a connect denial");
@@ -465,9 +466,28 @@ mod tests {
             request.destination,
             Destination::Unix {
                 path: "@agent".into(),
-                name: raw.unix_path.to_vec(),
+                name: b"\0agent".to_vec(),
             }
         );
+        // The same bytes with two NULs more within the caller's length: another
+        // socket, and it reads as one.
+        raw.unix_len = 8;
+        let Event::Denied(Request::Connect(request)) = parse(&bytes_of(&raw)).expect("parse")
+        else {
+            panic!("not a connect denial");
+        };
+        assert_eq!(request.destination.to_string(), "unix:@agent\\x00\\x00");
+        // A length past the buffer is bounded by it.
+        raw.unix_len = u32::MAX;
+        let Event::Denied(Request::Connect(request)) = parse(&bytes_of(&raw)).expect("parse")
+        else {
+            panic!("not a connect denial");
+        };
+        let Destination::Unix { name, .. } = &request.destination else {
+            panic!("not a unix destination");
+        };
+        assert_eq!(name.len(), 108);
+        raw.unix_len = 0;
         assert_eq!(request.via, Via::Connect);
 
         // A datagram sent to an address: the same destination, another call.

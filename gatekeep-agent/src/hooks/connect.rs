@@ -303,10 +303,7 @@ impl Hook for Connect {
                 connect.decide_resolved(*addr, *port, &names).to_string()
             }
             Destination::Ip { addr, port } => connect_rule(policy, *addr, *port),
-            // An abstract name's trailing NULs are not in the record: a
-            // rule on `@a` reads as deciding `@a\0` too (the kernel tells
-            // them apart; only this description cannot).
-            Destination::Unix { name, .. } => connect.decide_unix(trim_abstract(name)).1,
+            Destination::Unix { name, .. } => connect.decide_unix(name).1,
             Destination::Other { .. } => {
                 format!("connect other_families {}", connect.other_families)
             }
@@ -363,20 +360,6 @@ pub fn unix_rule_key(policy_id: u32, name: u64) -> RuleKey {
     }
 }
 
-/// An `AF_UNIX` record's `sun_path` without the zeroes past the caller's
-/// length: a path's are after its NUL anyway; an abstract name's cannot be
-/// told from its own trailing NULs, which are dropped.
-fn trim_abstract(name: &[u8]) -> &[u8] {
-    if name.first() != Some(&0) {
-        return name;
-    }
-    let end = name
-        .iter()
-        .rposition(|b| *b != 0)
-        .map_or(1, |last| last + 1);
-    &name[..end]
-}
-
 /// The [`RuleKey`] of a connect entry: the LPM prefix length (including the
 /// 32 policy bits), then the network's address.
 #[must_use]
@@ -428,26 +411,20 @@ pub fn decode_rules(bytes: &[u8]) -> PortRules {
     rules
 }
 
-/// How reviewers see an `AF_UNIX` name (the bytes the kernel's digest
-/// covers: those within the caller's length, zero past it): a pathname up to
-/// its NUL, as the kernel resolves it (bytes after the NUL are hashed but
+/// How reviewers see an `AF_UNIX` name (exactly the bytes within the
+/// caller's length, those the kernel's digest covers): a pathname up to its
+/// NUL, as the kernel resolves it (bytes after the NUL are hashed but
 /// ignored by the kernel, so names differing only there read the same and
-/// are two requests); an abstract name
-/// (leading NUL) as `@name`, where a NUL inside it reads `\x00`, a byte that
-/// is not UTF-8 `\xNN` and a backslash `\\`, so two names the digest tells
-/// apart read differently. Trailing NULs of an abstract name are not shown:
-/// names differing only in them read the same, yet are two requests.
+/// are two requests); an abstract name (leading NUL) as `@name`, every byte
+/// of its length, where a NUL reads `\x00` (trailing ones too: `@a` and
+/// `@a\x00` are two sockets), a byte that is not UTF-8 `\xNN` and a
+/// backslash `\\`, so two names the digest tells apart read differently.
 fn unix_name(raw: &[u8]) -> String {
     if raw.first() != Some(&0) {
         return c_string(raw);
     }
-    let name = &raw[1..];
-    let end = name
-        .iter()
-        .rposition(|b| *b != 0)
-        .map_or(0, |last| last + 1);
     let mut shown = String::from("@");
-    for chunk in name[..end].utf8_chunks() {
+    for chunk in raw[1..].utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {
                 '\0' => shown.push_str("\\x00"),
@@ -478,10 +455,15 @@ fn connect_request(raw: &ConnectEvent) -> ConnectRequest {
             addr: IpAddr::V6(Ipv6Addr::from(raw.addr)),
             port: raw.port,
         },
-        AF_UNIX => Destination::Unix {
-            path: unix_name(&raw.unix_path),
-            name: raw.unix_path.to_vec(),
-        },
+        AF_UNIX => {
+            // The kernel's length, bounded by the buffer whatever a record says.
+            let len = usize::try_from(raw.unix_len).map_or(0, |len| len.min(raw.unix_path.len()));
+            let name = &raw.unix_path[..len];
+            Destination::Unix {
+                path: unix_name(name),
+                name: name.to_vec(),
+            }
+        }
         family => Destination::Other { family },
     };
     let (via, destination) = match raw.op {
@@ -600,15 +582,15 @@ mod tests {
         raw[..9].copy_from_slice(b"/run/sock");
         assert_eq!(unix_name(&raw), "/run/sock");
         // Abstract: leading NUL; interior NULs and backslashes kept apart.
-        let mut raw = [0u8; 108];
-        raw[1..6].copy_from_slice(b"a\0b\\c");
-        assert_eq!(unix_name(&raw), "@a\\x00b\\\\c");
-        let mut raw = [0u8; 108];
-        raw[1..5].copy_from_slice(b"name");
+        assert_eq!(unix_name(b"\0a\0b\\c"), "@a\\x00b\\\\c");
+        let mut raw = *b"\0name";
         assert_eq!(unix_name(&raw), "@name");
         raw[1] = 0xff;
         assert_eq!(unix_name(&raw), "@\\xffame");
-        assert_eq!(unix_name(&[0u8; 108]), "@", "an empty abstract name");
+        assert_eq!(unix_name(b"\0"), "@", "an empty abstract name");
+        // Trailing NULs within the caller's length are part of the name.
+        assert_eq!(unix_name(b"\0name\0\0"), "@name\\x00\\x00");
+        assert_ne!(unix_name(b"\0name\0"), unix_name(b"\0name"));
     }
 
     #[test]

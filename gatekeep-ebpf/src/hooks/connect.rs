@@ -702,6 +702,7 @@ pub fn unix_name_digest(address: *const u8, addrlen: i32, cgroup_id: u64) -> u64
     }
     let len = unix_name_len(addrlen);
     let mut digest = Digest::new();
+    let mut first_word = 0;
     for i in 0..SUN_PATH_WORDS {
         let within = len.saturating_sub(i * 8);
         let word = if within == 0 {
@@ -714,8 +715,15 @@ pub fn unix_name_digest(address: *const u8, addrlen: i32, cgroup_id: u64) -> u64
             .unwrap_or(0);
             keep_bytes(raw, within)
         };
+        if i == 0 {
+            first_word = word;
+        }
         digest.word(word);
     }
+    // An abstract name is every byte of its length, trailing NULs included:
+    // `@a` and `@a\0` are two sockets, whose bytes above read the same.
+    let abstract_name = len > 0 && first_word & 0xff == 0;
+    digest.word(if abstract_name { len as u64 } else { 0 });
     (digest.finish() & !UNIX_RULE_BITS)
         | u64::from(unix_rule_action(address, addrlen, cgroup_id)) & UNIX_RULE_BITS
 }
@@ -848,9 +856,10 @@ fn emit_connect(
         (*event).op = target.op;
         (*event).action = action;
         (*event).addr = destination.addr;
-        (*event)._pad2 = 0;
+        (*event).unix_len = 0;
         (*event).unix_path[0] = 0;
         if destination.family == AF_UNIX {
+            (*event).unix_len = unix_name_len(target.addrlen) as u32;
             // Exactly the bytes the digest covers.
             fill_unix_name(
                 (*event).unix_path.as_mut_ptr(),
@@ -880,7 +889,7 @@ pub fn emit_socket_denied(caller: &Caller, kind: u32, family: u16, sock_type: u3
         (*event).op = connect_op::SOCKET;
         (*event).action = action::DENY;
         (*event).addr = [0; 16];
-        (*event)._pad2 = 0;
+        (*event).unix_len = 0;
         (*event).unix_path[0] = 0;
     }
     entry.submit(0);
