@@ -239,16 +239,6 @@ pub enum Once {
     Outcome,
 }
 
-impl Once {
-    /// The kinds an [`Once::Outcome`] record may have (`decided` only when final).
-    pub const OUTCOME_KINDS: [RecordKind; 4] = [
-        RecordKind::Decided,
-        RecordKind::Expired,
-        RecordKind::Cancelled,
-        RecordKind::Abandoned,
-    ];
-}
-
 /// A record whose payload is already its canonical JSON text: built from any serializable
 /// payload without a [`Value`] tree in between (what a busy submitter wants), and queued
 /// with [`AuditWriter::submit_encoded_async`](crate::AuditWriter::submit_encoded_async).

@@ -28,6 +28,7 @@
 
 pub mod api;
 mod audit_log;
+mod audit_records;
 pub mod auth;
 pub mod certs;
 pub mod config;

@@ -46,12 +46,12 @@ use uuid::Uuid;
 
 use crate::{
     audit_log::AuditLog,
+    audit_records::{outcome_records, requested_record},
     auth::{self, Reviewer},
     error::Error,
     failpoint, grants,
     hub::Hub,
     metrics::Metrics,
-    recovery::{outcome_records, requested_record},
     rules::Rules,
     store::{AdmissionQuery, GrantQuery, Inserted, RequestQuery, Store, Transition, Versioned},
 };
@@ -909,9 +909,7 @@ impl Engine {
                     .await
                 {
                     Ok((record, Outcome::Final(decision))) => {
-                        self.audit_final(&record, &decision)
-                            .instrument(span)
-                            .await;
+                        self.audit_final(&record, &decision).instrument(span).await;
                         done.push((record, decision));
                     }
                     Ok((_, Outcome::Vote(_))) | Err(Error::NotPending { .. }) => {}

@@ -14,18 +14,16 @@
 //! the others (replicas recovering together, or the deciding replica's own copy still
 //! queued).
 
-use std::{borrow::Cow, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use gatekeep_audit::{AuditError, EncodedRecord, RecordKind};
-use gatekeep_proto::{
-    audit::{self as payload, Schema},
-    model::{Decision, RequestRecord, RequestState},
-};
-use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{error::Error, lifecycle::Engine};
+use crate::{
+    audit_records::{outcome_records, requested_record},
+    error::Error,
+    lifecycle::Engine,
+};
 
 /// How often a replica looks for requests whose records no replica wrote.
 pub(crate) const RECOVERY_INTERVAL: Duration = Duration::from_secs(10);
@@ -34,112 +32,6 @@ pub(crate) const RECOVERY_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const RECOVERY_GRACE: Duration = Duration::from_secs(30);
 /// Requests recovered per store call.
 const RECOVERY_BATCH: usize = 256;
-
-/// `payload` as a record of `kind` on `host`, marked when written by recovery.
-fn encode<P: Serialize>(
-    kind: RecordKind,
-    host: &str,
-    payload: &P,
-    recovered: bool,
-) -> Result<EncodedRecord, AuditError> {
-    if recovered {
-        EncodedRecord::new(
-            kind,
-            host,
-            &payload::Recovered {
-                payload,
-                recovered: true,
-            },
-        )
-    } else {
-        EncodedRecord::new(kind, host, payload)
-    }
-}
-
-/// The service's `requested` record of `record` (once per request).
-pub(crate) fn requested_record(
-    record: &RequestRecord,
-    recovered: bool,
-) -> Result<EncodedRecord, AuditError> {
-    let host = &record.host;
-    let payload = payload::Requested {
-        schema: Schema::default(),
-        request: Cow::Borrowed(&record.request),
-        service_deadline: gatekeep_audit::timestamp::format(record.deadline).ok(),
-        kernel: None,
-    };
-    Ok(encode(RecordKind::Requested, host, &payload, recovered)?
-        .with_request_id(record.request.id.to_string())
-        .with_actor(format!("agent:{host}"))
-        .with_at(record.received_at)
-        .once_per_request())
-}
-
-/// The records of `record`'s outcome: the outcome itself (once per request, whatever its
-/// kind), and the `grant_installed` record of the grant it made (once per request).
-pub(crate) fn outcome_records(
-    record: &RequestRecord,
-    decision: &Decision,
-    recovered: bool,
-) -> Vec<Result<EncodedRecord, AuditError>> {
-    let kind = match decision.state {
-        RequestState::Expired => RecordKind::Expired,
-        RequestState::Cancelled => RecordKind::Cancelled,
-        RequestState::Abandoned => RecordKind::Abandoned,
-        RequestState::Approved | RequestState::Denied | RequestState::Pending => {
-            RecordKind::Decided
-        }
-    };
-    let wait_ms = (decision.decided_at - record.received_at).whole_milliseconds();
-    let outcome = payload::Outcome {
-        schema: Schema::default(),
-        policy: Some(Cow::Borrowed(&record.request.policy)),
-        kind: record.request.kind(),
-        target: Some(Cow::Borrowed(&record.request.target)),
-        state: decision.state,
-        verdict: Some(decision.verdict),
-        reason: Cow::Borrowed(&decision.reason),
-        cause: None,
-        detail: None,
-        duration: Some(decision.duration.to_string()),
-        approvals: Some(Cow::Borrowed(&record.approvals)),
-        approvals_required: Some(record.approvals_required),
-        grant_id: decision.grant.as_ref().map(|grant| grant.id),
-        wait_ms: u64::try_from(wait_ms).unwrap_or(0),
-        is_final: true,
-        pid: None,
-        tid: None,
-        digest: None,
-        comm: None,
-    };
-    let mut records = vec![
-        encode(kind, &record.host, &outcome, recovered).map(|encoded| {
-            encoded
-                .with_request_id(record.request.id.to_string())
-                .with_actor(&decision.decided_by)
-                .with_at(decision.decided_at)
-                .outcome_once()
-        }),
-    ];
-    if let Some(grant) = &decision.grant {
-        let change = payload::GrantChange {
-            schema: Schema::default(),
-            grant,
-            by: None,
-            reason: None,
-        };
-        records.push(
-            encode(RecordKind::GrantInstalled, &grant.host, &change, recovered).map(|encoded| {
-                encoded
-                    .with_request_id(record.request.id.to_string())
-                    .with_actor(&grant.created_by)
-                    .with_at(grant.created_at)
-                    .once_per_request()
-            }),
-        );
-    }
-    records
-}
 
 impl Engine {
     /// Runs until shutdown: recovers what the store says is owed (everything at start, then

@@ -242,9 +242,13 @@ impl Service {
     }
 
     async fn stored_state(&self, id: Uuid) -> RequestState {
-        let store = store::open(&self.config.store, self.config.state_db(), self.config.synchronous)
-            .await
-            .expect("open the store");
+        let store = store::open(
+            &self.config.store,
+            self.config.state_db(),
+            self.config.synchronous,
+        )
+        .await
+        .expect("open the store");
         store
             .get_request(id)
             .await
@@ -265,7 +269,11 @@ impl Drop for Service {
 }
 
 /// The records of request `id` in `lines` of kind `kind` (`outcome`: any final one).
-fn records_of<'a>(lines: &'a [serde_json::Value], id: Uuid, kind: &str) -> Vec<&'a serde_json::Value> {
+fn records_of<'a>(
+    lines: &'a [serde_json::Value],
+    id: Uuid,
+    kind: &str,
+) -> Vec<&'a serde_json::Value> {
     lines
         .iter()
         .filter(|l| l["request_id"] == id.to_string())
@@ -285,17 +293,27 @@ fn records_of<'a>(lines: &'a [serde_json::Value], id: Uuid, kind: &str) -> Vec<&
 async fn recorded_once(service: &mut Service, id: Uuid) {
     let started = Instant::now();
     while records_of(&service.chain().await, id, "outcome").is_empty() {
-        assert!(started.elapsed() < PATIENCE, "the outcome was never recovered");
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the outcome was never recovered"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     service.stop();
     let report = support::audit_verify(&service.config).await;
     let lines = service.chain().await;
     assert_eq!(report.records, lines.len() as u64);
-    assert_eq!(records_of(&lines, id, "requested").len(), 1, "one `requested`");
+    assert_eq!(
+        records_of(&lines, id, "requested").len(),
+        1,
+        "one `requested`"
+    );
     let outcome = records_of(&lines, id, "outcome");
     assert_eq!(outcome.len(), 1, "one outcome");
-    assert_eq!(outcome[0]["payload"]["recovered"], true, "written by recovery");
+    assert_eq!(
+        outcome[0]["payload"]["recovered"], true,
+        "written by recovery"
+    );
     let requested = lines
         .iter()
         .position(|l| l["kind"] == "requested" && l["request_id"] == id.to_string());
@@ -343,7 +361,9 @@ async fn a_reviewers_decision_stored_before_the_kill_is_recorded_once(backend: B
 
 async fn an_automatic_decision_stored_before_the_kill_is_recorded_once(backend: Backend) {
     let mut service = Service::new(backend).await;
-    service.start(Some(failpoint::AUTOMATIC_DECISION_STORED)).await;
+    service
+        .start(Some(failpoint::AUTOMATIC_DECISION_STORED))
+        .await;
     let link = service.agent().await;
     let request = exec_request(&["curl", "auto", "1"]);
     let id = request.id;

@@ -758,7 +758,11 @@ fn wait_aborted(replica: &mut Replica) {
 }
 
 /// The records of request `id` in the chain, by kind (`outcome`: any final one).
-fn records_of<'a>(lines: &'a [serde_json::Value], id: Uuid, kind: &str) -> Vec<&'a serde_json::Value> {
+fn records_of<'a>(
+    lines: &'a [serde_json::Value],
+    id: Uuid,
+    kind: &str,
+) -> Vec<&'a serde_json::Value> {
     lines
         .iter()
         .filter(|l| l["request_id"] == id.to_string())
@@ -828,7 +832,12 @@ async fn a_replica_killed_between_a_decision_and_its_record_leaves_it_recorded_o
     wait_pending(&mut on_0, reviewed_id).await;
     // The replica dies before it answers.
     let refused = on_0
-        .decide(reviewed_id, Verdict::Deny, "killed meanwhile", GrantDuration::Once)
+        .decide(
+            reviewed_id,
+            Verdict::Deny,
+            "killed meanwhile",
+            GrantDuration::Once,
+        )
         .await;
     assert!(refused.is_err(), "replica 0 answered past its failpoint");
     wait_aborted(&mut fleet.replicas[0]);
@@ -843,16 +852,26 @@ async fn a_replica_killed_between_a_decision_and_its_record_leaves_it_recorded_o
     fleet.wait_ready(2).await;
     let started = Instant::now();
     while records_of(&chain(&fleet.config).await, reviewed_id, "outcome").is_empty() {
-        assert!(started.elapsed() < PATIENCE, "the outcome was never recovered");
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the outcome was never recovered"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let lines = fleet.stop_and_verify().await;
     for (id, kind) in [(automatic_id, "decided"), (reviewed_id, "decided")] {
-        assert_eq!(records_of(&lines, id, "requested").len(), 1, "{id}: one `requested`");
+        assert_eq!(
+            records_of(&lines, id, "requested").len(),
+            1,
+            "{id}: one `requested`"
+        );
         let outcome = records_of(&lines, id, "outcome");
         assert_eq!(outcome.len(), 1, "{id}: one outcome");
         assert_eq!(outcome[0]["kind"], kind);
-        assert_eq!(outcome[0]["payload"]["recovered"], true, "{id}: written by recovery");
+        assert_eq!(
+            outcome[0]["payload"]["recovered"], true,
+            "{id}: written by recovery"
+        );
         let requested = lines
             .iter()
             .position(|l| l["kind"] == "requested" && l["request_id"] == id.to_string());

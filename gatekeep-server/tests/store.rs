@@ -512,7 +512,10 @@ async fn final_requests_are_owed_their_audit_records_until_settled(backend: Back
             .await
             .expect("vote")
     );
-    assert!(owed(Arc::clone(&store), far_future).await.is_empty(), "pending and voted: nothing owed");
+    assert!(
+        owed(Arc::clone(&store), far_future).await.is_empty(),
+        "pending and voted: nothing owed"
+    );
     assert!(
         store
             .transition(Transition {
@@ -524,17 +527,26 @@ async fn final_requests_are_owed_their_audit_records_until_settled(backend: Back
             .expect("decide")
     );
     let automatic = decided(record(&["curl", "owed-2"]), Verdict::Deny);
-    store.insert_request(automatic.clone()).await.expect("insert decided");
+    store
+        .insert_request(automatic.clone())
+        .await
+        .expect("insert decided");
     let mut both = vec![pending.request.id, automatic.request.id];
     both.sort();
     assert_eq!(owed(Arc::clone(&store), far_future).await, both);
     let long_ago = OffsetDateTime::now_utc() - time::Duration::hours(1);
-    assert!(owed(Arc::clone(&store), long_ago).await.is_empty(), "decided after `before`");
+    assert!(
+        owed(Arc::clone(&store), long_ago).await.is_empty(),
+        "decided after `before`"
+    );
     store
         .audit_settled(vec![pending.request.id])
         .await
         .expect("settle");
-    assert_eq!(owed(Arc::clone(&store), far_future).await, [automatic.request.id]);
+    assert_eq!(
+        owed(Arc::clone(&store), far_future).await,
+        [automatic.request.id]
+    );
     store
         .audit_settled(vec![automatic.request.id, pending.request.id])
         .await
