@@ -898,6 +898,7 @@ impl Engine {
             let due = self.store.due_requests(now, EXPIRE_BATCH).await?;
             let batch = due.len();
             let mut done = Vec::new();
+            let mut failed = None;
             for Versioned { value, .. } in due {
                 let decision = Self::expiry(&value, now);
                 let span = request_span(value.request.id);
@@ -913,10 +914,14 @@ impl Engine {
                         done.push((record, decision));
                     }
                     Ok((_, Outcome::Vote(_))) | Err(Error::NotPending { .. }) => {}
-                    Err(error) => return Err(error),
+                    Err(error) => {
+                        failed = Some(error);
+                        break;
+                    }
                 }
             }
-            // One wait for the whole batch's records, then every agent is told.
+            // One wait for the whole batch's records, then every agent is told (also of
+            // what expired before a failure).
             if !done.is_empty() {
                 self.durable().await;
             }
@@ -927,6 +932,9 @@ impl Engine {
                 );
                 self.hub.publish(&record);
                 expired += 1;
+            }
+            if let Some(error) = failed {
+                return Err(error);
             }
             let now = OffsetDateTime::now_utc();
             for grant in self.store.due_grants(now).await? {
