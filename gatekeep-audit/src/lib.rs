@@ -108,8 +108,8 @@ pub use hash::{ChainFields, GENESIS_HASH};
 pub use health::{Failure, FailureCause, WriterHealth};
 pub use read::{AuditReader, RawRecord};
 pub use record::{
-    AuditRecord, EncodedRecord, Prepared, RecordKind, StoredRecord, UnknownKind, canonical_json,
-    once_filter, timestamp,
+    AuditRecord, EncodedRecord, Once, Prepared, RecordKind, StoredRecord, UnknownKind,
+    canonical_json, once_filter, timestamp,
 };
 pub use store::{APPEND_ONLY_MESSAGE, AuditStore, ChainHead, ChainStore, SCHEMA_VERSION};
 pub use verify::{VerifyReport, verify, verify_export};

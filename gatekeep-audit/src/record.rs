@@ -221,9 +221,22 @@ impl AuditRecord {
             actor: self.actor,
             payload: canonical_json(&self.payload)?,
             at: self.at,
-            once: false,
+            once: None,
         })
     }
+}
+
+/// What a record is one of at most one per request (see [`EncodedRecord::once_per_request`]
+/// and [`EncodedRecord::outcome_once`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Once {
+    /// At most one record of its kind per request (`requested`, `grant_installed`).
+    Kind,
+    /// At most one outcome per request: one record of kind `expired`, `cancelled` or
+    /// `abandoned`, or `decided` with `"final": true` in its payload (a `decided` record
+    /// whose payload says `"final": false` is one approval towards a quorum, and does not
+    /// count).
+    Outcome,
 }
 
 /// A record whose payload is already its canonical JSON text: built from any serializable
@@ -237,7 +250,7 @@ pub struct EncodedRecord {
     actor: Option<String>,
     payload: String,
     at: OffsetDateTime,
-    once: bool,
+    once: Option<Once>,
 }
 
 impl EncodedRecord {
@@ -255,7 +268,7 @@ impl EncodedRecord {
             actor: None,
             payload: crate::to_canonical_json(payload)?,
             at: OffsetDateTime::now_utc(),
-            once: false,
+            once: None,
         })
     }
 
@@ -267,7 +280,19 @@ impl EncodedRecord {
     /// Without a request id it is an ordinary record.
     #[must_use]
     pub fn once_per_request(mut self) -> Self {
-        self.once = true;
+        self.once = Some(Once::Kind);
+        self
+    }
+
+    /// Marks it as its request's one outcome ([`Once::Outcome`]): a
+    /// [`ChainStore`](crate::ChainStore) appends it only if neither the chain nor an earlier
+    /// record of the same batch holds an outcome of the same request. For an outcome whose
+    /// writing may be repeated: by the replica that decided, and by a reconciliation that
+    /// writes what a replica killed after storing a decision did not. Without a request id
+    /// it is an ordinary record.
+    #[must_use]
+    pub fn outcome_once(mut self) -> Self {
+        self.once = Some(Once::Outcome);
         self
     }
 
@@ -322,9 +347,8 @@ pub struct Prepared {
     pub(crate) host: String,
     pub(crate) actor: Option<String>,
     pub(crate) payload: String,
-    /// Appended only if its request has no record of its kind yet (see
-    /// [`EncodedRecord::once_per_request`]).
-    pub(crate) once: bool,
+    /// Appended only if its request has no such record yet (see [`Once`]).
+    pub(crate) once: Option<Once>,
 }
 
 impl Prepared {
@@ -361,10 +385,17 @@ impl Prepared {
         &self.payload
     }
 
-    /// Whether it is appended only once per request ([`EncodedRecord::once_per_request`]).
+    /// Whether it is appended only once per request ([`EncodedRecord::once_per_request`],
+    /// [`EncodedRecord::outcome_once`]).
     #[must_use]
     pub fn once(&self) -> bool {
-        self.once && self.request_id.is_some()
+        self.once_key().is_some()
+    }
+
+    /// What it is one of per request, if it is ([`Once`]); `None` without a request id.
+    #[must_use]
+    pub fn once_key(&self) -> Option<Once> {
+        self.once.filter(|_| self.request_id.is_some())
     }
 
     /// The chain fields of this record at `seq` after `prev_hash` (hash them with
@@ -385,22 +416,25 @@ impl Prepared {
 }
 
 /// Which records of a batch a [`ChainStore`](crate::ChainStore) appends, by index in
-/// `batch`: every record but a once-per-request one ([`EncodedRecord::once_per_request`])
-/// whose request already has a record of its kind, in the chain (`stored(request_id, kind)`
-/// says; call it inside the append's transaction, so that no other appender slips one in)
-/// or earlier in the batch.
+/// `batch`: every record but a once-per-request one ([`Once`]) whose request already has
+/// such a record, in the chain (`stored(request_id, kind, once)` says; call it inside the
+/// append's transaction, so that no other appender slips one in) or earlier in the batch.
 pub fn once_filter<E>(
     batch: &[Prepared],
-    mut stored: impl FnMut(&str, &str) -> Result<bool, E>,
+    mut stored: impl FnMut(&str, &str, Once) -> Result<bool, E>,
 ) -> Result<Vec<usize>, E> {
     let mut seen = std::collections::HashSet::new();
     let mut keep = Vec::with_capacity(batch.len());
     for (index, record) in batch.iter().enumerate() {
-        if record.once
-            && let Some(id) = record.request_id.as_deref()
-            && (!seen.insert((id, record.kind)) || stored(id, record.kind)?)
-        {
-            continue;
+        if let (Some(once), Some(id)) = (record.once, record.request_id.as_deref()) {
+            // Every outcome kind shares one key; a kind's own record, its kind.
+            let key = match once {
+                Once::Kind => record.kind,
+                Once::Outcome => "",
+            };
+            if !seen.insert((id, key)) || stored(id, record.kind, once)? {
+                continue;
+            }
         }
         keep.push(index);
     }

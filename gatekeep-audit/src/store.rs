@@ -14,7 +14,7 @@ use time::UtcOffset;
 use crate::{
     error::{AuditError, TamperReason},
     hash::{ChainFields, GENESIS_HASH},
-    record::{AuditRecord, Prepared, StoredRecord},
+    record::{AuditRecord, Once, Prepared, StoredRecord},
 };
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
@@ -73,6 +73,12 @@ const INSERT: &str = "INSERT INTO audit_records \
 /// ([`EncodedRecord::once_per_request`](crate::EncodedRecord::once_per_request)); served by
 /// the `request_id` index.
 const ONCE_EXISTS: &str = "SELECT 1 FROM audit_records WHERE request_id = ?1 AND kind = ?2";
+
+/// Whether the chain holds an outcome of a request ([`Once::Outcome`]); served by the
+/// `request_id` index (the payload is read only of the request's `decided` records).
+const OUTCOME_EXISTS: &str = "SELECT 1 FROM audit_records WHERE request_id = ?1 \
+    AND (kind IN ('expired', 'cancelled', 'abandoned') \
+    OR (kind = 'decided' AND json_extract(payload, '$.final') = 1))";
 
 /// The last record of a chain: the value to anchor elsewhere (the decision service, a ticket)
 /// so that truncating the log's tail, which no chain can show by itself, shows too.
@@ -252,7 +258,11 @@ impl AuditStore {
         // Inside the write transaction: another process appending to the file waits.
         let keep = {
             let mut exists = tx.prepare_cached(ONCE_EXISTS)?;
-            crate::record::once_filter(rows, |id, kind| exists.exists(params![id, kind]))?
+            let mut outcome = tx.prepare_cached(OUTCOME_EXISTS)?;
+            crate::record::once_filter(rows, |id, kind, once| match once {
+                Once::Kind => exists.exists(params![id, kind]),
+                Once::Outcome => outcome.exists(params![id]),
+            })?
         };
         if keep.is_empty() {
             // Every record was there already: nothing to write.
@@ -547,6 +557,53 @@ pub(crate) mod tests {
         assert_eq!(head.map(|h| h.seq), Some(4));
         let report = verify(&path).unwrap();
         assert_eq!(report.records, 4);
+    }
+
+    #[test]
+    fn an_outcome_is_appended_once_per_request_whatever_its_kind_and_votes_do_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let outcome = |kind: RecordKind, id: &str, last: bool| {
+            crate::EncodedRecord::new(kind, "svc", &json!({"final": last, "n": 1}))
+                .unwrap()
+                .with_request_id(id)
+                .outcome_once()
+                .into_prepared()
+                .unwrap()
+        };
+        let vote = |id: &str| {
+            crate::EncodedRecord::new(RecordKind::Decided, "svc", &json!({"final": false}))
+                .unwrap()
+                .with_request_id(id)
+                .into_prepared()
+                .unwrap()
+        };
+        let mut store = AuditStore::open(&path).unwrap();
+        // A vote stored first does not stand for the outcome; a second outcome in the
+        // batch, of another kind, is left out.
+        let head = store
+            .append_prepared(&[
+                vote("a"),
+                outcome(RecordKind::Decided, "a", true),
+                outcome(RecordKind::Expired, "a", true),
+                outcome(RecordKind::Cancelled, "b", true),
+            ])
+            .unwrap()
+            .cloned();
+        assert_eq!(head.map(|h| h.seq), Some(3));
+        // From another store on the file (another replica, a reconciliation): nothing for
+        // `a` or `b`, whatever the kind; `c` is new.
+        let mut other = AuditStore::open(&path).unwrap();
+        let head = other
+            .append_prepared(&[
+                outcome(RecordKind::Decided, "a", true),
+                outcome(RecordKind::Abandoned, "b", true),
+                outcome(RecordKind::Expired, "c", true),
+            ])
+            .unwrap()
+            .cloned();
+        assert_eq!(head.map(|h| h.seq), Some(4));
+        assert_eq!(verify(&path).unwrap().records, 4);
     }
 
     #[test]

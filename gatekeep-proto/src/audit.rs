@@ -237,6 +237,18 @@ pub struct Outcome<'a> {
     pub comm: Option<String>,
 }
 
+/// A service record written by recovery: payload `P` (a [`Requested`], an [`Outcome`] or a
+/// [`GrantChange`]) with `"recovered": true` beside its fields. A replica writes it for a
+/// request stored in a final state whose record the chain lacks: the replica that stored it
+/// was killed before its record was durable, or had not written it yet when the recovery
+/// looked (the chain holds each such record once, whoever writes it first).
+#[derive(Debug, Serialize)]
+pub struct Recovered<'a, P> {
+    #[serde(flatten)]
+    pub payload: &'a P,
+    pub recovered: bool,
+}
+
 /// `approval_refused` (service): a reviewer tried to approve a request of a workload they
 /// own (or as its agent) and was refused; nothing changed on the request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

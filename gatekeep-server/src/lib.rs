@@ -28,10 +28,12 @@
 
 pub mod api;
 mod audit_log;
+mod audit_records;
 pub mod auth;
 pub mod certs;
 pub mod config;
 mod error;
+pub mod failpoint;
 mod fanout;
 pub mod grants;
 pub mod host_audit;
@@ -41,6 +43,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod notify;
 pub mod paths;
+mod recovery;
 mod reviewer;
 pub mod rules;
 mod server;

@@ -39,16 +39,17 @@ use gatekeep_proto::{
     v1,
 };
 use time::OffsetDateTime;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
     audit_log::AuditLog,
+    audit_records::{outcome_records, requested_record},
     auth::{self, Reviewer},
     error::Error,
-    grants,
+    failpoint, grants,
     hub::Hub,
     metrics::Metrics,
     rules::Rules,
@@ -80,6 +81,11 @@ pub struct Engine {
     /// Where the audit chain can be read (status, verify, export).
     pub(crate) audit_log: AuditLog,
     pub(crate) metrics: Arc<Metrics>,
+    /// Requests whose records were queued: once they are durable, the store's
+    /// [`audit_owed`](crate::store::Store::audit_owed) entry goes (see
+    /// [`Engine::run_audit_recovery`]).
+    owed: mpsc::UnboundedSender<Uuid>,
+    owed_queue: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Uuid>>>,
 }
 
 impl Engine {
@@ -150,7 +156,10 @@ pub(crate) struct EngineParts {
 
 impl Engine {
     pub(crate) fn new(parts: EngineParts) -> Self {
+        let (owed, owed_queue) = mpsc::unbounded_channel();
         Self {
+            owed,
+            owed_queue: std::sync::Mutex::new(Some(owed_queue)),
             store: parts.store,
             audit: parts.audit,
             audit_log: parts.audit_log,
@@ -165,6 +174,15 @@ impl Engine {
             storing: AtomicUsize::new(0),
             metrics: parts.metrics,
         }
+    }
+
+    /// The queue of requests whose records were queued, for the one
+    /// [`run_audit_recovery`](Self::run_audit_recovery) task.
+    pub(crate) fn take_owed_queue(&self) -> Option<mpsc::UnboundedReceiver<Uuid>> {
+        self.owed_queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// The audit writer (flushed and shut down by the server at the end).
@@ -319,6 +337,7 @@ impl Engine {
                 self.metrics
                     .request_received(record.request.kind(), &record.request.policy);
                 if let Some(decision) = &decision {
+                    failpoint::hit(failpoint::AUTOMATIC_DECISION_STORED);
                     self.audit_final(&record, decision).await;
                 } else {
                     self.wake.notify_one();
@@ -380,19 +399,7 @@ impl Engine {
     /// refused (the agent keeps it and asks again, or applies its timeout action): nothing
     /// is shown to a reviewer that the audit does not hold.
     async fn record_requested(&self, record: &RequestRecord, durable: bool) -> Result<(), Error> {
-        let host = &record.host;
-        let payload = payload::Requested {
-            schema: Schema::default(),
-            request: Cow::Borrowed(&record.request),
-            service_deadline: gatekeep_audit::timestamp::format(record.deadline).ok(),
-            kernel: None,
-        };
-        let encoded = EncodedRecord::new(RecordKind::Requested, host, &payload)
-            .map_err(|source| Error::Audit { source })?
-            .with_request_id(record.request.id.to_string())
-            .with_actor(format!("agent:{host}"))
-            .with_at(record.received_at)
-            .once_per_request();
+        let encoded = requested_record(record, false).map_err(|source| Error::Audit { source })?;
         self.audit
             .submit_encoded_async(encoded)
             .await
@@ -478,15 +485,9 @@ impl Engine {
         }
     }
 
+    /// Logs and counts a request's outcome and queues its records (the outcome, and the
+    /// grant it made); once they are durable, the store's entry for them goes.
     async fn audit_final(&self, record: &RequestRecord, decision: &Decision) {
-        let kind = match decision.state {
-            RequestState::Expired => RecordKind::Expired,
-            RequestState::Cancelled => RecordKind::Cancelled,
-            RequestState::Abandoned => RecordKind::Abandoned,
-            RequestState::Approved | RequestState::Denied | RequestState::Pending => {
-                RecordKind::Decided
-            }
-        };
         let waited = decision.decided_at - record.received_at;
         tracing::info!(
             state = decision.state.as_str(),
@@ -501,56 +502,12 @@ impl Engine {
             decision,
             waited.as_seconds_f64(),
         );
-        let wait_ms = waited.whole_milliseconds();
-        let payload = payload::Outcome {
-            schema: Schema::default(),
-            policy: Some(Cow::Borrowed(&record.request.policy)),
-            kind: record.request.kind(),
-            target: Some(Cow::Borrowed(&record.request.target)),
-            state: decision.state,
-            verdict: Some(decision.verdict),
-            reason: Cow::Borrowed(&decision.reason),
-            cause: None,
-            detail: None,
-            duration: Some(decision.duration.to_string()),
-            approvals: Some(Cow::Borrowed(&record.approvals)),
-            approvals_required: Some(record.approvals_required),
-            grant_id: decision.grant.as_ref().map(|grant| grant.id),
-            wait_ms: u64::try_from(wait_ms).unwrap_or(0),
-            is_final: true,
-            pid: None,
-            tid: None,
-            digest: None,
-            comm: None,
-        };
-        self.record_encoded(
-            EncodedRecord::new(kind, &record.host, &payload).map(|encoded| {
-                encoded
-                    .with_request_id(record.request.id.to_string())
-                    .with_actor(&decision.decided_by)
-                    .with_at(decision.decided_at)
-            }),
-        )
-        .await;
-        if let Some(grant) = &decision.grant {
-            let change = payload::GrantChange {
-                schema: Schema::default(),
-                grant,
-                by: None,
-                reason: None,
-            };
-            self.record_encoded(
-                EncodedRecord::new(RecordKind::GrantInstalled, &grant.host, &change).map(
-                    |encoded| {
-                        encoded
-                            .with_request_id(record.request.id.to_string())
-                            .with_actor(&grant.created_by)
-                            .with_at(grant.created_at)
-                    },
-                ),
-            )
-            .await;
+        for encoded in outcome_records(record, decision, false) {
+            self.record_encoded(encoded).await;
         }
+        // The recovery task takes it from the store once the records are durable; it waits
+        // for nothing else, so a closed task only leaves the entry for the next start.
+        let _ = self.owed.send(record.request.id);
     }
 
     /// Reads, changes and writes back a pending request, retrying when another writer got
@@ -587,6 +544,9 @@ impl Engine {
                 })
                 .await?;
             if applied {
+                if matches!(outcome, Outcome::Final(_)) {
+                    failpoint::hit(failpoint::DECISION_STORED);
+                }
                 return Ok((record, outcome));
             }
         }
@@ -597,11 +557,15 @@ impl Engine {
         })
     }
 
-    /// After a transition: audit it, tell the agent and the watchers.
+    /// After a transition: audit it, tell the agent and the watchers. An outcome's records
+    /// are durable before this replica delivers it or answers the reviewer (when they cannot
+    /// be written, it is delivered anyway: the decision is stored, other replicas deliver it
+    /// too, and the store keeps it owed until the records are written).
     async fn after(&self, record: &RequestRecord, outcome: &Outcome, deliver: bool) {
         match outcome {
             Outcome::Final(decision) => {
                 self.audit_final(record, decision).await;
+                self.durable().await;
                 if deliver {
                     self.hub.send(
                         &record.host,
@@ -834,6 +798,14 @@ impl Engine {
         .await;
     }
 
+    /// Waits until every record queued so far is durable; a failure is logged (the records
+    /// stay held by the writer, and owed in the store).
+    async fn durable(&self) {
+        if let Err(error) = self.audit.flush_async().await {
+            tracing::error!(%error, "audit records of a decision are not durable yet");
+        }
+    }
+
     /// A reviewer withdraws a pending request; the paused action is denied.
     pub async fn cancel(
         &self,
@@ -925,6 +897,8 @@ impl Engine {
             let now = OffsetDateTime::now_utc();
             let due = self.store.due_requests(now, EXPIRE_BATCH).await?;
             let batch = due.len();
+            let mut done = Vec::new();
+            let mut failed = None;
             for Versioned { value, .. } in due {
                 let decision = Self::expiry(&value, now);
                 let span = request_span(value.request.id);
@@ -935,14 +909,32 @@ impl Engine {
                     .instrument(span.clone())
                     .await
                 {
-                    Ok((record, outcome)) => {
-                        self.after(&record, &outcome, true).instrument(span).await;
-                        expired += 1;
+                    Ok((record, Outcome::Final(decision))) => {
+                        self.audit_final(&record, &decision).instrument(span).await;
+                        done.push((record, decision));
                     }
-                    // Decided meanwhile.
-                    Err(Error::NotPending { .. }) => {}
-                    Err(error) => return Err(error),
+                    Ok((_, Outcome::Vote(_))) | Err(Error::NotPending { .. }) => {}
+                    Err(error) => {
+                        failed = Some(error);
+                        break;
+                    }
                 }
+            }
+            // One wait for the whole batch's records, then every agent is told (also of
+            // what expired before a failure).
+            if !done.is_empty() {
+                self.durable().await;
+            }
+            for (record, decision) in done {
+                self.hub.send(
+                    &record.host,
+                    v1::server_message::Message::Decision((*decision).into()),
+                );
+                self.hub.publish(&record);
+                expired += 1;
+            }
+            if let Some(error) = failed {
+                return Err(error);
             }
             let now = OffsetDateTime::now_utc();
             for grant in self.store.due_grants(now).await? {

@@ -440,6 +440,8 @@ impl Store for TimedStore {
         get_request(id: Uuid) -> Option<Versioned<RequestRecord>>;
         transition(transition: Transition) -> bool;
         list_requests(query: RequestQuery) -> Vec<RequestRecord>;
+        audit_owed(before: OffsetDateTime, limit: usize) -> Vec<RequestRecord>;
+        audit_settled(ids: Vec<Uuid>) -> ();
         request_ids_with_prefix(prefix: String, limit: usize) -> Vec<Uuid>;
         due_requests(now: OffsetDateTime, limit: usize) -> Vec<Versioned<RequestRecord>>;
         next_wakeup() -> Option<OffsetDateTime>;

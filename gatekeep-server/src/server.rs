@@ -272,6 +272,9 @@ impl Server {
             None => None,
         };
         let timer = tokio::spawn(Arc::clone(&engine).run_timer());
+        // Writes what a replica killed between a decision's commit and its audit records'
+        // left unwritten, and settles what this one writes.
+        let recovery = tokio::spawn(Arc::clone(&engine).run_audit_recovery());
         let metrics = self
             .metrics_listener
             .map(|listener| spawn_metrics(listener, &engine));
@@ -340,6 +343,7 @@ impl Server {
             .map_err(|source| Error::Transport { source });
         engine.shutdown.cancel();
         drop(timer.await);
+        drop(recovery.await);
         if let Some(metrics) = metrics
             && let Ok(Err(error)) = metrics.await
         {

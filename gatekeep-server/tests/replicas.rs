@@ -156,6 +156,12 @@ impl Fleet {
     }
 
     fn spawn(&self, name: &str) -> Replica {
+        self.spawn_aborting_at(name, None)
+    }
+
+    /// A replica whose debug build aborts at failpoint `abort_at` (see
+    /// `gatekeep_server::failpoint`).
+    fn spawn_aborting_at(&self, name: &str, abort_at: Option<&str>) -> Replica {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -174,7 +180,13 @@ impl Fleet {
             url = self.config.store.url.as_deref().expect("url"),
         );
         fs::write(&config_path, text + &self.extra).expect("config");
-        let log = self.dir.path().join(format!("{name}.log"));
+        // A replica started again under the same name keeps the log of the one before.
+        let log = self.dir.path().join(format!(
+            "{name}-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
         let mut command = Command::new(env!("CARGO_BIN_EXE_gatekeep-server"));
         command
             .arg("--config")
@@ -184,6 +196,9 @@ impl Fleet {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("log"));
+        if let Some(point) = abort_at {
+            command.env(gatekeep_server::failpoint::VARIABLE, point);
+        }
         // SAFETY: prctl is async-signal-safe. A test process that dies (killed by a timeout)
         // takes its replicas with it; the test's thread, which spawns them, outlives them.
         unsafe {
@@ -714,6 +729,154 @@ async fn a_replica_killed_before_its_audit_commit_leaves_every_request_recorded_
             requested < decided,
             "{id}: `requested` comes before `decided`"
         );
+    }
+}
+
+/// Waits until replica `n` exits by itself (a failpoint aborted it) and checks it aborted.
+fn wait_aborted(replica: &mut Replica) {
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut child = replica.child.take().expect("the replica runs");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "replica {} did not reach its failpoint",
+            replica.name
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(
+        status.signal(),
+        Some(nix::sys::signal::Signal::SIGABRT as i32),
+        "replica {} stopped at its failpoint: {}",
+        replica.name,
+        fs::read_to_string(&replica.log).unwrap_or_default()
+    );
+}
+
+/// The records of request `id` in the chain, by kind (`outcome`: any final one).
+fn records_of<'a>(
+    lines: &'a [serde_json::Value],
+    id: Uuid,
+    kind: &str,
+) -> Vec<&'a serde_json::Value> {
+    lines
+        .iter()
+        .filter(|l| l["request_id"] == id.to_string())
+        .filter(|l| match kind {
+            "outcome" => {
+                ["expired", "cancelled", "abandoned"].contains(&l["kind"].as_str().unwrap_or(""))
+                    || (l["kind"] == "decided" && l["payload"]["final"] == true)
+            }
+            kind => l["kind"] == kind,
+        })
+        .collect()
+}
+
+async fn chain(config: &ServerConfig) -> Vec<serde_json::Value> {
+    String::from_utf8(support::audit_export(config).await)
+        .expect("utf-8")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json"))
+        .collect()
+}
+
+/// Replicas killed right after storing a decision, before its audit records (a debug
+/// build's failpoint aborts them there): the decision stands and reaches the agent, and the
+/// records are written once, marked recovered, by the next replica that starts. One of an
+/// automatic decision (a server rule), one of a reviewer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_between_a_decision_and_its_record_leaves_it_recorded_once() {
+    let rule = "[[rules]]\nname = \"auto\"\naction = \"deny\"\npolicy = \"ai-agents\"\n\
+                executable = \"/usr/bin/curl\"\ncommand = \"curl auto *\"\n";
+    let mut fleet = Fleet::start_with(2, rule.to_owned()).await;
+    fleet.replicas[0].stop();
+    fleet.replicas[0] = fleet.spawn_aborting_at(
+        "replica-0",
+        Some(gatekeep_server::failpoint::AUTOMATIC_DECISION_STORED),
+    );
+    fleet.wait_ready(0).await;
+
+    // 1. An automatic decision: replica 0 stores it and dies; the agent, failed over to
+    // replica 1, asks again and is answered from the store.
+    let (link, mut events) = fleet.agent_with_failover(0, &[1]).await;
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    let (answers, mut answered) = mpsc::unbounded_channel();
+    let automatic = exec_request(&["curl", "auto", "1"]);
+    let automatic_id = automatic.id;
+    ask(&link, automatic, &answers);
+    wait_aborted(&mut fleet.replicas[0]);
+    let (id, decision, _) = next_answer(&mut answered).await;
+    assert_eq!((id, decision.verdict), (automatic_id, Verdict::Deny));
+    assert_eq!(decision.decided_by, "rule:auto");
+    let lines = chain(&fleet.config).await;
+    assert!(
+        records_of(&lines, automatic_id, "outcome").is_empty(),
+        "the failpoint stopped replica 0 before the outcome's record"
+    );
+
+    // 2. A reviewer's decision: replica 0 (armed again) commits it and dies; the agent on
+    // replica 1 still gets it (through the database's notification).
+    fleet.replicas[0] = fleet.spawn_aborting_at(
+        "replica-0",
+        Some(gatekeep_server::failpoint::DECISION_STORED),
+    );
+    fleet.wait_ready(0).await;
+    let reviewed = exec_request(&["curl", "https://reviewed.example/"]);
+    let reviewed_id = reviewed.id;
+    ask(&link, reviewed, &answers);
+    let mut on_0 = fleet.reviewer(0, "alice").await;
+    wait_pending(&mut on_0, reviewed_id).await;
+    // The replica dies before it answers.
+    let refused = on_0
+        .decide(
+            reviewed_id,
+            Verdict::Deny,
+            "killed meanwhile",
+            GrantDuration::Once,
+        )
+        .await;
+    assert!(refused.is_err(), "replica 0 answered past its failpoint");
+    wait_aborted(&mut fleet.replicas[0]);
+    let (id, decision, _) = next_answer(&mut answered).await;
+    assert_eq!((id, decision.verdict), (reviewed_id, Verdict::Deny));
+    let lines = chain(&fleet.config).await;
+    assert!(records_of(&lines, reviewed_id, "outcome").is_empty());
+
+    // 3. Another replica starts: its recovery writes what the chain lacks.
+    let fresh = fleet.spawn("replica-2");
+    fleet.replicas.push(fresh);
+    fleet.wait_ready(2).await;
+    let started = Instant::now();
+    while records_of(&chain(&fleet.config).await, reviewed_id, "outcome").is_empty() {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the outcome was never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lines = fleet.stop_and_verify().await;
+    for (id, kind) in [(automatic_id, "decided"), (reviewed_id, "decided")] {
+        assert_eq!(
+            records_of(&lines, id, "requested").len(),
+            1,
+            "{id}: one `requested`"
+        );
+        let outcome = records_of(&lines, id, "outcome");
+        assert_eq!(outcome.len(), 1, "{id}: one outcome");
+        assert_eq!(outcome[0]["kind"], kind);
+        assert_eq!(
+            outcome[0]["payload"]["recovered"], true,
+            "{id}: written by recovery"
+        );
+        let requested = lines
+            .iter()
+            .position(|l| l["kind"] == "requested" && l["request_id"] == id.to_string());
+        let decided = lines.iter().position(|l| std::ptr::eq(l, outcome[0]));
+        assert!(requested < decided, "{id}: `requested` comes first");
     }
 }
 

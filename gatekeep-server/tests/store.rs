@@ -475,7 +475,87 @@ async fn of_racing_claims_exactly_one_wins(backend: Backend) {
     assert_eq!(taken, 1);
 }
 
+/// A request stored in a final state is owed its audit records, in the same write: a
+/// final transition, or a request stored decided; not a pending one, nor a vote. Settled,
+/// it is owed no more; `before` leaves out what was decided later.
+async fn final_requests_are_owed_their_audit_records_until_settled(backend: Backend) {
+    let (store, _config, _dir) = open(backend).await;
+    let far_future = OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let owed = |store: Arc<dyn Store>, before| async move {
+        let mut ids: Vec<_> = store
+            .audit_owed(before, 100)
+            .await
+            .expect("owed")
+            .into_iter()
+            .map(|record| record.request.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let pending = record(&["curl", "owed-1"]);
+    store.insert_request(pending.clone()).await.expect("insert");
+    let mut voted = pending.clone();
+    voted.approvals.push(gatekeep_proto::model::Vote {
+        reviewer: "alice".into(),
+        reason: String::new(),
+        duration: GrantDuration::Once,
+        scope: GrantScope::Workload,
+        at: OffsetDateTime::now_utc(),
+    });
+    assert!(
+        store
+            .transition(Transition {
+                record: voted.clone(),
+                expected_version: 1,
+                new_grant: None,
+            })
+            .await
+            .expect("vote")
+    );
+    assert!(
+        owed(Arc::clone(&store), far_future).await.is_empty(),
+        "pending and voted: nothing owed"
+    );
+    assert!(
+        store
+            .transition(Transition {
+                record: decided(voted, Verdict::Allow),
+                expected_version: 2,
+                new_grant: None,
+            })
+            .await
+            .expect("decide")
+    );
+    let automatic = decided(record(&["curl", "owed-2"]), Verdict::Deny);
+    store
+        .insert_request(automatic.clone())
+        .await
+        .expect("insert decided");
+    let mut both = vec![pending.request.id, automatic.request.id];
+    both.sort();
+    assert_eq!(owed(Arc::clone(&store), far_future).await, both);
+    let long_ago = OffsetDateTime::now_utc() - time::Duration::hours(1);
+    assert!(
+        owed(Arc::clone(&store), long_ago).await.is_empty(),
+        "decided after `before`"
+    );
+    store
+        .audit_settled(vec![pending.request.id])
+        .await
+        .expect("settle");
+    assert_eq!(
+        owed(Arc::clone(&store), far_future).await,
+        [automatic.request.id]
+    );
+    store
+        .audit_settled(vec![automatic.request.id, pending.request.id])
+        .await
+        .expect("settle again");
+    assert!(owed(Arc::clone(&store), far_future).await.is_empty());
+}
+
 on_both_backends!(
+    final_requests_are_owed_their_audit_records_until_settled,
     delivery_leases_have_one_holder_and_expire,
     of_racing_claims_exactly_one_wins,
     notices_are_kept_and_replaced_and_dead_letters_stored,
@@ -522,7 +602,7 @@ async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused()
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3, 4], "each migration applied once");
+    assert_eq!(versions, [1, 2, 3, 4, 5], "each migration applied once");
     // A newer build migrated the database: this build refuses it, saying why.
     client
         .execute(
@@ -538,7 +618,7 @@ async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused()
         refused,
         StoreError::SchemaNewer {
             found: 99,
-            supported: 4,
+            supported: 5,
             ..
         }
     ));

@@ -256,6 +256,19 @@ pub trait Store: Send + Sync + 'static {
     /// version moved on (re-read and decide again).
     fn transition(&self, transition: Transition) -> StoreFuture<'_, bool>;
     fn list_requests(&self, query: RequestQuery) -> StoreFuture<'_, Vec<RequestRecord>>;
+    /// Requests whose audit records may be missing, oldest first, at most `limit`: every
+    /// request stored in a final state (by [`insert_request`](Self::insert_request) or a
+    /// [`transition`](Self::transition), in the same transaction) at or before `before`,
+    /// until [`audit_settled`](Self::audit_settled) names it. What lets a replica killed
+    /// between a decision's commit and its audit record's lose nothing: another replica, or
+    /// the same one restarted, writes what is missing (see `lifecycle`'s recovery).
+    fn audit_owed(
+        &self,
+        before: OffsetDateTime,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<RequestRecord>>;
+    /// The audit records of these requests are durable: they are owed no more.
+    fn audit_settled(&self, ids: Vec<Uuid>) -> StoreFuture<'_, ()>;
     /// Ids of requests (any state) whose text form starts with `prefix` (lowercase,
     /// hyphenated as ids are), in id order, at most `limit`.
     fn request_ids_with_prefix(&self, prefix: String, limit: usize) -> StoreFuture<'_, Vec<Uuid>>;

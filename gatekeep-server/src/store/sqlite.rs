@@ -42,7 +42,7 @@ use crate::reviewer::Reviewer;
 mod host_audit;
 
 /// Schema version this build reads and writes: the last of [`MIGRATIONS`].
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// `(user_version, SQL)`, applied in order from the database's version on; the same numbers
 /// as the `PostgreSQL` migrations. Never edit a released one: add one.
@@ -51,6 +51,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, NOTIFY_SCHEMA),
     (3, host_audit::SCHEMA),
     (4, DELIVERIES_SCHEMA),
+    (5, AUDIT_OWED_SCHEMA),
 ];
 const _: () = assert!(
     MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION,
@@ -131,6 +132,26 @@ CREATE TABLE deliveries (
     PRIMARY KEY (subject, channel, event)
 ) STRICT;
 CREATE INDEX deliveries_held ON deliveries (lease_until) WHERE owner IS NOT NULL;
+";
+
+/// What the audit chain is owed (as `PostgreSQL`'s migration 5): a row for every request
+/// stored in a final state, put there by the statement that stored it, taken away once its
+/// `requested`, outcome and grant records are durable ([`Store::audit_owed`]). Requests
+/// stored before this migration are not in it.
+const AUDIT_OWED_SCHEMA: &str = "
+CREATE TABLE audit_owed (
+    id    TEXT PRIMARY KEY,
+    since INTEGER NOT NULL
+) STRICT;
+CREATE INDEX audit_owed_since ON audit_owed (since);
+CREATE TRIGGER requests_audit_owed_new AFTER INSERT ON requests
+WHEN NEW.state <> 'pending'
+BEGIN INSERT OR IGNORE INTO audit_owed (id, since)
+    VALUES (NEW.id, coalesce(NEW.decided_at, NEW.received_at)); END;
+CREATE TRIGGER requests_audit_owed_final AFTER UPDATE OF state ON requests
+WHEN OLD.state = 'pending' AND NEW.state <> 'pending'
+BEGIN INSERT OR IGNORE INTO audit_owed (id, since)
+    VALUES (NEW.id, coalesce(NEW.decided_at, NEW.received_at)); END;
 ";
 
 /// Active grants of one host, policy and target; the caller checks expiry and cgroup and
@@ -628,6 +649,28 @@ fn list_requests(
     Ok(out)
 }
 
+/// See [`Store::audit_owed`].
+fn audit_owed(
+    conn: &Connection,
+    before: OffsetDateTime,
+    limit: usize,
+) -> Result<Vec<RequestRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT r.record, r.version FROM audit_owed o JOIN requests r ON r.id = o.id \
+         WHERE o.since <= ?1 ORDER BY o.since, o.id LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(
+        params![ms(before), i64::try_from(limit).unwrap_or(i64::MAX)],
+        |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
+    )?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (json, version) = row?;
+        out.push(read_record(&json, version)?.value);
+    }
+    Ok(out)
+}
+
 fn grants_where(
     conn: &Connection,
     sql: &str,
@@ -657,6 +700,24 @@ impl Store for SqliteStore {
 
     fn list_requests(&self, query: RequestQuery) -> StoreFuture<'_, Vec<RequestRecord>> {
         Box::pin(self.read(move |conn| list_requests(conn, &query)))
+    }
+
+    fn audit_owed(
+        &self,
+        before: OffsetDateTime,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<RequestRecord>> {
+        Box::pin(self.read(move |conn| audit_owed(conn, before, limit)))
+    }
+
+    fn audit_settled(&self, ids: Vec<Uuid>) -> StoreFuture<'_, ()> {
+        Box::pin(self.call(move |conn| {
+            let mut stmt = conn.prepare_cached("DELETE FROM audit_owed WHERE id = ?1")?;
+            for id in ids {
+                stmt.execute([id.to_string()])?;
+            }
+            Ok(())
+        }))
     }
 
     fn request_ids_with_prefix(&self, prefix: String, limit: usize) -> StoreFuture<'_, Vec<Uuid>> {

@@ -17,7 +17,7 @@ use std::{
 };
 
 use gatekeep_audit::{
-    AuditError, ChainFields, ChainHead, ChainStore, ExportFilter, GENESIS_HASH, Prepared,
+    AuditError, ChainFields, ChainHead, ChainStore, ExportFilter, GENESIS_HASH, Once, Prepared,
     RecordKind, VerifyReport,
 };
 
@@ -174,7 +174,8 @@ async fn append(
 }
 
 /// The records of `records` to append ([`gatekeep_audit::once_filter`]): one query, under
-/// the lock, for the requests of the once-per-request records.
+/// the lock, for the requests of the once-per-request records. Of their `decided` records
+/// it reads whether the payload says final (an outcome, [`Once::Outcome`]), not a vote.
 async fn once_filter(
     tx: &tokio_postgres::Transaction<'_>,
     records: &[Prepared],
@@ -184,22 +185,37 @@ async fn once_filter(
         .filter(|r| r.once())
         .filter_map(Prepared::request_id)
         .collect();
-    let stored: HashSet<(String, String)> = if ids.is_empty() {
-        HashSet::new()
-    } else {
-        tx.query(
-            "SELECT request_id, kind FROM audit_records WHERE request_id = ANY($1)",
-            &[&ids],
-        )
-        .await?
-        .into_iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect()
-    };
-    gatekeep_audit::once_filter(records, |id, kind| {
-        Ok::<_, BoxError>(stored.contains(&(id.to_owned(), kind.to_owned())))
+    let mut kinds: HashSet<(String, String)> = HashSet::new();
+    let mut outcomes: HashSet<String> = HashSet::new();
+    if !ids.is_empty() {
+        // `CASE` evaluates in order: only `decided` payloads are parsed.
+        let rows = tx
+            .query(
+                "SELECT request_id, kind, CASE WHEN kind = 'decided' \
+                 THEN coalesce((payload::jsonb ->> 'final') = 'true', false) \
+                 ELSE kind = ANY($2) END \
+                 FROM audit_records WHERE request_id = ANY($1)",
+                &[&ids, &OUTCOME_KINDS.as_slice()],
+            )
+            .await?;
+        for row in rows {
+            let id: String = row.get(0);
+            if row.get::<_, bool>(2) {
+                outcomes.insert(id.clone());
+            }
+            kinds.insert((id, row.get(1)));
+        }
+    }
+    gatekeep_audit::once_filter(records, |id, kind, once| {
+        Ok::<_, BoxError>(match once {
+            Once::Kind => kinds.contains(&(id.to_owned(), kind.to_owned())),
+            Once::Outcome => outcomes.contains(id),
+        })
     })
 }
+
+/// The kinds of an outcome besides a final `decided` ([`Once::Outcome`]).
+const OUTCOME_KINDS: [&str; 3] = ["expired", "cancelled", "abandoned"];
 
 /// A batch as arrays, one per column.
 #[derive(Default)]

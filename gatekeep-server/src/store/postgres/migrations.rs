@@ -183,6 +183,32 @@ CREATE TABLE deliveries (
 CREATE INDEX deliveries_held ON deliveries (lease_until) WHERE owner IS NOT NULL;
 "#,
     ),
+    (
+        5,
+        "what the audit chain is owed: requests stored final whose records are not durable yet",
+        r#"
+-- A row for every request stored in a final state, put there by the statement that stored
+-- it (so in its transaction), taken away once the request's records are durable in the
+-- chain. A replica killed in between leaves it for another replica to write them.
+CREATE TABLE audit_owed (
+    id    TEXT COLLATE "C" PRIMARY KEY,
+    since BIGINT NOT NULL
+);
+CREATE INDEX audit_owed_since ON audit_owed (since);
+CREATE FUNCTION gatekeep_audit_owed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO audit_owed (id, since)
+        VALUES (NEW.id, coalesce(NEW.decided_at, NEW.received_at))
+        ON CONFLICT (id) DO NOTHING;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER requests_audit_owed_new AFTER INSERT ON requests
+    FOR EACH ROW WHEN (NEW.state <> 'pending') EXECUTE FUNCTION gatekeep_audit_owed();
+CREATE TRIGGER requests_audit_owed_final AFTER UPDATE OF state ON requests
+    FOR EACH ROW WHEN (OLD.state = 'pending' AND NEW.state <> 'pending')
+    EXECUTE FUNCTION gatekeep_audit_owed();
+"#,
+    ),
 ];
 
 /// The newest schema version this build knows.

@@ -382,6 +382,42 @@ impl PostgresStore {
         Ok(true)
     }
 
+    async fn audit_owed(
+        &self,
+        before: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<RequestRecord>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT r.record, r.version FROM audit_owed o JOIN requests r ON r.id = o.id \
+                 WHERE o.since <= $1 ORDER BY o.since, o.id LIMIT $2",
+            )
+            .await
+            .map_err(self.err())?;
+        client
+            .query(
+                &stmt,
+                &[&ms(before), &i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+            .await
+            .map_err(self.err())?
+            .iter()
+            .map(|row| versioned(row).map(|v| v.value))
+            .collect()
+    }
+
+    async fn audit_settled(&self, ids: &[Uuid]) -> Result<(), StoreError> {
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM audit_owed WHERE id = ANY($1)")
+            .await
+            .map_err(self.err())?;
+        client.execute(&stmt, &[&ids]).await.map_err(self.err())?;
+        Ok(())
+    }
+
     async fn list_requests(&self, query: &RequestQuery) -> Result<Vec<RequestRecord>, StoreError> {
         let order = if query.newest_first { "DESC" } else { "ASC" };
         let sql = format!(
@@ -692,6 +728,18 @@ impl Store for PostgresStore {
 
     fn list_requests(&self, query: RequestQuery) -> StoreFuture<'_, Vec<RequestRecord>> {
         Box::pin(async move { self.list_requests(&query).await })
+    }
+
+    fn audit_owed(
+        &self,
+        before: OffsetDateTime,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<RequestRecord>> {
+        Box::pin(self.audit_owed(before, limit))
+    }
+
+    fn audit_settled(&self, ids: Vec<Uuid>) -> StoreFuture<'_, ()> {
+        Box::pin(async move { self.audit_settled(&ids).await })
     }
 
     fn request_ids_with_prefix(&self, prefix: String, limit: usize) -> StoreFuture<'_, Vec<Uuid>> {
